@@ -1,0 +1,125 @@
+/**
+ * Every error embot raises carries a stable `code` (like ws/fastify), so callers, the control
+ * API and the CLI can branch on it without parsing messages. Keep all codes here.
+ */
+export const ErrorCodes = {
+  // configuration and CLI
+  CONFIG_INVALID: 'EMBOT_ERR_CONFIG_INVALID',
+  CONFIG_NOT_FOUND: 'EMBOT_ERR_CONFIG_NOT_FOUND',
+  CLI_USAGE: 'EMBOT_ERR_CLI_USAGE',
+  // store
+  STORE_CORRUPT: 'EMBOT_ERR_STORE_CORRUPT',
+  STORE_SCHEMA_TOO_NEW: 'EMBOT_ERR_STORE_SCHEMA_TOO_NEW',
+  // events and sensors
+  EVENT_INVALID: 'EMBOT_ERR_EVENT_INVALID',
+  EVENT_DUPLICATE: 'EMBOT_ERR_EVENT_DUPLICATE',
+  ELEMENT_NOT_HELD: 'EMBOT_ERR_ELEMENT_NOT_HELD',
+  HOLD_DECODE: 'EMBOT_ERR_HOLD_DECODE',
+  // managed objects
+  ELEMENT_UNKNOWN: 'EMBOT_ERR_ELEMENT_UNKNOWN',
+  ELEMENT_EXISTS: 'EMBOT_ERR_ELEMENT_EXISTS',
+  ELEMENT_DECODE: 'EMBOT_ERR_ELEMENT_DECODE',
+  // service registry
+  SERVICE_UNKNOWN: 'EMBOT_ERR_SERVICE_UNKNOWN',
+  SERVICE_EXISTS: 'EMBOT_ERR_SERVICE_EXISTS',
+  // effectors / hypervisor
+  EFFECTOR_UNKNOWN: 'EMBOT_ERR_EFFECTOR_UNKNOWN',
+  EFFECTOR_OP_UNKNOWN: 'EMBOT_ERR_EFFECTOR_OP_UNKNOWN',
+  EFFECTOR_FAILED: 'EMBOT_ERR_EFFECTOR_FAILED',
+  VM_UNKNOWN: 'EMBOT_ERR_VM_UNKNOWN',
+  VM_EXISTS: 'EMBOT_ERR_VM_EXISTS',
+  VM_BAD_STATE: 'EMBOT_ERR_VM_BAD_STATE',
+  DRIVER_UNKNOWN: 'EMBOT_ERR_DRIVER_UNKNOWN',
+  // plugins / modules
+  PLUGIN_MANIFEST_INVALID: 'EMBOT_ERR_PLUGIN_MANIFEST_INVALID',
+  PLUGIN_LOAD_FAILED: 'EMBOT_ERR_PLUGIN_LOAD_FAILED',
+  PLUGIN_API_MISMATCH: 'EMBOT_ERR_PLUGIN_API_MISMATCH',
+  PLUGIN_DEPENDENCY_MISSING: 'EMBOT_ERR_PLUGIN_DEPENDENCY_MISSING',
+  PLUGIN_CRASHED: 'EMBOT_ERR_PLUGIN_CRASHED',
+  PLUGIN_TIMEOUT: 'EMBOT_ERR_PLUGIN_TIMEOUT',
+  PLUGIN_DISABLED: 'EMBOT_ERR_PLUGIN_DISABLED',
+  EMBOT_QUARANTINED: 'EMBOT_ERR_EMBOT_QUARANTINED',
+  EMBOT_FLOOD: 'EMBOT_ERR_EMBOT_FLOOD',
+  POLICY_UNKNOWN: 'EMBOT_ERR_POLICY_UNKNOWN',
+  // control API
+  CONTROL_UNREACHABLE: 'EMBOT_ERR_CONTROL_UNREACHABLE',
+  CONTROL_UNAUTHORIZED: 'EMBOT_ERR_CONTROL_UNAUTHORIZED',
+  CONTROL_BAD_REQUEST: 'EMBOT_ERR_CONTROL_BAD_REQUEST',
+  CONTROL_NOT_FOUND: 'EMBOT_ERR_CONTROL_NOT_FOUND',
+  // peer wire
+  FRAME_TOO_LARGE: 'EMBOT_ERR_FRAME_TOO_LARGE',
+  FRAME_MALFORMED: 'EMBOT_ERR_FRAME_MALFORMED',
+  FRAME_UNKNOWN_TYPE: 'EMBOT_ERR_FRAME_UNKNOWN_TYPE',
+  PEER_UNAUTHENTICATED: 'EMBOT_ERR_PEER_UNAUTHENTICATED',
+  PEER_UNKNOWN: 'EMBOT_ERR_PEER_UNKNOWN',
+  REQUEST_TIMEOUT: 'EMBOT_ERR_REQUEST_TIMEOUT',
+  CONNECTION_CLOSED: 'EMBOT_ERR_CONNECTION_CLOSED',
+  // agent
+  AGENT_STOPPED: 'EMBOT_ERR_AGENT_STOPPED',
+} as const;
+
+export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
+
+/**
+ * Base class of every error embot raises on purpose.
+ *
+ * @example
+ * ```ts
+ * try { await client.get('/vms/nope') }
+ * catch (e) { if (isEmbotError(e, ErrorCodes.VM_UNKNOWN)) console.log('no such VM') }
+ * ```
+ */
+export class EmbotError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Readonly<Record<string, unknown>> | undefined;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; details?: Record<string, unknown> }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.details = options?.details;
+  }
+
+  /** A plain object that survives JSON, msgpackr and worker postMessage. */
+  toJSON(): { code: ErrorCode; message: string; details?: Record<string, unknown> } {
+    return this.details ? { code: this.code, message: this.message, details: { ...this.details } } : { code: this.code, message: this.message };
+  }
+}
+
+export class ConfigError extends EmbotError {
+  override readonly name = 'ConfigError';
+}
+export class StoreError extends EmbotError {
+  override readonly name = 'StoreError';
+}
+export class EventError extends EmbotError {
+  override readonly name = 'EventError';
+}
+export class ElementError extends EmbotError {
+  override readonly name = 'ElementError';
+}
+export class EffectorError extends EmbotError {
+  override readonly name = 'EffectorError';
+}
+export class PluginError extends EmbotError {
+  override readonly name = 'PluginError';
+}
+export class ControlError extends EmbotError {
+  override readonly name = 'ControlError';
+}
+export class ProtocolError extends EmbotError {
+  override readonly name = 'ProtocolError';
+}
+
+export function isEmbotError(e: unknown, code?: ErrorCode): e is EmbotError {
+  return e instanceof EmbotError && (code === undefined || e.code === code);
+}
+
+/** Message of any thrown value, for reports (plugins may throw non-Errors). */
+export function describeError(e: unknown): string {
+  if (e instanceof Error) return e.message;
+  try {
+    return typeof e === 'string' ? e : JSON.stringify(e);
+  } catch {
+    return String(e);
+  }
+}

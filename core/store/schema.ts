@@ -1,0 +1,93 @@
+/**
+ * Versioned schema. `MIGRATIONS[v]` takes a store from `user_version = v` to `v + 1`; never edit
+ * a released step, append a new one.
+ */
+export const MIGRATIONS: readonly string[] = [
+  `
+  CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+  -- Sensor-service journal: an event is here from before its producer is acknowledged until
+  -- every durable subscriber has processed it (deleted in the same transaction as their snapshots).
+  CREATE TABLE events (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    ts INTEGER NOT NULL,
+    element_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB,
+    source TEXT
+  );
+  CREATE INDEX events_element ON events(element_id);
+
+  -- Hold queues that grew past their memory limit spill here, in order; never dropped.
+  CREATE TABLE held_spill (
+    element_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (element_id, pos)
+  );
+
+  -- Managed elements (VMs, disks, NICs, services) with their dependency links.
+  CREATE TABLE elements (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state BLOB,
+    version INTEGER NOT NULL,
+    dirty INTEGER NOT NULL,
+    dependents TEXT NOT NULL
+  );
+
+  CREATE TABLE embots (
+    id TEXT PRIMARY KEY,
+    module TEXT NOT NULL,
+    type TEXT NOT NULL,
+    element_ids TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    created_at INTEGER NOT NULL
+  );
+
+  -- One row per policy instance: xstate persisted snapshot plus the absolute deadlines of its
+  -- pending delayed events (xstate does not persist those).
+  CREATE TABLE policy_snapshots (
+    embot_id TEXT NOT NULL REFERENCES embots(id) ON DELETE CASCADE,
+    policy TEXT NOT NULL,
+    snapshot BLOB NOT NULL,
+    timers BLOB,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (embot_id, policy)
+  );
+
+  -- Events that could not be processed because their module is disabled or their embot
+  -- quarantined: kept, with the reason, never silently dropped.
+  CREATE TABLE dead_letters (
+    id TEXT PRIMARY KEY,
+    embot_id TEXT NOT NULL,
+    event BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+  );
+
+  -- Per-module status, so a disabled plugin stays disabled across restarts.
+  CREATE TABLE plugins (
+    name TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL
+  );
+
+  -- Persisted state of sensors, effectors and drivers (their getPersistedState hook).
+  CREATE TABLE component_state (
+    name TEXT PRIMARY KEY,
+    state BLOB NOT NULL,
+    updated_at INTEGER NOT NULL
+  );
+  `,
+];
+
+export const SCHEMA_VERSION = MIGRATIONS.length;
