@@ -1,0 +1,344 @@
+import { join, resolve } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { pack, unpack } from 'msgpackr';
+import type { AgentConfig } from './config/config.ts';
+import type { Logger } from './logger.ts';
+import { Store } from './store/store.ts';
+import { ServiceRegistry } from './registry.ts';
+import { ManagedObjectService } from './objects/object-service.ts';
+import type { ManagedElement } from './objects/managed-element.ts';
+import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
+import { PluginStatusStore } from './plugins/plugin-status-store.ts';
+import { describeError, EffectorError, ErrorCodes } from './errors.ts';
+import type { EmbotEvent, EmbotEventInput } from './events.ts';
+import type { AgentControl, AgentStatus, EmbotInfo, PluginInfo } from './control/control-api.ts';
+import { startControlServer } from './control/server.ts';
+import { SensorService } from '../sensors/sensor-service.ts';
+import { HostSensor } from '../sensors/host-sensor.ts';
+import { VmSensor } from '../sensors/vm-sensor.ts';
+import { SimDriver } from '../effectors/hypervisor/sim-driver.ts';
+import { HypervisorEffector } from '../effectors/hypervisor/hypervisor-effector.ts';
+import { EffectorRegistry } from '../effectors/effector-registry.ts';
+import type { HypervisorDriver, VmInfo } from '../effectors/hypervisor/driver.ts';
+import { EmbotRuntime, type AttachableElement } from '../embots/embot-runtime.ts';
+import { EMBOT_API_VERSION } from '../embots/policy-api.ts';
+
+const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+const DRIVER_STATE = 'driver:sim';
+const RECENT_EVENTS = 1000;
+
+/** Services of one agent, found by name through the registry. */
+export interface AgentServices {
+  readonly store: Store;
+  readonly objects: ManagedObjectService;
+  readonly sensors: SensorService;
+  readonly effectors: EffectorRegistry;
+  readonly hypervisor: HypervisorDriver;
+  readonly runtime: EmbotRuntime;
+  readonly plugins: PluginStatusStore;
+}
+
+export interface RunningAgent {
+  readonly name: string;
+  readonly control: AgentControl;
+  readonly controlUrl: string;
+  readonly services: ServiceRegistry<AgentServices>;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts one agent: store, managed objects, sim hypervisor, sensor service with host and VM
+ * sensors, embot runtime with the plugins folder (watched), control API on loopback. After a
+ * crash it comes back where it was: elements, VMs, embots with their policy state and pending
+ * delays, and the journaled events not yet processed.
+ *
+ * @example
+ * ```ts
+ * const agent = await startAgent(loadConfig({ flags: { control: { port: 0 } } }), logger);
+ * await new ControlClient(agent.controlUrl).status();
+ * await agent.stop();
+ * ```
+ */
+export async function startAgent(config: AgentConfig, logger: Logger): Promise<RunningAgent> {
+  const agent = new AgentImpl(config, logger);
+  try {
+    await agent.start();
+  } catch (e) {
+    await agent.stop().catch(() => {});
+    throw e;
+  }
+  return agent;
+}
+
+class AgentImpl implements RunningAgent, AgentControl {
+  readonly name: string;
+  readonly services = new ServiceRegistry<AgentServices>();
+  controlUrl = '';
+  get control(): AgentControl {
+    return this;
+  }
+  private readonly startedAt = Date.now();
+  private readonly store: Store;
+  private readonly objects: ManagedObjectService;
+  private readonly sensors: SensorService;
+  private readonly driver: SimDriver;
+  private readonly effectors = new EffectorRegistry();
+  private readonly runtime: EmbotRuntime;
+  private readonly plugins: PluginStatusStore;
+  private catalogue: ModuleCatalogue | undefined;
+  private controlServer: { url: string; close(): Promise<void> } | undefined;
+  private readonly recent: EmbotEvent[] = [];
+  private readonly loading = new Set<Promise<void>>();
+  private stopped = false;
+
+  constructor(private readonly config: AgentConfig, private readonly log: Logger) {
+    this.name = config.name;
+    this.store = Store.open({ file: join(resolve(config.dataDir), 'embot.sqlite'), synchronous: config.store.synchronous });
+    this.objects = new ManagedObjectService({ store: this.store });
+    this.driver = new SimDriver({ pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate } });
+    this.sensors = new SensorService({ host: config.name, store: this.store });
+    this.effectors.register(new HypervisorEffector(this.driver));
+    this.plugins = new PluginStatusStore(this.store);
+    this.runtime = new EmbotRuntime({ store: this.store, sensors: this.sensors, effectors: this.effectors, moduleConfig: (m) => config.modules[m] });
+    const r = this.services;
+    r.register('store', this.store);
+    r.register('objects', this.objects);
+    r.register('sensors', this.sensors);
+    r.register('effectors', this.effectors);
+    r.register('hypervisor', this.driver);
+    r.register('runtime', this.runtime);
+    r.register('plugins', this.plugins);
+  }
+
+  async start(): Promise<void> {
+    const log = this.log;
+    this.objects.load();
+    const saved = this.store.getComponentState(DRIVER_STATE);
+    if (saved) this.driver.restoreState(unpack(saved));
+
+    this.runtime.on('processed', (events) => {
+      for (const e of events) this.recent.push(e);
+      if (this.recent.length > RECENT_EVENTS) this.recent.splice(0, this.recent.length - RECENT_EVENTS);
+    });
+    this.runtime.on('embot-quarantined', (e) => log.warn(`embot ${e.embotId} quarantined`, { code: e.code, reason: e.reason }));
+    this.runtime.on('module-status', (e) => {
+      const m = this.catalogue?.get(e.module);
+      if (m) this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: e.status, ...(e.error ? { error: e.error } : {}), restarts: e.restarts });
+      if (e.status === 'disabled') {
+        this.plugins.disable(e.module, e.error ?? 'disabled');
+        log.error(`module ${e.module} disabled`, { reason: e.error });
+      } else if (e.error) log.warn(`module ${e.module}: ${e.error}`);
+    });
+    this.runtime.on('log', (e) => log.child(e.embotId).info(e.message, { level: e.level, ...(e.data && typeof e.data === 'object' ? (e.data as object) : {}) }));
+
+    // Elements: the host, and one tree per VM the driver knows (restored after a restart).
+    const hostId = `host:${this.name}`;
+    if (!this.objects.has(hostId)) this.objects.register({ id: hostId, kind: 'host', state: { name: this.name } });
+    for (const vm of this.driver.list()) this.ensureVmElement(vm);
+    this.driver.events.on('vm-state', (e) => {
+      this.persistDriver();
+      if (e.reason === 'create') {
+        const vm = this.driver.get(e.name);
+        if (vm) void this.attach(this.ensureVmElement(vm));
+      } else if (this.objects.has(`vm:${e.name}`)) {
+        this.objects.update(`vm:${e.name}`, { state: e.to });
+      }
+    });
+    this.driver.events.on('vm-removed', (e) => {
+      this.persistDriver();
+      const id = `vm:${e.name}`;
+      void this.runtime.detach(id).then(() => {
+        if (this.objects.has(id)) this.objects.deregister(id, { withDependents: true });
+      });
+    });
+
+    for (const el of this.objects.list()) await this.attach(el);
+
+    if (this.config.safe) {
+      log.warn('safe mode: no plugins loaded');
+    } else {
+      await this.startCatalogue();
+    }
+
+    const recovered = this.sensors.recover();
+    if (recovered) log.info(`re-queued ${recovered} journaled events not yet processed`);
+    this.sensors.addSensor(new HostSensor({ agent: this.name, intervalMs: this.config.sensors.host.intervalMs, source: this.config.sensors.host.source, hostCpus: this.config.sim.hostCpus, vmLoads: () => this.vmLoads() }));
+    this.sensors.addSensor(new VmSensor({ driver: this.driver, intervalMs: this.config.sensors.vm.intervalMs }));
+    this.sensors.startSensors();
+
+    this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, logger: log.child('control') });
+    this.controlUrl = this.controlServer.url;
+  }
+
+  private async startCatalogue(): Promise<void> {
+    const catalogue = new ModuleCatalogue({ dir: resolve(this.config.pluginsDir), apiVersion: EMBOT_API_VERSION, watch: true });
+    this.catalogue = catalogue;
+    const track = (p: Promise<void>) => {
+      this.loading.add(p);
+      void p.finally(() => this.loading.delete(p));
+    };
+    catalogue.on('module-added', (m) => track(this.loadModule(m)));
+    catalogue.on('module-changed', (m) => track(this.loadModule(m)));
+    catalogue.on('module-removed', (m) => track(this.unloadModule(m)));
+    catalogue.on('module-invalid', (p) => {
+      this.log.warn(`plugin folder ${p.dir} is not a usable module`, { code: p.error.code, error: p.error.message });
+      if (p.name) this.plugins.record({ name: p.name, version: '0.0.0', hash: '', status: 'error', error: `${p.error.code}: ${p.error.message}` });
+    });
+    catalogue.on('watch-error', (e) => this.log.warn(`plugin watcher: ${e.message}`));
+    catalogue.start();
+    await catalogue.ready();
+    while (this.loading.size) await Promise.all([...this.loading]);
+  }
+
+  private async loadModule(m: ModuleRecord): Promise<void> {
+    if (this.stopped) return;
+    if (this.plugins.isDisabled(m.name)) {
+      this.log.warn(`module ${m.name} is disabled; enable it to load it`);
+      return;
+    }
+    try {
+      await this.runtime.loadModule(m);
+      this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'loaded' });
+      this.log.info(`module ${m.name}@${m.version} loaded`, { hash: m.hash.slice(0, 12) });
+    } catch (e) {
+      this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'error', error: describeError(e) });
+      this.log.error(`module ${m.name} failed to load`, { error: describeError(e) });
+    }
+  }
+
+  private async unloadModule(m: ModuleRecord): Promise<void> {
+    await this.runtime.unloadModule(m.name);
+    this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'unloaded' });
+    this.log.info(`module ${m.name} unloaded`);
+  }
+
+  private ensureVmElement(vm: VmInfo): ManagedElement {
+    const id = `vm:${vm.name}`;
+    const existing = this.objects.get(id);
+    if (existing) return existing;
+    return this.objects.registerTree(
+      { id, kind: 'vm', state: { name: vm.name, state: vm.state, memory: vm.memory, vcpus: vm.vcpus }, dependents: [`disk:${vm.name}.0`, `nic:${vm.name}.0`] },
+      [
+        { id: `disk:${vm.name}.0`, kind: 'disk', state: { vm: vm.name } },
+        { id: `nic:${vm.name}.0`, kind: 'nic', state: { vm: vm.name } },
+      ],
+    );
+  }
+
+  private attach(el: ManagedElement): Promise<void> {
+    const scope: AttachableElement = { id: el.id, kind: el.kind, scope: this.objects.subtree(el.id).map((e) => e.id) };
+    return this.runtime.attach(scope).catch((e) => this.log.error(`could not attach embots to ${el.id}`, { error: describeError(e) }));
+  }
+
+  private persistDriver(): void {
+    this.store.setComponentState(DRIVER_STATE, pack(this.driver.getPersistedState()));
+  }
+
+  private vmLoads(): { name: string; load: number }[] {
+    return this.driver
+      .list()
+      .filter((v) => v.state === 'running')
+      .map((v) => ({ name: v.name, load: this.driver.stats(v.name).load }));
+  }
+
+  // ---- AgentControl ----
+
+  status(): AgentStatus {
+    const embots = this.runtime.list();
+    const plugins = this.listPlugins();
+    const s = this.sensors.stats();
+    return {
+      name: this.name,
+      version: VERSION,
+      pid: process.pid,
+      startedAt: this.startedAt,
+      uptimeMs: Date.now() - this.startedAt,
+      driver: this.config.driver,
+      safe: this.config.safe,
+      dataDir: resolve(this.config.dataDir),
+      pluginsDir: resolve(this.config.pluginsDir),
+      control: { host: this.config.control.host, port: this.controlServer ? Number(new URL(this.controlServer.url).port) : this.config.control.port },
+      counts: {
+        vms: this.driver.list().length,
+        elements: this.objects.list().length,
+        embots: embots.length,
+        quarantinedEmbots: embots.filter((e) => e.status === 'quarantined').length,
+        modules: plugins.filter((p) => p.status === 'loaded').length,
+        modulesWithErrors: plugins.filter((p) => p.status === 'error' || p.status === 'disabled').length,
+        queuedEvents: s.queued,
+        heldEvents: s.held,
+        deadLetters: this.runtime.deadLetterCount(),
+      },
+    };
+  }
+
+  listVms(): readonly VmInfo[] {
+    return this.driver.list();
+  }
+
+  createVm(spec: { name: string; memory?: number; dirtyRate?: number; vcpus?: number; udpPort?: number }): VmInfo {
+    return this.driver.create(spec);
+  }
+
+  vmAction(name: string, action: 'start' | 'stop' | 'crash'): VmInfo {
+    switch (action) {
+      case 'start':
+        return this.driver.start(name);
+      case 'stop':
+        return this.driver.stop(name);
+      case 'crash':
+        return this.driver.crash(name);
+      default:
+        throw new EffectorError(ErrorCodes.EFFECTOR_OP_UNKNOWN, `unknown VM action '${String(action)}'`);
+    }
+  }
+
+  listEmbots(): readonly EmbotInfo[] {
+    return this.runtime.list();
+  }
+
+  listPlugins(): readonly PluginInfo[] {
+    const loaded = new Map(this.runtime.loadedModules().map((m) => [m.name, m]));
+    return this.plugins.list().map((p) => {
+      const rec = this.catalogue?.get(p.name);
+      return {
+        name: p.name,
+        version: p.version,
+        hash: p.hash,
+        status: p.status,
+        ...(p.error ? { error: p.error } : {}),
+        restarts: loaded.get(p.name)?.restarts ?? p.restarts,
+        embotTypes: rec ? rec.manifest.embots.map((t) => t.type) : [],
+        dir: rec?.dir ?? '',
+      };
+    });
+  }
+
+  emitEvent(input: EmbotEventInput): Promise<EmbotEvent> {
+    return this.sensors.emit({ ...input, source: input.source ?? 'control' });
+  }
+
+  listEvents(opts: { limit: number }): readonly EmbotEvent[] {
+    return this.recent.slice(-Math.max(0, opts.limit));
+  }
+
+  // ---- lifecycle ----
+
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.sensors.stopSensors();
+    await this.controlServer?.close().catch(() => {});
+    await this.catalogue?.close().catch(() => {});
+    await this.sensors.idle().catch(() => {});
+    await this.runtime.close().catch(() => {});
+    await this.sensors.close().catch(() => {});
+    try {
+      this.persistDriver();
+    } catch {
+      /* store may already be unusable; the driver state was written on every change */
+    }
+    this.driver.close();
+    this.store.close();
+  }
+}
