@@ -1,0 +1,86 @@
+import { EffectorError, ErrorCodes } from '../../core/errors.ts';
+import type { Effector } from '../effector.ts';
+import type { HypervisorDriver, VmSpec } from './driver.ts';
+
+export const HYPERVISOR_OPS = ['create', 'start', 'stop', 'crash', 'remove', 'list', 'stats'] as const;
+export type HypervisorOp = (typeof HYPERVISOR_OPS)[number];
+
+const SPEC_FIELDS = ['memory', 'dirtyRate', 'vcpus', 'udpPort'] as const;
+
+/**
+ * The `hypervisor` effector: VM operations of whichever driver the agent runs, reachable from
+ * policies as `api.effect('hypervisor', op, { vm, ...spec })`. While it acts on a VM, the `vm`
+ * sensor is muted for that VM, so a policy sees its own action once (as `EFFECT_DONE`), not
+ * again as a sensor event.
+ *
+ * @example
+ * ```ts
+ * const registry = new EffectorRegistry();
+ * registry.register(new HypervisorEffector(new SimDriver()));
+ * await registry.invoke('hypervisor', 'create', { vm: 'web-1', memory: 16 * 1024 * 1024 });
+ * await registry.invoke('hypervisor', 'start', { vm: 'web-1' });
+ * ```
+ */
+export class HypervisorEffector implements Effector {
+  readonly name = 'hypervisor';
+  readonly ops: readonly HypervisorOp[] = HYPERVISOR_OPS;
+  readonly mutes: readonly string[] = ['vm'];
+
+  constructor(readonly driver: HypervisorDriver) {}
+
+  elementOf(args: Readonly<Record<string, unknown>>): string | undefined {
+    return typeof args?.vm === 'string' ? `vm:${args.vm}` : undefined;
+  }
+
+  async invoke(op: string, args: Readonly<Record<string, unknown>>): Promise<unknown> {
+    if (!isOp(op)) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_OP_UNKNOWN, `hypervisor has no op ${String(op)} (ops: ${HYPERVISOR_OPS.join(', ')})`, {
+        details: { effector: this.name, op: String(op) },
+      });
+    }
+    if (op === 'list') return this.driver.list();
+    const vm = vmArg(op, args);
+    switch (op) {
+      case 'create':
+        return this.driver.create({ ...specArgs(args), name: vm });
+      case 'start':
+        return this.driver.start(vm);
+      case 'stop':
+        return this.driver.stop(vm);
+      case 'crash':
+        return this.driver.crash(vm);
+      case 'remove':
+        this.driver.remove(vm);
+        return { removed: vm };
+      case 'stats':
+        return this.driver.stats(vm);
+    }
+  }
+
+  getPersistedState(): unknown {
+    return this.driver.getPersistedState();
+  }
+
+  restoreState(state: unknown): void {
+    this.driver.restoreState(state);
+  }
+}
+
+function isOp(op: unknown): op is HypervisorOp {
+  return typeof op === 'string' && (HYPERVISOR_OPS as readonly string[]).includes(op);
+}
+
+function vmArg(op: string, args: Readonly<Record<string, unknown>> | undefined): string {
+  const vm = typeof args === 'object' && args !== null ? args.vm : undefined;
+  if (typeof vm !== 'string' || vm === '') {
+    throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `hypervisor ${op} needs args.vm, the VM name`, { details: { effector: 'hypervisor', op } });
+  }
+  return vm;
+}
+
+/** Only the spec fields: a policy's stray args must not reach the driver as VM properties. */
+function specArgs(args: Readonly<Record<string, unknown>>): Partial<VmSpec> {
+  const out: Record<string, unknown> = {};
+  for (const k of SPEC_FIELDS) if (args[k] !== undefined) out[k] = args[k];
+  return out as Partial<VmSpec>;
+}

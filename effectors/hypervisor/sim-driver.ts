@@ -1,0 +1,404 @@
+import { EventEmitter } from 'eventemitter3';
+import { EffectorError, ErrorCodes } from '../../core/errors.ts';
+import type { DriverEvents, HypervisorDriver, VmInfo, VmSpec, VmState, VmStats } from './driver.ts';
+
+const VM_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+const MiB = 1024 * 1024;
+
+/** Built-in spec defaults: small enough that a laptop runs a few dozen sim VMs. */
+export const SIM_DEFAULT_SPEC: Readonly<Omit<VmSpec, 'name'>> = Object.freeze({
+  memory: 64 * MiB,
+  dirtyRate: 4 * MiB,
+  vcpus: 1,
+});
+
+export interface SimDriverOptions {
+  /** Bytes per page (default 4096). */
+  readonly pageSize?: number;
+  /** Overrides of {@link SIM_DEFAULT_SPEC} for VMs created without those fields. */
+  readonly defaults?: Partial<Omit<VmSpec, 'name'>>;
+  /** Clock in ms (default `Date.now`); the dirtying timer measures elapsed time with it. */
+  readonly now?: () => number;
+  /** Source of randomness in [0, 1) for picking pages (default `Math.random`). */
+  readonly random?: () => number;
+  /** Period of the dirtying timer in ms (default 50). */
+  readonly tickMs?: number;
+  /** Largest memory a VM may ask for, in bytes (default 1 GiB): the pages live in this process. */
+  readonly maxMemory?: number;
+}
+
+/** {@link VmStats} plus sim-only counters. */
+export interface SimVmStats extends VmStats {
+  /** Page writes done by the dirtying timer since the VM was created (repeats included). */
+  readonly pagesWritten: number;
+  readonly pageCount: number;
+}
+
+/** A live view on a sim VM's memory, for the migration data plane. */
+export interface SimPages {
+  readonly pageSize: number;
+  readonly pageCount: number;
+  /** The whole memory; writes through it are the VM's memory. */
+  readonly memory: Uint8Array;
+  /** Page `index` as a view (the last page may be shorter than `pageSize`). */
+  page(index: number): Uint8Array;
+}
+
+/** What {@link SimDriver.getPersistedState} returns: plain data, msgpackr/JSON encodable. */
+export interface SimPersistedState {
+  readonly version: 1;
+  readonly vms: readonly {
+    readonly spec: VmSpec;
+    readonly state: VmState;
+    readonly crashes: number;
+    readonly load: number;
+  }[];
+}
+
+interface SimVm {
+  spec: VmSpec;
+  state: VmState;
+  crashes: number;
+  load: number;
+  startedAt: number | undefined;
+  memory: Uint8Array | undefined;
+  /** One bit per page. */
+  dirty: Uint8Array | undefined;
+  dirtyCount: number;
+  pagesWritten: number;
+  timer: ReturnType<typeof setInterval> | undefined;
+  lastTick: number;
+  /** Bytes owed to the next tick, so low rates still dirty pages over time. */
+  carry: number;
+}
+
+const STATES: readonly VmState[] = ['created', 'running', 'stopped', 'crashed'];
+
+/**
+ * The embedded hypervisor: a VM is an array of memory pages in the agent, dirtied at a
+ * configurable rate while running, so migrations move real bytes.
+ *
+ * @example
+ * ```ts
+ * const driver = new SimDriver({ defaults: { memory: 16 * 1024 * 1024 } });
+ * driver.events.on('vm-state', (e) => console.log(e.name, e.from, '→', e.to));
+ * driver.create({ name: 'web-1', dirtyRate: 1_000_000 });
+ * driver.start('web-1');
+ * setTimeout(() => console.log(driver.takeDirty('web-1').length, 'pages dirtied'), 1000);
+ * ```
+ */
+export class SimDriver implements HypervisorDriver {
+  readonly name = 'sim';
+  readonly events = new EventEmitter<DriverEvents>();
+  readonly pageSize: number;
+
+  private readonly vms = new Map<string, SimVm>();
+  private readonly defaults: Omit<VmSpec, 'name'>;
+  private readonly now: () => number;
+  private readonly random: () => number;
+  private readonly tickMs: number;
+  private readonly maxMemory: number;
+
+  constructor(options: SimDriverOptions = {}) {
+    this.pageSize = positiveInt(options.pageSize ?? 4096, 'pageSize');
+    this.tickMs = positiveInt(options.tickMs ?? 50, 'tickMs');
+    this.maxMemory = positiveInt(options.maxMemory ?? 1024 * MiB, 'maxMemory');
+    this.now = options.now ?? Date.now;
+    this.random = options.random ?? Math.random;
+    this.defaults = { ...SIM_DEFAULT_SPEC, ...options.defaults };
+    this.validateSpec({ name: 'defaults', ...this.defaults });
+  }
+
+  list(): readonly VmInfo[] {
+    return [...this.vms.values()].map(toInfo);
+  }
+
+  get(name: string): VmInfo | undefined {
+    const vm = this.vms.get(name);
+    return vm ? toInfo(vm) : undefined;
+  }
+
+  create(spec: Partial<VmSpec> & { readonly name: string }): VmInfo {
+    if (!isRecord(spec)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'a VM spec must be an object with a name');
+    const full = this.validateSpec({ ...this.defaults, ...stripUndefined(spec) });
+    if (this.vms.has(full.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${full.name} already exists`, { details: { vm: full.name } });
+    const vm = newVm(full, 'created', 0, 0);
+    this.vms.set(full.name, vm);
+    this.emitState(full.name, null, 'created', 'create');
+    return toInfo(vm);
+  }
+
+  start(name: string): VmInfo {
+    const vm = this.transition(name, ['created', 'stopped', 'crashed'], 'running', 'start');
+    return toInfo(vm);
+  }
+
+  stop(name: string): VmInfo {
+    return toInfo(this.transition(name, ['running'], 'stopped', 'stop'));
+  }
+
+  crash(name: string): VmInfo {
+    return toInfo(this.transition(name, ['running'], 'crashed', 'crash'));
+  }
+
+  /** Removes a VM that is not running (stop or crash it first). */
+  remove(name: string): void {
+    const vm = this.require(name);
+    if (vm.state === 'running') {
+      throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is running; stop it before removing it`, {
+        details: { vm: name, state: vm.state, op: 'remove' },
+      });
+    }
+    this.vms.delete(name);
+    this.events.emit('vm-removed', { name });
+  }
+
+  stats(name: string): SimVmStats {
+    const vm = this.require(name);
+    return {
+      name,
+      state: vm.state,
+      load: vm.state === 'running' ? vm.load : 0,
+      memory: vm.spec.memory,
+      dirtyRate: vm.spec.dirtyRate,
+      dirtyPages: vm.dirtyCount,
+      pageSize: this.pageSize,
+      pageCount: this.pageCount(vm),
+      pagesWritten: vm.pagesWritten,
+    };
+  }
+
+  /** The VM's memory, allocated on first need (a migration target fills pages before starting). */
+  pages(name: string): SimPages {
+    const vm = this.require(name);
+    const memory = this.memoryOf(vm);
+    const { pageSize } = this;
+    const pageCount = this.pageCount(vm);
+    return {
+      pageSize,
+      pageCount,
+      memory,
+      page(index: number): Uint8Array {
+        if (!Number.isInteger(index) || index < 0 || index >= pageCount) {
+          throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `page ${index} out of range 0..${pageCount - 1}`, { details: { vm: name, index } });
+        }
+        return memory.subarray(index * pageSize, Math.min((index + 1) * pageSize, memory.length));
+      },
+    };
+  }
+
+  /** Indexes of the pages dirtied since the last call, ascending; clears the dirty bitmap. */
+  takeDirty(name: string): Uint32Array {
+    const vm = this.require(name);
+    const out = new Uint32Array(vm.dirtyCount);
+    const bits = vm.dirty;
+    if (!bits || vm.dirtyCount === 0) return out;
+    let n = 0;
+    for (let byte = 0; byte < bits.length; byte++) {
+      const b = bits[byte];
+      if (b === 0) continue;
+      for (let bit = 0; bit < 8; bit++) if (b & (1 << bit)) out[n++] = byte * 8 + bit;
+      bits[byte] = 0;
+    }
+    vm.dirtyCount = 0;
+    return out;
+  }
+
+  setDirtyRate(name: string, rate: number): void {
+    const vm = this.require(name);
+    vm.spec = this.validateSpec({ ...vm.spec, dirtyRate: rate });
+  }
+
+  /** Sets the CPU load (0..1) the VM reports while running. */
+  setLoad(name: string, load: number): void {
+    const vm = this.require(name);
+    if (typeof load !== 'number' || !Number.isFinite(load) || load < 0 || load > 1) {
+      throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `load must be a number in 0..1, got ${String(load)}`, { details: { vm: name } });
+    }
+    vm.load = load;
+  }
+
+  getPersistedState(): SimPersistedState {
+    return {
+      version: 1,
+      vms: [...this.vms.values()].map((vm) => ({ spec: { ...vm.spec }, state: vm.state, crashes: vm.crashes, load: vm.load })),
+    };
+  }
+
+  /**
+   * Replaces every VM with the persisted ones (pages start zeroed); VMs that were running are
+   * running again. The whole state is validated before anything changes.
+   */
+  restoreState(state: unknown): void {
+    const parsed = this.parsePersisted(state);
+    this.close();
+    this.vms.clear();
+    for (const p of parsed.vms) {
+      const vm = newVm(p.spec, p.state, p.crashes, p.load);
+      this.vms.set(p.spec.name, vm);
+      if (vm.state === 'running') this.run(vm);
+      this.emitState(p.spec.name, null, p.state, 'restore');
+    }
+  }
+
+  /** Stops every dirtying timer; VMs keep their state (a closed driver can be restored or reused). */
+  close(): void {
+    for (const vm of this.vms.values()) this.halt(vm);
+  }
+
+  private transition(name: string, from: readonly VmState[], to: VmState, reason: 'start' | 'stop' | 'crash'): SimVm {
+    const vm = this.require(name);
+    const prev = vm.state;
+    if (!from.includes(prev)) {
+      throw new EffectorError(ErrorCodes.VM_BAD_STATE, `cannot ${reason} VM ${name}: it is ${prev} (needs ${from.join(' or ')})`, {
+        details: { vm: name, state: prev, op: reason },
+      });
+    }
+    vm.state = to;
+    if (to === 'running') this.run(vm);
+    else this.halt(vm);
+    if (to === 'crashed') vm.crashes++;
+    this.emitState(name, prev, to, reason);
+    return vm;
+  }
+
+  private run(vm: SimVm): void {
+    this.memoryOf(vm);
+    vm.startedAt = this.now();
+    vm.lastTick = vm.startedAt;
+    vm.carry = 0;
+    vm.timer = setInterval(() => this.dirtyPages(vm), this.tickMs);
+    // The agent's servers keep the process alive; a sim VM must not.
+    vm.timer.unref?.();
+  }
+
+  private halt(vm: SimVm): void {
+    if (vm.timer !== undefined) clearInterval(vm.timer);
+    vm.timer = undefined;
+    vm.startedAt = undefined;
+  }
+
+  private dirtyPages(vm: SimVm): void {
+    const memory = vm.memory;
+    const bits = vm.dirty;
+    if (!memory || !bits) return;
+    const t = this.now();
+    const bytes = vm.carry + (vm.spec.dirtyRate * Math.max(0, t - vm.lastTick)) / 1000;
+    vm.lastTick = t;
+    const pageCount = this.pageCount(vm);
+    let writes = Math.floor(bytes / this.pageSize);
+    vm.carry = bytes - writes * this.pageSize;
+    if (writes >= pageCount) {
+      // A rate above the memory size per tick dirties everything; don't loop past that.
+      writes = pageCount;
+      vm.carry = 0;
+    }
+    for (let i = 0; i < writes; i++) {
+      const page = Math.min(pageCount - 1, Math.floor(this.random() * pageCount));
+      const base = page * this.pageSize;
+      const len = Math.min(this.pageSize, memory.length - base);
+      memory[base + Math.floor(this.random() * len)] = (Math.floor(this.random() * 256) & 0xff) | 1;
+      const mask = 1 << (page & 7);
+      if ((bits[page >> 3] & mask) === 0) {
+        bits[page >> 3] |= mask;
+        vm.dirtyCount++;
+      }
+    }
+    vm.pagesWritten += writes;
+  }
+
+  private memoryOf(vm: SimVm): Uint8Array {
+    if (!vm.memory) {
+      vm.memory = new Uint8Array(vm.spec.memory);
+      vm.dirty = new Uint8Array(Math.ceil(this.pageCount(vm) / 8));
+    }
+    return vm.memory;
+  }
+
+  private pageCount(vm: SimVm): number {
+    return Math.ceil(vm.spec.memory / this.pageSize);
+  }
+
+  private require(name: string): SimVm {
+    const vm = typeof name === 'string' ? this.vms.get(name) : undefined;
+    if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${String(name)}`, { details: { vm: String(name) } });
+    return vm;
+  }
+
+  private emitState(name: string, from: VmState | null, to: VmState, reason: string): void {
+    this.events.emit('vm-state', { name, from, to, reason });
+  }
+
+  private validateSpec(spec: Record<string, unknown>): VmSpec {
+    const bad = (why: string): never => {
+      throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `invalid VM spec for ${String(spec.name)}: ${why}`, { details: { vm: String(spec.name) } });
+    };
+    const { name, memory, dirtyRate, vcpus, udpPort } = spec;
+    if (typeof name !== 'string' || !VM_NAME.test(name)) bad(`name must match ${VM_NAME.source}`);
+    if (typeof memory !== 'number' || !Number.isInteger(memory) || memory <= 0) bad('memory must be a positive integer of bytes');
+    if ((memory as number) > this.maxMemory) bad(`memory ${String(memory)} exceeds the sim limit of ${this.maxMemory} bytes`);
+    if (typeof dirtyRate !== 'number' || !Number.isFinite(dirtyRate) || dirtyRate < 0) bad('dirtyRate must be a finite number ≥ 0 (bytes/s)');
+    if (typeof vcpus !== 'number' || !Number.isInteger(vcpus) || vcpus < 1 || vcpus > 1024) bad('vcpus must be an integer in 1..1024');
+    if (udpPort !== undefined && (typeof udpPort !== 'number' || !Number.isInteger(udpPort) || udpPort < 1 || udpPort > 65535)) {
+      bad('udpPort must be an integer in 1..65535');
+    }
+    const out: VmSpec = { name: name as string, memory: memory as number, dirtyRate: dirtyRate as number, vcpus: vcpus as number };
+    return udpPort === undefined ? out : { ...out, udpPort: udpPort as number };
+  }
+
+  private parsePersisted(state: unknown): SimPersistedState {
+    const bad = (why: string): never => {
+      throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `persisted sim driver state is invalid: ${why}`);
+    };
+    if (!isRecord(state) || state.version !== 1 || !Array.isArray(state.vms)) return bad('expected { version: 1, vms: [...] }');
+    const seen = new Set<string>();
+    const vms = state.vms.map((v: unknown, i: number) => {
+      if (!isRecord(v) || !isRecord(v.spec)) return bad(`vms[${i}] is not { spec, state, crashes, load }`);
+      const spec = this.validateSpec(v.spec);
+      if (seen.has(spec.name)) bad(`VM ${spec.name} appears twice`);
+      seen.add(spec.name);
+      if (!STATES.includes(v.state as VmState)) bad(`vms[${i}].state ${String(v.state)} is not a VM state`);
+      const crashes = v.crashes ?? 0;
+      if (typeof crashes !== 'number' || !Number.isInteger(crashes) || crashes < 0) bad(`vms[${i}].crashes must be an integer ≥ 0`);
+      const load = v.load ?? 0;
+      if (typeof load !== 'number' || !(load >= 0 && load <= 1)) bad(`vms[${i}].load must be in 0..1`);
+      return { spec, state: v.state as VmState, crashes: crashes as number, load: load as number };
+    });
+    return { version: 1, vms };
+  }
+}
+
+function newVm(spec: VmSpec, state: VmState, crashes: number, load: number): SimVm {
+  return {
+    spec,
+    state,
+    crashes,
+    load,
+    startedAt: undefined,
+    memory: undefined,
+    dirty: undefined,
+    dirtyCount: 0,
+    pagesWritten: 0,
+    timer: undefined,
+    lastTick: 0,
+    carry: 0,
+  };
+}
+
+function toInfo(vm: SimVm): VmInfo {
+  const info: VmInfo = { ...vm.spec, state: vm.state, crashes: vm.crashes };
+  return vm.startedAt === undefined ? info : { ...info, startedAt: vm.startedAt };
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+function positiveInt(v: number, what: string): number {
+  if (!Number.isInteger(v) || v <= 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option ${what} must be a positive integer, got ${String(v)}`);
+  return v;
+}
