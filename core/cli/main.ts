@@ -1,0 +1,73 @@
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError } from 'commander';
+import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
+import { registerAgentCommand } from './agent-command.ts';
+import { createContext, type CliIo } from './context.ts';
+import { registerEventCommands } from './event-commands.ts';
+import { registerInfoCommands } from './info-commands.ts';
+import { registerVmCommands } from './vm-commands.ts';
+
+export type { CliIo };
+
+/** Exit codes of the `embot` command. */
+export const ExitCode = { OK: 0, RUNTIME: 1, USAGE: 2 } as const;
+
+/** Errors that mean "you asked for something wrong", not "something went wrong". */
+const USAGE_CODES: ReadonlySet<string> = new Set([ErrorCodes.CLI_USAGE, ErrorCodes.CONFIG_INVALID, ErrorCodes.CONFIG_NOT_FOUND]);
+
+const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+
+/**
+ * Runs the `embot` command line and resolves to its exit code (0 ok, 1 runtime error, 2 usage
+ * error). Never calls `process.exit`, so tests can call it in-process.
+ *
+ * @example
+ * ```ts
+ * const code = await main(['node', 'embot', 'vm', 'list', '--json'], { stdout, stderr });
+ * ```
+ */
+export async function main(argv: readonly string[], io: CliIo = { stdout: process.stdout, stderr: process.stderr }): Promise<number> {
+  const ctx = createContext(io);
+  let exitCode: number = ExitCode.OK;
+  const program = new Command('embot')
+    .description('embot: autonomic management of virtualised hosts (agent and control CLI)')
+    .version(VERSION, '-V, --version')
+    .exitOverride()
+    .configureOutput({
+      writeOut: (s) => io.stdout.write(s),
+      writeErr: (s) => io.stderr.write(s),
+    })
+    .showHelpAfterError('(run with --help for usage)')
+    .addHelpText(
+      'after',
+      '\nThe agent is found by --agent URL or EMBOT_AGENT (default http://127.0.0.1:7400).\nExit codes: 0 ok, 1 runtime error, 2 usage error.',
+    );
+
+  registerAgentCommand(program, ctx, (code) => {
+    exitCode = code;
+  });
+  registerInfoCommands(program, ctx);
+  registerVmCommands(program, ctx);
+  registerEventCommands(program, ctx);
+
+  try {
+    await program.parseAsync([...argv], { from: 'node' });
+    return exitCode;
+  } catch (e) {
+    return reportError(e, io);
+  }
+}
+
+function reportError(e: unknown, io: CliIo): number {
+  if (e instanceof CommanderError) {
+    // Commander has already written its message (and the help hint) to stderr.
+    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return ExitCode.OK;
+    return ExitCode.USAGE;
+  }
+  if (e instanceof EmbotError) {
+    io.stderr.write(`error: ${e.message} [${e.code}]\n`);
+    return USAGE_CODES.has(e.code) ? ExitCode.USAGE : ExitCode.RUNTIME;
+  }
+  io.stderr.write(`error: unexpected failure: ${describeError(e)}\n`);
+  return ExitCode.RUNTIME;
+}

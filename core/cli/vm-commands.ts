@@ -1,0 +1,70 @@
+import type { Command } from 'commander';
+import type { CreateVmRequest, VmAction, VmInfo } from '../control/control-api.ts';
+import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
+import { formatBytes, formatTable } from './format.ts';
+import { parsePort, parsePositiveInt, parseSize } from './parse.ts';
+
+interface CreateFlags extends ClientFlags {
+  readonly memory?: number;
+  readonly dirtyRate?: number;
+  readonly vcpus?: number;
+  readonly udpPort?: number;
+}
+
+/** `embot vm list|create|start|stop|crash`. */
+export function registerVmCommands(program: Command, ctx: CliContext): void {
+  const vm = program.command('vm').description('list, create, start, stop and crash VMs');
+
+  clientOptions(vm.command('list').description('list VMs')).action(async (opts: ClientFlags) => {
+    const vms = await ctx.client(opts).listVms();
+    if (opts.json) ctx.json(vms);
+    else ctx.out(renderVms(vms));
+  });
+
+  clientOptions(
+    vm
+      .command('create')
+      .description('create a VM (it gets the embots that loaded modules attach to VMs)')
+      .argument('<name>', 'VM name (lower-case letters, digits, dashes)')
+      .option('--memory <size>', 'memory, e.g. 64M, 1G or bytes', parseSize)
+      .option('--dirty-rate <rate>', 'memory dirtied per second while running, e.g. 10M', parseSize)
+      .option('--vcpus <n>', 'virtual CPUs', parsePositiveInt)
+      .option('--udp-port <port>', 'UDP service port of the VM', parsePort),
+  ).action(async (name: string, opts: CreateFlags) => {
+    const spec: CreateVmRequest = {
+      name,
+      ...(opts.memory === undefined ? {} : { memory: opts.memory }),
+      ...(opts.dirtyRate === undefined ? {} : { dirtyRate: opts.dirtyRate }),
+      ...(opts.vcpus === undefined ? {} : { vcpus: opts.vcpus }),
+      ...(opts.udpPort === undefined ? {} : { udpPort: opts.udpPort }),
+    };
+    const info = await ctx.client(opts).createVm(spec);
+    if (opts.json) ctx.json(info);
+    else ctx.out(`created vm ${info.name}: ${describeVm(info)}`);
+  });
+
+  const actions: readonly [VmAction, string][] = [
+    ['start', 'start (or restart) a VM'],
+    ['stop', 'stop a running VM'],
+    ['crash', 'simulate a VM crash (sim driver)'],
+  ];
+  for (const [action, description] of actions) {
+    clientOptions(vm.command(action).description(description).argument('<name>', 'VM name')).action(async (name: string, opts: ClientFlags) => {
+      const info = await ctx.client(opts).vmAction(name, action);
+      if (opts.json) ctx.json(info);
+      else ctx.out(`vm ${info.name}: ${info.state}`);
+    });
+  }
+}
+
+export function renderVms(vms: readonly VmInfo[]): string {
+  if (vms.length === 0) return 'no VMs (create one with `embot vm create NAME`)\n';
+  return formatTable(
+    ['NAME', 'STATE', 'MEMORY', 'DIRTY RATE', 'VCPUS', 'CRASHES', 'UDP'],
+    vms.map((v) => [v.name, v.state, formatBytes(v.memory), `${formatBytes(v.dirtyRate)}/s`, String(v.vcpus), String(v.crashes), v.udpPort === undefined ? '-' : String(v.udpPort)]),
+  );
+}
+
+function describeVm(v: VmInfo): string {
+  return `${v.state}, ${formatBytes(v.memory)}, dirty rate ${formatBytes(v.dirtyRate)}/s, ${v.vcpus} vcpu${v.vcpus === 1 ? '' : 's'}`;
+}

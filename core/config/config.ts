@@ -1,0 +1,218 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { extname, resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { ConfigError, ErrorCodes, describeError } from '../errors.ts';
+import { DEFAULTS, defaultAgentName } from './defaults.ts';
+
+export { defaultAgentName };
+
+const LOG_LEVELS = ['debug', 'info', 'warn', 'error', 'silent'] as const;
+
+const AGENT_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+const positiveInt = z.number().int().positive();
+
+const ControlSchema = z
+  .object({
+    host: z.string().min(1).default(DEFAULTS.control.host),
+    /** 0 picks a free port (tests). */
+    port: z.number().int().min(0).max(65535).default(DEFAULTS.control.port),
+    /** Bearer token the control API requires; may come from `EMBOT_CONTROL_TOKEN`. */
+    token: z.string().min(8, 'a control token must be at least 8 characters').optional(),
+  })
+  .strict();
+
+const SensorsSchema = z
+  .object({
+    host: z
+      .object({
+        intervalMs: positiveInt.default(DEFAULTS.sensors.host.intervalMs),
+        /** `sim` derives load from the sim driver (deterministic); `os` reads the real host. */
+        source: z.enum(['sim', 'os']).default(DEFAULTS.sensors.host.source),
+      })
+      .strict()
+      .prefault({}),
+    vm: z
+      .object({ intervalMs: positiveInt.default(DEFAULTS.sensors.vm.intervalMs) })
+      .strict()
+      .prefault({}),
+  })
+  .strict();
+
+const SimSchema = z
+  .object({
+    pageSize: positiveInt.default(DEFAULTS.sim.pageSize),
+    hostCpus: positiveInt.default(DEFAULTS.sim.hostCpus),
+    defaultMemory: positiveInt.default(DEFAULTS.sim.defaultMemory),
+    /** Bytes per second. */
+    defaultDirtyRate: z.number().min(0).default(DEFAULTS.sim.defaultDirtyRate),
+  })
+  .strict();
+
+/**
+ * Everything an agent can be configured with. Every field has a default that works on one
+ * machine, so `{}` is a valid configuration. Unknown keys are rejected (typos must not be
+ * silently ignored).
+ */
+export const AgentConfigSchema = z
+  .object({
+    name: z
+      .string()
+      .regex(AGENT_NAME, 'lower-case letters, digits and dashes, starting with a letter or digit, at most 63 characters')
+      .default(() => defaultAgentName()),
+    dataDir: z.string().min(1).default(DEFAULTS.dataDir),
+    pluginsDir: z.string().min(1).default(DEFAULTS.pluginsDir),
+    driver: z.enum(['sim']).default(DEFAULTS.driver),
+    /** No plugins loaded (recovery mode). */
+    safe: z.boolean().default(false),
+    control: ControlSchema.prefault({}),
+    logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
+    logFormat: z.enum(['pretty', 'json']).default(DEFAULTS.logFormat),
+    sensors: SensorsSchema.prefault({}),
+    sim: SimSchema.prefault({}),
+    store: z
+      .object({ synchronous: z.enum(['NORMAL', 'FULL', 'OFF']).default(DEFAULTS.store.synchronous) })
+      .strict()
+      .prefault({}),
+    /** Per-module config overrides, merged over each module manifest's `config`. */
+    modules: z.record(z.string(), z.record(z.string(), z.unknown())).default({}),
+  })
+  .strict();
+
+export type AgentConfig = z.output<typeof AgentConfigSchema>;
+
+/** Config as written in a file or given as flags: every field optional, nested objects partial. */
+export type AgentConfigInput = DeepPartial<AgentConfig>;
+
+type DeepPartial<T> = T extends readonly unknown[]
+  ? T
+  : T extends object
+    ? { [K in keyof T]?: DeepPartial<T[K]> }
+    : T;
+
+export interface LoadConfigOptions {
+  /** JSON (`.json`) or YAML (`.yaml`, `.yml`) file; other extensions are tried as YAML (a superset of JSON). */
+  readonly file?: string;
+  /** Command-line values; they win over the file and the environment. */
+  readonly flags?: AgentConfigInput;
+  /** Defaults to `process.env`; `EMBOT_CONTROL_TOKEN` supplies `control.token`. */
+  readonly env?: NodeJS.ProcessEnv;
+}
+
+/**
+ * Builds the agent's configuration from defaults, a file, the environment and flags (in
+ * increasing precedence) and validates it.
+ *
+ * @throws ConfigError `EMBOT_ERR_CONFIG_NOT_FOUND` when `file` does not exist;
+ *   `EMBOT_ERR_CONFIG_INVALID` for syntax errors and for every schema violation, listed as
+ *   `path: message` lines.
+ * @example
+ * ```ts
+ * const config = loadConfig({ file: 'embot.yaml', flags: { control: { port: 0 } } });
+ * config.control.host; // '127.0.0.1'
+ * ```
+ */
+export function loadConfig(options: LoadConfigOptions = {}): AgentConfig {
+  const env = options.env ?? process.env;
+  const fromFile = options.file === undefined ? {} : readConfigFile(options.file);
+  const fromEnv: Record<string, unknown> = {};
+  const envToken = env['EMBOT_CONTROL_TOKEN'];
+  if (envToken !== undefined && envToken !== '') fromEnv['control'] = { token: envToken };
+  const merged = deepMerge(deepMerge(fromFile, fromEnv), (options.flags ?? {}) as Record<string, unknown>);
+  return validateConfig(merged, options.file);
+}
+
+/**
+ * Validates an already-parsed config object (e.g. handed over by a test harness).
+ *
+ * @example
+ * ```ts
+ * const config = validateConfig({ name: 'a1', control: { port: 0 } });
+ * ```
+ */
+export function validateConfig(input: unknown, source?: string): AgentConfig {
+  const result = AgentConfigSchema.safeParse(input);
+  if (result.success) return result.data;
+  const lines = result.error.issues.map(formatIssue);
+  const where = source === undefined ? 'configuration' : `configuration ${source}`;
+  throw new ConfigError(ErrorCodes.CONFIG_INVALID, `invalid ${where}:\n  ${lines.join('\n  ')}`, {
+    details: { issues: lines, ...(source === undefined ? {} : { file: source }) },
+  });
+}
+
+function readConfigFile(file: string): Record<string, unknown> {
+  const path = resolve(file);
+  if (!existsSync(path)) {
+    throw new ConfigError(ErrorCodes.CONFIG_NOT_FOUND, `config file ${file} not found (resolved to ${path})`, { details: { file } });
+  }
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (cause) {
+    throw new ConfigError(ErrorCodes.CONFIG_NOT_FOUND, `config file ${file} cannot be read: ${describeError(cause)}`, { cause, details: { file } });
+  }
+  let parsed: unknown;
+  try {
+    parsed = extname(path).toLowerCase() === '.json' ? JSON.parse(text) : parseYaml(text, { prettyErrors: true, uniqueKeys: true });
+  } catch (cause) {
+    throw new ConfigError(ErrorCodes.CONFIG_INVALID, `invalid configuration ${file}: syntax error: ${describeError(cause)}`, { cause, details: { file } });
+  }
+  // An empty YAML file parses to null: treat it as "no settings".
+  if (parsed === null || parsed === undefined) return {};
+  if (!isPlainObject(parsed)) {
+    throw new ConfigError(ErrorCodes.CONFIG_INVALID, `invalid configuration ${file}:\n  (root): expected an object of settings, got ${describeKind(parsed)}`, {
+      details: { file },
+    });
+  }
+  return parsed;
+}
+
+function formatIssue(issue: z.core.$ZodIssue): string {
+  const path = issue.path.length === 0 ? '(root)' : issue.path.map(String).join('.');
+  if (issue.code === 'unrecognized_keys') {
+    const known = knownKeysAt(issue.path);
+    const keys = issue.keys.map((k) => JSON.stringify(k)).join(', ');
+    return `${path}: unknown key${issue.keys.length > 1 ? 's' : ''} ${keys}${known.length > 0 ? ` (known keys: ${known.join(', ')})` : ''}`;
+  }
+  return `${path}: ${issue.message}`;
+}
+
+/** Keys the schema accepts at `path`, for "unknown key" hints. */
+function knownKeysAt(path: readonly PropertyKey[]): string[] {
+  let schema: z.core.$ZodType = AgentConfigSchema;
+  for (const key of [...path, null]) {
+    // Unwrap default/prefault/optional wrappers to reach the object.
+    for (;;) {
+      const def = schema._zod.def as { type: string; innerType?: z.core.$ZodType };
+      if (def.innerType && ['default', 'prefault', 'optional'].includes(def.type)) schema = def.innerType;
+      else break;
+    }
+    const def = schema._zod.def as { type: string; shape?: Record<string, z.core.$ZodType> };
+    if (def.type !== 'object' || !def.shape) return [];
+    if (key === null) return Object.keys(def.shape);
+    const next = def.shape[String(key)];
+    if (!next) return [];
+    schema = next;
+  }
+  return [];
+}
+
+function deepMerge(base: Record<string, unknown>, over: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = { ...base };
+  for (const [key, value] of Object.entries(over)) {
+    if (value === undefined) continue;
+    const prev = out[key];
+    out[key] = isPlainObject(prev) && isPlainObject(value) ? deepMerge(prev, value) : value;
+  }
+  return out;
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function describeKind(v: unknown): string {
+  if (Array.isArray(v)) return 'a list';
+  return typeof v === 'string' ? 'a string' : typeof v;
+}

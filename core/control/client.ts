@@ -1,0 +1,147 @@
+import { ControlError, ErrorCodes, describeError, type ErrorCode } from '../errors.ts';
+import type {
+  AgentStatus,
+  CreateVmRequest,
+  EmbotEvent,
+  EmbotEventInput,
+  EmbotInfo,
+  PluginInfo,
+  VmAction,
+  VmInfo,
+} from './control-api.ts';
+
+const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
+
+export interface ControlClientOptions {
+  /** Per-request timeout; default 15 s. */
+  readonly timeoutMs?: number;
+}
+
+/**
+ * Typed client of the control API (global `fetch`). Failed requests throw `ControlError` with
+ * the server's code (`EMBOT_ERR_VM_UNKNOWN`, …); `details.status` holds the HTTP status. An
+ * agent that does not answer gives `EMBOT_ERR_CONTROL_UNREACHABLE`.
+ *
+ * @example
+ * ```ts
+ * const client = new ControlClient('http://127.0.0.1:7400', process.env.EMBOT_CONTROL_TOKEN);
+ * const vm = await client.createVm({ name: 'web', memory: 64 << 20 });
+ * await client.vmAction('web', 'start');
+ * ```
+ */
+export class ControlClient {
+  readonly baseUrl: string;
+  private readonly token: string | undefined;
+  private readonly timeoutMs: number;
+
+  constructor(baseUrl: string, token?: string, options: ControlClientOptions = {}) {
+    let parsed: URL;
+    try {
+      parsed = new URL(baseUrl);
+    } catch {
+      throw new ControlError(ErrorCodes.CLI_USAGE, `agent URL ${JSON.stringify(baseUrl)} is not a URL (expected e.g. http://127.0.0.1:7400)`);
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+      throw new ControlError(ErrorCodes.CLI_USAGE, `agent URL ${baseUrl} must start with http:// or https://`);
+    }
+    this.baseUrl = baseUrl.replace(/\/+$/, '');
+    this.token = token === '' ? undefined : token;
+    this.timeoutMs = options.timeoutMs ?? 15_000;
+  }
+
+  status(): Promise<AgentStatus> {
+    return this.request('GET', '/v1/status');
+  }
+
+  listVms(): Promise<VmInfo[]> {
+    return this.request('GET', '/v1/vms');
+  }
+
+  createVm(spec: CreateVmRequest): Promise<VmInfo> {
+    return this.request('POST', '/v1/vms', spec);
+  }
+
+  vmAction(name: string, action: VmAction): Promise<VmInfo> {
+    return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/${action}`, {});
+  }
+
+  listEmbots(): Promise<EmbotInfo[]> {
+    return this.request('GET', '/v1/embots');
+  }
+
+  listPlugins(): Promise<PluginInfo[]> {
+    return this.request('GET', '/v1/plugins');
+  }
+
+  emitEvent(input: Omit<EmbotEventInput, 'source'>): Promise<EmbotEvent> {
+    return this.request('POST', '/v1/events', input);
+  }
+
+  listEvents(opts: { readonly limit?: number } = {}): Promise<EmbotEvent[]> {
+    return this.request('GET', opts.limit === undefined ? '/v1/events' : `/v1/events?limit=${opts.limit}`);
+  }
+
+  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown): Promise<T> {
+    const headers: Record<string, string> = { Accept: 'application/json' };
+    if (this.token !== undefined) headers['Authorization'] = `Bearer ${this.token}`;
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    let res: Response;
+    try {
+      res = await fetch(this.baseUrl + path, {
+        method,
+        headers,
+        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+        signal: AbortSignal.timeout(this.timeoutMs),
+      });
+    } catch (cause) {
+      throw this.unreachable(cause);
+    }
+    let text: string;
+    try {
+      text = await res.text();
+    } catch (cause) {
+      throw this.unreachable(cause);
+    }
+    let parsed: unknown;
+    try {
+      parsed = text === '' ? undefined : JSON.parse(text);
+    } catch {
+      throw new ControlError(ErrorCodes.CONTROL_BAD_REQUEST, `${this.baseUrl} answered ${res.status} with a body that is not JSON; is it an embot agent?`, {
+        details: { status: res.status },
+      });
+    }
+    if (res.ok) return parsed as T;
+    const err = (parsed as { error?: { code?: unknown; message?: unknown; details?: unknown } } | undefined)?.error;
+    const code: ErrorCode = typeof err?.code === 'string' && KNOWN_CODES.has(err.code) ? (err.code as ErrorCode) : fallbackCode(res.status);
+    const message = typeof err?.message === 'string' ? err.message : `${method} ${path} failed with HTTP ${res.status}`;
+    const details = typeof err?.details === 'object' && err.details !== null ? (err.details as Record<string, unknown>) : {};
+    throw new ControlError(code, message, { details: { ...details, status: res.status } });
+  }
+
+  private unreachable(cause: unknown): ControlError {
+    const reason = networkReason(cause);
+    return new ControlError(
+      ErrorCodes.CONTROL_UNREACHABLE,
+      `no embot agent at ${this.baseUrl} (${reason}; is it running? start one with \`embot agent\`)`,
+      { cause, details: { url: this.baseUrl } },
+    );
+  }
+}
+
+function fallbackCode(status: number): ErrorCode {
+  if (status === 401) return ErrorCodes.CONTROL_UNAUTHORIZED;
+  if (status === 404) return ErrorCodes.CONTROL_NOT_FOUND;
+  if (status >= 500) return ErrorCodes.CONTROL_INTERNAL;
+  return ErrorCodes.CONTROL_BAD_REQUEST;
+}
+
+/** fetch hides the socket error in `cause`; surface the useful part. */
+function networkReason(e: unknown): string {
+  if (e instanceof Error && (e.name === 'TimeoutError' || e.name === 'AbortError')) return 'no answer in time';
+  const cause = (e as { cause?: { code?: unknown } } | undefined)?.cause;
+  if (cause && typeof cause.code === 'string') {
+    if (cause.code === 'ECONNREFUSED') return 'connection refused';
+    return cause.code;
+  }
+  return describeError(e);
+}

@@ -1,0 +1,106 @@
+import type { EmbotEvent, EmbotEventInput } from '../events.ts';
+import type { VmInfo } from '../../effectors/hypervisor/driver.ts';
+
+export type { EmbotEvent, EmbotEventInput, VmInfo };
+
+/** What `GET /v1/status` returns. */
+export interface AgentStatus {
+  readonly name: string;
+  /** embot package version. */
+  readonly version: string;
+  readonly pid: number;
+  /** ms since epoch. */
+  readonly startedAt: number;
+  readonly uptimeMs: number;
+  readonly driver: string;
+  readonly safe: boolean;
+  readonly dataDir: string;
+  readonly pluginsDir: string;
+  readonly control: { readonly host: string; readonly port: number };
+  readonly counts: {
+    readonly vms: number;
+    readonly elements: number;
+    readonly embots: number;
+    readonly quarantinedEmbots: number;
+    readonly modules: number;
+    readonly modulesWithErrors: number;
+    readonly queuedEvents: number;
+    readonly heldEvents: number;
+    readonly deadLetters: number;
+  };
+}
+
+/** `unloaded`: its module was removed from the plugins folder; kept so it can resume when the module returns. */
+export type EmbotStatus = 'running' | 'quarantined' | 'disabled' | 'unloaded';
+
+export interface PolicyInfo {
+  readonly name: string;
+  /** xstate state value (`'idle'`, `{ backoff: 'waiting' }`, …). */
+  readonly state: unknown;
+  /** ms since epoch of the last snapshot change. */
+  readonly updatedAt: number;
+}
+
+export interface EmbotInfo {
+  readonly id: string;
+  readonly module: string;
+  readonly type: string;
+  readonly elementIds: readonly string[];
+  readonly status: EmbotStatus;
+  readonly error?: string;
+  readonly policies: readonly PolicyInfo[];
+}
+
+export type PluginStatus = 'loaded' | 'error' | 'disabled' | 'quarantined' | 'unloaded';
+
+export interface PluginInfo {
+  readonly name: string;
+  readonly version: string;
+  readonly hash: string;
+  readonly status: PluginStatus;
+  readonly error?: string;
+  readonly restarts: number;
+  readonly embotTypes: readonly string[];
+  readonly dir: string;
+}
+
+/** Body of `POST /v1/vms`; omitted fields take the driver's defaults. */
+export interface CreateVmRequest {
+  readonly name: string;
+  /** bytes */
+  readonly memory?: number;
+  /** bytes per second */
+  readonly dirtyRate?: number;
+  readonly vcpus?: number;
+  readonly udpPort?: number;
+}
+
+export type VmAction = 'start' | 'stop' | 'crash';
+export const VM_ACTIONS: readonly VmAction[] = ['start', 'stop', 'crash'];
+
+/** Error body of every failed control request. */
+export interface ControlErrorBody {
+  readonly error: { readonly code: string; readonly message: string; readonly details?: Readonly<Record<string, unknown>> };
+}
+
+/**
+ * What the agent exposes to the control API (and so to the CLI). Methods throw `EmbotError`s
+ * with stable codes; the server maps them to HTTP statuses.
+ */
+export interface AgentControl {
+  status(): AgentStatus;
+  listVms(): readonly VmInfo[];
+  createVm(spec: CreateVmRequest): VmInfo;
+  vmAction(name: string, action: VmAction): VmInfo;
+  listEmbots(): readonly EmbotInfo[];
+  listPlugins(): readonly PluginInfo[];
+  /** Resolves once the event is journaled. */
+  emitEvent(input: EmbotEventInput): Promise<EmbotEvent>;
+  /** Recent processed events, newest last. */
+  listEvents(opts: { readonly limit: number }): readonly EmbotEvent[];
+}
+
+/** Largest accepted request body. */
+export const MAX_BODY_BYTES = 1024 * 1024;
+export const DEFAULT_EVENTS_LIMIT = 50;
+export const MAX_EVENTS_LIMIT = 10_000;

@@ -1,0 +1,258 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { main } from '../../core/cli/main.ts';
+import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput } from '../../core/control/control-api.ts';
+import { startControlServer, type ControlServer } from '../../core/control/server.ts';
+import { createLogger } from '../../core/logger.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+
+/** Control over the real SimDriver; events, embots and plugins are in-test doubles. */
+function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
+  let seq = 0;
+  const status = (): AgentStatus => ({
+    name: 'cli-test',
+    version: '0.0.0-test',
+    pid: 1,
+    startedAt: 0,
+    uptimeMs: 93_000,
+    driver: 'sim',
+    safe: false,
+    dataDir: './data',
+    pluginsDir: './plugins',
+    control: { host: '127.0.0.1', port: 1 },
+    counts: { vms: driver.list().length, elements: 0, embots: 1, quarantinedEmbots: 1, modules: 1, modulesWithErrors: 0, queuedEvents: 0, heldEvents: 0, deadLetters: 0 },
+  });
+  return {
+    status,
+    listVms: () => driver.list(),
+    createVm: (spec) => driver.create(spec),
+    vmAction: (name, action) => driver[action](name),
+    listEmbots: () => [{ id: 'vm-watchdog/web', module: 'vm-watchdog', type: 'watchdog', elementIds: ['vm:web'], status: 'quarantined', error: 'threw in an action', policies: [{ name: 'restart', state: { backoff: 'waiting' }, updatedAt: 1 }] }],
+    listPlugins: () => [{ name: 'vm-watchdog', version: '1.2.3', hash: 'sha256-0123456789abcdef', status: 'loaded', restarts: 0, embotTypes: ['watchdog'], dir: '/p' }],
+    emitEvent: async (input: EmbotEventInput) => {
+      const e: EmbotEvent = { id: input.id ?? `cli.${seq++}`, ts: input.ts ?? 1_700_000_000_000, elementId: input.elementId, type: input.type, payload: input.payload ?? null, source: 'control' };
+      events.push(e);
+      return e;
+    },
+    listEvents: ({ limit }) => events.slice(-limit),
+  };
+}
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function run(args: readonly string[], env: NodeJS.ProcessEnv = {}, signal?: AbortSignal): Promise<Run> {
+  let stdout = '';
+  let stderr = '';
+  const code = await main(['node', 'embot', ...args], {
+    stdout: { write: (s: string) => (stdout += s) },
+    stderr: { write: (s: string) => (stderr += s) },
+    env,
+    ...(signal ? { signal } : {}),
+  });
+  return { code, stdout, stderr };
+}
+
+const driver = new SimDriver({ tickMs: 1000 });
+const events: EmbotEvent[] = [];
+let server: ControlServer;
+let agent: string[];
+let closedUrl: string;
+const tmp = mkdtempSync(join(tmpdir(), 'embot-cli-'));
+
+beforeAll(async () => {
+  server = await startControlServer({ host: '127.0.0.1', port: 0, control: simControl(driver, events), logger: createLogger({ level: 'silent' }) });
+  agent = ['--agent', server.url];
+  const closed = await startControlServer({ host: '127.0.0.1', port: 0, control: simControl(driver, []), logger: createLogger({ level: 'silent' }) });
+  closedUrl = closed.url;
+  await closed.close();
+});
+afterAll(async () => {
+  await server.close();
+  driver.close();
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+describe('cli usage errors exit 2 with a message', () => {
+  it.each([
+    [['frobnicate'], /unknown command 'frobnicate'/],
+    [['status', '--bogus'], /unknown option '--bogus'/],
+    [['vm', 'explode'], /unknown command 'explode'/],
+    [['vm', 'start'], /missing required argument 'name'/],
+    [['vm', 'list', 'extra'], /too many arguments/],
+    [['events', 'emit', '--type', 'X'], /required option '--element <id>' not specified/],
+    [['events', 'emit', '--element', 'vm:web', '--type', 'X', '--payload', '{oops'], /--payload <json>.*not valid JSON.*quote it/],
+    [['events', 'list', '--limit', 'lots'], /expected a whole number/],
+    [['vm', 'create', 'x', '--memory', '12Q'], /expected a size like/],
+    [['agent', '--driver', 'qemu'], /Allowed choices are sim/],
+    [['agent', '--control', 'localhost'], /expected HOST:PORT/],
+  ])('embot %j', async (args, message) => {
+    const r = await run([...args, ...agent]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(message);
+    expect(r.stdout).toBe('');
+  });
+
+  it('a bad --payload never reaches the agent', async () => {
+    const before = events.length;
+    expect((await run(['events', 'emit', '--element', 'vm:web', '--type', 'X', '--payload', 'not-json', ...agent])).code).toBe(2);
+    expect(events.length).toBe(before);
+  });
+
+  it('bad agent config is a usage error naming the problem', async () => {
+    const missing = await run(['agent', '--config', join(tmp, 'nope.yaml')]);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toMatch(/config file .*nope\.yaml not found.*EMBOT_ERR_CONFIG_NOT_FOUND/);
+    const bad = join(tmp, 'bad.yaml');
+    writeFileSync(bad, 'control:\n  prot: 1\n');
+    const invalid = await run(['agent', '--config', bad]);
+    expect(invalid.code).toBe(2);
+    expect(invalid.stderr).toContain('control: unknown key "prot"');
+    const noToken = await run(['agent', '--token-file', join(tmp, 'no-token')]);
+    expect(noToken.code).toBe(2);
+    expect(noToken.stderr).toContain('token file');
+  });
+});
+
+describe('cli --help', () => {
+  it('lists the commands at the top level and in every group', async () => {
+    const top = await run(['--help']);
+    expect(top.code).toBe(0);
+    for (const verb of ['agent', 'status', 'vm', 'embots', 'plugins', 'events']) expect(top.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
+    const vm = await run(['vm', '--help']);
+    expect(vm.code).toBe(0);
+    for (const verb of ['list', 'create', 'start', 'stop', 'crash']) expect(vm.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
+    const create = await run(['vm', 'create', '--help']);
+    expect(create.stdout).toContain('--memory <size>');
+    expect(create.stdout).toContain('--agent <url>');
+    expect(create.stdout).toContain('--json');
+    const emit = await run(['events', 'emit', '--help']);
+    expect(emit.stdout).toContain('--payload <json>');
+    const agentHelp = await run(['agent', '--help']);
+    for (const flag of ['--config', '--name', '--control', '--data', '--plugins', '--driver', '--safe', '--log-level', '--log-format', '--token-file']) {
+      expect(agentHelp.stdout).toContain(flag);
+    }
+  });
+});
+
+describe('cli against an agent', () => {
+  it('an agent that is not running: UNREACHABLE message, exit 1 (flag and EMBOT_AGENT)', async () => {
+    const viaFlag = await run(['status', '--agent', closedUrl]);
+    expect(viaFlag.code).toBe(1);
+    expect(viaFlag.stderr).toContain(`no embot agent at ${closedUrl}`);
+    expect(viaFlag.stderr).toContain('start one with `embot agent`');
+    expect(viaFlag.stderr).toContain('EMBOT_ERR_CONTROL_UNREACHABLE');
+    const viaEnv = await run(['vm', 'list'], { EMBOT_AGENT: closedUrl });
+    expect(viaEnv.code).toBe(1);
+    expect(viaEnv.stderr).toContain(`no embot agent at ${closedUrl}`);
+  });
+
+  it('--json prints exactly the API JSON', async () => {
+    driver.create({ name: 'web', memory: 1 << 20 });
+    for (const [args, path] of [
+      [['status'], '/v1/status'],
+      [['vm', 'list'], '/v1/vms'],
+      [['embots'], '/v1/embots'],
+      [['plugins'], '/v1/plugins'],
+      [['events', 'list', '--limit', '2'], '/v1/events?limit=2'],
+    ] as const) {
+      const r = await run([...args, '--json', ...agent]);
+      expect(r.code, args.join(' ')).toBe(0);
+      const api = await (await fetch(server.url + path)).json();
+      expect(JSON.parse(r.stdout)).toEqual(api);
+    }
+  });
+
+  it('vm create parses sizes and vm actions drive the VM', async () => {
+    const created = await run(['vm', 'create', 'db', '--memory', '2M', '--dirty-rate', '10K', '--vcpus', '2', '--json', ...agent]);
+    expect(created.code).toBe(0);
+    expect(JSON.parse(created.stdout)).toMatchObject({ name: 'db', memory: 2 * 1024 * 1024, dirtyRate: 10 * 1024, vcpus: 2, state: 'created' });
+    const started = await run(['vm', 'start', 'db', ...agent]);
+    expect(started).toMatchObject({ code: 0, stdout: 'vm db: running\n' });
+    expect(driver.get('db')!.state).toBe('running');
+    const crashed = await run(['vm', 'crash', 'db', ...agent]);
+    expect(crashed.stdout).toBe('vm db: crashed\n');
+  });
+
+  it('errors from the agent exit 1 with the server code', async () => {
+    const r = await run(['vm', 'stop', 'nope', ...agent]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/EMBOT_ERR_VM_UNKNOWN/);
+    const dup = await run(['vm', 'create', 'web', ...agent]);
+    expect(dup.code).toBe(1);
+    expect(dup.stderr).toMatch(/EMBOT_ERR_VM_EXISTS/);
+    const badType = await run(['events', 'emit', '--element', 'vm:web', '--type', 'lower', ...agent]);
+    expect(badType.code).toBe(1);
+    expect(badType.stderr).toContain('EMBOT_ERR_EVENT_INVALID');
+  });
+
+  it('prints readable aligned tables without --json', async () => {
+    const vms = await run(['vm', 'list', ...agent]);
+    const lines = vms.stdout.trimEnd().split('\n');
+    expect(lines[0]).toMatch(/^NAME\s+STATE\s+MEMORY\s+DIRTY RATE\s+VCPUS\s+CRASHES\s+UDP$/);
+    const web = lines.find((l) => l.startsWith('web '))!;
+    expect(web).toMatch(/^web\s+created\s+1 MiB\s+/);
+    expect(web.indexOf('created')).toBe(lines[0]!.indexOf('STATE'));
+
+    const status = await run(['status', ...agent]);
+    expect(status.stdout).toMatch(/^agent:\s+cli-test/m);
+    expect(status.stdout).toMatch(/^uptime:\s+1m33s$/m);
+    expect(status.stdout).toMatch(/^embots:\s+1 \(1 quarantined\)$/m);
+
+    const embots = await run(['embots', ...agent]);
+    expect(embots.stdout).toMatch(/vm-watchdog\/web\s+vm-watchdog\s+watchdog\s+vm:web\s+quarantined\s+restart=\{"backoff":"waiting"\}\s+threw in an action/);
+    const plugins = await run(['plugins', ...agent]);
+    expect(plugins.stdout).toMatch(/vm-watchdog\s+1\.2\.3\s+loaded\s+watchdog\s+0\s+sha256-0123…/);
+  });
+
+  it('events emit journals the payload; events list shows it', async () => {
+    const r = await run(['events', 'emit', '--element', 'vm:web', '--type', 'LOAD_HIGH', '--payload', '{"load":0.95}', ...agent]);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^journaled event cli\.\d+ \(LOAD_HIGH for vm:web\)\n$/);
+    expect(events.at(-1)).toMatchObject({ elementId: 'vm:web', type: 'LOAD_HIGH', payload: { load: 0.95 } });
+    const list = await run(['events', 'list', '--limit', '1', ...agent]);
+    expect(list.stdout).toMatch(/LOAD_HIGH\s+control\s+\{"load":0\.95\}/);
+  });
+});
+
+describe('cli with a token', () => {
+  it('sends --token or EMBOT_CONTROL_TOKEN; a missing token is a clear 401 error', async () => {
+    const token = 'cli-token-abcdef';
+    const secured = await startControlServer({ host: '127.0.0.1', port: 0, token, control: simControl(driver, []), logger: createLogger({ level: 'silent' }) });
+    try {
+      expect((await run(['status', '--json', '--agent', secured.url, '--token', token])).code).toBe(0);
+      expect((await run(['status', '--json'], { EMBOT_AGENT: secured.url, EMBOT_CONTROL_TOKEN: token })).code).toBe(0);
+      const denied = await run(['status', '--agent', secured.url]);
+      expect(denied.code).toBe(1);
+      expect(denied.stderr).toContain('EMBOT_ERR_CONTROL_UNAUTHORIZED');
+    } finally {
+      await secured.close();
+    }
+  });
+});
+
+describe('embot agent', () => {
+  it('runs the agent, prints the ready line, answers the CLI and stops cleanly on abort', async () => {
+    const stop = new AbortController();
+    let stdout = '';
+    const exit = main(
+      ['node', 'embot', 'agent', '--name', 'cli-agent', '--control', '127.0.0.1:0', '--data', join(tmp, 'data'), '--plugins', join(tmp, 'plugins'), '--safe', '--log-level', 'silent'],
+      { stdout: { write: (s: string) => (stdout += s) }, stderr: { write: () => true }, env: {}, signal: stop.signal },
+    );
+    const deadline = Date.now() + 20_000;
+    while (!stdout.includes('ready') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+    const m = /^embot agent cli-agent ready: control (http:\/\/127\.0\.0\.1:\d+)\n$/.exec(stdout);
+    expect(m, stdout).not.toBeNull();
+    const status = await run(['status', '--json', '--agent', m![1]!]);
+    expect(status.code).toBe(0);
+    expect(JSON.parse(status.stdout)).toMatchObject({ name: 'cli-agent', safe: true, driver: 'sim' });
+    stop.abort();
+    expect(await exit).toBe(0);
+    expect((await run(['status', '--agent', m![1]!])).code).toBe(1);
+  });
+});

@@ -1,0 +1,138 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { ConfigError, ErrorCodes } from '../../core/errors.ts';
+import { loadConfig, validateConfig } from '../../core/config/config.ts';
+import { defaultAgentName } from '../../core/config/defaults.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'embot-config-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function file(name: string, text: string): string {
+  const p = join(dir, name);
+  writeFileSync(p, text);
+  return p;
+}
+
+function configError(fn: () => unknown): ConfigError {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(ConfigError);
+    return e as ConfigError;
+  }
+  throw new Error('expected a ConfigError, nothing was thrown');
+}
+
+describe('config defaults', () => {
+  it('fills every field with a default that works on one machine', () => {
+    const c = loadConfig({ env: {} });
+    expect(c).toEqual({
+      name: defaultAgentName(),
+      dataDir: './data',
+      pluginsDir: './plugins',
+      driver: 'sim',
+      safe: false,
+      control: { host: '127.0.0.1', port: 7400 },
+      logLevel: 'info',
+      logFormat: 'pretty',
+      sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
+      sim: { pageSize: 4096, hostCpus: 4, defaultMemory: 67108864, defaultDirtyRate: 0 },
+      store: { synchronous: 'NORMAL' },
+      modules: {},
+    });
+    expect(c.name).toMatch(/^[a-z0-9][a-z0-9-]*$/);
+  });
+
+  it('derives a valid agent name from any host name', () => {
+    expect(defaultAgentName('Build_Box.example.org')).toBe('build-box');
+    expect(defaultAgentName('--weird--')).toBe('weird');
+    expect(defaultAgentName('___')).toBe('agent');
+    expect(defaultAgentName('')).toBe('agent');
+    expect(defaultAgentName('x'.repeat(100))).toHaveLength(63);
+  });
+});
+
+describe('config files and flags', () => {
+  it('reads YAML, keeps defaults for what it leaves out', () => {
+    const c = loadConfig({
+      env: {},
+      file: file('a.yaml', 'name: host-a\ncontrol:\n  port: 7401\nsim:\n  hostCpus: 8\nmodules:\n  vm-watchdog:\n    maxCrashes: 5\n'),
+    });
+    expect(c.name).toBe('host-a');
+    expect(c.control).toEqual({ host: '127.0.0.1', port: 7401 });
+    expect(c.sim.hostCpus).toBe(8);
+    expect(c.sim.pageSize).toBe(4096);
+    expect(c.modules).toEqual({ 'vm-watchdog': { maxCrashes: 5 } });
+  });
+
+  it('reads JSON by extension and treats an empty YAML file as no settings', () => {
+    expect(loadConfig({ env: {}, file: file('b.json', '{"safe": true, "store": {"synchronous": "FULL"}}') })).toMatchObject({
+      safe: true,
+      store: { synchronous: 'FULL' },
+    });
+    expect(loadConfig({ env: {}, file: file('empty.yml', '') }).dataDir).toBe('./data');
+  });
+
+  it('flags override the file, the environment supplies the token, flags beat the environment', () => {
+    const f = file('c.yaml', 'name: from-file\ndataDir: /var/embot\ncontrol:\n  host: 127.0.0.2\n  port: 7000\n');
+    const c = loadConfig({ env: { EMBOT_CONTROL_TOKEN: 'env-token-123' }, file: f, flags: { name: 'from-flag', control: { port: 0 } } });
+    expect(c.name).toBe('from-flag');
+    expect(c.dataDir).toBe('/var/embot');
+    expect(c.control).toEqual({ host: '127.0.0.2', port: 0, token: 'env-token-123' });
+    const d = loadConfig({ env: { EMBOT_CONTROL_TOKEN: 'env-token-123' }, flags: { control: { token: 'flag-token-456' } } });
+    expect(d.control.token).toBe('flag-token-456');
+  });
+});
+
+describe('config errors', () => {
+  it('a missing file is CONFIG_NOT_FOUND naming the file', () => {
+    const e = configError(() => loadConfig({ env: {}, file: join(dir, 'nope.yaml') }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_NOT_FOUND);
+    expect(e.message).toContain('nope.yaml');
+  });
+
+  it('bad YAML and bad JSON syntax are CONFIG_INVALID with the parser position', () => {
+    const y = configError(() => loadConfig({ env: {}, file: file('bad.yaml', 'name: a\n  control: [\n') }));
+    expect(y.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(y.message).toMatch(/bad\.yaml: syntax error: .*line/s);
+    const j = configError(() => loadConfig({ env: {}, file: file('bad.json', '{"name": "a",}') }));
+    expect(j.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(j.message).toContain('bad.json: syntax error');
+    const dup = configError(() => loadConfig({ env: {}, file: file('dup.yaml', 'name: a\nname: b\n') }));
+    expect(dup.code).toBe(ErrorCodes.CONFIG_INVALID);
+  });
+
+  it('a file that is not a mapping is CONFIG_INVALID', () => {
+    const e = configError(() => loadConfig({ env: {}, file: file('list.yaml', '- a\n- b\n') }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(e.message).toContain('expected an object of settings, got a list');
+  });
+
+  it('unknown keys are rejected at any depth, with the known keys as a hint', () => {
+    const e = configError(() => loadConfig({ env: {}, file: file('typo.yaml', 'dataDirr: x\ncontrol:\n  prot: 1\n') }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(e.message).toContain('(root): unknown key "dataDirr" (known keys: name, dataDir,');
+    expect(e.message).toContain('control: unknown key "prot" (known keys: host, port, token)');
+  });
+
+  it('lists every wrong type as path: message', () => {
+    const e = configError(() =>
+      validateConfig({ name: 'Bad Name', control: { port: 70000 }, driver: 'qemu', sensors: { host: { intervalMs: -5 } }, safe: 'yes', logLevel: 'loud' }),
+    );
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    const issues = e.details!['issues'] as string[];
+    expect(issues.map((i) => i.split(':')[0]).sort()).toEqual(['control.port', 'driver', 'logLevel', 'name', 'safe', 'sensors.host.intervalMs']);
+    expect(e.message).toContain('name: lower-case letters, digits and dashes');
+    expect(e.message).toMatch(/driver: .*"sim"/);
+  });
+
+  it('bad flags are rejected like bad file values', () => {
+    const e = configError(() => loadConfig({ env: {}, flags: { control: { port: -1 } } }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(e.message).toContain('control.port:');
+    const t = configError(() => loadConfig({ env: { EMBOT_CONTROL_TOKEN: 'short' } }));
+    expect(t.message).toContain('control.token: a control token must be at least 8 characters');
+  });
+});

@@ -1,0 +1,295 @@
+import { request as httpRequest } from 'node:http';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ControlClient } from '../../core/control/client.ts';
+import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput, EmbotInfo, PluginInfo } from '../../core/control/control-api.ts';
+import { startControlServer, type ControlServer } from '../../core/control/server.ts';
+import { ConfigError, ControlError, ErrorCodes, EventError, isEmbotError } from '../../core/errors.ts';
+import { createLogger } from '../../core/logger.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+
+const logger = createLogger({ level: 'silent' });
+
+/**
+ * An AgentControl over the real SimDriver; the event journal, embots and plugins are a test
+ * double (plain arrays), since this file tests the HTTP layer, not the agent.
+ */
+class SimBackedControl implements AgentControl {
+  readonly driver = new SimDriver({ tickMs: 1000 });
+  readonly events: EmbotEvent[] = [];
+  failNext: 'throw' | 'reject' | undefined;
+  private seq = 0;
+
+  status(): AgentStatus {
+    return {
+      name: 'test-agent',
+      version: '0.0.0-test',
+      pid: process.pid,
+      startedAt: 1,
+      uptimeMs: 2,
+      driver: 'sim',
+      safe: false,
+      dataDir: '/tmp/x',
+      pluginsDir: '/tmp/p',
+      control: { host: '127.0.0.1', port: 0 },
+      counts: { vms: this.driver.list().length, elements: 0, embots: 1, quarantinedEmbots: 0, modules: 1, modulesWithErrors: 0, queuedEvents: 0, heldEvents: 0, deadLetters: 0 },
+    };
+  }
+  listVms() {
+    return this.driver.list();
+  }
+  createVm(spec: Parameters<AgentControl['createVm']>[0]) {
+    return this.driver.create(spec);
+  }
+  vmAction(name: string, action: 'start' | 'stop' | 'crash') {
+    return this.driver[action](name);
+  }
+  listEmbots(): EmbotInfo[] {
+    if (this.failNext === 'throw') {
+      this.failNext = undefined;
+      throw new TypeError('boom from a buggy handler');
+    }
+    return [{ id: 'e1', module: 'vm-watchdog', type: 'watchdog', elementIds: ['vm:web'], status: 'running', policies: [{ name: 'restart', state: { watching: 'idle' }, updatedAt: 5 }] }];
+  }
+  listPlugins(): PluginInfo[] {
+    return [{ name: 'vm-watchdog', version: '1.0.0', hash: 'sha256-abcdef0123456789', status: 'loaded', restarts: 0, embotTypes: ['watchdog'], dir: '/plugins/vm-watchdog' }];
+  }
+  async emitEvent(input: EmbotEventInput): Promise<EmbotEvent> {
+    if (this.failNext === 'reject') {
+      this.failNext = undefined;
+      throw new Error('journal on fire');
+    }
+    const id = input.id ?? `test.${this.seq++}`;
+    if (this.events.some((e) => e.id === id)) throw new EventError(ErrorCodes.EVENT_DUPLICATE, `event ${id} already journaled`);
+    const event: EmbotEvent = { id, ts: input.ts ?? Date.now(), elementId: input.elementId, type: input.type, payload: input.payload ?? null, ...(input.source ? { source: input.source } : {}) };
+    this.events.push(event);
+    return event;
+  }
+  listEvents(opts: { limit: number }) {
+    return this.events.slice(-opts.limit);
+  }
+}
+
+let control: SimBackedControl;
+let server: ControlServer;
+
+beforeAll(async () => {
+  control = new SimBackedControl();
+  server = await startControlServer({ host: '127.0.0.1', port: 0, control, logger });
+});
+afterAll(async () => {
+  await server.close();
+  control.driver.close();
+});
+
+async function call(method: string, path: string, body?: string, headers: Record<string, string> = {}): Promise<{ status: number; json: any }> {
+  const res = await fetch(server.url + path, {
+    method,
+    headers: body === undefined ? headers : { 'Content-Type': 'application/json', ...headers },
+    ...(body === undefined ? {} : { body }),
+  });
+  return { status: res.status, json: await res.json() };
+}
+
+describe('control server routes', () => {
+  it('binds port 0 to a real port on loopback', () => {
+    expect(server.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
+    expect(server.port).toBeGreaterThan(0);
+  });
+
+  it('GET /v1/status returns the status object', async () => {
+    const r = await call('GET', '/v1/status');
+    expect(r.status).toBe(200);
+    expect(r.json).toMatchObject({ name: 'test-agent', driver: 'sim', counts: { embots: 1 } });
+  });
+
+  it('creates, lists and drives VMs through the real sim driver', async () => {
+    const created = await call('POST', '/v1/vms', JSON.stringify({ name: 'web', memory: 1 << 20, vcpus: 2 }));
+    expect(created.status).toBe(201);
+    expect(created.json).toMatchObject({ name: 'web', state: 'created', memory: 1 << 20, vcpus: 2 });
+    expect((await call('GET', '/v1/vms')).json.map((v: { name: string }) => v.name)).toEqual(['web']);
+    expect((await call('POST', '/v1/vms/web/start', '{}')).json.state).toBe('running');
+    expect((await call('POST', '/v1/vms/web/crash', '{}')).json).toMatchObject({ state: 'crashed', crashes: 1 });
+    expect(control.driver.get('web')!.state).toBe('crashed');
+  });
+
+  it('maps driver errors: unknown VM 404, bad state and duplicate 409', async () => {
+    const unknown = await call('POST', '/v1/vms/nope/stop', '{}');
+    expect(unknown).toMatchObject({ status: 404, json: { error: { code: ErrorCodes.VM_UNKNOWN } } });
+    await call('POST', '/v1/vms', JSON.stringify({ name: 'db' }));
+    const bad = await call('POST', '/v1/vms/db/stop', '{}');
+    expect(bad).toMatchObject({ status: 409, json: { error: { code: ErrorCodes.VM_BAD_STATE } } });
+    const dup = await call('POST', '/v1/vms', JSON.stringify({ name: 'db' }));
+    expect(dup).toMatchObject({ status: 409, json: { error: { code: ErrorCodes.VM_EXISTS } } });
+  });
+
+  it('GET /v1/embots and /v1/plugins pass the agent data through', async () => {
+    expect((await call('GET', '/v1/embots')).json[0]).toMatchObject({ id: 'e1', policies: [{ name: 'restart', state: { watching: 'idle' } }] });
+    expect((await call('GET', '/v1/plugins')).json[0]).toMatchObject({ name: 'vm-watchdog', status: 'loaded' });
+  });
+
+  it('POST /v1/events journals with source=control; GET /v1/events honours limit, newest last', async () => {
+    const a = await call('POST', '/v1/events', JSON.stringify({ elementId: 'vm:web', type: 'LOAD_HIGH', payload: { load: 0.9 }, ts: 1000 }));
+    expect(a.status).toBe(201);
+    expect(a.json).toMatchObject({ elementId: 'vm:web', type: 'LOAD_HIGH', payload: { load: 0.9 }, ts: 1000, source: 'control' });
+    await call('POST', '/v1/events', JSON.stringify({ elementId: 'vm:web', type: 'LOAD_LOW', id: 'fixed-1' }));
+    const last = await call('GET', '/v1/events?limit=1');
+    expect(last.json.map((e: EmbotEvent) => e.type)).toEqual(['LOAD_LOW']);
+    expect((await call('GET', '/v1/events')).json).toHaveLength(2);
+    const dup = await call('POST', '/v1/events', JSON.stringify({ elementId: 'vm:web', type: 'LOAD_LOW', id: 'fixed-1' }));
+    expect(dup).toMatchObject({ status: 409, json: { error: { code: ErrorCodes.EVENT_DUPLICATE } } });
+  });
+});
+
+describe('control server bad input', () => {
+  it.each([
+    ['bad JSON', '/v1/vms', '{"name": ', ErrorCodes.CONTROL_BAD_REQUEST, /not valid JSON/],
+    ['empty body', '/v1/vms', '', ErrorCodes.CONTROL_BAD_REQUEST, /empty/],
+    ['wrong field type', '/v1/vms', '{"name": 5}', ErrorCodes.CONTROL_BAD_REQUEST, /name: /],
+    ['unknown field', '/v1/vms', '{"name": "x", "evil": true}', ErrorCodes.CONTROL_BAD_REQUEST, /unknown field evil/],
+    ['negative memory', '/v1/vms', '{"name": "x", "memory": -1}', ErrorCodes.CONTROL_BAD_REQUEST, /memory: /],
+    ['array body', '/v1/events', '[1,2]', ErrorCodes.CONTROL_BAD_REQUEST, /expected object/],
+    ['lower-case event type', '/v1/events', '{"elementId": "vm:web", "type": "oops"}', ErrorCodes.EVENT_INVALID, /SCREAMING_CASE/],
+    ['bad element id', '/v1/events', '{"elementId": "has space", "type": "X"}', ErrorCodes.EVENT_INVALID, /element id/],
+    ['missing type', '/v1/events', '{"elementId": "vm:web"}', ErrorCodes.CONTROL_BAD_REQUEST, /type: /],
+  ])('%s → 400 %s', async (_name, path, body, code, message) => {
+    const r = await call('POST', path, body);
+    expect(r.status).toBe(400);
+    expect(r.json.error.code).toBe(code);
+    expect(r.json.error.message).toMatch(message);
+  });
+
+  it('refuses a POST that is not declared as JSON (cross-site form posts)', async () => {
+    control.driver.create({ name: 'csrf' });
+    const r = await call('POST', '/v1/vms/csrf/start', 'x', { 'Content-Type': 'text/plain' });
+    expect(r).toMatchObject({ status: 400, json: { error: { code: ErrorCodes.CONTROL_BAD_REQUEST } } });
+    expect(r.json.error.message).toContain('Content-Type');
+    // A bodiless no-cors fetch from a web page carries no Content-Type at all.
+    const bare = await fetch(`${server.url}/v1/vms/csrf/start`, { method: 'POST' });
+    expect(bare.status).toBe(400);
+    expect(control.driver.get('csrf')!.state).toBe('created');
+    // A JSON-typed empty body is fine for actions.
+    expect((await call('POST', '/v1/vms/csrf/start', '')).json.state).toBe('running');
+  });
+
+  it('refuses a body over 1 MiB with 400 and keeps serving', async () => {
+    const big = JSON.stringify({ name: 'huge', pad: 'x'.repeat(1024 * 1024 + 10) });
+    const r = await call('POST', '/v1/vms', big);
+    expect(r.status).toBe(400);
+    expect(r.json.error).toMatchObject({ code: ErrorCodes.CONTROL_BAD_REQUEST });
+    expect(r.json.error.message).toMatch(/limit is 1048576 bytes/);
+    expect(control.driver.get('huge')).toBeUndefined();
+    expect((await call('GET', '/v1/status')).status).toBe(200);
+  });
+
+  it('rejects bad limits', async () => {
+    for (const q of ['abc', '0', '-1', '100001', '1.5']) {
+      const r = await call('GET', `/v1/events?limit=${q}`);
+      expect(r.status, q).toBe(400);
+      expect(r.json.error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    }
+  });
+
+  it('404 for unknown routes and actions, 405 for a wrong method', async () => {
+    for (const p of ['/v1/nope', '/', '/v2/status', '/v1/vms/web/explode', '/v1/vms/web']) {
+      const r = await call('GET', p);
+      expect(r.status, p).toBe(404);
+      expect(r.json.error.code).toBe(ErrorCodes.CONTROL_NOT_FOUND);
+    }
+    const wrong = await call('DELETE', '/v1/vms');
+    expect(wrong.status).toBe(405);
+    expect(wrong.json.error.message).toContain('DELETE is not allowed');
+  });
+
+  it('a handler that throws or rejects gives 500 and the server keeps answering', async () => {
+    control.failNext = 'throw';
+    const r = await call('GET', '/v1/embots');
+    expect(r).toMatchObject({ status: 500, json: { error: { code: ErrorCodes.CONTROL_INTERNAL } } });
+    expect(r.json.error.message).toContain('boom from a buggy handler');
+    control.failNext = 'reject';
+    expect((await call('POST', '/v1/events', JSON.stringify({ elementId: 'vm:web', type: 'X' }))).status).toBe(500);
+    expect((await call('GET', '/v1/status')).status).toBe(200);
+    expect((await call('GET', '/v1/embots')).status).toBe(200);
+  });
+
+  it('refuses a non-loopback Host header when no token is set (DNS rebinding)', async () => {
+    const status = await new Promise<number>((resolve, reject) => {
+      const req = httpRequest(`${server.url}/v1/status`, { headers: { Host: 'evil.example:80' } }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      });
+      req.on('error', reject);
+      req.end();
+    });
+    expect(status).toBe(400);
+  });
+});
+
+describe('control server with a token', () => {
+  let secured: ControlServer;
+  const token = 'correct-horse-battery-staple';
+  beforeAll(async () => {
+    secured = await startControlServer({ host: '127.0.0.1', port: 0, token, control, logger });
+  });
+  afterAll(() => secured.close());
+
+  it('401 without or with a wrong token, 200 with the right one', async () => {
+    const none = await fetch(`${secured.url}/v1/status`);
+    expect(none.status).toBe(401);
+    expect(none.headers.get('www-authenticate')).toContain('Bearer');
+    expect(((await none.json()) as { error: { code: string } }).error.code).toBe(ErrorCodes.CONTROL_UNAUTHORIZED);
+    for (const auth of ['Bearer wrong', `Bearer ${token}x`, token, 'Basic abc']) {
+      expect((await fetch(`${secured.url}/v1/status`, { headers: { Authorization: auth } })).status, auth).toBe(401);
+    }
+    expect((await fetch(`${secured.url}/v1/nope`)).status).toBe(401); // no route probing without the token
+    expect((await fetch(`${secured.url}/v1/status`, { headers: { Authorization: `Bearer ${token}` } })).status).toBe(200);
+  });
+
+  it('the client sends the token and maps 401 to CONTROL_UNAUTHORIZED', async () => {
+    expect((await new ControlClient(secured.url, token).status()).name).toBe('test-agent');
+    await expect(new ControlClient(secured.url).status()).rejects.toMatchObject({ code: ErrorCodes.CONTROL_UNAUTHORIZED });
+  });
+});
+
+describe('control server refusals at start', () => {
+  it('will not listen beyond loopback without a token', async () => {
+    const err = await startControlServer({ host: '0.0.0.0', port: 0, control, logger }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ConfigError);
+    expect((err as ConfigError).code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect((err as ConfigError).message).toMatch(/not a loopback address.*token/);
+  });
+
+  it('reports a port in use as a config error', async () => {
+    const err = await startControlServer({ host: '127.0.0.1', port: server.port, control, logger }).catch((e: unknown) => e);
+    expect(isEmbotError(err, ErrorCodes.CONFIG_INVALID)).toBe(true);
+    expect((err as Error).message).toContain('already in use');
+  });
+});
+
+describe('ControlClient', () => {
+  it('returns typed results and maps error bodies back to ControlError with the server code', async () => {
+    const client = new ControlClient(server.url + '/');
+    const vm = await client.createVm({ name: 'cli-vm' });
+    expect(vm.state).toBe('created');
+    expect((await client.vmAction('cli-vm', 'start')).state).toBe('running');
+    const err = await client.vmAction('cli-vm', 'start').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ControlError);
+    expect(err).toMatchObject({ code: ErrorCodes.VM_BAD_STATE, details: { status: 409 } });
+    await client.vmAction('cli-vm', 'stop');
+    const ev = await client.emitEvent({ elementId: 'vm:cli-vm', type: 'HELLO' });
+    expect((await client.listEvents({ limit: 1 }))[0]).toEqual(ev);
+  });
+
+  it('an agent that is not running gives CONTROL_UNREACHABLE with a helpful message', async () => {
+    const tmp = await startControlServer({ host: '127.0.0.1', port: 0, control, logger });
+    const url = tmp.url;
+    await tmp.close();
+    const err = await new ControlClient(url).status().catch((e: unknown) => e);
+    expect(isEmbotError(err, ErrorCodes.CONTROL_UNREACHABLE)).toBe(true);
+    expect((err as Error).message).toBe(`no embot agent at ${url} (connection refused; is it running? start one with \`embot agent\`)`);
+  });
+
+  it('refuses a malformed agent URL', () => {
+    expect(() => new ControlClient('127.0.0.1:7400')).toThrow(/http:\/\//);
+    expect(() => new ControlClient('not a url')).toThrow(/not a URL/);
+  });
+});
