@@ -1,0 +1,809 @@
+import { performance } from 'node:perf_hooks';
+import { ErrorCodes, EventError, StoreError, describeError } from '../core/errors.ts';
+import type { EmbotEvent, EmbotEventInput } from '../core/events.ts';
+import { EventIdSource, isValidElementId, isValidEventType } from '../core/events.ts';
+import type { Store } from '../core/store/store.ts';
+import { EventQueue } from './event-queue.ts';
+import type { QueuedEvent } from './event-queue.ts';
+import { HoldQueue } from './hold-queue.ts';
+import {
+  Journal,
+  assertElementIds,
+  encodePayload,
+  eventFromWire,
+  eventPackr,
+  isValidEventId,
+  isValidSource,
+  isValidTs,
+  makeEvent,
+  whyNotEncodable,
+} from './journal.ts';
+import type { SensorContext, SensorLogic } from './sensor.ts';
+
+export interface SensorServiceOptions {
+  /** Agent name, prefix of event ids (EventIdSource in core/events.ts). */
+  readonly host: string;
+  /** When given: durable journal in table `events`; when absent: in-memory only. */
+  readonly store?: Store;
+  /** Events kept in memory per hold queue before spilling to table held_spill (default 10_000). */
+  readonly holdMemoryLimit?: number;
+  readonly now?: () => number;
+  /** How many processed event ids are remembered to refuse duplicates (default 100_000). */
+  readonly dedupWindow?: number;
+  /** Failures that have no caller to throw to: a subscriber or sensor that threw, a journal write that failed. Default: console.warn. */
+  readonly onError?: (error: unknown, where: string) => void;
+}
+
+export interface Subscriber {
+  /** Called synchronously during dispatch. For one element, events arrive in (ts, arrival seq) order. */
+  deliver(event: EmbotEvent, seq: number): void;
+  /** durable: the subscriber will call sensors.complete([seq]) itself once processed+persisted. Non-durable: complete on return. */
+  readonly durable?: boolean;
+}
+
+export interface SensorStats {
+  /** Posted and not yet dispatched (time-ordered queue plus events waiting for their journal commit). */
+  readonly queued: number;
+  /** Events in hold queues, spilled ones included. */
+  readonly held: number;
+  readonly spilled: number;
+  /** Rows in table `events` (0 without a store). */
+  readonly journaled: number;
+  /** Dispatched events still waiting for a durable subscriber's complete(). */
+  readonly inFlight: number;
+  readonly dispatched: number;
+  readonly delivered: number;
+  readonly unrouted: number;
+  readonly muted: number;
+  readonly duplicates: number;
+  /** Subscriber deliver() calls that threw. */
+  readonly deliveryErrors: number;
+  /** Events refused after post: journal write failures and invalid sensor emits. */
+  readonly rejected: number;
+}
+
+interface Deferred {
+  readonly promise: Promise<void>;
+  resolve(): void;
+  reject(e: unknown): void;
+}
+
+interface SensorSlot {
+  readonly logic: SensorLogic;
+  running: boolean;
+}
+
+const DEFAULT_HOLD_LIMIT = 10_000;
+const DEFAULT_DEDUP_WINDOW = 100_000;
+/** Longest stretch of dispatch before yielding to I/O. */
+const SLICE_MS = 10;
+
+function invalid(message: string, details?: Record<string, unknown>): EventError {
+  return new EventError(ErrorCodes.EVENT_INVALID, message, details ? { details } : undefined);
+}
+
+function muteKey(elementId: string, source: string): string {
+  return `${elementId}\u0000${source}`;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+}
+
+/** Last id epoch per host name in this process: two services of one name never share an id namespace. */
+const epochs = new Map<string, number>();
+
+function claimEpoch(host: string, wanted: number): number {
+  const last = epochs.get(host);
+  const epoch = last === undefined || wanted > last ? wanted : last + 1;
+  epochs.set(host, epoch);
+  return epoch;
+}
+
+function defaultOnError(error: unknown, where: string): void {
+  console.warn(`[embot sensors] ${where}: ${describeError(error)}`);
+}
+
+/**
+ * The sensor service: one time-ordered event queue, per-element subscriptions, hold queues for
+ * elements in migration, and (with a store) a journal that keeps every acknowledged event until
+ * its durable subscribers have processed it.
+ *
+ * Posting is synchronous and cheap; journaling is a group commit per tick (every event posted in
+ * one tick shares one transaction and one acknowledgement promise); dispatch drains the queue in
+ * time slices on `setImmediate`.
+ *
+ * @example
+ * ```ts
+ * const sensors = new SensorService({ host: 'a', store });
+ * sensors.recover();
+ * sensors.subscribe('vm:web', { durable: true, deliver(e, seq) { handle(e); store.transaction(() => sensors.complete([seq])) } });
+ * await sensors.emit({ elementId: 'vm:web', type: 'VM_CRASHED', payload: { name: 'web' } }); // journaled now
+ * ```
+ */
+export class SensorService {
+  private readonly store: Store | undefined;
+  private readonly journal: Journal | undefined;
+  private readonly holdLimit: number;
+  private readonly now: () => number;
+  private readonly onError: (error: unknown, where: string) => void;
+  private readonly idSource: EventIdSource;
+  /** `host.<epoch36>.` of the ids minted here, and how many were minted: such ids are unique by construction. */
+  private readonly idPrefix: string;
+  private minted = 0;
+
+  private readonly queue = new EventQueue();
+  private readonly holds = new Map<string, HoldQueue>();
+  private readonly subs = new Map<string, readonly Subscriber[]>();
+  /** seq -> durable subscribers that have not completed it yet. */
+  private readonly pending = new Map<number, number>();
+  private readonly mutes = new Map<string, number>();
+
+  /**
+   * Foreign ids (given by the producer) live in this service (staged, queued, held in memory, dispatched) plus the last
+   * `dedupWindow` finished ones. Ids minted here are not kept: {@link isOwnDuplicate} recognises them by prefix and counter,
+   * which saves two hash-set operations per event on the hot path.
+   */
+  private readonly known = new Set<string>();
+  private readonly recent: (string | undefined)[];
+  private recentPos = 0;
+
+  private seq: number;
+  private readonly seqAtStart: number;
+  private recovered = false;
+
+  /** Durable mode: posted in this tick, waiting for the group commit. */
+  private staged: QueuedEvent[] = [];
+  private stagedPayloads: (Buffer | null)[] = [];
+  private batch: Deferred | null = null;
+  /** Journal rows whose events reached no durable subscriber; deleted in one transaction per slice. */
+  private toDelete: number[] = [];
+
+  private scheduled = false;
+  private closed = false;
+  private idleWaiters: (() => void)[] = [];
+  private readonly sensors = new Map<string, SensorSlot>();
+  private sensorsRunning = false;
+
+  private nDispatched = 0;
+  private nDelivered = 0;
+  private nUnrouted = 0;
+  private nMuted = 0;
+  private nDuplicates = 0;
+  private nDeliveryErrors = 0;
+  private nRejected = 0;
+
+  constructor(options: SensorServiceOptions) {
+    if (typeof options?.host !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(options.host)) {
+      throw invalid(`sensor service: host must be a short name of letters, digits, '_' or '-', got ${JSON.stringify(options?.host)}`);
+    }
+    this.store = options.store;
+    this.journal = options.store ? new Journal(options.store) : undefined;
+    this.holdLimit = options.holdMemoryLimit ?? DEFAULT_HOLD_LIMIT;
+    if (!(this.holdLimit >= 1)) throw invalid(`sensor service: holdMemoryLimit must be >= 1, got ${this.holdLimit}`);
+    this.now = options.now ?? Date.now;
+    this.onError = options.onError ?? defaultOnError;
+    const window = options.dedupWindow ?? DEFAULT_DEDUP_WINDOW;
+    this.recent = new Array<string | undefined>(Math.max(1, Math.floor(window)));
+    let epoch = claimEpoch(options.host, Date.now());
+    if (this.journal) {
+      // The store may know a later epoch (an earlier run in the same millisecond); it stores what is used.
+      epoch = this.journal.claimIdEpoch(epoch);
+      epochs.set(options.host, epoch);
+    }
+    this.idSource = new EventIdSource(options.host, epoch);
+    this.idPrefix = `${options.host}.${epoch.toString(36)}.`;
+    if (this.journal) {
+      this.journal.clearAllSpill();
+      this.seq = this.journal.maxSeq();
+    } else {
+      this.seq = 0;
+    }
+    this.seqAtStart = this.seq;
+  }
+
+  /**
+   * Validate (EventError EMBOT_ERR_EVENT_INVALID for bad elementId/type/ts/payload not msgpack-encodable), fill id/ts,
+   * queue for journaling; returns the event synchronously. Non-blocking: sensors use this.
+   */
+  post(input: EmbotEventInput): EmbotEvent {
+    return this.admit(input, undefined);
+  }
+
+  /** post + resolves once the event is journaled (the acknowledgement to a producer, e.g. the control API). */
+  emit(input: EmbotEventInput): Promise<EmbotEvent> {
+    let event: EmbotEvent;
+    try {
+      event = this.admit(input, undefined);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    const ack = this.ack();
+    return ack === undefined ? Promise.resolve(event) : ack.then(() => event);
+  }
+
+  /** Validates all inputs first: one bad input rejects the call and posts none of them. */
+  emitMany(inputs: readonly EmbotEventInput[]): Promise<EmbotEvent[]> {
+    try {
+      if (!Array.isArray(inputs)) throw invalid('emitMany: expected an array of events');
+      for (let i = 0; i < inputs.length; i++) this.validate(inputs[i]!, `event ${i}`);
+      const events = inputs.map((input) => this.admit(input, undefined));
+      const ack = this.ack();
+      return ack === undefined ? Promise.resolve(events) : ack.then(() => events);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  subscribe(elementId: string, subscriber: Subscriber): () => void {
+    if (!isValidElementId(elementId)) throw invalid(`subscribe: invalid element id ${JSON.stringify(elementId)}`);
+    if (typeof subscriber?.deliver !== 'function') throw invalid('subscribe: subscriber needs a deliver(event, seq) function');
+    // Copy on write: a dispatch in progress keeps iterating the array it started with.
+    this.subs.set(elementId, [...(this.subs.get(elementId) ?? []), subscriber]);
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      const list = this.subs.get(elementId);
+      if (list === undefined) return;
+      const next = list.filter((s) => s !== subscriber);
+      if (next.length > 0) this.subs.set(elementId, next);
+      else this.subs.delete(elementId);
+    };
+  }
+
+  /**
+   * Decrement the pending count of dispatched events; a journal row is deleted when its count reaches 0. Synchronous, so a
+   * caller's surrounding store.transaction() covers the delete (the runtime commits snapshots + completes atomically).
+   * Unknown seqs (already completed, never dispatched here) are ignored.
+   */
+  complete(seqs: Iterable<number>): void {
+    for (const seq of seqs) {
+      const count = this.pending.get(seq);
+      if (count === undefined) continue;
+      if (count > 1) {
+        this.pending.set(seq, count - 1);
+        continue;
+      }
+      this.pending.delete(seq);
+      this.journal?.delete(seq);
+    }
+  }
+
+  hold(elementIds: readonly string[]): void {
+    assertElementIds(elementIds, 'hold');
+    const fresh: string[] = [];
+    for (const id of elementIds) {
+      if (this.holds.has(id)) continue;
+      this.holds.set(id, new HoldQueue(id, this.holdLimit, this.journal));
+      fresh.push(id);
+    }
+    if (fresh.length === 0 || this.queue.size === 0) return;
+    // Events already queued but not dispatched belong to the hold too, or they would reach the
+    // source's embots after their state was shipped.
+    const set = new Set(fresh);
+    const taken = this.queue.extract((e) => set.has(e.elementId));
+    taken.sort((a, b) => a.seq - b.seq);
+    for (const entry of taken) this.route(entry);
+  }
+
+  isHeld(elementId: string): boolean {
+    return this.holds.has(elementId);
+  }
+
+  /** msgpackr bytes `{ v: 1, queues: [{ elementId, events }] }` of the hold queues (spilled part included); `EMBOT_ERR_ELEMENT_NOT_HELD` for an element that is not held. */
+  serializeHeld(elementIds: readonly string[]): Uint8Array {
+    assertElementIds(elementIds, 'serializeHeld');
+    const queues: { elementId: string; events: EmbotEvent[] }[] = [];
+    for (const id of elementIds) {
+      const hq = this.holds.get(id);
+      if (hq === undefined) throw new EventError(ErrorCodes.ELEMENT_NOT_HELD, `serializeHeld: element ${id} is not held`, { details: { elementId: id } });
+      queues.push({ elementId: id, events: hq.entries().map((e) => e.event) });
+    }
+    return eventPackr.pack({ v: 1, queues });
+  }
+
+  /**
+   * Creates/extends hold queues here (journals the events when durable); EventError EMBOT_ERR_HOLD_DECODE on garbage.
+   * All or nothing: the bytes are fully validated before anything changes. Events whose id is already known are skipped as duplicates.
+   */
+  insertHeld(bytes: Uint8Array): void {
+    this.assertOpen();
+    const decoded = decodeHeld(bytes);
+    const accepted: QueuedEvent[] = [];
+    const payloads: (Buffer | null)[] = [];
+    const batchIds = new Set<string>();
+    let duplicates = 0;
+    for (const q of decoded) {
+      for (const event of q.events) {
+        if (event.id.startsWith(this.idPrefix) && !this.isMinted(event.id)) {
+          throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: event id ${event.id} is in this agent's id namespace but was not minted here`);
+        }
+        if (this.isKnown(event.id) || batchIds.has(event.id)) {
+          duplicates++;
+          continue;
+        }
+        batchIds.add(event.id);
+        accepted.push({ event, seq: this.seq + accepted.length + 1 });
+        if (this.journal) payloads.push(encodePayload(event.payload));
+      }
+    }
+    let keep = accepted;
+    if (this.journal) {
+      const journal = this.journal;
+      const ok = new Array<boolean>(accepted.length);
+      try {
+        journal.transaction(() => {
+          for (let i = 0; i < accepted.length; i++) ok[i] = journal.insert(accepted[i]!, payloads[i]!);
+        });
+      } catch (cause) {
+        throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: journal write failed: ${describeError(cause)}`, { cause });
+      }
+      keep = accepted.filter((_, i) => ok[i]);
+    }
+    this.nDuplicates += duplicates + accepted.length - keep.length;
+    this.seq += accepted.length;
+    for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
+    for (const entry of keep) {
+      this.remember(entry.event.id);
+      this.route(entry);
+    }
+  }
+
+  /** Merge hold queues back into the time-ordered queue by ts, destroy them. Elements that are not held are ignored. */
+  release(elementIds: readonly string[]): void {
+    assertElementIds(elementIds, 'release');
+    for (const id of elementIds) {
+      const hq = this.holds.get(id);
+      if (hq === undefined) continue;
+      const entries = hq.take();
+      this.holds.delete(id);
+      for (const entry of entries) {
+        this.remember(entry.event.id); // spilled ids were forgotten to bound memory
+        this.queue.push(entry);
+      }
+    }
+    if (this.queue.size > 0) this.schedule();
+  }
+
+  /** Stop forwarding and deregister: discard hold queues + their journal rows + subscriptions (and undispatched events of those elements). */
+  drop(elementIds: readonly string[]): void {
+    assertElementIds(elementIds, 'drop');
+    const set = new Set(elementIds);
+    const discarded: QueuedEvent[] = [];
+    for (const id of elementIds) {
+      const hq = this.holds.get(id);
+      if (hq !== undefined) {
+        for (const entry of hq.take()) discarded.push(entry);
+        this.holds.delete(id);
+      }
+      this.subs.delete(id);
+    }
+    if (this.queue.size > 0) for (const entry of this.queue.extract((e) => set.has(e.elementId))) discarded.push(entry);
+    const journal = this.journal;
+    if (journal && discarded.length > 0) journal.transaction(() => discarded.forEach((e) => journal.delete(e.seq)));
+    // Remembered as finished, so a copy forwarded back is refused as a duplicate.
+    for (const entry of discarded) this.finish(entry.event.id);
+  }
+
+  /** On agent start: re-queue the journaled-but-unprocessed events (table events) in (ts, seq) order; returns how many. Only the first call does anything. */
+  recover(): number {
+    this.assertOpen();
+    if (this.journal === undefined || this.recovered) return 0;
+    this.recovered = true;
+    let n = 0;
+    for (const entry of this.journal.all()) {
+      if (entry.seq > this.seqAtStart || this.isKnown(entry.event.id)) continue;
+      this.remember(entry.event.id);
+      this.route(entry);
+      n++;
+    }
+    if (this.queue.size > 0) this.schedule();
+    return n;
+  }
+
+  /** Registers a sensor and restores its persisted state; starts it at once when sensors are running. */
+  addSensor(sensor: SensorLogic): void {
+    if (sensor === null || typeof sensor !== 'object' || typeof sensor.name !== 'string' || sensor.name.length === 0 || typeof sensor.start !== 'function' || typeof sensor.stop !== 'function') {
+      throw new EventError(ErrorCodes.SENSOR_INVALID, 'addSensor: a sensor needs a name, start(ctx) and stop()');
+    }
+    if (this.sensors.has(sensor.name)) throw new EventError(ErrorCodes.SENSOR_EXISTS, `addSensor: a sensor named ${sensor.name} is already added`, { details: { sensor: sensor.name } });
+    const slot: SensorSlot = { logic: sensor, running: false };
+    this.sensors.set(sensor.name, slot);
+    const saved = this.store?.getComponentState(`sensor:${sensor.name}`);
+    if (saved !== undefined && typeof sensor.restoreState === 'function') {
+      try {
+        sensor.restoreState(eventPackr.unpack(saved));
+      } catch (e) {
+        this.onError(e, `sensor ${sensor.name} restoreState`);
+      }
+    }
+    if (this.sensorsRunning) this.startSensor(slot);
+  }
+
+  startSensors(): void {
+    this.assertOpen();
+    this.sensorsRunning = true;
+    for (const slot of this.sensors.values()) if (!slot.running) this.startSensor(slot);
+  }
+
+  /** Stops every sensor and persists its `getPersistedState()` under `sensor:<name>`. A sensor that throws is reported, the others still stop. */
+  stopSensors(): void {
+    this.sensorsRunning = false;
+    for (const slot of this.sensors.values()) {
+      const { logic } = slot;
+      if (slot.running) {
+        slot.running = false;
+        try {
+          logic.stop();
+        } catch (e) {
+          this.onError(e, `sensor ${logic.name} stop`);
+        }
+      }
+      if (this.store && typeof logic.getPersistedState === 'function') {
+        try {
+          const state = logic.getPersistedState();
+          if (state !== undefined) this.store.setComponentState(`sensor:${logic.name}`, eventPackr.pack(state));
+        } catch (e) {
+          this.onError(e, `sensor ${logic.name} getPersistedState`);
+        }
+      }
+    }
+  }
+
+  /**
+   * While muted, events posted by sensor `sensorName` (event.source) for `elementId` are suppressed and counted (so an
+   * effector's own action cannot re-trigger the policy that caused it). Returns the unmute function. Counted mutes nest.
+   */
+  mute(elementId: string, sensorName: string): () => void {
+    if (!isValidElementId(elementId)) throw invalid(`mute: invalid element id ${JSON.stringify(elementId)}`);
+    if (!isValidSource(sensorName) || sensorName === undefined) throw invalid(`mute: invalid sensor name ${JSON.stringify(sensorName)}`);
+    const key = muteKey(elementId, sensorName);
+    this.mutes.set(key, (this.mutes.get(key) ?? 0) + 1);
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      const n = this.mutes.get(key) ?? 0;
+      if (n > 1) this.mutes.set(key, n - 1);
+      else this.mutes.delete(key);
+    };
+  }
+
+  stats(): SensorStats {
+    let held = 0;
+    let spilled = 0;
+    for (const hq of this.holds.values()) {
+      held += hq.size;
+      spilled += hq.spilled;
+    }
+    return {
+      queued: this.queue.size + this.staged.length,
+      held,
+      spilled,
+      journaled: this.journal?.rows ?? 0,
+      inFlight: this.pending.size,
+      dispatched: this.nDispatched,
+      delivered: this.nDelivered,
+      unrouted: this.nUnrouted,
+      muted: this.nMuted,
+      duplicates: this.nDuplicates,
+      deliveryErrors: this.nDeliveryErrors,
+      rejected: this.nRejected,
+    };
+  }
+
+  /** Resolves when everything posted so far is journaled and dispatched (for tests and orderly shutdown). */
+  idle(): Promise<void> {
+    if (this.closed || (!this.scheduled && this.staged.length === 0 && this.queue.size === 0)) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /**
+   * Stops sensors, journals what was posted (so every acknowledgement holds), and stops dispatch. Queued events stay in
+   * the journal for {@link recover} on the next start. The store is the caller's to close.
+   */
+  close(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    this.stopSensors();
+    if (this.staged.length > 0) this.flush();
+    if (this.toDelete.length > 0) this.flushDeletes();
+    this.closed = true;
+    this.settleIdle();
+    return Promise.resolve();
+  }
+
+  // ---- internals ----------------------------------------------------------------------------
+
+  private assertOpen(): void {
+    if (this.closed) throw new EventError(ErrorCodes.AGENT_STOPPED, 'sensor service is closed');
+  }
+
+  /** Throws what {@link admit} would throw, without side effects (emitMany's all-or-nothing check). */
+  private validate(input: EmbotEventInput, what: string): void {
+    if (input === null || typeof input !== 'object') throw invalid(`${what}: expected an event object`);
+    if (!isValidElementId(input.elementId)) throw invalid(`${what}: invalid elementId ${JSON.stringify(input.elementId)}`, { elementId: String(input.elementId) });
+    if (!isValidEventType(input.type)) throw invalid(`${what}: invalid type ${JSON.stringify(input.type)} (SCREAMING_CASE, at most 64 characters)`, { type: String(input.type) });
+    if (input.ts !== undefined && !isValidTs(input.ts)) throw invalid(`${what}: ts must be a finite number >= 0, got ${String(input.ts)}`);
+    if (input.id !== undefined) {
+      if (!isValidEventId(input.id)) throw invalid(`${what}: id must be a non-empty string of at most 256 characters`);
+      // An id in this agent's own namespace that it has not minted yet would collide with a future event.
+      if (input.id.startsWith(this.idPrefix) && !this.isMinted(input.id)) throw invalid(`${what}: id ${input.id} is in this agent's id namespace but was not minted here`);
+    }
+    if (!isValidSource(input.source)) throw invalid(`${what}: source must be a non-empty string of at most 128 characters`);
+    const payload: unknown = input.payload;
+    if (payload !== undefined && payload !== null) {
+      const why = whyNotEncodable(payload);
+      if (why !== undefined) throw invalid(`${what}: payload is not msgpack-encodable: it holds ${why}`, { elementId: input.elementId, type: input.type });
+    }
+  }
+
+  private admit(input: EmbotEventInput, defaultSource: string | undefined): EmbotEvent {
+    if (this.closed) this.assertOpen();
+    this.validate(input, 'event');
+    const elementId = input.elementId;
+    const ts = input.ts ?? this.now();
+    const source = input.source ?? defaultSource;
+    const payload = input.payload ?? null;
+    let id = input.id;
+    const generated = id === undefined;
+    if (generated) {
+      id = this.idSource.next();
+      this.minted++;
+    }
+    let bytes: Buffer | null = null;
+    if (this.journal !== undefined && payload !== null) {
+      try {
+        bytes = encodePayload(payload);
+      } catch (cause) {
+        throw new EventError(ErrorCodes.EVENT_INVALID, `event: payload is not msgpack-encodable: ${describeError(cause)}`, { cause });
+      }
+    }
+    const event = makeEvent(id!, ts, elementId, input.type, payload, source);
+    if (source !== undefined && this.mutes.size > 0 && this.mutes.has(muteKey(elementId, source))) {
+      this.nMuted++;
+      return event;
+    }
+    if (!generated) {
+      if (this.isKnown(id!)) {
+        this.nDuplicates++;
+        return event;
+      }
+      this.remember(id!);
+    }
+    const entry: QueuedEvent = { event, seq: ++this.seq };
+    if (this.journal !== undefined) {
+      this.staged.push(entry);
+      this.stagedPayloads.push(bytes);
+    } else {
+      this.route(entry);
+    }
+    if (!this.scheduled) this.schedule();
+    return event;
+  }
+
+  /** The acknowledgement shared by every emit of this tick; undefined when nothing waits for a journal commit. */
+  private ack(): Promise<void> | undefined {
+    if (this.staged.length === 0) return undefined;
+    if (this.batch === null) this.batch = deferred();
+    return this.batch.promise;
+  }
+
+  private route(entry: QueuedEvent): void {
+    const hq = this.holds.size > 0 ? this.holds.get(entry.event.elementId) : undefined;
+    if (hq === undefined) {
+      this.queue.push(entry);
+      return;
+    }
+    let moved: readonly QueuedEvent[] | undefined;
+    try {
+      moved = hq.push(entry);
+    } catch (e) {
+      // The spill write failed; the event is still in memory (and journaled), so nothing is lost.
+      this.onError(e, `hold queue ${entry.event.elementId} spill`);
+      return;
+    }
+    if (moved !== undefined) for (const m of moved) this.forget(m.event.id);
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.closed) return;
+    this.scheduled = true;
+    setImmediate(this.tick);
+  }
+
+  private readonly tick = (): void => {
+    this.scheduled = false;
+    if (this.closed) return;
+    if (this.staged.length > 0) this.flush();
+    this.drain();
+    if (this.toDelete.length > 0) this.flushDeletes();
+    if (this.closed) return;
+    if (this.queue.size > 0 || this.staged.length > 0) this.schedule();
+    else this.settleIdle();
+  };
+
+  /** The group commit: every event staged since the last tick in one transaction, then one acknowledgement. */
+  private flush(): void {
+    const journal = this.journal!;
+    const entries = this.staged;
+    const payloads = this.stagedPayloads;
+    const batch = this.batch;
+    this.staged = [];
+    this.stagedPayloads = [];
+    this.batch = null;
+    const ok = new Uint8Array(entries.length);
+    try {
+      journal.transaction(() => {
+        for (let i = 0; i < entries.length; i++) ok[i] = journal.insert(entries[i]!, payloads[i]!) ? 1 : 0;
+      });
+    } catch (cause) {
+      for (const entry of entries) this.forget(entry.event.id);
+      this.nRejected += entries.length;
+      const error = new StoreError(ErrorCodes.STORE_CORRUPT, `sensor journal write failed, ${entries.length} events not acknowledged: ${describeError(cause)}`, { cause });
+      if (batch) batch.reject(error);
+      else this.onError(error, 'journal');
+      return;
+    }
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
+      if (ok[i] === 1) {
+        this.route(entry);
+      } else {
+        // Already journaled (a spilled held event, or a row of an earlier run): the journal row is the one copy.
+        this.nDuplicates++;
+        this.forget(entry.event.id);
+      }
+    }
+    batch?.resolve();
+  }
+
+  private drain(): void {
+    const queue = this.queue;
+    const start = performance.now();
+    let n = 0;
+    for (;;) {
+      const entry = queue.pop();
+      if (entry === undefined) return;
+      this.dispatch(entry);
+      if ((++n & 1023) === 0 && (this.closed || performance.now() - start > SLICE_MS)) return;
+    }
+  }
+
+  private dispatch(entry: QueuedEvent): void {
+    const { event, seq } = entry;
+    this.nDispatched++;
+    this.finish(event.id);
+    const subs = this.subs.get(event.elementId);
+    if (subs === undefined) {
+      this.nUnrouted++;
+      if (this.journal !== undefined) this.toDelete.push(seq);
+      return;
+    }
+    let durable = 0;
+    for (let i = 0; i < subs.length; i++) if (subs[i]!.durable === true) durable++;
+    if (durable > 0) this.pending.set(seq, durable);
+    else if (this.journal !== undefined) this.toDelete.push(seq);
+    for (let i = 0; i < subs.length; i++) {
+      try {
+        subs[i]!.deliver(event, seq);
+        this.nDelivered++;
+      } catch (e) {
+        // A durable subscriber that threw keeps its pending count: the journal row stays for recovery.
+        this.nDeliveryErrors++;
+        this.onError(e, `subscriber of ${event.elementId} failed on ${event.type} ${event.id}`);
+      }
+    }
+  }
+
+  /** Whether an event with this id is live here or was processed recently. */
+  private isKnown(id: string): boolean {
+    return id.startsWith(this.idPrefix) ? this.isMinted(id) : this.known.has(id);
+  }
+
+  /** Every id minted here was queued here once, so one coming back is a duplicate (no set needed for them). */
+  private isMinted(id: string): boolean {
+    const tail = id.slice(this.idPrefix.length);
+    return /^[0-9a-z]{1,11}$/.test(tail) && parseInt(tail, 36) < this.minted;
+  }
+
+  private remember(id: string): void {
+    if (!id.startsWith(this.idPrefix)) this.known.add(id);
+  }
+
+  private forget(id: string): void {
+    if (!id.startsWith(this.idPrefix)) this.known.delete(id);
+  }
+
+  /** Remembers a processed foreign id for the de-duplication window. */
+  private finish(id: string): void {
+    if (id.startsWith(this.idPrefix)) return;
+    const old = this.recent[this.recentPos];
+    if (old !== undefined) this.known.delete(old);
+    this.recent[this.recentPos] = id;
+    if (++this.recentPos === this.recent.length) this.recentPos = 0;
+  }
+
+  private flushDeletes(): void {
+    const journal = this.journal!;
+    const seqs = this.toDelete;
+    this.toDelete = [];
+    try {
+      journal.transaction(() => {
+        for (let i = 0; i < seqs.length; i++) journal.delete(seqs[i]!);
+      });
+    } catch (e) {
+      // Left rows are re-delivered after a restart to subscribers that did not ask for durability: harmless.
+      this.onError(e, 'journal delete');
+    }
+  }
+
+  private settleIdle(): void {
+    if (this.idleWaiters.length === 0) return;
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private startSensor(slot: SensorSlot): void {
+    const name = slot.logic.name;
+    const ctx: SensorContext = {
+      emit: (input) => {
+        if (this.closed) return;
+        try {
+          this.admit(input, name);
+        } catch (e) {
+          // A sensor's bad event must not throw into its timer callback and take the agent down.
+          this.nRejected++;
+          this.onError(e, `sensor ${name} emit`);
+        }
+      },
+      now: this.now,
+    };
+    try {
+      slot.logic.start(ctx);
+      slot.running = true;
+    } catch (e) {
+      this.onError(e, `sensor ${name} start`);
+    }
+  }
+}
+
+interface DecodedQueue {
+  readonly elementId: string;
+  readonly events: readonly EmbotEvent[];
+}
+
+function decodeHeld(bytes: Uint8Array): DecodedQueue[] {
+  const bad = (why: string, cause?: unknown): never => {
+    throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: ${why}`, cause === undefined ? undefined : { cause });
+  };
+  if (!(bytes instanceof Uint8Array)) return bad('expected bytes');
+  let raw: unknown;
+  try {
+    raw = eventPackr.unpack(bytes);
+  } catch (cause) {
+    return bad(`not msgpack (${describeError(cause)})`, cause);
+  }
+  if (raw === null || typeof raw !== 'object' || (raw as { v?: unknown }).v !== 1) return bad('not a version 1 hold-queue map');
+  const queues = (raw as { queues?: unknown }).queues;
+  if (!Array.isArray(queues)) return bad('queues is not a list');
+  const out: DecodedQueue[] = [];
+  const seen = new Set<string>();
+  queues.forEach((q: unknown, qi) => {
+    if (q === null || typeof q !== 'object') return bad(`queue ${qi} is not a map`);
+    const { elementId, events } = q as { elementId?: unknown; events?: unknown };
+    if (!isValidElementId(elementId)) return bad(`queue ${qi}: invalid elementId`);
+    if (seen.has(elementId)) return bad(`queue ${qi}: element ${elementId} appears twice`);
+    seen.add(elementId);
+    if (!Array.isArray(events)) return bad(`queue ${qi}: events is not a list`);
+    out.push({ elementId, events: events.map((e: unknown, i) => eventFromWire(e, elementId, `queue ${elementId} event ${i}`)) });
+  });
+  return out;
+}
