@@ -1,0 +1,391 @@
+/**
+ * Every frame two agents exchange on the peer link, as one discriminated union on `type`.
+ *
+ * Four kinds: handshake frames (before authentication, strictly sequential, no ids), requests
+ * (carry `reqId`, chosen by the sender, unique per connection and direction), replies (carry
+ * `replyTo` = the request's `reqId`) and notifications (`Abort`, and `Error` without `replyTo`).
+ *
+ * Bulk state (elements, embots, hold queues, deltas, module code, VM pages) travels as opaque
+ * `Uint8Array`s produced by the owning service (objects, embots, sensors, plugins); msgpackr encodes
+ * them as `bin`, so they cross the wire without re-encoding and arrive as views of the received
+ * buffer (no second copy).
+ */
+import type { ErrorCode } from '../errors.ts';
+
+/** Bumped when a frame changes shape; both agents must speak the same version. */
+export const PROTOCOL_VERSION = 1;
+
+/** Resources the VM needs at the target, checked by the target's migration policy. */
+export interface MigrationResources {
+  /** Bytes of memory. */
+  readonly memory: number;
+  readonly vcpus: number;
+}
+
+// ---------------------------------------------------------------------------------------------
+// handshake (mutual challenge–response, see auth.ts)
+
+/** Client → server, first frame on a new connection. */
+export interface Hello {
+  readonly type: 'Hello';
+  readonly protocol: number;
+  readonly agent: string;
+  /** 32 random bytes. */
+  readonly nonce: Uint8Array;
+}
+
+/** Server → client: the server's nonce and its proof of the cluster secret (the server proves first). */
+export interface Challenge {
+  readonly type: 'Challenge';
+  readonly agent: string;
+  readonly nonce: Uint8Array;
+  readonly proof: Uint8Array;
+}
+
+/** Client → server, sent only after the client verified the server's proof. */
+export interface Auth {
+  readonly type: 'Auth';
+  readonly proof: Uint8Array;
+}
+
+/** Server → client: authenticated; from now on any frame may flow in both directions. */
+export interface AuthOk {
+  readonly type: 'AuthOk';
+}
+
+// ---------------------------------------------------------------------------------------------
+// requests
+
+/** Step 1, source → target. */
+export interface StartMigration {
+  readonly type: 'StartMigration';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly vm: string;
+  /** Serialized managed elements (VM element and dependents), for the target's policy to inspect. */
+  readonly elements: Uint8Array;
+  readonly resources: MigrationResources;
+  /** Modules the embots need, each `name@version#hash`. */
+  readonly modules: readonly string[];
+}
+
+/** Step 2, source → target: elements and embots with their policy snapshots. */
+export interface ManagementState {
+  readonly type: 'ManagementState';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly elements: Uint8Array;
+  readonly embots: Uint8Array;
+}
+
+/** Step 2, target → source, while the target stages a ManagementState and lacks a module. */
+export interface ModuleRequest {
+  readonly type: 'ModuleRequest';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly name: string;
+  readonly hash: string;
+}
+
+/** Step 3, source → target: the held events, in the sensor service's byte form. */
+export interface ManagementEventState {
+  readonly type: 'ManagementEventState';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly holdQueues: Uint8Array;
+}
+
+/** Step 4 for the `sim` driver: VM memory pages over the peer link (not in the design table). */
+export interface VmMemory {
+  readonly type: 'VmMemory';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly vm: string;
+  /** Pre-copy round (0 = first full copy); the stop-and-copy round has `last: true`. */
+  readonly round: number;
+  /** Chunk number within the round. */
+  readonly seq: number;
+  readonly last: boolean;
+  readonly pages: Uint8Array;
+}
+
+/** Step 5, source → target, repeated until nothing changed. */
+export interface DirtyObjects {
+  readonly type: 'DirtyObjects';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly round: number;
+  /** Serialized changed managed objects. */
+  readonly deltas: Uint8Array;
+  /** Events held since the previous round, in the sensor service's byte form. */
+  readonly events: Uint8Array;
+}
+
+/** Step 6, source → target. */
+export interface MigrationComplete {
+  readonly type: 'MigrationComplete';
+  readonly reqId: number;
+  readonly migrationId: string;
+}
+
+/** After the switch, source → new owner: events that still reached the source (not in the design table). */
+export interface ForwardedEvents {
+  readonly type: 'ForwardedEvents';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly events: Uint8Array;
+}
+
+/** Liveness and round-trip measurement. */
+export interface Ping {
+  readonly type: 'Ping';
+  readonly reqId: number;
+  /** Sender's clock, ms; echoed back. */
+  readonly ts: number;
+}
+
+// ---------------------------------------------------------------------------------------------
+// replies
+
+export interface MigrationPermitted {
+  readonly type: 'MigrationPermitted';
+  readonly replyTo: number;
+  readonly migrationId: string;
+}
+
+export interface MigrationDenied {
+  readonly type: 'MigrationDenied';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly reason: string;
+}
+
+export interface ManagementStateSuccess {
+  readonly type: 'ManagementStateSuccess';
+  readonly replyTo: number;
+  readonly migrationId: string;
+}
+
+export interface ManagementStateFailed {
+  readonly type: 'ManagementStateFailed';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly reason: string;
+}
+
+/** The target could not instantiate a managed object, embot or module (wrong hash, untrusted...). */
+export interface ManagedObjectInstantiationError {
+  readonly type: 'ManagedObjectInstantiationError';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly reason: string;
+  /** Element id, embot id or module ref that failed, when known. */
+  readonly object?: string;
+}
+
+export interface ModuleBundle {
+  readonly type: 'ModuleBundle';
+  readonly replyTo: number;
+  readonly name: string;
+  readonly version: string;
+  readonly hash: string;
+  /** The module folder packed by the plugin loader. */
+  readonly code: Uint8Array;
+}
+
+export interface ManagementEventStateSuccess {
+  readonly type: 'ManagementEventStateSuccess';
+  readonly replyTo: number;
+  readonly migrationId: string;
+}
+
+export interface ManagementEventStateFailed {
+  readonly type: 'ManagementEventStateFailed';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly reason: string;
+}
+
+export interface VmMemoryAck {
+  readonly type: 'VmMemoryAck';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly seq: number;
+}
+
+export interface MigrationStateSuccess {
+  readonly type: 'MigrationStateSuccess';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly round: number;
+}
+
+export interface MigrationStateFailed {
+  readonly type: 'MigrationStateFailed';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly reason: string;
+}
+
+export interface MigrationCompleteAck {
+  readonly type: 'MigrationCompleteAck';
+  readonly replyTo: number;
+  readonly migrationId: string;
+}
+
+export interface ForwardedEventsAck {
+  readonly type: 'ForwardedEventsAck';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  /** Events accepted as new. */
+  readonly accepted: number;
+  /** Events dropped because the target already had their id. */
+  readonly duplicates: number;
+}
+
+export interface Pong {
+  readonly type: 'Pong';
+  readonly replyTo: number;
+  readonly ts: number;
+}
+
+// ---------------------------------------------------------------------------------------------
+// notifications and errors
+
+/** Either side, any time: both sides clean up the migration. Not acknowledged. */
+export interface Abort {
+  readonly type: 'Abort';
+  readonly migrationId: string;
+  readonly reason: string;
+}
+
+/**
+ * With `replyTo`: the request failed at the peer (no handler, handler threw). Without: a
+ * connection-level protocol error, sent just before the sender closes the connection.
+ */
+export interface ErrorFrame {
+  readonly type: 'Error';
+  readonly replyTo?: number;
+  readonly code: ErrorCode;
+  readonly message: string;
+}
+
+// ---------------------------------------------------------------------------------------------
+// unions and the request → reply table
+
+export type HandshakeFrame = Hello | Challenge | Auth | AuthOk;
+export type RequestFrame =
+  | StartMigration
+  | ManagementState
+  | ModuleRequest
+  | ManagementEventState
+  | VmMemory
+  | DirtyObjects
+  | MigrationComplete
+  | ForwardedEvents
+  | Ping;
+export type ReplyFrame =
+  | MigrationPermitted
+  | MigrationDenied
+  | ManagementStateSuccess
+  | ManagementStateFailed
+  | ManagedObjectInstantiationError
+  | ModuleBundle
+  | ManagementEventStateSuccess
+  | ManagementEventStateFailed
+  | VmMemoryAck
+  | MigrationStateSuccess
+  | MigrationStateFailed
+  | MigrationCompleteAck
+  | ForwardedEventsAck
+  | Pong;
+export type NotificationFrame = Abort;
+
+export type Frame = HandshakeFrame | RequestFrame | ReplyFrame | NotificationFrame | ErrorFrame;
+export type FrameType = Frame['type'];
+export type RequestType = RequestFrame['type'];
+export type ReplyType = ReplyFrame['type'];
+
+/** Which replies answer which request. An `Error` frame may answer any request (it rejects it). */
+export interface ReplyMap {
+  StartMigration: MigrationPermitted | MigrationDenied;
+  ManagementState: ManagementStateSuccess | ManagementStateFailed | ManagedObjectInstantiationError;
+  ModuleRequest: ModuleBundle;
+  ManagementEventState: ManagementEventStateSuccess | ManagementEventStateFailed | ManagedObjectInstantiationError;
+  VmMemory: VmMemoryAck | MigrationStateFailed;
+  DirtyObjects: MigrationStateSuccess | MigrationStateFailed | ManagedObjectInstantiationError;
+  MigrationComplete: MigrationCompleteAck | MigrationStateFailed;
+  ForwardedEvents: ForwardedEventsAck;
+  Ping: Pong;
+}
+
+export type RequestOf<T extends RequestType> = Extract<RequestFrame, { readonly type: T }>;
+export type ReplyOf<T extends RequestType> = ReplyMap[T];
+
+/** Omit over each member of a union, keeping the union discriminated. */
+export type DistributiveOmit<U, K extends PropertyKey> = U extends unknown ? Omit<U, K> : never;
+/** A request as the caller writes it; PeerConnection assigns `reqId`. */
+export type RequestBody<T extends RequestType> = Omit<RequestOf<T>, 'reqId'>;
+/** Any request as the caller writes it. */
+export type AnyRequestBody = DistributiveOmit<RequestFrame, 'reqId'>;
+/** A reply as a handler returns it; PeerConnection fills in `replyTo`. */
+export type ReplyBody<T extends RequestType> = DistributiveOmit<ReplyOf<T>, 'replyTo'>;
+
+export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['type'][] } = {
+  StartMigration: ['MigrationPermitted', 'MigrationDenied'],
+  ManagementState: ['ManagementStateSuccess', 'ManagementStateFailed', 'ManagedObjectInstantiationError'],
+  ModuleRequest: ['ModuleBundle'],
+  ManagementEventState: ['ManagementEventStateSuccess', 'ManagementEventStateFailed', 'ManagedObjectInstantiationError'],
+  VmMemory: ['VmMemoryAck', 'MigrationStateFailed'],
+  DirtyObjects: ['MigrationStateSuccess', 'MigrationStateFailed', 'ManagedObjectInstantiationError'],
+  MigrationComplete: ['MigrationCompleteAck', 'MigrationStateFailed'],
+  ForwardedEvents: ['ForwardedEventsAck'],
+  Ping: ['Pong'],
+};
+
+export type FrameKind = 'handshake' | 'request' | 'reply' | 'notification' | 'error';
+
+/** The kind of every frame type; also the list of known types. */
+export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
+  Hello: 'handshake',
+  Challenge: 'handshake',
+  Auth: 'handshake',
+  AuthOk: 'handshake',
+  StartMigration: 'request',
+  ManagementState: 'request',
+  ModuleRequest: 'request',
+  ManagementEventState: 'request',
+  VmMemory: 'request',
+  DirtyObjects: 'request',
+  MigrationComplete: 'request',
+  ForwardedEvents: 'request',
+  Ping: 'request',
+  MigrationPermitted: 'reply',
+  MigrationDenied: 'reply',
+  ManagementStateSuccess: 'reply',
+  ManagementStateFailed: 'reply',
+  ManagedObjectInstantiationError: 'reply',
+  ModuleBundle: 'reply',
+  ManagementEventStateSuccess: 'reply',
+  ManagementEventStateFailed: 'reply',
+  VmMemoryAck: 'reply',
+  MigrationStateSuccess: 'reply',
+  MigrationStateFailed: 'reply',
+  MigrationCompleteAck: 'reply',
+  ForwardedEventsAck: 'reply',
+  Pong: 'reply',
+  Abort: 'notification',
+  Error: 'error',
+};
+
+export function isRequestFrame(f: Frame): f is RequestFrame {
+  return FRAME_KINDS[f.type] === 'request';
+}
+
+export function isReplyFrame(f: Frame): f is ReplyFrame {
+  return FRAME_KINDS[f.type] === 'reply';
+}
+
+export function isHandshakeFrame(f: Frame): f is HandshakeFrame {
+  return FRAME_KINDS[f.type] === 'handshake';
+}

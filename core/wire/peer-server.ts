@@ -1,0 +1,207 @@
+/**
+ * The agent's peer endpoint: a ws WebSocketServer that authenticates every socket before any
+ * other frame, then hands it over as a PeerConnection. A peer that misbehaves is refused or
+ * closed on its own; the server keeps accepting others.
+ */
+import { EventEmitter } from 'eventemitter3';
+import type { AddressInfo, Socket } from 'node:net';
+import { WebSocketServer, type WebSocket } from 'ws';
+import { ConfigError, ErrorCodes, ProtocolError, describeError, type EmbotError } from '../errors.ts';
+import { assertClusterSecret } from './auth.ts';
+import { CloseCodes } from './close-codes.ts';
+import { DEFAULT_MAX_FRAME_BYTES } from './frame-codec.ts';
+import { isValidAgentName } from './frame-validate.ts';
+import type { RequestType } from './frames.ts';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS, refuse, serverHandshake } from './handshake.ts';
+
+const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
+import { PeerConnection, type AnyRequestHandler, type HandlerTable, type RequestHandler } from './peer-connection.ts';
+import { DEFAULT_PEER_LISTEN, parsePeerListen, type PeerListenAddress } from './peers.ts';
+
+export interface PeerServerOptions {
+  /** This agent's name, announced in the handshake. */
+  readonly agent: string;
+  /** Cluster secret (see loadClusterSecret); at least 16 bytes. */
+  readonly secret: Uint8Array;
+  /** `HOST:PORT` or an address; default 127.0.0.1:7401. Port 0 picks a free port. */
+  readonly listen?: string | PeerListenAddress;
+  /** Largest frame accepted or sent; also the ws `maxPayload`. Default 64 MiB. */
+  readonly maxFrameBytes?: number;
+  /** An unauthenticated socket is closed after this long. Default 5 s. */
+  readonly handshakeTimeoutMs?: number;
+  /** Default timeout of requests sent on accepted connections. */
+  readonly requestTimeoutMs?: number;
+  /** When set, only these agent names may connect. */
+  readonly allowedPeers?: readonly string[];
+  /** Sockets allowed in the handshake at once; more are closed with 1013 (try again later). Default 64. */
+  readonly maxPendingHandshakes?: number;
+  /** Handlers for requests arriving on any accepted connection. */
+  readonly handlers?: HandlerTable;
+}
+
+export interface RefusedInfo {
+  readonly remoteAddress: string | undefined;
+}
+
+export interface PeerServerEvents {
+  /** An authenticated peer. Attach per-connection handlers synchronously in the listener. */
+  connection: (conn: PeerConnection) => void;
+  /** A socket that failed the handshake (wrong secret, garbage, timeout...) was closed. */
+  refused: (error: EmbotError, info: RefusedInfo) => void;
+  /** An authenticated peer broke the protocol and its connection was closed. */
+  protocolError: (error: EmbotError, conn: PeerConnection) => void;
+}
+
+type AnyHandler = AnyRequestHandler;
+
+/**
+ * Listens for peers.
+ *
+ * @example
+ * ```ts
+ * const server = await PeerServer.listen({ agent: 'b', secret, listen: '127.0.0.1:7402' });
+ * server.handle('StartMigration', (req) => ({ type: 'MigrationPermitted', migrationId: req.migrationId }));
+ * server.on('refused', (err, { remoteAddress }) => log.warn('peer refused', { code: err.code, remoteAddress }));
+ * ```
+ */
+export class PeerServer extends EventEmitter<PeerServerEvents> {
+  readonly agent: string;
+  readonly address: PeerListenAddress;
+  readonly maxFrameBytes: number;
+
+  private readonly wss: WebSocketServer;
+  private readonly options: PeerServerOptions;
+  private readonly handlers = new Map<RequestType, AnyHandler>();
+  private readonly live = new Set<PeerConnection>();
+  private readonly handshaking = new Set<WebSocket>();
+  private closing: Promise<void> | undefined;
+
+  private constructor(wss: WebSocketServer, address: PeerListenAddress, options: PeerServerOptions) {
+    super();
+    this.wss = wss;
+    this.address = address;
+    this.options = options;
+    this.agent = options.agent;
+    this.maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    for (const [type, handler] of Object.entries(options.handlers ?? {})) {
+      if (handler) this.handlers.set(type as RequestType, handler as unknown as AnyHandler);
+    }
+    wss.on('connection', (ws, req) => this.accept(ws, req.socket));
+    // A failing server socket after listen (rare) must not crash the agent through an unhandled 'error'.
+    wss.on('error', () => {});
+  }
+
+  /**
+   * Starts listening.
+   *
+   * @throws ConfigError `EMBOT_ERR_CONFIG_INVALID` for a bad agent name, a short secret, a bad
+   *   listen address or an address that cannot be bound (in use, not local).
+   */
+  static async listen(options: PeerServerOptions): Promise<PeerServer> {
+    if (!isValidAgentName(options.agent)) throw new ConfigError(ErrorCodes.CONFIG_INVALID, `agent name ${JSON.stringify(options.agent)} is invalid`);
+    assertClusterSecret(options.secret);
+    const where = typeof options.listen === 'object' ? options.listen : parsePeerListen(options.listen ?? DEFAULT_PEER_LISTEN);
+    const maxPayload = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    const wss = await new Promise<WebSocketServer>((resolve, reject) => {
+      const server = new WebSocketServer({ host: where.host, port: where.port, maxPayload, perMessageDeflate: false, clientTracking: true });
+      const onError = (e: Error): void => {
+        server.close();
+        reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `cannot listen for peers on ${where.host}:${where.port}: ${describeError(e)}`, { cause: e }));
+      };
+      server.once('error', onError);
+      server.once('listening', () => {
+        server.off('error', onError);
+        resolve(server);
+      });
+    });
+    const addr = wss.address() as AddressInfo;
+    return new PeerServer(wss, { host: where.host, port: addr.port }, options);
+  }
+
+  /** `ws://host:port/` of this endpoint, for `--peers` of other agents. */
+  get url(): string {
+    const host = this.address.host.includes(':') ? `[${this.address.host}]` : this.address.host;
+    return `ws://${host}:${this.address.port}/`;
+  }
+
+  /** Authenticated connections that are open. */
+  get connections(): readonly PeerConnection[] {
+    return [...this.live];
+  }
+
+  /** The most recent open connection from the named agent. */
+  connectionFrom(agent: string): PeerConnection | undefined {
+    let found: PeerConnection | undefined;
+    for (const c of this.live) if (c.remoteAgent === agent && c.isOpen) found = c;
+    return found;
+  }
+
+  /** Serves a request type on every accepted connection (current and future) that has no handler of its own. */
+  handle<T extends RequestType>(type: T, handler: RequestHandler<T>): () => void {
+    const h = handler as unknown as AnyHandler;
+    this.handlers.set(type, h);
+    return () => {
+      if (this.handlers.get(type) === h) this.handlers.delete(type);
+    };
+  }
+
+  /** Closes every connection (1001 going away) and stops listening. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      const conns = [...this.live];
+      for (const c of conns) void c.close(CloseCodes.GOING_AWAY, 'agent shutting down');
+      // Sockets still in the handshake have nothing to finish: drop them outright.
+      for (const ws of this.handshaking) ws.terminate();
+      await Promise.race([Promise.all(conns.map((c) => c.closed)), new Promise((r) => setTimeout(r, 2_000).unref())]);
+      for (const ws of this.wss.clients) ws.terminate();
+      await new Promise<void>((resolve) => this.wss.close(() => resolve()));
+    })();
+    return this.closing;
+  }
+
+  private accept(ws: WebSocket, socket: Socket): void {
+    const remoteAddress = socket.remoteAddress;
+    if (this.closing) {
+      ws.close(CloseCodes.GOING_AWAY, 'agent shutting down');
+      return;
+    }
+    if (this.handshaking.size >= (this.options.maxPendingHandshakes ?? DEFAULT_MAX_PENDING_HANDSHAKES)) {
+      const err = new ProtocolError(ErrorCodes.PEER_UNAUTHENTICATED, `too many peers in the handshake (${this.handshaking.size}); try again later`);
+      refuse(ws, err, CloseCodes.TRY_AGAIN_LATER);
+      this.emit('refused', err, { remoteAddress });
+      return;
+    }
+    const allowed = this.options.allowedPeers ? new Set(this.options.allowedPeers) : undefined;
+    this.handshaking.add(ws);
+    serverHandshake(
+      ws,
+      {
+        agent: this.agent,
+        secret: this.options.secret,
+        timeoutMs: this.options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
+        socket,
+        ...(allowed ? { allowedPeers: allowed } : {}),
+      },
+      (result) => {
+        this.handshaking.delete(ws);
+        if (!result.ok) {
+          this.emit('refused', result.error, { remoteAddress });
+          return;
+        }
+        const conn = new PeerConnection(ws, {
+          localAgent: this.agent,
+          remoteAgent: result.remoteAgent,
+          maxFrameBytes: this.maxFrameBytes,
+          ...(this.options.requestTimeoutMs !== undefined ? { requestTimeoutMs: this.options.requestTimeoutMs } : {}),
+          fallbackHandlers: this.handlers,
+        });
+        this.live.add(conn);
+        conn.on('protocolError', (err, origin) => {
+          if (origin === 'local') this.emit('protocolError', err, conn);
+        });
+        conn.once('close', () => this.live.delete(conn));
+        this.emit('connection', conn);
+      },
+    );
+  }
+}
