@@ -41,6 +41,8 @@ export interface RuntimeModule {
 export interface PolicyView {
   readonly name: string;
   readonly state: unknown;
+  /** The machine's context (extended state), as persisted. */
+  readonly context?: unknown;
   readonly updatedAt: number;
 }
 
@@ -431,7 +433,7 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
       const e = this.embots.get(u.embotId);
       if (!e || e.status !== 'running') continue;
       this.db.saveSnapshot(u.embotId, u.policy, u.state, now);
-      e.views.set(u.policy, { name: u.policy, state: u.value, updatedAt: now });
+      e.views.set(u.policy, { name: u.policy, state: u.value, context: (u.state.snapshot as { context?: unknown } | null)?.context, updatedAt: now });
     }
     for (const f of o.failures) this.quarantine(f.embotId, f.error.code, f.error.message);
   }

@@ -1,5 +1,6 @@
 import { Worker } from 'node:worker_threads';
-import { pathToFileURL, fileURLToPath } from 'node:url';
+import { fileURLToPath } from 'node:url';
+import { bundleModule } from '../core/plugins/module-bundle.ts';
 import { ErrorCodes, PluginError } from '../core/errors.ts';
 import type { BatchItem, EmbotSpawn, HostToWorker, Outcome, PolicyState, WorkerToHost } from './worker/worker-protocol.ts';
 import { PROGRESS_ITEM, PROGRESS_REQ, PROGRESS_SLOTS } from './worker/worker-protocol.ts';
@@ -43,6 +44,7 @@ interface Pending {
  */
 export class ModuleHost {
   private worker: Worker | undefined;
+  private code = '';
   private readonly progress = new SharedArrayBuffer(PROGRESS_SLOTS * 4);
   private readonly progressView = new Int32Array(this.progress);
   private readonly specs = new Map<string, EmbotSpawn>();
@@ -62,6 +64,7 @@ export class ModuleHost {
 
   /** Starts the worker and imports the module entry; rejects with PLUGIN_LOAD_FAILED if it does not load. */
   async start(): Promise<readonly string[]> {
+    this.code = (await bundleModule(this.opts.entryPath)).code;
     this.policies = await this.boot();
     return this.policies;
   }
@@ -159,7 +162,7 @@ export class ModuleHost {
       worker.on('exit', (code) => {
         if (ready && this.worker === worker && !this.closed && !this.restarting) void this.restart(`worker exited with code ${code}`);
       });
-      worker.postMessage({ t: 'init', module: this.opts.module, entryUrl: pathToFileURL(this.opts.entryPath).href, config: this.opts.config, progress: this.progress } satisfies HostToWorker);
+      worker.postMessage({ t: 'init', module: this.opts.module, code: this.code, config: this.opts.config, progress: this.progress } satisfies HostToWorker);
     });
   }
 

@@ -37,6 +37,8 @@ export interface PolicyInfo {
   readonly name: string;
   /** xstate state value (`'idle'`, `{ backoff: 'waiting' }`, …). */
   readonly state: unknown;
+  /** The machine's context (extended state), as persisted. */
+  readonly context?: unknown;
   /** ms since epoch of the last snapshot change. */
   readonly updatedAt: number;
 }

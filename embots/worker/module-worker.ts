@@ -148,7 +148,7 @@ async function init(msg: Extract<HostToWorker, { t: 'init' }>): Promise<void> {
   progress = new Int32Array(msg.progress);
   moduleConfig = msg.config;
   try {
-    const mod = (await import(msg.entryUrl)) as { default?: unknown };
+    const mod = (await import(`data:text/javascript;base64,${Buffer.from(msg.code).toString('base64')}`)) as { default?: unknown };
     if (typeof mod.default !== 'function') throw new Error('the entry must `export default (kit) => ({ policies: {...} })`');
     const def = (mod.default as (kit: unknown) => ModuleDefinition)({ xstate, definePolicy, apiVersion: EMBOT_API_VERSION });
     if (!def || typeof def !== 'object' || typeof def.policies !== 'object' || def.policies === null) throw new Error('the entry returned no `policies` object');

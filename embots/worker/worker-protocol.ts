@@ -68,7 +68,7 @@ export interface Outcome {
 }
 
 export type HostToWorker =
-  | { readonly t: 'init'; readonly module: string; readonly entryUrl: string; readonly config: Readonly<Record<string, unknown>>; readonly progress: SharedArrayBuffer }
+  | { readonly t: 'init'; readonly module: string; /** The module bundled into one ESM text (see bundleModule). */ readonly code: string; readonly config: Readonly<Record<string, unknown>>; readonly progress: SharedArrayBuffer }
   | { readonly t: 'spawn'; readonly reqId: number; readonly embots: readonly EmbotSpawn[] }
   | { readonly t: 'batch'; readonly reqId: number; readonly items: readonly BatchItem[] }
   | { readonly t: 'stop'; readonly reqId: number; readonly embotIds: readonly string[] };
