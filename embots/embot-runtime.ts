@@ -7,7 +7,7 @@ import type { PolicyEvent } from './policy-api.ts';
 import { EmbotStore, type EmbotRow, type EmbotStatus } from './embot-store.ts';
 import { EmitBudget } from './emit-budget.ts';
 import { ModuleHost } from './module-host.ts';
-import type { BatchItem, EffectRequest, EmbotSpawn, EmitRequest, Outcome } from './worker/worker-protocol.ts';
+import type { BatchItem, EffectRequest, EmbotSpawn, EmitRequest, Outcome, PolicyState } from './worker/worker-protocol.ts';
 
 /** The slice of the sensor service the runtime uses. */
 export interface RuntimeSensors {
@@ -36,6 +36,17 @@ export interface RuntimeModule {
   readonly hash: string;
   readonly entryPath: string;
   readonly manifest: Manifest;
+}
+
+/** An embot with its committed policy states, as a migration ships it. */
+export interface ExportedEmbot {
+  readonly id: string;
+  readonly module: string;
+  readonly type: string;
+  readonly elementIds: readonly string[];
+  readonly status: EmbotStatus;
+  readonly error?: string;
+  readonly policies: Readonly<Record<string, PolicyState>>;
 }
 
 export interface PolicyView {
@@ -197,8 +208,12 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     await Promise.all(spawns.map(([module, s]) => this.spawn(module, s)));
   }
 
-  /** An element is gone: its embots stop and are deleted with their state. */
-  async detach(elementId: string): Promise<void> {
+  /**
+   * An element is gone: its embots stop. Their rows and snapshots are deleted, or with
+   * `keepState` kept (a migration freezes them here while their state travels; `attach` resumes
+   * them from it, and `forget` deletes them once the target owns them).
+   */
+  async detach(elementId: string, options: { readonly keepState?: boolean } = {}): Promise<void> {
     this.elements.delete(elementId);
     await this.idle();
     const gone = [...this.embots.values()].filter((e) => e.elementIds[0] === elementId);
@@ -206,8 +221,36 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
       const host = this.modules.get(e.module)?.host;
       if (host && e.status === 'running') await host.stopEmbots([e.id]).catch(() => {});
       this.untrack(e);
-      this.db.deleteEmbot(e.id);
+      if (!options.keepState) this.db.deleteEmbot(e.id);
     }
+  }
+
+  /** Deletes the stored embots of an element (after a migration handed them to another agent). */
+  forget(elementId: string): void {
+    for (const row of this.db.listEmbots()) if (row.elementIds[0] === elementId) this.db.deleteEmbot(row.id);
+  }
+
+  /** The stored embots of an element with their committed policy states: what a migration ships. */
+  exportEmbots(elementId: string): ExportedEmbot[] {
+    return this.db
+      .listEmbots()
+      .filter((row) => row.elementIds[0] === elementId)
+      .map((row) => ({ id: row.id, module: row.module, type: row.type, elementIds: row.elementIds, status: row.status, ...(row.error ? { error: row.error } : {}), policies: this.db.loadSnapshots(row.id) }));
+  }
+
+  /** Stores embots shipped from another agent; `attach` of their element then starts them from these states. */
+  adoptEmbots(embots: readonly ExportedEmbot[]): void {
+    const now = this.now();
+    for (const e of embots) {
+      const status: EmbotStatus = e.status === 'quarantined' || e.status === 'disabled' ? e.status : 'running';
+      this.db.saveEmbot({ id: e.id, module: e.module, type: e.type, elementIds: e.elementIds, status, error: e.error, createdAt: now });
+      for (const [policy, state] of Object.entries(e.policies)) this.db.saveSnapshot(e.id, policy, state, now);
+    }
+  }
+
+  /** The loaded module record by name (for announcing `name@version#hash`). */
+  module(name: string): RuntimeModule | undefined {
+    return this.modules.get(name)?.record;
   }
 
   list(): EmbotInfo[] {
@@ -249,14 +292,16 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     for (const t of record.manifest.embots) {
       if (t.attachTo.kind !== el.kind) continue;
       const id = `${record.name}/${t.type}/${el.id}`;
-      const known = this.embots.get(id);
+      // Known from this run, or only from the store (a previous run, or adopted from a migration).
+      const stored = this.embots.has(id) ? undefined : this.db.getEmbot(id);
+      const known = this.embots.get(id) ?? (stored && { ...stored, views: new Map<string, PolicyView>() });
       if (known?.status === 'quarantined' || known?.status === 'disabled') {
-        this.track({ ...rowOf(known), elementIds: el.scope }, t.policies);
+        this.track({ ...rowOf(known as LiveEmbot), elementIds: el.scope }, t.policies);
         continue;
       }
       const row: EmbotRow = { id, module: record.name, type: t.type, elementIds: el.scope, status: 'running', error: undefined, createdAt: this.now() };
       const restore = known ? this.db.loadSnapshots(id) : {};
-      this.db.saveEmbot(known ? { ...row, createdAt: this.db.getEmbot(id)?.createdAt ?? row.createdAt } : row);
+      this.db.saveEmbot(known ? { ...row, createdAt: (stored ?? this.db.getEmbot(id))?.createdAt ?? row.createdAt } : row);
       this.track(row, t.policies);
       out.push({ embotId: id, elementId: el.id, policies: t.policies, ...(Object.keys(restore).length ? { restore } : {}) });
     }

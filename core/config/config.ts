@@ -44,6 +44,8 @@ const SimSchema = z
   .object({
     pageSize: positiveInt.default(DEFAULTS.sim.pageSize),
     hostCpus: positiveInt.default(DEFAULTS.sim.hostCpus),
+    /** Memory this host offers to VMs (bytes); the migration policy refuses VMs that do not fit. */
+    hostMemory: positiveInt.default(DEFAULTS.sim.hostMemory),
     defaultMemory: positiveInt.default(DEFAULTS.sim.defaultMemory),
     /** Bytes per second. */
     defaultDirtyRate: z.number().min(0).default(DEFAULTS.sim.defaultDirtyRate),
@@ -73,6 +75,38 @@ export const AgentConfigSchema = z
     sim: SimSchema.prefault({}),
     store: z
       .object({ synchronous: z.enum(['NORMAL', 'FULL', 'OFF']).default(DEFAULTS.store.synchronous) })
+      .strict()
+      .prefault({}),
+    peer: z
+      .object({
+        /** Where this agent accepts peers (`HOST:PORT`; port 0 picks a free one). */
+        listen: z.string().min(1).default(DEFAULTS.peer.listen),
+        /** Other agents by name: `{ b: 'ws://127.0.0.1:7402' }`. */
+        peers: z.record(z.string(), z.string()).default({}),
+        /** File holding the cluster secret (at least 16 bytes); without it the peer port stays closed. */
+        secretFile: z.string().min(1).optional(),
+      })
+      .strict()
+      .prefault({}),
+    mobility: z
+      .object({
+        stepTimeoutMs: positiveInt.default(DEFAULTS.mobility.stepTimeoutMs),
+        vmTimeoutMs: positiveInt.default(DEFAULTS.mobility.vmTimeoutMs),
+        maxDirtyRounds: z.number().int().min(0).max(100).default(DEFAULTS.mobility.maxDirtyRounds),
+        /** How long events that still reach this agent for a moved VM are forwarded to its new owner. */
+        forwardGraceMs: positiveInt.default(DEFAULTS.mobility.forwardGraceMs),
+        /** Peers allowed to migrate VMs here; empty: every authenticated peer. */
+        allowedSources: z.array(z.string()).default([]),
+        trust: z
+          .object({
+            mode: z.enum(['signed', 'allowlist', 'any-authenticated-peer']).default('signed'),
+            /** ed25519 public keys (PEM text, base64 raw key, or a file path). */
+            publicKeys: z.array(z.string()).default([]),
+            allowHashes: z.array(z.string()).default([]),
+          })
+          .strict()
+          .prefault({}),
+      })
       .strict()
       .prefault({}),
     /** Per-module config overrides, merged over each module manifest's `config`. */

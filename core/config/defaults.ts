@@ -9,8 +9,10 @@ export const DEFAULTS = {
   logLevel: 'info',
   logFormat: 'pretty',
   sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
-  sim: { pageSize: 4096, hostCpus: 4, defaultMemory: 64 * 1024 * 1024, defaultDirtyRate: 0 },
+  sim: { pageSize: 4096, hostCpus: 4, hostMemory: 16 * 1024 * 1024 * 1024, defaultMemory: 64 * 1024 * 1024, defaultDirtyRate: 0 },
   store: { synchronous: 'NORMAL' },
+  peer: { listen: '127.0.0.1:7401' },
+  mobility: { stepTimeoutMs: 10_000, vmTimeoutMs: 120_000, maxDirtyRounds: 5, forwardGraceMs: 30_000 },
 } as const;
 
 /** Where the CLI looks for an agent when neither `--agent` nor `EMBOT_AGENT` is given. */

@@ -88,6 +88,23 @@ export const MIGRATIONS: readonly string[] = [
     updated_at INTEGER NOT NULL
   );
   `,
+  `
+  -- Each side of a migration journals its phase, so an agent restarted mid-migration can finish
+  -- or roll back and exactly one host owns the VM.
+  CREATE TABLE migrations (
+    id TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('source', 'target')),
+    vm TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    outcome TEXT,
+    reason TEXT,
+    started_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    summary TEXT,
+    PRIMARY KEY (id, role)
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

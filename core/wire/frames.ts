@@ -137,6 +137,16 @@ export interface ForwardedEvents {
 }
 
 /** Liveness and round-trip measurement. */
+/**
+ * Asked by a source restarted after sending MigrationComplete: did the target commit? A target
+ * that has not committed discards the migration before answering, so the answer is final.
+ */
+export interface MigrationStatusQuery {
+  readonly type: 'MigrationStatusQuery';
+  readonly reqId: number;
+  readonly migrationId: string;
+}
+
 export interface Ping {
   readonly type: 'Ping';
   readonly reqId: number;
@@ -191,6 +201,8 @@ export interface ModuleBundle {
   readonly hash: string;
   /** The module folder packed by the plugin loader. */
   readonly code: Uint8Array;
+  /** Detached ed25519 signature of the module (its `module.sig`), when the module is signed. */
+  readonly signature?: Uint8Array;
 }
 
 export interface ManagementEventStateSuccess {
@@ -243,6 +255,13 @@ export interface ForwardedEventsAck {
   readonly duplicates: number;
 }
 
+export interface MigrationStatus {
+  readonly type: 'MigrationStatus';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly committed: boolean;
+}
+
 export interface Pong {
   readonly type: 'Pong';
   readonly replyTo: number;
@@ -283,6 +302,7 @@ export type RequestFrame =
   | DirtyObjects
   | MigrationComplete
   | ForwardedEvents
+  | MigrationStatusQuery
   | Ping;
 export type ReplyFrame =
   | MigrationPermitted
@@ -298,6 +318,7 @@ export type ReplyFrame =
   | MigrationStateFailed
   | MigrationCompleteAck
   | ForwardedEventsAck
+  | MigrationStatus
   | Pong;
 export type NotificationFrame = Abort;
 
@@ -316,6 +337,7 @@ export interface ReplyMap {
   DirtyObjects: MigrationStateSuccess | MigrationStateFailed | ManagedObjectInstantiationError;
   MigrationComplete: MigrationCompleteAck | MigrationStateFailed;
   ForwardedEvents: ForwardedEventsAck;
+  MigrationStatusQuery: MigrationStatus;
   Ping: Pong;
 }
 
@@ -340,6 +362,7 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   DirtyObjects: ['MigrationStateSuccess', 'MigrationStateFailed', 'ManagedObjectInstantiationError'],
   MigrationComplete: ['MigrationCompleteAck', 'MigrationStateFailed'],
   ForwardedEvents: ['ForwardedEventsAck'],
+  MigrationStatusQuery: ['MigrationStatus'],
   Ping: ['Pong'],
 };
 
@@ -359,6 +382,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   DirtyObjects: 'request',
   MigrationComplete: 'request',
   ForwardedEvents: 'request',
+  MigrationStatusQuery: 'request',
   Ping: 'request',
   MigrationPermitted: 'reply',
   MigrationDenied: 'reply',
@@ -373,6 +397,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   MigrationStateFailed: 'reply',
   MigrationCompleteAck: 'reply',
   ForwardedEventsAck: 'reply',
+  MigrationStatus: 'reply',
   Pong: 'reply',
   Abort: 'notification',
   Error: 'error',

@@ -38,8 +38,17 @@ describe('config defaults', () => {
       logLevel: 'info',
       logFormat: 'pretty',
       sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
-      sim: { pageSize: 4096, hostCpus: 4, defaultMemory: 67108864, defaultDirtyRate: 0 },
+      sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0 },
       store: { synchronous: 'NORMAL' },
+      peer: { listen: '127.0.0.1:7401', peers: {} },
+      mobility: {
+        stepTimeoutMs: 10000,
+        vmTimeoutMs: 120000,
+        maxDirtyRounds: 5,
+        forwardGraceMs: 30000,
+        allowedSources: [],
+        trust: { mode: 'signed', publicKeys: [], allowHashes: [] },
+      },
       modules: {},
     });
     expect(c.name).toMatch(/^[a-z0-9][a-z0-9-]*$/);

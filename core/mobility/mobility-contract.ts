@@ -1,0 +1,137 @@
+import type { DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, StartMigration, VmMemory } from '../wire/frames.ts';
+
+/**
+ * The contract between the migration state machines (source-machine.ts, target-machine.ts: the
+ * shape of the protocol) and the mobility service (the work each step does). The machines invoke
+ * the steps as promise actors by these names; the service provides them with `machine.provide`,
+ * and unit tests provide fakes that fail at chosen steps.
+ */
+
+/** Phases journaled in SQLite (table `migrations`) as each side enters them. */
+export type SourcePhase =
+  | 'requesting'
+  | 'holding'
+  | 'sendingState'
+  | 'sendingEvents'
+  | 'migratingVm'
+  | 'syncingDirty'
+  | 'completing'
+  | 'finishing'
+  | 'completed'
+  | 'rollingBack'
+  | 'aborted'
+  | 'denied';
+
+export type TargetPhase = 'evaluating' | 'permitted' | 'stateStaged' | 'eventsStaged' | 'vmReceived' | 'syncing' | 'committing' | 'committed' | 'discarding' | 'aborted' | 'denied';
+
+export type MigrationOutcome = 'completed' | 'aborted' | 'denied';
+
+export interface MigrationTimeouts {
+  /** Longest wait for any single reply (source) or for the next request (target). */
+  readonly stepMs: number;
+  /** Longest wait for the VM memory transfer. */
+  readonly vmMs: number;
+}
+
+export interface SourceInput {
+  readonly migrationId: string;
+  readonly vm: string;
+  /** Peer name of the target. */
+  readonly target: string;
+  /** Dirty-object rounds before the final frozen round. */
+  readonly maxDirtyRounds: number;
+  readonly timeouts: MigrationTimeouts;
+}
+
+/** Result of one dirty-objects round: did anything change since the previous round? */
+export interface DirtyRoundResult {
+  readonly changedElements: number;
+  readonly events: number;
+}
+
+/**
+ * Steps of the source side, each an xstate `fromPromise` actor. Every step rejects on a timeout,
+ * a transport error or a failure reply; the machine then rolls back.
+ */
+export interface SourceSteps {
+  /** StartMigration → resolves `{ permitted: true }` or `{ permitted: false, reason }` (MigrationDenied). */
+  startMigration(input: SourceInput): Promise<{ readonly permitted: boolean; readonly reason?: string }>;
+  /** Hold the VM element's and its dependents' events (synchronous; from here nothing reaches local embots). */
+  holdEvents(input: SourceInput): Promise<void>;
+  /** ManagementState (elements + embots with policy snapshots); answers the target's ModuleRequests meanwhile. */
+  sendManagementState(input: SourceInput): Promise<void>;
+  /** ManagementEventState (the hold queues so far). */
+  sendEventState(input: SourceInput): Promise<void>;
+  /** Stop-and-copy (or pre-copy) of the VM through the hypervisor driver. */
+  migrateVm(input: SourceInput): Promise<void>;
+  /** One DirtyObjects round (`final`: the last one, sent with everything frozen). */
+  sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult>;
+  /** MigrationComplete → MigrationCompleteAck. */
+  completeMigration(input: SourceInput): Promise<void>;
+  /**
+   * After `completeMigration` failed or timed out (MigrationComplete may have reached the target):
+   * ask the target whether it committed. Rejects when it cannot tell (the machine retries).
+   */
+  resolveOutcome(input: SourceInput): Promise<'committed' | 'notCommitted'>;
+  /** After the ack: drop elements, embots, events and the VM here; start forwarding for the grace period. */
+  finishSource(input: SourceInput): Promise<void>;
+  /** Abort path: tell the target (best effort), release the hold queues into dispatch, resume the VM. */
+  rollBack(input: SourceInput & { readonly reason: string }): Promise<void>;
+}
+
+/** Events the source machine accepts from outside (operator cancel). */
+export type SourceEvent = { readonly type: 'CANCEL'; readonly reason: string };
+
+export interface TargetInput {
+  readonly migrationId: string;
+  readonly vm: string;
+  /** Peer name of the source. */
+  readonly source: string;
+  readonly timeouts: MigrationTimeouts;
+  /** The StartMigration frame that created this side. */
+  readonly start: StartMigration;
+  /** Answers the StartMigration request (permitted, or denied with a reason). */
+  readonly replyStart: (r: { readonly permitted: boolean; readonly reason?: string }) => void;
+}
+
+/**
+ * How the target answers one request: `ok`, or a failure reply. `instantiation: true` selects
+ * `ManagedObjectInstantiationError` (an element, embot or module could not be created here)
+ * instead of the step's own failure frame.
+ */
+export type StepReply = (r: { readonly ok: true } | { readonly ok: false; readonly reason: string; readonly instantiation?: boolean }) => void;
+
+/**
+ * Events the target machine receives: one per request frame from the source, each with the
+ * callback that sends its reply, plus ABORT (an Abort frame, or the link closing). A request that
+ * arrives out of order is answered with a failure and the migration is discarded.
+ */
+export type TargetEvent =
+  | { readonly type: 'MANAGEMENT_STATE'; readonly frame: ManagementState; readonly reply: StepReply }
+  | { readonly type: 'MANAGEMENT_EVENT_STATE'; readonly frame: ManagementEventState; readonly reply: StepReply }
+  | { readonly type: 'VM_MEMORY'; readonly frame: VmMemory; readonly reply: StepReply }
+  | { readonly type: 'DIRTY_OBJECTS'; readonly frame: DirtyObjects; readonly reply: StepReply }
+  | { readonly type: 'MIGRATION_COMPLETE'; readonly frame: MigrationComplete; readonly reply: StepReply }
+  | { readonly type: 'ABORT'; readonly reason: string };
+
+/** Steps of the target side, each a `fromPromise` actor; a rejection means "reply with failure and discard". */
+export interface TargetSteps {
+  /** Migration policy: source allowed? enough memory and CPU? Resolves permitted or the reason to deny. */
+  evaluate(input: TargetInput): Promise<{ readonly permitted: boolean; readonly reason?: string }>;
+  /**
+   * Stage elements and embots (fetching missing modules from the source, checking hash and trust);
+   * nothing runs yet. Rejects with an error whose `instantiation` is true for a module/element that
+   * cannot be created here.
+   */
+  stageState(input: TargetInput & { readonly frame: ManagementState }): Promise<void>;
+  /** Insert the shipped hold queues into local hold queues. */
+  stageEvents(input: TargetInput & { readonly frame: ManagementEventState }): Promise<void>;
+  /** Accept one VmMemory frame. */
+  receiveMemory(input: TargetInput & { readonly frame: VmMemory }): Promise<void>;
+  /** Apply a DirtyObjects round: element deltas and events since the last round. */
+  applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void>;
+  /** Make it ours in one transaction (elements, embots with snapshots, VM; journal 'committed'), then release the queues and start the embots. */
+  commit(input: TargetInput): Promise<void>;
+  /** Throw away everything staged for this migration. */
+  discard(input: TargetInput & { readonly reason: string }): Promise<void>;
+}
