@@ -22,6 +22,15 @@ import { EffectorRegistry } from '../effectors/effector-registry.ts';
 import type { HypervisorDriver, VmInfo } from '../effectors/hypervisor/driver.ts';
 import { EmbotRuntime, type AttachableElement } from '../embots/embot-runtime.ts';
 import { EMBOT_API_VERSION } from '../embots/policy-api.ts';
+import { MigrationJournal } from './mobility/migration-journal.ts';
+import { MobilityService } from './mobility/mobility-service.ts';
+import { AgentModuleProvider } from './mobility/module-provider.ts';
+import { PluginCache } from './mobility/plugin-cache.ts';
+import { createTrustPolicy } from './mobility/trust-policy.ts';
+import type { MobilityHost } from './mobility/mobility-host.ts';
+import type { MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
+import { loadClusterSecret } from './wire/auth.ts';
+import { parsePeers } from './wire/peers.ts';
 
 const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 const DRIVER_STATE = 'driver:sim';
@@ -36,6 +45,7 @@ export interface AgentServices {
   readonly hypervisor: HypervisorDriver;
   readonly runtime: EmbotRuntime;
   readonly plugins: PluginStatusStore;
+  readonly mobility: MobilityService;
 }
 
 export interface RunningAgent {
@@ -70,7 +80,7 @@ export async function startAgent(config: AgentConfig, logger: Logger): Promise<R
   return agent;
 }
 
-class AgentImpl implements RunningAgent, AgentControl {
+class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly name: string;
   readonly services = new ServiceRegistry<AgentServices>();
   controlUrl = '';
@@ -78,18 +88,26 @@ class AgentImpl implements RunningAgent, AgentControl {
     return this;
   }
   private readonly startedAt = Date.now();
-  private readonly store: Store;
-  private readonly objects: ManagedObjectService;
-  private readonly sensors: SensorService;
-  private readonly driver: SimDriver;
+  readonly store: Store;
+  readonly objects: ManagedObjectService;
+  readonly sensors: SensorService;
+  readonly driver: SimDriver;
   private readonly effectors = new EffectorRegistry();
-  private readonly runtime: EmbotRuntime;
+  readonly runtime: EmbotRuntime;
   private readonly plugins: PluginStatusStore;
   private catalogue: ModuleCatalogue | undefined;
   private controlServer: { url: string; close(): Promise<void> } | undefined;
   private readonly recent: EmbotEvent[] = [];
   private readonly loading = new Set<Promise<void>>();
   private stopped = false;
+  readonly journal: MigrationJournal;
+  readonly modules: AgentModuleProvider;
+  readonly mobility: MobilityService;
+  readonly migratingIn = new Set<string>();
+  readonly hostMemory: number;
+  readonly allowedSources: readonly string[];
+  /** Modules loaded from the plugin cache (shipped by peers), by name. */
+  private readonly shipped = new Map<string, { name: string; version: string; hash: string; dir: string; embotTypes: string[] }>();
 
   constructor(private readonly config: AgentConfig, private readonly log: Logger) {
     this.name = config.name;
@@ -100,6 +118,24 @@ class AgentImpl implements RunningAgent, AgentControl {
     this.effectors.register(new HypervisorEffector(this.driver));
     this.plugins = new PluginStatusStore(this.store);
     this.runtime = new EmbotRuntime({ store: this.store, sensors: this.sensors, effectors: this.effectors, moduleConfig: (m) => config.modules[m] });
+    this.journal = new MigrationJournal(this.store);
+    this.hostMemory = config.sim.hostMemory;
+    this.allowedSources = config.mobility.allowedSources;
+    const trust = createTrustPolicy(config.mobility.trust);
+    this.modules = new AgentModuleProvider(this.runtime, new PluginCache(join(resolve(config.dataDir), 'plugin-cache')), trust, (m) => {
+      this.shipped.set(m.name, { name: m.name, version: m.version, hash: m.hash, dir: m.dir, embotTypes: m.manifest.embots.map((t) => t.type) });
+      this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'loaded' });
+    });
+    this.mobility = new MobilityService({
+      host: this,
+      secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
+      listen: config.peer.listen,
+      peers: parsePeers(config.peer.peers),
+      stepTimeoutMs: config.mobility.stepTimeoutMs,
+      vmTimeoutMs: config.mobility.vmTimeoutMs,
+      maxDirtyRounds: config.mobility.maxDirtyRounds,
+      forwardGraceMs: config.mobility.forwardGraceMs,
+    });
     const r = this.services;
     r.register('store', this.store);
     r.register('objects', this.objects);
@@ -108,6 +144,15 @@ class AgentImpl implements RunningAgent, AgentControl {
     r.register('hypervisor', this.driver);
     r.register('runtime', this.runtime);
     r.register('plugins', this.plugins);
+    r.register('mobility', this.mobility);
+  }
+
+  get agent(): string {
+    return this.name;
+  }
+
+  get logger(): Logger {
+    return this.log;
   }
 
   async start(): Promise<void> {
@@ -137,6 +182,8 @@ class AgentImpl implements RunningAgent, AgentControl {
     for (const vm of this.driver.list()) this.ensureVmElement(vm);
     this.driver.events.on('vm-state', (e) => {
       this.persistDriver();
+      // An incoming migration registers the VM's elements and embots itself, at its commit.
+      if (this.migratingIn.has(e.name)) return;
       if (e.reason === 'create') {
         const vm = this.driver.get(e.name);
         if (vm) void this.attach(this.ensureVmElement(vm));
@@ -152,7 +199,10 @@ class AgentImpl implements RunningAgent, AgentControl {
       });
     });
 
-    for (const el of this.objects.list()) await this.attach(el);
+    // A migration interrupted by a crash is finished or rolled back first; a VM whose fate only
+    // the target knows stays frozen (held, no embots) until it answers.
+    const { frozen } = this.mobility.recover();
+    for (const el of this.objects.list()) if (!frozen.has(el.id)) await this.attach(el);
 
     if (this.config.safe) {
       log.warn('safe mode: no plugins loaded');
@@ -168,6 +218,8 @@ class AgentImpl implements RunningAgent, AgentControl {
 
     this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, logger: log.child('control') });
     this.controlUrl = this.controlServer.url;
+    await this.mobility.start();
+    if (this.mobility.peerUrl) log.info(`peer endpoint ${this.mobility.peerUrl}`);
   }
 
   private async startCatalogue(): Promise<void> {
@@ -217,7 +269,12 @@ class AgentImpl implements RunningAgent, AgentControl {
     const existing = this.objects.get(id);
     if (existing) return existing;
     return this.objects.registerTree(
-      { id, kind: 'vm', state: { name: vm.name, state: vm.state, memory: vm.memory, vcpus: vm.vcpus }, dependents: [`disk:${vm.name}.0`, `nic:${vm.name}.0`] },
+      {
+        id,
+        kind: 'vm',
+        state: { name: vm.name, state: vm.state, memory: vm.memory, vcpus: vm.vcpus, dirtyRate: vm.dirtyRate, ...(vm.udpPort === undefined ? {} : { udpPort: vm.udpPort }) },
+        dependents: [`disk:${vm.name}.0`, `nic:${vm.name}.0`],
+      },
       [
         { id: `disk:${vm.name}.0`, kind: 'disk', state: { vm: vm.name } },
         { id: `nic:${vm.name}.0`, kind: 'nic', state: { vm: vm.name } },
@@ -225,7 +282,7 @@ class AgentImpl implements RunningAgent, AgentControl {
     );
   }
 
-  private attach(el: ManagedElement): Promise<void> {
+  attach(el: ManagedElement): Promise<void> {
     const scope: AttachableElement = { id: el.id, kind: el.kind, scope: this.objects.subtree(el.id).map((e) => e.id) };
     return this.runtime.attach(scope).catch((e) => this.log.error(`could not attach embots to ${el.id}`, { error: describeError(e) }));
   }
@@ -322,12 +379,29 @@ class AgentImpl implements RunningAgent, AgentControl {
     return this.recent.slice(-Math.max(0, opts.limit));
   }
 
+  migrate(vm: string, to: string): { readonly id: string } {
+    return this.mobility.migrate(vm, to);
+  }
+
+  listMigrations(): readonly MigrationInfo[] {
+    return this.mobility.list();
+  }
+
+  getMigration(id: string): MigrationInfo | undefined {
+    return this.mobility.get(id);
+  }
+
+  waitMigration(id: string): Promise<MigrationSummary | undefined> {
+    return this.mobility.wait(id);
+  }
+
   // ---- lifecycle ----
 
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
     this.sensors.stopSensors();
+    await this.mobility.close().catch(() => {});
     await this.controlServer?.close().catch(() => {});
     await this.catalogue?.close().catch(() => {});
     await this.sensors.idle().catch(() => {});

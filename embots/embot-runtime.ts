@@ -34,6 +34,8 @@ export interface RuntimeModule {
   readonly name: string;
   readonly version: string;
   readonly hash: string;
+  /** The module folder (plugins folder or plugin cache); shipped to peers from here. */
+  readonly dir?: string;
   readonly entryPath: string;
   readonly manifest: Manifest;
 }

@@ -1,0 +1,54 @@
+import type { Store } from '../store/store.ts';
+import type { Logger } from '../logger.ts';
+import type { ManagedObjectService } from '../objects/object-service.ts';
+import type { ManagedElement } from '../objects/managed-element.ts';
+import type { SensorService } from '../../sensors/sensor-service.ts';
+import type { EmbotRuntime } from '../../embots/embot-runtime.ts';
+import type { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import type { ModuleBundle } from '../wire/frames.ts';
+import type { MigrationJournal } from './migration-journal.ts';
+
+/** Bytes of VM memory per VmMemory frame; the target places frame `seq` at `seq × MEMORY_CHUNK_BYTES`. */
+export const MEMORY_CHUNK_BYTES = 1 << 20;
+
+/** Modules on this agent, as migrations need them. */
+export interface ModuleProvider {
+  /** `name@version#hash` of a loaded module. */
+  refOf(name: string): string | undefined;
+  /** Answers a peer's ModuleRequest (source side); undefined when this agent has no such module. */
+  bundleFor(name: string, hash: string): Omit<ModuleBundle, 'type' | 'replyTo'> | undefined;
+  /**
+   * Makes sure `name@version#hash` is loaded here (target side), fetching it from the source when
+   * missing and checking its hash and the trust policy. Rejects with an error whose `instantiation`
+   * is true when the module cannot be used here.
+   */
+  ensure(ref: string, fetch: (name: string, hash: string) => Promise<ModuleBundle>): Promise<{ readonly shipped: boolean }>;
+}
+
+/** What the two sides of a migration use of their agent. */
+export interface MobilityHost {
+  readonly agent: string;
+  readonly store: Store;
+  readonly objects: ManagedObjectService;
+  readonly sensors: SensorService;
+  readonly runtime: EmbotRuntime;
+  readonly driver: SimDriver;
+  readonly journal: MigrationJournal;
+  readonly modules: ModuleProvider;
+  readonly logger: Logger;
+  /** Attaches an element's embots (resuming stored ones). */
+  attach(el: ManagedElement): Promise<void>;
+  /** VMs being created by an incoming migration: the agent must not attach embots to them itself. */
+  readonly migratingIn: Set<string>;
+  /** Memory offered to VMs, for the migration policy. */
+  readonly hostMemory: number;
+  readonly allowedSources: readonly string[];
+}
+
+/** An error a target step raises when something shipped cannot be instantiated here. */
+export class InstantiationError extends Error {
+  readonly instantiation = true;
+  constructor(message: string, readonly object?: string) {
+    super(message);
+  }
+}

@@ -1,0 +1,491 @@
+import { randomBytes } from 'node:crypto';
+import { EventEmitter } from 'eventemitter3';
+import { unpack } from 'msgpackr';
+import { createActor, fromPromise, type AnyActorRef } from 'xstate';
+import { ConfigError, ErrorCodes, ProtocolError, describeError } from '../errors.ts';
+import type { EmbotEvent } from '../events.ts';
+import { PeerServer } from '../wire/peer-server.ts';
+import { connectNamedPeer } from '../wire/peer-client.ts';
+import type { PeerConnection } from '../wire/peer-connection.ts';
+import type { PeerMap } from '../wire/peers.ts';
+import type { HandlerTable } from '../wire/peer-connection.ts';
+import type { StartMigration } from '../wire/frames.ts';
+import { createSourceMachine, type SourceOutput } from './source-machine.ts';
+import { createTargetMachine } from './target-machine.ts';
+import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobility-contract.ts';
+import type { MobilityHost } from './mobility-host.ts';
+import { SourceSide } from './source-side.ts';
+import { TargetSide } from './target-side.ts';
+import type { MigrationInfo, MigrationProgress, MigrationSummary } from './migration-record.ts';
+import type { MigrationRow } from './migration-journal.ts';
+
+export interface MobilityServiceOptions {
+  readonly host: MobilityHost;
+  /** Cluster secret; without one the peer port stays closed and `migrate` refuses. */
+  readonly secret: Uint8Array | undefined;
+  readonly listen: string;
+  readonly peers: PeerMap;
+  readonly stepTimeoutMs: number;
+  readonly vmTimeoutMs: number;
+  readonly maxDirtyRounds: number;
+  readonly forwardGraceMs: number;
+}
+
+export interface MobilityEvents {
+  progress: (m: MigrationInfo) => void;
+  finished: (s: MigrationSummary) => void;
+}
+
+interface LiveMigration {
+  readonly id: string;
+  readonly role: 'source' | 'target';
+  readonly vm: string;
+  readonly peer: string;
+  readonly startedAt: number;
+  phase: string;
+  progress: MigrationProgress;
+  readonly actor: AnyActorRef;
+  readonly done: Promise<MigrationSummary>;
+  committed?: boolean;
+}
+
+/**
+ * Moves VMs and their management between agents (DESIGN.md "Mobility protocol"): the source and
+ * target sides are xstate machines (source-machine.ts, target-machine.ts) whose steps are done by
+ * SourceSide / TargetSide; each side journals its phase so a restarted agent resolves what it
+ * was doing with exactly one owner for the VM.
+ *
+ * @example
+ * ```ts
+ * const { id } = mobility.migrate('web-1', 'b');
+ * const summary = await mobility.wait(id);
+ * ```
+ */
+export class MobilityService extends EventEmitter<MobilityEvents> {
+  private server: PeerServer | undefined;
+  private readonly live = new Map<string, LiveMigration>();
+  private readonly targetConns = new Map<string, PeerConnection>();
+  private closed = false;
+
+  constructor(private readonly o: MobilityServiceOptions) {
+    super();
+  }
+
+  get peerUrl(): string | undefined {
+    return this.server?.url;
+  }
+
+  get host(): MobilityHost {
+    return this.o.host;
+  }
+
+  async start(): Promise<void> {
+    if (!this.o.secret) return;
+    this.server = await PeerServer.listen({ agent: this.host.agent, secret: this.o.secret, listen: this.o.listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers: this.targetHandlers() });
+    this.server.on('connection', (conn) => {
+      conn.on('notification', (frame) => {
+        if (frame.type === 'Abort') this.abortTarget(frame.migrationId, `source aborted: ${frame.reason}`);
+      });
+      conn.on('close', () => {
+        for (const [id, c] of this.targetConns) if (c === conn) this.abortTarget(id, 'the source disconnected');
+      });
+    });
+    this.server.on('refused', (err, info) => this.host.logger.warn('peer refused', { code: err.code, reason: err.message, remote: info.remoteAddress }));
+    this.server.on('protocolError', (err, conn) => this.host.logger.warn('peer broke the protocol', { code: err.code, reason: err.message, peer: conn.remoteAgent }));
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const m of this.live.values()) m.actor.stop();
+    await this.server?.close();
+  }
+
+  // ---- source ----
+
+  /** Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary. */
+  migrate(vm: string, to: string): { readonly id: string } {
+    if (!this.o.secret) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file); it cannot migrate');
+    if (!this.o.peers.has(to)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
+    if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
+    if ([...this.live.values()].some((m) => m.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
+    const id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
+    this.host.journal.begin(id, 'source', vm, to, 'requesting');
+    const side = new SourceSide({
+      host: this.host,
+      migrationId: id,
+      vm,
+      target: to,
+      connect: () =>
+        connectNamedPeer(this.o.peers, to, {
+          agent: this.host.agent,
+          secret: this.o.secret!,
+          requestTimeoutMs: this.o.stepTimeoutMs,
+          handlers: {
+            ModuleRequest: (req) => {
+              const b = this.host.modules.bundleFor(req.name, req.hash);
+              if (!b) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `${this.host.agent} has no module ${req.name}#${req.hash}`);
+              return { type: 'ModuleBundle', ...b };
+            },
+          },
+        }),
+      stepTimeoutMs: this.o.stepTimeoutMs,
+      vmTimeoutMs: this.o.vmTimeoutMs,
+      forwardGraceMs: this.o.forwardGraceMs,
+      onProgress: (p) => this.progress(key('source', id), p),
+    });
+    const input: SourceInput = { migrationId: id, vm, target: to, maxDirtyRounds: this.o.maxDirtyRounds, timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs } };
+    const machine = createSourceMachine().provide({
+      actors: {
+        startMigration: fromPromise(({ input }: { input: SourceInput }) => side.startMigration(input)),
+        holdEvents: fromPromise(() => side.holdEvents()),
+        sendManagementState: fromPromise(({ input }: { input: SourceInput }) => side.sendManagementState(input)),
+        sendEventState: fromPromise(({ input }: { input: SourceInput }) => side.sendEventState(input)),
+        migrateVm: fromPromise(({ input }: { input: SourceInput }) => side.migrateVm(input)),
+        sendDirtyObjects: fromPromise(({ input }: { input: SourceInput & { round: number; final: boolean } }) => side.sendDirtyObjects(input)),
+        completeMigration: fromPromise(({ input }: { input: SourceInput }) => side.completeMigration(input)),
+        resolveOutcome: fromPromise(({ input }: { input: SourceInput }) => side.resolveOutcome(input)),
+        finishSource: fromPromise(({ input }: { input: SourceInput }) => side.finishSource(input)),
+        rollBack: fromPromise(({ input }: { input: SourceInput & { reason: string } }) => side.rollBack(input)),
+      },
+      actions: {
+        journalPhase: (_: unknown, params: { phase: string }) => this.journalPhase('source', id, params.phase),
+        reportProgress: (_: unknown, params: { phase: string }) => this.progress(key('source', id), { phase: params.phase }),
+      },
+    });
+    const startedAt = Date.now();
+    const actor = createActor(machine, { input });
+    const done = new Promise<MigrationSummary>((resolve) => {
+      actor.subscribe({
+        complete: () => {
+          const out = actor.getSnapshot().output as SourceOutput;
+          const s = side.stats;
+          const summary: MigrationSummary = {
+            migrationId: id,
+            vm,
+            from: this.host.agent,
+            to,
+            outcome: out.outcome,
+            ...(out.reason ? { reason: out.reason } : {}),
+            totalMs: Date.now() - startedAt,
+            phases: out.phases,
+            embots: s.embots,
+            events: s.events,
+            modules: s.modules,
+            modulesShipped: 0,
+            dirtyRounds: out.dirtyRounds,
+            bytes: s.bytes,
+            memoryBytes: s.memoryBytes,
+            downtimeMs: s.downtimeMs ?? null,
+            forwarded: s.forwarded,
+          };
+          this.finish('source', id, out.outcome === 'completed' ? 'completed' : out.outcome, summary);
+          resolve(summary);
+        },
+        error: (err) => {
+          const summary = failedSummary(id, vm, this.host.agent, to, startedAt, describeError(err));
+          this.finish('source', id, 'aborted', summary);
+          resolve(summary);
+        },
+      });
+    });
+    this.live.set(key('source', id), { id, role: 'source', vm, peer: to, startedAt, phase: 'requesting', progress: emptyProgress('requesting'), actor, done });
+    actor.start();
+    return { id };
+  }
+
+  /** Resolves with the summary once the migration `id` ends (immediately for a finished one). */
+  async wait(id: string): Promise<MigrationSummary | undefined> {
+    const m = this.live.get(key('source', id)) ?? this.live.get(key('target', id));
+    if (m) return m.done;
+    const row = this.host.journal.get(id, 'source') ?? this.host.journal.get(id, 'target');
+    return row?.notes.summary as MigrationSummary | undefined;
+  }
+
+  cancel(id: string, reason = 'cancelled by operator'): boolean {
+    const m = this.live.get(key('source', id));
+    if (!m) return false;
+    m.actor.send({ type: 'CANCEL', reason });
+    return true;
+  }
+
+  list(limit = 100): MigrationInfo[] {
+    return this.host.journal.list(limit).map((row) => this.info(row));
+  }
+
+  get(id: string): MigrationInfo | undefined {
+    const row = this.host.journal.get(id, 'source') ?? this.host.journal.get(id, 'target');
+    return row && this.info(row);
+  }
+
+  private info(row: MigrationRow): MigrationInfo {
+    const live = this.live.get(key(row.role, row.id));
+    const summary = row.notes.summary as MigrationSummary | undefined;
+    return {
+      id: row.id,
+      role: row.role,
+      vm: row.vm,
+      peer: row.peer,
+      phase: live?.phase ?? row.phase,
+      outcome: row.outcome ?? null,
+      ...(row.reason ? { reason: row.reason } : {}),
+      startedAt: row.startedAt,
+      updatedAt: row.updatedAt,
+      ...(live ? { progress: live.progress } : {}),
+      ...(summary ? { summary } : {}),
+    };
+  }
+
+  // ---- crash recovery ----
+
+  /**
+   * Resolves migrations this agent was part of when it stopped, before its elements get their
+   * embots and its journaled events are re-queued. Returns the VM elements that must stay frozen
+   * (held, no embots) until the target tells whether it committed.
+   */
+  recover(): { readonly frozen: ReadonlySet<string> } {
+    const frozen = new Set<string>();
+    const host = this.host;
+    for (const row of host.journal.unfinished()) {
+      const vmElement = `vm:${row.vm}`;
+      const scope = row.notes.scope ?? (host.objects.has(vmElement) ? host.objects.subtree(vmElement).map((e) => e.id) : [vmElement]);
+      if (row.role === 'target') {
+        if (row.phase === 'committed') host.journal.finish(row.id, 'target', 'committed', 'completed', undefined);
+        else host.journal.finish(row.id, 'target', 'aborted', 'aborted', `agent restarted during ${row.phase}; nothing was committed`);
+        continue;
+      }
+      if (row.phase === 'finishing') {
+        this.dropMovedVm(row.vm, scope);
+        host.journal.finish(row.id, 'source', 'completed', 'completed', 'finished after a restart');
+      } else if (row.phase === 'completing') {
+        // MigrationComplete was sent; only the target knows whether it committed.
+        frozen.add(vmElement);
+        host.sensors.hold(scope);
+        void this.resolveAfterRestart(row, scope);
+      } else {
+        this.restartStoppedVm(row);
+        host.journal.finish(row.id, 'source', 'aborted', 'aborted', `agent restarted during ${row.phase}; the VM stays here`);
+        void this.notifyAbort(row);
+      }
+    }
+    return { frozen };
+  }
+
+  private restartStoppedVm(row: MigrationRow): void {
+    if (row.notes.vmStopped && row.notes.wasRunning && this.host.driver.get(row.vm)?.state === 'stopped') this.host.driver.start(row.vm);
+  }
+
+  private dropMovedVm(vm: string, scope: readonly string[]): void {
+    const host = this.host;
+    host.store.transaction(() => {
+      host.sensors.drop(scope);
+      host.runtime.forget(`vm:${vm}`);
+      if (host.objects.has(`vm:${vm}`)) host.objects.deregister(`vm:${vm}`, { withDependents: true });
+      if (host.driver.get(vm)) host.driver.remove(vm);
+    });
+  }
+
+  private async resolveAfterRestart(row: MigrationRow, scope: readonly string[]): Promise<void> {
+    for (let attempt = 0; !this.closed; attempt++) {
+      try {
+        const conn = await connectNamedPeer(this.o.peers, row.peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs });
+        const reply = await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id });
+        void conn.close().catch(() => {});
+        if (reply.committed) {
+          this.dropMovedVm(row.vm, scope);
+          this.host.journal.finish(row.id, 'source', 'completed', 'completed', 'target had committed (resolved after a restart)');
+        } else {
+          this.restartStoppedVm(row);
+          const el = this.host.objects.get(`vm:${row.vm}`);
+          if (el) await this.host.attach(el);
+          this.host.sensors.release(scope);
+          this.host.journal.finish(row.id, 'source', 'aborted', 'aborted', 'target had not committed (resolved after a restart)');
+        }
+        return;
+      } catch (e) {
+        this.host.logger.warn(`migration ${row.id}: cannot reach ${row.peer} to resolve it yet`, { error: describeError(e), attempt });
+        await new Promise((r) => setTimeout(r, Math.min(5000, 250 * 2 ** Math.min(attempt, 5))).unref());
+      }
+    }
+  }
+
+  private async notifyAbort(row: MigrationRow): Promise<void> {
+    if (!this.o.secret || !this.o.peers.has(row.peer)) return;
+    try {
+      const conn = await connectNamedPeer(this.o.peers, row.peer, { agent: this.host.agent, secret: this.o.secret, requestTimeoutMs: this.o.stepTimeoutMs });
+      conn.notify({ type: 'Abort', migrationId: row.id, reason: 'the source restarted' });
+      await conn.close();
+    } catch {
+      /* the target times out on its own */
+    }
+  }
+
+  // ---- target ----
+
+  private targetHandlers(): HandlerTable {
+    const step = <R>(migrationId: string, make: (reply: StepReply) => TargetEvent, map: (r: Parameters<StepReply>[0]) => R, unknown: R): Promise<R> => {
+      const m = this.live.get(key('target', migrationId));
+      if (!m || m.actor.getSnapshot().status !== 'active') return Promise.resolve(unknown);
+      return new Promise<R>((resolve) => m.actor.send(make((r) => resolve(map(r)))));
+    };
+    const fail = (r: Parameters<StepReply>[0]) => (r.ok ? '' : r.reason);
+    return {
+      StartMigration: (frame, conn) => this.startTarget(frame, conn),
+      ManagementState: (frame) =>
+        step(frame.migrationId, (reply) => ({ type: 'MANAGEMENT_STATE', frame, reply }), (r) =>
+          r.ok ? { type: 'ManagementStateSuccess', migrationId: frame.migrationId } as const
+            : r.instantiation ? { type: 'ManagedObjectInstantiationError', migrationId: frame.migrationId, reason: fail(r) } as const
+            : { type: 'ManagementStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          { type: 'ManagementStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+      ManagementEventState: (frame) =>
+        step(frame.migrationId, (reply) => ({ type: 'MANAGEMENT_EVENT_STATE', frame, reply }), (r) =>
+          r.ok ? { type: 'ManagementEventStateSuccess', migrationId: frame.migrationId } as const
+            : r.instantiation ? { type: 'ManagedObjectInstantiationError', migrationId: frame.migrationId, reason: fail(r) } as const
+            : { type: 'ManagementEventStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          { type: 'ManagementEventStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+      VmMemory: (frame) =>
+        step(frame.migrationId, (reply) => ({ type: 'VM_MEMORY', frame, reply }), (r) =>
+          r.ok ? { type: 'VmMemoryAck', migrationId: frame.migrationId, seq: frame.seq } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+      DirtyObjects: (frame) =>
+        step(frame.migrationId, (reply) => ({ type: 'DIRTY_OBJECTS', frame, reply }), (r) =>
+          r.ok ? { type: 'MigrationStateSuccess', migrationId: frame.migrationId, round: frame.round } as const
+            : r.instantiation ? { type: 'ManagedObjectInstantiationError', migrationId: frame.migrationId, reason: fail(r) } as const
+            : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+      MigrationComplete: (frame) =>
+        step(frame.migrationId, (reply) => ({ type: 'MIGRATION_COMPLETE', frame, reply }), (r) =>
+          r.ok ? { type: 'MigrationCompleteAck', migrationId: frame.migrationId } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+      ForwardedEvents: async (frame) => {
+        const events = decodeEvents(frame.events);
+        const before = this.host.sensors.stats().duplicates;
+        await this.host.sensors.emitMany(events);
+        const duplicates = this.host.sensors.stats().duplicates - before;
+        return { type: 'ForwardedEventsAck', migrationId: frame.migrationId, accepted: events.length - duplicates, duplicates };
+      },
+      MigrationStatusQuery: (frame) => {
+        const row = this.host.journal.get(frame.migrationId, 'target');
+        const committed = row?.phase === 'committed' || (row?.outcome === 'completed');
+        // Not committed: make sure it never will be, so the answer stays true.
+        if (!committed) this.abortTarget(frame.migrationId, 'the source asked for the outcome before the commit');
+        return { type: 'MigrationStatus', migrationId: frame.migrationId, committed };
+      },
+    };
+  }
+
+  private startTarget(frame: StartMigration, conn: PeerConnection): Promise<{ type: 'MigrationPermitted'; migrationId: string } | { type: 'MigrationDenied'; migrationId: string; reason: string }> {
+    const id = frame.migrationId;
+    const source = conn.remoteAgent;
+    if (this.live.has(key('target', id)) || this.host.journal.get(id, 'target')) {
+      return Promise.resolve({ type: 'MigrationDenied', migrationId: id, reason: 'migration id already used' });
+    }
+    this.host.journal.begin(id, 'target', frame.vm, source, 'evaluating');
+    this.targetConns.set(id, conn);
+    const side = new TargetSide({ host: this.host, conn, stepTimeoutMs: this.o.stepTimeoutMs, onProgress: (p) => this.progress(key('target', id), p) });
+    return new Promise((resolveStart) => {
+      const input: TargetInput = {
+        migrationId: id,
+        vm: frame.vm,
+        source,
+        timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs },
+        start: frame,
+        replyStart: (r) => resolveStart(r.permitted ? { type: 'MigrationPermitted', migrationId: id } : { type: 'MigrationDenied', migrationId: id, reason: r.reason ?? 'denied' }),
+      };
+      const machine = createTargetMachine().provide({
+        actors: {
+          evaluate: fromPromise(({ input }: { input: TargetInput }) => side.evaluate(input)),
+          stageState: fromPromise(({ input }: { input: Parameters<TargetSide['stageState']>[0] }) => side.stageState(input)),
+          stageEvents: fromPromise(({ input }: { input: Parameters<TargetSide['stageEvents']>[0] }) => side.stageEvents(input)),
+          receiveMemory: fromPromise(({ input }: { input: Parameters<TargetSide['receiveMemory']>[0] }) => side.receiveMemory(input)),
+          applyDirty: fromPromise(({ input }: { input: Parameters<TargetSide['applyDirty']>[0] }) => side.applyDirty(input)),
+          commit: fromPromise(({ input }: { input: TargetInput }) => side.commit(input)),
+          discard: fromPromise(({ input }: { input: Parameters<TargetSide['discard']>[0] }) => side.discard(input)),
+        },
+        actions: {
+          journalPhase: (_: unknown, params: { phase: string }) => this.journalPhase('target', id, params.phase),
+          reportProgress: (_: unknown, params: { phase: string }) => this.progress(key('target', id), { phase: params.phase }),
+        },
+      });
+      const startedAt = Date.now();
+      const actor = createActor(machine, { input });
+      const done = new Promise<MigrationSummary>((resolve) => {
+        actor.subscribe({
+          complete: () => {
+            const out = actor.getSnapshot().output as { outcome: 'completed' | 'aborted' | 'denied'; reason?: string };
+            const s = side.stats;
+            const summary: MigrationSummary = {
+              migrationId: id, vm: frame.vm, from: source, to: this.host.agent, outcome: out.outcome, ...(out.reason ? { reason: out.reason } : {}),
+              totalMs: Date.now() - startedAt, phases: [], embots: s.embots, events: s.events, modules: frame.modules, modulesShipped: s.modulesShipped,
+              dirtyRounds: 0, bytes: s.bytes, memoryBytes: s.memoryBytes, downtimeMs: null, forwarded: 0,
+            };
+            this.targetConns.delete(id);
+            this.finish('target', id, out.outcome === 'completed' ? 'committed' : out.outcome, summary);
+            resolve(summary);
+          },
+          error: (err) => {
+            this.targetConns.delete(id);
+            const summary = failedSummary(id, frame.vm, source, this.host.agent, startedAt, describeError(err));
+            this.finish('target', id, 'aborted', summary);
+            resolve(summary);
+          },
+        });
+      });
+      this.live.set(key('target', id), { id, role: 'target', vm: frame.vm, peer: source, startedAt, phase: 'evaluating', progress: emptyProgress('evaluating'), actor, done });
+      actor.start();
+    });
+  }
+
+  private abortTarget(id: string, reason: string): void {
+    const m = this.live.get(key('target', id));
+    if (m && m.actor.getSnapshot().status === 'active') m.actor.send({ type: 'ABORT', reason });
+  }
+
+  // ---- journal and progress ----
+
+  private journalPhase(role: 'source' | 'target', id: string, phase: string): void {
+    if (this.closed) return;
+    // 'committed' is written by the commit transaction itself.
+    if (phase === 'committed') return;
+    this.host.journal.phase(id, role, phase);
+  }
+
+  private progress(k: string, p: Partial<MigrationProgress>): void {
+    const m = this.live.get(k);
+    if (!m) return;
+    const next = { ...m.progress, ...p };
+    const percent = next.phase === 'completed' || next.phase === 'committed' ? 100 : next.memoryTotal > 0 ? Math.min(99, Math.floor((next.memoryBytes / next.memoryTotal) * 100)) : next.percent;
+    m.progress = { ...next, percent };
+    if (p.phase) m.phase = p.phase;
+    const row = this.host.journal.get(m.id, m.role);
+    if (row) this.emit('progress', this.info(row));
+  }
+
+  private finish(role: 'source' | 'target', id: string, phase: string, summary: MigrationSummary): void {
+    if (this.closed) return;
+    this.host.journal.finish(id, role, phase, summary.outcome, summary.reason, summary);
+    this.live.delete(key(role, id));
+    this.emit('finished', summary);
+    this.host.logger.info(`migration ${id} (${role}) of ${summary.vm}: ${summary.outcome}`, { reason: summary.reason, totalMs: summary.totalMs });
+  }
+}
+
+function key(role: string, id: string): string {
+  return `${role}:${id}`;
+}
+
+function emptyProgress(phase: string): MigrationProgress {
+  return { phase, bytes: 0, memoryBytes: 0, memoryTotal: 0, percent: 0 };
+}
+
+function failedSummary(id: string, vm: string, from: string, to: string, startedAt: number, reason: string): MigrationSummary {
+  return { migrationId: id, vm, from, to, outcome: 'aborted', reason, totalMs: Date.now() - startedAt, phases: [], embots: 0, events: 0, modules: [], modulesShipped: 0, dirtyRounds: 0, bytes: 0, memoryBytes: 0, downtimeMs: null, forwarded: 0 };
+}
+
+/** Forwarded events come as a list, or (the remainder of the hold queues) in the hold-queue format. */
+function decodeEvents(bytes: Uint8Array): EmbotEvent[] {
+  const v = unpack(bytes) as unknown;
+  if (Array.isArray(v)) return v as EmbotEvent[];
+  const queues = (v as { queues?: unknown } | null)?.queues;
+  if (Array.isArray(queues)) return queues.flatMap((q: { events?: unknown }) => (Array.isArray(q?.events) ? (q.events as EmbotEvent[]) : []));
+  throw new ProtocolError(ErrorCodes.FRAME_MALFORMED, 'forwarded events must be a list of events');
+}

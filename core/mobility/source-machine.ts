@@ -1,0 +1,345 @@
+/**
+ * The source side of a migration as an xstate machine: the order of the protocol steps, their
+ * timeouts, and where each failure leads. The work of each step lives in the mobility service,
+ * which provides the named actors (`SourceSteps`) and the `journalPhase` / `reportProgress`
+ * actions with `machine.provide`.
+ */
+import { assign, fromPromise, setup } from 'xstate';
+import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
+import type { DirtyRoundResult, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
+
+/** One DirtyObjects round as the source saw it. */
+export interface DirtyRoundStat extends DirtyRoundResult {
+  readonly round: number;
+  readonly final: boolean;
+}
+
+/** When a phase was entered (ms since the epoch). */
+export interface PhaseMark {
+  readonly phase: SourcePhase;
+  readonly at: number;
+}
+
+/** Time spent in a phase, summed over every entry; final phases are left out. */
+export interface PhaseTime<P extends string = SourcePhase> {
+  readonly phase: P;
+  readonly ms: number;
+}
+
+export interface SourceContext {
+  readonly input: SourceInput;
+  /** Non-final dirty rounds sent so far; also the number of the next round. */
+  readonly round: number;
+  readonly rounds: readonly DirtyRoundStat[];
+  /** Why the migration was denied or aborted. */
+  readonly reason: string | undefined;
+  /** Failures that did not decide the outcome (a rollBack that failed, a completion resolved later...). */
+  readonly errors: readonly string[];
+  readonly marks: readonly PhaseMark[];
+  /** Questions asked by `resolveOutcome`, counting retries. */
+  readonly resolveAttempts: number;
+  readonly outcome: MigrationOutcome | undefined;
+}
+
+export interface SourceOutput {
+  readonly outcome: MigrationOutcome;
+  readonly reason?: string;
+  readonly errors: readonly string[];
+  readonly phases: readonly PhaseTime[];
+  /** DirtyObjects rounds sent, the final frozen round included. */
+  readonly dirtyRounds: number;
+  readonly rounds: readonly DirtyRoundStat[];
+}
+
+type PhaseParams = { readonly phase: SourcePhase };
+type StepName = keyof SourceSteps;
+
+function notProvided(step: StepName): never {
+  throw new EmbotError(ErrorCodes.SERVICE_UNKNOWN, `mobility source step ${step} not provided`);
+}
+
+/** Output of the invoke whose done event this is (setup types actions against the external events only). */
+function outputOf<T>(event: unknown): T {
+  return (event as { readonly output: T }).output;
+}
+
+function errorOf(event: unknown): unknown {
+  return (event as { readonly error?: unknown }).error;
+}
+
+/** Phase times from the entry marks; `end` closes the last non-final phase. */
+export function phaseTimes<P extends string>(marks: readonly { readonly phase: P; readonly at: number }[], finals: readonly P[]): PhaseTime<P>[] {
+  const sums = new Map<P, number>();
+  marks.forEach((m, i) => {
+    if (finals.includes(m.phase)) return;
+    const next = marks[i + 1];
+    sums.set(m.phase, (sums.get(m.phase) ?? 0) + (next ? next.at - m.at : 0));
+  });
+  return [...sums].map(([phase, ms]) => ({ phase, ms }));
+}
+
+const FINAL_PHASES: readonly SourcePhase[] = ['completed', 'aborted', 'denied'];
+
+/** Entry actions of a phase: mark the time, journal it, report it. */
+function enter(phase: SourcePhase) {
+  return [
+    { type: 'markPhase', params: { phase } },
+    { type: 'journalPhase', params: { phase } },
+    { type: 'reportProgress', params: { phase } },
+  ] as const;
+}
+
+/** Failure of a step before MigrationComplete: roll back. */
+function rollBackOn(step: StepName, delay: 'stepTimeout' | 'vmTimeout') {
+  return {
+    onError: { target: '#source.rollingBack', actions: { type: 'recordFailure', params: { step } } },
+    after: { [delay]: { target: '#source.rollingBack', actions: { type: 'recordTimeout', params: { step, delay } } } },
+    on: { CANCEL: { target: '#source.rollingBack', actions: { type: 'recordCancel', params: { step } } } },
+  } as const;
+}
+
+const sourceSetup = setup({
+  types: {
+    input: {} as SourceInput,
+    context: {} as SourceContext,
+    events: {} as SourceEvent,
+    output: {} as SourceOutput,
+  },
+  actors: {
+    startMigration: fromPromise<Awaited<ReturnType<SourceSteps['startMigration']>>, SourceInput>(async () => notProvided('startMigration')),
+    holdEvents: fromPromise<void, SourceInput>(async () => notProvided('holdEvents')),
+    sendManagementState: fromPromise<void, SourceInput>(async () => notProvided('sendManagementState')),
+    sendEventState: fromPromise<void, SourceInput>(async () => notProvided('sendEventState')),
+    migrateVm: fromPromise<void, SourceInput>(async () => notProvided('migrateVm')),
+    sendDirtyObjects: fromPromise<DirtyRoundResult, Parameters<SourceSteps['sendDirtyObjects']>[0]>(async () => notProvided('sendDirtyObjects')),
+    completeMigration: fromPromise<void, SourceInput>(async () => notProvided('completeMigration')),
+    resolveOutcome: fromPromise<'committed' | 'notCommitted', SourceInput>(async () => notProvided('resolveOutcome')),
+    finishSource: fromPromise<void, SourceInput>(async () => notProvided('finishSource')),
+    rollBack: fromPromise<void, Parameters<SourceSteps['rollBack']>[0]>(async () => notProvided('rollBack')),
+  },
+  actions: {
+    /** Provided by the service: write the phase to the `migrations` journal. */
+    journalPhase: (_: unknown, _params: PhaseParams) => {},
+    /** Provided by the service: tell watchers (CLI, events) where the migration is. */
+    reportProgress: (_: unknown, _params: PhaseParams) => {},
+    markPhase: assign(({ context }, params: PhaseParams) => ({ marks: [...context.marks, { phase: params.phase, at: Date.now() }] })),
+    setOutcome: assign((_, params: { readonly outcome: MigrationOutcome }) => ({ outcome: params.outcome })),
+    recordDenied: assign(({ event }) => ({ reason: `denied by target: ${outputOf<{ reason?: string }>(event).reason ?? 'no reason given'}` })),
+    recordFailure: assign(({ event }, params: { readonly step: StepName }) => ({ reason: `${params.step} failed: ${describeError(errorOf(event))}` })),
+    recordTimeout: assign(({ context }, params: { readonly step: StepName; readonly delay: 'stepTimeout' | 'vmTimeout' }) => ({
+      reason: `${params.step} timed out after ${params.delay === 'vmTimeout' ? context.input.timeouts.vmMs : context.input.timeouts.stepMs} ms`,
+    })),
+    recordCancel: assign(({ event }, params: { readonly step: StepName }) => ({
+      reason: `cancelled during ${params.step}: ${(event as SourceEvent).reason}`,
+    })),
+    /** A non-deciding failure: kept in `errors`, the outcome comes from what follows. */
+    recordError: assign(({ context, event }, params: { readonly step: StepName; readonly timedOut?: boolean }) => ({
+      errors: [
+        ...context.errors,
+        params.timedOut ? `${params.step} timed out after ${context.input.timeouts.stepMs} ms` : `${params.step} failed: ${describeError(errorOf(event))}`,
+      ],
+    })),
+    recordRound: assign(({ context, event }, params: { readonly final: boolean }) => ({
+      round: params.final ? context.round : context.round + 1,
+      rounds: [...context.rounds, { ...outputOf<DirtyRoundResult>(event), round: context.round, final: params.final }],
+    })),
+    countResolveAttempt: assign(({ context }) => ({ resolveAttempts: context.resolveAttempts + 1 })),
+    recordNotCommitted: assign(({ context }) => ({
+      reason: `target did not commit after ${context.errors.find((e) => e.startsWith('completeMigration')) ?? 'completeMigration failed'}`,
+    })),
+  },
+  guards: {
+    permitted: ({ event }) => outputOf<{ permitted: boolean }>(event).permitted,
+    moreRoundsAllowed: ({ context }) => context.round < context.input.maxDirtyRounds,
+    roundChanged: ({ event }) => {
+      const r = outputOf<DirtyRoundResult>(event);
+      return r.changedElements > 0 || r.events > 0;
+    },
+    targetCommitted: ({ event }) => outputOf<'committed' | 'notCommitted'>(event) === 'committed',
+  },
+  delays: {
+    stepTimeout: ({ context }) => context.input.timeouts.stepMs,
+    vmTimeout: ({ context }) => context.input.timeouts.vmMs,
+    /** Pause between two `resolveOutcome` questions; the service may provide its own. */
+    resolveRetry: ({ context }) => context.input.timeouts.stepMs,
+  },
+});
+
+/**
+ * The source-side migration machine. States are the journaled phases (`SourcePhase`), plus
+ * `resolving` (journaled as 'completing') for a MigrationComplete whose fate is unknown.
+ *
+ * - requesting → holding → sendingState → sendingEvents → migratingVm → syncingDirty →
+ *   completing → finishing → completed.
+ * - syncingDirty sends rounds while the last one changed something and `round < maxDirtyRounds`,
+ *   then always one `final: true` round (sent with everything frozen).
+ * - A step failure, a step timeout (`stepMs`, `vmMs` for migrateVm) or CANCEL before completing →
+ *   rollingBack → aborted. A rollBack that fails still ends in aborted, with the error in `errors`.
+ * - completing failing → resolving: `resolveOutcome` asks the target; committed → finishing,
+ *   notCommitted → rollingBack, unknown → ask again after `resolveRetry`, forever (an agent restart
+ *   resolves it from the journal): rolling back blindly could leave two owners.
+ * - finishSource failing still ends in completed (the target owns the VM), with the error recorded.
+ *
+ * @example
+ * ```ts
+ * const machine = createSourceMachine().provide({
+ *   actors: { startMigration: fromPromise(async ({ input }) => peer.request(...)), ... },
+ *   actions: { journalPhase: (_, { phase }) => journal.write(input.migrationId, phase) },
+ * });
+ * const actor = createActor(machine, { input }).start();
+ * actor.subscribe({ complete: () => console.log(actor.getSnapshot().output) });
+ * ```
+ */
+export function createSourceMachine() {
+  return sourceSetup.createMachine({
+    id: 'source',
+    initial: 'requesting',
+    context: ({ input }) => ({
+      input,
+      round: 0,
+      rounds: [],
+      reason: undefined,
+      errors: [],
+      marks: [],
+      resolveAttempts: 0,
+      outcome: undefined,
+    }),
+    output: ({ context }) => ({
+      outcome: context.outcome ?? 'aborted',
+      ...(context.reason === undefined ? {} : { reason: context.reason }),
+      errors: context.errors,
+      phases: phaseTimes(context.marks, FINAL_PHASES),
+      dirtyRounds: context.rounds.length,
+      rounds: context.rounds,
+    }),
+    states: {
+      requesting: {
+        entry: enter('requesting'),
+        invoke: {
+          src: 'startMigration',
+          input: ({ context }) => context.input,
+          onDone: [{ guard: 'permitted', target: 'holding' }, { target: 'denied', actions: 'recordDenied' }],
+          onError: rollBackOn('startMigration', 'stepTimeout').onError,
+        },
+        after: rollBackOn('startMigration', 'stepTimeout').after,
+        on: rollBackOn('startMigration', 'stepTimeout').on,
+      },
+      holding: {
+        entry: enter('holding'),
+        invoke: { src: 'holdEvents', input: ({ context }) => context.input, onDone: 'sendingState', onError: rollBackOn('holdEvents', 'stepTimeout').onError },
+        after: rollBackOn('holdEvents', 'stepTimeout').after,
+        on: rollBackOn('holdEvents', 'stepTimeout').on,
+      },
+      sendingState: {
+        entry: enter('sendingState'),
+        invoke: {
+          src: 'sendManagementState',
+          input: ({ context }) => context.input,
+          onDone: 'sendingEvents',
+          onError: rollBackOn('sendManagementState', 'stepTimeout').onError,
+        },
+        after: rollBackOn('sendManagementState', 'stepTimeout').after,
+        on: rollBackOn('sendManagementState', 'stepTimeout').on,
+      },
+      sendingEvents: {
+        entry: enter('sendingEvents'),
+        invoke: { src: 'sendEventState', input: ({ context }) => context.input, onDone: 'migratingVm', onError: rollBackOn('sendEventState', 'stepTimeout').onError },
+        after: rollBackOn('sendEventState', 'stepTimeout').after,
+        on: rollBackOn('sendEventState', 'stepTimeout').on,
+      },
+      migratingVm: {
+        entry: enter('migratingVm'),
+        invoke: { src: 'migrateVm', input: ({ context }) => context.input, onDone: 'syncingDirty', onError: rollBackOn('migrateVm', 'vmTimeout').onError },
+        after: rollBackOn('migrateVm', 'vmTimeout').after,
+        on: rollBackOn('migrateVm', 'vmTimeout').on,
+      },
+      syncingDirty: {
+        entry: enter('syncingDirty'),
+        initial: 'checking',
+        on: rollBackOn('sendDirtyObjects', 'stepTimeout').on,
+        states: {
+          checking: {
+            always: [{ guard: 'moreRoundsAllowed', target: 'round' }, { target: 'finalRound' }],
+          },
+          round: {
+            invoke: {
+              src: 'sendDirtyObjects',
+              input: ({ context }) => ({ ...context.input, round: context.round, final: false }),
+              onDone: [
+                { guard: 'roundChanged', target: 'checking', actions: { type: 'recordRound', params: { final: false } } },
+                { target: 'finalRound', actions: { type: 'recordRound', params: { final: false } } },
+              ],
+              onError: rollBackOn('sendDirtyObjects', 'stepTimeout').onError,
+            },
+            after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
+          },
+          finalRound: {
+            invoke: {
+              src: 'sendDirtyObjects',
+              input: ({ context }) => ({ ...context.input, round: context.round, final: true }),
+              onDone: { target: '#source.completing', actions: { type: 'recordRound', params: { final: true } } },
+              onError: rollBackOn('sendDirtyObjects', 'stepTimeout').onError,
+            },
+            after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
+          },
+        },
+      },
+      completing: {
+        entry: enter('completing'),
+        invoke: {
+          src: 'completeMigration',
+          input: ({ context }) => context.input,
+          onDone: 'finishing',
+          // MigrationComplete may have reached the target: only the target can tell.
+          onError: { target: 'resolving', actions: { type: 'recordError', params: { step: 'completeMigration' } } },
+        },
+        after: { stepTimeout: { target: 'resolving', actions: { type: 'recordError', params: { step: 'completeMigration', timedOut: true } } } },
+      },
+      resolving: {
+        entry: enter('completing'),
+        initial: 'asking',
+        states: {
+          asking: {
+            entry: 'countResolveAttempt',
+            invoke: {
+              src: 'resolveOutcome',
+              input: ({ context }) => context.input,
+              onDone: [{ guard: 'targetCommitted', target: '#source.finishing' }, { target: '#source.rollingBack', actions: 'recordNotCommitted' }],
+              onError: { target: 'waiting', actions: { type: 'recordError', params: { step: 'resolveOutcome' } } },
+            },
+            after: { stepTimeout: { target: 'waiting', actions: { type: 'recordError', params: { step: 'resolveOutcome', timedOut: true } } } },
+          },
+          waiting: {
+            after: { resolveRetry: 'asking' },
+          },
+        },
+      },
+      finishing: {
+        entry: enter('finishing'),
+        invoke: {
+          src: 'finishSource',
+          input: ({ context }) => context.input,
+          onDone: 'completed',
+          onError: { target: 'completed', actions: { type: 'recordError', params: { step: 'finishSource' } } },
+        },
+        after: { stepTimeout: { target: 'completed', actions: { type: 'recordError', params: { step: 'finishSource', timedOut: true } } } },
+      },
+      rollingBack: {
+        entry: enter('rollingBack'),
+        invoke: {
+          src: 'rollBack',
+          input: ({ context }) => ({ ...context.input, reason: context.reason ?? 'unknown' }),
+          onDone: 'aborted',
+          onError: { target: 'aborted', actions: { type: 'recordError', params: { step: 'rollBack' } } },
+        },
+        after: { stepTimeout: { target: 'aborted', actions: { type: 'recordError', params: { step: 'rollBack', timedOut: true } } } },
+      },
+      completed: { type: 'final', entry: [...enter('completed'), { type: 'setOutcome', params: { outcome: 'completed' } }] },
+      aborted: { type: 'final', entry: [...enter('aborted'), { type: 'setOutcome', params: { outcome: 'aborted' } }] },
+      denied: { type: 'final', entry: [...enter('denied'), { type: 'setOutcome', params: { outcome: 'denied' } }] },
+    },
+  });
+}
+
+/** The machine's type, for `ActorRefFrom` / `SnapshotFrom` in the service. */
+export type SourceMachine = ReturnType<typeof createSourceMachine>;

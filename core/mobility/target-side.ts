@@ -1,0 +1,192 @@
+import { unpack } from 'msgpackr';
+import { describeError } from '../errors.ts';
+import type { ManagedElement } from '../objects/managed-element.ts';
+import type { PeerConnection } from '../wire/peer-connection.ts';
+import type { DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, VmMemory } from '../wire/frames.ts';
+import type { ExportedEmbot } from '../../embots/embot-runtime.ts';
+import type { TargetInput, TargetSteps } from './mobility-contract.ts';
+import { InstantiationError, MEMORY_CHUNK_BYTES, type MobilityHost } from './mobility-host.ts';
+import type { MigrationProgress } from './migration-record.ts';
+
+export interface TargetSideOptions {
+  readonly host: MobilityHost;
+  /** The link the StartMigration came on: the source answers ModuleRequests on it. */
+  readonly conn: PeerConnection;
+  readonly stepTimeoutMs: number;
+  readonly onProgress: (p: Partial<MigrationProgress>) => void;
+}
+
+export interface TargetStats {
+  bytes: number;
+  memoryBytes: number;
+  modulesShipped: number;
+  events: number;
+  embots: number;
+}
+
+/**
+ * The work of each target step for one migration. Everything is staged in memory (the events in
+ * hold queues) until `commit`, which makes the VM, its elements and its embots ours in one
+ * SQLite transaction; a crash before it leaves nothing that owns the VM here.
+ */
+export class TargetSide implements TargetSteps {
+  readonly stats: TargetStats = { bytes: 0, memoryBytes: 0, modulesShipped: 0, events: 0, embots: 0 };
+  private elementsBytes: Uint8Array | undefined;
+  private elements: ManagedElement[] = [];
+  private deltas: ManagedElement[] = [];
+  private embots: ExportedEmbot[] = [];
+  private scope: string[] = [];
+  private memory: Uint8Array | undefined;
+  private held = false;
+  private committed = false;
+  /** The VM element as StartMigration showed it: before the source stopped the VM for the copy. */
+  private startVm: { state?: string; dirtyRate?: number; udpPort?: number } | undefined;
+
+  constructor(private readonly o: TargetSideOptions) {}
+
+  private get host(): MobilityHost {
+    return this.o.host;
+  }
+
+  async evaluate(input: TargetInput): Promise<{ readonly permitted: boolean; readonly reason?: string }> {
+    const host = this.host;
+    const { start } = input;
+    if (host.allowedSources.length && !host.allowedSources.includes(input.source)) return { permitted: false, reason: `source ${input.source} is not allowed to migrate VMs to ${host.agent}` };
+    if (host.driver.get(start.vm) || host.migratingIn.has(start.vm)) return { permitted: false, reason: `a VM named ${start.vm} already exists on ${host.agent}` };
+    const used = host.driver.list().reduce((sum, v) => sum + v.memory, 0);
+    if (used + start.resources.memory > host.hostMemory) {
+      return { permitted: false, reason: `not enough memory on ${host.agent}: ${start.resources.memory} bytes asked, ${host.hostMemory - used} free` };
+    }
+    try {
+      this.elements = host.objects.deserialize(start.elements);
+    } catch (e) {
+      return { permitted: false, reason: `elements do not decode: ${describeError(e)}` };
+    }
+    this.startVm = this.elements.find((e) => e.id === `vm:${start.vm}`)?.state as typeof this.startVm;
+    const clash = this.elements.find((e) => host.objects.has(e.id));
+    if (clash) return { permitted: false, reason: `element ${clash.id} already exists on ${host.agent}` };
+    host.migratingIn.add(start.vm);
+    return { permitted: true };
+  }
+
+  async stageState(input: TargetInput & { readonly frame: ManagementState }): Promise<void> {
+    const host = this.host;
+    try {
+      this.elements = host.objects.deserialize(input.frame.elements);
+    } catch (e) {
+      throw new InstantiationError(`elements do not decode: ${describeError(e)}`);
+    }
+    this.elementsBytes = input.frame.elements;
+    this.scope = this.elements.map((e) => e.id);
+    this.embots = decodeEmbots(input.frame.embots);
+    this.stats.embots = this.embots.length;
+    this.stats.bytes += input.frame.elements.byteLength + input.frame.embots.byteLength;
+    const announced = new Map(input.start.modules.map((ref) => [ref.slice(0, ref.indexOf('@')), ref]));
+    for (const e of this.embots) {
+      if (!announced.has(e.module)) throw new InstantiationError(`embot ${e.id} needs module ${e.module}, which StartMigration did not announce`, e.id);
+      if (!this.scope.includes(e.elementIds[0] ?? '')) throw new InstantiationError(`embot ${e.id} is attached to ${e.elementIds[0]}, which is not among the shipped elements`, e.id);
+    }
+    const fetch = (name: string, hash: string): Promise<ModuleBundle> =>
+      this.o.conn.request({ type: 'ModuleRequest', migrationId: input.migrationId, name, hash }, { timeoutMs: this.o.stepTimeoutMs });
+    for (const ref of new Set(this.embots.map((e) => announced.get(e.module)!))) {
+      const { shipped } = await host.modules.ensure(ref, fetch);
+      if (shipped) this.stats.modulesShipped++;
+    }
+    // From here on, events for these elements wait in hold queues until the commit.
+    host.sensors.hold(this.scope);
+    this.held = true;
+  }
+
+  async stageEvents(input: TargetInput & { readonly frame: ManagementEventState }): Promise<void> {
+    const before = this.host.sensors.heldCount(this.scope);
+    this.host.sensors.insertHeld(input.frame.holdQueues);
+    this.stats.events += this.host.sensors.heldCount(this.scope) - before;
+    this.stats.bytes += input.frame.holdQueues.byteLength;
+  }
+
+  async receiveMemory(input: TargetInput & { readonly frame: VmMemory }): Promise<void> {
+    const size = input.start.resources.memory;
+    this.memory ??= new Uint8Array(size);
+    const offset = input.frame.seq * MEMORY_CHUNK_BYTES;
+    if (offset + input.frame.pages.byteLength > size) throw new InstantiationError(`memory frame ${input.frame.seq} lies outside the VM's ${size} bytes`);
+    this.memory.set(input.frame.pages, offset);
+    this.stats.memoryBytes += input.frame.pages.byteLength;
+    this.stats.bytes += input.frame.pages.byteLength;
+    this.o.onProgress({ bytes: this.stats.bytes, memoryBytes: this.stats.memoryBytes, memoryTotal: size });
+  }
+
+  async applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void> {
+    const changed = unpack(input.frame.deltas) as ManagedElement[];
+    if (!Array.isArray(changed)) throw new InstantiationError('dirty objects do not decode to a list of elements');
+    this.deltas.push(...changed);
+    if (input.frame.events.byteLength) await this.stageEvents({ ...input, frame: { type: 'ManagementEventState', reqId: input.frame.reqId, migrationId: input.migrationId, holdQueues: input.frame.events } });
+    this.stats.bytes += input.frame.deltas.byteLength;
+  }
+
+  async commit(input: TargetInput): Promise<void> {
+    const host = this.host;
+    const name = input.start.vm;
+    const vmState = this.startVm;
+    const wasRunning = vmState?.state === 'running';
+    const unmute = host.sensors.mute(`vm:${name}`, 'vm');
+    try {
+      // One transaction: the VM, its elements, its embots and the journal's 'committed' are all
+      // here after a crash, or none of them is.
+      host.store.transaction(() => {
+        host.driver.create({
+          name,
+          memory: input.start.resources.memory,
+          vcpus: Math.max(1, input.start.resources.vcpus),
+          ...(typeof vmState?.dirtyRate === 'number' ? { dirtyRate: vmState.dirtyRate } : {}),
+          ...(typeof vmState?.udpPort === 'number' ? { udpPort: vmState.udpPort } : {}),
+        });
+        if (this.memory) host.driver.pages(name).memory.set(this.memory);
+        if (wasRunning) host.driver.start(name);
+        host.objects.instantiate(this.elementsBytes!);
+        if (this.deltas.length) host.objects.applyDeltas(this.deltas);
+        host.runtime.adoptEmbots(this.embots);
+        host.journal.phase(input.migrationId, 'target', 'committed');
+      });
+      this.committed = true;
+    } finally {
+      unmute();
+    }
+    host.migratingIn.delete(name);
+    const actual = host.driver.get(name)?.state;
+    if (actual && host.objects.get(`vm:${name}`)?.state['state'] !== actual) host.objects.update(`vm:${name}`, { state: actual });
+    const root = host.objects.get(`vm:${name}`);
+    if (root) await host.attach(root);
+    host.sensors.release(this.scope);
+  }
+
+  async discard(input: TargetInput & { readonly reason: string }): Promise<void> {
+    const host = this.host;
+    host.migratingIn.delete(input.start.vm);
+    if (this.committed) return;
+    if (this.held) host.sensors.drop(this.scope);
+    this.memory = undefined;
+    this.embots = [];
+    this.elements = [];
+  }
+}
+
+function decodeEmbots(bytes: Uint8Array): ExportedEmbot[] {
+  let v: unknown;
+  try {
+    v = unpack(bytes);
+  } catch (e) {
+    throw new InstantiationError(`embots do not decode: ${describeError(e)}`);
+  }
+  if (!Array.isArray(v)) throw new InstantiationError('embots must be a list');
+  for (const e of v as unknown[]) {
+    const ok =
+      typeof e === 'object' && e !== null &&
+      typeof (e as ExportedEmbot).id === 'string' &&
+      typeof (e as ExportedEmbot).module === 'string' &&
+      typeof (e as ExportedEmbot).type === 'string' &&
+      Array.isArray((e as ExportedEmbot).elementIds) &&
+      typeof (e as ExportedEmbot).policies === 'object' && (e as ExportedEmbot).policies !== null;
+    if (!ok) throw new InstantiationError(`an embot entry is malformed: ${JSON.stringify(e).slice(0, 200)}`);
+  }
+  return v as ExportedEmbot[];
+}
