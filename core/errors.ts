@@ -47,6 +47,12 @@ export const ErrorCodes = {
   EMBOT_QUARANTINED: 'EMBOT_ERR_EMBOT_QUARANTINED',
   EMBOT_FLOOD: 'EMBOT_ERR_EMBOT_FLOOD',
   POLICY_UNKNOWN: 'EMBOT_ERR_POLICY_UNKNOWN',
+  /** A shipped module bundle cannot be decoded, or holds paths, counts or sizes it must not. */
+  MODULE_BUNDLE_INVALID: 'EMBOT_ERR_MODULE_BUNDLE_INVALID',
+  /** A module's content does not hash to what was announced for it. */
+  MODULE_HASH_MISMATCH: 'EMBOT_ERR_MODULE_HASH_MISMATCH',
+  /** The trust policy refused a module (unsigned, bad signature, not allowlisted). */
+  MODULE_UNTRUSTED: 'EMBOT_ERR_MODULE_UNTRUSTED',
   // control API
   CONTROL_UNREACHABLE: 'EMBOT_ERR_CONTROL_UNREACHABLE',
   CONTROL_UNAUTHORIZED: 'EMBOT_ERR_CONTROL_UNAUTHORIZED',

@@ -5,6 +5,7 @@ import { registerAgentCommand } from './agent-command.ts';
 import { createContext, type CliIo } from './context.ts';
 import { registerEventCommands } from './event-commands.ts';
 import { registerInfoCommands } from './info-commands.ts';
+import { registerModuleCommands } from './module-commands.ts';
 import { registerVmCommands } from './vm-commands.ts';
 
 export type { CliIo };
@@ -49,6 +50,7 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   registerInfoCommands(program, ctx);
   registerVmCommands(program, ctx);
   registerEventCommands(program, ctx);
+  registerModuleCommands(program, ctx);
 
   try {
     await program.parseAsync([...argv], { from: 'node' });

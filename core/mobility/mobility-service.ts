@@ -18,6 +18,7 @@ import { SourceSide } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
+import { faultPoint } from './fault-points.ts';
 
 export interface MobilityServiceOptions {
   readonly host: MobilityHost;
@@ -447,6 +448,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     // 'committed' is written by the commit transaction itself.
     if (phase === 'committed') return;
     this.host.journal.phase(id, role, phase);
+    faultPoint(`${role}:${phase}`);
   }
 
   private progress(k: string, p: Partial<MigrationProgress>): void {

@@ -7,6 +7,7 @@ import type { ExportedEmbot } from '../../embots/embot-runtime.ts';
 import type { TargetInput, TargetSteps } from './mobility-contract.ts';
 import { InstantiationError, MEMORY_CHUNK_BYTES, type MobilityHost } from './mobility-host.ts';
 import type { MigrationProgress } from './migration-record.ts';
+import { faultPoint } from './fault-points.ts';
 
 export interface TargetSideOptions {
   readonly host: MobilityHost;
@@ -148,6 +149,7 @@ export class TargetSide implements TargetSteps {
         host.journal.phase(input.migrationId, 'target', 'committed');
       });
       this.committed = true;
+      faultPoint('target:committed');
     } finally {
       unmute();
     }
