@@ -76,6 +76,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     return this.server?.url;
   }
 
+  peerNames(): readonly string[] {
+    return [...this.o.peers.keys()];
+  }
+
   get host(): MobilityHost {
     return this.o.host;
   }

@@ -69,17 +69,30 @@ export class SourceSide implements SourceSteps {
     if (!this.host.objects.has(this.vmElement)) throw new ProtocolError(ErrorCodes.ELEMENT_UNKNOWN, `VM ${this.o.vm} has no managed element`);
     this.scope = this.host.objects.subtree(this.vmElement).map((e) => e.id);
     this.wasRunning = vm.state === 'running';
-    const modules = [...new Set(this.host.runtime.exportEmbots(this.vmElement).map((e) => e.module))].map((m) => {
-      const ref = this.host.modules.refOf(m);
-      if (!ref) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `module ${m} of the VM's embots is not loaded here; cannot announce it`);
-      return ref;
-    });
+    const modules = this.moduleClosure([...new Set(this.host.runtime.exportEmbots(this.vmElement).map((e) => e.module))]);
     this.stats.modules = modules;
     this.host.journal.notes(input.migrationId, 'source', { wasRunning: this.wasRunning, scope: this.scope });
     const elements = this.host.objects.serialize(this.vmElement);
     const reply = await this.request({ type: 'StartMigration', migrationId: input.migrationId, vm: this.o.vm, elements, resources: { memory: vm.memory, vcpus: vm.vcpus }, modules });
     this.stats.bytes += elements.byteLength;
     return reply.type === 'MigrationPermitted' ? { permitted: true } : { permitted: false, reason: reply.reason };
+  }
+
+  /** The embots' modules and, recursively, their dependencies, each after what it depends on, as `name@version#hash`. */
+  private moduleClosure(names: readonly string[]): string[] {
+    const out: string[] = [];
+    const seen = new Set<string>();
+    const visit = (name: string): void => {
+      if (seen.has(name)) return;
+      seen.add(name);
+      const m = this.host.runtime.module(name);
+      const ref = this.host.modules.refOf(name);
+      if (!m || !ref) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `module ${name} of the VM's embots is not loaded here; cannot announce it`);
+      for (const dep of Object.keys(m.manifest.dependencies)) visit(dep);
+      out.push(ref);
+    };
+    names.forEach(visit);
+    return out;
   }
 
   async holdEvents(): Promise<void> {

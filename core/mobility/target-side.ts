@@ -89,7 +89,8 @@ export class TargetSide implements TargetSteps {
     }
     const fetch = (name: string, hash: string): Promise<ModuleBundle> =>
       this.o.conn.request({ type: 'ModuleRequest', migrationId: input.migrationId, name, hash }, { timeoutMs: this.o.stepTimeoutMs });
-    for (const ref of new Set(this.embots.map((e) => announced.get(e.module)!))) {
+    // Announced in dependency order: a module's dependencies are loaded before it.
+    for (const ref of input.start.modules) {
       const { shipped } = await host.modules.ensure(ref, fetch);
       if (shipped) this.stats.modulesShipped++;
     }

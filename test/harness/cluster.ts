@@ -1,0 +1,103 @@
+import { cpSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { AgentProcess, FIXTURE_PLUGINS, SHIPPED_PLUGINS } from './agent-process.ts';
+
+export interface PluginRef {
+  readonly from: 'fixture' | 'shipped';
+  readonly name: string;
+}
+
+export interface ClusterOptions {
+  /** Modules in every agent's plugins folder. */
+  readonly plugins?: readonly PluginRef[];
+  /** Modules only some agents have (by agent name), on top of `plugins`. */
+  readonly pluginsOf?: Readonly<Record<string, readonly PluginRef[]>>;
+  /** Extra config per agent (merged over the generated one). */
+  readonly config?: (name: string) => Record<string, unknown>;
+  readonly env?: (name: string) => Record<string, string>;
+}
+
+/** A free TCP port on 127.0.0.1 (bound, then released). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * N real agents as child processes on loopback, each with its own SQLite file and plugins
+ * folder, peers of each other with one cluster secret.
+ */
+export class Cluster {
+  readonly agents = new Map<string, AgentProcess>();
+  readonly root: string;
+  readonly secretFile: string;
+  private readonly ports = new Map<string, number>();
+
+  private constructor(readonly names: readonly string[], private readonly opts: ClusterOptions) {
+    this.root = mkdtempSync(join(tmpdir(), 'embot-cluster-'));
+    this.secretFile = join(this.root, 'cluster.secret');
+    writeFileSync(this.secretFile, randomBytes(32).toString('base64'));
+  }
+
+  static async start(names: readonly string[], opts: ClusterOptions = {}): Promise<Cluster> {
+    const c = new Cluster(names, opts);
+    for (const n of names) c.ports.set(n, await freePort());
+    for (const n of names) {
+      const dir = c.pluginsDir(n);
+      mkdirSync(dir, { recursive: true });
+      for (const p of [...(opts.plugins ?? []), ...(opts.pluginsOf?.[n] ?? [])]) cpSync(join(p.from === 'fixture' ? FIXTURE_PLUGINS : SHIPPED_PLUGINS, p.name), join(dir, p.name), { recursive: true });
+    }
+    await Promise.all(names.map((n) => c.startAgent(n)));
+    return c;
+  }
+
+  pluginsDir(name: string): string {
+    return join(this.root, `plugins-${name}`);
+  }
+
+  dataDir(name: string): string {
+    return join(this.root, `data-${name}`);
+  }
+
+  agent(name: string): AgentProcess {
+    const a = this.agents.get(name);
+    if (!a) throw new Error(`agent ${name} is not running`);
+    return a;
+  }
+
+  /** (Re)starts agent `name` on its data folder; `env` adds variables (e.g. a fault point). */
+  async startAgent(name: string, env: Record<string, string> = {}): Promise<AgentProcess> {
+    const peers = Object.fromEntries(this.names.filter((n) => n !== name).map((n) => [n, `ws://127.0.0.1:${this.ports.get(n)}`]));
+    const config = {
+      peer: { listen: `127.0.0.1:${this.ports.get(name)}`, peers, secretFile: this.secretFile },
+      mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
+      sensors: { host: { intervalMs: 60_000 }, vm: { intervalMs: 60_000 } },
+      ...(this.opts.config?.(name) ?? {}),
+    };
+    const file = join(this.root, `config-${name}.json`);
+    writeFileSync(file, JSON.stringify(config, null, 2));
+    const a = await AgentProcess.start({ name, dataDir: this.dataDir(name), pluginsDir: this.pluginsDir(name), extraArgs: ['--config', file], env: { ...(this.opts.env?.(name) ?? {}), ...env } });
+    this.agents.set(name, a);
+    return a;
+  }
+
+  /** SIGKILL agent `name`. */
+  async kill(name: string): Promise<void> {
+    await this.agents.get(name)?.kill();
+    this.agents.delete(name);
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all([...this.agents.values()].map((a) => a.kill().catch(() => {})));
+    this.agents.clear();
+  }
+}
