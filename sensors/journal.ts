@@ -1,6 +1,6 @@
 import type Database from 'better-sqlite3';
 import { Packr } from 'msgpackr';
-import { ErrorCodes, EventError } from '../core/errors.ts';
+import { ErrorCodes, EventError, describeError } from '../core/errors.ts';
 import type { EmbotEvent } from '../core/events.ts';
 import { isValidElementId, isValidEventType } from '../core/events.ts';
 import type { Store } from '../core/store/store.ts';
@@ -105,6 +105,67 @@ export function eventFromWire(raw: unknown, elementId: string, where: string): E
   return makeEvent(e.id, e.ts, elementId, e.type, e.payload ?? null, e.source);
 }
 
+export interface DecodedQueue {
+  readonly elementId: string;
+  readonly events: readonly EmbotEvent[];
+}
+
+/** Reads the bytes of {@link encodeHeld} (a peer's hold queues: untrusted), or throws `EMBOT_ERR_HOLD_DECODE` saying what is wrong. */
+export function decodeHeld(bytes: Uint8Array): DecodedQueue[] {
+  const bad = (why: string, cause?: unknown): never => {
+    throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: ${why}`, cause === undefined ? undefined : { cause });
+  };
+  if (!(bytes instanceof Uint8Array)) return bad('expected bytes');
+  let raw: unknown;
+  try {
+    raw = eventPackr.unpack(bytes);
+  } catch (cause) {
+    return bad(`not msgpack (${describeError(cause)})`, cause);
+  }
+  if (raw === null || typeof raw !== 'object' || (raw as { v?: unknown }).v !== 1) return bad('not a version 1 hold-queue map');
+  const queues = (raw as { queues?: unknown }).queues;
+  if (!Array.isArray(queues)) return bad('queues is not a list');
+  const out: DecodedQueue[] = [];
+  const seen = new Set<string>();
+  queues.forEach((q: unknown, qi) => {
+    if (q === null || typeof q !== 'object') return bad(`queue ${qi} is not a map`);
+    const { elementId, events } = q as { elementId?: unknown; events?: unknown };
+    if (!isValidElementId(elementId)) return bad(`queue ${qi}: invalid elementId`);
+    if (seen.has(elementId)) return bad(`queue ${qi}: element ${elementId} appears twice`);
+    seen.add(elementId);
+    if (!Array.isArray(events)) return bad(`queue ${qi}: events is not a list`);
+    out.push({ elementId, events: events.map((e: unknown, i) => eventFromWire(e, elementId, `queue ${elementId} event ${i}`)) });
+  });
+  return out;
+}
+
+/**
+ * The hold-queue byte form (`SensorService.serializeHeld`, `insertHeld`): msgpack `{ v: 1, queues: [{ elementId, events }] }`,
+ * each element once, its events in arrival order.
+ */
+export function encodeHeld(queues: readonly DecodedQueue[]): Uint8Array {
+  return eventPackr.pack({ v: 1, queues });
+}
+
+/**
+ * Events of any elements in the hold-queue byte form, grouped by element in order of first appearance, each
+ * element's events in the given order: how a source packs forwarded events for the new owner's `insertHeld`.
+ *
+ * @example
+ * ```ts
+ * sensors.redirect(['vm:web'], (events) => peer.request({ type: 'ForwardedEvents', migrationId, events: encodeEvents(events) }).then(() => {}));
+ * ```
+ */
+export function encodeEvents(events: readonly EmbotEvent[]): Uint8Array {
+  const byElement = new Map<string, EmbotEvent[]>();
+  for (const e of events) {
+    const list = byElement.get(e.elementId);
+    if (list === undefined) byElement.set(e.elementId, [e]);
+    else list.push(e);
+  }
+  return encodeHeld([...byElement].map(([elementId, list]) => ({ elementId, events: list })));
+}
+
 interface EventRow {
   seq: number;
   id: string;
@@ -134,7 +195,8 @@ export class Journal {
   private readonly insertStmt: Database.Statement;
   private readonly deleteStmt: Database.Statement<[number]>;
   private readonly spillInsertStmt: Database.Statement;
-  private readonly spillSelectStmt: Database.Statement<[string], { seq: number; event: Buffer }>;
+  private readonly spillSelectStmt: Database.Statement<[string, number], { seq: number; event: Buffer }>;
+  private readonly countForStmt: Database.Statement<[string], { n: number }>;
   private readonly spillDeleteStmt: Database.Statement<[string]>;
 
   constructor(store: Store) {
@@ -143,7 +205,8 @@ export class Journal {
     this.insertStmt = this.db.prepare('INSERT OR IGNORE INTO events(seq, id, ts, element_id, type, payload, source) VALUES (?, ?, ?, ?, ?, ?, ?)');
     this.deleteStmt = this.db.prepare('DELETE FROM events WHERE seq = ?');
     this.spillInsertStmt = this.db.prepare('INSERT INTO held_spill(element_id, pos, seq, event) VALUES (?, ?, ?, ?)');
-    this.spillSelectStmt = this.db.prepare('SELECT seq, event FROM held_spill WHERE element_id = ? ORDER BY pos');
+    this.spillSelectStmt = this.db.prepare('SELECT seq, event FROM held_spill WHERE element_id = ? AND pos >= ? ORDER BY pos');
+    this.countForStmt = this.db.prepare('SELECT count(*) AS n FROM events WHERE element_id = ?');
     this.spillDeleteStmt = this.db.prepare('DELETE FROM held_spill WHERE element_id = ?');
     this.rows = (this.db.prepare('SELECT count(*) AS n FROM events').get() as { n: number }).n;
   }
@@ -200,8 +263,16 @@ export class Journal {
     });
   }
 
-  readSpill(elementId: string): QueuedEvent[] {
-    return this.spillSelectStmt.all(elementId).map((r) => ({ seq: r.seq, event: eventPackr.unpack(r.event) as EmbotEvent }));
+  /** Spilled entries of one hold queue from position `fromPos` on, in order. */
+  readSpill(elementId: string, fromPos = 0): QueuedEvent[] {
+    return this.spillSelectStmt.all(elementId, fromPos).map((r) => ({ seq: r.seq, event: eventPackr.unpack(r.event) as EmbotEvent }));
+  }
+
+  /** Rows in table `events` for these elements (each id counted once). */
+  countFor(elementIds: Iterable<string>): number {
+    let n = 0;
+    for (const id of new Set(elementIds)) n += this.countForStmt.get(id)!.n;
+    return n;
   }
 
   deleteSpill(elementId: string): void {

@@ -5,12 +5,14 @@ import { EventIdSource, isValidElementId, isValidEventType } from '../core/event
 import type { Store } from '../core/store/store.ts';
 import { EventQueue } from './event-queue.ts';
 import type { QueuedEvent } from './event-queue.ts';
-import { HoldQueue } from './hold-queue.ts';
+import { HoldQueue, checkHoldCursor, shippedOf } from './hold-queue.ts';
+import type { HoldCursor, HoldMark } from './hold-queue.ts';
 import {
   Journal,
   assertElementIds,
+  decodeHeld,
+  encodeHeld,
   encodePayload,
-  eventFromWire,
   eventPackr,
   isValidEventId,
   isValidSource,
@@ -19,6 +21,8 @@ import {
   whyNotEncodable,
 } from './journal.ts';
 import type { SensorContext, SensorLogic } from './sensor.ts';
+
+export type { HoldCursor, HoldMark } from './hold-queue.ts';
 
 export interface SensorServiceOptions {
   /** Agent name, prefix of event ids (EventIdSource in core/events.ts). */
@@ -32,6 +36,43 @@ export interface SensorServiceOptions {
   readonly dedupWindow?: number;
   /** Failures that have no caller to throw to: a subscriber or sensor that threw, a journal write that failed. Default: console.warn. */
   readonly onError?: (error: unknown, where: string) => void;
+  /** Delay before a redirection's sink gets a rejected batch again (default 50 ms); doubles per consecutive failure. */
+  readonly forwardRetryMs?: number;
+  /** Longest such delay (default 5_000 ms). */
+  readonly forwardRetryMaxMs?: number;
+  /** Most events handed to a sink in one call (default 10_000), so a forwarded batch fits a peer frame. */
+  readonly forwardBatchMax?: number;
+}
+
+/**
+ * Takes the events of redirected elements to their new owner. Resolving means the owner has them: their journal
+ * rows are deleted then. Rejecting (or throwing) keeps the rows; the same batch is offered again after a back-off.
+ */
+export type ForwardSink = (events: readonly EmbotEvent[]) => Promise<void>;
+
+/** One increment of {@link SensorService.serializeHeldSince}. */
+export interface HeldShipment {
+  /** The hold-queue byte form of {@link SensorService.serializeHeld}: `insertHeld` accepts it. */
+  readonly bytes: Uint8Array;
+  /** Hand this to the next call to get only what was held after this one. */
+  readonly cursor: HoldCursor;
+  /** Events in `bytes`. */
+  readonly count: number;
+}
+
+export interface InsertHeldOptions {
+  /**
+   * true (default): events go to hold queues, created for elements not held yet (migration staging).
+   * false: only elements already held keep theirs; the others' events go to dispatch (events forwarded after the switch).
+   */
+  readonly hold?: boolean;
+}
+
+export interface InsertHeldResult {
+  /** Events taken in. */
+  readonly accepted: number;
+  /** Events skipped because their id was already held, queued, journaled or recently processed here. */
+  readonly duplicates: number;
 }
 
 export interface Subscriber {
@@ -60,12 +101,31 @@ export interface SensorStats {
   readonly deliveryErrors: number;
   /** Events refused after post: journal write failures and invalid sensor emits. */
   readonly rejected: number;
+  /** Events handed to a redirection's sink whose promise resolved. */
+  readonly forwarded: number;
+  /** Sink calls that rejected or threw (each batch retried). */
+  readonly forwardFailures: number;
+  /** Events waiting for a sink: not handed over yet, being retried, or in a call that has not settled. */
+  readonly forwardQueued: number;
 }
 
 interface Deferred {
   readonly promise: Promise<void>;
   resolve(): void;
   reject(e: unknown): void;
+}
+
+interface Redirection {
+  readonly sink: ForwardSink;
+  readonly elementIds: readonly string[];
+  /** Accepted for forwarding, not handed to the sink yet, in arrival order. */
+  buffer: QueuedEvent[];
+  /** The batch the sink works on. One at a time, so a retried batch is never overtaken by later events. */
+  sending: readonly QueuedEvent[] | null;
+  /** Consecutive failures: they set the back-off. */
+  failures: number;
+  retry: ReturnType<typeof setTimeout> | null;
+  ended: boolean;
 }
 
 interface SensorSlot {
@@ -75,6 +135,9 @@ interface SensorSlot {
 
 const DEFAULT_HOLD_LIMIT = 10_000;
 const DEFAULT_DEDUP_WINDOW = 100_000;
+const DEFAULT_FORWARD_RETRY_MS = 50;
+const DEFAULT_FORWARD_RETRY_MAX_MS = 5_000;
+const DEFAULT_FORWARD_BATCH_MAX = 10_000;
 /** Longest stretch of dispatch before yielding to I/O. */
 const SLICE_MS = 10;
 
@@ -119,6 +182,11 @@ function defaultOnError(error: unknown, where: string): void {
  * one tick shares one transaction and one acknowledgement promise); dispatch drains the queue in
  * time slices on `setImmediate`.
  *
+ * For live migration the source holds the VM's elements, ships their hold queues incrementally
+ * ({@link SensorService.serializeHeldSince}) and, after the switch, redirects their events to the new
+ * owner ({@link SensorService.redirect}); the target takes each increment with `insertHeld`, which
+ * de-duplicates by event id.
+ *
  * @example
  * ```ts
  * const sensors = new SensorService({ host: 'a', store });
@@ -131,6 +199,9 @@ export class SensorService {
   private readonly store: Store | undefined;
   private readonly journal: Journal | undefined;
   private readonly holdLimit: number;
+  private readonly forwardRetryMs: number;
+  private readonly forwardRetryMaxMs: number;
+  private readonly forwardBatchMax: number;
   private readonly now: () => number;
   private readonly onError: (error: unknown, where: string) => void;
   private readonly idSource: EventIdSource;
@@ -140,6 +211,10 @@ export class SensorService {
 
   private readonly queue = new EventQueue();
   private readonly holds = new Map<string, HoldQueue>();
+  /** Element -> its active redirection. */
+  private readonly redirects = new Map<string, Redirection>();
+  /** Redirections that are active or still have events for their sink (an ended one drains, then leaves). */
+  private readonly forwarding = new Set<Redirection>();
   private readonly subs = new Map<string, readonly Subscriber[]>();
   /** seq -> durable subscribers that have not completed it yet. */
   private readonly pending = new Map<number, number>();
@@ -178,6 +253,8 @@ export class SensorService {
   private nDuplicates = 0;
   private nDeliveryErrors = 0;
   private nRejected = 0;
+  private nForwarded = 0;
+  private nForwardFailures = 0;
 
   constructor(options: SensorServiceOptions) {
     if (typeof options?.host !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/.test(options.host)) {
@@ -187,6 +264,13 @@ export class SensorService {
     this.journal = options.store ? new Journal(options.store) : undefined;
     this.holdLimit = options.holdMemoryLimit ?? DEFAULT_HOLD_LIMIT;
     if (!(this.holdLimit >= 1)) throw invalid(`sensor service: holdMemoryLimit must be >= 1, got ${this.holdLimit}`);
+    this.forwardRetryMs = options.forwardRetryMs ?? DEFAULT_FORWARD_RETRY_MS;
+    this.forwardRetryMaxMs = options.forwardRetryMaxMs ?? DEFAULT_FORWARD_RETRY_MAX_MS;
+    this.forwardBatchMax = Math.floor(options.forwardBatchMax ?? DEFAULT_FORWARD_BATCH_MAX);
+    if (!(this.forwardRetryMs >= 1) || !(this.forwardRetryMaxMs >= this.forwardRetryMs)) {
+      throw invalid(`sensor service: need 1 <= forwardRetryMs <= forwardRetryMaxMs, got ${this.forwardRetryMs} and ${this.forwardRetryMaxMs}`);
+    }
+    if (!(this.forwardBatchMax >= 1)) throw invalid(`sensor service: forwardBatchMax must be >= 1, got ${String(options.forwardBatchMax)}`);
     this.now = options.now ?? Date.now;
     this.onError = options.onError ?? defaultOnError;
     const window = options.dedupWindow ?? DEFAULT_DEDUP_WINDOW;
@@ -301,20 +385,64 @@ export class SensorService {
   serializeHeld(elementIds: readonly string[]): Uint8Array {
     assertElementIds(elementIds, 'serializeHeld');
     const queues: { elementId: string; events: EmbotEvent[] }[] = [];
-    for (const id of elementIds) {
-      const hq = this.holds.get(id);
-      if (hq === undefined) throw new EventError(ErrorCodes.ELEMENT_NOT_HELD, `serializeHeld: element ${id} is not held`, { details: { elementId: id } });
-      queues.push({ elementId: id, events: hq.entries().map((e) => e.event) });
+    for (const id of new Set(elementIds)) queues.push({ elementId: id, events: this.heldQueue(id, 'serializeHeld').entries().map((e) => e.event) });
+    return encodeHeld(queues);
+  }
+
+  /**
+   * The events held since `cursor` (all of them without one), per element in arrival order, in the byte form of
+   * {@link serializeHeld}, and the cursor for the next call: a migration ships the hold queues once, then only what
+   * arrived in each dirty round. Hold queues only grow while held, so a cursor is a count per queue. Elements of the
+   * cursor that are not asked for keep their mark. `EMBOT_ERR_ELEMENT_NOT_HELD` for an element that is not held, or
+   * whose queue was released and held again since the cursor; `EMBOT_ERR_EVENT_INVALID` for a malformed cursor.
+   *
+   * @example
+   * ```ts
+   * let { bytes, cursor } = sensors.serializeHeldSince(ids); // ManagementEventState
+   * ({ bytes, cursor } = sensors.serializeHeldSince(ids, cursor)); // DirtyObjects.events, once per round
+   * ```
+   */
+  serializeHeldSince(elementIds: readonly string[], cursor?: HoldCursor): HeldShipment {
+    assertElementIds(elementIds, 'serializeHeldSince');
+    const marks = cursor === undefined ? undefined : checkHoldCursor(cursor);
+    const next: Record<string, HoldMark> = marks === undefined ? {} : { ...marks };
+    const queues: { elementId: string; events: EmbotEvent[] }[] = [];
+    let count = 0;
+    for (const id of new Set(elementIds)) {
+      const hq = this.heldQueue(id, 'serializeHeldSince');
+      const events = hq.entriesFrom(shippedOf(marks, hq, 'serializeHeldSince')).map((e) => e.event);
+      queues.push({ elementId: id, events });
+      count += events.length;
+      next[id] = { hold: hq.generation, shipped: hq.size };
     }
-    return eventPackr.pack({ v: 1, queues });
+    return { bytes: encodeHeld(queues), cursor: next, count };
+  }
+
+  /** Events held for these elements, spilled ones included (0 for an element that is not held). */
+  heldCount(elementIds: readonly string[]): number {
+    assertElementIds(elementIds, 'heldCount');
+    let n = 0;
+    for (const id of new Set(elementIds)) n += this.holds.get(id)?.size ?? 0;
+    return n;
+  }
+
+  /** Rows still in the journal (table `events`) for these elements: queued, held, in flight or waiting for a sink. 0 without a store. */
+  journaledFor(elementIds: readonly string[]): number {
+    assertElementIds(elementIds, 'journaledFor');
+    return this.journal?.countFor(elementIds) ?? 0;
   }
 
   /**
    * Creates/extends hold queues here (journals the events when durable); EventError EMBOT_ERR_HOLD_DECODE on garbage.
-   * All or nothing: the bytes are fully validated before anything changes. Events whose id is already known are skipped as duplicates.
+   * All or nothing: the bytes are fully validated before anything changes. Events whose id is already held, queued,
+   * journaled or among the last `dedupWindow` processed here are skipped and counted as duplicates, so the same event
+   * arriving in ManagementEventState, a dirty round and a forwarded batch is taken once. With `{ hold: false }`, events of
+   * elements that are not held go to dispatch instead (events forwarded by the old owner after the switch).
    */
-  insertHeld(bytes: Uint8Array): void {
+  insertHeld(bytes: Uint8Array, options?: InsertHeldOptions): InsertHeldResult {
     this.assertOpen();
+    if (options !== undefined && (options === null || typeof options !== 'object')) throw invalid('insertHeld: options must be an object');
+    const createHolds = options?.hold !== false;
     const decoded = decodeHeld(bytes);
     const accepted: QueuedEvent[] = [];
     const payloads: (Buffer | null)[] = [];
@@ -347,16 +475,19 @@ export class SensorService {
       }
       keep = accepted.filter((_, i) => ok[i]);
     }
-    this.nDuplicates += duplicates + accepted.length - keep.length;
+    duplicates += accepted.length - keep.length;
+    this.nDuplicates += duplicates;
     this.seq += accepted.length;
-    for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
+    if (createHolds) for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
     for (const entry of keep) {
       this.remember(entry.event.id);
       this.route(entry);
     }
+    if (keep.length > 0) this.schedule();
+    return { accepted: keep.length, duplicates };
   }
 
-  /** Merge hold queues back into the time-ordered queue by ts, destroy them. Elements that are not held are ignored. */
+  /** Merge hold queues back into the time-ordered queue by ts (to the sink for a redirected element), destroy them. Elements that are not held are ignored. */
   release(elementIds: readonly string[]): void {
     assertElementIds(elementIds, 'release');
     for (const id of elementIds) {
@@ -364,15 +495,20 @@ export class SensorService {
       if (hq === undefined) continue;
       const entries = hq.take();
       this.holds.delete(id);
+      const r = this.redirects.get(id);
       for (const entry of entries) {
         this.remember(entry.event.id); // spilled ids were forgotten to bound memory
-        this.queue.push(entry);
+        if (r === undefined) this.queue.push(entry);
+        else r.buffer.push(entry);
       }
     }
-    if (this.queue.size > 0) this.schedule();
+    if (this.queue.size > 0 || this.forwarding.size > 0) this.schedule();
   }
 
-  /** Stop forwarding and deregister: discard hold queues + their journal rows + subscriptions (and undispatched events of those elements). */
+  /**
+   * Deregister: discard hold queues + their journal rows + subscriptions (and undispatched events of those elements).
+   * An active {@link redirect} of these elements stays: their events keep going to its sink.
+   */
   drop(elementIds: readonly string[]): void {
     assertElementIds(elementIds, 'drop');
     const set = new Set(elementIds);
@@ -392,6 +528,56 @@ export class SensorService {
     for (const entry of discarded) this.finish(entry.event.id);
   }
 
+  /**
+   * After the switch: events of these elements (posted by sensors or `emit`, recovered, released, or inserted with
+   * `{ hold: false }`) are no longer queued or dispatched here but handed to `sink`, in arrival order, in one batch per
+   * tick after their journal commit (at most `forwardBatchMax` per call, one call at a time). Their journal rows go when
+   * the sink resolves; when it rejects they stay and the batch is retried with a doubling back-off. Events already queued
+   * here for these elements move to the sink too. Hold queues are left as they are and stop growing, so one last
+   * `serializeHeldSince(ids, cursor)` ships exactly what was held after the last round; then {@link drop} them (drop keeps
+   * the redirection). A redirection wins over a hold: end it before this agent takes the element back.
+   *
+   * Returns the function that ends the redirection (after the grace period): later events of these elements are
+   * dispatched here as usual (to nobody: counted unrouted); events already handed over keep going to the sink until it
+   * takes them or the service closes (their rows stay for {@link recover} then). `EMBOT_ERR_EVENT_INVALID` when an
+   * element is already redirected.
+   *
+   * @example
+   * ```ts
+   * const stop = sensors.redirect(ids, (events) => peer.request({ type: 'ForwardedEvents', migrationId, events: encodeEvents(events) }).then(() => {}));
+   * const rest = sensors.serializeHeldSince(ids, cursor); // held since the last round: send it too
+   * sensors.drop(ids);
+   * setTimeout(stop, graceMs);
+   * ```
+   */
+  redirect(elementIds: readonly string[], sink: ForwardSink): () => void {
+    this.assertOpen();
+    assertElementIds(elementIds, 'redirect');
+    if (typeof sink !== 'function') throw invalid('redirect: sink must be a function (events) => Promise<void>');
+    const ids = [...new Set(elementIds)];
+    for (const id of ids) if (this.redirects.has(id)) throw invalid(`redirect: ${id} is already redirected; end that redirection first`, { elementId: id });
+    const r: Redirection = { sink, elementIds: ids, buffer: [], sending: null, failures: 0, retry: null, ended: false };
+    for (const id of ids) this.redirects.set(id, r);
+    this.forwarding.add(r);
+    if (this.queue.size > 0) {
+      const set = new Set(ids);
+      const taken = this.queue.extract((e) => set.has(e.elementId));
+      if (taken.length > 0) {
+        taken.sort((a, b) => a.seq - b.seq);
+        for (const entry of taken) r.buffer.push(entry);
+        this.schedule();
+      }
+    }
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      r.ended = true;
+      for (const id of ids) if (this.redirects.get(id) === r) this.redirects.delete(id);
+      if (r.buffer.length === 0 && r.sending === null) this.forwarding.delete(r);
+    };
+  }
+
   /** On agent start: re-queue the journaled-but-unprocessed events (table events) in (ts, seq) order; returns how many. Only the first call does anything. */
   recover(): number {
     this.assertOpen();
@@ -404,7 +590,7 @@ export class SensorService {
       this.route(entry);
       n++;
     }
-    if (this.queue.size > 0) this.schedule();
+    if (n > 0) this.schedule();
     return n;
   }
 
@@ -483,6 +669,8 @@ export class SensorService {
       held += hq.size;
       spilled += hq.spilled;
     }
+    let forwardQueued = 0;
+    for (const r of this.forwarding) forwardQueued += r.buffer.length + (r.sending?.length ?? 0);
     return {
       queued: this.queue.size + this.staged.length,
       held,
@@ -496,6 +684,9 @@ export class SensorService {
       duplicates: this.nDuplicates,
       deliveryErrors: this.nDeliveryErrors,
       rejected: this.nRejected,
+      forwarded: this.nForwarded,
+      forwardFailures: this.nForwardFailures,
+      forwardQueued,
     };
   }
 
@@ -506,8 +697,9 @@ export class SensorService {
   }
 
   /**
-   * Stops sensors, journals what was posted (so every acknowledgement holds), and stops dispatch. Queued events stay in
-   * the journal for {@link recover} on the next start. The store is the caller's to close.
+   * Stops sensors, journals what was posted (so every acknowledgement holds), and stops dispatch and forwarding. Queued
+   * events, and events a sink has not taken, stay in the journal for {@link recover} on the next start. The store is the
+   * caller's to close.
    */
   close(): Promise<void> {
     if (this.closed) return Promise.resolve();
@@ -515,6 +707,7 @@ export class SensorService {
     if (this.staged.length > 0) this.flush();
     if (this.toDelete.length > 0) this.flushDeletes();
     this.closed = true;
+    for (const r of this.forwarding) if (r.retry !== null) clearTimeout(r.retry);
     this.settleIdle();
     return Promise.resolve();
   }
@@ -596,7 +789,17 @@ export class SensorService {
   }
 
   private route(entry: QueuedEvent): void {
-    const hq = this.holds.size > 0 ? this.holds.get(entry.event.elementId) : undefined;
+    // One test on the hot path: with no hold and no redirection every event goes straight to the queue.
+    if (this.holds.size === 0 && this.redirects.size === 0) {
+      this.queue.push(entry);
+      return;
+    }
+    const r = this.redirects.size > 0 ? this.redirects.get(entry.event.elementId) : undefined;
+    if (r !== undefined) {
+      r.buffer.push(entry); // handed to the sink by this tick or the next (every caller schedules one)
+      return;
+    }
+    const hq = this.holds.get(entry.event.elementId);
     if (hq === undefined) {
       this.queue.push(entry);
       return;
@@ -622,6 +825,7 @@ export class SensorService {
     this.scheduled = false;
     if (this.closed) return;
     if (this.staged.length > 0) this.flush();
+    if (this.forwarding.size > 0) this.forward();
     this.drain();
     if (this.toDelete.length > 0) this.flushDeletes();
     if (this.closed) return;
@@ -744,6 +948,79 @@ export class SensorService {
     }
   }
 
+  private heldQueue(elementId: string, what: string): HoldQueue {
+    const hq = this.holds.get(elementId);
+    if (hq === undefined) throw new EventError(ErrorCodes.ELEMENT_NOT_HELD, `${what}: element ${elementId} is not held`, { details: { elementId } });
+    return hq;
+  }
+
+  /** Deletes the journal rows of these entries in one transaction; a failure is reported, not thrown (the rows only come back on recovery). */
+  private deleteRows(entries: readonly QueuedEvent[], where: string): void {
+    const journal = this.journal;
+    if (journal === undefined) return;
+    try {
+      journal.transaction(() => {
+        for (let i = 0; i < entries.length; i++) journal.delete(entries[i]!.seq);
+      });
+    } catch (e) {
+      this.onError(e, where);
+    }
+  }
+
+  /** Hands each redirection's buffered events to its sink, unless a call is still out or a retry is waiting. */
+  private forward(): void {
+    for (const r of this.forwarding) {
+      if (r.sending === null && r.retry === null && r.buffer.length > 0) this.send(r);
+    }
+  }
+
+  private send(r: Redirection): void {
+    const all = r.buffer;
+    const n = Math.min(all.length, this.forwardBatchMax);
+    const batch = n === all.length ? all : all.slice(0, n);
+    r.buffer = n === all.length ? [] : all.slice(n);
+    r.sending = batch;
+    const events = batch.map((e) => e.event);
+    let result: Promise<void>;
+    try {
+      result = Promise.resolve(r.sink(events));
+    } catch (e) {
+      result = Promise.reject(e);
+    }
+    result.then(
+      () => this.forwarded(r, batch),
+      (e: unknown) => this.forwardFailed(r, batch, e),
+    );
+  }
+
+  private forwarded(r: Redirection, batch: readonly QueuedEvent[]): void {
+    r.sending = null;
+    r.failures = 0;
+    this.nForwarded += batch.length;
+    // After close the store may be closed too: the rows stay and come back through recover().
+    if (this.closed) return;
+    this.deleteRows(batch, 'journal delete of forwarded events');
+    for (let i = 0; i < batch.length; i++) this.finish(batch[i]!.event.id);
+    if (r.buffer.length > 0) this.schedule();
+    else if (r.ended) this.forwarding.delete(r);
+  }
+
+  private forwardFailed(r: Redirection, batch: readonly QueuedEvent[], error: unknown): void {
+    r.sending = null;
+    r.failures++;
+    this.nForwardFailures++;
+    r.buffer = batch.concat(r.buffer);
+    this.onError(error, `forwarding ${batch.length} events of ${r.elementIds.join(', ')} (attempt ${r.failures})`);
+    if (this.closed) return;
+    const delay = Math.min(this.forwardRetryMaxMs, this.forwardRetryMs * 2 ** Math.min(r.failures - 1, 30));
+    r.retry = setTimeout(() => {
+      r.retry = null;
+      this.schedule();
+    }, delay);
+    // A retry alone must not keep a stopping process alive: the rows wait in the journal.
+    r.retry.unref();
+  }
+
   private settleIdle(): void {
     if (this.idleWaiters.length === 0) return;
     const waiters = this.idleWaiters;
@@ -773,37 +1050,4 @@ export class SensorService {
       this.onError(e, `sensor ${name} start`);
     }
   }
-}
-
-interface DecodedQueue {
-  readonly elementId: string;
-  readonly events: readonly EmbotEvent[];
-}
-
-function decodeHeld(bytes: Uint8Array): DecodedQueue[] {
-  const bad = (why: string, cause?: unknown): never => {
-    throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: ${why}`, cause === undefined ? undefined : { cause });
-  };
-  if (!(bytes instanceof Uint8Array)) return bad('expected bytes');
-  let raw: unknown;
-  try {
-    raw = eventPackr.unpack(bytes);
-  } catch (cause) {
-    return bad(`not msgpack (${describeError(cause)})`, cause);
-  }
-  if (raw === null || typeof raw !== 'object' || (raw as { v?: unknown }).v !== 1) return bad('not a version 1 hold-queue map');
-  const queues = (raw as { queues?: unknown }).queues;
-  if (!Array.isArray(queues)) return bad('queues is not a list');
-  const out: DecodedQueue[] = [];
-  const seen = new Set<string>();
-  queues.forEach((q: unknown, qi) => {
-    if (q === null || typeof q !== 'object') return bad(`queue ${qi} is not a map`);
-    const { elementId, events } = q as { elementId?: unknown; events?: unknown };
-    if (!isValidElementId(elementId)) return bad(`queue ${qi}: invalid elementId`);
-    if (seen.has(elementId)) return bad(`queue ${qi}: element ${elementId} appears twice`);
-    seen.add(elementId);
-    if (!Array.isArray(events)) return bad(`queue ${qi}: events is not a list`);
-    out.push({ elementId, events: events.map((e: unknown, i) => eventFromWire(e, elementId, `queue ${elementId} event ${i}`)) });
-  });
-  return out;
 }

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'eventemitter3';
-import { unpack } from 'msgpackr';
+import { pack, unpack } from 'msgpackr';
 import { createActor, fromPromise, type AnyActorRef } from 'xstate';
 import { ConfigError, ErrorCodes, ProtocolError, describeError } from '../errors.ts';
 import type { EmbotEvent } from '../events.ts';
@@ -258,14 +258,13 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         else host.journal.finish(row.id, 'target', 'aborted', 'aborted', `agent restarted during ${row.phase}; nothing was committed`);
         continue;
       }
-      if (row.phase === 'finishing') {
-        this.dropMovedVm(row.vm, scope);
-        host.journal.finish(row.id, 'source', 'completed', 'completed', 'finished after a restart');
-      } else if (row.phase === 'completing') {
-        // MigrationComplete was sent; only the target knows whether it committed.
+      if (row.phase === 'finishing' || row.phase === 'completing') {
+        // 'finishing': the target acknowledged, it owns the VM. 'completing': MigrationComplete may
+        // have gone out; only the target knows whether it committed. Either way the VM stays
+        // frozen here (held, no embots) until it is settled with the target.
         frozen.add(vmElement);
         host.sensors.hold(scope);
-        void this.resolveAfterRestart(row, scope);
+        void this.resolveAfterRestart(row, scope, row.phase === 'finishing');
       } else {
         this.restartStoppedVm(row);
         host.journal.finish(row.id, 'source', 'aborted', 'aborted', `agent restarted during ${row.phase}; the VM stays here`);
@@ -289,28 +288,53 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     });
   }
 
-  private async resolveAfterRestart(row: MigrationRow, scope: readonly string[]): Promise<void> {
+  private async resolveAfterRestart(row: MigrationRow, scope: readonly string[], knownCommitted: boolean): Promise<void> {
     for (let attempt = 0; !this.closed; attempt++) {
       try {
         const conn = await connectNamedPeer(this.o.peers, row.peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs });
-        const reply = await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id });
-        void conn.close().catch(() => {});
-        if (reply.committed) {
-          this.dropMovedVm(row.vm, scope);
-          this.host.journal.finish(row.id, 'source', 'completed', 'completed', 'target had committed (resolved after a restart)');
-        } else {
-          this.restartStoppedVm(row);
-          const el = this.host.objects.get(`vm:${row.vm}`);
-          if (el) await this.host.attach(el);
-          this.host.sensors.release(scope);
-          this.host.journal.finish(row.id, 'source', 'aborted', 'aborted', 'target had not committed (resolved after a restart)');
+        try {
+          const committed = knownCommitted || (await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id })).committed;
+          if (committed) {
+            // Events journaled here after the last shipment go to the new owner (it de-duplicates).
+            const held = this.host.sensors.serializeHeld(scope);
+            await conn.request({ type: 'ForwardedEvents', migrationId: row.id, events: held });
+            this.forwardFor(row.id, row.peer, scope);
+            this.dropMovedVm(row.vm, scope);
+            this.host.journal.finish(row.id, 'source', 'completed', 'completed', 'target had committed (settled after a restart)');
+          } else {
+            this.restartStoppedVm(row);
+            const el = this.host.objects.get(`vm:${row.vm}`);
+            if (el) await this.host.attach(el);
+            this.host.sensors.release(scope);
+            this.host.journal.finish(row.id, 'source', 'aborted', 'aborted', 'target had not committed (settled after a restart)');
+          }
+        } finally {
+          void conn.close().catch(() => {});
         }
         return;
       } catch (e) {
-        this.host.logger.warn(`migration ${row.id}: cannot reach ${row.peer} to resolve it yet`, { error: describeError(e), attempt });
+        this.host.logger.warn(`migration ${row.id}: cannot reach ${row.peer} to settle it yet`, { error: describeError(e), attempt });
         await new Promise((r) => setTimeout(r, Math.min(5000, 250 * 2 ** Math.min(attempt, 5))).unref());
       }
     }
+  }
+
+  /** Late events for moved elements go to their new owner for the grace period. */
+  private forwardFor(migrationId: string, peer: string, scope: readonly string[]): void {
+    let conn: Promise<PeerConnection> | undefined;
+    const end = this.host.sensors.redirect(scope, async (events) => {
+      conn ??= connectNamedPeer(this.o.peers, peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs });
+      try {
+        await (await conn).request({ type: 'ForwardedEvents', migrationId, events: pack(events) });
+      } catch (e) {
+        conn = undefined;
+        throw e;
+      }
+    });
+    setTimeout(() => {
+      end();
+      void conn?.then((c) => c.close()).catch(() => {});
+    }, this.o.forwardGraceMs).unref();
   }
 
   private async notifyAbort(row: MigrationRow): Promise<void> {
