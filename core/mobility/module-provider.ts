@@ -56,7 +56,8 @@ export class AgentModuleProvider implements ModuleProvider {
       try {
         cached = acceptModuleBundle(bundle, { name, version, hash }, { trust: this.trust, cache: this.cache });
       } catch (e) {
-        throw new InstantiationError(`module ${ref} refused: ${describeError(e)}`, ref);
+        // Its message already names the module and why it was refused.
+        throw new InstantiationError(describeError(e), ref);
       }
       shipped = true;
     }
