@@ -25,6 +25,7 @@ import { EMBOT_API_VERSION } from '../embots/policy-api.ts';
 import { MigrationJournal } from './mobility/migration-journal.ts';
 import { MobilityService } from './mobility/mobility-service.ts';
 import { AgentModuleProvider } from './mobility/module-provider.ts';
+import { MobilityEffector } from './mobility/mobility-effector.ts';
 import { PluginCache } from './mobility/plugin-cache.ts';
 import { createTrustPolicy } from './mobility/trust-policy.ts';
 import type { MobilityHost } from './mobility/mobility-host.ts';
@@ -50,6 +51,7 @@ export interface AgentServices {
 
 export interface RunningAgent {
   readonly name: string;
+  readonly peerUrl: string | undefined;
   readonly control: AgentControl;
   readonly controlUrl: string;
   readonly services: ServiceRegistry<AgentServices>;
@@ -145,10 +147,16 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     r.register('runtime', this.runtime);
     r.register('plugins', this.plugins);
     r.register('mobility', this.mobility);
+    this.effectors.register(new MobilityEffector(this.mobility));
   }
 
   get agent(): string {
     return this.name;
+  }
+
+  /** `ws://…` where peers reach this agent, when it has a cluster secret. */
+  get peerUrl(): string | undefined {
+    return this.mobility.peerUrl;
   }
 
   get logger(): Logger {
@@ -219,7 +227,6 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, logger: log.child('control') });
     this.controlUrl = this.controlServer.url;
     await this.mobility.start();
-    if (this.mobility.peerUrl) log.info(`peer endpoint ${this.mobility.peerUrl}`);
   }
 
   private async startCatalogue(): Promise<void> {

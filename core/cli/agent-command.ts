@@ -1,8 +1,11 @@
 import { readFileSync } from 'node:fs';
-import { Option, type Command } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
 import { loadConfig, type AgentConfigInput } from '../config/config.ts';
-import { ConfigError, ErrorCodes, describeError } from '../errors.ts';
+import { ConfigError, ErrorCodes, describeError, isEmbotError } from '../errors.ts';
 import { createLogger } from '../logger.ts';
+// Deep imports on purpose: the wire index pulls in ws and msgpackr, which every CLI command would then load.
+import { loadClusterSecret } from '../wire/auth.ts';
+import { parsePeerListen, parsePeers } from '../wire/peers.ts';
 import type { CliContext } from './context.ts';
 import { parseHostPort } from './parse.ts';
 
@@ -17,6 +20,9 @@ interface AgentFlags {
   readonly logLevel?: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   readonly logFormat?: 'pretty' | 'json';
   readonly tokenFile?: string;
+  readonly peerListen?: string;
+  readonly peers?: Readonly<Record<string, string>>;
+  readonly secretFile?: string;
 }
 
 /** `embot agent`: runs an agent in the foreground until SIGINT/SIGTERM. */
@@ -34,6 +40,9 @@ export function registerAgentCommand(program: Command, ctx: CliContext, setExitC
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error', 'silent']))
     .addOption(new Option('--log-format <format>', 'log format').choices(['pretty', 'json']))
     .option('--token-file <file>', 'file holding the control API token (or set EMBOT_CONTROL_TOKEN)')
+    .option('--peer-listen <host:port>', 'where this agent accepts peers (default 127.0.0.1:7401; only with a secret)', parsePeerListenFlag)
+    .option('--peers <list>', 'peer agents by name, e.g. b=ws://127.0.0.1:7402,c=ws://127.0.0.1:7403', parsePeersFlag)
+    .option('--secret-file <file>', 'file holding the cluster secret (at least 16 bytes) peers authenticate with')
     .action(async (opts: AgentFlags) => {
       setExitCode(await runAgent(opts, ctx));
     });
@@ -45,7 +54,7 @@ async function runAgent(opts: AgentFlags, ctx: CliContext): Promise<number> {
   // Imported lazily: client commands must not pay for loading the whole agent.
   const { startAgent } = await import('../agent.ts');
   const agent = await startAgent(config, logger);
-  ctx.out(`embot agent ${config.name} ready: control ${agent.controlUrl}`);
+  ctx.out(formatReadyLine(config.name, agent));
 
   await waitForShutdown(ctx.io.signal, (sig) => logger.info('stopping', { signal: sig }));
   try {
@@ -56,6 +65,41 @@ async function runAgent(opts: AgentFlags, ctx: CliContext): Promise<number> {
     logger.error('agent did not stop cleanly', { error: describeError(e) });
     return 1;
   }
+}
+
+/**
+ * The line scripts wait for before talking to the agent; it names every endpoint it listens on.
+ *
+ * @example
+ * ```ts
+ * formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400', peerUrl: 'ws://127.0.0.1:7401' });
+ * // 'embot agent a ready: control http://127.0.0.1:7400, peer ws://127.0.0.1:7401'
+ * ```
+ */
+export function formatReadyLine(name: string, agent: { readonly controlUrl: string }): string {
+  // RunningAgent does not declare peerUrl (yet); print it when the agent has one.
+  const peerUrl = (agent as { peerUrl?: unknown }).peerUrl;
+  const peer = typeof peerUrl === 'string' && peerUrl !== '' ? `, peer ${peerUrl}` : '';
+  return `embot agent ${name} ready: control ${agent.controlUrl}${peer}`;
+}
+
+/** Commander turns InvalidArgumentError into `option '--x' argument … is invalid. <message>` and exit 2. */
+function asArgumentError<T>(parse: () => T): T {
+  try {
+    return parse();
+  } catch (e) {
+    if (isEmbotError(e)) throw new InvalidArgumentError(e.message);
+    throw e;
+  }
+}
+
+function parsePeerListenFlag(raw: string): string {
+  asArgumentError(() => parsePeerListen(raw));
+  return raw.trim();
+}
+
+function parsePeersFlag(raw: string): Record<string, string> {
+  return Object.fromEntries(asArgumentError(() => parsePeers(raw)));
 }
 
 function toConfigFlags(opts: AgentFlags): AgentConfigInput {
@@ -74,6 +118,15 @@ function toConfigFlags(opts: AgentFlags): AgentConfigInput {
   }
   if (opts.tokenFile !== undefined) control.token = readToken(opts.tokenFile);
   if (Object.keys(control).length > 0) flags.control = control;
+  const peer: { listen?: string; peers?: Record<string, string>; secretFile?: string } = {};
+  if (opts.peerListen !== undefined) peer.listen = opts.peerListen;
+  if (opts.peers !== undefined) peer.peers = { ...opts.peers };
+  if (opts.secretFile !== undefined) {
+    // Read now so a missing or short secret is reported before the store is opened.
+    loadClusterSecret(opts.secretFile);
+    peer.secretFile = opts.secretFile;
+  }
+  if (Object.keys(peer).length > 0) flags.peer = peer;
   return flags;
 }
 

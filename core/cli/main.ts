@@ -5,6 +5,7 @@ import { registerAgentCommand } from './agent-command.ts';
 import { createContext, type CliIo } from './context.ts';
 import { registerEventCommands } from './event-commands.ts';
 import { registerInfoCommands } from './info-commands.ts';
+import { registerMigrateCommands } from './migrate-commands.ts';
 import { registerModuleCommands } from './module-commands.ts';
 import { registerVmCommands } from './vm-commands.ts';
 
@@ -51,6 +52,9 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   registerVmCommands(program, ctx);
   registerEventCommands(program, ctx);
   registerModuleCommands(program, ctx);
+  registerMigrateCommands(program, ctx, (code) => {
+    exitCode = code;
+  });
 
   try {
     await program.parseAsync([...argv], { from: 'node' });

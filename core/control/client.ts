@@ -1,16 +1,22 @@
 import { ControlError, ErrorCodes, describeError, type ErrorCode } from '../errors.ts';
-import type {
-  AgentStatus,
-  CreateVmRequest,
-  EmbotEvent,
-  EmbotEventInput,
-  EmbotInfo,
-  PluginInfo,
-  VmAction,
-  VmInfo,
+import {
+  DEFAULT_MIGRATION_WAIT_MS,
+  type AgentStatus,
+  type CreateVmRequest,
+  type EmbotEvent,
+  type EmbotEventInput,
+  type EmbotInfo,
+  type MigrationInfo,
+  type PluginInfo,
+  type StartMigrationResponse,
+  type VmAction,
+  type VmInfo,
 } from './control-api.ts';
 
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
+
+/** Extra time a long-poll gets beyond the server's own bound before the client gives up. */
+const WAIT_SLACK_MS = 5_000;
 
 export interface ControlClientOptions {
   /** Per-request timeout; default 15 s. */
@@ -81,7 +87,30 @@ export class ControlClient {
     return this.request('GET', opts.limit === undefined ? '/v1/events' : `/v1/events?limit=${opts.limit}`);
   }
 
-  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown): Promise<T> {
+  /** Starts a migration of `vm` to peer `to`; resolves with its id as soon as it is under way. */
+  migrate(vm: string, to: string): Promise<StartMigrationResponse> {
+    return this.request('POST', '/v1/migrations', { vm, to });
+  }
+
+  listMigrations(): Promise<MigrationInfo[]> {
+    return this.request('GET', '/v1/migrations');
+  }
+
+  /** @throws ControlError `EMBOT_ERR_CONTROL_NOT_FOUND` (status 404) for an unknown id. */
+  getMigration(id: string): Promise<MigrationInfo> {
+    return this.request('GET', `/v1/migrations/${encodeURIComponent(id)}`);
+  }
+
+  /**
+   * Long-polls until migration `id` has ended or `timeoutMs` (default 10 min) passed; check
+   * `outcome`: `null` means it is still running and the caller may ask again.
+   */
+  waitMigration(id: string, opts: { readonly timeoutMs?: number } = {}): Promise<MigrationInfo> {
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_MIGRATION_WAIT_MS;
+    return this.request('GET', `/v1/migrations/${encodeURIComponent(id)}?wait=1&timeoutMs=${timeoutMs}`, undefined, timeoutMs + WAIT_SLACK_MS);
+  }
+
+  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
     const headers: Record<string, string> = { Accept: 'application/json' };
     if (this.token !== undefined) headers['Authorization'] = `Bearer ${this.token}`;
     if (body !== undefined) headers['Content-Type'] = 'application/json';
@@ -91,7 +120,7 @@ export class ControlClient {
         method,
         headers,
         ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-        signal: AbortSignal.timeout(this.timeoutMs),
+        signal: AbortSignal.timeout(timeoutMs),
       });
     } catch (cause) {
       throw this.unreachable(cause);

@@ -1,7 +1,8 @@
 import type { EmbotEvent, EmbotEventInput } from '../events.ts';
 import type { VmInfo } from '../../effectors/hypervisor/driver.ts';
+import type { MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime } from '../mobility/migration-record.ts';
 
-export type { EmbotEvent, EmbotEventInput, VmInfo };
+export type { EmbotEvent, EmbotEventInput, MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime, VmInfo };
 
 /** What `GET /v1/status` returns. */
 export interface AgentStatus {
@@ -80,6 +81,18 @@ export interface CreateVmRequest {
 export type VmAction = 'start' | 'stop' | 'crash';
 export const VM_ACTIONS: readonly VmAction[] = ['start', 'stop', 'crash'];
 
+/** Body of `POST /v1/migrations`: move VM `vm` and its management to the peer named `to`. */
+export interface StartMigrationRequest {
+  readonly vm: string;
+  /** Peer name as configured on the agent (`--peers b=ws://…`). */
+  readonly to: string;
+}
+
+/** What `POST /v1/migrations` answers (202): the migration runs on; follow it by id. */
+export interface StartMigrationResponse {
+  readonly id: string;
+}
+
 /** Error body of every failed control request. */
 export interface ControlErrorBody {
   readonly error: { readonly code: string; readonly message: string; readonly details?: Readonly<Record<string, unknown>> };
@@ -100,9 +113,24 @@ export interface AgentControl {
   emitEvent(input: EmbotEventInput): Promise<EmbotEvent>;
   /** Recent processed events, newest last. */
   listEvents(opts: { readonly limit: number }): readonly EmbotEvent[];
+  /**
+   * Starts moving VM `vm` and its management to peer `to`; returns at once with the migration id.
+   * Throws `PEER_UNKNOWN`, `VM_UNKNOWN`, `VM_BAD_STATE` (already migrating) or `CONFIG_INVALID`
+   * (no cluster secret).
+   */
+  migrate(vm: string, to: string): { readonly id: string };
+  /** Running and past migrations this agent took part in (as source or target). */
+  listMigrations(): readonly MigrationInfo[];
+  getMigration(id: string): MigrationInfo | undefined;
+  /** Resolves once migration `id` has ended (at once for a finished one); undefined for an unknown id. */
+  waitMigration(id: string): Promise<MigrationSummary | undefined>;
 }
 
 /** Largest accepted request body. */
 export const MAX_BODY_BYTES = 1024 * 1024;
 export const DEFAULT_EVENTS_LIMIT = 50;
 export const MAX_EVENTS_LIMIT = 10_000;
+/** How long `GET /v1/migrations/:id?wait=1` waits when no `timeoutMs` is given. */
+export const DEFAULT_MIGRATION_WAIT_MS = 10 * 60_000;
+/** Longest accepted `timeoutMs` of a migration wait. */
+export const MAX_MIGRATION_WAIT_MS = 60 * 60_000;

@@ -7,11 +7,14 @@ import { isValidElementId, isValidEventType } from '../events.ts';
 import type { Logger } from '../logger.ts';
 import {
   DEFAULT_EVENTS_LIMIT,
+  DEFAULT_MIGRATION_WAIT_MS,
   MAX_BODY_BYTES,
   MAX_EVENTS_LIMIT,
+  MAX_MIGRATION_WAIT_MS,
   VM_ACTIONS,
   type AgentControl,
   type ControlErrorBody,
+  type MigrationInfo,
   type VmAction,
 } from './control-api.ts';
 
@@ -42,6 +45,7 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.VM_UNKNOWN]: 404,
   [ErrorCodes.ELEMENT_UNKNOWN]: 404,
   [ErrorCodes.POLICY_UNKNOWN]: 404,
+  [ErrorCodes.PEER_UNKNOWN]: 400,
   [ErrorCodes.VM_EXISTS]: 409,
   [ErrorCodes.VM_BAD_STATE]: 409,
   [ErrorCodes.ELEMENT_EXISTS]: 409,
@@ -67,6 +71,13 @@ const EmitEventBody = z
     payload: z.unknown().optional(),
     ts: z.number().int().nonnegative().optional(),
     id: z.string().min(1).max(200).optional(),
+  })
+  .strict();
+
+const StartMigrationBody = z
+  .object({
+    vm: z.string().min(1).max(128),
+    to: z.string().min(1).max(64),
   })
   .strict();
 
@@ -116,7 +127,10 @@ export async function startControlServer(options: ControlServerOptions): Promise
         // Without a token, a browser page on a rebinding domain could otherwise drive the API.
         throw badRequest(`Host header ${JSON.stringify(req.headers.host ?? '')} is not a loopback name`);
       }
-      const { status, body } = await route(req);
+      // A long-poll (migration wait) must stop waiting when its client goes away.
+      const gone = new AbortController();
+      res.once('close', () => gone.abort());
+      const { status, body } = await route(req, gone.signal);
       send(res, status, body);
     } catch (e) {
       const { status, code, message, details } = toHttpError(e);
@@ -127,7 +141,7 @@ export async function startControlServer(options: ControlServerOptions): Promise
     }
   }
 
-  async function route(req: IncomingMessage): Promise<{ status: number; body: unknown }> {
+  async function route(req: IncomingMessage, gone: AbortSignal): Promise<{ status: number; body: unknown }> {
     const url = new URL(req.url ?? '/', 'http://control.invalid');
     const parts = url.pathname.split('/').filter((p) => p !== '');
     const method = req.method ?? 'GET';
@@ -175,7 +189,32 @@ export async function startControlServer(options: ControlServerOptions): Promise
       const event = await control.emitEvent({ ...input, source: 'control' });
       return { status: 201, body: event };
     }
+    if (path.length === 1 && path[0] === 'migrations') {
+      if (method === 'GET') return ok(control.listMigrations());
+      only('POST');
+      const body = StartMigrationBody.safeParse(await readJson(req));
+      if (!body.success) throw invalidFields(body.error);
+      const { id } = control.migrate(body.data.vm, body.data.to);
+      return { status: 202, body: { id } };
+    }
+    if (path.length === 2 && path[0] === 'migrations') {
+      only('GET');
+      const id = decodeSegment(path[1]!);
+      const wait = parseWait(url.searchParams.get('wait'));
+      const timeoutMs = parseWaitTimeout(url.searchParams.get('timeoutMs'));
+      const info = migrationOrThrow(id);
+      if (!wait || info.outcome !== null) return ok(info);
+      await waitBounded(control.waitMigration(id), timeoutMs, gone);
+      // Still running after timeoutMs: the caller sees `outcome: null` and asks again.
+      return ok(migrationOrThrow(id));
+    }
     throw notFound(url.pathname);
+  }
+
+  function migrationOrThrow(id: string): MigrationInfo {
+    const info = control.getMigration(id);
+    if (info === undefined) throw new ControlError(ErrorCodes.CONTROL_NOT_FOUND, `no migration ${JSON.stringify(id)} on this agent (see GET /v1/migrations)`, { details: { id } });
+    return info;
   }
 
   await new Promise<void>((resolve, reject) => {
@@ -247,7 +286,7 @@ function badRequest(message: string, details?: Record<string, unknown>): Control
 }
 
 function notFound(path: string): ControlError {
-  return new ControlError(ErrorCodes.CONTROL_NOT_FOUND, `no route ${path} (see GET /v1/status, /v1/vms, /v1/embots, /v1/plugins, /v1/events)`);
+  return new ControlError(ErrorCodes.CONTROL_NOT_FOUND, `no route ${path} (see GET /v1/status, /v1/vms, /v1/embots, /v1/plugins, /v1/events, /v1/migrations)`);
 }
 
 function invalidFields(error: z.ZodError): ControlError {
@@ -272,6 +311,39 @@ function parseLimit(raw: string | null): number {
   const n = Number(raw);
   if (n < 1 || n > MAX_EVENTS_LIMIT) throw badRequest(`limit must be between 1 and ${MAX_EVENTS_LIMIT}, got ${n}`);
   return n;
+}
+
+function parseWait(raw: string | null): boolean {
+  if (raw === null || raw === '0' || raw === 'false') return false;
+  if (raw === '' || raw === '1' || raw === 'true') return true;
+  throw badRequest(`wait must be 1 or 0, got ${JSON.stringify(raw)}`);
+}
+
+function parseWaitTimeout(raw: string | null): number {
+  if (raw === null) return DEFAULT_MIGRATION_WAIT_MS;
+  const n = Number(raw);
+  if (!/^\d+$/.test(raw) || n < 1 || n > MAX_MIGRATION_WAIT_MS) {
+    throw badRequest(`timeoutMs must be a whole number of milliseconds between 1 and ${MAX_MIGRATION_WAIT_MS}, got ${JSON.stringify(raw)}`);
+  }
+  return n;
+}
+
+/** Waits for `done`, at most `ms`, and no longer than the client stays connected. */
+async function waitBounded(done: Promise<unknown>, ms: number, gone: AbortSignal): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  let onGone: (() => void) | undefined;
+  const bound = new Promise<void>((resolve) => {
+    if (gone.aborted) return resolve();
+    timer = setTimeout(resolve, ms);
+    onGone = resolve;
+    gone.addEventListener('abort', onGone, { once: true });
+  });
+  try {
+    await Promise.race([done, bound]);
+  } finally {
+    clearTimeout(timer);
+    if (onGone) gone.removeEventListener('abort', onGone);
+  }
 }
 
 /**

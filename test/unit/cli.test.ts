@@ -2,9 +2,11 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { formatReadyLine } from '../../core/cli/agent-command.ts';
 import { main } from '../../core/cli/main.ts';
 import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
+import { ConfigError, ErrorCodes } from '../../core/errors.ts';
 import { createLogger } from '../../core/logger.ts';
 import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
 
@@ -37,6 +39,12 @@ function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
       return e;
     },
     listEvents: ({ limit }) => events.slice(-limit),
+    migrate: (_vm, to) => {
+      throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'`);
+    },
+    listMigrations: () => [],
+    getMigration: () => undefined,
+    waitMigration: async () => undefined,
   };
 }
 
@@ -98,6 +106,32 @@ describe('cli usage errors exit 2 with a message', () => {
     expect(r.stdout).toBe('');
   });
 
+  it.each([
+    [['agent', '--peers', 'b'], /--peers <list>.*is invalid.*not NAME=ws:\/\/HOST:PORT/],
+    [['agent', '--peers', 'b=http://127.0.0.1:7402'], /must be a ws:\/\/ or wss:\/\/ URL/],
+    [['agent', '--peers', 'b=ws://127.0.0.1:1,b=ws://127.0.0.1:2'], /peer b is given twice/],
+    [['agent', '--peers', 'b=ws://user:pw@127.0.0.1:1'], /must not carry credentials/],
+    [['agent', '--peer-listen', 'nowhere'], /--peer-listen <host:port>.*is invalid.*not HOST:PORT/],
+    [['agent', '--peer-listen', '127.0.0.1:70000'], /out of range/],
+  ])('embot %j (peer flags are checked before anything starts)', async (args, message) => {
+    const r = await run([...args, '--data', join(tmp, 'never'), '--log-level', 'silent']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(message);
+    expect(r.stdout).toBe('');
+  });
+
+  it('a missing or short --secret-file is a usage error naming the file', async () => {
+    const missing = await run(['agent', '--secret-file', join(tmp, 'no-secret'), '--data', join(tmp, 'never'), '--log-level', 'silent']);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toMatch(/cannot read secret file .*no-secret.*EMBOT_ERR_CONFIG_NOT_FOUND/);
+    const short = join(tmp, 'short-secret');
+    writeFileSync(short, 'tooshort\n');
+    const weak = await run(['agent', '--secret-file', short, '--data', join(tmp, 'never'), '--log-level', 'silent']);
+    expect(weak.code).toBe(2);
+    expect(weak.stderr).toMatch(/secret file .*short-secret is 8 bytes; at least 16 are required/);
+    expect(missing.stdout + weak.stdout).toBe('');
+  });
+
   it('a bad --payload never reaches the agent', async () => {
     const before = events.length;
     expect((await run(['events', 'emit', '--element', 'vm:web', '--type', 'X', '--payload', 'not-json', ...agent])).code).toBe(2);
@@ -123,7 +157,7 @@ describe('cli --help', () => {
   it('lists the commands at the top level and in every group', async () => {
     const top = await run(['--help']);
     expect(top.code).toBe(0);
-    for (const verb of ['agent', 'status', 'vm', 'embots', 'plugins', 'events']) expect(top.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
+    for (const verb of ['agent', 'status', 'vm', 'embots', 'plugins', 'events', 'migrate', 'migrations']) expect(top.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
     const vm = await run(['vm', '--help']);
     expect(vm.code).toBe(0);
     for (const verb of ['list', 'create', 'start', 'stop', 'crash']) expect(vm.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
@@ -134,7 +168,7 @@ describe('cli --help', () => {
     const emit = await run(['events', 'emit', '--help']);
     expect(emit.stdout).toContain('--payload <json>');
     const agentHelp = await run(['agent', '--help']);
-    for (const flag of ['--config', '--name', '--control', '--data', '--plugins', '--driver', '--safe', '--log-level', '--log-format', '--token-file']) {
+    for (const flag of ['--config', '--name', '--control', '--data', '--plugins', '--driver', '--safe', '--log-level', '--log-format', '--token-file', '--peer-listen', '--peers', '--secret-file']) {
       expect(agentHelp.stdout).toContain(flag);
     }
   });
@@ -251,8 +285,52 @@ describe('embot agent', () => {
     const status = await run(['status', '--json', '--agent', m![1]!]);
     expect(status.code).toBe(0);
     expect(JSON.parse(status.stdout)).toMatchObject({ name: 'cli-agent', safe: true, driver: 'sim' });
+    // Without --secret-file the agent cannot migrate: the refusal names the missing secret.
+    const noSecret = await run(['migrate', 'web', '--to', 'b', '--agent', m![1]!]);
+    expect(noSecret.code).toBe(2);
+    expect(noSecret.stderr).toMatch(/no cluster secret.*EMBOT_ERR_CONFIG_INVALID/);
     stop.abort();
     expect(await exit).toBe(0);
     expect((await run(['status', '--agent', m![1]!])).code).toBe(1);
+  });
+});
+
+describe('embot agent with peers', () => {
+  it('--peers, --peer-listen and --secret-file reach the agent: it knows peer b and refuses unknown ones', async () => {
+    const secret = join(tmp, 'cluster-secret');
+    writeFileSync(secret, 'a-cluster-secret-of-enough-bytes\n');
+    const stop = new AbortController();
+    let stdout = '';
+    const exit = main(
+      [
+        'node', 'embot', 'agent', '--name', 'cli-peer', '--control', '127.0.0.1:0', '--data', join(tmp, 'data-peer'), '--plugins', join(tmp, 'plugins'),
+        '--safe', '--log-level', 'silent', '--peer-listen', '127.0.0.1:0', '--secret-file', secret, '--peers', 'b=ws://127.0.0.1:9,c2=ws://127.0.0.1:10',
+      ],
+      { stdout: { write: (s: string) => (stdout += s) }, stderr: { write: () => true }, env: {}, signal: stop.signal },
+    );
+    try {
+      const deadline = Date.now() + 20_000;
+      while (!stdout.includes('ready') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 25));
+      const m = /^embot agent cli-peer ready: control (http:\/\/127\.0\.0\.1:\d+)(?:, peer ws:\/\/127\.0\.0\.1:\d+\S*)?\n$/.exec(stdout);
+      expect(m, stdout).not.toBeNull();
+      const url = m![1]!;
+      // Peer b is known (the secret is loaded too), so the refusal is about the VM, not the peer.
+      const ghost = await run(['migrate', 'ghost', '--to', 'b', '--agent', url]);
+      expect(ghost.code).toBe(1);
+      expect(ghost.stderr).toContain('EMBOT_ERR_VM_UNKNOWN');
+      const unknownPeer = await run(['migrate', 'ghost', '--to', 'zz', '--agent', url]);
+      expect(unknownPeer.code).toBe(1);
+      expect(unknownPeer.stderr).toMatch(/no peer named 'zz'; known: b, c2.*EMBOT_ERR_PEER_UNKNOWN/);
+    } finally {
+      stop.abort();
+      expect(await exit).toBe(0);
+    }
+  });
+
+  it('the ready line names the peer endpoint only when the agent has one', () => {
+    expect(formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400' })).toBe('embot agent a ready: control http://127.0.0.1:7400');
+    expect(formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400', peerUrl: 'ws://127.0.0.1:7401' } as { controlUrl: string })).toBe(
+      'embot agent a ready: control http://127.0.0.1:7400, peer ws://127.0.0.1:7401',
+    );
   });
 });

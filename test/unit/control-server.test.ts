@@ -1,9 +1,9 @@
 import { request as httpRequest } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ControlClient } from '../../core/control/client.ts';
-import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput, EmbotInfo, PluginInfo } from '../../core/control/control-api.ts';
+import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput, EmbotInfo, MigrationInfo, MigrationSummary, PluginInfo } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
-import { ConfigError, ControlError, ErrorCodes, EventError, isEmbotError } from '../../core/errors.ts';
+import { ConfigError, ControlError, ErrorCodes, EffectorError, EventError, isEmbotError } from '../../core/errors.ts';
 import { createLogger } from '../../core/logger.ts';
 import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
 
@@ -66,6 +66,40 @@ class SimBackedControl implements AgentControl {
   }
   listEvents(opts: { limit: number }) {
     return this.events.slice(-opts.limit);
+  }
+
+  // Migrations: a test double that runs until the test calls finishMigration().
+  hasSecret = true;
+  readonly migrations = new Map<string, MigrationInfo>();
+  private readonly ends = new Map<string, { promise: Promise<MigrationSummary>; resolve: (s: MigrationSummary) => void }>();
+  migrate(vm: string, to: string): { readonly id: string } {
+    if (!this.hasSecret) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret');
+    if (to !== 'b') throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: b`);
+    if (!this.driver.get(vm)) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm}`);
+    if ([...this.migrations.values()].some((m) => m.vm === vm && m.outcome === null)) throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
+    const id = `mig-${this.migrations.size + 1}`;
+    this.migrations.set(id, { id, role: 'source', vm, peer: to, phase: 'requesting', outcome: null, startedAt: 1000, updatedAt: 1000, progress: { phase: 'requesting', bytes: 0, memoryBytes: 0, memoryTotal: 100, percent: 0 } });
+    let resolve!: (s: MigrationSummary) => void;
+    const promise = new Promise<MigrationSummary>((r) => (resolve = r));
+    this.ends.set(id, { promise, resolve });
+    return { id };
+  }
+  finishMigration(id: string): MigrationSummary {
+    const m = this.migrations.get(id)!;
+    const summary: MigrationSummary = { migrationId: id, vm: m.vm, from: 'a', to: m.peer, outcome: 'completed', totalMs: 42, phases: [{ phase: 'requesting', ms: 42 }], embots: 1, events: 2, modules: [], modulesShipped: 0, dirtyRounds: 1, bytes: 100, memoryBytes: 100, downtimeMs: 5, forwarded: 0 };
+    const { progress: _dropped, ...rest } = m;
+    this.migrations.set(id, { ...rest, phase: 'completed', outcome: 'completed', updatedAt: 1042, summary });
+    this.ends.get(id)!.resolve(summary);
+    return summary;
+  }
+  listMigrations(): MigrationInfo[] {
+    return [...this.migrations.values()];
+  }
+  getMigration(id: string): MigrationInfo | undefined {
+    return this.migrations.get(id);
+  }
+  waitMigration(id: string): Promise<MigrationSummary | undefined> {
+    return this.ends.get(id)?.promise ?? Promise.resolve(undefined);
   }
 }
 
@@ -137,6 +171,126 @@ describe('control server routes', () => {
     expect((await call('GET', '/v1/events')).json).toHaveLength(2);
     const dup = await call('POST', '/v1/events', JSON.stringify({ elementId: 'vm:web', type: 'LOAD_LOW', id: 'fixed-1' }));
     expect(dup).toMatchObject({ status: 409, json: { error: { code: ErrorCodes.EVENT_DUPLICATE } } });
+  });
+});
+
+describe('control server migration routes', () => {
+  function settled(p: Promise<unknown>): Promise<boolean> {
+    return Promise.race([p.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 50))]);
+  }
+
+  it('POST /v1/migrations answers 202 {id}; GET lists it and shows it by id', async () => {
+    control.driver.create({ name: 'mig-a' });
+    const started = await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-a', to: 'b' }));
+    expect(started.status).toBe(202);
+    expect(Object.keys(started.json)).toEqual(['id']);
+    const id = started.json.id as string;
+    const list = await call('GET', '/v1/migrations');
+    expect(list.status).toBe(200);
+    expect(list.json.find((m: MigrationInfo) => m.id === id)).toMatchObject({ vm: 'mig-a', peer: 'b', role: 'source', outcome: null });
+    const one = await call('GET', `/v1/migrations/${id}`);
+    expect(one).toMatchObject({ status: 200, json: { id, phase: 'requesting', outcome: null, progress: { percent: 0 } } });
+    expect((await call('GET', `/v1/migrations/${id}?wait=0`)).json.outcome).toBeNull();
+    control.finishMigration(id);
+  });
+
+  it('maps refusals: unknown peer 400, unknown VM 404, already migrating 409, no secret 400 CONFIG_INVALID', async () => {
+    control.driver.create({ name: 'mig-busy' });
+    const peer = await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-busy', to: 'zz' }));
+    expect(peer).toMatchObject({ status: 400, json: { error: { code: ErrorCodes.PEER_UNKNOWN } } });
+    expect(peer.json.error.message).toContain("no peer named 'zz'");
+    expect(await call('POST', '/v1/migrations', JSON.stringify({ vm: 'ghost', to: 'b' }))).toMatchObject({ status: 404, json: { error: { code: ErrorCodes.VM_UNKNOWN } } });
+    const first = await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-busy', to: 'b' }));
+    expect(first.status).toBe(202);
+    expect(await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-busy', to: 'b' }))).toMatchObject({ status: 409, json: { error: { code: ErrorCodes.VM_BAD_STATE } } });
+    control.finishMigration(first.json.id);
+    control.hasSecret = false;
+    try {
+      expect(await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-busy', to: 'b' }))).toMatchObject({ status: 400, json: { error: { code: ErrorCodes.CONFIG_INVALID } } });
+    } finally {
+      control.hasSecret = true;
+    }
+  });
+
+  it.each([
+    ['missing to', '{"vm": "mig-a"}', /to: /],
+    ['empty vm', '{"vm": "", "to": "b"}', /vm: /],
+    ['unknown field', '{"vm": "mig-a", "to": "b", "force": true}', /unknown field force/],
+    ['not JSON', '{"vm":', /not valid JSON/],
+    ['a list', '["mig-a", "b"]', /expected object/],
+  ])('bad migration body (%s) → 400, nothing started', async (_name, body, message) => {
+    const before = control.migrations.size;
+    const r = await call('POST', '/v1/migrations', body);
+    expect(r.status).toBe(400);
+    expect(r.json.error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    expect(r.json.error.message).toMatch(message);
+    expect(control.migrations.size).toBe(before);
+  });
+
+  it('unknown id 404 (also with wait); wrong methods 405; bad wait parameters 400', async () => {
+    for (const p of ['/v1/migrations/nope', '/v1/migrations/nope?wait=1']) {
+      const r = await call('GET', p);
+      expect(r, p).toMatchObject({ status: 404, json: { error: { code: ErrorCodes.CONTROL_NOT_FOUND } } });
+      expect(r.json.error.message).toContain('no migration "nope"');
+    }
+    expect((await call('DELETE', '/v1/migrations')).status).toBe(405);
+    expect((await call('POST', '/v1/migrations/x', '{}')).status).toBe(405);
+    control.driver.create({ name: 'mig-q' });
+    const { id } = (await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-q', to: 'b' }))).json;
+    for (const q of ['wait=yes', 'wait=1&timeoutMs=0', 'wait=1&timeoutMs=-5', 'wait=1&timeoutMs=1.5', 'wait=1&timeoutMs=abc', 'wait=1&timeoutMs=3600001']) {
+      const r = await call('GET', `/v1/migrations/${id}?${q}`);
+      expect(r.status, q).toBe(400);
+      expect(r.json.error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    }
+    control.finishMigration(id);
+  });
+
+  it('?wait=1 answers only once the migration ended, with its summary', async () => {
+    control.driver.create({ name: 'mig-w' });
+    const { id } = (await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-w', to: 'b' }))).json;
+    const waiting = call('GET', `/v1/migrations/${id}?wait=1`);
+    expect(await settled(waiting)).toBe(false);
+    const summary = control.finishMigration(id);
+    const r = await waiting;
+    expect(r.status).toBe(200);
+    expect(r.json).toMatchObject({ id, outcome: 'completed', phase: 'completed' });
+    expect(r.json.summary).toEqual(summary);
+    // A finished migration answers at once.
+    expect((await call('GET', `/v1/migrations/${id}?wait=1`)).json.outcome).toBe('completed');
+  });
+
+  it('?wait=1&timeoutMs bounds the wait: a still-running migration comes back with outcome null', async () => {
+    control.driver.create({ name: 'mig-t' });
+    const { id } = (await call('POST', '/v1/migrations', JSON.stringify({ vm: 'mig-t', to: 'b' }))).json;
+    const r = await call('GET', `/v1/migrations/${id}?wait=1&timeoutMs=20`);
+    expect(r).toMatchObject({ status: 200, json: { id, outcome: null, phase: 'requesting' } });
+    control.finishMigration(id);
+  });
+
+  it('ControlClient mirrors the routes', async () => {
+    const client = new ControlClient(server.url);
+    control.driver.create({ name: 'mig-c' });
+    const { id } = await client.migrate('mig-c', 'b');
+    expect((await client.getMigration(id)).outcome).toBeNull();
+    expect((await client.listMigrations()).map((m) => m.id)).toContain(id);
+    expect((await client.waitMigration(id, { timeoutMs: 20 })).outcome).toBeNull();
+    const pending = client.waitMigration(id);
+    control.finishMigration(id);
+    expect(await pending).toMatchObject({ id, outcome: 'completed', summary: { embots: 1, events: 2 } });
+    await expect(client.getMigration('nope')).rejects.toMatchObject({ code: ErrorCodes.CONTROL_NOT_FOUND, details: { status: 404 } });
+    await expect(client.migrate('mig-c', 'zz')).rejects.toMatchObject({ code: ErrorCodes.PEER_UNKNOWN, details: { status: 400 } });
+  });
+
+  it('closing the server ends a pending wait (the client sees the agent gone)', async () => {
+    const tmp = await startControlServer({ host: '127.0.0.1', port: 0, control, logger });
+    control.driver.create({ name: 'mig-x' });
+    const client = new ControlClient(tmp.url);
+    const { id } = await client.migrate('mig-x', 'b');
+    const pending = client.waitMigration(id).catch((e: unknown) => e);
+    expect(await settled(pending)).toBe(false);
+    await tmp.close();
+    expect(isEmbotError(await pending, ErrorCodes.CONTROL_UNREACHABLE)).toBe(true);
+    control.finishMigration(id);
   });
 });
 

@@ -1,0 +1,286 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { main } from '../../core/cli/main.ts';
+import { parseDestination, renderMigrations } from '../../core/cli/migrate-commands.ts';
+import type { AgentControl, AgentStatus, MigrationInfo, MigrationSummary } from '../../core/control/control-api.ts';
+import { startControlServer, type ControlServer } from '../../core/control/server.ts';
+import { ConfigError, EffectorError, ErrorCodes } from '../../core/errors.ts';
+import { createLogger } from '../../core/logger.ts';
+import type { MigrationOutcome } from '../../core/mobility/mobility-contract.ts';
+
+const MiB = 1024 * 1024;
+
+interface Script {
+  readonly phases: readonly string[];
+  readonly outcome: MigrationOutcome;
+  readonly reason?: string;
+  /** Polls that see the same phase: more than one checks that a phase is printed once. */
+  readonly pollsPerPhase?: number;
+}
+
+/** Which VM does what: every `pollsPerPhase` polls of `getMigration` move the migration one phase on. */
+const SCRIPTS: Readonly<Record<string, Script>> = {
+  web: { phases: ['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'completing', 'finishing', 'completed'], outcome: 'completed', pollsPerPhase: 2 },
+  db: { phases: ['requesting', 'holding', 'sendingState', 'rollingBack', 'aborted'], outcome: 'aborted', reason: 'target replied ManagementStateFailed: embot vm-watchdog/db failed to instantiate' },
+  big: { phases: ['requesting', 'denied'], outcome: 'denied', reason: 'not enough memory on b' },
+};
+
+function summaryFor(id: string, vm: string, to: string, script: Script): MigrationSummary {
+  const completed = script.outcome === 'completed';
+  return {
+    migrationId: id,
+    vm,
+    from: 'a',
+    to,
+    outcome: script.outcome,
+    ...(script.reason === undefined ? {} : { reason: script.reason }),
+    totalMs: 1234,
+    phases: script.phases.slice(0, -1).map((phase, i) => ({ phase, ms: 10 * (i + 1) })),
+    embots: completed ? 3 : 0,
+    events: completed ? 120 : 0,
+    modules: ['vm-watchdog@1.0.0#sha256-aaaa', 'host-load@0.2.0#sha256-bbbb'],
+    modulesShipped: completed ? 1 : 0,
+    dirtyRounds: completed ? 2 : 0,
+    bytes: completed ? 65 * MiB : 2048,
+    memoryBytes: completed ? 64 * MiB : 0,
+    downtimeMs: completed ? 15 : null,
+    forwarded: completed ? 4 : 0,
+  };
+}
+
+/** AgentControl whose migrations walk through their script one phase per poll. */
+class ScriptedControl implements AgentControl {
+  migrateCalls = 0;
+  private readonly runs = new Map<string, { vm: string; to: string; script: Script; polls: number }>();
+
+  status(): AgentStatus {
+    throw new Error('not used');
+  }
+  listVms() {
+    return [];
+  }
+  createVm(): never {
+    throw new Error('not used');
+  }
+  vmAction(): never {
+    throw new Error('not used');
+  }
+  listEmbots() {
+    return [];
+  }
+  listPlugins() {
+    return [];
+  }
+  async emitEvent(): Promise<never> {
+    throw new Error('not used');
+  }
+  listEvents() {
+    return [];
+  }
+  migrate(vm: string, to: string): { readonly id: string } {
+    this.migrateCalls++;
+    if (to !== 'b') throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: b`);
+    const script = SCRIPTS[vm];
+    if (!script) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm}`);
+    const id = `m-${this.runs.size + 1}`;
+    this.runs.set(id, { vm, to, script, polls: 0 });
+    return { id };
+  }
+  private info(id: string): MigrationInfo | undefined {
+    const run = this.runs.get(id);
+    if (!run) return undefined;
+    const { script } = run;
+    const step = Math.floor(run.polls / (script.pollsPerPhase ?? 1));
+    const last = script.phases.length - 1;
+    const done = step >= last;
+    const base = { id, role: 'source' as const, vm: run.vm, peer: run.to, phase: script.phases[Math.min(step, last)]!, startedAt: Date.UTC(2025, 0, 2, 3, 4, 5), updatedAt: Date.UTC(2025, 0, 2, 3, 4, 6) };
+    if (done) return { ...base, outcome: script.outcome, ...(script.reason === undefined ? {} : { reason: script.reason }), summary: summaryFor(id, run.vm, run.to, script) };
+    return { ...base, outcome: null, progress: { phase: base.phase, bytes: step * MiB, memoryBytes: step * MiB, memoryTotal: last * MiB, percent: (step / last) * 100 } };
+  }
+  listMigrations(): MigrationInfo[] {
+    return [...this.runs.keys()].map((id) => this.info(id)!);
+  }
+  getMigration(id: string): MigrationInfo | undefined {
+    const info = this.info(id);
+    const run = this.runs.get(id);
+    if (run) run.polls++;
+    return info;
+  }
+  async waitMigration(id: string): Promise<MigrationSummary | undefined> {
+    const run = this.runs.get(id);
+    if (!run) return undefined;
+    run.polls = (run.script.phases.length - 1) * (run.script.pollsPerPhase ?? 1);
+    return this.info(id)!.summary;
+  }
+}
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function run(args: readonly string[], opts: { tty?: boolean } = {}): Promise<Run> {
+  let stdout = '';
+  let stderr = '';
+  const code = await main(['node', 'embot', ...args, '--agent', server.url], {
+    stdout: { write: (s: string) => (stdout += s), ...(opts.tty ? { isTTY: true } : {}) },
+    stderr: { write: (s: string) => (stderr += s) },
+    env: {},
+  });
+  return { code, stdout, stderr };
+}
+
+let control: ScriptedControl;
+let server: ControlServer;
+
+beforeAll(async () => {
+  control = new ScriptedControl();
+  server = await startControlServer({ host: '127.0.0.1', port: 0, control, logger: createLogger({ level: 'silent' }) });
+});
+afterAll(() => server.close());
+
+describe('embot migrate: progress and summary', () => {
+  it('off a terminal: one line per phase, in order, then the summary; exit 0 when completed', async () => {
+    const r = await run(['migrate', 'web', '--to', 'b']);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(r.stdout).not.toContain('\r');
+    const lines = r.stdout.split('\n');
+    expect(lines[0]).toMatch(/^migrating vm web to b \(migration m-\d+\)$/);
+    const phaseLines = lines.filter((l) => /^\[\d+\.\ds\] /.test(l));
+    expect(phaseLines.map((l) => l.split('  ')[1])).toEqual(SCRIPTS['web']!.phases);
+    expect(phaseLines[0]).toMatch(/^\[\d+\.\ds\]  requesting  0 B  0%$/);
+    expect(phaseLines[4]).toMatch(/^\[\d+\.\ds\]  migratingVm  4 MiB  50%$/);
+    expect(phaseLines.at(-1)).toMatch(/^\[\d+\.\ds\]  completed$/);
+
+    const summary = r.stdout.slice(r.stdout.indexOf('migration:'));
+    expect(summary).toMatch(/^migration:\s+m-\d+ \(vm web: a → b\)$/m);
+    expect(summary).toMatch(/^outcome:\s+completed$/m);
+    expect(summary).toMatch(/^total time:\s+1\.23 s$/m);
+    expect(summary).toMatch(/^phases:\s+requesting\s+10 ms$/m);
+    expect(summary).toMatch(/^\s+finishing\s+80 ms$/m);
+    expect(summary).toMatch(/^embots moved:\s+3$/m);
+    expect(summary).toMatch(/^events moved:\s+120$/m);
+    expect(summary).toMatch(/^modules:\s+2, 1 shipped \(vm-watchdog@1\.0\.0, host-load@0\.2\.0\)$/m);
+    expect(summary).toMatch(/^dirty rounds:\s+2$/m);
+    expect(summary).toMatch(/^bytes:\s+65 MiB \(memory 64 MiB\)$/m);
+    expect(summary).toMatch(/^downtime:\s+15 ms$/m);
+    expect(summary).toMatch(/^forwarded:\s+4 events$/m);
+    expect(summary).not.toMatch(/^reason:/m);
+  });
+
+  it('an aborted migration prints its reason and exits 1', async () => {
+    const r = await run(['migrate', 'db', '--to', 'b']);
+    expect(r.code).toBe(1);
+    const phaseLines = r.stdout.split('\n').filter((l) => /^\[\d+\.\ds\] /.test(l));
+    expect(phaseLines.map((l) => l.split('  ')[1])).toEqual(['requesting', 'holding', 'sendingState', 'rollingBack', 'aborted']);
+    expect(r.stdout).toMatch(/^outcome:\s+aborted$/m);
+    expect(r.stdout).toMatch(/^reason:\s+target replied ManagementStateFailed: embot vm-watchdog\/db failed to instantiate$/m);
+    expect(r.stdout).toMatch(/^downtime:\s+n\/a/m);
+  });
+
+  it('a denied migration exits 1 with the reason', async () => {
+    const r = await run(['migrate', 'big', '--to', 'b']);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toMatch(/^outcome:\s+denied$/m);
+    expect(r.stdout).toMatch(/^reason:\s+not enough memory on b$/m);
+  });
+
+  it('on a terminal: one line rewritten in place, ended by a newline before the summary', async () => {
+    const r = await run(['migrate', 'web', '--to', 'b'], { tty: true });
+    expect(r.code).toBe(0);
+    const updates = r.stdout.split('\r\x1b[2K').slice(1);
+    // Two polls per phase, each one an update, so the line is rewritten even within a phase.
+    expect(updates.length).toBe(2 * (SCRIPTS['web']!.phases.length - 1) + 1);
+    // Every update but the last stays on the same line.
+    for (const u of updates.slice(0, -1)) expect(u).not.toContain('\n');
+    expect(updates.some((u) => /^\[\d+\.\ds\]  syncingDirty  5 MiB  62%$/.test(u))).toBe(true);
+    expect(updates.at(-1)).toMatch(/^\[\d+\.\ds\]  completed\nmigration:/);
+    expect(r.stdout).toMatch(/^outcome:\s+completed$/m);
+  });
+
+  it('--json prints only the final MigrationInfo with its summary, as the API returns it', async () => {
+    const ok = await run(['migrate', 'web', '--to', 'b', '--json']);
+    expect(ok.code).toBe(0);
+    const info = JSON.parse(ok.stdout) as MigrationInfo;
+    expect(info).toMatchObject({ vm: 'web', peer: 'b', outcome: 'completed', phase: 'completed', summary: { embots: 3, events: 120, dirtyRounds: 2 } });
+    const api = await (await fetch(`${server.url}/v1/migrations/${info.id}`)).json();
+    expect(info).toEqual(api);
+    const aborted = await run(['migrate', 'db', '--to', 'b', '--json']);
+    expect(aborted.code).toBe(1);
+    expect(JSON.parse(aborted.stdout)).toMatchObject({ outcome: 'aborted', reason: SCRIPTS['db']!.reason });
+  });
+
+  it('--no-wait prints the id and returns at once (exit 0), also as JSON', async () => {
+    const r = await run(['migrate', 'web', '--to', 'b', '--no-wait']);
+    expect(r.code).toBe(0);
+    const m = /^migration (m-\d+) started: vm web → b \(follow it with `embot migrations`\)\n$/.exec(r.stdout);
+    expect(m, r.stdout).not.toBeNull();
+    const json = await run(['migrate', 'db', '--to', 'b', '--no-wait', '--json']);
+    expect(json.code).toBe(0);
+    const body = JSON.parse(json.stdout) as { id: string };
+    expect(Object.keys(body)).toEqual(['id']);
+    // Neither was followed, so both are still running.
+    const list = await (await fetch(`${server.url}/v1/migrations`)).json() as MigrationInfo[];
+    expect(list.find((x) => x.id === m![1])?.outcome).toBeNull();
+    expect(list.find((x) => x.id === body.id)?.outcome).toBeNull();
+  });
+});
+
+describe('embot migrate: bad input', () => {
+  it.each([
+    [['migrate', 'web', '--to', 'b,c'], /several destinations \(PEER,PEER…\) are not supported yet/],
+    [['migrate', 'web', '--to', ' '], /expected a peer name/],
+    [['migrate', 'web'], /required option '--to <peer>' not specified/],
+    [['migrate', '--to', 'b'], /missing required argument 'vm'/],
+    [['migrate', 'web', 'db', '--to', 'b'], /too many arguments/],
+    [['migrations', 'extra'], /too many arguments/],
+  ])('embot %j exits 2 and never asks the agent to migrate', async (args, message) => {
+    const before = control.migrateCalls;
+    const r = await run(args);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(message);
+    expect(r.stdout).toBe('');
+    expect(control.migrateCalls).toBe(before);
+  });
+
+  it('refusals from the agent exit 1 with its code', async () => {
+    const peer = await run(['migrate', 'web', '--to', 'zz']);
+    expect(peer.code).toBe(1);
+    expect(peer.stderr).toMatch(/no peer named 'zz'; known: b \[EMBOT_ERR_PEER_UNKNOWN\]/);
+    const vm = await run(['migrate', 'ghost', '--to', 'b']);
+    expect(vm.code).toBe(1);
+    expect(vm.stderr).toContain('EMBOT_ERR_VM_UNKNOWN');
+    expect(peer.stdout + vm.stdout).toBe('');
+  });
+
+  it('parseDestination accepts one trimmed peer name', () => {
+    expect(parseDestination(' b ')).toBe('b');
+    expect(() => parseDestination('b,c')).toThrow(/not supported yet/);
+  });
+});
+
+describe('embot migrations', () => {
+  it('--json prints exactly the API list', async () => {
+    const r = await run(['migrations', '--json']);
+    expect(r.code).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual(await (await fetch(`${server.url}/v1/migrations`)).json());
+  });
+
+  it('the table shows role, vm, peer, phase, outcome (running for live ones), duration and reason', async () => {
+    const { id } = await (await fetch(`${server.url}/v1/migrations`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ vm: 'db', to: 'b' }) })).json() as { id: string };
+    const r = await run(['migrations']);
+    expect(r.code).toBe(0);
+    const lines = r.stdout.trimEnd().split('\n');
+    expect(lines[0]).toMatch(/^ID\s+ROLE\s+VM\s+PEER\s+PHASE\s+OUTCOME\s+STARTED\s+DURATION\s+REASON$/);
+    const running = lines.find((l) => l.startsWith(`${id} `))!;
+    expect(running).toMatch(/^m-\d+\s+source\s+db\s+b\s+requesting\s+running\s+2025-01-02 /);
+    const done = lines.find((l) => /\scompleted\s/.test(l))!;
+    expect(done).toMatch(/\s+web\s+b\s+completed\s+completed\s+\S+ \S+\s+1\.23 s$/);
+    expect(lines.some((l) => /\saborted\s+aborted\s.*1\.23 s\s+target replied ManagementStateFailed/.test(l))).toBe(true);
+  });
+
+  it('an agent with no migrations says how to start one', () => {
+    expect(renderMigrations([], Date.now())).toBe('no migrations yet (start one with `embot migrate VM --to PEER`)\n');
+  });
+});
