@@ -43,7 +43,7 @@ export class AgentProcess {
     const a = new AgentProcess(opts);
     const started = Date.now();
     for (;;) {
-      const m = /ready: control (http:\/\/\S+)/.exec(a.stdout);
+      const m = /ready: control (http:\/\/[^\s,]+)/.exec(a.stdout);
       if (m) {
         a.url = m[1]!;
         a.client = new ControlClient(a.url);
