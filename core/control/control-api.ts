@@ -31,28 +31,10 @@ export interface AgentStatus {
   };
 }
 
-/** `unloaded`: its module was removed from the plugins folder; kept so it can resume when the module returns. */
-export type EmbotStatus = 'running' | 'quarantined' | 'disabled' | 'unloaded';
-
-export interface PolicyInfo {
-  readonly name: string;
-  /** xstate state value (`'idle'`, `{ backoff: 'waiting' }`, …). */
-  readonly state: unknown;
-  /** The machine's context (extended state), as persisted. */
-  readonly context?: unknown;
-  /** ms since epoch of the last snapshot change. */
-  readonly updatedAt: number;
-}
-
-export interface EmbotInfo {
-  readonly id: string;
-  readonly module: string;
-  readonly type: string;
-  readonly elementIds: readonly string[];
-  readonly status: EmbotStatus;
-  readonly error?: string;
-  readonly policies: readonly PolicyInfo[];
-}
+// Embots are described by the runtime that runs them; the API shows them as they are.
+import type { EmbotInfo } from '../../embots/embot-runtime.ts';
+export type { EmbotInfo, PolicyView as PolicyInfo } from '../../embots/embot-runtime.ts';
+export type { EmbotStatus } from '../../embots/embot-store.ts';
 
 export type PluginStatus = 'loaded' | 'error' | 'disabled' | 'quarantined' | 'unloaded';
 
@@ -81,6 +63,11 @@ export interface CreateVmRequest {
 export type VmAction = 'start' | 'stop' | 'crash';
 export const VM_ACTIONS: readonly VmAction[] = ['start', 'stop', 'crash'];
 
+/** Body of `POST /v1/vms/:name/load`: the CPU load (0..1) the sim VM reports while running. */
+export interface SetVmLoadRequest {
+  readonly load: number;
+}
+
 /** Body of `POST /v1/migrations`: move VM `vm` and its management to the peer named `to`. */
 export interface StartMigrationRequest {
   readonly vm: string;
@@ -107,6 +94,11 @@ export interface AgentControl {
   listVms(): readonly VmInfo[];
   createVm(spec: CreateVmRequest): VmInfo;
   vmAction(name: string, action: VmAction): VmInfo;
+  /**
+   * Sets the CPU load (0..1) VM `name` reports while running (sim driver); the host sensor's
+   * `HOST_LOAD` readings follow it. Throws `VM_UNKNOWN` or `VM_SPEC_INVALID`.
+   */
+  setVmLoad(name: string, load: number): VmInfo;
   listEmbots(): readonly EmbotInfo[];
   listPlugins(): readonly PluginInfo[];
   /** Resolves once the event is journaled. */

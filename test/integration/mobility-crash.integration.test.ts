@@ -1,7 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import { sleep, waitFor } from '../harness/agent-process.ts';
 import type { EmbotInfo } from '../../core/control/control-api.ts';
 
 /**
@@ -23,14 +22,6 @@ afterEach(async () => {
 
 const counterOf = (embots: readonly EmbotInfo[]) => embots.find((e) => e.id === 'counter/counter/vm:app')?.policies[0]?.context as CounterContext | undefined;
 
-async function listMigrations(a: AgentProcess): Promise<MigrationInfo[]> {
-  return (await (await fetch(`${a.url}/v1/migrations`)).json()) as MigrationInfo[];
-}
-
-async function startMigration(a: AgentProcess): Promise<string> {
-  const res = await fetch(`${a.url}/v1/migrations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ vm: 'app', to: 'b' }) });
-  return ((await res.json()) as { id: string }).id;
-}
 
 const SOURCE_PHASES = ['holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'completing', 'finishing'];
 const TARGET_PHASES = ['permitted', 'stateStaged', 'eventsStaged', 'vmReceived', 'syncing', 'committing', 'committed'];
@@ -62,7 +53,7 @@ describe('crash safety of migrations', () => {
       }
     })();
     await waitFor(() => acked >= 20, 10_000, 'events before the move');
-    await startMigration(a);
+    await a.client.migrate('app', 'b');
     const victimProcess = cluster.agent(victim);
     await waitFor(() => victimProcess.child.exitCode !== null || victimProcess.child.signalCode !== null, 15_000, `${victim} to die at ${point}`);
     if (victim === 'b') await waitFor(() => acked >= 40, 10_000, 'events while the target is down');
@@ -75,7 +66,7 @@ describe('crash safety of migrations', () => {
 
     // Both sides settle: no migration left without an outcome.
     await waitFor(async () => {
-      const all = [...(await listMigrations(A)), ...(await listMigrations(B))];
+      const all = [...(await A.client.listMigrations()), ...(await B.client.listMigrations())];
       return all.length > 0 && all.every((m) => m.outcome !== null);
     }, 20_000, 'the migration settled on both sides');
 

@@ -16,9 +16,8 @@ afterEach(async () => {
 });
 
 async function migrate(a: AgentProcess, vm: string, to: string): Promise<MigrationInfo> {
-  const res = await fetch(`${a.url}/v1/migrations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ vm, to }) });
-  const { id } = (await res.json()) as { id: string };
-  return (await (await fetch(`${a.url}/v1/migrations/${id}?wait=1&timeoutMs=30000`)).json()) as MigrationInfo;
+  const { id } = await a.client.migrate(vm, to);
+  return a.client.waitMigration(id, { timeoutMs: 30_000 });
 }
 
 const mobility = (trust: Record<string, unknown>) => ({ mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust } });
@@ -52,7 +51,7 @@ describe('module shipping during a migration', () => {
 
     const info = await migrate(a, 'web', 'b');
     expect(info.outcome).toBe('completed');
-    const atB = (await (await fetch(`${b.url}/v1/migrations/${info.id}`)).json()) as MigrationInfo;
+    const atB = await b.client.getMigration(info.id);
     expect(atB.summary?.modulesShipped).toBe(1);
     const plugin = (await b.client.listPlugins()).find((p) => p.name === 'counter');
     expect(plugin?.status).toBe('loaded');

@@ -18,15 +18,8 @@ afterEach(async () => {
 });
 
 async function migrate(a: AgentProcess, vm: string, to: string): Promise<MigrationInfo> {
-  const res = await fetch(`${a.url}/v1/migrations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ vm, to }) });
-  const body = (await res.json()) as { id?: string; error?: { code: string; message: string } };
-  if (!body.id) throw new Error(`migrate refused: ${JSON.stringify(body)}`);
-  return waitMigration(a, body.id);
-}
-
-async function waitMigration(a: AgentProcess, id: string): Promise<MigrationInfo> {
-  const res = await fetch(`${a.url}/v1/migrations/${id}?wait=1&timeoutMs=30000`);
-  return (await res.json()) as MigrationInfo;
+  const { id } = await a.client.migrate(vm, to);
+  return a.client.waitMigration(id, { timeoutMs: 30_000 });
 }
 
 function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
