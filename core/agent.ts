@@ -357,6 +357,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     }
   }
 
+  setVmLoad(name: string, load: number): VmInfo {
+    this.driver.setLoad(name, load);
+    return this.driver.get(name)!;
+  }
+
   listEmbots(): readonly EmbotInfo[] {
     return this.runtime.list();
   }

@@ -76,10 +76,8 @@ async function runAgent(opts: AgentFlags, ctx: CliContext): Promise<number> {
  * // 'embot agent a ready: control http://127.0.0.1:7400, peer ws://127.0.0.1:7401'
  * ```
  */
-export function formatReadyLine(name: string, agent: { readonly controlUrl: string }): string {
-  // RunningAgent does not declare peerUrl (yet); print it when the agent has one.
-  const peerUrl = (agent as { peerUrl?: unknown }).peerUrl;
-  const peer = typeof peerUrl === 'string' && peerUrl !== '' ? `, peer ${peerUrl}` : '';
+export function formatReadyLine(name: string, agent: { readonly controlUrl: string; readonly peerUrl?: string | undefined }): string {
+  const peer = agent.peerUrl ? `, peer ${agent.peerUrl}` : '';
   return `embot agent ${name} ready: control ${agent.controlUrl}${peer}`;
 }
 

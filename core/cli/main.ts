@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
 import { registerAgentCommand } from './agent-command.ts';
+import { registerDemoCommand } from './demo-command.ts';
 import { createContext, type CliIo } from './context.ts';
 import { registerEventCommands } from './event-commands.ts';
 import { registerInfoCommands } from './info-commands.ts';
@@ -53,6 +54,9 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   registerEventCommands(program, ctx);
   registerModuleCommands(program, ctx);
   registerMigrateCommands(program, ctx, (code) => {
+    exitCode = code;
+  });
+  registerDemoCommand(program, ctx, (code) => {
     exitCode = code;
   });
 

@@ -1,4 +1,4 @@
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import type { CreateVmRequest, VmAction, VmInfo } from '../control/control-api.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
 import { formatBytes, formatTable } from './format.ts';
@@ -11,9 +11,9 @@ interface CreateFlags extends ClientFlags {
   readonly udpPort?: number;
 }
 
-/** `embot vm list|create|start|stop|crash`. */
+/** `embot vm list|create|start|stop|crash|load`. */
 export function registerVmCommands(program: Command, ctx: CliContext): void {
-  const vm = program.command('vm').description('list, create, start, stop and crash VMs');
+  const vm = program.command('vm').description('list, create, start, stop and crash VMs; set their simulated load');
 
   clientOptions(vm.command('list').description('list VMs')).action(async (opts: ClientFlags) => {
     const vms = await ctx.client(opts).listVms();
@@ -55,6 +55,18 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
       else ctx.out(`vm ${info.name}: ${info.state}`);
     });
   }
+
+  clientOptions(
+    vm
+      .command('load')
+      .description('set the CPU load (0..1) a sim VM reports while running; the host load follows')
+      .argument('<name>', 'VM name')
+      .argument('<load>', 'load between 0 and 1, e.g. 0.9', parseLoad),
+  ).action(async (name: string, load: number, opts: ClientFlags) => {
+    const info = await ctx.client(opts).setVmLoad(name, load);
+    if (opts.json) ctx.json(info);
+    else ctx.out(`vm ${info.name}: load ${load}${info.state === 'running' ? '' : ` (reported once it runs; it is ${info.state})`}`);
+  });
 }
 
 export function renderVms(vms: readonly VmInfo[]): string {
@@ -67,4 +79,20 @@ export function renderVms(vms: readonly VmInfo[]): string {
 
 function describeVm(v: VmInfo): string {
   return `${v.state}, ${formatBytes(v.memory)}, dirty rate ${formatBytes(v.dirtyRate)}/s, ${v.vcpus} vcpu${v.vcpus === 1 ? '' : 's'}`;
+}
+
+/**
+ * A VM load as users type it: a number between 0 and 1 (`0.9`, `1`, `.5`); a percentage such
+ * as `90%` is the usual mistake, so the message says which form is expected.
+ *
+ * @example
+ * ```ts
+ * parseLoad('0.9'); // 0.9
+ * ```
+ */
+export function parseLoad(raw: string): number {
+  const s = raw.trim();
+  const n = Number(s);
+  if (!/^(?:\d+(?:\.\d*)?|\.\d+)$/.test(s) || !(n >= 0 && n <= 1)) throw new InvalidArgumentError('expected a load between 0 and 1, e.g. 0.9 (not a percentage)');
+  return n;
 }

@@ -8,6 +8,7 @@ import {
   type EmbotInfo,
   type MigrationInfo,
   type PluginInfo,
+  type SetVmLoadRequest,
   type StartMigrationResponse,
   type VmAction,
   type VmInfo,
@@ -69,6 +70,12 @@ export class ControlClient {
 
   vmAction(name: string, action: VmAction): Promise<VmInfo> {
     return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/${action}`, {});
+  }
+
+  /** Sets the CPU load (0..1) the sim VM reports while running. */
+  setVmLoad(name: string, load: number): Promise<VmInfo> {
+    const body: SetVmLoadRequest = { load };
+    return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/load`, body);
   }
 
   listEmbots(): Promise<EmbotInfo[]> {

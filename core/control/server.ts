@@ -48,6 +48,7 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.PEER_UNKNOWN]: 400,
   [ErrorCodes.VM_EXISTS]: 409,
   [ErrorCodes.VM_BAD_STATE]: 409,
+  [ErrorCodes.VM_SPEC_INVALID]: 400,
   [ErrorCodes.ELEMENT_EXISTS]: 409,
   [ErrorCodes.EVENT_DUPLICATE]: 409,
   [ErrorCodes.CONTROL_INTERNAL]: 500,
@@ -61,6 +62,12 @@ const CreateVmBody = z
     dirtyRate: z.number().min(0).optional(),
     vcpus: z.number().int().positive().max(1024).optional(),
     udpPort: z.number().int().min(1).max(65535).optional(),
+  })
+  .strict();
+
+const SetVmLoadBody = z
+  .object({
+    load: z.number().min(0).max(1),
   })
   .strict();
 
@@ -162,6 +169,12 @@ export async function startControlServer(options: ControlServerOptions): Promise
       const body = CreateVmBody.safeParse(await readJson(req));
       if (!body.success) throw invalidFields(body.error);
       return { status: 201, body: control.createVm(body.data) };
+    }
+    if (path.length === 3 && path[0] === 'vms' && path[2] === 'load') {
+      only('POST');
+      const body = SetVmLoadBody.safeParse(await readJson(req));
+      if (!body.success) throw invalidFields(body.error);
+      return ok(control.setVmLoad(decodeSegment(path[1]!), body.data.load));
     }
     if (path.length === 3 && path[0] === 'vms') {
       const action = path[2]!;

@@ -31,6 +31,10 @@ function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
     listVms: () => driver.list(),
     createVm: (spec) => driver.create(spec),
     vmAction: (name, action) => driver[action](name),
+    setVmLoad: (name, load) => {
+      driver.setLoad(name, load);
+      return driver.get(name)!;
+    },
     listEmbots: () => [{ id: 'vm-watchdog/web', module: 'vm-watchdog', type: 'watchdog', elementIds: ['vm:web'], status: 'quarantined', error: 'threw in an action', policies: [{ name: 'restart', state: { backoff: 'waiting' }, updatedAt: 1 }] }],
     listPlugins: () => [{ name: 'vm-watchdog', version: '1.2.3', hash: 'sha256-0123456789abcdef', status: 'loaded', restarts: 0, embotTypes: ['watchdog'], dir: '/p' }],
     emitEvent: async (input: EmbotEventInput) => {
@@ -99,6 +103,13 @@ describe('cli usage errors exit 2 with a message', () => {
     [['vm', 'create', 'x', '--memory', '12Q'], /expected a size like/],
     [['agent', '--driver', 'qemu'], /Allowed choices are sim/],
     [['agent', '--control', 'localhost'], /expected HOST:PORT/],
+    [['vm', 'load', 'web'], /missing required argument 'load'/],
+    [['vm', 'load', 'web', '90%'], /expected a load between 0 and 1.*not a percentage/],
+    [['vm', 'load', 'web', '1.5'], /expected a load between 0 and 1/],
+    [['vm', 'load', 'web', '-0.1'], /unknown option '-0.1'|expected a load/],
+    [['vm', 'load', 'web', 'high'], /expected a load between 0 and 1/],
+    [['demo', '--time-limit', '0'], /--time-limit <seconds>.*expected a whole number/],
+    [['demo', '--bogus'], /unknown option '--bogus'/],
   ])('embot %j', async (args, message) => {
     const r = await run([...args, ...agent]);
     expect(r.code).toBe(2);
@@ -157,10 +168,12 @@ describe('cli --help', () => {
   it('lists the commands at the top level and in every group', async () => {
     const top = await run(['--help']);
     expect(top.code).toBe(0);
-    for (const verb of ['agent', 'status', 'vm', 'embots', 'plugins', 'events', 'migrate', 'migrations']) expect(top.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
+    for (const verb of ['agent', 'status', 'vm', 'embots', 'plugins', 'events', 'migrate', 'migrations', 'demo']) expect(top.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
     const vm = await run(['vm', '--help']);
     expect(vm.code).toBe(0);
-    for (const verb of ['list', 'create', 'start', 'stop', 'crash']) expect(vm.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
+    for (const verb of ['list', 'create', 'start', 'stop', 'crash', 'load']) expect(vm.stdout).toMatch(new RegExp(`^  ${verb}\\b`, 'm'));
+    const demo = await run(['demo', '--help']);
+    for (const flag of ['--keep', '--json', '--time-limit']) expect(demo.stdout).toContain(flag);
     const create = await run(['vm', 'create', '--help']);
     expect(create.stdout).toContain('--memory <size>');
     expect(create.stdout).toContain('--agent <url>');
@@ -211,6 +224,35 @@ describe('cli against an agent', () => {
     expect(driver.get('db')!.state).toBe('running');
     const crashed = await run(['vm', 'crash', 'db', ...agent]);
     expect(crashed.stdout).toBe('vm db: crashed\n');
+  });
+
+  it('vm load sets the load the VM reports; --json prints the VM', async () => {
+    driver.create({ name: 'hot' });
+    driver.start('hot');
+    const r = await run(['vm', 'load', 'hot', '0.85', ...agent]);
+    expect(r).toMatchObject({ code: 0, stdout: 'vm hot: load 0.85\n' });
+    expect(driver.stats('hot').load).toBe(0.85);
+    const json = await run(['vm', 'load', 'hot', '.5', '--json', ...agent]);
+    expect(json.code).toBe(0);
+    expect(JSON.parse(json.stdout)).toMatchObject({ name: 'hot', state: 'running' });
+    expect(driver.stats('hot').load).toBe(0.5);
+    driver.create({ name: 'cold' });
+    const idle = await run(['vm', 'load', 'cold', '1', ...agent]);
+    expect(idle.stdout).toBe('vm cold: load 1 (reported once it runs; it is created)\n');
+  });
+
+  it('vm load refuses a bad load before it reaches the agent, and an unknown VM with the server code', async () => {
+    driver.create({ name: 'kept' });
+    driver.start('kept');
+    driver.setLoad('kept', 0.3);
+    for (const bad of ['2', '90%', 'NaN', '1e0', '']) {
+      const r = await run(['vm', 'load', 'kept', bad, ...agent]);
+      expect(r.code, bad).toBe(2);
+    }
+    expect(driver.stats('kept').load).toBe(0.3);
+    const ghost = await run(['vm', 'load', 'ghost', '0.5', ...agent]);
+    expect(ghost.code).toBe(1);
+    expect(ghost.stderr).toContain('EMBOT_ERR_VM_UNKNOWN');
   });
 
   it('errors from the agent exit 1 with the server code', async () => {
@@ -329,7 +371,8 @@ describe('embot agent with peers', () => {
 
   it('the ready line names the peer endpoint only when the agent has one', () => {
     expect(formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400' })).toBe('embot agent a ready: control http://127.0.0.1:7400');
-    expect(formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400', peerUrl: 'ws://127.0.0.1:7401' } as { controlUrl: string })).toBe(
+    expect(formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400', peerUrl: undefined })).toBe('embot agent a ready: control http://127.0.0.1:7400');
+    expect(formatReadyLine('a', { controlUrl: 'http://127.0.0.1:7400', peerUrl: 'ws://127.0.0.1:7401' })).toBe(
       'embot agent a ready: control http://127.0.0.1:7400, peer ws://127.0.0.1:7401',
     );
   });

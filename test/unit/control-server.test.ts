@@ -43,6 +43,10 @@ class SimBackedControl implements AgentControl {
   vmAction(name: string, action: 'start' | 'stop' | 'crash') {
     return this.driver[action](name);
   }
+  setVmLoad(name: string, load: number) {
+    this.driver.setLoad(name, load);
+    return this.driver.get(name)!;
+  }
   listEmbots(): EmbotInfo[] {
     if (this.failNext === 'throw') {
       this.failNext = undefined;
@@ -171,6 +175,59 @@ describe('control server routes', () => {
     expect((await call('GET', '/v1/events')).json).toHaveLength(2);
     const dup = await call('POST', '/v1/events', JSON.stringify({ elementId: 'vm:web', type: 'LOAD_LOW', id: 'fixed-1' }));
     expect(dup).toMatchObject({ status: 409, json: { error: { code: ErrorCodes.EVENT_DUPLICATE } } });
+  });
+});
+
+describe('control server VM load route', () => {
+  it('POST /v1/vms/:name/load sets the load the running VM reports and answers the VM', async () => {
+    control.driver.create({ name: 'busy' });
+    control.driver.start('busy');
+    const r = await call('POST', '/v1/vms/busy/load', JSON.stringify({ load: 0.75 }));
+    expect(r).toMatchObject({ status: 200, json: { name: 'busy', state: 'running' } });
+    expect(control.driver.stats('busy').load).toBe(0.75);
+    expect((await call('POST', '/v1/vms/busy/load', JSON.stringify({ load: 0 }))).status).toBe(200);
+    expect(control.driver.stats('busy').load).toBe(0);
+    expect((await call('POST', '/v1/vms/busy/load', JSON.stringify({ load: 1 }))).status).toBe(200);
+    expect(control.driver.stats('busy').load).toBe(1);
+  });
+
+  it.each([
+    ['above 1', '{"load": 1.5}', /load: /],
+    ['negative', '{"load": -0.1}', /load: /],
+    ['a string', '{"load": "0.5"}', /load: /],
+    ['missing', '{}', /load: /],
+    ['an unknown field', '{"load": 0.5, "cpu": 2}', /unknown field cpu/],
+    ['not JSON', '{"load":', /not valid JSON/],
+    ['empty', '', /empty/],
+  ])('bad load body (%s) → 400, the load unchanged', async (_name, body, message) => {
+    const name = `steady-${_name.toLowerCase().replace(/\W+/g, '-')}`;
+    control.driver.create({ name });
+    control.driver.start(name);
+    control.driver.setLoad(name, 0.25);
+    const r = await call('POST', `/v1/vms/${name}/load`, body);
+    expect(r.status).toBe(400);
+    expect(r.json.error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    expect(r.json.error.message).toMatch(message);
+    expect(control.driver.stats(name).load).toBe(0.25);
+  });
+
+  it('unknown VM 404, wrong method 405, non-JSON content type 400', async () => {
+    expect(await call('POST', '/v1/vms/ghost/load', JSON.stringify({ load: 0.5 }))).toMatchObject({ status: 404, json: { error: { code: ErrorCodes.VM_UNKNOWN } } });
+    expect((await call('GET', '/v1/vms/busy/load')).status).toBe(405);
+    const form = await call('POST', '/v1/vms/busy/load', 'load=0.9', { 'Content-Type': 'application/x-www-form-urlencoded' });
+    expect(form.status).toBe(400);
+    expect(form.json.error.message).toContain('Content-Type');
+  });
+
+  it('ControlClient.setVmLoad mirrors the route, errors carry the server code', async () => {
+    const client = new ControlClient(server.url);
+    control.driver.create({ name: 'via-client' });
+    control.driver.start('via-client');
+    expect(await client.setVmLoad('via-client', 0.4)).toMatchObject({ name: 'via-client', state: 'running' });
+    expect(control.driver.stats('via-client').load).toBe(0.4);
+    await expect(client.setVmLoad('via-client', 2)).rejects.toMatchObject({ code: ErrorCodes.CONTROL_BAD_REQUEST, details: { status: 400 } });
+    await expect(client.setVmLoad('ghost', 0.5)).rejects.toMatchObject({ code: ErrorCodes.VM_UNKNOWN, details: { status: 404 } });
+    expect(control.driver.stats('via-client').load).toBe(0.4);
   });
 });
 

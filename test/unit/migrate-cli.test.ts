@@ -52,6 +52,10 @@ class ScriptedControl implements AgentControl {
   migrateCalls = 0;
   private readonly runs = new Map<string, { vm: string; to: string; script: Script; polls: number }>();
 
+  setVmLoad(): never {
+    throw new Error('not used by these tests');
+  }
+
   status(): AgentStatus {
     throw new Error('not used');
   }
