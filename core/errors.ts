@@ -36,6 +36,10 @@ export const ErrorCodes = {
   EFFECTOR_ARGS_INVALID: 'EMBOT_ERR_EFFECTOR_ARGS_INVALID',
   EFFECTOR_EXISTS: 'EMBOT_ERR_EFFECTOR_EXISTS',
   DRIVER_UNKNOWN: 'EMBOT_ERR_DRIVER_UNKNOWN',
+  /** A migration estimate or path plan got a size, rate, threshold or path it cannot use. */
+  PLAN_INPUT_INVALID: 'EMBOT_ERR_PLAN_INPUT_INVALID',
+  /** The primary data path of a migration could not be set up (connect, auth or probe failed). */
+  PATH_SETUP_FAILED: 'EMBOT_ERR_PATH_SETUP_FAILED',
   // plugins / modules
   PLUGIN_MANIFEST_INVALID: 'EMBOT_ERR_PLUGIN_MANIFEST_INVALID',
   PLUGIN_LOAD_FAILED: 'EMBOT_ERR_PLUGIN_LOAD_FAILED',
@@ -71,6 +75,20 @@ export const ErrorCodes = {
   REQUEST_FAILED: 'EMBOT_ERR_REQUEST_FAILED',
   // agent
   AGENT_STOPPED: 'EMBOT_ERR_AGENT_STOPPED',
+  // migration data plane
+  /** Every data path of a migration failed; no path is left to carry the pages. */
+  DATAPLANE_NO_PATH: 'EMBOT_ERR_DATAPLANE_NO_PATH',
+  /** The target refused a page batch (bad checksum, bounds, sizes) on every attempt. */
+  PAGE_BATCH_REJECTED: 'EMBOT_ERR_PAGE_BATCH_REJECTED',
+  /** A migration was cancelled through its AbortSignal. */
+  MIGRATION_ABORTED: 'EMBOT_ERR_MIGRATION_ABORTED',
+  // UDP relay (seed 002)
+  /** A handed-over UDP packet list (or a relay envelope) cannot be decoded. */
+  UDP_PACKETS_DECODE: 'EMBOT_ERR_UDP_PACKETS_DECODE',
+  /** A UDP relay was asked for an operation its mode does not allow (e.g. handOver while forwarding). */
+  UDP_RELAY_BAD_STATE: 'EMBOT_ERR_UDP_RELAY_BAD_STATE',
+  /** A request to a sim VM's UDP service is not `{"seq": <integer>}`. */
+  UDP_REQUEST_INVALID: 'EMBOT_ERR_UDP_REQUEST_INVALID',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -1,0 +1,371 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, EffectorError, ErrorCodes, isEmbotError } from '../../core/errors.ts';
+import { estimateMigration } from '../../core/mobility/migration-estimate.ts';
+import {
+  formatPlan,
+  planPaths,
+  resolveThreshold,
+  type PathCandidate,
+  type PathProbe,
+  type Plan,
+  type PlanInput,
+  type TargetCpuAnswer,
+} from '../../core/mobility/path-planner.ts';
+
+const MB = 1e6;
+
+function path(n: number, extra: Partial<PathCandidate> = {}): PathCandidate {
+  return { name: `p${n}`, url: `ws://127.0.0.${n}:7411/data`, localAddress: `127.0.0.${n}`, ...extra };
+}
+
+interface Fake {
+  readonly input: PlanInput;
+  readonly probed: string[];
+  readonly released: string[];
+  readonly cpuAsked: number[];
+}
+
+/**
+ * A planner input with a 100 MB VM that dirties nothing, so the estimate is exactly
+ * size / aggregate bandwidth: with 25 MB/s paths 4000, 2000, 1333, 1000 ms for 1..4 paths.
+ */
+function fake(
+  opts: {
+    probes?: Record<string, PathProbe | Error | unknown>;
+    cpu?: (paths: number) => TargetCpuAnswer | Promise<TargetCpuAnswer>;
+    releaseFails?: boolean;
+    candidates?: readonly PathCandidate[];
+    primary?: PathCandidate;
+  } & Partial<Omit<PlanInput, 'probe' | 'targetCpu' | 'release' | 'candidates' | 'primary'>> = {},
+): Fake {
+  const probed: string[] = [];
+  const released: string[] = [];
+  const cpuAsked: number[] = [];
+  const { probes = {}, cpu, releaseFails, candidates, primary, ...rest } = opts;
+  const input: PlanInput = {
+    vm: { memoryBytes: 100 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0 },
+    thresholdMs: 1500,
+    addPathThresholdMs: 500,
+    maxPaths: 4,
+    downtimeLimitMs: 300,
+    maxRounds: 30,
+    autoConverge: true,
+    primary: primary ?? path(1),
+    candidates: candidates ?? [path(2), path(3), path(4), path(5)],
+    async probe(p) {
+      probed.push(p.name);
+      const r = probes[p.name] ?? { setupMs: 10, bandwidthBytesPerSec: 25 * MB };
+      if (r instanceof Error) throw r;
+      return r as PathProbe;
+    },
+    async targetCpu(n) {
+      cpuAsked.push(n);
+      return cpu ? cpu(n) : { canReassemble: true, cpuFree: 0.5 };
+    },
+    async release(p) {
+      released.push(p.name);
+      if (releaseFails) throw new Error('socket already gone');
+    },
+    ...rest,
+  };
+  return { input, probed, released, cpuAsked };
+}
+
+/** Every path probed and not in the plan was released; no path in the plan was. */
+function expectUnusedReleased(f: Fake, plan: Plan): void {
+  const used = new Set(plan.paths.map((p) => p.name));
+  const unusedProbed = [...plan.probes.keys()].filter((n) => !used.has(n));
+  expect([...f.released].sort()).toEqual(unusedProbed.sort());
+}
+
+function actions(plan: Plan): string[] {
+  return plan.decisions.map((d) => `${d.action}${d.path ? ` ${d.path}` : ''}`);
+}
+
+async function expectRejects(p: Promise<unknown>, code: string, text: string, cls: typeof ConfigError | typeof EffectorError): Promise<void> {
+  const e = await p.then(
+    () => undefined,
+    (err: unknown) => err,
+  );
+  expect(e).toBeInstanceOf(cls);
+  expect(isEmbotError(e) && e.code).toBe(code);
+  expect((e as Error).message).toContain(text);
+}
+
+describe('planPaths: adding paths (seed 000)', () => {
+  it('adds paths until the estimate fits the threshold, then stops probing', async () => {
+    const f = fake();
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p2', 'p3']);
+    expect(f.probed).toEqual(['p1', 'p2', 'p3']); // p4 is never set up
+    expect(f.cpuAsked).toEqual([2, 3]);
+    expect(plan.bandwidthBytesPerSec).toBe(75 * MB);
+    expect(plan.estimate.totalMs).toBeCloseTo(1333.33, 1);
+    expect(plan.withinThreshold).toBe(true);
+    expect(actions(plan)).toEqual(['primary p1', 'add-path p2', 'add-path p3', 'done']);
+    const [primary, add2, add3, done] = plan.decisions;
+    expect(primary.reason).toBe('primary p1: setup 10 ms, 25 MB/s; estimate 4000 ms');
+    expect(add2).toMatchObject({ step: 2, estimateMs: 4000, paths: 1 });
+    expect(add2.reason).toBe('estimate 4000 ms > threshold 1500 ms with 1 path: adding p2 (setup 10 ms, 25 MB/s)');
+    expect(add3).toMatchObject({ estimateMs: 2000, paths: 2 });
+    expect(done.reason).toBe('estimate 1333 ms ≤ threshold 1500 ms with 3 paths');
+    expect(plan.decisions.map((d) => d.step)).toEqual([1, 2, 3, 4]);
+    expect(f.released).toEqual([]);
+  });
+
+  it('the plan estimate is the estimator run on the aggregate bandwidth', async () => {
+    const f = fake({ vm: { memoryBytes: 256 * MB, pageSize: 4096, dirtyRateBytesPerSec: 20 * MB, cpuLoad: 0.5 }, thresholdMs: 4000, perRoundOverheadMs: 2 });
+    const plan = await planPaths(f.input);
+    expect(plan.estimate).toEqual(
+      estimateMigration({
+        memoryBytes: 256 * MB,
+        pageSize: 4096,
+        dirtyRateBytesPerSec: 20 * MB,
+        vmCpuLoad: 0.5,
+        perRoundOverheadMs: 2,
+        bandwidthBytesPerSec: plan.bandwidthBytesPerSec,
+        downtimeLimitMs: 300,
+        maxRounds: 30,
+        autoConverge: true,
+      }),
+    );
+    expect(plan.withinThreshold).toBe(plan.estimate.totalMs <= 4000);
+  });
+
+  it('uses the primary alone when it already meets the threshold (equal counts as meeting it)', async () => {
+    const f = fake({ thresholdMs: 4000 });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1']);
+    expect(f.probed).toEqual(['p1']);
+    expect(f.cpuAsked).toEqual([]);
+    expect(actions(plan)).toEqual(['primary p1', 'done']);
+    expect(plan.decisions[1].reason).toBe('estimate 4000 ms ≤ threshold 4000 ms with 1 path');
+    expect(plan.withinThreshold).toBe(true);
+  });
+
+  it('stops at maxPaths and says so', async () => {
+    const f = fake({ thresholdMs: 500, maxPaths: 2 });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p2']);
+    expect(f.probed).toEqual(['p1', 'p2']);
+    expect(plan.withinThreshold).toBe(false);
+    expect(actions(plan)).toEqual(['primary p1', 'add-path p2', 'done']);
+    expect(plan.decisions[2].reason).toBe('estimate 2000 ms > threshold 500 ms with 2 paths: stopping at maxPaths 2');
+  });
+
+  it('maxPaths 1 never adds a path', async () => {
+    const f = fake({ maxPaths: 1 });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1']);
+    expect(f.probed).toEqual(['p1']);
+    expect(plan.decisions.at(-1)?.reason).toContain('stopping at maxPaths 1');
+  });
+
+  it('stops when the candidates run out', async () => {
+    const f = fake({ thresholdMs: 100, candidates: [path(2)] });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p2']);
+    expect(plan.withinThreshold).toBe(false);
+    expect(plan.decisions.at(-1)?.reason).toBe('estimate 2000 ms > threshold 100 ms with 2 paths: no more candidate paths');
+  });
+
+  it('skips a path that is slow to set up, releases it and tries the next', async () => {
+    const f = fake({ probes: { p2: { setupMs: 900, bandwidthBytesPerSec: 25 * MB } } });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p3', 'p4']);
+    expect(actions(plan)).toEqual(['primary p1', 'skip-path p2', 'add-path p3', 'add-path p4', 'done']);
+    expect(plan.decisions[1].reason).toBe('p2 not added: setup 900 ms > 500 ms');
+    expect(f.released).toEqual(['p2']);
+    expect(f.cpuAsked).toEqual([2, 3]); // the skipped path never counted against the target
+    expect(plan.probes.get('p2')).toEqual({ setupMs: 900, bandwidthBytesPerSec: 25 * MB });
+    expectUnusedReleased(f, plan);
+  });
+
+  it('a setup time equal to the second threshold is still quick enough', async () => {
+    const f = fake({ probes: { p2: { setupMs: 500, bandwidthBytesPerSec: 25 * MB } } });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toContain('p2');
+  });
+
+  it('stops adding when the target has no CPU to reassemble one more path', async () => {
+    const f = fake({ thresholdMs: 500, cpu: (n) => (n >= 3 ? { canReassemble: false, cpuFree: 0.05, reason: 'cpu 95% busy' } : { canReassemble: true, cpuFree: 0.5 }) });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p2']);
+    expect(f.probed).toEqual(['p1', 'p2', 'p3']); // p4 is not tried: the target is the limit
+    expect(f.released).toEqual(['p3']);
+    expect(plan.decisions.at(-1)).toMatchObject({ action: 'done', path: 'p3', paths: 2 });
+    expect(plan.decisions.at(-1)?.reason).toBe('estimate 2000 ms > threshold 500 ms with 2 paths: target has no CPU for 3 paths: cpu 95% busy');
+    expect(plan.withinThreshold).toBe(false);
+    expectUnusedReleased(f, plan);
+  });
+
+  it('a target that fails to answer is treated as having no CPU', async () => {
+    const f = fake({
+      cpu: () => {
+        throw new Error('peer timed out');
+      },
+    });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1']);
+    expect(plan.decisions.at(-1)?.reason).toContain('target has no CPU for 2 paths: target CPU query failed: peer timed out');
+    expect(f.released).toEqual(['p2']);
+  });
+
+  it('a nonsense target answer is treated as having no CPU', async () => {
+    const f = fake({ cpu: () => ({ canReassemble: 'sure' }) as unknown as TargetCpuAnswer });
+    const plan = await planPaths(f.input);
+    expect(plan.paths).toHaveLength(1);
+    expect(plan.decisions.at(-1)?.reason).toContain('target gave no usable answer');
+  });
+
+  it('skips a candidate whose setup fails, without releasing what was never set up', async () => {
+    const f = fake({ probes: { p2: new Error('ECONNREFUSED 127.0.0.2:7411') } });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p3', 'p4']);
+    expect(plan.decisions[1]).toMatchObject({ action: 'skip-path', path: 'p2' });
+    expect(plan.decisions[1].reason).toBe('p2 not added: setup failed: ECONNREFUSED 127.0.0.2:7411');
+    expect(plan.probes.has('p2')).toBe(false);
+    expect(f.released).toEqual([]);
+  });
+
+  it('skips and releases a candidate whose probe measured nonsense', async () => {
+    const f = fake({ probes: { p2: { setupMs: 5, bandwidthBytesPerSec: Number.NaN }, p3: { setupMs: -1, bandwidthBytesPerSec: 25 * MB } } });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p4', 'p5']);
+    expect(plan.decisions[1].reason).toBe('p2 not added: unusable probe: bandwidth is NaN');
+    expect(plan.decisions[2].reason).toBe('p3 not added: unusable probe: setupMs is -1');
+    expectUnusedReleased(f, plan);
+  });
+
+  it('counts each path at most at its cap', async () => {
+    const f = fake({
+      primary: path(1, { capBytesPerSec: 25 * MB }),
+      candidates: [path(2, { capBytesPerSec: 25 * MB }), path(3)],
+      probes: { p1: { setupMs: 1, bandwidthBytesPerSec: 400 * MB }, p2: { setupMs: 1, bandwidthBytesPerSec: 400 * MB } },
+    });
+    const plan = await planPaths(f.input);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p2', 'p3']);
+    expect(plan.bandwidthBytesPerSec).toBe(75 * MB);
+    expect(plan.probes.get('p1')?.bandwidthBytesPerSec).toBe(400 * MB); // the raw probe is kept
+    expect(plan.decisions[0].reason).toContain('25 MB/s');
+  });
+
+  it('a failing release is reported in the decision, and the plan still stands', async () => {
+    const f = fake({ probes: { p2: { setupMs: 900, bandwidthBytesPerSec: 25 * MB } }, releaseFails: true });
+    const plan = await planPaths(f.input);
+    expect(plan.decisions[1].reason).toBe('p2 not added: setup 900 ms > 500 ms (release failed: socket already gone)');
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p3', 'p4']);
+  });
+});
+
+describe('planPaths: primary path failures', () => {
+  it('a primary that cannot be set up is PATH_SETUP_FAILED and nothing else is tried', async () => {
+    const f = fake({ probes: { p1: new Error('auth refused') } });
+    await expectRejects(planPaths(f.input), ErrorCodes.PATH_SETUP_FAILED, 'primary path p1 cannot be set up: auth refused', EffectorError);
+    expect(f.probed).toEqual(['p1']);
+    expect(f.released).toEqual([]);
+  });
+
+  it('a primary measuring zero bandwidth is PATH_SETUP_FAILED and is released', async () => {
+    const f = fake({ probes: { p1: { setupMs: 3, bandwidthBytesPerSec: 0 } } });
+    await expectRejects(planPaths(f.input), ErrorCodes.PATH_SETUP_FAILED, 'bandwidth is 0', EffectorError);
+    expect(f.released).toEqual(['p1']);
+  });
+
+  it('a planner failure after setup releases every path it set up', async () => {
+    const f = fake();
+    const input: PlanInput = {
+      ...f.input,
+      async probe(p) {
+        f.probed.push(p.name);
+        // A probe result whose field throws when read: an unexpected failure inside the loop.
+        if (p.name === 'p3')
+          return Object.defineProperty({ setupMs: 1 }, 'bandwidthBytesPerSec', {
+            get() {
+              throw new Error('boom');
+            },
+          }) as PathProbe;
+        return { setupMs: 1, bandwidthBytesPerSec: 25 * MB };
+      },
+    };
+    await expect(planPaths(input)).rejects.toThrow('boom');
+    expect(f.released.sort()).toEqual(['p1', 'p2', 'p3']); // p3 was set up too
+  });
+});
+
+describe('planPaths: bad input', () => {
+  const bad: readonly [string, (i: PlanInput) => PlanInput, string][] = [
+    ['negative memory', (i) => ({ ...i, vm: { ...i.vm, memoryBytes: -1 } }), 'memoryBytes'],
+    ['NaN dirty rate', (i) => ({ ...i, vm: { ...i.vm, dirtyRateBytesPerSec: Number.NaN } }), 'dirtyRateBytesPerSec'],
+    ['zero page size', (i) => ({ ...i, vm: { ...i.vm, pageSize: 0 } }), 'pageSize'],
+    ['cpu load above 1', (i) => ({ ...i, vm: { ...i.vm, cpuLoad: 3 } }), 'vmCpuLoad'],
+    ['NaN threshold', (i) => ({ ...i, thresholdMs: Number.NaN }), 'thresholdMs'],
+    ['zero threshold', (i) => ({ ...i, thresholdMs: 0 }), 'thresholdMs'],
+    ['negative add-path threshold', (i) => ({ ...i, addPathThresholdMs: -1 }), 'addPathThresholdMs'],
+    ['zero maxPaths', (i) => ({ ...i, maxPaths: 0 }), 'maxPaths'],
+    ['fractional maxPaths', (i) => ({ ...i, maxPaths: 1.5 }), 'maxPaths'],
+    ['zero downtime limit', (i) => ({ ...i, downtimeLimitMs: 0 }), 'downtimeLimitMs'],
+    ['zero cap', (i) => ({ ...i, candidates: [path(2, { capBytesPerSec: 0 })] }), 'capBytesPerSec'],
+    ['duplicate path names', (i) => ({ ...i, candidates: [path(2), path(2)] }), 'appears twice'],
+    ['candidate named like the primary', (i) => ({ ...i, candidates: [path(1)] }), 'appears twice'],
+    ['path without url', (i) => ({ ...i, candidates: [{ name: 'p2', url: '' }] }), 'needs a url'],
+    ['path without name', (i) => ({ ...i, candidates: [{ name: '', url: 'ws://127.0.0.2:1' }] }), 'non-empty name'],
+    ['missing probe', (i) => ({ ...i, probe: undefined as unknown as PlanInput['probe'] }), 'probe must be a function'],
+  ];
+  for (const [what, patch, text] of bad) {
+    it(`${what} → PLAN_INPUT_INVALID before any path is set up`, async () => {
+      const f = fake();
+      await expectRejects(planPaths(patch(f.input)), ErrorCodes.PLAN_INPUT_INVALID, text, ConfigError);
+      expect(f.probed).toEqual([]);
+    });
+  }
+});
+
+describe('resolveThreshold', () => {
+  it('prefers the migration, then the VM, then the SLA, then the default', () => {
+    expect(resolveThreshold({ migration: 1000, vm: 2000, sla: { maxMigrationMs: 3000 }, default: 4000 })).toEqual({ ms: 1000, from: 'migration' });
+    expect(resolveThreshold({ vm: 2000, sla: { maxMigrationMs: 3000 }, default: 4000 })).toEqual({ ms: 2000, from: 'vm' });
+    expect(resolveThreshold({ sla: { maxMigrationMs: 3000 }, default: 4000 })).toEqual({ ms: 3000, from: 'sla' });
+    expect(resolveThreshold({ sla: {}, default: 4000 })).toEqual({ ms: 4000, from: 'default' });
+    expect(resolveThreshold({ default: 4000 })).toEqual({ ms: 4000, from: 'default' });
+  });
+
+  it('rejects a bad value where it is given instead of silently falling through', () => {
+    for (const [sources, text] of [
+      [{ migration: -5, vm: 2000, default: 4000 }, 'threshold from migration is -5'],
+      [{ vm: Number.NaN, default: 4000 }, 'threshold from vm is NaN'],
+      [{ sla: { maxMigrationMs: 0 }, default: 4000 }, 'threshold from sla is 0'],
+      [{ default: Number.POSITIVE_INFINITY }, 'threshold from default is Infinity'],
+    ] as const) {
+      try {
+        resolveThreshold(sources);
+        throw new Error('expected a rejection');
+      } catch (e) {
+        expect(isEmbotError(e, ErrorCodes.PLAN_INPUT_INVALID)).toBe(true);
+        expect((e as Error).message).toContain(text);
+      }
+    }
+  });
+});
+
+describe('formatPlan', () => {
+  it('shows the outcome, then every decision with its reason', async () => {
+    const f = fake({ probes: { p2: { setupMs: 900, bandwidthBytesPerSec: 25 * MB } } });
+    const text = formatPlan(await planPaths(f.input));
+    const lines = text.split('\n');
+    expect(lines[0]).toBe('paths: p1, p3, p4 (75 MB/s); estimate 1333 ms ≤ threshold 1500 ms; 2 rounds, downtime 0 ms');
+    expect(lines.slice(1)).toEqual([
+      '  1. primary: primary p1: setup 10 ms, 25 MB/s; estimate 4000 ms',
+      '  2. skip-path p2: p2 not added: setup 900 ms > 500 ms',
+      '  3. add-path p3: estimate 4000 ms > threshold 1500 ms with 1 path: adding p3 (setup 10 ms, 25 MB/s)',
+      '  4. add-path p4: estimate 2000 ms > threshold 1500 ms with 2 paths: adding p4 (setup 10 ms, 25 MB/s)',
+      '  5. done: estimate 1333 ms ≤ threshold 1500 ms with 3 paths',
+    ]);
+  });
+
+  it('says when the plan misses the threshold and the migration will not converge', async () => {
+    const f = fake({ vm: { memoryBytes: 100 * MB, pageSize: 4096, dirtyRateBytesPerSec: 200 * MB }, autoConverge: false, maxPaths: 1, maxRounds: 3 });
+    const head = formatPlan(await planPaths(f.input)).split('\n')[0];
+    expect(head).toMatch(/^paths: p1 \(25 MB\/s\); estimate \d+ ms > threshold 1500 ms; 3 rounds, downtime \d+ ms \(does not converge/);
+  });
+});
