@@ -32,6 +32,7 @@ import type { MobilityHost } from './mobility/mobility-host.ts';
 import type { MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
 import { loadClusterSecret } from './wire/auth.ts';
 import { parsePeers } from './wire/peers.ts';
+import { VmUdpServices } from './vm-udp.ts';
 
 const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 const DRIVER_STATE = 'driver:sim';
@@ -106,6 +107,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly modules: AgentModuleProvider;
   readonly mobility: MobilityService;
   readonly migratingIn = new Set<string>();
+  readonly udp: VmUdpServices;
   readonly hostMemory: number;
   readonly allowedSources: readonly string[];
   /** Modules loaded from the plugin cache (shipped by peers), by name. */
@@ -121,6 +123,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.plugins = new PluginStatusStore(this.store);
     this.runtime = new EmbotRuntime({ store: this.store, sensors: this.sensors, effectors: this.effectors, moduleConfig: (m) => config.modules[m] });
     this.journal = new MigrationJournal(this.store);
+    this.udp = new VmUdpServices(log.child('udp'));
     this.hostMemory = config.sim.hostMemory;
     this.allowedSources = config.mobility.allowedSources;
     const trust = createTrustPolicy(config.mobility.trust);
@@ -187,11 +190,15 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     // Elements: the host, and one tree per VM the driver knows (restored after a restart).
     const hostId = `host:${this.name}`;
     if (!this.objects.has(hostId)) this.objects.register({ id: hostId, kind: 'host', state: { name: this.name } });
-    for (const vm of this.driver.list()) this.ensureVmElement(vm);
+    for (const vm of this.driver.list()) {
+      this.ensureVmElement(vm);
+      if (vm.udpPort !== undefined) await this.udp.ensure(vm.name, vm.udpPort, vm.state === 'running');
+    }
     this.driver.events.on('vm-state', (e) => {
       this.persistDriver();
       // An incoming migration registers the VM's elements and embots itself, at its commit.
       if (this.migratingIn.has(e.name)) return;
+      this.syncUdp(e.name, e.to);
       if (e.reason === 'create') {
         const vm = this.driver.get(e.name);
         if (vm) void this.attach(this.ensureVmElement(vm));
@@ -201,6 +208,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     });
     this.driver.events.on('vm-removed', (e) => {
       this.persistDriver();
+      // A migrated VM's relay stays for the grace period, forwarding to its new host.
+      if (!this.udp.isRepointed(e.name)) void this.udp.remove(e.name);
       const id = `vm:${e.name}`;
       void this.runtime.detach(id).then(() => {
         if (this.objects.has(id)) this.objects.deregister(id, { withDependents: true });
@@ -292,6 +301,14 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   attach(el: ManagedElement): Promise<void> {
     const scope: AttachableElement = { id: el.id, kind: el.kind, scope: this.objects.subtree(el.id).map((e) => e.id) };
     return this.runtime.attach(scope).catch((e) => this.log.error(`could not attach embots to ${el.id}`, { error: describeError(e) }));
+  }
+
+  private syncUdp(name: string, state: string): void {
+    const vm = this.driver.get(name);
+    if (vm?.udpPort === undefined) return;
+    void this.udp
+      .ensure(name, vm.udpPort, state === 'running')
+      .catch((e) => this.log.warn(`UDP service of ${name} not available`, { error: describeError(e), port: vm.udpPort }));
   }
 
   private persistDriver(): void {
@@ -425,6 +442,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       /* store may already be unusable; the driver state was written on every change */
     }
     this.driver.close();
+    await this.udp.close().catch(() => {});
     this.store.close();
   }
 }
