@@ -17,6 +17,7 @@ import { Command, InvalidArgumentError } from 'commander';
 import { run as runRuntime } from './runtime.bench.ts';
 import { run as runSensors } from './sensors.bench.ts';
 import { run as runWire } from './wire.bench.ts';
+import { run as runMobility } from './mobility.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -34,6 +35,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'sensors', run: runSensors },
   { name: 'runtime', run: runRuntime },
   { name: 'wire', run: runWire },
+  { name: 'mobility', run: runMobility },
 ];
 
 export interface MachineInfo {

@@ -211,7 +211,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       // A migrated VM's relay stays for the grace period, forwarding to its new host.
       if (!this.udp.isRepointed(e.name)) void this.udp.remove(e.name);
       const id = `vm:${e.name}`;
-      void this.runtime.detach(id).then(() => {
+      const scope = this.objects.has(id) ? this.objects.subtree(id).map((x) => x.id) : [id];
+      void this.runtime.detach(scope).then(() => {
         if (this.objects.has(id)) this.objects.deregister(id, { withDependents: true });
       });
     });

@@ -215,28 +215,33 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
    * `keepState` kept (a migration freezes them here while their state travels; `attach` resumes
    * them from it, and `forget` deletes them once the target owns them).
    */
-  async detach(elementId: string, options: { readonly keepState?: boolean } = {}): Promise<void> {
-    this.elements.delete(elementId);
+  async detach(elementIds: string | readonly string[], options: { readonly keepState?: boolean } = {}): Promise<void> {
+    const ids = new Set(typeof elementIds === 'string' ? [elementIds] : elementIds);
+    for (const id of ids) this.elements.delete(id);
     await this.idle();
-    const gone = [...this.embots.values()].filter((e) => e.elementIds[0] === elementId);
+    const gone = [...this.embots.values()].filter((e) => ids.has(e.elementIds[0] ?? ''));
+    // One stop request per module, not one per embot.
+    const byModule = new Map<string, string[]>();
+    for (const e of gone) if (e.status === 'running') byModule.set(e.module, [...(byModule.get(e.module) ?? []), e.id]);
+    await Promise.all([...byModule].map(([m, list]) => this.modules.get(m)?.host.stopEmbots(list).catch(() => {})));
     for (const e of gone) {
-      const host = this.modules.get(e.module)?.host;
-      if (host && e.status === 'running') await host.stopEmbots([e.id]).catch(() => {});
       this.untrack(e);
       if (!options.keepState) this.db.deleteEmbot(e.id);
     }
   }
 
-  /** Deletes the stored embots of an element (after a migration handed them to another agent). */
-  forget(elementId: string): void {
-    for (const row of this.db.listEmbots()) if (row.elementIds[0] === elementId) this.db.deleteEmbot(row.id);
+  /** Deletes the stored embots of elements (after a migration handed them to another agent). */
+  forget(elementIds: readonly string[]): void {
+    const ids = new Set(elementIds);
+    for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) this.db.deleteEmbot(row.id);
   }
 
-  /** The stored embots of an element with their committed policy states: what a migration ships. */
-  exportEmbots(elementId: string): ExportedEmbot[] {
+  /** The stored embots attached to these elements, with their committed policy states: what a migration ships. */
+  exportEmbots(elementIds: readonly string[]): ExportedEmbot[] {
+    const ids = new Set(elementIds);
     return this.db
       .listEmbots()
-      .filter((row) => row.elementIds[0] === elementId)
+      .filter((row) => ids.has(row.elementIds[0] ?? ''))
       .map((row) => ({ id: row.id, module: row.module, type: row.type, elementIds: row.elementIds, status: row.status, ...(row.error ? { error: row.error } : {}), policies: this.db.loadSnapshots(row.id) }));
   }
 

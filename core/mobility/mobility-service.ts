@@ -14,7 +14,7 @@ import { createSourceMachine, type SourceOutput } from './source-machine.ts';
 import { createTargetMachine } from './target-machine.ts';
 import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
-import { SourceSide } from './source-side.ts';
+import { SourceSide, attachAll } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
@@ -282,7 +282,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const host = this.host;
     host.store.transaction(() => {
       host.sensors.drop(scope);
-      host.runtime.forget(`vm:${vm}`);
+      host.runtime.forget(scope);
       if (host.objects.has(`vm:${vm}`)) host.objects.deregister(`vm:${vm}`, { withDependents: true });
       if (host.driver.get(vm)) host.driver.remove(vm);
     });
@@ -303,8 +303,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
             this.host.journal.finish(row.id, 'source', 'completed', 'completed', 'target had committed (settled after a restart)');
           } else {
             this.restartStoppedVm(row);
-            const el = this.host.objects.get(`vm:${row.vm}`);
-            if (el) await this.host.attach(el);
+            await attachAll(this.host, scope);
             this.host.sensors.release(scope);
             this.host.journal.finish(row.id, 'source', 'aborted', 'aborted', 'target had not committed (settled after a restart)');
           }

@@ -69,7 +69,7 @@ export class SourceSide implements SourceSteps {
     if (!this.host.objects.has(this.vmElement)) throw new ProtocolError(ErrorCodes.ELEMENT_UNKNOWN, `VM ${this.o.vm} has no managed element`);
     this.scope = this.host.objects.subtree(this.vmElement).map((e) => e.id);
     this.wasRunning = vm.state === 'running';
-    const modules = this.moduleClosure([...new Set(this.host.runtime.exportEmbots(this.vmElement).map((e) => e.module))]);
+    const modules = this.moduleClosure([...new Set(this.host.runtime.exportEmbots(this.scope).map((e) => e.module))]);
     this.stats.modules = modules;
     this.host.journal.notes(input.migrationId, 'source', { wasRunning: this.wasRunning, scope: this.scope });
     const elements = this.host.objects.serialize(this.vmElement);
@@ -100,12 +100,12 @@ export class SourceSide implements SourceSteps {
     this.held = true;
     // Freeze the embots here: every event they were given is committed, their timers stop; their
     // state (with absolute deadlines) is what travels.
-    await this.host.runtime.detach(this.vmElement, { keepState: true });
+    await this.host.runtime.detach(this.scope, { keepState: true });
     this.detached = true;
   }
 
   async sendManagementState(input: SourceInput): Promise<void> {
-    const embots = this.host.runtime.exportEmbots(this.vmElement);
+    const embots = this.host.runtime.exportEmbots(this.scope);
     this.stats.embots = embots.length;
     const elements = this.host.objects.serialize(this.vmElement);
     // What changes from now on goes in the dirty rounds.
@@ -186,7 +186,7 @@ export class SourceSide implements SourceSteps {
     }
     host.store.transaction(() => {
       host.sensors.drop(this.scope);
-      host.runtime.forget(this.vmElement);
+      host.runtime.forget(this.scope);
       if (host.objects.has(this.vmElement)) host.objects.deregister(this.vmElement, { withDependents: true });
       if (host.driver.get(this.o.vm)) host.driver.remove(this.o.vm);
     });
@@ -209,8 +209,7 @@ export class SourceSide implements SourceSteps {
       this.unmute = undefined;
     }
     // Resume the embots from the state they were frozen in, then give them the held events.
-    const el = host.objects.get(this.vmElement);
-    if (this.detached && el) await host.attach(el);
+    if (this.detached) await attachAll(host, this.scope);
     if (this.held) host.sensors.release(this.scope);
     void this.conn?.close().catch(() => {});
   }
@@ -219,6 +218,14 @@ export class SourceSide implements SourceSteps {
     this.conn = undefined;
     const reply = await this.request({ type: 'MigrationStatusQuery', migrationId: input.migrationId });
     return reply.committed ? 'committed' : 'notCommitted';
+  }
+}
+
+/** Resumes the embots of every element of a VM's tree. */
+export async function attachAll(host: MobilityHost, scope: readonly string[]): Promise<void> {
+  for (const id of scope) {
+    const el = host.objects.get(id);
+    if (el) await host.attach(el);
   }
 }
 

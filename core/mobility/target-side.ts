@@ -7,6 +7,7 @@ import type { ExportedEmbot } from '../../embots/embot-runtime.ts';
 import type { TargetInput, TargetSteps } from './mobility-contract.ts';
 import { InstantiationError, MEMORY_CHUNK_BYTES, type MobilityHost } from './mobility-host.ts';
 import type { MigrationProgress } from './migration-record.ts';
+import { attachAll } from './source-side.ts';
 import { faultPoint } from './fault-points.ts';
 
 export interface TargetSideOptions {
@@ -157,9 +158,11 @@ export class TargetSide implements TargetSteps {
     host.migratingIn.delete(name);
     const actual = host.driver.get(name)?.state;
     if (actual && host.objects.get(`vm:${name}`)?.state['state'] !== actual) host.objects.update(`vm:${name}`, { state: actual });
-    const root = host.objects.get(`vm:${name}`);
-    if (root) await host.attach(root);
-    host.sensors.release(this.scope);
+    await attachAll(host, this.scope);
+    // The held events go to the embots after the acknowledgement (DESIGN step 6): releasing a
+    // large queue must not hold up the switch. A crash before it loses nothing: the events are
+    // journaled here and recovered into the embots on restart.
+    setImmediate(() => host.sensors.release(this.scope));
   }
 
   async discard(input: TargetInput & { readonly reason: string }): Promise<void> {
