@@ -201,7 +201,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       this.syncUdp(e.name, e.to);
       if (e.reason === 'create') {
         const vm = this.driver.get(e.name);
-        if (vm) void this.attach(this.ensureVmElement(vm));
+        // The VM and its dependents (disk, nic) each get the embots that attach to their kind.
+        if (vm) for (const el of this.objects.subtree(this.ensureVmElement(vm).id)) void this.attach(el);
       } else if (this.objects.has(`vm:${e.name}`)) {
         this.objects.update(`vm:${e.name}`, { state: e.to });
       }

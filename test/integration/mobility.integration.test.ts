@@ -86,6 +86,23 @@ describe('peer-to-peer mobility', () => {
     expect(watchdog?.status).toBe('running');
   });
 
+  it('moves the embots of the VM\'s dependent elements with it', async () => {
+    cluster = await Cluster.start(['a', 'b'], { plugins: [{ from: 'fixture', name: 'disk-watch' }] });
+    const a = cluster.agent('a');
+    const b = cluster.agent('b');
+    await a.client.createVm({ name: 'files', memory: 1 << 20 });
+    const id = 'disk-watch/watch/disk:files.0';
+    await waitFor(async () => (await a.client.listEmbots()).find((e) => e.id === id), 10_000, 'disk embot at a');
+    for (let i = 0; i < 3; i++) await a.client.emitEvent({ elementId: 'disk:files.0', type: 'DISK_IO', payload: null });
+    await waitFor(async () => ((await a.client.listEmbots()).find((e) => e.id === id)?.policies[0]?.context as { ios: number } | undefined)?.ios === 3, 5000, 'three IOs at a');
+    const info = await migrate(a, 'files', 'b');
+    expect(info.outcome).toBe('completed');
+    expect(info.summary?.embots).toBe(1);
+    expect((await a.client.listEmbots()).find((e) => e.id === id)).toBeUndefined();
+    await b.client.emitEvent({ elementId: 'disk:files.0', type: 'DISK_IO', payload: null });
+    await waitFor(async () => ((await b.client.listEmbots()).find((e) => e.id === id)?.policies[0]?.context as { ios: number } | undefined)?.ios === 4, 5000, 'the count goes on at b');
+  });
+
   it('continues a delayed transition at the target at the time it would have fired at the source', async () => {
     cluster = await Cluster.start(['a', 'b'], { plugins: [{ from: 'fixture', name: 'counter' }], config: () => ({ modules: { counter: { delayMs: 2000 } } }) });
     const a = cluster.agent('a');
