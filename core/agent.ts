@@ -185,7 +185,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         log.error(`module ${e.module} disabled`, { reason: e.error });
       } else if (e.error) log.warn(`module ${e.module}: ${e.error}`);
     });
-    this.runtime.on('log', (e) => log.child(e.embotId).info(e.message, { level: e.level, ...(e.data && typeof e.data === 'object' ? (e.data as object) : {}) }));
+    this.runtime.on('log', (e) => {
+      const data = e.data && typeof e.data === 'object' ? (e.data as Record<string, unknown>) : {};
+      const l = log.child(e.embotId);
+      if (e.level === 'error' || e.level === 'warn' || e.level === 'debug') l[e.level](e.message, data);
+      else l.info(e.message, data);
+    });
 
     // Elements: the host, and one tree per VM the driver knows (restored after a restart).
     const hostId = `host:${this.name}`;
@@ -388,7 +393,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   listPlugins(): readonly PluginInfo[] {
     const loaded = new Map(this.runtime.loadedModules().map((m) => [m.name, m]));
     return this.plugins.list().map((p) => {
-      const rec = this.catalogue?.get(p.name);
+      const fromFolder = this.catalogue?.get(p.name);
+      const rec = fromFolder ? { dir: fromFolder.dir, embotTypes: fromFolder.manifest.embots.map((t) => t.type) } : this.shipped.get(p.name);
       return {
         name: p.name,
         version: p.version,
@@ -396,7 +402,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         status: p.status,
         ...(p.error ? { error: p.error } : {}),
         restarts: loaded.get(p.name)?.restarts ?? p.restarts,
-        embotTypes: rec ? rec.manifest.embots.map((t) => t.type) : [],
+        embotTypes: rec?.embotTypes ?? [],
         dir: rec?.dir ?? '',
       };
     });
