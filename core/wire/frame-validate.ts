@@ -57,6 +57,8 @@ const migrationId = regexString(MIGRATION_ID, 'a migration id');
 const moduleName = regexString(MODULE_NAME, 'a module name');
 const moduleVersion = regexString(MODULE_VERSION, 'a module version');
 const moduleHash = regexString(MODULE_HASH, 'a module hash');
+/** Data path names come from configuration; bounded so a report line stays a line. */
+const pathName: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length <= 128 ? undefined : 'must be a string of 1..128 characters');
 const vm: Check = (v) => (isValidElementId(v) ? undefined : 'must be a VM element id');
 const errorCode: Check = (v) => (typeof v === 'string' && ERROR_CODES.has(v) ? undefined : 'must be a known EMBOT_ERR_* code');
 
@@ -94,6 +96,18 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ModuleRequest: [reqId, mid, f('name', moduleName), f('hash', moduleHash)],
   ManagementEventState: [reqId, mid, f('holdQueues', bin)],
   VmMemory: [reqId, mid, f('vm', vm), f('round', count), f('seq', count), f('last', bool), f('pages', bin)],
+  PageBatch: [
+    reqId,
+    mid,
+    f('path', pathName),
+    f('round', count),
+    f('final', bool),
+    f('pageSize', count),
+    f('indexes', bin),
+    f('pages', bin),
+    f('checksum', count),
+    f('cpu', bin, true),
+  ],
   DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin)],
   MigrationComplete: [reqId, mid],
   ForwardedEvents: [reqId, mid, f('events', bin)],
@@ -108,6 +122,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ManagementEventStateSuccess: [replyTo, mid],
   ManagementEventStateFailed: [replyTo, mid, reason],
   VmMemoryAck: [replyTo, mid, f('seq', count)],
+  PageBatchAck: [replyTo, mid, f('ok', bool), f('reason', text, true)],
   MigrationStateSuccess: [replyTo, mid, f('round', count)],
   MigrationStateFailed: [replyTo, mid, reason],
   MigrationCompleteAck: [replyTo, mid],

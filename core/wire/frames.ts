@@ -109,6 +109,30 @@ export interface VmMemory {
   readonly pages: Uint8Array;
 }
 
+/**
+ * Pre-copy data plane, source → target on a data channel (a PeerConnection separate from the
+ * control link): a batch of VM memory pages. Every batch of a round is acknowledged before the
+ * next round starts; the one batch with `final: true` ends the stop-and-copy round.
+ */
+export interface PageBatch {
+  readonly type: 'PageBatch';
+  readonly reqId: number;
+  readonly migrationId: string;
+  /** Name of the data path the batch travelled on (for reports). */
+  readonly path: string;
+  readonly round: number;
+  readonly final: boolean;
+  readonly pageSize: number;
+  /** Page indexes, Uint32 little-endian. */
+  readonly indexes: Uint8Array;
+  /** The pages, concatenated in index order; the VM's last page may be short. */
+  readonly pages: Uint8Array;
+  /** zlib crc32 over `indexes` then `pages`. */
+  readonly checksum: number;
+  /** CPU state, only on the final batch. */
+  readonly cpu?: Uint8Array;
+}
+
 /** Step 5, source → target, repeated until nothing changed. */
 export interface DirtyObjects {
   readonly type: 'DirtyObjects';
@@ -225,6 +249,15 @@ export interface VmMemoryAck {
   readonly seq: number;
 }
 
+export interface PageBatchAck {
+  readonly type: 'PageBatchAck';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  /** false: the batch was refused (bad checksum, bounds, sizes) and nothing of it was written. */
+  readonly ok: boolean;
+  readonly reason?: string;
+}
+
 export interface MigrationStateSuccess {
   readonly type: 'MigrationStateSuccess';
   readonly replyTo: number;
@@ -299,6 +332,7 @@ export type RequestFrame =
   | ModuleRequest
   | ManagementEventState
   | VmMemory
+  | PageBatch
   | DirtyObjects
   | MigrationComplete
   | ForwardedEvents
@@ -314,6 +348,7 @@ export type ReplyFrame =
   | ManagementEventStateSuccess
   | ManagementEventStateFailed
   | VmMemoryAck
+  | PageBatchAck
   | MigrationStateSuccess
   | MigrationStateFailed
   | MigrationCompleteAck
@@ -334,6 +369,7 @@ export interface ReplyMap {
   ModuleRequest: ModuleBundle;
   ManagementEventState: ManagementEventStateSuccess | ManagementEventStateFailed | ManagedObjectInstantiationError;
   VmMemory: VmMemoryAck | MigrationStateFailed;
+  PageBatch: PageBatchAck;
   DirtyObjects: MigrationStateSuccess | MigrationStateFailed | ManagedObjectInstantiationError;
   MigrationComplete: MigrationCompleteAck | MigrationStateFailed;
   ForwardedEvents: ForwardedEventsAck;
@@ -359,6 +395,7 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   ModuleRequest: ['ModuleBundle'],
   ManagementEventState: ['ManagementEventStateSuccess', 'ManagementEventStateFailed', 'ManagedObjectInstantiationError'],
   VmMemory: ['VmMemoryAck', 'MigrationStateFailed'],
+  PageBatch: ['PageBatchAck'],
   DirtyObjects: ['MigrationStateSuccess', 'MigrationStateFailed', 'ManagedObjectInstantiationError'],
   MigrationComplete: ['MigrationCompleteAck', 'MigrationStateFailed'],
   ForwardedEvents: ['ForwardedEventsAck'],
@@ -379,6 +416,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   ModuleRequest: 'request',
   ManagementEventState: 'request',
   VmMemory: 'request',
+  PageBatch: 'request',
   DirtyObjects: 'request',
   MigrationComplete: 'request',
   ForwardedEvents: 'request',
@@ -393,6 +431,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   ManagementEventStateSuccess: 'reply',
   ManagementEventStateFailed: 'reply',
   VmMemoryAck: 'reply',
+  PageBatchAck: 'reply',
   MigrationStateSuccess: 'reply',
   MigrationStateFailed: 'reply',
   MigrationCompleteAck: 'reply',

@@ -39,6 +39,11 @@ export interface ConnectPeerOptions {
    * `random` follows the RFC's unpredictable key, for links that cross HTTP proxies.
    */
   readonly masking?: 'zero' | 'random';
+  /**
+   * Local address the socket leaves from (e.g. `127.0.0.2`), so several data paths between two
+   * agents use distinct address pairs, as separate NICs would.
+   */
+  readonly localAddress?: string;
 }
 
 /** ws skips applying a mask whose four bytes are zero. */
@@ -79,6 +84,7 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
         perMessageDeflate: false,
         handshakeTimeout: timeoutMs,
         ...(options.masking === 'random' ? {} : { generateMask: zeroMask }),
+        ...(options.localAddress !== undefined ? { localAddress: options.localAddress } : {}),
       });
     } catch (e) {
       reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `invalid peer URL ${options.url}`, { cause: e }));

@@ -29,6 +29,19 @@ const SAMPLES: Frame[] = [
   { type: 'ModuleRequest', reqId: 3, migrationId: 'm-1', name: 'watchdog', hash: 'sha256-abc' },
   { type: 'ManagementEventState', reqId: 4, migrationId: 'm-1', holdQueues: bytes(100) },
   { type: 'VmMemory', reqId: 5, migrationId: 'm-1', vm: 'vm1', round: 0, seq: 3, last: true, pages: bytes(4096) },
+  {
+    type: 'PageBatch',
+    reqId: 11,
+    migrationId: 'm-1',
+    path: 'p0',
+    round: 2,
+    final: true,
+    pageSize: 4096,
+    indexes: bytes(8, 0),
+    pages: bytes(8192),
+    checksum: 0xdeadbeef,
+    cpu: bytes(64),
+  },
   { type: 'DirtyObjects', reqId: 6, migrationId: 'm-1', round: 2, deltas: bytes(1), events: bytes(0) },
   { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1' },
   { type: 'ForwardedEvents', reqId: 8, migrationId: 'm-1', events: bytes(9) },
@@ -43,6 +56,7 @@ const SAMPLES: Frame[] = [
   { type: 'ManagementEventStateSuccess', replyTo: 4, migrationId: 'm-1' },
   { type: 'ManagementEventStateFailed', replyTo: 4, migrationId: 'm-1', reason: 'y' },
   { type: 'VmMemoryAck', replyTo: 5, migrationId: 'm-1', seq: 3 },
+  { type: 'PageBatchAck', replyTo: 11, migrationId: 'm-1', ok: false, reason: 'bad checksum' },
   { type: 'MigrationStateSuccess', replyTo: 6, migrationId: 'm-1', round: 2 },
   { type: 'MigrationStateFailed', replyTo: 6, migrationId: 'm-1', reason: 'z' },
   { type: 'MigrationCompleteAck', replyTo: 7, migrationId: 'm-1' },
@@ -151,7 +165,8 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  it.each(fieldCases.filter(([name]) => name !== 'ManagedObjectInstantiationError.object' && !name.startsWith('Error.replyTo')))(
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatchAck.reason']);
+  it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {
       const copy: Record<string, unknown> = { ...sample };
