@@ -18,6 +18,8 @@ import { run as runRuntime } from './runtime.bench.ts';
 import { run as runSensors } from './sensors.bench.ts';
 import { run as runWire } from './wire.bench.ts';
 import { run as runMobility } from './mobility.bench.ts';
+import { run as runDataplane } from './dataplane.bench.ts';
+import { run as runUdp } from './udp.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -36,6 +38,8 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'runtime', run: runRuntime },
   { name: 'wire', run: runWire },
   { name: 'mobility', run: runMobility },
+  { name: 'dataplane', run: runDataplane },
+  { name: 'udp', run: runUdp },
 ];
 
 export interface MachineInfo {
