@@ -11,7 +11,8 @@ import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
 import { describeError, EffectorError, ErrorCodes } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
-import type { AgentControl, AgentStatus, EmbotInfo, PluginInfo } from './control/control-api.ts';
+import type { AgentControl, AgentStatus, EmbotInfo, PluginInfo, VmChecksum } from './control/control-api.ts';
+import { createHash } from 'node:crypto';
 import { startControlServer } from './control/server.ts';
 import { SensorService } from '../sensors/sensor-service.ts';
 import { HostSensor } from '../sensors/host-sensor.ts';
@@ -109,6 +110,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly migratingIn = new Set<string>();
   readonly udp: VmUdpServices;
   readonly hostMemory: number;
+  readonly reassemblyCpuPerPath: number;
   readonly allowedSources: readonly string[];
   /** Modules loaded from the plugin cache (shipped by peers), by name. */
   private readonly shipped = new Map<string, { name: string; version: string; hash: string; dir: string; embotTypes: string[] }>();
@@ -125,6 +127,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.journal = new MigrationJournal(this.store);
     this.udp = new VmUdpServices(log.child('udp'));
     this.hostMemory = config.sim.hostMemory;
+    this.reassemblyCpuPerPath = config.dataplane.reassemblyCpuPerPath;
     this.allowedSources = config.mobility.allowedSources;
     const trust = createTrustPolicy(config.mobility.trust);
     this.modules = new AgentModuleProvider(this.runtime, new PluginCache(join(resolve(config.dataDir), 'plugin-cache')), trust, (m) => {
@@ -140,6 +143,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       vmTimeoutMs: config.mobility.vmTimeoutMs,
       maxDirtyRounds: config.mobility.maxDirtyRounds,
       forwardGraceMs: config.mobility.forwardGraceMs,
+      dataplane: config.dataplane,
     });
     const r = this.services;
     r.register('store', this.store);
@@ -322,6 +326,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.store.setComponentState(DRIVER_STATE, pack(this.driver.getPersistedState()));
   }
 
+  /** 0..1: the running VMs' loads over the host's CPUs (the sim host's view of itself). */
+  hostLoad(): number {
+    return this.vmLoads().reduce((sum, v) => sum + v.load, 0) / this.config.sim.hostCpus;
+  }
+
   private vmLoads(): { name: string; load: number }[] {
     return this.driver
       .list()
@@ -381,6 +390,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     }
   }
 
+  vmChecksum(name: string): VmChecksum {
+    const vm = this.driver.get(name);
+    if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${name}`);
+    return { name, state: vm.state, memory: vm.memory, sha256: createHash('sha256').update(this.driver.pages(name).memory).digest('hex') };
+  }
+
   setVmLoad(name: string, load: number): VmInfo {
     this.driver.setLoad(name, load);
     return this.driver.get(name)!;
@@ -416,8 +431,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return this.recent.slice(-Math.max(0, opts.limit));
   }
 
-  migrate(vm: string, to: string): { readonly id: string } {
-    return this.mobility.migrate(vm, to);
+  migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
+    return this.mobility.migrate(vm, to, options);
   }
 
   listMigrations(): readonly MigrationInfo[] {

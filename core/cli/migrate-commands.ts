@@ -6,6 +6,7 @@ import { formatBytes, formatDuration, formatTable, formatTime, truncate } from '
 
 interface MigrateFlags extends ClientFlags {
   readonly to: string;
+  readonly threshold?: number;
   /** False with `--no-wait`. */
   readonly wait: boolean;
 }
@@ -29,6 +30,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .description('move a VM and its management to a peer agent; shows progress, then a summary')
       .argument('<vm>', 'VM name')
       .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers)", parseDestination)
+      .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
       .option('--no-wait', 'start the migration, print its id and return'),
   ).action(async (vm: string, opts: MigrateFlags) => {
     setExitCode(await runMigrate(vm, opts, ctx));
@@ -54,7 +56,7 @@ export function parseDestination(raw: string): string {
 
 async function runMigrate(vm: string, opts: MigrateFlags, ctx: CliContext): Promise<number> {
   const client = ctx.client(opts);
-  const { id } = await client.migrate(vm, opts.to);
+  const { id } = await client.migrate(vm, opts.to, opts.threshold === undefined ? {} : { thresholdMs: opts.threshold });
   if (!opts.wait) {
     if (opts.json) ctx.json({ id });
     else ctx.out(`migration ${id} started: vm ${vm} → ${opts.to} (follow it with \`embot migrations\`)`);
@@ -144,6 +146,19 @@ export function renderMigrationSummary(info: MigrationInfo): string {
   rows.push(['dirty rounds', String(s.dirtyRounds)]);
   rows.push(['bytes', `${formatBytes(s.bytes)} (memory ${formatBytes(s.memoryBytes)})`]);
   rows.push(['downtime', s.downtimeMs === null ? 'n/a (the VM did not move)' : formatMs(s.downtimeMs)]);
+  if (s.estimateMs !== null) rows.push(['estimate', `${formatMs(s.estimateMs)} vs threshold ${formatMs(s.thresholdMs ?? 0)}${s.plan ? ` (${s.plan.thresholdFrom})` : ''}; actual ${formatMs(s.totalMs)}`]);
+  if (s.plan) {
+    rows.push(['paths', `${s.paths}: ${s.plan.paths.join(', ')}`]);
+    s.plan.decisions.forEach((d, i) => rows.push([i === 0 ? 'decisions' : '', d]));
+  }
+  if (s.precopy) {
+    const p = s.precopy;
+    rows.push(['pre-copy', `${s.rounds} round${s.rounds === 1 ? '' : 's'}, ${p.converged ? 'converged' : 'stopped at the round limit'}, ${formatBytes(p.rateBytesPerSec)}/s, copy downtime ${formatMs(p.copyDowntimeMs)}`]);
+    if (p.throttled) rows.push(['auto-converge', `dirty rate throttled ${p.throttleSteps} step${p.throttleSteps === 1 ? '' : 's'}: ${formatBytes(p.initialDirtyRate)}/s → ${formatBytes(p.finalDirtyRate)}/s`]);
+    if (p.resent > 0) rows.push(['re-sent', `${p.resent} page batch${p.resent === 1 ? '' : 'es'}`]);
+    for (const path of p.perPath) rows.push(['', `path ${path.name}: ${formatBytes(path.bytes)} in ${path.batches} batches${path.failed ? ' (failed, its batches went on the others)' : ''}`]);
+  }
+  if (s.udp) rows.push(['udp', `${s.udp.handedOver} packets buffered offline and handed over, ${s.udp.dropped} dropped, max added latency ${formatMs(s.udp.maxBufferedLatencyMs)}`]);
   rows.push(['forwarded', `${s.forwarded} event${s.forwarded === 1 ? '' : 's'}`]);
   return renderRows(rows);
 }
@@ -178,4 +193,13 @@ function formatMs(ms: number): string {
 function renderRows(rows: readonly (readonly [string, string])[]): string {
   const width = Math.max(...rows.map(([k]) => k.length)) + 1;
   return rows.map(([k, v]) => `${(k === '' ? '' : `${k}:`).padEnd(width)}  ${v}`).join('\n') + '\n';
+}
+
+/** `--threshold`: milliseconds, or with a unit (`500ms`, `2s`, `1m`). */
+export function parseThreshold(raw: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m)?$/.exec(raw.trim());
+  if (!m) throw new InvalidArgumentError(`'${raw}' is not a duration (e.g. 1500, 500ms, 2s, 1m)`);
+  const ms = Number(m[1]) * (m[2] === 's' ? 1000 : m[2] === 'm' ? 60_000 : 1);
+  if (!(ms >= 1)) throw new InvalidArgumentError(`threshold must be at least 1 ms`);
+  return Math.round(ms);
 }

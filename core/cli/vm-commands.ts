@@ -58,6 +58,17 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
 
   clientOptions(
     vm
+      .command('checksum')
+      .description("sha256 of a VM's memory: the same before and after a migration (stop the VM first for a stable value)")
+      .argument('<name>', 'VM name'),
+  ).action(async (name: string, opts: ClientFlags) => {
+    const c = await ctx.client(opts).vmChecksum(name);
+    if (opts.json) ctx.json(c);
+    else ctx.out(`vm ${c.name} (${c.state}, ${c.memory} bytes): sha256 ${c.sha256}`);
+  });
+
+  clientOptions(
+    vm
       .command('load')
       .description('set the CPU load (0..1) a sim VM reports while running; the host load follows')
       .argument('<name>', 'VM name')

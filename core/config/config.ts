@@ -109,6 +109,37 @@ export const AgentConfigSchema = z
       })
       .strict()
       .prefault({}),
+    dataplane: z
+      .object({
+        /** Stop-and-copy once the remainder is expected to take no longer than this (QEMU's default). */
+        downtimeLimitMs: positiveInt.default(DEFAULTS.dataplane.downtimeLimitMs),
+        maxRounds: positiveInt.default(DEFAULTS.dataplane.maxRounds),
+        /** Throttle a VM's dirty rate when pre-copy rounds do not converge. */
+        autoConverge: z.boolean().default(DEFAULTS.dataplane.autoConverge),
+        /** Threshold time (seed 000): above it, paths are added. Per VM in `vmThresholds`, per migration with `embot migrate --threshold`. */
+        thresholdMs: positiveInt.default(DEFAULTS.dataplane.thresholdMs),
+        vmThresholds: z.record(z.string(), positiveInt).default({}),
+        /** Second threshold: a path that takes longer than this to set up is not added. */
+        addPathThresholdMs: positiveInt.default(DEFAULTS.dataplane.addPathThresholdMs),
+        maxPaths: positiveInt.default(DEFAULTS.dataplane.maxPaths),
+        /** Share of this host's CPU one extra path needs to reassemble pages (as a target). */
+        reassemblyCpuPerPath: z.number().min(0).max(1).default(DEFAULTS.dataplane.reassemblyCpuPerPath),
+        /** Bytes sent to measure an uncapped path's bandwidth. */
+        probeBytes: positiveInt.default(DEFAULTS.dataplane.probeBytes),
+        /** Cap of the primary path (bytes/s); absent: measured. */
+        primaryCapBytesPerSec: positiveInt.optional(),
+        /** Extra peer listeners for data paths (`HOST:PORT`, loopback 127.0.0.x). */
+        listen: z.array(z.string()).default([]),
+        /** Extra paths to each peer: another local/remote address pair, optionally capped (bytes/s). */
+        paths: z
+          .record(
+            z.string(),
+            z.array(z.object({ name: z.string().min(1), url: z.string().min(1), localAddress: z.string().optional(), capBytesPerSec: positiveInt.optional() }).strict()),
+          )
+          .default({}),
+      })
+      .strict()
+      .prefault({}),
     /** Per-module config overrides, merged over each module manifest's `config`. */
     modules: z.record(z.string(), z.record(z.string(), z.unknown())).default({}),
   })

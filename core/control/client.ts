@@ -9,6 +9,7 @@ import {
   type MigrationInfo,
   type PluginInfo,
   type SetVmLoadRequest,
+  type VmChecksum,
   type StartMigrationResponse,
   type VmAction,
   type VmInfo,
@@ -72,6 +73,10 @@ export class ControlClient {
     return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/${action}`, {});
   }
 
+  vmChecksum(name: string): Promise<VmChecksum> {
+    return this.request('GET', `/v1/vms/${encodeURIComponent(name)}/checksum`);
+  }
+
   /** Sets the CPU load (0..1) the sim VM reports while running. */
   setVmLoad(name: string, load: number): Promise<VmInfo> {
     const body: SetVmLoadRequest = { load };
@@ -95,8 +100,8 @@ export class ControlClient {
   }
 
   /** Starts a migration of `vm` to peer `to`; resolves with its id as soon as it is under way. */
-  migrate(vm: string, to: string): Promise<StartMigrationResponse> {
-    return this.request('POST', '/v1/migrations', { vm, to });
+  migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): Promise<StartMigrationResponse> {
+    return this.request('POST', '/v1/migrations', { vm, to, ...options });
   }
 
   listMigrations(): Promise<MigrationInfo[]> {

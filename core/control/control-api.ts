@@ -60,6 +60,13 @@ export interface CreateVmRequest {
   readonly udpPort?: number;
 }
 
+export interface VmChecksum {
+  readonly name: string;
+  readonly state: string;
+  readonly memory: number;
+  readonly sha256: string;
+}
+
 export type VmAction = 'start' | 'stop' | 'crash';
 export const VM_ACTIONS: readonly VmAction[] = ['start', 'stop', 'crash'];
 
@@ -99,6 +106,8 @@ export interface AgentControl {
    * `HOST_LOAD` readings follow it. Throws `VM_UNKNOWN` or `VM_SPEC_INVALID`.
    */
   setVmLoad(name: string, load: number): VmInfo;
+  /** sha256 of the VM's memory (to check a migration moved it byte-exact; stop the VM first for a stable value). */
+  vmChecksum(name: string): VmChecksum;
   listEmbots(): readonly EmbotInfo[];
   listPlugins(): readonly PluginInfo[];
   /** Resolves once the event is journaled. */
@@ -110,7 +119,7 @@ export interface AgentControl {
    * Throws `PEER_UNKNOWN`, `VM_UNKNOWN`, `VM_BAD_STATE` (already migrating) or `CONFIG_INVALID`
    * (no cluster secret).
    */
-  migrate(vm: string, to: string): { readonly id: string };
+  migrate(vm: string, to: string, options?: { readonly thresholdMs?: number }): { readonly id: string };
   /** Running and past migrations this agent took part in (as source or target). */
   listMigrations(): readonly MigrationInfo[];
   getMigration(id: string): MigrationInfo | undefined;

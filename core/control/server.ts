@@ -85,6 +85,8 @@ const StartMigrationBody = z
   .object({
     vm: z.string().min(1).max(128),
     to: z.string().min(1).max(64),
+    /** Threshold time for this migration (seed 000): above it, data paths are added. */
+    thresholdMs: z.number().int().positive().max(86_400_000).optional(),
   })
   .strict();
 
@@ -170,6 +172,10 @@ export async function startControlServer(options: ControlServerOptions): Promise
       if (!body.success) throw invalidFields(body.error);
       return { status: 201, body: control.createVm(body.data) };
     }
+    if (path.length === 3 && path[0] === 'vms' && path[2] === 'checksum') {
+      only('GET');
+      return ok(control.vmChecksum(decodeSegment(path[1]!)));
+    }
     if (path.length === 3 && path[0] === 'vms' && path[2] === 'load') {
       only('POST');
       const body = SetVmLoadBody.safeParse(await readJson(req));
@@ -207,7 +213,7 @@ export async function startControlServer(options: ControlServerOptions): Promise
       only('POST');
       const body = StartMigrationBody.safeParse(await readJson(req));
       if (!body.success) throw invalidFields(body.error);
-      const { id } = control.migrate(body.data.vm, body.data.to);
+      const { id } = control.migrate(body.data.vm, body.data.to, body.data.thresholdMs === undefined ? {} : { thresholdMs: body.data.thresholdMs });
       return { status: 202, body: { id } };
     }
     if (path.length === 2 && path[0] === 'migrations') {

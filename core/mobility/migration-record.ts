@@ -10,6 +10,21 @@ export interface MigrationProgress {
   readonly memoryTotal: number;
   /** 0..100, by memory copied; 100 once completed. */
   readonly percent: number;
+  /** Pre-copy: current round, dirty bytes left, send and dirty rates, expected downtime. */
+  readonly round?: number;
+  readonly remainingBytes?: number;
+  readonly rateBytesPerSec?: number;
+  readonly dirtyRateBytesPerSec?: number;
+  readonly expectedDowntimeMs?: number;
+}
+
+/** What the path planner decided (seed 000): the estimate beside the threshold, and why each path was or was not added. */
+export interface MigrationPlanSummary {
+  readonly estimateMs: number;
+  readonly thresholdMs: number;
+  readonly thresholdFrom: string;
+  readonly paths: readonly string[];
+  readonly decisions: readonly string[];
 }
 
 /** Time spent in one phase. */
@@ -35,9 +50,29 @@ export interface MigrationSummary {
   readonly dirtyRounds: number;
   readonly bytes: number;
   readonly memoryBytes: number;
-  /** From stopping the VM at the source to the target's acknowledgement (upper bound). */
+  /** From stopping the VM at the source to the target's acknowledgement (it runs there by then). */
   readonly downtimeMs: number | null;
   readonly forwarded: number;
+  /** Pre-copy rounds, the final stop-and-copy included (0 for the target's view). */
+  readonly rounds: number;
+  /** Data paths the memory crossed on. */
+  readonly paths: number;
+  readonly estimateMs: number | null;
+  readonly thresholdMs: number | null;
+  readonly plan?: MigrationPlanSummary;
+  readonly precopy?: {
+    readonly copyDowntimeMs: number;
+    readonly converged: boolean;
+    readonly throttled: boolean;
+    readonly throttleSteps: number;
+    readonly initialDirtyRate: number;
+    readonly finalDirtyRate: number;
+    readonly resent: number;
+    readonly rateBytesPerSec: number;
+    readonly perPath: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
+  };
+  /** The VM's UDP service: packets buffered while it was offline and handed to the target. */
+  readonly udp?: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number };
 }
 
 /** One migration as listed by the control API. */

@@ -7,9 +7,7 @@ import type { EmbotRuntime } from '../../embots/embot-runtime.ts';
 import type { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
 import type { ModuleBundle } from '../wire/frames.ts';
 import type { MigrationJournal } from './migration-journal.ts';
-
-/** Bytes of VM memory per VmMemory frame; the target places frame `seq` at `seq × MEMORY_CHUNK_BYTES`. */
-export const MEMORY_CHUNK_BYTES = 1 << 20;
+import type { VmUdpServices } from '../vm-udp.ts';
 
 /** Modules on this agent, as migrations need them. */
 export interface ModuleProvider {
@@ -43,6 +41,12 @@ export interface MobilityHost {
   /** Memory offered to VMs, for the migration policy. */
   readonly hostMemory: number;
   readonly allowedSources: readonly string[];
+  /** Relays and services of the VMs' UDP ports. */
+  readonly udp: VmUdpServices;
+  /** Share of CPU one more data path needs to reassemble pages here. */
+  readonly reassemblyCpuPerPath: number;
+  /** 0..1 load of this host (for the target's answer to PathOffer). */
+  hostLoad(): number;
 }
 
 /** An error a target step raises when something shipped cannot be instantiated here. */

@@ -5,7 +5,7 @@ import { createActor, fromPromise, type AnyActorRef } from 'xstate';
 import { ConfigError, ErrorCodes, ProtocolError, describeError } from '../errors.ts';
 import type { EmbotEvent } from '../events.ts';
 import { PeerServer } from '../wire/peer-server.ts';
-import { connectNamedPeer } from '../wire/peer-client.ts';
+import { connectNamedPeer, connectPeer } from '../wire/peer-client.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { PeerMap } from '../wire/peers.ts';
 import type { HandlerTable } from '../wire/peer-connection.ts';
@@ -14,7 +14,7 @@ import { createSourceMachine, type SourceOutput } from './source-machine.ts';
 import { createTargetMachine } from './target-machine.ts';
 import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
-import { SourceSide, attachAll } from './source-side.ts';
+import { SourceSide, attachAll, type DataplaneConfig } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
@@ -30,6 +30,7 @@ export interface MobilityServiceOptions {
   readonly vmTimeoutMs: number;
   readonly maxDirtyRounds: number;
   readonly forwardGraceMs: number;
+  readonly dataplane: DataplaneConfig;
 }
 
 export interface MobilityEvents {
@@ -64,6 +65,9 @@ interface LiveMigration {
  */
 export class MobilityService extends EventEmitter<MobilityEvents> {
   private server: PeerServer | undefined;
+  private readonly dataServers: PeerServer[] = [];
+  /** Page receivers of incoming migrations, by migration id (data paths carry only the id). */
+  private readonly receivers = new Map<string, TargetSide>();
   private readonly live = new Map<string, LiveMigration>();
   private readonly targetConns = new Map<string, PeerConnection>();
   private closed = false;
@@ -86,7 +90,12 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   async start(): Promise<void> {
     if (!this.o.secret) return;
-    this.server = await PeerServer.listen({ agent: this.host.agent, secret: this.o.secret, listen: this.o.listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers: this.targetHandlers() });
+    const handlers = this.targetHandlers();
+    this.server = await PeerServer.listen({ agent: this.host.agent, secret: this.o.secret, listen: this.o.listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers });
+    // Data paths may arrive on other local addresses (seed 000: another NIC / address pair).
+    for (const listen of this.o.dataplane.listen) {
+      this.dataServers.push(await PeerServer.listen({ agent: this.host.agent, secret: this.o.secret, listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers }));
+    }
     this.server.on('connection', (conn) => {
       conn.on('notification', (frame) => {
         if (frame.type === 'Abort') this.abortTarget(frame.migrationId, `source aborted: ${frame.reason}`);
@@ -102,13 +111,13 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   async close(): Promise<void> {
     this.closed = true;
     for (const m of this.live.values()) m.actor.stop();
-    await this.server?.close();
+    await Promise.all([this.server?.close(), ...this.dataServers.map((d) => d.close())]);
   }
 
   // ---- source ----
 
   /** Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary. */
-  migrate(vm: string, to: string): { readonly id: string } {
+  migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
     if (!this.o.secret) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file); it cannot migrate');
     if (!this.o.peers.has(to)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
@@ -120,6 +129,18 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       migrationId: id,
       vm,
       target: to,
+      targetUrl: this.o.peers.get(to)!,
+      dataplane: this.o.dataplane,
+      ...(options.thresholdMs === undefined ? {} : { thresholdMs: options.thresholdMs }),
+      openPath: (p) =>
+        connectPeer({
+          url: p.url,
+          agent: this.host.agent,
+          secret: this.o.secret!,
+          expectedPeer: to,
+          requestTimeoutMs: this.o.stepTimeoutMs,
+          ...(p.localAddress ? { localAddress: p.localAddress } : {}),
+        }),
       connect: () =>
         connectNamedPeer(this.o.peers, to, {
           agent: this.host.agent,
@@ -182,6 +203,27 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
             memoryBytes: s.memoryBytes,
             downtimeMs: s.downtimeMs ?? null,
             forwarded: s.forwarded,
+            rounds: s.precopy?.rounds ?? 0,
+            paths: s.plan?.paths.length ?? 0,
+            estimateMs: s.plan?.estimateMs ?? null,
+            thresholdMs: s.plan?.thresholdMs ?? null,
+            ...(s.plan ? { plan: s.plan } : {}),
+            ...(s.precopy
+              ? {
+                  precopy: {
+                    copyDowntimeMs: Math.round(s.precopy.downtimeMs),
+                    converged: s.precopy.converged,
+                    throttled: s.precopy.throttled,
+                    throttleSteps: s.precopy.throttleSteps,
+                    initialDirtyRate: s.precopy.initialDirtyRate,
+                    finalDirtyRate: s.precopy.finalDirtyRate,
+                    resent: s.precopy.resent,
+                    rateBytesPerSec: Math.round(s.precopy.rateBytesPerSec),
+                    perPath: s.precopy.perPath,
+                  },
+                }
+              : {}),
+            ...(s.udp ? { udp: s.udp } : {}),
           };
           this.finish('source', id, out.outcome === 'completed' ? 'completed' : out.outcome, summary);
           resolve(summary);
@@ -391,6 +433,27 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         const duplicates = this.host.sensors.stats().duplicates - before;
         return { type: 'ForwardedEventsAck', migrationId: frame.migrationId, accepted: events.length - duplicates, duplicates };
       },
+      PageBatch: (frame) => {
+        const side = this.receivers.get(frame.migrationId);
+        const r = side ? side.receivePages(frame) : { ok: false as const, reason: 'no migration staging memory under this id' };
+        return { type: 'PageBatchAck', migrationId: frame.migrationId, ok: r.ok, ...(r.ok ? {} : { reason: r.reason }) };
+      },
+      PathOffer: (frame) => {
+        const free = Math.max(0, 1 - this.host.hostLoad());
+        const need = frame.paths * this.host.reassemblyCpuPerPath;
+        const canReassemble = free >= need;
+        return {
+          type: 'PathAccept',
+          migrationId: frame.migrationId,
+          canReassemble,
+          cpuFree: free,
+          ...(canReassemble ? {} : { reason: `${frame.paths} paths need ${need.toFixed(2)} of the CPU to reassemble, ${free.toFixed(2)} is free on ${this.host.agent}` }),
+        };
+      },
+      UdpHandover: async (frame) => {
+        const addr = await this.host.udp.adopt(frame.vm, frame.served, frame.packets);
+        return { type: 'UdpHandoverAck', migrationId: frame.migrationId, host: addr.host, port: addr.port };
+      },
       MigrationStatusQuery: (frame) => {
         const row = this.host.journal.get(frame.migrationId, 'target');
         const committed = row?.phase === 'committed' || (row?.outcome === 'completed');
@@ -410,6 +473,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     this.host.journal.begin(id, 'target', frame.vm, source, 'evaluating');
     this.targetConns.set(id, conn);
     const side = new TargetSide({ host: this.host, conn, stepTimeoutMs: this.o.stepTimeoutMs, onProgress: (p) => this.progress(key('target', id), p) });
+    this.receivers.set(id, side);
     return new Promise((resolveStart) => {
       const input: TargetInput = {
         migrationId: id,
@@ -444,14 +508,16 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
             const summary: MigrationSummary = {
               migrationId: id, vm: frame.vm, from: source, to: this.host.agent, outcome: out.outcome, ...(out.reason ? { reason: out.reason } : {}),
               totalMs: Date.now() - startedAt, phases: [], embots: s.embots, events: s.events, modules: frame.modules, modulesShipped: s.modulesShipped,
-              dirtyRounds: 0, bytes: s.bytes, memoryBytes: s.memoryBytes, downtimeMs: null, forwarded: 0,
+              dirtyRounds: 0, bytes: s.bytes, memoryBytes: s.memoryBytes, downtimeMs: null, forwarded: 0, rounds: 0, paths: 0, estimateMs: null, thresholdMs: null,
             };
             this.targetConns.delete(id);
+            this.receivers.delete(id);
             this.finish('target', id, out.outcome === 'completed' ? 'committed' : out.outcome, summary);
             resolve(summary);
           },
           error: (err) => {
             this.targetConns.delete(id);
+            this.receivers.delete(id);
             const summary = failedSummary(id, frame.vm, source, this.host.agent, startedAt, describeError(err));
             this.finish('target', id, 'aborted', summary);
             resolve(summary);
@@ -507,7 +573,7 @@ function emptyProgress(phase: string): MigrationProgress {
 }
 
 function failedSummary(id: string, vm: string, from: string, to: string, startedAt: number, reason: string): MigrationSummary {
-  return { migrationId: id, vm, from, to, outcome: 'aborted', reason, totalMs: Date.now() - startedAt, phases: [], embots: 0, events: 0, modules: [], modulesShipped: 0, dirtyRounds: 0, bytes: 0, memoryBytes: 0, downtimeMs: null, forwarded: 0 };
+  return { migrationId: id, vm, from, to, outcome: 'aborted', reason, totalMs: Date.now() - startedAt, phases: [], embots: 0, events: 0, modules: [], modulesShipped: 0, dirtyRounds: 0, bytes: 0, memoryBytes: 0, downtimeMs: null, forwarded: 0, rounds: 0, paths: 0, estimateMs: null, thresholdMs: null };
 }
 
 /** Forwarded events come as a list, or (the remainder of the hold queues) in the hold-queue format. */

@@ -4,16 +4,53 @@ import type { EmbotEvent } from '../events.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
-import { MEMORY_CHUNK_BYTES, type MobilityHost } from './mobility-host.ts';
+import type { MobilityHost } from './mobility-host.ts';
+import { batchChecksum } from '../../effectors/dataplane/page-batch.ts';
 import type { HoldCursor } from '../../sensors/sensor-service.ts';
-import type { MigrationProgress } from './migration-record.ts';
+import type { MigrationPlanSummary, MigrationProgress } from './migration-record.ts';
+import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
+import { preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
+import type { AgentConfig } from '../config/config.ts';
+
+export type DataplaneConfig = AgentConfig['dataplane'];
+
+/** The VM's SLA, if its element carries one (`state.sla.maxMigrationMs`). */
+function vmSla(host: MobilityHost, vmElement: string): { maxMigrationMs?: number } | undefined {
+  const sla = host.objects.get(vmElement)?.state['sla'];
+  return sla && typeof sla === 'object' ? (sla as { maxMigrationMs?: number }) : undefined;
+}
+
+/**
+ * Bandwidth of an uncapped path: `bytes` of zero pages sent as PageBatches for a migration id
+ * the target does not stage (it refuses them after reading them), timed.
+ */
+async function measurePath(conn: PeerConnection, migrationId: string, path: string, bytes: number, pageSize: number): Promise<number> {
+  const batch = 256 * 1024;
+  const pages = new Uint8Array(batch);
+  const indexes = new Uint8Array((batch / pageSize) * 4);
+  const checksum = batchChecksum(indexes, pages);
+  const started = performance.now();
+  let sent = 0;
+  while (sent < bytes) {
+    await conn.request({ type: 'PageBatch', migrationId: `${migrationId}.probe`, path, round: 0, final: false, pageSize, indexes, pages, checksum });
+    sent += batch;
+  }
+  return sent / Math.max(1e-3, (performance.now() - started) / 1000);
+}
 
 export interface SourceSideOptions {
   readonly host: MobilityHost;
   readonly migrationId: string;
   readonly vm: string;
   readonly target: string;
+  /** The target's peer URL: the primary data path goes there on a connection of its own. */
+  readonly targetUrl: string;
   readonly connect: () => Promise<PeerConnection>;
+  /** Opens an authenticated data path (another WebSocket, maybe from another local address). */
+  readonly openPath: (p: PathCandidate) => Promise<PeerConnection>;
+  readonly dataplane: DataplaneConfig;
+  /** Threshold time given for this migration (overrides the VM's and the default). */
+  readonly thresholdMs?: number;
   readonly stepTimeoutMs: number;
   readonly vmTimeoutMs: number;
   readonly forwardGraceMs: number;
@@ -31,6 +68,9 @@ export interface SourceStats {
   stoppedAt: number | undefined;
   downtimeMs: number | undefined;
   forwarded: number;
+  plan: MigrationPlanSummary | undefined;
+  precopy: PreCopyResult | undefined;
+  udp: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number } | undefined;
 }
 
 /**
@@ -40,7 +80,7 @@ export interface SourceStats {
  */
 export class SourceSide implements SourceSteps {
   readonly vmElement: string;
-  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0 };
+  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined };
   private conn: PeerConnection | undefined;
   private scope: readonly string[] = [];
   private cursor: HoldCursor | undefined;
@@ -49,6 +89,7 @@ export class SourceSide implements SourceSteps {
   private wasRunning = false;
   private vmStopped = false;
   private unmute: (() => void) | undefined;
+  private udpPaused: Promise<void> | undefined;
 
   constructor(private readonly o: SourceSideOptions) {
     this.vmElement = `vm:${o.vm}`;
@@ -125,26 +166,99 @@ export class SourceSide implements SourceSteps {
     if (reply.type !== 'ManagementEventStateSuccess') throw stepFailed('ManagementEventState', reply);
   }
 
-  /** Stop-and-copy over the peer link (pre-copy rounds are the data plane's). */
+  /**
+   * The VM crosses on data paths of its own (WebSockets apart from this control link): the
+   * planner adds paths while the estimate is over the threshold (seed 000), then pre-copy rounds
+   * run until the remainder fits the downtime limit, the VM stops, the rest follows. The control
+   * link then says the memory is complete.
+   */
   async migrateVm(input: SourceInput): Promise<void> {
-    const driver = this.host.driver;
-    this.unmute = this.host.sensors.mute(this.vmElement, 'vm');
-    if (driver.get(this.o.vm)?.state === 'running') {
-      driver.stop(this.o.vm);
-      this.vmStopped = true;
-      this.stats.stoppedAt = Date.now();
-      this.host.journal.notes(input.migrationId, 'source', { vmStopped: true });
-    }
-    const memory = driver.pages(this.o.vm).memory;
-    const chunks = Math.max(1, Math.ceil(memory.byteLength / MEMORY_CHUNK_BYTES));
-    for (let seq = 0; seq < chunks; seq++) {
-      const pages = memory.subarray(seq * MEMORY_CHUNK_BYTES, Math.min(memory.byteLength, (seq + 1) * MEMORY_CHUNK_BYTES));
-      const reply = await this.request({ type: 'VmMemory', migrationId: input.migrationId, vm: this.o.vm, round: 0, seq, last: seq === chunks - 1, pages }, this.o.vmTimeoutMs);
+    const host = this.host;
+    const dp = this.o.dataplane;
+    const vm = host.driver.get(this.o.vm)!;
+    const channels = new Map<string, PeerConnection>();
+    const probe = async (p: PathCandidate): Promise<PathProbe> => {
+      const started = performance.now();
+      const conn = await this.o.openPath(p);
+      channels.set(p.name, conn);
+      const setupMs = performance.now() - started;
+      const bandwidthBytesPerSec = p.capBytesPerSec ?? (await measurePath(conn, input.migrationId, p.name, dp.probeBytes, host.driver.pageSize));
+      return { setupMs, bandwidthBytesPerSec };
+    };
+    const release = async (p: PathCandidate): Promise<void> => {
+      await channels.get(p.name)?.close().catch(() => {});
+      channels.delete(p.name);
+    };
+    const threshold = resolveThreshold({
+      ...(this.o.thresholdMs === undefined ? {} : { migration: this.o.thresholdMs }),
+      ...(dp.vmThresholds[this.o.vm] === undefined ? {} : { vm: dp.vmThresholds[this.o.vm] }),
+      ...(vmSla(host, this.vmElement) ? { sla: vmSla(host, this.vmElement) } : {}),
+      default: dp.thresholdMs,
+    });
+    try {
+      const plan = await planPaths({
+        vm: { memoryBytes: vm.memory, pageSize: host.driver.pageSize, dirtyRateBytesPerSec: vm.dirtyRate, cpuLoad: host.driver.stats(this.o.vm).load },
+        thresholdMs: threshold.ms,
+        addPathThresholdMs: dp.addPathThresholdMs,
+        maxPaths: dp.maxPaths,
+        downtimeLimitMs: dp.downtimeLimitMs,
+        maxRounds: dp.maxRounds,
+        autoConverge: dp.autoConverge,
+        primary: { name: 'primary', url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
+        candidates: dp.paths[this.o.target] ?? [],
+        probe,
+        targetCpu: async (n) => {
+          const r = await this.request({ type: 'PathOffer', migrationId: input.migrationId, paths: n });
+          return { canReassemble: r.canReassemble, cpuFree: r.cpuFree, ...(r.reason ? { reason: r.reason } : {}) };
+        },
+        release,
+      });
+      this.stats.plan = { estimateMs: Math.round(plan.estimate.totalMs), thresholdMs: plan.thresholdMs, thresholdFrom: threshold.from, paths: plan.paths.map((p) => p.name), decisions: plan.decisions.map((d) => d.reason) };
+      const paths: DataPath[] = plan.paths.map((p) => ({ name: p.name, conn: channels.get(p.name)!, ...(p.capBytesPerSec ? { capBytesPerSec: p.capBytesPerSec } : {}) }));
+      const result = await preCopy({
+        migrationId: input.migrationId,
+        vm: this.o.vm,
+        driver: host.driver,
+        paths,
+        downtimeLimitMs: dp.downtimeLimitMs,
+        maxRounds: dp.maxRounds,
+        autoConverge: dp.autoConverge,
+        requestTimeoutMs: this.o.stepTimeoutMs,
+        stopVm: () => this.stopForCopy(input.migrationId),
+        onProgress: (p) =>
+          this.o.onProgress({
+            bytes: this.stats.bytes + p.sentBytes,
+            memoryBytes: p.sentBytes,
+            memoryTotal: vm.memory,
+            round: p.round,
+            remainingBytes: p.remainingBytes,
+            rateBytesPerSec: p.rateBytesPerSec,
+            dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
+            expectedDowntimeMs: p.expectedDowntimeMs,
+          }),
+      });
+      this.stats.memoryBytes += result.bytes;
+      this.stats.bytes += result.bytes;
+      this.stats.precopy = result;
+      const reply = await this.request({ type: 'VmMemory', migrationId: input.migrationId, vm: this.o.vm, round: result.rounds, seq: 0, last: true, pages: new Uint8Array(0) }, this.o.vmTimeoutMs);
       if (reply.type !== 'VmMemoryAck') throw stepFailed('VmMemory', reply);
-      this.stats.memoryBytes += pages.byteLength;
-      this.stats.bytes += pages.byteLength;
-      this.o.onProgress({ bytes: this.stats.bytes, memoryBytes: this.stats.memoryBytes, memoryTotal: memory.byteLength });
+    } finally {
+      // Added paths are removed afterwards (and the primary data path with them).
+      await Promise.all([...channels.values()].map((c) => c.close().catch(() => {})));
     }
+  }
+
+  /** The offline phase starts: the VM stops, its sensor is muted, its UDP relay buffers. */
+  private stopForCopy(migrationId: string): void {
+    const host = this.host;
+    this.unmute ??= host.sensors.mute(this.vmElement, 'vm');
+    if (host.driver.get(this.o.vm)?.state === 'running') {
+      host.driver.stop(this.o.vm);
+      this.vmStopped = true;
+      host.journal.notes(migrationId, 'source', { vmStopped: true });
+    }
+    this.stats.stoppedAt = Date.now();
+    this.udpPaused = host.udp.pauseForMigration(this.o.vm);
   }
 
   async sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult> {
@@ -179,6 +293,7 @@ export class SourceSide implements SourceSteps {
     };
     const endRedirect = host.sensors.redirect(this.scope, forward);
     setTimeout(endRedirect, this.o.forwardGraceMs).unref();
+    await this.handOverUdp(migrationId);
     const rest = host.sensors.serializeHeldSince(this.scope, this.cursor);
     if (rest.count > 0) {
       const reply = await this.request({ type: 'ForwardedEvents', migrationId, events: rest.bytes });
@@ -195,6 +310,22 @@ export class SourceSide implements SourceSteps {
     setTimeout(() => void this.conn?.close().catch(() => {}), this.o.forwardGraceMs).unref();
   }
 
+  /**
+   * The VM's UDP service: what its guest served and the packets buffered while it was offline go
+   * to the target's relay, delivered before any new packet; then this relay re-points there, so
+   * clients keep their address.
+   */
+  private async handOverUdp(migrationId: string): Promise<void> {
+    const host = this.host;
+    await this.udpPaused;
+    const h = host.udp.handOver(this.o.vm);
+    if (!h) return;
+    const before = host.udp.stats(this.o.vm);
+    const reply = await this.request({ type: 'UdpHandover', migrationId, vm: this.o.vm, served: h.served, packets: h.packets });
+    host.udp.repoint(this.o.vm, { host: reply.host, port: reply.port }, this.o.forwardGraceMs);
+    this.stats.udp = { handedOver: before?.handedOver ?? 0, dropped: before?.dropped ?? 0, maxBufferedLatencyMs: before?.maxBufferedLatencyMs ?? 0 };
+  }
+
   async rollBack(input: SourceInput & { readonly reason: string }): Promise<void> {
     const host = this.host;
     try {
@@ -204,6 +335,8 @@ export class SourceSide implements SourceSteps {
     }
     try {
       if (this.vmStopped && this.wasRunning && host.driver.get(this.o.vm)?.state === 'stopped') host.driver.start(this.o.vm);
+      await this.udpPaused;
+      host.udp.resumeAfterAbort(this.o.vm);
     } finally {
       this.unmute?.();
       this.unmute = undefined;

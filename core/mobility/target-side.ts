@@ -2,10 +2,11 @@ import { unpack } from 'msgpackr';
 import { describeError } from '../errors.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
-import type { DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, VmMemory } from '../wire/frames.ts';
+import type { DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, PageBatch, VmMemory } from '../wire/frames.ts';
 import type { ExportedEmbot } from '../../embots/embot-runtime.ts';
 import type { TargetInput, TargetSteps } from './mobility-contract.ts';
-import { InstantiationError, MEMORY_CHUNK_BYTES, type MobilityHost } from './mobility-host.ts';
+import { InstantiationError, type MobilityHost } from './mobility-host.ts';
+import { PageReceiver } from '../../effectors/dataplane/page-receiver.ts';
 import type { MigrationProgress } from './migration-record.ts';
 import { attachAll } from './source-side.ts';
 import { faultPoint } from './fault-points.ts';
@@ -38,7 +39,8 @@ export class TargetSide implements TargetSteps {
   private deltas: ManagedElement[] = [];
   private embots: ExportedEmbot[] = [];
   private scope: string[] = [];
-  private memory: Uint8Array | undefined;
+  /** Pages arrive on the data paths, outside the machine's steps; VmMemory `last` says they are complete. */
+  private receiver: PageReceiver | undefined;
   private held = false;
   private committed = false;
   /** The VM element as StartMigration showed it: before the source stopped the VM for the copy. */
@@ -68,6 +70,7 @@ export class TargetSide implements TargetSteps {
     const clash = this.elements.find((e) => host.objects.has(e.id));
     if (clash) return { permitted: false, reason: `element ${clash.id} already exists on ${host.agent}` };
     host.migratingIn.add(start.vm);
+    this.receiver = new PageReceiver({ memoryBytes: start.resources.memory, pageSize: host.driver.pageSize, migrationId: input.migrationId });
     return { permitted: true };
   }
 
@@ -107,15 +110,22 @@ export class TargetSide implements TargetSteps {
     this.stats.bytes += input.frame.holdQueues.byteLength;
   }
 
+  /** A PageBatch from a data path (see MobilityService's handler). */
+  receivePages(frame: PageBatch): { readonly ok: true } | { readonly ok: false; readonly reason: string } {
+    if (!this.receiver) return { ok: false, reason: 'this migration is not receiving memory' };
+    const r = this.receiver.apply(frame);
+    if (r.ok) {
+      this.stats.memoryBytes += frame.pages.byteLength;
+      this.stats.bytes += frame.pages.byteLength;
+      this.o.onProgress({ bytes: this.stats.bytes, memoryBytes: this.stats.memoryBytes, memoryTotal: this.receiver.memory.byteLength });
+    }
+    return r;
+  }
+
+  /** The source says the memory is complete: it is, if the final batch arrived. */
   async receiveMemory(input: TargetInput & { readonly frame: VmMemory }): Promise<void> {
-    const size = input.start.resources.memory;
-    this.memory ??= new Uint8Array(size);
-    const offset = input.frame.seq * MEMORY_CHUNK_BYTES;
-    if (offset + input.frame.pages.byteLength > size) throw new InstantiationError(`memory frame ${input.frame.seq} lies outside the VM's ${size} bytes`);
-    this.memory.set(input.frame.pages, offset);
-    this.stats.memoryBytes += input.frame.pages.byteLength;
-    this.stats.bytes += input.frame.pages.byteLength;
-    this.o.onProgress({ bytes: this.stats.bytes, memoryBytes: this.stats.memoryBytes, memoryTotal: size });
+    if (!input.frame.last) throw new InstantiationError('memory travels on the data paths; the control link only marks its end');
+    if (!this.receiver?.finalReceived) throw new InstantiationError('the source says the memory is complete, but its final page batch has not arrived');
   }
 
   async applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void> {
@@ -143,7 +153,7 @@ export class TargetSide implements TargetSteps {
           ...(typeof vmState?.dirtyRate === 'number' ? { dirtyRate: vmState.dirtyRate } : {}),
           ...(typeof vmState?.udpPort === 'number' ? { udpPort: vmState.udpPort } : {}),
         });
-        if (this.memory) host.driver.pages(name).memory.set(this.memory);
+        if (this.receiver?.finalReceived) host.driver.adoptMemory(name, this.receiver.memory);
         if (wasRunning) host.driver.start(name);
         host.objects.instantiate(this.elementsBytes!);
         if (this.deltas.length) host.objects.applyDeltas(this.deltas);
@@ -170,7 +180,7 @@ export class TargetSide implements TargetSteps {
     host.migratingIn.delete(input.start.vm);
     if (this.committed) return;
     if (this.held) host.sensors.drop(this.scope);
-    this.memory = undefined;
+    this.receiver = undefined;
     this.embots = [];
     this.elements = [];
   }

@@ -171,6 +171,26 @@ export interface MigrationStatusQuery {
   readonly migrationId: string;
 }
 
+/** Source → target before adding a data path: can the target reassemble pages from `paths` paths? */
+export interface PathOffer {
+  readonly type: 'PathOffer';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly paths: number;
+}
+
+/** Source → target after the switch: the VM's UDP service state and the packets buffered while it was offline. */
+export interface UdpHandover {
+  readonly type: 'UdpHandover';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly vm: string;
+  /** Requests the VM's service had served (its state, carried like memory). */
+  readonly served: number;
+  /** encodePackets() of the buffered packets, in arrival order. */
+  readonly packets: Uint8Array;
+}
+
 export interface Ping {
   readonly type: 'Ping';
   readonly reqId: number;
@@ -295,6 +315,25 @@ export interface MigrationStatus {
   readonly committed: boolean;
 }
 
+export interface PathAccept {
+  readonly type: 'PathAccept';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly canReassemble: boolean;
+  /** 0..1 share of the target's CPU that is free. */
+  readonly cpuFree: number;
+  readonly reason?: string;
+}
+
+/** The target's relay for the VM's UDP service: the source relay re-points there. */
+export interface UdpHandoverAck {
+  readonly type: 'UdpHandoverAck';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly host: string;
+  readonly port: number;
+}
+
 export interface Pong {
   readonly type: 'Pong';
   readonly replyTo: number;
@@ -337,6 +376,8 @@ export type RequestFrame =
   | MigrationComplete
   | ForwardedEvents
   | MigrationStatusQuery
+  | PathOffer
+  | UdpHandover
   | Ping;
 export type ReplyFrame =
   | MigrationPermitted
@@ -354,6 +395,8 @@ export type ReplyFrame =
   | MigrationCompleteAck
   | ForwardedEventsAck
   | MigrationStatus
+  | PathAccept
+  | UdpHandoverAck
   | Pong;
 export type NotificationFrame = Abort;
 
@@ -374,6 +417,8 @@ export interface ReplyMap {
   MigrationComplete: MigrationCompleteAck | MigrationStateFailed;
   ForwardedEvents: ForwardedEventsAck;
   MigrationStatusQuery: MigrationStatus;
+  PathOffer: PathAccept;
+  UdpHandover: UdpHandoverAck;
   Ping: Pong;
 }
 
@@ -400,6 +445,8 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   MigrationComplete: ['MigrationCompleteAck', 'MigrationStateFailed'],
   ForwardedEvents: ['ForwardedEventsAck'],
   MigrationStatusQuery: ['MigrationStatus'],
+  PathOffer: ['PathAccept'],
+  UdpHandover: ['UdpHandoverAck'],
   Ping: ['Pong'],
 };
 
@@ -421,6 +468,8 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   MigrationComplete: 'request',
   ForwardedEvents: 'request',
   MigrationStatusQuery: 'request',
+  PathOffer: 'request',
+  UdpHandover: 'request',
   Ping: 'request',
   MigrationPermitted: 'reply',
   MigrationDenied: 'reply',
@@ -437,6 +486,8 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   MigrationCompleteAck: 'reply',
   ForwardedEventsAck: 'reply',
   MigrationStatus: 'reply',
+  PathAccept: 'reply',
+  UdpHandoverAck: 'reply',
   Pong: 'reply',
   Abort: 'notification',
   Error: 'error',

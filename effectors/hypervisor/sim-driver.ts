@@ -187,6 +187,17 @@ export class SimDriver implements HypervisorDriver {
     };
   }
 
+  /**
+   * Gives a created (not yet started) VM the memory a migration received, without copying it:
+   * the switch at the target should not pay for a copy of the whole memory.
+   */
+  adoptMemory(name: string, memory: Uint8Array): void {
+    const vm = this.require(name);
+    if (vm.state !== 'created') throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is ${vm.state}; memory can only be given to a created VM`, { details: { vm: name } });
+    if (memory.byteLength !== vm.spec.memory) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `VM ${name} has ${vm.spec.memory} bytes of memory, not ${memory.byteLength}`, { details: { vm: name } });
+    vm.memory = memory;
+  }
+
   /** Indexes of the pages dirtied since the last call, ascending; clears the dirty bitmap. */
   takeDirty(name: string): Uint32Array {
     const vm = this.require(name);

@@ -31,6 +31,7 @@ function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
     listVms: () => driver.list(),
     createVm: (spec) => driver.create(spec),
     vmAction: (name, action) => driver[action](name),
+    vmChecksum: (name) => ({ name, state: driver.get(name)!.state, memory: driver.get(name)!.memory, sha256: '0'.repeat(64) }),
     setVmLoad: (name, load) => {
       driver.setLoad(name, load);
       return driver.get(name)!;

@@ -49,6 +49,19 @@ describe('config defaults', () => {
         allowedSources: [],
         trust: { mode: 'signed', publicKeys: [], allowHashes: [] },
       },
+      dataplane: {
+        downtimeLimitMs: 300,
+        maxRounds: 30,
+        autoConverge: true,
+        thresholdMs: 60000,
+        vmThresholds: {},
+        addPathThresholdMs: 500,
+        maxPaths: 4,
+        reassemblyCpuPerPath: 0.1,
+        probeBytes: 2097152,
+        listen: [],
+        paths: {},
+      },
       modules: {},
     });
     expect(c.name).toMatch(/^[a-z0-9][a-z0-9-]*$/);

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { request as httpRequest } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ControlClient } from '../../core/control/client.ts';
@@ -47,6 +48,10 @@ class SimBackedControl implements AgentControl {
     this.driver.setLoad(name, load);
     return this.driver.get(name)!;
   }
+  vmChecksum(name: string) {
+    const vm = this.driver.get(name)!;
+    return { name, state: vm.state, memory: vm.memory, sha256: createHash('sha256').update(this.driver.pages(name).memory).digest('hex') };
+  }
   listEmbots(): EmbotInfo[] {
     if (this.failNext === 'throw') {
       this.failNext = undefined;
@@ -90,7 +95,7 @@ class SimBackedControl implements AgentControl {
   }
   finishMigration(id: string): MigrationSummary {
     const m = this.migrations.get(id)!;
-    const summary: MigrationSummary = { migrationId: id, vm: m.vm, from: 'a', to: m.peer, outcome: 'completed', totalMs: 42, phases: [{ phase: 'requesting', ms: 42 }], embots: 1, events: 2, modules: [], modulesShipped: 0, dirtyRounds: 1, bytes: 100, memoryBytes: 100, downtimeMs: 5, forwarded: 0 };
+    const summary: MigrationSummary = { migrationId: id, vm: m.vm, from: 'a', to: m.peer, outcome: 'completed', totalMs: 42, phases: [{ phase: 'requesting', ms: 42 }], embots: 1, events: 2, modules: [], modulesShipped: 0, dirtyRounds: 1, bytes: 100, memoryBytes: 100, downtimeMs: 5, forwarded: 0, rounds: 2, paths: 1, estimateMs: 40, thresholdMs: 60000 };
     const { progress: _dropped, ...rest } = m;
     this.migrations.set(id, { ...rest, phase: 'completed', outcome: 'completed', updatedAt: 1042, summary });
     this.ends.get(id)!.resolve(summary);

@@ -43,6 +43,10 @@ function summaryFor(id: string, vm: string, to: string, script: Script): Migrati
     bytes: completed ? 65 * MiB : 2048,
     memoryBytes: completed ? 64 * MiB : 0,
     downtimeMs: completed ? 15 : null,
+    rounds: completed ? 3 : 0,
+    paths: completed ? 2 : 0,
+    estimateMs: completed ? 1100 : null,
+    thresholdMs: completed ? 1000 : null,
     forwarded: completed ? 4 : 0,
   };
 }
@@ -51,6 +55,10 @@ function summaryFor(id: string, vm: string, to: string, script: Script): Migrati
 class ScriptedControl implements AgentControl {
   migrateCalls = 0;
   private readonly runs = new Map<string, { vm: string; to: string; script: Script; polls: number }>();
+
+  vmChecksum(): never {
+    throw new Error('not used by these tests');
+  }
 
   setVmLoad(): never {
     throw new Error('not used by these tests');
