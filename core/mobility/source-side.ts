@@ -204,7 +204,7 @@ export class SourceSide implements SourceSteps {
         downtimeLimitMs: dp.downtimeLimitMs,
         maxRounds: dp.maxRounds,
         autoConverge: dp.autoConverge,
-        primary: { name: 'primary', url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
+        primary: { name: 'direct', url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
         candidates: dp.paths[this.o.target] ?? [],
         probe,
         targetCpu: async (n) => {
