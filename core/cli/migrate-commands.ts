@@ -118,7 +118,16 @@ function isTty(stream: CliContext['io']['stdout']): boolean {
  */
 export function progressLine(info: MigrationInfo, elapsedMs: number): string {
   const parts = [`[${(elapsedMs / 1000).toFixed(1)}s]`, info.phase];
-  if (info.progress) parts.push(formatBytes(info.progress.bytes), `${Math.floor(info.progress.percent)}%`);
+  const p = info.progress;
+  if (p) {
+    parts.push(formatBytes(p.bytes), `${Math.floor(p.percent)}%`);
+    // Pre-copy: which round, what is left, how fast it goes out and comes back dirty.
+    if (p.round !== undefined) parts.push(`round ${p.round}`);
+    if (p.remainingBytes !== undefined) parts.push(`left ${formatBytes(p.remainingBytes)}`);
+    if (p.rateBytesPerSec !== undefined) parts.push(`${formatBytes(p.rateBytesPerSec)}/s`);
+    if (p.dirtyRateBytesPerSec !== undefined) parts.push(`dirty ${formatBytes(p.dirtyRateBytesPerSec)}/s`);
+    if (p.expectedDowntimeMs !== undefined) parts.push(`expected downtime ${formatMs(p.expectedDowntimeMs)}`);
+  }
   return parts.join('  ');
 }
 

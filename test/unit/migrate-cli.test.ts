@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../core/cli/main.ts';
-import { parseDestination, renderMigrations } from '../../core/cli/migrate-commands.ts';
+import { parseDestination, parseThreshold, progressLine, renderMigrations } from '../../core/cli/migrate-commands.ts';
 import type { AgentControl, AgentStatus, MigrationInfo, MigrationSummary } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, EffectorError, ErrorCodes } from '../../core/errors.ts';
@@ -236,6 +236,29 @@ describe('embot migrate: progress and summary', () => {
     const list = await (await fetch(`${server.url}/v1/migrations`)).json() as MigrationInfo[];
     expect(list.find((x) => x.id === m![1])?.outcome).toBeNull();
     expect(list.find((x) => x.id === body.id)?.outcome).toBeNull();
+  });
+});
+
+describe('embot migrate: pre-copy progress and --threshold', () => {
+  it('shows round, remainder, rates and expected downtime while memory is copied', () => {
+    const info: MigrationInfo = {
+      id: 'm-1', role: 'source', vm: 'web', peer: 'b', phase: 'migratingVm', outcome: null, startedAt: 0, updatedAt: 0,
+      progress: { phase: 'migratingVm', bytes: 3 * MiB, memoryBytes: 3 * MiB, memoryTotal: 4 * MiB, percent: 75, round: 2, remainingBytes: 512 * 1024, rateBytesPerSec: 64 * MiB, dirtyRateBytesPerSec: 4 * MiB, expectedDowntimeMs: 8 },
+    };
+    const line = progressLine(info, 1500);
+    expect(line).toContain('round 2');
+    expect(line).toContain('left 512 KiB');
+    expect(line).toContain('64 MiB/s');
+    expect(line).toContain('dirty 4 MiB/s');
+    expect(line).toContain('expected downtime 8 ms');
+  });
+
+  it('parses --threshold durations and refuses nonsense', () => {
+    expect(parseThreshold('1500')).toBe(1500);
+    expect(parseThreshold('2s')).toBe(2000);
+    expect(parseThreshold('1m')).toBe(60_000);
+    expect(() => parseThreshold('soon')).toThrow(/not a duration/);
+    expect(() => parseThreshold('0')).toThrow(/at least 1 ms/);
   });
 });
 
