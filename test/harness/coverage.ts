@@ -1,7 +1,7 @@
 /**
  * Transition coverage of an xstate machine, measured from inspection events: which state nodes
  * were entered and which transition candidates were taken, across any number of actors.
- * Same keys as test/unit/vm-watchdog.test.ts: `<state id>|<event>|<candidate index>`.
+ * Transitions are keyed `<state id>|<event>|<candidate index>`.
  */
 import type { AnyStateMachine, InspectionEvent } from 'xstate';
 import { getStateNodes } from '@xstate/graph';

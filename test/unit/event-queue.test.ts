@@ -2,18 +2,7 @@ import { describe, expect, it } from 'vitest';
 import type { EmbotEvent } from '../../core/events.ts';
 import { EventQueue } from '../../sensors/event-queue.ts';
 import type { QueuedEvent } from '../../sensors/event-queue.ts';
-
-/** mulberry32: a seeded PRNG so a failure replays exactly. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { prng } from '../harness/prng.ts';
 
 function entry(seq: number, ts: number, elementId = 'vm:a'): QueuedEvent {
   const event: EmbotEvent = { id: `t.${seq}`, ts, elementId, type: 'T', payload: null };

@@ -1,10 +1,7 @@
-import { readFileSync } from 'node:fs';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import * as xstate from 'xstate';
-import { createActor, type AnyStateMachine, type Snapshot } from 'xstate';
-import { getAdjacencyMap, adjacencyMapToArray, getShortestPaths, getStateNodes } from '@xstate/graph';
-import { ManifestSchema } from '../../core/plugins/manifest.ts';
-import { definePolicy, EMBOT_API_VERSION, type ModuleKit, type PolicyApi } from '../../embots/policy-api.ts';
+import { createActor } from 'xstate';
+import { definePolicy, EMBOT_API_VERSION, type ModuleKit, type PolicyEvent as Ev } from '../../embots/policy-api.ts';
 import entry, {
   HOST_LOAD_DEFAULTS,
   busiestVm,
@@ -13,33 +10,18 @@ import entry, {
   readHostLoadConfig,
   type HostLoadConfig,
 } from '../../plugins/host-load/index.ts';
+import { allStateIds, TransitionCoverage } from '../harness/coverage.ts';
+import { edgeGraph, replayEveryEdge, type GraphSnapshot } from '../harness/path-replay.ts';
+import { expectTypeOnlyImports, readPluginManifest } from '../harness/plugin-files.ts';
+import { RecordingPolicyApi as PolicyApiDouble } from '../harness/policy-api-double.ts';
+import { eventBuilder } from '../harness/policy-events.ts';
 
 const PLUGIN_DIR = new URL('../../plugins/host-load/', import.meta.url);
 
-/** Test double of the runtime's PolicyApi: records what the policy asks for. */
-class RecordingPolicyApi implements PolicyApi {
-  readonly embotId = 'embot-host';
-  readonly effects: { effector: string; op: string }[] = [];
-  readonly emits: { type: string; payload: unknown }[] = [];
-  readonly logs: { level: string; message: string }[] = [];
-  constructor(
-    readonly config: Readonly<Record<string, unknown>> = {},
-    readonly elementId = 'host:h1',
-  ) {}
-  effect(effector: string, op: string): void {
-    this.effects.push({ effector, op });
-  }
-  emit(type: string, payload?: unknown): void {
-    this.emits.push({ type, payload });
-  }
-  log(level: 'debug' | 'info' | 'warn' | 'error', message: string): void {
-    this.logs.push({ level, message });
-  }
-}
+/** The policy API of the load-monitor embot on host h1. */
+const recordingApi = (config: Readonly<Record<string, unknown>> = {}) => new PolicyApiDouble(config, 'host:h1', 'embot-host');
 
-type Ev = { type: string; id: string; ts: number; elementId: string; payload: unknown };
-let seq = 0;
-const ev = (type: string, payload: unknown): Ev => ({ type, id: `e${seq++}`, ts: Date.now(), elementId: 'host:h1', payload });
+const ev = eventBuilder('host:h1');
 const VMS = [
   { name: 'db-1', load: 0.4 },
   { name: 'web-1', load: 0.9 },
@@ -49,14 +31,14 @@ const high = (load = 0.95, topVms: unknown = VMS) => ev('HOST_LOAD', { load, top
 const low = (load = 0.3) => ev('HOST_LOAD', { load, topVms: VMS });
 
 function start(config: Partial<HostLoadConfig> = {}) {
-  const api = new RecordingPolicyApi(config);
+  const api = recordingApi(config);
   const actor = createActor(createHostLoadMachine(xstate, api)).start();
   return { api, send: (e: Ev) => actor.send(e as never), state: () => actor.getSnapshot().value, actor };
 }
 
 describe('host-load manifest and module', () => {
   it('has a manifest that ManifestSchema accepts, with the config defaults the policy uses', () => {
-    const manifest = ManifestSchema.parse(JSON.parse(readFileSync(new URL('manifest.json', PLUGIN_DIR), 'utf8')));
+    const manifest = readPluginManifest(PLUGIN_DIR);
     expect(manifest).toMatchObject({ name: 'host-load', embotApi: EMBOT_API_VERSION, entry: 'index.ts' });
     expect(manifest.embots).toEqual([{ type: 'load-monitor', attachTo: { kind: 'host' }, policies: ['host-load'] }]);
     expect(manifest.config).toEqual({ ...HOST_LOAD_DEFAULTS });
@@ -64,20 +46,16 @@ describe('host-load manifest and module', () => {
 
   it('exports, through the kit, every policy its manifest names', () => {
     const kit: ModuleKit = { xstate, definePolicy, apiVersion: EMBOT_API_VERSION };
-    const manifest = ManifestSchema.parse(JSON.parse(readFileSync(new URL('manifest.json', PLUGIN_DIR), 'utf8')));
+    const manifest = readPluginManifest(PLUGIN_DIR);
     const mod = entry(kit);
     for (const name of manifest.embots.flatMap((e) => e.policies)) {
       expect(mod.policies[name]?.name).toBe(name);
-      expect(createActor(mod.policies[name].create(new RecordingPolicyApi(manifest.config))).start().getSnapshot().value).toBe('normal');
+      expect(createActor(mod.policies[name].create(recordingApi(manifest.config))).start().getSnapshot().value).toBe('normal');
     }
   });
 
   it('imports nothing at run time (only `import type`)', () => {
-    const src = readFileSync(new URL('index.ts', PLUGIN_DIR), 'utf8');
-    const imports = src.split('\n').filter((l) => /^\s*import\s/.test(l));
-    expect(imports.length).toBeGreaterThan(0);
-    for (const line of imports) expect(line).toMatch(/^import type /);
-    expect(src).not.toMatch(/\bimport\s*\(/);
+    expectTypeOnlyImports(PLUGIN_DIR);
   });
 
   it.each([
@@ -89,7 +67,7 @@ describe('host-load manifest and module', () => {
     ['cooldownMs', null],
   ])('refuses config %s = %j with a readable error naming the key', (key, value) => {
     expect(() => readHostLoadConfig({ [key]: value })).toThrow(new RegExp(`host-load: config\\.${key} must be`));
-    expect(() => createHostLoadMachine(xstate, new RecordingPolicyApi({ [key]: value }))).toThrow(/host-load/);
+    expect(() => createHostLoadMachine(xstate, recordingApi({ [key]: value }))).toThrow(/host-load/);
   });
 
   it('parses readings, dropping malformed VM entries, and picks the busiest VM (first of equals)', () => {
@@ -199,7 +177,7 @@ describe('host-load policy behaviour', () => {
 
   it('swaps actions and delays through provide()', () => {
     const recommended: unknown[] = [];
-    const machine = createHostLoadMachine(xstate, new RecordingPolicyApi()).provide({
+    const machine = createHostLoadMachine(xstate, recordingApi()).provide({
       actions: { recommendMigration: ({ context }) => void recommended.push(context.reading?.load) },
       delays: { sustained: 5 },
     });
@@ -213,7 +191,7 @@ describe('host-load policy behaviour', () => {
     const { send, actor } = start();
     send(high(0.93));
     const saved = JSON.parse(JSON.stringify(actor.getPersistedSnapshot()));
-    const restored = createActor(createHostLoadMachine(xstate, new RecordingPolicyApi()), { snapshot: saved }).start();
+    const restored = createActor(createHostLoadMachine(xstate, recordingApi()), { snapshot: saved }).start();
     expect(restored.getSnapshot().value).toBe('elevated');
     expect(restored.getSnapshot().context.reading?.load).toBe(0.93);
   });
@@ -221,24 +199,7 @@ describe('host-load policy behaviour', () => {
 
 // ---- coverage of every state and every transition, paths generated with @xstate/graph ----
 
-type AnySnap = Snapshot<unknown> & { value: unknown; context: unknown; matches(v: unknown): boolean };
-type Transition = { source: AnyStateMachine['root']; eventType: string };
-
-/** `<state id>|<event>|<candidate index>` for every transition candidate the machine defines. */
-function allTransitions(machine: AnyStateMachine): Set<string> {
-  const keys = new Set<string>();
-  for (const node of [machine.root, ...getStateNodes(machine.root)]) {
-    for (const [event, defs] of node.transitions) defs.forEach((_d: unknown, i: number) => keys.add(`${node.id}|${event}|${i}`));
-    node.always?.forEach((_d: unknown, i: number) => keys.add(`${node.id}|always|${i}`));
-  }
-  return keys;
-}
-
-function transitionKey(t: Transition): string {
-  const always = t.source.always?.indexOf(t as never) ?? -1;
-  if (always >= 0) return `${t.source.id}|always|${always}`;
-  return `${t.source.id}|${t.eventType}|${t.source.transitions.get(t.eventType)?.indexOf(t as never)}`;
-}
+type AnySnap = GraphSnapshot;
 
 const abstract = (s: AnySnap): string => JSON.stringify([s.value, s.context]);
 const AFTER_SUSTAINED = 'xstate.after.sustained.host-load.elevated';
@@ -258,47 +219,19 @@ describe('host-load coverage', () => {
 
   it('replays a shortest path to every state plus every event from it, reaching every state and every transition', () => {
     const cfg = readHostLoadConfig({});
-    const model = createHostLoadMachine(xstate, new RecordingPolicyApi());
-    const options = { events: (s: AnySnap) => eventsFor(s), serializeState: (s: AnySnap) => abstract(s) };
-    const pathTo = new Map(getShortestPaths(model, options as never).map((p) => [abstract(p.state as AnySnap), p]));
-    const edges = adjacencyMapToArray(getAdjacencyMap(model, options as never));
-    expect(edges.length).toBeGreaterThan(15);
+    const model = createHostLoadMachine(xstate, recordingApi());
+    const graph = edgeGraph(model, { events: eventsFor, abstract });
+    expect(graph.edges.length).toBeGreaterThan(15);
 
-    const taken = new Set<string>();
-    const visited = new Set<string>();
-    for (const edge of edges) {
-      const path = pathTo.get(abstract(edge.state as AnySnap));
-      expect(path, `no path to ${abstract(edge.state as AnySnap)}`).toBeDefined();
-      const steps = [...path!.steps.slice(1).map((s) => ({ event: s.event as Ev, expect: s.state as AnySnap })), { event: edge.event as Ev, expect: edge.nextState as AnySnap }];
+    const coverage = new TransitionCoverage(model);
+    replayEveryEdge(graph, () => createActor(createHostLoadMachine(xstate, recordingApi()), { inspect: coverage.inspect }).start(), {
+      abstract,
+      delayOf: (e) => (e.type === AFTER_SUSTAINED ? cfg.durationMs : e.type === AFTER_COOLDOWN ? cfg.cooldownMs : undefined),
+      send: (actor, e) => actor.send(e),
+    });
 
-      vi.clearAllTimers();
-      const actor = createActor(createHostLoadMachine(xstate, new RecordingPolicyApi()), {
-        inspect: (i) => {
-          if (i.type !== '@xstate.microstep') return;
-          for (const t of (i as unknown as { _transitions: Transition[] })._transitions) taken.add(transitionKey(t));
-          for (const node of (i.snapshot as unknown as { _nodes: { id: string }[] })._nodes) visited.add(node.id);
-        },
-      }).start();
-
-      for (const step of steps) {
-        const before = abstract(actor.getSnapshot() as unknown as AnySnap);
-        const e = step.event;
-        if (e.type === AFTER_SUSTAINED || e.type === AFTER_COOLDOWN) {
-          const delay = e.type === AFTER_SUSTAINED ? cfg.durationMs : cfg.cooldownMs;
-          vi.advanceTimersByTime(delay - 1);
-          expect(abstract(actor.getSnapshot() as unknown as AnySnap)).toBe(before);
-          vi.advanceTimersByTime(1);
-        } else {
-          actor.send(e as never);
-        }
-        expect(abstract(actor.getSnapshot() as unknown as AnySnap), `after ${e.type} from ${before}`).toBe(abstract(step.expect));
-      }
-      actor.stop();
-    }
-
-    expect([...allTransitions(model)].filter((k) => !taken.has(k))).toEqual([]);
-    const stateIds = [model.root, ...getStateNodes(model.root)].map((n) => n.id);
-    expect(stateIds.filter((id) => !visited.has(id))).toEqual([]);
-    expect(stateIds).toEqual(expect.arrayContaining(['host-load.normal', 'host-load.elevated', 'host-load.overloaded', 'host-load.coolingDown']));
+    expect(coverage.missingTransitions()).toEqual([]);
+    expect(coverage.missingStates()).toEqual([]);
+    expect(allStateIds(model)).toEqual(expect.arrayContaining(['host-load.normal', 'host-load.elevated', 'host-load.overloaded', 'host-load.coolingDown']));
   });
 });

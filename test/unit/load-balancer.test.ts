@@ -1,10 +1,7 @@
-import { readFileSync } from 'node:fs';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import * as xstate from 'xstate';
-import { createActor, type Snapshot } from 'xstate';
-import { adjacencyMapToArray, getAdjacencyMap, getShortestPaths } from '@xstate/graph';
-import { ManifestSchema } from '../../core/plugins/manifest.ts';
-import { definePolicy, EMBOT_API_VERSION, type ModuleKit, type PolicyApi } from '../../embots/policy-api.ts';
+import { createActor } from 'xstate';
+import { definePolicy, EMBOT_API_VERSION, type ModuleKit, type PolicyEvent as Ev } from '../../embots/policy-api.ts';
 import entry, {
   BALANCER_DEFAULTS,
   createBalancerMachine,
@@ -15,45 +12,27 @@ import entry, {
   type BalancerContext,
 } from '../../plugins/load-balancer/index.ts';
 import { allStateIds, TransitionCoverage } from '../harness/coverage.ts';
+import { edgeGraph, replayEveryEdge, sendAnsweringAttempt, type GraphSnapshot } from '../harness/path-replay.ts';
+import { expectTypeOnlyImports, readPluginManifest } from '../harness/plugin-files.ts';
+import { RecordingPolicyApi as PolicyApiDouble } from '../harness/policy-api-double.ts';
+import { eventBuilder, outcomeBuilder } from '../harness/policy-events.ts';
 
 const PLUGIN_DIR = new URL('../../plugins/load-balancer/', import.meta.url);
 
-/** Test double of the runtime's PolicyApi: records what the policy asks for. */
-class RecordingPolicyApi implements PolicyApi {
-  readonly embotId = 'embot-balancer';
-  readonly effects: { effector: string; op: string; args: Readonly<Record<string, unknown>>; tag?: string }[] = [];
-  readonly emits: { type: string; payload: unknown }[] = [];
-  readonly logs: { level: string; message: string }[] = [];
-  constructor(
-    readonly config: Readonly<Record<string, unknown>> = {},
-    readonly elementId = 'host:a',
-  ) {}
-  effect(effector: string, op: string, args: Readonly<Record<string, unknown>>, options?: { readonly tag?: string }): void {
-    this.effects.push({ effector, op, args, tag: options?.tag });
-  }
-  emit(type: string, payload?: unknown): void {
-    this.emits.push({ type, payload });
-  }
-  log(level: 'debug' | 'info' | 'warn' | 'error', message: string): void {
-    this.logs.push({ level, message });
-  }
-}
+/** The policy API of the balancer embot on host a. */
+const recordingApi = (config: Readonly<Record<string, unknown>> = {}) => new PolicyApiDouble(config, 'host:a', 'embot-balancer');
 
-type Ev = { type: string; id: string; ts: number; elementId: string; payload: unknown };
-let seq = 0;
-const ev = (type: string, payload: unknown = {}): Ev => ({ type, id: `e${seq++}`, ts: Date.now(), elementId: 'host:a', payload });
+const ev = eventBuilder('host:a');
 const recommend = (vm = 'web-1', extra: Record<string, unknown> = {}) => ev('MIGRATION_RECOMMENDED', { vm, vmLoad: 0.9, load: 0.9, reason: 'host load stayed high', ...extra });
-const summary = (to: string) => ({ migrationId: 'm1', vm: 'web-1', from: 'a', to, outcome: 'completed', totalMs: 40 });
-const outcome = (type: 'EFFECT_DONE' | 'EFFECT_FAILED', tag: string, effector = 'mobility') =>
-  ev(type, {
-    effector,
-    op: 'migrate',
-    tag,
-    ...(type === 'EFFECT_DONE' ? { result: summary('b') } : { error: { code: 'EMBOT_ERR_EFFECTOR_FAILED', message: 'could not migrate web-1: b: denied (not enough memory)' } }),
-  });
+const outcome = outcomeBuilder(ev, {
+  effector: 'mobility',
+  op: 'migrate',
+  result: { migrationId: 'm1', vm: 'web-1', from: 'a', to: 'b', outcome: 'completed', totalMs: 40 },
+  error: { code: 'EMBOT_ERR_EFFECTOR_FAILED', message: 'could not migrate web-1: b: denied (not enough memory)' },
+});
 
 function start(config: Partial<BalancerConfig> = {}) {
-  const api = new RecordingPolicyApi(config);
+  const api = recordingApi(config);
   const actor = createActor(createBalancerMachine(xstate, api)).start();
   const send = (e: Ev) => actor.send(e as never);
   const lastTag = () => api.effects.at(-1)?.tag ?? 'none';
@@ -63,7 +42,7 @@ function start(config: Partial<BalancerConfig> = {}) {
 }
 
 describe('load-balancer manifest and module', () => {
-  const manifest = () => ManifestSchema.parse(JSON.parse(readFileSync(new URL('manifest.json', PLUGIN_DIR), 'utf8')));
+  const manifest = () => readPluginManifest(PLUGIN_DIR);
 
   it('has a manifest that ManifestSchema accepts: a balancer embot on every host, with the defaults the policy uses', () => {
     expect(manifest()).toMatchObject({ name: 'load-balancer', embotApi: EMBOT_API_VERSION, entry: 'index.ts' });
@@ -76,17 +55,13 @@ describe('load-balancer manifest and module', () => {
     const mod = entry(kit);
     for (const name of manifest().embots.flatMap((e) => e.policies)) {
       expect(mod.policies[name]?.name).toBe(name);
-      const machine = mod.policies[name].create(new RecordingPolicyApi(manifest().config));
+      const machine = mod.policies[name].create(recordingApi(manifest().config));
       expect(createActor(machine).start().getSnapshot().value).toBe('idle');
     }
   });
 
   it('imports nothing at run time (only `import type`)', () => {
-    const src = readFileSync(new URL('index.ts', PLUGIN_DIR), 'utf8');
-    const imports = src.split('\n').filter((l) => /^\s*import\s/.test(l));
-    expect(imports.length).toBeGreaterThan(0);
-    for (const line of imports) expect(line).toMatch(/^import type /);
-    expect(src).not.toMatch(/\bimport\s*\(/);
+    expectTypeOnlyImports(PLUGIN_DIR);
   });
 
   it.each([
@@ -98,7 +73,7 @@ describe('load-balancer manifest and module', () => {
     ['migrationTimeoutMs', null],
   ])('refuses config %s = %j with a readable error naming the key', (key, value) => {
     expect(() => readBalancerConfig({ [key]: value })).toThrow(new RegExp(`load-balancer: config\\.${key} must be`));
-    expect(() => createBalancerMachine(xstate, new RecordingPolicyApi({ [key]: value }))).toThrow(/load-balancer/);
+    expect(() => createBalancerMachine(xstate, recordingApi({ [key]: value }))).toThrow(/load-balancer/);
   });
 
   it('fills missing config keys from the defaults', () => {
@@ -255,7 +230,7 @@ describe('load-balancer policy behaviour', () => {
   });
 
   it('delays are named and swappable with provide()', () => {
-    const api = new RecordingPolicyApi();
+    const api = recordingApi();
     const machine = createBalancerMachine(xstate, api).provide({ delays: { cooldown: 7 } });
     const actor = createActor(machine).start();
     actor.send(recommend() as never);
@@ -272,7 +247,7 @@ describe('load-balancer policy behaviour', () => {
     send(outcome('EFFECT_FAILED', lastTag()));
     const saved = JSON.parse(JSON.stringify(actor.getPersistedSnapshot()));
     actor.stop();
-    const api = new RecordingPolicyApi();
+    const api = recordingApi();
     const restored = createActor(createBalancerMachine(xstate, api), { snapshot: saved }).start();
     expect(restored.getSnapshot().value).toBe('backingOff');
     expect(restored.getSnapshot().context).toMatchObject({ attempt: 1, vm: 'web-1', failures: 1, ignored: 1 });
@@ -284,7 +259,7 @@ describe('load-balancer policy behaviour', () => {
 
 // ---- coverage of every state and every transition, paths generated with @xstate/graph ----
 
-type AnySnap = Snapshot<unknown> & { value: unknown; context: BalancerContext; matches(v: unknown): boolean };
+type AnySnap = GraphSnapshot<BalancerContext>;
 
 const abstract = (s: AnySnap): string => JSON.stringify([s.value, s.context.failures]);
 const AFTER = {
@@ -324,41 +299,20 @@ describe.each([
   afterEach(() => vi.useRealTimers());
 
   it('replays a shortest path to every state plus every event from it, reaching every state and every transition', () => {
-    const model = createBalancerMachine(xstate, new RecordingPolicyApi(budgets));
-    const options = { events: (s: AnySnap) => eventsFor(s), serializeState: (s: AnySnap) => abstract(s) };
-    const paths = getShortestPaths(model, options as never);
-    const pathTo = new Map(paths.map((p) => [abstract(p.state as AnySnap), p]));
-    const edges = adjacencyMapToArray(getAdjacencyMap(model, options as never));
-    expect(edges.length).toBeGreaterThan(12);
+    const model = createBalancerMachine(xstate, recordingApi(budgets));
+    const graph = edgeGraph(model, { events: eventsFor, abstract });
+    expect(graph.edges.length).toBeGreaterThan(12);
 
     const coverage = new TransitionCoverage(model);
-    for (const edge of edges) {
-      const path = pathTo.get(abstract(edge.state as AnySnap));
-      expect(path, `no path to ${abstract(edge.state as AnySnap)}`).toBeDefined();
-      const steps = [...path!.steps.slice(1).map((s) => ({ event: s.event as Ev, expect: s.state as AnySnap })), { event: edge.event as Ev, expect: edge.nextState as AnySnap }];
-
-      vi.clearAllTimers();
-      const api = new RecordingPolicyApi(budgets);
-      const actor = createActor(createBalancerMachine(xstate, api), { inspect: coverage.inspect }).start();
-      for (const step of steps) {
-        const before = actor.getSnapshot() as unknown as AnySnap;
-        const e = step.event;
+    replayEveryEdge(graph, () => createActor(createBalancerMachine(xstate, recordingApi(budgets)), { inspect: coverage.inspect }).start(), {
+      abstract,
+      delayOf: (e) => {
         const delayed = (Object.entries(AFTER) as [keyof typeof AFTER, string][]).find(([, type]) => type === e.type);
-        if (delayed) {
-          const delay = delayed[0] === 'cooldown' ? cfg.cooldownMs : delayed[0] === 'backoff' ? cfg.backoffMs : cfg.migrationTimeoutMs;
-          vi.advanceTimersByTime(delay - 1);
-          expect(abstract(actor.getSnapshot() as unknown as AnySnap)).toBe(abstract(before));
-          vi.advanceTimersByTime(1);
-        } else if ((e.type === 'EFFECT_DONE' || e.type === 'EFFECT_FAILED') && (e.payload as { tag: string }).tag !== 'stale') {
-          // Abstract states merge attempts: answer the move this actor is waiting for.
-          actor.send(outcome(e.type, migrateTag(before.context.attempt)) as never);
-        } else {
-          actor.send({ ...e, ts: Date.now() } as never);
-        }
-        expect(abstract(actor.getSnapshot() as unknown as AnySnap), `after ${e.type} from ${abstract(before)}`).toBe(abstract(step.expect));
-      }
-      actor.stop();
-    }
+        if (!delayed) return undefined;
+        return delayed[0] === 'cooldown' ? cfg.cooldownMs : delayed[0] === 'backoff' ? cfg.backoffMs : cfg.migrationTimeoutMs;
+      },
+      send: sendAnsweringAttempt(outcome, (before: AnySnap) => migrateTag(before.context.attempt)),
+    });
 
     expect(coverage.missingTransitions()).toEqual([]);
     expect(coverage.missingStates()).toEqual([]);

@@ -1,12 +1,11 @@
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { pack } from 'msgpackr';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ErrorCodes, isEmbotError } from '../../core/errors.ts';
 import { ManagedObjectService } from '../../core/objects/object-service.ts';
 import type { ManagedElement } from '../../core/objects/managed-element.ts';
 import { Store } from '../../core/store/store.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { tempStores } from '../harness/temp-store.ts';
 
 function vmTree(svc: ManagedObjectService, name = 'web'): ManagedElement {
   return svc.registerTree({ id: `vm:${name}`, kind: 'vm', state: { memory: 64 }, dependents: [`disk:${name}-0`, `nic:${name}-0`] }, [
@@ -217,15 +216,10 @@ describe('ManagedObjectService — dirty tracking', () => {
 });
 
 describe('ManagedObjectService — persistence', () => {
-  const dirs: string[] = [];
-  afterEach(() => {
-    for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-  });
+  const { tmpStoreFile } = tempStores(cleanupsAfterEach(), 'embot-objects-');
 
   it('writes through to a real SQLite file and loads everything back on reopen', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'embot-objects-'));
-    dirs.push(dir);
-    const file = join(dir, 'agent.sqlite');
+    const file = tmpStoreFile();
 
     let store = Store.open({ file });
     const first = new ManagedObjectService({ store });
@@ -254,9 +248,7 @@ describe('ManagedObjectService — persistence', () => {
   });
 
   it('reports a corrupt row with STORE_CORRUPT instead of loading half the elements silently', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'embot-objects-'));
-    dirs.push(dir);
-    const file = join(dir, 'agent.sqlite');
+    const file = tmpStoreFile();
     const store = Store.open({ file });
     store.db.prepare("INSERT INTO elements(id, kind, state, version, dirty, dependents) VALUES ('vm:x', 'vm', NULL, 1, 0, 'not json')").run();
     expectCode(() => new ManagedObjectService({ store }), ErrorCodes.STORE_CORRUPT);

@@ -1,41 +1,17 @@
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ErrorCodes, EventError } from '../../core/errors.ts';
 import type { EmbotEvent } from '../../core/events.ts';
 import { Store } from '../../core/store/store.ts';
 import { SensorService, decodeHeld, encodeEvents } from '../../sensors/index.ts';
 import type { ForwardSink, HoldCursor, SensorContext, Subscriber } from '../../sensors/index.ts';
 import { eventPackr } from '../../sensors/journal.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { expectThrownCode } from '../harness/expect-code.ts';
+import { prng } from '../harness/prng.ts';
+import { rowCount, tempStores } from '../harness/temp-store.ts';
 
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-const cleanups: (() => void | Promise<void>)[] = [];
-afterEach(async () => {
-  while (cleanups.length > 0) await cleanups.pop()!();
-});
-
-function tmpStoreFile(): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'embot-sensor-mobility-'));
-  cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return path.join(dir, 'agent.sqlite');
-}
-
-function openStore(file: string = tmpStoreFile()): Store {
-  const store = Store.open({ file });
-  cleanups.push(() => store.close());
-  return store;
-}
+const cleanups = cleanupsAfterEach();
+const { tmpStoreFile, openStore } = tempStores(cleanups, 'embot-sensor-mobility-');
 
 function service(opts: Partial<ConstructorParameters<typeof SensorService>[0]> = {}): SensorService {
   const s = new SensorService({ host: 'a', onError: () => {}, forwardRetryMs: 2, forwardRetryMaxMs: 8, ...opts });
@@ -55,20 +31,7 @@ function recorder(s: SensorService, elementId: string, durable = false): { got: 
   return { got, off: s.subscribe(elementId, sub) };
 }
 
-function rowCount(store: Store, table = 'events'): number {
-  return (store.db.prepare(`SELECT count(*) AS n FROM ${table}`).get() as { n: number }).n;
-}
-
-function expectCode(fn: () => unknown, code: string): void {
-  let thrown: unknown;
-  try {
-    fn();
-  } catch (e) {
-    thrown = e;
-  }
-  expect(thrown).toBeInstanceOf(EventError);
-  expect((thrown as EventError).code).toBe(code);
-}
+const expectCode = (fn: () => unknown, code: string): void => expectThrownCode(fn, code, EventError);
 
 /** Waits (macrotask by macrotask, bounded) until `cond` holds; a condition never met fails the test with `what`. */
 async function until(cond: () => boolean, what: string): Promise<void> {

@@ -1,10 +1,7 @@
-import { readFileSync } from 'node:fs';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import * as xstate from 'xstate';
-import { createActor, type AnyStateMachine, type Snapshot } from 'xstate';
-import { getAdjacencyMap, adjacencyMapToArray, getShortestPaths, getStateNodes } from '@xstate/graph';
-import { ManifestSchema } from '../../core/plugins/manifest.ts';
-import { definePolicy, EMBOT_API_VERSION, type ModuleKit, type PolicyApi } from '../../embots/policy-api.ts';
+import { createActor } from 'xstate';
+import { definePolicy, EMBOT_API_VERSION, type ModuleKit, type PolicyEvent as Ev } from '../../embots/policy-api.ts';
 import entry, {
   WATCHDOG_DEFAULTS,
   backoffDelay,
@@ -13,35 +10,16 @@ import entry, {
   restartTag,
   type WatchdogConfig,
 } from '../../plugins/vm-watchdog/index.ts';
+import { allStateIds, TransitionCoverage } from '../harness/coverage.ts';
+import { edgeGraph, replayEveryEdge, sendAnsweringAttempt, type GraphSnapshot } from '../harness/path-replay.ts';
+import { expectTypeOnlyImports, readPluginManifest } from '../harness/plugin-files.ts';
+import { RecordingPolicyApi } from '../harness/policy-api-double.ts';
+import { eventBuilder, outcomeBuilder } from '../harness/policy-events.ts';
 
 const PLUGIN_DIR = new URL('../../plugins/vm-watchdog/', import.meta.url);
 
-/** Test double of the runtime's PolicyApi: records what the policy asks for. */
-class RecordingPolicyApi implements PolicyApi {
-  readonly embotId = 'embot-1';
-  readonly effects: { effector: string; op: string; args: Readonly<Record<string, unknown>>; tag?: string }[] = [];
-  readonly emits: { type: string; payload: unknown }[] = [];
-  readonly logs: { level: string; message: string }[] = [];
-  constructor(
-    readonly config: Readonly<Record<string, unknown>> = {},
-    readonly elementId = 'vm:web-1',
-  ) {}
-  effect(effector: string, op: string, args: Readonly<Record<string, unknown>>, options?: { readonly tag?: string }): void {
-    this.effects.push({ effector, op, args, tag: options?.tag });
-  }
-  emit(type: string, payload?: unknown): void {
-    this.emits.push({ type, payload });
-  }
-  log(level: 'debug' | 'info' | 'warn' | 'error', message: string): void {
-    this.logs.push({ level, message });
-  }
-}
-
-type Ev = { type: string; id: string; ts: number; elementId: string; payload: unknown };
-let seq = 0;
-const ev = (type: string, payload: unknown = {}): Ev => ({ type, id: `e${seq++}`, ts: Date.now(), elementId: 'vm:web-1', payload });
-const outcome = (type: 'EFFECT_DONE' | 'EFFECT_FAILED', tag: string) =>
-  ev(type, { effector: 'hypervisor', op: 'start', tag, ...(type === 'EFFECT_FAILED' ? { error: { code: 'EMBOT_ERR_VM_BAD_STATE', message: 'no can do' } } : {}) });
+const ev = eventBuilder('vm:web-1');
+const outcome = outcomeBuilder(ev, { effector: 'hypervisor', op: 'start', error: { code: 'EMBOT_ERR_VM_BAD_STATE', message: 'no can do' } });
 
 function start(config: Partial<WatchdogConfig> = {}) {
   const api = new RecordingPolicyApi(config);
@@ -54,7 +32,7 @@ function start(config: Partial<WatchdogConfig> = {}) {
 
 describe('vm-watchdog manifest and module', () => {
   it('has a manifest that ManifestSchema accepts, with the config defaults the policy uses', () => {
-    const manifest = ManifestSchema.parse(JSON.parse(readFileSync(new URL('manifest.json', PLUGIN_DIR), 'utf8')));
+    const manifest = readPluginManifest(PLUGIN_DIR);
     expect(manifest).toMatchObject({ name: 'vm-watchdog', embotApi: EMBOT_API_VERSION, entry: 'index.ts' });
     expect(manifest.embots).toEqual([{ type: 'watchdog', attachTo: { kind: 'vm' }, policies: ['watchdog'] }]);
     expect(manifest.config).toEqual({ ...WATCHDOG_DEFAULTS });
@@ -62,7 +40,7 @@ describe('vm-watchdog manifest and module', () => {
 
   it('exports, through the kit, every policy its manifest names', () => {
     const kit: ModuleKit = { xstate, definePolicy, apiVersion: EMBOT_API_VERSION };
-    const manifest = ManifestSchema.parse(JSON.parse(readFileSync(new URL('manifest.json', PLUGIN_DIR), 'utf8')));
+    const manifest = readPluginManifest(PLUGIN_DIR);
     const mod = entry(kit);
     for (const name of manifest.embots.flatMap((e) => e.policies)) {
       expect(mod.policies[name]?.name).toBe(name);
@@ -72,11 +50,7 @@ describe('vm-watchdog manifest and module', () => {
   });
 
   it('imports nothing at run time (only `import type`)', () => {
-    const src = readFileSync(new URL('index.ts', PLUGIN_DIR), 'utf8');
-    const imports = src.split('\n').filter((l) => /^\s*import\s/.test(l));
-    expect(imports.length).toBeGreaterThan(0);
-    for (const line of imports) expect(line).toMatch(/^import type /);
-    expect(src).not.toMatch(/\bimport\s*\(/);
+    expectTypeOnlyImports(PLUGIN_DIR);
   });
 
   it.each([
@@ -255,23 +229,7 @@ describe('vm-watchdog policy behaviour', () => {
 
 // ---- coverage of every state and every transition, paths generated with @xstate/graph ----
 
-type AnySnap = Snapshot<unknown> & { value: unknown; context: { crashes: readonly number[]; backoffs: number; attempt: number }; matches(v: unknown): boolean };
-
-/** `<state id>|<event>|<candidate index>` for every transition candidate the machine defines. */
-function allTransitions(machine: AnyStateMachine): Set<string> {
-  const keys = new Set<string>();
-  for (const node of [machine.root, ...getStateNodes(machine.root)]) {
-    for (const [event, defs] of node.transitions) defs.forEach((_d: unknown, i: number) => keys.add(`${node.id}|${event}|${i}`));
-    node.always?.forEach((_d: unknown, i: number) => keys.add(`${node.id}|always|${i}`));
-  }
-  return keys;
-}
-
-function transitionKey(t: { source: AnyStateMachine['root']; eventType: string }): string {
-  const always = t.source.always?.indexOf(t as never) ?? -1;
-  if (always >= 0) return `${t.source.id}|always|${always}`;
-  return `${t.source.id}|${t.eventType}|${t.source.transitions.get(t.eventType)?.indexOf(t as never)}`;
-}
+type AnySnap = GraphSnapshot<{ crashes: readonly number[]; backoffs: number; attempt: number }>;
 
 const abstract = (s: AnySnap): string => JSON.stringify([s.value, s.context.crashes.length, s.context.backoffs]);
 const AFTER_STABLE = 'xstate.after.stablePeriod.watchdog.watching.settling';
@@ -311,56 +269,19 @@ describe.each([
 
   it('replays a shortest path to every state plus every event from it, reaching every state and every transition', () => {
     const model = createWatchdogMachine(xstate, new RecordingPolicyApi(config));
-    const options = { events: (s: AnySnap) => eventsFor(s), serializeState: (s: AnySnap) => abstract(s) };
-    const paths = getShortestPaths(model, options as never);
-    const pathTo = new Map(paths.map((p) => [abstract(p.state as AnySnap), p]));
-    const edges = adjacencyMapToArray(getAdjacencyMap(model, options as never));
-    expect(edges.length).toBeGreaterThan(20);
+    const graph = edgeGraph(model, { events: eventsFor, abstract });
+    expect(graph.edges.length).toBeGreaterThan(20);
 
-    const taken = new Set<string>();
-    const visited = new Set<string>();
-    for (const edge of edges) {
-      const path = pathTo.get(abstract(edge.state as AnySnap));
-      expect(path, `no path to ${abstract(edge.state as AnySnap)}`).toBeDefined();
-      const steps = [...path!.steps.slice(1).map((s) => ({ event: s.event as Ev, expect: s.state as AnySnap })), { event: edge.event as Ev, expect: edge.nextState as AnySnap }];
+    const coverage = new TransitionCoverage(model);
+    replayEveryEdge(graph, () => createActor(createWatchdogMachine(xstate, new RecordingPolicyApi(config)), { inspect: coverage.inspect }).start(), {
+      abstract,
+      delayOf: (e, before) => (e.type === AFTER_STABLE ? cfg.stableMs : e.type === AFTER_BACKOFF ? backoffDelay(before.context.backoffs, cfg) : undefined),
+      send: sendAnsweringAttempt(outcome, (before: AnySnap) => restartTag(before.context.attempt)),
+    });
 
-      vi.clearAllTimers();
-      const api = new RecordingPolicyApi(config);
-      const actor = createActor(createWatchdogMachine(xstate, api), {
-        inspect: (i) => {
-          if (i.type !== '@xstate.microstep') return;
-          for (const t of (i as unknown as { _transitions: { source: AnyStateMachine['root']; eventType: string }[] })._transitions) {
-            taken.add(transitionKey(t));
-            visited.add(t.source.id);
-          }
-          for (const node of (i.snapshot as unknown as { _nodes: { id: string }[] })._nodes) visited.add(node.id);
-        },
-      }).start();
-
-      for (const step of steps) {
-        const before = actor.getSnapshot() as unknown as AnySnap;
-        const e = step.event;
-        if (e.type === AFTER_STABLE || e.type === AFTER_BACKOFF) {
-          const delay = e.type === AFTER_STABLE ? cfg.stableMs : backoffDelay(before.context.backoffs, cfg);
-          vi.advanceTimersByTime(delay - 1);
-          expect(abstract(actor.getSnapshot() as unknown as AnySnap)).toBe(abstract(before));
-          vi.advanceTimersByTime(1);
-        } else if ((e.type === 'EFFECT_DONE' || e.type === 'EFFECT_FAILED') && (e.payload as { tag: string }).tag !== 'stale') {
-          // Abstract states merge restart attempts: answer the restart this actor is waiting for.
-          actor.send({ ...outcome(e.type, restartTag(before.context.attempt)), type: e.type } as never);
-        } else {
-          actor.send({ ...e, ts: Date.now() } as never);
-        }
-        expect(abstract(actor.getSnapshot() as unknown as AnySnap), `after ${e.type} from ${abstract(before)}`).toBe(abstract(step.expect));
-      }
-      actor.stop();
-    }
-
-    const all = allTransitions(model);
-    expect([...all].filter((k) => !taken.has(k))).toEqual([]);
-    const stateIds = [model.root, ...getStateNodes(model.root)].map((n) => n.id);
-    expect(stateIds.filter((id) => !visited.has(id))).toEqual([]);
-    expect(stateIds).toEqual(
+    expect(coverage.missingTransitions()).toEqual([]);
+    expect(coverage.missingStates()).toEqual([]);
+    expect(allStateIds(model)).toEqual(
       expect.arrayContaining(['watchdog.watching.settling', 'watchdog.watching.stable', 'watchdog.restarting', 'watchdog.backingOff', 'watchdog.stoppedByOperator', 'watchdog.gaveUp']),
     );
   });
