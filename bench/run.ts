@@ -20,6 +20,7 @@ import { run as runWire } from './wire.bench.ts';
 import { run as runMobility } from './mobility.bench.ts';
 import { run as runDataplane } from './dataplane.bench.ts';
 import { run as runUdp } from './udp.bench.ts';
+import { run as runEstimate } from './estimate.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -40,6 +41,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'mobility', run: runMobility },
   { name: 'dataplane', run: runDataplane },
   { name: 'udp', run: runUdp },
+  { name: 'estimate', run: runEstimate },
 ];
 
 export interface MachineInfo {
