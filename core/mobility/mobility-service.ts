@@ -184,47 +184,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       actor.subscribe({
         complete: () => {
           const out = actor.getSnapshot().output as SourceOutput;
-          const s = side.stats;
-          const summary: MigrationSummary = {
-            migrationId: id,
-            vm,
-            from: this.host.agent,
-            to,
-            outcome: out.outcome,
-            ...(out.reason ? { reason: out.reason } : {}),
-            totalMs: Date.now() - startedAt,
-            phases: out.phases,
-            embots: s.embots,
-            events: s.events,
-            modules: s.modules,
-            modulesShipped: 0,
-            dirtyRounds: out.dirtyRounds,
-            bytes: s.bytes,
-            memoryBytes: s.memoryBytes,
-            downtimeMs: s.downtimeMs ?? null,
-            forwarded: s.forwarded,
-            rounds: s.precopy?.rounds ?? 0,
-            paths: s.plan?.paths.length ?? 0,
-            estimateMs: s.plan?.estimateMs ?? null,
-            thresholdMs: s.plan?.thresholdMs ?? null,
-            ...(s.plan ? { plan: s.plan } : {}),
-            ...(s.precopy
-              ? {
-                  precopy: {
-                    copyDowntimeMs: Math.round(s.precopy.downtimeMs),
-                    converged: s.precopy.converged,
-                    throttled: s.precopy.throttled,
-                    throttleSteps: s.precopy.throttleSteps,
-                    initialDirtyRate: s.precopy.initialDirtyRate,
-                    finalDirtyRate: s.precopy.finalDirtyRate,
-                    resent: s.precopy.resent,
-                    rateBytesPerSec: Math.round(s.precopy.rateBytesPerSec),
-                    perPath: s.precopy.perPath,
-                  },
-                }
-              : {}),
-            ...(s.udp ? { udp: s.udp } : {}),
-          };
+          const summary = side.summarize(out, Date.now() - startedAt);
           this.finish('source', id, out.outcome === 'completed' ? 'completed' : out.outcome, summary);
           resolve(summary);
         },

@@ -7,7 +7,8 @@ import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-cont
 import type { MobilityHost } from './mobility-host.ts';
 import { batchChecksum } from '../../effectors/dataplane/page-batch.ts';
 import type { HoldCursor } from '../../sensors/sensor-service.ts';
-import type { MigrationPlanSummary, MigrationProgress } from './migration-record.ts';
+import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
+import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
 import { preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
 import type { AgentConfig } from '../config/config.ts';
@@ -102,6 +103,51 @@ export class SourceSide implements SourceSteps {
   private async request<T extends RequestType>(body: Parameters<PeerConnection['request']>[0] & { type: T }, timeoutMs = this.o.stepTimeoutMs): Promise<ReplyOf<T>> {
     this.conn ??= await this.o.connect();
     return (await this.conn.request(body, { timeoutMs })) as ReplyOf<T>;
+  }
+
+  /** The migration's report, from the machine's output and what the steps counted. */
+  summarize(out: SourceOutput, totalMs: number): MigrationSummary {
+    const s = this.stats;
+    return {
+      migrationId: this.o.migrationId,
+      vm: this.o.vm,
+      from: this.host.agent,
+      to: this.o.target,
+      outcome: out.outcome,
+      ...(out.reason ? { reason: out.reason } : {}),
+      totalMs,
+      phases: out.phases,
+      embots: s.embots,
+      events: s.events,
+      modules: s.modules,
+      modulesShipped: 0,
+      dirtyRounds: out.dirtyRounds,
+      bytes: s.bytes,
+      memoryBytes: s.memoryBytes,
+      downtimeMs: s.downtimeMs ?? null,
+      forwarded: s.forwarded,
+      rounds: s.precopy?.rounds ?? 0,
+      paths: s.plan?.paths.length ?? 0,
+      estimateMs: s.plan?.estimateMs ?? null,
+      thresholdMs: s.plan?.thresholdMs ?? null,
+      ...(s.plan ? { plan: s.plan } : {}),
+      ...(s.precopy
+        ? {
+            precopy: {
+              copyDowntimeMs: Math.round(s.precopy.downtimeMs),
+              converged: s.precopy.converged,
+              throttled: s.precopy.throttled,
+              throttleSteps: s.precopy.throttleSteps,
+              initialDirtyRate: s.precopy.initialDirtyRate,
+              finalDirtyRate: s.precopy.finalDirtyRate,
+              resent: s.precopy.resent,
+              rateBytesPerSec: Math.round(s.precopy.rateBytesPerSec),
+              perPath: s.precopy.perPath,
+            },
+          }
+        : {}),
+      ...(s.udp ? { udp: s.udp } : {}),
+    };
   }
 
   async startMigration(input: SourceInput): Promise<{ readonly permitted: boolean; readonly reason?: string }> {
