@@ -1,7 +1,8 @@
-import { ErrorCodes, EventError } from '../core/errors.ts';
+import { ErrorCodes, EventError, StoreError } from '../core/errors.ts';
 import { isValidElementId } from '../core/events.ts';
 import type { QueuedEvent } from './event-queue.ts';
-import type { Journal } from './journal.ts';
+import { runLength } from './journal.ts';
+import type { Journal, SpilledRun } from './journal.ts';
 
 /** Where an incremental shipment of one hold queue stands. */
 export interface HoldMark {
@@ -58,7 +59,10 @@ export function shippedOf(cursor: HoldCursor | undefined, hq: HoldQueue, what: s
 /**
  * The events of one held element, in arrival order. Past `memoryLimit` entries in memory, the
  * oldest part moves to table `held_spill` (when a journal is there), so a long hold costs bounded
- * memory and never drops anything: the queue is always "spilled rows by pos, then memory".
+ * memory and never drops anything: the queue is always "spilled rows by pos, then memory". Every entry
+ * is journaled (table `events`), so a spill row may just name it by seq: entries taken in from a peer
+ * (`insertHeld`, on a migration's critical path) are written once that way; entries held as they arrive
+ * spill with their bytes, so shipping them (`serializeHeldSince`) splices those bytes without decoding.
  *
  * @example
  * ```ts
@@ -75,6 +79,8 @@ export class HoldQueue {
   private readonly journal: Journal | undefined;
   private memory: QueuedEvent[] = [];
   private spilledCount = 0;
+  /** Consecutive spill positions stored the same way, in order: `withEvents` ones hold the events' bytes. */
+  private spills: { readonly pos: number; count: number; readonly withEvents: boolean }[] = [];
 
   constructor(elementId: string, memoryLimit: number, journal: Journal | undefined) {
     this.elementId = elementId;
@@ -91,14 +97,21 @@ export class HoldQueue {
     return this.spilledCount;
   }
 
-  /** Appends; returns the entries that just moved to the store (so the caller can forget their ids), or undefined. */
-  push(entry: QueuedEvent): readonly QueuedEvent[] | undefined {
+  /**
+   * Appends an entry, which must be journaled when the queue has a journal; returns the entries that just moved to the
+   * store (so the caller can forget their ids), or undefined. A spill this push causes stores the events' bytes unless
+   * `spillEvents` is false (then the rows only name the journal rows: cheaper now, dearer to ship).
+   */
+  push(entry: QueuedEvent, spillEvents = true): readonly QueuedEvent[] | undefined {
     this.memory.push(entry);
     if (this.memory.length <= this.memoryLimit || this.journal === undefined) return undefined;
     // Spill down to half the limit so the next spill is limit/2 pushes away, not one.
     const count = this.memory.length - (this.memoryLimit >> 1);
     const moved = this.memory.slice(0, count);
-    this.journal.writeSpill(this.elementId, this.spilledCount, moved);
+    this.journal.writeSpill(this.elementId, this.spilledCount, moved, spillEvents);
+    const last = this.spills.at(-1);
+    if (last !== undefined && last.withEvents === spillEvents) last.count += count;
+    else this.spills.push({ pos: this.spilledCount, count, withEvents: spillEvents });
     this.memory = this.memory.slice(count);
     this.spilledCount += count;
     return moved;
@@ -106,8 +119,7 @@ export class HoldQueue {
 
   /** Every entry in arrival order, without changing the queue. */
   entries(): QueuedEvent[] {
-    if (this.spilledCount === 0) return this.memory.slice();
-    return this.journal!.readSpill(this.elementId).concat(this.memory);
+    return this.entriesFrom(0);
   }
 
   /**
@@ -115,17 +127,64 @@ export class HoldQueue {
    * position names the same entry for its whole life; only the spill rows at or after `start` are read.
    */
   entriesFrom(start: number): QueuedEvent[] {
-    if (start <= 0) return this.entries();
-    if (start >= this.spilledCount) return this.memory.slice(start - this.spilledCount);
-    return this.journal!.readSpill(this.elementId, start).concat(this.memory);
+    const from = Math.max(0, start);
+    if (from >= this.spilledCount) return this.memory.slice(from - this.spilledCount);
+    const spilled = this.journal!.readSpill(this.elementId, from);
+    this.checked(spilled.length, this.spilledCount - from, from);
+    return spilled.concat(this.memory);
+  }
+
+  /** The spilled entries from position `start` on as stored (bytes or journal rows, nothing decoded): for splicing into a shipment. */
+  spilledRunsFrom(start: number): SpilledRun[] {
+    const runs: SpilledRun[] = [];
+    const journal = this.journal;
+    for (const spill of this.spills) {
+      const from = Math.max(start, spill.pos);
+      const to = spill.pos + spill.count;
+      if (from >= to) continue;
+      const run: SpilledRun = spill.withEvents ? journal!.spilledBytes(this.elementId, from, to) : { rows: journal!.readSpillRows(this.elementId, from, to) };
+      this.checked(runLength(run), to - from, from);
+      runs.push(run);
+    }
+    return runs;
+  }
+
+  /** The entries in memory from position `start` on (positions count the spilled ones first). */
+  memoryFrom(start: number): QueuedEvent[] {
+    return this.memory.slice(Math.max(0, start - this.spilledCount));
   }
 
   /** Removes and returns every entry in arrival order (spill rows are deleted). */
   take(): QueuedEvent[] {
     const all = this.entries();
+    this.clear();
+    return all;
+  }
+
+  /**
+   * Empties the queue without reading its spilled part back: returns the entries in memory; the spilled ones are left
+   * to the caller, who deletes their journal rows (`Journal.deleteSpilledEvents`) before calling this, since the spill
+   * rows name them.
+   */
+  discard(): QueuedEvent[] {
+    const memory = this.memory;
+    this.clear();
+    return memory;
+  }
+
+  private clear(): void {
     if (this.spilledCount > 0) this.journal!.deleteSpill(this.elementId);
     this.memory = [];
     this.spilledCount = 0;
-    return all;
+    this.spills = [];
+  }
+
+  /** Spilled entries read back must all be there: each has a journal row that lives as long as the hold. */
+  private checked(found: number, expected: number, from: number): void {
+    if (found !== expected) {
+      throw new StoreError(ErrorCodes.STORE_CORRUPT, `hold queue ${this.elementId}: ${expected} spilled events expected from position ${from}, the store has ${found}`, {
+        details: { elementId: this.elementId, expected, found },
+      });
+    }
   }
 }

@@ -11,15 +11,17 @@ import {
   Journal,
   assertElementIds,
   decodeHeld,
-  encodeHeld,
+  encodeHeldParts,
   encodePayload,
   eventPackr,
+  runLength,
   isValidEventId,
   isValidSource,
   isValidTs,
   makeEvent,
   whyNotEncodable,
 } from './journal.ts';
+import type { HeldPart } from './journal.ts';
 import type { SensorContext, SensorLogic } from './sensor.ts';
 
 export type { HoldCursor, HoldMark } from './hold-queue.ts';
@@ -211,6 +213,8 @@ export class SensorService {
 
   private readonly queue = new EventQueue();
   private readonly holds = new Map<string, HoldQueue>();
+  /** Spilled entries of a hold queue whose ids were not minted here: only those are read back when it is dropped. */
+  private readonly foreignSpilled = new WeakMap<HoldQueue, number>();
   /** Element -> its active redirection. */
   private readonly redirects = new Map<string, Redirection>();
   /** Redirections that are active or still have events for their sink (an ended one drains, then leaves). */
@@ -348,6 +352,7 @@ export class SensorService {
    * Unknown seqs (already completed, never dispatched here) are ignored.
    */
   complete(seqs: Iterable<number>): void {
+    const done: number[] = [];
     for (const seq of seqs) {
       const count = this.pending.get(seq);
       if (count === undefined) continue;
@@ -356,8 +361,12 @@ export class SensorService {
         continue;
       }
       this.pending.delete(seq);
-      this.journal?.delete(seq);
+      done.push(seq);
     }
+    const journal = this.journal;
+    if (journal === undefined || done.length === 0) return;
+    if (done.length === 1) journal.delete(done[0]!);
+    else journal.transaction(() => journal.deleteMany(done));
   }
 
   hold(elementIds: readonly string[]): void {
@@ -384,9 +393,9 @@ export class SensorService {
   /** msgpackr bytes `{ v: 1, queues: [{ elementId, events }] }` of the hold queues (spilled part included); `EMBOT_ERR_ELEMENT_NOT_HELD` for an element that is not held. */
   serializeHeld(elementIds: readonly string[]): Uint8Array {
     assertElementIds(elementIds, 'serializeHeld');
-    const queues: { elementId: string; events: EmbotEvent[] }[] = [];
-    for (const id of new Set(elementIds)) queues.push({ elementId: id, events: this.heldQueue(id, 'serializeHeld').entries().map((e) => e.event) });
-    return encodeHeld(queues);
+    const parts: HeldPart[] = [];
+    for (const id of new Set(elementIds)) parts.push(this.heldPart(this.heldQueue(id, 'serializeHeld'), 0));
+    return encodeHeldParts(parts);
   }
 
   /**
@@ -406,16 +415,17 @@ export class SensorService {
     assertElementIds(elementIds, 'serializeHeldSince');
     const marks = cursor === undefined ? undefined : checkHoldCursor(cursor);
     const next: Record<string, HoldMark> = marks === undefined ? {} : { ...marks };
-    const queues: { elementId: string; events: EmbotEvent[] }[] = [];
+    const parts: HeldPart[] = [];
     let count = 0;
     for (const id of new Set(elementIds)) {
       const hq = this.heldQueue(id, 'serializeHeldSince');
-      const events = hq.entriesFrom(shippedOf(marks, hq, 'serializeHeldSince')).map((e) => e.event);
-      queues.push({ elementId: id, events });
-      count += events.length;
+      const part = this.heldPart(hq, shippedOf(marks, hq, 'serializeHeldSince'));
+      parts.push(part);
+      count += part.events.length;
+      for (const run of part.spilled) count += runLength(run);
       next[id] = { hold: hq.generation, shipped: hq.size };
     }
-    return { bytes: encodeHeld(queues), cursor: next, count };
+    return { bytes: encodeHeldParts(parts), cursor: next, count };
   }
 
   /** Events held for these elements, spilled ones included (0 for an element that is not held). */
@@ -445,44 +455,56 @@ export class SensorService {
     const createHolds = options?.hold !== false;
     const decoded = decodeHeld(bytes);
     const accepted: QueuedEvent[] = [];
-    const payloads: (Buffer | null)[] = [];
-    const batchIds = new Set<string>();
+    const journal = this.journal;
+    const known = this.known;
+    const prefix = this.idPrefix;
     let duplicates = 0;
-    for (const q of decoded) {
-      for (const event of q.events) {
-        if (event.id.startsWith(this.idPrefix) && !this.isMinted(event.id)) {
-          throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: event id ${event.id} is in this agent's id namespace but was not minted here`);
-        }
-        if (this.isKnown(event.id) || batchIds.has(event.id)) {
-          duplicates++;
-          continue;
-        }
-        batchIds.add(event.id);
-        accepted.push({ event, seq: this.seq + accepted.length + 1 });
-        if (this.journal) payloads.push(encodePayload(event.payload));
-      }
-    }
     let keep = accepted;
-    if (this.journal) {
-      const journal = this.journal;
-      const ok = new Array<boolean>(accepted.length);
-      try {
-        journal.transaction(() => {
-          for (let i = 0; i < accepted.length; i++) ok[i] = journal.insert(accepted[i]!, payloads[i]!);
-        });
-      } catch (cause) {
-        throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: journal write failed: ${describeError(cause)}`, { cause });
+    try {
+      for (const q of decoded) {
+        for (const event of q.events) {
+          const id = event.id;
+          if (id.startsWith(prefix)) {
+            // Minted here: queued here once already, so a duplicate.
+            if (!this.isMinted(id)) throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: event id ${id} is in this agent's id namespace but was not minted here`);
+            duplicates++;
+            continue;
+          }
+          // The known set doubles as this batch's: an id repeated in the batch is found there too (undone on failure).
+          // One hash operation: the set grows exactly when the id is new.
+          const size = known.size;
+          known.add(id);
+          if (known.size === size) {
+            duplicates++;
+            continue;
+          }
+          accepted.push({ event, seq: this.seq + accepted.length + 1 });
+        }
       }
-      keep = accepted.filter((_, i) => ok[i]);
+      if (journal) {
+        const ok = new Uint8Array(accepted.length);
+        let inserted: number;
+        try {
+          inserted = journal.transaction(() => journal.insertMany(accepted, undefined, ok));
+        } catch (cause) {
+          throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: journal write failed: ${describeError(cause)}`, { cause });
+        }
+        if (inserted < accepted.length) {
+          // Journaled already (spilled here, or a row of an earlier run): that row is the one copy.
+          keep = accepted.filter((_, i) => ok[i] === 1);
+          for (let i = 0; i < accepted.length; i++) if (ok[i] === 0) known.delete(accepted[i]!.event.id);
+        }
+      }
+    } catch (e) {
+      for (const entry of accepted) known.delete(entry.event.id);
+      throw e;
     }
     duplicates += accepted.length - keep.length;
     this.nDuplicates += duplicates;
     this.seq += accepted.length;
-    if (createHolds) for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
-    for (const entry of keep) {
-      this.remember(entry.event.id);
-      this.route(entry);
-    }
+    if (createHolds) for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, journal));
+    // Their spill rows name the journal rows just written instead of writing every event a second time.
+    for (const entry of keep) this.route(entry, false);
     if (keep.length > 0) this.schedule();
     return { accepted: keep.length, duplicates };
   }
@@ -511,21 +533,54 @@ export class SensorService {
    */
   drop(elementIds: readonly string[]): void {
     assertElementIds(elementIds, 'drop');
-    const set = new Set(elementIds);
-    const discarded: QueuedEvent[] = [];
-    for (const id of elementIds) {
-      const hq = this.holds.get(id);
-      if (hq !== undefined) {
-        for (const entry of hq.take()) discarded.push(entry);
-        this.holds.delete(id);
-      }
-      this.subs.delete(id);
-    }
-    if (this.queue.size > 0) for (const entry of this.queue.extract((e) => set.has(e.elementId))) discarded.push(entry);
+    const ids = [...new Set(elementIds)];
+    const set = new Set(ids);
+    const queued = this.queue.size > 0 ? this.queue.extract((e) => set.has(e.elementId)) : [];
     const journal = this.journal;
-    if (journal && discarded.length > 0) journal.transaction(() => discarded.forEach((e) => journal.delete(e.seq)));
     // Remembered as finished, so a copy forwarded back is refused as a duplicate.
-    for (const entry of discarded) this.finish(entry.event.id);
+    const finished: string[] = [];
+    if (journal === undefined) {
+      for (const id of ids) {
+        const hq = this.holds.get(id);
+        if (hq !== undefined) for (const entry of hq.take()) finished.push(entry.event.id);
+        this.dropElement(id);
+      }
+    } else {
+      journal.transaction(() => {
+        const queuedCount = new Map<string, number>();
+        for (const entry of queued) queuedCount.set(entry.event.elementId, (queuedCount.get(entry.event.elementId) ?? 0) + 1);
+        const loose: number[] = [];
+        const wholesale = new Set<string>();
+        for (const id of ids) {
+          const hq = this.holds.get(id);
+          const discarded = (hq?.size ?? 0) + (queuedCount.get(id) ?? 0);
+          // Spilled entries are not read back, only the ids a copy could come back with (see isKnown).
+          if (hq !== undefined && hq.spilled > 0 && this.foreignSpilled.has(hq)) for (const foreign of journal.spilledIdsOutside(id, this.idPrefix)) finished.push(foreign);
+          if (hq !== undefined) for (const entry of hq.memoryFrom(0)) finished.push(entry.event.id);
+          if (discarded > 0 && journal.countFor([id]) === discarded) {
+            // Every discarded entry has its row; when they are all the element has (nothing in flight or being
+            // forwarded), one statement through index events_element deletes exactly them.
+            journal.deleteElement(id);
+            hq?.discard();
+            wholesale.add(id);
+          } else if (hq !== undefined) {
+            if (hq.spilled > 0) journal.deleteSpilledEvents(id);
+            for (const entry of hq.discard()) loose.push(entry.seq);
+          }
+          this.dropElement(id);
+        }
+        for (const entry of queued) if (!wholesale.has(entry.event.elementId)) loose.push(entry.seq);
+        journal.deleteMany(loose);
+      });
+    }
+    for (const entry of queued) finished.push(entry.event.id);
+    for (const id of finished) this.finish(id);
+  }
+
+  /** Forgets the hold queue and the subscriptions of a dropped element. */
+  private dropElement(id: string): void {
+    this.holds.delete(id);
+    this.subs.delete(id);
   }
 
   /**
@@ -788,7 +843,8 @@ export class SensorService {
     return this.batch.promise;
   }
 
-  private route(entry: QueuedEvent): void {
+  /** `spillEvents`: see {@link HoldQueue.push}. */
+  private route(entry: QueuedEvent, spillEvents = true): void {
     // One test on the hot path: with no hold and no redirection every event goes straight to the queue.
     if (this.holds.size === 0 && this.redirects.size === 0) {
       this.queue.push(entry);
@@ -806,13 +862,21 @@ export class SensorService {
     }
     let moved: readonly QueuedEvent[] | undefined;
     try {
-      moved = hq.push(entry);
+      moved = hq.push(entry, spillEvents);
     } catch (e) {
       // The spill write failed; the event is still in memory (and journaled), so nothing is lost.
       this.onError(e, `hold queue ${entry.event.elementId} spill`);
       return;
     }
-    if (moved !== undefined) for (const m of moved) this.forget(m.event.id);
+    if (moved === undefined) return;
+    let foreign = 0;
+    for (const m of moved) {
+      const id = m.event.id;
+      if (id.startsWith(this.idPrefix)) continue;
+      this.known.delete(id);
+      foreign++;
+    }
+    if (foreign > 0) this.foreignSpilled.set(hq, (this.foreignSpilled.get(hq) ?? 0) + foreign);
   }
 
   private schedule(): void {
@@ -844,9 +908,7 @@ export class SensorService {
     this.batch = null;
     const ok = new Uint8Array(entries.length);
     try {
-      journal.transaction(() => {
-        for (let i = 0; i < entries.length; i++) ok[i] = journal.insert(entries[i]!, payloads[i]!) ? 1 : 0;
-      });
+      journal.transaction(() => journal.insertMany(entries, payloads, ok));
     } catch (cause) {
       for (const entry of entries) this.forget(entry.event.id);
       this.nRejected += entries.length;
@@ -939,9 +1001,7 @@ export class SensorService {
     const seqs = this.toDelete;
     this.toDelete = [];
     try {
-      journal.transaction(() => {
-        for (let i = 0; i < seqs.length; i++) journal.delete(seqs[i]!);
-      });
+      journal.transaction(() => journal.deleteMany(seqs));
     } catch (e) {
       // Left rows are re-delivered after a restart to subscribers that did not ask for durability: harmless.
       this.onError(e, 'journal delete');
@@ -954,14 +1014,17 @@ export class SensorService {
     return hq;
   }
 
+  /** A hold queue from position `start` on, its spilled part as stored: what {@link encodeHeldParts} splices. */
+  private heldPart(hq: HoldQueue, start: number): HeldPart {
+    return { elementId: hq.elementId, spilled: hq.spilledRunsFrom(start), events: hq.memoryFrom(start).map((e) => e.event) };
+  }
+
   /** Deletes the journal rows of these entries in one transaction; a failure is reported, not thrown (the rows only come back on recovery). */
   private deleteRows(entries: readonly QueuedEvent[], where: string): void {
     const journal = this.journal;
     if (journal === undefined) return;
     try {
-      journal.transaction(() => {
-        for (let i = 0; i < entries.length; i++) journal.delete(entries[i]!.seq);
-      });
+      journal.transaction(() => journal.deleteMany(entries.map((e) => e.seq)));
     } catch (e) {
       this.onError(e, where);
     }

@@ -105,6 +105,21 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (id, role)
   );
   `,
+  `
+  -- Hold-queue spill rows are looked up, appended and deleted by (element_id, pos) only: without a
+  -- rowid that is one b-tree instead of two (a spill is written and deleted in bulk during a
+  -- migration). Their content is transient (the sensor service clears it on start), so the table is
+  -- recreated rather than copied. A row either holds the event's msgpack bytes, or is empty and
+  -- names its event by seq in table events (which keeps every held event until it is processed).
+  DROP TABLE held_spill;
+  CREATE TABLE held_spill (
+    element_id TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    PRIMARY KEY (element_id, pos)
+  ) WITHOUT ROWID;
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
