@@ -112,6 +112,38 @@ export function errorFromClose(code: number, reason: string): EmbotError | undef
 }
 
 const MAX_ERROR_MESSAGE = 1024;
+/** Free send buffers a connection keeps: the data plane's window of batches in flight plus slack. */
+const MAX_FREE_SEND_BUFFERS = 8;
+/** Send buffers are sized in steps of this, so batches of one size (± CPU state) share buffers. */
+const SEND_BUFFER_STEP = 64 * 1024;
+
+/**
+ * Encode buffers of bulk frames (PageBatch), handed back once the socket has written them. A fresh
+ * buffer per frame costs page faults on first touch and, in bulk, a mark-compact every few tens
+ * of MB of external memory; reused ones stay mapped and warm.
+ */
+class SendBuffers {
+  private readonly free: Buffer[] = [];
+
+  take(bytes: number): Buffer {
+    for (let i = this.free.length - 1; i >= 0; i--) {
+      const b = this.free[i]!;
+      if (b.byteLength >= bytes && b.byteLength - bytes < 2 * SEND_BUFFER_STEP) {
+        this.free.splice(i, 1);
+        return b;
+      }
+    }
+    return Buffer.allocUnsafeSlow(Math.ceil(bytes / SEND_BUFFER_STEP) * SEND_BUFFER_STEP);
+  }
+
+  give(buffer: Buffer): void {
+    if (this.free.length < MAX_FREE_SEND_BUFFERS) this.free.push(buffer);
+  }
+
+  clear(): void {
+    this.free.length = 0;
+  }
+}
 /** How long a peer we are closing on for a violation has to answer our close frame. */
 const VIOLATION_GRACE_MS = 1_000;
 
@@ -138,6 +170,7 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
   private readonly handlers = new Map<RequestType, AnyHandler>();
   private readonly fallback: HandlerSource | undefined;
   private readonly pending = new Map<number, Pending>();
+  private readonly sendBuffers = new SendBuffers();
   private nextReqId = 1;
   /** First error that explains the end of the link: ours (a violation we found) or the peer's Error frame. */
   private endError: EmbotError | undefined;
@@ -184,6 +217,7 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
    * `EMBOT_ERR_REQUEST_TIMEOUT` after the timeout, `EMBOT_ERR_CONNECTION_CLOSED` when the link
    * closes first, the peer's code when it answers with an `Error` frame, and the codec's codes
    * when the request itself is malformed or too large (the link stays up in that case).
+   * The body is encoded before this returns, so the caller may reuse its buffers right after.
    */
   request<B extends AnyRequestBody>(body: B, options?: RequestOptions): Promise<ReplyOf<B['type']>> {
     const type = body.type as RequestType;
@@ -252,7 +286,16 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
   // -------------------------------------------------------------------------------------------
 
   private sendFrame(frame: Frame): void {
-    this.ws.send(encodeFrame(frame, this.maxFrameBytes), { binary: true });
+    if (frame.type !== 'PageBatch') {
+      this.ws.send(encodeFrame(frame, this.maxFrameBytes), { binary: true });
+      return;
+    }
+    let held: Buffer | undefined;
+    const bytes = encodeFrame(frame, this.maxFrameBytes, (n) => (n < SEND_BUFFER_STEP ? Buffer.allocUnsafe(n) : (held = this.sendBuffers.take(n))));
+    // ws calls back once the socket has written the bytes (or failed to): only then is the buffer free.
+    this.ws.send(bytes, { binary: true }, () => {
+      if (held !== undefined && this.closeInfo === undefined) this.sendBuffers.give(held);
+    });
   }
 
   private closedError(what: string): ProtocolError {
@@ -412,6 +455,7 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
       p.reject(this.closedError(`no reply to ${p.type} #${reqId}`));
     }
     this.pending.clear();
+    this.sendBuffers.clear();
     this.resolveClosed(info);
     this.emit('close', info);
   };

@@ -27,18 +27,19 @@ export function encodeIndexes(indexes: Uint32Array): Uint8Array {
 
 /**
  * The inverse of {@link encodeIndexes}; a whole number of indexes is read (callers check the
- * length). May return a view of `bytes`.
+ * length). May return a view of `bytes`, or of `scratch` when that is given and large enough
+ * (a receiver reuses one instead of allocating per batch; the result is then valid until the
+ * scratch is used again).
  */
-export function decodeIndexes(bytes: Uint8Array): Uint32Array {
+export function decodeIndexes(bytes: Uint8Array, scratch?: Uint32Array): Uint32Array {
   const n = Math.floor(bytes.byteLength / INDEX_BYTES);
+  if (HOST_IS_LE && bytes.byteOffset % INDEX_BYTES === 0) return new Uint32Array(bytes.buffer, bytes.byteOffset, n);
+  const out = scratch !== undefined && scratch.length >= n ? scratch.subarray(0, n) : new Uint32Array(n);
   if (HOST_IS_LE) {
-    if (bytes.byteOffset % INDEX_BYTES === 0) return new Uint32Array(bytes.buffer, bytes.byteOffset, n);
     // A received field sits at any offset of the frame; one copy aligns it (not slice(): on a Buffer that is a view).
-    const aligned = new Uint32Array(n);
-    new Uint8Array(aligned.buffer).set(bytes.subarray(0, n * INDEX_BYTES));
-    return aligned;
+    new Uint8Array(out.buffer, out.byteOffset, n * INDEX_BYTES).set(bytes.subarray(0, n * INDEX_BYTES));
+    return out;
   }
-  const out = new Uint32Array(n);
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   for (let i = 0; i < n; i++) out[i] = view.getUint32(i * INDEX_BYTES, true);
   return out;
@@ -78,6 +79,42 @@ export function gatherPages(memory: Uint8Array, pageSize: number, indexes: Uint3
     at += end - start;
   }
   return out;
+}
+
+/**
+ * {@link gatherPages} into a buffer that is reused from one batch to the next. The frame encoder
+ * copies the pages out in the same synchronous step as the gather, so the buffer is free again
+ * once the frame is sent, and scattered rounds cost no allocation per batch.
+ *
+ * @example
+ * ```ts
+ * const gather = new PageGatherer();
+ * const pages = gather.pages(memory, 4096, dirtyIndexes); // valid until the next call
+ * ```
+ */
+export class PageGatherer {
+  private scratch = new Uint8Array(0);
+
+  /** The pages of `indexes`, concatenated: a view of `memory` for a run, else of the reused buffer (valid until the next call). */
+  pages(memory: Uint8Array, pageSize: number, indexes: Uint32Array): Uint8Array {
+    const n = indexes.length;
+    if (n === 0) return new Uint8Array(0);
+    const first = indexes[0]!;
+    if (indexes[n - 1]! - first === n - 1 && isAscendingRun(indexes)) {
+      return memory.subarray(first * pageSize, Math.min((indexes[n - 1]! + 1) * pageSize, memory.byteLength));
+    }
+    const total = pagesBytes(indexes, memory.byteLength, pageSize);
+    if (this.scratch.byteLength < total) this.scratch = new Uint8Array(total);
+    const out = this.scratch;
+    let at = 0;
+    for (let i = 0; i < n; i++) {
+      const start = indexes[i]! * pageSize;
+      const end = Math.min(start + pageSize, memory.byteLength);
+      out.set(memory.subarray(start, end), at);
+      at += end - start;
+    }
+    return out.subarray(0, total);
+  }
 }
 
 function isAscendingRun(indexes: Uint32Array): boolean {

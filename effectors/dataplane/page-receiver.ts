@@ -51,6 +51,8 @@ export class PageReceiver {
   private final = false;
   private cpu: Uint8Array | undefined;
   private counts = { batches: 0, bytes: 0, rejected: 0 };
+  /** Aligned copy of a batch's indexes, reused: apply() is synchronous and keeps none of them. */
+  private indexScratch = new Uint32Array(0);
 
   constructor(o: PageReceiverOptions) {
     if (!Number.isSafeInteger(o.memoryBytes) || o.memoryBytes <= 0) {
@@ -85,7 +87,13 @@ export class PageReceiver {
 
   /** Checks and applies one batch; on refusal nothing is written and the reason says why. */
   apply(frame: PageBatch): ApplyResult {
-    const indexes = frame.indexes.byteLength % INDEX_BYTES === 0 ? decodeIndexes(frame.indexes) : undefined;
+    let indexes: Uint32Array | undefined;
+    if (frame.indexes.byteLength % INDEX_BYTES === 0) {
+      const n = frame.indexes.byteLength / INDEX_BYTES;
+      // Bounded by the page count: a batch naming more pages than exist is refused anyway.
+      if (this.indexScratch.length < n && n <= this.pageCount) this.indexScratch = new Uint32Array(n);
+      indexes = decodeIndexes(frame.indexes, this.indexScratch);
+    }
     const problem = this.check(frame, indexes);
     if (problem !== undefined || indexes === undefined) {
       this.counts.rejected++;

@@ -6,7 +6,7 @@
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import type { RequestBody } from '../../core/wire/index.ts';
 import type { SimDriver } from '../hypervisor/sim-driver.ts';
-import { allPages, batchChecksum, encodeIndexes, gatherPages, pagesBytes, splitIndexes } from './page-batch.ts';
+import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
 
 export type { DataPath, PathReport } from './striper.ts';
@@ -216,10 +216,12 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     return rates.rate(elapsed > 50 && soFar > 0 ? (soFar * 1000) / elapsed : striper.rateBytesPerSec);
   };
 
+  const gatherer = new PageGatherer();
   const build = (batch: Batch, path: string): RequestBody<'PageBatch'> => {
-    // Read now, in the same synchronous step as the send: the VM cannot write in between.
+    // Read now, in the same synchronous step as the send (which encodes, i.e. copies, the pages):
+    // the VM cannot write in between, and the gather buffer is free again for the next batch.
     const indexes = encodeIndexes(batch.indexes);
-    const data = gatherPages(memory, pageSize, batch.indexes);
+    const data = gatherer.pages(memory, pageSize, batch.indexes);
     const frame: RequestBody<'PageBatch'> = { type: 'PageBatch', migrationId: o.migrationId, path, round: batch.round, final: batch.final, pageSize, indexes, pages: data, checksum: batchChecksum(indexes, data) };
     return batch.final && cpu !== undefined ? { ...frame, cpu } : frame;
   };

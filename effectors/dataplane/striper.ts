@@ -44,7 +44,10 @@ export interface PathReport {
 
 export interface StriperOptions {
   readonly migrationId: string;
-  /** Builds the frame for a batch at the moment it is sent (pages read then). */
+  /**
+   * Builds the frame for a batch at the moment it is sent (pages read then). The frame goes to
+   * `conn.request` at once, which encodes it synchronously: its buffers may be reused afterwards.
+   */
   readonly build: (batch: Batch, path: string) => RequestBody<'PageBatch'>;
   readonly requestTimeoutMs?: number;
   /** Page bytes in flight per path. */
