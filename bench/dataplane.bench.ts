@@ -190,11 +190,11 @@ export async function run(opts: DataplaneBenchOptions = {}): Promise<BenchTable>
   notes.push(
     'ratios are value / limit for rates (higher is better) and limit / value for times; limits are measured in the same run',
     'throughput counts page bytes acknowledged by the target (each batch: Uint32 indexes + pages + crc32, checked and written into the target memory)',
-    'one path vs raw ws: raw ws touches each byte 3 times in this process (kernel write, kernel read, ws reassembly); a page batch adds the msgpackr encode copy, a crc32 pass at each end and the copy into the target memory, plus a request/ack per batch (hence the 1 MiB batch row) — CPU-bound on one event loop for both ends',
+    'one path vs raw ws: raw ws touches each byte 3 times in this process (kernel write, kernel read, ws reassembly); a page batch adds one copy into a reused send buffer, a crc32 pass at each end and the copy into the target memory, plus a request/ack per batch (hence the 1 MiB batch row) — CPU-bound on one event loop for both ends',
     'one-path figures are the best of 3 alternating runs of raw and pre-copy (1 in quick mode): the machine is shared',
     'B is derived from the one-path rate of this run (4·B = a quarter of it), so k·B stays inside what the shared machine can carry; each capped run moves k·B × 1.5 s (0.5 s quick, at most 256 MiB), buckets start empty',
     `large VM: ${big.rounds} rounds, ${mb(big.bytes).toFixed(0)} MB sent, expected downtime at stop ${big.expectedDowntimeMs.toFixed(1)} ms; memory verified byte-exact at the target`,
-    'large VM total time varies most from run to run: with 2 GiB of VM memory live in this process (source and target), V8 runs a mark-compact for every few tens of MB of transient frame buffers (msgpackr encode buffers, ws reassembly); profiled runs showed ~200 of them per GiB, some pausing 100+ ms on a loaded machine',
+    'large VM total time varies most from run to run: with 2 GiB of VM memory live in this process (source and target), V8 runs a mark-compact for every few tens of MB of transient frame buffers (ws reassembly on receive); profiled runs showed ~200 of them per GiB, some pausing 100+ ms on a loaded machine',
   );
   if (quick) notes.push('quick mode: 64 MiB one-path VM, 256 MiB large VM instead of 1 GiB');
   return { title: 'live-migration data plane (pre-copy over PageBatch frames, loopback, both ends in one process)', rows, notes };
