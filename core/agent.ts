@@ -35,7 +35,17 @@ import { loadClusterSecret } from './wire/auth.ts';
 import { parsePeers } from './wire/peers.ts';
 import { VmUdpServices } from './vm-udp.ts';
 
-const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+/** The package version, found from the sources (`core/`) or from a build (`dist/core/`). */
+const VERSION = ((): string => {
+  for (const rel of ['../package.json', '../../package.json']) {
+    try {
+      return (JSON.parse(readFileSync(new URL(rel, import.meta.url), 'utf8')) as { version: string }).version;
+    } catch {
+      /* try the next place */
+    }
+  }
+  return '0.0.0';
+})();
 const DRIVER_STATE = 'driver:sim';
 const RECENT_EVENTS = 1000;
 

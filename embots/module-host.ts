@@ -5,7 +5,8 @@ import { ErrorCodes, PluginError } from '../core/errors.ts';
 import type { BatchItem, EmbotSpawn, HostToWorker, Outcome, PolicyState, WorkerToHost } from './worker/worker-protocol.ts';
 import { PROGRESS_ITEM, PROGRESS_REQ, PROGRESS_SLOTS } from './worker/worker-protocol.ts';
 
-const WORKER_ENTRY = fileURLToPath(new URL('./worker/worker-entry.mjs', import.meta.url));
+// From the TypeScript sources the worker registers tsx first; from a build (`npm run build`) it is plain JS.
+const WORKER_ENTRY = fileURLToPath(new URL(import.meta.url.endsWith('.ts') ? './worker/worker-entry.mjs' : './worker/module-worker.js', import.meta.url));
 
 export interface ModuleHostOptions {
   readonly module: string;
@@ -132,7 +133,8 @@ export class ModuleHost {
   }
 
   private boot(): Promise<readonly string[]> {
-    const worker = new Worker(WORKER_ENTRY, { stdout: false, stderr: false });
+    // No inherited execArgv: flags meant for the agent's own entry (e.g. --input-type) are not valid for a worker.
+    const worker = new Worker(WORKER_ENTRY, { stdout: false, stderr: false, execArgv: [] });
     this.worker = worker;
     return new Promise((resolve, reject) => {
       let ready = false;
