@@ -533,7 +533,7 @@ export async function run(opts: MobilityBenchOptions = {}): Promise<BenchTable> 
       'migration time = MigrationSummary.totalMs at the source: connect + authenticate, StartMigration, hold, ManagementState, ManagementEventState, ' +
         `stop-and-copy of ${VM_MEMORY / KiB} KiB of VM memory, dirty rounds, MigrationComplete → ack (the target commits in one SQLite transaction and starts the embots), the source drops its copies.`,
       'raw = msgpackr pack of one object {elements, embots with their policy snapshots, hold queues, memory} + one ws binary message to the target process + msgpackr unpack there + a small reply, on an open connection.',
-      'N embots = one fixture module with N embot types attached to kind `vm` (a migration ships the embots of the VM element; embots of its dependents are not shipped), 3 warm-up events through each before the move.',
+      'N embots = one fixture module with N embot types attached to kind `vm`, 3 warm-up events through each before the move.',
       'Q queued events = held for the VM, its disk and its nic (round robin) before migrate() is called: sensors.hold(scope) then emitMany; the protocol\'s holdEvents() holds the same scope again (idempotent) and ships them in ManagementEventState. ' +
         'Hold queues keep 10,000 events per element in memory and spill the rest to SQLite, so the 100k cases read spilled rows back. Filling them is not part of the migration time (listed below).',
       'each migration gets a fresh target process (same plugins folder, so no module is shipped), checked after the move (N embots, the VM running, Q events received; the source keeps nothing) and killed. ' +
