@@ -4,7 +4,7 @@
  * paced by its token bucket, and the batches of a path that fails move to the others.
  */
 import { EffectorError, ErrorCodes, describeError, isEmbotError } from '../../core/errors.ts';
-import type { PageBatch, PeerConnection, RequestBody } from '../../core/wire/index.ts';
+import type { PeerConnection, RequestBody } from '../../core/wire/index.ts';
 import { TokenBucket } from './token-bucket.ts';
 
 export interface DataPath {

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { AgentProcess, FIXTURE_PLUGINS, SHIPPED_PLUGINS } from './agent-process.ts';
+import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 
 export interface PluginRef {
   readonly from: 'fixture' | 'shipped';
@@ -100,4 +101,10 @@ export class Cluster {
     await Promise.all([...this.agents.values()].map((a) => a.kill().catch(() => {})));
     this.agents.clear();
   }
+}
+
+/** Migrates `vm` from agent `a` to peer `to` through the control API and waits for the outcome. */
+export async function migrate(a: AgentProcess, vm: string, to: string, options: { readonly thresholdMs?: number; readonly timeoutMs?: number } = {}): Promise<MigrationInfo> {
+  const { id } = await a.client.migrate(vm, to, options.thresholdMs === undefined ? {} : { thresholdMs: options.thresholdMs });
+  return a.client.waitMigration(id, { timeoutMs: options.timeoutMs ?? 60_000 });
 }

@@ -1,9 +1,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { createSocket } from 'node:dgram';
 import { createHash } from 'node:crypto';
-import { Cluster, freePort } from '../harness/cluster.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import { Cluster, freePort, migrate } from '../harness/cluster.ts';
+import { sleep, waitFor } from '../harness/agent-process.ts';
 
 /** Issue 4 end to end: real agents, sim VM memory crossing data paths, the planner, the UDP relay. */
 let cluster: Cluster | undefined;
@@ -14,10 +13,6 @@ afterEach(async () => {
 
 const MiB = 1024 * 1024;
 
-async function migrate(a: AgentProcess, vm: string, to: string, thresholdMs?: number): Promise<MigrationInfo> {
-  const { id } = await a.client.migrate(vm, to, thresholdMs === undefined ? {} : { thresholdMs });
-  return a.client.waitMigration(id, { timeoutMs: 60_000 });
-}
 
 describe('live migration data plane', () => {
   it('pre-copies a dirtying VM in rounds, converges, and reports the figures the CLI --json promises', async () => {
@@ -76,7 +71,7 @@ describe('live migration data plane', () => {
     await a.client.createVm({ name: 'big', memory: 24 * MiB, dirtyRate: 0 });
     await a.client.vmAction('big', 'start');
     // One 8 MiB/s path needs ~3 s for 24 MiB; the threshold asks for 1.2 s: p2 (1.5 s) and p3 (1 s) are added, p4 is not needed.
-    const info = await migrate(a, 'big', 'b', 1200);
+    const info = await migrate(a, 'big', 'b', { thresholdMs: 1200 });
     expect(info.outcome).toBe('completed');
     const s = info.summary!;
     expect(s.thresholdMs).toBe(1200);

@@ -3,11 +3,10 @@ import { existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createPrivateKey } from 'node:crypto';
 import WebSocket from 'ws';
-import { Cluster } from '../harness/cluster.ts';
-import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { Cluster, migrate } from '../harness/cluster.ts';
+import { waitFor } from '../harness/agent-process.ts';
 import { encodeSignatureFile, generateSigningKeys, signModule } from '../../core/mobility/trust-policy.ts';
 import { hashModuleDir } from '../../core/plugins/content-hash.ts';
-import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 
 let cluster: Cluster | undefined;
 afterEach(async () => {
@@ -15,10 +14,6 @@ afterEach(async () => {
   cluster = undefined;
 });
 
-async function migrate(a: AgentProcess, vm: string, to: string): Promise<MigrationInfo> {
-  const { id } = await a.client.migrate(vm, to);
-  return a.client.waitMigration(id, { timeoutMs: 30_000 });
-}
 
 const mobility = (trust: Record<string, unknown>) => ({ mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust } });
 

@@ -1,7 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { Cluster } from '../harness/cluster.ts';
+import { Cluster, migrate } from '../harness/cluster.ts';
 import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 import type { EmbotInfo } from '../../core/control/control-api.ts';
 
 interface CounterContext {
@@ -17,10 +16,6 @@ afterEach(async () => {
   cluster = undefined;
 });
 
-async function migrate(a: AgentProcess, vm: string, to: string): Promise<MigrationInfo> {
-  const { id } = await a.client.migrate(vm, to);
-  return a.client.waitMigration(id, { timeoutMs: 30_000 });
-}
 
 function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
   return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
