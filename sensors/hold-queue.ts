@@ -81,6 +81,7 @@ export class HoldQueue {
   private spilledCount = 0;
   /** Consecutive spill positions stored the same way, in order: `withEvents` ones hold the events' bytes. */
   private spills: { readonly pos: number; count: number; readonly withEvents: boolean }[] = [];
+  private pinnedCount = 0;
 
   constructor(elementId: string, memoryLimit: number, journal: Journal | undefined) {
     this.elementId = elementId;
@@ -104,7 +105,7 @@ export class HoldQueue {
    */
   push(entry: QueuedEvent, spillEvents = true): readonly QueuedEvent[] | undefined {
     this.memory.push(entry);
-    if (this.memory.length <= this.memoryLimit || this.journal === undefined) return undefined;
+    if (this.memory.length <= this.memoryLimit || this.journal === undefined || this.pinnedCount > 0) return undefined;
     // Spill down to half the limit so the next spill is limit/2 pushes away, not one.
     const count = this.memory.length - (this.memoryLimit >> 1);
     const moved = this.memory.slice(0, count);
@@ -115,6 +116,20 @@ export class HoldQueue {
     this.memory = this.memory.slice(count);
     this.spilledCount += count;
     return moved;
+  }
+
+  /**
+   * Appends an entry that has no journal row yet (its event is durable in a `held_blobs` row): it stays in memory, and
+   * so does everything after it, until the queue is emptied, since a spill row must name a journal row.
+   */
+  pushPinned(entry: QueuedEvent): void {
+    this.memory.push(entry);
+    this.pinnedCount++;
+  }
+
+  /** Entries appended with {@link pushPinned} still in the queue. */
+  get pinned(): number {
+    return this.pinnedCount;
   }
 
   /** Every entry in arrival order, without changing the queue. */
@@ -166,17 +181,19 @@ export class HoldQueue {
    * to the caller, who deletes their journal rows (`Journal.deleteSpilledEvents`) before calling this, since the spill
    * rows name them.
    */
-  discard(): QueuedEvent[] {
+  discard(keepSpillRows = false): QueuedEvent[] {
     const memory = this.memory;
-    this.clear();
+    this.clear(keepSpillRows);
     return memory;
   }
 
-  private clear(): void {
-    if (this.spilledCount > 0) this.journal!.deleteSpill(this.elementId);
+  /** `keepSpillRows`: the caller deletes them (`Journal.deleteSpill`). */
+  private clear(keepSpillRows = false): void {
+    if (this.spilledCount > 0 && !keepSpillRows) this.journal!.deleteSpill(this.elementId);
     this.memory = [];
     this.spilledCount = 0;
     this.spills = [];
+    this.pinnedCount = 0;
   }
 
   /** Spilled entries read back must all be there: each has a journal row that lives as long as the hold. */

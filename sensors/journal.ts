@@ -1,6 +1,6 @@
 import type Database from 'better-sqlite3';
 import { Packr } from 'msgpackr';
-import { ErrorCodes, EventError, describeError } from '../core/errors.ts';
+import { ErrorCodes, EventError, StoreError, describeError } from '../core/errors.ts';
 import type { EmbotEvent } from '../core/events.ts';
 import { isValidElementId, isValidEventType } from '../core/events.ts';
 import type { Store } from '../core/store/store.ts';
@@ -564,8 +564,50 @@ export class Journal {
 
   /** Highest seq in use, so a restarted service continues after it. */
   maxSeq(): number {
-    const row = this.db.prepare('SELECT max(m) AS m FROM (SELECT max(seq) AS m FROM events UNION ALL SELECT max(seq) FROM held_spill)').get() as { m: number | null };
+    const row = this.db
+      .prepare('SELECT max(m) AS m FROM (SELECT max(seq) AS m FROM events UNION ALL SELECT max(seq) FROM held_spill UNION ALL SELECT max(seq0 + count - 1) FROM held_blobs)')
+      .get() as { m: number | null };
     return row.m ?? 0;
+  }
+
+  /**
+   * Stores one shipment of hold-queue bytes as they came (`insertHeld` with `deferJournal`): its accepted events are
+   * numbered `seq0`, `seq0 + 1`, ... in byte order, skipping the indices in `skip` (duplicates). One row instead of one per event.
+   */
+  insertBlob(seq0: number, count: number, elementIds: readonly string[], skip: readonly number[], bytes: Uint8Array): void {
+    this.db.prepare('INSERT INTO held_blobs(seq0, count, element_ids, skip, bytes) VALUES (?, ?, ?, ?, ?)').run(seq0, count, JSON.stringify(elementIds), JSON.stringify(skip), bytes);
+  }
+
+  /** The elements of a blob whose events are still only there; none deletes the row. */
+  setBlobElements(seq0: number, elementIds: readonly string[]): void {
+    if (elementIds.length === 0) this.db.prepare('DELETE FROM held_blobs WHERE seq0 = ?').run(seq0);
+    else this.db.prepare('UPDATE held_blobs SET element_ids = ? WHERE seq0 = ?').run(JSON.stringify(elementIds), seq0);
+  }
+
+  /**
+   * After a restart: the events of every blob's remaining elements become journal rows with their seqs (so recovery
+   * re-queues them like any journaled event: a crash before the migration committed leaves them unrouted, and they
+   * go), and the blobs go. Returns how many rows were written. A blob that no longer decodes is reported to `onBad`
+   * and deleted: its source still had the events until the commit.
+   */
+  convertBlobs(onBad: (error: unknown, seq0: number) => void): number {
+    const rows = this.db.prepare('SELECT seq0, count, element_ids, skip, bytes FROM held_blobs ORDER BY seq0').all() as { seq0: number; count: number; element_ids: string; skip: string; bytes: Buffer }[];
+    if (rows.length === 0) return 0;
+    let written = 0;
+    this.transaction(() => {
+      for (const row of rows) {
+        let entries: QueuedEvent[];
+        try {
+          entries = blobEntries(row.seq0, row.count, JSON.parse(row.element_ids) as string[], JSON.parse(row.skip) as number[], row.bytes);
+        } catch (e) {
+          onBad(e, row.seq0);
+          entries = [];
+        }
+        written += this.insertMany(entries, undefined, new Uint8Array(entries.length));
+      }
+      this.db.prepare('DELETE FROM held_blobs').run();
+    });
+    return written;
   }
 
   /**
@@ -678,6 +720,13 @@ export class Journal {
     this.rows -= removed;
   }
 
+  /** Deletes the rows of one element with seq at most `bound` (rows journaled later are kept); returns how many. */
+  deleteElementUpTo(elementId: string, bound: number): number {
+    const removed = this.db.prepare('DELETE FROM events WHERE element_id = ? AND seq <= ?').run(elementId, bound).changes;
+    this.rows -= removed;
+    return removed;
+  }
+
   /** Deletes every row of one element; returns how many. */
   deleteElement(elementId: string): number {
     const removed = this.deleteElementStmt.run(elementId).changes;
@@ -770,6 +819,24 @@ export class Journal {
   clearAllSpill(): void {
     this.db.prepare('DELETE FROM held_spill').run();
   }
+}
+
+/** The entries of a stored blob (see {@link Journal.insertBlob}) that belong to `elementIds`, with their seqs. */
+function blobEntries(seq0: number, count: number, elementIds: readonly string[], skip: readonly number[], bytes: Uint8Array): QueuedEvent[] {
+  const wanted = new Set(elementIds);
+  const skipped = new Set(skip);
+  const out: QueuedEvent[] = [];
+  let index = 0;
+  let seq = seq0;
+  for (const q of decodeHeld(bytes)) {
+    for (const event of q.events) {
+      if (skipped.has(index++)) continue;
+      if (wanted.has(q.elementId)) out.push({ event, seq });
+      seq++;
+    }
+  }
+  if (seq - seq0 !== count) throw new StoreError(ErrorCodes.STORE_CORRUPT, `held blob ${seq0}: ${count} events expected, it holds ${seq - seq0}`);
+  return out;
 }
 
 /** Element ids a caller hands in (hold, release, drop, subscribe) are checked like event element ids. */

@@ -21,7 +21,7 @@ import {
   makeEvent,
   whyNotEncodable,
 } from './journal.ts';
-import type { HeldPart } from './journal.ts';
+import type { DecodedQueue, HeldPart } from './journal.ts';
 import type { SensorContext, SensorLogic } from './sensor.ts';
 
 export type { HoldCursor, HoldMark } from './hold-queue.ts';
@@ -68,6 +68,14 @@ export interface InsertHeldOptions {
    * false: only elements already held keep theirs; the others' events go to dispatch (events forwarded after the switch).
    */
   readonly hold?: boolean;
+  /**
+   * true: the bytes are stored as one durable row (table `held_blobs`) instead of a journal row per event, and the
+   * events wait in memory; {@link SensorService.release} journals them (off a migration's critical path), {@link
+   * SensorService.drop} forgets them, and after a crash the next start journals what is left, so recovery treats them
+   * like any journaled event. Only with a store and `hold` not false; events of an element that is redirected, or
+   * whose hold queue spilled foreign events, make the call journal as usual.
+   */
+  readonly deferJournal?: boolean;
 }
 
 export interface InsertHeldResult {
@@ -128,6 +136,31 @@ interface Redirection {
   failures: number;
   retry: ReturnType<typeof setTimeout> | null;
   ended: boolean;
+}
+
+export interface DropOptions {
+  /**
+   * true: everything in memory goes now, the journal and spill rows on the next turn of the event loop, in their own
+   * transaction (a migration source's last step then does not wait for deleting a large hold queue). A crash in
+   * between leaves rows that recovery re-queues to nobody (the elements are gone) and deletes.
+   */
+  readonly deleteLater?: boolean;
+}
+
+/** What a drop deletes from the store: rows of whole elements up to `bound`, spill rows, and single rows. */
+interface DropPlan {
+  readonly bound: number;
+  readonly elements: string[];
+  readonly spilledEvents: string[];
+  readonly spillRows: string[];
+  readonly loose: number[];
+}
+
+/** A `held_blobs` row: the seqs it numbers and the elements whose events are still only there. */
+interface HeldBlob {
+  readonly seq0: number;
+  readonly count: number;
+  readonly elements: Set<string>;
 }
 
 interface SensorSlot {
@@ -223,6 +256,10 @@ export class SensorService {
   /** seq -> durable subscribers that have not completed it yet. */
   private readonly pending = new Map<number, number>();
   private readonly mutes = new Map<string, number>();
+  /** Row deletes of drops with `deleteLater` not done yet. */
+  private dropped: DropPlan[] = [];
+  /** Blobs of deferred insertHeld calls whose events are held here without journal rows (few: one per shipment). */
+  private readonly blobs: HeldBlob[] = [];
 
   /**
    * Foreign ids (given by the producer) live in this service (staged, queued, held in memory, dispatched) plus the last
@@ -289,6 +326,8 @@ export class SensorService {
     this.idPrefix = `${options.host}.${epoch.toString(36)}.`;
     if (this.journal) {
       this.journal.clearAllSpill();
+      // Deferred events of an earlier run become journal rows, so recover() handles them like the others.
+      this.journal.convertBlobs((e, seq0) => this.onError(e, `held blob ${seq0} (its events are dropped)`));
       this.seq = this.journal.maxSeq();
     } else {
       this.seq = 0;
@@ -371,6 +410,7 @@ export class SensorService {
 
   hold(elementIds: readonly string[]): void {
     assertElementIds(elementIds, 'hold');
+    if (this.dropped.length > 0) this.deleteDropped();
     const fresh: string[] = [];
     for (const id of elementIds) {
       if (this.holds.has(id)) continue;
@@ -439,6 +479,7 @@ export class SensorService {
   /** Rows still in the journal (table `events`) for these elements: queued, held, in flight or waiting for a sink. 0 without a store. */
   journaledFor(elementIds: readonly string[]): number {
     assertElementIds(elementIds, 'journaledFor');
+    if (this.dropped.length > 0) this.deleteDropped();
     return this.journal?.countFor(elementIds) ?? 0;
   }
 
@@ -454,6 +495,8 @@ export class SensorService {
     if (options !== undefined && (options === null || typeof options !== 'object')) throw invalid('insertHeld: options must be an object');
     const createHolds = options?.hold !== false;
     const decoded = decodeHeld(bytes);
+    if (this.dropped.length > 0) this.deleteDropped();
+    if (options?.deferJournal === true && createHolds && this.journal !== undefined && this.canDefer(decoded)) return this.insertDeferred(bytes, decoded);
     const accepted: QueuedEvent[] = [];
     const journal = this.journal;
     const known = this.known;
@@ -509,9 +552,13 @@ export class SensorService {
     return { accepted: keep.length, duplicates };
   }
 
-  /** Merge hold queues back into the time-ordered queue by ts (to the sink for a redirected element), destroy them. Elements that are not held are ignored. */
+  /**
+   * Merge hold queues back into the time-ordered queue by ts (to the sink for a redirected element), destroy them. Elements that are not held are ignored.
+   * Events taken in with `deferJournal` are journaled first, in one transaction (`EMBOT_ERR_STORE_CORRUPT` when that fails: nothing is released then).
+   */
   release(elementIds: readonly string[]): void {
     assertElementIds(elementIds, 'release');
+    const refused = this.blobs.length > 0 ? this.journalPinned(elementIds) : undefined;
     for (const id of elementIds) {
       const hq = this.holds.get(id);
       if (hq === undefined) continue;
@@ -519,6 +566,7 @@ export class SensorService {
       this.holds.delete(id);
       const r = this.redirects.get(id);
       for (const entry of entries) {
+        if (refused !== undefined && refused.has(entry.seq)) continue;
         this.remember(entry.event.id); // spilled ids were forgotten to bound memory
         if (r === undefined) this.queue.push(entry);
         else r.buffer.push(entry);
@@ -531,8 +579,9 @@ export class SensorService {
    * Deregister: discard hold queues + their journal rows + subscriptions (and undispatched events of those elements).
    * An active {@link redirect} of these elements stays: their events keep going to its sink.
    */
-  drop(elementIds: readonly string[]): void {
+  drop(elementIds: readonly string[], options?: DropOptions): void {
     assertElementIds(elementIds, 'drop');
+    if (options !== undefined && (options === null || typeof options !== 'object')) throw invalid('drop: options must be an object');
     const ids = [...new Set(elementIds)];
     const set = new Set(ids);
     const queued = this.queue.size > 0 ? this.queue.extract((e) => set.has(e.elementId)) : [];
@@ -546,35 +595,197 @@ export class SensorService {
         this.dropElement(id);
       }
     } else {
+      let applyBlobs: (() => void) | undefined;
+      const later = options?.deleteLater === true;
       journal.transaction(() => {
         const queuedCount = new Map<string, number>();
         for (const entry of queued) queuedCount.set(entry.event.elementId, (queuedCount.get(entry.event.elementId) ?? 0) + 1);
-        const loose: number[] = [];
+        const plan: DropPlan = { bound: this.seq, elements: [], spilledEvents: [], spillRows: [], loose: [] };
+        const loose = plan.loose;
         const wholesale = new Set<string>();
         for (const id of ids) {
           const hq = this.holds.get(id);
-          const discarded = (hq?.size ?? 0) + (queuedCount.get(id) ?? 0);
+          // Pinned entries (deferJournal) have no journal row: their blob forgets them below.
+          const pinned = hq?.pinned ?? 0;
+          const discarded = (hq?.size ?? 0) - pinned + (queuedCount.get(id) ?? 0);
           // Spilled entries are not read back, only the ids a copy could come back with (see isKnown).
           if (hq !== undefined && hq.spilled > 0 && this.foreignSpilled.has(hq)) for (const foreign of journal.spilledIdsOutside(id, this.idPrefix)) finished.push(foreign);
           if (hq !== undefined) for (const entry of hq.memoryFrom(0)) finished.push(entry.event.id);
+          if (hq !== undefined && hq.spilled > 0) plan.spillRows.push(id);
           if (discarded > 0 && journal.countFor([id]) === discarded) {
             // Every discarded entry has its row; when they are all the element has (nothing in flight or being
             // forwarded), one statement through index events_element deletes exactly them.
-            journal.deleteElement(id);
-            hq?.discard();
+            plan.elements.push(id);
+            hq?.discard(true);
             wholesale.add(id);
           } else if (hq !== undefined) {
-            if (hq.spilled > 0) journal.deleteSpilledEvents(id);
-            for (const entry of hq.discard()) loose.push(entry.seq);
+            if (hq.spilled > 0) plan.spilledEvents.push(id);
+            for (const entry of hq.discard(true)) if (pinned === 0 || !this.isPinnedSeq(entry.seq)) loose.push(entry.seq);
           }
           this.dropElement(id);
         }
         for (const entry of queued) if (!wholesale.has(entry.event.elementId)) loose.push(entry.seq);
-        journal.deleteMany(loose);
+        if (later) this.dropped.push(plan);
+        else this.deletePlan(plan);
+        if (this.blobs.length > 0) applyBlobs = this.forgetInBlobs(set);
       });
+      applyBlobs?.();
+      if (later) setImmediate(this.deleteDropped);
     }
     for (const entry of queued) finished.push(entry.event.id);
     for (const id of finished) this.finish(id);
+  }
+
+  /** The row deletes of a drop; inside a transaction. */
+  private deletePlan(plan: DropPlan): void {
+    const journal = this.journal!;
+    for (const id of plan.elements) journal.deleteElementUpTo(id, plan.bound);
+    // Before their spill rows go: those name the rows.
+    for (const id of plan.spilledEvents) journal.deleteSpilledEvents(id);
+    for (const id of plan.spillRows) journal.deleteSpill(id);
+    journal.deleteMany(plan.loose);
+  }
+
+  /**
+   * The row deletes of drops with `deleteLater`, in one transaction. Runs on the next turn, and before anything could
+   * reuse those rows' keys: a hold (spill positions restart at 0), a count of journaled rows, close. A failure is
+   * reported: the rows come back on recovery, to nobody (the elements are gone), and are deleted then.
+   */
+  private readonly deleteDropped = (): void => {
+    if (this.dropped.length === 0) return;
+    const plans = this.dropped;
+    this.dropped = [];
+    const journal = this.journal!;
+    try {
+      journal.transaction(() => {
+        for (const plan of plans) this.deletePlan(plan);
+      });
+    } catch (e) {
+      this.onError(e, 'journal delete of dropped elements');
+    }
+  };
+
+  /** Whether every element of this shipment may be taken in by {@link insertDeferred}. */
+  private canDefer(decoded: readonly DecodedQueue[]): boolean {
+    for (const q of decoded) {
+      if (this.redirects.has(q.elementId)) return false;
+      // A spilled foreign id is only found through its journal row, which a deferred insert does not try to write.
+      const hq = this.holds.get(q.elementId);
+      if (hq !== undefined && this.foreignSpilled.has(hq)) return false;
+    }
+    return true;
+  }
+
+  /** insertHeld with `deferJournal`: one `held_blobs` row, the events pinned in memory. */
+  private insertDeferred(bytes: Uint8Array, decoded: readonly DecodedQueue[]): InsertHeldResult {
+    const known = this.known;
+    const prefix = this.idPrefix;
+    const accepted: QueuedEvent[] = [];
+    const skip: number[] = [];
+    const elements: string[] = [];
+    let index = 0;
+    try {
+      for (const q of decoded) {
+        const before = accepted.length;
+        for (const event of q.events) {
+          const id = event.id;
+          if (id.startsWith(prefix)) {
+            if (!this.isMinted(id)) throw new EventError(ErrorCodes.HOLD_DECODE, `hold queue data: event id ${id} is in this agent's id namespace but was not minted here`);
+            skip.push(index++);
+            continue;
+          }
+          const size = known.size;
+          known.add(id);
+          if (known.size === size) {
+            skip.push(index++);
+            continue;
+          }
+          index++;
+          accepted.push({ event, seq: this.seq + accepted.length + 1 });
+        }
+        if (accepted.length > before) elements.push(q.elementId);
+      }
+      if (accepted.length > 0) {
+        const journal = this.journal!;
+        const blob = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+        try {
+          journal.insertBlob(this.seq + 1, accepted.length, elements, skip, blob);
+        } catch (cause) {
+          throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: held blob write failed: ${describeError(cause)}`, { cause });
+        }
+      }
+    } catch (e) {
+      for (const entry of accepted) known.delete(entry.event.id);
+      throw e;
+    }
+    if (accepted.length > 0) this.blobs.push({ seq0: this.seq + 1, count: accepted.length, elements: new Set(elements) });
+    this.seq += accepted.length;
+    this.nDuplicates += skip.length;
+    for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
+    for (const entry of accepted) this.holds.get(entry.event.elementId)!.pushPinned(entry);
+    return { accepted: accepted.length, duplicates: skip.length };
+  }
+
+  private isPinnedSeq(seq: number): boolean {
+    for (const b of this.blobs) if (seq >= b.seq0 && seq < b.seq0 + b.count) return true;
+    return false;
+  }
+
+  /**
+   * Journals the pinned entries of these elements' hold queues and takes the elements out of their blobs, in one
+   * transaction; returns the seqs of entries refused because their id was journaled already (that row is the one copy).
+   */
+  private journalPinned(elementIds: readonly string[]): Set<number> {
+    const journal = this.journal!;
+    const set = new Set<string>();
+    const entries: QueuedEvent[] = [];
+    for (const id of elementIds) {
+      const hq = this.holds.get(id);
+      if (hq === undefined || set.has(id)) continue;
+      set.add(id);
+      if (hq.pinned === 0) continue;
+      for (const entry of hq.memoryFrom(0)) if (this.isPinnedSeq(entry.seq)) entries.push(entry);
+    }
+    const refused = new Set<number>();
+    if (set.size === 0) return refused;
+    const ok = new Uint8Array(entries.length);
+    try {
+      const apply = journal.transaction(() => {
+        journal.insertMany(entries, undefined, ok);
+        return this.forgetInBlobs(set);
+      });
+      apply();
+    } catch (cause) {
+      throw new StoreError(ErrorCodes.STORE_CORRUPT, `release: journal write of ${entries.length} deferred events failed: ${describeError(cause)}`, { cause });
+    }
+    for (let i = 0; i < entries.length; i++) {
+      if (ok[i] === 1) continue;
+      refused.add(entries[i]!.seq);
+      this.nDuplicates++;
+    }
+    return refused;
+  }
+
+  /**
+   * Takes these elements out of every blob's row (updated, or deleted when no element is left); call inside a
+   * transaction. The blobs in memory change once it commits: the returned function does that.
+   */
+  private forgetInBlobs(elementIds: ReadonlySet<string>): () => void {
+    const journal = this.journal!;
+    const changes: { readonly blob: HeldBlob; readonly left: Set<string> }[] = [];
+    for (const b of this.blobs) {
+      const left = new Set([...b.elements].filter((id) => !elementIds.has(id)));
+      if (left.size === b.elements.size) continue;
+      journal.setBlobElements(b.seq0, [...left]);
+      changes.push({ blob: b, left });
+    }
+    return () => {
+      for (const { blob, left } of changes) {
+        blob.elements.clear();
+        for (const id of left) blob.elements.add(id);
+        if (left.size === 0) this.blobs.splice(this.blobs.indexOf(blob), 1);
+      }
+    };
   }
 
   /** Forgets the hold queue and the subscriptions of a dropped element. */
@@ -761,6 +972,7 @@ export class SensorService {
     this.stopSensors();
     if (this.staged.length > 0) this.flush();
     if (this.toDelete.length > 0) this.flushDeletes();
+    if (this.dropped.length > 0) this.deleteDropped();
     this.closed = true;
     for (const r of this.forwarding) if (r.retry !== null) clearTimeout(r.retry);
     this.settleIdle();

@@ -346,7 +346,8 @@ export class SourceSide implements SourceSteps {
       this.stats.forwarded += reply.type === 'ForwardedEventsAck' ? reply.accepted : 0;
     }
     host.store.transaction(() => {
-      host.sensors.drop(this.scope);
+      // The rows of a large hold queue are deleted on the next turn: the switch does not wait for them.
+      host.sensors.drop(this.scope, { deleteLater: true });
       host.runtime.forget(this.scope);
       if (host.objects.has(this.vmElement)) host.objects.deregister(this.vmElement, { withDependents: true });
       if (host.driver.get(this.o.vm)) host.driver.remove(this.o.vm);

@@ -105,7 +105,8 @@ export class TargetSide implements TargetSteps {
 
   async stageEvents(input: TargetInput & { readonly frame: ManagementEventState }): Promise<void> {
     const before = this.host.sensors.heldCount(this.scope);
-    this.host.sensors.insertHeld(input.frame.holdQueues);
+    // One blob row instead of a journal row per event: the per-event journaling happens at release, after the switch.
+    this.host.sensors.insertHeld(input.frame.holdQueues, { deferJournal: true });
     this.stats.events += this.host.sensors.heldCount(this.scope) - before;
     this.stats.bytes += input.frame.holdQueues.byteLength;
   }
@@ -170,9 +171,16 @@ export class TargetSide implements TargetSteps {
     if (actual && host.objects.get(`vm:${name}`)?.state['state'] !== actual) host.objects.update(`vm:${name}`, { state: actual });
     await attachAll(host, this.scope);
     // The held events go to the embots after the acknowledgement (DESIGN step 6): releasing a
-    // large queue must not hold up the switch. A crash before it loses nothing: the events are
-    // journaled here and recovered into the embots on restart.
-    setImmediate(() => host.sensors.release(this.scope));
+    // large queue must not hold up the switch. A crash before it loses nothing: the events are in
+    // their blob rows here (insertHeld deferJournal), journaled and recovered into the embots on restart.
+    setImmediate(() => {
+      try {
+        host.sensors.release(this.scope);
+      } catch (e) {
+        // The events stay held and in their blob rows: the next start journals and recovers them.
+        host.logger.warn('could not release the migrated events', { error: describeError(e) });
+      }
+    });
   }
 
   async discard(input: TargetInput & { readonly reason: string }): Promise<void> {

@@ -120,6 +120,19 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (element_id, pos)
   ) WITHOUT ROWID;
   `,
+  `
+  -- Hold-queue bytes a migration target took in without journaling each event (insertHeld with
+  -- deferJournal): one row per shipment, its accepted events numbered seq0, seq0 + 1, ... in byte order
+  -- (skip: JSON list of the indices refused as duplicates). element_ids lists the elements whose events
+  -- are still only here; release journals them, drop forgets them, a restart journals what is left.
+  CREATE TABLE held_blobs (
+    seq0 INTEGER PRIMARY KEY,
+    count INTEGER NOT NULL,
+    element_ids TEXT NOT NULL,
+    skip TEXT NOT NULL,
+    bytes BLOB NOT NULL
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
