@@ -206,7 +206,8 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
   async attach(el: AttachableElement): Promise<void> {
     this.elements.set(el.id, el);
     // Track every new embot before the first await, so events already on their way find them.
-    const spawns = [...this.modules.values()].map((m) => [m.record.name, this.embotsFor(m.record, el)] as const);
+    // One transaction for the embots' rows and snapshot reads: an element may carry a thousand.
+    const spawns = this.opts.store.transaction(() => [...this.modules.values()].map((m) => [m.record.name, this.embotsFor(m.record, el)] as const));
     await Promise.all(spawns.map(([module, s]) => this.spawn(module, s)));
   }
 
