@@ -320,6 +320,16 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     if (!spawns.length) return;
     const host = this.modules.get(module)?.host;
     if (!host) return;
+    // Restored embots report no new state: show the one they were restored with.
+    const now = this.now();
+    for (const sp of spawns) {
+      const e = this.embots.get(sp.embotId);
+      if (!e || !sp.restore) continue;
+      for (const [policy, st] of Object.entries(sp.restore)) {
+        const snap = st.snapshot as { value?: unknown; context?: unknown } | null;
+        e.views.set(policy, { name: policy, state: snap?.value ?? null, context: snap?.context, updatedAt: now });
+      }
+    }
     this.inFlight++;
     try {
       const outcome = await host.spawn(spawns);

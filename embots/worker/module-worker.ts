@@ -64,7 +64,11 @@ function takeOutcome() {
   return out;
 }
 
+/** While an actor is started from a snapshot, its start is no change worth reporting. */
+let restoring = false;
+
 function onActorChange(embotId: string): void {
+  if (restoring) return;
   touched.add(embotId);
   if (inRequest || timerFlushScheduled) return;
   // A delayed transition fired between requests: report it on its own.
@@ -97,7 +101,9 @@ function spawn(spec: EmbotSpawn): void {
   if (existing) for (const a of existing.actors.values()) a.stop();
   const live: LiveEmbot = { elementId: spec.elementId, actors: new Map(), failed: false };
   embots.set(spec.embotId, live);
-  touched.add(spec.embotId);
+  // A restored embot's state is already stored; only a fresh one (or a new policy) has one to persist.
+  const fresh = !spec.restore || spec.policies.some((p) => !spec.restore![p]);
+  if (fresh) touched.add(spec.embotId);
   const api = makeApi(spec.embotId, spec.elementId);
   for (const name of spec.policies) {
     const def = policies[name];
@@ -114,8 +120,13 @@ function spawn(spec: EmbotSpawn): void {
         error: (err) => fail(spec.embotId, ErrorCodes.PLUGIN_CRASHED, err),
       });
       live.actors.set(name, actor);
-      actor.start();
-      if (restore) rearmTimers(actor, restore.timers);
+      restoring = restore !== undefined;
+      try {
+        actor.start();
+        if (restore) rearmTimers(actor, restore.timers);
+      } finally {
+        restoring = false;
+      }
       if (actor.getSnapshot().status === 'error') return fail(spec.embotId, ErrorCodes.PLUGIN_CRASHED, actor.getSnapshot().error);
     } catch (e) {
       return fail(spec.embotId, ErrorCodes.PLUGIN_CRASHED, e);
