@@ -169,18 +169,14 @@ export class TargetSide implements TargetSteps {
     host.migratingIn.delete(name);
     const actual = host.driver.get(name)?.state;
     if (actual && host.objects.get(`vm:${name}`)?.state['state'] !== actual) host.objects.update(`vm:${name}`, { state: actual });
-    await attachAll(host, this.scope);
-    // The held events go to the embots after the acknowledgement (DESIGN step 6): releasing a
-    // large queue must not hold up the switch. A crash before it loses nothing: the events are in
-    // their blob rows here (insertHeld deferJournal), journaled and recovered into the embots on restart.
-    setImmediate(() => {
-      try {
-        host.sensors.release(this.scope);
-      } catch (e) {
-        // The events stay held and in their blob rows: the next start journals and recovers them.
-        host.logger.warn('could not release the migrated events', { error: describeError(e) });
-      }
-    });
+    // The embots start and the held events reach them after the acknowledgement (DESIGN step 6):
+    // starting a thousand embots or releasing a large queue must not hold up the switch. The embots
+    // are tracked (and listed) as soon as attach begins; their events wait in the hold queues until
+    // they run. A crash before that loses nothing: the next start attaches the stored embots and
+    // recovers the events from their blob rows.
+    void attachAll(host, this.scope)
+      .then(() => host.sensors.release(this.scope))
+      .catch((e: unknown) => host.logger.warn('could not start the migrated embots or release their events', { error: describeError(e) }));
   }
 
   async discard(input: TargetInput & { readonly reason: string }): Promise<void> {
