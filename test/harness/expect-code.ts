@@ -19,3 +19,17 @@ export function expectThrownCode(fn: () => unknown, code: string, errorClass: ab
   expect(thrown).toBeInstanceOf(errorClass);
   expect((thrown as EmbotError).code).toBe(code);
 }
+
+/**
+ * The code of what `fn` throws (asserting it is an `errorClass`), or undefined when it returns:
+ * for tables of inputs where some are fine and some are refused.
+ */
+export function thrownCode(fn: () => unknown, errorClass: abstract new (...args: never[]) => EmbotError): string | undefined {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(errorClass);
+    return (e as EmbotError).code;
+  }
+  return undefined;
+}

@@ -1,6 +1,7 @@
 import { Packr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes, ProtocolError } from '../../core/errors.ts';
+import { thrownCode } from '../harness/expect-code.ts';
 import { FRAME_KINDS, REPLY_TYPES, decodeFrame, encodeFrame, validateFrame, type Frame, type FrameType } from '../../core/wire/index.ts';
 
 /** Encodes anything, bypassing validation, to play a misbehaving peer. */
@@ -77,15 +78,7 @@ function plain(frame: Frame): Record<string, unknown> {
   return Object.fromEntries(Object.entries(frame).map(([k, v]) => [k, v instanceof Uint8Array ? new Uint8Array(v) : v]));
 }
 
-function codeOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ProtocolError);
-    return (e as ProtocolError).code;
-  }
-  return undefined;
-}
+const codeOf = (fn: () => unknown): string | undefined => thrownCode(fn, ProtocolError);
 
 /** A value of a different msgpack type than `v`. */
 function wrongKind(v: unknown): unknown {

@@ -2,6 +2,7 @@ import { crc32 } from 'node:zlib';
 import { Packr } from 'msgpackr';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, ProtocolError } from '../../core/errors.ts';
+import { thrownCode } from '../harness/expect-code.ts';
 import { PeerServer, connectPeer, decodeFrame, encodeFrame, type PageBatch, type PeerConnection } from '../../core/wire/index.ts';
 import { PageGatherer, decodeIndexes, encodeIndexes, gatherPages } from '../../effectors/dataplane/page-batch.ts';
 
@@ -30,15 +31,7 @@ function plain(v: unknown): Record<string, unknown> {
   return Object.fromEntries(Object.entries(v as Record<string, unknown>).map(([k, x]) => [k, x instanceof Uint8Array ? Array.from(x) : x]));
 }
 
-function codeOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ProtocolError);
-    return (e as ProtocolError).code;
-  }
-  return undefined;
-}
+const codeOf = (fn: () => unknown): string | undefined => thrownCode(fn, ProtocolError);
 
 describe('PageBatch encoding', () => {
   const ints = [0, 127, 128, 255, 256, 65535, 65536, 0xffffffff, 0x100000000, Number.MAX_SAFE_INTEGER];
