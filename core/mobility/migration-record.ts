@@ -89,3 +89,24 @@ export interface MigrationInfo {
   readonly progress?: MigrationProgress;
   readonly summary?: MigrationSummary;
 }
+
+/** A summary with nothing moved yet, completed by what a side knows (`base` wins). */
+export function summaryOf(base: Pick<MigrationSummary, 'migrationId' | 'vm' | 'from' | 'to' | 'outcome' | 'totalMs'> & Partial<MigrationSummary>): MigrationSummary {
+  return {
+    phases: [],
+    embots: 0,
+    events: 0,
+    modules: [],
+    modulesShipped: 0,
+    dirtyRounds: 0,
+    bytes: 0,
+    memoryBytes: 0,
+    downtimeMs: null,
+    forwarded: 0,
+    rounds: 0,
+    paths: 0,
+    estimateMs: null,
+    thresholdMs: null,
+    ...base,
+  };
+}

@@ -16,7 +16,7 @@ import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobilit
 import type { MobilityHost } from './mobility-host.ts';
 import { SourceSide, attachAll, type DataplaneConfig } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
-import type { MigrationInfo, MigrationProgress, MigrationSummary } from './migration-record.ts';
+import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
 
@@ -465,11 +465,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           complete: () => {
             const out = actor.getSnapshot().output as { outcome: 'completed' | 'aborted' | 'denied'; reason?: string };
             const s = side.stats;
-            const summary: MigrationSummary = {
+            const summary = summaryOf({
               migrationId: id, vm: frame.vm, from: source, to: this.host.agent, outcome: out.outcome, ...(out.reason ? { reason: out.reason } : {}),
-              totalMs: Date.now() - startedAt, phases: [], embots: s.embots, events: s.events, modules: frame.modules, modulesShipped: s.modulesShipped,
-              dirtyRounds: 0, bytes: s.bytes, memoryBytes: s.memoryBytes, downtimeMs: null, forwarded: 0, rounds: 0, paths: 0, estimateMs: null, thresholdMs: null,
-            };
+              totalMs: Date.now() - startedAt, embots: s.embots, events: s.events, modules: frame.modules, modulesShipped: s.modulesShipped, bytes: s.bytes, memoryBytes: s.memoryBytes,
+            });
             this.targetConns.delete(id);
             this.receivers.delete(id);
             this.finish('target', id, out.outcome === 'completed' ? 'committed' : out.outcome, summary);
@@ -533,7 +532,7 @@ function emptyProgress(phase: string): MigrationProgress {
 }
 
 function failedSummary(id: string, vm: string, from: string, to: string, startedAt: number, reason: string): MigrationSummary {
-  return { migrationId: id, vm, from, to, outcome: 'aborted', reason, totalMs: Date.now() - startedAt, phases: [], embots: 0, events: 0, modules: [], modulesShipped: 0, dirtyRounds: 0, bytes: 0, memoryBytes: 0, downtimeMs: null, forwarded: 0, rounds: 0, paths: 0, estimateMs: null, thresholdMs: null };
+  return summaryOf({ migrationId: id, vm, from, to, outcome: 'aborted', reason, totalMs: Date.now() - startedAt });
 }
 
 /** Forwarded events come as a list, or (the remainder of the hold queues) in the hold-queue format. */
