@@ -407,6 +407,9 @@ async function migrateOnce(rig: Rig, c: MobilityCase): Promise<MigrationSample> 
       await sensors.emitMany(batch);
     }
     await sensors.idle();
+    // The WAL the fill wrote is checkpointed here, as part of the fill, rather than whenever the
+    // store next goes quiet (which could be in the middle of the migration).
+    a.services.get('store').checkpoint();
     const fillMs = Number(process.hrtime.bigint() - fillStart) / 1e6;
     if (sensors.heldCount(scope) !== c.events) throw new Error(`mobility bench: ${sensors.heldCount(scope)} events held for ${vmEl}, expected ${c.events}`);
 
