@@ -6,7 +6,7 @@ import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import { batchChecksum } from '../../effectors/dataplane/page-batch.ts';
-import type { HoldCursor } from '../../sensors/sensor-service.ts';
+import type { HeldShipment, HoldCursor } from '../../sensors/sensor-service.ts';
 import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
@@ -85,6 +85,8 @@ export class SourceSide implements SourceSteps {
   private conn: PeerConnection | undefined;
   private scope: readonly string[] = [];
   private cursor: HoldCursor | undefined;
+  /** The events serialized while ManagementState was with the target, for sendEventState. */
+  private shipment: HeldShipment | undefined;
   private held = false;
   private detached = false;
   private wasRunning = false;
@@ -198,13 +200,22 @@ export class SourceSide implements SourceSteps {
     // What changes from now on goes in the dirty rounds.
     this.host.objects.collectDirty(this.vmElement);
     const embotBytes = pack(embots);
-    const reply = await this.request({ type: 'ManagementState', migrationId: input.migrationId, elements, embots: embotBytes });
+    const replied = this.request({ type: 'ManagementState', migrationId: input.migrationId, elements, embots: embotBytes });
+    // The request is on the wire: while the target stages it, the held events are serialized
+    // for the next step (events held after this go in the dirty rounds, as after any shipment).
+    // Should serializing throw, the request's own failure must not surface as an unhandled one.
+    replied.catch(() => undefined);
+    this.shipment = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
+    this.cursor = this.shipment.cursor;
+    const reply = await replied;
     this.stats.bytes += elements.byteLength + embotBytes.byteLength;
     if (reply.type !== 'ManagementStateSuccess') throw stepFailed('ManagementState', reply);
   }
 
   async sendEventState(input: SourceInput): Promise<void> {
-    const { bytes, cursor, count } = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
+    const shipment = this.shipment ?? this.host.sensors.serializeHeldSince(this.scope, this.cursor);
+    this.shipment = undefined;
+    const { bytes, cursor, count } = shipment;
     this.cursor = cursor;
     const reply = await this.request({ type: 'ManagementEventState', migrationId: input.migrationId, holdQueues: bytes });
     this.stats.events += count;
