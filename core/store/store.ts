@@ -193,7 +193,13 @@ class IdleCheckpointer {
   runHere(): void {
     if (!this.db.open || this.db.inTransaction) return;
     const now = this.changes();
-    this.db.pragma('wal_checkpoint(PASSIVE)');
+    try {
+      this.db.pragma('wal_checkpoint(PASSIVE)');
+    } catch {
+      // The thread's checkpoint holds the lock: it is doing the same copy.
+      this.counts.failed++;
+      return;
+    }
     this.lastSeen = this.lastCheckpointed = now;
     this.counts.checkpoints++;
   }
