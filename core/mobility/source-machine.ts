@@ -92,10 +92,14 @@ function enter(phase: SourcePhase) {
 /** Failure of a step before MigrationComplete: roll back. */
 function rollBackOn(step: StepName, delay: 'stepTimeout' | 'vmTimeout') {
   return {
-    onError: { target: '#source.rollingBack', actions: { type: 'recordFailure', params: { step } } },
     after: { [delay]: { target: '#source.rollingBack', actions: { type: 'recordTimeout', params: { step, delay } } } },
     on: { CANCEL: { target: '#source.rollingBack', actions: { type: 'recordCancel', params: { step } } } },
   } as const;
+}
+
+/** The `onError` of a step's invoke: its failure rolls the migration back. */
+function rollBackOnError(step: StepName) {
+  return { target: '#source.rollingBack', actions: { type: 'recordFailure', params: { step } } } as const;
 }
 
 const sourceSetup = setup({
@@ -219,16 +223,14 @@ export function createSourceMachine() {
           src: 'startMigration',
           input: ({ context }) => context.input,
           onDone: [{ guard: 'permitted', target: 'holding' }, { target: 'denied', actions: 'recordDenied' }],
-          onError: rollBackOn('startMigration', 'stepTimeout').onError,
+          onError: rollBackOnError('startMigration'),
         },
-        after: rollBackOn('startMigration', 'stepTimeout').after,
-        on: rollBackOn('startMigration', 'stepTimeout').on,
+        ...rollBackOn('startMigration', 'stepTimeout'),
       },
       holding: {
         entry: enter('holding'),
-        invoke: { src: 'holdEvents', input: ({ context }) => context.input, onDone: 'sendingState', onError: rollBackOn('holdEvents', 'stepTimeout').onError },
-        after: rollBackOn('holdEvents', 'stepTimeout').after,
-        on: rollBackOn('holdEvents', 'stepTimeout').on,
+        invoke: { src: 'holdEvents', input: ({ context }) => context.input, onDone: 'sendingState', onError: rollBackOnError('holdEvents') },
+        ...rollBackOn('holdEvents', 'stepTimeout'),
       },
       sendingState: {
         entry: enter('sendingState'),
@@ -236,22 +238,19 @@ export function createSourceMachine() {
           src: 'sendManagementState',
           input: ({ context }) => context.input,
           onDone: 'sendingEvents',
-          onError: rollBackOn('sendManagementState', 'stepTimeout').onError,
+          onError: rollBackOnError('sendManagementState'),
         },
-        after: rollBackOn('sendManagementState', 'stepTimeout').after,
-        on: rollBackOn('sendManagementState', 'stepTimeout').on,
+        ...rollBackOn('sendManagementState', 'stepTimeout'),
       },
       sendingEvents: {
         entry: enter('sendingEvents'),
-        invoke: { src: 'sendEventState', input: ({ context }) => context.input, onDone: 'migratingVm', onError: rollBackOn('sendEventState', 'stepTimeout').onError },
-        after: rollBackOn('sendEventState', 'stepTimeout').after,
-        on: rollBackOn('sendEventState', 'stepTimeout').on,
+        invoke: { src: 'sendEventState', input: ({ context }) => context.input, onDone: 'migratingVm', onError: rollBackOnError('sendEventState') },
+        ...rollBackOn('sendEventState', 'stepTimeout'),
       },
       migratingVm: {
         entry: enter('migratingVm'),
-        invoke: { src: 'migrateVm', input: ({ context }) => context.input, onDone: 'syncingDirty', onError: rollBackOn('migrateVm', 'vmTimeout').onError },
-        after: rollBackOn('migrateVm', 'vmTimeout').after,
-        on: rollBackOn('migrateVm', 'vmTimeout').on,
+        invoke: { src: 'migrateVm', input: ({ context }) => context.input, onDone: 'syncingDirty', onError: rollBackOnError('migrateVm') },
+        ...rollBackOn('migrateVm', 'vmTimeout'),
       },
       syncingDirty: {
         entry: enter('syncingDirty'),
@@ -269,7 +268,7 @@ export function createSourceMachine() {
                 { guard: 'roundChanged', target: 'checking', actions: { type: 'recordRound', params: { final: false } } },
                 { target: 'finalRound', actions: { type: 'recordRound', params: { final: false } } },
               ],
-              onError: rollBackOn('sendDirtyObjects', 'stepTimeout').onError,
+              onError: rollBackOnError('sendDirtyObjects'),
             },
             after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
           },
@@ -278,7 +277,7 @@ export function createSourceMachine() {
               src: 'sendDirtyObjects',
               input: ({ context }) => ({ ...context.input, round: context.round, final: true }),
               onDone: { target: '#source.completing', actions: { type: 'recordRound', params: { final: true } } },
-              onError: rollBackOn('sendDirtyObjects', 'stepTimeout').onError,
+              onError: rollBackOnError('sendDirtyObjects'),
             },
             after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
           },
