@@ -10,7 +10,7 @@ import type { HeldShipment, HoldCursor } from '../../sensors/sensor-service.ts';
 import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
-import { preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
+import { DEFAULT_BATCH_BYTES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
 import type { AgentConfig } from '../config/config.ts';
 
 export type DataplaneConfig = AgentConfig['dataplane'];
@@ -26,7 +26,7 @@ function vmSla(host: MobilityHost, vmElement: string): { maxMigrationMs?: number
  * the target does not stage (it refuses them after reading them), timed.
  */
 async function measurePath(conn: PeerConnection, migrationId: string, path: string, bytes: number, pageSize: number): Promise<number> {
-  const batch = 256 * 1024;
+  const batch = DEFAULT_BATCH_BYTES;
   const pages = new Uint8Array(batch);
   const indexes = new Uint8Array((batch / pageSize) * 4);
   const checksum = batchChecksum(indexes, pages);

@@ -70,6 +70,8 @@ async function rig(memory: number, dirtyRate: number, caps: readonly (number | u
       },
       cpuState: () => Uint8Array.of(7, 7, 7),
       requestTimeoutMs: 5_000,
+      // Small batches, so that these few-MiB VMs make dozens of them to stripe, corrupt and lose.
+      batchBytes: 256 * 1024,
       ...over,
     }),
   };
