@@ -70,8 +70,8 @@ function decodePayload(bytes: Buffer | null): unknown {
   return bytes === null ? null : eventPackr.unpack(bytes);
 }
 
-const MAX_ID_LENGTH = 256;
-const MAX_SOURCE_LENGTH = 128;
+export const MAX_ID_LENGTH = 256;
+export const MAX_SOURCE_LENGTH = 128;
 
 export function isValidEventId(id: unknown): id is string {
   return typeof id === 'string' && id.length > 0 && id.length <= MAX_ID_LENGTH;

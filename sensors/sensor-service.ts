@@ -5,6 +5,8 @@ import { EventIdSource, isValidElementId, isValidEventType } from '../core/event
 import type { Store } from '../core/store/store.ts';
 import { EventQueue } from './event-queue.ts';
 import type { QueuedEvent } from './event-queue.ts';
+import { scanHeld, type HeldScan } from './held-scan.ts';
+import { LazyShipment } from './lazy-shipment.ts';
 import { HoldQueue, checkHoldCursor, shippedOf } from './hold-queue.ts';
 import type { HoldCursor, HoldMark } from './hold-queue.ts';
 import {
@@ -98,6 +100,8 @@ export interface SensorStats {
   /** Events in hold queues, spilled ones included. */
   readonly held: number;
   readonly spilled: number;
+  /** Held events of deferred shipments still as received bytes: decoded when their hold queue is first needed. */
+  readonly undecoded: number;
   /** Rows in table `events` (0 without a store). */
   readonly journaled: number;
   /** Dispatched events still waiting for a durable subscriber's complete(). */
@@ -260,6 +264,11 @@ export class SensorService {
   private dropped: DropPlan[] = [];
   /** Blobs of deferred insertHeld calls whose events are held here without journal rows (few: one per shipment). */
   private readonly blobs: HeldBlob[] = [];
+  /**
+   * Element -> deferred shipments with events of it still undecoded, oldest first. Its hold queue is "its entries, then
+   * these": {@link materialize} appends them before anything reads the queue or adds to it.
+   */
+  private readonly lazy = new Map<string, LazyShipment[]>();
 
   /**
    * Foreign ids (given by the producer) live in this service (staged, queued, held in memory, dispatched) plus the last
@@ -433,6 +442,7 @@ export class SensorService {
   /** msgpackr bytes `{ v: 1, queues: [{ elementId, events }] }` of the hold queues (spilled part included); `EMBOT_ERR_ELEMENT_NOT_HELD` for an element that is not held. */
   serializeHeld(elementIds: readonly string[]): Uint8Array {
     assertElementIds(elementIds, 'serializeHeld');
+    this.materializeAll(elementIds);
     const parts: HeldPart[] = [];
     for (const id of new Set(elementIds)) parts.push(this.heldPart(this.heldQueue(id, 'serializeHeld'), 0));
     return encodeHeldParts(parts);
@@ -453,6 +463,7 @@ export class SensorService {
    */
   serializeHeldSince(elementIds: readonly string[], cursor?: HoldCursor): HeldShipment {
     assertElementIds(elementIds, 'serializeHeldSince');
+    this.materializeAll(elementIds);
     const marks = cursor === undefined ? undefined : checkHoldCursor(cursor);
     const next: Record<string, HoldMark> = marks === undefined ? {} : { ...marks };
     const parts: HeldPart[] = [];
@@ -472,7 +483,7 @@ export class SensorService {
   heldCount(elementIds: readonly string[]): number {
     assertElementIds(elementIds, 'heldCount');
     let n = 0;
-    for (const id of new Set(elementIds)) n += this.holds.get(id)?.size ?? 0;
+    for (const id of new Set(elementIds)) n += (this.holds.get(id)?.size ?? 0) + this.lazyCount(id);
     return n;
   }
 
@@ -494,9 +505,18 @@ export class SensorService {
     this.assertOpen();
     if (options !== undefined && (options === null || typeof options !== 'object')) throw invalid('insertHeld: options must be an object');
     const createHolds = options?.hold !== false;
+    const defer = options?.deferJournal === true && createHolds && this.journal !== undefined;
+    if (defer) {
+      // Bytes the scan vouches for are staged without decoding their events (see LazyShipment).
+      const scan = scanHeld(bytes, { rejectIdPrefix: this.idPrefix });
+      if (scan !== undefined && this.canDefer(scan.queues)) {
+        if (this.dropped.length > 0) this.deleteDropped();
+        return this.insertScanned(bytes, scan);
+      }
+    }
     const decoded = decodeHeld(bytes);
     if (this.dropped.length > 0) this.deleteDropped();
-    if (options?.deferJournal === true && createHolds && this.journal !== undefined && this.canDefer(decoded)) return this.insertDeferred(bytes, decoded);
+    if (defer && this.canDefer(decoded)) return this.insertDeferred(bytes, decoded);
     const accepted: QueuedEvent[] = [];
     const journal = this.journal;
     const known = this.known;
@@ -558,6 +578,7 @@ export class SensorService {
    */
   release(elementIds: readonly string[]): void {
     assertElementIds(elementIds, 'release');
+    this.materializeAll(elementIds);
     const refused = this.blobs.length > 0 ? this.journalPinned(elementIds) : undefined;
     for (const id of elementIds) {
       const hq = this.holds.get(id);
@@ -584,6 +605,7 @@ export class SensorService {
     if (options !== undefined && (options === null || typeof options !== 'object')) throw invalid('drop: options must be an object');
     const ids = [...new Set(elementIds)];
     const set = new Set(ids);
+    this.materializeAll(ids);
     const queued = this.queue.size > 0 ? this.queue.extract((e) => set.has(e.elementId)) : [];
     const journal = this.journal;
     // Remembered as finished, so a copy forwarded back is refused as a duplicate.
@@ -666,7 +688,7 @@ export class SensorService {
   };
 
   /** Whether every element of this shipment may be taken in by {@link insertDeferred}. */
-  private canDefer(decoded: readonly DecodedQueue[]): boolean {
+  private canDefer(decoded: readonly { readonly elementId: string }[]): boolean {
     for (const q of decoded) {
       if (this.redirects.has(q.elementId)) return false;
       // A spilled foreign id is only found through its journal row, which a deferred insert does not try to write.
@@ -724,6 +746,83 @@ export class SensorService {
     for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
     for (const entry of accepted) this.holds.get(entry.event.elementId)!.pushPinned(entry);
     return { accepted: accepted.length, duplicates: skip.length };
+  }
+
+  /**
+   * insertHeld with `deferJournal` for bytes {@link scanHeld} vouched for: what {@link insertDeferred} does, with the
+   * events left undecoded until their hold queue is needed. The ids are de-duplicated now, so the counts, the blob row
+   * and the seqs are the ones the decoding path gives.
+   */
+  private insertScanned(bytes: Uint8Array, scan: HeldScan): InsertHeldResult {
+    const known = this.known;
+    const ids = scan.ids;
+    const skip: number[] = [];
+    const elements: string[] = [];
+    let accepted = 0;
+    for (const q of scan.queues) {
+      const before = accepted;
+      for (let i = q.first; i < q.first + q.count; i++) {
+        const size = known.size;
+        known.add(ids[i]!);
+        if (known.size === size) skip.push(i);
+        else accepted++;
+      }
+      if (accepted > before) elements.push(q.elementId);
+    }
+    const seq0 = this.seq + 1;
+    if (accepted > 0) {
+      try {
+        this.journal!.insertBlob(seq0, accepted, elements, skip, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+      } catch (cause) {
+        const skipped = new Set(skip);
+        for (let i = 0; i < ids.length; i++) if (!skipped.has(i)) known.delete(ids[i]!);
+        throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: held blob write failed: ${describeError(cause)}`, { cause });
+      }
+      this.blobs.push({ seq0, count: accepted, elements: new Set(elements) });
+      const shipment = new LazyShipment(seq0, bytes, scan, new Set(skip));
+      for (const id of elements) {
+        const list = this.lazy.get(id);
+        if (list === undefined) this.lazy.set(id, [shipment]);
+        else list.push(shipment);
+      }
+    }
+    this.seq += accepted;
+    this.nDuplicates += skip.length;
+    for (const q of scan.queues) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
+    return { accepted, duplicates: skip.length };
+  }
+
+  /** Appends the undecoded events of `elementId` (deferred shipments) to its hold queue, as pinned entries. */
+  private materialize(elementId: string): void {
+    const list = this.lazy.get(elementId);
+    if (list === undefined) return;
+    this.lazy.delete(elementId);
+    const hq = this.holds.get(elementId);
+    for (const shipment of list) {
+      let entries: QueuedEvent[];
+      try {
+        entries = shipment.take(elementId);
+      } catch (e) {
+        // The scan vouched for these bytes, so this is a bug; the events are still in the blob row, and the next start recovers them.
+        this.onError(e, `held shipment ${shipment.seq0} of ${elementId} (its events come back from the store after a restart)`);
+        continue;
+      }
+      if (hq !== undefined) for (const entry of entries) hq.pushPinned(entry);
+    }
+  }
+
+  private materializeAll(elementIds: Iterable<string>): void {
+    if (this.lazy.size === 0) return;
+    for (const id of elementIds) this.materialize(id);
+  }
+
+  /** Undecoded events of `elementId`. */
+  private lazyCount(elementId: string): number {
+    const list = this.lazy.get(elementId);
+    if (list === undefined) return 0;
+    let n = 0;
+    for (const shipment of list) n += shipment.countOf(elementId);
+    return n;
   }
 
   private isPinnedSeq(seq: number): boolean {
@@ -931,8 +1030,11 @@ export class SensorService {
   stats(): SensorStats {
     let held = 0;
     let spilled = 0;
+    let undecoded = 0;
     for (const hq of this.holds.values()) {
-      held += hq.size;
+      const lazy = this.lazyCount(hq.elementId);
+      held += hq.size + lazy;
+      undecoded += lazy;
       spilled += hq.spilled;
     }
     let forwardQueued = 0;
@@ -941,6 +1043,7 @@ export class SensorService {
       queued: this.queue.size + this.staged.length,
       held,
       spilled,
+      undecoded,
       journaled: this.journal?.rows ?? 0,
       inFlight: this.pending.size,
       dispatched: this.nDispatched,
@@ -1072,6 +1175,8 @@ export class SensorService {
       this.queue.push(entry);
       return;
     }
+    // Events of a deferred shipment came first: they go in before this one.
+    if (this.lazy.size > 0) this.materialize(entry.event.elementId);
     let moved: readonly QueuedEvent[] | undefined;
     try {
       moved = hq.push(entry, spillEvents);

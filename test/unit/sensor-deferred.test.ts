@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { ErrorCodes, EventError } from '../../core/errors.ts';
 import type { EmbotEvent } from '../../core/events.ts';
 import type { Store } from '../../core/store/store.ts';
-import { SensorService, decodeHeld } from '../../sensors/index.ts';
+import { SensorService, decodeHeld, encodeHeld } from '../../sensors/index.ts';
 import type { Subscriber } from '../../sensors/index.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { expectThrownCode } from '../harness/expect-code.ts';
@@ -53,8 +53,11 @@ describe('insertHeld with deferJournal', () => {
     expect(rowCount(store)).toBe(0);
     expect(rowCount(store, 'held_spill')).toBe(0);
     expect(dst.heldCount(scope)).toBe(60);
+    // Staged as bytes: decoded only when the queues are needed.
+    expect(dst.stats()).toMatchObject({ held: 60, undecoded: 60 });
     // Shipped on from here, before release: the same events in the same order.
     expect(decodeHeld(dst.serializeHeld(scope)).flatMap((q) => idsOf(q.events))).toEqual(ids);
+    expect(dst.stats()).toMatchObject({ held: 60, undecoded: 0 });
     const vm = recorder(dst, 'vm:a');
     const disk = recorder(dst, 'disk:a');
     dst.release(scope);
@@ -91,8 +94,10 @@ describe('insertHeld with deferJournal', () => {
     const first = dst.post({ elementId: 'vm:a', type: 'LOCAL', ts: 0, id: 'local-1' });
     await dst.idle();
     dst.insertHeld(bytes, { deferJournal: true });
+    expect(dst.stats().undecoded).toBe(10);
     const last = dst.post({ elementId: 'vm:a', type: 'LOCAL', id: 'local-2' });
     await dst.idle();
+    expect(dst.stats().undecoded).toBe(0); // the new event's arrival put the shipment's events in first
     expect(decodeHeld(dst.serializeHeld(scope))[0]!.events.map((e) => e.id)).toEqual([first.id, ...ids, last.id]);
   });
 
@@ -167,6 +172,50 @@ describe('insertHeld with deferJournal', () => {
     expect(back.stats().unrouted).toBe(25);
     expect(rowCount(again)).toBe(0);
     expect(rowCount(again, 'held_blobs')).toBe(0);
+  });
+
+  it('decodes at once a shipment the scan cannot vouch for, with the same outcome', async () => {
+    const scope = ['vm:a'];
+    const events = Array.from({ length: 5 }, (_, i) => ({ id: `peer.${i}`, ts: 1 + i, elementId: 'vm:a', type: 'TICK', payload: { at: new Date(1000 + i) } }));
+    const bytes = encodeHeld([{ elementId: 'vm:a', events }]);
+    const store = openStore();
+    const dst = service('dst', store);
+    expect(dst.insertHeld(bytes, { deferJournal: true })).toEqual({ accepted: 5, duplicates: 0 });
+    expect(dst.stats()).toMatchObject({ held: 5, undecoded: 0 });
+    expect(rowCount(store, 'held_blobs')).toBe(1);
+    const got = recorder(dst, 'vm:a');
+    dst.release(scope);
+    await dst.idle();
+    expect(got.map((e) => (e.payload as { at: Date }).at.getTime())).toEqual([1000, 1001, 1002, 1003, 1004]);
+  });
+
+  it('numbers a staged shipment like its blob row, so a restart after a partial release recovers the rest with the same seqs', async () => {
+    const scope = ['vm:a', 'disk:a'];
+    const { bytes } = await shipment(scope, 6);
+    const file = tmpStoreFile();
+    const store = openStore(file);
+    const dst = service('dst', store);
+    // One id of the shipment is known here already: the blob skips it, and so does the staged numbering.
+    const dup = decodeHeld(bytes)[1]!.events[2]!;
+    dst.post({ ...dup, payload: dup.payload ?? null });
+    await dst.idle();
+    expect(dst.insertHeld(bytes, { deferJournal: true })).toEqual({ accepted: 11, duplicates: 1 });
+    expect(dst.stats().undecoded).toBe(11);
+    const seqs: number[] = [];
+    dst.subscribe('vm:a', { deliver: (_e, seq) => void seqs.push(seq) });
+    dst.release(['vm:a']);
+    await dst.idle();
+    await dst.close();
+    store.close();
+
+    const again = openStore(file);
+    const back = service('dst', again);
+    const diskSeqs: number[] = [];
+    back.subscribe('disk:a', { deliver: (e, seq) => void diskSeqs.push(seq) });
+    expect(back.recover()).toBe(5);
+    await back.idle();
+    // vm:a's events are first in the bytes, then disk:a's with the duplicate skipped: one run of seqs, no gap, no overlap.
+    expect([...seqs, ...diskSeqs]).toEqual(Array.from({ length: 11 }, (_, i) => seqs[0]! + i));
   });
 
   it('refuses garbage with EMBOT_ERR_HOLD_DECODE and stores nothing', () => {
