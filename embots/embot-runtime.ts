@@ -238,6 +238,14 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
   }
 
   /** The stored embots attached to these elements, with their committed policy states: what a migration ships. */
+  /** Modules of the embots of these elements (those `exportEmbots` would ship), without reading their states. */
+  modulesOf(elementIds: readonly string[]): string[] {
+    const ids = new Set(elementIds);
+    const out = new Set<string>();
+    for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) out.add(row.module);
+    return [...out];
+  }
+
   exportEmbots(elementIds: readonly string[]): ExportedEmbot[] {
     const ids = new Set(elementIds);
     return this.db

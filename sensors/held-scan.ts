@@ -261,6 +261,32 @@ class Reader {
   }
 }
 
+const ID = 1;
+const TS = 2;
+const ELEMENT_ID = 4;
+const TYPE = 8;
+const PAYLOAD = 16;
+const SOURCE = 32;
+
+/** The event field the last string read names (one bit each), 0 for any other key. */
+function eventKey(r: Reader): number {
+  const first = r.buf[r.strStart];
+  switch (r.strLength) {
+    case 2:
+      return first === 0x69 && r.strIs(KEY.id) ? ID : first === 0x74 && r.strIs(KEY.ts) ? TS : 0;
+    case 4:
+      return r.strIs(KEY.type) ? TYPE : 0;
+    case 6:
+      return r.strIs(KEY.source) ? SOURCE : 0;
+    case 7:
+      return r.strIs(KEY.payload) ? PAYLOAD : 0;
+    case 9:
+      return r.strIs(KEY.elementId) ? ELEMENT_ID : 0;
+    default:
+      return 0;
+  }
+}
+
 /** One event map: its fields as `wireEvent` wants them, `elementId` the exact bytes of its queue's. */
 function scanEvent(r: Reader, elementId: Uint8Array, prefix: Uint8Array | undefined, types: TypeCache, ids: string[]): void {
   const n = r.map();
@@ -268,43 +294,34 @@ function scanEvent(r: Reader, elementId: Uint8Array, prefix: Uint8Array | undefi
   let id = '';
   for (let i = 0; i < n; i++) {
     r.str();
-    let bit: number;
-    if (r.strIs(KEY.id)) {
-      bit = 1;
+    const bit = eventKey(r);
+    if (bit === ID) {
       r.str();
       // Byte length bounds the UTF-16 length from above, so a short one is surely within the limit.
       if (r.strLength === 0 || r.strLength > MAX_ID_LENGTH) unsure();
       if (prefix !== undefined && r.strStartsWith(prefix)) unsure();
       id = r.asciiStr();
-    } else if (r.strIs(KEY.ts)) {
-      bit = 2;
+    } else if (bit === TS) {
       const ts = r.number();
       if (!(Number.isFinite(ts) && ts >= 0)) unsure();
-    } else if (r.strIs(KEY.elementId)) {
-      bit = 4;
+    } else if (bit === ELEMENT_ID) {
       r.str();
       if (!r.strIs(elementId)) unsure();
-    } else if (r.strIs(KEY.type)) {
-      bit = 8;
+    } else if (bit === TYPE) {
       r.str();
       types.check(r);
-    } else if (r.strIs(KEY.payload)) {
-      bit = 16;
-      r.skipPayload(0);
-    } else if (r.strIs(KEY.source)) {
-      bit = 32;
+    } else if (bit === SOURCE) {
       r.str();
       if (r.strLength === 0 || r.strLength > MAX_SOURCE_LENGTH) unsure();
     } else {
-      // Other keys are dropped by the decoder, unless they are odd enough to need its judgement.
-      if (r.strIs(KEY.proto)) unsure();
-      bit = 0;
+      // The payload, or another key the decoder drops (unless it is odd enough to need its judgement).
+      if (bit === 0 && r.strIs(KEY.proto)) unsure();
       r.skipPayload(0);
     }
     if (bit !== 0 && (seen & bit) !== 0) unsure(); // a repeated key: the decoder keeps the last one
     seen |= bit;
   }
-  if ((seen & 15) !== 15) unsure(); // id, ts, elementId and type are required
+  if ((seen & (ID | TS | ELEMENT_ID | TYPE)) !== (ID | TS | ELEMENT_ID | TYPE)) unsure(); // required fields
   ids.push(id);
 }
 

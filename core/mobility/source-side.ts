@@ -158,7 +158,7 @@ export class SourceSide implements SourceSteps {
     if (!this.host.objects.has(this.vmElement)) throw new ProtocolError(ErrorCodes.ELEMENT_UNKNOWN, `VM ${this.o.vm} has no managed element`);
     this.scope = this.host.objects.subtree(this.vmElement).map((e) => e.id);
     this.wasRunning = vm.state === 'running';
-    const modules = this.moduleClosure([...new Set(this.host.runtime.exportEmbots(this.scope).map((e) => e.module))]);
+    const modules = this.moduleClosure(this.host.runtime.modulesOf(this.scope));
     this.stats.modules = modules;
     this.host.journal.notes(input.migrationId, 'source', { wasRunning: this.wasRunning, scope: this.scope });
     const elements = this.host.objects.serialize(this.vmElement);

@@ -4,6 +4,7 @@ import type { EmbotEvent } from '../../core/events.ts';
 import { SensorService, decodeHeld, encodeHeld } from '../../sensors/index.ts';
 import { scanHeld } from '../../sensors/held-scan.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { prng } from '../harness/prng.ts';
 import { tempStores } from '../harness/temp-store.ts';
 
 const cleanups = cleanupsAfterEach();
@@ -23,18 +24,6 @@ function decodedShape(bytes: Uint8Array): { queues: { elementId: string; first: 
     return out;
   });
   return { queues, total: first, ids: decodeHeld(bytes).flatMap((q) => q.events.map((e) => e.id)) };
-}
-
-/** A deterministic PRNG (mulberry32), so a failing fuzz case can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 describe('scanHeld', () => {
