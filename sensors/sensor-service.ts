@@ -727,25 +727,32 @@ export class SensorService {
         }
         if (accepted.length > before) elements.push(q.elementId);
       }
-      if (accepted.length > 0) {
-        const journal = this.journal!;
-        const blob = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-        try {
-          journal.insertBlob(this.seq + 1, accepted.length, elements, skip, blob);
-        } catch (cause) {
-          throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: held blob write failed: ${describeError(cause)}`, { cause });
-        }
-      }
+      if (accepted.length > 0) this.writeBlob(bytes, accepted.length, elements, skip);
     } catch (e) {
       for (const entry of accepted) known.delete(entry.event.id);
       throw e;
     }
-    if (accepted.length > 0) this.blobs.push({ seq0: this.seq + 1, count: accepted.length, elements: new Set(elements) });
-    this.seq += accepted.length;
-    this.nDuplicates += skip.length;
-    for (const q of decoded) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
+    this.tookBlob(accepted.length, skip.length, decoded);
     for (const entry of accepted) this.holds.get(entry.event.elementId)!.pushPinned(entry);
     return { accepted: accepted.length, duplicates: skip.length };
+  }
+
+  /** The `held_blobs` row of a deferred shipment whose accepted events are numbered from the next seq on. */
+  private writeBlob(bytes: Uint8Array, accepted: number, elements: readonly string[], skip: readonly number[]): void {
+    const seq0 = this.seq + 1;
+    try {
+      this.journal!.insertBlob(seq0, accepted, elements, skip, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
+    } catch (cause) {
+      throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: held blob write failed: ${describeError(cause)}`, { cause });
+    }
+    this.blobs.push({ seq0, count: accepted, elements: new Set(elements) });
+  }
+
+  /** After a deferred shipment's row is written: its seqs are taken and its elements have hold queues. */
+  private tookBlob(accepted: number, duplicates: number, queues: readonly { readonly elementId: string }[]): void {
+    this.seq += accepted;
+    this.nDuplicates += duplicates;
+    for (const q of queues) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
   }
 
   /**
@@ -769,26 +776,22 @@ export class SensorService {
       }
       if (accepted > before) elements.push(q.elementId);
     }
-    const seq0 = this.seq + 1;
     if (accepted > 0) {
       try {
-        this.journal!.insertBlob(seq0, accepted, elements, skip, Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength));
-      } catch (cause) {
+        this.writeBlob(bytes, accepted, elements, skip);
+      } catch (e) {
         const skipped = new Set(skip);
         for (let i = 0; i < ids.length; i++) if (!skipped.has(i)) known.delete(ids[i]!);
-        throw new StoreError(ErrorCodes.STORE_CORRUPT, `insertHeld: held blob write failed: ${describeError(cause)}`, { cause });
+        throw e;
       }
-      this.blobs.push({ seq0, count: accepted, elements: new Set(elements) });
-      const shipment = new LazyShipment(seq0, bytes, scan, new Set(skip));
+      const shipment = new LazyShipment(this.seq + 1, bytes, scan, new Set(skip));
       for (const id of elements) {
         const list = this.lazy.get(id);
         if (list === undefined) this.lazy.set(id, [shipment]);
         else list.push(shipment);
       }
     }
-    this.seq += accepted;
-    this.nDuplicates += skip.length;
-    for (const q of scan.queues) if (!this.holds.has(q.elementId)) this.holds.set(q.elementId, new HoldQueue(q.elementId, this.holdLimit, this.journal));
+    this.tookBlob(accepted, skip.length, scan.queues);
     return { accepted, duplicates: skip.length };
   }
 
