@@ -552,7 +552,11 @@ export class Journal {
     this.spillInsertEventsStmt = this.db.prepare(`INSERT INTO held_spill(element_id, pos, seq, event) VALUES ${new Array<string>(ROWS_PER_INSERT).fill('(?, ?, ?, ?)').join(', ')}`);
     this.spillInsertOneStmt = this.db.prepare('INSERT INTO held_spill(element_id, pos, seq, event) VALUES (?, ?, ?, ?)');
     // One blob for a stretch of stored events: no row objects, the bytes go to the wire as they are.
-    this.spillBytesStmt = this.db.prepare("SELECT count(*) AS n, CAST(group_concat(event, '' ORDER BY pos) AS BLOB) AS bytes FROM held_spill WHERE element_id = ? AND pos >= ? AND pos < ?");
+    // The rows come from a co-routine that reads the primary key in pos order, and the aggregate takes them as they
+    // come: `group_concat(... ORDER BY pos)` sorted them again in a temporary b-tree, twice the time for 70k rows.
+    this.spillBytesStmt = this.db.prepare(
+      "SELECT count(*) AS n, CAST(group_concat(event, '') AS BLOB) AS bytes FROM (SELECT event FROM held_spill WHERE element_id = ? AND pos >= ? AND pos < ? ORDER BY pos)",
+    );
     this.spillSelectStmt = this.db.prepare(SPILLED_ROW_SQL).raw();
     this.spillForeignIdsStmt = this.db
       .prepare('SELECT e.id FROM held_spill h JOIN events e ON e.seq = h.seq WHERE h.element_id = ? AND substr(e.id, 1, ?) <> ? ORDER BY h.pos')

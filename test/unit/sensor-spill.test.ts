@@ -4,6 +4,7 @@ import type { EmbotError } from '../../core/errors.ts';
 import type { EmbotEvent, EmbotEventInput } from '../../core/events.ts';
 import type { Store } from '../../core/store/store.ts';
 import { SensorService, decodeHeld, encodeEvents, encodeHeld } from '../../sensors/index.ts';
+import { Journal, encodeHeldParts } from '../../sensors/journal.ts';
 import type { ForwardSink, HoldCursor } from '../../sensors/index.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { expectThrownCode } from '../harness/expect-code.ts';
@@ -212,6 +213,20 @@ async function heldWithBothSpills(s: SensorService, store: Store, elementId: str
 }
 
 describe('SensorService: drop keeps the journal rows that must stay', () => {
+  it('hands out spilled bytes in position order whatever order the rows were written in', () => {
+    const journal = new Journal(openStore());
+    const entry = (pos: number) => ({ seq: 1000 + pos, event: { id: `p.${pos}`, ts: pos, elementId: 'vm:a', type: 'T', payload: { pos } } as EmbotEvent });
+    const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => entry(from + i));
+    // Later positions first, and another element's rows in between.
+    journal.writeSpill('vm:a', 20, range(20, 30), true);
+    journal.writeSpill('vm:b', 0, range(0, 5).map((e) => ({ ...e, seq: e.seq + 100, event: { ...e.event, elementId: 'vm:b' } })), true);
+    journal.writeSpill('vm:a', 0, range(0, 20), true);
+    const run = journal.spilledBytes('vm:a', 5, 25);
+    expect(run.count).toBe(20);
+    const bytes = encodeHeldParts([{ elementId: 'vm:a', spilled: [run], events: [] }]);
+    expect(decodeHeld(bytes)[0]!.events.map((e) => e.ts)).toEqual(Array.from({ length: 20 }, (_, i) => 5 + i));
+  });
+
   it('keeps rows of events a durable subscriber has not completed (of the dropped element and of others), until complete', async () => {
     const store = openStore();
     const s = service({ host: 'src', store, holdMemoryLimit: 4 });
