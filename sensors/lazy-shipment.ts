@@ -62,19 +62,21 @@ export class LazyShipment {
 
   /**
    * The events of `elementId` with their seqs, in arrival order; they are no longer here afterwards. The bytes are
-   * decoded on the first call and let go once every element was taken.
+   * decoded on the first call and let go once every element was taken. Throws `EMBOT_ERR_HOLD_DECODE` when they do not
+   * decode (a scan vouched for them, so that is a bug), and then keeps the events.
    */
   take(elementId: string): QueuedEvent[] {
     const span = this.spans.get(elementId);
     if (span === undefined) return [];
-    this.spans.delete(elementId);
+    // Decoded before anything changes: bytes that do not decode (EMBOT_ERR_HOLD_DECODE) leave the events here.
     const decoded = (this.decoded ??= decodeHeld(this.bytes!));
+    const q = decoded[span.queue];
+    if (q?.elementId !== elementId) throw new EventError(ErrorCodes.HOLD_DECODE, `held shipment ${this.seq0}: queue ${span.queue} decodes as ${q?.elementId}, expected ${elementId}`);
+    this.spans.delete(elementId);
     if (this.spans.size === 0) {
       this.decoded = undefined;
       this.bytes = undefined;
     }
-    const q = decoded[span.queue];
-    if (q?.elementId !== elementId) throw new EventError(ErrorCodes.HOLD_DECODE, `held shipment ${this.seq0}: queue ${span.queue} decodes as ${q?.elementId}, expected ${elementId}`);
     const out: QueuedEvent[] = [];
     let seq = span.seq;
     for (let i = 0; i < q.events.length; i++) {

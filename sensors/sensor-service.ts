@@ -795,23 +795,21 @@ export class SensorService {
     return { accepted, duplicates: skip.length };
   }
 
-  /** Appends the undecoded events of `elementId` (deferred shipments) to its hold queue, as pinned entries. */
+  /**
+   * Appends the undecoded events of `elementId` (deferred shipments) to its hold queue, as pinned entries. Throws
+   * `EMBOT_ERR_HOLD_DECODE` if a shipment does not decode (the scan vouched for it: a bug); that shipment and the later
+   * ones stay undecoded, and their blob rows keep the events for the next start.
+   */
   private materialize(elementId: string): void {
     const list = this.lazy.get(elementId);
     if (list === undefined) return;
-    this.lazy.delete(elementId);
     const hq = this.holds.get(elementId);
-    for (const shipment of list) {
-      let entries: QueuedEvent[];
-      try {
-        entries = shipment.take(elementId);
-      } catch (e) {
-        // The scan vouched for these bytes, so this is a bug; the events are still in the blob row, and the next start recovers them.
-        this.onError(e, `held shipment ${shipment.seq0} of ${elementId} (its events come back from the store after a restart)`);
-        continue;
-      }
+    while (list.length > 0) {
+      const entries = list[0]!.take(elementId);
+      list.shift();
       if (hq !== undefined) for (const entry of entries) hq.pushPinned(entry);
     }
+    this.lazy.delete(elementId);
   }
 
   private materializeAll(elementIds: Iterable<string>): void {
@@ -1179,7 +1177,13 @@ export class SensorService {
       return;
     }
     // Events of a deferred shipment came first: they go in before this one.
-    if (this.lazy.size > 0) this.materialize(entry.event.elementId);
+    if (this.lazy.size > 0) {
+      try {
+        this.materialize(entry.event.elementId);
+      } catch (e) {
+        this.onError(e, `held shipment of ${entry.event.elementId} (its events stay in the store for the next start)`);
+      }
+    }
     let moved: readonly QueuedEvent[] | undefined;
     try {
       moved = hq.push(entry, spillEvents);

@@ -3,6 +3,9 @@ import { describe, expect, it } from 'vitest';
 import type { EmbotEvent } from '../../core/events.ts';
 import { SensorService, decodeHeld, encodeHeld } from '../../sensors/index.ts';
 import { scanHeld } from '../../sensors/held-scan.ts';
+import { LazyShipment } from '../../sensors/lazy-shipment.ts';
+import { ErrorCodes, EventError } from '../../core/errors.ts';
+import { expectThrownCode } from '../harness/expect-code.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { prng } from '../harness/prng.ts';
 import { tempStores } from '../harness/temp-store.ts';
@@ -129,5 +132,32 @@ describe('scanHeld', () => {
     }
     // Most single-byte changes land in ids, strings and numbers the scan still vouches for: the property was exercised.
     expect(vouched).toBeGreaterThan(300);
+  });
+});
+
+describe('LazyShipment', () => {
+  it('numbers events like the blob row (duplicates skipped) and hands each element its own once', () => {
+    const bytes = encodeHeld([
+      { elementId: 'vm:a', events: [event('p.0', 'vm:a'), event('p.1', 'vm:a'), event('p.2', 'vm:a')] },
+      { elementId: 'disk:a', events: [event('p.3', 'disk:a'), event('p.4', 'disk:a')] },
+    ]);
+    const shipment = new LazyShipment(100, bytes, scanHeld(bytes)!, new Set([1]));
+    expect([...shipment.elements]).toEqual(['vm:a', 'disk:a']);
+    expect(shipment.countOf('vm:a')).toBe(2);
+    expect(shipment.take('disk:a').map((e) => [e.event.id, e.seq])).toEqual([['p.3', 102], ['p.4', 103]]);
+    expect(shipment.take('vm:a').map((e) => [e.event.id, e.seq])).toEqual([['p.0', 100], ['p.2', 101]]);
+    expect(shipment.take('vm:a')).toEqual([]);
+    expect(shipment.countOf('vm:a')).toBe(0);
+  });
+
+  it('keeps an element\'s events when its bytes do not decode, and says so with EMBOT_ERR_HOLD_DECODE', () => {
+    const bytes = encodeHeld([{ elementId: 'vm:a', events: [event('p.0', 'vm:a')] }]);
+    const scan = scanHeld(bytes)!;
+    // A fault that cannot happen to bytes the scan read: they changed under the shipment.
+    const changed = Uint8Array.from(bytes);
+    changed[0] = 0xc1;
+    const shipment = new LazyShipment(1, changed, scan, new Set());
+    expectThrownCode(() => shipment.take('vm:a'), ErrorCodes.HOLD_DECODE, EventError);
+    expect(shipment.countOf('vm:a')).toBe(1);
   });
 });
