@@ -237,7 +237,6 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) this.db.deleteEmbot(row.id);
   }
 
-  /** The stored embots attached to these elements, with their committed policy states: what a migration ships. */
   /** Modules of the embots of these elements (those `exportEmbots` would ship), without reading their states. */
   modulesOf(elementIds: readonly string[]): string[] {
     const ids = new Set(elementIds);
@@ -246,6 +245,7 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     return [...out];
   }
 
+  /** The stored embots attached to these elements, with their committed policy states: what a migration ships. */
   exportEmbots(elementIds: readonly string[]): ExportedEmbot[] {
     const ids = new Set(elementIds);
     return this.db
