@@ -19,6 +19,7 @@ import WebSocket from 'ws';
 import { PeerServer, connectPeer, type PeerConnection } from '../core/wire/index.ts';
 import { DEFAULT_BATCH_BYTES, PageReceiver, pageBatchHandler, preCopy, type DataPath, type PreCopyResult } from '../effectors/dataplane/index.ts';
 import { SimDriver } from '../effectors/hypervisor/sim-driver.ts';
+import { CRC32_IMPLEMENTATION } from '../effectors/dataplane/crc32.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import { measureRawWsThroughput } from './wire.bench.ts';
 import { DATAPLANE_BENCH_SECRET, startDataplaneTarget, type DataplaneTarget } from './dataplane-target.ts';
@@ -316,7 +317,7 @@ export async function run(opts: DataplaneBenchOptions = {}): Promise<BenchTable>
   });
   notes.push(
     'ratios are value / limit for rates (higher is better) and limit / value for times; limits are measured in the same run',
-    'throughput counts page bytes acknowledged by the target (each batch: Uint32 indexes + pages + crc32, checked and written into the target memory)',
+    `throughput counts page bytes acknowledged by the target (each batch: Uint32 indexes + pages + crc32, checked and written into the target memory); crc32 computed by ${CRC32_IMPLEMENTATION}`,
     'same process: raw ws touches each byte 3 times in this process (kernel write, kernel read, ws reassembly); a page batch adds one copy into a reused send buffer, a crc32 pass at each end and the copy into the target memory, plus a request/ack per batch (hence the larger-batch row) — CPU-bound on one event loop doing both ends, so these rows carry no target',
     'cross-process (the target row): the receiving end — a PeerServer with a PageReceiver as its PageBatch handler, and the raw ws server — runs in a child process forked with tsx, as the target agent of a real migration runs in its own process (here on the other core); raw ws and pre-copy both go parent → child, so the limit and the figure see the same two event loops. This is the fairer comparison and carries the target: in production the sender and the receiver never share an event loop, and sharing one makes raw ws look as CPU-starved as pre-copy',
     `cross-process memory verified byte-exact after each run: the source VM is filled with random bytes, the child computes the sha256 of its received memory (filled with 1s beforehand) and the final batch must have arrived`,

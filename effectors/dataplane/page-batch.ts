@@ -3,7 +3,7 @@
  * little-endian, the pages concatenated in index order, a crc32 over both.
  */
 import { endianness } from 'node:os';
-import { crc32 } from 'node:zlib';
+import { crc32 } from './crc32.ts';
 
 /** Bytes of one index on the wire. */
 export const INDEX_BYTES = 4;
