@@ -31,7 +31,7 @@ export function chooseCrc32(load: () => unknown = () => createRequire(import.met
     const native = (load() as { crc32?: unknown }).crc32;
     if (typeof native === 'function') {
       const fn = native as (input: Uint8Array, initial?: number) => number;
-      if (fn(Buffer.from('123456789')) === CHECK) return { crc32: (data, initial) => fn(data, initial), implementation: '@node-rs/crc32' };
+      if (fn(Buffer.from('123456789')) === CHECK) return { crc32: fn, implementation: '@node-rs/crc32' };
     }
   } catch {
     // No prebuilt binary for this platform: zlib's crc32 computes the same values.

@@ -63,22 +63,8 @@ export function pagesBytes(indexes: Uint32Array, memoryBytes: number, pageSize: 
  * so synchronously, before the VM can write again.
  */
 export function gatherPages(memory: Uint8Array, pageSize: number, indexes: Uint32Array): Uint8Array {
-  const n = indexes.length;
-  if (n === 0) return new Uint8Array(0);
-  const first = indexes[0]!;
-  const last = indexes[n - 1]!;
-  if (last - first === n - 1 && isAscendingRun(indexes)) {
-    return memory.subarray(first * pageSize, Math.min((last + 1) * pageSize, memory.byteLength));
-  }
-  const out = new Uint8Array(pagesBytes(indexes, memory.byteLength, pageSize));
-  let at = 0;
-  for (let i = 0; i < n; i++) {
-    const start = indexes[i]! * pageSize;
-    const end = Math.min(start + pageSize, memory.byteLength);
-    out.set(memory.subarray(start, end), at);
-    at += end - start;
-  }
-  return out;
+  // A fresh gatherer's buffer is allocated for this call alone, so the result is the caller's to keep.
+  return new PageGatherer().pages(memory, pageSize, indexes);
 }
 
 /**
