@@ -11,6 +11,7 @@ import type WebSocket from 'ws';
 import { EmbotError, ErrorCodes, ProtocolError, describeError, isEmbotError, type ErrorCode } from '../errors.ts';
 import { CloseCodes, closeCodeFor, closeReason, parseCloseReason } from './close-codes.ts';
 import { DEFAULT_MAX_FRAME_BYTES, decodeFrame, encodeFrame } from './frame-codec.ts';
+import { reuseReceiveBuffer, type ReusedReceiveBuffer } from './receive-buffer.ts';
 import {
   FRAME_KINDS,
   REPLY_TYPES,
@@ -28,7 +29,13 @@ import {
 
 export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
 
-/** Serves one request type; returns the reply without `replyTo`. Throwing an EmbotError sends its code back. */
+/**
+ * Serves one request type; returns the reply without `replyTo`. Throwing an EmbotError sends its code back.
+ *
+ * A `PageBatch`'s binary fields (`indexes`, `pages`, `cpu`) may be views of a receive buffer the
+ * link reuses for the next batch: they are valid during the handler's synchronous part only, so
+ * a handler copies what it keeps (PageReceiver.apply does, before it returns).
+ */
 export type RequestHandler<T extends RequestType> = (frame: RequestOf<T>, conn: PeerConnection) => ReplyBody<T> | Promise<ReplyBody<T>>;
 
 /** Handlers by request type, as callers write them. */
@@ -171,6 +178,8 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
   private readonly fallback: HandlerSource | undefined;
   private readonly pending = new Map<number, Pending>();
   private readonly sendBuffers = new SendBuffers();
+  /** Set once the link carried a PageBatch: from then on its large messages are assembled in one reused buffer. */
+  private receiveBuffer: ReusedReceiveBuffer | null | undefined;
   private nextReqId = 1;
   /** First error that explains the end of the link: ours (a violation we found) or the peer's Error frame. */
   private endError: EmbotError | undefined;
@@ -315,7 +324,14 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
     }
     let frame: Frame;
     try {
-      frame = decodeFrame(toBytes(data), this.maxFrameBytes);
+      const bytes = toBytes(data);
+      frame = decodeFrame(bytes, this.maxFrameBytes);
+      if (frame.type === 'PageBatch') {
+        this.receiveBuffer ??= reuseReceiveBuffer(this.ws) ?? null;
+      } else if (this.receiveBuffer?.holds(bytes) === true) {
+        // Other frames may be handled asynchronously: they get bytes of their own, as ws would have given.
+        frame = decodeFrame(Buffer.from(bytes), this.maxFrameBytes);
+      }
     } catch (e) {
       this.violation(isEmbotError(e) ? e : new ProtocolError(ErrorCodes.FRAME_MALFORMED, describeError(e)));
       return;
