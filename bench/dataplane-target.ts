@@ -29,6 +29,7 @@ type ToTarget =
   | { readonly type: 'prepare'; readonly memoryBytes: number; readonly pageSize: number }
   | { readonly type: 'raw-expect'; readonly bytes: number }
   | { readonly type: 'digest' }
+  | { readonly type: 'cpu' }
   | { readonly type: 'exit' };
 
 export interface TargetDigest {
@@ -44,6 +45,7 @@ type FromTarget =
   | { readonly type: 'prepared' }
   | { readonly type: 'raw-armed' }
   | ({ readonly type: 'digest' } & TargetDigest)
+  | { readonly type: 'cpu'; readonly ms: number }
   | { readonly type: 'failed'; readonly error: string };
 
 /** Raw ws: once `expect` bytes have arrived since the last raw-expect, one byte goes back on the socket. */
@@ -87,6 +89,9 @@ async function serve(): Promise<void> {
           received = 0;
           expect = m.bytes;
           send({ type: 'raw-armed' });
+        } else if (m.type === 'cpu') {
+          const cpu = process.cpuUsage();
+          send({ type: 'cpu', ms: (cpu.user + cpu.system) / 1000 });
         } else if (m.type === 'digest') {
           if (receiver === undefined) throw new Error('digest before prepare');
           const cpu = process.cpuUsage(cpuAtPrepare);
@@ -110,6 +115,8 @@ export interface DataplaneTarget {
   prepare(memoryBytes: number, pageSize: number): Promise<void>;
   /** Arms the raw server: it answers one byte once `bytes` more have arrived. */
   rawExpect(bytes: number): Promise<void>;
+  /** CPU time (user + system) the child has used since it started, ms. */
+  cpuMs(): Promise<number>;
   /** sha256 of the current receiver's memory, and whether the final batch arrived. */
   digest(): Promise<TargetDigest>;
   close(): Promise<void>;
@@ -143,6 +150,7 @@ export async function startDataplaneTarget(): Promise<DataplaneTarget> {
     rawUrl: ready.rawUrl,
     prepare: async (memoryBytes, pageSize) => void (await ask({ type: 'prepare', memoryBytes, pageSize }, 'prepared')),
     rawExpect: async (bytes) => void (await ask({ type: 'raw-expect', bytes }, 'raw-armed')),
+    cpuMs: async () => (await ask({ type: 'cpu' }, 'cpu')).ms,
     digest: async () => {
       const { sha256, finalReceived, stats, cpuMs } = await ask({ type: 'digest' }, 'digest');
       return { sha256, finalReceived, stats, cpuMs };
