@@ -374,6 +374,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         modulesWithErrors: plugins.filter((p) => p.status === 'error' || p.status === 'disabled').length,
         queuedEvents: s.queued,
         heldEvents: s.held,
+        parkedEvents: this.runtime.parkedCount(),
         deadLetters: this.runtime.deadLetterCount(),
       },
     };

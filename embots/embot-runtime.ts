@@ -4,7 +4,7 @@ import type { EmbotEvent } from '../core/events.ts';
 import type { Store } from '../core/store/store.ts';
 import type { Manifest } from '../core/plugins/manifest.ts';
 import type { PolicyEvent } from './policy-api.ts';
-import { EmbotStore, type EmbotRow, type EmbotStatus } from './embot-store.ts';
+import { EmbotStore, type EmbotRow, type EmbotStatus, type ParkedEvent } from './embot-store.ts';
 import { EmitBudget } from './emit-budget.ts';
 import { ModuleHost } from './module-host.ts';
 import type { BatchItem, EffectRequest, EmbotSpawn, EmitRequest, Outcome, PolicyState } from './worker/worker-protocol.ts';
@@ -87,7 +87,14 @@ export interface EmbotRuntimeOptions {
   readonly now?: () => number;
   readonly restartWindowMs?: number;
   readonly maxRestarts?: number;
+  /** Events that may wait for one embot's module to load; default {@link MAX_PARKED_PER_EMBOT}. */
+  readonly maxParkedPerEmbot?: number;
 }
+
+/** Events that wait for one embot's module, beyond which newer ones become dead letters: a module that never comes back must not fill the disk. */
+export const MAX_PARKED_PER_EMBOT = 100_000;
+/** Parked events handed to a module per batch once it loads. */
+const PARKED_BATCH = 1000;
 
 interface LiveEmbot {
   readonly id: string;
@@ -98,6 +105,8 @@ interface LiveEmbot {
   status: EmbotStatus;
   error: string | undefined;
   readonly views: Map<string, PolicyView>;
+  /** Events parked for it and not yet delivered (stored or about to be): while any, newer ones queue behind them. */
+  parked: number;
 }
 
 interface LoadedModule {
@@ -110,6 +119,7 @@ interface OpenBatch {
   readonly events: EmbotEvent[];
   readonly items: Map<string, BatchItem[]>;
   readonly dead: { embotId: string; event: EmbotEvent; reason: string }[];
+  readonly parked: { embotId: string; event: EmbotEvent }[];
 }
 
 /**
@@ -141,7 +151,9 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
   private inFlight = 0;
   private closed = false;
   private readonly idleWaiters: (() => void)[] = [];
-  readonly counters = { batches: 0, processed: 0, deadLettered: 0, effects: 0, effectFailures: 0, emits: 0, emitRejected: 0 };
+  /** Embots whose parked events are being delivered (one drain at a time each). */
+  private readonly draining = new Set<string>();
+  readonly counters = { batches: 0, processed: 0, deadLettered: 0, parked: 0, unparked: 0, effects: 0, effectFailures: 0, emits: 0, emitRejected: 0 };
 
   constructor(private readonly opts: EmbotRuntimeOptions) {
     super();
@@ -227,14 +239,14 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     await Promise.all([...byModule].map(([m, list]) => this.modules.get(m)?.host.stopEmbots(list).catch(() => {})));
     for (const e of gone) {
       this.untrack(e);
-      if (!options.keepState) this.db.deleteEmbot(e.id);
+      if (!options.keepState) this.db.deleteEmbot(e.id, this.now());
     }
   }
 
   /** Deletes the stored embots of elements (after a migration handed them to another agent). */
   forget(elementIds: readonly string[]): void {
     const ids = new Set(elementIds);
-    for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) this.db.deleteEmbot(row.id);
+    for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) this.db.deleteEmbot(row.id, this.now(), 'its element moved to another agent before the module loaded');
   }
 
   /** Modules of the embots of these elements (those `exportEmbots` would ship), without reading their states. */
@@ -284,6 +296,11 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
 
   deadLetterCount(): number {
     return this.db.deadLetterCount();
+  }
+
+  /** Events stored for embots whose module is not loaded, waiting for it. */
+  parkedCount(): number {
+    return this.db.parkedCount();
   }
 
   /** Resolves when every delivered event is processed and committed. */
@@ -345,6 +362,7 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
       for (const s of spawns) {
         const e = this.embots.get(s.embotId);
         if (e) this.emit('embot-created', toInfo(e));
+        if (e !== undefined && e.parked > 0) this.drainParked(e.id);
       }
     } catch (e) {
       if (!isEmbotError(e, ErrorCodes.PLUGIN_DISABLED) && !isEmbotError(e, ErrorCodes.AGENT_STOPPED)) throw e;
@@ -365,6 +383,7 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
       status: policies.length ? row.status : row.status === 'running' ? 'unloaded' : row.status,
       error: row.error,
       views: existing?.views ?? new Map(),
+      parked: existing?.parked ?? this.db.parkedCount(row.id),
     };
     this.embots.set(row.id, live);
     for (const el of live.elementIds) {
@@ -401,6 +420,7 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     this.db.setStatus(embotId, 'quarantined', e.error);
     this.modules.get(e.module)?.host.forget([embotId]);
     this.emit('embot-quarantined', { embotId, code, reason });
+    if (e.parked > 0) this.drainParked(embotId);
   }
 
   private onModuleDisabled(module: string, reason: string): void {
@@ -409,6 +429,7 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
       e.status = 'disabled';
       e.error = `${ErrorCodes.PLUGIN_DISABLED}: ${reason}`;
       this.db.setStatus(e.id, 'disabled', e.error);
+      if (e.parked > 0) this.drainParked(e.id);
     }
     this.emit('module-status', { module, status: 'disabled', error: reason, restarts: this.modules.get(module)?.host.restarts ?? 0 });
   }
@@ -419,18 +440,30 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     const ids = this.byElement.get(event.elementId);
     let batch = this.open;
     if (!batch) {
-      batch = { seqs: [], events: [], items: new Map(), dead: [] };
+      batch = { seqs: [], events: [], items: new Map(), dead: [], parked: [] };
       this.open = batch;
       setImmediate(() => this.flush());
     }
     batch.seqs.push(seq);
     batch.events.push(event);
     if (!ids) return;
-    const pe: PolicyEvent = { type: event.type, id: event.id, ts: event.ts, elementId: event.elementId, payload: event.payload };
+    const pe = toPolicyEvent(event);
     for (const id of ids) {
       const e = this.embots.get(id)!;
-      if (e.status !== 'running') {
+      if (e.status === 'quarantined' || e.status === 'disabled') {
         batch.dead.push({ embotId: id, event, reason: e.error ?? `embot is ${e.status}` });
+        continue;
+      }
+      if (e.status === 'unloaded' || e.parked > 0) {
+        // Its module is not loaded, or events wait for it from when it was not: this one waits
+        // behind them, so the embot still sees every event, in order.
+        const max = this.opts.maxParkedPerEmbot ?? MAX_PARKED_PER_EMBOT;
+        if (e.parked >= max) {
+          batch.dead.push({ embotId: id, event, reason: `${max} events already wait for module ${e.module} to load` });
+        } else {
+          e.parked++;
+          batch.parked.push({ embotId: id, event });
+        }
         continue;
       }
       let items = batch.items.get(e.module);
@@ -482,13 +515,79 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
     this.opts.store.transaction(() => {
       for (const o of outcomes) this.applyOutcome(o, now);
       for (const d of batch.dead) this.db.deadLetter(d.embotId, d.event, d.reason, now);
+      for (const p of batch.parked) this.db.park(p.embotId, p.event, now);
       this.opts.sensors.complete(batch.seqs);
     });
     this.counters.batches++;
     this.counters.processed += batch.events.length;
     this.counters.deadLettered += batch.dead.length;
+    this.counters.parked += batch.parked.length;
     this.emit('processed', batch.events);
     for (const o of outcomes) this.runOutbox(o);
+    // Parked while its module loaded (or while older events waited): deliver them now.
+    for (const id of new Set(batch.parked.map((p) => p.embotId))) if (this.embots.get(id)?.status !== 'unloaded') this.drainParked(id);
+  }
+
+  // ---- parked events ----
+
+  /**
+   * Delivers an embot's parked events to its module, oldest first, in the commit chain: a batch
+   * committed before this step parked its events already, and one flushed after it parks behind
+   * them until they are all delivered (see deliver), so the embot sees every event in order.
+   */
+  private drainParked(embotId: string): void {
+    if (this.draining.has(embotId) || this.closed) return;
+    this.draining.add(embotId);
+    this.inFlight++;
+    this.commitChain = this.commitChain
+      .then(() => this.drainSteps(embotId))
+      .catch((err: unknown) => {
+        this.emit('log', { embotId, level: 'error', message: `delivering parked events failed: ${describeError(err)}` });
+      })
+      .finally(() => {
+        this.draining.delete(embotId);
+        this.settle();
+      });
+  }
+
+  private async drainSteps(embotId: string): Promise<void> {
+    for (;;) {
+      const e = this.embots.get(embotId);
+      if (e === undefined || this.closed || e.status === 'unloaded') return;
+      const rows = this.db.parked(embotId, PARKED_BATCH);
+      // Parked events not stored yet belong to a batch still to commit, which drains again.
+      if (rows.length === 0) return;
+      const host = e.status === 'running' ? this.modules.get(e.module)?.host : undefined;
+      let outcome: Outcome | undefined;
+      let failed: string | undefined;
+      if (host === undefined) {
+        failed = e.error ?? `embot is ${e.status}`;
+      } else {
+        try {
+          outcome = await host.batch(rows.map((r) => ({ embotId, event: toPolicyEvent(r.event) })));
+          const f = outcome.failures.find((x) => x.embotId === embotId);
+          if (f !== undefined) failed = `${f.error.code}: ${f.error.message}`;
+        } catch (err) {
+          failed = describeError(err);
+        }
+      }
+      this.commitParked(embotId, rows, outcome, failed);
+      if (outcome !== undefined) this.runOutbox(outcome);
+    }
+  }
+
+  /** One transaction: the policies' new states, the delivered events unparked (or dead-lettered with why). */
+  private commitParked(embotId: string, rows: readonly ParkedEvent[], outcome: Outcome | undefined, failed: string | undefined): void {
+    const now = this.now();
+    this.opts.store.transaction(() => {
+      if (outcome !== undefined) this.applyOutcome(outcome, now);
+      if (failed !== undefined) for (const r of rows) this.db.deadLetter(embotId, r.event, failed, now);
+      this.db.unpark(rows);
+    });
+    const live = this.embots.get(embotId);
+    if (live !== undefined) live.parked = Math.max(0, live.parked - rows.length);
+    if (failed !== undefined) this.counters.deadLettered += rows.length;
+    else this.counters.unparked += rows.length;
   }
 
   /** Outcome of a delayed transition or a spawn: commit, then run the outbox. */
@@ -559,6 +658,10 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
       this.emit('log', { embotId: ef.embotId, level: 'error', message: `could not report effect outcome: ${describeError(err)}` });
     }
   }
+}
+
+function toPolicyEvent(event: EmbotEvent): PolicyEvent {
+  return { type: event.type, id: event.id, ts: event.ts, elementId: event.elementId, payload: event.payload };
 }
 
 function rowOf(e: LiveEmbot): EmbotRow {

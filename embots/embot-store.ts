@@ -16,7 +16,13 @@ export interface EmbotRow {
   readonly createdAt: number;
 }
 
-/** The runtime's tables: embots, their policy snapshots (with timers), dead letters. */
+/** An event waiting for its embot's module, as stored. */
+export interface ParkedEvent {
+  readonly seq: number;
+  readonly event: EmbotEvent;
+}
+
+/** The runtime's tables: embots, their policy snapshots (with timers), parked events, dead letters. */
 export class EmbotStore {
   private readonly upsertEmbot: Database.Statement;
   private readonly setStatusStmt: Database.Statement;
@@ -27,6 +33,11 @@ export class EmbotStore {
   private readonly selectAll: Database.Statement<[], RawEmbot>;
   private readonly insertDead: Database.Statement;
   private readonly countDead: Database.Statement<[], { n: number }>;
+  private readonly insertParked: Database.Statement;
+  private readonly selectParked: Database.Statement<[string, number], { seq: number; event: Buffer }>;
+  private readonly deleteParkedStmt: Database.Statement;
+  private readonly countParkedFor: Database.Statement<[string], { n: number }>;
+  private readonly countParked: Database.Statement<[], { n: number }>;
 
   constructor(readonly store: Store) {
     const db = store.db;
@@ -45,6 +56,11 @@ export class EmbotStore {
     this.selectAll = db.prepare('SELECT * FROM embots ORDER BY id');
     this.insertDead = db.prepare('INSERT OR IGNORE INTO dead_letters(id, embot_id, event, reason, at) VALUES (?, ?, ?, ?, ?)');
     this.countDead = db.prepare('SELECT count(*) AS n FROM dead_letters');
+    this.insertParked = db.prepare('INSERT INTO parked_events(embot_id, event, at) VALUES (?, ?, ?)');
+    this.selectParked = db.prepare('SELECT seq, event FROM parked_events WHERE embot_id = ? ORDER BY seq LIMIT ?');
+    this.deleteParkedStmt = db.prepare('DELETE FROM parked_events WHERE seq = ?');
+    this.countParkedFor = db.prepare('SELECT count(*) AS n FROM parked_events WHERE embot_id = ?');
+    this.countParked = db.prepare('SELECT count(*) AS n FROM parked_events');
   }
 
   saveEmbot(row: EmbotRow): void {
@@ -55,7 +71,14 @@ export class EmbotStore {
     this.setStatusStmt.run(status, error ?? null, id);
   }
 
-  deleteEmbot(id: string): void {
+  /** Deletes an embot with its snapshots; events still parked for it become dead letters (they are not dropped). */
+  deleteEmbot(id: string, now: number, reason = 'its embot was removed before its module loaded'): void {
+    for (;;) {
+      const rows = this.parked(id, 1000);
+      if (rows.length === 0) break;
+      for (const r of rows) this.deadLetter(id, r.event, reason, now);
+      this.unpark(rows);
+    }
     this.deleteEmbotStmt.run(id);
   }
 
@@ -86,6 +109,24 @@ export class EmbotStore {
 
   deadLetterCount(): number {
     return this.countDead.get()!.n;
+  }
+
+  park(embotId: string, event: EmbotEvent, now: number): void {
+    this.insertParked.run(embotId, pack(event), now);
+  }
+
+  /** The oldest `limit` events parked for an embot, in the order they were parked. */
+  parked(embotId: string, limit: number): ParkedEvent[] {
+    return this.selectParked.all(embotId, limit).map((r) => ({ seq: r.seq, event: unpack(r.event) as EmbotEvent }));
+  }
+
+  unpark(rows: readonly ParkedEvent[]): void {
+    for (const r of rows) this.deleteParkedStmt.run(r.seq);
+  }
+
+  /** Events parked for one embot, or for all of them. */
+  parkedCount(embotId?: string): number {
+    return embotId === undefined ? this.countParked.get()!.n : this.countParkedFor.get(embotId)!.n;
   }
 }
 

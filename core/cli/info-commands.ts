@@ -38,7 +38,7 @@ export function renderStatus(s: AgentStatus): string {
     ['elements', String(c.elements)],
     ['embots', `${c.embots}${c.quarantinedEmbots > 0 ? ` (${c.quarantinedEmbots} quarantined)` : ''}`],
     ['modules', `${c.modules}${c.modulesWithErrors > 0 ? ` (${c.modulesWithErrors} with errors)` : ''}`],
-    ['events', `${c.queuedEvents} queued, ${c.heldEvents} held, ${c.deadLetters} dead letters`],
+    ['events', `${c.queuedEvents} queued, ${c.heldEvents} held, ${c.parkedEvents} waiting for a module, ${c.deadLetters} dead letters`],
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
   return rows.map(([k, v]) => `${`${k}:`.padEnd(width + 1)}  ${v}`).join('\n') + '\n';

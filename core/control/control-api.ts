@@ -27,6 +27,8 @@ export interface AgentStatus {
     readonly modulesWithErrors: number;
     readonly queuedEvents: number;
     readonly heldEvents: number;
+    /** Events waiting for an embot's module to load (safe mode, a module not in the plugins folder). */
+    readonly parkedEvents: number;
     readonly deadLetters: number;
   };
 }

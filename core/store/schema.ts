@@ -133,6 +133,18 @@ export const MIGRATIONS: readonly string[] = [
     bytes BLOB NOT NULL
   );
   `,
+  `
+  -- Events for an embot whose module is not loaded (safe mode, a module not yet or no longer in
+  -- the plugins folder): they wait here, in arrival order, and are delivered when the module loads,
+  -- before any newer event of that embot.
+  CREATE TABLE parked_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    embot_id TEXT NOT NULL,
+    event BLOB NOT NULL,
+    at INTEGER NOT NULL
+  );
+  CREATE INDEX parked_events_embot ON parked_events(embot_id, seq);
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

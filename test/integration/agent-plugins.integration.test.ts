@@ -76,4 +76,32 @@ describe('plugins in a running agent', () => {
     await a.client.createVm({ name: 'vm1', memory: 1 << 20 });
     expect(await a.client.listEmbots()).toHaveLength(0);
   });
+
+  it('keeps the events of plugin embots through a --safe run and delivers them when the plugin is back', async () => {
+    const box = makeSandbox([{ from: 'fixture', name: 'counter' }]);
+    const counted = async (a: AgentProcess): Promise<number | undefined> =>
+      ((await a.client.listEmbots()).find((e) => e.id === 'counter/counter/vm:vm1')?.policies[0]?.context as { count?: number } | undefined)?.count;
+    const a1 = await AgentProcess.start({ name: 's', dataDir: box.dataDir('s'), pluginsDir: box.pluginsDir });
+    agents.push(a1);
+    await waitFor(async () => (await a1.client.listPlugins()).some((p) => p.name === 'counter' && p.status === 'loaded'), 10_000, 'counter loaded');
+    await a1.client.createVm({ name: 'vm1', memory: 1 << 20 });
+    await a1.client.emitEvent({ elementId: 'vm:vm1', type: 'TICK', payload: { seq: 0 } });
+    await waitFor(async () => (await counted(a1)) === 1, 5000, 'first tick counted');
+    await a1.stop();
+
+    const a2 = await AgentProcess.start({ name: 's', dataDir: box.dataDir('s'), pluginsDir: box.pluginsDir, extraArgs: ['--safe'] });
+    agents.push(a2);
+    for (const seq of [1, 2, 3]) await a2.client.emitEvent({ elementId: 'vm:vm1', type: 'TICK', payload: { seq } });
+    await waitFor(async () => (await a2.client.status()).counts.parkedEvents === 3, 5000, 'three events waiting for the module');
+    expect((await a2.client.status()).counts.deadLetters).toBe(0);
+    expect((await a2.client.listEmbots()).find((e) => e.id === 'counter/counter/vm:vm1')?.status).toBe('unloaded');
+    await a2.stop();
+
+    const a3 = await AgentProcess.start({ name: 's', dataDir: box.dataDir('s'), pluginsDir: box.pluginsDir });
+    agents.push(a3);
+    await waitFor(async () => (await counted(a3)) === 4, 10_000, 'the parked ticks counted once the plugin is back');
+    const status = await a3.client.status();
+    expect(status.counts.parkedEvents).toBe(0);
+    expect(status.counts.deadLetters).toBe(0);
+  });
 });

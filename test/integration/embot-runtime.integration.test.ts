@@ -21,11 +21,11 @@ class Rig {
   readonly effectors = new EffectorRegistry();
   readonly runtime: EmbotRuntime;
 
-  constructor(readonly file: string, config: Record<string, Record<string, unknown>> = {}) {
+  constructor(readonly file: string, config: Record<string, Record<string, unknown>> = {}, options: { readonly maxParkedPerEmbot?: number } = {}) {
     this.store = Store.open({ file });
     this.sensors = new SensorService({ host: 'a', store: this.store });
     this.effectors.register(new HypervisorEffector(this.driver));
-    this.runtime = new EmbotRuntime({ store: this.store, sensors: this.sensors, effectors: this.effectors, moduleConfig: (m) => config[m], restartWindowMs: 60_000, maxRestarts: 2 });
+    this.runtime = new EmbotRuntime({ store: this.store, sensors: this.sensors, effectors: this.effectors, moduleConfig: (m) => config[m], restartWindowMs: 60_000, maxRestarts: 2, ...options });
   }
 
   async close(): Promise<void> {
@@ -56,8 +56,8 @@ function fixture(name: string): RuntimeModule {
 
 const vm = (name: string) => ({ id: `vm:${name}`, kind: 'vm', scope: [`vm:${name}`] });
 const rigs: Rig[] = [];
-function rig(file: string, config?: Record<string, Record<string, unknown>>): Rig {
-  const r = new Rig(file, config);
+function rig(file: string, config?: Record<string, Record<string, unknown>>, options?: { readonly maxParkedPerEmbot?: number }): Rig {
+  const r = new Rig(file, config, options);
   rigs.push(r);
   return r;
 }
@@ -185,5 +185,109 @@ describe('embot runtime', () => {
     await waitFor(() => outcomes.length > 0, 3000, 'effect outcome');
     expect(outcomes[0]).toBe('EFFECT_DONE');
     expect(r.driver.get('a')?.state).toBe('running');
+  });
+
+  describe('events for an embot whose module is not loaded', () => {
+    const COUNTER = 'counter/counter/vm:a';
+    const tick = (r: Rig, seq: number): Promise<unknown> => r.sensors.emit({ elementId: 'vm:a', type: 'TICK', payload: { seq }, ts: 1_000_000 + seq });
+    const context = async (r: Rig): Promise<{ count: number; lastSeq: number; outOfOrder: number }> => {
+      const { unpack } = await import('msgpackr');
+      const row = r.store.db.prepare('SELECT snapshot FROM policy_snapshots WHERE embot_id = ?').get(COUNTER) as { snapshot: Buffer };
+      return (unpack(row.snapshot) as { context: { count: number; lastSeq: number; outOfOrder: number } }).context;
+    };
+    /** A store whose counter embot processed TICK 0..n-1, closed: the next rig finds it as 'unloaded'. */
+    const seeded = async (n: number): Promise<string> => {
+      const file = tmpFile();
+      const r = rig(file);
+      await r.runtime.loadModule(fixture('counter'));
+      await r.runtime.attach(vm('a'));
+      await Promise.all(Array.from({ length: n }, (_, i) => tick(r, i)));
+      await r.settle();
+      await r.close();
+      rigs.splice(rigs.indexOf(r), 1);
+      return file;
+    };
+
+    it('wait, across a restart, and reach it first and in order once it loads, with events that arrive meanwhile', async () => {
+      const file = await seeded(10);
+      // Safe mode, in effect: the embot is known from the store, its module is not loaded.
+      const r1 = rig(file);
+      await r1.runtime.attach(vm('a')); // as the agent attaches every element at start, modules or not
+      expect(r1.runtime.get(COUNTER)?.status).toBe('unloaded');
+      await Promise.all(Array.from({ length: 3000 }, (_, i) => tick(r1, 10 + i)));
+      await r1.settle();
+      expect(r1.runtime.parkedCount()).toBe(3000);
+      expect(r1.runtime.deadLetterCount()).toBe(0);
+      expect((r1.store.db.prepare('SELECT count(*) AS n FROM events').get() as { n: number }).n).toBe(0);
+      await r1.close();
+      rigs.splice(rigs.indexOf(r1), 1);
+
+      const r2 = rig(file);
+      await r2.runtime.attach(vm('a'));
+      expect(r2.runtime.parkedCount()).toBe(3000);
+      await Promise.all(Array.from({ length: 200 }, (_, i) => tick(r2, 3010 + i)));
+      // Events that come once the embot runs again, while its 3,200 parked events are still being
+      // delivered (1000 per batch): they must queue behind them.
+      const during: Promise<unknown>[] = [];
+      r2.runtime.once('embot-created', () => {
+        for (let i = 0; i < 1000; i++) during.push(tick(r2, 3210 + i));
+      });
+      await r2.runtime.loadModule(fixture('counter'));
+      expect(during).toHaveLength(1000);
+      await Promise.all(during);
+      await r2.settle();
+      expect(r2.runtime.get(COUNTER)?.status).toBe('running');
+      expect(await context(r2)).toMatchObject({ count: 4210, lastSeq: 4209, outOfOrder: 0 });
+      expect(r2.runtime.parkedCount()).toBe(0);
+      expect(r2.runtime.deadLetterCount()).toBe(0);
+      expect(r2.runtime.counters.unparked).toBeGreaterThanOrEqual(3200);
+      // And afterwards events go straight to the embot again.
+      const parkedBefore = r2.runtime.counters.parked;
+      await tick(r2, 4210);
+      await r2.settle();
+      expect((await context(r2)).lastSeq).toBe(4210);
+      expect(r2.runtime.counters.parked).toBe(parkedBefore);
+    });
+
+    it('become dead letters, with why, when the embot cannot take them', async () => {
+      const file = tmpFile();
+      const r1 = rig(file);
+      await r1.runtime.loadModule(fixture('throwing'));
+      await r1.runtime.attach(vm('a'));
+      await r1.settle();
+      await r1.close();
+      rigs.splice(rigs.indexOf(r1), 1);
+
+      const r2 = rig(file, undefined, { maxParkedPerEmbot: 3 });
+      await r2.runtime.attach(vm('a'));
+      for (const type of ['NOTHING', 'BOOM', 'NOTHING', 'NOTHING', 'NOTHING']) await r2.sensors.emit({ elementId: 'vm:a', type, payload: null });
+      await r2.settle();
+      // Past the cap, newer events are dead letters at once.
+      expect(r2.runtime.parkedCount()).toBe(3);
+      const reasons = (): string[] => (r2.store.db.prepare('SELECT reason FROM dead_letters ORDER BY at, id').all() as { reason: string }[]).map((x) => x.reason);
+      expect(reasons()).toEqual(['3 events already wait for module throwing to load', '3 events already wait for module throwing to load']);
+      // The module loads; the parked BOOM quarantines the embot, and its batch goes to dead letters.
+      await r2.runtime.loadModule(fixture('throwing'));
+      await r2.settle();
+      await waitFor(() => r2.runtime.get('throwing/thrower/vm:a')?.status === 'quarantined', 3000, 'quarantine');
+      await r2.settle();
+      expect(r2.runtime.parkedCount()).toBe(0);
+      expect(r2.runtime.deadLetterCount()).toBe(5);
+      expect(reasons().filter((x) => x.includes('boom from plugin'))).toHaveLength(3);
+    });
+
+    it('become dead letters when the embot is removed before its module loads', async () => {
+      const file = await seeded(1);
+      const r = rig(file);
+      await tick(r, 1);
+      await tick(r, 2);
+      await r.settle();
+      expect(r.runtime.parkedCount()).toBe(2);
+      await r.runtime.attach(vm('a'));
+      await r.runtime.detach('vm:a');
+      expect(r.runtime.parkedCount()).toBe(0);
+      expect(r.runtime.deadLetterCount()).toBe(2);
+      expect(r.runtime.get(COUNTER)).toBeUndefined();
+    });
   });
 });

@@ -24,7 +24,7 @@ function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
     dataDir: './data',
     pluginsDir: './plugins',
     control: { host: '127.0.0.1', port: 1 },
-    counts: { vms: driver.list().length, elements: 0, embots: 1, quarantinedEmbots: 1, modules: 1, modulesWithErrors: 0, queuedEvents: 0, heldEvents: 0, deadLetters: 0 },
+    counts: { vms: driver.list().length, elements: 0, embots: 1, quarantinedEmbots: 1, modules: 1, modulesWithErrors: 0, queuedEvents: 0, heldEvents: 0, parkedEvents: 0, deadLetters: 0 },
   });
   return {
     status,

@@ -32,7 +32,7 @@ class SimBackedControl implements AgentControl {
       dataDir: '/tmp/x',
       pluginsDir: '/tmp/p',
       control: { host: '127.0.0.1', port: 0 },
-      counts: { vms: this.driver.list().length, elements: 0, embots: 1, quarantinedEmbots: 0, modules: 1, modulesWithErrors: 0, queuedEvents: 0, heldEvents: 0, deadLetters: 0 },
+      counts: { vms: this.driver.list().length, elements: 0, embots: 1, quarantinedEmbots: 0, modules: 1, modulesWithErrors: 0, queuedEvents: 0, heldEvents: 0, parkedEvents: 0, deadLetters: 0 },
     };
   }
   listVms() {
