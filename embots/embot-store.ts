@@ -73,13 +73,15 @@ export class EmbotStore {
 
   /** Deletes an embot with its snapshots; events still parked for it become dead letters (they are not dropped). */
   deleteEmbot(id: string, now: number, reason = 'its embot was removed before its module loaded'): void {
-    for (;;) {
-      const rows = this.parked(id, 1000);
-      if (rows.length === 0) break;
-      for (const r of rows) this.deadLetter(id, r.event, reason, now);
-      this.unpark(rows);
-    }
-    this.deleteEmbotStmt.run(id);
+    this.store.transaction(() => {
+      for (;;) {
+        const rows = this.parked(id, 1000);
+        if (rows.length === 0) break;
+        for (const r of rows) this.deadLetter(id, r.event, reason, now);
+        this.unpark(rows);
+      }
+      this.deleteEmbotStmt.run(id);
+    });
   }
 
   getEmbot(id: string): EmbotRow | undefined {

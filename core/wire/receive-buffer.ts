@@ -2,9 +2,8 @@
  * One reused receive buffer for the large messages of a data path.
  *
  * ws assembles a message that spans several socket reads into a fresh Buffer of its size: for
- * the data plane that is a new 1 MiB ArrayBuffer per page batch. V8 counts every one as external
- * memory and answers the churn with a scavenge every few tens of MB and near-continuous
- * concurrent marking, on the core the sending agent needs. Measured across two processes (A/B
+ * the data plane that is a new 1 MiB ArrayBuffer per page batch, which V8 counts as external
+ * memory and answers with a scavenge every few tens of MB. Measured across two processes (A/B
  * runs of a 512 MiB pre-copy), assembling into one reused buffer instead took ~10 % less CPU on
  * the receiving event loop and moved ~5 % more pages per second; the rest of the churn is the
  * socket's own 64 KiB read buffers, which Node allocates per read.
@@ -67,7 +66,9 @@ export interface ReusedReceiveBuffer {
  * ```ts
  * const reuse = reuseReceiveBuffer(ws);
  * ws.on('message', (data: Buffer) => {
- *   const bytes = reuse?.holds(data) && !readNow ? Buffer.from(data) : data;
+ *   check(data); // synchronous: the view is valid here
+ *   const kept = reuse?.holds(data) ? Buffer.from(data) : data; // what outlives this call is a copy
+ *   setImmediate(() => later(kept));
  * });
  * ```
  */

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 
 const dir = dirname(fileURLToPath(import.meta.url));
 const skip = (why) => {
-  console.warn(`embot: ISA-L crc32 not built (${why}); page batches use @node-rs/crc32. For the faster checksum: apt-get install libisal-dev, then npm rebuild.`);
+  console.warn(`embot: ISA-L crc32 not built (${why}); page batches use @node-rs/crc32. For the faster checksum: apt-get install libisal-dev, then npm run install.`);
   process.exit(0);
 };
 
