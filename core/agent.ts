@@ -11,7 +11,7 @@ import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
 import { describeError, EffectorError, ErrorCodes } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
-import type { AgentControl, AgentStatus, EmbotInfo, PluginInfo, VmChecksum } from './control/control-api.ts';
+import type { AgentControl, AgentStatus, DeadLetter, EmbotInfo, PluginInfo, VmChecksum } from './control/control-api.ts';
 import { createHash } from 'node:crypto';
 import { startControlServer } from './control/server.ts';
 import { SensorService } from '../sensors/sensor-service.ts';
@@ -436,6 +436,10 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
   emitEvent(input: EmbotEventInput): Promise<EmbotEvent> {
     return this.sensors.emit({ ...input, source: input.source ?? 'control' });
+  }
+
+  listDeadLetters(opts: { limit: number }): readonly DeadLetter[] {
+    return this.runtime.deadLetters(opts.limit);
   }
 
   listEvents(opts: { limit: number }): readonly EmbotEvent[] {

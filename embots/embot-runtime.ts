@@ -4,7 +4,7 @@ import type { EmbotEvent } from '../core/events.ts';
 import type { Store } from '../core/store/store.ts';
 import type { Manifest } from '../core/plugins/manifest.ts';
 import type { PolicyEvent } from './policy-api.ts';
-import { EmbotStore, type EmbotRow, type EmbotStatus, type ParkedEvent } from './embot-store.ts';
+import { EmbotStore, type DeadLetter, type EmbotRow, type EmbotStatus, type ParkedEvent } from './embot-store.ts';
 import { EmitBudget } from './emit-budget.ts';
 import { ModuleHost } from './module-host.ts';
 import type { BatchItem, EffectRequest, EmbotSpawn, EmitRequest, Outcome, PolicyState } from './worker/worker-protocol.ts';
@@ -296,6 +296,11 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
 
   deadLetterCount(): number {
     return this.db.deadLetterCount();
+  }
+
+  /** The newest `limit` dead letters (events an embot could not take, with why), newest last. */
+  deadLetters(limit: number): DeadLetter[] {
+    return this.db.deadLetters(limit);
   }
 
   /** Events stored for embots whose module is not loaded, waiting for it. */

@@ -16,6 +16,15 @@ export interface EmbotRow {
   readonly createdAt: number;
 }
 
+/** An event an embot could not take, kept with why. */
+export interface DeadLetter {
+  readonly embotId: string;
+  readonly event: EmbotEvent;
+  readonly reason: string;
+  /** When it became a dead letter, ms since epoch. */
+  readonly at: number;
+}
+
 /** An event waiting for its embot's module, as stored. */
 export interface ParkedEvent {
   readonly seq: number;
@@ -33,6 +42,7 @@ export class EmbotStore {
   private readonly selectAll: Database.Statement<[], RawEmbot>;
   private readonly insertDead: Database.Statement;
   private readonly countDead: Database.Statement<[], { n: number }>;
+  private readonly selectDead: Database.Statement<[number], { embot_id: string; event: Buffer; reason: string; at: number }>;
   private readonly insertParked: Database.Statement;
   private readonly selectParked: Database.Statement<[string, number], { seq: number; event: Buffer }>;
   private readonly deleteParkedStmt: Database.Statement;
@@ -56,6 +66,7 @@ export class EmbotStore {
     this.selectAll = db.prepare('SELECT * FROM embots ORDER BY id');
     this.insertDead = db.prepare('INSERT OR IGNORE INTO dead_letters(id, embot_id, event, reason, at) VALUES (?, ?, ?, ?, ?)');
     this.countDead = db.prepare('SELECT count(*) AS n FROM dead_letters');
+    this.selectDead = db.prepare('SELECT embot_id, event, reason, at FROM dead_letters ORDER BY at DESC, rowid DESC LIMIT ?');
     this.insertParked = db.prepare('INSERT INTO parked_events(embot_id, event, at) VALUES (?, ?, ?)');
     this.selectParked = db.prepare('SELECT seq, event FROM parked_events WHERE embot_id = ? ORDER BY seq LIMIT ?');
     this.deleteParkedStmt = db.prepare('DELETE FROM parked_events WHERE seq = ?');
@@ -111,6 +122,14 @@ export class EmbotStore {
 
   deadLetterCount(): number {
     return this.countDead.get()!.n;
+  }
+
+  /** The newest `limit` dead letters, newest last. */
+  deadLetters(limit: number): DeadLetter[] {
+    return this.selectDead
+      .all(limit)
+      .reverse()
+      .map((r) => ({ embotId: r.embot_id, event: unpack(r.event) as EmbotEvent, reason: r.reason, at: r.at }));
   }
 
   park(embotId: string, event: EmbotEvent, now: number): void {

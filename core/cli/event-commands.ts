@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import type { EmbotEvent } from '../control/control-api.ts';
+import type { DeadLetter, EmbotEvent } from '../control/control-api.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
 import { formatTable, formatTime, formatValue, truncate } from './format.ts';
 import { parseJson, parsePositiveInt } from './parse.ts';
@@ -14,7 +14,7 @@ interface EmitFlags extends ClientFlags {
 
 /** `embot events emit|list`. */
 export function registerEventCommands(program: Command, ctx: CliContext): void {
-  const events = program.command('events').description('emit events into the sensor service, list recent ones');
+  const events = program.command('events').description('emit events into the sensor service, list recent ones and dead letters');
 
   clientOptions(
     events
@@ -47,6 +47,25 @@ export function registerEventCommands(program: Command, ctx: CliContext): void {
     if (opts.json) ctx.json(list);
     else ctx.out(renderEvents(list));
   });
+
+  clientOptions(
+    events
+      .command('dead')
+      .description('dead letters: events an embot could not take (quarantined, disabled, too many waiting for its module), with why; newest last')
+      .option('--limit <n>', 'how many (default 50)', parsePositiveInt),
+  ).action(async (opts: ClientFlags & { readonly limit?: number }) => {
+    const list = await ctx.client(opts).listDeadLetters(opts.limit === undefined ? {} : { limit: opts.limit });
+    if (opts.json) ctx.json(list);
+    else ctx.out(renderDeadLetters(list));
+  });
+}
+
+export function renderDeadLetters(letters: readonly DeadLetter[]): string {
+  if (letters.length === 0) return 'no dead letters\n';
+  return formatTable(
+    ['AT', 'EMBOT', 'EVENT', 'TYPE', 'ELEMENT', 'REASON'],
+    letters.map((d) => [formatTime(d.at), d.embotId, d.event.id, d.event.type, d.event.elementId, truncate(d.reason, 80)]),
+  );
 }
 
 export function renderEvents(events: readonly EmbotEvent[]): string {

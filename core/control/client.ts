@@ -3,6 +3,7 @@ import {
   DEFAULT_MIGRATION_WAIT_MS,
   type AgentStatus,
   type CreateVmRequest,
+  type DeadLetter,
   type EmbotEvent,
   type EmbotEventInput,
   type EmbotInfo,
@@ -97,6 +98,10 @@ export class ControlClient {
 
   listEvents(opts: { readonly limit?: number } = {}): Promise<EmbotEvent[]> {
     return this.request('GET', opts.limit === undefined ? '/v1/events' : `/v1/events?limit=${opts.limit}`);
+  }
+
+  listDeadLetters(opts: { readonly limit?: number } = {}): Promise<DeadLetter[]> {
+    return this.request('GET', opts.limit === undefined ? '/v1/events/dead' : `/v1/events/dead?limit=${opts.limit}`);
   }
 
   /** Starts a migration of `vm` to peer `to`; resolves with its id as soon as it is under way. */

@@ -36,7 +36,8 @@ export interface AgentStatus {
 // Embots are described by the runtime that runs them; the API shows them as they are.
 import type { EmbotInfo } from '../../embots/embot-runtime.ts';
 export type { EmbotInfo, PolicyView as PolicyInfo } from '../../embots/embot-runtime.ts';
-export type { EmbotStatus } from '../../embots/embot-store.ts';
+export type { DeadLetter, EmbotStatus } from '../../embots/embot-store.ts';
+import type { DeadLetter } from '../../embots/embot-store.ts';
 
 export type PluginStatus = 'loaded' | 'error' | 'disabled' | 'quarantined' | 'unloaded';
 
@@ -116,6 +117,8 @@ export interface AgentControl {
   emitEvent(input: EmbotEventInput): Promise<EmbotEvent>;
   /** Recent processed events, newest last. */
   listEvents(opts: { readonly limit: number }): readonly EmbotEvent[];
+  /** The newest dead letters (events an embot could not take, with why), newest last. */
+  listDeadLetters(opts: { readonly limit: number }): readonly DeadLetter[];
   /**
    * Starts moving VM `vm` and its management to peer `to`; returns at once with the migration id.
    * Throws `PEER_UNKNOWN`, `VM_UNKNOWN`, `VM_BAD_STATE` (already migrating) or `CONFIG_INVALID`

@@ -197,6 +197,10 @@ export async function startControlServer(options: ControlServerOptions): Promise
       only('GET');
       return ok(control.listPlugins());
     }
+    if (path.length === 2 && path[0] === 'events' && path[1] === 'dead') {
+      only('GET');
+      return ok(control.listDeadLetters({ limit: parseLimit(url.searchParams.get('limit')) }));
+    }
     if (path.length === 1 && path[0] === 'events') {
       if (method === 'GET') return ok(control.listEvents({ limit: parseLimit(url.searchParams.get('limit')) }));
       only('POST');
@@ -305,7 +309,7 @@ function badRequest(message: string, details?: Record<string, unknown>): Control
 }
 
 function notFound(path: string): ControlError {
-  return new ControlError(ErrorCodes.CONTROL_NOT_FOUND, `no route ${path} (see GET /v1/status, /v1/vms, /v1/embots, /v1/plugins, /v1/events, /v1/migrations)`);
+  return new ControlError(ErrorCodes.CONTROL_NOT_FOUND, `no route ${path} (see GET /v1/status, /v1/vms, /v1/embots, /v1/plugins, /v1/events, /v1/events/dead, /v1/migrations)`);
 }
 
 function invalidFields(error: z.ZodError): ControlError {

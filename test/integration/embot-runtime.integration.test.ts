@@ -264,7 +264,7 @@ describe('embot runtime', () => {
       await r2.settle();
       // Past the cap, newer events are dead letters at once.
       expect(r2.runtime.parkedCount()).toBe(3);
-      const reasons = (): string[] => (r2.store.db.prepare('SELECT reason FROM dead_letters ORDER BY at, id').all() as { reason: string }[]).map((x) => x.reason);
+      const reasons = (): string[] => r2.runtime.deadLetters(10).map((d) => d.reason);
       expect(reasons()).toEqual(['3 events already wait for module throwing to load', '3 events already wait for module throwing to load']);
       // The module loads; the parked BOOM quarantines the embot, and its batch goes to dead letters.
       await r2.runtime.loadModule(fixture('throwing'));
@@ -274,6 +274,9 @@ describe('embot runtime', () => {
       expect(r2.runtime.parkedCount()).toBe(0);
       expect(r2.runtime.deadLetterCount()).toBe(5);
       expect(reasons().filter((x) => x.includes('boom from plugin'))).toHaveLength(3);
+      // Newest last: the parked batch (NOTHING, BOOM, NOTHING) went to dead letters after the two refused at the cap.
+      expect(r2.runtime.deadLetters(3).map((d) => d.event.type)).toEqual(['NOTHING', 'BOOM', 'NOTHING']);
+      expect(r2.runtime.deadLetters(10).every((d) => d.embotId === 'throwing/thrower/vm:a')).toBe(true);
     });
 
     it('become dead letters when the embot is removed before its module loads', async () => {

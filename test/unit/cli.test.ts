@@ -44,6 +44,8 @@ function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
       return e;
     },
     listEvents: ({ limit }) => events.slice(-limit),
+    listDeadLetters: ({ limit }) =>
+      [{ embotId: 'vm-watchdog/watchdog/vm:web', event: { id: 'cli.dead', ts: 1_700_000_000_000, elementId: 'vm:web', type: 'VM_CRASHED', payload: null }, reason: 'EMBOT_ERR_PLUGIN_THREW: threw in an action', at: 1_700_000_000_500 }].slice(-limit),
     migrate: (_vm, to) => {
       throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'`);
     },
@@ -294,6 +296,17 @@ describe('cli against an agent', () => {
     expect(events.at(-1)).toMatchObject({ elementId: 'vm:web', type: 'LOAD_HIGH', payload: { load: 0.95 } });
     const list = await run(['events', 'list', '--limit', '1', ...agent]);
     expect(list.stdout).toMatch(/LOAD_HIGH\s+control\s+\{"load":0\.95\}/);
+  });
+
+  it('events dead shows each dead letter with its reason, and --json the records', async () => {
+    const table = await run(['events', 'dead', ...agent]);
+    expect(table.code).toBe(0);
+    expect(table.stdout).toMatch(/^AT\s+EMBOT\s+EVENT\s+TYPE\s+ELEMENT\s+REASON\n/);
+    expect(table.stdout).toMatch(/vm-watchdog\/watchdog\/vm:web\s+cli\.dead\s+VM_CRASHED\s+vm:web\s+EMBOT_ERR_PLUGIN_THREW: threw in an action/);
+    const json = await run(['events', 'dead', '--json', ...agent]);
+    expect(JSON.parse(json.stdout)).toEqual([expect.objectContaining({ embotId: 'vm-watchdog/watchdog/vm:web', reason: 'EMBOT_ERR_PLUGIN_THREW: threw in an action' })]);
+    const bad = await run(['events', 'dead', '--limit', 'zero', ...agent]);
+    expect(bad.code).toBe(2);
   });
 });
 

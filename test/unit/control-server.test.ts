@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { request as httpRequest } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ControlClient } from '../../core/control/client.ts';
-import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput, EmbotInfo, MigrationInfo, MigrationSummary, PluginInfo } from '../../core/control/control-api.ts';
+import type { AgentControl, AgentStatus, DeadLetter, EmbotEvent, EmbotEventInput, EmbotInfo, MigrationInfo, MigrationSummary, PluginInfo } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, ControlError, ErrorCodes, EffectorError, EventError, isEmbotError } from '../../core/errors.ts';
 import { createLogger } from '../../core/logger.ts';
@@ -75,6 +75,10 @@ class SimBackedControl implements AgentControl {
   }
   listEvents(opts: { limit: number }) {
     return this.events.slice(-opts.limit);
+  }
+  readonly dead: DeadLetter[] = [];
+  listDeadLetters(opts: { limit: number }) {
+    return this.dead.slice(-opts.limit);
   }
 
   // Migrations: a test double that runs until the test calls finishMigration().
@@ -493,6 +497,20 @@ describe('ControlClient', () => {
     await client.vmAction('cli-vm', 'stop');
     const ev = await client.emitEvent({ elementId: 'vm:cli-vm', type: 'HELLO' });
     expect((await client.listEvents({ limit: 1 }))[0]).toEqual(ev);
+  });
+
+  it('lists dead letters, newest last, bounded by limit; a bad limit is a 400', async () => {
+    const client = new ControlClient(server.url);
+    const letter = (n: number): DeadLetter => ({ embotId: 'm/t/vm:a', event: { id: `d.${n}`, ts: n, elementId: 'vm:a', type: 'TICK', payload: null }, reason: `reason ${n}`, at: 1000 + n });
+    control.dead.push(letter(1), letter(2), letter(3));
+    expect(await client.listDeadLetters({ limit: 2 })).toEqual([letter(2), letter(3)]);
+    expect(await client.listDeadLetters()).toHaveLength(3);
+    for (const bad of ['0', 'x', '-1', '1e3']) {
+      const r = await fetch(`${server.url}/v1/events/dead?limit=${bad}`);
+      expect(r.status).toBe(400);
+      expect(((await r.json()) as { error: { code: string } }).error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    }
+    expect((await fetch(`${server.url}/v1/events/dead`, { method: 'POST' })).status).toBe(405);
   });
 
   it('an agent that is not running gives CONTROL_UNREACHABLE with a helpful message', async () => {

@@ -88,6 +88,9 @@ class ScriptedControl implements AgentControl {
   listEvents() {
     return [];
   }
+  listDeadLetters() {
+    return [];
+  }
   migrate(vm: string, to: string): { readonly id: string } {
     this.migrateCalls++;
     if (to !== 'b') throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: b`);
