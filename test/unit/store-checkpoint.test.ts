@@ -24,16 +24,25 @@ function open(options: { checkpointIdleMs?: number; checkpointMaxWalBytes?: numb
   return store;
 }
 
-/** Rows of `t` in the main database file alone: what checkpoints have copied out of the WAL. */
+/**
+ * Rows of `t` in the main database file alone: what checkpoints have copied out of the WAL. A
+ * checkpoint thread may be writing the file while it is copied, and a copy taken halfway reads as
+ * malformed: that is the copy's fault, not the store's, so it is taken again.
+ */
 function rowsInMainFile(store: Store): number {
-  const copy = path.join(path.dirname(store.file), `main-only-${Math.random().toString(36).slice(2)}.sqlite`);
-  fs.copyFileSync(store.file, copy);
-  const db = new Database(copy, { readonly: true });
-  try {
-    return (db.prepare('SELECT count(*) AS n FROM t').get() as { n: number }).n;
-  } finally {
-    db.close();
-    fs.rmSync(copy, { force: true });
+  for (let attempt = 1; ; attempt++) {
+    const copy = path.join(path.dirname(store.file), `main-only-${Math.random().toString(36).slice(2)}.sqlite`);
+    fs.copyFileSync(store.file, copy);
+    const db = new Database(copy, { readonly: true });
+    try {
+      return (db.prepare('SELECT count(*) AS n FROM t').get() as { n: number }).n;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (attempt >= 20 || (code !== 'SQLITE_CORRUPT' && code !== 'SQLITE_NOTADB')) throw e;
+    } finally {
+      db.close();
+      fs.rmSync(copy, { force: true });
+    }
   }
 }
 
