@@ -33,14 +33,15 @@ function rowsInMainFile(store: Store): number {
   for (let attempt = 1; ; attempt++) {
     const copy = path.join(path.dirname(store.file), `main-only-${Math.random().toString(36).slice(2)}.sqlite`);
     fs.copyFileSync(store.file, copy);
-    const db = new Database(copy, { readonly: true });
+    let db: Database.Database | undefined;
     try {
+      db = new Database(copy, { readonly: true });
       return (db.prepare('SELECT count(*) AS n FROM t').get() as { n: number }).n;
     } catch (e) {
       const code = (e as { code?: string }).code;
       if (attempt >= 20 || (code !== 'SQLITE_CORRUPT' && code !== 'SQLITE_NOTADB')) throw e;
     } finally {
-      db.close();
+      db?.close();
       fs.rmSync(copy, { force: true });
     }
   }
