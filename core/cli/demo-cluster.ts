@@ -1,9 +1,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, cpSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freeLoopbackPort } from './free-port.ts';
 import { ControlError, ErrorCodes } from '../errors.ts';
 import { ControlClient } from '../control/client.ts';
 
@@ -37,18 +37,6 @@ export interface DemoClusterOptions {
   readonly readyTimeoutMs?: number;
   /** Stops waiting for ready lines when it aborts. */
   readonly signal?: AbortSignal;
-}
-
-/** A free TCP port on loopback (bound, then released, so a peer URL can be written into the configs up front). */
-export function freeLoopbackPort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, LOOPBACK, () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
 }
 
 /**

@@ -1,9 +1,8 @@
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { createSocket } from 'node:dgram';
-import { createServer } from 'node:net';
+import { cpSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { freeLoopbackPort } from '../../core/cli/free-port.ts';
 import { AgentProcess, FIXTURE_PLUGINS, SHIPPED_PLUGINS } from './agent-process.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 
@@ -22,60 +21,8 @@ export interface ClusterOptions {
   readonly env?: (name: string) => Record<string, string>;
 }
 
-/** Whether `port` on 127.0.0.1 can be bound now, for TCP and for UDP (a VM's UDP service uses one too). */
-function canListen(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = createServer();
-    s.once('error', () => resolve(false));
-    s.listen(port, '127.0.0.1', () => {
-      s.close(() => {
-        const u = createSocket('udp4');
-        u.once('error', () => {
-          u.close();
-          resolve(false);
-        });
-        u.bind(port, '127.0.0.1', () => u.close(() => resolve(true)));
-      });
-    });
-  });
-}
-
-/** The start of the kernel's ephemeral range: ports it hands out as the local end of outgoing connections. */
-function ephemeralStart(): number {
-  try {
-    return Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32768;
-  } catch {
-    return 32768;
-  }
-}
-
-const handedOut = new Set<number>();
-
-/**
- * A free port on 127.0.0.1 for an agent to listen on later (peers must know it in advance, and a
- * restarted agent takes it again). It is picked below the ephemeral range: a port from `listen(0)`
- * comes from that range, and any outgoing loopback connection of a test running alongside could
- * take it as its local port before the agent binds it (seen as EADDRINUSE under load).
- */
-export async function freePort(): Promise<number> {
-  const top = Math.min(ephemeralStart(), 32768);
-  const bottom = 20000;
-  for (let attempt = 0; attempt < 500 && top - bottom > 1000; attempt++) {
-    const port = bottom + Math.floor(Math.random() * (top - bottom));
-    if (handedOut.has(port)) continue;
-    handedOut.add(port);
-    if (await canListen(port)) return port;
-  }
-  // No room below the ephemeral range on this machine: a port the kernel picks, released.
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
+/** A free port on 127.0.0.1 for an agent to listen on later (see core/cli/free-port.ts). */
+export const freePort = (): Promise<number> => freeLoopbackPort();
 
 /**
  * N real agents as child processes on loopback, each with its own SQLite file and plugins
