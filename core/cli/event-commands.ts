@@ -37,34 +37,22 @@ export function registerEventCommands(program: Command, ctx: CliContext): void {
     else ctx.out(`journaled event ${event.id} (${event.type} for ${event.elementId})`);
   });
 
-  clientOptions(
-    events
-      .command('list')
-      .description('recent processed events, newest last')
-      .option('--limit <n>', 'how many (default 50)', parsePositiveInt),
-  ).action(async (opts: ClientFlags & { readonly limit?: number }) => {
-    const list = await ctx.client(opts).listEvents(opts.limit === undefined ? {} : { limit: opts.limit });
-    if (opts.json) ctx.json(list);
-    else ctx.out(renderEvents(list));
-  });
-
-  clientOptions(
-    events
-      .command('dead')
-      .description('dead letters: events an embot could not take (quarantined, disabled, too many waiting for its module), with why; newest last')
-      .option('--limit <n>', 'how many (default 50)', parsePositiveInt),
-  ).action(async (opts: ClientFlags & { readonly limit?: number }) => {
-    const list = await ctx.client(opts).listDeadLetters(opts.limit === undefined ? {} : { limit: opts.limit });
-    if (opts.json) ctx.json(list);
-    else ctx.out(renderDeadLetters(list));
-  });
-}
-
-export function renderDeadLetters(letters: readonly DeadLetter[]): string {
-  if (letters.length === 0) return 'no dead letters\n';
-  return formatTable(
-    ['AT', 'EMBOT', 'EVENT', 'TYPE', 'ELEMENT', 'REASON'],
-    letters.map((d) => [formatTime(d.at), d.embotId, d.event.id, d.event.type, d.event.elementId, truncate(d.reason, 80)]),
+  /** A read command with --limit: the newest N records, newest last, as a table or --json. */
+  const listing = <T>(name: string, description: string, fetch: (opts: ClientFlags, limit: { readonly limit?: number }) => Promise<T[]>, render: (rows: readonly T[]) => string): void => {
+    clientOptions(events.command(name).description(description).option('--limit <n>', 'how many (default 50)', parsePositiveInt)).action(
+      async (opts: ClientFlags & { readonly limit?: number }) => {
+        const list = await fetch(opts, opts.limit === undefined ? {} : { limit: opts.limit });
+        if (opts.json) ctx.json(list);
+        else ctx.out(render(list));
+      },
+    );
+  };
+  listing('list', 'recent processed events, newest last', (opts, limit) => ctx.client(opts).listEvents(limit), renderEvents);
+  listing(
+    'dead',
+    'dead letters: events an embot could not take (quarantined, disabled, too many waiting for its module), with why; newest last',
+    (opts, limit) => ctx.client(opts).listDeadLetters(limit),
+    renderDeadLetters,
   );
 }
 
@@ -73,5 +61,13 @@ export function renderEvents(events: readonly EmbotEvent[]): string {
   return formatTable(
     ['TIME', 'ID', 'ELEMENT', 'TYPE', 'SOURCE', 'PAYLOAD'],
     events.map((e) => [formatTime(e.ts), e.id, e.elementId, e.type, e.source ?? '', truncate(formatValue(e.payload), 60)]),
+  );
+}
+
+export function renderDeadLetters(letters: readonly DeadLetter[]): string {
+  if (letters.length === 0) return 'no dead letters\n';
+  return formatTable(
+    ['AT', 'EMBOT', 'EVENT', 'TYPE', 'ELEMENT', 'REASON'],
+    letters.map((d) => [formatTime(d.at), d.embotId, d.event.id, d.event.type, d.event.elementId, truncate(d.reason, 80)]),
   );
 }

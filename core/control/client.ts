@@ -18,6 +18,9 @@ import {
 
 const KNOWN_CODES = new Set<string>(Object.values(ErrorCodes));
 
+/** `path` with `?limit=N` when a limit is given (the server applies its default otherwise). */
+const withLimit = (path: string, limit: number | undefined): string => (limit === undefined ? path : `${path}?limit=${limit}`);
+
 /** Extra time a long-poll gets beyond the server's own bound before the client gives up. */
 const WAIT_SLACK_MS = 5_000;
 
@@ -97,11 +100,11 @@ export class ControlClient {
   }
 
   listEvents(opts: { readonly limit?: number } = {}): Promise<EmbotEvent[]> {
-    return this.request('GET', opts.limit === undefined ? '/v1/events' : `/v1/events?limit=${opts.limit}`);
+    return this.request('GET', withLimit('/v1/events', opts.limit));
   }
 
   listDeadLetters(opts: { readonly limit?: number } = {}): Promise<DeadLetter[]> {
-    return this.request('GET', opts.limit === undefined ? '/v1/events/dead' : `/v1/events/dead?limit=${opts.limit}`);
+    return this.request('GET', withLimit('/v1/events/dead', opts.limit));
   }
 
   /** Starts a migration of `vm` to peer `to`; resolves with its id as soon as it is under way. */
