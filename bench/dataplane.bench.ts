@@ -125,7 +125,7 @@ async function cappedThroughput(k: number, cap: number, seconds: number): Promis
  * wire.bench's pumpRaw; the clock stops when the child's one-byte answer (sent once all bytes
  * arrived) is back here. The CPU of both processes over the timed pump is measured too.
  */
-async function crossRawThroughput(target: DataplaneTarget, messageBytes: number, total: number): Promise<CrossRun> {
+export async function crossRawThroughput(target: DataplaneTarget, messageBytes: number, total: number): Promise<CrossRun> {
   const client = new WebSocket(target.rawUrl, { perMessageDeflate: false, maxPayload: MiB, generateMask: (m: Buffer) => void m.fill(0) });
   await new Promise<void>((r, j) => (client.once('open', () => r()), client.once('error', j)));
   const msg = Buffer.alloc(messageBytes, 0x5a);
@@ -158,14 +158,14 @@ async function crossRawThroughput(target: DataplaneTarget, messageBytes: number,
  * Pre-copy of an idle sim VM (random content) to the child's PageReceiver over one connectPeer
  * path; the memory is verified byte-exact by sha256 (computed in the child) after the clock stops.
  */
-interface CrossRun {
+export interface CrossRun {
   readonly bytesPerSec: number;
   /** CPU time of each end over the migration, as a share of its wall time (1 = one core busy). */
   readonly senderCpu: number;
   readonly receiverCpu: number;
 }
 
-async function crossOnePathThroughput(target: DataplaneTarget, memory: number, migrationId: string, batchBytes?: number): Promise<CrossRun> {
+export async function crossOnePathThroughput(target: DataplaneTarget, memory: number, migrationId: string, batchBytes?: number): Promise<CrossRun> {
   const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
   driver.create({ name: 'vm', memory, dirtyRate: 0 });
   const source = driver.pages('vm').memory;

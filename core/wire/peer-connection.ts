@@ -33,7 +33,7 @@ export const DEFAULT_REQUEST_TIMEOUT_MS = 10_000;
  * Serves one request type; returns the reply without `replyTo`. Throwing an EmbotError sends its code back.
  *
  * A `PageBatch`'s binary fields (`indexes`, `pages`, `cpu`) may be views of a receive buffer the
- * link reuses for the next batch: they are valid during the handler's synchronous part only, so
+ * link reuses for its next socket read or batch: they are valid during the handler's synchronous part only, so
  * a handler copies what it keeps (PageReceiver.apply does, before it returns).
  */
 export type RequestHandler<T extends RequestType> = (frame: RequestOf<T>, conn: PeerConnection) => ReplyBody<T> | Promise<ReplyBody<T>>;
@@ -178,7 +178,7 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
   private readonly fallback: HandlerSource | undefined;
   private readonly pending = new Map<number, Pending>();
   private readonly sendBuffers = new SendBuffers();
-  /** Set once the link carried a PageBatch: from then on its large messages are assembled in one reused buffer. */
+  /** Set once the link carried a PageBatch: from then on its socket reads into one reused buffer and its large messages are assembled in another. */
   private receiveBuffer: ReusedReceiveBuffer | null | undefined;
   private nextReqId = 1;
   /** First error that explains the end of the link: ours (a violation we found) or the peer's Error frame. */

@@ -1,7 +1,10 @@
 import { createHash, randomBytes } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
+import WebSocket, { WebSocketServer } from 'ws';
 import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
+import { READ_BUFFER_BYTES, REUSED_MAX_BYTES, REUSED_MIN_BYTES, reuseReceiveBuffer } from '../../core/wire/receive-buffer.ts';
 import { allPages, batchChecksum, encodeIndexes } from '../../effectors/dataplane/page-batch.ts';
 
 const SECRET = Buffer.from('receive-buffer-cluster-secret-01');
@@ -59,5 +62,153 @@ describe('reused receive buffer on a peer link', () => {
     // The first batch arrived before the link reused anything; all later ones share one buffer.
     expect(pageBuffers.size).toBe(2);
     expect(await state).toEqual({ type: 'ManagementStateSuccess', replyTo: expect.any(Number), migrationId: 'm1' });
+  });
+});
+
+/** A ws server and client on loopback; the server's end reads through the reused buffers. */
+async function wsPair(maxPayload = 64 * MiB): Promise<{ server: WebSocketServer; accepted: WebSocket; client: WebSocket; close(): Promise<void> }> {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false, maxPayload });
+  await new Promise<void>((r) => wss.once('listening', () => r()));
+  const acceptedP = new Promise<WebSocket>((r) => wss.once('connection', r));
+  const client = new WebSocket(`ws://127.0.0.1:${(wss.address() as AddressInfo).port}`, { perMessageDeflate: false, maxPayload });
+  await new Promise<void>((r, j) => (client.once('open', () => r()), client.once('error', j)));
+  const accepted = await acceptedP;
+  return {
+    server: wss,
+    accepted,
+    client,
+    close: async () => {
+      client.terminate();
+      await new Promise<void>((r) => wss.close(() => r()));
+    },
+  };
+}
+
+/** Waits until `cond` holds, polling the event loop. */
+async function until(cond: () => boolean, what: string, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}
+
+describe('socket reads into one reused buffer', () => {
+  it('delivers a mix of sizes, fragments, masks and pings byte-exact and in order', async () => {
+    const pair = await wsPair();
+    try {
+      const reuse = reuseReceiveBuffer(pair.accepted)!;
+      expect(reuse.readsIntoReusedBuffer).toBe(true);
+      const got: string[] = [];
+      const views: Buffer[] = [];
+      pair.accepted.on('message', (data: Buffer) => {
+        got.push(sha(data)); // synchronously, as a page batch handler reads
+        views.push(data);
+      });
+      const pongs: string[] = [];
+      pair.client.on('pong', (d: Buffer) => pongs.push(d.toString('hex')));
+      // Sizes around every boundary: small, the reuse threshold, a read, the largest reused, beyond.
+      const sizes = [10, 1000, REUSED_MIN_BYTES - 1, REUSED_MIN_BYTES, 200 * 1024, READ_BUFFER_BYTES - 20, READ_BUFFER_BYTES, READ_BUFFER_BYTES + 5, 3 * MiB + 1, REUSED_MAX_BYTES, REUSED_MAX_BYTES + 1];
+      const want: string[] = [];
+      const pings: string[] = [];
+      let seed = 0;
+      for (let round = 0; round < 3; round++) {
+        for (const size of sizes) {
+          const body = randomBytes(size);
+          want.push(sha(body));
+          if (seed++ % 4 === 3) {
+            // A fragmented message: three frames, with a ping between two of them.
+            const a = Math.floor(size / 3);
+            pair.client.send(body.subarray(0, a), { fin: false });
+            const ping = randomBytes(1 + (seed % 100));
+            pings.push(ping.toString('hex'));
+            pair.client.ping(ping);
+            pair.client.send(body.subarray(a, 2 * a), { fin: false });
+            pair.client.send(body.subarray(2 * a), { fin: true });
+          } else {
+            pair.client.send(body);
+          }
+        }
+        // Let some reads come back short, with a frame cut anywhere.
+        await sleep(round * 20);
+      }
+      await until(() => got.length === want.length && pongs.length === pings.length, 'every message and pong');
+      expect(got).toEqual(want);
+      expect(pongs).toEqual(pings);
+      // Reused: later reads overwrote earlier views of the read or assembly buffer.
+      expect(views.some((v) => reuse.holds(v))).toBe(true);
+    } finally {
+      await pair.close();
+    }
+  });
+
+  it('pauses and resumes reading as ws asks, losing nothing', async () => {
+    const pair = await wsPair();
+    try {
+      reuseReceiveBuffer(pair.accepted);
+      const got: string[] = [];
+      pair.accepted.on('message', (data: Buffer) => got.push(sha(data)));
+      const want: string[] = [];
+      const send = (n: number): void => {
+        for (let i = 0; i < n; i++) {
+          const body = randomBytes(300 * 1024 + i);
+          want.push(sha(body));
+          pair.client.send(body);
+        }
+      };
+      send(10);
+      await until(() => got.length === 10, 'the first ten');
+      pair.accepted.pause();
+      send(20);
+      await sleep(100);
+      const whilePaused = got.length;
+      pair.accepted.resume();
+      await until(() => got.length === want.length, 'all thirty');
+      expect(whilePaused).toBe(10);
+      expect(got).toEqual(want);
+    } finally {
+      await pair.close();
+    }
+  });
+
+  it('takes over a socket mid-stream, after the first message, with more already in flight', async () => {
+    const pair = await wsPair();
+    try {
+      const got: string[] = [];
+      let reuse: ReturnType<typeof reuseReceiveBuffer>;
+      pair.accepted.on('message', (data: Buffer) => {
+        reuse ??= reuseReceiveBuffer(pair.accepted); // as PeerConnection does on its first page batch
+        got.push(sha(data));
+      });
+      const want: string[] = [];
+      for (let i = 0; i < 40; i++) {
+        const body = randomBytes(i % 2 === 0 ? MiB : 777);
+        want.push(sha(body));
+        pair.client.send(body);
+      }
+      await until(() => got.length === want.length, 'forty messages');
+      expect(got).toEqual(want);
+      expect(reuse!.readsIntoReusedBuffer).toBe(true);
+    } finally {
+      await pair.close();
+    }
+  });
+
+  it('leaves a socket alone that is not in the state it expects', async () => {
+    const pair = await wsPair();
+    try {
+      const socket = (pair.accepted as unknown as { _socket: { on(e: string, f: () => void): void } })._socket;
+      socket.on('data', () => undefined); // someone else reads 'data' events, which user-buffer reads would starve
+      const reuse = reuseReceiveBuffer(pair.accepted)!;
+      expect(reuse.readsIntoReusedBuffer).toBe(false);
+      const got: string[] = [];
+      pair.accepted.on('message', (data: Buffer) => got.push(sha(data)));
+      const body = randomBytes(2 * MiB);
+      pair.client.send(body);
+      await until(() => got.length === 1, 'the message');
+      expect(got).toEqual([sha(body)]);
+    } finally {
+      await pair.close();
+    }
   });
 });
