@@ -19,6 +19,7 @@ import type { AddressInfo } from 'node:net';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { WebSocketServer } from 'ws';
 import { PeerServer } from '../core/wire/index.ts';
+import { reuseReceiveBuffer } from '../core/wire/receive-buffer.ts';
 import { PageReceiver, pageBatchHandler, type PageReceiverStats } from '../effectors/dataplane/index.ts';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
@@ -41,39 +42,49 @@ export interface TargetDigest {
 }
 
 type FromTarget =
-  | { readonly type: 'ready'; readonly peerUrl: string; readonly rawUrl: string }
+  | { readonly type: 'ready'; readonly peerUrl: string; readonly rawUrl: string; readonly rawReusedUrl: string }
   | { readonly type: 'prepared' }
   | { readonly type: 'raw-armed' }
   | ({ readonly type: 'digest' } & TargetDigest)
   | { readonly type: 'cpu'; readonly ms: number }
   | { readonly type: 'failed'; readonly error: string };
 
-/** Raw ws: once `expect` bytes have arrived since the last raw-expect, one byte goes back on the socket. */
+/**
+ * Raw ws: once `expect` bytes have arrived since the last raw-expect, one byte goes back on the
+ * socket. Two raw servers: plain ws (the limit), and one whose connections read through the data
+ * path's reused buffers (core/wire/receive-buffer.ts), to show what that part alone is worth.
+ */
 async function serve(): Promise<void> {
   const send = (m: FromTarget): void => void process.send?.(m);
   process.on('disconnect', () => process.exit(0));
   try {
     const server = await PeerServer.listen({ agent: 'target', secret: DATAPLANE_BENCH_SECRET, listen: '127.0.0.1:0' });
-    const raw = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false, maxPayload: 256 * 1024 * 1024 });
-    await new Promise<void>((r) => raw.once('listening', () => r()));
     let expect = 0;
     let received = 0;
-    raw.on('connection', (ws) => {
-      ws.on('message', (data: Buffer) => {
-        received += data.byteLength;
-        if (expect > 0 && received >= expect) {
-          expect = 0;
-          ws.send(Buffer.alloc(1), { binary: true });
-        }
+    const rawServer = async (reuse: boolean): Promise<WebSocketServer> => {
+      const raw = new WebSocketServer({ host: '127.0.0.1', port: 0, perMessageDeflate: false, maxPayload: 256 * 1024 * 1024 });
+      await new Promise<void>((r) => raw.once('listening', () => r()));
+      raw.on('connection', (ws) => {
+        if (reuse && reuseReceiveBuffer(ws)?.readsIntoReusedBuffer !== true) send({ type: 'failed', error: 'the reused receive buffers could not be installed' });
+        ws.on('message', (data: Buffer) => {
+          received += data.byteLength;
+          if (expect > 0 && received >= expect) {
+            expect = 0;
+            ws.send(Buffer.alloc(1), { binary: true });
+          }
+        });
       });
-    });
+      return raw;
+    };
+    const raw = await rawServer(false);
+    const rawReused = await rawServer(true);
     let receiver: PageReceiver | undefined;
     let unhandle: (() => void) | undefined;
     let cpuAtPrepare = process.cpuUsage();
     process.on('message', (m: ToTarget) => {
       try {
         if (m.type === 'exit') {
-          void Promise.all([server.close(), new Promise<void>((r) => raw.close(() => r()))]).finally(() => process.exit(0));
+          void Promise.all([server.close(), new Promise<void>((r) => raw.close(() => r())), new Promise<void>((r) => rawReused.close(() => r()))]).finally(() => process.exit(0));
         } else if (m.type === 'prepare') {
           unhandle?.();
           receiver = undefined; // let the previous image go before the next is allocated
@@ -102,7 +113,8 @@ async function serve(): Promise<void> {
         send({ type: 'failed', error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
       }
     });
-    send({ type: 'ready', peerUrl: server.url, rawUrl: `ws://127.0.0.1:${(raw.address() as AddressInfo).port}` });
+    const url = (w: WebSocketServer): string => `ws://127.0.0.1:${(w.address() as AddressInfo).port}`;
+    send({ type: 'ready', peerUrl: server.url, rawUrl: url(raw), rawReusedUrl: url(rawReused) });
   } catch (e) {
     send({ type: 'failed', error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
   }
@@ -111,6 +123,8 @@ async function serve(): Promise<void> {
 export interface DataplaneTarget {
   readonly peerUrl: string;
   readonly rawUrl: string;
+  /** The raw server whose connections read through the data path's reused buffers. */
+  readonly rawReusedUrl: string;
   /** A fresh receiver of `memoryBytes` (filled with 1s) behind the PeerServer's PageBatch handler. */
   prepare(memoryBytes: number, pageSize: number): Promise<void>;
   /** Arms the raw server: it answers one byte once `bytes` more have arrived. */
@@ -148,6 +162,7 @@ export async function startDataplaneTarget(): Promise<DataplaneTarget> {
   return {
     peerUrl: ready.peerUrl,
     rawUrl: ready.rawUrl,
+    rawReusedUrl: ready.rawReusedUrl,
     prepare: async (memoryBytes, pageSize) => void (await ask({ type: 'prepare', memoryBytes, pageSize }, 'prepared')),
     rawExpect: async (bytes) => void (await ask({ type: 'raw-expect', bytes }, 'raw-armed')),
     cpuMs: async () => (await ask({ type: 'cpu' }, 'cpu')).ms,
