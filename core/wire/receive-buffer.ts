@@ -221,7 +221,11 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
     const { socket } = sock;
     read = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
     const own = read;
+    const wsListener = socket.listeners('data')[0] as (chunk: Buffer) => void;
     socket[sock.kBufferCb] = (nread: number): boolean => {
+      // ws stops listening once its receiver failed or the close handshake began, and resumes the
+      // socket so that it reads on to the end: the bytes are dropped, as no listener takes them.
+      if (socket.listenerCount('data', wsListener) === 0) return true;
       const view = own.subarray(0, nread);
       // A receiver still busy with an earlier chunk (never, with synchronous events) would keep this one.
       const ok = receiver.write(receiver.writableLength === 0 ? view : Buffer.from(view));

@@ -63,6 +63,49 @@ describe('reused receive buffer on a peer link', () => {
     expect(pageBuffers.size).toBe(2);
     expect(await state).toEqual({ type: 'ManagementStateSuccess', replyTo: expect.any(Number), migrationId: 'm1' });
   });
+
+  it('closes a data link that sends a bad frame or one over the limit, and serves the next link', async () => {
+    server = await PeerServer.listen({ agent: 'target', secret: SECRET, listen: '127.0.0.1:0', maxFrameBytes: 4 * MiB });
+    let batches = 0;
+    server.handle('PageBatch', (frame) => {
+      batches++;
+      return { type: 'PageBatchAck', migrationId: frame.migrationId, ok: batchChecksum(frame.indexes, frame.pages) === frame.checksum };
+    });
+    const indexes = encodeIndexes(allPages(256));
+    const batch = (c: PeerConnection): Promise<unknown> => {
+      const pages = randomBytes(MiB);
+      return c.request({ type: 'PageBatch', migrationId: 'm1', path: 'p0', round: 1, final: false, pageSize: 4096, indexes, pages, checksum: batchChecksum(indexes, pages) });
+    };
+    const socketOf = (c: PeerConnection): import('node:net').Socket => (c as unknown as { ws: { _socket: import('node:net').Socket } }).ws._socket;
+    const bad = [
+      // An unknown opcode (0x3), masked as from a client, in the middle of a stream of batches.
+      Buffer.from([0x83, 0x80, 0, 0, 0, 0]),
+      // A binary frame that announces 5 MiB, over the 4 MiB limit (masked, as from a client).
+      Buffer.concat([Buffer.from([0x82, 0xff]), Buffer.from([0, 0, 0, 0, 0, 0x50, 0, 0]), Buffer.alloc(4), Buffer.alloc(64 * 1024)]),
+    ];
+    const accepted: PeerConnection[] = [];
+    server.on('connection', (sc: PeerConnection) => accepted.push(sc));
+    for (const bytes of bad) {
+      const c = await connectPeer({ url: server.url, agent: 'source', expectedPeer: 'target', secret: SECRET });
+      conn = c;
+      expect(await batch(c)).toMatchObject({ ok: true }); // the link now reads through the reused buffers
+      await batch(c);
+      socketOf(c).write(bytes);
+      const info = await c.closed;
+      expect(info.code).toBe(bytes === bad[0] ? 1002 : 1009);
+      // The target read the link on to its end, as ws does after a bad frame, rather than stop
+      // reading and leave the close to a timer.
+      const serverSide = accepted.at(-1)!;
+      await serverSide.closed;
+      expect(socketOf(serverSide).readableEnded).toBe(true);
+    }
+    // Nothing of the bad links stuck: a new one carries batches as before.
+    const c = await connectPeer({ url: server.url, agent: 'source', expectedPeer: 'target', secret: SECRET });
+    conn = c;
+    const acks = await Promise.all(Array.from({ length: 4 }, () => batch(c)));
+    expect(acks.every((a) => (a as { ok: boolean }).ok)).toBe(true);
+    expect(batches).toBe(2 * bad.length + 4);
+  });
 });
 
 /** A ws server and client on loopback; the server's end reads through the reused buffers. */
