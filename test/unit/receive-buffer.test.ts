@@ -145,7 +145,7 @@ describe('reuseReceiveBuffer', () => {
     expect(reuseReceiveBuffer(renamed.ws)).toBeUndefined();
   });
 
-  it('finds the receiver of a real ws connection (the ws version in the lock)', async () => {
+  it('finds the receiver and the socket of a real ws connection (the ws and Node versions in use)', async () => {
     const { WebSocketServer } = await import('ws');
     const server = new WebSocketServer({ host: '127.0.0.1', port: 0 });
     await new Promise<void>((r) => server.once('listening', () => r()));
@@ -155,7 +155,11 @@ describe('reuseReceiveBuffer', () => {
     try {
       const reuse = reuseReceiveBuffer(await accepted);
       expect(reuse).toBeDefined();
-      expect(reuseReceiveBuffer(client)).toBeDefined();
+      const clientReuse = reuseReceiveBuffer(client);
+      expect(clientReuse).toBeDefined();
+      // And the socket of the Node version in use takes user-buffer reads, on both ends.
+      expect(reuse!.readsIntoReusedBuffer).toBe(true);
+      expect(clientReuse!.readsIntoReusedBuffer).toBe(true);
     } finally {
       client.terminate();
       await new Promise<void>((r) => server.close(() => r()));
