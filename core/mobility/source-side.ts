@@ -21,22 +21,33 @@ function vmSla(host: MobilityHost, vmElement: string): { maxMigrationMs?: number
   return sla && typeof sla === 'object' ? (sla as { maxMigrationMs?: number }) : undefined;
 }
 
+/** Probe batches in flight at once, as pre-copy keeps several per path. */
+const PROBE_WINDOW = 4;
+
 /**
  * Bandwidth of an uncapped path: `bytes` of zero pages sent as PageBatches for a migration id
- * the target does not stage (it refuses them after reading them), timed.
+ * the target does not stage (it refuses them after reading them), timed. One batch goes first,
+ * untimed (a fresh link's first batch also pays for its connection warming up), and the timed
+ * ones are pipelined as pre-copy sends them (one at a time, each waiting for its ack, measured
+ * 417 MB/s on a loopback path that then carried 1.5 GiB/s).
  */
-async function measurePath(conn: PeerConnection, migrationId: string, path: string, bytes: number, pageSize: number): Promise<number> {
+export async function measurePath(conn: PeerConnection, migrationId: string, path: string, bytes: number, pageSize: number): Promise<number> {
   const batch = DEFAULT_BATCH_BYTES;
   const pages = new Uint8Array(batch);
   const indexes = new Uint8Array((batch / pageSize) * 4);
   const checksum = batchChecksum(indexes, pages);
+  const send = (): Promise<unknown> => conn.request({ type: 'PageBatch', migrationId: `${migrationId}.probe`, path, round: 0, final: false, pageSize, indexes, pages, checksum });
+  await send();
+  const count = Math.max(1, Math.ceil(bytes / batch));
   const started = performance.now();
-  let sent = 0;
-  while (sent < bytes) {
-    await conn.request({ type: 'PageBatch', migrationId: `${migrationId}.probe`, path, round: 0, final: false, pageSize, indexes, pages, checksum });
-    sent += batch;
+  const inFlight = new Set<Promise<unknown>>();
+  for (let i = 0; i < count; i++) {
+    const p: Promise<unknown> = send().finally(() => inFlight.delete(p));
+    inFlight.add(p);
+    if (inFlight.size >= PROBE_WINDOW) await Promise.race(inFlight);
   }
-  return sent / Math.max(1e-3, (performance.now() - started) / 1000);
+  await Promise.all(inFlight);
+  return (count * batch) / Math.max(1e-3, (performance.now() - started) / 1000);
 }
 
 export interface SourceSideOptions {
