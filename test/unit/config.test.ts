@@ -1,6 +1,7 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, ErrorCodes } from '../../core/errors.ts';
 import { loadConfig, validateConfig } from '../../core/config/config.ts';
@@ -156,5 +157,26 @@ describe('config errors', () => {
     expect(e.message).toContain('control.port:');
     const t = configError(() => loadConfig({ env: { EMBOT_CONTROL_TOKEN: 'short' } }));
     expect(t.message).toContain('control.token: a control token must be at least 8 characters');
+  });
+});
+
+describe('the README', () => {
+  it('shows a configuration example the agent accepts, with the values it says', () => {
+    const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+    const section = readme.slice(readme.indexOf('## Configuration'));
+    const start = section.indexOf('```yaml\n') + '```yaml\n'.length;
+    const yaml = section.slice(start, section.indexOf('```', start));
+    const dir = mkdtempSync(join(tmpdir(), 'embot-readme-config-'));
+    try {
+      const file = join(dir, 'embot.yaml');
+      writeFileSync(file, yaml);
+      const config = loadConfig({ file, env: {} });
+      expect(config.name).toBe('a');
+      expect(config.control).toMatchObject({ host: '127.0.0.1', port: 7400 });
+      expect(config.dataplane).toMatchObject({ downtimeLimitMs: 300, maxPaths: 4, probeBytes: 2 * 1024 * 1024 });
+      expect(config.modules['host-load']).toEqual({ threshold: 0.8, durationMs: 10000 });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
