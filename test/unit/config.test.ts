@@ -59,7 +59,7 @@ describe('config defaults', () => {
         addPathThresholdMs: 500,
         maxPaths: 4,
         reassemblyCpuPerPath: 0.1,
-        probeBytes: 2097152,
+        probeBytes: 8388608,
         listen: [],
         paths: {},
       },
@@ -173,7 +173,7 @@ describe('the README', () => {
       const config = loadConfig({ file, env: {} });
       expect(config.name).toBe('a');
       expect(config.control).toMatchObject({ host: '127.0.0.1', port: 7400 });
-      expect(config.dataplane).toMatchObject({ downtimeLimitMs: 300, maxPaths: 4, probeBytes: 2 * 1024 * 1024 });
+      expect(config.dataplane).toMatchObject({ downtimeLimitMs: 300, maxPaths: 4, probeBytes: 8 * 1024 * 1024 });
       expect(config.modules['host-load']).toEqual({ threshold: 0.8, durationMs: 10000 });
     } finally {
       rmSync(dir, { recursive: true, force: true });
