@@ -155,7 +155,12 @@ export function renderMigrationSummary(info: MigrationInfo): string {
   rows.push(['dirty rounds', String(s.dirtyRounds)]);
   rows.push(['bytes', `${formatBytes(s.bytes)} (memory ${formatBytes(s.memoryBytes)})`]);
   rows.push(['downtime', s.downtimeMs === null ? 'n/a (the VM did not move)' : formatMs(s.downtimeMs)]);
-  if (s.estimateMs !== null) rows.push(['estimate', `${formatMs(s.estimateMs)} vs threshold ${formatMs(s.thresholdMs ?? 0)}${s.plan ? ` (${s.plan.thresholdFrom})` : ''}; actual ${formatMs(s.totalMs)}`]);
+  if (s.estimateMs !== null) {
+    // The estimate is of the memory move; the connection, state and commit phases come on top.
+    // A record stored by an older agent has no copyMs.
+    const actual = typeof s.precopy?.copyMs !== 'number' ? `actual ${formatMs(s.totalMs)}` : `actual ${formatMs(s.precopy.copyMs)} for the memory, ${formatMs(s.totalMs)} in all`;
+    rows.push(['estimate', `${formatMs(s.estimateMs)} vs threshold ${formatMs(s.thresholdMs ?? 0)}${s.plan ? ` (${s.plan.thresholdFrom})` : ''}; ${actual}`]);
+  }
   if (s.plan) {
     rows.push(['paths', `${s.paths}: ${s.plan.paths.join(', ')}`]);
     s.plan.decisions.forEach((d, i) => rows.push([i === 0 ? 'decisions' : '', d]));

@@ -61,6 +61,8 @@ export interface MigrationSummary {
   readonly thresholdMs: number | null;
   readonly plan?: MigrationPlanSummary;
   readonly precopy?: {
+    /** The memory move itself, first batch out to the final ack: what `estimateMs` estimates. */
+    readonly copyMs: number;
     readonly copyDowntimeMs: number;
     readonly converged: boolean;
     readonly throttled: boolean;

@@ -147,6 +147,7 @@ export class SourceSide implements SourceSteps {
       ...(s.precopy
         ? {
             precopy: {
+              copyMs: Math.round(s.precopy.totalMs),
               copyDowntimeMs: Math.round(s.precopy.downtimeMs),
               converged: s.precopy.converged,
               throttled: s.precopy.throttled,

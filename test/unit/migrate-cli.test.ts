@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../core/cli/main.ts';
-import { parseDestination, parseThreshold, progressLine, renderMigrations } from '../../core/cli/migrate-commands.ts';
+import { parseDestination, parseThreshold, progressLine, renderMigrationSummary, renderMigrations } from '../../core/cli/migrate-commands.ts';
 import type { AgentControl, AgentStatus, MigrationInfo, MigrationSummary } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, EffectorError, ErrorCodes } from '../../core/errors.ts';
@@ -320,5 +320,22 @@ describe('embot migrations', () => {
 
   it('an agent with no migrations says how to start one', () => {
     expect(renderMigrations([], Date.now())).toBe('no migrations yet (start one with `embot migrate VM --to PEER`)\n');
+  });
+});
+
+describe('the estimate line of a migration summary', () => {
+  const info = (summary: MigrationSummary): MigrationInfo => ({ id: summary.migrationId, role: 'source', vm: summary.vm, peer: 'b', phase: 'completed', outcome: 'completed', startedAt: 0, updatedAt: 1, summary });
+  const precopy = { copyMs: 870, copyDowntimeMs: 5, converged: true, throttled: false, throttleSteps: 0, initialDirtyRate: 0, finalDirtyRate: 0, resent: 0, rateBytesPerSec: 80 * MiB, perPath: [] };
+  const estimateLine = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('estimate'));
+
+  it('sets the estimate beside the memory move it estimates, and the whole migration beside that', () => {
+    const s = { ...summaryFor('m-1', 'web', 'b', SCRIPTS['web']!), precopy };
+    expect(estimateLine(renderMigrationSummary(info(s)))).toMatch(/^estimate:?\s+1\.10 s vs threshold 1\.00 s; actual 870 ms for the memory, 1\.23 s in all$/);
+  });
+
+  it('falls back to the whole migration for a record without the memory move (an older agent stored it)', () => {
+    const { copyMs: _dropped, ...older } = precopy;
+    const s = { ...summaryFor('m-2', 'web', 'b', SCRIPTS['web']!), precopy: older as unknown as typeof precopy };
+    expect(estimateLine(renderMigrationSummary(info(s)))).toMatch(/; actual 1\.23 s$/);
   });
 });
