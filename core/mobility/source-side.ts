@@ -10,7 +10,7 @@ import type { HeldShipment, HoldCursor } from '../../sensors/sensor-service.ts';
 import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
-import { DEFAULT_BATCH_BYTES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
+import { DEFAULT_BATCH_BYTES, WINDOW_BATCHES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
 import type { AgentConfig } from '../config/config.ts';
 
 export type DataplaneConfig = AgentConfig['dataplane'];
@@ -21,14 +21,11 @@ function vmSla(host: MobilityHost, vmElement: string): { maxMigrationMs?: number
   return sla && typeof sla === 'object' ? (sla as { maxMigrationMs?: number }) : undefined;
 }
 
-/** Probe batches in flight at once, as pre-copy keeps several per path. */
-const PROBE_WINDOW = 4;
-
 /**
  * Bandwidth of an uncapped path: `bytes` of zero pages sent as PageBatches for a migration id
  * the target does not stage (it refuses them after reading them), timed. One batch goes first,
  * untimed (a fresh link's first batch also pays for its connection warming up), and the timed
- * ones are pipelined as pre-copy sends them (one at a time, each waiting for its ack, measured
+ * ones are pipelined, as many in flight as pre-copy keeps per path (one at a time, each waiting for its ack, measured
  * 417 MB/s on a loopback path that then carried 1.5 GiB/s).
  */
 export async function measurePath(conn: PeerConnection, migrationId: string, path: string, bytes: number, pageSize: number): Promise<number> {
@@ -44,7 +41,7 @@ export async function measurePath(conn: PeerConnection, migrationId: string, pat
   for (let i = 0; i < count; i++) {
     const p: Promise<unknown> = send().finally(() => inFlight.delete(p));
     inFlight.add(p);
-    if (inFlight.size >= PROBE_WINDOW) await Promise.race(inFlight);
+    if (inFlight.size >= WINDOW_BATCHES) await Promise.race(inFlight);
   }
   await Promise.all(inFlight);
   return (count * batch) / Math.max(1e-3, (performance.now() - started) / 1000);

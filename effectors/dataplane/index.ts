@@ -5,6 +5,7 @@ export {
   DEFAULT_MAX_ROUNDS,
   THROTTLE_MAX,
   THROTTLE_STEP,
+  WINDOW_BATCHES,
   preCopy,
   type PreCopyOptions,
   type PreCopyPhase,

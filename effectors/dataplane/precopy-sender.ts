@@ -25,7 +25,7 @@ export const THROTTLE_MAX = 0.99;
 /** A round whose remainder is above this share of the previous one did not shrink. */
 const SHRINK_FACTOR = 0.9;
 /** Batches in flight per path, in units of batchBytes. */
-const WINDOW_BATCHES = 4;
+export const WINDOW_BATCHES = 4;
 const PROGRESS_EVERY_MS = 200;
 /** Room for a PageBatch's fields besides indexes and pages (the CPU state rides on top, on the final batch). */
 const FRAME_OVERHEAD_BYTES = 4096;
