@@ -24,9 +24,9 @@ function vmSla(host: MobilityHost, vmElement: string): { maxMigrationMs?: number
 /**
  * Bandwidth of an uncapped path: `bytes` of zero pages sent as PageBatches for a migration id
  * the target does not stage (it refuses them after reading them), timed. One batch goes first,
- * untimed (a fresh link's first batch also pays for its connection warming up), and the timed
- * ones are pipelined, as many in flight as pre-copy keeps per path (one at a time, each waiting for its ack, measured
- * 417 MB/s on a loopback path that then carried 1.5 GiB/s).
+ * untimed (a fresh link's first batch also pays for its connection warming up); the timed ones
+ * go with as many in flight as pre-copy keeps per path. One at a time, each waiting for its ack,
+ * they measured 417 MB/s on a loopback path that then carried 1.5 GiB/s.
  */
 export async function measurePath(conn: PeerConnection, migrationId: string, path: string, bytes: number, pageSize: number): Promise<number> {
   const batch = DEFAULT_BATCH_BYTES;
