@@ -245,25 +245,23 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
 
   /** Deletes the stored embots of elements (after a migration handed them to another agent). */
   forget(elementIds: readonly string[]): void {
-    const ids = new Set(elementIds);
-    for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) this.db.deleteEmbot(row.id, this.now(), 'its element moved to another agent before the module loaded');
+    for (const row of this.storedOf(elementIds)) this.db.deleteEmbot(row.id, this.now(), 'its element moved to another agent before the module loaded');
   }
 
   /** Modules of the embots of these elements (those `exportEmbots` would ship), without reading their states. */
   modulesOf(elementIds: readonly string[]): string[] {
-    const ids = new Set(elementIds);
-    const out = new Set<string>();
-    for (const row of this.db.listEmbots()) if (ids.has(row.elementIds[0] ?? '')) out.add(row.module);
-    return [...out];
+    return [...new Set(this.storedOf(elementIds).map((row) => row.module))];
   }
 
   /** The stored embots attached to these elements, with their committed policy states: what a migration ships. */
   exportEmbots(elementIds: readonly string[]): ExportedEmbot[] {
+    return this.storedOf(elementIds).map((row) => ({ id: row.id, module: row.module, type: row.type, elementIds: row.elementIds, status: row.status, ...(row.error ? { error: row.error } : {}), policies: this.db.loadSnapshots(row.id) }));
+  }
+
+  /** The stored embots attached (by their first element) to these elements. */
+  private storedOf(elementIds: readonly string[]): EmbotRow[] {
     const ids = new Set(elementIds);
-    return this.db
-      .listEmbots()
-      .filter((row) => ids.has(row.elementIds[0] ?? ''))
-      .map((row) => ({ id: row.id, module: row.module, type: row.type, elementIds: row.elementIds, status: row.status, ...(row.error ? { error: row.error } : {}), policies: this.db.loadSnapshots(row.id) }));
+    return this.db.listEmbots().filter((row) => ids.has(row.elementIds[0] ?? ''));
   }
 
   /** Stores embots shipped from another agent; `attach` of their element then starts them from these states. */
