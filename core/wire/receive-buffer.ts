@@ -40,6 +40,11 @@ export const READ_BUFFER_BYTES = 1024 * 1024;
 const GET_MASK = 3;
 const GET_DATA = 4;
 
+/** Whether ws is reading `n` payload bytes that are a whole, large data message: those are assembled in the reused buffer. */
+function isLargeMessage(r: WsReceiverInternals, n: number): boolean {
+  return r._state === GET_DATA && r._fin && r._opcode <= 0x07 && n >= REUSED_MIN_BYTES && n <= REUSED_MAX_BYTES;
+}
+
 /** The part of ws's Receiver (lib/receiver.js) this relies on. */
 interface WsReceiverInternals {
   _buffers: Buffer[];
@@ -165,7 +170,7 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
       const bytes = wsConsume.call(this, n);
       return inRead(bytes) ? Buffer.from(bytes) : bytes;
     }
-    if (!payload || n < REUSED_MIN_BYTES || n > REUSED_MAX_BYTES) return wsConsume.call(this, n);
+    if (!isLargeMessage(this, n)) return wsConsume.call(this, n);
     const first = buffers[0]!;
     // Within one read it is a view already, read synchronously by the consumer.
     if (!isAssembled(first) && n <= first.length) return wsConsume.call(this, n);
@@ -195,7 +200,7 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
     const buffers = receiver._buffers;
     if (buffers.length === 0) return;
     const n = receiver._payloadLength;
-    if (receiver._state === GET_DATA && receiver._fin && receiver._opcode <= 0x07 && n >= REUSED_MIN_BYTES && n <= REUSED_MAX_BYTES) {
+    if (isLargeMessage(receiver, n)) {
       // All of it is payload of this message (ws waits for the whole of it): gather it where the
       // message will be assembled, so each byte is copied once.
       let at = 0;
