@@ -89,6 +89,23 @@ export const ErrorCodes = {
   UDP_RELAY_BAD_STATE: 'EMBOT_ERR_UDP_RELAY_BAD_STATE',
   /** A request to a sim VM's UDP service is not `{"seq": <integer>}`. */
   UDP_REQUEST_INVALID: 'EMBOT_ERR_UDP_REQUEST_INVALID',
+  // qemu driver
+  /** A QMP peer sent something that is not QMP (no greeting, bad JSON, a reply to no request), or the socket closed under a request. */
+  QMP_PROTOCOL: 'EMBOT_ERR_QMP_PROTOCOL',
+  /** QEMU answered a QMP command with an error (its class and desc are in details). */
+  QMP_COMMAND: 'EMBOT_ERR_QMP_COMMAND',
+  /** A QMP command got no reply in time. */
+  QMP_TIMEOUT: 'EMBOT_ERR_QMP_TIMEOUT',
+  /** The qemu-system binary is not installed (Debian: qemu-system-x86) or cannot be run. */
+  QEMU_MISSING: 'EMBOT_ERR_QEMU_MISSING',
+  /** A QEMU process did not come up, or died while the driver needed it. */
+  QEMU_FAILED: 'EMBOT_ERR_QEMU_FAILED',
+  /** A VM's disk or boot image is missing, unreadable or not an image QEMU accepts. */
+  VM_IMAGE: 'EMBOT_ERR_VM_IMAGE',
+  /** A migration did not converge within its time budget and was cancelled. */
+  MIGRATION_NOT_CONVERGED: 'EMBOT_ERR_MIGRATION_NOT_CONVERGED',
+  /** A hypervisor migration failed (QEMU reported failure, or the target died). */
+  MIGRATION_FAILED: 'EMBOT_ERR_MIGRATION_FAILED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
