@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, cpSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, cpSync, mkdirSync, rmSync } from 'node:fs';
+import { afterAll } from 'vitest';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -93,9 +94,17 @@ export async function waitFor<T>(check: () => T | Promise<T>, timeoutMs = 10_000
   }
 }
 
-/** A temp folder for one test's agents, plus a plugins folder filled with the named fixture/shipped modules. */
+const sandboxes: string[] = [];
+// Registered on the test file that imports this harness: its sandboxes go when the file is done,
+// after its own afterEach/afterAll hooks have killed the agents that used them.
+afterAll(() => {
+  for (const root of sandboxes.splice(0)) rmSync(root, { recursive: true, force: true, maxRetries: 3 });
+});
+
+/** A temp folder for one test's agents, plus a plugins folder filled with the named fixture/shipped modules; deleted after the test file. */
 export function makeSandbox(plugins: readonly { from: 'fixture' | 'shipped'; name: string }[] = []): { root: string; dataDir: (name: string) => string; pluginsDir: string } {
   const root = mkdtempSync(join(tmpdir(), 'embot-test-'));
+  sandboxes.push(root);
   const pluginsDir = join(root, 'plugins');
   mkdirSync(pluginsDir, { recursive: true });
   for (const p of plugins) cpSync(join(p.from === 'fixture' ? FIXTURE_PLUGINS : SHIPPED_PLUGINS, p.name), join(pluginsDir, p.name), { recursive: true });

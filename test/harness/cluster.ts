@@ -1,4 +1,4 @@
-import { cpSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -88,9 +88,11 @@ export class Cluster {
     this.agents.delete(name);
   }
 
+  /** Kills every agent and deletes the cluster's folder (data, plugins, secret). */
   async stop(): Promise<void> {
     await Promise.all([...this.agents.values()].map((a) => a.kill().catch(() => {})));
     this.agents.clear();
+    rmSync(this.root, { recursive: true, force: true });
   }
 }
 

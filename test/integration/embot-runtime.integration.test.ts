@@ -1,5 +1,5 @@
-import { afterEach, describe, expect, it } from 'vitest';
-import { mkdtempSync } from 'node:fs';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Store } from '../../core/store/store.ts';
@@ -65,8 +65,15 @@ afterEach(async () => {
   for (const r of rigs.splice(0)) await r.close().catch(() => {});
 });
 
+const tmpDirs: string[] = [];
+afterAll(() => {
+  for (const d of tmpDirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
 function tmpFile(): string {
-  return join(mkdtempSync(join(tmpdir(), 'embot-rt-')), 'embot.sqlite');
+  const dir = mkdtempSync(join(tmpdir(), 'embot-rt-'));
+  tmpDirs.push(dir);
+  return join(dir, 'embot.sqlite');
 }
 
 describe('embot runtime', () => {
