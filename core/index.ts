@@ -23,5 +23,6 @@ export type { EmbotEvent, EmbotEventInput } from './events.ts';
 export type { ManagedElement, ElementInput } from './objects/managed-element.ts';
 export { ErrorCodes, EmbotError, isEmbotError } from './errors.ts';
 export type { ErrorCode } from './errors.ts';
-export { definePolicy, EMBOT_API_VERSION } from '../embots/policy-api.ts';
-export type { ModuleKit, PolicyApi, PolicyDefinition, PolicyEvent, EffectOutcome } from '../embots/policy-api.ts';
+// The policy API for plugin authors: a plugin imports these from 'embot' and nothing else.
+export { definePolicy, EMBOT_API_VERSION } from '../embots/index.ts';
+export type { ModuleDefinition, ModuleEntry, ModuleKit, PolicyApi, PolicyDefinition, PolicyEvent, EffectOutcome } from '../embots/index.ts';

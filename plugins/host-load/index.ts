@@ -1,5 +1,5 @@
 // A management module imports nothing at run time: xstate and definePolicy come in the kit.
-import type { ModuleEntry, ModuleKit, PolicyApi, PolicyEvent } from '../../embots/policy-api.ts';
+import type { ModuleEntry, ModuleKit, PolicyApi, PolicyEvent } from 'embot';
 
 /** `api.config` of the load monitor (manifest defaults merged with the user's config). */
 export interface HostLoadConfig {
