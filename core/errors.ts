@@ -90,6 +90,14 @@ export const ErrorCodes = {
   /** A request to a sim VM's UDP service is not `{"seq": <integer>}`. */
   UDP_REQUEST_INVALID: 'EMBOT_ERR_UDP_REQUEST_INVALID',
   // qemu driver
+  /** A peer's frame names a migration this agent has no live record of with that peer (or no such id at all). */
+  MIGRATION_UNKNOWN: 'EMBOT_ERR_MIGRATION_UNKNOWN',
+  /** A peer's frame names a migration that is not in a phase where that frame is allowed. */
+  MIGRATION_PHASE: 'EMBOT_ERR_MIGRATION_PHASE',
+  /** A peer's frame names a migration but another VM, or elements the migration did not move. */
+  MIGRATION_MISMATCH: 'EMBOT_ERR_MIGRATION_MISMATCH',
+  /** A peer asked for more than its share: connections, concurrent incoming migrations, UDP handovers. */
+  PEER_LIMIT: 'EMBOT_ERR_PEER_LIMIT',
   /** A QMP peer sent something that is not QMP (no greeting, bad JSON, a reply to no request), or the socket closed under a request. */
   QMP_PROTOCOL: 'EMBOT_ERR_QMP_PROTOCOL',
   /** QEMU answered a QMP command with an error (its class and desc are in details). */

@@ -1,5 +1,5 @@
 import type { Logger } from './logger.ts';
-import { describeError } from './errors.ts';
+import { EffectorError, ErrorCodes, describeError } from './errors.ts';
 import { UdpRelay, decodePackets, encodePackets, type BufferedPacket, type UdpAddress, type UdpRelayStats } from '../sensors/udp-relay.ts';
 import { SimUdpService } from '../effectors/hypervisor/sim-udp-service.ts';
 
@@ -20,13 +20,42 @@ export class VmUdpServices {
   private readonly vms = new Map<string, VmUdp>();
   /** One chain per VM: state changes arrive faster than sockets open. */
   private readonly chains = new Map<string, Promise<void>>();
+  /**
+   * Every relay and service opened and not yet closed, whether or not `vms` still names it: a
+   * socket that outlives its entry would keep the process alive after shutdown.
+   */
+  private readonly open = new Set<{ close(): Promise<void> }>();
+  private closed = false;
 
   constructor(private readonly log: Logger) {}
 
-  private serial(vm: string, fn: () => Promise<void>): Promise<void> {
+  private serial<T>(vm: string, fn: () => Promise<T>): Promise<T> {
     const next = (this.chains.get(vm) ?? Promise.resolve()).then(fn, fn);
-    this.chains.set(vm, next.catch(() => {}));
+    this.chains.set(
+      vm,
+      next.then(
+        () => {},
+        () => {},
+      ),
+    );
     return next;
+  }
+
+  /** Tracks a socket owner until it closes; after `close()` it is closed at once and the caller told so. */
+  private async track<T extends { close(): Promise<void> }>(opened: Promise<T>): Promise<T> {
+    const thing = await opened;
+    if (this.closed) {
+      await thing.close();
+      throw new EffectorError(ErrorCodes.AGENT_STOPPED, 'the agent is stopping; UDP services are closed');
+    }
+    this.open.add(thing);
+    return thing;
+  }
+
+  private async release(thing: { close(): Promise<void> } | undefined): Promise<void> {
+    if (!thing) return;
+    this.open.delete(thing);
+    await thing.close();
   }
 
   /** Starts the relay (and, for a running VM, its service) for a VM with a UDP port; follows its state after. */
@@ -35,9 +64,16 @@ export class VmUdpServices {
   }
 
   private async ensureNow(vm: string, udpPort: number, running: boolean): Promise<void> {
+    if (this.closed) return;
     if (this.vms.has(vm)) return this.setRunning(vm, running);
-    const service = running ? await SimUdpService.start() : undefined;
-    const relay = await UdpRelay.start({ port: udpPort, ...(service ? { backend: service.address } : { paused: true }) });
+    const service = running ? await this.track(SimUdpService.start()) : undefined;
+    let relay: UdpRelay;
+    try {
+      relay = await this.track(UdpRelay.start({ port: udpPort, ...(service ? { backend: service.address } : { paused: true }) }));
+    } catch (e) {
+      await this.release(service);
+      throw e;
+    }
     relay.on('drop', (d) => this.log.warn(`udp relay of ${vm} dropped a packet`, { reason: d.reason }));
     this.vms.set(vm, { service, relay });
   }
@@ -47,7 +83,9 @@ export class VmUdpServices {
     const v = this.vms.get(vm);
     if (!v || v.relay.mode === 'repointed') return;
     if (running && (!v.service || v.service.state === 'closed')) {
-      v.service = await SimUdpService.start({ served: v.service?.served ?? 0 });
+      const old = v.service;
+      v.service = await this.track(SimUdpService.start({ served: old?.served ?? 0 }));
+      if (old) this.open.delete(old);
       v.relay.setBackend(v.service.address);
       if (v.relay.mode === 'buffering') v.relay.resume();
     } else if (running && v.service?.state === 'halted') {
@@ -75,15 +113,30 @@ export class VmUdpServices {
     return { served: v.service?.served ?? 0, packets: encodePackets(v.handed) };
   }
 
-  /** Target: start the moved VM's service where the source's stopped, deliver the handed-over packets first. */
-  async adopt(vm: string, served: number, packets: Uint8Array): Promise<UdpAddress> {
+  /**
+   * Target: start the moved VM's service where the source's stopped, deliver the handed-over
+   * packets first. Whatever served the VM here before is closed: its sockets would otherwise stay
+   * open, unnamed, until the process ends.
+   */
+  adopt(vm: string, served: number, packets: Uint8Array): Promise<UdpAddress> {
+    if (this.closed) return Promise.reject(new EffectorError(ErrorCodes.AGENT_STOPPED, 'the agent is stopping; UDP services are closed'));
+    // Decoded before anything opens: a bad hand-over costs no socket.
     const handed = decodePackets(packets);
-    const service = await SimUdpService.start({ served });
-    // Port 0: on one machine the source's relay still holds the VM's port (clients keep using it).
-    const relay = await UdpRelay.start({ port: 0, backend: service.address, paused: true });
-    relay.deliverFirst(handed, { resume: true });
-    this.vms.set(vm, { service, relay });
-    return relay.peerAddress;
+    return this.serial(vm, async () => {
+      await this.removeNow(vm);
+      const service = await this.track(SimUdpService.start({ served }));
+      let relay: UdpRelay;
+      try {
+        // Port 0: on one machine the source's relay still holds the VM's port (clients keep using it).
+        relay = await this.track(UdpRelay.start({ port: 0, backend: service.address, paused: true }));
+      } catch (e) {
+        await this.release(service);
+        throw e;
+      }
+      relay.deliverFirst(handed, { resume: true });
+      this.vms.set(vm, { service, relay });
+      return relay.peerAddress;
+    });
   }
 
   /** Source: from now on the relay forwards to the target's relay; it closes after the grace period. */
@@ -91,7 +144,7 @@ export class VmUdpServices {
     const v = this.vms.get(vm);
     if (!v) return;
     v.relay.repoint(to);
-    void v.service?.close();
+    void this.release(v.service);
     v.service = undefined;
     setTimeout(() => void this.remove(vm), graceMs).unref();
   }
@@ -131,10 +184,19 @@ export class VmUdpServices {
     const v = this.vms.get(vm);
     if (!v) return;
     this.vms.delete(vm);
-    await Promise.all([v.relay.close(), v.service?.close()]);
+    await Promise.all([this.release(v.relay), this.release(v.service)]);
   }
 
+  /** How many relays and services hold sockets now (for tests and status). */
+  get openCount(): number {
+    return this.open.size;
+  }
+
+  /** Closes every relay and service, named or not; later `ensure` / `adopt` calls open nothing. */
   async close(): Promise<void> {
+    this.closed = true;
     await Promise.all([...this.vms.keys()].map((vm) => this.remove(vm)));
+    this.vms.clear();
+    await Promise.all([...this.open].map((t) => this.release(t)));
   }
 }

@@ -159,6 +159,8 @@ export class TargetSide implements TargetSteps {
         host.objects.instantiate(this.elementsBytes!);
         if (this.deltas.length) host.objects.applyDeltas(this.deltas);
         host.runtime.adoptEmbots(this.embots);
+        // What moved: forwarded events are taken for these elements only (MobilityService.assertMoved).
+        host.journal.notes(input.migrationId, 'target', { scope: this.scope });
         host.journal.phase(input.migrationId, 'target', 'committed');
       });
       this.committed = true;

@@ -17,6 +17,11 @@ import { DEFAULT_HANDSHAKE_TIMEOUT_MS, refuse, serverHandshake } from './handsha
 const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
 import { PeerConnection, type AnyRequestHandler, type HandlerTable, type RequestHandler } from './peer-connection.ts';
 import { DEFAULT_PEER_LISTEN, parsePeerListen, type PeerListenAddress } from './peers.ts';
+/**
+ * Open links one authenticated peer may hold at once. A migration uses a control link, a data path
+ * per path (maxPaths), a forwarding link and a status query; this leaves room for several at once.
+ */
+export const DEFAULT_MAX_CONNECTIONS_PER_PEER = 32;
 
 export interface PeerServerOptions {
   /** This agent's name, announced in the handshake. */
@@ -45,6 +50,8 @@ export interface RefusedInfo {
 
 export interface PeerServerEvents {
   /** An authenticated peer. Attach per-connection handlers synchronously in the listener. */
+  /** Open authenticated links one peer (by agent name) may hold; more are closed with 1013 and `EMBOT_ERR_PEER_LIMIT`. Default 32. */
+  readonly maxConnectionsPerPeer?: number;
   connection: (conn: PeerConnection) => void;
   /** A socket that failed the handshake (wrong secret, garbage, timeout...) was closed. */
   refused: (error: EmbotError, info: RefusedInfo) => void;
@@ -205,3 +212,13 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
     );
   }
 }
+        const perPeer = this.options.maxConnectionsPerPeer ?? DEFAULT_MAX_CONNECTIONS_PER_PEER;
+        let held = 0;
+        for (const c of this.live) if (c.remoteAgent === result.remoteAgent) held++;
+        if (held >= perPeer) {
+          // Authenticated, but each link costs buffers and handlers: one peer cannot take them all.
+          const err = new ProtocolError(ErrorCodes.PEER_LIMIT, `${result.remoteAgent} already holds ${held} links to ${this.agent} (limit ${perPeer}); try again later`);
+          refuse(ws, err, CloseCodes.TRY_AGAIN_LATER);
+          this.emit('refused', err, { remoteAddress });
+          return;
+        }
