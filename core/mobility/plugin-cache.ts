@@ -5,7 +5,7 @@ import { EMBOT_API_VERSION } from '../../embots/policy-api.ts';
 import { describeError, ErrorCodes, PluginError } from '../errors.ts';
 import { checkModuleDir } from '../plugins/catalogue.ts';
 import { hashModuleFiles, MODULE_SIGNATURE_FILE } from '../plugins/content-hash.ts';
-import { assertValidFileMap } from './module-shipping.ts';
+import { assertValidFileMap } from './module-bundle-rules.ts';
 import { encodeSignatureFile } from './trust-policy.ts';
 
 /** A module installed in the cache, validated like a plugins-folder module. */
