@@ -1,5 +1,5 @@
 import { ErrorCodes, EventError } from '../core/errors.ts';
-import type { DriverEvents, HypervisorDriver, VmState } from '../effectors/hypervisor/driver.ts';
+import type { DriverEvents, HypervisorDriver, VmState } from '../effectors/index.ts';
 import type { SensorContext, SensorLogic } from './sensor.ts';
 
 export interface VmSensorOptions {

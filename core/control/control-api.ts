@@ -1,5 +1,5 @@
 import type { EmbotEvent, EmbotEventInput } from '../events.ts';
-import type { VmInfo } from '../../effectors/hypervisor/driver.ts';
+import type { VmInfo } from '../../effectors/index.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime } from '../mobility/migration-record.ts';
 
 export type { EmbotEvent, EmbotEventInput, MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime, VmInfo };
@@ -34,10 +34,8 @@ export interface AgentStatus {
 }
 
 // Embots are described by the runtime that runs them; the API shows them as they are.
-import type { EmbotInfo } from '../../embots/embot-runtime.ts';
-export type { EmbotInfo, PolicyView as PolicyInfo } from '../../embots/embot-runtime.ts';
-export type { DeadLetter, EmbotStatus } from '../../embots/embot-store.ts';
-import type { DeadLetter } from '../../embots/embot-store.ts';
+import type { DeadLetter, EmbotInfo } from '../../embots/index.ts';
+export type { DeadLetter, EmbotInfo, EmbotStatus, PolicyView as PolicyInfo } from '../../embots/index.ts';
 
 export type PluginStatus = 'loaded' | 'error' | 'disabled' | 'quarantined' | 'unloaded';
 
