@@ -6,14 +6,14 @@
  *
  * What it does: enable A20, read the RAM size from CMOS (0x34/0x35: 64 KiB blocks above 16 MiB),
  * enter 32-bit protected mode with a flat GDT, then forever: add 1 to the first byte of every
- * 4 KiB page from 1 MiB to the end of RAM (or to LIMIT_MIB), spin DELAY_LOOPS times after each
+ * 4 KiB page from 1 MiB to 4 MiB short of the end of RAM (or to LIMIT_MIB), spin DELAY_LOOPS times after each
  * page, and write 'B' to the serial port (0x3f8) after each full pass. After PASSES passes
  * (0 = never) it keeps the same loop and heartbeat but only reads the pages, so memory becomes
  * static while the guest still shows it runs.
  *
  * Settings live in the image at fixed offsets (guest-image.ts patches them per VM):
  *   0x1f0 u32 DELAY_LOOPS   spin iterations after each page write (0 = as fast as the CPU goes)
- *   0x1f4 u32 LIMIT_MIB     end of the range in MiB (0 = end of RAM)
+ *   0x1f4 u32 LIMIT_MIB     end of the range in MiB (0 = end of RAM less 4 MiB)
  *   0x1f8 u32 PASSES        passes that write (0 = forever)
  *   0x1fc u16 "EG"          magic, so a patcher can tell this image from any other
  *   0x1fe u16 0xaa55        boot signature
@@ -61,10 +61,12 @@ protected:
         mov     %ax, %gs
         mov     $0x7c00, %esp
 
-        /* ebx = end of the range: 16 MiB + ram64k * 64 KiB, capped by LIMIT_MIB */
+        /* ebx = end of the range: end of RAM (16 MiB + ram64k * 64 KiB) less 4 MiB, where the
+           firmware keeps its tables (counters there would start from the tables' bytes), capped
+           by LIMIT_MIB */
         movzwl  ram64k, %ebx
         shl     $16, %ebx
-        add     $0x1000000, %ebx
+        add     $0xc00000, %ebx
         mov     limit_mib, %eax
         test    %eax, %eax
         jz      1f

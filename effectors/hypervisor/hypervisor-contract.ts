@@ -1,0 +1,192 @@
+import type { EventEmitter } from 'eventemitter3';
+
+/**
+ * The asynchronous hypervisor contract every driver (`sim`, `qemu`) fills — proposed by issue 12
+ * to replace the synchronous `HypervisorDriver` of driver.ts once the mobility statecharts and
+ * the agent call only this.
+ *
+ * Shaped like xstate's ActorLogic: one interface with the operations every driver has, and what
+ * only some drivers can do declared in {@link HypervisorCapabilities} rather than faked by the
+ * others. Callers test for a capability (`driver.capabilities.loadKnob?.setLoad(…)`) and get
+ * `undefined` where a driver has none.
+ */
+
+export type VmState =
+  | 'created'
+  | 'running'
+  /** Not executing but resumable (QMP `stop`, a migration's switchover, a debugger). */
+  | 'paused'
+  | 'stopped'
+  /** Died without being asked to (a killed QEMU, a guest panic, a sim fault). */
+  | 'crashed'
+  /** Its memory left in a completed migration out; only `remove` is left to do here. */
+  | 'migrated';
+
+export interface VmInfo {
+  readonly name: string;
+  readonly state: VmState;
+  /** RAM in bytes. */
+  readonly memory: number;
+  readonly vcpus: number;
+  /** Milliseconds since the epoch of the last start, while running or paused. */
+  readonly startedAt?: number;
+  readonly crashes: number;
+}
+
+export interface VmStats {
+  readonly name: string;
+  readonly state: VmState;
+  /** Bytes of RAM: what a migration has to move at most. */
+  readonly memory: number;
+  /** 0..1 CPU load of the VM (all its vCPUs). */
+  readonly load: number;
+  /** Bytes/s the guest writes to distinct pages, as last measured; undefined before any measurement. */
+  readonly dirtyRate: number | undefined;
+  readonly pageSize: number;
+}
+
+export type VmStateChange = {
+  readonly name: string;
+  readonly from: VmState | null;
+  readonly to: VmState;
+  /** Why: `start`, `stop`, `kill`, `guest-shutdown`, `guest-panicked`, `process-died`, `migrated`, `reattach`, … */
+  readonly reason: string;
+};
+
+export interface HypervisorEvents {
+  /** A VM changed state, whoever caused it (the driver, the guest, a crash). */
+  'vm-state': (e: VmStateChange) => void;
+  'vm-removed': (e: { readonly name: string }) => void;
+  /** A raw hypervisor event for a VM (a QMP event for qemu), for sensors that want more than states. */
+  'vm-event': (e: { readonly name: string; readonly event: string; readonly data: Readonly<Record<string, unknown>> }) => void;
+}
+
+/** Where a migration target listens for the VM's memory stream. */
+export interface MigrationEndpoint {
+  /** `tcp:HOST:PORT` for qemu; the data-plane URL for the sim. */
+  readonly uri: string;
+}
+
+export type MigrationPhase = 'setup' | 'precopy' | 'pre-switchover' | 'stop-and-copy' | 'completed' | 'cancelled' | 'failed';
+
+/** One progress report of a migration out; the same display and `--json` summary for every driver. */
+export interface MigrationProgress {
+  readonly phase: MigrationPhase;
+  /** Dirty-sync rounds so far (1 = the full copy). */
+  readonly rounds: number;
+  readonly transferredBytes: number;
+  readonly remainingBytes: number;
+  /** Send rate, bytes/s. */
+  readonly rateBytesPerSec: number;
+  /** Guest dirty rate during the last round, bytes/s. */
+  readonly dirtyRateBytesPerSec: number;
+  /** Downtime if the VM stopped now, ms. */
+  readonly expectedDowntimeMs: number;
+  /** 0..1 CPU throttle applied by auto-converge. */
+  readonly throttle: number;
+  readonly channels: number;
+}
+
+export interface MigrateOutOptions {
+  readonly endpoint: MigrationEndpoint;
+  /** Parallel streams (the planner's paths; QEMU multifd channels). Default 1. */
+  readonly channels?: number;
+  /** Stop-and-copy starts once the expected downtime fits this. */
+  readonly downtimeLimitMs?: number;
+  /** Bytes/s cap on the memory stream; undefined = no cap. */
+  readonly maxBandwidth?: number;
+  /** Throttle the guest's vCPUs when rounds do not converge. */
+  readonly autoConverge?: boolean;
+  /** The migration must reach its switchover within this long, else it is cancelled (MIGRATION_NOT_CONVERGED). */
+  readonly timeBudgetMs?: number;
+  /** Aborts the migration: the source VM keeps running, the call rejects with MIGRATION_ABORTED. */
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (p: MigrationProgress) => void;
+  /**
+   * Called once while the VM is paused at the switch, before its last state moves: the place for
+   * the management hand-over's final dirty-object round. A rejection cancels the migration.
+   */
+  readonly beforeSwitchover?: () => Promise<void>;
+}
+
+/** What a completed migration moved. */
+export interface MigrateOutResult {
+  readonly bytes: number;
+  readonly rounds: number;
+  readonly totalMs: number;
+  /** Time the VM did not run, as the hypervisor measured it. */
+  readonly downtimeMs: number;
+  readonly expectedDowntimeMs: number;
+  readonly throttled: boolean;
+  /** Highest 0..1 throttle auto-converge applied. */
+  readonly maxThrottle: number;
+  readonly channels: number;
+}
+
+/** Optional: the sim's knob for a VM's CPU load. */
+export interface LoadKnob {
+  setLoad(vm: string, load: number): Promise<void>;
+}
+
+/** Optional: a checksum of a VM's whole memory, to compare source and target (sim). */
+export interface MemoryChecksum {
+  checksum(vm: string): Promise<string>;
+}
+
+/** Optional: a UDP service inside the VM that the seed-002 relay can front (sim). */
+export interface UdpServiceCapability {
+  udpPort(vm: string): number | undefined;
+}
+
+/** Optional: raw guest physical memory (qemu: QMP `pmemsave`); for integrity checks. */
+export interface MemoryDump {
+  /** Bytes [address, address + length) of a VM that is paused or not running. */
+  dump(vm: string, address: number, length: number): Promise<Uint8Array>;
+}
+
+export interface HypervisorCapabilities {
+  readonly loadKnob?: LoadKnob;
+  readonly memoryChecksum?: MemoryChecksum;
+  readonly udpService?: UdpServiceCapability;
+  readonly memoryDump?: MemoryDump;
+}
+
+export interface HypervisorDriver<Spec extends { readonly name: string } = { readonly name: string }> {
+  readonly name: string;
+  readonly capabilities: HypervisorCapabilities;
+  readonly events: EventEmitter<HypervisorEvents>;
+
+  // lifecycle
+  create(spec: Spec): Promise<VmInfo>;
+  start(vm: string): Promise<VmInfo>;
+  /** Orderly stop (the guest may be asked first); the VM can be started again. */
+  stop(vm: string): Promise<VmInfo>;
+  /** Immediate stop (kill -9 of a QEMU); state `stopped`, reason `kill`. */
+  kill(vm: string): Promise<VmInfo>;
+  /** Forgets a VM that does not run (stopped, crashed, created or migrated), with its state. */
+  remove(vm: string): Promise<void>;
+
+  // inspection
+  list(): readonly VmInfo[];
+  get(vm: string): VmInfo | undefined;
+  spec(vm: string): Spec | undefined;
+  stats(vm: string): Promise<VmStats>;
+
+  // persistence (ActorLogic naming): the agent stores the first and hands it to the second after a restart.
+  getPersistedState(): unknown;
+  /** Takes the VMs back, re-attaching to those still running (never a duplicate start). */
+  restoreState(state: unknown): Promise<void>;
+
+  // migration, source side
+  migrateOut(vm: string, options: MigrateOutOptions): Promise<MigrateOutResult>;
+  // migration, target side
+  /** Readies a VM of `spec` to receive a migration; `channels` must match the source's. */
+  prepareIncoming(spec: Spec, options?: { readonly channels?: number }): Promise<{ readonly endpoint: MigrationEndpoint }>;
+  /** After the source finished: waits for the VM to run here and makes it a VM like any other. */
+  commitIncoming(vm: string, options?: { readonly timeoutMs?: number }): Promise<VmInfo>;
+  /** Throws away an incoming VM (its process is killed, its state removed). */
+  abortIncoming(vm: string): Promise<void>;
+
+  /** Lets go of every VM without stopping it (VMs outlive the agent). */
+  close(): Promise<void>;
+}

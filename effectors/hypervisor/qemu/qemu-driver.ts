@@ -1,0 +1,647 @@
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { EventEmitter } from 'eventemitter3';
+import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
+import type {
+  HypervisorCapabilities,
+  HypervisorDriver,
+  HypervisorEvents,
+  MigrateOutOptions,
+  MigrateOutResult,
+  MigrationEndpoint,
+  MigrationPhase,
+  MigrationProgress,
+  VmInfo,
+  VmState,
+  VmStats,
+} from '../hypervisor-contract.ts';
+import type { MigrationInfo, MigrationStatus, QmpEvent } from './qmp-client.ts';
+import { QemuProcess, vmFiles, type Accel } from './qemu-process.ts';
+import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
+
+export interface QemuDriverOptions {
+  /** Folder holding one state dir per VM (QMP socket, pidfile, serial log, spec). */
+  readonly root: string;
+  /** Default `qemu-system-x86_64`. */
+  readonly binary?: string;
+  /** Default `auto`: KVM when /dev/kvm is usable, else TCG. */
+  readonly accel?: Accel;
+  /** Address an incoming migration listens on (default 127.0.0.1). */
+  readonly listenHost?: string;
+  /** Period of `query-migrate` polls during a migration (default 100 ms); MIGRATION events wake it early. */
+  readonly pollMs?: number;
+  /** QEMU start-up and QMP timeouts (default 30 s). */
+  readonly timeoutMs?: number;
+}
+
+/** What {@link QemuDriver.getPersistedState} returns; the state dirs hold the rest. */
+export interface QemuPersistedState {
+  readonly version: 1;
+  readonly vms: readonly { readonly name: string; readonly state: VmState; readonly crashes: number }[];
+}
+
+interface SpecFile {
+  readonly spec: QemuVmSpec;
+  readonly incoming: boolean;
+}
+
+interface Vm {
+  readonly spec: QemuVmSpec;
+  readonly stateDir: string;
+  state: VmState;
+  crashes: number;
+  startedAt: number | undefined;
+  proc: QemuProcess | undefined;
+  /** Why the process is expected to end (stop, kill, migrated…): its exit is then no crash. */
+  expectingExit: string | undefined;
+  incoming: boolean;
+  migrating: boolean;
+  dirtyRate: number | undefined;
+  cpuSample: { readonly at: number; readonly ticks: number } | undefined;
+  load: number;
+}
+
+/** QEMU's max-bandwidth has no "unlimited"; this is far above what a host link carries. */
+const UNLIMITED_BANDWIDTH = 1024 ** 4;
+const MiB = 1024 * 1024;
+const CLOCK_TICKS = 100;
+
+const PHASES: Readonly<Record<MigrationStatus, MigrationPhase>> = {
+  none: 'setup',
+  setup: 'setup',
+  active: 'precopy',
+  'pre-switchover': 'pre-switchover',
+  device: 'stop-and-copy',
+  'postcopy-active': 'precopy',
+  completed: 'completed',
+  failed: 'failed',
+  cancelling: 'cancelled',
+  cancelled: 'cancelled',
+  'wait-unplug': 'setup',
+  colo: 'precopy',
+  'postcopy-paused': 'precopy',
+  'postcopy-recover': 'precopy',
+};
+
+/**
+ * The `qemu` driver: a VM is a daemonized `qemu-system-x86_64` driven over QMP. VMs outlive the
+ * driver: {@link close} lets go of them, {@link restoreState} re-attaches through their state dirs.
+ * Live migration is QEMU's own (`migrate` / `-incoming defer`), with `pause-before-switchover` so
+ * the management hand-over can run its last round while the VM is paused at the switch.
+ *
+ * @example
+ * ```ts
+ * const driver = new QemuDriver({ root: '/var/lib/embot/vms', accel: 'tcg' });
+ * await driver.restoreState(undefined);
+ * await driver.create({ name: 'web-1', memory: 128 * 2 ** 20, vcpus: 1 });
+ * await driver.start('web-1');
+ * ```
+ */
+export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
+  readonly name = 'qemu';
+  readonly events = new EventEmitter<HypervisorEvents>();
+  readonly capabilities: HypervisorCapabilities;
+  private readonly vms = new Map<string, Vm>();
+  private readonly pollMs: number;
+  private readonly timeoutMs: number;
+  private closed = false;
+
+  constructor(private readonly o: QemuDriverOptions) {
+    this.pollMs = o.pollMs ?? 100;
+    this.timeoutMs = o.timeoutMs ?? 30_000;
+    mkdirSync(o.root, { recursive: true });
+    this.capabilities = { memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) } };
+  }
+
+  // ---- inspection
+
+  list(): readonly VmInfo[] {
+    return [...this.vms.values()].map(toInfo);
+  }
+
+  get(name: string): VmInfo | undefined {
+    const vm = this.vms.get(name);
+    return vm ? toInfo(vm) : undefined;
+  }
+
+  spec(name: string): QemuVmSpec | undefined {
+    return this.vms.get(name)?.spec;
+  }
+
+  /** The pid of a VM's QEMU while it has one. */
+  pid(name: string): number | undefined {
+    const proc = this.vms.get(name)?.proc;
+    return proc?.alive ? proc.pid : undefined;
+  }
+
+  /** The VM's state dir (serial.log holds the guest's console). */
+  stateDir(name: string): string {
+    return this.require(name).stateDir;
+  }
+
+  async stats(name: string): Promise<VmStats> {
+    const vm = this.require(name);
+    if (vm.proc?.alive) {
+      vm.load = cpuLoad(vm);
+      if (vm.state === 'running' && !vm.migrating) void this.measureDirtyRate(name, 1).catch(() => {});
+    } else {
+      vm.load = 0;
+    }
+    return { name, state: vm.state, memory: vm.spec.memory, load: vm.load, dirtyRate: vm.dirtyRate, pageSize: 4096 };
+  }
+
+  /** Measures the guest's dirty rate over `seconds` (QMP calc-dirty-rate), bytes/s. */
+  async measureDirtyRate(name: string, seconds = 1): Promise<number> {
+    const proc = this.requireProc(name, 'measure the dirty rate of');
+    const current = await proc.qmp.execute('query-dirty-rate');
+    if (current.status !== 'measuring') await proc.qmp.execute('calc-dirty-rate', { 'calc-time': seconds });
+    for (;;) {
+      await sleep(Math.max(100, seconds * 250));
+      const r = await proc.qmp.execute('query-dirty-rate');
+      if (r.status === 'measured' && r['dirty-rate'] !== undefined) {
+        const rate = r['dirty-rate'] * MiB;
+        this.require(name).dirtyRate = rate;
+        return rate;
+      }
+    }
+  }
+
+  // ---- lifecycle
+
+  async create(input: QemuVmSpec): Promise<VmInfo> {
+    const spec = validateQemuSpec(input);
+    if (this.vms.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists`, { details: { vm: spec.name } });
+    if (spec.bootImage !== undefined) checkImage(spec.bootImage, 'raw', spec.name);
+    for (const d of spec.disks ?? []) checkImage(d.path, d.format, spec.name);
+    const vm = this.addVm(spec, false);
+    this.setState(vm, 'created', 'create', null);
+    return toInfo(vm);
+  }
+
+  async start(name: string): Promise<VmInfo> {
+    const vm = this.require(name);
+    if (vm.incoming || !['created', 'stopped', 'crashed'].includes(vm.state)) throw badState(vm, 'start');
+    const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: false });
+    this.wire(vm, proc);
+    vm.startedAt = Date.now();
+    this.setState(vm, 'running', 'start');
+    return toInfo(vm);
+  }
+
+  /** Pauses the guest's vCPUs (QMP `stop`). */
+  async pause(name: string): Promise<VmInfo> {
+    const vm = this.require(name);
+    if (vm.state !== 'running') throw badState(vm, 'pause');
+    await this.requireProc(name, 'pause').qmp.execute('stop');
+    this.setState(vm, 'paused', 'pause');
+    return toInfo(vm);
+  }
+
+  async resume(name: string): Promise<VmInfo> {
+    const vm = this.require(name);
+    if (vm.state !== 'paused') throw badState(vm, 'resume');
+    await this.requireProc(name, 'resume').qmp.execute('cont');
+    this.setState(vm, 'running', 'resume');
+    return toInfo(vm);
+  }
+
+  /** QEMU quits (QMP `quit`); a guest OS that needs a clean shutdown gets one from inside first. */
+  async stop(name: string): Promise<VmInfo> {
+    const vm = this.require(name);
+    if (vm.state !== 'running' && vm.state !== 'paused') throw badState(vm, 'stop');
+    const proc = this.requireProc(name, 'stop');
+    vm.expectingExit = 'stop';
+    await proc.qmp.execute('quit').catch((e: unknown) => {
+      if (!isEmbotError(e, ErrorCodes.QMP_PROTOCOL)) throw e;
+    });
+    await proc.waitExit(this.timeoutMs);
+    this.processGone(vm, proc);
+    return toInfo(vm);
+  }
+
+  async kill(name: string): Promise<VmInfo> {
+    const vm = this.require(name);
+    const proc = vm.proc;
+    if (proc === undefined || !proc.alive) throw badState(vm, 'kill');
+    vm.expectingExit = 'kill';
+    await proc.kill(this.timeoutMs);
+    this.processGone(vm, proc);
+    return toInfo(vm);
+  }
+
+  async remove(name: string): Promise<void> {
+    const vm = this.require(name);
+    if (vm.state === 'running' || vm.state === 'paused' || vm.incoming) throw badState(vm, 'remove');
+    // A migrated VM's QEMU waits in postmigrate until now: the target owns the VM.
+    if (vm.proc?.alive) {
+      vm.expectingExit = vm.expectingExit ?? 'remove';
+      await vm.proc.kill(this.timeoutMs);
+    }
+    await vm.proc?.detach();
+    this.vms.delete(name);
+    rmSync(vm.stateDir, { recursive: true, force: true });
+    this.events.emit('vm-removed', { name });
+  }
+
+  // ---- persistence
+
+  getPersistedState(): QemuPersistedState {
+    return { version: 1, vms: [...this.vms.values()].map((vm) => ({ name: vm.spec.name, state: vm.state, crashes: vm.crashes })) };
+  }
+
+  /**
+   * Re-attaches to every VM in the root: a live QEMU is taken back as it runs (same pid, never
+   * started twice); a VM that was running and whose QEMU died meanwhile is `crashed`.
+   * `state` (from {@link getPersistedState}) gives crash counts and what each VM was doing.
+   */
+  async restoreState(state: unknown): Promise<void> {
+    const known = new Map((isPersisted(state) ? state.vms : []).map((v) => [v.name, v]));
+    for (const entry of readdirSync(this.o.root, { withFileTypes: true })) {
+      if (!entry.isDirectory() || this.vms.has(entry.name)) continue;
+      const stateDir = join(this.o.root, entry.name);
+      let file: SpecFile;
+      try {
+        file = JSON.parse(readFileSync(vmFiles(stateDir).spec, 'utf8')) as SpecFile;
+        validateQemuSpec(file.spec);
+      } catch {
+        continue;
+      }
+      const before = known.get(file.spec.name);
+      const vm = this.addVm(file.spec, file.incoming, false);
+      vm.crashes = before?.crashes ?? 0;
+      const proc = await QemuProcess.attach(stateDir, { timeoutMs: this.timeoutMs });
+      if (proc) {
+        this.wire(vm, proc);
+        const { status } = await proc.qmp.execute('query-status');
+        vm.startedAt = Date.now();
+        this.setState(vm, status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused', 'reattach', null);
+      } else if (before?.state === 'running' || before?.state === 'paused') {
+        vm.crashes++;
+        this.setState(vm, 'crashed', 'process-died', null);
+      } else {
+        this.setState(vm, before?.state ?? 'stopped', 'reattach', null);
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await Promise.all([...this.vms.values()].map(async (vm) => vm.proc?.detach()));
+  }
+
+  // ---- migration, source side
+
+  async migrateOut(name: string, o: MigrateOutOptions): Promise<MigrateOutResult> {
+    const vm = this.require(name);
+    if (vm.state !== 'running' || vm.migrating) throw badState(vm, 'migrate');
+    const proc = this.requireProc(name, 'migrate');
+    const qmp = proc.qmp;
+    const channels = o.channels ?? 1;
+    if (!Number.isInteger(channels) || channels < 1 || channels > 255) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `channels must be 1..255, not ${channels}`, { details: { vm: name, channels } });
+    }
+    if (o.signal?.aborted) throw aborted(name);
+    vm.migrating = true;
+    let wake: () => void = () => {};
+    const wakeUp = (): void => wake();
+    const onEvent = (e: QmpEvent): void => {
+      if (e.event === 'MIGRATION' || e.event === 'MIGRATION_PASS') wakeUp();
+    };
+    qmp.events.on('event', onEvent);
+    o.signal?.addEventListener('abort', wakeUp);
+    const started = Date.now();
+    let maxThrottle = 0;
+    let lastInfo: MigrationInfo = {};
+    const progress = (info: MigrationInfo): MigrationProgress => ({
+      phase: PHASES[info.status ?? 'none'],
+      rounds: info.ram?.['dirty-sync-count'] ?? 0,
+      transferredBytes: info.ram?.transferred ?? 0,
+      remainingBytes: info.ram?.remaining ?? 0,
+      rateBytesPerSec: ((info.ram?.mbps ?? 0) * 1e6) / 8,
+      dirtyRateBytesPerSec: (info.ram?.['dirty-pages-rate'] ?? 0) * (info.ram?.['page-size'] ?? 4096),
+      expectedDowntimeMs: info['expected-downtime'] ?? 0,
+      throttle: (info['cpu-throttle-percentage'] ?? 0) / 100,
+      channels,
+    });
+    const cancel = async (): Promise<void> => {
+      await qmp.execute('migrate_cancel');
+      for (;;) {
+        const info = await qmp.execute('query-migrate');
+        if (info.status !== 'cancelling' && info.status !== 'pre-switchover' && info.status !== 'active' && info.status !== 'device') return;
+        await sleep(20);
+      }
+    };
+    try {
+      await qmp.execute('migrate-set-capabilities', {
+        capabilities: [
+          { capability: 'events', state: true },
+          { capability: 'auto-converge', state: o.autoConverge ?? false },
+          { capability: 'pause-before-switchover', state: true },
+          { capability: 'multifd', state: channels > 1 },
+        ],
+      });
+      await qmp.execute('migrate-set-parameters', {
+        'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
+        'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH),
+        ...(channels > 1 ? { 'multifd-channels': channels } : {}),
+      });
+      await qmp.execute('migrate', { uri: o.endpoint.uri });
+      let switched = false;
+      for (;;) {
+        const info = await qmp.execute('query-migrate');
+        lastInfo = info;
+        maxThrottle = Math.max(maxThrottle, (info['cpu-throttle-percentage'] ?? 0) / 100);
+        o.onProgress?.(progress(info));
+        if (info.status === 'completed') break;
+        if (info.status === 'failed' || info.status === 'cancelled') {
+          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `migration of VM ${name} ${info.status}: ${info['error-desc'] ?? 'no reason given'}`, { details: { vm: name, status: info.status } });
+        }
+        if (o.signal?.aborted) {
+          await cancel();
+          throw aborted(name);
+        }
+        if (info.status === 'pre-switchover' && !switched) {
+          switched = true;
+          try {
+            await o.beforeSwitchover?.();
+          } catch (e) {
+            await cancel();
+            throw e;
+          }
+          if (o.signal?.aborted) {
+            await cancel();
+            throw aborted(name);
+          }
+          await qmp.execute('migrate-continue', { state: 'pre-switchover' });
+          continue;
+        }
+        if (!switched && o.timeBudgetMs !== undefined && Date.now() - started > o.timeBudgetMs) {
+          await cancel();
+          const p = progress(info);
+          throw new EffectorError(
+            ErrorCodes.MIGRATION_NOT_CONVERGED,
+            `migration of VM ${name} did not converge within ${o.timeBudgetMs} ms (round ${p.rounds}, ${p.remainingBytes} bytes left, expected downtime ${p.expectedDowntimeMs} ms); cancelled, the VM runs here`,
+            { details: { vm: name, rounds: p.rounds, remainingBytes: p.remainingBytes, expectedDowntimeMs: p.expectedDowntimeMs } },
+          );
+        }
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, this.pollMs);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+      }
+      vm.expectingExit = 'migrated';
+      this.setState(vm, 'migrated', 'migrated');
+      return {
+        bytes: lastInfo.ram?.transferred ?? 0,
+        rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
+        totalMs: lastInfo['total-time'] ?? Date.now() - started,
+        downtimeMs: lastInfo.downtime ?? 0,
+        expectedDowntimeMs: lastInfo['expected-downtime'] ?? 0,
+        throttled: maxThrottle > 0,
+        maxThrottle,
+        channels,
+      };
+    } catch (e) {
+      // QEMU resumes a source it paused when a migration is cancelled or fails.
+      // (vm.state is re-read: the STOP/RESUME events of the migration changed it meanwhile.)
+      const now = vm.state as VmState;
+      if (vm.proc?.alive && now !== 'migrated') {
+        const status = await qmp.execute('query-status').catch(() => undefined);
+        if (status?.status === 'running' && now !== 'running') this.setState(vm, 'running', 'migration-cancelled');
+      }
+      throw e;
+    } finally {
+      vm.migrating = false;
+      qmp.events.off('event', onEvent);
+      o.signal?.removeEventListener('abort', wakeUp);
+    }
+  }
+
+  // ---- migration, target side
+
+  async prepareIncoming(input: QemuVmSpec, options: { readonly channels?: number } = {}): Promise<{ readonly endpoint: MigrationEndpoint }> {
+    const spec = validateQemuSpec(input);
+    if (this.vms.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
+    const channels = options.channels ?? 1;
+    const vm = this.addVm(spec, true);
+    try {
+      const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: true });
+      this.wire(vm, proc);
+      await proc.qmp.execute('migrate-set-capabilities', {
+        capabilities: [
+          { capability: 'events', state: true },
+          { capability: 'multifd', state: channels > 1 },
+        ],
+      });
+      if (channels > 1) await proc.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels });
+      const host = this.o.listenHost ?? '127.0.0.1';
+      await proc.qmp.execute('migrate-incoming', { uri: `tcp:${host}:0` });
+      const info = await proc.qmp.execute('query-migrate');
+      const port = info['socket-address']?.find((a) => a.type === 'inet')?.port;
+      if (port === undefined) throw new EffectorError(ErrorCodes.QEMU_FAILED, `incoming QEMU for VM ${spec.name} reports no listening port`, { details: { vm: spec.name } });
+      this.setState(vm, 'created', 'incoming', null);
+      return { endpoint: { uri: `tcp:${host}:${port}` } };
+    } catch (e) {
+      await this.abortIncoming(spec.name).catch(() => {});
+      throw e;
+    }
+  }
+
+  async commitIncoming(name: string, options: { readonly timeoutMs?: number } = {}): Promise<VmInfo> {
+    const vm = this.require(name);
+    if (!vm.incoming) throw badState(vm, 'commit an incoming migration of');
+    const proc = this.requireProc(name, 'commit');
+    const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
+    for (;;) {
+      const { status } = await proc.qmp.execute('query-status');
+      if (status === 'running') break;
+      if (status !== 'inmigrate' && status !== 'paused') {
+        throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} is ${status}, not running`, { details: { vm: name, status } });
+      }
+      if (Date.now() > deadline) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} does not run after ${options.timeoutMs ?? this.timeoutMs} ms`, { details: { vm: name, status } });
+      await sleep(20);
+    }
+    vm.incoming = false;
+    this.writeSpec(vm);
+    vm.startedAt = Date.now();
+    this.setState(vm, 'running', 'migrated-in');
+    return toInfo(vm);
+  }
+
+  async abortIncoming(name: string): Promise<void> {
+    const vm = this.vms.get(name);
+    if (vm === undefined) return;
+    if (!vm.incoming) throw badState(vm, 'abort an incoming migration of');
+    vm.expectingExit = 'abort-incoming';
+    if (vm.proc?.alive) await vm.proc.kill(this.timeoutMs);
+    await vm.proc?.detach();
+    this.vms.delete(name);
+    rmSync(vm.stateDir, { recursive: true, force: true });
+    this.events.emit('vm-removed', { name });
+  }
+
+  // ---- internals
+
+  private async dump(name: string, address: number, length: number): Promise<Uint8Array> {
+    const vm = this.require(name);
+    if (vm.state === 'running') throw badState(vm, 'dump the memory of (pause it first)');
+    const proc = this.requireProc(name, 'dump the memory of');
+    const file = join(vm.stateDir, `pmem-${process.pid}-${Date.now()}.bin`);
+    try {
+      await proc.qmp.execute('pmemsave', { val: address, size: length, filename: file }, { timeoutMs: Math.max(this.timeoutMs, 120_000) });
+      return readFileSync(file);
+    } finally {
+      rmSync(file, { force: true });
+    }
+  }
+
+  private launchBase(vm: Vm): { binary?: string; stateDir: string; spec: QemuVmSpec; accel?: Accel; timeoutMs: number } {
+    return {
+      ...(this.o.binary === undefined ? {} : { binary: this.o.binary }),
+      ...(this.o.accel === undefined ? {} : { accel: this.o.accel }),
+      stateDir: vm.stateDir,
+      spec: vm.spec,
+      timeoutMs: this.timeoutMs,
+    };
+  }
+
+  private addVm(spec: QemuVmSpec, incoming: boolean, write = true): Vm {
+    const vm: Vm = {
+      spec,
+      stateDir: join(this.o.root, spec.name),
+      state: 'created',
+      crashes: 0,
+      startedAt: undefined,
+      proc: undefined,
+      expectingExit: undefined,
+      incoming,
+      migrating: false,
+      dirtyRate: undefined,
+      cpuSample: undefined,
+      load: 0,
+    };
+    this.vms.set(spec.name, vm);
+    if (write) {
+      mkdirSync(vm.stateDir, { recursive: true });
+      this.writeSpec(vm);
+    }
+    return vm;
+  }
+
+  private writeSpec(vm: Vm): void {
+    const file: SpecFile = { spec: vm.spec, incoming: vm.incoming };
+    writeFileSync(vmFiles(vm.stateDir).spec, JSON.stringify(file, null, 2));
+  }
+
+  private wire(vm: Vm, proc: QemuProcess): void {
+    vm.proc = proc;
+    vm.expectingExit = undefined;
+    vm.cpuSample = undefined;
+    proc.qmp.events.on('event', (e) => {
+      if (vm.proc !== proc) return;
+      this.events.emit('vm-event', { name: vm.spec.name, event: e.event, data: e.data });
+      switch (e.event) {
+        case 'STOP':
+          if (vm.state === 'running') this.setState(vm, 'paused', vm.migrating ? 'migration-switchover' : 'qmp-stop');
+          break;
+        case 'RESUME':
+          if (vm.state === 'paused' || (vm.incoming && vm.state === 'created')) this.setState(vm, 'running', vm.incoming ? 'migrated-in' : 'qmp-cont');
+          break;
+        case 'SHUTDOWN':
+          vm.expectingExit ??= e.data['guest'] === true ? 'guest-shutdown' : 'qmp-quit';
+          break;
+        case 'GUEST_PANICKED':
+          vm.crashes++;
+          this.setState(vm, 'crashed', 'guest-panicked');
+          break;
+      }
+    });
+    proc.events.once('exit', () => {
+      if (vm.proc === proc) this.processGone(vm, proc);
+    });
+  }
+
+  /** The QEMU of `vm` ended: as asked (stopped), after a migration (migrated stays), or a crash. */
+  private processGone(vm: Vm, proc: QemuProcess): void {
+    if (vm.proc !== proc) return;
+    vm.proc = undefined;
+    void proc.detach();
+    vm.startedAt = undefined;
+    if (vm.state === 'migrated') return;
+    const reason = vm.expectingExit;
+    vm.expectingExit = undefined;
+    if (reason !== undefined) {
+      this.setState(vm, 'stopped', reason);
+    } else if (vm.state !== 'crashed') {
+      vm.crashes++;
+      this.setState(vm, 'crashed', 'process-died');
+    }
+  }
+
+  private setState(vm: Vm, to: VmState, reason: string, from: VmState | null = vm.state): void {
+    vm.state = to;
+    if (from === to) return;
+    this.events.emit('vm-state', { name: vm.spec.name, from, to, reason });
+  }
+
+  private require(name: string): Vm {
+    const vm = this.vms.get(name);
+    if (vm === undefined) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM ${name}`, { details: { vm: name } });
+    return vm;
+  }
+
+  private requireProc(name: string, op: string): QemuProcess {
+    const vm = this.require(name);
+    if (vm.proc === undefined || !vm.proc.alive) throw badState(vm, op);
+    return vm.proc;
+  }
+}
+
+function toInfo(vm: Vm): VmInfo {
+  return {
+    name: vm.spec.name,
+    state: vm.state,
+    memory: vm.spec.memory,
+    vcpus: vm.spec.vcpus,
+    crashes: vm.crashes,
+    ...(vm.startedAt === undefined ? {} : { startedAt: vm.startedAt }),
+  };
+}
+
+/** CPU share of the QEMU process since the last sample (/proc/PID/stat utime + stime), over its vCPUs. */
+function cpuLoad(vm: Vm): number {
+  const pid = vm.proc?.pid;
+  if (pid === undefined) return 0;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[11]) + Number(fields[12]);
+    const now = Date.now();
+    const before = vm.cpuSample;
+    vm.cpuSample = { at: now, ticks };
+    if (before === undefined || now <= before.at) return vm.load;
+    return Math.min(1, Math.max(0, (ticks - before.ticks) / CLOCK_TICKS / ((now - before.at) / 1000) / vm.spec.vcpus));
+  } catch {
+    return 0;
+  }
+}
+
+function badState(vm: Vm, op: string): EffectorError {
+  return new EffectorError(ErrorCodes.VM_BAD_STATE, `cannot ${op} VM ${vm.spec.name}: it is ${vm.incoming ? 'an incoming migration' : vm.state}`, {
+    details: { vm: vm.spec.name, state: vm.state, incoming: vm.incoming, op },
+  });
+}
+
+function aborted(name: string): EffectorError {
+  return new EffectorError(ErrorCodes.MIGRATION_ABORTED, `migration of VM ${name} aborted; the VM keeps running here`, { details: { vm: name } });
+}
+
+function isPersisted(state: unknown): state is QemuPersistedState {
+  return typeof state === 'object' && state !== null && (state as { version?: unknown }).version === 1 && Array.isArray((state as { vms?: unknown }).vms);
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

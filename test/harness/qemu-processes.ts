@@ -1,0 +1,119 @@
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll } from 'vitest';
+import { GUEST_IMAGE } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { killPid, pidAlive, runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { REPO } from './agent-process.ts';
+
+export const QEMU_BINARY = 'qemu-system-x86_64';
+
+export type QemuAvailability = { readonly ok: true } | { readonly ok: false; readonly reason: string };
+
+/**
+ * Whether the QEMU tests can run: the binary answers `--version` and the test guest is built
+ * (built here when binutils are there but the install step did not run). Missing QEMU skips
+ * locally but fails under CI (`process.env.CI`): CI installs qemu-system-x86 and must run these.
+ */
+export function qemuAvailability(): QemuAvailability {
+  const r = spawnSync(QEMU_BINARY, ['--version'], { encoding: 'utf8' });
+  if (r.error || r.status !== 0) return { ok: false, reason: `${QEMU_BINARY} not found: install the Debian package qemu-system-x86` };
+  if (!existsSync(GUEST_IMAGE)) spawnSync(process.execPath, [join(REPO, 'effectors/hypervisor/qemu/guest/build.mjs')], { stdio: 'ignore' });
+  if (!existsSync(GUEST_IMAGE)) return { ok: false, reason: 'the test guest could not be built (GNU as/ld missing: install binutils)' };
+  return { ok: true };
+}
+
+/** Call at the top of a QEMU test file: returns whether to run; throws under CI when QEMU is missing. */
+export function requireQemu(): boolean {
+  const a = qemuAvailability();
+  if (a.ok) return true;
+  if (process.env['CI']) throw new Error(`CI must run the QEMU tests: ${a.reason}`);
+  process.stderr.write(`QEMU tests skipped: ${a.reason}\n`);
+  return false;
+}
+
+export interface QemuProcesses {
+  /** A fresh root for a driver's VM state dirs; every QEMU under it is killed and the dir removed in afterAll. */
+  root(): string;
+  /** A QEMU pid started outside a root (bare QEMU in a test or bench), killed in afterAll. */
+  track(pid: number): void;
+  /** Live QEMU pids under the roots and among the tracked pids, now. */
+  live(): number[];
+  /** Kills everything now (afterAll does it too). */
+  killAll(): Promise<void>;
+}
+
+function pidsUnder(root: string): number[] {
+  if (!existsSync(root)) return [];
+  const pids: number[] = [];
+  for (const entry of readdirSync(root)) {
+    const dir = join(root, entry);
+    if (!statSync(dir).isDirectory()) continue;
+    const pid = runningPid(dir);
+    if (pid !== undefined) pids.push(pid);
+    // A migration test keeps a second root level (source/target) under one root.
+    pids.push(...pidsUnder(dir).filter((p) => p !== pid));
+  }
+  return pids;
+}
+
+/**
+ * Tracks every QEMU a test file starts — VMs outlive their driver by design, so nothing else would
+ * stop them — and kills any left in afterAll, also when a test failed, then removes the temp roots.
+ *
+ * @example
+ * ```ts
+ * const qemus = qemuProcesses();
+ * const driver = new QemuDriver({ root: qemus.root(), accel: 'tcg' });
+ * ```
+ */
+export function qemuProcesses(): QemuProcesses {
+  const roots: string[] = [];
+  const tracked = new Set<number>();
+  const live = (): number[] => [...new Set([...roots.flatMap(pidsUnder), ...[...tracked].filter(pidAlive)])];
+  const killAll = async (): Promise<void> => {
+    const pids = live();
+    for (const pid of pids) killPid(pid);
+    const deadline = Date.now() + 10_000;
+    while (pids.some(pidAlive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  };
+  afterAll(async () => {
+    const left = live();
+    await killAll();
+    for (const root of roots) rmSync(root, { recursive: true, force: true });
+    if (left.length > 0) process.stderr.write(`qemu hygiene: killed ${left.length} QEMU process(es) a test left running: ${left.join(', ')}\n`);
+  });
+  return {
+    root: () => {
+      // Short: a unix socket path (root/vm/qmp.sock) must fit in 108 bytes.
+      const root = mkdtempSync(join(tmpdir(), 'embot-qemu-'));
+      roots.push(root);
+      return root;
+    },
+    track: (pid) => void tracked.add(pid),
+    live,
+    killAll,
+  };
+}
+
+/** Bytes of the guest's serial log (heartbeat 'B' per pass) in a VM state dir. */
+export function serialBytes(stateDir: string): number {
+  try {
+    return statSync(vmFiles(stateDir).serial).size;
+  } catch {
+    return 0;
+  }
+}
+
+/** Resolves once the serial log of `stateDir` has grown by `more` bytes; rejects after `timeoutMs`. */
+export async function heartbeat(stateDir: string, more = 2, timeoutMs = 20_000): Promise<number> {
+  const from = serialBytes(stateDir);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const now = serialBytes(stateDir);
+    if (now >= from + more) return now;
+    if (Date.now() > deadline) throw new Error(`no heartbeat in ${stateDir}/serial.log within ${timeoutMs} ms (${from} -> ${now} bytes)`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
