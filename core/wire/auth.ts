@@ -26,6 +26,11 @@ export interface ProofInput {
   readonly serverNonce: Uint8Array;
   readonly clientAgent: string;
   readonly serverAgent: string;
+  /**
+   * On a TLS link, keying material exported from the TLS session (peer-tls.ts channelBinding): the
+   * proofs then hold for this session only, and key the HMAC when no cluster secret is configured.
+   */
+  readonly channelBinding?: Uint8Array;
 }
 
 const LABEL = 'embot-peer-auth-v1';
@@ -59,7 +64,16 @@ export function computeProof(secret: Uint8Array, role: AuthRole, input: ProofInp
   h.update(input.serverNonce);
   h.update(lengthPrefixed(input.clientAgent));
   h.update(lengthPrefixed(input.serverAgent));
+  if (input.channelBinding !== undefined) h.update(input.channelBinding);
   return h.digest();
+}
+
+/**
+ * The HMAC key of one handshake: the cluster secret, or on a TLS link without one the session's
+ * channel binding (the certificates then authenticate, and the proofs only tie the names to the session).
+ */
+export function proofKey(secret: Uint8Array | undefined, input: ProofInput): Uint8Array | undefined {
+  return secret ?? input.channelBinding;
 }
 
 /** Constant-time check of a proof received from the peer playing `role`. */

@@ -13,7 +13,7 @@ export const CloseCodes = {
   UNSUPPORTED_DATA: 1003,
   /** Bytes that are not a well-formed frame. */
   INVALID_PAYLOAD: 1007,
-  /** Authentication refused, handshake timeout, a frame before authentication. */
+  /** Authentication refused (secret or certificate), handshake timeout, a frame before authentication. */
   POLICY_VIOLATION: 1008,
   MESSAGE_TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
@@ -34,6 +34,9 @@ export function closeCodeFor(code: ErrorCode): CloseCode {
       return CloseCodes.MESSAGE_TOO_BIG;
     case ErrorCodes.PEER_UNAUTHENTICATED:
     case ErrorCodes.PEER_UNKNOWN:
+    case ErrorCodes.PEER_CERT_UNTRUSTED:
+    case ErrorCodes.PEER_CERT_NAME_MISMATCH:
+    case ErrorCodes.PEER_TLS_FAILED:
       return CloseCodes.POLICY_VIOLATION;
     default:
       return CloseCodes.INTERNAL_ERROR;

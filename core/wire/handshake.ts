@@ -4,13 +4,15 @@
  * same TCP chunk, and ws emits them synchronously one after the other, so the hand-over to
  * PeerConnection must happen inside the handler of the last handshake frame.
  */
+import type { X509Certificate } from 'node:crypto';
 import type WebSocket from 'ws';
 import { ErrorCodes, ProtocolError, isEmbotError, describeError, type EmbotError } from '../errors.ts';
-import { computeProof, createNonce, verifyProof, type ProofInput } from './auth.ts';
+import { computeProof, createNonce, proofKey, verifyProof, type ProofInput } from './auth.ts';
 import { CloseCodes, closeCodeFor, closeReason } from './close-codes.ts';
 import { decodeFrame, encodeFrame } from './frame-codec.ts';
 import { PROTOCOL_VERSION, type Frame, type HandshakeFrame } from './frames.ts';
 import { errorFromClose, protocolErrorFromWs } from './peer-connection.ts';
+import { describeNames, isIssuedTo } from './peer-tls.ts';
 
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 5_000;
 /** Handshake frames are ~150 bytes; anything big before authentication is abuse. */
@@ -25,9 +27,20 @@ const REFUSE_GRACE_MS = 1_000;
 
 export type HandshakeResult = { readonly ok: true; readonly remoteAgent: string } | { readonly ok: false; readonly error: EmbotError };
 
+/** What the TLS layer under the WebSocket established (TLS links only). */
+export interface TlsPeerInfo {
+  /** The peer's certificate, already verified against the cluster CA by OpenSSL. */
+  readonly certificate: X509Certificate;
+  /** Keying material of this TLS session (peer-tls.ts channelBinding). */
+  readonly binding: Uint8Array;
+}
+
 export interface ServerHandshakeOptions {
   readonly agent: string;
-  readonly secret: Uint8Array;
+  /** Cluster secret; may be absent on a TLS link (the certificates authenticate then). */
+  readonly secret: Uint8Array | undefined;
+  /** On a TLS link: the client must claim a name its certificate carries. */
+  readonly tls?: TlsPeerInfo;
   readonly timeoutMs: number;
   /** When set, only these agent names may connect. */
   readonly allowedPeers?: ReadonlySet<string>;
@@ -37,7 +50,10 @@ export interface ServerHandshakeOptions {
 
 export interface ClientHandshakeOptions {
   readonly agent: string;
-  readonly secret: Uint8Array;
+  /** Cluster secret; may be absent on a TLS link (the certificates authenticate then). */
+  readonly secret: Uint8Array | undefined;
+  /** On a TLS link: the server's certificate and session, known once the socket is open; the server must claim a name its certificate carries. */
+  readonly tls?: () => TlsPeerInfo | undefined;
   readonly timeoutMs: number;
   /** Name the server must announce (the name the peer is known by in `--peers`). */
   readonly expectedPeer?: string;
@@ -76,6 +92,16 @@ function unauthenticated(message: string): ProtocolError {
   return new ProtocolError(ErrorCodes.PEER_UNAUTHENTICATED, message);
 }
 
+function nameMismatch(who: string, claimed: string, certificate: X509Certificate): ProtocolError {
+  return new ProtocolError(ErrorCodes.PEER_CERT_NAME_MISMATCH, `${who} claims to be agent ${claimed} but its certificate is issued to ${describeNames(certificate)}`, {
+    details: { claimed },
+  });
+}
+
+function noKey(): ProtocolError {
+  return new ProtocolError(ErrorCodes.PEER_UNAUTHENTICATED, 'no cluster secret and no TLS session to authenticate the peer link with');
+}
+
 /** Decodes one handshake-phase message or explains why it is refused (with its close code). */
 function readHandshakeFrame(data: WebSocket.RawData, isBinary: boolean): { frame: Frame } | { error: EmbotError; closeCode?: number } {
   if (!isBinary) return { error: new ProtocolError(ErrorCodes.FRAME_MALFORMED, 'text frames are not accepted on the peer link'), closeCode: CloseCodes.UNSUPPORTED_DATA };
@@ -95,6 +121,7 @@ function readHandshakeFrame(data: WebSocket.RawData, isBinary: boolean): { frame
 export function serverHandshake(ws: WebSocket, options: ServerHandshakeOptions, done: (result: HandshakeResult) => void): void {
   let state: 'hello' | 'auth' | 'done' = 'hello';
   let input: ProofInput | undefined;
+  let key: Uint8Array | undefined;
   let wireBytes = 0;
 
   const finish = (result: HandshakeResult, closeCode?: number, tell = true): void => {
@@ -131,17 +158,26 @@ export function serverHandshake(ws: WebSocket, options: ServerHandshakeOptions, 
       if (frame.protocol !== PROTOCOL_VERSION) {
         return finish({ ok: false, error: unauthenticated(`protocol version ${frame.protocol} is not supported (this agent speaks ${PROTOCOL_VERSION})`) });
       }
+      if (options.tls && !isIssuedTo(options.tls.certificate, frame.agent)) return finish({ ok: false, error: nameMismatch('the client', frame.agent, options.tls.certificate) });
       if (options.allowedPeers && !options.allowedPeers.has(frame.agent)) {
         return finish({ ok: false, error: new ProtocolError(ErrorCodes.PEER_UNKNOWN, `agent ${frame.agent} is not an allowed peer of ${options.agent}`) });
       }
-      input = { clientNonce: frame.nonce, serverNonce: createNonce(), clientAgent: frame.agent, serverAgent: options.agent };
+      input = {
+        clientNonce: frame.nonce,
+        serverNonce: createNonce(),
+        clientAgent: frame.agent,
+        serverAgent: options.agent,
+        ...(options.tls ? { channelBinding: options.tls.binding } : {}),
+      };
+      key = proofKey(options.secret, input);
+      if (key === undefined) return finish({ ok: false, error: noKey() });
       state = 'auth';
-      send(ws, { type: 'Challenge', agent: options.agent, nonce: input.serverNonce, proof: computeProof(options.secret, 'server', input) });
+      send(ws, { type: 'Challenge', agent: options.agent, nonce: input.serverNonce, proof: computeProof(key, 'server', input) });
       return;
     }
-    if (state === 'auth' && input !== undefined) {
+    if (state === 'auth' && input !== undefined && key !== undefined) {
       if (frame.type !== 'Auth') return finish({ ok: false, error: unauthenticated(`${frame.type} before authentication; expected Auth`) });
-      if (!verifyProof(options.secret, 'client', input, frame.proof)) {
+      if (!verifyProof(key, 'client', input, frame.proof)) {
         return finish({ ok: false, error: unauthenticated(`authentication of ${input.clientAgent} failed: its proof does not match the cluster secret`) });
       }
       send(ws, { type: 'AuthOk' });
@@ -170,6 +206,7 @@ export function clientHandshake(ws: WebSocket, options: ClientHandshakeOptions, 
   let state: 'open' | 'challenge' | 'authok' | 'done' = 'open';
   const clientNonce = createNonce();
   let serverAgent = '';
+  let tls: TlsPeerInfo | undefined;
 
   const finish = (result: HandshakeResult, closeCode?: number, tell = true): void => {
     if (state === 'done') return;
@@ -184,6 +221,10 @@ export function clientHandshake(ws: WebSocket, options: ClientHandshakeOptions, 
   };
 
   const onOpen = (): void => {
+    if (options.tls) {
+      tls = options.tls();
+      if (tls === undefined) return finish({ ok: false, error: new ProtocolError(ErrorCodes.PEER_TLS_FAILED, `${options.url}: the link is not TLS; a wss:// URL is required`) });
+    }
     state = 'challenge';
     send(ws, { type: 'Hello', protocol: PROTOCOL_VERSION, agent: options.agent, nonce: clientNonce });
   };
@@ -197,16 +238,19 @@ export function clientHandshake(ws: WebSocket, options: ClientHandshakeOptions, 
     }
     if (state === 'challenge') {
       if (frame.type !== 'Challenge') return finish({ ok: false, error: unauthenticated(`${options.url} sent ${frame.type}; expected Challenge`) });
+      if (tls && !isIssuedTo(tls.certificate, frame.agent)) return finish({ ok: false, error: nameMismatch(options.url, frame.agent, tls.certificate) });
       if (options.expectedPeer !== undefined && frame.agent !== options.expectedPeer) {
         return finish({ ok: false, error: new ProtocolError(ErrorCodes.PEER_UNKNOWN, `${options.url} is agent ${frame.agent}, expected ${options.expectedPeer}`) });
       }
-      const input: ProofInput = { clientNonce, serverNonce: frame.nonce, clientAgent: options.agent, serverAgent: frame.agent };
-      if (!verifyProof(options.secret, 'server', input, frame.proof)) {
+      const input: ProofInput = { clientNonce, serverNonce: frame.nonce, clientAgent: options.agent, serverAgent: frame.agent, ...(tls ? { channelBinding: tls.binding } : {}) };
+      const key = proofKey(options.secret, input);
+      if (key === undefined) return finish({ ok: false, error: noKey() });
+      if (!verifyProof(key, 'server', input, frame.proof)) {
         return finish({ ok: false, error: unauthenticated(`authentication of ${frame.agent} at ${options.url} failed: its proof does not match the cluster secret`) });
       }
       serverAgent = frame.agent;
       state = 'authok';
-      send(ws, { type: 'Auth', proof: computeProof(options.secret, 'client', input) });
+      send(ws, { type: 'Auth', proof: computeProof(key, 'client', input) });
       return;
     }
     if (state === 'authok') {

@@ -2,21 +2,27 @@
  * Outgoing peer links: connect to a peer's endpoint, authenticate, hand back a PeerConnection.
  * No reconnection: a migration that loses its link aborts, and the next one connects afresh.
  */
+import { isIP } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import WebSocket from 'ws';
-import { ConfigError, ErrorCodes } from '../errors.ts';
+import { ConfigError, ErrorCodes, ProtocolError, isEmbotError } from '../errors.ts';
 import { assertClusterSecret } from './auth.ts';
 import { DEFAULT_MAX_FRAME_BYTES } from './frame-codec.ts';
 import { isValidAgentName } from './frame-validate.ts';
-import { DEFAULT_HANDSHAKE_TIMEOUT_MS, clientHandshake } from './handshake.ts';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS, clientHandshake, type TlsPeerInfo } from './handshake.ts';
+import { channelBinding, clientTlsOptions, tlsError, type PeerTls } from './peer-tls.ts';
 import { PeerConnection, type HandlerTable } from './peer-connection.ts';
 import { peerUrl, type PeerMap } from './peers.ts';
 
 export interface ConnectPeerOptions {
-  /** `ws://host:port/`. */
+  /** `ws://host:port/`, or `wss://host:port/` with `tls`. */
   readonly url: string;
   /** This agent's name. */
   readonly agent: string;
-  readonly secret: Uint8Array;
+  /** Cluster secret; optional with `tls`, where it is a second factor. */
+  readonly secret?: Uint8Array | undefined;
+  /** Mutual TLS (peer-tls.ts loadPeerTls): required for a `wss://` URL. */
+  readonly tls?: PeerTls | undefined;
   /** The name the server must announce; a different agent at that URL is refused (PEER_UNKNOWN). */
   readonly expectedPeer?: string;
   /** Largest frame accepted or sent; also the ws `maxPayload`. Default 64 MiB. */
@@ -70,7 +76,8 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
     return Promise.reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `agent name ${JSON.stringify(options.agent)} is invalid`));
   }
   try {
-    assertClusterSecret(options.secret);
+    if (options.secret !== undefined || options.tls === undefined) assertClusterSecret(options.secret ?? new Uint8Array());
+    assertScheme(options.url, options.tls !== undefined);
   } catch (e) {
     return Promise.reject(e);
   }
@@ -78,6 +85,7 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
   const timeoutMs = options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
   return new Promise<PeerConnection>((resolve, reject) => {
     let ws: WebSocket;
+    const tls = options.tls ? new TlsDial(options.tls, options.url) : undefined;
     try {
       ws = new WebSocket(options.url, {
         maxPayload: maxFrameBytes,
@@ -85,6 +93,8 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
         handshakeTimeout: timeoutMs,
         ...(options.masking === 'random' ? {} : { generateMask: zeroMask }),
         ...(options.localAddress !== undefined ? { localAddress: options.localAddress } : {}),
+        // ws hands its request options to createConnection, as it would to tls.connect.
+        ...(tls ? { createConnection: tls.connect as unknown as WebSocket.ClientOptions['createConnection'] } : {}),
       });
     } catch (e) {
       reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `invalid peer URL ${options.url}`, { cause: e }));
@@ -98,10 +108,11 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
         timeoutMs,
         url: options.url,
         ...(options.expectedPeer !== undefined ? { expectedPeer: options.expectedPeer } : {}),
+        ...(tls ? { tls: () => tls.peer() } : {}),
       },
       (result) => {
         if (!result.ok) {
-          reject(result.error);
+          reject(tls?.explain(result.error) ?? result.error);
           return;
         }
         resolve(
@@ -116,6 +127,69 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
       },
     );
   });
+}
+
+/** A wss:// URL needs our certificate, and a ws:// URL must not be used when we have one: the config forbids both mixes. */
+function assertScheme(url: string, tls: boolean): void {
+  const secure = url.startsWith('wss:');
+  if (secure && !tls) throw new ConfigError(ErrorCodes.CONFIG_INVALID, `${url} is a TLS peer; this agent has no certificate (peer.tls, --tls-ca/--tls-cert/--tls-key)`);
+  if (!secure && tls) throw new ConfigError(ErrorCodes.CONFIG_INVALID, `${url} is not wss://; with peer.tls every peer link is TLS`);
+}
+
+/**
+ * The TLS socket of one outgoing link, made for ws (its `createConnection`), so that the server's
+ * certificate and the session's channel binding are at hand for the handshake, and a failure is
+ * told with a code.
+ */
+class TlsDial {
+  private socket: TLSSocket | undefined;
+  private secured = false;
+  private failure: (Error & { code?: string }) | undefined;
+
+  constructor(private readonly tls: PeerTls, private readonly url: string) {}
+
+  readonly connect = (options: ConnectionOptions & { host?: string; servername?: string }): TLSSocket => {
+    const socket = tlsConnect({
+      ...options,
+      ...clientTlsOptions(this.tls),
+      path: undefined,
+      // As ws does: SNI carries host names only.
+      servername: options.servername ?? (options.host !== undefined && isIP(options.host) === 0 ? options.host : ''),
+    } as ConnectionOptions);
+    socket.once('secureConnect', () => (this.secured = true));
+    socket.once('error', (e: Error & { code?: string }) => (this.failure ??= e));
+    this.socket = socket;
+    return socket;
+  };
+
+  /** The server's certificate and the channel binding, once the TLS session is up. */
+  peer(): TlsPeerInfo | undefined {
+    const socket = this.socket;
+    if (socket === undefined || !this.secured || !socket.authorized) return undefined;
+    const certificate = socket.getPeerX509Certificate();
+    return certificate === undefined ? undefined : { certificate, binding: channelBinding(socket) };
+  }
+
+  /** A coded TLS error for a connection that failed below the WebSocket. */
+  explain(error: unknown): unknown {
+    if (isEmbotError(error) && error.code !== ErrorCodes.CONNECTION_CLOSED) return error;
+    const failure = this.failure;
+    if (failure !== undefined && (failure.code?.startsWith('ERR_SSL') || /certificate|self.signed|verify/i.test(failure.message) || !this.secured)) {
+      if (failure.code === 'ECONNREFUSED' || failure.code === 'ETIMEDOUT' || failure.code === 'EHOSTUNREACH') return error;
+      return tlsError(failure, `the peer at ${this.url}`, (failure as { code?: string }).code);
+    }
+    if (this.secured) {
+      // A TLS 1.3 server verifies the client's certificate after the client's side of the handshake
+      // is done, and Node drops a client it does not accept without an alert: the first sign is
+      // the connection closing before the WebSocket upgrade is answered.
+      return new ProtocolError(
+        ErrorCodes.PEER_CERT_UNTRUSTED,
+        `the peer at ${this.url} closed the TLS connection before answering the WebSocket upgrade, as it does with a client certificate it does not accept (another cluster CA, expired)`,
+        { cause: error },
+      );
+    }
+    return error;
+  }
 }
 
 /**

@@ -4,7 +4,9 @@
  * closed on its own; the server keeps accepting others.
  */
 import { EventEmitter } from 'eventemitter3';
+import { createServer as createHttpsServer, type Server as HttpsServer } from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { ConfigError, ErrorCodes, ProtocolError, describeError, type EmbotError } from '../errors.ts';
 import { assertClusterSecret } from './auth.ts';
@@ -12,11 +14,9 @@ import { CloseCodes } from './close-codes.ts';
 import { DEFAULT_MAX_FRAME_BYTES } from './frame-codec.ts';
 import { isValidAgentName } from './frame-validate.ts';
 import type { RequestType } from './frames.ts';
-import { DEFAULT_HANDSHAKE_TIMEOUT_MS, refuse, serverHandshake } from './handshake.ts';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS, refuse, serverHandshake, type TlsPeerInfo } from './handshake.ts';
 
 const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
-import { PeerConnection, type AnyRequestHandler, type HandlerTable, type RequestHandler } from './peer-connection.ts';
-import { DEFAULT_PEER_LISTEN, parsePeerListen, type PeerListenAddress } from './peers.ts';
 /**
  * Open links one authenticated peer may hold at once. A migration uses a control link, a data path
  * per path (maxPaths), a forwarding link and a status query; this leaves room for several at once.
@@ -77,15 +77,18 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
   readonly maxFrameBytes: number;
 
   private readonly wss: WebSocketServer;
+  /** The https server under `wss` (TLS listeners only; ws does not close a server it was given). */
+  private readonly https: HttpsServer | undefined;
   private readonly options: PeerServerOptions;
   private readonly handlers = new Map<RequestType, AnyHandler>();
   private readonly live = new Set<PeerConnection>();
   private readonly handshaking = new Set<WebSocket>();
   private closing: Promise<void> | undefined;
 
-  private constructor(wss: WebSocketServer, address: PeerListenAddress, options: PeerServerOptions) {
+  private constructor(wss: WebSocketServer, https: HttpsServer | undefined, address: PeerListenAddress, options: PeerServerOptions) {
     super();
     this.wss = wss;
+    this.https = https;
     this.address = address;
     this.options = options;
     this.agent = options.agent;
@@ -96,6 +99,13 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
     wss.on('connection', (ws, req) => this.accept(ws, req.socket));
     // A failing server socket after listen (rare) must not crash the agent through an unhandled 'error'.
     wss.on('error', () => {});
+    https?.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
+      // A client the CA did not vouch for is dropped by OpenSSL/Node before any HTTP byte is read; its
+      // verification result stays on the socket and says why.
+      this.emit('refused', tlsError(err, `TLS client ${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`, authorizationCode(socket)), {
+        remoteAddress: socket.remoteAddress,
+      });
+    });
   }
 
   /**
@@ -106,29 +116,42 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
    */
   static async listen(options: PeerServerOptions): Promise<PeerServer> {
     if (!isValidAgentName(options.agent)) throw new ConfigError(ErrorCodes.CONFIG_INVALID, `agent name ${JSON.stringify(options.agent)} is invalid`);
-    assertClusterSecret(options.secret);
+    if (options.secret !== undefined || options.tls === undefined) assertClusterSecret(options.secret ?? new Uint8Array());
     const where = typeof options.listen === 'object' ? options.listen : parsePeerListen(options.listen ?? DEFAULT_PEER_LISTEN);
     const maxPayload = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
+    const handshakeTimeoutMs = options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    const https = options.tls ? createHttpsServer(serverTlsOptions(options.tls, handshakeTimeoutMs)) : undefined;
+    if (https) {
+      // Only WebSocket upgrades are served; a TLS client that then idles or sends a plain request is cut off.
+      https.headersTimeout = handshakeTimeoutMs;
+      https.requestTimeout = handshakeTimeoutMs;
+      https.on('request', (_req, res) => res.writeHead(426, { 'content-type': 'text/plain', connection: 'close' }).end('embot peer link: WebSocket upgrade required\n'));
+    }
     const wss = await new Promise<WebSocketServer>((resolve, reject) => {
-      const server = new WebSocketServer({ host: where.host, port: where.port, maxPayload, perMessageDeflate: false, clientTracking: true });
+      const server = https
+        ? new WebSocketServer({ server: https, maxPayload, perMessageDeflate: false, clientTracking: true })
+        : new WebSocketServer({ host: where.host, port: where.port, maxPayload, perMessageDeflate: false, clientTracking: true });
+      const emitter = https ?? server;
       const onError = (e: Error): void => {
         server.close();
+        https?.close();
         reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `cannot listen for peers on ${where.host}:${where.port}: ${describeError(e)}`, { cause: e }));
       };
-      server.once('error', onError);
-      server.once('listening', () => {
-        server.off('error', onError);
+      emitter.once('error', onError);
+      emitter.once('listening', () => {
+        emitter.off('error', onError);
         resolve(server);
       });
+      https?.listen(where.port, where.host);
     });
-    const addr = wss.address() as AddressInfo;
-    return new PeerServer(wss, { host: where.host, port: addr.port }, options);
+    const addr = (https ? https.address() : wss.address()) as AddressInfo;
+    return new PeerServer(wss, https, { host: where.host, port: addr.port }, options);
   }
 
-  /** `ws://host:port/` of this endpoint, for `--peers` of other agents. */
+  /** `ws://host:port/` (`wss://` with TLS) of this endpoint, for `--peers` of other agents. */
   get url(): string {
     const host = this.address.host.includes(':') ? `[${this.address.host}]` : this.address.host;
-    return `ws://${host}:${this.address.port}/`;
+    return `${this.https ? 'wss' : 'ws'}://${host}:${this.address.port}/`;
   }
 
   /** Authenticated connections that are open. */
@@ -162,6 +185,12 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
       await Promise.race([Promise.all(conns.map((c) => c.closed)), new Promise((r) => setTimeout(r, 2_000).unref())]);
       for (const ws of this.wss.clients) ws.terminate();
       await new Promise<void>((resolve) => this.wss.close(() => resolve()));
+      if (this.https) {
+        const closed = new Promise<void>((resolve) => this.https!.close(() => resolve()));
+        // Sockets still in the TLS handshake or before their upgrade request hold the server open.
+        this.https.closeAllConnections();
+        await closed;
+      }
     })();
     return this.closing;
   }
@@ -180,6 +209,20 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
     }
     const allowed = this.options.allowedPeers ? new Set(this.options.allowedPeers) : undefined;
     this.handshaking.add(ws);
+    let tls: TlsPeerInfo | undefined;
+    if (this.https) {
+      // Reaching here means OpenSSL verified the chain (rejectUnauthorized); the name is checked on Hello.
+      const tlsSocket = socket as TLSSocket;
+      const certificate = tlsSocket.getPeerX509Certificate();
+      if (certificate === undefined || !tlsSocket.authorized) {
+        const err = tlsError(new Error('no verified client certificate'), `TLS client ${remoteAddress ?? '?'}`, authorizationCode(tlsSocket) ?? 'ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE');
+        this.handshaking.delete(ws);
+        refuse(ws, err);
+        this.emit('refused', err, { remoteAddress });
+        return;
+      }
+      tls = { certificate, binding: channelBinding(tlsSocket) };
+    }
     serverHandshake(
       ws,
       {
@@ -187,6 +230,7 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
         secret: this.options.secret,
         timeoutMs: this.options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
         socket,
+        ...(tls ? { tls } : {}),
         ...(allowed ? { allowedPeers: allowed } : {}),
       },
       (result) => {

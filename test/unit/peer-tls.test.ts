@@ -1,0 +1,228 @@
+/**
+ * The peer link over mutual TLS, in process with real sockets on 127.0.0.1: who is accepted,
+ * who is refused and with which code, and that the listener keeps serving after each refusal.
+ */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createSecureContext } from 'node:tls';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connect as netConnect } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
+import { ConfigError, ErrorCodes, type EmbotError } from '../../core/errors.ts';
+import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
+import { loadPeerTls, type PeerTls } from '../../core/wire/peer-tls.ts';
+import { makeTlsFixture, type TlsFixture } from '../harness/cluster-tls.ts';
+
+const SECRET = Buffer.from('peer-tls-unit-cluster-secret-01');
+
+let root: string;
+let ca1: TlsFixture;
+let ca2: TlsFixture;
+let tlsA: PeerTls;
+let tlsB: PeerTls;
+let tlsC: PeerTls;
+/** A certificate for `a` from a CA the cluster does not trust. */
+let foreignA: PeerTls;
+/** A certificate for `b` from a CA the cluster does not trust. */
+let foreignB: PeerTls;
+
+beforeAll(async () => {
+  root = mkdtempSync(join(tmpdir(), 'embot-peer-tls-'));
+  ca1 = await makeTlsFixture(join(root, 'ca1'), ['a', 'b', 'c']);
+  ca2 = await makeTlsFixture(join(root, 'ca2'), ['a', 'b']);
+  tlsA = loadPeerTls(ca1.files('a'), 'a');
+  tlsB = loadPeerTls(ca1.files('b'), 'b');
+  tlsC = loadPeerTls(ca1.files('c'), 'c');
+  // The foreign certificates are used with the cluster's CA as trust anchor, as an intruder would.
+  foreignA = withCa(ca2.files('a'), 'a', ca1.files('a').ca);
+  foreignB = withCa(ca2.files('b'), 'b', ca1.files('b').ca);
+});
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+/** Loads `files` checked against their own CA, then swaps the trust anchor to `caFile`. */
+function withCa(files: { ca: string; cert: string; key: string }, name: string, caFile: string): PeerTls {
+  const own = loadPeerTls(files, name);
+  // Swapped by hand: loadPeerTls itself refuses a certificate the configured CA did not sign.
+  const ca = readFileSync(caFile);
+  return { ...own, ca, clientContext: createSecureContext({ ca, cert: own.cert, key: own.key, minVersion: 'TLSv1.3' }) };
+}
+
+async function server(tls: PeerTls, agent: string, secret?: Uint8Array): Promise<{ server: PeerServer; refused: EmbotError[]; conns: PeerConnection[] }> {
+  const s = await PeerServer.listen({ agent, tls, ...(secret ? { secret } : {}), listen: '127.0.0.1:0', handshakeTimeoutMs: 2000 });
+  const refused: EmbotError[] = [];
+  const conns: PeerConnection[] = [];
+  s.on('refused', (e) => refused.push(e));
+  s.on('connection', (c) => conns.push(c));
+  return { server: s, refused, conns };
+}
+
+async function codeOf(p: Promise<unknown>): Promise<string | undefined> {
+  try {
+    const c = (await p) as PeerConnection;
+    await c.close();
+    return undefined;
+  } catch (e) {
+    return (e as EmbotError).code;
+  }
+}
+
+async function until(check: () => boolean, ms = 3000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** The listener still serves a legitimate peer. */
+async function stillServes(url: string, secret?: Uint8Array): Promise<void> {
+  const conn = await connectPeer({ url, agent: 'a', tls: tlsA, expectedPeer: 'b', ...(secret ? { secret } : {}) });
+  expect(await conn.ping()).toBeGreaterThanOrEqual(0);
+  await conn.close();
+}
+
+describe('peer link over mutual TLS', () => {
+  it('connects two agents whose certificates the cluster CA signed, without a cluster secret', async () => {
+    const { server: s, conns } = await server(tlsB, 'b');
+    try {
+      expect(s.url).toMatch(/^wss:\/\/127\.0\.0\.1:\d+\/$/);
+      const conn = await connectPeer({ url: s.url, agent: 'a', tls: tlsA, expectedPeer: 'b' });
+      expect(conn.remoteAgent).toBe('b');
+      expect(await conn.ping()).toBeGreaterThanOrEqual(0);
+      await until(() => conns.length === 1);
+      expect(conns[0]!.remoteAgent).toBe('a');
+      await conn.close();
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('keeps the cluster secret as a second factor: valid certificates and a wrong secret are refused', async () => {
+    const { server: s, refused } = await server(tlsB, 'b', SECRET);
+    try {
+      expect(await codeOf(connectPeer({ url: s.url, agent: 'a', tls: tlsA, secret: Buffer.from('another-cluster-secret-000000') }))).toBe(ErrorCodes.PEER_UNAUTHENTICATED);
+      await until(() => refused.length === 1);
+      await stillServes(s.url, SECRET);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('refuses a client whose certificate another CA signed, on both sides with PEER_CERT_UNTRUSTED', async () => {
+    const { server: s, refused, conns } = await server(tlsB, 'b');
+    try {
+      expect(await codeOf(connectPeer({ url: s.url, agent: 'a', tls: foreignA, expectedPeer: 'b' }))).toBe(ErrorCodes.PEER_CERT_UNTRUSTED);
+      await until(() => refused.length === 1);
+      expect(refused[0]!.code).toBe(ErrorCodes.PEER_CERT_UNTRUSTED);
+      expect(conns).toHaveLength(0);
+      await stillServes(s.url);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('refuses a valid certificate used to claim another agent name (PEER_CERT_NAME_MISMATCH)', async () => {
+    const { server: s, refused, conns } = await server(tlsB, 'b');
+    try {
+      // c's certificate, claiming to be a.
+      expect(await codeOf(connectPeer({ url: s.url, agent: 'a', tls: tlsC, expectedPeer: 'b' }))).toBe(ErrorCodes.PEER_CERT_NAME_MISMATCH);
+      await until(() => refused.length === 1);
+      expect(refused[0]!.code).toBe(ErrorCodes.PEER_CERT_NAME_MISMATCH);
+      expect(refused[0]!.message).toContain('CN=c');
+      expect(conns).toHaveLength(0);
+      await stillServes(s.url);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('a client refuses a server whose certificate another CA signed, or that names another agent', async () => {
+    const foreign = await server(foreignB, 'b');
+    const named = await server(tlsC, 'c');
+    try {
+      expect(await codeOf(connectPeer({ url: foreign.server.url, agent: 'a', tls: tlsA, expectedPeer: 'b' }))).toBe(ErrorCodes.PEER_CERT_UNTRUSTED);
+      // Agent c at the URL configured for b: its certificate is fine, it is just not b.
+      expect(await codeOf(connectPeer({ url: named.server.url, agent: 'a', tls: tlsA, expectedPeer: 'b' }))).toBe(ErrorCodes.PEER_UNKNOWN);
+    } finally {
+      await foreign.server.close();
+      await named.server.close();
+    }
+  });
+
+  it('a plain ws:// client reaches nothing on a TLS listener, which refuses it with PEER_TLS_FAILED and keeps serving', async () => {
+    const { server: s, refused, conns } = await server(tlsB, 'b');
+    try {
+      const plainUrl = s.url.replace('wss:', 'ws:');
+      const ws = new WebSocket(plainUrl, { perMessageDeflate: false, handshakeTimeout: 2000 });
+      const outcome = await new Promise<string>((resolve) => {
+        ws.on('open', () => resolve('open'));
+        ws.on('error', (e) => resolve(`error: ${e.message}`));
+      });
+      expect(outcome).toMatch(/^error/);
+      await until(() => refused.length === 1);
+      expect(refused[0]!.code).toBe(ErrorCodes.PEER_TLS_FAILED);
+      // A raw TCP client that sends nothing is cut off by the TLS handshake timeout, not held forever.
+      const raw = netConnect(s.address.port, '127.0.0.1');
+      await new Promise<void>((resolve) => raw.on('close', () => resolve()).on('error', () => {}));
+      expect(conns).toHaveLength(0);
+      await stillServes(s.url);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('refuses to dial a ws:// URL with TLS configured, or a wss:// one without', async () => {
+    expect(await codeOf(connectPeer({ url: 'ws://127.0.0.1:9/', agent: 'a', tls: tlsA }))).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(await codeOf(connectPeer({ url: 'wss://127.0.0.1:9/', agent: 'a', secret: SECRET }))).toBe(ErrorCodes.CONFIG_INVALID);
+  });
+
+  it('a TLS client reaching a plain listener fails with PEER_TLS_FAILED', async () => {
+    const plain = await PeerServer.listen({ agent: 'b', secret: SECRET, listen: '127.0.0.1:0' });
+    try {
+      const url = plain.url.replace('ws:', 'wss:');
+      expect(await codeOf(connectPeer({ url, agent: 'a', tls: tlsA, secret: SECRET }))).toBe(ErrorCodes.PEER_TLS_FAILED);
+    } finally {
+      await plain.close();
+    }
+  });
+});
+
+describe('loadPeerTls', () => {
+  function configError(fn: () => unknown): ConfigError {
+    try {
+      fn();
+    } catch (e) {
+      expect(e).toBeInstanceOf(ConfigError);
+      return e as ConfigError;
+    }
+    throw new Error('expected a ConfigError');
+  }
+
+  it('refuses a certificate another CA signed, one for another agent, a key of another certificate, and missing files', () => {
+    const a = ca1.files('a');
+    const foreign = ca2.files('a');
+    let e = configError(() => loadPeerTls({ ...foreign, ca: a.ca }, 'a'));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(e.message).toContain('not signed by the cluster CA');
+    e = configError(() => loadPeerTls(a, 'b'));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(e.message).toContain('not to this agent b');
+    e = configError(() => loadPeerTls({ ...a, key: ca1.files('b').key }, 'a'));
+    expect(e.message).toContain('is not the key of');
+    e = configError(() => loadPeerTls({ ...a, ca: a.cert }, 'a'));
+    expect(e.message).toContain('is not a CA certificate');
+    e = configError(() => loadPeerTls({ ...a, cert: join(root, 'nope.crt') }, 'a'));
+    expect(e.code).toBe(ErrorCodes.CONFIG_NOT_FOUND);
+    const garbage = join(root, 'garbage.pem');
+    writeFileSync(garbage, 'not a certificate');
+    e = configError(() => loadPeerTls({ ...a, cert: garbage }, 'a'));
+    expect(e.message).toContain('is not a PEM certificate');
+  });
+
+  it('refuses a certificate that is not valid at the given time', () => {
+    const later = new Date(Date.now() + 400 * 24 * 3600 * 1000);
+    const e = configError(() => loadPeerTls(ca1.files('a'), 'a', later));
+    expect(e.message).toMatch(/valid from .* not now/);
+  });
+});
