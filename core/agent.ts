@@ -250,6 +250,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
     const recovered = this.sensors.recover();
     if (recovered) log.info(`re-queued ${recovered} journaled events not yet processed`);
+    this.mobility.eventsRecovered();
     this.sensors.addSensor(new HostSensor({ agent: this.name, intervalMs: this.config.sensors.host.intervalMs, source: this.config.sensors.host.source, hostCpus: this.config.sim.hostCpus, vmLoads: () => this.vmLoads() }));
     this.sensors.addSensor(new VmSensor({ driver: this.driver, intervalMs: this.config.sensors.vm.intervalMs }));
     this.sensors.startSensors();
@@ -434,8 +435,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     });
   }
 
-  emitEvent(input: EmbotEventInput): Promise<EmbotEvent> {
-    return this.sensors.emit({ ...input, source: input.source ?? 'control' });
+  /** Refused with EMBOT_ERR_ELEMENT_MOVED for an element that moved away after its grace period; inside it, journaled and forwarded. */
+  async emitEvent(input: EmbotEventInput): Promise<EmbotEvent & { readonly forwardedTo?: string }> {
+    const { forwardedTo } = this.mobility.admitEvent(input.elementId);
+    const event = await this.sensors.emit({ ...input, source: input.source ?? 'control' });
+    return forwardedTo === undefined ? event : { ...event, forwardedTo };
   }
 
   listDeadLetters(opts: { limit: number }): readonly DeadLetter[] {

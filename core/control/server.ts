@@ -51,6 +51,8 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.VM_SPEC_INVALID]: 400,
   [ErrorCodes.ELEMENT_EXISTS]: 409,
   [ErrorCodes.EVENT_DUPLICATE]: 409,
+  // The element lives on another agent now (details.owner); this one will not take its events any more.
+  [ErrorCodes.ELEMENT_MOVED]: 410,
   [ErrorCodes.CONTROL_INTERNAL]: 500,
   [ErrorCodes.AGENT_STOPPED]: 503,
 };

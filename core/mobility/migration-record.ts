@@ -52,7 +52,10 @@ export interface MigrationSummary {
   readonly memoryBytes: number;
   /** From stopping the VM at the source to the target's acknowledgement (it runs there by then). */
   readonly downtimeMs: number | null;
+  /** Events the source handed to the target after the switch (late ones and those held after the last round). */
   readonly forwarded: number;
+  /** Events the source still had for the target when the grace period ended: dead letters (source side; see `embot events dead`). */
+  readonly deadLettered?: number;
   /** Pre-copy rounds, the final stop-and-copy included (0 for the target's view). */
   readonly rounds: number;
   /** Data paths the memory crossed on. */

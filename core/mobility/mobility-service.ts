@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'eventemitter3';
-import { pack, unpack } from 'msgpackr';
+import { unpack } from 'msgpackr';
 import { createActor, fromPromise, type AnyActorRef } from 'xstate';
 import { ConfigError, ErrorCodes, ProtocolError, describeError } from '../errors.ts';
 import type { EmbotEvent } from '../events.ts';
@@ -19,6 +19,7 @@ import { TargetSide } from './target-side.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
+import { Forwarding } from './forwarding.ts';
 
 export interface MobilityServiceOptions {
   readonly host: MobilityHost;
@@ -72,8 +73,15 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   private readonly targetConns = new Map<string, PeerConnection>();
   private closed = false;
 
+  /** Late events of VMs that moved away go to their new owner (journaled, resumed after a restart). */
+  readonly forwarding: Forwarding;
+
   constructor(private readonly o: MobilityServiceOptions) {
     super();
+    this.forwarding = new Forwarding({
+      host: o.host,
+      connect: (peer) => connectNamedPeer(this.o.peers, peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs }),
+    });
   }
 
   get peerUrl(): string | undefined {
@@ -110,6 +118,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   async close(): Promise<void> {
     this.closed = true;
+    this.forwarding.close();
     for (const m of this.live.values()) m.actor.stop();
     await Promise.all([this.server?.close(), ...this.dataServers.map((d) => d.close())]);
   }
@@ -157,6 +166,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       stepTimeoutMs: this.o.stepTimeoutMs,
       vmTimeoutMs: this.o.vmTimeoutMs,
       forwardGraceMs: this.o.forwardGraceMs,
+      forwarding: this.forwarding,
       onProgress: (p) => this.progress(key('source', id), p),
     });
     const input: SourceInput = { migrationId: id, vm, target: to, maxDirtyRounds: this.o.maxDirtyRounds, timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs } };
@@ -205,7 +215,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const m = this.live.get(key('source', id)) ?? this.live.get(key('target', id));
     if (m) return m.done;
     const row = this.host.journal.get(id, 'source') ?? this.host.journal.get(id, 'target');
-    return row?.notes.summary as MigrationSummary | undefined;
+    return this.withForwardCounts(row?.notes.summary as MigrationSummary | undefined);
   }
 
   cancel(id: string, reason = 'cancelled by operator'): boolean {
@@ -226,7 +236,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   private info(row: MigrationRow): MigrationInfo {
     const live = this.live.get(key(row.role, row.id));
-    const summary = row.notes.summary as MigrationSummary | undefined;
+    const summary = this.withForwardCounts(row.notes.summary as MigrationSummary | undefined);
     return {
       id: row.id,
       role: row.role,
@@ -242,6 +252,26 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     };
   }
 
+  /** A source's summary with what its forwarding has done since (it runs on after the summary was written). */
+  private withForwardCounts(summary: MigrationSummary | undefined): MigrationSummary | undefined {
+    const counts = summary && summary.from === this.host.agent ? this.forwarding.counts(summary.migrationId) : undefined;
+    return counts && summary ? { ...summary, forwarded: counts.forwarded, deadLettered: counts.deadLettered } : summary;
+  }
+
+  /**
+   * Checks an event posted from outside (control API) for an element that may have moved away:
+   * EMBOT_ERR_ELEMENT_MOVED naming the owner after the grace period; inside it, the new owner the
+   * event will be forwarded to.
+   */
+  admitEvent(elementId: string): { readonly forwardedTo?: string } {
+    return this.forwarding.admit({ elementId });
+  }
+
+  /** The agent re-queued its journaled events (after {@link recover}): forwardings whose grace period ended may let go. */
+  eventsRecovered(): void {
+    this.forwarding.afterEventsRecovered();
+  }
+
   // ---- crash recovery ----
 
   /**
@@ -252,12 +282,19 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   recover(): { readonly frozen: ReadonlySet<string> } {
     const frozen = new Set<string>();
     const host = this.host;
+    // Completed migrations' forwardings first: the journaled events of their elements go to them.
+    this.forwarding.restore();
     for (const row of host.journal.unfinished()) {
       const vmElement = `vm:${row.vm}`;
       const scope = row.notes.scope ?? (host.objects.has(vmElement) ? host.objects.subtree(vmElement).map((e) => e.id) : [vmElement]);
       if (row.role === 'target') {
         if (row.phase === 'committed') host.journal.finish(row.id, 'target', 'committed', 'completed', undefined);
         else host.journal.finish(row.id, 'target', 'aborted', 'aborted', `agent restarted during ${row.phase}; nothing was committed`);
+        continue;
+      }
+      if (this.forwarding.journal.get(row.id)) {
+        // The drop and the forwarding were committed; only the outcome was not written.
+        host.journal.finish(row.id, 'source', 'completed', 'completed', 'the VM had left before the restart');
         continue;
       }
       if (row.phase === 'finishing' || row.phase === 'completing') {
@@ -280,37 +317,37 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (row.notes.vmStopped && row.notes.wasRunning && this.host.driver.get(row.vm)?.state === 'stopped') this.host.driver.start(row.vm);
   }
 
-  private dropMovedVm(vm: string, scope: readonly string[]): void {
+  /** The VM and its management leave this agent; `journal` runs in the same transaction (the forwarding's record). */
+  private dropMovedVm(vm: string, scope: readonly string[], journal: () => void): void {
     const host = this.host;
     host.store.transaction(() => {
       host.sensors.drop(scope);
       host.runtime.forget(scope);
       if (host.objects.has(`vm:${vm}`)) host.objects.deregister(`vm:${vm}`, { withDependents: true });
       if (host.driver.get(vm)) host.driver.remove(vm);
+      journal();
     });
   }
 
   private async resolveAfterRestart(row: MigrationRow, scope: readonly string[], knownCommitted: boolean): Promise<void> {
+    if (knownCommitted) return this.settleMoved(row, scope);
     for (let attempt = 0; !this.closed; attempt++) {
       try {
         const conn = await connectNamedPeer(this.o.peers, row.peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs });
+        let committed: boolean;
         try {
-          const committed = knownCommitted || (await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id })).committed;
-          if (committed) {
-            // Events journaled here after the last shipment go to the new owner (it de-duplicates).
-            const held = this.host.sensors.serializeHeld(scope);
-            await conn.request({ type: 'ForwardedEvents', migrationId: row.id, events: held });
-            this.forwardFor(row.id, row.peer, scope);
-            this.dropMovedVm(row.vm, scope);
-            this.host.journal.finish(row.id, 'source', 'completed', 'completed', 'target had committed (settled after a restart)');
-          } else {
-            this.restartStoppedVm(row);
-            await attachAll(this.host, scope);
-            this.host.sensors.release(scope);
-            this.host.journal.finish(row.id, 'source', 'aborted', 'aborted', 'target had not committed (settled after a restart)');
-          }
+          committed = (await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id })).committed;
         } finally {
           void conn.close().catch(() => {});
+        }
+        if (this.closed) return;
+        if (committed) {
+          this.settleMoved(row, scope);
+        } else {
+          this.restartStoppedVm(row);
+          await attachAll(this.host, scope);
+          this.host.sensors.release(scope);
+          this.host.journal.finish(row.id, 'source', 'aborted', 'aborted', 'target had not committed (settled after a restart)');
         }
         return;
       } catch (e) {
@@ -320,22 +357,19 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     }
   }
 
-  /** Late events for moved elements go to their new owner for the grace period. */
-  private forwardFor(migrationId: string, peer: string, scope: readonly string[]): void {
-    let conn: Promise<PeerConnection> | undefined;
-    const end = this.host.sensors.redirect(scope, async (events) => {
-      conn ??= connectNamedPeer(this.o.peers, peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs });
-      try {
-        await (await conn).request({ type: 'ForwardedEvents', migrationId, events: pack(events) });
-      } catch (e) {
-        conn = undefined;
-        throw e;
-      }
+  /**
+   * The target committed: every event held here goes to it (it de-duplicates by id) before any
+   * later one, which is forwarded for a grace period from now; the VM leaves this agent. The
+   * forwarding is journaled with the drop and the outcome, so no network step stands between them.
+   */
+  private settleMoved(row: MigrationRow, scope: readonly string[]): void {
+    const rest = this.host.sensors.serializeHeld(scope);
+    const rec = { migrationId: row.id, vm: row.vm, peer: row.peer, elementIds: scope, until: Date.now() + this.o.forwardGraceMs };
+    this.forwarding.start(rec, rest);
+    this.dropMovedVm(row.vm, scope, () => {
+      this.forwarding.record(rec, rest);
+      this.host.journal.finish(row.id, 'source', 'completed', 'completed', 'target had committed (settled after a restart)');
     });
-    setTimeout(() => {
-      end();
-      void conn?.then((c) => c.close()).catch(() => {});
-    }, this.o.forwardGraceMs).unref();
   }
 
   private async notifyAbort(row: MigrationRow): Promise<void> {
@@ -388,10 +422,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
       ForwardedEvents: async (frame) => {
         const events = decodeEvents(frame.events);
-        const before = this.host.sensors.stats().duplicates;
-        await this.host.sensors.emitMany(events);
-        const duplicates = this.host.sensors.stats().duplicates - before;
-        return { type: 'ForwardedEventsAck', migrationId: frame.migrationId, accepted: events.length - duplicates, duplicates };
+        // De-duplicated by id, also against batches taken before a restart of either side.
+        return this.forwarding.receive(frame.migrationId, events);
       },
       PageBatch: (frame) => {
         const side = this.receivers.get(frame.migrationId);

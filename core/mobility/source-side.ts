@@ -1,6 +1,5 @@
 import { pack } from 'msgpackr';
 import { ErrorCodes, ProtocolError, describeError } from '../errors.ts';
-import type { EmbotEvent } from '../events.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
@@ -12,6 +11,7 @@ import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
 import { DEFAULT_BATCH_BYTES, WINDOW_BATCHES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
 import type { AgentConfig } from '../config/config.ts';
+import type { Forwarding } from './forwarding.ts';
 
 export type DataplaneConfig = AgentConfig['dataplane'];
 
@@ -63,6 +63,8 @@ export interface SourceSideOptions {
   readonly stepTimeoutMs: number;
   readonly vmTimeoutMs: number;
   readonly forwardGraceMs: number;
+  /** Takes the moved elements' late events to the target after the switch (and after a restart). */
+  readonly forwarding: Forwarding;
   readonly onProgress: (p: Partial<MigrationProgress>) => void;
 }
 
@@ -347,23 +349,23 @@ export class SourceSide implements SourceSteps {
   }
 
   /**
-   * The target owns the VM now. New events for its elements are forwarded for the grace period;
-   * the ones held since the last round follow them; then everything of the VM goes from here.
+   * The target owns the VM now. Events held since the last round, then new events for its
+   * elements, go to it for the grace period (see forwarding.ts: its own connection, re-opened when
+   * the link drops); everything of the VM goes from here in the transaction that journals that
+   * forwarding. No network step comes before that transaction can fail it: a crash before it leaves
+   * the migration in 'finishing' for recovery, a crash after it leaves the forwarding journaled.
    */
   async finishSource(input: SourceInput): Promise<void> {
     const host = this.host;
     const migrationId = input.migrationId;
-    const forward = async (events: readonly EmbotEvent[]): Promise<void> => {
-      await this.request({ type: 'ForwardedEvents', migrationId, events: pack(events) });
-      this.stats.forwarded += events.length;
-    };
-    const endRedirect = host.sensors.redirect(this.scope, forward);
-    setTimeout(endRedirect, this.o.forwardGraceMs).unref();
-    await this.handOverUdp(migrationId);
     const rest = host.sensors.serializeHeldSince(this.scope, this.cursor);
-    if (rest.count > 0) {
-      const reply = await this.request({ type: 'ForwardedEvents', migrationId, events: rest.bytes });
-      this.stats.forwarded += reply.type === 'ForwardedEventsAck' ? reply.accepted : 0;
+    const rec = { migrationId, vm: this.o.vm, peer: this.o.target, elementIds: this.scope, until: Date.now() + this.o.forwardGraceMs };
+    this.o.forwarding.start(rec, rest.count > 0 ? rest.bytes : undefined);
+    try {
+      await this.handOverUdp(migrationId);
+    } catch (e) {
+      // The VM's management moved regardless; its UDP clients lose what was buffered, and are told why.
+      host.logger.warn(`migration ${migrationId}: UDP hand-over to ${this.o.target} failed`, { error: describeError(e) });
     }
     host.store.transaction(() => {
       // The rows of a large hold queue are deleted on the next turn: the switch does not wait for them.
@@ -371,10 +373,11 @@ export class SourceSide implements SourceSteps {
       host.runtime.forget(this.scope);
       if (host.objects.has(this.vmElement)) host.objects.deregister(this.vmElement, { withDependents: true });
       if (host.driver.get(this.o.vm)) host.driver.remove(this.o.vm);
+      this.o.forwarding.record(rec, rest.count > 0 ? rest.bytes : undefined);
     });
     this.unmute?.();
     this.unmute = undefined;
-    setTimeout(() => void this.conn?.close().catch(() => {}), this.o.forwardGraceMs).unref();
+    void this.conn?.close().catch(() => {});
   }
 
   /**
@@ -415,6 +418,8 @@ export class SourceSide implements SourceSteps {
   }
 
   async resolveOutcome(input: SourceInput): Promise<'committed' | 'notCommitted'> {
+    // The link that failed MigrationComplete is not asked again: a fresh one is.
+    void this.conn?.close().catch(() => {});
     this.conn = undefined;
     const reply = await this.request({ type: 'MigrationStatusQuery', migrationId: input.migrationId });
     return reply.committed ? 'committed' : 'notCommitted';

@@ -145,6 +145,36 @@ export const MIGRATIONS: readonly string[] = [
   );
   CREATE INDEX parked_events_embot ON parked_events(embot_id, seq);
   `,
+  `
+  -- A completed migration's forwarding, written by the source in the transaction that drops the VM's
+  -- elements: what moved (element_ids, JSON), to whom (peer) and until when events for them go there
+  -- (until, ms since epoch). rest: hold-queue bytes of events held after the last round, not yet taken
+  -- by the peer (NULL once it took them). ended: the grace period is over and nothing waits any more.
+  CREATE TABLE forwardings (
+    migration_id TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    element_ids TEXT NOT NULL,
+    until INTEGER NOT NULL,
+    rest BLOB,
+    forwarded INTEGER NOT NULL DEFAULT 0,
+    dead_lettered INTEGER NOT NULL DEFAULT 0,
+    ended INTEGER NOT NULL DEFAULT 0
+  );
+  -- Element -> the agent it moved to: events posted here after the grace period are refused with its name.
+  CREATE TABLE moved_elements (
+    element_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    migration_id TEXT NOT NULL,
+    at INTEGER NOT NULL
+  ) WITHOUT ROWID;
+  -- Ids of events a source forwarded here and this agent journaled: a batch sent again after a crash of
+  -- either side is refused by id even when its events were processed (and forgotten) before the crash.
+  CREATE TABLE forwarded_in (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+  ) WITHOUT ROWID;
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

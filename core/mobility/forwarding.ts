@@ -1,0 +1,293 @@
+import { pack, unpack } from 'msgpackr';
+import { ErrorCodes, EventError, ProtocolError, describeError } from '../errors.ts';
+import type { EmbotEvent, EmbotEventInput } from '../events.ts';
+import type { PeerConnection } from '../wire/peer-connection.ts';
+import type { ForwardedEventsAck } from '../wire/frames.ts';
+import { decodeHeld } from '../../sensors/index.ts';
+import type { MobilityHost } from './mobility-host.ts';
+import { ForwardingJournal, type ForwardRecord, type ForwardingRow } from './forwarding-journal.ts';
+
+export type { ForwardRecord } from './forwarding-journal.ts';
+
+/** Where an event posted for an element goes. */
+export type EventDestination =
+  | { readonly kind: 'here' }
+  /** The element moved; inside the grace period its events are journaled here and forwarded. */
+  | { readonly kind: 'forward'; readonly owner: string; readonly migrationId: string }
+  /** The element moved and the grace period is over: refuse, naming the owner. */
+  | { readonly kind: 'moved'; readonly owner: string; readonly migrationId: string };
+
+export interface ForwardingOptions {
+  readonly host: MobilityHost;
+  /** Opens an authenticated connection to the named peer. */
+  readonly connect: (peer: string) => Promise<PeerConnection>;
+  /** First pause before the held rest is offered again; doubles per failure up to `retryMaxMs`. */
+  readonly retryMs?: number;
+  readonly retryMaxMs?: number;
+  /** How long the new owner remembers the ids of forwarded events it took (default one day). */
+  readonly rememberMs?: number;
+}
+
+interface Active {
+  readonly rec: ForwardRecord;
+  rest: Uint8Array | undefined;
+  /** A hand-over of `rest` in flight, shared by the pump and the sink. */
+  restSending: Promise<void> | undefined;
+  conn: PeerConnection | undefined;
+  expired: boolean;
+  endRedirect: () => void;
+  timer: ReturnType<typeof setTimeout> | undefined;
+  pump: ReturnType<typeof setTimeout> | undefined;
+}
+
+const ONE_DAY_MS = 24 * 3600_000;
+
+/**
+ * After a completed migration the source forwards late events of the moved elements to their new
+ * owner until the grace period ends (DESIGN.md "Nothing lost after the switch"). One instance owns
+ * every forwarding of this agent, whether it began at the end of a migration or was restored from
+ * the journal by a restarted agent:
+ *
+ * - the record (what moved, to whom, until when, and the events held after the last round) is
+ *   written in the transaction that drops the elements, so a crash either leaves the migration
+ *   unsettled (recovery settles it and starts the forwarding) or leaves the forwarding journaled;
+ * - the held rest goes first, then the sensor service's redirect hands over batches in order; a
+ *   batch that fails is retried with the sensor service's capped doubling back-off, each attempt
+ *   on a fresh connection once the last one closed or failed;
+ * - at the end of the grace period whatever still waits becomes a dead letter with the reason, and
+ *   later events for those elements are refused with the new owner's name (a tombstone).
+ */
+export class Forwarding {
+  readonly journal: ForwardingJournal;
+  private readonly active = new Map<string, Active>();
+  /** Element -> the forwarding it belongs to (while one is active). */
+  private readonly byElement = new Map<string, Active>();
+  private readonly retryMs: number;
+  private readonly retryMaxMs: number;
+  /** Until the agent re-queued its journaled events, an expired redirection must stay: those rows go to it. */
+  private eventsRecovered = false;
+  private readonly endLater = new Set<Active>();
+  private closed = false;
+
+  constructor(private readonly o: ForwardingOptions) {
+    this.journal = new ForwardingJournal(o.host.store);
+    this.retryMs = o.retryMs ?? 250;
+    this.retryMaxMs = o.retryMaxMs ?? 5000;
+  }
+
+  private get host(): MobilityHost {
+    return this.o.host;
+  }
+
+  /**
+   * Starts forwarding `rec` (the redirect is installed at once, so events for the elements are not
+   * dispatched here any more). `rest`: events held after the last round, handed over before any
+   * redirected one. Journal it with {@link record} in the transaction that drops the elements.
+   */
+  start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
+    if (this.closed) return;
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => {}, timer: undefined, pump: undefined };
+    a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
+    this.active.set(rec.migrationId, a);
+    for (const id of rec.elementIds) this.byElement.set(id, a);
+    a.timer = setTimeout(() => this.expire(a), Math.max(0, rec.until - Date.now()));
+    a.timer.unref();
+    if (a.rest) this.pumpRest(a, 0);
+  }
+
+  /** Journals `rec` with its tombstones: inside the transaction that drops the moved elements. */
+  record(rec: ForwardRecord, rest: Uint8Array | undefined): void {
+    this.journal.record(rec, rest);
+  }
+
+  /** On start, before journaled events are re-queued: resumes every forwarding not yet settled. */
+  restore(): number {
+    const rows = this.journal.open();
+    for (const row of rows) {
+      this.start(row, row.rest);
+      this.host.logger.info(`forwarding events of ${row.vm} to ${row.peer} ${row.until > Date.now() ? `until ${new Date(row.until).toISOString()}` : '(grace period over: waiting events become dead letters)'}`, { migrationId: row.migrationId });
+    }
+    return rows.length;
+  }
+
+  /** The agent re-queued its journaled events: expired redirections may end now. */
+  afterEventsRecovered(): void {
+    this.eventsRecovered = true;
+    for (const a of this.endLater) this.finishExpiry(a);
+    this.endLater.clear();
+  }
+
+  /** Where an event posted for `elementId` goes. */
+  destination(elementId: string): EventDestination {
+    const a = this.byElement.get(elementId);
+    if (a && !a.expired) return { kind: 'forward', owner: a.rec.peer, migrationId: a.rec.migrationId };
+    if (this.host.objects.has(elementId)) return { kind: 'here' };
+    const moved = this.journal.movedTo(elementId);
+    return moved ? { kind: 'moved', owner: moved.owner, migrationId: moved.migrationId } : { kind: 'here' };
+  }
+
+  /**
+   * Throws EMBOT_ERR_ELEMENT_MOVED (naming the owner) for an element that moved away and whose grace
+   * period is over; else tells whether the event will be forwarded.
+   */
+  admit(input: Pick<EmbotEventInput, 'elementId'>): { readonly forwardedTo?: string } {
+    const d = this.destination(input.elementId);
+    if (d.kind === 'moved') {
+      throw new EventError(ErrorCodes.ELEMENT_MOVED, `element ${input.elementId} moved to ${d.owner} (migration ${d.migrationId}) and its grace period is over: post the event to ${d.owner}`, {
+        details: { elementId: input.elementId, owner: d.owner, migrationId: d.migrationId },
+      });
+    }
+    return d.kind === 'forward' ? { forwardedTo: d.owner } : {};
+  }
+
+  /** Counts of one forwarding, for the migration summary. */
+  counts(migrationId: string): { readonly forwarded: number; readonly deadLettered: number } | undefined {
+    const row: ForwardingRow | undefined = this.journal.get(migrationId);
+    return row && { forwarded: row.forwarded, deadLettered: row.deadLettered };
+  }
+
+  /** Ends every forwarding without touching the journal: a restarted agent resumes them. */
+  close(): void {
+    this.closed = true;
+    for (const a of this.active.values()) {
+      if (a.timer) clearTimeout(a.timer);
+      if (a.pump) clearTimeout(a.pump);
+      void a.conn?.close().catch(() => {});
+    }
+    this.active.clear();
+    this.byElement.clear();
+  }
+
+  // ---- the new owner's side ----
+
+  /**
+   * The events of a ForwardedEvents frame: those not taken before (by id, also across restarts of either
+   * side) are journaled here; the ids are remembered once they are.
+   */
+  async receive(migrationId: string, events: readonly EmbotEvent[]): Promise<Omit<ForwardedEventsAck, 'replyTo'>> {
+    const seen = this.journal.seen(events.map((e) => e.id));
+    const fresh = seen.size === 0 ? events : events.filter((e) => !seen.has(e.id));
+    const before = this.host.sensors.stats().duplicates;
+    await this.host.sensors.emitMany(fresh);
+    const duplicates = this.host.sensors.stats().duplicates - before + seen.size;
+    this.journal.remember(fresh.map((e) => e.id), this.o.rememberMs ?? ONE_DAY_MS);
+    return { type: 'ForwardedEventsAck', migrationId, accepted: events.length - duplicates, duplicates };
+  }
+
+  // ---- internals ----
+
+  /** The redirect's sink: the rest first, then the batch; after the grace period, dead letters. */
+  private async sink(a: Active, events: readonly EmbotEvent[]): Promise<void> {
+    if (a.expired) {
+      this.deadLetter(a, events);
+      return;
+    }
+    await this.sendRest(a);
+    const reply = await this.request(a, pack(events));
+    this.journal.countForwarded(a.rec.migrationId, reply.accepted + reply.duplicates);
+  }
+
+  private async request(a: Active, events: Uint8Array): Promise<Omit<ForwardedEventsAck, 'replyTo'>> {
+    if (!a.conn?.isOpen) {
+      void a.conn?.close().catch(() => {});
+      a.conn = undefined;
+      a.conn = await this.o.connect(a.rec.peer);
+    }
+    const conn = a.conn;
+    try {
+      const reply = await conn.request({ type: 'ForwardedEvents', migrationId: a.rec.migrationId, events });
+      if (reply.type !== 'ForwardedEventsAck') throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `${a.rec.peer} answered ForwardedEvents with ${(reply as { type: string }).type}`);
+      return reply;
+    } catch (e) {
+      // The next attempt opens a fresh connection: a link that failed once is not trusted again.
+      if (a.conn === conn) a.conn = undefined;
+      void conn.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  private sendRest(a: Active): Promise<void> {
+    if (a.rest === undefined) return Promise.resolve();
+    a.restSending ??= (async () => {
+      try {
+        const reply = await this.request(a, a.rest!);
+        a.rest = undefined;
+        if (!this.closed) this.journal.restTaken(a.rec.migrationId, reply.accepted + reply.duplicates);
+      } catch (e) {
+        // The grace period ended while this attempt was out: nothing will offer the rest again.
+        if (a.expired && !this.closed) this.deadLetterRest(a);
+        throw e;
+      } finally {
+        a.restSending = undefined;
+      }
+    })();
+    return a.restSending;
+  }
+
+  /** Offers the held rest until the peer takes it (the redirect may have nothing to send meanwhile). */
+  private pumpRest(a: Active, attempt: number): void {
+    a.pump = setTimeout(() => {
+      a.pump = undefined;
+      if (this.closed || a.expired || a.rest === undefined) return;
+      this.sendRest(a).catch((e: unknown) => {
+        this.host.logger.warn(`cannot hand the held events of ${a.rec.vm} to ${a.rec.peer} yet; retrying`, { migrationId: a.rec.migrationId, attempt, error: describeError(e) });
+        this.pumpRest(a, attempt + 1);
+      });
+    }, attempt === 0 ? 0 : Math.min(this.retryMaxMs, this.retryMs * 2 ** Math.min(attempt - 1, 20)));
+    a.pump.unref();
+  }
+
+  private expire(a: Active): void {
+    if (this.closed) return;
+    a.expired = true;
+    if (a.pump) clearTimeout(a.pump);
+    if (a.restSending === undefined) this.deadLetterRest(a);
+    if (this.eventsRecovered) this.finishExpiry(a);
+    else this.endLater.add(a);
+  }
+
+  /** Ends the redirection: events it still holds go through the sink, which dead-letters them now. */
+  private finishExpiry(a: Active): void {
+    a.endRedirect();
+    for (const id of a.rec.elementIds) if (this.byElement.get(id) === a) this.byElement.delete(id);
+    this.active.delete(a.rec.migrationId);
+    void a.conn?.close().catch(() => {});
+    a.conn = undefined;
+    this.journal.end(a.rec.migrationId);
+    const counts = this.counts(a.rec.migrationId);
+    this.host.logger.info(`grace period of migration ${a.rec.migrationId} over: events for ${a.rec.vm} are refused here now, naming ${a.rec.peer}`, { ...counts });
+  }
+
+  private deadLetterRest(a: Active): void {
+    if (a.rest === undefined) return;
+    let events: EmbotEvent[] = [];
+    try {
+      events = decodeForwarded(a.rest);
+    } catch (e) {
+      this.host.logger.error(`held events of ${a.rec.vm} cannot be decoded to dead-letter them`, { migrationId: a.rec.migrationId, error: describeError(e) });
+    }
+    a.rest = undefined;
+    this.deadLetter(a, events);
+    this.journal.restTaken(a.rec.migrationId, 0);
+  }
+
+  private deadLetter(a: Active, events: readonly EmbotEvent[]): void {
+    if (events.length === 0) return;
+    const reason = `EMBOT_ERR_ELEMENT_MOVED: the grace period of migration ${a.rec.migrationId} ended (${new Date(a.rec.until).toISOString()}) before ${a.rec.peer}, the new owner of ${a.rec.vm}, took this event`;
+    const n = this.journal.deadLetter(a.rec.migrationId, events, reason);
+    this.host.logger.warn(`${n} events for ${a.rec.vm} became dead letters: ${a.rec.peer} did not take them within the grace period`, { migrationId: a.rec.migrationId });
+  }
+}
+
+/** Forwarded events come as a list, or (the rest of the hold queues) in the hold-queue format. */
+export function decodeForwarded(bytes: Uint8Array): EmbotEvent[] {
+  let v: unknown;
+  try {
+    v = unpack(bytes) as unknown;
+  } catch (cause) {
+    throw new ProtocolError(ErrorCodes.FRAME_MALFORMED, `forwarded events are not msgpack: ${describeError(cause)}`, { cause });
+  }
+  if (Array.isArray(v)) return v as EmbotEvent[];
+  if (v !== null && typeof v === 'object' && 'queues' in v) return decodeHeld(bytes).flatMap((q) => [...q.events]);
+  throw new ProtocolError(ErrorCodes.FRAME_MALFORMED, 'forwarded events must be a list of events or hold queues');
+}
