@@ -75,6 +75,12 @@ export const ErrorCodes = {
   CONNECTION_CLOSED: 'EMBOT_ERR_CONNECTION_CLOSED',
   /** The peer could not serve a request: no handler for its type, or the handler failed without a code. */
   REQUEST_FAILED: 'EMBOT_ERR_REQUEST_FAILED',
+  /** A TLS peer presented no certificate, or one the cluster CA did not sign (or expired); or refused ours. */
+  PEER_CERT_UNTRUSTED: 'EMBOT_ERR_PEER_CERT_UNTRUSTED',
+  /** A TLS peer's certificate is valid but names another agent than the one it claims to be. */
+  PEER_CERT_NAME_MISMATCH: 'EMBOT_ERR_PEER_CERT_NAME_MISMATCH',
+  /** A TLS handshake failed for another reason than a certificate (e.g. plain ws:// to a wss:// listener). */
+  PEER_TLS_FAILED: 'EMBOT_ERR_PEER_TLS_FAILED',
   // agent
   AGENT_STOPPED: 'EMBOT_ERR_AGENT_STOPPED',
   // migration data plane
