@@ -56,6 +56,8 @@ interface Vm {
   expectingExit: string | undefined;
   incoming: boolean;
   migrating: boolean;
+  /** Reason for the STOP/RESUME event a pause()/resume() is about to cause (QEMU sends it before the reply). */
+  intent: string | undefined;
   dirtyRate: number | undefined;
   cpuSample: { readonly at: number; readonly ticks: number } | undefined;
   load: number;
@@ -192,7 +194,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   async pause(name: string): Promise<VmInfo> {
     const vm = this.require(name);
     if (vm.state !== 'running') throw badState(vm, 'pause');
-    await this.requireProc(name, 'pause').qmp.execute('stop');
+    vm.intent = 'pause';
+    try {
+      await this.requireProc(name, 'pause').qmp.execute('stop');
+    } finally {
+      vm.intent = undefined;
+    }
     this.setState(vm, 'paused', 'pause');
     return toInfo(vm);
   }
@@ -200,7 +207,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   async resume(name: string): Promise<VmInfo> {
     const vm = this.require(name);
     if (vm.state !== 'paused') throw badState(vm, 'resume');
-    await this.requireProc(name, 'resume').qmp.execute('cont');
+    vm.intent = 'resume';
+    try {
+      await this.requireProc(name, 'resume').qmp.execute('cont');
+    } finally {
+      vm.intent = undefined;
+    }
     this.setState(vm, 'running', 'resume');
     return toInfo(vm);
   }
@@ -520,6 +532,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       expectingExit: undefined,
       incoming,
       migrating: false,
+      intent: undefined,
       dirtyRate: undefined,
       cpuSample: undefined,
       load: 0,
@@ -546,10 +559,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       this.events.emit('vm-event', { name: vm.spec.name, event: e.event, data: e.data });
       switch (e.event) {
         case 'STOP':
-          if (vm.state === 'running') this.setState(vm, 'paused', vm.migrating ? 'migration-switchover' : 'qmp-stop');
+          if (vm.state === 'running') this.setState(vm, 'paused', vm.intent ?? (vm.migrating ? 'migration-switchover' : 'qmp-stop'));
           break;
         case 'RESUME':
-          if (vm.state === 'paused' || (vm.incoming && vm.state === 'created')) this.setState(vm, 'running', vm.incoming ? 'migrated-in' : 'qmp-cont');
+          if (vm.state === 'paused' || (vm.incoming && vm.state === 'created')) this.setState(vm, 'running', vm.intent ?? (vm.incoming ? 'migrated-in' : 'qmp-cont'));
           break;
         case 'SHUTDOWN':
           vm.expectingExit ??= e.data['guest'] === true ? 'guest-shutdown' : 'qmp-quit';

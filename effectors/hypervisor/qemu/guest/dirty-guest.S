@@ -5,9 +5,10 @@
  * (where the loop was). Same idea as QEMU's tests/migration/i386/a-b-bootblock.S; own code.
  *
  * What it does: enable A20, read the RAM size from CMOS (0x34/0x35: 64 KiB blocks above 16 MiB),
- * enter 32-bit protected mode with a flat GDT, then forever: add 1 to the first byte of every
- * 4 KiB page from 1 MiB to 4 MiB short of the end of RAM (or to LIMIT_MIB), spin DELAY_LOOPS times after each
- * page, and write 'B' to the serial port (0x3f8) after each full pass. After PASSES passes
+ * enter 32-bit protected mode with a flat GDT, zero the first byte of every page of the range,
+ * then forever: add 1 to the first byte of every 4 KiB page from 1 MiB to 4 MiB short of the end
+ * of RAM (or to LIMIT_MIB), spin DELAY_LOOPS times after each page, and write 'B' to the serial
+ * port (0x3f8) after each full pass. After PASSES passes
  * (0 = never) it keeps the same loop and heartbeat but only reads the pages, so memory becomes
  * static while the guest still shows it runs.
  *
@@ -75,6 +76,14 @@ protected:
         jae     1f
         mov     %eax, %ebx
 1:
+        /* Zero every counter first: the firmware left data in some of these pages (SeaBIOS's
+           relocated code near the top of RAM), and counters must all start equal. */
+        mov     $0x100000, %eax
+6:      movb    $0, (%eax)
+        add     $0x1000, %eax
+        cmp     %ebx, %eax
+        jb      6b
+
         mov     $1, %edi                /* 1: passes write, 0: passes only read */
         xor     %esi, %esi              /* passes done */
 
