@@ -90,14 +90,6 @@ export const ErrorCodes = {
   PAGE_BATCH_REJECTED: 'EMBOT_ERR_PAGE_BATCH_REJECTED',
   /** A migration was cancelled through its AbortSignal. */
   MIGRATION_ABORTED: 'EMBOT_ERR_MIGRATION_ABORTED',
-  // UDP relay (seed 002)
-  /** A handed-over UDP packet list (or a relay envelope) cannot be decoded. */
-  UDP_PACKETS_DECODE: 'EMBOT_ERR_UDP_PACKETS_DECODE',
-  /** A UDP relay was asked for an operation its mode does not allow (e.g. handOver while forwarding). */
-  UDP_RELAY_BAD_STATE: 'EMBOT_ERR_UDP_RELAY_BAD_STATE',
-  /** A request to a sim VM's UDP service is not `{"seq": <integer>}`. */
-  UDP_REQUEST_INVALID: 'EMBOT_ERR_UDP_REQUEST_INVALID',
-  // qemu driver
   /** A peer's frame names a migration this agent has no live record of with that peer (or no such id at all). */
   MIGRATION_UNKNOWN: 'EMBOT_ERR_MIGRATION_UNKNOWN',
   /** A peer's frame names a migration that is not in a phase where that frame is allowed. */
@@ -106,6 +98,14 @@ export const ErrorCodes = {
   MIGRATION_MISMATCH: 'EMBOT_ERR_MIGRATION_MISMATCH',
   /** A peer asked for more than its share: connections, concurrent incoming migrations, UDP handovers. */
   PEER_LIMIT: 'EMBOT_ERR_PEER_LIMIT',
+  // UDP relay (seed 002)
+  /** A handed-over UDP packet list (or a relay envelope) cannot be decoded. */
+  UDP_PACKETS_DECODE: 'EMBOT_ERR_UDP_PACKETS_DECODE',
+  /** A UDP relay was asked for an operation its mode does not allow (e.g. handOver while forwarding). */
+  UDP_RELAY_BAD_STATE: 'EMBOT_ERR_UDP_RELAY_BAD_STATE',
+  /** A request to a sim VM's UDP service is not `{"seq": <integer>}`. */
+  UDP_REQUEST_INVALID: 'EMBOT_ERR_UDP_REQUEST_INVALID',
+  // qemu driver
   /** A QMP peer sent something that is not QMP (no greeting, bad JSON, a reply to no request), or the socket closed under a request. */
   QMP_PROTOCOL: 'EMBOT_ERR_QMP_PROTOCOL',
   /** QEMU answered a QMP command with an error (its class and desc are in details). */

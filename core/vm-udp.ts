@@ -118,8 +118,8 @@ export class VmUdpServices {
    * packets first. Whatever served the VM here before is closed: its sockets would otherwise stay
    * open, unnamed, until the process ends.
    */
-  adopt(vm: string, served: number, packets: Uint8Array): Promise<UdpAddress> {
-    if (this.closed) return Promise.reject(new EffectorError(ErrorCodes.AGENT_STOPPED, 'the agent is stopping; UDP services are closed'));
+  async adopt(vm: string, served: number, packets: Uint8Array): Promise<UdpAddress> {
+    if (this.closed) throw new EffectorError(ErrorCodes.AGENT_STOPPED, 'the agent is stopping; UDP services are closed');
     // Decoded before anything opens: a bad hand-over costs no socket.
     const handed = decodePackets(packets);
     return this.serial(vm, async () => {

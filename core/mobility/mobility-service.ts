@@ -20,6 +20,7 @@ import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSu
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
 import { Forwarding } from './forwarding.ts';
+import { checkFrame, guardHandlers, stateName, type GuardVerdict, type GuardedFrame, type MigrationLookup } from './frame-guard.ts';
 
 export interface MobilityServiceOptions {
   readonly host: MobilityHost;
@@ -32,7 +33,19 @@ export interface MobilityServiceOptions {
   readonly maxDirtyRounds: number;
   readonly forwardGraceMs: number;
   readonly dataplane: DataplaneConfig;
+  /** What one peer may make this agent hold as a target (defaults: DEFAULT_TARGET_LIMITS). */
+  readonly targetLimits?: Partial<TargetLimits>;
 }
+
+/** Bounds on what peers can make this agent stage as the target of their migrations. */
+export interface TargetLimits {
+  /** Incoming migrations in progress from one peer. */
+  readonly perPeer: number;
+  /** Incoming migrations in progress from all peers together. */
+  readonly total: number;
+}
+
+export const DEFAULT_TARGET_LIMITS: TargetLimits = { perPeer: 4, total: 16 };
 
 export interface MobilityEvents {
   progress: (m: MigrationInfo) => void;
@@ -71,7 +84,18 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   private readonly receivers = new Map<string, TargetSide>();
   private readonly live = new Map<string, LiveMigration>();
   private readonly targetConns = new Map<string, PeerConnection>();
+  /** Committed incoming migrations whose UDP service was adopted, with when: one hand-over each. */
+  private readonly udpAdopted = new Map<string, number>();
   private closed = false;
+  /** The guard's view of our migrations (see frame-guard.ts). */
+  private readonly lookup: MigrationLookup = {
+    live: (role, id) => {
+      const m = this.live.get(key(role, id));
+      const snap = m?.actor.getSnapshot() as { status: string; value: unknown } | undefined;
+      return m && snap?.status === 'active' ? { vm: m.vm, peer: m.peer, state: stateName(snap.value) } : undefined;
+    },
+    journaled: (role, id) => this.host.journal.get(id, role),
+  };
 
   /** Late events of VMs that moved away go to their new owner (journaled, resumed after a restart). */
   readonly forwarding: Forwarding;
@@ -106,7 +130,11 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     }
     this.server.on('connection', (conn) => {
       conn.on('notification', (frame) => {
-        if (frame.type === 'Abort') this.abortTarget(frame.migrationId, `source aborted: ${frame.reason}`);
+        if (frame.type !== 'Abort') return;
+        // Only the source of a migration may abort it.
+        const v = this.check(frame, conn.remoteAgent);
+        if (v.ok) this.abortTarget(frame.migrationId, `source aborted: ${frame.reason}`);
+        else this.host.logger.warn('ignored an Abort', { code: v.error.code, reason: v.error.message, peer: conn.remoteAgent });
       });
       conn.on('close', () => {
         for (const [id, c] of this.targetConns) if (c === conn) this.abortTarget(id, 'the source disconnected');
@@ -155,13 +183,20 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           agent: this.host.agent,
           secret: this.o.secret!,
           requestTimeoutMs: this.o.stepTimeoutMs,
-          handlers: {
-            ModuleRequest: (req) => {
-              const b = this.host.modules.bundleFor(req.name, req.hash);
-              if (!b) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `${this.host.agent} has no module ${req.name}#${req.hash}`);
-              return { type: 'ModuleBundle', ...b };
+          handlers: guardHandlers(
+            {
+              ModuleRequest: (req) => {
+                // Only what this migration announced: the target gets no other module of ours.
+                if (!side.stats.modules.some((ref) => ref.startsWith(`${req.name}@`) && ref.endsWith(`#${req.hash}`))) {
+                  throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `module ${req.name}#${req.hash} is not among those migration ${id} announced`);
+                }
+                const b = this.host.modules.bundleFor(req.name, req.hash);
+                if (!b) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `${this.host.agent} has no module ${req.name}#${req.hash}`);
+                return { type: 'ModuleBundle', ...b };
+              },
             },
-          },
+            (frame, conn) => this.check(frame, conn.remoteAgent),
+          ),
         }),
       stepTimeoutMs: this.o.stepTimeoutMs,
       vmTimeoutMs: this.o.vmTimeoutMs,
@@ -193,6 +228,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const done = new Promise<MigrationSummary>((resolve) => {
       actor.subscribe({
         complete: () => {
+          // Stopped by close(): no output; the journal keeps the phase for recover() after the restart.
+          if (actor.getSnapshot().output === undefined) return resolve(failedSummary(id, vm, this.host.agent, to, startedAt, 'the agent stopped'));
           const out = actor.getSnapshot().output as SourceOutput;
           const summary = side.summarize(out, Date.now() - startedAt);
           this.finish('source', id, out.outcome === 'completed' ? 'completed' : out.outcome, summary);
@@ -392,7 +429,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       return new Promise<R>((resolve) => m.actor.send(make((r) => resolve(map(r)))));
     };
     const fail = (r: Parameters<StepReply>[0]) => (r.ok ? '' : r.reason);
-    return {
+    const handlers: HandlerTable = {
       StartMigration: (frame, conn) => this.startTarget(frame, conn),
       ManagementState: (frame) =>
         step(frame.migrationId, (reply) => ({ type: 'MANAGEMENT_STATE', frame, reply }), (r) =>
@@ -422,12 +459,14 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
       ForwardedEvents: async (frame) => {
         const events = decodeEvents(frame.events);
+        this.assertMoved(frame.migrationId, events);
         // De-duplicated by id, also against batches taken before a restart of either side.
         return this.forwarding.receive(frame.migrationId, events);
       },
       PageBatch: (frame) => {
         const side = this.receivers.get(frame.migrationId);
-        const r = side ? side.receivePages(frame) : { ok: false as const, reason: 'no migration staging memory under this id' };
+        // A probe batch (`<id>.probe`, passed by the guard) is read and refused: the source times it.
+        const r = side ? side.receivePages(frame) : { ok: false as const, reason: 'a path probe batch: read, not staged' };
         return { type: 'PageBatchAck', migrationId: frame.migrationId, ok: r.ok, ...(r.ok ? {} : { reason: r.reason }) };
       },
       PathOffer: (frame) => {
@@ -443,8 +482,18 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         };
       },
       UdpHandover: async (frame) => {
-        const addr = await this.host.udp.adopt(frame.vm, frame.served, frame.packets);
-        return { type: 'UdpHandoverAck', migrationId: frame.migrationId, host: addr.host, port: addr.port };
+        const now = Date.now();
+        for (const [id, at] of this.udpAdopted) if (now - at > this.settledForMs) this.udpAdopted.delete(id);
+        // One hand-over per migration: each opens sockets, and a repeat would only replace them.
+        if (this.udpAdopted.has(frame.migrationId)) throw new ProtocolError(ErrorCodes.MIGRATION_PHASE, `the UDP service of migration ${frame.migrationId} was handed over already`);
+        this.udpAdopted.set(frame.migrationId, now);
+        try {
+          const addr = await this.host.udp.adopt(frame.vm, frame.served, frame.packets);
+          return { type: 'UdpHandoverAck', migrationId: frame.migrationId, host: addr.host, port: addr.port };
+        } catch (e) {
+          this.udpAdopted.delete(frame.migrationId);
+          throw e;
+        }
       },
       MigrationStatusQuery: (frame) => {
         const row = this.host.journal.get(frame.migrationId, 'target');
@@ -454,6 +503,43 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         return { type: 'MigrationStatus', migrationId: frame.migrationId, committed };
       },
     };
+    return guardHandlers(handlers, (frame, conn) => this.check(frame, conn.remoteAgent));
+  }
+
+  /** How long after its commit an incoming migration still takes ForwardedEvents and UdpHandover: the source's grace period, plus a step for the frames in flight when it ends. */
+  private get settledForMs(): number {
+    return this.o.forwardGraceMs + this.o.stepTimeoutMs;
+  }
+
+  /** Checks a peer's frame against the migration it names (frame-guard.ts). */
+  private check(frame: GuardedFrame, peer: string): GuardVerdict {
+    return checkFrame(frame, { lookup: this.lookup, peer, now: Date.now(), settledForMs: this.settledForMs });
+  }
+
+  /** Forwarded events must be for elements the migration moved here, not for anything else this agent manages. */
+  private assertMoved(migrationId: string, events: readonly EmbotEvent[]): void {
+    const scope = this.host.journal.get(migrationId, 'target')?.notes.scope;
+    if (!scope) return;
+    const moved = new Set(scope);
+    const stray = events.find((e) => !(typeof e === 'object' && e !== null && moved.has(e.elementId)));
+    if (stray !== undefined) {
+      const what = typeof stray === 'object' && stray !== null ? JSON.stringify(String(stray.elementId)).slice(0, 80) : typeof stray;
+      throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `ForwardedEvents for ${what}, which migration ${migrationId} did not move; nothing of the frame was taken`);
+    }
+  }
+
+  /** Admits one more incoming migration from `peer`, or says which bound it would break. */
+  private admitIncoming(peer: string): void {
+    const limits = { ...DEFAULT_TARGET_LIMITS, ...this.o.targetLimits };
+    let fromPeer = 0;
+    let total = 0;
+    for (const m of this.live.values()) {
+      if (m.role !== 'target') continue;
+      total++;
+      if (m.peer === peer) fromPeer++;
+    }
+    if (fromPeer >= limits.perPeer) throw new ProtocolError(ErrorCodes.PEER_LIMIT, `${peer} already has ${fromPeer} migrations in progress to ${this.host.agent} (limit ${limits.perPeer})`);
+    if (total >= limits.total) throw new ProtocolError(ErrorCodes.PEER_LIMIT, `${this.host.agent} already receives ${total} migrations (limit ${limits.total})`);
   }
 
   private startTarget(frame: StartMigration, conn: PeerConnection): Promise<{ type: 'MigrationPermitted'; migrationId: string } | { type: 'MigrationDenied'; migrationId: string; reason: string }> {
@@ -462,6 +548,11 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (this.live.has(key('target', id)) || this.host.journal.get(id, 'target')) {
       return Promise.resolve({ type: 'MigrationDenied', migrationId: id, reason: 'migration id already used' });
     }
+    if (this.closed) return Promise.reject(new ProtocolError(ErrorCodes.AGENT_STOPPED, `${this.host.agent} is stopping`));
+    this.admitIncoming(source);
+    // Checked before anything is journaled: a frame that cannot be a migration of its VM leaves no trace.
+    const root = this.host.objects.deserialize(frame.elements)[0];
+    if (root?.id !== `vm:${frame.vm}`) throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `StartMigration of VM ${frame.vm} ships ${root ? `element ${root.id}` : 'no element'} as its root, not vm:${frame.vm}`);
     this.host.journal.begin(id, 'target', frame.vm, source, 'evaluating');
     this.targetConns.set(id, conn);
     const side = new TargetSide({ host: this.host, conn, stepTimeoutMs: this.o.stepTimeoutMs, onProgress: (p) => this.progress(key('target', id), p) });
@@ -495,6 +586,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       const done = new Promise<MigrationSummary>((resolve) => {
         actor.subscribe({
           complete: () => {
+            // Stopped by close(): no output; the journal keeps the phase for recover() after the restart.
+            if (actor.getSnapshot().output === undefined) return resolve(failedSummary(id, frame.vm, source, this.host.agent, startedAt, 'the agent stopped'));
             const out = actor.getSnapshot().output as { outcome: 'completed' | 'aborted' | 'denied'; reason?: string };
             const s = side.stats;
             const summary = summaryOf({

@@ -22,12 +22,20 @@ const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
  * per path (maxPaths), a forwarding link and a status query; this leaves room for several at once.
  */
 export const DEFAULT_MAX_CONNECTIONS_PER_PEER = 32;
+import { PeerConnection, type AnyRequestHandler, type HandlerTable, type RequestHandler } from './peer-connection.ts';
+import { DEFAULT_PEER_LISTEN, parsePeerListen, type PeerListenAddress } from './peers.ts';
+import { authorizationCode, channelBinding, serverTlsOptions, tlsError, type PeerTls } from './peer-tls.ts';
 
 export interface PeerServerOptions {
   /** This agent's name, announced in the handshake. */
   readonly agent: string;
-  /** Cluster secret (see loadClusterSecret); at least 16 bytes. */
-  readonly secret: Uint8Array;
+  /** Cluster secret (see loadClusterSecret); at least 16 bytes. Optional with `tls`, where it is a second factor. */
+  readonly secret?: Uint8Array | undefined;
+  /**
+   * Mutual TLS (peer-tls.ts loadPeerTls): the listener is `wss://` and accepts only clients whose
+   * certificate the cluster CA signed and names the agent they claim to be.
+   */
+  readonly tls?: PeerTls | undefined;
   /** `HOST:PORT` or an address; default 127.0.0.1:7401. Port 0 picks a free port. */
   readonly listen?: string | PeerListenAddress;
   /** Largest frame accepted or sent; also the ws `maxPayload`. Default 64 MiB. */
@@ -42,6 +50,8 @@ export interface PeerServerOptions {
   readonly maxPendingHandshakes?: number;
   /** Handlers for requests arriving on any accepted connection. */
   readonly handlers?: HandlerTable;
+  /** Open authenticated links one peer (by agent name) may hold; more are closed with 1013 and `EMBOT_ERR_PEER_LIMIT`. Default 32. */
+  readonly maxConnectionsPerPeer?: number;
 }
 
 export interface RefusedInfo {
@@ -50,8 +60,6 @@ export interface RefusedInfo {
 
 export interface PeerServerEvents {
   /** An authenticated peer. Attach per-connection handlers synchronously in the listener. */
-  /** Open authenticated links one peer (by agent name) may hold; more are closed with 1013 and `EMBOT_ERR_PEER_LIMIT`. Default 32. */
-  readonly maxConnectionsPerPeer?: number;
   connection: (conn: PeerConnection) => void;
   /** A socket that failed the handshake (wrong secret, garbage, timeout...) was closed. */
   refused: (error: EmbotError, info: RefusedInfo) => void;
@@ -239,6 +247,16 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
           this.emit('refused', result.error, { remoteAddress });
           return;
         }
+        const perPeer = this.options.maxConnectionsPerPeer ?? DEFAULT_MAX_CONNECTIONS_PER_PEER;
+        let held = 0;
+        for (const c of this.live) if (c.remoteAgent === result.remoteAgent) held++;
+        if (held >= perPeer) {
+          // Authenticated, but each link costs buffers and handlers: one peer cannot take them all.
+          const err = new ProtocolError(ErrorCodes.PEER_LIMIT, `${result.remoteAgent} already holds ${held} links to ${this.agent} (limit ${perPeer}); try again later`);
+          refuse(ws, err, CloseCodes.TRY_AGAIN_LATER);
+          this.emit('refused', err, { remoteAddress });
+          return;
+        }
         const conn = new PeerConnection(ws, {
           localAgent: this.agent,
           remoteAgent: result.remoteAgent,
@@ -256,13 +274,3 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
     );
   }
 }
-        const perPeer = this.options.maxConnectionsPerPeer ?? DEFAULT_MAX_CONNECTIONS_PER_PEER;
-        let held = 0;
-        for (const c of this.live) if (c.remoteAgent === result.remoteAgent) held++;
-        if (held >= perPeer) {
-          // Authenticated, but each link costs buffers and handlers: one peer cannot take them all.
-          const err = new ProtocolError(ErrorCodes.PEER_LIMIT, `${result.remoteAgent} already holds ${held} links to ${this.agent} (limit ${perPeer}); try again later`);
-          refuse(ws, err, CloseCodes.TRY_AGAIN_LATER);
-          this.emit('refused', err, { remoteAddress });
-          return;
-        }
