@@ -32,6 +32,7 @@ import { createTrustPolicy } from './mobility/trust-policy.ts';
 import type { MobilityHost } from './mobility/mobility-host.ts';
 import type { MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
 import { loadClusterSecret } from './wire/auth.ts';
+import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
 import { VmUdpServices } from './vm-udp.ts';
 
@@ -147,6 +148,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.mobility = new MobilityService({
       host: this,
       secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
+      tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
       listen: config.peer.listen,
       peers: parsePeers(config.peer.peers),
       stepTimeoutMs: config.mobility.stepTimeoutMs,
@@ -171,7 +173,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return this.name;
   }
 
-  /** `ws://…` where peers reach this agent, when it has a cluster secret. */
+  /** `ws://…` (`wss://…` with TLS) where peers reach this agent, when it has a cluster secret or TLS. */
   get peerUrl(): string | undefined {
     return this.mobility.peerUrl;
   }

@@ -6,6 +6,7 @@ import { createLogger } from '../logger.ts';
 // Deep imports on purpose: the wire index pulls in ws and msgpackr, which every CLI command would then load.
 import { loadClusterSecret } from '../wire/auth.ts';
 import { parsePeerListen, parsePeers } from '../wire/peers.ts';
+import { loadPeerTls } from '../wire/peer-tls.ts';
 import type { CliContext } from './context.ts';
 import { parseHostPort } from './parse.ts';
 
@@ -23,6 +24,9 @@ interface AgentFlags {
   readonly peerListen?: string;
   readonly peers?: Readonly<Record<string, string>>;
   readonly secretFile?: string;
+  readonly tlsCa?: string;
+  readonly tlsCert?: string;
+  readonly tlsKey?: string;
 }
 
 /** `embot agent`: runs an agent in the foreground until SIGINT/SIGTERM. */
@@ -40,9 +44,12 @@ export function registerAgentCommand(program: Command, ctx: CliContext, setExitC
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error', 'silent']))
     .addOption(new Option('--log-format <format>', 'log format').choices(['pretty', 'json']))
     .option('--token-file <file>', 'file holding the control API token (or set EMBOT_CONTROL_TOKEN)')
-    .option('--peer-listen <host:port>', 'where this agent accepts peers (default 127.0.0.1:7401; only with a secret)', parsePeerListenFlag)
+    .option('--peer-listen <host:port>', 'where this agent accepts peers (default 127.0.0.1:7401; only with a secret or TLS; off loopback only with TLS)', parsePeerListenFlag)
     .option('--peers <list>', 'peer agents by name, e.g. b=ws://127.0.0.1:7402,c=ws://127.0.0.1:7403', parsePeersFlag)
     .option('--secret-file <file>', 'file holding the cluster secret (at least 16 bytes) peers authenticate with')
+    .option('--tls-ca <file>', 'cluster CA certificate (embot ca init): peer links become wss:// with mutual TLS; with --tls-cert and --tls-key')
+    .option('--tls-cert <file>', "this agent's certificate, issued by the cluster CA (embot ca issue NAME)")
+    .option('--tls-key <file>', "this agent's private key")
     .action(async (opts: AgentFlags) => {
       setExitCode(await runAgent(opts, ctx));
     });
@@ -50,6 +57,8 @@ export function registerAgentCommand(program: Command, ctx: CliContext, setExitC
 
 async function runAgent(opts: AgentFlags, ctx: CliContext): Promise<number> {
   const config = loadConfig({ ...(opts.config === undefined ? {} : { file: opts.config }), flags: toConfigFlags(opts), env: ctx.env });
+  // Checked now, like the secret, so an unusable certificate is reported before the store is opened.
+  if (config.peer.tls) loadPeerTls(config.peer.tls, config.name);
   const logger = createLogger({ level: config.logLevel, format: config.logFormat, name: config.name, stream: ctx.io.stderr });
   // Imported lazily: client commands must not pay for loading the whole agent.
   const { startAgent } = await import('../agent.ts');
@@ -116,7 +125,7 @@ function toConfigFlags(opts: AgentFlags): AgentConfigInput {
   }
   if (opts.tokenFile !== undefined) control.token = readToken(opts.tokenFile);
   if (Object.keys(control).length > 0) flags.control = control;
-  const peer: { listen?: string; peers?: Record<string, string>; secretFile?: string } = {};
+  const peer: { listen?: string; peers?: Record<string, string>; secretFile?: string; tls?: { ca?: string; cert?: string; key?: string } } = {};
   if (opts.peerListen !== undefined) peer.listen = opts.peerListen;
   if (opts.peers !== undefined) peer.peers = { ...opts.peers };
   if (opts.secretFile !== undefined) {
@@ -124,6 +133,8 @@ function toConfigFlags(opts: AgentFlags): AgentConfigInput {
     loadClusterSecret(opts.secretFile);
     peer.secretFile = opts.secretFile;
   }
+  const tls = { ...(opts.tlsCa !== undefined ? { ca: opts.tlsCa } : {}), ...(opts.tlsCert !== undefined ? { cert: opts.tlsCert } : {}), ...(opts.tlsKey !== undefined ? { key: opts.tlsKey } : {}) };
+  if (Object.keys(tls).length > 0) peer.tls = tls;
   if (Object.keys(peer).length > 0) flags.peer = peer;
   return flags;
 }

@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
 import { registerAgentCommand } from './agent-command.ts';
+import { registerCaCommands } from './ca-commands.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { createContext, type CliIo } from './context.ts';
 import { registerEventCommands } from './event-commands.ts';
@@ -53,6 +54,7 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   registerVmCommands(program, ctx);
   registerEventCommands(program, ctx);
   registerModuleCommands(program, ctx);
+  registerCaCommands(program, ctx);
   registerMigrateCommands(program, ctx, (code) => {
     exitCode = code;
   });

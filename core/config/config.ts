@@ -4,6 +4,7 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { ConfigError, ErrorCodes, describeError } from '../errors.ts';
 import { DEFAULTS, defaultAgentName } from './defaults.ts';
+import { peerTransportIssues } from './peer-transport.ts';
 
 export { defaultAgentName };
 
@@ -83,8 +84,21 @@ export const AgentConfigSchema = z
         listen: z.string().min(1).default(DEFAULTS.peer.listen),
         /** Other agents by name: `{ b: 'ws://127.0.0.1:7402' }`. */
         peers: z.record(z.string(), z.string()).default({}),
-        /** File holding the cluster secret (at least 16 bytes); without it the peer port stays closed. */
+        /** File holding the cluster secret (at least 16 bytes); without it (and without `tls`) the peer port stays closed. */
         secretFile: z.string().min(1).optional(),
+        /**
+         * Mutual TLS with a cluster CA (`embot ca init` / `embot ca issue`): PEM files. With it the
+         * peer and data-path listeners are wss:// and every peer URL must be wss://; without it,
+         * peer links are plain ws:// and must stay on loopback.
+         */
+        tls: z
+          .object({
+            ca: z.string({ error: 'the cluster CA certificate file (ca.crt) is required with peer.tls' }).min(1),
+            cert: z.string({ error: "this agent's certificate file is required with peer.tls" }).min(1),
+            key: z.string({ error: "this agent's key file is required with peer.tls" }).min(1),
+          })
+          .strict()
+          .optional(),
       })
       .strict()
       .prefault({}),
@@ -143,7 +157,10 @@ export const AgentConfigSchema = z
     /** Per-module config overrides, merged over each module manifest's `config`. */
     modules: z.record(z.string(), z.record(z.string(), z.unknown())).default({}),
   })
-  .strict();
+  .strict()
+  .superRefine((config, ctx) => {
+    for (const issue of peerTransportIssues(config)) ctx.addIssue({ code: 'custom', path: [...issue.path], message: issue.message });
+  });
 
 export type AgentConfig = z.output<typeof AgentConfigSchema>;
 

@@ -8,6 +8,7 @@ import { PeerServer } from '../wire/peer-server.ts';
 import { connectNamedPeer, connectPeer } from '../wire/peer-client.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { PeerMap } from '../wire/peers.ts';
+import type { PeerTls } from '../wire/peer-tls.ts';
 import type { HandlerTable } from '../wire/peer-connection.ts';
 import type { StartMigration } from '../wire/frames.ts';
 import { createSourceMachine, type SourceOutput } from './source-machine.ts';
@@ -24,8 +25,10 @@ import { checkFrame, guardHandlers, stateName, type GuardVerdict, type GuardedFr
 
 export interface MobilityServiceOptions {
   readonly host: MobilityHost;
-  /** Cluster secret; without one the peer port stays closed and `migrate` refuses. */
+  /** Cluster secret; without one (and without `tls`) the peer port stays closed and `migrate` refuses. */
   readonly secret: Uint8Array | undefined;
+  /** Mutual TLS with the cluster CA: every listener is wss:// and every link presents this agent's certificate. */
+  readonly tls?: PeerTls | undefined;
   readonly listen: string;
   readonly peers: PeerMap;
   readonly stepTimeoutMs: number;
@@ -104,12 +107,22 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     super();
     this.forwarding = new Forwarding({
       host: o.host,
-      connect: (peer) => connectNamedPeer(this.o.peers, peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs }),
+      connect: (peer) => connectNamedPeer(this.o.peers, peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs }),
     });
   }
 
   get peerUrl(): string | undefined {
     return this.server?.url;
+  }
+
+  /** A secret or a certificate: without either, this agent has no peer endpoint. */
+  private get peersEnabled(): boolean {
+    return this.o.secret !== undefined || this.o.tls !== undefined;
+  }
+
+  /** Who this agent is on every link it opens or accepts (peer listener, data paths, forwarding). */
+  private get auth(): { readonly agent: string; readonly secret: Uint8Array | undefined; readonly tls: PeerTls | undefined } {
+    return { agent: this.host.agent, secret: this.o.secret, tls: this.o.tls };
   }
 
   peerNames(): readonly string[] {
@@ -121,13 +134,20 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   }
 
   async start(): Promise<void> {
-    if (!this.o.secret) return;
+    if (!this.peersEnabled) return;
     const handlers = this.targetHandlers();
-    this.server = await PeerServer.listen({ agent: this.host.agent, secret: this.o.secret, listen: this.o.listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers });
+    this.server = await PeerServer.listen({ ...this.auth, listen: this.o.listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers });
     // Data paths may arrive on other local addresses (seed 000: another NIC / address pair).
     for (const listen of this.o.dataplane.listen) {
-      this.dataServers.push(await PeerServer.listen({ agent: this.host.agent, secret: this.o.secret, listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers }));
+      this.dataServers.push(await PeerServer.listen({ ...this.auth, listen, requestTimeoutMs: this.o.stepTimeoutMs, handlers }));
     }
+    // The config refuses plain ws:// off loopback (core/config/peer-transport.ts); say which case this is.
+    this.host.logger.info(
+      this.o.tls
+        ? `peer links: wss:// with mutual TLS; peers need a certificate from the cluster CA that names them${this.o.secret ? ', and the cluster secret' : ''}`
+        : 'peer links: plain ws:// without TLS, allowed because every peer listener and peer URL is on loopback (set peer.tls to leave this host)',
+      { url: this.server.url },
+    );
     this.server.on('connection', (conn) => {
       conn.on('notification', (frame) => {
         if (frame.type !== 'Abort') return;
@@ -155,7 +175,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   /** Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary. */
   migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
-    if (!this.o.secret) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file); it cannot migrate');
+    if (!this.peersEnabled) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file) and no TLS (peer.tls); it cannot migrate');
     if (!this.o.peers.has(to)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
     if ([...this.live.values()].some((m) => m.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
@@ -172,16 +192,14 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       openPath: (p) =>
         connectPeer({
           url: p.url,
-          agent: this.host.agent,
-          secret: this.o.secret!,
+          ...this.auth,
           expectedPeer: to,
           requestTimeoutMs: this.o.stepTimeoutMs,
           ...(p.localAddress ? { localAddress: p.localAddress } : {}),
         }),
       connect: () =>
         connectNamedPeer(this.o.peers, to, {
-          agent: this.host.agent,
-          secret: this.o.secret!,
+          ...this.auth,
           requestTimeoutMs: this.o.stepTimeoutMs,
           handlers: guardHandlers(
             {
@@ -370,7 +388,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (knownCommitted) return this.settleMoved(row, scope);
     for (let attempt = 0; !this.closed; attempt++) {
       try {
-        const conn = await connectNamedPeer(this.o.peers, row.peer, { agent: this.host.agent, secret: this.o.secret!, requestTimeoutMs: this.o.stepTimeoutMs });
+        const conn = await connectNamedPeer(this.o.peers, row.peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs });
         let committed: boolean;
         try {
           committed = (await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id })).committed;
@@ -410,9 +428,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   }
 
   private async notifyAbort(row: MigrationRow): Promise<void> {
-    if (!this.o.secret || !this.o.peers.has(row.peer)) return;
+    if (!this.peersEnabled || !this.o.peers.has(row.peer)) return;
     try {
-      const conn = await connectNamedPeer(this.o.peers, row.peer, { agent: this.host.agent, secret: this.o.secret, requestTimeoutMs: this.o.stepTimeoutMs });
+      const conn = await connectNamedPeer(this.o.peers, row.peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs });
       conn.notify({ type: 'Abort', migrationId: row.id, reason: 'the source restarted' });
       await conn.close();
     } catch {

@@ -5,6 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { freeLoopbackPort } from '../../core/cli/free-port.ts';
 import { AgentProcess, FIXTURE_PLUGINS, SHIPPED_PLUGINS } from './agent-process.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import { makeTlsFixture, type TlsFixture } from './cluster-tls.ts';
 
 export interface PluginRef {
   readonly from: 'fixture' | 'shipped';
@@ -19,6 +20,11 @@ export interface ClusterOptions {
   /** Extra config per agent (merged over the generated one). */
   readonly config?: (name: string) => Record<string, unknown>;
   readonly env?: (name: string) => Record<string, string>;
+  /**
+   * Peer links over mutual TLS: a cluster CA in the cluster's folder, a certificate per agent,
+   * wss:// peer URLs. The cluster secret stays as a second factor unless `secret` is false.
+   */
+  readonly tls?: { readonly secret?: boolean };
 }
 
 /** A free port on 127.0.0.1 for an agent to listen on later (see core/cli/free-port.ts). */
@@ -32,6 +38,8 @@ export class Cluster {
   readonly agents = new Map<string, AgentProcess>();
   readonly root: string;
   readonly secretFile: string;
+  /** The cluster CA and its certificates (with the `tls` option). */
+  tls: TlsFixture | undefined;
   private readonly ports = new Map<string, number>();
 
   private constructor(readonly names: readonly string[], private readonly opts: ClusterOptions) {
@@ -42,6 +50,7 @@ export class Cluster {
 
   static async start(names: readonly string[], opts: ClusterOptions = {}): Promise<Cluster> {
     const c = new Cluster(names, opts);
+    if (opts.tls) c.tls = await makeTlsFixture(join(c.root, 'tls'), names);
     for (const n of names) c.ports.set(n, await freePort());
     for (const n of names) {
       const dir = c.pluginsDir(n);
@@ -68,9 +77,11 @@ export class Cluster {
 
   /** (Re)starts agent `name` on its data folder; `env` adds variables (e.g. a fault point). */
   async startAgent(name: string, env: Record<string, string> = {}): Promise<AgentProcess> {
-    const peers = Object.fromEntries(this.names.filter((n) => n !== name).map((n) => [n, `ws://127.0.0.1:${this.ports.get(n)}`]));
+    const scheme = this.tls ? 'wss' : 'ws';
+    const peers = Object.fromEntries(this.names.filter((n) => n !== name).map((n) => [n, `${scheme}://127.0.0.1:${this.ports.get(n)}`]));
+    const secret = this.opts.tls?.secret === false ? {} : { secretFile: this.secretFile };
     const config = {
-      peer: { listen: `127.0.0.1:${this.ports.get(name)}`, peers, secretFile: this.secretFile },
+      peer: { listen: `127.0.0.1:${this.ports.get(name)}`, peers, ...secret, ...(this.tls ? { tls: this.tls.files(name) } : {}) },
       mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
       sensors: { host: { intervalMs: 60_000 }, vm: { intervalMs: 60_000 } },
       ...(this.opts.config?.(name) ?? {}),
@@ -88,7 +99,14 @@ export class Cluster {
     this.agents.delete(name);
   }
 
-  /** Kills every agent and deletes the cluster's folder (data, plugins, secret). */
+  /** The peer port agent `name` listens on. */
+  port(name: string): number {
+    const p = this.ports.get(name);
+    if (p === undefined) throw new Error(`no agent ${name} in this cluster`);
+    return p;
+  }
+
+  /** Kills every agent and deletes the cluster's folder (data, plugins, secret, TLS files). */
   async stop(): Promise<void> {
     await Promise.all([...this.agents.values()].map((a) => a.kill().catch(() => {})));
     this.agents.clear();
