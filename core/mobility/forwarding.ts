@@ -21,7 +21,7 @@ export interface ForwardingOptions {
   readonly host: MobilityHost;
   /** Opens an authenticated connection to the named peer. */
   readonly connect: (peer: string) => Promise<PeerConnection>;
-  /** First pause before the held rest is offered again; doubles per failure up to `retryMaxMs`. */
+  /** First pause before a batch the peer did not take is offered again (default 100 ms); doubles per failure up to `retryMaxMs` (default 2 s). */
   readonly retryMs?: number;
   readonly retryMaxMs?: number;
   /** How long the new owner remembers the ids of forwarded events it took (default one day). */
@@ -38,6 +38,10 @@ interface Active {
   endRedirect: () => void;
   timer: ReturnType<typeof setTimeout> | undefined;
   pump: ReturnType<typeof setTimeout> | undefined;
+  /** Sinks waiting out a back-off: woken early when the grace period ends or the agent stops. */
+  readonly waiting: Set<() => void>;
+  /** Requests on `conn` not answered yet: the grace period's end does not cut them off (the peer may be taking them). */
+  busy: number;
 }
 
 const ONE_DAY_MS = 24 * 3600_000;
@@ -51,9 +55,10 @@ const ONE_DAY_MS = 24 * 3600_000;
  * - the record (what moved, to whom, until when, and the events held after the last round) is
  *   written in the transaction that drops the elements, so a crash either leaves the migration
  *   unsettled (recovery settles it and starts the forwarding) or leaves the forwarding journaled;
- * - the held rest goes first, then the sensor service's redirect hands over batches in order; a
- *   batch that fails is retried with the sensor service's capped doubling back-off, each attempt
- *   on a fresh connection once the last one closed or failed;
+ * - the held rest goes first, then the sensor service's redirect hands over batches in order, one
+ *   at a time; a batch the peer did not take is offered again after a capped doubling pause, each
+ *   attempt on a fresh connection once the last one closed or failed (a peer restarted on another
+ *   process is reached again);
  * - at the end of the grace period whatever still waits becomes a dead letter with the reason, and
  *   later events for those elements are refused with the new owner's name (a tombstone).
  */
@@ -71,8 +76,8 @@ export class Forwarding {
 
   constructor(private readonly o: ForwardingOptions) {
     this.journal = new ForwardingJournal(o.host.store);
-    this.retryMs = o.retryMs ?? 250;
-    this.retryMaxMs = o.retryMaxMs ?? 5000;
+    this.retryMs = o.retryMs ?? 100;
+    this.retryMaxMs = o.retryMaxMs ?? 2000;
   }
 
   private get host(): MobilityHost {
@@ -86,7 +91,7 @@ export class Forwarding {
    */
   start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
     if (this.closed) return;
-    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => {}, timer: undefined, pump: undefined };
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => {}, timer: undefined, pump: undefined, waiting: new Set(), busy: 0 };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);
     for (const id of rec.elementIds) this.byElement.set(id, a);
@@ -152,6 +157,7 @@ export class Forwarding {
     for (const a of this.active.values()) {
       if (a.timer) clearTimeout(a.timer);
       if (a.pump) clearTimeout(a.pump);
+      for (const wake of a.waiting) wake();
       void a.conn?.close().catch(() => {});
     }
     this.active.clear();
@@ -176,15 +182,52 @@ export class Forwarding {
 
   // ---- internals ----
 
-  /** The redirect's sink: the rest first, then the batch; after the grace period, dead letters. */
+  /**
+   * The redirect's sink: the rest first, then the batch, offered again after a capped doubling
+   * pause until the peer takes it (one batch at a time, so nothing overtakes it); once the grace
+   * period is over, a batch that fails is a dead letter. Rejects only when the agent stops: the
+   * rows stay for the next start.
+   */
   private async sink(a: Active, events: readonly EmbotEvent[]): Promise<void> {
-    if (a.expired) {
-      this.deadLetter(a, events);
-      return;
+    const bytes = pack(events);
+    for (let attempt = 0; ; attempt++) {
+      if (this.closed) throw new EventError(ErrorCodes.AGENT_STOPPED, 'forwarding stopped with the agent; the events stay journaled');
+      // A batch accepted just before the grace period ended gets one attempt; one that failed before does not get another.
+      if (a.expired && attempt > 0) {
+        this.deadLetter(a, events);
+        return;
+      }
+      try {
+        await this.sendRest(a);
+        const reply = await this.request(a, bytes);
+        this.journal.countForwarded(a.rec.migrationId, reply.accepted + reply.duplicates);
+        if (attempt > 0) this.host.logger.info(`forwarding to ${a.rec.peer} resumed`, { migrationId: a.rec.migrationId, attempts: attempt + 1 });
+        return;
+      } catch (e) {
+        if (attempt === 0 || attempt % 10 === 0) {
+          this.host.logger.warn(`cannot forward ${events.length} events of ${a.rec.vm} to ${a.rec.peer} yet; retrying on a new connection`, { migrationId: a.rec.migrationId, attempt, error: describeError(e) });
+        }
+        await this.pause(a, attempt);
+      }
     }
-    await this.sendRest(a);
-    const reply = await this.request(a, pack(events));
-    this.journal.countForwarded(a.rec.migrationId, reply.accepted + reply.duplicates);
+  }
+
+  private backOff(attempt: number): number {
+    return Math.min(this.retryMaxMs, this.retryMs * 2 ** Math.min(attempt, 20));
+  }
+
+  /** Waits out the back-off of `attempt`, or less when the grace period ends or the agent stops. */
+  private pause(a: Active, attempt: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = (): void => {
+        clearTimeout(t);
+        a.waiting.delete(wake);
+        resolve();
+      };
+      const t = setTimeout(wake, this.backOff(attempt));
+      t.unref();
+      a.waiting.add(wake);
+    });
   }
 
   private async request(a: Active, events: Uint8Array): Promise<Omit<ForwardedEventsAck, 'replyTo'>> {
@@ -194,6 +237,7 @@ export class Forwarding {
       a.conn = await this.o.connect(a.rec.peer);
     }
     const conn = a.conn;
+    a.busy++;
     try {
       const reply = await conn.request({ type: 'ForwardedEvents', migrationId: a.rec.migrationId, events });
       if (reply.type !== 'ForwardedEventsAck') throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `${a.rec.peer} answered ForwardedEvents with ${(reply as { type: string }).type}`);
@@ -203,6 +247,12 @@ export class Forwarding {
       if (a.conn === conn) a.conn = undefined;
       void conn.close().catch(() => {});
       throw e;
+    } finally {
+      a.busy--;
+      if (a.expired && a.busy === 0 && a.conn === conn && !this.active.has(a.rec.migrationId)) {
+        a.conn = undefined;
+        void conn.close().catch(() => {});
+      }
     }
   }
 
@@ -233,7 +283,7 @@ export class Forwarding {
         this.host.logger.warn(`cannot hand the held events of ${a.rec.vm} to ${a.rec.peer} yet; retrying`, { migrationId: a.rec.migrationId, attempt, error: describeError(e) });
         this.pumpRest(a, attempt + 1);
       });
-    }, attempt === 0 ? 0 : Math.min(this.retryMaxMs, this.retryMs * 2 ** Math.min(attempt - 1, 20)));
+    }, attempt === 0 ? 0 : this.backOff(attempt - 1));
     a.pump.unref();
   }
 
@@ -241,6 +291,7 @@ export class Forwarding {
     if (this.closed) return;
     a.expired = true;
     if (a.pump) clearTimeout(a.pump);
+    for (const wake of a.waiting) wake();
     if (a.restSending === undefined) this.deadLetterRest(a);
     if (this.eventsRecovered) this.finishExpiry(a);
     else this.endLater.add(a);
@@ -251,8 +302,10 @@ export class Forwarding {
     a.endRedirect();
     for (const id of a.rec.elementIds) if (this.byElement.get(id) === a) this.byElement.delete(id);
     this.active.delete(a.rec.migrationId);
-    void a.conn?.close().catch(() => {});
-    a.conn = undefined;
+    if (a.busy === 0) {
+      void a.conn?.close().catch(() => {});
+      a.conn = undefined;
+    }
     this.journal.end(a.rec.migrationId);
     const counts = this.counts(a.rec.migrationId);
     this.host.logger.info(`grace period of migration ${a.rec.migrationId} over: events for ${a.rec.vm} are refused here now, naming ${a.rec.peer}`, { ...counts });

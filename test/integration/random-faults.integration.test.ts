@@ -1,0 +1,149 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { Cluster } from '../harness/cluster.ts';
+import { sleep, waitFor } from '../harness/agent-process.ts';
+import { prng } from '../harness/prng.ts';
+import { ControlError, ErrorCodes } from '../../core/errors.ts';
+import type { EmbotInfo } from '../../core/control/control-api.ts';
+
+/**
+ * SIGKILL of the source or the target at a random moment of a migration's life (before it, while
+ * it runs, right after the switch, inside the grace period), not at the phases the code journals,
+ * while a producer posts sequence-numbered events for the VM to whichever agent it believes owns
+ * it (following the ELEMENT_MOVED refusal's owner). After the restart: exactly one owner, and every
+ * acknowledged event processed there exactly once, in order.
+ *
+ * Size and replay: EMBOT_FAULT_RUNS (iterations, default 3) and EMBOT_FAULT_SEED (seed of the first
+ * iteration; iteration i uses seed + i). A failure names its seed: EMBOT_FAULT_SEED=<seed>
+ * EMBOT_FAULT_RUNS=1 replays its choices (the machine's timing still varies).
+ */
+const RUNS = Math.max(1, Number(process.env['EMBOT_FAULT_RUNS'] ?? 3));
+const BASE_SEED = process.env['EMBOT_FAULT_SEED'] !== undefined ? Number(process.env['EMBOT_FAULT_SEED']) : Math.floor(Math.random() * 2 ** 31);
+const SEEDS = Array.from({ length: RUNS }, (_, i) => BASE_SEED + i);
+
+/** Longer than a kill, a restart and the forwarding's longest back-off together, so nothing acknowledged becomes a dead letter. */
+const GRACE_MS = 8000;
+/** Kills happen this long after the migration is requested, at most: well inside the grace period. */
+const KILL_WINDOW_MS = 1800;
+/** The producer runs at least this long after the request: past the grace period, so it meets the refusal. */
+const PRODUCE_MS = GRACE_MS + 1500;
+
+interface CounterContext {
+  count: number;
+  lastSeq: number;
+  outOfOrder: number;
+}
+
+const counterOf = (embots: readonly EmbotInfo[]) => embots.find((e) => e.id === 'counter/counter/vm:app')?.policies[0]?.context as CounterContext | undefined;
+
+/** Errors of an agent that is down or stopping: the producer tries the same event again. */
+const TRANSIENT = new Set<string>([ErrorCodes.CONTROL_UNREACHABLE, ErrorCodes.AGENT_STOPPED, ErrorCodes.CONTROL_INTERNAL, ErrorCodes.STORE_CORRUPT]);
+
+let cluster: Cluster | undefined;
+afterEach(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+});
+
+describe('random-moment faults during a migration', () => {
+  it.each(SEEDS)('seed %i: one owner, every acknowledged event processed there once, in order', async (seed) => {
+    const rnd = prng(seed);
+    const victim = rnd() < 0.5 ? 'a' : 'b';
+    const killAfterMs = Math.floor(rnd() * KILL_WINDOW_MS);
+    const restartAfterMs = Math.floor(rnd() * 300);
+    const before = 5 + Math.floor(rnd() * 20);
+    const plan = `seed ${seed}: kill ${victim} ${killAfterMs} ms after the migration request, restart it ${restartAfterMs} ms later (replay: EMBOT_FAULT_SEED=${seed} EMBOT_FAULT_RUNS=1)`;
+    try {
+      const c = await Cluster.start(['a', 'b'], {
+        plugins: [{ from: 'fixture', name: 'counter' }],
+        config: () => ({ mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: GRACE_MS, trust: { mode: 'any-authenticated-peer' } } }),
+      });
+      cluster = c;
+      const a = c.agent('a');
+      await a.client.createVm({ name: 'app', memory: 1 << 20 });
+      await a.client.vmAction('app', 'start');
+      await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot at a');
+
+      // The producer: one event at a time, each sent again (same id) until acknowledged.
+      const state = { acked: 0, stop: false, followed: [] as string[], failure: undefined as unknown };
+      const producer = (async () => {
+        let owner = 'a';
+        while (!state.stop) {
+          const seq = state.acked;
+          for (;;) {
+            const agent = c.agents.get(owner);
+            if (agent === undefined) {
+              await sleep(50);
+              continue;
+            }
+            try {
+              await agent.client.emitEvent({ id: `p${seed}-${seq}`, elementId: 'vm:app', type: 'TICK', payload: { seq } });
+              state.acked++;
+              break;
+            } catch (e) {
+              if (e instanceof ControlError && e.code === ErrorCodes.ELEMENT_MOVED) {
+                owner = String(e.details?.['owner']);
+                state.followed.push(owner);
+              } else if (e instanceof ControlError && TRANSIENT.has(e.code)) {
+                await sleep(50);
+              } else {
+                state.failure = e;
+                return;
+              }
+            }
+          }
+        }
+      })();
+      await waitFor(() => state.acked >= before || state.failure, 10_000, 'events before the move');
+
+      const requested = Date.now();
+      const migration = a.client.migrate('app', 'b').then(
+        (r) => r.id,
+        () => undefined,
+      );
+      await sleep(killAfterMs);
+      await c.kill(victim);
+      await sleep(restartAfterMs);
+      await c.startAgent(victim);
+      const id = await migration;
+
+      // Both sides settle: no migration without an outcome.
+      await waitFor(async () => {
+        const all = [...(await c.agent('a').client.listMigrations()), ...(await c.agent('b').client.listMigrations())];
+        return all.every((m) => m.outcome !== null) && (id === undefined || all.some((m) => m.id === id)) ? all : undefined;
+      }, 30_000, 'the migration settled on both sides');
+      await sleep(Math.max(0, requested + PRODUCE_MS - Date.now()));
+      state.stop = true;
+      await producer;
+      expect(state.failure).toBeUndefined();
+
+      const [vmsA, vmsB] = [await c.agent('a').client.listVms(), await c.agent('b').client.listVms()];
+      const owners = [vmsA.some((v) => v.name === 'app') && 'a', vmsB.some((v) => v.name === 'app') && 'b'].filter((x): x is string => typeof x === 'string');
+      expect(owners).toHaveLength(1);
+      const owner = c.agent(owners[0]!);
+      const other = c.agent(owners[0] === 'a' ? 'b' : 'a');
+      expect((await other.client.listEmbots()).filter((e) => e.elementIds.includes('vm:app'))).toEqual([]);
+      expect((await owner.client.listEmbots()).filter((e) => e.id === 'counter/counter/vm:app')).toHaveLength(1);
+      // Whoever the producer followed is the owner.
+      if (state.followed.length > 0) expect(state.followed.at(-1)).toBe(owners[0]);
+
+      const acked = state.acked;
+      await waitFor(async () => {
+        const x = counterOf(await owner.client.listEmbots());
+        return x && x.count >= acked ? x : undefined;
+      }, 30_000, `all ${acked} acknowledged events processed at ${owners[0]}`);
+      await sleep(300);
+      const settled = counterOf(await owner.client.listEmbots())!;
+      const seen = ((settled as unknown as { seen?: string[] }).seen ?? []).map(Number);
+      const reordered = seen.flatMap((v, i) => (i > 0 && v <= seen[i - 1]! ? [seen.slice(Math.max(0, i - 3), i + 3).join(',')] : []));
+      expect(settled, `owner ${owners[0]}, followed ${state.followed.join('>') || 'nobody'}; out of order near: ${reordered.join(' | ')}`).toMatchObject({ count: acked, lastSeq: acked - 1, outOfOrder: 0 });
+      // Nothing acknowledged was parked as a dead letter on either side.
+      for (const agent of [owner, other]) {
+        const letters = (await agent.client.listDeadLetters()).filter((d) => d.event.elementId === 'vm:app');
+        const shown = letters.map((d) => ({ embot: d.embotId, type: d.event.type, seq: (d.event.payload as { seq?: number } | null)?.seq, reason: d.reason }));
+        expect(shown, `dead letters: ${JSON.stringify(shown)}`).toEqual([]);
+      }
+    } catch (e) {
+      throw new Error(`${plan}\n${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+    }
+  }, 120_000);
+});
