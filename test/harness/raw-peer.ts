@@ -86,15 +86,15 @@ export class RawPeer {
   }
 
   /**
-   * Sends a frame carrying `reqId` and waits for the frame that answers it (`replyTo`), or for the
-   * link to close (then with the connection-level Error frame, if one came).
+   * Sends a frame (or raw bytes) and waits for the frame that answers `reqId` (by default the
+   * frame's own), or for the link to close (then with the connection-level Error frame, if one came).
    */
-  async request(frame: Record<string, unknown> & { readonly reqId: number }): Promise<Outcome> {
+  async request(frame: (Record<string, unknown> & { readonly reqId: number }) | Record<string, unknown> | Uint8Array, reqId: unknown = (frame as { reqId?: unknown }).reqId): Promise<Outcome> {
     this.send(frame);
     for (;;) {
       const f = await this.next();
       if (f === undefined) return { kind: 'closed', closed: await this.closed, error: this.inbox.find((x) => x.type === 'Error') };
-      if ('replyTo' in f && f.replyTo === frame.reqId) return { kind: 'frame', frame: f };
+      if ('replyTo' in f && f.replyTo === reqId) return { kind: 'frame', frame: f };
       if (f.type === 'Error' && f.replyTo === undefined) return { kind: 'closed', closed: await this.closed, error: f };
     }
   }
