@@ -11,11 +11,15 @@
  * another ~10 % (BENCHMARKS.md).
  *
  * Neither has an API: the socket is switched to Node's user-buffer reads (the `onread` option of
- * `net.Socket`, which an accepted socket cannot be given), and ws's receiver gets its own
+ * `net.Socket` and `tls.connect`, which an accepted socket cannot be given), and ws's receiver gets its own
  * `consume` (which does the assembly). Both are installed only after checking that Node's socket
  * and ws's receiver have the shape this was written against (Node 20, ws 8); where they do not,
  * that part is not installed and the link works as before: the gain is lost, never the data. A
  * test pins the shape against the Node and ws versions in use.
+ *
+ * On a TLS data path both still apply: Node's TLS socket reads decrypted bytes into a user
+ * buffer the same way, one TLS record (at most 16 KiB) per read, so the gain there is the
+ * allocation per read and the assembly, not the number of reads (BENCHMARKS.md, TLS section).
  *
  * What ws keeps between reads must not stay in the read buffer, which the next read overwrites:
  * after every read the bytes of an unfinished message move to the assembly buffer (for a large
@@ -88,7 +92,7 @@ interface UserBufferSocket {
 }
 
 function userBufferSocketOf(ws: WebSocket): UserBufferSocket | undefined {
-  const socket = (ws as unknown as { _socket?: Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: unknown }; encrypted?: boolean } })._socket;
+  const socket = (ws as unknown as { _socket?: Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: unknown } } })._socket;
   if (socket === undefined || socket === null || typeof socket !== 'object') return undefined;
   const symbols = Object.getOwnPropertySymbols(socket);
   const find = (name: string): symbol | undefined => symbols.find((s) => s.description === name);
@@ -99,11 +103,11 @@ function userBufferSocketOf(ws: WebSocket): UserBufferSocket | undefined {
     kBuffer !== undefined &&
     kBufferCb !== undefined &&
     kBufferGen !== undefined &&
-    // Not in user-buffer mode already, and reading plain TCP.
+    // Not in user-buffer mode already. A TLS socket qualifies too: its TLSWrap is a stream like
+    // TCP's and hands over decrypted bytes, at most one TLS record (16 KiB) per read.
     socket[kBuffer] === null &&
     socket[kBufferCb] === null &&
     socket[kBufferGen] === null &&
-    socket.encrypted !== true &&
     typeof socket._handle?.useUserBuffer === 'function' &&
     !socket.destroyed &&
     // ws's own listener only: user-buffer reads emit no 'data'. Nothing may wait in the stream's

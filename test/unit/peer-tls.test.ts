@@ -6,12 +6,15 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createSecureContext } from 'node:tls';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { connect as netConnect } from 'node:net';
+import { createHash, randomBytes } from 'node:crypto';
+import { createServer as createHttpsServer } from 'node:https';
+import { connect as netConnect, type AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import WebSocket from 'ws';
+import WebSocket, { WebSocketServer } from 'ws';
 import { ConfigError, ErrorCodes, type EmbotError } from '../../core/errors.ts';
 import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
-import { loadPeerTls, type PeerTls } from '../../core/wire/peer-tls.ts';
+import { clientTlsOptions, loadPeerTls, serverTlsOptions, type PeerTls } from '../../core/wire/peer-tls.ts';
+import { reuseReceiveBuffer } from '../../core/wire/receive-buffer.ts';
 import { makeTlsFixture, type TlsFixture } from '../harness/cluster-tls.ts';
 
 const SECRET = Buffer.from('peer-tls-unit-cluster-secret-01');
@@ -224,5 +227,41 @@ describe('loadPeerTls', () => {
     const later = new Date(Date.now() + 400 * 24 * 3600 * 1000);
     const e = configError(() => loadPeerTls(ca1.files('a'), 'a', later));
     expect(e.message).toMatch(/valid from .* not now/);
+  });
+});
+
+describe('reused receive buffers on a TLS socket', () => {
+  it('read decrypted bytes into the reused buffer, and large messages arrive intact', async () => {
+    const https = createHttpsServer(serverTlsOptions(tlsB, 2000));
+    const wss = new WebSocketServer({ server: https, perMessageDeflate: false, maxPayload: 8 * 1024 * 1024 });
+    await new Promise<void>((r) => https.listen(0, '127.0.0.1', () => r()));
+    const port = (https.address() as AddressInfo).port;
+    const messages = Array.from({ length: 12 }, (_, i) => randomBytes(i % 3 === 0 ? 1024 * 1024 : 100_000 + i * 7919));
+    try {
+      const got: string[] = [];
+      let reads: boolean | undefined;
+      const done = new Promise<void>((resolve) => {
+        wss.on('connection', (ws) => {
+          reads = reuseReceiveBuffer(ws)?.readsIntoReusedBuffer;
+          ws.on('message', (data: Buffer) => {
+            // Hashed synchronously: the view is valid during this call only.
+            got.push(createHash('sha256').update(data).digest('hex'));
+            if (got.length === messages.length) resolve();
+          });
+        });
+      });
+      const client = new WebSocket(`wss://127.0.0.1:${port}/`, { perMessageDeflate: false, ...clientTlsOptions(tlsA) });
+      await new Promise<void>((r, j) => (client.once('open', () => r()), client.once('error', j)));
+      for (const m of messages) client.send(m, { binary: true });
+      await done;
+      client.terminate();
+      expect(reads).toBe(true);
+      expect(got).toEqual(messages.map((m) => createHash('sha256').update(m).digest('hex')));
+    } finally {
+      for (const ws of wss.clients) ws.terminate();
+      await new Promise<void>((r) => wss.close(() => r()));
+      https.closeAllConnections();
+      await new Promise<void>((r) => https.close(() => r()));
+    }
   });
 });
