@@ -32,6 +32,8 @@ export interface QemuDriverOptions {
   readonly pollMs?: number;
   /** QEMU start-up and QMP timeouts (default 30 s). */
   readonly timeoutMs?: number;
+  /** Auto-converge's first vCPU throttle and its step, percent (QEMU's defaults: 20 and 10). */
+  readonly cpuThrottle?: { readonly initial?: number; readonly increment?: number };
 }
 
 /** What {@link QemuDriver.getPersistedState} returns; the state dirs hold the rest. */
@@ -317,13 +319,20 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     vm.migrating = true;
     let wake: () => void = () => {};
     const wakeUp = (): void => wake();
+    // QEMU 7.2 reports total-time and downtime as 0 for some completed migrations (seen with
+    // pause-before-switchover); the source's own STOP-to-completion time stands in for them then.
+    let pausedAt: number | undefined;
+    let completedAt: number | undefined;
     const onEvent = (e: QmpEvent): void => {
+      if (e.event === 'STOP') pausedAt ??= Date.now();
+      if (e.event === 'MIGRATION' && e.data['status'] === 'completed') completedAt ??= Date.now();
       if (e.event === 'MIGRATION' || e.event === 'MIGRATION_PASS') wakeUp();
     };
     qmp.events.on('event', onEvent);
     o.signal?.addEventListener('abort', wakeUp);
     const started = Date.now();
     let maxThrottle = 0;
+    let expectedDowntimeMs = 0;
     let lastInfo: MigrationInfo = {};
     const progress = (info: MigrationInfo): MigrationProgress => ({
       phase: PHASES[info.status ?? 'none'],
@@ -357,6 +366,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
         'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH),
         ...(channels > 1 ? { 'multifd-channels': channels } : {}),
+        ...(this.o.cpuThrottle?.initial === undefined ? {} : { 'cpu-throttle-initial': this.o.cpuThrottle.initial }),
+        ...(this.o.cpuThrottle?.increment === undefined ? {} : { 'cpu-throttle-increment': this.o.cpuThrottle.increment }),
       });
       await qmp.execute('migrate', { uri: o.endpoint.uri });
       let switched = false;
@@ -364,6 +375,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const info = await qmp.execute('query-migrate');
         lastInfo = info;
         maxThrottle = Math.max(maxThrottle, (info['cpu-throttle-percentage'] ?? 0) / 100);
+        if ((info['expected-downtime'] ?? 0) > 0) expectedDowntimeMs = info['expected-downtime']!;
         o.onProgress?.(progress(info));
         if (info.status === 'completed') break;
         if (info.status === 'failed' || info.status === 'cancelled') {
@@ -407,12 +419,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       }
       vm.expectingExit = 'migrated';
       this.setState(vm, 'migrated', 'migrated');
+      const ended = completedAt ?? Date.now();
       return {
         bytes: lastInfo.ram?.transferred ?? 0,
         rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
-        totalMs: lastInfo['total-time'] ?? Date.now() - started,
-        downtimeMs: lastInfo.downtime ?? 0,
-        expectedDowntimeMs: lastInfo['expected-downtime'] ?? 0,
+        totalMs: lastInfo['total-time'] || ended - started,
+        downtimeMs: lastInfo.downtime || (pausedAt === undefined ? 0 : ended - pausedAt),
+        expectedDowntimeMs,
         throttled: maxThrottle > 0,
         maxThrottle,
         channels,
