@@ -573,7 +573,18 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (root?.id !== `vm:${frame.vm}`) throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `StartMigration of VM ${frame.vm} ships ${root ? `element ${root.id}` : 'no element'} as its root, not vm:${frame.vm}`);
     this.host.journal.begin(id, 'target', frame.vm, source, 'evaluating');
     this.targetConns.set(id, conn);
-    const side = new TargetSide({ host: this.host, conn, stepTimeoutMs: this.o.stepTimeoutMs, onProgress: (p) => this.progress(key('target', id), p) });
+    const side = new TargetSide({
+      host: this.host,
+      conn,
+      stepTimeoutMs: this.o.stepTimeoutMs,
+      onProgress: (p) => this.progress(key('target', id), p),
+      // Memory of the other incoming migrations (this one is not among the receivers yet while it is evaluated).
+      reservedMemory: () => {
+        let bytes = 0;
+        for (const [other, r] of this.receivers) if (other !== id) bytes += r.reservedBytes;
+        return bytes;
+      },
+    });
     this.receivers.set(id, side);
     return new Promise((resolveStart) => {
       const input: TargetInput = {

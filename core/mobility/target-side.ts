@@ -17,6 +17,8 @@ export interface TargetSideOptions {
   readonly conn: PeerConnection;
   readonly stepTimeoutMs: number;
   readonly onProgress: (p: Partial<MigrationProgress>) => void;
+  /** Bytes of memory other incoming migrations have been promised and not yet committed or discarded. */
+  readonly reservedMemory?: () => number;
 }
 
 export interface TargetStats {
@@ -43,6 +45,8 @@ export class TargetSide implements TargetSteps {
   private receiver: PageReceiver | undefined;
   private held = false;
   private committed = false;
+  /** Memory this migration was permitted to stage, until it commits or is discarded. */
+  private reserved = 0;
   /** The VM element as StartMigration showed it: before the source stopped the VM for the copy. */
   private startVm: { state?: string; dirtyRate?: number; udpPort?: number } | undefined;
 
@@ -52,12 +56,18 @@ export class TargetSide implements TargetSteps {
     return this.o.host;
   }
 
+  /** Bytes of memory this migration holds a promise of (0 once committed or discarded). */
+  get reservedBytes(): number {
+    return this.reserved;
+  }
+
   async evaluate(input: TargetInput): Promise<{ readonly permitted: boolean; readonly reason?: string }> {
     const host = this.host;
     const { start } = input;
     if (host.allowedSources.length && !host.allowedSources.includes(input.source)) return { permitted: false, reason: `source ${input.source} is not allowed to migrate VMs to ${host.agent}` };
     if (host.driver.get(start.vm) || host.migratingIn.has(start.vm)) return { permitted: false, reason: `a VM named ${start.vm} already exists on ${host.agent}` };
-    const used = host.driver.list().reduce((sum, v) => sum + v.memory, 0);
+    // Memory promised to migrations still arriving counts as used: each stages its pages in a buffer of that size.
+    const used = host.driver.list().reduce((sum, v) => sum + v.memory, 0) + (this.o.reservedMemory?.() ?? 0);
     if (used + start.resources.memory > host.hostMemory) {
       return { permitted: false, reason: `not enough memory on ${host.agent}: ${start.resources.memory} bytes asked, ${host.hostMemory - used} free` };
     }
@@ -70,6 +80,7 @@ export class TargetSide implements TargetSteps {
     const clash = this.elements.find((e) => host.objects.has(e.id));
     if (clash) return { permitted: false, reason: `element ${clash.id} already exists on ${host.agent}` };
     host.migratingIn.add(start.vm);
+    this.reserved = start.resources.memory;
     this.receiver = new PageReceiver({ memoryBytes: start.resources.memory, pageSize: host.driver.pageSize, migrationId: input.migrationId });
     return { permitted: true };
   }
@@ -169,6 +180,7 @@ export class TargetSide implements TargetSteps {
       unmute();
     }
     host.migratingIn.delete(name);
+    this.reserved = 0;
     const actual = host.driver.get(name)?.state;
     if (actual && host.objects.get(`vm:${name}`)?.state['state'] !== actual) host.objects.update(`vm:${name}`, { state: actual });
     // The embots start and the held events reach them after the acknowledgement (DESIGN step 6):
@@ -184,6 +196,7 @@ export class TargetSide implements TargetSteps {
   async discard(input: TargetInput & { readonly reason: string }): Promise<void> {
     const host = this.host;
     host.migratingIn.delete(input.start.vm);
+    this.reserved = 0;
     if (this.committed) return;
     if (this.held) host.sensors.drop(this.scope);
     this.receiver = undefined;

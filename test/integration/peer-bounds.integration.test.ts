@@ -61,9 +61,9 @@ afterEach(async () => {
 });
 
 /** One agent `b` as a child process, with its peer URL and the cluster secret a hostile peer also holds. */
-async function agentB(): Promise<{ url: string; secret: Uint8Array; pid: number; c: Cluster }> {
+async function agentB(extra: Record<string, unknown> = {}): Promise<{ url: string; secret: Uint8Array; pid: number; c: Cluster }> {
   // Long step timeouts: migrations a test opens wait where they are until it moves them on.
-  const c = await Cluster.start(['b'], { config: () => ({ mobility: { stepTimeoutMs: 60_000, vmTimeoutMs: 60_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } } }) });
+  const c = await Cluster.start(['b'], { config: () => ({ mobility: { stepTimeoutMs: 60_000, vmTimeoutMs: 60_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } }, ...extra }) });
   cluster = c;
   const config = JSON.parse(readFileSync(join(c.root, 'config-b.json'), 'utf8')) as { peer: { listen: string } };
   return { url: `ws://${config.peer.listen}`, secret: loadClusterSecret(c.secretFile), pid: c.agent('b').child.pid!, c };
@@ -131,6 +131,20 @@ describe('resources a peer can make the agent open', () => {
     const again = await RawPeer.connect(url, 'mallory', secret);
     peers.push(again);
     expect(replyType(await again.request(startMigration(1, 'm-6', 'v1')))).toBe('MigrationPermitted');
+    expect(await exitsAfterSigterm(c)).toBe(0);
+  });
+
+  it('counts the memory promised to migrations still arriving, until they end', async () => {
+    const { url, secret, c } = await agentB({ sim: { hostMemory: 8 << 20 } });
+    const client = c.agent('b').client;
+    const mallory = await RawPeer.connect(url, 'mallory', secret);
+    peers.push(mallory);
+    expect(replyType(await mallory.request(startMigration(1, 'm-0', 'v0', 5 << 20)))).toBe('MigrationPermitted');
+    const second = await mallory.request(startMigration(2, 'm-1', 'v1', 5 << 20));
+    expect(second).toMatchObject({ kind: 'frame', frame: { type: 'MigrationDenied', reason: expect.stringContaining('not enough memory') } });
+    mallory.send({ type: 'Abort', migrationId: 'm-0', reason: 'make room' });
+    await waitFor(async () => (await client.getMigration('m-0'))?.outcome === 'aborted', 10_000, 'm-0 aborted');
+    expect(replyType(await mallory.request(startMigration(3, 'm-2', 'v2', 5 << 20)))).toBe('MigrationPermitted');
     expect(await exitsAfterSigterm(c)).toBe(0);
   });
 
