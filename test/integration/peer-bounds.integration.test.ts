@@ -98,6 +98,11 @@ describe('resources a peer can make the agent open', () => {
     // The agent still serves the link and its operator.
     expect(replyType(await mallory.request({ type: 'Ping', reqId: 999, ts: 1 }))).toBe('Pong');
     expect((await c.agent('b').client.status()).name).toBe('b');
+    // SIGTERM with links open, one of them stuck before its Hello, and a migration staged.
+    for (let i = 0; i < 5; i++) peers.push(await RawPeer.connect(url, `idle-${i}`, secret));
+    const stuck = new RawPeer(url);
+    peers.push(stuck);
+    expect(replyType(await mallory.request(startMigration(1000, 'm-staged', 'staged')))).toBe('MigrationPermitted');
     expect(await exitsAfterSigterm(c)).toBe(0);
   });
 
