@@ -119,6 +119,14 @@ function validates(body: Record<string, unknown>): boolean {
   }
 }
 
+/** Handshake frames are well-formed, but after the handshake they break the protocol. */
+const HANDSHAKES: readonly Record<string, unknown>[] = [
+  { type: 'Hello', protocol: 1, agent: 'x', nonce: new Uint8Array(32) },
+  { type: 'Challenge', agent: 'x', nonce: new Uint8Array(32), proof: new Uint8Array(32) },
+  { type: 'Auth', proof: new Uint8Array(32) },
+  { type: 'AuthOk' },
+];
+
 type Mutation = 'drop' | 'extra' | 'wrongType' | 'oversize' | 'unknownType' | 'handshake' | 'notAMap' | 'garbage';
 
 /** Wrong values for any field: strings where numbers go, maps where bytes go, and so on. */
@@ -158,7 +166,7 @@ const malformedFrame: fc.Arbitrary<Generated> = fc
         body['type'] = 'FormatDisk';
         break;
       case 'handshake':
-        return { kind: 'malformed' as const, mutation, body: { type: 'Hello', protocol: 1, agent: 'x', nonce: new Uint8Array(32) } };
+        return { kind: 'malformed' as const, mutation, body: HANDSHAKES[pick % HANDSHAKES.length]! };
       case 'notAMap':
         return { kind: 'malformed' as const, mutation, body: pack([body['type'], 1, 2]) };
       case 'garbage':
