@@ -439,7 +439,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
   /** Refused with EMBOT_ERR_ELEMENT_MOVED for an element that moved away after its grace period; inside it, journaled and forwarded. */
   async emitEvent(input: EmbotEventInput): Promise<EmbotEvent & { readonly forwardedTo?: string }> {
-    const { forwardedTo } = this.mobility.admitEvent(input.elementId);
+    const { forwardedTo } = await this.mobility.admitEvent(input.elementId);
     const event = await this.sensors.emit({ ...input, source: input.source ?? 'control' });
     return forwardedTo === undefined ? event : { ...event, forwardedTo };
   }

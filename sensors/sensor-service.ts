@@ -140,6 +140,8 @@ interface Redirection {
   failures: number;
   retry: ReturnType<typeof setTimeout> | null;
   ended: boolean;
+  /** Resolved once an ended redirection has nothing left for its sink. */
+  drained: (() => void)[];
 }
 
 export interface DropOptions {
@@ -905,8 +907,9 @@ export class SensorService {
    *
    * Returns the function that ends the redirection (after the grace period): later events of these elements are
    * dispatched here as usual (to nobody: counted unrouted); events already handed over keep going to the sink until it
-   * takes them or the service closes (their rows stay for {@link recover} then). `EMBOT_ERR_EVENT_INVALID` when an
-   * element is already redirected.
+   * takes them or the service closes (their rows stay for {@link recover} then). Its promise resolves once the sink took
+   * the last of them (never, when the service closes first). `EMBOT_ERR_EVENT_INVALID` when an element is already
+   * redirected.
    *
    * @example
    * ```ts
@@ -916,13 +919,13 @@ export class SensorService {
    * setTimeout(stop, graceMs);
    * ```
    */
-  redirect(elementIds: readonly string[], sink: ForwardSink): () => void {
+  redirect(elementIds: readonly string[], sink: ForwardSink): () => Promise<void> {
     this.assertOpen();
     assertElementIds(elementIds, 'redirect');
     if (typeof sink !== 'function') throw invalid('redirect: sink must be a function (events) => Promise<void>');
     const ids = [...new Set(elementIds)];
     for (const id of ids) if (this.redirects.has(id)) throw invalid(`redirect: ${id} is already redirected; end that redirection first`, { elementId: id });
-    const r: Redirection = { sink, elementIds: ids, buffer: [], sending: null, failures: 0, retry: null, ended: false };
+    const r: Redirection = { sink, elementIds: ids, buffer: [], sending: null, failures: 0, retry: null, ended: false, drained: [] };
     for (const id of ids) this.redirects.set(id, r);
     this.forwarding.add(r);
     if (this.queue.size > 0) {
@@ -935,12 +938,15 @@ export class SensorService {
       }
     }
     let active = true;
+    let drained: Promise<void> | undefined;
     return () => {
-      if (!active) return;
+      if (!active) return drained!;
       active = false;
       r.ended = true;
       for (const id of ids) if (this.redirects.get(id) === r) this.redirects.delete(id);
-      if (r.buffer.length === 0 && r.sending === null) this.forwarding.delete(r);
+      drained = new Promise<void>((resolve) => r.drained.push(resolve));
+      if (r.buffer.length === 0 && r.sending === null) this.drainedAll(r);
+      return drained;
     };
   }
 
@@ -1389,7 +1395,15 @@ export class SensorService {
     this.deleteRows(batch, 'journal delete of forwarded events');
     for (let i = 0; i < batch.length; i++) this.finish(batch[i]!.event.id);
     if (r.buffer.length > 0) this.schedule();
-    else if (r.ended) this.forwarding.delete(r);
+    else if (r.ended) this.drainedAll(r);
+  }
+
+  /** An ended redirection has nothing left for its sink: it leaves, and whoever waits for that is told. */
+  private drainedAll(r: Redirection): void {
+    this.forwarding.delete(r);
+    const waiting = r.drained;
+    r.drained = [];
+    for (const resolve of waiting) resolve();
   }
 
   private forwardFailed(r: Redirection, batch: readonly QueuedEvent[], error: unknown): void {

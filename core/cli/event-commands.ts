@@ -34,7 +34,11 @@ export function registerEventCommands(program: Command, ctx: CliContext): void {
       ...(opts.id === undefined ? {} : { id: opts.id }),
     });
     if (opts.json) ctx.json(event);
-    else ctx.out(`journaled event ${event.id} (${event.type} for ${event.elementId})`);
+    else {
+      // The element moved away: the agent journaled the event and forwards it to the new owner.
+      const to = (event as { forwardedTo?: unknown }).forwardedTo;
+      ctx.out(`journaled event ${event.id} (${event.type} for ${event.elementId})${typeof to === 'string' ? `; forwarded to ${to}, the element moved there` : ''}`);
+    }
   });
 
   /** A read command with --limit: the newest N records, newest last, as a table or --json. */

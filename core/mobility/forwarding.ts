@@ -14,6 +14,8 @@ export type EventDestination =
   | { readonly kind: 'here' }
   /** The element moved; inside the grace period its events are journaled here and forwarded. */
   | { readonly kind: 'forward'; readonly owner: string; readonly migrationId: string }
+  /** The grace period just ended; events accepted before it are still being handed over. Refuse once `settled`. */
+  | { readonly kind: 'settling'; readonly owner: string; readonly migrationId: string; readonly settled: Promise<void> }
   /** The element moved and the grace period is over: refuse, naming the owner. */
   | { readonly kind: 'moved'; readonly owner: string; readonly migrationId: string };
 
@@ -35,7 +37,9 @@ interface Active {
   restSending: Promise<void> | undefined;
   conn: PeerConnection | undefined;
   expired: boolean;
-  endRedirect: () => void;
+  endRedirect: () => Promise<void>;
+  /** From the end of the grace period: resolves once nothing accepted for forwarding is left. */
+  settled: Promise<void> | undefined;
   timer: ReturnType<typeof setTimeout> | undefined;
   pump: ReturnType<typeof setTimeout> | undefined;
   /** Sinks waiting out a back-off: woken early when the grace period ends or the agent stops. */
@@ -71,7 +75,7 @@ export class Forwarding {
   private readonly retryMaxMs: number;
   /** Until the agent re-queued its journaled events, an expired redirection must stay: those rows go to it. */
   private eventsRecovered = false;
-  private readonly endLater = new Set<Active>();
+  private readonly endLater = new Map<Active, () => void>();
   private closed = false;
 
   constructor(private readonly o: ForwardingOptions) {
@@ -91,7 +95,7 @@ export class Forwarding {
    */
   start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
     if (this.closed) return;
-    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => {}, timer: undefined, pump: undefined, waiting: new Set(), busy: 0 };
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0 };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);
     for (const id of rec.elementIds) this.byElement.set(id, a);
@@ -118,7 +122,7 @@ export class Forwarding {
   /** The agent re-queued its journaled events: expired redirections may end now. */
   afterEventsRecovered(): void {
     this.eventsRecovered = true;
-    for (const a of this.endLater) this.finishExpiry(a);
+    for (const end of this.endLater.values()) end();
     this.endLater.clear();
   }
 
@@ -126,17 +130,28 @@ export class Forwarding {
   destination(elementId: string): EventDestination {
     const a = this.byElement.get(elementId);
     if (a && !a.expired) return { kind: 'forward', owner: a.rec.peer, migrationId: a.rec.migrationId };
+    if (a?.settled) return { kind: 'settling', owner: a.rec.peer, migrationId: a.rec.migrationId, settled: a.settled };
     if (this.host.objects.has(elementId)) return { kind: 'here' };
     const moved = this.journal.movedTo(elementId);
     return moved ? { kind: 'moved', owner: moved.owner, migrationId: moved.migrationId } : { kind: 'here' };
   }
 
   /**
-   * Throws EMBOT_ERR_ELEMENT_MOVED (naming the owner) for an element that moved away and whose grace
-   * period is over; else tells whether the event will be forwarded.
+   * Rejects with EMBOT_ERR_ELEMENT_MOVED (naming the owner) for an element that moved away and whose
+   * grace period is over; else tells whether the event will be forwarded. Right after the end of the
+   * grace period the refusal waits (up to `settleWaitMs`) until the events accepted before it were
+   * handed over: a producer that follows the refusal to the owner then cannot overtake them there.
+   * Resolves in the same turn for an event to forward, so the grace period cannot end between the
+   * answer and the event's journaling.
    */
-  admit(input: Pick<EmbotEventInput, 'elementId'>): { readonly forwardedTo?: string } {
-    const d = this.destination(input.elementId);
+  async admit(input: Pick<EmbotEventInput, 'elementId'>, settleWaitMs = 10_000): Promise<{ readonly forwardedTo?: string }> {
+    let d = this.destination(input.elementId);
+    if (d.kind === 'settling') {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([d.settled, new Promise<void>((resolve) => (timer = setTimeout(resolve, settleWaitMs)))]);
+      clearTimeout(timer);
+      d = { kind: 'moved', owner: d.owner, migrationId: d.migrationId };
+    }
     if (d.kind === 'moved') {
       throw new EventError(ErrorCodes.ELEMENT_MOVED, `element ${input.elementId} moved to ${d.owner} (migration ${d.migrationId}) and its grace period is over: post the event to ${d.owner}`, {
         details: { elementId: input.elementId, owner: d.owner, migrationId: d.migrationId },
@@ -293,13 +308,20 @@ export class Forwarding {
     if (a.pump) clearTimeout(a.pump);
     for (const wake of a.waiting) wake();
     if (a.restSending === undefined) this.deadLetterRest(a);
-    if (this.eventsRecovered) this.finishExpiry(a);
-    else this.endLater.add(a);
+    let settle = (): void => {};
+    a.settled = new Promise<void>((resolve) => (settle = resolve));
+    void a.settled.then(() => this.settled(a));
+    const end = (): void => void a.endRedirect().then(settle);
+    // Events admitted before this moment may still wait for their journal commit (the sensor service's next
+    // turn): the redirection takes them first, then ends.
+    if (this.eventsRecovered) setImmediate(end);
+    else this.endLater.set(a, end);
   }
 
-  /** Ends the redirection: events it still holds go through the sink, which dead-letters them now. */
-  private finishExpiry(a: Active): void {
-    a.endRedirect();
+  /** The redirection ended and its sink took (or dead-lettered) everything it had: the forwarding is over. */
+  private settled(a: Active): void {
+    // After close the store may be gone; the forwarding resumes (and ends) on the next start.
+    if (this.closed) return;
     for (const id of a.rec.elementIds) if (this.byElement.get(id) === a) this.byElement.delete(id);
     this.active.delete(a.rec.migrationId);
     if (a.busy === 0) {

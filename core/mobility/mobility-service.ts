@@ -318,7 +318,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
    * EMBOT_ERR_ELEMENT_MOVED naming the owner after the grace period; inside it, the new owner the
    * event will be forwarded to.
    */
-  admitEvent(elementId: string): { readonly forwardedTo?: string } {
+  admitEvent(elementId: string): Promise<{ readonly forwardedTo?: string }> {
     return this.forwarding.admit({ elementId });
   }
 
