@@ -21,6 +21,7 @@ import { run as runMobility } from './mobility.bench.ts';
 import { run as runDataplane } from './dataplane.bench.ts';
 import { run as runUdp } from './udp.bench.ts';
 import { run as runEstimate } from './estimate.bench.ts';
+import { run as runQemu } from './qemu.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -42,6 +43,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'dataplane', run: runDataplane },
   { name: 'udp', run: runUdp },
   { name: 'estimate', run: runEstimate },
+  { name: 'qemu', run: runQemu },
 ];
 
 export interface MachineInfo {

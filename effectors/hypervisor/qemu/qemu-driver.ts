@@ -481,14 +481,30 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (!vm.incoming) throw badState(vm, 'commit an incoming migration of');
     const proc = this.requireProc(name, 'commit');
     const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
-    for (;;) {
-      const { status } = await proc.qmp.execute('query-status');
-      if (status === 'running') break;
-      if (status !== 'inmigrate' && status !== 'paused') {
-        throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} is ${status}, not running`, { details: { vm: name, status } });
+    // RESUME (the incoming VM starts) or a MIGRATION event wakes the wait; the poll is the fallback.
+    let wake: () => void = () => {};
+    const onEvent = (e: QmpEvent): void => {
+      if (e.event === 'RESUME' || e.event === 'MIGRATION') wake();
+    };
+    proc.qmp.events.on('event', onEvent);
+    try {
+      for (;;) {
+        const { status } = await proc.qmp.execute('query-status');
+        if (status === 'running') break;
+        if (status !== 'inmigrate' && status !== 'paused') {
+          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} is ${status}, not running`, { details: { vm: name, status } });
+        }
+        if (Date.now() > deadline) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} does not run after ${options.timeoutMs ?? this.timeoutMs} ms`, { details: { vm: name, status } });
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, this.pollMs);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
       }
-      if (Date.now() > deadline) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} does not run after ${options.timeoutMs ?? this.timeoutMs} ms`, { details: { vm: name, status } });
-      await sleep(20);
+    } finally {
+      proc.qmp.events.off('event', onEvent);
     }
     vm.incoming = false;
     this.writeSpec(vm);
