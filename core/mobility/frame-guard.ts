@@ -45,8 +45,8 @@ export type GuardedType = GuardedFrame['type'];
  * What a frame must match.
  * - `free`: names no existing migration (Ping; StartMigration opens one and is admitted apart).
  * - `live`: a migration in progress here, in one of `states`.
- * - `settled`: a migration this agent committed as the target, no longer ago than the forwarding
- *   grace period (ForwardedEvents and UdpHandover come after the commit).
+ * - `settled`: a migration this agent committed as the target (ForwardedEvents and UdpHandover come
+ *   after the commit); with `graceBound`, no longer ago than the forwarding grace period.
  * - `journaled`: any migration in the journal, finished or not (a restarted source asks how one ended).
  * `vm: true`: the frame's own `vm` field must be the migration's VM.
  */
@@ -54,7 +54,7 @@ export type FrameRule =
   | { readonly kind: 'free' }
   | { readonly kind: 'live'; readonly role: 'target'; readonly states: readonly TargetStateName[]; readonly vm?: true }
   | { readonly kind: 'live'; readonly role: 'source'; readonly states: readonly SourceStateName[] }
-  | { readonly kind: 'settled'; readonly role: 'target'; readonly vm?: true }
+  | { readonly kind: 'settled'; readonly role: 'target'; readonly graceBound: boolean; readonly vm?: true }
   | { readonly kind: 'journaled'; readonly role: 'target' };
 
 const ACTIVE_TARGET: readonly TargetStateName[] = [
@@ -87,8 +87,12 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   DirtyObjects: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
   MigrationComplete: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
   ModuleRequest: { kind: 'live', role: 'source', states: ['sendingState'] },
-  ForwardedEvents: { kind: 'settled', role: 'target' },
-  UdpHandover: { kind: 'settled', role: 'target', vm: true },
+  // Not bound to our clock: a source restarted long after the commit forwards the events it held
+  // for a grace period from its restart (MobilityService.settleMoved); refusing them would lose
+  // acknowledged events. The handler takes only events of elements the migration moved.
+  ForwardedEvents: { kind: 'settled', role: 'target', graceBound: false },
+  // Opens sockets, and is sent once, right after the commit.
+  UdpHandover: { kind: 'settled', role: 'target', graceBound: true, vm: true },
   MigrationStatusQuery: { kind: 'journaled', role: 'target' },
   // Either side may abort while the migration runs; the commit itself decides once it started.
   Abort: { kind: 'live', role: 'target', states: ACTIVE_TARGET },
@@ -178,7 +182,7 @@ export function checkFrame(frame: GuardedFrame, ctx: GuardContext): GuardVerdict
       const mismatch = vmMismatch(row.vm);
       if (mismatch) return mismatch;
       if (row.phase !== 'committed') return refuse(ErrorCodes.MIGRATION_PHASE, `${frame.type} comes after the commit; migration ${id} is in ${row.phase}`, frame, ctx.peer);
-      if (ctx.now - row.updatedAt > ctx.settledForMs) {
+      if (rule.graceBound && ctx.now - row.updatedAt > ctx.settledForMs) {
         return refuse(ErrorCodes.MIGRATION_PHASE, `${frame.type} for migration ${id}: its grace period ended ${ctx.now - row.updatedAt - ctx.settledForMs} ms ago`, frame, ctx.peer);
       }
       return { ok: true, migrationId: id, probe };

@@ -524,7 +524,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     return guardHandlers(handlers, (frame, conn) => this.check(frame, conn.remoteAgent));
   }
 
-  /** How long after its commit an incoming migration still takes ForwardedEvents and UdpHandover: the source's grace period, plus a step for the frames in flight when it ends. */
+  /** How long after its commit an incoming migration still takes a UdpHandover: the source's grace period, plus a step for a frame in flight when it ends. */
   private get settledForMs(): number {
     return this.o.forwardGraceMs + this.o.stepTimeoutMs;
   }

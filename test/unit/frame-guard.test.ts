@@ -83,7 +83,7 @@ describe('frame guard', () => {
     expect(codeOf(checkFrame({ type: 'PathOffer', reqId: 1, migrationId: 'm1.probe', paths: 2 }, ctx(lookup)))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
   });
 
-  it('takes UdpHandover and ForwardedEvents only after the commit, within the grace period, from the source, for its VM', () => {
+  it('takes UdpHandover and ForwardedEvents only after the commit, from the source, for its VM; UdpHandover only within the grace period', () => {
     const committed: JournalView = { vm: 'web', peer: 'a', phase: 'committed', updatedAt: NOW - 5_000 };
     const lookup = lookupOf({}, { 'target:m1': committed, 'target:m2': { ...committed, phase: 'syncing' }, 'target:m3': { ...committed, updatedAt: NOW - 20_000 } });
     expect(checkFrame(frames.udp('m1', 'web'), ctx(lookup)).ok).toBe(true);
@@ -92,7 +92,11 @@ describe('frame guard', () => {
     expect(codeOf(checkFrame(frames.udp('m1', 'ghost'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_MISMATCH);
     expect(codeOf(checkFrame(frames.udp('m1', 'web'), ctx(lookup, 'b')))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
     expect(codeOf(checkFrame(frames.udp('m2', 'web'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_PHASE);
-    expect(codeOf(checkFrame(frames.fwd('m3'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_PHASE);
+    expect(codeOf(checkFrame(frames.udp('m3', 'web'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_PHASE);
+    // A source restarted long after the commit still forwards what it held: taken, not lost.
+    expect(checkFrame(frames.fwd('m3'), ctx(lookup)).ok).toBe(true);
+    expect(codeOf(checkFrame(frames.fwd('m2'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_PHASE);
+    expect(codeOf(checkFrame(frames.fwd('m1'), ctx(lookup, 'b')))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
   });
 
   it('answers status queries for any journaled migration of the asking peer', () => {
