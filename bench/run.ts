@@ -19,6 +19,7 @@ import { run as runSensors } from './sensors.bench.ts';
 import { run as runWire } from './wire.bench.ts';
 import { run as runMobility } from './mobility.bench.ts';
 import { run as runDataplane } from './dataplane.bench.ts';
+import { run as runDataplaneTls } from './dataplane-tls.bench.ts';
 import { run as runUdp } from './udp.bench.ts';
 import { run as runEstimate } from './estimate.bench.ts';
 import { run as runQemu } from './qemu.bench.ts';
@@ -41,6 +42,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'wire', run: runWire },
   { name: 'mobility', run: runMobility },
   { name: 'dataplane', run: runDataplane },
+  { name: 'dataplane-tls', run: runDataplaneTls },
   { name: 'udp', run: runUdp },
   { name: 'estimate', run: runEstimate },
   { name: 'qemu', run: runQemu },
