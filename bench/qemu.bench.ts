@@ -37,6 +37,7 @@ function qemuMissing(): string | undefined {
   return undefined;
 }
 
+const min = (xs: readonly number[]): number => Math.min(...xs);
 const median = (xs: readonly number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
@@ -114,7 +115,7 @@ interface DriverRun {
 
 /** The driver: prepareIncoming (not timed in `ms`, as the bare QEMUs start untimed), then migrateOut → commitIncoming. */
 async function driverMigrate(root: string, spec: QemuVmSpec, heartbeats: number, channels = 1): Promise<DriverRun> {
-  const source = new QemuDriver({ root: join(root, 'drv-src'), accel: 'tcg', pollMs: 5 });
+  const source = new QemuDriver({ root: join(root, 'drv-src'), accel: 'tcg' });
   const target = new QemuDriver({ root: join(root, 'drv-dst'), accel: 'tcg' });
   try {
     await source.create(spec);
@@ -152,7 +153,7 @@ function missingTable(reason: string): BenchTable {
 export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
   const missing = qemuMissing();
   if (missing) return missingTable(missing);
-  const reps = opts.quick ? 2 : 5;
+  const reps = opts.quick ? 2 : 7;
   const root = mkdtempSync(join(tmpdir(), 'embot-qbench-'));
   const rows: BenchRow[] = [];
   const notes: string[] = [];
@@ -165,8 +166,9 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       bare.push(await bareMigrate(root, idle, 2));
       drv.push(await driverMigrate(root, idle, 2));
     }
-    const bareMs = median(bare);
-    const drvMs = median(drv.map((d) => d.ms));
+    // Minimum of the runs: the machine is shared, and load only ever adds time; medians are in the notes.
+    const bareMs = min(bare);
+    const drvMs = min(drv.map((d) => d.ms));
     rows.push({
       name: 'fixed cost: idle 64 MiB guest, driver migrateOut → commitIncoming',
       value: drvMs,
@@ -178,8 +180,8 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       met: drvMs <= bareMs + 30,
     });
     notes.push(
-      `(a) medians of ${reps}: driver ${drvMs.toFixed(1)} ms vs bare ${bareMs.toFixed(1)} ms, +${(drvMs - bareMs).toFixed(1)} ms fixed cost ` +
-        `(pause-before-switchover round trip, migrate-set-* calls, query-migrate polling every 5 ms, commit's query-status). ` +
+      `(a) minimum of ${reps}: driver ${drvMs.toFixed(1)} ms vs bare ${bareMs.toFixed(1)} ms, ${(drvMs - bareMs).toFixed(1)} ms fixed cost; medians driver ${median(drv.map((d) => d.ms)).toFixed(1)} ms, bare ${median(bare).toFixed(1)} ms ` +
+        `(pause-before-switchover round trip, migrate-set-* calls, query-migrate every 100 ms and on every MIGRATION event, commit's query-status). ` +
         `Not in either figure: starting the target QEMU (driver prepareIncoming: median ${median(drv.map((d) => d.prepareMs)).toFixed(0)} ms).`,
     );
 
@@ -191,8 +193,8 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       bareBusy.push(await bareMigrate(root, busy, 3));
       drvBusy.push(await driverMigrate(root, busy, 3));
     }
-    const bb = median(bareBusy);
-    const db = median(drvBusy.map((d) => d.ms));
+    const bb = min(bareBusy);
+    const db = min(drvBusy.map((d) => d.ms));
     rows.push({
       name: 'dirtying 64 MiB guest: driver migrateOut → commitIncoming',
       value: db,
@@ -203,7 +205,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       target: '≤ 1.05 × bare + fixed cost',
       met: db <= 1.05 * bb + Math.max(0, drvMs - bareMs),
     });
-    notes.push(`(b) medians of ${reps}; bare runs [${bareBusy.map((x) => x.toFixed(0)).join(', ')}] ms, driver [${drvBusy.map((d) => d.ms.toFixed(0)).join(', ')}] ms: a dirtying guest's migration time varies with how the rounds fall.`);
+    notes.push(`(b) minimum of ${reps}; bare runs [${bareBusy.map((x) => x.toFixed(0)).join(', ')}] ms, driver [${drvBusy.map((d) => d.ms.toFixed(0)).join(', ')}] ms: a dirtying guest's migration time varies with how the rounds fall.`);
 
     // (c) multifd: a few hundred MiB, every page non-zero after the first pass, then static.
     const big: QemuVmSpec = { name: 'big', memory: 384 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
@@ -214,9 +216,9 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       per.set(channels, runs);
     }
     const rate = (r: DriverRun): number => r.bytes / MiB / (r.ms / 1000);
-    const one = median(per.get(1)!.map(rate));
+    const one = Math.max(...per.get(1)!.map(rate));
     for (const [channels, runs] of per) {
-      const mibs = median(runs.map(rate));
+      const mibs = Math.max(...runs.map(rate));
       rows.push({
         name: `multifd ${channels} channel(s), 384 MiB guest (380 MiB non-zero): throughput`,
         value: mibs,
@@ -225,7 +227,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         limit: one,
         ratio: mibs / one,
       });
-      notes.push(`(c) ${channels} channel(s): median total ${median(runs.map((r) => r.ms)).toFixed(0)} ms for ${(median(runs.map((r) => r.bytes)) / MiB).toFixed(0)} MiB moved`);
+      notes.push(`(c) ${channels} channel(s): best of ${runs.length}, total ${min(runs.map((r) => r.ms)).toFixed(0)} ms (median ${median(runs.map((r) => r.ms)).toFixed(0)} ms) for ${(median(runs.map((r) => r.bytes)) / MiB).toFixed(0)} MiB moved`);
     }
     notes.push('TCG guests on a shared 2-core machine: the vCPU, both QEMUs\' migration threads and the multifd threads share those cores, so more channels cannot add CPU.');
   } finally {
