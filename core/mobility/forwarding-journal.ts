@@ -60,11 +60,11 @@ export class ForwardingJournal {
   private readonly deadStmt: Database.Statement;
   private readonly endStmt: Database.Statement;
   private readonly movedStmt: Database.Statement<[string], { owner: string; migration_id: string }>;
-  private readonly unmoveStmt: Database.Statement;
   private readonly deadLetterStmt: Database.Statement;
   private readonly seenStmt: Database.Statement<[string], { n: number }>;
   private readonly rememberStmt: Database.Statement;
   private readonly pruneStmt: Database.Statement;
+  private prunedAt = 0;
 
   constructor(private readonly store: Store) {
     const db = store.db;
@@ -77,7 +77,6 @@ export class ForwardingJournal {
     this.deadStmt = db.prepare('UPDATE forwardings SET dead_lettered = dead_lettered + ? WHERE migration_id = ?');
     this.endStmt = db.prepare('UPDATE forwardings SET ended = 1, rest = NULL WHERE migration_id = ?');
     this.movedStmt = db.prepare('SELECT owner, migration_id FROM moved_elements WHERE element_id = ?');
-    this.unmoveStmt = db.prepare('DELETE FROM moved_elements WHERE element_id = ?');
     this.deadLetterStmt = db.prepare('INSERT OR IGNORE INTO dead_letters(id, embot_id, event, reason, at) VALUES (?, ?, ?, ?, ?)');
     this.seenStmt = db.prepare('SELECT count(*) AS n FROM forwarded_in WHERE id = ?');
     this.rememberStmt = db.prepare('INSERT OR IGNORE INTO forwarded_in(id, at) VALUES (?, ?)');
@@ -133,11 +132,6 @@ export class ForwardingJournal {
     return r && { owner: r.owner, migrationId: r.migration_id };
   }
 
-  /** The element lives here again (it came back): its tombstone goes. */
-  clearMoved(elementId: string): void {
-    this.unmoveStmt.run(elementId);
-  }
-
   // ---- the new owner's side ----
 
   /** Which of these forwarded ids this agent already took. */
@@ -147,13 +141,15 @@ export class ForwardingJournal {
     return out;
   }
 
-  /** Records forwarded ids taken here; rows older than `keepMs` go. */
+  /** Records forwarded ids taken here; rows older than `keepMs` go (a scan of the table, so at most once a minute). */
   remember(ids: readonly string[], keepMs: number): void {
     const now = Date.now();
+    const prune = now - this.prunedAt >= 60_000;
     this.store.transaction(() => {
       for (const id of ids) this.rememberStmt.run(id, now);
-      this.pruneStmt.run(now - keepMs);
+      if (prune) this.pruneStmt.run(now - keepMs);
     });
+    if (prune) this.prunedAt = now;
   }
 }
 

@@ -19,8 +19,11 @@ export type EventDestination =
   /** The element moved and the grace period is over: refuse, naming the owner. */
   | { readonly kind: 'moved'; readonly owner: string; readonly migrationId: string };
 
+/** What forwarding uses of its agent. */
+export type ForwardingHost = Pick<MobilityHost, 'store' | 'sensors' | 'objects' | 'logger'>;
+
 export interface ForwardingOptions {
-  readonly host: MobilityHost;
+  readonly host: ForwardingHost;
   /** Opens an authenticated connection to the named peer. */
   readonly connect: (peer: string) => Promise<PeerConnection>;
   /** First pause before a batch the peer did not take is offered again (default 100 ms); doubles per failure up to `retryMaxMs` (default 2 s). */
@@ -84,7 +87,7 @@ export class Forwarding {
     this.retryMaxMs = o.retryMaxMs ?? 2000;
   }
 
-  private get host(): MobilityHost {
+  private get host(): ForwardingHost {
     return this.o.host;
   }
 
@@ -129,6 +132,8 @@ export class Forwarding {
   /** Where an event posted for `elementId` goes. */
   destination(elementId: string): EventDestination {
     const a = this.byElement.get(elementId);
+    // The deadline counts, not only its timer (which may not have run yet, e.g. right after a restart).
+    if (a && !a.expired && Date.now() >= a.rec.until) this.expire(a);
     if (a && !a.expired) return { kind: 'forward', owner: a.rec.peer, migrationId: a.rec.migrationId };
     if (a?.settled) return { kind: 'settling', owner: a.rec.peer, migrationId: a.rec.migrationId, settled: a.settled };
     if (this.host.objects.has(elementId)) return { kind: 'here' };
@@ -303,7 +308,8 @@ export class Forwarding {
   }
 
   private expire(a: Active): void {
-    if (this.closed) return;
+    if (this.closed || a.expired) return;
+    if (a.timer) clearTimeout(a.timer);
     a.expired = true;
     if (a.pump) clearTimeout(a.pump);
     for (const wake of a.waiting) wake();
