@@ -139,7 +139,7 @@ describe('resources a peer can make the agent open', () => {
     expect(await exitsAfterSigterm(c)).toBe(0);
   });
 
-  it('counts the memory promised to migrations still arriving, until they end', async () => {
+  it('counts the memory promised to migrations still arriving, until they are aborted or fail', async () => {
     const { url, secret, c } = await agentB({ sim: { hostMemory: 8 << 20 } });
     const client = c.agent('b').client;
     const mallory = await RawPeer.connect(url, 'mallory', secret);
@@ -150,6 +150,11 @@ describe('resources a peer can make the agent open', () => {
     mallory.send({ type: 'Abort', migrationId: 'm-0', reason: 'make room' });
     await waitFor(async () => (await client.getMigration('m-0'))?.outcome === 'aborted', 10_000, 'm-0 aborted');
     expect(replyType(await mallory.request(startMigration(3, 'm-2', 'v2', 5 << 20)))).toBe('MigrationPermitted');
+    // A step that fails (state that does not decode) discards the migration, and its memory with it.
+    const bad = await mallory.request({ type: 'ManagementState', reqId: 4, migrationId: 'm-2', elements: new Uint8Array([1, 2, 3]), embots: new Uint8Array(0) });
+    expect(replyType(bad)).toMatch(/ManagedObjectInstantiationError|ManagementStateFailed/);
+    await waitFor(async () => (await client.getMigration('m-2'))?.outcome === 'aborted', 10_000, 'm-2 discarded');
+    expect(replyType(await mallory.request(startMigration(5, 'm-3', 'v2', 5 << 20)))).toBe('MigrationPermitted');
     expect(await exitsAfterSigterm(c)).toBe(0);
   });
 
