@@ -100,6 +100,7 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
       reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `invalid peer URL ${options.url}`, { cause: e }));
       return;
     }
+    if (tls) ws.once('upgrade', () => (tls.upgraded = true));
     clientHandshake(
       ws,
       {
@@ -136,6 +137,9 @@ function assertScheme(url: string, tls: boolean): void {
   if (!secure && tls) throw new ConfigError(ErrorCodes.CONFIG_INVALID, `${url} is not wss://; with peer.tls every peer link is TLS`);
 }
 
+/** Socket errors that mean the peer was not reached, before any TLS byte. */
+const NOT_REACHED: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EADDRNOTAVAIL', 'ENOTFOUND', 'EAI_AGAIN']);
+
 /**
  * The TLS socket of one outgoing link, made for ws (its `createConnection`), so that the server's
  * certificate and the session's channel binding are at hand for the handshake, and a failure is
@@ -144,6 +148,8 @@ function assertScheme(url: string, tls: boolean): void {
 class TlsDial {
   private socket: TLSSocket | undefined;
   private secured = false;
+  /** Set once the server answered the WebSocket upgrade: past that, a close is not a certificate refusal. */
+  upgraded = false;
   private failure: (Error & { code?: string }) | undefined;
 
   constructor(private readonly tls: PeerTls, private readonly url: string) {}
@@ -174,11 +180,11 @@ class TlsDial {
   explain(error: unknown): unknown {
     if (isEmbotError(error) && error.code !== ErrorCodes.CONNECTION_CLOSED) return error;
     const failure = this.failure;
-    if (failure !== undefined && (failure.code?.startsWith('ERR_SSL') || /certificate|self.signed|verify/i.test(failure.message) || !this.secured)) {
-      if (failure.code === 'ECONNREFUSED' || failure.code === 'ETIMEDOUT' || failure.code === 'EHOSTUNREACH') return error;
-      return tlsError(failure, `the peer at ${this.url}`, (failure as { code?: string }).code);
-    }
-    if (this.secured) {
+    // Nothing answered at all: not a TLS matter, the connect error says it.
+    if (failure !== undefined && NOT_REACHED.has(failure.code ?? '')) return error;
+    // The TLS handshake itself failed: OpenSSL's code says why (certificate, or no TLS at the other end).
+    if (failure !== undefined && !this.secured) return tlsError(failure, `the peer at ${this.url}`);
+    if (this.secured && !this.upgraded) {
       // A TLS 1.3 server verifies the client's certificate after the client's side of the handshake
       // is done, and Node drops a client it does not accept without an alert: the first sign is
       // the connection closing before the WebSocket upgrade is answered.
