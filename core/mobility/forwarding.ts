@@ -47,6 +47,8 @@ interface Active {
   pump: ReturnType<typeof setTimeout> | undefined;
   /** Sinks waiting out a back-off: woken early when the grace period ends or the agent stops. */
   readonly waiting: Set<() => void>;
+  /** The VM came back (see reclaim): the redirect ended early. */
+  reclaimed: boolean;
   /** Requests on `conn` not answered yet: the grace period's end does not cut them off (the peer may be taking them). */
   busy: number;
 }
@@ -98,7 +100,7 @@ export class Forwarding {
    */
   start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
     if (this.closed) return;
-    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0 };
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);
     for (const id of rec.elementIds) this.byElement.set(id, a);
@@ -127,6 +129,23 @@ export class Forwarding {
     this.eventsRecovered = true;
     for (const end of this.endLater.values()) end();
     this.endLater.clear();
+  }
+
+  /**
+   * The VM `vm` is coming back to this agent (it is the target of a migration again): its forwarding
+   * stops taking events (they are held for the migration now; posted ones are refused naming the
+   * current owner until the commit), what it already took still goes to the current owner, and a
+   * restart does not resume it.
+   */
+  reclaim(vm: string): void {
+    for (const a of this.active.values()) {
+      if (a.rec.vm !== vm || a.reclaimed) continue;
+      a.reclaimed = true;
+      void a.endRedirect();
+      for (const id of a.rec.elementIds) if (this.byElement.get(id) === a) this.byElement.delete(id);
+      this.journal.end(a.rec.migrationId);
+      this.host.logger.info(`migration ${a.rec.migrationId}: ${vm} comes back; its events are no longer forwarded to ${a.rec.peer}`);
+    }
   }
 
   /** Where an event posted for `elementId` goes. */

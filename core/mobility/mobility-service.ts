@@ -572,6 +572,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const root = this.host.objects.deserialize(frame.elements)[0];
     if (root?.id !== `vm:${frame.vm}`) throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `StartMigration of VM ${frame.vm} ships ${root ? `element ${root.id}` : 'no element'} as its root, not vm:${frame.vm}`);
     this.host.journal.begin(id, 'target', frame.vm, source, 'evaluating');
+    // The VM comes back while this agent still forwards its events: from now on they are not ours to redirect.
+    this.forwarding.reclaim(frame.vm);
     this.targetConns.set(id, conn);
     const side = new TargetSide({
       host: this.host,

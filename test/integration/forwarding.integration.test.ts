@@ -127,6 +127,33 @@ describe('forwarding after a migration', () => {
     expect((await c.agent('a').client.status()).name).toBe('a');
   });
 
+  it('a VM that comes back inside the grace period is managed here again: its events are not forwarded away', async () => {
+    const c = await twoAgents(60_000);
+    await movedApp(c, 3);
+    await postForwarded(c.agent('a'), 3, 5);
+    await expectAllAtB(c, 5);
+    const back = await migrate(c.agent('b'), 'app', 'a');
+    expect(back.outcome).toBe('completed');
+    for (let seq = 5; seq < 8; seq++) {
+      const ack = (await c.agent('a').client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq } })) as { forwardedTo?: string };
+      expect(ack.forwardedTo).toBeUndefined();
+    }
+    const ctx = await waitFor(async () => {
+      const x = counterOf(await c.agent('a').client.listEmbots());
+      return x && x.count >= 8 ? x : undefined;
+    }, 20_000, 'all 8 events processed at a');
+    expect(ctx).toMatchObject({ count: 8, lastSeq: 7, outOfOrder: 0 });
+    // ...also after a restart of a (the old forwarding is not resumed).
+    await c.kill('a');
+    await c.startAgent('a');
+    await c.agent('a').client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq: 8 } });
+    const after = await waitFor(async () => {
+      const x = counterOf(await c.agent('a').client.listEmbots());
+      return x && x.count >= 9 ? x : undefined;
+    }, 20_000, 'the 9th event processed at a');
+    expect(after).toMatchObject({ count: 9, lastSeq: 8, outOfOrder: 0 });
+  });
+
   it('turns events still waiting for an unreachable owner into counted dead letters when the grace period ends', async () => {
     const c = await twoAgents(4000);
     const id = await movedApp(c, 2);
