@@ -34,7 +34,7 @@ import type { MigrationInfo, MigrationSummary } from './mobility/migration-recor
 import { loadClusterSecret } from './wire/auth.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
-import { VmUdpServices } from './vm-udp.ts';
+import { VmUdpServices } from '../sensors/index.ts';
 
 /** The package version, found from the sources (`core/`) or from a build (`dist/core/`). */
 const VERSION = ((): string => {

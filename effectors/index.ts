@@ -11,3 +11,5 @@ export {
   type SimVmStats,
 } from './hypervisor/sim-driver.ts';
 export { HypervisorEffector, HYPERVISOR_OPS, type HypervisorOp } from './hypervisor/hypervisor-effector.ts';
+export { SimUdpService, type SimUdpServiceOptions } from './hypervisor/sim-udp-service.ts';
+export { PageReceiver, type ApplyResult, type PageReceiverOptions } from './dataplane/index.ts';

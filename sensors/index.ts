@@ -12,3 +12,5 @@ export type { HostLoadPayload, HostSensorOptions, VmLoad } from './host-sensor.t
 export { VmSensor } from './vm-sensor.ts';
 export type { VmLoadPayload, VmSensorOptions, VmStatePayload } from './vm-sensor.ts';
 export type { SensorContext, SensorLogic } from './sensor.ts';
+export { UdpRelay, decodePackets, encodePackets, type BufferedPacket, type UdpAddress, type UdpRelayStats } from './udp-relay.ts';
+export { VmUdpServices } from './vm-udp-services.ts';

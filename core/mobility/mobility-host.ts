@@ -7,7 +7,7 @@ import type { EmbotRuntime } from '../../embots/embot-runtime.ts';
 import type { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
 import type { ModuleBundle } from '../wire/frames.ts';
 import type { MigrationJournal } from './migration-journal.ts';
-import type { VmUdpServices } from '../vm-udp.ts';
+import type { VmUdpServices } from '../../sensors/index.ts';
 
 /** Modules on this agent, as migrations need them. */
 export interface ModuleProvider {

@@ -2,7 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCodes } from '../../core/errors.ts';
-import { VmUdpServices } from '../../core/vm-udp.ts';
+import { VmUdpServices } from '../../sensors/index.ts';
 import { silentLogger } from '../../core/logger.ts';
 import { encodePackets } from '../../sensors/udp-relay.ts';
 import { PeerServer, connectPeer, loadClusterSecret, type PeerConnection } from '../../core/wire/index.ts';

@@ -1,7 +1,7 @@
-import type { Logger } from './logger.ts';
-import { EffectorError, ErrorCodes, describeError } from './errors.ts';
-import { UdpRelay, decodePackets, encodePackets, type BufferedPacket, type UdpAddress, type UdpRelayStats } from '../sensors/udp-relay.ts';
-import { SimUdpService } from '../effectors/hypervisor/sim-udp-service.ts';
+import type { Logger } from '../core/logger.ts';
+import { EffectorError, ErrorCodes, describeError } from '../core/errors.ts';
+import { SimUdpService } from '../effectors/index.ts';
+import { UdpRelay, decodePackets, encodePackets, type BufferedPacket, type UdpAddress, type UdpRelayStats } from './udp-relay.ts';
 
 interface VmUdp {
   service: SimUdpService | undefined;
