@@ -344,7 +344,7 @@ describe('frame fuzzer', () => {
     } finally {
       if (!stopped) await agent.stop();
     }
-  }, 120_000);
+  }, Math.max(120_000, RUNS * 60));
 });
 
 // Keeps the frame type import honest: the generators cover every request type.
