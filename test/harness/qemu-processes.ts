@@ -45,11 +45,23 @@ export interface QemuProcesses {
 }
 
 function pidsUnder(root: string): number[] {
-  if (!existsSync(root)) return [];
   const pids: number[] = [];
-  for (const entry of readdirSync(root)) {
+  let entries: string[];
+  try {
+    entries = readdirSync(root);
+  } catch {
+    return [];
+  }
+  for (const entry of entries) {
     const dir = join(root, entry);
-    if (!statSync(dir).isDirectory()) continue;
+    // A test may remove a VM dir while this walks.
+    let isDir = false;
+    try {
+      isDir = statSync(dir).isDirectory();
+    } catch {
+      /* gone */
+    }
+    if (!isDir) continue;
     const pid = runningPid(dir);
     if (pid !== undefined) pids.push(pid);
     // A migration test keeps a second root level (source/target) under one root.

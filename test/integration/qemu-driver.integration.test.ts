@@ -1,4 +1,6 @@
+import { spawn } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, isEmbotError, type EmbotError } from '../../core/errors.ts';
@@ -165,6 +167,37 @@ describe.skipIf(!run)('qemu driver against real QEMU (TCG)', () => {
     expect(events.some((e) => e.name === 'keep-1' && e.reason === 'reattach')).toBe(true);
   });
 
+  it('a guest with passes: 2 stops writing after two passes: every counter is 2, and it still heartbeats', async () => {
+    const d = driver();
+    await d.create(spec('passes-1', { testGuest: { passes: 2, delayLoops: 0 } }));
+    await d.start('passes-1');
+    await heartbeat(d.stateDir('passes-1'), 4);
+    await d.pause('passes-1');
+    const end = guestRangeEnd(64 * MiB);
+    const check = checkGuestMemory(await d.capabilities.memoryDump!.dump('passes-1', GUEST_RANGE_START, end - GUEST_RANGE_START));
+    expect(check).toMatchObject({ ok: true, counter: 2, boundary: null });
+    await d.resume('passes-1');
+    await heartbeat(d.stateDir('passes-1'), 2);
+  });
+
+  it('restore without a persisted state: a QEMU that was killed reads as crashed, one that was stopped as stopped', async () => {
+    const root = qemus.root();
+    const first = driver(root);
+    for (const n of ['k-1', 's-1']) {
+      await first.create(spec(n));
+      await first.start(n);
+    }
+    await first.stop('s-1');
+    const killed = first.pid('k-1')!;
+    await first.close();
+    process.kill(killed, 'SIGKILL');
+    await until(() => !pidAlive(killed), 'the killed QEMU to die');
+    const second = driver(root);
+    await second.restoreState(undefined);
+    expect(second.get('k-1')).toMatchObject({ state: 'crashed', crashes: 1 });
+    expect(second.get('s-1')).toMatchObject({ state: 'stopped' });
+  });
+
   it('stats report memory, load and a measured dirty rate', async () => {
     const d = driver();
     await d.create(spec('stats-1', { testGuest: { delayLoops: 0 } }));
@@ -238,16 +271,53 @@ describe.skipIf(!run)('qemu driver against real QEMU (TCG)', () => {
       expect(d.get('nobin-1')?.state).toBe('created');
     });
 
-    it('a state dir whose socket answers garbage is a coded QMP error on re-attach, not a crash', async () => {
+    it('re-attach while another client holds the one QMP connection is a coded QMP error, not a hang', async () => {
       const d = driver();
-      await d.create(spec('garbage-1'));
-      await d.start('garbage-1');
+      await d.create(spec('held-1'));
+      await d.start('held-1');
       await d.close();
-      // Another client holds the one QMP connection and the new one gets no greeting in time.
-      const holder = await QmpClient.connect(vmFiles(d.stateDir('garbage-1')).qmp);
+      const holder = await QmpClient.connect(vmFiles(d.stateDir('held-1')).qmp);
       cleanups.push(() => holder.close());
-      const e = await rejection(QemuProcess.attach(d.stateDir('garbage-1'), { timeoutMs: 500 }));
+      const e = await rejection(QemuProcess.attach(d.stateDir('held-1'), { timeoutMs: 500 }));
       expect([ErrorCodes.QMP_TIMEOUT, ErrorCodes.QMP_PROTOCOL]).toContain(e.code);
+    });
+
+    it('a state dir whose QMP socket answers garbage: restore reports REATTACH_FAILED with QMP_PROTOCOL, keeps the other VMs, never starts a second QEMU', async () => {
+      const root = qemus.root();
+      const first = driver(root);
+      await first.create(spec('good-1'));
+      await first.start('good-1');
+      const goodPid = first.pid('good-1')!;
+      await first.close();
+      // FAKE, named as such: a "QEMU" that answers garbage cannot be caused with real QEMU. A node
+      // process whose command line names the socket stands in for the process, a unix socket
+      // server writing noise for its monitor.
+      const dir = join(root, 'noisy-1');
+      mkdirSync(dir);
+      const files = vmFiles(dir);
+      writeFileSync(files.spec, JSON.stringify({ spec: spec('noisy-1'), incoming: false }));
+      const server = net.createServer((socket) => {
+        socket.on('error', () => {});
+        socket.end('\u0000\u00ffnot qmp at all\n');
+      });
+      await new Promise<void>((r) => server.listen(files.qmp, r));
+      cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
+      const fake = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)', files.qmp], { stdio: 'ignore' });
+      cleanups.push(() => void fake.kill('SIGKILL'));
+      writeFileSync(files.pid, String(fake.pid));
+
+      const second = driver(root);
+      const events: { name: string; event: string; data: Readonly<Record<string, unknown>> }[] = [];
+      second.events.on('vm-event', (e) => events.push(e));
+      await second.restoreState(undefined);
+      expect(events.find((e) => e.event === 'REATTACH_FAILED')).toMatchObject({ name: 'noisy-1', data: { code: ErrorCodes.QMP_PROTOCOL } });
+      expect(second.get('noisy-1')).toBeUndefined();
+      expect(second.get('good-1')).toMatchObject({ state: 'running' });
+      expect(second.pid('good-1')).toBe(goodPid);
+      // The unreachable VM's dir still has a live process: a start there is refused, not doubled.
+      expect((await rejection(QemuProcess.launch({ stateDir: dir, spec: spec('noisy-1'), accel: 'tcg' }))).code).toBe(ErrorCodes.VM_BAD_STATE);
+      // The fake process passes for the dir's QEMU (that is the point); no real QEMU was added.
+      expect(qemus.live().filter((p) => p !== fake.pid)).toEqual([goodPid]);
     });
   });
 });

@@ -16,7 +16,7 @@ import type {
   VmStats,
 } from '../hypervisor-contract.ts';
 import type { MigrationInfo, MigrationStatus, QmpEvent } from './qmp-client.ts';
-import { QemuProcess, vmFiles, type Accel } from './qemu-process.ts';
+import { QemuProcess, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 
 export interface QemuDriverOptions {
@@ -281,15 +281,26 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         continue;
       }
       const before = known.get(file.spec.name);
+      let proc: QemuProcess | undefined;
+      try {
+        proc = await QemuProcess.attach(stateDir, { timeoutMs: this.timeoutMs });
+      } catch (e) {
+        // A live QEMU we cannot talk to stays unlisted rather than guessed at: listing it as
+        // stopped or crashed would invite a second start, and a new QEMU for the dir is refused
+        // while this one lives (QemuProcess.launch). Reported for a sensor to raise.
+        const error = isEmbotError(e) ? e.toJSON() : { code: ErrorCodes.QEMU_FAILED, message: String(e) };
+        this.events.emit('vm-event', { name: file.spec.name, event: 'REATTACH_FAILED', data: { ...error, stateDir } });
+        continue;
+      }
       const vm = this.addVm(file.spec, file.incoming, false);
       vm.crashes = before?.crashes ?? 0;
-      const proc = await QemuProcess.attach(stateDir, { timeoutMs: this.timeoutMs });
       if (proc) {
         this.wire(vm, proc);
-        const { status } = await proc.qmp.execute('query-status');
+        const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
         vm.startedAt = Date.now();
         this.setState(vm, status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused', 'reattach', null);
-      } else if (before?.state === 'running' || before?.state === 'paused') {
+      } else if (before?.state === 'running' || before?.state === 'paused' || (before === undefined && readPidFile(stateDir) !== undefined)) {
+        // QEMU removes its pidfile when it exits cleanly; one left behind means it died.
         vm.crashes++;
         this.setState(vm, 'crashed', 'process-died', null);
       } else {
@@ -617,6 +628,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const reason = vm.expectingExit;
     vm.expectingExit = undefined;
     if (reason !== undefined) {
+      // A kill leaves QEMU's pidfile behind; gone, it cannot read as a crash after a restart.
+      rmSync(vmFiles(vm.stateDir).pid, { force: true });
       this.setState(vm, 'stopped', reason);
     } else if (vm.state !== 'crashed') {
       vm.crashes++;
