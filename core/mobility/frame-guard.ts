@@ -126,7 +126,7 @@ export interface GuardContext {
   /** Name the peer authenticated with (conn.remoteAgent). */
   readonly peer: string;
   readonly now: number;
-  /** How long after a commit ForwardedEvents and UdpHandover are still taken. */
+  /** How long after a commit the frames of `graceBound` rules (UdpHandover) are still taken. */
   readonly settledForMs: number;
 }
 
@@ -160,7 +160,7 @@ export function checkFrame(frame: GuardedFrame, ctx: GuardContext): GuardVerdict
   const probe = frame.type === 'PageBatch' && named.endsWith(PROBE_SUFFIX) && named.length > PROBE_SUFFIX.length;
   const id = probe ? named.slice(0, -PROBE_SUFFIX.length) : named;
   const unknown = (): GuardVerdict =>
-    refuse(ErrorCodes.MIGRATION_UNKNOWN, `${frame.type}: no migration ${JSON.stringify(named)} with ${ctx.peer} ${rule.kind === 'settled' ? 'committed here recently' : 'in progress here'} as the ${rule.role === 'target' ? 'target' : 'source'}`, frame, ctx.peer);
+    refuse(ErrorCodes.MIGRATION_UNKNOWN, `${frame.type}: no migration ${JSON.stringify(named)} with ${ctx.peer} ${rule.kind === 'settled' ? 'committed here' : rule.kind === 'journaled' ? 'on record here' : 'in progress here'} as the ${rule.role === 'target' ? 'target' : 'source'}`, frame, ctx.peer);
   const frameVm = 'vm' in frame && 'vm' in rule && rule.vm === true ? frame.vm : undefined;
   const vmMismatch = (vm: string): GuardVerdict | undefined =>
     frameVm !== undefined && frameVm !== vm ? refuse(ErrorCodes.MIGRATION_MISMATCH, `${frame.type} names VM ${JSON.stringify(frameVm)}, migration ${id} moves ${vm}`, frame, ctx.peer) : undefined;
