@@ -173,7 +173,8 @@ export function renderMigrationSummary(info: MigrationInfo): string {
     for (const path of p.perPath) rows.push(['', `path ${path.name}: ${formatBytes(path.bytes)} in ${path.batches} batches${path.failed ? ' (failed, its batches went on the others)' : ''}`]);
   }
   if (s.udp) rows.push(['udp', `${s.udp.handedOver} packets buffered offline and handed over, ${s.udp.dropped} dropped, max added latency ${formatMs(s.udp.maxBufferedLatencyMs)}`]);
-  rows.push(['forwarded', `${s.forwarded} event${s.forwarded === 1 ? '' : 's'}`]);
+  // Counted on while the source forwards (grace period): a later `embot migrations ID` shows more.
+  rows.push(['forwarded', `${s.forwarded} event${s.forwarded === 1 ? '' : 's'}${s.deadLettered ? `; ${s.deadLettered} dead letter${s.deadLettered === 1 ? '' : 's'} (the grace period ended first; embot events dead)` : ''}`]);
   return renderRows(rows);
 }
 
