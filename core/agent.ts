@@ -14,15 +14,9 @@ import type { EmbotEvent, EmbotEventInput } from './events.ts';
 import type { AgentControl, AgentStatus, DeadLetter, EmbotInfo, PluginInfo, VmChecksum } from './control/control-api.ts';
 import { createHash } from 'node:crypto';
 import { startControlServer } from './control/server.ts';
-import { SensorService } from '../sensors/sensor-service.ts';
-import { HostSensor } from '../sensors/host-sensor.ts';
-import { VmSensor } from '../sensors/vm-sensor.ts';
-import { SimDriver } from '../effectors/hypervisor/sim-driver.ts';
-import { HypervisorEffector } from '../effectors/hypervisor/hypervisor-effector.ts';
-import { EffectorRegistry } from '../effectors/effector-registry.ts';
-import type { HypervisorDriver, VmInfo } from '../effectors/hypervisor/driver.ts';
-import { EmbotRuntime, type AttachableElement } from '../embots/embot-runtime.ts';
-import { EMBOT_API_VERSION } from '../embots/policy-api.ts';
+import { HostSensor, SensorService, VmSensor, VmUdpServices } from '../sensors/index.ts';
+import { EffectorRegistry, HypervisorEffector, SimDriver, type HypervisorDriver, type VmInfo } from '../effectors/index.ts';
+import { EMBOT_API_VERSION, EmbotRuntime, type AttachableElement } from '../embots/index.ts';
 import { MigrationJournal } from './mobility/migration-journal.ts';
 import { MobilityService } from './mobility/mobility-service.ts';
 import { AgentModuleProvider } from './mobility/module-provider.ts';
@@ -34,7 +28,6 @@ import type { MigrationInfo, MigrationSummary } from './mobility/migration-recor
 import { loadClusterSecret } from './wire/auth.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
-import { VmUdpServices } from '../sensors/index.ts';
 
 /** The package version, found from the sources (`core/`) or from a build (`dist/core/`). */
 const VERSION = ((): string => {

@@ -12,4 +12,14 @@ export {
 } from './hypervisor/sim-driver.ts';
 export { HypervisorEffector, HYPERVISOR_OPS, type HypervisorOp } from './hypervisor/hypervisor-effector.ts';
 export { SimUdpService, type SimUdpServiceOptions } from './hypervisor/sim-udp-service.ts';
-export { PageReceiver, type ApplyResult, type PageReceiverOptions } from './dataplane/index.ts';
+export {
+  batchChecksum,
+  DEFAULT_BATCH_BYTES,
+  PageReceiver,
+  preCopy,
+  WINDOW_BATCHES,
+  type ApplyResult,
+  type DataPath,
+  type PageReceiverOptions,
+  type PreCopyResult,
+} from './dataplane/index.ts';

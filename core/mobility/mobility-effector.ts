@@ -1,5 +1,5 @@
 import { EffectorError, ErrorCodes } from '../errors.ts';
-import type { Effector } from '../../effectors/effector.ts';
+import type { Effector } from '../../effectors/index.ts';
 import type { MigrationSummary } from './migration-record.ts';
 
 /** What the effector needs of the mobility service. */

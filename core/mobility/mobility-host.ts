@@ -2,12 +2,11 @@ import type { Store } from '../store/store.ts';
 import type { Logger } from '../logger.ts';
 import type { ManagedObjectService } from '../objects/object-service.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
-import type { SensorService } from '../../sensors/sensor-service.ts';
-import type { EmbotRuntime } from '../../embots/embot-runtime.ts';
+import type { SensorService, VmUdpServices } from '../../sensors/index.ts';
+import type { EmbotRuntime } from '../../embots/index.ts';
 import type { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
 import type { ModuleBundle } from '../wire/frames.ts';
 import type { MigrationJournal } from './migration-journal.ts';
-import type { VmUdpServices } from '../../sensors/index.ts';
 
 /** Modules on this agent, as migrations need them. */
 export interface ModuleProvider {

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { EMBOT_API_VERSION } from '../../embots/policy-api.ts';
+import { EMBOT_API_VERSION } from '../../embots/index.ts';
 import { describeError, ErrorCodes, PluginError } from '../errors.ts';
 import { checkModuleDir } from '../plugins/catalogue.ts';
 import { hashModuleFiles, MODULE_SIGNATURE_FILE } from '../plugins/content-hash.ts';

@@ -4,12 +4,11 @@ import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
-import { batchChecksum } from '../../effectors/dataplane/page-batch.ts';
-import type { HeldShipment, HoldCursor } from '../../sensors/sensor-service.ts';
+import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
 import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
-import { DEFAULT_BATCH_BYTES, WINDOW_BATCHES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/dataplane/index.ts';
+import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/index.ts';
 import type { AgentConfig } from '../config/config.ts';
 import type { Forwarding } from './forwarding.ts';
 
