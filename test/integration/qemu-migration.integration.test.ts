@@ -204,6 +204,35 @@ describe.skipIf(!run)('qemu live migration between two drivers on loopback (TCG)
     expect(qemus.live()).toEqual([source.pid('tkill-1')]);
   });
 
+  it('killing the source QEMU mid-migration fails the migration (MIGRATION_FAILED), the VM reads crashed, and abortIncoming leaves no QEMU', async () => {
+    const { source, target } = hosts();
+    const vm = spec('skill-1', 2000);
+    await source.create(vm);
+    await source.start('skill-1');
+    await heartbeat(source.stateDir('skill-1'), 2);
+    const { endpoint } = await target.prepareIncoming(vm);
+    const sourcePid = source.pid('skill-1')!;
+    const crashed = new Promise<VmStateChange>((resolve) => source.events.on('vm-state', (e) => e.to === 'crashed' && resolve(e)));
+    let killed = false;
+    const e = await rejection(
+      source.migrateOut('skill-1', {
+        endpoint,
+        maxBandwidth: 4 * MiB,
+        onProgress: (p) => {
+          if (!killed && p.transferredBytes > 1 * MiB) {
+            killed = true;
+            process.kill(sourcePid, 'SIGKILL');
+          }
+        },
+      }),
+    );
+    expect(e.code, e.message).toBe(ErrorCodes.MIGRATION_FAILED);
+    expect(await crashed).toMatchObject({ name: 'skill-1', reason: 'process-died' });
+    expect((await rejection(target.commitIncoming('skill-1', { timeoutMs: 500 }))).code).toBe(ErrorCodes.MIGRATION_FAILED);
+    await target.abortIncoming('skill-1');
+    expect(qemus.live()).toEqual([]);
+  });
+
   describe('convergence of a fast-dirtying guest under a tight downtime limit', () => {
     // delayLoops 2000: a pass over 60 MiB takes tens of ms under TCG, so every page is dirty again
     // in every round at 64 MiB/s; only throttling the vCPU lets the rounds shrink.

@@ -449,6 +449,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const status = await qmp.execute('query-status').catch(() => undefined);
         if (status?.status === 'running' && now !== 'running') this.setState(vm, 'running', 'migration-cancelled');
       }
+      // The source QEMU went away under the migration (its QMP closed): the migration failed; the
+      // VM itself is reported crashed through the process's exit.
+      if (isEmbotError(e, ErrorCodes.QMP_PROTOCOL) && !proc.alive) {
+        throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `migration of VM ${name} failed: its QEMU died`, { details: { vm: name }, cause: e });
+      }
       throw e;
     } finally {
       vm.migrating = false;
@@ -490,7 +495,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   async commitIncoming(name: string, options: { readonly timeoutMs?: number } = {}): Promise<VmInfo> {
     const vm = this.require(name);
     if (!vm.incoming) throw badState(vm, 'commit an incoming migration of');
-    const proc = this.requireProc(name, 'commit');
+    const proc = vm.proc;
+    // An incoming QEMU exits by itself when its stream breaks (source died, migration cancelled).
+    if (proc === undefined || !proc.alive) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} has no QEMU any more: the migration stream broke`, { details: { vm: name } });
     const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
     // RESUME (the incoming VM starts) or a MIGRATION event wakes the wait; the poll is the fallback.
     let wake: () => void = () => {};
