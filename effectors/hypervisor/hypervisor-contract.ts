@@ -144,7 +144,14 @@ export interface MemoryDump {
   dump(vm: string, address: number, length: number): Promise<Uint8Array>;
 }
 
+/** Optional: an injected fault, for watchdog tests and demos (sim: a simulated fault; qemu: kill -9 not asked for by the driver). */
+export interface FaultInjection {
+  /** The VM ends up `crashed`, exactly as if it had died by itself. */
+  crash(vm: string): Promise<VmInfo>;
+}
+
 export interface HypervisorCapabilities {
+  readonly faults?: FaultInjection;
   readonly loadKnob?: LoadKnob;
   readonly memoryChecksum?: MemoryChecksum;
   readonly udpService?: UdpServiceCapability;

@@ -128,6 +128,10 @@ describe.skipIf(!run)('qemu driver against real QEMU (TCG)', () => {
     await d.start('crash-1');
     await heartbeat(d.stateDir('crash-1'), 1);
     expect((await d.stats('crash-1')).state).toBe('running');
+    // The declared fault capability does the same.
+    const pid = d.pid('crash-1')!;
+    expect(await d.capabilities.faults!.crash('crash-1')).toMatchObject({ state: 'crashed', crashes: 2 });
+    expect(pidAlive(pid)).toBe(false);
   });
 
   it('a new driver on the same root re-attaches to the running QEMU: same pid, no second QEMU; a VM that died meanwhile is crashed', async () => {

@@ -114,7 +114,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     this.pollMs = o.pollMs ?? 100;
     this.timeoutMs = o.timeoutMs ?? 30_000;
     mkdirSync(o.root, { recursive: true });
-    this.capabilities = { memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) } };
+    this.capabilities = {
+      memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
+      faults: { crash: (vm) => this.crash(vm) },
+    };
   }
 
   // ---- inspection
@@ -240,6 +243,18 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     vm.expectingExit = 'kill';
     await proc.kill(this.timeoutMs);
     this.processGone(vm, proc);
+    return toInfo(vm);
+  }
+
+  /** kill -9 the driver did not ask for itself: the VM reads `crashed`, as after a real death. */
+  private async crash(name: string): Promise<VmInfo> {
+    const vm = this.require(name);
+    const proc = vm.proc;
+    if (proc === undefined || !proc.alive || vm.incoming) throw badState(vm, 'crash');
+    const crashed = new Promise<void>((resolve) => proc.events.once('exit', () => resolve()));
+    await proc.kill(this.timeoutMs);
+    // The exit handler (QMP close, then pid dead) reports the crash; wait for it, so the state is settled.
+    await crashed;
     return toInfo(vm);
   }
 
