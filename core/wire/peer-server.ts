@@ -107,13 +107,7 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
     wss.on('connection', (ws, req) => this.accept(ws, req.socket));
     // A failing server socket after listen (rare) must not crash the agent through an unhandled 'error'.
     wss.on('error', () => {});
-    https?.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
-      // A client the CA did not vouch for is dropped by OpenSSL/Node before any HTTP byte is read; its
-      // verification result stays on the socket and says why.
-      this.emit('refused', tlsError(err, `TLS client ${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`, authorizationCode(socket)), {
-        remoteAddress: socket.remoteAddress,
-      });
-    });
+    if (https) this.watchTlsHandshakes(https, options.maxPendingHandshakes ?? DEFAULT_MAX_PENDING_HANDSHAKES);
   }
 
   /**
@@ -201,6 +195,45 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
       }
     })();
     return this.closing;
+  }
+
+  /**
+   * Reports TLS handshakes that fail, and bounds the sockets still in one, as `maxPendingHandshakes`
+   * bounds those in the peer handshake: each costs a TLS session until its handshake timeout.
+   * Sockets are keyed by remote address and port, which the TCP socket and the TLS socket over it share.
+   */
+  private watchTlsHandshakes(https: HttpsServer, limit: number): void {
+    const pending = new Map<string, Socket>();
+    /** Sockets dropped here for the bound whose TLS error (a hang-up with no address) is still to come: already reported. */
+    let droppedUnreported = 0;
+    https.on('connection', (raw: Socket) => {
+      const key = `${raw.remoteAddress}:${raw.remotePort}`;
+      if (this.closing || pending.size >= limit) {
+        const remoteAddress = raw.remoteAddress;
+        droppedUnreported++;
+        raw.destroy();
+        const why = this.closing ? 'the agent is shutting down' : `too many peers in the TLS handshake (${pending.size}); try again later`;
+        this.emit('refused', new ProtocolError(ErrorCodes.PEER_UNAUTHENTICATED, why), { remoteAddress });
+        return;
+      }
+      pending.set(key, raw);
+      raw.once('close', () => {
+        if (pending.get(key) === raw) pending.delete(key);
+      });
+    });
+    https.on('secureConnection', (socket: TLSSocket) => pending.delete(`${socket.remoteAddress}:${socket.remotePort}`));
+    https.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
+      const verify = authorizationCode(socket);
+      if (socket.remoteAddress === undefined && verify === undefined && droppedUnreported > 0) {
+        droppedUnreported--;
+        return;
+      }
+      // A client the CA did not vouch for is dropped by OpenSSL/Node before any HTTP byte is read; its
+      // verification result stays on the socket and says why.
+      this.emit('refused', tlsError(err, `TLS client ${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`, verify), {
+        remoteAddress: socket.remoteAddress,
+      });
+    });
   }
 
   private accept(ws: WebSocket, socket: Socket): void {

@@ -175,6 +175,36 @@ describe('peer link over mutual TLS', () => {
     }
   });
 
+  it('bounds the sockets in the TLS handshake: one more is dropped and refused, a legitimate peer gets in once they go', async () => {
+    const s = await PeerServer.listen({ agent: 'b', tls: tlsB, listen: '127.0.0.1:0', handshakeTimeoutMs: 5000, maxPendingHandshakes: 2 });
+    const refused: EmbotError[] = [];
+    s.on('refused', (e) => refused.push(e));
+    const raws = [netConnect(s.address.port, '127.0.0.1'), netConnect(s.address.port, '127.0.0.1')];
+    try {
+      await Promise.all(raws.map((r) => new Promise<void>((resolve) => r.once('connect', () => resolve()))));
+      const third = netConnect(s.address.port, '127.0.0.1');
+      third.on('error', () => {});
+      await new Promise<void>((resolve) => third.once('close', () => resolve()));
+      await until(() => refused.length === 1);
+      expect(refused[0]!.code).toBe(ErrorCodes.PEER_UNAUTHENTICATED);
+      expect(refused[0]!.message).toContain('TLS handshake');
+      for (const r of raws) r.destroy();
+      // Their slots free up once the server sees them close; until then a peer is turned away.
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await stillServes(s.url);
+          break;
+        } catch (e) {
+          if (attempt >= 50) throw e;
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      }
+    } finally {
+      for (const r of raws) r.destroy();
+      await s.close();
+    }
+  });
+
   it('refuses to dial a ws:// URL with TLS configured, or a wss:// one without', async () => {
     expect(await codeOf(connectPeer({ url: 'ws://127.0.0.1:9/', agent: 'a', tls: tlsA }))).toBe(ErrorCodes.CONFIG_INVALID);
     expect(await codeOf(connectPeer({ url: 'wss://127.0.0.1:9/', agent: 'a', secret: SECRET }))).toBe(ErrorCodes.CONFIG_INVALID);
