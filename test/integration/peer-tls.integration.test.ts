@@ -113,6 +113,24 @@ describe('two agents over mutual TLS', () => {
   });
 });
 
+describe('mutual TLS without a cluster secret', () => {
+  let cluster: Cluster | undefined;
+  afterAll(async () => {
+    await cluster?.stop();
+  });
+
+  it('certificates alone authenticate the agents: a migration completes', async () => {
+    cluster = await Cluster.start(['a', 'b'], { tls: { secret: false } });
+    const a = cluster.agent('a');
+    expect(a.stderr).toContain('peer links: wss:// with mutual TLS; peers need a certificate from the cluster CA that names them"');
+    await a.client.createVm({ name: 'solo', memory: 4 * MiB });
+    await a.client.vmAction('solo', 'start');
+    const info = await migrate(a, 'solo', 'b');
+    expect(info.outcome, info.reason).toBe('completed');
+    expect((await cluster.agent('b').client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['solo:running']);
+  }, 60_000);
+});
+
 /** The intruder's certificate and key with the cluster CA as trust anchor (loadPeerTls refuses that mix by design). */
 function loadPeerTlsWithAnchor(files: { ca: string; cert: string; key: string }, clusterCa: string): { ca: Buffer; clientContext: SecureContext } {
   const ca = readFileSync(clusterCa);
