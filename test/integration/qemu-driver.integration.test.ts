@@ -286,7 +286,7 @@ describe.skipIf(!run)('qemu driver against real QEMU (TCG)', () => {
       expect([ErrorCodes.QMP_TIMEOUT, ErrorCodes.QMP_PROTOCOL]).toContain(e.code);
     });
 
-    it('a state dir whose QMP socket answers garbage: restore reports REATTACH_FAILED with QMP_PROTOCOL, keeps the other VMs, never starts a second QEMU', async () => {
+    it('restore past bad state dirs (QMP answering garbage, torn or mismatched spec.json): REATTACH_FAILED with a code each, the good VM kept, never a second QEMU', async () => {
       const root = qemus.root();
       const first = driver(root);
       await first.create(spec('good-1'));
@@ -310,11 +310,22 @@ describe.skipIf(!run)('qemu driver against real QEMU (TCG)', () => {
       cleanups.push(() => void fake.kill('SIGKILL'));
       writeFileSync(files.pid, String(fake.pid));
 
+      // Two more bad dirs: a spec.json that is not JSON, one that names another VM; and a dir that is no VM at all.
+      for (const [name, content] of [['torn-1', '{"spec": {"name": "torn-1", "mem'], ['other-1', JSON.stringify({ spec: spec('good-1'), incoming: false })]] as const) {
+        mkdirSync(join(root, name));
+        writeFileSync(vmFiles(join(root, name)).spec, content);
+      }
+      mkdirSync(join(root, 'not-a-vm'));
+
       const second = driver(root);
       const events: { name: string; event: string; data: Readonly<Record<string, unknown>> }[] = [];
       second.events.on('vm-event', (e) => events.push(e));
       await second.restoreState(undefined);
-      expect(events.find((e) => e.event === 'REATTACH_FAILED')).toMatchObject({ name: 'noisy-1', data: { code: ErrorCodes.QMP_PROTOCOL } });
+      expect(events.find((e) => e.name === 'noisy-1')).toMatchObject({ event: 'REATTACH_FAILED', data: { code: ErrorCodes.QMP_PROTOCOL } });
+      expect(events.find((e) => e.name === 'torn-1')).toMatchObject({ event: 'REATTACH_FAILED', data: { code: ErrorCodes.VM_SPEC_INVALID } });
+      expect(events.find((e) => e.name === 'other-1')).toMatchObject({ event: 'REATTACH_FAILED', data: { code: ErrorCodes.VM_SPEC_INVALID } });
+      expect(events.filter((e) => e.event === 'REATTACH_FAILED')).toHaveLength(3);
+      expect(second.list().map((v) => v.name)).toEqual(['good-1']);
       expect(second.get('noisy-1')).toBeUndefined();
       expect(second.get('good-1')).toMatchObject({ state: 'running' });
       expect(second.pid('good-1')).toBe(goodPid);

@@ -292,7 +292,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       try {
         file = JSON.parse(readFileSync(vmFiles(stateDir).spec, 'utf8')) as SpecFile;
         validateQemuSpec(file.spec);
-      } catch {
+        if (file.spec.name !== entry.name) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `spec.json names VM ${file.spec.name}, its dir ${entry.name}`);
+      } catch (e) {
+        // Not a VM dir (no spec.json) is nothing to report; an unreadable one is.
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        const error = isEmbotError(e) ? e.toJSON() : { code: ErrorCodes.VM_SPEC_INVALID, message: `spec.json is not JSON: ${String(e)}` };
+        this.events.emit('vm-event', { name: entry.name, event: 'REATTACH_FAILED', data: { ...error, stateDir } });
         continue;
       }
       const before = known.get(file.spec.name);
