@@ -20,7 +20,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { WebSocketServer } from 'ws';
 import { PeerServer } from '../core/wire/index.ts';
 import { reuseReceiveBuffer } from '../core/wire/receive-buffer.ts';
-import { PageReceiver, pageBatchHandler, type PageReceiverStats } from '../effectors/dataplane/index.ts';
+import { PageReceiver, pageBatchHandler, type PageReceiverStats } from '../effectors/hypervisor/sim/dataplane/index.ts';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
 const REPO = fileURLToPath(new URL('..', import.meta.url));

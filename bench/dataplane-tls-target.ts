@@ -19,7 +19,7 @@ import { WebSocketServer } from 'ws';
 import { PeerServer } from '../core/wire/index.ts';
 import { loadPeerTls, serverTlsOptions, type PeerTlsFiles } from '../core/wire/peer-tls.ts';
 import { reuseReceiveBuffer } from '../core/wire/receive-buffer.ts';
-import { PageReceiver, pageBatchHandler } from '../effectors/dataplane/index.ts';
+import { PageReceiver, pageBatchHandler } from '../effectors/hypervisor/sim/dataplane/index.ts';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
 const REPO = fileURLToPath(new URL('..', import.meta.url));

@@ -21,8 +21,8 @@ import WebSocket from 'ws';
 import { CA_CERT_FILE, createClusterCa, issueAgentCertificate } from '../core/wire/cluster-ca.ts';
 import { connectPeer } from '../core/wire/index.ts';
 import { MIN_TLS_VERSION, clientTlsOptions, loadPeerTls, type PeerTls, type PeerTlsFiles } from '../core/wire/peer-tls.ts';
-import { DEFAULT_BATCH_BYTES, preCopy } from '../effectors/dataplane/index.ts';
-import { SimDriver } from '../effectors/hypervisor/sim-driver.ts';
+import { DEFAULT_BATCH_BYTES, preCopy } from '../effectors/hypervisor/sim/dataplane/index.ts';
+import { SimDriver } from '../effectors/hypervisor/sim/sim-driver.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import { TLS_BENCH_SECRET, startTlsTarget, type RawKind, type TlsTarget } from './dataplane-tls-target.ts';
 

@@ -21,8 +21,8 @@
 import { pathToFileURL } from 'node:url';
 import { estimateError, estimateMigration, summarizeAccuracy, type AccuracySample, type Estimate } from '../core/mobility/migration-estimate.ts';
 import { PeerServer, connectPeer } from '../core/wire/index.ts';
-import { PageReceiver, pageBatchHandler, preCopy, type PreCopyProgress, type PreCopyResult } from '../effectors/dataplane/index.ts';
-import { SimDriver } from '../effectors/hypervisor/sim-driver.ts';
+import { PageReceiver, pageBatchHandler, preCopy, type PreCopyProgress, type PreCopyResult } from '../effectors/hypervisor/sim/dataplane/index.ts';
+import { SimDriver } from '../effectors/hypervisor/sim/sim-driver.ts';
 import { fmt, renderTable, type BenchRow, type BenchTable } from './table.ts';
 
 const KiB = 1024;

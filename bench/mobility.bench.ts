@@ -33,7 +33,7 @@ import { loadConfig } from '../core/config/config.ts';
 import { createLogger } from '../core/logger.ts';
 import type { MigrationInfo, MigrationSummary } from '../core/mobility/migration-record.ts';
 import type { EmbotEventInput } from '../core/events.ts';
-import { SimDriver } from '../effectors/hypervisor/sim-driver.ts';
+import { SimDriver } from '../effectors/hypervisor/sim/sim-driver.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 
 const KiB = 1024;

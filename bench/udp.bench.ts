@@ -16,7 +16,7 @@
 import dgram from 'node:dgram';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { SimUdpService, type ServedRequest } from '../effectors/hypervisor/sim-udp-service.ts';
+import { SimUdpService, type ServedRequest } from '../effectors/hypervisor/sim/sim-udp-service.ts';
 import { UdpRelay, decodePackets, encodePackets, type UdpAddress } from '../sensors/udp-relay.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 

@@ -9,9 +9,9 @@ export {
   type SimPages,
   type SimPersistedState,
   type SimVmStats,
-} from './hypervisor/sim-driver.ts';
+} from './hypervisor/sim/sim-driver.ts';
 export { HypervisorEffector, HYPERVISOR_OPS, type HypervisorOp } from './hypervisor/hypervisor-effector.ts';
-export { SimUdpService, type SimUdpServiceOptions } from './hypervisor/sim-udp-service.ts';
+export { SimUdpService, type SimUdpServiceOptions } from './hypervisor/sim/sim-udp-service.ts';
 export {
   batchChecksum,
   DEFAULT_BATCH_BYTES,
@@ -22,4 +22,4 @@ export {
   type DataPath,
   type PageReceiverOptions,
   type PreCopyResult,
-} from './dataplane/index.ts';
+} from './hypervisor/sim/dataplane/index.ts';

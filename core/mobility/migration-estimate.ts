@@ -1,6 +1,6 @@
 /**
  * Migration-time estimate for pre-copy live migration: a round-by-round simulation of the same
- * algorithm the pre-copy sender (`effectors/dataplane/precopy-sender.ts`) runs, so the planner
+ * algorithm the pre-copy sender (`effectors/hypervisor/sim/dataplane/precopy-sender.ts`) runs, so the planner
  * (seed 000) compares the threshold with what will really happen rather than with `size / bandwidth`.
  *
  * The algorithm modelled, as the sender runs it:

@@ -4,7 +4,7 @@ import type { ManagedObjectService } from '../objects/object-service.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
 import type { SensorService, VmUdpServices } from '../../sensors/index.ts';
 import type { EmbotRuntime } from '../../embots/index.ts';
-import type { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import type { SimDriver } from '../../effectors/index.ts';
 import type { ModuleBundle } from '../wire/frames.ts';
 import type { MigrationJournal } from './migration-journal.ts';
 

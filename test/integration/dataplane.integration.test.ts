@@ -9,8 +9,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { WebSocketServer } from 'ws';
 import { ErrorCodes, isEmbotError } from '../../core/errors.ts';
 import { PeerServer, connectPeer, type AnyRequestBody, type PeerConnection, type RequestHandler, type RequestOptions } from '../../core/wire/index.ts';
-import { PageReceiver, pageBatchHandler, preCopy, type DataPath, type PreCopyOptions } from '../../effectors/dataplane/index.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import { PageReceiver, pageBatchHandler, preCopy, type DataPath, type PreCopyOptions } from '../../effectors/hypervisor/sim/dataplane/index.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 
 const SECRET = Buffer.from('dataplane-test-secret-0123456789');
 const MiB = 1024 * 1024;

@@ -6,7 +6,7 @@ import { Store } from '../../core/store/store.ts';
 import { SensorService } from '../../sensors/sensor-service.ts';
 import { EffectorRegistry } from '../../effectors/effector-registry.ts';
 import { HypervisorEffector } from '../../effectors/hypervisor/hypervisor-effector.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 import { EmbotRuntime, type RuntimeModule } from '../../embots/embot-runtime.ts';
 import { checkModuleDir } from '../../core/plugins/catalogue.ts';
 import { EMBOT_API_VERSION } from '../../embots/policy-api.ts';

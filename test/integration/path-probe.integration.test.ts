@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
 import { measurePath } from '../../core/mobility/source-side.ts';
-import { DEFAULT_BATCH_BYTES } from '../../effectors/dataplane/index.ts';
+import { DEFAULT_BATCH_BYTES } from '../../effectors/hypervisor/sim/dataplane/index.ts';
 
 const SECRET = Buffer.from('path-probe-cluster-secret-012345');
 const MiB = 1024 * 1024;

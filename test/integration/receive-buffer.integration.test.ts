@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket, { WebSocketServer } from 'ws';
 import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
 import { READ_BUFFER_BYTES, REUSED_MAX_BYTES, REUSED_MIN_BYTES, reuseReceiveBuffer } from '../../core/wire/receive-buffer.ts';
-import { allPages, batchChecksum, encodeIndexes } from '../../effectors/dataplane/page-batch.ts';
+import { allPages, batchChecksum, encodeIndexes } from '../../effectors/hypervisor/sim/dataplane/page-batch.ts';
 
 const SECRET = Buffer.from('receive-buffer-cluster-secret-01');
 const MiB = 1024 * 1024;

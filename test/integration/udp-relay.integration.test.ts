@@ -11,7 +11,7 @@
  */
 import dgram from 'node:dgram';
 import { afterEach, describe, expect, it } from 'vitest';
-import { SimUdpService, type ServedRequest } from '../../effectors/hypervisor/sim-udp-service.ts';
+import { SimUdpService, type ServedRequest } from '../../effectors/hypervisor/sim/sim-udp-service.ts';
 import { UdpRelay, decodePackets, encodePackets, type UdpAddress } from '../../sensors/udp-relay.ts';
 
 const WINDOW = 4096;

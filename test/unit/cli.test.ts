@@ -8,7 +8,7 @@ import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput } from '../
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, ErrorCodes } from '../../core/errors.ts';
 import { createLogger } from '../../core/logger.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 
 /** Control over the real SimDriver; events, embots and plugins are in-test doubles. */
 function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {

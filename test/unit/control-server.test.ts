@@ -6,7 +6,7 @@ import type { AgentControl, AgentStatus, DeadLetter, EmbotEvent, EmbotEventInput
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, ControlError, ErrorCodes, EffectorError, EventError, isEmbotError } from '../../core/errors.ts';
 import { createLogger } from '../../core/logger.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 
 const logger = createLogger({ level: 'silent' });
 

@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { crc32 as zlibCrc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
-import { CRC32_IMPLEMENTATION, DEFAULT_CRC32_CANDIDATES, ISAL_ADDON_PATH, chooseCrc32, crc32, type Crc32 } from '../../effectors/dataplane/crc32.ts';
+import { CRC32_IMPLEMENTATION, DEFAULT_CRC32_CANDIDATES, ISAL_ADDON_PATH, chooseCrc32, crc32, type Crc32 } from '../../effectors/hypervisor/sim/dataplane/crc32.ts';
 import { prng } from '../harness/prng.ts';
 
 /** Compares an implementation with zlib over sizes, offsets and running values. */

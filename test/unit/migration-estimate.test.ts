@@ -188,7 +188,7 @@ describe('auto-converge rule (as the sender runs it)', () => {
   });
 
   it('uses the same constants as the pre-copy sender', async () => {
-    const sender = await import('../../effectors/dataplane/precopy-sender.ts');
+    const sender = await import('../../effectors/hypervisor/sim/dataplane/precopy-sender.ts');
     expect(AUTO_CONVERGE.step).toBe(sender.THROTTLE_STEP);
     expect(AUTO_CONVERGE.max).toBe(sender.THROTTLE_MAX);
     expect(PRECOPY_DEFAULTS.downtimeLimitMs).toBe(sender.DEFAULT_DOWNTIME_LIMIT_MS);

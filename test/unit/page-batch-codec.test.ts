@@ -4,7 +4,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, ProtocolError } from '../../core/errors.ts';
 import { thrownCode } from '../harness/expect-code.ts';
 import { PeerServer, connectPeer, decodeFrame, encodeFrame, type PageBatch, type PeerConnection } from '../../core/wire/index.ts';
-import { PageGatherer, decodeIndexes, encodeIndexes, gatherPages } from '../../effectors/dataplane/page-batch.ts';
+import { PageGatherer, decodeIndexes, encodeIndexes, gatherPages } from '../../effectors/hypervisor/sim/dataplane/page-batch.ts';
 
 /** A decoder that knows nothing of the frame codec: the PageBatch encoding must be plain msgpack. */
 const reference = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number' });

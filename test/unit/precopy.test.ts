@@ -13,8 +13,8 @@ import {
   preCopy,
   type PreCopyOptions,
   type PreCopyProgress,
-} from '../../effectors/dataplane/index.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+} from '../../effectors/hypervisor/sim/dataplane/index.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 
 const SECRET = Buffer.from('precopy-test-secret-0123456789');
 const MiB = 1024 * 1024;

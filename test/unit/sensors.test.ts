@@ -2,7 +2,7 @@ import os from 'node:os';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { ErrorCodes, EventError } from '../../core/errors.ts';
 import type { EmbotEvent, EmbotEventInput } from '../../core/events.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim-driver.ts';
+import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 import { HostSensor, SensorService, VmSensor } from '../../sensors/index.ts';
 import type { SensorContext } from '../../sensors/index.ts';
 

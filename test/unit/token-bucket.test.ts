@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
-import { TokenBucket } from '../../effectors/dataplane/index.ts';
+import { TokenBucket } from '../../effectors/hypervisor/sim/dataplane/index.ts';
 
 /** A clock that only moves when the bucket sleeps, so pacing is checked exactly and instantly. */
 function fakeClock(): { now: () => number; sleep: (ms: number) => Promise<void>; sleeps: number[]; advance: (ms: number) => void; t: () => number } {

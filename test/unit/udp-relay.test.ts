@@ -1,7 +1,7 @@
 import dgram from 'node:dgram';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, isEmbotError } from '../../core/errors.ts';
-import { SimUdpService, parseSeq, type ServedRequest } from '../../effectors/hypervisor/sim-udp-service.ts';
+import { SimUdpService, parseSeq, type ServedRequest } from '../../effectors/hypervisor/sim/sim-udp-service.ts';
 import { MAX_UDP_PAYLOAD, UdpRelay, decodePackets, encodePackets, type BufferedPacket, type UdpAddress, type UdpDrop } from '../../sensors/udp-relay.ts';
 
 const closers: (() => Promise<void> | void)[] = [];

@@ -12,7 +12,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import dgram from 'node:dgram';
-import { EffectorError, ErrorCodes } from '../../core/errors.ts';
+import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 
 export interface UdpAddress {
   readonly host: string;

@@ -3,8 +3,8 @@
  * of batches in flight, a batch goes to the path expected to finish it first, a capped path is
  * paced by its token bucket, and the batches of a path that fails move to the others.
  */
-import { EffectorError, ErrorCodes, describeError, isEmbotError } from '../../core/errors.ts';
-import type { PeerConnection, RequestBody } from '../../core/wire/index.ts';
+import { EffectorError, ErrorCodes, describeError, isEmbotError } from '../../../../core/errors.ts';
+import type { PeerConnection, RequestBody } from '../../../../core/wire/index.ts';
 import { TokenBucket } from './token-bucket.ts';
 
 export interface DataPath {

@@ -2,8 +2,8 @@
  * The target side of the pre-copy data plane: checks each PageBatch and writes its pages into the
  * incoming VM's memory.
  */
-import type { PageBatch, PageBatchAck, RequestHandler } from '../../core/wire/index.ts';
-import { EffectorError, ErrorCodes } from '../../core/errors.ts';
+import type { PageBatch, PageBatchAck, RequestHandler } from '../../../../core/wire/index.ts';
+import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 import { INDEX_BYTES, batchChecksum, decodeIndexes, pageLength } from './page-batch.ts';
 
 export interface PageReceiverOptions {

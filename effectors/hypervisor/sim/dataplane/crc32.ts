@@ -1,7 +1,7 @@
 /**
  * The CRC-32 (IEEE, zlib's) of page batches: the main per-byte cost of a batch at both ends after
  * the copies, so the fastest implementation that loads is used. In order:
- * - `isa-l`: Intel ISA-L's crc32_gzip_refl through a small addon (effectors/dataplane/native),
+ * - `isa-l`: Intel ISA-L's crc32_gzip_refl through a small addon (effectors/hypervisor/sim/dataplane/native),
  *   built at install when libisal-dev is present; VPCLMULQDQ/AVX-512 folding, ~33 GB/s streaming
  *   and ~60 GB/s from cache on the development machine;
  * - `@node-rs/crc32`: SIMD (PCLMULQDQ), ~16 GB/s there; a prebuilt binary;

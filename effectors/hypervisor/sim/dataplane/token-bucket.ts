@@ -2,7 +2,7 @@
  * A token bucket that paces a byte stream to a rate, so one machine's loopback can stand in for
  * NICs of given speeds.
  */
-import { EffectorError, ErrorCodes } from '../../core/errors.ts';
+import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 
 /** Clock hooks (for tests that check the pacing without waiting for it) and the starting fill. */
 export interface TokenBucketOptions {

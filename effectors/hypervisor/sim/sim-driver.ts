@@ -1,6 +1,6 @@
 import { EventEmitter } from 'eventemitter3';
-import { EffectorError, ErrorCodes } from '../../core/errors.ts';
-import type { DriverEvents, HypervisorDriver, VmInfo, VmSpec, VmState, VmStats } from './driver.ts';
+import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
+import type { DriverEvents, HypervisorDriver, VmInfo, VmSpec, VmState, VmStats } from '../driver.ts';
 
 const VM_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const MiB = 1024 * 1024;

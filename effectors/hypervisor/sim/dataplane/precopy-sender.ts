@@ -3,9 +3,9 @@
  * pages dirtied meanwhile, auto-converge when rounds do not converge, then stop-and-copy of the
  * rest with the CPU state.
  */
-import { EffectorError, ErrorCodes } from '../../core/errors.ts';
-import type { RequestBody } from '../../core/wire/index.ts';
-import type { SimDriver } from '../hypervisor/sim-driver.ts';
+import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
+import type { RequestBody } from '../../../../core/wire/index.ts';
+import type { SimDriver } from '../sim-driver.ts';
 import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
 
