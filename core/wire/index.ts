@@ -1,4 +1,4 @@
-/** The authenticated peer-to-peer wire: frames, codec, handshake, connections, server, client. */
+/** The authenticated peer-to-peer wire: frames, codec, handshake, connections, server, client, mutual TLS (cluster-ca.ts, which issues certificates, is loaded by `embot ca` and tests only). */
 export * from './frames.ts';
 export { DEFAULT_MAX_FRAME_BYTES, decodeFrame, encodeFrame } from './frame-codec.ts';
 export { NONCE_BYTES, isKnownFrameType, isValidAgentName, isValidModuleRef, validateFrame } from './frame-validate.ts';
@@ -21,3 +21,15 @@ export {
 export { PeerServer, type PeerServerEvents, type PeerServerOptions, type RefusedInfo } from './peer-server.ts';
 export { connectNamedPeer, connectPeer, type ConnectPeerOptions } from './peer-client.ts';
 export { DEFAULT_PEER_LISTEN, parsePeerListen, parsePeers, peerUrl, type PeerListenAddress, type PeerMap } from './peers.ts';
+export {
+  MIN_TLS_VERSION,
+  clientTlsOptions,
+  describeNames,
+  isIssuedTo,
+  loadPeerTls,
+  serverTlsOptions,
+  tlsError,
+  type PeerTls,
+  type PeerTlsFiles,
+} from './peer-tls.ts';
+export type { TlsPeerInfo } from './handshake.ts';
