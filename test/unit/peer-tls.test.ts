@@ -12,7 +12,7 @@ import { connect as netConnect, type AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import WebSocket, { WebSocketServer } from 'ws';
 import { ConfigError, ErrorCodes, type EmbotError } from '../../core/errors.ts';
-import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
+import { PROTOCOL_VERSION, PeerServer, computeProof, connectPeer, createNonce, decodeFrame, encodeFrame, type Frame, type PeerConnection } from '../../core/wire/index.ts';
 import { clientTlsOptions, loadPeerTls, serverTlsOptions, type PeerTls } from '../../core/wire/peer-tls.ts';
 import { reuseReceiveBuffer } from '../../core/wire/receive-buffer.ts';
 import { makeTlsFixture, type TlsFixture } from '../harness/cluster-tls.ts';
@@ -105,6 +105,37 @@ describe('peer link over mutual TLS', () => {
     const { server: s, refused } = await server(tlsB, 'b', SECRET);
     try {
       expect(await codeOf(connectPeer({ url: s.url, agent: 'a', tls: tlsA, secret: Buffer.from('another-cluster-secret-000000') }))).toBe(ErrorCodes.PEER_UNAUTHENTICATED);
+      await until(() => refused.length === 1);
+      await stillServes(s.url, SECRET);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('binds the proofs to the TLS session: a proof made with the right secret but without the session is refused', async () => {
+    const { server: s, refused } = await server(tlsB, 'b', SECRET);
+    try {
+      // A hand-driven client with a valid certificate that plays the handshake as a plain ws link would.
+      const ws = new WebSocket(s.url, { perMessageDeflate: false, ...clientTlsOptions(tlsA) });
+      const frames: Frame[] = [];
+      let wake: (() => void) | undefined;
+      ws.on('message', (d: Buffer) => {
+        frames.push(decodeFrame(d));
+        wake?.();
+      });
+      const next = async (): Promise<Frame> => {
+        while (frames.length === 0) await new Promise<void>((r) => (wake = r));
+        return frames.shift()!;
+      };
+      await new Promise<void>((r, j) => (ws.once('open', () => r()), ws.once('error', j)));
+      const clientNonce = createNonce();
+      ws.send(encodeFrame({ type: 'Hello', protocol: PROTOCOL_VERSION, agent: 'a', nonce: clientNonce }));
+      const challenge = await next();
+      if (challenge.type !== 'Challenge') throw new Error(`expected Challenge, got ${challenge.type}`);
+      ws.send(encodeFrame({ type: 'Auth', proof: computeProof(SECRET, 'client', { clientNonce, serverNonce: challenge.nonce, clientAgent: 'a', serverAgent: 'b' }) }));
+      const answer = await next();
+      expect(answer.type === 'Error' ? answer.code : answer.type).toBe(ErrorCodes.PEER_UNAUTHENTICATED);
+      ws.terminate();
       await until(() => refused.length === 1);
       await stillServes(s.url, SECRET);
     } finally {
