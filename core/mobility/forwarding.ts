@@ -100,6 +100,8 @@ export class Forwarding {
    */
   start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
     if (this.closed) return;
+    // An older forwarding of the same VM (it moved here and away again) ends: the elements have one redirect.
+    this.reclaim(rec.vm);
     const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);

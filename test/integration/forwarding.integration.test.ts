@@ -39,7 +39,7 @@ async function movedApp(c: Cluster, n: number): Promise<string> {
   await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot at a');
   for (let seq = 0; seq < n; seq++) await a.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq } });
   const m = await migrate(a, 'app', 'b');
-  expect(m.outcome).toBe('completed');
+  expect(m.outcome, `migration ${m.outcome}: ${m.reason ?? m.summary?.reason ?? ''}`).toBe('completed');
   return m.id;
 }
 

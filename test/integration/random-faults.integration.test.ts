@@ -138,6 +138,7 @@ describe('random-moment faults during a migration', () => {
       const reordered = seen.flatMap((v, i) => (i > 0 && v <= seen[i - 1]! ? [seen.slice(Math.max(0, i - 3), i + 3).join(',')] : []));
       expect(settled, `owner ${owners[0]}, followed ${state.followed.join('>') || 'nobody'}; out of order near: ${reordered.join(' | ')}`).toMatchObject({ count: acked, lastSeq: acked - 1, outOfOrder: 0 });
       // Nothing acknowledged was parked as a dead letter on either side.
+      console.info(`${plan}: ${acked} events acknowledged, owner ${owners[0]}${state.followed.length > 0 ? `, producer followed the refusal to ${state.followed.join(', ')}` : ''}`);
       for (const agent of [owner, other]) {
         const letters = (await agent.client.listDeadLetters()).filter((d) => d.event.elementId === 'vm:app');
         const shown = letters.map((d) => ({ embot: d.embotId, type: d.event.type, seq: (d.event.payload as { seq?: number } | null)?.seq, reason: d.reason }));
