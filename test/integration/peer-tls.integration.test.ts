@@ -4,7 +4,7 @@
  * another CA, a valid certificate for another name, a plain ws:// client — after each of which
  * the agent still serves. Certificates are made into the cluster's temp folder, deleted with it.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createSecureContext, type SecureContext } from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -146,6 +146,20 @@ describe('plain ws:// only on loopback', () => {
     writeFileSync(secret, 'a-cluster-secret-for-this-test-only');
     const started = AgentProcess.start({ name: 'open', dataDir: box.dataDir('open'), pluginsDir: box.pluginsDir, extraArgs: ['--peer-listen', `0.0.0.0:${await freePort()}`, '--secret-file', secret] });
     await expect(started).rejects.toThrow(/exited with 2[\s\S]*peer\.listen: 0\.0\.0\.0:\d+ is not a loopback address[\s\S]*EMBOT_ERR_CONFIG_INVALID/);
+  });
+
+  it('an agent whose certificate names another agent refuses to start (exit 2), before opening its store', async () => {
+    const box = makeSandbox();
+    const fixture = await makeTlsFixture(join(box.root, 'tls'), ['b']);
+    const f = fixture.files('b');
+    const started = AgentProcess.start({
+      name: 'a',
+      dataDir: box.dataDir('a'),
+      pluginsDir: box.pluginsDir,
+      extraArgs: ['--peer-listen', `127.0.0.1:${await freePort()}`, '--tls-ca', f.ca, '--tls-cert', f.cert, '--tls-key', f.key],
+    });
+    await expect(started).rejects.toThrow(/exited with 2[\s\S]*is issued to CN=b[\s\S]*not to this agent a[\s\S]*EMBOT_ERR_CONFIG_INVALID/);
+    expect(existsSync(join(box.dataDir('a'), 'embot.sqlite'))).toBe(false);
   });
 
   it('on loopback it starts, and says the links are plain ws://', async () => {
