@@ -87,6 +87,8 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
   private readonly wss: WebSocketServer;
   /** The https server under `wss` (TLS listeners only; ws does not close a server it was given). */
   private readonly https: HttpsServer | undefined;
+  /** TCP sockets of a TLS listener whose TLS handshake is not done, by remote address:port. */
+  private readonly tlsHandshaking = new Map<string, Socket>();
   private readonly options: PeerServerOptions;
   private readonly handlers = new Map<RequestType, AnyHandler>();
   private readonly live = new Set<PeerConnection>();
@@ -190,6 +192,7 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
       if (this.https) {
         const closed = new Promise<void>((resolve) => this.https!.close(() => resolve()));
         // Sockets still in the TLS handshake or before their upgrade request hold the server open.
+        for (const raw of this.tlsHandshaking.values()) raw.destroy();
         this.https.closeAllConnections();
         await closed;
       }
@@ -203,7 +206,7 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
    * Sockets are keyed by remote address and port, which the TCP socket and the TLS socket over it share.
    */
   private watchTlsHandshakes(https: HttpsServer, limit: number): void {
-    const pending = new Map<string, Socket>();
+    const pending = this.tlsHandshaking;
     /** Sockets dropped here for the bound whose TLS error (a hang-up with no address) is still to come: already reported. */
     let droppedUnreported = 0;
     https.on('connection', (raw: Socket) => {

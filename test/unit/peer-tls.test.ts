@@ -236,6 +236,17 @@ describe('peer link over mutual TLS', () => {
     }
   });
 
+  it('close() drops sockets stalled in the TLS handshake instead of waiting for them', async () => {
+    // A handshake timeout far beyond the test's own: close() must not wait for it.
+    const s = await PeerServer.listen({ agent: 'b', tls: tlsB, listen: '127.0.0.1:0', handshakeTimeoutMs: 600_000 });
+    const raw = netConnect(s.address.port, '127.0.0.1');
+    raw.on('error', () => {});
+    const rawClosed = new Promise<void>((resolve) => raw.once('close', () => resolve()));
+    await new Promise<void>((resolve) => raw.once('connect', () => resolve()));
+    await s.close();
+    await rawClosed;
+  });
+
   it('refuses to dial a ws:// URL with TLS configured, or a wss:// one without', async () => {
     expect(await codeOf(connectPeer({ url: 'ws://127.0.0.1:9/', agent: 'a', tls: tlsA }))).toBe(ErrorCodes.CONFIG_INVALID);
     expect(await codeOf(connectPeer({ url: 'wss://127.0.0.1:9/', agent: 'a', secret: SECRET }))).toBe(ErrorCodes.CONFIG_INVALID);
