@@ -15,7 +15,8 @@ import type {
   VmState,
   VmStats,
 } from '../hypervisor-contract.ts';
-import type { MigrationInfo, MigrationStatus, QmpEvent } from './qmp-client.ts';
+import type { MigrationInfo, MigrationStatus, QmpClient, QmpEvent } from './qmp-client.ts';
+import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-tls.ts';
 import { QemuProcess, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 
@@ -34,6 +35,26 @@ export interface QemuDriverOptions {
   readonly timeoutMs?: number;
   /** Auto-converge's first vCPU throttle and its step, percent (QEMU's defaults: 20 and 10). */
   readonly cpuThrottle?: { readonly initial?: number; readonly increment?: number };
+  /**
+   * QEMU's own migration stream over TLS with these certificates (the agent's `peer.tls`): the
+   * source checks that the target's certificate comes from the CA and names the target agent
+   * (`tls-hostname`), the target that the source's comes from the CA and has the source agent's
+   * CN (`tls-authz`). Without it the stream is plain TCP (loopback clusters).
+   */
+  readonly tls?: QemuTlsFiles;
+}
+
+/** What the qemu driver's migrateOut reads besides the contract's options. */
+export interface QemuMigrateOutOptions extends MigrateOutOptions {
+  /** The target agent: with TLS its certificate must name it. Required with {@link QemuDriverOptions.tls}. */
+  readonly targetName?: string;
+}
+
+/** What the qemu driver's prepareIncoming reads. */
+export interface QemuIncomingOptions {
+  readonly channels?: number;
+  /** The source agent: with TLS only a client certificate with this CN may send the VM. */
+  readonly sourceName?: string;
 }
 
 /** What {@link QemuDriver.getPersistedState} returns; the state dirs hold the rest. */
@@ -337,10 +358,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
 
   // ---- migration, source side
 
-  async migrateOut(name: string, o: MigrateOutOptions): Promise<MigrateOutResult> {
+  async migrateOut(name: string, o: QemuMigrateOutOptions): Promise<MigrateOutResult> {
     const vm = this.require(name);
     if (vm.state !== 'running' || vm.migrating) throw badState(vm, 'migrate');
     const proc = this.requireProc(name, 'migrate');
+    if (this.o.tls !== undefined && o.targetName === undefined) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `migration of VM ${name} over TLS needs the target agent's name (its certificate must name it)`, { details: { vm: name } });
+    }
     const qmp = proc.qmp;
     const channels = o.channels ?? 1;
     if (!Number.isInteger(channels) || channels < 1 || channels > 255) {
@@ -393,7 +417,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           { capability: 'multifd', state: channels > 1 },
         ],
       });
+      const tlsParams = this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
       await qmp.execute('migrate-set-parameters', {
+        ...tlsParams,
         'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
         'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH),
         ...(channels > 1 ? { 'multifd-channels': channels } : {}),
@@ -484,7 +510,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
 
   // ---- migration, target side
 
-  async prepareIncoming(input: QemuVmSpec, options: { readonly channels?: number } = {}): Promise<{ readonly endpoint: MigrationEndpoint }> {
+  async prepareIncoming(input: QemuVmSpec, options: QemuIncomingOptions = {}): Promise<{ readonly endpoint: MigrationEndpoint }> {
     const spec = validateQemuSpec(input);
     if (this.vms.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
     const channels = options.channels ?? 1;
@@ -498,7 +524,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           { capability: 'multifd', state: channels > 1 },
         ],
       });
-      if (channels > 1) await proc.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels });
+      const tlsParams =
+        this.o.tls === undefined
+          ? {}
+          : await this.tlsObjects(vm, proc.qmp, { endpoint: 'server', ...(options.sourceName === undefined ? {} : { clientName: options.sourceName }) });
+      if (channels > 1 || this.o.tls !== undefined) {
+        await proc.qmp.execute('migrate-set-parameters', { ...tlsParams, ...(channels > 1 ? { 'multifd-channels': channels } : {}) });
+      }
       const host = this.o.listenHost ?? '127.0.0.1';
       await proc.qmp.execute('migrate-incoming', { uri: `tcp:${host}:0` });
       const info = await proc.qmp.execute('query-migrate');
@@ -564,6 +596,20 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   }
 
   // ---- internals
+
+  /** Loads the agent's certificates into `qmp`'s QEMU; the copies QEMU read are deleted right after. */
+  private async tlsObjects(
+    vm: Vm,
+    qmp: QmpClient,
+    o: { readonly endpoint: 'server' | 'client'; readonly hostname?: string; readonly clientName?: string },
+  ): Promise<Readonly<Record<string, string>>> {
+    const dir = writeTlsCredsDir(vm.stateDir, o.endpoint, this.o.tls!);
+    try {
+      return await addTlsObjects(qmp, { dir, ...o });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
 
   private async dump(name: string, address: number, length: number): Promise<Uint8Array> {
     const vm = this.require(name);
