@@ -17,7 +17,7 @@ import type {
 } from '../hypervisor-contract.ts';
 import type { MigrationInfo, MigrationStatus, QmpClient, QmpEvent } from './qmp-client.ts';
 import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-tls.ts';
-import { QemuProcess, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
+import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 
 export interface QemuDriverOptions {
@@ -42,6 +42,12 @@ export interface QemuDriverOptions {
    * CN (`tls-authz`). Without it the stream is plain TCP (loopback clusters).
    */
   readonly tls?: QemuTlsFiles;
+  /**
+   * When a VM's QMP connection drops while its QEMU runs, the driver connects again with a
+   * doubling back-off (100 ms up to 2 s); each attempt waits this long for QEMU's greeting
+   * (default 5 s: QEMU greets only once an earlier client has let go of the monitor).
+   */
+  readonly reattachAttemptMs?: number;
 }
 
 /** What the qemu driver's migrateOut reads besides the contract's options. */
@@ -160,6 +166,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   pid(name: string): number | undefined {
     const proc = this.vms.get(name)?.proc;
     return proc?.alive ? proc.pid : undefined;
+  }
+
+  /** The VM's current QMP connection, while it has one (diagnostics; a test drops it to see the driver re-attach). */
+  qmp(name: string): QmpClient | undefined {
+    const proc = this.vms.get(name)?.proc;
+    return proc?.alive && !proc.qmp.closed ? proc.qmp : undefined;
   }
 
   /** The VM's state dir (serial.log holds the guest's console). */
@@ -498,7 +510,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       // The source QEMU went away under the migration (its QMP closed): the migration failed; the
       // VM itself is reported crashed through the process's exit.
       if (isEmbotError(e, ErrorCodes.QMP_PROTOCOL) && !proc.alive) {
-        throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `migration of VM ${name} failed: its QEMU died`, { details: { vm: name }, cause: e });
+        // Only the QMP connection may have dropped (QEMU lives): the re-attach cancels the migration nobody follows.
+        const why = pidAlive(proc.pid) ? 'its QMP connection dropped (the driver re-attaches and cancels it)' : 'its QEMU died';
+        throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `migration of VM ${name} failed: ${why}`, { details: { vm: name }, cause: e });
       }
       throw e;
     } finally {
@@ -689,6 +703,46 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     proc.events.once('exit', () => {
       if (vm.proc === proc) this.processGone(vm, proc);
     });
+    proc.events.once('detached', () => void this.reattach(vm, proc));
+  }
+
+  /**
+   * The QMP connection of `old` dropped while its QEMU runs: connect again (never a new QEMU) with
+   * a doubling back-off until it works, the process dies (then it is a crash like any other) or
+   * the driver closes. State changes missed meanwhile are read back with `query-status`, and a
+   * migration out nobody follows any more is cancelled, so the VM keeps running here.
+   */
+  private async reattach(vm: Vm, old: QemuProcess): Promise<void> {
+    this.events.emit('vm-event', { name: vm.spec.name, event: 'QMP_DETACHED', data: { pid: old.pid } });
+    let delay = 100;
+    for (let attempt = 1; ; attempt++) {
+      if (this.closed || vm.proc !== old) return;
+      if (!pidAlive(old.pid)) return this.processGone(vm, old);
+      let proc: QemuProcess | undefined;
+      try {
+        proc = await QemuProcess.attach(vm.stateDir, { timeoutMs: this.o.reattachAttemptMs ?? 5000 });
+      } catch {
+        await sleep(delay);
+        delay = Math.min(delay * 2, 2000);
+        continue;
+      }
+      if (proc === undefined) return this.processGone(vm, old);
+      if (this.closed || vm.proc !== old) return void (await proc.detach());
+      const expecting = vm.expectingExit;
+      this.wire(vm, proc);
+      vm.expectingExit = expecting;
+      try {
+        const migration = await proc.qmp.execute('query-migrate');
+        if (!vm.migrating && ['setup', 'active', 'pre-switchover', 'device'].includes(migration.status ?? 'none')) await proc.qmp.execute('migrate_cancel');
+        const { status } = await proc.qmp.execute('query-status');
+        const now = status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
+        if (now !== vm.state && vm.state !== 'migrated') this.setState(vm, now, 'reattach');
+      } catch {
+        // The new connection dropped too: its own 'detached' or 'exit' carries on from here.
+      }
+      this.events.emit('vm-event', { name: vm.spec.name, event: 'QMP_REATTACHED', data: { pid: proc.pid, attempts: attempt } });
+      return;
+    }
   }
 
   /** The QEMU of `vm` ended: as asked (stopped), after a migration (migrated stays), or a crash. */

@@ -229,8 +229,9 @@ export class QemuProcess {
 
   private async onQmpClosed(): Promise<void> {
     if (this.gone) return;
-    // QEMU closes its monitor socket a moment before the process ends.
-    const deadline = Date.now() + 5000;
+    // QEMU closes its monitor socket a moment before the process ends (milliseconds); a process
+    // still there after a second let go of QMP only, and the driver re-attaches.
+    const deadline = Date.now() + 1000;
     while (pidAlive(this.pid) && Date.now() < deadline) await sleep(20);
     if (this.gone) return;
     this.gone = true;
