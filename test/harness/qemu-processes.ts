@@ -129,3 +129,27 @@ export async function heartbeat(stateDir: string, more = 2, timeoutMs = 20_000):
     await new Promise((r) => setTimeout(r, 50));
   }
 }
+
+/** The `qemu:` settings of a test agent (see core/config/config.ts): TCG, VM state dirs under a tracked root. */
+export interface QemuAgentSettings {
+  readonly binary?: string;
+  readonly accel?: 'auto' | 'tcg' | 'kvm';
+  readonly listenHost?: string;
+}
+
+/**
+ * Config of agent `name` running `--driver qemu` in a test cluster (pass it from
+ * `Cluster.start(…, { config })`): its VMs live in `<root>/<name>/`, where `root` comes from
+ * {@link QemuProcesses.root}, so every QEMU the agent starts is killed after the file even when the
+ * agent was SIGKILLed (VMs outlive their agent). TCG by default: KVM runs the guest ~20x slower here.
+ *
+ * @example
+ * ```ts
+ * const qemus = qemuProcesses();
+ * const root = qemus.root();
+ * const cluster = await Cluster.start(['a', 'b'], { config: (n) => ({ ...qemuAgentConfig(root, n), mobility: { … } }) });
+ * ```
+ */
+export function qemuAgentConfig(root: string, name: string, settings: QemuAgentSettings = {}): { readonly driver: 'qemu'; readonly qemu: Record<string, unknown> } {
+  return { driver: 'qemu', qemu: { stateDir: join(root, name), accel: 'tcg', ...settings } };
+}
