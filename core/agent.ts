@@ -11,11 +11,10 @@ import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
 import { describeError, EffectorError, ErrorCodes } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
-import type { AgentControl, AgentStatus, DeadLetter, EmbotInfo, PluginInfo, VmChecksum } from './control/control-api.ts';
-import { createHash } from 'node:crypto';
+import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
 import { HostSensor, SensorService, VmSensor, VmUdpServices } from '../sensors/index.ts';
-import { EffectorRegistry, HypervisorEffector, SimDriver, type HypervisorDriver, type VmInfo } from '../effectors/index.ts';
+import { EffectorRegistry, HypervisorEffector, createDriver, unsupported, type DriverChoice, type HypervisorDriver, type VmInfo } from '../effectors/index.ts';
 import { EMBOT_API_VERSION, EmbotRuntime, type AttachableElement } from '../embots/index.ts';
 import { MigrationJournal } from './mobility/migration-journal.ts';
 import { MobilityService } from './mobility/mobility-service.ts';
@@ -40,7 +39,6 @@ const VERSION = ((): string => {
   }
   return '0.0.0';
 })();
-const DRIVER_STATE = 'driver:sim';
 const RECENT_EVENTS = 1000;
 
 /** Services of one agent, found by name through the registry. */
@@ -99,7 +97,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly store: Store;
   readonly objects: ManagedObjectService;
   readonly sensors: SensorService;
-  readonly driver: SimDriver;
+  readonly driver: HypervisorDriver;
+  /** The driver's spec for a `vm create` request. */
+  private readonly specFor: (r: CreateVmRequest) => { readonly name: string };
+  /** Component-state key of the driver's persisted state (one per driver kind). */
+  private readonly driverStateKey: string;
   private readonly effectors = new EffectorRegistry();
   readonly runtime: EmbotRuntime;
   private readonly plugins: PluginStatusStore;
@@ -123,7 +125,10 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.name = config.name;
     this.store = Store.open({ file: join(resolve(config.dataDir), 'embot.sqlite'), synchronous: config.store.synchronous });
     this.objects = new ManagedObjectService({ store: this.store });
-    this.driver = new SimDriver({ pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate } });
+    const chosen = createDriver(driverChoice(config));
+    this.driver = chosen.driver;
+    this.specFor = chosen.specFor;
+    this.driverStateKey = `driver:${config.driver}`;
     this.sensors = new SensorService({ host: config.name, store: this.store });
     this.effectors.register(new HypervisorEffector(this.driver));
     this.plugins = new PluginStatusStore(this.store);
@@ -178,8 +183,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   async start(): Promise<void> {
     const log = this.log;
     this.objects.load();
-    const saved = this.store.getComponentState(DRIVER_STATE);
-    if (saved) this.driver.restoreState(unpack(saved));
+    // The VMs come back before anything looks at them: qemu re-attaches to its running QEMUs
+    // (never starting a second one), the sim recreates its VMs. Without persisted state qemu
+    // still finds the VMs its state dirs hold.
+    const saved = this.store.getComponentState(this.driverStateKey);
+    if (saved) await this.driver.restoreState(unpack(saved));
+    else if (this.config.driver !== 'sim') await this.driver.restoreState(undefined);
 
     this.runtime.on('processed', (events) => {
       for (const e of events) this.recent.push(e);
@@ -206,7 +215,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     if (!this.objects.has(hostId)) this.objects.register({ id: hostId, kind: 'host', state: { name: this.name } });
     for (const vm of this.driver.list()) {
       this.ensureVmElement(vm);
-      if (vm.udpPort !== undefined) await this.udp.ensure(vm.name, vm.udpPort, vm.state === 'running');
+      const udpPort = this.udpPortOf(vm.name);
+      if (udpPort !== undefined) await this.udp.ensure(vm.name, udpPort, vm.state === 'running');
     }
     this.driver.events.on('vm-state', (e) => {
       this.persistDriver();
@@ -305,7 +315,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       {
         id,
         kind: 'vm',
-        state: { name: vm.name, state: vm.state, memory: vm.memory, vcpus: vm.vcpus, dirtyRate: vm.dirtyRate, ...(vm.udpPort === undefined ? {} : { udpPort: vm.udpPort }) },
+        state: this.vmElementState(vm),
         dependents: [`disk:${vm.name}.0`, `nic:${vm.name}.0`],
       },
       [
@@ -320,28 +330,53 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return this.runtime.attach(scope).catch((e) => this.log.error(`could not attach embots to ${el.id}`, { error: describeError(e) }));
   }
 
+  /** The VM element's state: what every driver tells, and the spec's dirty rate and UDP port where the driver has them (sim). */
+  private vmElementState(vm: VmInfo): Record<string, unknown> {
+    const spec = this.driver.spec(vm.name) as { readonly dirtyRate?: unknown } | undefined;
+    const udpPort = this.udpPortOf(vm.name);
+    return {
+      name: vm.name,
+      state: vm.state,
+      memory: vm.memory,
+      vcpus: vm.vcpus,
+      ...(typeof spec?.dirtyRate === 'number' ? { dirtyRate: spec.dirtyRate } : {}),
+      ...(udpPort === undefined ? {} : { udpPort }),
+    };
+  }
+
+  private udpPortOf(name: string): number | undefined {
+    return this.driver.capabilities.udpService?.udpPort(name);
+  }
+
   private syncUdp(name: string, state: string): void {
-    const vm = this.driver.get(name);
-    if (vm?.udpPort === undefined) return;
+    const udpPort = this.udpPortOf(name);
+    if (udpPort === undefined) return;
     void this.udp
-      .ensure(name, vm.udpPort, state === 'running')
-      .catch((e) => this.log.warn(`UDP service of ${name} not available`, { error: describeError(e), port: vm.udpPort }));
+      .ensure(name, udpPort, state === 'running')
+      .catch((e) => this.log.warn(`UDP service of ${name} not available`, { error: describeError(e), port: udpPort }));
   }
 
   private persistDriver(): void {
-    this.store.setComponentState(DRIVER_STATE, pack(this.driver.getPersistedState()));
+    this.store.setComponentState(this.driverStateKey, pack(this.driver.getPersistedState()));
   }
 
   /** 0..1: the running VMs' loads over the host's CPUs (the sim host's view of itself). */
-  hostLoad(): number {
-    return this.vmLoads().reduce((sum, v) => sum + v.load, 0) / this.config.sim.hostCpus;
+  async hostLoad(): Promise<number> {
+    return (await this.vmLoads()).reduce((sum, v) => sum + v.load, 0) / this.config.sim.hostCpus;
   }
 
-  private vmLoads(): { name: string; load: number }[] {
-    return this.driver
-      .list()
-      .filter((v) => v.state === 'running')
-      .map((v) => ({ name: v.name, load: this.driver.stats(v.name).load }));
+  private async vmLoads(): Promise<{ name: string; load: number }[]> {
+    const running = this.driver.list().filter((v) => v.state === 'running');
+    const loads = await Promise.all(
+      running.map((v) =>
+        this.driver.stats(v.name).then(
+          (s) => ({ name: v.name, load: s.load }),
+          // Gone between list() and stats(): its state event tells.
+          () => undefined,
+        ),
+      ),
+    );
+    return loads.filter((l): l is { name: string; load: number } => l !== undefined);
   }
 
   // ---- AgentControl ----
@@ -376,36 +411,45 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     };
   }
 
-  listVms(): readonly VmInfo[] {
+  listVms(): readonly ControlVmInfo[] {
     return this.driver.list();
   }
 
-  createVm(spec: { name: string; memory?: number; dirtyRate?: number; vcpus?: number; udpPort?: number }): VmInfo {
-    return this.driver.create(spec);
+  async createVm(request: CreateVmRequest): Promise<ControlVmInfo> {
+    return this.driver.create(this.specFor(request));
   }
 
-  vmAction(name: string, action: 'start' | 'stop' | 'crash'): VmInfo {
+  async vmAction(name: string, action: 'start' | 'stop' | 'crash'): Promise<ControlVmInfo> {
     switch (action) {
       case 'start':
         return this.driver.start(name);
       case 'stop':
         return this.driver.stop(name);
-      case 'crash':
-        return this.driver.crash(name);
+      case 'crash': {
+        const faults = this.driver.capabilities.faults;
+        if (!faults) throw unsupported(this.driver.name, 'faults', 'crash a VM');
+        return faults.crash(name);
+      }
       default:
         throw new EffectorError(ErrorCodes.EFFECTOR_OP_UNKNOWN, `unknown VM action '${String(action)}'`);
     }
   }
 
-  vmChecksum(name: string): VmChecksum {
+  async vmChecksum(name: string): Promise<VmChecksum> {
     const vm = this.driver.get(name);
-    if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${name}`);
-    return { name, state: vm.state, memory: vm.memory, sha256: createHash('sha256').update(this.driver.pages(name).memory).digest('hex') };
+    if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${name}`, { details: { vm: name } });
+    const checksum = this.driver.capabilities.memoryChecksum;
+    if (!checksum) throw unsupported(this.driver.name, 'memoryChecksum', "checksum a VM's memory");
+    return { name, state: vm.state, memory: vm.memory, sha256: await checksum.checksum(name) };
   }
 
-  setVmLoad(name: string, load: number): VmInfo {
-    this.driver.setLoad(name, load);
-    return this.driver.get(name)!;
+  async setVmLoad(name: string, load: number): Promise<ControlVmInfo> {
+    const knob = this.driver.capabilities.loadKnob;
+    if (!knob) throw unsupported(this.driver.name, 'loadKnob', "set a VM's load");
+    await knob.setLoad(name, load);
+    const vm = this.driver.get(name);
+    if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${name}`, { details: { vm: name } });
+    return vm;
   }
 
   listEmbots(): readonly EmbotInfo[] {
@@ -478,8 +522,26 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     } catch {
       /* store may already be unusable; the driver state was written on every change */
     }
-    this.driver.close();
+    await this.driver.close().catch((e: unknown) => this.log.warn('hypervisor driver did not close cleanly', { error: describeError(e) }));
     await this.udp.close().catch(() => {});
     this.store.close();
   }
+}
+
+/** The driver the config asks for, with its settings. */
+function driverChoice(config: AgentConfig): DriverChoice {
+  if (config.driver === 'qemu') {
+    const q = config.qemu;
+    return {
+      kind: 'qemu',
+      qemu: {
+        root: resolve(q.stateDir ?? join(config.dataDir, 'qemu')),
+        binary: q.binary,
+        accel: q.accel,
+        ...(q.listenHost === undefined ? {} : { listenHost: q.listenHost }),
+      },
+      defaults: { memory: q.defaultMemory, vcpus: q.defaultVcpus, ...(q.defaultBootImage === undefined ? {} : { bootImage: resolve(q.defaultBootImage) }) },
+    };
+  }
+  return { kind: 'sim', sim: { pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate } } };
 }

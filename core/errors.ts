@@ -38,6 +38,8 @@ export const ErrorCodes = {
   EFFECTOR_ARGS_INVALID: 'EMBOT_ERR_EFFECTOR_ARGS_INVALID',
   EFFECTOR_EXISTS: 'EMBOT_ERR_EFFECTOR_EXISTS',
   DRIVER_UNKNOWN: 'EMBOT_ERR_DRIVER_UNKNOWN',
+  /** The running hypervisor driver does not declare the capability an operation needs (e.g. `vm load` on qemu). */
+  DRIVER_UNSUPPORTED: 'EMBOT_ERR_DRIVER_UNSUPPORTED',
   /** A migration estimate or path plan got a size, rate, threshold or path it cannot use. */
   PLAN_INPUT_INVALID: 'EMBOT_ERR_PLAN_INPUT_INVALID',
   /** The primary data path of a migration could not be set up (connect, auth or probe failed). */

@@ -1,14 +1,40 @@
 /** Public surface of the effectors: the interface, the registry and the hypervisor drivers. */
 export type { Effector } from './effector.ts';
 export { EffectorRegistry, type InvokeHooks } from './effector-registry.ts';
-export type { DriverEvents, HypervisorDriver, VmInfo, VmSpec, VmState, VmStats } from './hypervisor/driver.ts';
+export type {
+  DataPaths,
+  FaultInjection,
+  HypervisorCapabilities,
+  HypervisorDriver,
+  HypervisorEvents,
+  IncomingPages,
+  LoadKnob,
+  MemoryChecksum,
+  MemoryDump,
+  MigrateOutOptions,
+  MigrateOutResult,
+  MigrationEndpoint,
+  MigrationPath,
+  MigrationPhase,
+  PageApplyResult,
+  UdpServiceCapability,
+  VmInfo,
+  VmState,
+  VmStateChange,
+  VmStats,
+} from './hypervisor/hypervisor-contract.ts';
+export { unsupported } from './hypervisor/unsupported.ts';
+export { createDriver, type DriverChoice, type DriverHandle, type VmCreateRequest } from './hypervisor/create-driver.ts';
 export {
   SimDriver,
   SIM_DEFAULT_SPEC,
   type SimDriverOptions,
   type SimPages,
   type SimPersistedState,
+  type SimVmInfo,
+  type SimVmState,
   type SimVmStats,
+  type VmSpec as SimVmSpec,
 } from './hypervisor/sim/sim-driver.ts';
 export { HypervisorEffector, HYPERVISOR_OPS, type HypervisorOp } from './hypervisor/hypervisor-effector.ts';
 export { SimUdpService, type SimUdpServiceOptions } from './hypervisor/sim/sim-udp-service.ts';

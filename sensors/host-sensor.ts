@@ -17,8 +17,8 @@ export interface HostSensorOptions {
   readonly source?: 'os' | 'sim';
   /** CPUs of the host (default: the real machine's). */
   readonly hostCpus?: number;
-  /** Loads of the running VMs; required for `sim`, fills `topVms` in both modes. */
-  readonly vmLoads?: () => readonly VmLoad[];
+  /** Loads of the running VMs (driver stats are async); required for `sim`, fills `topVms` in both modes. */
+  readonly vmLoads?: () => readonly VmLoad[] | Promise<readonly VmLoad[]>;
   /** How many VMs `topVms` lists, busiest first (default 3). */
   readonly topVms?: number;
 }
@@ -38,7 +38,7 @@ export interface HostLoadPayload {
  * @example
  * ```ts
  * sensors.addSensor(new HostSensor({ agent: 'a', intervalMs: 1000, source: 'sim', hostCpus: 4,
- *   vmLoads: () => driver.list().filter((v) => v.state === 'running').map((v) => ({ name: v.name, load: driver.stats(v.name).load })) }));
+ *   vmLoads: async () => Promise.all(driver.list().filter((v) => v.state === 'running').map(async (v) => ({ name: v.name, load: (await driver.stats(v.name)).load }))) }));
  * ```
  */
 export class HostSensor implements SensorLogic {
@@ -47,7 +47,9 @@ export class HostSensor implements SensorLogic {
   private readonly intervalMs: number;
   private readonly source: 'os' | 'sim';
   private readonly hostCpus: number;
-  private readonly vmLoads: (() => readonly VmLoad[]) | undefined;
+  private readonly vmLoads: (() => readonly VmLoad[] | Promise<readonly VmLoad[]>) | undefined;
+  /** A reading in progress: a slow driver must not pile readings up. */
+  private reading = false;
   private readonly topCount: number;
   private timer: ReturnType<typeof setInterval> | undefined;
   private lastLoad: number | undefined;
@@ -71,9 +73,29 @@ export class HostSensor implements SensorLogic {
 
   start(ctx: SensorContext): void {
     this.stop();
+    this.ctx = ctx;
     const tick = (): void => {
-      const payload = this.read();
-      if (payload !== undefined) ctx.emit({ elementId: this.elementId, type: 'HOST_LOAD', payload });
+      if (this.reading) return;
+      let vms: readonly VmLoad[] | Promise<readonly VmLoad[]>;
+      try {
+        vms = this.vmLoads ? this.vmLoads() : [];
+      } catch {
+        return; // the next tick tries again
+      }
+      if (!(vms instanceof Promise)) {
+        ctx.emit({ elementId: this.elementId, type: 'HOST_LOAD', payload: this.payloadOf(vms) });
+        return;
+      }
+      // Driver stats are async: one reading at a time, and none after stop() or a restart.
+      this.reading = true;
+      vms
+        .then((v) => {
+          if (this.ctx === ctx) ctx.emit({ elementId: this.elementId, type: 'HOST_LOAD', payload: this.payloadOf(v) });
+        })
+        .catch(() => undefined)
+        .finally(() => {
+          this.reading = false;
+        });
     };
     tick();
     this.timer = setInterval(tick, this.intervalMs);
@@ -83,18 +105,22 @@ export class HostSensor implements SensorLogic {
   stop(): void {
     if (this.timer !== undefined) clearInterval(this.timer);
     this.timer = undefined;
+    this.ctx = undefined;
   }
 
+  private ctx: SensorContext | undefined;
+
   /** One reading; undefined when the VM load callback failed (the next tick tries again). */
-  read(): HostLoadPayload | undefined {
-    let vms: readonly VmLoad[] = [];
-    if (this.vmLoads) {
-      try {
-        vms = this.vmLoads().filter((v) => typeof v?.name === 'string' && Number.isFinite(v.load));
-      } catch {
-        return undefined;
-      }
+  async read(): Promise<HostLoadPayload | undefined> {
+    try {
+      return this.payloadOf(this.vmLoads ? await this.vmLoads() : []);
+    } catch {
+      return undefined;
     }
+  }
+
+  private payloadOf(all: readonly VmLoad[]): HostLoadPayload {
+    const vms = all.filter((v) => typeof v?.name === 'string' && Number.isFinite(v.load));
     let load: number;
     if (this.source === 'sim') {
       let sum = 0;

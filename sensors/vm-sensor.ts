@@ -1,5 +1,5 @@
 import { ErrorCodes, EventError } from '../core/errors.ts';
-import type { DriverEvents, HypervisorDriver, VmState } from '../effectors/index.ts';
+import type { HypervisorDriver, VmState, VmStateChange } from '../effectors/index.ts';
 import type { SensorContext, SensorLogic } from './sensor.ts';
 
 export interface VmSensorOptions {
@@ -25,9 +25,9 @@ const EVENT_OF: Readonly<Record<VmState, string>> = {
   running: 'VM_STARTED',
   stopped: 'VM_STOPPED',
   crashed: 'VM_CRASHED',
+  paused: 'VM_PAUSED',
+  migrated: 'VM_MIGRATED',
 };
-
-type VmStateChange = Parameters<DriverEvents['vm-state']>[0];
 
 /**
  * Turns a hypervisor driver's state changes into `VM_CREATED` / `VM_STARTED` / `VM_STOPPED` /
@@ -104,19 +104,35 @@ export class VmSensor implements SensorLogic {
     this.ctx?.emit({ elementId: `vm:${e.name}`, type: 'VM_REMOVED', payload: { name: e.name } });
   };
 
+  /** The previous sample still running (stats are async: a slow driver must not pile them up). */
+  private sampling = false;
+
   private readonly sample = (): void => {
+    if (this.ctx === undefined || this.sampling) return;
+    this.sampling = true;
+    void this.sampleOnce().finally(() => {
+      this.sampling = false;
+    });
+  };
+
+  private async sampleOnce(): Promise<void> {
+    const running = this.driver.list().filter((vm) => vm.state === 'running');
+    const loads = await Promise.all(
+      running.map((vm) =>
+        this.driver.stats(vm.name).then(
+          (s) => s.load,
+          // Removed (or its process gone) between list() and stats(): its state event tells.
+          () => undefined,
+        ),
+      ),
+    );
     const ctx = this.ctx;
     if (ctx === undefined) return;
-    for (const vm of this.driver.list()) {
-      if (vm.state !== 'running') continue;
-      let load: number;
-      try {
-        load = this.driver.stats(vm.name).load;
-      } catch {
-        continue; // removed between list() and stats()
-      }
+    running.forEach((vm, i) => {
+      const load = loads[i];
+      if (load === undefined) return;
       const payload: VmLoadPayload = { name: vm.name, load };
       ctx.emit({ elementId: `vm:${vm.name}`, type: 'VM_LOAD', payload });
-    }
-  };
+    });
+  }
 }

@@ -16,7 +16,7 @@ interface AgentFlags {
   readonly control?: { host?: string; port: number };
   readonly data?: string;
   readonly plugins?: string;
-  readonly driver?: 'sim';
+  readonly driver?: 'sim' | 'qemu';
   readonly safe?: boolean;
   readonly logLevel?: 'debug' | 'info' | 'warn' | 'error' | 'silent';
   readonly logFormat?: 'pretty' | 'json';
@@ -39,7 +39,7 @@ export function registerAgentCommand(program: Command, ctx: CliContext, setExitC
     .option('--control <host:port>', 'control API address (default 127.0.0.1:7400)', parseHostPort)
     .option('--data <dir>', 'data directory (SQLite store), default ./data')
     .option('--plugins <dir>', 'plugins directory, default ./plugins')
-    .addOption(new Option('--driver <driver>', 'hypervisor driver').choices(['sim']))
+    .addOption(new Option('--driver <driver>', 'hypervisor driver: sim (embedded, simulated VMs) or qemu (real QEMU VMs)').choices(['sim', 'qemu']))
     .option('--safe', 'safe mode: load no plugins')
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error', 'silent']))
     .addOption(new Option('--log-format <format>', 'log format').choices(['pretty', 'json']))

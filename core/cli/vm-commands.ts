@@ -1,3 +1,4 @@
+import { resolve } from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 import type { CreateVmRequest, VmAction, VmInfo } from '../control/control-api.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
@@ -9,6 +10,8 @@ interface CreateFlags extends ClientFlags {
   readonly dirtyRate?: number;
   readonly vcpus?: number;
   readonly udpPort?: number;
+  readonly image?: string;
+  readonly boot?: string;
 }
 
 /** `embot vm list|create|start|stop|crash|load`. */
@@ -27,9 +30,11 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
       .description('create a VM (it gets the embots that loaded modules attach to VMs)')
       .argument('<name>', 'VM name (lower-case letters, digits, dashes)')
       .option('--memory <size>', 'memory, e.g. 64M, 1G or bytes', parseSize)
-      .option('--dirty-rate <rate>', 'memory dirtied per second while running, e.g. 10M', parseSize)
+      .option('--dirty-rate <rate>', 'memory dirtied per second while running, e.g. 10M (sim)', parseSize)
       .option('--vcpus <n>', 'virtual CPUs', parsePositiveInt)
-      .option('--udp-port <port>', 'UDP service port of the VM', parsePort),
+      .option('--udp-port <port>', 'UDP service port of the VM (sim)', parsePort)
+      .option('--image <file>', 'disk image, raw or .qcow2 (qemu)')
+      .option('--boot <file>', 'raw image to boot instead of the embot test guest (qemu)'),
   ).action(async (name: string, opts: CreateFlags) => {
     const spec: CreateVmRequest = {
       name,
@@ -37,6 +42,9 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
       ...(opts.dirtyRate === undefined ? {} : { dirtyRate: opts.dirtyRate }),
       ...(opts.vcpus === undefined ? {} : { vcpus: opts.vcpus }),
       ...(opts.udpPort === undefined ? {} : { udpPort: opts.udpPort }),
+      // The agent runs on this host, maybe from another directory: it gets absolute paths.
+      ...(opts.image === undefined ? {} : { image: resolve(opts.image) }),
+      ...(opts.boot === undefined ? {} : { boot: resolve(opts.boot) }),
     };
     const info = await ctx.client(opts).createVm(spec);
     if (opts.json) ctx.json(info);
@@ -46,7 +54,7 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
   const actions: readonly [VmAction, string][] = [
     ['start', 'start (or restart) a VM'],
     ['stop', 'stop a running VM'],
-    ['crash', 'simulate a VM crash (sim driver)'],
+    ['crash', 'inject a VM crash (drivers with the faults capability: sim, qemu)'],
   ];
   for (const [action, description] of actions) {
     clientOptions(vm.command(action).description(description).argument('<name>', 'VM name')).action(async (name: string, opts: ClientFlags) => {
@@ -84,12 +92,13 @@ export function renderVms(vms: readonly VmInfo[]): string {
   if (vms.length === 0) return 'no VMs (create one with `embot vm create NAME`)\n';
   return formatTable(
     ['NAME', 'STATE', 'MEMORY', 'DIRTY RATE', 'VCPUS', 'CRASHES', 'UDP'],
-    vms.map((v) => [v.name, v.state, formatBytes(v.memory), `${formatBytes(v.dirtyRate)}/s`, String(v.vcpus), String(v.crashes), v.udpPort === undefined ? '-' : String(v.udpPort)]),
+    vms.map((v) => [v.name, v.state, formatBytes(v.memory), v.dirtyRate === undefined ? '-' : `${formatBytes(v.dirtyRate)}/s`, String(v.vcpus), String(v.crashes), v.udpPort === undefined ? '-' : String(v.udpPort)]),
   );
 }
 
 function describeVm(v: VmInfo): string {
-  return `${v.state}, ${formatBytes(v.memory)}, dirty rate ${formatBytes(v.dirtyRate)}/s, ${v.vcpus} vcpu${v.vcpus === 1 ? '' : 's'}`;
+  const dirty = v.dirtyRate === undefined ? '' : `, dirty rate ${formatBytes(v.dirtyRate)}/s`;
+  return `${v.state}, ${formatBytes(v.memory)}${dirty}, ${v.vcpus} vcpu${v.vcpus === 1 ? '' : 's'}`;
 }
 
 /**

@@ -53,6 +53,25 @@ const SimSchema = z
   })
   .strict();
 
+/** Settings of the `qemu` driver (`driver: qemu`). */
+const QemuSchema = z
+  .object({
+    /** The QEMU binary (Debian: qemu-system-x86). */
+    binary: z.string().min(1).default(DEFAULTS.qemu.binary),
+    /** One state dir per VM (QMP socket, pidfile, serial log); default `<dataDir>/qemu`. */
+    stateDir: z.string().min(1).optional(),
+    /** `auto`: KVM when /dev/kvm is usable, else TCG. */
+    accel: z.enum(['auto', 'tcg', 'kvm']).default(DEFAULTS.qemu.accel),
+    /** Bytes, whole MiB (at least 32 MiB). */
+    defaultMemory: positiveInt.default(DEFAULTS.qemu.defaultMemory),
+    defaultVcpus: positiveInt.max(64).default(DEFAULTS.qemu.defaultVcpus),
+    /** A raw image VMs boot when created without `--boot`; default: the embot test guest. */
+    defaultBootImage: z.string().min(1).optional(),
+    /** Address incoming migrations listen on (default 127.0.0.1). */
+    listenHost: z.string().min(1).optional(),
+  })
+  .strict();
+
 /**
  * Everything an agent can be configured with. Every field has a default that works on one
  * machine, so `{}` is a valid configuration. Unknown keys are rejected (typos must not be
@@ -66,7 +85,7 @@ export const AgentConfigSchema = z
       .default(() => defaultAgentName()),
     dataDir: z.string().min(1).default(DEFAULTS.dataDir),
     pluginsDir: z.string().min(1).default(DEFAULTS.pluginsDir),
-    driver: z.enum(['sim']).default(DEFAULTS.driver),
+    driver: z.enum(['sim', 'qemu']).default(DEFAULTS.driver),
     /** No plugins loaded (recovery mode). */
     safe: z.boolean().default(false),
     control: ControlSchema.prefault({}),
@@ -74,6 +93,7 @@ export const AgentConfigSchema = z
     logFormat: z.enum(['pretty', 'json']).default(DEFAULTS.logFormat),
     sensors: SensorsSchema.prefault({}),
     sim: SimSchema.prefault({}),
+    qemu: QemuSchema.prefault({}),
     store: z
       .object({ synchronous: z.enum(['NORMAL', 'FULL', 'OFF']).default(DEFAULTS.store.synchronous) })
       .strict()

@@ -1,8 +1,16 @@
 import type { EmbotEvent, EmbotEventInput } from '../events.ts';
-import type { VmInfo } from '../../effectors/index.ts';
+import type { VmInfo as DriverVmInfo } from '../../effectors/index.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime } from '../mobility/migration-record.ts';
 
-export type { EmbotEvent, EmbotEventInput, MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime, VmInfo };
+export type { EmbotEvent, EmbotEventInput, MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime };
+
+/** A VM as the control API shows it: what every driver tells, and the sim's spec fields when it runs the sim. */
+export interface VmInfo extends DriverVmInfo {
+  /** bytes/s (sim) */
+  readonly dirtyRate?: number;
+  /** The VM's UDP service port (sim). */
+  readonly udpPort?: number;
+}
 
 /** What `GET /v1/status` returns. */
 export interface AgentStatus {
@@ -58,7 +66,12 @@ export interface CreateVmRequest {
   /** bytes per second */
   readonly dirtyRate?: number;
   readonly vcpus?: number;
+  /** sim only */
   readonly udpPort?: number;
+  /** qemu: a disk image (raw or qcow2), attached as the VM's disk. */
+  readonly image?: string;
+  /** qemu: a raw image to boot from (default: the embot test guest). */
+  readonly boot?: string;
 }
 
 export interface VmChecksum {
@@ -100,15 +113,20 @@ export interface ControlErrorBody {
 export interface AgentControl {
   status(): AgentStatus;
   listVms(): readonly VmInfo[];
-  createVm(spec: CreateVmRequest): VmInfo;
-  vmAction(name: string, action: VmAction): VmInfo;
+  createVm(spec: CreateVmRequest): Promise<VmInfo>;
+  /** `crash` needs the driver's `faults` capability (else `DRIVER_UNSUPPORTED`). */
+  vmAction(name: string, action: VmAction): Promise<VmInfo>;
   /**
-   * Sets the CPU load (0..1) VM `name` reports while running (sim driver); the host sensor's
-   * `HOST_LOAD` readings follow it. Throws `VM_UNKNOWN` or `VM_SPEC_INVALID`.
+   * Sets the CPU load (0..1) VM `name` reports while running (the driver's `loadKnob`, the sim's);
+   * the host sensor's `HOST_LOAD` readings follow it. Throws `VM_UNKNOWN`, `VM_SPEC_INVALID` or
+   * `DRIVER_UNSUPPORTED` (HTTP 501) on a driver without the capability.
    */
-  setVmLoad(name: string, load: number): VmInfo;
-  /** sha256 of the VM's memory (to check a migration moved it byte-exact; stop the VM first for a stable value). */
-  vmChecksum(name: string): VmChecksum;
+  setVmLoad(name: string, load: number): Promise<VmInfo>;
+  /**
+   * sha256 of the VM's memory (to check a migration moved it byte-exact; stop the VM first for a
+   * stable value). Needs the driver's `memoryChecksum` capability, else `DRIVER_UNSUPPORTED`.
+   */
+  vmChecksum(name: string): Promise<VmChecksum>;
   listEmbots(): readonly EmbotInfo[];
   listPlugins(): readonly PluginInfo[];
   /** Resolves once the event is journaled. */

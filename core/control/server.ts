@@ -49,6 +49,8 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.VM_EXISTS]: 409,
   [ErrorCodes.VM_BAD_STATE]: 409,
   [ErrorCodes.VM_SPEC_INVALID]: 400,
+  // The server understood the request; this agent's hypervisor driver cannot do it.
+  [ErrorCodes.DRIVER_UNSUPPORTED]: 501,
   [ErrorCodes.ELEMENT_EXISTS]: 409,
   [ErrorCodes.EVENT_DUPLICATE]: 409,
   // The element lives on another agent now (details.owner); this one will not take its events any more.
@@ -64,6 +66,8 @@ const CreateVmBody = z
     dirtyRate: z.number().min(0).optional(),
     vcpus: z.number().int().positive().max(1024).optional(),
     udpPort: z.number().int().min(1).max(65535).optional(),
+    image: z.string().min(1).max(4096).optional(),
+    boot: z.string().min(1).max(4096).optional(),
   })
   .strict();
 
@@ -172,24 +176,24 @@ export async function startControlServer(options: ControlServerOptions): Promise
       only('POST');
       const body = CreateVmBody.safeParse(await readJson(req));
       if (!body.success) throw invalidFields(body.error);
-      return { status: 201, body: control.createVm(body.data) };
+      return { status: 201, body: await control.createVm(body.data) };
     }
     if (path.length === 3 && path[0] === 'vms' && path[2] === 'checksum') {
       only('GET');
-      return ok(control.vmChecksum(decodeSegment(path[1]!)));
+      return ok(await control.vmChecksum(decodeSegment(path[1]!)));
     }
     if (path.length === 3 && path[0] === 'vms' && path[2] === 'load') {
       only('POST');
       const body = SetVmLoadBody.safeParse(await readJson(req));
       if (!body.success) throw invalidFields(body.error);
-      return ok(control.setVmLoad(decodeSegment(path[1]!), body.data.load));
+      return ok(await control.setVmLoad(decodeSegment(path[1]!), body.data.load));
     }
     if (path.length === 3 && path[0] === 'vms') {
       const action = path[2]!;
       if (!(VM_ACTIONS as readonly string[]).includes(action)) throw notFound(url.pathname);
       only('POST');
       await readJson(req, { allowEmpty: true }); // body unused; still bounded and JSON-typed
-      return ok(control.vmAction(decodeSegment(path[1]!), action as VmAction));
+      return ok(await control.vmAction(decodeSegment(path[1]!), action as VmAction));
     }
     if (path.length === 1 && path[0] === 'embots') {
       only('GET');

@@ -84,6 +84,9 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   VmMemory: { kind: 'live', role: 'target', states: RECEIVING, vm: true },
   PageBatch: { kind: 'live', role: 'target', states: RECEIVING },
   PathOffer: { kind: 'live', role: 'target', states: ['eventsStaged'] },
+  // Once the paths are chosen, before the memory moves; it starts a process (qemu), so only the
+  // migration's own source, naming its VM.
+  PrepareIncoming: { kind: 'live', role: 'target', states: ['eventsStaged'], vm: true },
   DirtyObjects: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
   MigrationComplete: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
   ModuleRequest: { kind: 'live', role: 'source', states: ['sendingState'] },

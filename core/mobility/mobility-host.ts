@@ -4,7 +4,7 @@ import type { ManagedObjectService } from '../objects/object-service.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
 import type { SensorService, VmUdpServices } from '../../sensors/index.ts';
 import type { EmbotRuntime } from '../../embots/index.ts';
-import type { SimDriver } from '../../effectors/index.ts';
+import type { HypervisorDriver } from '../../effectors/index.ts';
 import type { ModuleBundle } from '../wire/frames.ts';
 import type { MigrationJournal } from './migration-journal.ts';
 
@@ -29,7 +29,8 @@ export interface MobilityHost {
   readonly objects: ManagedObjectService;
   readonly sensors: SensorService;
   readonly runtime: EmbotRuntime;
-  readonly driver: SimDriver;
+  /** The hypervisor, through the contract only: every driver migrates the same way here. */
+  readonly driver: HypervisorDriver;
   readonly journal: MigrationJournal;
   readonly modules: ModuleProvider;
   readonly logger: Logger;
@@ -44,8 +45,8 @@ export interface MobilityHost {
   readonly udp: VmUdpServices;
   /** Share of CPU one more data path needs to reassemble pages here. */
   readonly reassemblyCpuPerPath: number;
-  /** 0..1 load of this host (for the target's answer to PathOffer). */
-  hostLoad(): number;
+  /** 0..1 load of this host (for the target's answer to PathOffer); driver stats are async. */
+  hostLoad(): Promise<number>;
 }
 
 /** An error a target step raises when something shipped cannot be instantiated here. */

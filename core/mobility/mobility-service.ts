@@ -369,7 +369,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   }
 
   private restartStoppedVm(row: MigrationRow): void {
-    if (row.notes.vmStopped && row.notes.wasRunning && this.host.driver.get(row.vm)?.state === 'stopped') this.host.driver.start(row.vm);
+    if (row.notes.vmStopped && row.notes.wasRunning && this.host.driver.get(row.vm)?.state === 'stopped') {
+      void this.host.driver.start(row.vm).catch((e: unknown) => this.host.logger.warn(`could not restart VM ${row.vm} after migration ${row.id}`, { error: describeError(e) }));
+    }
   }
 
   /** The VM and its management leave this agent; `journal` runs in the same transaction (the forwarding's record). */
@@ -379,7 +381,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       host.sensors.drop(scope);
       host.runtime.forget(scope);
       if (host.objects.has(`vm:${vm}`)) host.objects.deregister(`vm:${vm}`, { withDependents: true });
-      if (host.driver.get(vm)) host.driver.remove(vm);
+      // The sim removes before its first await, so inside this transaction; qemu's process work follows.
+      if (host.driver.get(vm)) void host.driver.remove(vm).catch((e: unknown) => host.logger.warn(`could not remove moved VM ${vm}`, { error: describeError(e) }));
       journal();
     });
   }
@@ -487,8 +490,18 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         const r = side ? side.receivePages(frame) : { ok: false as const, reason: 'a path probe batch: read, not staged' };
         return { type: 'PageBatchAck', migrationId: frame.migrationId, ok: r.ok, ...(r.ok ? {} : { reason: r.reason }) };
       },
-      PathOffer: (frame) => {
-        const free = Math.max(0, 1 - this.host.hostLoad());
+      PrepareIncoming: async (frame) => {
+        const side = this.receivers.get(frame.migrationId);
+        if (!side) return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' };
+        try {
+          const endpoint = await side.prepareIncoming(frame);
+          return { type: 'IncomingReady', migrationId: frame.migrationId, endpoint: endpoint.uri };
+        } catch (e) {
+          return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: describeError(e) };
+        }
+      },
+      PathOffer: async (frame) => {
+        const free = Math.max(0, 1 - (await this.host.hostLoad()));
         const need = frame.paths * this.host.reassemblyCpuPerPath;
         const canReassemble = free >= need;
         return {

@@ -8,7 +8,7 @@ import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
 import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
-import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, preCopy, type DataPath, type PreCopyResult } from '../../effectors/index.ts';
+import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, type MigrateOutResult, type MigrationPath } from '../../effectors/index.ts';
 import type { AgentConfig } from '../config/config.ts';
 import type { Forwarding } from './forwarding.ts';
 
@@ -79,7 +79,7 @@ export interface SourceStats {
   downtimeMs: number | undefined;
   forwarded: number;
   plan: MigrationPlanSummary | undefined;
-  precopy: PreCopyResult | undefined;
+  precopy: MigrateOutResult | undefined;
   udp: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number } | undefined;
 }
 
@@ -147,14 +147,15 @@ export class SourceSide implements SourceSteps {
             precopy: {
               copyMs: Math.round(s.precopy.totalMs),
               copyDowntimeMs: Math.round(s.precopy.downtimeMs),
-              converged: s.precopy.converged,
+              // A driver that reports less (qemu) converged if it completed, at the rate of its whole copy.
+              converged: s.precopy.converged ?? true,
               throttled: s.precopy.throttled,
-              throttleSteps: s.precopy.throttleSteps,
-              initialDirtyRate: s.precopy.initialDirtyRate,
-              finalDirtyRate: s.precopy.finalDirtyRate,
-              resent: s.precopy.resent,
-              rateBytesPerSec: Math.round(s.precopy.rateBytesPerSec),
-              perPath: s.precopy.perPath,
+              throttleSteps: s.precopy.throttleSteps ?? 0,
+              initialDirtyRate: s.precopy.initialDirtyRate ?? 0,
+              finalDirtyRate: s.precopy.finalDirtyRate ?? 0,
+              resent: s.precopy.resent ?? 0,
+              rateBytesPerSec: Math.round(s.precopy.rateBytesPerSec ?? s.precopy.bytes / Math.max(1e-3, s.precopy.totalMs / 1000)),
+              perPath: s.precopy.perPath ?? [],
             },
           }
         : {}),
@@ -234,22 +235,27 @@ export class SourceSide implements SourceSteps {
   }
 
   /**
-   * The VM crosses on data paths of its own (WebSockets apart from this control link): the
-   * planner adds paths while the estimate is over the threshold (seed 000), then pre-copy rounds
-   * run until the remainder fits the downtime limit, the VM stops, the rest follows. The control
-   * link then says the memory is complete.
+   * The VM crosses through the hypervisor contract: the planner adds data paths while the
+   * estimate is over the threshold (seed 000); the target readies an incoming VM of the same spec
+   * (PrepareIncoming) and says where its memory goes; the driver's migrateOut moves it (the sim:
+   * pre-copy rounds on the data paths until the remainder fits the downtime limit, then the VM
+   * stops and the rest follows; qemu: its own stream with the paths' count as multifd channels).
+   * The control link then says the memory is complete.
    */
   async migrateVm(input: SourceInput): Promise<void> {
     const host = this.host;
     const dp = this.o.dataplane;
-    const vm = host.driver.get(this.o.vm)!;
+    const vm = host.driver.get(this.o.vm);
+    const spec = host.driver.spec(this.o.vm);
+    if (!vm || !spec) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `VM ${this.o.vm} is gone from ${host.agent}`);
+    const vmStats = await host.driver.stats(this.o.vm);
     const channels = new Map<string, PeerConnection>();
     const probe = async (p: PathCandidate): Promise<PathProbe> => {
       const started = performance.now();
       const conn = await this.o.openPath(p);
       channels.set(p.name, conn);
       const setupMs = performance.now() - started;
-      const bandwidthBytesPerSec = p.capBytesPerSec ?? (await measurePath(conn, input.migrationId, p.name, dp.probeBytes, host.driver.pageSize));
+      const bandwidthBytesPerSec = p.capBytesPerSec ?? (await measurePath(conn, input.migrationId, p.name, dp.probeBytes, vmStats.pageSize));
       return { setupMs, bandwidthBytesPerSec };
     };
     const release = async (p: PathCandidate): Promise<void> => {
@@ -264,7 +270,7 @@ export class SourceSide implements SourceSteps {
     });
     try {
       const plan = await planPaths({
-        vm: { memoryBytes: vm.memory, pageSize: host.driver.pageSize, dirtyRateBytesPerSec: vm.dirtyRate, cpuLoad: host.driver.stats(this.o.vm).load },
+        vm: { memoryBytes: vm.memory, pageSize: vmStats.pageSize, dirtyRateBytesPerSec: vmStats.dirtyRate ?? 0, cpuLoad: vmStats.load },
         thresholdMs: threshold.ms,
         addPathThresholdMs: dp.addPathThresholdMs,
         maxPaths: dp.maxPaths,
@@ -281,23 +287,22 @@ export class SourceSide implements SourceSteps {
         release,
       });
       this.stats.plan = { estimateMs: Math.round(plan.estimate.totalMs), thresholdMs: plan.thresholdMs, thresholdFrom: threshold.from, paths: plan.paths.map((p) => p.name), decisions: plan.decisions.map((d) => d.reason) };
-      const paths: DataPath[] = plan.paths.map((p) => ({ name: p.name, conn: channels.get(p.name)!, ...(p.capBytesPerSec ? { capBytesPerSec: p.capBytesPerSec } : {}) }));
-      const result = await preCopy({
-        migrationId: input.migrationId,
-        vm: this.o.vm,
-        driver: host.driver,
-        paths,
+      const paths: MigrationPath[] = plan.paths.map((p) => ({ name: p.name, conn: channels.get(p.name)!, ...(p.capBytesPerSec ? { capBytesPerSec: p.capBytesPerSec } : {}) }));
+      const ready = await this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length });
+      if (ready.type !== 'IncomingReady') throw stepFailed('PrepareIncoming', ready);
+      const result = await host.driver.migrateOut(this.o.vm, {
+        endpoint: { uri: ready.endpoint },
+        channels: paths.length,
         downtimeLimitMs: dp.downtimeLimitMs,
-        maxRounds: dp.maxRounds,
         autoConverge: dp.autoConverge,
-        requestTimeoutMs: this.o.stepTimeoutMs,
-        stopVm: () => this.stopForCopy(input.migrationId),
+        dataPaths: { migrationId: input.migrationId, paths, maxRounds: dp.maxRounds, requestTimeoutMs: this.o.stepTimeoutMs },
+        beforeSwitchover: async () => this.enterSwitchover(input.migrationId),
         onProgress: (p) =>
           this.o.onProgress({
-            bytes: this.stats.bytes + p.sentBytes,
-            memoryBytes: p.sentBytes,
+            bytes: this.stats.bytes + p.transferredBytes,
+            memoryBytes: p.transferredBytes,
             memoryTotal: vm.memory,
-            round: p.round,
+            round: Math.max(0, p.rounds - 1),
             remainingBytes: p.remainingBytes,
             rateBytesPerSec: p.rateBytesPerSec,
             dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
@@ -315,12 +320,16 @@ export class SourceSide implements SourceSteps {
     }
   }
 
-  /** The offline phase starts: the VM stops, its sensor is muted, its UDP relay buffers. */
-  private stopForCopy(migrationId: string): void {
+  /**
+   * The offline phase starts (the driver's beforeSwitchover): the VM's sensor is muted, the stop
+   * is journaled (a restart after a crash from here on runs the VM again unless the target
+   * committed), its UDP relay buffers. The driver stops or pauses the VM itself.
+   */
+  private enterSwitchover(migrationId: string): void {
     const host = this.host;
     this.unmute ??= host.sensors.mute(this.vmElement, 'vm');
-    if (host.driver.get(this.o.vm)?.state === 'running') {
-      host.driver.stop(this.o.vm);
+    const state = host.driver.get(this.o.vm)?.state;
+    if (state === 'running' || state === 'paused') {
       this.vmStopped = true;
       host.journal.notes(migrationId, 'source', { vmStopped: true });
     }
@@ -371,7 +380,8 @@ export class SourceSide implements SourceSteps {
       host.sensors.drop(this.scope, { deleteLater: true });
       host.runtime.forget(this.scope);
       if (host.objects.has(this.vmElement)) host.objects.deregister(this.vmElement, { withDependents: true });
-      if (host.driver.get(this.o.vm)) host.driver.remove(this.o.vm);
+      // The sim removes before its first await, so inside this transaction; qemu's process work follows.
+      if (host.driver.get(this.o.vm)) void host.driver.remove(this.o.vm).catch((e: unknown) => host.logger.warn(`could not remove moved VM ${this.o.vm}`, { error: describeError(e) }));
       this.o.forwarding.record(rec, rest.count > 0 ? rest.bytes : undefined);
     });
     this.unmute?.();
@@ -403,7 +413,7 @@ export class SourceSide implements SourceSteps {
       host.logger.warn('could not tell the target about the abort', { error: describeError(e) });
     }
     try {
-      if (this.vmStopped && this.wasRunning && host.driver.get(this.o.vm)?.state === 'stopped') host.driver.start(this.o.vm);
+      if (this.vmStopped && this.wasRunning && host.driver.get(this.o.vm)?.state === 'stopped') await host.driver.start(this.o.vm);
       await this.udpPaused;
       host.udp.resumeAfterAbort(this.o.vm);
     } finally {

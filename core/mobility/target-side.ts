@@ -2,11 +2,11 @@ import { unpack } from 'msgpackr';
 import { describeError } from '../errors.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
-import type { DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, PageBatch, VmMemory } from '../wire/frames.ts';
+import type { DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, PageBatch, PrepareIncoming, VmMemory } from '../wire/frames.ts';
 import type { ExportedEmbot } from '../../embots/index.ts';
 import type { TargetInput, TargetSteps } from './mobility-contract.ts';
 import { InstantiationError, type MobilityHost } from './mobility-host.ts';
-import { PageReceiver } from '../../effectors/index.ts';
+import type { MigrationEndpoint } from '../../effectors/index.ts';
 import type { MigrationProgress } from './migration-record.ts';
 import { attachAll } from './source-side.ts';
 import { faultPoint } from './fault-points.ts';
@@ -41,14 +41,19 @@ export class TargetSide implements TargetSteps {
   private deltas: ManagedElement[] = [];
   private embots: ExportedEmbot[] = [];
   private scope: string[] = [];
-  /** Pages arrive on the data paths, outside the machine's steps; VmMemory `last` says they are complete. */
-  private receiver: PageReceiver | undefined;
+  /**
+   * The driver's incoming VM, readied by PrepareIncoming (outside the machine's steps, like the
+   * pages that may follow on the data paths); VmMemory `last` says the memory is complete.
+   */
+  private incoming: Promise<MigrationEndpoint> | undefined;
+  private vm = '';
+  private discarded = false;
   private held = false;
   private committed = false;
   /** Memory this migration was permitted to stage, until it commits or is discarded. */
   private reserved = 0;
   /** The VM element as StartMigration showed it: before the source stopped the VM for the copy. */
-  private startVm: { state?: string; dirtyRate?: number; udpPort?: number } | undefined;
+  private startVm: { state?: string } | undefined;
 
   constructor(private readonly o: TargetSideOptions) {}
 
@@ -80,8 +85,8 @@ export class TargetSide implements TargetSteps {
     const clash = this.elements.find((e) => host.objects.has(e.id));
     if (clash) return { permitted: false, reason: `element ${clash.id} already exists on ${host.agent}` };
     host.migratingIn.add(start.vm);
+    this.vm = start.vm;
     this.reserved = start.resources.memory;
-    this.receiver = new PageReceiver({ memoryBytes: start.resources.memory, pageSize: host.driver.pageSize, migrationId: input.migrationId });
     return { permitted: true };
   }
 
@@ -122,22 +127,48 @@ export class TargetSide implements TargetSteps {
     this.stats.bytes += input.frame.holdQueues.byteLength;
   }
 
-  /** A PageBatch from a data path (see MobilityService's handler). */
+  /**
+   * PrepareIncoming (see MobilityService's handler): the driver readies a VM of the source's spec
+   * and says where the memory goes. Once per migration; the spec must be the VM that was permitted.
+   */
+  async prepareIncoming(frame: PrepareIncoming): Promise<MigrationEndpoint> {
+    if (this.incoming) throw new InstantiationError(`migration ${frame.migrationId}: the incoming VM is already prepared`);
+    if (this.discarded) throw new InstantiationError(`migration ${frame.migrationId} was discarded`);
+    const memory = frame.spec['memory'];
+    if (frame.spec['name'] !== this.vm) throw new InstantiationError(`the spec names VM ${String(frame.spec['name'])}, this migration moves ${this.vm}`);
+    if (typeof memory === 'number' && memory > this.reserved) throw new InstantiationError(`the spec asks ${memory} bytes of memory, ${this.reserved} were permitted`);
+    const host = this.host;
+    const prepared = host.driver.prepareIncoming(frame.spec as { readonly name: string }, { channels: frame.channels }).then((r) => r.endpoint);
+    this.incoming = prepared;
+    // A failed prepare leaves nothing to abort; the source hears why in the reply.
+    prepared.catch(() => (this.incoming = undefined));
+    const endpoint = await prepared;
+    // Discarded while the driver was at it (an Abort, a timeout): discard() waited for this
+    // prepare and throws the VM away; the source must not send it memory.
+    if (this.discarded) throw new InstantiationError(`migration ${frame.migrationId} was discarded while its incoming VM was being prepared`);
+    return endpoint;
+  }
+
+  /** A PageBatch from a data path (see MobilityService's handler), for a driver whose memory rides them (sim). */
   receivePages(frame: PageBatch): { readonly ok: true } | { readonly ok: false; readonly reason: string } {
-    if (!this.receiver) return { ok: false, reason: 'this migration is not receiving memory' };
-    const r = this.receiver.apply(frame);
+    const pages = this.host.driver.capabilities.incomingPages;
+    if (!this.incoming || !pages) return { ok: false, reason: 'this migration is not receiving memory' };
+    const r = pages.apply(this.vm, frame);
     if (r.ok) {
       this.stats.memoryBytes += frame.pages.byteLength;
       this.stats.bytes += frame.pages.byteLength;
-      this.o.onProgress({ bytes: this.stats.bytes, memoryBytes: this.stats.memoryBytes, memoryTotal: this.receiver.memory.byteLength });
+      this.o.onProgress({ bytes: this.stats.bytes, memoryBytes: this.stats.memoryBytes, memoryTotal: this.reserved });
     }
     return r;
   }
 
-  /** The source says the memory is complete: it is, if the final batch arrived. */
+  /** The source says the memory is complete: it is, if the incoming VM was prepared and (sim) its final batch arrived. */
   async receiveMemory(input: TargetInput & { readonly frame: VmMemory }): Promise<void> {
     if (!input.frame.last) throw new InstantiationError('memory travels on the data paths; the control link only marks its end');
-    if (!this.receiver?.finalReceived) throw new InstantiationError('the source says the memory is complete, but its final page batch has not arrived');
+    if (!this.incoming) throw new InstantiationError('the source says the memory is complete, but no incoming VM was prepared (PrepareIncoming)');
+    await this.incoming;
+    const pages = this.host.driver.capabilities.incomingPages;
+    if (pages && !pages.complete(this.vm)) throw new InstantiationError('the source says the memory is complete, but its final page batch has not arrived');
   }
 
   async applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void> {
@@ -154,19 +185,16 @@ export class TargetSide implements TargetSteps {
     const vmState = this.startVm;
     const wasRunning = vmState?.state === 'running';
     const unmute = host.sensors.mute(`vm:${name}`, 'vm');
+    let running: Promise<unknown> | undefined;
     try {
       // One transaction: the VM, its elements, its embots and the journal's 'committed' are all
-      // here after a crash, or none of them is.
+      // here after a crash, or none of them is. The sim commits its VM before commitIncoming's
+      // first await (so inside this transaction, and a refusal throws here and rolls it back);
+      // qemu's wait for its VM to run follows the transaction.
       host.store.transaction(() => {
-        host.driver.create({
-          name,
-          memory: input.start.resources.memory,
-          vcpus: Math.max(1, input.start.resources.vcpus),
-          ...(typeof vmState?.dirtyRate === 'number' ? { dirtyRate: vmState.dirtyRate } : {}),
-          ...(typeof vmState?.udpPort === 'number' ? { udpPort: vmState.udpPort } : {}),
-        });
-        if (this.receiver?.finalReceived) host.driver.adoptMemory(name, this.receiver.memory);
-        if (wasRunning) host.driver.start(name);
+        running = host.driver.commitIncoming(name, { running: wasRunning, timeoutMs: this.o.stepTimeoutMs });
+        // Awaited below; until then a rejection must not count as unhandled.
+        running.catch(() => undefined);
         host.objects.instantiate(this.elementsBytes!);
         if (this.deltas.length) host.objects.applyDeltas(this.deltas);
         host.runtime.adoptEmbots(this.embots);
@@ -176,6 +204,12 @@ export class TargetSide implements TargetSteps {
       });
       this.committed = true;
       faultPoint('target:committed');
+      try {
+        await running;
+      } catch (e) {
+        // Committed all the same: the journal says so, and the source has let go. The VM's state event tells the watchdog.
+        host.logger.error(`migration ${input.migrationId}: VM ${name} did not come up here after the commit`, { error: describeError(e) });
+      }
     } finally {
       unmute();
     }
@@ -198,8 +232,15 @@ export class TargetSide implements TargetSteps {
     host.migratingIn.delete(input.start.vm);
     this.reserved = 0;
     if (this.committed) return;
+    this.discarded = true;
     if (this.held) host.sensors.drop(this.scope);
-    this.receiver = undefined;
+    const incoming = this.incoming;
+    this.incoming = undefined;
+    if (incoming) {
+      // A prepare still running is waited for: its VM is thrown away here, once.
+      const prepared = await incoming.then(() => true, () => false);
+      if (prepared) await host.driver.abortIncoming(input.start.vm).catch((e: unknown) => host.logger.warn(`could not throw away the incoming VM ${input.start.vm}`, { error: describeError(e) }));
+    }
     this.embots = [];
     this.elements = [];
   }

@@ -80,6 +80,19 @@ const resources: Check = (v) => {
   return undefined;
 };
 
+/** Streams of one migration: the planner adds at most a few paths; QEMU's multifd takes up to 255. */
+const MAX_CHANNELS = 64;
+const channels: Check = (v) => (typeof v === 'number' && Number.isInteger(v) && v >= 1 && v <= MAX_CHANNELS ? undefined : `must be an integer in 1..${MAX_CHANNELS}`);
+/** Fields of a driver's VM spec; a spec is a handful (sim 5, qemu 7), so anything near this is abuse. */
+const MAX_SPEC_FIELDS = 64;
+/** A driver's VM spec: a map with the VM's name; its fields are the target driver's to validate. */
+const vmSpec: Check = (v) => {
+  if (!isPlainObject(v)) return 'must be a map (a driver VM spec)';
+  if (Object.keys(v).length > MAX_SPEC_FIELDS) return `must hold at most ${MAX_SPEC_FIELDS} fields`;
+  if (typeof v.name !== 'string' || v.name.length === 0) return '.name must be the VM name';
+  return undefined;
+};
+
 const f = (name: string, check: Check, optional = false): FieldSpec => ({ name, check, optional });
 const reqId = f('reqId', id);
 const replyTo = f('replyTo', id);
@@ -113,6 +126,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ForwardedEvents: [reqId, mid, f('events', bin)],
   MigrationStatusQuery: [reqId, mid],
   PathOffer: [reqId, mid, f('paths', count)],
+  PrepareIncoming: [reqId, mid, f('vm', vm), f('spec', vmSpec), f('channels', channels)],
   UdpHandover: [reqId, mid, f('vm', vm), f('served', count), f('packets', bin)],
   Ping: [reqId, f('ts', finite)],
   MigrationPermitted: [replyTo, mid],
@@ -131,6 +145,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ForwardedEventsAck: [replyTo, mid, f('accepted', count), f('duplicates', count)],
   MigrationStatus: [replyTo, mid, f('committed', bool)],
   PathAccept: [replyTo, mid, f('canReassemble', bool), f('cpuFree', finite), f('reason', text, true)],
+  IncomingReady: [replyTo, mid, f('endpoint', text)],
   UdpHandoverAck: [replyTo, mid, f('host', text), f('port', count)],
   Pong: [replyTo, f('ts', finite)],
   Abort: [mid, reason],

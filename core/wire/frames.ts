@@ -179,6 +179,22 @@ export interface PathOffer {
   readonly paths: number;
 }
 
+/**
+ * Source → target once the planner chose the data paths, before the memory moves: ready an
+ * incoming VM of this driver spec (`HypervisorDriver.prepareIncoming`) for `channels` streams.
+ * The target answers where the source's hypervisor sends the memory (IncomingReady).
+ */
+export interface PrepareIncoming {
+  readonly type: 'PrepareIncoming';
+  readonly reqId: number;
+  readonly migrationId: string;
+  readonly vm: string;
+  /** The source driver's spec of the VM (`HypervisorDriver.spec`); the target's driver validates it. */
+  readonly spec: Readonly<Record<string, unknown>>;
+  /** Parallel streams: the planner's paths (QEMU multifd channels). */
+  readonly channels: number;
+}
+
 /** Source → target after the switch: the VM's UDP service state and the packets buffered while it was offline. */
 export interface UdpHandover {
   readonly type: 'UdpHandover';
@@ -325,6 +341,15 @@ export interface PathAccept {
   readonly reason?: string;
 }
 
+/** The target's incoming VM is ready: the source's hypervisor sends the memory to `endpoint`. */
+export interface IncomingReady {
+  readonly type: 'IncomingReady';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  /** `MigrationEndpoint.uri`: `tcp:HOST:PORT` (qemu), `sim:data-paths` (the sim's memory rides the data paths). */
+  readonly endpoint: string;
+}
+
 /** The target's relay for the VM's UDP service: the source relay re-points there. */
 export interface UdpHandoverAck {
   readonly type: 'UdpHandoverAck';
@@ -377,6 +402,7 @@ export type RequestFrame =
   | ForwardedEvents
   | MigrationStatusQuery
   | PathOffer
+  | PrepareIncoming
   | UdpHandover
   | Ping;
 export type ReplyFrame =
@@ -396,6 +422,7 @@ export type ReplyFrame =
   | ForwardedEventsAck
   | MigrationStatus
   | PathAccept
+  | IncomingReady
   | UdpHandoverAck
   | Pong;
 export type NotificationFrame = Abort;
@@ -418,6 +445,7 @@ export interface ReplyMap {
   ForwardedEvents: ForwardedEventsAck;
   MigrationStatusQuery: MigrationStatus;
   PathOffer: PathAccept;
+  PrepareIncoming: IncomingReady | MigrationStateFailed;
   UdpHandover: UdpHandoverAck;
   Ping: Pong;
 }
@@ -446,6 +474,7 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   ForwardedEvents: ['ForwardedEventsAck'],
   MigrationStatusQuery: ['MigrationStatus'],
   PathOffer: ['PathAccept'],
+  PrepareIncoming: ['IncomingReady', 'MigrationStateFailed'],
   UdpHandover: ['UdpHandoverAck'],
   Ping: ['Pong'],
 };
@@ -469,6 +498,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   ForwardedEvents: 'request',
   MigrationStatusQuery: 'request',
   PathOffer: 'request',
+  PrepareIncoming: 'request',
   UdpHandover: 'request',
   Ping: 'request',
   MigrationPermitted: 'reply',
@@ -487,6 +517,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   ForwardedEventsAck: 'reply',
   MigrationStatus: 'reply',
   PathAccept: 'reply',
+  IncomingReady: 'reply',
   UdpHandoverAck: 'reply',
   Pong: 'reply',
   Abort: 'notification',

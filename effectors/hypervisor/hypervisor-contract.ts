@@ -1,4 +1,5 @@
 import type { EventEmitter } from 'eventemitter3';
+import type { PageBatch, PeerConnection } from '../../core/wire/index.ts';
 
 /**
  * The asynchronous hypervisor contract every driver (`sim`, `qemu`) fills — proposed by issue 12
@@ -105,8 +106,33 @@ export interface MigrateOutOptions {
   /**
    * Called once while the VM is paused at the switch, before its last state moves: the place for
    * the management hand-over's final dirty-object round. A rejection cancels the migration.
+   * The sim calls it right before it stops the VM for the stop-and-copy round.
    */
   readonly beforeSwitchover?: () => Promise<void>;
+  /**
+   * For drivers whose memory travels over the agent's own data paths (the sim): the planner's
+   * paths, already open to the target. Drivers with a stream of their own (qemu) ignore it and
+   * use `channels` and `endpoint`.
+   */
+  readonly dataPaths?: DataPaths;
+}
+
+/** One data path of the agent: an authenticated peer connection of its own, maybe capped. */
+export interface MigrationPath {
+  readonly name: string;
+  readonly conn: PeerConnection;
+  /** Bandwidth cap in bytes/s (a token bucket standing in for a NIC's speed). */
+  readonly capBytesPerSec?: number;
+}
+
+export interface DataPaths {
+  /** Frames on the paths carry it; the target routes them to its incoming VM by it. */
+  readonly migrationId: string;
+  readonly paths: readonly MigrationPath[];
+  /** Pre-copy rounds in all, the final one included. */
+  readonly maxRounds?: number;
+  /** Timeout of one batch's acknowledgement; a path that times out counts as failed. */
+  readonly requestTimeoutMs?: number;
 }
 
 /** What a completed migration moved. */
@@ -121,6 +147,18 @@ export interface MigrateOutResult {
   /** Highest 0..1 throttle auto-converge applied. */
   readonly maxThrottle: number;
   readonly channels: number;
+  // What a driver with its own pre-copy (the sim) reports besides; the summary shows them when present.
+  /** The expected downtime fitted the limit (false: stopped because of the round limit). */
+  readonly converged?: boolean;
+  readonly throttleSteps?: number;
+  /** Dirty rate before the migration and when the VM stopped, bytes/s. */
+  readonly initialDirtyRate?: number;
+  readonly finalDirtyRate?: number;
+  /** Batches sent again after a refusal or a failed path. */
+  readonly resent?: number;
+  /** Send rate at the end, bytes/s. */
+  readonly rateBytesPerSec?: number;
+  readonly perPath?: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
 }
 
 /** Optional: the sim's knob for a VM's CPU load. */
@@ -150,8 +188,22 @@ export interface FaultInjection {
   crash(vm: string): Promise<VmInfo>;
 }
 
+/** The answer to one PageBatch: staged, or refused with the reason (the source re-sends it). */
+export type PageApplyResult = { readonly ok: true } | { readonly ok: false; readonly reason: string };
+
+/**
+ * Optional: an incoming VM whose memory arrives as PageBatch frames on the agent's data paths
+ * (sim). The agent routes each batch of a migration to the VM `prepareIncoming` readied.
+ */
+export interface IncomingPages {
+  apply(vm: string, batch: PageBatch): PageApplyResult;
+  /** The final batch of the incoming VM arrived (its memory is complete). */
+  complete(vm: string): boolean;
+}
+
 export interface HypervisorCapabilities {
   readonly faults?: FaultInjection;
+  readonly incomingPages?: IncomingPages;
   readonly loadKnob?: LoadKnob;
   readonly memoryChecksum?: MemoryChecksum;
   readonly udpService?: UdpServiceCapability;
@@ -189,8 +241,13 @@ export interface HypervisorDriver<Spec extends { readonly name: string } = { rea
   // migration, target side
   /** Readies a VM of `spec` to receive a migration; `channels` must match the source's. */
   prepareIncoming(spec: Spec, options?: { readonly channels?: number }): Promise<{ readonly endpoint: MigrationEndpoint }>;
-  /** After the source finished: waits for the VM to run here and makes it a VM like any other. */
-  commitIncoming(vm: string, options?: { readonly timeoutMs?: number }): Promise<VmInfo>;
+  /**
+   * After the source finished: waits for the VM to run here and makes it a VM like any other.
+   * `running` says whether it ran at the source: a driver whose incoming VM does not start by
+   * itself (the sim) starts it then. The sim does all of it before its first await, so a caller
+   * inside a store transaction has the VM in the same transaction.
+   */
+  commitIncoming(vm: string, options?: { readonly timeoutMs?: number; readonly running?: boolean }): Promise<VmInfo>;
   /** Throws away an incoming VM (its process is killed, its state removed). */
   abortIncoming(vm: string): Promise<void>;
 

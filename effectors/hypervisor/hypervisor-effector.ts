@@ -1,8 +1,9 @@
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import type { Effector } from '../effector.ts';
-import type { HypervisorDriver, VmSpec } from './driver.ts';
+import type { HypervisorDriver } from './hypervisor-contract.ts';
+import { unsupported } from './unsupported.ts';
 
-export const HYPERVISOR_OPS = ['create', 'start', 'stop', 'crash', 'remove', 'list', 'stats'] as const;
+export const HYPERVISOR_OPS = ['create', 'start', 'stop', 'kill', 'crash', 'remove', 'list', 'stats'] as const;
 export type HypervisorOp = (typeof HYPERVISOR_OPS)[number];
 
 const SPEC_FIELDS = ['memory', 'dirtyRate', 'vcpus', 'udpPort'] as const;
@@ -47,22 +48,20 @@ export class HypervisorEffector implements Effector {
         return this.driver.start(vm);
       case 'stop':
         return this.driver.stop(vm);
-      case 'crash':
-        return this.driver.crash(vm);
+      case 'kill':
+        return this.driver.kill(vm);
+      case 'crash': {
+        // An injected fault: only drivers that declare one can do it.
+        const faults = this.driver.capabilities.faults;
+        if (!faults) throw unsupported(this.driver.name, 'faults', 'crash');
+        return faults.crash(vm);
+      }
       case 'remove':
-        this.driver.remove(vm);
+        await this.driver.remove(vm);
         return { removed: vm };
       case 'stats':
         return this.driver.stats(vm);
     }
-  }
-
-  getPersistedState(): unknown {
-    return this.driver.getPersistedState();
-  }
-
-  restoreState(state: unknown): void {
-    this.driver.restoreState(state);
   }
 }
 
@@ -79,8 +78,8 @@ function vmArg(op: string, args: Readonly<Record<string, unknown>> | undefined):
 }
 
 /** Only the spec fields: a policy's stray args must not reach the driver as VM properties. */
-function specArgs(args: Readonly<Record<string, unknown>>): Partial<VmSpec> {
+function specArgs(args: Readonly<Record<string, unknown>>): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   for (const k of SPEC_FIELDS) if (args[k] !== undefined) out[k] = args[k];
-  return out as Partial<VmSpec>;
+  return out;
 }

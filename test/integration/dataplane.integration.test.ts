@@ -189,7 +189,7 @@ describe('data plane: memory and paths', () => {
     await expect(p).rejects.toThrow(/operator cancelled/);
     expect(r.stops).toBe(0);
     expect(r.driver.get('vm1')?.state).toBe('running');
-    expect(r.driver.stats('vm1').dirtyRate).toBe(64 * MiB);
+    expect(r.driver.counters('vm1').dirtyRate).toBe(64 * MiB);
   });
 });
 

@@ -95,6 +95,13 @@ const requestBodies: { readonly [K in FrameType]?: fc.Arbitrary<Record<string, u
   ForwardedEvents: fc.record({ type: fc.constant('ForwardedEvents'), migrationId, events: bin }),
   MigrationStatusQuery: fc.record({ type: fc.constant('MigrationStatusQuery'), migrationId }),
   PathOffer: fc.record({ type: fc.constant('PathOffer'), migrationId, paths: fc.nat({ max: 16 }) }),
+  PrepareIncoming: fc.record({
+    type: fc.constant('PrepareIncoming'),
+    migrationId,
+    vm,
+    spec: fc.record({ name: vm, memory: nat, vcpus: fc.nat({ max: 64 }), dirtyRate: nat }),
+    channels: fc.integer({ min: 1, max: 64 }),
+  }),
   UdpHandover: fc.record({ type: fc.constant('UdpHandover'), migrationId, vm, served: nat, packets: bin }),
 };
 const REQUEST_TYPES = Object.entries(FRAME_KINDS)

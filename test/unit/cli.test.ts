@@ -30,9 +30,9 @@ function simControl(driver: SimDriver, events: EmbotEvent[]): AgentControl {
     status,
     listVms: () => driver.list(),
     createVm: (spec) => driver.create(spec),
-    vmAction: (name, action) => driver[action](name),
-    vmChecksum: (name) => ({ name, state: driver.get(name)!.state, memory: driver.get(name)!.memory, sha256: '0'.repeat(64) }),
-    setVmLoad: (name, load) => {
+    vmAction: async (name, action) => driver[action](name),
+    vmChecksum: async (name) => ({ name, state: driver.get(name)!.state, memory: driver.get(name)!.memory, sha256: '0'.repeat(64) }),
+    setVmLoad: async (name, load) => {
       driver.setLoad(name, load);
       return driver.get(name)!;
     },
@@ -104,7 +104,7 @@ describe('cli usage errors exit 2 with a message', () => {
     [['events', 'emit', '--element', 'vm:web', '--type', 'X', '--payload', '{oops'], /--payload <json>.*not valid JSON.*quote it/],
     [['events', 'list', '--limit', 'lots'], /expected a whole number/],
     [['vm', 'create', 'x', '--memory', '12Q'], /expected a size like/],
-    [['agent', '--driver', 'qemu'], /Allowed choices are sim/],
+    [['agent', '--driver', 'xen'], /Allowed choices are sim, qemu/],
     [['agent', '--control', 'localhost'], /expected HOST:PORT/],
     [['vm', 'load', 'web'], /missing required argument 'load'/],
     [['vm', 'load', 'web', '90%'], /expected a load between 0 and 1.*not a percentage/],
@@ -234,11 +234,11 @@ describe('cli against an agent', () => {
     driver.start('hot');
     const r = await run(['vm', 'load', 'hot', '0.85', ...agent]);
     expect(r).toMatchObject({ code: 0, stdout: 'vm hot: load 0.85\n' });
-    expect(driver.stats('hot').load).toBe(0.85);
+    expect(driver.counters('hot').load).toBe(0.85);
     const json = await run(['vm', 'load', 'hot', '.5', '--json', ...agent]);
     expect(json.code).toBe(0);
     expect(JSON.parse(json.stdout)).toMatchObject({ name: 'hot', state: 'running' });
-    expect(driver.stats('hot').load).toBe(0.5);
+    expect(driver.counters('hot').load).toBe(0.5);
     driver.create({ name: 'cold' });
     const idle = await run(['vm', 'load', 'cold', '1', ...agent]);
     expect(idle.stdout).toBe('vm cold: load 1 (reported once it runs; it is created)\n');
@@ -252,7 +252,7 @@ describe('cli against an agent', () => {
       const r = await run(['vm', 'load', 'kept', bad, ...agent]);
       expect(r.code, bad).toBe(2);
     }
-    expect(driver.stats('kept').load).toBe(0.3);
+    expect(driver.counters('kept').load).toBe(0.3);
     const ghost = await run(['vm', 'load', 'ghost', '0.5', ...agent]);
     expect(ghost.code).toBe(1);
     expect(ghost.stderr).toContain('EMBOT_ERR_VM_UNKNOWN');

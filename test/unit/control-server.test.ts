@@ -41,14 +41,14 @@ class SimBackedControl implements AgentControl {
   createVm(spec: Parameters<AgentControl['createVm']>[0]) {
     return this.driver.create(spec);
   }
-  vmAction(name: string, action: 'start' | 'stop' | 'crash') {
+  async vmAction(name: string, action: 'start' | 'stop' | 'crash') {
     return this.driver[action](name);
   }
-  setVmLoad(name: string, load: number) {
+  async setVmLoad(name: string, load: number) {
     this.driver.setLoad(name, load);
     return this.driver.get(name)!;
   }
-  vmChecksum(name: string) {
+  async vmChecksum(name: string) {
     const vm = this.driver.get(name)!;
     return { name, state: vm.state, memory: vm.memory, sha256: createHash('sha256').update(this.driver.pages(name).memory).digest('hex') };
   }
@@ -193,11 +193,11 @@ describe('control server VM load route', () => {
     control.driver.start('busy');
     const r = await call('POST', '/v1/vms/busy/load', JSON.stringify({ load: 0.75 }));
     expect(r).toMatchObject({ status: 200, json: { name: 'busy', state: 'running' } });
-    expect(control.driver.stats('busy').load).toBe(0.75);
+    expect(control.driver.counters('busy').load).toBe(0.75);
     expect((await call('POST', '/v1/vms/busy/load', JSON.stringify({ load: 0 }))).status).toBe(200);
-    expect(control.driver.stats('busy').load).toBe(0);
+    expect(control.driver.counters('busy').load).toBe(0);
     expect((await call('POST', '/v1/vms/busy/load', JSON.stringify({ load: 1 }))).status).toBe(200);
-    expect(control.driver.stats('busy').load).toBe(1);
+    expect(control.driver.counters('busy').load).toBe(1);
   });
 
   it.each([
@@ -217,7 +217,7 @@ describe('control server VM load route', () => {
     expect(r.status).toBe(400);
     expect(r.json.error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
     expect(r.json.error.message).toMatch(message);
-    expect(control.driver.stats(name).load).toBe(0.25);
+    expect(control.driver.counters(name).load).toBe(0.25);
   });
 
   it('unknown VM 404, wrong method 405, non-JSON content type 400', async () => {
@@ -233,10 +233,10 @@ describe('control server VM load route', () => {
     control.driver.create({ name: 'via-client' });
     control.driver.start('via-client');
     expect(await client.setVmLoad('via-client', 0.4)).toMatchObject({ name: 'via-client', state: 'running' });
-    expect(control.driver.stats('via-client').load).toBe(0.4);
+    expect(control.driver.counters('via-client').load).toBe(0.4);
     await expect(client.setVmLoad('via-client', 2)).rejects.toMatchObject({ code: ErrorCodes.CONTROL_BAD_REQUEST, details: { status: 400 } });
     await expect(client.setVmLoad('ghost', 0.5)).rejects.toMatchObject({ code: ErrorCodes.VM_UNKNOWN, details: { status: 404 } });
-    expect(control.driver.stats('via-client').load).toBe(0.4);
+    expect(control.driver.counters('via-client').load).toBe(0.4);
   });
 });
 

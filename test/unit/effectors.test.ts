@@ -1,7 +1,7 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { EffectorError, EmbotError, ErrorCodes } from '../../core/errors.ts';
 import { EffectorRegistry, HypervisorEffector, HYPERVISOR_OPS, SimDriver } from '../../effectors/index.ts';
-import type { Effector, VmInfo } from '../../effectors/index.ts';
+import type { Effector, HypervisorCapabilities, SimDriverOptions, VmInfo } from '../../effectors/index.ts';
 
 async function rejection(p: Promise<unknown>): Promise<EmbotError> {
   const e = await p.then(
@@ -24,7 +24,7 @@ describe('HypervisorEffector', () => {
 
   it('declares its name, ops, muted sensors and the element it acts on', () => {
     expect(hv.name).toBe('hypervisor');
-    expect([...hv.ops]).toEqual(['create', 'start', 'stop', 'crash', 'remove', 'list', 'stats']);
+    expect([...hv.ops]).toEqual(['create', 'start', 'stop', 'kill', 'crash', 'remove', 'list', 'stats']);
     expect(hv.mutes).toEqual(['vm']);
     expect(hv.elementOf({ vm: 'web-1' })).toBe('vm:web-1');
     expect(hv.elementOf({})).toBeUndefined();
@@ -62,11 +62,33 @@ describe('HypervisorEffector', () => {
     expect((await rejection(hv.invoke('create', { vm: 'b', memory: -1 }))).code).toBe(ErrorCodes.VM_SPEC_INVALID);
   });
 
-  it("delegates persistence to the driver", async () => {
+  it('kills a running VM: stopped at once, reason kill', async () => {
+    const reasons: string[] = [];
+    driver.events.on('vm-state', (e) => reasons.push(e.reason));
     await hv.invoke('create', { vm: 'a' });
-    const other = new HypervisorEffector(new SimDriver({ defaults: { memory: 64 * 1024 } }));
-    other.restoreState(hv.getPersistedState());
-    expect(other.driver.get('a')).toMatchObject({ name: 'a', state: 'created' });
+    await hv.invoke('start', { vm: 'a' });
+    expect(await hv.invoke('kill', { vm: 'a' })).toMatchObject({ state: 'stopped', crashes: 0 });
+    expect(reasons.at(-1)).toBe('kill');
+  });
+
+  it('crash needs the faults capability: without it EMBOT_ERR_DRIVER_UNSUPPORTED, and the VM keeps running', async () => {
+    // Named fake: a sim driver that declares no faults, standing for any driver without the capability.
+    class SimDriverWithoutFaults extends SimDriver {
+      constructor(o: SimDriverOptions) {
+        super(o);
+        const { faults: _faults, ...rest } = this.capabilities;
+        (this as { capabilities: HypervisorCapabilities }).capabilities = rest;
+      }
+    }
+    const bare = new SimDriverWithoutFaults({ pageSize: 1024, defaults: { memory: 64 * 1024, dirtyRate: 0 } });
+    const effector = new HypervisorEffector(bare);
+    await effector.invoke('create', { vm: 'a' });
+    await effector.invoke('start', { vm: 'a' });
+    const e = await rejection(effector.invoke('crash', { vm: 'a' }));
+    expect(e.code).toBe(ErrorCodes.DRIVER_UNSUPPORTED);
+    expect(e.details).toMatchObject({ driver: 'sim', capability: 'faults' });
+    expect(bare.get('a')).toMatchObject({ state: 'running', crashes: 0 });
+    await bare.close();
   });
 });
 

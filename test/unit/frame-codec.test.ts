@@ -48,6 +48,7 @@ const SAMPLES: Frame[] = [
   { type: 'ForwardedEvents', reqId: 8, migrationId: 'm-1', events: bytes(9) },
   { type: 'MigrationStatusQuery', reqId: 10, migrationId: 'm-1' },
   { type: 'PathOffer', reqId: 11, migrationId: 'm-1', paths: 3 },
+  { type: 'PrepareIncoming', reqId: 13, migrationId: 'm-1', vm: 'vm1', spec: { name: 'vm1', memory: 67108864, vcpus: 1, dirtyRate: 0 }, channels: 2 },
   { type: 'UdpHandover', reqId: 12, migrationId: 'm-1', vm: 'vm1', served: 42, packets: bytes(10) },
   { type: 'Ping', reqId: 9, ts: 1700000000000.5 },
   { type: 'MigrationPermitted', replyTo: 1, migrationId: 'm-1' },
@@ -66,6 +67,7 @@ const SAMPLES: Frame[] = [
   { type: 'ForwardedEventsAck', replyTo: 8, migrationId: 'm-1', accepted: 5, duplicates: 4 },
   { type: 'MigrationStatus', replyTo: 10, migrationId: 'm-1', committed: true },
   { type: 'PathAccept', replyTo: 11, migrationId: 'm-1', canReassemble: true, cpuFree: 0.5 },
+  { type: 'IncomingReady', replyTo: 13, migrationId: 'm-1', endpoint: 'tcp:127.0.0.1:45000' },
   { type: 'UdpHandoverAck', replyTo: 12, migrationId: 'm-1', host: '127.0.0.1', port: 40000 },
   { type: 'Pong', replyTo: 9, ts: 1 },
   { type: 'Abort', migrationId: 'm-1', reason: 'operator abort' },
@@ -177,6 +179,7 @@ describe('frame codec: bad input', () => {
   });
 
   const start = SAMPLES.find((s) => s.type === 'StartMigration')!;
+  const prepare = SAMPLES.find((s) => s.type === 'PrepareIncoming')!;
   it.each([
     ['negative reqId', { ...start, reqId: -1 }],
     ['fractional reqId', { ...start, reqId: 1.5 }],
@@ -195,6 +198,13 @@ describe('frame codec: bad input', () => {
     ['unknown error code', { type: 'Error', code: 'EMBOT_ERR_NOPE', message: 'm' }],
     ['overlong reason', { type: 'Abort', migrationId: 'm', reason: 'x'.repeat(70_000) }],
     ['binary as an array of numbers', { type: 'Auth', proof: Array.from(nonce()) }],
+    ['PrepareIncoming with 0 channels', { ...prepare, channels: 0 }],
+    ['PrepareIncoming with 65 channels', { ...prepare, channels: 65 }],
+    ['PrepareIncoming with fractional channels', { ...prepare, channels: 1.5 }],
+    ['PrepareIncoming with a spec without name', { ...prepare, spec: { memory: 1 } }],
+    ['PrepareIncoming with an empty spec name', { ...prepare, spec: { name: '' } }],
+    ['PrepareIncoming with a spec that is an array', { ...prepare, spec: ['vm1'] }],
+    ['PrepareIncoming with a spec of 65 fields', { ...prepare, spec: { name: 'vm1', ...Object.fromEntries(Array.from({ length: 64 }, (_, i) => [`f${i}`, i])) } }],
   ])('refuses %s as FRAME_MALFORMED', (_name, value) => {
     expect(codeOf(() => decodeFrame(rawPack(value)))).toBe(ErrorCodes.FRAME_MALFORMED);
   });

@@ -26,6 +26,7 @@ const frames = {
   status: (migrationId: string): GuardedFrame => ({ type: 'MigrationStatusQuery', reqId: 1, migrationId }),
   abort: (migrationId: string): GuardedFrame => ({ type: 'Abort', migrationId, reason: 'x' }),
   mod: (migrationId: string): GuardedFrame => ({ type: 'ModuleRequest', reqId: 1, migrationId, name: 'm', hash: 'h' }),
+  prepare: (migrationId: string, vm: string): GuardedFrame => ({ type: 'PrepareIncoming', reqId: 1, migrationId, vm, spec: { name: vm }, channels: 1 }),
 };
 
 function codeOf(v: ReturnType<typeof checkFrame>): string | undefined {
@@ -65,6 +66,15 @@ describe('frame guard', () => {
     const lookup = lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state: 'eventsStaged' } });
     expect(codeOf(checkFrame(frames.mem('m1', 'ghost'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_MISMATCH);
     expect(checkFrame(frames.mem('m1', 'web'), ctx(lookup)).ok).toBe(true);
+  });
+
+  it("takes PrepareIncoming only from the migration's own source, for its VM, once the events are staged", () => {
+    const lookup = lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state: 'eventsStaged' }, 'target:m2': { vm: 'db', peer: 'a', state: 'stateStaged' } });
+    expect(checkFrame(frames.prepare('m1', 'web'), ctx(lookup))).toEqual({ ok: true, migrationId: 'm1', probe: false });
+    expect(codeOf(checkFrame(frames.prepare('m1', 'web'), ctx(lookup, 'mallory')))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
+    expect(codeOf(checkFrame(frames.prepare('m1', 'db'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_MISMATCH);
+    expect(codeOf(checkFrame(frames.prepare('m2', 'db'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_PHASE);
+    expect(codeOf(checkFrame(frames.prepare('m3', 'web'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
   });
 
   it('looks the role up: a source migration does not take target frames, nor the reverse', () => {

@@ -243,7 +243,7 @@ describe('preCopy convergence', () => {
     expect(result.finalDirtyRate).toBeCloseTo(2 * CAP * (1 - Math.min(0.99, 0.2 * result.throttleSteps)), 0);
     expect(Math.max(...r.progress.map((p) => p.throttle))).toBeGreaterThan(0);
     // The VM leaves with its own spec: the throttle was for the migration only.
-    expect(r.driver.stats('vm1').dirtyRate).toBe(2 * CAP);
+    expect(r.driver.counters('vm1').dirtyRate).toBe(2 * CAP);
     expectSameMemory(r.driver, r.receiver);
   });
 

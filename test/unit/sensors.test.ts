@@ -121,7 +121,7 @@ describe('VmSensor', () => {
     expect(ctx.emitted[0]!.payload).toEqual({ name: 'web', from: null, to: 'created', reason: 'create' });
   });
 
-  it('posts VM_LOAD for running VMs only, every interval', () => {
+  it('posts VM_LOAD for running VMs only, every interval', async () => {
     vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval'] });
     const driver = simDriver();
     driver.create({ name: 'a' });
@@ -134,14 +134,14 @@ describe('VmSensor', () => {
     const sensor = new VmSensor({ driver, intervalMs: 500 });
     const ctx = fakeContext();
     sensor.start(ctx);
-    vi.advanceTimersByTime(500);
+    await vi.advanceTimersByTimeAsync(500);
     expect(ctx.emitted.filter((e) => e.type === 'VM_LOAD').map((e) => [e.elementId, e.payload])).toEqual([
       ['vm:a', { name: 'a', load: 0.75 }],
       ['vm:b', { name: 'b', load: 0.25 }],
     ]);
     driver.stop('b');
     ctx.emitted.length = 0;
-    vi.advanceTimersByTime(500);
+    await vi.advanceTimersByTimeAsync(500);
     expect(ctx.emitted.filter((e) => e.type === 'VM_LOAD').map((e) => e.elementId)).toEqual(['vm:a']);
     sensor.stop();
   });
@@ -195,7 +195,7 @@ describe('sensors feeding the SensorService', () => {
     const hostEvents: EmbotEvent[] = [];
     sensors.subscribe('vm:app', { deliver: (e) => void vmEvents.push(e) });
     sensors.subscribe('host:h1', { deliver: (e) => void hostEvents.push(e) });
-    const vmLoads = () => driver.list().filter((v) => v.state === 'running').map((v) => ({ name: v.name, load: driver.stats(v.name).load }));
+    const vmLoads = () => driver.list().filter((v) => v.state === 'running').map((v) => ({ name: v.name, load: driver.counters(v.name).load }));
     sensors.addSensor(new VmSensor({ driver, intervalMs: 5 }));
     sensors.addSensor(new HostSensor({ agent: 'h1', intervalMs: 5, source: 'sim', hostCpus: 2, vmLoads }));
     sensors.startSensors();

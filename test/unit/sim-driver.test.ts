@@ -9,9 +9,10 @@ type StateEvent = { name: string; from: VmState | null; to: VmState; reason: str
 const PAGE = 1024;
 const tiny = (name: string, extra: Record<string, number> = {}) => ({ name, memory: 64 * PAGE, dirtyRate: 0, ...extra });
 
-function codeOf(fn: () => unknown): string | undefined {
+/** The code of what `fn` throws or rejects with (the driver's lifecycle is async; pages and takeDirty are not). */
+async function codeOf(fn: () => unknown): Promise<string | undefined> {
   try {
-    fn();
+    await fn();
   } catch (e) {
     expect(e).toBeInstanceOf(EffectorError);
     return (e as EffectorError).code;
@@ -30,15 +31,15 @@ describe('SimDriver', () => {
     driver.events.on('vm-state', (e) => seen.push({ ...e }));
   });
 
-  afterEach(() => {
-    driver.close();
+  afterEach(async () => {
+    await driver.close();
     vi.useRealTimers();
   });
 
   describe('lifecycle', () => {
-    it('creates a VM from defaults merged with the given spec and reports it', () => {
+    it('creates a VM from defaults merged with the given spec and reports it', async () => {
       const d = new SimDriver({ defaults: { vcpus: 2 } });
-      const info = d.create({ name: 'web-1', memory: 8192 });
+      const info = await d.create({ name: 'web-1', memory: 8192 });
       expect(info).toEqual({ name: 'web-1', memory: 8192, dirtyRate: 4 * 1024 * 1024, vcpus: 2, state: 'created', crashes: 0 });
       expect(d.list()).toEqual([info]);
       expect(d.get('web-1')).toEqual(info);
@@ -46,13 +47,13 @@ describe('SimDriver', () => {
       expect(d.name).toBe('sim');
     });
 
-    it('walks every allowed transition and emits vm-state with from, to and reason for each', () => {
-      driver.create(tiny('a'));
-      expect(driver.start('a').state).toBe('running'); // created → running
-      expect(driver.stop('a').state).toBe('stopped'); // running → stopped
-      expect(driver.start('a').state).toBe('running'); // stopped → running
+    it('walks every allowed transition and emits vm-state with from, to and reason for each', async () => {
+      await driver.create(tiny('a'));
+      expect((await driver.start('a')).state).toBe('running'); // created → running
+      expect((await driver.stop('a')).state).toBe('stopped'); // running → stopped
+      expect((await driver.start('a')).state).toBe('running'); // stopped → running
       expect(driver.crash('a')).toMatchObject({ state: 'crashed', crashes: 1 }); // running → crashed
-      expect(driver.start('a').state).toBe('running'); // crashed → running
+      expect((await driver.start('a')).state).toBe('running'); // crashed → running
       expect(seen).toEqual([
         { name: 'a', from: null, to: 'created', reason: 'create' },
         { name: 'a', from: 'created', to: 'running', reason: 'start' },
@@ -63,12 +64,12 @@ describe('SimDriver', () => {
       ]);
     });
 
-    it('sets startedAt while running only', () => {
+    it('sets startedAt while running only', async () => {
       vi.setSystemTime(1_000_000);
-      driver.create(tiny('a'));
+      await driver.create(tiny('a'));
       expect(driver.get('a')?.startedAt).toBeUndefined();
-      expect(driver.start('a').startedAt).toBe(1_000_000);
-      expect(driver.stop('a').startedAt).toBeUndefined();
+      expect((await driver.start('a')).startedAt).toBe(1_000_000);
+      expect((await driver.stop('a')).startedAt).toBeUndefined();
     });
 
     it.each<[string, VmState[], (d: SimDriver) => unknown]>([
@@ -80,23 +81,25 @@ describe('SimDriver', () => {
       ['crash a stopped VM', ['running', 'stopped'], (d) => d.crash('a')],
       ['crash a crashed VM', ['running', 'crashed'], (d) => d.crash('a')],
       ['remove a running VM', ['running'], (d) => d.remove('a')],
-    ])('refuses to %s with EMBOT_ERR_VM_BAD_STATE and changes nothing', (_what, path, act) => {
-      driver.create(tiny('a'));
+    ])('refuses to %s with EMBOT_ERR_VM_BAD_STATE and changes nothing', async (_what, path, act) => {
+      await driver.create(tiny('a'));
       const ops: Record<VmState, (n: string) => unknown> = {
         running: (n) => driver.start(n),
         stopped: (n) => driver.stop(n),
         crashed: (n) => driver.crash(n),
         created: () => undefined,
+        paused: () => undefined,
+        migrated: () => undefined,
       };
-      for (const s of path) ops[s]('a');
+      for (const s of path) await ops[s]('a');
       const before = driver.get('a');
       const events = seen.length;
-      expect(codeOf(() => act(driver))).toBe(ErrorCodes.VM_BAD_STATE);
+      expect(await codeOf(() => act(driver))).toBe(ErrorCodes.VM_BAD_STATE);
       expect(driver.get('a')).toEqual(before);
       expect(seen.length).toBe(events);
     });
 
-    it('refuses unknown VMs with EMBOT_ERR_VM_UNKNOWN on every operation', () => {
+    it('refuses unknown VMs with EMBOT_ERR_VM_UNKNOWN on every operation', async () => {
       for (const op of [
         () => driver.start('ghost'),
         () => driver.stop('ghost'),
@@ -108,13 +111,13 @@ describe('SimDriver', () => {
         () => driver.setDirtyRate('ghost', 1),
         () => driver.setLoad('ghost', 0.5),
       ]) {
-        expect(codeOf(op)).toBe(ErrorCodes.VM_UNKNOWN);
+        expect(await codeOf(op)).toBe(ErrorCodes.VM_UNKNOWN);
       }
     });
 
-    it('refuses a duplicate create with EMBOT_ERR_VM_EXISTS and keeps the first VM', () => {
-      driver.create(tiny('a', { vcpus: 2 }));
-      expect(codeOf(() => driver.create(tiny('a', { vcpus: 4 })))).toBe(ErrorCodes.VM_EXISTS);
+    it('refuses a duplicate create with EMBOT_ERR_VM_EXISTS and keeps the first VM', async () => {
+      await driver.create(tiny('a', { vcpus: 2 }));
+      expect(await codeOf(() => driver.create(tiny('a', { vcpus: 4 })))).toBe(ErrorCodes.VM_EXISTS);
       expect(driver.get('a')?.vcpus).toBe(2);
       expect(seen).toHaveLength(1);
     });
@@ -134,164 +137,164 @@ describe('SimDriver', () => {
       ['zero vcpus', { name: 'a', vcpus: 0 }],
       ['a string for memory', { name: 'a', memory: '64' }],
       ['a UDP port out of range', { name: 'a', udpPort: 70000 }],
-    ])('rejects a spec with %s (EMBOT_ERR_VM_SPEC_INVALID) and creates nothing', (_what, spec) => {
-      expect(codeOf(() => driver.create(spec as never))).toBe(ErrorCodes.VM_SPEC_INVALID);
+    ])('rejects a spec with %s (EMBOT_ERR_VM_SPEC_INVALID) and creates nothing', async (_what, spec) => {
+      expect(await codeOf(() => driver.create(spec as never))).toBe(ErrorCodes.VM_SPEC_INVALID);
       expect(driver.list()).toEqual([]);
       expect(seen).toEqual([]);
     });
 
-    it('rejects a spec that is not an object', () => {
-      expect(codeOf(() => driver.create(null as never))).toBe(ErrorCodes.VM_SPEC_INVALID);
+    it('rejects a spec that is not an object', async () => {
+      expect(await codeOf(() => driver.create(null as never))).toBe(ErrorCodes.VM_SPEC_INVALID);
     });
 
-    it('accepts a name of 63 characters and a UDP port', () => {
-      expect(driver.create({ ...tiny('a'.repeat(63)), udpPort: 5353 }).udpPort).toBe(5353);
+    it('accepts a name of 63 characters and a UDP port', async () => {
+      expect((await driver.create({ ...tiny('a'.repeat(63)), udpPort: 5353 })).udpPort).toBe(5353);
     });
 
-    it('rejects bad driver options', () => {
-      expect(codeOf(() => new SimDriver({ pageSize: 0 }))).toBe(ErrorCodes.VM_SPEC_INVALID);
-      expect(codeOf(() => new SimDriver({ defaults: { memory: -1 } }))).toBe(ErrorCodes.VM_SPEC_INVALID);
+    it('rejects bad driver options', async () => {
+      expect(await codeOf(() => new SimDriver({ pageSize: 0 }))).toBe(ErrorCodes.VM_SPEC_INVALID);
+      expect(await codeOf(() => new SimDriver({ defaults: { memory: -1 } }))).toBe(ErrorCodes.VM_SPEC_INVALID);
     });
 
-    it('removes a VM that is not running and emits vm-removed', () => {
+    it('removes a VM that is not running and emits vm-removed', async () => {
       const removed: string[] = [];
       driver.events.on('vm-removed', (e) => removed.push(e.name));
-      driver.create(tiny('a'));
-      driver.create(tiny('b'));
-      driver.start('b');
+      await driver.create(tiny('a'));
+      await driver.create(tiny('b'));
+      await driver.start('b');
       driver.crash('b');
-      driver.remove('a'); // created
-      driver.remove('b'); // crashed
-      driver.create(tiny('c'));
-      driver.start('c');
-      driver.stop('c');
-      driver.remove('c'); // stopped
+      await driver.remove('a'); // created
+      await driver.remove('b'); // crashed
+      await driver.create(tiny('c'));
+      await driver.start('c');
+      await driver.stop('c');
+      await driver.remove('c'); // stopped
       expect(removed).toEqual(['a', 'b', 'c']);
       expect(driver.list()).toEqual([]);
     });
   });
 
   describe('memory and dirty pages', () => {
-    it('allocates memory lazily: on start, or on the first pages() call', () => {
-      driver.create(tiny('a', { memory: 10 * PAGE + 100 }));
+    it('allocates memory lazily: on start, or on the first pages() call', async () => {
+      await driver.create(tiny('a', { memory: 10 * PAGE + 100 }));
       const pages = driver.pages('a');
       expect(pages.pageSize).toBe(PAGE);
       expect(pages.pageCount).toBe(11);
       expect(pages.memory.length).toBe(10 * PAGE + 100);
       expect(pages.page(0).length).toBe(PAGE);
       expect(pages.page(10).length).toBe(100); // the short last page
-      expect(codeOf(() => pages.page(11))).toBe(ErrorCodes.EFFECTOR_ARGS_INVALID);
-      expect(codeOf(() => pages.page(-1))).toBe(ErrorCodes.EFFECTOR_ARGS_INVALID);
+      expect(await codeOf(() => pages.page(11))).toBe(ErrorCodes.EFFECTOR_ARGS_INVALID);
+      expect(await codeOf(() => pages.page(-1))).toBe(ErrorCodes.EFFECTOR_ARGS_INVALID);
       // A view, not a copy: a migration target writes pages through it.
       pages.page(3)[0] = 42;
       expect(driver.pages('a').memory[3 * PAGE]).toBe(42);
     });
 
-    it('dirties pages at the configured rate while running, and only while running', () => {
+    it('dirties pages at the configured rate while running, and only while running', async () => {
       // 10 pages/s: 200 page writes in 20 s, on 4096 pages so collisions stay rare.
-      driver.create({ name: 'a', memory: 4096 * PAGE, dirtyRate: 10 * PAGE });
-      driver.start('a');
+      await driver.create({ name: 'a', memory: 4096 * PAGE, dirtyRate: 10 * PAGE });
+      await driver.start('a');
       vi.advanceTimersByTime(20_000);
-      const s = driver.stats('a');
+      const s = await driver.stats('a');
       expect(s.pagesWritten).toBe(200);
       expect(s.dirtyPages).toBeGreaterThan(180);
       expect(s.dirtyPages).toBeLessThanOrEqual(200);
       expect(s.dirtyRate).toBe(10 * PAGE);
-      driver.stop('a');
+      await driver.stop('a');
       vi.advanceTimersByTime(20_000);
-      expect(driver.stats('a').pagesWritten).toBe(200);
+      expect(driver.counters('a').pagesWritten).toBe(200);
     });
 
-    it('carries fractions over ticks, so a rate below one page per tick still dirties pages', () => {
+    it('carries fractions over ticks, so a rate below one page per tick still dirties pages', async () => {
       // 0.5 page per 50 ms tick → 10 pages per second.
-      driver.create({ name: 'a', memory: 1024 * PAGE, dirtyRate: 10 * PAGE });
-      driver.start('a');
+      await driver.create({ name: 'a', memory: 1024 * PAGE, dirtyRate: 10 * PAGE });
+      await driver.start('a');
       vi.advanceTimersByTime(50);
-      expect(driver.stats('a').pagesWritten).toBe(0);
+      expect(driver.counters('a').pagesWritten).toBe(0);
       vi.advanceTimersByTime(50);
-      expect(driver.stats('a').pagesWritten).toBe(1);
+      expect(driver.counters('a').pagesWritten).toBe(1);
       vi.advanceTimersByTime(900);
-      expect(driver.stats('a').pagesWritten).toBe(10);
+      expect(driver.counters('a').pagesWritten).toBe(10);
     });
 
-    it('takeDirty returns the dirty page indexes, ascending, and clears them', () => {
+    it('takeDirty returns the dirty page indexes, ascending, and clears them', async () => {
       const picks = [0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9];
       let i = 0;
       const d = new SimDriver({ pageSize: PAGE, random: () => picks[i++ % picks.length] });
-      d.create({ name: 'a', memory: 10 * PAGE, dirtyRate: 60 * PAGE }); // 3 pages per 50 ms tick
-      d.start('a');
+      await d.create({ name: 'a', memory: 10 * PAGE, dirtyRate: 60 * PAGE }); // 3 pages per 50 ms tick
+      await d.start('a');
       vi.advanceTimersByTime(50);
-      expect(d.stats('a').dirtyPages).toBe(3);
+      expect(d.counters('a').dirtyPages).toBe(3);
       expect([...d.takeDirty('a')]).toEqual([1, 5, 9]);
-      expect(d.stats('a').dirtyPages).toBe(0);
+      expect(d.counters('a').dirtyPages).toBe(0);
       expect(d.takeDirty('a')).toEqual(new Uint32Array(0));
       // The writes really changed the memory the migration will copy.
       expect(d.pages('a').page(5).some((b) => b !== 0)).toBe(true);
-      d.close();
+      await d.close();
     });
 
-    it('caps one tick at every page dirty', () => {
-      driver.create({ name: 'a', memory: 8 * PAGE, dirtyRate: 1000 * PAGE });
-      driver.start('a');
+    it('caps one tick at every page dirty', async () => {
+      await driver.create({ name: 'a', memory: 8 * PAGE, dirtyRate: 1000 * PAGE });
+      await driver.start('a');
       vi.advanceTimersByTime(50);
-      expect(driver.stats('a').pagesWritten).toBe(8);
+      expect(driver.counters('a').pagesWritten).toBe(8);
       expect(driver.takeDirty('a').length).toBeLessThanOrEqual(8);
     });
 
-    it('setDirtyRate changes the rate of a running VM and validates it', () => {
-      driver.create({ name: 'a', memory: 4096 * PAGE, dirtyRate: 0 });
-      driver.start('a');
+    it('setDirtyRate changes the rate of a running VM and validates it', async () => {
+      await driver.create({ name: 'a', memory: 4096 * PAGE, dirtyRate: 0 });
+      await driver.start('a');
       vi.advanceTimersByTime(1000);
-      expect(driver.stats('a').pagesWritten).toBe(0);
+      expect(driver.counters('a').pagesWritten).toBe(0);
       driver.setDirtyRate('a', 20 * PAGE);
       vi.advanceTimersByTime(1000);
-      expect(driver.stats('a').pagesWritten).toBe(20);
+      expect(driver.counters('a').pagesWritten).toBe(20);
       expect(driver.get('a')?.dirtyRate).toBe(20 * PAGE);
-      expect(codeOf(() => driver.setDirtyRate('a', -1))).toBe(ErrorCodes.VM_SPEC_INVALID);
+      expect(await codeOf(() => driver.setDirtyRate('a', -1))).toBe(ErrorCodes.VM_SPEC_INVALID);
       expect(driver.get('a')?.dirtyRate).toBe(20 * PAGE);
     });
 
-    it('takeDirty on a VM never started returns nothing', () => {
-      driver.create(tiny('a'));
+    it('takeDirty on a VM never started returns nothing', async () => {
+      await driver.create(tiny('a'));
       expect(driver.takeDirty('a').length).toBe(0);
     });
   });
 
   describe('load', () => {
-    it('reports the set load while running and 0 otherwise; rejects loads outside 0..1', () => {
-      driver.create(tiny('a'));
+    it('reports the set load while running and 0 otherwise; rejects loads outside 0..1', async () => {
+      await driver.create(tiny('a'));
       driver.setLoad('a', 0.7);
-      expect(driver.stats('a').load).toBe(0);
-      driver.start('a');
-      expect(driver.stats('a').load).toBe(0.7);
-      for (const bad of [-0.1, 1.1, NaN, '0.5']) expect(codeOf(() => driver.setLoad('a', bad as number))).toBe(ErrorCodes.VM_SPEC_INVALID);
-      expect(driver.stats('a').load).toBe(0.7);
+      expect(driver.counters('a').load).toBe(0);
+      await driver.start('a');
+      expect(driver.counters('a').load).toBe(0.7);
+      for (const bad of [-0.1, 1.1, NaN, '0.5']) expect(await codeOf(() => driver.setLoad('a', bad as number))).toBe(ErrorCodes.VM_SPEC_INVALID);
+      expect(driver.counters('a').load).toBe(0.7);
       driver.crash('a');
-      expect(driver.stats('a')).toMatchObject({ state: 'crashed', load: 0 });
+      expect(await driver.stats('a')).toMatchObject({ state: 'crashed', load: 0 });
     });
   });
 
   describe('persistence', () => {
-    it('round-trips specs, states, crash counts and loads through msgpackr; running VMs run again', () => {
-      driver.create(tiny('idle'));
-      driver.create({ ...tiny('up', { dirtyRate: 20 * PAGE, vcpus: 2 }), udpPort: 9000 });
-      driver.create(tiny('down'));
-      driver.start('up');
+    it('round-trips specs, states, crash counts and loads through msgpackr; running VMs run again', async () => {
+      await driver.create(tiny('idle'));
+      await driver.create({ ...tiny('up', { dirtyRate: 20 * PAGE, vcpus: 2 }), udpPort: 9000 });
+      await driver.create(tiny('down'));
+      await driver.start('up');
       driver.crash('up');
-      driver.start('up');
+      await driver.start('up');
       driver.setLoad('up', 0.4);
-      driver.start('down');
-      driver.stop('down');
+      await driver.start('down');
+      await driver.stop('down');
       const bytes = pack(driver.getPersistedState());
-      driver.close();
+      await driver.close();
 
       const restored = new SimDriver({ pageSize: PAGE });
       const events: StateEvent[] = [];
       restored.events.on('vm-state', (e) => events.push({ ...e }));
-      restored.restoreState(unpack(bytes));
+      await restored.restoreState(unpack(bytes));
       expect(restored.list().map(({ startedAt: _s, ...rest }) => rest)).toEqual(driver.list().map(({ startedAt: _s, ...rest }) => rest));
       expect(restored.get('up')).toMatchObject({ state: 'running', crashes: 1, vcpus: 2, udpPort: 9000 });
-      expect(restored.stats('up').load).toBe(0.4);
+      expect(restored.counters('up').load).toBe(0.4);
       expect(events).toEqual([
         { name: 'idle', from: null, to: 'created', reason: 'restore' },
         { name: 'up', from: null, to: 'running', reason: 'restore' },
@@ -299,8 +302,8 @@ describe('SimDriver', () => {
       ]);
       // The restored running VM dirties pages again; pages themselves are not persisted.
       vi.advanceTimersByTime(1000);
-      expect(restored.stats('up').pagesWritten).toBe(20);
-      restored.close();
+      expect(restored.counters('up').pagesWritten).toBe(20);
+      await restored.close();
     });
 
     it.each([
@@ -313,36 +316,36 @@ describe('SimDriver', () => {
       ['negative crashes', { version: 1, vms: [{ spec: tiny('a', { vcpus: 1 }), state: 'created', crashes: -1 }] }],
       ['a load above 1', { version: 1, vms: [{ spec: tiny('a', { vcpus: 1 }), state: 'created', crashes: 0, load: 2 }] }],
       ['a duplicate VM', { version: 1, vms: [{ spec: tiny('a', { vcpus: 1 }), state: 'created' }, { spec: tiny('a', { vcpus: 1 }), state: 'created' }] }],
-    ])('refuses persisted state with %s and keeps its VMs', (_what, state) => {
-      driver.create(tiny('keep'));
-      expect(codeOf(() => driver.restoreState(state))).toBe(ErrorCodes.VM_SPEC_INVALID);
+    ])('refuses persisted state with %s and keeps its VMs', async (_what, state) => {
+      await driver.create(tiny('keep'));
+      expect(await codeOf(() => driver.restoreState(state))).toBe(ErrorCodes.VM_SPEC_INVALID);
       expect(driver.list().map((v) => v.name)).toEqual(['keep']);
     });
   });
 
-  it('close() stops every dirtying timer', () => {
-    driver.create({ name: 'a', memory: 1024 * PAGE, dirtyRate: 100 * PAGE });
-    driver.create({ name: 'b', memory: 1024 * PAGE, dirtyRate: 100 * PAGE });
-    driver.start('a');
-    driver.start('b');
+  it('close() stops every dirtying timer', async () => {
+    await driver.create({ name: 'a', memory: 1024 * PAGE, dirtyRate: 100 * PAGE });
+    await driver.create({ name: 'b', memory: 1024 * PAGE, dirtyRate: 100 * PAGE });
+    await driver.start('a');
+    await driver.start('b');
     expect(vi.getTimerCount()).toBe(2);
-    driver.close();
+    await driver.close();
     expect(vi.getTimerCount()).toBe(0);
     vi.advanceTimersByTime(1000);
-    expect(driver.stats('a').pagesWritten).toBe(0);
+    expect(driver.counters('a').pagesWritten).toBe(0);
   });
 
-  it('uses the injected clock to measure elapsed time', () => {
+  it('uses the injected clock to measure elapsed time', async () => {
     let t = 0;
     const d = new SimDriver({ pageSize: PAGE, now: () => t });
-    d.create({ name: 'a', memory: 4096 * PAGE, dirtyRate: 10 * PAGE });
-    d.start('a');
+    await d.create({ name: 'a', memory: 4096 * PAGE, dirtyRate: 10 * PAGE });
+    await d.start('a');
     // Timers fire but the injected clock has not moved: nothing is dirtied.
     vi.advanceTimersByTime(500);
-    expect(d.stats('a').pagesWritten).toBe(0);
+    expect(d.counters('a').pagesWritten).toBe(0);
     t = 2000;
     vi.advanceTimersByTime(50);
-    expect(d.stats('a').pagesWritten).toBe(20);
-    d.close();
+    expect(d.counters('a').pagesWritten).toBe(20);
+    await d.close();
   });
 });

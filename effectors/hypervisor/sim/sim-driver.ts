@@ -1,6 +1,42 @@
+import { createHash } from 'node:crypto';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
-import type { DriverEvents, HypervisorDriver, VmInfo, VmSpec, VmState, VmStats } from '../driver.ts';
+import type {
+  HypervisorCapabilities,
+  HypervisorDriver,
+  HypervisorEvents,
+  MigrateOutOptions,
+  MigrateOutResult,
+  MigrationEndpoint,
+  VmInfo,
+  VmStats,
+} from '../hypervisor-contract.ts';
+import { PageReceiver } from './dataplane/page-receiver.ts';
+import { preCopy, THROTTLE_MAX, THROTTLE_STEP } from './dataplane/precopy-sender.ts';
+
+/** The states a sim VM can be in (it never pauses, and forgets a migrated VM at once). */
+export type SimVmState = 'created' | 'running' | 'stopped' | 'crashed';
+
+/** The machine shape of a sim VM. */
+export interface VmSpec {
+  readonly name: string;
+  /** Memory in bytes. */
+  readonly memory: number;
+  /** Bytes of memory dirtied per second while running. */
+  readonly dirtyRate: number;
+  readonly vcpus: number;
+  /** Port of the VM's UDP service (the udpService capability), if it runs one. */
+  readonly udpPort?: number;
+}
+
+/** {@link VmInfo} with the sim's spec fields (what `vm list` shows). */
+export interface SimVmInfo extends VmInfo {
+  readonly state: SimVmState;
+  readonly dirtyRate: number;
+  readonly udpPort?: number;
+}
+
+type VmState = SimVmState;
 
 const VM_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const MiB = 1024 * 1024;
@@ -29,6 +65,10 @@ export interface SimDriverOptions {
 
 /** {@link VmStats} plus sim-only counters. */
 export interface SimVmStats extends VmStats {
+  readonly state: SimVmState;
+  readonly dirtyRate: number;
+  /** Pages dirtied since the last takeDirty. */
+  readonly dirtyPages: number;
   /** Page writes done by the dirtying timer since the VM was created (repeats included). */
   readonly pagesWritten: number;
   readonly pageCount: number;
@@ -87,12 +127,15 @@ const STATES: readonly VmState[] = ['created', 'running', 'stopped', 'crashed'];
  * setTimeout(() => console.log(driver.takeDirty('web-1').length, 'pages dirtied'), 1000);
  * ```
  */
-export class SimDriver implements HypervisorDriver {
+export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly name: string }> {
   readonly name = 'sim';
-  readonly events = new EventEmitter<DriverEvents>();
+  readonly events = new EventEmitter<HypervisorEvents>();
   readonly pageSize: number;
+  readonly capabilities: HypervisorCapabilities;
 
   private readonly vms = new Map<string, SimVm>();
+  /** VMs a migration is bringing here: their pages land in a receiver until the commit. */
+  private readonly incoming = new Map<string, { readonly spec: VmSpec; readonly receiver: PageReceiver }>();
   private readonly defaults: Omit<VmSpec, 'name'>;
   private readonly now: () => number;
   private readonly random: () => number;
@@ -107,42 +150,76 @@ export class SimDriver implements HypervisorDriver {
     this.random = options.random ?? Math.random;
     this.defaults = { ...SIM_DEFAULT_SPEC, ...options.defaults };
     this.validateSpec({ name: 'defaults', ...this.defaults });
+    this.capabilities = {
+      faults: { crash: async (vm) => this.crash(vm) },
+      loadKnob: { setLoad: async (vm, load) => this.setLoad(vm, load) },
+      memoryChecksum: { checksum: async (vm) => createHash('sha256').update(this.pages(vm).memory).digest('hex') },
+      udpService: { udpPort: (vm) => this.vms.get(vm)?.spec.udpPort },
+      incomingPages: {
+        apply: (vm, batch) => {
+          const inc = this.incoming.get(vm);
+          return inc ? inc.receiver.apply(batch) : { ok: false, reason: `no incoming VM ${vm} on this agent` };
+        },
+        complete: (vm) => this.incoming.get(vm)?.receiver.finalReceived ?? false,
+      },
+    };
   }
 
-  list(): readonly VmInfo[] {
+  list(): readonly SimVmInfo[] {
     return [...this.vms.values()].map(toInfo);
   }
 
-  get(name: string): VmInfo | undefined {
+  get(name: string): SimVmInfo | undefined {
     const vm = this.vms.get(name);
     return vm ? toInfo(vm) : undefined;
   }
 
-  create(spec: Partial<VmSpec> & { readonly name: string }): VmInfo {
+  spec(name: string): VmSpec | undefined {
+    const vm = this.vms.get(name);
+    return vm ? { ...vm.spec } : undefined;
+  }
+
+  async create(spec: Partial<VmSpec> & { readonly name: string }): Promise<SimVmInfo> {
+    return this.createNow(spec);
+  }
+
+  private createNow(spec: Partial<VmSpec> & { readonly name: string }): SimVmInfo {
     if (!isRecord(spec)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'a VM spec must be an object with a name');
     const full = this.validateSpec({ ...this.defaults, ...stripUndefined(spec) });
-    if (this.vms.has(full.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${full.name} already exists`, { details: { vm: full.name } });
+    if (this.vms.has(full.name) || this.incoming.has(full.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${full.name} already exists`, { details: { vm: full.name } });
     const vm = newVm(full, 'created', 0, 0);
     this.vms.set(full.name, vm);
     this.emitState(full.name, null, 'created', 'create');
     return toInfo(vm);
   }
 
-  start(name: string): VmInfo {
-    const vm = this.transition(name, ['created', 'stopped', 'crashed'], 'running', 'start');
-    return toInfo(vm);
+  async start(name: string): Promise<SimVmInfo> {
+    return toInfo(this.transition(name, ['created', 'stopped', 'crashed'], 'running', 'start'));
   }
 
-  stop(name: string): VmInfo {
+  async stop(name: string): Promise<SimVmInfo> {
     return toInfo(this.transition(name, ['running'], 'stopped', 'stop'));
   }
 
-  crash(name: string): VmInfo {
+  /** A sim VM has no process: killing it is stopping it at once. */
+  async kill(name: string): Promise<SimVmInfo> {
+    return toInfo(this.transition(name, ['running'], 'stopped', 'kill'));
+  }
+
+  /** A simulated fault: the VM reads `crashed` (the `faults` capability). */
+  crash(name: string): SimVmInfo {
     return toInfo(this.transition(name, ['running'], 'crashed', 'crash'));
   }
 
-  /** Removes a VM that is not running (stop or crash it first). */
-  remove(name: string): void {
+  /**
+   * Removes a VM that is not running (stop or crash it first). Done before the first await, so a
+   * caller inside a store transaction has the removal (and the persisted state) in it.
+   */
+  async remove(name: string): Promise<void> {
+    this.removeNow(name);
+  }
+
+  private removeNow(name: string): void {
     const vm = this.require(name);
     if (vm.state === 'running') {
       throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is running; stop it before removing it`, {
@@ -153,7 +230,12 @@ export class SimDriver implements HypervisorDriver {
     this.events.emit('vm-removed', { name });
   }
 
-  stats(name: string): SimVmStats {
+  async stats(name: string): Promise<SimVmStats> {
+    return this.counters(name);
+  }
+
+  /** {@link stats} without the promise: pre-copy reads these between batches. */
+  counters(name: string): SimVmStats {
     const vm = this.require(name);
     return {
       name,
@@ -240,9 +322,9 @@ export class SimDriver implements HypervisorDriver {
    * Replaces every VM with the persisted ones (pages start zeroed); VMs that were running are
    * running again. The whole state is validated before anything changes.
    */
-  restoreState(state: unknown): void {
+  async restoreState(state: unknown): Promise<void> {
     const parsed = this.parsePersisted(state);
-    this.close();
+    this.haltAll();
     this.vms.clear();
     for (const p of parsed.vms) {
       const vm = newVm(p.spec, p.state, p.crashes, p.load);
@@ -253,11 +335,113 @@ export class SimDriver implements HypervisorDriver {
   }
 
   /** Stops every dirtying timer; VMs keep their state (a closed driver can be restored or reused). */
-  close(): void {
+  async close(): Promise<void> {
+    this.haltAll();
+    this.incoming.clear();
+  }
+
+  private haltAll(): void {
     for (const vm of this.vms.values()) this.halt(vm);
   }
 
-  private transition(name: string, from: readonly VmState[], to: VmState, reason: 'start' | 'stop' | 'crash'): SimVm {
+  // ---- migration
+
+  /**
+   * Pre-copy over the agent's data paths (`options.dataPaths`): rounds of dirty pages until the
+   * remainder fits the downtime limit, then `beforeSwitchover`, the VM stops and the rest follows.
+   * On failure a VM this call stopped runs again before the rejection.
+   */
+  async migrateOut(name: string, options: MigrateOutOptions): Promise<MigrateOutResult> {
+    const dp = options.dataPaths;
+    if (!dp || dp.paths.length === 0) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the sim driver migrates VM ${name} over the agent's data paths: options.dataPaths is required`, { details: { vm: name } });
+    }
+    this.require(name);
+    let stoppedHere = false;
+    try {
+      const r = await preCopy({
+        migrationId: dp.migrationId,
+        vm: name,
+        driver: this,
+        paths: dp.paths,
+        ...(options.downtimeLimitMs === undefined ? {} : { downtimeLimitMs: options.downtimeLimitMs }),
+        ...(dp.maxRounds === undefined ? {} : { maxRounds: dp.maxRounds }),
+        ...(options.autoConverge === undefined ? {} : { autoConverge: options.autoConverge }),
+        ...(dp.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: dp.requestTimeoutMs }),
+        ...(options.signal ? { signal: options.signal } : {}),
+        stopVm: async () => {
+          await options.beforeSwitchover?.();
+          if (this.vms.get(name)?.state === 'running') {
+            this.transition(name, ['running'], 'stopped', 'migrate');
+            stoppedHere = true;
+          }
+        },
+        onProgress: (p) =>
+          options.onProgress?.({
+            phase: p.phase === 'done' ? 'completed' : p.phase,
+            rounds: p.round + 1,
+            transferredBytes: p.sentBytes,
+            remainingBytes: p.remainingBytes,
+            rateBytesPerSec: p.rateBytesPerSec,
+            dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
+            expectedDowntimeMs: p.expectedDowntimeMs,
+            throttle: p.throttle,
+            channels: dp.paths.length,
+          }),
+      });
+      return {
+        bytes: r.bytes,
+        rounds: r.rounds,
+        totalMs: r.totalMs,
+        downtimeMs: r.downtimeMs,
+        expectedDowntimeMs: r.expectedDowntimeMs,
+        throttled: r.throttled,
+        maxThrottle: Math.min(THROTTLE_MAX, r.throttleSteps * THROTTLE_STEP),
+        channels: dp.paths.length,
+        converged: r.converged,
+        throttleSteps: r.throttleSteps,
+        initialDirtyRate: r.initialDirtyRate,
+        finalDirtyRate: r.finalDirtyRate,
+        resent: r.resent,
+        rateBytesPerSec: r.rateBytesPerSec,
+        perPath: r.perPath,
+      };
+    } catch (e) {
+      if (stoppedHere && this.vms.get(name)?.state === 'stopped') this.transition(name, ['stopped'], 'running', 'migration-aborted');
+      throw e;
+    }
+  }
+
+  /** The incoming VM is a page receiver (not listed) until the commit; its memory arrives through `capabilities.incomingPages`. */
+  async prepareIncoming(input: Partial<VmSpec> & { readonly name: string }): Promise<{ readonly endpoint: MigrationEndpoint }> {
+    if (!isRecord(input)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'a VM spec must be an object with a name');
+    const spec = this.validateSpec({ ...this.defaults, ...stripUndefined(input) });
+    if (this.vms.has(spec.name) || this.incoming.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
+    this.incoming.set(spec.name, { spec, receiver: new PageReceiver({ memoryBytes: spec.memory, pageSize: this.pageSize }) });
+    return { endpoint: { uri: 'sim:data-paths' } };
+  }
+
+  /**
+   * Makes the incoming VM a VM, with the received memory (not copied), started when it ran at the
+   * source. All of it happens before this returns: called inside a store transaction, the VM and
+   * its persisted state are in that transaction, and a refusal throws there and rolls it back.
+   */
+  commitIncoming(name: string, options: { readonly timeoutMs?: number; readonly running?: boolean } = {}): Promise<VmInfo> {
+    const inc = this.incoming.get(name);
+    if (!inc) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no incoming VM named ${name}`, { details: { vm: name } });
+    if (!inc.receiver.finalReceived) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name}: its final page batch has not arrived`, { details: { vm: name } });
+    this.incoming.delete(name);
+    this.createNow(inc.spec);
+    this.adoptMemory(name, inc.receiver.memory);
+    const info = options.running ? toInfo(this.transition(name, ['created'], 'running', 'start')) : toInfo(this.require(name));
+    return Promise.resolve(info);
+  }
+
+  async abortIncoming(name: string): Promise<void> {
+    this.incoming.delete(name);
+  }
+
+  private transition(name: string, from: readonly VmState[], to: VmState, reason: string): SimVm {
     const vm = this.require(name);
     const prev = vm.state;
     if (!from.includes(prev)) {
@@ -331,6 +515,9 @@ export class SimDriver implements HypervisorDriver {
   }
 
   private require(name: string): SimVm {
+    if (typeof name === 'string' && this.incoming.has(name) && !this.vms.has(name)) {
+      throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is still arriving in a migration`, { details: { vm: name, state: 'incoming' } });
+    }
     const vm = typeof name === 'string' ? this.vms.get(name) : undefined;
     if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${String(name)}`, { details: { vm: String(name) } });
     return vm;
@@ -396,8 +583,8 @@ function newVm(spec: VmSpec, state: VmState, crashes: number, load: number): Sim
   };
 }
 
-function toInfo(vm: SimVm): VmInfo {
-  const info: VmInfo = { ...vm.spec, state: vm.state, crashes: vm.crashes };
+function toInfo(vm: SimVm): SimVmInfo {
+  const info: SimVmInfo = { ...vm.spec, state: vm.state, crashes: vm.crashes };
   return vm.startedAt === undefined ? info : { ...info, startedAt: vm.startedAt };
 }
 

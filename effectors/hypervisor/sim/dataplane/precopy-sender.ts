@@ -5,7 +5,6 @@
  */
 import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 import type { RequestBody } from '../../../../core/wire/index.ts';
-import type { SimDriver } from '../sim-driver.ts';
 import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
 
@@ -53,10 +52,20 @@ export interface PreCopyProgress {
   readonly paths: readonly PathReport[];
 }
 
+/** What pre-copy needs of the VM's hypervisor: the sim driver's page-level view of its memory. */
+export interface PreCopyVm {
+  pages(vm: string): { readonly pageSize: number; readonly pageCount: number; readonly memory: Uint8Array };
+  /** Indexes of the pages dirtied since the last call, ascending; clears the dirty bitmap. */
+  takeDirty(vm: string): Uint32Array;
+  setDirtyRate(vm: string, rate: number): void;
+  /** Current dirty rate setting (bytes/s) and page writes so far, read synchronously between batches. */
+  counters(vm: string): { readonly dirtyRate: number; readonly pagesWritten: number };
+}
+
 export interface PreCopyOptions {
   readonly migrationId: string;
   readonly vm: string;
-  readonly driver: SimDriver;
+  readonly driver: PreCopyVm;
   readonly paths: readonly DataPath[];
   /** Stop-and-copy starts once the expected downtime fits this. Default 300 ms (QEMU's default). */
   readonly downtimeLimitMs?: number;
@@ -67,7 +76,7 @@ export interface PreCopyOptions {
   /** Page bytes per PageBatch. Default 1 MiB. */
   readonly batchBytes?: number;
   /** Called once, right before the final (stop-and-copy) round. */
-  readonly stopVm: () => void;
+  readonly stopVm: () => unknown;
   /** Called once after stopVm; sent with the final batch. */
   readonly cpuState?: () => Uint8Array;
   readonly onProgress?: (p: PreCopyProgress) => void;
@@ -197,7 +206,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
   if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
   const { pageSize, memory } = pages;
   const memoryBytes = memory.byteLength;
-  const initialDirtyRate = driver.stats(o.vm).dirtyRate;
+  const initialDirtyRate = driver.counters(o.vm).dirtyRate;
   const start = performance.now();
 
   let cpu: Uint8Array | undefined;
@@ -286,7 +295,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     // Round 0 sends every page, so what was dirtied before it is moot.
     driver.takeDirty(o.vm);
     let lastTake = performance.now();
-    let lastWritten = driver.stats(o.vm).pagesWritten;
+    let lastWritten = driver.counters(o.vm).pagesWritten;
     let pending = allPages(pages.pageCount);
     let converged = false;
     let expectedDowntimeMs = (memoryBytes * 1000) / striper.rateBytesPerSec;
@@ -298,7 +307,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
         await sendRound(pending, round, false);
         pending = driver.takeDirty(o.vm);
         const now = performance.now();
-        const written = driver.stats(o.vm).pagesWritten;
+        const written = driver.counters(o.vm).pagesWritten;
         dirtyRate = ((written - lastWritten) * pageSize * 1000) / Math.max(1, now - lastTake);
         lastTake = now;
         lastWritten = written;
@@ -327,8 +336,8 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
 
     if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
     phase = 'stop-and-copy';
-    const finalDirtyRate = driver.stats(o.vm).dirtyRate;
-    o.stopVm();
+    const finalDirtyRate = driver.counters(o.vm).dirtyRate;
+    await o.stopVm();
     const stoppedAt = performance.now();
     cpu = o.cpuState?.();
     pending = mergeIndexes(pending, driver.takeDirty(o.vm));
