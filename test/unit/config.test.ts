@@ -40,6 +40,7 @@ describe('config defaults', () => {
       logFormat: 'pretty',
       sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
       sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0 },
+      qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1 },
       store: { synchronous: 'NORMAL' },
       peer: { listen: '127.0.0.1:7401', peers: {} },
       mobility: {
@@ -142,13 +143,23 @@ describe('config errors', () => {
 
   it('lists every wrong type as path: message', () => {
     const e = configError(() =>
-      validateConfig({ name: 'Bad Name', control: { port: 70000 }, driver: 'qemu', sensors: { host: { intervalMs: -5 } }, safe: 'yes', logLevel: 'loud' }),
+      validateConfig({ name: 'Bad Name', control: { port: 70000 }, driver: 'xen', sensors: { host: { intervalMs: -5 } }, safe: 'yes', logLevel: 'loud' }),
     );
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = e.details!['issues'] as string[];
     expect(issues.map((i) => i.split(':')[0]).sort()).toEqual(['control.port', 'driver', 'logLevel', 'name', 'safe', 'sensors.host.intervalMs']);
     expect(e.message).toContain('name: lower-case letters, digits and dashes');
-    expect(e.message).toMatch(/driver: .*"sim"/);
+    expect(e.message).toMatch(/driver: .*"sim".*"qemu"/);
+  });
+
+  it('takes driver: qemu with a qemu: section, and refuses bad qemu settings by path', () => {
+    const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2 } });
+    expect(c.driver).toBe('qemu');
+    expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2 });
+    const e = configError(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x' } }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
+    expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus']);
   });
 
   it('bad flags are rejected like bad file values', () => {
