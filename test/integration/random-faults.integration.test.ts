@@ -24,6 +24,9 @@ const SEEDS = Array.from({ length: RUNS }, (_, i) => BASE_SEED + i);
 const GRACE_MS = 8000;
 /** Kills happen this long after the migration is requested, at most: well inside the grace period. */
 const KILL_WINDOW_MS = 1800;
+/** The VM's memory crosses a path capped at this rate, so the migration itself lasts ~0.5 s and kills land inside it too. */
+const VM_MEMORY = 4 << 20;
+const PATH_CAP_BYTES_PER_SEC = 8 << 20;
 /** The producer runs at least this long after the request: past the grace period, so it meets the refusal. */
 const PRODUCE_MS = GRACE_MS + 1500;
 
@@ -48,19 +51,23 @@ describe('random-moment faults during a migration', () => {
   it.each(SEEDS)('seed %i: one owner, every acknowledged event processed there once, in order', async (seed) => {
     const rnd = prng(seed);
     const victim = rnd() < 0.5 ? 'a' : 'b';
-    // Half of the kills in the first 400 ms (a 1 MiB migration's own life), half after the switch.
-    const killAfterMs = rnd() < 0.5 ? Math.floor(rnd() * 400) : 400 + Math.floor(rnd() * (KILL_WINDOW_MS - 400));
+    // A tenth before the request, half while the migration runs (~0.5 s), the rest after the switch, inside the grace period.
+    const r = rnd();
+    const killAfterMs = r < 0.1 ? -1 : r < 0.55 ? Math.floor(rnd() * 600) : 600 + Math.floor(rnd() * (KILL_WINDOW_MS - 600));
     const restartAfterMs = Math.floor(rnd() * 300);
     const before = 5 + Math.floor(rnd() * 20);
-    const plan = `seed ${seed}: kill ${victim} ${killAfterMs} ms after the migration request, restart it ${restartAfterMs} ms later (replay: EMBOT_FAULT_SEED=${seed} EMBOT_FAULT_RUNS=1)`;
+    const plan = `seed ${seed}: kill ${victim} ${killAfterMs < 0 ? 'before the migration request' : `${killAfterMs} ms after the migration request`}, restart it ${restartAfterMs} ms later (replay: EMBOT_FAULT_SEED=${seed} EMBOT_FAULT_RUNS=1)`;
     try {
       const c = await Cluster.start(['a', 'b'], {
         plugins: [{ from: 'fixture', name: 'counter' }],
-        config: () => ({ mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: GRACE_MS, trust: { mode: 'any-authenticated-peer' } } }),
+        config: () => ({
+          mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: GRACE_MS, trust: { mode: 'any-authenticated-peer' } },
+          dataplane: { primaryCapBytesPerSec: PATH_CAP_BYTES_PER_SEC },
+        }),
       });
       cluster = c;
       const a = c.agent('a');
-      await a.client.createVm({ name: 'app', memory: 1 << 20 });
+      await a.client.createVm({ name: 'app', memory: VM_MEMORY });
       await a.client.vmAction('app', 'start');
       await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot at a');
 
@@ -97,12 +104,16 @@ describe('random-moment faults during a migration', () => {
       await waitFor(() => state.acked >= before || state.failure, 10_000, 'events before the move');
 
       const requested = Date.now();
-      const migration = a.client.migrate('app', 'b').then(
-        (r) => r.id,
+      if (killAfterMs < 0) await c.kill(victim);
+      // Refused when a is down already; aborted by a when b is.
+      const migration = (c.agents.get('a')?.client.migrate('app', 'b') ?? Promise.reject(new Error('a is down'))).then(
+        (m) => m.id,
         () => undefined,
       );
-      await sleep(killAfterMs);
-      await c.kill(victim);
+      if (killAfterMs >= 0) {
+        await sleep(killAfterMs);
+        await c.kill(victim);
+      }
       await sleep(restartAfterMs);
       await c.startAgent(victim);
       const id = await migration;
