@@ -1,0 +1,133 @@
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { EmbotInfo } from '../../core/control/control-api.ts';
+import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { Cluster, migrate } from '../harness/cluster.ts';
+import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+
+const MiB = 1024 * 1024;
+const run = requireQemu();
+const qemus = qemuProcesses();
+
+let cluster: Cluster | undefined;
+afterEach(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+  await qemus.killAll();
+});
+
+interface CounterContext {
+  count: number;
+  lastSeq: number;
+  outOfOrder: number;
+}
+
+function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
+  return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
+}
+
+/** Emits sequence-numbered TICKs to whichever agent `target()` names, one at a time, until stopped. */
+function producer(target: () => AgentProcess, vm: string) {
+  let next = 0;
+  let running = true;
+  const done = (async () => {
+    while (running) {
+      try {
+        await target().client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq: next } });
+        next++;
+      } catch {
+        await sleep(5);
+      }
+    }
+  })();
+  return {
+    get acked() {
+      return next;
+    },
+    async stop() {
+      running = false;
+      await done;
+    },
+  };
+}
+
+/** Two agents `--driver qemu` (TCG) with the counter fixture and the shipped watchdog; VM state dirs under `root/<agent>`. */
+async function qemuCluster(root: string, mobility: Record<string, unknown> = {}): Promise<Cluster> {
+  return Cluster.start(['a', 'b'], {
+    plugins: [
+      { from: 'fixture', name: 'counter' },
+      { from: 'shipped', name: 'vm-watchdog' },
+    ],
+    config: (n) => ({
+      ...qemuAgentConfig(root, n),
+      // TCG on a shared 2-core machine: QEMU start-up and the copy get generous budgets.
+      mobility: { stepTimeoutMs: 20_000, vmTimeoutMs: 120_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' }, ...mobility },
+    }),
+  });
+}
+
+describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its management move together (TCG)', () => {
+  it('moves a running guest with a vm-watchdog embot while events flow: it runs and heartbeats at b, memory intact, source QEMU gone, every event once and in order', async () => {
+    const root = qemus.root();
+    cluster = await qemuCluster(root);
+    const a = cluster.agent('a');
+    const b = cluster.agent('b');
+    await a.client.createVm({ name: 'g1', memory: 64 * MiB });
+    await a.client.vmAction('g1', 'start');
+    const stateA = join(root, 'a', 'g1');
+    const stateB = join(root, 'b', 'g1');
+    await heartbeat(stateA, 2);
+    const sourcePid = runningPid(stateA);
+    expect(sourcePid).toBeDefined();
+    await waitFor(async () => counter(await a.client.listEmbots(), 'g1'), 20_000, 'counter embot on a');
+    await waitFor(async () => (await a.client.listEmbots()).find((e) => e.id === 'vm-watchdog/watchdog/vm:g1'), 20_000, 'watchdog embot on a');
+
+    const prod = producer(() => a, 'g1');
+    await waitFor(() => prod.acked >= 50, 20_000, '50 events before the move');
+    const info = await migrate(a, 'g1', 'b', { timeoutMs: 180_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    await waitFor(() => prod.acked >= info.summary!.events + 100, 20_000, 'events after the switch (forwarded by a)');
+    await prod.stop();
+
+    // At b the VM runs in a QEMU of b's, and the guest goes on writing and printing.
+    expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['g1:running']);
+    const targetPid = runningPid(stateB);
+    expect(targetPid).toBeDefined();
+    await heartbeat(stateB, 2);
+    // The source QEMU is gone and a lists nothing of the VM.
+    await waitFor(() => runningPid(stateA) === undefined, 10_000, 'source QEMU gone');
+    expect(qemus.live()).toEqual([targetPid]);
+    expect((await a.client.listVms()).map((v) => v.name)).toEqual([]);
+    expect((await a.client.listEmbots()).filter((e) => e.elementIds.includes('vm:g1'))).toEqual([]);
+
+    // The embots are at b with their policy state, and every event was processed once, in order.
+    const final = await waitFor(async () => {
+      const c = counter(await b.client.listEmbots(), 'g1');
+      return c && c.count >= prod.acked ? c : undefined;
+    }, 20_000, `all ${prod.acked} events processed at b`);
+    expect(final.count).toBe(prod.acked);
+    expect(final.lastSeq).toBe(prod.acked - 1);
+    expect(final.outOfOrder).toBe(0);
+    const watchdog = (await b.client.listEmbots()).find((e) => e.id === 'vm-watchdog/watchdog/vm:g1');
+    expect(watchdog?.status).toBe('running');
+    expect(info.summary!.embots).toBe(2);
+    expect(info.summary!.precopy?.copyMs).toBeGreaterThan(0);
+
+    // The memory check needs QMP, which b's agent holds: stop b (its VMs outlive it) and look with a driver of our own.
+    await cluster.kill('b');
+    const look = new QemuDriver({ root: join(root, 'b'), accel: 'tcg' });
+    try {
+      await look.restoreState(undefined);
+      expect(look.pid('g1')).toBe(targetPid);
+      await look.pause('g1');
+      const end = guestRangeEnd(64 * MiB);
+      const check = checkGuestMemory(await look.capabilities.memoryDump!.dump('g1', GUEST_RANGE_START, end - GUEST_RANGE_START));
+      expect(check, JSON.stringify(check)).toMatchObject({ ok: true });
+    } finally {
+      await look.close();
+    }
+  });
+});
