@@ -16,6 +16,7 @@ export type {
   MigrationEndpoint,
   MigrationPath,
   MigrationPhase,
+  MigrationProgress as DriverMigrationProgress,
   PageApplyResult,
   UdpServiceCapability,
   VmInfo,

@@ -413,7 +413,8 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   }
 
   /** The incoming VM is a page receiver (not listed) until the commit; its memory arrives through `capabilities.incomingPages`. */
-  async prepareIncoming(input: Partial<VmSpec> & { readonly name: string }): Promise<{ readonly endpoint: MigrationEndpoint }> {
+  async prepareIncoming(input: Partial<VmSpec> & { readonly name: string }, _options?: { readonly channels?: number }): Promise<{ readonly endpoint: MigrationEndpoint }> {
+    // `channels` is for a stream of the driver's own; the sim's pages come on whichever data paths the source opened.
     if (!isRecord(input)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'a VM spec must be an object with a name');
     const spec = this.validateSpec({ ...this.defaults, ...stripUndefined(input) });
     if (this.vms.has(spec.name) || this.incoming.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
