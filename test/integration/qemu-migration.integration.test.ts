@@ -233,6 +233,36 @@ describe.skipIf(!run)('qemu live migration between two drivers on loopback (TCG)
     expect(qemus.live()).toEqual([]);
   });
 
+  it('the incoming VM stays paused once its memory is in until commitIncoming; a source taken back after that runs in its same QEMU', async () => {
+    const { source, target } = hosts();
+    const vm = spec('held-1', 2000);
+    await source.create(vm);
+    await source.start('held-1');
+    await heartbeat(source.stateDir('held-1'), 2);
+    const sourcePid = source.pid('held-1')!;
+    const { endpoint } = await target.prepareIncoming(vm);
+    await source.migrateOut('held-1', { endpoint });
+    expect(source.get('held-1')?.state).toBe('migrated');
+    // QEMU's stream is complete, yet the guest runs nowhere: the target holds it paused (-S) until the commit.
+    const before = serialBytes(target.stateDir('held-1'));
+    await new Promise((r) => setTimeout(r, 500));
+    expect(serialBytes(target.stateDir('held-1'))).toBe(before);
+    expect(target.get('held-1')?.state).toBe('created');
+    // The management hand-over failed after all: the target's QEMU goes, the source takes its VM back.
+    await target.abortIncoming('held-1');
+    expect((await source.start('held-1')).state).toBe('running');
+    expect(source.pid('held-1')).toBe(sourcePid);
+    await heartbeat(source.stateDir('held-1'), 2);
+    await checkIntegrity(source, 'held-1');
+    expect(qemus.live()).toEqual([sourcePid]);
+    // And it can still go, this time to the end.
+    const next = await target.prepareIncoming(vm);
+    await source.migrateOut('held-1', { endpoint: next.endpoint });
+    expect((await target.commitIncoming('held-1')).state).toBe('running');
+    await heartbeat(target.stateDir('held-1'), 2);
+    await source.remove('held-1');
+  });
+
   describe('convergence of a fast-dirtying guest under a tight downtime limit', () => {
     // delayLoops 2000: a pass over 60 MiB takes tens of ms under TCG, so every page is dirty again
     // in every round at 64 MiB/s; only throttling the vCPU lets the rounds shrink.

@@ -218,13 +218,32 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     return toInfo(vm);
   }
 
+  /**
+   * Starts a VM. On a `migrated` VM whose QEMU still waits in postmigrate (the migration's
+   * management hand-over failed after QEMU's own stream completed, and the target's incoming QEMU
+   * was not committed) it takes the VM back: `cont` on the same QEMU, which reactivates its disks.
+   */
   async start(name: string): Promise<VmInfo> {
     const vm = this.require(name);
+    if (vm.state === 'migrated' && vm.proc?.alive && !vm.incoming) return this.reclaim(vm, vm.proc);
     if (vm.incoming || !['created', 'stopped', 'crashed'].includes(vm.state)) throw badState(vm, 'start');
     const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: false });
     this.wire(vm, proc);
     vm.startedAt = Date.now();
     this.setState(vm, 'running', 'start');
+    return toInfo(vm);
+  }
+
+  private async reclaim(vm: Vm, proc: QemuProcess): Promise<VmInfo> {
+    vm.intent = 'reclaim';
+    try {
+      await proc.qmp.execute('cont');
+    } finally {
+      vm.intent = undefined;
+    }
+    vm.expectingExit = undefined;
+    vm.startedAt = Date.now();
+    this.setState(vm, 'running', 'reclaim');
     return toInfo(vm);
   }
 
@@ -558,7 +577,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     }
   }
 
-  async commitIncoming(name: string, options: { readonly timeoutMs?: number } = {}): Promise<VmInfo> {
+  async commitIncoming(name: string, options: { readonly timeoutMs?: number; readonly running?: boolean } = {}): Promise<VmInfo> {
     const vm = this.require(name);
     if (!vm.incoming) throw badState(vm, 'commit an incoming migration of');
     const proc = vm.proc;
@@ -575,6 +594,17 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       for (;;) {
         const { status } = await proc.qmp.execute('query-status');
         if (status === 'running') break;
+        // Started with -S, the VM waits paused once its memory is in: this is the commit.
+        if (status === 'paused' && (await proc.qmp.execute('query-migrate')).status === 'completed') {
+          if (options.running === false) break;
+          vm.intent = 'migrated-in';
+          try {
+            await proc.qmp.execute('cont');
+          } finally {
+            vm.intent = undefined;
+          }
+          continue;
+        }
         if (status !== 'inmigrate' && status !== 'paused') {
           throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} is ${status}, not running`, { details: { vm: name, status } });
         }
@@ -593,7 +623,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     vm.incoming = false;
     this.writeSpec(vm);
     vm.startedAt = Date.now();
-    this.setState(vm, 'running', 'migrated-in');
+    this.setState(vm, options.running === false ? 'paused' : 'running', 'migrated-in');
     return toInfo(vm);
   }
 

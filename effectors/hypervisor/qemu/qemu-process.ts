@@ -103,7 +103,10 @@ export function qemuArgs(o: { readonly stateDir: string; readonly spec: QemuVmSp
   ];
   for (const d of spec.disks ?? []) args.push('-drive', `file=${d.path},format=${d.format},if=virtio`);
   for (const n of spec.nics ?? []) args.push('-nic', `user,model=${n.model}${n.mac ? `,mac=${n.mac}` : ''}`);
-  if (o.incoming) args.push('-incoming', 'defer');
+  // -S: an incoming VM stays paused once its memory is in, until the agent commits the migration
+  // (commitIncoming sends `cont`); so the VM never runs at both ends, and its management's last
+  // round happens while it runs nowhere.
+  if (o.incoming) args.push('-S', '-incoming', 'defer');
   args.push('-pidfile', f.pid, '-daemonize');
   return args;
 }
