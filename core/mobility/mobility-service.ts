@@ -15,7 +15,7 @@ import { createSourceMachine, type SourceOutput } from './source-machine.ts';
 import { createTargetMachine } from './target-machine.ts';
 import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
-import { SourceSide, attachAll, type DataplaneConfig } from './source-side.ts';
+import { SourceSide, askCommitted, attachAll, type DataplaneConfig } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
@@ -394,7 +394,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         const conn = await connectNamedPeer(this.o.peers, row.peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs });
         let committed: boolean;
         try {
-          committed = (await conn.request({ type: 'MigrationStatusQuery', migrationId: row.id })).committed;
+          committed = await askCommitted(conn, row.id);
         } finally {
           void conn.close().catch(() => {});
         }

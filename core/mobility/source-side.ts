@@ -1,5 +1,5 @@
 import { pack } from 'msgpackr';
-import { ErrorCodes, ProtocolError, describeError } from '../errors.ts';
+import { ErrorCodes, ProtocolError, describeError, isEmbotError } from '../errors.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
@@ -430,8 +430,22 @@ export class SourceSide implements SourceSteps {
     // The link that failed MigrationComplete is not asked again: a fresh one is.
     void this.conn?.close().catch(() => {});
     this.conn = undefined;
-    const reply = await this.request({ type: 'MigrationStatusQuery', migrationId: input.migrationId });
-    return reply.committed ? 'committed' : 'notCommitted';
+    this.conn = await this.o.connect();
+    return (await askCommitted(this.conn, input.migrationId, this.o.stepTimeoutMs)) ? 'committed' : 'notCommitted';
+  }
+}
+
+/**
+ * Whether the target committed migration `id`. A target with no record of the id
+ * (`EMBOT_ERR_MIGRATION_UNKNOWN`: it never journaled it, or lost its journal) cannot have
+ * committed it; a status query also makes sure a target that did not commit never will.
+ */
+export async function askCommitted(conn: PeerConnection, migrationId: string, timeoutMs?: number): Promise<boolean> {
+  try {
+    return (await conn.request({ type: 'MigrationStatusQuery', migrationId }, timeoutMs === undefined ? {} : { timeoutMs })).committed;
+  } catch (e) {
+    if (isEmbotError(e, ErrorCodes.MIGRATION_UNKNOWN)) return false;
+    throw e;
   }
 }
 
