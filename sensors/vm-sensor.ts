@@ -110,9 +110,12 @@ export class VmSensor implements SensorLogic {
   private readonly sample = (): void => {
     if (this.ctx === undefined || this.sampling) return;
     this.sampling = true;
-    void this.sampleOnce().finally(() => {
-      this.sampling = false;
-    });
+    void this.sampleOnce()
+      // A reading that fails is skipped; the next tick tries again.
+      .catch(() => undefined)
+      .finally(() => {
+        this.sampling = false;
+      });
   };
 
   private async sampleOnce(): Promise<void> {

@@ -2,9 +2,9 @@ import type { EventEmitter } from 'eventemitter3';
 import type { PageBatch, PeerConnection } from '../../core/wire/index.ts';
 
 /**
- * The asynchronous hypervisor contract every driver (`sim`, `qemu`) fills — proposed by issue 12
- * to replace the synchronous `HypervisorDriver` of driver.ts once the mobility statecharts and
- * the agent call only this.
+ * The hypervisor contract every driver (`sim`, `qemu`) fills, asynchronous throughout. The agent,
+ * the control API, the hypervisor effector, the sensors and the mobility statecharts call only
+ * this; `create-driver.ts` is the one place a driver is chosen.
  *
  * Shaped like xstate's ActorLogic: one interface with the operations every driver has, and what
  * only some drivers can do declared in {@link HypervisorCapabilities} rather than faked by the
@@ -90,6 +90,8 @@ export interface MigrationProgress {
 
 export interface MigrateOutOptions {
   readonly endpoint: MigrationEndpoint;
+  /** The target agent's name: a driver whose stream authenticates its peer (qemu over TLS) checks the target's certificate names it. */
+  readonly targetName?: string;
   /** Parallel streams (the planner's paths; QEMU multifd channels). Default 1. */
   readonly channels?: number;
   /** Stop-and-copy starts once the expected downtime fits this. */
@@ -240,7 +242,7 @@ export interface HypervisorDriver<Spec extends { readonly name: string } = { rea
   migrateOut(vm: string, options: MigrateOutOptions): Promise<MigrateOutResult>;
   // migration, target side
   /** Readies a VM of `spec` to receive a migration; `channels` must match the source's. */
-  prepareIncoming(spec: Spec, options?: { readonly channels?: number }): Promise<{ readonly endpoint: MigrationEndpoint }>;
+  prepareIncoming(spec: Spec, options?: { readonly channels?: number; readonly sourceName?: string }): Promise<{ readonly endpoint: MigrationEndpoint }>;
   /**
    * After the source finished: waits for the VM to run here and makes it a VM like any other.
    * `running` says whether it ran at the source: a driver whose incoming VM does not start by
