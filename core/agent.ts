@@ -539,6 +539,9 @@ function driverChoice(config: AgentConfig): DriverChoice {
         binary: q.binary,
         accel: q.accel,
         ...(q.listenHost === undefined ? {} : { listenHost: q.listenHost }),
+        ...(q.cpuThrottle === undefined ? {} : { cpuThrottle: q.cpuThrottle }),
+        // QEMU's own migration stream uses the peer links' certificates: VM memory never crosses in clear where they do not.
+        ...(config.peer.tls === undefined ? {} : { tls: config.peer.tls }),
       },
       defaults: { memory: q.defaultMemory, vcpus: q.defaultVcpus, ...(q.defaultBootImage === undefined ? {} : { bootImage: resolve(q.defaultBootImage) }) },
     };

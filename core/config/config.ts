@@ -69,6 +69,8 @@ const QemuSchema = z
     defaultBootImage: z.string().min(1).optional(),
     /** Address incoming migrations listen on (default 127.0.0.1). */
     listenHost: z.string().min(1).optional(),
+    /** Auto-converge's first vCPU throttle and its step, percent (QEMU's defaults: 20 and 10). */
+    cpuThrottle: z.object({ initial: positiveInt.max(99).optional(), increment: positiveInt.max(99).optional() }).strict().optional(),
   })
   .strict();
 

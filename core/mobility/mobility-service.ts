@@ -343,8 +343,15 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       const vmElement = `vm:${row.vm}`;
       const scope = row.notes.scope ?? (host.objects.has(vmElement) ? host.objects.subtree(vmElement).map((e) => e.id) : [vmElement]);
       if (row.role === 'target') {
-        if (row.phase === 'committed') host.journal.finish(row.id, 'target', 'committed', 'completed', undefined);
-        else host.journal.finish(row.id, 'target', 'aborted', 'aborted', `agent restarted during ${row.phase}; nothing was committed`);
+        if (row.phase === 'committed') {
+          host.journal.finish(row.id, 'target', 'committed', 'completed', undefined);
+          // A VM whose process outlived the agent (qemu) may still wait paused for the commit's last step.
+          if (host.driver.get(row.vm)?.state === 'created') void host.driver.commitIncoming(row.vm, { running: row.notes.wasRunning !== false }).catch(() => undefined);
+        } else {
+          host.journal.finish(row.id, 'target', 'aborted', 'aborted', `agent restarted during ${row.phase}; nothing was committed`);
+          // An incoming QEMU outlives its agent: nothing was committed, so it goes (a no-op for a VM the driver does not hold).
+          void host.driver.abortIncoming(row.vm).catch((e: unknown) => host.logger.warn(`could not throw away the incoming VM ${row.vm}`, { error: describeError(e) }));
+        }
         continue;
       }
       if (this.forwarding.journal.get(row.id)) {
@@ -369,7 +376,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   }
 
   private restartStoppedVm(row: MigrationRow): void {
-    if (row.notes.vmStopped && row.notes.wasRunning && this.host.driver.get(row.vm)?.state === 'stopped') {
+    // 'migrated': the driver's stream completed before the crash (qemu's VM waits in postmigrate); the target did not commit.
+    const state = this.host.driver.get(row.vm)?.state;
+    if (row.notes.vmStopped && row.notes.wasRunning && (state === 'stopped' || state === 'migrated')) {
       void this.host.driver.start(row.vm).catch((e: unknown) => this.host.logger.warn(`could not restart VM ${row.vm} after migration ${row.id}`, { error: describeError(e) }));
     }
   }

@@ -102,6 +102,10 @@ export class SourceSide implements SourceSteps {
   private vmStopped = false;
   private unmute: (() => void) | undefined;
   private udpPaused: Promise<void> | undefined;
+  /** Cancels the driver's migrateOut on a roll-back (qemu: migrate_cancel, the VM runs here again). */
+  private readonly vmMoveAbort = new AbortController();
+  /** The driver's migrateOut while it runs: a roll-back waits for it to settle before it looks at the VM. */
+  private vmMove: Promise<unknown> | undefined;
 
   constructor(private readonly o: SourceSideOptions) {
     this.vmElement = `vm:${o.vm}`;
@@ -290,11 +294,19 @@ export class SourceSide implements SourceSteps {
       const paths: MigrationPath[] = plan.paths.map((p) => ({ name: p.name, conn: channels.get(p.name)!, ...(p.capBytesPerSec ? { capBytesPerSec: p.capBytesPerSec } : {}) }));
       const ready = await this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length });
       if (ready.type !== 'IncomingReady') throw stepFailed('PrepareIncoming', ready);
-      const result = await host.driver.migrateOut(this.o.vm, {
+      // Capped paths stand for NICs of given speeds: a driver with a stream of its own (qemu) gets their sum as its cap.
+      const caps = paths.map((p) => p.capBytesPerSec);
+      const maxBandwidth = caps.every((c) => c !== undefined) ? caps.reduce<number>((a, c) => a + c!, 0) : undefined;
+      const move = host.driver.migrateOut(this.o.vm, {
         endpoint: { uri: ready.endpoint },
+        targetName: this.o.target,
         channels: paths.length,
         downtimeLimitMs: dp.downtimeLimitMs,
         autoConverge: dp.autoConverge,
+        ...(maxBandwidth === undefined ? {} : { maxBandwidth }),
+        // Inside the step's own timeout, so a copy that does not converge ends with the driver's coded reason.
+        timeBudgetMs: Math.max(1000, this.o.vmTimeoutMs - Math.min(5000, this.o.vmTimeoutMs / 10)),
+        signal: this.vmMoveAbort.signal,
         dataPaths: { migrationId: input.migrationId, paths, maxRounds: dp.maxRounds, requestTimeoutMs: this.o.stepTimeoutMs },
         beforeSwitchover: async () => this.enterSwitchover(input.migrationId),
         onProgress: (p) =>
@@ -309,6 +321,8 @@ export class SourceSide implements SourceSteps {
             expectedDowntimeMs: p.expectedDowntimeMs,
           }),
       });
+      this.vmMove = move;
+      const result = await move;
       this.stats.memoryBytes += result.bytes;
       this.stats.bytes += result.bytes;
       this.stats.precopy = result;
@@ -412,8 +426,13 @@ export class SourceSide implements SourceSteps {
     } catch (e) {
       host.logger.warn('could not tell the target about the abort', { error: describeError(e) });
     }
+    // A migrateOut still running (a step timeout, a cancel) is cancelled and settles first: the VM runs here again.
+    this.vmMoveAbort.abort();
+    await this.vmMove?.catch(() => undefined);
     try {
-      if (this.vmStopped && this.wasRunning && host.driver.get(this.o.vm)?.state === 'stopped') await host.driver.start(this.o.vm);
+      // 'migrated': the driver's stream completed (qemu's VM waits in postmigrate) but the target did not commit: take it back.
+      const state = host.driver.get(this.o.vm)?.state;
+      if (this.vmStopped && this.wasRunning && (state === 'stopped' || state === 'migrated')) await host.driver.start(this.o.vm);
       await this.udpPaused;
       host.udp.resumeAfterAbort(this.o.vm);
     } finally {

@@ -138,7 +138,8 @@ export class TargetSide implements TargetSteps {
     if (frame.spec['name'] !== this.vm) throw new InstantiationError(`the spec names VM ${String(frame.spec['name'])}, this migration moves ${this.vm}`);
     if (typeof memory === 'number' && memory > this.reserved) throw new InstantiationError(`the spec asks ${memory} bytes of memory, ${this.reserved} were permitted`);
     const host = this.host;
-    const prepared = host.driver.prepareIncoming(frame.spec as { readonly name: string }, { channels: frame.channels }).then((r) => r.endpoint);
+    // The authenticated source: a driver whose stream checks its peer (qemu over TLS) admits only its certificate.
+    const prepared = host.driver.prepareIncoming(frame.spec as { readonly name: string }, { channels: frame.channels, sourceName: this.o.conn.remoteAgent }).then((r) => r.endpoint);
     this.incoming = prepared;
     // A failed prepare leaves nothing to abort; the source hears why in the reply.
     prepared.catch(() => (this.incoming = undefined));

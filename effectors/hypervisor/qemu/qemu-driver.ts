@@ -50,16 +50,12 @@ export interface QemuDriverOptions {
   readonly reattachAttemptMs?: number;
 }
 
-/** What the qemu driver's migrateOut reads besides the contract's options. */
-export interface QemuMigrateOutOptions extends MigrateOutOptions {
-  /** The target agent: with TLS its certificate must name it. Required with {@link QemuDriverOptions.tls}. */
-  readonly targetName?: string;
-}
+/** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
+export type QemuMigrateOutOptions = MigrateOutOptions;
 
-/** What the qemu driver's prepareIncoming reads. */
+/** What the qemu driver's prepareIncoming reads; with TLS only a client certificate with the CN `sourceName` may send the VM. */
 export interface QemuIncomingOptions {
   readonly channels?: number;
-  /** The source agent: with TLS only a client certificate with this CN may send the VM. */
   readonly sourceName?: string;
 }
 
@@ -368,6 +364,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       vm.crashes = before?.crashes ?? 0;
       if (proc) {
         this.wire(vm, proc);
+        // A migration out whose agent died goes on in QEMU and would wait at pre-switchover for
+        // ever, the VM paused: nobody follows it now, so it is cancelled and the VM runs here again.
+        await this.cancelOrphanedMigration(vm, proc);
         const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
         vm.startedAt = Date.now();
         this.setState(vm, status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused', 'reattach', null);
@@ -641,6 +640,21 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
 
   // ---- internals
 
+  /** Cancels a migration out of `proc` that no migrateOut call follows, and waits until QEMU has settled it. */
+  private async cancelOrphanedMigration(vm: Vm, proc: QemuProcess): Promise<void> {
+    if (vm.migrating || vm.incoming) return;
+    const busy = (status: MigrationStatus | undefined): boolean => ['setup', 'active', 'pre-switchover', 'device', 'cancelling'].includes(status ?? 'none');
+    try {
+      if (!busy((await proc.qmp.execute('query-migrate')).status)) return;
+      await proc.qmp.execute('migrate_cancel');
+      const deadline = Date.now() + this.timeoutMs;
+      while (busy((await proc.qmp.execute('query-migrate')).status) && Date.now() < deadline) await sleep(20);
+      this.events.emit('vm-event', { name: vm.spec.name, event: 'MIGRATION_CANCELLED', data: { reason: 'no migration call follows it (agent restarted or QMP re-attached)' } });
+    } catch {
+      // QMP dropped again: the next attach tries again.
+    }
+  }
+
   /** Loads the agent's certificates into `qmp`'s QEMU; the copies QEMU read are deleted right after. */
   private async tlsObjects(
     vm: Vm,
@@ -762,8 +776,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       this.wire(vm, proc);
       vm.expectingExit = expecting;
       try {
-        const migration = await proc.qmp.execute('query-migrate');
-        if (!vm.migrating && ['setup', 'active', 'pre-switchover', 'device'].includes(migration.status ?? 'none')) await proc.qmp.execute('migrate_cancel');
+        await this.cancelOrphanedMigration(vm, proc);
         const { status } = await proc.qmp.execute('query-status');
         const now = status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
         if (now !== vm.state && vm.state !== 'migrated') this.setState(vm, now, 'reattach');
