@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { EmbotInfo } from '../../core/control/control-api.ts';
-import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
@@ -55,7 +55,7 @@ function producer(target: () => AgentProcess, vm: string) {
 }
 
 /** Two agents `--driver qemu` (TCG) with the counter fixture and the shipped watchdog; VM state dirs under `root/<agent>`. */
-async function qemuCluster(root: string, mobility: Record<string, unknown> = {}): Promise<Cluster> {
+async function qemuCluster(root: string, mobility: Record<string, unknown> = {}, extra: Record<string, unknown> = {}, qemu: Record<string, unknown> = {}): Promise<Cluster> {
   return Cluster.start(['a', 'b'], {
     plugins: [
       { from: 'fixture', name: 'counter' },
@@ -63,6 +63,8 @@ async function qemuCluster(root: string, mobility: Record<string, unknown> = {})
     ],
     config: (n) => ({
       ...qemuAgentConfig(root, n),
+      ...extra,
+      qemu: { ...qemuAgentConfig(root, n).qemu, ...qemu },
       // TCG on a shared 2-core machine: QEMU start-up and the copy get generous budgets.
       mobility: { stepTimeoutMs: 20_000, vmTimeoutMs: 120_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' }, ...mobility },
     }),
@@ -129,5 +131,64 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
     } finally {
       await look.close();
     }
+  });
+
+  describe('convergence through the agents: a fast-dirtying guest under a 50 ms downtime limit on a 64 MiB/s path', () => {
+    // delayLoops 2000: a pass over the guest's RAM takes tens of ms under TCG, so every page is
+    // dirty again in every round at 64 MiB/s; only throttling the vCPU lets the rounds shrink.
+    const dataplane = (autoConverge: boolean) => ({ dataplane: { downtimeLimitMs: 50, autoConverge, primaryCapBytesPerSec: 64 * MiB } });
+
+    it('auto-converge off: aborted within the VM time budget; the source VM runs on with its embots, the target QEMU is gone, no event lost', async () => {
+      const root = qemus.root();
+      const image = join(root, 'fast-guest.img');
+      writeGuestImage(image, { delayLoops: 2000 });
+      cluster = await qemuCluster(root, { vmTimeoutMs: 8000 }, dataplane(false));
+      const a = cluster.agent('a');
+      const b = cluster.agent('b');
+      await a.client.createVm({ name: 'hot', memory: 64 * MiB, boot: image });
+      await a.client.vmAction('hot', 'start');
+      const stateA = join(root, 'a', 'hot');
+      await heartbeat(stateA, 2);
+      const sourcePid = runningPid(stateA);
+      await waitFor(async () => counter(await a.client.listEmbots(), 'hot'), 20_000, 'counter embot on a');
+      const prod = producer(() => a, 'hot');
+      await waitFor(() => prod.acked >= 20, 20_000, 'events before the move');
+      const info = await migrate(a, 'hot', 'b', { timeoutMs: 60_000 });
+      expect(info.outcome, JSON.stringify(info)).toBe('aborted');
+      expect(JSON.stringify(info)).toMatch(/did not converge/);
+      await waitFor(() => prod.acked >= 40, 20_000, 'events after the abort');
+      await prod.stop();
+      // The source runs on in its same QEMU; b kept nothing.
+      expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['hot:running']);
+      expect(runningPid(stateA)).toBe(sourcePid);
+      await heartbeat(stateA, 2);
+      await waitFor(() => runningPid(join(root, 'b', 'hot')) === undefined, 20_000, 'target QEMU gone');
+      expect(qemus.live()).toEqual([sourcePid]);
+      expect(await b.client.listVms()).toEqual([]);
+      const c = await waitFor(async () => {
+        const x = counter(await a.client.listEmbots(), 'hot');
+        return x && x.count >= prod.acked ? x : undefined;
+      }, 20_000, 'all events processed at a');
+      expect(c.count).toBe(prod.acked);
+      expect(c.outOfOrder).toBe(0);
+    }, 120_000);
+
+    it('auto-converge on: completes, and the summary says it throttled', async () => {
+      const root = qemus.root();
+      const image = join(root, 'fast-guest.img');
+      writeGuestImage(image, { delayLoops: 2000 });
+      cluster = await qemuCluster(root, { vmTimeoutMs: 100_000 }, dataplane(true), { cpuThrottle: { initial: 60, increment: 20 } });
+      const a = cluster.agent('a');
+      const b = cluster.agent('b');
+      await a.client.createVm({ name: 'hot', memory: 64 * MiB, boot: image });
+      await a.client.vmAction('hot', 'start');
+      await heartbeat(join(root, 'a', 'hot'), 2);
+      const info = await migrate(a, 'hot', 'b', { timeoutMs: 120_000 });
+      expect(info.outcome, JSON.stringify(info)).toBe('completed');
+      expect(info.summary?.precopy?.throttled).toBe(true);
+      expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['hot:running']);
+      await heartbeat(join(root, 'b', 'hot'), 1);
+      await waitFor(() => runningPid(join(root, 'a', 'hot')) === undefined, 20_000, 'source QEMU gone');
+    }, 150_000);
   });
 });
