@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatReadyLine } from '../../core/cli/agent-command.ts';
+import { renderVms } from '../../core/cli/vm-commands.ts';
 import { main } from '../../core/cli/main.ts';
 import type { AgentControl, AgentStatus, EmbotEvent, EmbotEventInput } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
@@ -164,6 +165,18 @@ describe('cli usage errors exit 2 with a message', () => {
     const noToken = await run(['agent', '--token-file', join(tmp, 'no-token')]);
     expect(noToken.code).toBe(2);
     expect(noToken.stderr).toContain('token file');
+  });
+});
+
+describe('vm list rendering', () => {
+  it('shows the sim fields where the driver has them and a dash where it has none (qemu)', () => {
+    const out = renderVms([
+      { name: 'sim-vm', state: 'running', memory: 64 * 1024 * 1024, vcpus: 1, crashes: 0, dirtyRate: 4 * 1024 * 1024, udpPort: 9000 },
+      { name: 'qemu-vm', state: 'paused', memory: 128 * 1024 * 1024, vcpus: 2, crashes: 1 },
+    ]);
+    const [, sim, qemu] = out.trim().split('\n');
+    expect(sim).toMatch(/sim-vm\s+running\s+64(\.0)? ?MiB\s+4(\.0)? ?MiB\/s\s+1\s+0\s+9000/);
+    expect(qemu).toMatch(/qemu-vm\s+paused\s+128(\.0)? ?MiB\s+-\s+2\s+1\s+-/);
   });
 });
 
