@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { EffectorError, ErrorCodes, isEmbotError, type EmbotError } from '../../core/errors.ts';
 import type { MigrationProgress, VmStateChange } from '../../effectors/hypervisor/hypervisor-contract.ts';
-import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver, type QemuDriverOptions } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { pidAlive } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
@@ -235,7 +235,10 @@ describe.skipIf(!run)('qemu live migration between two drivers on loopback (TCG)
 
   it('the incoming VM stays paused once its memory is in until commitIncoming; a source taken back after that runs in its same QEMU', async () => {
     const { source, target } = hosts();
-    const vm = spec('held-1', 2000);
+    // One boot image for both ends, as shared storage is: the source must still be able to lock it when it takes the VM back.
+    const image = join(qemus.root(), 'shared-boot.img');
+    writeGuestImage(image, { delayLoops: 2000 });
+    const vm: QemuVmSpec = { name: 'held-1', memory: 64 * MiB, vcpus: 1, bootImage: image };
     await source.create(vm);
     await source.start('held-1');
     await heartbeat(source.stateDir('held-1'), 2);
@@ -248,9 +251,9 @@ describe.skipIf(!run)('qemu live migration between two drivers on loopback (TCG)
     await new Promise((r) => setTimeout(r, 500));
     expect(serialBytes(target.stateDir('held-1'))).toBe(before);
     expect(target.get('held-1')?.state).toBe('created');
-    // The management hand-over failed after all: the target's QEMU goes, the source takes its VM back.
-    await target.abortIncoming('held-1');
+    // The management hand-over failed after all: the source takes its VM back while the target's QEMU still holds the image open, then that goes.
     expect((await source.start('held-1')).state).toBe('running');
+    await target.abortIncoming('held-1');
     expect(source.pid('held-1')).toBe(sourcePid);
     await heartbeat(source.stateDir('held-1'), 2);
     await checkIntegrity(source, 'held-1');

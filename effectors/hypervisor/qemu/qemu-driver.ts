@@ -554,6 +554,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         capabilities: [
           { capability: 'events', state: true },
           { capability: 'multifd', state: channels > 1 },
+          // The disks stay the source's until the commit's `cont`: a source that takes its VM back
+          // after QEMU's stream completed (hand-over failed) can still lock and write them.
+          { capability: 'late-block-activate', state: true },
         ],
       });
       const tlsParams =

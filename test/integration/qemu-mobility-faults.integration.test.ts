@@ -1,0 +1,182 @@
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { EmbotInfo } from '../../core/control/control-api.ts';
+import { writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { Cluster } from '../harness/cluster.ts';
+import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+
+const MiB = 1024 * 1024;
+const run = requireQemu();
+const qemus = qemuProcesses();
+
+let cluster: Cluster | undefined;
+afterEach(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+  await qemus.killAll();
+});
+
+interface CounterContext {
+  count: number;
+  lastSeq: number;
+  outOfOrder: number;
+}
+
+function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
+  return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
+}
+
+/** Sequence-numbered TICKs to whichever agent `target()` names; a refused or failed post is re-sent (same seq). */
+function producer(target: () => AgentProcess | undefined, vm: string) {
+  let next = 0;
+  let running = true;
+  const done = (async () => {
+    while (running) {
+      const agent = target();
+      try {
+        if (!agent) throw new Error('no agent to post to');
+        await agent.client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq: next } });
+        next++;
+      } catch {
+        await sleep(20);
+      }
+    }
+  })();
+  return {
+    get acked() {
+      return next;
+    },
+    async stop() {
+      running = false;
+      await done;
+    },
+  };
+}
+
+/**
+ * Two agents `--driver qemu`; a 64 MiB guest whose memory stops changing after its first pass
+ * (so its copy over the 8 MiB/s path lasts ~8 s, long enough to hit it in the middle).
+ */
+async function setup(): Promise<{ root: string; a: AgentProcess; b: AgentProcess; stateA: string; stateB: string; sourcePid: number }> {
+  const root = qemus.root();
+  const image = join(root, 'guest.img');
+  writeGuestImage(image, { delayLoops: 2000, passes: 1 });
+  cluster = await Cluster.start(['a', 'b'], {
+    plugins: [
+      { from: 'fixture', name: 'counter' },
+      { from: 'shipped', name: 'vm-watchdog' },
+    ],
+    config: (n) => ({
+      ...qemuAgentConfig(root, n),
+      mobility: { stepTimeoutMs: 5000, vmTimeoutMs: 60_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' } },
+      dataplane: { primaryCapBytesPerSec: 8 * MiB },
+    }),
+  });
+  const a = cluster.agent('a');
+  const b = cluster.agent('b');
+  await a.client.createVm({ name: 'f1', memory: 64 * MiB, boot: image });
+  await a.client.vmAction('f1', 'start');
+  const stateA = join(root, 'a', 'f1');
+  await heartbeat(stateA, 2);
+  await waitFor(async () => counter(await a.client.listEmbots(), 'f1'), 20_000, 'counter embot on a');
+  return { root, a, b, stateA, stateB: join(root, 'b', 'f1'), sourcePid: runningPid(stateA)! };
+}
+
+/** Starts a migration a -> b and resolves once b's incoming QEMU exists and a few MiB went across. */
+async function midMigration(a: AgentProcess, stateB: string): Promise<string> {
+  const { id } = await a.client.migrate('f1', 'b');
+  await waitFor(() => runningPid(stateB), 30_000, "b's incoming QEMU");
+  await waitFor(async () => ((await a.client.getMigration(id)).progress?.memoryBytes ?? 0) > 4 * MiB, 30_000, 'some memory on the way');
+  return id;
+}
+
+/** Every acknowledged TICK processed exactly once, in order, by the VM's counter at `owner`. */
+async function exactlyOnce(owner: AgentProcess, acked: number): Promise<void> {
+  const c = await waitFor(async () => {
+    const x = counter(await owner.client.listEmbots(), 'f1');
+    return x && x.count >= acked ? x : undefined;
+  }, 30_000, `all ${acked} events processed at ${owner.name}`);
+  expect(c.count).toBe(acked);
+  expect(c.lastSeq).toBe(acked - 1);
+  expect(c.outOfOrder).toBe(0);
+}
+
+describe.skipIf(!run)('qemu migration faults through the agents: one running QEMU for the VM, its embots with it, no event lost or repeated (TCG)', () => {
+  it('the target QEMU killed mid-migration: aborted, the VM runs on at a in its same QEMU', async () => {
+    const { a, b, stateA, stateB, sourcePid } = await setup();
+    const prod = producer(() => a, 'f1');
+    const id = await midMigration(a, stateB);
+    process.kill(runningPid(stateB)!, 'SIGKILL');
+    const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('aborted');
+    await waitFor(() => prod.acked >= 30, 20_000, 'events after the abort');
+    await prod.stop();
+    expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['f1:running']);
+    expect(runningPid(stateA)).toBe(sourcePid);
+    await heartbeat(stateA, 1);
+    expect(qemus.live()).toEqual([sourcePid]);
+    expect(await b.client.listVms()).toEqual([]);
+    await exactlyOnce(a, prod.acked);
+  }, 150_000);
+
+  it('the target agent SIGKILLed mid-migration and restarted: aborted, the VM runs on at a, b keeps no QEMU', async () => {
+    const { a, stateA, stateB, sourcePid } = await setup();
+    const prod = producer(() => a, 'f1');
+    const id = await midMigration(a, stateB);
+    await cluster!.kill('b');
+    const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('aborted');
+    const b = await cluster!.startAgent('b');
+    await waitFor(() => runningPid(stateB) === undefined, 30_000, "b's incoming QEMU gone");
+    await waitFor(() => prod.acked >= 30, 20_000, 'events after the abort');
+    await prod.stop();
+    expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['f1:running']);
+    expect(runningPid(stateA)).toBe(sourcePid);
+    await heartbeat(stateA, 1);
+    expect(qemus.live()).toEqual([sourcePid]);
+    expect(await b.client.listVms()).toEqual([]);
+    await exactlyOnce(a, prod.acked);
+  }, 150_000);
+
+  it('the source agent SIGKILLed mid-migration and restarted: it re-attaches to its QEMU (same pid), cancels the orphaned migration, owns the VM; b keeps nothing', async () => {
+    const { a, b, stateA, stateB, sourcePid } = await setup();
+    let current: AgentProcess | undefined = a;
+    const prod = producer(() => current, 'f1');
+    await midMigration(a, stateB);
+    current = undefined;
+    await cluster!.kill('a');
+    const ackedBeforeKill = prod.acked;
+    const restarted = await cluster!.startAgent('a');
+    current = restarted;
+    await waitFor(async () => (await restarted.client.listVms()).find((v) => v.name === 'f1' && v.state === 'running'), 30_000, 'f1 running at a again');
+    expect(runningPid(stateA)).toBe(sourcePid);
+    await heartbeat(stateA, 1);
+    await waitFor(() => runningPid(stateB) === undefined, 60_000, "b's incoming QEMU gone");
+    await waitFor(() => prod.acked >= ackedBeforeKill + 30, 30_000, 'events after the restart');
+    await prod.stop();
+    expect(qemus.live()).toEqual([sourcePid]);
+    expect(await b.client.listVms()).toEqual([]);
+    const migrations = await restarted.client.listMigrations();
+    expect(migrations.map((m) => m.outcome)).toEqual(['aborted']);
+    await exactlyOnce(restarted, prod.acked);
+  }, 180_000);
+
+  it('an agent SIGKILLed and restarted with a running VM re-attaches to it: same QEMU pid, not restarted, its embots go on', async () => {
+    const { a, stateA, sourcePid } = await setup();
+    let current: AgentProcess | undefined = a;
+    const prod = producer(() => current, 'f1');
+    await waitFor(() => prod.acked >= 20, 20_000, 'events before the kill');
+    current = undefined;
+    await cluster!.kill('a');
+    const restarted = await cluster!.startAgent('a');
+    current = restarted;
+    expect((await restarted.client.listVms()).map((v) => `${v.name}:${v.state}:${v.crashes}`)).toEqual(['f1:running:0']);
+    expect(runningPid(stateA)).toBe(sourcePid);
+    await waitFor(() => prod.acked >= 40, 20_000, 'events after the restart');
+    await prod.stop();
+    expect(qemus.live()).toEqual([sourcePid]);
+    await exactlyOnce(restarted, prod.acked);
+  }, 120_000);
+});
