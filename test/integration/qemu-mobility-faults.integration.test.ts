@@ -97,7 +97,7 @@ async function exactlyOnce(owner: AgentProcess, acked: number): Promise<void> {
   const c = await waitFor(async () => {
     const x = counter(await owner.client.listEmbots(), 'f1');
     return x && x.count >= acked ? x : undefined;
-  }, 30_000, `all ${acked} events processed at ${owner.name}`);
+  }, 30_000, `all ${acked} events processed at the owner`);
   expect(c.count).toBe(acked);
   expect(c.lastSeq).toBe(acked - 1);
   expect(c.outOfOrder).toBe(0);
