@@ -130,7 +130,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.specFor = chosen.specFor;
     this.driverStateKey = `driver:${config.driver}`;
     this.sensors = new SensorService({ host: config.name, store: this.store });
-    this.effectors.register(new HypervisorEffector(this.driver));
+    this.effectors.register(new HypervisorEffector(this.driver, this.specFor));
     this.plugins = new PluginStatusStore(this.store);
     this.runtime = new EmbotRuntime({ store: this.store, sensors: this.sensors, effectors: this.effectors, moduleConfig: (m) => config.modules[m] });
     this.journal = new MigrationJournal(this.store);

@@ -2,11 +2,12 @@ import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import type { Effector } from '../effector.ts';
 import type { HypervisorDriver } from './hypervisor-contract.ts';
 import { unsupported } from './unsupported.ts';
+import type { VmCreateRequest } from './create-driver.ts';
 
 export const HYPERVISOR_OPS = ['create', 'start', 'stop', 'kill', 'crash', 'remove', 'list', 'stats'] as const;
 export type HypervisorOp = (typeof HYPERVISOR_OPS)[number];
 
-const SPEC_FIELDS = ['memory', 'dirtyRate', 'vcpus', 'udpPort'] as const;
+const SPEC_FIELDS = ['memory', 'dirtyRate', 'vcpus', 'udpPort', 'image', 'boot'] as const;
 
 /**
  * The `hypervisor` effector: VM operations of whichever driver the agent runs, reachable from
@@ -27,7 +28,14 @@ export class HypervisorEffector implements Effector {
   readonly ops: readonly HypervisorOp[] = HYPERVISOR_OPS;
   readonly mutes: readonly string[] = ['vm'];
 
-  constructor(readonly driver: HypervisorDriver) {}
+  /**
+   * @param specFor the driver's spec for a create request (`createDriver(…).specFor`): a policy's
+   *   `create` takes the same fields as `embot vm create`, and a driver refuses those it cannot do.
+   */
+  constructor(
+    readonly driver: HypervisorDriver,
+    private readonly specFor: (request: VmCreateRequest) => { readonly name: string } = (request) => request,
+  ) {}
 
   elementOf(args: Readonly<Record<string, unknown>>): string | undefined {
     return typeof args?.vm === 'string' ? `vm:${args.vm}` : undefined;
@@ -43,7 +51,7 @@ export class HypervisorEffector implements Effector {
     const vm = vmArg(op, args);
     switch (op) {
       case 'create':
-        return this.driver.create({ ...specArgs(args), name: vm });
+        return this.driver.create(this.specFor({ ...specArgs(args), name: vm }));
       case 'start':
         return this.driver.start(vm);
       case 'stop':
@@ -78,8 +86,14 @@ function vmArg(op: string, args: Readonly<Record<string, unknown>> | undefined):
 }
 
 /** Only the spec fields: a policy's stray args must not reach the driver as VM properties. */
-function specArgs(args: Readonly<Record<string, unknown>>): Record<string, unknown> {
+function specArgs(args: Readonly<Record<string, unknown>>): Omit<VmCreateRequest, 'name'> {
   const out: Record<string, unknown> = {};
   for (const k of SPEC_FIELDS) if (args[k] !== undefined) out[k] = args[k];
-  return out;
+  for (const k of ['image', 'boot'] as const) {
+    if (out[k] !== undefined && typeof out[k] !== 'string') {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `hypervisor create: args.${k} must be a file path`, { details: { effector: 'hypervisor', op: 'create' } });
+    }
+  }
+  // Numbers are the driver's to validate (it refuses a bad memory or vcpus with VM_SPEC_INVALID).
+  return out as Omit<VmCreateRequest, 'name'>;
 }

@@ -1,6 +1,6 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { EffectorError, EmbotError, ErrorCodes } from '../../core/errors.ts';
-import { EffectorRegistry, HypervisorEffector, HYPERVISOR_OPS, SimDriver } from '../../effectors/index.ts';
+import { EffectorRegistry, HypervisorEffector, HYPERVISOR_OPS, SimDriver, createDriver } from '../../effectors/index.ts';
 import type { Effector, HypervisorCapabilities, SimDriverOptions, VmInfo } from '../../effectors/index.ts';
 
 async function rejection(p: Promise<unknown>): Promise<EmbotError> {
@@ -60,6 +60,18 @@ describe('HypervisorEffector', () => {
     expect((await rejection(hv.invoke('create', { vm: 'a' }))).code).toBe(ErrorCodes.VM_EXISTS);
     expect((await rejection(hv.invoke('stop', { vm: 'a' }))).code).toBe(ErrorCodes.VM_BAD_STATE);
     expect((await rejection(hv.invoke('create', { vm: 'b', memory: -1 }))).code).toBe(ErrorCodes.VM_SPEC_INVALID);
+  });
+
+  it("creates through the driver factory's spec mapping: what the sim cannot do is refused, a bad path arg too", async () => {
+    const { driver: sim, specFor } = createDriver({ kind: 'sim', sim: { pageSize: 1024, defaults: { memory: 64 * 1024, dirtyRate: 0 } } });
+    const effector = new HypervisorEffector(sim, specFor);
+    const refused = await rejection(effector.invoke('create', { vm: 'a', image: '/tmp/disk.qcow2' }));
+    expect(refused.code).toBe(ErrorCodes.VM_SPEC_INVALID);
+    expect(refused.message).toMatch(/sim driver .*image/);
+    expect((await rejection(effector.invoke('create', { vm: 'a', boot: 42 }))).code).toBe(ErrorCodes.EFFECTOR_ARGS_INVALID);
+    expect(sim.list()).toEqual([]);
+    expect(await effector.invoke('create', { vm: 'a', memory: 32 * 1024, udpPort: 9001 })).toMatchObject({ name: 'a', memory: 32 * 1024, udpPort: 9001 });
+    await sim.close();
   });
 
   it('kills a running VM: stopped at once, reason kill', async () => {
