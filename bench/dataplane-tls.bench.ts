@@ -115,7 +115,7 @@ export async function rawWss(target: TlsTarget, tls: PeerTls, kind: 'wss' | 'wss
 /** Pre-copy of an idle sim VM (random content) over one path to the child's TLS or plain PeerServer; verified byte-exact there. */
 export async function precopy(target: TlsTarget, tls: PeerTls, which: 'tls' | 'plain', memory: number, migrationId: string): Promise<Run> {
   const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
-  driver.create({ name: 'vm', memory, dirtyRate: 0 });
+  await driver.create({ name: 'vm', memory, dirtyRate: 0 });
   const source = driver.pages('vm').memory;
   randomFillSync(source);
   await target.prepare(memory, driver.pageSize);
@@ -129,7 +129,7 @@ export async function precopy(target: TlsTarget, tls: PeerTls, which: 'tls' | 'p
     requestTimeoutMs: 60_000,
   });
   try {
-    driver.start('vm');
+    await driver.start('vm');
     let bytes = 0;
     const run = await timed(target, memory, async () => {
       const r = await preCopy({ migrationId, vm: 'vm', driver, paths: [{ name: 'p0', conn }], downtimeLimitMs: 300, stopVm: () => driver.stop('vm'), cpuState: () => new Uint8Array(4 * KiB).fill(3) });
@@ -140,7 +140,7 @@ export async function precopy(target: TlsTarget, tls: PeerTls, which: 'tls' | 'p
     if (!got.finalReceived || got.sha256 !== want) throw new Error(`tls bench: memory differs at the target over ${which} (sha256 ${got.sha256} vs ${want})`);
     return { ...run, bytesPerSec: (run.bytesPerSec * bytes) / memory };
   } finally {
-    driver.close();
+    await driver.close();
     await conn.close();
   }
 }

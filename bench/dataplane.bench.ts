@@ -53,7 +53,7 @@ interface Setup {
 async function setup(memory: number, dirtyRate: number, caps: readonly (number | undefined)[]): Promise<Setup> {
   const server = await PeerServer.listen({ agent: 'target', secret: SECRET, listen: '127.0.0.1:0' });
   const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
-  driver.create({ name: 'vm', memory, dirtyRate });
+  await driver.create({ name: 'vm', memory, dirtyRate });
   const source = driver.pages('vm').memory;
   for (let i = 0; i < source.length; i += 4096) source[i] = (i >>> 12) & 0xff;
   const receiver = new PageReceiver({ memoryBytes: memory, pageSize: driver.pageSize });
@@ -67,14 +67,14 @@ async function setup(memory: number, dirtyRate: number, caps: readonly (number |
     const cap = caps[i];
     return cap === undefined ? { name: `p${i}`, conn } : { name: `p${i}`, conn, capBytesPerSec: cap };
   });
-  driver.start('vm');
+  await driver.start('vm');
   return {
     server,
     paths,
     receiver,
     driver,
     close: async () => {
-      driver.close();
+      await driver.close();
       for (const c of conns) await c.close();
       await server.close();
     },
@@ -168,13 +168,13 @@ export interface CrossRun {
 
 export async function crossOnePathThroughput(target: DataplaneTarget, memory: number, migrationId: string, batchBytes?: number): Promise<CrossRun> {
   const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
-  driver.create({ name: 'vm', memory, dirtyRate: 0 });
+  await driver.create({ name: 'vm', memory, dirtyRate: 0 });
   const source = driver.pages('vm').memory;
   randomFillSync(source);
   await target.prepare(memory, driver.pageSize);
   const conn = await connectPeer({ url: target.peerUrl, agent: 'source', expectedPeer: 'target', secret: DATAPLANE_BENCH_SECRET, localAddress: '127.0.0.2', requestTimeoutMs: 60_000 });
   try {
-    driver.start('vm');
+    await driver.start('vm');
     const cpu0 = process.cpuUsage();
     const r = await preCopy({
       ...(batchBytes !== undefined ? { batchBytes } : {}),
@@ -194,7 +194,7 @@ export async function crossOnePathThroughput(target: DataplaneTarget, memory: nu
     }
     return { bytesPerSec: (r.bytes * 1000) / r.totalMs, senderCpu: (cpu.user + cpu.system) / 1000 / r.totalMs, receiverCpu: got.cpuMs / r.totalMs };
   } finally {
-    driver.close();
+    await driver.close();
     await conn.close();
   }
 }

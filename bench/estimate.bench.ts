@@ -58,14 +58,14 @@ async function migrateOnce(memory: number, dirtyRate: number, id: string): Promi
   const server = await PeerServer.listen({ agent: 'target', secret: SECRET, listen: '127.0.0.1:0' });
   const driver = new SimDriver({ pageSize: PAGE_SIZE, maxMemory: Math.max(memory, 64 * MiB) });
   try {
-    driver.create({ name: 'vm', memory, dirtyRate });
+    await driver.create({ name: 'vm', memory, dirtyRate });
     const receiver = new PageReceiver({ memoryBytes: memory, pageSize: PAGE_SIZE });
     // A target's memory is allocated before a migration: first-touch faults are not the figure.
     receiver.memory.fill(1);
     server.handle('PageBatch', pageBatchHandler(receiver));
     const conn = await connectPeer({ url: server.url, agent: 'source', expectedPeer: 'target', secret: SECRET, localAddress: '127.0.0.2', requestTimeoutMs: 60_000 });
     try {
-      driver.start('vm');
+      await driver.start('vm');
       const roundEndsMs: number[] = [];
       const start = performance.now();
       const result = await preCopy({
@@ -89,7 +89,7 @@ async function migrateOnce(memory: number, dirtyRate: number, id: string): Promi
       await conn.close();
     }
   } finally {
-    driver.close();
+    await driver.close();
     await server.close();
   }
 }
