@@ -55,8 +55,9 @@ function producer(target: () => AgentProcess, vm: string) {
 }
 
 /** Two agents `--driver qemu` (TCG) with the counter fixture and the shipped watchdog; VM state dirs under `root/<agent>`. */
-async function qemuCluster(root: string, mobility: Record<string, unknown> = {}, extra: Record<string, unknown> = {}, qemu: Record<string, unknown> = {}): Promise<Cluster> {
+async function qemuCluster(root: string, mobility: Record<string, unknown> = {}, extra: Record<string, unknown> = {}, qemu: Record<string, unknown> = {}, tls = false): Promise<Cluster> {
   return Cluster.start(['a', 'b'], {
+    ...(tls ? { tls: {} } : {}),
     plugins: [
       { from: 'fixture', name: 'counter' },
       { from: 'shipped', name: 'vm-watchdog' },
@@ -191,4 +192,22 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
       await waitFor(() => runningPid(join(root, 'a', 'hot')) === undefined, 20_000, 'source QEMU gone');
     }, 150_000);
   });
+
+  it("with peer.tls the agents' QEMU stream uses their certificates (tls-creds-x509, names checked both ways) and the move completes; the summary shows QEMU's figures", async () => {
+    const root = qemus.root();
+    cluster = await qemuCluster(root, {}, {}, {}, true);
+    const a = cluster.agent('a');
+    const b = cluster.agent('b');
+    await a.client.createVm({ name: 'sec', memory: 64 * MiB });
+    await a.client.vmAction('sec', 'start');
+    await heartbeat(join(root, 'a', 'sec'), 2);
+    const info = await migrate(a, 'sec', 'b', { timeoutMs: 120_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['sec:running']);
+    await heartbeat(join(root, 'b', 'sec'), 2);
+    const s = info.summary!;
+    expect(s.precopy?.copyMs).toBeGreaterThan(0);
+    expect(s.memoryBytes).toBeGreaterThan(1 * MiB);
+    expect(s.downtimeMs).toBeGreaterThan(0);
+  }, 120_000);
 });

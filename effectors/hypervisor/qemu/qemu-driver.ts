@@ -417,7 +417,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     o.signal?.addEventListener('abort', wakeUp);
     const started = Date.now();
     let maxThrottle = 0;
+    let throttleSteps = 0;
+    let lastThrottle = 0;
     let expectedDowntimeMs = 0;
+    const initialDirtyRate = vm.dirtyRate;
+    let finalDirtyRate = 0;
     let lastInfo: MigrationInfo = {};
     const progress = (info: MigrationInfo): MigrationProgress => ({
       phase: PHASES[info.status ?? 'none'],
@@ -462,8 +466,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const info = await qmp.execute('query-migrate');
         lastInfo = info;
         maxThrottle = Math.max(maxThrottle, (info['cpu-throttle-percentage'] ?? 0) / 100);
+        if ((info['cpu-throttle-percentage'] ?? 0) > lastThrottle) throttleSteps++;
+        lastThrottle = info['cpu-throttle-percentage'] ?? lastThrottle;
         if ((info['expected-downtime'] ?? 0) > 0) expectedDowntimeMs = info['expected-downtime']!;
-        o.onProgress?.(progress(info));
+        const p = progress(info);
+        if (p.dirtyRateBytesPerSec > 0) finalDirtyRate = p.dirtyRateBytesPerSec;
+        o.onProgress?.(p);
         if (info.status === 'completed') break;
         if (info.status === 'failed' || info.status === 'cancelled') {
           throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `migration of VM ${name} ${info.status}: ${info['error-desc'] ?? 'no reason given'}`, { details: { vm: name, status: info.status } });
@@ -516,6 +524,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         throttled: maxThrottle > 0,
         maxThrottle,
         channels,
+        // QEMU switches over only once the expected downtime fits the limit.
+        converged: true,
+        throttleSteps,
+        initialDirtyRate: initialDirtyRate ?? finalDirtyRate,
+        finalDirtyRate,
+        ...((lastInfo.ram?.mbps ?? 0) > 0 ? { rateBytesPerSec: ((lastInfo.ram?.mbps ?? 0) * 1e6) / 8 } : {}),
       };
     } catch (e) {
       // QEMU resumes a source it paused when a migration is cancelled or fails.
