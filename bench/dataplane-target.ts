@@ -13,17 +13,16 @@
  * await target.close();
  * ```
  */
-import { fork } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { failure, forkTarget } from './child-target.ts';
 import { WebSocketServer } from 'ws';
 import { PeerServer } from '../core/wire/index.ts';
 import { reuseReceiveBuffer } from '../core/wire/receive-buffer.ts';
 import { PageReceiver, pageBatchHandler, type PageReceiverStats } from '../effectors/hypervisor/sim/dataplane/index.ts';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
-const REPO = fileURLToPath(new URL('..', import.meta.url));
 export const DATAPLANE_BENCH_SECRET = Buffer.from('bench-cluster-secret-0123456789');
 
 type ToTarget =
@@ -110,13 +109,13 @@ async function serve(): Promise<void> {
           send({ type: 'digest', sha256, finalReceived: receiver.finalReceived, stats: receiver.stats, cpuMs: (cpu.user + cpu.system) / 1000 });
         }
       } catch (e) {
-        send({ type: 'failed', error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
+        send(failure(e));
       }
     });
     const url = (w: WebSocketServer): string => `ws://127.0.0.1:${(w.address() as AddressInfo).port}`;
     send({ type: 'ready', peerUrl: server.url, rawUrl: url(raw), rawReusedUrl: url(rawReused) });
   } catch (e) {
-    send({ type: 'failed', error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
+    send(failure(e));
   }
 }
 
@@ -138,26 +137,9 @@ export interface DataplaneTarget {
 
 /** Forks this file under tsx and waits until both servers listen. */
 export async function startDataplaneTarget(): Promise<DataplaneTarget> {
-  const child = fork(THIS_FILE, [], { cwd: REPO, execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  const next = (): Promise<FromTarget> =>
-    new Promise((res, rej) => {
-      const onExit = (code: number | null): void => rej(new Error(`dataplane bench: target process exited (${code}) before answering`));
-      child.once('exit', onExit);
-      child.once('message', (m: FromTarget) => {
-        child.off('exit', onExit);
-        if (m.type === 'failed') rej(new Error(`dataplane bench: target failed: ${m.error}`));
-        else res(m);
-      });
-    });
-  const ask = async <T extends FromTarget['type']>(m: ToTarget, want: T): Promise<Extract<FromTarget, { type: T }>> => {
-    const answer = next();
-    child.send(m);
-    const a = await answer;
-    if (a.type !== want) throw new Error(`dataplane bench: target answered ${a.type}, expected ${want}`);
-    return a as Extract<FromTarget, { type: T }>;
-  };
-  const ready = await next();
+  const target = forkTarget<ToTarget, FromTarget>(THIS_FILE, [], 'dataplane bench');
+  const ask = target.ask;
+  const ready = await target.next();
   if (ready.type !== 'ready') throw new Error(`dataplane bench: unexpected first message ${ready.type} from the target`);
   return {
     peerUrl: ready.peerUrl,
@@ -170,14 +152,7 @@ export async function startDataplaneTarget(): Promise<DataplaneTarget> {
       const { sha256, finalReceived, stats, cpuMs } = await ask({ type: 'digest' }, 'digest');
       return { sha256, finalReceived, stats, cpuMs };
     },
-    close: async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        child.send({ type: 'exit' } satisfies ToTarget);
-        const timer = setTimeout(() => child.kill('SIGKILL'), 2000);
-        await exited;
-        clearTimeout(timer);
-      }
-    },
+    close: () => target.close({ type: 'exit' }),
   };
 }
 

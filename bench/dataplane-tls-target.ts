@@ -9,12 +9,12 @@
  *     reused buffers (core/wire/receive-buffer.ts).
  * Driven by the parent over the IPC channel.
  */
-import { fork } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { createServer as createTlsServer, type TLSSocket } from 'node:tls';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { failure, forkTarget } from './child-target.ts';
 import { WebSocketServer } from 'ws';
 import { PeerServer } from '../core/wire/index.ts';
 import { loadPeerTls, serverTlsOptions, type PeerTlsFiles } from '../core/wire/peer-tls.ts';
@@ -22,7 +22,6 @@ import { reuseReceiveBuffer } from '../core/wire/receive-buffer.ts';
 import { PageReceiver, pageBatchHandler } from '../effectors/hypervisor/sim/dataplane/index.ts';
 
 const THIS_FILE = fileURLToPath(import.meta.url);
-const REPO = fileURLToPath(new URL('..', import.meta.url));
 export const TLS_BENCH_SECRET = Buffer.from('bench-tls-cluster-secret-0123456');
 
 export type RawKind = 'tls13' | 'tls12' | 'wss' | 'wssReused';
@@ -117,12 +116,12 @@ async function serve(files: PeerTlsFiles): Promise<void> {
           send({ type: 'digest', sha256: createHash('sha256').update(receiver.memory).digest('hex'), finalReceived: receiver.finalReceived });
         }
       } catch (e) {
-        send({ type: 'failed', error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
+        send(failure(e));
       }
     });
     send({ type: 'ready', tlsPeerUrl: tlsPeer.url, plainPeerUrl: plainPeer.url, raw });
   } catch (e) {
-    send({ type: 'failed', error: e instanceof Error ? (e.stack ?? e.message) : String(e) });
+    send(failure(e));
   }
 }
 
@@ -142,26 +141,9 @@ export interface TlsTarget {
 
 /** Forks this file under tsx with the target's certificate files and waits until every server listens. */
 export async function startTlsTarget(files: PeerTlsFiles): Promise<TlsTarget> {
-  const child = fork(THIS_FILE, [JSON.stringify(files)], { cwd: REPO, execArgv: ['--import', 'tsx'], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  const next = (): Promise<FromTarget> =>
-    new Promise((res, rej) => {
-      const onExit = (code: number | null): void => rej(new Error(`tls bench: target process exited (${code}) before answering`));
-      child.once('exit', onExit);
-      child.once('message', (m: FromTarget) => {
-        child.off('exit', onExit);
-        if (m.type === 'failed') rej(new Error(`tls bench: target failed: ${m.error}`));
-        else res(m);
-      });
-    });
-  const ask = async <T extends FromTarget['type']>(m: ToTarget, want: T): Promise<Extract<FromTarget, { type: T }>> => {
-    const answer = next();
-    child.send(m);
-    const a = await answer;
-    if (a.type !== want) throw new Error(`tls bench: target answered ${a.type}, expected ${want}`);
-    return a as Extract<FromTarget, { type: T }>;
-  };
-  const ready = await next();
+  const target = forkTarget<ToTarget, FromTarget>(THIS_FILE, [JSON.stringify(files)], 'tls bench');
+  const ask = target.ask;
+  const ready = await target.next();
   if (ready.type !== 'ready') throw new Error(`tls bench: unexpected first message ${ready.type}`);
   return {
     tlsPeerUrl: ready.tlsPeerUrl,
@@ -174,14 +156,7 @@ export async function startTlsTarget(files: PeerTlsFiles): Promise<TlsTarget> {
       const { sha256, finalReceived } = await ask({ type: 'digest', which }, 'digest');
       return { sha256, finalReceived };
     },
-    close: async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        child.send({ type: 'exit' } satisfies ToTarget);
-        const timer = setTimeout(() => child.kill('SIGKILL'), 2000);
-        await exited;
-        clearTimeout(timer);
-      }
-    },
+    close: () => target.close({ type: 'exit' }),
   };
 }
 
