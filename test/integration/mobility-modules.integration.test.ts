@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { existsSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createPrivateKey } from 'node:crypto';
 import WebSocket from 'ws';
@@ -9,9 +10,12 @@ import { encodeSignatureFile, generateSigningKeys, signModule } from '../../core
 import { hashModuleDir } from '../../core/plugins/content-hash.ts';
 
 let cluster: Cluster | undefined;
+/** Public key files the agents are pointed at; written before the cluster (and its folder) exists. */
+const keyFiles: string[] = [];
 afterEach(async () => {
   await cluster?.stop();
   cluster = undefined;
+  for (const f of keyFiles.splice(0)) rmSync(f, { force: true });
 });
 
 
@@ -30,7 +34,8 @@ function signCounterAt(c: Cluster, keys = generateSigningKeys()): string {
 describe('module shipping during a migration', () => {
   it('ships a module the target lacks, checks its hash and signature, and runs the embot there', async () => {
     const keys = generateSigningKeys();
-    const pubFile = join('/tmp', `embot-pub-${process.pid}-${Date.now()}.pem`);
+    const pubFile = join(tmpdir(), `embot-pub-${process.pid}-${Date.now()}.pem`);
+    keyFiles.push(pubFile);
     writeFileSync(pubFile, keys.publicPem);
     cluster = await Cluster.start(['a', 'b'], {
       pluginsOf: { a: [{ from: 'fixture', name: 'counter' }] },
@@ -57,7 +62,8 @@ describe('module shipping during a migration', () => {
 
   it('refuses an untrusted module with ManagedObjectInstantiationError: nothing left at the target, the source keeps the VM', async () => {
     const other = generateSigningKeys();
-    const pubFile = join('/tmp', `embot-other-${process.pid}-${Date.now()}.pem`);
+    const pubFile = join(tmpdir(), `embot-other-${process.pid}-${Date.now()}.pem`);
+    keyFiles.push(pubFile);
     writeFileSync(pubFile, other.publicPem);
     cluster = await Cluster.start(['a', 'b'], {
       pluginsOf: { a: [{ from: 'fixture', name: 'counter' }] },
