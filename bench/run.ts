@@ -23,6 +23,7 @@ import { run as runDataplaneTls } from './dataplane-tls.bench.ts';
 import { run as runUdp } from './udp.bench.ts';
 import { run as runEstimate } from './estimate.bench.ts';
 import { run as runQemu } from './qemu.bench.ts';
+import { run as runFixedCost } from './fixed-cost.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -46,6 +47,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'udp', run: runUdp },
   { name: 'estimate', run: runEstimate },
   { name: 'qemu', run: runQemu },
+  { name: 'fixed-cost', run: runFixedCost },
 ];
 
 export interface MachineInfo {

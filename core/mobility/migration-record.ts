@@ -27,6 +27,18 @@ export interface MigrationPlanSummary {
   readonly decisions: readonly string[];
 }
 
+/** The steps of the source's migratingVm phase, in ms: the fixed cost of a small migration is here. */
+export interface MigrationVmSteps {
+  /** Driver stats, path set-up, bandwidth probe (if any) and the planner's decisions. */
+  readonly planMs: number;
+  /** PrepareIncoming → IncomingReady: the target readies the incoming VM. */
+  readonly prepareMs: number;
+  /** The driver's migrateOut: pre-copy rounds and the stop-and-copy. */
+  readonly moveMs: number;
+  /** The control link's VmMemory → VmMemoryAck after the copy. */
+  readonly ackMs: number;
+}
+
 /** Time spent in one phase. */
 export interface PhaseTime {
   readonly phase: string;
@@ -76,6 +88,8 @@ export interface MigrationSummary {
     readonly rateBytesPerSec: number;
     readonly perPath: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
   };
+  /** Where the source's migratingVm phase went, in ms (source side; absent when the phase did not finish). */
+  readonly vmSteps?: MigrationVmSteps;
   /** The VM's UDP service: packets buffered while it was offline and handed to the target. */
   readonly udp?: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number };
 }

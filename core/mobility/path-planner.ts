@@ -22,7 +22,17 @@ export interface PathProbe {
   /** Time it took to set the path up (connect + auth + probe). */
   readonly setupMs: number;
   readonly bandwidthBytesPerSec: number;
+  /** True when the path was only set up and `bandwidthBytesPerSec` is the assumed floor, not a measurement. */
+  readonly assumed?: boolean;
 }
+
+/**
+ * A rate any data path is assumed to reach (1 MB/s, under a tenth of a 100 Mbit/s NIC). When the
+ * estimate fits the threshold even at this rate, measuring the primary cannot change the plan (a
+ * faster path only lowers the estimate, and no path is added below the threshold), so it is only
+ * set up: an 8 MiB probe would cost more than moving a small VM.
+ */
+export const ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC = 1_000_000;
 
 export interface TargetCpuAnswer {
   readonly canReassemble: boolean;
@@ -50,6 +60,14 @@ export interface PlanInput {
   readonly candidates: readonly PathCandidate[];
   /** Sets the path up (connect + auth + short bandwidth probe); rejects if it cannot. */
   probe(path: PathCandidate): Promise<PathProbe>;
+  /**
+   * A rate every path reaches at least (see {@link ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC}). With
+   * `setUp`, when the primary has no cap and the estimate at this rate fits the threshold, the
+   * primary is set up with `setUp` instead of probed, and planned at this rate.
+   */
+  readonly assumedMinBandwidthBytesPerSec?: number;
+  /** Sets a path up without measuring it (connect + auth); rejects if it cannot. */
+  setUp?(path: PathCandidate): Promise<{ readonly setupMs: number }>;
   /** Asks the target whether it can reassemble pages striped over `paths` paths. */
   targetCpu(paths: number): Promise<TargetCpuAnswer>;
   /** Tears down a probed path that is not used. */
@@ -82,7 +100,8 @@ export interface Plan {
 }
 
 /**
- * Chooses the paths of a migration (seed 000). Probes the primary, estimates, and adds candidates
+ * Chooses the paths of a migration (seed 000). Probes the primary (only sets it up when even the
+ * assumed floor rate fits the threshold: measuring could not change the plan), estimates, and adds candidates
  * in order while the estimate is over the threshold. A candidate whose probe rejects or returns
  * nonsense, or whose setup took longer than `addPathThresholdMs`, is skipped (and released) and
  * the next one is tried; a target without CPU for one more path stops the adding. Paths probed but
@@ -119,9 +138,13 @@ export async function planPaths(i: PlanInput): Promise<Plan> {
     ...(i.perRoundOverheadMs === undefined ? {} : { perRoundOverheadMs: i.perRoundOverheadMs }),
   };
 
+  // Measuring only matters when a path might be added: not if even the assumed floor fits the threshold.
+  // A capped primary is planned at its cap as before (its probe measures nothing that costs).
+  const floor = i.setUp && i.assumedMinBandwidthBytesPerSec !== undefined && i.primary.capBytesPerSec === undefined ? i.assumedMinBandwidthBytesPerSec : undefined;
+  const setUpOnly = floor !== undefined && estimateMigration({ ...base, bandwidthBytesPerSec: floor }).totalMs <= i.thresholdMs;
   let primaryProbe: PathProbe;
   try {
-    primaryProbe = await i.probe(i.primary);
+    primaryProbe = setUpOnly ? { setupMs: (await i.setUp!(i.primary)).setupMs, bandwidthBytesPerSec: floor, assumed: true } : await i.probe(i.primary);
   } catch (e) {
     throw new EffectorError(ErrorCodes.PATH_SETUP_FAILED, `primary path ${i.primary.name} cannot be set up: ${describeError(e)}`, {
       cause: e,
@@ -144,7 +167,8 @@ export async function planPaths(i: PlanInput): Promise<Plan> {
   const decide = (action: PlanAction, reason: string, path?: string): void => {
     decisions.push({ step: decisions.length + 1, estimateMs: estimate.totalMs, paths: paths.length, action, reason, ...(path === undefined ? {} : { path }) });
   };
-  decide('primary', `primary ${i.primary.name}: setup ${ms(primaryProbe.setupMs)}, ${rateText(bandwidth)}; estimate ${ms(estimate.totalMs)}`, i.primary.name);
+  const measured = primaryProbe.assumed ? `not measured (assumed ≥ ${rateText(bandwidth)}, and even at that rate the estimate fits)` : rateText(bandwidth);
+  decide('primary', `primary ${i.primary.name}: setup ${ms(primaryProbe.setupMs)}, ${measured}; estimate ${ms(estimate.totalMs)}`, i.primary.name);
 
   // Paths set up and not yet released, so a failure of the planner itself leaks none of them.
   const held = new Set<PathCandidate>([i.primary]);
@@ -279,6 +303,10 @@ function checkPlanInput(i: PlanInput): void {
   if (!Number.isInteger(i.maxPaths) || i.maxPaths < 1) invalid(`maxPaths is ${String(i.maxPaths)}, expected an integer ≥ 1`);
   for (const f of ['probe', 'targetCpu', 'release'] as const) {
     if (typeof i[f] !== 'function') invalid(`${f} must be a function`);
+  }
+  if (i.setUp !== undefined && typeof i.setUp !== 'function') invalid('setUp must be a function');
+  if (i.assumedMinBandwidthBytesPerSec !== undefined && !isPositive(i.assumedMinBandwidthBytesPerSec)) {
+    invalid(`assumedMinBandwidthBytesPerSec is ${String(i.assumedMinBandwidthBytesPerSec)}, expected a finite number > 0`);
   }
   if (!Array.isArray(i.candidates)) invalid('candidates must be an array');
   const seen = new Set<string>();

@@ -5,9 +5,9 @@ import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
-import type { MigrationPlanSummary, MigrationProgress, MigrationSummary } from './migration-record.ts';
+import type { MigrationPlanSummary, MigrationProgress, MigrationSummary, MigrationVmSteps } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
-import { planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
+import { ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC, planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
 import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, type MigrateOutResult, type MigrationPath } from '../../effectors/index.ts';
 import type { AgentConfig } from '../config/config.ts';
 import type { Forwarding } from './forwarding.ts';
@@ -81,6 +81,7 @@ export interface SourceStats {
   plan: MigrationPlanSummary | undefined;
   precopy: MigrateOutResult | undefined;
   udp: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number } | undefined;
+  vmSteps: MigrationVmSteps | undefined;
 }
 
 /**
@@ -90,7 +91,7 @@ export interface SourceStats {
  */
 export class SourceSide implements SourceSteps {
   readonly vmElement: string;
-  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined };
+  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined, vmSteps: undefined };
   private conn: PeerConnection | undefined;
   private scope: readonly string[] = [];
   private cursor: HoldCursor | undefined;
@@ -163,6 +164,7 @@ export class SourceSide implements SourceSteps {
             },
           }
         : {}),
+      ...(s.vmSteps ? { vmSteps: s.vmSteps } : {}),
       ...(s.udp ? { udp: s.udp } : {}),
     };
   }
@@ -249,16 +251,20 @@ export class SourceSide implements SourceSteps {
   async migrateVm(input: SourceInput): Promise<void> {
     const host = this.host;
     const dp = this.o.dataplane;
+    const t0 = performance.now();
     const vm = host.driver.get(this.o.vm);
     const spec = host.driver.spec(this.o.vm);
     if (!vm || !spec) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `VM ${this.o.vm} is gone from ${host.agent}`);
     const vmStats = await host.driver.stats(this.o.vm);
     const channels = new Map<string, PeerConnection>();
-    const probe = async (p: PathCandidate): Promise<PathProbe> => {
+    const setUp = async (p: PathCandidate): Promise<{ setupMs: number }> => {
       const started = performance.now();
-      const conn = await this.o.openPath(p);
-      channels.set(p.name, conn);
-      const setupMs = performance.now() - started;
+      channels.set(p.name, await this.o.openPath(p));
+      return { setupMs: performance.now() - started };
+    };
+    const probe = async (p: PathCandidate): Promise<PathProbe> => {
+      const { setupMs } = await setUp(p);
+      const conn = channels.get(p.name)!;
       const bandwidthBytesPerSec = p.capBytesPerSec ?? (await measurePath(conn, input.migrationId, p.name, dp.probeBytes, vmStats.pageSize));
       return { setupMs, bandwidthBytesPerSec };
     };
@@ -284,6 +290,8 @@ export class SourceSide implements SourceSteps {
         primary: { name: 'direct', url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
         candidates: dp.paths[this.o.target] ?? [],
         probe,
+        setUp,
+        assumedMinBandwidthBytesPerSec: ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC,
         targetCpu: async (n) => {
           const r = await this.request({ type: 'PathOffer', migrationId: input.migrationId, paths: n });
           return { canReassemble: r.canReassemble, cpuFree: r.cpuFree, ...(r.reason ? { reason: r.reason } : {}) };
@@ -292,8 +300,10 @@ export class SourceSide implements SourceSteps {
       });
       this.stats.plan = { estimateMs: Math.round(plan.estimate.totalMs), thresholdMs: plan.thresholdMs, thresholdFrom: threshold.from, paths: plan.paths.map((p) => p.name), decisions: plan.decisions.map((d) => d.reason) };
       const paths: MigrationPath[] = plan.paths.map((p) => ({ name: p.name, conn: channels.get(p.name)!, ...(p.capBytesPerSec ? { capBytesPerSec: p.capBytesPerSec } : {}) }));
+      const t1 = performance.now();
       const ready = await this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length });
       if (ready.type !== 'IncomingReady') throw stepFailed('PrepareIncoming', ready);
+      const t2 = performance.now();
       // Capped paths stand for NICs of given speeds: a driver with a stream of its own (qemu) gets their sum as its cap.
       const caps = paths.map((p) => p.capBytesPerSec);
       const maxBandwidth = caps.every((c) => c !== undefined) ? caps.reduce<number>((a, c) => a + c!, 0) : undefined;
@@ -326,8 +336,11 @@ export class SourceSide implements SourceSteps {
       this.stats.memoryBytes += result.bytes;
       this.stats.bytes += result.bytes;
       this.stats.precopy = result;
+      const t3 = performance.now();
       const reply = await this.request({ type: 'VmMemory', migrationId: input.migrationId, vm: this.o.vm, round: result.rounds, seq: 0, last: true, pages: new Uint8Array(0) }, this.o.vmTimeoutMs);
       if (reply.type !== 'VmMemoryAck') throw stepFailed('VmMemory', reply);
+      const round = (x: number): number => Math.round(x * 10) / 10;
+      this.stats.vmSteps = { planMs: round(t1 - t0), prepareMs: round(t2 - t1), moveMs: round(t3 - t2), ackMs: round(performance.now() - t3) };
     } finally {
       // Added paths are removed afterwards (and the primary data path with them).
       await Promise.all([...channels.values()].map((c) => c.close().catch(() => {})));

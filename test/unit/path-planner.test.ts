@@ -258,6 +258,93 @@ describe('planPaths: adding paths (seed 000)', () => {
   });
 });
 
+describe('planPaths: no bandwidth probe when even the assumed floor fits the threshold', () => {
+  /** The fake plus a `setUp` that records what it set up (and may fail). */
+  function withSetUp(f: Fake, fails?: Error): { input: PlanInput; setUp: string[] } {
+    const setUp: string[] = [];
+    return {
+      setUp,
+      input: {
+        ...f.input,
+        assumedMinBandwidthBytesPerSec: 1 * MB,
+        async setUp(p) {
+          setUp.push(p.name);
+          if (fails) throw fails;
+          return { setupMs: 2 };
+        },
+      },
+    };
+  }
+
+  it('only sets the primary up, plans at the floor rate and says it did not measure', async () => {
+    // 1 MB at 1 MB/s: ~1000 ms ≤ the 1500 ms threshold.
+    const f = fake({ vm: { memoryBytes: 1 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0 } });
+    const s = withSetUp(f);
+    const plan = await planPaths(s.input);
+    expect(s.setUp).toEqual(['p1']);
+    expect(f.probed).toEqual([]);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1']);
+    expect(plan.bandwidthBytesPerSec).toBe(1 * MB);
+    expect(plan.probes.get('p1')).toEqual({ setupMs: 2, bandwidthBytesPerSec: 1 * MB, assumed: true });
+    expect(plan.estimate.totalMs).toBe(estimateMigration({ memoryBytes: 1 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0, bandwidthBytesPerSec: 1 * MB, downtimeLimitMs: 300, maxRounds: 30, autoConverge: true }).totalMs);
+    expect(plan.withinThreshold).toBe(true);
+    expect(plan.decisions[0]!.reason).toMatch(/primary p1: setup 2 ms, not measured \(assumed ≥ 1 MB\/s/);
+    expect(plan.decisions.at(-1)!.reason).toMatch(/≤ threshold 1500 ms with 1 path/);
+  });
+
+  it('probes as before when the estimate at the floor is over the threshold (paths are still added by the rule)', async () => {
+    const f = fake(); // 100 MB: 100 s at 1 MB/s
+    const s = withSetUp(f);
+    const plan = await planPaths(s.input);
+    expect(s.setUp).toEqual([]);
+    expect(f.probed).toEqual(['p1', 'p2', 'p3']);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p2', 'p3']);
+    expect(plan.probes.get('p1')?.assumed).toBeUndefined();
+  });
+
+  it('a dirty rate the floor cannot keep up with means measuring', async () => {
+    const f = fake({ vm: { memoryBytes: 1 * MB, pageSize: 4096, dirtyRateBytesPerSec: 2 * MB } });
+    const s = withSetUp(f);
+    await planPaths(s.input);
+    expect(s.setUp).toEqual([]);
+    expect(f.probed[0]).toBe('p1');
+  });
+
+  it('a capped primary is probed (planned at its cap) as before', async () => {
+    const f = fake({ vm: { memoryBytes: 1 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0 }, primary: path(1, { capBytesPerSec: 50 * MB }) });
+    const s = withSetUp(f);
+    const plan = await planPaths(s.input);
+    expect(s.setUp).toEqual([]);
+    expect(f.probed).toEqual(['p1']);
+    expect(plan.bandwidthBytesPerSec).toBe(25 * MB);
+  });
+
+  it('without setUp, or without a floor, the primary is probed', async () => {
+    const f = fake({ vm: { memoryBytes: 1 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0 } });
+    const { setUp: _unused, ...noSetUp } = withSetUp(f).input;
+    await planPaths(noSetUp);
+    await planPaths({ ...withSetUp(f).input, assumedMinBandwidthBytesPerSec: undefined } as PlanInput);
+    expect(f.probed).toEqual(['p1', 'p1']);
+  });
+
+  it('a primary that cannot be set up is PATH_SETUP_FAILED, nothing probed or released', async () => {
+    const f = fake({ vm: { memoryBytes: 1 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0 } });
+    const s = withSetUp(f, new Error('auth refused'));
+    await expectRejects(planPaths(s.input), ErrorCodes.PATH_SETUP_FAILED, 'primary path p1 cannot be set up: auth refused', EffectorError);
+    expect(f.probed).toEqual([]);
+    expect(f.released).toEqual([]);
+  });
+
+  it('a bad floor or setUp is PLAN_INPUT_INVALID before anything is set up', async () => {
+    const f = fake();
+    for (const v of [0, -1, Number.NaN, Number.POSITIVE_INFINITY]) {
+      await expectRejects(planPaths({ ...withSetUp(f).input, assumedMinBandwidthBytesPerSec: v }), ErrorCodes.PLAN_INPUT_INVALID, 'assumedMinBandwidthBytesPerSec', ConfigError);
+    }
+    await expectRejects(planPaths({ ...f.input, setUp: 'yes' as unknown as PlanInput['setUp'] }), ErrorCodes.PLAN_INPUT_INVALID, 'setUp must be a function', ConfigError);
+    expect(f.probed).toEqual([]);
+  });
+});
+
 describe('planPaths: primary path failures', () => {
   it('a primary that cannot be set up is PATH_SETUP_FAILED and nothing else is tried', async () => {
     const f = fake({ probes: { p1: new Error('auth refused') } });
