@@ -562,7 +562,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const channels = options.channels ?? 1;
     const vm = this.addVm(spec, true);
     try {
-      const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: true });
+      // Held (-S) until commitIncoming: the VM never runs at both ends.
+      const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: true, holdIncoming: true });
       this.wire(vm, proc);
       await proc.qmp.execute('migrate-set-capabilities', {
         capabilities: [

@@ -22,6 +22,8 @@ export interface QemuLaunchOptions {
   readonly accel?: Accel;
   /** Start with `-incoming defer`: a migration target waiting for `migrate-incoming`. */
   readonly incoming?: boolean;
+  /** With `incoming`: `-S`, the VM stays paused once its memory is in, until a `cont` (the driver's commit). Default false: it runs by itself, as a bare QEMU does. */
+  readonly holdIncoming?: boolean;
   /** Wait this long for QEMU to come up and answer QMP (default 30 s). */
   readonly timeoutMs?: number;
 }
@@ -86,7 +88,7 @@ export function runningPid(stateDir: string): number | undefined {
 }
 
 /** The command line for a spec: the same spec gives the same machine, which is what migration needs. */
-export function qemuArgs(o: { readonly stateDir: string; readonly spec: QemuVmSpec; readonly accel: 'kvm' | 'tcg'; readonly incoming: boolean }): string[] {
+export function qemuArgs(o: { readonly stateDir: string; readonly spec: QemuVmSpec; readonly accel: 'kvm' | 'tcg'; readonly incoming: boolean; readonly holdIncoming?: boolean }): string[] {
   const f = vmFiles(o.stateDir);
   const { spec } = o;
   const args = [
@@ -106,7 +108,8 @@ export function qemuArgs(o: { readonly stateDir: string; readonly spec: QemuVmSp
   // -S: an incoming VM stays paused once its memory is in, until the agent commits the migration
   // (commitIncoming sends `cont`); so the VM never runs at both ends, and its management's last
   // round happens while it runs nowhere.
-  if (o.incoming) args.push('-S', '-incoming', 'defer');
+  if (o.incoming && o.holdIncoming) args.push('-S');
+  if (o.incoming) args.push('-incoming', 'defer');
   args.push('-pidfile', f.pid, '-daemonize');
   return args;
 }
@@ -147,7 +150,7 @@ export class QemuProcess {
     rmSync(f.pid, { force: true });
     rmSync(f.qmp, { force: true });
     const accel = o.accel === 'kvm' || o.accel === 'tcg' ? o.accel : kvmUsable() ? 'kvm' : 'tcg';
-    const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false });
+    const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false, holdIncoming: o.holdIncoming ?? false });
     const timeoutMs = o.timeoutMs ?? 30_000;
     // The parent QEMU exits once the daemon is initialised (0) or failed to (1, message on stderr).
     const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve, reject) => {
