@@ -79,6 +79,8 @@ export interface MigrationSummary {
     /** The memory move itself, first batch out to the final ack: what `estimateMs` estimates. */
     readonly copyMs: number;
     readonly copyDowntimeMs: number;
+    /** What the hypervisor expected the downtime to be when it stopped the VM (qemu: query-migrate's expected-downtime). */
+    readonly expectedDowntimeMs?: number;
     readonly converged: boolean;
     readonly throttled: boolean;
     readonly throttleSteps: number;

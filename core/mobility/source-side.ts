@@ -152,6 +152,7 @@ export class SourceSide implements SourceSteps {
             precopy: {
               copyMs: Math.round(s.precopy.totalMs),
               copyDowntimeMs: Math.round(s.precopy.downtimeMs),
+              expectedDowntimeMs: Math.round(s.precopy.expectedDowntimeMs),
               // A driver that reports less (qemu) converged if it completed, at the rate of its whole copy.
               converged: s.precopy.converged ?? true,
               throttled: s.precopy.throttled,
