@@ -24,6 +24,7 @@ import { PluginCache } from './mobility/plugin-cache.ts';
 import { createTrustPolicy } from './mobility/trust-policy.ts';
 import type { MobilityHost } from './mobility/mobility-host.ts';
 import type { MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
+import type { Destinations } from './mobility/destinations.ts';
 import { loadClusterSecret } from './wire/auth.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
@@ -489,7 +490,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return this.recent.slice(-Math.max(0, opts.limit));
   }
 
-  migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
+  migrate(vm: string, to: Destinations, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
     return this.mobility.migrate(vm, to, options);
   }
 

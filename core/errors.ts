@@ -124,6 +124,10 @@ export const ErrorCodes = {
   MIGRATION_NOT_CONVERGED: 'EMBOT_ERR_MIGRATION_NOT_CONVERGED',
   /** A hypervisor migration failed (QEMU reported failure, or the target died). */
   MIGRATION_FAILED: 'EMBOT_ERR_MIGRATION_FAILED',
+  /** `migrate --to` names no destination, a blank or repeated one, the source itself or an unknown peer (`details.problem`). */
+  DESTINATIONS_INVALID: 'EMBOT_ERR_DESTINATIONS_INVALID',
+  /** A migration to several destinations at once (issue 13): the list is valid but this agent does not run the fan-out yet. */
+  MULTI_DESTINATION_UNSUPPORTED: 'EMBOT_ERR_MULTI_DESTINATION_UNSUPPORTED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

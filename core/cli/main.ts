@@ -17,7 +17,7 @@ export type { CliIo };
 export const ExitCode = { OK: 0, RUNTIME: 1, USAGE: 2 } as const;
 
 /** Errors that mean "you asked for something wrong", not "something went wrong". */
-const USAGE_CODES: ReadonlySet<string> = new Set([ErrorCodes.CLI_USAGE, ErrorCodes.CONFIG_INVALID, ErrorCodes.CONFIG_NOT_FOUND]);
+const USAGE_CODES: ReadonlySet<string> = new Set([ErrorCodes.CLI_USAGE, ErrorCodes.CONFIG_INVALID, ErrorCodes.CONFIG_NOT_FOUND, ErrorCodes.DESTINATIONS_INVALID]);
 
 const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 

@@ -1,11 +1,13 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import type { ControlClient } from '../control/client.ts';
-import type { MigrationInfo } from '../control/control-api.ts';
+import type { Destinations, MigrationInfo } from '../control/control-api.ts';
+import { isEmbotError } from '../errors.ts';
+import { parseDestinationList } from '../mobility/destinations.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
 import { formatBytes, formatDuration, formatTable, formatTime, truncate } from './format.ts';
 
 interface MigrateFlags extends ClientFlags {
-  readonly to: string;
+  readonly to: Destinations;
   readonly threshold?: number;
   /** False with `--no-wait`. */
   readonly wait: boolean;
@@ -29,7 +31,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .command('migrate')
       .description('move a VM and its management to a peer agent; shows progress, then a summary')
       .argument('<vm>', 'VM name')
-      .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers)", parseDestination)
+      .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins)", parseDestinations)
       .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
       .option('--no-wait', 'start the migration, print its id and return'),
   ).action(async (vm: string, opts: MigrateFlags) => {
@@ -44,14 +46,23 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
 }
 
 /**
- * `--to` names exactly one peer for now; `HOST,HOST…` (several destinations) is its own feature,
- * so a list is refused up front rather than sent to the agent as one odd peer name.
+ * `--to b` stays one peer name, sent as today; `--to b,c,…` becomes a list. What the list alone
+ * shows wrong (empty, a blank or repeated name) is refused here, before the agent is asked; the
+ * agent checks the rest (itself, unknown peers).
  */
-export function parseDestination(raw: string): string {
-  const s = raw.trim();
-  if (s.includes(',')) throw new InvalidArgumentError('several destinations (PEER,PEER…) are not supported yet; give one peer name');
-  if (s === '') throw new InvalidArgumentError('expected a peer name, e.g. --to b');
-  return s;
+export function parseDestinations(raw: string): Destinations {
+  try {
+    const names = parseDestinationList(raw);
+    return raw.includes(',') ? names : names[0]!;
+  } catch (e) {
+    // Commander prints an InvalidArgumentError as a usage error (exit 2); the code goes along.
+    if (isEmbotError(e)) throw new InvalidArgumentError(`${e.message} [${e.code}]`);
+    throw e;
+  }
+}
+
+function describeDestinations(to: Destinations): string {
+  return typeof to === 'string' ? to : to.join(', ');
 }
 
 async function runMigrate(vm: string, opts: MigrateFlags, ctx: CliContext): Promise<number> {
@@ -59,7 +70,7 @@ async function runMigrate(vm: string, opts: MigrateFlags, ctx: CliContext): Prom
   const { id } = await client.migrate(vm, opts.to, opts.threshold === undefined ? {} : { thresholdMs: opts.threshold });
   if (!opts.wait) {
     if (opts.json) ctx.json({ id });
-    else ctx.out(`migration ${id} started: vm ${vm} → ${opts.to} (follow it with \`embot migrations\`)`);
+    else ctx.out(`migration ${id} started: vm ${vm} → ${describeDestinations(opts.to)} (follow it with \`embot migrations\`)`);
     return 0;
   }
   let final: MigrationInfo;
@@ -67,7 +78,7 @@ async function runMigrate(vm: string, opts: MigrateFlags, ctx: CliContext): Prom
     final = await waitForEnd(client, id);
     ctx.json(final);
   } else {
-    ctx.out(`migrating vm ${vm} to ${opts.to} (migration ${id})`);
+    ctx.out(`migrating vm ${vm} to ${describeDestinations(opts.to)} (migration ${id})`);
     final = await followProgress(client, id, ctx);
     ctx.out(renderMigrationSummary(final));
   }

@@ -4,6 +4,7 @@ import {
   type AgentStatus,
   type CreateVmRequest,
   type DeadLetter,
+  type Destinations,
   type EmbotEvent,
   type EmbotEventInput,
   type EmbotInfo,
@@ -107,8 +108,8 @@ export class ControlClient {
     return this.request('GET', withLimit('/v1/events/dead', opts.limit));
   }
 
-  /** Starts a migration of `vm` to peer `to`; resolves with its id as soon as it is under way. */
-  migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): Promise<StartMigrationResponse> {
+  /** Starts a migration of `vm` to peer `to` (or peers); resolves with its id as soon as it is under way. */
+  migrate(vm: string, to: Destinations, options: { readonly thresholdMs?: number } = {}): Promise<StartMigrationResponse> {
     return this.request('POST', '/v1/migrations', { vm, to, ...options });
   }
 

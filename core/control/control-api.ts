@@ -1,6 +1,9 @@
 import type { EmbotEvent, EmbotEventInput } from '../events.ts';
 import type { VmInfo as DriverVmInfo } from '../../effectors/index.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime } from '../mobility/migration-record.ts';
+import type { Destinations } from '../mobility/destinations.ts';
+
+export type { Destinations };
 
 export type { EmbotEvent, EmbotEventInput, MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime };
 
@@ -92,8 +95,11 @@ export interface SetVmLoadRequest {
 /** Body of `POST /v1/migrations`: move VM `vm` and its management to the peer named `to`. */
 export interface StartMigrationRequest {
   readonly vm: string;
-  /** Peer name as configured on the agent (`--peers b=ws://…`). */
-  readonly to: string;
+  /**
+   * Peer name as configured on the agent (`--peers b=ws://…`), or several (first to boot wins,
+   * issue 13; refused with MULTI_DESTINATION_UNSUPPORTED until the fan-out runs).
+   */
+  readonly to: Destinations;
 }
 
 /** What `POST /v1/migrations` answers (202): the migration runs on; follow it by id. */
@@ -138,9 +144,10 @@ export interface AgentControl {
   /**
    * Starts moving VM `vm` and its management to peer `to`; returns at once with the migration id.
    * Throws `PEER_UNKNOWN`, `VM_UNKNOWN`, `VM_BAD_STATE` (already migrating) or `CONFIG_INVALID`
-   * (no cluster secret).
+   * (no cluster secret). A list `to` is checked whole first (`DESTINATIONS_INVALID`); a list of
+   * one is the single path; more throw `MULTI_DESTINATION_UNSUPPORTED` until the fan-out is built.
    */
-  migrate(vm: string, to: string, options?: { readonly thresholdMs?: number }): { readonly id: string };
+  migrate(vm: string, to: Destinations, options?: { readonly thresholdMs?: number }): { readonly id: string };
   /** Running and past migrations this agent took part in (as source or target). */
   listMigrations(): readonly MigrationInfo[];
   getMigration(id: string): MigrationInfo | undefined;

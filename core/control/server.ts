@@ -46,6 +46,9 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.ELEMENT_UNKNOWN]: 404,
   [ErrorCodes.POLICY_UNKNOWN]: 404,
   [ErrorCodes.PEER_UNKNOWN]: 400,
+  [ErrorCodes.DESTINATIONS_INVALID]: 400,
+  // The list is valid; this agent cannot run a several-destination migration (yet).
+  [ErrorCodes.MULTI_DESTINATION_UNSUPPORTED]: 501,
   [ErrorCodes.VM_EXISTS]: 409,
   [ErrorCodes.VM_BAD_STATE]: 409,
   [ErrorCodes.VM_SPEC_INVALID]: 400,
@@ -90,7 +93,8 @@ const EmitEventBody = z
 const StartMigrationBody = z
   .object({
     vm: z.string().min(1).max(128),
-    to: z.string().min(1).max(64),
+    /** One peer name, or several (issue 13): a list is checked whole by the agent (DESTINATIONS_INVALID). */
+    to: z.union([z.string().min(1).max(64), z.array(z.string().max(64)).max(64)]),
     /** Threshold time for this migration (seed 000): above it, data paths are added. */
     thresholdMs: z.number().int().positive().max(86_400_000).optional(),
   })

@@ -17,6 +17,7 @@ import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobilit
 import type { MobilityHost } from './mobility-host.ts';
 import { SourceSide, askCommitted, attachAll, type DataplaneConfig } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
+import { resolveDestinations, type Destinations } from './destinations.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
@@ -173,9 +174,13 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   // ---- source ----
 
-  /** Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary. */
-  migrate(vm: string, to: string, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
+  /**
+   * Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary.
+   * A list is checked whole (DESTINATIONS_INVALID); a list of one takes the single path exactly.
+   */
+  migrate(vm: string, destinations: Destinations, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
     if (!this.peersEnabled) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file) and no TLS (peer.tls); it cannot migrate');
+    const to = typeof destinations === 'string' ? destinations : singleDestination(resolveDestinations(destinations, { self: this.host.agent, peers: this.o.peers.keys() }));
     if (!this.o.peers.has(to)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
     if ([...this.live.values()].some((m) => m.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
@@ -720,4 +725,13 @@ function decodeEvents(bytes: Uint8Array): EmbotEvent[] {
   const queues = (v as { queues?: unknown } | null)?.queues;
   if (Array.isArray(queues)) return queues.flatMap((q: { events?: unknown }) => (Array.isArray(q?.events) ? (q.events as EmbotEvent[]) : []));
   throw new ProtocolError(ErrorCodes.FRAME_MALFORMED, 'forwarded events must be a list of events');
+}
+
+/**
+ * The one destination of a checked list. Several go to the fan-out coordinator (issue 13,
+ * README "Several destinations"), which is not built yet: refused rather than silently sent to one.
+ */
+function singleDestination(names: readonly string[]): string {
+  if (names.length === 1) return names[0]!;
+  throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `several destinations at once (${names.join(', ')}) are not supported by this agent yet; give one peer name`, { details: { names: [...names] } });
 }

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../core/cli/main.ts';
-import { parseDestination, parseThreshold, progressLine, renderMigrationSummary, renderMigrations } from '../../core/cli/migrate-commands.ts';
+import { parseDestinations, parseThreshold, progressLine, renderMigrationSummary, renderMigrations } from '../../core/cli/migrate-commands.ts';
 import type { AgentControl, AgentStatus, MigrationInfo, MigrationSummary } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, EffectorError, ErrorCodes } from '../../core/errors.ts';
@@ -267,8 +267,12 @@ describe('embot migrate: pre-copy progress and --threshold', () => {
 
 describe('embot migrate: bad input', () => {
   it.each([
-    [['migrate', 'web', '--to', 'b,c'], /several destinations \(PEER,PEER…\) are not supported yet/],
-    [['migrate', 'web', '--to', ' '], /expected a peer name/],
+    [['migrate', 'web', '--to', ' '], /no destination given; expected --to PEER or --to PEER,PEER… \[EMBOT_ERR_DESTINATIONS_INVALID\]/],
+    [['migrate', 'web', '--to', ','], /no destination given.*\[EMBOT_ERR_DESTINATIONS_INVALID\]/],
+    [['migrate', 'web', '--to', 'b,,c'], /a destination name is empty in "b,,c".*\[EMBOT_ERR_DESTINATIONS_INVALID\]/],
+    [['migrate', 'web', '--to', 'b,c,b'], /destination b named more than once \[EMBOT_ERR_DESTINATIONS_INVALID\]/],
+    [['migrate', 'web', '--to', 'b, b'], /destination b named more than once/],
+    [['migrate', 'web', '--to', 'b,c,d,e,f,g,h,i,j'], /9 destinations; at most 8/],
     [['migrate', 'web'], /required option '--to <peer>' not specified/],
     [['migrate', '--to', 'b'], /missing required argument 'vm'/],
     [['migrate', 'web', 'db', '--to', 'b'], /too many arguments/],
@@ -292,9 +296,10 @@ describe('embot migrate: bad input', () => {
     expect(peer.stdout + vm.stdout).toBe('');
   });
 
-  it('parseDestination accepts one trimmed peer name', () => {
-    expect(parseDestination(' b ')).toBe('b');
-    expect(() => parseDestination('b,c')).toThrow(/not supported yet/);
+  it('parseDestinations keeps one name a string (the single path as before) and makes a list of several', () => {
+    expect(parseDestinations(' b ')).toBe('b');
+    expect(parseDestinations('b, c')).toEqual(['b', 'c']);
+    expect(() => parseDestinations('b,')).toThrow(/a destination name is empty/);
   });
 });
 
