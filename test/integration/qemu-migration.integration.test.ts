@@ -266,6 +266,28 @@ describe.skipIf(!run)('qemu live migration between two drivers on loopback (TCG)
     await source.remove('held-1');
   });
 
+  it('an incoming VM whose memory is in survives a restart of its driver: re-attached as incoming (created), the commit then runs it', async () => {
+    const { source, target } = hosts();
+    const vm = spec('held-2', 2000);
+    await source.create(vm);
+    await source.start('held-2');
+    await heartbeat(source.stateDir('held-2'), 2);
+    const { endpoint } = await target.prepareIncoming(vm);
+    const targetPid = target.pid('held-2')!;
+    await source.migrateOut('held-2', { endpoint });
+    const targetRoot = join(target.stateDir('held-2'), '..');
+    await target.close();
+    const again = new QemuDriver({ root: targetRoot, accel: 'tcg' });
+    cleanups.push(() => again.close());
+    await again.restoreState(undefined);
+    expect(again.get('held-2')?.state).toBe('created');
+    expect(again.pid('held-2')).toBe(targetPid);
+    expect((await again.commitIncoming('held-2')).state).toBe('running');
+    await heartbeat(again.stateDir('held-2'), 2);
+    await source.remove('held-2');
+    expect(qemus.live()).toEqual([targetPid]);
+  });
+
   describe('convergence of a fast-dirtying guest under a tight downtime limit', () => {
     // delayLoops 2000: a pass over 60 MiB takes tens of ms under TCG, so every page is dirty again
     // in every round at 64 MiB/s; only throttling the vCPU lets the rounds shrink.

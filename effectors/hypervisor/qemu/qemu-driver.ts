@@ -369,7 +369,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         await this.cancelOrphanedMigration(vm, proc);
         const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
         vm.startedAt = Date.now();
-        this.setState(vm, status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused', 'reattach', null);
+        // An incoming VM is 'created' until its commit, also once its memory is in (held paused by -S).
+        const state: VmState = file.incoming && status !== 'running' ? 'created' : status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
+        this.setState(vm, state, 'reattach', null);
       } else if (before?.state === 'running' || before?.state === 'paused' || (before === undefined && readPidFile(stateDir) !== undefined)) {
         // QEMU removes its pidfile when it exits cleanly; one left behind means it died.
         vm.crashes++;
