@@ -21,8 +21,9 @@
  * npm run bench -- --only fixed-cost
  * ```
  */
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -34,6 +35,9 @@ import { loadConfig } from '../core/config/config.ts';
 import { createLogger } from '../core/logger.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
 import { SimDriver } from '../effectors/hypervisor/sim/sim-driver.ts';
+import { GUEST_IMAGE, writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { QemuProcess, killPid, pidAlive, runningPid, vmFiles } from '../effectors/hypervisor/qemu/qemu-process.ts';
+import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 
 const KiB = 1024;
@@ -45,6 +49,8 @@ const WARMUP_MIGRATIONS = 2;
 
 export interface FixedCostOptions {
   readonly quick?: boolean;
+  /** Leave out the QEMU rows. */
+  readonly simOnly?: boolean;
 }
 
 /** One migration: its summary and the raw limit of its state measured just before it. */
@@ -69,7 +75,7 @@ interface Pair {
 }
 
 /** Agents a and b, each the other's peer, one shipped module (vm-watchdog: one embot per VM). */
-async function startPair(root: string): Promise<Pair> {
+async function startPair(root: string, driver: 'sim' | 'qemu' = 'sim'): Promise<Pair> {
   const plugins = join(root, 'plugins');
   mkdirSync(plugins, { recursive: true });
   cpSync(join(REPO, 'plugins/vm-watchdog'), join(plugins, 'vm-watchdog'), { recursive: true });
@@ -82,6 +88,7 @@ async function startPair(root: string): Promise<Pair> {
       name,
       dataDir: join(root, `data-${name}`),
       pluginsDir: plugins,
+      ...(driver === 'qemu' ? { driver, qemu: { stateDir: join(root, `vms-${name}`), accel: 'tcg' as const } } : {}),
       logLevel: 'error' as const,
       control: { port: 0 },
       peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },
@@ -225,19 +232,180 @@ function phasesOf(s: MigrationSummary): Map<string, number> {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// QEMU: the same migration of an idle 64 MiB TCG guest, against a bare QMP migrate of it.
+// ---------------------------------------------------------------------------------------------
+
+const MiB = 1024 * KiB;
+const QEMU_EXTRA_MS = 30;
+const QEMU_NEEDS = 'needs qemu-system-x86';
+/** An idle guest: one pass writes its counters, then it only reads (memory static). */
+const IDLE_GUEST: QemuVmSpec = { name: 'idle', memory: 64 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+/** `EMBOT_BENCH_TRACE=1`: says on stderr what the bench is doing (QEMU steps can take a while). */
+const trace = (what: string): void => void (process.env['EMBOT_BENCH_TRACE'] ? process.stderr.write(`fixed-cost: ${what}\n`) : undefined);
+
+function qemuMissing(): string | undefined {
+  const r = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
+  if (r.error || r.status !== 0) return 'qemu-system-x86_64 not found';
+  if (!existsSync(GUEST_IMAGE)) spawnSync(process.execPath, [join(REPO, 'effectors/hypervisor/qemu/guest/build.mjs')], { stdio: 'ignore' });
+  if (!existsSync(GUEST_IMAGE)) return 'the test guest is not built (GNU as/ld missing)';
+  return undefined;
+}
+
+/** Every QEMU under `root` killed: VMs outlive their agents, the bench leaves none. */
+async function killQemusUnder(root: string): Promise<void> {
+  const pids: number[] = [];
+  const walk = (dir: string): void => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      if (!e.isDirectory()) continue;
+      const sub = join(dir, e.name);
+      const pid = runningPid(sub);
+      if (pid !== undefined) pids.push(pid);
+      walk(sub);
+    }
+  };
+  if (existsSync(root)) walk(root);
+  for (const pid of pids) killPid(pid);
+  while (pids.some(pidAlive)) await sleep(20);
+}
+
+/** Waits until the guest in `stateDir` printed `bytes` heartbeats on its serial port (it runs). */
+async function waitSerial(stateDir: string, bytes: number): Promise<void> {
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    let size = 0;
+    try {
+      size = statSync(vmFiles(stateDir).serial).size;
+    } catch {
+      /* not yet */
+    }
+    if (size >= bytes) return;
+    if (Date.now() > deadline) throw new Error(`fixed-cost bench: the guest in ${stateDir} gave no heartbeat`);
+    await sleep(20);
+  }
+}
+
+/** Bare QMP: both QEMUs started untimed, then `migrate` → target running, timed. */
+async function bareMigrate(root: string, spec: QemuVmSpec): Promise<number> {
+  const src = await QemuProcess.launch({ stateDir: join(root, 'bare-src'), spec, accel: 'tcg' });
+  const dst = await QemuProcess.launch({ stateDir: join(root, 'bare-dst'), spec, accel: 'tcg', incoming: true });
+  try {
+    await waitSerial(src.stateDir, 2);
+    await dst.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const port = (await dst.qmp.execute('query-migrate'))['socket-address']![0]!.port;
+    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 ** 4 });
+    const started = performance.now();
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    for (;;) {
+      const { status } = await dst.qmp.execute('query-status');
+      if (status === 'running') break;
+      if (status !== 'inmigrate' && status !== 'paused') throw new Error(`fixed-cost bench: bare target is ${status}`);
+      await sleep(1);
+    }
+    return performance.now() - started;
+  } finally {
+    await src.kill();
+    await dst.kill();
+    await src.detach();
+    await dst.detach();
+    rmSync(src.stateDir, { recursive: true, force: true });
+    rmSync(dst.stateDir, { recursive: true, force: true });
+  }
+}
+
+let qemuCounter = 0;
+
+/** One migration a → b of the idle guest through two agents `--driver qemu` (target QEMU start included). */
+async function qemuAgentMigrate(pair: Pair, root: string, bootImage: string): Promise<MigrationSummary> {
+  const name = `q${++qemuCounter}`;
+  trace(`agents: migrate ${name}`);
+  await pair.a.control.createVm({ name, memory: IDLE_GUEST.memory, boot: bootImage });
+  await pair.a.control.vmAction(name, 'start');
+  await waitSerial(join(root, 'vms-a', name), 2);
+  trace(`agents: ${name} runs`);
+  await waitUntil(`the embot of vm:${name}`, () => pair.a.services.get('runtime').list().some((e) => e.elementIds[0] === `vm:${name}` && e.status === 'running'));
+  const { id } = pair.a.control.migrate(name, 'b');
+  const summary = await pair.a.control.waitMigration(id);
+  if (summary?.outcome !== 'completed') throw new Error(`fixed-cost bench: qemu migration of ${name}: ${JSON.stringify(summary)}`);
+  // Gone from b again (its QEMU killed), so every run starts alike.
+  await pair.b.control.vmAction(name, 'stop');
+  return summary;
+}
+
+/** Phase rows of `summaries` (median per phase) against `limit`. */
+function phaseRows(prefix: string, summaries: readonly MigrationSummary[], limitName: string, limit: number): BenchRow[] {
+  const names = [...new Set(summaries.flatMap((s) => [...phasesOf(s).keys()]))];
+  return names.map((name) => {
+    const v = median(summaries.map((s) => phasesOf(s).get(name) ?? 0));
+    return { name: `${prefix}: phase ${name}`, value: v, unit: 'ms', limitName, limit, ratio: v / limit };
+  });
+}
+
+async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[] }> {
+  const missing = qemuMissing();
+  if (missing) {
+    return { rows: [{ name: `qemu: migrate idle 64 MiB guest + 1 embot (${QEMU_NEEDS})`, value: 0, unit: 'ms', limitName: QEMU_NEEDS, limit: 0, ratio: 0 }], notes: [`qemu rows skipped: ${missing}`] };
+  }
+  const root = mkdtempSync(join(tmpdir(), 'embot-fixed-cost-qemu-'));
+  try {
+    const bare: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      trace(`bare migrate ${i + 1}/${runs}`);
+      bare.push(await bareMigrate(root, IDLE_GUEST));
+    }
+    const bootImage = join(root, 'idle-guest.img');
+    writeGuestImage(bootImage, IDLE_GUEST.testGuest);
+    const pair = await startPair(join(root, 'agents'), 'qemu');
+    const summaries: MigrationSummary[] = [];
+    try {
+      await qemuAgentMigrate(pair, join(root, 'agents'), bootImage); // warm-up
+      for (let i = 0; i < runs; i++) summaries.push(await qemuAgentMigrate(pair, join(root, 'agents'), bootImage));
+    } finally {
+      await pair.stop();
+    }
+    const bareMs = median(bare);
+    const total = median(summaries.map((s) => s.totalMs));
+    const limitName = 'bare QMP migrate → target running, same guest';
+    return {
+      rows: [
+        {
+          name: 'qemu: migrate idle 64 MiB TCG guest + 1 embot, total (target QEMU start included)',
+          value: total,
+          unit: 'ms',
+          limitName,
+          limit: bareMs,
+          ratio: total / bareMs,
+          target: `<= bare + ${QEMU_EXTRA_MS} ms`,
+          met: total <= bareMs + QEMU_EXTRA_MS,
+        },
+        ...phaseRows('qemu', summaries, limitName, bareMs),
+      ],
+      notes: [
+        `qemu: medians of ${runs} (after 1 warm-up); fixed cost = ${(total - bareMs).toFixed(0)} ms over bare. Totals (ms): ${summaries.map((s) => s.totalMs).join(' / ')}; bare (ms): ${bare.map((b) => b.toFixed(0)).join(' / ')}.`,
+        'qemu: the bare QEMUs are started before the clock starts; the agents\' figure includes starting the incoming QEMU (PrepareIncoming) and QEMU\'s own stream inside "memory copy (driver)".',
+      ],
+    };
+  } finally {
+    await killQemusUnder(root);
+    rmSync(root, { recursive: true, force: true });
+  }
+}
+
 /**
- * Runs the migrations and returns the table: the total against 30 ms and the raw limit, then one
- * row per phase (median over the runs).
+ * Runs the migrations and returns the table: for each driver the total against its target and
+ * limit, then one row per phase (median over the runs). `--sim-only` / `{ simOnly }` skips QEMU.
  */
 export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
   const runs = opts.quick ? 5 : 15;
   const root = mkdtempSync(join(tmpdir(), 'embot-fixed-cost-bench-'));
   const samples: Sample[] = [];
+  const cold: number[] = [];
   try {
     const pair = await startPair(root);
     const rawEndpoint = await startRawEndpoint();
     try {
-      for (let i = 0; i < WARMUP_MIGRATIONS; i++) await migrateOnce(pair, rawEndpoint.url);
+      for (let i = 0; i < WARMUP_MIGRATIONS; i++) cold.push((await migrateOnce(pair, rawEndpoint.url)).summary.totalMs);
       for (let i = 0; i < runs; i++) samples.push(await migrateOnce(pair, rawEndpoint.url));
     } finally {
       await rawEndpoint.close();
@@ -251,27 +419,26 @@ export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
   const rawName = 'raw pack + ws send + unpack of the same state';
   const rows: BenchRow[] = [
     { name: 'sim: migrate 1 VM (64 KiB) + 1 embot, total', value: total, unit: 'ms', limitName: rawName, limit: raw, ratio: total / raw, target: `<= ${TARGET_MS} ms`, met: total <= TARGET_MS },
+    ...phaseRows('sim', samples.map((s) => s.summary), rawName, raw),
   ];
-  const names = [...new Set(samples.flatMap((s) => [...phasesOf(s.summary).keys()]))];
-  for (const name of names) {
-    const v = median(samples.map((s) => phasesOf(s.summary).get(name) ?? 0));
-    rows.push({ name: `sim: phase ${name}`, value: v, unit: 'ms', limitName: rawName, limit: raw, ratio: v / raw });
-  }
+  const qemu = opts.simOnly ? { rows: [], notes: [] } : await runQemu(opts.quick ? 3 : 7);
   const s0 = samples[0]!.summary;
   return {
-    title: 'Fixed cost of a migration, sim driver, per phase (two agents in this process, loopback)',
-    rows,
+    title: 'Fixed cost of a migration per phase: one embot, a tiny VM, two agents in this process (loopback)',
+    rows: [...rows, ...qemu.rows],
     notes: [
-      `value = median over ${runs} migrations (after ${WARMUP_MIGRATIONS} warm-up ones) of MigrationSummary.totalMs or of one phase; ratio = value / raw (LOWER is better). ` +
-        `Phases sum to the total up to rounding; each migration is a fresh 64 KiB VM with one vm-watchdog embot, a → b.`,
-      `raw = msgpackr pack of {elements, embot with its policy snapshot, hold queues, memory} (${(samples[0]!.rawBytes / KiB).toFixed(0)} KiB) + one ws binary message + unpack + a small reply, on an open connection; median of ${RAW_ROUNDS} per migration, measured just before it.`,
-      `protocol bytes ${(s0.bytes / KiB).toFixed(0)} KiB (memory ${(s0.memoryBytes / KiB).toFixed(0)} KiB); plan of the first run: ${s0.plan?.decisions.join(' | ') ?? 'none'}.`,
-      `totals (ms): ${samples.map((s) => s.summary.totalMs).join(' / ')}; raw (ms): ${samples.map((s) => s.rawMs.toFixed(2)).join(' / ')}.`,
+      `sim: value = median over ${runs} migrations (after ${WARMUP_MIGRATIONS} warm-up ones) of MigrationSummary.totalMs or of one phase; ratio = value / limit (LOWER is better). ` +
+        `Phases sum to the total up to rounding (phase marks are whole ms; the migratingVm steps, from summary.vmSteps, are 0.1 ms); each migration is a fresh 64 KiB VM with one vm-watchdog embot, a → b.`,
+      `sim: raw = msgpackr pack of {elements, embot with its policy snapshot, hold queues, memory} (${(samples[0]!.rawBytes / KiB).toFixed(0)} KiB) + one ws binary message + unpack + a small reply, on an open connection; median of ${RAW_ROUNDS} per migration, measured just before it.`,
+      `sim: the first migrations of a fresh pair (cold JIT, first connections) took ${cold.join(' / ')} ms.`,
+      `sim: protocol bytes ${(s0.bytes / KiB).toFixed(0)} KiB (memory ${(s0.memoryBytes / KiB).toFixed(0)} KiB); plan: ${s0.plan?.decisions.join(' | ') ?? 'none'}.`,
+      `sim: totals (ms): ${samples.map((s) => s.summary.totalMs).join(' / ')}; raw (ms): ${samples.map((s) => s.rawMs.toFixed(2)).join(' / ')}.`,
+      ...qemu.notes,
     ],
   };
 }
 
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
-  console.log(renderTable(await run({ quick: process.argv.includes('--quick') })));
+  console.log(renderTable(await run({ quick: process.argv.includes('--quick'), simOnly: process.argv.includes('--sim-only') })));
   process.exit(0);
 }
