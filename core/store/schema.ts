@@ -175,6 +175,25 @@ export const MIGRATIONS: readonly string[] = [
     at INTEGER NOT NULL
   ) WITHOUT ROWID;
   `,
+  `
+  -- A migration to several destinations at once (issue 13): its destinations (JSON array, in the
+  -- order given) and the winner, journaled before any destination is told to commit or terminate.
+  -- The winner is written once: the trigger refuses to change it, so no bug can name a second owner.
+  CREATE TABLE fan_outs (
+    id TEXT PRIMARY KEY,
+    vm TEXT NOT NULL,
+    destinations TEXT NOT NULL,
+    winner TEXT,
+    winner_at INTEGER,
+    outcome TEXT,
+    reason TEXT,
+    started_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+  );
+  CREATE TRIGGER fan_outs_winner_once BEFORE UPDATE OF winner ON fan_outs
+    WHEN OLD.winner IS NOT NULL AND NEW.winner IS NOT OLD.winner
+    BEGIN SELECT RAISE(ABORT, 'fan-out winner already journaled'); END;
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
