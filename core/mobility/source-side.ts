@@ -14,6 +14,9 @@ import type { Forwarding } from './forwarding.ts';
 
 export type DataplaneConfig = AgentConfig['dataplane'];
 
+/** The primary data path's name: a connection of its own to the target's peer URL. */
+const PRIMARY_PATH = 'direct';
+
 /** The VM's SLA, if its element carries one (`state.sla.maxMigrationMs`). */
 function vmSla(host: MobilityHost, vmElement: string): { maxMigrationMs?: number } | undefined {
   const sla = host.objects.get(vmElement)?.state['sla'];
@@ -107,6 +110,12 @@ export class SourceSide implements SourceSteps {
   private readonly vmMoveAbort = new AbortController();
   /** The driver's migrateOut while it runs: a roll-back waits for it to settle before it looks at the VM. */
   private vmMove: Promise<unknown> | undefined;
+  /**
+   * The primary data path, dialled alongside StartMigration so its connect + authentication is off
+   * the critical path; migrateVm takes it (and closes it with its paths), a denial or a roll-back
+   * closes it.
+   */
+  private earlyPrimary: Promise<PeerConnection> | undefined;
 
   constructor(private readonly o: SourceSideOptions) {
     this.vmElement = `vm:${o.vm}`;
@@ -180,8 +189,13 @@ export class SourceSide implements SourceSteps {
     this.stats.modules = modules;
     this.host.journal.notes(input.migrationId, 'source', { wasRunning: this.wasRunning, scope: this.scope });
     const elements = this.host.objects.serialize(this.vmElement);
+    const early = this.o.openPath({ name: PRIMARY_PATH, url: this.o.targetUrl });
+    // Until migrateVm awaits it, a failure to dial is nobody's error yet: it surfaces there, as PATH_SETUP_FAILED.
+    early.catch(() => undefined);
+    this.earlyPrimary = early;
     const reply = await this.request({ type: 'StartMigration', migrationId: input.migrationId, vm: this.o.vm, elements, resources: { memory: vm.memory, vcpus: vm.vcpus }, modules });
     this.stats.bytes += elements.byteLength;
+    if (reply.type !== 'MigrationPermitted') this.closeEarlyPrimary();
     return reply.type === 'MigrationPermitted' ? { permitted: true } : { permitted: false, reason: reply.reason };
   }
 
@@ -260,7 +274,9 @@ export class SourceSide implements SourceSteps {
     const channels = new Map<string, PeerConnection>();
     const setUp = async (p: PathCandidate): Promise<{ setupMs: number }> => {
       const started = performance.now();
-      channels.set(p.name, await this.o.openPath(p));
+      const early = p.name === PRIMARY_PATH && p.url === this.o.targetUrl && !p.localAddress ? this.earlyPrimary : undefined;
+      this.earlyPrimary = undefined;
+      channels.set(p.name, await (early ?? this.o.openPath(p)));
       return { setupMs: performance.now() - started };
     };
     const probe = async (p: PathCandidate): Promise<PathProbe> => {
@@ -288,7 +304,7 @@ export class SourceSide implements SourceSteps {
         downtimeLimitMs: dp.downtimeLimitMs,
         maxRounds: dp.maxRounds,
         autoConverge: dp.autoConverge,
-        primary: { name: 'direct', url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
+        primary: { name: PRIMARY_PATH, url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
         candidates: dp.paths[this.o.target] ?? [],
         probe,
         setUp,
@@ -440,6 +456,7 @@ export class SourceSide implements SourceSteps {
     } catch (e) {
       host.logger.warn('could not tell the target about the abort', { error: describeError(e) });
     }
+    this.closeEarlyPrimary();
     // A migrateOut still running (a step timeout, a cancel) is cancelled and settles first: the VM runs here again.
     this.vmMoveAbort.abort();
     await this.vmMove?.catch(() => undefined);
@@ -457,6 +474,13 @@ export class SourceSide implements SourceSteps {
     if (this.detached) await attachAll(host, this.scope);
     if (this.held) host.sensors.release(this.scope);
     void this.conn?.close().catch(() => {});
+  }
+
+  /** Closes the primary data path dialled early if migrateVm never took it. */
+  private closeEarlyPrimary(): void {
+    const early = this.earlyPrimary;
+    this.earlyPrimary = undefined;
+    void early?.then((c) => c.close()).catch(() => {});
   }
 
   async resolveOutcome(input: SourceInput): Promise<'committed' | 'notCommitted'> {
