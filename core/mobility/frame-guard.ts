@@ -89,6 +89,8 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   PrepareIncoming: { kind: 'live', role: 'target', states: ['eventsStaged'], vm: true },
   DirtyObjects: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
   MigrationComplete: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
+  // Several destinations (issue 13): only once the final round is in, from the migration's own source.
+  BootIncoming: { kind: 'live', role: 'target', states: ['syncing'] },
   ModuleRequest: { kind: 'live', role: 'source', states: ['sendingState'] },
   // Not bound to our clock: a source restarted long after the commit forwards the events it held
   // for a grace period from its restart (MobilityService.settleMoved); refusing them would lose

@@ -514,6 +514,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: describeError(e) };
         }
       },
+      // Several destinations (issue 13): the frame and its guard rule exist; booting to the last
+      // reversible point is the next step (README "Several destinations"). Until then the source
+      // reads this answer as a failed boot, and the migration stays where it was.
+      BootIncoming: (frame) => ({ type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: `${this.host.agent} cannot boot an incoming VM for a migration to several destinations yet` }),
       PathOffer: async (frame) => {
         const free = Math.max(0, 1 - (await this.host.hostLoad()));
         const need = frame.paths * this.host.reassemblyCpuPerPath;

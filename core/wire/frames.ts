@@ -171,6 +171,18 @@ export interface MigrationStatusQuery {
   readonly migrationId: string;
 }
 
+/**
+ * Source → one destination of a migration to several (issue 13), after its final round: take the
+ * incoming VM to its last reversible point (booted, not running) and say so. The first BootReady
+ * to reach the source wins (README "Several destinations"); the others get Abort. A target that
+ * cannot boot answers MigrationStateFailed (or, without a handler, an Error): it counts as failed.
+ */
+export interface BootIncoming {
+  readonly type: 'BootIncoming';
+  readonly reqId: number;
+  readonly migrationId: string;
+}
+
 /** Source → target before adding a data path: can the target reassemble pages from `paths` paths? */
 export interface PathOffer {
   readonly type: 'PathOffer';
@@ -341,6 +353,14 @@ export interface PathAccept {
   readonly reason?: string;
 }
 
+/** The destination's VM is booted to its last reversible point; `bootMs` is what it took there. */
+export interface BootReady {
+  readonly type: 'BootReady';
+  readonly replyTo: number;
+  readonly migrationId: string;
+  readonly bootMs: number;
+}
+
 /** The target's incoming VM is ready: the source's hypervisor sends the memory to `endpoint`. */
 export interface IncomingReady {
   readonly type: 'IncomingReady';
@@ -403,6 +423,7 @@ export type RequestFrame =
   | MigrationStatusQuery
   | PathOffer
   | PrepareIncoming
+  | BootIncoming
   | UdpHandover
   | Ping;
 export type ReplyFrame =
@@ -423,6 +444,7 @@ export type ReplyFrame =
   | MigrationStatus
   | PathAccept
   | IncomingReady
+  | BootReady
   | UdpHandoverAck
   | Pong;
 export type NotificationFrame = Abort;
@@ -446,6 +468,7 @@ export interface ReplyMap {
   MigrationStatusQuery: MigrationStatus;
   PathOffer: PathAccept;
   PrepareIncoming: IncomingReady | MigrationStateFailed;
+  BootIncoming: BootReady | MigrationStateFailed;
   UdpHandover: UdpHandoverAck;
   Ping: Pong;
 }
@@ -475,6 +498,7 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   MigrationStatusQuery: ['MigrationStatus'],
   PathOffer: ['PathAccept'],
   PrepareIncoming: ['IncomingReady', 'MigrationStateFailed'],
+  BootIncoming: ['BootReady', 'MigrationStateFailed'],
   UdpHandover: ['UdpHandoverAck'],
   Ping: ['Pong'],
 };
@@ -499,6 +523,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   MigrationStatusQuery: 'request',
   PathOffer: 'request',
   PrepareIncoming: 'request',
+  BootIncoming: 'request',
   UdpHandover: 'request',
   Ping: 'request',
   MigrationPermitted: 'reply',
@@ -518,6 +543,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   MigrationStatus: 'reply',
   PathAccept: 'reply',
   IncomingReady: 'reply',
+  BootReady: 'reply',
   UdpHandoverAck: 'reply',
   Pong: 'reply',
   Abort: 'notification',

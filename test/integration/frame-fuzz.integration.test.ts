@@ -94,6 +94,7 @@ const requestBodies: { readonly [K in FrameType]?: fc.Arbitrary<Record<string, u
   MigrationComplete: fc.record({ type: fc.constant('MigrationComplete'), migrationId }),
   ForwardedEvents: fc.record({ type: fc.constant('ForwardedEvents'), migrationId, events: bin }),
   MigrationStatusQuery: fc.record({ type: fc.constant('MigrationStatusQuery'), migrationId }),
+  BootIncoming: fc.record({ type: fc.constant('BootIncoming'), migrationId }),
   PathOffer: fc.record({ type: fc.constant('PathOffer'), migrationId, paths: fc.nat({ max: 16 }) }),
   PrepareIncoming: fc.record({
     type: fc.constant('PrepareIncoming'),

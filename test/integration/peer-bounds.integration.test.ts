@@ -174,6 +174,10 @@ describe('resources a peer can make the agent open', () => {
     expect(errorCode(await a.request({ type: 'MigrationComplete', reqId: 3, migrationId: 'm-a' }))).toBe(ErrorCodes.MIGRATION_PHASE);
     expect(errorCode(await a.request({ type: 'UdpHandover', reqId: 4, migrationId: 'm-a', vm: 'web', served: 0, packets: encodePackets([]) }))).toBe(ErrorCodes.MIGRATION_PHASE);
     expect(errorCode(await a.request({ type: 'VmMemory', reqId: 5, migrationId: 'm-a', vm: 'other', round: 0, seq: 0, last: true, pages: bin }))).toBe(ErrorCodes.MIGRATION_MISMATCH);
+    // BootIncoming (several destinations) belongs after the final round only, and to the migration's source.
+    expect(errorCode(await a.request({ type: 'BootIncoming', reqId: 7, migrationId: 'm-a' }))).toBe(ErrorCodes.MIGRATION_PHASE);
+    expect(errorCode(await mallory.request({ type: 'BootIncoming', reqId: 3, migrationId: 'm-a' }))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
+    expect(errorCode(await mallory.request({ type: 'BootIncoming', reqId: 4, migrationId: 'no-such' }))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
     // A StartMigration whose elements are not the VM it names opens nothing.
     const wrong = { ...startMigration(6, 'm-x', 'web2'), vm: 'web3' };
     expect(errorCode(await a.request(wrong))).toBe(ErrorCodes.MIGRATION_MISMATCH);
