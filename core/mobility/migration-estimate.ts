@@ -53,6 +53,14 @@ export interface EstimateInput {
   readonly copyCpuFactor?: number;
   /** Fixed cost of each round and of stop-and-copy (bitmap sync, round trip); the VM keeps dirtying during it. Default 0. */
   readonly perRoundOverheadMs?: number;
+  /**
+   * 0 ≤ z ≤ 1: share of memory in zero pages when the migration starts. A hypervisor that skips
+   * them (QEMU sends a zero page as a header) sends only the rest in full in round 0; pages
+   * dirtied later are taken as non-zero. Default 0: every page is sent (the sim).
+   */
+  readonly zeroPageShare?: number;
+  /** One-time cost of a migration besides its rounds (stream setup, switchover hand-shake, target resume), ms; not downtime. Default 0. */
+  readonly fixedMs?: number;
 }
 
 export interface Estimate {
@@ -100,8 +108,8 @@ export function estimateMigration(i: EstimateInput): Estimate {
 
   let steps = 0;
   let throttle = 0; // fraction of the original dirty rate removed, accumulated as the sender does
-  let pending = memory;
-  let totalMs = 0;
+  let pending = memory * (1 - (i.zeroPageShare ?? 0));
+  let totalMs = i.fixedMs ?? 0;
   let bytes = 0;
   let preRounds = 0;
   let converges = false;
@@ -156,6 +164,10 @@ export function checkEstimateInput(i: EstimateInput): void {
     bad('copyCpuFactor', i.copyCpuFactor, 'a number in (0, 1]');
   }
   if (i.perRoundOverheadMs !== undefined) nonNegative('perRoundOverheadMs', i.perRoundOverheadMs);
+  if (i.zeroPageShare !== undefined && !(isFiniteNumber(i.zeroPageShare) && i.zeroPageShare >= 0 && i.zeroPageShare <= 1)) {
+    bad('zeroPageShare', i.zeroPageShare, 'a number in [0, 1]');
+  }
+  if (i.fixedMs !== undefined) nonNegative('fixedMs', i.fixedMs);
 }
 
 export interface AccuracySample {
@@ -227,4 +239,45 @@ function bad(field: string, v: unknown, expected: string): never {
   throw new ConfigError(ErrorCodes.PLAN_INPUT_INVALID, `invalid migration estimate input: ${field} is ${String(v)}, expected ${expected}`, {
     details: { field, value: String(v) },
   });
+}
+
+/**
+ * What a driver with a memory stream of its own (qemu) knows of it before a move, for the
+ * estimate: the planner's model is the sim's pre-copy over the agent's data paths, and a probe of
+ * those paths says little about a stream that skips zero pages and is CPU-bound.
+ */
+export interface DriverEstimateHints {
+  /** Bytes of the VM's memory that are not zero pages, as last measured; undefined = unknown (all). */
+  readonly nonZeroBytes?: number;
+  /** Bytes/s the driver's own stream carried with the planned channels, as last measured; undefined = not calibrated. */
+  readonly copyRateBytesPerSec?: number;
+  /** One-time cost of a migration besides its rounds, ms (see {@link EstimateInput.fixedMs}). */
+  readonly fixedMs?: number;
+  /** Where the figures come from (`calibrated from the migration of web-1 at …`), for the plan's decision text. */
+  readonly source: string;
+}
+
+/**
+ * The estimate input with a driver's hints applied: its copy rate replaces the probed bandwidth
+ * (the stream does not use the probed path) and the CPU factor (the rate was measured with the
+ * CPUs in it), its non-zero share becomes {@link EstimateInput.zeroPageShare}, its fixed cost
+ * {@link EstimateInput.fixedMs}. Hints left out leave the input as it was.
+ *
+ * @throws ConfigError `EMBOT_ERR_PLAN_INPUT_INVALID` for a hint out of range (negative, NaN, more non-zero bytes than memory).
+ * @example
+ * ```ts
+ * const e = estimateMigration(withDriverHints(input, await driver.capabilities.migrationModel!.estimateHints('web-1', { channels: 2 })));
+ * ```
+ */
+export function withDriverHints(i: EstimateInput, h: DriverEstimateHints): EstimateInput {
+  if (h.nonZeroBytes !== undefined) nonNegative('nonZeroBytes', h.nonZeroBytes);
+  if (h.nonZeroBytes !== undefined && h.nonZeroBytes > i.memoryBytes) bad('nonZeroBytes', h.nonZeroBytes, `at most memoryBytes (${i.memoryBytes})`);
+  if (h.copyRateBytesPerSec !== undefined) positive('copyRateBytesPerSec', h.copyRateBytesPerSec);
+  if (h.fixedMs !== undefined) nonNegative('fixedMs', h.fixedMs);
+  const { copyCpuFactor: _cpu, ...rest } = i;
+  return {
+    ...(h.copyRateBytesPerSec === undefined ? i : { ...rest, bandwidthBytesPerSec: h.copyRateBytesPerSec }),
+    ...(h.nonZeroBytes === undefined ? {} : { zeroPageShare: 1 - h.nonZeroBytes / i.memoryBytes }),
+    ...(h.fixedMs === undefined ? {} : { fixedMs: h.fixedMs }),
+  };
 }

@@ -7,6 +7,7 @@ import {
   estimateError,
   estimateMigration,
   summarizeAccuracy,
+  withDriverHints,
   type EstimateInput,
 } from '../../core/mobility/migration-estimate.ts';
 
@@ -215,6 +216,11 @@ describe('estimateMigration: bad input', () => {
     ['copyCpuFactor', { copyCpuFactor: 0 }],
     ['copyCpuFactor', { copyCpuFactor: 2 }],
     ['perRoundOverheadMs', { perRoundOverheadMs: -1 }],
+    ['zeroPageShare', { zeroPageShare: -0.1 }],
+    ['zeroPageShare', { zeroPageShare: 1.5 }],
+    ['zeroPageShare', { zeroPageShare: Number.NaN }],
+    ['fixedMs', { fixedMs: -1 }],
+    ['fixedMs', { fixedMs: Number.POSITIVE_INFINITY }],
   ];
   for (const [field, patch] of cases) {
     it(`rejects ${field} = ${String(Object.values(patch)[0])} with PLAN_INPUT_INVALID`, () => {
@@ -245,4 +251,68 @@ describe('estimate accuracy helpers', () => {
     expectInvalid(() => estimateError(Number.NaN, 100), 'estimateMs');
     expectInvalid(() => summarizeAccuracy([{ estimateMs: 1, actualMs: -3 }]), 'actualMs');
   });
+});
+
+describe('estimateMigration: a stream that skips zero pages (qemu)', () => {
+  it('round 0 sends only the non-zero share; the bytes say so', () => {
+    const e = estimateMigration({ ...base, memoryBytes: 100e6, dirtyRateBytesPerSec: 0, zeroPageShare: 0.75 });
+    expect(e).toEqual({ totalMs: 250, rounds: 2, downtimeMs: 0, bytes: 25e6, converges: true, throttleSteps: 0 });
+  });
+
+  it('an all-zero VM costs only its fixed cost', () => {
+    const e = estimateMigration({ ...base, dirtyRateBytesPerSec: 0, zeroPageShare: 1, fixedMs: 40 });
+    expect(e.totalMs).toBe(40);
+    expect(e.bytes).toBe(0);
+  });
+
+  it('pages dirtied during round 0 are sent in full even when memory was mostly zero', () => {
+    const sparse = estimateMigration({ ...base, memoryBytes: 64 * MiB, dirtyRateBytesPerSec: 20e6, zeroPageShare: 0.5 });
+    const dense = estimateMigration({ ...base, memoryBytes: 64 * MiB, dirtyRateBytesPerSec: 20e6 });
+    expect(sparse.totalMs).toBeLessThan(dense.totalMs);
+    expect(sparse.bytes).toBeGreaterThan(32 * MiB); // round 0's half plus what was dirtied meanwhile
+  });
+
+  it('fixedMs adds to the total once and is no downtime', () => {
+    const without = estimateMigration(base);
+    const withFixed = estimateMigration({ ...base, fixedMs: 120 });
+    expect(withFixed.totalMs).toBeCloseTo(without.totalMs + 120, 9);
+    expect(withFixed.downtimeMs).toBe(without.downtimeMs);
+    expect(withFixed.rounds).toBe(without.rounds);
+  });
+
+  it('zeroPageShare 0 and fixedMs 0 change nothing (the sim estimates as before)', () => {
+    expect(estimateMigration({ ...base, zeroPageShare: 0, fixedMs: 0 })).toEqual(estimateMigration(base));
+  });
+});
+
+describe('withDriverHints', () => {
+  const input: EstimateInput = { ...base, memoryBytes: 400 * MiB, copyCpuFactor: 0.5, bandwidthBytesPerSec: 1e9 };
+
+  it("the driver's copy rate replaces the probed bandwidth and the CPU factor; non-zero bytes become the zero share", () => {
+    const i = withDriverHints(input, { nonZeroBytes: 100 * MiB, copyRateBytesPerSec: 200e6, fixedMs: 50, source: 'test' });
+    expect(i.bandwidthBytesPerSec).toBe(200e6);
+    expect(i.copyCpuFactor).toBeUndefined();
+    expect(i.zeroPageShare).toBe(0.75);
+    expect(i.fixedMs).toBe(50);
+    expect(estimateMigration({ ...i, dirtyRateBytesPerSec: 0 }).totalMs).toBeCloseTo(50 + ((100 * MiB) / 200e6) * 1000, 9);
+  });
+
+  it('hints left out leave the input as it was', () => {
+    expect(withDriverHints(input, { source: 'nothing known' })).toEqual(input);
+    expect(withDriverHints(input, { nonZeroBytes: 400 * MiB, source: 'dump' })).toEqual({ ...input, zeroPageShare: 0 });
+  });
+
+  const badHints: readonly [string, Record<string, number>][] = [
+    ['nonZeroBytes', { nonZeroBytes: -1 }],
+    ['nonZeroBytes', { nonZeroBytes: 401 * MiB }],
+    ['nonZeroBytes', { nonZeroBytes: Number.NaN }],
+    ['copyRateBytesPerSec', { copyRateBytesPerSec: 0 }],
+    ['copyRateBytesPerSec', { copyRateBytesPerSec: Number.POSITIVE_INFINITY }],
+    ['fixedMs', { fixedMs: -3 }],
+  ];
+  for (const [field, patch] of badHints) {
+    it(`rejects ${field} = ${String(Object.values(patch)[0])} with PLAN_INPUT_INVALID`, () => {
+      expectInvalid(() => withDriverHints(input, { ...patch, source: 'bad' }), field);
+    });
+  }
 });
