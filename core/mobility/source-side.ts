@@ -195,7 +195,11 @@ export class SourceSide implements SourceSteps {
     this.earlyPrimary = early;
     const reply = await this.request({ type: 'StartMigration', migrationId: input.migrationId, vm: this.o.vm, elements, resources: { memory: vm.memory, vcpus: vm.vcpus }, modules });
     this.stats.bytes += elements.byteLength;
-    if (reply.type !== 'MigrationPermitted') this.closeEarlyPrimary();
+    if (reply.type !== 'MigrationPermitted') {
+      // Denied: no later step runs (no roll-back either), so both links end here.
+      this.closeEarlyPrimary();
+      void this.conn?.close().catch(() => {});
+    }
     return reply.type === 'MigrationPermitted' ? { permitted: true } : { permitted: false, reason: reply.reason };
   }
 
