@@ -31,6 +31,8 @@ export type TargetStateName =
   | 'vmReceived'
   | 'applyingDirty'
   | 'syncing'
+  | 'booting'
+  | 'booted'
   | 'committing'
   | 'discarding';
 
@@ -69,6 +71,8 @@ const ACTIVE_TARGET: readonly TargetStateName[] = [
   'vmReceived',
   'applyingDirty',
   'syncing',
+  'booting',
+  'booted',
   'committing',
   'discarding',
 ];
@@ -88,7 +92,7 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   // migration's own source, naming its VM.
   PrepareIncoming: { kind: 'live', role: 'target', states: ['eventsStaged'], vm: true },
   DirtyObjects: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
-  MigrationComplete: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
+  MigrationComplete: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing', 'booted'] },
   // Several destinations (issue 13): only once the final round is in, from the migration's own source.
   BootIncoming: { kind: 'live', role: 'target', states: ['syncing'] },
   ModuleRequest: { kind: 'live', role: 'source', states: ['sendingState'] },

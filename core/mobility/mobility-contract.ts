@@ -1,4 +1,4 @@
-import type { DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, StartMigration, VmMemory } from '../wire/frames.ts';
+import type { BootIncoming, DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, StartMigration, VmMemory } from '../wire/frames.ts';
 
 /**
  * The contract between the migration state machines (source-machine.ts, target-machine.ts: the
@@ -22,7 +22,7 @@ export type SourcePhase =
   | 'aborted'
   | 'denied';
 
-export type TargetPhase = 'evaluating' | 'permitted' | 'stateStaged' | 'eventsStaged' | 'vmReceived' | 'syncing' | 'committing' | 'committed' | 'discarding' | 'aborted' | 'denied';
+export type TargetPhase = 'evaluating' | 'permitted' | 'stateStaged' | 'eventsStaged' | 'vmReceived' | 'syncing' | 'booted' | 'committing' | 'committed' | 'discarding' | 'aborted' | 'denied';
 
 export type MigrationOutcome = 'completed' | 'aborted' | 'denied';
 
@@ -112,6 +112,8 @@ export type TargetEvent =
   | { readonly type: 'VM_MEMORY'; readonly frame: VmMemory; readonly reply: StepReply }
   | { readonly type: 'DIRTY_OBJECTS'; readonly frame: DirtyObjects; readonly reply: StepReply }
   | { readonly type: 'MIGRATION_COMPLETE'; readonly frame: MigrationComplete; readonly reply: StepReply }
+  /** Several destinations (issue 13): boot to the last reversible point, then wait for MigrationComplete or Abort. */
+  | { readonly type: 'BOOT_INCOMING'; readonly frame: BootIncoming; readonly reply: StepReply }
   | { readonly type: 'ABORT'; readonly reason: string };
 
 /** Steps of the target side, each a `fromPromise` actor; a rejection means "reply with failure and discard". */
@@ -130,6 +132,12 @@ export interface TargetSteps {
   receiveMemory(input: TargetInput & { readonly frame: VmMemory }): Promise<void>;
   /** Apply a DirtyObjects round: element deltas and events since the last round. */
   applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void>;
+  /**
+   * Several destinations (issue 13): take the incoming VM to its last reversible point (booted, not
+   * running, nothing of it visible outside); the first destination to report it wins. Rejects when
+   * it cannot (the destination then discards and counts as failed to boot).
+   */
+  bootIncoming(input: TargetInput & { readonly frame: BootIncoming }): Promise<void>;
   /** Make it ours in one transaction (elements, embots with snapshots, VM; journal 'committed'), then release the queues and start the embots. */
   commit(input: TargetInput): Promise<void>;
   /** Throw away everything staged for this migration. */

@@ -514,10 +514,13 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: describeError(e) };
         }
       },
-      // Several destinations (issue 13): the frame and its guard rule exist; booting to the last
-      // reversible point is the next step (README "Several destinations"). Until then the source
-      // reads this answer as a failed boot, and the migration stays where it was.
-      BootIncoming: (frame) => ({ type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: `${this.host.agent} cannot boot an incoming VM for a migration to several destinations yet` }),
+      // Several destinations (issue 13): boot to the last reversible point, then wait for the decision.
+      BootIncoming: (frame) => {
+        const at = performance.now();
+        return step(frame.migrationId, (reply) => ({ type: 'BOOT_INCOMING', frame, reply }), (r) =>
+          r.ok ? { type: 'BootReady', migrationId: frame.migrationId, bootMs: performance.now() - at } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const);
+      },
       PathOffer: async (frame) => {
         const free = Math.max(0, 1 - (await this.host.hostLoad()));
         const need = frame.paths * this.host.reassemblyCpuPerPath;
@@ -635,6 +638,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           stageEvents: fromPromise(({ input }: { input: Parameters<TargetSide['stageEvents']>[0] }) => side.stageEvents(input)),
           receiveMemory: fromPromise(({ input }: { input: Parameters<TargetSide['receiveMemory']>[0] }) => side.receiveMemory(input)),
           applyDirty: fromPromise(({ input }: { input: Parameters<TargetSide['applyDirty']>[0] }) => side.applyDirty(input)),
+          bootIncoming: fromPromise(({ input }: { input: Parameters<TargetSide['bootIncoming']>[0] }) => side.bootIncoming(input)),
           commit: fromPromise(({ input }: { input: TargetInput }) => side.commit(input)),
           discard: fromPromise(({ input }: { input: Parameters<TargetSide['discard']>[0] }) => side.discard(input)),
         },

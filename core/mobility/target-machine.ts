@@ -6,14 +6,14 @@
  */
 import { assign, fromPromise, setup } from 'xstate';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
-import type { DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, VmMemory } from '../wire/frames.ts';
+import type { BootIncoming, DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, VmMemory } from '../wire/frames.ts';
 import type { MigrationOutcome, StepReply, TargetEvent, TargetInput, TargetPhase, TargetSteps } from './mobility-contract.ts';
 
 /** A request event: it carries the frame and the callback that answers it. */
 export type TargetRequest = Extract<TargetEvent, { readonly reply: StepReply }>;
 export type TargetRequestType = TargetRequest['type'];
 
-export const TARGET_REQUEST_TYPES: readonly TargetRequestType[] = ['MANAGEMENT_STATE', 'MANAGEMENT_EVENT_STATE', 'VM_MEMORY', 'DIRTY_OBJECTS', 'MIGRATION_COMPLETE'];
+export const TARGET_REQUEST_TYPES: readonly TargetRequestType[] = ['MANAGEMENT_STATE', 'MANAGEMENT_EVENT_STATE', 'VM_MEMORY', 'DIRTY_OBJECTS', 'MIGRATION_COMPLETE', 'BOOT_INCOMING'];
 
 export interface TargetContext {
   readonly input: TargetInput;
@@ -58,6 +58,7 @@ interface FrameOf {
   readonly VM_MEMORY: VmMemory;
   readonly DIRTY_OBJECTS: DirtyObjects;
   readonly MIGRATION_COMPLETE: MigrationComplete;
+  readonly BOOT_INCOMING: BootIncoming;
 }
 
 /** The frame of the pending request, checked against the type the step serves. */
@@ -93,6 +94,7 @@ function refuseOthers(state: string, expected: readonly TargetRequestType[]) {
     VM_MEMORY: pick('VM_MEMORY'),
     DIRTY_OBJECTS: pick('DIRTY_OBJECTS'),
     MIGRATION_COMPLETE: pick('MIGRATION_COMPLETE'),
+    BOOT_INCOMING: pick('BOOT_INCOMING'),
   };
 }
 
@@ -118,6 +120,7 @@ function busy(state: string) {
     VM_MEMORY: refuse,
     DIRTY_OBJECTS: refuse,
     MIGRATION_COMPLETE: refuse,
+    BOOT_INCOMING: refuse,
     ABORT: { target: '#target.discarding', actions: [{ type: 'recordAbort', params: { state } }, 'failPending'] },
   } as const;
 }
@@ -140,6 +143,7 @@ const targetSetup = setup({
     stageEvents: fromPromise<void, TargetInput & { readonly frame: ManagementEventState }>(async () => notProvided('stageEvents')),
     receiveMemory: fromPromise<void, TargetInput & { readonly frame: VmMemory }>(async () => notProvided('receiveMemory')),
     applyDirty: fromPromise<void, TargetInput & { readonly frame: DirtyObjects }>(async () => notProvided('applyDirty')),
+    bootIncoming: fromPromise<void, TargetInput & { readonly frame: BootIncoming }>(async () => notProvided('bootIncoming')),
     commit: fromPromise<void, TargetInput>(async () => notProvided('commit')),
     discard: fromPromise<void, TargetInput & { readonly reason: string }>(async () => notProvided('discard')),
   },
@@ -209,6 +213,8 @@ const targetSetup = setup({
  * - evaluating → permitted → stagingState → stateStaged → stagingEvents → eventsStaged →
  *   receivingMemory (one `receiveMemory` per VmMemory frame, until the `last` one) → vmReceived →
  *   (applyingDirty → syncing)* → committing → committed.
+ * - Several destinations (issue 13): syncing → booting (BootIncoming) → booted → committing on
+ *   MigrationComplete (this destination won); Abort, a timeout or another request discards.
  * - Each request is answered when its step settles: ok, or the failure (`instantiation` when the
  *   step's error has `instantiation: true`), then discarding → aborted.
  * - A waiting state times out after `stepMs` (`vmMs` while the VM travels) → discarding. ABORT
@@ -332,12 +338,29 @@ export function createTargetMachine() {
       },
       syncing: {
         entry: enter('syncing'),
-        ...waiting('syncing', 'stepTimeout', ['DIRTY_OBJECTS', 'MIGRATION_COMPLETE']),
+        ...waiting('syncing', 'stepTimeout', ['DIRTY_OBJECTS', 'MIGRATION_COMPLETE', 'BOOT_INCOMING']),
         on: {
-          ...waiting('syncing', 'stepTimeout', ['DIRTY_OBJECTS', 'MIGRATION_COMPLETE']).on,
+          ...waiting('syncing', 'stepTimeout', ['DIRTY_OBJECTS', 'MIGRATION_COMPLETE', 'BOOT_INCOMING']).on,
           DIRTY_OBJECTS: { target: 'applyingDirty', actions: 'takeRequest' },
           MIGRATION_COMPLETE: { target: 'committing', actions: 'takeRequest' },
+          BOOT_INCOMING: { target: 'booting', actions: 'takeRequest' },
         },
+      },
+      // Several destinations (issue 13): only once the final round is in.
+      booting: {
+        invoke: {
+          src: 'bootIncoming',
+          input: ({ context }) => ({ ...context.input, frame: pendingFrame(context, 'BOOT_INCOMING') }),
+          onDone: { target: 'booted', actions: 'replyOk' },
+          onError: failStep('bootIncoming'),
+        },
+        on: busy('booting'),
+      },
+      // Booted, not running: the source's MigrationComplete (this destination won) or its Abort (another did).
+      booted: {
+        entry: enter('booted'),
+        ...waiting('booted', 'stepTimeout', ['MIGRATION_COMPLETE']),
+        on: { ...waiting('booted', 'stepTimeout', ['MIGRATION_COMPLETE']).on, MIGRATION_COMPLETE: { target: 'committing', actions: 'takeRequest' } },
       },
       committing: {
         entry: enter('committing'),

@@ -1,8 +1,8 @@
 import { unpack } from 'msgpackr';
-import { describeError } from '../errors.ts';
+import { ErrorCodes, ProtocolError, describeError } from '../errors.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
-import type { DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, PageBatch, PrepareIncoming, VmMemory } from '../wire/frames.ts';
+import type { BootIncoming, DirtyObjects, ManagementEventState, ManagementState, ModuleBundle, PageBatch, PrepareIncoming, VmMemory } from '../wire/frames.ts';
 import type { ExportedEmbot } from '../../embots/index.ts';
 import type { TargetInput, TargetSteps } from './mobility-contract.ts';
 import { InstantiationError, type MobilityHost } from './mobility-host.ts';
@@ -170,6 +170,20 @@ export class TargetSide implements TargetSteps {
     await this.incoming;
     const pages = this.host.driver.capabilities.incomingPages;
     if (pages && !pages.complete(this.vm)) throw new InstantiationError('the source says the memory is complete, but its final page batch has not arrived');
+  }
+
+  /**
+   * Several destinations (issue 13): the incoming VM at its last reversible point. For a driver
+   * whose memory rides the data paths (the sim) that is every page batch in, each checked against
+   * its checksum on arrival, the VM held not running until commitIncoming. A driver with a stream
+   * of its own (qemu: stream complete, paused under -S) needs its own check, not built yet.
+   */
+  async bootIncoming(_input: TargetInput & { readonly frame: BootIncoming }): Promise<void> {
+    if (!this.incoming) throw new InstantiationError('asked to boot, but no incoming VM was prepared (PrepareIncoming)');
+    await this.incoming;
+    const pages = this.host.driver.capabilities.incomingPages;
+    if (!pages) throw new ProtocolError(ErrorCodes.DRIVER_UNSUPPORTED, `booting an incoming VM before its commit is not built for the ${this.host.driver.name} driver yet`);
+    if (!pages.complete(this.vm)) throw new InstantiationError('asked to boot, but the final page batch has not arrived');
   }
 
   async applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void> {

@@ -2,7 +2,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { createActor, fromPromise, type StateValue } from 'xstate';
 import type { StepReply, TargetInput, TargetPhase, TargetSteps } from '../../core/mobility/mobility-contract.ts';
 import { createTargetMachine, TARGET_REQUEST_TYPES, type TargetOutput, type TargetRequestType } from '../../core/mobility/target-machine.ts';
-import type { DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, StartMigration, VmMemory } from '../../core/wire/frames.ts';
+import type { BootIncoming, DirtyObjects, ManagementEventState, ManagementState, MigrationComplete, StartMigration, VmMemory } from '../../core/wire/frames.ts';
 import { TransitionCoverage } from '../harness/coverage.ts';
 
 const STEP_MS = 1_000;
@@ -38,6 +38,8 @@ function frameFor(type: TargetRequestType, opts: { seq?: number; last?: boolean;
       return { ...base, type: 'DirtyObjects', round: opts.round ?? 0, deltas: new Uint8Array([4]), events: new Uint8Array([5]) } satisfies DirtyObjects;
     case 'MIGRATION_COMPLETE':
       return { ...base, type: 'MigrationComplete' } satisfies MigrationComplete;
+    case 'BOOT_INCOMING':
+      return { ...base, type: 'BootIncoming' } satisfies BootIncoming;
   }
 }
 
@@ -72,7 +74,7 @@ function start(steps: Partial<Record<Step, readonly Behaviour[]>> = {}) {
       return (b === 'ok' ? defaults[step] : b.value) as never;
     });
 
-  const names: Step[] = ['evaluate', 'stageState', 'stageEvents', 'receiveMemory', 'applyDirty', 'commit', 'discard'];
+  const names: Step[] = ['evaluate', 'stageState', 'stageEvents', 'receiveMemory', 'applyDirty', 'bootIncoming', 'commit', 'discard'];
   const machine = createTargetMachine().provide({
     actors: Object.fromEntries(names.map((s) => [s, fake(s)])) as never,
     actions: {
@@ -109,7 +111,7 @@ function start(steps: Partial<Record<Step, readonly Behaviour[]>> = {}) {
 }
 type Harness = ReturnType<typeof start>;
 
-/** The happy path, one move at a time, to reach any state on it. */
+/** The happy path of one destination among several (BootIncoming before the commit), one move at a time, to reach any state on it. */
 const MOVES: readonly ((h: Harness) => unknown)[] = [
   (h) => h.settle(),
   (h) => h.send('MANAGEMENT_STATE'),
@@ -121,6 +123,8 @@ const MOVES: readonly ((h: Harness) => unknown)[] = [
   (h) => h.send('VM_MEMORY', { seq: 1, last: true }),
   (h) => h.settle(),
   (h) => h.send('DIRTY_OBJECTS', { round: 0 }),
+  (h) => h.settle(),
+  (h) => h.send('BOOT_INCOMING'),
   (h) => h.settle(),
   (h) => h.send('MIGRATION_COMPLETE'),
   (h) => h.settle(),
@@ -156,9 +160,16 @@ const WAITING: readonly { label: string; value: StateValue; expects: readonly Ta
   {
     label: 'syncing',
     value: 'syncing',
-    expects: ['DIRTY_OBJECTS', 'MIGRATION_COMPLETE'],
+    expects: ['DIRTY_OBJECTS', 'MIGRATION_COMPLETE', 'BOOT_INCOMING'],
     limit: STEP_MS,
     before: ['evaluate', 'stageState', 'stageEvents', 'receiveMemory', 'receiveMemory', 'applyDirty'],
+  },
+  {
+    label: 'booted',
+    value: 'booted',
+    expects: ['MIGRATION_COMPLETE'],
+    limit: STEP_MS,
+    before: ['evaluate', 'stageState', 'stageEvents', 'receiveMemory', 'receiveMemory', 'applyDirty', 'bootIncoming'],
   },
 ];
 
@@ -168,6 +179,7 @@ const BUSY: readonly { label: string; value: StateValue; step: Step; serves: Tar
   { label: 'stagingEvents', value: 'stagingEvents', step: 'stageEvents', serves: 'MANAGEMENT_EVENT_STATE' },
   { label: 'receivingMemory', value: { receivingMemory: 'applying' }, step: 'receiveMemory', serves: 'VM_MEMORY' },
   { label: 'applyingDirty', value: 'applyingDirty', step: 'applyDirty', serves: 'DIRTY_OBJECTS' },
+  { label: 'booting', value: 'booting', step: 'bootIncoming', serves: 'BOOT_INCOMING' },
 ];
 
 const ok: Reply = { ok: true };
@@ -231,6 +243,28 @@ describe('target machine: happy paths', () => {
     expect(h.journal).toEqual(phases);
     expect(h.progress).toEqual(phases);
     expect(out).toEqual({ outcome: 'completed', errors: [], memoryFrames: 3, dirtyRounds: rounds });
+  });
+
+  it('one destination among several: boots after the final round, waits booted, commits on MigrationComplete', async () => {
+    const h = start();
+    await reach(h, 'booted');
+    expect(h.replies.at(-1)).toEqual({ to: 'BOOT_INCOMING', reply: ok });
+    expect(h.sequence()).not.toContain('commit');
+    h.send('MIGRATION_COMPLETE');
+    const out = await h.finish();
+    expect(h.sequence().slice(-2)).toEqual(['bootIncoming', 'commit']);
+    expect(h.journal.slice(-4)).toEqual(['syncing', 'booted', 'committing', 'committed']);
+    expect(out).toMatchObject({ outcome: 'completed', errors: [] });
+  });
+
+  it('one destination among several that lost: Abort while booted discards everything, naming why', async () => {
+    const h = start();
+    await reach(h, 'booted');
+    h.actor.send({ type: 'ABORT', reason: 'terminated: c booted first (migration m-1)' });
+    const out = await h.finish();
+    expect(h.sequence()).not.toContain('commit');
+    expect(h.sequence().at(-1)).toBe('discard');
+    expect(out).toMatchObject({ outcome: 'aborted', reason: 'aborted by source in booted: terminated: c booted first (migration m-1)' });
   });
 
   it('denies with the policy reason and stages nothing', async () => {
@@ -308,7 +342,8 @@ describe('target machine: a fault at each step replies with the failure and disc
     { name: 'receiveMemory (first frame)', steps: { receiveMemory: ['reject'] }, step: 'receiveMemory', at: 'VM_MEMORY', moves: 7, instantiation: false },
     { name: 'receiveMemory (last frame)', steps: { receiveMemory: ['ok', 'reject'] }, step: 'receiveMemory', at: 'VM_MEMORY', moves: 9, instantiation: false },
     { name: 'applyDirty', steps: { applyDirty: ['reject'] }, step: 'applyDirty', at: 'DIRTY_OBJECTS', moves: 11, instantiation: false },
-    { name: 'commit', steps: { commit: ['reject'] }, step: 'commit', at: 'MIGRATION_COMPLETE', moves: 13, instantiation: false },
+    { name: 'bootIncoming', steps: { bootIncoming: ['reject'] }, step: 'bootIncoming', at: 'BOOT_INCOMING', moves: 13, instantiation: false },
+    { name: 'commit', steps: { commit: ['reject'] }, step: 'commit', at: 'MIGRATION_COMPLETE', moves: 15, instantiation: false },
   ];
 
   it.each(FAULTS)('$name rejects → the request is answered with the failure → discard → aborted', async ({ steps, step, at, moves, instantiation }) => {
