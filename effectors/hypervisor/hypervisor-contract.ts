@@ -1,4 +1,5 @@
 import type { EventEmitter } from 'eventemitter3';
+import type { DriverEstimateHints } from '../../core/mobility/migration-estimate.ts';
 import type { PageBatch, PeerConnection } from '../../core/wire/index.ts';
 
 /**
@@ -203,8 +204,19 @@ export interface IncomingPages {
   complete(vm: string): boolean;
 }
 
+/**
+ * Optional: what a driver with a memory stream of its own (qemu) knows of it, for the planner's
+ * estimate (`withDriverHints` in core/mobility/migration-estimate.ts). Drivers whose memory
+ * crosses the agent's data paths (the sim) have none: the path probe measures their stream.
+ */
+export interface MigrationModel {
+  /** Cheap: figures already known (a prior migration's calibration, a past measurement); never moves memory. */
+  estimateHints(vm: string, options?: { readonly channels?: number }): Promise<DriverEstimateHints>;
+}
+
 export interface HypervisorCapabilities {
   readonly faults?: FaultInjection;
+  readonly migrationModel?: MigrationModel;
   readonly incomingPages?: IncomingPages;
   readonly loadKnob?: LoadKnob;
   readonly memoryChecksum?: MemoryChecksum;

@@ -2,6 +2,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
+import type { DriverEstimateHints } from '../../../core/mobility/migration-estimate.ts';
 import type {
   HypervisorCapabilities,
   HypervisorDriver,
@@ -84,13 +85,46 @@ interface Vm {
   /** Reason for the STOP/RESUME event a pause()/resume() is about to cause (QEMU sends it before the reply). */
   intent: string | undefined;
   dirtyRate: number | undefined;
+  /** Bytes of non-zero pages, as last counted by {@link QemuDriver.measureNonZeroBytes}. */
+  nonZero: { readonly bytes: number; readonly at: number } | undefined;
   cpuSample: { readonly at: number; readonly ticks: number } | undefined;
   load: number;
 }
 
+/**
+ * What one completed migration out showed of QEMU's own stream. The last
+ * {@link CALIBRATION_SAMPLES} per channel count are kept in `<root>/migration-model.json` (an agent
+ * restart keeps them) and their medians are the copy rate and fixed cost the estimate uses: under
+ * TCG the stream is CPU-bound, so the link's bandwidth (the planner's probe) says little about it,
+ * and one migration on a shared machine is a noisy sample.
+ */
+export interface StreamCalibration {
+  /** Non-zero page bytes sent / the time from QEMU's end of setup to completion, bytes/s. */
+  readonly copyRateBytesPerSec: number;
+  /** QEMU's setup time (creating the channels), ms. */
+  readonly fixedMs: number;
+  /** What the rate was computed from: bytes sent and QEMU's sending time (ms). */
+  readonly sentBytes: number;
+  readonly sendMs: number;
+  readonly vm: string;
+  readonly at: number;
+}
+
+interface ModelFile {
+  readonly version: 1;
+  readonly byChannels: Readonly<Record<string, readonly StreamCalibration[]>>;
+}
+
+/** Migrations per channel count whose medians make the calibration. */
+export const CALIBRATION_SAMPLES = 5;
+/** A migration that sent less than this says more about its fixed cost than its rate: not kept. */
+const MIN_CALIBRATION_BYTES = 16 * 1024 * 1024;
+
 /** QEMU's max-bandwidth has no "unlimited"; this is far above what a host link carries. */
 const UNLIMITED_BANDWIDTH = 1024 ** 4;
 const MiB = 1024 * 1024;
+const PAGE = 4096;
+const MODEL_FILE = 'migration-model.json';
 const CLOCK_TICKS = 100;
 
 const PHASES: Readonly<Record<MigrationStatus, MigrationPhase>> = {
@@ -132,12 +166,15 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   private readonly pollMs: number;
   private readonly timeoutMs: number;
   private closed = false;
+  private calibrations: Map<number, readonly StreamCalibration[]>;
 
   constructor(private readonly o: QemuDriverOptions) {
     this.pollMs = o.pollMs ?? 100;
     this.timeoutMs = o.timeoutMs ?? 30_000;
     mkdirSync(o.root, { recursive: true });
+    this.calibrations = readModelFile(join(o.root, MODEL_FILE));
     this.capabilities = {
+      migrationModel: { estimateHints: (vm, opts) => this.estimateHints(vm, opts?.channels ?? 1) },
       memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
       faults: { crash: (vm) => this.crash(vm) },
     };
@@ -199,6 +236,74 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         this.require(name).dirtyRate = rate;
         return rate;
       }
+    }
+  }
+
+  /**
+   * Counts the VM's non-zero pages (QMP `pmemsave` of its RAM in 64 MiB pieces, each scanned and
+   * deleted), for the estimate: QEMU sends a zero page as a header only. Costs about a write and a
+   * read of the RAM on the state dir's disk; the VM may run meanwhile (the count is then as of
+   * some moment during the scan). Returns bytes and keeps them for {@link estimateHints}.
+   */
+  async measureNonZeroBytes(name: string): Promise<number> {
+    const vm = this.require(name);
+    const proc = this.requireProc(name, 'count the non-zero pages of');
+    const piece = 64 * MiB;
+    const zero = Buffer.alloc(PAGE);
+    let nonZero = 0;
+    for (let address = 0; address < vm.spec.memory; address += piece) {
+      const length = Math.min(piece, vm.spec.memory - address);
+      const file = join(vm.stateDir, `pmem-scan-${process.pid}-${Date.now()}.bin`);
+      try {
+        await proc.qmp.execute('pmemsave', { val: address, size: length, filename: file }, { timeoutMs: Math.max(this.timeoutMs, 120_000) });
+        const buf = readFileSync(file);
+        for (let off = 0; off < buf.length; off += PAGE) if (buf.compare(zero, 0, Math.min(PAGE, buf.length - off), off, Math.min(off + PAGE, buf.length)) !== 0) nonZero += PAGE;
+      } finally {
+        rmSync(file, { force: true });
+      }
+    }
+    const bytes = Math.min(nonZero, vm.spec.memory);
+    vm.nonZero = { bytes, at: Date.now() };
+    return bytes;
+  }
+
+  /** The samples kept for `channels` (oldest first) and their medians, if any. */
+  calibration(channels: number): { readonly copyRateBytesPerSec: number; readonly fixedMs: number; readonly samples: readonly StreamCalibration[] } | undefined {
+    const samples = this.calibrations.get(channels) ?? [];
+    if (samples.length === 0) return undefined;
+    return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec)), fixedMs: medianOf(samples.map((x) => x.fixedMs)), samples };
+  }
+
+  private async estimateHints(name: string, channels: number): Promise<DriverEstimateHints> {
+    const vm = this.require(name);
+    const c = this.calibration(channels);
+    const parts = [
+      c === undefined
+        ? `no migration out with ${channels} channel(s) yet (copy rate unknown)`
+        : `copy rate and fixed cost: medians of the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')})`,
+      vm.nonZero === undefined ? 'non-zero pages not counted' : `non-zero pages counted at ${new Date(vm.nonZero.at).toISOString()}`,
+    ];
+    return {
+      ...(vm.nonZero === undefined ? {} : { nonZeroBytes: vm.nonZero.bytes }),
+      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs }),
+      source: `qemu: ${parts.join('; ')}`,
+    };
+  }
+
+  /** Keeps what a completed migration showed of the stream; a migration too short to time says nothing. */
+  private calibrate(vm: string, channels: number, info: MigrationInfo, wallMs: number): void {
+    // The driver's own clock, not QEMU's total-time: 7.2 reports it short (or 0) for some migrations.
+    const setupMs = Math.min(info['setup-time'] ?? 0, wallMs);
+    const sendMs = wallMs - setupMs;
+    const sent = info.ram?.['normal-bytes'] ?? 0;
+    if (!(sendMs > 0) || !(sent >= MIN_CALIBRATION_BYTES) || !(wallMs >= sendMs)) return;
+    const sample: StreamCalibration = { copyRateBytesPerSec: (sent / sendMs) * 1000, fixedMs: wallMs - sendMs, sentBytes: sent, sendMs, vm, at: Date.now() };
+    this.calibrations.set(channels, [...(this.calibrations.get(channels) ?? []), sample].slice(-CALIBRATION_SAMPLES));
+    const file: ModelFile = { version: 1, byChannels: Object.fromEntries([...this.calibrations].map(([k, v]) => [String(k), v])) };
+    try {
+      writeFileSync(join(this.o.root, MODEL_FILE), `${JSON.stringify(file, null, 2)}\n`);
+    } catch {
+      // A calibration is a hint: failing to keep it costs the next estimate its precision, nothing else.
     }
   }
 
@@ -425,6 +530,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const initialDirtyRate = vm.dirtyRate;
     let finalDirtyRate = 0;
     let lastInfo: MigrationInfo = {};
+    let handoverMs = 0;
     const progress = (info: MigrationInfo): MigrationProgress => ({
       phase: PHASES[info.status ?? 'none'],
       rounds: info.ram?.['dirty-sync-count'] ?? 0,
@@ -484,8 +590,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         }
         if (info.status === 'pre-switchover' && !switched) {
           switched = true;
+          const h0 = Date.now();
           try {
             await o.beforeSwitchover?.();
+            handoverMs = Date.now() - h0;
           } catch (e) {
             await cancel();
             throw e;
@@ -517,6 +625,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       vm.expectingExit = 'migrated';
       this.setState(vm, 'migrated', 'migrated');
       const ended = completedAt ?? Date.now();
+      // The caller's hand-over at the switch is not the stream's: left out of the calibration.
+      this.calibrate(name, channels, lastInfo, ended - started - handoverMs);
       return {
         bytes: lastInfo.ram?.transferred ?? 0,
         rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
@@ -725,6 +835,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       migrating: false,
       intent: undefined,
       dirtyRate: undefined,
+      nonZero: undefined,
       cpuSample: undefined,
       load: 0,
     };
@@ -890,3 +1001,35 @@ function isPersisted(state: unknown): state is QemuPersistedState {
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+function medianOf(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+}
+
+function readModelFile(file: string): Map<number, readonly StreamCalibration[]> {
+  const out = new Map<number, readonly StreamCalibration[]>();
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(file, 'utf8'));
+  } catch {
+    return out; // none yet, or unreadable: uncalibrated
+  }
+  const by = typeof parsed === 'object' && parsed !== null ? (parsed as { byChannels?: unknown }).byChannels : undefined;
+  if (typeof by !== 'object' || by === null) return out;
+  const num = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v) && v >= 0;
+  for (const [k, list] of Object.entries(by)) {
+    const channels = Number(k);
+    if (!Number.isInteger(channels) || channels < 1 || !Array.isArray(list)) continue;
+    const kept: StreamCalibration[] = [];
+    for (const v of list as unknown[]) {
+      const c = (typeof v === 'object' && v !== null ? v : {}) as Partial<Record<keyof StreamCalibration, unknown>>;
+      // A sample that does not read back whole is dropped, not guessed at: the estimate only loses precision.
+      if (num(c.copyRateBytesPerSec) && c.copyRateBytesPerSec > 0 && num(c.fixedMs) && num(c.sentBytes) && num(c.sendMs) && typeof c.vm === 'string' && num(c.at)) {
+        kept.push({ copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs, sentBytes: c.sentBytes, sendMs: c.sendMs, vm: c.vm, at: c.at });
+      }
+    }
+    if (kept.length > 0) out.set(channels, kept.slice(-CALIBRATION_SAMPLES));
+  }
+  return out;
+}
