@@ -1,0 +1,113 @@
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { CALIBRATION_SAMPLES, QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+
+const MiB = 1024 * 1024;
+const run = requireQemu();
+const qemus = qemuProcesses();
+const cleanups = cleanupsAfterEach();
+afterEach(() => qemus.killAll());
+
+function tempRoot(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'embot-qmodel-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+function driver(root: string): QemuDriver {
+  const d = new QemuDriver({ root, accel: 'tcg' });
+  cleanups.push(() => d.close());
+  return d;
+}
+
+const sample = (vm: string, rate: number, fixedMs: number): Record<string, unknown> => ({ copyRateBytesPerSec: rate, fixedMs, sentBytes: 64 * MiB, sendMs: 100, vm, at: 1 });
+
+// The model file is read back after a restart: outside input. These need no QEMU (no VM starts).
+describe('qemu migration model file (bad input)', () => {
+  it('an unreadable model file leaves the driver uncalibrated, nothing thrown', async () => {
+    const root = tempRoot();
+    writeFileSync(join(root, 'migration-model.json'), '{ not json');
+    const d = driver(root);
+    expect(d.calibration(1)).toBeUndefined();
+    await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
+    const hints = await d.capabilities.migrationModel!.estimateHints('v', { channels: 1 });
+    expect(hints.copyRateBytesPerSec).toBeUndefined();
+    expect(hints.nonZeroBytes).toBeUndefined();
+    expect(hints.source).toContain('copy rate unknown');
+  });
+
+  it('bad samples and channel counts are dropped, good ones kept; the hints are their medians', async () => {
+    const root = tempRoot();
+    const file = {
+      version: 1,
+      byChannels: {
+        '2': [sample('a', 100e6, 10), { ...sample('b', -5, 10) }, { ...sample('c', 300e6, 30) }, { vm: 'd' }, 'nonsense', sample('e', 200e6, 20)],
+        '0': [sample('z', 1e9, 1)],
+        x: [sample('z', 1e9, 1)],
+        '4': 'not a list',
+      },
+    };
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify(file));
+    const d = driver(root);
+    const c = d.calibration(2);
+    expect(c?.samples.map((s) => s.vm)).toEqual(['a', 'c', 'e']);
+    expect(c?.copyRateBytesPerSec).toBe(200e6);
+    expect(c?.fixedMs).toBe(20);
+    expect(d.calibration(4)).toBeUndefined();
+    expect(d.calibration(0)).toBeUndefined();
+    await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
+    const hints = await d.capabilities.migrationModel!.estimateHints('v', { channels: 2 });
+    expect(hints).toMatchObject({ copyRateBytesPerSec: 200e6, fixedMs: 20 });
+    // No samples for 1 channel: nothing borrowed from another channel count.
+    expect((await d.capabilities.migrationModel!.estimateHints('v')).copyRateBytesPerSec).toBeUndefined();
+  });
+
+  it('keeps only the last samples of a long list', () => {
+    const root = tempRoot();
+    const list = Array.from({ length: CALIBRATION_SAMPLES + 3 }, (_, i) => sample(`v${i}`, (i + 1) * 1e6, i));
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: { '1': list } }));
+    expect(driver(root).calibration(1)?.samples.map((s) => s.vm)).toEqual(list.slice(-CALIBRATION_SAMPLES).map((s) => s['vm']));
+  });
+});
+
+describe.skipIf(!run)('qemu migration model with real QEMU (TCG)', () => {
+  it('counts a guest\'s non-zero pages; a migration out calibrates the stream, persisted for the next driver on that root', async () => {
+    const root = qemus.root();
+    const srcRoot = join(root, 'src');
+    mkdirSync(srcRoot, { recursive: true });
+    const source = driver(srcRoot);
+    const target = driver(join(root, 'dst'));
+    // 96 MiB of RAM, the guest writes its first 48 MiB once: about half non-zero.
+    const vm: QemuVmSpec = { name: 'half', memory: 96 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0, limitMiB: 48 } };
+    await source.create(vm);
+    await source.start('half');
+    await heartbeat(source.stateDir('half'), 2);
+    const nonZero = await source.measureNonZeroBytes('half');
+    expect(nonZero).toBeGreaterThan(40 * MiB);
+    expect(nonZero).toBeLessThan(56 * MiB);
+    const before = await source.capabilities.migrationModel!.estimateHints('half', { channels: 1 });
+    expect(before.nonZeroBytes).toBe(nonZero);
+    expect(before.copyRateBytesPerSec).toBeUndefined();
+
+    const { endpoint } = await target.prepareIncoming(vm);
+    await source.migrateOut('half', { endpoint, channels: 1 });
+    await target.commitIncoming('half');
+    const c = source.calibration(1);
+    expect(c?.samples).toHaveLength(1);
+    expect(c?.samples[0]?.vm).toBe('half');
+    // The rate counts non-zero bytes only: the zero half is no part of sentBytes.
+    expect(c!.samples[0]!.sentBytes).toBeGreaterThan(40 * MiB);
+    expect(c!.samples[0]!.sentBytes).toBeLessThan(60 * MiB);
+    expect(c!.copyRateBytesPerSec).toBeGreaterThan(0);
+    expect(source.calibration(2)).toBeUndefined();
+
+    const saved = JSON.parse(readFileSync(join(srcRoot, 'migration-model.json'), 'utf8')) as { byChannels: Record<string, unknown[]> };
+    expect(saved.byChannels['1']).toHaveLength(1);
+    expect(driver(srcRoot).calibration(1)).toEqual(c);
+  }, 120_000);
+});
