@@ -212,6 +212,13 @@ export interface IncomingPages {
 export interface MigrationModel {
   /** Cheap: figures already known (a prior migration's calibration, a past measurement); never moves memory. */
   estimateHints(vm: string, options?: { readonly channels?: number }): Promise<DriverEstimateHints>;
+  /**
+   * After a completed migration out of `vm`: the caller's time from migrateOut until the target
+   * ran the VM, its own hand-over at the switch left out. The driver calibrates on it when its own
+   * clock ends early (qemu multifd). False when the driver kept nothing of that migration.
+   * @throws EffectorError EFFECTOR_ARGS_INVALID for a time that is not a positive number.
+   */
+  recordEndToEnd(vm: string, endToEndMs: number): boolean;
 }
 
 export interface HypervisorCapabilities {

@@ -2,6 +2,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { ErrorCodes } from '../../core/errors.ts';
 import { CALIBRATION_SAMPLES, QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
@@ -106,8 +107,21 @@ describe.skipIf(!run)('qemu migration model with real QEMU (TCG)', () => {
     expect(c!.copyRateBytesPerSec).toBeGreaterThan(0);
     expect(source.calibration(2)).toBeUndefined();
 
+    // The caller's end-to-end time replaces the source's clock in that sample (and is persisted).
+    const model = source.capabilities.migrationModel!;
+    const setupMs = c!.samples[0]!.fixedMs;
+    expect(model.recordEndToEnd('half', setupMs + 1000)).toBe(true);
+    const c2 = source.calibration(1)!;
+    expect(c2.samples[0]!.sendMs).toBe(1000);
+    expect(c2.copyRateBytesPerSec).toBeCloseTo(c!.samples[0]!.sentBytes, 3);
+    expect(model.recordEndToEnd('never-migrated', 500)).toBe(false);
+    for (const bad of [0, -1, Number.NaN, Number.POSITIVE_INFINITY]) {
+      expect(() => model.recordEndToEnd('half', bad)).toThrow(expect.objectContaining({ code: ErrorCodes.EFFECTOR_ARGS_INVALID }));
+    }
+    expect(source.calibration(1)).toEqual(c2);
+
     const saved = JSON.parse(readFileSync(join(srcRoot, 'migration-model.json'), 'utf8')) as { byChannels: Record<string, unknown[]> };
     expect(saved.byChannels['1']).toHaveLength(1);
-    expect(driver(srcRoot).calibration(1)).toEqual(c);
+    expect(driver(srcRoot).calibration(1)).toEqual(c2);
   }, 120_000);
 });

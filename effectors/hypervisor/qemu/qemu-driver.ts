@@ -174,7 +174,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     mkdirSync(o.root, { recursive: true });
     this.calibrations = readModelFile(join(o.root, MODEL_FILE));
     this.capabilities = {
-      migrationModel: { estimateHints: (vm, opts) => this.estimateHints(vm, opts?.channels ?? 1) },
+      migrationModel: { estimateHints: (vm, opts) => this.estimateHints(vm, opts?.channels ?? 1), recordEndToEnd: (vm, ms) => this.recordEndToEnd(vm, ms) },
       memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
       faults: { crash: (vm) => this.crash(vm) },
     };
@@ -299,6 +299,37 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (!(sendMs > 0) || !(sent >= MIN_CALIBRATION_BYTES) || !(wallMs >= sendMs)) return;
     const sample: StreamCalibration = { copyRateBytesPerSec: (sent / sendMs) * 1000, fixedMs: wallMs - sendMs, sentBytes: sent, sendMs, vm, at: Date.now() };
     this.calibrations.set(channels, [...(this.calibrations.get(channels) ?? []), sample].slice(-CALIBRATION_SAMPLES));
+    this.saveCalibrations();
+  }
+
+  /**
+   * The caller's time of the migration of `vm`, from migrateOut until the target ran it, its own
+   * hand-over left out: replaces the source's clock in that migration's sample. With multifd the
+   * source completes once its channels are written, while the target may still be taking them in
+   * (hundreds of ms for a few hundred MiB under TCG), so only the end-to-end time is the stream's.
+   * Returns false when no sample of `vm` is kept (too small, or pushed out).
+   */
+  private recordEndToEnd(vm: string, endToEndMs: number): boolean {
+    if (!(Number.isFinite(endToEndMs) && endToEndMs > 0)) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `end-to-end time of the migration of ${vm} must be a positive number of ms, not ${String(endToEndMs)}`, { details: { vm, endToEndMs } });
+    }
+    for (const [channels, samples] of this.calibrations) {
+      const i = samples.findLastIndex((x) => x.vm === vm);
+      if (i < 0) continue;
+      const old = samples[i]!;
+      const setupMs = old.fixedMs;
+      const sendMs = endToEndMs - setupMs;
+      if (!(sendMs > 0)) return false;
+      const next = [...samples];
+      next[i] = { ...old, sendMs, copyRateBytesPerSec: (old.sentBytes / sendMs) * 1000, at: Date.now() };
+      this.calibrations.set(channels, next);
+      this.saveCalibrations();
+      return true;
+    }
+    return false;
+  }
+
+  private saveCalibrations(): void {
     const file: ModelFile = { version: 1, byChannels: Object.fromEntries([...this.calibrations].map(([k, v]) => [String(k), v])) };
     try {
       writeFileSync(join(this.o.root, MODEL_FILE), `${JSON.stringify(file, null, 2)}\n`);
@@ -510,7 +541,14 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (o.signal?.aborted) throw aborted(name);
     vm.migrating = true;
     let wake: () => void = () => {};
-    const wakeUp = (): void => wake();
+    // An event that comes while no wait is armed (in the same read as the query's reply, or while
+    // onProgress runs) is kept: the next wait does not start, else the completion would be noticed
+    // a whole poll late.
+    let woken = false;
+    const wakeUp = (): void => {
+      woken = true;
+      wake();
+    };
     // QEMU 7.2 reports total-time and downtime as 0 for some completed migrations (seen with
     // pause-before-switchover); the source's own STOP-to-completion time stands in for them then.
     let pausedAt: number | undefined;
@@ -571,6 +609,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       await qmp.execute('migrate', { uri: o.endpoint.uri });
       let switched = false;
       for (;;) {
+        woken = false;
         const info = await qmp.execute('query-migrate');
         lastInfo = info;
         maxThrottle = Math.max(maxThrottle, (info['cpu-throttle-percentage'] ?? 0) / 100);
@@ -614,6 +653,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
             { details: { vm: name, rounds: p.rounds, remainingBytes: p.remainingBytes, expectedDowntimeMs: p.expectedDowntimeMs } },
           );
         }
+        if (woken) continue;
         await new Promise<void>((resolve) => {
           const timer = setTimeout(resolve, this.pollMs);
           wake = () => {
