@@ -88,9 +88,10 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   VmMemory: { kind: 'live', role: 'target', states: RECEIVING, vm: true },
   PageBatch: { kind: 'live', role: 'target', states: RECEIVING },
   PathOffer: { kind: 'live', role: 'target', states: ['eventsStaged'] },
-  // Once the paths are chosen, before the memory moves; it starts a process (qemu), so only the
-  // migration's own source, naming its VM.
-  PrepareIncoming: { kind: 'live', role: 'target', states: ['eventsStaged'], vm: true },
+  // From the permit until the memory moves: a source whose channel count is known at the permit
+  // sends it right away, so the incoming VM (a QEMU process) starts while the management state is
+  // staged. It starts a process, so only the migration's own source, naming its VM.
+  PrepareIncoming: { kind: 'live', role: 'target', states: ['permitted', 'stagingState', 'stateStaged', 'stagingEvents', 'eventsStaged'], vm: true },
   DirtyObjects: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing'] },
   MigrationComplete: { kind: 'live', role: 'target', states: ['vmReceived', 'syncing', 'booted'] },
   // Several destinations (issue 13): only once the final round is in, from the migration's own source.

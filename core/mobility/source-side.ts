@@ -116,6 +116,12 @@ export class SourceSide implements SourceSteps {
    * closes it.
    */
   private earlyPrimary: Promise<PeerConnection> | undefined;
+  /**
+   * PrepareIncoming sent right after the permit when its channel count cannot change (see
+   * `channelsKnownAtPermit`): the target readies the incoming VM (qemu: starts its process, ~50-120
+   * ms) while the management state and events are staged; migrateVm awaits the reply.
+   */
+  private earlyPrepare: { readonly channels: number; readonly reply: Promise<ReplyOf<'PrepareIncoming'>> } | undefined;
 
   constructor(private readonly o: SourceSideOptions) {
     this.vmElement = `vm:${o.vm}`;
@@ -199,8 +205,30 @@ export class SourceSide implements SourceSteps {
       // Denied: no later step runs (no roll-back either), so both links end here.
       this.closeEarlyPrimary();
       void this.conn?.close().catch(() => {});
+    } else {
+      this.prepareEarly(input.migrationId);
     }
     return reply.type === 'MigrationPermitted' ? { permitted: true } : { permitted: false, reason: reply.reason };
+  }
+
+  /**
+   * The number of streams the incoming VM is readied for, if the planner cannot choose another:
+   * with no extra paths for this target (or at most one path allowed) the plan is the primary alone.
+   */
+  private channelsKnownAtPermit(): number | undefined {
+    const dp = this.o.dataplane;
+    return (dp.paths[this.o.target] ?? []).length === 0 || dp.maxPaths <= 1 ? 1 : undefined;
+  }
+
+  /** Sends PrepareIncoming now when its channel count is already known; its reply waits for migrateVm. */
+  private prepareEarly(migrationId: string): void {
+    const channels = this.channelsKnownAtPermit();
+    const spec = this.host.driver.spec(this.o.vm);
+    if (channels === undefined || !spec || !this.conn) return;
+    const reply = this.conn.request({ type: 'PrepareIncoming', migrationId, vm: this.o.vm, spec: { ...spec }, channels }, { timeoutMs: this.o.stepTimeoutMs }) as Promise<ReplyOf<'PrepareIncoming'>>;
+    // A roll-back before migrateVm leaves it unread: the target's discard (the Abort) throws the incoming VM away.
+    reply.catch(() => undefined);
+    this.earlyPrepare = { channels, reply };
   }
 
   /** The embots' modules and, recursively, their dependencies, each after what it depends on, as `name@version#hash`. */
@@ -322,7 +350,13 @@ export class SourceSide implements SourceSteps {
       this.stats.plan = { estimateMs: Math.round(plan.estimate.totalMs), thresholdMs: plan.thresholdMs, thresholdFrom: threshold.from, paths: plan.paths.map((p) => p.name), decisions: plan.decisions.map((d) => d.reason) };
       const paths: MigrationPath[] = plan.paths.map((p) => ({ name: p.name, conn: channels.get(p.name)!, ...(p.capBytesPerSec ? { capBytesPerSec: p.capBytesPerSec } : {}) }));
       const t1 = performance.now();
-      const ready = await this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length });
+      const early = this.earlyPrepare;
+      this.earlyPrepare = undefined;
+      if (early && early.channels !== paths.length) {
+        // channelsKnownAtPermit said the plan could not differ; an incoming VM cannot be re-readied.
+        throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `the incoming VM was readied for ${early.channels} channel(s) at the permit, the plan has ${paths.length}`);
+      }
+      const ready = await (early?.reply ?? this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length }));
       if (ready.type !== 'IncomingReady') throw stepFailed('PrepareIncoming', ready);
       const t2 = performance.now();
       // Capped paths stand for NICs of given speeds: a driver with a stream of its own (qemu) gets their sum as its cap.

@@ -68,13 +68,24 @@ describe('frame guard', () => {
     expect(checkFrame(frames.mem('m1', 'web'), ctx(lookup)).ok).toBe(true);
   });
 
-  it("takes PrepareIncoming only from the migration's own source, for its VM, once the events are staged", () => {
-    const lookup = lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state: 'eventsStaged' }, 'target:m2': { vm: 'db', peer: 'a', state: 'stateStaged' } });
+  it("takes PrepareIncoming only from the migration's own source, for its VM, before the memory moves", () => {
+    const lookup = lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state: 'eventsStaged' }, 'target:m2': { vm: 'db', peer: 'a', state: 'receivingMemory.waiting' } });
     expect(checkFrame(frames.prepare('m1', 'web'), ctx(lookup))).toEqual({ ok: true, migrationId: 'm1', probe: false });
     expect(codeOf(checkFrame(frames.prepare('m1', 'web'), ctx(lookup, 'mallory')))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
     expect(codeOf(checkFrame(frames.prepare('m1', 'db'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_MISMATCH);
     expect(codeOf(checkFrame(frames.prepare('m2', 'db'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_PHASE);
     expect(codeOf(checkFrame(frames.prepare('m3', 'web'), ctx(lookup)))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
+  });
+
+  it('takes an early PrepareIncoming from the permit until the events are staged, and in no state after or before', () => {
+    const early = ['permitted', 'stagingState', 'stateStaged', 'stagingEvents', 'eventsStaged'];
+    const others = ['evaluating', 'receivingMemory.applying', 'receivingMemory.waiting', 'vmReceived', 'applyingDirty', 'syncing', 'booting', 'booted', 'committing', 'discarding'];
+    for (const state of early) expect(checkFrame(frames.prepare('m1', 'web'), ctx(lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state } }))).ok, state).toBe(true);
+    for (const state of others) expect(codeOf(checkFrame(frames.prepare('m1', 'web'), ctx(lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state } })))), state).toBe(ErrorCodes.MIGRATION_PHASE);
+    // Still only the migration's own source, for its VM, in every state it is taken in.
+    const permitted = lookupOf({ 'target:m1': { vm: 'web', peer: 'a', state: 'permitted' } });
+    expect(codeOf(checkFrame(frames.prepare('m1', 'web'), ctx(permitted, 'mallory')))).toBe(ErrorCodes.MIGRATION_UNKNOWN);
+    expect(codeOf(checkFrame(frames.prepare('m1', 'db'), ctx(permitted)))).toBe(ErrorCodes.MIGRATION_MISMATCH);
   });
 
   it('looks the role up: a source migration does not take target frames, nor the reverse', () => {
