@@ -51,6 +51,10 @@ export interface FixedCostOptions {
   readonly quick?: boolean;
   /** Leave out the QEMU rows. */
   readonly simOnly?: boolean;
+  /** Leave out the sim rows (A/B runs of the QEMU rows on a shared machine). */
+  readonly qemuOnly?: boolean;
+  /** QEMU migrations measured (default 7, quick 3). */
+  readonly qemuRuns?: number;
 }
 
 /** One migration: its summary and the raw limit of its state measured just before it. */
@@ -407,6 +411,11 @@ async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[
  * limit, then one row per phase (median over the runs). `--sim-only` / `{ simOnly }` skips QEMU.
  */
 export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
+  const qemuRuns = opts.qemuRuns ?? (opts.quick ? 3 : 7);
+  if (opts.qemuOnly) {
+    const qemu = await runQemu(qemuRuns);
+    return { title: 'Fixed cost of a migration per phase: QEMU rows only', rows: qemu.rows, notes: qemu.notes };
+  }
   const runs = opts.quick ? 5 : 25;
   const root = mkdtempSync(join(tmpdir(), 'embot-fixed-cost-bench-'));
   const samples: Sample[] = [];
@@ -434,7 +443,7 @@ export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
     { name: 'sim: the same, best run', value: best, unit: 'ms', limitName: rawName, limit: raw, ratio: best / raw, target: `<= ${TARGET_MS} ms`, met: best <= TARGET_MS },
     ...phaseRows('sim', samples.map((s) => s.summary), rawName, raw),
   ];
-  const qemu = opts.simOnly ? { rows: [], notes: [] } : await runQemu(opts.quick ? 3 : 7);
+  const qemu = opts.simOnly ? { rows: [], notes: [] } : await runQemu(qemuRuns);
   const s0 = samples[0]!.summary;
   return {
     title: 'Fixed cost of a migration per phase: one embot, a tiny VM, two agents in this process (loopback)',
@@ -452,6 +461,16 @@ export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
 }
 
 if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(process.argv[1])).href) {
-  console.log(renderTable(await run({ quick: process.argv.includes('--quick'), simOnly: process.argv.includes('--sim-only') })));
+  const runsArg = process.argv.find((a) => a.startsWith('--qemu-runs='));
+  console.log(
+    renderTable(
+      await run({
+        quick: process.argv.includes('--quick'),
+        simOnly: process.argv.includes('--sim-only'),
+        qemuOnly: process.argv.includes('--qemu-only'),
+        ...(runsArg ? { qemuRuns: Math.max(1, Number(runsArg.slice('--qemu-runs='.length)) || 1) } : {}),
+      }),
+    ),
+  );
   process.exit(0);
 }

@@ -44,6 +44,10 @@ function errorCode(o: Outcome): string | undefined {
   return o.kind === 'frame' && o.frame.type === 'Error' ? o.frame.code : undefined;
 }
 
+function reasonOf(o: Outcome): string {
+  return o.kind === 'frame' ? String((o.frame as { readonly reason?: unknown }).reason ?? '') : '';
+}
+
 function replyType(o: Outcome): string {
   return o.kind === 'frame' ? o.frame.type : `closed ${o.closed.code}`;
 }
@@ -185,6 +189,35 @@ describe('resources a peer can make the agent open', () => {
     const m = await client.getMigration('m-a');
     expect(m).toMatchObject({ phase: 'permitted', outcome: null });
     expect((await client.listMigrations()).map((x) => x.id)).toEqual(['m-a']);
+    expect(await exitsAfterSigterm(c)).toBe(0);
+  });
+
+  it('takes PrepareIncoming right after the permit (early prepare), once; an Abort before the memory moves throws the incoming VM away', async () => {
+    const { url, secret, c } = await agentB();
+    const client = c.agent('b').client;
+    const a = await RawPeer.connect(url, 'a', secret);
+    peers.push(a);
+    const prepare = (reqId: number, migrationId: string, spec: Record<string, unknown>): Record<string, unknown> & { reqId: number } =>
+      ({ type: 'PrepareIncoming', reqId, migrationId, vm: 'web', spec, channels: 1 });
+    expect(replyType(await a.request(startMigration(1, 'm-early', 'web')))).toBe('MigrationPermitted');
+    // Bad input first: a spec for another VM, or more memory than was permitted, readies nothing.
+    const otherVm = await a.request(prepare(2, 'm-early', { name: 'ghost', memory: 1 << 20 }));
+    expect(replyType(otherVm)).toBe('MigrationStateFailed');
+    expect(reasonOf(otherVm)).toMatch(/names VM ghost/);
+    expect(replyType(await a.request(prepare(3, 'm-early', { name: 'web', memory: 2 << 20 })))).toBe('MigrationStateFailed');
+    // Before ManagementState, in 'permitted': readied.
+    expect(replyType(await a.request(prepare(4, 'm-early', { name: 'web', memory: 1 << 20 })))).toBe('IncomingReady');
+    // Once per migration.
+    const again = await a.request(prepare(5, 'm-early', { name: 'web', memory: 1 << 20 }));
+    expect(reasonOf(again)).toMatch(/already prepared/);
+    expect(await client.getMigration('m-early')).toMatchObject({ phase: 'permitted', outcome: null });
+    a.send({ type: 'Abort', migrationId: 'm-early', reason: 'test: the source rolls back before the memory moves' });
+    await waitFor(async () => (await client.getMigration('m-early'))?.outcome === 'aborted', 10_000, 'm-early aborted at b');
+    // The incoming VM is gone: a new migration of the same VM is permitted and can ready it again
+    // (a leftover one would be refused with VM_EXISTS in the reason).
+    expect(replyType(await a.request(startMigration(6, 'm-early-2', 'web')))).toBe('MigrationPermitted');
+    const ready = await a.request(prepare(7, 'm-early-2', { name: 'web', memory: 1 << 20 }));
+    expect(ready.kind === 'frame' ? ready.frame : ready).toMatchObject({ type: 'IncomingReady' });
     expect(await exitsAfterSigterm(c)).toBe(0);
   });
 
