@@ -166,6 +166,7 @@ interface EstimatedRun {
   readonly channels: number;
   readonly estimate: Estimate;
   readonly estimateMs: number;
+  readonly withoutZeroSkipMs: number;
   readonly actualMs: number;
   readonly bytes: number;
   readonly hintsSource: string;
@@ -174,6 +175,7 @@ interface EstimatedRun {
   readonly dirtyRate: number;
   readonly copyRate: number;
   readonly fixedMs: number;
+  readonly zeroPageCost: number;
 }
 
 /**
@@ -225,11 +227,15 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
       hints,
     );
     const estimate = estimateMigration(input);
+    // The same without the non-zero count: every page of RAM planned as sent in full.
+    const { nonZeroBytes: _nz, ...allPages } = hints;
+    const withoutZeroSkip = estimateMigration(withDriverHints({ ...input, zeroPageShare: 0 }, allPages)).totalMs;
     const actual = await move(spec);
     return {
       channels,
       estimate,
       estimateMs: estimate.totalMs,
+      withoutZeroSkipMs: withoutZeroSkip,
       actualMs: actual.ms,
       bytes: actual.bytes,
       hintsSource: `${hints.source}; samples ${(source.calibration(channels)?.samples ?? []).map((x) => `${x.vm} ${(x.sentBytes / MiB).toFixed(0)} MiB/${x.sendMs.toFixed(0)} ms`).join(', ')}`,
@@ -238,6 +244,7 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
       dirtyRate,
       copyRate: hints.copyRateBytesPerSec ?? 0,
       fixedMs: hints.fixedMs ?? 0,
+      zeroPageCost: hints.zeroPageCost ?? 0,
     };
   } finally {
     await source.close();
@@ -273,8 +280,9 @@ async function estimateRows(root: string, reps: number): Promise<{ rows: BenchRo
     });
     notes.push(
       `(e) ${channels} channel(s), the run of median error of ${reps}: errors [${errors.map((e) => `${(e * 100).toFixed(1)} %`).join(', ')}], estimates [${runs.map((r) => r.estimateMs.toFixed(0)).join(', ')}] ms vs actual [${runs.map((r) => r.actualMs.toFixed(0)).join(', ')}] ms; ` +
+        `median estimate ${median(runs.map((r) => r.estimateMs)).toFixed(0)} ms vs median actual ${median(runs.map((r) => r.actualMs)).toFixed(0)} ms (${(estimateError(median(runs.map((r) => r.estimateMs)), median(runs.map((r) => r.actualMs))) * 100).toFixed(1)} %); ` +
         `throughput ${(mid.bytes / MiB / (mid.actualMs / 1000)).toFixed(0)} MiB/s (${(mid.bytes / MiB).toFixed(0)} MiB on the wire); inputs: non-zero ${(mid.nonZeroBytes / MiB).toFixed(0)} MiB (scan ${mid.scanMs.toFixed(0)} ms), dirty rate ${(mid.dirtyRate / MiB).toFixed(1)} MiB/s, ` +
-        `copy rate ${(mid.copyRate / MiB).toFixed(0)} MiB/s and fixed ${mid.fixedMs.toFixed(0)} ms; model: ${mid.estimate.rounds} rounds, ${(mid.estimate.bytes / MiB).toFixed(0)} MiB. (${mid.hintsSource})`,
+        `copy rate ${(mid.copyRate / MiB).toFixed(0)} MiB/s and fixed ${mid.fixedMs.toFixed(0)} ms, a zero page costs ${(mid.zeroPageCost * 100).toFixed(0)} % of a full one; without the non-zero count the estimates would be [${runs.map((r) => r.withoutZeroSkipMs.toFixed(0)).join(', ')}] ms; model: ${mid.estimate.rounds} rounds, ${(mid.estimate.bytes / MiB).toFixed(0)} MiB. (${mid.hintsSource})`,
     );
   }
   return { rows, notes };

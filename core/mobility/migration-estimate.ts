@@ -59,6 +59,11 @@ export interface EstimateInput {
    * dirtied later are taken as non-zero. Default 0: every page is sent (the sim).
    */
   readonly zeroPageShare?: number;
+  /**
+   * 0 ≤ c ≤ 1: time to skip one zero page, as a share of a full page's time at the rate (reading
+   * it to find it zero, its header, the target's side). Default 0.
+   */
+  readonly zeroPageCost?: number;
   /** One-time cost of a migration besides its rounds (stream setup, switchover hand-shake, target resume), ms; not downtime. Default 0. */
   readonly fixedMs?: number;
 }
@@ -109,7 +114,8 @@ export function estimateMigration(i: EstimateInput): Estimate {
   let steps = 0;
   let throttle = 0; // fraction of the original dirty rate removed, accumulated as the sender does
   let pending = memory * (1 - (i.zeroPageShare ?? 0));
-  let totalMs = i.fixedMs ?? 0;
+  // Skipping the zero pages is paid in round 0's time, not in bytes.
+  let totalMs = (i.fixedMs ?? 0) + ((memory * (i.zeroPageShare ?? 0) * (i.zeroPageCost ?? 0)) / rate) * 1000;
   let bytes = 0;
   let preRounds = 0;
   let converges = false;
@@ -168,6 +174,9 @@ export function checkEstimateInput(i: EstimateInput): void {
     bad('zeroPageShare', i.zeroPageShare, 'a number in [0, 1]');
   }
   if (i.fixedMs !== undefined) nonNegative('fixedMs', i.fixedMs);
+  if (i.zeroPageCost !== undefined && !(isFiniteNumber(i.zeroPageCost) && i.zeroPageCost >= 0 && i.zeroPageCost <= 1)) {
+    bad('zeroPageCost', i.zeroPageCost, 'a number in [0, 1]');
+  }
 }
 
 export interface AccuracySample {
@@ -253,6 +262,8 @@ export interface DriverEstimateHints {
   readonly copyRateBytesPerSec?: number;
   /** One-time cost of a migration besides its rounds, ms (see {@link EstimateInput.fixedMs}). */
   readonly fixedMs?: number;
+  /** See {@link EstimateInput.zeroPageCost}. */
+  readonly zeroPageCost?: number;
   /** Where the figures come from (`calibrated from the migration of web-1 at …`), for the plan's decision text. */
   readonly source: string;
 }
@@ -274,10 +285,12 @@ export function withDriverHints(i: EstimateInput, h: DriverEstimateHints): Estim
   if (h.nonZeroBytes !== undefined && h.nonZeroBytes > i.memoryBytes) bad('nonZeroBytes', h.nonZeroBytes, `at most memoryBytes (${i.memoryBytes})`);
   if (h.copyRateBytesPerSec !== undefined) positive('copyRateBytesPerSec', h.copyRateBytesPerSec);
   if (h.fixedMs !== undefined) nonNegative('fixedMs', h.fixedMs);
+  if (h.zeroPageCost !== undefined && !(isFiniteNumber(h.zeroPageCost) && h.zeroPageCost >= 0 && h.zeroPageCost <= 1)) bad('zeroPageCost', h.zeroPageCost, 'a number in [0, 1]');
   const { copyCpuFactor: _cpu, ...rest } = i;
   return {
     ...(h.copyRateBytesPerSec === undefined ? i : { ...rest, bandwidthBytesPerSec: h.copyRateBytesPerSec }),
     ...(h.nonZeroBytes === undefined ? {} : { zeroPageShare: 1 - h.nonZeroBytes / i.memoryBytes }),
     ...(h.fixedMs === undefined ? {} : { fixedMs: h.fixedMs }),
+    ...(h.zeroPageCost === undefined ? {} : { zeroPageCost: h.zeroPageCost }),
   };
 }

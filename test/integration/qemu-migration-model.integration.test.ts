@@ -68,6 +68,19 @@ describe('qemu migration model file (bad input)', () => {
     expect((await d.capabilities.migrationModel!.estimateHints('v')).copyRateBytesPerSec).toBeUndefined();
   });
 
+  it('samples with different zero shares give the copy rate and the zero-page cost apart (least squares)', async () => {
+    const root = tempRoot();
+    // 1 ms per non-zero MiB, 0.5 ms per skipped zero MiB.
+    const s = (vm: string, sent: number, zero: number): Record<string, unknown> => ({ ...sample(vm, 1, 5), sentBytes: sent * MiB, zeroBytes: zero * MiB, sendMs: sent + 0.5 * zero });
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: { '1': [s('dense', 100, 0), s('sparse', 100, 200), s('mid', 300, 100)] } }));
+    const d = driver(root);
+    const c = d.calibration(1)!;
+    expect(c.copyRateBytesPerSec).toBeCloseTo(MiB * 1000, 3);
+    expect(c.zeroPageCost).toBeCloseTo(0.5, 9);
+    await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
+    expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ zeroPageCost: expect.closeTo(0.5, 9), fixedMs: 5 });
+  });
+
   it('keeps only the last samples of a long list', () => {
     const root = tempRoot();
     const list = Array.from({ length: CALIBRATION_SAMPLES + 3 }, (_, i) => sample(`v${i}`, (i + 1) * 1e6, i));

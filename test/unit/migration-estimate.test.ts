@@ -221,6 +221,8 @@ describe('estimateMigration: bad input', () => {
     ['zeroPageShare', { zeroPageShare: Number.NaN }],
     ['fixedMs', { fixedMs: -1 }],
     ['fixedMs', { fixedMs: Number.POSITIVE_INFINITY }],
+    ['zeroPageCost', { zeroPageCost: -0.5 }],
+    ['zeroPageCost', { zeroPageCost: 2 }],
   ];
   for (const [field, patch] of cases) {
     it(`rejects ${field} = ${String(Object.values(patch)[0])} with PLAN_INPUT_INVALID`, () => {
@@ -272,6 +274,13 @@ describe('estimateMigration: a stream that skips zero pages (qemu)', () => {
     expect(sparse.bytes).toBeGreaterThan(32 * MiB); // round 0's half plus what was dirtied meanwhile
   });
 
+  it('zeroPageCost charges skipped zero pages a share of a full page\'s time, in round 0 only and in no bytes', () => {
+    const e = estimateMigration({ ...base, memoryBytes: 100e6, dirtyRateBytesPerSec: 0, zeroPageShare: 0.5, zeroPageCost: 0.2 });
+    expect(e.totalMs).toBeCloseTo(500 + 100, 9); // 50 MB sent at 100 MB/s, 50 MB skipped at a fifth of that time
+    expect(e.bytes).toBe(50e6);
+    expect(e.downtimeMs).toBe(0);
+  });
+
   it('fixedMs adds to the total once and is no downtime', () => {
     const without = estimateMigration(base);
     const withFixed = estimateMigration({ ...base, fixedMs: 120 });
@@ -309,6 +318,7 @@ describe('withDriverHints', () => {
     ['copyRateBytesPerSec', { copyRateBytesPerSec: 0 }],
     ['copyRateBytesPerSec', { copyRateBytesPerSec: Number.POSITIVE_INFINITY }],
     ['fixedMs', { fixedMs: -3 }],
+    ['zeroPageCost', { zeroPageCost: 1.01 }],
   ];
   for (const [field, patch] of badHints) {
     it(`rejects ${field} = ${String(Object.values(patch)[0])} with PLAN_INPUT_INVALID`, () => {

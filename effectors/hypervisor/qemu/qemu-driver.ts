@@ -103,8 +103,9 @@ export interface StreamCalibration {
   readonly copyRateBytesPerSec: number;
   /** QEMU's setup time (creating the channels), ms. */
   readonly fixedMs: number;
-  /** What the rate was computed from: bytes sent and QEMU's sending time (ms). */
+  /** What the rate was computed from: non-zero bytes sent, zero pages' bytes skipped, and the sending time (ms). */
   readonly sentBytes: number;
+  readonly zeroBytes: number;
   readonly sendMs: number;
   readonly vm: string;
   readonly at: number;
@@ -268,10 +269,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   }
 
   /** The samples kept for `channels` (oldest first) and their medians, if any. */
-  calibration(channels: number): { readonly copyRateBytesPerSec: number; readonly fixedMs: number; readonly samples: readonly StreamCalibration[] } | undefined {
+  calibration(
+    channels: number,
+  ): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number; readonly fixedMs: number; readonly samples: readonly StreamCalibration[] } | undefined {
     const samples = this.calibrations.get(channels) ?? [];
     if (samples.length === 0) return undefined;
-    return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec)), fixedMs: medianOf(samples.map((x) => x.fixedMs)), samples };
+    return { ...fitStream(samples), fixedMs: medianOf(samples.map((x) => x.fixedMs)), samples };
   }
 
   private async estimateHints(name: string, channels: number): Promise<DriverEstimateHints> {
@@ -285,7 +288,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     ];
     return {
       ...(vm.nonZero === undefined ? {} : { nonZeroBytes: vm.nonZero.bytes }),
-      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs }),
+      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs, zeroPageCost: c.zeroPageCost }),
       source: `qemu: ${parts.join('; ')}`,
     };
   }
@@ -297,7 +300,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const sendMs = wallMs - setupMs;
     const sent = info.ram?.['normal-bytes'] ?? 0;
     if (!(sendMs > 0) || !(sent >= MIN_CALIBRATION_BYTES) || !(wallMs >= sendMs)) return;
-    const sample: StreamCalibration = { copyRateBytesPerSec: (sent / sendMs) * 1000, fixedMs: wallMs - sendMs, sentBytes: sent, sendMs, vm, at: Date.now() };
+    const zeroBytes = (info.ram?.duplicate ?? 0) * (info.ram?.['page-size'] ?? PAGE);
+    const sample: StreamCalibration = { copyRateBytesPerSec: (sent / sendMs) * 1000, fixedMs: wallMs - sendMs, sentBytes: sent, zeroBytes, sendMs, vm, at: Date.now() };
     this.calibrations.set(channels, [...(this.calibrations.get(channels) ?? []), sample].slice(-CALIBRATION_SAMPLES));
     this.saveCalibrations();
   }
@@ -1042,6 +1046,35 @@ function isPersisted(state: unknown): state is QemuPersistedState {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * Copy rate and zero-page cost from the samples: a least-squares fit of sendMs = a·sentBytes +
+ * b·zeroBytes when the samples differ enough in their zero share to tell the two apart (QEMU pays
+ * for every zero page it skips: reading it, its header, the target's side; a guest with much zero
+ * RAM is slower per non-zero byte). Otherwise, or when the fit is not physical, the median rate
+ * of the samples and no zero-page cost.
+ */
+function fitStream(samples: readonly StreamCalibration[]): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number } {
+  let nn = 0;
+  let nz = 0;
+  let zz = 0;
+  let nt = 0;
+  let zt = 0;
+  for (const x of samples) {
+    nn += x.sentBytes * x.sentBytes;
+    nz += x.sentBytes * x.zeroBytes;
+    zz += x.zeroBytes * x.zeroBytes;
+    nt += x.sentBytes * x.sendMs;
+    zt += x.zeroBytes * x.sendMs;
+  }
+  const det = nn * zz - nz * nz;
+  if (samples.length >= 2 && det > 0.01 * nn * zz) {
+    const a = (nt * zz - zt * nz) / det; // ms per non-zero byte
+    const b = (nn * zt - nz * nt) / det; // ms per zero byte
+    if (a > 0 && b >= 0) return { copyRateBytesPerSec: 1000 / a, zeroPageCost: Math.min(1, b / a) };
+  }
+  return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec)), zeroPageCost: 0 };
+}
+
 function medianOf(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
@@ -1066,7 +1099,7 @@ function readModelFile(file: string): Map<number, readonly StreamCalibration[]> 
       const c = (typeof v === 'object' && v !== null ? v : {}) as Partial<Record<keyof StreamCalibration, unknown>>;
       // A sample that does not read back whole is dropped, not guessed at: the estimate only loses precision.
       if (num(c.copyRateBytesPerSec) && c.copyRateBytesPerSec > 0 && num(c.fixedMs) && num(c.sentBytes) && num(c.sendMs) && typeof c.vm === 'string' && num(c.at)) {
-        kept.push({ copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs, sentBytes: c.sentBytes, sendMs: c.sendMs, vm: c.vm, at: c.at });
+        kept.push({ copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs, sentBytes: c.sentBytes, zeroBytes: num(c.zeroBytes) ? c.zeroBytes : 0, sendMs: c.sendMs, vm: c.vm, at: c.at });
       }
     }
     if (kept.length > 0) out.set(channels, kept.slice(-CALIBRATION_SAMPLES));
