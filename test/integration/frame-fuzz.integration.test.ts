@@ -265,6 +265,9 @@ function judge(g: Generated, o: Outcome, reqId: number): string | undefined {
 /** Frames the owner of the live migration could legitimately send to move it on: not fuzzed as the owner. */
 function movesLiveOn(peer: string, body: Record<string, unknown>): boolean {
   if (peer !== OWNER || body['migrationId'] !== LIVE) return false;
+  // PrepareIncoming naming the live migration's VM is taken from the permit on (the early prepare):
+  // it readies an incoming VM or answers why not (peer-bounds tests it); naming another VM it is still fuzzed.
+  if (body['type'] === 'PrepareIncoming') return body['vm'] === 'incoming';
   return body['type'] === 'ManagementState' || body['type'] === 'MigrationStatusQuery' || body['type'] === 'Abort';
 }
 
