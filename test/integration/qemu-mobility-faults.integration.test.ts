@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { EmbotInfo } from '../../core/control/control-api.ts';
@@ -6,6 +7,9 @@ import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { Cluster } from '../harness/cluster.ts';
 import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { RawPeer } from '../harness/raw-peer.ts';
+import { startMigration } from '../harness/migration-frames.ts';
+import { loadClusterSecret } from '../../core/wire/index.ts';
 
 const MiB = 1024 * 1024;
 const run = requireQemu();
@@ -104,6 +108,32 @@ async function exactlyOnce(owner: AgentProcess, acked: number): Promise<void> {
 }
 
 describe.skipIf(!run)('qemu migration faults through the agents: one running QEMU for the VM, its embots with it, no event lost or repeated (TCG)', () => {
+  it('an Abort while the early PrepareIncoming (sent right after the permit) starts the incoming QEMU: aborted, b keeps no QEMU and no VM', async () => {
+    const root = qemus.root();
+    cluster = await Cluster.start(['b'], {
+      config: (n) => ({ ...qemuAgentConfig(root, n), mobility: { stepTimeoutMs: 60_000, vmTimeoutMs: 60_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } } }),
+    });
+    const b = cluster.agent('b');
+    const listen = (JSON.parse(readFileSync(join(cluster.root, 'config-b.json'), 'utf8')) as { peer: { listen: string } }).peer.listen;
+    // A hand-driven source: the frames a real one sends, with the Abort right behind the prepare.
+    const src = await RawPeer.connect(`ws://${listen}`, 'a', loadClusterSecret(cluster.secretFile));
+    try {
+      const permit = await src.request(startMigration(1, 'm-early', 'early', 32 * MiB));
+      expect(permit.kind === 'frame' ? permit.frame.type : permit).toBe('MigrationPermitted');
+      const prepared = src.request({ type: 'PrepareIncoming', reqId: 2, migrationId: 'm-early', vm: 'early', spec: { name: 'early', memory: 32 * MiB, vcpus: 1 }, channels: 1 });
+      src.send({ type: 'Abort', migrationId: 'm-early', reason: 'test: the source rolls back while the target QEMU starts' });
+      const reply = await prepared;
+      // The prepare finished after the discard began: the source is told not to send memory.
+      expect(reply.kind === 'frame' ? reply.frame : reply).toMatchObject({ type: 'MigrationStateFailed', reason: expect.stringMatching(/discarded/) });
+      await waitFor(async () => (await b.client.getMigration('m-early')).outcome === 'aborted', 30_000, 'm-early aborted at b');
+      await waitFor(() => qemus.live().length === 0, 30_000, "b's incoming QEMU gone");
+      expect(runningPid(join(root, 'b', 'early'))).toBeUndefined();
+      expect(await b.client.listVms()).toEqual([]);
+    } finally {
+      await src.close();
+    }
+  }, 90_000);
+
   it('the target QEMU killed mid-migration: aborted, the VM runs on at a in its same QEMU', async () => {
     const { a, b, stateA, stateB, sourcePid } = await setup();
     const prod = producer(() => a, 'f1');
