@@ -282,7 +282,7 @@ async function estimateRows(root: string, reps: number): Promise<{ rows: BenchRo
       `(e) ${channels} channel(s), the run of median error of ${reps}: errors [${errors.map((e) => `${(e * 100).toFixed(1)} %`).join(', ')}], estimates [${runs.map((r) => r.estimateMs.toFixed(0)).join(', ')}] ms vs actual [${runs.map((r) => r.actualMs.toFixed(0)).join(', ')}] ms; ` +
         `median estimate ${median(runs.map((r) => r.estimateMs)).toFixed(0)} ms vs median actual ${median(runs.map((r) => r.actualMs)).toFixed(0)} ms (${(estimateError(median(runs.map((r) => r.estimateMs)), median(runs.map((r) => r.actualMs))) * 100).toFixed(1)} %); ` +
         `throughput ${(mid.bytes / MiB / (mid.actualMs / 1000)).toFixed(0)} MiB/s (${(mid.bytes / MiB).toFixed(0)} MiB on the wire); inputs: non-zero ${(mid.nonZeroBytes / MiB).toFixed(0)} MiB (scan ${mid.scanMs.toFixed(0)} ms), dirty rate ${(mid.dirtyRate / MiB).toFixed(1)} MiB/s, ` +
-        `copy rate ${(mid.copyRate / MiB).toFixed(0)} MiB/s and fixed ${mid.fixedMs.toFixed(0)} ms, a zero page costs ${(mid.zeroPageCost * 100).toFixed(0)} % of a full one; without the non-zero count the estimates would be [${runs.map((r) => r.withoutZeroSkipMs.toFixed(0)).join(', ')}] ms; model: ${mid.estimate.rounds} rounds, ${(mid.estimate.bytes / MiB).toFixed(0)} MiB. (${mid.hintsSource})`,
+        `copy rate ${(mid.copyRate / MiB).toFixed(0)} MiB/s and fixed ${mid.fixedMs.toFixed(0)} ms, a zero page costs ${mid.zeroPageCost.toFixed(2)} × a full one; without the non-zero count the estimates would be [${runs.map((r) => r.withoutZeroSkipMs.toFixed(0)).join(', ')}] ms; model: ${mid.estimate.rounds} rounds, ${(mid.estimate.bytes / MiB).toFixed(0)} MiB. (${mid.hintsSource})`,
     );
   }
   return { rows, notes };

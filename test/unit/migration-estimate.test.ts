@@ -222,7 +222,7 @@ describe('estimateMigration: bad input', () => {
     ['fixedMs', { fixedMs: -1 }],
     ['fixedMs', { fixedMs: Number.POSITIVE_INFINITY }],
     ['zeroPageCost', { zeroPageCost: -0.5 }],
-    ['zeroPageCost', { zeroPageCost: 2 }],
+    ['zeroPageCost', { zeroPageCost: 10.5 }],
   ];
   for (const [field, patch] of cases) {
     it(`rejects ${field} = ${String(Object.values(patch)[0])} with PLAN_INPUT_INVALID`, () => {
@@ -318,7 +318,7 @@ describe('withDriverHints', () => {
     ['copyRateBytesPerSec', { copyRateBytesPerSec: 0 }],
     ['copyRateBytesPerSec', { copyRateBytesPerSec: Number.POSITIVE_INFINITY }],
     ['fixedMs', { fixedMs: -3 }],
-    ['zeroPageCost', { zeroPageCost: 1.01 }],
+    ['zeroPageCost', { zeroPageCost: 11 }],
   ];
   for (const [field, patch] of badHints) {
     it(`rejects ${field} = ${String(Object.values(patch)[0])} with PLAN_INPUT_INVALID`, () => {

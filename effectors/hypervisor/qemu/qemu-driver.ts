@@ -2,7 +2,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
-import type { DriverEstimateHints } from '../../../core/mobility/migration-estimate.ts';
+import { MAX_ZERO_PAGE_COST, type DriverEstimateHints } from '../../../core/mobility/migration-estimate.ts';
 import type {
   HypervisorCapabilities,
   HypervisorDriver,
@@ -1049,9 +1049,9 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 /**
  * Copy rate and zero-page cost from the samples: a least-squares fit of sendMs = a·sentBytes +
  * b·zeroBytes when the samples differ enough in their zero share to tell the two apart (QEMU pays
- * for every zero page it skips: reading it, its header, the target's side; a guest with much zero
- * RAM is slower per non-zero byte). Otherwise, or when the fit is not physical, the median rate
- * of the samples and no zero-page cost.
+ * for every zero page it skips: reading it, its header, the target's side, and a never-touched
+ * page faults in on both; a guest with much zero RAM is slower per non-zero byte). Otherwise, or
+ * when the fit is not physical, the median rate of the samples and no zero-page cost.
  */
 function fitStream(samples: readonly StreamCalibration[]): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number } {
   let nn = 0;
@@ -1070,7 +1070,7 @@ function fitStream(samples: readonly StreamCalibration[]): { readonly copyRateBy
   if (samples.length >= 2 && det > 0.01 * nn * zz) {
     const a = (nt * zz - zt * nz) / det; // ms per non-zero byte
     const b = (nn * zt - nz * nt) / det; // ms per zero byte
-    if (a > 0 && b >= 0) return { copyRateBytesPerSec: 1000 / a, zeroPageCost: Math.min(1, b / a) };
+    if (a > 0 && b >= 0 && b / a <= MAX_ZERO_PAGE_COST) return { copyRateBytesPerSec: 1000 / a, zeroPageCost: b / a };
   }
   return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec)), zeroPageCost: 0 };
 }
