@@ -1,8 +1,10 @@
 /** Public surface of the effectors: the interface, the registry and the hypervisor drivers. */
 export type { Effector } from './effector.ts';
 export { EffectorRegistry, type InvokeHooks } from './effector-registry.ts';
+export { MAX_ZERO_PAGE_COST } from './hypervisor/hypervisor-contract.ts';
 export type {
   DataPaths,
+  DriverEstimateHints,
   FaultInjection,
   HypervisorCapabilities,
   HypervisorDriver,
@@ -15,6 +17,7 @@ export type {
   MigrateOutResult,
   MigrationEndpoint,
   MigrationPath,
+  MigrationModel,
   MigrationPhase,
   MigrationProgress as DriverMigrationProgress,
   PageApplyResult,

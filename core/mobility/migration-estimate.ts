@@ -20,6 +20,10 @@
  * bounded remainder (at most all of memory).
  */
 import { ConfigError, ErrorCodes } from '../errors.ts';
+import { MAX_ZERO_PAGE_COST, type DriverEstimateHints } from '../../effectors/index.ts';
+
+// What a driver reports for the estimate is part of the hypervisor contract; re-exported for the planner's callers.
+export { MAX_ZERO_PAGE_COST, type DriverEstimateHints };
 
 /** The sender's defaults (QEMU's default downtime limit is 300 ms); `maxRounds` counts the final round. */
 export const PRECOPY_DEFAULTS = { downtimeLimitMs: 300, maxRounds: 30 } as const;
@@ -38,8 +42,6 @@ export const AUTO_CONVERGE = { step: 0.2, max: 0.99, shrinkFactor: 0.9, flatRoun
  */
 export const VM_BURST_FACTOR = 0.25;
 
-/** Upper bound of {@link EstimateInput.zeroPageCost}: a fit beyond it is taken as noise, not as a zero page's cost. */
-export const MAX_ZERO_PAGE_COST = 10;
 
 export interface EstimateInput {
   readonly memoryBytes: number;
@@ -259,18 +261,6 @@ function bad(field: string, v: unknown, expected: string): never {
  * estimate: the planner's model is the sim's pre-copy over the agent's data paths, and a probe of
  * those paths says little about a stream that skips zero pages and is CPU-bound.
  */
-export interface DriverEstimateHints {
-  /** Bytes of the VM's memory that are not zero pages, as last measured; undefined = unknown (all). */
-  readonly nonZeroBytes?: number;
-  /** Bytes/s the driver's own stream carried with the planned channels, as last measured; undefined = not calibrated. */
-  readonly copyRateBytesPerSec?: number;
-  /** One-time cost of a migration besides its rounds, ms (see {@link EstimateInput.fixedMs}). */
-  readonly fixedMs?: number;
-  /** See {@link EstimateInput.zeroPageCost}. */
-  readonly zeroPageCost?: number;
-  /** Where the figures come from (`calibrated from the migration of web-1 at …`), for the plan's decision text. */
-  readonly source: string;
-}
 
 /**
  * The estimate input with a driver's hints applied: its copy rate replaces the probed bandwidth

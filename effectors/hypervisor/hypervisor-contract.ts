@@ -1,5 +1,4 @@
 import type { EventEmitter } from 'eventemitter3';
-import type { DriverEstimateHints } from '../../core/mobility/migration-estimate.ts';
 import type { PageBatch, PeerConnection } from '../../core/wire/index.ts';
 
 /**
@@ -219,6 +218,23 @@ export interface MigrationModel {
    * @throws EffectorError EFFECTOR_ARGS_INVALID for a time that is not a positive number.
    */
   recordEndToEnd(vm: string, endToEndMs: number): boolean;
+}
+
+/** Upper bound of a zero page's relative cost: a fit beyond it is taken as noise, not as a zero page's cost. */
+export const MAX_ZERO_PAGE_COST = 10;
+
+/** What a driver knows that makes the migration-time estimate fit its own stream (core/mobility/migration-estimate.ts `withDriverHints`). */
+export interface DriverEstimateHints {
+  /** Bytes of the VM's memory that are not zero pages, as last measured; undefined = unknown (all). */
+  readonly nonZeroBytes?: number;
+  /** Bytes/s the driver's own stream carried with the planned channels, as last measured; undefined = not calibrated. */
+  readonly copyRateBytesPerSec?: number;
+  /** One-time cost of a migration besides its rounds, ms (the estimate's `fixedMs`). */
+  readonly fixedMs?: number;
+  /** Time to skip a zero page as a share of sending a full page (the estimate's `zeroPageCost`), 0..{@link MAX_ZERO_PAGE_COST}. */
+  readonly zeroPageCost?: number;
+  /** Where the figures come from (`calibrated from the migration of web-1 at …`), for the plan's decision text. */
+  readonly source: string;
 }
 
 export interface HypervisorCapabilities {

@@ -2,7 +2,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
-import { MAX_ZERO_PAGE_COST, type DriverEstimateHints } from '../../../core/mobility/migration-estimate.ts';
+import { MAX_ZERO_PAGE_COST, type DriverEstimateHints } from '../hypervisor-contract.ts';
 import type {
   HypervisorCapabilities,
   HypervisorDriver,
