@@ -6,7 +6,7 @@
  * the logic is pure and the data plane decides what a path physically is.
  */
 import { ConfigError, EffectorError, ErrorCodes, describeError } from '../errors.ts';
-import { checkEstimateInput, estimateMigration, type Estimate, type EstimateInput } from './migration-estimate.ts';
+import { checkEstimateInput, estimateMigration, withDriverHints, type DriverEstimateHints, type Estimate, type EstimateInput } from './migration-estimate.ts';
 
 export interface PathCandidate {
   readonly name: string;
@@ -68,6 +68,14 @@ export interface PlanInput {
   readonly assumedMinBandwidthBytesPerSec?: number;
   /** Sets a path up without measuring it (connect + auth); rejects if it cannot. */
   setUp?(path: PathCandidate): Promise<{ readonly setupMs: number }>;
+  /**
+   * What the hypervisor driver knows of its own memory stream with `channels` paths (qemu: a
+   * calibrated copy rate, the non-zero share, its fixed cost). A driver that streams on its own
+   * socket is not measured by a path probe, so a calibrated copy rate replaces the probed bandwidth
+   * in the estimate, and the primary is then only set up. Undefined, or a hint that fails: the
+   * estimate stands on the probe alone.
+   */
+  driverHints?(channels: number): Promise<DriverEstimateHints | undefined>;
   /** Asks the target whether it can reassemble pages striped over `paths` paths. */
   targetCpu(paths: number): Promise<TargetCpuAnswer>;
   /** Tears down a probed path that is not used. */
@@ -138,13 +146,30 @@ export async function planPaths(i: PlanInput): Promise<Plan> {
     ...(i.perRoundOverheadMs === undefined ? {} : { perRoundOverheadMs: i.perRoundOverheadMs }),
   };
 
-  // Measuring only matters when a path might be added: not if even the assumed floor fits the threshold.
+  // The driver's own figures for `channels` paths, when it has them; a failing or bad hint is no hint.
+  const hintsFor = async (channels: number): Promise<DriverEstimateHints | undefined> => {
+    try {
+      const h = await i.driverHints?.(channels);
+      if (h !== undefined) withDriverHints({ ...base, bandwidthBytesPerSec: 1 }, h);
+      return h;
+    } catch {
+      return undefined;
+    }
+  };
+  const estimateWith = (bandwidthBytesPerSec: number, h: DriverEstimateHints | undefined): Estimate =>
+    estimateMigration(h === undefined ? { ...base, bandwidthBytesPerSec } : withDriverHints({ ...base, bandwidthBytesPerSec }, h));
+  let hints = await hintsFor(1);
+  const streamKnown = hints?.copyRateBytesPerSec !== undefined && i.setUp !== undefined;
+
+  // Measuring only matters when a path might be added: not if even the assumed floor fits the threshold,
+  // nor when the driver's calibrated stream rate replaces the probe's figure anyway.
   // A capped primary is planned at its cap as before (its probe measures nothing that costs).
   const floor = i.setUp && i.assumedMinBandwidthBytesPerSec !== undefined && i.primary.capBytesPerSec === undefined ? i.assumedMinBandwidthBytesPerSec : undefined;
-  const setUpOnly = floor !== undefined && estimateMigration({ ...base, bandwidthBytesPerSec: floor }).totalMs <= i.thresholdMs;
+  const setUpOnly = streamKnown || (floor !== undefined && estimateMigration({ ...base, bandwidthBytesPerSec: floor }).totalMs <= i.thresholdMs);
+  const assumedRate = floor ?? i.primary.capBytesPerSec ?? i.assumedMinBandwidthBytesPerSec ?? 1;
   let primaryProbe: PathProbe;
   try {
-    primaryProbe = setUpOnly ? { setupMs: (await i.setUp!(i.primary)).setupMs, bandwidthBytesPerSec: floor, assumed: true } : await i.probe(i.primary);
+    primaryProbe = setUpOnly ? { setupMs: (await i.setUp!(i.primary)).setupMs, bandwidthBytesPerSec: assumedRate, assumed: true } : await i.probe(i.primary);
   } catch (e) {
     throw new EffectorError(ErrorCodes.PATH_SETUP_FAILED, `primary path ${i.primary.name} cannot be set up: ${describeError(e)}`, {
       cause: e,
@@ -163,12 +188,17 @@ export async function planPaths(i: PlanInput): Promise<Plan> {
   const probes = new Map<string, PathProbe>([[i.primary.name, primaryProbe]]);
   const decisions: PlanDecision[] = [];
   let bandwidth = pathRate(i.primary, primaryProbe);
-  let estimate = estimateMigration({ ...base, bandwidthBytesPerSec: bandwidth });
+  let estimate = estimateWith(bandwidth, hints);
   const decide = (action: PlanAction, reason: string, path?: string): void => {
     decisions.push({ step: decisions.length + 1, estimateMs: estimate.totalMs, paths: paths.length, action, reason, ...(path === undefined ? {} : { path }) });
   };
-  const measured = primaryProbe.assumed ? `not measured (assumed ≥ ${rateText(bandwidth)}, and even at that rate the estimate fits)` : rateText(bandwidth);
-  decide('primary', `primary ${i.primary.name}: setup ${ms(primaryProbe.setupMs)}, ${measured}; estimate ${ms(estimate.totalMs)}`, i.primary.name);
+  const measured = !primaryProbe.assumed
+    ? rateText(bandwidth)
+    : streamKnown
+      ? `not measured (the driver streams on its own at ${rateText(hints!.copyRateBytesPerSec!)}, as calibrated)`
+      : `not measured (assumed ≥ ${rateText(bandwidth)}, and even at that rate the estimate fits)`;
+  const hinted = hints === undefined ? '' : ` (${hints.source})`;
+  decide('primary', `primary ${i.primary.name}: setup ${ms(primaryProbe.setupMs)}, ${measured}; estimate ${ms(estimate.totalMs)}${hinted}`, i.primary.name);
 
   // Paths set up and not yet released, so a failure of the planner itself leaks none of them.
   const held = new Set<PathCandidate>([i.primary]);
@@ -217,7 +247,8 @@ export async function planPaths(i: PlanInput): Promise<Plan> {
       decide('add-path', `${over}: adding ${candidate.name} (setup ${ms(probe.setupMs)}, ${rateText(rate)})`, candidate.name);
       paths.push(candidate);
       bandwidth += rate;
-      estimate = estimateMigration({ ...base, bandwidthBytesPerSec: bandwidth });
+      hints = await hintsFor(paths.length);
+      estimate = estimateWith(bandwidth, hints);
     }
     if (estimate.totalMs <= i.thresholdMs) {
       decide('done', `estimate ${ms(estimate.totalMs)} ≤ threshold ${ms(i.thresholdMs)} with ${pathsText(paths.length)}`);

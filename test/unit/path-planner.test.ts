@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { ConfigError, EffectorError, ErrorCodes, isEmbotError } from '../../core/errors.ts';
-import { estimateMigration } from '../../core/mobility/migration-estimate.ts';
+import { estimateMigration, withDriverHints } from '../../core/mobility/migration-estimate.ts';
 import {
   formatPlan,
   planPaths,
@@ -255,6 +255,64 @@ describe('planPaths: adding paths (seed 000)', () => {
     const plan = await planPaths(f.input);
     expect(plan.decisions[1].reason).toBe('p2 not added: setup 900 ms > 500 ms (release failed: socket already gone)');
     expect(plan.paths.map((p) => p.name)).toEqual(['p1', 'p3', 'p4']);
+  });
+});
+
+describe('planPaths: a driver that streams on its own socket (qemu) gives its calibrated figures', () => {
+  const setUpOnly = (f: Fake, setUp: string[]): PlanInput => ({
+    ...f.input,
+    async setUp(p) {
+      setUp.push(p.name);
+      return { setupMs: 3 };
+    },
+  });
+
+  it('a calibrated copy rate replaces the probe: the primary is only set up, the estimate uses the rate and the non-zero share', async () => {
+    const f = fake(); // 100 MB; a 25 MB/s probe would say 4 s, over the 1500 ms threshold
+    const setUp: string[] = [];
+    const asked: number[] = [];
+    const hints = { copyRateBytesPerSec: 200 * MB, nonZeroBytes: 50 * MB, fixedMs: 40, source: 'qemu: calibrated' };
+    const plan = await planPaths({
+      ...setUpOnly(f, setUp),
+      async driverHints(n) {
+        asked.push(n);
+        return hints;
+      },
+    });
+    expect(f.probed).toEqual([]);
+    expect(setUp).toEqual(['p1']);
+    expect(asked).toEqual([1]);
+    expect(plan.paths.map((p) => p.name)).toEqual(['p1']);
+    const base = { memoryBytes: 100 * MB, pageSize: 4096, dirtyRateBytesPerSec: 0, downtimeLimitMs: 300, maxRounds: 30, autoConverge: true };
+    expect(plan.estimate.totalMs).toBe(estimateMigration(withDriverHints({ ...base, bandwidthBytesPerSec: plan.bandwidthBytesPerSec }, hints)).totalMs);
+    expect(plan.estimate.totalMs).toBeLessThan(1500);
+    expect(plan.decisions[0]!.reason).toMatch(/not measured \(the driver streams on its own at 200 MB\/s, as calibrated\).*\(qemu: calibrated\)/);
+  });
+
+  it('hints without a copy rate (not calibrated yet) leave the probe in charge', async () => {
+    const f = fake();
+    const setUp: string[] = [];
+    const plan = await planPaths({ ...setUpOnly(f, setUp), driverHints: async () => ({ nonZeroBytes: 100 * MB, source: 'qemu: no migration out yet' }) });
+    expect(setUp).toEqual([]);
+    expect(f.probed[0]).toBe('p1');
+    expect(plan.paths.length).toBeGreaterThan(1);
+  });
+
+  it('a hint that throws or is out of range is no hint: the plan stands on the probe alone', async () => {
+    for (const driverHints of [
+      async () => {
+        throw new Error('QMP gone');
+      },
+      async () => ({ copyRateBytesPerSec: -5, source: 'broken' }),
+      async () => ({ nonZeroBytes: 1e15, source: 'more than memory' }),
+    ]) {
+      const f = fake();
+      const plain = await planPaths(fake().input);
+      const plan = await planPaths({ ...setUpOnly(f, []), driverHints });
+      expect(f.probed[0]).toBe('p1');
+      expect(plan.estimate.totalMs).toBe(plain.estimate.totalMs);
+      expect(plan.paths.map((p) => p.name)).toEqual(plain.paths.map((p) => p.name));
+    }
   });
 });
 
