@@ -21,9 +21,8 @@
  * npm run bench -- --only fixed-cost
  * ```
  */
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -35,10 +34,10 @@ import { loadConfig } from '../core/config/config.ts';
 import { createLogger } from '../core/logger.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
 import { SimDriver } from '../effectors/hypervisor/sim/sim-driver.ts';
-import { GUEST_IMAGE, writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
-import { QemuProcess, killPid, pidAlive, runningPid, vmFiles } from '../effectors/hypervisor/qemu/qemu-process.ts';
+import { writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
+import { bareMigrate, killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 
 const KiB = 1024;
 const REPO = resolve(fileURLToPath(new URL('..', import.meta.url)));
@@ -163,11 +162,6 @@ async function measureRaw(url: string, payload: unknown, rounds: number): Promis
   }
 }
 
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 async function waitUntil(what: string, check: () => boolean, timeoutMs = 30_000): Promise<void> {
   const start = Date.now();
@@ -245,78 +239,8 @@ const QEMU_EXTRA_MS = 30;
 const QEMU_NEEDS = 'needs qemu-system-x86';
 /** An idle guest: one pass writes its counters, then it only reads (memory static). */
 const IDLE_GUEST: QemuVmSpec = { name: 'idle', memory: 64 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 /** `EMBOT_BENCH_TRACE=1`: says on stderr what the bench is doing (QEMU steps can take a while). */
 const trace = (what: string): void => void (process.env['EMBOT_BENCH_TRACE'] ? process.stderr.write(`fixed-cost: ${what}\n`) : undefined);
-
-function qemuMissing(): string | undefined {
-  const r = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
-  if (r.error || r.status !== 0) return 'qemu-system-x86_64 not found';
-  if (!existsSync(GUEST_IMAGE)) spawnSync(process.execPath, [join(REPO, 'effectors/hypervisor/qemu/guest/build.mjs')], { stdio: 'ignore' });
-  if (!existsSync(GUEST_IMAGE)) return 'the test guest is not built (GNU as/ld missing)';
-  return undefined;
-}
-
-/** Every QEMU under `root` killed: VMs outlive their agents, the bench leaves none. */
-async function killQemusUnder(root: string): Promise<void> {
-  const pids: number[] = [];
-  const walk = (dir: string): void => {
-    for (const e of readdirSync(dir, { withFileTypes: true })) {
-      if (!e.isDirectory()) continue;
-      const sub = join(dir, e.name);
-      const pid = runningPid(sub);
-      if (pid !== undefined) pids.push(pid);
-      walk(sub);
-    }
-  };
-  if (existsSync(root)) walk(root);
-  for (const pid of pids) killPid(pid);
-  while (pids.some(pidAlive)) await sleep(20);
-}
-
-/** Waits until the guest in `stateDir` printed `bytes` heartbeats on its serial port (it runs). */
-async function waitSerial(stateDir: string, bytes: number): Promise<void> {
-  const deadline = Date.now() + 120_000;
-  for (;;) {
-    let size = 0;
-    try {
-      size = statSync(vmFiles(stateDir).serial).size;
-    } catch {
-      /* not yet */
-    }
-    if (size >= bytes) return;
-    if (Date.now() > deadline) throw new Error(`fixed-cost bench: the guest in ${stateDir} gave no heartbeat`);
-    await sleep(20);
-  }
-}
-
-/** Bare QMP: both QEMUs started untimed, then `migrate` → target running, timed. */
-async function bareMigrate(root: string, spec: QemuVmSpec): Promise<number> {
-  const src = await QemuProcess.launch({ stateDir: join(root, 'bare-src'), spec, accel: 'tcg' });
-  const dst = await QemuProcess.launch({ stateDir: join(root, 'bare-dst'), spec, accel: 'tcg', incoming: true });
-  try {
-    await waitSerial(src.stateDir, 2);
-    await dst.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
-    const port = (await dst.qmp.execute('query-migrate'))['socket-address']![0]!.port;
-    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 ** 4 });
-    const started = performance.now();
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    for (;;) {
-      const { status } = await dst.qmp.execute('query-status');
-      if (status === 'running') break;
-      if (status !== 'inmigrate' && status !== 'paused') throw new Error(`fixed-cost bench: bare target is ${status}`);
-      await sleep(1);
-    }
-    return performance.now() - started;
-  } finally {
-    await src.kill();
-    await dst.kill();
-    await src.detach();
-    await dst.detach();
-    rmSync(src.stateDir, { recursive: true, force: true });
-    rmSync(dst.stateDir, { recursive: true, force: true });
-  }
-}
 
 let qemuCounter = 0;
 
@@ -356,7 +280,7 @@ async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[
     const bare: number[] = [];
     for (let i = 0; i < runs; i++) {
       trace(`bare migrate ${i + 1}/${runs}`);
-      bare.push(await bareMigrate(root, IDLE_GUEST));
+      bare.push((await bareMigrate(root, IDLE_GUEST, 2)).ms);
     }
     const bootImage = join(root, 'idle-guest.img');
     writeGuestImage(bootImage, IDLE_GUEST.testGuest);

@@ -22,110 +22,30 @@
  * npm run bench -- --only qemu
  * ```
  */
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { createServer, type AddressInfo } from 'node:net';
 import { startAgent, type RunningAgent } from '../core/agent.ts';
 import { loadConfig } from '../core/config/config.ts';
 import { createLogger } from '../core/logger.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
-import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { GUEST_IMAGE, writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../effectors/hypervisor/qemu/qemu-driver.ts';
 import { PRECOPY_DEFAULTS, estimateError, estimateMigration, withDriverHints, type Estimate } from '../core/mobility/migration-estimate.ts';
-import { QemuProcess, killPid, pidAlive, runningPid, vmFiles } from '../effectors/hypervisor/qemu/qemu-process.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
+import { bareMigrate, killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 import type { BenchRunOptions } from './run.ts';
 
 const MiB = 1024 * 1024;
 const NEEDS = 'needs qemu-system-x86';
 
-function qemuMissing(): string | undefined {
-  const r = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
-  if (r.error || r.status !== 0) return 'qemu-system-x86_64 not found';
-  if (!existsSync(GUEST_IMAGE)) spawnSync(process.execPath, [join(import.meta.dirname, '../effectors/hypervisor/qemu/guest/build.mjs')], { stdio: 'ignore' });
-  if (!existsSync(GUEST_IMAGE)) return 'the test guest is not built (GNU as/ld missing)';
-  return undefined;
-}
 
 const min = (xs: readonly number[]): number => Math.min(...xs);
-const median = (xs: readonly number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-/** Every QEMU under `root` (any depth), killed: VMs outlive their drivers, the bench must not leave any. */
-async function killUnder(root: string): Promise<void> {
-  const pids: number[] = [];
-  const walk = (dir: string): void => {
-    for (const e of readdirSync(dir, { withFileTypes: true })) {
-      if (!e.isDirectory()) continue;
-      const sub = join(dir, e.name);
-      const pid = runningPid(sub);
-      if (pid !== undefined) pids.push(pid);
-      walk(sub);
-    }
-  };
-  if (existsSync(root)) walk(root);
-  for (const pid of pids) killPid(pid);
-  while (pids.some(pidAlive)) await sleep(20);
-}
-
-async function waitSerial(stateDir: string, bytes: number): Promise<void> {
-  const { statSync } = await import('node:fs');
-  const deadline = Date.now() + 120_000;
-  for (;;) {
-    let size = 0;
-    try {
-      size = statSync(vmFiles(stateDir).serial).size;
-    } catch {
-      /* not yet */
-    }
-    if (size >= bytes) return;
-    if (Date.now() > deadline) throw new Error(`guest in ${stateDir} gave no heartbeat`);
-    await sleep(20);
-  }
-}
-
-/** Bare QMP: start both QEMUs, then time `migrate` → target running. The limit of (a) and (b). */
-/** Milliseconds the last {@link bareMigrate} took to start its target QEMU (launch + QMP greeting). */
-let lastBareTargetStartMs = 0;
-
-async function bareMigrate(root: string, spec: QemuVmSpec, heartbeats: number): Promise<number> {
-  const src = await QemuProcess.launch({ stateDir: join(root, 'bare-src'), spec, accel: 'tcg' });
-  const t0 = performance.now();
-  const dst = await QemuProcess.launch({ stateDir: join(root, 'bare-dst'), spec, accel: 'tcg', incoming: true });
-  lastBareTargetStartMs = performance.now() - t0;
-  try {
-    await waitSerial(src.stateDir, heartbeats);
-    await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-    await dst.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
-    const port = (await dst.qmp.execute('query-migrate'))['socket-address']![0]!.port;
-    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 ** 4 });
-    const started = performance.now();
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    for (;;) {
-      const { status } = await dst.qmp.execute('query-status');
-      if (status === 'running') break;
-      if (status !== 'inmigrate' && status !== 'paused') throw new Error(`bare target is ${status}`);
-      await sleep(2);
-    }
-    return performance.now() - started;
-  } finally {
-    await src.kill();
-    await dst.kill();
-    await src.detach();
-    await dst.detach();
-    rmSync(src.stateDir, { recursive: true, force: true });
-    rmSync(dst.stateDir, { recursive: true, force: true });
-  }
-}
 
 interface DriverRun {
   readonly ms: number;
@@ -156,7 +76,7 @@ async function driverMigrate(root: string, spec: QemuVmSpec, heartbeats: number,
   } finally {
     await source.close();
     await target.close();
-    await killUnder(root);
+    await killQemusUnder(root);
     rmSync(join(root, 'drv-src'), { recursive: true, force: true });
     rmSync(join(root, 'drv-dst'), { recursive: true, force: true });
   }
@@ -249,8 +169,8 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
   } finally {
     await source.close();
     await target.close();
-    await killUnder(join(root, 'est-src'));
-    await killUnder(join(root, 'est-dst'));
+    await killQemusUnder(join(root, 'est-src'));
+    await killQemusUnder(join(root, 'est-dst'));
     for (const d of readdirSync(join(root, 'est-src'), { withFileTypes: true })) if (d.isDirectory()) rmSync(join(root, 'est-src', d.name), { recursive: true, force: true });
     rmSync(join(root, 'est-dst'), { recursive: true, force: true });
   }
@@ -383,7 +303,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
     const bare: number[] = [];
     const drv: DriverRun[] = [];
     for (let i = 0; i < reps; i++) {
-      bare.push(await bareMigrate(root, idle, 2));
+      bare.push((await bareMigrate(root, idle, 2)).ms);
       drv.push(await driverMigrate(root, idle, 2));
     }
     // Minimum of the runs: the machine is shared, and load only ever adds time; medians are in the notes.
@@ -410,7 +330,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
     const bareBusy: number[] = [];
     const drvBusy: DriverRun[] = [];
     for (let i = 0; i < reps; i++) {
-      bareBusy.push(await bareMigrate(root, busy, 3));
+      bareBusy.push((await bareMigrate(root, busy, 3)).ms);
       drvBusy.push(await driverMigrate(root, busy, 3));
     }
     const bb = min(bareBusy);
@@ -468,8 +388,9 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       const bareTinyStart: number[] = [];
       const agentTiny: AgentRun[] = [];
       for (let i = 0; i < reps; i++) {
-        bareTiny.push(await bareMigrate(root, tiny, 2));
-        bareTinyStart.push(lastBareTargetStartMs);
+        const b = await bareMigrate(root, tiny, 2);
+        bareTiny.push(b.ms);
+        bareTinyStart.push(b.targetStartMs);
         agentTiny.push(await agentMigrate(pair, agentRoot, { ...tiny, name: `tiny-${i}`, bootImage: tinyImage }, 2));
       }
       const bt = min(bareTiny);
@@ -520,7 +441,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       await pair.stop();
     }
   } finally {
-    await killUnder(root);
+    await killQemusUnder(root);
     rmSync(root, { recursive: true, force: true });
   }
   return { title: 'qemu driver: live migration of a TCG guest on loopback', rows, notes };
@@ -535,7 +456,7 @@ async function runEstimateOnly(quick: boolean): Promise<BenchTable> {
     const { rows, notes } = await estimateRows(root, quick ? 1 : 5);
     return { title: 'qemu driver: the planner\'s estimate beside the actual time (multifd 1/2/4)', rows, notes };
   } finally {
-    await killUnder(root);
+    await killQemusUnder(root);
     rmSync(root, { recursive: true, force: true });
   }
 }
