@@ -1,18 +1,13 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { counterOf } from '../harness/counter-stream.ts';
 import { Cluster, migrate } from '../harness/cluster.ts';
 import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { ControlError, ErrorCodes } from '../../core/errors.ts';
-import type { EmbotInfo } from '../../core/control/control-api.ts';
 
 /**
  * Forwarding after a completed migration (issue 11, defects 1 and 2), with real agents: the new
  * owner and the source are killed with SIGKILL and restarted on their data folders.
  */
-interface CounterContext {
-  count: number;
-  lastSeq: number;
-  outOfOrder: number;
-}
 
 let cluster: Cluster | undefined;
 afterEach(async () => {
@@ -20,7 +15,6 @@ afterEach(async () => {
   cluster = undefined;
 });
 
-const counterOf = (embots: readonly EmbotInfo[]) => embots.find((e) => e.id === 'counter/counter/vm:app')?.policies[0]?.context as CounterContext | undefined;
 
 /** Two agents with the counter fixture; `graceMs` is the source's forwarding grace period. */
 async function twoAgents(graceMs: number): Promise<Cluster> {
@@ -36,7 +30,7 @@ async function movedApp(c: Cluster, n: number): Promise<string> {
   const a = c.agent('a');
   await a.client.createVm({ name: 'app', memory: 1 << 20 });
   await a.client.vmAction('app', 'start');
-  await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot at a');
+  await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 10_000, 'counter embot at a');
   for (let seq = 0; seq < n; seq++) await a.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq } });
   const m = await migrate(a, 'app', 'b');
   expect(m.outcome, `migration ${m.outcome}: ${m.reason ?? m.summary?.reason ?? ''}`).toBe('completed');
@@ -54,7 +48,7 @@ async function postForwarded(agent: AgentProcess, from: number, to: number): Pro
 /** Every TICK 0..n-1 processed exactly once, in order, at b. */
 async function expectAllAtB(c: Cluster, n: number): Promise<void> {
   const ctx = await waitFor(async () => {
-    const x = counterOf(await c.agent('b').client.listEmbots());
+    const x = counterOf(await c.agent('b').client.listEmbots(), 'app');
     return x && x.count >= n ? x : undefined;
   }, 20_000, `${n} events processed at b`);
   expect(ctx).toMatchObject({ count: n, lastSeq: n - 1, outOfOrder: 0 });
@@ -139,7 +133,7 @@ describe('forwarding after a migration', () => {
       expect(ack.forwardedTo).toBeUndefined();
     }
     const ctx = await waitFor(async () => {
-      const x = counterOf(await c.agent('a').client.listEmbots());
+      const x = counterOf(await c.agent('a').client.listEmbots(), 'app');
       return x && x.count >= 8 ? x : undefined;
     }, 20_000, 'all 8 events processed at a');
     expect(ctx).toMatchObject({ count: 8, lastSeq: 7, outOfOrder: 0 });
@@ -148,7 +142,7 @@ describe('forwarding after a migration', () => {
     await c.startAgent('a');
     await c.agent('a').client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq: 8 } });
     const after = await waitFor(async () => {
-      const x = counterOf(await c.agent('a').client.listEmbots());
+      const x = counterOf(await c.agent('a').client.listEmbots(), 'app');
       return x && x.count >= 9 ? x : undefined;
     }, 20_000, 'the 9th event processed at a');
     expect(after).toMatchObject({ count: 9, lastSeq: 8, outOfOrder: 0 });

@@ -1,4 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import type { CounterContext } from '../harness/counter-stream.ts';
 import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor } from '../harness/agent-process.ts';
 import type { EmbotInfo } from '../../core/control/control-api.ts';
@@ -8,11 +9,6 @@ import type { EmbotInfo } from '../../core/control/control-api.ts';
  * EMBOT_FAULT_KILL_AT; the kill is real), restart it, and check that exactly one agent owns the
  * VM and its embots and that every acknowledged event was processed exactly once, in order.
  */
-interface CounterContext {
-  count: number;
-  lastSeq: number;
-  outOfOrder: number;
-}
 
 let cluster: Cluster | undefined;
 afterEach(async () => {

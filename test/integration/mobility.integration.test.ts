@@ -1,14 +1,8 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { Cluster, migrate } from '../harness/cluster.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import type { EmbotInfo } from '../../core/control/control-api.ts';
+import { waitFor } from '../harness/agent-process.ts';
 
-interface CounterContext {
-  count: number;
-  lastSeq: number;
-  outOfOrder: number;
-  fired: number;
-}
 
 let cluster: Cluster | undefined;
 afterEach(async () => {
@@ -17,36 +11,7 @@ afterEach(async () => {
 });
 
 
-function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
-  return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
-}
 
-/** Emits sequence-numbered TICKs to whichever agent is given, one at a time, until stopped. */
-function producer(target: () => AgentProcess, vm: string) {
-  let next = 0;
-  let acked = 0;
-  let running = true;
-  const done = (async () => {
-    while (running) {
-      try {
-        await target().client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq: next } });
-        next++;
-        acked = next;
-      } catch {
-        await sleep(5);
-      }
-    }
-  })();
-  return {
-    get acked() {
-      return acked;
-    },
-    async stop() {
-      running = false;
-      await done;
-    },
-  };
-}
 
 describe('peer-to-peer mobility', () => {
   it('moves a VM with its embots while events flow: every event processed once, in order, across both hosts', async () => {
@@ -55,9 +20,9 @@ describe('peer-to-peer mobility', () => {
     const b = cluster.agent('b');
     await a.client.createVm({ name: 'web-1', memory: 2 << 20 });
     await a.client.vmAction('web-1', 'start');
-    await waitFor(async () => counter(await a.client.listEmbots(), 'web-1'), 10_000, 'counter embot on a');
+    await waitFor(async () => counterOf(await a.client.listEmbots(), 'web-1'), 10_000, 'counter embot on a');
 
-    const prod = producer(() => a, 'web-1');
+    const prod = tickProducer(() => a, 'web-1');
     await waitFor(() => prod.acked >= 100, 10_000, '100 events before the move');
     const info = await migrate(a, 'web-1', 'b');
     expect(info.outcome).toBe('completed');
@@ -69,7 +34,7 @@ describe('peer-to-peer mobility', () => {
     expect((await a.client.listVms()).map((v) => v.name)).toEqual([]);
     expect((await a.client.listEmbots()).filter((e) => e.elementIds.includes('vm:web-1'))).toEqual([]);
     const final = await waitFor(async () => {
-      const c = counter(await b.client.listEmbots(), 'web-1');
+      const c = counterOf(await b.client.listEmbots(), 'web-1');
       return c && c.count >= prod.acked ? c : undefined;
     }, 10_000, `all ${prod.acked} events processed at b`);
     expect(final.count).toBe(prod.acked);
@@ -103,7 +68,7 @@ describe('peer-to-peer mobility', () => {
     const a = cluster.agent('a');
     const b = cluster.agent('b');
     await a.client.createVm({ name: 'db-1', memory: 1 << 20 });
-    await waitFor(async () => counter(await a.client.listEmbots(), 'db-1'), 10_000, 'counter embot');
+    await waitFor(async () => counterOf(await a.client.listEmbots(), 'db-1'), 10_000, 'counter embot');
     const armedAt = Date.now();
     await a.client.emitEvent({ elementId: 'vm:db-1', type: 'ARM', payload: null });
     await waitFor(async () => (await a.client.listEmbots()).find((e) => e.id === 'counter/counter/vm:db-1')?.policies[0]?.state === 'armed', 5000, 'armed at a');
@@ -120,8 +85,8 @@ describe('peer-to-peer mobility', () => {
     const a = cluster.agent('a');
     const b = cluster.agent('b');
     await a.client.createVm({ name: 'big', memory: 8 << 20 });
-    await waitFor(async () => counter(await a.client.listEmbots(), 'big'), 10_000, 'counter embot');
-    const prod = producer(() => a, 'big');
+    await waitFor(async () => counterOf(await a.client.listEmbots(), 'big'), 10_000, 'counter embot');
+    const prod = tickProducer(() => a, 'big');
     await waitFor(() => prod.acked >= 30, 10_000, 'some events');
     const info = await migrate(a, 'big', 'b');
     await waitFor(() => prod.acked >= 60, 10_000, 'more events');
@@ -129,7 +94,7 @@ describe('peer-to-peer mobility', () => {
     expect(info.outcome).toBe('denied');
     expect(info.reason ?? info.summary?.reason).toMatch(/not enough memory/);
     const c = await waitFor(async () => {
-      const x = counter(await a.client.listEmbots(), 'big');
+      const x = counterOf(await a.client.listEmbots(), 'big');
       return x && x.count >= prod.acked ? x : undefined;
     }, 10_000, 'all events processed at a');
     expect(c.count).toBe(prod.acked);
@@ -145,15 +110,15 @@ describe('peer-to-peer mobility', () => {
     await cluster.startAgent('b', { EMBOT_FAULT_KILL_AT: 'target:eventsStaged' });
     await a.client.createVm({ name: 'app', memory: 1 << 20 });
     await a.client.vmAction('app', 'start');
-    await waitFor(async () => counter(await a.client.listEmbots(), 'app'), 10_000, 'counter embot');
-    const prod = producer(() => a, 'app');
+    await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 10_000, 'counter embot');
+    const prod = tickProducer(() => a, 'app');
     await waitFor(() => prod.acked >= 20, 10_000, 'events');
     const info = await migrate(a, 'app', 'b');
     expect(info.outcome).toBe('aborted');
     await waitFor(() => prod.acked >= 50, 10_000, 'events after the abort');
     await prod.stop();
     const c = await waitFor(async () => {
-      const x = counter(await a.client.listEmbots(), 'app');
+      const x = counterOf(await a.client.listEmbots(), 'app');
       return x && x.count >= prod.acked ? x : undefined;
     }, 10_000, 'all events processed at a');
     expect(c.count).toBe(prod.acked);

@@ -1,10 +1,10 @@
 import { readFileSync } from 'node:fs';
+import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { EmbotInfo } from '../../core/control/control-api.ts';
 import { writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { Cluster } from '../harness/cluster.ts';
 import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
 import { RawPeer } from '../harness/raw-peer.ts';
@@ -22,42 +22,8 @@ afterEach(async () => {
   await qemus.killAll();
 });
 
-interface CounterContext {
-  count: number;
-  lastSeq: number;
-  outOfOrder: number;
-}
 
-function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
-  return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
-}
 
-/** Sequence-numbered TICKs to whichever agent `target()` names; a refused or failed post is re-sent (same seq). */
-function producer(target: () => AgentProcess | undefined, vm: string) {
-  let next = 0;
-  let running = true;
-  const done = (async () => {
-    while (running) {
-      const agent = target();
-      try {
-        if (!agent) throw new Error('no agent to post to');
-        await agent.client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq: next } });
-        next++;
-      } catch {
-        await sleep(20);
-      }
-    }
-  })();
-  return {
-    get acked() {
-      return next;
-    },
-    async stop() {
-      running = false;
-      await done;
-    },
-  };
-}
 
 /**
  * Two agents `--driver qemu`; a 64 MiB guest whose memory stops changing after its first pass
@@ -84,7 +50,7 @@ async function setup(): Promise<{ root: string; a: AgentProcess; b: AgentProcess
   await a.client.vmAction('f1', 'start');
   const stateA = join(root, 'a', 'f1');
   await heartbeat(stateA, 2);
-  await waitFor(async () => counter(await a.client.listEmbots(), 'f1'), 20_000, 'counter embot on a');
+  await waitFor(async () => counterOf(await a.client.listEmbots(), 'f1'), 20_000, 'counter embot on a');
   return { root, a, b, stateA, stateB: join(root, 'b', 'f1'), sourcePid: runningPid(stateA)! };
 }
 
@@ -99,7 +65,7 @@ async function midMigration(a: AgentProcess, stateB: string): Promise<string> {
 /** Every acknowledged TICK processed exactly once, in order, by the VM's counter at `owner`. */
 async function exactlyOnce(owner: AgentProcess, acked: number): Promise<void> {
   const c = await waitFor(async () => {
-    const x = counter(await owner.client.listEmbots(), 'f1');
+    const x = counterOf(await owner.client.listEmbots(), 'f1');
     return x && x.count >= acked ? x : undefined;
   }, 30_000, `all ${acked} events processed at the owner`);
   expect(c.count).toBe(acked);
@@ -136,7 +102,7 @@ describe.skipIf(!run)('qemu migration faults through the agents: one running QEM
 
   it('the target QEMU killed mid-migration: aborted, the VM runs on at a in its same QEMU', async () => {
     const { a, b, stateA, stateB, sourcePid } = await setup();
-    const prod = producer(() => a, 'f1');
+    const prod = tickProducer(() => a, 'f1', 20);
     const id = await midMigration(a, stateB);
     process.kill(runningPid(stateB)!, 'SIGKILL');
     const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
@@ -153,7 +119,7 @@ describe.skipIf(!run)('qemu migration faults through the agents: one running QEM
 
   it('the target agent SIGKILLed mid-migration and restarted: aborted, the VM runs on at a, b keeps no QEMU', async () => {
     const { a, stateA, stateB, sourcePid } = await setup();
-    const prod = producer(() => a, 'f1');
+    const prod = tickProducer(() => a, 'f1', 20);
     const id = await midMigration(a, stateB);
     await cluster!.kill('b');
     const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
@@ -173,7 +139,7 @@ describe.skipIf(!run)('qemu migration faults through the agents: one running QEM
   it('the source agent SIGKILLed mid-migration and restarted: it re-attaches to its QEMU (same pid), cancels the orphaned migration, owns the VM; b keeps nothing', async () => {
     const { a, b, stateA, stateB, sourcePid } = await setup();
     let current: AgentProcess | undefined = a;
-    const prod = producer(() => current, 'f1');
+    const prod = tickProducer(() => current, 'f1', 20);
     await midMigration(a, stateB);
     current = undefined;
     await cluster!.kill('a');
@@ -196,7 +162,7 @@ describe.skipIf(!run)('qemu migration faults through the agents: one running QEM
   it('an agent SIGKILLed and restarted with a running VM re-attaches to it: same QEMU pid, not restarted, its embots go on', async () => {
     const { a, stateA, sourcePid } = await setup();
     let current: AgentProcess | undefined = a;
-    const prod = producer(() => current, 'f1');
+    const prod = tickProducer(() => current, 'f1', 20);
     await waitFor(() => prod.acked >= 20, 20_000, 'events before the kill');
     current = undefined;
     await cluster!.kill('a');

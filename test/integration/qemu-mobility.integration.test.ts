@@ -1,10 +1,10 @@
 import { join } from 'node:path';
+import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { EmbotInfo } from '../../core/control/control-api.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { waitFor } from '../harness/agent-process.ts';
 import { Cluster, migrate } from '../harness/cluster.ts';
 import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
 
@@ -19,40 +19,8 @@ afterEach(async () => {
   await qemus.killAll();
 });
 
-interface CounterContext {
-  count: number;
-  lastSeq: number;
-  outOfOrder: number;
-}
 
-function counter(embots: readonly EmbotInfo[], vm: string): CounterContext | undefined {
-  return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
-}
 
-/** Emits sequence-numbered TICKs to whichever agent `target()` names, one at a time, until stopped. */
-function producer(target: () => AgentProcess, vm: string) {
-  let next = 0;
-  let running = true;
-  const done = (async () => {
-    while (running) {
-      try {
-        await target().client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq: next } });
-        next++;
-      } catch {
-        await sleep(5);
-      }
-    }
-  })();
-  return {
-    get acked() {
-      return next;
-    },
-    async stop() {
-      running = false;
-      await done;
-    },
-  };
-}
 
 /** Two agents `--driver qemu` (TCG) with the counter fixture and the shipped watchdog; VM state dirs under `root/<agent>`. */
 async function qemuCluster(root: string, mobility: Record<string, unknown> = {}, extra: Record<string, unknown> = {}, qemu: Record<string, unknown> = {}, tls = false): Promise<Cluster> {
@@ -85,10 +53,10 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
     await heartbeat(stateA, 2);
     const sourcePid = runningPid(stateA);
     expect(sourcePid).toBeDefined();
-    await waitFor(async () => counter(await a.client.listEmbots(), 'g1'), 20_000, 'counter embot on a');
+    await waitFor(async () => counterOf(await a.client.listEmbots(), 'g1'), 20_000, 'counter embot on a');
     await waitFor(async () => (await a.client.listEmbots()).find((e) => e.id === 'vm-watchdog/watchdog/vm:g1'), 20_000, 'watchdog embot on a');
 
-    const prod = producer(() => a, 'g1');
+    const prod = tickProducer(() => a, 'g1');
     await waitFor(() => prod.acked >= 50, 20_000, '50 events before the move');
     const info = await migrate(a, 'g1', 'b', { timeoutMs: 180_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
@@ -108,7 +76,7 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
 
     // The embots are at b with their policy state, and every event was processed once, in order.
     const final = await waitFor(async () => {
-      const c = counter(await b.client.listEmbots(), 'g1');
+      const c = counterOf(await b.client.listEmbots(), 'g1');
       return c && c.count >= prod.acked ? c : undefined;
     }, 20_000, `all ${prod.acked} events processed at b`);
     expect(final.count).toBe(prod.acked);
@@ -151,8 +119,8 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
       const stateA = join(root, 'a', 'hot');
       await heartbeat(stateA, 2);
       const sourcePid = runningPid(stateA);
-      await waitFor(async () => counter(await a.client.listEmbots(), 'hot'), 20_000, 'counter embot on a');
-      const prod = producer(() => a, 'hot');
+      await waitFor(async () => counterOf(await a.client.listEmbots(), 'hot'), 20_000, 'counter embot on a');
+      const prod = tickProducer(() => a, 'hot');
       await waitFor(() => prod.acked >= 20, 20_000, 'events before the move');
       const info = await migrate(a, 'hot', 'b', { timeoutMs: 60_000 });
       expect(info.outcome, JSON.stringify(info)).toBe('aborted');
@@ -167,7 +135,7 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
       expect(qemus.live()).toEqual([sourcePid]);
       expect(await b.client.listVms()).toEqual([]);
       const c = await waitFor(async () => {
-        const x = counter(await a.client.listEmbots(), 'hot');
+        const x = counterOf(await a.client.listEmbots(), 'hot');
         return x && x.count >= prod.acked ? x : undefined;
       }, 20_000, 'all events processed at a');
       expect(c.count).toBe(prod.acked);

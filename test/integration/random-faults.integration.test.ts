@@ -1,9 +1,9 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { counterOf } from '../harness/counter-stream.ts';
 import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor } from '../harness/agent-process.ts';
 import { prng } from '../harness/prng.ts';
 import { ControlError, ErrorCodes } from '../../core/errors.ts';
-import type { EmbotInfo } from '../../core/control/control-api.ts';
 
 /**
  * SIGKILL of the source or the target at a random moment of a migration's life (before it, while
@@ -30,13 +30,7 @@ const PATH_CAP_BYTES_PER_SEC = 8 << 20;
 /** The producer runs at least this long after the request: past the grace period, so it meets the refusal. */
 const PRODUCE_MS = GRACE_MS + 1500;
 
-interface CounterContext {
-  count: number;
-  lastSeq: number;
-  outOfOrder: number;
-}
 
-const counterOf = (embots: readonly EmbotInfo[]) => embots.find((e) => e.id === 'counter/counter/vm:app')?.policies[0]?.context as CounterContext | undefined;
 
 /** Errors of an agent that is down or stopping: the producer tries the same event again. */
 const TRANSIENT = new Set<string>([ErrorCodes.CONTROL_UNREACHABLE, ErrorCodes.AGENT_STOPPED, ErrorCodes.CONTROL_INTERNAL, ErrorCodes.STORE_CORRUPT]);
@@ -69,7 +63,7 @@ describe('random-moment faults during a migration', () => {
       const a = c.agent('a');
       await a.client.createVm({ name: 'app', memory: VM_MEMORY });
       await a.client.vmAction('app', 'start');
-      await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot at a');
+      await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 10_000, 'counter embot at a');
 
       // The producer: one event at a time, each sent again (same id) until acknowledged.
       const state = { acked: 0, stop: false, followed: [] as string[], failure: undefined as unknown };
@@ -140,11 +134,11 @@ describe('random-moment faults during a migration', () => {
 
       const acked = state.acked;
       await waitFor(async () => {
-        const x = counterOf(await owner.client.listEmbots());
+        const x = counterOf(await owner.client.listEmbots(), 'app');
         return x && x.count >= acked ? x : undefined;
       }, 30_000, `all ${acked} acknowledged events processed at ${owners[0]}`);
       await sleep(300);
-      const settled = counterOf(await owner.client.listEmbots())!;
+      const settled = counterOf(await owner.client.listEmbots(), 'app')!;
       const seen = ((settled as unknown as { seen?: string[] }).seen ?? []).map(Number);
       const reordered = seen.flatMap((v, i) => (i > 0 && v <= seen[i - 1]! ? [seen.slice(Math.max(0, i - 3), i + 3).join(',')] : []));
       expect(settled, `owner ${owners[0]}, followed ${state.followed.join('>') || 'nobody'}; out of order near: ${reordered.join(' | ')}`).toMatchObject({ count: acked, lastSeq: acked - 1, outOfOrder: 0 });
