@@ -1,5 +1,5 @@
 import { expect } from 'vitest';
-import type { EmbotError } from '../../core/errors.ts';
+import { isEmbotError, type EmbotError } from '../../core/errors.ts';
 
 /**
  * Asserts that `fn` throws an instance of `errorClass` carrying the stable `code`.
@@ -32,4 +32,21 @@ export function thrownCode(fn: () => unknown, errorClass: abstract new (...args:
     return (e as EmbotError).code;
   }
   return undefined;
+}
+
+/**
+ * The EmbotError `p` rejects with; fails the test when it resolves or rejects with anything else.
+ *
+ * @example
+ * ```ts
+ * expect((await rejection(driver.start('ghost'))).code).toBe(ErrorCodes.VM_UNKNOWN);
+ * ```
+ */
+export async function rejection(p: Promise<unknown>): Promise<EmbotError> {
+  const e = await p.then(
+    () => undefined,
+    (err: unknown) => err,
+  );
+  if (!isEmbotError(e)) throw new Error(`expected an EmbotError, got ${String(e)}`);
+  return e;
 }

@@ -1,9 +1,10 @@
 import { spawn } from 'node:child_process';
+import { rejection } from '../harness/expect-code.ts';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes, isEmbotError, type EmbotError } from '../../core/errors.ts';
+import { ErrorCodes } from '../../core/errors.ts';
 import type { VmStateChange } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
@@ -27,15 +28,6 @@ function driver(root = qemus.root(), options: Partial<ConstructorParameters<type
 }
 
 const spec = (name: string, extra: Partial<QemuVmSpec> = {}): QemuVmSpec => ({ name, memory: 64 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 }, ...extra });
-
-async function rejection(p: Promise<unknown>): Promise<EmbotError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  if (!isEmbotError(e)) throw new Error(`expected an EmbotError, got ${String(e)}`);
-  return e;
-}
 
 async function until(cond: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -1,7 +1,8 @@
 import { join } from 'node:path';
+import { rejection } from '../harness/expect-code.ts';
 import { rmSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes, isEmbotError, type EmbotError } from '../../core/errors.ts';
+import { ErrorCodes } from '../../core/errors.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import type { QemuTlsFiles } from '../../effectors/hypervisor/qemu/migration-tls.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
@@ -32,15 +33,6 @@ function driver(name: string, tls: QemuTlsFiles | undefined): QemuDriver {
   const d = new QemuDriver({ root: join(qemus.root(), name), accel: 'tcg', ...(tls ? { tls } : {}) });
   cleanups.push(() => d.close());
   return d;
-}
-
-async function rejection(p: Promise<unknown>): Promise<EmbotError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  if (!isEmbotError(e)) throw new Error(`expected an EmbotError, got ${String(e)}`);
-  return e;
 }
 
 /** Source VM still running here and its guest still writing; the target's incoming QEMU gone once aborted. */

@@ -1,6 +1,7 @@
 import { join } from 'node:path';
+import { rejection } from '../harness/expect-code.ts';
 import { afterEach, describe, expect, it } from 'vitest';
-import { EffectorError, ErrorCodes, isEmbotError, type EmbotError } from '../../core/errors.ts';
+import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import type { MigrationProgress, VmStateChange } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver, type QemuDriverOptions } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
@@ -27,15 +28,6 @@ function hosts(options: Partial<QemuDriverOptions> = {}): { source: QemuDriver; 
 }
 
 const spec = (name: string, delayLoops: number, memory = 64 * MiB): QemuVmSpec => ({ name, memory, vcpus: 1, testGuest: { delayLoops } });
-
-async function rejection(p: Promise<unknown>): Promise<EmbotError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  if (!isEmbotError(e)) throw new Error(`expected an EmbotError, got ${String(e)}`);
-  return e;
-}
 
 async function checkIntegrity(d: QemuDriver, vm: string, memory = 64 * MiB): Promise<void> {
   await d.pause(vm);

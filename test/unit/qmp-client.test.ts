@@ -1,9 +1,10 @@
 import { mkdtempSync, rmSync } from 'node:fs';
+import { rejection } from '../harness/expect-code.ts';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes, isEmbotError, type EmbotError } from '../../core/errors.ts';
+import { ErrorCodes, type EmbotError } from '../../core/errors.ts';
 import { QmpClient, type QmpEvent } from '../../effectors/hypervisor/qemu/qmp-client.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 
@@ -53,15 +54,6 @@ async function connect(path: string, options: Parameters<typeof QmpClient.connec
   const client = await QmpClient.connect(path, { connectTimeoutMs: 2000, commandTimeoutMs: 2000, ...options });
   cleanups.push(() => client.close());
   return client;
-}
-
-async function rejection(p: Promise<unknown>): Promise<EmbotError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  if (!isEmbotError(e)) throw new Error(`expected an EmbotError, got ${String(e)}`);
-  return e;
 }
 
 const reply = (socket: net.Socket, value: unknown): void => void socket.write(`${JSON.stringify(value)}\r\n`);
