@@ -21,26 +21,22 @@
  * npm run bench -- --only fixed-cost
  * ```
  */
-import { randomBytes } from 'node:crypto';
-import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type AddressInfo } from 'node:net';
+import { mkdtempSync, rmSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { Packr } from 'msgpackr';
 import WebSocket, { WebSocketServer } from 'ws';
-import { startAgent, type RunningAgent } from '../core/agent.ts';
-import { loadConfig } from '../core/config/config.ts';
-import { createLogger } from '../core/logger.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
 import { SimDriver } from '../effectors/hypervisor/sim/sim-driver.ts';
 import { writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
+import { startAgentPair, type AgentPair } from './agent-pair.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import { bareMigrate, killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 
 const KiB = 1024;
-const REPO = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const VM_MEMORY = 64 * KiB;
 const TARGET_MS = 30;
 const RAW_ROUNDS = 5;
@@ -63,54 +59,8 @@ interface Sample {
   readonly rawBytes: number;
 }
 
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r, j) => (srv.once('error', j), srv.listen(0, '127.0.0.1', () => r())));
-  const port = (srv.address() as AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
-interface Pair {
-  readonly a: RunningAgent;
-  readonly b: RunningAgent;
-  stop(): Promise<void>;
-}
 
-/** Agents a and b, each the other's peer, one shipped module (vm-watchdog: one embot per VM). */
-async function startPair(root: string, driver: 'sim' | 'qemu' = 'sim'): Promise<Pair> {
-  const plugins = join(root, 'plugins');
-  mkdirSync(plugins, { recursive: true });
-  cpSync(join(REPO, 'plugins/vm-watchdog'), join(plugins, 'vm-watchdog'), { recursive: true });
-  const secretFile = join(root, 'cluster.secret');
-  writeFileSync(secretFile, randomBytes(32).toString('hex'));
-  const ports = { a: await freePort(), b: await freePort() };
-  const start = (name: 'a' | 'b'): Promise<RunningAgent> => {
-    const other = name === 'a' ? 'b' : 'a';
-    const flags = {
-      name,
-      dataDir: join(root, `data-${name}`),
-      pluginsDir: plugins,
-      ...(driver === 'qemu' ? { driver, qemu: { stateDir: join(root, `vms-${name}`), accel: 'tcg' as const } } : {}),
-      logLevel: 'error' as const,
-      control: { port: 0 },
-      peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },
-      mobility: { trust: { mode: 'any-authenticated-peer' as const } },
-      // Quiet sensors: nothing but the migration runs.
-      sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
-    };
-    return startAgent(loadConfig({ env: {}, flags }), createLogger({ level: 'error', name }));
-  };
-  const a = await start('a');
-  let b: RunningAgent;
-  try {
-    b = await start('b');
-  } catch (e) {
-    await a.stop();
-    throw e;
-  }
-  return { a, b, stop: async () => void (await Promise.allSettled([a.stop(), b.stop()])) };
-}
 
 const rawPackr = new Packr({ useRecords: false });
 
@@ -173,7 +123,7 @@ async function waitUntil(what: string, check: () => boolean, timeoutMs = 30_000)
 
 let vmCounter = 0;
 
-async function migrateOnce(pair: Pair, rawUrl: string): Promise<Sample> {
+async function migrateOnce(pair: AgentPair, rawUrl: string): Promise<Sample> {
   const { a, b } = pair;
   const vm = `fc${++vmCounter}`;
   const vmEl = `vm:${vm}`;
@@ -245,7 +195,7 @@ const trace = (what: string): void => void (process.env['EMBOT_BENCH_TRACE'] ? p
 let qemuCounter = 0;
 
 /** One migration a → b of the idle guest through two agents `--driver qemu` (target QEMU start included). */
-async function qemuAgentMigrate(pair: Pair, root: string, bootImage: string): Promise<MigrationSummary> {
+async function qemuAgentMigrate(pair: AgentPair, root: string, bootImage: string): Promise<MigrationSummary> {
   const name = `q${++qemuCounter}`;
   trace(`agents: migrate ${name}`);
   await pair.a.control.createVm({ name, memory: IDLE_GUEST.memory, boot: bootImage });
@@ -284,7 +234,7 @@ async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[
     }
     const bootImage = join(root, 'idle-guest.img');
     writeGuestImage(bootImage, IDLE_GUEST.testGuest);
-    const pair = await startPair(join(root, 'agents'), 'qemu');
+    const pair = await startAgentPair(join(root, 'agents'), { driver: 'qemu' });
     const summaries: MigrationSummary[] = [];
     try {
       await qemuAgentMigrate(pair, join(root, 'agents'), bootImage); // warm-up
@@ -345,7 +295,7 @@ export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
   const samples: Sample[] = [];
   const cold: number[] = [];
   try {
-    const pair = await startPair(root);
+    const pair = await startAgentPair(root);
     const rawEndpoint = await startRawEndpoint();
     try {
       for (let i = 0; i < WARMUP_MIGRATIONS; i++) cold.push((await migrateOnce(pair, rawEndpoint.url)).summary.totalMs);

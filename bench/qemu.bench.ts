@@ -22,12 +22,7 @@
  * npm run bench -- --only qemu
  * ```
  */
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { randomBytes } from 'node:crypto';
-import { createServer, type AddressInfo } from 'node:net';
-import { startAgent, type RunningAgent } from '../core/agent.ts';
-import { loadConfig } from '../core/config/config.ts';
-import { createLogger } from '../core/logger.ts';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -37,6 +32,7 @@ import { writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.
 import { QemuDriver } from '../effectors/hypervisor/qemu/qemu-driver.ts';
 import { PRECOPY_DEFAULTS, estimateError, estimateMigration, withDriverHints, type Estimate } from '../core/mobility/migration-estimate.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
+import { startAgentPair, type AgentPair } from './agent-pair.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import { bareMigrate, killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 import type { BenchRunOptions } from './run.ts';
@@ -208,58 +204,8 @@ async function estimateRows(root: string, reps: number): Promise<{ rows: BenchRo
   return { rows, notes };
 }
 
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r, j) => (srv.once('error', j), srv.listen(0, '127.0.0.1', () => r())));
-  const port = (srv.address() as AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
 
-interface AgentPair {
-  readonly a: RunningAgent;
-  readonly b: RunningAgent;
-  stop(): Promise<void>;
-}
 
-/**
- * Two full agents `--driver qemu` in this process (QEMU moves the memory in processes of its own,
- * so the agents only orchestrate), one shipped module (vm-watchdog: one embot per VM), TCG.
- */
-async function agentPair(root: string): Promise<AgentPair> {
-  const plugins = join(root, 'plugins');
-  mkdirSync(plugins, { recursive: true });
-  cpSync(join(import.meta.dirname, '../plugins/vm-watchdog'), join(plugins, 'vm-watchdog'), { recursive: true });
-  const secretFile = join(root, 'cluster.secret');
-  writeFileSync(secretFile, randomBytes(32).toString('base64'));
-  const ports = { a: await freePort(), b: await freePort() };
-  const start = (name: 'a' | 'b'): Promise<RunningAgent> => {
-    const other = name === 'a' ? 'b' : 'a';
-    const flags = {
-      name,
-      dataDir: join(root, `data-${name}`),
-      pluginsDir: plugins,
-      driver: 'qemu',
-      qemu: { stateDir: join(root, `vms-${name}`), accel: 'tcg' },
-      logLevel: 'error',
-      control: { port: 0 },
-      peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },
-      mobility: { trust: { mode: 'any-authenticated-peer' }, stepTimeoutMs: 60_000, vmTimeoutMs: 120_000 },
-      sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
-    } as const;
-    return startAgent(loadConfig({ env: {}, flags }), createLogger({ level: 'error', name }));
-  };
-  const a = await start('a');
-  const b = await start('b');
-  return {
-    a,
-    b,
-    stop: async () => {
-      await a.stop();
-      await b.stop();
-    },
-  };
-}
 
 interface AgentRun {
   readonly ms: number;
@@ -378,7 +324,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
 
     // (d) the same guests through two agents: the whole protocol around QEMU's stream.
     const agentRoot = join(root, 'agents');
-    const pair = await agentPair(agentRoot);
+    const pair = await startAgentPair(agentRoot, { driver: 'qemu', mobility: { stepTimeoutMs: 60_000, vmTimeoutMs: 120_000 } });
     try {
       // (d1) fixed cost: a tiny idle guest (32 MiB, static after one pass), agents vs bare QMP of the same guest.
       const tiny: QemuVmSpec = { name: 'tiny', memory: 32 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
