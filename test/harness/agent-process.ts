@@ -1,4 +1,5 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { promisify } from 'node:util';
 import { mkdtempSync, cpSync, mkdirSync, rmSync } from 'node:fs';
 import { afterAll } from 'vitest';
 import { tmpdir } from 'node:os';
@@ -109,4 +110,17 @@ export function makeSandbox(plugins: readonly { from: 'fixture' | 'shipped'; nam
   mkdirSync(pluginsDir, { recursive: true });
   for (const p of plugins) cpSync(join(p.from === 'fixture' ? FIXTURE_PLUGINS : SHIPPED_PLUGINS, p.name), join(pluginsDir, p.name), { recursive: true });
   return { root, dataDir: (name) => join(root, `data-${name}`), pluginsDir };
+}
+
+const execFileP = promisify(execFile);
+
+/** Runs the `embot` CLI (bin/embot.mjs) to its end: its exit code and output, whatever the code. */
+export async function runCli(args: readonly string[], env: Readonly<Record<string, string>> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const r = await execFileP(process.execPath, [BIN, ...args], { cwd: REPO, env: { ...process.env, ...env }, timeout: 20_000 });
+    return { code: 0, stdout: r.stdout, stderr: r.stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
 }

@@ -1,33 +1,21 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
-import { AgentProcess, BIN, REPO, makeSandbox } from '../harness/agent-process.ts';
+import { AgentProcess, runCli, makeSandbox } from '../harness/agent-process.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 
-const run = promisify(execFile);
 const agents: AgentProcess[] = [];
 afterEach(async () => {
   for (const a of agents.splice(0)) await a.kill().catch(() => {});
 });
 
-async function embot(args: readonly string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, [BIN, ...args], { cwd: REPO, env: { ...process.env, ...env }, timeout: 20_000 });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
 
 describe('bad input from outside', () => {
   it('refuses a malformed config file with a clear message and exit code 2', async () => {
     const box = makeSandbox();
     const file = join(box.root, 'bad.yaml');
     writeFileSync(file, 'control:\n  port: "not a port"\nnoSuchKey: 1\n');
-    const r = await embot(['agent', '--config', file, '--data', box.dataDir('x'), '--plugins', box.pluginsDir]);
+    const r = await runCli(['agent', '--config', file, '--data', box.dataDir('x'), '--plugins', box.pluginsDir]);
     expect(r.code).toBe(2);
     expect(r.stderr).toContain(ErrorCodes.CONFIG_INVALID);
     expect(r.stderr).toMatch(/control\.port/);
@@ -39,16 +27,16 @@ describe('bad input from outside', () => {
     const dataDir = box.dataDir('c');
     mkdirSync(dataDir, { recursive: true });
     writeFileSync(join(dataDir, 'embot.sqlite'), Buffer.alloc(8192, 0x5a));
-    const r = await embot(['agent', '--name', 'c', '--data', dataDir, '--plugins', box.pluginsDir, '--control', '127.0.0.1:0']);
+    const r = await runCli(['agent', '--name', 'c', '--data', dataDir, '--plugins', box.pluginsDir, '--control', '127.0.0.1:0']);
     expect(r.code).toBe(1);
     expect(r.stderr).toContain(ErrorCodes.STORE_CORRUPT);
     expect(r.stderr).toMatch(/move it away or restore a backup/);
   });
 
   it('rejects unknown verbs and bad flags with exit code 2', async () => {
-    expect((await embot(['frobnicate'])).code).toBe(2);
-    expect((await embot(['vm', 'create'])).code).toBe(2);
-    const bad = await embot(['events', 'emit', '--element', 'vm:x', '--type', 'T', '--payload', '{nope']);
+    expect((await runCli(['frobnicate'])).code).toBe(2);
+    expect((await runCli(['vm', 'create'])).code).toBe(2);
+    const bad = await runCli(['events', 'emit', '--element', 'vm:x', '--type', 'T', '--payload', '{nope']);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/payload/i);
   });
@@ -69,7 +57,7 @@ describe('bad input from outside', () => {
     const raw = await fetch(`${a.url}/v1/events`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"elementId":' });
     expect(raw.status).toBe(400);
     expect(((await raw.json()) as { error: { code: string } }).error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
-    const cli = await embot(['events', 'emit', '--element', 'vm:vm1', '--type', 'bad type'], { EMBOT_AGENT: a.url });
+    const cli = await runCli(['events', 'emit', '--element', 'vm:vm1', '--type', 'bad type'], { EMBOT_AGENT: a.url });
     expect(cli.code).toBe(1);
     expect(cli.stderr).toContain('EMBOT_ERR_EVENT_INVALID');
 

@@ -1,15 +1,13 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { execFile } from 'node:child_process';
+import { rejection } from '../harness/expect-code.ts';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { stringify } from 'yaml';
-import { AgentProcess, BIN, REPO, makeSandbox, waitFor } from '../harness/agent-process.ts';
+import { AgentProcess, runCli, makeSandbox, waitFor } from '../harness/agent-process.ts';
 import { qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
-import { ControlError, ErrorCodes, isEmbotError } from '../../core/errors.ts';
+import { ErrorCodes } from '../../core/errors.ts';
 
-const run = promisify(execFile);
 const hasQemu = requireQemu();
 const qemus = qemuProcesses();
 const agents: AgentProcess[] = [];
@@ -20,25 +18,7 @@ afterEach(async () => {
 
 const MiB = 1024 * 1024;
 
-async function embot(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(process.execPath, [BIN, ...args], { cwd: REPO, timeout: 20_000 });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code: number; stdout: string; stderr: string };
-    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
-  }
-}
 
-/** The ControlError a control call rejects with. */
-async function refusal(p: Promise<unknown>): Promise<ControlError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  expect(isEmbotError(e)).toBe(true);
-  return e as ControlError;
-}
 
 describe('agent --driver', () => {
   it('sim: refuses what only qemu does with VM_SPEC_INVALID naming the flag, creates nothing, keeps running', async () => {
@@ -46,11 +26,11 @@ describe('agent --driver', () => {
     const a = await AgentProcess.start({ name: 's', dataDir: box.dataDir('s'), pluginsDir: box.pluginsDir });
     agents.push(a);
     expect((await a.client.status()).driver).toBe('sim');
-    const e = await refusal(a.client.createVm({ name: 'v', image: '/tmp/disk.qcow2' }));
+    const e = await rejection(a.client.createVm({ name: 'v', image: '/tmp/disk.qcow2' }));
     expect(e.code).toBe(ErrorCodes.VM_SPEC_INVALID);
     expect(e.details).toMatchObject({ status: 400 });
     expect(e.message).toMatch(/sim driver .* image/);
-    const cli = await embot(['vm', 'create', 'w', '--boot', 'boot.img', '--agent', a.url]);
+    const cli = await runCli(['vm', 'create', 'w', '--boot', 'boot.img', '--agent', a.url]);
     expect(cli.code).toBe(1);
     expect(cli.stderr).toContain(ErrorCodes.VM_SPEC_INVALID);
     expect(cli.stderr).toMatch(/boot/);
@@ -74,7 +54,7 @@ describe('agent --driver', () => {
       agents.push(a);
       expect((await a.client.status()).driver).toBe('qemu');
 
-      const spec = await refusal(a.client.createVm({ name: 'v', dirtyRate: MiB }));
+      const spec = await rejection(a.client.createVm({ name: 'v', dirtyRate: MiB }));
       expect(spec.code).toBe(ErrorCodes.VM_SPEC_INVALID);
       expect(spec.message).toMatch(/qemu driver .* dirtyRate/);
 
@@ -88,11 +68,11 @@ describe('agent --driver', () => {
         [a.client.setVmLoad('v', 0.5), 'loadKnob'],
         [a.client.vmChecksum('v'), 'memoryChecksum'],
       ] as const) {
-        const e = await refusal(call);
+        const e = await rejection(call);
         expect(e.code).toBe(ErrorCodes.DRIVER_UNSUPPORTED);
         expect(e.details).toMatchObject({ status: 501, driver: 'qemu', capability });
       }
-      const cli = await embot(['vm', 'load', 'v', '0.5', '--agent', a.url]);
+      const cli = await runCli(['vm', 'load', 'v', '0.5', '--agent', a.url]);
       expect(cli.code).toBe(1);
       expect(cli.stderr).toContain(ErrorCodes.DRIVER_UNSUPPORTED);
       // Refused, not broken: the agent and the VM go on.

@@ -1,15 +1,13 @@
-import { execFile } from 'node:child_process';
+import { rejection } from '../harness/expect-code.ts';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
-import { ControlError, ErrorCodes, isEmbotError } from '../../core/errors.ts';
+import { ErrorCodes } from '../../core/errors.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
-import { AgentProcess, BIN, REPO, makeSandbox } from '../harness/agent-process.ts';
+import { AgentProcess, runCli, makeSandbox } from '../harness/agent-process.ts';
 import { qemuAgentConfig, qemuProcesses, requireQemu, type QemuAgentSettings } from '../harness/qemu-processes.ts';
 
-const execFileP = promisify(execFile);
 const run = requireQemu();
 const qemus = qemuProcesses();
 const agents: AgentProcess[] = [];
@@ -20,24 +18,7 @@ afterEach(async () => {
 
 const MiB = 1024 * 1024;
 
-async function embot(args: readonly string[]): Promise<{ code: number; stderr: string }> {
-  try {
-    const r = await execFileP(process.execPath, [BIN, ...args], { cwd: REPO, timeout: 20_000 });
-    return { code: 0, stderr: r.stderr };
-  } catch (e) {
-    const err = e as { code: number; stderr: string };
-    return { code: err.code, stderr: err.stderr };
-  }
-}
 
-async function refusal(p: Promise<unknown>): Promise<ControlError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  );
-  if (!isEmbotError(e)) throw new Error(`expected a coded refusal, got ${String(e)}`);
-  return e as ControlError;
-}
 
 /** One agent --driver qemu with its VM dirs under a tracked root. */
 async function qemuAgent(settings: QemuAgentSettings = {}): Promise<{ a: AgentProcess; root: string; box: ReturnType<typeof makeSandbox> }> {
@@ -58,13 +39,13 @@ describe.skipIf(!run)('bad input to an agent --driver qemu: a coded error, nothi
     const fakeQcow2 = join(box.root, 'fake.qcow2');
     writeFileSync(fakeQcow2, Buffer.alloc(4096, 7)); // no qcow2 header
     for (const bad of [{ image: join(box.root, 'missing.img') }, { image: torn }, { image: fakeQcow2 }, { boot: join(box.root, 'missing-boot.img') }]) {
-      const e = await refusal(a.client.createVm({ name: 'bad', memory: 32 * MiB, ...bad }));
+      const e = await rejection(a.client.createVm({ name: 'bad', memory: 32 * MiB, ...bad }));
       expect(e.code, JSON.stringify(bad)).toBe(ErrorCodes.VM_IMAGE);
       expect(e.message).toContain(Object.values(bad)[0]);
       expect((e.details as { status: number }).status).toBeGreaterThanOrEqual(400);
       expect((e.details as { status: number }).status).toBeLessThan(500);
     }
-    const cli = await embot(['vm', 'create', 'bad', '--image', torn, '--agent', a.url]);
+    const cli = await runCli(['vm', 'create', 'bad', '--image', torn, '--agent', a.url]);
     expect(cli.code).toBe(1);
     expect(cli.stderr).toContain(ErrorCodes.VM_IMAGE);
     expect(await a.client.listVms()).toEqual([]);
@@ -82,7 +63,7 @@ describe.skipIf(!run)('bad input to an agent --driver qemu: a coded error, nothi
     writeFileSync(disk, Buffer.alloc(1 * MiB));
     await a.client.createVm({ name: 'd', memory: 32 * MiB, image: disk });
     writeFileSync(disk, Buffer.alloc(777)); // truncated under the VM
-    const e = await refusal(a.client.vmAction('d', 'start'));
+    const e = await rejection(a.client.vmAction('d', 'start'));
     expect(e.code).toBe(ErrorCodes.VM_IMAGE);
     expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['d:created']);
     expect(qemus.live()).toEqual([]);
@@ -92,10 +73,10 @@ describe.skipIf(!run)('bad input to an agent --driver qemu: a coded error, nothi
   it('a QEMU binary that is missing (qemu.binary): start is QEMU_MISSING naming the package, the agent keeps running', { timeout: 120_000 }, async () => {
     const { a } = await qemuAgent({ binary: '/nonexistent/qemu-system-x86_64' });
     await a.client.createVm({ name: 'nb', memory: 32 * MiB });
-    const e = await refusal(a.client.vmAction('nb', 'start'));
+    const e = await rejection(a.client.vmAction('nb', 'start'));
     expect(e.code).toBe(ErrorCodes.QEMU_MISSING);
     expect(e.message).toMatch(/qemu-system-x86/);
-    const cli = await embot(['vm', 'start', 'nb', '--agent', a.url]);
+    const cli = await runCli(['vm', 'start', 'nb', '--agent', a.url]);
     expect(cli.code).toBe(1);
     expect(cli.stderr).toContain(ErrorCodes.QEMU_MISSING);
     expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['nb:created']);
