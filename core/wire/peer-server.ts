@@ -15,6 +15,9 @@ import { DEFAULT_MAX_FRAME_BYTES } from './frame-codec.ts';
 import { isValidAgentName } from './frame-validate.ts';
 import type { RequestType } from './frames.ts';
 import { DEFAULT_HANDSHAKE_TIMEOUT_MS, refuse, serverHandshake, type TlsPeerInfo } from './handshake.ts';
+import { PeerConnection, type AnyRequestHandler, type HandlerTable, type RequestHandler } from './peer-connection.ts';
+import { DEFAULT_PEER_LISTEN, parsePeerListen, type PeerListenAddress } from './peers.ts';
+import { authorizationCode, channelBinding, serverTlsOptions, tlsError, type PeerTls } from './peer-tls.ts';
 
 const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
 /**
@@ -22,9 +25,6 @@ const DEFAULT_MAX_PENDING_HANDSHAKES = 64;
  * per path (maxPaths), a forwarding link and a status query; this leaves room for several at once.
  */
 export const DEFAULT_MAX_CONNECTIONS_PER_PEER = 32;
-import { PeerConnection, type AnyRequestHandler, type HandlerTable, type RequestHandler } from './peer-connection.ts';
-import { DEFAULT_PEER_LISTEN, parsePeerListen, type PeerListenAddress } from './peers.ts';
-import { authorizationCode, channelBinding, serverTlsOptions, tlsError, type PeerTls } from './peer-tls.ts';
 
 export interface PeerServerOptions {
   /** This agent's name, announced in the handshake. */
