@@ -6,8 +6,8 @@
  * reaches the others through their index.ts too. Plugins use the package's public entry alone.
  * Checked by test/unit/layers.test.ts in `npm test`.
  */
-const FEATURES = '^(embots|sensors|effectors)/';
-const FEATURE_INDEX = '^(embots|sensors|effectors)/index\\.ts$';
+const FEATURES = '^(embots|sensors|effectors|images)/';
+const FEATURE_INDEX = '^(embots|sensors|effectors|images)/index\\.ts$';
 const WIRING = '^core/(agent\\.ts|index\\.ts|internal\\.ts|control/|cli/|mobility/)';
 
 module.exports = {
@@ -23,7 +23,7 @@ module.exports = {
       name: 'features-through-their-index',
       comment: "Code outside a feature folder imports it through its index.ts, never a deep file.",
       severity: 'error',
-      from: { path: '^(core|embots|sensors|effectors)/' },
+      from: { path: '^(core|embots|sensors|effectors|images)/' },
       to: { path: FEATURES, pathNot: [FEATURE_INDEX, '^$1/'] },
     },
     {
@@ -44,7 +44,7 @@ module.exports = {
       name: 'no-circular',
       comment: 'Folders point one way; a cycle between files of different folders means they do not.',
       severity: 'error',
-      from: { path: '^(core|embots|sensors|effectors)/' },
+      from: { path: '^(core|embots|sensors|effectors|images)/' },
       to: { circular: true, viaOnly: { path: '^(core|embots|sensors|effectors)/' } },
     },
   ],

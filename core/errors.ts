@@ -128,6 +128,20 @@ export const ErrorCodes = {
   DESTINATIONS_INVALID: 'EMBOT_ERR_DESTINATIONS_INVALID',
   /** A migration to several destinations at once (issue 13): the list is valid but this agent does not run the fan-out yet. */
   MULTI_DESTINATION_UNSUPPORTED: 'EMBOT_ERR_MULTI_DESTINATION_UNSUPPORTED',
+  /** No host, library or index knows an image of that name (issue 14). */
+  IMAGE_UNKNOWN: 'EMBOT_ERR_IMAGE_UNKNOWN',
+  /** An image manifest, image name, block size or index entry is not valid (issue 14). */
+  IMAGE_INVALID: 'EMBOT_ERR_IMAGE_INVALID',
+  /** An image file is shorter than its index says: a block of it cannot be read whole. */
+  IMAGE_TRUNCATED: 'EMBOT_ERR_IMAGE_TRUNCATED',
+  /** A block arrived whose bytes do not hash to the hash it was asked for. */
+  BLOCK_HASH_MISMATCH: 'EMBOT_ERR_BLOCK_HASH_MISMATCH',
+  /** A block could be fetched from no holder (every holder failed or served it corrupt). */
+  BLOCK_UNAVAILABLE: 'EMBOT_ERR_BLOCK_UNAVAILABLE',
+  /** An index update was refused: not the group's indexer, sender not a member, out of sequence, or bad shape. */
+  INDEX_UPDATE_REFUSED: 'EMBOT_ERR_INDEX_UPDATE_REFUSED',
+  /** Placement got candidates, costs or a policy it cannot use. */
+  PLACEMENT_INPUT_INVALID: 'EMBOT_ERR_PLACEMENT_INPUT_INVALID',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -194,6 +194,29 @@ export const MIGRATIONS: readonly string[] = [
     WHEN OLD.winner IS NOT NULL AND NEW.winner IS NOT OLD.winner
     BEGIN SELECT RAISE(ABORT, 'fan-out winner already journaled'); END;
   `,
+  `
+  -- Images this host holds (issue 14): its own (origin 'local') and, on an agent with an image
+  -- library, the library's ('library'); each block's sha256 by position, so the host can say which
+  -- blocks it has and serve one by hash.
+  CREATE TABLE images (
+    name TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    block_size INTEGER NOT NULL,
+    mtime_ms REAL NOT NULL,
+    indexed_at INTEGER NOT NULL,
+    PRIMARY KEY (origin, name)
+  ) WITHOUT ROWID;
+  CREATE TABLE image_blocks (
+    origin TEXT NOT NULL,
+    image TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (origin, image, idx)
+  ) WITHOUT ROWID;
+  CREATE INDEX image_blocks_hash ON image_blocks(hash);
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

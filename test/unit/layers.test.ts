@@ -7,7 +7,7 @@ import extractTSConfig from 'dependency-cruiser/config-utl/extract-ts-config';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 /** What `npm run lint:deps` cruises. */
-const FOLDERS = ['core', 'embots', 'sensors', 'effectors', 'plugins'];
+const FOLDERS = ['core', 'embots', 'sensors', 'effectors', 'images', 'plugins'];
 
 /** One line per violation, as `depcruise` prints them: rule, from → to. */
 function describeViolations(result: ICruiseResult): string[] {

@@ -1,0 +1,13 @@
+/**
+ * Images from their cheapest holders (issue 14): block index, global indexer, network cost,
+ * construction and placement. Wired in by core/agent.ts, the control API and the CLI only.
+ */
+export { BLOCK_HASH_ALGORITHM, BLOCK_HASH_BYTES, DEFAULT_BLOCK_SIZE, hashBlock, isBlockHash, packHashes, unpackHashes, type BlockHash } from './block-hash.ts';
+export { blockCount, blockLength, distinctBlocks, isImageName, validateManifest, type ImageManifest } from './image-manifest.ts';
+export { scanImage, type ScannedImage } from './image-scan.ts';
+export { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type BlockLocation, type ImageInfo, type ImageOrigin, type IndexDelta } from './local-index.ts';
+export { decodeIndexUpdate, decodeManifest, encodeIndexUpdate, encodeManifest, type IndexUpdateBody } from './index-update.ts';
+export { GlobalImageIndex, type Holder } from './global-index.ts';
+export { DEFAULT_COST, LIBRARY_SOURCE, MIB, costFromMeasurement, costTable, matrixTable, type CostConfig, type CostTable, type LinkMeasurement } from './network-cost.ts';
+export { buildImage, type BlockFetcher, type BuildOptions, type BuildProgress, type BuildSummary, type FetchProblem, type LocalBlocks } from './image-builder.ts';
+export { buildCosts, parsePolicy, rankCandidates, type Candidate, type PlacementMetric, type PlacementPolicy, type RankedCandidate } from './placement.ts';
