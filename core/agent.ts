@@ -13,6 +13,7 @@ import { describeError, EffectorError, ErrorCodes } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
 import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
+import { AgentMetrics, type MetricsSources, type UdpView } from './metrics/index.ts';
 import { HostSensor, SensorService, VmSensor, VmUdpServices } from '../sensors/index.ts';
 import { EffectorRegistry, HypervisorEffector, createDriver, unsupported, type DriverChoice, type HypervisorDriver, type VmInfo } from '../effectors/index.ts';
 import { EMBOT_API_VERSION, EmbotRuntime, type AttachableElement } from '../embots/index.ts';
@@ -60,6 +61,8 @@ export interface RunningAgent {
   readonly control: AgentControl;
   readonly controlUrl: string;
   readonly services: ServiceRegistry<AgentServices>;
+  /** The agent's Prometheus registry (`GET /metrics`); `metrics.blocks` takes the block fetcher's bytes. */
+  readonly metrics: AgentMetrics;
   stop(): Promise<void>;
 }
 
@@ -119,6 +122,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly hostMemory: number;
   readonly reassemblyCpuPerPath: number;
   readonly allowedSources: readonly string[];
+  readonly metrics: AgentMetrics;
   /** Modules loaded from the plugin cache (shipped by peers), by name. */
   private readonly shipped = new Map<string, { name: string; version: string; hash: string; dir: string; embotTypes: string[] }>();
 
@@ -166,6 +170,27 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     r.register('plugins', this.plugins);
     r.register('mobility', this.mobility);
     this.effectors.register(new MobilityEffector(this.mobility));
+    this.metrics = new AgentMetrics(this.metricsSources());
+  }
+
+  /** What a `/metrics` scrape reads: the services' own counts (nothing is counted on the event path for it). */
+  private metricsSources(): MetricsSources {
+    return {
+      agent: { name: this.name, version: VERSION, driver: this.config.driver },
+      events: () => ({ ...this.sensors.stats(), parked: this.runtime.parkedCount(), deadLetters: this.runtime.deadLetterCount() }),
+      embots: () => this.runtime.list(),
+      plugins: () => this.listPlugins(),
+      vms: () => this.driver.list(),
+      migrations: () => this.mobility.list(),
+      udp: () => {
+        const out: UdpView[] = [];
+        for (const vm of this.driver.list()) {
+          const s = this.udp.stats(vm.name);
+          if (s) out.push({ vm: vm.name, buffered: s.buffered, dropped: s.dropped, droppedBy: s.droppedBy });
+        }
+        return out;
+      },
+    };
   }
 
   get agent(): string {
@@ -196,6 +221,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       if (this.recent.length > RECENT_EVENTS) this.recent.splice(0, this.recent.length - RECENT_EVENTS);
     });
     this.runtime.on('embot-quarantined', (e) => log.warn(`embot ${e.embotId} quarantined`, { code: e.code, reason: e.reason }));
+    this.runtime.on('embot-quarantined', (e) => this.metrics.embotQuarantined(this.runtime.get(e.embotId)?.module ?? 'unknown'));
+    this.runtime.on('module-status', (e) => {
+      if (e.error !== undefined || e.status === 'error' || e.status === 'disabled') this.metrics.pluginError(e.module);
+    });
+    this.mobility.on('progress', (m) => this.metrics.migrationStarted(m.id, m.role));
+    this.mobility.on('finished', (s) => this.metrics.migrationFinished(s, s.from === this.name ? 'source' : 'target'));
     this.runtime.on('module-status', (e) => {
       const m = this.catalogue?.get(e.module);
       if (m) this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: e.status, ...(e.error ? { error: e.error } : {}), restarts: e.restarts });
@@ -261,7 +292,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.sensors.addSensor(new VmSensor({ driver: this.driver, intervalMs: this.config.sensors.vm.intervalMs }));
     this.sensors.startSensors();
 
-    this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, logger: log.child('control') });
+    this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, metrics: this.metrics, logger: log.child('control') });
     this.controlUrl = this.controlServer.url;
     await this.mobility.start();
   }

@@ -102,6 +102,8 @@ export interface SensorStats {
   readonly spilled: number;
   /** Held events of deferred shipments still as received bytes: decoded when their hold queue is first needed. */
   readonly undecoded: number;
+  /** Events taken into the queue since start: posted or handed over by a migration (not muted or duplicate ones, not journal rows recovered at start). */
+  readonly admitted: number;
   /** Rows in table `events` (0 without a store). */
   readonly journaled: number;
   /** Dispatched events still waiting for a durable subscriber's complete(). */
@@ -1048,6 +1050,7 @@ export class SensorService {
     for (const r of this.forwarding) forwardQueued += r.buffer.length + (r.sending?.length ?? 0);
     return {
       queued: this.queue.size + this.staged.length,
+      admitted: this.seq - this.seqAtStart,
       held,
       spilled,
       undecoded,

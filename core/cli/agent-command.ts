@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { loadConfig, type AgentConfigInput } from '../config/config.ts';
 import { ConfigError, ErrorCodes, describeError, isEmbotError } from '../errors.ts';
-import { createLogger } from '../logger.ts';
+import { createLogger, LOG_FORMATS, LOG_LEVELS, parseLogFormat, parseLogLevel } from '../logger.ts';
 // Deep imports on purpose: the wire index pulls in ws and msgpackr, which every CLI command would then load.
 import { loadClusterSecret } from '../wire/auth.ts';
 import { parsePeerListen, parsePeers } from '../wire/peers.ts';
@@ -19,7 +19,7 @@ interface AgentFlags {
   readonly driver?: 'sim' | 'qemu';
   readonly safe?: boolean;
   readonly logLevel?: 'debug' | 'info' | 'warn' | 'error' | 'silent';
-  readonly logFormat?: 'pretty' | 'json';
+  readonly logFormat?: 'auto' | 'pretty' | 'json';
   readonly tokenFile?: string;
   readonly peerListen?: string;
   readonly peers?: Readonly<Record<string, string>>;
@@ -41,8 +41,8 @@ export function registerAgentCommand(program: Command, ctx: CliContext, setExitC
     .option('--plugins <dir>', 'plugins directory, default ./plugins')
     .addOption(new Option('--driver <driver>', 'hypervisor driver: sim (embedded, simulated VMs) or qemu (real QEMU VMs)').choices(['sim', 'qemu']))
     .option('--safe', 'safe mode: load no plugins')
-    .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error', 'silent']))
-    .addOption(new Option('--log-format <format>', 'log format').choices(['pretty', 'json']))
+    .addOption(new Option('--log-level <level>', 'log level (default info; config logLevel)').choices(LOG_LEVELS).argParser(parseLogLevel))
+    .addOption(new Option('--log-format <format>', 'log format: auto (pretty on a terminal, else JSON lines), pretty or json').choices(LOG_FORMATS).argParser(parseLogFormat))
     .option('--token-file <file>', 'file holding the control API token (or set EMBOT_CONTROL_TOKEN)')
     .option('--peer-listen <host:port>', 'where this agent accepts peers (default 127.0.0.1:7401; only with a secret or TLS; off loopback only with TLS)', parsePeerListenFlag)
     .option('--peers <list>', 'peer agents by name, e.g. b=ws://127.0.0.1:7402,c=ws://127.0.0.1:7403', parsePeersFlag)

@@ -92,7 +92,7 @@ export const AgentConfigSchema = z
     safe: z.boolean().default(false),
     control: ControlSchema.prefault({}),
     logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
-    logFormat: z.enum(['pretty', 'json']).default(DEFAULTS.logFormat),
+    logFormat: z.enum(['auto', 'pretty', 'json']).default(DEFAULTS.logFormat),
     sensors: SensorsSchema.prefault({}),
     sim: SimSchema.prefault({}),
     qemu: QemuSchema.prefault({}),

@@ -7,7 +7,7 @@ export const DEFAULTS = {
   driver: 'sim',
   control: { host: '127.0.0.1', port: 7400 },
   logLevel: 'info',
-  logFormat: 'pretty',
+  logFormat: 'auto',
   sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
   sim: { pageSize: 4096, hostCpus: 4, hostMemory: 16 * 1024 * 1024 * 1024, defaultMemory: 64 * 1024 * 1024, defaultDirtyRate: 0 },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 64 * 1024 * 1024, defaultVcpus: 1 },

@@ -26,6 +26,8 @@ export interface ControlServerOptions {
   readonly token?: string;
   readonly control: AgentControl;
   readonly logger: Logger;
+  /** Served as `GET /metrics` (Prometheus text), behind the token like every route. */
+  readonly metrics?: { readonly contentType: string; text(): Promise<string> };
 }
 
 export interface ControlServer {
@@ -149,6 +151,13 @@ export async function startControlServer(options: ControlServerOptions): Promise
       // A long-poll (migration wait) must stop waiting when its client goes away.
       const gone = new AbortController();
       res.once('close', () => gone.abort());
+      if (options.metrics && (req.url === '/metrics' || req.url?.startsWith('/metrics?'))) {
+        if (req.method !== 'GET') throw new ControlError(ErrorCodes.CONTROL_BAD_REQUEST, `${req.method ?? ''} is not allowed on /metrics (use GET)`, { details: { status: 405 } });
+        const text = await options.metrics.text();
+        res.writeHead(200, { 'Content-Type': options.metrics.contentType, 'Cache-Control': 'no-store' });
+        res.end(text);
+        return;
+      }
       const { status, body } = await route(req, gone.signal);
       send(res, status, body);
     } catch (e) {

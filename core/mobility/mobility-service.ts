@@ -22,6 +22,7 @@ import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSu
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
 import { Forwarding } from './forwarding.ts';
+import { withLogContext } from '../logger.ts';
 import { checkFrame, guardHandlers, stateName, type GuardVerdict, type GuardedFrame, type MigrationLookup } from './frame-guard.ts';
 
 export interface MobilityServiceOptions {
@@ -266,7 +267,11 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       });
     });
     this.live.set(key('source', id), { id, role: 'source', vm, peer: to, startedAt, phase: 'requesting', progress: emptyProgress('requesting'), actor, done });
-    actor.start();
+    // Every line its steps log carries the migration id (core/logger.ts withLogContext).
+    withLogContext({ migrationId: id }, () => {
+      this.host.logger.info(`migration ${id} of ${vm} to ${to} started (source)`, { vm, peer: to });
+      actor.start();
+    });
     return { id };
   }
 
@@ -461,7 +466,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const step = <R>(migrationId: string, make: (reply: StepReply) => TargetEvent, map: (r: Parameters<StepReply>[0]) => R, unknown: R): Promise<R> => {
       const m = this.live.get(key('target', migrationId));
       if (!m || m.actor.getSnapshot().status !== 'active') return Promise.resolve(unknown);
-      return new Promise<R>((resolve) => m.actor.send(make((r) => resolve(map(r)))));
+      // The step runs in the migration's log context, not the peer connection's.
+      return new Promise<R>((resolve) => withLogContext({ migrationId }, () => m.actor.send(make((r) => resolve(map(r))))));
     };
     const fail = (r: Parameters<StepReply>[0]) => (r.ok ? '' : r.reason);
     const handlers: HandlerTable = {
@@ -675,13 +681,16 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         });
       });
       this.live.set(key('target', id), { id, role: 'target', vm: frame.vm, peer: source, startedAt, phase: 'evaluating', progress: emptyProgress('evaluating'), actor, done });
-      actor.start();
+      withLogContext({ migrationId: id }, () => {
+        this.host.logger.info(`migration ${id} of ${frame.vm} from ${source} started (target)`, { vm: frame.vm, peer: source });
+        actor.start();
+      });
     });
   }
 
   private abortTarget(id: string, reason: string): void {
     const m = this.live.get(key('target', id));
-    if (m && m.actor.getSnapshot().status === 'active') m.actor.send({ type: 'ABORT', reason });
+    if (m && m.actor.getSnapshot().status === 'active') withLogContext({ migrationId: id }, () => m.actor.send({ type: 'ABORT', reason }));
   }
 
   // ---- journal and progress ----
@@ -690,6 +699,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (this.closed) return;
     // 'committed' is written by the commit transaction itself.
     if (phase === 'committed') return;
+    // No id field here: the migration's log context (withLogContext at its start) adds it.
+    this.host.logger.debug(`migration ${id} (${role}): ${phase}`);
     this.host.journal.phase(id, role, phase);
     faultPoint(`${role}:${phase}`);
   }
@@ -710,7 +721,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     this.host.journal.finish(id, role, phase, summary.outcome, summary.reason, summary);
     this.live.delete(key(role, id));
     this.emit('finished', summary);
-    this.host.logger.info(`migration ${id} (${role}) of ${summary.vm}: ${summary.outcome}`, { reason: summary.reason, totalMs: summary.totalMs });
+    this.host.logger.info(`migration ${id} (${role}) of ${summary.vm}: ${summary.outcome}`, { migrationId: id, reason: summary.reason, totalMs: summary.totalMs });
   }
 }
 

@@ -1,0 +1,211 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { ParsedFamily } from 'parse-prometheus-text-format';
+import { ControlClient } from '../../core/control/client.ts';
+import { ErrorCodes } from '../../core/errors.ts';
+import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import { Cluster } from '../harness/cluster.ts';
+import { runCli, waitFor } from '../harness/agent-process.ts';
+import { parseExposition, type Exposition } from '../harness/prometheus.ts';
+
+/**
+ * Issue 15, part 1, on two real agents (child processes) with a control token: `GET /metrics`
+ * parsed by a real Prometheus text parser, its counters moving as a sim migration runs, checked
+ * against what `embot migrate --json` prints; refused without the token; every JSON log line
+ * that names the migration carries its id, on both agents.
+ */
+const TOKEN = 'metrics-test-token-0123';
+let cluster: Cluster;
+const clients = new Map<string, ControlClient>();
+const client = (n: string): ControlClient => clients.get(n)!;
+const url = (n: string): string => cluster.agent(n).url;
+
+beforeAll(async () => {
+  cluster = await Cluster.start(['a', 'b'], {
+    plugins: [{ from: 'shipped', name: 'vm-watchdog' }],
+    env: () => ({ EMBOT_CONTROL_TOKEN: TOKEN }),
+    config: () => ({ logLevel: 'debug' }),
+  });
+  for (const n of ['a', 'b']) clients.set(n, new ControlClient(url(n), TOKEN));
+  await client('a').createVm({ name: 'web', memory: 4 << 20 });
+  await client('a').vmAction('web', 'start');
+  await waitFor(async () => (await client('a').listEmbots()).some((e) => e.elementIds.includes('vm:web')), 10_000, 'watchdog of web on a');
+}, 60_000);
+afterAll(() => cluster?.stop());
+
+/** A scrape: the parsed families (an array, so the helpers below take it) and its histograms. */
+type Scrape = ParsedFamily[] & { readonly exposition: Exposition };
+
+async function scrape(n: string): Promise<Scrape> {
+  const res = await fetch(`${url(n)}/metrics`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+  expect(res.status).toBe(200);
+  expect(res.headers.get('content-type')).toMatch(/^text\/plain; version=0\.0\.4/);
+  const exposition = parseExposition(await res.text());
+  return Object.assign([...exposition.families], { exposition });
+}
+
+function family(fams: readonly ParsedFamily[], name: string): ParsedFamily {
+  const f = fams.find((x) => x.name === name);
+  if (!f) throw new Error(`no metric ${name} in the scrape (have: ${fams.map((x) => x.name).join(', ')})`);
+  return f;
+}
+
+/** The value of the sample of `name` whose labels include `labels` (0 when there is none yet). */
+function value(fams: readonly ParsedFamily[], name: string, labels: Record<string, string> = {}): number {
+  const s = family(fams, name).metrics.find((m) => Object.entries(labels).every(([k, v]) => m.labels?.[k] === v));
+  return s?.value === undefined ? 0 : Number(s.value);
+}
+
+function histogram(fams: Scrape, name: string, labels: Record<string, string>): { count: number; sum: number } {
+  expect(family(fams, name).type).toBe('HISTOGRAM');
+  return fams.exposition.histogram(name, labels);
+}
+
+describe('GET /metrics', () => {
+  it('refuses a request without the token, or with a wrong one, with the coded 401', async () => {
+    const variants: Record<string, string>[] = [{}, { Authorization: 'Bearer not-the-token-at-all' }];
+    for (const headers of variants) {
+      const res = await fetch(`${url('a')}/metrics`, { headers });
+      expect(res.status).toBe(401);
+      const body = (await res.json()) as { error: { code: string } };
+      expect(body.error.code).toBe(ErrorCodes.CONTROL_UNAUTHORIZED);
+    }
+  });
+
+  it('parses as Prometheus text; every family has help, a type, and a name after the conventions', async () => {
+    const fams = await scrape('a');
+    expect(fams.length).toBeGreaterThan(20);
+    for (const f of fams) {
+      expect(f.name).toMatch(/^embot_[a-z0-9_]+$/);
+      expect(f.help.length).toBeGreaterThan(10);
+      // Counters end in _total; nothing else does; a rate is not a bare _bytes.
+      expect(f.type === 'COUNTER').toBe(f.name.endsWith('_total'));
+      if (f.name.includes('rate')) expect(f.name).toMatch(/_bytes_per_second$/);
+      if (f.type === 'HISTOGRAM') expect(f.name).toMatch(/_seconds$/);
+    }
+    expect(value(fams, 'embot_agent_info', { agent: 'a', driver: 'sim' })).toBe(1);
+    expect(value(fams, 'embot_vms', { state: 'running' })).toBe(1);
+    expect(value(fams, 'embot_embots', { status: 'running' })).toBeGreaterThanOrEqual(1);
+    expect(family(fams, 'embot_policies').metrics.some((m) => m.labels?.['module'] === 'vm-watchdog' && Number(m.value) >= 1)).toBe(true);
+    expect(value(fams, 'embot_plugins', { status: 'loaded' })).toBe(1);
+  });
+
+  it('counts events in and dispatched as they are emitted', async () => {
+    const before = await scrape('a');
+    for (let i = 0; i < 5; i++) await client('a').emitEvent({ elementId: 'vm:web', type: 'METRICS_PROBE', payload: { i } });
+    await waitFor(async () => value(await scrape('a'), 'embot_events_dispatched_total') >= value(before, 'embot_events_dispatched_total') + 5, 10_000, 'five more dispatched');
+    const after = await scrape('a');
+    expect(value(after, 'embot_events_in_total') - value(before, 'embot_events_in_total')).toBeGreaterThanOrEqual(5);
+    expect(value(after, 'embot_events_queued')).toBeGreaterThanOrEqual(0);
+  });
+});
+
+describe('a sim migration a → b', () => {
+  let migration: MigrationInfo;
+  let before: { a: Scrape; b: Scrape };
+  let after: { a: Scrape; b: Scrape };
+  let targetView: MigrationInfo;
+
+  beforeAll(async () => {
+    before = { a: await scrape('a'), b: await scrape('b') };
+    const r = await runCli(['migrate', 'web', '--to', 'b', '--json', '--agent', url('a'), '--token', TOKEN]);
+    expect(r.code, r.stderr).toBe(0);
+    migration = JSON.parse(r.stdout) as MigrationInfo;
+    targetView = await waitFor(async () => {
+      const m = await client('b').getMigration(migration.id);
+      return m.outcome !== null ? m : undefined;
+    }, 20_000, 'the target to finish');
+    after = { a: await scrape('a'), b: await scrape('b') };
+  }, 60_000);
+
+  const delta = (side: 'a' | 'b', name: string, labels: Record<string, string> = {}): number => value(after[side], name, labels) - value(before[side], name, labels);
+
+  it('moved the VM (what the rest checks against)', () => {
+    expect(migration.outcome).toBe('completed');
+    expect(migration.summary?.memoryBytes).toBeGreaterThanOrEqual(4 << 20);
+    expect(targetView.outcome).toBe('completed');
+  });
+
+  it('counts it started and succeeded once, by role, on each side', () => {
+    expect(delta('a', 'embot_migrations_started_total', { role: 'source' })).toBe(1);
+    expect(delta('a', 'embot_migrations_succeeded_total', { role: 'source' })).toBe(1);
+    expect(delta('b', 'embot_migrations_started_total', { role: 'target' })).toBe(1);
+    expect(delta('b', 'embot_migrations_succeeded_total', { role: 'target' })).toBe(1);
+    expect(delta('a', 'embot_migrations_started_total', { role: 'target' })).toBe(0);
+    for (const n of ['a', 'b'] as const) {
+      expect(value(after[n], 'embot_migrations_running', { role: 'source' }) + value(after[n], 'embot_migrations_running', { role: 'target' })).toBe(0);
+      expect(family(after[n], 'embot_migrations_aborted_total').metrics).toEqual([]);
+    }
+  });
+
+  it('bytes in bytes: the memory and management bytes equal what `embot migrate --json` printed', () => {
+    const s = migration.summary!;
+    expect(delta('a', 'embot_migration_data_processed_bytes_total', { role: 'source', phase: 'memory' })).toBe(s.memoryBytes);
+    expect(delta('a', 'embot_migration_data_processed_bytes_total', { role: 'source', phase: 'management' })).toBe(s.bytes - s.memoryBytes);
+    const t = targetView.summary!;
+    expect(delta('b', 'embot_migration_data_processed_bytes_total', { role: 'target', phase: 'memory' })).toBe(t.memoryBytes);
+    // Per path: the paths' bytes add up to the memory the source sent on them.
+    const perPath = s.precopy?.perPath ?? [];
+    for (const p of perPath) expect(delta('a', 'embot_migration_path_bytes_total', { path: p.name })).toBe(p.bytes);
+  });
+
+  it('seconds in seconds: the duration and downtime histograms took totalMs and downtimeMs / 1000', () => {
+    const s = migration.summary!;
+    const hb = { a: histogram(before.a, 'embot_migration_duration_seconds', { role: 'source', outcome: 'completed' }), b: histogram(after.a, 'embot_migration_duration_seconds', { role: 'source', outcome: 'completed' }) };
+    expect(hb.b.count - hb.a.count).toBe(1);
+    expect(hb.b.sum - hb.a.sum).toBeCloseTo(s.totalMs / 1000, 6);
+    expect(s.downtimeMs).not.toBeNull();
+    const db = { a: histogram(before.a, 'embot_migration_downtime_seconds', { role: 'source' }), b: histogram(after.a, 'embot_migration_downtime_seconds', { role: 'source' }) };
+    expect(db.b.count - db.a.count).toBe(1);
+    expect(db.b.sum - db.a.sum).toBeCloseTo(s.downtimeMs! / 1000, 6);
+    const tb = histogram(after.b, 'embot_migration_duration_seconds', { role: 'target', outcome: 'completed' });
+    expect(tb.sum).toBeCloseTo(targetView.summary!.totalMs / 1000, 6);
+  });
+
+  it('every JSON log line that names the migration carries its id, on both agents, and none carries another', () => {
+    for (const n of ['a', 'b']) {
+      const lines = cluster
+        .agent(n)
+        .stderr.split('\n')
+        .filter((l) => l.trim() !== '')
+        .map((l) => JSON.parse(l) as { msg: string; migrationId?: string; level: string; name: string; time: string });
+      const tagged = lines.filter((l) => l.migrationId !== undefined);
+      for (const l of tagged) expect(l.migrationId).toBe(migration.id);
+      for (const l of lines.filter((x) => x.msg.includes(migration.id))) expect(l.migrationId, `${n}: ${l.msg}`).toBe(migration.id);
+      // The start and the outcome are logged on both sides, with the id as a field.
+      expect(tagged.some((l) => / started \((source|target)\)/.test(l.msg))).toBe(true);
+      expect(tagged.some((l) => /: completed$/.test(l.msg))).toBe(true);
+      // Phase lines are logged without an id field: it comes from the migration's log context, across its async steps.
+      expect(tagged.filter((l) => l.level === 'debug' && l.msg.startsWith(`migration ${migration.id} (`)).length).toBeGreaterThanOrEqual(3);
+      for (const l of lines) {
+        expect(['debug', 'info', 'warn', 'error']).toContain(l.level);
+        expect(Number.isNaN(Date.parse(l.time))).toBe(false);
+      }
+    }
+  });
+});
+
+describe('bad log options', () => {
+  it.each([
+    [['--log-level', 'loud'], /--log-level "loud" is not a log level; use one of debug, info, warn, error, silent \[EMBOT_ERR_CLI_USAGE\]/],
+    [['--log-format', 'fancy'], /--log-format "fancy" is not a log format; use one of auto, pretty, json \[EMBOT_ERR_CLI_USAGE\]/],
+  ])('embot agent %j exits 2 with the code', async (flags, message) => {
+    const r = await runCli(['agent', ...flags, '--control', '127.0.0.1:0']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(message);
+    expect(r.stdout).toBe('');
+  });
+
+  it('a config with a bad logLevel is refused with EMBOT_ERR_CONFIG_INVALID (exit 2), naming the key', async () => {
+    const { writeFileSync } = await import('node:fs');
+    const { join } = await import('node:path');
+    const file = join(cluster.root, 'bad-log.json');
+    writeFileSync(file, JSON.stringify({ logLevel: 'loud' }));
+    const r = await runCli(['agent', '--config', file, '--control', '127.0.0.1:0']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/logLevel: .*"debug"\|"info"\|"warn"\|"error"\|"silent" \[EMBOT_ERR_CONFIG_INVALID\]/);
+  });
+
+  it('the running agents are unaffected', async () => {
+    for (const n of ['a', 'b']) expect((await client(n).status()).name).toBe(n);
+  });
+});
