@@ -564,9 +564,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 function driverChoice(config: AgentConfig): DriverChoice {
   if (config.driver === 'qemu') {
     const q = config.qemu;
+    const shape = { memory: q.defaultMemory, vcpus: q.defaultVcpus, ...(q.defaultBootImage === undefined ? {} : { bootImage: resolve(q.defaultBootImage) }) };
     return {
       kind: 'qemu',
       qemu: {
+        ...(q.spareIncoming ? { spareIncoming: shape } : {}),
         root: resolve(q.stateDir ?? join(config.dataDir, 'qemu')),
         binary: q.binary,
         accel: q.accel,
@@ -575,7 +577,7 @@ function driverChoice(config: AgentConfig): DriverChoice {
         // QEMU's own migration stream uses the peer links' certificates: VM memory never crosses in clear where they do not.
         ...(config.peer.tls === undefined ? {} : { tls: config.peer.tls }),
       },
-      defaults: { memory: q.defaultMemory, vcpus: q.defaultVcpus, ...(q.defaultBootImage === undefined ? {} : { bootImage: resolve(q.defaultBootImage) }) },
+      defaults: shape,
     };
   }
   return { kind: 'sim', sim: { pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate } } };

@@ -71,6 +71,8 @@ const QemuSchema = z
     listenHost: z.string().min(1).optional(),
     /** Auto-converge's first vCPU throttle and its step, percent (QEMU's defaults: 20 and 10). */
     cpuThrottle: z.object({ initial: positiveInt.max(99).optional(), increment: positiveInt.max(99).optional() }).strict().optional(),
+    /** Keep a pre-started incoming QEMU (defaultMemory/defaultVcpus/defaultBootImage, then the shape last received), so a migration here does not wait for QEMU to start. */
+    spareIncoming: z.boolean().default(DEFAULTS.qemu.spareIncoming),
   })
   .strict();
 

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { afterAll } from 'vitest';
 import { GUEST_IMAGE } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { killPid, pidAlive, runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { isSpareDir } from '../../effectors/hypervisor/qemu/spare-incoming.ts';
 import { REPO } from './agent-process.ts';
 
 export const QEMU_BINARY = 'qemu-system-x86_64';
@@ -38,13 +39,15 @@ export interface QemuProcesses {
   root(): string;
   /** A QEMU pid started outside a root (bare QEMU in a test or bench), killed in afterAll. */
   track(pid: number): void;
-  /** Live QEMU pids under the roots and among the tracked pids, now. */
+  /** Live VM QEMU pids under the roots and among the tracked pids, now (an agent's spare incoming QEMU is no VM: see {@link spares}). */
   live(): number[];
+  /** Live spare incoming QEMUs (`.spare-*` dirs) under the roots, now. */
+  spares(): number[];
   /** Kills everything now (afterAll does it too). */
   killAll(): Promise<void>;
 }
 
-function pidsUnder(root: string): number[] {
+function pidsUnder(root: string, which: 'vms' | 'spares' | 'all' = 'vms'): number[] {
   const pids: number[] = [];
   let entries: string[];
   try {
@@ -62,10 +65,11 @@ function pidsUnder(root: string): number[] {
       /* gone */
     }
     if (!isDir) continue;
+    const spare = isSpareDir(entry);
     const pid = runningPid(dir);
-    if (pid !== undefined) pids.push(pid);
+    if (pid !== undefined && (which === 'all' || (which === 'spares') === spare)) pids.push(pid);
     // A migration test keeps a second root level (source/target) under one root.
-    pids.push(...pidsUnder(dir).filter((p) => p !== pid));
+    if (!spare) pids.push(...pidsUnder(dir, which).filter((p) => p !== pid));
   }
   return pids;
 }
@@ -83,15 +87,17 @@ function pidsUnder(root: string): number[] {
 export function qemuProcesses(): QemuProcesses {
   const roots: string[] = [];
   const tracked = new Set<number>();
-  const live = (): number[] => [...new Set([...roots.flatMap(pidsUnder), ...[...tracked].filter(pidAlive)])];
+  const live = (): number[] => [...new Set([...roots.flatMap((r) => pidsUnder(r)), ...[...tracked].filter(pidAlive)])];
+  const spares = (): number[] => roots.flatMap((r) => pidsUnder(r, 'spares'));
+  const all = (): number[] => [...new Set([...roots.flatMap((r) => pidsUnder(r, 'all')), ...[...tracked].filter(pidAlive)])];
   const killAll = async (): Promise<void> => {
-    const pids = live();
+    const pids = all();
     for (const pid of pids) killPid(pid);
     const deadline = Date.now() + 10_000;
     while (pids.some(pidAlive) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
   };
   afterAll(async () => {
-    const left = live();
+    const left = all();
     await killAll();
     for (const root of roots) rmSync(root, { recursive: true, force: true });
     if (left.length > 0) process.stderr.write(`qemu hygiene: killed ${left.length} QEMU process(es) a test left running: ${left.join(', ')}\n`);
@@ -105,8 +111,23 @@ export function qemuProcesses(): QemuProcesses {
     },
     track: (pid) => void tracked.add(pid),
     live,
+    spares,
     killAll,
   };
+}
+
+/** Live spare incoming QEMUs in one driver root (an agent's `qemu.stateDir`). */
+export function sparesIn(root: string): number[] {
+  let entries: string[];
+  try {
+    entries = readdirSync(root);
+  } catch {
+    return [];
+  }
+  return entries
+    .filter(isSpareDir)
+    .map((d) => runningPid(join(root, d)))
+    .filter((p): p is number => p !== undefined);
 }
 
 /** Bytes of the guest's serial log (heartbeat 'B' per pass) in a VM state dir. */

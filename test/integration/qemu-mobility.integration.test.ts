@@ -6,7 +6,7 @@ import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { waitFor } from '../harness/agent-process.ts';
 import { Cluster, migrate } from '../harness/cluster.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, sparesIn } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
 const run = requireQemu();
@@ -56,6 +56,8 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
     await waitFor(async () => counterOf(await a.client.listEmbots(), 'g1'), 20_000, 'counter embot on a');
     await waitFor(async () => (await a.client.listEmbots()).find((e) => e.id === 'vm-watchdog/watchdog/vm:g1'), 20_000, 'watchdog embot on a');
 
+    // b keeps a spare incoming QEMU of its default shape (qemu.spareIncoming), which is g1's.
+    const bSpare = await waitFor(() => sparesIn(join(root, 'b'))[0], 30_000, "b's spare incoming QEMU");
     const prod = tickProducer(() => a, 'g1');
     await waitFor(() => prod.acked >= 50, 20_000, '50 events before the move');
     const info = await migrate(a, 'g1', 'b', { timeoutMs: 180_000 });
@@ -66,7 +68,7 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
     // At b the VM runs in a QEMU of b's, and the guest goes on writing and printing.
     expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['g1:running']);
     const targetPid = runningPid(stateB);
-    expect(targetPid).toBeDefined();
+    expect(targetPid).toBe(bSpare);
     await heartbeat(stateB, 2);
     // The source QEMU is gone and a lists nothing of the VM.
     await waitFor(() => runningPid(stateA) === undefined, 10_000, 'source QEMU gone');
@@ -93,6 +95,8 @@ describe.skipIf(!run)('two agents --driver qemu on loopback: a VM and its manage
     try {
       await look.restoreState(undefined);
       expect(look.pid('g1')).toBe(targetPid);
+      // The spare b refilled after the commit outlived b's SIGKILL; a driver restored on its root kills it.
+      expect(sparesIn(join(root, 'b'))).toEqual([]);
       await look.pause('g1');
       const end = guestRangeEnd(64 * MiB);
       const check = checkGuestMemory(await look.capabilities.memoryDump!.dump('g1', GUEST_RANGE_START, end - GUEST_RANGE_START));

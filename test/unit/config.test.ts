@@ -40,7 +40,7 @@ describe('config defaults', () => {
       logFormat: 'pretty',
       sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
       sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0 },
-      qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1 },
+      qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true },
       store: { synchronous: 'NORMAL' },
       peer: { listen: '127.0.0.1:7401', peers: {} },
       mobility: {
@@ -153,13 +153,13 @@ describe('config errors', () => {
   });
 
   it('takes driver: qemu with a qemu: section, and refuses bad qemu settings by path', () => {
-    const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2 } });
+    const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false } });
     expect(c.driver).toBe('qemu');
-    expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2 });
-    const e = configError(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x' } }));
+    expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false });
+    const e = configError(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x', spareIncoming: 'yes' } }));
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
-    expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus']);
+    expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming']);
   });
 
   it('bad flags are rejected like bad file values', () => {

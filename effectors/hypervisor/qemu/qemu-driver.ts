@@ -19,6 +19,7 @@ import type {
 import type { MigrationInfo, MigrationStatus, QmpClient, QmpEvent } from './qmp-client.ts';
 import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-tls.ts';
 import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
+import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 
 export interface QemuDriverOptions {
@@ -49,6 +50,13 @@ export interface QemuDriverOptions {
    * (default 5 s: QEMU greets only once an earlier client has let go of the monitor).
    */
   readonly reattachAttemptMs?: number;
+  /**
+   * Keep a spare incoming QEMU (`-S -incoming defer`, QMP up) of this shape, so a migration to
+   * this driver does not wait for QEMU to start: prepareIncoming adopts it when the incoming VM
+   * has its shape (else starts a QEMU as without one). After each incoming migration the spare is
+   * refilled with the shape just received. Absent: no spare (the agent's `qemu.spareIncoming`).
+   */
+  readonly spareIncoming?: SpareShape;
 }
 
 /** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
@@ -168,11 +176,18 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   private readonly timeoutMs: number;
   private closed = false;
   private calibrations: Map<number, readonly StreamCalibration[]>;
+  /** The spare incoming QEMU, with {@link QemuDriverOptions.spareIncoming}; never a VM (not listed, no events). */
+  readonly spare: SpareIncoming | undefined;
+  private restored = false;
 
   constructor(private readonly o: QemuDriverOptions) {
     this.pollMs = o.pollMs ?? 100;
     this.timeoutMs = o.timeoutMs ?? 30_000;
     mkdirSync(o.root, { recursive: true });
+    this.spare =
+      o.spareIncoming === undefined
+        ? undefined
+        : new SpareIncoming({ root: o.root, timeoutMs: this.timeoutMs, ...(o.binary === undefined ? {} : { binary: o.binary }), ...(o.accel === undefined ? {} : { accel: o.accel }) });
     this.calibrations = readModelFile(join(o.root, MODEL_FILE));
     this.capabilities = {
       migrationModel: { estimateHints: (vm, opts) => this.estimateHints(vm, opts?.channels ?? 1), recordEndToEnd: (vm, ms) => this.recordEndToEnd(vm, ms) },
@@ -473,6 +488,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
    */
   async restoreState(state: unknown): Promise<void> {
     const known = new Map((isPersisted(state) ? state.vms : []).map((v) => [v.name, v]));
+    // A spare the last agent left running (it died before its close) belongs to nobody now.
+    if (!this.restored) await killOrphanSpares(this.o.root, this.timeoutMs);
     for (const entry of readdirSync(this.o.root, { withFileTypes: true })) {
       if (!entry.isDirectory() || this.vms.has(entry.name)) continue;
       const stateDir = join(this.o.root, entry.name);
@@ -520,11 +537,15 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         this.setState(vm, before?.state ?? 'stopped', 'reattach', null);
       }
     }
+    if (!this.restored && this.o.spareIncoming !== undefined) this.spare?.fill(this.o.spareIncoming);
+    this.restored = true;
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // The spare is no VM: it does not outlive the agent.
+    await this.spare?.close();
     await Promise.all([...this.vms.values()].map(async (vm) => vm.proc?.detach()));
   }
 
@@ -716,20 +737,30 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const spec = validateQemuSpec(input);
     if (this.vms.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
     const channels = options.channels ?? 1;
-    const vm = this.addVm(spec, true);
+    // Registered before the first await: a second prepare of the same VM is refused meanwhile.
+    const vm = this.addVm(spec, true, false);
     try {
+      // The spare, when it has this shape, already runs with `events` and `late-block-activate`
+      // set; it moves into the VM's dir with its spec.json.
+      const spare = await this.spare?.take(spec, vm.stateDir, specJson(vm));
+      if (spare === undefined) {
+        mkdirSync(vm.stateDir, { recursive: true });
+        this.writeSpec(vm);
+      }
       // Held (-S) until commitIncoming: the VM never runs at both ends.
-      const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: true, holdIncoming: true });
+      const proc = spare ?? (await QemuProcess.launch({ ...this.launchBase(vm), incoming: true, holdIncoming: true }));
       this.wire(vm, proc);
-      await proc.qmp.execute('migrate-set-capabilities', {
-        capabilities: [
-          { capability: 'events', state: true },
-          { capability: 'multifd', state: channels > 1 },
-          // The disks stay the source's until the commit's `cont`: a source that takes its VM back
-          // after QEMU's stream completed (hand-over failed) can still lock and write them.
-          { capability: 'late-block-activate', state: true },
-        ],
-      });
+      if (spare === undefined || channels > 1) {
+        await proc.qmp.execute('migrate-set-capabilities', {
+          capabilities: [
+            { capability: 'events', state: true },
+            { capability: 'multifd', state: channels > 1 },
+            // The disks stay the source's until the commit's `cont`: a source that takes its VM back
+            // after QEMU's stream completed (hand-over failed) can still lock and write them.
+            { capability: 'late-block-activate', state: true },
+          ],
+        });
+      }
       const tlsParams =
         this.o.tls === undefined
           ? {}
@@ -797,6 +828,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     this.writeSpec(vm);
     vm.startedAt = Date.now();
     this.setState(vm, options.running === false ? 'paused' : 'running', 'migrated-in');
+    this.refillSpare(vm.spec);
     return toInfo(vm);
   }
 
@@ -810,6 +842,14 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     this.vms.delete(name);
     rmSync(vm.stateDir, { recursive: true, force: true });
     this.events.emit('vm-removed', { name });
+    this.refillSpare(vm.spec);
+  }
+
+  /** After an incoming migration (committed or not): a spare of the shape last received, started in the background. */
+  private refillSpare(spec: QemuVmSpec): void {
+    if (this.spare === undefined || this.closed) return;
+    const { name: _name, ...shape } = spec;
+    this.spare.fill(shape);
   }
 
   // ---- internals
@@ -892,8 +932,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   }
 
   private writeSpec(vm: Vm): void {
-    const file: SpecFile = { spec: vm.spec, incoming: vm.incoming };
-    writeFileSync(vmFiles(vm.stateDir).spec, JSON.stringify(file, null, 2));
+    writeFileSync(vmFiles(vm.stateDir).spec, specJson(vm));
   }
 
   private wire(vm: Vm, proc: QemuProcess): void {
@@ -999,6 +1038,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (vm.proc === undefined || !vm.proc.alive) throw badState(vm, op);
     return vm.proc;
   }
+}
+
+function specJson(vm: Vm): string {
+  const file: SpecFile = { spec: vm.spec, incoming: vm.incoming };
+  return JSON.stringify(file, null, 2);
 }
 
 function toInfo(vm: Vm): VmInfo {

@@ -10,8 +10,24 @@ import { checkImage, type QemuVmSpec } from './vm-spec.ts';
 export type Accel = 'auto' | 'kvm' | 'tcg';
 
 /** The files of one VM in its state dir; a restarted agent finds its VMs through them. */
-export function vmFiles(stateDir: string): { readonly qmp: string; readonly pid: string; readonly serial: string; readonly boot: string; readonly spec: string } {
-  return { qmp: join(stateDir, 'qmp.sock'), pid: join(stateDir, 'qemu.pid'), serial: join(stateDir, 'serial.log'), boot: join(stateDir, 'boot.img'), spec: join(stateDir, 'spec.json') };
+export function vmFiles(stateDir: string): {
+  readonly qmp: string;
+  readonly pid: string;
+  readonly serial: string;
+  readonly boot: string;
+  readonly spec: string;
+  readonly origin: string;
+} {
+  return {
+    qmp: join(stateDir, 'qmp.sock'),
+    pid: join(stateDir, 'qemu.pid'),
+    serial: join(stateDir, 'serial.log'),
+    boot: join(stateDir, 'boot.img'),
+    spec: join(stateDir, 'spec.json'),
+    // The dir QEMU was started in, when the dir was renamed since (an adopted spare incoming QEMU):
+    // its command line names the old paths.
+    origin: join(stateDir, 'qemu.origin'),
+  };
 }
 
 export interface QemuLaunchOptions {
@@ -26,6 +42,12 @@ export interface QemuLaunchOptions {
   readonly holdIncoming?: boolean;
   /** Wait this long for QEMU to come up and answer QMP (default 30 s). */
   readonly timeoutMs?: number;
+  /**
+   * The boot image is shared by several QEMUs (a spare incoming QEMU's read-only test guest, which
+   * an incoming VM never boots from): opened without QEMU's image lock, which would refuse the
+   * second VM's activation at its `cont`.
+   */
+  readonly sharedBootImage?: boolean;
 }
 
 export interface QemuProcessEvents {
@@ -65,11 +87,20 @@ export function pidAlive(pid: number): boolean {
 
 /** True when `pid` is the QEMU of this state dir (its command line names the QMP socket): pid reuse must not make a stranger "our" VM. */
 function isOurQemu(pid: number, stateDir: string): boolean {
+  let cmdline: string;
   try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(vmFiles(stateDir).qmp);
+    cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
   } catch {
     return false;
   }
+  if (cmdline.includes(vmFiles(stateDir).qmp)) return true;
+  let origin: string;
+  try {
+    origin = readFileSync(vmFiles(stateDir).origin, 'utf8').trim();
+  } catch {
+    return false;
+  }
+  return origin.length > 0 && cmdline.includes(vmFiles(origin).qmp);
 }
 
 export function readPidFile(stateDir: string): number | undefined {
@@ -88,7 +119,14 @@ export function runningPid(stateDir: string): number | undefined {
 }
 
 /** The command line for a spec: the same spec gives the same machine, which is what migration needs. */
-export function qemuArgs(o: { readonly stateDir: string; readonly spec: QemuVmSpec; readonly accel: 'kvm' | 'tcg'; readonly incoming: boolean; readonly holdIncoming?: boolean }): string[] {
+export function qemuArgs(o: {
+  readonly stateDir: string;
+  readonly spec: QemuVmSpec;
+  readonly accel: 'kvm' | 'tcg';
+  readonly incoming: boolean;
+  readonly holdIncoming?: boolean;
+  readonly sharedBootImage?: boolean;
+}): string[] {
   const f = vmFiles(o.stateDir);
   const { spec } = o;
   const args = [
@@ -101,7 +139,7 @@ export function qemuArgs(o: { readonly stateDir: string; readonly spec: QemuVmSp
     '-chardev', `socket,id=qmp,path=${f.qmp},server=on,wait=off`,
     '-mon', 'chardev=qmp,mode=control',
     '-serial', `file:${f.serial}`,
-    '-drive', `file=${spec.bootImage ?? f.boot},format=raw,if=ide,index=0`,
+    '-drive', `file=${spec.bootImage ?? f.boot},format=raw,if=ide,index=0${o.sharedBootImage ? ',file.locking=off' : ''}`,
   ];
   for (const d of spec.disks ?? []) args.push('-drive', `file=${d.path},format=${d.format},if=virtio`);
   for (const n of spec.nics ?? []) args.push('-nic', `user,model=${n.model}${n.mac ? `,mac=${n.mac}` : ''}`);
@@ -149,8 +187,10 @@ export class QemuProcess {
     for (const d of o.spec.disks ?? []) checkImage(d.path, d.format, o.spec.name);
     rmSync(f.pid, { force: true });
     rmSync(f.qmp, { force: true });
+    // This QEMU names this dir on its command line: an earlier adopted QEMU's origin no longer applies.
+    rmSync(f.origin, { force: true });
     const accel = o.accel === 'kvm' || o.accel === 'tcg' ? o.accel : kvmUsable() ? 'kvm' : 'tcg';
-    const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false, holdIncoming: o.holdIncoming ?? false });
+    const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false, holdIncoming: o.holdIncoming ?? false, sharedBootImage: o.sharedBootImage ?? false });
     const timeoutMs = o.timeoutMs ?? 30_000;
     // The parent QEMU exits once the daemon is initialised (0) or failed to (1, message on stderr).
     const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve, reject) => {
