@@ -13,6 +13,8 @@ import { describeError, EffectorError, ErrorCodes } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
 import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
+import { createDashboard, type Dashboard } from './control/dashboard-routes.ts';
+import { wireLiveSources } from './control/live-sources.ts';
 import { AgentMetrics, type MetricsSources, type UdpView } from './metrics/index.ts';
 import { HostSensor, SensorService, VmSensor, VmUdpServices } from '../sensors/index.ts';
 import { EffectorRegistry, HypervisorEffector, createDriver, unsupported, type DriverChoice, type HypervisorDriver, type VmInfo } from '../effectors/index.ts';
@@ -111,6 +113,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   private readonly plugins: PluginStatusStore;
   private catalogue: ModuleCatalogue | undefined;
   private controlServer: { url: string; close(): Promise<void> } | undefined;
+  private dashboard: Dashboard | undefined;
   private readonly recent: EmbotEvent[] = [];
   private readonly loading = new Set<Promise<void>>();
   private stopped = false;
@@ -292,9 +295,28 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.sensors.addSensor(new VmSensor({ driver: this.driver, intervalMs: this.config.sensors.vm.intervalMs }));
     this.sensors.startSensors();
 
-    this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, metrics: this.metrics, logger: log.child('control') });
+    this.dashboard = this.startDashboard();
+    this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, metrics: this.metrics, dashboard: this.dashboard, logger: log.child('control') });
     this.controlUrl = this.controlServer.url;
     await this.mobility.start();
+  }
+
+  /** The web dashboard and its live channel, fed by the runtime's, mobility's and driver's own events. */
+  private startDashboard(): Dashboard {
+    const peers = parsePeers(this.config.peer.peers);
+    const dashboard = createDashboard({
+      host: {
+        control: this,
+        policyCharts: () => this.runtime.policyCharts(),
+        peers: () => [...peers].map(([name, url]) => ({ name, url })),
+        hostLoad: () => this.hostLoad(),
+        cancelMigration: (id) => this.mobility.cancel(id),
+      },
+      ...(this.config.control.token ? { token: this.config.control.token } : {}),
+      logger: this.log.child('dashboard'),
+    });
+    wireLiveSources(dashboard.hub, { runtime: this.runtime, mobility: this.mobility, vms: this.driver.events, getMigration: (id) => this.mobility.get(id) });
+    return dashboard;
   }
 
   private async startCatalogue(): Promise<void> {
@@ -544,6 +566,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.stopped = true;
     this.sensors.stopSensors();
     await this.mobility.close().catch(() => {});
+    this.dashboard?.close();
     await this.controlServer?.close().catch(() => {});
     await this.catalogue?.close().catch(() => {});
     await this.sensors.idle().catch(() => {});

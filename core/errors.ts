@@ -67,6 +67,8 @@ export const ErrorCodes = {
   CONTROL_BAD_REQUEST: 'EMBOT_ERR_CONTROL_BAD_REQUEST',
   CONTROL_NOT_FOUND: 'EMBOT_ERR_CONTROL_NOT_FOUND',
   CONTROL_INTERNAL: 'EMBOT_ERR_CONTROL_INTERNAL',
+  /** The dashboard's front-end bundle (dashboard/dist) is missing: run `npm run build:ui` (npm install does it). */
+  DASHBOARD_NOT_BUILT: 'EMBOT_ERR_DASHBOARD_NOT_BUILT',
   // peer wire
   FRAME_TOO_LARGE: 'EMBOT_ERR_FRAME_TOO_LARGE',
   FRAME_MALFORMED: 'EMBOT_ERR_FRAME_MALFORMED',

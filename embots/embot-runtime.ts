@@ -7,6 +7,7 @@ import type { PolicyEvent } from './policy-api.ts';
 import { EmbotStore, type DeadLetter, type EmbotRow, type EmbotStatus, type ParkedEvent } from './embot-store.ts';
 import { EmitBudget } from './emit-budget.ts';
 import { ModuleHost } from './module-host.ts';
+import type { PolicyChart } from './policy-chart.ts';
 import type { BatchItem, EffectRequest, EmbotSpawn, EmitRequest, Outcome, PolicyState } from './worker/worker-protocol.ts';
 
 /** The slice of the sensor service the runtime uses. */
@@ -286,6 +287,11 @@ export class EmbotRuntime extends EventEmitter<RuntimeEvents> {
   get(id: string): EmbotInfo | undefined {
     const e = this.embots.get(id);
     return e && toInfo(e);
+  }
+
+  /** Statecharts of the loaded modules' policies, by module then policy (read from their machine definitions). */
+  policyCharts(): Readonly<Record<string, Readonly<Record<string, PolicyChart>>>> {
+    return Object.fromEntries([...this.modules.values()].map((m) => [m.record.name, m.host.charts]));
   }
 
   loadedModules(): readonly { readonly name: string; readonly restarts: number; readonly disabled?: string }[] {

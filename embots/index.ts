@@ -4,4 +4,6 @@ export type { EffectOutcome, ModuleDefinition, ModuleEntry, ModuleKit, PolicyApi
 export { EmbotRuntime } from './embot-runtime.ts';
 export type { AttachableElement, EmbotInfo, EmbotRuntimeOptions, ExportedEmbot, PolicyView, RuntimeEvents, RuntimeModule } from './embot-runtime.ts';
 export type { DeadLetter, EmbotStatus } from './embot-store.ts';
+export { activePaths } from './policy-chart.ts';
+export type { ChartNode, ChartTransition, PolicyChart } from './policy-chart.ts';
 export type { PersistedTimer, PolicyState } from './worker/worker-protocol.ts';

@@ -4,6 +4,7 @@ import { bundleModule } from '../core/plugins/module-bundle.ts';
 import { ErrorCodes, PluginError } from '../core/errors.ts';
 import type { BatchItem, EmbotSpawn, HostToWorker, Outcome, PolicyState, WorkerToHost } from './worker/worker-protocol.ts';
 import { PROGRESS_ITEM, PROGRESS_REQ, PROGRESS_SLOTS } from './worker/worker-protocol.ts';
+import type { PolicyChart } from './policy-chart.ts';
 
 // From the TypeScript sources the worker registers tsx first; from a build (`npm run build`) it is plain JS.
 const WORKER_ENTRY = fileURLToPath(new URL(import.meta.url.endsWith('.ts') ? './worker/worker-entry.mjs' : './worker/module-worker.js', import.meta.url));
@@ -60,6 +61,8 @@ export class ModuleHost {
   disabled: string | undefined;
   restarts = 0;
   policies: readonly string[] = [];
+  /** Each policy's statechart as the worker read it from the machine definition (dashboard). */
+  charts: Readonly<Record<string, PolicyChart>> = {};
 
   constructor(private readonly opts: ModuleHostOptions) {}
 
@@ -146,6 +149,7 @@ export class ModuleHost {
         if (msg.t === 'ready') {
           ready = true;
           clearTimeout(initTimer);
+          this.charts = msg.charts ?? {};
           resolve(msg.policies);
         } else if (msg.t === 'init-failed') {
           clearTimeout(initTimer);

@@ -4,6 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { z } from 'zod';
 import { ConfigError, ControlError, EmbotError, ErrorCodes, EventError, describeError, type ErrorCode } from '../errors.ts';
 import { isValidElementId, isValidEventType } from '../events.ts';
+import { presentedToken } from './dashboard-auth.ts';
 import type { Logger } from '../logger.ts';
 import {
   DEFAULT_EVENTS_LIMIT,
@@ -28,6 +29,8 @@ export interface ControlServerOptions {
   readonly logger: Logger;
   /** Served as `GET /metrics` (Prometheus text), behind the token like every route. */
   readonly metrics?: { readonly contentType: string; text(): Promise<string> };
+  /** The web dashboard (`/`, `/ui/…`, live channel `/ui/live`), behind the token like every route (dashboard-routes.ts). */
+  readonly dashboard?: { handle(req: IncomingMessage, res: ServerResponse): Promise<boolean> };
 }
 
 export interface ControlServer {
@@ -62,6 +65,7 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.ELEMENT_MOVED]: 410,
   [ErrorCodes.CONTROL_INTERNAL]: 500,
   [ErrorCodes.AGENT_STOPPED]: 503,
+  [ErrorCodes.DASHBOARD_NOT_BUILT]: 503,
 };
 
 const CreateVmBody = z
@@ -142,7 +146,7 @@ export async function startControlServer(options: ControlServerOptions): Promise
       if (tokenDigest) {
         if (!authorized(req, tokenDigest)) {
           res.setHeader('WWW-Authenticate', 'Bearer realm="embot"');
-          throw new ControlError(ErrorCodes.CONTROL_UNAUTHORIZED, 'missing or wrong control token (send Authorization: Bearer <token>; the CLI takes --token or EMBOT_CONTROL_TOKEN)');
+          throw new ControlError(ErrorCodes.CONTROL_UNAUTHORIZED, 'missing or wrong control token (send Authorization: Bearer <token>; the CLI takes --token or EMBOT_CONTROL_TOKEN; a browser opens /ui/?token=<token> once)');
         }
       } else if (!allowedHostHeader(req.headers.host, host)) {
         // Without a token, a browser page on a rebinding domain could otherwise drive the API.
@@ -158,6 +162,7 @@ export async function startControlServer(options: ControlServerOptions): Promise
         res.end(text);
         return;
       }
+      if (options.dashboard && (await options.dashboard.handle(req, res))) return;
       const { status, body } = await route(req, gone.signal);
       send(res, status, body);
     } catch (e) {
@@ -310,13 +315,11 @@ function digest(s: string): Buffer {
   return createHash('sha256').update(s, 'utf8').digest();
 }
 
-/** Compares digests so the comparison is constant-time whatever the token lengths. */
+/** Compares digests so the comparison is constant-time whatever the token lengths. Bearer header, or the dashboard's cookie / page `?token=` (dashboard-auth.ts). */
 function authorized(req: IncomingMessage, expected: Buffer): boolean {
-  const header = req.headers.authorization;
-  if (typeof header !== 'string') return false;
-  const m = /^Bearer\s+(.+)$/i.exec(header.trim());
-  if (!m) return false;
-  return timingSafeEqual(digest(m[1]!), expected);
+  const given = presentedToken(req);
+  if (given === undefined) return false;
+  return timingSafeEqual(digest(given), expected);
 }
 
 function ok(body: unknown): { status: number; body: unknown } {

@@ -8,6 +8,7 @@ import { createActor, type AnyActorRef } from 'xstate';
 import { describeError, ErrorCodes } from '../../core/errors.ts';
 import { definePolicy, EMBOT_API_VERSION, type ModuleDefinition, type PolicyApi, type PolicyDefinition } from '../policy-api.ts';
 import { pendingTimers, rearmTimers } from '../policy-timers.ts';
+import { describeMachine, type PolicyChart } from '../policy-chart.ts';
 import type { EffectRequest, EmbotFailure, EmbotSpawn, EmitRequest, HostToWorker, PolicyUpdate, WorkerToHost } from './worker-protocol.ts';
 import { PROGRESS_ITEM, PROGRESS_REQ } from './worker-protocol.ts';
 
@@ -167,10 +168,28 @@ async function init(msg: Extract<HostToWorker, { t: 'init' }>): Promise<void> {
       if (!p || typeof (p as PolicyDefinition).create !== 'function') throw new Error(`policy '${name}' is not a definePolicy(...) value`);
     }
     policies = def.policies;
-    post({ t: 'ready', policies: Object.keys(policies) });
+    post({ t: 'ready', policies: Object.keys(policies), charts: chartsOf(policies) });
   } catch (e) {
     post({ t: 'init-failed', error: { code: ErrorCodes.PLUGIN_LOAD_FAILED, message: describeError(e) } });
   }
+}
+
+/**
+ * Reads each policy's machine definition with an API that does nothing: building a machine runs
+ * no actions, and a policy whose `create` throws just has no chart (it fails at spawn as before).
+ */
+function chartsOf(defs: Readonly<Record<string, PolicyDefinition>>): Record<string, PolicyChart> {
+  const quiet: PolicyApi = { embotId: '', elementId: '', config: moduleConfig, effect() {}, emit() {}, log() {} };
+  const charts: Record<string, PolicyChart> = {};
+  for (const [name, def] of Object.entries(defs)) {
+    try {
+      const chart = describeMachine(def.create(quiet));
+      if (chart) charts[name] = chart;
+    } catch {
+      /* no chart for this policy */
+    }
+  }
+  return charts;
 }
 
 port.on('message', (msg: HostToWorker) => {

@@ -1,4 +1,5 @@
 import type { PolicyEvent } from '../policy-api.ts';
+import type { PolicyChart } from '../policy-chart.ts';
 
 /**
  * Messages between the agent and a module worker. One worker runs every embot of one module, so
@@ -74,7 +75,7 @@ export type HostToWorker =
   | { readonly t: 'stop'; readonly reqId: number; readonly embotIds: readonly string[] };
 
 export type WorkerToHost =
-  | { readonly t: 'ready'; readonly policies: readonly string[] }
+  | { readonly t: 'ready'; readonly policies: readonly string[]; /** Each policy's statechart, for the dashboard (absent for one whose machine could not be read). */ readonly charts?: Readonly<Record<string, PolicyChart>> }
   | { readonly t: 'init-failed'; readonly error: { readonly code: string; readonly message: string } }
   | ({ readonly t: 'done'; readonly reqId: number } & Outcome)
   /** A delayed transition fired inside the worker, outside any batch. */

@@ -1,0 +1,182 @@
+import type { MigrationInfo } from '../../../core/control/dashboard-api.ts';
+import { ApiError, cancelMigration, startMigration, targets } from '../api.ts';
+import { badge, fill, fmtBytes, fmtMs, fmtRate, fmtTime, h } from '../dom.ts';
+import { rateChart } from '../linechart.ts';
+import { migrationKey, type State } from '../store.ts';
+import type { View } from './view.ts';
+
+/** The source's phases in protocol order; which of them carry the management hand-off (DESIGN.md steps 1–3, 5–6). */
+const SOURCE_PHASES = ['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'completing', 'finishing', 'completed'] as const;
+const MANAGEMENT_PHASES = new Set(['holding', 'sendingState', 'sendingEvents', 'syncingDirty', 'completing', 'receivingState', 'receivingEvents', 'committing']);
+
+function outcomeBadge(m: MigrationInfo): HTMLElement {
+  if (m.outcome === null) return badge('running', 'info');
+  return badge(m.outcome, m.outcome === 'completed' ? 'ok' : 'bad');
+}
+
+function timeline(m: MigrationInfo, state: State): HTMLElement {
+  const seen = state.phases.get(migrationKey(m)) ?? [];
+  const done = m.summary?.phases ?? [];
+  const names = m.role === 'source' ? [...SOURCE_PHASES] : [...new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)])];
+  for (const p of [...done.map((x) => x.phase), ...seen.map((x) => x.phase)]) if (!names.includes(p as never)) names.push(p as never);
+  const reached = new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)]);
+  const msOf = new Map(done.map((p) => [p.phase, p.ms]));
+  return h(
+    'ol',
+    { class: 'timeline', 'data-testid': 'timeline' },
+    names.map((name) =>
+      h(
+        'li',
+        { class: [name === m.phase && m.outcome === null ? 'current' : '', reached.has(name) ? 'reached' : '', MANAGEMENT_PHASES.has(name) ? 'management' : ''].filter(Boolean).join(' '), title: MANAGEMENT_PHASES.has(name) ? 'management hand-off' : 'VM data plane' },
+        h('span', { class: 'phase-name' }, name),
+        msOf.has(name) ? h('span', { class: 'phase-ms' }, fmtMs(msOf.get(name))) : null,
+      ),
+    ),
+  );
+}
+
+function stat(label: string, value: string | number): HTMLElement[] {
+  return [h('dt', {}, label), h('dd', {}, value)];
+}
+
+function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void): HTMLElement {
+  const p = m.progress;
+  const sum = m.summary;
+  const running = m.outcome === null;
+  return h(
+    'article',
+    { class: `card migration ${running ? 'running' : m.outcome}`, 'data-migration': m.id, 'data-vm': m.vm },
+    h(
+      'header',
+      {},
+      h('h3', {}, m.vm),
+      h('span', { class: 'muted' }, m.role === 'source' ? ` → ${m.peer}` : ` ← ${m.peer}`),
+      outcomeBadge(m),
+      badge(m.role, 'muted'),
+      h('span', { class: 'muted mono' }, m.id),
+      running && m.role === 'source' ? h('button', { class: 'danger', onclick: () => onCancel(m.id) }, 'Cancel') : null,
+    ),
+    running && p ? h('progress', { max: 100, value: p.percent, class: 'migration-progress' }) : null,
+    h('div', { class: 'phase-line' }, 'phase ', h('strong', { class: 'phase' }, m.phase), running && p ? ` — ${p.percent} %` : ''),
+    timeline(m, state),
+    h(
+      'div',
+      { class: 'migration-body' },
+      h(
+        'dl',
+        { class: 'stats' },
+        stat('destination', m.peer),
+        p ? stat('round', p.round ?? '–') : stat('rounds', sum?.rounds ?? '–'),
+        p ? stat('memory', `${fmtBytes(p.memoryBytes)} / ${fmtBytes(p.memoryTotal)}`) : stat('memory', fmtBytes(sum?.memoryBytes)),
+        p ? stat('remaining', fmtBytes(p.remainingBytes)) : [],
+        p ? stat('send rate', fmtRate(p.rateBytesPerSec)) : stat('send rate', fmtRate(sum?.precopy?.rateBytesPerSec)),
+        p ? stat('dirty rate', fmtRate(p.dirtyRateBytesPerSec)) : stat('dirty rate', sum?.precopy ? `${fmtRate(sum.precopy.initialDirtyRate)} → ${fmtRate(sum.precopy.finalDirtyRate)}` : '–'),
+        stat('expected downtime', fmtMs(p?.expectedDowntimeMs ?? sum?.precopy?.expectedDowntimeMs)),
+        stat('actual downtime', fmtMs(sum?.downtimeMs)),
+        stat('paths', sum ? `${sum.paths}${sum.plan ? ` (${sum.plan.paths.join(', ')})` : ''}` : '–'),
+        stat('estimate / threshold', sum ? `${fmtMs(sum.estimateMs)} / ${fmtMs(sum.thresholdMs)}` : '–'),
+        stat('bytes', fmtBytes(sum?.bytes ?? p?.bytes)),
+      ),
+      running ? rateChart(state.samples.get(migrationKey(m)) ?? []) : null,
+    ),
+    sum
+      ? h(
+          'div',
+          { class: 'handoff' },
+          h('strong', {}, 'management hand-off: '),
+          `${sum.embots} embot(s), ${sum.events} event(s), modules ${sum.modules.join(', ') || 'none'} (${sum.modulesShipped} shipped), ${sum.forwarded} forwarded after the switch`,
+          sum.deadLettered ? `, ${sum.deadLettered} dead-lettered` : '',
+          `; total ${fmtMs(sum.totalMs)}`,
+        )
+      : null,
+    m.reason ? h('p', { class: 'error' }, m.reason) : null,
+    sum?.plan?.decisions.length ? h('details', {}, h('summary', {}, 'path planner decisions'), h('ul', {}, sum.plan.decisions.map((d) => h('li', {}, d)))) : null,
+    h('p', { class: 'muted small' }, `started ${fmtTime(m.startedAt)}, updated ${fmtTime(m.updatedAt)}`),
+  );
+}
+
+export function migrationsView(): View {
+  const vmSelect = h('select', { name: 'vm', 'data-testid': 'migrate-vm' });
+  const targetSelect = h('select', { name: 'to', 'data-testid': 'migrate-to' });
+  const message = h('p', { class: 'form-message', role: 'status' });
+  const rankNote = h('span', { class: 'muted small' });
+  let knownVms = '';
+
+  async function loadTargets(): Promise<void> {
+    const vm = vmSelect.value;
+    if (!vm) return fill(targetSelect);
+    try {
+      const list = await targets(vm);
+      fill(targetSelect, list.map((t) => h('option', { value: t.name }, `${t.name}${t.reachable ? '' : ' (unreachable)'}${t.score === undefined ? '' : ` — score ${t.score}`}`)));
+      rankNote.textContent = list[0] ? `ranked by ${list[0].rankedBy}` : 'no peers configured';
+    } catch (e) {
+      message.textContent = e instanceof Error ? e.message : String(e);
+    }
+  }
+  vmSelect.addEventListener('change', () => void loadTargets());
+
+  const form = h(
+    'form',
+    { class: 'migrate-form', 'data-testid': 'migrate-form' },
+    h('label', {}, 'VM ', vmSelect),
+    h('label', {}, 'to ', targetSelect),
+    rankNote,
+    h('button', { type: 'submit' }, 'Start migration'),
+    message,
+  );
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const vm = vmSelect.value;
+    const to = targetSelect.value;
+    if (!vm || !to) {
+      message.textContent = 'pick a VM and a target';
+      return;
+    }
+    message.textContent = `starting ${vm} → ${to}…`;
+    startMigration(vm, to).then(
+      (r) => (message.textContent = `migration ${r.id} started`),
+      (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
+    );
+  });
+
+  const onCancel = (id: string): void => {
+    cancelMigration(id).then(
+      (r) => (message.textContent = r.cancelled ? `cancelling ${id}…` : `${id} is not running here`),
+      (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
+    );
+  };
+
+  const live = h('div', { class: 'stack', 'data-testid': 'live-migrations' });
+  const past = h('div', { class: 'stack', 'data-testid': 'past-migrations' });
+  const el = h(
+    'section',
+    { class: 'view' },
+    h('h2', {}, 'Migrations'),
+    form,
+    h('p', { class: 'hint' }, 'One destination per migration: the several-destination fan-out and pre-warm (issue 13) will show per-destination state here once the control API reports it.'),
+    h('h3', {}, 'Running'),
+    live,
+    h('h3', {}, 'Past'),
+    past,
+  );
+  return {
+    el,
+    update(state: State): void {
+      const snap = state.snapshot;
+      if (!snap) return;
+      const vms = snap.vms.map((v) => v.name).join('\n');
+      if (vms !== knownVms) {
+        knownVms = vms;
+        const keep = vmSelect.value;
+        fill(vmSelect, snap.vms.map((v) => h('option', { value: v.name }, v.name)));
+        if (snap.vms.some((v) => v.name === keep)) vmSelect.value = keep;
+        void loadTargets();
+      }
+      const all = [...state.migrations.values()].sort((a, b) => b.startedAt - a.startedAt);
+      const running = all.filter((m) => m.outcome === null);
+      fill(live, running.length ? running.map((m) => migrationCard(m, state, onCancel)) : h('p', { class: 'muted' }, 'none running'));
+      const done = all.filter((m) => m.outcome !== null).slice(0, 30);
+      fill(past, done.length ? done.map((m) => migrationCard(m, state, onCancel)) : h('p', { class: 'muted' }, 'none yet'));
+    },
+  };
+}

@@ -1,0 +1,176 @@
+import { existsSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { chromium, type Browser, type Page } from 'playwright-core';
+import { Cluster } from '../harness/cluster.ts';
+import { REPO, runCli, waitFor } from '../harness/agent-process.ts';
+import { ControlClient } from '../../core/control/client.ts';
+import { HOSTILE } from '../fixtures/plugins/hostile/index.ts';
+
+/**
+ * The dashboard in a real browser (Debian's chromium, driven by playwright-core) against two real
+ * agents on loopback with a control token. Screenshots of every view land in ARTIFACTS
+ * (git-ignored) for a person to look at.
+ */
+const CHROMIUM = '/usr/bin/chromium';
+const ARTIFACTS = join(REPO, 'test', 'artifacts', 'dashboard');
+const TOKEN = 'dashboard-test-token-0123456789';
+const missing = !existsSync(CHROMIUM);
+if (missing && process.env['CI']) throw new Error(`${CHROMIUM} is missing: .ci/run installs Debian's chromium for the dashboard tests`);
+
+describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', () => {
+  let cluster: Cluster;
+  let browser: Browser;
+  let page: Page;
+  let a: ControlClient;
+  let b: ControlClient;
+  let urlA = '';
+
+  beforeAll(async () => {
+    mkdirSync(ARTIFACTS, { recursive: true });
+    cluster = await Cluster.start(['a', 'b'], {
+      plugins: [
+        { from: 'fixture', name: 'counter' },
+        { from: 'fixture', name: 'throwing' },
+        { from: 'fixture', name: 'hostile' },
+      ],
+      env: () => ({ EMBOT_CONTROL_TOKEN: TOKEN }),
+      config: () => ({
+        // Slow enough (16 MiB/s for 64 MiB) that the running migration is on screen for seconds.
+        dataplane: { primaryCapBytesPerSec: 16 * 1024 * 1024 },
+        mobility: { stepTimeoutMs: 5000, vmTimeoutMs: 60_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
+        // The counter stays `armed` until the test is over.
+        modules: { counter: { delayMs: 3_600_000 } },
+      }),
+    });
+    urlA = cluster.agent('a').url;
+    a = new ControlClient(urlA, TOKEN);
+    b = new ControlClient(cluster.agent('b').url, TOKEN);
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
+    page = await (await browser.newContext({ viewport: { width: 1360, height: 900 } })).newPage();
+  }, 60_000);
+
+  afterAll(async () => {
+    await browser?.close().catch(() => {});
+    await cluster?.stop();
+  });
+
+  const shot = (name: string): Promise<Buffer> => page.screenshot({ path: join(ARTIFACTS, `${name}.png`), fullPage: true });
+  const view = async (name: string): Promise<void> => {
+    await page.click(`nav a[data-nav="${name}"]`);
+    await page.waitForSelector(`body[data-view="${name}"]`);
+  };
+
+  it('refuses the page, its API and its live channel without the token', async () => {
+    for (const path of ['/ui/', '/ui/live', '/ui/api/snapshot', '/v1/status', '/ui/?token=wrong-token-123456']) {
+      const res = await fetch(`${urlA}${path}`, { redirect: 'manual' });
+      expect(res.status, path).toBe(401);
+      expect(((await res.json()) as { error: { code: string } }).error.code, path).toBe('EMBOT_ERR_CONTROL_UNAUTHORIZED');
+    }
+    // A browser without the cookie sees the refusal, not the page.
+    const res = await page.goto(`${urlA}/ui/`);
+    expect(res?.status()).toBe(401);
+    expect(await page.locator('#app').count()).toBe(0);
+  });
+
+  it('takes ?token= once, answers with an HttpOnly cookie and a URL without the token', async () => {
+    const res = await fetch(`${urlA}/ui/?token=${TOKEN}`, { redirect: 'manual' });
+    expect(res.status).toBe(303);
+    expect(res.headers.get('location')).toBe('/ui/');
+    expect(res.headers.get('set-cookie')).toMatch(/^embot_token=.+; HttpOnly; SameSite=Strict; Path=\//);
+
+    await page.goto(`${urlA}/ui/?token=${TOKEN}`);
+    expect(page.url()).toBe(`${urlA}/ui/`);
+    await page.waitForSelector('[data-testid=connection] .badge.ok');
+    // Script on the page cannot read the token.
+    expect(await page.evaluate(() => document.cookie)).toBe('');
+  });
+
+  it('cluster view: both agents, this one with health and load, the peer reachable', async () => {
+    await view('cluster');
+    await page.waitForSelector('[data-testid=agents] [data-agent="a"]');
+    await page.waitForSelector('[data-testid=agents] [data-agent="b"].healthy');
+    expect(await page.locator('[data-agent="a"] h3').textContent()).toBe('a');
+    expect(await page.locator('[data-agent="b"] .badge.ok').textContent()).toBe('reachable');
+    expect(await page.locator('[data-agent="a"]').textContent()).toContain('load');
+    await shot('cluster');
+  });
+
+  it("host view: a policy's statechart from its definition, the active state following an emitted event", async () => {
+    await a.createVm({ name: 'web-1', memory: 64 * 1024 * 1024, dirtyRate: 1024 * 1024 });
+    await a.vmAction('web-1', 'start');
+    await a.createVm({ name: 'web-2' });
+    await view('host');
+    const counting = '[data-vm="web-1"] [data-policy="count"] g.state.active[data-state="counting"]';
+    await page.waitForSelector(counting);
+    // Both states of the machine are drawn, not just the active one.
+    expect(await page.locator('[data-vm="web-1"] [data-policy="count"] g.state[data-state="armed"]').count()).toBe(1);
+
+    const emitted = await runCli(['events', 'emit', '--element', 'vm:web-1', '--type', 'ARM', '--agent', urlA, '--token', TOKEN]);
+    expect(emitted.code, emitted.stderr).toBe(0);
+    // Pushed, not polled: the page did not reload and shows the new state.
+    await page.waitForSelector('[data-vm="web-1"] [data-policy="count"] g.state.active[data-state="armed"]');
+    expect(await page.locator(counting).count()).toBe(0);
+    expect(await page.locator('[data-vm="web-1"] [data-policy="count"] .state-value').textContent()).toBe('armed');
+    await shot('host');
+  });
+
+  it('a quarantined plugin shows its error; markup in plugin errors and event payloads shows as text', async () => {
+    await a.emitEvent({ elementId: 'vm:web-2', type: 'BOOM' });
+    await a.emitEvent({ elementId: 'vm:web-2', type: 'NOTE', payload: { note: HOSTILE } });
+    await view('plugins');
+    const thrower = page.locator('[data-plugin="throwing"] [data-testid=embot-error]');
+    await thrower.first().waitFor();
+    expect(await thrower.first().textContent()).toContain('boom from plugin');
+    const hostile = page.locator('[data-plugin="hostile"] [data-testid=embot-error]');
+    await hostile.first().waitFor();
+    expect(await hostile.first().textContent()).toContain(HOSTILE);
+    await shot('plugins');
+
+    await view('events');
+    await page.fill('[data-testid=filter-type]', 'NOTE');
+    const row = page.locator('[data-testid=events] tbody tr');
+    await row.first().waitFor();
+    expect(await row.count()).toBe(1);
+    expect(await row.first().textContent()).toContain(HOSTILE.replaceAll('"', '\\"'));
+    await page.fill('[data-testid=filter-type]', '');
+    await shot('events');
+
+    // Had any of it been parsed as HTML, the image would exist and its onerror would have run.
+    expect(await page.locator('img').count()).toBe(0);
+    expect(await page.locator('#app script').count()).toBe(0);
+    expect(await page.evaluate(() => (window as unknown as { __xss?: number }).__xss)).toBeUndefined();
+  });
+
+  it('a VM name with markup never reaches the page: the driver refuses it', async () => {
+    const res = await fetch(`${urlA}/v1/vms`, { method: 'POST', headers: { Authorization: `Bearer ${TOKEN}`, 'Content-Type': 'application/json' }, body: JSON.stringify({ name: '<img src=x onerror=alert(1)>' }) });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe('EMBOT_ERR_VM_SPEC_INVALID');
+  });
+
+  it('starts a migration from the UI, shows it running, and ends with the VM on the other host', async () => {
+    await view('migrations');
+    await page.selectOption('[data-testid=migrate-vm]', 'web-1');
+    await page.waitForSelector('[data-testid=migrate-to] option[value="b"]', { state: 'attached' });
+    await page.selectOption('[data-testid=migrate-to]', 'b');
+    await page.click('[data-testid=migrate-form] button[type=submit]');
+
+    const running = page.locator('[data-testid=live-migrations] [data-vm="web-1"]');
+    await running.waitFor({ timeout: 20_000 });
+    expect(await running.locator('.phase').textContent()).not.toBe('');
+    // A reading of the copy arrives while it runs: the rate chart draws it.
+    await page.waitForSelector('[data-testid=live-migrations] [data-vm="web-1"] svg.ratechart polyline.rate', { state: 'attached', timeout: 20_000 });
+    await shot('migrations-running');
+
+    const done = page.locator('[data-testid=past-migrations] [data-vm="web-1"].completed');
+    await done.waitFor({ timeout: 60_000 });
+    expect(await done.locator('.handoff').textContent()).toContain('management hand-off');
+    await shot('migrations-past');
+
+    await waitFor(async () => (await b.listVms()).some((v) => v.name === 'web-1'), 20_000, 'web-1 on b');
+    expect((await a.listVms()).some((v) => v.name === 'web-1')).toBe(false);
+    await view('host');
+    await page.waitForSelector('[data-vm="web-2"]');
+    expect(await page.locator('[data-vm="web-1"]').count()).toBe(0);
+  }, 90_000);
+});
