@@ -21,6 +21,9 @@ export function rateChart(samples: readonly Sample[]): SVGSVGElement {
   const y = (v: number): number => H - PAD_B - (v / max) * (H - PAD_B - 14);
   const line = (pick: (p: Sample) => number, cls: string): SVGPolylineElement => s('polyline', { class: cls, points: samples.map((p) => `${x(p.at).toFixed(1)},${y(pick(p)).toFixed(1)}`).join(' ') });
   svg.append(line((p) => p.rate, 'rate'), line((p) => p.dirty, 'dirty'));
+  // The newest reading as a dot: visible from the first sample on.
+  const lastP = samples.at(-1)!;
+  svg.append(s('circle', { cx: x(lastP.at), cy: y(lastP.rate), r: 3, class: 'rate' }), s('circle', { cx: x(lastP.at), cy: y(lastP.dirty), r: 3, class: 'dirty' }));
   svg.append(s('text', { x: PAD_L, y: 11, class: 'axis' }, `max ${fmtRate(max)}`));
   svg.append(s('text', { x: W - PAD_L, y: H - 3, class: 'axis', 'text-anchor': 'end' }, `${((t1 - t0) / 1000).toFixed(1)} s`));
   svg.append(s('rect', { x: W - 150, y: 4, width: 10, height: 4, class: 'rate-key' }), s('text', { x: W - 136, y: 10, class: 'axis' }, 'sent/s'));

@@ -41,8 +41,9 @@ function flatten(b: Box, ox: number, oy: number, out: Map<string, { x: number; y
 }
 
 function eventLabel(event: string): string {
-  const after = /^xstate\.after\.(\d+)\./.exec(event);
-  if (after) return `after ${after[1]} ms`;
+  // xstate names a delayed transition `xstate.after.<delay>.<state id>`; the delay is ms or a named delay.
+  const after = /^xstate\.after\.([^.]+)\./.exec(event);
+  if (after) return /^\d+$/.test(after[1]!) ? `after ${after[1]} ms` : `after ${after[1]}`;
   if (event === '') return 'always';
   return event;
 }

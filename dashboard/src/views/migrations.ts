@@ -20,6 +20,9 @@ function timeline(m: MigrationInfo, state: State): HTMLElement {
   const names = m.role === 'source' ? [...SOURCE_PHASES] : [...new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)])];
   for (const p of [...done.map((x) => x.phase), ...seen.map((x) => x.phase)]) if (!names.includes(p as never)) names.push(p as never);
   const reached = new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)]);
+  // A page opened mid-migration did not see the early phases go by; the source passes them in order.
+  const at = names.indexOf(m.phase as never);
+  if (m.role === 'source' && at >= 0 && m.outcome !== 'aborted') for (const n of names.slice(0, at + 1)) reached.add(n);
   const msOf = new Map(done.map((p) => [p.phase, p.ms]));
   return h(
     'ol',
@@ -84,7 +87,7 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
           'div',
           { class: 'handoff' },
           h('strong', {}, 'management hand-off: '),
-          `${sum.embots} embot(s), ${sum.events} event(s), modules ${sum.modules.join(', ') || 'none'} (${sum.modulesShipped} shipped), ${sum.forwarded} forwarded after the switch`,
+          `${sum.embots} embot(s), ${sum.events} event(s), modules ${sum.modules.map((x) => x.split('#')[0]).join(', ') || 'none'} (${sum.modulesShipped} shipped), ${sum.forwarded} forwarded after the switch`,
           sum.deadLettered ? `, ${sum.deadLettered} dead-lettered` : '',
           `; total ${fmtMs(sum.totalMs)}`,
         )
