@@ -57,6 +57,8 @@ export interface QemuDriverOptions {
    * refilled with the shape just received. Absent: no spare (the agent's `qemu.spareIncoming`).
    */
   readonly spareIncoming?: SpareShape;
+  /** How long after an incoming migration the spare is refilled (default {@link SPARE_REFILL_DELAY_MS}). */
+  readonly spareRefillDelayMs?: number;
 }
 
 /** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
@@ -89,6 +91,8 @@ interface Vm {
   /** Why the process is expected to end (stop, kill, migrated…): its exit is then no crash. */
   expectingExit: string | undefined;
   incoming: boolean;
+  /** The incoming QEMU said its stream completed (MIGRATION event): under -S it waits paused for the commit's `cont`. */
+  incomingComplete: boolean;
   migrating: boolean;
   /** Reason for the STOP/RESUME event a pause()/resume() is about to cause (QEMU sends it before the reply). */
   intent: string | undefined;
@@ -123,6 +127,9 @@ interface ModelFile {
   readonly version: 1;
   readonly byChannels: Readonly<Record<string, readonly StreamCalibration[]>>;
 }
+
+/** The spare is refilled this long after an incoming migration ends, off the commit's path. */
+export const SPARE_REFILL_DELAY_MS = 50;
 
 /** Migrations per channel count whose medians make the calibration. */
 export const CALIBRATION_SAMPLES = 5;
@@ -179,6 +186,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   /** The spare incoming QEMU, with {@link QemuDriverOptions.spareIncoming}; never a VM (not listed, no events). */
   readonly spare: SpareIncoming | undefined;
   private restored = false;
+  private refillTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: QemuDriverOptions) {
     this.pollMs = o.pollMs ?? 100;
@@ -545,6 +553,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (this.closed) return;
     this.closed = true;
     // The spare is no VM: it does not outlive the agent.
+    clearTimeout(this.refillTimer);
     await this.spare?.close();
     await Promise.all([...this.vms.values()].map(async (vm) => vm.proc?.detach()));
   }
@@ -794,20 +803,29 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       if (e.event === 'RESUME' || e.event === 'MIGRATION') wake();
     };
     proc.qmp.events.on('event', onEvent);
+    // Started with -S, the VM waits paused once its memory is in: `cont` is the commit.
+    const resume = async (): Promise<void> => {
+      if (options.running === false) return;
+      vm.intent = 'migrated-in';
+      try {
+        await proc.qmp.execute('cont');
+      } finally {
+        vm.intent = undefined;
+      }
+    };
     try {
       for (;;) {
+        // The usual case: the stream's completion was seen (MIGRATION event), so one round trip
+        // commits; QEMU is asked where it is (up to 4 round trips) only when it was not.
+        if (vm.incomingComplete) {
+          await resume();
+          break;
+        }
         const { status } = await proc.qmp.execute('query-status');
         if (status === 'running') break;
-        // Started with -S, the VM waits paused once its memory is in: this is the commit.
         if (status === 'paused' && (await proc.qmp.execute('query-migrate')).status === 'completed') {
-          if (options.running === false) break;
-          vm.intent = 'migrated-in';
-          try {
-            await proc.qmp.execute('cont');
-          } finally {
-            vm.intent = undefined;
-          }
-          continue;
+          await resume();
+          break;
         }
         if (status !== 'inmigrate' && status !== 'paused') {
           throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} is ${status}, not running`, { details: { vm: name, status } });
@@ -845,11 +863,17 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     this.refillSpare(vm.spec);
   }
 
-  /** After an incoming migration (committed or not): a spare of the shape last received, started in the background. */
+  /**
+   * After an incoming migration (committed or not): a spare of the shape last received, started in
+   * the background a moment later. Not at once: `spawn` forks the agent's process synchronously and
+   * QEMU's start takes a core for tens of ms, which the commit's ack and the embots' start would wait for.
+   */
   private refillSpare(spec: QemuVmSpec): void {
     if (this.spare === undefined || this.closed) return;
     const { name: _name, ...shape } = spec;
-    this.spare.fill(shape);
+    clearTimeout(this.refillTimer);
+    this.refillTimer = setTimeout(() => this.spare?.fill(shape), this.o.spareRefillDelayMs ?? SPARE_REFILL_DELAY_MS);
+    this.refillTimer.unref();
   }
 
   // ---- internals
@@ -916,6 +940,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       proc: undefined,
       expectingExit: undefined,
       incoming,
+      incomingComplete: false,
       migrating: false,
       intent: undefined,
       dirtyRate: undefined,
@@ -951,6 +976,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           break;
         case 'SHUTDOWN':
           vm.expectingExit ??= e.data['guest'] === true ? 'guest-shutdown' : 'qmp-quit';
+          break;
+        case 'MIGRATION':
+          // QEMU sets the incoming side's runstate (paused, under -S) before it reports completed.
+          if (vm.incoming && e.data['status'] === 'completed') vm.incomingComplete = true;
           break;
         case 'GUEST_PANICKED':
           vm.crashes++;
