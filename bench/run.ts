@@ -24,6 +24,7 @@ import { run as runUdp } from './udp.bench.ts';
 import { run as runEstimate } from './estimate.bench.ts';
 import { run as runQemu } from './qemu.bench.ts';
 import { run as runFixedCost } from './fixed-cost.bench.ts';
+import { run as runLiveChannel } from './live-channel.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -48,6 +49,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'estimate', run: runEstimate },
   { name: 'qemu', run: runQemu },
   { name: 'fixed-cost', run: runFixedCost },
+  { name: 'live-channel', run: runLiveChannel },
 ];
 
 export interface MachineInfo {
