@@ -11,7 +11,7 @@ import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
 import { describeError, EffectorError, ErrorCodes } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
-import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
+import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, MigrateOptions, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
 import { createDashboard, type Dashboard } from './control/dashboard-routes.ts';
 import { wireLiveSources } from './control/live-sources.ts';
@@ -543,7 +543,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return this.recent.slice(-Math.max(0, opts.limit));
   }
 
-  migrate(vm: string, to: Destinations, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
+  migrate(vm: string, to: Destinations, options: MigrateOptions = {}): { readonly id: string } {
     return this.mobility.migrate(vm, to, options);
   }
 

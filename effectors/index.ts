@@ -5,6 +5,8 @@ export { MAX_ZERO_PAGE_COST } from './hypervisor/hypervisor-contract.ts';
 export type {
   DataPaths,
   DriverEstimateHints,
+  FanOutMemory,
+  FanOutSession,
   FaultInjection,
   HypervisorCapabilities,
   HypervisorDriver,

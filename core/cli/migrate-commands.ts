@@ -9,6 +9,8 @@ import { formatBytes, formatDuration, formatTable, formatTime, truncate } from '
 interface MigrateFlags extends ClientFlags {
   readonly to: Destinations;
   readonly threshold?: number;
+  readonly retries?: number;
+  readonly fallback?: readonly string[];
   /** False with `--no-wait`. */
   readonly wait: boolean;
 }
@@ -33,6 +35,8 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .argument('<vm>', 'VM name')
       .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins)", parseDestinations)
       .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
+      .option('--retries <n>', 'when no destination boots: try the same set again up to N times (0..5; default 0)', parseRetries)
+      .option('--fallback <peers>', 'PEER,PEER…: when no destination of --to booted (after the retries), try these once', parseFallback)
       .option('--no-wait', 'start the migration, print its id and return'),
   ).action(async (vm: string, opts: MigrateFlags) => {
     setExitCode(await runMigrate(vm, opts, ctx));
@@ -61,13 +65,36 @@ export function parseDestinations(raw: string): Destinations {
   }
 }
 
+/** `--retries`: a whole number 0..5. */
+export function parseRetries(raw: string): number {
+  const n = Number(raw);
+  if (!/^\d+$/.test(raw.trim()) || n > MAX_CLI_RETRIES) throw new InvalidArgumentError(`--retries must be a whole number from 0 to ${MAX_CLI_RETRIES}, got '${raw}'`);
+  return n;
+}
+
+const MAX_CLI_RETRIES = 5;
+
+/** `--fallback d,e`: a list by the same rules as `--to` (the agent checks it against its peers). */
+export function parseFallback(raw: string): readonly string[] {
+  try {
+    return parseDestinationList(raw);
+  } catch (e) {
+    if (isEmbotError(e)) throw new InvalidArgumentError(`--fallback: ${e.message} [${e.code}]`);
+    throw e;
+  }
+}
+
 function describeDestinations(to: Destinations): string {
   return typeof to === 'string' ? to : to.join(', ');
 }
 
 async function runMigrate(vm: string, opts: MigrateFlags, ctx: CliContext): Promise<number> {
   const client = ctx.client(opts);
-  const { id } = await client.migrate(vm, opts.to, opts.threshold === undefined ? {} : { thresholdMs: opts.threshold });
+  const { id } = await client.migrate(vm, opts.to, {
+    ...(opts.threshold === undefined ? {} : { thresholdMs: opts.threshold }),
+    ...(opts.retries === undefined ? {} : { retries: opts.retries }),
+    ...(opts.fallback === undefined ? {} : { fallback: opts.fallback }),
+  });
   if (!opts.wait) {
     if (opts.json) ctx.json({ id });
     else ctx.out(`migration ${id} started: vm ${vm} → ${describeDestinations(opts.to)} (follow it with \`embot migrations\`)`);
@@ -156,6 +183,15 @@ export function renderMigrationSummary(info: MigrationInfo): string {
   rows.push(['migration', `${s.migrationId} (vm ${s.vm}: ${s.from} → ${s.to})`]);
   rows.push(['outcome', s.outcome]);
   if (s.reason !== undefined) rows.push(['reason', s.reason]);
+  if (s.destinations !== undefined) {
+    // Several destinations: who won, and how each of every attempt ended and why.
+    rows.push(['winner', s.winner ?? 'none (the VM runs here again, nothing lost)']);
+    rows.push(['retries', String(s.retries ?? 0)]);
+    for (const [i, d] of s.destinations.entries()) {
+      const boot = d.bootReadyMs === null ? '' : `, booted at ${formatMs(d.bootReadyMs)}`;
+      rows.push([i === 0 ? 'destinations' : '', `${d.name} (try ${d.attempt + 1}): ${d.outcome}${boot}, ${formatBytes(d.bytes)}${d.reason ? ` — ${d.reason}` : ''}`]);
+    }
+  }
   rows.push(['total time', formatMs(s.totalMs)]);
   const phaseWidth = Math.max(0, ...s.phases.map((p) => p.phase.length));
   s.phases.forEach((p, i) => rows.push([i === 0 ? 'phases' : '', `${p.phase.padEnd(phaseWidth)}  ${formatMs(p.ms)}`]));
@@ -165,7 +201,9 @@ export function renderMigrationSummary(info: MigrationInfo): string {
   rows.push(['modules', `${s.modules.length}, ${s.modulesShipped} shipped${names.length > 0 ? ` (${names.join(', ')})` : ''}`]);
   rows.push(['dirty rounds', String(s.dirtyRounds)]);
   rows.push(['bytes', `${formatBytes(s.bytes)} (memory ${formatBytes(s.memoryBytes)})`]);
-  rows.push(['downtime', s.downtimeMs === null ? 'n/a (the VM did not move)' : formatMs(s.downtimeMs)]);
+  // What the hypervisor expected when it stopped the VM, beside what it was (the --json summary has both).
+  const expected = typeof s.precopy?.expectedDowntimeMs === 'number' ? ` (expected ${formatMs(s.precopy.expectedDowntimeMs)})` : '';
+  rows.push(['downtime', s.downtimeMs === null ? 'n/a (the VM did not move)' : `${formatMs(s.downtimeMs)}${expected}`]);
   if (s.estimateMs !== null) {
     // The estimate is of the memory move; the connection, state and commit phases come on top.
     // A record stored by an older agent has no copyMs.
@@ -202,7 +240,8 @@ export function renderMigrations(list: readonly MigrationInfo[], now: number): s
       m.outcome ?? 'running',
       formatTime(m.startedAt),
       formatMs(m.summary?.totalMs ?? (m.outcome === null ? now : m.updatedAt) - m.startedAt),
-      truncate(m.reason ?? '', 60),
+      // Wide enough for a fan-out loser's `terminated: c booted first (migration m-…)`.
+      truncate(m.reason ?? '', 100),
     ]),
   );
 }

@@ -166,6 +166,8 @@ export const AgentConfigSchema = z
         probeBytes: positiveInt.default(DEFAULTS.dataplane.probeBytes),
         /** Cap of the primary path (bytes/s); absent: measured. */
         primaryCapBytesPerSec: positiveInt.optional(),
+        /** Cap of the primary path to one peer (bytes/s), over `primaryCapBytesPerSec`: a slower link to that peer (e.g. one destination of several). */
+        primaryCapBytesPerSecOf: z.record(z.string(), positiveInt).default({}),
         /** Extra peer listeners for data paths (`HOST:PORT`, loopback 127.0.0.x). */
         listen: z.array(z.string()).default([]),
         /** Extra paths to each peer: another local/remote address pair, optionally capped (bytes/s). */

@@ -1,5 +1,6 @@
 import { ControlError, ErrorCodes, describeError, type ErrorCode } from '../errors.ts';
 import {
+  type MigrateOptions,
   DEFAULT_MIGRATION_WAIT_MS,
   type AgentStatus,
   type CreateVmRequest,
@@ -109,7 +110,7 @@ export class ControlClient {
   }
 
   /** Starts a migration of `vm` to peer `to` (or peers); resolves with its id as soon as it is under way. */
-  migrate(vm: string, to: Destinations, options: { readonly thresholdMs?: number } = {}): Promise<StartMigrationResponse> {
+  migrate(vm: string, to: Destinations, options: MigrateOptions = {}): Promise<StartMigrationResponse> {
     return this.request('POST', '/v1/migrations', { vm, to, ...options });
   }
 

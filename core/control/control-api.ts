@@ -100,7 +100,15 @@ export interface StartMigrationRequest {
    * issue 13; refused with MULTI_DESTINATION_UNSUPPORTED until the fan-out runs).
    */
   readonly to: Destinations;
+  readonly thresholdMs?: number;
+  /** Several destinations: tries of the same set after the first while none boots (0..5). */
+  readonly retries?: number;
+  /** Several destinations: hosts tried once after the retries when none of the set booted. */
+  readonly fallback?: readonly string[];
 }
+
+/** What `migrate` takes besides the VM and its destinations (the request body's other fields). */
+export type MigrateOptions = Omit<StartMigrationRequest, 'vm' | 'to'>;
 
 /** What `POST /v1/migrations` answers (202): the migration runs on; follow it by id. */
 export interface StartMigrationResponse {
@@ -145,9 +153,10 @@ export interface AgentControl {
    * Starts moving VM `vm` and its management to peer `to`; returns at once with the migration id.
    * Throws `PEER_UNKNOWN`, `VM_UNKNOWN`, `VM_BAD_STATE` (already migrating) or `CONFIG_INVALID`
    * (no cluster secret). A list `to` is checked whole first (`DESTINATIONS_INVALID`); a list of
-   * one is the single path; more throw `MULTI_DESTINATION_UNSUPPORTED` until the fan-out is built.
+   * one is the single path; more (or retries, or a fallback) run the fan-out, first to boot wins, or
+   * throw `MULTI_DESTINATION_UNSUPPORTED` with a driver that lacks the fanOut capability.
    */
-  migrate(vm: string, to: Destinations, options?: { readonly thresholdMs?: number }): { readonly id: string };
+  migrate(vm: string, to: Destinations, options?: MigrateOptions): { readonly id: string };
   /** Running and past migrations this agent took part in (as source or target). */
   listMigrations(): readonly MigrationInfo[];
   getMigration(id: string): MigrationInfo | undefined;

@@ -103,6 +103,9 @@ const StartMigrationBody = z
     to: z.union([z.string().min(1).max(64), z.array(z.string().max(64)).max(64)]),
     /** Threshold time for this migration (seed 000): above it, data paths are added. */
     thresholdMs: z.number().int().positive().max(86_400_000).optional(),
+    /** Several destinations (issue 13): retries of the set, then fallback hosts; the agent checks them. */
+    retries: z.number().int().min(0).max(5).optional(),
+    fallback: z.array(z.string().max(64)).max(64).optional(),
   })
   .strict();
 
@@ -241,7 +244,8 @@ export async function startControlServer(options: ControlServerOptions): Promise
       only('POST');
       const body = StartMigrationBody.safeParse(await readJson(req));
       if (!body.success) throw invalidFields(body.error);
-      const { id } = control.migrate(body.data.vm, body.data.to, body.data.thresholdMs === undefined ? {} : { thresholdMs: body.data.thresholdMs });
+      const { vm, to, ...options } = body.data;
+      const { id } = control.migrate(vm, to, options);
       return { status: 202, body: { id } };
     }
     if (path.length === 2 && path[0] === 'migrations') {

@@ -49,6 +49,7 @@ export class FanOutJournal {
   private readonly finishStmt: Database.Statement;
   private readonly getStmt: Database.Statement<[string], Raw>;
   private readonly openStmt: Database.Statement<[], Raw>;
+  private readonly attemptsStmt: Database.Statement<[string, string], Raw>;
 
   constructor(store: Store) {
     const db = store.db;
@@ -57,6 +58,7 @@ export class FanOutJournal {
     this.finishStmt = db.prepare('UPDATE fan_outs SET outcome = ?, reason = ?, updated_at = ? WHERE id = ? AND outcome IS NULL');
     this.getStmt = db.prepare('SELECT * FROM fan_outs WHERE id = ?');
     this.openStmt = db.prepare('SELECT * FROM fan_outs WHERE outcome IS NULL ORDER BY started_at');
+    this.attemptsStmt = db.prepare('SELECT * FROM fan_outs WHERE id = ? OR id LIKE ? ORDER BY started_at, rowid');
   }
 
   begin(id: string, vm: string, destinations: readonly string[]): void {
@@ -89,6 +91,11 @@ export class FanOutJournal {
   get(id: string): FanOutRow | undefined {
     const r = this.getStmt.get(id);
     return r && fromRaw(r);
+  }
+
+  /** The attempts of migration `id`: itself, its retries (`<id>.rN`) and its fallback (`<id>.f`), oldest first. */
+  attemptsOf(id: string): FanOutRow[] {
+    return this.attemptsStmt.all(id, `${id}.%`).map(fromRaw);
   }
 
   /** Fan-outs without an outcome: running, or cut by a crash (recoverFanOut decides what follows). */

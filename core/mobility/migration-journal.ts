@@ -13,6 +13,8 @@ export interface MigrationNotes {
   /** Element ids that moved (the VM element and its dependents). */
   readonly scope?: readonly string[];
   readonly summary?: unknown;
+  /** The row of a migration to several destinations (its children are `<attempt id>~<peer>` rows; fan-out.ts). */
+  readonly fanOut?: boolean;
 }
 
 export interface MigrationRow {

@@ -94,6 +94,31 @@ export interface MigrationSummary {
   readonly vmSteps?: MigrationVmSteps;
   /** The VM's UDP service: packets buffered while it was offline and handed to the target. */
   readonly udp?: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number };
+  // Several destinations (issue 13; source side, the fan-out's own record):
+  /** The destination that booted first and owns the VM; null when none did. */
+  readonly winner?: string | null;
+  /** Every destination of every attempt, in order. */
+  readonly destinations?: readonly DestinationReport[];
+  /** Attempts after the first (`--retries`, then the `--fallback` set). */
+  readonly retries?: number;
+}
+
+/** How one destination of a migration to several ended. */
+export type DestinationOutcomeName = 'won' | 'terminated' | 'bootFailed' | 'denied' | 'failed';
+
+/** One destination of one attempt of a migration to several, as the `--json` summary shows it. */
+export interface DestinationReport {
+  readonly name: string;
+  /** The child migration's id (`<attempt id>~<name>`), as `embot migrations` lists it on both sides. */
+  readonly migrationId: string;
+  readonly outcome: DestinationOutcomeName;
+  readonly reason?: string;
+  readonly phases: readonly PhaseTime[];
+  /** ms from the attempt's start until its BootReady reached the source; null when it never booted. */
+  readonly bootReadyMs: number | null;
+  readonly bytes: number;
+  /** 0 for the first try, then 1, 2… (retries, then the fallback set). */
+  readonly attempt: number;
 }
 
 /** One migration as listed by the control API. */

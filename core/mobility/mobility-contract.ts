@@ -15,6 +15,10 @@ export type SourcePhase =
   | 'sendingEvents'
   | 'migratingVm'
   | 'syncingDirty'
+  /** Several destinations (fan-out child): BootIncoming sent, waiting for BootReady. */
+  | 'booting'
+  /** Several destinations (fan-out child): booted, waiting for the coordinator's decision. */
+  | 'awaitingDecision'
   | 'completing'
   | 'finishing'
   | 'completed'
@@ -41,6 +45,17 @@ export interface SourceInput {
   /** Dirty-object rounds before the final frozen round. */
   readonly maxDirtyRounds: number;
   readonly timeouts: MigrationTimeouts;
+}
+
+/** The fan-out coordinator's word to one child that booted: commit it, or terminate it and why. */
+export type FanOutVerdict = { readonly commit: true } | { readonly commit: false; readonly reason: string };
+
+/** The two steps a fan-out child has besides {@link SourceSteps} (README "Several destinations"). */
+export interface FanOutChildSteps {
+  /** BootIncoming to the destination; resolves with its BootReady's boot time, rejects on its refusal (bootFailed). */
+  bootIncoming(input: SourceInput): Promise<{ readonly bootMs: number }>;
+  /** Resolves once the coordinator decided about this child (it may have decided before the child asks). */
+  awaitDecision(input: SourceInput): Promise<FanOutVerdict>;
 }
 
 /** Result of one dirty-objects round: did anything change since the previous round? */

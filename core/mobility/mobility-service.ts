@@ -18,6 +18,9 @@ import type { MobilityHost } from './mobility-host.ts';
 import { SourceSide, askCommitted, attachAll, type DataplaneConfig } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
 import { resolveDestinations, type Destinations } from './destinations.ts';
+import { childId, runFanOut, type ChildHandle, type ChildHooks, type FanOutPlan } from './fan-out.ts';
+import { recoverFanOut } from './fan-out-decision.ts';
+import { FanOutJournal } from './fan-out-journal.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
@@ -57,6 +60,27 @@ export interface MobilityEvents {
   finished: (s: MigrationSummary) => void;
 }
 
+/** What `migrate` takes besides the VM and its destinations. */
+export interface MigrateOptions {
+  readonly thresholdMs?: number;
+  /** Several destinations: tries of the same set after the first, while none boots (0..MAX_RETRIES). */
+  readonly retries?: number;
+  /** Several destinations: tried once after the retries when none of the set booted. */
+  readonly fallback?: readonly string[];
+}
+
+/** Most `retries` a migration may ask for. */
+export const MAX_RETRIES = 5;
+
+interface FanOutLive {
+  readonly id: string;
+  readonly vm: string;
+  /** Why it was cancelled, once it was: no further attempt starts. */
+  cancelled: string | undefined;
+  readonly children: Set<ChildHandle>;
+  done: Promise<MigrationSummary>;
+}
+
 interface LiveMigration {
   readonly id: string;
   readonly role: 'source' | 'target';
@@ -88,6 +112,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   /** Page receivers of incoming migrations, by migration id (data paths carry only the id). */
   private readonly receivers = new Map<string, TargetSide>();
   private readonly live = new Map<string, LiveMigration>();
+  /** Migrations to several destinations in progress, by their own id (their children are in `live`). */
+  private readonly fanOutLive = new Map<string, FanOutLive>();
+  /** Destinations and the write-once winner of each fan-out attempt (table `fan_outs`). */
+  readonly fanOuts: FanOutJournal;
   private readonly targetConns = new Map<string, PeerConnection>();
   /** Committed incoming migrations whose UDP service was adopted, with when: one hand-over each. */
   private readonly udpAdopted = new Map<string, number>();
@@ -107,10 +135,16 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   constructor(private readonly o: MobilityServiceOptions) {
     super();
+    this.fanOuts = new FanOutJournal(o.host.store);
     this.forwarding = new Forwarding({
       host: o.host,
       connect: (peer) => connectNamedPeer(this.o.peers, peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs }),
     });
+  }
+
+  /** The listening peer server, for the agent's peer endpoint (core/wire/peer-services.ts); undefined before start. */
+  get peerServer(): PeerServer | undefined {
+    return this.server;
   }
 
   get peerUrl(): string | undefined {
@@ -179,13 +213,38 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
    * Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary.
    * A list is checked whole (DESTINATIONS_INVALID); a list of one takes the single path exactly.
    */
-  migrate(vm: string, destinations: Destinations, options: { readonly thresholdMs?: number } = {}): { readonly id: string } {
+  migrate(vm: string, destinations: Destinations, options: MigrateOptions = {}): { readonly id: string } {
     if (!this.peersEnabled) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file) and no TLS (peer.tls); it cannot migrate');
-    const to = typeof destinations === 'string' ? destinations : singleDestination(resolveDestinations(destinations, { self: this.host.agent, peers: this.o.peers.keys() }));
-    if (!this.o.peers.has(to)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
+    const check = (list: readonly string[]): readonly string[] => resolveDestinations(list, { self: this.host.agent, peers: this.o.peers.keys() });
+    const names = typeof destinations === 'string' ? [destinations] : check(destinations);
+    const fallback = options.fallback === undefined ? [] : check(options.fallback);
+    const retries = options.retries ?? 0;
+    if (!Number.isInteger(retries) || retries < 0 || retries > MAX_RETRIES) {
+      throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `retries must be an integer in 0..${MAX_RETRIES}, got ${String(retries)}`, { details: { problem: 'retries', names: [] } });
+    }
+    const overlap = fallback.filter((f) => names.includes(f));
+    if (overlap.length > 0) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `the fallback hosts ${overlap.join(', ')} are in --to already`, { details: { problem: 'duplicate', names: overlap } });
+    const several = names.length > 1 || fallback.length > 0 || retries > 0;
+    if (!several && !this.o.peers.has(names[0]!)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${names[0]}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
+    if (several && !this.host.driver.capabilities.fanOut) {
+      throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `several destinations at once (${[...names, ...fallback].join(', ')}), retries and fallback hosts need a driver that copies to several destinations; the ${this.host.driver.name} driver does not yet: give one peer name`, { details: { names: [...names, ...fallback] } });
+    }
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
-    if ([...this.live.values()].some((m) => m.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
+    if ([...this.live.values()].some((m) => m.vm === vm) || [...this.fanOutLive.values()].some((f) => f.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
     const id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
+    if (several) {
+      this.migrateMany(id, vm, { destinations: names, retries, fallback }, options);
+      return { id };
+    }
+    this.startSource(id, vm, names[0]!, options);
+    return { id };
+  }
+
+  /**
+   * One source machine: the single-destination migration, or (with `fanOut`) one child of a
+   * migration to several, which boots its destination and waits for the coordinator's verdict.
+   */
+  private startSource(id: string, vm: string, to: string, options: MigrateOptions, fanOut?: ChildHooks): ChildHandle {
     this.host.journal.begin(id, 'source', vm, to, 'requesting');
     const side = new SourceSide({
       host: this.host,
@@ -227,9 +286,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       forwardGraceMs: this.o.forwardGraceMs,
       forwarding: this.forwarding,
       onProgress: (p) => this.progress(key('source', id), p),
+      ...(fanOut ? { fanOut: { shared: fanOut.shared, move: fanOut.move } } : {}),
     });
     const input: SourceInput = { migrationId: id, vm, target: to, maxDirtyRounds: this.o.maxDirtyRounds, timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs } };
-    const machine = createSourceMachine().provide({
+    const machine = createSourceMachine({ fanOut: fanOut !== undefined }).provide({
       actors: {
         startMigration: fromPromise(({ input }: { input: SourceInput }) => side.startMigration(input)),
         holdEvents: fromPromise(() => side.holdEvents()),
@@ -241,6 +301,12 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         resolveOutcome: fromPromise(({ input }: { input: SourceInput }) => side.resolveOutcome(input)),
         finishSource: fromPromise(({ input }: { input: SourceInput }) => side.finishSource(input)),
         rollBack: fromPromise(({ input }: { input: SourceInput & { reason: string } }) => side.rollBack(input)),
+        bootIncoming: fromPromise(async ({ input }: { input: SourceInput }) => {
+          const r = await side.bootIncoming(input);
+          fanOut?.bootReady();
+          return r;
+        }),
+        awaitDecision: fromPromise(() => (fanOut ? fanOut.awaitDecision() : Promise.reject(new Error('not a fan-out child')))),
       },
       actions: {
         journalPhase: (_: unknown, params: { phase: string }) => this.journalPhase('source', id, params.phase),
@@ -255,7 +321,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           // Stopped by close(): no output; the journal keeps the phase for recover() after the restart.
           if (actor.getSnapshot().output === undefined) return resolve(failedSummary(id, vm, this.host.agent, to, startedAt, 'the agent stopped'));
           const out = actor.getSnapshot().output as SourceOutput;
-          const summary = side.summarize(out, Date.now() - startedAt);
+          const full = side.summarize(out, Date.now() - startedAt);
+          // A terminated fan-out child: the reason it was given, word for word (its destination got the same).
+          const summary = side.terminatedWith !== undefined && full.outcome !== 'completed' ? { ...full, reason: side.terminatedWith } : full;
           this.finish('source', id, out.outcome === 'completed' ? 'completed' : out.outcome, summary);
           resolve(summary);
         },
@@ -272,11 +340,80 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       this.host.logger.info(`migration ${id} of ${vm} to ${to} started (source)`, { vm, peer: to });
       actor.start();
     });
-    return { id };
+    return {
+      terminate: (reason) => {
+        side.terminatedWith = reason;
+        actor.send({ type: 'CANCEL', reason });
+      },
+      done,
+    };
+  }
+
+  /**
+   * A migration to several destinations at once (fan-out.ts): its own journal row (`fanOut` in
+   * its notes, peer `b,c`), one child row per destination and attempt, and a summary with the
+   * winner and every destination's outcome.
+   */
+  private migrateMany(id: string, vm: string, plan: FanOutPlan, options: MigrateOptions): void {
+    const host = this.host;
+    const startedAt = Date.now();
+    const peer = plan.destinations.join(',');
+    host.journal.begin(id, 'source', vm, peer, 'racing');
+    host.journal.notes(id, 'source', { fanOut: true, wasRunning: host.driver.get(vm)?.state === 'running' });
+    const children = new Set<ChildHandle>();
+    const entry: FanOutLive = { id, vm, cancelled: undefined, children, done: Promise.resolve(failedSummary(id, vm, host.agent, peer, startedAt, 'not started')) };
+    const run = runFanOut(
+      {
+        host,
+        journal: this.fanOuts,
+        id,
+        vm,
+        cancelled: () => entry.cancelled !== undefined || this.closed,
+        startChild: (dest, cid, hooks) => {
+          const h = this.startSource(cid, vm, dest, options, hooks);
+          children.add(h);
+          void h.done.finally(() => children.delete(h));
+          if (entry.cancelled !== undefined) h.terminate(entry.cancelled);
+          return h;
+        },
+        onState: (s) => {
+          if (!this.closed) host.journal.phase(id, 'source', s.phase);
+        },
+      },
+      plan,
+    );
+    entry.done = run.then(
+      (r) => {
+        const reason = r.winner === undefined ? (entry.cancelled ?? r.reason ?? 'no destination booted') : undefined;
+        const summary: MigrationSummary = {
+          ...(r.winnerSummary ?? failedSummary(id, vm, host.agent, peer, startedAt, reason ?? '')),
+          migrationId: id,
+          to: r.winner ?? peer,
+          outcome: r.winner === undefined ? 'aborted' : 'completed',
+          ...(reason === undefined ? {} : { reason }),
+          totalMs: Date.now() - startedAt,
+          winner: r.winner ?? null,
+          destinations: r.destinations,
+          retries: r.retries,
+        };
+        this.fanOutLive.delete(id);
+        this.finish('source', id, summary.outcome, summary);
+        return summary;
+      },
+      (e: unknown) => {
+        const summary: MigrationSummary = { ...failedSummary(id, vm, host.agent, peer, startedAt, describeError(e)), winner: null, destinations: [], retries: 0 };
+        this.fanOutLive.delete(id);
+        this.finish('source', id, 'aborted', summary);
+        return summary;
+      },
+    );
+    this.fanOutLive.set(id, entry);
   }
 
   /** Resolves with the summary once the migration `id` ends (immediately for a finished one). */
   async wait(id: string): Promise<MigrationSummary | undefined> {
+    const f = this.fanOutLive.get(id);
+    if (f) return f.done;
     const m = this.live.get(key('source', id)) ?? this.live.get(key('target', id));
     if (m) return m.done;
     const row = this.host.journal.get(id, 'source') ?? this.host.journal.get(id, 'target');
@@ -284,6 +421,13 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   }
 
   cancel(id: string, reason = 'cancelled by operator'): boolean {
+    const f = this.fanOutLive.get(id);
+    if (f) {
+      // No further attempt starts; every running child is terminated.
+      f.cancelled ??= reason;
+      for (const h of f.children) h.terminate(reason);
+      return true;
+    }
     const m = this.live.get(key('source', id));
     if (!m) return false;
     m.actor.send({ type: 'CANCEL', reason });
@@ -349,7 +493,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const host = this.host;
     // Completed migrations' forwardings first: the journaled events of their elements go to them.
     this.forwarding.restore();
+    this.recoverFanOuts(frozen);
     for (const row of host.journal.unfinished()) {
+      // Migrations to several destinations and their children were settled by recoverFanOuts.
+      if (row.role === 'source' && (row.notes.fanOut === true || row.id.includes('~'))) continue;
       const vmElement = `vm:${row.vm}`;
       const scope = row.notes.scope ?? (host.objects.has(vmElement) ? host.objects.subtree(vmElement).map((e) => e.id) : [vmElement]);
       if (row.role === 'target') {
@@ -383,6 +530,76 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       }
     }
     return { frozen };
+  }
+
+  /**
+   * Fan-outs cut by the restart, from their journal alone (recoverFanOut): with no winner journaled
+   * nobody was told to commit, so every child is aborted and the VM runs here again; with one, the
+   * others are aborted and the winner is asked, as a single migration's target is (the VM stays
+   * frozen here until it answers). A fan-out's own row ends when its attempts are settled.
+   */
+  private recoverFanOuts(frozen: Set<string>): void {
+    const host = this.host;
+    const settling = new Map<string, Promise<void>[]>();
+    for (const f of this.fanOuts.unfinished()) {
+      const rows = f.destinations.map((d) => host.journal.get(childId(f.id, d), 'source')).filter((r): r is MigrationRow => r !== undefined);
+      const vmElement = `vm:${f.vm}`;
+      const scope = rows.find((r) => r.notes.scope)?.notes.scope ?? (host.objects.has(vmElement) ? host.objects.subtree(vmElement).map((e) => e.id) : [vmElement]);
+      const stopped = rows.find((r) => r.notes.vmStopped) ?? rows[0];
+      const parent = f.id.replace(/\.(r\d+|f)$/, '');
+      const list = settling.get(parent) ?? [];
+      settling.set(parent, list);
+      let step: ReturnType<typeof recoverFanOut>;
+      try {
+        step = recoverFanOut(f.id, f.destinations, f.winner);
+      } catch (e) {
+        host.logger.warn(`fan-out ${f.id}: cannot recover it`, { error: describeError(e) });
+        this.fanOuts.finish(f.id, 'aborted', describeError(e));
+        continue;
+      }
+      for (const effect of step.effects) {
+        if (effect.type === 'terminate') {
+          const row = rows.find((r) => r.peer === effect.dest);
+          if (row && row.outcome === undefined) {
+            host.journal.finish(row.id, 'source', 'aborted', 'aborted', effect.reason);
+            void this.notifyAbort(row);
+          }
+        } else if (effect.type === 'takeBack') {
+          if (stopped) this.restartStoppedVm(stopped);
+          this.fanOuts.finish(f.id, 'aborted', effect.reason);
+        } else if (effect.type === 'resolveWinner') {
+          const row = rows.find((r) => r.peer === effect.dest);
+          if (!row) {
+            this.fanOuts.finish(f.id, 'aborted', `no journal row of the winner ${effect.dest}`);
+            continue;
+          }
+          const settled = (): void => {
+            const after = host.journal.get(row.id, 'source');
+            this.fanOuts.finish(f.id, after?.outcome === 'completed' ? 'completed' : 'aborted', after?.reason);
+          };
+          if (row.outcome !== undefined || this.forwarding.journal.get(row.id)) {
+            // The winner's own row tells: it ended, or the drop and its forwarding were committed.
+            if (row.outcome === undefined) host.journal.finish(row.id, 'source', 'completed', 'completed', 'the VM had left before the restart');
+            else if (row.outcome !== 'completed' && stopped) this.restartStoppedVm({ ...stopped, notes: { ...stopped.notes, wasRunning: row.notes.wasRunning ?? stopped.notes.wasRunning } });
+            settled();
+            continue;
+          }
+          frozen.add(vmElement);
+          host.sensors.hold(scope);
+          const winnerRow = { ...row, notes: { ...row.notes, vmStopped: row.notes.vmStopped ?? stopped?.notes.vmStopped } };
+          list.push(this.resolveAfterRestart(winnerRow, scope, row.phase === 'finishing').then(settled));
+        }
+      }
+    }
+    for (const row of host.journal.unfinished()) {
+      if (row.role !== 'source' || row.notes.fanOut !== true) continue;
+      void Promise.all(settling.get(row.id) ?? []).then(() => {
+        if (this.closed) return;
+        const attempts = this.fanOuts.attemptsOf(row.id);
+        const won = attempts.find((a) => a.outcome === 'completed' && a.winner !== undefined);
+        host.journal.finish(row.id, 'source', won ? 'completed' : 'aborted', won ? 'completed' : 'aborted', won ? `${won.winner} had won (settled after a restart)` : 'the source restarted before a destination owned the VM');
+      });
+    }
   }
 
   private restartStoppedVm(row: MigrationRow): void {
@@ -744,13 +961,4 @@ function decodeEvents(bytes: Uint8Array): EmbotEvent[] {
   const queues = (v as { queues?: unknown } | null)?.queues;
   if (Array.isArray(queues)) return queues.flatMap((q: { events?: unknown }) => (Array.isArray(q?.events) ? (q.events as EmbotEvent[]) : []));
   throw new ProtocolError(ErrorCodes.FRAME_MALFORMED, 'forwarded events must be a list of events');
-}
-
-/**
- * The one destination of a checked list. Several go to the fan-out coordinator (issue 13,
- * README "Several destinations"), which is not built yet: refused rather than silently sent to one.
- */
-function singleDestination(names: readonly string[]): string {
-  if (names.length === 1) return names[0]!;
-  throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `several destinations at once (${names.join(', ')}) are not supported by this agent yet; give one peer name`, { details: { names: [...names] } });
 }

@@ -6,7 +6,7 @@
  */
 import { assign, fromPromise, setup } from 'xstate';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
-import type { DirtyRoundResult, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
+import type { DirtyRoundResult, FanOutVerdict, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
 
 /** One DirtyObjects round as the source saw it. */
 export interface DirtyRoundStat extends DirtyRoundResult {
@@ -52,7 +52,7 @@ export interface SourceOutput {
 }
 
 type PhaseParams = { readonly phase: SourcePhase };
-type StepName = keyof SourceSteps;
+type StepName = keyof SourceSteps | 'bootIncoming' | 'awaitDecision';
 
 function notProvided(step: StepName): never {
   throw new EmbotError(ErrorCodes.SERVICE_UNKNOWN, `mobility source step ${step} not provided`);
@@ -120,6 +120,8 @@ const sourceSetup = setup({
     resolveOutcome: fromPromise<'committed' | 'notCommitted', SourceInput>(async () => notProvided('resolveOutcome')),
     finishSource: fromPromise<void, SourceInput>(async () => notProvided('finishSource')),
     rollBack: fromPromise<void, Parameters<SourceSteps['rollBack']>[0]>(async () => notProvided('rollBack')),
+    bootIncoming: fromPromise<{ readonly bootMs: number }, SourceInput>(async () => notProvided('bootIncoming')),
+    awaitDecision: fromPromise<FanOutVerdict, SourceInput>(async () => notProvided('awaitDecision')),
   },
   actions: {
     /** Provided by the service: write the phase to the `migrations` journal. */
@@ -148,6 +150,11 @@ const sourceSetup = setup({
       rounds: [...context.rounds, { ...outputOf<DirtyRoundResult>(event), round: context.round, final: params.final }],
     })),
     countResolveAttempt: assign(({ context }) => ({ resolveAttempts: context.resolveAttempts + 1 })),
+    /** A fan-out child the coordinator did not choose: the verdict's reason is the Abort's. */
+    recordTerminated: assign(({ event }) => {
+      const v = outputOf<FanOutVerdict>(event);
+      return { reason: v.commit ? 'terminated' : v.reason };
+    }),
     recordNotCommitted: assign(({ context }) => ({
       reason: `target did not commit after ${context.errors.find((e) => e.startsWith('completeMigration')) ?? 'completeMigration failed'}`,
     })),
@@ -160,6 +167,7 @@ const sourceSetup = setup({
       return r.changedElements > 0 || r.events > 0;
     },
     targetCommitted: ({ event }) => outputOf<'committed' | 'notCommitted'>(event) === 'committed',
+    chosen: ({ event }) => outputOf<FanOutVerdict>(event).commit,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,
@@ -194,7 +202,9 @@ const sourceSetup = setup({
  * actor.subscribe({ complete: () => console.log(actor.getSnapshot().output) });
  * ```
  */
-export function createSourceMachine() {
+export function createSourceMachine(options: SourceMachineOptions = {}) {
+  const fanOut = options.fanOut === true;
+  const afterFinalRound = fanOut ? '#source.booting' : '#source.completing';
   return sourceSetup.createMachine({
     id: 'source',
     initial: 'requesting',
@@ -276,13 +286,14 @@ export function createSourceMachine() {
             invoke: {
               src: 'sendDirtyObjects',
               input: ({ context }) => ({ ...context.input, round: context.round, final: true }),
-              onDone: { target: '#source.completing', actions: { type: 'recordRound', params: { final: true } } },
+              onDone: { target: afterFinalRound, actions: { type: 'recordRound', params: { final: true } } },
               onError: rollBackOnError('sendDirtyObjects'),
             },
             after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
           },
         },
       },
+      ...(fanOut ? fanOutStates() : {}),
       completing: {
         entry: enter('completing'),
         invoke: {
@@ -338,6 +349,40 @@ export function createSourceMachine() {
       denied: { type: 'final', entry: [...enter('denied'), { type: 'setOutcome', params: { outcome: 'denied' } }] },
     },
   });
+}
+
+export interface SourceMachineOptions {
+  /**
+   * A child of a migration to several destinations (core/mobility/fan-out.ts): after its final
+   * round it sends BootIncoming (`booting`) and waits for the coordinator (`awaitingDecision`)
+   * instead of completing; chosen, it completes as a single migration does, else it rolls back
+   * with the coordinator's reason. Without it the machine is the single-destination one, unchanged.
+   */
+  readonly fanOut?: boolean;
+}
+
+/**
+ * The two states of a fan-out child. A boot refusal or timeout rolls back (the coordinator counts
+ * it as bootFailed); CANCEL (the coordinator terminating it) rolls back in either state.
+ */
+function fanOutStates() {
+  return {
+    booting: {
+      entry: enter('booting'),
+      invoke: { src: 'bootIncoming', input: ({ context }: { context: SourceContext }) => context.input, onDone: 'awaitingDecision', onError: rollBackOnError('bootIncoming') },
+      ...rollBackOn('bootIncoming', 'stepTimeout'),
+    },
+    awaitingDecision: {
+      entry: enter('awaitingDecision'),
+      invoke: {
+        src: 'awaitDecision',
+        input: ({ context }: { context: SourceContext }) => context.input,
+        onDone: [{ guard: 'chosen', target: 'completing' }, { target: 'rollingBack', actions: 'recordTerminated' }],
+        onError: rollBackOnError('awaitDecision'),
+      },
+      on: rollBackOn('awaitDecision', 'stepTimeout').on,
+    },
+  } as const;
 }
 
 /** The machine's type, for `ActorRefFrom` / `SnapshotFrom` in the service. */

@@ -11,6 +11,7 @@ import { ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC, planPaths, resolveThreshold, type 
 import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, type MigrateOutResult, type MigrationPath } from '../../effectors/index.ts';
 import type { AgentConfig } from '../config/config.ts';
 import type { Forwarding } from './forwarding.ts';
+import type { FanOutMove, FanOutShared } from './fan-out-shared.ts';
 
 export type DataplaneConfig = AgentConfig['dataplane'];
 
@@ -68,6 +69,11 @@ export interface SourceSideOptions {
   /** Takes the moved elements' late events to the target after the switch (and after a restart). */
   readonly forwarding: Forwarding;
   readonly onProgress: (p: Partial<MigrationProgress>) => void;
+  /**
+   * A child of a migration to several destinations (fan-out.ts): the hold, the embots' detach, the
+   * switch and the VM's restart belong to the coordinator; this side moves one destination's copy.
+   */
+  readonly fanOut?: { readonly shared: FanOutShared; readonly move: FanOutMove };
 }
 
 /** Counters that end up in the migration summary. */
@@ -126,6 +132,9 @@ export class SourceSide implements SourceSteps {
   constructor(private readonly o: SourceSideOptions) {
     this.vmElement = `vm:${o.vm}`;
   }
+
+  /** Set by the fan-out coordinator before it cancels this child: the Abort's reason, word for word. */
+  terminatedWith: string | undefined;
 
   private get host(): MobilityHost {
     return this.o.host;
@@ -249,6 +258,8 @@ export class SourceSide implements SourceSteps {
   }
 
   async holdEvents(): Promise<void> {
+    // A fan-out child: the coordinator held the events and detached the embots once for all.
+    if (this.o.fanOut) return;
     this.host.sensors.hold(this.scope);
     this.held = true;
     // Freeze the embots here: every event they were given is committed, their timers stop; their
@@ -262,7 +273,8 @@ export class SourceSide implements SourceSteps {
     this.stats.embots = embots.length;
     const elements = this.host.objects.serialize(this.vmElement);
     // What changes from now on goes in the dirty rounds.
-    this.host.objects.collectDirty(this.vmElement);
+    if (this.o.fanOut) this.o.fanOut.shared.resetDirtyFor(this.o.migrationId);
+    else this.host.objects.collectDirty(this.vmElement);
     const embotBytes = pack(embots);
     const replied = this.request({ type: 'ManagementState', migrationId: input.migrationId, elements, embots: embotBytes });
     // The request is on the wire: while the target stages it, the held events are serialized
@@ -330,6 +342,7 @@ export class SourceSide implements SourceSteps {
       ...(vmSla(host, this.vmElement) ? { sla: vmSla(host, this.vmElement) } : {}),
       default: dp.thresholdMs,
     });
+    const primaryCap = dp.primaryCapBytesPerSecOf?.[this.o.target] ?? dp.primaryCapBytesPerSec;
     try {
       const plan = await planPaths({
         vm: { memoryBytes: vm.memory, pageSize: vmStats.pageSize, dirtyRateBytesPerSec: vmStats.dirtyRate ?? 0, cpuLoad: vmStats.load },
@@ -339,7 +352,7 @@ export class SourceSide implements SourceSteps {
         downtimeLimitMs: dp.downtimeLimitMs,
         maxRounds: dp.maxRounds,
         autoConverge: dp.autoConverge,
-        primary: { name: PRIMARY_PATH, url: this.o.targetUrl, ...(dp.primaryCapBytesPerSec ? { capBytesPerSec: dp.primaryCapBytesPerSec } : {}) },
+        primary: { name: PRIMARY_PATH, url: this.o.targetUrl, ...(primaryCap ? { capBytesPerSec: primaryCap } : {}) },
         candidates: dp.paths[this.o.target] ?? [],
         probe,
         setUp,
@@ -366,7 +379,8 @@ export class SourceSide implements SourceSteps {
       // Capped paths stand for NICs of given speeds: a driver with a stream of its own (qemu) gets their sum as its cap.
       const caps = paths.map((p) => p.capBytesPerSec);
       const maxBandwidth = caps.every((c) => c !== undefined) ? caps.reduce<number>((a, c) => a + c!, 0) : undefined;
-      const move = host.driver.migrateOut(this.o.vm, {
+      const migrateOut: FanOutMove = this.o.fanOut?.move ?? ((name, opts) => host.driver.migrateOut(name, opts));
+      const move = migrateOut(this.o.vm, {
         endpoint: { uri: ready.endpoint },
         targetName: this.o.target,
         channels: paths.length,
@@ -427,6 +441,12 @@ export class SourceSide implements SourceSteps {
    */
   private enterSwitchover(migrationId: string): void {
     const host = this.host;
+    const shared = this.o.fanOut?.shared;
+    if (shared) {
+      shared.enterSwitchover();
+      this.stats.stoppedAt = shared.stoppedAt;
+      return;
+    }
     this.unmute ??= host.sensors.mute(this.vmElement, 'vm');
     const state = host.driver.get(this.o.vm)?.state;
     if (state === 'running' || state === 'paused') {
@@ -438,7 +458,7 @@ export class SourceSide implements SourceSteps {
   }
 
   async sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult> {
-    const changed = this.host.objects.collectDirty(this.vmElement);
+    const changed = this.o.fanOut ? this.o.fanOut.shared.collectDirtyFor(this.o.migrationId) : this.host.objects.collectDirty(this.vmElement);
     const deltas = pack(changed);
     const { bytes, cursor, count } = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
     this.cursor = cursor;
@@ -453,7 +473,19 @@ export class SourceSide implements SourceSteps {
   async completeMigration(input: SourceInput): Promise<void> {
     const reply = await this.request({ type: 'MigrationComplete', migrationId: input.migrationId });
     if (reply.type !== 'MigrationCompleteAck') throw stepFailed('MigrationComplete', reply);
-    if (this.stats.stoppedAt !== undefined) this.stats.downtimeMs = Date.now() - this.stats.stoppedAt;
+    const stoppedAt = this.stats.stoppedAt ?? this.o.fanOut?.shared.stoppedAt;
+    if (stoppedAt !== undefined) this.stats.downtimeMs = Date.now() - stoppedAt;
+  }
+
+  /**
+   * A fan-out child after its final round: the destination takes its VM to the last reversible
+   * point (sim: every page in and checked, built, not running) and says how long that took.
+   * A refusal rejects: the coordinator counts it as bootFailed.
+   */
+  async bootIncoming(input: SourceInput): Promise<{ readonly bootMs: number }> {
+    const reply = await this.request({ type: 'BootIncoming', migrationId: input.migrationId });
+    if (reply.type !== 'BootReady') throw stepFailed('BootIncoming', reply);
+    return { bootMs: reply.bootMs };
   }
 
   /**
@@ -486,6 +518,7 @@ export class SourceSide implements SourceSteps {
     });
     this.unmute?.();
     this.unmute = undefined;
+    this.o.fanOut?.shared.unmute();
     void this.conn?.close().catch(() => {});
   }
 
@@ -496,7 +529,7 @@ export class SourceSide implements SourceSteps {
    */
   private async handOverUdp(migrationId: string): Promise<void> {
     const host = this.host;
-    await this.udpPaused;
+    await (this.udpPaused ?? this.o.fanOut?.shared.udpPaused);
     const h = host.udp.handOver(this.o.vm);
     if (!h) return;
     const before = host.udp.stats(this.o.vm);
@@ -508,7 +541,7 @@ export class SourceSide implements SourceSteps {
   async rollBack(input: SourceInput & { readonly reason: string }): Promise<void> {
     const host = this.host;
     try {
-      if (this.conn?.isOpen) this.conn.notify({ type: 'Abort', migrationId: input.migrationId, reason: input.reason });
+      if (this.conn?.isOpen) this.conn.notify({ type: 'Abort', migrationId: input.migrationId, reason: this.terminatedWith ?? input.reason });
     } catch (e) {
       host.logger.warn('could not tell the target about the abort', { error: describeError(e) });
     }
@@ -516,6 +549,11 @@ export class SourceSide implements SourceSteps {
     // A migrateOut still running (a step timeout, a cancel) is cancelled and settles first: the VM runs here again.
     this.vmMoveAbort.abort();
     await this.vmMove?.catch(() => undefined);
+    if (this.o.fanOut) {
+      // The VM, its embots and its events are the coordinator's to take back, once every child ended.
+      void this.conn?.close().catch(() => {});
+      return;
+    }
     try {
       // 'migrated': the driver's stream completed (qemu's VM waits in postmigrate) but the target did not commit: take it back.
       const state = host.driver.get(this.o.vm)?.state;

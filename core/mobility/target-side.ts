@@ -10,6 +10,7 @@ import type { MigrationEndpoint } from '../../effectors/index.ts';
 import type { MigrationProgress } from './migration-record.ts';
 import { attachAll } from './source-side.ts';
 import { faultPoint } from './fault-points.ts';
+import { injectedBootFailure } from './fan-out-faults.ts';
 
 export interface TargetSideOptions {
   readonly host: MobilityHost;
@@ -184,6 +185,7 @@ export class TargetSide implements TargetSteps {
     const pages = this.host.driver.capabilities.incomingPages;
     if (!pages) throw new ProtocolError(ErrorCodes.DRIVER_UNSUPPORTED, `booting an incoming VM before its commit is not built for the ${this.host.driver.name} driver yet`);
     if (!pages.complete(this.vm)) throw new InstantiationError('asked to boot, but the final page batch has not arrived');
+    injectedBootFailure(this.vm);
   }
 
   async applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void> {

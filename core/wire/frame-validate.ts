@@ -19,7 +19,8 @@ interface FieldSpec {
 }
 
 const AGENT_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
-const MIGRATION_ID = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
+// '~' joins a fan-out's id and a destination (`<id>~<peer>`, core/mobility/fan-out.ts).
+const MIGRATION_ID = /^[A-Za-z0-9][A-Za-z0-9_.:~-]{0,127}$/;
 const MODULE_NAME = /^[a-z][a-z0-9-]{0,63}$/;
 const MODULE_VERSION = /^[0-9A-Za-z.+-]{1,64}$/;
 const MODULE_HASH = /^[A-Za-z0-9:_+/=-]{1,200}$/;

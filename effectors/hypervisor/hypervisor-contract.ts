@@ -237,7 +237,28 @@ export interface DriverEstimateHints {
   readonly source: string;
 }
 
+/**
+ * Optional: one VM's memory to several destinations at once (issue 13, README "Several
+ * destinations"; the sim): one copy per destination, each with its own dirty log, the VM stopped once.
+ */
+export interface FanOutMemory {
+  begin(vm: string, destinations: readonly string[]): FanOutSession;
+}
+
+export interface FanOutSession {
+  /**
+   * One destination's copy, options as for `migrateOut`. The first destination whose remainder fits
+   * the downtime limit stops the VM (after its `beforeSwitchover`); the others finish from the stopped
+   * VM at their own pace. A failure or abort of one leaves the VM as it is: whoever owns the
+   * decision restarts it.
+   */
+  migrateOut(destination: string, options: MigrateOutOptions): Promise<MigrateOutResult>;
+  /** Every copy ended: throttling is undone. */
+  close(): void;
+}
+
 export interface HypervisorCapabilities {
+  readonly fanOut?: FanOutMemory;
   readonly faults?: FaultInjection;
   readonly migrationModel?: MigrationModel;
   readonly incomingPages?: IncomingPages;

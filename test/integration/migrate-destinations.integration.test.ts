@@ -83,13 +83,24 @@ describe('migrate --to: bad destination lists', () => {
     await expectUntouched();
   });
 
-  it('a valid list of several is refused as not built yet (501, CLI exit 1), nothing started', async () => {
-    const api = await post({ vm: 'web', to: ['b', 'c'] });
-    expect(api.status).toBe(501);
-    expect(api.body.error?.code).toBe(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED);
-    const r = await cli(['migrate', 'web', '--to', 'b,c']);
-    expect(r.code).toBe(1);
-    expect(r.stderr).toContain(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED);
+  it('bad --retries / --fallback are refused before anything starts (CLI exit 2, API 400)', async () => {
+    const overlap = await post({ vm: 'web', to: ['b', 'c'], fallback: ['c'] });
+    expect(overlap.status).toBe(400);
+    expect(overlap.body.error?.code).toBe(ErrorCodes.DESTINATIONS_INVALID);
+    expect(overlap.body.error?.details?.['problem']).toBe('duplicate');
+    const self = await post({ vm: 'web', to: ['b'], fallback: ['a'] });
+    expect(self.body.error?.details?.['problem']).toBe('self');
+    const many = await post({ vm: 'web', to: ['b', 'c'], retries: 9 });
+    expect(many.status).toBe(400);
+    expect(many.body.error?.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    for (const flags of [['--retries', '9'], ['--retries', '-1'], ['--retries', 'x'], ['--fallback', 'b,b'], ['--fallback', '']]) {
+      const r = await cli(['migrate', 'web', '--to', 'b,c', ...flags]);
+      expect(r.code, flags.join(' ')).toBe(2);
+      expect(r.stdout).toBe('');
+    }
+    const unknown = await cli(['migrate', 'web', '--to', 'b', '--fallback', 'zz']);
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr).toContain(ErrorCodes.DESTINATIONS_INVALID);
     await expectUntouched();
   });
 

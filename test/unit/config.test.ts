@@ -61,6 +61,7 @@ describe('config defaults', () => {
         maxPaths: 4,
         reassemblyCpuPerPath: 0.1,
         probeBytes: 8388608,
+        primaryCapBytesPerSecOf: {},
         listen: [],
         paths: {},
       },

@@ -12,7 +12,8 @@ import type {
   VmStats,
 } from '../hypervisor-contract.ts';
 import { PageReceiver } from './dataplane/page-receiver.ts';
-import { preCopy, THROTTLE_MAX, THROTTLE_STEP } from './dataplane/precopy-sender.ts';
+import { preCopy, THROTTLE_MAX, THROTTLE_STEP, type PreCopyVm } from './dataplane/precopy-sender.ts';
+import { SimFanOutSession } from './sim-fan-out.ts';
 
 /** The states a sim VM can be in (it never pauses, and forgets a migrated VM at once). */
 export type SimVmState = 'created' | 'running' | 'stopped' | 'crashed';
@@ -155,6 +156,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       loadKnob: { setLoad: async (vm, load) => this.setLoad(vm, load) },
       memoryChecksum: { checksum: async (vm) => createHash('sha256').update(this.pages(vm).memory).digest('hex') },
       udpService: { udpPort: (vm) => this.vms.get(vm)?.spec.udpPort },
+      fanOut: { begin: (vm, destinations) => new SimFanOutSession(this, vm, destinations) },
       incomingPages: {
         apply: (vm, batch) => {
           const inc = this.incoming.get(vm);
@@ -352,64 +354,76 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
    * On failure a VM this call stopped runs again before the rejection.
    */
   async migrateOut(name: string, options: MigrateOutOptions): Promise<MigrateOutResult> {
-    const dp = options.dataPaths;
-    if (!dp || dp.paths.length === 0) {
-      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the sim driver migrates VM ${name} over the agent's data paths: options.dataPaths is required`, { details: { vm: name } });
-    }
+    dataPathsOf(name, options);
     this.require(name);
     let stoppedHere = false;
     try {
-      const r = await preCopy({
-        migrationId: dp.migrationId,
-        vm: name,
-        driver: this,
-        paths: dp.paths,
-        ...(options.downtimeLimitMs === undefined ? {} : { downtimeLimitMs: options.downtimeLimitMs }),
-        ...(dp.maxRounds === undefined ? {} : { maxRounds: dp.maxRounds }),
-        ...(options.autoConverge === undefined ? {} : { autoConverge: options.autoConverge }),
-        ...(dp.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: dp.requestTimeoutMs }),
-        ...(options.signal ? { signal: options.signal } : {}),
-        stopVm: async () => {
-          await options.beforeSwitchover?.();
-          if (this.vms.get(name)?.state === 'running') {
-            this.transition(name, ['running'], 'stopped', 'migrate');
-            stoppedHere = true;
-          }
-        },
-        onProgress: (p) =>
-          options.onProgress?.({
-            phase: p.phase === 'done' ? 'completed' : p.phase,
-            rounds: p.round + 1,
-            transferredBytes: p.sentBytes,
-            remainingBytes: p.remainingBytes,
-            rateBytesPerSec: p.rateBytesPerSec,
-            dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
-            expectedDowntimeMs: p.expectedDowntimeMs,
-            throttle: p.throttle,
-            channels: dp.paths.length,
-          }),
+      return await this.runPreCopy(name, options, this, async () => {
+        await options.beforeSwitchover?.();
+        if (this.vms.get(name)?.state === 'running') {
+          this.transition(name, ['running'], 'stopped', 'migrate');
+          stoppedHere = true;
+        }
       });
-      return {
-        bytes: r.bytes,
-        rounds: r.rounds,
-        totalMs: r.totalMs,
-        downtimeMs: r.downtimeMs,
-        expectedDowntimeMs: r.expectedDowntimeMs,
-        throttled: r.throttled,
-        maxThrottle: Math.min(THROTTLE_MAX, r.throttleSteps * THROTTLE_STEP),
-        channels: dp.paths.length,
-        converged: r.converged,
-        throttleSteps: r.throttleSteps,
-        initialDirtyRate: r.initialDirtyRate,
-        finalDirtyRate: r.finalDirtyRate,
-        resent: r.resent,
-        rateBytesPerSec: r.rateBytesPerSec,
-        perPath: r.perPath,
-      };
     } catch (e) {
       if (stoppedHere && this.vms.get(name)?.state === 'stopped') this.transition(name, ['stopped'], 'running', 'migration-aborted');
       throw e;
     }
+  }
+
+  /**
+   * One pre-copy of VM `name` over `options.dataPaths`, reading its memory and dirty log through
+   * `view` (the driver itself, or one destination's view of a fan-out), `stopVm` at the switch.
+   */
+  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>): Promise<MigrateOutResult> {
+    const dp = dataPathsOf(name, options);
+    return preCopy({
+      migrationId: dp.migrationId,
+      vm: name,
+      driver: view,
+      paths: dp.paths,
+      ...(options.downtimeLimitMs === undefined ? {} : { downtimeLimitMs: options.downtimeLimitMs }),
+      ...(dp.maxRounds === undefined ? {} : { maxRounds: dp.maxRounds }),
+      ...(options.autoConverge === undefined ? {} : { autoConverge: options.autoConverge }),
+      ...(dp.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: dp.requestTimeoutMs }),
+      ...(options.signal ? { signal: options.signal } : {}),
+      stopVm,
+      onProgress: (p) =>
+        options.onProgress?.({
+          phase: p.phase === 'done' ? 'completed' : p.phase,
+          rounds: p.round + 1,
+          transferredBytes: p.sentBytes,
+          remainingBytes: p.remainingBytes,
+          rateBytesPerSec: p.rateBytesPerSec,
+          dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
+          expectedDowntimeMs: p.expectedDowntimeMs,
+          throttle: p.throttle,
+          channels: dp.paths.length,
+        }),
+    }).then((r) => ({
+      bytes: r.bytes,
+      rounds: r.rounds,
+      totalMs: r.totalMs,
+      downtimeMs: r.downtimeMs,
+      expectedDowntimeMs: r.expectedDowntimeMs,
+      throttled: r.throttled,
+      maxThrottle: Math.min(THROTTLE_MAX, r.throttleSteps * THROTTLE_STEP),
+      channels: dp.paths.length,
+      converged: r.converged,
+      throttleSteps: r.throttleSteps,
+      initialDirtyRate: r.initialDirtyRate,
+      finalDirtyRate: r.finalDirtyRate,
+      resent: r.resent,
+      rateBytesPerSec: r.rateBytesPerSec,
+      perPath: r.perPath,
+    }));
+  }
+
+  /** Stops a running VM for the switch of a fan-out (sim-fan-out.ts); false when it was not running. */
+  stopForSwitch(name: string): boolean {
+    if (this.vms.get(name)?.state !== 'running') return false;
+    this.transition(name, ['running'], 'stopped', 'migrate');
+    return true;
   }
 
   /** The incoming VM is a page receiver (not listed) until the commit; its memory arrives through `capabilities.incomingPages`. */
@@ -600,4 +614,12 @@ function stripUndefined<T extends object>(o: T): Partial<T> {
 function positiveInt(v: number, what: string): number {
   if (!Number.isInteger(v) || v <= 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option ${what} must be a positive integer, got ${String(v)}`);
   return v;
+}
+
+function dataPathsOf(name: string, options: MigrateOutOptions): NonNullable<MigrateOutOptions['dataPaths']> {
+  const dp = options.dataPaths;
+  if (!dp || dp.paths.length === 0) {
+    throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the sim driver migrates VM ${name} over the agent's data paths: options.dataPaths is required`, { details: { vm: name } });
+  }
+  return dp;
 }

@@ -1,0 +1,34 @@
+/**
+ * Fault injection for migrations to several destinations, off unless the environment asks for it
+ * (tests and `npm run bench`, like EMBOT_FAULT_KILL_AT in fault-points.ts): with
+ * `EMBOT_FAULT_BOOT_FAIL=P` (0..1) this agent, as a destination, refuses each BootIncoming with
+ * probability P, as if its incoming VM had failed to boot; `EMBOT_FAULT_BOOT_FAIL=1` always does.
+ * `EMBOT_FAULT_SEED=N` makes the draws reproducible. The refusal is real (the destination discards
+ * what it received); only the cause is made up, because a sim VM never fails to boot by itself.
+ */
+import { ErrorCodes, ProtocolError } from '../errors.ts';
+
+function draw(seed: number): () => number {
+  // mulberry32: small, seedable, good enough to spread injected failures.
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const raw = process.env['EMBOT_FAULT_BOOT_FAIL'];
+const probability = raw === undefined || raw === '' ? 0 : Number(raw);
+const seed = process.env['EMBOT_FAULT_SEED'];
+const random = seed === undefined || seed === '' ? Math.random : draw(Number(seed));
+
+/** Throws the injected boot failure when the draw says so; does nothing when injection is off. */
+export function injectedBootFailure(vm: string): void {
+  if (!(probability > 0)) return;
+  if (random() < probability) {
+    throw new ProtocolError(ErrorCodes.MIGRATION_FAILED, `injected fault (EMBOT_FAULT_BOOT_FAIL=${raw}): incoming VM ${vm} failed to boot`);
+  }
+}

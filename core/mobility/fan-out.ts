@@ -1,0 +1,281 @@
+/**
+ * The coordinator of a migration to several destinations at once, first to boot wins (issue 13,
+ * README "Several destinations"). One child migration per destination (the source machine in its
+ * fan-out form, ids `<id>~<peer>`) copies the VM and its management; the coordinator owns what
+ * there is one of: the hold of the VM's events and its embots' detach, the VM (stopped once by
+ * the driver's fan-out session, taken back once), and the decision (fan-out-decision.ts), whose
+ * effects it carries out in order: the winner journaled write-once (fan-out-journal.ts) before
+ * anyone is told, then the others terminated, then the winner alone committed.
+ */
+import { describeError } from '../errors.ts';
+import type { FanOutSession } from '../../effectors/index.ts';
+import type { FanOutVerdict } from './mobility-contract.ts';
+import type { MobilityHost } from './mobility-host.ts';
+import type { DestinationReport, MigrationSummary } from './migration-record.ts';
+
+export type { DestinationReport };
+import { decide, isFinalStatus, startFanOut, type DestinationOutcome, type FanOutEffect, type FanOutInput, type FanOutState } from './fan-out-decision.ts';
+import type { FanOutJournal } from './fan-out-journal.ts';
+import { FanOutShared, type FanOutMove } from './fan-out-shared.ts';
+import { attachAll } from './source-side.ts';
+
+/** The id of the child migration of fan-out `id` to `dest`. */
+export function childId(id: string, dest: string): string {
+  return `${id}~${dest}`;
+}
+
+/** What the coordinator gives each child migration it asks the service to start. */
+export interface ChildHooks {
+  readonly shared: FanOutShared;
+  readonly move: FanOutMove;
+  /** The child's BootReady reached the source: the decision runs now. */
+  readonly bootReady: () => void;
+  /** The child asks for the coordinator's verdict (it may have been given already). */
+  readonly awaitDecision: () => Promise<FanOutVerdict>;
+}
+
+/** A child migration as the service started it. */
+export interface ChildHandle {
+  /** Terminates the child: its destination gets Abort with exactly `reason`, and discards. */
+  terminate(reason: string): void;
+  readonly done: Promise<MigrationSummary>;
+}
+
+export type StartChild = (dest: string, id: string, hooks: ChildHooks) => ChildHandle;
+
+export interface AttemptResult {
+  readonly winner: string | undefined;
+  readonly winnerSummary: MigrationSummary | undefined;
+  readonly destinations: readonly DestinationReport[];
+  readonly reason?: string;
+}
+
+export interface FanOutAttemptOptions {
+  readonly host: MobilityHost;
+  readonly journal: FanOutJournal;
+  /** The attempt's id: its children are `<id>~<peer>`, the termination reason names it. */
+  readonly id: string;
+  readonly vm: string;
+  readonly destinations: readonly string[];
+  readonly attempt: number;
+  readonly startChild: StartChild;
+  readonly onState?: (s: FanOutState) => void;
+}
+
+interface Deferred<T> {
+  readonly promise: Promise<T>;
+  resolve(v: T): void;
+}
+
+function deferred<T>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  const promise = new Promise<T>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+/**
+ * One attempt: every destination of the set at once. Resolves when every child ended and the VM
+ * is either owned by the winner or running here again with its embots and events (nothing lost).
+ *
+ * @example
+ * ```ts
+ * const r = await runFanOutAttempt({ host, journal, id: 'm-1', vm: 'web', destinations: ['b', 'c'], attempt: 0, startChild });
+ * r.winner; // 'c', or undefined when none booted (the VM runs here again)
+ * ```
+ */
+export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<AttemptResult> {
+  const { host, vm, id } = o;
+  const capability = host.driver.capabilities.fanOut;
+  if (!capability) throw new Error(`the ${host.driver.name} driver has no fanOut capability`);
+  const vmElement = `vm:${vm}`;
+  const scope = host.objects.subtree(vmElement).map((e) => e.id);
+  const wasRunning = host.driver.get(vm)?.state === 'running';
+  o.journal.begin(id, vm, o.destinations);
+  const started = performance.now();
+  const ids = o.destinations.map((d) => childId(id, d));
+  const shared = new FanOutShared(host, vm, ids);
+  let session: FanOutSession | undefined;
+  // The hold and the detach happen once, before any child ships state: from here every event for
+  // the VM's elements is held, and each child ships it once to its destination (its own cursor).
+  host.sensors.hold(scope);
+  let detached = false;
+  try {
+    await host.runtime.detach(scope, { keepState: true });
+    detached = true;
+    session = capability.begin(vm, o.destinations);
+  } catch (e) {
+    if (detached) await attachAll(host, scope);
+    host.sensors.release(scope);
+    o.journal.finish(id, 'aborted', `could not start: ${describeError(e)}`);
+    throw e;
+  }
+  const s = session;
+
+  let state = startFanOut(id, o.destinations);
+  const verdicts = new Map(o.destinations.map((d) => [d, deferred<FanOutVerdict>()]));
+  const children = new Map<string, ChildHandle>();
+  const summaries = new Map<string, MigrationSummary>();
+  const bootAt = new Map<string, number>();
+  let takeBackReason: string | undefined;
+
+  const apply = (input: FanOutInput): void => {
+    const step = decide(state, input);
+    state = step.state;
+    o.onState?.(state);
+    for (const effect of step.effects) carryOut(effect);
+  };
+  const carryOut = (e: FanOutEffect): void => {
+    switch (e.type) {
+      case 'journalWinner': {
+        // Before anyone is told: a source killed from here on finds this winner on restart.
+        const stands = o.journal.claimWinner(id, e.dest);
+        if (stands !== e.dest) throw new Error(`fan-out ${id}: ${stands} is journaled as the winner, not ${e.dest}`);
+        return;
+      }
+      case 'terminate':
+        verdicts.get(e.dest)?.resolve({ commit: false, reason: e.reason });
+        children.get(e.dest)?.terminate(e.reason);
+        return;
+      case 'commit':
+        verdicts.get(e.dest)?.resolve({ commit: true });
+        return;
+      case 'takeBack':
+        takeBackReason = e.reason;
+        return;
+      case 'finishSource':
+      case 'resolveWinner':
+        // The winner's own child finishes the source (drop, forwarding) as a single migration does.
+        return;
+    }
+  };
+
+  for (const dest of o.destinations) {
+    const cid = childId(id, dest);
+    const handle = o.startChild(dest, cid, {
+      shared,
+      move: (name, options) => s.migrateOut(dest, options),
+      bootReady: () => {
+        bootAt.set(dest, performance.now() - started);
+        apply({ type: 'bootReady', dest, atMs: performance.now() - started });
+      },
+      awaitDecision: () => verdicts.get(dest)!.promise,
+    });
+    children.set(dest, handle);
+  }
+
+  await Promise.all(
+    o.destinations.map(async (dest) => {
+      const summary = await children.get(dest)!.done;
+      summaries.set(dest, summary);
+      if (state.winner === dest) {
+        apply(summary.outcome === 'completed' ? { type: 'winnerCommitted' } : { type: 'winnerNotCommitted', reason: summary.reason ?? summary.outcome });
+        return;
+      }
+      const d = state.destinations.find((x) => x.name === dest);
+      if (d && !isFinalStatus(d.status)) apply(childEnd(dest, summary));
+    }),
+  );
+  s.close();
+
+  const won = state.phase === 'completed' ? state.winner : undefined;
+  if (won === undefined) {
+    takeBackReason ??= 'no destination owns the VM';
+    // Every child ended (their copies cancelled and settled): the VM, its embots and its held events come back here.
+    try {
+      const st = host.driver.get(vm)?.state;
+      if (shared.vmStopped && wasRunning && st === 'stopped') await host.driver.start(vm);
+      await shared.udpPaused;
+      if (shared.switchedOver) host.udp.resumeAfterAbort(vm);
+    } catch (e) {
+      host.logger.warn(`fan-out ${id}: could not restart VM ${vm}`, { error: describeError(e) });
+    } finally {
+      shared.unmute();
+    }
+    await attachAll(host, scope);
+    host.sensors.release(scope);
+    o.journal.finish(id, 'aborted', takeBackReason);
+  } else {
+    o.journal.finish(id, 'completed');
+  }
+
+  const destinations = state.destinations.map((d): DestinationReport => {
+    const sum = summaries.get(d.name);
+    const outcome: DestinationOutcome = d.status === 'ready' || d.status === 'copying' ? 'failed' : d.status;
+    const reason = d.reason ?? (outcome === 'won' ? undefined : sum?.reason);
+    return {
+      name: d.name,
+      migrationId: childId(id, d.name),
+      outcome,
+      ...(reason === undefined ? {} : { reason }),
+      phases: sum?.phases ?? [],
+      bootReadyMs: bootAt.has(d.name) ? Math.round(bootAt.get(d.name)!) : null,
+      bytes: sum?.bytes ?? 0,
+      attempt: o.attempt,
+    };
+  });
+  return { winner: won, winnerSummary: won === undefined ? undefined : summaries.get(won), destinations, ...(won === undefined ? { reason: takeBackReason } : {}) };
+}
+
+/** How a child that ended before the decision counts: denied, failed to boot, or failed otherwise. */
+function childEnd(dest: string, s: MigrationSummary): FanOutInput {
+  const reason = s.reason ?? s.outcome;
+  if (s.outcome === 'denied') return { type: 'denied', dest, reason };
+  if (reason.startsWith('bootIncoming ')) return { type: 'bootFailed', dest, reason };
+  return { type: 'failed', dest, reason };
+}
+
+export interface FanOutPlan {
+  readonly destinations: readonly string[];
+  /** Tries of the same set after the first, while none boots. */
+  readonly retries: number;
+  /** Tried once after the retries, when none of the set booted. */
+  readonly fallback: readonly string[];
+}
+
+export interface FanOutResult {
+  readonly winner: string | undefined;
+  readonly winnerSummary: MigrationSummary | undefined;
+  readonly destinations: readonly DestinationReport[];
+  /** Attempts after the first (retries of the set, and the fallback set). */
+  readonly retries: number;
+  readonly reason?: string;
+}
+
+/** The attempts of a plan in order: the set, its retries, then the fallback set; with their ids. */
+export function attemptsOf(id: string, plan: FanOutPlan): { readonly id: string; readonly destinations: readonly string[] }[] {
+  const out = [{ id, destinations: plan.destinations }];
+  for (let r = 1; r <= plan.retries; r++) out.push({ id: `${id}.r${r}`, destinations: plan.destinations });
+  if (plan.fallback.length > 0) out.push({ id: `${id}.f`, destinations: plan.fallback });
+  return out;
+}
+
+/**
+ * The whole migration: attempts until one has a winner (the VM runs here again between them).
+ *
+ * @example
+ * ```ts
+ * const r = await runFanOut({ ..., id: 'm-1' }, { destinations: ['b', 'c'], retries: 1, fallback: ['d'] });
+ * ```
+ */
+export interface FanOutRunOptions extends Omit<FanOutAttemptOptions, 'destinations' | 'attempt'> {
+  readonly onAttempt?: (attempt: number, id: string) => void;
+  /** Asked before each retry: true stops (cancelled by the operator, the agent stopping). */
+  readonly cancelled?: () => boolean;
+}
+
+export async function runFanOut(o: FanOutRunOptions, plan: FanOutPlan): Promise<FanOutResult> {
+  const reports: DestinationReport[] = [];
+  const attempts = attemptsOf(o.id, plan);
+  let reason: string | undefined;
+  let made = 0;
+  for (const [i, a] of attempts.entries()) {
+    if (i > 0 && o.cancelled?.()) break;
+    made = i;
+    o.onAttempt?.(i, a.id);
+    const r = await runFanOutAttempt({ ...o, id: a.id, destinations: a.destinations, attempt: i });
+    reports.push(...r.destinations);
+    if (r.winner !== undefined) return { winner: r.winner, winnerSummary: r.winnerSummary, destinations: reports, retries: i };
+    reason = r.reason;
+  }
+  return { winner: undefined, winnerSummary: undefined, destinations: reports, retries: made, ...(reason === undefined ? {} : { reason }) };
+}
