@@ -338,6 +338,13 @@ describe('the estimate line of a migration summary', () => {
     expect(estimateLine(renderMigrationSummary(info(s)))).toMatch(/^estimate:?\s+1\.10 s vs threshold 1\.00 s; actual 870 ms for the memory, 1\.23 s in all$/);
   });
 
+  it('sets the expected downtime beside the actual one, when the hypervisor reported it', () => {
+    const downtimeLine = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('downtime'));
+    const s = summaryFor('m-3', 'web', 'b', SCRIPTS['web']!);
+    expect(downtimeLine(renderMigrationSummary(info({ ...s, downtimeMs: 16, precopy: { ...precopy, expectedDowntimeMs: 12 } })))).toMatch(/^downtime:?\s+16 ms \(expected 12 ms\)$/);
+    expect(downtimeLine(renderMigrationSummary(info({ ...s, downtimeMs: 16, precopy })))).toMatch(/^downtime:?\s+16 ms$/);
+  });
+
   it('falls back to the whole migration for a record without the memory move (an older agent stored it)', () => {
     const { copyMs: _dropped, ...older } = precopy;
     const s = { ...summaryFor('m-2', 'web', 'b', SCRIPTS['web']!), precopy: older as unknown as typeof precopy };
