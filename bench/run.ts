@@ -25,6 +25,7 @@ import { run as runEstimate } from './estimate.bench.ts';
 import { run as runQemu } from './qemu.bench.ts';
 import { run as runFixedCost } from './fixed-cost.bench.ts';
 import { run as runLiveChannel } from './live-channel.bench.ts';
+import { run as runMetrics } from './metrics.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -50,6 +51,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'qemu', run: runQemu },
   { name: 'fixed-cost', run: runFixedCost },
   { name: 'live-channel', run: runLiveChannel },
+  { name: 'metrics', run: runMetrics },
 ];
 
 export interface MachineInfo {

@@ -135,7 +135,16 @@ export class AgentMetrics {
 
   constructor(sources: MetricsSources) {
     const registers = [this.registry];
-    const s = sources;
+    // Several metrics read one source (16 read the event counts): once per scrape, not once per metric.
+    const s: MetricsSources = {
+      agent: sources.agent,
+      events: oncePerScrape(() => sources.events()),
+      embots: oncePerScrape(() => sources.embots()),
+      plugins: oncePerScrape(() => sources.plugins()),
+      vms: oncePerScrape(() => sources.vms()),
+      migrations: oncePerScrape(() => sources.migrations()),
+      udp: oncePerScrape(() => sources.udp()),
+    };
 
     new Gauge({ name: 'embot_agent_info', help: 'This agent: always 1, its name, version and hypervisor driver as labels.', labelNames: ['agent', 'version', 'driver'], registers })
       .set({ agent: s.agent.name, version: s.agent.version, driver: s.agent.driver }, 1);
@@ -344,6 +353,21 @@ export class AgentMetrics {
   embotQuarantined(module: string): void {
     this.quarantines.inc({ module });
   }
+}
+
+/**
+ * A scrape calls every metric's collect() in one synchronous pass (prom-client's registry starts
+ * them all before its first await), so a value kept until the next microtask is shared by that
+ * scrape alone; the next scrape reads afresh.
+ */
+function oncePerScrape<T>(read: () => T): () => T {
+  let cached: { readonly value: T } | undefined;
+  return () => {
+    if (cached) return cached.value;
+    cached = { value: read() };
+    queueMicrotask(() => (cached = undefined));
+    return cached.value;
+  };
 }
 
 function running(s: MetricsSources): MigrationView[] {
