@@ -37,7 +37,7 @@ describe('config defaults', () => {
       safe: false,
       control: { host: '127.0.0.1', port: 7400 },
       logLevel: 'info',
-      logFormat: 'pretty',
+      logFormat: 'auto',
       sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
       sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0 },
       qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true },
