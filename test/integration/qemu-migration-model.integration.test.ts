@@ -20,8 +20,9 @@ function tempRoot(): string {
   return dir;
 }
 
-function driver(root: string): QemuDriver {
-  const d = new QemuDriver({ root, accel: 'tcg' });
+/** A driver on `root`; the host's load factor is `load` (default 1: the figures as calibrated). */
+function driver(root: string, load = 1): QemuDriver {
+  const d = new QemuDriver({ root, accel: 'tcg', loadFactor: () => load });
   cleanups.push(() => d.close());
   return d;
 }
@@ -79,6 +80,38 @@ describe('qemu migration model file (bad input)', () => {
     expect(c.zeroPageCost).toBeCloseTo(0.5, 9);
     await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
     expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ zeroPageCost: expect.closeTo(0.5, 9), fixedMs: 5 });
+  });
+
+  it('the zero-page cost is fitted over every channel count: the first samples of a count (dense guests only) already have it', async () => {
+    const root = tempRoot();
+    // 1 ms per non-zero MiB and 0.5 ms per zero MiB with 1 channel; 2 ms per non-zero MiB with 2, one dense sample.
+    const s = (vm: string, sent: number, zero: number, perMiB = 1): Record<string, unknown> => ({ ...sample(vm, 1, 5), sentBytes: sent * MiB, zeroBytes: zero * MiB, sendMs: perMiB * sent + 0.5 * zero });
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: { '1': [s('dense', 100, 0), s('sparse', 100, 200)], '2': [s('calib', 100, 0, 2)] } }));
+    const c = driver(root).calibration(2)!;
+    expect(c.copyRateBytesPerSec).toBeCloseTo((MiB * 1000) / 2, 3);
+    expect(c.zeroPageCost).toBeCloseTo(0.25, 9);
+  });
+
+  it('each sample is taken at its load factor and the hints are scaled to the factor now; a bad factor in the file reads as 1', async () => {
+    const root = tempRoot();
+    const at = (vm: string, loadFactor: unknown): Record<string, unknown> => ({ ...sample(vm, 100e6, 10), loadFactor });
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: { '1': [at('a', 2), at('b', 2), at('c', 2)], '2': [at('x', -3), at('y', 'high'), at('z', 0.5)] } }));
+    // Calibrated at factor 2: twice as fast on an idle host; at factor 4 now: half the calibrated rate.
+    const d = driver(root, 4);
+    expect(d.calibration(1)).toMatchObject({ copyRateBytesPerSec: 200e6, fixedMs: 5 });
+    await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
+    expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ copyRateBytesPerSec: 50e6, fixedMs: 20 });
+    expect(d.calibration(2)?.samples.map((x) => x.loadFactor)).toEqual([undefined, undefined, undefined]);
+    expect(d.calibration(2)).toMatchObject({ copyRateBytesPerSec: 100e6, fixedMs: 10 });
+  });
+
+  it('recordEndToEnd corrects the newest sample of the VM, whatever its channel count (a VM moved with 1 channel before and with 2 now)', () => {
+    const root = tempRoot();
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: { '1': [{ ...sample('v', 1, 10), at: 1 }], '2': [{ ...sample('v', 1, 10), at: 2 }] } }));
+    const d = driver(root);
+    expect(d.capabilities.migrationModel!.recordEndToEnd('v', 410)).toBe(true);
+    expect(d.calibration(2)?.samples[0]?.sendMs).toBe(400);
+    expect(d.calibration(1)?.samples[0]?.sendMs).toBe(100);
   });
 
   it('keeps only the last samples of a long list', () => {

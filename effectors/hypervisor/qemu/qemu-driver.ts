@@ -1,4 +1,5 @@
 import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { availableParallelism, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
@@ -59,6 +60,13 @@ export interface QemuDriverOptions {
   readonly spareIncoming?: SpareShape;
   /** How long after an incoming migration the spare is refilled (default {@link SPARE_REFILL_DELAY_MS}). */
   readonly spareRefillDelayMs?: number;
+  /**
+   * How many times slower than on an idle host a CPU-bound job runs now (default
+   * {@link hostLoadFactor}: the 1-minute load average over the cores, at least 1). Each calibration
+   * sample keeps the factor of its time, and the estimate scales to the factor at its own time:
+   * under TCG the stream is CPU-bound, so on a shared host its time follows the CPU it gets.
+   */
+  readonly loadFactor?: () => number;
 }
 
 /** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
@@ -121,6 +129,8 @@ export interface StreamCalibration {
   readonly sendMs: number;
   readonly vm: string;
   readonly at: number;
+  /** The host's load factor when the sample was taken ({@link QemuDriverOptions.loadFactor}); absent in older files: 1. */
+  readonly loadFactor?: number;
 }
 
 interface ModelFile {
@@ -291,27 +301,40 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     return bytes;
   }
 
-  /** The samples kept for `channels` (oldest first) and their medians, if any. */
+  /**
+   * The samples kept for `channels` (oldest first) and what they say, on an idle host (load factor
+   * 1): the copy rate (median over the samples), the fixed cost (median), and the zero-page cost,
+   * fitted over the samples of every channel count (zero pages are found by QEMU 7.2's migration
+   * thread, before multifd, so their cost does not depend on the channels; and the first
+   * migration with a channel count then already knows it).
+   */
   calibration(
     channels: number,
   ): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number; readonly fixedMs: number; readonly samples: readonly StreamCalibration[] } | undefined {
     const samples = this.calibrations.get(channels) ?? [];
     if (samples.length === 0) return undefined;
-    return { ...fitStream(samples), fixedMs: medianOf(samples.map((x) => x.fixedMs)), samples };
+    return { ...fitStream(samples, [...this.calibrations.values()]), fixedMs: medianOf(samples.map((x) => x.fixedMs / (x.loadFactor ?? 1))), samples };
+  }
+
+  private loadFactor(): number {
+    const f = (this.o.loadFactor ?? hostLoadFactor)();
+    return Number.isFinite(f) && f >= 1 ? f : 1;
   }
 
   private async estimateHints(name: string, channels: number): Promise<DriverEstimateHints> {
     const vm = this.require(name);
     const c = this.calibration(channels);
+    const load = this.loadFactor();
     const parts = [
       c === undefined
         ? `no migration out with ${channels} channel(s) yet (copy rate unknown)`
-        : `copy rate and fixed cost: medians of the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')})`,
+        : `copy rate and fixed cost: medians of the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')}), ` +
+          `each at its host load factor (${c.samples.map((x) => (x.loadFactor ?? 1).toFixed(1)).join(', ')}), scaled to the factor now (${load.toFixed(1)})`,
       vm.nonZero === undefined ? 'non-zero pages not counted' : `non-zero pages counted at ${new Date(vm.nonZero.at).toISOString()}`,
     ];
     return {
       ...(vm.nonZero === undefined ? {} : { nonZeroBytes: vm.nonZero.bytes }),
-      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs, zeroPageCost: c.zeroPageCost }),
+      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec / load, fixedMs: c.fixedMs * load, zeroPageCost: c.zeroPageCost }),
       source: `qemu: ${parts.join('; ')}`,
     };
   }
@@ -324,7 +347,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const sent = info.ram?.['normal-bytes'] ?? 0;
     if (!(sendMs > 0) || !(sent >= MIN_CALIBRATION_BYTES) || !(wallMs >= sendMs)) return;
     const zeroBytes = (info.ram?.duplicate ?? 0) * (info.ram?.['page-size'] ?? PAGE);
-    const sample: StreamCalibration = { copyRateBytesPerSec: (sent / sendMs) * 1000, fixedMs: wallMs - sendMs, sentBytes: sent, zeroBytes, sendMs, vm, at: Date.now() };
+    const sample: StreamCalibration = { copyRateBytesPerSec: (sent / sendMs) * 1000, fixedMs: wallMs - sendMs, sentBytes: sent, zeroBytes, sendMs, vm, at: Date.now(), loadFactor: this.loadFactor() };
     this.calibrations.set(channels, [...(this.calibrations.get(channels) ?? []), sample].slice(-CALIBRATION_SAMPLES));
     this.saveCalibrations();
   }
@@ -340,20 +363,23 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (!(Number.isFinite(endToEndMs) && endToEndMs > 0)) {
       throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `end-to-end time of the migration of ${vm} must be a positive number of ms, not ${String(endToEndMs)}`, { details: { vm, endToEndMs } });
     }
+    // The newest sample of `vm` over every channel count: the migration that just ended (a VM
+    // migrated with 1 channel before and with 2 now has a sample in both lists).
+    let found: { readonly channels: number; readonly i: number; readonly at: number } | undefined;
     for (const [channels, samples] of this.calibrations) {
       const i = samples.findLastIndex((x) => x.vm === vm);
-      if (i < 0) continue;
-      const old = samples[i]!;
-      const setupMs = old.fixedMs;
-      const sendMs = endToEndMs - setupMs;
-      if (!(sendMs > 0)) return false;
-      const next = [...samples];
-      next[i] = { ...old, sendMs, copyRateBytesPerSec: (old.sentBytes / sendMs) * 1000, at: Date.now() };
-      this.calibrations.set(channels, next);
-      this.saveCalibrations();
-      return true;
+      if (i >= 0 && (found === undefined || samples[i]!.at > found.at)) found = { channels, i, at: samples[i]!.at };
     }
-    return false;
+    if (found === undefined) return false;
+    const samples = this.calibrations.get(found.channels)!;
+    const old = samples[found.i]!;
+    const sendMs = endToEndMs - old.fixedMs;
+    if (!(sendMs > 0)) return false;
+    const next = [...samples];
+    next[found.i] = { ...old, sendMs, copyRateBytesPerSec: (old.sentBytes / sendMs) * 1000 };
+    this.calibrations.set(found.channels, next);
+    this.saveCalibrations();
+    return true;
   }
 
   private saveCalibrations(): void {
@@ -1120,32 +1146,52 @@ function isPersisted(state: unknown): state is QemuPersistedState {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /**
- * Copy rate and zero-page cost from the samples: a least-squares fit of sendMs = a·sentBytes +
- * b·zeroBytes when the samples differ enough in their zero share to tell the two apart (QEMU pays
- * for every zero page it skips: reading it, its header, the target's side, and a never-touched
- * page faults in on both; a guest with much zero RAM is slower per non-zero byte). Otherwise, or
- * when the fit is not physical, the median rate of the samples and no zero-page cost.
+ * Copy rate and zero-page cost, on an idle host (each sample's time divided by its load factor).
+ * The zero-page cost b comes from a least-squares fit of sendMs = a_c·sentBytes + b·zeroBytes over
+ * the samples of every channel count (`groups`), with a copy cost a_c of each count's own and one b:
+ * QEMU 7.2 finds zero pages in its migration thread, before multifd, so what a skipped zero page
+ * costs (reading it, its header, the target's side) does not depend on the channels, and a count
+ * whose samples are all dense guests still gets it. The fit needs samples that differ in their
+ * zero share within a count. The copy rate of `samples` (one count) is then the median over them
+ * of what is left per non-zero byte: a median, not a fit, so one sample slowed down by the shared
+ * host moves it little. Without a usable fit: the samples' median rate and no zero-page cost.
  */
-function fitStream(samples: readonly StreamCalibration[]): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number } {
-  let nn = 0;
-  let nz = 0;
+function fitStream(samples: readonly StreamCalibration[], groups: readonly (readonly StreamCalibration[])[]): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number } {
+  const ms = (x: StreamCalibration): number => x.sendMs / (x.loadFactor ?? 1);
+  // Each count's a_c projected out: what is left of time and zero bytes once a_c·sentBytes is fitted.
+  let tz = 0;
   let zz = 0;
-  let nt = 0;
-  let zt = 0;
-  for (const x of samples) {
-    nn += x.sentBytes * x.sentBytes;
-    nz += x.sentBytes * x.zeroBytes;
-    zz += x.zeroBytes * x.zeroBytes;
-    nt += x.sentBytes * x.sendMs;
-    zt += x.zeroBytes * x.sendMs;
+  let zzRaw = 0;
+  for (const g of groups) {
+    const nn = g.reduce((acc, x) => acc + x.sentBytes * x.sentBytes, 0);
+    if (!(nn > 0)) continue;
+    const nt = g.reduce((acc, x) => acc + x.sentBytes * ms(x), 0);
+    const nz = g.reduce((acc, x) => acc + x.sentBytes * x.zeroBytes, 0);
+    for (const x of g) {
+      const t = ms(x) - (x.sentBytes * nt) / nn;
+      const z = x.zeroBytes - (x.sentBytes * nz) / nn;
+      tz += t * z;
+      zz += z * z;
+      zzRaw += x.zeroBytes * x.zeroBytes;
+    }
   }
-  const det = nn * zz - nz * nz;
-  if (samples.length >= 2 && det > 0.01 * nn * zz) {
-    const a = (nt * zz - zt * nz) / det; // ms per non-zero byte
-    const b = (nn * zt - nz * nt) / det; // ms per zero byte
-    if (a > 0 && b >= 0 && b / a <= MAX_ZERO_PAGE_COST) return { copyRateBytesPerSec: 1000 / a, zeroPageCost: b / a };
+  if (zz > 0.01 * zzRaw && zz > 0) {
+    const b = tz / zz; // ms per zero byte
+    if (b >= 0) {
+      const perByte = medianOf(samples.map((x) => (ms(x) - b * x.zeroBytes) / x.sentBytes)); // ms per non-zero byte
+      if (perByte > 0 && b / perByte <= MAX_ZERO_PAGE_COST) return { copyRateBytesPerSec: 1000 / perByte, zeroPageCost: b / perByte };
+    }
   }
-  return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec)), zeroPageCost: 0 };
+  return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0 };
+}
+
+/**
+ * How many times slower than on an idle host a CPU-bound job runs now: the 1-minute load average
+ * over the cores, at least 1. Coarse (a minute's average, and it counts our own QEMU threads), but
+ * it follows what moves a TCG migration's time most on a shared host: the CPU it gets.
+ */
+export function hostLoadFactor(): number {
+  return Math.max(1, loadavg()[0]! / availableParallelism());
 }
 
 function medianOf(xs: readonly number[]): number {
@@ -1172,7 +1218,16 @@ function readModelFile(file: string): Map<number, readonly StreamCalibration[]> 
       const c = (typeof v === 'object' && v !== null ? v : {}) as Partial<Record<keyof StreamCalibration, unknown>>;
       // A sample that does not read back whole is dropped, not guessed at: the estimate only loses precision.
       if (num(c.copyRateBytesPerSec) && c.copyRateBytesPerSec > 0 && num(c.fixedMs) && num(c.sentBytes) && num(c.sendMs) && typeof c.vm === 'string' && num(c.at)) {
-        kept.push({ copyRateBytesPerSec: c.copyRateBytesPerSec, fixedMs: c.fixedMs, sentBytes: c.sentBytes, zeroBytes: num(c.zeroBytes) ? c.zeroBytes : 0, sendMs: c.sendMs, vm: c.vm, at: c.at });
+        kept.push({
+          copyRateBytesPerSec: c.copyRateBytesPerSec,
+          fixedMs: c.fixedMs,
+          sentBytes: c.sentBytes,
+          zeroBytes: num(c.zeroBytes) ? c.zeroBytes : 0,
+          sendMs: c.sendMs,
+          vm: c.vm,
+          at: c.at,
+          ...(num(c.loadFactor) && c.loadFactor >= 1 ? { loadFactor: c.loadFactor } : {}),
+        });
       }
     }
     if (kept.length > 0) out.set(channels, kept.slice(-CALIBRATION_SAMPLES));
