@@ -118,7 +118,8 @@ function wrap(p: PinoLogger, name: string, level: LogLevel, bindings: LogData): 
     const record: Record<string, unknown> = { name };
     if (ctx) Object.assign(record, ctx);
     Object.assign(record, bindings);
-    if (data) for (const k of Object.keys(data)) if (k !== 'msg' && k !== 'time' && k !== 'level') record[k] = normalise(data[k]);
+    // The line's own keys (and the logger's name) are not overwritten by data, as before pino.
+    if (data) for (const k of Object.keys(data)) if (k !== 'msg' && k !== 'time' && k !== 'level' && k !== 'name') record[k] = normalise(data[k]);
     p[lvl](record, msg);
   };
   return {
