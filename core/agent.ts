@@ -332,6 +332,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     catalogue.on('module-invalid', (p) => {
       this.log.warn(`plugin folder ${p.dir} is not a usable module`, { code: p.error.code, error: p.error.message });
       if (p.name) this.plugins.record({ name: p.name, version: '0.0.0', hash: '', status: 'error', error: `${p.error.code}: ${p.error.message}` });
+      if (p.name) this.metrics.pluginError(p.name);
     });
     catalogue.on('watch-error', (e) => this.log.warn(`plugin watcher: ${e.message}`));
     catalogue.start();
