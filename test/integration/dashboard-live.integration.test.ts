@@ -1,7 +1,7 @@
 import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { startAgent, type RunningAgent } from '../../core/agent.ts';
 import { loadConfig } from '../../core/config/config.ts';
 import { createLogger } from '../../core/logger.ts';
