@@ -184,6 +184,27 @@ describe('a sim migration a → b', () => {
   });
 });
 
+describe('plugins that fail', () => {
+  it('a plugin that does not compile counts an error; an embot whose policy throws counts a quarantine of its module', async () => {
+    const { cpSync } = await import('node:fs');
+    const { join } = await import('node:path');
+    const { FIXTURE_PLUGINS } = await import('../harness/agent-process.ts');
+    await client('a').createVm({ name: 'other', memory: 1 << 20 });
+    const before = await scrape('a');
+    for (const name of ['syntax-error', 'throwing']) cpSync(join(FIXTURE_PLUGINS, name), join(cluster.pluginsDir('a'), name), { recursive: true });
+    await waitFor(async () => (await client('a').listEmbots()).some((e) => e.id === 'throwing/thrower/vm:other'), 15_000, 'the thrower on vm:other');
+    await client('a').emitEvent({ elementId: 'vm:other', type: 'BOOM', payload: null });
+    const after = await waitFor(async () => {
+      const s = await scrape('a');
+      return value(s, 'embot_embot_quarantines_total', { module: 'throwing' }) === 1 ? s : undefined;
+    }, 15_000, 'the quarantine counted');
+    expect(value(after, 'embot_plugin_errors_total', { plugin: 'syntax-error' }) - value(before, 'embot_plugin_errors_total', { plugin: 'syntax-error' })).toBeGreaterThanOrEqual(1);
+    expect(value(after, 'embot_embots', { status: 'quarantined' })).toBe(1);
+    expect(value(after, 'embot_plugins', { status: 'error' })).toBe(1);
+    expect(family(after, 'embot_policies').metrics.some((m) => m.labels?.['module'] === 'throwing' && m.labels?.['state'] === 'armed')).toBe(true);
+  });
+});
+
 describe('bad log options', () => {
   it.each([
     [['--log-level', 'loud'], /--log-level "loud" is not a log level; use one of debug, info, warn, error, silent \[EMBOT_ERR_CLI_USAGE\]/],
