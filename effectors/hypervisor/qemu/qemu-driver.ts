@@ -1179,7 +1179,9 @@ function fitStream(samples: readonly StreamCalibration[], groups: readonly (read
     const b = tz / zz; // ms per zero byte
     if (b >= 0) {
       const perByte = medianOf(samples.map((x) => (ms(x) - b * x.zeroBytes) / x.sentBytes)); // ms per non-zero byte
-      if (perByte > 0 && b / perByte <= MAX_ZERO_PAGE_COST) return { copyRateBytesPerSec: 1000 / perByte, zeroPageCost: b / perByte };
+      // A count whose copy is much faster than the zero pages' cost (multifd copying dense pages in
+      // parallel) keeps the most the contract allows: dropping the zero pages' cost would be worse.
+      if (perByte > 0) return { copyRateBytesPerSec: 1000 / perByte, zeroPageCost: Math.min(MAX_ZERO_PAGE_COST, b / perByte) };
     }
   }
   return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0 };
