@@ -14,6 +14,7 @@ import { parseExposition, type Exposition } from '../harness/prometheus.ts';
  * that names the migration carries its id, on both agents.
  */
 const TOKEN = 'metrics-test-token-0123';
+const CAP = 2 << 20;
 let cluster: Cluster;
 const clients = new Map<string, ControlClient>();
 const client = (n: string): ControlClient => clients.get(n)!;
@@ -23,7 +24,8 @@ beforeAll(async () => {
   cluster = await Cluster.start(['a', 'b'], {
     plugins: [{ from: 'shipped', name: 'vm-watchdog' }],
     env: () => ({ EMBOT_CONTROL_TOKEN: TOKEN }),
-    config: () => ({ logLevel: 'debug' }),
+    // b's primary path to a is capped: the migration back (a running one to scrape) takes seconds.
+    config: (n) => ({ logLevel: 'debug', ...(n === 'b' ? { dataplane: { primaryCapBytesPerSecOf: { a: CAP } } } : {}) }),
   });
   for (const n of ['a', 'b']) clients.set(n, new ControlClient(url(n), TOKEN));
   await client('a').createVm({ name: 'web', memory: 4 << 20 });
@@ -182,6 +184,49 @@ describe('a sim migration a → b', () => {
       }
     }
   });
+});
+
+describe('a running migration b → a (b\'s path to a capped at 2 MiB/s)', () => {
+  it('shows its bytes and rates while it runs, in bytes and bytes per second, and is gone once it ends', async () => {
+    const { id } = await client('b').migrate('web', 'a');
+    const samples: { total: number; processed: number; remaining: number | undefined; rate: number | undefined }[] = [];
+    for (;;) {
+      const s = await scrape('b');
+      const l = { migration_id: id, vm: 'web', role: 'source' };
+      const total = value(s, 'embot_migration_data_total_bytes', l);
+      if (total > 0) {
+        expect(value(s, 'embot_migrations_running', { role: 'source' })).toBe(1);
+        const has = (name: string): boolean => family(s, name).metrics.some((m) => m.labels?.['migration_id'] === id);
+        samples.push({
+          total,
+          processed: value(s, 'embot_migration_data_processed_bytes', l),
+          remaining: has('embot_migration_data_remaining_bytes') ? value(s, 'embot_migration_data_remaining_bytes', l) : undefined,
+          rate: has('embot_migration_memory_transfer_rate_bytes_per_second') ? value(s, 'embot_migration_memory_transfer_rate_bytes_per_second', l) : undefined,
+        });
+      }
+      if ((await client('b').getMigration(id)).outcome !== null) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const done = await client('b').getMigration(id);
+    expect(done.outcome).toBe('completed');
+    expect(samples.length).toBeGreaterThanOrEqual(2);
+    for (const x of samples) {
+      // Bytes: the VM's memory (4 MiB), not pages; a rate in bytes per second near the cap, not bits or pages.
+      expect(x.total).toBe(4 << 20);
+      expect(x.processed).toBeLessThanOrEqual(done.summary!.bytes);
+      if (x.remaining !== undefined) expect(x.remaining).toBeLessThanOrEqual(x.total);
+      if (x.rate !== undefined) {
+        // The path sends 2 MiB/s: a rate in bytes per second reads about 2,097,152 (bits would be 8×, pages 1/4096).
+        expect(x.rate).toBeGreaterThan(CAP / 2);
+        expect(x.rate).toBeLessThan(CAP * 1.5);
+      }
+    }
+    expect(samples.some((x) => x.rate !== undefined)).toBe(true);
+    const after = await scrape('b');
+    expect(value(after, 'embot_migrations_running', { role: 'source' })).toBe(0);
+    expect(family(after, 'embot_migration_data_total_bytes').metrics).toEqual([]);
+    expect(value(after, 'embot_migrations_succeeded_total', { role: 'source' })).toBe(1);
+  }, 60_000);
 });
 
 describe('plugins that fail', () => {
