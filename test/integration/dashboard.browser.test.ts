@@ -16,6 +16,10 @@ const CHROMIUM = '/usr/bin/chromium';
 const ARTIFACTS = join(REPO, 'test', 'artifacts', 'dashboard');
 const TOKEN = 'dashboard-test-token-0123456789';
 const missing = !existsSync(CHROMIUM);
+/** The little of the page's globals a predicate run in the page uses (this file is compiled without the DOM library). */
+interface PageGlobals {
+  readonly document: { querySelector(selector: string): { getAttribute(name: string): string | null } | null };
+}
 if (missing && process.env['CI']) throw new Error(`${CHROMIUM} is missing: .ci/run installs Debian's chromium for the dashboard tests`);
 
 describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', () => {
@@ -33,6 +37,7 @@ describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', 
         { from: 'fixture', name: 'counter' },
         { from: 'fixture', name: 'throwing' },
         { from: 'fixture', name: 'hostile' },
+        { from: 'fixture', name: 'syntax-error' },
       ],
       env: () => ({ EMBOT_CONTROL_TOKEN: TOKEN }),
       config: () => ({
@@ -126,6 +131,8 @@ describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', 
     const hostile = page.locator('[data-plugin="hostile"] [data-testid=embot-error]');
     await hostile.first().waitFor();
     expect(await hostile.first().textContent()).toContain(HOSTILE);
+    // A module that does not even load shows its load error.
+    expect(await page.locator('[data-plugin="syntax-error"] [data-testid=plugin-error]').textContent()).toMatch(/cannot compile .*syntax-error\/index\.js.*Unexpected/);
     await shot('plugins');
 
     await view('events');
@@ -160,10 +167,15 @@ describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', 
     await running.waitFor({ timeout: 20_000 });
     expect(await running.locator('.phase').textContent()).not.toBe('');
     // Readings of the copy arrive while it runs (pushed): the rate chart draws them as they come.
-    await page.waitForFunction(`(document.querySelector('[data-testid=live-migrations] svg.ratechart polyline.rate')?.getAttribute('points') ?? '').split(' ').length >= 4`, undefined, { timeout: 20_000 });
+    // (A function, not a string: the page's CSP forbids eval, which a string predicate needs.)
+    await page.waitForFunction(
+      () => ((globalThis as unknown as PageGlobals).document.querySelector('[data-testid=live-migrations] svg.ratechart polyline.rate')?.getAttribute('points') ?? '').split(' ').length >= 4,
+      undefined,
+      { timeout: 20_000 },
+    );
     await shot('migrations-running');
 
-    const done = page.locator('[data-testid=past-migrations] [data-vm="web-1"].completed');
+    const done = page.locator('[data-testid=past-migrations] [data-vm="web-1"].outcome-completed');
     await done.waitFor({ timeout: 60_000 });
     expect(await done.locator('.handoff').textContent()).toContain('management hand-off');
     await shot('migrations-past');

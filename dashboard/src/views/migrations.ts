@@ -48,7 +48,7 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
   const running = m.outcome === null;
   return h(
     'article',
-    { class: `card migration ${running ? 'running' : m.outcome}`, 'data-migration': m.id, 'data-vm': m.vm },
+    { class: `card migration ${running ? 'running' : `outcome-${m.outcome}`}`, 'data-migration': m.id, 'data-vm': m.vm },
     h(
       'header',
       {},

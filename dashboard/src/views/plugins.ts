@@ -19,7 +19,7 @@ export function pluginsView(): View {
           const kind = p.status === 'loaded' ? (quarantined.length ? 'warn' : 'ok') : p.status === 'unloaded' ? 'muted' : 'bad';
           return h(
             'article',
-            { class: `card plugin ${p.status}`, 'data-plugin': p.name },
+            { class: `card plugin status-${p.status}`, 'data-plugin': p.name },
             h('header', {}, h('h3', {}, p.name), h('span', { class: 'muted' }, `@${p.version}`), badge(p.status, kind), quarantined.length ? badge(`${quarantined.length} quarantined`, 'bad') : null),
             h('dl', {}, h('dt', {}, 'embot types'), h('dd', {}, p.embotTypes.join(', ') || '–'), h('dt', {}, 'embots'), h('dd', {}, embots.length), h('dt', {}, 'restarts'), h('dd', {}, p.restarts), h('dt', {}, 'hash'), h('dd', { class: 'mono' }, p.hash.slice(0, 16) || '–')),
             p.error ? h('p', { class: 'error', 'data-testid': 'plugin-error' }, p.error) : null,
