@@ -1,0 +1,138 @@
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { createActor, fromPromise } from 'xstate';
+import type { FanOutVerdict, SourceInput, SourcePhase } from '../../core/mobility/mobility-contract.ts';
+import { createSourceMachine, type SourceOutput } from '../../core/mobility/source-machine.ts';
+import { TransitionCoverage, allTransitions } from '../harness/coverage.ts';
+
+/**
+ * The source machine's fan-out form (a child of a migration to several destinations): after its
+ * final round it boots its destination (`booting`) and waits for the coordinator (`awaitingDecision`);
+ * chosen it completes, terminated or failing it rolls back with the reason. Every transition of the
+ * two states (read from the machine with @xstate/graph's node walk) is taken by the scenarios.
+ */
+
+const STEP_MS = 1_000;
+const INPUT: SourceInput = { migrationId: 'm-1~b', vm: 'web-1', target: 'b', maxDirtyRounds: 1, timeouts: { stepMs: STEP_MS, vmMs: 5_000 } };
+const coverage = new TransitionCoverage(createSourceMachine({ fanOut: true }));
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+type Behaviour = 'ok' | 'reject' | 'hang' | { readonly value: unknown };
+
+function start(boot: Behaviour, decision: Behaviour) {
+  const journal: SourcePhase[] = [];
+  const calls: string[] = [];
+  let rollBackReason: string | undefined;
+  const step = (name: string, b: Behaviour, value: unknown) =>
+    fromPromise(async () => {
+      calls.push(name);
+      if (b === 'hang') return new Promise<never>(() => {});
+      await sleep(10);
+      if (b === 'reject') throw new Error(`${name} exploded`);
+      return (b === 'ok' ? value : b.value) as never;
+    });
+  const ok = (name: string, value: unknown = undefined) => step(name, 'ok', value);
+  const machine = createSourceMachine({ fanOut: true }).provide({
+    actors: {
+      startMigration: ok('startMigration', { permitted: true }),
+      holdEvents: ok('holdEvents'),
+      sendManagementState: ok('sendManagementState'),
+      sendEventState: ok('sendEventState'),
+      migrateVm: ok('migrateVm'),
+      sendDirtyObjects: ok('sendDirtyObjects', { changedElements: 0, events: 0 }),
+      completeMigration: ok('completeMigration'),
+      resolveOutcome: ok('resolveOutcome', 'committed'),
+      finishSource: ok('finishSource'),
+      rollBack: fromPromise(async ({ input }: { input: { reason: string } }) => {
+        calls.push('rollBack');
+        rollBackReason = input.reason;
+      }),
+      bootIncoming: step('bootIncoming', boot, { bootMs: 3 }),
+      awaitDecision: step('awaitDecision', decision, { commit: true } satisfies FanOutVerdict),
+    } as never,
+    actions: { journalPhase: (_, params) => void journal.push(params.phase) },
+  });
+  const actor = createActor(machine, { input: INPUT, inspect: coverage.inspect }).start();
+  const until = async (pred: () => boolean) => {
+    for (let i = 0; i < 20_000 && !pred(); i++) await vi.advanceTimersByTimeAsync(1);
+    expect(pred(), `stuck in ${JSON.stringify(actor.getSnapshot().value)}`).toBe(true);
+  };
+  const finish = async () => {
+    await until(() => actor.getSnapshot().status === 'done');
+    return actor.getSnapshot().output as SourceOutput;
+  };
+  return { actor, journal, calls, until, finish, rollBackReason: () => rollBackReason };
+}
+
+beforeEach(() => {
+  vi.useFakeTimers();
+  vi.setSystemTime(1_000_000);
+});
+afterEach(() => vi.useRealTimers());
+
+describe('source machine, fan-out child', () => {
+  it('chosen: boots after the final round, then completes as a single migration does', async () => {
+    const m = start('ok', 'ok');
+    const out = await m.finish();
+    expect(out.outcome).toBe('completed');
+    expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'booting', 'awaitingDecision', 'completing', 'finishing', 'completed']);
+    // MigrationComplete only after BootIncoming and the verdict.
+    expect(m.calls.slice(-4)).toEqual(['bootIncoming', 'awaitDecision', 'completeMigration', 'finishSource']);
+  });
+
+  it('terminated: rolls back with the verdict reason word for word, never sends MigrationComplete', async () => {
+    const reason = 'terminated: c booted first (migration m-1)';
+    const m = start('ok', { value: { commit: false, reason } satisfies FanOutVerdict });
+    const out = await m.finish();
+    expect(out).toMatchObject({ outcome: 'aborted', reason });
+    expect(m.rollBackReason()).toBe(reason);
+    expect(m.calls).not.toContain('completeMigration');
+    expect(m.journal.slice(-3)).toEqual(['awaitingDecision', 'rollingBack', 'aborted']);
+  });
+
+  it('its destination refuses to boot: rolls back as bootIncoming failed (the coordinator counts it bootFailed)', async () => {
+    const m = start('reject', 'ok');
+    const out = await m.finish();
+    expect(out.outcome).toBe('aborted');
+    expect(out.reason).toMatch(/^bootIncoming failed: /);
+    expect(m.calls).not.toContain('awaitDecision');
+  });
+
+  it('no BootReady within the step timeout: rolls back, bootIncoming timed out', async () => {
+    const m = start('hang', 'ok');
+    const out = await m.finish();
+    expect(out.reason).toBe(`bootIncoming timed out after ${STEP_MS} ms`);
+  });
+
+  it('CANCEL (the coordinator terminating it) while booting or while waiting rolls back', async () => {
+    for (const [boot, at] of [['hang', 'booting'], ['ok', 'awaitingDecision']] as const) {
+      const m = start(boot, 'hang');
+      await m.until(() => m.actor.getSnapshot().value === at);
+      m.actor.send({ type: 'CANCEL', reason: 'terminated: d booted first (migration m-1)' });
+      const out = await m.finish();
+      expect(out.outcome).toBe('aborted');
+      expect(out.reason).toContain('terminated: d booted first');
+    }
+  });
+
+  it('a verdict that fails rolls back', async () => {
+    const out = await start('ok', 'reject').finish();
+    expect(out.reason).toMatch(/^awaitDecision failed: /);
+  });
+
+  it('the single-destination machine has neither state: its final round still leads to completing', () => {
+    const single = createSourceMachine();
+    const ids = [...allTransitions(single)].map((k) => k.split('|')[0]);
+    expect(ids.some((id) => id === 'source.booting' || id === 'source.awaitingDecision')).toBe(false);
+    const fan = [...allTransitions(createSourceMachine({ fanOut: true }))];
+    expect(fan.filter((k) => k.startsWith('source.booting|') || k.startsWith('source.awaitingDecision|')).length).toBeGreaterThanOrEqual(6);
+  });
+});
+
+describe('source machine, fan-out child: coverage', () => {
+  it('took every transition out of booting and awaitingDecision', () => {
+    const ours = [...allTransitions(createSourceMachine({ fanOut: true }))].filter((k) => k.startsWith('source.booting|') || k.startsWith('source.awaitingDecision|'));
+    expect(ours.filter((k) => !coverage.taken.has(k))).toEqual([]);
+    expect(coverage.visited.has('source.booting')).toBe(true);
+    expect(coverage.visited.has('source.awaitingDecision')).toBe(true);
+  });
+});
