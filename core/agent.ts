@@ -1,4 +1,4 @@
-import { join, resolve } from 'node:path';
+import { isAbsolute, join, resolve } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { pack, unpack } from 'msgpackr';
 import type { AgentConfig } from './config/config.ts';
@@ -29,6 +29,9 @@ import type { MobilityHost } from './mobility/mobility-host.ts';
 import type { MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
 import type { Destinations } from './mobility/destinations.ts';
 import { loadClusterSecret } from './wire/auth.ts';
+import { connectNamedPeer } from './wire/peer-client.ts';
+import { peerEndpoint, type PeerEndpoint } from './wire/peer-services.ts';
+import { ImageService, costTable, imagesDirOf } from '../images/index.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
 
@@ -55,6 +58,8 @@ export interface AgentServices {
   readonly runtime: EmbotRuntime;
   readonly plugins: PluginStatusStore;
   readonly mobility: MobilityService;
+  readonly images: ImageService;
+  readonly peer: PeerEndpoint;
 }
 
 export interface RunningAgent {
@@ -120,6 +125,10 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly journal: MigrationJournal;
   readonly modules: AgentModuleProvider;
   readonly mobility: MobilityService;
+  /** Images and placement (issue 14): block index, global indexer, builds. */
+  readonly images: ImageService;
+  /** The peer endpoint features register their frames with (once the peer server listens). */
+  peer: PeerEndpoint | undefined;
   readonly migratingIn = new Set<string>();
   readonly udp: VmUdpServices;
   readonly hostMemory: number;
@@ -163,8 +172,31 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       forwardGraceMs: config.mobility.forwardGraceMs,
       dataplane: config.dataplane,
     });
+    const peerAuth = {
+      agent: config.name,
+      secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
+      tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
+    };
+    const peerMap = parsePeers(config.peer.peers);
+    this.images = new ImageService({
+      agent: config.name,
+      db: this.store.db,
+      imagesDir: imagesDirOf(resolve(config.dataDir), config.images.dir),
+      libraryDir: config.imageLibrary === undefined ? undefined : resolve(config.imageLibrary),
+      blockSize: config.images.blockSize,
+      indexer: config.images.indexer ?? config.name,
+      members: config.images.members,
+      costs: costTable(config.images.cost),
+      connect: (peer) => connectNamedPeer(peerMap, peer, { ...peerAuth, requestTimeoutMs: config.mobility.stepTimeoutMs }),
+      hostLoad: async () => ({ cpu: Math.min(1, await this.hostLoad()), freeMemory: Math.max(0, this.hostMemory - this.driver.list().reduce((s, v) => s + v.memory, 0)) }),
+      reindexMs: config.images.reindexMs,
+      requestTimeoutMs: config.mobility.stepTimeoutMs,
+      buildTimeoutMs: config.images.buildTimeoutMs,
+      log: log.child('images'),
+    });
     const r = this.services;
     r.register('store', this.store);
+    r.register('images', this.images);
     r.register('objects', this.objects);
     r.register('sensors', this.sensors);
     r.register('effectors', this.effectors);
@@ -299,6 +331,14 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, metrics: this.metrics, dashboard: this.dashboard, logger: log.child('control') });
     this.controlUrl = this.controlServer.url;
     await this.mobility.start();
+    const server = this.mobility.peerServer;
+    if (server) {
+      // Block and index frames are the second protocol on the peer link; they bypass mobility.
+      this.peer = peerEndpoint(server);
+      this.services.register('peer', this.peer);
+      this.peer.register(this.images.peerService());
+    }
+    await this.images.start();
   }
 
   /** The web dashboard and its live channel, fed by the runtime's, mobility's and driver's own events. */
@@ -471,7 +511,16 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   }
 
   async createVm(request: CreateVmRequest): Promise<ControlVmInfo> {
-    return this.driver.create(this.specFor(request));
+    // `--image NAME` (not a path): an image of this host's index (issue 14). The qemu driver boots
+    // its file; the sim keeps no disk of its own, so the VM's image is the indexed file itself.
+    const named = request.image !== undefined && !isAbsolute(request.image) ? request.image : undefined;
+    if (named === undefined) return this.driver.create(this.specFor(request));
+    const file = this.images.imagePath(named);
+    if (file === undefined) throw new EffectorError(ErrorCodes.IMAGE_UNKNOWN, `no image ${JSON.stringify(named)} on ${this.name} (see embot images; build it with embot image build ${named} --on ${this.name})`);
+    const { image: _named, ...rest } = request;
+    const info = await this.driver.create(this.specFor(this.config.driver === 'sim' ? rest : { ...rest, image: file }));
+    this.images.setVmImage(info.name, named);
+    return info;
   }
 
   async vmAction(name: string, action: 'start' | 'stop' | 'crash'): Promise<ControlVmInfo> {
@@ -566,6 +615,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     if (this.stopped) return;
     this.stopped = true;
     this.sensors.stopSensors();
+    await this.images.close().catch(() => {});
     await this.mobility.close().catch(() => {});
     this.dashboard?.close();
     await this.controlServer?.close().catch(() => {});

@@ -7,12 +7,23 @@ import { Packr } from 'msgpackr';
 import { EmbotError, ErrorCodes } from '../core/errors.ts';
 import { packHashes, unpackHashes, type BlockHash } from './block-hash.ts';
 import { isImageName, validateManifest, type ImageManifest } from './image-manifest.ts';
+import type { Holder } from './global-index.ts';
 import type { ImageOrigin, IndexDelta } from './local-index.ts';
+import { LIBRARY_SOURCE } from './network-cost.ts';
+
+/** A host's load, carried with its updates so placement can show it beside the cost. */
+export interface HostLoad {
+  /** CPU load, 0..1. */
+  readonly cpu: number;
+  /** Free memory, bytes. */
+  readonly freeMemory: number;
+}
 
 export interface IndexUpdateBody extends IndexDelta {
   /** 1, 2, 3… per host since its last full update (which restarts the count at its own seq). */
   readonly seq: number;
   readonly full: boolean;
+  readonly load?: HostLoad;
 }
 
 const packr = new Packr({ useRecords: false, moreTypes: false });
@@ -34,11 +45,75 @@ export function encodeIndexUpdate(u: IndexUpdateBody): Uint8Array {
     removed: packHashes(u.removed),
     changed: u.changed.map((c) => ({ o: c.origin, m: wireManifest(c.manifest) })),
     dropped: u.dropped.map((d) => ({ o: d.origin, n: d.name })),
+    ...(u.load ? { load: [u.load.cpu, u.load.freeMemory] } : {}),
   });
 }
 
 export function encodeManifest(m: ImageManifest): Uint8Array {
   return packr.pack(wireManifest(m));
+}
+
+/** What the global indexer answers about one image. */
+export interface IndexAnswerBody {
+  readonly manifest: ImageManifest;
+  /** Holders of each distinct block of the manifest. */
+  readonly holders: ReadonlyMap<BlockHash, readonly Holder[]>;
+  /** Last load each member reported. */
+  readonly loads: ReadonlyMap<string, HostLoad>;
+  /** Members the indexer currently offers. */
+  readonly members: readonly string[];
+}
+
+export function encodeIndexAnswer(a: IndexAnswerBody): Uint8Array {
+  const hosts: string[] = [];
+  const at = new Map<string, number>();
+  const idx = (h: string): number => at.get(h) ?? (at.set(h, hosts.push(h) - 1), hosts.length - 1);
+  const holders: number[][] = [];
+  const order: BlockHash[] = [];
+  for (const [h, list] of a.holders) {
+    order.push(h);
+    holders.push(list.map((x) => idx(x.via) * 2 + (x.source === x.via ? 0 : 1)));
+  }
+  return packr.pack({ m: wireManifest(a.manifest), v: hosts, o: packHashes(order), h: holders, l: [...a.loads].map(([host, l]) => [host, l.cpu, l.freeMemory]), mem: a.members });
+}
+
+/** @throws EmbotError `EMBOT_ERR_IMAGE_INVALID` when the answer is not one. */
+export function decodeIndexAnswer(bytes: Uint8Array): IndexAnswerBody {
+  const bad = (why: string): never => {
+    throw new EmbotError(ErrorCodes.IMAGE_INVALID, `index answer ${why}`);
+  };
+  let v: unknown;
+  try {
+    v = packr.unpack(bytes);
+  } catch {
+    return bad('is not msgpack');
+  }
+  if (!isMap(v) || !Array.isArray(v.v) || !Array.isArray(v.h) || !Array.isArray(v.l) || !Array.isArray(v.mem) || !(v.o instanceof Uint8Array)) return bad('must be {m, v, o, h, l, mem}');
+  const manifest = decodeManifest(v.m);
+  const hosts = v.v as unknown[];
+  if (!hosts.every((h) => typeof h === 'string')) return bad('.v must be host names');
+  const rows = v.h as unknown[];
+  const order = unpackHashes(v.o) ?? bad('.o must be raw hashes');
+  if (order.length !== rows.length) return bad('.o and .h differ in length');
+  const holders = new Map<BlockHash, Holder[]>();
+  order.forEach((h, i) => {
+    const list = rows[i];
+    if (!Array.isArray(list)) return bad('.h[] must be arrays');
+    holders.set(
+      h,
+      list.map((n: unknown) => {
+        if (typeof n !== 'number' || !Number.isInteger(n) || n < 0 || n >= hosts.length * 2) return bad('.h[] holds a bad host index');
+        const via = hosts[n >> 1] as string;
+        return { via, source: n & 1 ? LIBRARY_SOURCE : via };
+      }),
+    );
+  });
+  const loads = new Map<string, HostLoad>();
+  for (const row of v.l as unknown[]) {
+    if (!Array.isArray(row) || typeof row[0] !== 'string' || typeof row[1] !== 'number' || typeof row[2] !== 'number') return bad('.l must be [host, cpu, freeMemory] rows');
+    loads.set(row[0], { cpu: row[1], freeMemory: row[2] });
+  }
+  return { manifest, holders, loads, members: (v.mem as unknown[]).filter((x): x is string => typeof x === 'string') };
 }
 
 function refused(why: string, cause?: unknown): never {
@@ -94,5 +169,11 @@ export function decodeIndexUpdate(bytes: Uint8Array): IndexUpdateBody {
     if (!isMap(d) || !isImageName(d.n)) return refused('.dropped[] must be {o, n} with an image name');
     return { origin: origin(d.o), name: d.n };
   });
-  return { seq: v.seq, full: v.full, added: hashList(v.added, 'added'), removed: hashList(v.removed, 'removed'), changed, dropped };
+  let load: HostLoad | undefined;
+  if (v.load !== undefined) {
+    const l = v.load;
+    if (!Array.isArray(l) || l.length !== 2 || !l.every((x) => typeof x === 'number' && Number.isFinite(x) && x >= 0)) return refused('.load must be [cpu, freeMemory], non-negative numbers');
+    load = { cpu: l[0] as number, freeMemory: l[1] as number };
+  }
+  return { seq: v.seq, full: v.full, added: hashList(v.added, 'added'), removed: hashList(v.removed, 'removed'), changed, dropped, ...(load ? { load } : {}) };
 }

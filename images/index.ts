@@ -11,3 +11,5 @@ export { GlobalImageIndex, type Holder } from './global-index.ts';
 export { DEFAULT_COST, LIBRARY_SOURCE, MIB, costFromMeasurement, costTable, matrixTable, type CostConfig, type CostTable, type LinkMeasurement } from './network-cost.ts';
 export { buildImage, type BlockFetcher, type BuildOptions, type BuildProgress, type BuildSummary, type FetchProblem, type LocalBlocks } from './image-builder.ts';
 export { buildCosts, parsePolicy, rankCandidates, type Candidate, type PlacementMetric, type PlacementPolicy, type RankedCandidate } from './placement.ts';
+export { decodeIndexAnswer, encodeIndexAnswer, type HostLoad, type IndexAnswerBody } from './index-update.ts';
+export { ImageService, MAX_BLOCKS_PER_FETCH, imagesDirOf, type BuildJob, type ImageServiceOptions, type ImagesReport, type PlacementReport } from './image-service.ts';

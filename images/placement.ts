@@ -6,6 +6,7 @@
  */
 import { EmbotError, ErrorCodes } from '../core/errors.ts';
 import type { BlockHash } from './block-hash.ts';
+import type { Holder } from './global-index.ts';
 import { MIB, type CostTable } from './network-cost.ts';
 
 export interface Candidate {
@@ -35,26 +36,27 @@ export interface RankedCandidate extends Candidate {
 }
 
 /**
- * Build cost at every candidate. `blocks` maps each distinct hash to its bytes; `sourcesOf` gives
- * the sources (hosts, `library`) that hold a hash. Blocks with the same holder set are summed first,
+ * Build cost at every candidate. `blocks` maps each distinct hash to its bytes; `holdersOf` gives
+ * who holds a hash (a host's own copy, or a library served by a host). A candidate that holds a
+ * block itself (either way) pays nothing for it. Blocks with the same holder set are summed first,
  * so the work is candidates × holder sets × their size, not candidates × blocks.
  */
-export function buildCosts(blocks: ReadonlyMap<BlockHash, number>, candidates: readonly string[], sourcesOf: (h: BlockHash) => readonly string[], table: CostTable): Map<string, number> {
-  const groups = new Map<string, { sources: string[]; bytes: number }>();
+export function buildCosts(blocks: ReadonlyMap<BlockHash, number>, candidates: readonly string[], holdersOf: (h: BlockHash) => readonly Holder[], table: CostTable): Map<string, number> {
+  const groups = new Map<string, { holders: Holder[]; bytes: number }>();
   for (const [h, bytes] of blocks) {
-    const sources = [...new Set(sourcesOf(h))].sort();
-    const key = sources.join('\u0000');
+    const holders = [...holdersOf(h)].sort((a, b) => cmp(a.via, b.via) || cmp(a.source, b.source));
+    const key = holders.map((x) => `${x.via}\u0001${x.source}`).join('\u0000');
     const g = groups.get(key);
     if (g) g.bytes += bytes;
-    else groups.set(key, { sources, bytes });
+    else groups.set(key, { holders, bytes });
   }
   const out = new Map<string, number>();
   for (const t of candidates) {
     let total = 0;
     for (const g of groups.values()) {
       let best = Infinity;
-      for (const s of g.sources) {
-        const c = table.cost(s, t);
+      for (const s of g.holders) {
+        const c = s.via === t ? 0 : table.cost(s.source, t);
         if (c < best) best = c;
         if (best === 0) break;
       }
@@ -63,6 +65,10 @@ export function buildCosts(blocks: ReadonlyMap<BlockHash, number>, candidates: r
     out.set(t, total);
   }
   return out;
+}
+
+function cmp(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 function metric(c: Candidate, by: PlacementMetric): number {

@@ -6,6 +6,7 @@ import { registerCaCommands } from './ca-commands.ts';
 import { registerDemoCommand } from './demo-command.ts';
 import { createContext, type CliIo } from './context.ts';
 import { registerEventCommands } from './event-commands.ts';
+import { registerImageCommands } from './image-commands.ts';
 import { registerInfoCommands } from './info-commands.ts';
 import { registerMigrateCommands } from './migrate-commands.ts';
 import { registerModuleCommands } from './module-commands.ts';
@@ -56,6 +57,9 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   registerModuleCommands(program, ctx);
   registerCaCommands(program, ctx);
   registerMigrateCommands(program, ctx, (code) => {
+    exitCode = code;
+  });
+  registerImageCommands(program, ctx, (code) => {
     exitCode = code;
   });
   registerDemoCommand(program, ctx, (code) => {

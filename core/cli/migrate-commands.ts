@@ -4,6 +4,7 @@ import type { Destinations, MigrationInfo } from '../control/control-api.ts';
 import { isEmbotError } from '../errors.ts';
 import { parseDestinationList } from '../mobility/destinations.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
+import { autoDestination } from './image-commands.ts';
 import { formatBytes, formatDuration, formatTable, formatTime, truncate } from './format.ts';
 
 interface MigrateFlags extends ClientFlags {
@@ -33,7 +34,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .command('migrate')
       .description('move a VM and its management to a peer agent; shows progress, then a summary')
       .argument('<vm>', 'VM name')
-      .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins)", parseDestinations)
+      .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins); auto: the cheapest host to build the VM's image at (embot place), built there first", parseDestinations)
       .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
       .option('--retries <n>', 'when no destination boots: try the same set again up to N times (0..5; default 0)', parseRetries)
       .option('--fallback <peers>', 'PEER,PEER…: when no destination of --to booted (after the retries), try these once', parseFallback)
@@ -88,8 +89,10 @@ function describeDestinations(to: Destinations): string {
   return typeof to === 'string' ? to : to.join(', ');
 }
 
-async function runMigrate(vm: string, opts: MigrateFlags, ctx: CliContext): Promise<number> {
-  const client = ctx.client(opts);
+async function runMigrate(vm: string, flags: MigrateFlags, ctx: CliContext): Promise<number> {
+  const client = ctx.client(flags);
+  // `--to auto` (issue 14): the host where building the VM's image costs the network least, built there first.
+  const opts = flags.to === 'auto' ? { ...flags, to: await autoDestination(client, vm, ctx, !flags.json) } : flags;
   const { id } = await client.migrate(vm, opts.to, {
     ...(opts.threshold === undefined ? {} : { thresholdMs: opts.threshold }),
     ...(opts.retries === undefined ? {} : { retries: opts.retries }),

@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 import type { CreateVmRequest, VmAction, VmInfo } from '../control/control-api.ts';
@@ -33,7 +34,7 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
       .option('--dirty-rate <rate>', 'memory dirtied per second while running, e.g. 10M (sim)', parseSize)
       .option('--vcpus <n>', 'virtual CPUs', parsePositiveInt)
       .option('--udp-port <port>', 'UDP service port of the VM (sim)', parsePort)
-      .option('--image <file>', 'disk image, raw or .qcow2 (qemu)')
+      .option('--image <file|name>', 'disk image: a file, raw or .qcow2 (qemu), or the name of an image in the agent\'s index (embot images; both drivers)')
       .option('--boot <file>', 'raw image to boot instead of the embot test guest (qemu)'),
   ).action(async (name: string, opts: CreateFlags) => {
     const spec: CreateVmRequest = {
@@ -43,7 +44,8 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
       ...(opts.vcpus === undefined ? {} : { vcpus: opts.vcpus }),
       ...(opts.udpPort === undefined ? {} : { udpPort: opts.udpPort }),
       // The agent runs on this host, maybe from another directory: it gets absolute paths.
-      ...(opts.image === undefined ? {} : { image: resolve(opts.image) }),
+      // A bare name that is no file here is an image of the agent's index (embot images).
+      ...(opts.image === undefined ? {} : { image: !opts.image.includes('/') && !existsSync(opts.image) ? opts.image : resolve(opts.image) }),
       ...(opts.boot === undefined ? {} : { boot: resolve(opts.boot) }),
     };
     const info = await ctx.client(opts).createVm(spec);

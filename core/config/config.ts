@@ -182,6 +182,33 @@ export const AgentConfigSchema = z
       .prefault({}),
     /** Per-module config overrides, merged over each module manifest's `config`. */
     modules: z.record(z.string(), z.record(z.string(), z.unknown())).default({}),
+    /** A folder of base images this agent serves to its group (issue 14; README "Images and placement"). */
+    imageLibrary: z.string().min(1).optional(),
+    images: z
+      .object({
+        /** This host's images; default <dataDir>/images. */
+        dir: z.string().min(1).optional(),
+        blockSize: z.number().int().min(4096).max(16 * 1024 * 1024).default(65536),
+        /** The group's global indexer; default: this agent (one level, a small cluster). */
+        indexer: z.string().min(1).optional(),
+        /** Agents the indexer takes index updates from; empty: any authenticated peer. */
+        members: z.array(z.string().min(1)).default([]),
+        reindexMs: z.number().int().min(0).default(30000),
+        buildTimeoutMs: positiveInt.default(600000),
+        /** Cost of moving one MiB between two hosts (`library`: the image library). */
+        cost: z
+          .object({
+            racks: z.record(z.string(), z.array(z.string().min(1))).optional(),
+            sameRack: z.number().min(0).optional(),
+            crossRack: z.number().min(0).optional(),
+            matrix: z.record(z.string(), z.record(z.string(), z.number().min(0))).optional(),
+            default: z.number().min(0).optional(),
+          })
+          .strict()
+          .default({}),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict()
   .superRefine((config, ctx) => {

@@ -1,4 +1,5 @@
 import { ControlError, ErrorCodes, describeError, type ErrorCode } from '../errors.ts';
+import type { BuildJob, ImagesReport, PlacementReport } from '../../images/index.ts';
 import {
   type MigrateOptions,
   DEFAULT_MIGRATION_WAIT_MS,
@@ -130,6 +131,25 @@ export class ControlClient {
   waitMigration(id: string, opts: { readonly timeoutMs?: number } = {}): Promise<MigrationInfo> {
     const timeoutMs = opts.timeoutMs ?? DEFAULT_MIGRATION_WAIT_MS;
     return this.request('GET', `/v1/migrations/${encodeURIComponent(id)}?wait=1&timeoutMs=${timeoutMs}`, undefined, timeoutMs + WAIT_SLACK_MS);
+  }
+
+  /** The agent's images (and, on the group's indexer, the group's). */
+  images(): Promise<ImagesReport> {
+    return this.request('GET', '/v1/images');
+  }
+
+  /** Starts building `image` at `on` (default: this agent); poll with getImageBuild. */
+  startImageBuild(image: string, on?: string): Promise<{ id: string }> {
+    return this.request('POST', '/v1/images/builds', on === undefined ? { image } : { image, on });
+  }
+
+  getImageBuild(id: string): Promise<BuildJob> {
+    return this.request('GET', `/v1/images/builds/${encodeURIComponent(id)}`);
+  }
+
+  /** Ranks candidate hosts for a VM (or an image) by the network cost of building its image there. */
+  place(request: { readonly vm?: string; readonly image?: string; readonly candidates?: readonly string[]; readonly policy?: string }): Promise<PlacementReport> {
+    return this.request('POST', '/v1/place', request);
   }
 
   private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {

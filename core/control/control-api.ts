@@ -2,6 +2,7 @@ import type { EmbotEvent, EmbotEventInput } from '../events.ts';
 import type { VmInfo as DriverVmInfo } from '../../effectors/index.ts';
 import type { MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime } from '../mobility/migration-record.ts';
 import type { Destinations } from '../mobility/destinations.ts';
+import type { BuildJob, ImagesReport, PlacementPolicy, PlacementReport } from '../../images/index.ts';
 
 export type { Destinations };
 
@@ -162,6 +163,20 @@ export interface AgentControl {
   getMigration(id: string): MigrationInfo | undefined;
   /** Resolves once migration `id` has ended (at once for a finished one); undefined for an unknown id. */
   waitMigration(id: string): Promise<MigrationSummary | undefined>;
+  /** Images and placement (issue 14); absent on a control double without them. */
+  readonly images?: ImagesControl;
+}
+
+/** Images and placement as the control API reaches them (images/image-service.ts ImageService). */
+export interface ImagesControl {
+  report(): ImagesReport;
+  /** Throws `IMAGE_INVALID` for a bad name; the build itself runs on and is polled with getBuild. */
+  startBuild(image: string, on: string): { readonly id: string };
+  getBuild(id: string): BuildJob | undefined;
+  /** Ranks `candidates` (default: the index group's members but this agent); throws `IMAGE_UNKNOWN`, `PLACEMENT_INPUT_INVALID`. */
+  place(image: string, candidates: readonly string[] | undefined, policy: PlacementPolicy): Promise<PlacementReport>;
+  /** The image VM `vm` was created with. */
+  vmImage(vm: string): string | undefined;
 }
 
 /** Largest accepted request body. */

@@ -4,6 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { z } from 'zod';
 import { ConfigError, ControlError, EmbotError, ErrorCodes, EventError, describeError, type ErrorCode } from '../errors.ts';
 import { isValidElementId, isValidEventType } from '../events.ts';
+import { parsePolicy } from '../../images/index.ts';
 import { presentedToken } from './dashboard-auth.ts';
 import type { Logger } from '../logger.ts';
 import {
@@ -48,6 +49,7 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.CONTROL_UNAUTHORIZED]: 401,
   [ErrorCodes.CONTROL_NOT_FOUND]: 404,
   [ErrorCodes.VM_UNKNOWN]: 404,
+  [ErrorCodes.IMAGE_UNKNOWN]: 404,
   [ErrorCodes.ELEMENT_UNKNOWN]: 404,
   [ErrorCodes.POLICY_UNKNOWN]: 404,
   [ErrorCodes.PEER_UNKNOWN]: 400,
@@ -67,6 +69,17 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.AGENT_STOPPED]: 503,
   [ErrorCodes.DASHBOARD_NOT_BUILT]: 503,
 };
+
+const BuildImageBody = z.object({ image: z.string().min(1).max(128), on: z.string().min(1).max(64).optional() }).strict();
+
+const PlaceBody = z
+  .object({
+    vm: z.string().min(1).max(128).optional(),
+    image: z.string().min(1).max(128).optional(),
+    candidates: z.array(z.string().min(1).max(64)).min(1).max(10_000).optional(),
+    policy: z.string().min(1).max(64).default('cheapest'),
+  })
+  .strict();
 
 const CreateVmBody = z
   .object({
@@ -238,6 +251,38 @@ export async function startControlServer(options: ControlServerOptions): Promise
       if (!isValidEventType(input.type)) throw new EventError(ErrorCodes.EVENT_INVALID, `event type ${JSON.stringify(input.type)} is invalid (SCREAMING_CASE, e.g. VM_CRASHED)`);
       const event = await control.emitEvent({ ...input, source: 'control' });
       return { status: 201, body: event };
+    }
+    if (path[0] === 'images' || (path.length === 1 && path[0] === 'place')) {
+      const images = control.images;
+      if (!images) throw notFound(url.pathname);
+      if (path.length === 1 && path[0] === 'images') {
+        only('GET');
+        return ok(images.report());
+      }
+      if (path.length === 2 && path[1] === 'builds') {
+        only('POST');
+        const body = BuildImageBody.safeParse(await readJson(req));
+        if (!body.success) throw invalidFields(body.error);
+        return { status: 202, body: images.startBuild(body.data.image, body.data.on ?? control.status().name) };
+      }
+      if (path.length === 3 && path[1] === 'builds') {
+        only('GET');
+        const job = images.getBuild(decodeSegment(path[2]!));
+        if (!job) throw new ControlError(ErrorCodes.CONTROL_NOT_FOUND, `no image build ${JSON.stringify(path[2])} on this agent`);
+        return ok(job);
+      }
+      if (path.length === 1 && path[0] === 'place') {
+        only('POST');
+        const body = PlaceBody.safeParse(await readJson(req));
+        if (!body.success) throw invalidFields(body.error);
+        const { vm, policy, candidates } = body.data;
+        const image = body.data.image ?? (vm === undefined ? undefined : images.vmImage(vm));
+        if (image === undefined) {
+          throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, vm === undefined ? 'place needs a VM or an image' : `VM ${vm} has no image here (create it with --image, or name one with --image)`);
+        }
+        return ok(await images.place(image, candidates, parsePolicy(policy)));
+      }
+      throw notFound(url.pathname);
     }
     if (path.length === 1 && path[0] === 'migrations') {
       if (method === 'GET') return ok(control.listMigrations());

@@ -50,10 +50,13 @@ export type GuardedType = GuardedFrame['type'];
  * - `settled`: a migration this agent committed as the target (ForwardedEvents and UdpHandover come
  *   after the commit); with `graceBound`, no longer ago than the forwarding grace period.
  * - `journaled`: any migration in the journal, finished or not (a restarted source asks how one ended).
+ * - `service`: not a mobility frame: a feature service serves it through the peer endpoint
+ *   (core/wire/peer-services.ts); mobility's handler table has none, and the guard refuses one.
  * `vm: true`: the frame's own `vm` field must be the migration's VM.
  */
 export type FrameRule =
   | { readonly kind: 'free' }
+  | { readonly kind: 'service' }
   | { readonly kind: 'live'; readonly role: 'target'; readonly states: readonly TargetStateName[]; readonly vm?: true }
   | { readonly kind: 'live'; readonly role: 'source'; readonly states: readonly SourceStateName[] }
   | { readonly kind: 'settled'; readonly role: 'target'; readonly graceBound: boolean; readonly vm?: true }
@@ -104,6 +107,11 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   // Opens sockets, and is sent once, right after the commit.
   UdpHandover: { kind: 'settled', role: 'target', graceBound: true, vm: true },
   MigrationStatusQuery: { kind: 'journaled', role: 'target' },
+  // Images (issue 14): the images service's, registered on the peer endpoint.
+  BlockFetch: { kind: 'service' },
+  IndexUpdate: { kind: 'service' },
+  IndexQuery: { kind: 'service' },
+  ImageBuild: { kind: 'service' },
   // Either side may abort while the migration runs; the commit itself decides once it started.
   Abort: { kind: 'live', role: 'target', states: ACTIVE_TARGET },
 };
@@ -166,6 +174,7 @@ function refuse(code: (typeof ErrorCodes)['MIGRATION_UNKNOWN' | 'MIGRATION_PHASE
 export function checkFrame(frame: GuardedFrame, ctx: GuardContext): GuardVerdict {
   const rule = FRAME_RULES[frame.type];
   if (rule.kind === 'free') return { ok: true, migrationId: undefined, probe: false };
+  if (rule.kind === 'service') return { ok: false, error: new ProtocolError(ErrorCodes.REQUEST_FAILED, `${frame.type} is not a mobility frame`) };
   const named = (frame as { readonly migrationId: string }).migrationId;
   const probe = frame.type === 'PageBatch' && named.endsWith(PROBE_SUFFIX) && named.length > PROBE_SUFFIX.length;
   const id = probe ? named.slice(0, -PROBE_SUFFIX.length) : named;

@@ -227,6 +227,38 @@ export interface Ping {
 }
 
 // ---------------------------------------------------------------------------------------------
+// images (issue 14): served by the images service, registered on the peer endpoint
+// (peer-services.ts); they never pass through the mobility service.
+
+/** Any agent → a holder: send the blocks with these hashes (raw 32-byte sha256s, concatenated). */
+export interface BlockFetch {
+  readonly type: 'BlockFetch';
+  readonly reqId: number;
+  readonly hashes: Uint8Array;
+}
+
+/** A member → its group's global indexer: its index, whole or as the change since its last update (images/index-update.ts). */
+export interface IndexUpdate {
+  readonly type: 'IndexUpdate';
+  readonly reqId: number;
+  readonly body: Uint8Array;
+}
+
+/** Any agent → the global indexer: an image's manifest, who holds each of its blocks, the members' load. */
+export interface IndexQuery {
+  readonly type: 'IndexQuery';
+  readonly reqId: number;
+  readonly image: string;
+}
+
+/** Any agent → the host an image is to be built at: build it there from the cheapest holders. */
+export interface ImageBuild {
+  readonly type: 'ImageBuild';
+  readonly reqId: number;
+  readonly image: string;
+}
+
+// ---------------------------------------------------------------------------------------------
 // replies
 
 export interface MigrationPermitted {
@@ -385,6 +417,34 @@ export interface Pong {
   readonly ts: number;
 }
 
+/** The blocks asked, in order: `sizes` holds one u32 LE length per hash (0xFFFFFFFF: not held here), `data` the blocks held, concatenated. */
+export interface BlockData {
+  readonly type: 'BlockData';
+  readonly replyTo: number;
+  readonly sizes: Uint8Array;
+  readonly data: Uint8Array;
+}
+
+export interface IndexUpdateAck {
+  readonly type: 'IndexUpdateAck';
+  readonly replyTo: number;
+  readonly seq: number;
+}
+
+/** msgpack of the manifest, the holders of each distinct block and the members' load (images/index-answer.ts). */
+export interface IndexAnswer {
+  readonly type: 'IndexAnswer';
+  readonly replyTo: number;
+  readonly body: Uint8Array;
+}
+
+/** msgpack of the build summary (images/image-builder.ts BuildSummary). */
+export interface ImageBuilt {
+  readonly type: 'ImageBuilt';
+  readonly replyTo: number;
+  readonly summary: Uint8Array;
+}
+
 // ---------------------------------------------------------------------------------------------
 // notifications and errors
 
@@ -425,6 +485,10 @@ export type RequestFrame =
   | PrepareIncoming
   | BootIncoming
   | UdpHandover
+  | BlockFetch
+  | IndexUpdate
+  | IndexQuery
+  | ImageBuild
   | Ping;
 export type ReplyFrame =
   | MigrationPermitted
@@ -446,6 +510,10 @@ export type ReplyFrame =
   | IncomingReady
   | BootReady
   | UdpHandoverAck
+  | BlockData
+  | IndexUpdateAck
+  | IndexAnswer
+  | ImageBuilt
   | Pong;
 export type NotificationFrame = Abort;
 
@@ -470,6 +538,10 @@ export interface ReplyMap {
   PrepareIncoming: IncomingReady | MigrationStateFailed;
   BootIncoming: BootReady | MigrationStateFailed;
   UdpHandover: UdpHandoverAck;
+  BlockFetch: BlockData;
+  IndexUpdate: IndexUpdateAck;
+  IndexQuery: IndexAnswer;
+  ImageBuild: ImageBuilt;
   Ping: Pong;
 }
 
@@ -500,6 +572,10 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   PrepareIncoming: ['IncomingReady', 'MigrationStateFailed'],
   BootIncoming: ['BootReady', 'MigrationStateFailed'],
   UdpHandover: ['UdpHandoverAck'],
+  BlockFetch: ['BlockData'],
+  IndexUpdate: ['IndexUpdateAck'],
+  IndexQuery: ['IndexAnswer'],
+  ImageBuild: ['ImageBuilt'],
   Ping: ['Pong'],
 };
 
@@ -525,6 +601,10 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   PrepareIncoming: 'request',
   BootIncoming: 'request',
   UdpHandover: 'request',
+  BlockFetch: 'request',
+  IndexUpdate: 'request',
+  IndexQuery: 'request',
+  ImageBuild: 'request',
   Ping: 'request',
   MigrationPermitted: 'reply',
   MigrationDenied: 'reply',
@@ -545,6 +625,10 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   IncomingReady: 'reply',
   BootReady: 'reply',
   UdpHandoverAck: 'reply',
+  BlockData: 'reply',
+  IndexUpdateAck: 'reply',
+  IndexAnswer: 'reply',
+  ImageBuilt: 'reply',
   Pong: 'reply',
   Abort: 'notification',
   Error: 'error',

@@ -19,6 +19,7 @@ export {
   type RequestOptions,
 } from './peer-connection.ts';
 export { PeerServer, type PeerServerEvents, type PeerServerOptions, type RefusedInfo } from './peer-server.ts';
+export { SERVICE_REQUEST_TYPES, peerEndpoint, type PeerEndpoint, type PeerFrameService, type ServiceRequestType } from './peer-services.ts';
 export { connectNamedPeer, connectPeer, type ConnectPeerOptions } from './peer-client.ts';
 export { DEFAULT_PEER_LISTEN, parsePeerListen, parsePeers, peerUrl, type PeerListenAddress, type PeerMap } from './peers.ts';
 export {

@@ -66,6 +66,7 @@ describe('config defaults', () => {
         paths: {},
       },
       modules: {},
+      images: { blockSize: 65536, members: [], reindexMs: 30000, buildTimeoutMs: 600000, cost: {} },
     });
     expect(c.name).toMatch(/^[a-z0-9][a-z0-9-]*$/);
   });

@@ -81,7 +81,7 @@ describe('placement by network cost', () => {
         const costs = buildCosts(
           new Map(blocks.map((b) => [b.hash, b.bytes])),
           candidates.map((c) => c.host),
-          (h) => blocks.find((b) => b.hash === h)!.holders.map((i) => hosts[i]!),
+          (h) => blocks.find((b) => b.hash === h)!.holders.map((i) => ({ source: hosts[i]!, via: hosts[i]! })),
           matrixTable(hosts, s.matrix),
         );
         const ranked = rankCandidates(candidates, costs, s.policy).map((r) => ({ host: r.host, cost: r.cost }));
