@@ -186,4 +186,22 @@ describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', 
     await page.waitForSelector('[data-vm="web-2"]');
     expect(await page.locator('[data-vm="web-1"]').count()).toBe(0);
   }, 90_000);
+
+  it('cancels a running migration from the UI: it ends aborted and the VM stays', async () => {
+    await a.createVm({ name: 'web-3', memory: 64 * 1024 * 1024, dirtyRate: 1024 * 1024 });
+    await a.vmAction('web-3', 'start');
+    await view('migrations');
+    const { id } = await a.migrate('web-3', 'b');
+    const cancel = page.locator(`[data-testid=live-migrations] [data-migration="${id}"] button.danger`);
+    await cancel.waitFor({ timeout: 20_000 });
+    await cancel.click();
+    const ended = await a.waitMigration(id, { timeoutMs: 30_000 });
+    expect(ended.outcome).toBe('aborted');
+    expect(ended.reason).toContain('cancelled');
+    await page.waitForSelector(`[data-testid=past-migrations] [data-migration="${id}"].outcome-aborted`);
+    expect(await page.locator(`[data-migration="${id}"] .error`).textContent()).toContain('cancelled');
+    await shot('migrations-cancelled');
+    expect((await a.listVms()).find((v) => v.name === 'web-3')?.state).toBe('running');
+    expect((await b.listVms()).some((v) => v.name === 'web-3')).toBe(false);
+  }, 60_000);
 });

@@ -86,7 +86,7 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
       ? h(
           'div',
           { class: 'handoff' },
-          h('strong', {}, 'management hand-off: '),
+          h('strong', {}, sum.outcome === 'completed' ? 'management hand-off: ' : 'management staged, not handed off (the source kept it): '),
           `${sum.embots} embot(s), ${sum.events} event(s), modules ${sum.modules.map((x) => x.split('#')[0]).join(', ') || 'none'} (${sum.modulesShipped} shipped), ${sum.forwarded} forwarded after the switch`,
           sum.deadLettered ? `, ${sum.deadLettered} dead-lettered` : '',
           `; total ${fmtMs(sum.totalMs)}`,
