@@ -257,8 +257,32 @@ export interface FanOutSession {
   close(): void;
 }
 
+/**
+ * Optional: an incoming VM taken to its last reversible point before its commit (issue 13, README
+ * "Several destinations", step 2; qemu). For a driver with a stream of its own: the stream is
+ * complete, the VM is held not running (qemu: paused by -S) and its disks are not activated
+ * (late-block-activate), so abortIncoming still throws it away and the source can take its VM back.
+ * (A driver whose memory rides the data paths, the sim, has `incomingPages.complete` instead.)
+ */
+export interface IncomingBoot {
+  /**
+   * Resolves once `vm`'s incoming memory is all in and the VM is held at that point.
+   * @throws EffectorError MIGRATION_FAILED when the stream broke or the VM is not held (already runs),
+   *   VM_BAD_STATE for a VM that is not incoming, VM_UNKNOWN for none.
+   */
+  bootIncoming(vm: string, options?: { readonly timeoutMs?: number }): Promise<IncomingBootResult>;
+}
+
+export interface IncomingBootResult {
+  /** When the incoming stream completed (epoch ms; the driver's own observation). */
+  readonly readyAt: number;
+  /** How long the call waited for it, ms (0 when it was ready already). */
+  readonly waitedMs: number;
+}
+
 export interface HypervisorCapabilities {
   readonly fanOut?: FanOutMemory;
+  readonly incomingBoot?: IncomingBoot;
   readonly faults?: FaultInjection;
   readonly migrationModel?: MigrationModel;
   readonly incomingPages?: IncomingPages;

@@ -258,6 +258,49 @@ describe.skipIf(!run)('qemu live migration between two drivers on loopback (TCG)
     await source.remove('held-1');
   });
 
+  it('bootIncoming (issue 13): waits for the stream, answers when it completed, the VM held paused and reversible (abort: the source takes it back); bad calls are coded errors', async () => {
+    const { source, target } = hosts();
+    const image = join(qemus.root(), 'boot-inc.img');
+    writeGuestImage(image, { delayLoops: 2000 });
+    const vm: QemuVmSpec = { name: 'bi-1', memory: 64 * MiB, vcpus: 1, bootImage: image };
+    await source.create(vm);
+    await source.start('bi-1');
+    await heartbeat(source.stateDir('bi-1'), 2);
+    const sourcePid = source.pid('bi-1')!;
+    const boot = target.capabilities.incomingBoot!;
+    expect((await rejection(boot.bootIncoming('nope'))).code).toBe(ErrorCodes.VM_UNKNOWN);
+    const { endpoint } = await target.prepareIncoming(vm);
+    // Asked before the memory moves: it waits for the stream (MIGRATION event).
+    const t0 = Date.now();
+    const booted = boot.bootIncoming('bi-1', { timeoutMs: 60_000 });
+    await source.migrateOut('bi-1', { endpoint });
+    const r = await booted;
+    expect(r.readyAt).toBeGreaterThanOrEqual(t0);
+    expect(r.readyAt).toBeLessThanOrEqual(Date.now());
+    expect(r.waitedMs).toBeGreaterThan(0);
+    // Held: the guest runs nowhere, the VM is still incoming; asked again, it answers at once with the same time.
+    const before = serialBytes(target.stateDir('bi-1'));
+    const again = await boot.bootIncoming('bi-1');
+    expect(again.readyAt).toBe(r.readyAt);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(serialBytes(target.stateDir('bi-1'))).toBe(before);
+    expect(target.get('bi-1')?.state).toBe('created');
+    // Reversible: the target throws it away, the source takes its VM back in its same QEMU.
+    await target.abortIncoming('bi-1');
+    expect((await source.start('bi-1')).state).toBe('running');
+    expect(source.pid('bi-1')).toBe(sourcePid);
+    await heartbeat(source.stateDir('bi-1'), 2);
+    expect((await rejection(boot.bootIncoming('bi-1'))).code).toBe(ErrorCodes.VM_UNKNOWN);
+    expect((await rejection(source.capabilities.incomingBoot!.bootIncoming('bi-1'))).code).toBe(ErrorCodes.VM_BAD_STATE);
+    // A stream that breaks: the incoming QEMU killed under the wait.
+    await target.prepareIncoming(vm);
+    const waiting = boot.bootIncoming('bi-1', { timeoutMs: 30_000 });
+    process.kill(target.pid('bi-1')!, 'SIGKILL');
+    expect((await rejection(waiting)).code).toBe(ErrorCodes.MIGRATION_FAILED);
+    await target.abortIncoming('bi-1');
+    expect(qemus.live()).toEqual([sourcePid]);
+  });
+
   it('an incoming VM whose memory is in survives a restart of its driver: re-attached as incoming (created), the commit then runs it', async () => {
     const { source, target } = hosts();
     const vm = spec('held-2', 2000);

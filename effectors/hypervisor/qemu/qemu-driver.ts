@@ -8,6 +8,7 @@ import type {
   HypervisorCapabilities,
   HypervisorDriver,
   HypervisorEvents,
+  IncomingBootResult,
   MigrateOutOptions,
   MigrateOutResult,
   MigrationEndpoint,
@@ -101,6 +102,8 @@ interface Vm {
   incoming: boolean;
   /** The incoming QEMU said its stream completed (MIGRATION event): under -S it waits paused for the commit's `cont`. */
   incomingComplete: boolean;
+  /** When that event came (epoch ms). */
+  incomingCompletedAt: number | undefined;
   migrating: boolean;
   /** Reason for the STOP/RESUME event a pause()/resume() is about to cause (QEMU sends it before the reply). */
   intent: string | undefined;
@@ -211,6 +214,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       migrationModel: { estimateHints: (vm, opts) => this.estimateHints(vm, opts?.channels ?? 1), recordEndToEnd: (vm, ms) => this.recordEndToEnd(vm, ms) },
       memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
       faults: { crash: (vm) => this.crash(vm) },
+      incomingBoot: { bootIncoming: (vm, options) => this.bootIncoming(vm, options) },
     };
   }
 
@@ -816,6 +820,59 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     }
   }
 
+  /**
+   * Waits until the incoming VM's stream completed and checks it is held there: paused by -S, its
+   * disks not activated (late-block-activate; only the commit's `cont` takes them), so
+   * abortIncoming still throws it away and the source can still take its VM back with `cont`.
+   * Event-fed (MIGRATION), with `query-migrate` as the fallback after a re-attach.
+   */
+  private async bootIncoming(name: string, options: { readonly timeoutMs?: number } = {}): Promise<IncomingBootResult> {
+    const vm = this.require(name);
+    if (!vm.incoming) throw badState(vm, 'boot an incoming migration of');
+    const proc = vm.proc;
+    if (proc === undefined || !proc.alive) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} has no QEMU any more: the migration stream broke`, { details: { vm: name } });
+    const t0 = Date.now();
+    const deadline = t0 + (options.timeoutMs ?? this.timeoutMs);
+    let wake: () => void = () => {};
+    const onEvent = (e: QmpEvent): void => {
+      if (e.event === 'MIGRATION') wake();
+    };
+    proc.qmp.events.on('event', onEvent);
+    try {
+      for (;;) {
+        if (!vm.incomingComplete) {
+          const info = await proc.qmp.execute('query-migrate');
+          if (info.status === 'completed' && !vm.incomingComplete) {
+            vm.incomingComplete = true;
+            vm.incomingCompletedAt = Date.now();
+          } else if (info.status === 'failed' || info.status === 'cancelled') {
+            throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming migration of VM ${name} ${info.status}`, { details: { vm: name, status: info.status } });
+          }
+        }
+        if (vm.incomingComplete) {
+          const { status } = await proc.qmp.execute('query-status');
+          // Held by -S: nothing of the guest ran here, and the disks are still the source's.
+          if (status !== 'paused') throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} is ${status}, not held at its last reversible point`, { details: { vm: name, status } });
+          return { readyAt: vm.incomingCompletedAt ?? Date.now(), waitedMs: Date.now() - t0 };
+        }
+        if (Date.now() > deadline) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name}: its stream did not complete within ${options.timeoutMs ?? this.timeoutMs} ms`, { details: { vm: name } });
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, this.pollMs);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+      }
+    } catch (e) {
+      // The QEMU went away under the wait: the stream broke.
+      if (isEmbotError(e, ErrorCodes.QMP_PROTOCOL)) throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `incoming VM ${name} has no QEMU any more: the migration stream broke`, { details: { vm: name }, cause: e });
+      throw e;
+    } finally {
+      proc.qmp.events.off('event', onEvent);
+    }
+  }
+
   async commitIncoming(name: string, options: { readonly timeoutMs?: number; readonly running?: boolean } = {}): Promise<VmInfo> {
     const vm = this.require(name);
     if (!vm.incoming) throw badState(vm, 'commit an incoming migration of');
@@ -967,6 +1024,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       expectingExit: undefined,
       incoming,
       incomingComplete: false,
+      incomingCompletedAt: undefined,
       migrating: false,
       intent: undefined,
       dirtyRate: undefined,
@@ -1005,7 +1063,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           break;
         case 'MIGRATION':
           // QEMU sets the incoming side's runstate (paused, under -S) before it reports completed.
-          if (vm.incoming && e.data['status'] === 'completed') vm.incomingComplete = true;
+          if (vm.incoming && e.data['status'] === 'completed' && !vm.incomingComplete) {
+            vm.incomingComplete = true;
+            vm.incomingCompletedAt = Date.now();
+          }
           break;
         case 'GUEST_PANICKED':
           vm.crashes++;
