@@ -15,6 +15,8 @@ import { parseExposition, type Exposition } from '../harness/prometheus.ts';
  */
 const TOKEN = 'metrics-test-token-0123';
 const CAP = 2 << 20;
+/** The sim guest dirties this many bytes per second. */
+const DIRTY = 256 << 10;
 let cluster: Cluster;
 const clients = new Map<string, ControlClient>();
 const client = (n: string): ControlClient => clients.get(n)!;
@@ -28,7 +30,7 @@ beforeAll(async () => {
     config: (n) => ({ logLevel: 'debug', ...(n === 'b' ? { dataplane: { primaryCapBytesPerSecOf: { a: CAP } } } : {}) }),
   });
   for (const n of ['a', 'b']) clients.set(n, new ControlClient(url(n), TOKEN));
-  await client('a').createVm({ name: 'web', memory: 4 << 20 });
+  await client('a').createVm({ name: 'web', memory: 4 << 20, dirtyRate: DIRTY });
   await client('a').vmAction('web', 'start');
   await waitFor(async () => (await client('a').listEmbots()).some((e) => e.elementIds.includes('vm:web')), 10_000, 'watchdog of web on a');
 }, 60_000);
@@ -189,7 +191,7 @@ describe('a sim migration a → b', () => {
 describe('a running migration b → a (b\'s path to a capped at 2 MiB/s)', () => {
   it('shows its bytes and rates while it runs, in bytes and bytes per second, and is gone once it ends', async () => {
     const { id } = await client('b').migrate('web', 'a');
-    const samples: { total: number; processed: number; remaining: number | undefined; rate: number | undefined }[] = [];
+    const samples: { total: number; processed: number; remaining: number | undefined; rate: number | undefined; dirty: number | undefined }[] = [];
     for (;;) {
       const s = await scrape('b');
       const l = { migration_id: id, vm: 'web', role: 'source' };
@@ -202,6 +204,7 @@ describe('a running migration b → a (b\'s path to a capped at 2 MiB/s)', () =>
           processed: value(s, 'embot_migration_data_processed_bytes', l),
           remaining: has('embot_migration_data_remaining_bytes') ? value(s, 'embot_migration_data_remaining_bytes', l) : undefined,
           rate: has('embot_migration_memory_transfer_rate_bytes_per_second') ? value(s, 'embot_migration_memory_transfer_rate_bytes_per_second', l) : undefined,
+          dirty: has('embot_migration_dirty_memory_rate_bytes_per_second') ? value(s, 'embot_migration_dirty_memory_rate_bytes_per_second', l) : undefined,
         });
       }
       if ((await client('b').getMigration(id)).outcome !== null) break;
@@ -222,6 +225,13 @@ describe('a running migration b → a (b\'s path to a capped at 2 MiB/s)', () =>
       }
     }
     expect(samples.some((x) => x.rate !== undefined)).toBe(true);
+    // The guest dirties 256 KiB/s: the dirty rate reads that in bytes per second (not pages per second, KubeVirt's unit bug).
+    const dirty = samples.map((x) => x.dirty).filter((x): x is number => x !== undefined && x > 0);
+    expect(dirty.length).toBeGreaterThan(0);
+    for (const d of dirty) {
+      expect(d).toBeGreaterThan(DIRTY / 2);
+      expect(d).toBeLessThan(DIRTY * 2);
+    }
     const after = await scrape('b');
     expect(value(after, 'embot_migrations_running', { role: 'source' })).toBe(0);
     expect(family(after, 'embot_migration_data_total_bytes').metrics).toEqual([]);
