@@ -75,6 +75,21 @@ describe('GET /metrics', () => {
     }
   });
 
+  it('answers other methods and near-miss paths with coded errors, and keeps serving', async () => {
+    const auth = { Authorization: `Bearer ${TOKEN}` };
+    const post = await fetch(`${url('a')}/metrics`, { method: 'POST', headers: auth, body: 'x' });
+    expect(post.status).toBe(405);
+    expect(((await post.json()) as { error: { code: string } }).error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
+    for (const path of ['/metricsx', '/metrics/', '/v1/metrics']) {
+      const res = await fetch(`${url('a')}${path}`, { headers: auth });
+      expect(res.status, path).toBe(404);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe(ErrorCodes.CONTROL_NOT_FOUND);
+    }
+    const withQuery = await fetch(`${url('a')}/metrics?name[]=embot_vms`, { headers: auth });
+    expect(withQuery.status).toBe(200);
+    expect(await withQuery.text()).toContain('# TYPE embot_vms gauge');
+  });
+
   it('parses as Prometheus text; every family has help, a type, and a name after the conventions', async () => {
     const fams = await scrape('a');
     expect(fams.length).toBeGreaterThan(20);
