@@ -33,8 +33,9 @@ export function targets(vm: string): Promise<readonly TargetChoice[]> {
   return call('GET', `/ui/api/targets?vm=${encodeURIComponent(vm)}`);
 }
 
-export function startMigration(vm: string, to: string): Promise<{ readonly id: string }> {
-  return call('POST', '/v1/migrations', { vm, to });
+/** One destination, or several (first to boot wins, issue 13). */
+export function startMigration(vm: string, to: readonly string[]): Promise<{ readonly id: string }> {
+  return call('POST', '/v1/migrations', { vm, to: to.length === 1 ? to[0] : to });
 }
 
 export function cancelMigration(id: string): Promise<CancelResponse> {

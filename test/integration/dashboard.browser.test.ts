@@ -22,17 +22,18 @@ interface PageGlobals {
 }
 if (missing && process.env['CI']) throw new Error(`${CHROMIUM} is missing: .ci/run installs Debian's chromium for the dashboard tests`);
 
-describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', () => {
+describe.skipIf(missing)('dashboard in Chromium, three agents, token configured', () => {
   let cluster: Cluster;
   let browser: Browser;
   let page: Page;
   let a: ControlClient;
   let b: ControlClient;
+  let c: ControlClient;
   let urlA = '';
 
   beforeAll(async () => {
     mkdirSync(ARTIFACTS, { recursive: true });
-    cluster = await Cluster.start(['a', 'b'], {
+    cluster = await Cluster.start(['a', 'b', 'c'], {
       plugins: [
         { from: 'fixture', name: 'counter' },
         { from: 'fixture', name: 'throwing' },
@@ -51,6 +52,7 @@ describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', 
     urlA = cluster.agent('a').url;
     a = new ControlClient(urlA, TOKEN);
     b = new ControlClient(cluster.agent('b').url, TOKEN);
+    c = new ControlClient(cluster.agent('c').url, TOKEN);
     browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
     page = await (await browser.newContext({ viewport: { width: 1360, height: 900 } })).newPage();
   }, 60_000);
@@ -185,6 +187,30 @@ describe.skipIf(missing)('dashboard in Chromium, two agents, token configured', 
     await view('host');
     await page.waitForSelector('[data-vm="web-2"]');
     expect(await page.locator('[data-vm="web-1"]').count()).toBe(0);
+  }, 90_000);
+
+  it('starts a migration to several destinations from the UI and shows how each one ended', async () => {
+    await a.createVm({ name: 'web-4', memory: 16 * 1024 * 1024 });
+    await a.vmAction('web-4', 'start');
+    await view('migrations');
+    await page.selectOption('[data-testid=migrate-vm]', 'web-4');
+    await page.waitForSelector('[data-testid=migrate-to] option[value="c"]', { state: 'attached' });
+    await page.selectOption('[data-testid=migrate-to]', ['b', 'c']);
+    await page.click('[data-testid=migrate-form] button[type=submit]');
+    const done = page.locator('[data-testid=past-migrations] [data-vm="web-4"].outcome-completed');
+    await done.waitFor({ timeout: 60_000 });
+    const rows = done.locator('[data-testid=destinations] tbody tr');
+    expect(await rows.count()).toBe(2);
+    const won = done.locator('[data-testid=destinations] tr.winner');
+    expect(await won.count()).toBe(1);
+    const winner = (await won.getAttribute('data-destination'))!;
+    expect(['b', 'c']).toContain(winner);
+    await shot('migrations-several');
+    const owner = winner === 'b' ? b : c;
+    const other = winner === 'b' ? c : b;
+    await waitFor(async () => (await owner.listVms()).some((v) => v.name === 'web-4'), 20_000, `web-4 on ${winner}`);
+    expect((await other.listVms()).some((v) => v.name === 'web-4')).toBe(false);
+    expect((await a.listVms()).some((v) => v.name === 'web-4')).toBe(false);
   }, 90_000);
 
   it('cancels a running migration from the UI: it ends aborted and the VM stays', async () => {

@@ -7,6 +7,8 @@ import type { View } from './view.ts';
 
 /** The source's phases in protocol order; which of them carry the management hand-off (DESIGN.md steps 1–3, 5–6). */
 const SOURCE_PHASES = ['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'completing', 'finishing', 'completed'] as const;
+/** A migration to several destinations waits for the first boot and the verdict after the copy. */
+const FAN_OUT_PHASES = ['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'booting', 'awaitingDecision', 'syncingDirty', 'completing', 'finishing', 'completed'] as const;
 const MANAGEMENT_PHASES = new Set(['holding', 'sendingState', 'sendingEvents', 'syncingDirty', 'completing', 'receivingState', 'receivingEvents', 'committing']);
 
 function outcomeBadge(m: MigrationInfo): HTMLElement {
@@ -17,11 +19,12 @@ function outcomeBadge(m: MigrationInfo): HTMLElement {
 function timeline(m: MigrationInfo, state: State): HTMLElement {
   const seen = state.phases.get(migrationKey(m)) ?? [];
   const done = m.summary?.phases ?? [];
-  const names = m.role === 'source' ? [...SOURCE_PHASES] : [...new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)])];
-  for (const p of [...done.map((x) => x.phase), ...seen.map((x) => x.phase)]) if (!names.includes(p as never)) names.push(p as never);
+  const fanOut = [...done, ...seen].some((p) => p.phase === 'booting' || p.phase === 'awaitingDecision');
+  const names: string[] = m.role === 'source' ? [...(fanOut ? FAN_OUT_PHASES : SOURCE_PHASES)] : [...new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)])];
+  for (const p of [...done.map((x) => x.phase), ...seen.map((x) => x.phase)]) if (!names.includes(p)) names.push(p);
   const reached = new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)]);
   // A page opened mid-migration did not see the early phases go by; the source passes them in order.
-  const at = names.indexOf(m.phase as never);
+  const at = names.indexOf(m.phase);
   if (m.role === 'source' && at >= 0 && m.outcome !== 'aborted') for (const n of names.slice(0, at + 1)) reached.add(n);
   const msOf = new Map(done.map((p) => [p.phase, p.ms]));
   return h(
@@ -42,7 +45,52 @@ function stat(label: string, value: string | number): HTMLElement[] {
   return [h('dt', {}, label), h('dd', {}, value)];
 }
 
-function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void): HTMLElement {
+/** Per destination of a migration to several: every attempt's destinations, how each ended. */
+function destinationsTable(ds: NonNullable<NonNullable<MigrationInfo['summary']>['destinations']>, winner: string | null | undefined): HTMLElement {
+  return h(
+    'table',
+    { class: 'destinations', 'data-testid': 'destinations' },
+    h('thead', {}, h('tr', {}, ['destination', 'attempt', 'outcome', 'boot ready', 'bytes', 'reason'].map((c) => h('th', {}, c)))),
+    h(
+      'tbody',
+      {},
+      ds.map((d) =>
+        h(
+          'tr',
+          { 'data-destination': d.name, class: d.name === winner && d.outcome === 'won' ? 'winner' : '' },
+          h('td', {}, d.name),
+          h('td', {}, d.attempt),
+          h('td', {}, badge(d.outcome, d.outcome === 'won' ? 'ok' : d.outcome === 'terminated' ? 'muted' : 'bad')),
+          h('td', {}, fmtMs(d.bootReadyMs)),
+          h('td', {}, fmtBytes(d.bytes)),
+          h('td', { class: 'muted' }, d.reason ?? ''),
+        ),
+      ),
+    ),
+  );
+}
+
+/** A child migration (one destination of a migration to several) inside its parent's card. */
+function childRow(c: MigrationInfo): HTMLElement {
+  return h(
+    'div',
+    { class: 'child', 'data-destination': c.peer },
+    h('span', { class: 'mono' }, c.peer),
+    ' ',
+    c.outcome === null ? badge(c.phase, 'info') : badge(c.outcome, c.outcome === 'completed' ? 'ok' : 'bad'),
+    c.progress && c.outcome === null ? h('progress', { max: 100, value: c.progress.percent }) : null,
+    c.progress && c.outcome === null ? ` ${c.progress.percent} % · ${fmtRate(c.progress.rateBytesPerSec)}` : '',
+    c.reason ? h('span', { class: 'muted' }, ` ${c.reason}`) : null,
+  );
+}
+
+/** `<id>~<peer>` is one destination of migration `<id>` to several (core/mobility/fan-out.ts). */
+function parentOf(id: string): string | undefined {
+  const at = id.lastIndexOf('~');
+  return at > 0 ? id.slice(0, at) : undefined;
+}
+
+function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[] = []): HTMLElement {
   const p = m.progress;
   const sum = m.summary;
   const running = m.outcome === null;
@@ -92,6 +140,8 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
           `; total ${fmtMs(sum.totalMs)}`,
         )
       : null,
+    sum?.destinations?.length ? destinationsTable(sum.destinations, sum.winner) : null,
+    children.length && !sum?.destinations?.length ? h('div', { class: 'children', 'data-testid': 'destinations-live' }, h('strong', {}, 'destinations'), children.map(childRow)) : null,
     m.reason ? h('p', { class: 'error' }, m.reason) : null,
     sum?.plan?.decisions.length ? h('details', {}, h('summary', {}, 'path planner decisions'), h('ul', {}, sum.plan.decisions.map((d) => h('li', {}, d)))) : null,
     h('p', { class: 'muted small' }, `started ${fmtTime(m.startedAt)}, updated ${fmtTime(m.updatedAt)}`),
@@ -100,7 +150,8 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
 
 export function migrationsView(): View {
   const vmSelect = h('select', { name: 'vm', 'data-testid': 'migrate-vm' });
-  const targetSelect = h('select', { name: 'to', 'data-testid': 'migrate-to' });
+  // Several selected: a migration to several destinations at once, first to boot wins (issue 13).
+  const targetSelect = h('select', { name: 'to', multiple: true, size: 3, 'data-testid': 'migrate-to', title: 'Ctrl/Shift-click for several destinations (first to boot wins)' });
   const message = h('p', { class: 'form-message', role: 'status' });
   const rankNote = h('span', { class: 'muted small' });
   let knownVms = '';
@@ -130,12 +181,12 @@ export function migrationsView(): View {
   form.addEventListener('submit', (ev) => {
     ev.preventDefault();
     const vm = vmSelect.value;
-    const to = targetSelect.value;
-    if (!vm || !to) {
+    const to = [...targetSelect.selectedOptions].map((o) => o.value);
+    if (!vm || to.length === 0) {
       message.textContent = 'pick a VM and a target';
       return;
     }
-    message.textContent = `starting ${vm} → ${to}…`;
+    message.textContent = `starting ${vm} → ${to.join(', ')}…`;
     startMigration(vm, to).then(
       (r) => (message.textContent = `migration ${r.id} started`),
       (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
@@ -156,7 +207,7 @@ export function migrationsView(): View {
     { class: 'view' },
     h('h2', {}, 'Migrations'),
     form,
-    h('p', { class: 'hint' }, 'One destination per migration: the several-destination fan-out and pre-warm (issue 13) will show per-destination state here once the control API reports it.'),
+    h('p', { class: 'hint' }, 'Select several targets for a migration to several destinations at once (first to boot wins); each destination’s state shows in its card. Pre-warm is not offered yet.'),
     h('h3', {}, 'Running'),
     live,
     h('h3', {}, 'Past'),
@@ -175,11 +226,20 @@ export function migrationsView(): View {
         if (snap.vms.some((v) => v.name === keep)) vmSelect.value = keep;
         void loadTargets();
       }
-      const all = [...state.migrations.values()].sort((a, b) => b.startedAt - a.startedAt);
+      const every = [...state.migrations.values()].sort((a, b) => b.startedAt - a.startedAt);
+      // A destination of a migration to several shows inside its parent's card when the parent is known here.
+      const ids = new Set(every.map((m) => m.id));
+      const childrenOf = new Map<string, MigrationInfo[]>();
+      for (const m of every) {
+        const p = parentOf(m.id);
+        if (p !== undefined && ids.has(p)) childrenOf.set(p, [...(childrenOf.get(p) ?? []), m]);
+      }
+      const all = every.filter((m) => { const p = parentOf(m.id); return p === undefined || !ids.has(p); });
+      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? []);
       const running = all.filter((m) => m.outcome === null);
-      fill(live, running.length ? running.map((m) => migrationCard(m, state, onCancel)) : h('p', { class: 'muted' }, 'none running'));
+      fill(live, running.length ? running.map(card) : h('p', { class: 'muted' }, 'none running'));
       const done = all.filter((m) => m.outcome !== null).slice(0, 30);
-      fill(past, done.length ? done.map((m) => migrationCard(m, state, onCancel)) : h('p', { class: 'muted' }, 'none yet'));
+      fill(past, done.length ? done.map(card) : h('p', { class: 'muted' }, 'none yet'));
     },
   };
 }
