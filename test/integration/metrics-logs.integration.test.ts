@@ -27,7 +27,8 @@ beforeAll(async () => {
     plugins: [{ from: 'shipped', name: 'vm-watchdog' }],
     env: () => ({ EMBOT_CONTROL_TOKEN: TOKEN }),
     // b's primary path to a is capped: the migration back (a running one to scrape) takes seconds.
-    config: (n) => ({ logLevel: 'debug', ...(n === 'b' ? { dataplane: { primaryCapBytesPerSecOf: { a: CAP } } } : {}) }),
+    // b offers 32 MiB to VMs: a bigger one is denied.
+    config: (n) => ({ logLevel: 'debug', ...(n === 'b' ? { dataplane: { primaryCapBytesPerSecOf: { a: CAP } }, sim: { hostMemory: 32 << 20 } } : {}) }),
   });
   for (const n of ['a', 'b']) clients.set(n, new ControlClient(url(n), TOKEN));
   await client('a').createVm({ name: 'web', memory: 4 << 20, dirtyRate: DIRTY });
@@ -252,6 +253,34 @@ describe('a running migration b → a (b\'s path to a capped at 2 MiB/s)', () =>
     expect(family(after, 'embot_migration_data_total_bytes').metrics).toEqual([]);
     expect(value(after, 'embot_migrations_succeeded_total', { role: 'source' })).toBe(1);
   }, 60_000);
+});
+
+describe('a migration the target denies', () => {
+  it('counts as failed with reason denied on both sides, not as succeeded, and its log lines carry its id on both agents', async () => {
+    await client('a').createVm({ name: 'big', memory: 48 << 20 });
+    const before = { a: await scrape('a'), b: await scrape('b') };
+    const r = await runCli(['migrate', 'big', '--to', 'b', '--json', '--agent', url('a'), '--token', TOKEN]);
+    expect(r.code).toBe(1);
+    const m = JSON.parse(r.stdout) as MigrationInfo;
+    expect(m.outcome).toBe('denied');
+    await waitFor(async () => value(await scrape('b'), 'embot_migrations_failed_total', { role: 'target', reason: 'denied' }) > value(before.b, 'embot_migrations_failed_total', { role: 'target', reason: 'denied' }), 10_000, 'the target to count it');
+    const after = { a: await scrape('a'), b: await scrape('b') };
+    const d = (n: 'a' | 'b', name: string, labels: Record<string, string>): number => value(after[n], name, labels) - value(before[n], name, labels);
+    expect(d('a', 'embot_migrations_failed_total', { role: 'source', reason: 'denied' })).toBe(1);
+    expect(d('a', 'embot_migrations_started_total', { role: 'source' })).toBe(1);
+    expect(d('a', 'embot_migrations_succeeded_total', { role: 'source' })).toBe(0);
+    expect(d('b', 'embot_migrations_failed_total', { role: 'target', reason: 'denied' })).toBe(1);
+    expect(d('b', 'embot_migrations_started_total', { role: 'target' })).toBe(1);
+    expect(histogram(after.a, 'embot_migration_duration_seconds', { role: 'source', outcome: 'denied' }).count).toBe(1);
+    expect(histogram(after.a, 'embot_migration_downtime_seconds', { role: 'source' }).count).toBe(histogram(before.a, 'embot_migration_downtime_seconds', { role: 'source' }).count);
+    for (const n of ['a', 'b']) {
+      const lines = cluster.agent(n).stderr.split('\n').filter((l) => l.includes(m.id)).map((l) => JSON.parse(l) as { msg: string; migrationId?: string; url?: string });
+      expect(lines.length, n).toBeGreaterThan(0);
+      // Control requests name the id only in their URL; every other line carries it as a field.
+      for (const l of lines) if (!l.url?.includes(m.id)) expect(l.migrationId, `${n}: ${l.msg}`).toBe(m.id);
+      expect(lines.some((l) => l.msg.endsWith(': denied') && l.migrationId === m.id), n).toBe(true);
+    }
+  });
 });
 
 describe('plugins that fail', () => {
