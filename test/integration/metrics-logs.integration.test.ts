@@ -283,6 +283,23 @@ describe('a migration the target denies', () => {
   });
 });
 
+describe("a VM's UDP relay", () => {
+  it('counts the packets it buffers while the VM is not running', async () => {
+    const { createSocket } = await import('node:dgram');
+    const { freePort } = await import('../harness/cluster.ts');
+    const port = await freePort();
+    await client('a').createVm({ name: 'udp1', memory: 1 << 20, udpPort: port });
+    const socket = createSocket('udp4');
+    try {
+      await waitFor(async () => family(await scrape('a'), 'embot_udp_packets_buffered_total').metrics.some((m) => m.labels?.['vm'] === 'udp1'), 10_000, 'the relay of udp1');
+      for (let i = 0; i < 3; i++) await new Promise<void>((resolve, reject) => socket.send(`ping ${i}`, port, '127.0.0.1', (e) => (e ? reject(e) : resolve())));
+      await waitFor(async () => value(await scrape('a'), 'embot_udp_packets_buffered_total', { vm: 'udp1' }) === 3, 10_000, 'three packets buffered');
+    } finally {
+      socket.close();
+    }
+  });
+});
+
 describe('plugins that fail', () => {
   it('a plugin that does not compile counts an error; an embot whose policy throws counts a quarantine of its module', async () => {
     const { cpSync } = await import('node:fs');
