@@ -14,23 +14,28 @@ interface Box {
 const LEAF_H = 34;
 const PAD = 12;
 const HEADER = 20;
-const GAP_X = 70;
-const GAP_Y = 46;
+const GAP_X = 96;
+/** Room above and below a row of states for the arcs between them. */
+const ARC_ROOM = 70;
+const MAX_ARC = 62;
 
-/** Sizes a state and its children (children in a grid, roughly square). */
+/**
+ * Sizes a state and its children. Children sit in one row, in definition order: transitions
+ * between them are arcs, forward ones above the row and backward ones below, each label at its
+ * arc's top, so labels of different pairs land at different places.
+ */
 function measure(node: ChartNode): Box {
   const leafW = Math.max(84, node.key.length * 8 + 28);
   if (node.children.length === 0) return { node, x: 0, y: 0, w: leafW, h: LEAF_H, children: [] };
   const kids = node.children.map(measure);
-  const cols = Math.ceil(Math.sqrt(kids.length));
-  const rows = Math.ceil(kids.length / cols);
-  const colW = Math.max(...kids.map((k) => k.w));
   const rowH = Math.max(...kids.map((k) => k.h));
-  kids.forEach((k, i) => {
-    k.x = PAD + (i % cols) * (colW + GAP_X) + (colW - k.w) / 2;
-    k.y = HEADER + PAD + Math.floor(i / cols) * (rowH + GAP_Y) + (rowH - k.h) / 2;
-  });
-  return { node, x: 0, y: 0, w: Math.max(leafW, PAD * 2 + cols * colW + (cols - 1) * GAP_X), h: HEADER + PAD * 2 + rows * rowH + (rows - 1) * GAP_Y, children: kids };
+  let x = PAD + 18;
+  for (const k of kids) {
+    k.x = x;
+    k.y = HEADER + ARC_ROOM + (rowH - k.h) / 2;
+    x += k.w + GAP_X;
+  }
+  return { node, x: 0, y: 0, w: Math.max(leafW, x - GAP_X + PAD), h: HEADER + ARC_ROOM * 2 + rowH, children: kids };
 }
 
 function flatten(b: Box, ox: number, oy: number, out: Map<string, { x: number; y: number; w: number; h: number; box: Box }>): void {
@@ -46,19 +51,6 @@ function eventLabel(event: string): string {
   if (after) return /^\d+$/.test(after[1]!) ? `after ${after[1]} ms` : `after ${after[1]}`;
   if (event === '') return 'always';
   return event;
-}
-
-/** Where the segment from the centre of `a` towards `(tx, ty)` leaves box `a`. */
-function edgePoint(a: { x: number; y: number; w: number; h: number }, tx: number, ty: number): [number, number] {
-  const cx = a.x + a.w / 2;
-  const cy = a.y + a.h / 2;
-  const dx = tx - cx;
-  const dy = ty - cy;
-  if (dx === 0 && dy === 0) return [cx, cy];
-  const sx = dx === 0 ? Infinity : a.w / 2 / Math.abs(dx);
-  const sy = dy === 0 ? Infinity : a.h / 2 / Math.abs(dy);
-  const k = Math.min(sx, sy);
-  return [cx + dx * k, cy + dy * k];
 }
 
 let markerSeq = 0;
@@ -99,6 +91,7 @@ export function statechart(chart: PolicyChart, value: unknown, title: string): S
       edges.append(s('line', { x1: dx - 2, y1: dy, x2: init.x, y2: dy, class: 'edge', 'marker-end': `url(#${markerId})` }));
     }
   }
+  const capped = { up: 0, down: 0 };
   for (const [path, b] of boxes) {
     const byTarget = new Map<string, string[]>();
     for (const t of b.box.node.transitions) {
@@ -112,17 +105,21 @@ export function statechart(chart: PolicyChart, value: unknown, title: string): S
     for (const [target, labels] of byTarget) {
       const to = boxes.get(target);
       if (!to) continue;
-      // Two states with transitions both ways: each direction bends to its own side.
-      const [x1, y1] = edgePoint(b, to.x + to.w / 2, to.y + to.h / 2);
-      const [x2, y2] = edgePoint(to, b.x + b.w / 2, b.y + b.h / 2);
+      // Forward (left to right) above the row, backward below: a pair both ways gets two arcs.
+      const forward = to.x + to.w / 2 >= b.x + b.w / 2;
+      const x1 = b.x + b.w / 2 + (forward ? 6 : -6);
+      const x2 = to.x + to.w / 2 + (forward ? -6 : 6);
+      const y1 = forward ? b.y : b.y + b.h;
+      const y2 = forward ? to.y : to.y + to.h;
+      // Long arcs all reach the cap: stagger them so their labels do not sit on one line.
+      const wanted = 16 + Math.abs(x2 - x1) * 0.18;
+      const lift = wanted < MAX_ARC ? wanted : MAX_ARC - ((forward ? capped.up++ : capped.down++) % 3) * 14;
+      const top = forward ? Math.min(y1, y2) - lift : Math.max(y1, y2) + lift;
       const mx = (x1 + x2) / 2;
-      const my = (y1 + y2) / 2;
-      const len = Math.hypot(x2 - x1, y2 - y1) || 1;
-      const bend = 14;
-      const cx = mx + (-(y2 - y1) / len) * bend;
-      const cy = my + ((x2 - x1) / len) * bend;
-      edges.append(s('path', { d: `M ${x1} ${y1} Q ${cx} ${cy} ${x2} ${y2}`, class: 'edge', 'marker-end': `url(#${markerId})` }));
-      edges.append(s('text', { x: cx, y: cy - 3, class: 'edge-label', 'text-anchor': 'middle' }, [...new Set(labels)].join(', ')));
+      edges.append(s('path', { d: `M ${x1} ${y1} C ${x1} ${top} ${x2} ${top} ${x2} ${y2}`, class: 'edge', 'marker-end': `url(#${markerId})` }));
+      // A cubic with both control points at `top` peaks three quarters of the way there.
+      const apex = (forward ? Math.min(y1, y2) : Math.max(y1, y2)) + (top - (forward ? Math.min(y1, y2) : Math.max(y1, y2))) * 0.75;
+      edges.append(s('text', { x: mx, y: forward ? apex - 3 : apex + 11, class: 'edge-label', 'text-anchor': 'middle' }, [...new Set(labels)].join(', ')));
     }
   }
   svg.append(states, edges);
