@@ -20,6 +20,8 @@ export interface AgentPairOptions {
   readonly driver?: 'sim' | 'qemu';
   /** Protocol timeouts, when the default ones are too short for the VMs moved (TCG guests). */
   readonly mobility?: { readonly stepTimeoutMs?: number; readonly vmTimeoutMs?: number };
+  /** qemu: keep a spare incoming QEMU (the agents' default, `qemu.spareIncoming`); false for the A/B without it. */
+  readonly spareIncoming?: boolean;
 }
 
 /** Agents a and b under `root` (data, plugins, QEMU state dirs, the cluster secret). */
@@ -36,7 +38,9 @@ export async function startAgentPair(root: string, options: AgentPairOptions = {
       name,
       dataDir: join(root, `data-${name}`),
       pluginsDir: plugins,
-      ...(options.driver === 'qemu' ? { driver: 'qemu' as const, qemu: { stateDir: join(root, `vms-${name}`), accel: 'tcg' as const } } : {}),
+      ...(options.driver === 'qemu'
+        ? { driver: 'qemu' as const, qemu: { stateDir: join(root, `vms-${name}`), accel: 'tcg' as const, ...(options.spareIncoming === undefined ? {} : { spareIncoming: options.spareIncoming }) } }
+        : {}),
       logLevel: 'error' as const,
       control: { port: 0 },
       peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },

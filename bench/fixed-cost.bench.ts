@@ -50,6 +50,8 @@ export interface FixedCostOptions {
   readonly qemuOnly?: boolean;
   /** QEMU migrations measured (default 7, quick 3). */
   readonly qemuRuns?: number;
+  /** With `qemuOnly`: false (`--no-spare`) runs the agents without the target's spare incoming QEMU, for an A/B. */
+  readonly spareIncoming?: boolean;
 }
 
 /** One migration: its summary and the raw limit of its state measured just before it. */
@@ -220,7 +222,7 @@ function phaseRows(prefix: string, summaries: readonly MigrationSummary[], limit
   });
 }
 
-async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[] }> {
+async function runQemu(runs: number, spareIncoming = true): Promise<{ rows: BenchRow[]; notes: string[] }> {
   const missing = qemuMissing();
   if (missing) {
     return { rows: [{ name: `qemu: migrate idle 64 MiB guest + 1 embot (${QEMU_NEEDS})`, value: 0, unit: 'ms', limitName: QEMU_NEEDS, limit: 0, ratio: 0 }], notes: [`qemu rows skipped: ${missing}`] };
@@ -234,7 +236,7 @@ async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[
     }
     const bootImage = join(root, 'idle-guest.img');
     writeGuestImage(bootImage, IDLE_GUEST.testGuest);
-    const pair = await startAgentPair(join(root, 'agents'), { driver: 'qemu' });
+    const pair = await startAgentPair(join(root, 'agents'), { driver: 'qemu', spareIncoming });
     const summaries: MigrationSummary[] = [];
     try {
       await qemuAgentMigrate(pair, join(root, 'agents'), bootImage); // warm-up
@@ -270,7 +272,7 @@ async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[
         ...phaseRows('qemu', summaries, limitName, bareMs),
       ],
       notes: [
-        `qemu: medians of ${runs} (after 1 warm-up); fixed cost = ${(total - bareMs).toFixed(0)} ms over bare. Totals (ms): ${summaries.map((s) => s.totalMs).join(' / ')}; bare (ms): ${bare.map((b) => b.toFixed(0)).join(' / ')}.`,
+        `qemu: ${spareIncoming ? 'with' : 'WITHOUT (--no-spare)'} the target's spare incoming QEMU; medians of ${runs} (after 1 warm-up); fixed cost = ${(total - bareMs).toFixed(0)} ms over bare. Totals (ms): ${summaries.map((s) => s.totalMs).join(' / ')}; bare (ms): ${bare.map((b) => b.toFixed(0)).join(' / ')}.`,
         'qemu: the bare QEMUs are started before the clock starts; the agents\' figure includes starting the incoming QEMU (PrepareIncoming) and QEMU\'s own stream inside "memory copy (driver)".',
       ],
     };
@@ -287,7 +289,7 @@ async function runQemu(runs: number): Promise<{ rows: BenchRow[]; notes: string[
 export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
   const qemuRuns = opts.qemuRuns ?? (opts.quick ? 3 : 7);
   if (opts.qemuOnly) {
-    const qemu = await runQemu(qemuRuns);
+    const qemu = await runQemu(qemuRuns, opts.spareIncoming ?? true);
     return { title: 'Fixed cost of a migration per phase: QEMU rows only', rows: qemu.rows, notes: qemu.notes };
   }
   const runs = opts.quick ? 5 : 25;
@@ -342,6 +344,7 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(p
         quick: process.argv.includes('--quick'),
         simOnly: process.argv.includes('--sim-only'),
         qemuOnly: process.argv.includes('--qemu-only'),
+        spareIncoming: !process.argv.includes('--no-spare'),
         ...(runsArg ? { qemuRuns: Math.max(1, Number(runsArg.slice('--qemu-runs='.length)) || 1) } : {}),
       }),
     ),

@@ -379,7 +379,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       };
       notes.push(
         `(d1) minimum of ${reps}: agents ${at.toFixed(0)} ms vs bare ${bt.toFixed(0)} ms: fixed cost ${fixed.toFixed(0)} ms (median agents ${median(agentTiny.map((r) => r.ms)).toFixed(0)} ms, bare ${median(bareTiny).toFixed(0)} ms). ` +
-          `Median per phase: ${perPhase(agentTiny)}; downtime (source paused → target commit) median ${median(agentTiny.map((r) => r.summary.downtimeMs ?? 0)).toFixed(0)} ms. The bare figure starts no QEMU; the agents' includes starting the target's, which alone took a median ${median(bareTinyStart).toFixed(0)} ms bare (launch until QMP answers): bare + target start = ${(bt + min(bareTinyStart)).toFixed(0)} ms (minimums), so the protocol's own cost is about ${(at - bt - min(bareTinyStart)).toFixed(0)} ms.`,
+          `Median per phase: ${perPhase(agentTiny)}; downtime (source paused → target commit) median ${median(agentTiny.map((r) => r.summary.downtimeMs ?? 0)).toFixed(0)} ms. The bare figure starts no QEMU (starting the target's took a median ${median(bareTinyStart).toFixed(0)} ms bare, launch until QMP answers); the agents' target adopts its spare incoming QEMU (qemu.spareIncoming: PrepareIncoming above), refilled after each migration with the shape it received, so from the second migration on the agents start no QEMU in the migration either.`,
       );
 
       // (d2) orchestration overhead on the dirtying guest of (b): the same guest, agents vs bare, against the fixed cost of (d1).
