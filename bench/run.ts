@@ -18,6 +18,7 @@ import { run as runRuntime } from './runtime.bench.ts';
 import { run as runSensors } from './sensors.bench.ts';
 import { run as runWire } from './wire.bench.ts';
 import { run as runMobility } from './mobility.bench.ts';
+import { run as runFanOut } from './fan-out.bench.ts';
 import { run as runDataplane } from './dataplane.bench.ts';
 import { run as runDataplaneTls } from './dataplane-tls.bench.ts';
 import { run as runUdp } from './udp.bench.ts';
@@ -44,6 +45,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'runtime', run: runRuntime },
   { name: 'wire', run: runWire },
   { name: 'mobility', run: runMobility },
+  { name: 'fan-out', run: runFanOut },
   { name: 'dataplane', run: runDataplane },
   { name: 'dataplane-tls', run: runDataplaneTls },
   { name: 'udp', run: runUdp },

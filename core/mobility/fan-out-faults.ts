@@ -20,15 +20,18 @@ function draw(seed: number): () => number {
   };
 }
 
-const raw = process.env['EMBOT_FAULT_BOOT_FAIL'];
-const probability = raw === undefined || raw === '' ? 0 : Number(raw);
-const seed = process.env['EMBOT_FAULT_SEED'];
-const random = seed === undefined || seed === '' ? Math.random : draw(Number(seed));
+/** The draw for the current settings; read on each call, so a bench can switch injection on and off. */
+let current: { readonly key: string; readonly random: () => number } | undefined;
 
 /** Throws the injected boot failure when the draw says so; does nothing when injection is off. */
 export function injectedBootFailure(vm: string): void {
+  const raw = process.env['EMBOT_FAULT_BOOT_FAIL'];
+  const probability = raw === undefined || raw === '' ? 0 : Number(raw);
   if (!(probability > 0)) return;
-  if (random() < probability) {
+  const seed = process.env['EMBOT_FAULT_SEED'];
+  const key = `${raw}/${seed ?? ''}`;
+  if (current?.key !== key) current = { key, random: seed === undefined || seed === '' ? Math.random : draw(Number(seed)) };
+  if (current.random() < probability) {
     throw new ProtocolError(ErrorCodes.MIGRATION_FAILED, `injected fault (EMBOT_FAULT_BOOT_FAIL=${raw}): incoming VM ${vm} failed to boot`);
   }
 }

@@ -60,6 +60,11 @@ export interface FanOutAttemptOptions {
   readonly attempt: number;
   readonly startChild: StartChild;
   readonly onState?: (s: FanOutState) => void;
+  /**
+   * True once the agent is stopping: its children were stopped, not ended, so the attempt leaves the
+   * VM and the journal as they are for the restart's recovery (recoverFanOut) instead of taking back.
+   */
+  readonly stopping?: () => boolean;
 }
 
 interface Deferred<T> {
@@ -176,6 +181,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
     }),
   );
   s.close();
+  if (o.stopping?.()) throw new Error(`the agent stopped during fan-out ${id}; its restart settles it`);
 
   const won = state.phase === 'completed' ? state.winner : undefined;
   if (won === undefined) {
@@ -269,7 +275,7 @@ export async function runFanOut(o: FanOutRunOptions, plan: FanOutPlan): Promise<
   let reason: string | undefined;
   let made = 0;
   for (const [i, a] of attempts.entries()) {
-    if (i > 0 && o.cancelled?.()) break;
+    if (i > 0 && (o.cancelled?.() || o.stopping?.())) break;
     made = i;
     o.onAttempt?.(i, a.id);
     const r = await runFanOutAttempt({ ...o, id: a.id, destinations: a.destinations, attempt: i });

@@ -224,7 +224,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     }
     const overlap = fallback.filter((f) => names.includes(f));
     if (overlap.length > 0) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `the fallback hosts ${overlap.join(', ')} are in --to already`, { details: { problem: 'duplicate', names: overlap } });
-    const several = names.length > 1 || fallback.length > 0 || retries > 0;
+    // `retries` given at all (0 included) asks for the fan-out's semantics, also with one destination.
+    const several = names.length > 1 || fallback.length > 0 || options.retries !== undefined;
     if (!several && !this.o.peers.has(names[0]!)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${names[0]}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);
     if (several && !this.host.driver.capabilities.fanOut) {
       throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `several destinations at once (${[...names, ...fallback].join(', ')}), retries and fallback hosts need a driver that copies to several destinations; the ${this.host.driver.name} driver does not yet: give one peer name`, { details: { names: [...names, ...fallback] } });
@@ -368,7 +369,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         journal: this.fanOuts,
         id,
         vm,
-        cancelled: () => entry.cancelled !== undefined || this.closed,
+        cancelled: () => entry.cancelled !== undefined,
+        stopping: () => this.closed,
         startChild: (dest, cid, hooks) => {
           const h = this.startSource(cid, vm, dest, options, hooks);
           children.add(h);

@@ -1,0 +1,221 @@
+/**
+ * Several destinations at once, first to boot wins (issue 13), with the sim driver: four full
+ * agents in this process (a the source; b, c, d the destinations), each the others' peer.
+ *
+ * - Time from the command to the VM owned by the winner with 1, 2 and 3 destinations, beside a
+ *   single-destination migration of a VM of the same size in the same run (alternated, medians):
+ *   target ≤ 1.2× the single time with 2 destinations (ratio single / fan-out ≥ 0.833).
+ * - Success rate when every destination fails to boot with p = 10 % (fault injection
+ *   EMBOT_FAULT_BOOT_FAIL, seeded), over many runs, beside the 1 − pⁿ the seed document predicts.
+ *
+ * @example
+ * ```sh
+ * npm run bench -- --only fan-out
+ * npm run bench -- --only fan-out --quick
+ * ```
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { freeLoopbackPort } from '../core/cli/free-port.ts';
+import { ControlClient } from '../core/control/client.ts';
+import type { MigrationSummary } from '../core/mobility/migration-record.ts';
+import type { BenchRunOptions } from './run.ts';
+import { renderTable, type BenchRow, type BenchTable } from './table.ts';
+
+const REPO = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const MiB = 1024 * 1024;
+const VM_MEMORY = 8 * MiB;
+const P_FAIL = 0.1;
+const SPEED_TARGET = 1.2;
+const NAMES = ['a', 'b', 'c', 'd'] as const;
+
+interface Cluster {
+  readonly a: ControlClient;
+  stop(): Promise<void>;
+}
+
+/**
+ * Four real agents as child processes (each its own event loop, as on four hosts), peers of each
+ * other on loopback; `destinationEnv` goes to b, c and d.
+ */
+async function cluster(destinationEnv: Record<string, string> = {}): Promise<Cluster> {
+  const root = mkdtempSync(join(tmpdir(), 'embot-bench-fanout-'));
+  const plugins = join(root, 'plugins');
+  mkdirSync(plugins, { recursive: true });
+  cpSync(join(REPO, 'plugins', 'vm-watchdog'), join(plugins, 'vm-watchdog'), { recursive: true });
+  const secretFile = join(root, 'cluster.secret');
+  writeFileSync(secretFile, randomBytes(32).toString('base64'));
+  const ports: Record<string, number> = {};
+  for (const n of NAMES) ports[n] = await freeLoopbackPort();
+  const children: ChildProcess[] = [];
+  const stop = async (): Promise<void> => {
+    await Promise.all(children.map((c) => new Promise<void>((r) => (c.exitCode !== null || c.signalCode !== null ? r() : (c.once('exit', () => r()), c.kill('SIGKILL'))))));
+    rmSync(root, { recursive: true, force: true });
+  };
+  try {
+    const urls = await Promise.all(
+      NAMES.map(async (name) => {
+        const config = {
+          peer: { listen: `127.0.0.1:${ports[name]}`, peers: Object.fromEntries(NAMES.filter((n) => n !== name).map((n) => [n, `ws://127.0.0.1:${ports[n]}`])), secretFile },
+          mobility: { stepTimeoutMs: 10_000, vmTimeoutMs: 30_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
+          sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
+          logLevel: 'error',
+        };
+        const file = join(root, `config-${name}.json`);
+        writeFileSync(file, JSON.stringify(config));
+        const args = [join(REPO, 'bin', 'embot.mjs'), 'agent', '--name', name, '--data', join(root, `data-${name}`), '--plugins', plugins, '--control', '127.0.0.1:0', '--log-format', 'json', '--config', file];
+        const child = spawn(process.execPath, args, { cwd: REPO, env: { ...process.env, ...(name === 'a' ? {} : destinationEnv) }, stdio: ['ignore', 'pipe', 'pipe'] });
+        children.push(child);
+        return new Promise<string>((resolveUrl, reject) => {
+          let out = '';
+          child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+            out += d;
+            const m = /ready: control (http:\/\/[^\s,]+)/.exec(out);
+            if (m) resolveUrl(m[1]!);
+          });
+          child.stderr!.resume();
+          child.once('exit', (code) => reject(new Error(`agent ${name} exited with ${code} before it was ready`)));
+        });
+      }),
+    );
+    return { a: new ControlClient(urls[0]!), stop };
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+}
+
+let vmCount = 0;
+
+/** A fresh running VM on `a` (each run moves its own, so no run waits for the previous one's VM to come back). */
+async function freshVm(a: ControlClient): Promise<string> {
+  const name = `fo-${vmCount++}`;
+  await a.createVm({ name, memory: VM_MEMORY });
+  await a.vmAction(name, 'start');
+  return name;
+}
+
+async function migrateOnce(a: ControlClient, to: string | readonly string[], options: { readonly retries?: number } = {}): Promise<MigrationSummary> {
+  const vm = await freshVm(a);
+  const { id } = await a.migrate(vm, to, options);
+  for (;;) {
+    const info = await a.waitMigration(id, { timeoutMs: 60_000 });
+    if (info.outcome !== null) {
+      if (!info.summary) throw new Error(`migration ${id} left no summary`);
+      return info.summary;
+    }
+  }
+}
+
+/** P(X >= k) for X ~ Binomial(n, q). */
+function binomialAtLeast(n: number, q: number, k: number): number {
+  if (k <= 0) return 1;
+  let sum = 0;
+  let term = (1 - q) ** n; // P(X = 0)
+  for (let i = 0; i <= n; i++) {
+    if (i >= k) sum += term;
+    term = (term * (n - i) * q) / ((i + 1) * (1 - q));
+  }
+  return Math.min(1, sum);
+}
+
+function median(xs: readonly number[]): number {
+  const s = [...xs].sort((x, y) => x - y);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
+  const rows: BenchRow[] = [];
+  const notes: string[] = [];
+  let c = await cluster();
+  try {
+    let a = c.a;
+    const reps = opts.quick ? 3 : 9;
+    const sets: Record<1 | 2 | 3, readonly string[]> = { 1: ['b'], 2: ['b', 'c'], 3: ['b', 'c', 'd'] };
+    const times: Record<'single' | 1 | 2 | 3, number[]> = { single: [], 1: [], 2: [], 3: [] };
+    const boots: Record<1 | 2 | 3, number[]> = { 1: [], 2: [], 3: [] };
+    await migrateOnce(a, 'b'); // warm-up: links, module caches, JIT
+    for (let r = 0; r < reps; r++) {
+      // Alternated, so the machine's drift falls on every case alike.
+      const single = await migrateOnce(a, 'b');
+      if (single.outcome !== 'completed') throw new Error(`single-destination migration ${single.migrationId}: ${single.outcome} ${single.reason ?? ''}`);
+      times.single.push(single.totalMs);
+      for (const n of [1, 2, 3] as const) {
+        // retries: 0 takes the fan-out path also for one destination (a bare list of one is the single path).
+        const s = await migrateOnce(a, sets[n], { retries: 0 });
+        if (s.outcome !== 'completed') throw new Error(`fan-out ${s.migrationId} to ${sets[n].join(',')}: ${s.outcome} ${s.reason ?? ''}`);
+        times[n].push(s.totalMs);
+        if (process.env['FANOUT_BENCH_DEBUG']) console.error(n, JSON.stringify({ total: s.totalMs, phases: s.phases, vmSteps: s.vmSteps, rounds: s.rounds, plan: s.plan?.decisions, dests: s.destinations?.map((d) => [d.name, d.outcome, d.bootReadyMs, d.phases]) }));
+        const won = s.destinations?.find((d) => d.outcome === 'won');
+        if (won?.bootReadyMs != null) boots[n].push(won.bootReadyMs);
+      }
+    }
+    const single = median(times.single);
+    for (const n of [1, 2, 3] as const) {
+      const t = median(times[n]);
+      rows.push({
+        name: `${n} destination${n === 1 ? '' : 's'}: command to VM owned by the winner (sim, ${VM_MEMORY / MiB} MiB, median of ${reps})`,
+        value: t,
+        unit: 'ms',
+        limitName: 'single-destination migration',
+        limit: single,
+        ratio: single / t,
+        ...(n === 2 ? { target: `<= ${SPEED_TARGET}x single (ratio >= ${(1 / SPEED_TARGET).toFixed(3)})`, met: t <= SPEED_TARGET * single } : {}),
+      });
+      notes.push(`${n} destination(s): the winner's BootReady reached the source after ${Math.round(median(boots[n]))} ms (median)`);
+    }
+
+    // Success rate under injected boot failures: every destination refuses BootIncoming with P_FAIL (its own seed).
+    const runs = opts.quick ? 20 : 100;
+    await c.stop();
+    c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) });
+    a = c.a;
+    {
+      for (const n of [1, 2, 3] as const) {
+        let ok = 0;
+        const why = new Map<string, number>();
+        for (let i = 0; i < runs; i++) {
+          const s = await migrateOnce(a, sets[n], { retries: 0 });
+          if (s.outcome === 'completed') ok++;
+          else for (const d of s.destinations ?? []) {
+            const k = `${d.outcome}: ${(d.reason ?? '').replace(/m-[a-z0-9.~-]+/g, 'ID').slice(0, 90)}`;
+            why.set(k, (why.get(k) ?? 0) + 1);
+          }
+        }
+        if (why.size > 0) notes.push(`${n} destination(s), failed runs: ${[...why].map(([k, c]) => `${c}× ${k}`).join('; ')}`);
+        const predicted = 1 - P_FAIL ** n;
+        const rate = ok / runs;
+        // Exact binomial: met unless this many failures (or this few) would happen < 1 % of the time.
+        const failures = runs - ok;
+        const q = P_FAIL ** n;
+        const atLeast = binomialAtLeast(runs, q, failures);
+        const atMost = 1 - binomialAtLeast(runs, q, failures + 1);
+        rows.push({
+          name: `${n} destination${n === 1 ? '' : 's'}, p = ${P_FAIL * 100} % injected boot failure each: success rate over ${runs} runs`,
+          value: rate,
+          unit: '',
+          limitName: '1 - p^n',
+          limit: predicted,
+          ratio: rate / predicted,
+          target: `1 - p^n (binomial, both tails >= 1 %: here ${atLeast.toFixed(3)} / ${atMost.toFixed(3)})`,
+          met: atLeast >= 0.01 && atMost >= 0.01,
+        });
+      }
+    }
+    notes.push('four agents as child processes on loopback (this machine\'s cores shared by all four), sim driver, one vm-watchdog embot per VM; a fresh VM per run; fan-out runs with retries 0 (so one destination takes the fan-out path too), no fallback');
+    notes.push('a failed run leaves the VM running on the source (checked by the integration tests); here it only counts as a failure');
+  } finally {
+    await c.stop();
+  }
+  return { title: 'Several destinations, first to boot wins (issue 13, sim)', rows, notes };
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const table = await run({ quick: process.argv.includes('--quick') });
+  console.log(renderTable(table));
+}
