@@ -29,13 +29,15 @@ function measure(node: ChartNode): Box {
   if (node.children.length === 0) return { node, x: 0, y: 0, w: leafW, h: LEAF_H, children: [] };
   const kids = node.children.map(measure);
   const rowH = Math.max(...kids.map((k) => k.h));
+  // A row whose states have no transitions between them needs no room for arcs.
+  const arcs = node.children.some((c) => c.transitions.some((t) => t.targets.length > 0)) ? ARC_ROOM : 12;
   let x = PAD + 18;
   for (const k of kids) {
     k.x = x;
-    k.y = HEADER + ARC_ROOM + (rowH - k.h) / 2;
+    k.y = HEADER + arcs + (rowH - k.h) / 2;
     x += k.w + GAP_X;
   }
-  return { node, x: 0, y: 0, w: Math.max(leafW, x - GAP_X + PAD), h: HEADER + ARC_ROOM * 2 + rowH, children: kids };
+  return { node, x: 0, y: 0, w: Math.max(leafW, x - GAP_X + PAD), h: HEADER + arcs * 2 + rowH, children: kids };
 }
 
 function flatten(b: Box, ox: number, oy: number, out: Map<string, { x: number; y: number; w: number; h: number; box: Box }>): void {
