@@ -27,6 +27,7 @@ import { run as runQemu } from './qemu.bench.ts';
 import { run as runFixedCost } from './fixed-cost.bench.ts';
 import { run as runLiveChannel } from './live-channel.bench.ts';
 import { run as runMetrics } from './metrics.bench.ts';
+import { run as runImages } from './images.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -54,6 +55,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'fixed-cost', run: runFixedCost },
   { name: 'live-channel', run: runLiveChannel },
   { name: 'metrics', run: runMetrics },
+  { name: 'images', run: runImages },
 ];
 
 export interface MachineInfo {

@@ -28,21 +28,36 @@ export async function scanImage(name: string, path: string, blockSize: number): 
   if (!st.isFile()) throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `image ${name}: ${path} is not a regular file`);
   const size = st.size;
   const perRead = Math.max(1, Math.floor(READ_TARGET / blockSize)) * blockSize;
-  const buf = Buffer.allocUnsafe(Math.min(perRead, Math.max(size, 1)));
+  const sliceBytes = Math.min(perRead, Math.max(size, 1));
+  // Two buffers: the next slice is read (on libuv's thread pool) while this one is hashed here,
+  // so indexing runs at the hash's speed rather than read + hash.
+  const bufs = [Buffer.allocUnsafe(sliceBytes), Buffer.allocUnsafe(sliceBytes)] as const;
   const hashes: BlockHash[] = [];
   const fh = await open(path, 'r');
+  const readSlice = async (buf: Buffer, offset: number): Promise<number> => {
+    const want = Math.min(buf.byteLength, size - offset);
+    let got = 0;
+    while (got < want) {
+      const { bytesRead } = await fh.read(buf, got, want - got, offset + got);
+      if (bytesRead === 0) throw new EmbotError(ErrorCodes.IMAGE_TRUNCATED, `image ${name}: ${path} ended at ${offset + got} of ${size} bytes while it was indexed`);
+      got += bytesRead;
+    }
+    return want;
+  };
   try {
     let offset = 0;
-    while (offset < size) {
-      const want = Math.min(buf.byteLength, size - offset);
-      let got = 0;
-      while (got < want) {
-        const { bytesRead } = await fh.read(buf, got, want - got, offset + got);
-        if (bytesRead === 0) throw new EmbotError(ErrorCodes.IMAGE_TRUNCATED, `image ${name}: ${path} ended at ${offset + got} of ${size} bytes while it was indexed`);
-        got += bytesRead;
-      }
+    let i = 0;
+    let pending: Promise<number> | undefined = size > 0 ? readSlice(bufs[0], 0) : undefined;
+    while (pending) {
+      const buf = bufs[i % 2]!;
+      const want = await pending;
+      const nextOffset = offset + want;
+      pending = nextOffset < size ? readSlice(bufs[(i + 1) % 2]!, nextOffset) : undefined;
+      // A failed read-ahead is reported where it is awaited; until then it must not count as unhandled.
+      pending?.catch(() => {});
       for (let o = 0; o < want; o += blockSize) hashes.push(hashBlock(buf.subarray(o, Math.min(o + blockSize, want))));
-      offset += want;
+      offset = nextOffset;
+      i++;
     }
   } finally {
     await fh.close();

@@ -256,20 +256,25 @@ export class ImageService {
     const sizes = Buffer.alloc(hashes.length * 4);
     const parts: Buffer[] = [];
     let stale = false;
-    for (let i = 0; i < hashes.length; i++) {
-      const h = hashes[i]!;
-      const loc = this.index.locate(h);
-      let data: Buffer | undefined;
-      if (loc) {
-        data = await this.index.readBlock(loc).catch(() => undefined);
-        // The file changed or shrank since it was indexed: say "not here" rather than serve wrong bytes.
-        if (data === undefined || hashBlock(data) !== h) {
-          data = undefined;
-          stale = true;
+    const reader = this.index.blockReader();
+    try {
+      for (let i = 0; i < hashes.length; i++) {
+        const h = hashes[i]!;
+        const loc = this.index.locate(h);
+        let data: Buffer | undefined;
+        if (loc) {
+          data = await reader.read(loc).catch(() => undefined);
+          // The file changed or shrank since it was indexed: say "not here" rather than serve wrong bytes.
+          if (data === undefined || hashBlock(data) !== h) {
+            data = undefined;
+            stale = true;
+          }
         }
+        sizes.writeUInt32LE(data ? data.byteLength : MISSING, i * 4);
+        if (data) parts.push(parts.length === 0 ? corruptServedBlock(data) : data);
       }
-      sizes.writeUInt32LE(data ? data.byteLength : MISSING, i * 4);
-      if (data) parts.push(parts.length === 0 ? corruptServedBlock(data) : data);
+    } finally {
+      await reader.close();
     }
     if (stale) void this.reindex().catch(() => {});
     return { type: 'BlockData', sizes, data: Buffer.concat(parts) };
@@ -308,6 +313,7 @@ export class ImageService {
    */
   async build(image: string, onProgress?: (p: BuildProgress) => void): Promise<BuildSummary> {
     const answer = await this.query(image);
+    const reader = this.index.blockReader();
     const summary = await buildImage({
       manifest: answer.manifest,
       host: this.o.agent,
@@ -316,14 +322,14 @@ export class ImageService {
         has: (h) => this.index.holds(h),
         read: async (h) => {
           const loc = this.index.locate(h);
-          return loc ? this.index.readBlock(loc) : undefined;
+          return loc ? reader.read(loc) : undefined;
         },
       },
       holders: (h) => answer.holders.get(h) ?? [],
       costs: this.o.costs,
       fetcher: this.fetcher(),
       ...(onProgress ? { onProgress } : {}),
-    });
+    }).finally(() => reader.close());
     await this.reindex().catch((e: unknown) => this.o.log?.warn('images: the built image is indexed here but the indexer has not got it yet', { error: describeError(e) }));
     this.o.log?.info(`images: built ${image}`, { bytesFetched: summary.bytesFetched, bytesLocal: summary.bytesLocal, bySource: summary.bySource });
     return summary;

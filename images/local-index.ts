@@ -5,7 +5,7 @@
  * is reported as the host-level delta the global indexer consumes (hashes this host gained, lost).
  */
 import { readdirSync, statSync } from 'node:fs';
-import { open } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type Database from 'better-sqlite3';
 import { EmbotError, ErrorCodes } from '../core/errors.ts';
@@ -70,8 +70,15 @@ export class LocalImageIndex {
   /** How many blocks of this host's images have each hash: a hash is "held" while its count is > 0. */
   private readonly counts = new Map<BlockHash, number>();
 
+  private readonly locateStmt: Database.Statement<[string]>;
+
   constructor(db: Database.Database) {
     this.db = db;
+    // Prepared once: a build or a block request looks up hundreds of blocks.
+    this.locateStmt = db.prepare(
+      `SELECT b.origin, b.image, b.idx, i.path, i.size, i.block_size FROM image_blocks b JOIN images i ON i.origin = b.origin AND i.name = b.image
+       WHERE b.hash = ? ORDER BY b.origin = 'local' DESC LIMIT 1`,
+    );
     for (const r of db.prepare('SELECT hash, count(*) AS n FROM image_blocks GROUP BY hash').all() as { hash: string; n: number }[]) this.counts.set(r.hash, r.n);
   }
 
@@ -110,12 +117,7 @@ export class LocalImageIndex {
 
   /** One place this host has the block (its own images before the library's). */
   locate(hash: BlockHash): BlockLocation | undefined {
-    const r = this.db
-      .prepare(
-        `SELECT b.origin, b.image, b.idx, i.path, i.size, i.block_size FROM image_blocks b JOIN images i ON i.origin = b.origin AND i.name = b.image
-         WHERE b.hash = ? ORDER BY b.origin = 'local' DESC LIMIT 1`,
-      )
-      .get(hash) as { origin: ImageOrigin; image: string; idx: number; path: string; size: number; block_size: number } | undefined;
+    const r = this.locateStmt.get(hash) as { origin: ImageOrigin; image: string; idx: number; path: string; size: number; block_size: number } | undefined;
     if (!r) return undefined;
     return { origin: r.origin, image: r.image, path: r.path, offset: r.idx * r.block_size, length: blockLength({ size: r.size, blockSize: r.block_size }, r.idx) };
   }
@@ -139,6 +141,33 @@ export class LocalImageIndex {
       await fh.close();
     }
     return buf;
+  }
+
+  /**
+   * A reader of many blocks that keeps each image file open between blocks (a build or a block
+   * request reads hundreds); close it when done.
+   */
+  blockReader(): { read(loc: BlockLocation): Promise<Buffer>; close(): Promise<void> } {
+    const handles = new Map<string, Promise<FileHandle>>();
+    return {
+      read: async (loc) => {
+        let h = handles.get(loc.path);
+        if (!h) handles.set(loc.path, (h = open(loc.path, 'r')));
+        const fh = await h;
+        const buf = Buffer.allocUnsafe(loc.length);
+        let got = 0;
+        while (got < loc.length) {
+          const { bytesRead } = await fh.read(buf, got, loc.length - got, loc.offset + got);
+          if (bytesRead === 0) throw new EmbotError(ErrorCodes.IMAGE_TRUNCATED, `image ${loc.image}: ${loc.path} ends inside block at ${loc.offset} (${got} of ${loc.length} bytes)`);
+          got += bytesRead;
+        }
+        return buf;
+      },
+      close: async () => {
+        for (const h of handles.values()) await h.then((fh) => fh.close()).catch(() => {});
+        handles.clear();
+      },
+    };
   }
 
   /**

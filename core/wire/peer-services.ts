@@ -38,7 +38,7 @@ export function peerEndpoint(server: PeerServer): PeerEndpoint {
   return {
     agent: server.agent,
     register(service) {
-      const types = Object.keys(service.handlers) as ServiceRequestType[];
+      const types = Object.keys(service.handlers).filter((t) => service.handlers[t as ServiceRequestType] !== undefined) as ServiceRequestType[];
       for (const t of types) {
         if (!(SERVICE_REQUEST_TYPES as readonly string[]).includes(t)) throw new EmbotError(ErrorCodes.SERVICE_EXISTS, `${service.name}: ${t} is not a service request type`);
         const owner = owners.get(t);
