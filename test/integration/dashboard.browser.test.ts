@@ -197,8 +197,13 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
     await page.waitForSelector('[data-testid=migrate-to] option[value="c"]', { state: 'attached' });
     await page.selectOption('[data-testid=migrate-to]', ['b', 'c']);
     await page.click('[data-testid=migrate-form] button[type=submit]');
-    const done = page.locator('[data-testid=past-migrations] [data-vm="web-4"].outcome-completed');
-    await done.waitFor({ timeout: 60_000 });
+    const started = await page.waitForSelector('.form-message:has-text("started")');
+    const id = /migration (\S+) started/.exec((await started.textContent()) ?? '')![1]!;
+    // The agent's own word first, so a failed fan-out fails here with its reason.
+    const ended = await a.waitMigration(id, { timeoutMs: 60_000 });
+    expect(ended.outcome, `${ended.reason ?? ''} ${JSON.stringify(ended.summary?.destinations ?? [])}`).toBe('completed');
+    const done = page.locator(`[data-testid=past-migrations] [data-migration="${id}"].outcome-completed`);
+    await done.waitFor({ timeout: 10_000 });
     const rows = done.locator('[data-testid=destinations] tbody tr');
     expect(await rows.count()).toBe(2);
     const won = done.locator('[data-testid=destinations] tr.winner');
