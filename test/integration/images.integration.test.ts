@@ -137,6 +137,24 @@ describe('images across real agents', () => {
     expect(Buffer.compare(readFileSync(path.join(dirs.b!, 'db.img')), db)).toBe(0);
   }, 60_000);
 
+  it('vm create --image NAME gives a VM an image of the index; migrate --to auto goes where building it costs least (a serves it from its library, d has it whole: both 0, a first by name)', async () => {
+    const b = cluster.agent('b').url;
+    const missing = await runCli(['vm', 'create', 'web-0', '--image', 'nope.img', '--agent', b]);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain(ErrorCodes.IMAGE_UNKNOWN);
+    expect((await runCli(['vm', 'create', 'web-1', '--image', 'web.img', '--memory', '16M', '--agent', b])).code).toBe(0);
+    expect((await runCli(['vm', 'start', 'web-1', '--agent', b])).code).toBe(0);
+    const ranked = JSON.parse((await runCli(['place', 'web-1', '--json', '--agent', b])).stdout) as { host: string; cost: number }[];
+    expect(ranked.map((c) => c.host).sort()).toEqual(['a', 'c', 'd']);
+    expect(ranked.map((c) => [c.host, c.cost])).toEqual([['a', 0], ['d', 0], ['c', expect.any(Number)]]);
+    expect(ranked[2]!.cost).toBeGreaterThan(0);
+    const moved = await runCli(['migrate', 'web-1', '--to', 'auto', '--json', '--agent', b]);
+    expect(moved.code, moved.stderr).toBe(0);
+    const info = JSON.parse(moved.stdout) as { outcome: string; peer: string; reason?: string };
+    expect(info.outcome, info.reason).toBe('completed');
+    expect(info.peer).toBe('a');
+  }, 60_000);
+
   it('bad input: an unknown image, a BlockFetch that is not hashes, an index update unauthenticated or from a non-member; the agent keeps serving', async () => {
     const unknown = await runCli(['image', 'build', 'nope.img', '--agent', cluster.agent('b').url]);
     expect(unknown.code).toBe(1);
