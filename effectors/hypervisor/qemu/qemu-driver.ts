@@ -653,23 +653,30 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       }
     };
     try {
-      await qmp.execute('migrate-set-capabilities', {
-        capabilities: [
-          { capability: 'events', state: true },
-          { capability: 'auto-converge', state: o.autoConverge ?? false },
-          { capability: 'pause-before-switchover', state: true },
-          { capability: 'multifd', state: channels > 1 },
-        ],
-      });
-      const tlsParams = this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
-      await qmp.execute('migrate-set-parameters', {
-        ...tlsParams,
-        'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
-        'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH),
-        ...(channels > 1 ? { 'multifd-channels': channels } : {}),
-        ...(this.o.cpuThrottle?.initial === undefined ? {} : { 'cpu-throttle-initial': this.o.cpuThrottle.initial }),
-        ...(this.o.cpuThrottle?.increment === undefined ? {} : { 'cpu-throttle-increment': this.o.cpuThrottle.increment }),
-      });
+      // Capabilities and parameters go out together (QEMU runs a monitor's commands in order): one
+      // round trip less before `migrate`, which is sent only once both have succeeded.
+      const settled = await Promise.allSettled([
+        qmp.execute('migrate-set-capabilities', {
+          capabilities: [
+            { capability: 'events', state: true },
+            { capability: 'auto-converge', state: o.autoConverge ?? false },
+            { capability: 'pause-before-switchover', state: true },
+            { capability: 'multifd', state: channels > 1 },
+          ],
+        }),
+        (async () => {
+          const tlsParams = this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
+          await qmp.execute('migrate-set-parameters', {
+            ...tlsParams,
+            'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
+            'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH),
+            ...(channels > 1 ? { 'multifd-channels': channels } : {}),
+            ...(this.o.cpuThrottle?.initial === undefined ? {} : { 'cpu-throttle-initial': this.o.cpuThrottle.initial }),
+            ...(this.o.cpuThrottle?.increment === undefined ? {} : { 'cpu-throttle-increment': this.o.cpuThrottle.increment }),
+          });
+        })(),
+      ]);
+      for (const r of settled) if (r.status === 'rejected') throw r.reason;
       await qmp.execute('migrate', { uri: o.endpoint.uri });
       let switched = false;
       for (;;) {
