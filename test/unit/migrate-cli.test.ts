@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../core/cli/main.ts';
-import { parseDestinations, parseThreshold, progressLine, renderMigrationSummary, renderMigrations } from '../../core/cli/migrate-commands.ts';
+import { parseDestinations, parseFallback, parseRetries, parseThreshold, progressLine, renderMigrationSummary, renderMigrations } from '../../core/cli/migrate-commands.ts';
 import type { AgentControl, AgentStatus, MigrationInfo, MigrationSummary } from '../../core/control/control-api.ts';
 import { startControlServer, type ControlServer } from '../../core/control/server.ts';
 import { ConfigError, EffectorError, ErrorCodes } from '../../core/errors.ts';
@@ -349,5 +349,38 @@ describe('the estimate line of a migration summary', () => {
     const { copyMs: _dropped, ...older } = precopy;
     const s = { ...summaryFor('m-2', 'web', 'b', SCRIPTS['web']!), precopy: older as unknown as typeof precopy };
     expect(estimateLine(renderMigrationSummary(info(s)))).toMatch(/; actual 1\.23 s$/);
+  });
+});
+
+describe('embot migrate to several destinations: flags and summary', () => {
+  it('--retries takes 0..5, --fallback a list by the --to rules; anything else is a usage error', () => {
+    expect(parseRetries('0')).toBe(0);
+    expect(parseRetries('5')).toBe(5);
+    for (const bad of ['6', '-1', '1.5', 'x', '']) expect(() => parseRetries(bad), bad).toThrow(/--retries must be a whole number from 0 to 5/);
+    expect(parseFallback('d,e')).toEqual(['d', 'e']);
+    for (const bad of ['', 'd,d', 'd,,e']) expect(() => parseFallback(bad), bad).toThrow(new RegExp(`--fallback: .*${ErrorCodes.DESTINATIONS_INVALID}`));
+  });
+
+  it('the summary names the winner, the retries and every destination of every try with its outcome and why', () => {
+    const base = summaryFor('m-1', 'web', 'b,c', SCRIPTS['web']!);
+    const s: MigrationSummary = {
+      ...base,
+      to: 'd',
+      winner: 'd',
+      retries: 1,
+      destinations: [
+        { name: 'b', migrationId: 'm-1~b', outcome: 'bootFailed', reason: 'bootIncoming failed: injected fault', phases: [], bootReadyMs: null, bytes: 8 << 20, attempt: 0 },
+        { name: 'c', migrationId: 'm-1.f~c', outcome: 'terminated', reason: 'terminated: d booted first (migration m-1.f)', phases: [], bootReadyMs: null, bytes: 1 << 20, attempt: 1 },
+        { name: 'd', migrationId: 'm-1.f~d', outcome: 'won', phases: [], bootReadyMs: 380, bytes: 8 << 20, attempt: 1 },
+      ],
+    };
+    const out = renderMigrationSummary({ id: 'm-1', role: 'source', vm: 'web', peer: 'b', phase: 'completed', outcome: 'completed', startedAt: 0, updatedAt: 1, summary: s });
+    expect(out).toMatch(/^winner:\s+d$/m);
+    expect(out).toMatch(/^retries:\s+1$/m);
+    expect(out).toMatch(/^destinations:\s+b \(try 1\): bootFailed, 8 MiB — bootIncoming failed: injected fault$/m);
+    expect(out).toMatch(/^\s+c \(try 2\): terminated, 1 MiB — terminated: d booted first \(migration m-1\.f\)$/m);
+    expect(out).toMatch(/^\s+d \(try 2\): won, booted at 380 ms, 8 MiB$/m);
+    const none = renderMigrationSummary({ id: 'm-2', role: 'source', vm: 'web', peer: 'b,c', phase: 'aborted', outcome: 'aborted', startedAt: 0, updatedAt: 1, summary: { ...summaryFor('m-2', 'web', 'b,c', SCRIPTS['db']!), winner: null, retries: 0, destinations: [] } });
+    expect(none).toMatch(/^winner:\s+none \(the VM runs here again, nothing lost\)$/m);
   });
 });
