@@ -1,0 +1,272 @@
+/**
+ * One QEMU migration stream copied to several incoming QEMUs (issue 13, README "Several
+ * destinations", qemu). QEMU's `migrate` writes into a unix socket of the relay (a 0700 dir of its
+ * own, so no other local user can speak first); the relay opens one connection to every
+ * destination's incoming QEMU and writes each chunk it reads to all of them.
+ *
+ * Why per-destination TLS here and not QEMU's: QEMU's TLS session is keyed to one peer, its bytes
+ * cannot be replayed to another. The source QEMU therefore writes plaintext to the local socket
+ * only, and the relay wraps each destination's copy in a TLS session of its own with the cluster
+ * certificates — the same checks QEMU's `tls-creds-x509` does: the destination's certificate must
+ * come from the cluster CA and name the destination agent (QEMU's `tls-hostname`), and the relay
+ * presents the source agent's certificate, which the incoming QEMU's `tls-authz` admits. Memory
+ * never leaves the host in clear when `peer.tls` is set.
+ *
+ * Pace: the source is read as fast as the fastest live destination takes it; a slower one gets
+ * its copy from a queue of its own, and once that queue holds more than `bufferLimitBytes` it is
+ * dropped with outcome `tooSlow` (its connection destroyed: its incoming QEMU sees the stream break).
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from 'node:tls';
+import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
+
+/** Default bound of one destination's queue: past it the destination is `tooSlow`. */
+export const DEFAULT_RELAY_BUFFER_BYTES = 64 * 1024 * 1024;
+
+export interface RelayTls {
+  /** PEM: the cluster CA, the source agent's certificate and key. */
+  readonly ca: string | Buffer;
+  readonly cert: string | Buffer;
+  readonly key: string | Buffer;
+}
+
+export interface RelayDestination {
+  readonly name: string;
+  /** The destination's listener as its prepareIncoming answered it: `tcp:HOST:PORT`. */
+  readonly uri: string;
+  /** With TLS, the agent name the destination's certificate must carry. */
+  readonly tls?: RelayTls & { readonly serverName: string };
+}
+
+export type RelayOutcome = 'delivered' | 'tooSlow' | 'failed' | 'dropped';
+
+export interface RelayResult {
+  readonly name: string;
+  readonly outcome: RelayOutcome;
+  /** Bytes written to this destination's connection (queued ones included when it was dropped). */
+  readonly bytes: number;
+  /** Most bytes queued for it at once. */
+  readonly maxQueuedBytes: number;
+  readonly reason?: string;
+}
+
+export interface StreamRelayOptions {
+  readonly destinations: readonly RelayDestination[];
+  readonly bufferLimitBytes?: number;
+  /** A destination that is not connected (TLS handshake done) within this long is `failed`. Default 10 s. */
+  readonly connectTimeoutMs?: number;
+}
+
+/** `tcp:HOST:PORT` → host and port; a coded error for anything else (the URI comes from a peer). */
+export function parseTcpUri(uri: string): { readonly host: string; readonly port: number } {
+  const m = /^tcp:(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(typeof uri === 'string' ? uri : '');
+  const port = m ? Number(m[2]) : NaN;
+  if (!m || !(port >= 1 && port <= 65535)) {
+    throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `a relay destination must be tcp:HOST:PORT, not ${JSON.stringify(uri)}`, { details: { uri } });
+  }
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port };
+}
+
+interface Dest {
+  readonly name: string;
+  readonly socket: Socket;
+  connected: boolean;
+  live: boolean;
+  /** write() said its queue is past the socket's high-water mark; cleared on 'drain'. */
+  full: boolean;
+  bytes: number;
+  maxQueued: number;
+  ended: boolean;
+  readonly done: Promise<RelayResult>;
+  settle: (r: RelayResult) => void;
+}
+
+/**
+ * @example
+ * ```ts
+ * const relay = await StreamRelay.open({ destinations: [{ name: 'b', uri: 'tcp:127.0.0.1:4001' }, { name: 'c', uri: 'tcp:127.0.0.1:4002' }] });
+ * await qmp.execute('migrate', { uri: relay.uri });          // unix:/tmp/embot-relay-XXXX/s
+ * const [b, c] = await Promise.all([relay.result('b'), relay.result('c')]); // outcome 'delivered' | 'tooSlow' | …
+ * relay.close();
+ * ```
+ */
+export class StreamRelay {
+  readonly uri: string;
+  private readonly dests = new Map<string, Dest>();
+  private source: Socket | undefined;
+  private sourceEnded = false;
+  private closed = false;
+  private readonly limit: number;
+  /** Every destination is gone: the source's stream is cut so QEMU's migration fails. */
+  onAllDropped: (() => void) | undefined;
+
+  private constructor(
+    private readonly server: Server,
+    private readonly dir: string,
+    o: StreamRelayOptions,
+  ) {
+    this.uri = `unix:${join(dir, 's')}`;
+    this.limit = o.bufferLimitBytes ?? DEFAULT_RELAY_BUFFER_BYTES;
+    if (!Number.isSafeInteger(this.limit) || this.limit < 1) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the relay's buffer bound must be a positive integer of bytes, not ${o.bufferLimitBytes}`);
+    }
+  }
+
+  /** Listens on a fresh unix socket and starts connecting to every destination (handshakes overlap QEMU's setup). */
+  static async open(o: StreamRelayOptions): Promise<StreamRelay> {
+    if (o.destinations.length === 0) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, 'a relay needs at least one destination');
+    const names = new Set(o.destinations.map((d) => d.name));
+    if (names.size !== o.destinations.length) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, 'a relay destination is named twice');
+    const targets = o.destinations.map((d) => ({ d, at: parseTcpUri(d.uri) }));
+    const dir = mkdtempSync(join(tmpdir(), 'embot-relay-'));
+    const server = createServer({ pauseOnConnect: true });
+    let relay: StreamRelay;
+    try {
+      relay = new StreamRelay(server, dir, o);
+    } catch (e) {
+      rmSync(dir, { recursive: true, force: true });
+      throw e;
+    }
+    server.on('connection', (s) => relay.accept(s));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(join(dir, 's'), () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    const connectTimeoutMs = o.connectTimeoutMs ?? 10_000;
+    for (const { d, at } of targets) relay.connectTo(d, at, connectTimeoutMs);
+    return relay;
+  }
+
+  /** One destination's end: delivered (the whole stream handed to its connection) or dropped and why. */
+  result(name: string): Promise<RelayResult> {
+    const d = this.dests.get(name);
+    if (!d) return Promise.reject(new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `${name} is not a destination of this relay`));
+    return d.done;
+  }
+
+  /** Destinations still being fed. */
+  liveNames(): string[] {
+    return [...this.dests.values()].filter((d) => d.live).map((d) => d.name);
+  }
+
+  /** Stops feeding `name` (its migration was cut elsewhere: aborted, its hand-over failed). */
+  drop(name: string, reason: string): void {
+    const d = this.dests.get(name);
+    if (d) this.kill(d, 'dropped', reason);
+  }
+
+  /** Cuts everything; destinations not delivered yet are `dropped`. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const d of this.dests.values()) this.kill(d, 'dropped', 'the relay was closed');
+    this.source?.destroy();
+    this.server.close();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  private connectTo(d: RelayDestination, at: { host: string; port: number }, timeoutMs: number): void {
+    const socket = d.tls
+      ? tlsConnect({
+          host: at.host,
+          port: at.port,
+          ca: d.tls.ca,
+          cert: d.tls.cert,
+          key: d.tls.key,
+          // The cluster's certificates name agents, not hosts: the check is QEMU's tls-hostname's.
+          checkServerIdentity: (_host: string, cert: PeerCertificate) => checkServerIdentity(d.tls!.serverName, cert),
+        })
+      : netConnect({ host: at.host, port: at.port });
+    socket.setNoDelay(true);
+    let settle: (r: RelayResult) => void = () => {};
+    const done = new Promise<RelayResult>((r) => (settle = r));
+    const dest: Dest = { name: d.name, socket, connected: false, live: true, full: false, bytes: 0, maxQueued: 0, ended: false, done, settle };
+    this.dests.set(d.name, dest);
+    const timer = setTimeout(() => this.kill(dest, 'failed', `not connected within ${timeoutMs} ms`), timeoutMs);
+    socket.once(d.tls ? 'secureConnect' : 'connect', () => {
+      clearTimeout(timer);
+      dest.connected = true;
+    });
+    socket.on('drain', () => {
+      dest.full = false;
+      this.pace();
+    });
+    // An incoming QEMU without a return path sends nothing back: bytes from it are not QEMU's.
+    socket.on('data', () => this.kill(dest, 'failed', 'the destination sent bytes on a one-way stream'));
+    socket.on('error', (e) => this.kill(dest, 'failed', `connection to ${d.name}: ${e.message}`));
+    socket.on('finish', () => {
+      // Every byte is in the kernel's hands; whether the incoming QEMU took them all its bootIncoming says.
+      if (!dest.live) return;
+      dest.live = false;
+      settle({ name: dest.name, outcome: 'delivered', bytes: dest.bytes, maxQueuedBytes: dest.maxQueued });
+    });
+    socket.on('close', () => {
+      clearTimeout(timer);
+      this.kill(dest, 'failed', `${d.name} closed the stream before its end`);
+    });
+  }
+
+  private accept(s: Socket): void {
+    if (this.source || this.closed) {
+      // One QEMU, one channel: a second writer would interleave bytes into every destination's stream.
+      s.destroy();
+      return;
+    }
+    this.source = s;
+    s.on('data', (chunk: Buffer) => this.fanOut(chunk));
+    s.on('end', () => {
+      this.sourceEnded = true;
+      for (const d of this.dests.values()) if (d.live) this.finish(d);
+    });
+    s.on('error', () => {});
+    s.on('close', () => {
+      if (!this.sourceEnded) for (const d of this.dests.values()) this.kill(d, 'failed', 'the source stream broke');
+    });
+    this.pace();
+  }
+
+  private fanOut(chunk: Buffer): void {
+    for (const d of this.dests.values()) {
+      if (!d.live) continue;
+      d.bytes += chunk.length;
+      if (!d.socket.write(chunk)) d.full = true;
+      const queued = d.socket.writableLength;
+      if (queued > d.maxQueued) d.maxQueued = queued;
+      if (queued > this.limit) this.kill(d, 'tooSlow', `${queued} bytes queued for ${d.name}, over the relay's bound of ${this.limit}`);
+    }
+    this.pace();
+  }
+
+  /** Read on while at least one live destination takes more (the fastest sets the pace). */
+  private pace(): void {
+    const s = this.source;
+    if (!s || this.sourceEnded) return;
+    const live = [...this.dests.values()].filter((d) => d.live);
+    if (live.length === 0) return;
+    // Not yet connected ones queue too (their bound still holds), but do not hold the others back.
+    if (live.some((d) => !d.full)) s.resume();
+    else s.pause();
+  }
+
+  private finish(d: Dest): void {
+    d.ended = true;
+    d.socket.end();
+  }
+
+  private kill(d: Dest, outcome: RelayOutcome, reason: string): void {
+    if (!d.live) return;
+    d.live = false;
+    d.socket.destroy();
+    d.settle({ name: d.name, outcome, bytes: d.bytes, maxQueuedBytes: d.maxQueued, reason });
+    if (!this.closed && [...this.dests.values()].every((x) => !x.live)) {
+      this.source?.destroy();
+      this.onAllDropped?.();
+    } else this.pace();
+  }
+}

@@ -1,0 +1,261 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createServer as createTlsServer } from 'node:tls';
+import { describe, expect, it } from 'vitest';
+import { EffectorError, ErrorCodes } from '../../core/errors.ts';
+import { parseTcpUri, StreamRelay, type RelayDestination } from '../../effectors/hypervisor/qemu/stream-relay.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { makeTlsFixture } from '../harness/cluster-tls.ts';
+import { expectThrownCode } from '../harness/expect-code.ts';
+
+const cleanups = cleanupsAfterEach();
+
+/** A destination standing for an incoming QEMU: hashes what it reads; `mode` makes it slow or break. */
+interface Sink {
+  readonly uri: string;
+  readonly received: Promise<{ readonly bytes: number; readonly sha: string }>;
+  readonly sockets: Socket[];
+}
+
+type SinkMode = 'read' | 'stall' | { readonly closeAfter: number } | { readonly talkBack: true };
+
+function handle(s: Socket, mode: SinkMode, done: (r: { bytes: number; sha: string }) => void): void {
+  const hash = createHash('sha256');
+  let bytes = 0;
+  if (mode === 'stall') {
+    // Never reads: the kernel's buffers fill, then the relay's queue for it.
+    s.pause();
+    return;
+  }
+  if (typeof mode === 'object' && 'talkBack' in mode) s.write('not a one-way stream');
+  s.on('data', (c: Buffer) => {
+    bytes += c.length;
+    hash.update(c);
+    if (typeof mode === 'object' && 'closeAfter' in mode && bytes >= mode.closeAfter) s.destroy();
+  });
+  s.on('error', () => {});
+  s.on('close', () => done({ bytes, sha: hash.digest('hex') }));
+}
+
+async function listenOn(server: Server, sockets: readonly Socket[]): Promise<string> {
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const a = server.address();
+  if (a === null || typeof a === 'string') throw new Error('no port');
+  // Its accepted connections go first: close() waits for them (a stalled reader's would never end).
+  cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
+  cleanups.push(() => sockets.forEach((s) => s.destroy()));
+  return `tcp:127.0.0.1:${a.port}`;
+}
+
+async function sink(mode: SinkMode = 'read'): Promise<Sink> {
+  const sockets: Socket[] = [];
+  let done: (r: { bytes: number; sha: string }) => void = () => {};
+  const received = new Promise<{ bytes: number; sha: string }>((r) => (done = r));
+  const server = createServer((s) => {
+    sockets.push(s);
+    handle(s, mode, done);
+  });
+  return { uri: await listenOn(server, sockets), received, sockets };
+}
+
+function drainOrClose(s: Socket): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const done = (): void => {
+      s.off('drain', done);
+      s.off('close', done);
+      resolve();
+    };
+    s.on('drain', done);
+    s.on('close', done);
+  });
+}
+
+/** Writes `data` into the relay's socket as QEMU's `migrate` would, honouring back-pressure; resolves once all is written and ended. */
+async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
+  const s = createConnection(relay.uri.slice('unix:'.length));
+  s.on('error', () => {});
+  cleanups.push(() => s.destroy());
+  await new Promise<void>((r) => s.once('connect', r));
+  const chunk = 64 * 1024;
+  for (let off = 0; off < data.length; off += chunk) {
+    if (s.destroyed) break;
+    if (!s.write(data.subarray(off, off + chunk))) await drainOrClose(s);
+  }
+  s.end();
+  return s;
+}
+
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number): Promise<StreamRelay> {
+  const relay = await StreamRelay.open({ destinations, ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }) });
+  cleanups.push(() => relay.close());
+  return relay;
+}
+
+describe('stream relay: one stream to several destinations over real sockets', () => {
+  it('gives every destination the whole stream byte for byte', async () => {
+    const [b, c, d] = await Promise.all([sink(), sink(), sink()]);
+    const relay = await open([
+      { name: 'b', uri: b.uri },
+      { name: 'c', uri: c.uri },
+      { name: 'd', uri: d.uri },
+    ]);
+    const data = randomBytes(8 * 1024 * 1024);
+    await feed(relay, data);
+    const results = await Promise.all(['b', 'c', 'd'].map((n) => relay.result(n)));
+    expect(results.map((r) => r.outcome)).toEqual(['delivered', 'delivered', 'delivered']);
+    expect(results.map((r) => r.bytes)).toEqual([data.length, data.length, data.length]);
+    for (const s of [b, c, d]) expect(await s.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it('reads at the fastest destination\'s pace and drops one that falls behind its bound as tooSlow', async () => {
+    const [fast, slow] = await Promise.all([sink(), sink('stall')]);
+    const bound = 256 * 1024;
+    const relay = await open(
+      [
+        { name: 'fast', uri: fast.uri },
+        { name: 'slow', uri: slow.uri },
+      ],
+      bound,
+    );
+    // Far more than the kernel's loopback buffers plus the bound: the stalled reader must overflow it.
+    const data = randomBytes(48 * 1024 * 1024);
+    await feed(relay, data);
+    const s = await relay.result('slow');
+    expect(s.outcome).toBe('tooSlow');
+    expect(s.reason).toMatch(/over the relay's bound of 262144/);
+    // Dropped once its queue passed the bound, not before.
+    expect(s.maxQueuedBytes).toBeGreaterThan(bound);
+    expect(s.bytes).toBeLessThan(data.length);
+    const f = await relay.result('fast');
+    expect(f.outcome).toBe('delivered');
+    // The fast one never queued up to the bound: the source was read at its pace, not the slow one's.
+    expect(f.maxQueuedBytes).toBeLessThanOrEqual(bound);
+    expect(await fast.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it('drops a destination whose connection breaks mid-stream as failed and goes on to the others', async () => {
+    const [broken, ok] = await Promise.all([sink({ closeAfter: 1024 * 1024 }), sink()]);
+    const relay = await open([
+      { name: 'broken', uri: broken.uri },
+      { name: 'ok', uri: ok.uri },
+    ]);
+    const data = randomBytes(16 * 1024 * 1024);
+    await feed(relay, data);
+    const r = await relay.result('broken');
+    expect(r.outcome).toBe('failed');
+    expect((await broken.received).bytes).toBeLessThan(data.length);
+    expect((await relay.result('ok')).outcome).toBe('delivered');
+    expect(await ok.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it('cuts the source stream when every destination is gone, so the sending QEMU fails instead of writing into nothing', async () => {
+    const only = await sink({ closeAfter: 64 * 1024 });
+    const relay = await open([{ name: 'only', uri: only.uri }]);
+    let allDropped = false;
+    relay.onAllDropped = () => (allDropped = true);
+    const source = await feed(relay, randomBytes(32 * 1024 * 1024));
+    expect((await relay.result('only')).outcome).toBe('failed');
+    await new Promise<void>((r) => (source.destroyed ? r() : source.once('close', () => r())));
+    expect(allDropped).toBe(true);
+  });
+
+  it('wraps each destination in its own TLS session: the destination checks the source agent\'s certificate, the relay that the destination names its agent', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'relay-tls-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const fx = await makeTlsFixture(dir, ['a', 'b', 'c', 'mallory']);
+    const read = (f: string): Buffer => readFileSync(f);
+    const tlsSink = async (name: string): Promise<Sink & { readonly peers: string[] }> => {
+      const f = fx.files(name);
+      const sockets: Socket[] = [];
+      const peers: string[] = [];
+      let done: (r: { bytes: number; sha: string }) => void = () => {};
+      const received = new Promise<{ bytes: number; sha: string }>((r) => (done = r));
+      const server = createTlsServer({ ca: read(f.ca), cert: read(f.cert), key: read(f.key), requestCert: true, rejectUnauthorized: true }, (s) => {
+        sockets.push(s);
+        peers.push(s.getPeerCertificate().subject.CN ?? '');
+        handle(s, 'read', done);
+      });
+      server.on('tlsClientError', () => {});
+      return { uri: await listenOn(server, sockets), received, sockets, peers };
+    };
+    const [b, c, impostor] = await Promise.all([tlsSink('b'), tlsSink('c'), tlsSink('mallory')]);
+    const a = fx.files('a');
+    const tls = { ca: read(a.ca), cert: read(a.cert), key: read(a.key) };
+    const relay = await open([
+      { name: 'b', uri: b.uri, tls: { ...tls, serverName: 'b' } },
+      { name: 'c', uri: c.uri, tls: { ...tls, serverName: 'c' } },
+      // Listens where 'x' was said to be, with a certificate of the cluster that names someone else.
+      { name: 'x', uri: impostor.uri, tls: { ...tls, serverName: 'x' } },
+    ]);
+    const data = randomBytes(4 * 1024 * 1024);
+    await feed(relay, data);
+    expect((await relay.result('b')).outcome).toBe('delivered');
+    expect((await relay.result('c')).outcome).toBe('delivered');
+    const x = await relay.result('x');
+    expect(x.outcome).toBe('failed');
+    expect(x.reason).toMatch(/x/);
+    expect(await b.received).toEqual({ bytes: data.length, sha: sha(data) });
+    expect(await c.received).toEqual({ bytes: data.length, sha: sha(data) });
+    expect([...b.peers, ...c.peers]).toEqual(['a', 'a']);
+  });
+});
+
+describe('stream relay: bad input', () => {
+  it('refuses a destination URI that is not tcp:HOST:PORT, with a coded error', () => {
+    for (const bad of ['', 'tcp:127.0.0.1', 'tcp:127.0.0.1:0', 'tcp:127.0.0.1:70000', 'unix:/tmp/x', 'exec:cat', 'tcp:127.0.0.1:80;rm', 42 as unknown as string]) {
+      expectThrownCode(() => parseTcpUri(bad), ErrorCodes.EFFECTOR_ARGS_INVALID, EffectorError);
+    }
+    expect(parseTcpUri('tcp:127.0.0.1:4444')).toEqual({ host: '127.0.0.1', port: 4444 });
+  });
+
+  it('refuses no destinations, a name twice and a bound that is not a positive integer', async () => {
+    const b = await sink();
+    for (const o of [
+      { destinations: [] },
+      { destinations: [{ name: 'b', uri: b.uri }, { name: 'b', uri: b.uri }] },
+      { destinations: [{ name: 'b', uri: b.uri }], bufferLimitBytes: 0 },
+      { destinations: [{ name: 'b', uri: b.uri }], bufferLimitBytes: 1.5 },
+    ]) {
+      await expect(StreamRelay.open(o)).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
+    }
+    await expect((await open([{ name: 'b', uri: b.uri }])).result('nobody')).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
+  });
+
+  it('shuts out a second writer on its socket: the first stream reaches the destination unmixed', async () => {
+    const b = await sink();
+    const relay = await open([{ name: 'b', uri: b.uri }]);
+    const data = randomBytes(2 * 1024 * 1024);
+    const first = createConnection(relay.uri.slice('unix:'.length));
+    cleanups.push(() => first.destroy());
+    await new Promise<void>((r) => first.once('connect', r));
+    first.write(data.subarray(0, 1024));
+    await new Promise((r) => setTimeout(r, 50));
+    const intruder = createConnection(relay.uri.slice('unix:'.length));
+    intruder.on('error', () => {});
+    cleanups.push(() => intruder.destroy());
+    intruder.write('garbage from someone else');
+    await new Promise<void>((r) => intruder.once('close', () => r()));
+    first.end(data.subarray(1024));
+    expect((await relay.result('b')).outcome).toBe('delivered');
+    expect(await b.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it('drops a destination that sends bytes back on the one-way stream, and keeps the others', async () => {
+    const [talker, ok] = await Promise.all([sink({ talkBack: true }), sink()]);
+    const relay = await open([
+      { name: 'talker', uri: talker.uri },
+      { name: 'ok', uri: ok.uri },
+    ]);
+    const data = randomBytes(4 * 1024 * 1024);
+    await feed(relay, data);
+    const t = await relay.result('talker');
+    expect(t.outcome).toBe('failed');
+    expect(t.reason).toMatch(/sent bytes on a one-way stream/);
+    expect(await ok.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+});
