@@ -77,7 +77,7 @@ function drainOrClose(s: Socket): Promise<void> {
 async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
   const s = createConnection(relay.uri.slice('unix:'.length));
   s.on('error', () => {});
-  cleanups.push(() => s.destroy());
+  cleanups.push(() => void s.destroy());
   await new Promise<void>((r) => s.once('connect', r));
   const chunk = 64 * 1024;
   for (let off = 0; off < data.length; off += chunk) {
@@ -177,7 +177,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
       const received = new Promise<{ bytes: number; sha: string }>((r) => (done = r));
       const server = createTlsServer({ ca: read(f.ca), cert: read(f.cert), key: read(f.key), requestCert: true, rejectUnauthorized: true }, (s) => {
         sockets.push(s);
-        peers.push(s.getPeerCertificate().subject.CN ?? '');
+        peers.push(String(s.getPeerCertificate().subject.CN));
         handle(s, 'read', done);
       });
       server.on('tlsClientError', () => {});
@@ -231,13 +231,13 @@ describe('stream relay: bad input', () => {
     const relay = await open([{ name: 'b', uri: b.uri }]);
     const data = randomBytes(2 * 1024 * 1024);
     const first = createConnection(relay.uri.slice('unix:'.length));
-    cleanups.push(() => first.destroy());
+    cleanups.push(() => void first.destroy());
     await new Promise<void>((r) => first.once('connect', r));
     first.write(data.subarray(0, 1024));
     await new Promise((r) => setTimeout(r, 50));
     const intruder = createConnection(relay.uri.slice('unix:'.length));
     intruder.on('error', () => {});
-    cleanups.push(() => intruder.destroy());
+    cleanups.push(() => void intruder.destroy());
     intruder.write('garbage from someone else');
     await new Promise<void>((r) => intruder.once('close', () => r()));
     first.end(data.subarray(1024));
