@@ -53,20 +53,38 @@ async function indexing(root: string, bytes: number, runs: number): Promise<Benc
   const data = randomBytes(bytes);
   const file = path.join(root, 'index-me.img');
   writeFileSync(file, data);
-  let raw = 0;
-  let idx = 0;
-  for (let r = 0; r < runs; r++) {
-    let t = process.hrtime.bigint();
+  const rawRate = (): number => {
+    const t = process.hrtime.bigint();
     for (let o = 0; o < data.byteLength; o += BLOCK) hashBlock(data.subarray(o, o + BLOCK));
-    raw = Math.max(raw, bytes / MiB / (ms(t) / 1000));
+    return bytes / MiB / (ms(t) / 1000);
+  };
+  // Each indexing run sits between two raw runs and is judged against their mean: on a machine
+  // whose load drifts, the median of these paired ratios is steadier than best against best.
+  const pairs: { idx: number; raw: number }[] = [];
+  rawRate();
+  for (let r = 0; r < runs; r++) {
+    const before = rawRate();
     const store = Store.open({ file: path.join(root, `index-${r}.sqlite`) });
     const index = new LocalImageIndex(store.db);
-    t = process.hrtime.bigint();
+    const t = process.hrtime.bigint();
     await index.indexImage('index-me.img', file, 'local', BLOCK);
-    idx = Math.max(idx, bytes / MiB / (ms(t) / 1000));
+    const idx = bytes / MiB / (ms(t) / 1000);
     store.close();
+    pairs.push({ idx, raw: (before + rawRate()) / 2 });
   }
-  return { name: `index a ${bytes / MiB} MiB image (64 KiB blocks, file in page cache)`, value: idx, unit: 'MiB/s', limitName: 'raw sha256 per block, same bytes in memory', limit: raw, ratio: idx / raw, target: '>= 0.8', met: idx / raw >= 0.8 };
+  pairs.sort((a, b) => a.idx / a.raw - b.idx / b.raw);
+  const mid = pairs[Math.floor(pairs.length / 2)]!;
+  const ratio = mid.idx / mid.raw;
+  return {
+    name: `index a ${bytes / MiB} MiB image (64 KiB blocks, file in page cache), median of ${runs} paired runs`,
+    value: mid.idx,
+    unit: 'MiB/s',
+    limitName: 'raw sha256 per block, same bytes in memory, just before and after',
+    limit: mid.raw,
+    ratio,
+    target: '>= 0.8',
+    met: ratio >= 0.8,
+  };
 }
 
 interface Node {
@@ -219,7 +237,7 @@ export async function run(opts: ImagesBenchOptions = {}): Promise<BenchTable> {
   const root = mkdtempSync(path.join(tmpdir(), 'embot-images-bench-'));
   try {
     const rows: BenchRow[] = [];
-    rows.push(await indexing(root, opts.quick ? 16 * MiB : 128 * MiB, opts.quick ? 2 : 5));
+    rows.push(await indexing(root, opts.quick ? 16 * MiB : 64 * MiB, opts.quick ? 3 : 9));
     rows.push(...(await builds(root, opts.quick ? 8 * MiB : 64 * MiB)));
     rows.push(placement(1000, 10_000, opts.quick ? 32 : 64));
     return {
@@ -228,7 +246,7 @@ export async function run(opts: ImagesBenchOptions = {}): Promise<BenchTable> {
       notes: [
         'builds run between ImageServices in this process over real authenticated PeerServer links on loopback (BlockFetch frames of 4 MiB), writing real files; the whole-image copy is a build at a host that holds none of the blocks, through the same path',
         'bytes-moved rows: ratio = bytes fetched / whole image, target = the unshared share; met = bytes fetched equal the unshared blocks exactly',
-        'time rows: ratio = whole-copy time / build time (higher is better); the whole copy is run before and after the shared builds and the faster run counted; indexing is the best of interleaved runs of each',
+        'time rows: ratio = whole-copy time / build time (higher is better); the whole copy is run before and after the shared builds and the faster run counted; indexing: the median of paired ratios (each run against the raw hash just before and after it)',
       ],
     };
   } finally {
