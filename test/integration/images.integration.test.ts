@@ -160,6 +160,16 @@ describe('images across real agents', () => {
     expect(unknown.code).toBe(1);
     expect(unknown.stderr).toContain(ErrorCodes.IMAGE_UNKNOWN);
 
+    const policy = await runCli(['place', 'web-1', '--image', 'web.img', '--policy', 'best', '--agent', cluster.agent('a').url]);
+    expect(policy.code).toBe(1);
+    expect(policy.stderr).toContain(ErrorCodes.PLACEMENT_INPUT_INVALID);
+    const badName = await runCli(['image', 'build', '..', '--agent', cluster.agent('a').url]);
+    expect(badName.code).toBe(1);
+    expect(badName.stderr).toContain(ErrorCodes.IMAGE_INVALID);
+    const noImage = await runCli(['place', 'no-such-vm', '--agent', cluster.agent('a').url]);
+    expect(noImage.code).toBe(1);
+    expect(noImage.stderr).toContain(ErrorCodes.IMAGE_UNKNOWN);
+
     const url = `ws://127.0.0.1:${cluster.port('a')}`;
     const update = encodeIndexUpdate({ seq: 1, full: true, added: [hashBlock(Buffer.from('x'))], removed: [], changed: [], dropped: [] });
     const anon = new RawPeer(url);
