@@ -171,6 +171,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       maxDirtyRounds: config.mobility.maxDirtyRounds,
       forwardGraceMs: config.mobility.forwardGraceMs,
       dataplane: config.dataplane,
+      warmConnections: config.mobility.warmConnections,
     });
     const peerAuth = {
       agent: config.name,

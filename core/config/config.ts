@@ -133,6 +133,8 @@ export const AgentConfigSchema = z
         maxDirtyRounds: z.number().int().min(0).max(100).default(DEFAULTS.mobility.maxDirtyRounds),
         /** How long events that still reach this agent for a moved VM are forwarded to its new owner. */
         forwardGraceMs: positiveInt.default(DEFAULTS.mobility.forwardGraceMs),
+        /** Keep pre-dialled, authenticated idle links to each peer so a migration does not dial (core/mobility/warm-connections.ts). */
+        warmConnections: z.boolean().default(DEFAULTS.mobility.warmConnections),
         /** Peers allowed to migrate VMs here; empty: every authenticated peer. */
         allowedSources: z.array(z.string()).default([]),
         trust: z

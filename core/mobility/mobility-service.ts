@@ -26,6 +26,7 @@ import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
 import { Forwarding } from './forwarding.ts';
 import { withLogContext } from '../logger.ts';
+import { WarmConnections, takeOrDial } from './warm-connections.ts';
 import { checkFrame, guardHandlers, stateName, type GuardVerdict, type GuardedFrame, type MigrationLookup } from './frame-guard.ts';
 
 export interface MobilityServiceOptions {
@@ -43,6 +44,8 @@ export interface MobilityServiceOptions {
   readonly dataplane: DataplaneConfig;
   /** What one peer may make this agent hold as a target (defaults: DEFAULT_TARGET_LIMITS). */
   readonly targetLimits?: Partial<TargetLimits>;
+  /** Keep pre-dialled, authenticated idle links to each peer for the next migration (config `mobility.warmConnections`, default on). */
+  readonly warmConnections?: boolean;
 }
 
 /** Bounds on what peers can make this agent stage as the target of their migrations. */
@@ -120,6 +123,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   /** Committed incoming migrations whose UDP service was adopted, with when: one hand-over each. */
   private readonly udpAdopted = new Map<string, number>();
   private closed = false;
+  /** Idle pre-dialled links per peer (warm-connections.ts); undefined when off or before start. */
+  private warm: WarmConnections | undefined;
   /** The guard's view of our migrations (see frame-guard.ts). */
   private readonly lookup: MigrationLookup = {
     live: (role, id) => {
@@ -196,6 +201,16 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         for (const [id, c] of this.targetConns) if (c === conn) this.abortTarget(id, 'the source disconnected');
       });
     });
+    if (this.o.warmConnections !== false && this.o.peers.size > 0) {
+      this.warm = new WarmConnections({
+        peers: [...this.o.peers.keys()],
+        // One for the control link and one for the primary data path of the next migration.
+        perPeer: 2,
+        dial: (peer) => connectNamedPeer(this.o.peers, peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs }),
+        onError: (peer, e) => this.host.logger.debug('warm peer link: dial failed, retrying with back-off', { peer, reason: describeError(e) }),
+      });
+      this.warm.start();
+    }
     this.server.on('refused', (err, info) => this.host.logger.warn('peer refused', { code: err.code, reason: err.message, remote: info.remoteAddress }));
     this.server.on('protocolError', (err, conn) => this.host.logger.warn('peer broke the protocol', { code: err.code, reason: err.message, peer: conn.remoteAgent }));
   }
@@ -203,8 +218,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   async close(): Promise<void> {
     this.closed = true;
     this.forwarding.close();
+    const warm = this.warm?.close();
     for (const m of this.live.values()) m.actor.stop();
-    await Promise.all([this.server?.close(), ...this.dataServers.map((d) => d.close())]);
+    await Promise.all([warm, this.server?.close(), ...this.dataServers.map((d) => d.close())]);
   }
 
   // ---- source ----
@@ -255,33 +271,35 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       targetUrl: this.o.peers.get(to)!,
       dataplane: this.o.dataplane,
       ...(options.thresholdMs === undefined ? {} : { thresholdMs: options.thresholdMs }),
-      openPath: (p) =>
-        connectPeer({
-          url: p.url,
-          ...this.auth,
-          expectedPeer: to,
-          requestTimeoutMs: this.o.stepTimeoutMs,
-          ...(p.localAddress ? { localAddress: p.localAddress } : {}),
-        }),
-      connect: () =>
-        connectNamedPeer(this.o.peers, to, {
-          ...this.auth,
-          requestTimeoutMs: this.o.stepTimeoutMs,
-          handlers: guardHandlers(
-            {
-              ModuleRequest: (req) => {
-                // Only what this migration announced: the target gets no other module of ours.
-                if (!side.stats.modules.some((ref) => ref.startsWith(`${req.name}@`) && ref.endsWith(`#${req.hash}`))) {
-                  throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `module ${req.name}#${req.hash} is not among those migration ${id} announced`);
-                }
-                const b = this.host.modules.bundleFor(req.name, req.hash);
-                if (!b) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `${this.host.agent} has no module ${req.name}#${req.hash}`);
-                return { type: 'ModuleBundle', ...b };
-              },
+      openPath: (p) => {
+        const dial = (): Promise<PeerConnection> =>
+          connectPeer({
+            url: p.url,
+            ...this.auth,
+            expectedPeer: to,
+            requestTimeoutMs: this.o.stepTimeoutMs,
+            ...(p.localAddress ? { localAddress: p.localAddress } : {}),
+          });
+        // The primary path goes to the peer's own URL: a pre-dialled link fits it (warm-connections.ts).
+        return p.localAddress === undefined && p.url === this.o.peers.get(to) ? takeOrDial(this.warm, to, {}, dial) : dial();
+      },
+      connect: () => {
+        const handlers: HandlerTable = guardHandlers(
+          {
+            ModuleRequest: (req) => {
+              // Only what this migration announced: the target gets no other module of ours.
+              if (!side.stats.modules.some((ref) => ref.startsWith(`${req.name}@`) && ref.endsWith(`#${req.hash}`))) {
+                throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `module ${req.name}#${req.hash} is not among those migration ${id} announced`);
+              }
+              const b = this.host.modules.bundleFor(req.name, req.hash);
+              if (!b) throw new ProtocolError(ErrorCodes.PLUGIN_LOAD_FAILED, `${this.host.agent} has no module ${req.name}#${req.hash}`);
+              return { type: 'ModuleBundle', ...b };
             },
-            (frame, conn) => this.check(frame, conn.remoteAgent),
-          ),
-        }),
+          },
+          (frame, conn) => this.check(frame, conn.remoteAgent),
+        );
+        return takeOrDial(this.warm, to, handlers, () => connectNamedPeer(this.o.peers, to, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs, handlers }));
+      },
       stepTimeoutMs: this.o.stepTimeoutMs,
       vmTimeoutMs: this.o.vmTimeoutMs,
       forwardGraceMs: this.o.forwardGraceMs,

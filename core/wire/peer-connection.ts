@@ -287,6 +287,17 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
     return this.closed;
   }
 
+  /**
+   * Whether this link's socket keeps the process alive (default: it does). An idle pre-dialled link
+   * (core/mobility/warm-connections.ts) should not; it holds the process again once taken. ws keeps
+   * its socket private, hence the narrow cast.
+   */
+  holdProcess(hold: boolean): void {
+    const socket = (this.ws as unknown as { readonly _socket?: { ref(): unknown; unref(): unknown } | null })._socket;
+    if (hold) socket?.ref();
+    else socket?.unref();
+  }
+
   /** Drops the socket without a close handshake (tests, crash simulation). */
   terminate(): void {
     this.ws.terminate();

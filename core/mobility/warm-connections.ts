@@ -1,0 +1,214 @@
+/**
+ * Pre-dialled, authenticated, idle peer links, one pool per configured peer (issue 12's fixed
+ * cost): a migration's control link and its primary data path each cost a connect, a TLS session
+ * (wss) and the auth handshake, on the critical path of `requesting`. Like the target's spare
+ * incoming QEMU, this keeps that work done ahead: the next migration to a peer takes an idle link
+ * instead of dialling, and a replacement is dialled once the taken link has closed (the end of its
+ * migration, so the dial does not compete with the migration it serves for CPU).
+ *
+ * A taken link belongs to its migration alone and is never returned: the target aborts a
+ * migration when its source's link drops (mobility-service.ts), and a link shared by two
+ * migrations would give a drop two meanings. An idle link that drops is re-dialled with back-off;
+ * a pool never blocks a migration (no idle link and no dial in flight: the caller dials, as
+ * without the pool); idle links do not keep the process alive and close with `close()`.
+ */
+import { CloseCodes } from '../wire/close-codes.ts';
+import type { HandlerTable, PeerConnection } from '../wire/peer-connection.ts';
+
+export interface WarmConnectionsOptions {
+  /** The peers to keep links to (the agent's configured peer names). */
+  readonly peers: readonly string[];
+  /** Idle links kept per peer: a migration takes one for control and one for its primary data path. */
+  readonly perPeer: number;
+  /** Opens one authenticated link to `peer`, without migration-specific handlers (the taker adds them). */
+  readonly dial: (peer: string) => Promise<PeerConnection>;
+  /** First re-dial delay after a drop or a failed dial; doubles per failure up to `maxBackoffMs`. */
+  readonly backoffMs?: number;
+  readonly maxBackoffMs?: number;
+  readonly onError?: (peer: string, error: unknown) => void;
+}
+
+/** What the pool did, for tests and the bench. */
+export interface WarmConnectionCounts {
+  /** Links dialled (successfully) by the pool. */
+  dialled: number;
+  /** Links (or dials in flight) handed to migrations. */
+  taken: number;
+  /** Idle links that closed before anyone took them. */
+  dropped: number;
+  /** Dials that failed. */
+  failed: number;
+}
+
+export const DEFAULT_WARM_BACKOFF_MS = 200;
+export const DEFAULT_WARM_MAX_BACKOFF_MS = 10_000;
+
+interface Slot {
+  readonly peer: string;
+  conn: PeerConnection | undefined;
+  /** A dial in flight; a taker may claim it (`claimed`), then the pool lets go of it. */
+  dialling: Promise<PeerConnection> | undefined;
+  claimed: boolean;
+  timer: NodeJS.Timeout | undefined;
+  failures: number;
+  /** When the idle link was parked: one that lived long before dropping resets the back-off. */
+  parkedAt: number;
+  /** Removes the idle link's close listener. */
+  unwatch: (() => void) | undefined;
+}
+
+export class WarmConnections {
+  readonly counts: WarmConnectionCounts = { dialled: 0, taken: 0, dropped: 0, failed: 0 };
+  private readonly slots: Slot[] = [];
+  private closed = false;
+
+  constructor(private readonly o: WarmConnectionsOptions) {}
+
+  /** Dials every slot in the background; failures are retried with back-off, never thrown. */
+  start(): void {
+    for (const peer of this.o.peers) {
+      for (let i = 0; i < this.o.perPeer; i++) {
+        const slot: Slot = { peer, conn: undefined, dialling: undefined, claimed: false, timer: undefined, failures: 0, parkedAt: 0, unwatch: undefined };
+        this.slots.push(slot);
+        this.fill(slot);
+      }
+    }
+  }
+
+  /** Idle, open links to `peer` right now. */
+  idle(peer: string): number {
+    return this.slots.filter((s) => s.peer === peer && s.conn?.isOpen === true).length;
+  }
+
+  /**
+   * A link of the caller's own to `peer`: an idle one, else a dial the pool has in flight (no worse
+   * than dialling afresh), else undefined (the caller dials). The link holds the process again
+   * like any other; its slot is refilled once it closes.
+   */
+  take(peer: string): Promise<PeerConnection> | undefined {
+    if (this.closed) return undefined;
+    const ready = this.slots.find((s) => s.peer === peer && s.conn?.isOpen === true);
+    if (ready) {
+      const conn = ready.conn!;
+      ready.failures = 0;
+      ready.unwatch?.();
+      ready.conn = undefined;
+      this.handOver(ready, conn);
+      return Promise.resolve(conn);
+    }
+    const inFlight = this.slots.find((s) => s.peer === peer && s.dialling !== undefined && !s.claimed);
+    if (inFlight) {
+      inFlight.claimed = true;
+      this.counts.taken++;
+      return inFlight.dialling;
+    }
+    return undefined;
+  }
+
+  /** Closes every idle link and stops dialling; links already taken stay with their migrations. */
+  async close(): Promise<void> {
+    this.closed = true;
+    const closing: Promise<unknown>[] = [];
+    for (const s of this.slots) {
+      clearTimeout(s.timer);
+      s.unwatch?.();
+      if (s.conn) closing.push(s.conn.close(CloseCodes.GOING_AWAY, 'agent stopping'));
+      s.conn = undefined;
+      // A dial nobody claimed is closed when it lands (fill sees `closed`).
+      if (s.dialling && !s.claimed) closing.push(s.dialling.catch(() => undefined));
+    }
+    await Promise.all(closing);
+  }
+
+  private handOver(slot: Slot, conn: PeerConnection): void {
+    this.counts.taken++;
+    conn.holdProcess(true);
+    void conn.closed.then(() => this.fill(slot));
+  }
+
+  private fill(slot: Slot): void {
+    if (this.closed || slot.conn || slot.dialling || slot.timer) return;
+    const dialling = this.o.dial(slot.peer);
+    slot.dialling = dialling;
+    slot.claimed = false;
+    dialling.then(
+      (conn) => {
+        const claimed = slot.claimed;
+        slot.dialling = undefined;
+        slot.claimed = false;
+        this.counts.dialled++;
+        if (claimed) {
+          slot.failures = 0;
+          // The taker has it: refill once it closes, as with an idle link taken.
+          void conn.closed.then(() => this.fill(slot));
+          return;
+        }
+        if (this.closed) {
+          void conn.close(CloseCodes.GOING_AWAY, 'agent stopping');
+          return;
+        }
+        this.park(slot, conn);
+      },
+      (error: unknown) => {
+        slot.dialling = undefined;
+        slot.claimed = false;
+        this.counts.failed++;
+        this.o.onError?.(slot.peer, error);
+        this.retry(slot, ++slot.failures);
+      },
+    );
+    // A claimed dial's failure is the taker's to see; the pool only needs to not crash on it.
+    dialling.catch(() => {});
+  }
+
+  private park(slot: Slot, conn: PeerConnection): void {
+    conn.holdProcess(false);
+    slot.conn = conn;
+    slot.parkedAt = Date.now();
+    const onClose = (): void => {
+      if (slot.conn !== conn) return;
+      slot.conn = undefined;
+      slot.unwatch = undefined;
+      this.counts.dropped++;
+      // A peer that keeps dropping fresh links backs off as from failed dials; a long-lived link's drop starts over.
+      if (Date.now() - slot.parkedAt >= (this.o.maxBackoffMs ?? DEFAULT_WARM_MAX_BACKOFF_MS)) slot.failures = 0;
+      this.retry(slot, ++slot.failures);
+    };
+    conn.once('close', onClose);
+    slot.unwatch = () => conn.off('close', onClose);
+  }
+
+  private retry(slot: Slot, failures: number): void {
+    if (this.closed) return;
+    const base = this.o.backoffMs ?? DEFAULT_WARM_BACKOFF_MS;
+    const delay = Math.min(this.o.maxBackoffMs ?? DEFAULT_WARM_MAX_BACKOFF_MS, base * 2 ** (failures - 1));
+    slot.timer = setTimeout(() => {
+      slot.timer = undefined;
+      this.fill(slot);
+    }, delay);
+    // Waiting to re-dial is no reason for the process to stay up.
+    slot.timer.unref();
+  }
+}
+
+/**
+ * A migration's own link to `peer`: the pool's (with `handlers` installed before the caller's first
+ * request, so the peer's requests find them) or, without one or when the pool's dial in flight
+ * fails, `dial()` as without the pool.
+ */
+export async function takeOrDial(pool: WarmConnections | undefined, peer: string, handlers: HandlerTable, dial: () => Promise<PeerConnection>): Promise<PeerConnection> {
+  const warm = pool?.take(peer);
+  if (warm === undefined) return dial();
+  let conn: PeerConnection;
+  try {
+    conn = await warm;
+  } catch {
+    return dial();
+  }
+  // Closed between the take and now (the peer restarted): a stale link must not fail the migration.
+  if (!conn.isOpen) return dial();
+  for (const [type, handler] of Object.entries(handlers) as [keyof HandlerTable, NonNullable<HandlerTable[keyof HandlerTable]>][]) {
+    conn.handle(type, handler as never);
+  }
+  return conn;
+}
