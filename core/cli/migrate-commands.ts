@@ -36,7 +36,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .argument('<vm>', 'VM name')
       .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins); auto: the cheapest host to build the VM's image at (embot place), built there first", parseDestinations)
       .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
-      .option('--retries <n>', 'when no destination boots: try the same set again up to N times (0..5; default 0)', parseRetries)
+      .option('--retries <n>', 'when no destination boots: try the same set again up to N times (0..5; default 0); given at all, a single --to runs as a fan-out too', parseRetries)
       .option('--fallback <peers>', 'PEER,PEER…: when no destination of --to booted (after the retries), try these once', parseFallback)
       .option('--no-wait', 'start the migration, print its id and return'),
   ).action(async (vm: string, opts: MigrateFlags) => {

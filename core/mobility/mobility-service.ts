@@ -380,6 +380,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     host.journal.begin(id, 'source', vm, peer, 'racing');
     host.journal.notes(id, 'source', { fanOut: true, wasRunning: host.driver.get(vm)?.state === 'running' });
     const children = new Set<ChildHandle>();
+    let journaledPhase = 'racing';
     const entry: FanOutLive = { id, vm, cancelled: undefined, children, done: Promise.resolve(failedSummary(id, vm, host.agent, peer, startedAt, 'not started')) };
     const run = runFanOut(
       {
@@ -397,7 +398,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           return h;
         },
         onState: (s) => {
-          if (!this.closed) host.journal.phase(id, 'source', s.phase);
+          // Written when it changes only: each report of a child would otherwise cost a journal write.
+          if (this.closed || s.phase === journaledPhase) return;
+          journaledPhase = s.phase;
+          host.journal.phase(id, 'source', s.phase);
         },
       },
       plan,

@@ -1,10 +1,6 @@
-import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes } from '../../core/errors.ts';
 import { Cluster } from '../harness/cluster.ts';
-import { AgentProcess, makeSandbox, runCli, sleep, waitFor } from '../harness/agent-process.ts';
+import { runCli, sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 
@@ -162,30 +158,4 @@ describe('first to boot wins', () => {
     for (const n of ['a', 'b', 'c']) await expectClean(c.agent(n));
     await expectStreamExact(c.agent('d'), ticks.acked);
   }, 180_000);
-});
-
-describe('a driver without the fanOut capability', () => {
-  it('qemu: --to b,c (and --retries with one) is EMBOT_ERR_MULTI_DESTINATION_UNSUPPORTED (501, CLI exit 1), nothing starts', async () => {
-    const box = makeSandbox();
-    const secretFile = join(box.root, 'cluster.secret');
-    writeFileSync(secretFile, randomBytes(32).toString('base64'));
-    const configFile = join(box.root, 'q.json');
-    // Peers need not run: the refusal comes before any link is opened. No spare incoming QEMU either.
-    writeFileSync(configFile, JSON.stringify({ driver: 'qemu', qemu: { stateDir: join(box.root, 'vms'), spareIncoming: false }, peer: { listen: '127.0.0.1:0', peers: { b: 'ws://127.0.0.1:9', c: 'ws://127.0.0.1:9' }, secretFile } }));
-    const q = await AgentProcess.start({ name: 'q', dataDir: box.dataDir('q'), pluginsDir: box.pluginsDir, extraArgs: ['--config', configFile] });
-    try {
-      const res = await fetch(`${q.url}/v1/migrations`, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ vm: 'web', to: ['b', 'c'] }) });
-      expect(res.status).toBe(501);
-      expect(((await res.json()) as { error: { code: string } }).error.code).toBe(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED);
-      for (const flags of [['--to', 'b,c'], ['--to', 'b', '--retries', '1'], ['--to', 'b', '--fallback', 'c']]) {
-        const r = await runCli(['migrate', 'web', ...flags, '--agent', q.url]);
-        expect(r.code, flags.join(' ')).toBe(1);
-        expect(r.stderr).toContain(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED);
-      }
-      expect(await q.client.listMigrations()).toEqual([]);
-      expect((await q.client.status()).driver).toBe('qemu');
-    } finally {
-      await q.kill();
-    }
-  }, 60_000);
 });
