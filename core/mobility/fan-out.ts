@@ -189,7 +189,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
     // Every child ended (their copies cancelled and settled): the VM, its embots and its held events come back here.
     try {
       const st = host.driver.get(vm)?.state;
-      if (shared.vmStopped && wasRunning && st === 'stopped') await host.driver.start(vm);
+      // qemu: a stream that completed leaves the VM 'migrated' in its QEMU; start() takes it back with cont.
+      if (shared.vmStopped && wasRunning && (st === 'stopped' || st === 'migrated')) await host.driver.start(vm);
       await shared.udpPaused;
       if (shared.switchedOver) host.udp.resumeAfterAbort(vm);
     } catch (e) {

@@ -177,12 +177,18 @@ export class TargetSide implements TargetSteps {
    * Several destinations (issue 13): the incoming VM at its last reversible point. For a driver
    * whose memory rides the data paths (the sim) that is every page batch in, each checked against
    * its checksum on arrival, the VM held not running until commitIncoming. A driver with a stream
-   * of its own (qemu: stream complete, paused under -S) needs its own check, not built yet.
+   * of its own (qemu) answers through its `incomingBoot` capability: stream complete, paused under -S.
    */
   async bootIncoming(_input: TargetInput & { readonly frame: BootIncoming }): Promise<void> {
     if (!this.incoming) throw new InstantiationError('asked to boot, but no incoming VM was prepared (PrepareIncoming)');
     await this.incoming;
     const pages = this.host.driver.capabilities.incomingPages;
+    const boot = this.host.driver.capabilities.incomingBoot;
+    if (!pages && boot) {
+      await boot.bootIncoming(this.vm, { timeoutMs: this.o.stepTimeoutMs });
+      injectedBootFailure(this.vm);
+      return;
+    }
     if (!pages) throw new ProtocolError(ErrorCodes.DRIVER_UNSUPPORTED, `booting an incoming VM before its commit is not built for the ${this.host.driver.name} driver yet`);
     if (!pages.complete(this.vm)) throw new InstantiationError('asked to boot, but the final page batch has not arrived');
     injectedBootFailure(this.vm);

@@ -22,6 +22,7 @@ import type { MigrationInfo, MigrationStatus, QmpClient, QmpEvent } from './qmp-
 import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-tls.ts';
 import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
+import { QemuFanOutSession } from './qemu-fan-out.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 
 export interface QemuDriverOptions {
@@ -46,6 +47,8 @@ export interface QemuDriverOptions {
    * CN (`tls-authz`). Without it the stream is plain TCP (loopback clusters).
    */
   readonly tls?: QemuTlsFiles;
+  /** Several destinations (qemu-fan-out.ts): a destination queued past this many bytes in the relay is dropped (`tooSlow`). Default 64 MiB. */
+  readonly relayBufferBytes?: number;
   /**
    * When a VM's QMP connection drops while its QEMU runs, the driver connects again with a
    * doubling back-off (100 ms up to 2 s); each attempt waits this long for QEMU's greeting
@@ -71,7 +74,10 @@ export interface QemuDriverOptions {
 }
 
 /** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
-export type QemuMigrateOutOptions = MigrateOutOptions;
+export type QemuMigrateOutOptions = MigrateOutOptions & {
+  /** Into the fan-out relay's local socket (qemu-fan-out.ts): plaintext, the relay wraps each destination in TLS. */
+  readonly viaLocalRelay?: true;
+};
 
 /** What the qemu driver's prepareIncoming reads; with TLS only a client certificate with the CN `sourceName` may send the VM. */
 export interface QemuIncomingOptions {
@@ -215,6 +221,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
       faults: { crash: (vm) => this.crash(vm) },
       incomingBoot: { bootIncoming: (vm, options) => this.bootIncoming(vm, options) },
+      fanOut: { begin: (vm, destinations) => new QemuFanOutSession(this, vm, destinations, { ...(o.tls === undefined ? {} : { tls: o.tls }), ...(o.relayBufferBytes === undefined ? {} : { bufferLimitBytes: o.relayBufferBytes }) }) },
     };
   }
 
@@ -594,7 +601,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const vm = this.require(name);
     if (vm.state !== 'running' || vm.migrating) throw badState(vm, 'migrate');
     const proc = this.requireProc(name, 'migrate');
-    if (this.o.tls !== undefined && o.targetName === undefined) {
+    if (this.o.tls !== undefined && o.targetName === undefined && o.viaLocalRelay !== true) {
       throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `migration of VM ${name} over TLS needs the target agent's name (its certificate must name it)`, { details: { vm: name } });
     }
     const qmp = proc.qmp;
@@ -665,7 +672,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           ],
         }),
         (async () => {
-          const tlsParams = this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
+          // Into the relay: no TLS of QEMU's (an earlier migration's creds are cleared), the relay has its own per destination.
+          const tlsParams = o.viaLocalRelay ? { 'tls-creds': '' } : this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
           await qmp.execute('migrate-set-parameters', {
             ...tlsParams,
             'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),

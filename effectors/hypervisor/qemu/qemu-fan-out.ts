@@ -1,0 +1,167 @@
+/**
+ * The qemu driver's `fanOut` capability (issue 13, README "Several destinations"): QEMU sends one
+ * stream, so one `migrate` runs for the whole set, into a {@link StreamRelay} that copies it to
+ * every destination's incoming QEMU. Each destination's child migration calls `migrateOut` with
+ * its own endpoint once its target is prepared; the stream starts when every destination has
+ * called (or `joinWindowMs` after the first: a destination whose target refused never calls).
+ *
+ * At QEMU's pause-before-switchover every destination's own hand-over runs (its final dirty-object
+ * round); one that fails is dropped from the relay, the others go on. A destination dropped by the
+ * relay (its QEMU died, `tooSlow`) or aborted has its `migrateOut` rejected at once; the stream
+ * goes on for the rest. With none left QEMU's migration is cancelled and the VM runs here.
+ */
+import { readFileSync } from 'node:fs';
+import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
+import type { FanOutSession, MigrateOutOptions, MigrateOutResult, MigrationProgress } from '../hypervisor-contract.ts';
+import type { QemuTlsFiles } from './migration-tls.ts';
+import { StreamRelay, type RelayTls } from './stream-relay.ts';
+
+/** What the session needs of the driver: a migration out into the relay's local socket, without QEMU's own TLS. */
+export interface RelayMigrator {
+  migrateOut(vm: string, options: MigrateOutOptions & { readonly viaLocalRelay: true }): Promise<MigrateOutResult>;
+}
+
+export interface QemuFanOutOptions {
+  /** The agent's `peer.tls`: each destination's copy is wrapped in TLS with them. */
+  readonly tls?: QemuTlsFiles;
+  /** A destination queued past this many bytes is dropped (`tooSlow`). */
+  readonly bufferLimitBytes?: number;
+  /** How long after the first destination the stream waits for the others. Default 3 s. */
+  readonly joinWindowMs?: number;
+}
+
+interface Entry {
+  readonly dest: string;
+  readonly options: MigrateOutOptions;
+  readonly resolve: (r: MigrateOutResult) => void;
+  readonly reject: (e: unknown) => void;
+  settled: boolean;
+}
+
+export class QemuFanOutSession implements FanOutSession {
+  private readonly entries = new Map<string, Entry>();
+  private started = false;
+  private closed = false;
+  private relay: StreamRelay | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly abort = new AbortController();
+
+  constructor(
+    private readonly driver: RelayMigrator,
+    private readonly vm: string,
+    private readonly destinations: readonly string[],
+    private readonly o: QemuFanOutOptions = {},
+  ) {
+    if (destinations.length === 0) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `a fan-out of VM ${vm} needs at least one destination`);
+  }
+
+  migrateOut(destination: string, options: MigrateOutOptions): Promise<MigrateOutResult> {
+    if (!this.destinations.includes(destination)) {
+      return Promise.reject(new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `${destination} is not a destination of this fan-out of VM ${this.vm}`));
+    }
+    if (this.closed) return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `the fan-out of VM ${this.vm} is closed`));
+    if (this.entries.has(destination)) return Promise.reject(new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${this.vm} is already copying to ${destination}`));
+    if (this.started) {
+      return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `VM ${this.vm}'s stream to its other destinations had already started when ${destination} was ready`));
+    }
+    if ((options.channels ?? 1) !== 1) {
+      // One QEMU channel through the relay; multifd's connections would need one relay each, in QEMU's order.
+      return Promise.reject(new EffectorError(ErrorCodes.DRIVER_UNSUPPORTED, `the qemu relay carries one channel, not ${options.channels}`, { details: { vm: this.vm, destination } }));
+    }
+    return new Promise<MigrateOutResult>((resolve, reject) => {
+      const entry: Entry = { dest: destination, options, resolve, reject, settled: false };
+      this.entries.set(destination, entry);
+      options.signal?.addEventListener('abort', () => this.fail(entry, new EffectorError(ErrorCodes.MIGRATION_ABORTED, `migration of VM ${this.vm} to ${destination} aborted`)), { once: true });
+      if (this.entries.size === this.destinations.length) this.start();
+      else this.timer ??= setTimeout(() => this.start(), this.o.joinWindowMs ?? 3000);
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    clearTimeout(this.timer);
+    for (const e of this.entries.values()) this.fail(e, new EffectorError(ErrorCodes.MIGRATION_ABORTED, `the fan-out of VM ${this.vm} is closed`));
+    this.relay?.close();
+  }
+
+  private live(): Entry[] {
+    return [...this.entries.values()].filter((e) => !e.settled);
+  }
+
+  private fail(e: Entry, error: unknown): void {
+    if (e.settled) return;
+    e.settled = true;
+    e.reject(error);
+    this.relay?.drop(e.dest, error instanceof Error ? error.message : String(error));
+    if (this.started && this.live().length === 0) this.abort.abort();
+  }
+
+  private start(): void {
+    if (this.started || this.closed) return;
+    this.started = true;
+    clearTimeout(this.timer);
+    void this.run().catch((err: unknown) => {
+      for (const e of this.live()) this.fail(e, err);
+    });
+  }
+
+  private async run(): Promise<void> {
+    const entries = this.live();
+    if (entries.length === 0) return;
+    const tls: RelayTls | undefined = this.o.tls && { ca: readFileSync(this.o.tls.ca), cert: readFileSync(this.o.tls.cert), key: readFileSync(this.o.tls.key) };
+    const relay = await StreamRelay.open({
+      destinations: entries.map((e) => ({ name: e.dest, uri: e.options.endpoint.uri, ...(tls ? { tls: { ...tls, serverName: e.options.targetName ?? e.dest } } : {}) })),
+      ...(this.o.bufferLimitBytes === undefined ? {} : { bufferLimitBytes: this.o.bufferLimitBytes }),
+    });
+    this.relay = relay;
+    if (this.closed) {
+      relay.close();
+      return;
+    }
+    // A destination dropped mid-stream (its QEMU died, tooSlow) ends its own migration now, not at the stream's end.
+    for (const e of entries) {
+      void relay.result(e.dest).then((r) => {
+        if (r.outcome !== 'delivered') {
+          this.fail(e, new EffectorError(ErrorCodes.MIGRATION_FAILED, `the stream of VM ${this.vm} to ${e.dest} was dropped (${r.outcome}): ${r.reason ?? ''}`, { details: { vm: this.vm, destination: e.dest, outcome: r.outcome } }));
+        }
+      });
+    }
+    const all = entries.map((e) => e.options);
+    const caps = all.map((o) => o.maxBandwidth);
+    try {
+      const result = await this.driver.migrateOut(this.vm, {
+        viaLocalRelay: true,
+        endpoint: { uri: relay.uri },
+        channels: 1,
+        // The fastest sets the pace: the loosest cap and budget; the strictest downtime.
+        downtimeLimitMs: Math.min(...all.map((o) => o.downtimeLimitMs ?? 300)),
+        autoConverge: all.some((o) => o.autoConverge === true),
+        ...(caps.every((c) => c !== undefined) ? { maxBandwidth: Math.max(...(caps as number[])) } : {}),
+        ...(all.every((o) => o.timeBudgetMs !== undefined) ? { timeBudgetMs: Math.max(...all.map((o) => o.timeBudgetMs!)) } : {}),
+        signal: this.abort.signal,
+        onProgress: (p: MigrationProgress) => {
+          for (const e of this.live()) e.options.onProgress?.(p);
+        },
+        beforeSwitchover: async () => {
+          const live = this.live();
+          const settled = await Promise.allSettled(live.map((e) => e.options.beforeSwitchover?.()));
+          settled.forEach((s, i) => {
+            if (s.status === 'rejected') this.fail(live[i]!, s.reason);
+          });
+          const firstFailure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+          if (this.live().length === 0) throw firstFailure?.reason ?? new EffectorError(ErrorCodes.MIGRATION_ABORTED, `no destination of VM ${this.vm} is left`);
+        },
+      });
+      await Promise.all(
+        this.live().map(async (e) => {
+          const r = await relay.result(e.dest);
+          if (r.outcome !== 'delivered' || e.settled) return;
+          e.settled = true;
+          e.resolve({ ...result, bytes: r.bytes });
+        }),
+      );
+    } finally {
+      relay.close();
+    }
+  }
+}
