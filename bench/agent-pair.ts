@@ -19,7 +19,7 @@ export interface AgentPair {
 export interface AgentPairOptions {
   readonly driver?: 'sim' | 'qemu';
   /** Protocol timeouts, when the default ones are too short for the VMs moved (TCG guests). */
-  readonly mobility?: { readonly stepTimeoutMs?: number; readonly vmTimeoutMs?: number };
+  readonly mobility?: { readonly stepTimeoutMs?: number; readonly vmTimeoutMs?: number; readonly warmConnections?: boolean };
   /** qemu: keep a spare incoming QEMU (the agents' default, `qemu.spareIncoming`); false for the A/B without it. */
   readonly spareIncoming?: boolean;
 }

@@ -18,6 +18,7 @@
  * ```sh
  * npx tsx bench/fixed-cost.bench.ts           # markdown table
  * npx tsx bench/fixed-cost.bench.ts --quick   # fewer migrations
+ * npx tsx bench/fixed-cost.bench.ts --sim-only --no-warm   # A/B: each migration dials its peer links (mobility.warmConnections false)
  * npm run bench -- --only fixed-cost
  * ```
  */
@@ -52,6 +53,8 @@ export interface FixedCostOptions {
   readonly qemuRuns?: number;
   /** With `qemuOnly`: false (`--no-spare`) runs the agents without the target's spare incoming QEMU, for an A/B. */
   readonly spareIncoming?: boolean;
+  /** false (`--no-warm`): the agents dial each migration's peer links instead of taking pre-dialled ones (`mobility.warmConnections`), for an A/B. */
+  readonly warmConnections?: boolean;
 }
 
 /** One migration: its summary and the raw limit of its state measured just before it. */
@@ -222,7 +225,7 @@ function phaseRows(prefix: string, summaries: readonly MigrationSummary[], limit
   });
 }
 
-async function runQemu(runs: number, spareIncoming = true): Promise<{ rows: BenchRow[]; notes: string[] }> {
+async function runQemu(runs: number, spareIncoming = true, warmConnections = true): Promise<{ rows: BenchRow[]; notes: string[] }> {
   const missing = qemuMissing();
   if (missing) {
     return { rows: [{ name: `qemu: migrate idle 64 MiB guest + 1 embot (${QEMU_NEEDS})`, value: 0, unit: 'ms', limitName: QEMU_NEEDS, limit: 0, ratio: 0 }], notes: [`qemu rows skipped: ${missing}`] };
@@ -236,7 +239,7 @@ async function runQemu(runs: number, spareIncoming = true): Promise<{ rows: Benc
     }
     const bootImage = join(root, 'idle-guest.img');
     writeGuestImage(bootImage, IDLE_GUEST.testGuest);
-    const pair = await startAgentPair(join(root, 'agents'), { driver: 'qemu', spareIncoming });
+    const pair = await startAgentPair(join(root, 'agents'), { driver: 'qemu', spareIncoming, mobility: { warmConnections } });
     const summaries: MigrationSummary[] = [];
     try {
       await qemuAgentMigrate(pair, join(root, 'agents'), bootImage); // warm-up
@@ -272,7 +275,7 @@ async function runQemu(runs: number, spareIncoming = true): Promise<{ rows: Benc
         ...phaseRows('qemu', summaries, limitName, bareMs),
       ],
       notes: [
-        `qemu: ${spareIncoming ? 'with' : 'WITHOUT (--no-spare)'} the target's spare incoming QEMU; medians of ${runs} (after 1 warm-up); fixed cost = ${(total - bareMs).toFixed(0)} ms over bare. Totals (ms): ${summaries.map((s) => s.totalMs).join(' / ')}; bare (ms): ${bare.map((b) => b.toFixed(0)).join(' / ')}.`,
+        `qemu: ${spareIncoming ? 'with' : 'WITHOUT (--no-spare)'} the target's spare incoming QEMU, ${warmConnections ? 'with' : 'WITHOUT (--no-warm)'} warm peer links; medians of ${runs} (after 1 warm-up); fixed cost = ${(total - bareMs).toFixed(0)} ms over bare. Totals (ms): ${summaries.map((s) => s.totalMs).join(' / ')}; bare (ms): ${bare.map((b) => b.toFixed(0)).join(' / ')}.`,
         'qemu: the bare QEMUs are started before the clock starts; the agents\' figure includes starting the incoming QEMU (PrepareIncoming) and QEMU\'s own stream inside "memory copy (driver)".',
       ],
     };
@@ -289,7 +292,7 @@ async function runQemu(runs: number, spareIncoming = true): Promise<{ rows: Benc
 export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
   const qemuRuns = opts.qemuRuns ?? (opts.quick ? 3 : 7);
   if (opts.qemuOnly) {
-    const qemu = await runQemu(qemuRuns, opts.spareIncoming ?? true);
+    const qemu = await runQemu(qemuRuns, opts.spareIncoming ?? true, opts.warmConnections ?? true);
     return { title: 'Fixed cost of a migration per phase: QEMU rows only', rows: qemu.rows, notes: qemu.notes };
   }
   const runs = opts.quick ? 5 : 25;
@@ -297,7 +300,7 @@ export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
   const samples: Sample[] = [];
   const cold: number[] = [];
   try {
-    const pair = await startAgentPair(root);
+    const pair = await startAgentPair(root, { mobility: { warmConnections: opts.warmConnections ?? true } });
     const rawEndpoint = await startRawEndpoint();
     try {
       for (let i = 0; i < WARMUP_MIGRATIONS; i++) cold.push((await migrateOnce(pair, rawEndpoint.url)).summary.totalMs);
@@ -328,6 +331,7 @@ export async function run(opts: FixedCostOptions = {}): Promise<BenchTable> {
       `sim: value = median over ${runs} migrations (after ${WARMUP_MIGRATIONS} warm-up ones) of MigrationSummary.totalMs or of one phase; ratio = value / limit (LOWER is better). ` +
         `Phases sum to the total up to rounding (phase marks are whole ms; the migratingVm steps, from summary.vmSteps, are 0.1 ms); each migration is a fresh 64 KiB VM with one vm-watchdog embot, a → b.`,
       `sim: raw = msgpackr pack of {elements, embot with its policy snapshot, hold queues, memory} (${(samples[0]!.rawBytes / KiB).toFixed(0)} KiB) + one ws binary message + unpack + a small reply, on an open connection; median of ${RAW_ROUNDS} per migration, measured just before it.`,
+      `sim: ${(opts.warmConnections ?? true) ? 'with' : 'WITHOUT (--no-warm)'} warm peer links (mobility.warmConnections).`,
       `sim: the first migrations of a fresh pair (cold JIT, first connections) took ${cold.join(' / ')} ms.`,
       `sim: protocol bytes ${(s0.bytes / KiB).toFixed(0)} KiB (memory ${(s0.memoryBytes / KiB).toFixed(0)} KiB); plan: ${s0.plan?.decisions.join(' | ') ?? 'none'}.`,
       `sim: totals (ms): ${samples.map((s) => s.summary.totalMs).join(' / ')}; raw (ms): ${samples.map((s) => s.rawMs.toFixed(2)).join(' / ')}.`,
@@ -345,6 +349,7 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(resolve(p
         simOnly: process.argv.includes('--sim-only'),
         qemuOnly: process.argv.includes('--qemu-only'),
         spareIncoming: !process.argv.includes('--no-spare'),
+        warmConnections: !process.argv.includes('--no-warm'),
         ...(runsArg ? { qemuRuns: Math.max(1, Number(runsArg.slice('--qemu-runs='.length)) || 1) } : {}),
       }),
     ),
