@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
-import { runCli, sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { main } from '../../core/cli/main.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 
@@ -76,6 +77,13 @@ async function expectStreamExact(owner: AgentProcess, acked: number): Promise<vo
   expect(settled.outOfOrder).toBe(0);
 }
 
+async function cliHere(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  let stdout = '';
+  let stderr = '';
+  const code = await main(['node', 'embot', ...args], { stdout: { write: (x: string) => (stdout += x) }, stderr: { write: (x: string) => (stderr += x) }, env: {} });
+  return { code, stdout, stderr };
+}
+
 async function migrateMany(a: AgentProcess, to: readonly string[], extra: { retries?: number; fallback?: readonly string[] } = {}): Promise<MigrationInfo> {
   const { id } = await a.client.migrate('app', to, extra);
   return a.client.waitMigration(id, { timeoutMs: 90_000 });
@@ -146,7 +154,8 @@ describe('first to boot wins', () => {
     await vmWithCounter(a);
     const ticks = tickProducer(() => a, 'app');
     await waitFor(() => ticks.acked >= 10, 10_000, 'events before the move');
-    const r = await runCli(['migrate', 'app', '--to', 'b,c', '--fallback', 'd', '--json', '--agent', a.url]);
+    // The CLI in this process (runCli's child has a 20 s limit; a loaded machine can need more for two tries).
+    const r = await cliHere(['migrate', 'app', '--to', 'b,c', '--fallback', 'd', '--json', '--agent', a.url]);
     await ticks.stop();
     expect(r.code).toBe(0);
     const info = JSON.parse(r.stdout) as MigrationInfo;
