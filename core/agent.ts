@@ -9,7 +9,7 @@ import { ManagedObjectService } from './objects/object-service.ts';
 import type { ManagedElement } from './objects/managed-element.ts';
 import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
-import { describeError, EffectorError, ErrorCodes } from './errors.ts';
+import { describeError, EffectorError, EmbotError, ErrorCodes, type ErrorCode } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
 import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, MigrateOptions, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
@@ -26,12 +26,12 @@ import { MobilityEffector } from './mobility/mobility-effector.ts';
 import { PluginCache } from './mobility/plugin-cache.ts';
 import { createTrustPolicy } from './mobility/trust-policy.ts';
 import type { MobilityHost } from './mobility/mobility-host.ts';
-import type { MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
+import type { MigrationImageBuild, MigrationInfo, MigrationSummary } from './mobility/migration-record.ts';
 import type { Destinations } from './mobility/destinations.ts';
 import { loadClusterSecret } from './wire/auth.ts';
 import { connectNamedPeer } from './wire/peer-client.ts';
 import { peerEndpoint, type PeerEndpoint } from './wire/peer-services.ts';
-import { ImageService, costTable, imagesDirOf } from '../images/index.ts';
+import { ImageService, costTable, imagesDirOf, rankTargetsByImage, type BuildSummary } from '../images/index.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
 
@@ -194,6 +194,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       requestTimeoutMs: config.mobility.stepTimeoutMs,
       buildTimeoutMs: config.images.buildTimeoutMs,
       log: log.child('images'),
+      onFetched: (source, bytes) => this.metrics.blocks.fetched(source, bytes),
     });
     const r = this.services;
     r.register('store', this.store);
@@ -352,6 +353,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         peers: () => [...peers].map(([name, url]) => ({ name, url })),
         hostLoad: () => this.hostLoad(),
         cancelMigration: (id) => this.mobility.cancel(id),
+        rankTargets: (vm, candidates) => rankTargetsByImage(this.images, vm, candidates),
       },
       ...(this.config.control.token ? { token: this.config.control.token } : {}),
       logger: this.log.child('dashboard'),
@@ -596,6 +598,20 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
   migrate(vm: string, to: Destinations, options: MigrateOptions = {}): { readonly id: string } {
     return this.mobility.migrate(vm, to, options);
+  }
+
+  /** MobilityHost: the VM's image (`vm create --image`) built at the target before anything moves (issue 14). */
+  async prepareTarget(vm: string, target: string): Promise<MigrationImageBuild | undefined> {
+    const image = this.images.vmImage(vm);
+    if (image === undefined) return undefined;
+    let s: BuildSummary;
+    try {
+      s = await this.images.buildAt(target, image);
+    } catch (e) {
+      const code = (e as { code?: unknown }).code;
+      throw new EmbotError(typeof code === 'string' && code.startsWith('EMBOT_ERR_') ? (code as ErrorCode) : ErrorCodes.BLOCK_UNAVAILABLE, `building image ${image} at ${target} failed, nothing moved: ${describeError(e)} [${String(code ?? 'no code')}]`);
+    }
+    return { image, host: target, alreadyThere: s.alreadyThere === true, bytesFetched: s.bytesFetched, bytesLocal: s.bytesLocal, bySource: s.bySource, ms: s.ms };
   }
 
   listMigrations(): readonly MigrationInfo[] {

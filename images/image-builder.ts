@@ -71,6 +71,8 @@ export interface BuildSummary {
   /** Blocks that went to a next holder, and why. */
   readonly retries: readonly { readonly via: string; readonly source: string; readonly problem: FetchProblem; readonly blocks: number; readonly reason: string }[];
   readonly ms: number;
+  /** The host held this very image already (same blocks): nothing was fetched or written. */
+  readonly alreadyThere?: boolean;
 }
 
 const DEFAULT_BATCH_BYTES = 4 * MIB;

@@ -19,10 +19,10 @@ import { BLOCK_HASH_BYTES, hashBlock, packHashes, unpackHashes, type BlockHash }
 import { GlobalImageIndex, type Holder } from './global-index.ts';
 import { blockServeFault, corruptServedBlock } from './fault-points.ts';
 import { buildImage, type BlockFetcher, type BuildProgress, type BuildSummary } from './image-builder.ts';
-import { distinctBlocks, isImageName } from './image-manifest.ts';
+import { distinctBlocks, isImageName, type ImageManifest } from './image-manifest.ts';
 import { decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpdate, type HostLoad, type IndexAnswerBody, type IndexUpdateBody } from './index-update.ts';
 import { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type ImageInfo, type IndexDelta } from './local-index.ts';
-import type { CostTable } from './network-cost.ts';
+import { LIBRARY_SOURCE, MIB, type CostTable } from './network-cost.ts';
 import { buildCosts, rankCandidates, type PlacementPolicy, type RankedCandidate } from './placement.ts';
 
 /** Blocks one BlockFetch may ask for; a 4 MiB batch of 64 KiB blocks is 64. */
@@ -52,6 +52,8 @@ export interface ImageServiceOptions {
   readonly requestTimeoutMs: number;
   readonly buildTimeoutMs: number;
   readonly log?: Logger;
+  /** Block bytes a build here fetched, by the source they came from (the agent's metrics). */
+  readonly onFetched?: (source: string, bytes: number) => void;
 }
 
 export interface ImagesReport {
@@ -313,6 +315,8 @@ export class ImageService {
    */
   async build(image: string, onProgress?: (p: BuildProgress) => void): Promise<BuildSummary> {
     const answer = await this.query(image);
+    const here = this.index.manifest(image);
+    if (here && sameBlocks(here, answer.manifest)) return alreadyBuilt(answer.manifest, this.o.agent, this.o.costs);
     const reader = this.index.blockReader();
     const summary = await buildImage({
       manifest: answer.manifest,
@@ -332,6 +336,7 @@ export class ImageService {
     }).finally(() => reader.close());
     await this.reindex().catch((e: unknown) => this.o.log?.warn('images: the built image is indexed here but the indexer has not got it yet', { error: describeError(e) }));
     this.o.log?.info(`images: built ${image}`, { bytesFetched: summary.bytesFetched, bytesLocal: summary.bytesLocal, bySource: summary.bySource });
+    for (const [source, bytes] of Object.entries(summary.bySource)) this.o.onFetched?.(source, bytes);
     return summary;
   }
 
@@ -408,6 +413,22 @@ export class ImageService {
     }
     return l;
   }
+}
+
+function sameBlocks(a: ImageManifest, b: ImageManifest): boolean {
+  return a.size === b.size && a.blockSize === b.blockSize && a.hashes.length === b.hashes.length && a.hashes.every((h, i) => h === b.hashes[i]);
+}
+
+/** The summary of a build that had nothing to do: the host holds the image, every block local. */
+function alreadyBuilt(m: ImageManifest, host: string, costs: CostTable): BuildSummary {
+  const distinct = distinctBlocks(m);
+  let bytes = 0;
+  for (const n of distinct.values()) bytes += n;
+  return {
+    image: m.name, host, size: m.size, blocks: m.hashes.length, distinctBlocks: distinct.size,
+    bytesLocal: bytes, blocksLocal: distinct.size, bytesFetched: 0, blocksFetched: 0, bySource: {}, blocksBySource: {},
+    costPaid: 0, wholeImageCost: (m.size / MIB) * costs.cost(LIBRARY_SOURCE, host), retries: [], ms: 0, alreadyThere: true,
+  };
 }
 
 export function imagesDirOf(dataDir: string, configured: string | undefined): string {

@@ -13,3 +13,4 @@ export { buildImage, type BlockFetcher, type BuildOptions, type BuildProgress, t
 export { buildCosts, parsePolicy, rankCandidates, type Candidate, type PlacementMetric, type PlacementPolicy, type RankedCandidate } from './placement.ts';
 export { decodeIndexAnswer, encodeIndexAnswer, type HostLoad, type IndexAnswerBody } from './index-update.ts';
 export { ImageService, MAX_BLOCKS_PER_FETCH, imagesDirOf, type BuildJob, type ImageServiceOptions, type ImagesReport, type PlacementReport } from './image-service.ts';
+export { RANKED_BY_PLACEMENT, rankTargetsByImage, type PlacementSource, type RankedTarget, type TargetLike } from './target-ranking.ts';

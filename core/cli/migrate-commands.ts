@@ -195,6 +195,12 @@ export function renderMigrationSummary(info: MigrationInfo): string {
       rows.push([i === 0 ? 'destinations' : '', `${d.name} (try ${d.attempt + 1}): ${d.outcome}${boot}, ${formatBytes(d.bytes)}${d.reason ? ` — ${d.reason}` : ''}`]);
     }
   }
+  if (s.imageBuild !== undefined) {
+    // Issue 14: the VM's image built at the target before anything moved.
+    const b = s.imageBuild;
+    const from = Object.entries(b.bySource).map(([src, n]) => `${formatBytes(n)} from ${src}`).join(', ');
+    rows.push(['image', b.alreadyThere ? `${b.image} already at ${b.host}` : `${b.image} built at ${b.host} in ${formatMs(b.ms)}: ${formatBytes(b.bytesFetched)} fetched${from ? ` (${from})` : ''}, ${formatBytes(b.bytesLocal)} already there`]);
+  }
   rows.push(['total time', formatMs(s.totalMs)]);
   const phaseWidth = Math.max(0, ...s.phases.map((p) => p.phase.length));
   s.phases.forEach((p, i) => rows.push([i === 0 ? 'phases' : '', `${p.phase.padEnd(phaseWidth)}  ${formatMs(p.ms)}`]));

@@ -101,6 +101,21 @@ export interface MigrationSummary {
   readonly destinations?: readonly DestinationReport[];
   /** Attempts after the first (`--retries`, then the `--fallback` set). */
   readonly retries?: number;
+  /** The VM's image built at the target before anything moved (issue 14; source side; absent: the VM has no image). */
+  readonly imageBuild?: MigrationImageBuild;
+}
+
+/** What building the VM's image at the target fetched, before the migration moved anything. */
+export interface MigrationImageBuild {
+  readonly image: string;
+  readonly host: string;
+  /** The target held the image already: nothing was fetched or written. */
+  readonly alreadyThere: boolean;
+  readonly bytesFetched: number;
+  readonly bytesLocal: number;
+  /** source (host or `library`) → bytes fetched from it. */
+  readonly bySource: Readonly<Record<string, number>>;
+  readonly ms: number;
 }
 
 /** How one destination of a migration to several ended. */

@@ -1,3 +1,4 @@
+import type { MigrationImageBuild } from './migration-record.ts';
 import type { Store } from '../store/store.ts';
 import type { Logger } from '../logger.ts';
 import type { ManagedObjectService } from '../objects/object-service.ts';
@@ -47,6 +48,12 @@ export interface MobilityHost {
   readonly reassemblyCpuPerPath: number;
   /** 0..1 load of this host (for the target's answer to PathOffer); driver stats are async. */
   hostLoad(): Promise<number>;
+  /**
+   * Readies the target for the VM before anything moves (issue 14: builds the VM's image there from
+   * its cheapest holders). Resolves with what it did (undefined: nothing to do); a rejection fails
+   * the migration with nothing moved.
+   */
+  prepareTarget?(vm: string, target: string): Promise<MigrationImageBuild | undefined>;
 }
 
 /** An error a target step raises when something shipped cannot be instantiated here. */

@@ -235,7 +235,9 @@ export function createSourceMachine(options: SourceMachineOptions = {}) {
           onDone: [{ guard: 'permitted', target: 'holding' }, { target: 'denied', actions: 'recordDenied' }],
           onError: rollBackOnError('startMigration'),
         },
-        ...rollBackOn('startMigration', 'stepTimeout'),
+        // The VM's image may be built at the target in this step (issue 14), which takes longer than
+        // one request: the VM timeout bounds it; StartMigration's own request keeps the step timeout.
+        ...rollBackOn('startMigration', 'vmTimeout'),
       },
       holding: {
         entry: enter('holding'),

@@ -5,7 +5,7 @@ import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
-import type { MigrationPlanSummary, MigrationProgress, MigrationSummary, MigrationVmSteps } from './migration-record.ts';
+import type { MigrationImageBuild, MigrationPlanSummary, MigrationProgress, MigrationSummary, MigrationVmSteps } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC, planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
 import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, type MigrateOutResult, type MigrationPath } from '../../effectors/index.ts';
@@ -91,6 +91,7 @@ export interface SourceStats {
   precopy: MigrateOutResult | undefined;
   udp: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number } | undefined;
   vmSteps: MigrationVmSteps | undefined;
+  imageBuild: MigrationImageBuild | undefined;
 }
 
 /**
@@ -100,7 +101,7 @@ export interface SourceStats {
  */
 export class SourceSide implements SourceSteps {
   readonly vmElement: string;
-  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined, vmSteps: undefined };
+  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined, vmSteps: undefined, imageBuild: undefined };
   private conn: PeerConnection | undefined;
   private scope: readonly string[] = [];
   private cursor: HoldCursor | undefined;
@@ -191,6 +192,7 @@ export class SourceSide implements SourceSteps {
         : {}),
       ...(s.vmSteps ? { vmSteps: s.vmSteps } : {}),
       ...(s.udp ? { udp: s.udp } : {}),
+      ...(s.imageBuild ? { imageBuild: s.imageBuild } : {}),
     };
   }
 
@@ -203,6 +205,9 @@ export class SourceSide implements SourceSteps {
     const modules = this.moduleClosure(this.host.runtime.modulesOf(this.scope));
     this.stats.modules = modules;
     this.host.journal.notes(input.migrationId, 'source', { wasRunning: this.wasRunning, scope: this.scope });
+    // The VM's image is built at the target first (issue 14): a failure ends the migration here,
+    // before any link is dialled or anything held, so the VM keeps running as it was.
+    if (!this.o.fanOut) this.stats.imageBuild = await this.host.prepareTarget?.(this.o.vm, this.o.target);
     const elements = this.host.objects.serialize(this.vmElement);
     const early = this.o.openPath({ name: PRIMARY_PATH, url: this.o.targetUrl });
     // Until migrateVm awaits it, a failure to dial is nobody's error yet: it surfaces there, as PATH_SETUP_FAILED.
