@@ -40,7 +40,10 @@ describe.skipIf(!run)('QMP connection dropped while QEMU keeps running (TCG)', (
     const pid = d.pid('re-1')!;
     const old = d.qmp('re-1')!;
     await old.close();
-    await until('a new QMP connection', () => d.qmp('re-1') !== undefined && d.qmp('re-1') !== old);
+    // The driver wires the new connection, then reads back the state it missed; QMP_REATTACHED
+    // comes after that read, so wait for the event, not only for the connection.
+    await until('QMP_REATTACHED', () => events.some((e) => e.event === 'QMP_REATTACHED'));
+    expect(d.qmp('re-1')).not.toBe(old);
     expect(d.pid('re-1')).toBe(pid);
     expect(qemus.live()).toEqual([pid]);
     expect(d.get('re-1')?.state).toBe('running');
