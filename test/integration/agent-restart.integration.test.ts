@@ -73,12 +73,13 @@ describe('agent restart after SIGKILL', () => {
     const status = await a2.client.status();
     expect(status.counts.deadLetters).toBe(0);
     expect(status.counts.vms).toBe(1);
-  });
+  }, 60_000);
 
   it('fires a delayed transition pending at the crash at its original deadline after restart', async () => {
     const box = makeSandbox([{ from: 'fixture', name: 'counter' }]);
-    // Long enough that a restart on a loaded machine still finds the delay pending.
-    const delayMs = 5000;
+    // Long enough that a restart on a loaded machine still finds the delay pending (at load 15 on
+    // two cores a kill + restart took over 5 s).
+    const delayMs = 12_000;
     const cfgArgs = ['--config', writeConfig(box.root, { modules: { counter: { delayMs } } })];
     const opts = { name: 'b', dataDir: box.dataDir('b'), pluginsDir: box.pluginsDir, extraArgs: cfgArgs };
     const a1 = await start(opts);
