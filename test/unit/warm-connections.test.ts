@@ -1,6 +1,8 @@
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../../core/config/config.ts';
+import { ErrorCodes, isEmbotError } from '../../core/errors.ts';
 import { WarmConnections, takeOrDial } from '../../core/mobility/warm-connections.ts';
 import { PeerServer, connectPeer } from '../../core/wire/index.ts';
 import type { PeerConnection } from '../../core/wire/peer-connection.ts';
@@ -144,5 +146,20 @@ describe('warm peer connections (issue 12: no dial on the migration path)', () =
     expect(out).toContain('ready');
     expect(code).toBe(0);
     expect(b.accepted).toHaveLength(2);
+  });
+});
+
+describe('mobility.warmConnections (config)', () => {
+  it('is on by default, can be turned off, and a value that is not a boolean is CONFIG_INVALID naming the key', () => {
+    expect(loadConfig({ env: {} }).mobility.warmConnections).toBe(true);
+    expect(loadConfig({ env: {}, flags: { mobility: { warmConnections: false } } }).mobility.warmConnections).toBe(false);
+    let error: unknown;
+    try {
+      loadConfig({ env: {}, flags: { mobility: { warmConnections: 'yes' as unknown as boolean } } });
+    } catch (e) {
+      error = e;
+    }
+    expect(isEmbotError(error) && error.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect(String((error as Error).message)).toContain('warmConnections');
   });
 });
