@@ -30,6 +30,7 @@ export type {
   VmStats,
 } from './hypervisor/hypervisor-contract.ts';
 export { unsupported } from './hypervisor/unsupported.ts';
+export { PrewarmGate, exitConditionMet, shareMet, type PrewarmHold, type PrewarmProgress } from './hypervisor/prewarm-gate.ts';
 export { createDriver, type DriverChoice, type DriverHandle, type VmCreateRequest } from './hypervisor/create-driver.ts';
 export {
   SimDriver,

@@ -1,3 +1,4 @@
+import type { PrewarmHold } from './prewarm-gate.ts';
 import type { EventEmitter } from 'eventemitter3';
 import type { PageBatch, PeerConnection } from '../../core/wire/index.ts';
 
@@ -117,6 +118,12 @@ export interface MigrateOutOptions {
    * use `channels` and `endpoint`.
    */
   readonly dataPaths?: DataPaths;
+  /**
+   * A pre-warm (README "Several destinations"): while held the copy keeps re-sending dirtied pages
+   * without stopping the VM; lifted, it converges and switches as usual. The sim honours it; a
+   * driver that does not must not be given one (the coordinator checks `fanOut.prewarm`).
+   */
+  readonly prewarm?: PrewarmHold;
 }
 
 /** One data path of the agent: an authenticated peer connection of its own, maybe capped. */
@@ -243,6 +250,8 @@ export interface DriverEstimateHints {
  */
 export interface FanOutMemory {
   begin(vm: string, destinations: readonly string[]): FanOutSession;
+  /** Its copies honour `MigrateOutOptions.prewarm` (the sim); absent: a pre-warm is refused. */
+  readonly prewarm?: boolean;
 }
 
 export interface FanOutSession {

@@ -156,7 +156,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       loadKnob: { setLoad: async (vm, load) => this.setLoad(vm, load) },
       memoryChecksum: { checksum: async (vm) => createHash('sha256').update(this.pages(vm).memory).digest('hex') },
       udpService: { udpPort: (vm) => this.vms.get(vm)?.spec.udpPort },
-      fanOut: { begin: (vm, destinations) => new SimFanOutSession(this, vm, destinations) },
+      fanOut: { begin: (vm, destinations) => new SimFanOutSession(this, vm, destinations), prewarm: true },
       incomingPages: {
         apply: (vm, batch) => {
           const inc = this.incoming.get(vm);
@@ -387,6 +387,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       ...(options.autoConverge === undefined ? {} : { autoConverge: options.autoConverge }),
       ...(dp.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: dp.requestTimeoutMs }),
       ...(options.signal ? { signal: options.signal } : {}),
+      ...(options.prewarm ? { hold: options.prewarm } : {}),
       stopVm,
       onProgress: (p) =>
         options.onProgress?.({

@@ -7,6 +7,7 @@ import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 import type { RequestBody } from '../../../../core/wire/index.ts';
 import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
+import type { PrewarmHold } from '../../prewarm-gate.ts';
 
 export type { DataPath, PathReport } from './striper.ts';
 
@@ -83,7 +84,16 @@ export interface PreCopyOptions {
   readonly signal?: AbortSignal;
   /** Timeout of one batch's acknowledgement; a path that times out counts as failed. */
   readonly requestTimeoutMs?: number;
+  /**
+   * A pre-warm: while held, rounds of dirtied pages keep going after the full copy (a pause
+   * between empty ones) and the VM is not stopped; rounds made while held do not count against
+   * `maxRounds`, and auto-converge waits for the lift (throttling a guest for minutes is no warm-up).
+   */
+  readonly hold?: PrewarmHold;
 }
+
+/** Pause between two held rounds that found nothing dirtied. */
+export const PREWARM_IDLE_MS = 20;
 
 export interface PreCopyResult {
   /** Rounds in all, the final one included. */
@@ -301,8 +311,9 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     let expectedDowntimeMs = (memoryBytes * 1000) / striper.rateBytesPerSec;
     let prevRemaining = memoryBytes;
     let flatRounds = 0;
+    let heldRounds = 0;
 
-    if (cfg.maxRounds > 1) {
+    if (cfg.maxRounds > 1 || o.hold) {
       for (;;) {
         await sendRound(pending, round, false);
         pending = driver.takeDirty(o.vm);
@@ -315,12 +326,23 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
         const rate = sendRate();
         expectedDowntimeMs = (remaining * 1000) / rate;
         progress('precopy', round, remaining, rate, dirtyRate, expectedDowntimeMs);
+        if (o.hold?.held()) {
+          while (pending.length === 0 && o.hold.held()) {
+            if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
+            await Promise.race([new Promise((r) => setTimeout(r, PREWARM_IDLE_MS)), o.hold.lifted]);
+            pending = driver.takeDirty(o.vm);
+          }
+          if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
+          heldRounds++;
+          round++;
+          continue;
+        }
         if (expectedDowntimeMs <= cfg.downtimeLimitMs) {
           converged = true;
           break;
         }
         // This round plus the final one would reach the limit.
-        if (round + 2 >= cfg.maxRounds) break;
+        if (round - heldRounds + 2 >= cfg.maxRounds) break;
         flatRounds = remaining > prevRemaining * SHRINK_FACTOR ? flatRounds + 1 : 0;
         prevRemaining = remaining;
         if (cfg.autoConverge && throttle < THROTTLE_MAX && (dirtyRate >= rate || flatRounds >= 2)) {
