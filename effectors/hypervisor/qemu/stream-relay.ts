@@ -202,7 +202,8 @@ export class StreamRelay {
     socket.on('error', (e) => this.kill(dest, 'failed', `connection to ${d.name}: ${e.message}`));
     socket.on('finish', () => {
       // Every byte is in the kernel's hands; whether the incoming QEMU took them all its bootIncoming says.
-      if (!dest.live) return;
+      // (Node also ends our side by itself when the peer closes first: that is no delivery.)
+      if (!dest.live || !dest.ended) return;
       dest.live = false;
       settle({ name: dest.name, outcome: 'delivered', bytes: dest.bytes, maxQueuedBytes: dest.maxQueued });
     });

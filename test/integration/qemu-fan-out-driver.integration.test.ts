@@ -1,0 +1,100 @@
+/**
+ * The qemu driver's fanOut capability on its own (issue 13): one source driver, two target
+ * drivers, one QEMU stream through the relay, real QEMU (TCG), the dirty guest.
+ */
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ErrorCodes } from '../../core/errors.ts';
+import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { rejection } from '../harness/expect-code.ts';
+import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+
+const MiB = 1024 * 1024;
+const run = requireQemu();
+const qemus = qemuProcesses();
+const cleanups = cleanupsAfterEach();
+afterEach(() => qemus.killAll());
+
+const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 } };
+
+function drivers(): { a: QemuDriver; b: QemuDriver; c: QemuDriver } {
+  const root = qemus.root();
+  const make = (n: string): QemuDriver => {
+    const d = new QemuDriver({ root: join(root, n), accel: 'tcg' });
+    cleanups.push(() => d.close());
+    return d;
+  };
+  return { a: make('a'), b: make('b'), c: make('c') };
+}
+
+async function intact(d: QemuDriver): Promise<void> {
+  await d.pause('fo');
+  const end = guestRangeEnd(64 * MiB);
+  const check = checkGuestMemory(await d.capabilities.memoryDump!.dump('fo', GUEST_RANGE_START, end - GUEST_RANGE_START));
+  expect(check, JSON.stringify(check)).toMatchObject({ ok: true });
+}
+
+describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming QEMUs (TCG)', () => {
+  it('both get the whole stream and reach their last reversible point; the one committed runs intact, the other is thrown away', async () => {
+    const { a, b, c } = drivers();
+    await a.create(spec);
+    await a.start('fo');
+    await heartbeat(a.stateDir('fo'), 2);
+    const [eb, ec] = await Promise.all([b.prepareIncoming(spec), c.prepareIncoming(spec)]);
+    const session = a.capabilities.fanOut!.begin('fo', ['b', 'c']);
+    let switches = 0;
+    const opts = (endpoint: { uri: string }) => ({ endpoint, downtimeLimitMs: 500, autoConverge: true, beforeSwitchover: async () => void switches++ });
+    const [rb, rc] = await Promise.all([session.migrateOut('b', opts(eb.endpoint)), session.migrateOut('c', opts(ec.endpoint))]);
+    session.close();
+    expect(switches).toBe(2);
+    expect(rb.bytes).toBe(rc.bytes);
+    expect(rb.bytes).toBeGreaterThan(0);
+    await Promise.all([b.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 }), c.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 })]);
+    await b.abortIncoming('fo');
+    await c.commitIncoming('fo', { running: true, timeoutMs: 30_000 });
+    await heartbeat(c.stateDir('fo'), 2);
+    // b's incoming QEMU is gone; a's stays until its owner removes the migrated VM.
+    expect(b.pid('fo')).toBeUndefined();
+    await intact(c);
+  }, 300_000);
+
+  it("a destination whose QEMU is killed mid-stream is dropped alone; the other gets the whole stream and runs", async () => {
+    const { a, b, c } = drivers();
+    await a.create(spec);
+    await a.start('fo');
+    await heartbeat(a.stateDir('fo'), 2);
+    const [eb, ec] = await Promise.all([b.prepareIncoming(spec), c.prepareIncoming(spec)]);
+    const session = a.capabilities.fanOut!.begin('fo', ['b', 'c']);
+    let killed = false;
+    const opts = (endpoint: { uri: string }) => ({
+      endpoint,
+      downtimeLimitMs: 500,
+      autoConverge: true,
+      // 32 MiB/s: seconds of stream for a 64 MiB guest, time to kill b's QEMU in the middle.
+      maxBandwidth: 32 * MiB,
+      onProgress: (p: { transferredBytes: number }) => {
+        if (!killed && p.transferredBytes > 8 * MiB) {
+          killed = true;
+          process.kill(b.pid('fo')!, 'SIGKILL');
+        }
+      },
+    });
+    const pb = session.migrateOut('b', opts(eb.endpoint));
+    const pc = session.migrateOut('c', opts(ec.endpoint));
+    const e = await rejection(pb);
+    expect(e.code).toBe(ErrorCodes.MIGRATION_FAILED);
+    expect(e.details).toMatchObject({ destination: 'b', outcome: 'failed' });
+    const rc = await pc;
+    session.close();
+    expect(killed).toBe(true);
+    expect(rc.bytes).toBeGreaterThan(16 * MiB);
+    await c.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 });
+    await c.commitIncoming('fo', { running: true, timeoutMs: 30_000 });
+    await heartbeat(c.stateDir('fo'), 2);
+    await intact(c);
+    await b.abortIncoming('fo').catch(() => undefined);
+  }, 300_000);
+});
