@@ -6,7 +6,7 @@
  */
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
@@ -41,8 +41,8 @@ async function qemuCluster(root: string, names: readonly string[], o: { readonly
   });
 }
 
-async function guestWithCounter(a: AgentProcess, root: string): Promise<void> {
-  await a.client.createVm({ name: 'g1', memory: 64 * MiB });
+async function guestWithCounter(a: AgentProcess, root: string, boot?: string): Promise<void> {
+  await a.client.createVm({ name: 'g1', memory: 64 * MiB, ...(boot === undefined ? {} : { boot }) });
   await a.client.vmAction('g1', 'start');
   await heartbeat(join(root, 'a', 'g1'), 2);
   await waitFor(async () => counterOf(await a.client.listEmbots(), 'g1'), 20_000, 'counter embot on a');
@@ -129,15 +129,18 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
 
   it("a destination whose QEMU is killed mid-stream is dropped; the other wins", async () => {
     const root = qemus.root();
-    // 16 MiB/s for a 64 MiB guest whose pages are nearly all non-zero: seconds of stream to kill b's QEMU in.
+    // 16 MiB/s for a 64 MiB guest whose pages are nearly all non-zero: seconds of stream to kill b's QEMU in;
+    // a slower-dirtying guest (delayLoops 2000) so the capped copy converges.
     cluster = await qemuCluster(root, ['a', 'b', 'c'], { capOfA: 16 * MiB });
     const a = cluster.agent('a');
     const c = cluster.agent('c');
-    await guestWithCounter(a, root);
+    const image = join(root, 'slow-guest.img');
+    writeGuestImage(image, { delayLoops: 2000 });
+    await guestWithCounter(a, root, image);
     const { id } = await a.client.migrate('g1', ['b', 'c'], {});
     const bDir = join(root, 'b', 'g1');
     const bPid = await waitFor(() => runningPid(bDir), 60_000, "b's incoming QEMU");
-    await waitFor(async () => ((await a.client.getMigration(`${id}~c`).catch(() => undefined))?.progress?.memoryBytes ?? 0) > 8 * MiB || undefined, 60_000, 'the stream under way');
+    await waitFor(async () => ((await a.client.getMigration(`${id}~c`).catch(() => undefined))?.progress?.memoryBytes ?? 0) > 2 * MiB || undefined, 60_000, 'the stream under way');
     process.kill(bPid, 'SIGKILL');
     const info = await a.client.waitMigration(id, { timeoutMs: 240_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
