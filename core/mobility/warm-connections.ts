@@ -3,8 +3,8 @@
  * cost): a migration's control link and its primary data path each cost a connect, a TLS session
  * (wss) and the auth handshake, on the critical path of `requesting`. Like the target's spare
  * incoming QEMU, this keeps that work done ahead: the next migration to a peer takes an idle link
- * instead of dialling, and a replacement is dialled once the taken link has closed (the end of its
- * migration, so the dial does not compete with the migration it serves for CPU).
+ * instead of dialling, and replacements are dialled once every link taken to that peer has closed
+ * (the end of its migration, so the dials do not compete with the migration they follow for CPU).
  *
  * A taken link belongs to its migration alone and is never returned: the target aborts a
  * migration when its source's link drops (mobility-service.ts), and a link shared by two
@@ -60,6 +60,8 @@ interface Slot {
 export class WarmConnections {
   readonly counts: WarmConnectionCounts = { dialled: 0, taken: 0, dropped: 0, failed: 0 };
   private readonly slots: Slot[] = [];
+  /** Taken links (and claimed dials) per peer not yet closed: the slots refill once none is left. */
+  private readonly inUse = new Map<string, number>();
   private closed = false;
 
   constructor(private readonly o: WarmConnectionsOptions) {}
@@ -100,7 +102,9 @@ export class WarmConnections {
     if (inFlight) {
       inFlight.claimed = true;
       this.counts.taken++;
-      return inFlight.dialling;
+      const dialling = inFlight.dialling!;
+      this.use(peer, dialling.then((c) => c.closed, () => undefined));
+      return dialling;
     }
     return undefined;
   }
@@ -123,7 +127,21 @@ export class WarmConnections {
   private handOver(slot: Slot, conn: PeerConnection): void {
     this.counts.taken++;
     conn.holdProcess(true);
-    void conn.closed.then(() => this.fill(slot));
+    this.use(slot.peer, conn.closed);
+  }
+
+  /**
+   * Refills the peer's empty slots once every link taken to it has closed: a migration's data path
+   * closes mid-migration, and a dial then (both sides' handshake CPU) would land inside its later
+   * steps; once its control link closes too, the migration is over.
+   */
+  private use(peer: string, done: Promise<unknown>): void {
+    this.inUse.set(peer, (this.inUse.get(peer) ?? 0) + 1);
+    void done.then(() => {
+      const left = (this.inUse.get(peer) ?? 1) - 1;
+      this.inUse.set(peer, left);
+      if (left === 0) for (const s of this.slots) if (s.peer === peer) this.fill(s);
+    });
   }
 
   private fill(slot: Slot): void {
@@ -138,9 +156,8 @@ export class WarmConnections {
         slot.claimed = false;
         this.counts.dialled++;
         if (claimed) {
+          // The taker has it (counted in `use`): the slot refills with the peer's others.
           slot.failures = 0;
-          // The taker has it: refill once it closes, as with an idle link taken.
-          void conn.closed.then(() => this.fill(slot));
           return;
         }
         if (this.closed) {
@@ -150,10 +167,13 @@ export class WarmConnections {
         this.park(slot, conn);
       },
       (error: unknown) => {
+        const claimed = slot.claimed;
         slot.dialling = undefined;
         slot.claimed = false;
         this.counts.failed++;
         this.o.onError?.(slot.peer, error);
+        // A claimed dial that failed: its taker dials itself; the slot waits for the peer's links like the others.
+        if (claimed) return;
         this.retry(slot, ++slot.failures);
       },
     );

@@ -37,7 +37,7 @@ function pool(url: () => string, dials: { n: number }, perPeer = 2): WarmConnect
 }
 
 describe('warm peer connections (issue 12: no dial on the migration path)', () => {
-  it('hands out pre-dialled links without a new handshake at the target, each once, and refills a slot after its link closes', async () => {
+  it('hands out pre-dialled links without a new handshake at the target, each once, and refills the slots once the links taken to that peer have all closed', async () => {
     const b = await target();
     const dials = { n: 0 };
     const p = pool(() => b.server.url, dials);
@@ -69,8 +69,12 @@ describe('warm peer connections (issue 12: no dial on the migration path)', () =
     expect(fallback.n).toBe(1);
     await third.close();
 
-    // The migration ends: its links close, the slots are refilled in the background.
-    await Promise.all([control.close(), data.close()]);
+    // The data path closes first (mid-migration): no dial while the control link is still in use.
+    await data.close();
+    await new Promise((r) => setTimeout(r, 150));
+    expect(dials.n).toBe(2);
+    // The migration ends: both slots are refilled in the background.
+    await control.close();
     await waitFor(() => p.idle('b') === 2, 5000, 'slots refilled');
     expect(dials.n).toBe(4);
   });
