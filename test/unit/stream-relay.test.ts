@@ -153,6 +153,26 @@ describe('stream relay: one stream to several destinations over real sockets', (
     expect(await ok.received).toEqual({ bytes: data.length, sha: sha(data) });
   });
 
+  it('counts a destination that closes right after the last byte (before the source\'s own close reaches the relay) as delivered', async () => {
+    const data = randomBytes(4 * 1024 * 1024);
+    // As an incoming QEMU does once it has read the stream's last section.
+    const [eager, ok] = await Promise.all([sink({ closeAfter: data.length }), sink()]);
+    const relay = await open([
+      { name: 'eager', uri: eager.uri },
+      { name: 'ok', uri: ok.uri },
+    ]);
+    const source = createConnection(relay.uri.slice('unix:'.length));
+    cleanups.push(() => void source.destroy());
+    await new Promise<void>((r) => source.once('connect', r));
+    source.write(data);
+    expect(await eager.received).toEqual({ bytes: data.length, sha: sha(data) });
+    // Its close is in before the source ends.
+    await new Promise((r) => setTimeout(r, 100));
+    source.end();
+    expect((await relay.result('eager')).outcome).toBe('delivered');
+    expect((await relay.result('ok')).outcome).toBe('delivered');
+  });
+
   it('cuts the source stream when every destination is gone, so the sending QEMU fails instead of writing into nothing', async () => {
     const only = await sink({ closeAfter: 64 * 1024 });
     const relay = await open([{ name: 'only', uri: only.uri }]);

@@ -80,6 +80,8 @@ interface Dest {
   bytes: number;
   maxQueued: number;
   ended: boolean;
+  /** It closed cleanly before the source's end: delivered if the source sends nothing more, else failed. */
+  peerDone: boolean;
   readonly done: Promise<RelayResult>;
   settle: (r: RelayResult) => void;
 }
@@ -186,7 +188,7 @@ export class StreamRelay {
     socket.setNoDelay(true);
     let settle: (r: RelayResult) => void = () => {};
     const done = new Promise<RelayResult>((r) => (settle = r));
-    const dest: Dest = { name: d.name, socket, connected: false, live: true, full: false, bytes: 0, maxQueued: 0, ended: false, done, settle };
+    const dest: Dest = { name: d.name, socket, connected: false, live: true, full: false, bytes: 0, maxQueued: 0, ended: false, peerDone: false, done, settle };
     this.dests.set(d.name, dest);
     const timer = setTimeout(() => this.kill(dest, 'failed', `not connected within ${timeoutMs} ms`), timeoutMs);
     socket.once(d.tls ? 'secureConnect' : 'connect', () => {
@@ -207,8 +209,17 @@ export class StreamRelay {
       dest.live = false;
       settle({ name: dest.name, outcome: 'delivered', bytes: dest.bytes, maxQueuedBytes: dest.maxQueued });
     });
-    socket.on('close', () => {
+    socket.on('close', (hadError) => {
       clearTimeout(timer);
+      // An incoming QEMU closes once it has read the stream's last section, which can be before
+      // the source's own close reaches us: a clean close with nothing left queued is judged when
+      // the source ends (more bytes after it mean it closed early).
+      if (!hadError && dest.live && dest.connected && dest.socket.writableLength === 0) {
+        dest.peerDone = true;
+        if (this.sourceEnded) this.finish(dest);
+        else this.pace();
+        return;
+      }
       this.kill(dest, 'failed', `${d.name} closed the stream before its end`);
     });
   }
@@ -235,6 +246,10 @@ export class StreamRelay {
   private fanOut(chunk: Buffer): void {
     for (const d of this.dests.values()) {
       if (!d.live) continue;
+      if (d.peerDone) {
+        this.kill(d, 'failed', `${d.name} closed the stream before its end`);
+        continue;
+      }
       d.bytes += chunk.length;
       if (!d.socket.write(chunk)) d.full = true;
       const queued = d.socket.writableLength;
@@ -257,6 +272,11 @@ export class StreamRelay {
 
   private finish(d: Dest): void {
     d.ended = true;
+    if (d.peerDone) {
+      d.live = false;
+      d.settle({ name: d.name, outcome: 'delivered', bytes: d.bytes, maxQueuedBytes: d.maxQueued });
+      return;
+    }
     d.socket.end();
   }
 
