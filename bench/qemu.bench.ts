@@ -37,6 +37,7 @@ import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { startAgentPair, type AgentPair } from './agent-pair.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import { bareMigrate, killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
+import { fanOutRows } from './qemu-fan-out.bench.ts';
 import type { BenchRunOptions } from './run.ts';
 
 const MiB = 1024 * 1024;
@@ -402,6 +403,12 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
     } finally {
       await pair.stop();
     }
+
+    // ---- (f) issue 13, several destinations (bench/qemu-fan-out.bench.ts, owned there): the relay's
+    // cost against a direct migration of the same guest, time to first boot with 1/2/3 destinations.
+    const fanOut = await fanOutRows(root, opts.quick ? 2 : 5);
+    rows.push(...fanOut.rows);
+    notes.push(...fanOut.notes);
   } finally {
     await killQemusUnder(root);
     rmSync(root, { recursive: true, force: true });
