@@ -8,14 +8,17 @@
  */
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
+import { ErrorCodes } from '../../core/errors.ts';
 import { exportDisks, startDiskMirror, stopDiskExport } from '../../effectors/hypervisor/qemu/disk-mirror.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { pidAlive } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { rejection } from '../harness/expect-code.ts';
 import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
@@ -111,4 +114,39 @@ describe.skipIf(!run)('qemu disk mirror over NBD during a live migration (TCG)',
     expect(a.subarray(3 * MiB, 3 * MiB + 65536).every((x) => x === 0x77)).toBe(true);
     expect(Buffer.compare(a, b)).toBe(0);
   }, 300_000);
+
+  it('bad input: exporting a disk the VM does not have, mirroring to an export nobody serves: coded errors, no NBD server, job or node left, the VM still runs', async () => {
+    const root = qemus.root();
+    const base = join(root, 'base.img');
+    writeFileSync(base, Buffer.alloc(MiB));
+    const d = new QemuDriver({ root: join(root, 'vms'), accel: 'tcg' });
+    cleanups.push(() => d.close());
+    await d.create({ name: 'bad-1', memory: 64 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 }, disks: [{ path: overlay(join(root, 'vm.qcow2'), base), format: 'qcow2' }] });
+    await d.start('bad-1');
+    const qmp = d.qmp('bad-1')!;
+    const noDisk = await rejection(exportDisks(qmp, { host: '127.0.0.1', devices: ['virtio7'] }));
+    expect(noDisk).toMatchObject({ code: ErrorCodes.QEMU_FAILED });
+    expect(String((noDisk as Error).message)).toContain('virtio7');
+    // The NBD server was stopped again: QEMU lets a new one start (it refuses a second one).
+    await qmp.executeRaw('nbd-server-start', { addr: { type: 'inet', data: { host: '127.0.0.1', port: '0' } } });
+    await qmp.executeRaw('nbd-server-stop');
+    expect(await rejection(exportDisks(qmp, { host: '127.0.0.1', devices: [] }))).toMatchObject({ code: ErrorCodes.VM_SPEC_INVALID });
+
+    // A mirror to a port nobody listens on: refused, and nothing stays behind on the source.
+    const port = await new Promise<number>((resolve) => {
+      const srv = createServer().listen(0, '127.0.0.1', () => {
+        const p = (srv.address() as { port: number }).port;
+        srv.close(() => resolve(p));
+      });
+    });
+    const nowhere = { host: '127.0.0.1', port, disks: [{ device: 'virtio0', exportName: 'embot-mirror-virtio0' }] };
+    expect(await rejection(startDiskMirror(qmp, nowhere, { readyTimeoutMs: 30_000 }))).toMatchObject({ code: ErrorCodes.QEMU_FAILED });
+    expect((await qmp.executeRaw('query-block-jobs')) as unknown[]).toEqual([]);
+    const nodes = (await qmp.executeRaw('query-named-block-nodes')) as { 'node-name': string }[];
+    expect(nodes.some((n) => n['node-name'].startsWith('embot-mirror'))).toBe(false);
+    expect((await d.stats('bad-1')).state).toBe('running');
+    await d.stop('bad-1').catch(() => undefined);
+    await d.remove('bad-1');
+    expect(qemus.live()).toEqual([]);
+  }, 120_000);
 });

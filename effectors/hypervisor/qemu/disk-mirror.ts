@@ -81,7 +81,9 @@ async function nodeNameOf(qmp: QmpClient, device: string): Promise<string> {
 /**
  * Target: starts QEMU's NBD server on `host` (a loopback or the peer listen address) and exports
  * each of `devices` writable, for the source's mirror. Call on the incoming QEMU before the
- * memory moves; {@link stopDiskExport} when the migration ends either way.
+ * memory moves; {@link stopDiskExport} when the migration ends either way. Only an incoming QEMU
+ * can: its disks are inactive until the switch, while a running VM's device keeps the write
+ * permission to itself (QEMU refuses the export with a permission conflict).
  */
 export async function exportDisks(qmp: QmpClient, o: { readonly host: string; readonly devices: readonly string[]; readonly tlsCreds?: string }): Promise<DiskExport> {
   if (o.devices.length === 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'no disks to export');
