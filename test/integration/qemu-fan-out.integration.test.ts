@@ -79,7 +79,8 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     const s = info.summary!;
     expect(s.winner).toBe('c');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
-    expect(by['b']?.outcome).toBe('bootFailed');
+    // b cannot boot, so c must win; b's refusal and c's BootReady race, so b ends refused or terminated.
+    expect(['bootFailed', 'terminated']).toContain(by['b']?.outcome);
     expect(by['c']?.outcome).toBe('won');
     // Both got the whole stream through the relay (the same bytes), each over its own TLS session.
     expect(by['b']?.bytes).toBeGreaterThan(0);
