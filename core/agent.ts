@@ -172,6 +172,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       forwardGraceMs: config.mobility.forwardGraceMs,
       dataplane: config.dataplane,
       warmConnections: config.mobility.warmConnections,
+      prewarmExitShare: config.mobility.prewarmExitShare,
     });
     const peerAuth = {
       agent: config.name,
@@ -596,8 +597,16 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return this.recent.slice(-Math.max(0, opts.limit));
   }
 
-  migrate(vm: string, to: Destinations, options: MigrateOptions = {}): { readonly id: string } {
+  migrate(vm: string, to: Destinations | undefined, options: MigrateOptions = {}): { readonly id: string } {
     return this.mobility.migrate(vm, to, options);
+  }
+
+  prewarm(vm: string, to: readonly string[], options: MigrateOptions = {}): { readonly id: string } {
+    return this.mobility.prewarm(vm, to, options);
+  }
+
+  cancelPrewarm(vm: string): { readonly id: string } {
+    return this.mobility.cancelPrewarm(vm);
   }
 
   /** MobilityHost: the VM's image (`vm create --image`) built at the target before anything moves (issue 14). */

@@ -10,6 +10,7 @@ import { registerImageCommands } from './image-commands.ts';
 import { registerInfoCommands } from './info-commands.ts';
 import { registerMigrateCommands } from './migrate-commands.ts';
 import { registerModuleCommands } from './module-commands.ts';
+import { registerPrewarmCommand } from './prewarm-command.ts';
 import { registerVmCommands } from './vm-commands.ts';
 
 export type { CliIo };
@@ -59,6 +60,7 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   registerMigrateCommands(program, ctx, (code) => {
     exitCode = code;
   });
+  registerPrewarmCommand(program, ctx);
   registerImageCommands(program, ctx, (code) => {
     exitCode = code;
   });

@@ -6,9 +6,11 @@ import { parseDestinationList } from '../mobility/destinations.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
 import { autoDestination } from './image-commands.ts';
 import { formatBytes, formatDuration, formatTable, formatTime, truncate } from './format.ts';
+import { renderPrewarms } from './prewarm-command.ts';
 
 interface MigrateFlags extends ClientFlags {
-  readonly to: Destinations;
+  /** Absent: the command of the VM's pre-warm, to every destination it keeps warm. */
+  readonly to?: Destinations;
   readonly threshold?: number;
   readonly retries?: number;
   readonly fallback?: readonly string[];
@@ -34,7 +36,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .command('migrate')
       .description('move a VM and its management to a peer agent; shows progress, then a summary')
       .argument('<vm>', 'VM name')
-      .requiredOption('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins); auto: the cheapest host to build the VM's image at (embot place), built there first", parseDestinations)
+      .option('--to <peer>', "target agent, by its peer name (the agent's --peers); PEER,PEER… for several at once (first to boot wins); auto: the cheapest host to build the VM's image at (embot place), built there first. On a VM being pre-warmed (embot prewarm): optional, one or more of its warmed destinations (default all); the switch happens at once when they are warm", parseDestinations)
       .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
       .option('--retries <n>', 'when no destination boots: try the same set again up to N times (0..5; default 0); given at all, a single --to runs as a fan-out too', parseRetries)
       .option('--fallback <peers>', 'PEER,PEER…: when no destination of --to booted (after the retries), try these once', parseFallback)
@@ -46,7 +48,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
   clientOptions(program.command('migrations').description('list running and past migrations with their outcome')).action(async (opts: ClientFlags) => {
     const list = await ctx.client(opts).listMigrations();
     if (opts.json) ctx.json(list);
-    else ctx.out(renderMigrations(list, Date.now()));
+    else ctx.out(renderMigrations(list, Date.now()) + renderPrewarms(list));
   });
 }
 
@@ -85,7 +87,8 @@ export function parseFallback(raw: string): readonly string[] {
   }
 }
 
-function describeDestinations(to: Destinations): string {
+function describeDestinations(to: Destinations | undefined): string {
+  if (to === undefined) return 'its pre-warmed destinations';
   return typeof to === 'string' ? to : to.join(', ');
 }
 

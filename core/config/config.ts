@@ -135,6 +135,8 @@ export const AgentConfigSchema = z
         forwardGraceMs: positiveInt.default(DEFAULTS.mobility.forwardGraceMs),
         /** Keep pre-dialled, authenticated idle links to each peer so a migration does not dial (core/mobility/warm-connections.ts). */
         warmConnections: z.boolean().default(DEFAULTS.mobility.warmConnections),
+        /** A pre-warm's migrate command switches once this share of the selected destinations meets the exit condition (README "Several destinations"). */
+        prewarmExitShare: z.number().gt(0).max(1).default(DEFAULTS.mobility.prewarmExitShare),
         /** Peers allowed to migrate VMs here; empty: every authenticated peer. */
         allowedSources: z.array(z.string()).default([]),
         trust: z

@@ -111,8 +111,18 @@ export class ControlClient {
   }
 
   /** Starts a migration of `vm` to peer `to` (or peers); resolves with its id as soon as it is under way. */
-  migrate(vm: string, to: Destinations, options: MigrateOptions = {}): Promise<StartMigrationResponse> {
-    return this.request('POST', '/v1/migrations', { vm, to, ...options });
+  migrate(vm: string, to: Destinations | undefined, options: MigrateOptions = {}): Promise<StartMigrationResponse> {
+    return this.request('POST', '/v1/migrations', { vm, ...(to === undefined ? {} : { to }), ...options });
+  }
+
+  /** Starts a pre-warm of `vm` to `to`; `migrate(vm)` later is its command (README "Several destinations"). */
+  prewarm(vm: string, to: readonly string[]): Promise<StartMigrationResponse> {
+    return this.request('POST', '/v1/prewarms', { vm, to });
+  }
+
+  /** Cancels the pre-warm of `vm`: every destination discards, the VM runs on. */
+  cancelPrewarm(vm: string): Promise<StartMigrationResponse> {
+    return this.request('POST', '/v1/prewarms/cancel', { vm });
   }
 
   listMigrations(): Promise<MigrationInfo[]> {

@@ -100,7 +100,7 @@ export interface StartMigrationRequest {
    * Peer name as configured on the agent (`--peers b=ws://…`), or several (first to boot wins,
    * issue 13; refused with MULTI_DESTINATION_UNSUPPORTED until the fan-out runs).
    */
-  readonly to: Destinations;
+  readonly to?: Destinations;
   readonly thresholdMs?: number;
   /** Several destinations: tries of the same set after the first while none boots (0..5). */
   readonly retries?: number;
@@ -157,7 +157,14 @@ export interface AgentControl {
    * one is the single path; more (or retries, or a fallback) run the fan-out, first to boot wins, or
    * throw `MULTI_DESTINATION_UNSUPPORTED` with a driver that lacks the fanOut capability.
    */
-  migrate(vm: string, to: Destinations, options?: MigrateOptions): { readonly id: string };
+  migrate(vm: string, to: Destinations | undefined, options?: MigrateOptions): { readonly id: string };
+  /**
+   * Starts a pre-warm of `vm` to `to` (README "Several destinations"): copies until `migrate(vm,
+   * [to])` (the command, the pre-warm's id) or `cancelPrewarm(vm)`. Absent on a control double without it.
+   */
+  prewarm?(vm: string, to: readonly string[], options?: MigrateOptions): { readonly id: string };
+  /** Cancels the pre-warm of `vm` (VM_BAD_STATE if there is none); every destination discards. */
+  cancelPrewarm?(vm: string): { readonly id: string };
   /** Running and past migrations this agent took part in (as source or target). */
   listMigrations(): readonly MigrationInfo[];
   getMigration(id: string): MigrationInfo | undefined;

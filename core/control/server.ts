@@ -109,11 +109,19 @@ const EmitEventBody = z
   })
   .strict();
 
+/** Body of `POST /v1/prewarms` ({ vm, to }) and `POST /v1/prewarms/cancel` ({ vm }). */
+const PrewarmBody = z
+  .object({
+    vm: z.string().min(1).max(128),
+    to: z.array(z.string().max(64)).max(64).optional(),
+  })
+  .strict();
+
 const StartMigrationBody = z
   .object({
     vm: z.string().min(1).max(128),
     /** One peer name, or several (issue 13): a list is checked whole by the agent (DESTINATIONS_INVALID). */
-    to: z.union([z.string().min(1).max(64), z.array(z.string().max(64)).max(64)]),
+    to: z.union([z.string().min(1).max(64), z.array(z.string().max(64)).max(64)]).optional(),
     /** Threshold time for this migration (seed 000): above it, data paths are added. */
     thresholdMs: z.number().int().positive().max(86_400_000).optional(),
     /** Several destinations (issue 13): retries of the set, then fallback hosts; the agent checks them. */
@@ -292,6 +300,15 @@ export async function startControlServer(options: ControlServerOptions): Promise
       const { vm, to, ...options } = body.data;
       const { id } = control.migrate(vm, to, options);
       return { status: 202, body: { id } };
+    }
+    if (path[0] === 'prewarms' && (path.length === 1 || (path.length === 2 && path[1] === 'cancel'))) {
+      only('POST');
+      const body = PrewarmBody.safeParse(await readJson(req));
+      if (!body.success) throw invalidFields(body.error);
+      if (!control.prewarm || !control.cancelPrewarm) throw notFound(url.pathname);
+      if (path.length === 2) return ok(control.cancelPrewarm(body.data.vm));
+      if (body.data.to === undefined) throw new ControlError(ErrorCodes.CONTROL_BAD_REQUEST, 'a pre-warm needs its destinations: { "vm": …, "to": ["b", "c"] }');
+      return { status: 202, body: control.prewarm(body.data.vm, body.data.to) };
     }
     if (path.length === 2 && path[0] === 'migrations') {
       only('GET');

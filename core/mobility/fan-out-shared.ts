@@ -23,14 +23,27 @@ export class FanOutShared {
   private unmuteFn: (() => void) | undefined;
   /** The VM's UDP relay buffering from the switch (one pause for every child). */
   udpPaused: Promise<void> | undefined;
+  /**
+   * A pre-warm (fan-out.ts): the events are held and the embots detached only at the migrate
+   * command, so until then the children ship no held events; after it, each child's first dirty
+   * round carries the embots again, as they were frozen at the command.
+   */
+  readonly prewarm: boolean;
+  /** False during a pre-warm until the command's hold: the VM's events are processed here meanwhile. */
+  eventsHeld: boolean;
+  /** Children whose destination has the embots as frozen at the command (a pre-warm's first dirty round). */
+  private readonly embotsSent = new Set<string>();
 
   constructor(
     private readonly host: MobilityHost,
     readonly vm: string,
     /** Child migration ids, for the journal notes every child carries (a restart reads any of them). */
     readonly childIds: readonly string[],
+    options: { readonly prewarm?: boolean } = {},
   ) {
     this.vmElement = `vm:${vm}`;
+    this.prewarm = options.prewarm === true;
+    this.eventsHeld = !this.prewarm;
     for (const id of childIds) this.pending.set(id, new Map());
   }
 
@@ -42,6 +55,13 @@ export class FanOutShared {
     const out = [...mine.values()];
     mine.clear();
     return out;
+  }
+
+  /** A pre-warm's child after the command: true once, the first time it asks (it ships the embots then). */
+  takeEmbotsResend(child: string): boolean {
+    if (!this.prewarm || !this.eventsHeld || this.embotsSent.has(child)) return false;
+    this.embotsSent.add(child);
+    return true;
   }
 
   /** `child` just shipped the whole state: what changed before is in it. */

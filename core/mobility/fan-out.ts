@@ -18,6 +18,7 @@ import { decide, isFinalStatus, startFanOut, type DestinationOutcome, type FanOu
 import type { FanOutJournal } from './fan-out-journal.ts';
 import { FanOutShared, type FanOutMove } from './fan-out-shared.ts';
 import { attachAll } from './source-side.ts';
+import type { PrewarmControl } from './prewarm.ts';
 
 /** The id of the child migration of fan-out `id` to `dest`. */
 export function childId(id: string, dest: string): string {
@@ -65,7 +66,15 @@ export interface FanOutAttemptOptions {
    * VM and the journal as they are for the restart's recovery (recoverFanOut) instead of taking back.
    */
   readonly stopping?: () => boolean;
+  /**
+   * A pre-warm (prewarm.ts): the copies are held until `prewarm.command`, and the hold of the VM's
+   * events and the embots' detach wait for it too (the VM's events are processed here meanwhile).
+   */
+  readonly prewarm?: PrewarmControl;
 }
+
+/** How often a commanded pre-warm looks whether its exit condition holds. */
+const PREWARM_POLL_MS = 10;
 
 interface Deferred<T> {
   readonly promise: Promise<T>;
@@ -98,19 +107,28 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
   o.journal.begin(id, vm, o.destinations);
   const started = performance.now();
   const ids = o.destinations.map((d) => childId(id, d));
-  const shared = new FanOutShared(host, vm, ids);
+  const pw = o.prewarm;
+  const shared = new FanOutShared(host, vm, ids, { prewarm: pw !== undefined });
   let session: FanOutSession | undefined;
+  let held = false;
+  let detached = false;
   // The hold and the detach happen once, before any child ships state: from here every event for
   // the VM's elements is held, and each child ships it once to its destination (its own cursor).
-  host.sensors.hold(scope);
-  let detached = false;
-  try {
+  // A pre-warm does both at its command instead.
+  const holdAndDetach = async (): Promise<void> => {
+    host.sensors.hold(scope);
+    held = true;
     await host.runtime.detach(scope, { keepState: true });
     detached = true;
+    shared.eventsHeld = true;
+  };
+  try {
+    if (pw && !capability.prewarm) throw new Error(`the ${host.driver.name} driver cannot hold a copy for a pre-warm`);
+    if (!pw) await holdAndDetach();
     session = capability.begin(vm, o.destinations);
   } catch (e) {
     if (detached) await attachAll(host, scope);
-    host.sensors.release(scope);
+    if (held) host.sensors.release(scope);
     o.journal.finish(id, 'aborted', `could not start: ${describeError(e)}`);
     throw e;
   }
@@ -158,7 +176,20 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
     const cid = childId(id, dest);
     const handle = o.startChild(dest, cid, {
       shared,
-      move: (name, options) => s.migrateOut(dest, options),
+      move: (name, options) =>
+        s.migrateOut(
+          dest,
+          pw
+            ? {
+                ...options,
+                prewarm: pw.gate,
+                onProgress: (p) => {
+                  pw.record(dest, p);
+                  options.onProgress?.(p);
+                },
+              }
+            : options,
+        ),
       bootReady: () => {
         bootAt.set(dest, performance.now() - started);
         apply({ type: 'bootReady', dest, atMs: performance.now() - started });
@@ -166,6 +197,33 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
       awaitDecision: () => verdicts.get(dest)!.promise,
     });
     children.set(dest, handle);
+    if (pw) void handle.done.finally(() => pw.end(dest));
+  }
+  /** A pre-warm's command at work: the take-back waits for it (a detach half done must finish first). */
+  let commandWork: Promise<void> | undefined;
+  let over = false;
+  if (pw) {
+    void pw.commanded.then((selected) => {
+      if (over) return;
+      commandWork = (async () => {
+      try {
+        for (const dest of o.destinations) {
+          if (selected.includes(dest)) continue;
+          const reason = `terminated: not named by the migrate command (migration ${id})`;
+          verdicts.get(dest)?.resolve({ commit: false, reason });
+          children.get(dest)?.terminate(reason);
+        }
+        // The hold starts at the command: what the embots did before is in their state and the elements.
+        await holdAndDetach();
+        while (!pw.readyToSwitch()) await new Promise((r) => setTimeout(r, PREWARM_POLL_MS));
+      } catch (e) {
+        host.logger.warn(`pre-warm ${id}: the command failed; its destinations are terminated`, { error: describeError(e) });
+        for (const h of children.values()) h.terminate(`terminated: the migrate command failed (${describeError(e)})`);
+      } finally {
+        pw.gate.lift();
+      }
+      })();
+    });
   }
 
   await Promise.all(
@@ -180,6 +238,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
       if (d && !isFinalStatus(d.status)) apply(childEnd(dest, summary));
     }),
   );
+  over = true;
+  await commandWork;
   s.close();
   if (o.stopping?.()) throw new Error(`the agent stopped during fan-out ${id}; its restart settles it`);
 
@@ -198,8 +258,9 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
     } finally {
       shared.unmute();
     }
-    await attachAll(host, scope);
-    host.sensors.release(scope);
+    // A pre-warm never commanded held nothing: its embots ran here all along.
+    if (detached) await attachAll(host, scope);
+    if (held) host.sensors.release(scope);
     o.journal.finish(id, 'aborted', takeBackReason);
   } else {
     o.journal.finish(id, 'completed');
@@ -207,8 +268,10 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
 
   const destinations = state.destinations.map((d): DestinationReport => {
     const sum = summaries.get(d.name);
-    const outcome: DestinationOutcome = d.status === 'ready' || d.status === 'copying' ? 'failed' : d.status;
-    const reason = d.reason ?? (outcome === 'won' ? undefined : sum?.reason);
+    const reason = d.reason ?? (d.status === 'won' ? undefined : sum?.reason);
+    // A pre-warm's destination the command did not name was terminated, whatever the decision saw.
+    const notNamed = pw?.selected !== undefined && !pw.selected.includes(d.name);
+    const outcome: DestinationOutcome = notNamed ? 'terminated' : d.status === 'ready' || d.status === 'copying' ? 'failed' : d.status;
     return {
       name: d.name,
       migrationId: childId(id, d.name),

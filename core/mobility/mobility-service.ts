@@ -21,6 +21,7 @@ import { resolveDestinations, type Destinations } from './destinations.ts';
 import { childId, runFanOut, type ChildHandle, type ChildHooks, type FanOutPlan } from './fan-out.ts';
 import { recoverFanOut } from './fan-out-decision.ts';
 import { FanOutJournal } from './fan-out-journal.ts';
+import { PrewarmControl, type PrewarmInfo } from './prewarm.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
@@ -46,6 +47,8 @@ export interface MobilityServiceOptions {
   readonly targetLimits?: Partial<TargetLimits>;
   /** Keep pre-dialled, authenticated idle links to each peer for the next migration (config `mobility.warmConnections`, default on). */
   readonly warmConnections?: boolean;
+  /** A pre-warm's command switches once this share of the named destinations meets the exit condition (config `mobility.prewarmExitShare`, default 1). */
+  readonly prewarmExitShare?: number;
 }
 
 /** Bounds on what peers can make this agent stage as the target of their migrations. */
@@ -82,6 +85,8 @@ interface FanOutLive {
   cancelled: string | undefined;
   readonly children: Set<ChildHandle>;
   done: Promise<MigrationSummary>;
+  /** A pre-warm (prewarm.ts) waiting for, or switching on, its migrate command. */
+  readonly prewarm?: PrewarmControl;
 }
 
 interface LiveMigration {
@@ -229,7 +234,14 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
    * Starts moving `vm` to the peer named `to`; resolves once it started, `wait(id)` gives the summary.
    * A list is checked whole (DESTINATIONS_INVALID); a list of one takes the single path exactly.
    */
-  migrate(vm: string, destinations: Destinations, options: MigrateOptions = {}): { readonly id: string } {
+  migrate(vm: string, destinations: Destinations | undefined, options: MigrateOptions = {}): { readonly id: string } {
+    const warming = this.prewarmOf(vm);
+    if (warming) {
+      // The pre-warm's command: its own id; destinations not named are terminated.
+      warming.prewarm.command(destinations === undefined ? undefined : typeof destinations === 'string' ? [destinations] : destinations);
+      return { id: warming.id };
+    }
+    if (destinations === undefined) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `VM ${vm} has no pre-warm: name its destination(s)`, { details: { problem: 'empty', names: [] } });
     if (!this.peersEnabled) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file) and no TLS (peer.tls); it cannot migrate');
     const check = (list: readonly string[]): readonly string[] => resolveDestinations(list, { self: this.host.agent, peers: this.o.peers.keys() });
     const names = typeof destinations === 'string' ? [destinations] : check(destinations);
@@ -373,15 +385,15 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
    * its notes, peer `b,c`), one child row per destination and attempt, and a summary with the
    * winner and every destination's outcome.
    */
-  private migrateMany(id: string, vm: string, plan: FanOutPlan, options: MigrateOptions): void {
+  private migrateMany(id: string, vm: string, plan: FanOutPlan, options: MigrateOptions, prewarm?: PrewarmControl): void {
     const host = this.host;
     const startedAt = Date.now();
     const peer = plan.destinations.join(',');
     host.journal.begin(id, 'source', vm, peer, 'racing');
-    host.journal.notes(id, 'source', { fanOut: true, wasRunning: host.driver.get(vm)?.state === 'running' });
+    host.journal.notes(id, 'source', { fanOut: true, wasRunning: host.driver.get(vm)?.state === 'running', ...(prewarm ? { prewarm: true } : {}) });
     const children = new Set<ChildHandle>();
     let journaledPhase = 'racing';
-    const entry: FanOutLive = { id, vm, cancelled: undefined, children, done: Promise.resolve(failedSummary(id, vm, host.agent, peer, startedAt, 'not started')) };
+    const entry: FanOutLive = { id, vm, cancelled: undefined, children, done: Promise.resolve(failedSummary(id, vm, host.agent, peer, startedAt, 'not started')), ...(prewarm ? { prewarm } : {}) };
     const run = runFanOut(
       {
         host,
@@ -390,6 +402,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         vm,
         cancelled: () => entry.cancelled !== undefined,
         stopping: () => this.closed,
+        ...(prewarm ? { prewarm } : {}),
         startChild: (dest, cid, hooks) => {
           const h = this.startSource(cid, vm, dest, options, hooks);
           children.add(h);
@@ -434,6 +447,40 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     this.fanOutLive.set(id, entry);
   }
 
+  /** The pre-warm of `vm` in progress, if any. */
+  private prewarmOf(vm: string): (FanOutLive & { readonly prewarm: PrewarmControl }) | undefined {
+    for (const f of this.fanOutLive.values()) if (f.vm === vm && f.prewarm) return f as FanOutLive & { readonly prewarm: PrewarmControl };
+    return undefined;
+  }
+
+  /**
+   * Starts a pre-warm of `vm` to `destinations` (README "Several destinations"): the fan-out's
+   * copies start now and keep the destinations current without stopping the VM or holding its
+   * events, until {@link migrate} names one or more of them (the command) or {@link cancelPrewarm}.
+   */
+  prewarm(vm: string, destinations: readonly string[], options: MigrateOptions = {}): { readonly id: string } {
+    if (!this.peersEnabled) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file) and no TLS (peer.tls); it cannot migrate');
+    const names = resolveDestinations(destinations, { self: this.host.agent, peers: this.o.peers.keys() });
+    if (!this.host.driver.capabilities.fanOut?.prewarm) {
+      throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `a pre-warm needs a driver that holds its copies until the command; the ${this.host.driver.name} driver does not yet`, { details: { names: [...names] } });
+    }
+    if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
+    if (this.prewarmOf(vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is pre-warming already (embot migrate ${vm} switches, embot prewarm ${vm} --cancel stops it)`);
+    if ([...this.live.values()].some((m) => m.vm === vm) || [...this.fanOutLive.values()].some((f) => f.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
+    const id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
+    const control = new PrewarmControl(names, { downtimeLimitMs: this.o.dataplane.downtimeLimitMs, exitShare: this.o.prewarmExitShare ?? 1 });
+    this.migrateMany(id, vm, { destinations: names, retries: 0, fallback: [] }, options, control);
+    return { id };
+  }
+
+  /** Stops the pre-warm of `vm`: every destination discards what it got, the VM runs on here. */
+  cancelPrewarm(vm: string): { readonly id: string } {
+    const f = this.prewarmOf(vm);
+    if (!f) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} has no pre-warm to cancel`);
+    this.cancel(f.id, 'pre-warm cancelled by operator');
+    return { id: f.id };
+  }
+
   /** Resolves with the summary once the migration `id` ends (immediately for a finished one). */
   async wait(id: string): Promise<MigrationSummary | undefined> {
     const f = this.fanOutLive.get(id);
@@ -470,7 +517,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   private info(row: MigrationRow): MigrationInfo {
     const live = this.live.get(key(row.role, row.id));
     const summary = this.withForwardCounts(row.notes.summary as MigrationSummary | undefined);
+    const prewarm: PrewarmInfo | undefined = row.role === 'source' ? this.fanOutLive.get(row.id)?.prewarm?.info() : undefined;
     return {
+      ...(prewarm ? { prewarm } : {}),
       id: row.id,
       role: row.role,
       vm: row.vm,

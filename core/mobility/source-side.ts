@@ -286,8 +286,13 @@ export class SourceSide implements SourceSteps {
     // for the next step (events held after this go in the dirty rounds, as after any shipment).
     // Should serializing throw, the request's own failure must not surface as an unhandled one.
     replied.catch(() => undefined);
-    this.shipment = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
-    this.cursor = this.shipment.cursor;
+    // A pre-warm holds nothing until the command: no events to stage yet (the dirty rounds ship them).
+    if (!this.o.fanOut || this.o.fanOut.shared.eventsHeld) {
+      this.shipment = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
+      this.cursor = this.shipment.cursor;
+    } else {
+      this.shipment = { bytes: this.host.sensors.serializeHeld([]), cursor: {}, count: 0 };
+    }
     const reply = await replied;
     this.stats.bytes += elements.byteLength + embotBytes.byteLength;
     if (reply.type !== 'ManagementStateSuccess') throw stepFailed('ManagementState', reply);
@@ -465,13 +470,15 @@ export class SourceSide implements SourceSteps {
   async sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult> {
     const changed = this.o.fanOut ? this.o.fanOut.shared.collectDirtyFor(this.o.migrationId) : this.host.objects.collectDirty(this.vmElement);
     const deltas = pack(changed);
+    // A pre-warm's embots ran here until the command: the first round after it ships them as frozen then.
+    const embots = this.o.fanOut?.shared.takeEmbotsResend(this.o.migrationId) ? pack(this.host.runtime.exportEmbots(this.scope)) : undefined;
     const { bytes, cursor, count } = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
     this.cursor = cursor;
-    const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes });
+    const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}) });
     if (reply.type !== 'MigrationStateSuccess') throw stepFailed('DirtyObjects', reply);
     this.stats.dirtyRounds++;
     this.stats.events += count;
-    this.stats.bytes += deltas.byteLength + bytes.byteLength;
+    this.stats.bytes += deltas.byteLength + bytes.byteLength + (embots?.byteLength ?? 0);
     return { changedElements: changed.length, events: count };
   }
 

@@ -198,6 +198,17 @@ export class TargetSide implements TargetSteps {
     const changed = unpack(input.frame.deltas) as ManagedElement[];
     if (!Array.isArray(changed)) throw new InstantiationError('dirty objects do not decode to a list of elements');
     this.deltas.push(...changed);
+    if (input.frame.embots) {
+      // A pre-warm's embots ran at the source until the command: these, frozen then, replace the staged ones.
+      const embots = decodeEmbots(input.frame.embots);
+      for (const e of embots) {
+        if (!input.start.modules.some((ref) => ref.startsWith(`${e.module}@`))) throw new InstantiationError(`embot ${e.id} needs module ${e.module}, which StartMigration did not announce`, e.id);
+        if (!this.scope.includes(e.elementIds[0] ?? '')) throw new InstantiationError(`embot ${e.id} is attached to ${e.elementIds[0]}, which is not among the shipped elements`, e.id);
+      }
+      this.embots = embots;
+      this.stats.embots = embots.length;
+      this.stats.bytes += input.frame.embots.byteLength;
+    }
     if (input.frame.events.byteLength) await this.stageEvents({ ...input, frame: { type: 'ManagementEventState', reqId: input.frame.reqId, migrationId: input.migrationId, holdQueues: input.frame.events } });
     this.stats.bytes += input.frame.deltas.byteLength;
   }

@@ -122,7 +122,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
     f('checksum', count),
     f('cpu', bin, true),
   ],
-  DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin)],
+  DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin), f('embots', bin, true)],
   MigrationComplete: [reqId, mid],
   ForwardedEvents: [reqId, mid, f('events', bin)],
   MigrationStatusQuery: [reqId, mid],

@@ -143,6 +143,8 @@ export interface DirtyObjects {
   readonly deltas: Uint8Array;
   /** Events held since the previous round, in the sensor service's byte form. */
   readonly events: Uint8Array;
+  /** A pre-warm's first round after the command: the embots as frozen then (they ran at the source meanwhile); replaces the staged ones. */
+  readonly embots?: Uint8Array;
 }
 
 /** Step 6, source → target. */

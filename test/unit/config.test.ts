@@ -48,6 +48,8 @@ describe('config defaults', () => {
         vmTimeoutMs: 120000,
         maxDirtyRounds: 5,
         forwardGraceMs: 30000,
+        warmConnections: true,
+        prewarmExitShare: 1,
         allowedSources: [],
         trust: { mode: 'signed', publicKeys: [], allowHashes: [] },
       },

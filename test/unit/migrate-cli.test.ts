@@ -91,8 +91,10 @@ class ScriptedControl implements AgentControl {
   listDeadLetters() {
     return [];
   }
-  migrate(vm: string, to: string): { readonly id: string } {
+  migrate(vm: string, to: string | undefined): { readonly id: string } {
     this.migrateCalls++;
+    // As the agent answers a migrate without --to for a VM with no pre-warm.
+    if (to === undefined) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `VM ${vm} has no pre-warm: name its destination(s)`);
     if (to !== 'b') throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: b`);
     const script = SCRIPTS[vm];
     if (!script) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm}`);
@@ -273,7 +275,6 @@ describe('embot migrate: bad input', () => {
     [['migrate', 'web', '--to', 'b,c,b'], /destination b named more than once \[EMBOT_ERR_DESTINATIONS_INVALID\]/],
     [['migrate', 'web', '--to', 'b, b'], /destination b named more than once/],
     [['migrate', 'web', '--to', 'b,c,d,e,f,g,h,i,j'], /9 destinations; at most 8/],
-    [['migrate', 'web'], /required option '--to <peer>' not specified/],
     [['migrate', '--to', 'b'], /missing required argument 'vm'/],
     [['migrate', 'web', 'db', '--to', 'b'], /too many arguments/],
     [['migrations', 'extra'], /too many arguments/],
@@ -284,6 +285,14 @@ describe('embot migrate: bad input', () => {
     expect(r.stderr).toMatch(message);
     expect(r.stdout).toBe('');
     expect(control.migrateCalls).toBe(before);
+  });
+
+  it('migrate without --to is the command of a pre-warm: the agent is asked, and with none it is a usage error (exit 2)', async () => {
+    const before = control.migrateCalls;
+    const r = await run(['migrate', 'web']);
+    expect(control.migrateCalls).toBe(before + 1);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/VM web has no pre-warm: name its destination\(s\) \[EMBOT_ERR_DESTINATIONS_INVALID\]/);
   });
 
   it('refusals from the agent exit 1 with its code', async () => {

@@ -327,14 +327,21 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
         expectedDowntimeMs = (remaining * 1000) / rate;
         progress('precopy', round, remaining, rate, dirtyRate, expectedDowntimeMs);
         if (o.hold?.held()) {
-          while (pending.length === 0 && o.hold.held()) {
-            if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
-            await Promise.race([new Promise((r) => setTimeout(r, PREWARM_IDLE_MS)), o.hold.lifted]);
-            pending = driver.takeDirty(o.vm);
-          }
-          if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
           heldRounds++;
           round++;
+          // Nothing dirtied: wait a little and look again, still reporting (the warmth shows while idle).
+          while (pending.length === 0 && o.hold.held()) {
+            if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
+            if (performance.now() - lastProgress >= PROGRESS_EVERY_MS) progress('precopy', round, 0, sendRate(), dirtyRate, 0);
+            await Promise.race([new Promise((r) => setTimeout(r, PREWARM_IDLE_MS)), o.hold.lifted]);
+            pending = driver.takeDirty(o.vm);
+            const at = performance.now();
+            const w = driver.counters(o.vm).pagesWritten;
+            dirtyRate = ((w - lastWritten) * pageSize * 1000) / Math.max(1, at - lastTake);
+            lastTake = at;
+            lastWritten = w;
+          }
+          if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
           continue;
         }
         if (expectedDowntimeMs <= cfg.downtimeLimitMs) {

@@ -1,0 +1,184 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { Cluster } from '../harness/cluster.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { main } from '../../core/cli/main.ts';
+import { ErrorCodes } from '../../core/errors.ts';
+import { counterOf, tickProducer } from '../harness/counter-stream.ts';
+import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import type { PrewarmInfo } from '../../core/mobility/prewarm.ts';
+
+/**
+ * Pre-warm (issue 13 point 3) with real agents on loopback and the sim driver: `embot prewarm app
+ * --to b,c` keeps both destinations current while the VM runs and its events are processed at
+ * the source; `embot migrate app --to b` switches with only what was dirtied since left to send;
+ * `--cancel` leaves nothing behind anywhere. Every acknowledged event is processed exactly once,
+ * in order, across it all.
+ */
+
+let cluster: Cluster | undefined;
+afterEach(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+});
+
+const MiB = 1 << 20;
+const VM_BYTES = 16 * MiB;
+
+async function startCluster(): Promise<Cluster> {
+  return Cluster.start(['a', 'b', 'c'], {
+    plugins: [{ from: 'fixture', name: 'counter' }],
+    config: () => ({
+      mobility: { stepTimeoutMs: 5000, vmTimeoutMs: 60_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
+    }),
+  });
+}
+
+async function vmWithCounter(a: AgentProcess): Promise<void> {
+  // A guest that writes: the pre-warm has dirtied pages to re-send after its complete copy.
+  await a.client.createVm({ name: 'app', memory: VM_BYTES, dirtyRate: MiB });
+  await a.client.vmAction('app', 'start');
+  await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 10_000, 'counter embot on a');
+}
+
+async function cliHere(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  let stdout = '';
+  let stderr = '';
+  const code = await main(['node', 'embot', ...args], { stdout: { write: (x: string) => (stdout += x) }, stderr: { write: (x: string) => (stderr += x) }, env: {} });
+  return { code, stdout, stderr };
+}
+
+/** The pre-warm state `embot migrations --json` shows on the source. */
+async function warmth(a: AgentProcess, id: string): Promise<PrewarmInfo | undefined> {
+  const m = (await a.client.listMigrations()).find((x) => x.id === id) as (MigrationInfo & { prewarm?: PrewarmInfo }) | undefined;
+  return m?.prewarm;
+}
+
+async function untilWarm(a: AgentProcess, id: string, names: readonly string[]): Promise<PrewarmInfo> {
+  let seen: unknown;
+  return waitFor(async () => {
+    const w = await warmth(a, id);
+    seen = w ?? (await a.client.listMigrations());
+    if (process.env['DEBUG_PREWARM']) console.log(JSON.stringify(seen));
+    const ok = w && names.every((n) => w.destinations.some((d) => d.name === n && d.exitConditionMet && d.rounds > 3 && d.copiedBytes > VM_BYTES));
+    return ok ? w : undefined;
+  }, 30_000, `${names.join(', ')} warm (exit condition met, rounds re-sent after a complete copy)`).catch((e: unknown) => {
+    throw new Error(`${String(e)}; last seen: ${JSON.stringify(seen)}`);
+  });
+}
+
+async function expectClean(agent: AgentProcess): Promise<void> {
+  expect((await agent.client.listVms()).filter((v) => v.name === 'app')).toEqual([]);
+  expect((await agent.client.listEmbots()).filter((e) => e.elementIds.includes('vm:app'))).toEqual([]);
+  expect((await agent.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
+}
+
+async function expectStreamExact(owner: AgentProcess, acked: number): Promise<void> {
+  let sent = acked;
+  for (let i = 0; i < 5; i++) await owner.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq: sent++ } });
+  await waitFor(async () => {
+    const x = counterOf(await owner.client.listEmbots(), 'app');
+    return x && x.count >= sent ? x : undefined;
+  }, 15_000, `all ${sent} events processed at the owner`);
+  await sleep(300);
+  const settled = counterOf(await owner.client.listEmbots(), 'app')!;
+  expect(settled.count).toBe(sent);
+  expect(settled.lastSeq).toBe(sent - 1);
+  expect(settled.outOfOrder).toBe(0);
+}
+
+describe('pre-warm', () => {
+  it('warms b and c while the events are processed at a; migrate --to b switches with little left to send; c is terminated and clean', async () => {
+    cluster = await startCluster();
+    const c = cluster;
+    const a = c.agent('a');
+    await vmWithCounter(a);
+    const ticks = tickProducer(() => a, 'app');
+    await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+
+    const started = await cliHere(['prewarm', 'app', '--to', 'b,c', '--json', '--agent', a.url]);
+    expect(started.code, started.stderr).toBe(0);
+    const { id } = JSON.parse(started.stdout) as { id: string };
+    await untilWarm(a, id, ['b', 'c']);
+    // The hold starts at the command, not at the pre-warm: the embot at a keeps counting meanwhile.
+    const before = counterOf(await a.client.listEmbots(), 'app')!.count;
+    await waitFor(async () => (counterOf(await a.client.listEmbots(), 'app')!.count > before + 5 ? true : undefined), 10_000, 'events processed at a during the pre-warm');
+    expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    const human = await cliHere(['migrations', '--agent', a.url]);
+    expect(human.stdout).toMatch(/PRE-WARM[\s\S]*b\s+warming[\s\S]*met/);
+
+    const atCommand = (await warmth(a, id))!;
+    const copiedB = atCommand.destinations.find((d) => d.name === 'b')!.copiedBytes;
+    const { id: same } = await a.client.migrate('app', 'b');
+    expect(same).toBe(id);
+    const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
+    await ticks.stop();
+
+    expect(info.outcome, info.reason).toBe('completed');
+    const s = info.summary!;
+    expect(s.winner).toBe('b');
+    const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
+    expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    // The structure of a warm switch: after the command only what was dirtied since went, not a copy of the VM.
+    const memoryAfterCommand = s.memoryBytes - copiedB;
+    expect(memoryAfterCommand).toBeLessThan(VM_BYTES / 4);
+
+    expect((await c.agent('b').client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    await expectClean(a);
+    await expectClean(c.agent('c'));
+    await expectStreamExact(c.agent('b'), ticks.acked);
+
+    // The same VM cold, b → a: a whole copy after its command.
+    const cold = await c.agent('b').client.migrate('app', 'a');
+    const coldInfo = await c.agent('b').client.waitMigration(cold.id, { timeoutMs: 90_000 });
+    expect(coldInfo.outcome).toBe('completed');
+    expect(coldInfo.summary!.memoryBytes).toBeGreaterThanOrEqual(VM_BYTES);
+    expect(memoryAfterCommand * 4).toBeLessThan(coldInfo.summary!.memoryBytes);
+  }, 180_000);
+
+  it('bad input is refused with codes while it runs; --cancel leaves nothing behind on any host and the VM runs on at a', async () => {
+    cluster = await startCluster();
+    const c = cluster;
+    const a = c.agent('a');
+    await vmWithCounter(a);
+    await a.client.createVm({ name: 'other', memory: 4 * MiB });
+    const ticks = tickProducer(() => a, 'app');
+    await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+
+    const unknown = await cliHere(['prewarm', 'nope', '--to', 'b', '--agent', a.url]);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toContain(ErrorCodes.VM_UNKNOWN);
+    const self = await cliHere(['prewarm', 'app', '--to', 'a,b', '--agent', a.url]);
+    expect(self.code).toBe(2);
+    expect(self.stderr).toContain(ErrorCodes.DESTINATIONS_INVALID);
+    const noTo = await cliHere(['prewarm', 'app', '--agent', a.url]);
+    expect(noTo.code).toBe(2);
+    const noPrewarm = await cliHere(['migrate', 'other', '--agent', a.url]);
+    expect(noPrewarm.code).toBe(2);
+    expect(noPrewarm.stderr).toContain(ErrorCodes.DESTINATIONS_INVALID);
+
+    const { id } = await a.client.prewarm('app', ['b', 'c']);
+    const twice = await cliHere(['prewarm', 'app', '--to', 'b', '--agent', a.url]);
+    expect(twice.code).toBe(1);
+    expect(twice.stderr).toContain(ErrorCodes.VM_BAD_STATE);
+    await untilWarm(a, id, ['b', 'c']);
+    // A destination this pre-warm does not warm: refused, and the pre-warm goes on.
+    await expect(a.client.migrate('app', ['b', 'zz'])).rejects.toMatchObject({ code: ErrorCodes.DESTINATIONS_INVALID });
+    expect((await warmth(a, id))?.commandedAt).toBeNull();
+
+    const cancelled = await cliHere(['prewarm', 'app', '--cancel', '--json', '--agent', a.url]);
+    expect(cancelled.code, cancelled.stderr).toBe(0);
+    expect(JSON.parse(cancelled.stdout)).toEqual({ id, cancelled: true });
+    const info = await a.client.waitMigration(id, { timeoutMs: 60_000 });
+    await ticks.stop();
+    expect(info.outcome).toBe('aborted');
+    expect(info.summary!.winner).toBeNull();
+    const again = await cliHere(['prewarm', 'app', '--cancel', '--agent', a.url]);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain(ErrorCodes.VM_BAD_STATE);
+
+    for (const n of ['b', 'c']) await expectClean(c.agent(n));
+    expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    expect((await a.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
+    await expectStreamExact(a, ticks.acked);
+  }, 180_000);
+});
