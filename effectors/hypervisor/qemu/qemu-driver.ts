@@ -221,7 +221,14 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
       faults: { crash: (vm) => this.crash(vm) },
       incomingBoot: { bootIncoming: (vm, options) => this.bootIncoming(vm, options) },
-      fanOut: { begin: (vm, destinations) => new QemuFanOutSession(this, vm, destinations, { ...(o.tls === undefined ? {} : { tls: o.tls }), ...(o.relayBufferBytes === undefined ? {} : { bufferLimitBytes: o.relayBufferBytes }) }) },
+      fanOut: {
+        begin: (vm, destinations) =>
+          new QemuFanOutSession(this, vm, destinations, {
+            relayParentDir: this.require(vm).stateDir,
+            ...(o.tls === undefined ? {} : { tls: o.tls }),
+            ...(o.relayBufferBytes === undefined ? {} : { bufferLimitBytes: o.relayBufferBytes }),
+          }),
+      },
     };
   }
 

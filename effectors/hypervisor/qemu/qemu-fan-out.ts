@@ -26,6 +26,8 @@ export interface QemuFanOutOptions {
   readonly tls?: QemuTlsFiles;
   /** A destination queued past this many bytes is dropped (`tooSlow`). */
   readonly bufferLimitBytes?: number;
+  /** Where the relay's socket dir goes (the VM's state dir). */
+  readonly relayParentDir?: string;
   /** How long after the first destination the stream waits for the others. Default 3 s. */
   readonly joinWindowMs?: number;
 }
@@ -112,6 +114,7 @@ export class QemuFanOutSession implements FanOutSession {
     const relay = await StreamRelay.open({
       destinations: entries.map((e) => ({ name: e.dest, uri: e.options.endpoint.uri, ...(tls ? { tls: { ...tls, serverName: e.options.targetName ?? e.dest } } : {}) })),
       ...(this.o.bufferLimitBytes === undefined ? {} : { bufferLimitBytes: this.o.bufferLimitBytes }),
+      ...(this.o.relayParentDir === undefined ? {} : { parentDir: this.o.relayParentDir }),
     });
     this.relay = relay;
     if (this.closed) {

@@ -56,6 +56,8 @@ export interface RelayResult {
 export interface StreamRelayOptions {
   readonly destinations: readonly RelayDestination[];
   readonly bufferLimitBytes?: number;
+  /** Where the relay's private socket dir is made (default the OS temp dir); the qemu driver uses the VM's state dir, so an agent killed mid-stream leaves nothing elsewhere. */
+  readonly parentDir?: string;
   /** A destination that is not connected (TLS handshake done) within this long is `failed`. Default 10 s. */
   readonly connectTimeoutMs?: number;
 }
@@ -128,7 +130,7 @@ export class StreamRelay {
     const names = new Set(o.destinations.map((d) => d.name));
     if (names.size !== o.destinations.length) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, 'a relay destination is named twice');
     const targets = o.destinations.map((d) => ({ d, at: parseTcpUri(d.uri) }));
-    const dir = mkdtempSync(join(tmpdir(), 'embot-relay-'));
+    const dir = mkdtempSync(join(o.parentDir ?? tmpdir(), 'relay-'));
     const server = createServer({ pauseOnConnect: true });
     let relay: StreamRelay;
     try {
