@@ -507,6 +507,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         parkedEvents: this.runtime.parkedCount(),
         deadLetters: this.runtime.deadLetterCount(),
       },
+      destinations: { peers: Object.keys(this.config.peer.peers), ...(this.config.topology ? { topology: this.config.topology } : {}) },
     };
   }
 

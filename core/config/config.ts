@@ -3,6 +3,7 @@ import { extname, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { ConfigError, ErrorCodes, describeError } from '../errors.ts';
+import { buildTopology } from '../mobility/destination-topology.ts';
 import { DEFAULTS, defaultAgentName } from './defaults.ts';
 import { peerTransportIssues } from './peer-transport.ts';
 
@@ -213,10 +214,29 @@ export const AgentConfigSchema = z
       })
       .strict()
       .prefault({}),
+    /**
+     * Where hosts are (issue 13 point 5, README "Where destinations are"): a tree of this agent, its
+     * peers and the switches/routers between them; `migrate --to auto --count N` picks destinations
+     * whose paths from here share no node.
+     */
+    topology: z
+      .object({
+        nodes: z.array(z.string().min(1)).default([]),
+        links: z.array(z.tuple([z.string().min(1), z.string().min(1)])).min(1),
+      })
+      .strict()
+      .optional(),
   })
   .strict()
   .superRefine((config, ctx) => {
     for (const issue of peerTransportIssues(config)) ctx.addIssue({ code: 'custom', path: [...issue.path], message: issue.message });
+    if (config.topology) {
+      try {
+        buildTopology(config.topology, [config.name, ...Object.keys(config.peer.peers)]);
+      } catch (e) {
+        ctx.addIssue({ code: 'custom', path: ['topology'], message: e instanceof Error ? e.message : String(e) });
+      }
+    }
   });
 
 export type AgentConfig = z.output<typeof AgentConfigSchema>;

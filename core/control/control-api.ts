@@ -43,6 +43,11 @@ export interface AgentStatus {
     readonly parkedEvents: number;
     readonly deadLetters: number;
   };
+  /** Configured peer names, in config order, and the `topology` if any (README "Where destinations are"); absent on a control double. */
+  readonly destinations?: {
+    readonly peers: readonly string[];
+    readonly topology?: { readonly nodes: readonly string[]; readonly links: readonly (readonly [string, string])[] };
+  };
 }
 
 // Embots are described by the runtime that runs them; the API shows them as they are.

@@ -1,4 +1,5 @@
 import fc from 'fast-check';
+import { validateConfig } from '../../core/config/config.ts';
 import { describe, expect, it } from 'vitest';
 import { buildTopology, chooseDestinations, intervening, sharedNodes, sourceUplink, type Topology, type TopologyConfig } from '../../core/mobility/destination-topology.ts';
 
@@ -133,5 +134,30 @@ describe('chooseDestinations against brute force (random trees)', () => {
       }),
       { numRuns: 300 },
     );
+  });
+});
+
+describe('topology in the agent config', () => {
+  const base = { name: 'a', peer: { peers: { b: 'ws://127.0.0.1:7402', c: 'ws://127.0.0.1:7403' } } };
+
+  it('takes a tree naming this agent and every peer', () => {
+    const config = validateConfig({ ...base, topology: { nodes: ['tor1', 'tor2'], links: [['a', 'tor1'], ['b', 'tor1'], ['c', 'tor2'], ['tor1', 'tor2']] } });
+    expect(config.topology?.links).toHaveLength(4);
+  });
+
+  it.each([
+    ['an unknown name', { nodes: ['tor1'], links: [['a', 'tor1'], ['b', 'tor1'], ['c', 'torX']] }, /torX/],
+    ['a peer missing', { nodes: ['tor1'], links: [['a', 'tor1'], ['b', 'tor1']] }, /host c not in any link/],
+    ['a cycle', { nodes: ['t1', 't2'], links: [['a', 't1'], ['b', 't1'], ['c', 't2'], ['t1', 't2'], ['b', 't2']] }, /closes a cycle/],
+    ['a link of one name', { nodes: ['t1'], links: [['a']] }, /topology\.links/],
+  ])('refuses %s with EMBOT_ERR_CONFIG_INVALID naming it', (_what, topology, message) => {
+    let err: { code?: string; message?: string } = {};
+    try {
+      validateConfig({ ...base, topology });
+    } catch (e) {
+      err = e as typeof err;
+    }
+    expect(err.code).toBe('EMBOT_ERR_CONFIG_INVALID');
+    expect(err.message).toMatch(message);
   });
 });
