@@ -5,6 +5,9 @@
  * - Time from the command to the VM owned by the winner with 1, 2 and 3 destinations, beside a
  *   single-destination migration of a VM of the same size in the same run (alternated, medians):
  *   target ≤ 1.2× the single time with 2 destinations (ratio single / fan-out ≥ 0.833).
+ * - Pre-warmed switch (issue 13 point 3): `embot prewarm VM --to b,c`, then, once both are warm,
+ *   `embot migrate VM --to b`: time from that command to the VM running at b, and the downtime,
+ *   beside a cold migration of a VM of the same size and dirty rate to b in the same run.
  * - Success rate when every destination fails to boot with p = 10 % (fault injection
  *   EMBOT_FAULT_BOOT_FAIL, seeded), over many runs, beside the 1 − pⁿ the seed document predicts.
  *
@@ -23,6 +26,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { freeLoopbackPort } from '../core/cli/free-port.ts';
 import { ControlClient } from '../core/control/client.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
+import type { PrewarmInfo } from '../core/mobility/prewarm.ts';
 import type { BenchRunOptions } from './run.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 
@@ -92,9 +96,9 @@ async function cluster(destinationEnv: Record<string, string> = {}): Promise<Clu
 let vmCount = 0;
 
 /** A fresh running VM on `a` (each run moves its own, so no run waits for the previous one's VM to come back). */
-async function freshVm(a: ControlClient): Promise<string> {
+async function freshVm(a: ControlClient, dirtyRate?: number): Promise<string> {
   const name = `fo-${vmCount++}`;
-  await a.createVm({ name, memory: VM_MEMORY });
+  await a.createVm({ name, memory: VM_MEMORY, ...(dirtyRate === undefined ? {} : { dirtyRate }) });
   await a.vmAction(name, 'start');
   return name;
 }
@@ -109,6 +113,49 @@ async function migrateOnce(a: ControlClient, to: string | readonly string[], opt
       return info.summary;
     }
   }
+}
+
+/** The guest of the pre-warm rows writes, so the warm copy has pages to keep re-sending. */
+const PREWARM_DIRTY_RATE = 2 * MiB;
+
+async function untilEnded(a: ControlClient, id: string): Promise<MigrationSummary> {
+  for (;;) {
+    const info = await a.waitMigration(id, { timeoutMs: 60_000 });
+    if (info.outcome !== null) {
+      if (!info.summary) throw new Error(`migration ${id} left no summary`);
+      return info.summary;
+    }
+  }
+}
+
+/** A cold migration to b: from the command to the VM running there (the summary's end), measured here. */
+async function coldSwitch(a: ControlClient): Promise<{ readonly ms: number; readonly s: MigrationSummary }> {
+  const vm = await freshVm(a, PREWARM_DIRTY_RATE);
+  const t0 = performance.now();
+  const { id } = await a.migrate(vm, 'b');
+  const s = await untilEnded(a, id);
+  return { ms: performance.now() - t0, s };
+}
+
+/** Pre-warm to b and c, wait until both meet the exit condition, then the command `migrate --to b`, timed the same way. */
+async function warmSwitch(a: ControlClient): Promise<{ readonly ms: number; readonly s: MigrationSummary; readonly afterCommandBytes: number }> {
+  const vm = await freshVm(a, PREWARM_DIRTY_RATE);
+  const { id } = await a.prewarm(vm, ['b', 'c']);
+  let copiedAtCommand = 0;
+  for (let i = 0; ; i++) {
+    const m = (await a.listMigrations()).find((x) => x.id === id) as { prewarm?: PrewarmInfo } | undefined;
+    const dests = m?.prewarm?.destinations ?? [];
+    if (dests.length === 2 && dests.every((d) => d.exitConditionMet)) {
+      copiedAtCommand = dests.find((d) => d.name === 'b')!.copiedBytes;
+      break;
+    }
+    if (i > 600) throw new Error(`pre-warm ${id} never got warm: ${JSON.stringify(m?.prewarm)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const t0 = performance.now();
+  await a.migrate(vm, 'b');
+  const s = await untilEnded(a, id);
+  return { ms: performance.now() - t0, s, afterCommandBytes: s.memoryBytes - copiedAtCommand };
 }
 
 /** P(X >= k) for X ~ Binomial(n, q). */
@@ -168,6 +215,48 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         ...(n === 2 ? { target: `<= ${SPEED_TARGET}x single (ratio >= ${(1 / SPEED_TARGET).toFixed(3)})`, met: t <= SPEED_TARGET * single } : {}),
       });
       notes.push(`${n} destination(s): the winner's BootReady reached the source after ${Math.round(median(boots[n]))} ms (median)`);
+    }
+
+    // Pre-warmed switch beside a cold migration of the same VM (size, dirty rate), alternated.
+    {
+      const cold: number[] = [];
+      const warm: number[] = [];
+      const coldDown: number[] = [];
+      const warmDown: number[] = [];
+      const after: number[] = [];
+      for (let r = 0; r < reps; r++) {
+        const c1 = await coldSwitch(a);
+        if (c1.s.outcome !== 'completed') throw new Error(`cold migration ${c1.s.migrationId}: ${c1.s.outcome} ${c1.s.reason ?? ''}`);
+        const w1 = await warmSwitch(a);
+        if (w1.s.outcome !== 'completed') throw new Error(`pre-warmed switch ${w1.s.migrationId}: ${w1.s.outcome} ${w1.s.reason ?? ''}`);
+        cold.push(c1.ms);
+        warm.push(w1.ms);
+        coldDown.push(c1.s.downtimeMs ?? 0);
+        warmDown.push(w1.s.downtimeMs ?? 0);
+        after.push(w1.afterCommandBytes);
+      }
+      const [cm, wm, cd, wd] = [median(cold), median(warm), median(coldDown), median(warmDown)];
+      rows.push({
+        name: `pre-warmed switch (b,c warm, --to b): command to VM running at b (sim, ${VM_MEMORY / MiB} MiB dirtied at ${PREWARM_DIRTY_RATE / MiB} MiB/s, median of ${reps})`,
+        value: wm,
+        unit: 'ms',
+        limitName: 'cold migration of the same VM to b',
+        limit: cm,
+        ratio: cm / wm,
+        target: '<= the cold migration (ratio >= 1)',
+        met: wm <= cm,
+      });
+      rows.push({
+        name: `pre-warmed switch: downtime (median of ${reps})`,
+        value: wd,
+        unit: 'ms',
+        limitName: 'cold migration downtime',
+        limit: cd,
+        ratio: cd / Math.max(wd, 0.1),
+        target: '<= the cold migration (ratio >= 1)',
+        met: wd <= cd,
+      });
+      notes.push(`pre-warmed switch: memory sent after the command ${(median(after) / MiB).toFixed(2)} MiB (median) of a ${VM_MEMORY / MiB} MiB VM; the cold migration sends the whole VM after its command`);
     }
 
     // Success rate under injected boot failures: every destination refuses BootIncoming with P_FAIL (its own seed).

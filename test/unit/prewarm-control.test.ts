@@ -14,7 +14,7 @@ const warmProgress = (over: Partial<DriverMigrationProgress> = {}): DriverMigrat
   rateBytesPerSec: 100 * MiB,
   dirtyRateBytesPerSec: MiB,
   ...over,
-});
+}) as DriverMigrationProgress;
 
 describe('PrewarmControl', () => {
   it('a command names warm destinations only (notWarmed), once (VM_BAD_STATE); none named means all still warming', () => {
