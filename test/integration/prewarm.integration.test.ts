@@ -181,4 +181,29 @@ describe('pre-warm', () => {
     expect((await a.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
     await expectStreamExact(a, ticks.acked);
   }, 180_000);
+
+  it('the source SIGKILLed during a pre-warm: after its restart the pre-warm is cancelled, b and c discard, the VM and its embot run on at a', async () => {
+    cluster = await startCluster();
+    const c = cluster;
+    const a = c.agent('a');
+    await vmWithCounter(a);
+    const ticks = tickProducer(() => a, 'app');
+    await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+    const { id } = await a.client.prewarm('app', ['b', 'c']);
+    await untilWarm(a, id, ['b', 'c']);
+    // Stopped first, so no event is left half-acknowledged by the kill.
+    await ticks.stop();
+    await c.kill('a');
+    await c.startAgent('a');
+    const a2 = c.agent('a');
+    await waitFor(async () => {
+      for (const n of c.names) if ((await c.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
+      return true;
+    }, 60_000, 'every migration settled after the restart');
+    const row = (await a2.client.listMigrations()).find((m) => m.id === id)!;
+    expect(row.outcome).toBe('aborted');
+    for (const n of ['b', 'c']) await expectClean(c.agent(n));
+    expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    await expectStreamExact(a2, ticks.acked);
+  }, 180_000);
 });
