@@ -1,9 +1,10 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import type { ControlClient } from '../control/client.ts';
 import type { Destinations, MigrationInfo } from '../control/control-api.ts';
-import { isEmbotError } from '../errors.ts';
+import { EmbotError, ErrorCodes, isEmbotError } from '../errors.ts';
 import { parseDestinationList } from '../mobility/destinations.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
+import { chooseAuto, parseCount, renderChoice, renderShared, sharedOf } from './destination-choice.ts';
 import { autoDestination } from './image-commands.ts';
 import { formatBytes, formatDuration, formatTable, formatTime, truncate } from './format.ts';
 import { renderPrewarms } from './prewarm-command.ts';
@@ -14,6 +15,8 @@ interface MigrateFlags extends ClientFlags {
   readonly threshold?: number;
   readonly retries?: number;
   readonly fallback?: readonly string[];
+  /** With `--to auto`: this many destinations on node-disjoint paths (README "Where destinations are"). */
+  readonly count?: number;
   /** False with `--no-wait`. */
   readonly wait: boolean;
 }
@@ -40,6 +43,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
       .option('--threshold <ms>', 'threshold time for this migration: above it the planner adds data paths (default: the VM\'s or the agent\'s)', parseThreshold)
       .option('--retries <n>', 'when no destination boots: try the same set again up to N times (0..5; default 0); given at all, a single --to runs as a fan-out too', parseRetries)
       .option('--fallback <peers>', 'PEER,PEER…: when no destination of --to booted (after the retries), try these once', parseFallback)
+      .option('--count <n>', 'with --to auto: N destinations at once whose network paths from here share no switch/router (the topology config), best-ranked first; a fan-out', parseCount)
       .option('--no-wait', 'start the migration, print its id and return'),
   ).action(async (vm: string, opts: MigrateFlags) => {
     setExitCode(await runMigrate(vm, opts, ctx));
@@ -95,21 +99,28 @@ function describeDestinations(to: Destinations | undefined): string {
 async function runMigrate(vm: string, flags: MigrateFlags, ctx: CliContext): Promise<number> {
   const client = ctx.client(flags);
   // `--to auto` (issue 14): the host where building the VM's image costs the network least, built there first.
-  const opts = flags.to === 'auto' ? { ...flags, to: await autoDestination(client, vm, ctx, !flags.json) } : flags;
+  // `--to auto --count N` (issue 13 point 5): N destinations on node-disjoint paths; `--to b,c`: a warning when they share a node.
+  if (flags.count !== undefined && flags.to !== 'auto') throw new EmbotError(ErrorCodes.DESTINATIONS_INVALID, '--count goes with --to auto only', { details: { problem: 'count', names: [] } });
+  const choice = flags.to === 'auto' && flags.count !== undefined ? await chooseAuto(client, vm, flags.count) : undefined;
+  const shared = Array.isArray(flags.to) ? await sharedOf(client, flags.to as readonly string[]) : [];
+  if (!flags.json && choice) ctx.out(renderChoice(choice));
+  if (!flags.json && shared.length > 0) ctx.out(renderShared(shared));
+  const topologyNote = choice ? { destinationChoice: choice } : shared.length > 0 ? { sharedNodes: shared } : {};
+  const opts = choice ? { ...flags, to: choice.chosen } : flags.to === 'auto' ? { ...flags, to: await autoDestination(client, vm, ctx, !flags.json) } : flags;
   const { id } = await client.migrate(vm, opts.to, {
     ...(opts.threshold === undefined ? {} : { thresholdMs: opts.threshold }),
     ...(opts.retries === undefined ? {} : { retries: opts.retries }),
     ...(opts.fallback === undefined ? {} : { fallback: opts.fallback }),
   });
   if (!opts.wait) {
-    if (opts.json) ctx.json({ id });
+    if (opts.json) ctx.json({ id, ...topologyNote });
     else ctx.out(`migration ${id} started: vm ${vm} → ${describeDestinations(opts.to)} (follow it with \`embot migrations\`)`);
     return 0;
   }
   let final: MigrationInfo;
   if (opts.json) {
     final = await waitForEnd(client, id);
-    ctx.json(final);
+    ctx.json({ ...final, ...topologyNote });
   } else {
     ctx.out(`migrating vm ${vm} to ${describeDestinations(opts.to)} (migration ${id})`);
     final = await followProgress(client, id, ctx);
