@@ -234,6 +234,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         coldDown.push(c1.s.downtimeMs ?? 0);
         warmDown.push(w1.s.downtimeMs ?? 0);
         after.push(w1.afterCommandBytes);
+        if (process.env['FANOUT_BENCH_DEBUG']) for (const [k, x] of [['cold', c1.s], ['warm', w1.s]] as const) console.error(k, JSON.stringify({ down: x.downtimeMs, phases: x.phases, vmSteps: x.vmSteps, rounds: x.rounds, dests: x.destinations?.map((d) => [d.name, d.outcome, d.phases]) }));
       }
       const [cm, wm, cd, wd] = [median(cold), median(warm), median(coldDown), median(warmDown)];
       rows.push({
@@ -256,7 +257,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         target: '<= the cold migration (ratio >= 1)',
         met: wd <= cd,
       });
-      notes.push(`pre-warmed switch: memory sent after the command ${(median(after) / MiB).toFixed(2)} MiB (median) of a ${VM_MEMORY / MiB} MiB VM; the cold migration sends the whole VM after its command`);
+      notes.push(`pre-warmed switch: memory sent after the command ${(median(after) / 1024).toFixed(0)} KiB (median; the copied figure at the command is up to 200 ms old, so this is an upper bound) of a ${VM_MEMORY / MiB} MiB VM; the cold migration sends the whole VM after its command`);
     }
 
     // Success rate under injected boot failures: every destination refuses BootIncoming with P_FAIL (its own seed).
