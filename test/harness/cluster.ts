@@ -57,7 +57,13 @@ export class Cluster {
       mkdirSync(dir, { recursive: true });
       for (const p of [...(opts.plugins ?? []), ...(opts.pluginsOf?.[n] ?? [])]) cpSync(join(p.from === 'fixture' ? FIXTURE_PLUGINS : SHIPPED_PLUGINS, p.name), join(dir, p.name), { recursive: true });
     }
-    await Promise.all(names.map((n) => c.startAgent(n)));
+    // An agent that refuses to start (a bad config under test) must not leave the others or the folder behind.
+    const started = await Promise.allSettled(names.map((n) => c.startAgent(n)));
+    const failed = started.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
+      await c.stop();
+      throw failed.reason;
+    }
     return c;
   }
 
