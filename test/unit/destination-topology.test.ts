@@ -1,5 +1,6 @@
 import fc from 'fast-check';
 import { validateConfig } from '../../core/config/config.ts';
+import { parseCount, renderChoice } from '../../core/cli/destination-choice.ts';
 import { describe, expect, it } from 'vitest';
 import { buildTopology, chooseDestinations, intervening, sharedNodes, sourceUplink, type Topology, type TopologyConfig } from '../../core/mobility/destination-topology.ts';
 
@@ -160,4 +161,23 @@ describe('topology in the agent config', () => {
     expect(err.code).toBe('EMBOT_ERR_CONFIG_INVALID');
     expect(err.message).toMatch(message);
   });
+});
+
+describe('CLI rendering and --count parsing', () => {
+  const t = buildTopology(FABRIC, HOSTS);
+
+  it('names each chosen destination with its route, and warns per shared pair on a fallback', () => {
+    expect(renderChoice({ ...chooseDestinations(t, 'a', ['c', 'd', 'b'], 2), rankedBy: 'config' })).toBe(
+      'auto: c via spine1→tor2, b via no other node (first 2 by rank whose paths from a share no node; ranked by config order: c, d, b)\n',
+    );
+    const fallback = renderChoice({ ...chooseDestinations(t, 'a', ['c', 'd'], 2), rankedBy: 'placement' });
+    expect(fallback).toMatch(/no 2 of 2 candidates have node-disjoint paths from a/);
+    expect(fallback).toContain('warning: c and d share spine1, tor2 on their paths from here');
+  });
+
+  it.each(['0', '-1', '1.5', 'x', ''])('--count %j is a usage error', (raw) => {
+    expect(() => parseCount(raw)).toThrow(/--count must be a whole number of at least 1/);
+  });
+
+  it('--count 3 is 3', () => expect(parseCount('3')).toBe(3));
 });
