@@ -110,7 +110,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly sensors: SensorService;
   readonly driver: HypervisorDriver;
   /** The driver's spec for a `vm create` request. */
-  private readonly specFor: (r: CreateVmRequest) => { readonly name: string };
+  private readonly specFor: (r: CreateVmRequest & { readonly imageName?: string }) => { readonly name: string };
   /** Component-state key of the driver's persisted state (one per driver kind). */
   private readonly driverStateKey: string;
   private readonly effectors = new EffectorRegistry();
@@ -142,7 +142,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.name = config.name;
     this.store = Store.open({ file: join(resolve(config.dataDir), 'embot.sqlite'), synchronous: config.store.synchronous });
     this.objects = new ManagedObjectService({ store: this.store });
-    const chosen = createDriver(driverChoice(config));
+    // Read lazily: the image service is built below, and a qemu image disk is an overlay on its file.
+    const chosen = createDriver(driverChoice(config, (image) => this.images.imagePath(image)));
     this.driver = chosen.driver;
     this.specFor = chosen.specFor;
     this.driverStateKey = `driver:${config.driver}`;
@@ -523,7 +524,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     const file = this.images.imagePath(named);
     if (file === undefined) throw new EffectorError(ErrorCodes.IMAGE_UNKNOWN, `no image ${JSON.stringify(named)} on ${this.name} (see embot images; build it with embot image build ${named} --on ${this.name})`);
     const { image: _named, ...rest } = request;
-    const info = await this.driver.create(this.specFor(this.config.driver === 'sim' ? rest : { ...rest, image: file }));
+    const info = await this.driver.create(this.specFor(this.config.driver === 'sim' ? rest : { ...rest, image: file, imageName: named }));
     this.images.setVmImage(info.name, named);
     return info;
   }
@@ -662,7 +663,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 }
 
 /** The driver the config asks for, with its settings. */
-function driverChoice(config: AgentConfig): DriverChoice {
+function driverChoice(config: AgentConfig, imagePath: (image: string) => string | undefined): DriverChoice {
   if (config.driver === 'qemu') {
     const q = config.qemu;
     const shape = { memory: q.defaultMemory, vcpus: q.defaultVcpus, ...(q.defaultBootImage === undefined ? {} : { bootImage: resolve(q.defaultBootImage) }) };
@@ -671,6 +672,7 @@ function driverChoice(config: AgentConfig): DriverChoice {
       qemu: {
         ...(q.spareIncoming ? { spareIncoming: shape } : {}),
         root: resolve(q.stateDir ?? join(config.dataDir, 'qemu')),
+        imagePath,
         binary: q.binary,
         accel: q.accel,
         ...(q.listenHost === undefined ? {} : { listenHost: q.listenHost }),

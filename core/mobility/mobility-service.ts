@@ -805,7 +805,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         if (!side) return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' };
         try {
           const endpoint = await side.prepareIncoming(frame);
-          return { type: 'IncomingReady', migrationId: frame.migrationId, endpoint: endpoint.uri };
+          return { type: 'IncomingReady', migrationId: frame.migrationId, endpoint: endpoint.uri, ...(endpoint.disks === undefined ? {} : { disks: endpoint.disks }) };
         } catch (e) {
           return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: describeError(e) };
         }

@@ -391,7 +391,8 @@ export class SourceSide implements SourceSteps {
       const maxBandwidth = caps.every((c) => c !== undefined) ? caps.reduce<number>((a, c) => a + c!, 0) : undefined;
       const migrateOut: FanOutMove = this.o.fanOut?.move ?? ((name, opts) => host.driver.migrateOut(name, opts));
       const move = migrateOut(this.o.vm, {
-        endpoint: { uri: ready.endpoint },
+        // A driver that mirrors image disks (qemu) gets the target's export; no other is ever asked to.
+        endpoint: { uri: ready.endpoint, ...(ready.disks !== undefined && host.driver.capabilities.diskMirror !== undefined ? { disks: ready.disks } : {}) },
         targetName: this.o.target,
         channels: paths.length,
         downtimeLimitMs: dp.downtimeLimitMs,

@@ -72,6 +72,22 @@ const modules: Check = (v) => {
   return undefined;
 };
 
+const NBD_HOST = /^[A-Za-z0-9.:-]{1,253}$/;
+const NBD_NAME = /^[A-Za-z0-9_.-]{1,128}$/;
+/** IncomingReady's `disks`: where the source's QEMU dials, so host and names are plain tokens, the port a TCP port. */
+const diskExport: Check = (v) => {
+  if (!isPlainObject(v)) return 'must be a map {host, port, exports}';
+  if (typeof v.host !== 'string' || !NBD_HOST.test(v.host)) return '.host must be a host name or address';
+  if (typeof v.port !== 'number' || !Number.isInteger(v.port) || v.port < 1 || v.port > 65535) return '.port must be a TCP port 1..65535';
+  if (!Array.isArray(v.exports) || v.exports.length === 0 || v.exports.length > 64) return '.exports must be a list of 1..64 {device, exportName}';
+  for (const [i, e] of (v.exports as unknown[]).entries()) {
+    if (!isPlainObject(e) || typeof e.device !== 'string' || !NBD_NAME.test(e.device) || typeof e.exportName !== 'string' || !NBD_NAME.test(e.exportName)) {
+      return `.exports[${i}] must be {device, exportName} (plain names)`;
+    }
+  }
+  return undefined;
+};
+
 const resources: Check = (v) => {
   if (!isPlainObject(v)) return 'must be a map {memory, vcpus}';
   const keys = Object.keys(v);
@@ -151,7 +167,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ForwardedEventsAck: [replyTo, mid, f('accepted', count), f('duplicates', count)],
   MigrationStatus: [replyTo, mid, f('committed', bool)],
   PathAccept: [replyTo, mid, f('canReassemble', bool), f('cpuFree', finite), f('reason', text, true)],
-  IncomingReady: [replyTo, mid, f('endpoint', text)],
+  IncomingReady: [replyTo, mid, f('endpoint', text), f('disks', diskExport, true)],
   BootReady: [replyTo, mid, f('bootMs', finite)],
   UdpHandoverAck: [replyTo, mid, f('host', text), f('port', count)],
   BlockData: [replyTo, f('sizes', bin), f('data', bin)],

@@ -402,6 +402,8 @@ export interface IncomingReady {
   readonly migrationId: string;
   /** `MigrationEndpoint.uri`: `tcp:HOST:PORT` (qemu), `sim:data-paths` (the sim's memory rides the data paths). */
   readonly endpoint: string;
+  /** qemu: the target's NBD export of the VM's image disks, which the source mirrors before the memory moves (issue 14). */
+  readonly disks?: { readonly host: string; readonly port: number; readonly exports: readonly { readonly device: string; readonly exportName: string }[] };
 }
 
 /** The target's relay for the VM's UDP service: the source relay re-points there. */

@@ -25,6 +25,8 @@ export interface VmCreateRequest {
   readonly udpPort?: number;
   /** qemu: a disk image (`.qcow2` is qcow2, anything else raw). */
   readonly image?: string;
+  /** qemu: `image` is this indexed image's file: the disk becomes a qcow2 overlay on it, mirrored in migrations. */
+  readonly imageName?: string;
   /** qemu: a raw image to boot (default: the embot test guest). */
   readonly boot?: string;
 }
@@ -83,6 +85,8 @@ function qemuSpec(r: VmCreateRequest, d: Extract<DriverChoice, { kind: 'qemu' }>
     memory: r.memory ?? d.memory,
     vcpus: r.vcpus ?? d.vcpus,
     ...(boot === undefined ? {} : { bootImage: boot }),
-    ...(r.image === undefined ? {} : { disks: [{ path: r.image, format: extname(r.image).toLowerCase() === '.qcow2' ? 'qcow2' : 'raw' }] }),
+    ...(r.image === undefined
+      ? {}
+      : { disks: [{ path: r.image, format: extname(r.image).toLowerCase() === '.qcow2' ? 'qcow2' : 'raw', ...(r.imageName === undefined ? {} : { image: r.imageName }) }] }),
   };
 }

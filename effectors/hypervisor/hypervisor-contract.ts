@@ -67,6 +67,20 @@ export interface HypervisorEvents {
 export interface MigrationEndpoint {
   /** `tcp:HOST:PORT` for qemu; the data-plane URL for the sim. */
   readonly uri: string;
+  /** The target's NBD export of the VM's image disks (qemu, {@link HypervisorCapabilities.diskMirror}): the source mirrors them there. */
+  readonly disks?: MigrationDiskExport;
+}
+
+/** Where the source mirrors a VM's disks (qemu's NBD server at the target, one export per disk). */
+export interface MigrationDiskExport {
+  readonly host: string;
+  readonly port: number;
+  readonly exports: readonly { readonly device: string; readonly exportName: string }[];
+}
+
+/** The driver carries a VM's image disks in its own migrations (no shared storage): the target exports, the source mirrors. */
+export interface DiskMirrorCapability {
+  readonly sync: 'top';
 }
 
 export type MigrationPhase = 'setup' | 'precopy' | 'pre-switchover' | 'stop-and-copy' | 'completed' | 'cancelled' | 'failed';
@@ -299,6 +313,7 @@ export interface HypervisorCapabilities {
   readonly memoryChecksum?: MemoryChecksum;
   readonly udpService?: UdpServiceCapability;
   readonly memoryDump?: MemoryDump;
+  readonly diskMirror?: DiskMirrorCapability;
 }
 
 export interface HypervisorDriver<Spec extends { readonly name: string } = { readonly name: string }> {

@@ -2,7 +2,7 @@ import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { availableParallelism, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
-import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
+import { EffectorError, ErrorCodes, describeError, isEmbotError } from '../../../core/errors.ts';
 import { MAX_ZERO_PAGE_COST, type DriverEstimateHints } from '../hypervisor-contract.ts';
 import type {
   HypervisorCapabilities,
@@ -24,6 +24,8 @@ import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { QemuFanOutSession } from './qemu-fan-out.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
+import { exportDisks, startDiskMirror, stopDiskExport, type DiskExport, type DiskMirror } from './disk-mirror.ts';
+import { exportFromWire, exportToWire, faultExportRefused, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from './disk-migration.ts';
 
 export interface QemuDriverOptions {
   /** Folder holding one state dir per VM (QMP socket, pidfile, serial log, spec). */
@@ -71,6 +73,8 @@ export interface QemuDriverOptions {
    * under TCG the stream is CPU-bound, so on a shared host its time follows the CPU it gets.
    */
   readonly loadFactor?: () => number;
+  /** This host's file of an indexed image (the agent's image index): a disk with `image` is a qcow2 overlay on it, here and at a migration target. */
+  readonly imagePath?: (name: string) => string | undefined;
 }
 
 /** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
@@ -206,6 +210,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   readonly spare: SpareIncoming | undefined;
   private restored = false;
   private refillTimer: NodeJS.Timeout | undefined;
+  /** An incoming VM's NBD export of its image disks, until its commit or abort (disk-migration.ts). */
+  private readonly diskExports = new Map<string, DiskExport>();
 
   constructor(private readonly o: QemuDriverOptions) {
     this.pollMs = o.pollMs ?? 100;
@@ -221,6 +227,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       memoryDump: { dump: (vm, address, length) => this.dump(vm, address, length) },
       faults: { crash: (vm) => this.crash(vm) },
       incomingBoot: { bootIncoming: (vm, options) => this.bootIncoming(vm, options) },
+      diskMirror: { sync: 'top' },
       fanOut: {
         begin: (vm, destinations) =>
           new QemuFanOutSession(this, vm, destinations, {
@@ -412,10 +419,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   // ---- lifecycle
 
   async create(input: QemuVmSpec): Promise<VmInfo> {
-    const spec = validateQemuSpec(input);
-    if (this.vms.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists`, { details: { vm: spec.name } });
-    if (spec.bootImage !== undefined) checkImage(spec.bootImage, 'raw', spec.name);
-    for (const d of spec.disks ?? []) checkImage(d.path, d.format, spec.name);
+    const given = validateQemuSpec(input);
+    if (this.vms.has(given.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${given.name} already exists`, { details: { vm: given.name } });
+    if (given.bootImage !== undefined) checkImage(given.bootImage, 'raw', given.name);
+    for (const d of given.disks ?? []) checkImage(d.path, d.format, given.name);
+    const spec = withOverlays(given, join(this.o.root, given.name), this.o.imagePath);
     const vm = this.addVm(spec, false);
     this.setState(vm, 'created', 'create', null);
     return toInfo(vm);
@@ -617,7 +625,16 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `channels must be 1..255, not ${channels}`, { details: { vm: name, channels } });
     }
     if (o.signal?.aborted) throw aborted(name);
+    const mirrored = mirroredDevices(vm.spec);
+    if (mirrored.length > 0 && o.endpoint.disks === undefined) {
+      throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `VM ${name} has image disks (${mirrored.join(', ')}) and the target offers no export of them${o.viaLocalRelay ? ' (a fan-out does not mirror disks yet)' : ''}; nothing moved`, {
+        details: { vm: name },
+      });
+    }
     vm.migrating = true;
+    let mirror: DiskMirror | undefined;
+    let mirrorTls: string | undefined;
+    let testWritten = false;
     let wake: () => void = () => {};
     // An event that comes while no wait is armed (in the same read as the query's reply, or while
     // onProgress runs) is kept: the next wait does not start, else the completion would be noticed
@@ -681,6 +698,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         (async () => {
           // Into the relay: no TLS of QEMU's (an earlier migration's creds are cleared), the relay has its own per destination.
           const tlsParams = o.viaLocalRelay ? { 'tls-creds': '' } : this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
+          mirrorTls = tlsParams['tls-creds'];
           await qmp.execute('migrate-set-parameters', {
             ...tlsParams,
             'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
@@ -692,6 +710,16 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         })(),
       ]);
       for (const r of settled) if (r.status === 'rejected') throw r.reason;
+      if (o.endpoint.disks !== undefined && mirrored.length > 0) {
+        await testHookWrite(qmp, mirrored[0], 'beforeMirror');
+        // Every guest write reaches the target too from READY on, before any memory moves.
+        mirror = await startDiskMirror(qmp, exportFromWire(o.endpoint.disks, mirrorTls)).catch((e: unknown) => {
+          // The reason a migration record keeps is text: the code goes into it, as the image build's does.
+          const code = e instanceof EffectorError ? e.code : ErrorCodes.QEMU_FAILED;
+          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `VM ${name}: ${describeError(e)}; no memory moved, the VM runs here [${code}]`, { details: { vm: name }, cause: e });
+        });
+        await testHookWrite(qmp, mirrored[0], 'afterReady');
+      }
       await qmp.execute('migrate', { uri: o.endpoint.uri });
       let switched = false;
       for (;;) {
@@ -705,6 +733,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const p = progress(info);
         if (p.dirtyRateBytesPerSec > 0) finalDirtyRate = p.dirtyRateBytesPerSec;
         o.onProgress?.(p);
+        if (mirror !== undefined && !testWritten && info.status === 'active') {
+          testWritten = true;
+          await testHookWrite(qmp, mirrored[0], 'duringMemory');
+        }
         if (info.status === 'completed') break;
         if (info.status === 'failed' || info.status === 'cancelled') {
           throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `migration of VM ${name} ${info.status}: ${info['error-desc'] ?? 'no reason given'}`, { details: { vm: name, status: info.status } });
@@ -717,6 +749,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           switched = true;
           const h0 = Date.now();
           try {
+            // Paused: the disk is final; the mirror ends with a consistent copy before the hand-over.
+            if (mirror !== undefined) {
+              await testHookWrite(qmp, mirrored[0], 'atSwitch');
+              await mirror.finish();
+            }
             await o.beforeSwitchover?.();
             handoverMs = Date.now() - h0;
           } catch (e) {
@@ -770,6 +807,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         ...((lastInfo.ram?.mbps ?? 0) > 0 ? { rateBytesPerSec: ((lastInfo.ram?.mbps ?? 0) * 1e6) / 8 } : {}),
       };
     } catch (e) {
+      // The source's disk was never touched by the mirror: its jobs and NBD links just go.
+      await mirror?.abort().catch(() => undefined);
       // QEMU resumes a source it paused when a migration is cancelled or fails.
       // (vm.state is re-read: the STOP/RESUME events of the migration changed it meanwhile.)
       const now = vm.state as VmState;
@@ -795,8 +834,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   // ---- migration, target side
 
   async prepareIncoming(input: QemuVmSpec, options: QemuIncomingOptions = {}): Promise<{ readonly endpoint: MigrationEndpoint }> {
-    const spec = validateQemuSpec(input);
-    if (this.vms.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
+    const given = validateQemuSpec(input);
+    if (this.vms.has(given.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${given.name} already exists here`, { details: { vm: given.name } });
+    // Image disks: this host's own overlays on the image built here (the source's paths mean nothing here).
+    const spec = withOverlays(given, join(this.o.root, given.name), this.o.imagePath);
     const channels = options.channels ?? 1;
     // Registered before the first await: a second prepare of the same VM is refused meanwhile.
     const vm = this.addVm(spec, true, false);
@@ -834,8 +875,16 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       const info = await proc.qmp.execute('query-migrate');
       const port = info['socket-address']?.find((a) => a.type === 'inet')?.port;
       if (port === undefined) throw new EffectorError(ErrorCodes.QEMU_FAILED, `incoming QEMU for VM ${spec.name} reports no listening port`, { details: { vm: spec.name } });
+      const devices = mirroredDevices(spec);
+      let disks: DiskExport | undefined;
+      if (devices.length > 0) {
+        const tlsCreds = (tlsParams as Readonly<Record<string, string>>)['tls-creds'];
+        disks = await exportDisks(proc.qmp, { host, devices, ...(tlsCreds ? { tlsCreds } : {}) });
+        this.diskExports.set(spec.name, disks);
+        if (faultExportRefused()) await stopDiskExport(proc.qmp, disks.disks);
+      }
       this.setState(vm, 'created', 'incoming', null);
-      return { endpoint: { uri: `tcp:${host}:${port}` } };
+      return { endpoint: { uri: `tcp:${host}:${port}`, ...(disks === undefined ? {} : { disks: exportToWire(disks) }) } };
     } catch (e) {
       await this.abortIncoming(spec.name).catch(() => {});
       throw e;
@@ -908,6 +957,10 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       if (e.event === 'RESUME' || e.event === 'MIGRATION') wake();
     };
     proc.qmp.events.on('event', onEvent);
+    const exported = this.diskExports.get(name);
+    this.diskExports.delete(name);
+    // The export writes the disk the VM is about to own: gone before `cont` activates it.
+    if (exported !== undefined) await stopDiskExport(proc.qmp, exported.disks);
     // Started with -S, the VM waits paused once its memory is in: `cont` is the commit.
     const resume = async (): Promise<void> => {
       if (options.running === false) return;
@@ -959,6 +1012,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const vm = this.vms.get(name);
     if (vm === undefined) return;
     if (!vm.incoming) throw badState(vm, 'abort an incoming migration of');
+    // The export dies with the QEMU killed below.
+    this.diskExports.delete(name);
     vm.expectingExit = 'abort-incoming';
     if (vm.proc?.alive) await vm.proc.kill(this.timeoutMs);
     await vm.proc?.detach();
@@ -975,7 +1030,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
    */
   private refillSpare(spec: QemuVmSpec): void {
     if (this.spare === undefined || this.closed) return;
-    const { name: _name, ...shape } = spec;
+    // Not its image disks: they are this VM's own overlays, which a spare must not open.
+    const { name: _name, ...shape } = withoutImageDisks(spec);
     clearTimeout(this.refillTimer);
     this.refillTimer = setTimeout(() => this.spare?.fill(shape), this.o.spareRefillDelayMs ?? SPARE_REFILL_DELAY_MS);
     this.refillTimer.unref();

@@ -4,12 +4,19 @@ import type { GuestSettings } from './guest/guest-image.ts';
 
 const MiB = 1024 * 1024;
 const VM_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+/** As images/image-manifest.ts names them (no path: the target resolves it in its own index). */
+const IMAGE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$/;
 
 export type DiskFormat = 'raw' | 'qcow2';
 
 export interface QemuDisk {
   readonly path: string;
   readonly format: DiskFormat;
+  /**
+   * An image of the agent's index (`vm create --image IMG`): the driver makes the disk a qcow2
+   * overlay on this host's file of it (disk-migration.ts), and a migration mirrors it to the target.
+   */
+  readonly image?: string;
 }
 
 /** A NIC on QEMU's user-mode network (no host set-up needed); the model must match on both ends of a migration. */
@@ -56,6 +63,9 @@ export function validateQemuSpec(input: unknown): QemuVmSpec {
     for (const d of disks) {
       if (!isRecord(d) || typeof d['path'] !== 'string' || (d['format'] !== 'raw' && d['format'] !== 'qcow2')) {
         throw invalid(`VM ${name}: every disk needs a path and a format raw|qcow2`, { vm: name, disk: d });
+      }
+      if (d['image'] !== undefined && (typeof d['image'] !== 'string' || !IMAGE_NAME.test(d['image']))) {
+        throw invalid(`VM ${name}: a disk's image must be an image name (${IMAGE_NAME}), not ${JSON.stringify(d['image'])}`, { vm: name, disk: d });
       }
     }
   }

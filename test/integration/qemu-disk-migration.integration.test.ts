@@ -1,0 +1,136 @@
+/**
+ * Issue 14's migration test through the agents: three real agents `--driver qemu` (TCG) on
+ * loopback, each with its own state and images folders (no shared storage). `a` serves an image
+ * library with a small raw image and runs the VM, created with `--image`: its disk is a qcow2
+ * overlay on the image. `b` and `c` lack the image; a migration builds it there first, the target's
+ * incoming QEMU gets its own overlay on it and exports that over NBD, and a's QEMU mirrors its disk
+ * into it while the memory moves.
+ *
+ * The writes to a's disk go through QEMU's qemu-io on the agent's own QMP connection (the driver's
+ * TEST HOOK `EMBOT_TEST_HOOK_MIRROR_WRITES`: before the mirror, after READY, during the memory
+ * move, paused at the switch). `c` runs with the FAULT INJECTION `EMBOT_FAULT_NBD_EXPORT_REFUSED=1`:
+ * its QEMU's NBD server stops right after exporting, so a's connection is refused for real.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ErrorCodes } from '../../core/errors.ts';
+import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { waitFor } from '../harness/agent-process.ts';
+import { Cluster, migrate } from '../harness/cluster.ts';
+import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+
+const MiB = 1024 * 1024;
+const IMAGE = 4 * MiB;
+const run = requireQemu();
+const qemus = qemuProcesses();
+
+let cluster: Cluster | undefined;
+afterEach(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+  await qemus.killAll();
+});
+
+/** The writes the hook makes on a's disk, as qemu-io commands and as the bytes they leave. */
+const WRITES = [
+  { point: 'beforeMirror', offset: 1 * MiB, length: 128 * 1024, pattern: 0x11 },
+  { point: 'afterReady', offset: 0, length: 64 * 1024, pattern: 0x5a },
+  { point: 'duringMemory', offset: 3 * MiB, length: 64 * 1024, pattern: 0x77 },
+  { point: 'atSwitch', offset: 2 * MiB + 4096, length: 4096, pattern: 0x33 },
+] as const;
+const hookEnv = JSON.stringify(Object.fromEntries(WRITES.map((w) => [w.point, `write -P 0x${w.pattern.toString(16)} ${w.offset} ${w.length}`])));
+
+/** The disk as the guest sees it (overlay over its base), as raw bytes. */
+function guestView(overlay: string, out: string): Buffer {
+  execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', overlay, out]);
+  return readFileSync(out);
+}
+
+function backingOf(overlay: string): string {
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '--output', 'json', '-U', overlay], { encoding: 'utf8' })) as { 'backing-filename'?: string };
+  return info['backing-filename'] ?? '';
+}
+
+describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without shared storage (three agents, TCG)', () => {
+  it('a mirror refused by the target fails before the switch with a coded reason, the VM runs on at a; then a -> b: the disk arrives byte-exact with the writes made during the move, the VM runs at b, no QEMU left', async () => {
+    const root = qemus.root();
+    const library = join(root, 'library');
+    mkdirSync(library);
+    const base = randomBytes(IMAGE);
+    writeFileSync(join(library, 'disk.img'), base);
+    const imagesDir = (n: string): string => join(root, `images-${n}`);
+    cluster = await Cluster.start(['a', 'b', 'c'], {
+      env: (n): Record<string, string> => (n === 'a' ? { EMBOT_TEST_HOOK_MIRROR_WRITES: hookEnv } : n === 'c' ? { EMBOT_FAULT_NBD_EXPORT_REFUSED: '1' } : {}),
+      config: (n) => ({
+        ...qemuAgentConfig(root, n),
+        images: { dir: imagesDir(n), blockSize: 65536, indexer: 'a', reindexMs: 300 },
+        ...(n === 'a' ? { imageLibrary: library } : {}),
+        mobility: { stepTimeoutMs: 30_000, vmTimeoutMs: 180_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' } },
+      }),
+    });
+    const a = cluster.agent('a');
+    const b = cluster.agent('b');
+    const c = cluster.agent('c');
+    await waitFor(async () => (await a.client.images()).images.find((i) => i.name === 'disk.img'), 15_000, 'disk.img indexed at a');
+    await waitFor(async () => {
+      const members = (await a.client.images()).group?.members ?? [];
+      return (members.includes('b') && members.includes('c')) || undefined;
+    }, 15_000, 'b and c known to the indexer');
+
+    await a.client.createVm({ name: 'd1', memory: 64 * MiB, image: 'disk.img' });
+    const stateA = join(root, 'a', 'd1');
+    const overlayA = join(stateA, 'disk0.qcow2');
+    // The VM's disk is its own overlay on the library's image, not the image itself.
+    expect(backingOf(overlayA)).toBe(join(library, 'disk.img'));
+    await a.client.vmAction('d1', 'start');
+    await heartbeat(stateA, 1);
+    const sourcePid = runningPid(stateA);
+    expect(sourcePid).toBeDefined();
+
+    // c builds the image, then refuses the mirror: failed before the switch, nothing moved.
+    const refused = await migrate(a, 'd1', 'c', { timeoutMs: 240_000 });
+    expect(refused.outcome, JSON.stringify(refused)).not.toBe('completed');
+    expect(refused.reason).toContain('disk mirror');
+    expect(refused.reason).toContain(ErrorCodes.QEMU_FAILED);
+    expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['d1:running']);
+    expect(runningPid(stateA)).toBe(sourcePid);
+    await heartbeat(stateA, 2);
+    expect((await c.client.listVms()).map((v) => v.name)).toEqual([]);
+    await waitFor(() => runningPid(join(root, 'c', 'd1')) === undefined, 10_000, "c's incoming QEMU gone");
+    // The source holds no mirror job or NBD node after the roll-back (its disk is its own again).
+    expect(existsSync(overlayA)).toBe(true);
+
+    const info = await migrate(a, 'd1', 'b', { timeoutMs: 240_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    expect(info.summary?.imageBuild).toMatchObject({ image: 'disk.img', host: 'b', alreadyThere: false });
+    const stateB = join(root, 'b', 'd1');
+    const overlayB = join(stateB, 'disk0.qcow2');
+    expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['d1:running']);
+    const targetPid = runningPid(stateB);
+    expect(targetPid).toBeDefined();
+    expect(targetPid).not.toBe(sourcePid);
+    await heartbeat(stateB, 2);
+    // b's disk is an overlay on b's own copy of the image (built there), not on a's or the library's.
+    expect(backingOf(overlayB)).toBe(join(imagesDir('b'), 'disk.img'));
+    expect(readFileSync(join(imagesDir('b'), 'disk.img')).equals(base)).toBe(true);
+    await waitFor(() => runningPid(stateA) === undefined, 20_000, 'source QEMU gone');
+
+    // Both QEMUs stopped, the disk b has is the image with every write a's guest disk got.
+    await b.client.vmAction('d1', 'stop');
+    await waitFor(() => runningPid(stateB) === undefined, 20_000, "b's QEMU stopped");
+    await cluster.stop();
+    cluster = undefined;
+    expect(qemus.live()).toEqual([]);
+    const expected = Buffer.from(base);
+    for (const w of WRITES) expected.fill(w.pattern, w.offset, w.offset + w.length);
+    const atB = guestView(overlayB, join(root, 'b.raw'));
+    expect(atB.byteLength).toBe(IMAGE);
+    for (const w of WRITES) expect(atB.subarray(w.offset, w.offset + w.length).every((x) => x === w.pattern), `write ${w.point} at b`).toBe(true);
+    expect(Buffer.compare(atB, expected)).toBe(0);
+    // a's overlay, where the source kept it, reads the same.
+    if (existsSync(overlayA)) expect(Buffer.compare(guestView(overlayA, join(root, 'a.raw')), atB)).toBe(0);
+  }, 600_000);
+});
