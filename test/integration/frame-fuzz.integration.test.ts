@@ -121,6 +121,18 @@ const quietFrames = fc.oneof(
   fc.record({ type: fc.constant('PageBatchAck'), replyTo: nat, migrationId, ok: fc.boolean() }),
   fc.record({ type: fc.constant('Pong'), replyTo: nat, ts: nat }),
   fc.record({ type: fc.constant('Error'), replyTo: nat, code: fc.constantFrom(...KNOWN_CODES), message: text }),
+  // An unsolicited IncomingReady carrying a disk export (issue 14): nobody dials it.
+  fc.record({
+    type: fc.constant('IncomingReady'),
+    replyTo: nat,
+    migrationId,
+    endpoint: fc.constant('tcp:127.0.0.1:1'),
+    disks: fc.record({
+      host: fc.constant('127.0.0.1'),
+      port: fc.integer({ min: 1, max: 65535 }),
+      exports: fc.array(fc.record({ device: fc.constantFrom('virtio0', 'virtio1'), exportName: fc.constantFrom('embot-mirror-virtio0', 'x') }), { minLength: 1, maxLength: 3 }),
+    }),
+  }),
 );
 
 function validates(body: Record<string, unknown>): boolean {

@@ -74,6 +74,7 @@ const SAMPLES: Frame[] = [
   { type: 'BootReady', replyTo: 14, migrationId: 'm-1', bootMs: 12.5 },
   { type: 'PathAccept', replyTo: 11, migrationId: 'm-1', canReassemble: true, cpuFree: 0.5 },
   { type: 'IncomingReady', replyTo: 13, migrationId: 'm-1', endpoint: 'tcp:127.0.0.1:45000' },
+  { type: 'IncomingReady', replyTo: 13, migrationId: 'm-1', endpoint: 'tcp:127.0.0.1:45000', disks: { host: '127.0.0.1', port: 45001, exports: [{ device: 'virtio0', exportName: 'embot-mirror-virtio0' }] } },
   { type: 'UdpHandoverAck', replyTo: 12, migrationId: 'm-1', host: '127.0.0.1', port: 40000 },
   { type: 'Pong', replyTo: 9, ts: 1 },
   { type: 'BlockData', replyTo: 13, sizes: bytes(8), data: bytes(100) },
@@ -174,7 +175,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatchAck.reason']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatchAck.reason', 'IncomingReady.disks']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {
@@ -237,6 +238,22 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => encodeFrame(bad))).toBe(ErrorCodes.FRAME_MALFORMED);
     const unknown = { type: 'Nope' } as unknown as Frame;
     expect(codeOf(() => encodeFrame(unknown))).toBe(ErrorCodes.FRAME_UNKNOWN_TYPE);
+  });
+
+  // IncomingReady.disks is where the source's QEMU dials (issue 14): only plain hosts, ports and names pass.
+  it.each([
+    ['not a map', 'nbd://x'],
+    ['no exports', { host: '127.0.0.1', port: 1, exports: [] }],
+    ['port 0', { host: '127.0.0.1', port: 0, exports: [{ device: 'virtio0', exportName: 'e' }] }],
+    ['port above 65535', { host: '127.0.0.1', port: 70000, exports: [{ device: 'virtio0', exportName: 'e' }] }],
+    ['a host with a path', { host: '127.0.0.1/x', port: 1, exports: [{ device: 'virtio0', exportName: 'e' }] }],
+    ['an export name with a quote', { host: '127.0.0.1', port: 1, exports: [{ device: 'virtio0', exportName: 'e"x' }] }],
+    ['an export without a device', { host: '127.0.0.1', port: 1, exports: [{ exportName: 'e' }] }],
+  ])('refuses IncomingReady.disks that is %s as FRAME_MALFORMED, naming the field', (_name, disks) => {
+    const frame = { type: 'IncomingReady', replyTo: 1, migrationId: 'm-1', endpoint: 'tcp:127.0.0.1:1', disks };
+    expect(codeOf(() => validateFrame(frame))).toBe(ErrorCodes.FRAME_MALFORMED);
+    expect(codeOf(() => decodeFrame(rawPack(frame)))).toBe(ErrorCodes.FRAME_MALFORMED);
+    expect(() => validateFrame(frame)).toThrow('IncomingReady.disks');
   });
 
   it('names the offending field in the error', () => {
