@@ -85,8 +85,10 @@ class SimBackedControl implements AgentControl {
   hasSecret = true;
   readonly migrations = new Map<string, MigrationInfo>();
   private readonly ends = new Map<string, { promise: Promise<MigrationSummary>; resolve: (s: MigrationSummary) => void }>();
-  migrate(vm: string, to: string): { readonly id: string } {
+  migrate(vm: string, to: string | undefined): { readonly id: string } {
     if (!this.hasSecret) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret');
+    // As the agent answers a body without `to` (a pre-warm's command) for a VM with no pre-warm.
+    if (to === undefined) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `VM ${vm} has no pre-warm: name its destination(s)`);
     if (to !== 'b') throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${to}'; known: b`);
     if (!this.driver.get(vm)) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm}`);
     if ([...this.migrations.values()].some((m) => m.vm === vm && m.outcome === null)) throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
@@ -279,7 +281,6 @@ describe('control server migration routes', () => {
   });
 
   it.each([
-    ['missing to', '{"vm": "mig-a"}', /to: /],
     ['empty vm', '{"vm": "", "to": "b"}', /vm: /],
     ['unknown field', '{"vm": "mig-a", "to": "b", "force": true}', /unknown field force/],
     ['not JSON', '{"vm":', /not valid JSON/],
@@ -291,6 +292,23 @@ describe('control server migration routes', () => {
     expect(r.json.error.code).toBe(ErrorCodes.CONTROL_BAD_REQUEST);
     expect(r.json.error.message).toMatch(message);
     expect(control.migrations.size).toBe(before);
+  });
+
+  it('a body without `to` is the command of a pre-warm: the agent decides (400 DESTINATIONS_INVALID when there is none), nothing started', async () => {
+    const before = control.migrations.size;
+    const r = await call('POST', '/v1/migrations', '{"vm": "mig-a"}');
+    expect(r).toMatchObject({ status: 400, json: { error: { code: ErrorCodes.DESTINATIONS_INVALID } } });
+    expect(control.migrations.size).toBe(before);
+  });
+
+  it('POST /v1/prewarms[/cancel]: a bad body 400, GET 405, a control without pre-warm 404', async () => {
+    for (const body of ['{"vm": ""}', '{"vm": "mig-a", "to": "b"}', '{"vm": "mig-a", "force": true}', '{"vm":']) {
+      const r = await call('POST', '/v1/prewarms', body);
+      expect(r, body).toMatchObject({ status: 400, json: { error: { code: ErrorCodes.CONTROL_BAD_REQUEST } } });
+    }
+    expect((await call('GET', '/v1/prewarms')).status).toBe(405);
+    expect((await call('POST', '/v1/prewarms', '{"vm": "mig-a", "to": ["b"]}')).status).toBe(404);
+    expect((await call('POST', '/v1/prewarms/cancel', '{"vm": "mig-a"}')).status).toBe(404);
   });
 
   it('unknown id 404 (also with wait); wrong methods 405; bad wait parameters 400', async () => {
