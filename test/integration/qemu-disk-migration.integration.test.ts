@@ -15,12 +15,13 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { waitFor } from '../harness/agent-process.ts';
 import { Cluster, migrate } from '../harness/cluster.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, sparesIn } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
 const IMAGE = 4 * MiB;
@@ -103,6 +104,8 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     // The source holds no mirror job or NBD node after the roll-back (its disk is its own again).
     expect(existsSync(overlayA)).toBe(true);
 
+    // b keeps a spare incoming QEMU of its default shape: without d1's disk, so not adopted for it.
+    const bSpare = await waitFor(() => sparesIn(join(root, 'b'))[0], 30_000, "b's spare incoming QEMU");
     const info = await migrate(a, 'd1', 'b', { timeoutMs: 240_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
     expect(info.summary?.imageBuild).toMatchObject({ image: 'disk.img', host: 'b', alreadyThere: false });
@@ -112,6 +115,12 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     const targetPid = runningPid(stateB);
     expect(targetPid).toBeDefined();
     expect(targetPid).not.toBe(sourcePid);
+    expect(targetPid).not.toBe(bSpare);
+    // After the commit b still keeps a spare of the shape without d1's image disk (one with it could
+    // not start: the VM holds its overlay's lock), and it is not the VM's QEMU.
+    await sleep(1500);
+    const spares = await waitFor(() => (sparesIn(join(root, 'b')).length > 0 ? sparesIn(join(root, 'b')) : undefined), 30_000, "b's spare after the commit");
+    expect(spares).not.toContain(targetPid);
     await heartbeat(stateB, 2);
     // b's disk is an overlay on b's own copy of the image (built there), not on a's or the library's.
     expect(backingOf(overlayB)).toBe(join(imagesDir('b'), 'disk.img'));
@@ -132,5 +141,47 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     expect(Buffer.compare(atB, expected)).toBe(0);
     // a's overlay, where the source kept it, reads the same.
     if (existsSync(overlayA)) expect(Buffer.compare(guestView(overlayA, join(root, 'a.raw')), atB)).toBe(0);
+  }, 600_000);
+});
+
+describe.skipIf(!run)("a QEMU VM's disk mirrored over the cluster's TLS (two agents, TCG)", () => {
+  it('a -> b with peer.tls: the NBD link uses the agents’ certificates (the target named, only the source admitted); the disk arrives byte-exact', async () => {
+    const root = qemus.root();
+    const library = join(root, 'library');
+    mkdirSync(library);
+    const base = randomBytes(IMAGE);
+    writeFileSync(join(library, 'disk.img'), base);
+    const imagesDir = (n: string): string => join(root, `images-${n}`);
+    cluster = await Cluster.start(['a', 'b'], {
+      tls: {},
+      env: (n): Record<string, string> => (n === 'a' ? { EMBOT_TEST_HOOK_MIRROR_WRITES: hookEnv } : {}),
+      config: (n) => ({
+        ...qemuAgentConfig(root, n),
+        images: { dir: imagesDir(n), blockSize: 65536, indexer: 'a', reindexMs: 300 },
+        ...(n === 'a' ? { imageLibrary: library } : {}),
+        mobility: { stepTimeoutMs: 30_000, vmTimeoutMs: 180_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' } },
+      }),
+    });
+    const a = cluster.agent('a');
+    const b = cluster.agent('b');
+    await waitFor(async () => (await a.client.images()).images.find((i) => i.name === 'disk.img'), 15_000, 'disk.img indexed at a');
+    await waitFor(async () => ((await a.client.images()).group?.members ?? []).includes('b') || undefined, 15_000, 'b known to the indexer');
+    await a.client.createVm({ name: 'd2', memory: 64 * MiB, image: 'disk.img' });
+    await a.client.vmAction('d2', 'start');
+    const stateA = join(root, 'a', 'd2');
+    await heartbeat(stateA, 1);
+    const info = await migrate(a, 'd2', 'b', { timeoutMs: 240_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    const stateB = join(root, 'b', 'd2');
+    await heartbeat(stateB, 2);
+    await waitFor(() => runningPid(stateA) === undefined, 20_000, 'source QEMU gone');
+    await b.client.vmAction('d2', 'stop');
+    await waitFor(() => runningPid(stateB) === undefined, 20_000, "b's QEMU stopped");
+    await cluster.stop();
+    cluster = undefined;
+    expect(qemus.live()).toEqual([]);
+    const expected = Buffer.from(base);
+    for (const w of WRITES) expected.fill(w.pattern, w.offset, w.offset + w.length);
+    expect(Buffer.compare(guestView(join(stateB, 'disk0.qcow2'), join(root, 'b.raw')), expected)).toBe(0);
   }, 600_000);
 });

@@ -43,6 +43,8 @@ export interface DiskMirrorOptions {
   readonly readyTimeoutMs?: number;
   /** The source's TLS credentials object id, when the cluster uses TLS. */
   readonly tlsCreds?: string;
+  /** With TLS: the name the target's certificate must carry (its agent name; QEMU would check the dialled address otherwise). */
+  readonly tlsHostname?: string;
 }
 
 /** One disk's job as the source saw it end. */
@@ -85,13 +87,21 @@ async function nodeNameOf(qmp: QmpClient, device: string): Promise<string> {
  * can: its disks are inactive until the switch, while a running VM's device keeps the write
  * permission to itself (QEMU refuses the export with a permission conflict).
  */
-export async function exportDisks(qmp: QmpClient, o: { readonly host: string; readonly devices: readonly string[]; readonly tlsCreds?: string }): Promise<DiskExport> {
+export async function exportDisks(
+  qmp: QmpClient,
+  o: { readonly host: string; readonly devices: readonly string[]; readonly tlsCreds?: string; readonly tlsAuthz?: string },
+): Promise<DiskExport> {
   if (o.devices.length === 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'no disks to export');
   let port = 0;
   for (let attempt = 0; ; attempt++) {
     port = await freePort(o.host);
     try {
-      await qmp.executeRaw('nbd-server-start', { addr: { type: 'inet', data: { host: o.host, port: String(port) } }, ...(o.tlsCreds ? { 'tls-creds': o.tlsCreds } : {}) });
+      await qmp.executeRaw('nbd-server-start', {
+        addr: { type: 'inet', data: { host: o.host, port: String(port) } },
+        ...(o.tlsCreds ? { 'tls-creds': o.tlsCreds } : {}),
+        // The same authz-list as the migration stream's: only the source agent's certificate may write the disk.
+        ...(o.tlsCreds && o.tlsAuthz ? { 'tls-authz': o.tlsAuthz } : {}),
+      });
       break;
     } catch (e) {
       // The port was taken between our probe and QEMU's bind: another one.
@@ -165,7 +175,7 @@ export async function startDiskMirror(qmp: QmpClient, target: DiskExport, o: Dis
         'node-name': node,
         server: { type: 'inet', host: target.host, port: String(target.port) },
         export: d.exportName,
-        ...(o.tlsCreds ? { 'tls-creds': o.tlsCreds } : {}),
+        ...(o.tlsCreds ? { 'tls-creds': o.tlsCreds, ...(o.tlsHostname ? { 'tls-hostname': o.tlsHostname } : {}) } : {}),
       });
       mirror.nodes.push(node);
       const w = jobEvent(qmp, job, ['BLOCK_JOB_READY'], o.readyTimeoutMs ?? 300_000);

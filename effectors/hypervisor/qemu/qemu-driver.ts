@@ -713,7 +713,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       if (o.endpoint.disks !== undefined && mirrored.length > 0) {
         await testHookWrite(qmp, mirrored[0], 'beforeMirror');
         // Every guest write reaches the target too from READY on, before any memory moves.
-        mirror = await startDiskMirror(qmp, exportFromWire(o.endpoint.disks, mirrorTls)).catch((e: unknown) => {
+        const mirrorTlsName = mirrorTls ? { tlsCreds: mirrorTls, ...(o.targetName === undefined ? {} : { tlsHostname: o.targetName }) } : {};
+        mirror = await startDiskMirror(qmp, exportFromWire(o.endpoint.disks, mirrorTls), mirrorTlsName).catch((e: unknown) => {
           // The reason a migration record keeps is text: the code goes into it, as the image build's does.
           const code = e instanceof EffectorError ? e.code : ErrorCodes.QEMU_FAILED;
           throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `VM ${name}: ${describeError(e)}; no memory moved, the VM runs here [${code}]`, { details: { vm: name }, cause: e });
@@ -878,8 +879,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       const devices = mirroredDevices(spec);
       let disks: DiskExport | undefined;
       if (devices.length > 0) {
-        const tlsCreds = (tlsParams as Readonly<Record<string, string>>)['tls-creds'];
-        disks = await exportDisks(proc.qmp, { host, devices, ...(tlsCreds ? { tlsCreds } : {}) });
+        const { 'tls-creds': tlsCreds, 'tls-authz': tlsAuthz } = tlsParams as Readonly<Record<string, string>>;
+        disks = await exportDisks(proc.qmp, { host, devices, ...(tlsCreds ? { tlsCreds } : {}), ...(tlsAuthz ? { tlsAuthz } : {}) });
         this.diskExports.set(spec.name, disks);
         if (faultExportRefused()) await stopDiskExport(proc.qmp, disks.disks);
       }
