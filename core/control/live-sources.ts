@@ -32,7 +32,15 @@ export function wireLiveSources(hub: LiveHub, s: LiveSources): () => void {
     hub.changed('embots');
     hub.changed('cluster');
   };
-  const progress = (m: MigrationInfo): void => hub.migration(m);
+  const progress = (m: MigrationInfo): void => {
+    hub.migration(m);
+    // A pre-warm's state lives on its parent row (`<id>~<peer>` is one destination of `<id>`), which
+    // has no progress of its own: each destination's reading re-sends the parent, coalesced by the hub.
+    const at = m.role === 'source' && hub.size > 0 ? m.id.lastIndexOf('~') : -1;
+    if (at <= 0) return;
+    const parent = s.getMigration(m.id.slice(0, at));
+    if (parent?.prewarm && parent.outcome === null) hub.migration(parent);
+  };
   const finished = (summary: MigrationSummary): void => {
     if (hub.size === 0) return;
     const info = s.getMigration(summary.migrationId);

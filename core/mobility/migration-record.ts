@@ -1,5 +1,6 @@
 import type { MigrationOutcome } from './mobility-contract.ts';
 import type { MigrationRole } from './migration-journal.ts';
+import type { PrewarmInfo } from './prewarm.ts';
 
 /** Live progress of a migration, for `embot migrate` and `embot migrations`. */
 export interface MigrationProgress {
@@ -149,6 +150,8 @@ export interface MigrationInfo {
   readonly updatedAt: number;
   readonly progress?: MigrationProgress;
   readonly summary?: MigrationSummary;
+  /** A pre-warm's per-destination state, on its source row while it runs (README "Several destinations", Pre-warm). */
+  readonly prewarm?: PrewarmInfo;
 }
 
 /** A summary with nothing moved yet, completed by what a side knows (`base` wins). */

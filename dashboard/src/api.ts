@@ -41,3 +41,17 @@ export function startMigration(vm: string, to: readonly string[]): Promise<{ rea
 export function cancelMigration(id: string): Promise<CancelResponse> {
   return call('POST', `/ui/api/migrations/${encodeURIComponent(id)}/cancel`, {});
 }
+
+/** Starts copying a VM to its destinations, held until the switch (`embot prewarm`). */
+export function startPrewarm(vm: string, to: readonly string[]): Promise<{ readonly id: string }> {
+  return call('POST', '/v1/prewarms', { vm, to });
+}
+
+/** A pre-warm's command: every warmed destination when `to` is undefined, else those named. */
+export function switchPrewarm(vm: string, to: readonly string[] | undefined): Promise<{ readonly id: string }> {
+  return call('POST', '/v1/migrations', to === undefined ? { vm } : { vm, to: to.length === 1 ? to[0] : to });
+}
+
+export function cancelPrewarm(vm: string): Promise<{ readonly id: string }> {
+  return call('POST', '/v1/prewarms/cancel', { vm });
+}

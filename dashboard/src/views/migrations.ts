@@ -1,5 +1,5 @@
 import type { MigrationInfo } from '../../../core/control/dashboard-api.ts';
-import { ApiError, cancelMigration, startMigration, targets } from '../api.ts';
+import { ApiError, cancelMigration, cancelPrewarm, startMigration, startPrewarm, switchPrewarm, targets } from '../api.ts';
 import { badge, fill, fmtBytes, fmtMs, fmtRate, fmtTime, h } from '../dom.ts';
 import { rateChart } from '../linechart.ts';
 import { migrationKey, type State } from '../store.ts';
@@ -70,6 +70,68 @@ function destinationsTable(ds: NonNullable<NonNullable<MigrationInfo['summary']>
   );
 }
 
+/** What a pre-warm card's buttons do; the chosen destinations outlive the card's re-render on each push. */
+interface PrewarmActions {
+  chosen(id: string): ReadonlySet<string> | undefined;
+  choose(id: string, dest: string, on: boolean, warming: readonly string[]): void;
+  switchNow(m: MigrationInfo): void;
+  cancel(m: MigrationInfo): void;
+}
+
+/** A running pre-warm: per destination copied, remaining, rates, exit condition; switch to all or some, or cancel. */
+function prewarmPanel(m: MigrationInfo, pw: NonNullable<MigrationInfo['prewarm']>, actions: PrewarmActions): HTMLElement {
+  const warming = pw.destinations.filter((d) => d.status === 'warming').map((d) => d.name);
+  const chosen = actions.chosen(m.id);
+  const commanded = pw.commandedAt !== null;
+  return h(
+    'div',
+    { class: 'prewarm', 'data-testid': 'prewarm' },
+    h(
+      'p',
+      { class: 'prewarm-head' },
+      badge(commanded ? 'switching' : 'warming', commanded ? 'info' : 'warn'),
+      ` exit condition: remaining / (rate − dirty rate) < ${fmtMs(pw.downtimeLimitMs)} on ${Math.round(pw.exitShare * 100)} % of the chosen destinations`,
+      commanded ? h('span', { class: 'muted' }, ` · switch commanded at ${fmtTime(pw.commandedAt)}`) : null,
+    ),
+    h(
+      'table',
+      { class: 'destinations prewarm-destinations', 'data-testid': 'prewarm-destinations' },
+      h('thead', {}, h('tr', {}, ['switch to', 'destination', 'status', 'copied', 'remaining', 'rate', 'dirty rate', 'rounds', 'exit condition'].map((c) => h('th', {}, c)))),
+      h(
+        'tbody',
+        {},
+        pw.destinations.map((d) => {
+          const box = h('input', { type: 'checkbox', 'data-testid': 'prewarm-choose', 'aria-label': `switch to ${d.name}`, disabled: commanded || d.status !== 'warming' });
+          box.checked = d.status === 'warming' && (chosen === undefined || chosen.has(d.name));
+          box.addEventListener('change', () => actions.choose(m.id, d.name, box.checked, warming));
+          return h(
+            'tr',
+            { 'data-destination': d.name, class: `status-${d.status}` },
+            h('td', {}, box),
+            h('td', { class: 'mono' }, d.name),
+            h('td', {}, badge(d.status, d.status === 'dropped' ? 'muted' : 'info')),
+            h('td', { class: 'num', 'data-field': 'copied' }, fmtBytes(d.copiedBytes)),
+            h('td', { class: 'num', 'data-field': 'remaining' }, fmtBytes(d.remainingBytes)),
+            h('td', { class: 'num', 'data-field': 'rate' }, fmtRate(d.rateBytesPerSec)),
+            h('td', { class: 'num', 'data-field': 'dirty' }, fmtRate(d.dirtyRateBytesPerSec)),
+            h('td', { class: 'num', 'data-field': 'rounds' }, d.rounds),
+            h('td', { 'data-field': 'exit' }, d.exitConditionMet ? badge('met', 'ok') : badge('not met', 'warn')),
+          );
+        }),
+      ),
+    ),
+    commanded
+      ? null
+      : h(
+          'div',
+          { class: 'prewarm-actions' },
+          h('button', { type: 'button', 'data-testid': 'prewarm-switch', onclick: () => actions.switchNow(m) }, 'Switch now'),
+          h('span', { class: 'muted small' }, ' to the ticked destinations (all warmed ones unless you untick some) '),
+          h('button', { type: 'button', class: 'danger', 'data-testid': 'prewarm-cancel', onclick: () => actions.cancel(m) }, 'Cancel pre-warm'),
+        ),
+  );
+}
+
 /** A child migration (one destination of a migration to several) inside its parent's card. */
 function childRow(c: MigrationInfo): HTMLElement {
   return h(
@@ -90,8 +152,9 @@ function parentOf(id: string): string | undefined {
   return at > 0 ? id.slice(0, at) : undefined;
 }
 
-function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[] = []): HTMLElement {
+function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[], prewarm: PrewarmActions): HTMLElement {
   const p = m.progress;
+  const pw = m.outcome === null ? m.prewarm : undefined;
   const sum = m.summary;
   const running = m.outcome === null;
   return h(
@@ -105,7 +168,7 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
       outcomeBadge(m),
       badge(m.role, 'muted'),
       h('span', { class: 'muted mono' }, m.id),
-      running && m.role === 'source' ? h('button', { class: 'danger', onclick: () => onCancel(m.id) }, 'Cancel') : null,
+      running && m.role === 'source' && !pw ? h('button', { class: 'danger', onclick: () => onCancel(m.id) }, 'Cancel') : null,
     ),
     running && p ? h('progress', { max: 100, value: p.percent, class: 'migration-progress' }) : null,
     h('div', { class: 'phase-line' }, 'phase ', h('strong', { class: 'phase' }, m.phase), running && p ? ` — ${p.percent} %` : ''),
@@ -140,6 +203,7 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
           `; total ${fmtMs(sum.totalMs)}`,
         )
       : null,
+    pw ? prewarmPanel(m, pw, prewarm) : null,
     sum?.destinations?.length ? destinationsTable(sum.destinations, sum.winner) : null,
     children.length && !sum?.destinations?.length ? h('div', { class: 'children', 'data-testid': 'destinations-live' }, h('strong', {}, 'destinations'), children.map(childRow)) : null,
     m.reason ? h('p', { class: 'error' }, m.reason) : null,
@@ -176,6 +240,7 @@ export function migrationsView(): View {
     h('label', {}, 'to ', targetSelect),
     rankNote,
     h('button', { type: 'submit' }, 'Start migration'),
+    h('button', { type: 'button', 'data-testid': 'prewarm-start', title: 'copy to the selected targets now and keep them current; switch later from its card', onclick: () => prewarmSelected() }, 'Pre-warm'),
     message,
   );
   form.addEventListener('submit', (ev) => {
@@ -193,6 +258,52 @@ export function migrationsView(): View {
     );
   });
 
+  function prewarmSelected(): void {
+    const vm = vmSelect.value;
+    const to = [...targetSelect.selectedOptions].map((o) => o.value);
+    if (!vm || to.length === 0) {
+      message.textContent = 'pick a VM and one or more targets to pre-warm';
+      return;
+    }
+    message.textContent = `pre-warming ${vm} at ${to.join(', ')}…`;
+    startPrewarm(vm, to).then(
+      (r) => (message.textContent = `pre-warm ${r.id} started`),
+      (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
+    );
+  }
+
+  // Per pre-warm, the destinations ticked for its switch (absent: every one still warming).
+  const chosenOf = new Map<string, Set<string>>();
+  const prewarmActions: PrewarmActions = {
+    chosen: (id) => chosenOf.get(id),
+    choose(id, dest, on, warming) {
+      const set = new Set(chosenOf.get(id) ?? warming);
+      if (on) set.add(dest);
+      else set.delete(dest);
+      chosenOf.set(id, set);
+    },
+    switchNow(m) {
+      const warming = (m.prewarm?.destinations ?? []).filter((d) => d.status === 'warming').map((d) => d.name);
+      const picked = warming.filter((n) => chosenOf.get(m.id)?.has(n) ?? true);
+      if (picked.length === 0) {
+        message.textContent = 'tick at least one warmed destination to switch to';
+        return;
+      }
+      const to = picked.length === warming.length ? undefined : picked;
+      message.textContent = `switching ${m.vm} to ${(to ?? warming).join(', ')}…`;
+      switchPrewarm(m.vm, to).then(
+        (r) => (message.textContent = `switch of ${m.vm} commanded (migration ${r.id})`),
+        (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
+      );
+    },
+    cancel(m) {
+      cancelPrewarm(m.vm).then(
+        (r) => (message.textContent = `cancelling pre-warm ${r.id}…`),
+        (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
+      );
+    },
+  };
+
   const onCancel = (id: string): void => {
     cancelMigration(id).then(
       (r) => (message.textContent = r.cancelled ? `cancelling ${id}…` : `${id} is not running here`),
@@ -207,7 +318,7 @@ export function migrationsView(): View {
     { class: 'view' },
     h('h2', {}, 'Migrations'),
     form,
-    h('p', { class: 'hint' }, 'Select several targets for a migration to several destinations at once (first to boot wins); each destination’s state shows in its card. Pre-warm is not offered yet.'),
+    h('p', { class: 'hint' }, 'Select several targets for a migration to several destinations at once (first to boot wins); each destination’s state shows in its card. Pre-warm copies to the selected targets now and keeps them current while the VM runs here; its card then offers Switch now (to all or the ticked destinations) and Cancel pre-warm.'),
     h('h3', {}, 'Running'),
     live,
     h('h3', {}, 'Past'),
@@ -235,7 +346,7 @@ export function migrationsView(): View {
         if (p !== undefined && ids.has(p)) childrenOf.set(p, [...(childrenOf.get(p) ?? []), m]);
       }
       const all = every.filter((m) => { const p = parentOf(m.id); return p === undefined || !ids.has(p); });
-      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? []);
+      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? [], prewarmActions);
       const running = all.filter((m) => m.outcome === null);
       fill(live, running.length ? running.map(card) : h('p', { class: 'muted' }, 'none running'));
       const done = all.filter((m) => m.outcome !== null).slice(0, 30);
