@@ -90,6 +90,8 @@ export interface MigrationSummary {
     readonly resent: number;
     readonly rateBytesPerSec: number;
     readonly perPath: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
+    /** qemu, a VM with image disks: what the disk mirror carried (issue 14). */
+    readonly diskMirror?: { readonly disks: number; readonly bytes: number; readonly readyMs: number; readonly finishMs: number };
   };
   /** Where the source's migratingVm phase went, in ms (source side; absent when the phase did not finish). */
   readonly vmSteps?: MigrationVmSteps;

@@ -182,6 +182,18 @@ export interface MigrateOutResult {
   /** Send rate at the end, bytes/s. */
   readonly rateBytesPerSec?: number;
   readonly perPath?: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
+  /** qemu, a VM with image disks ({@link DiskMirrorCapability}): what the disk mirror carried beside the memory. */
+  readonly diskMirror?: MigrationDiskMirrorStats;
+}
+
+export interface MigrationDiskMirrorStats {
+  readonly disks: number;
+  /** Bytes the mirror jobs copied: the overlay's blocks and the writes during the move, never the base image's. */
+  readonly bytes: number;
+  /** From the first job's start to every job READY (before any memory moved). */
+  readonly readyMs: number;
+  /** Ending the jobs at the switch, the VM paused (part of the downtime). */
+  readonly finishMs: number;
 }
 
 /** Optional: the sim's knob for a VM's CPU load. */

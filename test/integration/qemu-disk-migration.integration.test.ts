@@ -109,6 +109,11 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     const info = await migrate(a, 'd1', 'b', { timeoutMs: 240_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
     expect(info.summary?.imageBuild).toMatchObject({ image: 'disk.img', host: 'b', alreadyThere: false });
+    // The mirror carried the overlay (what the VM wrote), not the 4 MiB image, which b built itself.
+    const mirrored = info.summary?.precopy?.diskMirror;
+    expect(mirrored, JSON.stringify(info.summary?.precopy)).toMatchObject({ disks: 1 });
+    expect(mirrored!.bytes).toBeGreaterThanOrEqual(128 * 1024);
+    expect(mirrored!.bytes).toBeLessThan(IMAGE / 2);
     const stateB = join(root, 'b', 'd1');
     const overlayB = join(stateB, 'disk0.qcow2');
     expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['d1:running']);

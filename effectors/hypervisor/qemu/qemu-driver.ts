@@ -634,6 +634,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     vm.migrating = true;
     let mirror: DiskMirror | undefined;
     let mirrorTls: string | undefined;
+    let mirrorStats: { disks: number; bytes: number; readyMs: number; finishMs: number } | undefined;
     let testWritten = false;
     let wake: () => void = () => {};
     // An event that comes while no wait is armed (in the same read as the query's reply, or while
@@ -714,11 +715,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         await testHookWrite(qmp, mirrored[0], 'beforeMirror');
         // Every guest write reaches the target too from READY on, before any memory moves.
         const mirrorTlsName = mirrorTls ? { tlsCreds: mirrorTls, ...(o.targetName === undefined ? {} : { tlsHostname: o.targetName }) } : {};
+        const m0 = Date.now();
         mirror = await startDiskMirror(qmp, exportFromWire(o.endpoint.disks, mirrorTls), mirrorTlsName).catch((e: unknown) => {
           // The reason a migration record keeps is text: the code goes into it, as the image build's does.
           const code = e instanceof EffectorError ? e.code : ErrorCodes.QEMU_FAILED;
           throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `VM ${name}: ${describeError(e)}; no memory moved, the VM runs here [${code}]`, { details: { vm: name }, cause: e });
         });
+        mirrorStats = { disks: mirror.jobs.length, bytes: 0, readyMs: Date.now() - m0, finishMs: 0 };
         await testHookWrite(qmp, mirrored[0], 'afterReady');
       }
       await qmp.execute('migrate', { uri: o.endpoint.uri });
@@ -734,7 +737,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const p = progress(info);
         if (p.dirtyRateBytesPerSec > 0) finalDirtyRate = p.dirtyRateBytesPerSec;
         o.onProgress?.(p);
-        if (mirror !== undefined && !testWritten && info.status === 'active') {
+        if (mirror !== undefined && !testWritten && (info.status === 'setup' || info.status === 'active')) {
           testWritten = true;
           await testHookWrite(qmp, mirrored[0], 'duringMemory');
         }
@@ -753,7 +756,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
             // Paused: the disk is final; the mirror ends with a consistent copy before the hand-over.
             if (mirror !== undefined) {
               await testHookWrite(qmp, mirrored[0], 'atSwitch');
-              await mirror.finish();
+              const f0 = Date.now();
+              const reports = await mirror.finish();
+              if (mirrorStats !== undefined) {
+                mirrorStats.bytes = reports.reduce((n, r) => n + r.bytes, 0);
+                mirrorStats.finishMs = Date.now() - f0;
+              }
             }
             await o.beforeSwitchover?.();
             handoverMs = Date.now() - h0;
@@ -806,6 +814,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         initialDirtyRate: initialDirtyRate ?? finalDirtyRate,
         finalDirtyRate,
         ...((lastInfo.ram?.mbps ?? 0) > 0 ? { rateBytesPerSec: ((lastInfo.ram?.mbps ?? 0) * 1e6) / 8 } : {}),
+        ...(mirrorStats === undefined ? {} : { diskMirror: { ...mirrorStats } }),
       };
     } catch (e) {
       // The source's disk was never touched by the mirror: its jobs and NBD links just go.
