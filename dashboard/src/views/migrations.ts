@@ -70,66 +70,106 @@ function destinationsTable(ds: NonNullable<NonNullable<MigrationInfo['summary']>
   );
 }
 
-/** What a pre-warm card's buttons do; the chosen destinations outlive the card's re-render on each push. */
+/** What a pre-warm panel's buttons do. */
 interface PrewarmActions {
-  chosen(id: string): ReadonlySet<string> | undefined;
-  choose(id: string, dest: string, on: boolean, warming: readonly string[]): void;
-  switchNow(m: MigrationInfo): void;
+  /** `to` undefined: every destination still warming. */
+  switchNow(m: MigrationInfo, to: readonly string[] | undefined): void;
   cancel(m: MigrationInfo): void;
 }
 
-/** A running pre-warm: per destination copied, remaining, rates, exit condition; switch to all or some, or cancel. */
-function prewarmPanel(m: MigrationInfo, pw: NonNullable<MigrationInfo['prewarm']>, actions: PrewarmActions): HTMLElement {
-  const warming = pw.destinations.filter((d) => d.status === 'warming').map((d) => d.name);
-  const chosen = actions.chosen(m.id);
-  const commanded = pw.commandedAt !== null;
-  return h(
+type PrewarmInfo = NonNullable<MigrationInfo['prewarm']>;
+
+/** One running pre-warm's panel, kept across pushes and updated in place (see `prewarmPanel`). */
+interface PrewarmPanel {
+  readonly el: HTMLElement;
+  update(m: MigrationInfo, pw: PrewarmInfo): void;
+}
+
+const PREWARM_FIELDS = ['copied', 'remaining', 'rate', 'dirty', 'rounds'] as const;
+
+/**
+ * A running pre-warm: per destination copied, remaining, rates, rounds, exit condition; switch to
+ * all or the ticked ones, or cancel. Its destinations push a reading every held round (many a
+ * second), so the panel is built once and its cells rewritten: a panel rebuilt on each push would
+ * lose a click between its mousedown and mouseup, and a tick half-way.
+ */
+function prewarmPanel(actions: PrewarmActions, message: (text: string) => void): PrewarmPanel {
+  let latest: { m: MigrationInfo; pw: PrewarmInfo } | undefined;
+  /** Unticked by the person at the page; every other warming destination is in the switch. */
+  const unticked = new Set<string>();
+  const rows = new Map<string, { readonly tr: HTMLTableRowElement; readonly box: HTMLInputElement; readonly cells: ReadonlyMap<string, HTMLTableCellElement> }>();
+  const stateBadge = h('span', {});
+  const condition = h('span', {});
+  const commandedNote = h('span', { class: 'muted' });
+  const tbody = h('tbody', {});
+  const warmingNow = (): string[] => (latest?.pw.destinations ?? []).filter((d) => d.status === 'warming').map((d) => d.name);
+  const switchButton = h('button', { type: 'button', 'data-testid': 'prewarm-switch' }, 'Switch now');
+  switchButton.addEventListener('click', () => {
+    if (!latest) return;
+    const warming = warmingNow();
+    const picked = warming.filter((n) => !unticked.has(n));
+    if (picked.length === 0) return message('tick at least one warmed destination to switch to');
+    actions.switchNow(latest.m, picked.length === warming.length ? undefined : picked);
+  });
+  const cancelButton = h('button', { type: 'button', class: 'danger', 'data-testid': 'prewarm-cancel' }, 'Cancel pre-warm');
+  cancelButton.addEventListener('click', () => latest && actions.cancel(latest.m));
+  const actionsEl = h('div', { class: 'prewarm-actions' }, switchButton, h('span', { class: 'muted small' }, 'to the ticked destinations (every warmed one unless you untick some)'), cancelButton);
+  const el = h(
     'div',
     { class: 'prewarm', 'data-testid': 'prewarm' },
-    h(
-      'p',
-      { class: 'prewarm-head' },
-      badge(commanded ? 'switching' : 'warming', commanded ? 'info' : 'warn'),
-      ` exit condition: remaining / (rate − dirty rate) < ${fmtMs(pw.downtimeLimitMs)} on ${Math.round(pw.exitShare * 100)} % of the chosen destinations`,
-      commanded ? h('span', { class: 'muted' }, ` · switch commanded at ${fmtTime(pw.commandedAt)}`) : null,
-    ),
+    h('p', { class: 'prewarm-head' }, stateBadge, ' ', condition, commandedNote),
     h(
       'table',
       { class: 'destinations prewarm-destinations', 'data-testid': 'prewarm-destinations' },
       h('thead', {}, h('tr', {}, ['switch to', 'destination', 'status', 'copied', 'remaining', 'rate', 'dirty rate', 'rounds', 'exit condition'].map((c) => h('th', {}, c)))),
-      h(
-        'tbody',
-        {},
-        pw.destinations.map((d) => {
-          const box = h('input', { type: 'checkbox', 'data-testid': 'prewarm-choose', 'aria-label': `switch to ${d.name}`, disabled: commanded || d.status !== 'warming' });
-          box.checked = d.status === 'warming' && (chosen === undefined || chosen.has(d.name));
-          box.addEventListener('change', () => actions.choose(m.id, d.name, box.checked, warming));
-          return h(
-            'tr',
-            { 'data-destination': d.name, class: `status-${d.status}` },
-            h('td', {}, box),
-            h('td', { class: 'mono' }, d.name),
-            h('td', {}, badge(d.status, d.status === 'dropped' ? 'muted' : 'info')),
-            h('td', { class: 'num', 'data-field': 'copied' }, fmtBytes(d.copiedBytes)),
-            h('td', { class: 'num', 'data-field': 'remaining' }, fmtBytes(d.remainingBytes)),
-            h('td', { class: 'num', 'data-field': 'rate' }, fmtRate(d.rateBytesPerSec)),
-            h('td', { class: 'num', 'data-field': 'dirty' }, fmtRate(d.dirtyRateBytesPerSec)),
-            h('td', { class: 'num', 'data-field': 'rounds' }, d.rounds),
-            h('td', { 'data-field': 'exit' }, d.exitConditionMet ? badge('met', 'ok') : badge('not met', 'warn')),
-          );
-        }),
-      ),
+      tbody,
     ),
-    commanded
-      ? null
-      : h(
-          'div',
-          { class: 'prewarm-actions' },
-          h('button', { type: 'button', 'data-testid': 'prewarm-switch', onclick: () => actions.switchNow(m) }, 'Switch now'),
-          h('span', { class: 'muted small' }, ' to the ticked destinations (all warmed ones unless you untick some) '),
-          h('button', { type: 'button', class: 'danger', 'data-testid': 'prewarm-cancel', onclick: () => actions.cancel(m) }, 'Cancel pre-warm'),
-        ),
+    actionsEl,
   );
+
+  function row(name: string): NonNullable<ReturnType<typeof rows.get>> {
+    const have = rows.get(name);
+    if (have) return have;
+    const box = h('input', { type: 'checkbox', 'data-testid': 'prewarm-choose', 'aria-label': `switch to ${name}` });
+    box.addEventListener('change', () => (box.checked ? unticked.delete(name) : unticked.add(name)));
+    const cells = new Map<string, HTMLTableCellElement>([
+      ['status', h('td', { 'data-field': 'status' })],
+      ...PREWARM_FIELDS.map((f): [string, HTMLTableCellElement] => [f, h('td', { class: 'num', 'data-field': f })]),
+      ['exit', h('td', { 'data-field': 'exit' })],
+    ]);
+    const tr = h('tr', { 'data-destination': name }, h('td', {}, box), h('td', { class: 'mono' }, name), [...cells.values()]);
+    tbody.append(tr);
+    const made = { tr, box, cells };
+    rows.set(name, made);
+    return made;
+  }
+
+  return {
+    el,
+    update(m, pw) {
+      latest = { m, pw };
+      const commanded = pw.commandedAt !== null;
+      fill(stateBadge, badge(commanded ? 'switching' : 'warming', commanded ? 'info' : 'warn'));
+      condition.textContent = `exit condition: remaining / (rate − dirty rate) < ${fmtMs(pw.downtimeLimitMs)} on ${Math.round(pw.exitShare * 100)} % of the chosen destinations`;
+      commandedNote.textContent = pw.commandedAt === null ? '' : ` · switch commanded at ${fmtTime(pw.commandedAt)}`;
+      for (const d of pw.destinations) {
+        const r = row(d.name);
+        r.tr.className = `status-${d.status}`;
+        const usable = !commanded && d.status === 'warming';
+        r.box.disabled = !usable;
+        r.box.checked = d.status === 'selected' || (usable && !unticked.has(d.name));
+        const cell = (f: string): HTMLTableCellElement => r.cells.get(f)!;
+        fill(cell('status'), badge(d.status, d.status === 'dropped' ? 'muted' : 'info'));
+        cell('copied').textContent = fmtBytes(d.copiedBytes);
+        cell('remaining').textContent = fmtBytes(d.remainingBytes);
+        cell('rate').textContent = fmtRate(d.rateBytesPerSec);
+        cell('dirty').textContent = fmtRate(d.dirtyRateBytesPerSec);
+        cell('rounds').textContent = String(d.rounds);
+        fill(cell('exit'), d.exitConditionMet ? badge('met', 'ok') : badge('not met', 'warn'));
+      }
+      actionsEl.hidden = commanded;
+    },
+  };
 }
 
 /** A child migration (one destination of a migration to several) inside its parent's card. */
@@ -152,7 +192,7 @@ function parentOf(id: string): string | undefined {
   return at > 0 ? id.slice(0, at) : undefined;
 }
 
-function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[], prewarm: PrewarmActions): HTMLElement {
+function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[], prewarmPanelOf: (m: MigrationInfo, pw: PrewarmInfo) => HTMLElement): HTMLElement {
   const p = m.progress;
   const pw = m.outcome === null ? m.prewarm : undefined;
   const sum = m.summary;
@@ -171,9 +211,12 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
       running && m.role === 'source' && !pw ? h('button', { class: 'danger', onclick: () => onCancel(m.id) }, 'Cancel') : null,
     ),
     running && p ? h('progress', { max: 100, value: p.percent, class: 'migration-progress' }) : null,
-    h('div', { class: 'phase-line' }, 'phase ', h('strong', { class: 'phase' }, m.phase), running && p ? ` — ${p.percent} %` : ''),
-    timeline(m, state),
-    h(
+    h('div', { class: 'phase-line' }, 'phase ', h('strong', { class: 'phase' }, m.phase), running && p ? ` — ${p.percent} %` : '', pw ? (pw.commandedAt === null ? ' — pre-warm: copies held until the switch' : ' — pre-warm: switching') : ''),
+    // A running pre-warm's parent has no copy of its own: its destinations' state is its panel below.
+    pw ? null : timeline(m, state),
+    pw
+      ? null
+      : h(
       'div',
       { class: 'migration-body' },
       h(
@@ -203,9 +246,9 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
           `; total ${fmtMs(sum.totalMs)}`,
         )
       : null,
-    pw ? prewarmPanel(m, pw, prewarm) : null,
+    pw ? prewarmPanelOf(m, pw) : null,
     sum?.destinations?.length ? destinationsTable(sum.destinations, sum.winner) : null,
-    children.length && !sum?.destinations?.length ? h('div', { class: 'children', 'data-testid': 'destinations-live' }, h('strong', {}, 'destinations'), children.map(childRow)) : null,
+    children.length && !sum?.destinations?.length && !pw ? h('div', { class: 'children', 'data-testid': 'destinations-live' }, h('strong', {}, 'destinations'), children.map(childRow)) : null,
     m.reason ? h('p', { class: 'error' }, m.reason) : null,
     sum?.plan?.decisions.length ? h('details', {}, h('summary', {}, 'path planner decisions'), h('ul', {}, sum.plan.decisions.map((d) => h('li', {}, d)))) : null,
     h('p', { class: 'muted small' }, `started ${fmtTime(m.startedAt)}, updated ${fmtTime(m.updatedAt)}`),
@@ -272,28 +315,13 @@ export function migrationsView(): View {
     );
   }
 
-  // Per pre-warm, the destinations ticked for its switch (absent: every one still warming).
-  const chosenOf = new Map<string, Set<string>>();
+  const say = (text: string): void => void (message.textContent = text);
   const prewarmActions: PrewarmActions = {
-    chosen: (id) => chosenOf.get(id),
-    choose(id, dest, on, warming) {
-      const set = new Set(chosenOf.get(id) ?? warming);
-      if (on) set.add(dest);
-      else set.delete(dest);
-      chosenOf.set(id, set);
-    },
-    switchNow(m) {
-      const warming = (m.prewarm?.destinations ?? []).filter((d) => d.status === 'warming').map((d) => d.name);
-      const picked = warming.filter((n) => chosenOf.get(m.id)?.has(n) ?? true);
-      if (picked.length === 0) {
-        message.textContent = 'tick at least one warmed destination to switch to';
-        return;
-      }
-      const to = picked.length === warming.length ? undefined : picked;
-      message.textContent = `switching ${m.vm} to ${(to ?? warming).join(', ')}…`;
+    switchNow(m, to) {
+      say(`switching ${m.vm} to ${to ? to.join(', ') : 'every warmed destination'}…`);
       switchPrewarm(m.vm, to).then(
-        (r) => (message.textContent = `switch of ${m.vm} commanded (migration ${r.id})`),
-        (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
+        (r) => say(`switch of ${m.vm} commanded (migration ${r.id})`),
+        (e: unknown) => say(e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
       );
     },
     cancel(m) {
@@ -302,6 +330,15 @@ export function migrationsView(): View {
         (e: unknown) => (message.textContent = e instanceof ApiError ? `${e.code}: ${e.message}` : String(e)),
       );
     },
+  };
+
+  // One panel per running pre-warm, moved into each rebuilt card; dropped once it is not running.
+  const panels = new Map<string, PrewarmPanel>();
+  const prewarmPanelOf = (m: MigrationInfo, pw: PrewarmInfo): HTMLElement => {
+    let panel = panels.get(m.id);
+    if (!panel) panels.set(m.id, (panel = prewarmPanel(prewarmActions, say)));
+    panel.update(m, pw);
+    return panel.el;
   };
 
   const onCancel = (id: string): void => {
@@ -346,8 +383,9 @@ export function migrationsView(): View {
         if (p !== undefined && ids.has(p)) childrenOf.set(p, [...(childrenOf.get(p) ?? []), m]);
       }
       const all = every.filter((m) => { const p = parentOf(m.id); return p === undefined || !ids.has(p); });
-      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? [], prewarmActions);
+      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? [], prewarmPanelOf);
       const running = all.filter((m) => m.outcome === null);
+      for (const id of panels.keys()) if (!running.some((m) => m.id === id && m.prewarm)) panels.delete(id);
       fill(live, running.length ? running.map(card) : h('p', { class: 'muted' }, 'none running'));
       const done = all.filter((m) => m.outcome !== null).slice(0, 30);
       fill(past, done.length ? done.map(card) : h('p', { class: 'muted' }, 'none yet'));
