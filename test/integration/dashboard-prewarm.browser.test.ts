@@ -5,6 +5,7 @@ import { chromium, type Browser, type Page } from 'playwright-core';
 import { Cluster } from '../harness/cluster.ts';
 import { REPO, waitFor } from '../harness/agent-process.ts';
 import { ControlClient } from '../../core/control/client.ts';
+import { ErrorCodes } from '../../core/errors.ts';
 
 /**
  * Pre-warm from the dashboard (issue 15) in a real browser (Debian's chromium, driven by
@@ -133,11 +134,19 @@ describe.skipIf(missing)('dashboard pre-warm in Chromium, three agents, token co
     expect(await page.locator('img').count()).toBe(0);
   }, 120_000);
 
-  it('cancels a second pre-warm from the page: nothing left at b or c, the VM runs on at a', async () => {
+  it('refuses a second pre-warm of the VM and one without targets with a message; cancels the pre-warm from the page: nothing left at b or c, the VM runs on at a', async () => {
     await warmVm('warm-2');
     const id = await prewarmFromPage('warm-2');
     const card = page.locator(`[data-testid=live-migrations] [data-migration="${id}"]`);
     await card.locator('[data-testid=prewarm-destinations] tr[data-destination="c"]').waitFor({ timeout: 20_000 });
+    // Bad input from the page: a second pre-warm of the VM is refused with its code, the first goes on.
+    await page.click('[data-testid=prewarm-start]');
+    await page.waitForSelector(`.form-message:has-text("${ErrorCodes.VM_BAD_STATE}")`);
+    // No target picked: the page says so and calls nothing.
+    await page.selectOption('[data-testid=migrate-to]', []);
+    await page.click('[data-testid=prewarm-start]');
+    await page.waitForSelector('.form-message:has-text("pick a VM and one or more targets")');
+    expect((await a.listMigrations()).filter((m) => m.vm === 'warm-2' && m.outcome === null && m.prewarm).map((m) => m.id)).toEqual([id]);
     await card.locator('[data-testid=prewarm-cancel]').click();
     const ended = await a.waitMigration(id, { timeoutMs: 60_000 });
     expect(ended.outcome).toBe('aborted');

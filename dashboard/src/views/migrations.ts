@@ -9,6 +9,7 @@ import type { View } from './view.ts';
 const SOURCE_PHASES = ['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'completing', 'finishing', 'completed'] as const;
 /** A migration to several destinations waits for the first boot and the verdict after the copy. */
 const FAN_OUT_PHASES = ['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'booting', 'awaitingDecision', 'syncingDirty', 'completing', 'finishing', 'completed'] as const;
+const FAN_OUT_ROW_PHASES = new Set(['racing', 'committing', 'takingBack']);
 const MANAGEMENT_PHASES = new Set(['holding', 'sendingState', 'sendingEvents', 'syncingDirty', 'completing', 'receivingState', 'receivingEvents', 'committing']);
 
 function outcomeBadge(m: MigrationInfo): HTMLElement {
@@ -17,9 +18,13 @@ function outcomeBadge(m: MigrationInfo): HTMLElement {
 }
 
 function timeline(m: MigrationInfo, state: State): HTMLElement {
-  const seen = state.phases.get(migrationKey(m)) ?? [];
+  // A migration to several destinations' own row has phases of its own (fan-out-decision.ts: racing,
+  // committing, takingBack) around its children's steps; appended after `completed` they read as
+  // steps after the end.
+  const seenAll = state.phases.get(migrationKey(m)) ?? [];
+  const seen = m.role === 'source' ? seenAll.filter((p) => !FAN_OUT_ROW_PHASES.has(p.phase)) : seenAll;
   const done = m.summary?.phases ?? [];
-  const fanOut = [...done, ...seen].some((p) => p.phase === 'booting' || p.phase === 'awaitingDecision');
+  const fanOut = seen.length < seenAll.length || [...done, ...seen].some((p) => p.phase === 'booting' || p.phase === 'awaitingDecision');
   const names: string[] = m.role === 'source' ? [...(fanOut ? FAN_OUT_PHASES : SOURCE_PHASES)] : [...new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)])];
   for (const p of [...done.map((x) => x.phase), ...seen.map((x) => x.phase)]) if (!names.includes(p)) names.push(p);
   const reached = new Set([...done.map((p) => p.phase), ...seen.map((p) => p.phase)]);
