@@ -1,10 +1,9 @@
-import { randomFillSync } from 'node:crypto';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ErrorCodes, isEmbotError } from '../../core/errors.ts';
-import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
-import { PageReceiver, pageBatchHandler } from '../../effectors/hypervisor/sim/dataplane/index.ts';
-import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
+import type { PeerConnection } from '../../core/wire/index.ts';
 import type { MigrateOutOptions } from '../../effectors/index.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { pageDestination, runningSimVm } from '../harness/sim-page-rig.ts';
 
 /**
  * The sim driver's fanOut capability over real loopback data paths: one pre-copy per destination
@@ -14,33 +13,11 @@ import type { MigrateOutOptions } from '../../effectors/index.ts';
 
 const SECRET = Buffer.from('fan-out-test-secret-0123456789ab');
 const MiB = 1024 * 1024;
-const cleanups: (() => Promise<void> | void)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-
-async function destination(name: string, memory: number): Promise<{ conn: PeerConnection; receiver: PageReceiver }> {
-  const server = await PeerServer.listen({ agent: name, secret: SECRET, listen: '127.0.0.1:0' });
-  const receiver = new PageReceiver({ memoryBytes: memory, pageSize: 4096, migrationId: `m~${name}` });
-  server.handle('PageBatch', pageBatchHandler(receiver));
-  const conn = await connectPeer({ url: server.url, agent: 'a', expectedPeer: name, secret: SECRET });
-  cleanups.push(async () => {
-    await conn.close();
-    await server.close();
-  });
-  return { conn, receiver };
-}
+const cleanups = cleanupsAfterEach();
+const destination = (name: string, memory: number) => pageDestination(cleanups, SECRET, name, memory);
 
 async function rig(memory = 2 * MiB, dirtyRate = 2 * MiB) {
-  const driver = new SimDriver({ tickMs: 10 });
-  cleanups.push(() => driver.close());
-  await driver.create({ name: 'vm1', memory, dirtyRate });
-  randomFillSync(driver.pages('vm1').memory);
-  await driver.start('vm1');
-  const stops: string[] = [];
-  driver.events.on('vm-state', (e) => {
-    if (e.to === 'stopped') stops.push(e.reason ?? '');
-  });
+  const { driver, stops } = await runningSimVm(cleanups, memory, dirtyRate);
   const fast = await destination('b', memory);
   const slow = await destination('c', memory);
   const switchovers: string[] = [];
