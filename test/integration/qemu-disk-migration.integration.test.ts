@@ -109,11 +109,12 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     const info = await migrate(a, 'd1', 'b', { timeoutMs: 240_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
     expect(info.summary?.imageBuild).toMatchObject({ image: 'disk.img', host: 'b', alreadyThere: false });
-    // The mirror carried the overlay (what the VM wrote), not the 4 MiB image, which b built itself.
+    // The mirror carried what the VM wrote, not the 4 MiB image, which b built itself.
     const mirrored = info.summary?.precopy?.diskMirror;
     expect(mirrored, JSON.stringify(info.summary?.precopy)).toMatchObject({ disks: 1 });
-    expect(mirrored!.bytes).toBeGreaterThanOrEqual(128 * 1024);
-    expect(mirrored!.bytes).toBeLessThan(IMAGE / 2);
+    // Exactly the guest's writes: the one before the mirror as the overlay's clusters (64 KiB-aligned
+    // here), the later ones as write-blocking mirrors them.
+    expect(mirrored!.bytes).toBe(WRITES.reduce((n, w) => n + w.length, 0));
     const stateB = join(root, 'b', 'd1');
     const overlayB = join(stateB, 'disk0.qcow2');
     expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['d1:running']);
@@ -175,7 +176,11 @@ describe.skipIf(!run)("a QEMU VM's disk mirrored over the cluster's TLS (two age
     await a.client.vmAction('d2', 'start');
     const stateA = join(root, 'a', 'd2');
     await heartbeat(stateA, 1);
-    const info = await migrate(a, 'd2', 'b', { timeoutMs: 240_000 });
+    const info = await migrate(a, 'd2', 'b', { timeoutMs: 240_000 }).catch((e: unknown) => {
+      // Twice (of ten runs, under load) this migration hung until the control request closed at 60 s; not reproduced since: what the agents logged.
+      process.stderr.write(`agent a (exit ${a.child.exitCode}): ${a.stderr.split('\n').filter((l) => /error|warn|fatal|mirror|disk/i.test(l)).slice(-30).join('\n')}\nagent b: ${b.stderr.split('\n').filter((l) => /error|warn|fatal|mirror|disk/i.test(l)).slice(-30).join('\n')}\n`);
+      throw e;
+    });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
     const stateB = join(root, 'b', 'd2');
     await heartbeat(stateB, 2);

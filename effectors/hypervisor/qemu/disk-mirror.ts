@@ -165,6 +165,7 @@ function jobEvent(qmp: QmpClient, job: string, names: readonly string[], timeout
  */
 export async function startDiskMirror(qmp: QmpClient, target: DiskExport, o: DiskMirrorOptions = {}): Promise<DiskMirror> {
   const mirror = new DiskMirror(qmp);
+  const waits: { readonly promise: Promise<QmpEvent>; readonly cancel: () => void }[] = [];
   try {
     const ready: Promise<QmpEvent>[] = [];
     for (const d of target.disks) {
@@ -181,6 +182,10 @@ export async function startDiskMirror(qmp: QmpClient, target: DiskExport, o: Dis
       const w = jobEvent(qmp, job, ['BLOCK_JOB_READY'], o.readyTimeoutMs ?? 300_000);
       // Before the job exists, so a READY that comes at once is not missed.
       ready.push(w.promise);
+      waits.push(w);
+      // Handled here too: when a later disk fails, this wait is cancelled below, and its timer must
+      // not reject later with nobody listening (an unhandled rejection ends the agent).
+      w.promise.catch(() => undefined);
       try {
         // write-blocking: a guest write completes only once the target has it too, so the copy
         // converges however fast the guest writes (libvirt's choice as well).
@@ -193,6 +198,7 @@ export async function startDiskMirror(qmp: QmpClient, target: DiskExport, o: Dis
     }
     await Promise.all(ready);
   } catch (e) {
+    for (const w of waits) w.cancel();
     await mirror.abort();
     throw qmpError('disk mirror to the target did not get ready', e);
   }

@@ -737,7 +737,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const p = progress(info);
         if (p.dirtyRateBytesPerSec > 0) finalDirtyRate = p.dirtyRateBytesPerSec;
         o.onProgress?.(p);
-        if (mirror !== undefined && !testWritten && (info.status === 'setup' || info.status === 'active')) {
+        if (mirror !== undefined && !testWritten && info.status === 'active') {
           testWritten = true;
           await testHookWrite(qmp, mirrored[0], 'duringMemory');
         }
