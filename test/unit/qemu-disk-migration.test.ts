@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import { exportFromWire, exportToWire, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from '../../effectors/hypervisor/qemu/disk-migration.ts';
+import { createDriver } from '../../effectors/hypervisor/create-driver.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import type { QmpClient } from '../../effectors/hypervisor/qemu/qmp-client.ts';
 import { validateQemuSpec, type QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
@@ -46,6 +47,12 @@ describe('qemu image disks: spec and devices', () => {
     // A spare never opens a VM's overlay; a shared disk stays in its shape.
     expect(withoutImageDisks(s).disks).toEqual([{ path: '/shared/a.raw', format: 'raw' }]);
     expect(withoutImageDisks(spec(undefined))).toEqual(spec(undefined));
+  });
+
+  it('vm create --image NAME on qemu: the request names the image, the spec keeps its name on the disk (a path alone is a plain disk)', () => {
+    const { specFor } = createDriver({ kind: 'qemu', qemu: { root: tempDir('specfor-') }, defaults: { memory: 64 * MiB, vcpus: 1 } });
+    expect((specFor({ name: 'd1', image: '/srv/images/web.img', imageName: 'web.img' }) as QemuVmSpec).disks).toEqual([{ path: '/srv/images/web.img', format: 'raw', image: 'web.img' }]);
+    expect((specFor({ name: 'd1', image: '/shared/web.img' }) as QemuVmSpec).disks).toEqual([{ path: '/shared/web.img', format: 'raw' }]);
   });
 
   it('carries the export over the wire and dials it with the source’s own TLS creds', () => {
