@@ -1,10 +1,10 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
 import { waitFor } from '../harness/agent-process.ts';
-import { main } from '../../core/cli/main.ts';
 import { counterOf } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 import type { DestinationChoice, SharedNodes } from '../../core/mobility/destination-topology.ts';
+import { cliHere } from '../harness/cli-in-process.ts';
 
 /**
  * Where destinations are (issue 13 point 5), with real agents on loopback and the sim driver:
@@ -23,13 +23,6 @@ const TOPOLOGY = {
   nodes: ['tor1', 'tor2', 'spine'],
   links: [['a', 'tor1'], ['d', 'tor1'], ['b', 'tor2'], ['c', 'tor2'], ['tor1', 'spine'], ['tor2', 'spine']],
 };
-
-async function cliHere(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  let stdout = '';
-  let stderr = '';
-  const code = await main(['node', 'embot', ...args], { stdout: { write: (x: string) => (stdout += x) }, stderr: { write: (x: string) => (stderr += x) }, env: {} });
-  return { code, stdout, stderr };
-}
 
 describe('migrate --to auto --count N with a topology', () => {
   it('picks the node-disjoint pair, the fan-out completes with one owner; --to b,c warns of the shared nodes; bad counts are refused', async () => {

@@ -1,9 +1,10 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import { main } from '../../core/cli/main.ts';
+import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import { cliHere } from '../harness/cli-in-process.ts';
+import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
 
 /**
  * Several destinations at once, first to boot wins (issue 13), with real agents on loopback and
@@ -53,35 +54,6 @@ async function owners(c: Cluster): Promise<string[]> {
   const out: string[] = [];
   for (const n of c.names) if ((await c.agent(n).client.listVms()).some((v) => v.name === 'app')) out.push(n);
   return out;
-}
-
-async function expectClean(agent: AgentProcess): Promise<void> {
-  expect((await agent.client.listVms()).filter((v) => v.name === 'app')).toEqual([]);
-  expect((await agent.client.listEmbots()).filter((e) => e.elementIds.includes('vm:app'))).toEqual([]);
-  // No migration left open, so nothing staged or held for it.
-  expect((await agent.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
-}
-
-/** More events at the owner, then: every acknowledged one processed exactly once, in order. */
-async function expectStreamExact(owner: AgentProcess, acked: number): Promise<void> {
-  let sent = acked;
-  for (let i = 0; i < 5; i++) await owner.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq: sent++ } });
-  await waitFor(async () => {
-    const x = counterOf(await owner.client.listEmbots(), 'app');
-    return x && x.count >= sent ? x : undefined;
-  }, 15_000, `all ${sent} events processed at the owner`);
-  await sleep(300);
-  const settled = counterOf(await owner.client.listEmbots(), 'app')!;
-  expect(settled.count).toBe(sent);
-  expect(settled.lastSeq).toBe(sent - 1);
-  expect(settled.outOfOrder).toBe(0);
-}
-
-async function cliHere(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  let stdout = '';
-  let stderr = '';
-  const code = await main(['node', 'embot', ...args], { stdout: { write: (x: string) => (stdout += x) }, stderr: { write: (x: string) => (stderr += x) }, env: {} });
-  return { code, stdout, stderr };
 }
 
 async function migrateMany(a: AgentProcess, to: readonly string[], extra: { retries?: number; fallback?: readonly string[] } = {}): Promise<MigrationInfo> {

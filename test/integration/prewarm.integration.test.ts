@@ -1,11 +1,12 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
-import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import { main } from '../../core/cli/main.ts';
+import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 import type { PrewarmInfo } from '../../core/mobility/prewarm.ts';
+import { cliHere } from '../harness/cli-in-process.ts';
+import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
 
 /**
  * Pre-warm (issue 13 point 3) with real agents on loopback and the sim driver: `embot prewarm app
@@ -40,13 +41,6 @@ async function vmWithCounter(a: AgentProcess): Promise<void> {
   await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 10_000, 'counter embot on a');
 }
 
-async function cliHere(args: readonly string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  let stdout = '';
-  let stderr = '';
-  const code = await main(['node', 'embot', ...args], { stdout: { write: (x: string) => (stdout += x) }, stderr: { write: (x: string) => (stderr += x) }, env: {} });
-  return { code, stdout, stderr };
-}
-
 /** The pre-warm state `embot migrations --json` shows on the source. */
 async function warmth(a: AgentProcess, id: string): Promise<PrewarmInfo | undefined> {
   const m = (await a.client.listMigrations()).find((x) => x.id === id) as (MigrationInfo & { prewarm?: PrewarmInfo }) | undefined;
@@ -64,26 +58,6 @@ async function untilWarm(a: AgentProcess, id: string, names: readonly string[]):
   }, 30_000, `${names.join(', ')} warm (exit condition met, rounds re-sent after a complete copy)`).catch((e: unknown) => {
     throw new Error(`${String(e)}; last seen: ${JSON.stringify(seen)}`);
   });
-}
-
-async function expectClean(agent: AgentProcess): Promise<void> {
-  expect((await agent.client.listVms()).filter((v) => v.name === 'app')).toEqual([]);
-  expect((await agent.client.listEmbots()).filter((e) => e.elementIds.includes('vm:app'))).toEqual([]);
-  expect((await agent.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
-}
-
-async function expectStreamExact(owner: AgentProcess, acked: number): Promise<void> {
-  let sent = acked;
-  for (let i = 0; i < 5; i++) await owner.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq: sent++ } });
-  await waitFor(async () => {
-    const x = counterOf(await owner.client.listEmbots(), 'app');
-    return x && x.count >= sent ? x : undefined;
-  }, 15_000, `all ${sent} events processed at the owner`);
-  await sleep(300);
-  const settled = counterOf(await owner.client.listEmbots(), 'app')!;
-  expect(settled.count).toBe(sent);
-  expect(settled.lastSeq).toBe(sent - 1);
-  expect(settled.outOfOrder).toBe(0);
 }
 
 describe('pre-warm', () => {
