@@ -96,6 +96,18 @@ async function open(destinations: readonly RelayDestination[], bufferLimitBytes?
   return relay;
 }
 
+/** A relay to a misbehaving sink `name` and a well-behaved one `ok`, fed `size` random bytes. */
+async function badBesideOk(name: string, mode: SinkMode, size: number): Promise<{ relay: StreamRelay; bad: Sink; ok: Sink; data: Buffer }> {
+  const [bad, ok] = await Promise.all([sink(mode), sink()]);
+  const relay = await open([
+    { name, uri: bad.uri },
+    { name: 'ok', uri: ok.uri },
+  ]);
+  const data = randomBytes(size);
+  await feed(relay, data);
+  return { relay, bad, ok, data };
+}
+
 describe('stream relay: one stream to several destinations over real sockets', () => {
   it('gives every destination the whole stream byte for byte', async () => {
     const [b, c, d] = await Promise.all([sink(), sink(), sink()]);
@@ -139,13 +151,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
   });
 
   it('drops a destination whose connection breaks mid-stream as failed and goes on to the others', async () => {
-    const [broken, ok] = await Promise.all([sink({ closeAfter: 1024 * 1024 }), sink()]);
-    const relay = await open([
-      { name: 'broken', uri: broken.uri },
-      { name: 'ok', uri: ok.uri },
-    ]);
-    const data = randomBytes(16 * 1024 * 1024);
-    await feed(relay, data);
+    const { relay, bad: broken, ok, data } = await badBesideOk('broken', { closeAfter: 1024 * 1024 }, 16 * 1024 * 1024);
     const r = await relay.result('broken');
     expect(r.outcome).toBe('failed');
     expect((await broken.received).bytes).toBeLessThan(data.length);
@@ -266,13 +272,7 @@ describe('stream relay: bad input', () => {
   });
 
   it('drops a destination that sends bytes back on the one-way stream, and keeps the others', async () => {
-    const [talker, ok] = await Promise.all([sink({ talkBack: true }), sink()]);
-    const relay = await open([
-      { name: 'talker', uri: talker.uri },
-      { name: 'ok', uri: ok.uri },
-    ]);
-    const data = randomBytes(4 * 1024 * 1024);
-    await feed(relay, data);
+    const { relay, ok, data } = await badBesideOk('talker', { talkBack: true }, 4 * 1024 * 1024);
     const t = await relay.result('talker');
     expect(t.outcome).toBe('failed');
     expect(t.reason).toMatch(/sent bytes on a one-way stream/);
