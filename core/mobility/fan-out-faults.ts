@@ -7,18 +7,7 @@
  * what it received); only the cause is made up, because a sim VM never fails to boot by itself.
  */
 import { ErrorCodes, ProtocolError } from '../errors.ts';
-
-function draw(seed: number): () => number {
-  // mulberry32: small, seedable, good enough to spread injected failures.
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { prng } from '../prng.ts';
 
 /** The draw for the current settings; read on each call, so a bench can switch injection on and off. */
 let current: { readonly key: string; readonly random: () => number } | undefined;
@@ -30,7 +19,7 @@ export function injectedBootFailure(vm: string): void {
   if (!(probability > 0)) return;
   const seed = process.env['EMBOT_FAULT_SEED'];
   const key = `${raw}/${seed ?? ''}`;
-  if (current?.key !== key) current = { key, random: seed === undefined || seed === '' ? Math.random : draw(Number(seed)) };
+  if (current?.key !== key) current = { key, random: seed === undefined || seed === '' ? Math.random : prng(Number(seed)) };
   if (current.random() < probability) {
     throw new ProtocolError(ErrorCodes.MIGRATION_FAILED, `injected fault (EMBOT_FAULT_BOOT_FAIL=${raw}): incoming VM ${vm} failed to boot`);
   }

@@ -1,19 +1,2 @@
-/**
- * mulberry32: a seeded PRNG so a randomised test that fails replays exactly.
- *
- * @example
- * ```ts
- * const rnd = prng(7);
- * const ts = Math.floor(rnd() * 200); // same sequence on every run
- * ```
- */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded PRNG tests use to replay a randomised run exactly; it lives in core, where fault injection draws from it too. */
+export { prng } from '../../core/prng.ts';

@@ -1,0 +1,20 @@
+/**
+ * mulberry32: a small seeded PRNG, so that a randomised test that fails replays exactly and
+ * injected faults (EMBOT_FAULT_SEED) can be reproduced. Not for anything secret.
+ *
+ * @example
+ * ```ts
+ * const rnd = prng(7);
+ * const ts = Math.floor(rnd() * 200); // same sequence on every run
+ * ```
+ */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
