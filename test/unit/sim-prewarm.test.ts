@@ -16,7 +16,9 @@ const MiB = 1024 * 1024;
 const cleanups = cleanupsAfterEach();
 const destination = (name: string, memory: number) => pageDestination(cleanups, SECRET, name, memory);
 
-async function rig(memory = 4 * MiB, dirtyRate = 256 * 1024) {
+const DIRTY_RATE = 256 * 1024;
+
+async function rig(memory = 4 * MiB, dirtyRate = DIRTY_RATE) {
   const { driver, stops } = await runningSimVm(cleanups, memory, dirtyRate);
   const dests = { b: await destination('b', memory), c: await destination('c', memory) };
   const progress: Record<string, DriverMigrationProgress[]> = { b: [], c: [] };
@@ -51,6 +53,23 @@ describe('sim pre-warm', () => {
     await until(() => ['b', 'c'].every((d) => exitConditionMet(r.progress[d]!.at(-1)!, 100)), 'the exit condition at both');
     expect(r.stops).toEqual([]);
     expect(r.driver.get('vm1')?.state).toBe('running');
+    // The held readings, once the dirty-rate window has filled: what the exit condition judges.
+    // They once read dirty rate 0 (measured per held round, shorter than the VM's write ticks) and
+    // remaining 0 (read right after each round's send, before anything was dirtied again).
+    await new Promise((res) => setTimeout(res, 1200));
+    const from = { b: r.progress['b']!.length, c: r.progress['c']!.length };
+    await new Promise((res) => setTimeout(res, 600));
+    for (const d of ['b', 'c'] as const) {
+      const held = r.progress[d]!.slice(from[d]);
+      expect(held.length).toBeGreaterThan(0);
+      for (const p of held) {
+        expect(p.dirtyRateBytesPerSec).toBeGreaterThan(DIRTY_RATE / 2);
+        expect(p.dirtyRateBytesPerSec).toBeLessThan(DIRTY_RATE * 2);
+      }
+      // The pages dirtied since they were last sent: most readings see some (an idle look may see none).
+      expect(held.filter((p) => p.remainingBytes > 0).length * 2).toBeGreaterThanOrEqual(held.length);
+      expect(Math.max(...held.map((p) => p.remainingBytes))).toBeLessThan(r.memory / 4);
+    }
     const sentAtCommand = Math.max(...r.progress['b']!.map((p) => p.transferredBytes));
     // Dirtied pages were re-sent after the complete copy.
     expect(sentAtCommand).toBeGreaterThan(r.memory);

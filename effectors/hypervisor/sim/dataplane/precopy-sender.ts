@@ -31,6 +31,12 @@ const PROGRESS_EVERY_MS = 200;
 const FRAME_OVERHEAD_BYTES = 4096;
 /** The send rate is measured over the latest rounds that add up to at least this long. */
 const RATE_WINDOW_MS = 250;
+/**
+ * While held, the dirty rate is measured over the latest looks at the dirty log spanning at least
+ * this long: a held round or an idle look is shorter than the VM's own write ticks (the sim's
+ * 50 ms), so measured alone it reads 0 or a burst.
+ */
+const DIRTY_WINDOW_MS = 1000;
 
 export type PreCopyPhase = 'precopy' | 'stop-and-copy' | 'done';
 
@@ -178,6 +184,25 @@ class RoundRates {
   }
 }
 
+/** Page writes at each look at the dirty log, kept for DIRTY_WINDOW_MS. */
+class WriteWindow {
+  private readonly looks: { readonly at: number; readonly written: number }[] = [];
+
+  add(at: number, written: number): void {
+    this.looks.push({ at, written });
+    // Keep one look at or before the window's start, so the window spans it whole.
+    while (this.looks.length > 2 && this.looks[1]!.at <= at - DIRTY_WINDOW_MS) this.looks.shift();
+  }
+
+  /** Pages written per second between the oldest look kept and the latest. */
+  rate(pageSize: number): number {
+    const first = this.looks[0];
+    const last = this.looks.at(-1);
+    if (!first || !last || last.at <= first.at) return 0;
+    return ((last.written - first.written) * pageSize * 1000) / (last.at - first.at);
+  }
+}
+
 /** Merges two ascending index lists, dropping duplicates. */
 function mergeIndexes(a: Uint32Array, b: Uint32Array): Uint32Array {
   const out = new Uint32Array(a.length + b.length);
@@ -306,6 +331,17 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     driver.takeDirty(o.vm);
     let lastTake = performance.now();
     let lastWritten = driver.counters(o.vm).pagesWritten;
+    const writes = new WriteWindow();
+    writes.add(lastTake, lastWritten);
+    /** After each take: the dirty rate over the last round, or while held over the window. */
+    const measureDirty = (): void => {
+      const now = performance.now();
+      const written = driver.counters(o.vm).pagesWritten;
+      writes.add(now, written);
+      dirtyRate = o.hold?.held() ? writes.rate(pageSize) : ((written - lastWritten) * pageSize * 1000) / Math.max(1, now - lastTake);
+      lastTake = now;
+      lastWritten = written;
+    };
     let pending = allPages(pages.pageCount);
     let converged = false;
     let expectedDowntimeMs = (memoryBytes * 1000) / striper.rateBytesPerSec;
@@ -317,15 +353,10 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
       for (;;) {
         await sendRound(pending, round, false);
         pending = driver.takeDirty(o.vm);
-        const now = performance.now();
-        const written = driver.counters(o.vm).pagesWritten;
-        dirtyRate = ((written - lastWritten) * pageSize * 1000) / Math.max(1, now - lastTake);
-        lastTake = now;
-        lastWritten = written;
+        measureDirty();
         const remaining = pagesBytes(pending, memoryBytes, pageSize);
         const rate = sendRate();
         expectedDowntimeMs = (remaining * 1000) / rate;
-        progress('precopy', round, remaining, rate, dirtyRate, expectedDowntimeMs);
         if (o.hold?.held()) {
           heldRounds++;
           round++;
@@ -335,15 +366,19 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
             if (performance.now() - lastProgress >= PROGRESS_EVERY_MS) progress('precopy', round, 0, sendRate(), dirtyRate, 0);
             await Promise.race([new Promise((r) => setTimeout(r, PREWARM_IDLE_MS)), o.hold.lifted]);
             pending = driver.takeDirty(o.vm);
-            const at = performance.now();
-            const w = driver.counters(o.vm).pagesWritten;
-            dirtyRate = ((w - lastWritten) * pageSize * 1000) / Math.max(1, at - lastTake);
-            lastTake = at;
-            lastWritten = w;
+            measureDirty();
           }
           if (o.signal?.aborted) throw aborted(o.signal, o.migrationId);
+          // Reported now, not right after the round's send (which sees almost nothing dirtied yet):
+          // the pages dirtied since they were last sent, the ones the next round sends.
+          if (pending.length > 0) {
+            const left = pagesBytes(pending, memoryBytes, pageSize);
+            const r = sendRate();
+            progress('precopy', round, left, r, dirtyRate, (left * 1000) / r);
+          }
           continue;
         }
+        progress('precopy', round, remaining, rate, dirtyRate, expectedDowntimeMs);
         if (expectedDowntimeMs <= cfg.downtimeLimitMs) {
           converged = true;
           break;
