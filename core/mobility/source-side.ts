@@ -391,6 +391,8 @@ export class SourceSide implements SourceSteps {
       const caps = paths.map((p) => p.capBytesPerSec);
       const maxBandwidth = caps.every((c) => c !== undefined) ? caps.reduce<number>((a, c) => a + c!, 0) : undefined;
       const migrateOut: FanOutMove = this.o.fanOut?.move ?? ((name, opts) => host.driver.migrateOut(name, opts));
+      // A copy that ends without a result (terminated, cancelled, failed) still sent this much: its summary says so.
+      let copiedBytes = 0;
       const move = migrateOut(this.o.vm, {
         // A driver that mirrors image disks (qemu) gets the target's export; no other is ever asked to.
         endpoint: { uri: ready.endpoint, ...(ready.disks !== undefined && host.driver.capabilities.diskMirror !== undefined ? { disks: ready.disks } : {}) },
@@ -411,7 +413,8 @@ export class SourceSide implements SourceSteps {
             switchoverMs += performance.now() - entered;
           }
         },
-        onProgress: (p) =>
+        onProgress: (p) => {
+          copiedBytes = Math.max(copiedBytes, p.transferredBytes);
           this.o.onProgress({
             bytes: this.stats.bytes + p.transferredBytes,
             memoryBytes: p.transferredBytes,
@@ -421,10 +424,15 @@ export class SourceSide implements SourceSteps {
             rateBytesPerSec: p.rateBytesPerSec,
             dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
             expectedDowntimeMs: p.expectedDowntimeMs,
-          }),
+          });
+        },
       });
       this.vmMove = move;
-      const result = await move;
+      const result = await move.catch((e: unknown) => {
+        this.stats.memoryBytes += copiedBytes;
+        this.stats.bytes += copiedBytes;
+        throw e;
+      });
       this.stats.memoryBytes += result.bytes;
       this.stats.bytes += result.bytes;
       this.stats.precopy = result;

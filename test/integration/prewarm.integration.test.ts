@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
-import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
@@ -79,9 +79,23 @@ describe('pre-warm', () => {
     expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
     const human = await cliHere(['migrations', '--agent', a.url]);
     expect(human.stdout).toMatch(/PRE-WARM[\s\S]*b\s+warming[\s\S]*met/);
+    // While held, each destination's readings are what the exit condition judges: the VM's dirty
+    // rate (1 MiB/s; it once read 0, measured per held round only) and what it dirtied since last sent.
+    let remainingSeen = 0;
+    for (let i = 0; i < 6; i++) {
+      for (const d of (await warmth(a, id))!.destinations) {
+        expect(d.dirtyRateBytesPerSec, `${d.name} dirty rate while held`).toBeGreaterThan(MiB / 2);
+        expect(d.dirtyRateBytesPerSec, `${d.name} dirty rate while held`).toBeLessThan(MiB * 2);
+        expect(d.remainingBytes).toBeLessThan(VM_BYTES / 4);
+        if (d.remainingBytes > 0) remainingSeen++;
+      }
+      await sleep(100);
+    }
+    expect(remainingSeen, 'readings with pages dirtied since last sent').toBeGreaterThan(0);
 
     const atCommand = (await warmth(a, id))!;
     const copiedB = atCommand.destinations.find((d) => d.name === 'b')!.copiedBytes;
+    const copiedC = atCommand.destinations.find((d) => d.name === 'c')!.copiedBytes;
     const { id: same } = await a.client.migrate('app', 'b');
     expect(same).toBe(id);
     const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
@@ -92,6 +106,9 @@ describe('pre-warm', () => {
     expect(s.winner).toBe('b');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    // What c received while warming counts (it once showed only the management bytes of its last try).
+    expect(by['c']!.bytes).toBeGreaterThanOrEqual(copiedC);
+    expect(by['c']!.bytes).toBeGreaterThan(VM_BYTES);
     // The structure of a warm switch: after the command only what was dirtied since went, not a copy of the VM.
     const memoryAfterCommand = s.memoryBytes - copiedB;
     expect(memoryAfterCommand).toBeLessThan(VM_BYTES / 4);
