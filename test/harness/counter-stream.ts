@@ -14,25 +14,22 @@ export function counterOf(embots: readonly EmbotInfo[], vm: string): CounterCont
   return embots.find((e) => e.id === `counter/counter/vm:${vm}`)?.policies[0]?.context as CounterContext | undefined;
 }
 
+/** A sequence-numbered stream of posts, running until stopped; `acked` counts the sequence numbers taken. */
+export interface SequencedPoster {
+  readonly acked: number;
+  stop(): Promise<void>;
+}
+
 /**
- * Emits sequence-numbered TICKs for VM `vm` to whichever agent `target()` names, one at a time,
- * until stopped; a post that fails (or no agent to post to) is re-sent with the same `seq`.
- * `acked` counts the posts the agent acknowledged.
+ * Calls `post(n)` for n = 0, 1, 2, … one at a time until stopped, moving on to n + 1 only when it
+ * resolves true (taken) and calling again with the same n when it resolves false; `post` does its
+ * own waiting before a retry.
  */
-export function tickProducer(target: () => AgentProcess | undefined, vm: string, retryMs = 5): { readonly acked: number; stop(): Promise<void> } {
+export function sequencedPoster(post: (seq: number) => Promise<boolean>): SequencedPoster {
   let next = 0;
   let running = true;
   const done = (async () => {
-    while (running) {
-      const agent = target();
-      try {
-        if (!agent) throw new Error('no agent to post to');
-        await agent.client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq: next } });
-        next++;
-      } catch {
-        await sleep(retryMs);
-      }
-    }
+    while (running) if (await post(next)) next++;
   })();
   return {
     get acked() {
@@ -43,4 +40,23 @@ export function tickProducer(target: () => AgentProcess | undefined, vm: string,
       await done;
     },
   };
+}
+
+/**
+ * Emits sequence-numbered TICKs for VM `vm` to whichever agent `target()` names, one at a time,
+ * until stopped; a post that fails (or no agent to post to) is re-sent with the same `seq`.
+ * `acked` counts the posts the agent acknowledged.
+ */
+export function tickProducer(target: () => AgentProcess | undefined, vm: string, retryMs = 5): SequencedPoster {
+  return sequencedPoster(async (seq) => {
+    const agent = target();
+    try {
+      if (!agent) throw new Error('no agent to post to');
+      await agent.client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq } });
+      return true;
+    } catch {
+      await sleep(retryMs);
+      return false;
+    }
+  });
 }

@@ -1,7 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import { counterOf } from '../harness/counter-stream.ts';
+import { counterOf, sequencedPoster, type SequencedPoster } from '../harness/counter-stream.ts';
 import { prng } from '../harness/prng.ts';
 import { isEmbotError, ErrorCodes } from '../../core/errors.ts';
 
@@ -37,33 +37,21 @@ const MAX_DELAY_MS = 1800;
  * the owner an ELEMENT_MOVED answer names. A failed post is re-sent with the same id; a duplicate
  * answer means the earlier post was taken.
  */
-function producer(c: Cluster): { readonly acked: number; stop(): Promise<void> } {
-  let next = 0;
-  let running = true;
+function producer(c: Cluster): SequencedPoster {
   let owner = 'a';
-  const done = (async () => {
-    while (running) {
-      const agent = c.agents.get(owner);
-      try {
-        if (!agent) throw new Error('owner down');
-        await agent.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq: next }, id: `tick-${next}` });
-        next++;
-      } catch (e) {
-        if (isEmbotError(e, ErrorCodes.EVENT_DUPLICATE)) next++;
-        else if (isEmbotError(e, ErrorCodes.ELEMENT_MOVED)) owner = String((e as { details?: { owner?: unknown } }).details?.owner ?? owner);
-        else await sleep(20);
-      }
+  return sequencedPoster(async (seq) => {
+    const agent = c.agents.get(owner);
+    try {
+      if (!agent) throw new Error('owner down');
+      await agent.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq }, id: `tick-${seq}` });
+      return true;
+    } catch (e) {
+      if (isEmbotError(e, ErrorCodes.EVENT_DUPLICATE)) return true;
+      if (isEmbotError(e, ErrorCodes.ELEMENT_MOVED)) owner = String((e as { details?: { owner?: unknown } }).details?.owner ?? owner);
+      else await sleep(20);
+      return false;
     }
-  })();
-  return {
-    get acked() {
-      return next;
-    },
-    async stop() {
-      running = false;
-      await done;
-    },
-  };
+  });
 }
 
 describe('SIGKILL during a migration to several destinations', () => {
