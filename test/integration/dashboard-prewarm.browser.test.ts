@@ -102,6 +102,10 @@ describe.skipIf(missing)('dashboard pre-warm in Chromium, three agents, token co
     // Held rounds keep coming while it waits: the rounds column moves without a reload.
     const rounds = Number(await row('b').locator('td[data-field=rounds]').textContent());
     await waitFor(async () => Number(await row('b').locator('td[data-field=rounds]').textContent()) > rounds, 20_000, 'more held rounds shown');
+    // The guest dirties 1 MiB/s and the held readings say so (they once read 0 B/s: each held round measured alone).
+    for (const dest of ['b', 'c']) {
+      await waitFor(async () => (/(KiB|MiB)\/s$/.test((await row(dest).locator('td[data-field=dirty]').textContent()) ?? '') ? true : undefined), 20_000, `${dest}'s dirty rate shown in KiB/s or MiB/s`);
+    }
     // The card is rebuilt on every push (its pre-warm panel is kept): clip the page where it is.
     await card.locator('[data-testid=prewarm]').scrollIntoViewIfNeeded();
     const box = await card.boundingBox();
