@@ -30,6 +30,17 @@ function drivers(): { a: QemuDriver; b: QemuDriver; c: QemuDriver } {
   return { a: make('a'), b: make('b'), c: make('c') };
 }
 
+/** `fo` running (heart beating) at a, incoming QEMUs waiting at b and c, and a's fan-out session to them. */
+async function fanOutFromRunningA() {
+  const { a, b, c } = drivers();
+  await a.create(spec);
+  await a.start('fo');
+  await heartbeat(a.stateDir('fo'), 2);
+  const [eb, ec] = await Promise.all([b.prepareIncoming(spec), c.prepareIncoming(spec)]);
+  const session = a.capabilities.fanOut!.begin('fo', ['b', 'c']);
+  return { a, b, c, eb, ec, session };
+}
+
 async function intact(d: QemuDriver): Promise<void> {
   await d.pause('fo');
   const end = guestRangeEnd(64 * MiB);
@@ -39,12 +50,7 @@ async function intact(d: QemuDriver): Promise<void> {
 
 describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming QEMUs (TCG)', () => {
   it('both get the whole stream and reach their last reversible point; the one committed runs intact, the other is thrown away', async () => {
-    const { a, b, c } = drivers();
-    await a.create(spec);
-    await a.start('fo');
-    await heartbeat(a.stateDir('fo'), 2);
-    const [eb, ec] = await Promise.all([b.prepareIncoming(spec), c.prepareIncoming(spec)]);
-    const session = a.capabilities.fanOut!.begin('fo', ['b', 'c']);
+    const { b, c, eb, ec, session } = await fanOutFromRunningA();
     let switches = 0;
     const opts = (endpoint: { uri: string }) => ({ endpoint, downtimeLimitMs: 500, autoConverge: true, beforeSwitchover: async () => void switches++ });
     const [rb, rc] = await Promise.all([session.migrateOut('b', opts(eb.endpoint)), session.migrateOut('c', opts(ec.endpoint))]);
@@ -62,12 +68,7 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
   }, 300_000);
 
   it("a destination whose QEMU is killed mid-stream is dropped alone; the other gets the whole stream and runs", async () => {
-    const { a, b, c } = drivers();
-    await a.create(spec);
-    await a.start('fo');
-    await heartbeat(a.stateDir('fo'), 2);
-    const [eb, ec] = await Promise.all([b.prepareIncoming(spec), c.prepareIncoming(spec)]);
-    const session = a.capabilities.fanOut!.begin('fo', ['b', 'c']);
+    const { b, c, eb, ec, session } = await fanOutFromRunningA();
     let killed = false;
     const opts = (endpoint: { uri: string }) => ({
       endpoint,
