@@ -2,7 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { ErrorCodes } from '../../core/errors.ts';
-import { counterOf, tickProducer } from '../harness/counter-stream.ts';
+import { counterOf, tickProducer, type SequencedPoster } from '../harness/counter-stream.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 import type { PrewarmInfo } from '../../core/mobility/prewarm.ts';
 import { cliHere } from '../harness/cli-in-process.ts';
@@ -41,6 +41,17 @@ async function vmWithCounter(a: AgentProcess): Promise<void> {
   await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 10_000, 'counter embot on a');
 }
 
+/** The cluster, VM `app` with its counter embot at a, and ticks flowing to a (ten acknowledged). */
+async function clusterWithEvents(): Promise<{ c: Cluster; a: AgentProcess; ticks: SequencedPoster }> {
+  cluster = await startCluster();
+  const c = cluster;
+  const a = c.agent('a');
+  await vmWithCounter(a);
+  const ticks = tickProducer(() => a, 'app');
+  await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+  return { c, a, ticks };
+}
+
 /** The pre-warm state `embot migrations --json` shows on the source. */
 async function warmth(a: AgentProcess, id: string): Promise<PrewarmInfo | undefined> {
   const m = (await a.client.listMigrations()).find((x) => x.id === id) as (MigrationInfo & { prewarm?: PrewarmInfo }) | undefined;
@@ -62,12 +73,7 @@ async function untilWarm(a: AgentProcess, id: string, names: readonly string[]):
 
 describe('pre-warm', () => {
   it('warms b and c while the events are processed at a; migrate --to b switches with little left to send; c is terminated and clean', async () => {
-    cluster = await startCluster();
-    const c = cluster;
-    const a = c.agent('a');
-    await vmWithCounter(a);
-    const ticks = tickProducer(() => a, 'app');
-    await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+    const { c, a, ticks } = await clusterWithEvents();
 
     const started = await cliHere(['prewarm', 'app', '--to', 'b,c', '--json', '--agent', a.url]);
     expect(started.code, started.stderr).toBe(0);
@@ -174,12 +180,7 @@ describe('pre-warm', () => {
   }, 180_000);
 
   it('the source SIGKILLed during a pre-warm: after its restart the pre-warm is cancelled, b and c discard, the VM and its embot run on at a', async () => {
-    cluster = await startCluster();
-    const c = cluster;
-    const a = c.agent('a');
-    await vmWithCounter(a);
-    const ticks = tickProducer(() => a, 'app');
-    await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+    const { c, a, ticks } = await clusterWithEvents();
     const { id } = await a.client.prewarm('app', ['b', 'c']);
     await untilWarm(a, id, ['b', 'c']);
     // Stopped first, so no event is left half-acknowledged by the kill.
