@@ -10,13 +10,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { EmbotEvent } from '../core/events.ts';
 import { AgentMetrics } from '../core/metrics/index.ts';
 import { checkModuleDir } from '../core/plugins/index.ts';
-import { Store } from '../core/store/store.ts';
-import { EffectorRegistry } from '../effectors/index.ts';
-import { EMBOT_API_VERSION, EmbotRuntime } from '../embots/index.ts';
-import { SensorService } from '../sensors/index.ts';
+import { EMBOT_API_VERSION, type EmbotRuntime } from '../embots/index.ts';
+import type { SensorService } from '../sensors/index.ts';
+import { openRuntimeStack, postTickBursts, processedWaiter } from './runtime-stack.ts';
 import type { BenchRow, BenchTable } from './table.ts';
 
 const COUNTER_DIR = fileURLToPath(new URL('../test/fixtures/plugins/counter/', import.meta.url));
@@ -37,15 +35,7 @@ interface Rig {
 }
 
 async function startRig(file: string, withMetrics: boolean): Promise<Rig> {
-  const store = Store.open({ file, synchronous: 'NORMAL' });
-  const sensors = new SensorService({ host: 'bench', store });
-  const runtime = new EmbotRuntime({ store, sensors, effectors: new EffectorRegistry() });
-  const close = async (): Promise<void> => {
-    await sensors.idle();
-    await runtime.close();
-    await sensors.close();
-    store.close();
-  };
+  const { sensors, runtime, close } = openRuntimeStack(file);
   const c = checkModuleDir(COUNTER_DIR, EMBOT_API_VERSION);
   if (!c.ok) throw new Error(`counter fixture is not a valid module: ${c.problem.error.message}`);
   await runtime.loadModule(c.record);
@@ -67,14 +57,7 @@ async function startRig(file: string, withMetrics: boolean): Promise<Rig> {
 
 /** Posts `n` TICKs and resolves with events/s once the runtime committed them all; scrapes meanwhile when the rig has metrics. */
 async function pump(rig: Rig, n: number, scrapeEveryMs: number | undefined): Promise<{ rate: number; cpuRate: number; scrapes: number; scrapeMs: number }> {
-  let processed = 0;
-  let resolveDone!: () => void;
-  const done = new Promise<void>((r) => (resolveDone = r));
-  const onProcessed = (events: readonly EmbotEvent[]): void => {
-    processed += events.length;
-    if (processed >= n) resolveDone();
-  };
-  rig.runtime.on('processed', onProcessed);
+  const processed = processedWaiter(rig.runtime, n);
   let scrapes = 0;
   let scrapeNs = 0n;
   let bytes = 0;
@@ -90,19 +73,15 @@ async function pump(rig: Rig, n: number, scrapeEveryMs: number | undefined): Pro
     : undefined;
   const cpu = process.cpuUsage();
   const start = process.hrtime.bigint();
-  for (let from = 0; from < n; from += BURST) {
-    const end = Math.min(n, from + BURST);
-    for (let i = from; i < end; i++) rig.sensors.post({ elementId: 'vm:bench-0', type: 'TICK', payload: { seq: rig.seq++ } });
-    await rig.sensors.idle();
-  }
-  await done;
+  await postTickBursts(rig, n, BURST);
+  await processed.done;
   const rate = n / (Number(process.hrtime.bigint() - start) / 1e9);
   const used = process.cpuUsage(cpu);
   // Events per CPU-second of the whole process (main thread, module worker, scrapes): what the
   // metrics cost, with less of the other tenants of a shared machine in it than wall time has.
   const cpuRate = n / ((used.user + used.system) / 1e6);
   if (timer) clearInterval(timer);
-  rig.runtime.off('processed', onProcessed);
+  processed.stop();
   await rig.runtime.idle();
   return { rate, cpuRate, scrapes, scrapeMs: scrapes ? Number(scrapeNs) / 1e6 / scrapes : 0 };
 }

@@ -16,14 +16,11 @@ import { Worker } from 'node:worker_threads';
 import { unpack } from 'msgpackr';
 import * as xstate from 'xstate';
 import { createActor, type AnyStateMachine } from 'xstate';
-import type { EmbotEvent } from '../core/events.ts';
 import { checkModuleDir } from '../core/plugins/index.ts';
-import { Store } from '../core/store/store.ts';
-import { EffectorRegistry } from '../effectors/index.ts';
-import { EmbotRuntime, type RuntimeModule } from '../embots/embot-runtime.ts';
+import type { RuntimeModule } from '../embots/embot-runtime.ts';
 import { definePolicy, EMBOT_API_VERSION, type ModuleEntry, type PolicyApi } from '../embots/policy-api.ts';
-import { SensorService } from '../sensors/index.ts';
 import counterEntry from '../test/fixtures/plugins/counter/index.ts';
+import { openRuntimeStack, processedWaiter, type RuntimeStack } from './runtime-stack.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 
 const COUNTER_DIR = fileURLToPath(new URL('../test/fixtures/plugins/counter/', import.meta.url));
@@ -145,25 +142,13 @@ function loadModule(dir: string): RuntimeModule {
   return c.record;
 }
 
-interface Rig {
-  readonly store: Store;
-  readonly sensors: SensorService;
-  readonly runtime: EmbotRuntime;
+interface Rig extends RuntimeStack {
   readonly elementIds: readonly string[];
-  close(): Promise<void>;
 }
 
-/** Real parts, wired as the agent wires them: one Store shared by the journal and the runtime. */
+/** The runtime stack with `moduleDir` loaded and `elements` VMs attached. */
 async function startRig(file: string, elements: number, moduleDir: string): Promise<Rig> {
-  const store = Store.open({ file, synchronous: 'NORMAL' });
-  const sensors = new SensorService({ host: 'bench', store });
-  const runtime = new EmbotRuntime({ store, sensors, effectors: new EffectorRegistry() });
-  const close = async (): Promise<void> => {
-    await sensors.idle();
-    await runtime.close();
-    await sensors.close();
-    store.close();
-  };
+  const { store, sensors, runtime, close } = openRuntimeStack(file);
   try {
     await runtime.loadModule(loadModule(moduleDir));
     const elementIds = Array.from({ length: elements }, (_, i) => `vm:bench-${i}`);
@@ -186,14 +171,7 @@ interface PumpResult {
 /** Posts `n` events round-robin over the rig's elements and resolves once the runtime has committed them all. */
 async function pump(rig: Rig, n: number, seqBase: number): Promise<PumpResult> {
   const { sensors, runtime, elementIds } = rig;
-  let processed = 0;
-  let resolveDone!: () => void;
-  const done = new Promise<void>((r) => (resolveDone = r));
-  const onProcessed = (events: readonly EmbotEvent[]): void => {
-    processed += events.length;
-    if (processed >= n) resolveDone();
-  };
-  runtime.on('processed', onProcessed);
+  const processed = processedWaiter(runtime, n);
   const perElement = elementIds.length;
   const elu = performance.eventLoopUtilization();
   const cpu = process.cpuUsage();
@@ -205,11 +183,11 @@ async function pump(rig: Rig, n: number, seqBase: number): Promise<PumpResult> {
     }
     await sensors.idle();
   }
-  await done;
+  await processed.done;
   const rate = n / seconds(start);
   const used = process.cpuUsage(cpu);
   const mainBusy = performance.eventLoopUtilization(elu).utilization;
-  runtime.off('processed', onProcessed);
+  processed.stop();
   await runtime.idle();
   return { rate, cpuUsPerEvent: (used.user + used.system) / n, mainBusy };
 }
