@@ -9,15 +9,12 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { AgentMetrics } from '../core/metrics/index.ts';
-import { checkModuleDir } from '../core/plugins/index.ts';
-import { EMBOT_API_VERSION, type EmbotRuntime } from '../embots/index.ts';
+import type { EmbotRuntime } from '../embots/index.ts';
 import type { SensorService } from '../sensors/index.ts';
-import { openRuntimeStack, postTickBursts, processedWaiter } from './runtime-stack.ts';
+import { attachCounter, openRuntimeStack, postTickBursts, processedWaiter } from './runtime-stack.ts';
 import type { BenchRow, BenchTable } from './table.ts';
 
-const COUNTER_DIR = fileURLToPath(new URL('../test/fixtures/plugins/counter/', import.meta.url));
 const BURST = 10_000;
 const SCRAPE_INTERVALS_MS = [1000, 50] as const;
 const MAX_SLOWDOWN = 0.03;
@@ -36,10 +33,7 @@ interface Rig {
 
 async function startRig(file: string, withMetrics: boolean): Promise<Rig> {
   const { sensors, runtime, close } = openRuntimeStack(file);
-  const c = checkModuleDir(COUNTER_DIR, EMBOT_API_VERSION);
-  if (!c.ok) throw new Error(`counter fixture is not a valid module: ${c.problem.error.message}`);
-  await runtime.loadModule(c.record);
-  await runtime.attach({ id: 'vm:bench-0', kind: 'vm', scope: ['vm:bench-0'] });
+  await attachCounter(runtime);
   // Wired as core/agent.ts wires it: the scrape reads the services' own counts.
   const metrics = withMetrics
     ? new AgentMetrics({

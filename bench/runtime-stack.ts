@@ -1,8 +1,12 @@
+import { fileURLToPath } from 'node:url';
 import type { EmbotEvent } from '../core/events.ts';
+import { checkModuleDir } from '../core/plugins/index.ts';
 import { Store } from '../core/store/store.ts';
 import { EffectorRegistry } from '../effectors/index.ts';
-import { EmbotRuntime } from '../embots/index.ts';
+import { EMBOT_API_VERSION, EmbotRuntime } from '../embots/index.ts';
 import { SensorService } from '../sensors/index.ts';
+
+const COUNTER_DIR = fileURLToPath(new URL('../test/fixtures/plugins/counter/', import.meta.url));
 
 /** The event path's real parts, wired as the agent wires them: one Store shared by the journal and the runtime. */
 export interface RuntimeStack {
@@ -24,6 +28,14 @@ export function openRuntimeStack(file: string): RuntimeStack {
     store.close();
   };
   return { store, sensors, runtime, close };
+}
+
+/** Loads the `counter` test fixture module and attaches `vm:bench-0`, the element {@link postTickBursts} posts to. */
+export async function attachCounter(runtime: EmbotRuntime): Promise<void> {
+  const c = checkModuleDir(COUNTER_DIR, EMBOT_API_VERSION);
+  if (!c.ok) throw new Error(`counter fixture is not a valid module: ${c.problem.error.message}`);
+  await runtime.loadModule(c.record);
+  await runtime.attach({ id: 'vm:bench-0', kind: 'vm', scope: ['vm:bench-0'] });
 }
 
 /**
