@@ -1,9 +1,8 @@
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { LiveHub, type LiveState, type LiveTopic } from '../../core/control/live-hub.ts';
 import type { DashboardSnapshot, LiveMessage } from '../../core/control/dashboard-api.ts';
 import type { EmbotEvent } from '../../core/events.ts';
+import { hubServersAfterEach, until } from '../harness/live-stream.ts';
 
 /** A LiveState that counts its reads (the hub's cost is what it reads and writes). */
 function countingState(): LiveState & { reads: Record<string, number> } {
@@ -24,34 +23,9 @@ function countingState(): LiveState & { reads: Record<string, number> } {
 
 const ev = (i: number): EmbotEvent => ({ id: `e${i}`, ts: i, elementId: 'vm:x', type: 'TICK', payload: { i } });
 
-let server: Server | undefined;
-afterEach(async () => {
-  await new Promise<void>((r) => (server ? server.close(() => r()) : r()));
-  server?.closeAllConnections();
-  server = undefined;
-});
-
+const servers = hubServersAfterEach();
 /** A real HTTP server whose every request becomes a hub client; returns the received text so far. */
-async function serve(hub: LiveHub): Promise<{ read(): string; abort(): void }> {
-  server = createServer((_req, res) => void hub.attach(res));
-  await new Promise<void>((r) => server!.listen(0, '127.0.0.1', () => r()));
-  const { port } = server.address() as AddressInfo;
-  let text = '';
-  const abort = new AbortController();
-  const res = await fetch(`http://127.0.0.1:${port}/`, { signal: abort.signal });
-  void (async () => {
-    for await (const chunk of res.body!) text += Buffer.from(chunk as Uint8Array).toString('utf8');
-  })().catch(() => {});
-  return { read: () => text, abort: () => abort.abort() };
-}
-
-async function until(check: () => boolean, what: string): Promise<void> {
-  const started = Date.now();
-  while (!check()) {
-    if (Date.now() - started > 5000) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+const serve = servers.stream;
 
 describe('LiveHub', () => {
   it('does nothing on the event path while no client is connected', async () => {
@@ -96,9 +70,7 @@ describe('LiveHub', () => {
 
   it('cuts a client that falls too far behind (it reconnects and gets a fresh snapshot)', async () => {
     const hub = new LiveHub({ state: countingState(), flushMs: 1, maxBufferedBytes: 1 });
-    server = createServer((_req, res) => void hub.attach(res));
-    await new Promise<void>((r) => server!.listen(0, '127.0.0.1', () => r()));
-    const { port } = server.address() as AddressInfo;
+    const port = await servers.listen(hub);
     // A client that never reads: the socket buffers fill and writableLength grows.
     const { connect } = await import('node:net');
     const sock = connect(port, '127.0.0.1');

@@ -1,10 +1,9 @@
 import { EventEmitter } from 'node:events';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { LiveHub, type LiveState } from '../../core/control/live-hub.ts';
 import { wireLiveSources, type LiveSources } from '../../core/control/live-sources.ts';
 import type { DashboardSnapshot, LiveMessage, MigrationInfo } from '../../core/control/dashboard-api.ts';
+import { hubServersAfterEach, until } from '../harness/live-stream.ts';
 
 /**
  * The live channel's wiring for a pre-warm (issue 15): its state lives on the parent row, which has
@@ -19,12 +18,7 @@ const state: LiveState = {
 const row = (id: string, extra: Partial<MigrationInfo> = {}): MigrationInfo => ({ id, role: 'source', vm: 'app', peer: 'b,c', phase: 'racing', outcome: null, startedAt: 1, updatedAt: 1, ...extra });
 const prewarm = { commandedAt: null, downtimeLimitMs: 300, exitShare: 1, destinations: [{ name: 'b', status: 'warming', copiedBytes: 10, remainingBytes: 0, rateBytesPerSec: 5, dirtyRateBytesPerSec: 1, rounds: 3, exitConditionMet: true }] } as const;
 
-let server: Server | undefined;
-afterEach(async () => {
-  await new Promise<void>((r) => (server ? server.close(() => r()) : r()));
-  server?.closeAllConnections();
-  server = undefined;
-});
+const servers = hubServersAfterEach();
 
 function sources(records: ReadonlyMap<string, MigrationInfo>): LiveSources & { mobility: EventEmitter; reads: string[] } {
   const reads: string[] = [];
@@ -41,28 +35,12 @@ function sources(records: ReadonlyMap<string, MigrationInfo>): LiveSources & { m
 }
 
 async function client(hub: LiveHub): Promise<{ migrations(): MigrationInfo[]; abort(): void }> {
-  server = createServer((_req, res) => void hub.attach(res));
-  await new Promise<void>((r) => server!.listen(0, '127.0.0.1', () => r()));
-  const { port } = server.address() as AddressInfo;
-  let text = '';
-  const abort = new AbortController();
-  const res = await fetch(`http://127.0.0.1:${port}/`, { signal: abort.signal });
-  void (async () => {
-    for await (const chunk of res.body!) text += Buffer.from(chunk as Uint8Array).toString('utf8');
-  })().catch(() => {});
-  await until(() => text.includes('event: snapshot'), 'the snapshot');
+  const page = await servers.stream(hub);
+  await until(() => page.read().includes('event: snapshot'), 'the snapshot');
   return {
-    migrations: () => [...text.matchAll(/event: migration\ndata: (.*)\n/g)].map((m) => (JSON.parse(m[1]!) as Extract<LiveMessage, { kind: 'migration' }>).migration),
-    abort: () => abort.abort(),
+    migrations: () => [...page.read().matchAll(/event: migration\ndata: (.*)\n/g)].map((m) => (JSON.parse(m[1]!) as Extract<LiveMessage, { kind: 'migration' }>).migration),
+    abort: page.abort,
   };
-}
-
-async function until(check: () => boolean, what: string): Promise<void> {
-  const started = Date.now();
-  while (!check()) {
-    if (Date.now() - started > 5000) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 describe('wireLiveSources: pre-warm', () => {
