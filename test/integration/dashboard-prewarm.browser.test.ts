@@ -106,11 +106,13 @@ describe.skipIf(missing)('dashboard pre-warm in Chromium, three agents, token co
     for (const dest of ['b', 'c']) {
       await waitFor(async () => (/(KiB|MiB)\/s$/.test((await row(dest).locator('td[data-field=dirty]').textContent()) ?? '') ? true : undefined), 20_000, `${dest}'s dirty rate shown in KiB/s or MiB/s`);
     }
-    // The card is rebuilt on every push (its pre-warm panel is kept): clip the page where it is.
-    await card.locator('[data-testid=prewarm]').scrollIntoViewIfNeeded();
-    const box = await card.boundingBox();
-    expect(box).not.toBeNull();
-    await page.screenshot({ path: join(ARTIFACTS, 'migrations-prewarm-card.png'), clip: box! });
+    // The card is rebuilt on every push (its pre-warm panel is moved into the new one), so the card
+    // can be replaced while it is being captured: capture again until one capture finds it whole.
+    await waitFor(
+      () => card.screenshot({ path: join(ARTIFACTS, 'migrations-prewarm-card.png'), timeout: 2000 }).then(() => true, () => undefined),
+      20_000,
+      'a screenshot of the pre-warm card',
+    );
     await page.screenshot({ path: join(ARTIFACTS, 'migrations-prewarm.png'), fullPage: true });
 
     await row('c').locator('input[data-testid=prewarm-choose]').uncheck();
