@@ -11,21 +11,16 @@ import { EventEmitter } from 'eventemitter3';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { AgentControl } from '../core/control/control-api.ts';
 import { createDashboard } from '../core/control/dashboard-routes.ts';
 import { wireLiveSources } from '../core/control/live-sources.ts';
 import { startControlServer } from '../core/control/server.ts';
-import type { EmbotEvent } from '../core/events.ts';
 import { createLogger } from '../core/logger.ts';
-import { checkModuleDir } from '../core/plugins/index.ts';
-import { Store } from '../core/store/store.ts';
-import { EffectorRegistry } from '../effectors/index.ts';
-import { EMBOT_API_VERSION, EmbotRuntime } from '../embots/index.ts';
-import { SensorService } from '../sensors/index.ts';
+import type { EmbotRuntime } from '../embots/index.ts';
+import type { SensorService } from '../sensors/index.ts';
+import { attachCounter, openRuntimeStack, postTickBursts, processedWaiter } from './runtime-stack.ts';
 import type { BenchRow, BenchTable } from './table.ts';
 
-const COUNTER_DIR = fileURLToPath(new URL('../test/fixtures/plugins/counter/', import.meta.url));
 const BURST = 10_000;
 const MAX_SLOWDOWN = 0.03;
 const ORDERS = [
@@ -54,13 +49,9 @@ interface Rig {
 }
 
 async function startRig(file: string): Promise<Rig> {
-  const store = Store.open({ file, synchronous: 'NORMAL' });
-  const sensors = new SensorService({ host: 'bench', store });
-  const runtime = new EmbotRuntime({ store, sensors, effectors: new EffectorRegistry() });
-  const c = checkModuleDir(COUNTER_DIR, EMBOT_API_VERSION);
-  if (!c.ok) throw new Error(`counter fixture is not a valid module: ${c.problem.error.message}`);
-  await runtime.loadModule(c.record);
-  await runtime.attach({ id: 'vm:bench-0', kind: 'vm', scope: ['vm:bench-0'] });
+  const stack = openRuntimeStack(file);
+  const { sensors, runtime } = stack;
+  await attachCounter(runtime);
   // The control API over this rig's runtime: what the dashboard reads when it pushes. The parts a
   // bench without VMs, migrations or an agent has nothing for answer empty (named as such).
   const started = Date.now();
@@ -97,10 +88,7 @@ async function startRig(file: string): Promise<Rig> {
     close: async () => {
       dashboard.close();
       await server.close();
-      await sensors.idle();
-      await runtime.close();
-      await sensors.close();
-      store.close();
+      await stack.close();
     },
   };
 }
@@ -134,25 +122,14 @@ interface Rates {
 
 /** Posts `n` TICKs and resolves with the rates once the runtime committed them all. */
 async function pump(rig: Rig, n: number): Promise<Rates> {
-  let processed = 0;
-  let resolveDone!: () => void;
-  const done = new Promise<void>((r) => (resolveDone = r));
-  const onProcessed = (events: readonly EmbotEvent[]): void => {
-    processed += events.length;
-    if (processed >= n) resolveDone();
-  };
-  rig.runtime.on('processed', onProcessed);
+  const processed = processedWaiter(rig.runtime, n);
   const cpu0 = process.cpuUsage();
   const start = process.hrtime.bigint();
-  for (let from = 0; from < n; from += BURST) {
-    const end = Math.min(n, from + BURST);
-    for (let i = from; i < end; i++) rig.sensors.post({ elementId: 'vm:bench-0', type: 'TICK', payload: { seq: rig.seq++ } });
-    await rig.sensors.idle();
-  }
-  await done;
+  await postTickBursts(rig, n, BURST);
+  await processed.done;
   const wall = n / (Number(process.hrtime.bigint() - start) / 1e9);
   const used = process.cpuUsage(cpu0);
-  rig.runtime.off('processed', onProcessed);
+  processed.stop();
   await rig.runtime.idle();
   return { wall, cpu: n / ((used.user + used.system) / 1e6) };
 }
