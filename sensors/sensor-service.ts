@@ -624,6 +624,14 @@ export class SensorService {
       let applyBlobs: (() => void) | undefined;
       const later = options?.deleteLater === true;
       journal.transaction(() => {
+        // Elements with an event admitted this turn (staged: its journal commit and its acknowledgement come on the next
+        // tick) are not deleted wholesale up to the bound: that event's seq is below it, it is not among the discarded,
+        // and with deleteLater its row is written before the deletes run. It goes to the redirection installed before
+        // the drop (a move's forwarding, finishSource), and its row is its one copy until the new owner takes it: a
+        // wholesale delete took it, and a source killed before the owner took the event lost an acknowledged event
+        // (fan-out-crash, `a` killed mid fan-out: a gap in the owner's sequence). Their discarded rows go one by one.
+        const staged = new Set<string>();
+        if (this.staged.length > 0) for (const entry of this.staged) if (set.has(entry.event.elementId)) staged.add(entry.event.elementId);
         const queuedCount = new Map<string, number>();
         for (const entry of queued) queuedCount.set(entry.event.elementId, (queuedCount.get(entry.event.elementId) ?? 0) + 1);
         const plan: DropPlan = { bound: this.seq, elements: [], spilledEvents: [], spillRows: [], loose: [] };
@@ -638,7 +646,7 @@ export class SensorService {
           if (hq !== undefined && hq.spilled > 0 && this.foreignSpilled.has(hq)) for (const foreign of journal.spilledIdsOutside(id, this.idPrefix)) finished.push(foreign);
           if (hq !== undefined) for (const entry of hq.memoryFrom(0)) finished.push(entry.event.id);
           if (hq !== undefined && hq.spilled > 0) plan.spillRows.push(id);
-          if (discarded > 0 && journal.countFor([id]) === discarded) {
+          if (discarded > 0 && !staged.has(id) && journal.countFor([id]) === discarded) {
             // Every discarded entry has its row; when they are all the element has (nothing in flight or being
             // forwarded), one statement through index events_element deletes exactly them.
             plan.elements.push(id);

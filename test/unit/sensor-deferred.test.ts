@@ -267,4 +267,24 @@ describe('drop with deleteLater', () => {
     expect(s.journaledFor(['vm:a'])).toBe(1);
     stop();
   });
+
+  it('keeps the row of an event admitted before the drop but journaled after it (the source of a move, killed before the new owner took it)', async () => {
+    // finishSource's order: an event posted just before the switch is staged (admitted, its journal commit on the
+    // next turn); the redirect is installed, the moved elements are dropped with deleteLater. The event's commit runs
+    // before the drop's deletes, and its row (seq below the drop's bound) must survive them: it is the one copy
+    // until the sink's peer takes it.
+    const store = openStore();
+    const s = service('src', store);
+    s.hold(['vm:a']);
+    await s.emit({ elementId: 'vm:a', type: 'OLD' });
+    const staged = s.emit({ elementId: 'vm:a', type: 'NEW' });
+    const stop = s.redirect(['vm:a'], () => new Promise<void>(() => {})); // never taken (the source is killed): its row stays
+    s.drop(['vm:a'], { deleteLater: true });
+    await staged;
+    await new Promise((r) => setImmediate(r));
+    await new Promise((r) => setImmediate(r));
+    expect(rowCount(store)).toBe(1);
+    expect(s.journaledFor(['vm:a'])).toBe(1);
+    stop();
+  });
 });
