@@ -30,6 +30,8 @@ import type { MigrationImageBuild, MigrationInfo, MigrationSummary } from './mob
 import type { Destinations } from './mobility/destinations.ts';
 import { loadClusterSecret } from './wire/auth.ts';
 import { connectNamedPeer } from './wire/peer-client.ts';
+import type { PeerStatusReply } from './wire/frames.ts';
+import type { PeerConnection } from './wire/peer-connection.ts';
 import { peerEndpoint, type PeerEndpoint } from './wire/peer-services.ts';
 import { ImageService, costTable, imagesDirOf, rankTargetsByImage, type BuildSummary } from '../images/index.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
@@ -47,6 +49,8 @@ const VERSION = ((): string => {
   return '0.0.0';
 })();
 const RECENT_EVENTS = 1000;
+/** How long the dashboard waits for a peer's status before showing it without one. */
+const PEER_STATUS_TIMEOUT_MS = 3000;
 
 /** Services of one agent, found by name through the registry. */
 export interface AgentServices {
@@ -127,6 +131,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly mobility: MobilityService;
   /** Images and placement (issue 14): block index, global indexer, builds. */
   readonly images: ImageService;
+  private readonly connectPeer: (peer: string) => Promise<PeerConnection>;
   /** The peer endpoint features register their frames with (once the peer server listens). */
   peer: PeerEndpoint | undefined;
   readonly migratingIn = new Set<string>();
@@ -181,6 +186,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
     };
     const peerMap = parsePeers(config.peer.peers);
+    this.connectPeer = (peer) => connectNamedPeer(peerMap, peer, { ...peerAuth, requestTimeoutMs: config.mobility.stepTimeoutMs });
     this.images = new ImageService({
       agent: config.name,
       db: this.store.db,
@@ -190,7 +196,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       indexer: config.images.indexer ?? config.name,
       members: config.images.members,
       costs: costTable(config.images.cost),
-      connect: (peer) => connectNamedPeer(peerMap, peer, { ...peerAuth, requestTimeoutMs: config.mobility.stepTimeoutMs }),
+      connect: this.connectPeer,
       hostLoad: async () => ({ cpu: Math.min(1, await this.hostLoad()), freeMemory: Math.max(0, this.hostMemory - this.driver.list().reduce((s, v) => s + v.memory, 0)) }),
       reindexMs: config.images.reindexMs,
       requestTimeoutMs: config.mobility.stepTimeoutMs,
@@ -341,6 +347,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       this.peer = peerEndpoint(server);
       this.services.register('peer', this.peer);
       this.peer.register(this.images.peerService());
+      this.peer.register({ name: 'status', handlers: { PeerStatus: () => this.peerStatus() } });
     }
     await this.images.start();
   }
@@ -356,6 +363,14 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         hostLoad: () => this.hostLoad(),
         cancelMigration: (id) => this.mobility.cancel(id),
         rankTargets: (vm, candidates) => rankTargetsByImage(this.images, vm, candidates),
+        peerStatus: async (peer) => {
+          const conn = await this.connectPeer(peer);
+          try {
+            return await conn.request({ type: 'PeerStatus' }, { timeoutMs: PEER_STATUS_TIMEOUT_MS });
+          } finally {
+            void conn.close().catch(() => {});
+          }
+        },
       },
       ...(this.config.control.token ? { token: this.config.control.token } : {}),
       logger: this.log.child('dashboard'),
@@ -458,6 +473,22 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
   private persistDriver(): void {
     this.store.setComponentState(this.driverStateKey, pack(this.driver.getPersistedState()));
+  }
+
+  /** This agent's health and load as a peer asks for it (the peer's dashboard cluster view). */
+  private async peerStatus(): Promise<Omit<PeerStatusReply, 'replyTo'>> {
+    const st = this.status();
+    return {
+      type: 'PeerStatusReply',
+      name: this.name,
+      uptimeMs: Math.max(0, Math.round(st.uptimeMs)),
+      load: Math.max(0, await this.hostLoad().catch(() => 0)),
+      vms: st.counts.vms,
+      embots: st.counts.embots,
+      quarantined: st.counts.quarantinedEmbots,
+      modulesWithErrors: st.counts.modulesWithErrors,
+      deadLetters: st.counts.deadLetters,
+    };
   }
 
   /** 0..1: the running VMs' loads over the host's CPUs (the sim host's view of itself). */

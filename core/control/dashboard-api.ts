@@ -16,6 +16,19 @@ export interface PeerView {
   readonly reachable: boolean;
   /** ms since epoch of that check. */
   readonly checkedAt: number;
+  /** Its health and load as it answered our `PeerStatus` over the authenticated peer link; absent when it did not. */
+  readonly status?: PeerStatusView;
+}
+
+/** A peer's own health and load (its `PeerStatusReply`). */
+export interface PeerStatusView {
+  readonly uptimeMs: number;
+  /** 0..1: its host's CPU load as it reports it. */
+  readonly load: number;
+  readonly vms: number;
+  readonly embots: number;
+  /** 'ok', or why not: quarantined embots, modules with errors, dead letters. */
+  readonly health: { readonly ok: boolean; readonly problems: readonly string[] };
 }
 
 /** The cluster view: this agent, its health and load, and its peers. */

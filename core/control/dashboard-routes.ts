@@ -8,7 +8,7 @@ import { ControlError, ErrorCodes } from '../errors.ts';
 import type { Logger } from '../logger.ts';
 import type { PolicyChart } from '../../embots/index.ts';
 import type { AgentControl } from './control-api.ts';
-import type { CancelResponse, ClusterView, DashboardSnapshot, LiveMessage, PeerView, TargetChoice } from './dashboard-api.ts';
+import type { CancelResponse, ClusterView, DashboardSnapshot, LiveMessage, PeerStatusView, PeerView, TargetChoice } from './dashboard-api.ts';
 import { TOKEN_PARAM } from './dashboard-api.ts';
 import { isPagePath, tokenCookie } from './dashboard-auth.ts';
 import { LiveHub, type LiveTopic } from './live-hub.ts';
@@ -28,6 +28,39 @@ export interface DashboardHost {
    * the configured peers, reachable first (`rankedBy: 'configured-order'`).
    */
   rankTargets?(vm: string, candidates: readonly TargetChoice[]): Promise<readonly TargetChoice[]>;
+  /** Asks a configured peer for its health and load over an authenticated peer link (`PeerStatus`). */
+  peerStatus?(peer: string): Promise<PeerStatusCounts>;
+}
+
+/** What a peer's `PeerStatusReply` carries that the cluster view shows. */
+export interface PeerStatusCounts {
+  readonly uptimeMs: number;
+  readonly load: number;
+  readonly vms: number;
+  readonly embots: number;
+  readonly quarantined: number;
+  readonly modulesWithErrors: number;
+  readonly deadLetters: number;
+}
+
+/** Health problems from the counts the cluster view judges an agent by. */
+function healthOf(c: { readonly quarantined: number; readonly modulesWithErrors: number; readonly deadLetters: number }): { ok: boolean; problems: string[] } {
+  const problems: string[] = [];
+  if (c.quarantined > 0) problems.push(`${c.quarantined} quarantined embot(s)`);
+  if (c.modulesWithErrors > 0) problems.push(`${c.modulesWithErrors} module(s) with errors`);
+  if (c.deadLetters > 0) problems.push(`${c.deadLetters} dead letter(s)`);
+  return { ok: problems.length === 0, problems };
+}
+
+async function askStatus(host: DashboardHost, peer: string): Promise<PeerStatusView | undefined> {
+  if (!host.peerStatus) return undefined;
+  try {
+    const r = await host.peerStatus(peer);
+    return { uptimeMs: r.uptimeMs, load: r.load, vms: r.vms, embots: r.embots, health: healthOf(r) };
+  } catch {
+    // Reachable but not answering (not trusting us, an older agent, a timeout): shown without status.
+    return undefined;
+  }
 }
 
 export interface DashboardOptions {
@@ -97,7 +130,8 @@ export function createDashboard(options: DashboardOptions): Dashboard {
       peerCheck ??= Promise.all(
         host.peers().map(async (p) => {
           const reachable = await tcpReachable(p.url, PEER_CHECK_MS);
-          peerState.set(p.name, { name: p.name, url: p.url, reachable, checkedAt: Date.now() });
+          const status = reachable ? await askStatus(host, p.name) : undefined;
+          peerState.set(p.name, { name: p.name, url: p.url, reachable, checkedAt: Date.now(), ...(status ? { status } : {}) });
         }),
       ).then(() => {
         lastPeerCheck = Date.now();
@@ -110,12 +144,9 @@ export function createDashboard(options: DashboardOptions): Dashboard {
 
   async function cluster(): Promise<ClusterView> {
     const self = control.status();
-    const problems: string[] = [];
-    if (self.counts.quarantinedEmbots > 0) problems.push(`${self.counts.quarantinedEmbots} quarantined embot(s)`);
-    if (self.counts.modulesWithErrors > 0) problems.push(`${self.counts.modulesWithErrors} module(s) with errors`);
-    if (self.counts.deadLetters > 0) problems.push(`${self.counts.deadLetters} dead letter(s)`);
+    const health = healthOf({ quarantined: self.counts.quarantinedEmbots, modulesWithErrors: self.counts.modulesWithErrors, deadLetters: self.counts.deadLetters });
     const [load, peers] = await Promise.all([host.hostLoad().catch(() => 0), checkPeers()]);
-    return { self, health: { ok: problems.length === 0, problems }, load, peers };
+    return { self, health, load, peers };
   }
 
   const hub = new LiveHub({

@@ -112,6 +112,8 @@ export const FRAME_RULES: { readonly [K in GuardedType]: FrameRule } = {
   IndexUpdate: { kind: 'service' },
   IndexQuery: { kind: 'service' },
   ImageBuild: { kind: 'service' },
+  // The dashboard's cluster view (issue 15): the agent's status service, registered on the peer endpoint.
+  PeerStatus: { kind: 'service' },
   // Either side may abort while the migration runs; the commit itself decides once it started.
   Abort: { kind: 'live', role: 'target', states: ACTIVE_TARGET },
 };

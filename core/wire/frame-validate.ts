@@ -61,6 +61,7 @@ const moduleHash = regexString(MODULE_HASH, 'a module hash');
 /** Data path names come from configuration; bounded so a report line stays a line. */
 const pathName: Check = (v) => (typeof v === 'string' && v.length > 0 && v.length <= 128 ? undefined : 'must be a string of 1..128 characters');
 const vm: Check = (v) => (isValidElementId(v) ? undefined : 'must be a VM element id');
+const load: Check = (v) => (typeof v === 'number' && Number.isFinite(v) && v >= 0 ? undefined : 'must be a finite number >= 0');
 const errorCode: Check = (v) => (typeof v === 'string' && ERROR_CODES.has(v) ? undefined : 'must be a known EMBOT_ERR_* code');
 
 const modules: Check = (v) => {
@@ -150,6 +151,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   IndexUpdate: [reqId, f('body', bin)],
   IndexQuery: [reqId, f('image', text)],
   ImageBuild: [reqId, f('image', text)],
+  PeerStatus: [reqId],
   Ping: [reqId, f('ts', finite)],
   MigrationPermitted: [replyTo, mid],
   MigrationDenied: [replyTo, mid, reason],
@@ -174,6 +176,17 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   IndexUpdateAck: [replyTo, f('seq', count)],
   IndexAnswer: [replyTo, f('body', bin)],
   ImageBuilt: [replyTo, f('summary', bin)],
+  PeerStatusReply: [
+    replyTo,
+    f('name', agent),
+    f('uptimeMs', count),
+    f('load', load),
+    f('vms', count),
+    f('embots', count),
+    f('quarantined', count),
+    f('modulesWithErrors', count),
+    f('deadLetters', count),
+  ],
   Pong: [replyTo, f('ts', finite)],
   Abort: [mid, reason],
   Error: [f('replyTo', id, true), f('code', errorCode), f('message', text)],

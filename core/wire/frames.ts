@@ -253,6 +253,12 @@ export interface IndexQuery {
   readonly image: string;
 }
 
+/** Any agent → a peer: its health and load, for the dashboard's cluster view. */
+export interface PeerStatus {
+  readonly type: 'PeerStatus';
+  readonly reqId: number;
+}
+
 /** Any agent → the host an image is to be built at: build it there from the cheapest holders. */
 export interface ImageBuild {
   readonly type: 'ImageBuild';
@@ -442,6 +448,21 @@ export interface IndexAnswer {
   readonly body: Uint8Array;
 }
 
+/** A peer's health and load as its own control API counts them (the dashboard's cluster view). */
+export interface PeerStatusReply {
+  readonly type: 'PeerStatusReply';
+  readonly replyTo: number;
+  readonly name: string;
+  readonly uptimeMs: number;
+  /** 0..1: the host's CPU load as the agent itself reports it. */
+  readonly load: number;
+  readonly vms: number;
+  readonly embots: number;
+  readonly quarantined: number;
+  readonly modulesWithErrors: number;
+  readonly deadLetters: number;
+}
+
 /** msgpack of the build summary (images/image-builder.ts BuildSummary). */
 export interface ImageBuilt {
   readonly type: 'ImageBuilt';
@@ -493,6 +514,7 @@ export type RequestFrame =
   | IndexUpdate
   | IndexQuery
   | ImageBuild
+  | PeerStatus
   | Ping;
 export type ReplyFrame =
   | MigrationPermitted
@@ -518,6 +540,7 @@ export type ReplyFrame =
   | IndexUpdateAck
   | IndexAnswer
   | ImageBuilt
+  | PeerStatusReply
   | Pong;
 export type NotificationFrame = Abort;
 
@@ -546,6 +569,7 @@ export interface ReplyMap {
   IndexUpdate: IndexUpdateAck;
   IndexQuery: IndexAnswer;
   ImageBuild: ImageBuilt;
+  PeerStatus: PeerStatusReply;
   Ping: Pong;
 }
 
@@ -580,6 +604,7 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   IndexUpdate: ['IndexUpdateAck'],
   IndexQuery: ['IndexAnswer'],
   ImageBuild: ['ImageBuilt'],
+  PeerStatus: ['PeerStatusReply'],
   Ping: ['Pong'],
 };
 
@@ -609,6 +634,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   IndexUpdate: 'request',
   IndexQuery: 'request',
   ImageBuild: 'request',
+  PeerStatus: 'request',
   Ping: 'request',
   MigrationPermitted: 'reply',
   MigrationDenied: 'reply',
@@ -633,6 +659,7 @@ export const FRAME_KINDS: { readonly [K in FrameType]: FrameKind } = {
   IndexUpdateAck: 'reply',
   IndexAnswer: 'reply',
   ImageBuilt: 'reply',
+  PeerStatusReply: 'reply',
   Pong: 'reply',
   Abort: 'notification',
   Error: 'error',

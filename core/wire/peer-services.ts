@@ -10,7 +10,7 @@ import type { RequestHandler } from './peer-connection.ts';
 import type { PeerServer } from './peer-server.ts';
 
 /** Request types feature services serve. A type here has the rule `service` in mobility's frame guard. */
-export const SERVICE_REQUEST_TYPES = ['BlockFetch', 'IndexUpdate', 'IndexQuery', 'ImageBuild'] as const satisfies readonly RequestType[];
+export const SERVICE_REQUEST_TYPES = ['BlockFetch', 'IndexUpdate', 'IndexQuery', 'ImageBuild', 'PeerStatus'] as const satisfies readonly RequestType[];
 export type ServiceRequestType = (typeof SERVICE_REQUEST_TYPES)[number];
 
 /** What a feature registers: its name (for errors and logs) and a handler per request type it serves. */

@@ -94,15 +94,23 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
     expect(await page.evaluate('document.cookie')).toBe('');
   });
 
-  it('cluster view: both agents, this one with health and load, the peer reachable', async () => {
+  it('cluster view: every agent with its health and load, the peer reachable', async () => {
     await view('cluster');
     await page.waitForSelector('[data-testid=agents] [data-agent="a"]');
-    await page.waitForSelector('[data-testid=agents] [data-agent="b"].healthy');
+    // The peer's own health and load (its PeerStatusReply over the peer link) arrive with a peer check.
+    await page.waitForSelector('[data-testid=agents] [data-agent="b"] progress.meter', { timeout: 45_000 });
     expect(await page.locator('[data-agent="a"] h3').textContent()).toBe('a');
-    expect(await page.locator('[data-agent="b"] .badge.ok').textContent()).toBe('reachable');
+    const peerBadges = await page.locator('[data-agent="b"] .badge').allTextContents();
+    expect(peerBadges).toContain('reachable');
+    expect(peerBadges.some((t) => t === 'healthy' || t === 'degraded')).toBe(true);
+    expect(peerBadges).not.toContain('unreachable');
+    const peerText = (await page.locator('[data-agent="b"]').textContent()) ?? '';
+    expect(peerText).toMatch(/load\s*\d+ %/);
+    expect(peerText).toContain('uptime');
+    expect(peerText).toContain('embots');
     expect(await page.locator('[data-agent="a"]').textContent()).toContain('load');
     await shot('cluster');
-  });
+  }, 90_000);
 
   it("host view: a policy's statechart from its definition, the active state following an emitted event", async () => {
     await a.createVm({ name: 'web-1', memory: 64 * 1024 * 1024, dirtyRate: 1024 * 1024 });

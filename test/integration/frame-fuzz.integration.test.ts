@@ -109,6 +109,8 @@ const requestBodies: { readonly [K in FrameType]?: fc.Arbitrary<Record<string, u
   IndexUpdate: fc.record({ type: fc.constant('IndexUpdate'), body: bin }),
   IndexQuery: fc.record({ type: fc.constant('IndexQuery'), image: fc.oneof(text, fc.constant('web.img')) }),
   ImageBuild: fc.record({ type: fc.constant('ImageBuild'), image: fc.oneof(text, fc.constant('web.img'), fc.constant('../etc')) }),
+  // The dashboard's cluster view (issue 15): a peer's health and load; nothing to vary but the type.
+  PeerStatus: fc.record({ type: fc.constant('PeerStatus') }),
 };
 const REQUEST_TYPES = Object.entries(FRAME_KINDS)
   .filter(([, kind]) => kind === 'request')
@@ -274,6 +276,8 @@ function judge(g: Generated, o: Outcome, reqId: number): string | undefined {
   if (isErrorReply(o, reqId)) return undefined;
   const type = o.frame.type;
   if (body['type'] === 'Ping' && type === 'Pong') return undefined;
+  // Issue 15: any authenticated peer may ask an agent's health and load; it changes nothing.
+  if (body['type'] === 'PeerStatus' && type === 'PeerStatusReply') return undefined;
   // Images (issue 14): a holder answers a block request with what it holds (here: none of them).
   if (body['type'] === 'BlockFetch' && type === 'BlockData' && o.frame.data.byteLength === 0) return undefined;
   // The one id a peer may find taken: the live migration's.

@@ -54,6 +54,7 @@ const SAMPLES: Frame[] = [
   { type: 'BlockFetch', reqId: 13, hashes: bytes(64) },
   { type: 'IndexUpdate', reqId: 14, body: bytes(20) },
   { type: 'IndexQuery', reqId: 15, image: 'web.img' },
+  { type: 'PeerStatus', reqId: 16 },
   { type: 'ImageBuild', reqId: 16, image: 'web.img' },
   { type: 'Ping', reqId: 9, ts: 1700000000000.5 },
   { type: 'MigrationPermitted', replyTo: 1, migrationId: 'm-1' },
@@ -80,6 +81,7 @@ const SAMPLES: Frame[] = [
   { type: 'BlockData', replyTo: 13, sizes: bytes(8), data: bytes(100) },
   { type: 'IndexUpdateAck', replyTo: 14, seq: 3 },
   { type: 'IndexAnswer', replyTo: 15, body: bytes(30) },
+  { type: 'PeerStatusReply', replyTo: 16, name: 'b', uptimeMs: 61_000, load: 0.42, vms: 2, embots: 3, quarantined: 1, modulesWithErrors: 0, deadLetters: 4 },
   { type: 'ImageBuilt', replyTo: 16, summary: bytes(30) },
   { type: 'Abort', migrationId: 'm-1', reason: 'operator abort' },
   { type: 'Error', replyTo: 3, code: ErrorCodes.REQUEST_FAILED, message: 'no handler' },
@@ -191,6 +193,7 @@ describe('frame codec: bad input', () => {
 
   const start = SAMPLES.find((s) => s.type === 'StartMigration')!;
   const prepare = SAMPLES.find((s) => s.type === 'PrepareIncoming')!;
+  const peerStatus = SAMPLES.find((s) => s.type === 'PeerStatusReply')!;
   it.each([
     ['negative reqId', { ...start, reqId: -1 }],
     ['fractional reqId', { ...start, reqId: 1.5 }],
@@ -216,6 +219,14 @@ describe('frame codec: bad input', () => {
     ['PrepareIncoming with an empty spec name', { ...prepare, spec: { name: '' } }],
     ['PrepareIncoming with a spec that is an array', { ...prepare, spec: ['vm1'] }],
     ['PrepareIncoming with a spec of 65 fields', { ...prepare, spec: { name: 'vm1', ...Object.fromEntries(Array.from({ length: 64 }, (_, i) => [`f${i}`, i])) } }],
+    ['PeerStatus with a field', { type: 'PeerStatus', reqId: 1, name: 'b' }],
+    ['PeerStatusReply with a negative load', { ...peerStatus, load: -0.1 }],
+    ['PeerStatusReply with a NaN load', { ...peerStatus, load: Number.NaN }],
+    ['PeerStatusReply with fractional embots', { ...peerStatus, embots: 1.5 }],
+    ['PeerStatusReply with a negative dead-letter count', { ...peerStatus, deadLetters: -1 }],
+    ['PeerStatusReply with a bad agent name', { ...peerStatus, name: 'a/b' }],
+    ['PeerStatusReply without uptime', { ...peerStatus, uptimeMs: undefined }],
+    ['PeerStatusReply with load as a string', { ...peerStatus, load: '0.5' }],
   ])('refuses %s as FRAME_MALFORMED', (_name, value) => {
     expect(codeOf(() => decodeFrame(rawPack(value)))).toBe(ErrorCodes.FRAME_MALFORMED);
   });

@@ -4,7 +4,7 @@ import type { View } from './view.ts';
 
 export function clusterView(): View {
   const grid = h('div', { class: 'cards', 'data-testid': 'agents' });
-  const el = h('section', { class: 'view' }, h('h2', {}, 'Cluster'), h('p', { class: 'hint' }, 'This agent and the peers it is configured with. Health and load are this agent’s own; a peer is reachable when its peer port accepts a connection.'), grid);
+  const el = h('section', { class: 'view' }, h('h2', {}, 'Cluster'), h('p', { class: 'hint' }, 'This agent and the peers it is configured with. Each agent’s health and load; a peer’s are what it answers over the authenticated peer link, and a peer is unreachable when its peer port accepts no connection.'), grid);
   return {
     el,
     update(state: State): void {
@@ -28,14 +28,27 @@ export function clusterView(): View {
         ),
         c.health.problems.length > 0 ? h('ul', { class: 'problems' }, c.health.problems.map((p) => h('li', {}, p))) : null,
       );
-      const peers = c.peers.map((p) =>
-        h(
+      const peers = c.peers.map((p) => {
+        const st = p.status;
+        const peerLoad = st ? Math.round(st.load * 100) : 0;
+        const healthBadge = !p.reachable ? badge('unreachable', 'bad') : !st ? badge('no status', 'muted') : st.health.ok ? badge('healthy', 'ok') : badge('degraded', 'warn');
+        return h(
           'article',
-          { class: `card agent peer ${p.reachable ? 'healthy' : 'unreachable'}`, 'data-agent': p.name },
-          h('header', {}, h('h3', {}, p.name), badge('peer', 'muted'), p.reachable ? badge('reachable', 'ok') : badge('unreachable', 'bad')),
-          h('dl', {}, h('dt', {}, 'peer URL'), h('dd', { class: 'mono' }, p.url), h('dt', {}, 'checked'), h('dd', {}, p.checkedAt ? new Date(p.checkedAt).toLocaleTimeString() : 'not yet')),
-        ),
-      );
+          { class: `card agent peer ${!p.reachable ? 'unreachable' : st && !st.health.ok ? 'degraded' : 'healthy'}`, 'data-agent': p.name },
+          h('header', {}, h('h3', {}, p.name), badge('peer', 'muted'), p.reachable ? badge('reachable', 'ok') : null, healthBadge),
+          st ? h('progress', { class: 'meter', max: 100, value: Math.min(100, peerLoad), title: `host load ${peerLoad} %` }) : null,
+          h(
+            'dl',
+            {},
+            st ? [h('dt', {}, 'load'), h('dd', {}, `${peerLoad} %`), h('dt', {}, 'uptime'), h('dd', {}, fmtDuration(st.uptimeMs)), h('dt', {}, 'VMs'), h('dd', {}, st.vms), h('dt', {}, 'embots'), h('dd', {}, st.embots)] : null,
+            h('dt', {}, 'peer URL'),
+            h('dd', { class: 'mono' }, p.url),
+            h('dt', {}, 'checked'),
+            h('dd', {}, p.checkedAt ? new Date(p.checkedAt).toLocaleTimeString() : 'not yet'),
+          ),
+          st && st.health.problems.length > 0 ? h('ul', { class: 'problems' }, st.health.problems.map((x) => h('li', {}, x))) : null,
+        );
+      });
       fill(grid, selfCard, peers);
     },
   };
