@@ -5,6 +5,7 @@ import { connect } from 'node:net';
 import { extname, join, resolve, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ControlError, ErrorCodes } from '../errors.ts';
+import type { PeerStatusReply } from '../wire/frames.ts';
 import type { Logger } from '../logger.ts';
 import type { PolicyChart } from '../../embots/index.ts';
 import type { AgentControl } from './control-api.ts';
@@ -32,16 +33,8 @@ export interface DashboardHost {
   peerStatus?(peer: string): Promise<PeerStatusCounts>;
 }
 
-/** What a peer's `PeerStatusReply` carries that the cluster view shows. */
-export interface PeerStatusCounts {
-  readonly uptimeMs: number;
-  readonly load: number;
-  readonly vms: number;
-  readonly embots: number;
-  readonly quarantined: number;
-  readonly modulesWithErrors: number;
-  readonly deadLetters: number;
-}
+/** What a peer's `PeerStatusReply` carries that the cluster view shows: the reply less its framing. */
+export type PeerStatusCounts = Omit<PeerStatusReply, 'type' | 'replyTo' | 'name'>;
 
 /** Health problems from the counts the cluster view judges an agent by. */
 function healthOf(c: { readonly quarantined: number; readonly modulesWithErrors: number; readonly deadLetters: number }): { ok: boolean; problems: string[] } {
