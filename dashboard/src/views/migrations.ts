@@ -197,7 +197,10 @@ function parentOf(id: string): string | undefined {
   return at > 0 ? id.slice(0, at) : undefined;
 }
 
-function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[], prewarmPanelOf: (m: MigrationInfo, pw: PrewarmInfo) => HTMLElement): HTMLElement {
+/** Where a running pre-warm's panel goes in its card; the panel itself is placed by `keepCard`. */
+const PANEL_SLOT = 'prewarm-slot';
+
+function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[]): HTMLElement {
   const p = m.progress;
   const pw = m.outcome === null ? m.prewarm : undefined;
   const sum = m.summary;
@@ -251,7 +254,7 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
           `; total ${fmtMs(sum.totalMs)}`,
         )
       : null,
-    pw ? prewarmPanelOf(m, pw) : null,
+    pw ? h('div', { hidden: true, 'data-slot': PANEL_SLOT }) : null,
     sum?.destinations?.length ? destinationsTable(sum.destinations, sum.winner) : null,
     children.length && !sum?.destinations?.length && !pw ? h('div', { class: 'children', 'data-testid': 'destinations-live' }, h('strong', {}, 'destinations'), children.map(childRow)) : null,
     m.reason ? h('p', { class: 'error' }, m.reason) : null,
@@ -268,12 +271,18 @@ export function migrationsView(): View {
   const rankNote = h('span', { class: 'muted small' });
   let knownVms = '';
 
+  // A refill (the VM list changed, or another VM was picked) keeps the targets already picked, and
+  // only the newest request fills the list: an older answer arriving late would drop the picks.
+  let targetsAsked = 0;
   async function loadTargets(): Promise<void> {
     const vm = vmSelect.value;
+    const asked = ++targetsAsked;
     if (!vm) return fill(targetSelect);
     try {
       const list = await targets(vm);
-      fill(targetSelect, list.map((t) => h('option', { value: t.name }, `${t.name}${t.reachable ? '' : ' (unreachable)'}${t.score === undefined ? '' : ` — score ${t.score}`}`)));
+      if (asked !== targetsAsked || vm !== vmSelect.value) return;
+      const picked = new Set([...targetSelect.selectedOptions].map((o) => o.value));
+      fill(targetSelect, list.map((t) => h('option', { value: t.name, selected: picked.has(t.name) }, `${t.name}${t.reachable ? '' : ' (unreachable)'}${t.score === undefined ? '' : ` — score ${t.score}`}`)));
       rankNote.textContent = list[0] ? `ranked by ${list[0].rankedBy}` : 'no peers configured';
     } catch (e) {
       message.textContent = e instanceof Error ? e.message : String(e);
@@ -337,13 +346,36 @@ export function migrationsView(): View {
     },
   };
 
-  // One panel per running pre-warm, moved into each rebuilt card; dropped once it is not running.
+  // One panel per running pre-warm, updated in place; dropped once it is not running.
   const panels = new Map<string, PrewarmPanel>();
   const prewarmPanelOf = (m: MigrationInfo, pw: PrewarmInfo): HTMLElement => {
     let panel = panels.get(m.id);
     if (!panel) panels.set(m.id, (panel = prewarmPanel(prewarmActions, say)));
     panel.update(m, pw);
     return panel.el;
+  };
+  // Running cards are kept and rewritten around their pre-warm panel, never replaced: Chromium drops
+  // a click whose target left the document between mousedown and mouseup, and the held rounds push
+  // several times a second, so a replaced card lost ticks and presses on its panel.
+  const liveCards = new Map<string, HTMLElement>();
+  const keepCard = (m: MigrationInfo, fresh: HTMLElement): HTMLElement => {
+    const slot = fresh.querySelector(`:scope > [data-slot="${PANEL_SLOT}"]`);
+    const panel = m.prewarm ? prewarmPanelOf(m, m.prewarm) : undefined;
+    const kept = liveCards.get(m.id);
+    if (!kept || !panel || panel.parentNode !== kept) {
+      if (slot) panel ? slot.replaceWith(panel) : slot.remove();
+      liveCards.set(m.id, fresh);
+      return fresh;
+    }
+    for (const a of ['class', 'data-vm']) kept.setAttribute(a, fresh.getAttribute(a) ?? '');
+    for (const n of [...kept.childNodes]) if (n !== panel) n.remove();
+    let before = true;
+    for (const n of [...fresh.childNodes]) {
+      if (n === slot) before = false;
+      else if (before) kept.insertBefore(n, panel);
+      else kept.append(n);
+    }
+    return kept;
   };
 
   const onCancel = (id: string): void => {
@@ -388,10 +420,14 @@ export function migrationsView(): View {
         if (p !== undefined && ids.has(p)) childrenOf.set(p, [...(childrenOf.get(p) ?? []), m]);
       }
       const all = every.filter((m) => { const p = parentOf(m.id); return p === undefined || !ids.has(p); });
-      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? [], prewarmPanelOf);
+      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? []);
       const running = all.filter((m) => m.outcome === null);
       for (const id of panels.keys()) if (!running.some((m) => m.id === id && m.prewarm)) panels.delete(id);
-      fill(live, running.length ? running.map(card) : h('p', { class: 'muted' }, 'none running'));
+      for (const id of liveCards.keys()) if (!running.some((m) => m.id === id)) liveCards.delete(id);
+      const liveNow = running.map((m) => keepCard(m, card(m)));
+      // Re-inserting an unchanged list would detach every card: only a changed order is re-filled.
+      const same = liveNow.length === live.children.length && liveNow.every((c, i) => live.children[i] === c);
+      if (!same) fill(live, liveNow.length ? liveNow : h('p', { class: 'muted' }, 'none running'));
       const done = all.filter((m) => m.outcome !== null).slice(0, 30);
       fill(past, done.length ? done.map(card) : h('p', { class: 'muted' }, 'none yet'));
     },
