@@ -85,6 +85,7 @@ export class PrewarmControl {
     }
     this.selectedNames = [...chosen];
     this.commandedAtMs = Date.now();
+    this.gate.command();
     this.resolveCommand(this.selectedNames);
     return this.selectedNames;
   }

@@ -11,6 +11,12 @@ export interface PrewarmHold {
   held(): boolean;
   /** Settles when the hold is lifted (or the gate is closed): an idle copy wakes at once. */
   readonly lifted: Promise<void>;
+  /**
+   * Settles at the migrate command, before the lift (the gate still holds): a driver whose hold
+   * also keeps its throttle off (qemu) may let it act from here, so a guest that dirties faster
+   * than the stream can meet the exit condition. Absent: nothing to do at the command.
+   */
+  readonly commanded?: Promise<void>;
 }
 
 /**
@@ -24,7 +30,14 @@ export interface PrewarmHold {
 export class PrewarmGate implements PrewarmHold {
   private isHeld = true;
   private resolve!: () => void;
+  private resolveCommand!: () => void;
   readonly lifted: Promise<void> = new Promise<void>((r) => (this.resolve = r));
+  readonly commanded: Promise<void> = new Promise<void>((r) => (this.resolveCommand = r));
+
+  /** The migrate command came; the gate still holds until {@link lift}. */
+  command(): void {
+    this.resolveCommand();
+  }
 
   held(): boolean {
     return this.isHeld;
@@ -32,6 +45,7 @@ export class PrewarmGate implements PrewarmHold {
 
   lift(): void {
     this.isHeld = false;
+    this.resolveCommand();
     this.resolve();
   }
 }

@@ -23,6 +23,7 @@ import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-
 import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { QemuFanOutSession } from './qemu-fan-out.ts';
+import { QemuCopyHold, heldParameters } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 import { exportDisks, startDiskMirror, stopDiskExport, type DiskExport, type DiskMirror } from './disk-mirror.ts';
 import { exportFromWire, exportToWire, faultExportRefused, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from './disk-migration.ts';
@@ -229,6 +230,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       incomingBoot: { bootIncoming: (vm, options) => this.bootIncoming(vm, options) },
       diskMirror: { sync: 'top' },
       fanOut: {
+        // A pre-warm's copy is held with QEMU's own parameters (qemu-prewarm.ts).
+        prewarm: true,
         begin: (vm, destinations) =>
           new QemuFanOutSession(this, vm, destinations, {
             relayParentDir: this.require(vm).stateDir,
@@ -665,6 +668,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     let finalDirtyRate = 0;
     let lastInfo: MigrationInfo = {};
     let handoverMs = 0;
+    let hold: QemuCopyHold | undefined;
     const progress = (info: MigrationInfo): MigrationProgress => ({
       phase: PHASES[info.status ?? 'none'],
       rounds: info.ram?.['dirty-sync-count'] ?? 0,
@@ -707,6 +711,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
             ...(channels > 1 ? { 'multifd-channels': channels } : {}),
             ...(this.o.cpuThrottle?.initial === undefined ? {} : { 'cpu-throttle-initial': this.o.cpuThrottle.initial }),
             ...(this.o.cpuThrottle?.increment === undefined ? {} : { 'cpu-throttle-increment': this.o.cpuThrottle.increment }),
+            ...(o.prewarm?.held() ? heldParameters() : {}),
           });
         })(),
       ]);
@@ -725,6 +730,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         await testHookWrite(qmp, mirrored[0], 'afterReady');
       }
       await qmp.execute('migrate', { uri: o.endpoint.uri });
+      hold = o.prewarm && new QemuCopyHold((params) => qmp.execute('migrate-set-parameters', params), o.prewarm, {
+        downtimeLimitMs: o.downtimeLimitMs ?? 300,
+        ...(this.o.cpuThrottle?.initial === undefined ? {} : { cpuThrottleInitial: this.o.cpuThrottle.initial }),
+        onChange: wakeUp,
+        onError: wakeUp,
+      });
       let switched = false;
       for (;;) {
         woken = false;
@@ -736,7 +747,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         if ((info['expected-downtime'] ?? 0) > 0) expectedDowntimeMs = info['expected-downtime']!;
         const p = progress(info);
         if (p.dirtyRateBytesPerSec > 0) finalDirtyRate = p.dirtyRateBytesPerSec;
-        o.onProgress?.(p);
+        o.onProgress?.(hold ? hold.progress(p) : p);
         if (mirror !== undefined && !testWritten && info.status === 'active') {
           testWritten = true;
           await testHookWrite(qmp, mirrored[0], 'duringMemory');
@@ -748,6 +759,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         if (o.signal?.aborted) {
           await cancel();
           throw aborted(name);
+        }
+        if (info.status === 'pre-switchover' && !switched && hold?.holding()) {
+          // A guest that dirtied nothing since the last sync meets any limit (qemu-prewarm.ts): not kept paused until the command.
+          await cancel();
+          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `the pre-warm of VM ${name} could not hold its copy: the guest dirtied no memory and QEMU reached its switchover before the command; cancelled, the VM runs here`, {
+            details: { vm: name, reason: 'holdLost' },
+          });
         }
         if (info.status === 'pre-switchover' && !switched) {
           switched = true;
@@ -776,7 +794,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           await qmp.execute('migrate-continue', { state: 'pre-switchover' });
           continue;
         }
-        if (!switched && o.timeBudgetMs !== undefined && Date.now() - started > o.timeBudgetMs) {
+        // A held copy's budget starts at its lift: warming may last as long as the command takes.
+        if (!switched && o.timeBudgetMs !== undefined && !hold?.holding() && Date.now() - (hold?.liftedAt ?? started) > o.timeBudgetMs) {
           await cancel();
           const p = progress(info);
           throw new EffectorError(
@@ -797,8 +816,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       vm.expectingExit = 'migrated';
       this.setState(vm, 'migrated', 'migrated');
       const ended = completedAt ?? Date.now();
-      // The caller's hand-over at the switch is not the stream's: left out of the calibration.
-      this.calibrate(name, channels, lastInfo, ended - started - handoverMs);
+      // The caller's hand-over at the switch is not the stream's: left out of the calibration (a pre-warm's wait for its command too).
+      if (!o.prewarm) this.calibrate(name, channels, lastInfo, ended - started - handoverMs);
       return {
         bytes: lastInfo.ram?.transferred ?? 0,
         rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
@@ -835,6 +854,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       }
       throw e;
     } finally {
+      hold?.close();
       vm.migrating = false;
       qmp.events.off('event', onEvent);
       o.signal?.removeEventListener('abort', wakeUp);

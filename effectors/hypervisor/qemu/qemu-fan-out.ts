@@ -142,6 +142,8 @@ export class QemuFanOutSession implements FanOutSession {
         ...(caps.every((c) => c !== undefined) ? { maxBandwidth: Math.max(...(caps as number[])) } : {}),
         ...(all.every((o) => o.timeBudgetMs !== undefined) ? { timeBudgetMs: Math.max(...all.map((o) => o.timeBudgetMs!)) } : {}),
         signal: this.abort.signal,
+        // A pre-warm's one gate (every destination's copy gets the same): the one stream is held (qemu-prewarm.ts).
+        ...(all.find((o) => o.prewarm) ? { prewarm: all.find((o) => o.prewarm)!.prewarm! } : {}),
         onProgress: (p: MigrationProgress) => {
           for (const e of this.live()) e.options.onProgress?.(p);
         },
