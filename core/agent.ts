@@ -33,7 +33,7 @@ import { connectNamedPeer } from './wire/peer-client.ts';
 import type { PeerStatusReply } from './wire/frames.ts';
 import type { PeerConnection } from './wire/peer-connection.ts';
 import { peerEndpoint, type PeerEndpoint } from './wire/peer-services.ts';
-import { ImageService, costTable, imagesDirOf, rankTargetsByImage, type BuildSummary } from '../images/index.ts';
+import { ImageService, costTable, imagesDirOf, rankTargetsByImage, type BuildSummary, type VmImageRef } from '../images/index.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
 import { parsePeers } from './wire/peers.ts';
 
@@ -203,6 +203,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       buildTimeoutMs: config.images.buildTimeoutMs,
       log: log.child('images'),
       onFetched: (source, bytes) => this.metrics.blocks.fetched(source, bytes),
+      // The VM's element travels with it, so a host it moved to knows its image for the next move.
+      vmImageOf: (vm) => {
+        const st = this.objects.get(`vm:${vm}`)?.state;
+        return typeof st?.['image'] === 'string' ? { image: st['image'], ...(typeof st['imageManifest'] === 'string' ? { manifest: st['imageManifest'] } : {}) } : undefined;
+      },
     });
     const r = this.services;
     r.register('store', this.store);
@@ -456,6 +461,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       vcpus: vm.vcpus,
       ...(typeof spec?.dirtyRate === 'number' ? { dirtyRate: spec.dirtyRate } : {}),
       ...(udpPort === undefined ? {} : { udpPort }),
+      ...imageState(this.images.vmImageRef(vm.name)),
     };
   }
 
@@ -556,7 +562,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     if (file === undefined) throw new EffectorError(ErrorCodes.IMAGE_UNKNOWN, `no image ${JSON.stringify(named)} on ${this.name} (see embot images; build it with embot image build ${named} --on ${this.name})`);
     const { image: _named, ...rest } = request;
     const info = await this.driver.create(this.specFor(this.config.driver === 'sim' ? rest : { ...rest, image: file, imageName: named }));
-    this.images.setVmImage(info.name, named);
+    const ref = this.images.setVmImage(info.name, named);
+    if (this.objects.has(`vm:${info.name}`)) this.objects.update(`vm:${info.name}`, imageState(ref));
     return info;
   }
 
@@ -644,11 +651,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
   /** MobilityHost: the VM's image (`vm create --image`) built at the target before anything moves (issue 14). */
   async prepareTarget(vm: string, target: string): Promise<MigrationImageBuild | undefined> {
-    const image = this.images.vmImage(vm);
-    if (image === undefined) return undefined;
+    const ref = this.images.vmImageRef(vm);
+    if (ref === undefined) return undefined;
+    const image = ref.image;
     let s: BuildSummary;
     try {
-      s = await this.images.buildAt(target, image);
+      s = await this.images.buildFor(target, ref);
     } catch (e) {
       const code = (e as { code?: unknown }).code;
       throw new EmbotError(typeof code === 'string' && code.startsWith('EMBOT_ERR_') ? (code as ErrorCode) : ErrorCodes.BLOCK_UNAVAILABLE, `building image ${image} at ${target} failed, nothing moved: ${describeError(e)} [${String(code ?? 'no code')}]`);
@@ -715,4 +723,9 @@ function driverChoice(config: AgentConfig, imagePath: (image: string) => string 
     };
   }
   return { kind: 'sim', sim: { pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate } } };
+}
+
+/** A VM element's image fields (issue 14): its image travels with it for the next migration onward. */
+function imageState(ref: VmImageRef | undefined): Record<string, string> {
+  return ref === undefined ? {} : { image: ref.image, ...(ref.manifest === undefined ? {} : { imageManifest: ref.manifest }) };
 }

@@ -144,6 +144,10 @@ export const ErrorCodes = {
   INDEX_UPDATE_REFUSED: 'EMBOT_ERR_INDEX_UPDATE_REFUSED',
   /** Placement got candidates, costs or a policy it cannot use. */
   PLACEMENT_INPUT_INVALID: 'EMBOT_ERR_PLACEMENT_INPUT_INVALID',
+  /** A VM's image is no longer the one it was created on (its manifest id differs): an overlay on the new one would be corrupt. */
+  IMAGE_CHANGED: 'EMBOT_ERR_IMAGE_CHANGED',
+  /** A peer's answer to a link-cost probe is not one (wrong type, echo or timing): the cost falls back to config. */
+  COST_PROBE_INVALID: 'EMBOT_ERR_COST_PROBE_INVALID',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -2,6 +2,7 @@
  * An image as the index sees it: its size, its block size and the hash of every block in order.
  * Block i starts at i * blockSize; the last block may be short.
  */
+import { createHash } from 'node:crypto';
 import { EmbotError, ErrorCodes } from '../core/errors.ts';
 import { MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, isBlockHash, type BlockHash } from './block-hash.ts';
 
@@ -54,4 +55,15 @@ export function validateManifest(v: unknown): ImageManifest {
   if (o.hashes.length !== blockCount(o.size, o.blockSize)) return bad(`.hashes must hold ${blockCount(o.size, o.blockSize)} hashes for ${o.size} bytes (has ${o.hashes.length}): truncated?`);
   for (let i = 0; i < o.hashes.length; i++) if (!isBlockHash(o.hashes[i])) return bad(`.hashes[${i}] must be a sha256 hex`);
   return { name: o.name, size: o.size, blockSize: o.blockSize, hashes: o.hashes as BlockHash[] };
+}
+
+/**
+ * One image's identity beyond its name: the SHA-256 of its size, block size and block hashes in
+ * order. A VM carries it with its image name, so a host building the image for it later can tell
+ * whether the name still means the same bytes.
+ */
+export function manifestId(m: Pick<ImageManifest, 'size' | 'blockSize' | 'hashes'>): string {
+  const h = createHash('sha256').update(`${m.size}:${m.blockSize}:`);
+  for (const b of m.hashes) h.update(b);
+  return h.digest('hex');
 }

@@ -19,7 +19,7 @@ import { BLOCK_HASH_BYTES, hashBlock, packHashes, unpackHashes, type BlockHash }
 import { GlobalImageIndex, type Holder } from './global-index.ts';
 import { blockServeFault, corruptServedBlock } from './fault-points.ts';
 import { buildImage, type BlockFetcher, type BuildProgress, type BuildSummary } from './image-builder.ts';
-import { distinctBlocks, isImageName, type ImageManifest } from './image-manifest.ts';
+import { distinctBlocks, isImageName, manifestId, type ImageManifest } from './image-manifest.ts';
 import { decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpdate, type HostLoad, type IndexAnswerBody, type IndexUpdateBody } from './index-update.ts';
 import { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type ImageInfo, type IndexDelta } from './local-index.ts';
 import { LIBRARY_SOURCE, MIB, type CostTable } from './network-cost.ts';
@@ -54,6 +54,14 @@ export interface ImageServiceOptions {
   readonly log?: Logger;
   /** Block bytes a build here fetched, by the source they came from (the agent's metrics). */
   readonly onFetched?: (source: string, bytes: number) => void;
+  /** The image a VM carries with it (the agent: its managed element's state), if any. */
+  readonly vmImageOf?: (vm: string) => VmImageRef | undefined;
+}
+
+/** A VM's image: its name and, when known, the id of the manifest it was created on (manifestId). */
+export interface VmImageRef {
+  readonly image: string;
+  readonly manifest?: string;
 }
 
 export interface ImagesReport {
@@ -367,13 +375,59 @@ export class ImageService {
     return this.jobs.get(id);
   }
 
-  /** The image a VM was created with (`vm create --image`), kept in the store. */
+  /** The image a VM was created with (`vm create --image`), wherever it was created (see vmImageRef). */
   vmImage(vm: string): string | undefined {
-    return (this.o.db.prepare('SELECT value FROM meta WHERE key = ?').get(`images.vm.${vm}`) as { value: string } | undefined)?.value;
+    return this.vmImageRef(vm)?.image;
   }
 
-  setVmImage(vm: string, image: string): void {
-    this.o.db.prepare('INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value').run(`images.vm.${vm}`, image);
+  /**
+   * The image a VM runs on and the manifest id it had when the VM was created: what the VM carries
+   * (`vmImageOf`, its managed element, which travels with it to every host it moves to) before
+   * what this host's store remembers of a VM created here.
+   */
+  vmImageRef(vm: string): VmImageRef | undefined {
+    const carried = this.o.vmImageOf?.(vm);
+    if (carried !== undefined) {
+      if (isImageName(carried.image)) return carried;
+      this.o.log?.warn(`images: VM ${vm} carries ${JSON.stringify(String(carried.image).slice(0, 64))}, not an image name; ignored`);
+    }
+    const get = (k: string): string | undefined => (this.o.db.prepare('SELECT value FROM meta WHERE key = ?').get(k) as { value: string } | undefined)?.value;
+    const image = get(`images.vm.${vm}`);
+    if (image === undefined) return undefined;
+    const manifest = get(`images.vmManifest.${vm}`);
+    return { image, ...(manifest === undefined ? {} : { manifest }) };
+  }
+
+  /** Remembers a VM created here on `image`, with the manifest id this host has of it now. */
+  setVmImage(vm: string, image: string): VmImageRef {
+    const m = this.index.manifest(image);
+    const ref: VmImageRef = { image, ...(m ? { manifest: manifestId(m) } : {}) };
+    const put = this.o.db.prepare('INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value');
+    this.o.db.transaction(() => {
+      put.run(`images.vm.${vm}`, image);
+      if (ref.manifest !== undefined) put.run(`images.vmManifest.${vm}`, ref.manifest);
+      else this.o.db.prepare('DELETE FROM meta WHERE key = ?').run(`images.vmManifest.${vm}`);
+    })();
+    return ref;
+  }
+
+  /**
+   * Builds a VM's image at `host` (a migration's first step), after checking that the group's
+   * image of that name is still the one the VM was created on.
+   *
+   * @throws EmbotError `EMBOT_ERR_IMAGE_CHANGED` when its manifest id differs (a qcow2 overlay on
+   *   other bytes would be a corrupt disk), or what `query` and `buildAt` throw.
+   */
+  async buildFor(host: string, ref: VmImageRef): Promise<BuildSummary> {
+    if (ref.manifest !== undefined) {
+      const now = manifestId((await this.query(ref.image)).manifest);
+      if (now !== ref.manifest) {
+        throw new EmbotError(ErrorCodes.IMAGE_CHANGED, `image ${ref.image} is not the one the VM was created on (manifest ${now.slice(0, 12)}…, the VM's ${ref.manifest.slice(0, 12)}…)`, {
+          details: { image: ref.image, expected: ref.manifest, found: now },
+        });
+      }
+    }
+    return this.buildAt(host, ref.image);
   }
 
   /** Ranks candidate hosts (default: the group's members but this agent) for a VM of `image` by the network cost of building the image there. */

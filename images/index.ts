@@ -3,7 +3,7 @@
  * construction and placement. Wired in by core/agent.ts, the control API and the CLI only.
  */
 export { BLOCK_HASH_ALGORITHM, BLOCK_HASH_BYTES, DEFAULT_BLOCK_SIZE, hashBlock, isBlockHash, packHashes, unpackHashes, type BlockHash } from './block-hash.ts';
-export { blockCount, blockLength, distinctBlocks, isImageName, validateManifest, type ImageManifest } from './image-manifest.ts';
+export { blockCount, blockLength, distinctBlocks, isImageName, manifestId, validateManifest, type ImageManifest } from './image-manifest.ts';
 export { scanImage, type ScannedImage } from './image-scan.ts';
 export { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type BlockLocation, type ImageInfo, type ImageOrigin, type IndexDelta } from './local-index.ts';
 export { decodeIndexUpdate, decodeManifest, encodeIndexUpdate, encodeManifest, type IndexUpdateBody } from './index-update.ts';
@@ -12,5 +12,5 @@ export { DEFAULT_COST, LIBRARY_SOURCE, MIB, costFromMeasurement, costTable, matr
 export { buildImage, type BlockFetcher, type BuildOptions, type BuildProgress, type BuildSummary, type FetchProblem, type LocalBlocks } from './image-builder.ts';
 export { buildCosts, parsePolicy, rankCandidates, type Candidate, type PlacementMetric, type PlacementPolicy, type RankedCandidate } from './placement.ts';
 export { decodeIndexAnswer, encodeIndexAnswer, type HostLoad, type IndexAnswerBody } from './index-update.ts';
-export { ImageService, MAX_BLOCKS_PER_FETCH, imagesDirOf, type BuildJob, type ImageServiceOptions, type ImagesReport, type PlacementReport } from './image-service.ts';
+export { ImageService, MAX_BLOCKS_PER_FETCH, imagesDirOf, type BuildJob, type ImageServiceOptions, type ImagesReport, type PlacementReport, type VmImageRef } from './image-service.ts';
 export { RANKED_BY_PLACEMENT, rankTargetsByImage, type PlacementSource, type RankedTarget, type TargetLike } from './target-ranking.ts';

@@ -17,7 +17,7 @@ import { derivedImage, randomImage, writeImage } from '../harness/image-files.ts
 
 const BS = 4096;
 const BLOCKS = 512; // 2 MiB
-const NAMES = ['a', 'b', 'c'] as const;
+const NAMES = ['a', 'b', 'c', 'd'] as const;
 
 let cluster: Cluster;
 let root: string;
@@ -37,6 +37,7 @@ beforeAll(async () => {
   writeImage(path.join(dirs.library!, 'web.img'), web);
   writeImage(path.join(dirs.b!, 'web.img'), web);
   writeImage(path.join(dirs.b!, 'gone.img'), randomImage(16, BS));
+  writeImage(path.join(dirs.b!, 'chg.img'), randomImage(16, BS));
   writeImage(path.join(dirs.c!, 'base.img'), base);
   cluster = await Cluster.start(NAMES, {
     config: (n) => ({
@@ -44,10 +45,10 @@ beforeAll(async () => {
         dir: dirs[n],
         blockSize: BS,
         indexer: 'a',
-        members: ['b', 'c'],
+        members: ['b', 'c', 'd'],
         reindexMs: 300,
-        // b is next to c; the library (behind a) is far from everyone.
-        cost: { matrix: { b: { c: 1 }, library: { a: 5, b: 5, c: 5 } }, default: 10 },
+        // b is next to c, c next to d; the library (behind a) is far from everyone.
+        cost: { matrix: { b: { c: 1 }, c: { d: 2 }, library: { a: 5, b: 5, c: 5, d: 5 } }, default: 10 },
       },
       ...(n === 'a' ? { imageLibrary: dirs.library } : {}),
     }),
@@ -91,6 +92,39 @@ describe('a migration builds the VM image at its target first', () => {
     expect(metrics).toMatch(new RegExp(`embot_block_fetched_bytes_total\\{source="b"\\} ${(BLOCKS / 2) * BS}\\b`));
   }, 90_000);
 
+  it('onward b -> c -> d: c learned w1\'s image with the VM, so moving it on builds web.img at d from its cheapest holder (c) the same way', async () => {
+    // w1 moved b -> c in the test before; only the VM carried its image name to c.
+    const c = cluster.agent('c').url;
+    const r = await runCli(['migrate', 'w1', '--to', 'd', '--json', '--agent', c]);
+    expect(r.code, r.stderr).toBe(0);
+    const info = JSON.parse(r.stdout) as MigrationInfo;
+    expect(info.outcome, info.reason).toBe('completed');
+    const distinct = unique(web);
+    expect(info.summary?.imageBuild).toMatchObject({ image: 'web.img', host: 'd', alreadyThere: false, bytesLocal: 0, bytesFetched: distinct * BS, bySource: { c: distinct * BS } });
+    expect(Buffer.compare(readFileSync(path.join(dirs.d!, 'web.img')), web)).toBe(0);
+    expect((await cluster.agent('d').client.listVms()).find((v) => v.name === 'w1')?.state).toBe('running');
+    // And d knows it too: placement of w1 asked at d ranks by web.img.
+    const placed = JSON.parse((await runCli(['place', 'w1', '--candidates', 'b,c', '--json', '--agent', cluster.agent('d').url])).stdout) as { host: string; cost: number }[];
+    expect(placed.map((p) => p.cost)).toEqual([0, 0]);
+  }, 90_000);
+
+  it('a VM whose image changed under its name since it was created is not moved: EMBOT_ERR_IMAGE_CHANGED, nothing built, the VM runs on', async () => {
+    const b = cluster.agent('b').url;
+    expect((await runCli(['vm', 'create', 'w6', '--image', 'chg.img', '--memory', '16M', '--agent', b])).code).toBe(0);
+    expect((await runCli(['vm', 'start', 'w6', '--agent', b])).code).toBe(0);
+    const before = (await catalogue()).find((i) => i.name === 'chg.img');
+    // Same name, other bytes (one block longer, so the indexer's catalogue shows the change).
+    writeImage(path.join(dirs.b!, 'chg.img'), randomImage(17, BS));
+    await waitFor(async () => ((await catalogue()).find((i) => i.name === 'chg.img')?.size ?? -1) !== before?.size || undefined, 15_000, 'chg.img re-indexed');
+    const r = await runCli(['migrate', 'w6', '--to', 'c', '--json', '--agent', b]);
+    expect(r.code).toBe(1);
+    const info = JSON.parse(r.stdout) as MigrationInfo;
+    expect(info.reason).toContain(ErrorCodes.IMAGE_CHANGED);
+    expect(info.summary?.memoryBytes ?? 0).toBe(0);
+    expect((await cluster.agent('b').client.listVms()).find((v) => v.name === 'w6')?.state).toBe('running');
+    expect(existsSync(path.join(dirs.c!, 'chg.img'))).toBe(false);
+  }, 90_000);
+
   it('a target that holds the image already fetches nothing and rewrites nothing; the summary says so', async () => {
     const b = cluster.agent('b').url;
     expect((await runCli(['vm', 'create', 'w3', '--image', 'web.img', '--memory', '16M', '--agent', b])).code).toBe(0);
@@ -120,7 +154,7 @@ describe('a migration builds the VM image at its target first', () => {
   it("the dashboard's target list is the placement ranking: the order `place` gives, each with its cost as score", async () => {
     const b = cluster.agent('b').url;
     expect((await runCli(['vm', 'create', 'w4', '--image', 'web.img', '--memory', '16M', '--agent', b])).code).toBe(0);
-    const placed = JSON.parse((await runCli(['place', 'w4', '--candidates', 'a,c', '--json', '--agent', b])).stdout) as { host: string; cost: number }[];
+    const placed = JSON.parse((await runCli(['place', 'w4', '--candidates', 'a,c,d', '--json', '--agent', b])).stdout) as { host: string; cost: number }[];
     const res = await fetch(`${b}/ui/api/targets?vm=w4`);
     expect(res.status).toBe(200);
     const targets = (await res.json()) as { name: string; reachable: boolean; score?: number; rankedBy: string; why?: string }[];
