@@ -465,6 +465,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `a pre-warm needs a driver that holds its copies until the command; the ${this.host.driver.name} driver does not yet`, { details: { names: [...names] } });
     }
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
+    // Nothing to keep warm in a VM that does not run (a cold `embot migrate` moves it); refused before anything starts.
+    const st = this.host.driver.get(vm)!.state;
+    if (st !== 'running') throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is ${st}: only a running VM is pre-warmed (embot migrate ${vm} moves it cold)`, { details: { vm, state: st } });
     if (this.prewarmOf(vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is pre-warming already (embot migrate ${vm} switches, embot prewarm ${vm} --cancel stops it)`);
     if ([...this.live.values()].some((m) => m.vm === vm) || [...this.fanOutLive.values()].some((f) => f.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
     const id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;

@@ -1,0 +1,211 @@
+/**
+ * Pre-warm with the qemu driver (issue 13 point 4, README "Several destinations", *Pre-warm with
+ * qemu*): real agents `--driver qemu` (TCG) on loopback, one QEMU stream relayed to every warmed
+ * destination and held by QEMU's own parameters (qemu-prewarm.ts) until `embot migrate`. Mirrors
+ * the sim's prewarm.integration test: the switch, bad input, cancel, the source SIGKILLed.
+ */
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ErrorCodes } from '../../core/errors.ts';
+import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
+import type { PrewarmInfo } from '../../core/mobility/prewarm.ts';
+import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { cliHere } from '../harness/cli-in-process.ts';
+import { Cluster } from '../harness/cluster.ts';
+import { counterOf, tickProducer, type SequencedPoster } from '../harness/counter-stream.ts';
+import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
+import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, serialBytes } from '../harness/qemu-processes.ts';
+
+const MiB = 1024 * 1024;
+const VM_BYTES = 64 * MiB;
+const run = requireQemu();
+const qemus = qemuProcesses();
+
+let cluster: Cluster | undefined;
+afterEach(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+  await qemus.killAll();
+});
+
+/** Agents a, b, c `--driver qemu` (TCG), no spare incoming QEMU (every QEMU counted is a VM's), the counter fixture. */
+async function qemuCluster(root: string, tls = false): Promise<Cluster> {
+  return Cluster.start(['a', 'b', 'c'], {
+    ...(tls ? { tls: {} } : {}),
+    plugins: [{ from: 'fixture', name: 'counter' }],
+    config: (n) => ({
+      ...qemuAgentConfig(root, n),
+      qemu: { ...qemuAgentConfig(root, n).qemu, spareIncoming: false },
+      ...(n === 'a' ? { dataplane: { downtimeLimitMs: 500, autoConverge: true } } : {}),
+      mobility: { stepTimeoutMs: 30_000, vmTimeoutMs: 120_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' } },
+    }),
+  });
+}
+
+/** `app` running at a (a guest that keeps writing, slowly enough for the stream to outpace it), its counter embot, ten events acknowledged. */
+async function appWithEvents(root: string, tls = false): Promise<{ c: Cluster; a: AgentProcess; ticks: SequencedPoster }> {
+  cluster = await qemuCluster(root, tls);
+  const a = cluster.agent('a');
+  const image = join(root, 'slow-guest.img');
+  writeGuestImage(image, { delayLoops: 2000 });
+  await a.client.createVm({ name: 'app', memory: VM_BYTES, boot: image });
+  await a.client.vmAction('app', 'start');
+  await heartbeat(join(root, 'a', 'app'), 2);
+  await waitFor(async () => counterOf(await a.client.listEmbots(), 'app'), 20_000, 'counter embot on a');
+  const ticks = tickProducer(() => a, 'app');
+  await waitFor(() => ticks.acked >= 10, 20_000, 'events before the pre-warm');
+  return { c: cluster, a, ticks };
+}
+
+async function warmth(a: AgentProcess, id: string): Promise<PrewarmInfo | undefined> {
+  const m = (await a.client.listMigrations()).find((x) => x.id === id) as (MigrationInfo & { prewarm?: PrewarmInfo }) | undefined;
+  return m?.prewarm;
+}
+
+/** Every destination named warm: the whole VM sent, dirty-sync rounds after it, the exit condition met. */
+async function untilWarm(a: AgentProcess, id: string, names: readonly string[]): Promise<PrewarmInfo> {
+  let seen: unknown;
+  return waitFor(async () => {
+    const w = await warmth(a, id);
+    seen = w ?? (await a.client.listMigrations());
+    const ok = w && names.every((n) => w.destinations.some((d) => d.name === n && d.status === 'warming' && d.exitConditionMet && d.rounds > 3 && d.copiedBytes > VM_BYTES));
+    return ok ? w : undefined;
+  }, 120_000, `${names.join(', ')} warm`).catch((e: unknown) => {
+    throw new Error(`${String(e)}; last seen: ${JSON.stringify(seen)}`);
+  });
+}
+
+/** The guest's memory at `name` passes the integrity check (a driver of our own on its root, after its agent is gone). */
+async function expectIntactAt(c: Cluster, root: string, name: string, pid: number): Promise<void> {
+  await c.kill(name);
+  const look = new QemuDriver({ root: join(root, name), accel: 'tcg' });
+  try {
+    await look.restoreState(undefined);
+    expect(look.pid('app')).toBe(pid);
+    await look.pause('app');
+    const end = guestRangeEnd(VM_BYTES);
+    const check = checkGuestMemory(await look.capabilities.memoryDump!.dump('app', GUEST_RANGE_START, end - GUEST_RANGE_START));
+    expect(check, JSON.stringify(check)).toMatchObject({ ok: true });
+  } finally {
+    await look.close();
+  }
+}
+
+describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate command (TCG)', () => {
+  it('warms b and c while the guest runs and its events are processed at a; migrate --to b switches: b runs it (heartbeat, memory intact), c terminated and clean, every event once in order', async () => {
+    const root = qemus.root();
+    const { c, a, ticks } = await appWithEvents(root, true);
+    const sourcePid = runningPid(join(root, 'a', 'app'));
+
+    const started = await cliHere(['prewarm', 'app', '--to', 'b,c', '--json', '--agent', a.url]);
+    expect(started.code, started.stderr).toBe(0);
+    const { id } = JSON.parse(started.stdout) as { id: string };
+    await untilWarm(a, id, ['b', 'c']);
+    // Held: the guest runs in its own QEMU at a, its events are processed there, the copy keeps going.
+    const before = counterOf(await a.client.listEmbots(), 'app')!.count;
+    const beat = serialBytes(join(root, 'a', 'app'));
+    const copied = (await warmth(a, id))!.destinations[0]!.copiedBytes;
+    await sleep(2000);
+    expect(counterOf(await a.client.listEmbots(), 'app')!.count).toBeGreaterThan(before);
+    expect(serialBytes(join(root, 'a', 'app'))).toBeGreaterThan(beat);
+    expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    expect(runningPid(join(root, 'a', 'app'))).toBe(sourcePid);
+    const w = (await warmth(a, id))!;
+    expect(w.destinations.map((d) => d.status)).toEqual(['warming', 'warming']);
+    expect(w.destinations[0]!.copiedBytes).toBeGreaterThan(copied);
+    for (const d of w.destinations) {
+      expect(d.dirtyRateBytesPerSec, `${d.name} dirty rate while held`).toBeGreaterThan(0);
+      expect(d.rateBytesPerSec, `${d.name} rate while held (the full copy's)`).toBeGreaterThan(d.dirtyRateBytesPerSec);
+    }
+    const human = await cliHere(['migrations', '--agent', a.url]);
+    expect(human.stdout).toMatch(/PRE-WARM[\s\S]*b\s+warming/);
+
+    const { id: same } = await a.client.migrate('app', 'b');
+    expect(same).toBe(id);
+    const info = await a.client.waitMigration(id, { timeoutMs: 240_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    const s = info.summary!;
+    expect(s.winner).toBe('b');
+    const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
+    expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    await waitFor(() => (ticks.acked >= s.events + 20 ? true : undefined), 30_000, 'events after the switch (forwarded by a)');
+    await ticks.stop();
+
+    const b = c.agent('b');
+    expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['app:running']);
+    const winnerPid = runningPid(join(root, 'b', 'app'));
+    expect(winnerPid).toBeDefined();
+    await heartbeat(join(root, 'b', 'app'), 2);
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at b left');
+    expect(qemus.live()).toEqual([winnerPid]);
+    await expectClean(a);
+    await expectClean(c.agent('c'));
+    const onC = (await c.agent('c').client.listMigrations()).find((m) => m.id === `${id}~c`);
+    expect(onC?.outcome).toBe('aborted');
+    await expectStreamExact(b, ticks.acked);
+    await expectIntactAt(c, root, 'b', winnerPid!);
+  }, 420_000);
+
+  it('bad input is refused with codes (a stopped VM, --to self, a second pre-warm, a destination not warmed); --cancel leaves nothing on b or c, the guest runs on in its QEMU at a', async () => {
+    const root = qemus.root();
+    const { c, a, ticks } = await appWithEvents(root);
+    const sourcePid = runningPid(join(root, 'a', 'app'));
+    await a.client.createVm({ name: 'cold', memory: 32 * MiB });
+
+    const stopped = await cliHere(['prewarm', 'cold', '--to', 'b', '--agent', a.url]);
+    expect(stopped.code, stopped.stderr).toBe(1);
+    expect(stopped.stderr).toContain(ErrorCodes.VM_BAD_STATE);
+    const self = await cliHere(['prewarm', 'app', '--to', 'a,b', '--agent', a.url]);
+    expect(self.code).toBe(2);
+    expect(self.stderr).toContain(ErrorCodes.DESTINATIONS_INVALID);
+    const { id } = await a.client.prewarm('app', ['b', 'c']);
+    const twice = await cliHere(['prewarm', 'app', '--to', 'b', '--agent', a.url]);
+    expect(twice.code).toBe(1);
+    expect(twice.stderr).toContain(ErrorCodes.VM_BAD_STATE);
+    await untilWarm(a, id, ['b', 'c']);
+    await expect(a.client.migrate('app', ['b', 'zz'])).rejects.toMatchObject({ code: ErrorCodes.DESTINATIONS_INVALID });
+    expect((await warmth(a, id))?.commandedAt).toBeNull();
+
+    const cancelled = await cliHere(['prewarm', 'app', '--cancel', '--json', '--agent', a.url]);
+    expect(cancelled.code, cancelled.stderr).toBe(0);
+    const info = await a.client.waitMigration(id, { timeoutMs: 120_000 });
+    await ticks.stop();
+    expect(info.outcome).toBe('aborted');
+    expect(info.summary!.winner).toBeNull();
+
+    for (const n of ['b', 'c']) await expectClean(c.agent(n));
+    // migrate_cancel at the source: the guest never left its QEMU, which alone is left.
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at a left');
+    expect(qemus.live()).toEqual([sourcePid]);
+    expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    await heartbeat(join(root, 'a', 'app'), 2);
+    expect((await a.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
+    await expectStreamExact(a, ticks.acked);
+  }, 420_000);
+
+  it('the source SIGKILLed during a qemu pre-warm: after its restart the pre-warm is aborted, b and c discard, the guest runs on in the same QEMU at a', async () => {
+    const root = qemus.root();
+    const { c, a, ticks } = await appWithEvents(root);
+    const sourcePid = runningPid(join(root, 'a', 'app'));
+    const { id } = await a.client.prewarm('app', ['b', 'c']);
+    await untilWarm(a, id, ['b', 'c']);
+    await ticks.stop();
+    await c.kill('a');
+    await c.startAgent('a');
+    const a2 = c.agent('a');
+    await waitFor(async () => {
+      for (const n of c.names) if ((await c.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
+      return true;
+    }, 120_000, 'every migration settled after the restart');
+    expect((await a2.client.listMigrations()).find((m) => m.id === id)?.outcome).toBe('aborted');
+    for (const n of ['b', 'c']) await expectClean(c.agent(n));
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at a left');
+    expect(qemus.live()).toEqual([sourcePid]);
+    expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    await heartbeat(join(root, 'a', 'app'), 2);
+    await expectStreamExact(a2, ticks.acked);
+  }, 420_000);
+});
