@@ -60,3 +60,20 @@ describe('PrewarmControl', () => {
     expect(all.readyToSwitch()).toBe(true);
   });
 });
+
+describe('PrewarmControl and its gate', () => {
+  it("the command settles the gate's commanded (a driver may let its throttle act) while the gate still holds; refused commands do not", async () => {
+    const pw = new PrewarmControl(['b', 'c'], { downtimeLimitMs: 300, exitShare: 1 });
+    let commanded = false;
+    void pw.gate.commanded.then(() => (commanded = true));
+    expect(() => pw.command(['zz'])).toThrow();
+    await Promise.resolve();
+    expect(commanded).toBe(false);
+    pw.command(['b']);
+    await Promise.resolve();
+    expect(commanded).toBe(true);
+    expect(pw.gate.held()).toBe(true);
+    pw.gate.lift();
+    expect(pw.gate.held()).toBe(false);
+  });
+});

@@ -76,6 +76,18 @@ export interface QemuDriverOptions {
   readonly loadFactor?: () => number;
   /** This host's file of an indexed image (the agent's image index): a disk with `image` is a qcow2 overlay on it, here and at a migration target. */
   readonly imagePath?: (name: string) => string | undefined;
+  /**
+   * The migration settings the agent's config gives every migration out (`dataplane.autoConverge`,
+   * `dataplane.downtimeLimitMs`): set on each VM's QEMU when it starts, with the capabilities every
+   * migration uses, so a migration out sends only what differs (usually nothing) before `migrate`.
+   */
+  readonly migrationDefaults?: { readonly autoConverge?: boolean; readonly downtimeLimitMs?: number };
+}
+
+/** Migration capabilities and parameters as one QEMU has them, as far as this driver set them. */
+interface MigrationSettings {
+  readonly caps: Map<string, boolean>;
+  readonly params: Map<string, number | string | boolean>;
 }
 
 /** What the qemu driver's migrateOut reads: the contract's options; `targetName` is required with {@link QemuDriverOptions.tls}. */
@@ -119,6 +131,8 @@ interface Vm {
   /** Reason for the STOP/RESUME event a pause()/resume() is about to cause (QEMU sends it before the reply). */
   intent: string | undefined;
   dirtyRate: number | undefined;
+  /** A background dirty-rate measurement is due to start (measureDirtyRateSoon). */
+  dirtyRateSoon: boolean;
   /** Bytes of non-zero pages, as last counted by {@link QemuDriver.measureNonZeroBytes}. */
   nonZero: { readonly bytes: number; readonly at: number } | undefined;
   cpuSample: { readonly at: number; readonly ticks: number } | undefined;
@@ -159,6 +173,9 @@ export const SPARE_REFILL_DELAY_MS = 50;
 export const CALIBRATION_SAMPLES = 5;
 /** A migration that sent less than this says more about its fixed cost than its rate: not kept. */
 const MIN_CALIBRATION_BYTES = 16 * 1024 * 1024;
+
+/** How long after a stats() call its dirty-rate refresh starts (see measureDirtyRateSoon); the measurement itself lasts 1 s. */
+export const DIRTY_RATE_START_DELAY_MS = 250;
 
 /** QEMU's max-bandwidth has no "unlimited"; this is far above what a host link carries. */
 const UNLIMITED_BANDWIDTH = 1024 ** 4;
@@ -213,6 +230,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   private refillTimer: NodeJS.Timeout | undefined;
   /** An incoming VM's NBD export of its image disks, until its commit or abort (disk-migration.ts). */
   private readonly diskExports = new Map<string, DiskExport>();
+  /** Per QMP connection: the migration settings sent on it, and the last such call (they go one after the other). */
+  private readonly migrationSettings = new WeakMap<QmpClient, { readonly settings: MigrationSettings; last: Promise<void> }>();
 
   constructor(private readonly o: QemuDriverOptions) {
     this.pollMs = o.pollMs ?? 100;
@@ -278,20 +297,42 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const vm = this.require(name);
     if (vm.proc?.alive) {
       vm.load = cpuLoad(vm);
-      if (vm.state === 'running' && !vm.migrating) void this.measureDirtyRate(name, 1).catch(() => {});
+      if (vm.state === 'running' && !vm.migrating) this.measureDirtyRateSoon(vm);
     } else {
       vm.load = 0;
     }
     return { name, state: vm.state, memory: vm.spec.memory, load: vm.load, dirtyRate: vm.dirtyRate, pageSize: 4096 };
   }
 
-  /** Measures the guest's dirty rate over `seconds` (QMP calc-dirty-rate), bytes/s. */
-  async measureDirtyRate(name: string, seconds = 1): Promise<number> {
+  /**
+   * The refresh stats() asks for, started {@link DIRTY_RATE_START_DELAY_MS} later and only if no
+   * migration out began meanwhile: a migration's plan calls stats() and reads the last measured
+   * rate, and a measurement started then put its two commands ahead of `migrate` in the QEMU
+   * monitor's queue (2-7 ms on the migration's path under load).
+   */
+  private measureDirtyRateSoon(vm: Vm): void {
+    if (vm.dirtyRateSoon) return;
+    vm.dirtyRateSoon = true;
+    setTimeout(() => {
+      vm.dirtyRateSoon = false;
+      if (this.closed || this.vms.get(vm.spec.name) !== vm || vm.state !== 'running' || vm.migrating) return;
+      void this.measureDirtyRate(vm.spec.name, 1, { yieldToMigration: true }).catch(() => {});
+    }, DIRTY_RATE_START_DELAY_MS).unref();
+  }
+
+  /**
+   * Measures the guest's dirty rate over `seconds` (QMP calc-dirty-rate), bytes/s. With
+   * `yieldToMigration` (the background refresh) it stops polling once a migration out begins
+   * (its queries would queue ahead of the migration's commands) and returns the last known rate.
+   */
+  async measureDirtyRate(name: string, seconds = 1, options: { readonly yieldToMigration?: boolean } = {}): Promise<number> {
     const proc = this.requireProc(name, 'measure the dirty rate of');
     const current = await proc.qmp.execute('query-dirty-rate');
     if (current.status !== 'measuring') await proc.qmp.execute('calc-dirty-rate', { 'calc-time': seconds });
     for (;;) {
       await sleep(Math.max(100, seconds * 250));
+      const vm = this.vms.get(name);
+      if (options.yieldToMigration && vm?.migrating) return vm.dirtyRate ?? 0;
       const r = await proc.qmp.execute('query-dirty-rate');
       if (r.status === 'measured' && r['dirty-rate'] !== undefined) {
         const rate = r['dirty-rate'] * MiB;
@@ -443,6 +484,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (vm.incoming || !['created', 'stopped', 'crashed'].includes(vm.state)) throw badState(vm, 'start');
     const proc = await QemuProcess.launch({ ...this.launchBase(vm), incoming: false });
     this.wire(vm, proc);
+    this.presetMigration(proc.qmp);
     vm.startedAt = Date.now();
     this.setState(vm, 'running', 'start');
     return toInfo(vm);
@@ -652,9 +694,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     // pause-before-switchover); the source's own STOP-to-completion time stands in for them then.
     let pausedAt: number | undefined;
     let completedAt: number | undefined;
+    // QEMU waits at pre-switchover for us: the event is enough to act on, no query-migrate first.
+    let atSwitchover = false;
     const onEvent = (e: QmpEvent): void => {
       if (e.event === 'STOP') pausedAt ??= Date.now();
       if (e.event === 'MIGRATION' && e.data['status'] === 'completed') completedAt ??= Date.now();
+      if (e.event === 'MIGRATION' && e.data['status'] === 'pre-switchover') atSwitchover = true;
       if (e.event === 'MIGRATION' || e.event === 'MIGRATION_PASS') wakeUp();
     };
     qmp.events.on('event', onEvent);
@@ -689,33 +734,19 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       }
     };
     try {
-      // Capabilities and parameters go out together (QEMU runs a monitor's commands in order): one
-      // round trip less before `migrate`, which is sent only once both have succeeded.
-      const settled = await Promise.allSettled([
-        qmp.execute('migrate-set-capabilities', {
-          capabilities: [
-            { capability: 'events', state: true },
-            { capability: 'auto-converge', state: o.autoConverge ?? false },
-            { capability: 'pause-before-switchover', state: true },
-            { capability: 'multifd', state: channels > 1 },
-          ],
-        }),
-        (async () => {
-          // Into the relay: no TLS of QEMU's (an earlier migration's creds are cleared), the relay has its own per destination.
-          const tlsParams = o.viaLocalRelay ? { 'tls-creds': '' } : this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
-          mirrorTls = tlsParams['tls-creds'];
-          await qmp.execute('migrate-set-parameters', {
-            ...tlsParams,
-            'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs ?? 300)),
-            'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH),
-            ...(channels > 1 ? { 'multifd-channels': channels } : {}),
-            ...(this.o.cpuThrottle?.initial === undefined ? {} : { 'cpu-throttle-initial': this.o.cpuThrottle.initial }),
-            ...(this.o.cpuThrottle?.increment === undefined ? {} : { 'cpu-throttle-increment': this.o.cpuThrottle.increment }),
-            ...(o.prewarm?.held() ? heldParameters() : {}),
-          });
-        })(),
-      ]);
-      for (const r of settled) if (r.status === 'rejected') throw r.reason;
+      // Into the relay: no TLS of QEMU's (an earlier migration's creds are cleared), the relay has its own per destination.
+      const tlsParams = o.viaLocalRelay ? { 'tls-creds': '' } : this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
+      mirrorTls = tlsParams['tls-creds'];
+      // Most of this was set when the QEMU started (presetMigration): only what differs goes out.
+      await this.applyMigrationSettings(qmp, {
+        caps: { ...this.baseMigrationCaps(o.autoConverge ?? false), multifd: channels > 1 },
+        params: {
+          ...tlsParams,
+          ...this.baseMigrationParams(o.downtimeLimitMs, o.maxBandwidth),
+          ...(channels > 1 ? { 'multifd-channels': channels } : {}),
+          ...(o.prewarm?.held() ? heldParameters() : {}),
+        },
+      });
       if (o.endpoint.disks !== undefined && mirrored.length > 0) {
         await testHookWrite(qmp, mirrored[0], 'beforeMirror');
         // Every guest write reaches the target too from READY on, before any memory moves.
@@ -730,7 +761,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         await testHookWrite(qmp, mirrored[0], 'afterReady');
       }
       await qmp.execute('migrate', { uri: o.endpoint.uri });
-      hold = o.prewarm && new QemuCopyHold((params) => qmp.execute('migrate-set-parameters', params), o.prewarm, {
+      hold = o.prewarm && new QemuCopyHold((params) => this.applyMigrationSettings(qmp, { caps: {}, params }), o.prewarm, {
         downtimeLimitMs: o.downtimeLimitMs ?? 300,
         ...(this.o.cpuThrottle?.initial === undefined ? {} : { cpuThrottleInitial: this.o.cpuThrottle.initial }),
         onChange: wakeUp,
@@ -739,7 +770,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       let switched = false;
       for (;;) {
         woken = false;
-        const info = await qmp.execute('query-migrate');
+        const info: MigrationInfo = atSwitchover && !switched ? { ...lastInfo, status: 'pre-switchover' } : await qmp.execute('query-migrate');
         lastInfo = info;
         maxThrottle = Math.max(maxThrottle, (info['cpu-throttle-percentage'] ?? 0) / 100);
         if ((info['cpu-throttle-percentage'] ?? 0) > lastThrottle) throttleSteps++;
@@ -759,6 +790,14 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         if (o.signal?.aborted) {
           await cancel();
           throw aborted(name);
+        }
+        if (hold?.failure !== undefined && !switched) {
+          // The hold's parameters did not take (a held copy would never switch): the migration ends, the VM runs here.
+          await cancel();
+          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `the pre-warm of VM ${name} could not change its copy's parameters: ${describeError(hold.failure)}; cancelled, the VM runs here`, {
+            details: { vm: name, reason: 'holdFailed' },
+            cause: hold.failure,
+          });
         }
         if (info.status === 'pre-switchover' && !switched && hold?.holding()) {
           // A guest that dirtied nothing since the last sync meets any limit (qemu-prewarm.ts): not kept paused until the command.
@@ -983,7 +1022,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const deadline = Date.now() + (options.timeoutMs ?? this.timeoutMs);
     // RESUME (the incoming VM starts) or a MIGRATION event wakes the wait; the poll is the fallback.
     let wake: () => void = () => {};
+    let resumed: () => void = () => {};
     const onEvent = (e: QmpEvent): void => {
+      if (e.event === 'RESUME') resumed();
       if (e.event === 'RESUME' || e.event === 'MIGRATION') wake();
     };
     proc.qmp.events.on('event', onEvent);
@@ -995,11 +1036,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const resume = async (): Promise<void> => {
       if (options.running === false) return;
       vm.intent = 'migrated-in';
-      try {
-        await proc.qmp.execute('cont');
-      } finally {
-        vm.intent = undefined;
-      }
+      const cont = proc.qmp.execute('cont').finally(() => (vm.intent = undefined));
+      // QEMU emits RESUME once the vCPUs run (the disks activated before), then answers; under TCG
+      // the answer can trail the event by several ms (the running vCPU thread holds the CPU): the
+      // VM runs at the event. A `cont` that fails emits no RESUME, so its error still surfaces.
+      const running = new Promise<void>((resolve) => (resumed = resolve));
+      cont.catch(() => undefined);
+      await Promise.race([cont, running]);
     };
     try {
       for (;;) {
@@ -1084,6 +1127,62 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     }
   }
 
+  /** The capabilities every migration out sets (multifd is per migration). */
+  private baseMigrationCaps(autoConverge: boolean): Record<string, boolean> {
+    return { events: true, 'auto-converge': autoConverge, 'pause-before-switchover': true };
+  }
+
+  private baseMigrationParams(downtimeLimitMs: number | undefined, maxBandwidth: number | undefined): Record<string, number> {
+    return {
+      'downtime-limit': Math.max(1, Math.round(downtimeLimitMs ?? 300)),
+      'max-bandwidth': Math.round(maxBandwidth ?? UNLIMITED_BANDWIDTH),
+      ...(this.o.cpuThrottle?.initial === undefined ? {} : { 'cpu-throttle-initial': this.o.cpuThrottle.initial }),
+      ...(this.o.cpuThrottle?.increment === undefined ? {} : { 'cpu-throttle-increment': this.o.cpuThrottle.increment }),
+    };
+  }
+
+  /**
+   * A started VM's QEMU gets the settings a migration out of it will use with the config's
+   * defaults, off any migration's path. Not awaited by start(): a migration out that comes first
+   * waits for it (applyMigrationSettings), and one that fails leaves them to that migration.
+   */
+  private presetMigration(qmp: QmpClient): void {
+    const d = this.o.migrationDefaults ?? {};
+    const settings = this.applyMigrationSettings(qmp, {
+      caps: { ...this.baseMigrationCaps(d.autoConverge ?? false), multifd: false },
+      params: this.baseMigrationParams(d.downtimeLimitMs, undefined),
+    });
+    settings.catch(() => undefined);
+  }
+
+  /**
+   * Sends the capabilities and parameters of `want` this QEMU does not have yet (as this driver
+   * set them: a new QMP connection, as after a re-attach, starts from nothing known), the two
+   * commands together (QEMU runs a monitor's commands in order); none when nothing differs. Each
+   * waits for the previous call on the same QEMU, so what is known is what QEMU has.
+   */
+  private applyMigrationSettings(qmp: QmpClient, want: { readonly caps: Readonly<Record<string, boolean>>; readonly params: Readonly<Record<string, number | string | boolean>> }): Promise<void> {
+    let known = this.migrationSettings.get(qmp);
+    if (known === undefined) {
+      known = { settings: { caps: new Map(), params: new Map() }, last: Promise.resolve() };
+      this.migrationSettings.set(qmp, known);
+    }
+    const { settings } = known;
+    const next = known.last.then(async () => {
+      const caps = Object.entries(want.caps).filter(([k, v]) => settings.caps.get(k) !== v);
+      const params = Object.entries(want.params).filter(([k, v]) => settings.params.get(k) !== v);
+      const settled = await Promise.allSettled([
+        caps.length === 0
+          ? undefined
+          : qmp.execute('migrate-set-capabilities', { capabilities: caps.map(([capability, state]) => ({ capability, state })) }).then(() => caps.forEach(([k, v]) => settings.caps.set(k, v))),
+        params.length === 0 ? undefined : qmp.execute('migrate-set-parameters', Object.fromEntries(params)).then(() => params.forEach(([k, v]) => settings.params.set(k, v))),
+      ]);
+      for (const r of settled) if (r.status === 'rejected') throw r.reason;
+    });
+    known.last = next.catch(() => undefined);
+    return next;
+  }
+
   /** Loads the agent's certificates into `qmp`'s QEMU; the copies QEMU read are deleted right after. */
   private async tlsObjects(
     vm: Vm,
@@ -1136,6 +1235,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       migrating: false,
       intent: undefined,
       dirtyRate: undefined,
+      dirtyRateSoon: false,
       nonZero: undefined,
       cpuSample: undefined,
       load: 0,

@@ -67,6 +67,8 @@ export class QemuCopyHold {
   private closed = false;
   /** Epoch ms of the lift once its parameters are applied; undefined while held. */
   liftedAt: number | undefined;
+  /** A parameter change QEMU refused (or the monitor went away): the driver ends the migration with it. */
+  failure: unknown;
 
   constructor(
     private readonly setParameters: SetParameters,
@@ -74,10 +76,10 @@ export class QemuCopyHold {
     private readonly o: QemuCopyHoldOptions,
   ) {
     const throttleBack = { 'cpu-throttle-initial': o.cpuThrottleInitial ?? QEMU_THROTTLE_INITIAL, 'max-cpu-throttle': QEMU_MAX_CPU_THROTTLE };
-    void hold.commanded?.then(() => this.apply(throttleBack));
+    // The lift settles `commanded` too (just before): then the lift's own change carries the throttle.
+    void hold.commanded?.then(() => (hold.held() ? this.apply(throttleBack) : undefined));
     void hold.lifted.then(async () => {
-      await this.apply({ ...throttleBack, 'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs)) });
-      this.liftedAt ??= Date.now();
+      if (await this.apply({ ...throttleBack, 'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs)) })) this.liftedAt ??= Date.now();
       o.onChange?.();
     });
   }
@@ -102,13 +104,17 @@ export class QemuCopyHold {
     this.closed = true;
   }
 
-  private async apply(params: Readonly<Record<string, number>>): Promise<void> {
-    if (this.closed) return;
+  private async apply(params: Readonly<Record<string, number>>): Promise<boolean> {
+    if (this.closed) return false;
     try {
       await this.setParameters(params);
       this.o.onChange?.();
+      return true;
     } catch (e) {
-      if (!this.closed) this.o.onError?.(e);
+      if (this.closed) return false;
+      this.failure ??= e;
+      this.o.onError?.(e);
+      return false;
     }
   }
 }

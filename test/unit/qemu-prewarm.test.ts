@@ -1,0 +1,91 @@
+/**
+ * The qemu pre-warm's hold (qemu-prewarm.ts) on its own: which QEMU parameters it sets when, and
+ * the rate it reports while held. The monitor is a recorder of the parameters sent (the real QEMU
+ * side is qemu-prewarm-driver.integration).
+ */
+import { describe, expect, it } from 'vitest';
+import type { MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
+import { PrewarmGate } from '../../effectors/hypervisor/prewarm-gate.ts';
+import { HOLD_DOWNTIME_LIMIT_MS, QemuCopyHold, heldParameters } from '../../effectors/hypervisor/qemu/qemu-prewarm.ts';
+
+const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 0));
+
+function progress(p: Partial<MigrationProgress>): MigrationProgress {
+  return { phase: 'precopy', rounds: 1, transferredBytes: 0, remainingBytes: 0, rateBytesPerSec: 0, dirtyRateBytesPerSec: 0, expectedDowntimeMs: 0, throttle: 0, channels: 1, ...p };
+}
+
+function recorder(): { sent: Record<string, number>[]; set: (p: Readonly<Record<string, number>>) => Promise<unknown> } {
+  const sent: Record<string, number>[] = [];
+  return { sent, set: async (p) => void sent.push({ ...p }) };
+}
+
+describe('qemu pre-warm hold', () => {
+  it('starts with a 1 ms downtime limit and the throttle capped at 1 %', () => {
+    expect(heldParameters()).toEqual({ 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 });
+    expect(HOLD_DOWNTIME_LIMIT_MS).toBe(1);
+  });
+
+  it('the command gives the throttle back (limit still held); the lift sets the real downtime limit and wakes the driver', async () => {
+    const gate = new PrewarmGate();
+    const m = recorder();
+    let changes = 0;
+    const hold = new QemuCopyHold(m.set, gate, { downtimeLimitMs: 499.6, cpuThrottleInitial: 30, onChange: () => changes++ });
+    await tick();
+    expect(m.sent).toEqual([]);
+    expect(hold.holding()).toBe(true);
+    gate.command();
+    await tick();
+    expect(m.sent).toEqual([{ 'cpu-throttle-initial': 30, 'max-cpu-throttle': 99 }]);
+    expect(hold.holding()).toBe(true);
+    expect(hold.liftedAt).toBeUndefined();
+    gate.lift();
+    expect(hold.holding()).toBe(false);
+    await tick();
+    await tick();
+    expect(m.sent[1]).toEqual({ 'cpu-throttle-initial': 30, 'max-cpu-throttle': 99, 'downtime-limit': 500 });
+    expect(hold.liftedAt).toBeTypeOf('number');
+    expect(changes).toBeGreaterThanOrEqual(2);
+  });
+
+  it("QEMU's throttle default when none is configured; a lift without a command still restores it", async () => {
+    const gate = new PrewarmGate();
+    const m = recorder();
+    new QemuCopyHold(m.set, gate, { downtimeLimitMs: 300 });
+    gate.lift();
+    await tick();
+    await tick();
+    expect(m.sent).toEqual([{ 'cpu-throttle-initial': 20, 'max-cpu-throttle': 99, 'downtime-limit': 300 }]);
+  });
+
+  it('after close (the migration ended) the gate touches QEMU no more', async () => {
+    const gate = new PrewarmGate();
+    const m = recorder();
+    const hold = new QemuCopyHold(m.set, gate, { downtimeLimitMs: 300 });
+    hold.close();
+    gate.lift();
+    await tick();
+    await tick();
+    expect(m.sent).toEqual([]);
+  });
+
+  it('a failed parameter change is reported, not thrown', async () => {
+    const gate = new PrewarmGate();
+    const errors: unknown[] = [];
+    const hold = new QemuCopyHold(() => Promise.reject(new Error('monitor gone')), gate, { downtimeLimitMs: 300, onError: (e) => errors.push(e) });
+    gate.lift();
+    await tick();
+    await tick();
+    expect(errors).toHaveLength(1);
+    expect(String(errors[0])).toContain('monitor gone');
+    // The driver ends the migration with it; the lift never counts as applied.
+    expect(String(hold.failure)).toContain('monitor gone');
+    expect(hold.liftedAt).toBeUndefined();
+  });
+
+  it("reports the highest rate of the migration while held (QEMU's own rate then is only what is dirtied), the rest as QEMU gives it", () => {
+    const hold = new QemuCopyHold(recorder().set, new PrewarmGate(), { downtimeLimitMs: 300 });
+    expect(hold.progress(progress({ rateBytesPerSec: 400e6, rounds: 1 })).rateBytesPerSec).toBe(400e6);
+    const held = hold.progress(progress({ rateBytesPerSec: 2e6, dirtyRateBytesPerSec: 2e6, remainingBytes: 8192, rounds: 9 }));
+    expect(held).toMatchObject({ rateBytesPerSec: 400e6, dirtyRateBytesPerSec: 2e6, remainingBytes: 8192, rounds: 9 });
+  });
+});
