@@ -10,9 +10,11 @@ import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } f
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import { Cluster } from '../harness/cluster.ts';
+import type { Cluster } from '../harness/cluster.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
+import { guestWithCounter as guestNamed, qemuFanOutCluster as qemuCluster } from '../harness/qemu-fan-out-cluster.ts';
+import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
 const run = requireQemu();
@@ -25,28 +27,7 @@ afterEach(async () => {
   await qemus.killAll();
 });
 
-/** Agents `--driver qemu` (TCG), no spare incoming QEMU (so every QEMU counted is a VM's), the counter fixture. */
-async function qemuCluster(root: string, names: readonly string[], o: { readonly capOfA?: number; readonly bootFails?: readonly string[]; readonly tls?: boolean } = {}): Promise<Cluster> {
-  return Cluster.start(names, {
-    ...(o.tls ? { tls: {} } : {}),
-    plugins: [{ from: 'fixture', name: 'counter' }],
-    env: (n): Record<string, string> => (o.bootFails?.includes(n) ? { EMBOT_FAULT_BOOT_FAIL: '1' } : {}),
-    config: (n) => ({
-      ...qemuAgentConfig(root, n),
-      qemu: { ...qemuAgentConfig(root, n).qemu, spareIncoming: false },
-      // The guest dirties every page each pass; with three TCG QEMUs and the relay on 2 shared cores the copy needs the throttle and a looser limit.
-      ...(n === 'a' ? { dataplane: { downtimeLimitMs: 2000, autoConverge: true, ...(o.capOfA === undefined ? {} : { primaryCapBytesPerSec: o.capOfA }) } } : {}),
-      mobility: { stepTimeoutMs: 30_000, vmTimeoutMs: 120_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' } },
-    }),
-  });
-}
-
-async function guestWithCounter(a: AgentProcess, root: string, boot?: string): Promise<void> {
-  await a.client.createVm({ name: 'g1', memory: 64 * MiB, ...(boot === undefined ? {} : { boot }) });
-  await a.client.vmAction('g1', 'start');
-  await heartbeat(join(root, 'a', 'g1'), 2);
-  await waitFor(async () => counterOf(await a.client.listEmbots(), 'g1'), 20_000, 'counter embot on a');
-}
+const guestWithCounter = (a: AgentProcess, root: string, boot?: string): Promise<void> => guestNamed(a, root, 'g1', boot);
 
 /** The winner's guest memory passes the integrity check (a driver of our own on its root, after its agent is gone). */
 async function expectIntactAt(c: Cluster, root: string, name: string, pid: number): Promise<void> {
@@ -65,6 +46,69 @@ async function expectIntactAt(c: Cluster, root: string, name: string, pid: numbe
 }
 
 describe.skipIf(!run)('qemu: one stream to several destinations, first to boot wins (TCG)', () => {
+  it('three destinations: b fails to boot, c is slow (its incoming QEMU stalls late in the stream), d wins: d alone owns the VM, b and c hold nothing (no QEMU, embots, open migrations), every event once in order', async () => {
+    const root = qemus.root();
+    // 16 MiB/s for the whole stream: seconds in which to stall c's QEMU. A guest whose memory stops
+    // changing after one pass, so the stream is about the guest's 64 MiB and c's queue stays bounded.
+    cluster = await qemuCluster(root, ['a', 'b', 'c', 'd'], { bootFails: ['b'], capOfA: 16 * MiB, tls: true });
+    const a = cluster.agent('a');
+    const d = cluster.agent('d');
+    const image = join(root, 'static-guest.img');
+    writeGuestImage(image, { delayLoops: 2000, passes: 1 });
+    await guestNamed(a, root, 'app', image);
+    const prod = tickProducer(() => a, 'app');
+    await waitFor(() => prod.acked >= 20, 20_000, 'events before the move');
+    const { id } = await a.client.migrate('app', ['b', 'c', 'd'], {});
+    // c is slow for real: its incoming QEMU is stopped (SIGSTOP) late in the stream, so the relay
+    // queues c's copy while b and d take theirs at the cap. Late, so what is left of the stream
+    // stays well under the relay's 64 MiB bound (c stays in the race instead of being dropped).
+    const progress = async (): Promise<number> => (await a.client.getMigration(`${id}~c`).catch(() => undefined))?.progress?.memoryBytes ?? 0;
+    await waitFor(async () => ((await progress()) > 40 * MiB ? true : undefined), 120_000, 'most of the first pass sent');
+    const cPid = runningPid(join(root, 'c', 'app'))!;
+    expect(cPid).toBeDefined();
+    process.kill(cPid, 'SIGSTOP');
+    let decided: Awaited<ReturnType<typeof a.client.getMigration>> | undefined;
+    try {
+      decided = await waitFor(async () => {
+        const m = await a.client.getMigration(`${id}~d`).catch(() => undefined);
+        return m?.outcome ? m : undefined;
+      }, 240_000, "d's copy decided");
+    } finally {
+      // c's QEMU must answer its abort's quit (a stopped process only dies by SIGKILL); the abort may have killed it already.
+      try {
+        process.kill(cPid, 'SIGCONT');
+      } catch {
+        /* gone */
+      }
+    }
+    expect(decided.outcome).toBe('completed');
+    const info = await a.client.waitMigration(id, { timeoutMs: 240_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    const s = info.summary!;
+    expect(s.winner).toBe('d');
+    const by = Object.fromEntries(s.destinations!.map((x) => [x.name, x]));
+    expect(by['d']).toMatchObject({ outcome: 'won', migrationId: `${id}~d` });
+    // b's refusal and d's BootReady race (both copies end together): b ends refused or terminated, never won.
+    expect(['bootFailed', 'terminated'], JSON.stringify(s.destinations)).toContain(by['b']?.outcome);
+    expect(by['c'], JSON.stringify(s.destinations)).toMatchObject({ outcome: 'terminated', reason: `terminated: d booted first (migration ${id})`, bootReadyMs: null });
+    await waitFor(() => prod.acked >= s.events + 30, 30_000, 'events after the switch (forwarded by a)');
+    await prod.stop();
+
+    const winnerPid = runningPid(join(root, 'd', 'app'));
+    expect(winnerPid).toBeDefined();
+    await heartbeat(join(root, 'd', 'app'), 2);
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the winner QEMU left');
+    expect(qemus.live()).toEqual([winnerPid]);
+    expect((await d.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['app:running']);
+    for (const n of ['a', 'b', 'c']) await expectClean(cluster.agent(n));
+    const onC = (await cluster.agent('c').client.listMigrations()).find((m) => m.id === `${id}~c`);
+    expect(onC?.outcome).toBe('aborted');
+    expect(onC?.reason).toContain(`terminated: d booted first (migration ${id})`);
+    const onB = (await cluster.agent('b').client.listMigrations()).find((m) => m.id === `${id}~b`);
+    expect(onB?.outcome).toBe('aborted');
+    await expectStreamExact(d, prod.acked);
+  }, 420_000);
+
   it('b fails to boot, c wins: c alone runs the guest (heartbeat, memory intact), no QEMU left at a or b, every event once in order', async () => {
     const root = qemus.root();
     cluster = await qemuCluster(root, ['a', 'b', 'c'], { bootFails: ['b'], tls: true });
