@@ -19,10 +19,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os, { loadavg } from 'node:os';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Command, InvalidArgumentError } from 'commander';
 import { freeLoopbackPort } from '../core/cli/free-port.ts';
 import { ControlClient } from '../core/control/client.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
@@ -39,7 +41,32 @@ const NAMES = ['a', 'b', 'c', 'd'] as const;
 
 interface Cluster {
   readonly a: ControlClient;
+  /** Every agent's control client, by name. */
+  readonly clients: Readonly<Record<string, ControlClient>>;
+  /** Process ids of agents a, b, c, d, for their CPU time. */
+  readonly pids: readonly number[];
   stop(): Promise<void>;
+}
+
+/**
+ * CPU time of process `pid` so far, every thread (main, libuv pool, V8's GC and compiler), in ms:
+ * the sum of `/proc/<pid>/task/<tid>/schedstat`'s time on CPU (ns). `/proc/<pid>/stat` counts in
+ * 10 ms ticks, too coarse for a 50 ms migration. 0 where /proc has no schedstat (not Linux).
+ */
+function cpuMs(pid: number): number {
+  let ns = 0;
+  try {
+    for (const tid of readdirSync(`/proc/${pid}/task`)) {
+      try {
+        ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+      } catch {
+        // The thread ended between the listing and the read: its time is lost to this sample only.
+      }
+    }
+  } catch {
+    return 0;
+  }
+  return ns / 1e6;
 }
 
 /**
@@ -56,8 +83,15 @@ async function cluster(destinationEnv: Record<string, string> = {}): Promise<Clu
   const ports: Record<string, number> = {};
   for (const n of NAMES) ports[n] = await freeLoopbackPort();
   const children: ChildProcess[] = [];
+  // FANOUT_BENCH_CPU_PROF=DIR: each agent writes a V8 CPU profile there; it does so only on a clean exit, so they get SIGTERM first.
+  const profDir = process.env['FANOUT_BENCH_CPU_PROF'];
   const stop = async (): Promise<void> => {
-    await Promise.all(children.map((c) => new Promise<void>((r) => (c.exitCode !== null || c.signalCode !== null ? r() : (c.once('exit', () => r()), c.kill('SIGKILL'))))));
+    const exited = (c: ChildProcess): Promise<void> => new Promise<void>((r) => (c.exitCode !== null || c.signalCode !== null ? r() : c.once('exit', () => r())));
+    if (profDir) {
+      for (const c of children) c.kill('SIGTERM');
+      await Promise.race([Promise.all(children.map(exited)), new Promise((r) => setTimeout(r, 10_000))]);
+    }
+    await Promise.all(children.map((c) => { const e = exited(c); c.kill('SIGKILL'); return e; }));
     rmSync(root, { recursive: true, force: true });
   };
   try {
@@ -71,7 +105,7 @@ async function cluster(destinationEnv: Record<string, string> = {}): Promise<Clu
         };
         const file = join(root, `config-${name}.json`);
         writeFileSync(file, JSON.stringify(config));
-        const args = [join(REPO, 'bin', 'embot.mjs'), 'agent', '--name', name, '--data', join(root, `data-${name}`), '--plugins', plugins, '--control', '127.0.0.1:0', '--log-format', 'json', '--config', file];
+        const args = [...(profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${name}.cpuprofile`] : []), join(REPO, 'bin', 'embot.mjs'), 'agent', '--name', name, '--data', join(root, `data-${name}`), '--plugins', plugins, '--control', '127.0.0.1:0', '--log-format', 'json', '--config', file];
         const child = spawn(process.execPath, args, { cwd: REPO, env: { ...process.env, ...(name === 'a' ? {} : destinationEnv) }, stdio: ['ignore', 'pipe', 'pipe'] });
         children.push(child);
         return new Promise<string>((resolveUrl, reject) => {
@@ -86,7 +120,8 @@ async function cluster(destinationEnv: Record<string, string> = {}): Promise<Clu
         });
       }),
     );
-    return { a: new ControlClient(urls[0]!), stop };
+    const clients = Object.fromEntries(NAMES.map((n, i) => [n, new ControlClient(urls[i]!)]));
+    return { a: clients['a']!, clients, pids: children.map((ch) => ch.pid ?? 0), stop };
   } catch (e) {
     await stop();
     throw e;
@@ -109,15 +144,30 @@ async function freshVm(a: ControlClient, dirtyRate?: number): Promise<string> {
  * from its machine's start to its end, the fan-out from before its children are set up to after
  * their summaries are journaled), so the rows compare the client's figure.
  */
-async function migrateOnce(a: ControlClient, to: string | readonly string[], options: { readonly retries?: number } = {}): Promise<MigrationSummary & { readonly clientMs: number }> {
-  const vm = await freshVm(a);
+/**
+ * Stops the migrated VM where it ended up: VMs left running pile up at the destinations, each
+ * dirtying its memory on a timer, and load the cores every later run shares (b was half busy by
+ * the end of a run before this).
+ */
+async function stopWhereItIs(c: Cluster, s: MigrationSummary): Promise<void> {
+  const owner = s.outcome === 'completed' ? (s.winner ?? s.to) : 'a';
+  await c.clients[owner]?.vmAction(s.vm, 'stop');
+}
+
+async function migrateOnce(c: Cluster, to: string | readonly string[], options: { readonly retries?: number } = {}): Promise<MigrationSummary & { readonly clientMs: number; readonly cpu: readonly number[] }> {
+  const vm = await freshVm(c.a);
+  const cpu0 = c.pids.map(cpuMs);
   const t0 = performance.now();
-  const { id } = await a.migrate(vm, to, options);
+  const { id } = await c.a.migrate(vm, to, options);
   for (;;) {
-    const info = await a.waitMigration(id, { timeoutMs: 60_000 });
+    const info = await c.a.waitMigration(id, { timeoutMs: 60_000 });
     if (info.outcome !== null) {
+      const clientMs = performance.now() - t0;
+      // Read at once: the losers' discard may still run at b..d; it shows here if it ran before the answer.
+      const cpu = c.pids.map((p, i) => cpuMs(p) - cpu0[i]!);
       if (!info.summary) throw new Error(`migration ${id} left no summary`);
-      return { ...info.summary, clientMs: performance.now() - t0 };
+      await stopWhereItIs(c, info.summary);
+      return { ...info.summary, clientMs, cpu };
     }
   }
 }
@@ -183,34 +233,74 @@ function median(xs: readonly number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
-export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
+/** The bench's parts, each selectable with `--only`. */
+export const PARTS = ['speed', 'prewarm', 'success'] as const;
+export type Part = (typeof PARTS)[number];
+
+export interface FanOutBenchOptions extends BenchRunOptions {
+  /** Parts to run (default all). */
+  readonly only?: readonly Part[];
+  /** Repetitions of each timed case (default 9, quick 3). */
+  readonly reps?: number;
+}
+
+type Case = 'single' | 1 | 2 | 3;
+const CASES: readonly Case[] = ['single', 1, 2, 3];
+
+/** Per-phase medians, in the order the phases were first seen: `requesting 10, holding 0, …`. */
+function phaseMedians(samples: readonly (readonly { readonly phase: string; readonly ms: number }[])[]): string {
+  const by = new Map<string, number[]>();
+  for (const phases of samples) for (const p of phases) by.set(p.phase, [...(by.get(p.phase) ?? []), p.ms]);
+  return [...by].map(([phase, ms]) => `${phase} ${Math.round(median(ms))}`).join(', ');
+}
+
+export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
   const rows: BenchRow[] = [];
   const notes: string[] = [];
+  const parts = new Set<Part>(opts.only ?? PARTS);
   let c = await cluster();
   try {
     let a = c.a;
-    const reps = opts.quick ? 3 : 9;
+    const reps = opts.reps ?? (opts.quick ? 3 : 9);
     const sets: Record<1 | 2 | 3, readonly string[]> = { 1: ['b'], 2: ['b', 'c'], 3: ['b', 'c', 'd'] };
-    const times: Record<'single' | 1 | 2 | 3, number[]> = { single: [], 1: [], 2: [], 3: [] };
+    if (parts.has('speed')) {
+    const times: Record<Case, number[]> = { single: [], 1: [], 2: [], 3: [] };
     const boots: Record<1 | 2 | 3, number[]> = { 1: [], 2: [], 3: [] };
-    const agentTimes: Record<'single' | 1 | 2 | 3, number[]> = { single: [], 1: [], 2: [], 3: [] };
-    await migrateOnce(a, 'b'); // warm-up: links, module caches, JIT
+    const agentTimes: Record<Case, number[]> = { single: [], 1: [], 2: [], 3: [] };
+    /** CPU ms of agents a, b, c, d during each migration (command to answer). */
+    const cpu: Record<Case, number[][]> = { single: [], 1: [], 2: [], 3: [] };
+    const winnerPhases: Record<Case, { phase: string; ms: number }[][]> = { single: [], 1: [], 2: [], 3: [] };
+    const loserPhases: Record<Case, { phase: string; ms: number }[][]> = { single: [], 1: [], 2: [], 3: [] };
+    /** The client's time less the winner child's own phases: the coordinator, the control API, the answer. */
+    const outside: Record<Case, number[]> = { single: [], 1: [], 2: [], 3: [] };
+    const loads: number[] = [loadavg()[0]!];
+    const sumPhases = (ph: readonly { readonly ms: number }[]): number => ph.reduce((x, p) => x + p.ms, 0);
+    await migrateOnce(c, 'b'); // warm-up: links, module caches, JIT
+    await migrateOnce(c, sets[3], { retries: 0 });
     for (let r = 0; r < reps; r++) {
       // Alternated, so the machine's drift falls on every case alike.
-      const single = await migrateOnce(a, 'b');
-      if (single.outcome !== 'completed') throw new Error(`single-destination migration ${single.migrationId}: ${single.outcome} ${single.reason ?? ''}`);
-      times.single.push(single.clientMs);
-      agentTimes.single.push(single.totalMs);
-      for (const n of [1, 2, 3] as const) {
+      for (const n of CASES) {
         // retries: 0 takes the fan-out path also for one destination (a bare list of one is the single path).
-        const s = await migrateOnce(a, sets[n], { retries: 0 });
-        if (s.outcome !== 'completed') throw new Error(`fan-out ${s.migrationId} to ${sets[n].join(',')}: ${s.outcome} ${s.reason ?? ''}`);
+        const s = n === 'single' ? await migrateOnce(c, 'b') : await migrateOnce(c, sets[n], { retries: 0 });
+        if (s.outcome !== 'completed') throw new Error(`${n === 'single' ? 'single-destination migration' : `fan-out to ${sets[n].join(',')}`} ${s.migrationId}: ${s.outcome} ${s.reason ?? ''}`);
         times[n].push(s.clientMs);
         agentTimes[n].push(s.totalMs);
-        if (process.env['FANOUT_BENCH_DEBUG']) console.error(n, JSON.stringify({ total: s.totalMs, phases: s.phases, vmSteps: s.vmSteps, rounds: s.rounds, plan: s.plan?.decisions, dests: s.destinations?.map((d) => [d.name, d.outcome, d.bootReadyMs, d.phases]) }));
+        cpu[n].push([...s.cpu]);
+        if (process.env['FANOUT_BENCH_DEBUG']) console.error(n, Math.round(s.clientMs), s.cpu.map(Math.round).join('/'), JSON.stringify({ total: s.totalMs, phases: s.phases, vmSteps: s.vmSteps, rounds: s.rounds, dests: s.destinations?.map((d) => [d.name, d.outcome, d.bootReadyMs, d.phases]) }));
+        if (n === 'single') {
+          winnerPhases.single.push([...s.phases]);
+          outside.single.push(s.clientMs - sumPhases(s.phases));
+          continue;
+        }
         const won = s.destinations?.find((d) => d.outcome === 'won');
         if (won?.bootReadyMs != null) boots[n].push(won.bootReadyMs);
+        if (won) {
+          winnerPhases[n].push([...won.phases]);
+          outside[n].push(s.clientMs - sumPhases(won.phases));
+        }
+        for (const d of s.destinations ?? []) if (d.outcome !== 'won') loserPhases[n].push([...d.phases]);
       }
+      loads.push(loadavg()[0]!);
     }
     const single = median(times.single);
     for (const n of [1, 2, 3] as const) {
@@ -224,11 +314,24 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         ratio: single / t,
         ...(n === 2 ? { target: `<= ${SPEED_TARGET}x single (ratio >= ${(1 / SPEED_TARGET).toFixed(3)})`, met: t <= SPEED_TARGET * single } : {}),
       });
-      notes.push(`${n} destination(s): the winner's BootReady reached the source after ${Math.round(median(boots[n]))} ms (median); the summary's totalMs ${Math.round(median(agentTimes[n]))} ms against the single's ${Math.round(median(agentTimes.single))} ms`);
+    }
+    const cores = Math.min(NAMES.length, availableCores());
+    for (const n of CASES) {
+      const label = n === 'single' ? 'single' : `${n} destination(s)`;
+      const perAgent = NAMES.map((name, i) => `${name} ${Math.round(median(cpu[n].map((x) => x[i]!)))}`).join(', ');
+      const total = median(cpu[n].map((x) => x.reduce((p, q) => p + q, 0)));
+      notes.push(
+        `${label}: wall ${Math.round(median(times[n]))} ms at the client (runs ${times[n].map(Math.round).join(', ')}); CPU ms per agent (median) ${perAgent}; all agents ${Math.round(total)} ms, so ≥ ${Math.round(total / cores)} ms of wall on ${cores} cores even with no wait at all` +
+          (n === 'single' ? '' : `; BootReady at the source after ${Math.round(median(boots[n]))} ms; the summary's totalMs ${Math.round(median(agentTimes[n]))} ms`),
+      );
+      notes.push(`${label}: ${n === 'single' ? 'phases' : "the winner child's phases"} (median ms) ${phaseMedians(winnerPhases[n])}; outside them (control API, coordinator, answer) ${Math.round(median(outside[n]))} ms`);
+      if (loserPhases[n].length > 0) notes.push(`${label}: the losers' phases until terminated (median ms) ${phaseMedians(loserPhases[n])}`);
+    }
+    notes.push(`load average (1 min) during the timed runs: ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`);
     }
 
     // Pre-warmed switch beside a cold migration of the same VM (size, dirty rate), alternated.
-    {
+    if (parts.has('prewarm')) {
       const cold: number[] = [];
       const warm: number[] = [];
       const coldDown: number[] = [];
@@ -239,6 +342,8 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         if (c1.s.outcome !== 'completed') throw new Error(`cold migration ${c1.s.migrationId}: ${c1.s.outcome} ${c1.s.reason ?? ''}`);
         const w1 = await warmSwitch(a);
         if (w1.s.outcome !== 'completed') throw new Error(`pre-warmed switch ${w1.s.migrationId}: ${w1.s.outcome} ${w1.s.reason ?? ''}`);
+        await stopWhereItIs(c, c1.s);
+        await stopWhereItIs(c, w1.s);
         cold.push(c1.ms);
         warm.push(w1.ms);
         coldDown.push(c1.s.downtimeMs ?? 0);
@@ -272,15 +377,15 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
 
     // Success rate under injected boot failures: every destination refuses BootIncoming with P_FAIL (its own seed).
     const runs = opts.quick ? 20 : 100;
+    if (parts.has('success')) {
     await c.stop();
     c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) });
     a = c.a;
-    {
       for (const n of [1, 2, 3] as const) {
         let ok = 0;
         const why = new Map<string, number>();
         for (let i = 0; i < runs; i++) {
-          const s = await migrateOnce(a, sets[n], { retries: 0 });
+          const s = await migrateOnce(c, sets[n], { retries: 0 });
           if (s.outcome === 'completed') ok++;
           else for (const d of s.destinations ?? []) {
             const k = `${d.outcome}: ${(d.reason ?? '').replace(/m-[a-z0-9.~-]+/g, 'ID').slice(0, 90)}`;
@@ -315,7 +420,30 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
   return { title: 'Several destinations, first to boot wins (issue 13, sim)', rows, notes };
 }
 
+function availableCores(): number {
+  return Math.max(1, os.availableParallelism());
+}
+
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
-  const table = await run({ quick: process.argv.includes('--quick') });
+  const positive = (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('a positive integer');
+    return n;
+  };
+  const parts = (v: string): Part[] => {
+    const list = v.split(',').map((x) => x.trim());
+    const bad = list.filter((x) => !(PARTS as readonly string[]).includes(x));
+    if (bad.length > 0 || list.length === 0) throw new InvalidArgumentError(`one or more of ${PARTS.join(', ')}`);
+    return list as Part[];
+  };
+  const cmd = new Command('fan-out.bench')
+    .description('Several destinations, first to boot wins (issue 13, sim): four agents as child processes on loopback')
+    .option('--quick', '3 repetitions and 20 success-rate runs')
+    .option('--only <parts>', `comma-separated parts: ${PARTS.join(', ')} (speed: 1/2/3 destinations beside a single migration, with CPU per agent and phases)`, parts)
+    .option('--reps <n>', 'repetitions of each timed case (default 9, --quick 3)', positive)
+    .addHelpText('after', '\nFANOUT_BENCH_DEBUG=1 prints every migration (wall, CPU per agent a/b/c/d, phases) to stderr.')
+    .parse();
+  const o = cmd.opts<{ quick?: boolean; only?: Part[]; reps?: number }>();
+  const table = await run({ quick: o.quick === true, ...(o.only ? { only: o.only } : {}), ...(o.reps ? { reps: o.reps } : {}) });
   console.log(renderTable(table));
 }

@@ -54,7 +54,11 @@ export class FanOutJournal {
   constructor(store: Store) {
     const db = store.db;
     this.insertStmt = db.prepare('INSERT INTO fan_outs(id, vm, destinations, started_at, updated_at) VALUES (?, ?, ?, ?, ?)');
-    this.claimStmt = db.prepare('UPDATE fan_outs SET winner = ?, winner_at = ?, updated_at = ? WHERE id = ? AND winner IS NULL AND outcome IS NULL');
+    // One statement on the decision's path: it claims only for a destination of the row (json_each), so a
+    // claim that changed the row needs no second look; one that did not is explained by reading the row.
+    this.claimStmt = db.prepare(
+      'UPDATE fan_outs SET winner = ?, winner_at = ?, updated_at = ? WHERE id = ? AND winner IS NULL AND outcome IS NULL AND EXISTS (SELECT 1 FROM json_each(fan_outs.destinations) WHERE value = ?)',
+    );
     this.finishStmt = db.prepare('UPDATE fan_outs SET outcome = ?, reason = ?, updated_at = ? WHERE id = ? AND outcome IS NULL');
     this.getStmt = db.prepare('SELECT * FROM fan_outs WHERE id = ?');
     this.openStmt = db.prepare('SELECT * FROM fan_outs WHERE outcome IS NULL ORDER BY started_at');
@@ -74,14 +78,13 @@ export class FanOutJournal {
    *   for a `dest` not among its destinations, `EMBOT_ERR_MIGRATION_PHASE` for one already ended without a winner.
    */
   claimWinner(id: string, dest: string): string {
+    const now = Date.now();
+    if (this.claimStmt.run(dest, now, now, id, dest).changes === 1) return dest;
     const row = this.get(id);
     if (!row) throw new ProtocolError(ErrorCodes.MIGRATION_UNKNOWN, `no fan-out migration ${id} in the journal`);
     if (!row.destinations.includes(dest)) throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `${dest} is not a destination of migration ${id} (${row.destinations.join(', ')})`);
-    const now = Date.now();
-    this.claimStmt.run(dest, now, now, id);
-    const after = this.get(id)!;
-    if (after.winner === undefined) throw new ProtocolError(ErrorCodes.MIGRATION_PHASE, `migration ${id} already ended (${after.outcome ?? 'unknown'}) without a winner`);
-    return after.winner;
+    if (row.winner === undefined) throw new ProtocolError(ErrorCodes.MIGRATION_PHASE, `migration ${id} already ended (${row.outcome ?? 'unknown'}) without a winner`);
+    return row.winner;
   }
 
   finish(id: string, outcome: FanOutJournalOutcome, reason?: string): void {

@@ -12,6 +12,15 @@ import type { MobilityHost } from './mobility-host.ts';
 /** One destination's memory move, through the driver's fan-out session (its own dirty log). */
 export type FanOutMove = (vm: string, options: MigrateOutOptions) => Promise<MigrateOutResult>;
 
+/** The VM's management state as every child ships it in ManagementState: serialized and packed once. */
+export interface ManagementSnapshot {
+  /** The VM's elements, serialized (ObjectStore.serialize). */
+  readonly elements: Uint8Array;
+  /** The embots, packed (msgpack of RuntimeHost.exportEmbots). */
+  readonly embots: Uint8Array;
+  readonly embotCount: number;
+}
+
 export class FanOutShared {
   readonly vmElement: string;
   /** Changed elements each child has not shipped yet, by child id (later versions replace earlier ones). */
@@ -33,6 +42,9 @@ export class FanOutShared {
   eventsHeld: boolean;
   /** Children whose destination has the embots as frozen at the command (a pre-warm's first dirty round). */
   private readonly embotsSent = new Set<string>();
+  /** The elements as StartMigration carries them: the children start in one synchronous loop, so one serialization serves all. */
+  private startElements: Uint8Array | undefined;
+  private snapshot: ManagementSnapshot | undefined;
 
   constructor(
     private readonly host: MobilityHost,
@@ -64,10 +76,32 @@ export class FanOutShared {
     return true;
   }
 
-  /** `child` just shipped the whole state: what changed before is in it. */
-  resetDirtyFor(child: string): void {
-    this.pullDirty();
-    this.pending.get(child)?.clear();
+  /**
+   * The elements for a child's StartMigration, serialized once for every child of the attempt.
+   * Only the target's policy reads them; the state it stages comes with ManagementState.
+   */
+  elementsForStart(): Uint8Array {
+    this.startElements ??= this.host.objects.serialize(this.vmElement);
+    return this.startElements;
+  }
+
+  /**
+   * The management state for `child`'s ManagementState, serialized and packed once for every
+   * child instead of once each (README "Several destinations"). Taking it counts as shipping the
+   * state as it was when the first child took it: that child's call clears every child's pending
+   * changes, and what changes afterwards reaches every child's pending set (pullDirty), so a
+   * child that takes the snapshot later ships those changes in its dirty rounds, none twice.
+   */
+  managementStateFor(child: string, exportEmbots: () => { readonly embots: Uint8Array; readonly count: number }): ManagementSnapshot {
+    if (!this.pending.has(child)) throw new Error(`${child} is not a child of this fan-out of VM ${this.vm}`);
+    if (this.snapshot === undefined) {
+      const { embots, count } = exportEmbots();
+      const elements = this.host.objects.serialize(this.vmElement);
+      this.pullDirty();
+      for (const p of this.pending.values()) p.clear();
+      this.snapshot = { elements, embots, embotCount: count };
+    }
+    return this.snapshot;
   }
 
   private pullDirty(): void {
@@ -88,7 +122,10 @@ export class FanOutShared {
     const state = host.driver.get(this.vm)?.state;
     if (state === 'running' || state === 'paused') {
       this.vmStopped = true;
-      for (const id of this.childIds) host.journal.notes(id, 'source', { vmStopped: true });
+      // One transaction for every child's row: the switch is one step, not one write per destination.
+      host.store.transaction(() => {
+        for (const id of this.childIds) host.journal.notes(id, 'source', { vmStopped: true });
+      });
     }
     this.stoppedAt = Date.now();
     this.udpPaused = host.udp.pauseForMigration(this.vm);

@@ -144,8 +144,14 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
   const apply = (input: FanOutInput): void => {
     const step = decide(state, input);
     state = step.state;
-    o.onState?.(state);
-    for (const effect of step.effects) carryOut(effect);
+    // One transaction per step: the winner's claim and every terminated child's phase are one write,
+    // not one per destination. Nothing a destination is told waits for it: an Abort may leave before
+    // the commit (telling a loser to discard is safe at any time), the winner's MigrationComplete
+    // only after it (its child goes on in a later microtask, once the verdict below resolves).
+    host.store.transaction(() => {
+      o.onState?.(state);
+      for (const effect of step.effects) carryOut(effect);
+    });
   };
   const carryOut = (e: FanOutEffect): void => {
     switch (e.type) {
@@ -172,6 +178,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
     }
   };
 
+  // Every child's journal rows (its begin, its first phase) in one transaction; their requests go out after it.
+  host.store.transaction(() => {
   for (const dest of o.destinations) {
     const cid = childId(id, dest);
     const handle = o.startChild(dest, cid, {
@@ -199,6 +207,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
     children.set(dest, handle);
     if (pw) void handle.done.finally(() => pw.end(dest));
   }
+  });
   /** A pre-warm's command at work: the take-back waits for it (a detach half done must finish first). */
   let commandWork: Promise<void> | undefined;
   let over = false;

@@ -209,7 +209,7 @@ export class SourceSide implements SourceSteps {
     // The VM's image is built at the target first (issue 14): a failure ends the migration here,
     // before any link is dialled or anything held, so the VM keeps running as it was.
     if (!this.o.fanOut) this.stats.imageBuild = await this.host.prepareTarget?.(this.o.vm, this.o.target);
-    const elements = this.host.objects.serialize(this.vmElement);
+    const elements = this.o.fanOut ? this.o.fanOut.shared.elementsForStart() : this.host.objects.serialize(this.vmElement);
     const early = this.o.openPath({ name: PRIMARY_PATH, url: this.o.targetUrl });
     // Until migrateVm awaits it, a failure to dial is nobody's error yet: it surfaces there, as PATH_SETUP_FAILED.
     early.catch(() => undefined);
@@ -275,13 +275,14 @@ export class SourceSide implements SourceSteps {
   }
 
   async sendManagementState(input: SourceInput): Promise<void> {
-    const embots = this.host.runtime.exportEmbots(this.scope);
-    this.stats.embots = embots.length;
-    const elements = this.host.objects.serialize(this.vmElement);
-    // What changes from now on goes in the dirty rounds.
-    if (this.o.fanOut) this.o.fanOut.shared.resetDirtyFor(this.o.migrationId);
-    else this.host.objects.collectDirty(this.vmElement);
-    const embotBytes = pack(embots);
+    // A fan-out's children share one serialization (fan-out-shared.ts), which also resets what they count as changed.
+    const { elements, embots: embotBytes, embotCount } = this.o.fanOut
+      ? this.o.fanOut.shared.managementStateFor(this.o.migrationId, () => {
+          const e = this.host.runtime.exportEmbots(this.scope);
+          return { embots: pack(e), count: e.length };
+        })
+      : this.packManagementState();
+    this.stats.embots = embotCount;
     const replied = this.request({ type: 'ManagementState', migrationId: input.migrationId, elements, embots: embotBytes });
     // The request is on the wire: while the target stages it, the held events are serialized
     // for the next step (events held after this go in the dirty rounds, as after any shipment).
@@ -297,6 +298,14 @@ export class SourceSide implements SourceSteps {
     const reply = await replied;
     this.stats.bytes += elements.byteLength + embotBytes.byteLength;
     if (reply.type !== 'ManagementStateSuccess') throw stepFailed('ManagementState', reply);
+  }
+
+  /** The VM's embots and elements for ManagementState; what changes from now on goes in the dirty rounds. */
+  private packManagementState(): { readonly elements: Uint8Array; readonly embots: Uint8Array; readonly embotCount: number } {
+    const embots = this.host.runtime.exportEmbots(this.scope);
+    const elements = this.host.objects.serialize(this.vmElement);
+    this.host.objects.collectDirty(this.vmElement);
+    return { elements, embots: pack(embots), embotCount: embots.length };
   }
 
   async sendEventState(input: SourceInput): Promise<void> {
