@@ -208,6 +208,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         const st = this.objects.get(`vm:${vm}`)?.state;
         return typeof st?.['image'] === 'string' ? { image: st['image'], ...(typeof st['imageManifest'] === 'string' ? { manifest: st['imageManifest'] } : {}) } : undefined;
       },
+      // The VMs' own disks are indexed with the images (a qemu overlay: the blocks the VM wrote).
+      vmDisks: () =>
+        this.driver.list().flatMap((vm) => {
+          const disks = (this.driver.spec(vm.name) as { readonly disks?: readonly { readonly path: string; readonly format?: string }[] } | undefined)?.disks ?? [];
+          return disks.flatMap((d, disk) => (d.format === 'raw' || d.format === 'qcow2' ? [{ vm: vm.name, disk, path: d.path, format: d.format }] : []));
+        }),
     });
     const r = this.services;
     r.register('store', this.store);
@@ -317,6 +323,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       this.persistDriver();
       // A migrated VM's relay stays for the grace period, forwarding to its new host.
       if (!this.udp.isRepointed(e.name)) void this.udp.remove(e.name);
+      // Its disk's blocks are no longer here: the indexer stops offering this host for them.
+      void this.images.reindex().catch(() => {});
       const id = `vm:${e.name}`;
       const scope = this.objects.has(id) ? this.objects.subtree(id).map((x) => x.id) : [id];
       void this.runtime.detach(scope).then(() => {
@@ -716,6 +724,8 @@ function driverChoice(config: AgentConfig, imagePath: (image: string) => string 
         accel: q.accel,
         ...(q.listenHost === undefined ? {} : { listenHost: q.listenHost }),
         ...(q.cpuThrottle === undefined ? {} : { cpuThrottle: q.cpuThrottle }),
+        // Set on each QEMU as it starts, so a migration out sends nothing before `migrate` when they apply.
+        migrationDefaults: { autoConverge: config.dataplane.autoConverge, downtimeLimitMs: config.dataplane.downtimeLimitMs },
         // QEMU's own migration stream uses the peer links' certificates: VM memory never crosses in clear where they do not.
         ...(config.peer.tls === undefined ? {} : { tls: config.peer.tls }),
       },
