@@ -23,8 +23,10 @@ interface HostEntry {
   readonly images: Map<string, ImageManifest>;
   readonly library: Map<string, ImageManifest>;
   readonly hashes: Set<BlockHash>;
-  /** Blocks of the host's own images by hash (the rest of `hashes` is only in its library). */
+  /** Blocks of the host's own images by hash. */
   readonly own: Map<BlockHash, number>;
+  /** Blocks of the library it serves by hash. The rest of `hashes` is in its running VMs' disks. */
+  readonly lib: Map<BlockHash, number>;
 }
 
 export class GlobalImageIndex {
@@ -53,29 +55,29 @@ export class GlobalImageIndex {
       this.dropHost(host);
       entry = undefined;
     }
-    entry ??= { seq: 0, images: new Map(), library: new Map(), hashes: new Set(), own: new Map() };
+    entry ??= { seq: 0, images: new Map(), library: new Map(), hashes: new Set(), own: new Map(), lib: new Map() };
     this.hosts.set(host, entry);
     entry.seq = u.seq;
     const e = entry;
-    const setOwn = (name: string, m: ImageManifest | undefined): void => {
-      const old = e.images.get(name);
+    const set = (images: Map<string, ImageManifest>, counts: Map<BlockHash, number>, name: string, m: ImageManifest | undefined): void => {
+      const old = images.get(name);
       for (const h of old?.hashes ?? []) {
-        const n = e.own.get(h)!;
-        if (n <= 1) e.own.delete(h);
-        else e.own.set(h, n - 1);
+        const n = counts.get(h)!;
+        if (n <= 1) counts.delete(h);
+        else counts.set(h, n - 1);
       }
       if (m) {
-        e.images.set(name, m);
-        for (const h of m.hashes) e.own.set(h, (e.own.get(h) ?? 0) + 1);
-      } else e.images.delete(name);
+        images.set(name, m);
+        for (const h of m.hashes) counts.set(h, (counts.get(h) ?? 0) + 1);
+      } else images.delete(name);
     };
     for (const d of u.dropped) {
-      if (d.origin === 'library') e.library.delete(d.name);
-      else setOwn(d.name, undefined);
+      if (d.origin === 'library') set(e.library, e.lib, d.name, undefined);
+      else set(e.images, e.own, d.name, undefined);
     }
     for (const c of u.changed) {
-      if (c.origin === 'library') e.library.set(c.manifest.name, c.manifest);
-      else setOwn(c.manifest.name, c.manifest);
+      if (c.origin === 'library') set(e.library, e.lib, c.manifest.name, c.manifest);
+      else set(e.images, e.own, c.manifest.name, c.manifest);
     }
     for (const h of u.removed) {
       entry.hashes.delete(h);
@@ -105,15 +107,15 @@ export class GlobalImageIndex {
   }
 
   /**
-   * Who can serve a block: each host that has it in its own images as itself, and a host that has
-   * it only in the library it serves as `library` via that host.
+   * Who can serve a block: a host that has it only in the library it serves as `library` via that
+   * host, any other holder (its own images, its running VMs' disks) as itself.
    */
   holders(hash: BlockHash): Holder[] {
     const out: Holder[] = [];
     for (const host of this.holdersOf.get(hash) ?? []) {
       const e = this.hosts.get(host)!;
-      if (this.inOwnImages(e, hash)) out.push({ source: host, via: host });
-      else out.push({ source: LIBRARY_SOURCE, via: host });
+      if (!e.own.has(hash) && e.lib.has(hash)) out.push({ source: LIBRARY_SOURCE, via: host });
+      else out.push({ source: host, via: host });
     }
     return out;
   }
@@ -147,9 +149,5 @@ export class GlobalImageIndex {
       }
     }
     return [...out.values()].sort((a, b) => a.name.localeCompare(b.name));
-  }
-
-  private inOwnImages(e: HostEntry, hash: BlockHash): boolean {
-    return e.own.has(hash);
   }
 }

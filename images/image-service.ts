@@ -21,7 +21,8 @@ import { blockServeFault, corruptServedBlock } from './fault-points.ts';
 import { buildImage, type BlockFetcher, type BuildProgress, type BuildSummary } from './image-builder.ts';
 import { distinctBlocks, isImageName, manifestId, type ImageManifest } from './image-manifest.ts';
 import { decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpdate, type HostLoad, type IndexAnswerBody, type IndexUpdateBody } from './index-update.ts';
-import { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type ImageInfo, type IndexDelta } from './local-index.ts';
+import { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type ImageInfo, type IndexDelta, type VmDiskInfo } from './local-index.ts';
+import type { VmDisk } from './vm-disk-scan.ts';
 import { LIBRARY_SOURCE, MIB, type CostTable } from './network-cost.ts';
 import { buildCosts, rankCandidates, type PlacementPolicy, type RankedCandidate } from './placement.ts';
 
@@ -56,6 +57,8 @@ export interface ImageServiceOptions {
   readonly onFetched?: (source: string, bytes: number) => void;
   /** The image a VM carries with it (the agent: its managed element's state), if any. */
   readonly vmImageOf?: (vm: string) => VmImageRef | undefined;
+  /** The disks of the VMs on this host now (indexed with the images; vm-disk-scan.ts says what of them). */
+  readonly vmDisks?: () => readonly VmDisk[];
 }
 
 /** A VM's image: its name and, when known, the id of the manifest it was created on (manifestId). */
@@ -69,6 +72,8 @@ export interface ImagesReport {
   readonly indexer: string;
   readonly blockSize: number;
   readonly images: readonly ImageInfo[];
+  /** The running VMs' disks indexed here. */
+  readonly vmDisks: readonly VmDiskInfo[];
   /** As the indexer sees the group (only on the indexer). */
   readonly group?: { readonly members: readonly string[]; readonly images: ReturnType<GlobalImageIndex['catalogue']> };
 }
@@ -161,6 +166,7 @@ export class ImageService {
       indexer: this.o.indexer,
       blockSize: this.o.blockSize,
       images: this.index.images(),
+      vmDisks: this.index.vmDisks(),
       ...(this.global ? { group: { members: this.global.members, images: this.global.catalogue() } } : {}),
     };
   }
@@ -178,6 +184,11 @@ export class ImageService {
     const run = async (): Promise<IndexDelta> => {
       let delta = await this.index.indexFolder(this.o.imagesDir, 'local', this.o.blockSize);
       if (this.o.libraryDir !== undefined) delta = mergeDeltas(delta, await this.index.indexFolder(this.o.libraryDir, 'library', this.o.blockSize));
+      if (this.o.vmDisks !== undefined) {
+        const vms = await this.index.indexVmDisks(this.o.vmDisks(), this.o.blockSize);
+        delta = mergeDeltas(delta, vms.delta);
+        for (const f of vms.failed) this.o.log?.warn(`images: VM ${f.disk.vm} disk ${f.disk.disk} not re-checked this round`, { error: describeError(f.error) });
+      }
       await this.publish(delta);
       return delta;
     };

@@ -5,7 +5,8 @@
 export { BLOCK_HASH_ALGORITHM, BLOCK_HASH_BYTES, DEFAULT_BLOCK_SIZE, hashBlock, isBlockHash, packHashes, unpackHashes, type BlockHash } from './block-hash.ts';
 export { blockCount, blockLength, distinctBlocks, isImageName, manifestId, validateManifest, type ImageManifest } from './image-manifest.ts';
 export { scanImage, type ScannedImage } from './image-scan.ts';
-export { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type BlockLocation, type ImageInfo, type ImageOrigin, type IndexDelta } from './local-index.ts';
+export { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type BlockLocation, type ImageInfo, type ImageOrigin, type IndexDelta, type VmDiskInfo } from './local-index.ts';
+export { overlayBlocks, parseMap, scanVmDisk, type MapExtent, type ScannedVmDisk, type VmDisk } from './vm-disk-scan.ts';
 export { decodeIndexUpdate, decodeManifest, encodeIndexUpdate, encodeManifest, type IndexUpdateBody } from './index-update.ts';
 export { GlobalImageIndex, type Holder } from './global-index.ts';
 export { DEFAULT_COST, LIBRARY_SOURCE, MIB, costFromMeasurement, costTable, matrixTable, type CostConfig, type CostTable, type LinkMeasurement } from './network-cost.ts';

@@ -12,6 +12,7 @@ import { EmbotError, ErrorCodes } from '../core/errors.ts';
 import type { BlockHash } from './block-hash.ts';
 import { blockLength, isImageName, type ImageManifest } from './image-manifest.ts';
 import { scanImage } from './image-scan.ts';
+import { scanVmDisk, type VmDisk } from './vm-disk-scan.ts';
 
 /** Where an image came from: the host's own images folder, or the image library it serves. */
 export type ImageOrigin = 'local' | 'library';
@@ -37,13 +38,34 @@ export interface IndexDelta {
 
 export const EMPTY_DELTA: IndexDelta = { added: [], removed: [], changed: [], dropped: [] };
 
-/** Where to read one block of this host. */
+/** Where to read one block of this host: an image, or a running VM's disk (`image` then says which). */
 export interface BlockLocation {
-  readonly origin: ImageOrigin;
+  readonly origin: ImageOrigin | 'vm';
   readonly image: string;
   readonly path: string;
+  /** -1: a block of zeros (a VM disk's overlay records it without data). */
   readonly offset: number;
   readonly length: number;
+}
+
+/** A VM disk this host indexes (vm-disk-scan.ts says what of it). */
+export interface VmDiskInfo extends VmDisk {
+  readonly size: number;
+  readonly blockSize: number;
+  /** Blocks indexed (a qcow2 overlay: those the VM wrote). */
+  readonly blocks: number;
+  readonly indexedAt: number;
+}
+
+interface VmDiskRow {
+  vm: string;
+  disk: number;
+  path: string;
+  format: 'raw' | 'qcow2';
+  size: number;
+  block_size: number;
+  mtime_ms: number;
+  indexed_at: number;
 }
 
 interface ImageRow {
@@ -71,6 +93,9 @@ export class LocalImageIndex {
   private readonly counts = new Map<BlockHash, number>();
 
   private readonly locateStmt: Database.Statement<[string]>;
+  private readonly locateVmStmt: Database.Statement<[string]>;
+  /** Blocks hashed by this index since it was opened (a re-check that finds nothing changed hashes none). */
+  hashedBlocks = 0;
 
   constructor(db: Database.Database) {
     this.db = db;
@@ -79,7 +104,11 @@ export class LocalImageIndex {
       `SELECT b.origin, b.image, b.idx, i.path, i.size, i.block_size FROM image_blocks b JOIN images i ON i.origin = b.origin AND i.name = b.image
        WHERE b.hash = ? ORDER BY b.origin = 'local' DESC LIMIT 1`,
     );
+    this.locateVmStmt = db.prepare(
+      `SELECT b.vm, b.disk, b.idx, b.file_offset, d.path, d.size, d.block_size FROM vm_disk_blocks b JOIN vm_disks d ON d.vm = b.vm AND d.disk = b.disk WHERE b.hash = ? LIMIT 1`,
+    );
     for (const r of db.prepare('SELECT hash, count(*) AS n FROM image_blocks GROUP BY hash').all() as { hash: string; n: number }[]) this.counts.set(r.hash, r.n);
+    for (const r of db.prepare('SELECT hash, count(*) AS n FROM vm_disk_blocks GROUP BY hash').all() as { hash: string; n: number }[]) this.counts.set(r.hash, (this.counts.get(r.hash) ?? 0) + r.n);
   }
 
   /** Every distinct hash this host holds. */
@@ -118,7 +147,12 @@ export class LocalImageIndex {
   /** One place this host has the block (its own images before the library's). */
   locate(hash: BlockHash): BlockLocation | undefined {
     const r = this.locateStmt.get(hash) as { origin: ImageOrigin; image: string; idx: number; path: string; size: number; block_size: number } | undefined;
-    if (!r) return undefined;
+    if (!r) {
+      // Images first: a running VM's disk changes under the reader.
+      const v = this.locateVmStmt.get(hash) as { vm: string; disk: number; idx: number; file_offset: number; path: string; size: number; block_size: number } | undefined;
+      if (!v) return undefined;
+      return { origin: 'vm', image: `${v.vm}/disk${v.disk}`, path: v.path, offset: v.file_offset, length: blockLength({ size: v.size, blockSize: v.block_size }, v.idx) };
+    }
     return { origin: r.origin, image: r.image, path: r.path, offset: r.idx * r.block_size, length: blockLength({ size: r.size, blockSize: r.block_size }, r.idx) };
   }
 
@@ -128,6 +162,7 @@ export class LocalImageIndex {
    * @throws EmbotError `EMBOT_ERR_IMAGE_TRUNCATED` when the file is shorter than the index says.
    */
   async readBlock(loc: BlockLocation): Promise<Buffer> {
+    if (loc.offset < 0) return Buffer.alloc(loc.length);
     const buf = Buffer.allocUnsafe(loc.length);
     const fh = await open(loc.path, 'r');
     try {
@@ -151,6 +186,7 @@ export class LocalImageIndex {
     const handles = new Map<string, Promise<FileHandle>>();
     return {
       read: async (loc) => {
+        if (loc.offset < 0) return Buffer.alloc(loc.length);
         let h = handles.get(loc.path);
         if (!h) handles.set(loc.path, (h = open(loc.path, 'r')));
         const fh = await h;
@@ -182,6 +218,7 @@ export class LocalImageIndex {
     if (!st?.isFile()) throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `image ${name}: no file at ${file}`);
     if (row && row.size === st.size && row.mtime_ms === st.mtimeMs && row.block_size === blockSize && row.path === file) return EMPTY_DELTA;
     const scanned = await scanImage(name, file, blockSize);
+    this.hashedBlocks += scanned.hashes.length;
     const old = row ? (this.db.prepare('SELECT idx, hash FROM image_blocks WHERE origin = ? AND image = ? ORDER BY idx').all(origin, name) as { idx: number; hash: string }[]) : [];
     const gained: BlockHash[] = [];
     const lost: BlockHash[] = [];
@@ -242,6 +279,102 @@ export class LocalImageIndex {
     }
     for (const n of names.sort()) delta = mergeDeltas(delta, await this.indexImage(n, path.resolve(dir, n), origin, blockSize));
     return delta;
+  }
+
+  /** The VM disks this host indexes. */
+  vmDisks(): VmDiskInfo[] {
+    const rows = this.db.prepare('SELECT d.*, (SELECT count(*) FROM vm_disk_blocks b WHERE b.vm = d.vm AND b.disk = d.disk) AS n FROM vm_disks d ORDER BY vm, disk').all() as (VmDiskRow & { n: number })[];
+    return rows.map((r) => ({ vm: r.vm, disk: r.disk, path: r.path, format: r.format, size: r.size, blockSize: r.block_size, blocks: r.n, indexedAt: r.indexed_at }));
+  }
+
+  /**
+   * Indexes (or re-checks) one running VM's disk: nothing is read while its file's mtime is what
+   * the index has; else its blocks are hashed again (a qcow2 overlay: only those the VM wrote) and
+   * only the rows whose hash or place changed are written. The delta is host-level hashes only (a
+   * VM disk is no image: no manifest travels).
+   *
+   * @throws EmbotError what scanVmDisk throws.
+   */
+  async indexVmDisk(d: VmDisk, blockSize: number): Promise<IndexDelta> {
+    const row = this.db.prepare('SELECT * FROM vm_disks WHERE vm = ? AND disk = ?').get(d.vm, d.disk) as VmDiskRow | undefined;
+    const st = statSync(d.path, { throwIfNoEntry: false });
+    if (!st?.isFile()) throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `VM ${d.vm} disk ${d.disk}: no file at ${d.path}`);
+    if (row && row.path === d.path && row.format === d.format && row.block_size === blockSize && row.mtime_ms === st.mtimeMs) return EMPTY_DELTA;
+    const scanned = await scanVmDisk(d, blockSize);
+    this.hashedBlocks += scanned.blocks.filter((b) => b.fileOffset >= 0).length;
+    const old = new Map(
+      row && row.path === d.path && row.block_size === blockSize
+        ? (this.db.prepare('SELECT idx, hash, file_offset FROM vm_disk_blocks WHERE vm = ? AND disk = ?').all(d.vm, d.disk) as { idx: number; hash: string; file_offset: number }[]).map((r) => [r.idx, r])
+        : [],
+    );
+    const gained: BlockHash[] = [];
+    const lost: BlockHash[] = [];
+    const upsert = this.db.prepare(
+      'INSERT INTO vm_disk_blocks(vm, disk, idx, hash, file_offset) VALUES (?, ?, ?, ?, ?) ON CONFLICT(vm, disk, idx) DO UPDATE SET hash = excluded.hash, file_offset = excluded.file_offset',
+    );
+    const del = this.db.prepare('DELETE FROM vm_disk_blocks WHERE vm = ? AND disk = ? AND idx = ?');
+    this.db.transaction(() => {
+      if (old.size === 0 && row) this.dropVmDiskRows(d.vm, d.disk, lost);
+      const seen = new Set<number>();
+      for (const b of scanned.blocks) {
+        seen.add(b.idx);
+        const was = old.get(b.idx);
+        if (was && was.hash === b.hash && was.file_offset === b.fileOffset) continue;
+        if (was?.hash !== b.hash) {
+          if (was) this.release(was.hash, lost);
+          this.acquire(b.hash, gained);
+        }
+        upsert.run(d.vm, d.disk, b.idx, b.hash, b.fileOffset);
+      }
+      for (const [idx, r] of old) {
+        if (seen.has(idx)) continue;
+        this.release(r.hash, lost);
+        del.run(d.vm, d.disk, idx);
+      }
+      this.db
+        .prepare(
+          `INSERT INTO vm_disks(vm, disk, path, format, size, block_size, mtime_ms, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(vm, disk) DO UPDATE SET path = excluded.path, format = excluded.format, size = excluded.size, block_size = excluded.block_size, mtime_ms = excluded.mtime_ms, indexed_at = excluded.indexed_at`,
+        )
+        .run(d.vm, d.disk, d.path, d.format, scanned.size, blockSize, scanned.mtimeMs, Date.now());
+    })();
+    return netDelta(gained, lost, [], []);
+  }
+
+  /** Forgets a VM disk (the VM was removed or moved away). */
+  removeVmDisk(vm: string, disk: number): IndexDelta {
+    const lost: BlockHash[] = [];
+    this.db.transaction(() => {
+      this.dropVmDiskRows(vm, disk, lost);
+      this.db.prepare('DELETE FROM vm_disks WHERE vm = ? AND disk = ?').run(vm, disk);
+    })();
+    return netDelta([], lost, [], []);
+  }
+
+  /**
+   * Indexes the disks of the VMs running here now and forgets those of VMs that are not. A disk
+   * that cannot be read is left out of this round (its entries stay until the VM is gone) and
+   * reported in `failed`.
+   */
+  async indexVmDisks(disks: readonly VmDisk[], blockSize: number): Promise<{ readonly delta: IndexDelta; readonly failed: readonly { readonly disk: VmDisk; readonly error: unknown }[] }> {
+    let delta = EMPTY_DELTA;
+    const present = new Set(disks.map((d) => `${d.vm}\u0000${d.disk}`));
+    for (const r of this.vmDisks()) if (!present.has(`${r.vm}\u0000${r.disk}`)) delta = mergeDeltas(delta, this.removeVmDisk(r.vm, r.disk));
+    const failed: { disk: VmDisk; error: unknown }[] = [];
+    for (const d of disks) {
+      try {
+        delta = mergeDeltas(delta, await this.indexVmDisk(d, blockSize));
+      } catch (error) {
+        failed.push({ disk: d, error });
+      }
+    }
+    return { delta, failed };
+  }
+
+  private dropVmDiskRows(vm: string, disk: number, lost: BlockHash[]): void {
+    const rows = this.db.prepare('SELECT hash FROM vm_disk_blocks WHERE vm = ? AND disk = ?').all(vm, disk) as { hash: string }[];
+    for (const r of rows) this.release(r.hash, lost);
+    this.db.prepare('DELETE FROM vm_disk_blocks WHERE vm = ? AND disk = ?').run(vm, disk);
   }
 
   private acquire(h: BlockHash, gained: BlockHash[]): void {

@@ -217,6 +217,31 @@ export const MIGRATIONS: readonly string[] = [
   ) WITHOUT ROWID;
   CREATE INDEX image_blocks_hash ON image_blocks(hash);
   `,
+  `
+  -- The running VMs' disks (issue 14 point 2): each block of a VM's disk this host indexes (a qcow2
+  -- overlay: the blocks the VM wrote; a raw disk: all), its hash and where it lies in the file
+  -- (file_offset -1: a block of zeros the overlay records without data).
+  CREATE TABLE vm_disks (
+    vm TEXT NOT NULL,
+    disk INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    format TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    block_size INTEGER NOT NULL,
+    mtime_ms REAL NOT NULL,
+    indexed_at INTEGER NOT NULL,
+    PRIMARY KEY (vm, disk)
+  ) WITHOUT ROWID;
+  CREATE TABLE vm_disk_blocks (
+    vm TEXT NOT NULL,
+    disk INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    file_offset INTEGER NOT NULL,
+    PRIMARY KEY (vm, disk, idx)
+  ) WITHOUT ROWID;
+  CREATE INDEX vm_disk_blocks_hash ON vm_disk_blocks(hash);
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

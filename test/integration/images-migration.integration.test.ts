@@ -25,7 +25,7 @@ const dirs: Record<string, string> = {};
 let web: Buffer;
 let base: Buffer;
 
-async function catalogue(): Promise<readonly { name: string; hosts: readonly string[] }[]> {
+async function catalogue(): Promise<readonly { name: string; size: number; hosts: readonly string[] }[]> {
   return (await cluster.agent('a').client.images()).group?.images ?? [];
 }
 

@@ -1,0 +1,184 @@
+/**
+ * Reads a running VM's disk for the index (issue 14 point 2). What is indexed of it:
+ *
+ * - a qcow2 overlay (the qemu driver's disk on an image, disk-migration.ts): the blocks of the
+ *   guest's disk the overlay itself holds, i.e. those the VM wrote; the rest of the disk is its base
+ *   image, indexed as that image. Which blocks those are comes from `qemu-img map -U
+ *   --output=json` (depth 0; `-U` because the running QEMU holds the file's lock). A block is
+ *   indexed where it lies in the overlay file when the overlay holds all of it as one contiguous
+ *   range (always so when the block size equals the overlay's cluster size, 64 KiB both by
+ *   default: QEMU allocates whole clusters, copying the unwritten part from the base), or as a
+ *   block of zeros when the overlay records it as zeros; any other block (part overlay, part base)
+ *   is counted as `skipped`, not indexed.
+ * - a raw disk: every block, like an image.
+ *
+ * Each block is hashed as the guest sees it. The map of a running QEMU's overlay is what QEMU has
+ * written to the file: an allocation still in its metadata cache shows after its next flush.
+ */
+import { execFile } from 'node:child_process';
+import { open, stat } from 'node:fs/promises';
+import { promisify } from 'node:util';
+import { EmbotError, ErrorCodes } from '../core/errors.ts';
+import { hashBlock, type BlockHash } from './block-hash.ts';
+import { scanImage } from './image-scan.ts';
+
+const run = promisify(execFile);
+
+/** One disk of a VM on this host, as its driver has it. */
+export interface VmDisk {
+  readonly vm: string;
+  /** Position among the VM's disks. */
+  readonly disk: number;
+  readonly path: string;
+  readonly format: 'raw' | 'qcow2';
+}
+
+/** Where a block of a VM disk is: `fileOffset` in the disk's file, or -1 for a block of zeros. */
+export interface VmDiskBlock {
+  readonly idx: number;
+  readonly hash: BlockHash;
+  readonly fileOffset: number;
+}
+
+export interface ScannedVmDisk {
+  /** The guest's disk size. */
+  readonly size: number;
+  readonly mtimeMs: number;
+  readonly fileSize: number;
+  readonly blocks: readonly VmDiskBlock[];
+  /** Blocks the overlay holds only in part (not indexed). */
+  readonly skipped: number;
+}
+
+/** One extent of `qemu-img map --output=json`. */
+export interface MapExtent {
+  readonly start: number;
+  readonly length: number;
+  readonly depth: number;
+  readonly zero: boolean;
+  readonly data: boolean;
+  readonly offset?: number;
+}
+
+/**
+ * Checks qemu-img's map output (input from outside this process).
+ *
+ * @throws EmbotError `EMBOT_ERR_IMAGE_INVALID` when it is not a list of extents.
+ */
+export function parseMap(text: string, what: string): MapExtent[] {
+  const bad = (why: string): never => {
+    throw new EmbotError(ErrorCodes.IMAGE_INVALID, `qemu-img map of ${what}: ${why}`);
+  };
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    return bad('not JSON');
+  }
+  if (!Array.isArray(v)) return bad('not a list of extents');
+  const nat = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
+  return v.map((e: unknown, i) => {
+    const o = e as Record<string, unknown>;
+    if (typeof e !== 'object' || e === null || !nat(o.start) || !nat(o.length) || !nat(o.depth) || typeof o.zero !== 'boolean' || typeof o.data !== 'boolean' || (o.offset !== undefined && !nat(o.offset))) {
+      return bad(`extent ${i} must be {start, length, depth, zero, data, offset?} with non-negative integers`);
+    }
+    return { start: o.start, length: o.length, depth: o.depth, zero: o.zero, data: o.data, ...(o.offset === undefined ? {} : { offset: o.offset }) };
+  });
+}
+
+/**
+ * The overlay's own blocks: for each block the extents at depth 0 touch, where it lies in the file
+ * (-1: zeros), or `undefined` when the overlay holds it only in part.
+ */
+export function overlayBlocks(extents: readonly MapExtent[], size: number, blockSize: number): { readonly placed: Map<number, number>; readonly skipped: number } {
+  const touched = new Set<number>();
+  for (const e of extents) {
+    if (e.depth !== 0 || e.length === 0) continue;
+    for (let i = Math.floor(e.start / blockSize); i * blockSize < e.start + e.length; i++) touched.add(i);
+  }
+  const placed = new Map<number, number>();
+  let skipped = 0;
+  const sorted = [...extents].sort((a, b) => a.start - b.start);
+  for (const i of [...touched].sort((a, b) => a - b)) {
+    const from = i * blockSize;
+    const to = Math.min(size, from + blockSize);
+    const cover = sorted.filter((e) => e.start < to && e.start + e.length > from);
+    const allTop = cover.every((e) => e.depth === 0) && cover.reduce((n, e) => n + Math.min(to, e.start + e.length) - Math.max(from, e.start), 0) === to - from;
+    if (!allTop) {
+      skipped++;
+      continue;
+    }
+    if (cover.every((e) => e.zero && !e.data)) {
+      placed.set(i, -1);
+      continue;
+    }
+    // One contiguous range of the file: each extent continues where the previous one ended.
+    let at: number | undefined;
+    let ok = true;
+    for (const e of cover) {
+      if (!e.data || e.offset === undefined) {
+        ok = false;
+        break;
+      }
+      const here = e.offset + (Math.max(from, e.start) - e.start);
+      const expected = at === undefined ? here : at;
+      if (here !== expected) {
+        ok = false;
+        break;
+      }
+      at = here + (Math.min(to, e.start + e.length) - Math.max(from, e.start));
+    }
+    if (ok) placed.set(i, cover[0]!.offset! + (from - cover[0]!.start));
+    else skipped++;
+  }
+  return { placed, skipped };
+}
+
+/**
+ * Hashes what the index keeps of one VM disk (see the file comment).
+ *
+ * @throws EmbotError `EMBOT_ERR_IMAGE_UNKNOWN` when the file is gone, `EMBOT_ERR_IMAGE_INVALID`
+ *   when qemu-img cannot map it or its map is not one, `EMBOT_ERR_IMAGE_TRUNCATED` when a block
+ *   lies past the file's end.
+ */
+export async function scanVmDisk(d: VmDisk, blockSize: number): Promise<ScannedVmDisk> {
+  const what = `VM ${d.vm} disk ${d.disk} (${d.path})`;
+  const st = await stat(d.path).catch((e: unknown) => {
+    throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `${what}: cannot read it`, { cause: e });
+  });
+  if (d.format === 'raw') {
+    const s = await scanImage(`vm-${d.disk}`, d.path, blockSize);
+    return { size: s.size, mtimeMs: s.mtimeMs, fileSize: s.size, blocks: s.hashes.map((hash, idx) => ({ idx, hash, fileOffset: idx * blockSize })), skipped: 0 };
+  }
+  let out: string;
+  try {
+    out = (await run('qemu-img', ['map', '-U', '--output=json', '-f', 'qcow2', d.path], { maxBuffer: 64 * 1024 * 1024 })).stdout;
+  } catch (e) {
+    throw new EmbotError(ErrorCodes.IMAGE_INVALID, `${what}: qemu-img map failed: ${(e as { stderr?: string }).stderr?.trim() || (e as Error).message}`, { cause: e });
+  }
+  const extents = parseMap(out, what);
+  const size = extents.reduce((n, e) => Math.max(n, e.start + e.length), 0);
+  const { placed, skipped } = overlayBlocks(extents, size, blockSize);
+  const blocks: VmDiskBlock[] = [];
+  const fh = await open(d.path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(blockSize);
+    for (const [idx, fileOffset] of placed) {
+      const len = Math.min(blockSize, size - idx * blockSize);
+      if (fileOffset < 0) {
+        blocks.push({ idx, hash: hashBlock(Buffer.alloc(len)), fileOffset });
+        continue;
+      }
+      let got = 0;
+      while (got < len) {
+        const { bytesRead } = await fh.read(buf, got, len - got, fileOffset + got);
+        if (bytesRead === 0) throw new EmbotError(ErrorCodes.IMAGE_TRUNCATED, `${what}: block ${idx} lies past the file's end (${fileOffset + got})`);
+        got += bytesRead;
+      }
+      blocks.push({ idx, hash: hashBlock(buf.subarray(0, len)), fileOffset });
+    }
+  } finally {
+    await fh.close();
+  }
+  return { size, mtimeMs: st.mtimeMs, fileSize: st.size, blocks, skipped };
+}
