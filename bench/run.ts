@@ -28,6 +28,7 @@ import { run as runFixedCost } from './fixed-cost.bench.ts';
 import { run as runLiveChannel } from './live-channel.bench.ts';
 import { run as runMetrics } from './metrics.bench.ts';
 import { run as runImages } from './images.bench.ts';
+import { run as runQemuPrewarm } from './qemu-prewarm.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -56,6 +57,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'live-channel', run: runLiveChannel },
   { name: 'metrics', run: runMetrics },
   { name: 'images', run: runImages },
+  { name: 'qemu-prewarm', run: runQemuPrewarm },
 ];
 
 export interface MachineInfo {
