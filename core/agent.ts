@@ -208,6 +208,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         const st = this.objects.get(`vm:${vm}`)?.state;
         return typeof st?.['image'] === 'string' ? { image: st['image'], ...(typeof st['imageManifest'] === 'string' ? { manifest: st['imageManifest'] } : {}) } : undefined;
       },
+      ...(config.images.cost.measure ? { measure: config.images.cost.measure, probePeers: () => Object.keys(config.peer.peers) } : {}),
       // The VMs' own disks are indexed with the images (a qemu overlay: the blocks the VM wrote).
       vmDisks: () =>
         this.driver.list().flatMap((vm) => {

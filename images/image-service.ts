@@ -24,6 +24,7 @@ import { decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpd
 import { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type ImageInfo, type IndexDelta, type VmDiskInfo } from './local-index.ts';
 import type { VmDisk } from './vm-disk-scan.ts';
 import { LIBRARY_SOURCE, MIB, type CostTable } from './network-cost.ts';
+import { LinkMeasurements, type LinkReport, type MeasureConfig } from './link-probe.ts';
 import { buildCosts, rankCandidates, type PlacementPolicy, type RankedCandidate } from './placement.ts';
 
 /** Blocks one BlockFetch may ask for; a 4 MiB batch of 64 KiB blocks is 64. */
@@ -59,6 +60,9 @@ export interface ImageServiceOptions {
   readonly vmImageOf?: (vm: string) => VmImageRef | undefined;
   /** The disks of the VMs on this host now (indexed with the images; vm-disk-scan.ts says what of them). */
   readonly vmDisks?: () => readonly VmDisk[];
+  /** Measure this host's links to `probePeers` and let them override `costs` (link-probe.ts). */
+  readonly measure?: MeasureConfig;
+  readonly probePeers?: () => readonly string[];
 }
 
 /** A VM's image: its name and, when known, the id of the manifest it was created on (manifestId). */
@@ -74,6 +78,8 @@ export interface ImagesReport {
   readonly images: readonly ImageInfo[];
   /** The running VMs' disks indexed here. */
   readonly vmDisks: readonly VmDiskInfo[];
+  /** This host's measured links in use (only with `images.cost.measure`). */
+  readonly links?: readonly LinkReport[];
   /** As the indexer sees the group (only on the indexer). */
   readonly group?: { readonly members: readonly string[]; readonly images: ReturnType<GlobalImageIndex['catalogue']> };
 }
@@ -115,11 +121,18 @@ export class ImageService {
   private closed = false;
   private readonly jobs = new Map<string, BuildJob>();
   private jobSeq = 0;
+  /** Measured links (images.cost.measure), else undefined. */
+  readonly measured: LinkMeasurements | undefined;
+  /** What moving a MiB costs: the configured table, with this host's measured links over it when measuring. */
+  private readonly costs: CostTable;
+  private probeTimer: NodeJS.Timeout | undefined;
 
   constructor(o: ImageServiceOptions) {
     this.o = o;
     this.index = new LocalImageIndex(o.db);
     this.global = o.indexer === o.agent ? new GlobalImageIndex() : undefined;
+    this.measured = o.measure ? new LinkMeasurements(o.agent, o.measure) : undefined;
+    this.costs = this.measured ? this.measured.table(o.costs) : o.costs;
     mkdirSync(o.imagesDir, { recursive: true });
   }
 
@@ -134,11 +147,34 @@ export class ImageService {
       this.timer = setInterval(() => void this.reindex().catch((e: unknown) => this.o.log?.debug('images: index update not delivered', { error: describeError(e) })), this.o.reindexMs);
       this.timer.unref();
     }
+    if (this.measured) {
+      void this.probeLinks();
+      this.probeTimer = setInterval(() => void this.probeLinks(), this.measured.config.probeMs);
+      this.probeTimer.unref();
+    }
+  }
+
+  /**
+   * Probes the round trip to each peer (`probePeers`) over its authenticated link. A peer that
+   * cannot be reached or answers garbage keeps (or falls back to) its configured cost.
+   */
+  async probeLinks(): Promise<void> {
+    const m = this.measured;
+    if (!m || this.closed) return;
+    for (const peer of this.o.probePeers?.() ?? []) {
+      if (peer === this.o.agent) continue;
+      try {
+        await m.probe(peer, await this.link(peer), this.o.requestTimeoutMs);
+      } catch (e) {
+        this.o.log?.warn(`images: link probe of ${peer} failed; its cost is the configured one`, { error: describeError(e), code: (e as { code?: string }).code });
+      }
+    }
   }
 
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer) clearInterval(this.timer);
+    if (this.probeTimer) clearInterval(this.probeTimer);
     await this.chain.catch(() => {});
     for (const l of this.links.values()) void l.then((c) => c.close()).catch(() => {});
     this.links.clear();
@@ -167,6 +203,7 @@ export class ImageService {
       blockSize: this.o.blockSize,
       images: this.index.images(),
       vmDisks: this.index.vmDisks(),
+      ...(this.measured ? { links: this.measured.report() } : {}),
       ...(this.global ? { group: { members: this.global.members, images: this.global.catalogue() } } : {}),
     };
   }
@@ -305,7 +342,9 @@ export class ImageService {
     return {
       fetch: async (via, hashes) => {
         const conn = await this.link(via);
+        const t0 = performance.now();
         const reply = await conn.request({ type: 'BlockFetch', hashes: packHashes(hashes) }, { timeoutMs: this.o.requestTimeoutMs });
+        this.measured?.recordTransfer(via, reply.data.byteLength, performance.now() - t0);
         if (reply.sizes.byteLength !== hashes.length * 4) throw new EmbotError(ErrorCodes.BLOCK_UNAVAILABLE, `${via} answered ${reply.sizes.byteLength / 4} sizes for ${hashes.length} blocks`);
         const sizes = Buffer.from(reply.sizes.buffer, reply.sizes.byteOffset, reply.sizes.byteLength);
         const out: (Uint8Array | undefined)[] = [];
@@ -335,7 +374,7 @@ export class ImageService {
   async build(image: string, onProgress?: (p: BuildProgress) => void): Promise<BuildSummary> {
     const answer = await this.query(image);
     const here = this.index.manifest(image);
-    if (here && sameBlocks(here, answer.manifest)) return alreadyBuilt(answer.manifest, this.o.agent, this.o.costs);
+    if (here && sameBlocks(here, answer.manifest)) return alreadyBuilt(answer.manifest, this.o.agent, this.costs);
     const reader = this.index.blockReader();
     const summary = await buildImage({
       manifest: answer.manifest,
@@ -349,7 +388,7 @@ export class ImageService {
         },
       },
       holders: (h) => answer.holders.get(h) ?? [],
-      costs: this.o.costs,
+      costs: this.costs,
       fetcher: this.fetcher(),
       ...(onProgress ? { onProgress } : {}),
     }).finally(() => reader.close());
@@ -446,7 +485,7 @@ export class ImageService {
     const answer = await this.query(image);
     const candidates = candidatesGiven ?? answer.members.filter((m) => m !== this.o.agent);
     if (candidates.length === 0) throw new EmbotError(ErrorCodes.PLACEMENT_INPUT_INVALID, `no candidate hosts: name them (--candidates) or add members to ${this.o.indexer}'s index group`);
-    const costs = buildCosts(distinctBlocks(answer.manifest), candidates, (h) => answer.holders.get(h) ?? [], this.o.costs);
+    const costs = buildCosts(distinctBlocks(answer.manifest), candidates, (h) => answer.holders.get(h) ?? [], this.costs);
     const loads = new Map(answer.loads);
     if (!loads.has(this.o.agent)) loads.set(this.o.agent, await this.o.hostLoad());
     const ranked = rankCandidates(

@@ -15,3 +15,4 @@ export { buildCosts, parsePolicy, rankCandidates, type Candidate, type Placement
 export { decodeIndexAnswer, encodeIndexAnswer, type HostLoad, type IndexAnswerBody } from './index-update.ts';
 export { ImageService, MAX_BLOCKS_PER_FETCH, imagesDirOf, type BuildJob, type ImageServiceOptions, type ImagesReport, type PlacementReport, type VmImageRef } from './image-service.ts';
 export { RANKED_BY_PLACEMENT, rankTargetsByImage, type PlacementSource, type RankedTarget, type TargetLike } from './target-ranking.ts';
+export { DEFAULT_MEASURE, LinkMeasurements, MIN_TRANSFER_BYTES, checkProbeReply, type LinkReport, type MeasureConfig, type Probeable } from './link-probe.ts';

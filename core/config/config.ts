@@ -208,6 +208,16 @@ export const AgentConfigSchema = z
             crossRack: z.number().min(0).optional(),
             matrix: z.record(z.string(), z.record(z.string(), z.number().min(0))).optional(),
             default: z.number().min(0).optional(),
+            /** Measure this agent's links (RTT by Ping, throughput from block fetches): ms per MiB over the configured costs (images/link-probe.ts). */
+            measure: z
+              .object({
+                probeMs: positiveInt.default(10_000),
+                maxAgeMs: positiveInt.default(60_000),
+                assumeBytesPerSec: z.number().positive().default(100 * 1024 * 1024),
+                requestBytes: positiveInt.default(4 * 1024 * 1024),
+              })
+              .strict()
+              .optional(),
           })
           .strict()
           .default({}),

@@ -62,6 +62,8 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     mkdirSync(library);
     const base = randomBytes(IMAGE);
     writeFileSync(join(library, 'disk.img'), base);
+    // One block as the VM writes it (afterReady: 64 KiB of 0x5a at 0): who holds it is who has that VM's disk.
+    writeFileSync(join(library, 'probe.img'), Buffer.alloc(64 * 1024, 0x5a));
     const imagesDir = (n: string): string => join(root, `images-${n}`);
     cluster = await Cluster.start(['a', 'b', 'c'], {
       env: (n): Record<string, string> => (n === 'a' ? { EMBOT_TEST_HOOK_MIRROR_WRITES: hookEnv } : n === 'c' ? { EMBOT_FAULT_NBD_EXPORT_REFUSED: '1' } : {}),
@@ -136,6 +138,16 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     // Both QEMUs stopped, the disk b has is the image with every write a's guest disk got.
     await b.client.vmAction('d1', 'stop');
     await waitFor(() => runningPid(stateB) === undefined, 20_000, "b's QEMU stopped");
+    // The VM's disk is in b's index now (its overlay: the five clusters written, QEMU's metadata
+    // flushed at its exit), a's dropped it when the VM left; the indexer offers b for them.
+    const atBIndex = await waitFor(async () => (await b.client.images()).vmDisks?.find((d) => d.vm === 'd1' && d.blocks === 5), 15_000, "d1's disk indexed at b");
+    expect(atBIndex).toMatchObject({ disk: 0, format: 'qcow2', path: overlayB });
+    expect((await a.client.images()).vmDisks ?? []).toEqual([]);
+    const placed = await waitFor(async () => {
+      const r = await a.client.place({ image: 'probe.img', candidates: ['b', 'c'] });
+      return r.candidates[0]?.host === 'b' && r.candidates[0].cost === 0 ? r : undefined;
+    }, 15_000, 'b offered as a holder of the block its VM wrote');
+    expect(placed.candidates.find((x) => x.host === 'c')?.cost).toBeGreaterThan(0);
     await cluster.stop();
     cluster = undefined;
     expect(qemus.live()).toEqual([]);
