@@ -137,10 +137,18 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       },
     ];
     const runs = (xs: readonly Switch[], f: (x: Switch) => number): string => xs.map((x) => Math.round(f(x))).join(', ');
+    // Where each path spends its time: the single path's phases; the pre-warm's winner child's (migratingVm holds the whole warm-up).
+    const phasesOf = (x: Switch): readonly { readonly phase: string; readonly ms: number }[] => x.s.destinations?.find((d) => d.outcome === 'won')?.phases ?? x.s.phases;
+    const phaseMedians = (xs: readonly Switch[]): string => {
+      const by = new Map<string, number[]>();
+      for (const x of xs) for (const p of phasesOf(x)) by.set(p.phase, [...(by.get(p.phase) ?? []), p.ms]);
+      return [...by].map(([phase, ms]) => `${phase} ${Math.round(median(ms))}`).join(', ');
+    };
     const notes = [
       `cold runs (ms, command to running): ${runs(colds, (x) => x.ms)}; downtime ${runs(colds, (x) => x.s.downtimeMs ?? 0)}`,
       `warm runs (ms, command to running): ${runs(warms, (x) => x.ms)}; downtime ${runs(warms, (x) => x.s.downtimeMs ?? 0)}; pre-warm to warm ${runs(warms, (x) => x.warmUpMs ?? 0)}`,
       `memory bytes in the summary (median MiB): cold ${(median(colds.map((x) => x.s.memoryBytes)) / MiB).toFixed(1)}, warm (whole pre-warm) ${(median(warms.map((x) => x.s.memoryBytes)) / MiB).toFixed(1)}`,
+      `phases (median ms): cold ${phaseMedians(colds)}; warm (winner child) ${phaseMedians(warms)}`,
       `the warm path goes through the fan-out (relay, BootIncoming, decision) even for one destination; the cold one is QEMU's direct stream`,
       `load average (1 min) during the runs: ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`,
     ];

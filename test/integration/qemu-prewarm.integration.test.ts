@@ -50,7 +50,7 @@ async function appWithEvents(root: string, tls = false): Promise<{ c: Cluster; a
   cluster = await qemuCluster(root, tls);
   const a = cluster.agent('a');
   const image = join(root, 'slow-guest.img');
-  writeGuestImage(image, { delayLoops: 2000 });
+  writeGuestImage(image, { delayLoops: 500 });
   await a.client.createVm({ name: 'app', memory: VM_BYTES, boot: image });
   await a.client.vmAction('app', 'start');
   await heartbeat(join(root, 'a', 'app'), 2);
