@@ -101,6 +101,15 @@ export async function autoDestination(client: ControlClient, vm: string, ctx: Cl
 export function renderImages(r: ImagesReport): string {
   let out = `host ${r.host} (indexer ${r.indexer}, blocks of ${formatBytes(r.blockSize)})\n`;
   out += r.images.length === 0 ? 'no images (put raw images in the images folder, or build one with `embot image build IMG`)\n' : formatTable(['IMAGE', 'ORIGIN', 'SIZE', 'BLOCKS', 'PATH'], r.images.map((i) => [i.name, i.origin, formatBytes(i.size), String(i.blocks), i.path]));
+  const vmDisks = r.vmDisks ?? [];
+  if (vmDisks.length > 0) {
+    out += `\nVM disks (a qcow2 overlay: the blocks its VM wrote)\n`;
+    out += formatTable(['VM', 'DISK', 'FORMAT', 'SIZE', 'BLOCKS', 'PATH'], vmDisks.map((d) => [d.vm, String(d.disk), d.format, formatBytes(d.size), String(d.blocks), d.path]));
+  }
+  if (r.links !== undefined) {
+    out += `\nmeasured links (cost: ms per MiB to here)\n`;
+    out += r.links.length === 0 ? 'none fresh (configured costs in use)\n' : formatTable(['PEER', 'RTT', 'THROUGHPUT', 'AGE', 'COST'], r.links.map((l) => [l.peer, `${l.rttMs.toFixed(2)} ms`, l.bytesPerSec === undefined ? 'assumed' : `${formatBytes(l.bytesPerSec)}/s`, `${(l.ageMs / 1000).toFixed(1)} s`, l.cost.toFixed(2)]));
+  }
   if (r.group) {
     out += `\ngroup: ${r.group.members.join(', ') || 'no members yet'}\n`;
     if (r.group.images.length > 0) out += formatTable(['IMAGE', 'SIZE', 'HOSTS', 'LIBRARY'], r.group.images.map((i) => [i.name, formatBytes(i.size), i.hosts.join(',') || '-', i.library ? 'yes' : 'no']));
