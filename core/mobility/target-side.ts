@@ -11,6 +11,7 @@ import type { MigrationProgress } from './migration-record.ts';
 import { attachAll } from './source-side.ts';
 import { faultPoint } from './fault-points.ts';
 import { injectedBootFailure } from './fan-out-faults.ts';
+import { mergeDeltaRounds } from '../objects/delta-rounds.ts';
 
 export interface TargetSideOptions {
   readonly host: MobilityHost;
@@ -197,7 +198,8 @@ export class TargetSide implements TargetSteps {
   async applyDirty(input: TargetInput & { readonly frame: DirtyObjects }): Promise<void> {
     const changed = unpack(input.frame.deltas) as ManagedElement[];
     if (!Array.isArray(changed)) throw new InstantiationError('dirty objects do not decode to a list of elements');
-    this.deltas.push(...changed);
+    // An element changed in an earlier round too: its latest delta replaces the earlier one.
+    this.deltas = mergeDeltaRounds(this.deltas, changed);
     if (input.frame.embots) {
       // A pre-warm's embots ran at the source until the command: these, frozen then, replace the staged ones.
       const embots = decodeEmbots(input.frame.embots);
