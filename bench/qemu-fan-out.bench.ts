@@ -10,14 +10,18 @@
  *
  * Runs alternate (direct, 1, 2, 3, direct, …) so load on this shared machine falls on all
  * alike; medians. Rows: the relay's cost (n = 1 against direct), and time to first boot with
- * 2 and 3 destinations against direct (issue target ≤ 1.2× with 2). Called from qemu.bench.ts
- * (its section "(f)") and runnable alone: `node --experimental-strip-types bench/qemu-fan-out.bench.ts [--quick]`.
+ * 2 and 3 destinations against direct (issue target ≤ 1.2× with 2). `--candidates` adds to the
+ * same loop the ways of relaying that were measured against it: the relay with Node's own 64 KiB
+ * reads (as it was before its slab reads), and QEMU's `exec:` into a shell `cat` / `tee` (no JS on
+ * the byte path; plaintext and without a bound per destination, so measured, not shipped). Called from qemu.bench.ts
+ * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick] [--candidates]`.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path, { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { QemuDriver } from '../effectors/hypervisor/qemu/qemu-driver.ts';
+import { QemuFanOutSession } from '../effectors/hypervisor/qemu/qemu-fan-out.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
@@ -29,37 +33,55 @@ interface FanOutRun {
   readonly bytes: number;
 }
 
-/** One migration of `spec`: `n` = 0 direct, else through the relay to n targets; time from migrate to the first bootIncoming. */
-async function once(root: string, spec: QemuVmSpec, n: number): Promise<FanOutRun> {
+/** How the stream reaches the targets: QEMU straight to one; the agent's relay to n; or QEMU's `exec:` into a shell `tee` to n (no JS on the byte path; plaintext, no bound per destination: a candidate measured, not shipped). */
+export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relay64k' | 'exec'; readonly n: number };
+
+/** `exec:` URI duplicating the stream to every `tcp:HOST:PORT` with bash's /dev/tcp: `cat` for one, `tee` with one `cat` per extra target. */
+export function teeExecUri(uris: readonly string[]): string {
+  const dev = (u: string): string => {
+    const m = /^tcp:([0-9.]+):(\d+)$/.exec(u);
+    if (!m) throw new Error(`not tcp:HOST:PORT: ${u}`);
+    return `/dev/tcp/${m[1]}/${m[2]}`;
+  };
+  const [first, ...rest] = uris.map(dev);
+  const script = rest.length === 0 ? `exec cat > ${first}` : `exec tee ${rest.map((d) => `>(exec cat > ${d})`).join(' ')} > ${first}`;
+  return `exec:exec bash -c '${script}'`;
+}
+
+/** One migration of `spec` per `variant`; time from migrate to the first bootIncoming. */
+async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant): Promise<FanOutRun> {
+  const n = variant.kind === 'direct' ? 1 : variant.n;
   const dir = mkdtempSync(join(root, 'r-'));
   const source = new QemuDriver({ root: join(dir, 's'), accel: 'tcg' });
-  const targets = Array.from({ length: Math.max(1, n) }, (_, i) => new QemuDriver({ root: join(dir, `t${i}`), accel: 'tcg' }));
+  const targets = Array.from({ length: n }, (_, i) => new QemuDriver({ root: join(dir, `t${i}`), accel: 'tcg' }));
   try {
     await source.create(spec);
     await source.start(spec.name);
     await waitSerial(source.stateDir(spec.name), 2);
     const endpoints = await Promise.all(targets.map((t) => t.prepareIncoming(spec)));
+    const boot = (i: number): Promise<unknown> => targets[i]!.capabilities.incomingBoot!.bootIncoming(spec.name, { timeoutMs: 60_000 });
     const started = performance.now();
     let bytes = 0;
-    let firstBoot: Promise<unknown>;
-    if (n === 0) {
+    if (variant.kind === 'direct') {
       bytes = (await source.migrateOut(spec.name, { endpoint: endpoints[0]!.endpoint })).bytes;
-      firstBoot = targets[0]!.capabilities.incomingBoot!.bootIncoming(spec.name, { timeoutMs: 60_000 });
+      await boot(0);
+    } else if (variant.kind === 'exec') {
+      bytes = (await source.migrateOut(spec.name, { endpoint: { uri: teeExecUri(endpoints.map((e) => e.endpoint.uri)) } })).bytes;
+      await Promise.any(targets.map((_, i) => boot(i)));
     } else {
       const names = targets.map((_, i) => `t${i}`);
-      const session = source.capabilities.fanOut!.begin(spec.name, names);
+      // relay64k: the relay as it was, reading with Node's own 64 KiB buffers (the A/B of its slab reads).
+      const session = variant.kind === 'relay64k' ? new QemuFanOutSession(source, spec.name, names, { slabBytes: 0 }) : source.capabilities.fanOut!.begin(spec.name, names);
       // Each destination boots as soon as its own copy is in: the first to be ready wins.
-      firstBoot = Promise.any(
+      await Promise.any(
         names.map(async (name, i) => {
           const r = await session.migrateOut(name, { endpoint: endpoints[i]!.endpoint });
           bytes = r.bytes;
-          return targets[i]!.capabilities.incomingBoot!.bootIncoming(spec.name, { timeoutMs: 60_000 });
+          return boot(i);
         }),
       );
-      await firstBoot;
       session.close();
     }
-    await firstBoot;
     return { ms: performance.now() - started, bytes };
   } finally {
     await source.close();
@@ -69,30 +91,56 @@ async function once(root: string, spec: QemuVmSpec, n: number): Promise<FanOutRu
   }
 }
 
-export async function fanOutRows(root: string, reps: number): Promise<{ rows: BenchRow[]; notes: string[] }> {
+/**
+ * The rows: relay with 1, 2, 3 targets against a direct migration, all alternated in one loop.
+ * With `candidates`, QEMU's `exec:` into a shell tee with 1 and 2 targets joins the loop: the same
+ * copy without Node on the byte path, to see what taking JS off it would buy.
+ */
+export async function fanOutRows(root: string, reps: number, o: { readonly candidates?: boolean } = {}): Promise<{ rows: BenchRow[]; notes: string[] }> {
   // Idle after one pass: static memory, so every run moves the same bytes and the rounds do not vary.
   const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
-  const runs = new Map<number, FanOutRun[]>([0, 1, 2, 3].map((n) => [n, []]));
-  for (let i = 0; i < reps; i++) for (const n of [0, 1, 2, 3]) runs.get(n)!.push(await once(root, spec, n));
-  const med = (n: number): number => median(runs.get(n)!.map((r) => r.ms));
-  const direct = med(0);
-  const row = (n: number, name: string, target?: { readonly text: string; readonly max: number }): BenchRow => ({
+  const variants: readonly (readonly [string, FanOutVariant])[] = [
+    ['direct', { kind: 'direct' }],
+    ['relay n=1', { kind: 'relay', n: 1 }],
+    ['relay n=2', { kind: 'relay', n: 2 }],
+    ['relay n=3', { kind: 'relay', n: 3 }],
+    ...(o.candidates
+      ? ([
+          ['relay64k n=1', { kind: 'relay64k', n: 1 }],
+          ['relay64k n=2', { kind: 'relay64k', n: 2 }],
+          ['exec tee n=1', { kind: 'exec', n: 1 }],
+          ['exec tee n=2', { kind: 'exec', n: 2 }],
+        ] as const)
+      : []),
+  ];
+  const runs = new Map<string, FanOutRun[]>(variants.map(([k]) => [k, []]));
+  for (let i = 0; i < reps; i++) for (const [k, v] of variants) runs.get(k)!.push(await once(root, spec, v));
+  const med = (k: string): number => median(runs.get(k)!.map((r) => r.ms));
+  const direct = med('direct');
+  const row = (k: string, name: string, target?: { readonly text: string; readonly max: number }): BenchRow => ({
     name,
-    value: med(n),
+    value: med(k),
     unit: 'ms',
     limitName: 'direct migrateOut → bootIncoming, same guest',
     limit: direct,
-    ratio: direct / med(n),
-    ...(target ? { target: target.text, met: med(n) <= target.max * direct } : {}),
+    ratio: direct / med(k),
+    ...(target ? { target: target.text, met: med(k) <= target.max * direct } : {}),
   });
   const rows = [
-    row(1, 'qemu relay cost: 1 destination through the relay → bootIncoming (64 MiB idle guest)'),
-    row(2, 'qemu time to first boot, 2 destinations (relay)', { text: '≤ 1.2 × single destination', max: 1.2 }),
-    row(3, 'qemu time to first boot, 3 destinations (relay)'),
+    row('relay n=1', 'qemu relay cost: 1 destination through the relay → bootIncoming (64 MiB idle guest)'),
+    row('relay n=2', 'qemu time to first boot, 2 destinations (relay)', { text: '≤ 1.2 × single destination', max: 1.2 }),
+    row('relay n=3', 'qemu time to first boot, 3 destinations (relay)'),
+    ...(o.candidates
+      ? [
+          row('relay64k n=1', "candidate (the relay before): Node's 64 KiB reads, 1 destination"),
+          row('relay64k n=2', "candidate (the relay before): Node's 64 KiB reads, first boot of 2 destinations"),
+          row('exec tee n=1', 'candidate: QEMU exec: into cat, 1 destination (no JS on the byte path, plaintext)'), row('exec tee n=2', 'candidate: QEMU exec: into tee, first boot of 2 destinations (plaintext, no bound)'),
+        ]
+      : []),
   ];
-  const list = (n: number): string => runs.get(n)!.map((r) => r.ms.toFixed(0)).join(', ');
+  const list = (k: string): string => runs.get(k)!.map((r) => r.ms.toFixed(0)).join(', ');
   const notes = [
-    `(f) medians of ${reps}, runs alternated: direct [${list(0)}] ms, relay n=1 [${list(1)}], n=2 [${list(2)}], n=3 [${list(3)}]; bytes per destination ${(runs.get(1)![0]!.bytes / MiB).toFixed(1)} MiB (direct ${(runs.get(0)![0]!.bytes / MiB).toFixed(1)} MiB). Driver level, targets prepared before the clock starts; ratio = direct / value (below 1: slower than direct).`,
+    `(f) medians of ${reps}, runs alternated: ${variants.map(([k]) => `${k} [${list(k)}]`).join(', ')} ms; bytes per destination ${(runs.get('relay n=1')![0]!.bytes / MiB).toFixed(1)} MiB (direct ${(runs.get('direct')![0]!.bytes / MiB).toFixed(1)} MiB). Driver level, targets prepared before the clock starts; ratio = direct / value (below 1: slower than direct).`,
   ];
   return { rows, notes };
 }
@@ -105,7 +153,7 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.reso
   }
   const root = mkdtempSync(join(tmpdir(), 'embot-qfo-'));
   try {
-    const { rows, notes } = await fanOutRows(root, process.argv.includes('--quick') ? 2 : 5);
+    const { rows, notes } = await fanOutRows(root, process.argv.includes('--quick') ? 2 : 5, { candidates: process.argv.includes('--candidates') });
     const table: BenchTable = { title: 'qemu driver: one stream to several destinations (issue 13)', rows, notes };
     process.stdout.write(`${renderTable(table)}\n`);
   } finally {

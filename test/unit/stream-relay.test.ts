@@ -20,7 +20,7 @@ interface Sink {
   readonly sockets: Socket[];
 }
 
-type SinkMode = 'read' | 'stall' | { readonly closeAfter: number } | { readonly talkBack: true };
+type SinkMode = 'read' | 'stall' | 'jerky' | { readonly closeAfter: number } | { readonly talkBack: true };
 
 function handle(s: Socket, mode: SinkMode, done: (r: { bytes: number; sha: string }) => void): void {
   const hash = createHash('sha256');
@@ -31,9 +31,16 @@ function handle(s: Socket, mode: SinkMode, done: (r: { bytes: number; sha: strin
     return;
   }
   if (typeof mode === 'object' && 'talkBack' in mode) s.write('not a one-way stream');
+  let sincePause = 0;
   s.on('data', (c: Buffer) => {
     bytes += c.length;
     hash.update(c);
+    if (mode === 'jerky' && (sincePause += c.length) > 256 * 1024) {
+      // Stops reading now and then: the relay's writes to it queue, holding the chunks they were given.
+      sincePause = 0;
+      s.pause();
+      setTimeout(() => s.resume(), 2);
+    }
     if (typeof mode === 'object' && 'closeAfter' in mode && bytes >= mode.closeAfter) s.destroy();
   });
   s.on('error', () => {});
@@ -90,8 +97,8 @@ async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number): Promise<StreamRelay> {
-  const relay = await StreamRelay.open({ destinations, ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }) });
+async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number, slabBytes?: number): Promise<StreamRelay> {
+  const relay = await StreamRelay.open({ destinations, ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }), ...(slabBytes === undefined ? {} : { slabBytes }) });
   cleanups.push(() => relay.close());
   return relay;
 }
@@ -122,6 +129,27 @@ describe('stream relay: one stream to several destinations over real sockets', (
     expect(results.map((r) => r.outcome)).toEqual(['delivered', 'delivered', 'delivered']);
     expect(results.map((r) => r.bytes)).toEqual([data.length, data.length, data.length]);
     for (const s of [b, c, d]) expect(await s.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it.each([
+    ['default slabs', undefined],
+    ['small slabs, replaced every few reads', 512 * 1024],
+    ["Node's own 64 KiB reads", 0],
+  ] as const)('reads the source into %s and every destination, one reading jerkily, gets the stream byte for byte', async (_what, slabBytes) => {
+    const [b, c] = await Promise.all([sink('jerky'), sink()]);
+    const relay = await open([
+      { name: 'b', uri: b.uri },
+      { name: 'c', uri: c.uri },
+    ], undefined, slabBytes);
+    const data = randomBytes(16 * 1024 * 1024);
+    await feed(relay, data);
+    const results = await Promise.all(['b', 'c'].map((n) => relay.result(n)));
+    expect(results.map((r) => `${r.outcome}:${r.bytes}`)).toEqual([`delivered:${data.length}`, `delivered:${data.length}`]);
+    // Chunks still queued for the jerky reader share slabs the source goes on reading into: a slab reused too early would corrupt them.
+    expect(results[0]!.maxQueuedBytes).toBeGreaterThan(0);
+    for (const x of [b, c]) expect(await x.received).toEqual({ bytes: data.length, sha: sha(data) });
+    // Node 20's user-buffer reads are in use (a Node whose socket internals changed falls back to 'data', which this pins).
+    expect(relay.slabReads).toBe(slabBytes !== 0);
   });
 
   it('reads at the fastest destination\'s pace and drops one that falls behind its bound as tooSlow', async () => {
@@ -239,13 +267,16 @@ describe('stream relay: bad input', () => {
     expect(parseTcpUri('tcp:127.0.0.1:4444')).toEqual({ host: '127.0.0.1', port: 4444 });
   });
 
-  it('refuses no destinations, a name twice and a bound that is not a positive integer', async () => {
+  it('refuses no destinations, a name twice, a bound that is not a positive integer and a slab too small or not whole', async () => {
     const b = await sink();
     for (const o of [
       { destinations: [] },
       { destinations: [{ name: 'b', uri: b.uri }, { name: 'b', uri: b.uri }] },
       { destinations: [{ name: 'b', uri: b.uri }], bufferLimitBytes: 0 },
       { destinations: [{ name: 'b', uri: b.uri }], bufferLimitBytes: 1.5 },
+      { destinations: [{ name: 'b', uri: b.uri }], slabBytes: 1000 },
+      { destinations: [{ name: 'b', uri: b.uri }], slabBytes: -1 },
+      { destinations: [{ name: 'b', uri: b.uri }], slabBytes: 1.5 * 1024 * 1024 + 0.5 },
     ]) {
       await expect(StreamRelay.open(o)).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
     }

@@ -30,6 +30,8 @@ export interface QemuFanOutOptions {
   readonly relayParentDir?: string;
   /** How long after the first destination the stream waits for the others. Default 3 s. */
   readonly joinWindowMs?: number;
+  /** The relay's read slab (StreamRelayOptions.slabBytes; 0: Node's 64 KiB reads, the bench's A/B). */
+  readonly slabBytes?: number;
 }
 
 interface Entry {
@@ -115,6 +117,7 @@ export class QemuFanOutSession implements FanOutSession {
       destinations: entries.map((e) => ({ name: e.dest, uri: e.options.endpoint.uri, ...(tls ? { tls: { ...tls, serverName: e.options.targetName ?? e.dest } } : {}) })),
       ...(this.o.bufferLimitBytes === undefined ? {} : { bufferLimitBytes: this.o.bufferLimitBytes }),
       ...(this.o.relayParentDir === undefined ? {} : { parentDir: this.o.relayParentDir }),
+      ...(this.o.slabBytes === undefined ? {} : { slabBytes: this.o.slabBytes }),
     });
     this.relay = relay;
     if (this.closed) {

@@ -60,7 +60,23 @@ export interface StreamRelayOptions {
   readonly parentDir?: string;
   /** A destination that is not connected (TLS handshake done) within this long is `failed`. Default 10 s. */
   readonly connectTimeoutMs?: number;
+  /**
+   * Size of the slabs QEMU's stream is read into ({@link DEFAULT_RELAY_SLAB_BYTES}); 0 reads with
+   * Node's own 64 KiB buffers (the bench's A/B).
+   */
+  readonly slabBytes?: number;
 }
+
+/**
+ * Default slab QEMU's stream is read into: each read takes whatever the unix socket holds (up to
+ * its buffers, ~400 KiB on Linux defaults) instead of Node's 64 KiB, into the next free part of the
+ * slab. The chunk read is written to every destination as it is (one Buffer shared, never copied),
+ * so a slab is never reused: the next read goes after it and a full slab is left to the writes
+ * still holding it.
+ */
+export const DEFAULT_RELAY_SLAB_BYTES = 4 * 1024 * 1024;
+/** A slab with less room than this left is replaced (a read must be able to take a socket's worth). */
+const SLAB_MIN_ROOM = 512 * 1024;
 
 /** `tcp:HOST:PORT` → host and port; a coded error for anything else (the URI comes from a peer). */
 export function parseTcpUri(uri: string): { readonly host: string; readonly port: number } {
@@ -106,6 +122,9 @@ export class StreamRelay {
   private readonly limit: number;
   /** Queue length past which a destination counts as not taking more (the source pauses when all are past it). */
   private readonly paceBytes: number;
+  private readonly slabBytes: number;
+  /** Whether the source is read into slabs (else Node's 64 KiB reads: Node's internals did not fit, or slabBytes 0). */
+  slabReads = false;
   /** Every destination is gone: the source's stream is cut so QEMU's migration fails. */
   onAllDropped: (() => void) | undefined;
 
@@ -119,6 +138,10 @@ export class StreamRelay {
     // Not the socket's 16 KiB high-water mark: one read of QEMU's stream is 64 KiB, so pausing at
     // write()'s `false` stopped the source after every chunk (6x slower than a direct migration).
     this.paceBytes = Math.min(4 * 1024 * 1024, Math.floor(this.limit / 2));
+    this.slabBytes = o.slabBytes ?? DEFAULT_RELAY_SLAB_BYTES;
+    if (!Number.isSafeInteger(this.slabBytes) || (this.slabBytes !== 0 && this.slabBytes < SLAB_MIN_ROOM)) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the relay's read slab must be 0 or at least ${SLAB_MIN_ROOM} bytes, not ${o.slabBytes}`);
+    }
     if (!Number.isSafeInteger(this.limit) || this.limit < 1) {
       throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the relay's buffer bound must be a positive integer of bytes, not ${o.bufferLimitBytes}`);
     }
@@ -238,7 +261,8 @@ export class StreamRelay {
       return;
     }
     this.source = s;
-    s.on('data', (chunk: Buffer) => this.fanOut(chunk));
+    this.slabReads = this.slabBytes > 0 && readIntoSlabs(s, this.slabBytes, (chunk) => this.fanOut(chunk));
+    if (!this.slabReads) s.on('data', (chunk: Buffer) => this.fanOut(chunk));
     s.on('end', () => {
       this.sourceEnded = true;
       for (const d of this.dests.values()) if (d.live) this.finish(d);
@@ -298,4 +322,56 @@ export class StreamRelay {
       this.onAllDropped?.();
     } else this.pace();
   }
+}
+
+/** Node's user-buffer read hooks on a net.Socket (lib/net.js, lib/internal/stream_base_commons.js, Node 20). */
+type UserBufferSocket = Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: (buf: Uint8Array) => void; reading?: boolean } | null };
+
+/**
+ * Switches an accepted socket (which cannot be given `onread`) to Node's user-buffer reads into
+ * slabs, `onChunk` called with each read's bytes. Only when Node's socket has the shape this was
+ * written against (the same check as core/wire/receive-buffer.ts): else false, nothing changed,
+ * and the caller reads with 'data' (the gain is lost, never the data). Pause and resume work as
+ * with 'data' (net.Socket stops and starts the handle's reads itself in user-buffer mode).
+ */
+function readIntoSlabs(socket: Socket, slabBytes: number, onChunk: (chunk: Buffer) => void): boolean {
+  const s = socket as UserBufferSocket;
+  const symbols = Object.getOwnPropertySymbols(s);
+  const find = (name: string): symbol | undefined => symbols.find((x) => x.description === name);
+  const kBuffer = find('kBuffer');
+  const kBufferCb = find('kBufferCb');
+  const kBufferGen = find('kBufferGen');
+  const fits =
+    kBuffer !== undefined &&
+    kBufferCb !== undefined &&
+    kBufferGen !== undefined &&
+    s[kBuffer] === null &&
+    s[kBufferCb] === null &&
+    s[kBufferGen] === null &&
+    typeof s._handle?.useUserBuffer === 'function' &&
+    s._handle.reading !== true &&
+    !s.destroyed &&
+    s.listenerCount('data') === 0 &&
+    s.readableLength === 0;
+  if (!fits) return false;
+  let slab = Buffer.allocUnsafeSlow(slabBytes);
+  let at = 0;
+  s[kBufferCb] = (nread: number): boolean => {
+    const chunk = slab.subarray(at, at + nread);
+    at += nread;
+    onChunk(chunk);
+    return true;
+  };
+  // Called by Node after each read for the buffer of the next one.
+  s[kBufferGen] = (): Buffer => {
+    if (slab.length - at < SLAB_MIN_ROOM) {
+      slab = Buffer.allocUnsafeSlow(slabBytes);
+      at = 0;
+    }
+    return slab.subarray(at);
+  };
+  const first = slab.subarray(0);
+  s[kBuffer] = first;
+  s._handle?.useUserBuffer?.(first);
+  return true;
 }
