@@ -5,6 +5,7 @@
  * detaches the embots itself; each child keeps its own hold cursor, so it ships every held event
  * exactly once to its own destination.
  */
+import { ErrorCodes, ProtocolError } from '../errors.ts';
 import type { ManagedElement } from '../objects/managed-element.ts';
 import type { MigrateOutOptions, MigrateOutResult } from '../../effectors/index.ts';
 import type { MobilityHost } from './mobility-host.ts';
@@ -93,7 +94,7 @@ export class FanOutShared {
    * child that takes the snapshot later ships those changes in its dirty rounds, none twice.
    */
   managementStateFor(child: string, exportEmbots: () => { readonly embots: Uint8Array; readonly count: number }): ManagementSnapshot {
-    if (!this.pending.has(child)) throw new Error(`${child} is not a child of this fan-out of VM ${this.vm}`);
+    if (!this.pending.has(child)) throw new ProtocolError(ErrorCodes.MIGRATION_MISMATCH, `${child} is not a child of this fan-out of VM ${this.vm}`);
     if (this.snapshot === undefined) {
       const { embots, count } = exportEmbots();
       const elements = this.host.objects.serialize(this.vmElement);
