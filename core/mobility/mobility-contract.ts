@@ -64,6 +64,12 @@ export interface DirtyRoundResult {
   readonly events: number;
 }
 
+/** What migrateVm did besides moving the VM. */
+export interface MigrateVmResult {
+  /** The final DirtyObjects round, sent at the switch. */
+  readonly finalRound?: DirtyRoundResult;
+}
+
 /**
  * Steps of the source side, each an xstate `fromPromise` actor. Every step rejects on a timeout,
  * a transport error or a failure reply; the machine then rolls back.
@@ -77,8 +83,12 @@ export interface SourceSteps {
   sendManagementState(input: SourceInput): Promise<void>;
   /** ManagementEventState (the hold queues so far). */
   sendEventState(input: SourceInput): Promise<void>;
-  /** Stop-and-copy (or pre-copy) of the VM through the hypervisor driver. */
-  migrateVm(input: SourceInput): Promise<void>;
+  /**
+   * Stop-and-copy (or pre-copy) of the VM through the hypervisor driver. Resolves with `finalRound`
+   * when the final DirtyObjects round already went at the switch (the VM paused there, everything
+   * frozen, while the driver finished its copy): the machine then sends no other round.
+   */
+  migrateVm(input: SourceInput): Promise<MigrateVmResult>;
   /** One DirtyObjects round (`final`: the last one, sent with everything frozen). */
   sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult>;
   /** MigrationComplete → MigrationCompleteAck. */

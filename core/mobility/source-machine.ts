@@ -6,7 +6,7 @@
  */
 import { assign, fromPromise, setup } from 'xstate';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
-import type { DirtyRoundResult, FanOutVerdict, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
+import type { DirtyRoundResult, FanOutVerdict, MigrateVmResult, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
 
 /** One DirtyObjects round as the source saw it. */
 export interface DirtyRoundStat extends DirtyRoundResult {
@@ -114,7 +114,7 @@ const sourceSetup = setup({
     holdEvents: fromPromise<void, SourceInput>(async () => notProvided('holdEvents')),
     sendManagementState: fromPromise<void, SourceInput>(async () => notProvided('sendManagementState')),
     sendEventState: fromPromise<void, SourceInput>(async () => notProvided('sendEventState')),
-    migrateVm: fromPromise<void, SourceInput>(async () => notProvided('migrateVm')),
+    migrateVm: fromPromise<MigrateVmResult, SourceInput>(async () => notProvided('migrateVm')),
     sendDirtyObjects: fromPromise<DirtyRoundResult, Parameters<SourceSteps['sendDirtyObjects']>[0]>(async () => notProvided('sendDirtyObjects')),
     completeMigration: fromPromise<void, SourceInput>(async () => notProvided('completeMigration')),
     resolveOutcome: fromPromise<'committed' | 'notCommitted', SourceInput>(async () => notProvided('resolveOutcome')),
@@ -145,6 +145,10 @@ const sourceSetup = setup({
         params.timedOut ? `${params.step} timed out after ${context.input.timeouts.stepMs} ms` : `${params.step} failed: ${describeError(errorOf(event))}`,
       ],
     })),
+    /** migrateVm sent the final round at the switch: it is the only one. */
+    recordFinalAtSwitch: assign(({ context, event }) => ({
+      rounds: [...context.rounds, { ...outputOf<MigrateVmResult>(event).finalRound!, round: context.round, final: true }],
+    })),
     recordRound: assign(({ context, event }, params: { readonly final: boolean }) => ({
       round: params.final ? context.round : context.round + 1,
       rounds: [...context.rounds, { ...outputOf<DirtyRoundResult>(event), round: context.round, final: params.final }],
@@ -161,6 +165,7 @@ const sourceSetup = setup({
   },
   guards: {
     permitted: ({ event }) => outputOf<{ permitted: boolean }>(event).permitted,
+    finalRoundAtSwitch: ({ event }) => outputOf<MigrateVmResult | undefined>(event)?.finalRound !== undefined,
     moreRoundsAllowed: ({ context }) => context.round < context.input.maxDirtyRounds,
     roundChanged: ({ event }) => {
       const r = outputOf<DirtyRoundResult>(event);
@@ -184,7 +189,9 @@ const sourceSetup = setup({
  * - requesting → holding → sendingState → sendingEvents → migratingVm → syncingDirty →
  *   completing → finishing → completed.
  * - syncingDirty sends rounds while the last one changed something and `round < maxDirtyRounds`,
- *   then always one `final: true` round (sent with everything frozen).
+ *   then always one `final: true` round (sent with everything frozen). A migrateVm that already
+ *   sent the final round at the switch (qemu: the VM paused at pre-switchover) skips syncingDirty:
+ *   nothing at the source changes between rounds once the VM and its embots are frozen.
  * - A step failure, a step timeout (`stepMs`, `vmMs` for migrateVm) or CANCEL before completing →
  *   rollingBack → aborted. A rollBack that fails still ends in aborted, with the error in `errors`.
  * - completing failing → resolving: `resolveOutcome` asks the target; committed → finishing,
@@ -261,7 +268,12 @@ export function createSourceMachine(options: SourceMachineOptions = {}) {
       },
       migratingVm: {
         entry: enter('migratingVm'),
-        invoke: { src: 'migrateVm', input: ({ context }) => context.input, onDone: 'syncingDirty', onError: rollBackOnError('migrateVm') },
+        invoke: {
+          src: 'migrateVm',
+          input: ({ context }) => context.input,
+          onDone: [{ guard: 'finalRoundAtSwitch', target: afterFinalRound, actions: 'recordFinalAtSwitch' }, { target: 'syncingDirty' }],
+          onError: rollBackOnError('migrateVm'),
+        },
         ...rollBackOn('migrateVm', 'vmTimeout'),
       },
       syncingDirty: {

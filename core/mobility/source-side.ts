@@ -2,7 +2,7 @@ import { pack } from 'msgpackr';
 import { ErrorCodes, ProtocolError, describeError, isEmbotError } from '../errors.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
 import type { ReplyOf, RequestType } from '../wire/frames.ts';
-import type { DirtyRoundResult, SourceInput, SourceSteps } from './mobility-contract.ts';
+import type { DirtyRoundResult, MigrateVmResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
 import type { MigrationImageBuild, MigrationPlanSummary, MigrationProgress, MigrationSummary, MigrationVmSteps } from './migration-record.ts';
@@ -327,7 +327,7 @@ export class SourceSide implements SourceSteps {
    * stops and the rest follows; qemu: its own stream with the paths' count as multifd channels).
    * The control link then says the memory is complete.
    */
-  async migrateVm(input: SourceInput): Promise<void> {
+  async migrateVm(input: SourceInput): Promise<MigrateVmResult> {
     const host = this.host;
     const dp = this.o.dataplane;
     const t0 = performance.now();
@@ -402,6 +402,17 @@ export class SourceSide implements SourceSteps {
       const migrateOut: FanOutMove = this.o.fanOut?.move ?? ((name, opts) => host.driver.migrateOut(name, opts));
       // A copy that ends without a result (terminated, cancelled, failed) still sent this much: its summary says so.
       let copiedBytes = 0;
+      let copyRounds = 0;
+      // A driver whose memory does not ride our data paths (qemu: its own stream) has nothing for
+      // VmMemory to check at the target but the incoming VM (the commit waits for the stream): it
+      // goes at the switch, and the final DirtyObjects round right after it (the VM is paused
+      // there, the embots frozen since holding), while the driver finishes its copy, instead of
+      // two or more round trips after it. Events held after that round are forwarded at finishing.
+      const memoryAtSwitch = !this.o.fanOut && host.driver.capabilities.incomingPages === undefined;
+      let earlyMemory: Promise<ReplyOf<'VmMemory'>> | undefined;
+      let finalRound: Promise<DirtyRoundResult | undefined> | undefined;
+      const memoryDone = (rounds: number): Promise<ReplyOf<'VmMemory'>> =>
+        this.request({ type: 'VmMemory', migrationId: input.migrationId, vm: this.o.vm, round: rounds, seq: 0, last: true, pages: new Uint8Array(0) }, this.o.vmTimeoutMs);
       const move = migrateOut(this.o.vm, {
         // A driver that mirrors image disks (qemu) gets the target's export; no other is ever asked to.
         endpoint: { uri: ready.endpoint, ...(ready.disks !== undefined && host.driver.capabilities.diskMirror !== undefined ? { disks: ready.disks } : {}) },
@@ -418,12 +429,22 @@ export class SourceSide implements SourceSteps {
           const entered = performance.now();
           try {
             await this.enterSwitchover(input.migrationId);
+            if (memoryAtSwitch) {
+              const memory = memoryDone(copyRounds);
+              earlyMemory = memory;
+              // The target takes one request at a time: the round follows the memory's ack.
+              finalRound = memory.then((r) => (r.type === 'VmMemoryAck' ? this.sendDirtyObjects({ ...input, round: 0, final: true }) : undefined));
+              // Read once the copy ended; a copy that fails rolls back (Abort) without reading them.
+              memory.catch(() => undefined);
+              finalRound.catch(() => undefined);
+            }
           } finally {
             switchoverMs += performance.now() - entered;
           }
         },
         onProgress: (p) => {
           copiedBytes = Math.max(copiedBytes, p.transferredBytes);
+          copyRounds = p.rounds;
           this.o.onProgress({
             bytes: this.stats.bytes + p.transferredBytes,
             memoryBytes: p.transferredBytes,
@@ -446,7 +467,7 @@ export class SourceSide implements SourceSteps {
       this.stats.bytes += result.bytes;
       this.stats.precopy = result;
       const t3 = performance.now();
-      const reply = await this.request({ type: 'VmMemory', migrationId: input.migrationId, vm: this.o.vm, round: result.rounds, seq: 0, last: true, pages: new Uint8Array(0) }, this.o.vmTimeoutMs);
+      const reply = await (earlyMemory ?? memoryDone(result.rounds));
       if (reply.type !== 'VmMemoryAck') throw stepFailed('VmMemory', reply);
       // The stream's own time, end to end (the target has the VM), our hand-over at the switch left out:
       // a driver that calibrates its estimate on its stream (qemu multifd ends early on its own clock) takes it.
@@ -455,8 +476,11 @@ export class SourceSide implements SourceSteps {
       } catch (e) {
         host.logger.warn(`could not record the migration time of ${this.o.vm} for the estimate`, { error: describeError(e) });
       }
+      // Sent at the switch: its result (or the target's refusal, which rolls back) is the machine's.
+      const final = await finalRound;
       const round = (x: number): number => Math.round(x * 10) / 10;
       this.stats.vmSteps = { planMs: round(t1 - t0), prepareMs: round(t2 - t1), moveMs: round(t3 - t2), ackMs: round(performance.now() - t3) };
+      return final === undefined ? {} : { finalRound: final };
     } finally {
       // Added paths are removed afterwards (and the primary data path with them).
       await Promise.all([...channels.values()].map((c) => c.close().catch(() => {})));

@@ -166,6 +166,8 @@ describe.skipIf(!run)('qemu migration model with real QEMU (TCG)', () => {
     }
     expect(source.calibration(1)).toEqual(c2);
 
+    // Written on the next turn (once for the migration's calibrate + recordEndToEnd, off its path).
+    await new Promise((r) => setTimeout(r, 20));
     const saved = JSON.parse(readFileSync(join(srcRoot, 'migration-model.json'), 'utf8')) as { byChannels: Record<string, unknown[]> };
     expect(saved.byChannels['1']).toHaveLength(1);
     expect(driver(srcRoot).calibration(1)).toEqual(c2);

@@ -122,6 +122,22 @@ describe('source machine: happy paths', () => {
     for (const c of h.calls) expect(c.input).toMatchObject({ ...h.input });
   });
 
+  it('a final round sent at the switch (migrateVm says so) is the only one: syncingDirty is skipped, however many rounds are allowed', async () => {
+    const final = { changedElements: 2, events: 5 } satisfies DirtyRoundResult;
+    const h = start({ input: { maxDirtyRounds: 5 }, steps: { migrateVm: [{ value: { finalRound: final } }], sendDirtyObjects: [changed(3)] } });
+    const out = await h.finish();
+    expect(h.sequence()).toEqual([...HAPPY_PREFIX, 'completeMigration', 'finishSource']);
+    expect(h.journal).toEqual(HAPPY_JOURNAL.filter((p) => p !== 'syncingDirty'));
+    expect(out).toMatchObject({ outcome: 'completed', errors: [], dirtyRounds: 1, rounds: [{ round: 0, final: true, ...final }] });
+  });
+
+  it('a migrateVm result without a final round leaves the rounds to syncingDirty', async () => {
+    const h = start({ input: { maxDirtyRounds: 0 }, steps: { migrateVm: [{ value: {} }] } });
+    const out = await h.finish();
+    expect(h.sequence()).toEqual([...HAPPY_PREFIX, 'dirty#0F', 'completeMigration', 'finishSource']);
+    expect(out.dirtyRounds).toBe(1);
+  });
+
   it('times each phase from the entry marks and reports them in order', async () => {
     const h = start({ input: { maxDirtyRounds: 2 }, steps: { sendDirtyObjects: [changed(1), quiet] } });
     const out = await h.finish();

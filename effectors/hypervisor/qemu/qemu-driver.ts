@@ -23,7 +23,7 @@ import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-
 import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { QemuFanOutSession } from './qemu-fan-out.ts';
-import { QemuCopyHold, heldParameters } from './qemu-prewarm.ts';
+import { QemuCopyHold, heldParameters, holdMode, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 import { exportDisks, startDiskMirror, stopDiskExport, type DiskExport, type DiskMirror } from './disk-mirror.ts';
 import { exportFromWire, exportToWire, faultExportRefused, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from './disk-migration.ts';
@@ -228,6 +228,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   readonly spare: SpareIncoming | undefined;
   private restored = false;
   private refillTimer: NodeJS.Timeout | undefined;
+  private saveTimer: NodeJS.Timeout | undefined;
   /** An incoming VM's NBD export of its image disks, until its commit or abort (disk-migration.ts). */
   private readonly diskExports = new Map<string, DiskExport>();
   /** Per QMP connection: the migration settings sent on it, and the last such call (they go one after the other). */
@@ -451,7 +452,18 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     return true;
   }
 
+  /**
+   * Writes the calibrations on the next turn, once for any number of changes in this one: the
+   * migration's end (calibrate, then recordEndToEnd right after) must not wait for a file write.
+   */
   private saveCalibrations(): void {
+    if (this.saveTimer !== undefined) return;
+    this.saveTimer = setTimeout(() => this.saveCalibrationsNow(), 0);
+  }
+
+  private saveCalibrationsNow(): void {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = undefined;
     const file: ModelFile = { version: 1, byChannels: Object.fromEntries([...this.calibrations].map(([k, v]) => [String(k), v])) };
     try {
       writeFileSync(join(this.o.root, MODEL_FILE), `${JSON.stringify(file, null, 2)}\n`);
@@ -649,6 +661,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.saveTimer !== undefined) this.saveCalibrationsNow();
     // The spare is no VM: it does not outlive the agent.
     clearTimeout(this.refillTimer);
     await this.spare?.close();
@@ -737,6 +750,13 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       // Into the relay: no TLS of QEMU's (an earlier migration's creds are cleared), the relay has its own per destination.
       const tlsParams = o.viaLocalRelay ? { 'tls-creds': '' } : this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
       mirrorTls = tlsParams['tls-creds'];
+      // A pre-warm's hold depends on how hard the guest writes (qemu-prewarm.ts): measured now, 1 s.
+      const holdShape: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth'> = {
+        mode: o.prewarm?.held() ? holdMode(await this.measureDirtyRate(name, 1).catch(() => undefined)) : 'limit',
+        memoryBytes: vm.spec.memory,
+        pollMs: this.pollMs,
+        ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
+      };
       // Most of this was set when the QEMU started (presetMigration): only what differs goes out.
       await this.applyMigrationSettings(qmp, {
         caps: { ...this.baseMigrationCaps(o.autoConverge ?? false), multifd: channels > 1 },
@@ -744,7 +764,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           ...tlsParams,
           ...this.baseMigrationParams(o.downtimeLimitMs, o.maxBandwidth),
           ...(channels > 1 ? { 'multifd-channels': channels } : {}),
-          ...(o.prewarm?.held() ? heldParameters() : {}),
+          ...(o.prewarm?.held() ? heldParameters(holdShape) : {}),
         },
       });
       if (o.endpoint.disks !== undefined && mirrored.length > 0) {
@@ -762,6 +782,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       }
       await qmp.execute('migrate', { uri: o.endpoint.uri });
       hold = o.prewarm && new QemuCopyHold((params) => this.applyMigrationSettings(qmp, { caps: {}, params }), o.prewarm, {
+        ...holdShape,
         downtimeLimitMs: o.downtimeLimitMs ?? 300,
         ...(this.o.cpuThrottle?.initial === undefined ? {} : { cpuThrottleInitial: this.o.cpuThrottle.initial }),
         onChange: wakeUp,
