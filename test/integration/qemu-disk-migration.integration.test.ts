@@ -55,8 +55,8 @@ function backingOf(overlay: string): string {
   return info['backing-filename'] ?? '';
 }
 
-describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without shared storage (three agents, TCG)', () => {
-  it('a mirror refused by the target fails before the switch with a coded reason, the VM runs on at a; then a -> b: the disk arrives byte-exact with the writes made during the move, the VM runs at b, no QEMU left', async () => {
+describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without shared storage (four agents, TCG)', () => {
+  it('a mirror refused by the target fails before the switch with a coded reason, the VM runs on at a; then a -> b -> d: the image built at each target first, the disk arrives byte-exact with the writes made during the first move, the VM runs at d and its disk is in d\'s index, no QEMU left', async () => {
     const root = qemus.root();
     const library = join(root, 'library');
     mkdirSync(library);
@@ -65,7 +65,7 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     // One block as the VM writes it (afterReady: 64 KiB of 0x5a at 0): who holds it is who has that VM's disk.
     writeFileSync(join(library, 'probe.img'), Buffer.alloc(64 * 1024, 0x5a));
     const imagesDir = (n: string): string => join(root, `images-${n}`);
-    cluster = await Cluster.start(['a', 'b', 'c'], {
+    cluster = await Cluster.start(['a', 'b', 'c', 'd'], {
       env: (n): Record<string, string> => (n === 'a' ? { EMBOT_TEST_HOOK_MIRROR_WRITES: hookEnv } : n === 'c' ? { EMBOT_FAULT_NBD_EXPORT_REFUSED: '1' } : {}),
       config: (n) => ({
         ...qemuAgentConfig(root, n),
@@ -77,11 +77,12 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     const a = cluster.agent('a');
     const b = cluster.agent('b');
     const c = cluster.agent('c');
+    const d = cluster.agent('d');
     await waitFor(async () => (await a.client.images()).images.find((i) => i.name === 'disk.img'), 15_000, 'disk.img indexed at a');
     await waitFor(async () => {
       const members = (await a.client.images()).group?.members ?? [];
-      return (members.includes('b') && members.includes('c')) || undefined;
-    }, 15_000, 'b and c known to the indexer');
+      return (members.includes('b') && members.includes('c') && members.includes('d')) || undefined;
+    }, 15_000, 'b, c and d known to the indexer');
 
     await a.client.createVm({ name: 'd1', memory: 64 * MiB, image: 'disk.img' });
     const stateA = join(root, 'a', 'd1');
@@ -135,30 +136,44 @@ describe.skipIf(!run)('a QEMU VM migrated to hosts without its image and without
     expect(readFileSync(join(imagesDir('b'), 'disk.img')).equals(base)).toBe(true);
     await waitFor(() => runningPid(stateA) === undefined, 20_000, 'source QEMU gone');
 
-    // Both QEMUs stopped, the disk b has is the image with every write a's guest disk got.
-    await b.client.vmAction('d1', 'stop');
-    await waitFor(() => runningPid(stateB) === undefined, 20_000, "b's QEMU stopped");
-    // The VM's disk is in b's index now (its overlay: the five clusters written, QEMU's metadata
-    // flushed at its exit), a's dropped it when the VM left; the indexer offers b for them.
-    const atBIndex = await waitFor(async () => (await b.client.images()).vmDisks?.find((d) => d.vm === 'd1' && d.blocks === 5), 15_000, "d1's disk indexed at b");
-    expect(atBIndex).toMatchObject({ disk: 0, format: 'qcow2', path: overlayB });
+    // Onward b -> d (issue 14 point 2): b learned d1's image with the VM, so d builds disk.img
+    // first and b mirrors its own overlay (the five clusters a's writes allocated) into d's.
+    const onward = await migrate(b, 'd1', 'd', { timeoutMs: 240_000 });
+    expect(onward.outcome, JSON.stringify(onward)).toBe('completed');
+    expect(onward.summary?.imageBuild).toMatchObject({ image: 'disk.img', host: 'd', alreadyThere: false });
+    expect(onward.summary?.precopy?.diskMirror).toMatchObject({ disks: 1, bytes: 5 * 64 * 1024 });
+    const stateD = join(root, 'd', 'd1');
+    const overlayD = join(stateD, 'disk0.qcow2');
+    expect(backingOf(overlayD)).toBe(join(imagesDir('d'), 'disk.img'));
+    await heartbeat(stateD, 2);
+    await waitFor(() => runningPid(stateB) === undefined, 20_000, "b's QEMU gone");
+
+    // Stopped at d: the disk d has is the image with every write a's guest disk got.
+    await d.client.vmAction('d1', 'stop');
+    await waitFor(() => runningPid(stateD) === undefined, 20_000, "d's QEMU stopped");
+    // The VM's disk is in d's index now (its overlay's five clusters, QEMU's metadata flushed at
+    // its exit); a and b dropped it when the VM left; the indexer offers d for them.
+    const atDIndex = await waitFor(async () => (await d.client.images()).vmDisks?.find((x) => x.vm === 'd1' && x.blocks === 5), 15_000, "d1's disk indexed at d");
+    expect(atDIndex).toMatchObject({ disk: 0, format: 'qcow2', path: overlayD });
     expect((await a.client.images()).vmDisks ?? []).toEqual([]);
+    await waitFor(async () => ((await b.client.images()).vmDisks ?? []).length === 0 || undefined, 15_000, "d1's disk dropped at b");
     const placed = await waitFor(async () => {
-      const r = await a.client.place({ image: 'probe.img', candidates: ['b', 'c'] });
-      return r.candidates[0]?.host === 'b' && r.candidates[0].cost === 0 ? r : undefined;
-    }, 15_000, 'b offered as a holder of the block its VM wrote');
+      const r = await a.client.place({ image: 'probe.img', candidates: ['c', 'd'] });
+      return r.candidates[0]?.host === 'd' && r.candidates[0].cost === 0 ? r : undefined;
+    }, 15_000, 'd offered as a holder of the block its VM wrote');
     expect(placed.candidates.find((x) => x.host === 'c')?.cost).toBeGreaterThan(0);
     await cluster.stop();
     cluster = undefined;
     expect(qemus.live()).toEqual([]);
     const expected = Buffer.from(base);
     for (const w of WRITES) expected.fill(w.pattern, w.offset, w.offset + w.length);
-    const atB = guestView(overlayB, join(root, 'b.raw'));
-    expect(atB.byteLength).toBe(IMAGE);
-    for (const w of WRITES) expect(atB.subarray(w.offset, w.offset + w.length).every((x) => x === w.pattern), `write ${w.point} at b`).toBe(true);
-    expect(Buffer.compare(atB, expected)).toBe(0);
-    // a's overlay, where the source kept it, reads the same.
-    if (existsSync(overlayA)) expect(Buffer.compare(guestView(overlayA, join(root, 'a.raw')), atB)).toBe(0);
+    const atD = guestView(overlayD, join(root, 'd.raw'));
+    expect(atD.byteLength).toBe(IMAGE);
+    for (const w of WRITES) expect(atD.subarray(w.offset, w.offset + w.length).every((x) => x === w.pattern), `write ${w.point} at d`).toBe(true);
+    expect(Buffer.compare(atD, expected)).toBe(0);
+    // a's and b's overlays, where the sources kept them, read the same.
+    if (existsSync(overlayA)) expect(Buffer.compare(guestView(overlayA, join(root, 'a.raw')), atD)).toBe(0);
+    if (existsSync(overlayB)) expect(Buffer.compare(guestView(overlayB, join(root, 'b.raw')), atD)).toBe(0);
   }, 600_000);
 });
 
