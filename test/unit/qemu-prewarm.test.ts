@@ -6,7 +6,12 @@
 import { describe, expect, it } from 'vitest';
 import type { MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { PrewarmGate } from '../../effectors/hypervisor/prewarm-gate.ts';
-import { HOLD_DOWNTIME_LIMIT_MS, QemuCopyHold, heldParameters } from '../../effectors/hypervisor/qemu/qemu-prewarm.ts';
+import { CRAWL_BANDWIDTH, HEAVY_DIRTY_RATE, HOLD_DOWNTIME_LIMIT_MS, QemuCopyHold, heldParameters, holdMode, reserveBytes } from '../../effectors/hypervisor/qemu/qemu-prewarm.ts';
+
+const MiB = 1 << 20;
+/** A 64 MiB VM, the driver's 100 ms poll: a `limit` hold unless a test says otherwise. */
+const LIMIT = { mode: 'limit' as const, memoryBytes: 64 * MiB, pollMs: 100 };
+const RESERVE = { ...LIMIT, mode: 'reserve' as const };
 
 const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 0));
 
@@ -20,16 +25,56 @@ function recorder(): { sent: Record<string, number>[]; set: (p: Readonly<Record<
 }
 
 describe('qemu pre-warm hold', () => {
-  it('starts with a 1 ms downtime limit and the throttle capped at 1 %', () => {
-    expect(heldParameters()).toEqual({ 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 });
+  it('starts with a 1 ms downtime limit and the throttle capped at 1 %; a reserve hold also caps the bulk copy at a quarter of the reserve per poll', () => {
+    expect(heldParameters(LIMIT)).toEqual({ 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 });
     expect(HOLD_DOWNTIME_LIMIT_MS).toBe(1);
+    expect(reserveBytes(64 * MiB)).toBe(8 * MiB);
+    expect(heldParameters(RESERVE)).toEqual({ 'downtime-limit': 1, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1, 'max-bandwidth': 20 * MiB });
+    // The migration's own cap wins when it is lower.
+    expect(heldParameters({ ...RESERVE, maxBandwidth: MiB })['max-bandwidth']).toBe(MiB);
+  });
+
+  it('the mode: the 1 ms limit only for a guest measured to write hard, else the reserve (it cannot be lost); the reserve is an eighth of the VM within 4..256 MiB', () => {
+    expect(holdMode(undefined)).toBe('reserve');
+    expect(holdMode(HEAVY_DIRTY_RATE - 1)).toBe('reserve');
+    expect(holdMode(HEAVY_DIRTY_RATE)).toBe('limit');
+    expect(reserveBytes(16 * MiB)).toBe(4 * MiB);
+    expect(reserveBytes(8192 * MiB)).toBe(256 * MiB);
+  });
+
+  it('a reserve hold crawls once only the reserve is left (one page per window), counts as past its first round, and gets its own cap back at the lift', async () => {
+    const gate = new PrewarmGate();
+    const m = recorder();
+    const hold = new QemuCopyHold(m.set, gate, { ...RESERVE, downtimeLimitMs: 300, maxBandwidth: 50 * MiB });
+    expect(hold.progress(progress({ rounds: 1, remainingBytes: 30 * MiB, rateBytesPerSec: 20 * MiB })).rounds).toBe(1);
+    await tick();
+    expect(m.sent).toEqual([]);
+    const crawl = hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 4096, rateBytesPerSec: 20 * MiB }));
+    expect(crawl.rounds).toBe(2);
+    hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 8192 }));
+    await tick();
+    expect(m.sent).toEqual([{ 'max-bandwidth': CRAWL_BANDWIDTH }]);
+    gate.lift();
+    await tick();
+    await tick();
+    expect(m.sent.at(-1)).toMatchObject({ 'downtime-limit': 300, 'max-bandwidth': 50 * MiB });
+    // After the lift QEMU's own rounds again.
+    expect(hold.progress(progress({ rounds: 1, remainingBytes: MiB })).rounds).toBe(1);
+  });
+
+  it('a limit hold never crawls', async () => {
+    const m = recorder();
+    const hold = new QemuCopyHold(m.set, new PrewarmGate(), { ...LIMIT, downtimeLimitMs: 300 });
+    hold.progress(progress({ rounds: 1, remainingBytes: 4096 }));
+    await tick();
+    expect(m.sent).toEqual([]);
   });
 
   it('the command gives the throttle back (limit still held); the lift sets the real downtime limit and wakes the driver', async () => {
     const gate = new PrewarmGate();
     const m = recorder();
     let changes = 0;
-    const hold = new QemuCopyHold(m.set, gate, { downtimeLimitMs: 499.6, cpuThrottleInitial: 30, onChange: () => changes++ });
+    const hold = new QemuCopyHold(m.set, gate, { ...LIMIT, downtimeLimitMs: 499.6, cpuThrottleInitial: 30, onChange: () => changes++ });
     await tick();
     expect(m.sent).toEqual([]);
     expect(hold.holding()).toBe(true);
@@ -42,7 +87,7 @@ describe('qemu pre-warm hold', () => {
     expect(hold.holding()).toBe(false);
     await tick();
     await tick();
-    expect(m.sent[1]).toEqual({ 'cpu-throttle-initial': 30, 'max-cpu-throttle': 99, 'downtime-limit': 500 });
+    expect(m.sent[1]).toEqual({ 'cpu-throttle-initial': 30, 'max-cpu-throttle': 99, 'downtime-limit': 500, 'max-bandwidth': 1024 ** 4 });
     expect(hold.liftedAt).toBeTypeOf('number');
     expect(changes).toBeGreaterThanOrEqual(2);
   });
@@ -50,17 +95,17 @@ describe('qemu pre-warm hold', () => {
   it("QEMU's throttle default when none is configured; a lift without a command still restores it", async () => {
     const gate = new PrewarmGate();
     const m = recorder();
-    new QemuCopyHold(m.set, gate, { downtimeLimitMs: 300 });
+    new QemuCopyHold(m.set, gate, { ...LIMIT, downtimeLimitMs: 300 });
     gate.lift();
     await tick();
     await tick();
-    expect(m.sent).toEqual([{ 'cpu-throttle-initial': 20, 'max-cpu-throttle': 99, 'downtime-limit': 300 }]);
+    expect(m.sent).toEqual([{ 'cpu-throttle-initial': 20, 'max-cpu-throttle': 99, 'downtime-limit': 300, 'max-bandwidth': 1024 ** 4 }]);
   });
 
   it('after close (the migration ended) the gate touches QEMU no more', async () => {
     const gate = new PrewarmGate();
     const m = recorder();
-    const hold = new QemuCopyHold(m.set, gate, { downtimeLimitMs: 300 });
+    const hold = new QemuCopyHold(m.set, gate, { ...LIMIT, downtimeLimitMs: 300 });
     hold.close();
     gate.lift();
     await tick();
@@ -71,7 +116,7 @@ describe('qemu pre-warm hold', () => {
   it('a failed parameter change is reported, not thrown', async () => {
     const gate = new PrewarmGate();
     const errors: unknown[] = [];
-    const hold = new QemuCopyHold(() => Promise.reject(new Error('monitor gone')), gate, { downtimeLimitMs: 300, onError: (e) => errors.push(e) });
+    const hold = new QemuCopyHold(() => Promise.reject(new Error('monitor gone')), gate, { ...LIMIT, downtimeLimitMs: 300, onError: (e) => errors.push(e) });
     gate.lift();
     await tick();
     await tick();
@@ -83,7 +128,7 @@ describe('qemu pre-warm hold', () => {
   });
 
   it("reports the highest rate of the migration while held (QEMU's own rate then is only what is dirtied), the rest as QEMU gives it", () => {
-    const hold = new QemuCopyHold(recorder().set, new PrewarmGate(), { downtimeLimitMs: 300 });
+    const hold = new QemuCopyHold(recorder().set, new PrewarmGate(), { ...LIMIT, downtimeLimitMs: 300 });
     expect(hold.progress(progress({ rateBytesPerSec: 400e6, rounds: 1 })).rateBytesPerSec).toBe(400e6);
     const held = hold.progress(progress({ rateBytesPerSec: 2e6, dirtyRateBytesPerSec: 2e6, remainingBytes: 8192, rounds: 9 }));
     expect(held).toMatchObject({ rateBytesPerSec: 400e6, dirtyRateBytesPerSec: 2e6, remainingBytes: 8192, rounds: 9 });

@@ -1,41 +1,75 @@
 /**
  * Pre-warm with the qemu driver (issue 13 point 4, README "Several destinations", *Pre-warm with
- * qemu*). QEMU has no "copy but do not switch" mode, so the hold is made of its own parameters,
- * applied live with `migrate-set-parameters` while the one stream runs:
+ * qemu: how it holds*). QEMU 7.2 has no "copy but do not switch" mode, so the hold is made of its
+ * own parameters, applied live with `migrate-set-parameters` while the one stream runs.
  *
- * - held: `downtime-limit` 1 ms. QEMU switches only when what is left fits the downtime limit at
- *   its measured rate; while held it sends only what the guest dirties, so 1 ms of that rate is
- *   less than the pages a writing guest dirties between two syncs and the copy keeps re-sending.
- *   Auto-converge (a capability, fixed for the whole migration) is kept at its configured setting
- *   but capped at 1 % (`cpu-throttle-initial` = `max-cpu-throttle` = 1): throttling a guest for
- *   minutes is no warm-up;
- * - at the command (the gate's `commanded`): the configured throttle comes back, so a guest that
- *   dirties faster than the stream can meet the exit condition; the downtime limit stays 1 ms;
- * - lifted: the real `downtime-limit`, and QEMU switches as soon as it fits (pause-before-switchover
- *   still gives the management hand-over its paused moment).
+ * QEMU switches when what is pending fits `downtime-limit` at its measured rate, and it re-reads
+ * the guest's dirty log only when it has (nearly) caught up; a re-read that finds (almost) nothing
+ * dirtied completes the migration whatever the limit. So two holds, chosen by the guest's dirty
+ * rate measured at the start ({@link holdMode}):
  *
- * What it cannot hold: a guest that dirtied no page since the last sync has nothing left, and
- * QEMU completes whatever the limit (pending 0). The copy then reaches `pre-switchover` (the VM
- * paused) before the command; the driver cancels it (the VM runs on, nothing lost) and the copy
- * fails with MIGRATION_FAILED `details.reason: holdLost` rather than keep the VM paused until the
- * command.
+ * - `limit` (a guest that writes hard, ≥ {@link HEAVY_DIRTY_RATE}): `downtime-limit` 1 ms. QEMU
+ *   keeps re-sending what the guest dirties, and 1 ms of its rate is less than such a guest dirties
+ *   between two re-reads. Auto-converge (a capability, fixed for the whole migration) keeps its
+ *   setting but is capped at 1 % (`cpu-throttle-initial` = `max-cpu-throttle` = 1) until the
+ *   command;
+ * - `reserve` (any other guest): the copy runs until only a reserve of the VM is left unsent, then
+ *   crawls (`max-bandwidth` {@link CRAWL_BANDWIDTH}: one page per 100 ms window), so QEMU never
+ *   catches up, never re-reads the dirty log and never switches. Pages the guest dirties meanwhile
+ *   go after the command, with the reserve; for a guest that writes little that is little.
+ *
+ * At the command the throttle comes back; at the lift the real `downtime-limit` and `max-bandwidth`
+ * do, and QEMU switches as soon as it fits (pause-before-switchover still gives the management
+ * hand-over its paused moment). If QEMU reaches `pre-switchover` while held anyway (a `limit` guest
+ * that went quiet), the driver cancels (the VM runs on) with MIGRATION_FAILED `holdLost` rather
+ * than keep the VM paused until the command.
  */
 import type { MigrationProgress } from '../hypervisor-contract.ts';
 import type { PrewarmHold } from '../prewarm-gate.ts';
 
+const MiB = 1024 * 1024;
+
 /** The downtime limit that holds a pre-warm's copy, ms. */
 export const HOLD_DOWNTIME_LIMIT_MS = 1;
+
+/** Dirty rate (bytes/s) from which the `limit` hold holds: measured on TCG here, 111 MiB/s held, ~40 did not. */
+export const HEAVY_DIRTY_RATE = 128 * MiB;
+
+/** `max-bandwidth` of a crawling copy: QEMU's window budget is a tenth of it, 1 byte, so one page goes per 100 ms window (0 would mean no limit). */
+export const CRAWL_BANDWIDTH = 10;
+
+/** QEMU's `max-bandwidth` has no "unlimited"; the driver's stand-in for it. */
+const UNLIMITED_BANDWIDTH = 1024 ** 4;
 
 /** QEMU's throttle defaults (cpu-throttle-initial, max-cpu-throttle), restored at the command. */
 const QEMU_THROTTLE_INITIAL = 20;
 const QEMU_MAX_CPU_THROTTLE = 99;
 
+export type HoldMode = 'limit' | 'reserve';
+
+/** The hold for a guest dirtying `dirtyRate` bytes/s (undefined: not measured → `reserve`, the one that cannot be lost). */
+export function holdMode(dirtyRate: number | undefined): HoldMode {
+  return dirtyRate !== undefined && dirtyRate >= HEAVY_DIRTY_RATE ? 'limit' : 'reserve';
+}
+
+/** What a `reserve` hold leaves unsent: an eighth of the VM, 4..256 MiB (sent after the command at the stream's rate). */
+export function reserveBytes(memory: number): number {
+  return Math.min(256 * MiB, Math.max(4 * MiB, Math.round(memory / 8)));
+}
+
 /** What the hold needs of the source QEMU's monitor: `migrate-set-parameters` with these. */
 export type SetParameters = (params: Readonly<Record<string, number>>) => Promise<unknown>;
 
 export interface QemuCopyHoldOptions {
+  readonly mode: HoldMode;
+  /** The VM's RAM, bytes (the reserve's size). */
+  readonly memoryBytes: number;
+  /** The driver's query-migrate period, ms: the bulk copy of a `reserve` hold may send a quarter of the reserve per period. */
+  readonly pollMs: number;
   /** The migration's own downtime limit, applied at the lift. */
   readonly downtimeLimitMs: number;
+  /** The migration's own bandwidth cap, bytes/s (none: unlimited), applied at the lift. */
+  readonly maxBandwidth?: number;
   /** The configured first throttle step, percent (QEMU's default 20), applied at the command. */
   readonly cpuThrottleInitial?: number;
   /** Called after each parameter change (the driver's poll wakes at once). */
@@ -45,8 +79,12 @@ export interface QemuCopyHoldOptions {
 }
 
 /** The parameters a held copy starts with (they override the migration's own). */
-export function heldParameters(): Readonly<Record<string, number>> {
-  return { 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 };
+export function heldParameters(o: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth'>): Readonly<Record<string, number>> {
+  const held = { 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 };
+  if (o.mode === 'limit') return held;
+  // At most a quarter of the reserve per poll: a poll late by up to three periods still finds some left.
+  const bulk = Math.round(reserveBytes(o.memoryBytes) / 4 / (Math.max(10, o.pollMs) / 1000));
+  return { ...held, 'max-bandwidth': Math.min(bulk, o.maxBandwidth ?? UNLIMITED_BANDWIDTH) };
 }
 
 /**
@@ -54,17 +92,19 @@ export function heldParameters(): Readonly<Record<string, number>> {
  *
  * @example
  * ```ts
- * await qmp.execute('migrate-set-parameters', { ...own, ...(o.prewarm?.held() ? heldParameters() : {}) });
+ * const o = { mode: holdMode(rate), memoryBytes, pollMs: 100, downtimeLimitMs: 300 };
+ * await qmp.execute('migrate-set-parameters', { ...own, ...(prewarm.held() ? heldParameters(o) : {}) });
  * await qmp.execute('migrate', { uri });
- * const hold = o.prewarm && new QemuCopyHold((p) => qmp.execute('migrate-set-parameters', p), o.prewarm, { downtimeLimitMs: 300 });
- * o.onProgress?.(hold ? hold.progress(p) : p);
- * if (info.status === 'pre-switchover' && hold?.holding()) { … the hold was lost … }
- * hold?.close();
+ * const hold = new QemuCopyHold((p) => qmp.execute('migrate-set-parameters', p), prewarm, o);
+ * onProgress(hold.progress(p)); // each poll: the reserve's crawl starts here
+ * if (info.status === 'pre-switchover' && hold.holding()) { … the hold was lost … }
+ * hold.close();
  * ```
  */
 export class QemuCopyHold {
   private peakRate = 0;
   private closed = false;
+  private crawling = false;
   /** Epoch ms of the lift once its parameters are applied; undefined while held. */
   liftedAt: number | undefined;
   /** A parameter change QEMU refused (or the monitor went away): the driver ends the migration with it. */
@@ -79,7 +119,8 @@ export class QemuCopyHold {
     // The lift settles `commanded` too (just before): then the lift's own change carries the throttle.
     void hold.commanded?.then(() => (hold.held() ? this.apply(throttleBack) : undefined));
     void hold.lifted.then(async () => {
-      if (await this.apply({ ...throttleBack, 'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs)) })) this.liftedAt ??= Date.now();
+      const own = { 'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs)), 'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH) };
+      if (await this.apply({ ...throttleBack, ...own })) this.liftedAt ??= Date.now();
       o.onChange?.();
     });
   }
@@ -90,13 +131,18 @@ export class QemuCopyHold {
   }
 
   /**
-   * A progress report as the pre-warm judges it. While held QEMU sends only what the guest
-   * dirties, so its measured rate is the dirty rate, not what the stream can carry: the rate
-   * reported is the highest measured in this migration (the full copy's).
+   * A progress report as the pre-warm judges it; a `reserve` hold starts its crawl here once only
+   * the reserve is left. While held the rate reported is the highest of this migration (the full
+   * copy's): QEMU's own rate then is what it still sends, not what the stream can carry. A crawling
+   * copy has sent all but the reserve and re-reads nothing: it counts as past its first round.
    */
   progress(p: MigrationProgress): MigrationProgress {
     this.peakRate = Math.max(this.peakRate, p.rateBytesPerSec);
-    return { ...p, rateBytesPerSec: this.peakRate };
+    if (this.o.mode === 'reserve' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0 && p.remainingBytes <= reserveBytes(this.o.memoryBytes)) {
+      this.crawling = true;
+      void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+    }
+    return { ...p, rateBytesPerSec: this.peakRate, ...(this.crawling && this.hold.held() ? { rounds: Math.max(2, p.rounds) } : {}) };
   }
 
   /** The migration ended: later gate changes touch nothing. */
