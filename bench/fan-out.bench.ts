@@ -254,80 +254,99 @@ function phaseMedians(samples: readonly (readonly { readonly phase: string; read
   return [...by].map(([phase, ms]) => `${phase} ${Math.round(median(ms))}`).join(', ');
 }
 
+type Phases = { readonly phase: string; readonly ms: number }[];
+
+/** What the speed part keeps of each migration, by case. */
+interface Stats {
+  readonly times: Record<Case, number[]>;
+  readonly boots: Record<Case, number[]>;
+  readonly agentTimes: Record<Case, number[]>;
+  /** CPU ms of agents a, b, c, d during each migration (command to answer). */
+  readonly cpu: Record<Case, number[][]>;
+  readonly winnerPhases: Record<Case, Phases[]>;
+  readonly loserPhases: Record<Case, Phases[]>;
+  /** The client's time less the winner child's own phases: the coordinator, the control API, the answer. */
+  readonly outside: Record<Case, number[]>;
+}
+
+function newStats(): Stats {
+  const by = <T>(): Record<Case, T[]> => ({ single: [], 1: [], 2: [], 3: [] });
+  return { times: by(), boots: by(), agentTimes: by(), cpu: by(), winnerPhases: by(), loserPhases: by(), outside: by() };
+}
+
+function record(st: Stats, n: Case, s: MigrationSummary & { readonly clientMs: number; readonly cpu: readonly number[] }, sets: Record<1 | 2 | 3, readonly string[]>): void {
+  if (s.outcome !== 'completed') throw new Error(`${n === 'single' ? 'single-destination migration' : `fan-out to ${sets[n].join(',')}`} ${s.migrationId}: ${s.outcome} ${s.reason ?? ''}`);
+  const sumPhases = (ph: readonly { readonly ms: number }[]): number => ph.reduce((x, p) => x + p.ms, 0);
+  st.times[n].push(s.clientMs);
+  st.agentTimes[n].push(s.totalMs);
+  st.cpu[n].push([...s.cpu]);
+  if (process.env['FANOUT_BENCH_DEBUG']) console.error(n, Math.round(s.clientMs), s.cpu.map(Math.round).join('/'), JSON.stringify({ total: s.totalMs, phases: s.phases, vmSteps: s.vmSteps, rounds: s.rounds, dests: s.destinations?.map((d) => [d.name, d.outcome, d.bootReadyMs, d.phases]) }));
+  if (n === 'single') {
+    st.winnerPhases.single.push([...s.phases]);
+    st.outside.single.push(s.clientMs - sumPhases(s.phases));
+    return;
+  }
+  const won = s.destinations?.find((d) => d.outcome === 'won');
+  if (won?.bootReadyMs != null) st.boots[n].push(won.bootReadyMs);
+  if (won) {
+    st.winnerPhases[n].push([...won.phases]);
+    st.outside[n].push(s.clientMs - sumPhases(won.phases));
+  }
+  for (const d of s.destinations ?? []) if (d.outcome !== 'won') st.loserPhases[n].push([...d.phases]);
+}
+
+/** The notes of one variant: wall, CPU per agent and the floor it sets, phases. */
+function describe(st: Stats, cores: number): string[] {
+  const out: string[] = [];
+  for (const n of CASES) {
+    if (st.times[n].length === 0) continue;
+    const what = n === 'single' ? 'single' : `${n} destination(s)`;
+    const perAgent = NAMES.map((name, i) => `${name} ${Math.round(median(st.cpu[n].map((x) => x[i]!)))}`).join(', ');
+    const total = median(st.cpu[n].map((x) => x.reduce((p, q) => p + q, 0)));
+    out.push(
+      `${what}: wall ${Math.round(median(st.times[n]))} ms at the client (runs ${st.times[n].map(Math.round).join(', ')}); CPU ms per agent (median) ${perAgent}; all agents ${Math.round(total)} ms, so ≥ ${Math.round(total / cores)} ms of wall on ${cores} cores even with no wait at all` +
+        (n === 'single' ? '' : `; BootReady at the source after ${Math.round(median(st.boots[n]))} ms; the summary's totalMs ${Math.round(median(st.agentTimes[n]))} ms`),
+    );
+    out.push(`${what}: ${n === 'single' ? 'phases' : "the winner child's phases"} (median ms) ${phaseMedians(st.winnerPhases[n])}; outside them (control API, coordinator, answer) ${Math.round(median(st.outside[n]))} ms`);
+    if (st.loserPhases[n].length > 0) out.push(`${what}: the losers' phases until terminated (median ms) ${phaseMedians(st.loserPhases[n])}`);
+  }
+  return out;
+}
+
 export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
   const rows: BenchRow[] = [];
   const notes: string[] = [];
   const parts = new Set<Part>(opts.only ?? PARTS);
   let c = await cluster();
   try {
-    let a = c.a;
+    const a = c.a;
     const reps = opts.reps ?? (opts.quick ? 3 : 9);
     const sets: Record<1 | 2 | 3, readonly string[]> = { 1: ['b'], 2: ['b', 'c'], 3: ['b', 'c', 'd'] };
     if (parts.has('speed')) {
-    const times: Record<Case, number[]> = { single: [], 1: [], 2: [], 3: [] };
-    const boots: Record<1 | 2 | 3, number[]> = { 1: [], 2: [], 3: [] };
-    const agentTimes: Record<Case, number[]> = { single: [], 1: [], 2: [], 3: [] };
-    /** CPU ms of agents a, b, c, d during each migration (command to answer). */
-    const cpu: Record<Case, number[][]> = { single: [], 1: [], 2: [], 3: [] };
-    const winnerPhases: Record<Case, { phase: string; ms: number }[][]> = { single: [], 1: [], 2: [], 3: [] };
-    const loserPhases: Record<Case, { phase: string; ms: number }[][]> = { single: [], 1: [], 2: [], 3: [] };
-    /** The client's time less the winner child's own phases: the coordinator, the control API, the answer. */
-    const outside: Record<Case, number[]> = { single: [], 1: [], 2: [], 3: [] };
-    const loads: number[] = [loadavg()[0]!];
-    const sumPhases = (ph: readonly { readonly ms: number }[]): number => ph.reduce((x, p) => x + p.ms, 0);
-    await migrateOnce(c, 'b'); // warm-up: links, module caches, JIT
-    await migrateOnce(c, sets[3], { retries: 0 });
-    for (let r = 0; r < reps; r++) {
-      // Alternated, so the machine's drift falls on every case alike.
-      for (const n of CASES) {
-        // retries: 0 takes the fan-out path also for one destination (a bare list of one is the single path).
-        const s = n === 'single' ? await migrateOnce(c, 'b') : await migrateOnce(c, sets[n], { retries: 0 });
-        if (s.outcome !== 'completed') throw new Error(`${n === 'single' ? 'single-destination migration' : `fan-out to ${sets[n].join(',')}`} ${s.migrationId}: ${s.outcome} ${s.reason ?? ''}`);
-        times[n].push(s.clientMs);
-        agentTimes[n].push(s.totalMs);
-        cpu[n].push([...s.cpu]);
-        if (process.env['FANOUT_BENCH_DEBUG']) console.error(n, Math.round(s.clientMs), s.cpu.map(Math.round).join('/'), JSON.stringify({ total: s.totalMs, phases: s.phases, vmSteps: s.vmSteps, rounds: s.rounds, dests: s.destinations?.map((d) => [d.name, d.outcome, d.bootReadyMs, d.phases]) }));
-        if (n === 'single') {
-          winnerPhases.single.push([...s.phases]);
-          outside.single.push(s.clientMs - sumPhases(s.phases));
-          continue;
-        }
-        const won = s.destinations?.find((d) => d.outcome === 'won');
-        if (won?.bootReadyMs != null) boots[n].push(won.bootReadyMs);
-        if (won) {
-          winnerPhases[n].push([...won.phases]);
-          outside[n].push(s.clientMs - sumPhases(won.phases));
-        }
-        for (const d of s.destinations ?? []) if (d.outcome !== 'won') loserPhases[n].push([...d.phases]);
+      const stats = newStats();
+      const loads: number[] = [loadavg()[0]!];
+      await migrateOnce(c, 'b'); // warm-up: links, module caches, JIT
+      await migrateOnce(c, sets[3], { retries: 0 });
+      for (let r = 0; r < reps; r++) {
+        // Alternated, so the machine's drift falls on every case alike.
+        for (const n of CASES) record(stats, n, n === 'single' ? await migrateOnce(c, 'b') : await migrateOnce(c, sets[n], { retries: 0 }), sets);
+        loads.push(loadavg()[0]!);
       }
-      loads.push(loadavg()[0]!);
-    }
-    const single = median(times.single);
-    for (const n of [1, 2, 3] as const) {
-      const t = median(times[n]);
-      rows.push({
-        name: `${n} destination${n === 1 ? '' : 's'}: command to VM owned by the winner, at the client (sim, ${VM_MEMORY / MiB} MiB, median of ${reps})`,
-        value: t,
-        unit: 'ms',
-        limitName: 'single-destination migration',
-        limit: single,
-        ratio: single / t,
-        ...(n === 2 ? { target: `<= ${SPEED_TARGET}x single (ratio >= ${(1 / SPEED_TARGET).toFixed(3)})`, met: t <= SPEED_TARGET * single } : {}),
-      });
-    }
-    const cores = Math.min(NAMES.length, availableCores());
-    for (const n of CASES) {
-      const label = n === 'single' ? 'single' : `${n} destination(s)`;
-      const perAgent = NAMES.map((name, i) => `${name} ${Math.round(median(cpu[n].map((x) => x[i]!)))}`).join(', ');
-      const total = median(cpu[n].map((x) => x.reduce((p, q) => p + q, 0)));
-      notes.push(
-        `${label}: wall ${Math.round(median(times[n]))} ms at the client (runs ${times[n].map(Math.round).join(', ')}); CPU ms per agent (median) ${perAgent}; all agents ${Math.round(total)} ms, so ≥ ${Math.round(total / cores)} ms of wall on ${cores} cores even with no wait at all` +
-          (n === 'single' ? '' : `; BootReady at the source after ${Math.round(median(boots[n]))} ms; the summary's totalMs ${Math.round(median(agentTimes[n]))} ms`),
-      );
-      notes.push(`${label}: ${n === 'single' ? 'phases' : "the winner child's phases"} (median ms) ${phaseMedians(winnerPhases[n])}; outside them (control API, coordinator, answer) ${Math.round(median(outside[n]))} ms`);
-      if (loserPhases[n].length > 0) notes.push(`${label}: the losers' phases until terminated (median ms) ${phaseMedians(loserPhases[n])}`);
-    }
-    notes.push(`load average (1 min) during the timed runs: ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`);
+      const single = median(stats.times.single);
+      for (const n of [1, 2, 3] as const) {
+        const t = median(stats.times[n]);
+        rows.push({
+          name: `${n} destination${n === 1 ? '' : 's'}: command to VM owned by the winner, at the client (sim, ${VM_MEMORY / MiB} MiB, median of ${reps})`,
+          value: t,
+          unit: 'ms',
+          limitName: 'single-destination migration',
+          limit: single,
+          ratio: single / t,
+          ...(n === 2 ? { target: `<= ${SPEED_TARGET}x single (ratio >= ${(1 / SPEED_TARGET).toFixed(3)})`, met: t <= SPEED_TARGET * single } : {}),
+        });
+      }
+      notes.push(...describe(stats, Math.min(NAMES.length, Math.max(1, os.availableParallelism()))));
+      notes.push(`load average (1 min) during the timed runs: ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`);
     }
 
     // Pre-warmed switch beside a cold migration of the same VM (size, dirty rate), alternated.
@@ -378,9 +397,8 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
     // Success rate under injected boot failures: every destination refuses BootIncoming with P_FAIL (its own seed).
     const runs = opts.quick ? 20 : 100;
     if (parts.has('success')) {
-    await c.stop();
-    c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) });
-    a = c.a;
+      await c.stop();
+      c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) });
       for (const n of [1, 2, 3] as const) {
         let ok = 0;
         const why = new Map<string, number>();
@@ -418,10 +436,6 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
     await c.stop();
   }
   return { title: 'Several destinations, first to boot wins (issue 13, sim)', rows, notes };
-}
-
-function availableCores(): number {
-  return Math.max(1, os.availableParallelism());
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
