@@ -20,9 +20,21 @@ import { open, stat } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { EmbotError, ErrorCodes } from '../core/errors.ts';
 import { hashBlock, type BlockHash } from './block-hash.ts';
+import { hashPool } from './hash-pool.ts';
 import { scanImage } from './image-scan.ts';
 
 const run = promisify(execFile);
+/** Bytes read at once from an overlay: a run of adjacent blocks. */
+const READ_RUN = 4 * 1024 * 1024;
+/** Fewer written bytes than this are hashed here: a worker's round trip would cost more than it saves. */
+const INLINE_BELOW = 1024 * 1024;
+
+const zeroHashes = new Map<number, BlockHash>();
+function zeroHash(len: number): BlockHash {
+  let h = zeroHashes.get(len);
+  if (h === undefined) zeroHashes.set(len, (h = hashBlock(Buffer.alloc(len))));
+  return h;
+}
 
 /** One disk of a VM on this host, as its driver has it. */
 export interface VmDisk {
@@ -160,24 +172,63 @@ export async function scanVmDisk(d: VmDisk, blockSize: number): Promise<ScannedV
   const size = extents.reduce((n, e) => Math.max(n, e.start + e.length), 0);
   const { placed, skipped } = overlayBlocks(extents, size, blockSize);
   const blocks: VmDiskBlock[] = [];
+  // Blocks next to each other in the guest and in the file are read together (up to READ_RUN
+  // bytes): QEMU allocates a sequential write's clusters one after another.
+  const runs: { idx: number; fileOffset: number; n: number }[] = [];
+  for (const [idx, fileOffset] of [...placed].sort(([a], [b]) => a - b)) {
+    const len = Math.min(blockSize, size - idx * blockSize);
+    if (fileOffset < 0) {
+      blocks.push({ idx, hash: zeroHash(len), fileOffset });
+      continue;
+    }
+    const last = runs[runs.length - 1];
+    if (last && last.idx + last.n === idx && last.fileOffset + last.n * blockSize === fileOffset && (last.n + 1) * blockSize <= Math.max(READ_RUN, blockSize)) last.n++;
+    else runs.push({ idx, fileOffset, n: 1 });
+  }
   const fh = await open(d.path, 'r');
+  const readRun = async (buf: Buffer, r: { idx: number; fileOffset: number; n: number }): Promise<number> => {
+    const len = Math.min(r.n * blockSize, size - r.idx * blockSize);
+    let got = 0;
+    while (got < len) {
+      const { bytesRead } = await fh.read(buf, got, len - got, r.fileOffset + got);
+      if (bytesRead === 0) throw new EmbotError(ErrorCodes.IMAGE_TRUNCATED, `${what}: block ${r.idx + Math.floor(got / blockSize)} lies past the file's end (${r.fileOffset + got})`);
+      got += bytesRead;
+    }
+    return len;
+  };
+  const runBytes = Math.max(READ_RUN, blockSize);
+  const total = runs.reduce((n, r) => n + r.n * blockSize, 0);
+  // Runs in flight, in order: hashed on worker threads while the next ones are read (as image-scan.ts).
+  const inFlight: { readonly r: (typeof runs)[number]; readonly job: Promise<{ readonly buf: ArrayBuffer; readonly hashes: BlockHash[] }> }[] = [];
   try {
-    const buf = Buffer.allocUnsafe(blockSize);
-    for (const [idx, fileOffset] of placed) {
-      const len = Math.min(blockSize, size - idx * blockSize);
-      if (fileOffset < 0) {
-        blocks.push({ idx, hash: hashBlock(Buffer.alloc(len)), fileOffset });
-        continue;
+    if (total < INLINE_BELOW) {
+      const buf = Buffer.allocUnsafe(runBytes);
+      for (const r of runs) {
+        const len = await readRun(buf, r);
+        for (let k = 0; k * blockSize < len; k++) blocks.push({ idx: r.idx + k, hash: hashBlock(buf.subarray(k * blockSize, Math.min((k + 1) * blockSize, len))), fileOffset: r.fileOffset + k * blockSize });
       }
-      let got = 0;
-      while (got < len) {
-        const { bytesRead } = await fh.read(buf, got, len - got, fileOffset + got);
-        if (bytesRead === 0) throw new EmbotError(ErrorCodes.IMAGE_TRUNCATED, `${what}: block ${idx} lies past the file's end (${fileOffset + got})`);
-        got += bytesRead;
+    } else {
+      const pool = hashPool();
+      const free: ArrayBuffer[] = Array.from({ length: pool.size + 2 }, () => new ArrayBuffer(runBytes));
+      let next = 0;
+      while (next < runs.length || inFlight.length > 0) {
+        while (next < runs.length && free.length > 0) {
+          const ab = free.pop()!;
+          const r = runs[next++]!;
+          const len = await readRun(Buffer.from(ab), r);
+          const job = pool.hash(ab, len, blockSize);
+          // Rejections are reported where each is awaited, in order.
+          job.catch(() => {});
+          inFlight.push({ r, job });
+        }
+        const { r, job } = inFlight.shift()!;
+        const done = await job;
+        done.hashes.forEach((hash, k) => blocks.push({ idx: r.idx + k, hash, fileOffset: r.fileOffset + k * blockSize }));
+        free.push(done.buf);
       }
-      blocks.push({ idx, hash: hashBlock(buf.subarray(0, len)), fileOffset });
     }
   } finally {
+    await Promise.allSettled(inFlight.map((x) => x.job));
     await fh.close();
   }
   return { size, mtimeMs: st.mtimeMs, fileSize: st.size, blocks, skipped };

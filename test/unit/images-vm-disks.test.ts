@@ -155,6 +155,25 @@ describe('a VM disk in the local index', () => {
     expect(again.holds(hashBlock(baseBytes.subarray(0, BS)))).toBe(true);
   });
 
+  it('adjacent blocks written in one go (read together) each hash to the guest\'s view of that block', async () => {
+    const dir = tmpDir();
+    const { disk } = overlay(dir);
+    const src = writeImage(path.join(dir, 'src.bin'), randomImage(5, BS));
+    qemuIo(disk, `write -s ${src} ${4 * BS} ${5 * BS}`, 'write -P 0x44 0 65536');
+    const idx = new LocalImageIndex(openStore(path.join(dir, 'a.sqlite')).db);
+    const delta = await idx.indexVmDisk({ vm: 'v4', disk: 0, path: disk, format: 'qcow2' }, BS);
+    const expected = [0, 4, 5, 6, 7, 8].map((i) => hashBlock(guestBlock(disk, i)));
+    expect(new Set(delta.added)).toEqual(new Set(expected));
+    for (const h of expected) expect(hashBlock(await idx.readBlock(idx.locate(h)!))).toBe(h);
+    // The whole disk written (1 MiB: hashed on the worker threads, in order).
+    const all = writeImage(path.join(dir, 'all.bin'), randomImage(16, BS));
+    qemuIo(disk, `write -s ${all} 0 ${16 * BS}`);
+    await idx.indexVmDisk({ vm: 'v4', disk: 0, path: disk, format: 'qcow2' }, BS);
+    const view = Array.from({ length: 16 }, (_, i) => hashBlock(guestBlock(disk, i)));
+    for (const [i, h] of view.entries()) expect(hashBlock(await idx.readBlock(idx.locate(h)!)), `block ${i}`).toBe(h);
+    expect(idx.vmDisks()[0]!.blocks).toBe(16);
+  });
+
   it('a raw VM disk is indexed whole; a disk whose file is gone fails alone (coded) and the others are indexed', async () => {
     const dir = tmpDir();
     const bytes = randomImage(3, BS);
