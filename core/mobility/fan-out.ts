@@ -205,6 +205,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
       awaitDecision: () => verdicts.get(dest)!.promise,
     });
     children.set(dest, handle);
+    // A child that ends before its copy (denied, refused) is not waited for by a one-stream driver.
+    void handle.done.finally(() => s.withdraw?.(dest)).catch(() => undefined);
     if (pw) void handle.done.finally(() => pw.end(dest));
   }
   });

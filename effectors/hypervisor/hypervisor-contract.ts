@@ -288,6 +288,12 @@ export interface FanOutSession {
    * decision restarts it.
    */
   migrateOut(destination: string, options: MigrateOutOptions): Promise<MigrateOutResult>;
+  /**
+   * Optional: `destination`'s child ended (whether or not it called migrateOut). A driver with one
+   * stream for the whole set (qemu) waits for every destination before it starts it; one that was
+   * denied, refused or failed before its copy will never call, so the stream need not wait for it.
+   */
+  withdraw?(destination: string): void;
   /** Every copy ended: throttling is undone. */
   close(): void;
 }

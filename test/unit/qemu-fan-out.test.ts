@@ -3,11 +3,16 @@
  * QEMU migration starts. The migrator here is a recorder that must never be called (the real
  * driver path is in qemu-fan-out-driver.integration).
  */
+import { createServer } from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import type { MigrateOutOptions, MigrateOutResult } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { QemuFanOutSession, type RelayMigrator } from '../../effectors/hypervisor/qemu/qemu-fan-out.ts';
+import { waitFor } from '../harness/agent-process.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { expectThrownCode } from '../harness/expect-code.ts';
+
+const cleanups = cleanupsAfterEach();
 
 function recorder(): RelayMigrator & { readonly calls: string[] } {
   const calls: string[] = [];
@@ -59,5 +64,29 @@ describe('qemu fanOut session: bad calls', () => {
     await expect(b).rejects.toMatchObject({ code: ErrorCodes.MIGRATION_ABORTED });
     s.close();
     expect(m.calls).toEqual([]);
+  });
+
+  it('starts the stream once every other destination has withdrawn (its child ended before its copy), not after the join window; a withdrawn one cannot join later', async () => {
+    // A real listener stands for b's incoming QEMU: the relay connects to it before asking QEMU to migrate.
+    const server = createServer((c) => c.on('error', () => undefined).resume());
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
+    const port = (server.address() as { port: number }).port;
+    const m = recorder();
+    const s = new QemuFanOutSession(m, 'vm', ['b', 'c', 'd'], { joinWindowMs: 600_000 });
+    cleanups.push(() => s.close());
+    const b = s.migrateOut('b', opts(`tcp:127.0.0.1:${port}`));
+    b.catch(() => undefined);
+    s.withdraw('c');
+    s.withdraw('nobody');
+    await new Promise((r) => setTimeout(r, 50));
+    // d has neither called nor withdrawn: still waiting.
+    expect(m.calls).toEqual([]);
+    s.withdraw('d');
+    await waitFor(() => (m.calls.length > 0 ? true : undefined), 10_000, 'QEMU asked to migrate into the relay');
+    expect(m.calls).toEqual(['vm']);
+    // The recorder's migrate fails, and with it b's copy (its relay stream dropped as the relay closes, or the error itself).
+    await expect(b).rejects.toThrow(/not to be called|dropped/);
+    await expect(s.migrateOut('c', opts(`tcp:127.0.0.1:${port}`))).rejects.toMatchObject({ code: ErrorCodes.MIGRATION_ABORTED });
   });
 });

@@ -3,7 +3,10 @@
  * stream, so one `migrate` runs for the whole set, into a {@link StreamRelay} that copies it to
  * every destination's incoming QEMU. Each destination's child migration calls `migrateOut` with
  * its own endpoint once its target is prepared; the stream starts when every destination has
- * called (or `joinWindowMs` after the first: a destination whose target refused never calls).
+ * called or withdrawn (its child ended before its copy: denied, refused, failed), or `joinWindowMs`
+ * after the first call, whichever is first. The window is a backstop for a destination that hangs
+ * before its copy: a fixed 3 s one shut out a destination whose incoming QEMU took longer than that to
+ * start on a loaded machine, and with it the only one that could boot.
  *
  * At QEMU's pause-before-switchover every destination's own hand-over runs (its final dirty-object
  * round); one that fails is dropped from the relay, the others go on. A destination dropped by the
@@ -28,11 +31,14 @@ export interface QemuFanOutOptions {
   readonly bufferLimitBytes?: number;
   /** Where the relay's socket dir goes (the VM's state dir). */
   readonly relayParentDir?: string;
-  /** How long after the first destination the stream waits for the others. Default 3 s. */
+  /** How long after the first destination the stream waits for the others that have not withdrawn. Default {@link DEFAULT_JOIN_WINDOW_MS}. */
   readonly joinWindowMs?: number;
   /** The relay's read slab (StreamRelayOptions.slabBytes; 0: Node's 64 KiB reads, the bench's A/B). */
   readonly slabBytes?: number;
 }
+
+/** Default join window: longer than an incoming QEMU takes to start under TCG on a loaded machine (seen: 4 s). */
+export const DEFAULT_JOIN_WINDOW_MS = 15_000;
 
 interface Entry {
   readonly dest: string;
@@ -44,6 +50,8 @@ interface Entry {
 
 export class QemuFanOutSession implements FanOutSession {
   private readonly entries = new Map<string, Entry>();
+  /** Destinations whose child ended without joining: not waited for. */
+  private readonly withdrawn = new Set<string>();
   private started = false;
   private closed = false;
   private relay: StreamRelay | undefined;
@@ -65,6 +73,7 @@ export class QemuFanOutSession implements FanOutSession {
     }
     if (this.closed) return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `the fan-out of VM ${this.vm} is closed`));
     if (this.entries.has(destination)) return Promise.reject(new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${this.vm} is already copying to ${destination}`));
+    if (this.withdrawn.has(destination)) return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `${destination} withdrew from the fan-out of VM ${this.vm}`));
     if (this.started) {
       return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `VM ${this.vm}'s stream to its other destinations had already started when ${destination} was ready`));
     }
@@ -76,9 +85,20 @@ export class QemuFanOutSession implements FanOutSession {
       const entry: Entry = { dest: destination, options, resolve, reject, settled: false };
       this.entries.set(destination, entry);
       options.signal?.addEventListener('abort', () => this.fail(entry, new EffectorError(ErrorCodes.MIGRATION_ABORTED, `migration of VM ${this.vm} to ${destination} aborted`)), { once: true });
-      if (this.entries.size === this.destinations.length) this.start();
-      else this.timer ??= setTimeout(() => this.start(), this.o.joinWindowMs ?? 3000);
+      if (this.allIn()) this.start();
+      else this.timer ??= setTimeout(() => this.start(), this.o.joinWindowMs ?? DEFAULT_JOIN_WINDOW_MS);
     });
+  }
+
+  withdraw(destination: string): void {
+    if (!this.destinations.includes(destination) || this.entries.has(destination)) return;
+    this.withdrawn.add(destination);
+    if (this.entries.size > 0 && this.allIn()) this.start();
+  }
+
+  /** Every destination has called or withdrawn. */
+  private allIn(): boolean {
+    return this.entries.size + this.withdrawn.size === this.destinations.length;
   }
 
   close(): void {
