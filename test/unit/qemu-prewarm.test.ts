@@ -25,11 +25,11 @@ function recorder(): { sent: Record<string, number>[]; set: (p: Readonly<Record<
 }
 
 describe('qemu pre-warm hold', () => {
-  it('starts with a 1 ms downtime limit and the throttle capped at 1 %; a reserve hold also caps the bulk copy at a quarter of the reserve per poll', () => {
+  it('starts with a 1 ms downtime limit and the throttle capped at 1 %; a reserve hold also caps the bulk copy at the reserve per poll', () => {
     expect(heldParameters(LIMIT)).toEqual({ 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 });
     expect(HOLD_DOWNTIME_LIMIT_MS).toBe(1);
     expect(reserveBytes(64 * MiB)).toBe(8 * MiB);
-    expect(heldParameters(RESERVE)).toEqual({ 'downtime-limit': 1, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1, 'max-bandwidth': 20 * MiB });
+    expect(heldParameters(RESERVE)).toEqual({ 'downtime-limit': 1, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1, 'max-bandwidth': 80 * MiB });
     // The migration's own cap wins when it is lower.
     expect(heldParameters({ ...RESERVE, maxBandwidth: MiB })['max-bandwidth']).toBe(MiB);
   });

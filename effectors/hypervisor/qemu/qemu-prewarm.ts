@@ -64,7 +64,7 @@ export interface QemuCopyHoldOptions {
   readonly mode: HoldMode;
   /** The VM's RAM, bytes (the reserve's size). */
   readonly memoryBytes: number;
-  /** The driver's query-migrate period, ms: the bulk copy of a `reserve` hold may send a quarter of the reserve per period. */
+  /** The driver's query-migrate period, ms: the bulk copy of a `reserve` hold sends at most the reserve per period. */
   readonly pollMs: number;
   /** The migration's own downtime limit, applied at the lift. */
   readonly downtimeLimitMs: number;
@@ -82,8 +82,10 @@ export interface QemuCopyHoldOptions {
 export function heldParameters(o: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth'>): Readonly<Record<string, number>> {
   const held = { 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 };
   if (o.mode === 'limit') return held;
-  // At most a quarter of the reserve per poll: a poll late by up to three periods still finds some left.
-  const bulk = Math.round(reserveBytes(o.memoryBytes) / 4 / (Math.max(10, o.pollMs) / 1000));
+  // At most the reserve per poll, so a poll on time still finds some left. Not less: the exit condition
+  // judges what is left against this rate (the highest the copy had), and reserve / rate is one poll
+  // period (100 ms), within any downtime limit in use; a late poll can let the copy catch up (holdLost).
+  const bulk = Math.round(reserveBytes(o.memoryBytes) / (Math.max(10, o.pollMs) / 1000));
   return { ...held, 'max-bandwidth': Math.min(bulk, o.maxBandwidth ?? UNLIMITED_BANDWIDTH) };
 }
 
