@@ -482,8 +482,9 @@ export class SourceSide implements SourceSteps {
       this.stats.vmSteps = { planMs: round(t1 - t0), prepareMs: round(t2 - t1), moveMs: round(t3 - t2), ackMs: round(performance.now() - t3) };
       return final === undefined ? {} : { finalRound: final };
     } finally {
-      // Added paths are removed afterwards (and the primary data path with them).
-      await Promise.all([...channels.values()].map((c) => c.close().catch(() => {})));
+      // Added paths are removed afterwards (and the primary data path with them). Not awaited: the
+      // close handshake (a round trip, the peer's socket teardown) has nothing the next step needs.
+      for (const c of channels.values()) void c.close().catch(() => {});
     }
   }
 

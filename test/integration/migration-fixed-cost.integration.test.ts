@@ -22,7 +22,7 @@ async function freePort(): Promise<number> {
 }
 
 /** Agents a and b in this process, each the other's peer, with vm-watchdog (one embot per VM). */
-async function pair(bHostMemory?: number): Promise<{ a: RunningAgent; b: RunningAgent }> {
+async function pair(bHostMemory?: number, warmConnections = true): Promise<{ a: RunningAgent; b: RunningAgent }> {
   const root = mkdtempSync(join(tmpdir(), 'embot-fixed-cost-test-'));
   cleanups.push(() => rmSync(root, { recursive: true, force: true }));
   const plugins = join(root, 'plugins');
@@ -40,7 +40,7 @@ async function pair(bHostMemory?: number): Promise<{ a: RunningAgent; b: Running
       logLevel: 'error' as const,
       control: { port: 0 },
       peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },
-      mobility: { trust: { mode: 'any-authenticated-peer' as const } },
+      mobility: { trust: { mode: 'any-authenticated-peer' as const }, warmConnections },
       sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
       ...(name === 'b' && bHostMemory !== undefined ? { sim: { hostMemory: bHostMemory } } : {}),
     };
@@ -81,7 +81,9 @@ describe('fixed cost of a small migration (issue 12)', () => {
   });
 
   it('a denied migration closes the control link and the data path it dialled early: the target keeps no connection', async () => {
-    const { a, b } = await pair(1 << 20);
+    // Without warm links: a's pool re-dials b as soon as the denied migration's links closed, and
+    // those idle links would be counted (the close of the links this migration dialled is the point).
+    const { a, b } = await pair(1 << 20, false);
     await a.control.createVm({ name: 'big', memory: 8 << 20 });
     await a.control.vmAction('big', 'start');
     const s = await a.control.waitMigration(a.control.migrate('big', 'b').id);

@@ -1075,7 +1075,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         }
         const { status } = await proc.qmp.execute('query-status');
         if (status === 'running') break;
-        if (status === 'paused' && (await proc.qmp.execute('query-migrate')).status === 'completed') {
+        // The completed event is read before the reply when both come in one read: no second query then.
+        if (status === 'paused' && (vm.incomingComplete || (await proc.qmp.execute('query-migrate')).status === 'completed')) {
           await resume();
           break;
         }
