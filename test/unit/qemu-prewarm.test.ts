@@ -25,11 +25,11 @@ function recorder(): { sent: Record<string, number>[]; set: (p: Readonly<Record<
 }
 
 describe('qemu pre-warm hold', () => {
-  it('starts with a 1 ms downtime limit and the throttle capped at 1 %; a reserve hold also caps the bulk copy at the reserve per poll', () => {
+  it('starts with a 1 ms downtime limit and the throttle capped at 1 %; a reserve hold also caps the bulk copy at half the reserve per poll', () => {
     expect(heldParameters(LIMIT)).toEqual({ 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 });
     expect(HOLD_DOWNTIME_LIMIT_MS).toBe(1);
     expect(reserveBytes(64 * MiB)).toBe(8 * MiB);
-    expect(heldParameters(RESERVE)).toEqual({ 'downtime-limit': 1, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1, 'max-bandwidth': 80 * MiB });
+    expect(heldParameters(RESERVE)).toEqual({ 'downtime-limit': 1, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1, 'max-bandwidth': 40 * MiB });
     // The migration's own cap wins when it is lower.
     expect(heldParameters({ ...RESERVE, maxBandwidth: MiB })['max-bandwidth']).toBe(MiB);
   });
@@ -49,8 +49,16 @@ describe('qemu pre-warm hold', () => {
     expect(hold.progress(progress({ rounds: 1, remainingBytes: 30 * MiB, rateBytesPerSec: 20 * MiB })).rounds).toBe(1);
     await tick();
     expect(m.sent).toEqual([]);
-    const crawl = hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 4096, rateBytesPerSec: 20 * MiB }));
+    // Three reserves left: an eighth of the reserve per poll from here (10 MiB/s), so a late poll still finds the reserve.
+    hold.progress(progress({ rounds: 1, remainingBytes: 24 * MiB - 4096, rateBytesPerSec: 20 * MiB }));
+    hold.progress(progress({ rounds: 1, remainingBytes: 20 * MiB, rateBytesPerSec: 10 * MiB }));
+    await tick();
+    expect(m.sent).toEqual([{ 'max-bandwidth': 10 * MiB }]);
+    m.sent.length = 0;
+    const crawl = hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 4096, rateBytesPerSec: 10 * MiB }));
     expect(crawl.rounds).toBe(2);
+    // The rate judged is the highest the copy had (the first bulk cap's).
+    expect(crawl.rateBytesPerSec).toBe(20 * MiB);
     hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 8192 }));
     await tick();
     expect(m.sent).toEqual([{ 'max-bandwidth': CRAWL_BANDWIDTH }]);

@@ -64,7 +64,7 @@ export interface QemuCopyHoldOptions {
   readonly mode: HoldMode;
   /** The VM's RAM, bytes (the reserve's size). */
   readonly memoryBytes: number;
-  /** The driver's query-migrate period, ms: the bulk copy of a `reserve` hold sends at most the reserve per period. */
+  /** The driver's query-migrate period, ms: the bulk copy of a `reserve` hold is capped per period ({@link bulkCap}). */
   readonly pollMs: number;
   /** The migration's own downtime limit, applied at the lift. */
   readonly downtimeLimitMs: number;
@@ -82,11 +82,19 @@ export interface QemuCopyHoldOptions {
 export function heldParameters(o: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth'>): Readonly<Record<string, number>> {
   const held = { 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 };
   if (o.mode === 'limit') return held;
-  // At most the reserve per poll, so a poll on time still finds some left. Not less: the exit condition
-  // judges what is left against this rate (the highest the copy had), and reserve / rate is one poll
-  // period (100 ms), within any downtime limit in use; a late poll can let the copy catch up (holdLost).
-  const bulk = Math.round(reserveBytes(o.memoryBytes) / (Math.max(10, o.pollMs) / 1000));
-  return { ...held, 'max-bandwidth': Math.min(bulk, o.maxBandwidth ?? UNLIMITED_BANDWIDTH) };
+  return { ...held, 'max-bandwidth': bulkCap(o, 2) };
+}
+
+/**
+ * The bulk copy's cap of a `reserve` hold: the reserve / `perPoll` per poll period. Half the reserve
+ * per poll until three reserves are left: the exit condition judges what is left against the
+ * highest rate the copy had, this one, and reserve / rate is then two poll periods (200 ms), within
+ * the default 300 ms downtime limit. Then an eighth per poll: the last two reserves take 16 polls,
+ * so a poll up to 7 periods late still finds the reserve unsent (later, a guest that wrote nothing
+ * meanwhile lets QEMU catch up and complete: holdLost).
+ */
+function bulkCap(o: Pick<QemuCopyHoldOptions, 'memoryBytes' | 'pollMs' | 'maxBandwidth'>, perPoll: number): number {
+  return Math.min(Math.round(reserveBytes(o.memoryBytes) / perPoll / (Math.max(10, o.pollMs) / 1000)), o.maxBandwidth ?? UNLIMITED_BANDWIDTH);
 }
 
 /**
@@ -107,6 +115,7 @@ export class QemuCopyHold {
   private peakRate = 0;
   private closed = false;
   private crawling = false;
+  private slowed = false;
   /** Epoch ms of the lift once its parameters are applied; undefined while held. */
   liftedAt: number | undefined;
   /** A parameter change QEMU refused (or the monitor went away): the driver ends the migration with it. */
@@ -140,9 +149,15 @@ export class QemuCopyHold {
    */
   progress(p: MigrationProgress): MigrationProgress {
     this.peakRate = Math.max(this.peakRate, p.rateBytesPerSec);
-    if (this.o.mode === 'reserve' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0 && p.remainingBytes <= reserveBytes(this.o.memoryBytes)) {
-      this.crawling = true;
-      void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+    const reserve = reserveBytes(this.o.memoryBytes);
+    if (this.o.mode === 'reserve' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0) {
+      if (p.remainingBytes <= reserve) {
+        this.crawling = true;
+        void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+      } else if (p.remainingBytes <= 3 * reserve && !this.slowed) {
+        this.slowed = true;
+        void this.apply({ 'max-bandwidth': bulkCap(this.o, 8) });
+      }
     }
     return { ...p, rateBytesPerSec: this.peakRate, ...(this.crawling && this.hold.held() ? { rounds: Math.max(2, p.rounds) } : {}) };
   }
