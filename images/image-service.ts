@@ -20,11 +20,11 @@ import { GlobalImageIndex, type Holder } from './global-index.ts';
 import { blockServeFault, corruptServedBlock } from './fault-points.ts';
 import { buildImage, type BlockFetcher, type BuildProgress, type BuildSummary } from './image-builder.ts';
 import { distinctBlocks, isImageName, manifestId, type ImageManifest } from './image-manifest.ts';
-import { decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpdate, type HostLoad, type IndexAnswerBody, type IndexUpdateBody } from './index-update.ts';
+import { decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpdate, type HostLoad, type IndexAnswerBody, type IndexUpdateBody, type MeasuredLink } from './index-update.ts';
 import { EMPTY_DELTA, LocalImageIndex, mergeDeltas, type ImageInfo, type IndexDelta, type VmDiskInfo } from './local-index.ts';
 import type { VmDisk } from './vm-disk-scan.ts';
 import { LIBRARY_SOURCE, MIB, type CostTable } from './network-cost.ts';
-import { LinkMeasurements, type LinkReport, type MeasureConfig } from './link-probe.ts';
+import { LinkMeasurements, groupMeasuredTable, type LinkReport, type MeasureConfig } from './link-probe.ts';
 import { buildCosts, rankCandidates, type PlacementPolicy, type RankedCandidate } from './placement.ts';
 
 /** Blocks one BlockFetch may ask for; a 4 MiB batch of 64 KiB blocks is 64. */
@@ -111,6 +111,8 @@ export class ImageService {
   readonly global: GlobalImageIndex | undefined;
   private readonly o: ImageServiceOptions;
   private readonly loads = new Map<string, HostLoad>();
+  /** On the indexer: each member's measured links, from its last update. */
+  private readonly groupLinks = new Map<string, readonly MeasuredLink[]>();
   /** The link each member's last update came on: when it closes, the member is dropped. */
   private readonly memberLinks = new Map<string, PeerConnection>();
   private readonly links = new Map<string, Promise<PeerConnection>>();
@@ -238,7 +240,10 @@ export class ImageService {
     if (this.closed) return;
     const load = await this.o.hostLoad().catch(() => undefined);
     const full = this.needFull;
-    const body: IndexUpdateBody = full ? { ...this.fullIndex(), seq: this.seq + 1, full: true, ...(load ? { load } : {}) } : { ...delta, seq: this.seq + 1, full: false, ...(load ? { load } : {}) };
+    // This host's fresh measured links travel with every update: the indexer's answers carry them to placement anywhere.
+    const links = this.measured?.report().map((l) => ({ peer: l.peer, cost: l.cost }));
+    const extra = { ...(load ? { load } : {}), ...(links ? { links } : {}) };
+    const body: IndexUpdateBody = full ? { ...this.fullIndex(), seq: this.seq + 1, full: true, ...extra } : { ...delta, seq: this.seq + 1, full: false, ...extra };
     try {
       if (this.global) this.applyUpdate(this.o.agent, body);
       else {
@@ -263,6 +268,8 @@ export class ImageService {
   private applyUpdate(host: string, body: IndexUpdateBody): void {
     this.global!.apply(host, body);
     if (body.load) this.loads.set(host, body.load);
+    // No links in an update: none of the member's measurements is fresh any more.
+    this.groupLinks.set(host, body.links ?? []);
   }
 
   private acceptUpdate(bytes: Uint8Array, conn: PeerConnection): { type: 'IndexUpdateAck'; seq: number } {
@@ -280,6 +287,7 @@ export class ImageService {
         // The host is gone (or its link is): it is no longer offered until it sends its index again.
         this.memberLinks.delete(from);
         this.loads.delete(from);
+        this.groupLinks.delete(from);
         this.global?.dropHost(from);
         this.o.log?.info(`images: ${from} left the index`);
       });
@@ -294,7 +302,9 @@ export class ImageService {
     if (!manifest) throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `no host of ${this.o.agent}'s group and no library holds image ${image}`);
     const holders = new Map<BlockHash, Holder[]>();
     for (const h of distinctBlocks(manifest).keys()) holders.set(h, this.global.holders(h));
-    return { manifest, holders, loads: new Map(this.loads), members: this.global.members };
+    const links: [string, string, number][] = [];
+    for (const [from, list] of this.groupLinks) for (const l of list) links.push([from, l.peer, l.cost]);
+    return { manifest, holders, loads: new Map(this.loads), members: this.global.members, ...(links.length > 0 ? { links } : {}) };
   }
 
   /** What the indexer knows about an image (asked over the link unless this agent is the indexer). */
@@ -485,7 +495,9 @@ export class ImageService {
     const answer = await this.query(image);
     const candidates = candidatesGiven ?? answer.members.filter((m) => m !== this.o.agent);
     if (candidates.length === 0) throw new EmbotError(ErrorCodes.PLACEMENT_INPUT_INVALID, `no candidate hosts: name them (--candidates) or add members to ${this.o.indexer}'s index group`);
-    const costs = buildCosts(distinctBlocks(answer.manifest), candidates, (h) => answer.holders.get(h) ?? [], this.costs);
+    // Links any member measured (the indexer's answer), then this host's own, then the config.
+    const table = answer.links && answer.links.length > 0 ? groupMeasuredTable(answer.links, this.costs) : this.costs;
+    const costs = buildCosts(distinctBlocks(answer.manifest), candidates, (h) => answer.holders.get(h) ?? [], table);
     const loads = new Map(answer.loads);
     if (!loads.has(this.o.agent)) loads.set(this.o.agent, await this.o.hostLoad());
     const ranked = rankCandidates(

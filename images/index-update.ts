@@ -24,7 +24,18 @@ export interface IndexUpdateBody extends IndexDelta {
   readonly seq: number;
   readonly full: boolean;
   readonly load?: HostLoad;
+  /** The member's fresh measured links (images.cost.measure): cost of a MiB between it and each peer. */
+  readonly links?: readonly MeasuredLink[];
 }
+
+/** One measured link as it travels: `cost` of one MiB between the sender and `peer` (ms). */
+export interface MeasuredLink {
+  readonly peer: string;
+  readonly cost: number;
+}
+
+/** A member reports at most this many links. */
+export const MAX_LINKS = 1024;
 
 const packr = new Packr({ useRecords: false, moreTypes: false });
 
@@ -46,6 +57,7 @@ export function encodeIndexUpdate(u: IndexUpdateBody): Uint8Array {
     changed: u.changed.map((c) => ({ o: c.origin, m: wireManifest(c.manifest) })),
     dropped: u.dropped.map((d) => ({ o: d.origin, n: d.name })),
     ...(u.load ? { load: [u.load.cpu, u.load.freeMemory] } : {}),
+    ...(u.links && u.links.length > 0 ? { links: u.links.map((l) => [l.peer, l.cost]) } : {}),
   });
 }
 
@@ -62,6 +74,8 @@ export interface IndexAnswerBody {
   readonly loads: ReadonlyMap<string, HostLoad>;
   /** Members the indexer currently offers. */
   readonly members: readonly string[];
+  /** Links the members measured: [from, to, cost of a MiB]. */
+  readonly links?: readonly (readonly [string, string, number])[];
 }
 
 export function encodeIndexAnswer(a: IndexAnswerBody): Uint8Array {
@@ -74,7 +88,7 @@ export function encodeIndexAnswer(a: IndexAnswerBody): Uint8Array {
     order.push(h);
     holders.push(list.map((x) => idx(x.via) * 2 + (x.source === x.via ? 0 : 1)));
   }
-  return packr.pack({ m: wireManifest(a.manifest), v: hosts, o: packHashes(order), h: holders, l: [...a.loads].map(([host, l]) => [host, l.cpu, l.freeMemory]), mem: a.members });
+  return packr.pack({ m: wireManifest(a.manifest), v: hosts, o: packHashes(order), h: holders, l: [...a.loads].map(([host, l]) => [host, l.cpu, l.freeMemory]), mem: a.members, ...(a.links && a.links.length > 0 ? { k: a.links } : {}) });
 }
 
 /** @throws EmbotError `EMBOT_ERR_IMAGE_INVALID` when the answer is not one. */
@@ -113,11 +127,20 @@ export function decodeIndexAnswer(bytes: Uint8Array): IndexAnswerBody {
     if (!Array.isArray(row) || typeof row[0] !== 'string' || typeof row[1] !== 'number' || typeof row[2] !== 'number') return bad('.l must be [host, cpu, freeMemory] rows');
     loads.set(row[0], { cpu: row[1], freeMemory: row[2] });
   }
-  return { manifest, holders, loads, members: (v.mem as unknown[]).filter((x): x is string => typeof x === 'string') };
+  let links: [string, string, number][] | undefined;
+  if (v.k !== undefined) {
+    if (!Array.isArray(v.k) || !v.k.every((r: unknown) => Array.isArray(r) && typeof r[0] === 'string' && typeof r[1] === 'string' && isCost(r[2]))) return bad('.k must be [from, to, cost] rows with a non-negative cost');
+    links = v.k as [string, string, number][];
+  }
+  return { manifest, holders, loads, members: (v.mem as unknown[]).filter((x): x is string => typeof x === 'string'), ...(links ? { links } : {}) };
 }
 
 function refused(why: string, cause?: unknown): never {
   throw new EmbotError(ErrorCodes.INDEX_UPDATE_REFUSED, `index update ${why}`, cause === undefined ? undefined : { cause });
+}
+
+function isCost(v: unknown): v is number {
+  return typeof v === 'number' && Number.isFinite(v) && v >= 0;
 }
 
 function isMap(v: unknown): v is Record<string, unknown> {
@@ -175,5 +198,13 @@ export function decodeIndexUpdate(bytes: Uint8Array): IndexUpdateBody {
     if (!Array.isArray(l) || l.length !== 2 || !l.every((x) => typeof x === 'number' && Number.isFinite(x) && x >= 0)) return refused('.load must be [cpu, freeMemory], non-negative numbers');
     load = { cpu: l[0] as number, freeMemory: l[1] as number };
   }
-  return { seq: v.seq, full: v.full, added: hashList(v.added, 'added'), removed: hashList(v.removed, 'removed'), changed, dropped, ...(load ? { load } : {}) };
+  let links: MeasuredLink[] | undefined;
+  if (v.links !== undefined) {
+    const l = v.links;
+    if (!Array.isArray(l) || l.length > MAX_LINKS || !l.every((r: unknown) => Array.isArray(r) && r.length === 2 && typeof r[0] === 'string' && r[0].length > 0 && r[0].length <= 64 && isCost(r[1]))) {
+      return refused(`.links must be at most ${MAX_LINKS} [peer, cost] rows, a peer name and a non-negative finite cost`);
+    }
+    links = (l as [string, number][]).map(([peer, cost]) => ({ peer, cost }));
+  }
+  return { seq: v.seq, full: v.full, added: hashList(v.added, 'added'), removed: hashList(v.removed, 'removed'), changed, dropped, ...(load ? { load } : {}), ...(links ? { links } : {}) };
 }

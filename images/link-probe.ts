@@ -143,3 +143,26 @@ export class LinkMeasurements {
     return out;
   }
 }
+
+/**
+ * The cost table with the links the group's members measured (the indexer's answer) over `base`:
+ * a pair measured from both ends costs the mean of the two.
+ */
+export function groupMeasuredTable(links: readonly (readonly [string, string, number])[], base: CostTable): CostTable {
+  const sums = new Map<string, { sum: number; n: number }>();
+  const key = (a: string, b: string): string => (a < b ? `${a}\u0000${b}` : `${b}\u0000${a}`);
+  for (const [from, to, cost] of links) {
+    if (from === to) continue;
+    const e = sums.get(key(from, to)) ?? { sum: 0, n: 0 };
+    e.sum += cost;
+    e.n++;
+    sums.set(key(from, to), e);
+  }
+  return {
+    cost: (from, to) => {
+      if (from === to) return 0;
+      const e = sums.get(key(from, to));
+      return e ? e.sum / e.n : base.cost(from, to);
+    },
+  };
+}

@@ -12,7 +12,8 @@ import { validateConfig } from '../../core/config/config.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 import { Store } from '../../core/store/store.ts';
 import { PeerServer, connectPeer, peerEndpoint, type PeerConnection } from '../../core/wire/index.ts';
-import { DEFAULT_MEASURE, ImageService, LinkMeasurements, MIB, costFromMeasurement, costTable, type Probeable } from '../../images/index.ts';
+import { DEFAULT_MEASURE, ImageService, LinkMeasurements, MAX_LINKS, MIB, costFromMeasurement, costTable, decodeIndexAnswer, decodeIndexUpdate, encodeIndexAnswer, encodeIndexUpdate, groupMeasuredTable, type Probeable } from '../../images/index.ts';
+import { Packr } from 'msgpackr';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { rejection } from '../harness/expect-code.ts';
 import { randomImage, writeImage } from '../harness/image-files.ts';
@@ -82,7 +83,7 @@ describe('measured link cost', () => {
     const root = mkdtempSync(path.join(tmpdir(), 'embot-linkcost-'));
     cleanups.push(() => rmSync(root, { recursive: true, force: true }));
     const servers = new Map<string, PeerServer>();
-    const node = async (name: string): Promise<ImageService> => {
+    const node = async (name: string, probe: readonly string[] = ['b', 'c']): Promise<ImageService> => {
       const s = await server(name);
       servers.set(name, s);
       mkdirSync(path.join(root, name));
@@ -104,7 +105,7 @@ describe('measured link cost', () => {
         requestTimeoutMs: 10_000,
         buildTimeoutMs: 60_000,
         measure: { ...DEFAULT_MEASURE, probeMs: 60_000 },
-        probePeers: () => ['b', 'c'],
+        probePeers: () => probe,
       });
       cleanups.push(() => service.close());
       peerEndpoint(s).register(service.peerService());
@@ -123,5 +124,46 @@ describe('measured link cost', () => {
     const after = a.report().links![0]!;
     expect(after.bytesPerSec).toBeGreaterThan(0);
     expect(after.cost).toBeCloseTo(costFromMeasurement({ rttMs: after.rttMs, bytesPerSec: after.bytesPerSec! }, DEFAULT_MEASURE.requestBytes), 3);
+
+    // b's measured links travel to the indexer (a) with b's updates: placement asked at a ranks the
+    // pair c -> b (neither end a) by b's measurement, not by the config's default of 10.
+    const c = await node('c', []);
+    writeImage(path.join(root, 'c', 'only-c.img'), randomImage(16, 65536));
+    await c.start();
+    await b.probeLinks();
+    await b.reindex();
+    const measured = b.report().links!.find((l) => l.peer === 'c')!.cost;
+    expect(measured).not.toBe(10);
+    const placed = await a.place('only-c.img', ['b'], { kind: 'cheapest' });
+    expect(placed.candidates[0]!.cost).toBeCloseTo(1 * measured, 6);
+  });
+
+  it('measured links on the wire: a member update and the indexer answer carry them; bad ones are refused with a code', () => {
+    const body = { seq: 1, full: true, added: [], removed: [], changed: [], dropped: [], links: [{ peer: 'c', cost: 12.5 }] };
+    expect(decodeIndexUpdate(encodeIndexUpdate(body)).links).toEqual([{ peer: 'c', cost: 12.5 }]);
+    expect(decodeIndexUpdate(encodeIndexUpdate({ ...body, links: [] })).links).toBeUndefined();
+    const raw = new Packr({ useRecords: false, moreTypes: false });
+    const base = { seq: 1, full: true, added: new Uint8Array(0), removed: new Uint8Array(0), changed: [], dropped: [] };
+    for (const links of ['x', [['c']], [['c', -1]], [['c', Number.NaN]], [[5, 1]], [['', 1]], Array.from({ length: MAX_LINKS + 1 }, (_, i) => [`h${i}`, 1])]) {
+      let code: unknown;
+      try {
+        decodeIndexUpdate(raw.pack({ ...base, links }));
+      } catch (e) {
+        code = (e as { code?: unknown }).code;
+      }
+      expect(code, JSON.stringify(links).slice(0, 40)).toBe(ErrorCodes.INDEX_UPDATE_REFUSED);
+    }
+    const manifest = { name: 'x.img', size: 0, blockSize: 65536, hashes: [] };
+    const answer = { manifest, holders: new Map(), loads: new Map(), members: ['b'], links: [['b', 'c', 4] as const] };
+    expect(decodeIndexAnswer(encodeIndexAnswer(answer)).links).toEqual([['b', 'c', 4]]);
+  });
+
+  it('the group table: a pair measured from both ends costs the mean, either direction; others the base', () => {
+    const t = groupMeasuredTable([['b', 'c', 4], ['c', 'b', 6], ['b', 'd', 2]], configured);
+    expect(t.cost('b', 'c')).toBe(5);
+    expect(t.cost('c', 'b')).toBe(5);
+    expect(t.cost('d', 'b')).toBe(2);
+    expect(t.cost('a', 'c')).toBe(7);
+    expect(t.cost('c', 'c')).toBe(0);
   });
 });
