@@ -1,8 +1,7 @@
 import { join } from 'node:path';
-import { isEmbotError, ErrorCodes } from '../../core/errors.ts';
-import { sleep, waitFor, type AgentProcess } from './agent-process.ts';
+import { waitFor, type AgentProcess } from './agent-process.ts';
 import { Cluster } from './cluster.ts';
-import { counterOf, sequencedPoster, type SequencedPoster } from './counter-stream.ts';
+import { counterOf } from './counter-stream.ts';
 import { heartbeat, qemuAgentConfig } from './qemu-processes.ts';
 
 /** Set-ups shared by the qemu fan-out tests through agents (issue 13: one QEMU stream relayed to several destinations). */
@@ -41,27 +40,4 @@ export async function guestWithCounter(a: AgentProcess, root: string, vm: string
   await a.client.vmAction(vm, 'start');
   await heartbeat(join(root, 'a', vm), 2);
   await waitFor(async () => counterOf(await a.client.listEmbots(), vm), 20_000, `counter embot of ${vm} on a`);
-}
-
-/**
- * Posts TICK seq=n with id `tick-n` for VM `vm` to whoever owns it as far as it knows: `a` first,
- * then the owner an ELEMENT_MOVED answer names. A failed post (the agent down, restarting) is
- * re-sent with the same id; a duplicate answer means the earlier post was taken. So an agent
- * killed between taking a post and answering it cannot make the stream count one event twice.
- */
-export function ownerFollowingProducer(c: Cluster, vm: string): SequencedPoster {
-  let owner = 'a';
-  return sequencedPoster(async (seq) => {
-    const agent = c.agents.get(owner);
-    try {
-      if (!agent) throw new Error('owner down');
-      await agent.client.emitEvent({ elementId: `vm:${vm}`, type: 'TICK', payload: { seq }, id: `tick-${seq}` });
-      return true;
-    } catch (e) {
-      if (isEmbotError(e, ErrorCodes.EVENT_DUPLICATE)) return true;
-      if (isEmbotError(e, ErrorCodes.ELEMENT_MOVED)) owner = String((e as { details?: { owner?: unknown } }).details?.owner ?? owner);
-      else await sleep(20);
-      return false;
-    }
-  });
 }

@@ -1,9 +1,9 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
-import { counterOf, sequencedPoster, type SequencedPoster } from '../harness/counter-stream.ts';
+import { counterOf, type SequencedPoster } from '../harness/counter-stream.ts';
 import { prng } from '../harness/prng.ts';
-import { isEmbotError, ErrorCodes } from '../../core/errors.ts';
+import { ownerFollowingProducer } from '../harness/owner-following-producer.ts';
 
 /**
  * SIGKILL during a migration to several destinations (issue 13): the source `a`, the eventual
@@ -32,27 +32,8 @@ const seedsOf = (v: 'a' | 'b' | 'c'): readonly number[] => process.env['FANOUT_S
 /** The kill lands within this long after the migration started (a whole run takes ~1-2 s here). */
 const MAX_DELAY_MS = 1800;
 
-/**
- * Posts TICK seq=n with id `tick-n` to whoever owns the VM as far as it knows: `a` first, then
- * the owner an ELEMENT_MOVED answer names. A failed post is re-sent with the same id; a duplicate
- * answer means the earlier post was taken.
- */
-function producer(c: Cluster): SequencedPoster {
-  let owner = 'a';
-  return sequencedPoster(async (seq) => {
-    const agent = c.agents.get(owner);
-    try {
-      if (!agent) throw new Error('owner down');
-      await agent.client.emitEvent({ elementId: 'vm:app', type: 'TICK', payload: { seq }, id: `tick-${seq}` });
-      return true;
-    } catch (e) {
-      if (isEmbotError(e, ErrorCodes.EVENT_DUPLICATE)) return true;
-      if (isEmbotError(e, ErrorCodes.ELEMENT_MOVED)) owner = String((e as { details?: { owner?: unknown } }).details?.owner ?? owner);
-      else await sleep(20);
-      return false;
-    }
-  });
-}
+/** The producer follows the owner through ELEMENT_MOVED and re-posts with the same id (shared with the qemu twin). */
+const producer = (c: Cluster): SequencedPoster => ownerFollowingProducer(c, 'app');
 
 describe('SIGKILL during a migration to several destinations', () => {
   const cases = VICTIMS.flatMap((v) => seedsOf(v).map((seed) => [v, seed] as const));

@@ -18,7 +18,8 @@ import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { sleep, waitFor } from '../harness/agent-process.ts';
 import type { Cluster } from '../harness/cluster.ts';
 import { counterOf } from '../harness/counter-stream.ts';
-import { guestWithCounter, ownerFollowingProducer, qemuFanOutCluster } from '../harness/qemu-fan-out-cluster.ts';
+import { ownerFollowingProducer } from '../harness/owner-following-producer.ts';
+import { guestWithCounter, qemuFanOutCluster } from '../harness/qemu-fan-out-cluster.ts';
 import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
 import { prng } from '../harness/prng.ts';
 
