@@ -36,6 +36,9 @@ export interface IndexDelta {
   readonly dropped: readonly { readonly origin: ImageOrigin; readonly name: string }[];
 }
 
+/** Default share of a changed VM disk's indexed blocks re-hashed per re-check (LocalImageIndex). */
+export const DEFAULT_VM_RECHECK_BYTES = 64 * 1024 * 1024;
+
 export const EMPTY_DELTA: IndexDelta = { added: [], removed: [], changed: [], dropped: [] };
 
 /** Where to read one block of this host: an image, or a running VM's disk (`image` then says which). */
@@ -96,9 +99,14 @@ export class LocalImageIndex {
   private readonly locateVmStmt: Database.Statement<[string]>;
   /** Blocks hashed by this index since it was opened (a re-check that finds nothing changed hashes none). */
   hashedBlocks = 0;
+  /** Per VM disk: where the round of re-hashing its indexed blocks is, since its file last changed. */
+  private readonly passes = new Map<string, { cursor: number; mtime: number; checked: number }>();
+  /** Bytes of a VM disk's already indexed blocks re-hashed per re-check. */
+  private readonly vmRecheckBytes: number;
 
-  constructor(db: Database.Database) {
+  constructor(db: Database.Database, options: { readonly vmRecheckBytes?: number } = {}) {
     this.db = db;
+    this.vmRecheckBytes = options.vmRecheckBytes ?? DEFAULT_VM_RECHECK_BYTES;
     // Prepared once: a build or a block request looks up hundreds of blocks.
     this.locateStmt = db.prepare(
       `SELECT b.origin, b.image, b.idx, i.path, i.size, i.block_size FROM image_blocks b JOIN images i ON i.origin = b.origin AND i.name = b.image
@@ -300,13 +308,38 @@ export class LocalImageIndex {
     const st = statSync(d.path, { throwIfNoEntry: false });
     if (!st?.isFile()) throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `VM ${d.vm} disk ${d.disk}: no file at ${d.path}`);
     if (row && row.path === d.path && row.format === d.format && row.block_size === blockSize && row.mtime_ms === st.mtimeMs) return EMPTY_DELTA;
-    const scanned = await scanVmDisk(d, blockSize);
-    this.hashedBlocks += scanned.blocks.filter((b) => b.fileOffset >= 0).length;
     const old = new Map(
       row && row.path === d.path && row.block_size === blockSize
         ? (this.db.prepare('SELECT idx, hash, file_offset FROM vm_disk_blocks WHERE vm = ? AND disk = ?').all(d.vm, d.disk) as { idx: number; hash: string; file_offset: number }[]).map((r) => [r.idx, r])
         : [],
     );
+    // Blocks new to the overlay (or moved in it) are hashed; those already indexed where they are,
+    // which the VM may have rewritten in place, a budget at a time, round robin: each is checked
+    // again within ceil(indexed / budget) re-checks. The stored mtime moves only once a whole round
+    // has passed since the file last changed, so an unfinished round goes on at the next re-check.
+    const key = `${d.vm}\u0000${d.disk}`;
+    const pass = this.passes.get(key) ?? { cursor: 0, mtime: Number.NaN, checked: 0 };
+    this.passes.set(key, pass);
+    if (pass.mtime !== st.mtimeMs) {
+      pass.mtime = st.mtimeMs;
+      pass.checked = 0;
+    }
+    const indexed = [...old.values()].filter((r) => r.file_offset >= 0).map((r) => r.idx).sort((x, y) => x - y);
+    const budget = Math.max(1, Math.floor(this.vmRecheckBytes / blockSize));
+    const window = new Set<number>();
+    if (indexed.length > 0) {
+      let i = indexed.findIndex((x) => x >= pass.cursor);
+      if (i < 0) i = 0;
+      for (let k = 0; k < Math.min(budget, indexed.length); k++) window.add(indexed[(i + k) % indexed.length]!);
+      pass.cursor = indexed[(i + Math.min(budget, indexed.length)) % indexed.length]!;
+    }
+    const scanned = await scanVmDisk(d, blockSize, (idx, fileOffset) => {
+      const was = old.get(idx);
+      return was === undefined || was.file_offset !== fileOffset || window.has(idx);
+    });
+    this.hashedBlocks += scanned.blocks.filter((b) => b.fileOffset >= 0).length;
+    pass.checked += window.size;
+    const roundDone = pass.checked >= indexed.length;
     const gained: BlockHash[] = [];
     const lost: BlockHash[] = [];
     const upsert = this.db.prepare(
@@ -315,7 +348,7 @@ export class LocalImageIndex {
     const del = this.db.prepare('DELETE FROM vm_disk_blocks WHERE vm = ? AND disk = ? AND idx = ?');
     this.db.transaction(() => {
       if (old.size === 0 && row) this.dropVmDiskRows(d.vm, d.disk, lost);
-      const seen = new Set<number>();
+      const seen = new Set<number>(scanned.unread.map((u) => u.idx));
       for (const b of scanned.blocks) {
         seen.add(b.idx);
         const was = old.get(b.idx);
@@ -336,13 +369,14 @@ export class LocalImageIndex {
           `INSERT INTO vm_disks(vm, disk, path, format, size, block_size, mtime_ms, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT(vm, disk) DO UPDATE SET path = excluded.path, format = excluded.format, size = excluded.size, block_size = excluded.block_size, mtime_ms = excluded.mtime_ms, indexed_at = excluded.indexed_at`,
         )
-        .run(d.vm, d.disk, d.path, d.format, scanned.size, blockSize, scanned.mtimeMs, Date.now());
+        .run(d.vm, d.disk, d.path, d.format, scanned.size, blockSize, roundDone ? scanned.mtimeMs : (row?.mtime_ms ?? -1), Date.now());
     })();
     return netDelta(gained, lost, [], []);
   }
 
   /** Forgets a VM disk (the VM was removed or moved away). */
   removeVmDisk(vm: string, disk: number): IndexDelta {
+    this.passes.delete(`${vm}\u0000${disk}`);
     const lost: BlockHash[] = [];
     this.db.transaction(() => {
       this.dropVmDiskRows(vm, disk, lost);

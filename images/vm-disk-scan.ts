@@ -57,7 +57,10 @@ export interface ScannedVmDisk {
   readonly size: number;
   readonly mtimeMs: number;
   readonly fileSize: number;
+  /** The blocks hashed this time. */
   readonly blocks: readonly VmDiskBlock[];
+  /** Blocks the overlay holds that `hash` said not to read (the index keeps what it has of them). */
+  readonly unread: readonly { readonly idx: number; readonly fileOffset: number }[];
   /** Blocks the overlay holds only in part (not indexed). */
   readonly skipped: number;
 }
@@ -153,14 +156,14 @@ export function overlayBlocks(extents: readonly MapExtent[], size: number, block
  *   when qemu-img cannot map it or its map is not one, `EMBOT_ERR_IMAGE_TRUNCATED` when a block
  *   lies past the file's end.
  */
-export async function scanVmDisk(d: VmDisk, blockSize: number): Promise<ScannedVmDisk> {
+export async function scanVmDisk(d: VmDisk, blockSize: number, hash: (idx: number, fileOffset: number) => boolean = () => true): Promise<ScannedVmDisk> {
   const what = `VM ${d.vm} disk ${d.disk} (${d.path})`;
   const st = await stat(d.path).catch((e: unknown) => {
     throw new EmbotError(ErrorCodes.IMAGE_UNKNOWN, `${what}: cannot read it`, { cause: e });
   });
   if (d.format === 'raw') {
     const s = await scanImage(`vm-${d.disk}`, d.path, blockSize);
-    return { size: s.size, mtimeMs: s.mtimeMs, fileSize: s.size, blocks: s.hashes.map((hash, idx) => ({ idx, hash, fileOffset: idx * blockSize })), skipped: 0 };
+    return { size: s.size, mtimeMs: s.mtimeMs, fileSize: s.size, blocks: s.hashes.map((h, idx) => ({ idx, hash: h, fileOffset: idx * blockSize })), unread: [], skipped: 0 };
   }
   let out: string;
   try {
@@ -175,8 +178,13 @@ export async function scanVmDisk(d: VmDisk, blockSize: number): Promise<ScannedV
   // Blocks next to each other in the guest and in the file are read together (up to READ_RUN
   // bytes): QEMU allocates a sequential write's clusters one after another.
   const runs: { idx: number; fileOffset: number; n: number }[] = [];
+  const unread: { idx: number; fileOffset: number }[] = [];
   for (const [idx, fileOffset] of [...placed].sort(([a], [b]) => a - b)) {
     const len = Math.min(blockSize, size - idx * blockSize);
+    if (fileOffset >= 0 && !hash(idx, fileOffset)) {
+      unread.push({ idx, fileOffset });
+      continue;
+    }
     if (fileOffset < 0) {
       blocks.push({ idx, hash: zeroHash(len), fileOffset });
       continue;
@@ -231,5 +239,5 @@ export async function scanVmDisk(d: VmDisk, blockSize: number): Promise<ScannedV
     await Promise.allSettled(inFlight.map((x) => x.job));
     await fh.close();
   }
-  return { size, mtimeMs: st.mtimeMs, fileSize: st.size, blocks, skipped };
+  return { size, mtimeMs: st.mtimeMs, fileSize: st.size, blocks, unread, skipped };
 }

@@ -174,6 +174,36 @@ describe('a VM disk in the local index', () => {
     expect(idx.vmDisks()[0]!.blocks).toBe(16);
   });
 
+  it('blocks rewritten in place are found by a round of re-hashing a budget at a time (here one block per re-check); the round over, an unchanged disk costs nothing', async () => {
+    const dir = tmpDir();
+    const { disk } = overlay(dir);
+    const src = writeImage(path.join(dir, 'src.bin'), randomImage(4, BS));
+    qemuIo(disk, `write -s ${src} 0 ${4 * BS}`);
+    const idx = new LocalImageIndex(openStore(path.join(dir, 'a.sqlite')).db, { vmRecheckBytes: BS });
+    const d: VmDisk = { vm: 'v5', disk: 0, path: disk, format: 'qcow2' };
+    expect((await idx.indexVmDisk(d, BS)).added).toHaveLength(4);
+    expect(idx.hashedBlocks).toBe(4);
+    const before = hashBlock(guestBlock(disk, 2));
+    qemuIo(disk, 'write -P 0x66 131072 65536'); // block 2, where it already lies in the overlay
+    const after = hashBlock(guestBlock(disk, 2));
+    const found: number[] = [];
+    for (let check = 1; check <= 4; check++) {
+      const hashed = idx.hashedBlocks;
+      const delta = await idx.indexVmDisk(d, BS);
+      expect(idx.hashedBlocks - hashed, `re-check ${check}`).toBe(1);
+      if (delta.added.length > 0) {
+        expect(delta).toMatchObject({ added: [after], removed: [before] });
+        found.push(check);
+      }
+    }
+    expect(found).toHaveLength(1);
+    expect(idx.holds(after)).toBe(true);
+    // The round is over and the file unchanged since: nothing read.
+    const hashed = idx.hashedBlocks;
+    expect(await idx.indexVmDisk(d, BS)).toMatchObject({ added: [], removed: [] });
+    expect(idx.hashedBlocks).toBe(hashed);
+  });
+
   it('a raw VM disk is indexed whole; a disk whose file is gone fails alone (coded) and the others are indexed', async () => {
     const dir = tmpDir();
     const bytes = randomImage(3, BS);
