@@ -38,6 +38,8 @@ const VM_MEMORY = 8 * MiB;
 const P_FAIL = 0.1;
 const SPEED_TARGET = 1.2;
 const NAMES = ['a', 'b', 'c', 'd'] as const;
+/** Pause before each timed migration: the previous one's aftermath (discards, GC) is not timed with it. */
+const SETTLE_MS = 100;
 
 interface Cluster {
   readonly a: ControlClient;
@@ -328,8 +330,13 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
       await migrateOnce(c, 'b'); // warm-up: links, module caches, JIT
       await migrateOnce(c, sets[3], { retries: 0 });
       for (let r = 0; r < reps; r++) {
-        // Alternated, so the machine's drift falls on every case alike.
-        for (const n of CASES) record(stats, n, n === 'single' ? await migrateOnce(c, 'b') : await migrateOnce(c, sets[n], { retries: 0 }), sets);
+        // Alternated, so the machine's drift falls on every case alike, and rotated, so each case
+        // follows each other as often: a migration's aftermath (the losers' discard, GC at the
+        // destinations) otherwise always fell on the same next case (the single one, after 3).
+        for (const n of CASES.map((_, i) => CASES[(i + r) % CASES.length]!)) {
+          await new Promise((r2) => setTimeout(r2, SETTLE_MS));
+          record(stats, n, n === 'single' ? await migrateOnce(c, 'b') : await migrateOnce(c, sets[n], { retries: 0 }), sets);
+        }
         loads.push(loadavg()[0]!);
       }
       const single = median(stats.times.single);
