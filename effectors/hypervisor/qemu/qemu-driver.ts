@@ -823,7 +823,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         if (info.status === 'pre-switchover' && !switched && hold?.holding()) {
           // A guest that dirtied nothing since the last sync meets any limit (qemu-prewarm.ts): not kept paused until the command.
           await cancel();
-          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `the pre-warm of VM ${name} could not hold its copy: the guest dirtied less than QEMU's 1 ms threshold between two syncs (a quiet guest, or one starved of CPU) and QEMU reached its switchover before the command; cancelled, the VM runs here`, {
+          throw new EffectorError(ErrorCodes.MIGRATION_FAILED, `the pre-warm of VM ${name} could not hold its copy: QEMU caught up while the guest dirtied almost nothing and reached its switchover before the command (a hard writer that went quiet under the 1 ms limit, or a reserve copy polled too late on a loaded host); cancelled, the VM runs here`, {
             details: { vm: name, reason: 'holdLost' },
           });
         }
