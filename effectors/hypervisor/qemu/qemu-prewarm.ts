@@ -32,7 +32,7 @@ const MiB = 1024 * 1024;
 /** The downtime limit that holds a pre-warm's copy, ms. */
 export const HOLD_DOWNTIME_LIMIT_MS = 1;
 
-/** Dirty rate (bytes/s) from which the `limit` hold holds: measured on TCG here, 111 MiB/s held, ~40 did not. */
+/** Dirty rate (bytes/s) from which the `limit` hold is used: on TCG here a guest at 111 MiB/s (QEMU's figure) stayed held, the same guest 2.5× slower did not. */
 export const HEAVY_DIRTY_RATE = 128 * MiB;
 
 /** `max-bandwidth` of a crawling copy: QEMU's window budget is a tenth of it, 1 byte, so one page goes per 100 ms window (0 would mean no limit). */
