@@ -28,6 +28,7 @@
  * may echo from the socket's queue) are copies from the start.
  */
 import type { Socket } from 'node:net';
+import { userBufferReadsOf, type UserBufferReads } from './user-buffer-reads.ts';
 import type WebSocket from 'ws';
 
 /** Messages at least this large are assembled into the reused buffer; smaller ones are left to ws. */
@@ -83,38 +84,13 @@ function receiverOf(ws: WebSocket): WsReceiverInternals | undefined {
   return fits ? (r as WsReceiverInternals) : undefined;
 }
 
-/** Node's user-buffer read hooks on a net.Socket (lib/net.js, lib/internal/stream_base_commons.js). */
-interface UserBufferSocket {
-  readonly kBuffer: symbol;
-  readonly kBufferCb: symbol;
-  readonly kBufferGen: symbol;
-  readonly socket: Socket & Record<symbol, unknown> & { _handle: { useUserBuffer(buf: Uint8Array): void } };
-}
-
-function userBufferSocketOf(ws: WebSocket): UserBufferSocket | undefined {
-  const socket = (ws as unknown as { _socket?: Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: unknown } } })._socket;
+/** ws's socket, when it has Node's user-buffer read hooks and ws's own 'data' listener only. */
+function userBufferSocketOf(ws: WebSocket): UserBufferReads | undefined {
+  const socket = (ws as unknown as { _socket?: Socket })._socket;
   if (socket === undefined || socket === null || typeof socket !== 'object') return undefined;
-  const symbols = Object.getOwnPropertySymbols(socket);
-  const find = (name: string): symbol | undefined => symbols.find((s) => s.description === name);
-  const kBuffer = find('kBuffer');
-  const kBufferCb = find('kBufferCb');
-  const kBufferGen = find('kBufferGen');
-  const fits =
-    kBuffer !== undefined &&
-    kBufferCb !== undefined &&
-    kBufferGen !== undefined &&
-    // Not in user-buffer mode already. A TLS socket qualifies too: its TLSWrap is a stream like
-    // TCP's and hands over decrypted bytes, at most one TLS record (16 KiB) per read.
-    socket[kBuffer] === null &&
-    socket[kBufferCb] === null &&
-    socket[kBufferGen] === null &&
-    typeof socket._handle?.useUserBuffer === 'function' &&
-    !socket.destroyed &&
-    // ws's own listener only: user-buffer reads emit no 'data'. Nothing may wait in the stream's
-    // buffer either, or it would be delivered after bytes read later.
-    socket.listenerCount('data') === 1 &&
-    socket.readableLength === 0;
-  return fits ? ({ kBuffer, kBufferCb, kBufferGen, socket } as UserBufferSocket) : undefined;
+  // A TLS socket qualifies too: its TLSWrap is a stream like TCP's and hands over decrypted bytes,
+  // at most one TLS record (16 KiB) per read.
+  return userBufferReadsOf(socket, 1);
 }
 
 /** What a connection learns once the reused buffers are in place. */

@@ -22,6 +22,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from 'node:tls';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
+import { userBufferReadsOf } from '../../../core/wire/user-buffer-reads.ts';
 
 /** Default bound of one destination's queue: past it the destination is `tooSlow`. */
 export const DEFAULT_RELAY_BUFFER_BYTES = 64 * 1024 * 1024;
@@ -324,36 +325,17 @@ export class StreamRelay {
   }
 }
 
-/** Node's user-buffer read hooks on a net.Socket (lib/net.js, lib/internal/stream_base_commons.js, Node 20). */
-type UserBufferSocket = Socket & Record<symbol, unknown> & { _handle?: { useUserBuffer?: (buf: Uint8Array) => void; reading?: boolean } | null };
-
 /**
  * Switches an accepted socket (which cannot be given `onread`) to Node's user-buffer reads into
- * slabs, `onChunk` called with each read's bytes. Only when Node's socket has the shape this was
- * written against (the same check as core/wire/receive-buffer.ts): else false, nothing changed,
- * and the caller reads with 'data' (the gain is lost, never the data). Pause and resume work as
- * with 'data' (net.Socket stops and starts the handle's reads itself in user-buffer mode).
+ * slabs, `onChunk` called with each read's bytes. Only when Node's socket has the shape
+ * core/wire/user-buffer-reads.ts expects and is not reading yet: else false, nothing changed, and
+ * the caller reads with 'data' (the gain is lost, never the data). Pause and resume work as with
+ * 'data' (net.Socket stops and starts the handle's reads itself in user-buffer mode).
  */
 function readIntoSlabs(socket: Socket, slabBytes: number, onChunk: (chunk: Buffer) => void): boolean {
-  const s = socket as UserBufferSocket;
-  const symbols = Object.getOwnPropertySymbols(s);
-  const find = (name: string): symbol | undefined => symbols.find((x) => x.description === name);
-  const kBuffer = find('kBuffer');
-  const kBufferCb = find('kBufferCb');
-  const kBufferGen = find('kBufferGen');
-  const fits =
-    kBuffer !== undefined &&
-    kBufferCb !== undefined &&
-    kBufferGen !== undefined &&
-    s[kBuffer] === null &&
-    s[kBufferCb] === null &&
-    s[kBufferGen] === null &&
-    typeof s._handle?.useUserBuffer === 'function' &&
-    s._handle.reading !== true &&
-    !s.destroyed &&
-    s.listenerCount('data') === 0 &&
-    s.readableLength === 0;
-  if (!fits) return false;
+  const hooks = userBufferReadsOf(socket, 0);
+  if (hooks === undefined || hooks.socket._handle.reading === true) return false;
+  const { socket: s, kBuffer, kBufferCb, kBufferGen } = hooks;
   let slab = Buffer.allocUnsafeSlow(slabBytes);
   let at = 0;
   s[kBufferCb] = (nread: number): boolean => {
@@ -372,6 +354,6 @@ function readIntoSlabs(socket: Socket, slabBytes: number, onChunk: (chunk: Buffe
   };
   const first = slab.subarray(0);
   s[kBuffer] = first;
-  s._handle?.useUserBuffer?.(first);
+  s._handle.useUserBuffer(first);
   return true;
 }
