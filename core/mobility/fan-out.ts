@@ -29,8 +29,14 @@ export function childId(id: string, dest: string): string {
 export interface ChildHooks {
   readonly shared: FanOutShared;
   readonly move: FanOutMove;
-  /** The child's BootReady reached the source: the decision runs now. */
+  /** The child's BootReady reached the source (or it skipped booting, see `sole`): the decision runs now. */
   readonly bootReady: () => void;
+  /**
+   * True when no other destination can win any more: a pre-warm's command named this one alone
+   * (the others were terminated at the command). Its BootIncoming would decide nothing, so the
+   * child skips it and goes to the verdict at once (the winner is still journaled first).
+   */
+  readonly sole: () => boolean;
   /** The child asks for the coordinator's verdict (it may have been given already). */
   readonly awaitDecision: () => Promise<FanOutVerdict>;
 }
@@ -203,6 +209,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
         apply({ type: 'bootReady', dest, atMs: performance.now() - started });
       },
       awaitDecision: () => verdicts.get(dest)!.promise,
+      sole: () => pw?.selected?.length === 1 && pw.selected[0] === dest,
     });
     children.set(dest, handle);
     // A child that ends before its copy (denied, refused) is not waited for by a one-stream driver.

@@ -342,7 +342,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       actions: {
         journalPhase: (_: unknown, params: { phase: string }) => this.journalPhase('source', id, params.phase),
         reportProgress: (_: unknown, params: { phase: string }) => this.progress(key('source', id), { phase: params.phase }),
+        readyWithoutBoot: () => fanOut?.bootReady(),
       },
+      guards: { bootSkipped: () => fanOut?.sole() === true },
     });
     const startedAt = Date.now();
     const actor = createActor(machine, { input });

@@ -4,7 +4,7 @@
  * which provides the named actors (`SourceSteps`) and the `journalPhase` / `reportProgress`
  * actions with `machine.provide`.
  */
-import { assign, fromPromise, setup } from 'xstate';
+import { and, assign, fromPromise, setup } from 'xstate';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
 import type { DirtyRoundResult, FanOutVerdict, MigrateVmResult, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
 
@@ -128,6 +128,11 @@ const sourceSetup = setup({
     journalPhase: (_: unknown, _params: PhaseParams) => {},
     /** Provided by the service: tell watchers (CLI, events) where the migration is. */
     reportProgress: (_: unknown, _params: PhaseParams) => {},
+    /**
+     * Provided by the service (fan-out child, `bootSkipped`): tell the coordinator this child is its
+     * only candidate and ready, as a BootReady would, without asking the destination to boot.
+     */
+    readyWithoutBoot: () => {},
     markPhase: assign(({ context }, params: PhaseParams) => ({ marks: [...context.marks, { phase: params.phase, at: Date.now() }] })),
     setOutcome: assign((_, params: { readonly outcome: MigrationOutcome }) => ({ outcome: params.outcome })),
     recordDenied: assign(({ event }) => ({ reason: `denied by target: ${outputOf<{ reason?: string }>(event).reason ?? 'no reason given'}` })),
@@ -173,6 +178,12 @@ const sourceSetup = setup({
     },
     targetCommitted: ({ event }) => outputOf<'committed' | 'notCommitted'>(event) === 'committed',
     chosen: ({ event }) => outputOf<FanOutVerdict>(event).commit,
+    /**
+     * Provided by the service (fan-out child): no other destination can win any more (a pre-warm's
+     * command named this one alone), so BootIncoming would decide nothing: the child goes straight
+     * to the coordinator's verdict (the winner journaled) and commits as a single migration does.
+     */
+    bootSkipped: () => false,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,
@@ -226,6 +237,8 @@ const built = new Map<boolean, ReturnType<typeof buildSourceMachine>>();
 
 function buildSourceMachine(fanOut: boolean) {
   const afterFinalRound = fanOut ? '#source.booting' : '#source.completing';
+  // A fan-out child with nothing left to race (bootSkipped) is ready once its final round is in.
+  const skipBoot = { target: '#source.awaitingDecision', actions: 'readyWithoutBoot' } as const;
   return sourceSetup.createMachine({
     id: 'source',
     initial: 'requesting',
@@ -285,7 +298,11 @@ function buildSourceMachine(fanOut: boolean) {
         invoke: {
           src: 'migrateVm',
           input: ({ context }) => context.input,
-          onDone: [{ guard: 'finalRoundAtSwitch', target: afterFinalRound, actions: 'recordFinalAtSwitch' }, { target: 'syncingDirty' }],
+          onDone: [
+            ...(fanOut ? ([{ guard: and(['finalRoundAtSwitch', 'bootSkipped']), target: skipBoot.target, actions: ['recordFinalAtSwitch', skipBoot.actions] }] as const) : []),
+            { guard: 'finalRoundAtSwitch', target: afterFinalRound, actions: 'recordFinalAtSwitch' },
+            { target: 'syncingDirty' },
+          ],
           onError: rollBackOnError('migrateVm'),
         },
         ...rollBackOn('migrateVm', 'vmTimeout'),
@@ -314,7 +331,10 @@ function buildSourceMachine(fanOut: boolean) {
             invoke: {
               src: 'sendDirtyObjects',
               input: ({ context }) => ({ ...context.input, round: context.round, final: true }),
-              onDone: { target: afterFinalRound, actions: { type: 'recordRound', params: { final: true } } },
+              onDone: [
+                ...(fanOut ? ([{ guard: 'bootSkipped', target: skipBoot.target, actions: [{ type: 'recordRound', params: { final: true } }, skipBoot.actions] }] as const) : []),
+                { target: afterFinalRound, actions: { type: 'recordRound', params: { final: true } } },
+              ],
               onError: rollBackOnError('sendDirtyObjects'),
             },
             after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
@@ -384,7 +404,8 @@ export interface SourceMachineOptions {
    * A child of a migration to several destinations (core/mobility/fan-out.ts): after its final
    * round it sends BootIncoming (`booting`) and waits for the coordinator (`awaitingDecision`)
    * instead of completing; chosen, it completes as a single migration does, else it rolls back
-   * with the coordinator's reason. Without it the machine is the single-destination one, unchanged.
+   * with the coordinator's reason. With `bootSkipped` (nothing left to race) it skips `booting`.
+   * Without it the machine is the single-destination one, unchanged.
    */
   readonly fanOut?: boolean;
 }

@@ -408,7 +408,9 @@ export class SourceSide implements SourceSteps {
       // goes at the switch, and the final DirtyObjects round right after it (the VM is paused
       // there, the embots frozen since holding), while the driver finishes its copy, instead of
       // two or more round trips after it. Events held after that round are forwarded at finishing.
-      const memoryAtSwitch = !this.o.fanOut && host.driver.capabilities.incomingPages === undefined;
+      // A fan-out child too: the coordinator held the events and froze the embots before any switch
+      // (a pre-warm's at its command, before the hold lifts), and each child sends its own round.
+      const memoryAtSwitch = host.driver.capabilities.incomingPages === undefined;
       let earlyMemory: Promise<ReplyOf<'VmMemory'>> | undefined;
       let finalRound: Promise<DirtyRoundResult | undefined> | undefined;
       const memoryDone = (rounds: number): Promise<ReplyOf<'VmMemory'>> =>

@@ -18,7 +18,8 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 type Behaviour = 'ok' | 'reject' | 'hang' | { readonly value: unknown };
 
-function start(boot: Behaviour, decision: Behaviour) {
+/** `sole`: the coordinator says no other destination can win (bootSkipped); `atSwitch`: migrateVm sent the final round at the switch. */
+function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolean; readonly atSwitch?: boolean } = {}) {
   const journal: SourcePhase[] = [];
   const calls: string[] = [];
   let rollBackReason: string | undefined;
@@ -37,7 +38,7 @@ function start(boot: Behaviour, decision: Behaviour) {
       holdEvents: ok('holdEvents'),
       sendManagementState: ok('sendManagementState'),
       sendEventState: ok('sendEventState'),
-      migrateVm: ok('migrateVm'),
+      migrateVm: ok('migrateVm', o.atSwitch ? { finalRound: { changedElements: 1, events: 2 } } : {}),
       sendDirtyObjects: ok('sendDirtyObjects', { changedElements: 0, events: 0 }),
       completeMigration: ok('completeMigration'),
       resolveOutcome: ok('resolveOutcome', 'committed'),
@@ -49,7 +50,8 @@ function start(boot: Behaviour, decision: Behaviour) {
       bootIncoming: step('bootIncoming', boot, { bootMs: 3 }),
       awaitDecision: step('awaitDecision', decision, { commit: true } satisfies FanOutVerdict),
     } as never,
-    actions: { journalPhase: (_, params) => void journal.push(params.phase) },
+    actions: { journalPhase: (_, params) => void journal.push(params.phase), readyWithoutBoot: () => void calls.push('readyWithoutBoot') },
+    guards: { bootSkipped: () => o.sole === true },
   });
   const actor = createActor(machine, { input: INPUT, inspect: coverage.inspect }).start();
   const until = async (pred: () => boolean) => {
@@ -77,6 +79,43 @@ describe('source machine, fan-out child', () => {
     expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'booting', 'awaitingDecision', 'completing', 'finishing', 'completed']);
     // MigrationComplete only after BootIncoming and the verdict.
     expect(m.calls.slice(-4)).toEqual(['bootIncoming', 'awaitDecision', 'completeMigration', 'finishSource']);
+  });
+
+  it('nothing left to race (bootSkipped): no BootIncoming; the coordinator hears it is ready, then its verdict commits', async () => {
+    const m = start('reject', 'ok', { sole: true });
+    const out = await m.finish();
+    expect(out.outcome).toBe('completed');
+    expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'awaitingDecision', 'completing', 'finishing', 'completed']);
+    expect(m.calls).not.toContain('bootIncoming');
+    // Ready is reported before the verdict is awaited: the coordinator journals the winner, then answers.
+    expect(m.calls.slice(-4)).toEqual(['readyWithoutBoot', 'awaitDecision', 'completeMigration', 'finishSource']);
+  });
+
+  it('the final round sent at the switch (qemu): booting next, or straight to the verdict when nothing is left to race', async () => {
+    const raced = start('ok', 'ok', { atSwitch: true });
+    const a = await raced.finish();
+    expect(a.outcome).toBe('completed');
+    expect(raced.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'booting', 'awaitingDecision', 'completing', 'finishing', 'completed']);
+    expect(a.rounds).toEqual([{ changedElements: 1, events: 2, round: 0, final: true }]);
+    expect(raced.calls).not.toContain('sendDirtyObjects');
+
+    const sole = start('reject', 'ok', { atSwitch: true, sole: true });
+    const b = await sole.finish();
+    expect(b.outcome).toBe('completed');
+    expect(sole.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'awaitingDecision', 'completing', 'finishing', 'completed']);
+    expect(b.rounds).toEqual([{ changedElements: 1, events: 2, round: 0, final: true }]);
+    expect(sole.calls).not.toContain('bootIncoming');
+    expect(sole.calls).not.toContain('sendDirtyObjects');
+    expect(sole.calls.slice(-4)).toEqual(['readyWithoutBoot', 'awaitDecision', 'completeMigration', 'finishSource']);
+  });
+
+  it('nothing left to race but the verdict is a termination (the pre-warm cancelled meanwhile): rolls back, no MigrationComplete', async () => {
+    const reason = 'terminated: the migrate command failed (boom)';
+    const m = start('ok', { value: { commit: false, reason } satisfies FanOutVerdict }, { sole: true, atSwitch: true });
+    const out = await m.finish();
+    expect(out).toMatchObject({ outcome: 'aborted', reason });
+    expect(m.calls).not.toContain('completeMigration');
+    expect(m.calls).not.toContain('bootIncoming');
   });
 
   it('terminated: rolls back with the verdict reason word for word, never sends MigrationComplete', async () => {
@@ -129,8 +168,13 @@ describe('source machine, fan-out child', () => {
 });
 
 describe('source machine, fan-out child: coverage', () => {
-  it('took every transition out of booting and awaitingDecision', () => {
-    const ours = [...allTransitions(createSourceMachine({ fanOut: true }))].filter((k) => k.startsWith('source.booting|') || k.startsWith('source.awaitingDecision|'));
+  it('took every transition out of booting and awaitingDecision, and every way after the final round', () => {
+    const ours = [...allTransitions(createSourceMachine({ fanOut: true }))].filter(
+      (k) =>
+        k.startsWith('source.booting|') ||
+        k.startsWith('source.awaitingDecision|') ||
+        ((k.startsWith('source.migratingVm|') || k.startsWith('source.syncingDirty.finalRound|')) && k.includes('|xstate.done.actor.')),
+    );
     expect(ours.filter((k) => !coverage.taken.has(k))).toEqual([]);
     expect(coverage.visited.has('source.booting')).toBe(true);
     expect(coverage.visited.has('source.awaitingDecision')).toBe(true);
