@@ -168,7 +168,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         `${guest.label}: load average (1 min) during the runs ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`,
       );
     }
-    notes.push('the warm path goes through the fan-out (relay, BootIncoming, decision) even for one destination; the cold one is QEMU\'s direct stream');
+    notes.push('the warm path goes through the fan-out even for one destination (the relay, the decision journaled; no BootIncoming: the command named b alone); the cold one is QEMU\'s direct stream. Both send VmMemory and the final round while QEMU is paused at pre-switchover');
     return { title, rows, notes };
   } finally {
     await pair?.stop();
