@@ -2,7 +2,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll } from 'vitest';
+import { afterAll, afterEach } from 'vitest';
 import { GUEST_IMAGE } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { killPid, pidAlive, runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { isSpareDir } from '../../effectors/hypervisor/qemu/spare-incoming.ts';
@@ -114,6 +114,28 @@ export function qemuProcesses(): QemuProcesses {
     spares,
     killAll,
   };
+}
+
+/**
+ * A QEMU test file's set-up in one call: whether QEMU is here ({@link requireQemu}), every QEMU it
+ * starts tracked ({@link qemuProcesses}), and after each test, also a failed one, `before` (stopping
+ * the test's agents, which would restart or re-attach what is killed under them) and then a kill of
+ * every QEMU left.
+ *
+ * @example
+ * ```ts
+ * let cluster: Cluster | undefined;
+ * const { run, qemus } = qemuTestFile(async () => { await cluster?.stop(); cluster = undefined; });
+ * ```
+ */
+export function qemuTestFile(before?: () => Promise<void>): { readonly run: boolean; readonly qemus: QemuProcesses } {
+  const run = requireQemu();
+  const qemus = qemuProcesses();
+  afterEach(async () => {
+    await before?.();
+    await qemus.killAll();
+  });
+  return { run, qemus };
 }
 
 /** Live spare incoming QEMUs in one driver root (an agent's `qemu.stateDir`). */

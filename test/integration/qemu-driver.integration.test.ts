@@ -3,7 +3,7 @@ import { rejection } from '../harness/expect-code.ts';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import type { VmStateChange } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
@@ -12,14 +12,12 @@ import { QemuProcess, pidAlive, vmFiles } from '../../effectors/hypervisor/qemu/
 import { QmpClient, type QmpEvent } from '../../effectors/hypervisor/qemu/qmp-client.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
-import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
 // VMs outlive their driver by design: each test ends with none of its QEMUs left.
-afterEach(() => qemus.killAll());
 
 function driver(root = qemus.root(), options: Partial<ConstructorParameters<typeof QemuDriver>[0]> = {}): QemuDriver {
   const d = new QemuDriver({ root, accel: 'tcg', ...options });

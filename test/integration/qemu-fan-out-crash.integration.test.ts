@@ -12,7 +12,7 @@
  * QEMU_FANOUT_VICTIMS=a,c picks victims, e.g. to replay a failing case.
  */
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { sleep, waitFor } from '../harness/agent-process.ts';
@@ -20,19 +20,12 @@ import type { Cluster } from '../harness/cluster.ts';
 import { counterOf } from '../harness/counter-stream.ts';
 import { ownerFollowingProducer } from '../harness/owner-following-producer.ts';
 import { guestWithCounter, qemuFanOutCluster } from '../harness/qemu-fan-out-cluster.ts';
-import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 import { prng } from '../harness/prng.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
-
 let cluster: Cluster | undefined;
-afterEach(async () => {
-  await cluster?.stop();
-  cluster = undefined;
-  await qemus.killAll();
-});
+const { run, qemus } = qemuTestFile(async () => { await cluster?.stop(); cluster = undefined; });
 
 type Victim = 'a' | 'b' | 'c';
 /** One seed per victim in CI (a: 2628 ms, mid-stream; b: 4617 ms, around its boot and commit; c: 1440 ms, early in the stream). */

@@ -5,7 +5,7 @@
  * Real agents, real QEMU (TCG), the project's dirty guest.
  */
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
@@ -14,18 +14,11 @@ import type { Cluster } from '../harness/cluster.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
 import { guestWithCounter as guestNamed, qemuFanOutCluster as qemuCluster } from '../harness/qemu-fan-out-cluster.ts';
-import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
-
 let cluster: Cluster | undefined;
-afterEach(async () => {
-  await cluster?.stop();
-  cluster = undefined;
-  await qemus.killAll();
-});
+const { run, qemus } = qemuTestFile(async () => { await cluster?.stop(); cluster = undefined; });
 
 const guestWithCounter = (a: AgentProcess, root: string, boot?: string): Promise<void> => guestNamed(a, root, 'g1', boot);
 

@@ -1,16 +1,14 @@
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { QemuDriver, type QemuDriverOptions } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import type { QmpClient } from '../../effectors/hypervisor/qemu/qmp-client.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
-import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
-afterEach(() => qemus.killAll());
 
 function hosts(options: Partial<QemuDriverOptions> = {}): { source: QemuDriver; target: QemuDriver } {
   const root = qemus.root();

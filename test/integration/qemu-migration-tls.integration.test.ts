@@ -1,7 +1,7 @@
 import { join } from 'node:path';
 import { rejection } from '../harness/expect-code.ts';
 import { rmSync } from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import type { QemuTlsFiles } from '../../effectors/hypervisor/qemu/migration-tls.ts';
@@ -10,13 +10,11 @@ import { pidAlive } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { makeTlsFixture, type TlsFixture } from '../harness/cluster-tls.ts';
-import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
-afterEach(() => qemus.killAll());
 
 const spec = (name: string): QemuVmSpec => ({ name, memory: 64 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 } });
 

@@ -1,6 +1,6 @@
 import { join } from 'node:path';
 import { rejection } from '../harness/expect-code.ts';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
 import type { MigrationProgress, VmStateChange } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
@@ -8,13 +8,11 @@ import { QemuDriver, type QemuDriverOptions } from '../../effectors/hypervisor/q
 import { pidAlive } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
-import { heartbeat, qemuProcesses, requireQemu, serialBytes } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile, serialBytes } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
-afterEach(() => qemus.killAll());
 
 /** Two drivers on loopback, as a source host and a target host with roots of their own. */
 function hosts(options: Partial<QemuDriverOptions> = {}): { source: QemuDriver; target: QemuDriver } {

@@ -1,26 +1,19 @@
 import { readFileSync } from 'node:fs';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { pidAlive, runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import { Cluster } from '../harness/cluster.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, sparesIn } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuAgentConfig, qemuTestFile, sparesIn } from '../harness/qemu-processes.ts';
 import { RawPeer } from '../harness/raw-peer.ts';
 import { startMigration } from '../harness/migration-frames.ts';
 import { loadClusterSecret } from '../../core/wire/index.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
-
 let cluster: Cluster | undefined;
-afterEach(async () => {
-  await cluster?.stop();
-  cluster = undefined;
-  await qemus.killAll();
-});
+const { run, qemus } = qemuTestFile(async () => { await cluster?.stop(); cluster = undefined; });
 
 
 

@@ -1,23 +1,16 @@
 import { join } from 'node:path';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { waitFor } from '../harness/agent-process.ts';
 import { Cluster, migrate } from '../harness/cluster.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, sparesIn } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuAgentConfig, qemuTestFile, sparesIn } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
-
 let cluster: Cluster | undefined;
-afterEach(async () => {
-  await cluster?.stop();
-  cluster = undefined;
-  await qemus.killAll();
-});
+const { run, qemus } = qemuTestFile(async () => { await cluster?.stop(); cluster = undefined; });
 
 
 

@@ -5,7 +5,7 @@
  * (TCG), the dirty guest.
  */
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { PrewarmGate } from '../../effectors/hypervisor/prewarm-gate.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
@@ -14,13 +14,11 @@ import { HEAVY_DIRTY_RATE, reserveBytes } from '../../effectors/hypervisor/qemu/
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { waitFor } from '../harness/agent-process.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
-import { heartbeat, qemuProcesses, requireQemu, serialBytes } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile, serialBytes } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
-afterEach(() => qemus.killAll());
 
 function drivers(): { a: QemuDriver; b: QemuDriver; c: QemuDriver } {
   const root = qemus.root();

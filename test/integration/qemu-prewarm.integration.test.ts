@@ -5,7 +5,7 @@
  * the sim's prewarm.integration test: the switch, bad input, cancel, the source SIGKILLed.
  */
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 import type { PrewarmInfo } from '../../core/mobility/prewarm.ts';
@@ -18,19 +18,12 @@ import { cliHere } from '../harness/cli-in-process.ts';
 import { Cluster } from '../harness/cluster.ts';
 import { counterOf, tickProducer, type SequencedPoster } from '../harness/counter-stream.ts';
 import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, serialBytes } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuAgentConfig, qemuTestFile, serialBytes } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
 const VM_BYTES = 64 * MiB;
-const run = requireQemu();
-const qemus = qemuProcesses();
-
 let cluster: Cluster | undefined;
-afterEach(async () => {
-  await cluster?.stop();
-  cluster = undefined;
-  await qemus.killAll();
-});
+const { run, qemus } = qemuTestFile(async () => { await cluster?.stop(); cluster = undefined; });
 
 /** Agents a, b, c `--driver qemu` (TCG), no spare incoming QEMU (every QEMU counted is a VM's), the counter fixture. */
 async function qemuCluster(root: string, tls = false): Promise<Cluster> {

@@ -1,16 +1,14 @@
 import net from 'node:net';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { pidAlive, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
-import { heartbeat, qemuProcesses, requireQemu } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
-afterEach(() => qemus.killAll());
 
 const spec = (name: string): QemuVmSpec => ({ name, memory: 32 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 } });
 

@@ -1,6 +1,6 @@
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { pidAlive } from '../../effectors/hypervisor/qemu/qemu-process.ts';
@@ -9,13 +9,11 @@ import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { waitFor as waitForValue } from '../harness/agent-process.ts';
 import { Cluster } from '../harness/cluster.ts';
-import { heartbeat, qemuAgentConfig, qemuProcesses, requireQemu, sparesIn } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuAgentConfig, qemuTestFile, sparesIn } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
-const run = requireQemu();
-const qemus = qemuProcesses();
+const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
-afterEach(() => qemus.killAll());
 
 const SHAPE: SpareShape = { memory: 64 * MiB, vcpus: 1 };
 const spec = (name: string, memory = 64 * MiB): QemuVmSpec => ({ name, memory, vcpus: 1, testGuest: { delayLoops: 2000 } });
