@@ -4,9 +4,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach } from 'vitest';
 import { GUEST_IMAGE } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { killPid, pidAlive, runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { isSpareDir } from '../../effectors/hypervisor/qemu/spare-incoming.ts';
 import { REPO } from './agent-process.ts';
+import type { Cleanups } from './cleanups.ts';
 
 export const QEMU_BINARY = 'qemu-system-x86_64';
 
@@ -136,6 +138,18 @@ export function qemuTestFile(before?: () => Promise<void>): { readonly run: bool
     await qemus.killAll();
   });
   return { run, qemus };
+}
+
+/** One TCG driver per name, as hosts with roots of their own under one fresh root; each closed by `cleanups` after the test. */
+export function qemuDrivers<N extends string>(qemus: QemuProcesses, cleanups: Cleanups, names: readonly N[]): Record<N, QemuDriver> {
+  const root = qemus.root();
+  return Object.fromEntries(
+    names.map((n) => {
+      const d = new QemuDriver({ root: join(root, n), accel: 'tcg' });
+      cleanups.push(() => d.close());
+      return [n, d];
+    }),
+  ) as Record<N, QemuDriver>;
 }
 
 /** Live spare incoming QEMUs in one driver root (an agent's `qemu.stateDir`). */

@@ -2,7 +2,6 @@
  * The qemu driver's fanOut capability on its own (issue 13): one source driver, two target
  * drivers, one QEMU stream through the relay, real QEMU (TCG), the dirty guest.
  */
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
@@ -10,7 +9,7 @@ import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { rejection } from '../harness/expect-code.ts';
-import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuDrivers, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
 const { run, qemus } = qemuTestFile();
@@ -18,15 +17,7 @@ const cleanups = cleanupsAfterEach();
 
 const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 } };
 
-function drivers(): { a: QemuDriver; b: QemuDriver; c: QemuDriver } {
-  const root = qemus.root();
-  const make = (n: string): QemuDriver => {
-    const d = new QemuDriver({ root: join(root, n), accel: 'tcg' });
-    cleanups.push(() => d.close());
-    return d;
-  };
-  return { a: make('a'), b: make('b'), c: make('c') };
-}
+const drivers = (): Record<'a' | 'b' | 'c', QemuDriver> => qemuDrivers(qemus, cleanups, ['a', 'b', 'c']);
 
 /** `fo` running (heart beating) at a, incoming QEMUs waiting at b and c, and a's fan-out session to them. */
 async function fanOutFromRunningA() {

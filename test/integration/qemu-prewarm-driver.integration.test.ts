@@ -14,21 +14,13 @@ import { HEAVY_DIRTY_RATE, reserveBytes } from '../../effectors/hypervisor/qemu/
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { waitFor } from '../harness/agent-process.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
-import { heartbeat, qemuTestFile, serialBytes } from '../harness/qemu-processes.ts';
+import { heartbeat, qemuDrivers, qemuTestFile, serialBytes } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
 const { run, qemus } = qemuTestFile();
 const cleanups = cleanupsAfterEach();
 
-function drivers(): { a: QemuDriver; b: QemuDriver; c: QemuDriver } {
-  const root = qemus.root();
-  const make = (n: string): QemuDriver => {
-    const d = new QemuDriver({ root: join(root, n), accel: 'tcg' });
-    cleanups.push(() => d.close());
-    return d;
-  };
-  return { a: make('a'), b: make('b'), c: make('c') };
-}
+const drivers = (): Record<'a' | 'b' | 'c', QemuDriver> => qemuDrivers(qemus, cleanups, ['a', 'b', 'c']);
 
 async function warmFromRunningA(spec: QemuVmSpec, beats = 2) {
   const { a, b, c } = drivers();
