@@ -208,7 +208,9 @@ export class SourceSide implements SourceSteps {
     this.host.journal.notes(input.migrationId, 'source', { wasRunning: this.wasRunning, scope: this.scope });
     // The VM's image is built at the target first (issue 14): a failure ends the migration here,
     // before any link is dialled or anything held, so the VM keeps running as it was.
-    if (!this.o.fanOut) this.stats.imageBuild = await this.host.prepareTarget?.(this.o.vm, this.o.target);
+    // A fan-out's children each build at their own destination, concurrently: a build that fails
+    // drops that destination only, as any failure of one child does.
+    this.stats.imageBuild = await this.host.prepareTarget?.(this.o.vm, this.o.target);
     const elements = this.o.fanOut ? this.o.fanOut.shared.elementsForStart() : this.host.objects.serialize(this.vmElement);
     const early = this.o.openPath({ name: PRIMARY_PATH, url: this.o.targetUrl });
     // Until migrateVm awaits it, a failure to dial is nobody's error yet: it surfaces there, as PATH_SETUP_FAILED.

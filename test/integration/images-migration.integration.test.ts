@@ -24,6 +24,7 @@ let root: string;
 const dirs: Record<string, string> = {};
 let web: Buffer;
 let base: Buffer;
+let fan: Buffer;
 
 async function catalogue(): Promise<readonly { name: string; size: number; hosts: readonly string[] }[]> {
   return (await cluster.agent('a').client.images()).group?.images ?? [];
@@ -38,6 +39,8 @@ beforeAll(async () => {
   writeImage(path.join(dirs.b!, 'web.img'), web);
   writeImage(path.join(dirs.b!, 'gone.img'), randomImage(16, BS));
   writeImage(path.join(dirs.b!, 'chg.img'), randomImage(16, BS));
+  fan = randomImage(32, BS);
+  writeImage(path.join(dirs.b!, 'fan.img'), fan);
   writeImage(path.join(dirs.c!, 'base.img'), base);
   cluster = await Cluster.start(NAMES, {
     config: (n) => ({
@@ -56,7 +59,7 @@ beforeAll(async () => {
   await waitFor(
     async () => {
       const c = await catalogue();
-      return (c.find((i) => i.name === 'gone.img')?.hosts.includes('b') && c.find((i) => i.name === 'base.img')?.hosts.includes('c')) || undefined;
+      return (c.find((i) => i.name === 'gone.img')?.hosts.includes('b') && c.find((i) => i.name === 'fan.img')?.hosts.includes('b') && c.find((i) => i.name === 'base.img')?.hosts.includes('c')) || undefined;
     },
     15_000,
     'b and c in the index',
@@ -123,6 +126,24 @@ describe('a migration builds the VM image at its target first', () => {
     expect(info.summary?.memoryBytes ?? 0).toBe(0);
     expect((await cluster.agent('b').client.listVms()).find((v) => v.name === 'w6')?.state).toBe('running');
     expect(existsSync(path.join(dirs.c!, 'chg.img'))).toBe(false);
+  }, 90_000);
+
+  it('to several destinations (--to c,d): each destination builds the image before its copy, the winner runs the VM on it', async () => {
+    const b = cluster.agent('b').url;
+    expect((await runCli(['vm', 'create', 'w7', '--image', 'fan.img', '--memory', '16M', '--agent', b])).code).toBe(0);
+    expect((await runCli(['vm', 'start', 'w7', '--agent', b])).code).toBe(0);
+    const r = await runCli(['migrate', 'w7', '--to', 'c,d', '--json', '--agent', b]);
+    expect(r.code, r.stderr).toBe(0);
+    const info = JSON.parse(r.stdout) as MigrationInfo;
+    expect(info.outcome, info.reason).toBe('completed');
+    const winner = info.summary?.winner;
+    expect(['c', 'd']).toContain(winner);
+    // Both built it (the loser keeps the image it built, as any host keeps a built image).
+    for (const n of ['c', 'd']) expect(Buffer.compare(readFileSync(path.join(dirs[n]!, 'fan.img')), fan), n).toBe(0);
+    expect((await cluster.agent(winner!).client.listVms()).find((v) => v.name === 'w7')?.state).toBe('running');
+    // And the winner knows the VM's image for the next move: placement asked there ranks by fan.img.
+    const placed = JSON.parse((await runCli(['place', 'w7', '--candidates', 'c,d', '--json', '--agent', cluster.agent(winner!).url])).stdout) as { host: string; cost: number }[];
+    expect(placed.map((p) => p.cost)).toEqual([0, 0]);
   }, 90_000);
 
   it('a target that holds the image already fetches nothing and rewrites nothing; the summary says so', async () => {
