@@ -5,7 +5,7 @@
 import { InvalidArgumentError, type Command } from 'commander';
 import type { BuildJob, BuildSummary, ImagesReport, PlacementReport } from '../../images/index.ts';
 import type { ControlClient } from '../control/client.ts';
-import { EmbotError, ErrorCodes } from '../errors.ts';
+import { ConfigError, EmbotError, ErrorCodes } from '../errors.ts';
 import { clientOptions, type CliContext, type ClientFlags } from './context.ts';
 import { formatBytes, formatTable } from './format.ts';
 
@@ -53,13 +53,14 @@ export function registerImageCommands(program: Command, ctx: CliContext, setExit
 
   clientOptions(
     program
-      .command('place <vm>')
-      .description("rank candidate hosts for VM by the network cost of building its image there, with CPU and free memory beside it")
+      .command('place [vm]')
+      .description("rank candidate hosts for VM (or for --image IMG alone) by the network cost of building its image there, with CPU and free memory beside it")
       .option('--candidates <hosts>', "HOST,HOST… (default: the index group's members but this agent)", parseHosts)
       .option('--policy <policy>', 'cheapest | top:X[:cpu|memory] (best by the metric among the X cheapest) | within:PERCENT[:cpu|memory] (best by the metric among those at most PERCENT % costlier)', 'cheapest')
       .option('--image <name>', "rank for this image instead of the VM's"),
-  ).action(async (vm: string, opts: PlaceFlags) => {
-    const report = await ctx.client(opts).place({ vm, policy: opts.policy, ...(opts.image ? { image: opts.image } : {}), ...(opts.candidates ? { candidates: opts.candidates } : {}) });
+  ).action(async (vm: string | undefined, opts: PlaceFlags) => {
+    if (vm === undefined && !opts.image) throw new ConfigError(ErrorCodes.CLI_USAGE, 'place needs a VM or --image IMG: what should be built at the candidates?');
+    const report = await ctx.client(opts).place({ ...(vm === undefined ? {} : { vm }), policy: opts.policy, ...(opts.image ? { image: opts.image } : {}), ...(opts.candidates ? { candidates: opts.candidates } : {}) });
     if (opts.json) ctx.json(report.candidates);
     else ctx.out(renderPlacement(report));
   });

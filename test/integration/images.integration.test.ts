@@ -105,6 +105,13 @@ describe('images across real agents', () => {
     expect(ranked.every((c) => typeof c.cpu === 'number' && c.freeMemory > 0)).toBe(true);
     const text = await runCli(['place', 'any-vm', '--image', 'web.img', '--candidates', 'd,c,b', '--policy', 'top:2:memory', '--agent', cluster.agent('a').url]);
     expect(text.stdout).toMatch(/RANK\s+HOST\s+COST\s+CPU\s+FREE MEMORY/);
+    // An image alone is enough; neither a VM nor an image is a usage error.
+    const imageOnly = await runCli(['place', '--image', 'web.img', '--candidates', 'd,c,b', '--json', '--agent', cluster.agent('a').url]);
+    expect(imageOnly.code, imageOnly.stderr).toBe(0);
+    expect((JSON.parse(imageOnly.stdout) as { host: string }[]).map((c) => c.host)).toEqual(['b', 'c', 'd']);
+    const nothing = await runCli(['place', '--agent', cluster.agent('a').url]);
+    expect(nothing.code).toBe(2);
+    expect(nothing.stderr).toContain('EMBOT_ERR_CLI_USAGE');
   }, 30_000);
 
   it('a holder SIGKILLed mid-build (real process, killed at its second block request): its blocks come from the next holder; the indexer stops offering it', async () => {
