@@ -112,6 +112,10 @@ describe('pre-warm', () => {
     expect(s.winner).toBe('b');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    // Named alone, b had nothing to race: no BootIncoming, straight to the verdict (the winner journaled) and the commit.
+    const phasesB = by['b']!.phases.map((p) => p.phase);
+    expect(phasesB).not.toContain('booting');
+    expect(phasesB).toContain('awaitingDecision');
     // What c received while warming counts (it once showed only the management bytes of its last try).
     expect(by['c']!.bytes).toBeGreaterThanOrEqual(copiedC);
     expect(by['c']!.bytes).toBeGreaterThan(VM_BYTES);

@@ -81,6 +81,9 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     expect(s.winner).toBe('d');
     const by = Object.fromEntries(s.destinations!.map((x) => [x.name, x]));
     expect(by['d']).toMatchObject({ outcome: 'won', migrationId: `${id}~d` });
+    // Its final round went at QEMU's switch (no syncingDirty after the copy); a race still boots before its verdict.
+    expect(by['d']!.phases.map((p) => p.phase)).toEqual(expect.arrayContaining(['booting', 'awaitingDecision']));
+    expect(by['d']!.phases.map((p) => p.phase)).not.toContain('syncingDirty');
     // b's refusal and d's BootReady race (both copies end together): b ends refused or terminated, never won.
     expect(['bootFailed', 'terminated'], JSON.stringify(s.destinations)).toContain(by['b']?.outcome);
     expect(by['c'], JSON.stringify(s.destinations)).toMatchObject({ outcome: 'terminated', reason: `terminated: d booted first (migration ${id})`, bootReadyMs: null });

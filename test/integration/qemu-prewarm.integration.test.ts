@@ -126,6 +126,12 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     expect(s.winner).toBe('b');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    // The switch as the single path makes it: VmMemory and the final round while QEMU was paused at
+    // pre-switchover (no syncingDirty after the copy), and no BootIncoming (b was named alone).
+    const phasesB = by['b']!.phases.map((p) => p.phase);
+    expect(phasesB).not.toContain('booting');
+    expect(phasesB).not.toContain('syncingDirty');
+    expect(phasesB).toContain('awaitingDecision');
     await waitFor(() => (ticks.acked >= s.events + 20 ? true : undefined), 30_000, 'events after the switch (forwarded by a)');
     await ticks.stop();
 
