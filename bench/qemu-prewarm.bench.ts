@@ -165,6 +165,8 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         `${guest.label}: cold runs (ms, command to running) ${runs(colds, (x) => x.ms)}, downtime ${runs(colds, (x) => x.s.downtimeMs ?? 0)}; warm ${runs(warms, (x) => x.ms)}, downtime ${runs(warms, (x) => x.s.downtimeMs ?? 0)}; pre-warm to warm ${runs(warms, (x) => x.warmUpMs ?? 0)}`,
         `${guest.label}: memory bytes in the summary (median MiB) cold ${(median(colds.map((x) => x.s.memoryBytes)) / MiB).toFixed(1)}, warm (whole pre-warm) ${(median(warms.map((x) => x.s.memoryBytes)) / MiB).toFixed(1)}`,
         `${guest.label}: phases (median ms) cold ${phaseMedians(colds)}; warm (winner child) ${phaseMedians(warms)}`,
+        // Where the downtime goes: QEMU's own (its STOP to its stream's completion at the source) and the agents' after it.
+        `${guest.label}: QEMU's downtime (STOP → completed, median ms) cold ${median(colds.map((x) => x.s.precopy?.copyDowntimeMs ?? 0))} (runs ${runs(colds, (x) => x.s.precopy?.copyDowntimeMs ?? 0)}), warm ${median(warms.map((x) => x.s.precopy?.copyDowntimeMs ?? 0))} (runs ${runs(warms, (x) => x.s.precopy?.copyDowntimeMs ?? 0)})`,
         `${guest.label}: load average (1 min) during the runs ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`,
       );
     }
