@@ -13,6 +13,16 @@ export async function expectClean(agent: AgentProcess): Promise<void> {
 }
 
 /**
+ * {@link expectClean} once `agent` has acted on what it was told: a loser's or an aborted
+ * destination's roll-back runs after the source's migration has ended, so right after it the
+ * destination may still hold the incoming VM for a moment. Fails if it is not clean in time.
+ */
+export async function expectCleanSoon(agent: AgentProcess, timeoutMs = 30_000): Promise<void> {
+  await waitFor(() => expectClean(agent).then(() => true, () => undefined), timeoutMs, `nothing of app left at ${agent.opts.name}`);
+  await expectClean(agent);
+}
+
+/**
  * More events at the owner (sequence numbers going on from `acked`), then: every acknowledged one
  * processed exactly once, in order.
  */
