@@ -186,36 +186,36 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
 
   // Every child's journal rows (its begin, its first phase) in one transaction; their requests go out after it.
   host.store.transaction(() => {
-  for (const dest of o.destinations) {
-    const cid = childId(id, dest);
-    const handle = o.startChild(dest, cid, {
-      shared,
-      move: (name, options) =>
-        s.migrateOut(
-          dest,
-          pw
-            ? {
-                ...options,
-                prewarm: pw.gate,
-                onProgress: (p) => {
-                  pw.record(dest, p);
-                  options.onProgress?.(p);
-                },
-              }
-            : options,
-        ),
-      bootReady: () => {
-        bootAt.set(dest, performance.now() - started);
-        apply({ type: 'bootReady', dest, atMs: performance.now() - started });
-      },
-      awaitDecision: () => verdicts.get(dest)!.promise,
-      sole: () => pw?.selected?.length === 1 && pw.selected[0] === dest,
-    });
-    children.set(dest, handle);
-    // A child that ends before its copy (denied, refused) is not waited for by a one-stream driver.
-    void handle.done.finally(() => s.withdraw?.(dest)).catch(() => undefined);
-    if (pw) void handle.done.finally(() => pw.end(dest));
-  }
+    for (const dest of o.destinations) {
+      const cid = childId(id, dest);
+      const handle = o.startChild(dest, cid, {
+        shared,
+        move: (name, options) =>
+          s.migrateOut(
+            dest,
+            pw
+              ? {
+                  ...options,
+                  prewarm: pw.gate,
+                  onProgress: (p) => {
+                    pw.record(dest, p);
+                    options.onProgress?.(p);
+                  },
+                }
+              : options,
+          ),
+        bootReady: () => {
+          bootAt.set(dest, performance.now() - started);
+          apply({ type: 'bootReady', dest, atMs: performance.now() - started });
+        },
+        awaitDecision: () => verdicts.get(dest)!.promise,
+        sole: () => pw?.selected?.length === 1 && pw.selected[0] === dest,
+      });
+      children.set(dest, handle);
+      // A child that ends before its copy (denied, refused) is not waited for by a one-stream driver.
+      void handle.done.finally(() => s.withdraw?.(dest)).catch(() => undefined);
+      if (pw) void handle.done.finally(() => pw.end(dest));
+    }
   });
   /** A pre-warm's command at work: the take-back waits for it (a detach half done must finish first). */
   let commandWork: Promise<void> | undefined;
