@@ -74,7 +74,7 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
         /* gone */
       }
     }
-    expect(decided.outcome).toBe('completed');
+    expect(decided.outcome, JSON.stringify(decided)).toBe('completed');
     const info = await a.client.waitMigration(id, { timeoutMs: 240_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
     const s = info.summary!;

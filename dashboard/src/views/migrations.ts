@@ -197,10 +197,10 @@ function parentOf(id: string): string | undefined {
   return at > 0 ? id.slice(0, at) : undefined;
 }
 
-/** Where a running pre-warm's panel goes in its card; the panel itself is placed by `keepCard`. */
+/** Where a running card's controls go (its pre-warm panel, or Cancel); `keepCard` places them. */
 const PANEL_SLOT = 'prewarm-slot';
 
-function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) => void, children: readonly MigrationInfo[]): HTMLElement {
+function migrationCard(m: MigrationInfo, state: State, children: readonly MigrationInfo[]): HTMLElement {
   const p = m.progress;
   const pw = m.outcome === null ? m.prewarm : undefined;
   const sum = m.summary;
@@ -216,7 +216,6 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
       outcomeBadge(m),
       badge(m.role, 'muted'),
       h('span', { class: 'muted mono' }, m.id),
-      running && m.role === 'source' && !pw ? h('button', { class: 'danger', onclick: () => onCancel(m.id) }, 'Cancel') : null,
     ),
     running && p ? h('progress', { max: 100, value: p.percent, class: 'migration-progress' }) : null,
     h('div', { class: 'phase-line' }, 'phase ', h('strong', { class: 'phase' }, m.phase), running && p ? ` — ${p.percent} %` : '', pw ? (pw.commandedAt === null ? ' — pre-warm: copies held until the switch' : ' — pre-warm: switching') : ''),
@@ -254,7 +253,8 @@ function migrationCard(m: MigrationInfo, state: State, onCancel: (id: string) =>
           `; total ${fmtMs(sum.totalMs)}`,
         )
       : null,
-    pw ? h('div', { hidden: true, 'data-slot': PANEL_SLOT }) : null,
+    // The card's controls (the pre-warm panel, or Cancel), placed by keepCard: they outlive the pushes.
+    running && (pw || m.role === 'source') ? h('div', { hidden: true, 'data-slot': PANEL_SLOT }) : null,
     sum?.destinations?.length ? destinationsTable(sum.destinations, sum.winner) : null,
     children.length && !sum?.destinations?.length && !pw ? h('div', { class: 'children', 'data-testid': 'destinations-live' }, h('strong', {}, 'destinations'), children.map(childRow)) : null,
     m.reason ? h('p', { class: 'error' }, m.reason) : null,
@@ -358,9 +358,15 @@ export function migrationsView(): View {
   // a click whose target left the document between mousedown and mouseup, and the held rounds push
   // several times a second, so a replaced card lost ticks and presses on its panel.
   const liveCards = new Map<string, HTMLElement>();
+  const cancelRows = new Map<string, HTMLElement>();
+  const cancelRowOf = (id: string): HTMLElement => {
+    let row = cancelRows.get(id);
+    if (!row) cancelRows.set(id, (row = h('div', { class: 'card-actions' }, h('button', { type: 'button', class: 'danger', onclick: () => onCancel(id) }, 'Cancel'))));
+    return row;
+  };
   const keepCard = (m: MigrationInfo, fresh: HTMLElement): HTMLElement => {
     const slot = fresh.querySelector(`:scope > [data-slot="${PANEL_SLOT}"]`);
-    const panel = m.prewarm ? prewarmPanelOf(m, m.prewarm) : undefined;
+    const panel = m.prewarm ? prewarmPanelOf(m, m.prewarm) : slot ? cancelRowOf(m.id) : undefined;
     const kept = liveCards.get(m.id);
     if (!kept || !panel || panel.parentNode !== kept) {
       if (slot) panel ? slot.replaceWith(panel) : slot.remove();
@@ -420,10 +426,11 @@ export function migrationsView(): View {
         if (p !== undefined && ids.has(p)) childrenOf.set(p, [...(childrenOf.get(p) ?? []), m]);
       }
       const all = every.filter((m) => { const p = parentOf(m.id); return p === undefined || !ids.has(p); });
-      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, onCancel, childrenOf.get(m.id) ?? []);
+      const card = (m: MigrationInfo): HTMLElement => migrationCard(m, state, childrenOf.get(m.id) ?? []);
       const running = all.filter((m) => m.outcome === null);
       for (const id of panels.keys()) if (!running.some((m) => m.id === id && m.prewarm)) panels.delete(id);
       for (const id of liveCards.keys()) if (!running.some((m) => m.id === id)) liveCards.delete(id);
+      for (const id of cancelRows.keys()) if (!running.some((m) => m.id === id)) cancelRows.delete(id);
       const liveNow = running.map((m) => keepCard(m, card(m)));
       // Re-inserting an unchanged list would detach every card: only a changed order is re-filled.
       const same = liveNow.length === live.children.length && liveNow.every((c, i) => live.children[i] === c);
