@@ -10,9 +10,12 @@
  * of RAM (or to LIMIT_MIB), spin DELAY_LOOPS times after each page, and write 'B' to the serial
  * port (0x3f8) after each full pass. After PASSES passes
  * (0 = never) it keeps the same loop and heartbeat but only reads the pages, so memory becomes
- * static while the guest still shows it runs.
+ * static while the guest still shows it runs; or, with HALT set, it writes 'H' to the serial
+ * port and halts (cli; hlt): memory static and the vCPU asleep, its core free (a benchmark of
+ * the migration stream alone wants that: a spinning TCG vCPU takes a whole core from it).
  *
  * Settings live in the image at fixed offsets (guest-image.ts patches them per VM):
+ *   0x1ec u32 HALT          after PASSES passes: 0 = read on, heartbeating; 1 = 'H', then halt
  *   0x1f0 u32 DELAY_LOOPS   spin iterations after each page write (0 = as fast as the CPU goes)
  *   0x1f4 u32 LIMIT_MIB     end of the range in MiB (0 = end of RAM less 4 MiB)
  *   0x1f8 u32 PASSES        passes that write (0 = forever)
@@ -112,7 +115,16 @@ page:
         jecxz   pass
         cmp     %ecx, %esi
         jb      pass
-        xor     %edi, %edi
+        /* HALT: say so on serial once, then sleep with interrupts off, so the vCPU thread leaves
+           its core to whatever else runs (a migration's threads) while memory stays as filled */
+        mov     halt, %ecx
+        jecxz   7f
+        mov     $'H', %al
+        out     %al, %dx
+8:      cli
+        hlt
+        jmp     8b
+7:      xor     %edi, %edi
         jmp     pass
 
         .p2align 3
@@ -126,7 +138,9 @@ gdt_desc:
 ram64k:
         .word   0
 
-        .org    0x1f0
+        .org    0x1ec
+halt:
+        .long   0
 delay_loops:
         .long   0
 limit_mib:

@@ -11,6 +11,8 @@ export const GUEST_RANGE_START = 1024 * 1024;
 export const GUEST_PAGE_SIZE = 4096;
 /** The heartbeat byte the guest writes to its serial port after every full pass. */
 export const GUEST_HEARTBEAT = 'B';
+/** The byte a guest with {@link GuestSettings.halt} writes once, as it halts. */
+export const GUEST_HALTED = 'H';
 /** The guest stops this far short of the end of RAM, where the firmware keeps its tables. */
 const FIRMWARE_TOP = 4 * 1024 * 1024;
 
@@ -20,6 +22,7 @@ export function guestRangeEnd(memory: number, limitMiB = 0): number {
   return limitMiB > 0 ? Math.min(end, limitMiB * 1024 * 1024) : end;
 }
 
+const OFFSET_HALT = 0x1ec;
 const OFFSET_DELAY = 0x1f0;
 const OFFSET_LIMIT = 0x1f4;
 const OFFSET_PASSES = 0x1f8;
@@ -32,6 +35,12 @@ export interface GuestSettings {
   readonly limitMiB?: number;
   /** Passes that write before the guest turns read-only, memory static (0 or absent = never). */
   readonly passes?: number;
+  /**
+   * After its `passes` (which must then be > 0): write {@link GUEST_HALTED} to serial and halt
+   * the vCPU (`cli; hlt`) instead of reading on. Memory is as filled and the vCPU thread sleeps,
+   * so a migration of the guest has the host's cores to itself. Absent/false: read on, heartbeating.
+   */
+  readonly halt?: boolean;
 }
 
 /**
@@ -54,6 +63,10 @@ export function writeGuestImage(dest: string, settings: GuestSettings = {}, sour
   image.writeUInt32LE(u32(settings.delayLoops, 'delayLoops'), OFFSET_DELAY);
   image.writeUInt32LE(u32(settings.limitMiB, 'limitMiB'), OFFSET_LIMIT);
   image.writeUInt32LE(u32(settings.passes, 'passes'), OFFSET_PASSES);
+  if (settings.halt !== undefined && typeof settings.halt !== 'boolean') throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `guest halt must be true or false, not ${String(settings.halt)}`, { details: { halt: String(settings.halt) } });
+  // passes 0 writes forever: a halt after it would never come, which is surely not what was meant.
+  if (settings.halt === true && !(settings.passes !== undefined && settings.passes > 0)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'guest halt needs passes > 0 (the passes that fill memory before it halts)', { details: { halt: true, passes: settings.passes ?? 0 } });
+  image.writeUInt32LE(settings.halt === true ? 1 : 0, OFFSET_HALT);
   writeFileSync(dest, image);
 }
 
