@@ -14,6 +14,7 @@ import type { Cluster } from '../harness/cluster.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
 import { guestWithCounter as guestNamed, qemuFanOutCluster as qemuCluster } from '../harness/qemu-fan-out-cluster.ts';
+import { guestRamResidentBytes } from '../harness/qemu-guest-ram.ts';
 import { heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
 
 const MiB = 1024 * 1024;
@@ -52,16 +53,20 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     const prod = tickProducer(() => a, 'app');
     await waitFor(() => prod.acked >= 20, 20_000, 'events before the move');
     const { id } = await a.client.migrate('app', ['b', 'c', 'd'], {});
-    // c is slow for real: its incoming QEMU is stopped (SIGSTOP) late in the stream, so the relay
-    // queues c's copy while b and d take theirs at the cap. Late, so what is left of the stream
-    // stays well under the relay's 64 MiB bound (c stays in the race instead of being dropped).
-    const progress = async (): Promise<number> => (await a.client.getMigration(`${id}~c`).catch(() => undefined))?.progress?.memoryBytes ?? 0;
-    await waitFor(async () => ((await progress()) > 40 * MiB ? true : undefined), 120_000, 'most of the first pass sent');
-    const cPid = runningPid(join(root, 'c', 'app'))!;
-    expect(cPid).toBeDefined();
+    // c is slow for real: its incoming QEMU is stopped (SIGSTOP) once the stream has filled the first
+    // MiBs of its guest RAM (its TLS session up, its copy under way), so the relay queues the rest of
+    // c's copy while b and d take theirs at the cap; what is left of the ~60 MiB stream stays under the
+    // relay's 64 MiB bound (c stays in the race instead of being dropped). Waited for on c's QEMU
+    // itself: a wait for c's migration record to pass 40 MiB stopped c after it had the whole stream
+    // on a loaded machine (the record is the source's view, pushed late), and c booted first.
+    const cPid = await waitFor(() => runningPid(join(root, 'c', 'app')), 120_000, "c's incoming QEMU");
+    const cFilled = (): number => guestRamResidentBytes(cPid, 64 * MiB) ?? 0;
+    await waitFor(() => cFilled() >= 4 * MiB || undefined, 120_000, "the stream's first 4 MiB in c's guest RAM");
     process.kill(cPid, 'SIGSTOP');
     let decided: Awaited<ReturnType<typeof a.client.getMigration>> | undefined;
     try {
+      // The stop landed mid-stream: c cannot finish its copy (nor boot) until its abort.
+      expect(cFilled()).toBeLessThan(48 * MiB);
       decided = await waitFor(async () => {
         const m = await a.client.getMigration(`${id}~d`).catch(() => undefined);
         return m?.outcome ? m : undefined;
