@@ -11,8 +11,8 @@
  * Runs alternate (direct, 1, 2, 3, direct, …) so load on this shared machine falls on all
  * alike; medians. Rows: the relay's cost (n = 1 against direct), and time to first boot with
  * 2 and 3 destinations against direct (issue target ≤ 1.2× with 2). `--candidates` adds to the
- * same loop the ways of relaying that were measured against it: the relay with Node's own 64 KiB
- * reads (as it was before its slab reads), and QEMU's `exec:` into a shell `cat` / `tee` (no JS on
+ * same loop the ways of relaying that were measured against it: the relay with QEMU writing into
+ * a unix socket (as it was before its loopback TCP source), and QEMU's `exec:` into a shell `cat` / `tee` (no JS on
  * the byte path; plaintext and without a bound per destination, so measured, not shipped). Called from qemu.bench.ts
  * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick] [--candidates]`.
  */
@@ -34,7 +34,7 @@ interface FanOutRun {
 }
 
 /** How the stream reaches the targets: QEMU straight to one; the agent's relay to n; or QEMU's `exec:` into a shell `tee` to n (no JS on the byte path; plaintext, no bound per destination: a candidate measured, not shipped). */
-export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relay64k' | 'exec'; readonly n: number };
+export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relayUnix' | 'exec'; readonly n: number };
 
 /** `exec:` URI duplicating the stream to every `tcp:HOST:PORT` with bash's /dev/tcp: `cat` for one, `tee` with one `cat` per extra target. */
 export function teeExecUri(uris: readonly string[]): string {
@@ -70,8 +70,8 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant): Pro
       await Promise.any(targets.map((_, i) => boot(i)));
     } else {
       const names = targets.map((_, i) => `t${i}`);
-      // relay64k: the relay as it was, reading with Node's own 64 KiB buffers (the A/B of its slab reads).
-      const session = variant.kind === 'relay64k' ? new QemuFanOutSession(source, spec.name, names, { slabBytes: 0 }) : source.capabilities.fanOut!.begin(spec.name, names);
+      // relayUnix: the relay as it was, QEMU writing into a unix socket (the A/B of its loopback TCP source).
+      const session = variant.kind === 'relayUnix' ? new QemuFanOutSession(source, spec.name, names, { relaySource: 'unix' }) : source.capabilities.fanOut!.begin(spec.name, names);
       // Each destination boots as soon as its own copy is in: the first to be ready wins.
       await Promise.any(
         names.map(async (name, i) => {
@@ -106,8 +106,8 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
     ['relay n=3', { kind: 'relay', n: 3 }],
     ...(o.candidates
       ? ([
-          ['relay64k n=1', { kind: 'relay64k', n: 1 }],
-          ['relay64k n=2', { kind: 'relay64k', n: 2 }],
+          ['relayUnix n=1', { kind: 'relayUnix', n: 1 }],
+          ['relayUnix n=2', { kind: 'relayUnix', n: 2 }],
           ['exec tee n=1', { kind: 'exec', n: 1 }],
           ['exec tee n=2', { kind: 'exec', n: 2 }],
         ] as const)
@@ -132,8 +132,8 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
     row('relay n=3', 'qemu time to first boot, 3 destinations (relay)'),
     ...(o.candidates
       ? [
-          row('relay64k n=1', "candidate (the relay before): Node's 64 KiB reads, 1 destination"),
-          row('relay64k n=2', "candidate (the relay before): Node's 64 KiB reads, first boot of 2 destinations"),
+          row('relayUnix n=1', 'candidate (the relay before): QEMU into a unix socket, 1 destination'),
+          row('relayUnix n=2', 'candidate (the relay before): QEMU into a unix socket, first boot of 2 destinations'),
           row('exec tee n=1', 'candidate: QEMU exec: into cat, 1 destination (no JS on the byte path, plaintext)'), row('exec tee n=2', 'candidate: QEMU exec: into tee, first boot of 2 destinations (plaintext, no bound)'),
         ]
       : []),

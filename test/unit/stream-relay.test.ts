@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
@@ -6,7 +7,8 @@ import { join } from 'node:path';
 import { createServer as createTlsServer } from 'node:tls';
 import { describe, expect, it } from 'vitest';
 import { EffectorError, ErrorCodes } from '../../core/errors.ts';
-import { parseTcpUri, StreamRelay, type RelayDestination } from '../../effectors/hypervisor/qemu/stream-relay.ts';
+import { loopbackPeerUid } from '../../effectors/hypervisor/qemu/loopback-peer.ts';
+import { parseTcpUri, StreamRelay, type RelayDestination, type RelaySourceTransport } from '../../effectors/hypervisor/qemu/stream-relay.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { makeTlsFixture } from '../harness/cluster-tls.ts';
 import { expectThrownCode } from '../harness/expect-code.ts';
@@ -80,9 +82,15 @@ function drainOrClose(s: Socket): Promise<void> {
   });
 }
 
+/** Connects to the relay's source socket as QEMU's `migrate` does: `tcp:127.0.0.1:PORT` or `unix:PATH`. */
+function connectSource(relay: StreamRelay): Socket {
+  const uri = relay.uri;
+  return uri.startsWith('unix:') ? createConnection(uri.slice('unix:'.length)) : createConnection(parseTcpUri(uri));
+}
+
 /** Writes `data` into the relay's socket as QEMU's `migrate` would, honouring back-pressure; resolves once all is written and ended. */
 async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
-  const s = createConnection(relay.uri.slice('unix:'.length));
+  const s = connectSource(relay);
   s.on('error', () => {});
   cleanups.push(() => void s.destroy());
   await new Promise<void>((r) => s.once('connect', r));
@@ -97,8 +105,13 @@ async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number, slabBytes?: number): Promise<StreamRelay> {
-  const relay = await StreamRelay.open({ destinations, ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }), ...(slabBytes === undefined ? {} : { slabBytes }) });
+async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number, slabBytes?: number, source?: RelaySourceTransport): Promise<StreamRelay> {
+  const relay = await StreamRelay.open({
+    destinations,
+    ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }),
+    ...(slabBytes === undefined ? {} : { slabBytes }),
+    ...(source === undefined ? {} : { source }),
+  });
   cleanups.push(() => relay.close());
   return relay;
 }
@@ -116,13 +129,18 @@ async function badBesideOk(name: string, mode: SinkMode, size: number): Promise<
 }
 
 describe('stream relay: one stream to several destinations over real sockets', () => {
-  it('gives every destination the whole stream byte for byte', async () => {
+  it.each([
+    ['loopback TCP (the default on Linux)', undefined, /^tcp:127\.0\.0\.1:\d+$/],
+    ['a unix socket', 'unix', /^unix:.*relay-[^/]+\/s$/],
+  ] as const)('gives every destination the whole stream byte for byte, QEMU writing into %s', async (_what, source, uri) => {
     const [b, c, d] = await Promise.all([sink(), sink(), sink()]);
     const relay = await open([
       { name: 'b', uri: b.uri },
       { name: 'c', uri: c.uri },
       { name: 'd', uri: d.uri },
-    ]);
+    ], undefined, undefined, source);
+    expect(relay.uri).toMatch(uri);
+    expect(relay.transport).toBe(source ?? 'tcp');
     const data = randomBytes(8 * 1024 * 1024);
     await feed(relay, data);
     const results = await Promise.all(['b', 'c', 'd'].map((n) => relay.result(n)));
@@ -195,7 +213,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
       { name: 'eager', uri: eager.uri },
       { name: 'ok', uri: ok.uri },
     ]);
-    const source = createConnection(relay.uri.slice('unix:'.length));
+    const source = connectSource(relay);
     cleanups.push(() => void source.destroy());
     await new Promise<void>((r) => source.once('connect', r));
     source.write(data);
@@ -267,7 +285,7 @@ describe('stream relay: bad input', () => {
     expect(parseTcpUri('tcp:127.0.0.1:4444')).toEqual({ host: '127.0.0.1', port: 4444 });
   });
 
-  it('refuses no destinations, a name twice, a bound that is not a positive integer and a slab too small or not whole', async () => {
+  it('refuses no destinations, a name twice, a bound that is not a positive integer, a slab too small or not whole and an unknown source transport', async () => {
     const b = await sink();
     for (const o of [
       { destinations: [] },
@@ -277,6 +295,7 @@ describe('stream relay: bad input', () => {
       { destinations: [{ name: 'b', uri: b.uri }], slabBytes: 1000 },
       { destinations: [{ name: 'b', uri: b.uri }], slabBytes: -1 },
       { destinations: [{ name: 'b', uri: b.uri }], slabBytes: 1.5 * 1024 * 1024 + 0.5 },
+      { destinations: [{ name: 'b', uri: b.uri }], source: 'fifo' as RelaySourceTransport },
     ]) {
       await expect(StreamRelay.open(o)).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
     }
@@ -287,12 +306,12 @@ describe('stream relay: bad input', () => {
     const b = await sink();
     const relay = await open([{ name: 'b', uri: b.uri }]);
     const data = randomBytes(2 * 1024 * 1024);
-    const first = createConnection(relay.uri.slice('unix:'.length));
+    const first = connectSource(relay);
     cleanups.push(() => void first.destroy());
     await new Promise<void>((r) => first.once('connect', r));
     first.write(data.subarray(0, 1024));
     await new Promise((r) => setTimeout(r, 50));
-    const intruder = createConnection(relay.uri.slice('unix:'.length));
+    const intruder = connectSource(relay);
     intruder.on('error', () => {});
     cleanups.push(() => void intruder.destroy());
     intruder.write('garbage from someone else');
@@ -300,6 +319,46 @@ describe('stream relay: bad input', () => {
     first.end(data.subarray(1024));
     expect((await relay.result('b')).outcome).toBe('delivered');
     expect(await b.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it.skipIf(process.getuid?.() !== 0)("closes unread a connection to its loopback port from another local user, and takes the stream of this user's QEMU after it", async () => {
+    const b = await sink();
+    const relay = await open([{ name: 'b', uri: b.uri }]);
+    const { port } = parseTcpUri(relay.uri);
+    // A real process of another user (nobody) connects first and writes: none of it may reach b.
+    const script = `const s = require('node:net').createConnection(${port}, '127.0.0.1', () => s.write('injected by another user'));
+      s.on('error', () => {}); s.on('close', () => { process.stdout.write('closed'); process.exit(0); }); setTimeout(() => process.exit(3), 20000);`;
+    const other = spawn(process.execPath, ['-e', script], { uid: 65534, gid: 65534, cwd: '/', stdio: ['ignore', 'pipe', 'inherit'] });
+    cleanups.push(() => void other.kill('SIGKILL'));
+    let out = '';
+    other.stdout.on('data', (c: Buffer) => (out += c.toString()));
+    const code = await new Promise<number | null>((r) => other.once('exit', r));
+    expect({ code, out }).toEqual({ code: 0, out: 'closed' });
+    expect(relay.refusedSources).toBe(1);
+    const data = randomBytes(2 * 1024 * 1024);
+    await feed(relay, data);
+    expect((await relay.result('b')).outcome).toBe('delivered');
+    expect(await b.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it('reads the owner of a loopback connection from /proc/net/tcp text, skipping malformed and closed lines', () => {
+    const header = '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode';
+    const line = (local: string, remote: string, st: string, uid: string): string => `   0: ${local} ${remote} ${st} 00000000:00000000 00:00000000 00000000 ${uid}        0 4711 1 0000000000000000 20 4 30 10 -1`;
+    // 0xA1B2 = 41394 (the connecting side's port), 0x1F90 = 8080 (ours).
+    const table = [
+      header,
+      line('0100007F:A1B2', '0100007F:1F90', '06', '0'), // an earlier connection's TIME_WAIT on the same ports: no owner
+      line('0100007F:A1B2', '0100007F:1F90', '01', 'x'), // malformed uid
+      line('0100007F:A1B2', '0100007F', '01', '7'), // no port
+      'garbage',
+      '',
+      line('0100007F:1F90', '0100007F:A1B2', '01', '0'), // our own accepted side
+      line('0100007F:A1B2', '0100007F:1F90', '01', '1000'),
+    ].join('\n');
+    expect(loopbackPeerUid(table, 0xa1b2, 0x1f90)).toBe(1000);
+    expect(loopbackPeerUid(table, 0xa1b3, 0x1f90)).toBeUndefined();
+    expect(loopbackPeerUid('', 0xa1b2, 0x1f90)).toBeUndefined();
+    expect(loopbackPeerUid([header, line('0100007F:A1B2', '0100007F:1F90', '06', '0')].join('\n'), 0xa1b2, 0x1f90)).toBeUndefined();
   });
 
   it('drops a destination that sends bytes back on the one-way stream, and keeps the others', async () => {

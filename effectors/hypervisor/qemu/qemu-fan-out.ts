@@ -17,7 +17,7 @@ import { readFileSync } from 'node:fs';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import type { FanOutSession, MigrateOutOptions, MigrateOutResult, MigrationProgress } from '../hypervisor-contract.ts';
 import type { QemuTlsFiles } from './migration-tls.ts';
-import { StreamRelay, type RelayTls } from './stream-relay.ts';
+import { StreamRelay, type RelaySourceTransport, type RelayTls } from './stream-relay.ts';
 
 /** What the session needs of the driver: a migration out into the relay's local socket, without QEMU's own TLS. */
 export interface RelayMigrator {
@@ -35,6 +35,8 @@ export interface QemuFanOutOptions {
   readonly joinWindowMs?: number;
   /** The relay's read slab (StreamRelayOptions.slabBytes; 0: Node's 64 KiB reads, the bench's A/B). */
   readonly slabBytes?: number;
+  /** How QEMU reaches the relay (StreamRelayOptions.source; default loopback TCP where Linux tells its owner; 'unix': the bench's A/B). */
+  readonly relaySource?: RelaySourceTransport;
 }
 
 /** Default join window: longer than an incoming QEMU takes to start under TCG on a loaded machine (seen: 4 s). */
@@ -138,6 +140,7 @@ export class QemuFanOutSession implements FanOutSession {
       ...(this.o.bufferLimitBytes === undefined ? {} : { bufferLimitBytes: this.o.bufferLimitBytes }),
       ...(this.o.relayParentDir === undefined ? {} : { parentDir: this.o.relayParentDir }),
       ...(this.o.slabBytes === undefined ? {} : { slabBytes: this.o.slabBytes }),
+      ...(this.o.relaySource === undefined ? {} : { source: this.o.relaySource }),
     });
     this.relay = relay;
     if (this.closed) {

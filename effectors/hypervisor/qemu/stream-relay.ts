@@ -1,8 +1,15 @@
 /**
  * One QEMU migration stream copied to several incoming QEMUs (issue 13, README "Several
- * destinations", qemu). QEMU's `migrate` writes into a unix socket of the relay (a 0700 dir of its
- * own, so no other local user can speak first); the relay opens one connection to every
- * destination's incoming QEMU and writes each chunk it reads to all of them.
+ * destinations", qemu). QEMU's `migrate` writes into a loopback TCP port of the relay, and only a
+ * connection from this agent's own user is taken (its owner read from /proc/net/tcp,
+ * loopback-peer.ts; another user's is closed unread, and the relay waits on for QEMU's); the relay
+ * opens one connection to every destination's incoming QEMU and writes each chunk it reads to all.
+ *
+ * Why TCP and not a unix socket (which it was, in a 0700 dir, and still is without /proc/net/tcp):
+ * a unix socket holds ~200 KiB (net.core.wmem_default; neither QEMU nor Node can raise it), so on
+ * two cores QEMU's migration thread blocked every ~200 KiB until the relay was scheduled to read,
+ * and the hop ran at a third of a direct migration's rate; a loopback TCP connection's buffers
+ * grow to MiBs and keep QEMU writing (BENCHMARKS.md, "Several destinations with qemu").
  *
  * Why per-destination TLS here and not QEMU's: QEMU's TLS session is keyed to one peer, its bytes
  * cannot be replayed to another. The source QEMU therefore writes plaintext to the local socket
@@ -23,6 +30,7 @@ import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from 'node:tls';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import { userBufferReadsOf } from '../../../core/wire/user-buffer-reads.ts';
+import { loopbackPeerUid, readLoopbackTable } from './loopback-peer.ts';
 
 /** Default bound of one destination's queue: past it the destination is `tooSlow`. */
 export const DEFAULT_RELAY_BUFFER_BYTES = 64 * 1024 * 1024;
@@ -54,10 +62,15 @@ export interface RelayResult {
   readonly reason?: string;
 }
 
+/** How QEMU reaches the relay: a loopback TCP port (default where /proc/net/tcp tells its owner) or a unix socket in a 0700 dir. */
+export type RelaySourceTransport = 'tcp' | 'unix';
+
 export interface StreamRelayOptions {
   readonly destinations: readonly RelayDestination[];
+  /** Default 'tcp' where /proc/net/tcp is readable, else 'unix'; 'unix' is also the bench's A/B. */
+  readonly source?: RelaySourceTransport;
   readonly bufferLimitBytes?: number;
-  /** Where the relay's private socket dir is made (default the OS temp dir); the qemu driver uses the VM's state dir, so an agent killed mid-stream leaves nothing elsewhere. */
+  /** Where the relay's private socket dir is made with the unix transport (default the OS temp dir); the qemu driver uses the VM's state dir, so an agent killed mid-stream leaves nothing elsewhere. */
   readonly parentDir?: string;
   /** A destination that is not connected (TLS handshake done) within this long is `failed`. Default 10 s. */
   readonly connectTimeoutMs?: number;
@@ -69,15 +82,20 @@ export interface StreamRelayOptions {
 }
 
 /**
- * Default slab QEMU's stream is read into: each read takes whatever the unix socket holds (up to
- * its buffers, ~400 KiB on Linux defaults) instead of Node's 64 KiB, into the next free part of the
- * slab. The chunk read is written to every destination as it is (one Buffer shared, never copied),
+ * Default slab QEMU's stream is read into: each read takes whatever the socket holds, up to
+ * {@link MAX_RELAY_READ_BYTES}, instead of Node's 64 KiB, into the next free part of the slab. The chunk read is written to every destination as it is (one Buffer shared, never copied),
  * so a slab is never reused: the next read goes after it and a full slab is left to the writes
  * still holding it.
  */
 export const DEFAULT_RELAY_SLAB_BYTES = 4 * 1024 * 1024;
 /** A slab with less room than this left is replaced (a read must be able to take a socket's worth). */
 const SLAB_MIN_ROOM = 512 * 1024;
+/**
+ * Most one read takes: a loopback TCP connection can hold MiBs, and one chunk goes whole into every
+ * destination's queue, so a read is also kept to a quarter of the bound (a destination is judged
+ * on its backlog, not on one read's size).
+ */
+const MAX_RELAY_READ_BYTES = 1024 * 1024;
 
 /** `tcp:HOST:PORT` → host and port; a coded error for anything else (the URI comes from a peer). */
 export function parseTcpUri(uri: string): { readonly host: string; readonly port: number } {
@@ -109,13 +127,13 @@ interface Dest {
  * @example
  * ```ts
  * const relay = await StreamRelay.open({ destinations: [{ name: 'b', uri: 'tcp:127.0.0.1:4001' }, { name: 'c', uri: 'tcp:127.0.0.1:4002' }] });
- * await qmp.execute('migrate', { uri: relay.uri });          // unix:/tmp/embot-relay-XXXX/s
+ * await qmp.execute('migrate', { uri: relay.uri });          // tcp:127.0.0.1:PORT (or unix:…/relay-XXXX/s)
  * const [b, c] = await Promise.all([relay.result('b'), relay.result('c')]); // outcome 'delivered' | 'tooSlow' | …
  * relay.close();
  * ```
  */
 export class StreamRelay {
-  readonly uri: string;
+  private sourceUri: string;
   private readonly dests = new Map<string, Dest>();
   private source: Socket | undefined;
   private sourceEnded = false;
@@ -128,13 +146,16 @@ export class StreamRelay {
   slabReads = false;
   /** Every destination is gone: the source's stream is cut so QEMU's migration fails. */
   onAllDropped: (() => void) | undefined;
+  /** Connections to the source port closed unread: not from this agent's user (tcp), or a second writer. */
+  refusedSources = 0;
 
   private constructor(
     private readonly server: Server,
-    private readonly dir: string,
+    private readonly dir: string | undefined,
+    readonly transport: RelaySourceTransport,
     o: StreamRelayOptions,
   ) {
-    this.uri = `unix:${join(dir, 's')}`;
+    this.sourceUri = dir === undefined ? '' : `unix:${join(dir, 's')}`;
     this.limit = o.bufferLimitBytes ?? DEFAULT_RELAY_BUFFER_BYTES;
     // Not the socket's 16 KiB high-water mark: one read of QEMU's stream is 64 KiB, so pausing at
     // write()'s `false` stopped the source after every chunk (6x slower than a direct migration).
@@ -154,26 +175,39 @@ export class StreamRelay {
     const names = new Set(o.destinations.map((d) => d.name));
     if (names.size !== o.destinations.length) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, 'a relay destination is named twice');
     const targets = o.destinations.map((d) => ({ d, at: parseTcpUri(d.uri) }));
-    const dir = mkdtempSync(join(o.parentDir ?? tmpdir(), 'relay-'));
+    if (o.source !== undefined && o.source !== 'tcp' && o.source !== 'unix') {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the relay's source transport must be tcp or unix, not ${JSON.stringify(o.source)}`);
+    }
+    const transport: RelaySourceTransport = o.source ?? (readLoopbackTable() === undefined ? 'unix' : 'tcp');
+    const dir = transport === 'unix' ? mkdtempSync(join(o.parentDir ?? tmpdir(), 'relay-')) : undefined;
     const server = createServer({ pauseOnConnect: true });
     let relay: StreamRelay;
     try {
-      relay = new StreamRelay(server, dir, o);
+      relay = new StreamRelay(server, dir, transport, o);
     } catch (e) {
-      rmSync(dir, { recursive: true, force: true });
+      if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
       throw e;
     }
     server.on('connection', (s) => relay.accept(s));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(join(dir, 's'), () => {
+      const listening = (): void => {
         server.off('error', reject);
+        const a = server.address();
+        if (dir === undefined && a !== null && typeof a === 'object') relay.sourceUri = `tcp:127.0.0.1:${a.port}`;
         resolve();
-      });
+      };
+      if (dir === undefined) server.listen({ host: '127.0.0.1', port: 0 }, listening);
+      else server.listen(join(dir, 's'), listening);
     });
     const connectTimeoutMs = o.connectTimeoutMs ?? 10_000;
     for (const { d, at } of targets) relay.connectTo(d, at, connectTimeoutMs);
     return relay;
+  }
+
+  /** Where QEMU migrates to: `tcp:127.0.0.1:PORT` or `unix:PATH`. */
+  get uri(): string {
+    return this.sourceUri;
   }
 
   /** One destination's end: delivered (the whole stream handed to its connection) or dropped and why. */
@@ -201,7 +235,7 @@ export class StreamRelay {
     for (const d of this.dests.values()) this.kill(d, 'dropped', 'the relay was closed');
     this.source?.destroy();
     this.server.close();
-    rmSync(this.dir, { recursive: true, force: true });
+    if (this.dir !== undefined) rmSync(this.dir, { recursive: true, force: true });
   }
 
   private connectTo(d: RelayDestination, at: { host: string; port: number }, timeoutMs: number): void {
@@ -256,13 +290,16 @@ export class StreamRelay {
   }
 
   private accept(s: Socket): void {
-    if (this.source || this.closed) {
-      // One QEMU, one channel: a second writer would interleave bytes into every destination's stream.
+    if (this.source || this.closed || (this.transport === 'tcp' && !this.ownUser(s))) {
+      // One QEMU, one channel: a second writer would interleave bytes into every destination's
+      // stream; another user's connection is not QEMU's (closed unread, QEMU's still awaited).
+      this.refusedSources++;
       s.destroy();
       return;
     }
     this.source = s;
-    this.slabReads = this.slabBytes > 0 && readIntoSlabs(s, this.slabBytes, (chunk) => this.fanOut(chunk));
+    const maxRead = Math.max(64 * 1024, Math.min(MAX_RELAY_READ_BYTES, Math.floor(this.limit / 4)));
+    this.slabReads = this.slabBytes > 0 && readIntoSlabs(s, this.slabBytes, maxRead, (chunk) => this.fanOut(chunk));
     if (!this.slabReads) s.on('data', (chunk: Buffer) => this.fanOut(chunk));
     s.on('end', () => {
       this.sourceEnded = true;
@@ -273,6 +310,14 @@ export class StreamRelay {
       if (!this.sourceEnded) for (const d of this.dests.values()) this.kill(d, 'failed', 'the source stream broke');
     });
     this.pace();
+  }
+
+  /** The connecting socket belongs to this process's user (QEMU runs as the agent's user). */
+  private ownUser(s: Socket): boolean {
+    const table = readLoopbackTable();
+    const ours = this.server.address();
+    if (table === undefined || s.remotePort === undefined || ours === null || typeof ours !== 'object') return false;
+    return loopbackPeerUid(table, s.remotePort, ours.port) === process.getuid?.();
   }
 
   private fanOut(chunk: Buffer): void {
@@ -332,7 +377,7 @@ export class StreamRelay {
  * the caller reads with 'data' (the gain is lost, never the data). Pause and resume work as with
  * 'data' (net.Socket stops and starts the handle's reads itself in user-buffer mode).
  */
-function readIntoSlabs(socket: Socket, slabBytes: number, onChunk: (chunk: Buffer) => void): boolean {
+function readIntoSlabs(socket: Socket, slabBytes: number, maxRead: number, onChunk: (chunk: Buffer) => void): boolean {
   const hooks = userBufferReadsOf(socket, 0);
   if (hooks === undefined || hooks.socket._handle.reading === true) return false;
   const { socket: s, kBuffer, kBufferCb, kBufferGen } = hooks;
@@ -350,9 +395,9 @@ function readIntoSlabs(socket: Socket, slabBytes: number, onChunk: (chunk: Buffe
       slab = Buffer.allocUnsafeSlow(slabBytes);
       at = 0;
     }
-    return slab.subarray(at);
+    return slab.subarray(at, at + maxRead);
   };
-  const first = slab.subarray(0);
+  const first = slab.subarray(0, maxRead);
   s[kBuffer] = first;
   s._handle.useUserBuffer(first);
   return true;
