@@ -95,8 +95,9 @@ export class Forwarding {
 
   /**
    * Starts forwarding `rec` (the redirect is installed at once, so events for the elements are not
-   * dispatched here any more). `rest`: events held after the last round, handed over before any
-   * redirected one. Journal it with {@link record} in the transaction that drops the elements.
+   * dispatched here any more). `rest`: events held after the last round (hold-queue bytes, also when
+   * they hold no event), handed over before any redirected one, flagged as the hand-over the new
+   * owner waits for. Journal it with {@link record} in the transaction that drops the elements.
    */
   start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
     if (this.closed) return;
@@ -271,7 +272,7 @@ export class Forwarding {
     });
   }
 
-  private async request(a: Active, events: Uint8Array): Promise<Omit<ForwardedEventsAck, 'replyTo'>> {
+  private async request(a: Active, events: Uint8Array, handOver = false): Promise<Omit<ForwardedEventsAck, 'replyTo'>> {
     if (!a.conn?.isOpen) {
       void a.conn?.close().catch(() => {});
       a.conn = undefined;
@@ -280,7 +281,7 @@ export class Forwarding {
     const conn = a.conn;
     a.busy++;
     try {
-      const reply = await conn.request({ type: 'ForwardedEvents', migrationId: a.rec.migrationId, events });
+      const reply = await conn.request({ type: 'ForwardedEvents', migrationId: a.rec.migrationId, events, ...(handOver ? { handOver } : {}) });
       if (reply.type !== 'ForwardedEventsAck') throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `${a.rec.peer} answered ForwardedEvents with ${(reply as { type: string }).type}`);
       return reply;
     } catch (e) {
@@ -301,7 +302,8 @@ export class Forwarding {
     if (a.rest === undefined) return Promise.resolve();
     a.restSending ??= (async () => {
       try {
-        const reply = await this.request(a, a.rest!);
+        // Flagged: the new owner holds the elements' events until it has what we held (forwarding-hand-over.ts).
+        const reply = await this.request(a, a.rest!, true);
         a.rest = undefined;
         if (!this.closed) this.journal.restTaken(a.rec.migrationId, reply.accepted + reply.duplicates);
       } catch (e) {

@@ -15,6 +15,8 @@ export interface MigrationNotes {
   readonly summary?: unknown;
   /** The row of a migration to several destinations (its children are `<attempt id>~<peer>` rows; fan-out.ts). */
   readonly fanOut?: boolean;
+  /** Target: the source's hand-over of the events it held is awaited (forwarding-hand-over.ts), or came. */
+  readonly handOver?: 'pending' | 'done';
 }
 
 export interface MigrationRow {
@@ -55,6 +57,7 @@ export class MigrationJournal {
   private readonly getStmt: Database.Statement<[string, string], Raw>;
   private readonly listStmt: Database.Statement<[number], Raw>;
   private readonly openStmt: Database.Statement<[], Raw>;
+  private readonly handOverStmt: Database.Statement<[], Raw>;
 
   constructor(store: Store) {
     const db = store.db;
@@ -65,6 +68,7 @@ export class MigrationJournal {
     this.getStmt = db.prepare('SELECT * FROM migrations WHERE id = ? AND role = ?');
     this.listStmt = db.prepare('SELECT * FROM migrations ORDER BY started_at DESC LIMIT ?');
     this.openStmt = db.prepare('SELECT * FROM migrations WHERE outcome IS NULL ORDER BY started_at');
+    this.handOverStmt = db.prepare("SELECT * FROM migrations WHERE role = 'target' AND json_extract(summary, '$.handOver') = 'pending' ORDER BY started_at");
   }
 
   begin(id: string, role: MigrationRole, vm: string, peer: string, phase: string, notes: MigrationNotes = {}): void {
@@ -93,6 +97,11 @@ export class MigrationJournal {
 
   list(limit = 100): MigrationRow[] {
     return this.listStmt.all(limit).map(fromRaw);
+  }
+
+  /** Committed incoming migrations whose source has not handed over the events it held yet (finished or not). */
+  pendingHandOvers(): MigrationRow[] {
+    return this.handOverStmt.all().map(fromRaw);
   }
 
   /** Migrations without an outcome: in progress, or interrupted by a crash. */

@@ -26,6 +26,7 @@ import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSu
 import type { MigrationRow } from './migration-journal.ts';
 import { faultPoint } from './fault-points.ts';
 import { Forwarding } from './forwarding.ts';
+import { HandOverWaits } from './forwarding-hand-over.ts';
 import { withLogContext } from '../logger.ts';
 import { WarmConnections, takeOrDial } from './warm-connections.ts';
 import { checkFrame, guardHandlers, stateName, type GuardVerdict, type GuardedFrame, type MigrationLookup } from './frame-guard.ts';
@@ -142,6 +143,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   /** Late events of VMs that moved away go to their new owner (journaled, resumed after a restart). */
   readonly forwarding: Forwarding;
+  /** Incoming migrations committed here whose source has not handed over the events it held yet. */
+  readonly handOvers: HandOverWaits;
 
   constructor(private readonly o: MobilityServiceOptions) {
     super();
@@ -150,6 +153,14 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       host: o.host,
       connect: (peer) => connectNamedPeer(this.o.peers, peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs }),
     });
+    this.handOvers = new HandOverWaits({ host: o.host, waitMs: o.forwardGraceMs + o.stepTimeoutMs, leaving: (vm) => this.leaving(vm) });
+  }
+
+  /** A migration of `vm` away from this agent is under way (single or to several destinations). */
+  private leaving(vm: string): boolean {
+    for (const m of this.live.values()) if (m.role === 'source' && m.vm === vm && m.actor.getSnapshot().status === 'active') return true;
+    for (const f of this.fanOutLive.values()) if (f.vm === vm) return true;
+    return false;
   }
 
   /** The listening peer server, for the agent's peer endpoint (core/wire/peer-services.ts); undefined before start. */
@@ -223,6 +234,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   async close(): Promise<void> {
     this.closed = true;
     this.forwarding.close();
+    this.handOvers.close();
     const warm = this.warm?.close();
     for (const m of this.live.values()) m.actor.stop();
     await Promise.all([warm, this.server?.close(), ...this.dataServers.map((d) => d.close())]);
@@ -557,6 +569,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   /** The agent re-queued its journaled events (after {@link recover}): forwardings whose grace period ended may let go. */
   eventsRecovered(): void {
     this.forwarding.afterEventsRecovered();
+    this.handOvers.afterEventsRecovered();
   }
 
   // ---- crash recovery ----
@@ -571,6 +584,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const host = this.host;
     // Completed migrations' forwardings first: the journaled events of their elements go to them.
     this.forwarding.restore();
+    // Committed incoming ones whose source has not handed over yet: their journaled events wait for it.
+    this.handOvers.restore();
     this.recoverFanOuts(frozen);
     for (const row of host.journal.unfinished()) {
       // Migrations to several destinations and their children were settled by recoverFanOuts.
@@ -797,7 +812,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         const events = decodeEvents(frame.events);
         this.assertMoved(frame.migrationId, events);
         // De-duplicated by id, also against batches taken before a restart of either side.
-        return this.forwarding.receive(frame.migrationId, events);
+        const ack = await this.forwarding.receive(frame.migrationId, events);
+        // Journaled (held while we wait): what the source held is here, so the moved elements' events may flow.
+        if (frame.handOver === true) this.handOvers.handedOver(frame.migrationId);
+        return ack;
       },
       PageBatch: (frame) => {
         const side = this.receivers.get(frame.migrationId);
@@ -915,6 +933,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       conn,
       stepTimeoutMs: this.o.stepTimeoutMs,
       onProgress: (p) => this.progress(key('target', id), p),
+      handOver: this.handOvers,
       // Memory of the other incoming migrations (this one is not among the receivers yet while it is evaluated).
       reservedMemory: () => {
         let bytes = 0;

@@ -560,7 +560,8 @@ export class SourceSide implements SourceSteps {
     const migrationId = input.migrationId;
     const rest = host.sensors.serializeHeldSince(this.scope, this.cursor);
     const rec = { migrationId, vm: this.o.vm, peer: this.o.target, elementIds: this.scope, until: Date.now() + this.o.forwardGraceMs };
-    this.o.forwarding.start(rec, rest.count > 0 ? rest.bytes : undefined);
+    // Sent even when it holds nothing: the new owner waits for this hand-over (forwarding-hand-over.ts).
+    this.o.forwarding.start(rec, rest.bytes);
     try {
       await this.handOverUdp(migrationId);
     } catch (e) {
@@ -574,7 +575,7 @@ export class SourceSide implements SourceSteps {
       if (host.objects.has(this.vmElement)) host.objects.deregister(this.vmElement, { withDependents: true });
       // The sim removes before its first await, so inside this transaction; qemu's process work follows.
       if (host.driver.get(this.o.vm)) void host.driver.remove(this.o.vm).catch((e: unknown) => host.logger.warn(`could not remove moved VM ${this.o.vm}`, { error: describeError(e) }));
-      this.o.forwarding.record(rec, rest.count > 0 ? rest.bytes : undefined);
+      this.o.forwarding.record(rec, rest.bytes);
     });
     this.unmute?.();
     this.unmute = undefined;

@@ -12,6 +12,7 @@ import { attachAll } from './source-side.ts';
 import { faultPoint } from './fault-points.ts';
 import { injectedBootFailure } from './fan-out-faults.ts';
 import { mergeDeltaRounds } from '../objects/delta-rounds.ts';
+import type { HandOverWaits } from './forwarding-hand-over.ts';
 
 export interface TargetSideOptions {
   readonly host: MobilityHost;
@@ -21,6 +22,11 @@ export interface TargetSideOptions {
   readonly onProgress: (p: Partial<MigrationProgress>) => void;
   /** Bytes of memory other incoming migrations have been promised and not yet committed or discarded. */
   readonly reservedMemory?: () => number;
+  /**
+   * Keeps the moved elements held after the commit until the source hands over the events it held
+   * (forwarding-hand-over.ts); without it they are released once the embots run.
+   */
+  readonly handOver?: HandOverWaits;
 }
 
 export interface TargetStats {
@@ -236,6 +242,7 @@ export class TargetSide implements TargetSteps {
         host.runtime.adoptEmbots(this.embots);
         // What moved: forwarded events are taken for these elements only (MobilityService.assertMoved).
         host.journal.notes(input.migrationId, 'target', { scope: this.scope });
+        this.o.handOver?.journalPending(input.migrationId);
         host.journal.phase(input.migrationId, 'target', 'committed');
       });
       this.committed = true;
@@ -256,10 +263,13 @@ export class TargetSide implements TargetSteps {
     // The embots start and the held events reach them after the acknowledgement (DESIGN step 6):
     // starting a thousand embots or releasing a large queue must not hold up the switch. The embots
     // are tracked (and listed) as soon as attach begins; their events wait in the hold queues until
-    // they run. A crash before that loses nothing: the next start attaches the stored embots and
-    // recovers the events from their blob rows.
-    void attachAll(host, this.scope)
-      .then(() => host.sensors.release(this.scope))
+    // they run, and (with a hand-over wait) until the source handed over what it still held: those
+    // are older than anything posted here from now on. A crash before that loses nothing: the next
+    // start attaches the stored embots and recovers the events from their blob rows.
+    const attached = attachAll(host, this.scope);
+    if (this.o.handOver) this.o.handOver.begin(input.migrationId, name, this.scope, attached);
+    void attached
+      .then(() => (this.o.handOver ? undefined : host.sensors.release(this.scope)))
       .catch((e: unknown) => host.logger.warn('could not start the migrated embots or release their events', { error: describeError(e) }));
   }
 

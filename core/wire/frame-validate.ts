@@ -141,7 +141,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ],
   DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin), f('embots', bin, true)],
   MigrationComplete: [reqId, mid],
-  ForwardedEvents: [reqId, mid, f('events', bin)],
+  ForwardedEvents: [reqId, mid, f('events', bin), f('handOver', bool, true)],
   MigrationStatusQuery: [reqId, mid],
   PathOffer: [reqId, mid, f('paths', count)],
   PrepareIncoming: [reqId, mid, f('vm', vm), f('spec', vmSpec), f('channels', channels)],

@@ -160,6 +160,11 @@ export interface ForwardedEvents {
   readonly reqId: number;
   readonly migrationId: string;
   readonly events: Uint8Array;
+  /**
+   * The source's first batch after the switch: the events it held after its last dirty round (sent
+   * even when there are none). The new owner holds the moved elements' events until it has it.
+   */
+  readonly handOver?: boolean;
 }
 
 /** Liveness and round-trip measurement. */

@@ -45,7 +45,7 @@ const SAMPLES: Frame[] = [
   },
   { type: 'DirtyObjects', reqId: 6, migrationId: 'm-1', round: 2, deltas: bytes(1), events: bytes(0) },
   { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1' },
-  { type: 'ForwardedEvents', reqId: 8, migrationId: 'm-1', events: bytes(9) },
+  { type: 'ForwardedEvents', reqId: 8, migrationId: 'm-1', events: bytes(9), handOver: true },
   { type: 'MigrationStatusQuery', reqId: 10, migrationId: 'm-1' },
   { type: 'BootIncoming', reqId: 14, migrationId: 'm-1' },
   { type: 'PathOffer', reqId: 11, migrationId: 'm-1', paths: 3 },
@@ -177,7 +177,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatchAck.reason', 'IncomingReady.disks']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {
