@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd, writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
-import { waitFor, type AgentProcess } from '../harness/agent-process.ts';
+import { sleep, waitFor, type AgentProcess } from '../harness/agent-process.ts';
 import type { Cluster } from '../harness/cluster.ts';
 import { counterOf, tickProducer } from '../harness/counter-stream.ts';
 import { expectClean, expectStreamExact } from '../harness/migration-checks.ts';
@@ -40,7 +40,7 @@ async function expectIntactAt(c: Cluster, root: string, name: string, pid: numbe
 }
 
 describe.skipIf(!run)('qemu: one stream to several destinations, first to boot wins (TCG)', () => {
-  it('three destinations: b fails to boot, c is slow (its incoming QEMU stalls late in the stream), d wins: d alone owns the VM, b and c hold nothing (no QEMU, embots, open migrations), every event once in order', async () => {
+  it('three destinations: b fails to boot, c is slow (its incoming QEMU stalls mid-stream), d wins: d alone owns the VM, b and c hold nothing (no QEMU, embots, open migrations), every event once in order', async () => {
     const root = qemus.root();
     // 16 MiB/s for the whole stream: seconds in which to stall c's QEMU. A guest whose memory stops
     // changing after one pass, so the stream is about the guest's 64 MiB and c's queue stays bounded.
@@ -61,7 +61,10 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     // on a loaded machine (the record is the source's view, pushed late), and c booted first.
     const cPid = await waitFor(() => runningPid(join(root, 'c', 'app')), 120_000, "c's incoming QEMU");
     const cFilled = (): number => guestRamResidentBytes(cPid, 64 * MiB) ?? 0;
-    await waitFor(() => cFilled() >= 4 * MiB || undefined, 120_000, "the stream's first 4 MiB in c's guest RAM");
+    // Polled often: c may take its copy in bursts (the relay holds a slower destination's chunks).
+    for (const until = Date.now() + 120_000; cFilled() < 4 * MiB; await sleep(10)) {
+      if (Date.now() > until) throw new Error(`the stream's first 4 MiB never reached c's guest RAM (${cFilled()} bytes)`);
+    }
     process.kill(cPid, 'SIGSTOP');
     let decided: Awaited<ReturnType<typeof a.client.getMigration>> | undefined;
     try {
@@ -187,7 +190,8 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     const { id } = await a.client.migrate('g1', ['b', 'c'], {});
     const bDir = join(root, 'b', 'g1');
     const bPid = await waitFor(() => runningPid(bDir), 60_000, "b's incoming QEMU");
-    await waitFor(async () => ((await a.client.getMigration(`${id}~c`).catch(() => undefined))?.progress?.memoryBytes ?? 0) > 2 * MiB || undefined, 60_000, 'the stream under way');
+    // Under way at b itself (its guest RAM filling), not by the source's record, which is pushed late.
+    await waitFor(() => (guestRamResidentBytes(bPid, 64 * MiB) ?? 0) >= 2 * MiB || undefined, 120_000, "the stream's first 2 MiB in b's guest RAM");
     process.kill(bPid, 'SIGKILL');
     const info = await a.client.waitMigration(id, { timeoutMs: 240_000 });
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
