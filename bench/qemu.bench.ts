@@ -22,17 +22,18 @@
  * npx tsx bench/qemu.bench.ts            # alone, markdown table
  * npx tsx bench/qemu.bench.ts --estimate-only   # only the rows of (e)
  * npx tsx bench/qemu.bench.ts --estimate-only --guest halted   # only the judged guest's rows of (e)
+ * npx tsx bench/qemu.bench.ts --estimate-only --record runs.json   # and every run's inputs, for replaying the model
  * npm run bench -- --only qemu
  * ```
  */
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { writeGuestImage } from '../effectors/hypervisor/qemu/guest/guest-image.ts';
-import { QemuDriver } from '../effectors/hypervisor/qemu/qemu-driver.ts';
+import { QemuDriver, hostLoadFactor, type StreamCalibration } from '../effectors/hypervisor/qemu/qemu-driver.ts';
 import { PRECOPY_DEFAULTS, estimateError, estimateMigration, withDriverHints, type Estimate } from '../core/mobility/migration-estimate.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { startAgentPair, type AgentPair } from './agent-pair.ts';
@@ -96,6 +97,27 @@ interface EstimatedRun {
   readonly copyRate: number;
   readonly fixedMs: number;
   readonly zeroPageCost: number;
+  /** The host load factor the source driver used for this estimate. */
+  readonly loadFactor: number;
+  /** The source driver's calibration samples when it estimated, per channel count (for --record). */
+  readonly samplesBefore: Readonly<Record<string, readonly StreamCalibration[]>>;
+  readonly runnableBefore: number;
+}
+
+/** Mean of /proc/stat's procs_running sampled every 50 ms over `ms` (0 where /proc is absent); this process counts itself once. */
+async function runnableMean(ms: number): Promise<number> {
+  const xs: number[] = [];
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    try {
+      const m = /procs_running (\d+)/.exec(readFileSync('/proc/stat', 'utf8'));
+      if (m) xs.push(Number(m[1]));
+    } catch {
+      return 0;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return xs.length ? xs.reduce((a, b) => a + b, 0) / xs.length : 0;
 }
 
 /**
@@ -104,7 +126,8 @@ interface EstimatedRun {
  * estimates the measured guest from what it knows before the move, then migrates it.
  */
 async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpec, channels: number, heartbeats: number, sourceDir = 'est-src'): Promise<EstimatedRun> {
-  const source = new QemuDriver({ root: join(root, sourceDir), accel: 'tcg' });
+  let lastLoad = 1;
+  const source = new QemuDriver({ root: join(root, sourceDir), accel: 'tcg', loadFactor: () => (lastLoad = hostLoadFactor()) });
   const target = new QemuDriver({ root: join(root, 'est-dst'), accel: 'tcg' });
   const move = async (s: QemuVmSpec): Promise<{ ms: number; bytes: number }> => {
     const { endpoint } = await target.prepareIncoming(s, { channels });
@@ -134,6 +157,8 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
     const nonZeroBytes = await source.measureNonZeroBytes(spec.name);
     const scanMs = performance.now() - s0;
     const hints = await source.capabilities.migrationModel!.estimateHints(spec.name, { channels });
+    const loadFactor = lastLoad;
+    const samplesBefore = Object.fromEntries([1, 2, 4].flatMap((c) => (source.calibration(c) ? [[String(c), source.calibration(c)!.samples]] : [])));
     const input = withDriverHints(
       {
         memoryBytes: spec.memory,
@@ -150,6 +175,9 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
     // The same without the non-zero count: every page of RAM planned as sent in full.
     const { nonZeroBytes: _nz, ...allPages } = hints;
     const withoutZeroSkip = estimateMigration(withDriverHints({ ...input, zeroPageShare: 0 }, allPages)).totalMs;
+    // For --record: the runnable threads in the second before the move (sampled from /proc/stat), a
+    // faster signal of how busy the host is than the 1-minute load average the driver uses.
+    const runnableBefore = await runnableMean(1000);
     const actual = await move(spec);
     return {
       channels,
@@ -165,6 +193,9 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
       copyRate: hints.copyRateBytesPerSec ?? 0,
       fixedMs: hints.fixedMs ?? 0,
       zeroPageCost: hints.zeroPageCost ?? 0,
+      loadFactor,
+      samplesBefore,
+      runnableBefore,
     };
   } finally {
     await source.close();
@@ -188,7 +219,22 @@ export type EstimateGuest = 'halted' | 'spinning';
 const ESTIMATE_GUESTS: readonly EstimateGuest[] = ['halted', 'spinning'];
 
 /** (e): the estimate beside the actual time for multifd 1, 2, 4; `reps` runs per channel count and guest, the guests alternating run by run. */
-async function estimateRows(root: string, reps: number, guests: readonly EstimateGuest[] = ESTIMATE_GUESTS): Promise<{ rows: BenchRow[]; notes: string[] }> {
+/** What --record writes: every run of (e) with what its estimate was made from, so a unit test can replay the model on real figures. */
+export interface EstimateRecord {
+  readonly guest: EstimateGuest;
+  readonly channels: number;
+  readonly memoryBytes: number;
+  readonly nonZeroBytes: number;
+  readonly dirtyRateBytesPerSec: number;
+  readonly loadFactor: number;
+  readonly estimateMs: number;
+  readonly actualMs: number;
+  readonly samplesBefore: Readonly<Record<string, readonly StreamCalibration[]>>;
+  readonly runnableBefore: number;
+  readonly loadavg1: number;
+}
+
+async function estimateRows(root: string, reps: number, guests: readonly EstimateGuest[] = ESTIMATE_GUESTS, record?: EstimateRecord[]): Promise<{ rows: BenchRow[]; notes: string[] }> {
   const specs = (g: EstimateGuest): { calib: QemuVmSpec; spec: QemuVmSpec } => {
     const halt = g === 'halted' ? { halt: true } : {};
     return {
@@ -204,7 +250,9 @@ async function estimateRows(root: string, reps: number, guests: readonly Estimat
     for (let i = 0; i < reps; i++) {
       for (const g of guests) {
         const { calib, spec } = specs(g);
-        byGuest.get(g)!.push(await estimatedMigrate(root, calib, spec, channels, 2, `est-src-${g}`));
+        const r = await estimatedMigrate(root, calib, spec, channels, 2, `est-src-${g}`);
+        byGuest.get(g)!.push(r);
+        record?.push({ guest: g, channels, memoryBytes: spec.memory, nonZeroBytes: r.nonZeroBytes, dirtyRateBytesPerSec: r.dirtyRate, loadFactor: r.loadFactor, estimateMs: r.estimateMs, actualMs: r.actualMs, samplesBefore: r.samplesBefore, runnableBefore: r.runnableBefore, loadavg1: loadavg()[0]! });
         loads.push(loadavg()[0]!);
       }
     }
@@ -446,12 +494,14 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
 }
 
 /** Only the rows of (e), for `--estimate-only`. */
-async function runEstimateOnly(quick: boolean, guests: readonly EstimateGuest[]): Promise<BenchTable> {
+async function runEstimateOnly(quick: boolean, guests: readonly EstimateGuest[], recordFile?: string): Promise<BenchTable> {
   const missing = qemuMissing();
   if (missing) return missingTable(missing);
   const root = mkdtempSync(join(tmpdir(), 'embot-qbench-'));
   try {
-    const { rows, notes } = await estimateRows(root, quick ? 1 : 5, guests);
+    const record: EstimateRecord[] = [];
+    const { rows, notes } = await estimateRows(root, quick ? 1 : 5, guests, record);
+    if (recordFile !== undefined) writeFileSync(recordFile, `${JSON.stringify({ at: new Date().toISOString(), loadavg: loadavg(), runs: record }, null, 1)}\n`);
     return { title: 'qemu driver: the planner\'s estimate beside the actual time (multifd 1/2/4)', rows, notes };
   } finally {
     await killQemusUnder(root);
@@ -468,7 +518,9 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.reso
     process.exit(2);
   }
   const guests: readonly EstimateGuest[] = process.argv.includes('--guest') ? [g as EstimateGuest] : ESTIMATE_GUESTS;
-  const table = process.argv.includes('--estimate-only') ? await runEstimateOnly(quick, guests) : await run({ quick });
+  // --record FILE: (e)'s runs with their calibration inputs as JSON (test/fixtures/qemu-estimate-runs.json is one).
+  const recordFile = process.argv.includes('--record') ? process.argv[process.argv.indexOf('--record') + 1] : undefined;
+  const table = process.argv.includes('--estimate-only') ? await runEstimateOnly(quick, guests, recordFile) : await run({ quick });
   process.stdout.write(`${renderTable(table)}\n`);
   process.exit(0);
 }
