@@ -13,8 +13,10 @@
  * 2 and 3 destinations against direct (issue target ≤ 1.2× with 2). `--candidates` adds to the
  * same loop the ways of relaying that were measured against it: the relay with QEMU writing into
  * a unix socket (as it was before its loopback TCP source), and QEMU's `exec:` into a shell `cat` / `tee` (no JS on
- * the byte path; plaintext and without a bound per destination, so measured, not shipped). Called from qemu.bench.ts
- * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick] [--candidates]`.
+ * the byte path; plaintext and without a bound per destination, so measured, not shipped). `--tls`:
+ * every QEMU and the relay with agent certificates, as with `peer.tls` (QEMU's own TLS direct, the
+ * relay's per destination; no `exec:` rows). Called from qemu.bench.ts
+ * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick] [--candidates] [--tls]`.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -25,6 +27,8 @@ import { QemuFanOutSession } from '../effectors/hypervisor/qemu/qemu-fan-out.ts'
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
+import type { QemuTlsFiles } from '../effectors/hypervisor/qemu/migration-tls.ts';
+import { makeTlsFixture, type TlsFixture } from '../test/harness/cluster-tls.ts';
 
 const MiB = 1024 * 1024;
 
@@ -48,22 +52,23 @@ export function teeExecUri(uris: readonly string[]): string {
   return `exec:exec bash -c '${script}'`;
 }
 
-/** One migration of `spec` per `variant`; time from migrate to the first bootIncoming. */
-async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant): Promise<FanOutRun> {
+/** One migration of `spec` per `variant`; time from migrate to the first bootIncoming. With `tls`, as agents with `peer.tls` do: QEMU's own TLS direct, the relay's per destination. */
+async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant, tls?: TlsFixture): Promise<FanOutRun> {
   const n = variant.kind === 'direct' ? 1 : variant.n;
   const dir = mkdtempSync(join(root, 'r-'));
-  const source = new QemuDriver({ root: join(dir, 's'), accel: 'tcg' });
-  const targets = Array.from({ length: n }, (_, i) => new QemuDriver({ root: join(dir, `t${i}`), accel: 'tcg' }));
+  const certs = (name: string): { readonly tls?: QemuTlsFiles } => (tls ? { tls: tls.files(name) } : {});
+  const source = new QemuDriver({ root: join(dir, 's'), accel: 'tcg', ...certs('s') });
+  const targets = Array.from({ length: n }, (_, i) => new QemuDriver({ root: join(dir, `t${i}`), accel: 'tcg', ...certs(`t${i}`) }));
   try {
     await source.create(spec);
     await source.start(spec.name);
     await waitSerial(source.stateDir(spec.name), 2);
-    const endpoints = await Promise.all(targets.map((t) => t.prepareIncoming(spec)));
+    const endpoints = await Promise.all(targets.map((t) => t.prepareIncoming(spec, tls ? { sourceName: 's' } : {})));
     const boot = (i: number): Promise<unknown> => targets[i]!.capabilities.incomingBoot!.bootIncoming(spec.name, { timeoutMs: 60_000 });
     const started = performance.now();
     let bytes = 0;
     if (variant.kind === 'direct') {
-      bytes = (await source.migrateOut(spec.name, { endpoint: endpoints[0]!.endpoint })).bytes;
+      bytes = (await source.migrateOut(spec.name, { endpoint: endpoints[0]!.endpoint, ...(tls ? { targetName: 't0' } : {}) })).bytes;
       await boot(0);
     } else if (variant.kind === 'exec') {
       bytes = (await source.migrateOut(spec.name, { endpoint: { uri: teeExecUri(endpoints.map((e) => e.endpoint.uri)) } })).bytes;
@@ -71,7 +76,7 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant): Pro
     } else {
       const names = targets.map((_, i) => `t${i}`);
       // relayUnix: the relay as it was, QEMU writing into a unix socket (the A/B of its loopback TCP source).
-      const session = variant.kind === 'relayUnix' ? new QemuFanOutSession(source, spec.name, names, { relaySource: 'unix' }) : source.capabilities.fanOut!.begin(spec.name, names);
+      const session = variant.kind === 'relayUnix' ? new QemuFanOutSession(source, spec.name, names, { relaySource: 'unix', ...certs('s') }) : source.capabilities.fanOut!.begin(spec.name, names);
       // Each destination boots as soon as its own copy is in: the first to be ready wins.
       await Promise.any(
         names.map(async (name, i) => {
@@ -96,7 +101,9 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant): Pro
  * With `candidates`, QEMU's `exec:` into a shell tee with 1 and 2 targets joins the loop: the same
  * copy without Node on the byte path, to see what taking JS off it would buy.
  */
-export async function fanOutRows(root: string, reps: number, o: { readonly candidates?: boolean } = {}): Promise<{ rows: BenchRow[]; notes: string[] }> {
+export async function fanOutRows(root: string, reps: number, o: { readonly candidates?: boolean; readonly tls?: boolean } = {}): Promise<{ rows: BenchRow[]; notes: string[] }> {
+  // Agents' certificates, as `embot ca init` makes them: s the source, t0… the targets.
+  const tls = o.tls ? await makeTlsFixture(join(root, 'ca'), ['s', 't0', 't1', 't2']) : undefined;
   // Idle after one pass: static memory, so every run moves the same bytes and the rounds do not vary.
   const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
   const variants: readonly (readonly [string, FanOutVariant])[] = [
@@ -108,17 +115,22 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
       ? ([
           ['relayUnix n=1', { kind: 'relayUnix', n: 1 }],
           ['relayUnix n=2', { kind: 'relayUnix', n: 2 }],
-          ['exec tee n=1', { kind: 'exec', n: 1 }],
-          ['exec tee n=2', { kind: 'exec', n: 2 }],
+          // Plaintext, so not beside a TLS run.
+          ...(o.tls
+            ? []
+            : ([
+                ['exec tee n=1', { kind: 'exec', n: 1 }],
+                ['exec tee n=2', { kind: 'exec', n: 2 }],
+              ] as const)),
         ] as const)
       : []),
   ];
   const runs = new Map<string, FanOutRun[]>(variants.map(([k]) => [k, []]));
-  for (let i = 0; i < reps; i++) for (const [k, v] of variants) runs.get(k)!.push(await once(root, spec, v));
+  for (let i = 0; i < reps; i++) for (const [k, v] of variants) runs.get(k)!.push(await once(root, spec, v, tls));
   const med = (k: string): number => median(runs.get(k)!.map((r) => r.ms));
   const direct = med('direct');
   const row = (k: string, name: string, target?: { readonly text: string; readonly max: number }): BenchRow => ({
-    name,
+    name: tls ? `${name}, TLS (QEMU's direct, the relay's per destination)` : name,
     value: med(k),
     unit: 'ms',
     limitName: 'direct migrateOut → bootIncoming, same guest',
@@ -134,7 +146,12 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
       ? [
           row('relayUnix n=1', 'candidate (the relay before): QEMU into a unix socket, 1 destination'),
           row('relayUnix n=2', 'candidate (the relay before): QEMU into a unix socket, first boot of 2 destinations'),
-          row('exec tee n=1', 'candidate: QEMU exec: into cat, 1 destination (no JS on the byte path, plaintext)'), row('exec tee n=2', 'candidate: QEMU exec: into tee, first boot of 2 destinations (plaintext, no bound)'),
+          ...(o.tls
+            ? []
+            : [
+                row('exec tee n=1', 'candidate: QEMU exec: into cat, 1 destination (no JS on the byte path, plaintext)'),
+                row('exec tee n=2', 'candidate: QEMU exec: into tee, first boot of 2 destinations (plaintext, no bound)'),
+              ]),
         ]
       : []),
   ];
@@ -153,7 +170,7 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.reso
   }
   const root = mkdtempSync(join(tmpdir(), 'embot-qfo-'));
   try {
-    const { rows, notes } = await fanOutRows(root, process.argv.includes('--quick') ? 2 : 5, { candidates: process.argv.includes('--candidates') });
+    const { rows, notes } = await fanOutRows(root, process.argv.includes('--quick') ? 2 : 5, { candidates: process.argv.includes('--candidates'), tls: process.argv.includes('--tls') });
     const table: BenchTable = { title: 'qemu driver: one stream to several destinations (issue 13)', rows, notes };
     process.stdout.write(`${renderTable(table)}\n`);
   } finally {
