@@ -4,7 +4,7 @@
  * port (stream-relay.ts) and must know the writer is this agent's own user, as the 0700 dir of
  * its unix socket guaranteed before: any local user can connect to a loopback port.
  */
-import { readFileSync } from 'node:fs';
+import { accessSync, constants, readFileSync } from 'node:fs';
 
 const PROC_NET_TCP = '/proc/net/tcp';
 
@@ -33,5 +33,15 @@ export function readLoopbackTable(): string | undefined {
     return readFileSync(PROC_NET_TCP, 'utf8');
   } catch {
     return undefined;
+  }
+}
+
+/** Whether /proc/net/tcp can be read here (without reading it: it can be MiBs on a busy host). */
+export function loopbackTableReadable(): boolean {
+  try {
+    accessSync(PROC_NET_TCP, constants.R_OK);
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -30,7 +30,7 @@ import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from 'node:tls';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import { userBufferReadsOf } from '../../../core/wire/user-buffer-reads.ts';
-import { loopbackPeerUid, readLoopbackTable } from './loopback-peer.ts';
+import { loopbackPeerUid, loopbackTableReadable, readLoopbackTable } from './loopback-peer.ts';
 
 /** Default bound of one destination's queue: past it the destination is `tooSlow`. */
 export const DEFAULT_RELAY_BUFFER_BYTES = 64 * 1024 * 1024;
@@ -178,7 +178,7 @@ export class StreamRelay {
     if (o.source !== undefined && o.source !== 'tcp' && o.source !== 'unix') {
       throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the relay's source transport must be tcp or unix, not ${JSON.stringify(o.source)}`);
     }
-    const transport: RelaySourceTransport = o.source ?? (readLoopbackTable() === undefined ? 'unix' : 'tcp');
+    const transport: RelaySourceTransport = o.source ?? (loopbackTableReadable() ? 'tcp' : 'unix');
     const dir = transport === 'unix' ? mkdtempSync(join(o.parentDir ?? tmpdir(), 'relay-')) : undefined;
     const server = createServer({ pauseOnConnect: true });
     let relay: StreamRelay;
