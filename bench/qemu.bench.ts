@@ -103,6 +103,19 @@ interface EstimatedRun {
   /** The source driver's calibration samples when it estimated, per channel count (for --record). */
   readonly samplesBefore: Readonly<Record<string, readonly StreamCalibration[]>>;
   readonly runnableBefore: number;
+  /** CPU time both QEMUs used during the measured move (the stream's work, whatever the scheduler gave it). */
+  readonly cpuMs: number;
+}
+
+/** CPU time (user + system) a process has used, ms, from /proc/<pid>/stat (10 ms ticks); 0 where /proc is absent. */
+function cpuMsOf(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) * 10;
+  } catch {
+    return 0;
+  }
 }
 
 /** Mean of /proc/stat's procs_running sampled every 50 ms over `ms` (0 where /proc is absent); this process counts itself once. */
@@ -130,18 +143,21 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
   let lastLoad = 1;
   const source = new QemuDriver({ root: join(root, sourceDir), accel: 'tcg', loadFactor: () => (lastLoad = hostLoadFactor()) });
   const target = new QemuDriver({ root: join(root, 'est-dst'), accel: 'tcg' });
-  const move = async (s: QemuVmSpec): Promise<{ ms: number; bytes: number }> => {
+  const move = async (s: QemuVmSpec): Promise<{ ms: number; bytes: number; cpuMs: number }> => {
     const { endpoint } = await target.prepareIncoming(s, { channels });
+    const pids = [source.pid(s.name), target.pid(s.name)].filter((p) => p !== undefined);
+    const cpu0 = pids.reduce((n, p) => n + cpuMsOf(p), 0);
     const started = performance.now();
     const result = await source.migrateOut(s.name, { endpoint, channels });
     await target.commitIncoming(s.name);
     const ms = performance.now() - started;
+    const cpuMs = pids.reduce((n, p) => n + cpuMsOf(p), 0) - cpu0;
     // As an agent would once the target acknowledged: the end-to-end time calibrates the stream.
     source.capabilities.migrationModel!.recordEndToEnd(s.name, ms);
     await source.remove(s.name);
     await target.kill(s.name);
     await target.remove(s.name);
-    return { ms, bytes: result.bytes };
+    return { ms, bytes: result.bytes, cpuMs };
   };
   try {
     // One guest at a time: a guest filling its memory under TCG takes a core, and the calibration must not share it.
@@ -199,6 +215,7 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
       loadFactor,
       samplesBefore,
       runnableBefore,
+      cpuMs: actual.cpuMs,
     };
   } finally {
     await source.close();
@@ -235,6 +252,7 @@ export interface EstimateRecord {
   readonly samplesBefore: Readonly<Record<string, readonly StreamCalibration[]>>;
   readonly runnableBefore: number;
   readonly loadavg1: number;
+  readonly cpuMs: number;
 }
 
 async function estimateRows(root: string, reps: number, guests: readonly EstimateGuest[] = ESTIMATE_GUESTS, record?: EstimateRecord[]): Promise<{ rows: BenchRow[]; notes: string[] }> {
@@ -259,7 +277,7 @@ async function estimateRows(root: string, reps: number, guests: readonly Estimat
         const { warm, calib, spec } = specs(g);
         const r = await estimatedMigrate(root, calib, spec, channels, 2, `est-src-${g}`, channels === 1 && i === 0 ? warm : undefined);
         byGuest.get(g)!.push(r);
-        record?.push({ guest: g, channels, memoryBytes: spec.memory, nonZeroBytes: r.nonZeroBytes, dirtyRateBytesPerSec: r.dirtyRate, loadFactor: r.loadFactor, estimateMs: r.estimateMs, actualMs: r.actualMs, samplesBefore: r.samplesBefore, runnableBefore: r.runnableBefore, loadavg1: loadavg()[0]! });
+        record?.push({ guest: g, channels, memoryBytes: spec.memory, nonZeroBytes: r.nonZeroBytes, dirtyRateBytesPerSec: r.dirtyRate, loadFactor: r.loadFactor, estimateMs: r.estimateMs, actualMs: r.actualMs, samplesBefore: r.samplesBefore, runnableBefore: r.runnableBefore, loadavg1: loadavg()[0]!, cpuMs: r.cpuMs });
         loads.push(loadavg()[0]!);
       }
     }
@@ -295,7 +313,7 @@ async function estimateRows(root: string, reps: number, guests: readonly Estimat
         ...(judged ? { target: 'every run ≤ 0.15', met: worst <= 0.15 } : {}),
       });
       notes.push(
-        `(e) ${channels} channel(s), ${guestName}: errors [${errors.map((e) => `${(e * 100).toFixed(1)} %`).join(', ')}], estimates [${runs.map((r) => r.estimateMs.toFixed(0)).join(', ')}] ms vs actual [${runs.map((r) => r.actualMs.toFixed(0)).join(', ')}] ms; ` +
+        `(e) ${channels} channel(s), ${guestName}: errors [${errors.map((e) => `${(e * 100).toFixed(1)} %`).join(', ')}], estimates [${runs.map((r) => r.estimateMs.toFixed(0)).join(', ')}] ms vs actual [${runs.map((r) => r.actualMs.toFixed(0)).join(', ')}] ms (CPU time of both QEMUs in the move [${runs.map((r) => r.cpuMs.toFixed(0)).join(', ')}] ms); ` +
           `median estimate ${medEstimate.toFixed(0)} ms vs median actual ${medActual.toFixed(0)} ms (${(medErr * 100).toFixed(1)} %); load average ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}; ` +
           `throughput ${(mid.bytes / MiB / (mid.actualMs / 1000)).toFixed(0)} MiB/s (${(mid.bytes / MiB).toFixed(0)} MiB on the wire); inputs: non-zero ${(mid.nonZeroBytes / MiB).toFixed(0)} MiB (scan ${mid.scanMs.toFixed(0)} ms), dirty rate ${(mid.dirtyRate / MiB).toFixed(1)} MiB/s, ` +
           `copy rate ${(mid.copyRate / MiB).toFixed(0)} MiB/s and fixed ${mid.fixedMs.toFixed(0)} ms, a zero page costs ${mid.zeroPageCost.toFixed(2)} × a full one; without the non-zero count the estimates would be [${runs.map((r) => r.withoutZeroSkipMs.toFixed(0)).join(', ')}] ms; model: ${mid.estimate.rounds} rounds, ${(mid.estimate.bytes / MiB).toFixed(0)} MiB. (${mid.hintsSource})`,
