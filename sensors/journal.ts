@@ -534,6 +534,9 @@ export class Journal {
   private readonly spillForeignIdsStmt: Database.Statement<[string, number, string]>;
   private readonly countForStmt: Database.Statement<[string], { n: number }>;
   private readonly spillDeleteStmt: Database.Statement<[string]>;
+  private readonly takenInsertStmt: Database.Statement<[string, number]>;
+  private readonly takenRecentStmt: Database.Statement<[number], string>;
+  private readonly takenPruneStmt: Database.Statement<[number]>;
 
   constructor(store: Store) {
     this.store = store;
@@ -563,6 +566,9 @@ export class Journal {
       .pluck();
     this.countForStmt = this.db.prepare('SELECT count(*) AS n FROM events WHERE element_id = ?');
     this.spillDeleteStmt = this.db.prepare('DELETE FROM held_spill WHERE element_id = ?');
+    this.takenInsertStmt = this.db.prepare('INSERT OR IGNORE INTO taken_ids(id, at) VALUES (?, ?)');
+    this.takenRecentStmt = this.db.prepare<[number], string>('SELECT id FROM (SELECT rowid AS r, id FROM taken_ids ORDER BY rowid DESC LIMIT ?) ORDER BY r').pluck();
+    this.takenPruneStmt = this.db.prepare('DELETE FROM taken_ids WHERE rowid <= (SELECT max(rowid) FROM taken_ids) - ?');
     this.rows = (this.db.prepare('SELECT count(*) AS n FROM events').get() as { n: number }).n;
   }
 
@@ -686,6 +692,21 @@ export class Journal {
 
   delete(seq: number): void {
     if (this.deleteStmt.run(seq).changes > 0) this.rows--;
+  }
+
+  /** Records ids producers gave to events journaled now; call it in the transaction that journals them. */
+  rememberTaken(ids: readonly string[], at: number): void {
+    for (const id of ids) this.takenInsertStmt.run(id, at);
+  }
+
+  /** The newest `limit` ids recorded by {@link rememberTaken}, oldest first. */
+  recentTaken(limit: number): string[] {
+    return this.takenRecentStmt.all(limit);
+  }
+
+  /** Keeps the newest `keep` taken ids. */
+  pruneTaken(keep: number): void {
+    this.takenPruneStmt.run(keep);
   }
 
   /**

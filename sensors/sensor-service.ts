@@ -282,6 +282,8 @@ export class SensorService {
   private readonly known = new Set<string>();
   private readonly recent: (string | undefined)[];
   private recentPos = 0;
+  /** Producer-given ids recorded in the journal since the last prune of that table. */
+  private takenSincePrune = 0;
 
   private seq: number;
   private readonly seqAtStart: number;
@@ -290,6 +292,8 @@ export class SensorService {
   /** Durable mode: posted in this tick, waiting for the group commit. */
   private staged: QueuedEvent[] = [];
   private stagedPayloads: (Buffer | null)[] = [];
+  /** How many of the staged events came with a producer-given id (the group commit records those: rememberTaken). */
+  private stagedGiven = 0;
   private batch: Deferred | null = null;
   /** Journal rows whose events reached no durable subscriber; deleted in one transaction per slice. */
   private toDelete: number[] = [];
@@ -972,6 +976,13 @@ export class SensorService {
       this.route(entry);
       n++;
     }
+    // Producer-given ids taken before the restart (README "Events: idempotent posts"): those still journaled are
+    // known now; the processed ones fill the window as if they had been processed in this run, oldest first.
+    for (const id of this.journal.recentTaken(this.recent.length)) {
+      if (this.known.has(id)) continue;
+      this.known.add(id);
+      this.finish(id);
+    }
     if (n > 0) this.schedule();
     return n;
   }
@@ -1162,6 +1173,7 @@ export class SensorService {
     if (this.journal !== undefined) {
       this.staged.push(entry);
       this.stagedPayloads.push(bytes);
+      if (!generated) this.stagedGiven++;
     } else {
       this.route(entry);
     }
@@ -1244,12 +1256,17 @@ export class SensorService {
     const entries = this.staged;
     const payloads = this.stagedPayloads;
     const batch = this.batch;
+    const given = this.stagedGiven;
     this.staged = [];
     this.stagedPayloads = [];
+    this.stagedGiven = 0;
     this.batch = null;
     const ok = new Uint8Array(entries.length);
     try {
-      journal.transaction(() => journal.insertMany(entries, payloads, ok));
+      journal.transaction(() => {
+        journal.insertMany(entries, payloads, ok);
+        if (given > 0) this.rememberTaken(entries, ok);
+      });
     } catch (cause) {
       for (const entry of entries) this.forget(entry.event.id);
       this.nRejected += entries.length;
@@ -1326,6 +1343,28 @@ export class SensorService {
 
   private forget(id: string): void {
     if (!id.startsWith(this.idPrefix)) this.known.delete(id);
+  }
+
+  /**
+   * Records the producer-given ids of the rows just journaled, in their transaction, so the window survives a restart
+   * (recover reads them back): a post re-sent after a restart is refused even when its first copy was processed.
+   * Ids minted here need no record (isMinted); the table keeps the newest window's worth.
+   */
+  private rememberTaken(entries: readonly QueuedEvent[], ok: Uint8Array): void {
+    let ids: string[] | undefined;
+    for (let i = 0; i < entries.length; i++) {
+      const id = entries[i]!.event.id;
+      if (ok[i] === 1 && !id.startsWith(this.idPrefix)) (ids ??= []).push(id);
+    }
+    if (ids === undefined) return;
+    const journal = this.journal!;
+    journal.rememberTaken(ids, this.now());
+    this.takenSincePrune += ids.length;
+    // A tenth of the window between prunes: the table holds at most 1.1 windows.
+    if (this.takenSincePrune * 10 >= this.recent.length) {
+      journal.pruneTaken(this.recent.length);
+      this.takenSincePrune = 0;
+    }
   }
 
   /** Remembers a processed foreign id for the de-duplication window. */

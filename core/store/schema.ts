@@ -242,6 +242,16 @@ export const MIGRATIONS: readonly string[] = [
   ) WITHOUT ROWID;
   CREATE INDEX vm_disk_blocks_hash ON vm_disk_blocks(hash);
   `,
+  `
+  -- Ids producers gave their events (POST /v1/events with an id), written in the group commit that
+  -- journals the event and read back at start: a re-post after a restart is refused even when its
+  -- first copy was processed (and its journal row deleted) before. Rowid order is arrival order; the
+  -- newest sensors dedupWindow rows are kept.
+  CREATE TABLE taken_ids (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+  );
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;

@@ -50,6 +50,21 @@ describe('POST /v1/events with an id is idempotent: a producer that re-posts an 
     expect(c.seen).toEqual(['0', '1']);
   }, 90_000);
 
+  it('an id processed before a SIGKILL is not taken again when re-posted after the restart', async () => {
+    const { a, opts } = await agentWithCounter();
+    await a.client.emitEvent({ elementId: 'vm:f1', type: 'TICK', payload: { seq: 0 }, id: 'tick-kept-0' });
+    await counted(a, 1);
+    await kill(a);
+    const b = await start(opts);
+    // A producer whose answer was lost (its own timeout, a lost reply) and who re-posts later.
+    await expect(b.client.emitEvent({ elementId: 'vm:f1', type: 'TICK', payload: { seq: 0 }, id: 'tick-kept-0' })).resolves.toMatchObject({ id: 'tick-kept-0' });
+    await b.client.emitEvent({ elementId: 'vm:f1', type: 'TICK', payload: { seq: 1 }, id: 'tick-kept-1' });
+    const c = await counted(b, 2);
+    await sleep(300);
+    expect(counterOf(await b.client.listEmbots(), 'f1')).toMatchObject({ count: 2, lastSeq: 1, outOfOrder: 0 });
+    expect(c.seen).toEqual(['0', '1']);
+  }, 120_000);
+
   it('SIGKILLed with a post journaled but not yet answered, restarted: the re-post with the same id is not taken again', async () => {
     const { a, opts } = await agentWithCounter();
     let current: AgentProcess | undefined = a;
