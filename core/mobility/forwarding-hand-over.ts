@@ -30,6 +30,9 @@ interface Wait {
   handedOver: boolean;
   timedOut: boolean;
   timer: ReturnType<typeof setTimeout> | undefined;
+  /** When the wait began (the commit, or the restart), and when the embots ran: for the log. */
+  readonly since: number;
+  readyAt: number;
 }
 
 /**
@@ -76,6 +79,7 @@ export class HandOverWaits {
     void ready.then(
       () => {
         w.ready = true;
+        w.readyAt = performance.now();
         this.settle(w);
       },
       () => {
@@ -135,7 +139,7 @@ export class HandOverWaits {
   }
 
   private add(migrationId: string, vm: string, scope: readonly string[]): Wait {
-    const w: Wait = { migrationId, vm, scope, ready: false, handedOver: false, timedOut: false, timer: undefined };
+    const w: Wait = { migrationId, vm, scope, ready: false, handedOver: false, timedOut: false, timer: undefined, since: performance.now(), readyAt: 0 };
     this.waits.set(migrationId, w);
     return w;
   }
@@ -156,8 +160,14 @@ export class HandOverWaits {
     this.waits.delete(w.migrationId);
     if (w.timer !== undefined) clearTimeout(w.timer);
     const host = this.o.host;
+    const now = performance.now();
+    const waitedMs = Math.round((now - w.since) * 10) / 10;
+    // What the wait added: the time the running embots' events were held for the hand-over alone.
+    const heldMs = Math.round((now - Math.max(w.since, w.readyAt)) * 10) / 10;
     if (!w.handedOver) {
       host.logger.warn(`migration ${w.migrationId}: no hand-over of the events the source held for ${w.vm} within ${this.o.waitMs} ms; its events are dispatched here now`, { migrationId: w.migrationId });
+    } else {
+      host.logger.info(`migration ${w.migrationId}: the source handed over; the events of ${w.vm} flow here`, { migrationId: w.migrationId, waitedMs, heldMs });
     }
     try {
       host.journal.notes(w.migrationId, 'target', { handOver: 'done' });

@@ -98,18 +98,23 @@ export class Forwarding {
    * dispatched here any more). `rest`: events held after the last round (hold-queue bytes, also when
    * they hold no event), handed over before any redirected one, flagged as the hand-over the new
    * owner waits for. Journal it with {@link record} in the transaction that drops the elements.
+   * `link`: an open connection to the new owner (the migration's own) this forwarding takes over, so
+   * the hand-over, which the new owner's events wait for, does not wait for a dial. Returns whether
+   * it took the link (it closes it then).
    */
-  start(rec: ForwardRecord, rest: Uint8Array | undefined): void {
-    if (this.closed) return;
+  start(rec: ForwardRecord, rest: Uint8Array | undefined, link?: PeerConnection): boolean {
+    if (this.closed) return false;
     // An older forwarding of the same VM (it moved here and away again) ends: the elements have one redirect.
     this.reclaim(rec.vm);
-    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn: undefined, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false };
+    const conn = link?.isOpen && link.remoteAgent === rec.peer ? link : undefined;
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);
     for (const id of rec.elementIds) this.byElement.set(id, a);
     a.timer = setTimeout(() => this.expire(a), Math.max(0, rec.until - Date.now()));
     a.timer.unref();
     if (a.rest) this.pumpRest(a, 0);
+    return conn !== undefined;
   }
 
   /** Journals `rec` with its tombstones: inside the transaction that drops the moved elements. */

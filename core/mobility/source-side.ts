@@ -560,8 +560,9 @@ export class SourceSide implements SourceSteps {
     const migrationId = input.migrationId;
     const rest = host.sensors.serializeHeldSince(this.scope, this.cursor);
     const rec = { migrationId, vm: this.o.vm, peer: this.o.target, elementIds: this.scope, until: Date.now() + this.o.forwardGraceMs };
-    // Sent even when it holds nothing: the new owner waits for this hand-over (forwarding-hand-over.ts).
-    this.o.forwarding.start(rec, rest.bytes);
+    // Sent even when it holds nothing: the new owner waits for this hand-over (forwarding-hand-over.ts),
+    // on the migration's link, which the forwarding keeps (a dial would add to the new owner's wait).
+    const linkTaken = this.o.forwarding.start(rec, rest.bytes, this.conn);
     try {
       await this.handOverUdp(migrationId);
     } catch (e) {
@@ -580,7 +581,7 @@ export class SourceSide implements SourceSteps {
     this.unmute?.();
     this.unmute = undefined;
     this.o.fanOut?.shared.unmute();
-    void this.conn?.close().catch(() => {});
+    if (!linkTaken) void this.conn?.close().catch(() => {});
   }
 
   /**
