@@ -534,7 +534,7 @@ export class Journal {
   private readonly spillForeignIdsStmt: Database.Statement<[string, number, string]>;
   private readonly countForStmt: Database.Statement<[string], { n: number }>;
   private readonly spillDeleteStmt: Database.Statement<[string]>;
-  private readonly takenInsertStmt: Database.Statement<[string, number]>;
+  private readonly takenInsertStmt: Database.Statement<[number, string]>;
   private readonly takenRecentStmt: Database.Statement<[number], string>;
   private readonly takenPruneStmt: Database.Statement<[number]>;
 
@@ -566,7 +566,8 @@ export class Journal {
       .pluck();
     this.countForStmt = this.db.prepare('SELECT count(*) AS n FROM events WHERE element_id = ?');
     this.spillDeleteStmt = this.db.prepare('DELETE FROM held_spill WHERE element_id = ?');
-    this.takenInsertStmt = this.db.prepare('INSERT OR IGNORE INTO taken_ids(id, at) VALUES (?, ?)');
+    // One statement per group commit: SQLite walks the JSON list of ids itself.
+    this.takenInsertStmt = this.db.prepare("INSERT OR IGNORE INTO taken_ids(id, at) SELECT value, ? FROM json_each(?)");
     this.takenRecentStmt = this.db.prepare<[number], string>('SELECT id FROM (SELECT rowid AS r, id FROM taken_ids ORDER BY rowid DESC LIMIT ?) ORDER BY r').pluck();
     this.takenPruneStmt = this.db.prepare('DELETE FROM taken_ids WHERE rowid <= (SELECT max(rowid) FROM taken_ids) - ?');
     this.rows = (this.db.prepare('SELECT count(*) AS n FROM events').get() as { n: number }).n;
@@ -696,7 +697,7 @@ export class Journal {
 
   /** Records ids producers gave to events journaled now; call it in the transaction that journals them. */
   rememberTaken(ids: readonly string[], at: number): void {
-    for (const id of ids) this.takenInsertStmt.run(id, at);
+    this.takenInsertStmt.run(at, JSON.stringify(ids));
   }
 
   /** The newest `limit` ids recorded by {@link rememberTaken}, oldest first. */
