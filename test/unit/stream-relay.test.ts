@@ -163,7 +163,9 @@ describe('stream relay: one stream to several destinations over real sockets', (
     await feed(relay, data);
     const results = await Promise.all(['b', 'c'].map((n) => relay.result(n)));
     expect(results.map((r) => `${r.outcome}:${r.bytes}`)).toEqual([`delivered:${data.length}`, `delivered:${data.length}`]);
-    // Chunks still queued for the jerky reader share slabs the source goes on reading into: a slab reused too early would corrupt them.
+    // Chunks still queued for the jerky reader share slabs the source goes on reading into, and reads go
+    // back into a chunk's bytes once every socket took it whole (relay.slabReuses, ~19 times here):
+    // a slab part reused too early would corrupt them (with reuse forced on, six tests of this file fail).
     expect(results[0]!.maxQueuedBytes).toBeGreaterThan(0);
     for (const x of [b, c]) expect(await x.received).toEqual({ bytes: data.length, sha: sha(data) });
     // Node 20's user-buffer reads are in use (a Node whose socket internals changed falls back to 'data', which this pins).

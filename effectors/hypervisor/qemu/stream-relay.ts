@@ -83,9 +83,12 @@ export interface StreamRelayOptions {
 
 /**
  * Default slab QEMU's stream is read into: each read takes whatever the socket holds, up to
- * {@link MAX_RELAY_READ_BYTES}, instead of Node's 64 KiB, into the next free part of the slab. The chunk read is written to every destination as it is (one Buffer shared, never copied),
- * so a slab is never reused: the next read goes after it and a full slab is left to the writes
- * still holding it.
+ * {@link MAX_RELAY_READ_BYTES}, instead of Node's 64 KiB, into the next free part of the slab. The
+ * chunk read is written to every destination as it is (one Buffer shared, never copied). When every
+ * live destination's socket took it whole (nothing queued anywhere: the kernel has its copy), the
+ * next read goes into the same bytes again, so a relay whose destinations keep up reads and sends
+ * from one cache-warm 256 KiB; otherwise the next read goes after it, and a full slab is left to the
+ * writes still holding it.
  */
 export const DEFAULT_RELAY_SLAB_BYTES = 4 * 1024 * 1024;
 /** A slab with less room than this left is replaced (a read must be able to take a socket's worth). */
@@ -93,9 +96,10 @@ const SLAB_MIN_ROOM = 512 * 1024;
 /**
  * Most one read takes: a loopback TCP connection can hold MiBs, and one chunk goes whole into every
  * destination's queue, so a read is also kept to a quarter of the bound (a destination is judged
- * on its backlog, not on one read's size).
+ * on its backlog, not on one read's size). 256 KiB fits a core's L2 with the reused slab part
+ * (A/B against 1 MiB and 128 KiB: BENCHMARKS.md, "Several destinations with qemu").
  */
-const MAX_RELAY_READ_BYTES = 1024 * 1024;
+const MAX_RELAY_READ_BYTES = 256 * 1024;
 
 /** `tcp:HOST:PORT` → host and port; a coded error for anything else (the URI comes from a peer). */
 export function parseTcpUri(uri: string): { readonly host: string; readonly port: number } {
@@ -144,6 +148,8 @@ export class StreamRelay {
   private readonly slabBytes: number;
   /** Whether the source is read into slabs (else Node's 64 KiB reads: Node's internals did not fit, or slabBytes 0). */
   slabReads = false;
+  /** Reads that went into the bytes of the one before (every destination had taken it whole). */
+  slabReuses = 0;
   /** Every destination is gone: the source's stream is cut so QEMU's migration fails. */
   onAllDropped: (() => void) | undefined;
   /** Connections to the source port closed unread: not from this agent's user (tcp), or a second writer. */
@@ -299,7 +305,15 @@ export class StreamRelay {
     }
     this.source = s;
     const maxRead = Math.max(64 * 1024, Math.min(MAX_RELAY_READ_BYTES, Math.floor(this.limit / 4)));
-    this.slabReads = this.slabBytes > 0 && readIntoSlabs(s, this.slabBytes, maxRead, (chunk) => this.fanOut(chunk));
+    this.slabReads =
+      this.slabBytes > 0 &&
+      readIntoSlabs(s, this.slabBytes, maxRead, (chunk) => {
+        this.fanOut(chunk);
+        // A socket that took the chunk whole has queued none of it (Node counts an unfinished write in writableLength until it completes).
+        const free = [...this.dests.values()].every((d) => !d.live || d.socket.writableLength === 0);
+        if (free) this.slabReuses++;
+        return free;
+      });
     if (!this.slabReads) s.on('data', (chunk: Buffer) => this.fanOut(chunk));
     s.on('end', () => {
       this.sourceEnded = true;
@@ -372,12 +386,13 @@ export class StreamRelay {
 
 /**
  * Switches an accepted socket (which cannot be given `onread`) to Node's user-buffer reads into
- * slabs, `onChunk` called with each read's bytes. Only when Node's socket has the shape
+ * slabs, `onChunk` called with each read's bytes (true back: nothing holds them any more, the next
+ * read goes into the same bytes). Only when Node's socket has the shape
  * core/wire/user-buffer-reads.ts expects and is not reading yet: else false, nothing changed, and
  * the caller reads with 'data' (the gain is lost, never the data). Pause and resume work as with
  * 'data' (net.Socket stops and starts the handle's reads itself in user-buffer mode).
  */
-function readIntoSlabs(socket: Socket, slabBytes: number, maxRead: number, onChunk: (chunk: Buffer) => void): boolean {
+function readIntoSlabs(socket: Socket, slabBytes: number, maxRead: number, onChunk: (chunk: Buffer) => boolean): boolean {
   const hooks = userBufferReadsOf(socket, 0);
   if (hooks === undefined || hooks.socket._handle.reading === true) return false;
   const { socket: s, kBuffer, kBufferCb, kBufferGen } = hooks;
@@ -386,7 +401,8 @@ function readIntoSlabs(socket: Socket, slabBytes: number, maxRead: number, onChu
   s[kBufferCb] = (nread: number): boolean => {
     const chunk = slab.subarray(at, at + nread);
     at += nread;
-    onChunk(chunk);
+    // True: nothing holds the chunk any more, its bytes take the next read.
+    if (onChunk(chunk)) at -= nread;
     return true;
   };
   // Called by Node after each read for the buffer of the next one.
