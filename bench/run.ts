@@ -25,6 +25,7 @@ import { run as runUdp } from './udp.bench.ts';
 import { run as runEstimate } from './estimate.bench.ts';
 import { run as runQemu } from './qemu.bench.ts';
 import { run as runFixedCost } from './fixed-cost.bench.ts';
+import { run as runHandOver } from './hand-over.bench.ts';
 import { run as runLiveChannel } from './live-channel.bench.ts';
 import { run as runMetrics } from './metrics.bench.ts';
 import { run as runImages } from './images.bench.ts';
@@ -54,6 +55,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'estimate', run: runEstimate },
   { name: 'qemu', run: runQemu },
   { name: 'fixed-cost', run: runFixedCost },
+  { name: 'hand-over', run: runHandOver },
   { name: 'live-channel', run: runLiveChannel },
   { name: 'metrics', run: runMetrics },
   { name: 'images', run: runImages },

@@ -21,6 +21,18 @@ export interface HandOverOptions {
   readonly leaving: (vm: string) => boolean;
 }
 
+/** How one wait ended: what `observe` reports. */
+export interface HandOverEnd {
+  readonly migrationId: string;
+  readonly vm: string;
+  /** The hand-over came (false: `waitMs` passed first). */
+  readonly handedOver: boolean;
+  /** From the commit (or the restart) to the release. */
+  readonly waitedMs: number;
+  /** Of that, how long the running embots' events were held for the hand-over alone: what the wait costs. */
+  readonly heldMs: number;
+}
+
 interface Wait {
   readonly migrationId: string;
   readonly vm: string;
@@ -58,6 +70,7 @@ export class HandOverWaits {
   /** Restored waits start their clock, and may release, once the agent re-queued its journaled events. */
   private eventsRecovered = false;
   private closed = false;
+  private readonly observers = new Set<(end: HandOverEnd) => void>();
 
   constructor(private readonly o: HandOverOptions) {}
 
@@ -118,6 +131,12 @@ export class HandOverWaits {
     }
   }
 
+  /** Calls `fn` as each wait ends with a release (the bench measures what the wait costs); returns the unsubscribe. */
+  observe(fn: (end: HandOverEnd) => void): () => void {
+    this.observers.add(fn);
+    return () => void this.observers.delete(fn);
+  }
+
   /** Whether this agent still waits for the hand-over of `migrationId`. */
   isWaiting(migrationId: string): boolean {
     return this.waits.has(migrationId);
@@ -175,6 +194,9 @@ export class HandOverWaits {
       if (!this.o.leaving(w.vm)) host.sensors.release(w.scope);
     } catch (e) {
       host.logger.error(`migration ${w.migrationId}: could not release the events of ${w.vm} after the hand-over`, { migrationId: w.migrationId, error: describeError(e) });
+      return;
     }
+    const end: HandOverEnd = { migrationId: w.migrationId, vm: w.vm, handedOver: w.handedOver, waitedMs, heldMs };
+    for (const fn of this.observers) fn(end);
   }
 }

@@ -48,6 +48,8 @@ describe('HandOverWaits', () => {
   it('events posted at the new owner after the commit wait for the source\'s hand-over, then all go in ts order', async () => {
     const store = openStore();
     const t = targetOn(store);
+    const ends: { handedOver: boolean; heldMs: number }[] = [];
+    t.waits.observe((e) => ends.push(e));
     t.sensors.recover();
     t.waits.afterEventsRecovered();
     commit(t, store);
@@ -66,6 +68,10 @@ describe('HandOverWaits', () => {
     await waitFor(() => t.seen.length === 4, 5000, 'the released events');
     expect(t.seen).toEqual([3, 4, 5, 6]);
     expect(t.waits.isWaiting('m-1')).toBe(false);
+    expect(ends).toHaveLength(1);
+    expect(ends[0]).toMatchObject({ handedOver: true });
+    // Held from the embots running (at once here) to the hand-over: at least the 20 ms slept above.
+    expect(ends[0]!.heldMs).toBeGreaterThanOrEqual(15);
     expect(t.journal.get('m-1', 'target')?.notes.handOver).toBe('done');
     expect(t.journal.pendingHandOvers()).toEqual([]);
     // From now on events flow at once.
