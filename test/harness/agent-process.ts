@@ -23,7 +23,7 @@ export interface AgentProcessOptions {
 
 /**
  * A real agent: `embot agent` as a child process on loopback with its own SQLite file. Starts on
- * a free control port and resolves once the agent prints its ready line.
+ * a free control port and resolves once the agent prints its ready line (60 s by default: at load 17+ on 2 cores a start took over 20 s; the test's own timeout is the backstop).
  */
 export class AgentProcess {
   readonly child: ChildProcess;
@@ -41,7 +41,7 @@ export class AgentProcess {
     this.exited = new Promise((r) => this.child.on('exit', (code) => r(code)));
   }
 
-  static async start(opts: AgentProcessOptions, timeoutMs = 20_000): Promise<AgentProcess> {
+  static async start(opts: AgentProcessOptions, timeoutMs = 60_000): Promise<AgentProcess> {
     const a = new AgentProcess(opts);
     const started = Date.now();
     for (;;) {
