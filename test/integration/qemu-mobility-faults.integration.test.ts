@@ -161,7 +161,6 @@ describe.skipIf(!run)('qemu migration faults through the agents: one running QEM
     // whether the post in flight at the kill (seq ackedBeforeKill) is among them.
     const journaled = journaledTickSeqs(cluster!.dataDir('a'), 'vm:f1');
     const inFlight = `in flight at the kill: seq ${ackedBeforeKill}, journaled: ${journaled.includes(ackedBeforeKill)} (journal ${journaled.length} TICKs, last ${journaled.at(-1)})`;
-    process.stderr.write(`[h2] ${inFlight}\n`);
     const restarted = await cluster!.startAgent('a');
     current = restarted;
     await waitFor(async () => (await restarted.client.listVms()).find((v) => v.name === 'f1' && v.state === 'running'), 30_000, 'f1 running at a again');
