@@ -27,7 +27,7 @@ export function loopbackPeerUid(table: string, peerPort: number, ourPort: number
   return undefined;
 }
 
-/** /proc/net/tcp's text, or undefined where there is none (not Linux, no procfs): the relay then keeps its unix socket. */
+/** /proc/net/tcp's text, or undefined where it cannot be read (the relay then takes no connection: no owner, no stream). */
 export function readLoopbackTable(): string | undefined {
   try {
     return readFileSync(PROC_NET_TCP, 'utf8');
