@@ -305,7 +305,7 @@ async function estimateRows(root: string, reps: number, guests: readonly Estimat
         limitName: 'median actual, same runs',
         limit: medActual,
         ratio: medErr,
-        ...(judged ? { target: '|estimate − actual| / actual ≤ 0.15', met: medErr <= 0.15 } : {}),
+        ...(judged ? { target: 'error ≤ 0.15', met: medErr <= 0.15 } : {}),
       });
       rows.push({
         name: `the same, per run: the run of median error; worst run ${(worst * 100).toFixed(1)} %`,
