@@ -375,7 +375,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
         coldDown.push(c1.s.downtimeMs ?? 0);
         warmDown.push(w1.s.downtimeMs ?? 0);
         after.push(w1.afterCommandBytes);
-        if (process.env['FANOUT_BENCH_DEBUG']) for (const [k, x] of [['cold', c1.s], ['warm', w1.s]] as const) console.error(k, JSON.stringify({ down: x.downtimeMs, phases: x.phases, vmSteps: x.vmSteps, rounds: x.rounds, dests: x.destinations?.map((d) => [d.name, d.outcome, d.phases]) }));
+        if (process.env['FANOUT_BENCH_DEBUG']) for (const [k, x] of [['cold', c1.s], ['warm', w1.s]] as const) console.error(k, JSON.stringify({ down: x.downtimeMs, copyDown: x.precopy?.copyDowntimeMs, stopKiB: Math.round((x.precopy?.stopBytes ?? 0) / 1024), afterStop: x.vmSteps?.afterStop, phases: x.phases, vmSteps: x.vmSteps, rounds: x.rounds, dests: x.destinations?.map((d) => [d.name, d.outcome, d.phases]) }));
       }
       const [cm, wm, cd, wd] = [median(cold), median(warm), median(coldDown), median(warmDown)];
       rows.push({

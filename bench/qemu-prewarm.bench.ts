@@ -123,6 +123,11 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       for (const x of xs) for (const p of phasesOf(x)) by.set(p.phase, [...(by.get(p.phase) ?? []), p.ms]);
       return [...by].map(([phase, ms]) => `${phase} ${Math.round(median(ms))}`).join(', ');
     };
+    const stopMarks = (xs: readonly Switch[]): string => {
+      const by = new Map<string, number[]>();
+      for (const x of xs) for (const [k, v] of Object.entries(x.s.vmSteps?.afterStop ?? {})) by.set(k, [...(by.get(k) ?? []), v]);
+      return [...by].map(([k, v]) => `${k} ${median(v).toFixed(1)}`).join(', ');
+    };
     let first = true;
     for (const guest of GUESTS) {
       const image = join(root, `guest-${rows.length}.img`);
@@ -167,6 +172,9 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         `${guest.label}: phases (median ms) cold ${phaseMedians(colds)}; warm (winner child) ${phaseMedians(warms)}`,
         // Where the downtime goes: QEMU's own (its STOP to its stream's completion at the source) and the agents' after it.
         `${guest.label}: QEMU's downtime (STOP → completed, median ms) cold ${median(colds.map((x) => x.s.precopy?.copyDowntimeMs ?? 0))} (runs ${runs(colds, (x) => x.s.precopy?.copyDowntimeMs ?? 0)}), warm ${median(warms.map((x) => x.s.precopy?.copyDowntimeMs ?? 0))} (runs ${runs(warms, (x) => x.s.precopy?.copyDowntimeMs ?? 0)})`,
+        // Each step's end after the stop (source side), and the bytes QEMU sent stopped: where the warm switch's downtime goes beyond the cold one's.
+        `${guest.label}: steps after the stop (median ms after it) cold ${stopMarks(colds)}; warm ${stopMarks(warms)}`,
+        `${guest.label}: sent with the VM stopped (pre-switchover → completed, device state included, MiB) cold ${runs(colds, (x) => ((x.s.precopy?.stopBytes ?? 0) / MiB) * 10)} ×0.1, warm ${runs(warms, (x) => ((x.s.precopy?.stopBytes ?? 0) / MiB) * 10)} ×0.1`,
         `${guest.label}: load average (1 min) during the runs ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`,
       );
     }

@@ -29,6 +29,10 @@ export class FanOutShared {
   private switched = false;
   /** ms since the epoch when the VM stopped for the switch. */
   stoppedAt: number | undefined;
+  /** performance.now() of the stop, of a pre-warm's command and of its lift: the children's `vmSteps.afterStop`. */
+  stoppedPerf: number | undefined;
+  commandedPerf: number | undefined;
+  liftedPerf: number | undefined;
   vmStopped = false;
   private unmuteFn: (() => void) | undefined;
   /** The VM's UDP relay buffering from the switch (one pause for every child). */
@@ -129,6 +133,7 @@ export class FanOutShared {
       });
     }
     this.stoppedAt = Date.now();
+    this.stoppedPerf = performance.now();
     this.udpPaused = host.udp.pauseForMigration(this.vm);
   }
 

@@ -223,6 +223,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
   if (pw) {
     void pw.commanded.then((selected) => {
       if (over) return;
+      shared.commandedPerf = performance.now();
       commandWork = (async () => {
       try {
         for (const dest of o.destinations) {
@@ -238,6 +239,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
         host.logger.warn(`pre-warm ${id}: the command failed; its destinations are terminated`, { error: describeError(e) });
         for (const h of children.values()) h.terminate(`terminated: the migrate command failed (${describeError(e)})`);
       } finally {
+        shared.liftedPerf = performance.now();
         pw.gate.lift();
       }
       })();

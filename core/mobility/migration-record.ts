@@ -38,6 +38,29 @@ export interface MigrationVmSteps {
   readonly moveMs: number;
   /** The control link's VmMemory → VmMemoryAck after the copy. */
   readonly ackMs: number;
+  /** Where the downtime went: each step's end, ms after the VM stopped (absent: the VM never stopped). */
+  readonly afterStop?: MigrationStopMarks;
+}
+
+/**
+ * Marks of the offline phase, ms after the stop (0.1 ms), to compare a pre-warmed switch with a
+ * cold one step by step (issue 13 point 3). A step that did not happen is absent.
+ */
+export interface MigrationStopMarks {
+  /** A pre-warm's migrate command, before the stop (so negative). */
+  readonly command?: number;
+  /** A pre-warm's hold lifted (negative: before the stop). */
+  readonly lift?: number;
+  /** The driver's copy ended (sim: the final batch acknowledged; qemu: QEMU completed). */
+  readonly copyEnd?: number;
+  /** VmMemory acknowledged by the target. */
+  readonly memoryAck?: number;
+  /** The final DirtyObjects round acknowledged (its events, the embots a pre-warm froze at its command). */
+  readonly finalRound?: number;
+  /** A fan-out child's decision arrived (it won). */
+  readonly decision?: number;
+  /** MigrationCompleteAck: the target committed (the downtime's end). */
+  readonly complete?: number;
 }
 
 /** Time spent in one phase. */
@@ -80,6 +103,8 @@ export interface MigrationSummary {
     /** The memory move itself, first batch out to the final ack: what `estimateMs` estimates. */
     readonly copyMs: number;
     readonly copyDowntimeMs: number;
+    /** Bytes the copy sent with the VM stopped (MigrateOutResult.stopBytes; absent: the driver does not say). */
+    readonly stopBytes?: number;
     /** What the hypervisor expected the downtime to be when it stopped the VM (qemu: query-migrate's expected-downtime). */
     readonly expectedDowntimeMs?: number;
     readonly converged: boolean;

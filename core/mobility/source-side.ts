@@ -5,7 +5,7 @@ import type { ReplyOf, RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, MigrateVmResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
-import type { MigrationImageBuild, MigrationPlanSummary, MigrationProgress, MigrationSummary, MigrationVmSteps } from './migration-record.ts';
+import type { MigrationImageBuild, MigrationPlanSummary, MigrationProgress, MigrationStopMarks, MigrationSummary, MigrationVmSteps } from './migration-record.ts';
 import type { SourceOutput } from './source-machine.ts';
 import { ASSUMED_MIN_BANDWIDTH_BYTES_PER_SEC, planPaths, resolveThreshold, type PathCandidate, type PathProbe } from './path-planner.ts';
 import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, type MigrateOutResult, type MigrationPath } from '../../effectors/index.ts';
@@ -92,6 +92,8 @@ export interface SourceStats {
   udp: { readonly handedOver: number; readonly dropped: number; readonly maxBufferedLatencyMs: number } | undefined;
   vmSteps: MigrationVmSteps | undefined;
   imageBuild: MigrationImageBuild | undefined;
+  /** performance.now() of the steps after the stop, for `vmSteps.afterStop`. */
+  marks: { stop?: number; copyEnd?: number; memoryAck?: number; finalRound?: number; complete?: number };
 }
 
 /**
@@ -101,7 +103,7 @@ export interface SourceStats {
  */
 export class SourceSide implements SourceSteps {
   readonly vmElement: string;
-  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined, vmSteps: undefined, imageBuild: undefined };
+  readonly stats: SourceStats = { embots: 0, events: 0, modules: [], bytes: 0, memoryBytes: 0, dirtyRounds: 0, stoppedAt: undefined, downtimeMs: undefined, forwarded: 0, plan: undefined, precopy: undefined, udp: undefined, vmSteps: undefined, imageBuild: undefined, marks: {} };
   private conn: PeerConnection | undefined;
   private scope: readonly string[] = [];
   private cursor: HoldCursor | undefined;
@@ -146,6 +148,18 @@ export class SourceSide implements SourceSteps {
     return (await this.conn.request(body, { timeoutMs })) as ReplyOf<T>;
   }
 
+  /** The steps after the stop, relative to it (a pre-warm's command and lift before it). */
+  private afterStop(): { readonly afterStop?: MigrationStopMarks } {
+    const m = this.stats.marks;
+    const stop = m.stop ?? this.o.fanOut?.shared.stoppedPerf;
+    if (stop === undefined) return {};
+    const shared = this.o.fanOut?.shared;
+    const all = { command: shared?.commandedPerf, lift: shared?.liftedPerf, copyEnd: m.copyEnd, memoryAck: m.memoryAck, finalRound: m.finalRound, complete: m.complete };
+    const out: Record<string, number> = {};
+    for (const [k, v] of Object.entries(all)) if (v !== undefined) out[k] = Math.round((v - stop) * 10) / 10;
+    return { afterStop: out as MigrationStopMarks };
+  }
+
   /** The migration's report, from the machine's output and what the steps counted. */
   summarize(out: SourceOutput, totalMs: number): MigrationSummary {
     const s = this.stats;
@@ -177,6 +191,7 @@ export class SourceSide implements SourceSteps {
             precopy: {
               copyMs: Math.round(s.precopy.totalMs),
               copyDowntimeMs: Math.round(s.precopy.downtimeMs),
+              ...(s.precopy.stopBytes === undefined ? {} : { stopBytes: s.precopy.stopBytes }),
               expectedDowntimeMs: Math.round(s.precopy.expectedDowntimeMs),
               // A driver that reports less (qemu) converged if it completed, at the rate of its whole copy.
               converged: s.precopy.converged ?? true,
@@ -191,7 +206,7 @@ export class SourceSide implements SourceSteps {
             },
           }
         : {}),
-      ...(s.vmSteps ? { vmSteps: s.vmSteps } : {}),
+      ...(s.vmSteps ? { vmSteps: { ...s.vmSteps, ...this.afterStop() } } : {}),
       ...(s.udp ? { udp: s.udp } : {}),
       ...(s.imageBuild ? { imageBuild: s.imageBuild } : {}),
     };
@@ -437,7 +452,10 @@ export class SourceSide implements SourceSteps {
               const memory = memoryDone(copyRounds);
               earlyMemory = memory;
               // The target takes one request at a time: the round follows the memory's ack.
-              finalRound = memory.then((r) => (r.type === 'VmMemoryAck' ? this.sendDirtyObjects({ ...input, round: 0, final: true }) : undefined));
+              finalRound = memory.then((r) => {
+                this.stats.marks.memoryAck = performance.now();
+                return r.type === 'VmMemoryAck' ? this.sendDirtyObjects({ ...input, round: 0, final: true }) : undefined;
+              });
               // Read once the copy ended; a copy that fails rolls back (Abort) without reading them.
               memory.catch(() => undefined);
               finalRound.catch(() => undefined);
@@ -467,12 +485,14 @@ export class SourceSide implements SourceSteps {
         this.stats.bytes += copiedBytes;
         throw e;
       });
+      this.stats.marks.copyEnd = performance.now();
       this.stats.memoryBytes += result.bytes;
       this.stats.bytes += result.bytes;
       this.stats.precopy = result;
       const t3 = performance.now();
       const reply = await (earlyMemory ?? memoryDone(result.rounds));
       if (reply.type !== 'VmMemoryAck') throw stepFailed('VmMemory', reply);
+      this.stats.marks.memoryAck ??= performance.now();
       // The stream's own time, end to end (the target has the VM), our hand-over at the switch left out:
       // a driver that calibrates its estimate on its stream (qemu multifd ends early on its own clock) takes it.
       try {
@@ -503,6 +523,7 @@ export class SourceSide implements SourceSteps {
     if (shared) {
       shared.enterSwitchover();
       this.stats.stoppedAt = shared.stoppedAt;
+      this.stats.marks.stop = shared.stoppedPerf;
       return;
     }
     this.unmute ??= host.sensors.mute(this.vmElement, 'vm');
@@ -512,6 +533,7 @@ export class SourceSide implements SourceSteps {
       host.journal.notes(migrationId, 'source', { vmStopped: true });
     }
     this.stats.stoppedAt = Date.now();
+    this.stats.marks.stop = performance.now();
     this.udpPaused = host.udp.pauseForMigration(this.o.vm);
   }
 
@@ -524,6 +546,7 @@ export class SourceSide implements SourceSteps {
     this.cursor = cursor;
     const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}) });
     if (reply.type !== 'MigrationStateSuccess') throw stepFailed('DirtyObjects', reply);
+    if (input.final) this.stats.marks.finalRound = performance.now();
     this.stats.dirtyRounds++;
     this.stats.events += count;
     this.stats.bytes += deltas.byteLength + bytes.byteLength + (embots?.byteLength ?? 0);
@@ -533,6 +556,7 @@ export class SourceSide implements SourceSteps {
   async completeMigration(input: SourceInput): Promise<void> {
     const reply = await this.request({ type: 'MigrationComplete', migrationId: input.migrationId });
     if (reply.type !== 'MigrationCompleteAck') throw stepFailed('MigrationComplete', reply);
+    this.stats.marks.complete = performance.now();
     const stoppedAt = this.stats.stoppedAt ?? this.o.fanOut?.shared.stoppedAt;
     if (stoppedAt !== undefined) this.stats.downtimeMs = Date.now() - stoppedAt;
   }

@@ -165,6 +165,8 @@ export interface MigrateOutResult {
   readonly totalMs: number;
   /** Time the VM did not run, as the hypervisor measured it. */
   readonly downtimeMs: number;
+  /** Bytes sent with the VM stopped (sim: the final round's pages; qemu: from pre-switchover to completed, device state included). */
+  readonly stopBytes?: number;
   readonly expectedDowntimeMs: number;
   readonly throttled: boolean;
   /** Highest 0..1 throttle auto-converge applied. */

@@ -122,6 +122,16 @@ describe('pre-warm', () => {
     // The structure of a warm switch: after the command only what was dirtied since went, not a copy of the VM.
     const memoryAfterCommand = s.memoryBytes - copiedB;
     expect(memoryAfterCommand).toBeLessThan(VM_BYTES / 4);
+    // Where the downtime went, step by step after the stop (bench/fan-out.bench.ts prints them): the command and the
+    // lift before it, the copy's end, the final round and the commit after, in that order; the stop round sent little.
+    const m = s.vmSteps?.afterStop;
+    expect(m?.command).toBeLessThanOrEqual(m?.lift ?? Number.NaN);
+    expect(m?.lift).toBeLessThanOrEqual(0);
+    expect(m?.copyEnd).toBeGreaterThanOrEqual(0);
+    expect(m?.finalRound).toBeGreaterThanOrEqual(m?.copyEnd ?? Number.NaN);
+    expect(m?.complete).toBeGreaterThanOrEqual(m?.finalRound ?? Number.NaN);
+    expect(Math.abs((m?.complete ?? Number.NaN) - (s.downtimeMs ?? Number.NaN))).toBeLessThanOrEqual(2);
+    expect(s.precopy?.stopBytes).toBeLessThan(VM_BYTES / 4);
 
     expect((await c.agent('b').client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
     await expectClean(a);

@@ -264,6 +264,8 @@ describe('preCopy convergence', () => {
     const result = await preCopy(r.opts({ maxRounds: 1 }));
     expect(result.rounds).toBe(1);
     expect(result.bytes).toBe(1 * MiB);
+    // The one round goes with the VM stopped: all of it.
+    expect(result.stopBytes).toBe(1 * MiB);
     expectSameMemory(r.driver, r.receiver);
   });
 });

@@ -727,6 +727,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     let lastInfo: MigrationInfo = {};
     let handoverMs = 0;
     let hold: QemuCopyHold | undefined;
+    let transferredAtStop: number | undefined;
     const progress = (info: MigrationInfo): MigrationProgress => ({
       phase: PHASES[info.status ?? 'none'],
       rounds: info.ram?.['dirty-sync-count'] ?? 0,
@@ -829,6 +830,9 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         }
         if (info.status === 'pre-switchover' && !switched) {
           switched = true;
+          // Paused before the final pass: what is sent from here goes with the VM stopped. Woken by the event, the
+          // loop has only the last poll's figure; asked now, alongside the hand-over, not ahead of it.
+          const atStop = atSwitchover ? qmp.execute('query-migrate').catch(() => undefined) : Promise.resolve(info);
           const h0 = Date.now();
           try {
             // Paused: the disk is final; the mirror ends with a consistent copy before the hand-over.
@@ -851,6 +855,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
             await cancel();
             throw aborted(name);
           }
+          transferredAtStop = (await atStop)?.ram?.transferred;
           await qmp.execute('migrate-continue', { state: 'pre-switchover' });
           continue;
         }
@@ -883,6 +888,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
         totalMs: lastInfo['total-time'] || ended - started,
         downtimeMs: lastInfo.downtime || (pausedAt === undefined ? 0 : ended - pausedAt),
+        ...(transferredAtStop === undefined || lastInfo.ram?.transferred === undefined ? {} : { stopBytes: Math.max(0, lastInfo.ram.transferred - transferredAtStop) }),
         expectedDowntimeMs,
         throttled: maxThrottle > 0,
         maxThrottle,

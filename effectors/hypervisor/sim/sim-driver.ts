@@ -406,6 +406,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       rounds: r.rounds,
       totalMs: r.totalMs,
       downtimeMs: r.downtimeMs,
+      stopBytes: r.stopBytes,
       expectedDowntimeMs: r.expectedDowntimeMs,
       throttled: r.throttled,
       maxThrottle: Math.min(THROTTLE_MAX, r.throttleSteps * THROTTLE_STEP),

@@ -104,6 +104,8 @@ export const PREWARM_IDLE_MS = 20;
 export interface PreCopyResult {
   /** Rounds in all, the final one included. */
   readonly rounds: number;
+  /** Page bytes of the final round, sent with the VM stopped. */
+  readonly stopBytes: number;
   /** Page bytes acknowledged, re-sends included. */
   readonly bytes: number;
   /** Pages acknowledged, re-sends included. */
@@ -422,6 +424,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
       pagesSent,
       totalMs: performance.now() - start,
       downtimeMs,
+      stopBytes: remaining,
       converged,
       throttled: throttleSteps > 0,
       throttleSteps,
