@@ -47,6 +47,8 @@ export class FanOutShared {
   eventsHeld: boolean;
   /** Children whose destination has the embots as frozen at the command (a pre-warm's first dirty round). */
   private readonly embotsSent = new Set<string>();
+  /** The embots as frozen at a pre-warm's command, packed then: the final round, inside the downtime, only sends them. */
+  private frozenEmbots: Uint8Array | undefined;
   /** The elements as StartMigration carries them: the children start in one synchronous loop, so one serialization serves all. */
   private startElements: Uint8Array | undefined;
   private snapshot: ManagementSnapshot | undefined;
@@ -74,11 +76,19 @@ export class FanOutShared {
     return out;
   }
 
-  /** A pre-warm's child after the command: true once, the first time it asks (it ships the embots then). */
-  takeEmbotsResend(child: string): boolean {
-    if (!this.prewarm || !this.eventsHeld || this.embotsSent.has(child)) return false;
+  /** A pre-warm's command detached the embots: packed now, once for every child, before the VM stops. */
+  freezeEmbots(packed: Uint8Array): void {
+    this.frozenEmbots = packed;
+  }
+
+  /**
+   * A pre-warm's child after the command: the embots as frozen then, once, the first time it asks
+   * (it ships them then); `exportPacked` only if the command's pack is missing.
+   */
+  takeEmbotsResend(child: string, exportPacked: () => Uint8Array): Uint8Array | undefined {
+    if (!this.prewarm || !this.eventsHeld || this.embotsSent.has(child)) return undefined;
     this.embotsSent.add(child);
-    return true;
+    return this.frozenEmbots ?? exportPacked();
   }
 
   /**

@@ -7,6 +7,7 @@
  * effects it carries out in order: the winner journaled write-once (fan-out-journal.ts) before
  * anyone is told, then the others terminated, then the winner alone committed.
  */
+import { pack } from 'msgpackr';
 import { describeError } from '../errors.ts';
 import type { FanOutSession } from '../../effectors/index.ts';
 import type { FanOutVerdict } from './mobility-contract.ts';
@@ -234,6 +235,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
         }
         // The hold starts at the command: what the embots did before is in their state and the elements.
         await holdAndDetach();
+        // Frozen now: packed here, with the VM still running, not in each child's final round after the stop.
+        shared.freezeEmbots(pack(host.runtime.exportEmbots(scope)));
         while (!pw.readyToSwitch()) await new Promise((r) => setTimeout(r, PREWARM_POLL_MS));
       } catch (e) {
         host.logger.warn(`pre-warm ${id}: the command failed; its destinations are terminated`, { error: describeError(e) });

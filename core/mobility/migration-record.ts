@@ -55,6 +55,8 @@ export interface MigrationStopMarks {
   readonly copyEnd?: number;
   /** VmMemory acknowledged by the target. */
   readonly memoryAck?: number;
+  /** The final DirtyObjects frame built (its deltas, held events and embots packed), about to go. */
+  readonly finalRoundOut?: number;
   /** The final DirtyObjects round acknowledged (its events, the embots a pre-warm froze at its command). */
   readonly finalRound?: number;
   /** A fan-out child's decision arrived (it won). */

@@ -93,7 +93,7 @@ export interface SourceStats {
   vmSteps: MigrationVmSteps | undefined;
   imageBuild: MigrationImageBuild | undefined;
   /** performance.now() of the steps after the stop, for `vmSteps.afterStop`. */
-  marks: { stop?: number; copyEnd?: number; memoryAck?: number; finalRound?: number; complete?: number };
+  marks: { stop?: number; copyEnd?: number; memoryAck?: number; finalRoundOut?: number; finalRound?: number; complete?: number };
 }
 
 /**
@@ -154,7 +154,7 @@ export class SourceSide implements SourceSteps {
     const stop = m.stop ?? this.o.fanOut?.shared.stoppedPerf;
     if (stop === undefined) return {};
     const shared = this.o.fanOut?.shared;
-    const all = { command: shared?.commandedPerf, lift: shared?.liftedPerf, copyEnd: m.copyEnd, memoryAck: m.memoryAck, finalRound: m.finalRound, complete: m.complete };
+    const all = { command: shared?.commandedPerf, lift: shared?.liftedPerf, copyEnd: m.copyEnd, memoryAck: m.memoryAck, finalRoundOut: m.finalRoundOut, finalRound: m.finalRound, complete: m.complete };
     const out: Record<string, number> = {};
     for (const [k, v] of Object.entries(all)) if (v !== undefined) out[k] = Math.round((v - stop) * 10) / 10;
     return { afterStop: out as MigrationStopMarks };
@@ -541,9 +541,10 @@ export class SourceSide implements SourceSteps {
     const changed = this.o.fanOut ? this.o.fanOut.shared.collectDirtyFor(this.o.migrationId) : this.host.objects.collectDirty(this.vmElement);
     const deltas = pack(changed);
     // A pre-warm's embots ran here until the command: the first round after it ships them as frozen then.
-    const embots = this.o.fanOut?.shared.takeEmbotsResend(this.o.migrationId) ? pack(this.host.runtime.exportEmbots(this.scope)) : undefined;
+    const embots = this.o.fanOut?.shared.takeEmbotsResend(this.o.migrationId, () => pack(this.host.runtime.exportEmbots(this.scope)));
     const { bytes, cursor, count } = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
     this.cursor = cursor;
+    if (input.final) this.stats.marks.finalRoundOut = performance.now();
     const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}) });
     if (reply.type !== 'MigrationStateSuccess') throw stepFailed('DirtyObjects', reply);
     if (input.final) this.stats.marks.finalRound = performance.now();

@@ -44,6 +44,28 @@ describe('FanOutShared', () => {
     expect(shared.elementsForStart()).toBe(shared.elementsForStart());
   });
 
+  it("a pre-warm's embots: packed once at the command, shipped once to each child after it, none before it", () => {
+    const objects = new ManagedObjectService();
+    objects.registerTree({ id: 'vm:v', kind: 'vm', state: {}, dependents: [] }, []);
+    const shared = new FanOutShared({ objects } as Pick<MobilityHost, 'objects'> as MobilityHost, 'v', ['m~b', 'm~c'], { prewarm: true });
+    let exports = 0;
+    const exportPacked = () => (exports++, new Uint8Array([0x91, 0x01]));
+    // Before the command the embots run here: nothing to re-ship.
+    expect(shared.takeEmbotsResend('m~b', exportPacked)).toBeUndefined();
+    shared.eventsHeld = true;
+    const frozen = new Uint8Array([0x90]);
+    shared.freezeEmbots(frozen);
+    expect(shared.takeEmbotsResend('m~b', exportPacked)).toBe(frozen);
+    expect(shared.takeEmbotsResend('m~b', exportPacked)).toBeUndefined();
+    expect(shared.takeEmbotsResend('m~c', exportPacked)).toBe(frozen);
+    expect(exports).toBe(0);
+    // Without the command's pack (a path that did not freeze them), the child exports them itself.
+    const other = new FanOutShared({ objects } as Pick<MobilityHost, 'objects'> as MobilityHost, 'v', ['m~b'], { prewarm: true });
+    other.eventsHeld = true;
+    expect(other.takeEmbotsResend('m~b', exportPacked)).toEqual(new Uint8Array([0x91, 0x01]));
+    expect(exports).toBe(1);
+  });
+
   it('bad input: a child that is not one of the fan-out is refused', () => {
     const objects = new ManagedObjectService();
     objects.registerTree({ id: 'vm:v', kind: 'vm', state: {}, dependents: [] }, []);
