@@ -165,9 +165,8 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
       await source.create(c);
       await source.start(c.name);
       await waitSerial(source.stateDir(c.name), heartbeats);
-      // Counted as the measured guest is: a guest moved the instant it halted took half the CPU
-      // of one moved seconds later (110 vs 190 ms, 450 vs 640 ms for the 512 MiB one, the same
-      // after a 3 s sleep as after the scan), so the calibration moves wait alike.
+      // Counted as the measured guest is, so every move the model learns from was made the same
+      // way (scanned, seconds after the guest halted).
       await source.measureNonZeroBytes(c.name);
       await move(c);
     }
