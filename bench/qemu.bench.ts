@@ -139,10 +139,12 @@ async function runnableMean(ms: number): Promise<number> {
  * calibration as an agent's would) first migrates the calibration guest out with `channels`, then
  * estimates the measured guest from what it knows before the move, then migrates it.
  */
-async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpec, channels: number, heartbeats: number, sourceDir = 'est-src', warm?: QemuVmSpec): Promise<EstimatedRun> {
+async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpec, channels: number, heartbeats: number, sourceDir = 'est-src', warm?: QemuVmSpec, prealloc = true): Promise<EstimatedRun> {
   let lastLoad = 1;
   const source = new QemuDriver({ root: join(root, sourceDir), accel: 'tcg', loadFactor: () => (lastLoad = hostLoadFactor()) });
-  const target = new QemuDriver({ root: join(root, 'est-dst'), accel: 'tcg' });
+  // The target's RAM faulted in at its start (prepareIncoming, untimed): faulting it in page by page
+  // during the move cost 100-540 ms of kernel time for the same 320 MiB, the move's main noise.
+  const target = new QemuDriver({ root: join(root, 'est-dst'), accel: 'tcg', preallocateIncoming: prealloc });
   const move = async (s: QemuVmSpec): Promise<{ ms: number; bytes: number; cpuMs: number }> => {
     const { endpoint } = await target.prepareIncoming(s, { channels });
     const pids = [source.pid(s.name), target.pid(s.name)].filter((p) => p !== undefined);

@@ -40,6 +40,12 @@ export interface QemuLaunchOptions {
   readonly incoming?: boolean;
   /** With `incoming`: `-S`, the VM stays paused once its memory is in, until a `cont` (the driver's commit). Default false: it runs by itself, as a bare QEMU does. */
   readonly holdIncoming?: boolean;
+  /**
+   * With `incoming`: `-mem-prealloc`, the guest RAM faulted in when QEMU starts, not page by page
+   * as the stream writes it (that kernel time varied 5× between moves of the same guest on the
+   * 2-core TCG host, BENCHMARKS "planner's estimate"). Costs the RAM resident from the start.
+   */
+  readonly preallocate?: boolean;
   /** Wait this long for QEMU to come up and answer QMP (default 30 s). */
   readonly timeoutMs?: number;
   /**
@@ -126,6 +132,7 @@ export function qemuArgs(o: {
   readonly incoming: boolean;
   readonly holdIncoming?: boolean;
   readonly sharedBootImage?: boolean;
+  readonly preallocate?: boolean;
 }): string[] {
   const f = vmFiles(o.stateDir);
   const { spec } = o;
@@ -148,6 +155,7 @@ export function qemuArgs(o: {
   // round happens while it runs nowhere.
   if (o.incoming && o.holdIncoming) args.push('-S');
   if (o.incoming) args.push('-incoming', 'defer');
+  if (o.incoming && o.preallocate) args.push('-mem-prealloc');
   args.push('-pidfile', f.pid, '-daemonize');
   return args;
 }
@@ -190,7 +198,7 @@ export class QemuProcess {
     // This QEMU names this dir on its command line: an earlier adopted QEMU's origin no longer applies.
     rmSync(f.origin, { force: true });
     const accel = o.accel === 'kvm' || o.accel === 'tcg' ? o.accel : kvmUsable() ? 'kvm' : 'tcg';
-    const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false, holdIncoming: o.holdIncoming ?? false, sharedBootImage: o.sharedBootImage ?? false });
+    const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false, holdIncoming: o.holdIncoming ?? false, sharedBootImage: o.sharedBootImage ?? false, preallocate: o.preallocate ?? false });
     const timeoutMs = o.timeoutMs ?? 30_000;
     // The parent QEMU exits once the daemon is initialised (0) or failed to (1, message on stderr).
     const { code, stderr } = await new Promise<{ code: number | null; stderr: string }>((resolve, reject) => {
