@@ -175,6 +175,9 @@ interface ModelFile {
 /** The spare is refilled this long after an incoming migration ends, off the commit's path. */
 export const SPARE_REFILL_DELAY_MS = 50;
 
+/** Load factors closer than this ratio count as the same conditions: the sample is used unscaled. */
+export const LOAD_BAND = 2;
+
 /** Migrations per channel count whose medians make the calibration. */
 export const CALIBRATION_SAMPLES = 5;
 /** A migration that sent less than this says more about its fixed cost than its rate: not kept. */
@@ -389,7 +392,18 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   ): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number; readonly fixedMs: number; readonly samples: readonly StreamCalibration[] } | undefined {
     const samples = this.calibrations.get(channels) ?? [];
     if (samples.length === 0) return undefined;
-    return { ...fitStream(samples, [...this.calibrations.values()]), fixedMs: medianOf(samples.map((x) => x.fixedMs / (x.loadFactor ?? 1))), samples };
+    // A sample taken at a load factor less than LOAD_BAND× from now's is taken as it was measured:
+    // the minute's load average follows one move's slowdown poorly (r ≈ 0.2), and scaling by it
+    // made the estimate rise with the load while the moves did not (BENCHMARKS "planner's
+    // estimate", the band's replay). Only a change beyond that (a quiet hour against a busy one) scales.
+    const now = this.loadFactor();
+    const asNow = (xs: readonly StreamCalibration[]): StreamCalibration[] =>
+      xs.map((x) => {
+        const ratio = now / (x.loadFactor ?? 1);
+        return ratio < LOAD_BAND && ratio > 1 / LOAD_BAND ? { ...x, loadFactor: now } : x;
+      });
+    const mine = asNow(samples);
+    return { ...fitStream(mine, [...this.calibrations.values()].map(asNow)), fixedMs: medianOf(mine.map((x) => x.fixedMs / (x.loadFactor ?? 1))), samples };
   }
 
   private loadFactor(): number {
