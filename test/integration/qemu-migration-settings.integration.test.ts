@@ -42,9 +42,11 @@ async function moveOnce(source: QemuDriver, target: QemuDriver, name: string, o:
   await source.start(name);
   await heartbeat(source.stateDir(name), 2);
   const sent = recordCommands(source.qmp(name)!);
-  // The plan's stats() call: its dirty-rate refresh must not queue ahead of the migration.
-  await source.stats(name);
+  // The target is prepared first (the agent prepares it early too): a prepare that outlasted the
+  // refresh's delay under load let the refresh start before `migrate`, as it should then.
   const { endpoint } = await target.prepareIncoming(spec(name));
+  // The plan's stats() call right before the move: its dirty-rate refresh must not queue ahead of the migration.
+  await source.stats(name);
   await source.migrateOut(name, { endpoint, ...o });
   expect((await target.commitIncoming(name)).state).toBe('running');
   // Longer than the refresh's delay: a refresh that was not dropped would have sent by now.

@@ -274,8 +274,8 @@ describe.runIf(hasQemu)('a running QEMU\'s disk through the global indexer', () 
       qemu.kill('SIGKILL');
       await exited;
     });
-    await waitFor(() => existsSync(sock) || undefined, 20_000, 'QMP socket');
-    const qmp = await QmpClient.connect(sock);
+    // QEMU binds the socket file before it listens: a connect in between is refused, so retry.
+    const qmp = await waitFor(async () => (existsSync(sock) ? await QmpClient.connect(sock).catch(() => undefined) : undefined), 20_000, 'QMP socket');
     cleanups.push(() => qmp.close());
     const io = (cmd: string): Promise<unknown> => qmp.executeRaw('human-monitor-command', { 'command-line': `qemu-io d0 "${cmd}"` });
     disks = [{ vm: 'v1', disk: 0, path: disk, format: 'qcow2' }];
