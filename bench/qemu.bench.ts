@@ -243,7 +243,6 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
 export type EstimateGuest = 'halted' | 'spinning';
 const ESTIMATE_GUESTS: readonly EstimateGuest[] = ['halted', 'spinning'];
 
-/** (e): the estimate beside the actual time for multifd 1, 2, 4; `reps` runs per channel count and guest, the guests alternating run by run. */
 /** What --record writes: every run of (e) with what its estimate was made from, so a unit test can replay the model on real figures. */
 export interface EstimateRecord {
   readonly guest: EstimateGuest;
@@ -260,6 +259,7 @@ export interface EstimateRecord {
   readonly cpuMs: number;
 }
 
+/** (e): the estimate beside the actual time for multifd 1, 2, 4; `reps` runs per channel count and guest, the guests alternating run by run. */
 async function estimateRows(root: string, reps: number, guests: readonly EstimateGuest[] = ESTIMATE_GUESTS, record?: EstimateRecord[]): Promise<{ rows: BenchRow[]; notes: string[] }> {
   const specs = (g: EstimateGuest): { warm: QemuVmSpec; calib: QemuVmSpec; spec: QemuVmSpec } => {
     const halt = g === 'halted' ? { halt: true } : {};

@@ -19,22 +19,14 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { PRECOPY_DEFAULTS, estimateMigration, withDriverHints } from '../../core/mobility/migration-estimate.ts';
 import { LOAD_BAND, QemuDriver, type StreamCalibration } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import type { EstimateRecord } from '../../bench/qemu.bench.ts';
 import { REPO } from '../harness/agent-process.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 
 const cleanups = cleanupsAfterEach();
 
-interface RecordedRun {
-  readonly guest: 'halted' | 'spinning';
-  readonly channels: number;
-  readonly memoryBytes: number;
-  readonly nonZeroBytes: number;
-  readonly dirtyRateBytesPerSec: number;
-  readonly loadFactor: number;
-  readonly estimateMs: number;
-  readonly actualMs: number;
-  readonly samplesBefore: Readonly<Record<string, readonly StreamCalibration[]>>;
-}
+/** The recorded fields the replay reads (the bench writes more). */
+type RecordedRun = Pick<EstimateRecord, 'guest' | 'channels' | 'memoryBytes' | 'nonZeroBytes' | 'dirtyRateBytesPerSec' | 'loadFactor' | 'estimateMs' | 'actualMs' | 'samplesBefore'>;
 
 const fixture = JSON.parse(readFileSync(join(REPO, 'test/fixtures/qemu-estimate-runs.json'), 'utf8')) as { readonly at: string; readonly loadavg: readonly number[]; readonly runs: readonly RecordedRun[] };
 
