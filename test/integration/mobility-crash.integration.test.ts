@@ -33,15 +33,23 @@ const TARGET_PHASES = ['permitted', 'stateStaged', 'eventsStaged', 'vmReceived',
 const owner = (point: string) => (point === 'source:finishing' || point === 'target:committed' ? 'b' : 'a');
 const CASES = [...SOURCE_PHASES.map((p) => ['a', `source:${p}`, owner(`source:${p}`)] as const), ...TARGET_PHASES.map((p) => ['b', `target:${p}`, owner(`target:${p}`)] as const)];
 
+/** Agents a and b with the counter plugin, `victim` restarted to die at `point`, and a running VM `app` at a with its counter embot. */
+async function faultyCluster(victim: string, point: string): Promise<Cluster> {
+  const c = await Cluster.start(['a', 'b'], { plugins: [{ from: 'fixture', name: 'counter' }] });
+  cluster = c; // stopped after the test also when the set-up below fails
+  await c.kill(victim);
+  await c.startAgent(victim, { EMBOT_FAULT_KILL_AT: point });
+  const a = c.agent('a');
+  await a.client.createVm({ name: 'app', memory: 1 << 20 });
+  await a.client.vmAction('app', 'start');
+  await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot');
+  return c;
+}
+
 describe('crash safety of migrations', () => {
   it.each(CASES)('agent %s killed at %s: %s alone owns the VM, no event lost or repeated', async (victim, point, expectedOwner) => {
-    cluster = await Cluster.start(['a', 'b'], { plugins: [{ from: 'fixture', name: 'counter' }] });
-    await cluster.kill(victim);
-    await cluster.startAgent(victim, { EMBOT_FAULT_KILL_AT: point });
+    cluster = await faultyCluster(victim, point);
     const a = cluster.agent('a');
-    await a.client.createVm({ name: 'app', memory: 1 << 20 });
-    await a.client.vmAction('app', 'start');
-    await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot');
 
     // Sequence-numbered events to a, before and during the migration, until a dies (if it does).
     let acked = 0;
@@ -102,13 +110,8 @@ describe('crash safety of migrations', () => {
   it('target killed at its commit: events posted to it once it is back wait for the events the source held meanwhile', async () => {
     // The source learns of the commit only when it asks again (a step later) and then hands over what
     // it held while b was down; a producer that turned to b at once must not overtake those.
-    cluster = await Cluster.start(['a', 'b'], { plugins: [{ from: 'fixture', name: 'counter' }] });
-    await cluster.kill('b');
-    await cluster.startAgent('b', { EMBOT_FAULT_KILL_AT: 'target:committed' });
+    cluster = await faultyCluster('b', 'target:committed');
     const a = cluster.agent('a');
-    await a.client.createVm({ name: 'app', memory: 1 << 20 });
-    await a.client.vmAction('app', 'start');
-    await waitFor(async () => counterOf(await a.client.listEmbots()), 10_000, 'counter embot');
     let acked = 0;
     let running = true;
     const producer = (async () => {

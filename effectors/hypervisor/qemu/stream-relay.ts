@@ -309,8 +309,7 @@ export class StreamRelay {
       this.slabBytes > 0 &&
       readIntoSlabs(s, this.slabBytes, maxRead, (chunk) => {
         this.fanOut(chunk);
-        // A socket that took the chunk whole has queued none of it (Node counts an unfinished write in writableLength until it completes).
-        const free = [...this.dests.values()].every((d) => !d.live || d.socket.writableLength === 0);
+        const free = this.allTookWhole();
         if (free) this.slabReuses++;
         return free;
       });
@@ -324,6 +323,12 @@ export class StreamRelay {
       if (!this.sourceEnded) for (const d of this.dests.values()) this.kill(d, 'failed', 'the source stream broke');
     });
     this.pace();
+  }
+
+  /** Every live destination's socket took the last chunk whole: Node counts an unfinished write in writableLength until it completes. Per read, so no array. */
+  private allTookWhole(): boolean {
+    for (const d of this.dests.values()) if (d.live && d.socket.writableLength !== 0) return false;
+    return true;
   }
 
   /** The connecting socket belongs to this process's user (QEMU runs as the agent's user). */
@@ -355,11 +360,14 @@ export class StreamRelay {
   private pace(): void {
     const s = this.source;
     if (!s || this.sourceEnded) return;
-    const live = [...this.dests.values()].filter((d) => d.live);
-    if (live.length === 0) return;
-    // Not yet connected ones queue too (their bound still holds), but do not hold the others back.
-    if (live.some((d) => !d.full)) s.resume();
-    else s.pause();
+    // Called per read: a loop, no arrays. Not yet connected ones queue too (their bound still holds), but do not hold the others back.
+    let live = false;
+    for (const d of this.dests.values()) {
+      if (!d.live) continue;
+      if (!d.full) return void s.resume();
+      live = true;
+    }
+    if (live) s.pause();
   }
 
   private finish(d: Dest): void {
