@@ -6,7 +6,10 @@
  *   direct: prepareIncoming, then migrateOut straight to the target's QEMU → its bootIncoming
  *           (the target at its last reversible point) — the limit, measured in the same run;
  *   relay n: the fanOut session to n = 1, 2, 3 targets (prepared beforehand like the direct one)
- *           → the first target's bootIncoming.
+ *           → the first target's bootIncoming; n = 1 with `relayAlways` (the relay's own cost:
+ *           a session of one destination migrates straight to it since issue 13's direct path);
+ *   fan-out n=1: the driver's fanOut session to one target as the product runs it (`prewarm --to b`,
+ *           a retry set of one): QEMU straight to it, no relay — should equal direct.
  *
  * Runs alternate (direct, 1, 2, 3, direct, …) so load on this shared machine falls on all
  * alike; medians. Rows: the relay's cost (n = 1 against direct), and time to first boot with
@@ -38,7 +41,7 @@ interface FanOutRun {
 }
 
 /** How the stream reaches the targets: QEMU straight to one; the agent's relay to n; or QEMU's `exec:` into a shell `tee` to n (no JS on the byte path; plaintext, no bound per destination: a candidate measured, not shipped). */
-export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relayUnix' | 'exec'; readonly n: number };
+export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relayUnix' | 'exec' | 'fanOut'; readonly n: number };
 
 /** `exec:` URI duplicating the stream to every `tcp:HOST:PORT` with bash's /dev/tcp: `cat` for one, `tee` with one `cat` per extra target. */
 export function teeExecUri(uris: readonly string[]): string {
@@ -76,11 +79,18 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant, tls?
     } else {
       const names = targets.map((_, i) => `t${i}`);
       // relayUnix: the relay as it was, QEMU writing into a unix socket (the A/B of its loopback TCP source).
-      const session = variant.kind === 'relayUnix' ? new QemuFanOutSession(source, spec.name, names, { relaySource: 'unix', ...certs('s') }) : source.capabilities.fanOut!.begin(spec.name, names);
+      // relay n=1: relayed although alone (relayAlways), the relay's cost; fanOut: the driver's session as the product runs it.
+      const session =
+        variant.kind === 'relayUnix' || (variant.kind === 'relay' && n === 1)
+          ? new QemuFanOutSession(source, spec.name, names, { ...(variant.kind === 'relayUnix' ? { relaySource: 'unix' as const } : {}), relayAlways: true, ...certs('s') })
+          : source.capabilities.fanOut!.begin(spec.name, names);
       // Each destination boots as soon as its own copy is in: the first to be ready wins.
       await Promise.any(
         names.map(async (name, i) => {
           const r = await session.migrateOut(name, { endpoint: endpoints[i]!.endpoint });
+          // The row must measure what it names: the product's one-destination session goes direct, the rest through the relay.
+          const want = variant.kind === 'fanOut' ? 'direct' : 'relay';
+          if (r.transport !== want) throw new Error(`qemu fan-out bench: ${variant.kind} n=${n} went ${r.transport ?? '?'}, not ${want}`);
           bytes = r.bytes;
           return boot(i);
         }),
@@ -108,6 +118,7 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
   const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { passes: 1, delayLoops: 0 } };
   const variants: readonly (readonly [string, FanOutVariant])[] = [
     ['direct', { kind: 'direct' }],
+    ['fan-out n=1', { kind: 'fanOut', n: 1 }],
     ['relay n=1', { kind: 'relay', n: 1 }],
     ['relay n=2', { kind: 'relay', n: 2 }],
     ['relay n=3', { kind: 'relay', n: 3 }],
@@ -139,7 +150,8 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
     ...(target ? { target: target.text, met: med(k) <= target.max * direct } : {}),
   });
   const rows = [
-    row('relay n=1', 'qemu relay cost: 1 destination through the relay → bootIncoming (64 MiB idle guest)'),
+    row('fan-out n=1', 'qemu fan-out to 1 destination (prewarm --to b, a retry set of one): QEMU straight to it, no relay → bootIncoming', { text: '= direct (ratio ~1)', max: 1.2 }),
+    row('relay n=1', 'qemu relay cost: 1 destination through the relay (relayAlways) → bootIncoming (64 MiB idle guest)'),
     row('relay n=2', 'qemu time to first boot, 2 destinations (relay)', { text: '≤ 1.2 × single destination', max: 1.2 }),
     row('relay n=3', 'qemu time to first boot, 3 destinations (relay)'),
     ...(o.candidates

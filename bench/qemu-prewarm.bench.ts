@@ -128,6 +128,7 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
       for (const x of xs) for (const [k, v] of Object.entries(x.s.vmSteps?.afterStop ?? {})) by.set(k, [...(by.get(k) ?? []), v]);
       return [...by].map(([k, v]) => `${k} ${median(v).toFixed(1)}`).join(', ');
     };
+    const transports = (xs: readonly Switch[]): string => xs.map((x) => x.s.precopy?.transport ?? '?').join(', ');
     let first = true;
     for (const guest of GUESTS) {
       const image = join(root, `guest-${rows.length}.img`);
@@ -175,10 +176,12 @@ export async function run(opts: BenchRunOptions = {}): Promise<BenchTable> {
         // Each step's end after the stop (source side), and the bytes QEMU sent stopped: where the warm switch's downtime goes beyond the cold one's.
         `${guest.label}: steps after the stop (median ms after it) cold ${stopMarks(colds)}; warm ${stopMarks(warms)}`,
         `${guest.label}: sent with the VM stopped (pre-switchover → completed, device state included, MiB) cold ${runs(colds, (x) => ((x.s.precopy?.stopBytes ?? 0) / MiB) * 10)} ×0.1, warm ${runs(warms, (x) => ((x.s.precopy?.stopBytes ?? 0) / MiB) * 10)} ×0.1`,
+        // The stream's way to b (precopy.transport): the warm switch of one destination goes direct since issue 13's direct path.
+        `${guest.label}: transport (precopy.transport) cold ${transports(colds)}; warm ${transports(warms)}`,
         `${guest.label}: load average (1 min) during the runs ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`,
       );
     }
-    notes.push('the warm path goes through the fan-out even for one destination (the relay, the decision journaled; no BootIncoming: the command named b alone); the cold one is QEMU\'s direct stream. Both send VmMemory and the final round while QEMU is paused at pre-switchover');
+    notes.push('the warm path goes through the fan-out (the decision journaled; no BootIncoming: the command named b alone), its one stream QEMU → b direct as the cold one\'s (a pre-warm of one destination is not relayed). Both send VmMemory and the final round while QEMU is paused at pre-switchover');
     return { title, rows, notes };
   } finally {
     await pair?.stop();

@@ -117,6 +117,8 @@ export interface MigrationSummary {
     readonly resent: number;
     readonly rateBytesPerSec: number;
     readonly perPath: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
+    /** qemu: QEMU's stream straight to the target (`direct`) or through the source agent's relay (`relay`: a fan-out to several). */
+    readonly transport?: 'direct' | 'relay';
     /** qemu, a VM with image disks: what the disk mirror carried (issue 14). */
     readonly diskMirror?: { readonly disks: number; readonly bytes: number; readonly readyMs: number; readonly finishMs: number };
   };

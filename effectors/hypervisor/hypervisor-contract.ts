@@ -172,6 +172,12 @@ export interface MigrateOutResult {
   /** Highest 0..1 throttle auto-converge applied. */
   readonly maxThrottle: number;
   readonly channels: number;
+  /**
+   * How the memory reached this destination (qemu): QEMU's own stream straight to its incoming QEMU
+   * (`direct`: one destination, a fan-out with one left included), or through the source agent's
+   * stream relay (`relay`: a fan-out to several). Absent: the driver does not say (the sim).
+   */
+  readonly transport?: MigrationTransport;
   // What a driver with its own pre-copy (the sim) reports besides; the summary shows them when present.
   /** The expected downtime fitted the limit (false: stopped because of the round limit). */
   readonly converged?: boolean;
@@ -187,6 +193,8 @@ export interface MigrateOutResult {
   /** qemu, a VM with image disks ({@link DiskMirrorCapability}): what the disk mirror carried beside the memory. */
   readonly diskMirror?: MigrationDiskMirrorStats;
 }
+
+export type MigrationTransport = 'direct' | 'relay';
 
 export interface MigrationDiskMirrorStats {
   readonly disks: number;

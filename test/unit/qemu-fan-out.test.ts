@@ -14,12 +14,15 @@ import { expectThrownCode } from '../harness/expect-code.ts';
 
 const cleanups = cleanupsAfterEach();
 
-function recorder(): RelayMigrator & { readonly calls: string[] } {
+function recorder(): RelayMigrator & { readonly calls: string[]; readonly options: (MigrateOutOptions & { readonly viaLocalRelay?: true })[] } {
   const calls: string[] = [];
+  const options: (MigrateOutOptions & { readonly viaLocalRelay?: true })[] = [];
   return {
     calls,
-    migrateOut: (vm: string): Promise<MigrateOutResult> => {
+    options,
+    migrateOut: (vm, o): Promise<MigrateOutResult> => {
       calls.push(vm);
+      options.push(o);
       return Promise.reject(new Error('not to be called'));
     },
   };
@@ -28,12 +31,14 @@ function recorder(): RelayMigrator & { readonly calls: string[] } {
 const opts = (uri: string, extra: Partial<MigrateOutOptions> = {}): MigrateOutOptions => ({ endpoint: { uri }, ...extra });
 
 describe('qemu fanOut session: bad calls', () => {
-  it('refuses no destinations, an unknown one, one twice, more than one channel, and any call after close', async () => {
+  it('refuses no destinations, an unknown one, one twice, more than one channel through a relay that is sure, and any call after close', async () => {
     const m = recorder();
     expectThrownCode(() => new QemuFanOutSession(m, 'vm', []), ErrorCodes.EFFECTOR_ARGS_INVALID, EffectorError);
+    const relayed = new QemuFanOutSession(m, 'vm', ['b'], { relayAlways: true });
+    await expect(relayed.migrateOut('b', opts('tcp:127.0.0.1:1', { channels: 2 }))).rejects.toMatchObject({ code: ErrorCodes.DRIVER_UNSUPPORTED });
+    relayed.close();
     const s = new QemuFanOutSession(m, 'vm', ['b', 'c'], { joinWindowMs: 60_000 });
     await expect(s.migrateOut('x', opts('tcp:127.0.0.1:1'))).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
-    await expect(s.migrateOut('b', opts('tcp:127.0.0.1:1', { channels: 2 }))).rejects.toMatchObject({ code: ErrorCodes.DRIVER_UNSUPPORTED });
     const first = s.migrateOut('b', opts('tcp:127.0.0.1:1'));
     first.catch(() => undefined);
     await expect(s.migrateOut('b', opts('tcp:127.0.0.1:1'))).rejects.toMatchObject({ code: ErrorCodes.VM_BAD_STATE });
@@ -67,7 +72,7 @@ describe('qemu fanOut session: bad calls', () => {
   });
 
   it('starts the stream once every other destination has withdrawn (its child ended before its copy), not after the join window; a withdrawn one cannot join later', async () => {
-    // A real listener stands for b's incoming QEMU: the relay connects to it before asking QEMU to migrate.
+    // A real listener stands for b's incoming QEMU (b, left alone, goes straight to it: nothing connects through a relay).
     const server = createServer((c) => c.on('error', () => undefined).resume());
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
@@ -83,10 +88,34 @@ describe('qemu fanOut session: bad calls', () => {
     // d has neither called nor withdrawn: still waiting.
     expect(m.calls).toEqual([]);
     s.withdraw('d');
-    await waitFor(() => (m.calls.length > 0 ? true : undefined), 10_000, 'QEMU asked to migrate into the relay');
+    await waitFor(() => (m.calls.length > 0 ? true : undefined), 10_000, 'QEMU asked to migrate');
     expect(m.calls).toEqual(['vm']);
-    // The recorder's migrate fails, and with it b's copy (its relay stream dropped as the relay closes, or the error itself).
+    // The only destination left: straight to b's endpoint, not into a relay.
+    expect(m.options[0]).toMatchObject({ endpoint: { uri: `tcp:127.0.0.1:${port}` }, targetName: 'b' });
+    expect(m.options[0]!.viaLocalRelay).toBeUndefined();
+    // The recorder's migrate fails, and with it b's copy.
     await expect(b).rejects.toThrow(/not to be called|dropped/);
     await expect(s.migrateOut('c', opts(`tcp:127.0.0.1:${port}`))).rejects.toMatchObject({ code: ErrorCodes.MIGRATION_ABORTED });
+  });
+
+  it('one destination alone: its endpoint from a peer that is not tcp:HOST:PORT is refused with a coded error, QEMU never asked to migrate (no relay to check it)', async () => {
+    const m = recorder();
+    const s = new QemuFanOutSession(m, 'vm', ['b']);
+    await expect(s.migrateOut('b', opts('exec:rm -rf /'))).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
+    s.close();
+    expect(m.calls).toEqual([]);
+  });
+
+  it('two destinations, one with two channels: at the start that one is refused (a relay carries one channel) and the other, alone, goes straight to its own endpoint with its own options', async () => {
+    const m = recorder();
+    const s = new QemuFanOutSession(m, 'vm', ['b', 'c'], { joinWindowMs: 60_000 });
+    cleanups.push(() => s.close());
+    const b = s.migrateOut('b', opts('tcp:127.0.0.1:4001', { channels: 2 }));
+    const c = s.migrateOut('c', opts('tcp:127.0.0.1:4002', { downtimeLimitMs: 77, targetName: 'agent-c' }));
+    await expect(b).rejects.toMatchObject({ code: ErrorCodes.DRIVER_UNSUPPORTED, details: { destination: 'b' } });
+    await expect(c).rejects.toThrow(/not to be called/);
+    expect(m.options).toHaveLength(1);
+    expect(m.options[0]).toMatchObject({ endpoint: { uri: 'tcp:127.0.0.1:4002' }, downtimeLimitMs: 77, targetName: 'agent-c' });
+    expect(m.options[0]!.viaLocalRelay).toBeUndefined();
   });
 });

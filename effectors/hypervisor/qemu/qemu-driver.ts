@@ -915,6 +915,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         throttled: maxThrottle > 0,
         maxThrottle,
         channels,
+        transport: o.viaLocalRelay ? 'relay' : 'direct',
         // QEMU switches over only once the expected downtime fits the limit.
         converged: true,
         throttleSteps,

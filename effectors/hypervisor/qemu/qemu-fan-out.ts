@@ -12,16 +12,29 @@
  * round); one that fails is dropped from the relay, the others go on. A destination dropped by the
  * relay (its QEMU died, `tooSlow`) or aborted has its `migrateOut` rejected at once; the stream
  * goes on for the rest. With none left QEMU's migration is cancelled and the VM runs here.
+ *
+ * One destination left when the stream starts (`prewarm --to b`, a retry or fallback set of one,
+ * or all but one withdrew): QEMU migrates straight to it, as the single path does — QEMU's own TLS
+ * (`tls-creds-x509`, `tls-hostname` the destination agent, which the incoming QEMU prepared for
+ * the relay already admits: the same source certificate, the same `tls-authz`), its channels
+ * (multifd too), its own downtime, cap, budget, hold and hand-over — and no relay: the hop through
+ * Node costs ~35 ms per 60 MiB on two cores and is the whole of what a pre-warmed switch's
+ * downtime had over a cold one (BENCHMARKS.md, "Pre-warmed switch with qemu"). Its result says
+ * `transport: 'direct'`; a relayed copy's `'relay'`.
  */
 import { readFileSync } from 'node:fs';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import type { FanOutSession, MigrateOutOptions, MigrateOutResult, MigrationProgress } from '../hypervisor-contract.ts';
 import type { QemuTlsFiles } from './migration-tls.ts';
-import { StreamRelay, type RelaySourceTransport, type RelayTls } from './stream-relay.ts';
+import { StreamRelay, parseTcpUri, type RelaySourceTransport, type RelayTls } from './stream-relay.ts';
 
-/** What the session needs of the driver: a migration out into the relay's local socket, without QEMU's own TLS. */
+/**
+ * What the session needs of the driver: a migration out, either into the relay's local socket
+ * (`viaLocalRelay`: plaintext, the relay wraps each destination in TLS) or straight to the one
+ * destination left (QEMU's own TLS, as the single path).
+ */
 export interface RelayMigrator {
-  migrateOut(vm: string, options: MigrateOutOptions & { readonly viaLocalRelay: true }): Promise<MigrateOutResult>;
+  migrateOut(vm: string, options: MigrateOutOptions & { readonly viaLocalRelay?: true }): Promise<MigrateOutResult>;
 }
 
 export interface QemuFanOutOptions {
@@ -37,6 +50,8 @@ export interface QemuFanOutOptions {
   readonly slabBytes?: number;
   /** How QEMU reaches the relay (StreamRelayOptions.source; default loopback TCP where Linux tells its owner; 'unix': the bench's A/B). */
   readonly relaySource?: RelaySourceTransport;
+  /** Relay one destination too instead of migrating straight to it (the bench's A/B of the relay's cost; default false). */
+  readonly relayAlways?: boolean;
 }
 
 /** Default join window: longer than an incoming QEMU takes to start under TCG on a loaded machine (seen: 4 s). */
@@ -79,10 +94,9 @@ export class QemuFanOutSession implements FanOutSession {
     if (this.started) {
       return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `VM ${this.vm}'s stream to its other destinations had already started when ${destination} was ready`));
     }
-    if ((options.channels ?? 1) !== 1) {
-      // One QEMU channel through the relay; multifd's connections would need one relay each, in QEMU's order.
-      return Promise.reject(new EffectorError(ErrorCodes.DRIVER_UNSUPPORTED, `the qemu relay carries one channel, not ${options.channels}`, { details: { vm: this.vm, destination } }));
-    }
+    // Whether a copy is relayed is known only at the start (the others may withdraw, leaving it alone:
+    // direct, multifd allowed): judged then, in run(), unless it will be relayed whatever happens.
+    if ((options.channels ?? 1) !== 1 && this.o.relayAlways === true) return Promise.reject(relayOneChannel(this.vm, destination, options.channels));
     return new Promise<MigrateOutResult>((resolve, reject) => {
       const entry: Entry = { dest: destination, options, resolve, reject, settled: false };
       this.entries.set(destination, entry);
@@ -132,8 +146,13 @@ export class QemuFanOutSession implements FanOutSession {
   }
 
   private async run(): Promise<void> {
+    if (this.live().length > 1 || this.o.relayAlways === true) {
+      // One QEMU channel through the relay; multifd's connections would need one relay each, in QEMU's order.
+      for (const e of this.live()) if ((e.options.channels ?? 1) !== 1) this.fail(e, relayOneChannel(this.vm, e.dest, e.options.channels));
+    }
     const entries = this.live();
     if (entries.length === 0) return;
+    if (entries.length === 1 && this.o.relayAlways !== true) return this.direct(entries[0]!);
     const tls: RelayTls | undefined = this.o.tls && { ca: readFileSync(this.o.tls.ca), cert: readFileSync(this.o.tls.cert), key: readFileSync(this.o.tls.key) };
     const relay = await StreamRelay.open({
       destinations: entries.map((e) => ({ name: e.dest, uri: e.options.endpoint.uri, ...(tls ? { tls: { ...tls, serverName: e.options.targetName ?? e.dest } } : {}) })),
@@ -195,4 +214,35 @@ export class QemuFanOutSession implements FanOutSession {
       relay.close();
     }
   }
+
+  /** The one destination left: QEMU's own stream straight to its incoming QEMU, with that destination's options (the single path's). */
+  private async direct(e: Entry): Promise<void> {
+    const o = e.options;
+    // The endpoint comes from a peer: QEMU migrates to a tcp:HOST:PORT only (never exec: or file:), as through the relay.
+    parseTcpUri(o.endpoint.uri);
+    const result = await this.driver.migrateOut(this.vm, {
+      ...o,
+      // The relay checks the destination's certificate against this name too (QEMU's tls-hostname).
+      targetName: o.targetName ?? e.dest,
+      // Its own signal already fails the entry, which aborts this one (and so does close()).
+      signal: this.abort.signal,
+      beforeSwitchover: async () => {
+        try {
+          await o.beforeSwitchover?.();
+        } catch (err) {
+          this.fail(e, err);
+          throw err;
+        }
+      },
+    });
+    if (e.settled) return;
+    e.settled = true;
+    e.resolve(result);
+  }
+
+}
+
+/** A relayed copy with more than one channel: refused (one relay carries one QEMU channel). */
+function relayOneChannel(vm: string, destination: string, channels: number | undefined): EffectorError {
+  return new EffectorError(ErrorCodes.DRIVER_UNSUPPORTED, `the qemu relay carries one channel, not ${channels} (a fan-out to several destinations relays one stream)`, { details: { vm, destination } });
 }
