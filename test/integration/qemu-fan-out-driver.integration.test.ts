@@ -1,13 +1,16 @@
 /**
  * The qemu driver's fanOut capability on its own (issue 13): one source driver, two target
- * drivers, one QEMU stream through the relay, real QEMU (TCG), the dirty guest.
+ * drivers, one QEMU stream through the relay, real QEMU (TCG), the dirty guest. And a session of
+ * one destination (`prewarm --to b`, a retry set of one): QEMU straight to it, no relay.
  */
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { makeTlsFixture } from '../harness/cluster-tls.ts';
 import { rejection } from '../harness/expect-code.ts';
 import { heartbeat, qemuDrivers, qemuTestFile } from '../harness/qemu-processes.ts';
 
@@ -45,6 +48,7 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
     const [rb, rc] = await Promise.all([session.migrateOut('b', opts(eb.endpoint)), session.migrateOut('c', opts(ec.endpoint))]);
     session.close();
     expect(switches).toBe(2);
+    expect([rb.transport, rc.transport]).toEqual(['relay', 'relay']);
     expect(rb.bytes).toBe(rc.bytes);
     expect(rb.bytes).toBeGreaterThan(0);
     await Promise.all([b.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 }), c.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 })]);
@@ -86,5 +90,75 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
     await heartbeat(c.stateDir('fo'), 2);
     await intact(c);
     await b.abortIncoming('fo').catch(() => undefined);
+  }, 300_000);
+});
+
+describe.skipIf(!run)('qemu fanOut with one destination: QEMU straight to it, no relay (TCG)', () => {
+  it("with the agents' certificates and two channels: QEMU's own TLS and multifd to the incoming QEMU prepared as for a fan-out; transport direct, the hand-over once, the committed copy runs intact", async () => {
+    // As agents with peer.tls: a's QEMU presents a's certificate, b's incoming QEMU admits a alone (tls-authz) and names b.
+    const root = qemus.root();
+    const certs = await makeTlsFixture(join(root, 'ca'), ['a', 'b']);
+    const a = new QemuDriver({ root: join(root, 'a'), accel: 'tcg', tls: certs.files('a') });
+    const b = new QemuDriver({ root: join(root, 'b'), accel: 'tcg', tls: certs.files('b') });
+    cleanups.push(() => a.close());
+    cleanups.push(() => b.close());
+    await a.create(spec);
+    await a.start('fo');
+    await heartbeat(a.stateDir('fo'), 2);
+    const eb = await b.prepareIncoming(spec, { channels: 2, sourceName: 'a' });
+    const session = a.capabilities.fanOut!.begin('fo', ['b']);
+    let switches = 0;
+    let progressed = 0;
+    // No targetName: the session names b (the relay checked b's certificate against it too).
+    const r = await session.migrateOut('b', { endpoint: eb.endpoint, channels: 2, downtimeLimitMs: 500, autoConverge: true, beforeSwitchover: async () => void switches++, onProgress: () => void progressed++ });
+    session.close();
+    expect(r.transport).toBe('direct');
+    // Two multifd channels: a relay carries one (it refuses more), so these went QEMU to QEMU.
+    expect(r.channels).toBe(2);
+    expect(r.bytes).toBeGreaterThan(0);
+    expect(switches).toBe(1);
+    expect(progressed).toBeGreaterThan(0);
+    await b.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 });
+    await b.commitIncoming('fo', { running: true, timeoutMs: 30_000 });
+    await heartbeat(b.stateDir('fo'), 2);
+    await intact(b);
+  }, 300_000);
+
+  it('aborted mid-copy (its signal): the copy is refused MIGRATION_ABORTED, QEMU cancels and the source VM runs on in the same QEMU; a close mid-copy does the same', async () => {
+    const { a, b, c } = drivers();
+    await a.create(spec);
+    await a.start('fo');
+    await heartbeat(a.stateDir('fo'), 2);
+    const pid = a.pid('fo');
+    for (const [target, how] of [[b, 'signal'], [c, 'close']] as const) {
+      const e = await target.prepareIncoming(spec);
+      const session = a.capabilities.fanOut!.begin('fo', [how === 'signal' ? 'b' : 'c']);
+      const ac = new AbortController();
+      let cut = false;
+      const copy = session.migrateOut(how === 'signal' ? 'b' : 'c', {
+        endpoint: e.endpoint,
+        downtimeLimitMs: 500,
+        signal: ac.signal,
+        // 16 MiB/s: seconds of stream for a 64 MiB guest, time to cut it in the middle.
+        maxBandwidth: 16 * MiB,
+        onProgress: (p) => {
+          if (!cut && p.transferredBytes > 4 * MiB) {
+            cut = true;
+            if (how === 'signal') ac.abort();
+            else session.close();
+          }
+        },
+      });
+      const err = await rejection(copy);
+      session.close();
+      expect(cut, how).toBe(true);
+      expect(err.code, how).toBe(ErrorCodes.MIGRATION_ABORTED);
+      expect(a.get('fo')?.state, how).toBe('running');
+      expect(a.pid('fo'), how).toBe(pid);
+      await heartbeat(a.stateDir('fo'), 2);
+      await target.abortIncoming('fo');
+      expect(target.pid('fo'), how).toBeUndefined();
+    }
+    await intact(a);
   }, 300_000);
 });
