@@ -11,7 +11,7 @@ import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
 import { describeError, EffectorError, EmbotError, ErrorCodes, type ErrorCode } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
-import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, MigrateOptions, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
+import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, EmittedEvent, MigrateOptions, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
 import { createDashboard, type Dashboard } from './control/dashboard-routes.ts';
 import { wireLiveSources } from './control/live-sources.ts';
@@ -632,7 +632,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   }
 
   /** Refused with EMBOT_ERR_ELEMENT_MOVED for an element that moved away after its grace period; inside it, journaled and forwarded. */
-  async emitEvent(input: EmbotEventInput): Promise<EmbotEvent & { readonly forwardedTo?: string }> {
+  async emitEvent(input: EmbotEventInput): Promise<EmittedEvent> {
     const { forwardedTo } = await this.mobility.admitEvent(input.elementId);
     const event = await this.sensors.emit({ ...input, source: input.source ?? 'control' });
     return forwardedTo === undefined ? event : { ...event, forwardedTo };

@@ -535,7 +535,8 @@ export class Journal {
   private readonly countForStmt: Database.Statement<[string], { n: number }>;
   private readonly spillDeleteStmt: Database.Statement<[string]>;
   private readonly takenInsertStmt: Database.Statement<[number, string]>;
-  private readonly takenRecentStmt: Database.Statement<[number], string>;
+  private readonly takenRecentStmt: Database.Statement<[number], [string, number]>;
+  private readonly tsOfStmt: Database.Statement<[string], number>;
   private readonly takenPruneStmt: Database.Statement<[number]>;
 
   constructor(store: Store) {
@@ -567,8 +568,11 @@ export class Journal {
     this.countForStmt = this.db.prepare('SELECT count(*) AS n FROM events WHERE element_id = ?');
     this.spillDeleteStmt = this.db.prepare('DELETE FROM held_spill WHERE element_id = ?');
     // One statement per group commit: SQLite walks the JSON list of ids itself.
-    this.takenInsertStmt = this.db.prepare("INSERT OR IGNORE INTO taken_ids(id, at) SELECT value, ? FROM json_each(?)");
-    this.takenRecentStmt = this.db.prepare<[number], string>('SELECT id FROM (SELECT rowid AS r, id FROM taken_ids ORDER BY rowid DESC LIMIT ?) ORDER BY r').pluck();
+    this.takenInsertStmt = this.db.prepare('INSERT OR IGNORE INTO taken_ids(id, at, ts) SELECT value ->> 0, ?, value ->> 1 FROM json_each(?)');
+    this.takenRecentStmt = this.db
+      .prepare<[number], [string, number]>('SELECT id, ts FROM (SELECT rowid AS r, id, coalesce(ts, at) AS ts FROM taken_ids ORDER BY rowid DESC LIMIT ?) ORDER BY r')
+      .raw();
+    this.tsOfStmt = this.db.prepare<[string], number>('SELECT ts FROM events WHERE id = ?').pluck();
     this.takenPruneStmt = this.db.prepare('DELETE FROM taken_ids WHERE rowid <= (SELECT max(rowid) FROM taken_ids) - ?');
     this.rows = (this.db.prepare('SELECT count(*) AS n FROM events').get() as { n: number }).n;
   }
@@ -695,14 +699,19 @@ export class Journal {
     if (this.deleteStmt.run(seq).changes > 0) this.rows--;
   }
 
-  /** Records ids producers gave to events journaled now; call it in the transaction that journals them. */
-  rememberTaken(ids: readonly string[], at: number): void {
-    this.takenInsertStmt.run(at, JSON.stringify(ids));
+  /** Records ids producers gave to events journaled now, each with its event's ts; call it in the transaction that journals them. */
+  rememberTaken(taken: readonly (readonly [id: string, ts: number])[], at: number): void {
+    this.takenInsertStmt.run(at, JSON.stringify(taken));
   }
 
-  /** The newest `limit` ids recorded by {@link rememberTaken}, oldest first. */
-  recentTaken(limit: number): string[] {
+  /** The newest `limit` `[id, ts]` recorded by {@link rememberTaken}, oldest first (ts: the commit time on rows from before schema step 11). */
+  recentTaken(limit: number): [id: string, ts: number][] {
     return this.takenRecentStmt.all(limit);
+  }
+
+  /** The ts of the journaled event with this id, if there is one. */
+  tsOf(id: string): number | undefined {
+    return this.tsOfStmt.get(id);
   }
 
   /** Keeps the newest `keep` taken ids. */

@@ -28,6 +28,14 @@ import type { SensorContext, SensorLogic } from './sensor.ts';
 
 export type { HoldCursor, HoldMark } from './hold-queue.ts';
 
+/**
+ * What {@link SensorService.emit} answers. `duplicate`: the id was taken here before (README "Events: idempotent
+ * posts"), nothing was taken now, and `ts` is the first copy's; the re-post's only where this agent has the first
+ * copy's ts nowhere at hand: an id still held in a migration shipment taken undecoded (`deferJournal`), or one minted
+ * here and since processed.
+ */
+export type EmittedEvent = EmbotEvent & { readonly duplicate?: true };
+
 export interface SensorServiceOptions {
   /** Agent name, prefix of event ids (EventIdSource in core/events.ts). */
   readonly host: string;
@@ -277,9 +285,10 @@ export class SensorService {
   /**
    * Foreign ids (given by the producer) live in this service (staged, queued, held in memory, dispatched) plus the last
    * `dedupWindow` finished ones. Ids minted here are not kept: {@link isOwnDuplicate} recognises them by prefix and counter,
-   * which saves two hash-set operations per event on the hot path.
+   * which saves two hash-set operations per event on the hot path. The value is the event's ts, so a repeated post is
+   * answered with the first copy's (NaN where it was not decoded: {@link insertScanned}).
    */
-  private readonly known = new Set<string>();
+  private readonly known = new Map<string, number>();
   private readonly recent: (string | undefined)[];
   private recentPos = 0;
   /** Producer-given ids recorded in the journal since the last prune of that table. */
@@ -361,8 +370,8 @@ export class SensorService {
   }
 
   /** post + resolves once the event is journaled (the acknowledgement to a producer, e.g. the control API). */
-  emit(input: EmbotEventInput): Promise<EmbotEvent> {
-    let event: EmbotEvent;
+  emit(input: EmbotEventInput): Promise<EmittedEvent> {
+    let event: EmittedEvent;
     try {
       event = this.admit(input, undefined);
     } catch (e) {
@@ -373,7 +382,7 @@ export class SensorService {
   }
 
   /** Validates all inputs first: one bad input rejects the call and posts none of them. */
-  emitMany(inputs: readonly EmbotEventInput[]): Promise<EmbotEvent[]> {
+  emitMany(inputs: readonly EmbotEventInput[]): Promise<EmittedEvent[]> {
     try {
       if (!Array.isArray(inputs)) throw invalid('emitMany: expected an array of events');
       for (let i = 0; i < inputs.length; i++) this.validate(inputs[i]!, `event ${i}`);
@@ -542,9 +551,9 @@ export class SensorService {
             continue;
           }
           // The known set doubles as this batch's: an id repeated in the batch is found there too (undone on failure).
-          // One hash operation: the set grows exactly when the id is new.
+          // One hash operation: the set grows exactly when the id is new (a known id's ts is overwritten by its own).
           const size = known.size;
-          known.add(id);
+          known.set(id, event.ts);
           if (known.size === size) {
             duplicates++;
             continue;
@@ -596,7 +605,7 @@ export class SensorService {
       const r = this.redirects.get(id);
       for (const entry of entries) {
         if (refused !== undefined && refused.has(entry.seq)) continue;
-        this.remember(entry.event.id); // spilled ids were forgotten to bound memory
+        this.remember(entry.event.id, entry.event.ts); // spilled ids were forgotten to bound memory
         if (r === undefined) this.queue.push(entry);
         else r.buffer.push(entry);
       }
@@ -733,7 +742,7 @@ export class SensorService {
             continue;
           }
           const size = known.size;
-          known.add(id);
+          known.set(id, event.ts);
           if (known.size === size) {
             skip.push(index++);
             continue;
@@ -785,8 +794,10 @@ export class SensorService {
     for (const q of scan.queues) {
       const before = accepted;
       for (let i = q.first; i < q.first + q.count; i++) {
+        // The scan does not decode ts. One hash operation, as in insertHeld: a known id's ts is lost (NaN) only when the
+        // shipment repeats it, and firstTs then falls back to its journal row.
         const size = known.size;
-        known.add(ids[i]!);
+        known.set(ids[i]!, NaN);
         if (known.size === size) skip.push(i);
         else accepted++;
       }
@@ -972,15 +983,15 @@ export class SensorService {
     let n = 0;
     for (const entry of this.journal.all()) {
       if (entry.seq > this.seqAtStart || this.isKnown(entry.event.id)) continue;
-      this.remember(entry.event.id);
+      this.remember(entry.event.id, entry.event.ts);
       this.route(entry);
       n++;
     }
     // Producer-given ids taken before the restart (README "Events: idempotent posts"): those still journaled are
     // known now; the processed ones fill the window as if they had been processed in this run, oldest first.
-    for (const id of this.journal.recentTaken(this.recent.length)) {
+    for (const [id, ts] of this.journal.recentTaken(this.recent.length)) {
       if (this.known.has(id)) continue;
-      this.known.add(id);
+      this.known.set(id, ts);
       this.finish(id);
     }
     if (n > 0) this.schedule();
@@ -1136,7 +1147,7 @@ export class SensorService {
     }
   }
 
-  private admit(input: EmbotEventInput, defaultSource: string | undefined): EmbotEvent {
+  private admit(input: EmbotEventInput, defaultSource: string | undefined): EmittedEvent {
     if (this.closed) this.assertOpen();
     this.validate(input, 'event');
     const elementId = input.elementId;
@@ -1165,9 +1176,9 @@ export class SensorService {
     if (!generated) {
       if (this.isKnown(id!)) {
         this.nDuplicates++;
-        return event;
+        return { ...event, ts: this.firstTs(id!) ?? ts, duplicate: true };
       }
-      this.remember(id!);
+      this.remember(id!, ts);
     }
     const entry: QueuedEvent = { event, seq: ++this.seq };
     if (this.journal !== undefined) {
@@ -1337,8 +1348,21 @@ export class SensorService {
     return /^[0-9a-z]{1,11}$/.test(tail) && parseInt(tail, 36) < this.minted;
   }
 
-  private remember(id: string): void {
-    if (!id.startsWith(this.idPrefix)) this.known.add(id);
+  private remember(id: string, ts: number): void {
+    if (!id.startsWith(this.idPrefix)) this.known.set(id, ts);
+  }
+
+  /** The ts of the first copy of a known id, where this agent still has it. */
+  private firstTs(id: string): number | undefined {
+    const ts = id.startsWith(this.idPrefix) ? NaN : this.known.get(id);
+    if (ts !== undefined && !Number.isNaN(ts)) return ts;
+    // Minted here, or taken undecoded by a migration: its journal row has it until it is processed.
+    try {
+      return this.journal?.tsOf(id);
+    } catch (e) {
+      this.onError(e, `journal lookup of event ${id}`);
+      return undefined;
+    }
   }
 
   private forget(id: string): void {
@@ -1351,10 +1375,10 @@ export class SensorService {
    * Ids minted here need no record (isMinted); the table keeps the newest window's worth.
    */
   private rememberTaken(entries: readonly QueuedEvent[], ok: Uint8Array): void {
-    let ids: string[] | undefined;
+    let ids: [string, number][] | undefined;
     for (let i = 0; i < entries.length; i++) {
-      const id = entries[i]!.event.id;
-      if (ok[i] === 1 && !id.startsWith(this.idPrefix)) (ids ??= []).push(id);
+      const { id, ts } = entries[i]!.event;
+      if (ok[i] === 1 && !id.startsWith(this.idPrefix)) (ids ??= []).push([id, ts]);
     }
     if (ids === undefined) return;
     const journal = this.journal!;

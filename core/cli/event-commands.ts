@@ -36,8 +36,11 @@ export function registerEventCommands(program: Command, ctx: CliContext): void {
     if (opts.json) ctx.json(event);
     else {
       // The element moved away: the agent journaled the event and forwards it to the new owner.
-      const to = (event as { forwardedTo?: unknown }).forwardedTo;
-      ctx.out(`journaled event ${event.id} (${event.type} for ${event.elementId})${typeof to === 'string' ? `; forwarded to ${to}, the element moved there` : ''}`);
+      const to = event.forwardedTo;
+      const forwarded = typeof to === 'string' ? `; forwarded to ${to}, the element moved there` : '';
+      // A re-post of an id the agent took before (README "Events: idempotent posts"): safe, and nothing new was taken.
+      if (event.duplicate === true) ctx.out(`event ${event.id} was taken before (first copy's ts ${formatTime(event.ts)}); not taken again${forwarded}`);
+      else ctx.out(`journaled event ${event.id} (${event.type} for ${event.elementId})${forwarded}`);
     }
   });
 

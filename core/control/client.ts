@@ -9,6 +9,7 @@ import {
   type Destinations,
   type EmbotEvent,
   type EmbotEventInput,
+  type EmittedEvent,
   type EmbotInfo,
   type MigrationInfo,
   type PluginInfo,
@@ -98,7 +99,7 @@ export class ControlClient {
     return this.request('GET', '/v1/plugins');
   }
 
-  emitEvent(input: Omit<EmbotEventInput, 'source'>): Promise<EmbotEvent> {
+  emitEvent(input: Omit<EmbotEventInput, 'source'>): Promise<EmittedEvent> {
     return this.request('POST', '/v1/events', input);
   }
 

@@ -8,6 +8,16 @@ export type { Destinations };
 
 export type { EmbotEvent, EmbotEventInput, MigrationInfo, MigrationProgress, MigrationSummary, PhaseTime };
 
+/**
+ * The `201` answer to `POST /v1/events`: the event as journaled. `duplicate`: its id was taken before (README "Events:
+ * idempotent posts"), nothing was taken now and `ts` is the first copy's. `forwardedTo`: the element moved away; the
+ * event goes on to that agent.
+ */
+export interface EmittedEvent extends EmbotEvent {
+  readonly duplicate?: true;
+  readonly forwardedTo?: string;
+}
+
 /** A VM as the control API shows it: what every driver tells, and the sim's spec fields when it runs the sim. */
 export interface VmInfo extends DriverVmInfo {
   /** bytes/s (sim) */
@@ -150,7 +160,7 @@ export interface AgentControl {
   listEmbots(): readonly EmbotInfo[];
   listPlugins(): readonly PluginInfo[];
   /** Resolves once the event is journaled. */
-  emitEvent(input: EmbotEventInput): Promise<EmbotEvent>;
+  emitEvent(input: EmbotEventInput): Promise<EmittedEvent>;
   /** Recent processed events, newest last. */
   listEvents(opts: { readonly limit: number }): readonly EmbotEvent[];
   /** The newest dead letters (events an embot could not take, with why), newest last. */

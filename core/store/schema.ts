@@ -252,6 +252,11 @@ export const MIGRATIONS: readonly string[] = [
     at INTEGER NOT NULL
   );
   `,
+  `
+  -- The taken event's own ts, so a re-post with the same id is answered with the first copy's ts,
+  -- also after a restart. NULL on rows written before this step (read back as \`at\`, the commit time).
+  ALTER TABLE taken_ids ADD COLUMN ts REAL;
+  `,
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS.length;
