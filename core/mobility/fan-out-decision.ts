@@ -34,6 +34,11 @@ export interface FanOutState {
 export type FanOutInput =
   /** The destination's VM is booted to its last reversible point (BootReady reached the source). */
   | { readonly type: 'bootReady'; readonly dest: string; readonly atMs: number }
+  /**
+   * A pre-warm's migrate command named `dest` alone: nothing is left to race, so it wins now, at the
+   * command, before the VM stops (its final round and MigrationComplete follow the copy as usual).
+   */
+  | { readonly type: 'named'; readonly dest: string }
   | { readonly type: 'bootFailed'; readonly dest: string; readonly reason: string }
   /** The destination's migration policy said no (MigrationDenied). */
   | { readonly type: 'denied'; readonly dest: string; readonly reason: string }
@@ -101,12 +106,12 @@ export function decide(state: FanOutState, input: FanOutInput): FanOutStep {
   }
   const dest = destOf(state, input.dest);
   if (isFinalStatus(dest.status) || state.phase === 'completed' || state.phase === 'takingBack') return { state, effects: [] };
-  if (input.type === 'bootReady') {
+  if (input.type === 'bootReady' || input.type === 'named') {
     if (state.phase === 'committing') return { state, effects: [] };
     const winner = input.dest;
-    const reason = `terminated: ${winner} booted first (migration ${state.migrationId})`;
+    const reason = input.type === 'named' ? `terminated: not named by the migrate command (migration ${state.migrationId})` : `terminated: ${winner} booted first (migration ${state.migrationId})`;
     const losers = state.destinations.filter((d) => d.name !== winner && !isFinalStatus(d.status));
-    let next: FanOutState = withDest({ ...state, phase: 'committing', winner }, winner, { status: 'ready', bootReadyMs: input.atMs });
+    let next: FanOutState = withDest({ ...state, phase: 'committing', winner }, winner, input.type === 'named' ? { status: 'ready' } : { status: 'ready', bootReadyMs: input.atMs });
     for (const l of losers) next = withDest(next, l.name, { status: 'terminated', reason });
     return {
       state: next,

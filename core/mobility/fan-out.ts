@@ -9,6 +9,7 @@
  */
 import { pack } from 'msgpackr';
 import { describeError } from '../errors.ts';
+import { faultPoint } from './fault-points.ts';
 import type { FanOutSession } from '../../effectors/index.ts';
 import type { FanOutVerdict } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
@@ -150,6 +151,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
 
   const apply = (input: FanOutInput): void => {
     const step = decide(state, input);
+    // A report that changes nothing (the named winner's own ready, after the stop) costs no transaction.
+    if (step.state === state && step.effects.length === 0) return;
     state = step.state;
     // One transaction per step: the winner's claim and every terminated child's phase are one write,
     // not one per destination. Nothing a destination is told waits for it: an Abort may leave before
@@ -227,11 +230,19 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
       shared.commandedPerf = performance.now();
       commandWork = (async () => {
       try {
-        for (const dest of o.destinations) {
-          if (selected.includes(dest)) continue;
-          const reason = `terminated: not named by the migrate command (migration ${id})`;
-          verdicts.get(dest)?.resolve({ commit: false, reason });
-          children.get(dest)?.terminate(reason);
+        const dropped = o.destinations.filter((d) => !selected.includes(d));
+        if (selected.length === 1) {
+          // Named alone, the winner is known now: journaled (write-once) and given its verdict here, with the
+          // VM running, so nothing is decided after the stop. A source killed from here on finds this winner
+          // and asks it (recoverFanOut): a destination asked before its commit discards, and the VM runs here again.
+          apply({ type: 'named', dest: selected[0]! });
+          faultPoint('source:winnerNamed');
+        } else {
+          for (const dest of dropped) {
+            const reason = `terminated: not named by the migrate command (migration ${id})`;
+            verdicts.get(dest)?.resolve({ commit: false, reason });
+            children.get(dest)?.terminate(reason);
+          }
         }
         // The hold starts at the command: what the embots did before is in their state and the elements.
         await holdAndDetach();

@@ -200,7 +200,8 @@ const sourceSetup = setup({
  * - requesting → holding → sendingState → sendingEvents → migratingVm → syncingDirty →
  *   completing → finishing → completed.
  * - syncingDirty sends rounds while the last one changed something and `round < maxDirtyRounds`,
- *   then always one `final: true` round (sent with everything frozen). A migrateVm that already
+ *   then always one `final: true` round (sent with everything frozen). A fan-out child with nothing
+ *   left to race (`bootSkipped`) sends the final round alone. A migrateVm that already
  *   sent the final round at the switch (qemu: the VM paused at pre-switchover) skips syncingDirty:
  *   nothing at the source changes between rounds once the VM and its embots are frozen.
  * - A step failure, a step timeout (`stepMs`, `vmMs` for migrateVm) or CANCEL before completing →
@@ -313,7 +314,14 @@ function buildSourceMachine(fanOut: boolean) {
         on: rollBackOn('sendDirtyObjects', 'stepTimeout').on,
         states: {
           checking: {
-            always: [{ guard: 'moreRoundsAllowed', target: 'round' }, { target: 'finalRound' }],
+            always: [
+              // A fan-out child with nothing left to race (a pre-warm's named destination): the VM is stopped and
+              // the embots frozen, so a round before the final one ships nothing the final one would not, and
+              // only adds a round trip to the downtime.
+              ...(fanOut ? ([{ guard: 'bootSkipped', target: 'finalRound' }] as const) : []),
+              { guard: 'moreRoundsAllowed', target: 'round' },
+              { target: 'finalRound' },
+            ],
           },
           round: {
             invoke: {

@@ -212,4 +212,37 @@ describe('pre-warm', () => {
     expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
     await expectStreamExact(a2, ticks.acked);
   }, 180_000);
+
+  it('the source SIGKILLed right after the command journaled its named winner, before the stop: after the restart b is asked and discards, c too; the VM and its embot run on at a', async () => {
+    cluster = await startCluster();
+    const c = cluster;
+    // Restarted to die right after `migrate --to b` claimed b as the winner (EMBOT_FAULT_KILL_AT: the kill is real, only its moment is chosen).
+    await c.kill('a');
+    await c.startAgent('a', { EMBOT_FAULT_KILL_AT: 'source:winnerNamed' });
+    const a = c.agent('a');
+    await vmWithCounter(a);
+    const ticks = tickProducer(() => a, 'app');
+    await waitFor(() => ticks.acked >= 10, 10_000, 'events before the pre-warm');
+    const { id } = await a.client.prewarm('app', ['b', 'c']);
+    await untilWarm(a, id, ['b', 'c']);
+    // Stopped first, so no event is left half-acknowledged by the kill.
+    await ticks.stop();
+    // The agent may die before it answers.
+    await a.client.migrate('app', 'b').catch(() => undefined);
+    await waitFor(() => a.child.exitCode !== null || a.child.signalCode !== null, 15_000, 'a to die at source:winnerNamed');
+    c.agents.delete('a');
+    await c.startAgent('a');
+    const a2 = c.agent('a');
+    await waitFor(async () => {
+      for (const n of c.names) if ((await c.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
+      return true;
+    }, 60_000, 'every migration settled after the restart');
+    const rows = await a2.client.listMigrations();
+    expect(rows.find((m) => m.id === id)?.outcome).toBe('aborted');
+    // b was the journaled winner: asked after the restart, it had not committed (it discarded when asked).
+    expect(rows.find((m) => m.id === `${id}~b`)?.outcome).toBe('aborted');
+    for (const n of ['b', 'c']) await expectClean(c.agent(n));
+    expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    await expectStreamExact(a2, ticks.acked);
+  }, 180_000);
 });

@@ -63,6 +63,41 @@ describe('fan-out decision: first to boot wins', () => {
     expect(state.destinations.find((d) => d.name === 'b')?.status).toBe('failed');
   });
 
+  it('a pre-warm command naming one destination decides at the command: journaled first, the others terminated, then its verdict; its later ready changes nothing', () => {
+    const { state, effects } = run(startFanOut('m-7', ['b', 'c', 'd']), [
+      { type: 'failed', dest: 'd', reason: 'link closed' },
+      { type: 'named', dest: 'b' },
+      // c's ready crossed its termination; b's own ready comes after its final round.
+      { type: 'bootReady', dest: 'c', atMs: 40 },
+      { type: 'bootReady', dest: 'b', atMs: 50 },
+      { type: 'winnerCommitted' },
+    ]);
+    expect(effects).toEqual([
+      { type: 'journalWinner', dest: 'b' },
+      { type: 'terminate', dest: 'c', reason: 'terminated: not named by the migrate command (migration m-7)' },
+      { type: 'commit', dest: 'b' },
+      { type: 'finishSource', winner: 'b' },
+    ]);
+    expect(state.phase).toBe('completed');
+    expect(state.destinations).toEqual([
+      { name: 'b', status: 'won' },
+      { name: 'c', status: 'terminated', reason: 'terminated: not named by the migrate command (migration m-7)' },
+      { name: 'd', status: 'failed', reason: 'link closed' },
+    ]);
+  });
+
+  it('a named winner whose copy then fails never committed: the VM comes back; a second naming changes nothing', () => {
+    const { state, effects } = run(startFanOut('m-8', ['b', 'c']), [
+      { type: 'named', dest: 'c' },
+      { type: 'named', dest: 'b' },
+      { type: 'failed', dest: 'c', reason: 'migrateVm failed: every data path failed' },
+      { type: 'winnerNotCommitted', reason: 'aborted' },
+    ]);
+    expect(effects.map((e) => `${e.type}${'dest' in e ? ` ${e.dest}` : ''}`)).toEqual(['journalWinner c', 'terminate b', 'commit c', 'takeBack']);
+    expect(state.phase).toBe('takingBack');
+    expectThrownCode(() => decide(startFanOut('m-9', ['b']), { type: 'named', dest: 'x' }), ErrorCodes.MIGRATION_MISMATCH, ProtocolError);
+  });
+
   it('a report about a destination not in the fan-out is a coded error', () => {
     expectThrownCode(() => decide(startFanOut('m-4', ['b']), { type: 'bootReady', dest: 'x', atMs: 1 }), ErrorCodes.MIGRATION_MISMATCH, ProtocolError);
   });

@@ -19,7 +19,7 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 type Behaviour = 'ok' | 'reject' | 'hang' | { readonly value: unknown };
 
 /** `sole`: the coordinator says no other destination can win (bootSkipped); `atSwitch`: migrateVm sent the final round at the switch. */
-function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolean; readonly atSwitch?: boolean } = {}) {
+function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolean; readonly atSwitch?: boolean; readonly changing?: boolean } = {}) {
   const journal: SourcePhase[] = [];
   const calls: string[] = [];
   let rollBackReason: string | undefined;
@@ -39,7 +39,7 @@ function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolea
       sendManagementState: ok('sendManagementState'),
       sendEventState: ok('sendEventState'),
       migrateVm: ok('migrateVm', o.atSwitch ? { finalRound: { changedElements: 1, events: 2 } } : {}),
-      sendDirtyObjects: ok('sendDirtyObjects', { changedElements: 0, events: 0 }),
+      sendDirtyObjects: ok('sendDirtyObjects', { changedElements: o.changing ? 1 : 0, events: 0 }),
       completeMigration: ok('completeMigration'),
       resolveOutcome: ok('resolveOutcome', 'committed'),
       finishSource: ok('finishSource'),
@@ -81,11 +81,21 @@ describe('source machine, fan-out child', () => {
     expect(m.calls.slice(-4)).toEqual(['bootIncoming', 'awaitDecision', 'completeMigration', 'finishSource']);
   });
 
-  it('nothing left to race (bootSkipped): no BootIncoming; the coordinator hears it is ready, then its verdict commits', async () => {
+  it('racing: rounds while they change something, up to maxDirtyRounds, then the final one; the sole child sends the final alone all the same', async () => {
+    const raced = await start('ok', 'ok', { changing: true }).finish();
+    expect(raced.rounds.map((r) => r.final)).toEqual([false, true]);
+    const sole = await start('ok', 'ok', { changing: true, sole: true }).finish();
+    expect(sole.rounds.map((r) => r.final)).toEqual([true]);
+  });
+
+  it('nothing left to race (bootSkipped): the final round alone, no BootIncoming; the coordinator hears it is ready, then its verdict commits', async () => {
     const m = start('reject', 'ok', { sole: true });
     const out = await m.finish();
     expect(out.outcome).toBe('completed');
     expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'awaitingDecision', 'completing', 'finishing', 'completed']);
+    // maxDirtyRounds allows a round before the final one; with the VM stopped and the embots frozen it would ship nothing more.
+    expect(out.rounds).toEqual([{ changedElements: 0, events: 0, round: 0, final: true }]);
+    expect(m.calls.filter((c) => c === 'sendDirtyObjects')).toHaveLength(1);
     expect(m.calls).not.toContain('bootIncoming');
     // Ready is reported before the verdict is awaited: the coordinator journals the winner, then answers.
     expect(m.calls.slice(-4)).toEqual(['readyWithoutBoot', 'awaitDecision', 'completeMigration', 'finishSource']);
@@ -173,7 +183,8 @@ describe('source machine, fan-out child: coverage', () => {
       (k) =>
         k.startsWith('source.booting|') ||
         k.startsWith('source.awaitingDecision|') ||
-        ((k.startsWith('source.migratingVm|') || k.startsWith('source.syncingDirty.finalRound|')) && k.includes('|xstate.done.actor.')),
+        ((k.startsWith('source.migratingVm|') || k.startsWith('source.syncingDirty.finalRound|')) && k.includes('|xstate.done.actor.')) ||
+        k.startsWith('source.syncingDirty.checking|'),
     );
     expect(ours.filter((k) => !coverage.taken.has(k))).toEqual([]);
     expect(coverage.visited.has('source.booting')).toBe(true);
