@@ -1,6 +1,12 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, EffectorError, ErrorCodes, isEmbotError } from '../../core/errors.ts';
-import { estimateMigration, withDriverHints } from '../../core/mobility/migration-estimate.ts';
+import { MAX_ZERO_PAGE_COST, estimateMigration, withDriverHints } from '../../core/mobility/migration-estimate.ts';
+import { QemuDriver, type StreamCalibration } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import { fitStream, leastSquares, spansSizes } from '../../effectors/hypervisor/qemu/stream-fit.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import {
   formatPlan,
   planPaths,
@@ -512,5 +518,132 @@ describe('formatPlan', () => {
     const f = fake({ vm: { memoryBytes: 100 * MB, pageSize: 4096, dirtyRateBytesPerSec: 200 * MB }, autoConverge: false, maxPaths: 1, maxRounds: 3 });
     const head = formatPlan(await planPaths(f.input)).split('\n')[0];
     expect(head).toMatch(/^paths: p1 \(25 MB\/s\); estimate \d+ ms > threshold 1500 ms; 3 rounds, downtime \d+ ms \(does not converge/);
+  });
+});
+
+describe('the qemu stream model the planner is given: a fixed cost per move plus a per-byte cost (stream-fit.ts)', () => {
+  const MiB = 1024 * 1024;
+  const cleanups = cleanupsAfterEach();
+  /** One kept migration: `sent` MiB non-zero, `zero` MiB of zero pages, the whole move `ms` (2 ms of it QEMU's setup). */
+  const s = (sent: number, ms: number, zero = 0, loadFactor = 1): StreamCalibration => ({
+    copyRateBytesPerSec: ((sent * MiB) / (ms - 2)) * 1000,
+    fixedMs: 2,
+    sentBytes: sent * MiB,
+    zeroBytes: zero * MiB,
+    sendMs: ms - 2,
+    vm: 'calib',
+    at: 1,
+    loadFactor,
+  });
+
+  /** The planner's estimate for a dense VM of `memoryMiB` with the driver's hints from `samples` (a qemu driver on a temp root; no QEMU starts). */
+  async function planned(samples: Readonly<Record<string, readonly StreamCalibration[]>>, memoryMiB: number, nonZeroMiB?: number): Promise<Plan> {
+    const root = mkdtempSync(join(tmpdir(), 'embot-planfit-'));
+    cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+    writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: samples }));
+    const d = new QemuDriver({ root, accel: 'tcg', loadFactor: () => 1 });
+    cleanups.push(() => d.close());
+    await d.create({ name: 'v', memory: memoryMiB * MiB, vcpus: 1 });
+    const f = fake({ vm: { memoryBytes: memoryMiB * MiB, pageSize: 4096, dirtyRateBytesPerSec: 0 }, thresholdMs: 10_000 });
+    return planPaths({
+      ...f.input,
+      setUp: async () => ({ setupMs: 1 }),
+      driverHints: async (n) => {
+        const h = await d.capabilities.migrationModel!.estimateHints('v', { channels: n });
+        return nonZeroMiB === undefined ? h : { ...h, nonZeroBytes: nonZeroMiB * MiB };
+      },
+    });
+  }
+
+  it('two sizes (155 MiB in 92 ms, 319 MiB in 140 ms): 320 MiB is planned near 140 ms, where the rate-only model says ~160', async () => {
+    const samples = [s(155, 92), s(319, 140)];
+    const plan = await planned({ '1': samples }, 320);
+    // The line through both: 46.6 ms + 0.293 ms/MiB.
+    expect(plan.estimate.totalMs).toBeCloseTo(46.6 + (320 * 48) / 164, 0);
+    expect(plan.decisions[0]!.reason).toContain('least-squares fit');
+    const fit = fitStream(new Map([[1, samples]]), 1)!;
+    expect(fit).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(92 - (155 * 48) / 164, 6), zeroPageCost: 0 });
+    // The model of before folds the fixed part into the rate: 20 ms more for this VM, and more the larger it is.
+    const rateOnly = fitStream(new Map([[1, samples]]), 1, { fixedCost: false })!;
+    expect(rateOnly.kind).toBe('per-byte');
+    expect(rateOnly.fixedMs + (320 * MiB * 1000) / rateOnly.copyRateBytesPerSec).toBeGreaterThan(155);
+  });
+
+  it('one size only: the median rate and QEMU\'s setup time, as before (no fixed cost can be told from one size)', async () => {
+    const samples = [s(155, 92), s(155, 82), s(150, 102)];
+    const fit = fitStream(new Map([[1, samples]]), 1)!;
+    expect(fit.kind).toBe('per-byte');
+    expect(fit.fixedMs).toBe(2);
+    expect(fit.copyRateBytesPerSec).toBeCloseTo(((155 * MiB) / 90) * 1000, 0);
+    expect(spansSizes(samples)).toBe(false);
+    expect(spansSizes([s(100, 50), s(149, 60)])).toBe(false);
+    expect(spansSizes([s(100, 50), s(150, 60)])).toBe(true);
+    const plan = await planned({ '1': samples }, 320);
+    expect(plan.estimate.totalMs).toBeCloseTo(2 + ((320 * MiB) / fit.copyRateBytesPerSec) * 1000, 6);
+    expect(plan.decisions[0]!.reason).toContain('medians of the last 3');
+  });
+
+  it('three shapes (dense small, dense large, sparse): fixed cost, per-byte cost and zero-page cost apart, and the VM with zero pages planned on all three', async () => {
+    // 40 ms + 0.3 ms per non-zero MiB + 0.15 ms per zero MiB.
+    const t = (sent: number, zero: number): number => 40 + 0.3 * sent + 0.15 * zero;
+    const samples = [s(63, t(63, 193), 193), s(379, t(379, 4), 4), s(155, t(155, 5), 5)];
+    const fit = fitStream(new Map([[1, samples]]), 1)!;
+    expect(fit).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(40, 6), copyRateBytesPerSec: expect.closeTo((MiB * 1000) / 0.3, 0), zeroPageCost: expect.closeTo(0.5, 6) });
+    const plan = await planned({ '1': samples }, 512, 320);
+    expect(plan.estimate.totalMs).toBeCloseTo(t(320, 192), 3);
+  });
+
+  it('the zero-page cost is shared by every channel count; each count has its own fixed and per-byte cost', () => {
+    const t1 = (sent: number, zero: number): number => 40 + 0.3 * sent + 0.15 * zero;
+    const t2 = (sent: number, zero: number): number => 60 + 0.2 * sent + 0.15 * zero;
+    const groups = new Map([
+      [1, [s(63, t1(63, 193), 193), s(379, t1(379, 4), 4), s(155, t1(155, 5), 5)]],
+      [2, [s(379, t2(379, 4), 4), s(155, t2(155, 5), 5)]],
+    ]);
+    expect(fitStream(groups, 2)).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(60, 6), copyRateBytesPerSec: expect.closeTo((MiB * 1000) / 0.2, 0), zeroPageCost: expect.closeTo(0.75, 6) });
+  });
+
+  it('a fit whose fixed cost comes out below 0 is noise: that count goes back to the median rate', () => {
+    // 155 MiB in 60 ms and 319 MiB in 180 ms: a line through them starts at -53 ms.
+    const fit = fitStream(new Map([[1, [s(155, 60), s(319, 180)]]]), 1)!;
+    expect(fit.kind).toBe('per-byte');
+    expect(fit.fixedMs).toBe(2);
+  });
+
+  it('a slow sample that would put all of a move in its fixed cost, or a zero page beyond the contract\'s bound, is not taken as the model (06:37 quiet: the first move, 146 ms for 63 MiB)', () => {
+    // The quiet run's first samples: the sparse guest moved first and slow, then the dense and the measured one.
+    const groups = new Map([[1, [s(63, 146, 193), s(155, 69, 5), s(319, 148, 193), s(155, 76, 5)]]]);
+    const fit = fitStream(groups, 1)!;
+    // An exact fit of these says 70 ms fixed, 125 GB/s and a zero page at 10+ full ones: rejected.
+    expect(fit.fixedMs).toBeLessThan(60);
+    expect(fit.copyRateBytesPerSec).toBeLessThan(10e9);
+    expect(fit.zeroPageCost).toBeLessThan(MAX_ZERO_PAGE_COST);
+  });
+
+  it('samples at another load factor (2× or more from now) are scaled, the fixed cost with them', async () => {
+    // Taken at factor 4, now 1: every time a quarter.
+    const samples = [s(155, 4 * 92, 0, 4), s(319, 4 * 140, 0, 4)];
+    const fit = fitStream(new Map([[1, samples]]), 1)!;
+    expect(fit.fixedMs).toBeCloseTo(46.6, 1);
+    const plan = await planned({ '1': samples }, 320);
+    expect(plan.estimate.totalMs).toBeCloseTo(140.3, 0);
+  });
+
+  it('bad samples (no bytes, no time, NaN: a hand-edited model file) are left out of the fit; with none usable, the plain medians', () => {
+    const bad = [{ ...s(155, 92), sentBytes: 0 }, { ...s(319, 140), sendMs: Number.NaN }, { ...s(200, 100), loadFactor: -1 }];
+    const good = [s(155, 92), s(319, 140)];
+    expect(fitStream(new Map([[1, [...good, ...bad]]]), 1)).toEqual(fitStream(new Map([[1, good]]), 1));
+    const none = fitStream(new Map([[1, bad]]), 1)!;
+    expect(none.kind).toBe('per-byte');
+    expect(Number.isFinite(none.copyRateBytesPerSec)).toBe(true);
+    expect(fitStream(new Map([[2, good]]), 1)).toBeUndefined();
+  });
+
+  it('leastSquares: exact on a consistent system, undefined when a column cannot be told from the ones before it', () => {
+    expect(leastSquares([[1, 1], [1, 2], [1, 3]], [3, 5, 7])!.map((v) => Number(v.toFixed(9)))).toEqual([1, 2]);
+    expect(leastSquares([[1, 100], [1, 110]], [1, 2])).toBeUndefined(); // sizes 1.1× apart: F and a collinear
+    expect(leastSquares([[1, 2]], [1])).toBeUndefined(); // fewer rows than unknowns
+    expect(leastSquares([], [])).toBeUndefined();
+    expect(leastSquares([[0, 1], [0, 2]], [1, 2])).toBeUndefined(); // an all-zero column
   });
 });

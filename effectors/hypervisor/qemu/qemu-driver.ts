@@ -3,7 +3,7 @@ import { availableParallelism, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes, describeError, isEmbotError } from '../../../core/errors.ts';
-import { MAX_ZERO_PAGE_COST, type DriverEstimateHints } from '../hypervisor-contract.ts';
+import type { DriverEstimateHints } from '../hypervisor-contract.ts';
 import type {
   HypervisorCapabilities,
   HypervisorDriver,
@@ -25,6 +25,7 @@ import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incomi
 import { QemuFanOutSession } from './qemu-fan-out.ts';
 import { QemuCopyHold, heldParameters, holdMode, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
+import { fitStream, type StreamFit } from './stream-fit.ts';
 import { exportDisks, startDiskMirror, stopDiskExport, type DiskExport, type DiskMirror } from './disk-mirror.ts';
 import { exportFromWire, exportToWire, faultExportRefused, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from './disk-migration.ts';
 
@@ -382,14 +383,17 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
 
   /**
    * The samples kept for `channels` (oldest first) and what they say, on an idle host (load factor
-   * 1): the copy rate (median over the samples), the fixed cost (median), and the zero-page cost,
-   * fitted over the samples of every channel count (zero pages are found by QEMU 7.2's migration
-   * thread, before multifd, so their cost does not depend on the channels; and the first
-   * migration with a channel count then already knows it).
+   * 1): a fixed cost per move plus a time per non-zero byte, fitted by least squares when the
+   * samples span sizes (else the median time per byte and QEMU's setup time), and the zero-page
+   * cost, fitted over the samples of every channel count (zero pages are found by QEMU 7.2's
+   * migration thread, before multifd, so their cost does not depend on the channels; and the first
+   * migration with a channel count then already knows it). stream-fit.ts has the model;
+   * `fixedCost: false` is the rate-only model of before (the benchmark's A/B).
    */
   calibration(
     channels: number,
-  ): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number; readonly fixedMs: number; readonly samples: readonly StreamCalibration[] } | undefined {
+    options: { readonly fixedCost?: boolean } = {},
+  ): (StreamFit & { readonly samples: readonly StreamCalibration[] }) | undefined {
     const samples = this.calibrations.get(channels) ?? [];
     if (samples.length === 0) return undefined;
     // A sample taken at a load factor less than LOAD_BAND× from now's is taken as it was measured:
@@ -402,8 +406,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         const ratio = now / (x.loadFactor ?? 1);
         return ratio < LOAD_BAND && ratio > 1 / LOAD_BAND ? { ...x, loadFactor: now } : x;
       });
-    const mine = asNow(samples);
-    return { ...fitStream(mine, [...this.calibrations.values()].map(asNow)), fixedMs: medianOf(mine.map((x) => x.fixedMs / (x.loadFactor ?? 1))), samples };
+    const fit = fitStream(new Map([...this.calibrations].map(([c, xs]) => [c, asNow(xs)])), channels, options);
+    return fit === undefined ? undefined : { ...fit, samples };
   }
 
   private loadFactor(): number {
@@ -418,7 +422,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const parts = [
       c === undefined
         ? `no migration out with ${channels} channel(s) yet (copy rate unknown)`
-        : `copy rate and fixed cost: medians of the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')}), ` +
+        : `${c.kind === 'fixed+per-byte' ? 'fixed cost and copy rate: least-squares fit over' : 'copy rate and fixed cost: medians of'} the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')}), ` +
           `each at its host load factor (${c.samples.map((x) => (x.loadFactor ?? 1).toFixed(1)).join(', ')}), scaled to the factor now (${load.toFixed(1)})`,
       vm.nonZero === undefined ? 'non-zero pages not counted' : `non-zero pages counted at ${new Date(vm.nonZero.at).toISOString()}`,
     ];
@@ -1466,59 +1470,12 @@ function isPersisted(state: unknown): state is QemuPersistedState {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /**
- * Copy rate and zero-page cost, on an idle host (each sample's time divided by its load factor).
- * The zero-page cost b comes from a least-squares fit of sendMs = a_c·sentBytes + b·zeroBytes over
- * the samples of every channel count (`groups`), with a copy cost a_c of each count's own and one b:
- * QEMU 7.2 finds zero pages in its migration thread, before multifd, so what a skipped zero page
- * costs (reading it, its header, the target's side) does not depend on the channels, and a count
- * whose samples are all dense guests still gets it. The fit needs samples that differ in their
- * zero share within a count. The copy rate of `samples` (one count) is then the median over them
- * of what is left per non-zero byte: a median, not a fit, so one sample slowed down by the shared
- * host moves it little. Without a usable fit: the samples' median rate and no zero-page cost.
- */
-function fitStream(samples: readonly StreamCalibration[], groups: readonly (readonly StreamCalibration[])[]): { readonly copyRateBytesPerSec: number; readonly zeroPageCost: number } {
-  const ms = (x: StreamCalibration): number => x.sendMs / (x.loadFactor ?? 1);
-  // Each count's a_c projected out: what is left of time and zero bytes once a_c·sentBytes is fitted.
-  let tz = 0;
-  let zz = 0;
-  let zzRaw = 0;
-  for (const g of groups) {
-    const nn = g.reduce((acc, x) => acc + x.sentBytes * x.sentBytes, 0);
-    if (!(nn > 0)) continue;
-    const nt = g.reduce((acc, x) => acc + x.sentBytes * ms(x), 0);
-    const nz = g.reduce((acc, x) => acc + x.sentBytes * x.zeroBytes, 0);
-    for (const x of g) {
-      const t = ms(x) - (x.sentBytes * nt) / nn;
-      const z = x.zeroBytes - (x.sentBytes * nz) / nn;
-      tz += t * z;
-      zz += z * z;
-      zzRaw += x.zeroBytes * x.zeroBytes;
-    }
-  }
-  if (zz > 0.01 * zzRaw && zz > 0) {
-    const b = tz / zz; // ms per zero byte
-    if (b >= 0) {
-      const perByte = medianOf(samples.map((x) => (ms(x) - b * x.zeroBytes) / x.sentBytes)); // ms per non-zero byte
-      // A count whose copy is much faster than the zero pages' cost (multifd copying dense pages in
-      // parallel) keeps the most the contract allows: dropping the zero pages' cost would be worse.
-      if (perByte > 0) return { copyRateBytesPerSec: 1000 / perByte, zeroPageCost: Math.min(MAX_ZERO_PAGE_COST, b / perByte) };
-    }
-  }
-  return { copyRateBytesPerSec: medianOf(samples.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0 };
-}
-
-/**
  * How many times slower than on an idle host a CPU-bound job runs now: the 1-minute load average
  * over the cores, at least 1. Coarse (a minute's average, and it counts our own QEMU threads), but
  * it follows what moves a TCG migration's time most on a shared host: the CPU it gets.
  */
 export function hostLoadFactor(): number {
   return Math.max(1, loadavg()[0]! / availableParallelism());
-}
-
-function medianOf(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
 }
 
 function readModelFile(file: string): Map<number, readonly StreamCalibration[]> {
