@@ -94,7 +94,7 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
 });
 
 describe.skipIf(!run)('qemu fanOut with one destination: QEMU straight to it, no relay (TCG)', () => {
-  it("with the agents' certificates and two channels: QEMU's own TLS and multifd to the incoming QEMU prepared as for a fan-out; transport direct, the hand-over once, the committed copy runs intact", async () => {
+  it("with the agents' certificates and two channels: QEMU's own TLS and multifd to the incoming QEMU prepared as for a fan-out, also after a first copy was cancelled mid-stream; transport direct, the hand-over once, the committed copy runs intact", async () => {
     // As agents with peer.tls: a's QEMU presents a's certificate, b's incoming QEMU admits a alone (tls-authz) and names b.
     const root = qemus.root();
     const certs = await makeTlsFixture(join(root, 'ca'), ['a', 'b']);
@@ -105,6 +105,24 @@ describe.skipIf(!run)('qemu fanOut with one destination: QEMU straight to it, no
     await a.create(spec);
     await a.start('fo');
     await heartbeat(a.stateDir('fo'), 2);
+    // A first pre-warm-like copy cancelled mid-stream: the second TLS migration from the same QEMU must go over TLS again.
+    const first = await b.prepareIncoming(spec, { channels: 2, sourceName: 'a' });
+    const cancelled = a.capabilities.fanOut!.begin('fo', ['b']);
+    let cut = false;
+    const aborted = cancelled.migrateOut('b', {
+      endpoint: first.endpoint,
+      channels: 2,
+      maxBandwidth: 16 * MiB,
+      onProgress: (p) => {
+        if (!cut && p.transferredBytes > 4 * MiB) {
+          cut = true;
+          cancelled.close();
+        }
+      },
+    });
+    expect((await rejection(aborted)).code).toBe(ErrorCodes.MIGRATION_ABORTED);
+    expect(a.get('fo')?.state).toBe('running');
+    await b.abortIncoming('fo');
     const eb = await b.prepareIncoming(spec, { channels: 2, sourceName: 'a' });
     const session = a.capabilities.fanOut!.begin('fo', ['b']);
     let switches = 0;

@@ -1246,7 +1246,14 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   ): Promise<Readonly<Record<string, string>>> {
     const dir = writeTlsCredsDir(vm.stateDir, o.endpoint, this.o.tls!);
     try {
-      return await addTlsObjects(qmp, { dir, ...o });
+      const params = await addTlsObjects(qmp, { dir, ...o });
+      // It cleared tls-creds and tls-authz on QEMU itself: the settings cache must not think an
+      // earlier migration's still set, or a second TLS migration from this QEMU (after a cancel, a
+      // cancelled pre-warm) would go out in plaintext and the incoming QEMU would reset it.
+      const known = this.migrationSettings.get(qmp)?.settings.params;
+      known?.delete('tls-creds');
+      known?.delete('tls-authz');
+      return params;
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
