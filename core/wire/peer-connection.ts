@@ -12,6 +12,7 @@ import { EmbotError, ErrorCodes, ProtocolError, describeError, isEmbotError, typ
 import { CloseCodes, closeCodeFor, closeReason, parseCloseReason } from './close-codes.ts';
 import { DEFAULT_MAX_FRAME_BYTES, decodeFrame, encodeFrame } from './frame-codec.ts';
 import { reuseReceiveBuffer, type ReusedReceiveBuffer } from './receive-buffer.ts';
+import { BULK_BUFFER_STEP, bulkBuffers } from './bulk-buffers.ts';
 import {
   FRAME_KINDS,
   REPLY_TYPES,
@@ -119,38 +120,8 @@ export function errorFromClose(code: number, reason: string): EmbotError | undef
 }
 
 const MAX_ERROR_MESSAGE = 1024;
-/** Free send buffers a connection keeps: the data plane's window of batches in flight plus slack. */
-const MAX_FREE_SEND_BUFFERS = 8;
-/** Send buffers are sized in steps of this, so batches of one size (± CPU state) share buffers. */
-const SEND_BUFFER_STEP = 64 * 1024;
-
-/**
- * Encode buffers of bulk frames (PageBatch), handed back once the socket has written them. A fresh
- * buffer per frame costs page faults on first touch and, in bulk, a mark-compact every few tens
- * of MB of external memory; reused ones stay mapped and warm.
- */
-class SendBuffers {
-  private readonly free: Buffer[] = [];
-
-  take(bytes: number): Buffer {
-    for (let i = this.free.length - 1; i >= 0; i--) {
-      const b = this.free[i]!;
-      if (b.byteLength >= bytes && b.byteLength - bytes < 2 * SEND_BUFFER_STEP) {
-        this.free.splice(i, 1);
-        return b;
-      }
-    }
-    return Buffer.allocUnsafeSlow(Math.ceil(bytes / SEND_BUFFER_STEP) * SEND_BUFFER_STEP);
-  }
-
-  give(buffer: Buffer): void {
-    if (this.free.length < MAX_FREE_SEND_BUFFERS) this.free.push(buffer);
-  }
-
-  clear(): void {
-    this.free.length = 0;
-  }
-}
+/** Frames smaller than this are encoded into buffers of their own; larger ones into the shared bulk buffers. */
+const SEND_BUFFER_STEP = BULK_BUFFER_STEP;
 /** How long a peer we are closing on for a violation has to answer our close frame. */
 const VIOLATION_GRACE_MS = 1_000;
 
@@ -177,7 +148,12 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
   private readonly handlers = new Map<RequestType, AnyHandler>();
   private readonly fallback: HandlerSource | undefined;
   private readonly pending = new Map<number, Pending>();
-  private readonly sendBuffers = new SendBuffers();
+  /**
+   * Encode buffers of bulk frames (PageBatch), handed back once the socket has written them. A fresh
+   * buffer per frame costs page faults on first touch and, in bulk, a mark-compact every few tens
+   * of MB of external memory; reused ones stay mapped and warm. Shared by all links (bulk-buffers.ts).
+   */
+  private readonly sendBuffers = bulkBuffers;
   /** Set once the link carried a PageBatch: from then on its socket reads into one reused buffer and its large messages are assembled in another. */
   private receiveBuffer: ReusedReceiveBuffer | null | undefined;
   private nextReqId = 1;
@@ -482,7 +458,6 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
       p.reject(this.closedError(`no reply to ${p.type} #${reqId}`));
     }
     this.pending.clear();
-    this.sendBuffers.clear();
     this.resolveClosed(info);
     this.emit('close', info);
   };

@@ -30,6 +30,7 @@
 import type { Socket } from 'node:net';
 import { userBufferReadsOf, type UserBufferReads } from './user-buffer-reads.ts';
 import type WebSocket from 'ws';
+import { bulkBuffers } from './bulk-buffers.ts';
 
 /** Messages at least this large are assembled into the reused buffer; smaller ones are left to ws. */
 export const REUSED_MIN_BYTES = 64 * 1024;
@@ -127,7 +128,7 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
   const receiver = receiverOf(ws);
   if (receiver === undefined) return undefined;
   const wsConsume = receiver.consume;
-  let assembly = Buffer.alloc(0);
+  let assembly: Buffer = Buffer.alloc(0);
   let read: Buffer | undefined;
 
   const inRead = (b: Uint8Array): boolean => read !== undefined && b.buffer === read.buffer;
@@ -135,7 +136,8 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
   const isAssembled = (b: Uint8Array): boolean => b.buffer === assembly.buffer && b.byteOffset === assembly.byteOffset && assembly.byteLength > 0;
   const ensureAssembly = (n: number, keep: number): void => {
     if (assembly.byteLength >= n) return;
-    const bigger = Buffer.allocUnsafeSlow(n);
+    // From the process's bulk buffers (the smaller one is dropped, not given back: ws may still hold a view of it).
+    const bigger = bulkBuffers.take(n);
     if (keep > 0) bigger.set(assembly.subarray(0, keep));
     assembly = bigger;
   };
@@ -204,7 +206,7 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
   const sock = userBufferSocketOf(ws);
   if (sock !== undefined) {
     const { socket } = sock;
-    read = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+    read = bulkBuffers.take(READ_BUFFER_BYTES);
     const own = read;
     const wsListener = socket.listeners('data')[0] as (chunk: Buffer) => void;
     socket[sock.kBufferCb] = (nread: number): boolean => {
@@ -221,6 +223,16 @@ export function reuseReceiveBuffer(ws: WebSocket): ReusedReceiveBuffer | undefin
     socket[sock.kBuffer] = own;
     socket._handle.useUserBuffer(own);
   }
+
+  // Once ws has closed, its socket reads no more and its receiver has let go of every message: the
+  // next link takes these buffers (a migration's links are fresh: warm-connections.ts).
+  // (A bare receiver, as in the unit tests, has no events: its buffers are simply dropped.)
+  if (typeof ws.once === 'function') ws.once('close', () => {
+    if (read !== undefined) bulkBuffers.give(read);
+    if (assembly.byteLength > 0) bulkBuffers.give(assembly);
+    read = undefined;
+    assembly = Buffer.alloc(0);
+  });
 
   return {
     holds: (bytes) => (assembly.byteLength > 0 && bytes.buffer === assembly.buffer) || inRead(bytes),

@@ -14,6 +14,7 @@ import type {
 import { PageReceiver } from './dataplane/page-receiver.ts';
 import { preCopy, THROTTLE_MAX, THROTTLE_STEP, type PreCopyVm } from './dataplane/precopy-sender.ts';
 import { SimFanOutSession } from './sim-fan-out.ts';
+import { DEFAULT_POOL_BYTES, MemoryPool, type MemoryPoolCounts } from './memory-pool.ts';
 
 /** The states a sim VM can be in (it never pauses, and forgets a migrated VM at once). */
 export type SimVmState = 'created' | 'running' | 'stopped' | 'crashed';
@@ -62,6 +63,8 @@ export interface SimDriverOptions {
   readonly tickMs?: number;
   /** Largest memory a VM may ask for, in bytes (default 1 GiB): the pages live in this process. */
   readonly maxMemory?: number;
+  /** Memory of removed or discarded VMs kept for the next VM of its size, in bytes (default 64 MiB; 0: none). See memory-pool.ts. */
+  readonly memoryPoolBytes?: number;
 }
 
 /** {@link VmStats} plus sim-only counters. */
@@ -111,6 +114,9 @@ interface SimVm {
   lastTick: number;
   /** Bytes owed to the next tick, so low rates still dirty pages over time. */
   carry: number;
+  /** Pre-copies reading this VM's memory now: a removed VM's memory is reused only once none is left. */
+  readers: number;
+  removed: boolean;
 }
 
 const STATES: readonly VmState[] = ['created', 'running', 'stopped', 'crashed'];
@@ -142,11 +148,15 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   private readonly random: () => number;
   private readonly tickMs: number;
   private readonly maxMemory: number;
+  private readonly memoryPool: MemoryPool;
 
   constructor(options: SimDriverOptions = {}) {
     this.pageSize = positiveInt(options.pageSize ?? 4096, 'pageSize');
     this.tickMs = positiveInt(options.tickMs ?? 50, 'tickMs');
     this.maxMemory = positiveInt(options.maxMemory ?? 1024 * MiB, 'maxMemory');
+    const poolBytes = options.memoryPoolBytes ?? DEFAULT_POOL_BYTES;
+    if (!Number.isInteger(poolBytes) || poolBytes < 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option memoryPoolBytes must be a non-negative integer, got ${String(poolBytes)}`);
+    this.memoryPool = new MemoryPool({ maxFreeBytes: poolBytes, maxBufferBytes: poolBytes });
     this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
     this.defaults = { ...SIM_DEFAULT_SPEC, ...options.defaults };
@@ -229,6 +239,8 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       });
     }
     this.vms.delete(name);
+    vm.removed = true;
+    this.releaseMemory(vm);
     this.events.emit('vm-removed', { name });
   }
 
@@ -377,7 +389,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
    */
   runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>): Promise<MigrateOutResult> {
     const dp = dataPathsOf(name, options);
-    return preCopy({
+    const read = preCopy({
       migrationId: dp.migrationId,
       vm: name,
       driver: view,
@@ -419,6 +431,13 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       rateBytesPerSec: r.rateBytesPerSec,
       perPath: r.perPath,
     }));
+    const vm = this.vms.get(name);
+    if (!vm) return read;
+    vm.readers++;
+    return read.finally(() => {
+      vm.readers--;
+      this.releaseMemory(vm);
+    });
   }
 
   /** Stops a running VM for the switch of a fan-out (sim-fan-out.ts); false when it was not running. */
@@ -434,7 +453,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
     if (!isRecord(input)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'a VM spec must be an object with a name');
     const spec = this.validateSpec({ ...this.defaults, ...stripUndefined(input) });
     if (this.vms.has(spec.name) || this.incoming.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
-    this.incoming.set(spec.name, { spec, receiver: new PageReceiver({ memoryBytes: spec.memory, pageSize: this.pageSize }) });
+    this.incoming.set(spec.name, { spec, receiver: new PageReceiver({ memoryBytes: spec.memory, pageSize: this.pageSize, memory: this.memoryPool.take(spec.memory) }) });
     return { endpoint: { uri: 'sim:data-paths' } };
   }
 
@@ -455,7 +474,22 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   }
 
   async abortIncoming(name: string): Promise<void> {
+    const inc = this.incoming.get(name);
     this.incoming.delete(name);
+    // Its pages are only reachable through `incoming` (incomingPages.apply looks it up by name).
+    if (inc) this.memoryPool.give(inc.receiver.memory);
+  }
+
+  /** Reuse of memory let go of (memory-pool.ts), for tests and benches. */
+  get memoryPoolCounts(): Readonly<MemoryPoolCounts> & { readonly freeBytes: number } {
+    return { ...this.memoryPool.counts, freeBytes: this.memoryPool.bytes };
+  }
+
+  /** A removed VM's memory goes to the pool once no pre-copy reads it (a fan-out's loser may still be copying). */
+  private releaseMemory(vm: SimVm): void {
+    if (!vm.removed || vm.readers > 0 || !vm.memory) return;
+    this.memoryPool.give(vm.memory);
+    vm.memory = undefined;
   }
 
   private transition(name: string, from: readonly VmState[], to: VmState, reason: string): SimVm {
@@ -521,7 +555,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
 
   private memoryOf(vm: SimVm): Uint8Array {
     if (!vm.memory) {
-      vm.memory = new Uint8Array(vm.spec.memory);
+      vm.memory = this.memoryPool.take(vm.spec.memory);
       vm.dirty = new Uint8Array(Math.ceil(this.pageCount(vm) / 8));
     }
     return vm.memory;
@@ -597,6 +631,8 @@ function newVm(spec: VmSpec, state: VmState, crashes: number, load: number): Sim
     timer: undefined,
     lastTick: 0,
     carry: 0,
+    readers: 0,
+    removed: false,
   };
 }
 
