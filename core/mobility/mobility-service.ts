@@ -101,6 +101,12 @@ interface LiveMigration {
   readonly actor: AnyActorRef;
   readonly done: Promise<MigrationSummary>;
   committed?: boolean;
+  /**
+   * The journal row as last read, for progress events: a target reports progress per page batch,
+   * and a read of the row per batch was a visible part of its CPU. Read again after a phase is
+   * journaled (journalPhase) or reported; other writes show at the next one.
+   */
+  row?: MigrationRow | undefined;
 }
 
 /**
@@ -1016,6 +1022,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     // No id field here: the migration's log context (withLogContext at its start) adds it.
     this.host.logger.debug(`migration ${id} (${role}): ${phase}`);
     this.host.journal.phase(id, role, phase);
+    const m = this.live.get(key(role, id));
+    if (m) m.row = undefined;
     faultPoint(`${role}:${phase}`);
   }
 
@@ -1026,8 +1034,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     const percent = next.phase === 'completed' || next.phase === 'committed' ? 100 : next.memoryTotal > 0 ? Math.min(99, Math.floor((next.memoryBytes / next.memoryTotal) * 100)) : next.percent;
     m.progress = { ...next, percent };
     if (p.phase) m.phase = p.phase;
-    const row = this.host.journal.get(m.id, m.role);
-    if (row) this.emit('progress', this.info(row));
+    if (p.phase !== undefined || m.row === undefined) m.row = this.host.journal.get(m.id, m.role);
+    if (m.row) this.emit('progress', this.info(m.row));
   }
 
   private finish(role: 'source' | 'target', id: string, phase: string, summary: MigrationSummary): void {
