@@ -41,6 +41,8 @@ export interface ChildHooks {
   readonly sole: () => boolean;
   /** The child asks for the coordinator's verdict (it may have been given already). */
   readonly awaitDecision: () => Promise<FanOutVerdict>;
+  /** True once the coordinator chose this child (its winner journaled, its verdict commit): a pre-warm's named one from the command on. */
+  readonly chosen: () => boolean;
 }
 
 /** A child migration as the service started it. */
@@ -148,6 +150,8 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
   const summaries = new Map<string, MigrationSummary>();
   const bootAt = new Map<string, number>();
   let takeBackReason: string | undefined;
+  /** The destination given the commit verdict (after its claim was journaled). */
+  let committedTo: string | undefined;
 
   const apply = (input: FanOutInput): void => {
     const step = decide(state, input);
@@ -176,6 +180,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
         children.get(e.dest)?.terminate(e.reason);
         return;
       case 'commit':
+        committedTo = e.dest;
         verdicts.get(e.dest)?.resolve({ commit: true });
         return;
       case 'takeBack':
@@ -213,6 +218,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
           apply({ type: 'bootReady', dest, atMs: performance.now() - started });
         },
         awaitDecision: () => verdicts.get(dest)!.promise,
+        chosen: () => committedTo === dest,
         sole: () => pw?.selected?.length === 1 && pw.selected[0] === dest,
       });
       children.set(dest, handle);

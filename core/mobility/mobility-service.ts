@@ -362,7 +362,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         reportProgress: (_: unknown, params: { phase: string }) => this.progress(key('source', id), { phase: params.phase }),
         readyWithoutBoot: () => fanOut?.bootReady(),
       },
-      guards: { bootSkipped: () => fanOut?.sole() === true },
+      guards: { bootSkipped: () => fanOut?.sole() === true, alreadyChosen: () => fanOut?.chosen() === true },
     });
     const startedAt = Date.now();
     const actor = createActor(machine, { input });

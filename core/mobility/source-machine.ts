@@ -184,6 +184,12 @@ const sourceSetup = setup({
      * to the coordinator's verdict (the winner journaled) and commits as a single migration does.
      */
     bootSkipped: () => false,
+    /**
+     * Provided by the service (fan-out child): the coordinator has already chosen this child (a
+     * pre-warm's command named it alone, the winner journaled then): with `bootSkipped` it goes from
+     * its final round straight to completing, nothing left to decide after the stop.
+     */
+    alreadyChosen: () => false,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,
@@ -240,6 +246,8 @@ function buildSourceMachine(fanOut: boolean) {
   const afterFinalRound = fanOut ? '#source.booting' : '#source.completing';
   // A fan-out child with nothing left to race (bootSkipped) is ready once its final round is in.
   const skipBoot = { target: '#source.awaitingDecision', actions: 'readyWithoutBoot' } as const;
+  // Chosen before its final round (the command named it alone): no verdict to wait for either.
+  const chosen = { target: '#source.completing', actions: 'readyWithoutBoot' } as const;
   return sourceSetup.createMachine({
     id: 'source',
     initial: 'requesting',
@@ -300,7 +308,12 @@ function buildSourceMachine(fanOut: boolean) {
           src: 'migrateVm',
           input: ({ context }) => context.input,
           onDone: [
-            ...(fanOut ? ([{ guard: and(['finalRoundAtSwitch', 'bootSkipped']), target: skipBoot.target, actions: ['recordFinalAtSwitch', skipBoot.actions] }] as const) : []),
+            ...(fanOut
+              ? ([
+                  { guard: and(['finalRoundAtSwitch', 'bootSkipped', 'alreadyChosen']), target: chosen.target, actions: ['recordFinalAtSwitch', chosen.actions] },
+                  { guard: and(['finalRoundAtSwitch', 'bootSkipped']), target: skipBoot.target, actions: ['recordFinalAtSwitch', skipBoot.actions] },
+                ] as const)
+              : []),
             { guard: 'finalRoundAtSwitch', target: afterFinalRound, actions: 'recordFinalAtSwitch' },
             { target: 'syncingDirty' },
           ],
@@ -340,7 +353,12 @@ function buildSourceMachine(fanOut: boolean) {
               src: 'sendDirtyObjects',
               input: ({ context }) => ({ ...context.input, round: context.round, final: true }),
               onDone: [
-                ...(fanOut ? ([{ guard: 'bootSkipped', target: skipBoot.target, actions: [{ type: 'recordRound', params: { final: true } }, skipBoot.actions] }] as const) : []),
+                ...(fanOut
+                  ? ([
+                      { guard: and(['bootSkipped', 'alreadyChosen']), target: chosen.target, actions: [{ type: 'recordRound', params: { final: true } }, chosen.actions] },
+                      { guard: 'bootSkipped', target: skipBoot.target, actions: [{ type: 'recordRound', params: { final: true } }, skipBoot.actions] },
+                    ] as const)
+                  : []),
                 { target: afterFinalRound, actions: { type: 'recordRound', params: { final: true } } },
               ],
               onError: rollBackOnError('sendDirtyObjects'),
@@ -412,7 +430,8 @@ export interface SourceMachineOptions {
    * A child of a migration to several destinations (core/mobility/fan-out.ts): after its final
    * round it sends BootIncoming (`booting`) and waits for the coordinator (`awaitingDecision`)
    * instead of completing; chosen, it completes as a single migration does, else it rolls back
-   * with the coordinator's reason. With `bootSkipped` (nothing left to race) it skips `booting`.
+   * with the coordinator's reason. With `bootSkipped` (nothing left to race) it skips `booting`,
+   * and with `alreadyChosen` as well (chosen at a pre-warm's command) `awaitingDecision` too.
    * Without it the machine is the single-destination one, unchanged.
    */
   readonly fanOut?: boolean;

@@ -112,10 +112,12 @@ describe('pre-warm', () => {
     expect(s.winner).toBe('b');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
-    // Named alone, b had nothing to race: no BootIncoming, straight to the verdict (the winner journaled) and the commit.
+    // Named alone, b had nothing to race and was chosen at the command (the winner journaled then): after its
+    // final round no BootIncoming and no verdict to wait for, straight to the commit.
     const phasesB = by['b']!.phases.map((p) => p.phase);
     expect(phasesB).not.toContain('booting');
-    expect(phasesB).toContain('awaitingDecision');
+    expect(phasesB).not.toContain('awaitingDecision');
+    expect(phasesB).toContain('completing');
     // What c received while warming counts (it once showed only the management bytes of its last try).
     expect(by['c']!.bytes).toBeGreaterThanOrEqual(copiedC);
     expect(by['c']!.bytes).toBeGreaterThan(VM_BYTES);

@@ -19,7 +19,8 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 type Behaviour = 'ok' | 'reject' | 'hang' | { readonly value: unknown };
 
 /** `sole`: the coordinator says no other destination can win (bootSkipped); `atSwitch`: migrateVm sent the final round at the switch. */
-function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolean; readonly atSwitch?: boolean; readonly changing?: boolean } = {}) {
+/** `chosen`: the coordinator chose it already (a pre-warm's command named it alone); `changing`: every dirty round changed something. */
+function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolean; readonly atSwitch?: boolean; readonly changing?: boolean; readonly chosen?: boolean } = {}) {
   const journal: SourcePhase[] = [];
   const calls: string[] = [];
   let rollBackReason: string | undefined;
@@ -51,7 +52,7 @@ function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolea
       awaitDecision: step('awaitDecision', decision, { commit: true } satisfies FanOutVerdict),
     } as never,
     actions: { journalPhase: (_, params) => void journal.push(params.phase), readyWithoutBoot: () => void calls.push('readyWithoutBoot') },
-    guards: { bootSkipped: () => o.sole === true },
+    guards: { bootSkipped: () => o.sole === true, alreadyChosen: () => o.chosen === true },
   });
   const actor = createActor(machine, { input: INPUT, inspect: coverage.inspect }).start();
   const until = async (pred: () => boolean) => {
@@ -117,6 +118,27 @@ describe('source machine, fan-out child', () => {
     expect(sole.calls).not.toContain('bootIncoming');
     expect(sole.calls).not.toContain('sendDirtyObjects');
     expect(sole.calls.slice(-4)).toEqual(['readyWithoutBoot', 'awaitDecision', 'completeMigration', 'finishSource']);
+  });
+
+  it('chosen at the command (named alone): from the final round straight to completing, no BootIncoming and no verdict to wait for', async () => {
+    for (const atSwitch of [false, true]) {
+      const m = start('reject', 'reject', { sole: true, chosen: true, atSwitch });
+      const out = await m.finish();
+      expect(out.outcome).toBe('completed');
+      expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', ...(atSwitch ? [] : ['syncingDirty']), 'completing', 'finishing', 'completed']);
+      expect(out.rounds.map((r) => r.final)).toEqual([true]);
+      expect(m.calls).not.toContain('bootIncoming');
+      expect(m.calls).not.toContain('awaitDecision');
+      // The coordinator still hears it is ready (its report changes nothing there), before MigrationComplete.
+      expect(m.calls.slice(-3)).toEqual(['readyWithoutBoot', 'completeMigration', 'finishSource']);
+    }
+  });
+
+  it('chosen but racing (not bootSkipped): boots and asks for the verdict as any racing child does', async () => {
+    const m = start('ok', 'ok', { chosen: true });
+    await m.finish();
+    expect(m.calls).toContain('bootIncoming');
+    expect(m.calls).toContain('awaitDecision');
   });
 
   it('nothing left to race but the verdict is a termination (the pre-warm cancelled meanwhile): rolls back, no MigrationComplete', async () => {

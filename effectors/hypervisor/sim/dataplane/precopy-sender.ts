@@ -412,7 +412,8 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     progress('stop-and-copy', round, remaining, stopRate, 0, (remaining * 1000) / stopRate);
     // Everything but the last batch first: the batch marked final must land after all the others.
     const lastCut = Math.max(0, pending.length - cfg.pagesPerBatch);
-    await sendRound(pending.subarray(0, lastCut), round, false);
+    // A warm switch's stop round usually fits the final batch alone: no empty round (and no await) before it.
+    if (lastCut > 0) await sendRound(pending.subarray(0, lastCut), round, false);
     await sendRound(pending.subarray(lastCut), round, true);
     const downtimeMs = performance.now() - stoppedAt;
     const rate = sendRate();
