@@ -35,7 +35,7 @@ export interface StreamFit {
   /**
    * `fixed+per-byte`: F_c and a_c fitted by least squares (the count's samples span sizes);
    * `per-byte`: the median time per non-zero byte, F_c the median of QEMU's setup time (one size, or
-   * a fit that came out with F < 0 or a ≤ 0).
+   * a fit that came out with F < 0, F as long as the shortest move, or a ≤ 0).
    */
   readonly kind: 'fixed+per-byte' | 'per-byte';
 }
@@ -93,6 +93,8 @@ export function fitStream(given: ReadonlyMap<number, readonly StreamSample[]>, c
         if (withF.size === 0) break; // no fixed cost left to fit: the next variant
         continue;
       }
+      // Without b, other counts' fixed costs say nothing of this one's: b alone (the next variant) does.
+      if (!v.withB && !withF.has(channels)) break;
       const b = v.withB ? sol.b : 0;
       if (withF.has(channels)) {
         const a = sol.a.get(channels)!;
