@@ -2,11 +2,12 @@
  * A pre-warm's hold with the qemu driver (issue 13 point 4, qemu-prewarm.ts): one source driver,
  * two target drivers, the one QEMU stream through the relay, held by QEMU's own parameters until
  * the gate lifts (the reserve hold: a 64 MiB guest is never measured as a hard writer). Real QEMU
- * (TCG), the dirty guest.
+ * (TCG), the dirty guest. And a pre-warm of one destination: QEMU straight to it, held the same way.
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import type { MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
+import { ErrorCodes } from '../../core/errors.ts';
+import type { FanOutSession, MigrateOutResult, MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { PrewarmGate } from '../../effectors/hypervisor/prewarm-gate.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
@@ -138,6 +139,55 @@ describe.skipIf(!run)('qemu pre-warm: the one stream held until the gate lifts (
     const check = checkGuestMemory(await b.capabilities.memoryDump!.dump('lim', GUEST_RANGE_START, end - GUEST_RANGE_START));
     expect(check, JSON.stringify(check)).toMatchObject({ ok: true });
   }, 420_000);
+});
+
+describe.skipIf(!run)('qemu pre-warm of one destination: QEMU straight to it, held the same way (TCG)', () => {
+  // Known broken (README "Pre-warm with qemu", next steps): a held copy that follows a cancelled migration out of the same
+  // QEMU (relayed or direct alike) loses dirtied pages at the target under TCG in most runs; a plain copy after a cancel
+  // does not. Kept as a reproduction: QEMU_REPRO_REWARM_AFTER_CANCEL=1 runs it.
+  for (const cancelFirst of [false, ...(process.env['QEMU_REPRO_REWARM_AFTER_CANCEL'] ? [true] : [])]) {
+    it(`a guest writing 8 MiB of its 64, one destination${cancelFirst ? ', after a first pre-warm cancelled while warm' : ''}: held (all but the reserve sent, the guest running at a), lifted, transport direct and the committed copy runs intact`, async () => {
+      const spec: QemuVmSpec = { name: 'pw1', memory: 64 * MiB, vcpus: 1, testGuest: { delayLoops: 2000, limitMiB: 9 } };
+      const { a, b } = drivers();
+      await a.create(spec);
+      await a.start('pw1');
+      await heartbeat(a.stateDir('pw1'), 2);
+      const warmOnce = async (): Promise<{ gate: PrewarmGate; done: Promise<MigrateOutResult>; session: FanOutSession }> => {
+        const eb = await b.prepareIncoming(spec);
+        const session = a.capabilities.fanOut!.begin('pw1', ['b']);
+        const gate = new PrewarmGate();
+        let last: MigrationProgress | undefined;
+        const done = session.migrateOut('b', { endpoint: eb.endpoint, downtimeLimitMs: 500, autoConverge: true, prewarm: gate, onProgress: (p) => void (last = p) });
+        done.catch(() => undefined);
+        await waitFor(() => (last !== undefined && last.rounds >= 2 && last.remainingBytes <= reserveBytes(spec.memory) ? true : undefined), 120_000, 'all but the reserve sent');
+        return { gate, done, session };
+      };
+      if (cancelFirst) {
+        const { done, session } = await warmOnce();
+        session.close();
+        await expect(done).rejects.toMatchObject({ code: ErrorCodes.MIGRATION_ABORTED });
+        expect(a.get('pw1')?.state).toBe('running');
+        await b.abortIncoming('pw1');
+        await heartbeat(a.stateDir('pw1'), 2);
+      }
+      const { gate, done, session } = await warmOnce();
+      const beat = serialBytes(a.stateDir('pw1'));
+      await new Promise((r) => setTimeout(r, 2000));
+      expect(a.get('pw1')?.state).toBe('running');
+      expect(serialBytes(a.stateDir('pw1'))).toBeGreaterThan(beat);
+      gate.lift();
+      const r = await done;
+      session.close();
+      expect(r.transport).toBe('direct');
+      await b.capabilities.incomingBoot!.bootIncoming('pw1', { timeoutMs: 30_000 });
+      await b.commitIncoming('pw1', { running: true, timeoutMs: 30_000 });
+      await heartbeat(b.stateDir('pw1'), 2);
+      await b.pause('pw1');
+      const end = guestRangeEnd(64 * MiB, 9);
+      const check = checkGuestMemory(await b.capabilities.memoryDump!.dump('pw1', GUEST_RANGE_START, end - GUEST_RANGE_START));
+      expect(check, JSON.stringify(check)).toMatchObject({ ok: true });
+    }, 300_000);
+  }
 });
 
 function qemuFanOutPrewarm(): boolean | undefined {

@@ -128,6 +128,8 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
     // The switch as the single path makes it: VmMemory and the final round while QEMU was paused at
     // pre-switchover (no syncingDirty after the copy), and no BootIncoming (b was named alone).
+    // b and c both copying when the stream started: one stream through the relay (c dropped from it at the command).
+    expect(s.precopy?.transport).toBe('relay');
     const phasesB = by['b']!.phases.map((p) => p.phase);
     expect(phasesB).not.toContain('booting');
     expect(phasesB).not.toContain('syncingDirty');
@@ -147,6 +149,50 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     await expectCleanSoon(c.agent('c'));
     const onC = (await c.agent('c').client.listMigrations()).find((m) => m.id === `${id}~c`);
     expect(onC?.outcome).toBe('aborted');
+    await expectStreamExact(b, ticks.acked);
+    await expectIntactAt(c, root, 'b', winnerPid!);
+  }, 420_000);
+
+  it('one destination: prewarm --to b then migrate --to b switches with QEMU streaming straight to b (--json: precopy.transport direct), b runs it intact, every event once in order; then a pre-warm from b back to a, cancelled, leaves nothing at a and the guest in its QEMU at b', async () => {
+    const root = qemus.root();
+    const { c, a, ticks } = await appWithEvents(root, true);
+    const b = c.agent('b');
+
+    const { id } = await a.client.prewarm('app', ['b']);
+    await untilWarm(a, id, ['b']);
+    expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    const switched = await cliHere(['migrate', 'app', '--to', 'b', '--json', '--agent', a.url]);
+    expect(switched.code, switched.stderr).toBe(0);
+    const info = JSON.parse(switched.stdout) as MigrationInfo;
+    expect(info.id).toBe(id);
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    const s = info.summary!;
+    expect(s.winner).toBe('b');
+    // The one stream went QEMU → b's incoming QEMU over QEMU's own TLS, not through a's relay.
+    expect(s.precopy?.transport).toBe('direct');
+    await waitFor(() => (ticks.acked >= s.events + 20 ? true : undefined), 30_000, 'events after the switch (forwarded by a)');
+    await ticks.stop();
+    expect((await b.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['app:running']);
+    const winnerPid = runningPid(join(root, 'b', 'app'));
+    await heartbeat(join(root, 'b', 'app'), 2);
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at b left');
+    expect(qemus.live()).toEqual([winnerPid]);
+    await expectClean(a);
+
+    // Back towards a, one destination again, cancelled while warm: QEMU's direct stream is cancelled (migrate_cancel), a discards.
+    const back = await b.client.prewarm('app', ['a']);
+    await untilWarm(b, back.id, ['a']);
+    const cancelled = await cliHere(['prewarm', 'app', '--cancel', '--json', '--agent', b.url]);
+    expect(cancelled.code, cancelled.stderr).toBe(0);
+    const gone = await b.client.waitMigration(back.id, { timeoutMs: 120_000 });
+    expect(gone.outcome).toBe('aborted');
+    expect(gone.summary!.winner).toBeNull();
+    await expectCleanSoon(a);
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at b left');
+    expect(qemus.live()).toEqual([winnerPid]);
+    expect((await b.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    await heartbeat(join(root, 'b', 'app'), 2);
+    expect((await b.client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
     await expectStreamExact(b, ticks.acked);
     await expectIntactAt(c, root, 'b', winnerPid!);
   }, 420_000);
