@@ -956,23 +956,15 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs },
         start: frame,
         replyStart: (r) => resolveStart(r.permitted ? { type: 'MigrationPermitted', migrationId: id } : { type: 'MigrationDenied', migrationId: id, reason: r.reason ?? 'denied' }),
+        steps: side,
+        hooks: {
+          journalPhase: (phase) => this.journalPhase('target', id, phase),
+          reportProgress: (phase) => this.progress(key('target', id), { phase }),
+        },
       };
-      const machine = createTargetMachine().provide({
-        actors: {
-          evaluate: fromPromise(({ input }: { input: TargetInput }) => side.evaluate(input)),
-          stageState: fromPromise(({ input }: { input: Parameters<TargetSide['stageState']>[0] }) => side.stageState(input)),
-          stageEvents: fromPromise(({ input }: { input: Parameters<TargetSide['stageEvents']>[0] }) => side.stageEvents(input)),
-          receiveMemory: fromPromise(({ input }: { input: Parameters<TargetSide['receiveMemory']>[0] }) => side.receiveMemory(input)),
-          applyDirty: fromPromise(({ input }: { input: Parameters<TargetSide['applyDirty']>[0] }) => side.applyDirty(input)),
-          bootIncoming: fromPromise(({ input }: { input: Parameters<TargetSide['bootIncoming']>[0] }) => side.bootIncoming(input)),
-          commit: fromPromise(({ input }: { input: TargetInput }) => side.commit(input)),
-          discard: fromPromise(({ input }: { input: Parameters<TargetSide['discard']>[0] }) => side.discard(input)),
-        },
-        actions: {
-          journalPhase: (_: unknown, params: { phase: string }) => this.journalPhase('target', id, params.phase),
-          reportProgress: (_: unknown, params: { phase: string }) => this.progress(key('target', id), { phase: params.phase }),
-        },
-      });
+      // One machine for every incoming migration: its steps and hooks come with the input, so no
+      // provide() copies the machine per migration (target-machine.ts).
+      const machine = createTargetMachine();
       const startedAt = Date.now();
       const actor = createActor(machine, { input });
       const done = new Promise<MigrationSummary>((resolve) => {

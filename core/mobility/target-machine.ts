@@ -1,8 +1,9 @@
 /**
  * The target side of a migration as an xstate machine: which request it expects in each phase,
  * how it answers, how long it waits, and what an out-of-order request or an abort does. The work
- * of each step lives in the mobility service, which provides the named actors (`TargetSteps`) and
- * the `journalPhase` / `reportProgress` actions with `machine.provide`.
+ * of each step lives in the mobility service, which passes its `TargetSteps` and phase hooks with
+ * the machine's input (so one machine serves every migration); tests may `machine.provide` the
+ * named actors and the `journalPhase` / `reportProgress` actions instead.
  */
 import { assign, fromPromise, setup } from 'xstate';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
@@ -42,6 +43,11 @@ type WaitDelay = 'stepTimeout' | 'vmTimeout';
 
 function notProvided(step: StepName): never {
   throw new EmbotError(ErrorCodes.SERVICE_UNKNOWN, `mobility target step ${step} not provided`);
+}
+
+/** The steps the service passed with the input (TargetInput.steps), or a clear error. */
+function stepsOf(input: TargetInput, step: StepName): TargetSteps {
+  return input.steps ?? notProvided(step);
 }
 
 function outputOf<T>(event: unknown): T {
@@ -138,20 +144,20 @@ const targetSetup = setup({
     output: {} as TargetOutput,
   },
   actors: {
-    evaluate: fromPromise<Awaited<ReturnType<TargetSteps['evaluate']>>, TargetInput>(async () => notProvided('evaluate')),
-    stageState: fromPromise<void, TargetInput & { readonly frame: ManagementState }>(async () => notProvided('stageState')),
-    stageEvents: fromPromise<void, TargetInput & { readonly frame: ManagementEventState }>(async () => notProvided('stageEvents')),
-    receiveMemory: fromPromise<void, TargetInput & { readonly frame: VmMemory }>(async () => notProvided('receiveMemory')),
-    applyDirty: fromPromise<void, TargetInput & { readonly frame: DirtyObjects }>(async () => notProvided('applyDirty')),
-    bootIncoming: fromPromise<void, TargetInput & { readonly frame: BootIncoming }>(async () => notProvided('bootIncoming')),
-    commit: fromPromise<void, TargetInput>(async () => notProvided('commit')),
-    discard: fromPromise<void, TargetInput & { readonly reason: string }>(async () => notProvided('discard')),
+    evaluate: fromPromise<Awaited<ReturnType<TargetSteps['evaluate']>>, TargetInput>(async ({ input }) => stepsOf(input, 'evaluate').evaluate(input)),
+    stageState: fromPromise<void, TargetInput & { readonly frame: ManagementState }>(async ({ input }) => stepsOf(input, 'stageState').stageState(input)),
+    stageEvents: fromPromise<void, TargetInput & { readonly frame: ManagementEventState }>(async ({ input }) => stepsOf(input, 'stageEvents').stageEvents(input)),
+    receiveMemory: fromPromise<void, TargetInput & { readonly frame: VmMemory }>(async ({ input }) => stepsOf(input, 'receiveMemory').receiveMemory(input)),
+    applyDirty: fromPromise<void, TargetInput & { readonly frame: DirtyObjects }>(async ({ input }) => stepsOf(input, 'applyDirty').applyDirty(input)),
+    bootIncoming: fromPromise<void, TargetInput & { readonly frame: BootIncoming }>(async ({ input }) => stepsOf(input, 'bootIncoming').bootIncoming(input)),
+    commit: fromPromise<void, TargetInput>(async ({ input }) => stepsOf(input, 'commit').commit(input)),
+    discard: fromPromise<void, TargetInput & { readonly reason: string }>(async ({ input }) => stepsOf(input, 'discard').discard(input)),
   },
   actions: {
-    /** Provided by the service: write the phase to the `migrations` journal. */
-    journalPhase: (_: unknown, _params: PhaseParams) => {},
-    /** Provided by the service: tell watchers where the migration is. */
-    reportProgress: (_: unknown, _params: PhaseParams) => {},
+    /** The service's hook (TargetInput.hooks, or provided): write the phase to the `migrations` journal. */
+    journalPhase: ({ context }, params: PhaseParams) => context.input.hooks?.journalPhase(params.phase),
+    /** The service's hook (TargetInput.hooks, or provided): tell watchers where the migration is. */
+    reportProgress: ({ context }, params: PhaseParams) => context.input.hooks?.reportProgress(params.phase),
     setOutcome: assign((_, params: { readonly outcome: MigrationOutcome }) => ({ outcome: params.outcome })),
     /** Remember the request whose step is about to run. */
     takeRequest: assign(({ event }) => ({ pending: event as TargetRequest })),

@@ -297,6 +297,48 @@ describe('target machine: happy paths', () => {
     expect(starts).toEqual([{ permitted: false, reason: 'evaluate failed: mobility target step evaluate not provided' }]);
   });
 
+  it('runs on the steps and phase hooks passed with its input, one machine for every migration (no provide)', async () => {
+    const machine = createTargetMachine();
+    expect(createTargetMachine()).toBe(machine);
+    const run = async (migrationId: string) => {
+      const seen: string[] = [];
+      const steps: TargetSteps = {
+        evaluate: async (input) => (seen.push(`evaluate ${input.migrationId}`), { permitted: true }),
+        stageState: async () => void seen.push('stageState'),
+        stageEvents: async () => void seen.push('stageEvents'),
+        receiveMemory: async () => void seen.push('receiveMemory'),
+        applyDirty: async () => void seen.push('applyDirty'),
+        bootIncoming: async () => void seen.push('bootIncoming'),
+        commit: async (input) => void seen.push(`commit ${input.migrationId}`),
+        discard: async () => void seen.push('discard'),
+      };
+      const journal: string[] = [];
+      const replies: Reply[] = [];
+      const actor = createActor(machine, {
+        input: { migrationId, vm: 'web-1', source: 'a', timeouts: { stepMs: STEP_MS, vmMs: VM_MS }, start: START, replyStart: () => {}, steps, hooks: { journalPhase: (p) => void journal.push(p), reportProgress: () => {} } },
+        inspect: coverage.inspect,
+      }).start();
+      const send = async (type: TargetRequestType, opts: { last?: boolean } = {}) => {
+        actor.send({ type, frame: frameFor(type, opts), reply: (r: Reply) => void replies.push(r) } as never);
+        await vi.advanceTimersByTimeAsync(0);
+      };
+      await vi.advanceTimersByTimeAsync(0);
+      await send('MANAGEMENT_STATE');
+      await send('MANAGEMENT_EVENT_STATE');
+      await send('VM_MEMORY', { last: true });
+      await send('MIGRATION_COMPLETE');
+      return { output: actor.getSnapshot().output, seen, journal, replies };
+    };
+    const [one, two] = [await run('m-a'), await run('m-b')];
+    for (const [r, id] of [[one, 'm-a'], [two, 'm-b']] as const) {
+      expect(r.output).toMatchObject({ outcome: 'completed' });
+      expect(r.seen).toEqual([`evaluate ${id}`, 'stageState', 'stageEvents', 'receiveMemory', `commit ${id}`]);
+      expect(r.journal[0]).toBe('evaluating');
+      expect(r.journal.at(-1)).toBe('committed');
+      expect(r.replies.every((x) => x.ok)).toBe(true);
+    }
+  });
+
   it('keeps working when a reply callback throws (the closed link arrives as ABORT)', async () => {
     const h = start();
     await h.settle();
