@@ -41,7 +41,7 @@ describe('BulkBuffers', () => {
         const ack = await dest.conn.request({ type: 'PageBatch', migrationId: 'm~b', path: 'direct', round, final: round === 1, pageSize: 4096, indexes, pages, checksum: batchChecksum(indexes, pages) });
         expect(ack).toMatchObject({ type: 'PageBatchAck', ok: true });
       }
-      return { close: () => dest.conn.close(), same: Buffer.compare(dest.receiver.memory.subarray(0, MiB), pages) === 0 };
+      return { close: async () => void (await dest.conn.close()), same: Buffer.compare(dest.receiver.memory.subarray(0, MiB), pages) === 0 };
     };
     const first = await send();
     expect(first.same).toBe(true);
