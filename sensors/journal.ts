@@ -568,7 +568,9 @@ export class Journal {
     this.countForStmt = this.db.prepare('SELECT count(*) AS n FROM events WHERE element_id = ?');
     this.spillDeleteStmt = this.db.prepare('DELETE FROM held_spill WHERE element_id = ?');
     // One statement per group commit: SQLite walks the JSON list of ids itself.
-    this.takenInsertStmt = this.db.prepare('INSERT OR IGNORE INTO taken_ids(id, at, ts) SELECT value ->> 0, ?, value ->> 1 FROM json_each(?)');
+    // The ids and their ts as one JSON object in arrival order ({"id":ts,…}): json_each walks its members in text order,
+    // and key/value need no per-row JSON parse (`value ->> 0` on a list of pairs made the commit 2x slower).
+    this.takenInsertStmt = this.db.prepare('INSERT OR IGNORE INTO taken_ids(id, at, ts) SELECT key, ?, value FROM json_each(?)');
     this.takenRecentStmt = this.db
       .prepare<[number], [string, number]>('SELECT id, ts FROM (SELECT rowid AS r, id, coalesce(ts, at) AS ts FROM taken_ids ORDER BY rowid DESC LIMIT ?) ORDER BY r')
       .raw();
@@ -701,7 +703,9 @@ export class Journal {
 
   /** Records ids producers gave to events journaled now, each with its event's ts; call it in the transaction that journals them. */
   rememberTaken(taken: readonly (readonly [id: string, ts: number])[], at: number): void {
-    this.takenInsertStmt.run(at, JSON.stringify(taken));
+    let json = '{';
+    for (let i = 0; i < taken.length; i++) json += `${i === 0 ? '' : ','}${JSON.stringify(taken[i]![0])}:${taken[i]![1]}`;
+    this.takenInsertStmt.run(at, `${json}}`);
   }
 
   /** The newest `limit` `[id, ts]` recorded by {@link rememberTaken}, oldest first (ts: the commit time on rows from before schema step 11). */
