@@ -1,7 +1,8 @@
 /**
  * Several destinations with the qemu driver (issue 13, README "Several destinations"): one QEMU
  * stream, relayed by the source agent to every destination's incoming QEMU (stream-relay.ts),
- * each destination held at its last reversible point (bootIncoming), the first BootReady wins.
+ * each destination held at its last reversible point (bootIncoming), the first BootReady wins; a
+ * set of one (retries, fallback) streams straight from QEMU.
  * Real agents, real QEMU (TCG), the project's dirty guest.
  */
 import { join } from 'node:path';
@@ -132,6 +133,7 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     expect(by['c']?.outcome).toBe('won');
     // Both got the whole stream through the relay (the same bytes), each over its own TLS session.
     expect(by['b']?.bytes).toBeGreaterThan(0);
+    expect(s.precopy?.transport).toBe('relay');
     await waitFor(() => prod.acked >= s.events + 50, 20_000, 'events after the switch (forwarded by a)');
     await prod.stop();
 
@@ -175,6 +177,48 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     expect(qemus.live()).toEqual([pid]);
     await expectIntactAt(cluster, root, 'a', pid!);
   }, 360_000);
+
+  it('a set of one (--to b --retries 1 --fallback c, mutual TLS): every attempt streams QEMU straight to its one destination (no relay); b refuses to boot twice, the guest is taken back each time, c wins with memory intact and the only QEMU left', async () => {
+    const root = qemus.root();
+    cluster = await qemuCluster(root, ['a', 'b', 'c'], { bootFails: ['b'], tls: true });
+    const a = cluster.agent('a');
+    const c = cluster.agent('c');
+    await guestWithCounter(a, root);
+    const pid = runningPid(join(root, 'a', 'g1'));
+    const prod = tickProducer(() => a, 'g1');
+    await waitFor(() => prod.acked >= 20, 20_000, 'events before the move');
+    const { id } = await a.client.migrate('g1', ['b'], { retries: 1, fallback: ['c'] });
+    const info = await a.client.waitMigration(id, { timeoutMs: 240_000 });
+    expect(info.outcome, JSON.stringify(info)).toBe('completed');
+    const s = info.summary!;
+    expect(s.winner).toBe('c');
+    expect(s.retries).toBe(2);
+    expect(s.destinations?.map((d) => `${d.name}:${d.outcome}`)).toEqual(['b:bootFailed', 'b:bootFailed', 'c:won']);
+    // Every attempt's copy got the whole stream (a third TLS migration out of the same QEMU included), straight from QEMU.
+    for (const d of s.destinations!) expect(d.bytes, d.name).toBeGreaterThan(16 * 1024 * 1024);
+    expect(s.precopy?.transport).toBe('direct');
+    for (const d of s.destinations!.filter((x) => x.outcome !== 'won')) {
+      expect((await a.client.getMigration(d.migrationId)).summary?.precopy?.transport, d.migrationId).toBe('direct');
+    }
+    await waitFor(() => prod.acked >= s.events + 30, 30_000, 'events after the switch (forwarded by a)');
+    await prod.stop();
+    const winnerPid = runningPid(join(root, 'c', 'g1'));
+    expect(winnerPid).not.toBe(pid);
+    await heartbeat(join(root, 'c', 'g1'), 2);
+    await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the winner QEMU left');
+    expect(qemus.live()).toEqual([winnerPid]);
+    for (const n of ['a', 'b']) {
+      expect((await cluster.agent(n).client.listVms()).filter((v) => v.name === 'g1')).toEqual([]);
+      expect((await cluster.agent(n).client.listMigrations()).filter((m) => m.outcome === null)).toEqual([]);
+    }
+    const final = await waitFor(async () => {
+      const x = counterOf(await c.client.listEmbots(), 'g1');
+      return x && x.count >= prod.acked ? x : undefined;
+    }, 20_000, `all ${prod.acked} events processed at c`);
+    expect(final.count).toBe(prod.acked);
+    expect(final.outOfOrder).toBe(0);
+    await expectIntactAt(cluster, root, 'c', winnerPid!);
+  }, 420_000);
 
   it("a destination whose QEMU is killed mid-stream is dropped; the other wins", async () => {
     const root = qemus.root();
