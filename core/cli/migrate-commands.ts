@@ -171,10 +171,12 @@ function isTty(stream: CliContext['io']['stdout']): boolean {
  * progressLine(info, 1200); // '[1.2s] migratingVm  12.5 MiB  45%'
  * ```
  */
-export function progressLine(info: MigrationInfo, elapsedMs: number): string {
+export function progressLine(info: MigrationInfo, elapsedMs: number, now = Date.now()): string {
   const parts = [`[${(elapsedMs / 1000).toFixed(1)}s]`, info.phase];
   const p = info.progress;
   if (p) {
+    const copy = copyNote(p, now);
+    if (copy !== undefined) parts.push(copy);
     parts.push(formatBytes(p.bytes), `${Math.floor(p.percent)}%`);
     // Pre-copy: which round, what is left, how fast it goes out and comes back dirty.
     if (p.round !== undefined) parts.push(`round ${p.round}`);
@@ -184,6 +186,17 @@ export function progressLine(info: MigrationInfo, elapsedMs: number): string {
     if (p.expectedDowntimeMs !== undefined) parts.push(`expected downtime ${formatMs(p.expectedDowntimeMs)}`);
   }
   return parts.join('  ');
+}
+
+/**
+ * The copy's phase where the figures alone would look stuck: paused for the hand-over or in the
+ * stop-and-copy (QEMU may report nothing until it completes; the figures are those at the stop),
+ * with how long it has been there; `copy completed` once the figures are final.
+ */
+function copyNote(p: NonNullable<MigrationInfo['progress']>, now: number): string | undefined {
+  if (p.copyPhase === 'completed') return 'copy completed';
+  if (p.copyPhase !== 'pre-switchover' && p.copyPhase !== 'stop-and-copy') return undefined;
+  return `${p.copyPhase} ${p.copyPhaseSince === undefined ? '' : `for ${formatMs(now - p.copyPhaseSince)}`}`.trim();
 }
 
 /** The end-of-migration report: outcome, time per phase, what moved, downtime. */
@@ -259,7 +272,7 @@ export function renderMigrations(list: readonly MigrationInfo[], now: number): s
       m.role,
       m.vm,
       m.peer,
-      m.phase,
+      m.outcome === null && m.progress !== undefined && copyNote(m.progress, now) !== undefined ? `${m.phase} (${copyNote(m.progress, now)})` : m.phase,
       m.outcome ?? 'running',
       formatTime(m.startedAt),
       formatMs(m.summary?.totalMs ?? (m.outcome === null ? now : m.updatedAt) - m.startedAt),

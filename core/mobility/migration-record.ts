@@ -17,6 +17,14 @@ export interface MigrationProgress {
   readonly rateBytesPerSec?: number;
   readonly dirtyRateBytesPerSec?: number;
   readonly expectedDowntimeMs?: number;
+  /**
+   * Source side: where the driver's copy of the VM's memory is (setup, precopy, pre-switchover: the VM paused
+   * for the hand-over, stop-and-copy: the rest going with the VM stopped, completed: the figures are final).
+   * In stop-and-copy the figures are those at the stop: QEMU may report nothing more until it completes.
+   */
+  readonly copyPhase?: string;
+  /** When the copy entered `copyPhase`, ms since epoch. */
+  readonly copyPhaseSince?: number;
 }
 
 /** What the path planner decided (seed 000): the estimate beside the threshold, and why each path was or was not added. */

@@ -421,6 +421,7 @@ export class SourceSide implements SourceSteps {
       // A copy that ends without a result (terminated, cancelled, failed) still sent this much: its summary says so.
       let copiedBytes = 0;
       let copyRounds = 0;
+      let copyPhase: { readonly phase: string; readonly since: number } = { phase: '', since: 0 };
       // A driver whose memory does not ride our data paths (qemu: its own stream) has nothing for
       // VmMemory to check at the target but the incoming VM (the commit waits for the stream): it
       // goes at the switch, and the final DirtyObjects round right after it (the VM is paused
@@ -468,7 +469,10 @@ export class SourceSide implements SourceSteps {
         onProgress: (p) => {
           copiedBytes = Math.max(copiedBytes, p.transferredBytes);
           copyRounds = p.rounds;
+          if (p.phase !== copyPhase.phase) copyPhase = { phase: p.phase, since: Date.now() };
           this.o.onProgress({
+            copyPhase: p.phase,
+            copyPhaseSince: copyPhase.since,
             bytes: this.stats.bytes + p.transferredBytes,
             memoryBytes: p.transferredBytes,
             memoryTotal: vm.memory,

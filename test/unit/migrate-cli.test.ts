@@ -258,6 +258,19 @@ describe('embot migrate: pre-copy progress and --threshold', () => {
     expect(line).toContain('expected downtime 8 ms');
   });
 
+  it("says where the copy is when the figures stop moving (QEMU's stop-and-copy), and when they are final", () => {
+    const at = (copyPhase: string): MigrationInfo => ({
+      id: 'm-2', role: 'source', vm: 'web', peer: 'b', phase: 'migratingVm', outcome: null, startedAt: 0, updatedAt: 0,
+      progress: { phase: 'migratingVm', bytes: 3 * MiB, memoryBytes: 3 * MiB, memoryTotal: 4 * MiB, percent: 75, round: 2, remainingBytes: MiB, rateBytesPerSec: 64 * MiB, copyPhase, copyPhaseSince: 10_000 },
+    });
+    expect(progressLine(at('stop-and-copy'), 1500, 11_200)).toContain('stop-and-copy for 1.20 s');
+    expect(progressLine(at('pre-switchover'), 1500, 10_040)).toContain('pre-switchover for 40 ms');
+    expect(progressLine(at('completed'), 1500, 11_200)).toContain('copy completed');
+    expect(progressLine(at('precopy'), 1500, 11_200)).not.toMatch(/precopy|stop-and-copy|completed/);
+    expect(renderMigrations([at('stop-and-copy')], 12_000)).toContain('migratingVm (stop-and-copy for 2.00 s)');
+    expect(renderMigrations([{ ...at('stop-and-copy'), outcome: 'completed' }], 12_000)).not.toContain('stop-and-copy');
+  });
+
   it('parses --threshold durations and refuses nonsense', () => {
     expect(parseThreshold('1500')).toBe(1500);
     expect(parseThreshold('2s')).toBe(2000);

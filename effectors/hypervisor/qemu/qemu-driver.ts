@@ -881,8 +881,16 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           }
           // Not awaited before the continue (a reply read first would wait on this event loop, busy relaying): the
           // monitor answers in order, so the query still sees the paused state.
-          await qmp.execute('migrate-continue', { state: 'pre-switchover' });
-          transferredAtStop = (await atStop)?.ram?.transferred;
+          const continued = qmp.execute('migrate-continue', { state: 'pre-switchover' });
+          continued.catch(() => undefined); // awaited below; not an unhandled rejection while atStop is awaited
+          // Asked before the continue, so answered before it: waiting for it does not hold the continue up.
+          const stopInfo = (await atStop) ?? info;
+          transferredAtStop = stopInfo.ram?.transferred;
+          // QEMU's final pass holds its big lock: query-migrate (maybe the continue's own reply) may not answer before it
+          // completes. Said now, with the figures at the stop, so a progress view shows why they stop moving.
+          const stopping: MigrationProgress = { ...progress(stopInfo), phase: 'stop-and-copy' };
+          o.onProgress?.(hold ? hold.progress(stopping) : stopping);
+          await continued;
           continue;
         }
         // A held copy's budget starts at its lift: warming may last as long as the command takes.
