@@ -367,6 +367,14 @@ describe('the estimate line of a migration summary', () => {
     expect(downtimeLine(renderMigrationSummary(info({ ...s, downtimeMs: 16, precopy })))).toMatch(/^downtime:?\s+16 ms$/);
   });
 
+  it('says on the pre-copy line how a qemu stream went (direct, or through the relay of a fan-out), nothing for a driver that does not say', () => {
+    const precopyLine = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('pre-copy'));
+    const s = summaryFor('m-4', 'web', 'b', SCRIPTS['web']!);
+    expect(precopyLine(renderMigrationSummary(info({ ...s, precopy: { ...precopy, transport: 'direct' } })))).toMatch(/copy downtime 5 ms, stream direct$/);
+    expect(precopyLine(renderMigrationSummary(info({ ...s, precopy: { ...precopy, transport: 'relay' } })))).toMatch(/copy downtime 5 ms, stream through the relay$/);
+    expect(precopyLine(renderMigrationSummary(info({ ...s, precopy })))).toMatch(/copy downtime 5 ms$/);
+  });
+
   it('falls back to the whole migration for a record without the memory move (an older agent stored it)', () => {
     const { copyMs: _dropped, ...older } = precopy;
     const s = { ...summaryFor('m-2', 'web', 'b', SCRIPTS['web']!), precopy: older as unknown as typeof precopy };
