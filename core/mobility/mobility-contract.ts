@@ -45,6 +45,25 @@ export interface SourceInput {
   /** Dirty-object rounds before the final frozen round. */
   readonly maxDirtyRounds: number;
   readonly timeouts: MigrationTimeouts;
+  /**
+   * This migration's steps (a fan-out child's two more too), where the service passes them with
+   * the input rather than with `machine.provide` (which copies the whole machine, ~2 ms of CPU per
+   * migration and per fan-out child): one machine per form then serves every migration. Steps
+   * given with `provide` take precedence.
+   */
+  readonly steps?: SourceSteps & Partial<FanOutChildSteps>;
+  /** Likewise the machine's actions and guards that are the service's. */
+  readonly hooks?: SourceHooks;
+}
+
+/** The source machine's actions and guards that the service implements (see source-machine.ts). */
+export interface SourceHooks extends PhaseHooks {
+  /** Fan-out child: the coordinator's word that this child is its only candidate and ready. */
+  readyWithoutBoot?(): void;
+  /** Fan-out child: no other destination can win any more. */
+  bootSkipped?(): boolean;
+  /** Fan-out child: the coordinator has already chosen this child. */
+  alreadyChosen?(): boolean;
 }
 
 /** The fan-out coordinator's word to one child that booted: commit it, or terminate it and why. */

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'eventemitter3';
 import { unpack } from 'msgpackr';
-import { createActor, fromPromise, type AnyActorRef } from 'xstate';
+import { createActor, type AnyActorRef } from 'xstate';
 import { ConfigError, ErrorCodes, ProtocolError, describeError } from '../errors.ts';
 import type { EmbotEvent } from '../events.ts';
 import { PeerServer } from '../wire/peer-server.ts';
@@ -337,33 +337,42 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       onProgress: (p) => this.progress(key('source', id), p),
       ...(fanOut ? { fanOut: { shared: fanOut.shared, move: fanOut.move } } : {}),
     });
-    const input: SourceInput = { migrationId: id, vm, target: to, maxDirtyRounds: this.o.maxDirtyRounds, timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs } };
-    const machine = createSourceMachine({ fanOut: fanOut !== undefined }).provide({
-      actors: {
-        startMigration: fromPromise(({ input }: { input: SourceInput }) => side.startMigration(input)),
-        holdEvents: fromPromise(() => side.holdEvents()),
-        sendManagementState: fromPromise(({ input }: { input: SourceInput }) => side.sendManagementState(input)),
-        sendEventState: fromPromise(({ input }: { input: SourceInput }) => side.sendEventState(input)),
-        migrateVm: fromPromise(({ input }: { input: SourceInput }) => side.migrateVm(input)),
-        sendDirtyObjects: fromPromise(({ input }: { input: SourceInput & { round: number; final: boolean } }) => side.sendDirtyObjects(input)),
-        completeMigration: fromPromise(({ input }: { input: SourceInput }) => side.completeMigration(input)),
-        resolveOutcome: fromPromise(({ input }: { input: SourceInput }) => side.resolveOutcome(input)),
-        finishSource: fromPromise(({ input }: { input: SourceInput }) => side.finishSource(input)),
-        rollBack: fromPromise(({ input }: { input: SourceInput & { reason: string } }) => side.rollBack(input)),
-        bootIncoming: fromPromise(async ({ input }: { input: SourceInput }) => {
-          const r = await side.bootIncoming(input);
-          fanOut?.bootReady();
-          return r;
-        }),
-        awaitDecision: fromPromise(() => (fanOut ? fanOut.awaitDecision() : Promise.reject(new Error('not a fan-out child')))),
+    // One machine per form for every migration: its steps and hooks come with the input, so no
+    // provide() copies the machine per migration and per fan-out child (source-machine.ts).
+    const steps: SourceInput['steps'] = {
+      startMigration: (i) => side.startMigration(i),
+      holdEvents: () => side.holdEvents(),
+      sendManagementState: (i) => side.sendManagementState(i),
+      sendEventState: (i) => side.sendEventState(i),
+      migrateVm: (i) => side.migrateVm(i),
+      sendDirtyObjects: (i) => side.sendDirtyObjects(i),
+      completeMigration: (i) => side.completeMigration(i),
+      resolveOutcome: (i) => side.resolveOutcome(i),
+      finishSource: (i) => side.finishSource(i),
+      rollBack: (i) => side.rollBack(i),
+      bootIncoming: async (i) => {
+        const r = await side.bootIncoming(i);
+        fanOut?.bootReady();
+        return r;
       },
-      actions: {
-        journalPhase: (_: unknown, params: { phase: string }) => this.journalPhase('source', id, params.phase),
-        reportProgress: (_: unknown, params: { phase: string }) => this.progress(key('source', id), { phase: params.phase }),
+      awaitDecision: () => (fanOut ? fanOut.awaitDecision() : Promise.reject(new Error('not a fan-out child'))),
+    };
+    const input: SourceInput = {
+      migrationId: id,
+      vm,
+      target: to,
+      maxDirtyRounds: this.o.maxDirtyRounds,
+      timeouts: { stepMs: this.o.stepTimeoutMs, vmMs: this.o.vmTimeoutMs },
+      steps,
+      hooks: {
+        journalPhase: (phase) => this.journalPhase('source', id, phase),
+        reportProgress: (phase) => this.progress(key('source', id), { phase }),
         readyWithoutBoot: () => fanOut?.bootReady(),
+        bootSkipped: () => fanOut?.sole() === true,
+        alreadyChosen: () => fanOut?.chosen() === true,
       },
-      guards: { bootSkipped: () => fanOut?.sole() === true, alreadyChosen: () => fanOut?.chosen() === true },
-    });
+    };
+    const machine = createSourceMachine({ fanOut: fanOut !== undefined });
     const startedAt = Date.now();
     const actor = createActor(machine, { input });
     const done = new Promise<MigrationSummary>((resolve) => {

@@ -6,7 +6,7 @@
  */
 import { and, assign, fromPromise, setup } from 'xstate';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
-import type { DirtyRoundResult, FanOutVerdict, MigrateVmResult, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
+import type { DirtyRoundResult, FanOutChildSteps, FanOutVerdict, MigrateVmResult, MigrationOutcome, SourceEvent, SourceInput, SourcePhase, SourceSteps } from './mobility-contract.ts';
 
 /** One DirtyObjects round as the source saw it. */
 export interface DirtyRoundStat extends DirtyRoundResult {
@@ -56,6 +56,13 @@ type StepName = keyof SourceSteps | 'bootIncoming' | 'awaitDecision';
 
 function notProvided(step: StepName): never {
   throw new EmbotError(ErrorCodes.SERVICE_UNKNOWN, `mobility source step ${step} not provided`);
+}
+
+/** Step `step` of the steps the service passed with the input (SourceInput.steps), bound, or a clear error. */
+function stepOf<S extends StepName>(input: SourceInput, step: S): (SourceSteps & FanOutChildSteps)[S] {
+  const steps = input.steps as Partial<SourceSteps & FanOutChildSteps> | undefined;
+  const fn = steps?.[step] as ((...args: never[]) => unknown) | undefined;
+  return fn ? (fn.bind(steps) as (SourceSteps & FanOutChildSteps)[S]) : notProvided(step);
 }
 
 /** Output of the invoke whose done event this is (setup types actions against the external events only). */
@@ -110,29 +117,29 @@ const sourceSetup = setup({
     output: {} as SourceOutput,
   },
   actors: {
-    startMigration: fromPromise<Awaited<ReturnType<SourceSteps['startMigration']>>, SourceInput>(async () => notProvided('startMigration')),
-    holdEvents: fromPromise<void, SourceInput>(async () => notProvided('holdEvents')),
-    sendManagementState: fromPromise<void, SourceInput>(async () => notProvided('sendManagementState')),
-    sendEventState: fromPromise<void, SourceInput>(async () => notProvided('sendEventState')),
-    migrateVm: fromPromise<MigrateVmResult, SourceInput>(async () => notProvided('migrateVm')),
-    sendDirtyObjects: fromPromise<DirtyRoundResult, Parameters<SourceSteps['sendDirtyObjects']>[0]>(async () => notProvided('sendDirtyObjects')),
-    completeMigration: fromPromise<void, SourceInput>(async () => notProvided('completeMigration')),
-    resolveOutcome: fromPromise<'committed' | 'notCommitted', SourceInput>(async () => notProvided('resolveOutcome')),
-    finishSource: fromPromise<void, SourceInput>(async () => notProvided('finishSource')),
-    rollBack: fromPromise<void, Parameters<SourceSteps['rollBack']>[0]>(async () => notProvided('rollBack')),
-    bootIncoming: fromPromise<{ readonly bootMs: number }, SourceInput>(async () => notProvided('bootIncoming')),
-    awaitDecision: fromPromise<FanOutVerdict, SourceInput>(async () => notProvided('awaitDecision')),
+    startMigration: fromPromise<Awaited<ReturnType<SourceSteps['startMigration']>>, SourceInput>(async ({ input }) => stepOf(input, 'startMigration')(input)),
+    holdEvents: fromPromise<void, SourceInput>(async ({ input }) => stepOf(input, 'holdEvents')(input)),
+    sendManagementState: fromPromise<void, SourceInput>(async ({ input }) => stepOf(input, 'sendManagementState')(input)),
+    sendEventState: fromPromise<void, SourceInput>(async ({ input }) => stepOf(input, 'sendEventState')(input)),
+    migrateVm: fromPromise<MigrateVmResult, SourceInput>(async ({ input }) => stepOf(input, 'migrateVm')(input)),
+    sendDirtyObjects: fromPromise<DirtyRoundResult, Parameters<SourceSteps['sendDirtyObjects']>[0]>(async ({ input }) => stepOf(input, 'sendDirtyObjects')(input)),
+    completeMigration: fromPromise<void, SourceInput>(async ({ input }) => stepOf(input, 'completeMigration')(input)),
+    resolveOutcome: fromPromise<'committed' | 'notCommitted', SourceInput>(async ({ input }) => stepOf(input, 'resolveOutcome')(input)),
+    finishSource: fromPromise<void, SourceInput>(async ({ input }) => stepOf(input, 'finishSource')(input)),
+    rollBack: fromPromise<void, Parameters<SourceSteps['rollBack']>[0]>(async ({ input }) => stepOf(input, 'rollBack')(input)),
+    bootIncoming: fromPromise<{ readonly bootMs: number }, SourceInput>(async ({ input }) => stepOf(input, 'bootIncoming')(input)),
+    awaitDecision: fromPromise<FanOutVerdict, SourceInput>(async ({ input }) => stepOf(input, 'awaitDecision')(input)),
   },
   actions: {
-    /** Provided by the service: write the phase to the `migrations` journal. */
-    journalPhase: (_: unknown, _params: PhaseParams) => {},
-    /** Provided by the service: tell watchers (CLI, events) where the migration is. */
-    reportProgress: (_: unknown, _params: PhaseParams) => {},
+    /** The service's hook (SourceInput.hooks, or provided): write the phase to the `migrations` journal. */
+    journalPhase: ({ context }, params: PhaseParams) => context.input.hooks?.journalPhase(params.phase),
+    /** The service's hook (SourceInput.hooks, or provided): tell watchers (CLI, events) where the migration is. */
+    reportProgress: ({ context }, params: PhaseParams) => context.input.hooks?.reportProgress(params.phase),
     /**
      * Provided by the service (fan-out child, `bootSkipped`): tell the coordinator this child is its
      * only candidate and ready, as a BootReady would, without asking the destination to boot.
      */
-    readyWithoutBoot: () => {},
+    readyWithoutBoot: ({ context }) => context.input.hooks?.readyWithoutBoot?.(),
     markPhase: assign(({ context }, params: PhaseParams) => ({ marks: [...context.marks, { phase: params.phase, at: Date.now() }] })),
     setOutcome: assign((_, params: { readonly outcome: MigrationOutcome }) => ({ outcome: params.outcome })),
     recordDenied: assign(({ event }) => ({ reason: `denied by target: ${outputOf<{ reason?: string }>(event).reason ?? 'no reason given'}` })),
@@ -183,13 +190,13 @@ const sourceSetup = setup({
      * command named this one alone), so BootIncoming would decide nothing: the child goes straight
      * to the coordinator's verdict (the winner journaled) and commits as a single migration does.
      */
-    bootSkipped: () => false,
+    bootSkipped: ({ context }) => context.input.hooks?.bootSkipped?.() === true,
     /**
      * Provided by the service (fan-out child): the coordinator has already chosen this child (a
      * pre-warm's command named it alone, the winner journaled then): with `bootSkipped` it goes from
      * its final round straight to completing, nothing left to decide after the stop.
      */
-    alreadyChosen: () => false,
+    alreadyChosen: ({ context }) => context.input.hooks?.alreadyChosen?.() === true,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,

@@ -194,6 +194,43 @@ describe('source machine: happy paths', () => {
       errors: ['rollBack failed: mobility source step rollBack not provided'],
     });
   });
+
+  it('runs on the steps and hooks passed with its input, one machine per form for every migration (no provide)', async () => {
+    const run = async (migrationId: string, fanOut: boolean) => {
+      const seen: string[] = [];
+      const journal: string[] = [];
+      const ok = async (): Promise<void> => {};
+      const steps: SourceInput['steps'] = {
+        startMigration: async (i) => (seen.push(`start ${i.migrationId}`), { permitted: true }),
+        holdEvents: ok,
+        sendManagementState: ok,
+        sendEventState: ok,
+        migrateVm: async () => (seen.push('migrateVm'), {}),
+        sendDirtyObjects: async (i) => (seen.push(`dirty ${i.final ? 'final' : i.round}`), { changedElements: 0, events: 0 }),
+        completeMigration: async () => void seen.push('complete'),
+        resolveOutcome: async () => 'committed',
+        finishSource: async () => void seen.push('finish'),
+        rollBack: async () => void seen.push('rollBack'),
+        bootIncoming: async () => (seen.push('boot'), { bootMs: 1 }),
+        awaitDecision: async () => (seen.push('decision'), { commit: true }),
+      };
+      const machine = createSourceMachine({ fanOut });
+      expect(createSourceMachine({ fanOut })).toBe(machine);
+      const actor = createActor(machine, {
+        input: { ...INPUT, migrationId, steps, hooks: { journalPhase: (p) => void journal.push(p), reportProgress: () => {}, bootSkipped: () => false } },
+        ...(fanOut ? {} : { inspect: coverage.inspect }),
+      }).start();
+      await vi.advanceTimersByTimeAsync(0);
+      return { output: actor.getSnapshot().output, seen, journal };
+    };
+    const single = await run('m-a', false);
+    expect(single.output).toMatchObject({ outcome: 'completed' });
+    expect(single.seen).toEqual(['start m-a', 'migrateVm', 'dirty 0', 'dirty final', 'complete', 'finish']);
+    expect(single.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'completing', 'finishing', 'completed']);
+    const child = await run('m-b', true);
+    expect(child.output).toMatchObject({ outcome: 'completed' });
+    expect(child.seen).toEqual(['start m-b', 'migrateVm', 'dirty 0', 'dirty final', 'boot', 'decision', 'complete', 'finish']);
+  });
 });
 
 /** Each step that rolls back on failure, with the script that makes it fail on the given behaviour. */
