@@ -112,6 +112,14 @@ describe('pre-warm', () => {
     expect(s.winner).toBe('b');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    // c was dropped in two steps: its copy stopped at the command, its child told (the Abort, c's discard) only once
+    // b's child had ended, so that tear-down was not inside b's downtime.
+    const children = await a.client.listMigrations();
+    const childB = children.find((m) => m.id === `${id}~b`)!;
+    const childC = children.find((m) => m.id === `${id}~c`)!;
+    expect(childB.outcome).toBe('completed');
+    expect(childC.outcome).toBe('aborted');
+    expect(childC.updatedAt).toBeGreaterThanOrEqual(childB.updatedAt);
     // Named alone, b had nothing to race and was chosen at the command (the winner journaled then): after its
     // final round no BootIncoming and no verdict to wait for, straight to the commit.
     const phasesB = by['b']!.phases.map((p) => p.phase);
