@@ -1375,14 +1375,18 @@ export class SensorService {
    * Ids minted here need no record (isMinted); the table keeps the newest window's worth.
    */
   private rememberTaken(entries: readonly QueuedEvent[], ok: Uint8Array): void {
-    let ids: [string, number][] | undefined;
+    let ids: string[] | undefined;
+    let ts: number[] | undefined;
     for (let i = 0; i < entries.length; i++) {
-      const { id, ts } = entries[i]!.event;
-      if (ok[i] === 1 && !id.startsWith(this.idPrefix)) (ids ??= []).push([id, ts]);
+      const e = entries[i]!.event;
+      if (ok[i] === 1 && !e.id.startsWith(this.idPrefix)) {
+        (ids ??= []).push(e.id);
+        (ts ??= []).push(e.ts);
+      }
     }
     if (ids === undefined) return;
     const journal = this.journal!;
-    journal.rememberTaken(ids, this.now());
+    journal.rememberTaken(ids, ts!, this.now());
     this.takenSincePrune += ids.length;
     // A tenth of the window between prunes: the table holds at most 1.1 windows.
     if (this.takenSincePrune * 10 >= this.recent.length) {

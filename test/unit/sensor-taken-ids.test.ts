@@ -180,6 +180,18 @@ describe('SensorService: producer-given ids survive a restart (README "Events: i
       await expect(r.s.emit(plain('m-1'))).resolves.toMatchObject({ id: 'm-1', ts: 77, duplicate: true });
     });
 
+    it('a commit of many given ids (multi-row inserts and the rest one by one): each recorded with its ts, in order', async () => {
+      const file = tmpStoreFile();
+      const r1 = run(file);
+      await r1.s.emitMany(Array.from({ length: 123 }, (_, i) => ({ ...plain(`m-${i}`), ts: 1_000 + i })));
+      await r1.s.idle();
+      expect(r1.store.db.prepare('SELECT id, ts FROM taken_ids ORDER BY rowid').raw().all()).toEqual(Array.from({ length: 123 }, (_, i) => [`m-${i}`, 1_000 + i]));
+      await r1.close();
+      const r2 = run(file, { now: () => 9_000 });
+      r2.s.recover();
+      for (const i of [0, 49, 50, 99, 100, 122]) await expect(r2.s.emit(plain(`m-${i}`))).resolves.toMatchObject({ ts: 1_000 + i, duplicate: true });
+    });
+
     it('a row from before schema step 11 (no ts) is answered with the time it was taken', async () => {
       const file = tmpStoreFile();
       const c = clock(2_000);
