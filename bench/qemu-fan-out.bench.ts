@@ -19,7 +19,7 @@
  * the byte path; plaintext and without a bound per destination, so measured, not shipped). `--tls`:
  * every QEMU and the relay with agent certificates, as with `peer.tls` (QEMU's own TLS direct, the
  * relay's per destination; no `exec:` rows). Called from qemu.bench.ts
- * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick] [--candidates] [--tls]`.
+ * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick | --reps N] [--candidates] [--tls]`.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -189,7 +189,10 @@ if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(path.reso
   }
   const root = mkdtempSync(join(tmpdir(), 'embot-qfo-'));
   try {
-    const { rows, notes } = await fanOutRows(root, process.argv.includes('--quick') ? 2 : 5, { candidates: process.argv.includes('--candidates'), tls: process.argv.includes('--tls') });
+    const repsAt = process.argv.indexOf('--reps');
+    const reps = repsAt > 0 ? Number(process.argv[repsAt + 1]) : process.argv.includes('--quick') ? 2 : 5;
+    if (!Number.isInteger(reps) || reps < 1) throw new Error(`--reps takes a whole number of runs per variant, not ${process.argv[repsAt + 1]}`);
+    const { rows, notes } = await fanOutRows(root, reps, { candidates: process.argv.includes('--candidates'), tls: process.argv.includes('--tls') });
     const table: BenchTable = { title: 'qemu driver: one stream to several destinations (issue 13)', rows, notes };
     process.stdout.write(`${renderTable(table)}\n`);
   } finally {
