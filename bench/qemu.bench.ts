@@ -14,10 +14,10 @@
  *       pages, calc-dirty-rate, the fixed cost and copy rate fitted to its last migrations out
  *       with those channels: a 256 MiB guest with 64 MiB non-zero and a 384 MiB dense one before
  *       each channel count's first run, a 160 MiB dense one just before each run, and the earlier
- *       runs), then migrated by the driver. Judged: the median estimate
- *       against the median actual of the runs, every run's error beside it. Beside it, the
- *       rate-only model of before on the same samples and moves (A/B). The same with a guest whose
- *       vCPU keeps spinning, as information.
+ *       runs), then migrated by the driver. Judged: the median estimate against the median actual
+ *       of the runs, every run's error beside it. Beside it, the rate-only model of before on the
+ *       same samples and moves (A/B). The same with a guest whose vCPU keeps spinning, as
+ *       information.
  * Without qemu-system-x86 every row says so and the module still succeeds.
  *
  * @example
@@ -145,7 +145,9 @@ async function runnableMean(ms: number): Promise<number> {
  */
 async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpec, channels: number, heartbeats: number, sourceDir = 'est-src', first: readonly QemuVmSpec[] = [], prealloc = true): Promise<EstimatedRun> {
   let lastLoad = 1;
-  const source = new QemuDriver({ root: join(root, sourceDir), accel: 'tcg', loadFactor: () => (lastLoad = hostLoadFactor()) });
+  // Held while the estimate is made, so both models of the A/B (and --record's replay) see one factor.
+  let heldLoad: number | undefined;
+  const source = new QemuDriver({ root: join(root, sourceDir), accel: 'tcg', loadFactor: () => heldLoad ?? (lastLoad = hostLoadFactor()) });
   // The target's RAM faulted in at its start (prepareIncoming, untimed): faulting it in page by page
   // during the move cost 100-540 ms of kernel time for the same 320 MiB, the move's main noise.
   const target = new QemuDriver({ root: join(root, 'est-dst'), accel: 'tcg', preallocateIncoming: prealloc });
@@ -186,9 +188,11 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
     const scanMs = performance.now() - s0;
     const hints = await source.capabilities.migrationModel!.estimateHints(spec.name, { channels });
     const loadFactor = lastLoad;
+    heldLoad = loadFactor;
     // The A/B: the rate-only model on the same samples, scaled to the load as estimateHints scales.
     const rateOnly = source.calibration(channels, { fixedCost: false });
     const samplesBefore = Object.fromEntries([1, 2, 4].flatMap((c) => (source.calibration(c) ? [[String(c), source.calibration(c)!.samples]] : [])));
+    heldLoad = undefined;
     const input = withDriverHints(
       {
         memoryBytes: spec.memory,
@@ -205,7 +209,7 @@ async function estimatedMigrate(root: string, calib: QemuVmSpec, spec: QemuVmSpe
     const rateOnlyEstimateMs =
       rateOnly === undefined
         ? estimate.totalMs
-        : estimateMigration(withDriverHints(input, { ...hints, copyRateBytesPerSec: rateOnly.copyRateBytesPerSec / lastLoad, fixedMs: rateOnly.fixedMs * lastLoad, zeroPageCost: rateOnly.zeroPageCost })).totalMs;
+        : estimateMigration(withDriverHints(input, { ...hints, copyRateBytesPerSec: rateOnly.copyRateBytesPerSec / loadFactor, fixedMs: rateOnly.fixedMs * loadFactor, zeroPageCost: rateOnly.zeroPageCost })).totalMs;
     // The same without the non-zero count: every page of RAM planned as sent in full.
     const { nonZeroBytes: _nz, ...allPages } = hints;
     const withoutZeroSkip = estimateMigration(withDriverHints({ ...input, zeroPageShare: 0 }, allPages)).totalMs;
