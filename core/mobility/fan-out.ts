@@ -277,7 +277,9 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
             parking = false;
           }
           faultPoint('source:winnerNamed');
-        } else {
+        }
+        // Several named (they race), or the one named had ended meanwhile (nothing decided): the others are told now.
+        if (state.winner === undefined) {
           for (const dest of dropped) {
             const reason = `terminated: not named by the migrate command (migration ${id})`;
             verdicts.get(dest)?.resolve({ commit: false, reason });
