@@ -11,7 +11,7 @@ import { ModuleCatalogue, type ModuleRecord } from './plugins/catalogue.ts';
 import { PluginStatusStore } from './plugins/plugin-status-store.ts';
 import { describeError, EffectorError, EmbotError, ErrorCodes, type ErrorCode } from './errors.ts';
 import type { EmbotEvent, EmbotEventInput } from './events.ts';
-import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, EmittedEvent, MigrateOptions, PluginInfo, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
+import type { AgentControl, AgentStatus, CreateVmRequest, DeadLetter, EmbotInfo, EmittedEvent, MigrateOptions, PluginInfo, RemovedVm, RemoveVmOptions, VmAction, VmChecksum, VmInfo as ControlVmInfo } from './control/control-api.ts';
 import { startControlServer } from './control/server.ts';
 import { createDashboard, type Dashboard } from './control/dashboard-routes.ts';
 import { wireLiveSources } from './control/live-sources.ts';
@@ -135,6 +135,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   /** The peer endpoint features register their frames with (once the peer server listens). */
   peer: PeerEndpoint | undefined;
   readonly migratingIn = new Set<string>();
+  /** Per removed VM: its embots ending and its elements going (the driver's vm-removed), until done. */
+  private readonly vmCleanups = new Map<string, Promise<void>>();
   readonly udp: VmUdpServices;
   readonly hostMemory: number;
   readonly reassemblyCpuPerPath: number;
@@ -328,8 +330,13 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       void this.images.reindex().catch(() => {});
       const id = `vm:${e.name}`;
       const scope = this.objects.has(id) ? this.objects.subtree(id).map((x) => x.id) : [id];
-      void this.runtime.detach(scope).then(() => {
+      const ended = this.runtime.detach(scope).then(() => {
         if (this.objects.has(id)) this.objects.deregister(id, { withDependents: true });
+      });
+      // `vm remove` waits for its embots to have ended before it answers.
+      this.vmCleanups.set(e.name, ended);
+      void ended.finally(() => {
+        if (this.vmCleanups.get(e.name) === ended) this.vmCleanups.delete(e.name);
       });
     });
 
@@ -576,12 +583,14 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     return info;
   }
 
-  async vmAction(name: string, action: 'start' | 'stop' | 'crash'): Promise<ControlVmInfo> {
+  async vmAction(name: string, action: VmAction): Promise<ControlVmInfo> {
     switch (action) {
       case 'start':
         return this.driver.start(name);
       case 'stop':
         return this.driver.stop(name);
+      case 'kill':
+        return this.driver.kill(name);
       case 'crash': {
         const faults = this.driver.capabilities.faults;
         if (!faults) throw unsupported(this.driver.name, 'faults', 'crash a VM');
@@ -590,6 +599,42 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       default:
         throw new EffectorError(ErrorCodes.EFFECTOR_OP_UNKNOWN, `unknown VM action '${String(action)}'`);
     }
+  }
+
+  async removeVm(name: string, options: RemoveVmOptions = {}): Promise<RemovedVm> {
+    const vm = this.driver.get(name);
+    if (!vm) throw new EffectorError(ErrorCodes.VM_UNKNOWN, `no VM named ${name}`, { details: { vm: name } });
+    this.refuseRemoveWhileMigrating(name);
+    const live = vm.state === 'running' || vm.state === 'paused';
+    if (live && options.force !== true) {
+      throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is ${vm.state}; stop it first (embot vm stop ${name}), kill it (embot vm kill ${name}), or remove it with --force (kills it first)`, {
+        details: { vm: name, state: vm.state, op: 'remove', problem: 'running' },
+      });
+    }
+    if (live) await this.driver.kill(name);
+    // A migration may have started while the kill ran.
+    this.refuseRemoveWhileMigrating(name);
+    const id = `vm:${name}`;
+    const scope = this.objects.has(id) ? this.objects.subtree(id).map((x) => x.id) : [id];
+    const inScope = new Set(scope);
+    const embots = this.runtime.list().filter((e) => inScope.has(e.elementIds[0] ?? '')).length;
+    await this.driver.remove(name);
+    await this.vmCleanups.get(name);
+    // What the embots' end left: their held and queued events (the VM_REMOVED the sensor just
+    // posted among them, nobody left to take it) and the stored embots of a module not loaded.
+    const events = this.sensors.journaledFor(scope);
+    this.sensors.drop(scope);
+    this.runtime.forget(scope);
+    return { name, removed: true, was: vm.state, killed: live, embots, events };
+  }
+
+  private refuseRemoveWhileMigrating(name: string): void {
+    const m = this.mobility.list().find((x) => x.vm === name && x.outcome === null);
+    if (m === undefined && !this.migratingIn.has(name)) return;
+    const what = m?.prewarm ? 'pre-warming' : 'migrating';
+    throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is ${what}${m ? ` (${m.id}, ${m.role})` : ' in'}; remove it once that migration has ended${m?.prewarm ? ` (embot prewarm ${name} --cancel stops it)` : ''}`, {
+      details: { vm: name, op: 'remove', problem: 'migrating', ...(m ? { migration: m.id, role: m.role } : {}) },
+    });
   }
 
   async vmChecksum(name: string): Promise<VmChecksum> {

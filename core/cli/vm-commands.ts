@@ -15,9 +15,9 @@ interface CreateFlags extends ClientFlags {
   readonly boot?: string;
 }
 
-/** `embot vm list|create|start|stop|crash|load`. */
+/** `embot vm list|create|start|stop|crash|kill|remove|checksum|load`. */
 export function registerVmCommands(program: Command, ctx: CliContext): void {
-  const vm = program.command('vm').description('list, create, start, stop and crash VMs; set their simulated load');
+  const vm = program.command('vm').description('list, create, start, stop, crash, kill and remove VMs; set their simulated load');
 
   clientOptions(vm.command('list').description('list VMs')).action(async (opts: ClientFlags) => {
     const vms = await ctx.client(opts).listVms();
@@ -57,6 +57,7 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
     ['start', 'start (or restart) a VM'],
     ['stop', 'stop a running VM'],
     ['crash', 'inject a VM crash (drivers with the faults capability: sim, qemu)'],
+    ['kill', 'stop a VM at once (kill -9 of its QEMU; the sim stops it): state stopped, reason kill; the watchdog does not restart it'],
   ];
   for (const [action, description] of actions) {
     clientOptions(vm.command(action).description(description).argument('<name>', 'VM name')).action(async (name: string, opts: ClientFlags) => {
@@ -65,6 +66,19 @@ export function registerVmCommands(program: Command, ctx: CliContext): void {
       else ctx.out(`vm ${info.name}: ${info.state}`);
     });
   }
+
+  clientOptions(
+    vm
+      .command('remove')
+      .description("forget a VM: its driver state (qemu: process, disk overlay, QMP socket dir), its embots and their snapshots, its queued and held events")
+      .argument('<name>', 'VM name')
+      .option('--force', 'kill a running VM first (without it a running VM is refused: stop or kill it first)')
+      .addHelpText('after', '\nA VM in a migration or pre-warm is refused; remove it once that has ended.'),
+  ).action(async (name: string, opts: ClientFlags & { readonly force?: boolean }) => {
+    const r = await ctx.client(opts).removeVm(name, { force: opts.force === true });
+    if (opts.json) ctx.json(r);
+    else ctx.out(`removed vm ${r.name} (was ${r.was}${r.killed ? ', killed first' : ''}; ${r.embots} embot${r.embots === 1 ? '' : 's'} ended, ${r.events} event${r.events === 1 ? '' : 's'} discarded)`);
+  });
 
   clientOptions(
     vm

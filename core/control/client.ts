@@ -13,6 +13,8 @@ import {
   type EmbotInfo,
   type MigrationInfo,
   type PluginInfo,
+  type RemovedVm,
+  type RemoveVmOptions,
   type SetVmLoadRequest,
   type VmChecksum,
   type StartMigrationResponse,
@@ -79,6 +81,11 @@ export class ControlClient {
 
   vmAction(name: string, action: VmAction): Promise<VmInfo> {
     return this.request('POST', `/v1/vms/${encodeURIComponent(name)}/${action}`, {});
+  }
+
+  /** Forgets a VM (`force`: a running one is killed first); see AgentControl.removeVm. */
+  removeVm(name: string, options: RemoveVmOptions = {}): Promise<RemovedVm> {
+    return this.request('DELETE', `/v1/vms/${encodeURIComponent(name)}${options.force ? '?force=1' : ''}`);
   }
 
   vmChecksum(name: string): Promise<VmChecksum> {
@@ -163,7 +170,7 @@ export class ControlClient {
     return this.request('POST', '/v1/place', request);
   }
 
-  private async request<T>(method: 'GET' | 'POST', path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
+  private async request<T>(method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<T> {
     const headers: Record<string, string> = { Accept: 'application/json' };
     if (this.token !== undefined) headers['Authorization'] = `Bearer ${this.token}`;
     if (body !== undefined) headers['Content-Type'] = 'application/json';

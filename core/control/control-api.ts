@@ -100,8 +100,29 @@ export interface VmChecksum {
   readonly sha256: string;
 }
 
-export type VmAction = 'start' | 'stop' | 'crash';
-export const VM_ACTIONS: readonly VmAction[] = ['start', 'stop', 'crash'];
+/** `POST /v1/vms/:name/<action>`. `kill`: immediate stop (kill -9 of a QEMU), state `stopped`, reason `kill`. */
+export type VmAction = 'start' | 'stop' | 'crash' | 'kill';
+export const VM_ACTIONS: readonly VmAction[] = ['start', 'stop', 'crash', 'kill'];
+
+/** `DELETE /v1/vms/:name[?force=1]`: what `removeVm` takes. */
+export interface RemoveVmOptions {
+  /** A running (or paused) VM is killed first; without it such a VM is refused (VM_BAD_STATE). */
+  readonly force?: boolean;
+}
+
+/** What `DELETE /v1/vms/:name` answers (200). */
+export interface RemovedVm {
+  readonly name: string;
+  readonly removed: true;
+  /** The state it had when asked. */
+  readonly was: DriverVmInfo['state'];
+  /** `--force` killed it first. */
+  readonly killed: boolean;
+  /** Embots of the VM and its dependents that were ended (their snapshots deleted). */
+  readonly embots: number;
+  /** Its events still queued or held that were discarded. */
+  readonly events: number;
+}
 
 /** Body of `POST /v1/vms/:name/load`: the CPU load (0..1) the sim VM reports while running. */
 export interface SetVmLoadRequest {
@@ -146,6 +167,14 @@ export interface AgentControl {
   createVm(spec: CreateVmRequest): Promise<VmInfo>;
   /** `crash` needs the driver's `faults` capability (else `DRIVER_UNSUPPORTED`). */
   vmAction(name: string, action: VmAction): Promise<VmInfo>;
+  /**
+   * Forgets VM `name` with its driver state (qemu: its process, overlay and QMP socket dir), ends
+   * its embots (snapshots deleted) and discards its queued and held events; nothing else is
+   * touched. Throws `VM_UNKNOWN`; `VM_BAD_STATE` (HTTP 409) for a running or paused VM without
+   * `force` (the message names `vm stop` / `vm kill`) and for a VM in a migration or pre-warm
+   * (either side; `details.problem` says which). Absent on a control double without it.
+   */
+  removeVm?(name: string, options?: RemoveVmOptions): Promise<RemovedVm>;
   /**
    * Sets the CPU load (0..1) VM `name` reports while running (the driver's `loadKnob`, the sim's);
    * the host sensor's `HOST_LOAD` readings follow it. Throws `VM_UNKNOWN`, `VM_SPEC_INVALID` or

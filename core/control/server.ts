@@ -220,6 +220,13 @@ export async function startControlServer(options: ControlServerOptions): Promise
       if (!body.success) throw invalidFields(body.error);
       return { status: 201, body: await control.createVm(body.data) };
     }
+    if (path.length === 2 && path[0] === 'vms') {
+      only('DELETE');
+      const force = parseFlag('force', url.searchParams.get('force'));
+      if (!control.removeVm) throw notFound(url.pathname);
+      await readJson(req, { allowEmpty: true }); // body unused; still bounded and JSON-typed
+      return ok(await control.removeVm(decodeSegment(path[1]!), { force }));
+    }
     if (path.length === 3 && path[0] === 'vms' && path[2] === 'checksum') {
       only('GET');
       return ok(await control.vmChecksum(decodeSegment(path[1]!)));
@@ -422,6 +429,13 @@ function parseLimit(raw: string | null): number {
   const n = Number(raw);
   if (n < 1 || n > MAX_EVENTS_LIMIT) throw badRequest(`limit must be between 1 and ${MAX_EVENTS_LIMIT}, got ${n}`);
   return n;
+}
+
+/** A yes/no query parameter (`?force=1`); anything but 1/0/true/false is refused, not read as no. */
+function parseFlag(name: string, raw: string | null): boolean {
+  if (raw === null || raw === '0' || raw === 'false') return false;
+  if (raw === '' || raw === '1' || raw === 'true') return true;
+  throw badRequest(`${name} must be 1 or 0, got ${JSON.stringify(raw)}`);
 }
 
 function parseWait(raw: string | null): boolean {
