@@ -629,7 +629,9 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   }
 
   private refuseRemoveWhileMigrating(name: string): void {
-    const m = this.mobility.list().find((x) => x.vm === name && x.outcome === null);
+    const open = this.mobility.list().filter((x) => x.vm === name && x.outcome === null);
+    // A fan-out or pre-warm lists its own row and one per destination: name the whole one.
+    const m = open.find((x) => x.prewarm !== undefined) ?? open.find((x) => !x.id.includes('~')) ?? open[0];
     if (m === undefined && !this.migratingIn.has(name)) return;
     const what = m?.prewarm ? 'pre-warming' : 'migrating';
     throw new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${name} is ${what}${m ? ` (${m.id}, ${m.role})` : ' in'}; remove it once that migration has ended${m?.prewarm ? ` (embot prewarm ${name} --cancel stops it)` : ''}`, {

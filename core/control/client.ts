@@ -85,7 +85,8 @@ export class ControlClient {
 
   /** Forgets a VM (`force`: a running one is killed first); see AgentControl.removeVm. */
   removeVm(name: string, options: RemoveVmOptions = {}): Promise<RemovedVm> {
-    return this.request('DELETE', `/v1/vms/${encodeURIComponent(name)}${options.force ? '?force=1' : ''}`);
+    // A body, so the request says JSON like every other change (the server refuses any other type).
+    return this.request('DELETE', `/v1/vms/${encodeURIComponent(name)}${options.force ? '?force=1' : ''}`, {});
   }
 
   vmChecksum(name: string): Promise<VmChecksum> {

@@ -224,7 +224,7 @@ export async function startControlServer(options: ControlServerOptions): Promise
       only('DELETE');
       const force = parseFlag('force', url.searchParams.get('force'));
       if (!control.removeVm) throw notFound(url.pathname);
-      await readJson(req, { allowEmpty: true }); // body unused; still bounded and JSON-typed
+      await readJson(req, { allowEmpty: true }); // body unused; JSON-typed like every change (see readJson)
       return ok(await control.removeVm(decodeSegment(path[1]!), { force }));
     }
     if (path.length === 3 && path[0] === 'vms' && path[2] === 'checksum') {
