@@ -221,9 +221,9 @@ export async function startControlServer(options: ControlServerOptions): Promise
       return { status: 201, body: await control.createVm(body.data) };
     }
     if (path.length === 2 && path[0] === 'vms') {
+      if (!control.removeVm) throw notFound(url.pathname);
       only('DELETE');
       const force = parseFlag('force', url.searchParams.get('force'));
-      if (!control.removeVm) throw notFound(url.pathname);
       await readJson(req, { allowEmpty: true }); // body unused; JSON-typed like every change (see readJson)
       return ok(await control.removeVm(decodeSegment(path[1]!), { force }));
     }
