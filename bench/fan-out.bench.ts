@@ -147,13 +147,14 @@ async function freshVm(a: ControlClient, dirtyRate?: number): Promise<string> {
  * their summaries are journaled), so the rows compare the client's figure.
  */
 /**
- * Stops the migrated VM where it ended up: VMs left running pile up at the destinations, each
- * dirtying its memory on a timer, and load the cores every later run shares (b was half busy by
- * the end of a run before this).
+ * Stops and removes the migrated VM where it ended up (`vm remove --force`: killed, then forgotten
+ * with its embots and events): VMs left running pile up at the destinations, each dirtying its
+ * memory on a timer, and load the cores every later run shares (b was half busy by the end of a run
+ * before the stop); stopped ones still held their 8 MiB each at the winner, costing GC there.
  */
 async function stopWhereItIs(c: Cluster, s: MigrationSummary): Promise<void> {
   const owner = s.outcome === 'completed' ? (s.winner ?? s.to) : 'a';
-  await c.clients[owner]?.vmAction(s.vm, 'stop');
+  await c.clients[owner]?.removeVm(s.vm, { force: true });
 }
 
 async function migrateOnce(c: Cluster, to: string | readonly string[], options: { readonly retries?: number } = {}): Promise<MigrationSummary & { readonly clientMs: number; readonly cpu: readonly number[] }> {
