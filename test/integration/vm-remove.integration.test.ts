@@ -4,6 +4,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
 import { ErrorCodes } from '../../core/errors.ts';
 import type { EmbotInfo, RemovedVm } from '../../core/control/control-api.ts';
+import { ControlClient } from '../../core/control/client.ts';
 import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { AgentProcess, makeSandbox, runCli, sleep, waitFor } from '../harness/agent-process.ts';
 import { Cluster } from '../harness/cluster.ts';
@@ -158,6 +159,29 @@ describe('embot vm remove (sim)', () => {
     expect((await a.client.listVms()).map((v) => [v.name, v.state])).toEqual([['app', 'created']]);
     await waitFor(async () => embotsOf(await a.client.listEmbots(), 'app').length === 2, 10_000, 'embots of app');
     expect((await raw('DELETE', '/v1/vms/app')).status).toBe(200);
+  });
+
+  it('the control token holds for kill and remove: without it 401 and nothing changes; with it (API and CLI --token) they run', { timeout: 120_000 }, async () => {
+    const box = makeSandbox();
+    const token = 'vm-remove-test-token';
+    const a = await AgentProcess.start({ name: 't', dataDir: box.dataDir('t'), pluginsDir: box.pluginsDir, env: { EMBOT_CONTROL_TOKEN: token } });
+    agents.push(a);
+    const client = new ControlClient(a.url, token);
+    await client.createVm({ name: 'app', memory: MiB });
+    await client.vmAction('app', 'start');
+    for (const call of [a.client.vmAction('app', 'kill'), a.client.removeVm('app', { force: true })]) {
+      const e = await rejection(call);
+      expect(e.code).toBe(ErrorCodes.CONTROL_UNAUTHORIZED);
+      expect(e.details).toMatchObject({ status: 401 });
+    }
+    const cliNoToken = await runCli(['vm', 'remove', 'app', '--force', '--agent', a.url], { EMBOT_CONTROL_TOKEN: '' });
+    expect(cliNoToken.code).toBe(1);
+    expect(cliNoToken.stderr).toContain(ErrorCodes.CONTROL_UNAUTHORIZED);
+    expect((await client.listVms()).map((v) => [v.name, v.state])).toEqual([['app', 'running']]);
+    expect((await client.vmAction('app', 'kill')).state).toBe('stopped');
+    const cli = await runCli(['vm', 'remove', 'app', '--token', token, '--agent', a.url]);
+    expect(cli.code).toBe(0);
+    expect(await client.listVms()).toEqual([]);
   });
 
   it('vm kill: stopped with reason kill, and the watchdog leaves it stopped (a crash it restarts)', { timeout: 120_000 }, async () => {
