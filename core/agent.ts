@@ -330,9 +330,13 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       void this.images.reindex().catch(() => {});
       const id = `vm:${e.name}`;
       const scope = this.objects.has(id) ? this.objects.subtree(id).map((x) => x.id) : [id];
-      const ended = this.runtime.detach(scope).then(() => {
-        if (this.objects.has(id)) this.objects.deregister(id, { withDependents: true });
-      });
+      const ended = this.runtime
+        .detach(scope)
+        .then(() => {
+          if (this.objects.has(id)) this.objects.deregister(id, { withDependents: true });
+        })
+        // Reported, not thrown: nobody may be waiting on it (a removal after a migration out).
+        .catch((err: unknown) => log.error(`could not end the management of removed VM ${e.name}`, { error: describeError(err) }));
       // `vm remove` waits for its embots to have ended before it answers.
       this.vmCleanups.set(e.name, ended);
       void ended.finally(() => {

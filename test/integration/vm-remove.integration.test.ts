@@ -225,6 +225,12 @@ describe('embot vm remove (sim)', () => {
     expect(cli.code).toBe(1);
     expect(cli.stderr).toContain(ErrorCodes.VM_BAD_STATE);
     expect((await a.client.listVms()).map((v) => [v.name, v.state])).toEqual([['app', 'running']]);
+    // At the destination the warm copy is no VM of its own to remove.
+    const atB = await rejection(cluster.agent('b').client.removeVm('app', { force: true }));
+    expect(atB.code).toBe(ErrorCodes.VM_UNKNOWN);
+    expect(await cluster.agent('b').client.listVms()).toEqual([]);
+    // …and the pre-warm goes on untouched.
+    expect((await a.client.listMigrations()).find((m) => m.id === id)?.outcome).toBeNull();
 
     await a.client.cancelPrewarm('app');
     await waitFor(async () => (await a.client.listMigrations()).every((m) => m.outcome !== null), 20_000, 'the pre-warm ended');
