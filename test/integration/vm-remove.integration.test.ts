@@ -279,6 +279,18 @@ describe.skipIf(!hasQemu)('embot vm kill / remove (qemu)', () => {
     expect(qemus.live()).toEqual([]);
     expect(await a.client.listVms()).toEqual([]);
     expect(embotsOf(await a.client.listEmbots(), 'g')).toEqual([]);
+
+    // The README's way: vm stop, then vm remove (no --force) of the stopped VM.
+    const hDir = join(root, 'q', 'h');
+    await a.client.createVm({ name: 'h', memory: 32 * MiB });
+    await a.client.vmAction('h', 'start');
+    expect(runningPid(hDir)).toBeGreaterThan(0);
+    await a.client.vmAction('h', 'stop');
+    expect(existsSync(hDir)).toBe(true);
+    expect(await a.client.removeVm('h')).toMatchObject({ name: 'h', was: 'stopped', killed: false, embots: 1 });
+    expect(existsSync(hDir)).toBe(false);
+    expect(qemus.live()).toEqual([]);
+    expect(await a.client.listVms()).toEqual([]);
     expect((await a.client.status()).driver).toBe('qemu');
   });
 });
