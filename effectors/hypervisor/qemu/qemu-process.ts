@@ -5,6 +5,7 @@ import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import { writeGuestImage } from './guest/guest-image.ts';
 import { QmpClient } from './qmp-client.ts';
+import { qemuRamArg } from './ram-size.ts';
 import { checkImage, type QemuVmSpec } from './vm-spec.ts';
 
 export type Accel = 'auto' | 'kvm' | 'tcg';
@@ -140,7 +141,8 @@ export function qemuArgs(o: {
     '-name', `${spec.name},process=qemu-${spec.name}`,
     '-machine', 'pc',
     '-accel', o.accel,
-    '-m', `${spec.memory / (1024 * 1024)}M`,
+    // Not the spec's size exactly: QEMU 7.2 loses pages of a TCG guest when its RAM is a multiple of 256 KiB (ram-size.ts).
+    '-m', qemuRamArg(spec.memory),
     '-smp', String(spec.vcpus),
     '-nodefaults', '-no-user-config', '-display', 'none',
     '-chardev', `socket,id=qmp,path=${f.qmp},server=on,wait=off`,
