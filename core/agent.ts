@@ -629,6 +629,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     const events = this.sensors.journaledFor(scope);
     this.sensors.drop(scope);
     this.runtime.forget(scope);
+    this.images.forgetVm(name);
     return { name, removed: true, was: vm.state, killed: live, embots, events };
   }
 

@@ -458,6 +458,11 @@ export class ImageService {
     return { image, ...(manifest === undefined ? {} : { manifest }) };
   }
 
+  /** Forgets the image of a VM removed here (`vm remove`): a VM created again under its name starts without it. */
+  forgetVm(vm: string): void {
+    this.o.db.prepare('DELETE FROM meta WHERE key IN (?, ?)').run(`images.vm.${vm}`, `images.vmManifest.${vm}`);
+  }
+
   /** Remembers a VM created here on `image`, with the manifest id this host has of it now. */
   setVmImage(vm: string, image: string): VmImageRef {
     const m = this.index.manifest(image);

@@ -160,6 +160,18 @@ describe('images across real agents', () => {
     const info = JSON.parse(moved.stdout) as { outcome: string; peer: string; reason?: string };
     expect(info.outcome, info.reason).toBe('completed');
     expect(info.peer).toBe('a');
+
+    // A removed VM's image is forgotten: the same name created again without --image has none to place.
+    expect((await runCli(['vm', 'create', 'web-2', '--image', 'web.img', '--memory', '16M', '--agent', b])).code).toBe(0);
+    const placed = await runCli(['place', 'web-2', '--json', '--agent', b]);
+    expect(placed.code, placed.stderr).toBe(0);
+    const removed = await runCli(['vm', 'remove', 'web-2', '--agent', b]);
+    expect(removed.code, removed.stderr).toBe(0);
+    expect((await runCli(['vm', 'create', 'web-2', '--memory', '16M', '--agent', b])).code).toBe(0);
+    const unplaced = await runCli(['place', 'web-2', '--json', '--agent', b]);
+    expect(unplaced.code).toBe(1);
+    expect(unplaced.stderr).toMatch(/EMBOT_ERR_\w+/);
+    expect(unplaced.stderr).not.toContain('web.img');
   }, 60_000);
 
   it('bad input: an unknown image, a BlockFetch that is not hashes, an index update unauthenticated or from a non-member; the agent keeps serving', async () => {
