@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { RAM_PAD_BYTES } from '../../effectors/hypervisor/qemu/ram-size.ts';
+import { qemuRamBytes } from '../../effectors/hypervisor/qemu/ram-size.ts';
 
 /**
  * How much of a QEMU's guest RAM is resident, in bytes: for an incoming QEMU, how far the
@@ -8,7 +8,7 @@ import { RAM_PAD_BYTES } from '../../effectors/hypervisor/qemu/ram-size.ts';
  * record to pass a mark SIGSTOPped a destination that had already taken the whole stream).
  *
  * The guest RAM is the one mapping of exactly the size QEMU was given: the spec's `memoryBytes`
- * plus the driver's pad (ram-size.ts; QEMU aligns it; glibc's 64 MiB malloc arenas are that less
+ * plus the driver's pad under TCG, which every test runs (ram-size.ts; QEMU aligns it; glibc's 64 MiB malloc arenas are that less
  * their header, so they never match). Undefined when the
  * process is gone or no such mapping exists (yet).
  */
@@ -19,7 +19,7 @@ export function guestRamResidentBytes(pid: number, memoryBytes: number): number 
   } catch {
     return undefined;
   }
-  const sizeKiB = (memoryBytes + RAM_PAD_BYTES) / 1024;
+  const sizeKiB = qemuRamBytes(memoryBytes, 'tcg') / 1024;
   let found: number | undefined;
   // One entry per mapping: a header line "start-end perms …" and its "Key: value kB" fields.
   for (const entry of smaps.split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)) {

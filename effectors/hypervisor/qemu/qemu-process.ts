@@ -141,8 +141,8 @@ export function qemuArgs(o: {
     '-name', `${spec.name},process=qemu-${spec.name}`,
     '-machine', 'pc',
     '-accel', o.accel,
-    // Not the spec's size exactly: QEMU 7.2 loses pages of a TCG guest when its RAM is a multiple of 256 KiB (ram-size.ts).
-    '-m', qemuRamArg(spec.memory),
+    // Not the spec's size exactly under TCG: QEMU 7.2 loses pages of a TCG guest when its RAM is a multiple of 256 KiB (ram-size.ts).
+    '-m', qemuRamArg(spec.memory, o.accel),
     '-smp', String(spec.vcpus),
     '-nodefaults', '-no-user-config', '-display', 'none',
     '-chardev', `socket,id=qmp,path=${f.qmp},server=on,wait=off`,

@@ -1,5 +1,6 @@
 /**
- * The RAM size QEMU is started with for a VM: its spec's memory plus {@link RAM_PAD_BYTES}.
+ * The RAM size QEMU is started with for a VM: under TCG its spec's memory plus {@link RAM_PAD_BYTES},
+ * under KVM the spec's memory.
  *
  * Why the pad (README "Several destinations / pre-warm with qemu", the lost-pages bug): QEMU 7.2's
  * `cpu_physical_memory_sync_dirty_bitmap` (include/exec/ram_addr.h) has a fast path for a RAM block
@@ -21,8 +22,9 @@
  * (`cpu_physical_memory_test_and_clear_dirty`, which calls `tlb_reset_dirty_range_all` for each
  * page it cleans): correct tracking, whatever the TLB holds. QEMU rounds `-m` up to 8 KiB, so 8 KiB
  * is the smallest pad that stays off the fast path. The guest sees 8 KiB more RAM; source and
- * target both start from the same spec, so their block lengths still match. Under KVM the pad only
- * costs the per-page walk of the bitmap (no TLB is involved).
+ * target both start from the same spec and accelerator, so their block lengths still match (a TCG
+ * QEMU and a KVM one no longer can). Not under KVM: its dirty log does not go through TCG's TLB, and
+ * the per-page path would cost a KVM_CLEAR_DIRTY_LOG per dirty page on every sync.
  */
 
 /** Added to every VM's RAM: not a multiple of 256 KiB, and QEMU keeps sizes in 8 KiB steps. */
@@ -31,7 +33,12 @@ export const RAM_PAD_BYTES = 8 * 1024;
 /** QEMU's sync takes its fast path for a block of a whole number of 64-page bitmap words. */
 export const DIRTY_SYNC_WORD_BYTES = 64 * 4096;
 
-/** The `-m` argument for a VM of `memory` bytes (whole MiB, vm-spec.ts). */
-export function qemuRamArg(memory: number): string {
-  return `${(memory + RAM_PAD_BYTES) / 1024}k`;
+/** The bytes of guest RAM QEMU gets for a VM of `memory` bytes (whole MiB, vm-spec.ts). */
+export function qemuRamBytes(memory: number, accel: 'kvm' | 'tcg'): number {
+  return accel === 'tcg' ? memory + RAM_PAD_BYTES : memory;
+}
+
+/** The `-m` argument for a VM of `memory` bytes. */
+export function qemuRamArg(memory: number, accel: 'kvm' | 'tcg'): string {
+  return `${qemuRamBytes(memory, accel) / 1024}k`;
 }
