@@ -387,7 +387,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
    * One pre-copy of VM `name` over `options.dataPaths`, reading its memory and dirty log through
    * `view` (the driver itself, or one destination's view of a fan-out), `stopVm` at the switch.
    */
-  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>, windowBatches?: (sentBytes: number) => number): Promise<MigrateOutResult> {
+  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>): Promise<MigrateOutResult> {
     const dp = dataPathsOf(name, options);
     const read = preCopy({
       migrationId: dp.migrationId,
@@ -400,7 +400,6 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       ...(dp.requestTimeoutMs === undefined ? {} : { requestTimeoutMs: dp.requestTimeoutMs }),
       ...(options.signal ? { signal: options.signal } : {}),
       ...(options.prewarm ? { hold: options.prewarm } : {}),
-      ...(windowBatches ? { windowBatches } : {}),
       stopVm,
       onProgress: (p) =>
         options.onProgress?.({

@@ -6,26 +6,15 @@
  */
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import type { FanOutSession, MigrateOutOptions, MigrateOutResult } from '../hypervisor-contract.ts';
-import { WINDOW_BATCHES, type PreCopyVm } from './dataplane/precopy-sender.ts';
+import type { PreCopyVm } from './dataplane/precopy-sender.ts';
 
 /** What the session needs of the sim driver. */
 export interface FanOutDriver extends PreCopyVm {
-  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>, windowBatches?: (sentBytes: number) => number): Promise<MigrateOutResult>;
+  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>): Promise<MigrateOutResult>;
   stopForSwitch(name: string): boolean;
   /** The VM, or undefined once it is gone (removed at the source after the switch). */
   get(name: string): unknown;
 }
-
-/**
- * Batches in flight per path of a copy behind the lead (the copy that started first) while the
- * lead runs. n copies sent evenly out of one event loop, on cores the destinations share, all
- * finish at about n × one copy, so the first boot waited for all of them; now the lead goes at
- * about a single migration's pace and the others fill its gaps. Bounded: a follower always has a
- * batch in flight, so it completes; it takes the full window once it has caught up with the lead
- * (a slow lead is not waited for) and once the lead's copy ended, failed or not. Any destination
- * can still win the race.
- */
-export const FOLLOWER_WINDOW_BATCHES = 1;
 
 /** One destination's dirty log: a byte per page, and how many are set. */
 class DirtyLog {
@@ -74,11 +63,6 @@ export class SimFanOutSession implements FanOutSession {
   private readonly rates = new Map<string, number>();
   private readonly baseRate: number;
   private readonly running = new Set<string>();
-  /** The copy that started first (its prepare finished first); chosen once per session. */
-  private lead: string | undefined;
-  private leadEnded = false;
-  /** Page bytes each copy had acknowledged when it last asked for its window. */
-  private readonly sent = new Map<string, number>();
   private closed = false;
 
   constructor(
@@ -98,7 +82,6 @@ export class SimFanOutSession implements FanOutSession {
     if (this.closed) return Promise.reject(new EffectorError(ErrorCodes.MIGRATION_ABORTED, `the fan-out of VM ${this.vm} is closed`));
     if (this.running.has(destination)) return Promise.reject(new EffectorError(ErrorCodes.VM_BAD_STATE, `VM ${this.vm} is already copying to ${destination}`));
     this.running.add(destination);
-    this.lead ??= destination;
     const view: PreCopyVm = {
       pages: (name) => this.driver.pages(name),
       takeDirty: () => {
@@ -116,14 +99,8 @@ export class SimFanOutSession implements FanOutSession {
       await options.beforeSwitchover?.();
       this.driver.stopForSwitch(this.vm);
     };
-    const windowBatches = (sentBytes: number): number => {
-      this.sent.set(destination, sentBytes);
-      if (this.leadEnded || this.lead === destination) return WINDOW_BATCHES;
-      return sentBytes <= (this.sent.get(this.lead!) ?? 0) ? FOLLOWER_WINDOW_BATCHES : WINDOW_BATCHES;
-    };
-    return this.driver.runPreCopy(this.vm, options, view, stopVm, windowBatches).finally(() => {
+    return this.driver.runPreCopy(this.vm, options, view, stopVm).finally(() => {
       this.running.delete(destination);
-      if (this.lead === destination) this.leadEnded = true;
       this.rates.delete(destination);
       this.applyRate();
     });

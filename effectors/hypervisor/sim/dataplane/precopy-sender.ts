@@ -96,11 +96,6 @@ export interface PreCopyOptions {
    * `maxRounds`, and auto-converge waits for the lift (throttling a guest for minutes is no warm-up).
    */
   readonly hold?: PrewarmHold;
-  /**
-   * Batches in flight per path, asked before each send with the page bytes acknowledged so far;
-   * default WINDOW_BATCHES. A fan-out gives a copy behind its lead a smaller window (sim-fan-out.ts).
-   */
-  readonly windowBatches?: (sentBytes: number) => number;
 }
 
 /** Pause between two held rounds that found nothing dirtied. */
@@ -283,7 +278,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
   const striper = new Striper(o.paths, {
     migrationId: o.migrationId,
     build,
-    windowBytes: o.windowBatches ? () => o.windowBatches!(sentBytes) * cfg.pagesPerBatch * pageSize : WINDOW_BATCHES * cfg.pagesPerBatch * pageSize,
+    windowBytes: WINDOW_BATCHES * cfg.pagesPerBatch * pageSize,
     ...(o.requestTimeoutMs !== undefined ? { requestTimeoutMs: o.requestTimeoutMs } : {}),
     onAck: (batch) => {
       sentBytes += batch.bytes;

@@ -50,8 +50,8 @@ export interface StriperOptions {
    */
   readonly build: (batch: Batch, path: string) => RequestBody<'PageBatch'>;
   readonly requestTimeoutMs?: number;
-  /** Page bytes in flight per path; a function is asked before each send (a fan-out's follower copy, sim-fan-out.ts). */
-  readonly windowBytes: number | (() => number);
+  /** Page bytes in flight per path. */
+  readonly windowBytes: number;
   /** Refusals of one batch before the migration fails (the first send plus this many minus one re-sends). */
   readonly maxRejections?: number;
   readonly onAck?: (batch: Batch, path: string) => void;
@@ -220,16 +220,11 @@ export class Striper {
     for (const s of this.states) if (s.queue.length > 0) this.pump(s).catch((e: unknown) => this.fail(e));
   }
 
-  private window(): number {
-    const w = this.o.windowBytes;
-    return typeof w === 'number' ? w : w();
-  }
-
   private async pump(s: PathState): Promise<void> {
     if (s.pumping) return;
     s.pumping = true;
     try {
-      while (!s.failed && this.fatal === undefined && s.queue.length > 0 && (s.inflightBytes === 0 || s.inflightBytes + s.queue[0]!.bytes <= this.window())) {
+      while (!s.failed && this.fatal === undefined && s.queue.length > 0 && (s.inflightBytes === 0 || s.inflightBytes + s.queue[0]!.bytes <= this.o.windowBytes)) {
         const batch = s.queue[0]!;
         // The batch stays queued while the bucket paces it, so a path failing meanwhile hands it on.
         if (s.bucket) await s.bucket.take(batch.bytes);
