@@ -80,7 +80,9 @@ describe.skipIf(!run)('qemu migration settings: set when the QEMU starts, only d
     // The preset (auto-converge off, downtime 300 ms) went at start; the refresh asked for here runs.
     const sent = recordCommands(source.qmp('cold-1')!);
     await source.stats('cold-1');
-    await new Promise((r) => setTimeout(r, 400));
+    // The refresh starts 250 ms later and asks query-dirty-rate first; under load its reply can take
+    // a while before calc-dirty-rate goes (CI, 08:05 run): waited for, not a fixed sleep.
+    for (let i = 0; i < 100 && !sent.some((c) => c.command === 'calc-dirty-rate'); i++) await new Promise((r) => setTimeout(r, 100));
     expect(sent.map((c) => c.command)).toContain('calc-dirty-rate');
     const { endpoint } = await target.prepareIncoming(spec('cold-1'));
     sent.length = 0;

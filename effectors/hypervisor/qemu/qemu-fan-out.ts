@@ -239,7 +239,6 @@ export class QemuFanOutSession implements FanOutSession {
     e.settled = true;
     e.resolve(result);
   }
-
 }
 
 /** A relayed copy with more than one channel: refused (one relay carries one QEMU channel). */
