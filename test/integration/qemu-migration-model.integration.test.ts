@@ -57,12 +57,14 @@ describe('qemu migration model file (bad input)', () => {
     const c = d.calibration(2);
     expect(c?.samples.map((s) => s.vm)).toEqual(['a', 'c', 'e']);
     expect(c?.copyRateBytesPerSec).toBe(200e6);
-    expect(c?.fixedMs).toBe(20);
+    // One size: no fixed cost of the stream; QEMU's setup (median 20 ms for 64 MiB of RAM) per byte of RAM.
+    expect(c?.fixedMs).toBe(0);
+    expect(c!.setupMsPerRamByte * 64 * MiB).toBeCloseTo(20, 9);
     expect(d.calibration(4)).toBeUndefined();
     expect(d.calibration(0)).toBeUndefined();
     await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
     const hints = await d.capabilities.migrationModel!.estimateHints('v', { channels: 2 });
-    expect(hints).toMatchObject({ copyRateBytesPerSec: 200e6, fixedMs: 20 });
+    expect(hints).toMatchObject({ copyRateBytesPerSec: 200e6, fixedMs: expect.closeTo(20, 9) });
     // No samples for 1 channel: nothing borrowed from another channel count.
     expect((await d.capabilities.migrationModel!.estimateHints('v')).copyRateBytesPerSec).toBeUndefined();
   });
@@ -77,8 +79,8 @@ describe('qemu migration model file (bad input)', () => {
     expect(c.copyRateBytesPerSec).toBeCloseTo(MiB * 1000, 3);
     expect(c.zeroPageCost).toBeCloseTo(0.5, 9);
     await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
-    // Their sizes span 3×: the fixed cost is fitted from the whole moves (5 ms of setup each), no longer the setup's median.
-    expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ zeroPageCost: expect.closeTo(0.5, 9), fixedMs: expect.closeTo(5, 9) });
+    // The streams have no fixed part; QEMU's setup (5 ms each) scales with RAM: 5 ms per 300 MiB (the median sample), 64 MiB here.
+    expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ zeroPageCost: expect.closeTo(0.5, 9), fixedMs: expect.closeTo((64 * 5) / 300, 6) });
   });
 
   it('the zero-page cost is fitted over every channel count: the first samples of a count (dense guests only) already have it', async () => {
@@ -97,11 +99,15 @@ describe('qemu migration model file (bad input)', () => {
     writeFileSync(join(root, 'migration-model.json'), JSON.stringify({ version: 1, byChannels: { '1': [at('a', 2), at('b', 2), at('c', 2)], '2': [at('x', -3), at('y', 'high'), at('z', 0.5)] } }));
     // Calibrated at factor 2: twice as fast on an idle host; at factor 4 now: half the calibrated rate.
     const d = driver(root, 4);
-    expect(d.calibration(1)).toMatchObject({ copyRateBytesPerSec: 200e6, fixedMs: 5 });
+    expect(d.calibration(1)).toMatchObject({ copyRateBytesPerSec: 200e6, fixedMs: 0 });
+    // QEMU's setup does not depend on the channels: every count's samples give it, each at its factor
+    // (1 channel: 10 ms at 2 → 5; 2 channels: 10 ms at 1), the median 7.5 ms per 64 MiB, 30 ms at factor 4 now.
+    expect(d.calibration(1)!.setupMsPerRamByte * 64 * MiB).toBeCloseTo(7.5, 9);
     await d.create({ name: 'v', memory: 64 * MiB, vcpus: 1 });
-    expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ copyRateBytesPerSec: 50e6, fixedMs: 20 });
+    expect(await d.capabilities.migrationModel!.estimateHints('v')).toMatchObject({ copyRateBytesPerSec: 50e6, fixedMs: expect.closeTo(30, 9) });
     expect(d.calibration(2)?.samples.map((x) => x.loadFactor)).toEqual([undefined, undefined, undefined]);
-    expect(d.calibration(2)).toMatchObject({ copyRateBytesPerSec: 100e6, fixedMs: 10 });
+    expect(d.calibration(2)).toMatchObject({ copyRateBytesPerSec: 100e6, fixedMs: 0 });
+    expect(d.calibration(2)!.setupMsPerRamByte * 64 * MiB).toBeCloseTo(7.5, 9);
   });
 
   it('recordEndToEnd corrects the newest sample of the VM, whatever its channel count (a VM moved with 1 channel before and with 2 now)', () => {

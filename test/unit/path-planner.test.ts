@@ -558,29 +558,34 @@ describe('the qemu stream model the planner is given: a fixed cost per move plus
   it('two sizes (155 MiB in 92 ms, 319 MiB in 140 ms): 320 MiB is planned near 140 ms, where the rate-only model says ~160', async () => {
     const samples = [s(155, 92), s(319, 140)];
     const plan = await planned({ '1': samples }, 320);
-    // The line through both: 46.6 ms + 0.293 ms/MiB.
-    expect(plan.estimate.totalMs).toBeCloseTo(46.6 + (320 * 48) / 164, 0);
+    // The line through both streams (setup, 2 ms each, apart): 44.6 ms + 0.293 ms/MiB; QEMU's setup scaled to the VM's RAM.
+    const setupPerMiB = (2 / 155 + 2 / 319) / 2;
+    expect(plan.estimate.totalMs).toBeCloseTo(90 - (155 * 48) / 164 + (320 * 48) / 164 + 320 * setupPerMiB, 6);
     expect(plan.decisions[0]!.reason).toContain('least-squares fit');
     const fit = fitStream(new Map([[1, samples]]), 1)!;
-    expect(fit).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(92 - (155 * 48) / 164, 6), zeroPageCost: 0 });
+    expect(fit).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(90 - (155 * 48) / 164, 6), zeroPageCost: 0 });
+    expect(fit.setupMsPerRamByte * MiB).toBeCloseTo(setupPerMiB, 9);
     // The model of before folds the fixed part into the rate: 20 ms more for this VM, and more the larger it is.
     const rateOnly = fitStream(new Map([[1, samples]]), 1, { fixedCost: false })!;
     expect(rateOnly.kind).toBe('per-byte');
     expect(rateOnly.fixedMs + (320 * MiB * 1000) / rateOnly.copyRateBytesPerSec).toBeGreaterThan(155);
   });
 
-  it('one size only: the median rate and QEMU\'s setup time, as before (no fixed cost can be told from one size)', async () => {
+  it('one size only: the median rate and QEMU\'s setup per byte of RAM (no fixed cost of the stream can be told from one size)', async () => {
     const samples = [s(155, 92), s(155, 82), s(150, 102)];
     const fit = fitStream(new Map([[1, samples]]), 1)!;
     expect(fit.kind).toBe('per-byte');
-    expect(fit.fixedMs).toBe(2);
+    expect(fit.fixedMs).toBe(0);
+    expect(fit.setupMsPerRamByte * MiB).toBeCloseTo(2 / 155, 9);
     expect(fit.copyRateBytesPerSec).toBeCloseTo(((155 * MiB) / 90) * 1000, 0);
     expect(spansSizes(samples)).toBe(false);
     expect(spansSizes([s(100, 50), s(149, 60)])).toBe(false);
     expect(spansSizes([s(100, 50), s(150, 60)])).toBe(true);
     const plan = await planned({ '1': samples }, 320);
-    expect(plan.estimate.totalMs).toBeCloseTo(2 + ((320 * MiB) / fit.copyRateBytesPerSec) * 1000, 6);
-    expect(plan.decisions[0]!.reason).toContain('medians of the last 3');
+    expect(plan.estimate.totalMs).toBeCloseTo((320 * 2) / 155 + ((320 * MiB) / fit.copyRateBytesPerSec) * 1000, 6);
+    expect(plan.decisions[0]!.reason).toContain('median of the last 3');
+    // The rate-only model of before keeps QEMU's setup as one fixed figure, whatever the VM's RAM.
+    expect(fitStream(new Map([[1, samples]]), 1, { fixedCost: false })).toMatchObject({ fixedMs: 2, setupMsPerRamByte: 0 });
   });
 
   it('three shapes (dense small, dense large, sparse): fixed cost, per-byte cost and zero-page cost apart, and the VM with zero pages planned on all three', async () => {
@@ -588,9 +593,10 @@ describe('the qemu stream model the planner is given: a fixed cost per move plus
     const t = (sent: number, zero: number): number => 40 + 0.3 * sent + 0.15 * zero;
     const samples = [s(63, t(63, 193), 193), s(379, t(379, 4), 4), s(155, t(155, 5), 5)];
     const fit = fitStream(new Map([[1, samples]]), 1)!;
-    expect(fit).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(40, 6), copyRateBytesPerSec: expect.closeTo((MiB * 1000) / 0.3, 0), zeroPageCost: expect.closeTo(0.5, 6) });
+    // Each sample's 2 ms of setup is apart from its stream: F is 38; the setup, 2 ms per 256 MiB of RAM (the median sample), is the VM's.
+    expect(fit).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(38, 6), copyRateBytesPerSec: expect.closeTo((MiB * 1000) / 0.3, 0), zeroPageCost: expect.closeTo(0.5, 6) });
     const plan = await planned({ '1': samples }, 512, 320);
-    expect(plan.estimate.totalMs).toBeCloseTo(t(320, 192), 3);
+    expect(plan.estimate.totalMs).toBeCloseTo(t(320, 192) - 2 + (512 * 2) / 256, 3);
   });
 
   it('the zero-page cost is shared by every channel count; each count has its own fixed and per-byte cost', () => {
@@ -600,14 +606,14 @@ describe('the qemu stream model the planner is given: a fixed cost per move plus
       [1, [s(63, t1(63, 193), 193), s(379, t1(379, 4), 4), s(155, t1(155, 5), 5)]],
       [2, [s(379, t2(379, 4), 4), s(155, t2(155, 5), 5)]],
     ]);
-    expect(fitStream(groups, 2)).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(60, 6), copyRateBytesPerSec: expect.closeTo((MiB * 1000) / 0.2, 0), zeroPageCost: expect.closeTo(0.75, 6) });
+    expect(fitStream(groups, 2)).toMatchObject({ kind: 'fixed+per-byte', fixedMs: expect.closeTo(58, 6), copyRateBytesPerSec: expect.closeTo((MiB * 1000) / 0.2, 0), zeroPageCost: expect.closeTo(0.75, 6) });
   });
 
   it('a fit whose fixed cost comes out below 0 is noise: that count goes back to the median rate', () => {
     // 155 MiB in 60 ms and 319 MiB in 180 ms: a line through them starts at -53 ms.
     const fit = fitStream(new Map([[1, [s(155, 60), s(319, 180)]]]), 1)!;
     expect(fit.kind).toBe('per-byte');
-    expect(fit.fixedMs).toBe(2);
+    expect(fit.fixedMs).toBe(0);
   });
 
   it('a slow sample that would put all of a move in its fixed cost, or a zero page beyond the contract\'s bound, is not taken as the model (06:37 quiet: the first move, 146 ms for 63 MiB)', () => {
@@ -624,7 +630,8 @@ describe('the qemu stream model the planner is given: a fixed cost per move plus
     // Taken at factor 4, now 1: every time a quarter.
     const samples = [s(155, 4 * 92, 0, 4), s(319, 4 * 140, 0, 4)];
     const fit = fitStream(new Map([[1, samples]]), 1)!;
-    expect(fit.fixedMs).toBeCloseTo(46.6, 1);
+    // The streams (sendMs) are scaled: (4·92 − 2) / 4 = 91.5 and 139.5 ms.
+    expect(fit.fixedMs).toBeCloseTo(91.5 - (155 * 48) / 164, 6);
     const plan = await planned({ '1': samples }, 320);
     expect(plan.estimate.totalMs).toBeCloseTo(140.3, 0);
   });

@@ -422,13 +422,14 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const parts = [
       c === undefined
         ? `no migration out with ${channels} channel(s) yet (copy rate unknown)`
-        : `${c.kind === 'fixed+per-byte' ? 'fixed cost and copy rate: least-squares fit over' : 'copy rate and fixed cost: medians of'} the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')}), ` +
+        : `QEMU's setup ${(c.setupMsPerRamByte * MiB).toFixed(3)} ms per MiB of RAM; ${c.kind === 'fixed+per-byte' ? 'fixed cost and copy rate: least-squares fit over' : 'copy rate: median of'} the last ${c.samples.length} migration(s) out with ${channels} channel(s) (${c.samples.map((x) => x.vm).join(', ')}), ` +
           `each at its host load factor (${c.samples.map((x) => (x.loadFactor ?? 1).toFixed(1)).join(', ')}), scaled to the factor now (${load.toFixed(1)})`,
       vm.nonZero === undefined ? 'non-zero pages not counted' : `non-zero pages counted at ${new Date(vm.nonZero.at).toISOString()}`,
     ];
     return {
       ...(vm.nonZero === undefined ? {} : { nonZeroBytes: vm.nonZero.bytes }),
-      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec / load, fixedMs: c.fixedMs * load, zeroPageCost: c.zeroPageCost }),
+      // QEMU's setup grows with the guest's RAM (stream-fit.ts): its part of the fixed cost is this VM's.
+      ...(c === undefined ? {} : { copyRateBytesPerSec: c.copyRateBytesPerSec / load, fixedMs: (c.fixedMs + c.setupMsPerRamByte * vm.spec.memory) * load, zeroPageCost: c.zeroPageCost }),
       source: `qemu: ${parts.join('; ')}`,
     };
   }

@@ -2,10 +2,14 @@
  * The qemu driver's model of its own migration stream, fitted to the migrations it made: a move of
  * a VM with N non-zero bytes and Z zero-page bytes over c channels takes
  *
- *   T = F_c + a_c·N + b·Z   (ms, on an idle host)
+ *   T = s·R + F_c + a_c·N + b·Z   (ms, on an idle host)
  *
- * F_c is the fixed cost of a move (channel setup, the switch, the target's commit), a_c the time per
- * non-zero byte, b the time per skipped zero-page byte. A rate-only model folds F into a_c, so a
+ * s·R is QEMU's setup, proportional to the guest's RAM R (its dirty log started and synced over
+ * every page: under TCG the RAM pad of ram-size.ts sends each sync down QEMU's per-page path, ~0.33
+ * ms per MiB of RAM here, 163 ms for a 512 MiB guest whatever it holds; quiet run of 2026-12-06
+ * 08:21, BENCHMARKS "planner's estimate"). F_c is the fixed cost of the stream (channel setup, the
+ * switch, the target's commit), a_c the time per non-zero byte, b the time per skipped zero-page
+ * byte. A rate-only model folds F into a_c, so a
  * calibration guest smaller than the VM moved gives too slow a rate (quiet: 155 MiB in 92 ms and
  * 319 MiB in 123–154 ms are ~40 ms + ~3 GB/s, not 1.7 GB/s; BENCHMARKS "planner's estimate").
  */
@@ -31,11 +35,14 @@ export interface StreamFit {
   readonly copyRateBytesPerSec: number;
   /** A zero page's time as a share of a full page's, 0..MAX_ZERO_PAGE_COST. */
   readonly zeroPageCost: number;
+  /** The stream's fixed cost F_c (the fitted model), or QEMU's median setup time (the rate-only model). */
   readonly fixedMs: number;
+  /** QEMU's setup per byte of guest RAM, ms (0 in the rate-only model, whose fixedMs is the setup). */
+  readonly setupMsPerRamByte: number;
   /**
    * `fixed+per-byte`: F_c and a_c fitted by least squares (the count's samples span sizes);
-   * `per-byte`: the median time per non-zero byte, F_c the median of QEMU's setup time (one size, or
-   * a fit that came out with F < 0, F as long as the shortest move, or a ≤ 0).
+   * `per-byte`: the median time per non-zero byte and no F_c (one size, or a fit that came out with
+   * F < 0, F as long as the shortest stream, or a ≤ 0).
    */
   readonly kind: 'fixed+per-byte' | 'per-byte';
 }
@@ -67,7 +74,12 @@ export function fitStream(given: ReadonlyMap<number, readonly StreamSample[]>, c
   // A sample with no bytes or no time (a hand-edited model file) says nothing a fit could use.
   const groups = new Map([...given].map(([c, xs]) => [c, xs.filter(isUsable)] as const).filter(([, xs]) => xs.length > 0));
   const mine = groups.get(channels) ?? [];
-  if (mine.length === 0) return { copyRateBytesPerSec: medianOf(raw.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0, fixedMs: setupMs(raw), kind: 'per-byte' };
+  if (mine.length === 0) return { copyRateBytesPerSec: medianOf(raw.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0, fixedMs: setupMs(raw), setupMsPerRamByte: 0, kind: 'per-byte' };
+  // The rate-only model of before: QEMU's median setup as the fixed cost, whatever the guest's size.
+  const rateOnly = options.fixedCost === false;
+  // Setup does not depend on the channels (QEMU's migration thread, before multifd): every count's samples tell it.
+  const setup = rateOnly ? 0 : setupPerRamByte([...groups.values()].flat());
+  const noF = rateOnly ? setupMs(mine) : 0;
   const counts = [...groups.keys()].sort((x, y) => x - y);
   const spanning = options.fixedCost === false ? [] : counts.filter((c) => spansSizes(groups.get(c)!));
 
@@ -85,9 +97,9 @@ export function fitStream(given: ReadonlyMap<number, readonly StreamSample[]>, c
       // A zero page costing more than the contract's bound against a count's byte time is noise
       // (a slow sample taken for zero pages' cost, the rate then near infinite): not this variant.
       if (v.withB && [...withF].some((c) => sol.b > MAX_ZERO_PAGE_COST * sol.a.get(c)!)) break;
-      // A fixed cost below 0, or as long as a whole move of the count, or no time per byte, is
+      // A fixed cost below 0, or as long as a whole stream of the count, or no time per byte, is
       // noise, not a stream: that count goes per-byte.
-      const bad = [...withF].filter((c) => sol.f.get(c)! < 0 || sol.f.get(c)! >= shortestMove(groups.get(c)!) || !(sol.a.get(c)! > 0));
+      const bad = [...withF].filter((c) => sol.f.get(c)! < 0 || sol.f.get(c)! >= shortestStream(groups.get(c)!) || !(sol.a.get(c)! > 0));
       if (bad.length > 0) {
         withF = new Set([...withF].filter((c) => !bad.includes(c)));
         if (withF.size === 0) break; // no fixed cost left to fit: the next variant
@@ -98,16 +110,16 @@ export function fitStream(given: ReadonlyMap<number, readonly StreamSample[]>, c
       const b = v.withB ? sol.b : 0;
       if (withF.has(channels)) {
         const a = sol.a.get(channels)!;
-        return { copyRateBytesPerSec: 1000 / a, zeroPageCost: Math.min(MAX_ZERO_PAGE_COST, b / a), fixedMs: sol.f.get(channels)!, kind: 'fixed+per-byte' };
+        return { copyRateBytesPerSec: 1000 / a, zeroPageCost: Math.min(MAX_ZERO_PAGE_COST, b / a), fixedMs: sol.f.get(channels)!, setupMsPerRamByte: setup, kind: 'fixed+per-byte' };
       }
       const perByte = medianOf(mine.map((x) => (sendMs(x) - b * x.zeroBytes) / x.sentBytes));
       // A count whose copy is much faster than the zero pages' cost (multifd copying dense pages in
       // parallel) keeps the most the contract allows: dropping the zero pages' cost would be worse.
-      if (perByte > 0) return { copyRateBytesPerSec: 1000 / perByte, zeroPageCost: Math.min(MAX_ZERO_PAGE_COST, b / perByte), fixedMs: setupMs(mine), kind: 'per-byte' };
+      if (perByte > 0) return { copyRateBytesPerSec: 1000 / perByte, zeroPageCost: Math.min(MAX_ZERO_PAGE_COST, b / perByte), fixedMs: noF, setupMsPerRamByte: setup, kind: 'per-byte' };
       break;
     }
   }
-  return { copyRateBytesPerSec: medianOf(mine.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0, fixedMs: setupMs(mine), kind: 'per-byte' };
+  return { copyRateBytesPerSec: medianOf(mine.map((x) => x.copyRateBytesPerSec * (x.loadFactor ?? 1))), zeroPageCost: 0, fixedMs: noF, setupMsPerRamByte: setup, kind: 'per-byte' };
 }
 
 /** True when two of the samples' non-zero sizes differ by {@link SIZE_SPAN}× or more. */
@@ -123,9 +135,8 @@ interface Solution {
 }
 
 /**
- * Least squares of the model with F for the counts in `withF` (their samples' whole move is the
- * measure) and b when `withB`; a count without F is fitted on its sending time alone (its setup is
- * taken as measured). Undefined when a column is collinear with those before it.
+ * Least squares of the stream's model (QEMU's setup apart: it is s·R) with F for the counts in
+ * `withF` and b when `withB`. Undefined when a column is collinear with those before it.
  */
 function solveModel(groups: ReadonlyMap<number, readonly StreamSample[]>, counts: readonly number[], withF: ReadonlySet<number>, withB: boolean): Solution | undefined {
   const cols: { readonly kind: 'a' | 'f' | 'b'; readonly count: number }[] = [];
@@ -140,7 +151,7 @@ function solveModel(groups: ReadonlyMap<number, readonly StreamSample[]>, counts
     for (const x of groups.get(c)!) {
       const l = x.loadFactor ?? 1;
       rows.push(cols.map((col) => (col.kind === 'b' ? x.zeroBytes : col.count !== c ? 0 : col.kind === 'a' ? x.sentBytes : 1)));
-      ys.push(withF.has(c) ? (x.fixedMs + x.sendMs) / l : x.sendMs / l);
+      ys.push(x.sendMs / l);
     }
   }
   const beta = leastSquares(rows, ys);
@@ -202,9 +213,14 @@ function isUsable(x: StreamSample): boolean {
   return ok(x.sentBytes) && x.sentBytes > 0 && ok(x.sendMs) && x.sendMs > 0 && ok(x.zeroBytes) && ok(x.fixedMs) && Number.isFinite(x.loadFactor ?? 1) && (x.loadFactor ?? 1) > 0;
 }
 
-/** The shortest whole move (setup + sending) of the samples, ms on an idle host. */
-function shortestMove(xs: readonly StreamSample[]): number {
-  return Math.min(...xs.map((x) => (x.fixedMs + x.sendMs) / (x.loadFactor ?? 1)));
+/** The shortest stream (setup left out) of the samples, ms on an idle host. */
+function shortestStream(xs: readonly StreamSample[]): number {
+  return Math.min(...xs.map((x) => x.sendMs / (x.loadFactor ?? 1)));
+}
+
+/** QEMU's setup per byte of the guest's RAM (its non-zero and zero pages), median over the samples, ms on an idle host. */
+function setupPerRamByte(xs: readonly StreamSample[]): number {
+  return medianOf(xs.map((x) => x.fixedMs / (x.loadFactor ?? 1) / (x.sentBytes + x.zeroBytes)));
 }
 
 function sendMs(x: StreamSample): number {
