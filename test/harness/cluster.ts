@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { freeLoopbackPort } from '../../core/cli/free-port.ts';
-import { AgentProcess, FIXTURE_PLUGINS, SHIPPED_PLUGINS } from './agent-process.ts';
+import { AgentProcess, FIXTURE_PLUGINS, SHIPPED_PLUGINS, waitFor } from './agent-process.ts';
 import type { MigrationInfo } from '../../core/mobility/migration-record.ts';
 import { makeTlsFixture, type TlsFixture } from './cluster-tls.ts';
 
@@ -103,6 +103,14 @@ export class Cluster {
   async kill(name: string): Promise<void> {
     await this.agents.get(name)?.kill();
     this.agents.delete(name);
+  }
+
+  /** Waits until no agent of the cluster lists a migration without an outcome (after a restart, recovery settled every one). */
+  async untilMigrationsSettled(timeoutMs: number, what = 'every migration settled after the restart'): Promise<void> {
+    await waitFor(async () => {
+      for (const n of this.names) if ((await this.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
+      return true;
+    }, timeoutMs, what);
   }
 
   /** The peer port agent `name` listens on. */

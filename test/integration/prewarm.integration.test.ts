@@ -212,10 +212,7 @@ describe('pre-warm', () => {
     await c.kill('a');
     await c.startAgent('a');
     const a2 = c.agent('a');
-    await waitFor(async () => {
-      for (const n of c.names) if ((await c.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
-      return true;
-    }, 60_000, 'every migration settled after the restart');
+    await c.untilMigrationsSettled(60_000);
     const row = (await a2.client.listMigrations()).find((m) => m.id === id)!;
     expect(row.outcome).toBe('aborted');
     for (const n of ['b', 'c']) await expectClean(c.agent(n));
@@ -243,10 +240,7 @@ describe('pre-warm', () => {
     c.agents.delete('a');
     await c.startAgent('a');
     const a2 = c.agent('a');
-    await waitFor(async () => {
-      for (const n of c.names) if ((await c.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
-      return true;
-    }, 60_000, 'every migration settled after the restart');
+    await c.untilMigrationsSettled(60_000);
     const rows = await a2.client.listMigrations();
     expect(rows.find((m) => m.id === id)?.outcome).toBe('aborted');
     // b was the journaled winner: asked after the restart, it had not committed (it discarded when asked).

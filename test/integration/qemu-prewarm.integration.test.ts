@@ -244,10 +244,7 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     await c.kill('a');
     await c.startAgent('a');
     const a2 = c.agent('a');
-    await waitFor(async () => {
-      for (const n of c.names) if ((await c.agent(n).client.listMigrations()).some((m) => m.outcome === null)) return undefined;
-      return true;
-    }, 120_000, 'every migration settled after the restart');
+    await c.untilMigrationsSettled(120_000);
     expect((await a2.client.listMigrations()).find((m) => m.id === id)?.outcome).toBe('aborted');
     for (const n of ['b', 'c']) await expectClean(c.agent(n));
     await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at a left');
