@@ -133,8 +133,6 @@ describe.skipIf(!run)("qemu migration progress through the stop-and-copy (QEMU's
       }),
     });
     const a = cluster.agent('a');
-    const image = join(root, 'filled-guest.img');
-    writeGuestImage(image, { delayLoops: 0, passes: 1, halt: true });
     /**
      * One migration of a fresh VM, its destination QEMU stopped as soon as the source's record says the VM is paused
      * for the switch (or its final pass began): the rest of the stream then waits on it, as on a destination that
@@ -142,6 +140,9 @@ describe.skipIf(!run)("qemu migration progress through the stop-and-copy (QEMU's
      * loopback socket's buffers: the 5 ms poll cannot always win that race on a loaded machine); the caller tries again.
      */
     const attempt = async (vm: string): Promise<{ readonly id: string; readonly during: MigrationInfo[]; readonly text: string; readonly stopAt: number } | undefined> => {
+      // A boot image per attempt: a missed attempt's VM keeps running at b with its own open (QEMU's write lock).
+      const image = join(root, `filled-guest-${vm}.img`);
+      writeGuestImage(image, { delayLoops: 0, passes: 1, halt: true });
       await a.client.createVm({ name: vm, memory: MEMORY, boot: image });
       await a.client.vmAction(vm, 'start');
       await halted(join(root, 'a', vm));
