@@ -126,6 +126,8 @@ export const ErrorCodes = {
   MIGRATION_NOT_CONVERGED: 'EMBOT_ERR_MIGRATION_NOT_CONVERGED',
   /** A hypervisor migration failed (QEMU reported failure, or the target died). */
   MIGRATION_FAILED: 'EMBOT_ERR_MIGRATION_FAILED',
+  /** The VM's running hypervisor process cannot migrate to a target started now (a QEMU started before the RAM pad): restart the VM once. */
+  VM_RESTART_NEEDED: 'EMBOT_ERR_VM_RESTART_NEEDED',
   /** `migrate --to` names no destination, a blank or repeated one, the source itself or an unknown peer (`details.problem`). */
   DESTINATIONS_INVALID: 'EMBOT_ERR_DESTINATIONS_INVALID',
   /** A migration to several destinations at once (issue 13): the list is valid but this agent does not run the fan-out yet. */

@@ -58,6 +58,8 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.MULTI_DESTINATION_UNSUPPORTED]: 501,
   [ErrorCodes.VM_EXISTS]: 409,
   [ErrorCodes.VM_BAD_STATE]: 409,
+  // The VM's running QEMU does not fit a target started now; a restart of the VM clears it.
+  [ErrorCodes.VM_RESTART_NEEDED]: 409,
   [ErrorCodes.VM_SPEC_INVALID]: 400,
   // The server understood the request; this agent's hypervisor driver cannot do it.
   [ErrorCodes.DRIVER_UNSUPPORTED]: 501,

@@ -25,6 +25,7 @@ import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incomi
 import { QemuFanOutSession } from './qemu-fan-out.ts';
 import { QemuCopyHold, heldParameters, holdMode, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
+import { checkRamForMigration, launchAccel, queryBaseMemory } from './ram-size-check.ts';
 import { fitStream, type StreamFit } from './stream-fit.ts';
 import { exportDisks, startDiskMirror, stopDiskExport, type DiskExport, type DiskMirror } from './disk-mirror.ts';
 import { exportFromWire, exportToWire, faultExportRefused, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from './disk-migration.ts';
@@ -144,6 +145,8 @@ interface Vm {
   nonZero: { readonly bytes: number; readonly at: number } | undefined;
   cpuSample: { readonly at: number; readonly ticks: number } | undefined;
   load: number;
+  /** The guest RAM of a QEMU re-attached at restoreState (not started by this driver), by its pid: migrateOut checks it (ram-size-check.ts). */
+  attachedRam: { readonly pid: number; readonly bytes: number } | undefined;
 }
 
 /**
@@ -666,6 +669,12 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         // A migration out whose agent died goes on in QEMU and would wait at pre-switchover for
         // ever, the VM paused: nobody follows it now, so it is cancelled and the VM runs here again.
         await this.cancelOrphanedMigration(vm, proc);
+        // An older agent may have started it without the RAM pad: its migrations are refused, coded (ram-size-check.ts).
+        const ram = await queryBaseMemory(proc.qmp).catch((e: unknown) => {
+          this.events.emit('vm-event', { name: file.spec.name, event: 'RAM_SIZE_UNKNOWN', data: isEmbotError(e) ? e.toJSON() : { message: describeError(e) } });
+          return undefined;
+        });
+        vm.attachedRam = ram === undefined ? undefined : { pid: proc.pid, bytes: ram };
         const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
         vm.startedAt = Date.now();
         // An incoming VM is 'created' until its commit, also once its memory is in (held paused by -S).
@@ -699,6 +708,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const vm = this.require(name);
     if (vm.state !== 'running' || vm.migrating) throw badState(vm, 'migrate');
     const proc = this.requireProc(name, 'migrate');
+    checkRamForMigration(name, vm.spec.memory, vm.attachedRam?.pid === proc.pid ? vm.attachedRam.bytes : undefined, launchAccel(this.o.accel));
     if (this.o.tls !== undefined && o.targetName === undefined && o.viaLocalRelay !== true) {
       throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `migration of VM ${name} over TLS needs the target agent's name (its certificate must name it)`, { details: { vm: name } });
     }
@@ -1310,6 +1320,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       nonZero: undefined,
       cpuSample: undefined,
       load: 0,
+      attachedRam: undefined,
     };
     this.vms.set(spec.name, vm);
     if (write) {
