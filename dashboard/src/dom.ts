@@ -64,6 +64,12 @@ export function fmtMs(n: number | undefined | null): string {
   return n >= 10_000 ? `${(n / 1000).toFixed(1)} s` : `${Math.round(n)} ms`;
 }
 
+/** A time that keeps growing on screen (how long a copy has been in its phase): ms under a second, then tenths of a second. */
+export function fmtElapsed(ms: number): string {
+  const v = Math.max(0, ms);
+  return v < 1000 ? `${Math.round(v)} ms` : `${(v / 1000).toFixed(1)} s`;
+}
+
 export function fmtTime(ts: number): string {
   return new Date(ts).toISOString().slice(11, 23);
 }

@@ -92,6 +92,7 @@ describe.skipIf(missing)('dashboard pre-warm in Chromium, three agents, token co
     for (const dest of ['b', 'c']) {
       expect(await row(dest).locator('td[data-field=exit]').textContent()).toBe('met');
       expect(await row(dest).locator('td[data-field=copied]').textContent()).toMatch(/MiB$/);
+      expect(await row(dest).locator('td[data-field=remaining]').textContent()).toMatch(/^\d+(\.\d)? (B|KiB|MiB)$/);
       expect(await row(dest).locator('td[data-field=rate]').textContent()).toMatch(/\/s$/);
       expect(await row(dest).locator('td[data-field=dirty]').textContent()).toMatch(/\/s$/);
     }

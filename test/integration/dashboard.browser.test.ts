@@ -41,9 +41,11 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
         { from: 'fixture', name: 'syntax-error' },
       ],
       env: () => ({ EMBOT_CONTROL_TOKEN: TOKEN }),
-      config: () => ({
+      config: (name) => ({
         // Slow enough (16 MiB/s for 64 MiB) that the running migration is on screen for seconds.
-        dataplane: { primaryCapBytesPerSec: 16 * 1024 * 1024 },
+        // c copies in one stop-and-copy round (no pre-copy): its migrations hold the card in
+        // `stop-and-copy` for seconds, as QEMU's final pass does.
+        dataplane: { primaryCapBytesPerSec: 16 * 1024 * 1024, ...(name === 'c' ? { maxRounds: 1 } : {}) },
         mobility: { stepTimeoutMs: 5000, vmTimeoutMs: 60_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
         // The counter stays `armed` until the test is over.
         modules: { counter: { delayMs: 3_600_000 } },
@@ -183,6 +185,8 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
       undefined,
       { timeout: 20_000 },
     );
+    // The driver's copy phase and how long it has been in it (the pre-copy rounds, or the stop at their end).
+    expect(await running.locator('[data-testid=copy-phase]').textContent()).toMatch(/^copy (precopy|stop-and-copy) for \d+(\.\d)? (ms|s)/);
     await shot('migrations-running');
 
     const done = page.locator('[data-testid=past-migrations] [data-vm="web-1"].outcome-completed');
@@ -243,4 +247,43 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
     expect((await a.listVms()).find((v) => v.name === 'web-3')?.state).toBe('running');
     expect((await b.listVms()).some((v) => v.name === 'web-3')).toBe(false);
   }, 60_000);
+
+  it("shows the copy's stop-and-copy on the card with how long it has lasted, counting while the VM is stopped", async () => {
+    const urlC = cluster.agent('c').url;
+    await c.createVm({ name: 'web-5', memory: 64 * 1024 * 1024, dirtyRate: 1024 * 1024 });
+    await c.vmAction('web-5', 'start');
+    // c's own page: a migration's card is on its source's dashboard.
+    const pageC = await (await browser.newContext({ viewport: { width: 1360, height: 900 } })).newPage();
+    await pageC.goto(`${urlC}/ui/?token=${TOKEN}`);
+    await pageC.click('nav a[data-nav="migrations"]');
+    await pageC.waitForSelector('body[data-view="migrations"]');
+    const asked = Date.now();
+    const { id } = await c.migrate('web-5', 'b');
+    const card = pageC.locator(`[data-testid=live-migrations] [data-migration="${id}"]`);
+    // One round at 16 MiB/s: the whole 64 MiB goes with the VM stopped, about 4 s.
+    const stopped = card.locator('[data-testid=copy-phase][data-copy-phase="stop-and-copy"]');
+    await stopped.waitFor({ timeout: 30_000 });
+    const shown = async (): Promise<number> => {
+      const text = (await stopped.textContent()) ?? '';
+      const m = /^copy stop-and-copy for (\d+(?:\.\d)?) (ms|s) — the VM is stopped and the rest goes now/.exec(text);
+      expect(m, text).not.toBeNull();
+      return Number(m![1]) * (m![2] === 's' ? 1000 : 1);
+    };
+    const first = await shown();
+    expect(first).toBeLessThanOrEqual(Date.now() - asked);
+    // What the user sees keeps counting (the page's clock redraws it between the agent's readings).
+    await waitFor(async () => ((await shown()) > first ? true : undefined), 10_000, 'the stop-and-copy time to count up');
+    expect(await card.locator('.phase').textContent()).toBe('migratingVm');
+    await pageC.screenshot({ path: join(ARTIFACTS, 'migrations-stop-and-copy.png'), fullPage: true });
+
+    const ended = await c.waitMigration(id, { timeoutMs: 60_000 });
+    expect(ended.outcome, ended.reason).toBe('completed');
+    const done = pageC.locator(`[data-testid=past-migrations] [data-migration="${id}"].outcome-completed`);
+    await done.waitFor({ timeout: 10_000 });
+    // A past card has its summary (downtime, bytes); the copy phase was the running card's.
+    expect(await done.locator('[data-testid=copy-phase]').count()).toBe(0);
+    expect(await pageC.locator(`[data-testid=live-migrations] [data-migration="${id}"]`).count()).toBe(0);
+    await pageC.context().close();
+    await waitFor(async () => (await b.listVms()).some((v) => v.name === 'web-5'), 20_000, 'web-5 on b');
+  }, 90_000);
 });

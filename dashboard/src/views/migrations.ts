@@ -1,6 +1,6 @@
 import type { MigrationInfo } from '../../../core/control/dashboard-api.ts';
 import { ApiError, cancelMigration, cancelPrewarm, startMigration, startPrewarm, switchPrewarm, targets } from '../api.ts';
-import { badge, fill, fmtBytes, fmtMs, fmtRate, fmtTime, h } from '../dom.ts';
+import { badge, fill, fmtBytes, fmtElapsed, fmtMs, fmtRate, fmtTime, h } from '../dom.ts';
 import { rateChart } from '../linechart.ts';
 import { migrationKey, type State } from '../store.ts';
 import type { View } from './view.ts';
@@ -45,6 +45,50 @@ function timeline(m: MigrationInfo, state: State): HTMLElement {
     ),
   );
 }
+
+/** What each of the driver's copy phases means for the figures beside it (core/mobility/migration-record.ts). */
+const COPY_PHASE_NOTES: Readonly<Record<string, string>> = {
+  'pre-switchover': 'the VM is paused for the management hand-over',
+  'stop-and-copy': "the VM is stopped and the rest goes now (QEMU's figures stay those at the stop until it completes)",
+  completed: 'the figures are final',
+};
+
+/** The attribute a copy phase's duration is kept in, so the view's clock can redraw it between pushes. */
+const SINCE_ATTR = 'data-copy-since';
+
+/**
+ * Where the driver's copy of the VM's memory is and for how long (`copyPhase`, `copyPhaseSince`):
+ * in the stop-and-copy QEMU holds its lock and its figures stop moving, and the card must not look
+ * stuck. The duration counts on the page's clock from the agent's timestamp, redrawn by the view
+ * between pushes (see `tickCopyPhases`).
+ */
+function copyPhaseLine(p: NonNullable<MigrationInfo['progress']>, now: number, compact = false): HTMLElement | null {
+  const phase = p.copyPhase;
+  if (phase === undefined || phase === '') return null;
+  const since = p.copyPhaseSince;
+  const timed = since !== undefined && phase !== 'completed';
+  const note = COPY_PHASE_NOTES[phase];
+  return h(
+    'span',
+    { class: `copy-phase copy-${phase === 'stop-and-copy' || phase === 'pre-switchover' ? 'stopped' : 'moving'}`, 'data-testid': 'copy-phase', 'data-copy-phase': phase },
+    compact ? '' : 'copy ',
+    h('strong', {}, phase === 'completed' ? 'completed' : phase),
+    timed ? ' for ' : '',
+    timed ? h('span', { class: 'copy-elapsed', [SINCE_ATTR]: since }, fmtElapsed(now - since)) : null,
+    note && !compact ? h('span', { class: 'muted' }, ` — ${note}`) : null,
+  );
+}
+
+/** Redraws every copy phase's duration under `root` (between pushes the figures may not change at all). */
+function tickCopyPhases(root: HTMLElement, now: number): void {
+  for (const el of root.querySelectorAll<HTMLElement>(`[${SINCE_ATTR}]`)) {
+    const since = Number(el.getAttribute(SINCE_ATTR));
+    if (Number.isFinite(since)) el.textContent = fmtElapsed(now - since);
+  }
+}
+
+/** How often a shown copy phase's duration is redrawn. */
+const COPY_TICK_MS = 200;
 
 function stat(label: string, value: string | number): HTMLElement[] {
   return [h('dt', {}, label), h('dd', {}, value)];
@@ -187,6 +231,7 @@ function childRow(c: MigrationInfo): HTMLElement {
     c.outcome === null ? badge(c.phase, 'info') : badge(c.outcome, c.outcome === 'completed' ? 'ok' : 'bad'),
     c.progress && c.outcome === null ? h('progress', { max: 100, value: c.progress.percent }) : null,
     c.progress && c.outcome === null ? ` ${c.progress.percent} % · ${fmtRate(c.progress.rateBytesPerSec)}` : '',
+    c.progress && c.outcome === null && c.progress.copyPhase ? [' · ', copyPhaseLine(c.progress, Date.now(), true)] : null,
     c.reason ? h('span', { class: 'muted' }, ` ${c.reason}`) : null,
   );
 }
@@ -219,6 +264,7 @@ function migrationCard(m: MigrationInfo, state: State, children: readonly Migrat
     ),
     running && p ? h('progress', { max: 100, value: p.percent, class: 'migration-progress' }) : null,
     h('div', { class: 'phase-line' }, 'phase ', h('strong', { class: 'phase' }, m.phase), running && p ? ` — ${p.percent} %` : '', pw ? (pw.commandedAt === null ? ' — pre-warm: copies held until the switch' : ' — pre-warm: switching') : ''),
+    running && p?.copyPhase && !pw ? h('div', { class: 'copy-line' }, copyPhaseLine(p, Date.now())) : null,
     // A running pre-warm's parent has no copy of its own: its destinations' state is its panel below.
     pw ? null : timeline(m, state),
     pw
@@ -404,6 +450,9 @@ export function migrationsView(): View {
     h('h3', {}, 'Past'),
     past,
   );
+  // A copy phase's duration keeps counting while the agent sends nothing new (QEMU's stop-and-copy);
+  // the clock ends with the view (another view replaces this one's element).
+  const clock = setInterval(() => (el.isConnected ? tickCopyPhases(live, Date.now()) : clearInterval(clock)), COPY_TICK_MS);
   return {
     el,
     update(state: State): void {
