@@ -17,6 +17,7 @@ import type { SourceInput, StepReply, TargetEvent, TargetInput } from './mobilit
 import type { MobilityHost } from './mobility-host.ts';
 import { SourceSide, askCommitted, attachAll, type DataplaneConfig } from './source-side.ts';
 import { TargetSide } from './target-side.ts';
+import { TargetDiscards } from './target-discards.ts';
 import { resolveDestinations, type Destinations } from './destinations.ts';
 import { childId, runFanOut, type ChildHandle, type ChildHooks, type FanOutPlan } from './fan-out.ts';
 import { recoverFanOut } from './fan-out-decision.ts';
@@ -126,6 +127,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   private readonly dataServers: PeerServer[] = [];
   /** Page receivers of incoming migrations, by migration id (data paths carry only the id). */
   private readonly receivers = new Map<string, TargetSide>();
+  /** Incoming migrations' discards still running: an admission they may change waits for them (target-discards.ts). */
+  private readonly discards = new TargetDiscards();
   private readonly live = new Map<string, LiveMigration>();
   /** Migrations to several destinations in progress, by their own id (their children are in `live`). */
   private readonly fanOutLive = new Map<string, FanOutLive>();
@@ -615,7 +618,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         } else {
           host.journal.finish(row.id, 'target', 'aborted', 'aborted', `agent restarted during ${row.phase}; nothing was committed`);
           // An incoming QEMU outlives its agent: nothing was committed, so it goes (a no-op for a VM the driver does not hold).
-          void host.driver.abortIncoming(row.vm).catch((e: unknown) => host.logger.warn(`could not throw away the incoming VM ${row.vm}`, { error: describeError(e) }));
+          void this.discards.track(row.vm, row.id, host.driver.abortIncoming(row.vm)).catch((e: unknown) => host.logger.warn(`could not throw away the incoming VM ${row.vm}`, { error: describeError(e) }));
         }
         continue;
       }
@@ -949,6 +952,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       stepTimeoutMs: this.o.stepTimeoutMs,
       onProgress: (p) => this.progress(key('target', id), p),
       handOver: this.handOvers,
+      discards: this.discards,
       // Memory of the other incoming migrations (this one is not among the receivers yet while it is evaluated).
       reservedMemory: () => {
         let bytes = 0;

@@ -13,6 +13,7 @@ import { faultPoint } from './fault-points.ts';
 import { injectedBootFailure } from './fan-out-faults.ts';
 import { mergeDeltaRounds } from '../objects/delta-rounds.ts';
 import type { HandOverWaits } from './forwarding-hand-over.ts';
+import type { TargetDiscards } from './target-discards.ts';
 
 export interface TargetSideOptions {
   readonly host: MobilityHost;
@@ -27,7 +28,19 @@ export interface TargetSideOptions {
    * (forwarding-hand-over.ts); without it they are released once the embots run.
    */
   readonly handOver?: HandOverWaits;
+  /**
+   * This agent's discards still running (target-discards.ts): `discard` registers there, and a
+   * refusal one of them may lift waits for it (bounded by `discardWaitMs`) before it is given.
+   */
+  readonly discards?: TargetDiscards;
+  /** How long the admission waits for such a discard; default half the step timeout (the machine's evaluating bound). */
+  readonly discardWaitMs?: number;
 }
+
+/** The policy's verdict; a refusal says which running discards could lift it (the same VM's, or any one's memory). */
+type Judgement =
+  | { readonly permitted: true; readonly elements: ManagedElement[] }
+  | { readonly permitted: false; readonly reason: string; readonly liftedBy?: 'sameVm' | 'anyDiscard' };
 
 export interface TargetStats {
   bytes: number;
@@ -75,27 +88,55 @@ export class TargetSide implements TargetSteps {
   }
 
   async evaluate(input: TargetInput): Promise<{ readonly permitted: boolean; readonly reason?: string }> {
-    const host = this.host;
+    let verdict = this.judge(input);
+    const discards = this.o.discards;
+    if (!verdict.permitted && verdict.liftedBy !== undefined && discards !== undefined) {
+      // Refused for something a discard still running here is about to remove (the same VM's
+      // incoming copy still listed, its memory still counted): the source that failed a moment ago
+      // was answered before the discard ended, and its retry must not be turned away for it.
+      const vm = verdict.liftedBy === 'sameVm' ? input.start.vm : undefined;
+      const running = discards.list(vm);
+      if (running.length > 0) {
+        const waitMs = this.o.discardWaitMs ?? Math.floor(this.o.stepTimeoutMs / 2);
+        const settled = await discards.settled(vm, waitMs);
+        // Aborted or timed out meanwhile: the machine left evaluating and discarded this side; nothing may be claimed now.
+        if (this.discarded) return { permitted: false, reason: `discarded while waiting for the discard of migration ${running.map((d) => d.migrationId).join(', ')}` };
+        verdict = this.judge(input);
+        if (!verdict.permitted && !settled) {
+          verdict = { permitted: false, reason: `${verdict.reason} (the discard of migration ${running.map((d) => d.migrationId).join(', ')} still ran after ${waitMs} ms)` };
+        }
+      }
+    }
+    if (!verdict.permitted) return { permitted: false, reason: verdict.reason };
     const { start } = input;
-    if (host.allowedSources.length && !host.allowedSources.includes(input.source)) return { permitted: false, reason: `source ${input.source} is not allowed to migrate VMs to ${host.agent}` };
-    if (host.driver.get(start.vm) || host.migratingIn.has(start.vm)) return { permitted: false, reason: `a VM named ${start.vm} already exists on ${host.agent}` };
-    // Memory promised to migrations still arriving counts as used: each stages its pages in a buffer of that size.
-    const used = host.driver.list().reduce((sum, v) => sum + v.memory, 0) + (this.o.reservedMemory?.() ?? 0);
-    if (used + start.resources.memory > host.hostMemory) {
-      return { permitted: false, reason: `not enough memory on ${host.agent}: ${start.resources.memory} bytes asked, ${host.hostMemory - used} free` };
-    }
-    try {
-      this.elements = host.objects.deserialize(start.elements);
-    } catch (e) {
-      return { permitted: false, reason: `elements do not decode: ${describeError(e)}` };
-    }
+    this.elements = verdict.elements;
     this.startVm = this.elements.find((e) => e.id === `vm:${start.vm}`)?.state as typeof this.startVm;
-    const clash = this.elements.find((e) => host.objects.has(e.id));
-    if (clash) return { permitted: false, reason: `element ${clash.id} already exists on ${host.agent}` };
-    host.migratingIn.add(start.vm);
+    this.host.migratingIn.add(start.vm);
     this.vm = start.vm;
     this.reserved = start.resources.memory;
     return { permitted: true };
+  }
+
+  /** The migration policy, without side effects: judged again after a wait for a discard. */
+  private judge(input: TargetInput): Judgement {
+    const host = this.host;
+    const { start } = input;
+    if (host.allowedSources.length && !host.allowedSources.includes(input.source)) return { permitted: false, reason: `source ${input.source} is not allowed to migrate VMs to ${host.agent}` };
+    if (host.driver.get(start.vm) || host.migratingIn.has(start.vm)) return { permitted: false, reason: `a VM named ${start.vm} already exists on ${host.agent}`, liftedBy: 'sameVm' };
+    // Memory promised to migrations still arriving counts as used: each stages its pages in a buffer of that size.
+    const used = host.driver.list().reduce((sum, v) => sum + v.memory, 0) + (this.o.reservedMemory?.() ?? 0);
+    if (used + start.resources.memory > host.hostMemory) {
+      return { permitted: false, reason: `not enough memory on ${host.agent}: ${start.resources.memory} bytes asked, ${host.hostMemory - used} free`, liftedBy: 'anyDiscard' };
+    }
+    let elements: ManagedElement[];
+    try {
+      elements = host.objects.deserialize(start.elements);
+    } catch (e) {
+      return { permitted: false, reason: `elements do not decode: ${describeError(e)}` };
+    }
+    const clash = elements.find((e) => host.objects.has(e.id));
+    if (clash) return { permitted: false, reason: `element ${clash.id} already exists on ${host.agent}` };
+    return { permitted: true, elements };
   }
 
   async stageState(input: TargetInput & { readonly frame: ManagementState }): Promise<void> {
@@ -274,8 +315,14 @@ export class TargetSide implements TargetSteps {
   }
 
   async discard(input: TargetInput & { readonly reason: string }): Promise<void> {
+    const work = this.throwAway(input.start.vm);
+    return this.o.discards ? this.o.discards.track(input.start.vm, input.migrationId, work) : work;
+  }
+
+  private async throwAway(vm: string): Promise<void> {
     const host = this.host;
-    host.migratingIn.delete(input.start.vm);
+    // Only what this migration claimed: one refused or still being judged claimed no name.
+    if (this.vm !== '') host.migratingIn.delete(this.vm);
     this.reserved = 0;
     if (this.committed) return;
     this.discarded = true;
@@ -285,7 +332,7 @@ export class TargetSide implements TargetSteps {
     if (incoming) {
       // A prepare still running is waited for: its VM is thrown away here, once.
       const prepared = await incoming.then(() => true, () => false);
-      if (prepared) await host.driver.abortIncoming(input.start.vm).catch((e: unknown) => host.logger.warn(`could not throw away the incoming VM ${input.start.vm}`, { error: describeError(e) }));
+      if (prepared) await host.driver.abortIncoming(vm).catch((e: unknown) => host.logger.warn(`could not throw away the incoming VM ${vm}`, { error: describeError(e) }));
     }
     this.embots = [];
     this.elements = [];

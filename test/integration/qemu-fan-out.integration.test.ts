@@ -193,7 +193,7 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     const s = info.summary!;
     expect(s.winner).toBe('c');
     expect(s.retries).toBe(2);
-    expect(s.destinations?.map((d) => `${d.name}:${d.outcome}`)).toEqual(['b:bootFailed', 'b:bootFailed', 'c:won']);
+    expect(s.destinations?.map((d) => `${d.name}:${d.outcome}`), JSON.stringify(s.destinations)).toEqual(['b:bootFailed', 'b:bootFailed', 'c:won']);
     // Every attempt's copy got the whole stream (a third TLS migration out of the same QEMU included), straight from QEMU.
     for (const d of s.destinations!) expect(d.bytes, d.name).toBeGreaterThan(16 * 1024 * 1024);
     expect(s.precopy?.transport).toBe('direct');
