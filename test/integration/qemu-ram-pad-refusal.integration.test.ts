@@ -1,15 +1,18 @@
 import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import { writeGuestImage } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
-import { pidAlive, qemuArgs, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { pidAlive, qemuArgs, runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { RAM_PAD_BYTES } from '../../effectors/hypervisor/qemu/ram-size.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
+import { runCli, waitFor } from '../harness/agent-process.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { Cluster, migrate } from '../harness/cluster.ts';
 import { rejection } from '../harness/expect-code.ts';
-import { QEMU_BINARY, heartbeat, qemuTestFile } from '../harness/qemu-processes.ts';
+import { QEMU_BINARY, heartbeat, qemuAgentConfig, qemuTestFile } from '../harness/qemu-processes.ts';
 
 /**
  * A VM whose QEMU an older agent started before the RAM pad (ram-size.ts: its RAM exactly the
@@ -18,7 +21,11 @@ import { QEMU_BINARY, heartbeat, qemuTestFile } from '../harness/qemu-processes.
  * QEMU refuses the stream. The VM keeps running; after a restart it migrates.
  */
 const MiB = 1024 * 1024;
-const { run, qemus } = qemuTestFile();
+let cluster: Cluster | undefined;
+const { run, qemus } = qemuTestFile(async () => {
+  await cluster?.stop();
+  cluster = undefined;
+});
 const cleanups = cleanupsAfterEach();
 
 const spec = (name: string): QemuVmSpec => ({ name, memory: 32 * MiB, vcpus: 1, testGuest: { delayLoops: 2000 } });
@@ -109,4 +116,44 @@ describe.skipIf(!run)('a QEMU started before the RAM pad (TCG)', () => {
     expect((await target.commitIncoming('new-1')).state).toBe('running');
     await heartbeat(target.stateDir('new-1'), 2);
   }, 120_000);
+
+  it('through the agents: a re-attached unpadded VM\'s migration ends aborted with the restart named, the VM runs on at a, nothing at b, the agent serves on', async () => {
+    const root = qemus.root();
+    cluster = await Cluster.start(['a', 'b'], {
+      config: (n) => ({
+        ...qemuAgentConfig(root, n),
+        mobility: { stepTimeoutMs: 20_000, vmTimeoutMs: 120_000, forwardGraceMs: 10_000, trust: { mode: 'any-authenticated-peer' } },
+      }),
+    });
+    await cluster.agent('a').client.createVm({ name: 'old-2', memory: 32 * MiB });
+    await cluster.agent('a').client.vmAction('old-2', 'start');
+    const stateA = join(root, 'a', 'old-2');
+    await heartbeat(stateA, 1);
+    // An agent before the pad: it dies, its QEMU is replaced by one of the bare size, and an agent
+    // that pads starts on the same data and re-attaches to it.
+    await cluster.kill('a');
+    const padded = runningPid(stateA)!;
+    process.kill(padded, 'SIGKILL');
+    await waitFor(() => !pidAlive(padded), 10_000, 'the padded QEMU gone');
+    startUnpadded(stateA, (JSON.parse(readFileSync(vmFiles(stateA).spec, 'utf8')) as { spec: QemuVmSpec }).spec);
+    const bare = runningPid(stateA)!;
+    const a = await cluster.startAgent('a');
+    await waitFor(async () => (await a.client.listVms()).find((v) => v.name === 'old-2' && v.state === 'running'), 20_000, 'old-2 re-attached at a');
+
+    const info = await migrate(a, 'old-2', 'b', { timeoutMs: 120_000 });
+    expect(info.outcome).toBe('aborted');
+    expect(info.reason).toMatch(/VM old-2 cannot migrate: it was started before the RAM pad/);
+    expect(info.reason).toMatch(/Restart the VM once here \(embot vm stop old-2, embot vm start old-2\)/);
+    // The CLI says the same and fails.
+    const cli = await runCli(['migrate', 'old-2', '--to', 'b', '--agent', a.url]);
+    expect(cli.code).toBe(1);
+    expect(cli.stdout + cli.stderr).toMatch(/Restart the VM once here/);
+    // Nothing moved: the same QEMU runs the guest at a, b has no VM and no QEMU for it, a serves on.
+    expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['old-2:running']);
+    expect(runningPid(stateA)).toBe(bare);
+    await heartbeat(stateA, 2);
+    expect((await cluster.agent('b').client.listVms()).map((v) => v.name)).toEqual([]);
+    await waitFor(() => runningPid(join(root, 'b', 'old-2')) === undefined, 10_000, "b's incoming QEMU gone");
+    expect((await a.client.status()).driver).toBe('qemu');
+  }, 240_000);
 });
