@@ -271,8 +271,19 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
     };
     const first = await shown();
     expect(first).toBeLessThanOrEqual(Date.now() - asked);
-    // What the user sees keeps counting (the page's clock redraws it between the agent's readings).
-    await waitFor(async () => ((await shown()) > first ? true : undefined), 10_000, 'the stop-and-copy time to count up');
+    // What the user sees keeps counting while no reading comes (as in QEMU's final pass): with c
+    // stopped (SIGSTOP) for 800 ms nothing is pushed, and the page's own clock redraws the time.
+    const agentC = cluster.agent('c').child;
+    agentC.kill('SIGSTOP');
+    let during: number;
+    try {
+      const before = await shown();
+      await new Promise((r) => setTimeout(r, 800));
+      during = (await shown()) - before;
+    } finally {
+      agentC.kill('SIGCONT');
+    }
+    expect(during).toBeGreaterThanOrEqual(500);
     expect(await card.locator('.phase').textContent()).toBe('migratingVm');
     await pageC.screenshot({ path: join(ARTIFACTS, 'migrations-stop-and-copy.png'), fullPage: true });
 
