@@ -51,6 +51,11 @@ const SimSchema = z
     defaultMemory: positiveInt.default(DEFAULTS.sim.defaultMemory),
     /** Bytes per second. */
     defaultDirtyRate: z.number().min(0).default(DEFAULTS.sim.defaultDirtyRate),
+    /**
+     * What a new VM's memory holds: `zero` (a fresh guest; the full round sends its untouched
+     * pages as zero-page indexes) or `random` (a guest that has used all its RAM: every page goes in full).
+     */
+    startMemory: z.enum(['zero', 'random']).default(DEFAULTS.sim.startMemory),
   })
   .strict();
 

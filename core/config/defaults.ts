@@ -9,7 +9,7 @@ export const DEFAULTS = {
   logLevel: 'info',
   logFormat: 'auto',
   sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
-  sim: { pageSize: 4096, hostCpus: 4, hostMemory: 16 * 1024 * 1024 * 1024, defaultMemory: 64 * 1024 * 1024, defaultDirtyRate: 0 },
+  sim: { pageSize: 4096, hostCpus: 4, hostMemory: 16 * 1024 * 1024 * 1024, defaultMemory: 64 * 1024 * 1024, defaultDirtyRate: 0, startMemory: 'zero' },
   qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 64 * 1024 * 1024, defaultVcpus: 1, spareIncoming: true },
   store: { synchronous: 'NORMAL' },
   peer: { listen: '127.0.0.1:7401' },

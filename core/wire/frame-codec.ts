@@ -71,6 +71,7 @@ const K = {
   checksum: keyBytes('checksum'),
   indexes: keyBytes('indexes'),
   cpu: keyBytes('cpu'),
+  zeros: keyBytes('zeros'),
   pages: keyBytes('pages'),
 };
 const FIXED_KEYS_BYTES = K.type.length + K.typeValue.length + K.reqId.length + K.migrationId.length + K.path.length + K.round.length + K.final.length + K.pageSize.length + K.checksum.length + K.indexes.length + K.pages.length;
@@ -159,6 +160,7 @@ function encodePageBatch(frame: PageBatch, maxBytes: number, allocate: EncodeAll
   const midBytes = Buffer.byteLength(frame.migrationId, 'utf8');
   const pathBytes = Buffer.byteLength(frame.path, 'utf8');
   const cpu = frame.cpu;
+  const zeros = frame.zeros;
   const size =
     1 +
     FIXED_KEYS_BYTES +
@@ -171,12 +173,13 @@ function encodePageBatch(frame: PageBatch, maxBytes: number, allocate: EncodeAll
     uintBytes(frame.checksum) +
     binBytes(frame.indexes.byteLength) +
     (cpu === undefined ? 0 : K.cpu.length + binBytes(cpu.byteLength)) +
+    (zeros === undefined ? 0 : K.zeros.length + binBytes(zeros.byteLength)) +
     binBytes(frame.pages.byteLength);
   if (size > maxBytes) throw tooLarge(size, maxBytes, 'outgoing');
   const target = allocate(size);
   if (target.byteLength < size) throw new ProtocolError(ErrorCodes.FRAME_TOO_LARGE, `encode buffer of ${target.byteLength} bytes for a frame of ${size} bytes`);
   const out = new Out(target);
-  out.buf[out.pos++] = 0x80 | (cpu === undefined ? 10 : 11);
+  out.buf[out.pos++] = 0x80 | (10 + (cpu === undefined ? 0 : 1) + (zeros === undefined ? 0 : 1));
   out.raw(K.type);
   out.raw(K.typeValue);
   out.raw(K.reqId);
@@ -198,6 +201,10 @@ function encodePageBatch(frame: PageBatch, maxBytes: number, allocate: EncodeAll
   if (cpu !== undefined) {
     out.raw(K.cpu);
     out.bin(cpu);
+  }
+  if (zeros !== undefined) {
+    out.raw(K.zeros);
+    out.bin(zeros);
   }
   out.raw(K.pages);
   out.bin(frame.pages);

@@ -138,6 +138,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
     f('pages', bin),
     f('checksum', count),
     f('cpu', bin, true),
+    f('zeros', bin, true),
   ],
   DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin), f('embots', bin, true)],
   MigrationComplete: [reqId, mid],

@@ -127,10 +127,15 @@ export interface PageBatch {
   readonly indexes: Uint8Array;
   /** The pages, concatenated in index order; the VM's last page may be short. */
   readonly pages: Uint8Array;
-  /** zlib crc32 over `indexes` then `pages`. */
+  /** zlib crc32 over `indexes`, then `pages`, then `zeros` when present. */
   readonly checksum: number;
   /** CPU state, only on the final batch. */
   readonly cpu?: Uint8Array;
+  /**
+   * Page indexes (Uint32 little-endian) of pages that are all zero: written as zeros at the
+   * target, their bytes not in `pages` (QEMU's zero-page flag; a fresh VM's memory is mostly zero).
+   */
+  readonly zeros?: Uint8Array;
 }
 
 /** Step 5, source → target, repeated until nothing changed. */

@@ -90,6 +90,9 @@ export class Cluster {
       peer: { listen: `127.0.0.1:${this.ports.get(name)}`, peers, ...secret, ...(this.tls ? { tls: this.tls.files(name) } : {}) },
       mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
       sensors: { host: { intervalMs: 60_000 }, vm: { intervalMs: 60_000 } },
+      // Sim VMs whose every page is written, so a copy moves the VM's size (with the default, a fresh
+      // VM's zero pages go as indexes and a copy is over before a test can act inside it).
+      sim: { startMemory: 'random' },
       ...(this.opts.config?.(name) ?? {}),
     };
     const file = join(this.root, `config-${name}.json`);

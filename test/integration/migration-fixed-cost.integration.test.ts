@@ -42,7 +42,8 @@ async function pair(bHostMemory?: number, warmConnections = true): Promise<{ a: 
       peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },
       mobility: { trust: { mode: 'any-authenticated-peer' as const }, warmConnections },
       sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
-      ...(name === 'b' && bHostMemory !== undefined ? { sim: { hostMemory: bHostMemory } } : {}),
+      // Every page written, so the memory step moves the VM's bytes (a fresh VM's zero pages go as indexes).
+      sim: { startMemory: 'random' as const, ...(name === 'b' && bHostMemory !== undefined ? { hostMemory: bHostMemory } : {}) },
     };
     const agent = await startAgent(loadConfig({ env: {}, flags }), createLogger({ level: 'error', name }));
     cleanups.push(() => agent.stop());

@@ -39,7 +39,7 @@ describe('config defaults', () => {
       logLevel: 'info',
       logFormat: 'auto',
       sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
-      sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0 },
+      sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0, startMemory: 'zero' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true },
       store: { synchronous: 'NORMAL' },
       peer: { listen: '127.0.0.1:7401', peers: {} },
@@ -164,6 +164,13 @@ describe('config errors', () => {
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
     expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming']);
+  });
+
+  it("takes sim.startMemory 'random' and refuses another value by path", () => {
+    expect(validateConfig({ sim: { startMemory: 'random' } }).sim.startMemory).toBe('random');
+    const e = configError(() => validateConfig({ sim: { startMemory: 'full' } }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0])).toEqual(['sim.startMemory']);
   });
 
   it('bad flags are rejected like bad file values', () => {

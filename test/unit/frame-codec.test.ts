@@ -42,6 +42,7 @@ const SAMPLES: Frame[] = [
     pages: bytes(8192),
     checksum: 0xdeadbeef,
     cpu: bytes(64),
+    zeros: bytes(12, 0),
   },
   { type: 'DirtyObjects', reqId: 6, migrationId: 'm-1', round: 2, deltas: bytes(1), events: bytes(0) },
   { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1' },
@@ -177,7 +178,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {

@@ -79,6 +79,19 @@ describe('SimDriver memory reuse', () => {
     expect(off.memoryPoolCounts.freeBytes).toBe(0);
   });
 
+  it("startMemory 'random' gives a created VM no zero page (a used guest's RAM); the default leaves it zero; a bad value is refused", async () => {
+    const used = new SimDriver({ startMemory: 'random' });
+    cleanups.push(() => used.close());
+    await used.create({ name: 'v1', memory: MiB + 100 });
+    const { memory, pageSize, pageCount } = used.pages('v1');
+    for (let p = 0; p < pageCount; p++) expect(allZero(memory.subarray(p * pageSize, Math.min((p + 1) * pageSize, memory.byteLength))), `page ${p}`).toBe(false);
+    const fresh = new SimDriver();
+    cleanups.push(() => fresh.close());
+    await fresh.create({ name: 'v1', memory: MiB });
+    expect(allZero(fresh.pages('v1').memory)).toBe(true);
+    expect(() => new SimDriver({ startMemory: 'full' as 'zero' })).toThrow(expect.objectContaining({ code: ErrorCodes.VM_SPEC_INVALID }));
+  });
+
   it('a discarded incoming VM’s memory is reused, zeroed, by the next incoming VM', async () => {
     const driver = new SimDriver();
     cleanups.push(() => driver.close());

@@ -65,6 +65,11 @@ export interface SimDriverOptions {
   readonly maxMemory?: number;
   /** Memory of removed or discarded VMs kept for the next VM of its size, in bytes (default 64 MiB; 0: none). See memory-pool.ts. */
   readonly memoryPoolBytes?: number;
+  /**
+   * What a created VM's memory holds before its guest writes: `zero` (default; a fresh guest) or
+   * `random` (a guest that has used all its RAM, so a migration has every page to send in full).
+   */
+  readonly startMemory?: 'zero' | 'random';
 }
 
 /** {@link VmStats} plus sim-only counters. */
@@ -149,6 +154,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   private readonly tickMs: number;
   private readonly maxMemory: number;
   private readonly memoryPool: MemoryPool;
+  private readonly startMemory: 'zero' | 'random';
 
   constructor(options: SimDriverOptions = {}) {
     this.pageSize = positiveInt(options.pageSize ?? 4096, 'pageSize');
@@ -157,6 +163,10 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
     const poolBytes = options.memoryPoolBytes ?? DEFAULT_POOL_BYTES;
     if (!Number.isInteger(poolBytes) || poolBytes < 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option memoryPoolBytes must be a non-negative integer, got ${String(poolBytes)}`);
     this.memoryPool = new MemoryPool({ maxFreeBytes: poolBytes, maxBufferBytes: poolBytes });
+    if (options.startMemory !== undefined && options.startMemory !== 'zero' && options.startMemory !== 'random') {
+      throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option startMemory must be 'zero' or 'random', got ${String(options.startMemory)}`);
+    }
+    this.startMemory = options.startMemory ?? 'zero';
     this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
     this.defaults = { ...SIM_DEFAULT_SPEC, ...options.defaults };
@@ -453,7 +463,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
     if (!isRecord(input)) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, 'a VM spec must be an object with a name');
     const spec = this.validateSpec({ ...this.defaults, ...stripUndefined(input) });
     if (this.vms.has(spec.name) || this.incoming.has(spec.name)) throw new EffectorError(ErrorCodes.VM_EXISTS, `VM ${spec.name} already exists here`, { details: { vm: spec.name } });
-    this.incoming.set(spec.name, { spec, receiver: new PageReceiver({ memoryBytes: spec.memory, pageSize: this.pageSize, memory: this.memoryPool.take(spec.memory) }) });
+    this.incoming.set(spec.name, { spec, receiver: new PageReceiver({ memoryBytes: spec.memory, pageSize: this.pageSize, memory: this.memoryPool.take(spec.memory), memoryIsZero: true }) });
     return { endpoint: { uri: 'sim:data-paths' } };
   }
 
@@ -556,6 +566,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   private memoryOf(vm: SimVm): Uint8Array {
     if (!vm.memory) {
       vm.memory = this.memoryPool.take(vm.spec.memory);
+      if (this.startMemory === 'random') fillPseudoRandom(vm.memory);
       vm.dirty = new Uint8Array(Math.ceil(this.pageCount(vm) / 8));
     }
     return vm.memory;
@@ -660,4 +671,20 @@ function dataPathsOf(name: string, options: MigrateOutOptions): NonNullable<Migr
     throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the sim driver migrates VM ${name} over the agent's data paths: options.dataPaths is required`, { details: { vm: name } });
   }
   return dp;
+}
+
+/**
+ * Fills `memory` with non-zero pseudo-random words (xorshift32): a used guest's RAM, at memory
+ * speed (crypto-grade bytes cost ~10x as much and nothing here needs them).
+ */
+function fillPseudoRandom(memory: Uint8Array): void {
+  const words = new Uint32Array(memory.buffer, memory.byteOffset, Math.floor(memory.byteLength / 4));
+  let x = (Math.random() * 0xffffffff) >>> 0 || 1;
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = x >>> 0;
+  }
+  for (let i = words.length * 4; i < memory.byteLength; i++) memory[i] = 1;
 }

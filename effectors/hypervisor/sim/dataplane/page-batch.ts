@@ -45,9 +45,10 @@ export function decodeIndexes(bytes: Uint8Array, scratch?: Uint32Array): Uint32A
   return out;
 }
 
-/** crc32 over the index bytes, then the page bytes. */
-export function batchChecksum(indexes: Uint8Array, pages: Uint8Array): number {
-  return crc32(pages, crc32(indexes));
+/** crc32 over the index bytes, then the page bytes, then the zero-page index bytes when there are any. */
+export function batchChecksum(indexes: Uint8Array, pages: Uint8Array, zeros?: Uint8Array): number {
+  const sum = crc32(pages, crc32(indexes));
+  return zeros === undefined ? sum : crc32(zeros, sum);
 }
 
 /** Total page bytes of `indexes`. */

@@ -13,6 +13,11 @@ export interface PageReceiverOptions {
   readonly migrationId?: string;
   /** Memory to fill (e.g. `driver.pages(vm).memory` of the target VM); default a new zeroed buffer. */
   readonly memory?: Uint8Array;
+  /**
+   * `memory` is all zero to begin with (a fresh or pooled buffer), so a zero page that no batch
+   * wrote before needs no write. Default true for the receiver's own buffer, false for a given one.
+   */
+  readonly memoryIsZero?: boolean;
 }
 
 export type ApplyResult = { readonly ok: true } | { readonly ok: false; readonly reason: string };
@@ -48,11 +53,15 @@ export class PageReceiver {
   readonly pageCount: number;
   readonly migrationId: string | undefined;
   private readonly pageRound: Uint32Array;
+  /** Per page: 1 once a batch wrote its bytes (so it may no longer be zero). */
+  private readonly written: Uint8Array;
+  private readonly startsZero: boolean;
   private final = false;
   private cpu: Uint8Array | undefined;
   private counts = { batches: 0, bytes: 0, rejected: 0 };
-  /** Aligned copy of a batch's indexes, reused: apply() is synchronous and keeps none of them. */
+  /** Aligned copies of a batch's indexes and zero-page indexes, reused: apply() is synchronous and keeps none of them. */
   private indexScratch = new Uint32Array(0);
+  private zeroScratch = new Uint32Array(0);
 
   constructor(o: PageReceiverOptions) {
     if (!Number.isSafeInteger(o.memoryBytes) || o.memoryBytes <= 0) {
@@ -69,6 +78,8 @@ export class PageReceiver {
     this.pageCount = Math.ceil(o.memoryBytes / o.pageSize);
     this.migrationId = o.migrationId;
     this.pageRound = new Uint32Array(this.pageCount);
+    this.written = new Uint8Array(this.pageCount);
+    this.startsZero = o.memory === undefined || o.memoryIsZero === true;
   }
 
   /** True once the batch with `final: true` (the end of stop-and-copy) was applied. */
@@ -94,12 +105,19 @@ export class PageReceiver {
       if (this.indexScratch.length < n && n <= this.pageCount) this.indexScratch = new Uint32Array(n);
       indexes = decodeIndexes(frame.indexes, this.indexScratch);
     }
-    const problem = this.check(frame, indexes);
+    let zeros: Uint32Array | undefined;
+    if (frame.zeros !== undefined && frame.zeros.byteLength % INDEX_BYTES === 0) {
+      const n = frame.zeros.byteLength / INDEX_BYTES;
+      if (this.zeroScratch.length < n && n <= this.pageCount) this.zeroScratch = new Uint32Array(n);
+      zeros = decodeIndexes(frame.zeros, this.zeroScratch);
+    }
+    const problem = this.check(frame, indexes, zeros);
     if (problem !== undefined || indexes === undefined) {
       this.counts.rejected++;
       return { ok: false, reason: problem ?? 'no indexes' };
     }
     this.write(indexes, frame.pages, frame.round);
+    if (zeros !== undefined) this.writeZeros(zeros, frame.round);
     this.counts.batches++;
     this.counts.bytes += frame.pages.byteLength;
     if (frame.final) {
@@ -109,14 +127,15 @@ export class PageReceiver {
     return { ok: true };
   }
 
-  private check(frame: PageBatch, indexes: Uint32Array | undefined): string | undefined {
+  private check(frame: PageBatch, indexes: Uint32Array | undefined, zeros: Uint32Array | undefined): string | undefined {
     if (this.migrationId !== undefined && frame.migrationId !== this.migrationId) {
       return `batch of migration ${frame.migrationId}, expected ${this.migrationId}`;
     }
     if (frame.pageSize !== this.pageSize) return `page size ${frame.pageSize}, expected ${this.pageSize}`;
     if (indexes === undefined) return `indexes field of ${frame.indexes.byteLength} bytes is not a whole number of Uint32`;
+    if (frame.zeros !== undefined && zeros === undefined) return `zeros field of ${frame.zeros.byteLength} bytes is not a whole number of Uint32`;
     if (frame.cpu !== undefined && !frame.final) return 'CPU state on a batch that is not final';
-    if (batchChecksum(frame.indexes, frame.pages) !== frame.checksum) return 'bad checksum';
+    if (batchChecksum(frame.indexes, frame.pages, frame.zeros) !== frame.checksum) return 'bad checksum';
     let expected = 0;
     const { memory, pageSize, pageCount } = this;
     const fullPages = Math.floor(memory.byteLength / pageSize);
@@ -126,12 +145,48 @@ export class PageReceiver {
       expected += index < fullPages ? pageSize : pageLength(memory.byteLength, pageSize, index);
     }
     if (frame.pages.byteLength !== expected) return `pages field has ${frame.pages.byteLength} bytes, the indexes need ${expected}`;
+    if (zeros !== undefined) {
+      for (let i = 0; i < zeros.length; i++) if (zeros[i]! >= pageCount) return `zero page index ${zeros[i]!} out of range 0..${pageCount - 1}`;
+    }
     return undefined;
+  }
+
+  /**
+   * Zeroes runs of consecutive zero pages with one fill each; a page a newer round wrote is left
+   * alone, and so is one still zero from the start (a fresh VM's memory, mostly).
+   */
+  private writeZeros(zeros: Uint32Array, round: number): void {
+    const { memory, pageSize, pageRound, written, startsZero } = this;
+    let runStart = -1;
+    let runEnd = 0;
+    const flush = (): void => {
+      if (runStart >= 0) memory.fill(0, runStart, runEnd);
+      runStart = -1;
+    };
+    for (let i = 0; i < zeros.length; i++) {
+      const index = zeros[i]!;
+      if (round < pageRound[index]!) {
+        flush();
+        continue;
+      }
+      pageRound[index] = round;
+      if (startsZero && written[index] === 0) {
+        flush();
+        continue;
+      }
+      const start = index * pageSize;
+      if (runStart < 0 || start !== runEnd) {
+        flush();
+        runStart = start;
+      }
+      runEnd = Math.min(start + pageSize, memory.byteLength);
+    }
+    flush();
   }
 
   /** Writes runs of consecutive pages with one copy each. */
   private write(indexes: Uint32Array, pages: Uint8Array, round: number): void {
-    const { memory, pageSize, pageRound } = this;
+    const { memory, pageSize, pageRound, written } = this;
     let src = 0;
     let runStart = -1;
     let runSrc = 0;
@@ -148,6 +203,7 @@ export class PageReceiver {
         flush();
       } else {
         pageRound[index] = round;
+        written[index] = 1;
         if (runStart >= 0 && start === runEnd) {
           runEnd += len;
         } else {

@@ -7,6 +7,7 @@ import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 import type { RequestBody } from '../../../../core/wire/index.ts';
 import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
+import { splitZeroPages } from './zero-pages.ts';
 import type { PrewarmHold } from '../../prewarm-gate.ts';
 
 export type { DataPath, PathReport } from './striper.ts';
@@ -272,8 +273,10 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     // the VM cannot write in between, and the gather buffer is free again for the next batch.
     const indexes = encodeIndexes(batch.indexes);
     const data = gatherer.pages(memory, pageSize, batch.indexes);
-    const frame: RequestBody<'PageBatch'> = { type: 'PageBatch', migrationId: o.migrationId, path, round: batch.round, final: batch.final, pageSize, indexes, pages: data, checksum: batchChecksum(indexes, data) };
-    return batch.final && cpu !== undefined ? { ...frame, cpu } : frame;
+    const zeros = batch.zeros !== undefined && batch.zeros.length > 0 ? encodeIndexes(batch.zeros) : undefined;
+    const frame: RequestBody<'PageBatch'> = { type: 'PageBatch', migrationId: o.migrationId, path, round: batch.round, final: batch.final, pageSize, indexes, pages: data, checksum: batchChecksum(indexes, data, zeros) };
+    const withZeros = zeros === undefined ? frame : { ...frame, zeros };
+    return batch.final && cpu !== undefined ? { ...withZeros, cpu } : withZeros;
   };
   const striper = new Striper(o.paths, {
     migrationId: o.migrationId,
@@ -309,21 +312,32 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
   const onAbort = (): void => striper.abort(aborted(o.signal!, o.migrationId));
   o.signal?.addEventListener('abort', onAbort, { once: true });
 
+  const toBatch = (r: number, final: boolean, ix: Uint32Array, zeros?: Uint32Array): Batch => ({
+    round: r,
+    indexes: ix,
+    ...(zeros !== undefined && zeros.length > 0 ? { zeros } : {}),
+    bytes: pagesBytes(ix, memoryBytes, pageSize),
+    final,
+    rejections: 0,
+    sends: 0,
+    current: undefined,
+  });
+  /** The full round: every page, the all-zero ones as indexes only. */
+  const sendFullRound = async (): Promise<void> => {
+    roundStart = performance.now();
+    const batches = splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).map((b) => toBatch(0, false, b.indexes, b.zeros));
+    roundLeft = batches.reduce((sum, b) => sum + b.bytes, 0);
+    roundBytes = roundLeft;
+    await striper.send(batches);
+    rates.add(roundBytes, performance.now() - roundStart);
+  };
   const sendRound = async (indexes: Uint32Array, r: number, final: boolean): Promise<void> => {
     roundLeft = pagesBytes(indexes, memoryBytes, pageSize);
     roundBytes = roundLeft;
     roundStart = performance.now();
-    const batches = splitIndexes(indexes, cfg.pagesPerBatch).map((ix): Batch => ({
-      round: r,
-      indexes: ix,
-      bytes: pagesBytes(ix, memoryBytes, pageSize),
-      final,
-      rejections: 0,
-      sends: 0,
-      current: undefined,
-    }));
+    const batches = splitIndexes(indexes, cfg.pagesPerBatch).map((ix) => toBatch(r, final, ix));
     // The final batch must exist even when nothing is left to copy: it carries the CPU state.
-    if (final && batches.length === 0) batches.push({ round: r, indexes: new Uint32Array(0), bytes: 0, final, rejections: 0, sends: 0, current: undefined });
+    if (final && batches.length === 0) batches.push(toBatch(r, final, new Uint32Array(0)));
     await striper.send(batches);
     rates.add(roundBytes, performance.now() - roundStart);
   };
@@ -344,7 +358,8 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
       lastTake = now;
       lastWritten = written;
     };
-    let pending = allPages(pages.pageCount);
+    // With rounds, the full one is split by sendFullRound (zero pages as indexes); without, it is the final round.
+    let pending = cfg.maxRounds > 1 || o.hold ? new Uint32Array(0) : allPages(pages.pageCount);
     let converged = false;
     let expectedDowntimeMs = (memoryBytes * 1000) / striper.rateBytesPerSec;
     let prevRemaining = memoryBytes;
@@ -353,7 +368,8 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
 
     if (cfg.maxRounds > 1 || o.hold) {
       for (;;) {
-        await sendRound(pending, round, false);
+        if (round === 0) await sendFullRound();
+        else await sendRound(pending, round, false);
         pending = driver.takeDirty(o.vm);
         measureDirty();
         const remaining = pagesBytes(pending, memoryBytes, pageSize);

@@ -18,6 +18,8 @@ export interface DataPath {
 export interface Batch {
   readonly round: number;
   readonly indexes: Uint32Array;
+  /** All-zero pages sent as indexes only (the full round's). */
+  readonly zeros?: Uint32Array;
   /** Page bytes. */
   readonly bytes: number;
   readonly final: boolean;
