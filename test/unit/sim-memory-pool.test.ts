@@ -51,6 +51,23 @@ describe('MemoryPool', () => {
     pool.give(new Uint8Array(0));
     expect(pool.bytes).toBe(0);
   });
+
+  it('zeroes a given-back buffer soon after, before any take asks (off the next migration’s path), and prefers a zeroed one', async () => {
+    const pool = new MemoryPool();
+    const [a, b] = [pool.take(MiB), pool.take(MiB)];
+    a.fill(7);
+    pool.give(a);
+    expect(allZero(a)).toBe(false);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(allZero(a)).toBe(true);
+    b.fill(9);
+    pool.give(b);
+    // b (just given, not zeroed yet) is the newer one, but a is ready: a goes first, b is zeroed on its take.
+    expect(pool.take(MiB)).toBe(a);
+    const next = pool.take(MiB);
+    expect(next).toBe(b);
+    expect(allZero(next)).toBe(true);
+  });
 });
 
 describe('SimDriver memory reuse', () => {
