@@ -60,6 +60,8 @@ export interface SourceInput {
 export interface SourceHooks extends PhaseHooks {
   /** Fan-out child: the coordinator's word that this child is its only candidate and ready. */
   readyWithoutBoot?(): void;
+  /** Fan-out child: its destination booted with the final round (BootReady in answer to it). */
+  bootedWithRound?(): void;
   /** Fan-out child: no other destination can win any more. */
   bootSkipped?(): boolean;
   /** Fan-out child: the coordinator has already chosen this child. */
@@ -81,6 +83,8 @@ export interface FanOutChildSteps {
 export interface DirtyRoundResult {
   readonly changedElements: number;
   readonly events: number;
+  /** The round asked the destination to boot (a fan-out child's final round) and it did. */
+  readonly booted?: boolean;
 }
 
 /** What migrateVm did besides moving the VM. */
@@ -108,8 +112,13 @@ export interface SourceSteps {
    * frozen, while the driver finished its copy): the machine then sends no other round.
    */
   migrateVm(input: SourceInput): Promise<MigrateVmResult>;
-  /** One DirtyObjects round (`final`: the last one, sent with everything frozen). */
-  sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult>;
+  /**
+   * One DirtyObjects round (`final`: the last one, sent with everything frozen). `boot` (the service
+   * sets it on a racing fan-out child's final round): the destination boots once it applied it and
+   * answers BootReady (the result says `booted`); its refusal to boot rejects with an error whose
+   * `details.bootRefused` is true.
+   */
+  sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean; readonly boot?: boolean }): Promise<DirtyRoundResult>;
   /** MigrationComplete → MigrationCompleteAck. */
   completeMigration(input: SourceInput): Promise<void>;
   /**
@@ -195,7 +204,7 @@ export interface TargetSteps {
    * running, nothing of it visible outside); the first destination to report it wins. Rejects when
    * it cannot (the destination then discards and counts as failed to boot).
    */
-  bootIncoming(input: TargetInput & { readonly frame: BootIncoming }): Promise<void>;
+  bootIncoming(input: TargetInput & { readonly frame: BootIncoming | DirtyObjects }): Promise<void>;
   /** Make it ours in one transaction (elements, embots with snapshots, VM; journal 'committed'), then release the queues and start the embots. */
   commit(input: TargetInput): Promise<void>;
   /** Throw away everything staged for this migration. */

@@ -348,7 +348,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       sendManagementState: (i) => side.sendManagementState(i),
       sendEventState: (i) => side.sendEventState(i),
       migrateVm: (i) => side.migrateVm(i),
-      sendDirtyObjects: (i) => side.sendDirtyObjects(i),
+      // A fan-out child still racing asks its destination to boot with the final round: no BootIncoming round trip after it.
+      sendDirtyObjects: (i) => side.sendDirtyObjects(fanOut !== undefined && i.final && fanOut.sole() !== true ? { ...i, boot: true } : i),
       completeMigration: (i) => side.completeMigration(i),
       resolveOutcome: (i) => side.resolveOutcome(i),
       finishSource: (i) => side.finishSource(i),
@@ -371,6 +372,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         journalPhase: (phase) => this.journalPhase('source', id, phase),
         reportProgress: (phase) => this.progress(key('source', id), { phase }),
         readyWithoutBoot: () => fanOut?.bootReady(),
+        bootedWithRound: () => fanOut?.bootReady(),
         bootSkipped: () => fanOut?.sole() === true,
         alreadyChosen: () => fanOut?.chosen() === true,
       },
@@ -816,12 +818,15 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         step(frame.migrationId, (reply) => ({ type: 'VM_MEMORY', frame, reply }), (r) =>
           r.ok ? { type: 'VmMemoryAck', migrationId: frame.migrationId, seq: frame.seq } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
-      DirtyObjects: (frame) =>
-        step(frame.migrationId, (reply) => ({ type: 'DIRTY_OBJECTS', frame, reply }), (r) =>
-          r.ok ? { type: 'MigrationStateSuccess', migrationId: frame.migrationId, round: frame.round } as const
+      DirtyObjects: (frame) => {
+        const at = performance.now();
+        return step(frame.migrationId, (reply) => ({ type: 'DIRTY_OBJECTS', frame, reply }), (r) =>
+          r.ok && frame.boot === true ? { type: 'BootReady', migrationId: frame.migrationId, bootMs: performance.now() - at } as const
+            : r.ok ? { type: 'MigrationStateSuccess', migrationId: frame.migrationId, round: frame.round } as const
             : r.instantiation ? { type: 'ManagedObjectInstantiationError', migrationId: frame.migrationId, reason: fail(r) } as const
             : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
-          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const);
+      },
       MigrationComplete: (frame) =>
         step(frame.migrationId, (reply) => ({ type: 'MIGRATION_COMPLETE', frame, reply }), (r) =>
           r.ok ? { type: 'MigrationCompleteAck', migrationId: frame.migrationId } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,

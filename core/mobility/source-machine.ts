@@ -140,6 +140,8 @@ const sourceSetup = setup({
      * only candidate and ready, as a BootReady would, without asking the destination to boot.
      */
     readyWithoutBoot: ({ context }) => context.input.hooks?.readyWithoutBoot?.(),
+    /** Provided by the service (fan-out child): its destination booted with the final round; the decision runs now. */
+    readyBooted: ({ context }) => context.input.hooks?.bootedWithRound?.(),
     markPhase: assign(({ context }, params: PhaseParams) => ({ marks: [...context.marks, { phase: params.phase, at: Date.now() }] })),
     setOutcome: assign((_, params: { readonly outcome: MigrationOutcome }) => ({ outcome: params.outcome })),
     recordDenied: assign(({ event }) => ({ reason: `denied by target: ${outputOf<{ reason?: string }>(event).reason ?? 'no reason given'}` })),
@@ -185,6 +187,13 @@ const sourceSetup = setup({
     },
     targetCommitted: ({ event }) => outputOf<'committed' | 'notCommitted'>(event) === 'committed',
     chosen: ({ event }) => outputOf<FanOutVerdict>(event).commit,
+    /** The final round asked the destination to boot and it did (BootReady in answer). */
+    bootedWithRound: ({ event }) => outputOf<DirtyRoundResult>(event).booted === true,
+    /** The final round was applied and the boot refused (the step's error says so): bootFailed, as a BootIncoming refusal. */
+    bootRefused: ({ event }) => {
+      const e = errorOf(event) as { readonly details?: { readonly bootRefused?: unknown } } | undefined;
+      return typeof e === 'object' && e !== null && e.details?.bootRefused === true;
+    },
     /**
      * Provided by the service (fan-out child): no other destination can win any more (a pre-warm's
      * command named this one alone), so BootIncoming would decide nothing: the child goes straight
@@ -213,7 +222,10 @@ const sourceSetup = setup({
  * - requesting → holding → sendingState → sendingEvents → migratingVm → syncingDirty →
  *   completing → finishing → completed.
  * - syncingDirty sends rounds while the last one changed something and `round < maxDirtyRounds`,
- *   then always one `final: true` round (sent with everything frozen). A fan-out child with nothing
+ *   then always one `final: true` round (sent with everything frozen). A fan-out child's final
+ *   round asks its destination to boot as well: BootReady in answer goes to awaitingDecision, a
+ *   refused boot rolls back as bootIncoming; `booting` (BootIncoming alone) remains for a final
+ *   round that went at the switch. A fan-out child with nothing
  *   left to race (`bootSkipped`) sends the final round alone. A migrateVm that already
  *   sent the final round at the switch (qemu: the VM paused at pre-switchover) skips syncingDirty:
  *   nothing at the source changes between rounds once the VM and its embots are frozen.
@@ -358,17 +370,19 @@ function buildSourceMachine(fanOut: boolean) {
           finalRound: {
             invoke: {
               src: 'sendDirtyObjects',
+              // A fan-out child still racing has the service ask its destination to boot with this round (output `booted`).
               input: ({ context }) => ({ ...context.input, round: context.round, final: true }),
               onDone: [
                 ...(fanOut
                   ? ([
                       { guard: and(['bootSkipped', 'alreadyChosen']), target: chosen.target, actions: [{ type: 'recordRound', params: { final: true } }, chosen.actions] },
                       { guard: 'bootSkipped', target: skipBoot.target, actions: [{ type: 'recordRound', params: { final: true } }, skipBoot.actions] },
+                      { guard: 'bootedWithRound', target: '#source.awaitingDecision', actions: [{ type: 'recordRound', params: { final: true } }, 'readyBooted'] },
                     ] as const)
                   : []),
                 { target: afterFinalRound, actions: { type: 'recordRound', params: { final: true } } },
               ],
-              onError: rollBackOnError('sendDirtyObjects'),
+              onError: [...(fanOut ? ([{ guard: 'bootRefused', ...rollBackOnError('bootIncoming') }] as const) : []), rollBackOnError('sendDirtyObjects')],
             },
             after: rollBackOn('sendDirtyObjects', 'stepTimeout').after,
           },

@@ -542,7 +542,7 @@ export class SourceSide implements SourceSteps {
     this.udpPaused = host.udp.pauseForMigration(this.o.vm);
   }
 
-  async sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean }): Promise<DirtyRoundResult> {
+  async sendDirtyObjects(input: SourceInput & { readonly round: number; readonly final: boolean; readonly boot?: boolean }): Promise<DirtyRoundResult> {
     const changed = this.o.fanOut ? this.o.fanOut.shared.collectDirtyFor(this.o.migrationId) : this.host.objects.collectDirty(this.vmElement);
     const deltas = pack(changed);
     // A pre-warm's embots ran here until the command: the first round after it ships them as frozen then.
@@ -550,13 +550,18 @@ export class SourceSide implements SourceSteps {
     const { bytes, cursor, count } = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
     this.cursor = cursor;
     if (input.final) this.stats.marks.finalRoundOut = performance.now();
-    const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}) });
-    if (reply.type !== 'MigrationStateSuccess') throw stepFailed('DirtyObjects', reply);
+    const boot = input.final && input.boot === true;
+    const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}), ...(boot ? { boot } : {}) });
+    if (boot && reply.type !== 'BootReady' && 'reason' in reply && reply.reason?.startsWith('bootIncoming ') === true) {
+      // The round was applied and the boot refused: the coordinator counts it as bootFailed, as a BootIncoming refusal.
+      throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `boot refused by the target: ${reply.type}: ${reply.reason}`, { details: { reply: reply.type, bootRefused: true } });
+    }
+    if (reply.type !== (boot ? 'BootReady' : 'MigrationStateSuccess')) throw stepFailed('DirtyObjects', reply);
     if (input.final) this.stats.marks.finalRound = performance.now();
     this.stats.dirtyRounds++;
     this.stats.events += count;
     this.stats.bytes += deltas.byteLength + bytes.byteLength + (embots?.byteLength ?? 0);
-    return { changedElements: changed.length, events: count };
+    return { changedElements: changed.length, events: count, ...(boot ? { booted: true } : {}) };
   }
 
   async completeMigration(input: SourceInput): Promise<void> {

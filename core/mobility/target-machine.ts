@@ -74,6 +74,11 @@ function pendingFrame<T extends TargetRequestType>(context: TargetContext, type:
   return pending.frame as FrameOf[T];
 }
 
+/** The request a boot answers: BootIncoming, or a fan-out child's final DirtyObjects that asked to boot. */
+function bootFrame(context: TargetContext): BootIncoming | DirtyObjects {
+  return context.pending?.type === 'DIRTY_OBJECTS' ? pendingFrame(context, 'DIRTY_OBJECTS') : pendingFrame(context, 'BOOT_INCOMING');
+}
+
 /** A reply callback that throws means the link is gone; that arrives as ABORT, so it is not fatal here. */
 function safeReply(reply: StepReply | undefined, r: Parameters<StepReply>[0]): void {
   try {
@@ -149,7 +154,7 @@ const targetSetup = setup({
     stageEvents: fromPromise<void, TargetInput & { readonly frame: ManagementEventState }>(async ({ input }) => stepsOf(input, 'stageEvents').stageEvents(input)),
     receiveMemory: fromPromise<void, TargetInput & { readonly frame: VmMemory }>(async ({ input }) => stepsOf(input, 'receiveMemory').receiveMemory(input)),
     applyDirty: fromPromise<void, TargetInput & { readonly frame: DirtyObjects }>(async ({ input }) => stepsOf(input, 'applyDirty').applyDirty(input)),
-    bootIncoming: fromPromise<void, TargetInput & { readonly frame: BootIncoming }>(async ({ input }) => stepsOf(input, 'bootIncoming').bootIncoming(input)),
+    bootIncoming: fromPromise<void, TargetInput & { readonly frame: BootIncoming | DirtyObjects }>(async ({ input }) => stepsOf(input, 'bootIncoming').bootIncoming(input)),
     commit: fromPromise<void, TargetInput>(async ({ input }) => stepsOf(input, 'commit').commit(input)),
     discard: fromPromise<void, TargetInput & { readonly reason: string }>(async ({ input }) => stepsOf(input, 'discard').discard(input)),
   },
@@ -204,6 +209,8 @@ const targetSetup = setup({
   guards: {
     permitted: ({ event }) => outputOf<{ permitted: boolean }>(event).permitted,
     lastMemoryFrame: ({ context }) => context.pending?.type === 'VM_MEMORY' && context.pending.frame.last,
+    /** A fan-out child's final round that asks this destination to boot once it is applied. */
+    bootWithRound: ({ context }) => context.pending?.type === 'DIRTY_OBJECTS' && context.pending.frame.boot === true,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,
@@ -220,7 +227,8 @@ const targetSetup = setup({
  *   receivingMemory (one `receiveMemory` per VmMemory frame, until the `last` one) → vmReceived →
  *   (applyingDirty → syncing)* → committing → committed.
  * - Several destinations (issue 13): syncing → booting (BootIncoming) → booted → committing on
- *   MigrationComplete (this destination won); Abort, a timeout or another request discards.
+ *   MigrationComplete (this destination won); Abort, a timeout or another request discards. A
+ *   final DirtyObjects with `boot` goes applyingDirty → booting itself, answered once booted.
  * - Each request is answered when its step settles: ok, or the failure (`instantiation` when the
  *   step's error has `instantiation: true`), then discarding → aborted.
  * - A waiting state times out after `stepMs` (`vmMs` while the VM travels) → discarding. ABORT
@@ -346,7 +354,11 @@ function buildTargetMachine() {
         invoke: {
           src: 'applyDirty',
           input: ({ context }) => ({ ...context.input, frame: pendingFrame(context, 'DIRTY_OBJECTS') }),
-          onDone: { target: 'syncing', actions: ['countDirtyRound', 'replyOk'] },
+          onDone: [
+            // Answered once booted (BootReady), from booting.
+            { guard: 'bootWithRound', target: 'booting', actions: 'countDirtyRound' },
+            { target: 'syncing', actions: ['countDirtyRound', 'replyOk'] },
+          ],
           onError: failStep('applyDirty'),
         },
         on: busy('applyingDirty'),
@@ -361,11 +373,11 @@ function buildTargetMachine() {
           BOOT_INCOMING: { target: 'booting', actions: 'takeRequest' },
         },
       },
-      // Several destinations (issue 13): only once the final round is in.
+      // Several destinations (issue 13): only once the final round is in (BootIncoming, or the final round itself asked).
       booting: {
         invoke: {
           src: 'bootIncoming',
-          input: ({ context }) => ({ ...context.input, frame: pendingFrame(context, 'BOOT_INCOMING') }),
+          input: ({ context }) => ({ ...context.input, frame: bootFrame(context) }),
           onDone: { target: 'booted', actions: 'replyOk' },
           onError: failStep('bootIncoming'),
         },

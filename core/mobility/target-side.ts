@@ -227,7 +227,7 @@ export class TargetSide implements TargetSteps {
    * its checksum on arrival, the VM held not running until commitIncoming. A driver with a stream
    * of its own (qemu) answers through its `incomingBoot` capability: stream complete, paused under -S.
    */
-  async bootIncoming(_input: TargetInput & { readonly frame: BootIncoming }): Promise<void> {
+  async bootIncoming(_input: TargetInput & { readonly frame: BootIncoming | DirtyObjects }): Promise<void> {
     if (!this.incoming) throw new InstantiationError('asked to boot, but no incoming VM was prepared (PrepareIncoming)');
     await this.incoming;
     const pages = this.host.driver.capabilities.incomingPages;

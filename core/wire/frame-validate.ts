@@ -140,7 +140,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
     f('cpu', bin, true),
     f('zeros', bin, true),
   ],
-  DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin), f('embots', bin, true)],
+  DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin), f('embots', bin, true), f('boot', bool, true)],
   MigrationComplete: [reqId, mid],
   ForwardedEvents: [reqId, mid, f('events', bin), f('handOver', bool, true)],
   MigrationStatusQuery: [reqId, mid],

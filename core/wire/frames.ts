@@ -150,6 +150,11 @@ export interface DirtyObjects {
   readonly events: Uint8Array;
   /** A pre-warm's first round after the command: the embots as frozen then (they ran at the source meanwhile); replaces the staged ones. */
   readonly embots?: Uint8Array;
+  /**
+   * A fan-out child's final round: once it is applied, boot the incoming VM as BootIncoming does
+   * and answer BootReady (one round trip less inside the switch's downtime).
+   */
+  readonly boot?: boolean;
 }
 
 /** Step 6, source → target. */
@@ -567,7 +572,7 @@ export interface ReplyMap {
   ManagementEventState: ManagementEventStateSuccess | ManagementEventStateFailed | ManagedObjectInstantiationError;
   VmMemory: VmMemoryAck | MigrationStateFailed;
   PageBatch: PageBatchAck;
-  DirtyObjects: MigrationStateSuccess | MigrationStateFailed | ManagedObjectInstantiationError;
+  DirtyObjects: MigrationStateSuccess | MigrationStateFailed | ManagedObjectInstantiationError | BootReady;
   MigrationComplete: MigrationCompleteAck | MigrationStateFailed;
   ForwardedEvents: ForwardedEventsAck;
   MigrationStatusQuery: MigrationStatus;
@@ -602,7 +607,7 @@ export const REPLY_TYPES: { readonly [K in RequestType]: readonly ReplyMap[K]['t
   ManagementEventState: ['ManagementEventStateSuccess', 'ManagementEventStateFailed', 'ManagedObjectInstantiationError'],
   VmMemory: ['VmMemoryAck', 'MigrationStateFailed'],
   PageBatch: ['PageBatchAck'],
-  DirtyObjects: ['MigrationStateSuccess', 'MigrationStateFailed', 'ManagedObjectInstantiationError'],
+  DirtyObjects: ['MigrationStateSuccess', 'MigrationStateFailed', 'ManagedObjectInstantiationError', 'BootReady'],
   MigrationComplete: ['MigrationCompleteAck', 'MigrationStateFailed'],
   ForwardedEvents: ['ForwardedEventsAck'],
   MigrationStatusQuery: ['MigrationStatus'],

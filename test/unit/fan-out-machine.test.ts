@@ -5,8 +5,9 @@ import { createSourceMachine, type SourceOutput } from '../../core/mobility/sour
 import { TransitionCoverage, allTransitions } from '../harness/coverage.ts';
 
 /**
- * The source machine's fan-out form (a child of a migration to several destinations): after its
- * final round it boots its destination (`booting`) and waits for the coordinator (`awaitingDecision`);
+ * The source machine's fan-out form (a child of a migration to several destinations): its final
+ * round asks its destination to boot (or, when that round went at the switch or the destination
+ * answered without booting, BootIncoming does: `booting`) and it waits for the coordinator (`awaitingDecision`);
  * chosen it completes, terminated or failing it rolls back with the reason. Every transition of the
  * two states (read from the machine with @xstate/graph's node walk) is taken by the scenarios.
  */
@@ -20,7 +21,12 @@ type Behaviour = 'ok' | 'reject' | 'hang' | { readonly value: unknown };
 
 /** `sole`: the coordinator says no other destination can win (bootSkipped); `atSwitch`: migrateVm sent the final round at the switch. */
 /** `chosen`: the coordinator chose it already (a pre-warm's command named it alone); `changing`: every dirty round changed something. */
-function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolean; readonly atSwitch?: boolean; readonly changing?: boolean; readonly chosen?: boolean } = {}) {
+/** `boot` is how the destination boots, with the final round or (`roundIgnoresBoot`: it answers that round without booting) with BootIncoming. */
+function start(
+  boot: Behaviour,
+  decision: Behaviour,
+  o: { readonly sole?: boolean; readonly atSwitch?: boolean; readonly changing?: boolean; readonly chosen?: boolean; readonly roundIgnoresBoot?: boolean; readonly finalRoundFails?: boolean } = {},
+) {
   const journal: SourcePhase[] = [];
   const calls: string[] = [];
   let rollBackReason: string | undefined;
@@ -40,7 +46,24 @@ function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolea
       sendManagementState: ok('sendManagementState'),
       sendEventState: ok('sendEventState'),
       migrateVm: ok('migrateVm', o.atSwitch ? { finalRound: { changedElements: 1, events: 2 } } : {}),
-      sendDirtyObjects: ok('sendDirtyObjects', { changedElements: o.changing ? 1 : 0, events: 0 }),
+      // As the service's step: a racing child's final round asks to boot.
+      sendDirtyObjects: fromPromise(async ({ input }: { input: { readonly final: boolean } }) => {
+        calls.push('sendDirtyObjects');
+        const round = { changedElements: o.changing ? 1 : 0, events: 0 };
+        if (input.final && o.finalRoundFails === true) {
+          await sleep(10);
+          throw new Error('link lost');
+        }
+        if (!input.final || o.sole === true || o.roundIgnoresBoot === true) {
+          await sleep(10);
+          return round;
+        }
+        calls.push('bootWithRound');
+        if (boot === 'hang') return new Promise<never>(() => {});
+        await sleep(10);
+        if (boot === 'reject') throw Object.assign(new Error('boot refused by the target: MigrationStateFailed: bootIncoming failed: injected'), { details: { bootRefused: true } });
+        return { ...round, booted: true };
+      }),
       completeMigration: ok('completeMigration'),
       resolveOutcome: ok('resolveOutcome', 'committed'),
       finishSource: ok('finishSource'),
@@ -51,7 +74,11 @@ function start(boot: Behaviour, decision: Behaviour, o: { readonly sole?: boolea
       bootIncoming: step('bootIncoming', boot, { bootMs: 3 }),
       awaitDecision: step('awaitDecision', decision, { commit: true } satisfies FanOutVerdict),
     } as never,
-    actions: { journalPhase: (_, params) => void journal.push(params.phase), readyWithoutBoot: () => void calls.push('readyWithoutBoot') },
+    actions: {
+      journalPhase: (_, params) => void journal.push(params.phase),
+      readyWithoutBoot: () => void calls.push('readyWithoutBoot'),
+      readyBooted: () => void calls.push('readyBooted'),
+    },
     guards: { bootSkipped: () => o.sole === true, alreadyChosen: () => o.chosen === true },
   });
   const actor = createActor(machine, { input: INPUT, inspect: coverage.inspect }).start();
@@ -73,12 +100,23 @@ beforeEach(() => {
 afterEach(() => vi.useRealTimers());
 
 describe('source machine, fan-out child', () => {
-  it('chosen: boots after the final round, then completes as a single migration does', async () => {
+  it('chosen: boots with the final round (no BootIncoming), then completes as a single migration does', async () => {
     const m = start('ok', 'ok');
     const out = await m.finish();
     expect(out.outcome).toBe('completed');
+    expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'awaitingDecision', 'completing', 'finishing', 'completed']);
+    // Only the final round asks to boot; MigrationComplete only after the boot and the verdict.
+    expect(m.calls.filter((c) => c === 'bootWithRound')).toHaveLength(1);
+    expect(m.calls.slice(-5)).toEqual(['bootWithRound', 'readyBooted', 'awaitDecision', 'completeMigration', 'finishSource']);
+    expect(m.calls).not.toContain('bootIncoming');
+    expect(out.rounds.at(-1)).toMatchObject({ final: true, booted: true });
+  });
+
+  it('a destination that answers the final round without booting is booted with BootIncoming', async () => {
+    const m = start('ok', 'ok', { roundIgnoresBoot: true });
+    const out = await m.finish();
+    expect(out.outcome).toBe('completed');
     expect(m.journal).toEqual(['requesting', 'holding', 'sendingState', 'sendingEvents', 'migratingVm', 'syncingDirty', 'booting', 'awaitingDecision', 'completing', 'finishing', 'completed']);
-    // MigrationComplete only after BootIncoming and the verdict.
     expect(m.calls.slice(-4)).toEqual(['bootIncoming', 'awaitDecision', 'completeMigration', 'finishSource']);
   });
 
@@ -137,7 +175,7 @@ describe('source machine, fan-out child', () => {
   it('chosen but racing (not bootSkipped): boots and asks for the verdict as any racing child does', async () => {
     const m = start('ok', 'ok', { chosen: true });
     await m.finish();
-    expect(m.calls).toContain('bootIncoming');
+    expect(m.calls).toContain('bootWithRound');
     expect(m.calls).toContain('awaitDecision');
   });
 
@@ -160,24 +198,36 @@ describe('source machine, fan-out child', () => {
     expect(m.journal.slice(-3)).toEqual(['awaitingDecision', 'rollingBack', 'aborted']);
   });
 
-  it('its destination refuses to boot: rolls back as bootIncoming failed (the coordinator counts it bootFailed)', async () => {
-    const m = start('reject', 'ok');
+  it('its destination refuses to boot, with the final round or with BootIncoming: rolls back as bootIncoming failed (the coordinator counts it bootFailed)', async () => {
+    for (const roundIgnoresBoot of [false, true]) {
+      const m = start('reject', 'ok', { roundIgnoresBoot });
+      const out = await m.finish();
+      expect(out.outcome).toBe('aborted');
+      expect(out.reason).toMatch(/^bootIncoming failed: /);
+      expect(m.calls).not.toContain('awaitDecision');
+    }
+  });
+
+  it('any other failure of the final round stays a sendDirtyObjects failure (the coordinator counts it failed, not bootFailed)', async () => {
+    const m = start('ok', 'ok', { finalRoundFails: true });
     const out = await m.finish();
     expect(out.outcome).toBe('aborted');
-    expect(out.reason).toMatch(/^bootIncoming failed: /);
+    expect(out.reason).toMatch(/^sendDirtyObjects failed: link lost/);
     expect(m.calls).not.toContain('awaitDecision');
   });
 
-  it('no BootReady within the step timeout: rolls back, bootIncoming timed out', async () => {
+  it('no BootReady within the step timeout: rolls back, timed out in the step that asked (the final round, or BootIncoming)', async () => {
     const m = start('hang', 'ok');
     const out = await m.finish();
-    expect(out.reason).toBe(`bootIncoming timed out after ${STEP_MS} ms`);
+    expect(out.reason).toBe(`sendDirtyObjects timed out after ${STEP_MS} ms`);
+    const legacy = await start('hang', 'ok', { roundIgnoresBoot: true }).finish();
+    expect(legacy.reason).toBe(`bootIncoming timed out after ${STEP_MS} ms`);
   });
 
-  it('CANCEL (the coordinator terminating it) while booting or while waiting rolls back', async () => {
-    for (const [boot, at] of [['hang', 'booting'], ['ok', 'awaitingDecision']] as const) {
-      const m = start(boot, 'hang');
-      await m.until(() => m.actor.getSnapshot().value === at);
+  it('CANCEL (the coordinator terminating it) while booting (with the round or with BootIncoming) or while waiting rolls back', async () => {
+    for (const [boot, at, roundIgnoresBoot] of [['hang', { syncingDirty: 'finalRound' }, false], ['hang', 'booting', true], ['ok', 'awaitingDecision', false]] as const) {
+      const m = start(boot, 'hang', { roundIgnoresBoot });
+      await m.until(() => JSON.stringify(m.actor.getSnapshot().value) === JSON.stringify(at));
       m.actor.send({ type: 'CANCEL', reason: 'terminated: d booted first (migration m-1)' });
       const out = await m.finish();
       expect(out.outcome).toBe('aborted');

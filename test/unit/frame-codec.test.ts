@@ -44,7 +44,7 @@ const SAMPLES: Frame[] = [
     cpu: bytes(64),
     zeros: bytes(12, 0),
   },
-  { type: 'DirtyObjects', reqId: 6, migrationId: 'm-1', round: 2, deltas: bytes(1), events: bytes(0) },
+  { type: 'DirtyObjects', reqId: 6, migrationId: 'm-1', round: 2, deltas: bytes(1), events: bytes(0), boot: true },
   { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1' },
   { type: 'ForwardedEvents', reqId: 8, migrationId: 'm-1', events: bytes(9), handOver: true },
   { type: 'MigrationStatusQuery', reqId: 10, migrationId: 'm-1' },
@@ -178,7 +178,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {

@@ -25,7 +25,7 @@ const START: StartMigration = {
 };
 
 let reqId = 10;
-function frameFor(type: TargetRequestType, opts: { seq?: number; last?: boolean; round?: number } = {}) {
+function frameFor(type: TargetRequestType, opts: { seq?: number; last?: boolean; round?: number; boot?: boolean } = {}) {
   const base = { reqId: reqId++, migrationId: MID };
   switch (type) {
     case 'MANAGEMENT_STATE':
@@ -35,7 +35,7 @@ function frameFor(type: TargetRequestType, opts: { seq?: number; last?: boolean;
     case 'VM_MEMORY':
       return { ...base, type: 'VmMemory', vm: 'web-1', round: 0, seq: opts.seq ?? 0, last: opts.last ?? false, pages: new Uint8Array(8) } satisfies VmMemory;
     case 'DIRTY_OBJECTS':
-      return { ...base, type: 'DirtyObjects', round: opts.round ?? 0, deltas: new Uint8Array([4]), events: new Uint8Array([5]) } satisfies DirtyObjects;
+      return { ...base, type: 'DirtyObjects', round: opts.round ?? 0, deltas: new Uint8Array([4]), events: new Uint8Array([5]), ...(opts.boot ? { boot: true } : {}) } satisfies DirtyObjects;
     case 'MIGRATION_COMPLETE':
       return { ...base, type: 'MigrationComplete' } satisfies MigrationComplete;
     case 'BOOT_INCOMING':
@@ -93,7 +93,7 @@ function start(steps: Partial<Record<Step, readonly Behaviour[]>> = {}) {
   const actor = createActor(machine, { input, inspect: coverage.inspect });
   actor.start();
 
-  const send = (type: TargetRequestType, opts?: { seq?: number; last?: boolean; round?: number }) => {
+  const send = (type: TargetRequestType, opts?: { seq?: number; last?: boolean; round?: number; boot?: boolean }) => {
     const frame = frameFor(type, opts);
     actor.send({ type, frame, reply: (reply: Reply) => void replies.push({ to: type, reply }) } as never);
     return frame;
@@ -255,6 +255,35 @@ describe('target machine: happy paths', () => {
     expect(h.sequence().slice(-2)).toEqual(['bootIncoming', 'commit']);
     expect(h.journal.slice(-4)).toEqual(['syncing', 'booted', 'committing', 'committed']);
     expect(out).toMatchObject({ outcome: 'completed', errors: [] });
+  });
+
+  it('one destination among several, the final round asking to boot: applied, then booted, answered once booted; MigrationComplete commits', async () => {
+    const h = start();
+    await reach(h, 'syncing');
+    const dirtyReplies = h.replies.length;
+    h.send('DIRTY_OBJECTS', { round: 1, boot: true });
+    await h.settle();
+    // Applied, booting now: the round is not answered before the boot is done.
+    expect(h.sequence().slice(-2)).toEqual(['applyDirty', 'bootIncoming']);
+    expect(h.replies).toHaveLength(dirtyReplies);
+    await h.settle();
+    expect(h.state()).toBe('booted');
+    expect(h.replies.at(-1)).toEqual({ to: 'DIRTY_OBJECTS', reply: ok });
+    expect(h.calls.at(-1)!.input['frame']).toMatchObject({ type: 'DirtyObjects', boot: true });
+    h.send('MIGRATION_COMPLETE');
+    const out = await h.finish();
+    expect(h.journal.slice(-4)).toEqual(['syncing', 'booted', 'committing', 'committed']);
+    expect(out).toMatchObject({ outcome: 'completed', dirtyRounds: 2 });
+  });
+
+  it('the final round asking to boot, and the boot fails: that round is answered with the failure (bootIncoming failed), everything discarded', async () => {
+    const h = start({ bootIncoming: ['reject'] });
+    await reach(h, 'syncing');
+    h.send('DIRTY_OBJECTS', { round: 1, boot: true });
+    const out = await h.finish();
+    expect(h.replies.at(-1)).toEqual({ to: 'DIRTY_OBJECTS', reply: { ok: false, reason: 'bootIncoming failed: bootIncoming exploded', instantiation: false } });
+    expect(h.sequence().at(-1)).toBe('discard');
+    expect(out).toMatchObject({ outcome: 'aborted', reason: 'bootIncoming failed: bootIncoming exploded' });
   });
 
   it('one destination among several that lost: Abort while booted discards everything, naming why', async () => {
