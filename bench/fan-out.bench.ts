@@ -24,7 +24,7 @@ import os, { loadavg } from 'node:os';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { Command, InvalidArgumentError } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import { freeLoopbackPort } from '../core/cli/free-port.ts';
 import { ControlClient } from '../core/control/client.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
@@ -75,7 +75,7 @@ function cpuMs(pid: number): number {
  * Four real agents as child processes (each its own event loop, as on four hosts), peers of each
  * other on loopback; `destinationEnv` goes to b, c and d.
  */
-async function cluster(destinationEnv: Record<string, string> = {}): Promise<Cluster> {
+async function cluster(destinationEnv: Record<string, string>, startMemory: 'zero' | 'random'): Promise<Cluster> {
   const root = mkdtempSync(join(tmpdir(), 'embot-bench-fanout-'));
   const plugins = join(root, 'plugins');
   mkdirSync(plugins, { recursive: true });
@@ -103,6 +103,7 @@ async function cluster(destinationEnv: Record<string, string> = {}): Promise<Clu
           peer: { listen: `127.0.0.1:${ports[name]}`, peers: Object.fromEntries(NAMES.filter((n) => n !== name).map((n) => [n, `ws://127.0.0.1:${ports[n]}`])), secretFile },
           mobility: { stepTimeoutMs: 10_000, vmTimeoutMs: 30_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
           sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
+          sim: { startMemory },
           logLevel: 'error',
         };
         const file = join(root, `config-${name}.json`);
@@ -247,6 +248,11 @@ export interface FanOutBenchOptions extends BenchRunOptions {
   readonly only?: readonly Part[];
   /** Repetitions of each timed case (default 9, quick 3). */
   readonly reps?: number;
+  /**
+   * What the VMs' memory holds (the agents' `sim.startMemory`): `random` (default; every page
+   * written, so every copy moves the VM's bytes) or `zero` (untouched: the full round sends indexes).
+   */
+  readonly startMemory?: 'zero' | 'random';
 }
 
 type Case = 'single' | 1 | 2 | 3;
@@ -322,7 +328,9 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
   const rows: BenchRow[] = [];
   const notes: string[] = [];
   const parts = new Set<Part>(opts.only ?? PARTS);
-  let c = await cluster();
+  const startMemory = opts.startMemory ?? 'random';
+  const content = startMemory === 'random' ? 'every page written' : 'untouched, its zero pages sent as indexes';
+  let c = await cluster({}, startMemory);
   try {
     const a = c.a;
     const reps = opts.reps ?? (opts.quick ? 3 : 9);
@@ -346,7 +354,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
       for (const n of [1, 2, 3] as const) {
         const t = median(stats.times[n]);
         rows.push({
-          name: `${n} destination${n === 1 ? '' : 's'}: command to VM owned by the winner, at the client (sim, ${VM_MEMORY / MiB} MiB, median of ${reps})`,
+          name: `${n} destination${n === 1 ? '' : 's'}: command to VM owned by the winner, at the client (sim, ${VM_MEMORY / MiB} MiB ${content}, median of ${reps})`,
           value: t,
           unit: 'ms',
           limitName: 'single-destination migration',
@@ -410,7 +418,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
     const runs = opts.quick ? 20 : 100;
     if (parts.has('success')) {
       await c.stop();
-      c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) });
+      c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) }, startMemory);
       for (const n of [1, 2, 3] as const) {
         let ok = 0;
         const why = new Map<string, number>();
@@ -442,7 +450,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
         });
       }
     }
-    notes.push('four agents as child processes on loopback (this machine\'s cores shared by all four), sim driver, one vm-watchdog embot per VM; a fresh VM per run; fan-out runs with retries 0 (so one destination takes the fan-out path too), no fallback');
+    notes.push(`four agents as child processes on loopback (this machine's cores shared by all four), sim driver, one vm-watchdog embot per VM; a fresh VM per run, its memory ${content} (--start-memory); fan-out runs with retries 0 (so one destination takes the fan-out path too), no fallback`);
     notes.push('a failed run leaves the VM running on the source (checked by the integration tests); here it only counts as a failure');
   } finally {
     await c.stop();
@@ -467,9 +475,10 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
     .option('--quick', '3 repetitions and 20 success-rate runs')
     .option('--only <parts>', `comma-separated parts: ${PARTS.join(', ')} (speed: 1/2/3 destinations beside a single migration, with CPU per agent and phases)`, parts)
     .option('--reps <n>', 'repetitions of each timed case (default 9, --quick 3)', positive)
+    .addOption(new Option('--start-memory <kind>', "the VMs' memory: random (every page written, the default) or zero (untouched: zero pages go as indexes)").choices(['zero', 'random']))
     .addHelpText('after', '\nFANOUT_BENCH_DEBUG=1 prints every migration (wall, CPU per agent a/b/c/d, phases) to stderr.')
     .parse();
-  const o = cmd.opts<{ quick?: boolean; only?: Part[]; reps?: number }>();
-  const table = await run({ quick: o.quick === true, ...(o.only ? { only: o.only } : {}), ...(o.reps ? { reps: o.reps } : {}) });
+  const o = cmd.opts<{ quick?: boolean; only?: Part[]; reps?: number; startMemory?: 'zero' | 'random' }>();
+  const table = await run({ quick: o.quick === true, ...(o.only ? { only: o.only } : {}), ...(o.reps ? { reps: o.reps } : {}), ...(o.startMemory ? { startMemory: o.startMemory } : {}) });
   console.log(renderTable(table));
 }
