@@ -114,7 +114,7 @@ export async function rawWss(target: TlsTarget, tls: PeerTls, kind: 'wss' | 'wss
 
 /** Pre-copy of an idle sim VM (random content) over one path to the child's TLS or plain PeerServer; verified byte-exact there. */
 export async function precopy(target: TlsTarget, tls: PeerTls, which: 'tls' | 'plain', memory: number, migrationId: string): Promise<Run> {
-  const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
+  const driver = new SimDriver({ maxMemory: Math.max(memory, GiB), startMemory: 'random' });
   await driver.create({ name: 'vm', memory, dirtyRate: 0 });
   const source = driver.pages('vm').memory;
   randomFillSync(source);

@@ -52,7 +52,7 @@ interface Setup {
  */
 async function setup(memory: number, dirtyRate: number, caps: readonly (number | undefined)[]): Promise<Setup> {
   const server = await PeerServer.listen({ agent: 'target', secret: SECRET, listen: '127.0.0.1:0' });
-  const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
+  const driver = new SimDriver({ maxMemory: Math.max(memory, GiB), startMemory: 'random' });
   await driver.create({ name: 'vm', memory, dirtyRate });
   const source = driver.pages('vm').memory;
   for (let i = 0; i < source.length; i += 4096) source[i] = (i >>> 12) & 0xff;
@@ -167,7 +167,7 @@ export interface CrossRun {
 }
 
 export async function crossOnePathThroughput(target: DataplaneTarget, memory: number, migrationId: string, batchBytes?: number): Promise<CrossRun> {
-  const driver = new SimDriver({ maxMemory: Math.max(memory, GiB) });
+  const driver = new SimDriver({ maxMemory: Math.max(memory, GiB), startMemory: 'random' });
   await driver.create({ name: 'vm', memory, dirtyRate: 0 });
   const source = driver.pages('vm').memory;
   randomFillSync(source);

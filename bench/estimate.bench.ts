@@ -56,7 +56,8 @@ interface Migration {
  */
 async function migrateOnce(memory: number, dirtyRate: number, id: string): Promise<Migration> {
   const server = await PeerServer.listen({ agent: 'target', secret: SECRET, listen: '127.0.0.1:0' });
-  const driver = new SimDriver({ pageSize: PAGE_SIZE, maxMemory: Math.max(memory, 64 * MiB) });
+  // Every page written: the model prices the VM's bytes (a fresh VM's zero pages would go as indexes).
+  const driver = new SimDriver({ pageSize: PAGE_SIZE, maxMemory: Math.max(memory, 64 * MiB), startMemory: 'random' });
   try {
     await driver.create({ name: 'vm', memory, dirtyRate });
     const receiver = new PageReceiver({ memoryBytes: memory, pageSize: PAGE_SIZE });

@@ -58,6 +58,13 @@ describe('PageReceiver and zero pages', () => {
     expect(Buffer.compare(r.memory, source)).toBe(0);
   });
 
+  it('writes zeros into its own buffer too unless told it is untouched (a caller may have filled it, as the benches do)', () => {
+    const r = new PageReceiver({ memoryBytes: source.byteLength, pageSize: PAGE });
+    r.memory.fill(0xee);
+    expect(r.apply(zeroBatch(source, [1, 5], [0, 2, 3, 4, 6, 7]))).toEqual({ ok: true });
+    expect(Buffer.compare(r.memory, source)).toBe(0);
+  });
+
   it('leaves a page a newer round wrote alone', () => {
     const r = new PageReceiver({ memoryBytes: source.byteLength, pageSize: PAGE });
     const newer = new Uint8Array(source);

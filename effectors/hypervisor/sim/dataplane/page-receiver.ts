@@ -14,8 +14,9 @@ export interface PageReceiverOptions {
   /** Memory to fill (e.g. `driver.pages(vm).memory` of the target VM); default a new zeroed buffer. */
   readonly memory?: Uint8Array;
   /**
-   * `memory` is all zero to begin with (a fresh or pooled buffer), so a zero page that no batch
-   * wrote before needs no write. Default true for the receiver's own buffer, false for a given one.
+   * The memory is all zero to begin with and nothing but this receiver writes it (the sim driver's
+   * pooled incoming memory), so a zero page that no batch wrote before needs no write. Default
+   * false: a zero page is always written (the own buffer is public, and callers fill it).
    */
   readonly memoryIsZero?: boolean;
 }
@@ -79,7 +80,7 @@ export class PageReceiver {
     this.migrationId = o.migrationId;
     this.pageRound = new Uint32Array(this.pageCount);
     this.written = new Uint8Array(this.pageCount);
-    this.startsZero = o.memory === undefined || o.memoryIsZero === true;
+    this.startsZero = o.memoryIsZero === true;
   }
 
   /** True once the batch with `final: true` (the end of stop-and-copy) was applied. */
