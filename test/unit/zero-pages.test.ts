@@ -5,7 +5,7 @@
 import { randomFillSync } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import { PeerServer, connectPeer, decodeFrame, encodeFrame, type PageBatch, type PeerConnection } from '../../core/wire/index.ts';
-import { PageReceiver, batchChecksum, encodeIndexes, gatherPages, pageBatchHandler, preCopy } from '../../effectors/hypervisor/sim/dataplane/index.ts';
+import { PageReceiver, batchChecksum, encodeIndexes, gatherPages, pageBatchHandler, preCopy, type PreCopyProgress } from '../../effectors/hypervisor/sim/dataplane/index.ts';
 import { MAX_ZEROS_PER_BATCH, splitZeroPages } from '../../effectors/hypervisor/sim/dataplane/zero-pages.ts';
 import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 
@@ -122,10 +122,13 @@ describe('preCopy of a mostly-zero VM over a real peer link', () => {
       await server.close();
     });
     driver.start('vm1');
-    const result = await preCopy({ migrationId: 'mig-z', vm: 'vm1', driver, paths: [{ name: 'p0', conn }], stopVm: () => driver.stop('vm1'), cpuState: () => Uint8Array.of(1) });
+    const progress: PreCopyProgress[] = [];
+    const result = await preCopy({ migrationId: 'mig-z', vm: 'vm1', driver, paths: [{ name: 'p0', conn }], stopVm: () => driver.stop('vm1'), cpuState: () => Uint8Array.of(1), onProgress: (p) => progress.push(p) });
     expect(receiver.finalReceived).toBe(true);
     expect(Buffer.compare(receiver.memory, driver.pages('vm1').memory)).toBe(0);
     // The written sixteenth in full (plus any re-sends of an idle VM: none), the zero pages as indexes.
     expect(result.bytes).toBe(memory / 16);
+    // Progress counts the zero pages apart: together they are the whole VM (a progress bar of its size ends full).
+    expect(progress.at(-1)).toMatchObject({ phase: 'done', sentBytes: memory / 16, zeroBytes: (memory * 15) / 16 });
   });
 });

@@ -415,7 +415,8 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
         options.onProgress?.({
           phase: p.phase === 'done' ? 'completed' : p.phase,
           rounds: p.round + 1,
-          transferredBytes: p.sentBytes,
+          // The memory brought up to date, zero pages included: what a progress bar of the VM's size shows.
+          transferredBytes: p.sentBytes + p.zeroBytes,
           remainingBytes: p.remainingBytes,
           rateBytesPerSec: p.rateBytesPerSec,
           dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,

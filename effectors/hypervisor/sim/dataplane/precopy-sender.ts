@@ -49,6 +49,8 @@ export interface PreCopyProgress {
   readonly remainingBytes: number;
   /** Page bytes acknowledged so far, re-sends included. */
   readonly sentBytes: number;
+  /** Bytes of memory acknowledged as zero pages (sent as indexes only, not in `sentBytes`). */
+  readonly zeroBytes: number;
   /** Send rate over all live paths, bytes/s. */
   readonly rateBytesPerSec: number;
   /** Rate at which the VM wrote pages during the last round, bytes/s. */
@@ -249,6 +251,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
 
   let cpu: Uint8Array | undefined;
   let sentBytes = 0;
+  let zeroBytes = 0;
   let pagesSent = 0;
   let roundLeft = 0;
   let lastProgress = 0;
@@ -285,6 +288,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     ...(o.requestTimeoutMs !== undefined ? { requestTimeoutMs: o.requestTimeoutMs } : {}),
     onAck: (batch) => {
       sentBytes += batch.bytes;
+      if (batch.zeros !== undefined) zeroBytes += pagesBytes(batch.zeros, memoryBytes, pageSize);
       pagesSent += batch.indexes.length;
       roundLeft -= batch.bytes;
       const now = performance.now();
@@ -302,6 +306,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
       round: r,
       remainingBytes,
       sentBytes,
+      zeroBytes,
       rateBytesPerSec: rate,
       dirtyRateBytesPerSec: dirty,
       expectedDowntimeMs,
