@@ -305,6 +305,12 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     const hostId = `host:${this.name}`;
     if (!this.objects.has(hostId)) this.objects.register({ id: hostId, kind: 'host', state: { name: this.name } });
     for (const vm of this.driver.list()) {
+      if (!this.objects.has(`vm:${vm.name}`) && this.mobility.movedAway(vm.name)) {
+        // Moved away, its removal cut by the restart: finished now, not adopted (two owners).
+        log.info(`VM ${vm.name} had moved to another host before the restart: removing what was left of it here`);
+        await this.driver.remove(vm.name).catch((e: unknown) => log.warn(`could not remove VM ${vm.name}, which had moved away`, { error: describeError(e) }));
+        continue;
+      }
       this.ensureVmElement(vm);
       const udpPort = this.udpPortOf(vm.name);
       if (udpPort !== undefined) await this.udp.ensure(vm.name, udpPort, vm.state === 'running');

@@ -58,6 +58,7 @@ export class MigrationJournal {
   private readonly listStmt: Database.Statement<[number], Raw>;
   private readonly openStmt: Database.Statement<[], Raw>;
   private readonly handOverStmt: Database.Statement<[], Raw>;
+  private readonly movesStmt: Database.Statement<[string], Raw>;
 
   constructor(store: Store) {
     const db = store.db;
@@ -69,6 +70,7 @@ export class MigrationJournal {
     this.listStmt = db.prepare('SELECT * FROM migrations ORDER BY started_at DESC LIMIT ?');
     this.openStmt = db.prepare('SELECT * FROM migrations WHERE outcome IS NULL ORDER BY started_at');
     this.handOverStmt = db.prepare("SELECT * FROM migrations WHERE role = 'target' AND json_extract(summary, '$.handOver') = 'pending' ORDER BY started_at");
+    this.movesStmt = db.prepare("SELECT * FROM migrations WHERE vm = ? AND (outcome = 'completed' OR outcome IS NULL) ORDER BY updated_at DESC, rowid DESC LIMIT 50");
   }
 
   begin(id: string, role: MigrationRole, vm: string, peer: string, phase: string, notes: MigrationNotes = {}): void {
@@ -102,6 +104,11 @@ export class MigrationJournal {
   /** Committed incoming migrations whose source has not handed over the events it held yet (finished or not). */
   pendingHandOvers(): MigrationRow[] {
     return this.handOverStmt.all().map(fromRaw);
+  }
+
+  /** VM `vm`'s migrations that completed or have no outcome yet, the latest first. */
+  movesOf(vm: string): MigrationRow[] {
+    return this.movesStmt.all(vm).map(fromRaw);
   }
 
   /** Migrations without an outcome: in progress, or interrupted by a crash. */

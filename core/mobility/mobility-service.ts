@@ -595,6 +595,21 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   // ---- crash recovery ----
 
   /**
+   * Whether VM `vm`, which the driver still holds after a restart but no element manages, is one
+   * that left: its latest move was out of here. The drop of a moved VM deregisters its element in
+   * the transaction that journals the move, while the driver's removal (qemu: the QEMU process and
+   * its state dir) follows it; an agent killed in between finds the VM again and must not adopt it.
+   */
+  movedAway(vm: string): boolean {
+    for (const row of this.host.journal.movesOf(vm)) {
+      if (row.outcome === 'completed') return row.role === 'source';
+      // Cut by the restart after its drop: the forwarding was journaled with it (recover() ends the row).
+      if (row.role === 'source' && this.forwarding.journal.get(row.id)) return true;
+    }
+    return false;
+  }
+
+  /**
    * Resolves migrations this agent was part of when it stopped, before its elements get their
    * embots and its journaled events are re-queued. Returns the VM elements that must stay frozen
    * (held, no embots) until the target tells whether it committed.

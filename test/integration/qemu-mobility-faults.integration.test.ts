@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { counterOf, tickProducer, type CounterContext, type SequencedPoster } from '../harness/counter-stream.ts';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -174,6 +174,26 @@ describe.skipIf(!run)('qemu migration faults through the agents: one running QEM
     const migrations = await restarted.client.listMigrations();
     expect(migrations.map((m) => m.outcome)).toEqual(['aborted']);
     await exactlyOnce(restarted, prod, inFlight);
+  }, 180_000);
+
+  it('the source agent SIGKILLed right after journaling the migration completed (its QEMU not yet removed) and restarted: it does not adopt the VM again; b alone owns it, a keeps no QEMU, no state dir, no VM', async () => {
+    const { b, stateA, stateB, sourcePid } = await setup();
+    // a again, on the same running QEMU, set to die right after it journals the move as completed:
+    // the drop of the VM (element, embots) is in that transaction, its QEMU's removal follows it.
+    await cluster!.kill('a');
+    const dying = await cluster!.startAgent('a', { EMBOT_FAULT_KILL_AT: 'source:completed' });
+    expect(runningPid(stateA)).toBe(sourcePid);
+    await dying.client.migrate('f1', 'b');
+    await waitFor(() => dying.child.exitCode !== null || dying.child.signalCode !== null, 90_000, 'a to die at source:completed');
+    cluster!.agents.delete('a');
+    const restarted = await cluster!.startAgent('a');
+    await waitFor(async () => (await b.client.listVms()).find((v) => v.name === 'f1' && v.state === 'running'), 30_000, 'f1 running at b');
+    await heartbeat(stateB, 1);
+    expect(await restarted.client.listVms()).toEqual([]);
+    expect((await restarted.client.listEmbots()).filter((e) => e.elementIds.includes('vm:f1'))).toEqual([]);
+    await waitFor(() => (runningPid(stateA) === undefined && !existsSync(stateA) ? true : undefined), 30_000, "a's QEMU and state dir gone");
+    expect(qemus.live()).toEqual([runningPid(stateB)]);
+    expect((await restarted.client.listMigrations()).map((m) => m.outcome)).toEqual(['completed']);
   }, 180_000);
 
   it('an agent SIGKILLed and restarted with a running VM re-attaches to it: same QEMU pid, not restarted, its embots go on', async () => {
