@@ -40,7 +40,8 @@ export async function startAgentPair(root: string, options: AgentPairOptions = {
       pluginsDir: plugins,
       ...(options.driver === 'qemu'
         ? { driver: 'qemu' as const, qemu: { stateDir: join(root, `vms-${name}`), accel: 'tcg' as const, ...(options.spareIncoming === undefined ? {} : { spareIncoming: options.spareIncoming }) } }
-        : {}),
+        : // Every page written, so a migration moves the VM's bytes (an untouched VM's zero pages go as indexes).
+          { sim: { startMemory: 'random' as const } }),
       logLevel: 'error' as const,
       control: { port: 0 },
       peer: { listen: `127.0.0.1:${ports[name]}`, peers: { [other]: `ws://127.0.0.1:${ports[other]}` }, secretFile },

@@ -152,6 +152,8 @@ function agentFlags(s: AgentSpec): Record<string, unknown> {
     mobility: { trust: { mode: 'any-authenticated-peer' }, stepTimeoutMs: 60_000 },
     // Quiet sensors: every event in the figures is one the benchmark posted.
     sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
+    // Every page written, so the memory step moves the VM's bytes (an untouched VM's zero pages go as indexes).
+    sim: { startMemory: 'random' },
   };
 }
 

@@ -51,7 +51,17 @@ interface Active {
   reclaimed: boolean;
   /** Requests on `conn` not answered yet: the grace period's end does not cut them off (the peer may be taking them). */
   busy: number;
+  /** Closes `conn` once it has been idle {@link IDLE_LINK_MS}; the next batch dials again. */
+  idle: ReturnType<typeof setTimeout> | undefined;
 }
+
+/**
+ * A forwarding's link is closed after this long without a request. Every VM moved to a peer keeps
+ * a forwarding for the grace period (30 s by default); held open, their links piled up on a host
+ * moving many VMs to one peer until the peer's per-peer link limit (32) refused the next
+ * migration's links (`EMBOT_ERR_PEER_LIMIT`). Late events are few: a dial when one comes is cheap.
+ */
+export const IDLE_LINK_MS = 1000;
 
 const ONE_DAY_MS = 24 * 3600_000;
 
@@ -107,14 +117,27 @@ export class Forwarding {
     // An older forwarding of the same VM (it moved here and away again) ends: the elements have one redirect.
     this.reclaim(rec.vm);
     const conn = link?.isOpen && link.remoteAgent === rec.peer ? link : undefined;
-    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false };
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false, idle: undefined };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);
     for (const id of rec.elementIds) this.byElement.set(id, a);
     a.timer = setTimeout(() => this.expire(a), Math.max(0, rec.until - Date.now()));
     a.timer.unref();
     if (a.rest) this.pumpRest(a, 0);
+    else if (conn) this.closeWhenIdle(a, conn);
     return conn !== undefined;
+  }
+
+  /** Arms the idle close of `conn` (see {@link IDLE_LINK_MS}); a request meanwhile disarms it. */
+  private closeWhenIdle(a: Active, conn: PeerConnection): void {
+    if (a.idle) clearTimeout(a.idle);
+    a.idle = setTimeout(() => {
+      a.idle = undefined;
+      if (a.busy > 0 || a.conn !== conn) return;
+      a.conn = undefined;
+      void conn.close().catch(() => {});
+    }, IDLE_LINK_MS);
+    a.idle.unref();
   }
 
   /** Journals `rec` with its tombstones: inside the transaction that drops the moved elements. */
@@ -204,6 +227,7 @@ export class Forwarding {
     for (const a of this.active.values()) {
       if (a.timer) clearTimeout(a.timer);
       if (a.pump) clearTimeout(a.pump);
+      if (a.idle) clearTimeout(a.idle);
       for (const wake of a.waiting) wake();
       void a.conn?.close().catch(() => {});
     }
@@ -284,6 +308,8 @@ export class Forwarding {
       a.conn = await this.o.connect(a.rec.peer);
     }
     const conn = a.conn;
+    if (a.idle) clearTimeout(a.idle);
+    a.idle = undefined;
     a.busy++;
     try {
       const reply = await conn.request({ type: 'ForwardedEvents', migrationId: a.rec.migrationId, events, ...(handOver ? { handOver } : {}) });
@@ -299,6 +325,8 @@ export class Forwarding {
       if (a.expired && a.busy === 0 && a.conn === conn && !this.active.has(a.rec.migrationId)) {
         a.conn = undefined;
         void conn.close().catch(() => {});
+      } else if (a.busy === 0 && a.conn === conn) {
+        this.closeWhenIdle(a, conn);
       }
     }
   }
@@ -358,6 +386,7 @@ export class Forwarding {
     if (this.closed) return;
     for (const id of a.rec.elementIds) if (this.byElement.get(id) === a) this.byElement.delete(id);
     this.active.delete(a.rec.migrationId);
+    if (a.idle) clearTimeout(a.idle);
     if (a.busy === 0) {
       void a.conn?.close().catch(() => {});
       a.conn = undefined;

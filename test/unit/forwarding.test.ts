@@ -7,7 +7,9 @@ import { connectPeer } from '../../core/wire/peer-client.ts';
 import { SensorService } from '../../sensors/index.ts';
 import { ManagedObjectService } from '../../core/objects/object-service.ts';
 import { silentLogger } from '../../core/logger.ts';
-import { Forwarding, type ForwardRecord } from '../../core/mobility/forwarding.ts';
+import { Forwarding, IDLE_LINK_MS, type ForwardRecord } from '../../core/mobility/forwarding.ts';
+import { PeerServer } from '../../core/wire/peer-server.ts';
+import { unpack } from 'msgpackr';
 import { ErrorCodes, EventError } from '../../core/errors.ts';
 import type { Store } from '../../core/store/store.ts';
 import type { EmbotEvent } from '../../core/events.ts';
@@ -123,3 +125,54 @@ describe('Forwarding', () => {
     expect(await a.forwarding.admit({ elementId: 'vm:y' })).toEqual({});
   });
 });
+
+describe('Forwarding: its link to the new owner', () => {
+  it('is closed once idle and dialled again for a later event, which still arrives (many moved VMs do not pile up links to one peer)', async () => {
+    const secret = randomBytes(32);
+    const server = await PeerServer.listen({ agent: 'b', secret, listen: '127.0.0.1:0' });
+    cleanups.push(() => server.close());
+    const got: string[] = [];
+    server.handle('ForwardedEvents', (frame) => {
+      // Redirected events go as a plain list (the hand-over of held ones as hold queues: none here).
+      const events = unpack(frame.events) as EmbotEvent[];
+      for (const e of events) got.push(e.id);
+      return { type: 'ForwardedEventsAck', migrationId: frame.migrationId, accepted: events.length, duplicates: 0 };
+    });
+    const store = openStore(tmpStoreFile());
+    const sensors = new SensorService({ host: 'a', store, onError: () => {} });
+    cleanups.push(() => sensors.close());
+    let dials = 0;
+    const forwarding = new Forwarding({
+      host: { store, sensors, objects: new ManagedObjectService({ store }), logger: silentLogger },
+      connect: () => {
+        dials++;
+        return connectPeer({ url: server.url, agent: 'a', expectedPeer: 'b', secret });
+      },
+      retryMs: 10,
+    });
+    cleanups.push(() => forwarding.close());
+    sensors.recover();
+    forwarding.afterEventsRecovered();
+    const link = await connectPeer({ url: server.url, agent: 'a', expectedPeer: 'b', secret });
+    const rec: ForwardRecord = { migrationId: 'm-9', vm: 'x', peer: 'b', elementIds: ['vm:x'], until: Date.now() + 60_000 };
+    expect(forwarding.start(rec, undefined, link)).toBe(true);
+    forwarding.record(rec, undefined);
+    await sensors.emit(tick('vm:x', 1));
+    await waitUntil(() => got.length === 1);
+    expect(dials).toBe(0); // the migration's own link carried it
+    // Idle: closed, at both ends.
+    await waitUntil(() => !link.isOpen && server.connections.length === 0, IDLE_LINK_MS + 2000);
+    await sensors.emit(tick('vm:x', 2));
+    await waitUntil(() => got.length === 2);
+    expect(got).toEqual(['p-1', 'p-2']);
+    expect(dials).toBe(1);
+  });
+});
+
+async function waitUntil(pred: () => boolean, timeoutMs = 5000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
