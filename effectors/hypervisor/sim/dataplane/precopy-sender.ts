@@ -7,7 +7,7 @@ import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 import type { RequestBody } from '../../../../core/wire/index.ts';
 import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
-import { splitZeroPages } from './zero-pages.ts';
+import { MAX_ZEROS_PER_BATCH, splitZeroPages } from './zero-pages.ts';
 import type { PrewarmHold } from '../../prewarm-gate.ts';
 
 export type { DataPath, PathReport } from './striper.ts';
@@ -154,7 +154,8 @@ function settings(o: PreCopyOptions, pageSize: number): Settings {
   if (typeof o.stopVm !== 'function') throw invalid('stopVm must be a function');
   const pagesPerBatch = Math.max(1, Math.floor(batchBytes / pageSize));
   // A batch too large for a link would be refused by its encoder on every try; say so up front.
-  const frameBytes = pagesPerBatch * (pageSize + 4) + FRAME_OVERHEAD_BYTES;
+  // The full round's batches also name up to MAX_ZEROS_PER_BATCH zero pages (4 bytes each).
+  const frameBytes = pagesPerBatch * (pageSize + 4) + MAX_ZEROS_PER_BATCH * 4 + FRAME_OVERHEAD_BYTES;
   for (const p of o.paths ?? []) {
     if (frameBytes > p.conn.maxFrameBytes) throw invalid(`batchBytes ${batchBytes} makes frames of ~${frameBytes} bytes, over path ${p.name}'s frame limit of ${p.conn.maxFrameBytes}`);
   }
