@@ -567,7 +567,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   private memoryOf(vm: SimVm): Uint8Array {
     if (!vm.memory) {
       vm.memory = this.memoryPool.take(vm.spec.memory);
-      if (this.startMemory === 'random') fillPseudoRandom(vm.memory);
+      if (this.startMemory === 'random') fillPseudoRandom(vm.memory, this.random());
       vm.dirty = new Uint8Array(Math.ceil(this.pageCount(vm) / 8));
     }
     return vm.memory;
@@ -676,11 +676,12 @@ function dataPathsOf(name: string, options: MigrateOutOptions): NonNullable<Migr
 
 /**
  * Fills `memory` with non-zero pseudo-random words (xorshift32): a used guest's RAM, at memory
- * speed (crypto-grade bytes cost ~10x as much and nothing here needs them).
+ * speed (crypto-grade bytes cost ~10x as much and nothing here needs them). `seed` in [0, 1): the
+ * driver's own source of randomness, so a seeded driver fills alike.
  */
-function fillPseudoRandom(memory: Uint8Array): void {
+function fillPseudoRandom(memory: Uint8Array, seed: number): void {
   const words = new Uint32Array(memory.buffer, memory.byteOffset, Math.floor(memory.byteLength / 4));
-  let x = (Math.random() * 0xffffffff) >>> 0 || 1;
+  let x = (seed * 0xffffffff) >>> 0 || 1;
   for (let i = 0; i < words.length; i++) {
     x ^= x << 13;
     x ^= x >>> 17;
