@@ -552,16 +552,18 @@ export class SourceSide implements SourceSteps {
     if (input.final) this.stats.marks.finalRoundOut = performance.now();
     const boot = input.final && input.boot === true;
     const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}), ...(boot ? { boot } : {}) });
+    // The target's reason names its failed step (target-machine.ts recordFailure: `bootIncoming failed: ...`).
     if (boot && reply.type !== 'BootReady' && 'reason' in reply && reply.reason?.startsWith('bootIncoming ') === true) {
       // The round was applied and the boot refused: the coordinator counts it as bootFailed, as a BootIncoming refusal.
       throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `boot refused by the target: ${reply.type}: ${reply.reason}`, { details: { reply: reply.type, bootRefused: true } });
     }
-    if (reply.type !== (boot ? 'BootReady' : 'MigrationStateSuccess')) throw stepFailed('DirtyObjects', reply);
+    // MigrationStateSuccess to a round that asked to boot: applied, not booted (the machine asks with BootIncoming).
+    if (reply.type !== 'MigrationStateSuccess' && !(boot && reply.type === 'BootReady')) throw stepFailed('DirtyObjects', reply);
     if (input.final) this.stats.marks.finalRound = performance.now();
     this.stats.dirtyRounds++;
     this.stats.events += count;
     this.stats.bytes += deltas.byteLength + bytes.byteLength + (embots?.byteLength ?? 0);
-    return { changedElements: changed.length, events: count, ...(boot ? { booted: true } : {}) };
+    return { changedElements: changed.length, events: count, ...(reply.type === 'BootReady' ? { booted: true } : {}) };
   }
 
   async completeMigration(input: SourceInput): Promise<void> {
