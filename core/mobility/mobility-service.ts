@@ -21,6 +21,7 @@ import { TargetDiscards } from './target-discards.ts';
 import { resolveDestinations, type Destinations } from './destinations.ts';
 import { childId, runFanOut, type ChildHandle, type ChildHooks, type FanOutPlan } from './fan-out.ts';
 import { recoverFanOut } from './fan-out-decision.ts';
+import { movedAway } from './moved-away.ts';
 import { FanOutJournal } from './fan-out-journal.ts';
 import { PrewarmControl, type PrewarmInfo } from './prewarm.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
@@ -594,19 +595,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
 
   // ---- crash recovery ----
 
-  /**
-   * Whether VM `vm`, which the driver still holds after a restart but no element manages, is one
-   * that left: its latest move was out of here. The drop of a moved VM deregisters its element in
-   * the transaction that journals the move, while the driver's removal (qemu: the QEMU process and
-   * its state dir) follows it; an agent killed in between finds the VM again and must not adopt it.
-   */
+  /** Whether VM `vm`, held by the driver after a restart but managed by no element, had left this host (moved-away.ts). */
   movedAway(vm: string): boolean {
-    for (const row of this.host.journal.movesOf(vm)) {
-      if (row.outcome === 'completed') return row.role === 'source';
-      // Cut by the restart after its drop: the forwarding was journaled with it (recover() ends the row).
-      if (row.role === 'source' && this.forwarding.journal.get(row.id)) return true;
-    }
-    return false;
+    // A source row cut by the restart after its drop: the forwarding was journaled with it (recover() ends the row).
+    return movedAway(this.host.journal.movesOf(vm), (id) => this.forwarding.journal.get(id) !== undefined);
   }
 
   /**
