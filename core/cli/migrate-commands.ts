@@ -236,7 +236,9 @@ export function renderMigrationSummary(info: MigrationInfo): string {
   const names = s.modules.map((m) => m.split('#')[0]!);
   rows.push(['modules', `${s.modules.length}, ${s.modulesShipped} shipped${names.length > 0 ? ` (${names.join(', ')})` : ''}`]);
   rows.push(['dirty rounds', String(s.dirtyRounds)]);
-  rows.push(['bytes', `${formatBytes(s.bytes)} (memory ${formatBytes(s.memoryBytes)})`]);
+  // Zero pages go as indexes (sim): said apart, or an untouched VM reads as "memory 0 B".
+  const zeros = typeof s.precopy?.zeroBytes === 'number' && s.precopy.zeroBytes > 0 ? `, and ${formatBytes(s.precopy.zeroBytes)} of zero pages as indexes` : '';
+  rows.push(['bytes', `${formatBytes(s.bytes)} (memory ${formatBytes(s.memoryBytes)}${zeros})`]);
   // What the hypervisor expected when it stopped the VM, beside what it was (the --json summary has both).
   const expected = typeof s.precopy?.expectedDowntimeMs === 'number' ? ` (expected ${formatMs(s.precopy.expectedDowntimeMs)})` : '';
   rows.push(['downtime', s.downtimeMs === null ? 'n/a (the VM did not move)' : `${formatMs(s.downtimeMs)}${expected}`]);

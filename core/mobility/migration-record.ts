@@ -115,6 +115,8 @@ export interface MigrationSummary {
     readonly copyDowntimeMs: number;
     /** Bytes the copy sent with the VM stopped (MigrateOutResult.stopBytes; absent: the driver does not say). */
     readonly stopBytes?: number;
+    /** Memory sent as zero-page indexes only, not in `memoryBytes` (MigrateOutResult.zeroBytes; sim). */
+    readonly zeroBytes?: number;
     /** What the hypervisor expected the downtime to be when it stopped the VM (qemu: query-migrate's expected-downtime). */
     readonly expectedDowntimeMs?: number;
     readonly converged: boolean;

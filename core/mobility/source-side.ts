@@ -192,6 +192,7 @@ export class SourceSide implements SourceSteps {
               copyMs: Math.round(s.precopy.totalMs),
               copyDowntimeMs: Math.round(s.precopy.downtimeMs),
               ...(s.precopy.stopBytes === undefined ? {} : { stopBytes: s.precopy.stopBytes }),
+              ...(s.precopy.zeroBytes ? { zeroBytes: s.precopy.zeroBytes } : {}),
               expectedDowntimeMs: Math.round(s.precopy.expectedDowntimeMs),
               // A driver that reports less (qemu) converged if it completed, at the rate of its whole copy.
               converged: s.precopy.converged ?? true,

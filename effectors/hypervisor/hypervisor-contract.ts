@@ -161,6 +161,8 @@ export interface DataPaths {
 /** What a completed migration moved. */
 export interface MigrateOutResult {
   readonly bytes: number;
+  /** Bytes of memory sent as zero-page indexes only, not in `bytes` (sim: the full round's all-zero pages). */
+  readonly zeroBytes?: number;
   readonly rounds: number;
   readonly totalMs: number;
   /** Time the VM did not run, as the hypervisor measured it. */

@@ -367,6 +367,13 @@ describe('the estimate line of a migration summary', () => {
     expect(downtimeLine(renderMigrationSummary(info({ ...s, downtimeMs: 16, precopy })))).toMatch(/^downtime:?\s+16 ms$/);
   });
 
+  it('says beside the memory bytes how much went as zero-page indexes (an untouched sim VM), nothing when none did', () => {
+    const bytesLine = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('bytes'));
+    const s = summaryFor('m-5', 'web', 'b', SCRIPTS['web']!);
+    expect(bytesLine(renderMigrationSummary(info({ ...s, bytes: 1200, memoryBytes: 0, precopy: { ...precopy, zeroBytes: 32 * MiB } })))).toMatch(/^bytes:?\s+1\.2 KiB \(memory 0 B, and 32 MiB of zero pages as indexes\)$/);
+    expect(bytesLine(renderMigrationSummary(info({ ...s, precopy })))).toMatch(/^bytes:?\s+65 MiB \(memory 64 MiB\)$/);
+  });
+
   it('says on the pre-copy line how a qemu stream went (direct, or through the relay of a fan-out), nothing for a driver that does not say', () => {
     const precopyLine = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('pre-copy'));
     const s = summaryFor('m-4', 'web', 'b', SCRIPTS['web']!);

@@ -128,6 +128,7 @@ describe('preCopy of a mostly-zero VM over a real peer link', () => {
     expect(Buffer.compare(receiver.memory, driver.pages('vm1').memory)).toBe(0);
     // The written sixteenth in full (plus any re-sends of an idle VM: none), the zero pages as indexes.
     expect(result.bytes).toBe(memory / 16);
+    expect(result.zeroBytes).toBe((memory * 15) / 16);
     // Progress counts the zero pages apart: together they are the whole VM (a progress bar of its size ends full).
     expect(progress.at(-1)).toMatchObject({ phase: 'done', sentBytes: memory / 16, zeroBytes: (memory * 15) / 16 });
   });

@@ -426,6 +426,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
         }),
     }).then((r) => ({
       bytes: r.bytes,
+      zeroBytes: r.zeroBytes,
       rounds: r.rounds,
       totalMs: r.totalMs,
       downtimeMs: r.downtimeMs,

@@ -111,6 +111,8 @@ export interface PreCopyResult {
   readonly stopBytes: number;
   /** Page bytes acknowledged, re-sends included. */
   readonly bytes: number;
+  /** Bytes of memory acknowledged as zero pages (indexes only, not in `bytes`). */
+  readonly zeroBytes: number;
   /** Pages acknowledged, re-sends included. */
   readonly pagesSent: number;
   readonly totalMs: number;
@@ -444,6 +446,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     return {
       rounds: round + 1,
       bytes: sentBytes,
+      zeroBytes,
       pagesSent,
       totalMs: performance.now() - start,
       downtimeMs,
