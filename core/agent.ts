@@ -472,6 +472,10 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   }
 
   attach(el: ManagedElement): Promise<void> {
+    // Gone meanwhile: at a restart the attach loop walks a list taken before recover()'s discard of
+    // an uncommitted incoming VM ended, and that discard deregisters the VM's tree (CI 11:30: a
+    // restarted destination exited with "no managed element nic:app.0").
+    if (!this.objects.has(el.id)) return Promise.resolve();
     const scope: AttachableElement = { id: el.id, kind: el.kind, scope: this.objects.subtree(el.id).map((e) => e.id) };
     return this.runtime.attach(scope).catch((e) => this.log.error(`could not attach embots to ${el.id}`, { error: describeError(e) }));
   }
