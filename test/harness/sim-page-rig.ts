@@ -1,6 +1,6 @@
 import { randomFillSync } from 'node:crypto';
 import { PeerServer, connectPeer, type PeerConnection } from '../../core/wire/index.ts';
-import { PageReceiver, pageBatchHandler } from '../../effectors/hypervisor/sim/dataplane/index.ts';
+import { PageReceiver, pageBatchHandler, type PageReceiverOptions } from '../../effectors/hypervisor/sim/dataplane/index.ts';
 import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 import type { Cleanups } from './cleanups.ts';
 
@@ -11,12 +11,19 @@ export interface PageDestination {
 }
 
 /**
- * A peer server named `name` that feeds PageBatch frames into a PageReceiver of `memory` bytes,
- * and agent `a`'s connection to it; both closed by `cleanups`.
+ * A peer server named `name` that feeds PageBatch frames into a PageReceiver of `memory` bytes
+ * (migration `m~<name>`; `target`: the memory it fills, and whether that starts all zero), and
+ * agent `a`'s connection to it; both closed by `cleanups`.
  */
-export async function pageDestination(cleanups: Cleanups, secret: Buffer, name: string, memory: number): Promise<PageDestination> {
+export async function pageDestination(
+  cleanups: Cleanups,
+  secret: Buffer,
+  name: string,
+  memory: number,
+  target: Pick<PageReceiverOptions, 'memory' | 'memoryIsZero'> = {},
+): Promise<PageDestination> {
   const server = await PeerServer.listen({ agent: name, secret, listen: '127.0.0.1:0' });
-  const receiver = new PageReceiver({ memoryBytes: memory, pageSize: 4096, migrationId: `m~${name}` });
+  const receiver = new PageReceiver({ memoryBytes: memory, pageSize: 4096, migrationId: `m~${name}`, ...target });
   server.handle('PageBatch', pageBatchHandler(receiver));
   const conn = await connectPeer({ url: server.url, agent: 'a', expectedPeer: name, secret });
   cleanups.push(async () => {

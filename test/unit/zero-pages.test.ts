@@ -3,13 +3,16 @@
  * target whatever its memory held, covered by the checksum, refused when malformed.
  */
 import { randomFillSync } from 'node:crypto';
-import { afterEach, describe, expect, it } from 'vitest';
-import { PeerServer, connectPeer, decodeFrame, encodeFrame, type PageBatch, type PeerConnection } from '../../core/wire/index.ts';
-import { PageReceiver, batchChecksum, encodeIndexes, gatherPages, pageBatchHandler, preCopy, type PreCopyProgress } from '../../effectors/hypervisor/sim/dataplane/index.ts';
+import { describe, expect, it } from 'vitest';
+import { decodeFrame, encodeFrame, type PageBatch } from '../../core/wire/index.ts';
+import { PageReceiver, batchChecksum, encodeIndexes, gatherPages, preCopy, type PreCopyProgress } from '../../effectors/hypervisor/sim/dataplane/index.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { pageDestination } from '../harness/sim-page-rig.ts';
 import { MAX_ZEROS_PER_BATCH, splitZeroPages } from '../../effectors/hypervisor/sim/dataplane/zero-pages.ts';
 import { SimDriver } from '../../effectors/hypervisor/sim/sim-driver.ts';
 
 const PAGE = 4096;
+const cleanups = cleanupsAfterEach();
 const MiB = 1024 * 1024;
 
 /** Memory of `pages` pages (the last `tail` bytes short) whose listed pages hold random bytes, the rest zero. */
@@ -96,34 +99,21 @@ describe('PageReceiver and zero pages', () => {
 });
 
 describe('preCopy of a mostly-zero VM over a real peer link', () => {
-  const cleanups: (() => Promise<void>)[] = [];
-  afterEach(async () => {
-    for (const c of cleanups.splice(0).reverse()) await c();
-  });
-
   it.each([
     ['a target memory that held other bytes', false],
     ['a fresh (zero) target memory', true],
   ])('sends only the written pages in full and the target ends byte-exact: %s', async (_name, fresh) => {
-    const secret = Buffer.from('zero-pages-test-secret-0123456789');
-    const server = await PeerServer.listen({ agent: 'target', secret, listen: '127.0.0.1:0' });
-    const driver = new SimDriver({ tickMs: 10 });
     const memory = 4 * MiB;
+    const target = fresh ? new Uint8Array(memory) : new Uint8Array(memory).fill(0x5a);
+    const { conn, receiver } = await pageDestination(cleanups, Buffer.from('zero-pages-test-secret-0123456789'), 'target', memory, { memory: target, memoryIsZero: fresh });
+    const driver = new SimDriver({ tickMs: 10 });
+    cleanups.push(() => driver.close());
     driver.create({ name: 'vm1', memory, dirtyRate: 0 });
     const src = driver.pages('vm1');
     for (let p = 0; p < src.pageCount; p += 16) src.memory[p * PAGE + 9] = 3; // 1 page in 16 written
-    const target = fresh ? new Uint8Array(memory) : new Uint8Array(memory).fill(0x5a);
-    const receiver = new PageReceiver({ memoryBytes: memory, pageSize: PAGE, migrationId: 'mig-z', memory: target, memoryIsZero: fresh });
-    server.handle('PageBatch', pageBatchHandler(receiver));
-    const conn: PeerConnection = await connectPeer({ url: server.url, agent: 'source', expectedPeer: 'target', secret });
-    cleanups.push(async () => {
-      driver.close();
-      await conn.close();
-      await server.close();
-    });
     driver.start('vm1');
     const progress: PreCopyProgress[] = [];
-    const result = await preCopy({ migrationId: 'mig-z', vm: 'vm1', driver, paths: [{ name: 'p0', conn }], stopVm: () => driver.stop('vm1'), cpuState: () => Uint8Array.of(1), onProgress: (p) => progress.push(p) });
+    const result = await preCopy({ migrationId: 'm~target', vm: 'vm1', driver, paths: [{ name: 'p0', conn }], stopVm: () => driver.stop('vm1'), cpuState: () => Uint8Array.of(1), onProgress: (p) => progress.push(p) });
     expect(receiver.finalReceived).toBe(true);
     expect(Buffer.compare(receiver.memory, driver.pages('vm1').memory)).toBe(0);
     // The written sixteenth in full (plus any re-sends of an idle VM: none), the zero pages as indexes.

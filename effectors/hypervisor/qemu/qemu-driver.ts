@@ -20,12 +20,12 @@ import type {
 } from '../hypervisor-contract.ts';
 import type { MigrationInfo, MigrationStatus, QmpClient, QmpEvent } from './qmp-client.ts';
 import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-tls.ts';
-import { QemuProcess, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
+import { QemuProcess, launchAccel, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { QemuFanOutSession } from './qemu-fan-out.ts';
 import { QemuCopyHold, heldParameters, holdMode, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
-import { checkRamForMigration, launchAccel, queryBaseMemory } from './ram-size-check.ts';
+import { checkRamForMigration, queryBaseMemory } from './ram-size-check.ts';
 import { fitStream, type StreamFit } from './stream-fit.ts';
 import { exportDisks, startDiskMirror, stopDiskExport, type DiskExport, type DiskMirror } from './disk-mirror.ts';
 import { exportFromWire, exportToWire, faultExportRefused, mirroredDevices, testHookWrite, withOverlays, withoutImageDisks } from './disk-migration.ts';

@@ -74,6 +74,11 @@ export function kvmUsable(): boolean {
   }
 }
 
+/** The accelerator a QEMU started now gets: the one asked for, or with `auto` KVM when it is usable, else TCG. */
+export function launchAccel(accel: Accel | undefined): 'kvm' | 'tcg' {
+  return accel === 'kvm' || accel === 'tcg' ? accel : kvmUsable() ? 'kvm' : 'tcg';
+}
+
 /**
  * Whether `pid` is a live process. A zombie counts as dead: QEMU runs daemonized, reparented to a
  * pid 1 that may never reap it.
@@ -199,7 +204,7 @@ export class QemuProcess {
     rmSync(f.qmp, { force: true });
     // This QEMU names this dir on its command line: an earlier adopted QEMU's origin no longer applies.
     rmSync(f.origin, { force: true });
-    const accel = o.accel === 'kvm' || o.accel === 'tcg' ? o.accel : kvmUsable() ? 'kvm' : 'tcg';
+    const accel = launchAccel(o.accel);
     const args = qemuArgs({ stateDir: o.stateDir, spec: o.spec, accel, incoming: o.incoming ?? false, holdIncoming: o.holdIncoming ?? false, sharedBootImage: o.sharedBootImage ?? false, preallocate: o.preallocate ?? false });
     const timeoutMs = o.timeoutMs ?? 30_000;
     // The parent QEMU exits once the daemon is initialised (0) or failed to (1, message on stderr).

@@ -1,5 +1,4 @@
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
-import { kvmUsable, type Accel } from './qemu-process.ts';
 import type { QmpClient } from './qmp-client.ts';
 import { RAM_PAD_BYTES, qemuRamBytes } from './ram-size.ts';
 
@@ -13,11 +12,6 @@ import { RAM_PAD_BYTES, qemuRamBytes } from './ram-size.ts';
  * Only QEMUs the driver did not start itself are measured (at re-attach): the ones it starts get
  * `qemuRamBytes` by construction, so the migration path pays no QMP round trip for it.
  */
-
-/** The accelerator a QEMU the driver starts now gets (as `QemuProcess.launch` picks it). */
-export function launchAccel(accel: Accel | undefined): 'kvm' | 'tcg' {
-  return accel === 'kvm' || accel === 'tcg' ? accel : kvmUsable() ? 'kvm' : 'tcg';
-}
 
 /**
  * `base-memory` of a `query-memory-size-summary` reply: the RAM QEMU was started with (`-m`),

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { EventEmitter } from 'eventemitter3';
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
+import { prng } from '../../../core/prng.ts';
 import type {
   HypervisorCapabilities,
   HypervisorDriver,
@@ -676,18 +677,13 @@ function dataPathsOf(name: string, options: MigrateOutOptions): NonNullable<Migr
 }
 
 /**
- * Fills `memory` with non-zero pseudo-random words (xorshift32): a used guest's RAM, at memory
- * speed (crypto-grade bytes cost ~10x as much and nothing here needs them). `seed` in [0, 1): the
- * driver's own source of randomness, so a seeded driver fills alike.
+ * Fills `memory` with non-zero pseudo-random words (core/prng.ts): a used guest's RAM (crypto-grade
+ * bytes cost several times as much and nothing here needs them). `seed` in [0, 1): the driver's own
+ * source of randomness, so a seeded driver fills alike.
  */
 function fillPseudoRandom(memory: Uint8Array, seed: number): void {
   const words = new Uint32Array(memory.buffer, memory.byteOffset, Math.floor(memory.byteLength / 4));
-  let x = (seed * 0xffffffff) >>> 0 || 1;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x >>> 0;
-  }
+  const next = prng(Math.floor(seed * 0x100000000));
+  for (let i = 0; i < words.length; i++) words[i] = (next() * 0x100000000) >>> 0 || 1;
   for (let i = words.length * 4; i < memory.byteLength; i++) memory[i] = 1;
 }

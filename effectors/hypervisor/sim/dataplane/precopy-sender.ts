@@ -5,7 +5,7 @@
  */
 import { EffectorError, ErrorCodes } from '../../../../core/errors.ts';
 import type { RequestBody } from '../../../../core/wire/index.ts';
-import { PageGatherer, allPages, batchChecksum, encodeIndexes, pagesBytes, splitIndexes } from './page-batch.ts';
+import { PageGatherer, allPages, batchChecksum, encodeIndexes, pageLength, pagesBytes, splitIndexes } from './page-batch.ts';
 import { Striper, type Batch, type DataPath, type PathReport } from './striper.ts';
 import { MAX_ZEROS_PER_BATCH, splitZeroPages } from './zero-pages.ts';
 import type { PrewarmHold } from '../../prewarm-gate.ts';
@@ -291,7 +291,8 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     ...(o.requestTimeoutMs !== undefined ? { requestTimeoutMs: o.requestTimeoutMs } : {}),
     onAck: (batch) => {
       sentBytes += batch.bytes;
-      if (batch.zeros !== undefined) zeroBytes += pagesBytes(batch.zeros, memoryBytes, pageSize);
+      // Ascending indexes: only the last can be the VM's short last page.
+      if (batch.zeros !== undefined && batch.zeros.length > 0) zeroBytes += (batch.zeros.length - 1) * pageSize + pageLength(memoryBytes, pageSize, batch.zeros[batch.zeros.length - 1]!);
       pagesSent += batch.indexes.length;
       roundLeft -= batch.bytes;
       const now = performance.now();
@@ -331,24 +332,24 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     current: undefined,
   });
   /** The full round: every page, the all-zero ones as indexes only. */
-  const sendFullRound = async (): Promise<void> => {
+  /** One round: timed from before its batches are built to the last ack, as the send rate it measures. */
+  const sendBatches = async (build: () => Batch[]): Promise<void> => {
     roundStart = performance.now();
-    const batches = splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).map((b) => toBatch(0, false, b.indexes, b.zeros));
+    const batches = build();
     roundLeft = batches.reduce((sum, b) => sum + b.bytes, 0);
     roundBytes = roundLeft;
     await striper.send(batches);
     rates.add(roundBytes, performance.now() - roundStart);
   };
-  const sendRound = async (indexes: Uint32Array, r: number, final: boolean): Promise<void> => {
-    roundLeft = pagesBytes(indexes, memoryBytes, pageSize);
-    roundBytes = roundLeft;
-    roundStart = performance.now();
-    const batches = splitIndexes(indexes, cfg.pagesPerBatch).map((ix) => toBatch(r, final, ix));
-    // The final batch must exist even when nothing is left to copy: it carries the CPU state.
-    if (final && batches.length === 0) batches.push(toBatch(r, final, new Uint32Array(0)));
-    await striper.send(batches);
-    rates.add(roundBytes, performance.now() - roundStart);
-  };
+  /** The full round: every page, the all-zero ones as indexes only. */
+  const sendFullRound = (): Promise<void> => sendBatches(() => splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).map((b) => toBatch(0, false, b.indexes, b.zeros)));
+  const sendRound = (indexes: Uint32Array, r: number, final: boolean): Promise<void> =>
+    sendBatches(() => {
+      const batches = splitIndexes(indexes, cfg.pagesPerBatch).map((ix) => toBatch(r, final, ix));
+      // The final batch must exist even when nothing is left to copy: it carries the CPU state.
+      if (final && batches.length === 0) batches.push(toBatch(r, final, new Uint32Array(0)));
+      return batches;
+    });
 
   try {
     // Round 0 sends every page, so what was dirtied before it is moot.
