@@ -49,6 +49,8 @@ const VERSION = ((): string => {
   return '0.0.0';
 })();
 const RECENT_EVENTS = 1000;
+/** Driver process notices worth an operator's eye; a guest's own QMP events (STOP, RESUME…) are not logged. */
+const DRIVER_NOTICES: ReadonlySet<string> = new Set(['REATTACH_FAILED', 'RAM_SIZE_UNKNOWN', 'MIGRATION_CANCELLED', 'QMP_DETACHED', 'QMP_REATTACHED']);
 /** How long the dashboard waits for a peer's status before showing it without one. */
 const PEER_STATUS_TIMEOUT_MS = 3000;
 
@@ -271,6 +273,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     // The VMs come back before anything looks at them: qemu re-attaches to its running QEMUs
     // (never starting a second one), the sim recreates its VMs. Without persisted state qemu
     // still finds the VMs its state dirs hold.
+    // What the driver reports of its VMs' processes (a QEMU it could not re-attach to, a migration
+    // it cancelled, QMP dropped and taken back) goes to the log, from the restore on.
+    this.driver.events.on('vm-event', (e) => {
+      if (DRIVER_NOTICES.has(e.event)) log[e.event === 'REATTACH_FAILED' || e.event === 'RAM_SIZE_UNKNOWN' ? 'warn' : 'info'](`VM ${e.name}: ${e.event}`, { ...e.data });
+    });
     const saved = this.store.getComponentState(this.driverStateKey);
     if (saved) await this.driver.restoreState(unpack(saved));
     else if (this.config.driver !== 'sim') await this.driver.restoreState(undefined);

@@ -249,7 +249,7 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     for (const n of ['b', 'c']) await expectClean(c.agent(n));
     await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at a left');
     expect(qemus.live()).toEqual([sourcePid]);
-    expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
+    expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state, a2.stderr.slice(-20000)).toBe('running');
     await heartbeat(join(root, 'a', 'app'), 2);
     await expectStreamExact(a2, ticks.acked);
   }, 420_000);

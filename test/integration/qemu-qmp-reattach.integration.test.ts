@@ -14,8 +14,8 @@ const spec = (name: string): QemuVmSpec => ({ name, memory: 32 * MiB, vcpus: 1, 
 
 type VmEvent = { readonly name: string; readonly event: string; readonly data: Readonly<Record<string, unknown>> };
 
-function driver(): { d: QemuDriver; events: VmEvent[] } {
-  const d = new QemuDriver({ root: qemus.root(), accel: 'tcg', reattachAttemptMs: 300 });
+function driver(root = qemus.root()): { d: QemuDriver; events: VmEvent[] } {
+  const d = new QemuDriver({ root, accel: 'tcg', reattachAttemptMs: 300 });
   cleanups.push(() => d.close());
   const events: VmEvent[] = [];
   d.events.on('vm-event', (e) => events.push(e));
@@ -91,5 +91,39 @@ describe.skipIf(!run)('QMP connection dropped while QEMU keeps running (TCG)', (
     expect(d.get('re-3')?.crashes).toBe(1);
     expect(pidAlive(pid)).toBe(false);
     expect(qemus.live()).toEqual([]);
+  });
+
+  it('a restarted driver whose QEMU turns connects away at first (monitor backlog full) re-attaches within its timeout and lists the VM running', async () => {
+    const root = qemus.root();
+    const first = driver(root);
+    await first.d.create(spec('re-4'));
+    await first.d.start('re-4');
+    const pid = first.d.pid('re-4')!;
+    // The driver lets go: QEMU runs on, as after an agent's exit.
+    await first.d.close();
+    const path = vmFiles(first.d.stateDir('re-4')).qmp;
+    const connect = (): Promise<net.Socket | undefined> =>
+      new Promise((resolve) => {
+        const s = net.createConnection({ path });
+        s.once('connect', () => resolve(s)).once('error', () => resolve(undefined));
+      });
+    // One client served, then connects until QEMU's listen queue is full and the next is refused at once.
+    const held: net.Socket[] = [];
+    let refused = false;
+    while (!refused && held.length < 8) {
+      const s = await connect();
+      if (s) held.push(s);
+      else refused = true;
+    }
+    expect(refused).toBe(true);
+    setTimeout(() => held.forEach((s) => s.destroy()), 1500);
+    cleanups.push(() => held.forEach((s) => s.destroy()));
+
+    const second = driver(root);
+    await second.d.restoreState(undefined);
+    expect(second.events.filter((e) => e.event === 'REATTACH_FAILED')).toEqual([]);
+    expect(second.d.get('re-4')?.state).toBe('running');
+    expect(second.d.pid('re-4')).toBe(pid);
+    expect(qemus.live()).toEqual([pid]);
   });
 });

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { accessSync, constants, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { EventEmitter } from 'eventemitter3';
-import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
+import { EffectorError, ErrorCodes, isEmbotError } from '../../../core/errors.ts';
 import { writeGuestImage } from './guest/guest-image.ts';
 import { QmpClient } from './qmp-client.ts';
 import { qemuRamArg } from './ram-size.ts';
@@ -258,8 +258,20 @@ export class QemuProcess {
   static async attach(stateDir: string, options: { readonly timeoutMs?: number } = {}): Promise<QemuProcess | undefined> {
     const pid = runningPid(stateDir);
     if (pid === undefined) return undefined;
-    const qmp = await QmpClient.connect(vmFiles(stateDir).qmp, { connectTimeoutMs: options.timeoutMs ?? 10_000 });
-    return new QemuProcess(stateDir, pid, qmp);
+    const timeoutMs = options.timeoutMs ?? 10_000;
+    const deadline = Date.now() + timeoutMs;
+    // QEMU's monitor listens with a backlog of one and serves one client at a time: while it has
+    // not yet seen the old holder's hang-up, a new connect can fail at once (EAGAIN), which is no
+    // answer about the VM. Tried again within the budget while the process lives.
+    for (let delay = 50; ; delay = Math.min(delay * 2, 1000)) {
+      try {
+        const qmp = await QmpClient.connect(vmFiles(stateDir).qmp, { connectTimeoutMs: Math.max(1, deadline - Date.now()) });
+        return new QemuProcess(stateDir, pid, qmp);
+      } catch (e) {
+        if (!isRefusedConnect(e) || !pidAlive(pid) || Date.now() + delay >= deadline) throw e;
+        await sleep(delay);
+      }
+    }
   }
 
   get alive(): boolean {
@@ -299,6 +311,13 @@ export class QemuProcess {
     if (pidAlive(this.pid)) this.events.emit('detached');
     else this.events.emit('exit');
   }
+}
+
+/** A connect the monitor turned away before any greeting (backlog full, not listening yet, hung up at once). */
+function isRefusedConnect(e: unknown): boolean {
+  if (!isEmbotError(e) || e.code !== ErrorCodes.QMP_PROTOCOL) return false;
+  const cause = e.cause as NodeJS.ErrnoException | undefined;
+  return ['EAGAIN', 'ECONNREFUSED'].includes(cause?.code ?? '') || /closed before its greeting/.test(e.message);
 }
 
 export function killPid(pid: number): void {
