@@ -311,21 +311,19 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     // Elements: the host, and one tree per VM the driver knows (restored after a restart).
     const hostId = `host:${this.name}`;
     if (!this.objects.has(hostId)) this.objects.register({ id: hostId, kind: 'host', state: { name: this.name } });
-    for (const vm of this.driver.list()) {
-      if (!this.objects.has(`vm:${vm.name}`) && this.mobility.movedAway(vm.name)) {
-        // Moved away, its removal cut by the restart: finished now, not adopted (two owners).
-        log.info(`VM ${vm.name} had moved to another host before the restart: removing what was left of it here`);
-        await this.driver.remove(vm.name).catch((e: unknown) => log.warn(`could not remove VM ${vm.name}, which had moved away`, { error: describeError(e) }));
-        continue;
-      }
-      this.ensureVmElement(vm);
-      const udpPort = this.udpPortOf(vm.name);
-      if (udpPort !== undefined) await this.udp.ensure(vm.name, udpPort, vm.state === 'running');
-    }
+    for (const vm of this.driver.list()) await this.adoptDriverVm(vm);
     this.driver.events.on('vm-state', (e) => {
       this.persistDriver();
       // An incoming migration registers the VM's elements and embots itself, at its commit.
       if (this.migratingIn.has(e.name)) return;
+      const late = e.reason === 'reattach' && e.from === null && !this.objects.has(`vm:${e.name}`) ? this.driver.get(e.name) : undefined;
+      if (late) {
+        // A QEMU the restore could attach to only later (qemu-driver attachLate), with no element kept for it.
+        void this.adoptDriverVm(late).then((el) => {
+          if (el) for (const dep of this.objects.subtree(el)) void this.attach(dep);
+        });
+        return;
+      }
       this.syncUdp(e.name, e.to);
       if (e.reason === 'create') {
         const vm = this.driver.get(e.name);
@@ -458,6 +456,23 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     await this.runtime.unloadModule(m.name);
     this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'unloaded' });
     this.log.info(`module ${m.name} unloaded`);
+  }
+
+  /**
+   * A VM the driver holds after a restart: its element (and UDP service), or, when it had moved
+   * away and its removal was cut by the restart, the removal finished (not adopted: two owners).
+   * Returns the VM's element id, undefined when removed.
+   */
+  private async adoptDriverVm(vm: VmInfo): Promise<string | undefined> {
+    if (!this.objects.has(`vm:${vm.name}`) && this.mobility.movedAway(vm.name)) {
+      this.log.info(`VM ${vm.name} had moved to another host before the restart: removing what was left of it here`);
+      await this.driver.remove(vm.name).catch((e: unknown) => this.log.warn(`could not remove VM ${vm.name}, which had moved away`, { error: describeError(e) }));
+      return undefined;
+    }
+    const id = this.ensureVmElement(vm).id;
+    const udpPort = this.udpPortOf(vm.name);
+    if (udpPort !== undefined) await this.udp.ensure(vm.name, udpPort, vm.state === 'running');
+    return id;
   }
 
   private ensureVmElement(vm: VmInfo): ManagedElement {
@@ -794,6 +809,7 @@ function driverChoice(config: AgentConfig, imagePath: (image: string) => string 
         accel: q.accel,
         ...(q.listenHost === undefined ? {} : { listenHost: q.listenHost }),
         ...(q.cpuThrottle === undefined ? {} : { cpuThrottle: q.cpuThrottle }),
+        ...(q.stepTimeoutMs === undefined ? {} : { timeoutMs: q.stepTimeoutMs }),
         // Set on each QEMU as it starts, so a migration out sends nothing before `migrate` when they apply.
         migrationDefaults: { autoConverge: config.dataplane.autoConverge, downtimeLimitMs: config.dataplane.downtimeLimitMs },
         // QEMU's own migration stream uses the peer links' certificates: VM memory never crosses in clear where they do not.

@@ -79,6 +79,8 @@ const QemuSchema = z
     cpuThrottle: z.object({ initial: positiveInt.max(99).optional(), increment: positiveInt.max(99).optional() }).strict().optional(),
     /** Keep a pre-started incoming QEMU (defaultMemory/defaultVcpus/defaultBootImage, then the shape last received), so a migration here does not wait for QEMU to start. */
     spareIncoming: z.boolean().default(DEFAULTS.qemu.spareIncoming),
+    /** How long one QEMU step may take (a QMP connect or re-attach, a process start or exit, an incoming stream's end); default 30 s. */
+    stepTimeoutMs: positiveInt.optional(),
   })
   .strict();
 

@@ -192,6 +192,7 @@ export interface QemuAgentSettings {
   readonly binary?: string;
   readonly accel?: 'auto' | 'tcg' | 'kvm';
   readonly listenHost?: string;
+  readonly stepTimeoutMs?: number;
 }
 
 /**

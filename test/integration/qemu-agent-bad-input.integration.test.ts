@@ -1,11 +1,12 @@
 import { rejection } from '../harness/expect-code.ts';
 import { writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
 import { ErrorCodes } from '../../core/errors.ts';
-import { runningPid } from '../../effectors/hypervisor/qemu/qemu-process.ts';
-import { AgentProcess, runCli, makeSandbox } from '../harness/agent-process.ts';
+import { runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
+import { AgentProcess, runCli, makeSandbox, waitFor } from '../harness/agent-process.ts';
 import { qemuAgentConfig, qemuProcesses, requireQemu, type QemuAgentSettings } from '../harness/qemu-processes.ts';
 
 const run = requireQemu();
@@ -82,5 +83,31 @@ describe.skipIf(!run)('bad input to an agent --driver qemu: a coded error, nothi
     expect((await a.client.listVms()).map((v) => `${v.name}:${v.state}`)).toEqual(['nb:created']);
     expect(qemus.live()).toEqual([]);
     expect((await a.client.status()).driver).toBe('qemu');
+  });
+
+  it('a QEMU whose monitor does not answer at the restart (another client holds it): REATTACH_FAILED logged, the agent runs, and the VM is listed again, same QEMU, once it answers', { timeout: 120_000 }, async () => {
+    const { a, root, box } = await qemuAgent({ stepTimeoutMs: 1000 });
+    await a.client.createVm({ name: 'h', memory: 32 * MiB });
+    await a.client.vmAction('h', 'start');
+    const pid = runningPid(join(root, 'q', 'h'))!;
+    await a.kill();
+    // QEMU serves one QMP client at a time: this one gets the monitor once the dead agent's is gone.
+    const squatter = net.createConnection({ path: vmFiles(join(root, 'q', 'h')).qmp });
+    await new Promise<void>((resolve, reject) => squatter.once('data', () => resolve()).once('error', reject));
+    const configFile = join(box.root, 'q.yaml');
+    const a2 = await AgentProcess.start({ name: 'q', dataDir: box.dataDir('q'), pluginsDir: box.pluginsDir, extraArgs: ['--config', configFile] });
+    agents.push(a2);
+    try {
+      expect(a2.stderr).toContain('REATTACH_FAILED');
+      expect((await a2.client.listVms()).map((v) => v.name)).toEqual([]);
+      expect((await a2.client.status()).driver).toBe('qemu');
+    } finally {
+      squatter.destroy();
+    }
+    await waitFor(async () => ((await a2.client.listVms()).find((v) => v.name === 'h')?.state === 'running' ? true : undefined), 30_000, 'h listed running');
+    expect(runningPid(join(root, 'q', 'h'))).toBe(pid);
+    expect(qemus.live()).toEqual([pid]);
+    // Driven through the new connection.
+    expect((await a2.client.vmAction('h', 'stop')).state).toBe('stopped');
   });
 });

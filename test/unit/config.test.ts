@@ -157,13 +157,13 @@ describe('config errors', () => {
   });
 
   it('takes driver: qemu with a qemu: section, and refuses bad qemu settings by path', () => {
-    const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false } });
+    const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false, stepTimeoutMs: 5000 } });
     expect(c.driver).toBe('qemu');
-    expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false });
-    const e = configError(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x', spareIncoming: 'yes' } }));
+    expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false, stepTimeoutMs: 5000 });
+    const e = configError(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x', spareIncoming: 'yes', stepTimeoutMs: -1 } }));
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
-    expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming']);
+    expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming', 'qemu.stepTimeoutMs']);
   });
 
   it("takes sim.startMemory 'random' and refuses another value by path", () => {

@@ -113,8 +113,10 @@ export interface QemuIncomingOptions {
 /** What {@link QemuDriver.getPersistedState} returns; the state dirs hold the rest. */
 export interface QemuPersistedState {
   readonly version: 1;
-  readonly vms: readonly { readonly name: string; readonly state: VmState; readonly crashes: number }[];
+  readonly vms: readonly PersistedVm[];
 }
+
+type PersistedVm = { readonly name: string; readonly state: VmState; readonly crashes: number };
 
 interface SpecFile {
   readonly spec: QemuVmSpec;
@@ -240,6 +242,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
   /** The spare incoming QEMU, with {@link QemuDriverOptions.spareIncoming}; never a VM (not listed, no events). */
   readonly spare: SpareIncoming | undefined;
   private restored = false;
+  /** VM dirs whose live QEMU the restore could not attach to, being tried again ({@link attachLate}). */
+  private readonly attachingLate = new Set<string>();
   private refillTimer: NodeJS.Timeout | undefined;
   private saveTimer: NodeJS.Timeout | undefined;
   /** An incoming VM's NBD export of its image disks, until its commit or abort (disk-migration.ts). */
@@ -636,7 +640,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     // A spare the last agent left running (it died before its close) belongs to nobody now.
     if (!this.restored) await killOrphanSpares(this.o.root, this.timeoutMs);
     for (const entry of readdirSync(this.o.root, { withFileTypes: true })) {
-      if (!entry.isDirectory() || this.vms.has(entry.name)) continue;
+      if (!entry.isDirectory() || this.vms.has(entry.name) || this.attachingLate.has(entry.name)) continue;
       const stateDir = join(this.o.root, entry.name);
       let file: SpecFile;
       try {
@@ -655,41 +659,85 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       try {
         proc = await QemuProcess.attach(stateDir, { timeoutMs: this.timeoutMs });
       } catch (e) {
-        // A live QEMU we cannot talk to stays unlisted rather than guessed at: listing it as
-        // stopped or crashed would invite a second start, and a new QEMU for the dir is refused
-        // while this one lives (QemuProcess.launch). Reported for a sensor to raise.
+        // A live QEMU we cannot talk to is not guessed at: listing it as stopped or crashed would
+        // invite a second start (refused anyway while it lives: QemuProcess.launch). Reported, and
+        // tried again in the background; it is listed once attached (or crashed, if it dies).
         const error = isEmbotError(e) ? e.toJSON() : { code: ErrorCodes.QEMU_FAILED, message: String(e) };
         this.events.emit('vm-event', { name: file.spec.name, event: 'REATTACH_FAILED', data: { ...error, stateDir } });
+        void this.attachLate(file, stateDir, before);
         continue;
       }
-      const vm = this.addVm(file.spec, file.incoming, false);
-      vm.crashes = before?.crashes ?? 0;
-      if (proc) {
-        this.wire(vm, proc);
-        // A migration out whose agent died goes on in QEMU and would wait at pre-switchover for
-        // ever, the VM paused: nobody follows it now, so it is cancelled and the VM runs here again.
-        await this.cancelOrphanedMigration(vm, proc);
-        // An older agent may have started it without the RAM pad: its migrations are refused, coded (ram-size-check.ts).
-        const ram = await queryBaseMemory(proc.qmp).catch((e: unknown) => {
-          this.events.emit('vm-event', { name: file.spec.name, event: 'RAM_SIZE_UNKNOWN', data: isEmbotError(e) ? e.toJSON() : { message: describeError(e) } });
-          return undefined;
-        });
-        vm.attachedRam = ram === undefined ? undefined : { pid: proc.pid, bytes: ram };
-        const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
-        vm.startedAt = Date.now();
-        // An incoming VM is 'created' until its commit, also once its memory is in (held paused by -S).
-        const state: VmState = file.incoming && status !== 'running' ? 'created' : status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
-        this.setState(vm, state, 'reattach', null);
-      } else if (before?.state === 'running' || before?.state === 'paused' || (before === undefined && readPidFile(stateDir) !== undefined)) {
-        // QEMU removes its pidfile when it exits cleanly; one left behind means it died.
-        vm.crashes++;
-        this.setState(vm, 'crashed', 'process-died', null);
-      } else {
-        this.setState(vm, before?.state ?? 'stopped', 'reattach', null);
-      }
+      if (proc) await this.adoptLive(file, before, proc);
+      else this.adoptDead(file, stateDir, before);
     }
     if (!this.restored && this.o.spareIncoming !== undefined) this.spare?.fill(this.o.spareIncoming);
     this.restored = true;
+  }
+
+  /** A VM dir's QEMU, attached: taken back as it runs (same pid), its orphaned migration out cancelled. */
+  private async adoptLive(file: SpecFile, before: PersistedVm | undefined, proc: QemuProcess): Promise<void> {
+    const vm = this.addVm(file.spec, file.incoming, false);
+    vm.crashes = before?.crashes ?? 0;
+    this.wire(vm, proc);
+    // A migration out whose agent died goes on in QEMU and would wait at pre-switchover for
+    // ever, the VM paused: nobody follows it now, so it is cancelled and the VM runs here again.
+    await this.cancelOrphanedMigration(vm, proc);
+    // An older agent may have started it without the RAM pad: its migrations are refused, coded (ram-size-check.ts).
+    const ram = await queryBaseMemory(proc.qmp).catch((e: unknown) => {
+      this.events.emit('vm-event', { name: file.spec.name, event: 'RAM_SIZE_UNKNOWN', data: isEmbotError(e) ? e.toJSON() : { message: describeError(e) } });
+      return undefined;
+    });
+    vm.attachedRam = ram === undefined ? undefined : { pid: proc.pid, bytes: ram };
+    const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
+    vm.startedAt = Date.now();
+    // An incoming VM is 'created' until its commit, also once its memory is in (held paused by -S).
+    const state: VmState = file.incoming && status !== 'running' ? 'created' : status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
+    this.setState(vm, state, 'reattach', null);
+  }
+
+  /** A VM dir with no live QEMU: what it was, or crashed when it was running and its QEMU died. */
+  private adoptDead(file: SpecFile, stateDir: string, before: PersistedVm | undefined): void {
+    const vm = this.addVm(file.spec, file.incoming, false);
+    vm.crashes = before?.crashes ?? 0;
+    if (before?.state === 'running' || before?.state === 'paused' || (before === undefined && readPidFile(stateDir) !== undefined)) {
+      // QEMU removes its pidfile when it exits cleanly; one left behind means it died.
+      vm.crashes++;
+      this.setState(vm, 'crashed', 'process-died', null);
+    } else {
+      this.setState(vm, before?.state ?? 'stopped', 'reattach', null);
+    }
+  }
+
+  /**
+   * The restore could not attach to a live QEMU: try again with a doubling back-off until it
+   * works (the VM is listed then, `reattach` from no state), the process dies (listed crashed) or
+   * the driver closes. Never a second QEMU for the dir.
+   */
+  private async attachLate(file: SpecFile, stateDir: string, before: PersistedVm | undefined): Promise<void> {
+    this.attachingLate.add(file.spec.name);
+    try {
+      await this.attachLateLoop(file, stateDir, before);
+    } finally {
+      this.attachingLate.delete(file.spec.name);
+    }
+  }
+
+  private async attachLateLoop(file: SpecFile, stateDir: string, before: PersistedVm | undefined): Promise<void> {
+    for (let delay = 100, attempt = 1; ; delay = Math.min(delay * 2, 2000), attempt++) {
+      await sleep(delay);
+      if (this.closed || this.vms.has(file.spec.name)) return;
+      let proc: QemuProcess | undefined;
+      try {
+        proc = await QemuProcess.attach(stateDir, { timeoutMs: this.o.reattachAttemptMs ?? 5000 });
+      } catch {
+        continue;
+      }
+      if (this.closed || this.vms.has(file.spec.name)) return void (await proc?.detach());
+      if (proc) await this.adoptLive(file, before, proc);
+      else this.adoptDead(file, stateDir, before);
+      this.events.emit('vm-event', { name: file.spec.name, event: 'QMP_REATTACHED', data: { ...(proc ? { pid: proc.pid } : {}), attempts: attempt } });
+      return;
+    }
   }
 
   async close(): Promise<void> {
