@@ -249,7 +249,10 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     for (const n of ['b', 'c']) await expectClean(c.agent(n));
     await waitFor(() => (qemus.live().length === 1 ? true : undefined), 30_000, 'only the QEMU at a left');
     expect(qemus.live()).toEqual([sourcePid]);
-    expect((await a2.client.listVms()).find((v) => v.name === 'app')?.state, a2.stderr.slice(-20000)).toBe('running');
+    // Listed running again (a monitor that does not answer at once is attached in the background: qemu-driver attachLate).
+    await waitFor(async () => ((await a2.client.listVms()).find((v) => v.name === 'app')?.state === 'running' ? true : undefined), 30_000, 'app listed running at a').catch((e: unknown) => {
+      throw new Error(`${String(e)}; a's log: ${a2.stderr.slice(-20000)}`);
+    });
     await heartbeat(join(root, 'a', 'app'), 2);
     await expectStreamExact(a2, ticks.acked);
   }, 420_000);
