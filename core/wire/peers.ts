@@ -40,7 +40,12 @@ export function parsePeerListen(spec: string = DEFAULT_PEER_LISTEN): PeerListenA
   return { host, port };
 }
 
-function parsePeerUrl(name: string, raw: string): string {
+/**
+ * Normalizes one peer URL: ws:// or wss://, a host, no credentials, no fragment.
+ *
+ * @throws ConfigError `EMBOT_ERR_CONFIG_INVALID` saying which rule `raw` breaks.
+ */
+export function parsePeerUrl(name: string, raw: string): string {
   let url: URL;
   try {
     url = new URL(raw);

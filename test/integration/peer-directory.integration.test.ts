@@ -1,0 +1,163 @@
+/**
+ * EtcdPeerDirectory in-process against a real etcd (test/harness/etcd-server.ts): records, leases,
+ * the watch, bad records and outages. The agent-level cases (child processes, a migration) are in
+ * etcd-directory.integration.test.ts.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import { Etcd3 } from 'etcd3';
+import { ErrorCodes } from '../../core/errors.ts';
+import { createLogger, type Logger } from '../../core/logger.ts';
+import { EtcdPeerDirectory, type EtcdPeerDirectoryOptions } from '../../core/peers/etcd-peer-directory.ts';
+import type { PeerChange } from '../../core/peers/peer-directory.ts';
+import { parsePeers } from '../../core/wire/peers.ts';
+import { waitFor } from '../harness/agent-process.ts';
+import { etcdServer, requireEtcd, type EtcdServer } from '../harness/etcd-server.ts';
+
+const run = requireEtcd();
+
+interface Captured {
+  readonly log: Logger;
+  readonly lines: () => readonly Record<string, unknown>[];
+}
+
+function capture(name: string): Captured {
+  let text = '';
+  const log = createLogger({ level: 'debug', format: 'json', name, stream: { write: (s: string) => (text += s) } });
+  return { log, lines: () => text.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+const open: EtcdPeerDirectory[] = [];
+const clients: Etcd3[] = [];
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((d) => d.close()));
+  for (const c of clients.splice(0)) c.close();
+});
+
+function directory(etcd: EtcdServer, self: string, extra: Partial<EtcdPeerDirectoryOptions> = {}): EtcdPeerDirectory & { readonly logged: Captured } {
+  const logged = capture(self);
+  const d = new EtcdPeerDirectory({ self, endpoints: [etcd.url], prefix: '/embot', ttlSeconds: 2, staticPeers: new Map(), version: '0.0.0-test', startedAt: Date.now(), log: logged.log, retry: { minMs: 100, maxMs: 500 }, ...extra });
+  open.push(d);
+  return Object.assign(d, { logged });
+}
+
+function etcdClient(etcd: EtcdServer): Etcd3 {
+  const c = new Etcd3({ hosts: etcd.url });
+  clients.push(c);
+  return c;
+}
+
+const peerUrl = (port: number): string => `ws://127.0.0.1:${port}/`;
+
+describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
+  it('two agents find each other; its own record is no peer; each arrival is a change event; a record is the documented JSON on a lease', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const a = directory(etcd, 'a');
+    const b = directory(etcd, 'b');
+    const changes: PeerChange[] = [];
+    a.on('change', (c) => changes.push(c));
+    a.start({ url: peerUrl(7401) });
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => a.get('b') === peerUrl(7402) && b.get('a') === peerUrl(7401), 10_000, 'a and b to see each other');
+    expect([...a.keys()]).toEqual(['b']);
+    expect(a.status()).toMatchObject({ kind: 'etcd', state: 'connected', peers: [{ name: 'b', url: peerUrl(7402), source: 'etcd' }] });
+    expect(changes).toEqual([{ name: 'b', url: peerUrl(7402), source: 'etcd' }]);
+    const kv = await etcdClient(etcd).get('/embot/agents/a').exec();
+    const record = JSON.parse(kv.kvs[0]!.value.toString()) as Record<string, unknown>;
+    expect(record).toEqual({ name: 'a', url: peerUrl(7401), version: '0.0.0-test', startedAt: expect.any(Number) });
+    expect(Number(kv.kvs[0]!.lease)).toBeGreaterThan(0);
+  });
+
+  it('close() revokes the lease: the other side sees the agent leave at once, not a TTL later', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const a = directory(etcd, 'a', { ttlSeconds: 30 });
+    const b = directory(etcd, 'b', { ttlSeconds: 30 });
+    a.start({ url: peerUrl(7401) });
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => a.has('b'), 10_000, 'a to see b');
+    const left = new Promise<PeerChange>((r) => a.on('change', (c) => c.url === undefined && r(c)));
+    await b.close();
+    // With a 30 s TTL, only the revoke can make b leave within the 10 s this waits.
+    await expect(Promise.race([left, new Promise((_, reject) => setTimeout(() => reject(new Error('b still listed 10 s after its close')), 10_000))])).resolves.toEqual({ name: 'b', url: undefined, source: 'etcd' });
+    expect(a.has('b')).toBe(false);
+    expect(b.status().state).toBe('closed');
+  });
+
+  it('a static peer from config wins over an etcd record of the same name, logged once', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const a = directory(etcd, 'a', { staticPeers: parsePeers('b=ws://127.0.0.1:9999') });
+    const b = directory(etcd, 'b');
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => b.status().state === 'connected', 10_000, 'b registered');
+    a.start({ url: peerUrl(7401) });
+    await waitFor(() => a.status().state === 'connected', 10_000, 'a connected');
+    // b re-written: still the config's URL, and no second log line.
+    await etcdClient(etcd).put('/embot/agents/b').value(JSON.stringify({ name: 'b', url: 'ws://127.0.0.1:7502', version: 'x', startedAt: 1 })).exec();
+    await waitFor(() => a.logged.lines().filter((l) => String(l['msg']).includes('its etcd record')).length >= 1, 5000, 'the shadow log line');
+    await new Promise((r) => setTimeout(r, 300));
+    expect(a.get('b')).toBe('ws://127.0.0.1:9999/');
+    expect(a.status().peers).toEqual([{ name: 'b', url: 'ws://127.0.0.1:9999/', source: 'config' }]);
+    expect(a.logged.lines().filter((l) => String(l['msg']).includes('its etcd record'))).toHaveLength(1);
+  });
+
+  it('bad input: garbage JSON, a wrong name and a bad URL in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID; good peers stay and new ones still arrive', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const a = directory(etcd, 'a');
+    const b = directory(etcd, 'b');
+    a.start({ url: peerUrl(7401) });
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => a.has('b'), 10_000, 'a to see b');
+    const c = etcdClient(etcd);
+    await c.put('/embot/agents/x').value('{garbage').exec();
+    await c.put('/embot/agents/y').value(JSON.stringify({ name: 'z', url: 'ws://127.0.0.1:7403', version: '1', startedAt: 1 })).exec();
+    await c.put('/embot/agents/w').value(JSON.stringify({ name: 'w', url: 'http://127.0.0.1:7404', version: '1', startedAt: 1 })).exec();
+    // A bad write over a good record does not take the peer away.
+    await c.put('/embot/agents/b').value('not json either').exec();
+    await c.put('/embot/agents/d').value(JSON.stringify({ name: 'd', url: 'ws://127.0.0.1:7405', version: '1', startedAt: 1 })).exec();
+    await waitFor(() => a.has('d'), 10_000, 'a to see d after the bad records');
+    const warned = a.logged.lines().filter((l) => l['code'] === ErrorCodes.DIRECTORY_RECORD_INVALID).map((l) => l['key']);
+    expect(warned).toEqual(['/embot/agents/x', '/embot/agents/y', '/embot/agents/w', '/embot/agents/b']);
+    expect([...a.keys()].sort()).toEqual(['b', 'd']);
+    expect(a.get('b')).toBe(peerUrl(7402));
+    expect(a.status().state).toBe('connected');
+  });
+
+  it('etcd down at start: static peers only, state unavailable with a coded warning; once etcd is up the others are found', async () => {
+    const etcd = await etcdServer();
+    const a = directory(etcd, 'a', { staticPeers: parsePeers('s=ws://127.0.0.1:7409') });
+    a.start({ url: peerUrl(7401) });
+    await waitFor(() => a.status().state === 'unavailable', 10_000, 'a to give up its first try');
+    expect(a.status()).toMatchObject({ state: 'unavailable', peers: [{ name: 's', source: 'config' }], lastError: { code: ErrorCodes.DIRECTORY_UNAVAILABLE } });
+    expect([...a.keys()]).toEqual(['s']);
+    expect(a.logged.lines().filter((l) => l['code'] === ErrorCodes.DIRECTORY_UNAVAILABLE)).toHaveLength(1);
+    await etcd.start();
+    const b = directory(etcd, 'b');
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => a.has('b') && b.has('a'), 15_000, 'a and b to find each other once etcd is up');
+    expect(a.status()).toMatchObject({ state: 'connected' });
+    expect(a.status().lastError).toBeUndefined();
+  });
+
+  it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const a = directory(etcd, 'a');
+    const b = directory(etcd, 'b');
+    a.start({ url: peerUrl(7401) });
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => a.has('b') && b.has('a'), 10_000, 'a and b to see each other');
+    await etcd.kill();
+    await waitFor(() => a.status().state === 'unavailable', 15_000, 'a to notice etcd is gone');
+    expect(a.get('b')).toBe(peerUrl(7402));
+    // Longer than 2 TTLs: the lease is given up and re-made on reconnect.
+    await new Promise((r) => setTimeout(r, 4500));
+    expect(a.get('b')).toBe(peerUrl(7402));
+    await etcd.start();
+    await waitFor(() => a.status().state === 'connected' && b.status().state === 'connected', 20_000, 'both to reconnect');
+    expect(a.get('b')).toBe(peerUrl(7402));
+    expect(b.get('a')).toBe(peerUrl(7401));
+  });
+});
