@@ -150,6 +150,11 @@ export const ErrorCodes = {
   IMAGE_CHANGED: 'EMBOT_ERR_IMAGE_CHANGED',
   /** A peer's answer to a link-cost probe is not one (wrong type, echo or timing): the cost falls back to config. */
   COST_PROBE_INVALID: 'EMBOT_ERR_COST_PROBE_INVALID',
+  // fleet directory (etcd)
+  /** The fleet directory (etcd) cannot be reached: the agent runs on the peers it knows and retries in the background. */
+  DIRECTORY_UNAVAILABLE: 'EMBOT_ERR_DIRECTORY_UNAVAILABLE',
+  /** A record in the fleet directory is not one (not JSON, a field missing or mistyped, its name not its key's, a URL not ws:// or wss://): it is ignored. */
+  DIRECTORY_RECORD_INVALID: 'EMBOT_ERR_DIRECTORY_RECORD_INVALID',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

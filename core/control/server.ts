@@ -70,6 +70,9 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   [ErrorCodes.CONTROL_INTERNAL]: 500,
   [ErrorCodes.AGENT_STOPPED]: 503,
   [ErrorCodes.DASHBOARD_NOT_BUILT]: 503,
+  // The fleet directory (etcd) is down, or served a record that is not one: an upstream's fault, not the caller's.
+  [ErrorCodes.DIRECTORY_UNAVAILABLE]: 503,
+  [ErrorCodes.DIRECTORY_RECORD_INVALID]: 502,
 };
 
 const BuildImageBody = z.object({ image: z.string().min(1).max(128), on: z.string().min(1).max(64).optional() }).strict();
