@@ -59,6 +59,26 @@ const SimSchema = z
   })
   .strict();
 
+/** Where this agent finds its peers besides `peer.peers` (README "Fleet directory (etcd)"). */
+const DirectorySchema = z
+  .object({
+    /** `static`: the peers in `peer.peers` only. `etcd`: also every agent registered in etcd, and this agent registers itself there. */
+    kind: z.enum(['static', 'etcd']).default('static'),
+    /** etcd client URLs (http:// or https://). */
+    endpoints: z
+      .array(z.string().refine((v) => /^https?:\/\/[^/\s]+\/?$/.test(v), 'an etcd client URL is http://HOST:PORT or https://HOST:PORT'))
+      .min(1)
+      .default(['http://127.0.0.1:2379']),
+    /** Key prefix of this fleet; records live under `<prefix>/agents/<name>`. */
+    prefix: z
+      .string()
+      .regex(/^(\/[A-Za-z0-9._-]+)+$/, 'a key prefix like /embot: slash-separated letters, digits, . _ -, no trailing slash')
+      .default('/embot'),
+    /** Lease TTL of this agent's record (s): how long an agent that died without stopping stays listed. */
+    ttlSeconds: z.number().int().min(1).max(3600).default(10),
+  })
+  .strict();
+
 /** Settings of the `qemu` driver (`driver: qemu`). */
 const QemuSchema = z
   .object({
@@ -134,6 +154,7 @@ export const AgentConfigSchema = z
       })
       .strict()
       .prefault({}),
+    directory: DirectorySchema.prefault({}),
     mobility: z
       .object({
         stepTimeoutMs: positiveInt.default(DEFAULTS.mobility.stepTimeoutMs),

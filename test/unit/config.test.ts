@@ -42,6 +42,7 @@ describe('config defaults', () => {
       sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0, startMemory: 'zero' },
       qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true },
       store: { synchronous: 'NORMAL' },
+      directory: { kind: 'static', endpoints: ['http://127.0.0.1:2379'], prefix: '/embot', ttlSeconds: 10 },
       peer: { listen: '127.0.0.1:7401', peers: {} },
       mobility: {
         stepTimeoutMs: 10000,
@@ -164,6 +165,26 @@ describe('config errors', () => {
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
     expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming', 'qemu.stepTimeoutMs']);
+  });
+
+  it('takes an etcd fleet directory and refuses bad directory values by path', () => {
+    expect(validateConfig({ directory: { kind: 'etcd', endpoints: ['http://127.0.0.1:2379', 'https://etcd.example:2379'], prefix: '/fleet/a', ttlSeconds: 2 } }).directory).toEqual({
+      kind: 'etcd',
+      endpoints: ['http://127.0.0.1:2379', 'https://etcd.example:2379'],
+      prefix: '/fleet/a',
+      ttlSeconds: 2,
+    });
+    const e = configError(() => validateConfig({ directory: { kind: 'consul', endpoints: ['127.0.0.1:2379'], prefix: 'embot/', ttlSeconds: 0, extra: 1 } }));
+    expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+    expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort()).toEqual(['directory', 'directory.endpoints.0', 'directory.kind', 'directory.prefix', 'directory.ttlSeconds']);
+    for (const bad of [[], ['ftp://127.0.0.1:2379'], ['http://127.0.0.1:2379/v3/kv'], 'http://127.0.0.1:2379']) {
+      const err = configError(() => validateConfig({ directory: { endpoints: bad } }));
+      expect((err.details!['issues'] as string[])[0], JSON.stringify(bad)).toMatch(/^directory\.endpoints/);
+    }
+    for (const bad of ['/', '/embot/', '/a//b', '/a b', 7]) {
+      const err = configError(() => validateConfig({ directory: { prefix: bad } }));
+      expect((err.details!['issues'] as string[]).map((i) => i.split(':')[0]), String(bad)).toEqual(['directory.prefix']);
+    }
   });
 
   it("takes sim.startMemory 'random' and refuses another value by path", () => {
