@@ -35,7 +35,8 @@ import type { PeerConnection } from './wire/peer-connection.ts';
 import { peerEndpoint, type PeerEndpoint } from './wire/peer-services.ts';
 import { ImageService, costTable, imagesDirOf, rankTargetsByImage, type BuildSummary, type VmImageRef } from '../images/index.ts';
 import { loadPeerTls } from './wire/peer-tls.ts';
-import { parsePeers } from './wire/peers.ts';
+import { createPeerDirectory } from './peers/create-peer-directory.ts';
+import type { PeerDirectory } from './peers/peer-directory.ts';
 
 /** The package version, found from the sources (`core/`) or from a build (`dist/core/`). */
 const VERSION = ((): string => {
@@ -131,6 +132,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   readonly journal: MigrationJournal;
   readonly modules: AgentModuleProvider;
   readonly mobility: MobilityService;
+  /** Who the peers are (config, and etcd with `directory.kind: etcd`): a live view read at each use. */
+  private readonly directory: PeerDirectory;
   /** Images and placement (issue 14): block index, global indexer, builds. */
   readonly images: ImageService;
   private readonly connectPeer: (peer: string) => Promise<PeerConnection>;
@@ -170,12 +173,14 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       this.shipped.set(m.name, { name: m.name, version: m.version, hash: m.hash, dir: m.dir, embotTypes: m.manifest.embots.map((t) => t.type) });
       this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'loaded' });
     });
+    this.directory = createPeerDirectory(config, { version: VERSION, startedAt: this.startedAt }, log.child('directory'));
     this.mobility = new MobilityService({
       host: this,
       secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
       tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
       listen: config.peer.listen,
-      peers: parsePeers(config.peer.peers),
+      // Live: a peer etcd lists after start is a valid `migrate --to` (warm connections dial only the first ones).
+      peers: this.directory,
       stepTimeoutMs: config.mobility.stepTimeoutMs,
       vmTimeoutMs: config.mobility.vmTimeoutMs,
       maxDirtyRounds: config.mobility.maxDirtyRounds,
@@ -189,7 +194,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
       tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
     };
-    const peerMap = parsePeers(config.peer.peers);
+    const peerMap = this.directory;
     this.connectPeer = (peer) => connectNamedPeer(peerMap, peer, { ...peerAuth, requestTimeoutMs: config.mobility.stepTimeoutMs });
     this.images = new ImageService({
       agent: config.name,
@@ -212,7 +217,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         const st = this.objects.get(`vm:${vm}`)?.state;
         return typeof st?.['image'] === 'string' ? { image: st['image'], ...(typeof st['imageManifest'] === 'string' ? { manifest: st['imageManifest'] } : {}) } : undefined;
       },
-      ...(config.images.cost.measure ? { measure: config.images.cost.measure, probePeers: () => Object.keys(config.peer.peers) } : {}),
+      ...(config.images.cost.measure ? { measure: config.images.cost.measure, probePeers: () => [...this.directory.keys()] } : {}),
       // The VMs' own disks are indexed with the images (a qemu overlay: the blocks the VM wrote).
       vmDisks: () =>
         this.driver.list().flatMap((vm) => {
@@ -377,6 +382,9 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     this.controlServer = await startControlServer({ host: this.config.control.host, port: this.config.control.port, ...(this.config.control.token ? { token: this.config.control.token } : {}), control: this, metrics: this.metrics, dashboard: this.dashboard, logger: log.child('control') });
     this.controlUrl = this.controlServer.url;
     await this.mobility.start();
+    // Published only with a peer endpoint: without one nobody could dial the URL.
+    const selfUrl = this.mobility.peerUrl;
+    this.directory.start?.(selfUrl === undefined ? undefined : { url: selfUrl });
     const server = this.mobility.peerServer;
     if (server) {
       // Block and index frames are the second protocol on the peer link; they bypass mobility.
@@ -390,12 +398,11 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
 
   /** The web dashboard and its live channel, fed by the runtime's, mobility's and driver's own events. */
   private startDashboard(): Dashboard {
-    const peers = parsePeers(this.config.peer.peers);
     const dashboard = createDashboard({
       host: {
         control: this,
         policyCharts: () => this.runtime.policyCharts(),
-        peers: () => [...peers].map(([name, url]) => ({ name, url })),
+        peers: () => [...this.directory].map(([name, url]) => ({ name, url })),
         hostLoad: () => this.hostLoad(),
         cancelMigration: (id) => this.mobility.cancel(id),
         rankTargets: (vm, candidates) => rankTargetsByImage(this.images, vm, candidates),
@@ -597,7 +604,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         parkedEvents: this.runtime.parkedCount(),
         deadLetters: this.runtime.deadLetterCount(),
       },
-      destinations: { peers: Object.keys(this.config.peer.peers), ...(this.config.topology ? { topology: this.config.topology } : {}) },
+      destinations: { peers: [...this.directory.keys()], ...(this.config.topology ? { topology: this.config.topology } : {}) },
+      directory: this.directory.status(),
     };
   }
 
@@ -775,6 +783,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
     if (this.stopped) return;
     this.stopped = true;
     this.sensors.stopSensors();
+    // First: the lease is revoked while this agent still answers, so peers drop it before it goes.
+    await this.directory.close().catch(() => {});
     await this.images.close().catch(() => {});
     await this.mobility.close().catch(() => {});
     this.dashboard?.close();

@@ -23,6 +23,7 @@ interface AgentFlags {
   readonly tokenFile?: string;
   readonly peerListen?: string;
   readonly peers?: Readonly<Record<string, string>>;
+  readonly etcd?: readonly string[];
   readonly secretFile?: string;
   readonly tlsCa?: string;
   readonly tlsCert?: string;
@@ -46,6 +47,7 @@ export function registerAgentCommand(program: Command, ctx: CliContext, setExitC
     .option('--token-file <file>', 'file holding the control API token (or set EMBOT_CONTROL_TOKEN)')
     .option('--peer-listen <host:port>', 'where this agent accepts peers (default 127.0.0.1:7401; only with a secret or TLS; off loopback only with TLS)', parsePeerListenFlag)
     .option('--peers <list>', 'peer agents by name, e.g. b=ws://127.0.0.1:7402,c=ws://127.0.0.1:7403', parsePeersFlag)
+    .option('--etcd <urls>', 'find peers in etcd too and register there (directory.kind etcd), e.g. http://127.0.0.1:2379[,http://…]', parseEtcdFlag)
     .option('--secret-file <file>', 'file holding the cluster secret (at least 16 bytes) peers authenticate with')
     .option('--tls-ca <file>', 'cluster CA certificate (embot ca init): peer links become wss:// with mutual TLS; with --tls-cert and --tls-key')
     .option('--tls-cert <file>', "this agent's certificate, issued by the cluster CA (embot ca issue NAME)")
@@ -105,6 +107,13 @@ function parsePeerListenFlag(raw: string): string {
   return raw.trim();
 }
 
+/** `--etcd URL[,URL]`: the URLs themselves are checked with the config (`directory.endpoints`). */
+function parseEtcdFlag(raw: string): string[] {
+  const urls = raw.split(',').map((u) => u.trim()).filter((u) => u !== '');
+  if (urls.length === 0) throw new InvalidArgumentError('give at least one etcd client URL, e.g. http://127.0.0.1:2379');
+  return urls;
+}
+
 function parsePeersFlag(raw: string): Record<string, string> {
   return Object.fromEntries(asArgumentError(() => parsePeers(raw)));
 }
@@ -136,6 +145,7 @@ function toConfigFlags(opts: AgentFlags): AgentConfigInput {
   const tls = { ...(opts.tlsCa !== undefined ? { ca: opts.tlsCa } : {}), ...(opts.tlsCert !== undefined ? { cert: opts.tlsCert } : {}), ...(opts.tlsKey !== undefined ? { key: opts.tlsKey } : {}) };
   if (Object.keys(tls).length > 0) peer.tls = tls;
   if (Object.keys(peer).length > 0) flags.peer = peer;
+  if (opts.etcd !== undefined) flags.directory = { kind: 'etcd', endpoints: [...opts.etcd] };
   return flags;
 }
 

@@ -58,7 +58,11 @@ export interface AgentStatus {
     readonly peers: readonly string[];
     readonly topology?: { readonly nodes: readonly string[]; readonly links: readonly (readonly [string, string])[] };
   };
+  /** Where the peers come from (README "Fleet directory (etcd)"): kind, connection state, each peer with its source; absent on a control double. */
+  readonly directory?: DirectoryStatus;
 }
+
+import type { DirectoryStatus } from '../peers/peer-directory.ts';
 
 // Embots are described by the runtime that runs them; the API shows them as they are.
 import type { DeadLetter, EmbotInfo } from '../../embots/index.ts';

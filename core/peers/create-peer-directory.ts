@@ -1,0 +1,22 @@
+/** The directory the config asks for (`directory.kind`), so the agent wires one object whatever it is. */
+import type { Logger } from '../logger.ts';
+import { parsePeers } from '../wire/peers.ts';
+import { EtcdPeerDirectory } from './etcd-peer-directory.ts';
+import type { PeerDirectory } from './peer-directory.ts';
+import { StaticPeerDirectory } from './static-peer-directory.ts';
+
+export interface PeerDirectoryConfig {
+  readonly name: string;
+  readonly peer: { readonly peers: Readonly<Record<string, string>> };
+  readonly directory: { readonly kind: 'static' | 'etcd'; readonly endpoints: readonly string[]; readonly prefix: string; readonly ttlSeconds: number };
+}
+
+/**
+ * @throws ConfigError `EMBOT_ERR_CONFIG_INVALID` for a bad `peer.peers` (as before the directory).
+ */
+export function createPeerDirectory(config: PeerDirectoryConfig, self: { readonly version: string; readonly startedAt: number }, log: Logger): PeerDirectory {
+  const staticPeers = parsePeers(config.peer.peers);
+  if (config.directory.kind === 'static') return new StaticPeerDirectory(staticPeers);
+  const d = config.directory;
+  return new EtcdPeerDirectory({ self: config.name, endpoints: d.endpoints, prefix: d.prefix, ttlSeconds: d.ttlSeconds, staticPeers, version: self.version, startedAt: self.startedAt, log });
+}
