@@ -1,0 +1,169 @@
+/**
+ * The fleet directory on etcd with real agents (child processes) and a real etcd: agents with
+ * `--etcd` and no static peers find each other and migrate; a stop, a SIGKILL, bad records and
+ * etcd outages. The directory class alone is covered in peer-directory.integration.test.ts.
+ */
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Etcd3 } from 'etcd3';
+import type { DirectoryStatus } from '../../core/peers/peer-directory.ts';
+import { AgentProcess, makeSandbox, runCli, waitFor } from '../harness/agent-process.ts';
+import { migrate } from '../harness/cluster.ts';
+import { etcdServer, requireEtcd, type EtcdServer } from '../harness/etcd-server.ts';
+
+const run = requireEtcd();
+const MiB = 1 << 20;
+
+const agents: AgentProcess[] = [];
+const clients: Etcd3[] = [];
+afterEach(async () => {
+  await Promise.all(agents.splice(0).map((a) => a.kill().catch(() => {})));
+  for (const c of clients.splice(0)) c.close();
+});
+
+interface Fleet {
+  start(name: string, options?: { readonly ttlSeconds?: number; readonly peers?: Record<string, string> }): Promise<AgentProcess>;
+}
+
+/** Agents on one sandbox and one cluster secret, peer port picked by the OS (etcd tells the others), found through `--etcd`. */
+function fleet(etcd: EtcdServer): Fleet {
+  const box = makeSandbox();
+  const secretFile = join(box.root, 'cluster.secret');
+  writeFileSync(secretFile, randomBytes(32).toString('base64'));
+  return {
+    async start(name, options = {}) {
+      const config = {
+        peer: { listen: '127.0.0.1:0', secretFile, peers: options.peers ?? {} },
+        directory: { ttlSeconds: options.ttlSeconds ?? 2 },
+        mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
+        sensors: { host: { intervalMs: 60_000 }, vm: { intervalMs: 60_000 } },
+      };
+      const file = join(box.root, `config-${name}.json`);
+      writeFileSync(file, JSON.stringify(config));
+      // The flag sets kind etcd and the endpoints; the file's ttlSeconds stays (flags merge over the file).
+      const a = await AgentProcess.start({ name, dataDir: box.dataDir(name), pluginsDir: box.pluginsDir, extraArgs: ['--config', file, '--etcd', etcd.url] });
+      agents.push(a);
+      return a;
+    },
+  };
+}
+
+async function directoryOf(a: AgentProcess): Promise<DirectoryStatus> {
+  const d = (await a.client.status()).directory;
+  if (!d) throw new Error('status has no directory');
+  return d;
+}
+
+const peerNames = async (a: AgentProcess): Promise<string[]> => (await directoryOf(a)).peers.map((p) => p.name).sort();
+
+/** The agent's JSON log lines carrying `code`. */
+function logged(a: AgentProcess, code: string): Record<string, unknown>[] {
+  return a.stderr
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>)
+    .filter((l) => l['code'] === code);
+}
+
+function etcdClient(etcd: EtcdServer): Etcd3 {
+  const c = new Etcd3({ hosts: etcd.url });
+  clients.push(c);
+  return c;
+}
+
+describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
+  it('two agents with --etcd and no static peers find each other within the TTL, and a migration a → b completes; embot peers and status show them', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const f = fleet(etcd);
+    const [a, b] = await Promise.all([f.start('a'), f.start('b')]);
+    await waitFor(async () => (await peerNames(a)).includes('b') && (await peerNames(b)).includes('a'), 2000 + 10_000, 'a and b to find each other');
+    const status = await a.client.status();
+    expect(status.directory).toMatchObject({ kind: 'etcd', state: 'connected', peers: [{ name: 'b', url: expect.stringMatching(/^ws:\/\/127\.0\.0\.1:\d+\/$/), source: 'etcd' }] });
+    expect(status.destinations?.peers).toEqual(['b']);
+    const cli = await runCli(['peers', '--json', '--agent', a.url]);
+    expect(cli.code, cli.stderr).toBe(0);
+    expect(JSON.parse(cli.stdout)).toMatchObject({ kind: 'etcd', state: 'connected', peers: [{ name: 'b', source: 'etcd' }] });
+    const table = await runCli(['peers', '--agent', a.url]);
+    expect(table.stdout).toMatch(/directory: etcd, connected/);
+    expect(table.stdout).toMatch(/^b\s+ws:\/\/127\.0\.0\.1:\d+\/\s+etcd$/m);
+    expect((await runCli(['status', '--agent', a.url])).stdout).toMatch(/directory:\s+etcd, connected, 1 peer\(s\), 1 from etcd/);
+
+    await a.client.createVm({ name: 'web', memory: 2 * MiB });
+    const info = await migrate(a, 'web', 'b');
+    expect(info.outcome).toBe('completed');
+    expect((await b.client.listVms()).map((v) => v.name)).toEqual(['web']);
+  });
+
+  it('b stopped (SIGTERM) leaves a’s peers at once: its lease is revoked (a 30 s TTL could not explain it)', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const f = fleet(etcd);
+    const [a, b] = await Promise.all([f.start('a', { ttlSeconds: 30 }), f.start('b', { ttlSeconds: 30 })]);
+    await waitFor(async () => (await peerNames(a)).includes('b'), 12_000, 'a to see b');
+    expect(await b.stop()).toBe(0);
+    await waitFor(async () => (await peerNames(a)).length === 0, 10_000, 'b to leave a’s peers after its stop');
+    expect((await etcdClient(etcd).get('/embot/agents/b').string()) ?? null).toBeNull();
+  });
+
+  it('b SIGKILLed leaves a’s peers after its TTL (2 s): its record outlives it until the lease expires', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const f = fleet(etcd);
+    const [a, b] = await Promise.all([f.start('a'), f.start('b')]);
+    await waitFor(async () => (await peerNames(a)).includes('b'), 12_000, 'a to see b');
+    await b.kill();
+    // No revoke ran: etcd still holds the record (its lease has at least 2/3 of its TTL left).
+    expect(await etcdClient(etcd).get('/embot/agents/b').string()).toContain('"name":"b"');
+    await waitFor(async () => (await peerNames(a)).length === 0, 2000 + 10_000, 'b to leave once its lease expired');
+    expect((await directoryOf(a)).state).toBe('connected');
+  });
+
+  it('bad input: garbage JSON, a wrong name and a bad URL put in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID in the log; the agent keeps serving and its good peer stays', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const f = fleet(etcd);
+    const [a] = await Promise.all([f.start('a'), f.start('b')]);
+    await waitFor(async () => (await peerNames(a)).includes('b'), 12_000, 'a to see b');
+    const c = etcdClient(etcd);
+    await c.put('/embot/agents/x').value('{"name": "x", garbage').exec();
+    await c.put('/embot/agents/y').value(JSON.stringify({ name: 'not-y', url: 'ws://127.0.0.1:7403', version: '1', startedAt: 1 })).exec();
+    await c.put('/embot/agents/z').value(JSON.stringify({ name: 'z', url: 'http://127.0.0.1:7404', version: '1', startedAt: 1 })).exec();
+    await waitFor(() => logged(a, 'EMBOT_ERR_DIRECTORY_RECORD_INVALID').length >= 3, 10_000, 'three coded warnings');
+    expect(logged(a, 'EMBOT_ERR_DIRECTORY_RECORD_INVALID').map((l) => l['key'])).toEqual(['/embot/agents/x', '/embot/agents/y', '/embot/agents/z']);
+    expect(await peerNames(a)).toEqual(['b']);
+    expect((await directoryOf(a)).state).toBe('connected');
+    expect(a.child.exitCode).toBeNull();
+    expect((await a.client.createVm({ name: 'still-serving', memory: MiB })).name).toBe('still-serving');
+  });
+
+  it('etcd down at the agent’s start: it runs with its static peers (coded warning, state unavailable) and finds the others once etcd is up', async () => {
+    const etcd = await etcdServer();
+    const f = fleet(etcd);
+    const a = await f.start('a', { peers: { s: 'ws://127.0.0.1:9/' } });
+    await waitFor(async () => (await directoryOf(a)).state === 'unavailable', 15_000, 'a to report etcd unavailable');
+    expect(await directoryOf(a)).toMatchObject({ kind: 'etcd', state: 'unavailable', peers: [{ name: 's', source: 'config' }], lastError: { code: 'EMBOT_ERR_DIRECTORY_UNAVAILABLE' } });
+    expect(logged(a, 'EMBOT_ERR_DIRECTORY_UNAVAILABLE').length).toBeGreaterThanOrEqual(1);
+    await etcd.start();
+    const b = await f.start('b');
+    await waitFor(async () => (await peerNames(a)).join() === 's,b'.split(',').sort().join() && (await peerNames(b)).includes('a'), 20_000, 'a to find b once etcd is up');
+    expect(await directoryOf(a)).toMatchObject({ state: 'connected' });
+    await a.client.createVm({ name: 'late', memory: 2 * MiB });
+    expect((await migrate(a, 'late', 'b')).outcome).toBe('completed');
+  });
+
+  it('etcd killed while running: peers already known stay usable (a migration a → b completes) and the state says unavailable', async () => {
+    const etcd = await etcdServer();
+    await etcd.start();
+    const f = fleet(etcd);
+    const [a, b] = await Promise.all([f.start('a'), f.start('b')]);
+    await waitFor(async () => (await peerNames(a)).includes('b') && (await peerNames(b)).includes('a'), 12_000, 'a and b to find each other');
+    await etcd.kill();
+    await waitFor(async () => (await directoryOf(a)).state === 'unavailable', 15_000, 'a to notice etcd is gone');
+    expect(await peerNames(a)).toEqual(['b']);
+    await a.client.createVm({ name: 'orphan', memory: 2 * MiB });
+    expect((await migrate(a, 'orphan', 'b')).outcome).toBe('completed');
+  });
+});
