@@ -22,6 +22,8 @@ export type { MigrationInfo, MigrationProgress, MigrationSummary } from './mobil
 export type { EmbotEvent, EmbotEventInput } from './events.ts';
 export type { ManagedElement, ElementInput } from './objects/managed-element.ts';
 export { ErrorCodes, EmbotError, isEmbotError } from './errors.ts';
+// The fleet directory's contract; its implementations (static, etcd) are in embot/internal.
+export type { DirectoryState, DirectoryStatus, PeerChange, PeerDirectory, PeerEntry, PeerSource, SelfAnnouncement } from './peers/peer-directory.ts';
 export type { ErrorCode } from './errors.ts';
 // The policy API for plugin authors: a plugin imports these from 'embot' and nothing else.
 export { definePolicy, EMBOT_API_VERSION } from '../embots/index.ts';

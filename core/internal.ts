@@ -17,3 +17,7 @@ export { PluginCache } from './mobility/plugin-cache.ts';
 export { createTrustPolicy, generateSigningKeys, signModule, verifyModuleSignature } from './mobility/trust-policy.ts';
 export { packModule, unpackModule, acceptModuleBundle } from './mobility/module-shipping.ts';
 export { startControlServer } from './control/server.ts';
+export { StaticPeerDirectory } from './peers/static-peer-directory.ts';
+export { EtcdPeerDirectory, type EtcdPeerDirectoryOptions } from './peers/etcd-peer-directory.ts';
+export { createPeerDirectory } from './peers/create-peer-directory.ts';
+export { checkRecord, type DirectoryRecord } from './peers/directory-record.ts';

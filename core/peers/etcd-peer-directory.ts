@@ -8,8 +8,8 @@
  * with back-off; a reconnect re-publishes the record and re-lists the folder, so peers that left
  * meanwhile go then. Each attempt uses a fresh client, so no half-broken stream outlives it.
  */
-import { Etcd3, type IKeyValue, type Lease, type Watcher } from 'etcd3';
-import { ExponentialBackoff, noop } from 'cockatiel';
+// Types only: etcd3 (gRPC, protobufjs) is loaded when a directory first connects, so an agent with a static directory never pays for it.
+import type { Etcd3, IKeyValue, Lease, Watcher } from 'etcd3';
 import { describeError, ErrorCodes } from '../errors.ts';
 import type { Logger } from '../logger.ts';
 import type { PeerMap } from '../wire/peers.ts';
@@ -84,7 +84,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
     if (this.started || this.closed) return;
     this.started = true;
     this.self = self;
-    void this.connect();
+    void this.connect().catch((e: unknown) => this.unavailable(e));
   };
 
   list(): readonly PeerEntry[] {
@@ -118,6 +118,8 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
   }
 
   private async connect(): Promise<void> {
+    const [{ Etcd3 }, { ExponentialBackoff, noop }] = await Promise.all([import('etcd3'), import('cockatiel')]);
+    if (this.closed) return;
     const client = new Etcd3({
       hosts: [...this.o.endpoints],
       dialTimeout: CALL_TIMEOUT_MS,
@@ -185,7 +187,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
     const retry = this.o.retry ?? { minMs: 250, maxMs: 5000 };
     const delay = Math.min(retry.maxMs, retry.minMs * 2 ** Math.min(this.attempt, 16));
     this.attempt++;
-    this.retryTimer = setTimeout(() => void this.connect(), delay);
+    this.retryTimer = setTimeout(() => void this.connect().catch((e: unknown) => this.unavailable(e)), delay);
     this.retryTimer.unref();
   }
 
