@@ -178,6 +178,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       host: this,
       secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
       tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
+      protocol: config.peer.protocol,
       listen: config.peer.listen,
       // Live: a peer etcd lists after start is a valid `migrate --to` (warm connections dial only the first ones).
       peers: this.directory,
@@ -193,6 +194,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       agent: config.name,
       secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
       tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
+      protocol: config.peer.protocol,
     };
     const peerMap = this.directory;
     this.connectPeer = (peer) => connectNamedPeer(peerMap, peer, { ...peerAuth, requestTimeoutMs: config.mobility.stepTimeoutMs });

@@ -75,6 +75,8 @@ export const ErrorCodes = {
   FRAME_UNKNOWN_TYPE: 'EMBOT_ERR_FRAME_UNKNOWN_TYPE',
   PEER_UNAUTHENTICATED: 'EMBOT_ERR_PEER_UNAUTHENTICATED',
   PEER_UNKNOWN: 'EMBOT_ERR_PEER_UNKNOWN',
+  /** The two agents share no wire protocol version (frames.ts PROTOCOL_VERSION, MIN_PROTOCOL_VERSION; peer.protocol). */
+  PROTOCOL_UNSUPPORTED: 'EMBOT_ERR_PROTOCOL_UNSUPPORTED',
   REQUEST_TIMEOUT: 'EMBOT_ERR_REQUEST_TIMEOUT',
   CONNECTION_CLOSED: 'EMBOT_ERR_CONNECTION_CLOSED',
   /** The peer could not serve a request: no handler for its type, or the handler failed without a code. */

@@ -4,6 +4,7 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { ConfigError, ErrorCodes, describeError } from '../errors.ts';
 import { buildTopology } from '../mobility/destination-topology.ts';
+import { MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from '../wire/frames.ts';
 import { DEFAULTS, defaultAgentName } from './defaults.ts';
 import { peerTransportIssues } from './peer-transport.ts';
 
@@ -138,6 +139,12 @@ export const AgentConfigSchema = z
         peers: z.record(z.string(), z.string()).default({}),
         /** File holding the cluster secret (at least 16 bytes); without it (and without `tls`) the peer port stays closed. */
         secretFile: z.string().min(1).optional(),
+        /**
+         * The newest wire protocol version this agent speaks on its links (default: the latest it
+         * knows). A rolling upgrade may pin the old one until every agent runs the new build; links
+         * to an older agent settle on its version by themselves.
+         */
+        protocol: z.number().int().min(MIN_PROTOCOL_VERSION).max(PROTOCOL_VERSION).default(PROTOCOL_VERSION),
         /**
          * Mutual TLS with a cluster CA (`embot ca init` / `embot ca issue`): PEM files. With it the
          * peer and data-path listeners are wss:// and every peer URL must be wss://; without it,

@@ -73,6 +73,8 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   // The fleet directory (etcd) is down, or served a record that is not one: an upstream's fault, not the caller's.
   [ErrorCodes.DIRECTORY_UNAVAILABLE]: 503,
   [ErrorCodes.DIRECTORY_RECORD_INVALID]: 502,
+  // A peer that shares no wire protocol version with this agent (a rolling upgrade half done).
+  [ErrorCodes.PROTOCOL_UNSUPPORTED]: 502,
 };
 
 const BuildImageBody = z.object({ image: z.string().min(1).max(128), on: z.string().min(1).max(64).optional() }).strict();

@@ -39,6 +39,8 @@ export interface MobilityServiceOptions {
   readonly secret: Uint8Array | undefined;
   /** Mutual TLS with the cluster CA: every listener is wss:// and every link presents this agent's certificate. */
   readonly tls?: PeerTls | undefined;
+  /** The newest wire protocol version this agent speaks on its links (config `peer.protocol`; default the latest). */
+  readonly protocol?: number;
   readonly listen: string;
   readonly peers: PeerMap;
   readonly stepTimeoutMs: number;
@@ -188,8 +190,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   }
 
   /** Who this agent is on every link it opens or accepts (peer listener, data paths, forwarding). */
-  private get auth(): { readonly agent: string; readonly secret: Uint8Array | undefined; readonly tls: PeerTls | undefined } {
-    return { agent: this.host.agent, secret: this.o.secret, tls: this.o.tls };
+  private get auth(): { readonly agent: string; readonly secret: Uint8Array | undefined; readonly tls: PeerTls | undefined; readonly protocol?: number } {
+    return { agent: this.host.agent, secret: this.o.secret, tls: this.o.tls, ...(this.o.protocol === undefined ? {} : { protocol: this.o.protocol }) };
   }
 
   peerNames(): readonly string[] {

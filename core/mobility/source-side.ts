@@ -551,7 +551,8 @@ export class SourceSide implements SourceSteps {
     const { bytes, cursor, count } = this.host.sensors.serializeHeldSince(this.scope, this.cursor);
     this.cursor = cursor;
     if (input.final) this.stats.marks.finalRoundOut = performance.now();
-    const boot = input.final && input.boot === true;
+    // A destination of protocol 1 knows no `boot` field: it boots with BootIncoming after the round, as the machine asks when no BootReady came.
+    const boot = input.final && input.boot === true && this.conn?.supports('bootWithFinalRound') === true;
     const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}), ...(boot ? { boot } : {}) });
     // The target's reason names its failed step (target-machine.ts recordFailure: `bootIncoming failed: ...`).
     if (boot && reply.type !== 'BootReady' && 'reason' in reply && reply.reason?.startsWith('bootIncoming ') === true) {

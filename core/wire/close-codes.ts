@@ -34,6 +34,7 @@ export function closeCodeFor(code: ErrorCode): CloseCode {
       return CloseCodes.MESSAGE_TOO_BIG;
     case ErrorCodes.PEER_UNAUTHENTICATED:
     case ErrorCodes.PEER_UNKNOWN:
+    case ErrorCodes.PROTOCOL_UNSUPPORTED:
     case ErrorCodes.PEER_CERT_UNTRUSTED:
     case ErrorCodes.PEER_CERT_NAME_MISMATCH:
     case ErrorCodes.PEER_TLS_FAILED:

@@ -7,7 +7,7 @@
  */
 import { ErrorCodes, ProtocolError } from '../errors.ts';
 import { isValidElementId } from '../events.ts';
-import { FRAME_KINDS, type Frame, type FrameType } from './frames.ts';
+import { FRAME_KINDS, PROTOCOL_FEATURES, PROTOCOL_FEATURE_FIELDS, type Frame, type FrameType, type ProtocolFeature } from './frames.ts';
 
 /** Returns what is wrong with the value, or undefined when it is fine. */
 type Check = (v: unknown) => string | undefined;
@@ -251,3 +251,14 @@ export function validateFrame(value: unknown): Frame {
   return value as unknown as Frame;
 }
 
+/**
+ * The first field of `frame` that a link of `protocol` does not have (frames.ts
+ * PROTOCOL_FEATURE_FIELDS), with the version that added it; undefined when it has none.
+ */
+export function fieldNewerThan(frame: Frame, protocol: number): { readonly field: string; readonly since: number } | undefined {
+  for (const [feature, { frame: type, field }] of Object.entries(PROTOCOL_FEATURE_FIELDS) as [ProtocolFeature, (typeof PROTOCOL_FEATURE_FIELDS)[ProtocolFeature]][]) {
+    const since = PROTOCOL_FEATURES[feature];
+    if (since > protocol && frame.type === type && field in frame) return { field: `${type}.${field}`, since };
+  }
+  return undefined;
+}

@@ -12,8 +12,31 @@
  */
 import type { ErrorCode } from '../errors.ts';
 
-/** Bumped when a frame changes shape; both agents must speak the same version. */
-export const PROTOCOL_VERSION = 1;
+/**
+ * The newest wire protocol this agent speaks, bumped when a frame changes shape. A link runs at
+ * the client's version (Hello.protocol) when the server speaks it; a client an older server turns
+ * away dials again at that server's version (peer-client.ts), and `peer.protocol` pins an older
+ * one for a rolling upgrade.
+ */
+export const PROTOCOL_VERSION = 2;
+/** The oldest version this agent still speaks. */
+export const MIN_PROTOCOL_VERSION = 1;
+
+/** The version that added each optional field: a sender uses it only on a link of that version or newer. */
+export const PROTOCOL_FEATURES = {
+  /** PageBatch.zeros: all-zero pages named by index, no data. */
+  zeroPages: 2,
+  /** DirtyObjects.boot: the final round asks the destination to boot too (answered BootReady). */
+  bootWithFinalRound: 2,
+} as const satisfies Readonly<Record<string, number>>;
+
+export type ProtocolFeature = keyof typeof PROTOCOL_FEATURES;
+
+/** The optional field each feature added, by frame: a link of an older version refuses it as its own build would (PeerConnection). */
+export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects'; readonly field: string } } = {
+  zeroPages: { frame: 'PageBatch', field: 'zeros' },
+  bootWithFinalRound: { frame: 'DirtyObjects', field: 'boot' },
+};
 
 /** Resources the VM needs at the target, checked by the target's migration policy. */
 export interface MigrationResources {

@@ -10,7 +10,7 @@ import { ErrorCodes, ProtocolError, isEmbotError, describeError, type EmbotError
 import { computeProof, createNonce, proofKey, verifyProof, type ProofInput } from './auth.ts';
 import { CloseCodes, closeCodeFor, closeReason } from './close-codes.ts';
 import { decodeFrame, encodeFrame } from './frame-codec.ts';
-import { PROTOCOL_VERSION, type Frame, type HandshakeFrame } from './frames.ts';
+import { MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, type Frame, type HandshakeFrame } from './frames.ts';
 import { errorFromClose, protocolErrorFromWs } from './peer-connection.ts';
 import { describeNames, isIssuedTo } from './peer-tls.ts';
 
@@ -25,7 +25,8 @@ export const HANDSHAKE_MAX_WIRE_BYTES = 16 * 1024;
 /** A refused peer gets this long to answer our close frame before the socket is destroyed. */
 const REFUSE_GRACE_MS = 1_000;
 
-export type HandshakeResult = { readonly ok: true; readonly remoteAgent: string } | { readonly ok: false; readonly error: EmbotError };
+/** `protocol`: the link's wire protocol version (the client's, which the server speaks too). */
+export type HandshakeResult = { readonly ok: true; readonly remoteAgent: string; readonly protocol: number } | { readonly ok: false; readonly error: EmbotError };
 
 /** What the TLS layer under the WebSocket established (TLS links only). */
 export interface TlsPeerInfo {
@@ -44,6 +45,8 @@ export interface ServerHandshakeOptions {
   readonly timeoutMs: number;
   /** When set, only these agent names may connect. */
   readonly allowedPeers?: ReadonlySet<string>;
+  /** The newest protocol version accepted (default PROTOCOL_VERSION; `peer.protocol` pins an older one). */
+  readonly protocol?: number;
   /** The TCP socket under `ws` (the `req.socket` of ws's connection event), for the pre-auth byte budget. */
   readonly socket?: { on(e: 'data', fn: (chunk: Buffer) => void): unknown; off(e: 'data', fn: (chunk: Buffer) => void): unknown; pause(): unknown };
 }
@@ -57,6 +60,8 @@ export interface ClientHandshakeOptions {
   readonly timeoutMs: number;
   /** Name the server must announce (the name the peer is known by in `--peers`). */
   readonly expectedPeer?: string;
+  /** The protocol version offered in Hello (default PROTOCOL_VERSION). */
+  readonly protocol?: number;
   /** For messages: where we are connecting to. */
   readonly url: string;
 }
@@ -86,6 +91,20 @@ export function refuse(ws: WebSocket, err: EmbotError, closeCode: number = close
 
 function send(ws: WebSocket, frame: HandshakeFrame): void {
   ws.send(encodeFrame(frame, HANDSHAKE_MAX_FRAME_BYTES), { binary: true });
+}
+
+/** What a server says to a Hello of a version it does not speak; {@link speaksUpTo} reads it back (agents of protocol 1 said it too, coded PEER_UNAUTHENTICATED). */
+function protocolUnsupported(offered: number, newest: number): ProtocolError {
+  const speaks = newest === MIN_PROTOCOL_VERSION ? `${newest}` : `${MIN_PROTOCOL_VERSION} to ${newest}`;
+  return new ProtocolError(ErrorCodes.PROTOCOL_UNSUPPORTED, `protocol version ${offered} is not supported (this agent speaks ${speaks})`, {
+    details: { offered, min: MIN_PROTOCOL_VERSION, max: newest },
+  });
+}
+
+/** The newest version a server that turned our Hello away speaks, from its refusal; undefined when the refusal is not about the version. */
+export function speaksUpTo(error: EmbotError): number | undefined {
+  const m = /protocol version \d+ is not supported \(this agent speaks (?:\d+ to )?(\d+)\)/.exec(error.message);
+  return m ? Number(m[1]) : undefined;
 }
 
 function unauthenticated(message: string): ProtocolError {
@@ -120,6 +139,7 @@ function readHandshakeFrame(data: WebSocket.RawData, isBinary: boolean): { frame
  */
 export function serverHandshake(ws: WebSocket, options: ServerHandshakeOptions, done: (result: HandshakeResult) => void): void {
   let state: 'hello' | 'auth' | 'done' = 'hello';
+  let protocol = PROTOCOL_VERSION;
   let input: ProofInput | undefined;
   let key: Uint8Array | undefined;
   let wireBytes = 0;
@@ -155,9 +175,9 @@ export function serverHandshake(ws: WebSocket, options: ServerHandshakeOptions, 
     }
     if (state === 'hello') {
       if (frame.type !== 'Hello') return finish({ ok: false, error: unauthenticated(`${frame.type} before authentication; expected Hello`) });
-      if (frame.protocol !== PROTOCOL_VERSION) {
-        return finish({ ok: false, error: unauthenticated(`protocol version ${frame.protocol} is not supported (this agent speaks ${PROTOCOL_VERSION})`) });
-      }
+      const newest = options.protocol ?? PROTOCOL_VERSION;
+      if (frame.protocol < MIN_PROTOCOL_VERSION || frame.protocol > newest) return finish({ ok: false, error: protocolUnsupported(frame.protocol, newest) });
+      protocol = frame.protocol;
       if (options.tls && !isIssuedTo(options.tls.certificate, frame.agent)) return finish({ ok: false, error: nameMismatch('the client', frame.agent, options.tls.certificate) });
       if (options.allowedPeers && !options.allowedPeers.has(frame.agent)) {
         return finish({ ok: false, error: new ProtocolError(ErrorCodes.PEER_UNKNOWN, `agent ${frame.agent} is not an allowed peer of ${options.agent}`) });
@@ -181,7 +201,7 @@ export function serverHandshake(ws: WebSocket, options: ServerHandshakeOptions, 
         return finish({ ok: false, error: unauthenticated(`authentication of ${input.clientAgent} failed: its proof does not match the cluster secret`) });
       }
       send(ws, { type: 'AuthOk' });
-      finish({ ok: true, remoteAgent: input.clientAgent });
+      finish({ ok: true, remoteAgent: input.clientAgent, protocol });
     }
   };
   const onClose = (code: number, reason: Buffer): void => {
@@ -204,6 +224,7 @@ export function serverHandshake(ws: WebSocket, options: ServerHandshakeOptions, 
  */
 export function clientHandshake(ws: WebSocket, options: ClientHandshakeOptions, done: (result: HandshakeResult) => void): void {
   let state: 'open' | 'challenge' | 'authok' | 'done' = 'open';
+  const offered = options.protocol ?? PROTOCOL_VERSION;
   const clientNonce = createNonce();
   let serverAgent = '';
   let tls: TlsPeerInfo | undefined;
@@ -226,7 +247,7 @@ export function clientHandshake(ws: WebSocket, options: ClientHandshakeOptions, 
       if (tls === undefined) return finish({ ok: false, error: new ProtocolError(ErrorCodes.PEER_TLS_FAILED, `${options.url}: the link is not TLS; a wss:// URL is required`) });
     }
     state = 'challenge';
-    send(ws, { type: 'Hello', protocol: PROTOCOL_VERSION, agent: options.agent, nonce: clientNonce });
+    send(ws, { type: 'Hello', protocol: offered, agent: options.agent, nonce: clientNonce });
   };
   const onMessage = (data: WebSocket.RawData, isBinary: boolean): void => {
     const read = readHandshakeFrame(data, isBinary);
@@ -255,7 +276,7 @@ export function clientHandshake(ws: WebSocket, options: ClientHandshakeOptions, 
     }
     if (state === 'authok') {
       if (frame.type !== 'AuthOk') return finish({ ok: false, error: unauthenticated(`${options.url} sent ${frame.type}; expected AuthOk`) });
-      finish({ ok: true, remoteAgent: serverAgent });
+      finish({ ok: true, remoteAgent: serverAgent, protocol: offered });
     }
   };
   const onClose = (code: number, reason: Buffer): void => {

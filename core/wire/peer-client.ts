@@ -9,7 +9,8 @@ import { ConfigError, ErrorCodes, ProtocolError, isEmbotError } from '../errors.
 import { assertClusterSecret } from './auth.ts';
 import { DEFAULT_MAX_FRAME_BYTES } from './frame-codec.ts';
 import { isValidAgentName } from './frame-validate.ts';
-import { DEFAULT_HANDSHAKE_TIMEOUT_MS, clientHandshake, type TlsPeerInfo } from './handshake.ts';
+import { DEFAULT_HANDSHAKE_TIMEOUT_MS, clientHandshake, speaksUpTo, type TlsPeerInfo } from './handshake.ts';
+import { MIN_PROTOCOL_VERSION, PROTOCOL_VERSION } from './frames.ts';
 import { channelBinding, clientTlsOptions, tlsError, type PeerTls } from './peer-tls.ts';
 import { PeerConnection, type HandlerTable } from './peer-connection.ts';
 import { peerUrl, type PeerMap } from './peers.ts';
@@ -50,6 +51,8 @@ export interface ConnectPeerOptions {
    * agents use distinct address pairs, as separate NICs would.
    */
   readonly localAddress?: string;
+  /** The wire protocol version offered (default PROTOCOL_VERSION; config `peer.protocol`). A server that speaks only older ones is dialled again at its newest. */
+  readonly protocol?: number;
 }
 
 /** ws skips applying a mask whose four bytes are zero. */
@@ -71,7 +74,20 @@ function zeroMask(mask: Buffer): void {
  * console.log('rtt', await conn.ping(), 'ms');
  * ```
  */
-export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection> {
+export async function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection> {
+  try {
+    return await dialPeer(options);
+  } catch (e) {
+    // An agent of an older protocol turned our Hello away, saying which it speaks: dial again at
+    // its newest, when this agent still speaks that one (a rolling upgrade, in either order).
+    const offered = options.protocol ?? PROTOCOL_VERSION;
+    const theirs = isEmbotError(e) ? speaksUpTo(e) : undefined;
+    if (theirs === undefined || theirs >= offered || theirs < MIN_PROTOCOL_VERSION) throw e;
+    return dialPeer({ ...options, protocol: theirs });
+  }
+}
+
+function dialPeer(options: ConnectPeerOptions): Promise<PeerConnection> {
   if (!isValidAgentName(options.agent)) {
     return Promise.reject(new ConfigError(ErrorCodes.CONFIG_INVALID, `agent name ${JSON.stringify(options.agent)} is invalid`));
   }
@@ -109,6 +125,7 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
         timeoutMs,
         url: options.url,
         ...(options.expectedPeer !== undefined ? { expectedPeer: options.expectedPeer } : {}),
+        ...(options.protocol !== undefined ? { protocol: options.protocol } : {}),
         ...(tls ? { tls: () => tls.peer() } : {}),
       },
       (result) => {
@@ -120,6 +137,7 @@ export function connectPeer(options: ConnectPeerOptions): Promise<PeerConnection
           new PeerConnection(ws, {
             localAgent: options.agent,
             remoteAgent: result.remoteAgent,
+            protocol: result.protocol,
             maxFrameBytes,
             ...(options.requestTimeoutMs !== undefined ? { requestTimeoutMs: options.requestTimeoutMs } : {}),
             ...(options.handlers ? { handlers: options.handlers } : {}),

@@ -11,15 +11,19 @@ import type WebSocket from 'ws';
 import { EmbotError, ErrorCodes, ProtocolError, describeError, isEmbotError, type ErrorCode } from '../errors.ts';
 import { CloseCodes, closeCodeFor, closeReason, parseCloseReason } from './close-codes.ts';
 import { DEFAULT_MAX_FRAME_BYTES, decodeFrame, encodeFrame } from './frame-codec.ts';
+import { fieldNewerThan } from './frame-validate.ts';
 import { reuseReceiveBuffer, type ReusedReceiveBuffer } from './receive-buffer.ts';
 import { BULK_BUFFER_STEP, bulkBuffers } from './bulk-buffers.ts';
 import {
   FRAME_KINDS,
+  PROTOCOL_FEATURES,
+  PROTOCOL_VERSION,
   REPLY_TYPES,
   type AnyRequestBody,
   type ErrorFrame,
   type Frame,
   type NotificationFrame,
+  type ProtocolFeature,
   type ReplyBody,
   type ReplyFrame,
   type ReplyOf,
@@ -77,6 +81,8 @@ export interface PeerConnectionEvents {
 export interface PeerConnectionOptions {
   readonly localAgent: string;
   readonly remoteAgent: string;
+  /** The wire protocol version the handshake settled on (default PROTOCOL_VERSION). */
+  readonly protocol?: number;
   readonly maxFrameBytes?: number;
   readonly requestTimeoutMs?: number;
   readonly handlers?: HandlerTable;
@@ -139,6 +145,8 @@ const VIOLATION_GRACE_MS = 1_000;
 export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
   readonly localAgent: string;
   readonly remoteAgent: string;
+  /** The link's wire protocol version: optional fields newer than it are not sent on it ({@link supports}). */
+  readonly protocol: number;
   readonly maxFrameBytes: number;
   readonly requestTimeoutMs: number;
   /** Settles once, when the socket closed; never rejects. */
@@ -168,6 +176,7 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
     this.ws = ws;
     this.localAgent = options.localAgent;
     this.remoteAgent = options.remoteAgent;
+    this.protocol = options.protocol ?? PROTOCOL_VERSION;
     this.maxFrameBytes = options.maxFrameBytes ?? DEFAULT_MAX_FRAME_BYTES;
     this.requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
     this.fallback = options.fallbackHandlers;
@@ -249,6 +258,11 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
    * function that removes it. Without a handler of its own the link uses the server's (if any),
    * then answers `Error EMBOT_ERR_REQUEST_FAILED`. Pings are answered built-in.
    */
+  /** Whether the peer at the other end understands `feature` (its version on this link, frames.ts PROTOCOL_FEATURES). */
+  supports(feature: ProtocolFeature): boolean {
+    return this.protocol >= PROTOCOL_FEATURES[feature];
+  }
+
   handle<T extends RequestType>(type: T, handler: RequestHandler<T>): () => void {
     const h = handler as unknown as AnyHandler;
     this.handlers.set(type, h);
@@ -321,6 +335,12 @@ export class PeerConnection extends EventEmitter<PeerConnectionEvents> {
       }
     } catch (e) {
       this.violation(isEmbotError(e) ? e : new ProtocolError(ErrorCodes.FRAME_MALFORMED, describeError(e)));
+      return;
+    }
+    const newer = this.protocol < PROTOCOL_VERSION ? fieldNewerThan(frame, this.protocol) : undefined;
+    if (newer !== undefined) {
+      // What an agent of this link's version would refuse as an unknown field; this one refuses it the same.
+      this.violation(new ProtocolError(ErrorCodes.FRAME_MALFORMED, `${newer.field} is protocol ${newer.since}; this link runs protocol ${this.protocol}`));
       return;
     }
     switch (FRAME_KINDS[frame.type]) {

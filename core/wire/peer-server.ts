@@ -46,6 +46,8 @@ export interface PeerServerOptions {
   readonly requestTimeoutMs?: number;
   /** When set, only these agent names may connect. */
   readonly allowedPeers?: readonly string[];
+  /** The newest wire protocol version accepted (default PROTOCOL_VERSION; config `peer.protocol`). */
+  readonly protocol?: number;
   /** Sockets allowed in the handshake at once; more are closed with 1013 (try again later). Default 64. */
   readonly maxPendingHandshakes?: number;
   /** Handlers for requests arriving on any accepted connection. */
@@ -276,6 +278,7 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
         socket,
         ...(tls ? { tls } : {}),
         ...(allowed ? { allowedPeers: allowed } : {}),
+        ...(this.options.protocol !== undefined ? { protocol: this.options.protocol } : {}),
       },
       (result) => {
         this.handshaking.delete(ws);
@@ -296,6 +299,7 @@ export class PeerServer extends EventEmitter<PeerServerEvents> {
         const conn = new PeerConnection(ws, {
           localAgent: this.agent,
           remoteAgent: result.remoteAgent,
+          protocol: result.protocol,
           maxFrameBytes: this.maxFrameBytes,
           ...(this.options.requestTimeoutMs !== undefined ? { requestTimeoutMs: this.options.requestTimeoutMs } : {}),
           fallbackHandlers: this.handlers,

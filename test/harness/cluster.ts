@@ -86,14 +86,17 @@ export class Cluster {
     const scheme = this.tls ? 'wss' : 'ws';
     const peers = Object.fromEntries(this.names.filter((n) => n !== name).map((n) => [n, `${scheme}://127.0.0.1:${this.ports.get(n)}`]));
     const secret = this.opts.tls?.secret === false ? {} : { secretFile: this.secretFile };
+    const extra = this.opts.config?.(name) ?? {};
+    // An extra `peer` section adds to the generated one (listen, peers, secret) rather than replacing it.
+    const peer = { listen: `127.0.0.1:${this.ports.get(name)}`, peers, ...secret, ...(this.tls ? { tls: this.tls.files(name) } : {}), ...(extra['peer'] as Record<string, unknown> | undefined) };
     const config = {
-      peer: { listen: `127.0.0.1:${this.ports.get(name)}`, peers, ...secret, ...(this.tls ? { tls: this.tls.files(name) } : {}) },
       mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 10_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
       sensors: { host: { intervalMs: 60_000 }, vm: { intervalMs: 60_000 } },
       // Sim VMs whose every page is written, so a copy moves the VM's size (with the default, a fresh
       // VM's zero pages go as indexes and a copy is over before a test can act inside it).
       sim: { startMemory: 'random' },
-      ...(this.opts.config?.(name) ?? {}),
+      ...extra,
+      peer,
     };
     const file = join(this.root, `config-${name}.json`);
     writeFileSync(file, JSON.stringify(config, null, 2));

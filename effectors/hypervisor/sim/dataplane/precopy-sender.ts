@@ -331,7 +331,6 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     sends: 0,
     current: undefined,
   });
-  /** The full round: every page, the all-zero ones as indexes only. */
   /** One round: timed from before its batches are built to the last ack, as the send rate it measures. */
   const sendBatches = async (build: () => Batch[]): Promise<void> => {
     roundStart = performance.now();
@@ -342,7 +341,14 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     rates.add(roundBytes, performance.now() - roundStart);
   };
   /** The full round: every page, the all-zero ones as indexes only. */
-  const sendFullRound = (): Promise<void> => sendBatches(() => splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).map((b) => toBatch(0, false, b.indexes, b.zeros)));
+  // A path to an agent of protocol 1 knows no zero-page indexes: its full round sends every page's bytes.
+  const zeroIndexes = (o.paths ?? []).every((p) => p.conn.supports('zeroPages'));
+  const sendFullRound = (): Promise<void> =>
+    sendBatches(() =>
+      zeroIndexes
+        ? splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).map((b) => toBatch(0, false, b.indexes, b.zeros))
+        : splitIndexes(allPages(pages.pageCount), cfg.pagesPerBatch).map((ix) => toBatch(0, false, ix)),
+    );
   const sendRound = (indexes: Uint32Array, r: number, final: boolean): Promise<void> =>
     sendBatches(() => {
       const batches = splitIndexes(indexes, cfg.pagesPerBatch).map((ix) => toBatch(r, final, ix));
