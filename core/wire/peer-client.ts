@@ -65,7 +65,8 @@ function zeroMask(mask: Buffer): void {
  *
  * @throws ProtocolError `EMBOT_ERR_PEER_UNAUTHENTICATED` (wrong secret on either side),
  *   `EMBOT_ERR_PEER_UNKNOWN` (another agent at that URL, or we are not allowed there),
- *   `EMBOT_ERR_CONNECTION_CLOSED` (cannot connect), `EMBOT_ERR_REQUEST_TIMEOUT` (handshake too slow);
+ *   `EMBOT_ERR_CONNECTION_CLOSED` (cannot connect), `EMBOT_ERR_REQUEST_TIMEOUT` (handshake too slow),
+ *   `EMBOT_ERR_PROTOCOL_UNSUPPORTED` (no wire protocol version in common);
  *   ConfigError for a bad agent name or a short secret.
  *
  * @example
