@@ -30,6 +30,7 @@ import { run as runLiveChannel } from './live-channel.bench.ts';
 import { run as runMetrics } from './metrics.bench.ts';
 import { run as runImages } from './images.bench.ts';
 import { run as runQemuPrewarm } from './qemu-prewarm.bench.ts';
+import { run as runDirectory } from './directory.bench.ts';
 import { renderTable, type BenchTable } from './table.ts';
 
 export interface BenchRunOptions {
@@ -60,6 +61,7 @@ export const BENCHES: readonly BenchModule[] = [
   { name: 'metrics', run: runMetrics },
   { name: 'images', run: runImages },
   { name: 'qemu-prewarm', run: runQemuPrewarm },
+  { name: 'directory', run: runDirectory },
 ];
 
 export interface MachineInfo {

@@ -8,7 +8,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freeLoopbackPort } from '../../core/cli/free-port.ts';
-import { cleanupsAfterEach } from './cleanups.ts';
+// Type only: the benchmark (bench/directory.bench.ts) uses this harness outside vitest.
+import type { Cleanups } from './cleanups.ts';
 
 export const ETCD_BINARY = '/usr/bin/etcd';
 
@@ -48,16 +49,18 @@ export interface EtcdServer {
 const READY_TIMEOUT_MS = 20_000;
 
 /**
- * An etcd, not started yet (`await s.start()`), removed after the current test. The client port
- * is fixed here so an agent can be pointed at an etcd that comes up later.
+ * An etcd, not started yet (`await s.start()`), destroyed by `cleanups` (a test's
+ * `cleanupsAfterEach()`: after the test, also a failed one). The client port is fixed here so an
+ * agent can be pointed at an etcd that comes up later.
  *
  * @example
  * ```ts
  * const run = requireEtcd();
- * it.runIf(run)('…', async () => { const etcd = await etcdServer(); await etcd.start(); … });
+ * const cleanups = cleanupsAfterEach();
+ * it.runIf(run)('…', async () => { const etcd = await etcdServer(cleanups); await etcd.start(); … });
  * ```
  */
-export async function etcdServer(): Promise<EtcdServer> {
+export async function etcdServer(cleanups: Cleanups): Promise<EtcdServer> {
   const clientPort = await freeLoopbackPort();
   let peerPort = await freeLoopbackPort();
   while (peerPort === clientPort) peerPort = await freeLoopbackPort();
@@ -115,8 +118,6 @@ export async function etcdServer(): Promise<EtcdServer> {
   cleanups.push(() => server.destroy());
   return server;
 }
-
-const cleanups = cleanupsAfterEach();
 
 async function healthy(url: string): Promise<boolean> {
   try {

@@ -11,9 +11,11 @@ import { Etcd3 } from 'etcd3';
 import type { DirectoryStatus } from '../../core/peers/peer-directory.ts';
 import { AgentProcess, makeSandbox, runCli, waitFor } from '../harness/agent-process.ts';
 import { migrate } from '../harness/cluster.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { etcdServer, requireEtcd, type EtcdServer } from '../harness/etcd-server.ts';
 
 const run = requireEtcd();
+const cleanups = cleanupsAfterEach();
 const MiB = 1 << 20;
 
 const agents: AgentProcess[] = [];
@@ -58,6 +60,12 @@ async function directoryOf(a: AgentProcess): Promise<DirectoryStatus> {
 
 const peerNames = async (a: AgentProcess): Promise<string[]> => (await directoryOf(a)).peers.map((p) => p.name).sort();
 
+/** Lists `name` and watches: the list comes first, `connected` once the watch is up a moment later. */
+async function knows(a: AgentProcess, name: string): Promise<boolean> {
+  const d = await directoryOf(a);
+  return d.state === 'connected' && d.peers.some((p) => p.name === name);
+}
+
 /** The agent's JSON log lines carrying `code`. */
 function logged(a: AgentProcess, code: string): Record<string, unknown>[] {
   return a.stderr
@@ -75,11 +83,11 @@ function etcdClient(etcd: EtcdServer): Etcd3 {
 
 describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
   it('two agents with --etcd and no static peers find each other within the TTL, and a migration a → b completes; embot peers and status show them', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const f = fleet(etcd);
     const [a, b] = await Promise.all([f.start('a'), f.start('b')]);
-    await waitFor(async () => (await peerNames(a)).includes('b') && (await peerNames(b)).includes('a'), 2000 + 10_000, 'a and b to find each other');
+    await waitFor(async () => (await knows(a, 'b')) && (await knows(b, 'a')), 2000 + 10_000, 'a and b to find each other');
     const status = await a.client.status();
     expect(status.directory).toMatchObject({ kind: 'etcd', state: 'connected', peers: [{ name: 'b', url: expect.stringMatching(/^ws:\/\/127\.0\.0\.1:\d+\/$/), source: 'etcd' }] });
     expect(status.destinations?.peers).toEqual(['b']);
@@ -98,22 +106,22 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
   });
 
   it('b stopped (SIGTERM) leaves a’s peers at once: its lease is revoked (a 30 s TTL could not explain it)', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const f = fleet(etcd);
     const [a, b] = await Promise.all([f.start('a', { ttlSeconds: 30 }), f.start('b', { ttlSeconds: 30 })]);
-    await waitFor(async () => (await peerNames(a)).includes('b'), 12_000, 'a to see b');
+    await waitFor(() => knows(a, 'b'), 12_000, 'a to see b');
     expect(await b.stop()).toBe(0);
     await waitFor(async () => (await peerNames(a)).length === 0, 10_000, 'b to leave a’s peers after its stop');
     expect((await etcdClient(etcd).get('/embot/agents/b').string()) ?? null).toBeNull();
   });
 
   it('b SIGKILLed leaves a’s peers after its TTL (2 s): its record outlives it until the lease expires', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const f = fleet(etcd);
     const [a, b] = await Promise.all([f.start('a'), f.start('b')]);
-    await waitFor(async () => (await peerNames(a)).includes('b'), 12_000, 'a to see b');
+    await waitFor(() => knows(a, 'b'), 12_000, 'a to see b');
     await b.kill();
     // No revoke ran: etcd still holds the record (its lease has at least 2/3 of its TTL left).
     expect(await etcdClient(etcd).get('/embot/agents/b').string()).toContain('"name":"b"');
@@ -122,11 +130,11 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
   });
 
   it('bad input: garbage JSON, a wrong name and a bad URL put in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID in the log; the agent keeps serving and its good peer stays', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const f = fleet(etcd);
     const [a] = await Promise.all([f.start('a'), f.start('b')]);
-    await waitFor(async () => (await peerNames(a)).includes('b'), 12_000, 'a to see b');
+    await waitFor(() => knows(a, 'b'), 12_000, 'a to see b');
     const c = etcdClient(etcd);
     await c.put('/embot/agents/x').value('{"name": "x", garbage').exec();
     await c.put('/embot/agents/y').value(JSON.stringify({ name: 'not-y', url: 'ws://127.0.0.1:7403', version: '1', startedAt: 1 })).exec();
@@ -140,7 +148,7 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
   });
 
   it('etcd down at the agent’s start: it runs with its static peers (coded warning, state unavailable) and finds the others once etcd is up', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     const f = fleet(etcd);
     const a = await f.start('a', { peers: { s: 'ws://127.0.0.1:9/' } });
     await waitFor(async () => (await directoryOf(a)).state === 'unavailable', 15_000, 'a to report etcd unavailable');
@@ -148,18 +156,19 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
     expect(logged(a, 'EMBOT_ERR_DIRECTORY_UNAVAILABLE').length).toBeGreaterThanOrEqual(1);
     await etcd.start();
     const b = await f.start('b');
-    await waitFor(async () => (await peerNames(a)).join() === 's,b'.split(',').sort().join() && (await peerNames(b)).includes('a'), 20_000, 'a to find b once etcd is up');
+    await waitFor(async () => (await knows(a, 'b')) && (await knows(b, 'a')), 20_000, 'a to find b once etcd is up');
+    expect(await peerNames(a)).toEqual(['b', 's']);
     expect(await directoryOf(a)).toMatchObject({ state: 'connected' });
     await a.client.createVm({ name: 'late', memory: 2 * MiB });
     expect((await migrate(a, 'late', 'b')).outcome).toBe('completed');
   });
 
   it('etcd killed while running: peers already known stay usable (a migration a → b completes) and the state says unavailable', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const f = fleet(etcd);
     const [a, b] = await Promise.all([f.start('a'), f.start('b')]);
-    await waitFor(async () => (await peerNames(a)).includes('b') && (await peerNames(b)).includes('a'), 12_000, 'a and b to find each other');
+    await waitFor(async () => (await knows(a, 'b')) && (await knows(b, 'a')), 12_000, 'a and b to find each other');
     await etcd.kill();
     await waitFor(async () => (await directoryOf(a)).state === 'unavailable', 15_000, 'a to notice etcd is gone');
     expect(await peerNames(a)).toEqual(['b']);

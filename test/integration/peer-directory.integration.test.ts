@@ -11,9 +11,11 @@ import { EtcdPeerDirectory, type EtcdPeerDirectoryOptions } from '../../core/pee
 import type { PeerChange } from '../../core/peers/peer-directory.ts';
 import { parsePeers } from '../../core/wire/peers.ts';
 import { waitFor } from '../harness/agent-process.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { etcdServer, requireEtcd, type EtcdServer } from '../harness/etcd-server.ts';
 
 const run = requireEtcd();
+const cleanups = cleanupsAfterEach();
 
 interface Captured {
   readonly log: Logger;
@@ -50,7 +52,7 @@ const peerUrl = (port: number): string => `ws://127.0.0.1:${port}/`;
 
 describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   it('two agents find each other; its own record is no peer; each arrival is a change event; a record is the documented JSON on a lease', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const a = directory(etcd, 'a');
     const b = directory(etcd, 'b');
@@ -58,7 +60,8 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     a.on('change', (c) => changes.push(c));
     a.start({ url: peerUrl(7401) });
     b.start({ url: peerUrl(7402) });
-    await waitFor(() => a.get('b') === peerUrl(7402) && b.get('a') === peerUrl(7401), 10_000, 'a and b to see each other');
+    // Listed first, then watched: `connected` comes once the watch is up, a moment after the peers.
+    await waitFor(() => a.get('b') === peerUrl(7402) && b.get('a') === peerUrl(7401) && a.status().state === 'connected', 10_000, 'a and b to see each other');
     expect([...a.keys()]).toEqual(['b']);
     expect(a.status()).toMatchObject({ kind: 'etcd', state: 'connected', peers: [{ name: 'b', url: peerUrl(7402), source: 'etcd' }] });
     expect(changes).toEqual([{ name: 'b', url: peerUrl(7402), source: 'etcd' }]);
@@ -69,7 +72,7 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   });
 
   it('close() revokes the lease: the other side sees the agent leave at once, not a TTL later', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const a = directory(etcd, 'a', { ttlSeconds: 30 });
     const b = directory(etcd, 'b', { ttlSeconds: 30 });
@@ -85,7 +88,7 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   });
 
   it('a static peer from config wins over an etcd record of the same name, logged once', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const a = directory(etcd, 'a', { staticPeers: parsePeers('b=ws://127.0.0.1:9999') });
     const b = directory(etcd, 'b');
@@ -103,7 +106,7 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   });
 
   it('bad input: garbage JSON, a wrong name and a bad URL in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID; good peers stay and new ones still arrive', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const a = directory(etcd, 'a');
     const b = directory(etcd, 'b');
@@ -126,7 +129,7 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   });
 
   it('etcd down at start: static peers only, state unavailable with a coded warning; once etcd is up the others are found', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     const a = directory(etcd, 'a', { staticPeers: parsePeers('s=ws://127.0.0.1:7409') });
     a.start({ url: peerUrl(7401) });
     await waitFor(() => a.status().state === 'unavailable', 10_000, 'a to give up its first try');
@@ -136,13 +139,13 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     await etcd.start();
     const b = directory(etcd, 'b');
     b.start({ url: peerUrl(7402) });
-    await waitFor(() => a.has('b') && b.has('a'), 15_000, 'a and b to find each other once etcd is up');
+    await waitFor(() => a.has('b') && b.has('a') && a.status().state === 'connected', 15_000, 'a and b to find each other once etcd is up');
     expect(a.status()).toMatchObject({ state: 'connected' });
     expect(a.status().lastError).toBeUndefined();
   });
 
   it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
-    const etcd = await etcdServer();
+    const etcd = await etcdServer(cleanups);
     await etcd.start();
     const a = directory(etcd, 'a');
     const b = directory(etcd, 'b');
