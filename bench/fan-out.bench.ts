@@ -75,7 +75,7 @@ function cpuMs(pid: number): number {
  * Four real agents as child processes (each its own event loop, as on four hosts), peers of each
  * other on loopback; `destinationEnv` goes to b, c and d.
  */
-async function cluster(destinationEnv: Record<string, string>, startMemory: 'zero' | 'random', leadShare = 0): Promise<Cluster> {
+async function cluster(destinationEnv: Record<string, string>, startMemory: 'zero' | 'random', leadShare = 0, envOf: (name: string) => Record<string, string> = () => ({})): Promise<Cluster> {
   const root = mkdtempSync(join(tmpdir(), 'embot-bench-fanout-'));
   const plugins = join(root, 'plugins');
   mkdirSync(plugins, { recursive: true });
@@ -110,7 +110,7 @@ async function cluster(destinationEnv: Record<string, string>, startMemory: 'zer
         const file = join(root, `config-${name}.json`);
         writeFileSync(file, JSON.stringify(config));
         const args = [...(profDir ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`, `--cpu-prof-name=${name}.cpuprofile`] : []), join(REPO, 'bin', 'embot.mjs'), 'agent', '--name', name, '--data', join(root, `data-${name}`), '--plugins', plugins, '--control', '127.0.0.1:0', '--log-format', 'json', '--config', file];
-        const child = spawn(process.execPath, args, { cwd: REPO, env: { ...process.env, ...(name === 'a' ? {} : destinationEnv) }, stdio: ['ignore', 'pipe', 'pipe'] });
+        const child = spawn(process.execPath, args, { cwd: REPO, env: { ...process.env, ...(name === 'a' ? {} : destinationEnv), ...envOf(name) }, stdio: ['ignore', 'pipe', 'pipe'] });
         children.push(child);
         return new Promise<string>((resolveUrl, reject) => {
           let out = '';
@@ -241,7 +241,7 @@ function median(xs: readonly number[]): number {
 }
 
 /** The bench's parts, each selectable with `--only`. */
-export const PARTS = ['speed', 'prewarm', 'success'] as const;
+export const PARTS = ['speed', 'prewarm', 'success', 'failover'] as const;
 export type Part = (typeof PARTS)[number];
 
 export interface FanOutBenchOptions extends BenchRunOptions {
@@ -454,6 +454,34 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
         });
       }
     }
+    // Fail-over: the first destination named always refuses to boot, so the VM goes to the second;
+    // beside a single migration to that second one. What a lead share costs when its lead fails.
+    if (parts.has('failover')) {
+      await c.stop();
+      c = await cluster({}, startMemory, leadShare, (n): Record<string, string> => (n === 'b' ? { EMBOT_FAULT_BOOT_FAIL: '1' } : {}));
+      const single: number[] = [];
+      const over: number[] = [];
+      await migrateOnce(c, 'c'); // warm-up
+      for (let r = 0; r < reps; r++) {
+        await new Promise((r2) => setTimeout(r2, SETTLE_MS));
+        const one = await migrateOnce(c, 'c');
+        if (one.outcome !== 'completed') throw new Error(`single-destination migration to c ${one.migrationId}: ${one.outcome} ${one.reason ?? ''}`);
+        single.push(one.clientMs);
+        await new Promise((r2) => setTimeout(r2, SETTLE_MS));
+        const two = await migrateOnce(c, ['b', 'c'], { retries: 0 });
+        if (two.outcome !== 'completed' || two.winner !== 'c') throw new Error(`fan-out to b,c ${two.migrationId}: ${two.outcome} winner ${two.winner ?? 'none'} ${two.reason ?? ''}`);
+        over.push(two.clientMs);
+      }
+      const [sm, om] = [median(single), median(over)];
+      rows.push({
+        name: `2 destinations, the first (b) failing to boot: command to VM owned by c, at the client (sim, ${VM_MEMORY / MiB} MiB ${content}, median of ${reps})`,
+        value: om,
+        unit: 'ms',
+        limitName: 'single-destination migration to c',
+        limit: sm,
+        ratio: sm / om,
+      });
+    }
     notes.push(`four agents as child processes on loopback (this machine's cores shared by all four), sim driver, one vm-watchdog embot per VM; a fresh VM per run, its memory ${content} (--start-memory); fan-out runs with retries 0 (so one destination takes the fan-out path too), no fallback; the source's fanOutLeadShare ${leadShare} (--lead-share; 0: an even split)`);
     notes.push('a failed run leaves the VM running on the source (checked by the integration tests); here it only counts as a failure');
   } finally {
@@ -477,7 +505,7 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   const cmd = new Command('fan-out.bench')
     .description('Several destinations, first to boot wins (issue 13, sim): four agents as child processes on loopback')
     .option('--quick', '3 repetitions and 20 success-rate runs')
-    .option('--only <parts>', `comma-separated parts: ${PARTS.join(', ')} (speed: 1/2/3 destinations beside a single migration, with CPU per agent and phases)`, parts)
+    .option('--only <parts>', `comma-separated parts: ${PARTS.join(', ')} (speed: 1/2/3 destinations beside a single migration, with CPU per agent and phases; failover: the first destination fails to boot)`, parts)
     .option('--reps <n>', 'repetitions of each timed case (default 9, --quick 3)', positive)
     .addOption(new Option('--start-memory <kind>', "the VMs' memory: random (every page written, the default) or zero (untouched: zero pages go as indexes)").choices(['zero', 'random']))
     .option('--lead-share <n>', "the source's dataplane.fanOutLeadShare (0: an even split)", (v) => {
