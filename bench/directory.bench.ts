@@ -6,6 +6,9 @@
  *   it. Limit, same run and same observer: the bare etcd3 calls that make a record visible (a new
  *   client, a lease, the put on it). Alternated pairs (the order flips each pair), medians; ratio =
  *   limit / value (1 = no cost over the bare calls).
+ * - agent start → seen: an `embot agent --etcd` child process from its spawn to the watching
+ *   directory listing it. Limit, same process: spawn to its ready line (what a script waits for);
+ *   ratio = limit / value (above 1: peers see the agent before it says it is ready).
  * - lookup: `directory.get(name)` (what mobility calls at each `migrate --to`) against a plain
  *   `Map.get` of the same 100 names, rounds alternated, medians; ratio = value / limit.
  *
@@ -17,8 +20,12 @@
  * npm run bench -- --only directory
  * ```
  */
-import { resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Etcd3 } from 'etcd3';
 import { createLogger } from '../core/logger.ts';
 import { encodeRecord, recordKey } from '../core/peers/directory-record.ts';
@@ -26,7 +33,10 @@ import { EtcdPeerDirectory } from '../core/peers/etcd-peer-directory.ts';
 import { etcdAvailability, etcdServer, type EtcdServer } from '../test/harness/etcd-server.ts';
 import { measureRate, renderTable, type BenchRow, type BenchTable } from './table.ts';
 
-const PREFIX = '/embot-bench';
+// The agents' default prefix: this etcd is the bench's own.
+const PREFIX = '/embot';
+const BIN = fileURLToPath(new URL('../bin/embot.mjs', import.meta.url));
+const AGENT_TIMEOUT_MS = 60_000;
 const LOOKUP_PEERS = 100;
 const log = createLogger({ level: 'silent', name: 'bench' });
 
@@ -83,6 +93,36 @@ async function viaBareEtcd(etcd: EtcdServer, observer: EtcdPeerDirectory, name: 
   client.close();
   await gone(observer, name);
   return result;
+}
+
+/** One `embot agent --etcd` from spawn to ready and to seen by `observer`; stopped (SIGTERM, lease revoked) after. */
+async function agentSample(etcd: EtcdServer, observer: EtcdPeerDirectory, root: string, name: string): Promise<{ readonly readyMs: number; readonly seenMs: number }> {
+  const t0 = process.hrtime.bigint();
+  const seenMs = seen(observer, name, t0);
+  const args = [BIN, 'agent', '--name', name, '--data', join(root, name), '--plugins', join(root, 'plugins'), '--control', '127.0.0.1:0', '--peer-listen', '127.0.0.1:0', '--secret-file', join(root, 'cluster.secret'), '--etcd', etcd.url, '--log-level', 'warn'];
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  let out = '';
+  let err = '';
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+  try {
+    const readyMs = await new Promise<number>((done, fail) => {
+      const timer = setTimeout(() => fail(new Error(`agent ${name} not ready in ${AGENT_TIMEOUT_MS} ms: ${err.slice(-2000)}`)), AGENT_TIMEOUT_MS);
+      child.stdout.setEncoding('utf8').on('data', (d: string) => {
+        out += d;
+        if (/ready: control /.test(out)) {
+          clearTimeout(timer);
+          done(Number(process.hrtime.bigint() - t0) / 1e6);
+        }
+      });
+      child.once('exit', (code) => fail(new Error(`agent ${name} exited with ${code}: ${err.slice(-2000)}`)));
+    });
+    return { readyMs, seenMs: await seenMs };
+  } finally {
+    child.kill('SIGTERM');
+    await exited;
+    await gone(observer, name);
+  }
 }
 
 export async function run(opts: DirectoryBenchOptions = {}): Promise<BenchTable> {
@@ -143,11 +183,27 @@ export async function run(opts: DirectoryBenchOptions = {}): Promise<BenchTable>
     }
     if (sink === 0) throw new Error('lookups returned nothing');
 
+    const agentRuns = opts.quick ? 2 : 5;
+    const readyMs: number[] = [];
+    const agentSeenMs: number[] = [];
+    const root = mkdtempSync(join(tmpdir(), 'embot-bench-directory-'));
+    cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+    mkdirSync(join(root, 'plugins'));
+    writeFileSync(join(root, 'cluster.secret'), randomBytes(32).toString('base64'));
+    for (let i = 0; i < agentRuns; i++) {
+      const r = await agentSample(etcd, observer, root, `agent-${i}`);
+      readyMs.push(r.readyMs);
+      agentSeenMs.push(r.seenMs);
+    }
+
     const dirMs = median(dir);
     const bareMs = median(bare);
     const dirRate = median(viaDir);
     const mapRate = median(viaMap);
+    const agentSeen = median(agentSeenMs);
+    const agentReady = median(readyMs);
     const rows: BenchRow[] = [
+      { name: 'agent start → seen by a watching peer (embot agent --etcd)', value: agentSeen, unit: 'ms', limitName: 'spawn → ready line, same process', limit: agentReady, ratio: agentReady / agentSeen },
       { name: 'start → seen by a watching peer (EtcdPeerDirectory)', value: dirMs, unit: 'ms', limitName: 'bare etcd3 client + lease + put → seen', limit: bareMs, ratio: bareMs / dirMs },
       { name: `peer lookup, ${LOOKUP_PEERS} peers (directory.get)`, value: dirRate, unit: 'lookups/s', limitName: 'Map.get, same names', limit: mapRate, ratio: dirRate / mapRate },
     ];
@@ -156,6 +212,7 @@ export async function run(opts: DirectoryBenchOptions = {}): Promise<BenchTable>
       rows,
       notes: [
         `start → seen: median of ${pairs} alternated pairs (directory ${dir.map((x) => x.toFixed(1)).join(' ')} ms; bare ${bare.map((x) => x.toFixed(1)).join(' ')} ms); ratio = limit / value`,
+        `agent start: median of ${agentRuns} agents (seen ${agentSeenMs.map((x) => x.toFixed(0)).join(' ')} ms; ready ${readyMs.map((x) => x.toFixed(0)).join(' ')} ms)`,
         `lookup: median of ${rounds} alternated rounds; ratio = value / limit`,
         'no target set; etcd 3.4 on loopback, one member, fresh data dir',
       ],
