@@ -606,7 +606,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         parkedEvents: this.runtime.parkedCount(),
         deadLetters: this.runtime.deadLetterCount(),
       },
-      destinations: { peers: [...this.directory.keys()], ...(this.config.topology ? { topology: this.config.topology } : {}) },
+      // A topology names hosts from config (checked at start): with one, peers found in etcd are no `--to auto` candidates, which it could not place.
+      destinations: { peers: this.config.topology ? Object.keys(this.config.peer.peers) : [...this.directory.keys()], ...(this.config.topology ? { topology: this.config.topology } : {}) },
       directory: this.directory.status(),
     };
   }

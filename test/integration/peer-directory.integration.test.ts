@@ -5,6 +5,11 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { Etcd3 } from 'etcd3';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startAgent } from '../../core/agent.ts';
+import { loadConfig } from '../../core/config/config.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 import { createLogger, type Logger } from '../../core/logger.ts';
 import { EtcdPeerDirectory, type EtcdPeerDirectoryOptions } from '../../core/peers/etcd-peer-directory.ts';
@@ -142,6 +147,31 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     await waitFor(() => a.has('b') && b.has('a') && a.status().state === 'connected', 15_000, 'a and b to find each other once etcd is up');
     expect(a.status()).toMatchObject({ state: 'connected' });
     expect(a.status().lastError).toBeUndefined();
+  });
+
+  it('an agent with a topology: an etcd peer is a peer (status.directory) but no --to auto candidate (status.destinations), which the topology could not place', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const root = mkdtempSync(join(tmpdir(), 'embot-directory-topology-'));
+    cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+    const flags = {
+      name: 'a',
+      dataDir: join(root, 'data'),
+      pluginsDir: join(root, 'plugins'),
+      logLevel: 'error' as const,
+      control: { port: 0 },
+      peer: { peers: { b: 'ws://127.0.0.1:7402' } },
+      directory: { kind: 'etcd' as const, endpoints: [etcd.url], ttlSeconds: 2 },
+      topology: { nodes: ['tor'], links: [['a', 'tor'], ['b', 'tor']] as [string, string][] },
+      sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
+    };
+    const agent = await startAgent(loadConfig({ env: {}, flags }), createLogger({ level: 'error', name: 'a' }));
+    cleanups.push(() => agent.stop());
+    await etcdClient(etcd).put('/embot/agents/c').value(JSON.stringify({ name: 'c', url: 'ws://127.0.0.1:7403', version: '1', startedAt: 1 })).exec();
+    await waitFor(() => agent.control.status().directory?.peers.some((p) => p.name === 'c'), 10_000, 'the agent to list c');
+    const status = agent.control.status();
+    expect(status.directory?.peers.map((p) => [p.name, p.source])).toEqual([['b', 'config'], ['c', 'etcd']]);
+    expect(status.destinations?.peers).toEqual(['b']);
   });
 
   it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
