@@ -51,7 +51,7 @@ function median(xs: readonly number[]): number {
 }
 
 function directory(etcd: EtcdServer, self: string): EtcdPeerDirectory {
-  return new EtcdPeerDirectory({ self, endpoints: [etcd.url], prefix: PREFIX, ttlSeconds: 10, staticPeers: new Map(), version: 'bench', startedAt: Date.now(), log });
+  return new EtcdPeerDirectory({ self, endpoints: [etcd.url], prefix: PREFIX, ttlSeconds: 10, tls: false, staticPeers: new Map(), version: 'bench', startedAt: Date.now(), log });
 }
 
 /** Resolves with the ms from `t0` to the observer listing `name`. */

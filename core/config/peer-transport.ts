@@ -43,6 +43,19 @@ function urlOf(raw: string): URL | undefined {
 const NO_TLS = 'without peer.tls (--tls-ca/--tls-cert/--tls-key) peer links are plain ws:// and stay on loopback';
 
 /**
+ * What is wrong with dialling peer URL `raw` under the rule (undefined: nothing; also for a URL
+ * that does not parse, reported elsewhere). Also applied to the URLs the fleet directory reads from etcd.
+ */
+export function peerUrlIssue(tls: boolean, raw: string): string | undefined {
+  const url = urlOf(raw);
+  if (url === undefined) return undefined;
+  if (tls && url.protocol === 'ws:') return `${raw} must be wss:// with peer.tls (every peer link is TLS then)`;
+  if (!tls && url.protocol === 'wss:') return `${raw} is wss://, which needs this agent's certificate (peer.tls)`;
+  if (!tls && url.protocol === 'ws:' && !isLoopbackHost(url.hostname)) return `${raw} is not a loopback address; ${NO_TLS}`;
+  return undefined;
+}
+
+/**
  * What breaks the rule, one issue per listener or URL (with its config path).
  *
  * @example
@@ -59,11 +72,8 @@ export function peerTransportIssues(config: PeerTransportConfig): TransportIssue
     if (!tls && host !== undefined && !isLoopbackHost(host)) issues.push({ path, message: `${spec} is not a loopback address; ${NO_TLS}` });
   };
   const peerUrl = (path: readonly (string | number)[], raw: string): void => {
-    const url = urlOf(raw);
-    if (url === undefined) return;
-    if (tls && url.protocol === 'ws:') issues.push({ path, message: `${raw} must be wss:// with peer.tls (every peer link is TLS then)` });
-    if (!tls && url.protocol === 'wss:') issues.push({ path, message: `${raw} is wss://, which needs this agent's certificate (peer.tls)` });
-    if (!tls && url.protocol === 'ws:' && !isLoopbackHost(url.hostname)) issues.push({ path, message: `${raw} is not a loopback address; ${NO_TLS}` });
+    const message = peerUrlIssue(tls, raw);
+    if (message !== undefined) issues.push({ path, message });
   };
   listener(['peer', 'listen'], config.peer.listen);
   for (const [name, url] of Object.entries(config.peer.peers)) peerUrl(['peer', 'peers', name], url);

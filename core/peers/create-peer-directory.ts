@@ -7,7 +7,7 @@ import { StaticPeerDirectory } from './static-peer-directory.ts';
 
 export interface PeerDirectoryConfig {
   readonly name: string;
-  readonly peer: { readonly peers: Readonly<Record<string, string>> };
+  readonly peer: { readonly peers: Readonly<Record<string, string>>; readonly tls?: unknown };
   readonly directory: { readonly kind: 'static' | 'etcd'; readonly endpoints: readonly string[]; readonly prefix: string; readonly ttlSeconds: number };
 }
 
@@ -18,5 +18,5 @@ export function createPeerDirectory(config: PeerDirectoryConfig, self: { readonl
   const staticPeers = parsePeers(config.peer.peers);
   if (config.directory.kind === 'static') return new StaticPeerDirectory(staticPeers);
   const d = config.directory;
-  return new EtcdPeerDirectory({ self: config.name, endpoints: d.endpoints, prefix: d.prefix, ttlSeconds: d.ttlSeconds, staticPeers, version: self.version, startedAt: self.startedAt, log });
+  return new EtcdPeerDirectory({ self: config.name, endpoints: d.endpoints, prefix: d.prefix, ttlSeconds: d.ttlSeconds, tls: config.peer.tls !== undefined, staticPeers, version: self.version, startedAt: self.startedAt, log });
 }

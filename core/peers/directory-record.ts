@@ -2,6 +2,7 @@
  * The record an agent keeps in etcd under `<prefix>/agents/<name>` while it runs, and the check
  * every record read from etcd goes through: etcd is shared, so anything may be written there.
  */
+import { peerUrlIssue } from '../config/peer-transport.ts';
 import { describeError } from '../errors.ts';
 import { isValidAgentName } from '../wire/frame-validate.ts';
 import { parsePeerUrl } from '../wire/peers.ts';
@@ -34,7 +35,9 @@ export function encodeRecord(record: DirectoryRecord): string {
 
 /**
  * Checks one record read from etcd: its key names an agent, its value is JSON with `name` (the
- * key's name), `url` (ws:// or wss://), `version` (string) and `startedAt` (a time).
+ * key's name), `url` (ws:// or wss://), `version` (string) and `startedAt` (a time). With
+ * `transport`, the URL must also be one this agent may dial (config/peer-transport.ts: wss:// with
+ * TLS, else ws:// on loopback), as a URL in config must: etcd must not be a way around that rule.
  *
  * @example
  * ```ts
@@ -42,7 +45,7 @@ export function encodeRecord(record: DirectoryRecord): string {
  * // { ok: true, record: { name: 'b', url: 'ws://127.0.0.1:7402/', … } }
  * ```
  */
-export function checkRecord(prefix: string, key: string, value: string): RecordCheck {
+export function checkRecord(prefix: string, key: string, value: string, transport?: { readonly tls: boolean }): RecordCheck {
   const folder = agentsPrefix(prefix);
   if (!key.startsWith(folder)) return { ok: false, name: undefined, reason: `key ${JSON.stringify(key)} is not under ${folder}` };
   const name = key.slice(folder.length);
@@ -67,5 +70,7 @@ export function checkRecord(prefix: string, key: string, value: string): RecordC
   } catch (e) {
     return bad(describeError(e));
   }
+  const refused = transport === undefined ? undefined : peerUrlIssue(transport.tls, url);
+  if (refused !== undefined) return bad(refused);
   return { ok: true, record: { name, url, version: r['version'], startedAt: r['startedAt'] } };
 }

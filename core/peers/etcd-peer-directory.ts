@@ -25,6 +25,8 @@ export interface EtcdPeerDirectoryOptions {
   readonly prefix: string;
   /** Lease TTL of this agent's record: how long a SIGKILLed agent stays listed. */
   readonly ttlSeconds: number;
+  /** Whether this agent's peer links are TLS (`peer.tls`): a record's URL must then be wss://, else ws:// on loopback. */
+  readonly tls: boolean;
   /** Peers from config; they win over etcd records of the same name. */
   readonly staticPeers: PeerMap;
   /** What this agent's record says about it. */
@@ -53,7 +55,7 @@ interface Session {
 /**
  * @example
  * ```ts
- * const dir = new EtcdPeerDirectory({ self: 'a', endpoints: ['http://127.0.0.1:2379'], prefix: '/embot', ttlSeconds: 10,
+ * const dir = new EtcdPeerDirectory({ self: 'a', endpoints: ['http://127.0.0.1:2379'], prefix: '/embot', ttlSeconds: 10, tls: false,
  *   staticPeers: new Map(), version: '0.1.0', startedAt: Date.now(), log });
  * dir.start({ url: 'ws://127.0.0.1:7401/' });
  * dir.on('change', (c) => console.log(c.name, c.url ?? 'left'));
@@ -211,7 +213,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
   /** A record written: a peer appears or moves, or a bad record is reported and ignored. Returns its name when it is a peer's record. */
   private put(kv: IKeyValue): string | undefined {
     const key = kv.key.toString();
-    const check = checkRecord(this.o.prefix, key, kv.value.toString());
+    const check = checkRecord(this.o.prefix, key, kv.value.toString(), { tls: this.o.tls });
     if (!check.ok) {
       this.o.log.warn(`directory: ignored record ${key}: ${check.reason}`, { code: ErrorCodes.DIRECTORY_RECORD_INVALID, key, reason: check.reason });
       // The last good record of that name (if any) stays: a bad write does not take a peer away.

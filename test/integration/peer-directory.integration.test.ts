@@ -42,7 +42,7 @@ afterEach(async () => {
 
 function directory(etcd: EtcdServer, self: string, extra: Partial<EtcdPeerDirectoryOptions> = {}): EtcdPeerDirectory & { readonly logged: Captured } {
   const logged = capture(self);
-  const d = new EtcdPeerDirectory({ self, endpoints: [etcd.url], prefix: '/embot', ttlSeconds: 2, staticPeers: new Map(), version: '0.0.0-test', startedAt: Date.now(), log: logged.log, retry: { minMs: 100, maxMs: 500 }, ...extra });
+  const d = new EtcdPeerDirectory({ self, endpoints: [etcd.url], prefix: '/embot', ttlSeconds: 2, tls: false, staticPeers: new Map(), version: '0.0.0-test', startedAt: Date.now(), log: logged.log, retry: { minMs: 100, maxMs: 500 }, ...extra });
   open.push(d);
   return Object.assign(d, { logged });
 }
@@ -122,12 +122,14 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     await c.put('/embot/agents/x').value('{garbage').exec();
     await c.put('/embot/agents/y').value(JSON.stringify({ name: 'z', url: 'ws://127.0.0.1:7403', version: '1', startedAt: 1 })).exec();
     await c.put('/embot/agents/w').value(JSON.stringify({ name: 'w', url: 'http://127.0.0.1:7404', version: '1', startedAt: 1 })).exec();
+    // Well formed, but plain ws:// off loopback, which this agent (no TLS) may not dial: etcd is no way around the transport rule.
+    await c.put('/embot/agents/v').value(JSON.stringify({ name: 'v', url: 'ws://10.0.0.5:7401', version: '1', startedAt: 1 })).exec();
     // A bad write over a good record does not take the peer away.
     await c.put('/embot/agents/b').value('not json either').exec();
     await c.put('/embot/agents/d').value(JSON.stringify({ name: 'd', url: 'ws://127.0.0.1:7405', version: '1', startedAt: 1 })).exec();
     await waitFor(() => a.has('d'), 10_000, 'a to see d after the bad records');
     const warned = a.logged.lines().filter((l) => l['code'] === ErrorCodes.DIRECTORY_RECORD_INVALID).map((l) => l['key']);
-    expect(warned).toEqual(['/embot/agents/x', '/embot/agents/y', '/embot/agents/w', '/embot/agents/b']);
+    expect(warned).toEqual(['/embot/agents/x', '/embot/agents/y', '/embot/agents/w', '/embot/agents/v', '/embot/agents/b']);
     expect([...a.keys()].sort()).toEqual(['b', 'd']);
     expect(a.get('b')).toBe(peerUrl(7402));
     expect(a.status().state).toBe('connected');

@@ -40,6 +40,18 @@ describe('fleet directory records', () => {
     }
   });
 
+  it('with the transport rule: a URL this agent may not dial is refused (ws:// off loopback or wss:// without TLS; ws:// with TLS)', () => {
+    const at = (url: string, tls: boolean): ReturnType<typeof checkRecord> => checkRecord('/embot', '/embot/agents/b', JSON.stringify({ ...good, url }), { tls });
+    expect(at('ws://127.0.0.1:7402', false)).toMatchObject({ ok: true });
+    expect(at('ws://localhost:7402', false)).toMatchObject({ ok: true });
+    expect(at('ws://10.0.0.5:7402', false)).toMatchObject({ ok: false, name: 'b', reason: expect.stringMatching(/not a loopback address/) });
+    expect(at('wss://10.0.0.5:7402', false)).toMatchObject({ ok: false, reason: expect.stringMatching(/needs this agent's certificate/) });
+    expect(at('wss://10.0.0.5:7402', true)).toMatchObject({ ok: true, record: { url: 'wss://10.0.0.5:7402/' } });
+    expect(at('ws://127.0.0.1:7402', true)).toMatchObject({ ok: false, reason: expect.stringMatching(/must be wss:\/\/ with peer.tls/) });
+    // Without the rule (what the record itself must be), an off-loopback ws:// is well formed.
+    expect(checkRecord('/embot', '/embot/agents/b', JSON.stringify({ ...good, url: 'ws://10.0.0.5:7402' }))).toMatchObject({ ok: true });
+  });
+
   it('bad input: a key outside the agents folder or not ending in an agent name is refused without a name', () => {
     expect(check(good, '/other/agents/b')).toMatchObject({ ok: false, name: undefined, reason: expect.stringMatching(/not under \/embot\/agents\//) });
     expect(check(good, '/embot/agents/')).toMatchObject({ ok: false, name: undefined });
