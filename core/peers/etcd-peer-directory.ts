@@ -229,7 +229,9 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
       }
       return name;
     }
-    if (this.current.get(name) !== url) {
+    const before = this.current.get(name);
+    if (before !== url) {
+      this.o.log.info(before === undefined ? `directory: peer ${name} joined (${url})` : `directory: peer ${name} moved to ${url}`, { peer: name, url });
       this.current.set(name, url);
       this.emit('change', { name, url, source: 'etcd' } satisfies PeerChange);
     }
@@ -244,6 +246,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
   private drop(name: string): void {
     if (!this.fromEtcd.delete(name) || this.o.staticPeers.has(name)) return;
     this.current.delete(name);
+    this.o.log.info(`directory: peer ${name} left`, { peer: name });
     this.emit('change', { name, url: undefined, source: 'etcd' } satisfies PeerChange);
   }
 }

@@ -90,6 +90,8 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     await expect(Promise.race([left, new Promise((_, reject) => setTimeout(() => reject(new Error('b still listed 10 s after its close')), 10_000))])).resolves.toEqual({ name: 'b', url: undefined, source: 'etcd' });
     expect(a.has('b')).toBe(false);
     expect(b.status().state).toBe('closed');
+    // Arrivals and departures are in the log, for the operator.
+    expect(a.logged.lines().map((l) => l['msg'])).toEqual(expect.arrayContaining([`directory: peer b joined (${peerUrl(7402)})`, 'directory: peer b left']));
   });
 
   it('a static peer from config wins over an etcd record of the same name, logged once', async () => {
