@@ -178,6 +178,20 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     expect(status.destinations?.peers).toEqual(['b']);
   });
 
+  it('an agent without a peer endpoint (no secret, no TLS) reads the directory but publishes nothing: nobody could dial it', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const b = directory(etcd, 'b');
+    b.start({ url: peerUrl(7402) });
+    const root = mkdtempSync(join(tmpdir(), 'embot-directory-reader-'));
+    cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+    const flags = { name: 'a', dataDir: join(root, 'data'), pluginsDir: join(root, 'plugins'), logLevel: 'error' as const, control: { port: 0 }, directory: { kind: 'etcd' as const, endpoints: [etcd.url] }, sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } } };
+    const agent = await startAgent(loadConfig({ env: {}, flags }), createLogger({ level: 'error', name: 'a' }));
+    cleanups.push(() => agent.stop());
+    await waitFor(() => agent.control.status().directory?.state === 'connected' && agent.control.status().directory?.peers.some((p) => p.name === 'b'), 10_000, 'a to list b');
+    expect((await etcdClient(etcd).getAll().prefix('/embot/agents/').keys()).sort()).toEqual(['/embot/agents/b']);
+  });
+
   it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
     const etcd = await etcdServer(cleanups);
     await etcd.start();
