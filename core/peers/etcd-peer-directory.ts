@@ -173,7 +173,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
     if (side === 'lease') s.leaseOk = ok;
     else s.watchOk = ok;
     if (s.leaseOk && s.watchOk) {
-      if (this.state !== 'connected') this.o.log.info(`directory: connected to etcd (${this.o.endpoints.join(',')}), ${this.fromEtcd.size} agent record(s)`);
+      if (this.state !== 'connected') this.o.log.info(`directory: connected to etcd (${this.o.endpoints.join(',')}), ${this.fromEtcd.size} peer record(s)`);
       this.state = 'connected';
       this.lastError = undefined;
     } else if (!ok) this.unavailable(error);
