@@ -277,14 +277,14 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   async start(): Promise<void> {
     const log = this.log;
     this.objects.load();
-    // The VMs come back before anything looks at them: qemu re-attaches to its running QEMUs
-    // (never starting a second one), the sim recreates its VMs. Without persisted state qemu
-    // still finds the VMs its state dirs hold.
     // What the driver reports of its VMs' processes (a QEMU it could not re-attach to, a migration
     // it cancelled, QMP dropped and taken back) goes to the log, from the restore on.
     this.driver.events.on('vm-event', (e) => {
       if (DRIVER_NOTICES.has(e.event)) log[e.event === 'REATTACH_FAILED' || e.event === 'RAM_SIZE_UNKNOWN' ? 'warn' : 'info'](`VM ${e.name}: ${e.event}`, { ...e.data });
     });
+    // The VMs come back before anything looks at them: qemu re-attaches to its running QEMUs
+    // (never starting a second one), the sim recreates its VMs. Without persisted state qemu
+    // still finds the VMs its state dirs hold.
     const saved = this.store.getComponentState(this.driverStateKey);
     if (saved) await this.driver.restoreState(unpack(saved));
     else if (this.config.driver !== 'sim') await this.driver.restoreState(undefined);

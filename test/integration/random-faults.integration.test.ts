@@ -136,7 +136,12 @@ describe('random-moment faults during a migration', () => {
       await waitFor(async () => {
         const x = counterOf(await owner.client.listEmbots(), 'app');
         return x && x.count >= acked ? x : undefined;
-      }, 30_000, `all ${acked} acknowledged events processed at ${owners[0]}`);
+      }, 30_000, `all ${acked} acknowledged events processed at ${owners[0]}`).catch(async (e: unknown) => {
+        // What the owner processed, and what both agents logged at warn and above, for a run that loses events.
+        const counter = counterOf(await owner.client.listEmbots(), 'app');
+        const warnings = (agent: typeof owner): string => agent.stderr.split('\n').filter((l) => /"level":"(warn|error)"/.test(l)).slice(-40).join('\n');
+        throw new Error(`${String(e)}; counter ${JSON.stringify(counter)}; followed ${state.followed.join('>') || 'nobody'}\n--- ${owners[0]} warnings:\n${warnings(owner)}\n--- other warnings:\n${warnings(other)}`);
+      });
       await sleep(300);
       const settled = counterOf(await owner.client.listEmbots(), 'app')!;
       const seen = ((settled as unknown as { seen?: string[] }).seen ?? []).map(Number);
