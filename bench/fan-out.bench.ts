@@ -75,7 +75,7 @@ function cpuMs(pid: number): number {
  * Four real agents as child processes (each its own event loop, as on four hosts), peers of each
  * other on loopback; `destinationEnv` goes to b, c and d.
  */
-async function cluster(destinationEnv: Record<string, string>, startMemory: 'zero' | 'random', leadShare = 0, envOf: (name: string) => Record<string, string> = () => ({})): Promise<Cluster> {
+async function cluster(destinationEnv: Record<string, string>, startMemory: 'zero' | 'random', envOf: (name: string) => Record<string, string> = () => ({})): Promise<Cluster> {
   const root = mkdtempSync(join(tmpdir(), 'embot-bench-fanout-'));
   const plugins = join(root, 'plugins');
   mkdirSync(plugins, { recursive: true });
@@ -104,7 +104,6 @@ async function cluster(destinationEnv: Record<string, string>, startMemory: 'zer
           mobility: { stepTimeoutMs: 10_000, vmTimeoutMs: 30_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
           sensors: { host: { intervalMs: 600_000 }, vm: { intervalMs: 600_000 } },
           sim: { startMemory },
-          ...(name === 'a' && leadShare > 0 ? { dataplane: { fanOutLeadShare: leadShare } } : {}),
           logLevel: 'error',
         };
         const file = join(root, `config-${name}.json`);
@@ -254,8 +253,6 @@ export interface FanOutBenchOptions extends BenchRunOptions {
    * written, so every copy moves the VM's bytes) or `zero` (untouched: the full round sends indexes).
    */
   readonly startMemory?: 'zero' | 'random';
-  /** The source's `dataplane.fanOutLeadShare` (default 0, an even split). */
-  readonly leadShare?: number;
 }
 
 type Case = 'single' | 1 | 2 | 3;
@@ -333,8 +330,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
   const parts = new Set<Part>(opts.only ?? PARTS);
   const startMemory = opts.startMemory ?? 'random';
   const content = startMemory === 'random' ? 'every page written' : 'untouched, its zero pages sent as indexes';
-  const leadShare = opts.leadShare ?? 0;
-  let c = await cluster({}, startMemory, leadShare);
+  let c = await cluster({}, startMemory);
   try {
     const a = c.a;
     const reps = opts.reps ?? (opts.quick ? 3 : 9);
@@ -422,7 +418,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
     const runs = opts.quick ? 20 : 100;
     if (parts.has('success')) {
       await c.stop();
-      c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) }, startMemory, leadShare);
+      c = await cluster({ EMBOT_FAULT_BOOT_FAIL: String(P_FAIL) }, startMemory);
       for (const n of [1, 2, 3] as const) {
         let ok = 0;
         const why = new Map<string, number>();
@@ -455,10 +451,10 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
       }
     }
     // Fail-over: the first destination named always refuses to boot, so the VM goes to the second;
-    // beside a single migration to that second one. What a lead share costs when its lead fails.
+    // beside a single migration to that second one: what a failed boot costs a fan-out.
     if (parts.has('failover')) {
       await c.stop();
-      c = await cluster({}, startMemory, leadShare, (n): Record<string, string> => (n === 'b' ? { EMBOT_FAULT_BOOT_FAIL: '1' } : {}));
+      c = await cluster({}, startMemory, (n): Record<string, string> => (n === 'b' ? { EMBOT_FAULT_BOOT_FAIL: '1' } : {}));
       const single: number[] = [];
       const over: number[] = [];
       await migrateOnce(c, 'c'); // warm-up
@@ -482,7 +478,7 @@ export async function run(opts: FanOutBenchOptions = {}): Promise<BenchTable> {
         ratio: sm / om,
       });
     }
-    notes.push(`four agents as child processes on loopback (this machine's cores shared by all four), sim driver, one vm-watchdog embot per VM; a fresh VM per run, its memory ${content} (--start-memory); fan-out runs with retries 0 (so one destination takes the fan-out path too), no fallback; the source's fanOutLeadShare ${leadShare} (--lead-share; 0: an even split)`);
+    notes.push(`four agents as child processes on loopback (this machine's cores shared by all four), sim driver, one vm-watchdog embot per VM; a fresh VM per run, its memory ${content} (--start-memory); fan-out runs with retries 0 (so one destination takes the fan-out path too), no fallback`);
     notes.push('a failed run leaves the VM running on the source (checked by the integration tests); here it only counts as a failure');
   } finally {
     await c.stop();
@@ -508,14 +504,9 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
     .option('--only <parts>', `comma-separated parts: ${PARTS.join(', ')} (speed: 1/2/3 destinations beside a single migration, with CPU per agent and phases; failover: the first destination fails to boot)`, parts)
     .option('--reps <n>', 'repetitions of each timed case (default 9, --quick 3)', positive)
     .addOption(new Option('--start-memory <kind>', "the VMs' memory: random (every page written, the default) or zero (untouched: zero pages go as indexes)").choices(['zero', 'random']))
-    .option('--lead-share <n>', "the source's dataplane.fanOutLeadShare (0: an even split)", (v) => {
-      const n = Number(v);
-      if (!Number.isFinite(n) || n < 0 || n > 64) throw new InvalidArgumentError('a number from 0 to 64');
-      return n;
-    })
     .addHelpText('after', '\nFANOUT_BENCH_DEBUG=1 prints every migration (wall, CPU per agent a/b/c/d, phases) to stderr.')
     .parse();
-  const o = cmd.opts<{ quick?: boolean; only?: Part[]; reps?: number; startMemory?: 'zero' | 'random'; leadShare?: number }>();
-  const table = await run({ quick: o.quick === true, ...(o.only ? { only: o.only } : {}), ...(o.reps ? { reps: o.reps } : {}), ...(o.startMemory ? { startMemory: o.startMemory } : {}), ...(o.leadShare !== undefined ? { leadShare: o.leadShare } : {}) });
+  const o = cmd.opts<{ quick?: boolean; only?: Part[]; reps?: number; startMemory?: 'zero' | 'random' }>();
+  const table = await run({ quick: o.quick === true, ...(o.only ? { only: o.only } : {}), ...(o.reps ? { reps: o.reps } : {}), ...(o.startMemory ? { startMemory: o.startMemory } : {}) });
   console.log(renderTable(table));
 }

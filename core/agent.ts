@@ -831,7 +831,7 @@ function driverChoice(config: AgentConfig, imagePath: (image: string) => string 
       defaults: shape,
     };
   }
-  return { kind: 'sim', sim: { pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate }, startMemory: config.sim.startMemory, fanOutLeadShare: config.dataplane.fanOutLeadShare } };
+  return { kind: 'sim', sim: { pageSize: config.sim.pageSize, defaults: { memory: config.sim.defaultMemory, dirtyRate: config.sim.defaultDirtyRate }, startMemory: config.sim.startMemory } };
 }
 
 /** A VM element's image fields (issue 14): its image travels with it for the next migration onward. */

@@ -204,11 +204,6 @@ export const AgentConfigSchema = z
         reassemblyCpuPerPath: z.number().min(0).max(1).default(DEFAULTS.dataplane.reassemblyCpuPerPath),
         /** Bytes sent to measure an uncapped path's bandwidth. */
         probeBytes: positiveInt.default(DEFAULTS.dataplane.probeBytes),
-        /**
-         * A migration to several destinations (sim): while the first named makes its full copy,
-         * every other sends one batch per this many of its (0: an even split). README "Several destinations".
-         */
-        fanOutLeadShare: z.number().min(0).max(64).default(DEFAULTS.dataplane.fanOutLeadShare),
         /** Cap of the primary path (bytes/s); absent: measured. */
         primaryCapBytesPerSec: positiveInt.optional(),
         /** Cap of the primary path to one peer (bytes/s), over `primaryCapBytesPerSec`: a slower link to that peer (e.g. one destination of several). */

@@ -14,7 +14,7 @@ export const DEFAULTS = {
   store: { synchronous: 'NORMAL' },
   peer: { listen: '127.0.0.1:7401' },
   mobility: { stepTimeoutMs: 10_000, vmTimeoutMs: 120_000, maxDirtyRounds: 5, forwardGraceMs: 30_000, warmConnections: true, prewarmExitShare: 1 },
-  dataplane: { downtimeLimitMs: 300, maxRounds: 30, autoConverge: true, thresholdMs: 60_000, addPathThresholdMs: 500, maxPaths: 4, reassemblyCpuPerPath: 0.1, probeBytes: 8 * 1024 * 1024, fanOutLeadShare: 0 },
+  dataplane: { downtimeLimitMs: 300, maxRounds: 30, autoConverge: true, thresholdMs: 60_000, addPathThresholdMs: 500, maxPaths: 4, reassemblyCpuPerPath: 0.1, probeBytes: 8 * 1024 * 1024 },
 } as const;
 
 /** Where the CLI looks for an agent when neither `--agent` nor `EMBOT_AGENT` is given. */

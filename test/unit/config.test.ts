@@ -64,7 +64,6 @@ describe('config defaults', () => {
         maxPaths: 4,
         reassemblyCpuPerPath: 0.1,
         probeBytes: 8388608,
-        fanOutLeadShare: 0,
         primaryCapBytesPerSecOf: {},
         listen: [],
         paths: {},

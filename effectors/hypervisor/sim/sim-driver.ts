@@ -13,7 +13,7 @@ import type {
   VmStats,
 } from '../hypervisor-contract.ts';
 import { PageReceiver } from './dataplane/page-receiver.ts';
-import { preCopy, THROTTLE_MAX, THROTTLE_STEP, type PreCopyPacing, type PreCopyVm } from './dataplane/precopy-sender.ts';
+import { preCopy, THROTTLE_MAX, THROTTLE_STEP, type PreCopyVm } from './dataplane/precopy-sender.ts';
 import { SimFanOutSession } from './sim-fan-out.ts';
 import { DEFAULT_POOL_BYTES, MemoryPool, type MemoryPoolCounts } from './memory-pool.ts';
 
@@ -71,8 +71,6 @@ export interface SimDriverOptions {
    * `random` (a guest that has used all its RAM, so a migration has every page to send in full).
    */
   readonly startMemory?: 'zero' | 'random';
-  /** A fan-out's others send one batch per this many of the first destination's while it makes its full copy (lead-share.ts); 0 (default): an even split. */
-  readonly fanOutLeadShare?: number;
 }
 
 /** {@link VmStats} plus sim-only counters. */
@@ -159,8 +157,6 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
   private readonly memoryPool: MemoryPool;
   private readonly startMemory: 'zero' | 'random';
 
-  private readonly fanOutLeadShare: number;
-
   constructor(options: SimDriverOptions = {}) {
     this.pageSize = positiveInt(options.pageSize ?? 4096, 'pageSize');
     this.tickMs = positiveInt(options.tickMs ?? 50, 'tickMs');
@@ -172,9 +168,6 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option startMemory must be 'zero' or 'random', got ${String(options.startMemory)}`);
     }
     this.startMemory = options.startMemory ?? 'zero';
-    const leadShare = options.fanOutLeadShare ?? 0;
-    if (typeof leadShare !== 'number' || !Number.isFinite(leadShare) || leadShare < 0) throw new EffectorError(ErrorCodes.VM_SPEC_INVALID, `SimDriver option fanOutLeadShare must be a number ≥ 0, got ${String(leadShare)}`);
-    this.fanOutLeadShare = leadShare;
     this.now = options.now ?? Date.now;
     this.random = options.random ?? Math.random;
     this.defaults = { ...SIM_DEFAULT_SPEC, ...options.defaults };
@@ -184,7 +177,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
       loadKnob: { setLoad: async (vm, load) => this.setLoad(vm, load) },
       memoryChecksum: { checksum: async (vm) => createHash('sha256').update(this.pages(vm).memory).digest('hex') },
       udpService: { udpPort: (vm) => this.vms.get(vm)?.spec.udpPort },
-      fanOut: { begin: (vm, destinations) => new SimFanOutSession(this, vm, destinations, this.fanOutLeadShare), prewarm: true },
+      fanOut: { begin: (vm, destinations) => new SimFanOutSession(this, vm, destinations), prewarm: true },
       incomingPages: {
         apply: (vm, batch) => {
           const inc = this.incoming.get(vm);
@@ -405,14 +398,13 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
    * One pre-copy of VM `name` over `options.dataPaths`, reading its memory and dirty log through
    * `view` (the driver itself, or one destination's view of a fan-out), `stopVm` at the switch.
    */
-  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>, pacing: PreCopyPacing = {}): Promise<MigrateOutResult> {
+  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>): Promise<MigrateOutResult> {
     const dp = dataPathsOf(name, options);
     const read = preCopy({
       migrationId: dp.migrationId,
       vm: name,
       driver: view,
       paths: dp.paths,
-      ...pacing,
       ...(options.downtimeLimitMs === undefined ? {} : { downtimeLimitMs: options.downtimeLimitMs }),
       ...(dp.maxRounds === undefined ? {} : { maxRounds: dp.maxRounds }),
       ...(options.autoConverge === undefined ? {} : { autoConverge: options.autoConverge }),

@@ -6,12 +6,11 @@
  */
 import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import type { FanOutSession, MigrateOutOptions, MigrateOutResult } from '../hypervisor-contract.ts';
-import type { PreCopyPacing, PreCopyVm } from './dataplane/precopy-sender.ts';
-import { LeadShare } from './lead-share.ts';
+import type { PreCopyVm } from './dataplane/precopy-sender.ts';
 
 /** What the session needs of the sim driver. */
 export interface FanOutDriver extends PreCopyVm {
-  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>, pacing?: PreCopyPacing): Promise<MigrateOutResult>;
+  runPreCopy(name: string, options: MigrateOutOptions, view: PreCopyVm, stopVm: () => Promise<void>): Promise<MigrateOutResult>;
   stopForSwitch(name: string): boolean;
   /** The VM, or undefined once it is gone (removed at the source after the switch). */
   get(name: string): unknown;
@@ -66,17 +65,12 @@ export class SimFanOutSession implements FanOutSession {
   private readonly running = new Set<string>();
   private closed = false;
 
-  /** The first destination's head start while it makes its full copy (lead-share.ts). */
-  private readonly share: LeadShare;
-
   constructor(
     private readonly driver: FanOutDriver,
     private readonly vm: string,
     destinations: readonly string[],
-    leadShare = 0,
   ) {
     if (destinations.length === 0) throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `a fan-out of VM ${vm} needs at least one destination`);
-    this.share = new LeadShare(destinations[0]!, leadShare);
     const pageCount = driver.pages(vm).pageCount;
     for (const d of destinations) this.logs.set(d, new DirtyLog(pageCount));
     this.baseRate = driver.counters(vm).dirtyRate;
@@ -105,12 +99,7 @@ export class SimFanOutSession implements FanOutSession {
       await options.beforeSwitchover?.();
       this.driver.stopForSwitch(this.vm);
     };
-    const share = this.share;
-    const lead = destination === share.lead;
-    const pacing: PreCopyPacing = !share.pacing ? {} : lead ? { onBatchAcked: (bytes, round) => share.leadAcked(bytes, round) } : { pace: (batch) => share.take(destination, batch.bytes) };
-    return this.driver.runPreCopy(this.vm, options, view, stopVm, pacing).finally(() => {
-      // The lead's copy ended (its switch, a failure, a termination): the others go at full speed.
-      if (lead) share.open();
+    return this.driver.runPreCopy(this.vm, options, view, stopVm).finally(() => {
       this.running.delete(destination);
       this.rates.delete(destination);
       this.applyRate();
@@ -118,7 +107,6 @@ export class SimFanOutSession implements FanOutSession {
   }
 
   close(): void {
-    this.share.open();
     this.closed = true;
     this.rates.clear();
     this.applyRate();

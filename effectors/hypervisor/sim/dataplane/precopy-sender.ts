@@ -72,18 +72,11 @@ export interface PreCopyVm {
   counters(vm: string): { readonly dirtyRate: number; readonly pagesWritten: number };
 }
 
-/** How a fan-out paces one destination's pre-copy against the others' (lead-share.ts). */
-export type PreCopyPacing = Pick<PreCopyOptions, 'pace' | 'onBatchAcked'>;
-
 export interface PreCopyOptions {
   readonly migrationId: string;
   readonly vm: string;
   readonly driver: PreCopyVm;
   readonly paths: readonly DataPath[];
-  /** Awaited before each batch goes out (StriperOptions.pace). */
-  readonly pace?: (batch: Batch) => Promise<void>;
-  /** Each acknowledged batch: its bytes and round (0: the full copy). */
-  readonly onBatchAcked?: (bytes: number, round: number) => void;
   /** Stop-and-copy starts once the expected downtime fits this. Default 300 ms (QEMU's default). */
   readonly downtimeLimitMs?: number;
   /** Rounds in all, the final one included. Default 30. */
@@ -296,9 +289,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     build,
     windowBytes: WINDOW_BATCHES * cfg.pagesPerBatch * pageSize,
     ...(o.requestTimeoutMs !== undefined ? { requestTimeoutMs: o.requestTimeoutMs } : {}),
-    ...(o.pace ? { pace: o.pace } : {}),
     onAck: (batch) => {
-      o.onBatchAcked?.(batch.bytes, batch.round);
       sentBytes += batch.bytes;
       // Ascending indexes: only the last can be the VM's short last page.
       if (batch.zeros !== undefined && batch.zeros.length > 0) zeroBytes += (batch.zeros.length - 1) * pageSize + pageLength(memoryBytes, pageSize, batch.zeros[batch.zeros.length - 1]!);

@@ -57,8 +57,6 @@ export interface StriperOptions {
   /** Refusals of one batch before the migration fails (the first send plus this many minus one re-sends). */
   readonly maxRejections?: number;
   readonly onAck?: (batch: Batch, path: string) => void;
-  /** Awaited before each batch goes out, after the path's own bucket: a fan-out's share of the source between its destinations (lead-share.ts). */
-  readonly pace?: (batch: Batch) => Promise<void>;
 }
 
 /** Rate assumed for an uncapped path before it was measured: optimistic, so it gets work. */
@@ -232,7 +230,6 @@ export class Striper {
         const batch = s.queue[0]!;
         // The batch stays queued while the bucket paces it, so a path failing meanwhile hands it on.
         if (s.bucket) await s.bucket.take(batch.bytes);
-        if (this.o.pace) await this.o.pace(batch);
         if (s.failed || this.fatal !== undefined || s.queue[0] !== batch) break;
         s.queue.shift();
         s.queuedBytes -= batch.bytes;
