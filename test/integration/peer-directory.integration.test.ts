@@ -40,6 +40,18 @@ afterEach(async () => {
   for (const c of clients.splice(0)) c.close();
 });
 
+/** A real etcd, and directories a and b (peer ports 7401, 7402) once each lists the other. */
+async function twoSeeingEachOther(): Promise<{ etcd: EtcdServer; a: ReturnType<typeof directory>; b: ReturnType<typeof directory> }> {
+  const etcd = await etcdServer(cleanups);
+  await etcd.start();
+  const a = directory(etcd, 'a');
+  const b = directory(etcd, 'b');
+  a.start({ url: peerUrl(7401) });
+  b.start({ url: peerUrl(7402) });
+  await waitFor(() => a.has('b') && b.has('a'), 10_000, 'a and b to see each other');
+  return { etcd, a, b };
+}
+
 function directory(etcd: EtcdServer, self: string, extra: Partial<EtcdPeerDirectoryOptions> = {}): EtcdPeerDirectory & { readonly logged: Captured } {
   const logged = capture(self);
   const d = new EtcdPeerDirectory({ self, endpoints: [etcd.url], prefix: '/embot', ttlSeconds: 2, tls: false, staticPeers: new Map(), version: '0.0.0-test', startedAt: Date.now(), log: logged.log, retry: { minMs: 100, maxMs: 500 }, ...extra });
@@ -113,13 +125,7 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   });
 
   it('bad input: garbage JSON, a wrong name and a bad URL in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID; good peers stay and new ones still arrive', async () => {
-    const etcd = await etcdServer(cleanups);
-    await etcd.start();
-    const a = directory(etcd, 'a');
-    const b = directory(etcd, 'b');
-    a.start({ url: peerUrl(7401) });
-    b.start({ url: peerUrl(7402) });
-    await waitFor(() => a.has('b'), 10_000, 'a to see b');
+    const { etcd, a } = await twoSeeingEachOther();
     const c = etcdClient(etcd);
     await c.put('/embot/agents/x').value('{garbage').exec();
     await c.put('/embot/agents/y').value(JSON.stringify({ name: 'z', url: 'ws://127.0.0.1:7403', version: '1', startedAt: 1 })).exec();
@@ -193,13 +199,7 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
   });
 
   it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
-    const etcd = await etcdServer(cleanups);
-    await etcd.start();
-    const a = directory(etcd, 'a');
-    const b = directory(etcd, 'b');
-    a.start({ url: peerUrl(7401) });
-    b.start({ url: peerUrl(7402) });
-    await waitFor(() => a.has('b') && b.has('a'), 10_000, 'a and b to see each other');
+    const { etcd, a, b } = await twoSeeingEachOther();
     await etcd.kill();
     await waitFor(() => a.status().state === 'unavailable', 15_000, 'a to notice etcd is gone');
     expect(a.get('b')).toBe(peerUrl(7402));
