@@ -404,7 +404,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       host: {
         control: this,
         policyCharts: () => this.runtime.policyCharts(),
-        peers: () => [...this.directory].map(([name, url]) => ({ name, url })),
+        peers: () => this.directory.list(),
         hostLoad: () => this.hostLoad(),
         cancelMigration: (id) => this.mobility.cancel(id),
         rankTargets: (vm, candidates) => rankTargetsByImage(this.images, vm, candidates),

@@ -12,6 +12,8 @@ export type { AgentStatus, EmbotEvent, EmbotInfo, MigrationInfo, PluginInfo, Pol
 export interface PeerView {
   readonly name: string;
   readonly url: string;
+  /** Where this agent knows it from: its config, or the fleet directory on etcd. */
+  readonly source: 'config' | 'etcd';
   /** Whether its peer port accepted a TCP connection at the last check (not whether it trusts us). */
   readonly reachable: boolean;
   /** ms since epoch of that check. */

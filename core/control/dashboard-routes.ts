@@ -19,7 +19,7 @@ export interface DashboardHost {
   readonly control: AgentControl;
   policyCharts(): Readonly<Record<string, Readonly<Record<string, PolicyChart>>>>;
   /** Configured peers (name → peer URL). */
-  peers(): readonly { readonly name: string; readonly url: string }[];
+  peers(): readonly { readonly name: string; readonly url: string; readonly source: 'config' | 'etcd' }[];
   /** 0..1 */
   hostLoad(): Promise<number>;
   /** Asks a running outgoing migration to stop; false when there is none with that id here. */
@@ -124,7 +124,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         host.peers().map(async (p) => {
           const reachable = await tcpReachable(p.url, PEER_CHECK_MS);
           const status = reachable ? await askStatus(host, p.name) : undefined;
-          peerState.set(p.name, { name: p.name, url: p.url, reachable, checkedAt: Date.now(), ...(status ? { status } : {}) });
+          peerState.set(p.name, { name: p.name, url: p.url, source: p.source, reachable, checkedAt: Date.now(), ...(status ? { status } : {}) });
         }),
       ).then(() => {
         lastPeerCheck = Date.now();
@@ -132,7 +132,11 @@ export function createDashboard(options: DashboardOptions): Dashboard {
       });
       await peerCheck;
     }
-    return host.peers().map((p) => peerState.get(p.name) ?? { name: p.name, url: p.url, reachable: false, checkedAt: 0 });
+    // A peer that moved (a new etcd record) or joined since the last check shows as it is now, not yet checked.
+    return host.peers().map((p) => {
+      const known = peerState.get(p.name);
+      return known && known.url === p.url ? known : { name: p.name, url: p.url, source: p.source, reachable: false, checkedAt: 0 };
+    });
   }
 
   async function cluster(): Promise<ClusterView> {

@@ -111,6 +111,9 @@ describe.skipIf(missing)('dashboard in Chromium, three agents, token configured'
     expect(peerText).toContain('uptime');
     expect(peerText).toContain('embots');
     expect(await page.locator('[data-agent="a"]').textContent()).toContain('load');
+    // Its peers come from its config here (the fleet directory on etcd: etcd-directory tests); the directory says so.
+    expect(peerBadges).toContain('configured');
+    expect((await page.locator('[data-agent="a"] [data-testid=directory]').textContent())?.replace(/\s+/g, ' ')).toBe('static static');
     await shot('cluster');
   }, 90_000);
 

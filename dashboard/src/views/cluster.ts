@@ -4,7 +4,7 @@ import type { View } from './view.ts';
 
 export function clusterView(): View {
   const grid = h('div', { class: 'cards', 'data-testid': 'agents' });
-  const el = h('section', { class: 'view' }, h('h2', {}, 'Cluster'), h('p', { class: 'hint' }, 'This agent and the peers it is configured with. Each agent’s health and load; a peer’s are what it answers over the authenticated peer link, and a peer is unreachable when its peer port accepts no connection.'), grid);
+  const el = h('section', { class: 'view' }, h('h2', {}, 'Cluster'), h('p', { class: 'hint' }, 'This agent and its peers (from its config, or found through the fleet directory on etcd). Each agent’s health and load; a peer’s are what it answers over the authenticated peer link, and a peer is unreachable when its peer port accepts no connection.'), grid);
   return {
     el,
     update(state: State): void {
@@ -25,7 +25,9 @@ export function clusterView(): View {
           h('dt', {}, 'embots'), h('dd', {}, `${self.counts.embots} (${self.counts.quarantinedEmbots} quarantined)`),
           h('dt', {}, 'events'), h('dd', {}, `${self.counts.queuedEvents} queued, ${self.counts.heldEvents} held, ${self.counts.deadLetters} dead`),
           h('dt', {}, 'version'), h('dd', {}, self.version),
+          self.directory ? [h('dt', {}, 'directory'), h('dd', { 'data-testid': 'directory' }, self.directory.kind, ' ', directoryBadge(self.directory.state))] : null,
         ),
+        self.directory?.lastError ? h('ul', { class: 'problems' }, h('li', {}, `${self.directory.lastError.code}: ${self.directory.lastError.message}`)) : null,
         c.health.problems.length > 0 ? h('ul', { class: 'problems' }, c.health.problems.map((p) => h('li', {}, p))) : null,
       );
       const peers = c.peers.map((p) => {
@@ -35,7 +37,7 @@ export function clusterView(): View {
         return h(
           'article',
           { class: `card agent peer ${!p.reachable ? 'unreachable' : st && !st.health.ok ? 'degraded' : 'healthy'}`, 'data-agent': p.name },
-          h('header', {}, h('h3', {}, p.name), badge('peer', 'muted'), p.reachable ? badge('reachable', 'ok') : null, healthBadge),
+          h('header', {}, h('h3', {}, p.name), badge('peer', 'muted'), badge(p.source === 'etcd' ? 'via etcd' : 'configured', 'muted'), p.reachable ? badge('reachable', 'ok') : null, healthBadge),
           st ? h('progress', { class: 'meter', max: 100, value: Math.min(100, peerLoad), title: `host load ${peerLoad} %` }) : null,
           h(
             'dl',
@@ -52,4 +54,9 @@ export function clusterView(): View {
       fill(grid, selfCard, peers);
     },
   };
+}
+
+/** The fleet directory's state: static (the config's peers), or etcd connected, connecting, unavailable (its peers last known kept). */
+function directoryBadge(state: string): HTMLElement {
+  return state === 'connected' ? badge('connected', 'ok') : state === 'unavailable' ? badge('unavailable', 'warn') : state === 'static' ? badge('static', 'info') : badge(state, 'muted');
 }
