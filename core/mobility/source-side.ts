@@ -1,7 +1,7 @@
 import { pack } from 'msgpackr';
 import { ErrorCodes, ProtocolError, describeError, isEmbotError } from '../errors.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
-import type { ReplyOf, RequestType } from '../wire/frames.ts';
+import { PROTOCOL_VERSION, type ReplyOf, type RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, MigrateVmResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
@@ -144,7 +144,13 @@ export class SourceSide implements SourceSteps {
   }
 
   private async request<T extends RequestType>(body: Parameters<PeerConnection['request']>[0] & { type: T }, timeoutMs = this.o.stepTimeoutMs): Promise<ReplyOf<T>> {
-    this.conn ??= await this.o.connect();
+    if (this.conn === undefined) {
+      this.conn = await this.o.connect();
+      // An agent of an older build (a rolling upgrade): said once per migration, as what it changes.
+      if (this.conn.protocol < PROTOCOL_VERSION) {
+        this.host.logger.info(`the link to ${this.o.target} runs wire protocol ${this.conn.protocol} (its build is older): zero pages go as data, a racing destination boots by BootIncoming`, { peer: this.o.target, protocol: this.conn.protocol });
+      }
+    }
     return (await this.conn.request(body, { timeoutMs })) as ReplyOf<T>;
   }
 

@@ -129,6 +129,8 @@ describe('agents of protocol 1 and 2 in one cluster (sim)', () => {
     expect(there.outcome, there.reason).toBe('completed');
     expect(there.summary!.precopy?.zeroBytes ?? 0).toBe(0);
     expect((await b.client.vmChecksum('v')).sha256).toBe(sum);
+    // The operator is told the link runs the older protocol, and what that changes.
+    expect(a.stderr).toContain('the link to b runs wire protocol 1');
 
     const back = await b.client.waitMigration((await b.client.migrate('v', 'a')).id, { timeoutMs: 60_000 });
     expect(back.outcome, back.reason).toBe('completed');
