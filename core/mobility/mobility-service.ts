@@ -30,6 +30,7 @@ import { faultPoint } from './fault-points.ts';
 import { Forwarding } from './forwarding.ts';
 import { HandOverWaits } from './forwarding-hand-over.ts';
 import { withLogContext } from '../logger.ts';
+import type { PeerChange, PeerDirectory } from '../peers/peer-directory.ts';
 import { WarmConnections, takeOrDial } from './warm-connections.ts';
 import { checkFrame, guardHandlers, stateName, type GuardVerdict, type GuardedFrame, type MigrationLookup } from './frame-guard.ts';
 
@@ -143,6 +144,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   private closed = false;
   /** Idle pre-dialled links per peer (warm-connections.ts); undefined when off or before start. */
   private warm: WarmConnections | undefined;
+  /** Stops following the directory's peer changes (close). */
+  private unfollowPeers: (() => void) | undefined;
   /** The guard's view of our migrations (see frame-guard.ts). */
   private readonly lookup: MigrationLookup = {
     live: (role, id) => {
@@ -229,15 +232,26 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         for (const [id, c] of this.targetConns) if (c === conn) this.abortTarget(id, 'the source disconnected');
       });
     });
-    if (this.o.warmConnections !== false && this.o.peers.size > 0) {
-      this.warm = new WarmConnections({
+    if (this.o.warmConnections !== false) {
+      const warm = new WarmConnections({
         peers: [...this.o.peers.keys()],
         // One for the control link and one for the primary data path of the next migration.
         perPeer: 2,
         dial: (peer) => connectNamedPeer(this.o.peers, peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs }),
         onError: (peer, e) => this.host.logger.debug('warm peer link: dial failed, retrying with back-off', { peer, reason: describeError(e) }),
       });
-      this.warm.start();
+      this.warm = warm;
+      warm.start();
+      // A live directory (etcd): a peer that joins is warmed too, one that moves is warmed at its new URL, one that leaves is let go.
+      const live = this.o.peers as Partial<Pick<PeerDirectory, 'on' | 'off'>>;
+      if (typeof live.on === 'function' && typeof live.off === 'function') {
+        const follow = (c: PeerChange): void => {
+          warm.removePeer(c.name);
+          if (c.url !== undefined) warm.addPeer(c.name);
+        };
+        live.on('change', follow);
+        this.unfollowPeers = () => live.off?.('change', follow);
+      }
     }
     this.server.on('refused', (err, info) => this.host.logger.warn('peer refused', { code: err.code, reason: err.message, remote: info.remoteAddress }));
     this.server.on('protocolError', (err, conn) => this.host.logger.warn('peer broke the protocol', { code: err.code, reason: err.message, peer: conn.remoteAgent }));
@@ -247,6 +261,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     this.closed = true;
     this.forwarding.close();
     this.handOvers.close();
+    this.unfollowPeers?.();
     const warm = this.warm?.close();
     for (const m of this.live.values()) m.actor.stop();
     await Promise.all([warm, this.server?.close(), ...this.dataServers.map((d) => d.close())]);

@@ -16,7 +16,7 @@ import { CloseCodes } from '../wire/close-codes.ts';
 import type { HandlerTable, PeerConnection } from '../wire/peer-connection.ts';
 
 export interface WarmConnectionsOptions {
-  /** The peers to keep links to (the agent's configured peer names). */
+  /** The peers to keep links to at the start (the agent's peer names then; addPeer/removePeer follow the directory). */
   readonly peers: readonly string[];
   /** Idle links kept per peer: a migration takes one for control and one for its primary data path. */
   readonly perPeer: number;
@@ -55,11 +55,13 @@ interface Slot {
   parkedAt: number;
   /** Removes the idle link's close listener. */
   unwatch: (() => void) | undefined;
+  /** The peer left (removePeer): a dial that lands is closed, nothing is re-dialled. */
+  removed: boolean;
 }
 
 export class WarmConnections {
   readonly counts: WarmConnectionCounts = { dialled: 0, taken: 0, dropped: 0, failed: 0 };
-  private readonly slots: Slot[] = [];
+  private slots: Slot[] = [];
   /** Taken links (and claimed dials) per peer not yet closed: the slots refill once none is left. */
   private readonly inUse = new Map<string, number>();
   private closed = false;
@@ -68,13 +70,32 @@ export class WarmConnections {
 
   /** Dials every slot in the background; failures are retried with back-off, never thrown. */
   start(): void {
-    for (const peer of this.o.peers) {
-      for (let i = 0; i < this.o.perPeer; i++) {
-        const slot: Slot = { peer, conn: undefined, dialling: undefined, claimed: false, timer: undefined, failures: 0, parkedAt: 0, unwatch: undefined };
-        this.slots.push(slot);
-        this.fill(slot);
-      }
+    for (const peer of this.o.peers) this.addPeer(peer);
+  }
+
+  /** Keeps links to `peer` too (one the fleet directory found after the start); kept already: nothing. */
+  addPeer(peer: string): void {
+    if (this.closed || this.slots.some((s) => s.peer === peer)) return;
+    for (let i = 0; i < this.o.perPeer; i++) {
+      const slot: Slot = { peer, conn: undefined, dialling: undefined, claimed: false, timer: undefined, failures: 0, parkedAt: 0, unwatch: undefined, removed: false };
+      this.slots.push(slot);
+      this.fill(slot);
     }
+  }
+
+  /** Stops keeping links to `peer` (it left the directory, or moved: its idle links go to the old URL) and closes its idle ones. */
+  removePeer(peer: string): void {
+    for (const s of this.slots) {
+      if (s.peer !== peer) continue;
+      s.removed = true;
+      clearTimeout(s.timer);
+      s.timer = undefined;
+      s.unwatch?.();
+      s.unwatch = undefined;
+      if (s.conn) void s.conn.close(CloseCodes.GOING_AWAY, 'peer left the directory');
+      s.conn = undefined;
+    }
+    this.slots = this.slots.filter((s) => s.peer !== peer);
   }
 
   /** Idle, open links to `peer` right now. */
@@ -145,7 +166,7 @@ export class WarmConnections {
   }
 
   private fill(slot: Slot): void {
-    if (this.closed || slot.conn || slot.dialling || slot.timer) return;
+    if (this.closed || slot.removed || slot.conn || slot.dialling || slot.timer) return;
     const dialling = this.o.dial(slot.peer);
     slot.dialling = dialling;
     slot.claimed = false;
@@ -160,8 +181,8 @@ export class WarmConnections {
           slot.failures = 0;
           return;
         }
-        if (this.closed) {
-          void conn.close(CloseCodes.GOING_AWAY, 'agent stopping');
+        if (this.closed || slot.removed) {
+          void conn.close(CloseCodes.GOING_AWAY, this.closed ? 'agent stopping' : 'peer left the directory');
           return;
         }
         this.park(slot, conn);
@@ -173,7 +194,7 @@ export class WarmConnections {
         this.counts.failed++;
         this.o.onError?.(slot.peer, error);
         // A claimed dial that failed: its taker dials itself; the slot waits for the peer's links like the others.
-        if (claimed) return;
+        if (claimed || slot.removed) return;
         this.retry(slot, ++slot.failures);
       },
     );
@@ -199,7 +220,7 @@ export class WarmConnections {
   }
 
   private retry(slot: Slot, failures: number): void {
-    if (this.closed) return;
+    if (this.closed || slot.removed) return;
     const base = this.o.backoffMs ?? DEFAULT_WARM_BACKOFF_MS;
     const delay = Math.min(this.o.maxBackoffMs ?? DEFAULT_WARM_MAX_BACKOFF_MS, base * 2 ** (failures - 1));
     slot.timer = setTimeout(() => {

@@ -79,6 +79,33 @@ describe('warm peer connections (issue 12: no dial on the migration path)', () =
     expect(dials.n).toBe(4);
   });
 
+  it('follows the directory: a peer removed has its idle links closed and is dialled no more, even a dial in flight; added (again), it is warmed', async () => {
+    const b = await target();
+    const dials = { n: 0 };
+    const p = pool(() => b.server.url, dials);
+    p.start();
+    await waitFor(() => p.idle('b') === 2, 5000, 'two idle links');
+    p.removePeer('b');
+    await waitFor(() => b.open() === 0, 5000, 'the target sees both idle links closed');
+    expect(p.idle('b')).toBe(0);
+    expect(p.take('b')).toBeUndefined();
+    await new Promise((r) => setTimeout(r, 300));
+    expect(dials.n).toBe(2);
+
+    // Added while nothing is kept: warmed. Removed with its dials in flight: they land and are closed.
+    p.addPeer('b');
+    p.addPeer('b');
+    expect(dials.n).toBe(4);
+    p.removePeer('b');
+    await new Promise((r) => setTimeout(r, 300));
+    expect(b.accepted.length).toBe(4);
+    await waitFor(() => b.open() === 0, 5000, 'the landed dials closed');
+    expect(p.idle('b')).toBe(0);
+    p.addPeer('b');
+    await waitFor(() => p.idle('b') === 2, 5000, 'warmed again');
+    expect(dials.n).toBe(6);
+  });
+
   it('re-dials an idle link the target dropped, and a stopped pool closes its links and dials no more', async () => {
     const b = await target();
     const dials = { n: 0 };
