@@ -109,7 +109,9 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     expect(serialBytes(join(root, 'a', 'app'))).toBeGreaterThan(beat);
     expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
     expect(runningPid(join(root, 'a', 'app'))).toBe(sourcePid);
-    const w = (await warmth(a, id))!;
+    const w = await warmth(a, id);
+    // Still held: a pre-warm that ended while held says why here.
+    if (!w) throw new Error(`the pre-warm ended while held: ${JSON.stringify((await a.client.listMigrations()).filter((m) => m.id.startsWith(id)))}`);
     expect(w.destinations.map((d) => d.status)).toEqual(['warming', 'warming']);
     for (const d of w.destinations) {
       expect(d.remainingBytes, `${d.name}: the reserve, crawling`).toBeGreaterThan(0);
@@ -162,7 +164,7 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     await untilWarm(a, id, ['b']);
     expect((await a.client.listVms()).find((v) => v.name === 'app')?.state).toBe('running');
     const switched = await cliHere(['migrate', 'app', '--to', 'b', '--json', '--agent', a.url]);
-    expect(switched.code, switched.stderr).toBe(0);
+    expect(switched.code, `${switched.stderr} ${switched.stdout}`).toBe(0);
     const info = JSON.parse(switched.stdout) as MigrationInfo;
     expect(info.id).toBe(id);
     expect(info.outcome, JSON.stringify(info)).toBe('completed');
