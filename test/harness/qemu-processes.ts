@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach } from 'vitest';
 import { GUEST_IMAGE } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
-import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
+import { QemuDriver, type QemuDriverOptions } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import { killPid, pidAlive, runningPid, vmFiles } from '../../effectors/hypervisor/qemu/qemu-process.ts';
 import { isSpareDir } from '../../effectors/hypervisor/qemu/spare-incoming.ts';
 import { REPO } from './agent-process.ts';
@@ -141,11 +141,11 @@ export function qemuTestFile(before?: () => Promise<void>): { readonly run: bool
 }
 
 /** One TCG driver per name, as hosts with roots of their own under one fresh root; each closed by `cleanups` after the test. */
-export function qemuDrivers<N extends string>(qemus: QemuProcesses, cleanups: Cleanups, names: readonly N[]): Record<N, QemuDriver> {
+export function qemuDrivers<N extends string>(qemus: QemuProcesses, cleanups: Cleanups, names: readonly N[], extra: (name: N) => Partial<QemuDriverOptions> = () => ({})): Record<N, QemuDriver> {
   const root = qemus.root();
   return Object.fromEntries(
     names.map((n) => {
-      const d = new QemuDriver({ root: join(root, n), accel: 'tcg' });
+      const d = new QemuDriver({ root: join(root, n), accel: 'tcg', ...extra(n) });
       cleanups.push(() => d.close());
       return [n, d];
     }),
