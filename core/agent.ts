@@ -174,13 +174,20 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       this.plugins.record({ name: m.name, version: m.version, hash: m.hash, status: 'loaded' });
     });
     this.directory = createPeerDirectory(config, { version: VERSION, startedAt: this.startedAt }, log.child('directory'));
-    this.mobility = new MobilityService({
-      host: this,
+    // Who this agent is on its peer links, read once for mobility and the agent's own peer requests.
+    const peerAuth = {
+      agent: config.name,
       secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
       tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
       protocol: config.peer.protocol,
+    };
+    this.mobility = new MobilityService({
+      host: this,
+      secret: peerAuth.secret,
+      tls: peerAuth.tls,
+      protocol: peerAuth.protocol,
       listen: config.peer.listen,
-      // Live: a peer etcd lists after start is a valid `migrate --to` (warm connections dial only the first ones).
+      // Live: a peer etcd lists after start is a valid `migrate --to`, and gets warm links (mobility follows its changes).
       peers: this.directory,
       stepTimeoutMs: config.mobility.stepTimeoutMs,
       vmTimeoutMs: config.mobility.vmTimeoutMs,
@@ -190,12 +197,6 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
       warmConnections: config.mobility.warmConnections,
       prewarmExitShare: config.mobility.prewarmExitShare,
     });
-    const peerAuth = {
-      agent: config.name,
-      secret: config.peer.secretFile ? loadClusterSecret(config.peer.secretFile) : undefined,
-      tls: config.peer.tls ? loadPeerTls(config.peer.tls, config.name) : undefined,
-      protocol: config.peer.protocol,
-    };
     const peerMap = this.directory;
     this.connectPeer = (peer) => connectNamedPeer(peerMap, peer, { ...peerAuth, requestTimeoutMs: config.mobility.stepTimeoutMs });
     this.images = new ImageService({

@@ -251,14 +251,17 @@ export function validateFrame(value: unknown): Frame {
   return value as unknown as Frame;
 }
 
+/** PROTOCOL_FEATURE_FIELDS with each one's version, listed once (checked per frame on an older link). */
+const FEATURE_FIELDS = (Object.keys(PROTOCOL_FEATURE_FIELDS) as ProtocolFeature[]).map((f) => ({ type: PROTOCOL_FEATURE_FIELDS[f].frame, field: PROTOCOL_FEATURE_FIELDS[f].field, since: PROTOCOL_FEATURES[f] }));
+
 /**
  * The first field of `frame` that a link of `protocol` does not have (frames.ts
  * PROTOCOL_FEATURE_FIELDS), with the version that added it; undefined when it has none.
  */
 export function fieldNewerThan(frame: Frame, protocol: number): { readonly field: string; readonly since: number } | undefined {
-  for (const [feature, { frame: type, field }] of Object.entries(PROTOCOL_FEATURE_FIELDS) as [ProtocolFeature, (typeof PROTOCOL_FEATURE_FIELDS)[ProtocolFeature]][]) {
-    const since = PROTOCOL_FEATURES[feature];
+  for (const { type, field, since } of FEATURE_FIELDS) {
     if (since > protocol && frame.type === type && field in frame) return { field: `${type}.${field}`, since };
   }
   return undefined;
 }
+

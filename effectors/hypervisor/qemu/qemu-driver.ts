@@ -691,7 +691,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     const status = await proc.qmp.execute('query-status').then((r) => r.status, () => undefined);
     vm.startedAt = Date.now();
     // An incoming VM is 'created' until its commit, also once its memory is in (held paused by -S).
-    const state: VmState = file.incoming && status !== 'running' ? 'created' : status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
+    const state: VmState = file.incoming && status !== 'running' ? 'created' : vmStateOf(status);
     this.setState(vm, state, 'reattach', null);
   }
 
@@ -1446,7 +1446,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       try {
         await this.cancelOrphanedMigration(vm, proc);
         const { status } = await proc.qmp.execute('query-status');
-        const now = status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
+        const now = vmStateOf(status);
         if (now !== vm.state && vm.state !== 'migrated') this.setState(vm, now, 'reattach');
       } catch {
         // The new connection dropped too: its own 'detached' or 'exit' carries on from here.
@@ -1492,6 +1492,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
     if (vm.proc === undefined || !vm.proc.alive) throw badState(vm, op);
     return vm.proc;
   }
+}
+
+/** The VM state a QEMU found running (re-attached) is in, from its `query-status` (undefined: no answer). */
+function vmStateOf(status: string | undefined): VmState {
+  return status === 'running' ? 'running' : status === 'postmigrate' ? 'migrated' : status === 'inmigrate' ? 'created' : 'paused';
 }
 
 function specJson(vm: Vm): string {

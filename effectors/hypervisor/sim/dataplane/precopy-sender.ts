@@ -340,9 +340,9 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     await striper.send(batches);
     rates.add(roundBytes, performance.now() - roundStart);
   };
-  /** The full round: every page, the all-zero ones as indexes only. */
   // A path to an agent of protocol 1 knows no zero-page indexes: its full round sends every page's bytes.
   const zeroIndexes = (o.paths ?? []).every((p) => p.conn.supports('zeroPages'));
+  /** The full round: every page, the all-zero ones as indexes only (where every path has them). */
   const sendFullRound = (): Promise<void> =>
     sendBatches(() =>
       zeroIndexes
