@@ -157,6 +157,8 @@ export const ErrorCodes = {
   DIRECTORY_UNAVAILABLE: 'EMBOT_ERR_DIRECTORY_UNAVAILABLE',
   /** A record in the fleet directory is not one (not JSON, a field missing or mistyped, its name not its key's, a URL not ws:// or wss://): it is ignored. */
   DIRECTORY_RECORD_INVALID: 'EMBOT_ERR_DIRECTORY_RECORD_INVALID',
+  /** Another live agent's record holds this agent's name in the fleet directory: this one does not overwrite it (it still reads its peers) and registers once that record goes. */
+  DIRECTORY_NAME_TAKEN: 'EMBOT_ERR_DIRECTORY_NAME_TAKEN',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -73,6 +73,8 @@ const HTTP_STATUS: Partial<Record<ErrorCode, number>> = {
   // The fleet directory (etcd) is down, or served a record that is not one: an upstream's fault, not the caller's.
   [ErrorCodes.DIRECTORY_UNAVAILABLE]: 503,
   [ErrorCodes.DIRECTORY_RECORD_INVALID]: 502,
+  // Two agents configured with one name: a conflict the operator resolves (rename or stop one).
+  [ErrorCodes.DIRECTORY_NAME_TAKEN]: 409,
   // A peer that shares no wire protocol version with this agent (a rolling upgrade half done).
   [ErrorCodes.PROTOCOL_UNSUPPORTED]: 502,
 };

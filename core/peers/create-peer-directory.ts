@@ -1,12 +1,17 @@
 /** The directory the config asks for (`directory.kind`), so the agent wires one object whatever it is. */
+import { join } from 'node:path';
 import type { Logger } from '../logger.ts';
 import { parsePeers } from '../wire/peers.ts';
 import { EtcdPeerDirectory } from './etcd-peer-directory.ts';
 import type { PeerDirectory } from './peer-directory.ts';
 import { StaticPeerDirectory } from './static-peer-directory.ts';
 
+/** In the data dir: the id of the etcd lease this agent's record was last written on (how a restart knows its own record). */
+const LEASE_FILE = 'directory-lease';
+
 export interface PeerDirectoryConfig {
   readonly name: string;
+  readonly dataDir: string;
   readonly peer: { readonly peers: Readonly<Record<string, string>>; readonly tls?: unknown };
   readonly directory: { readonly kind: 'static' | 'etcd'; readonly endpoints: readonly string[]; readonly prefix: string; readonly ttlSeconds: number };
 }
@@ -18,5 +23,16 @@ export function createPeerDirectory(config: PeerDirectoryConfig, self: { readonl
   const staticPeers = parsePeers(config.peer.peers);
   if (config.directory.kind === 'static') return new StaticPeerDirectory(staticPeers);
   const d = config.directory;
-  return new EtcdPeerDirectory({ self: config.name, endpoints: d.endpoints, prefix: d.prefix, ttlSeconds: d.ttlSeconds, tls: config.peer.tls !== undefined, staticPeers, version: self.version, startedAt: self.startedAt, log });
+  return new EtcdPeerDirectory({
+    self: config.name,
+    endpoints: d.endpoints,
+    prefix: d.prefix,
+    ttlSeconds: d.ttlSeconds,
+    tls: config.peer.tls !== undefined,
+    staticPeers,
+    version: self.version,
+    startedAt: self.startedAt,
+    log,
+    leaseFile: join(config.dataDir, LEASE_FILE),
+  });
 }

@@ -10,10 +10,11 @@
  */
 // Types only: etcd3 (gRPC, protobufjs) is loaded when a directory first connects, so an agent with a static directory never pays for it.
 import type { Etcd3, IKeyValue, Lease, Watcher } from 'etcd3';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { describeError, ErrorCodes } from '../errors.ts';
 import type { Logger } from '../logger.ts';
 import type { PeerMap } from '../wire/peers.ts';
-import { agentsPrefix, checkRecord, encodeRecord, recordKey } from './directory-record.ts';
+import { agentsPrefix, checkRecord, encodeRecord, recordKey, type DirectoryRecord } from './directory-record.ts';
 import { PeerDirectoryView, type DirectoryState, type DirectoryStatus, type PeerChange, type PeerDirectory, type PeerEntry, type SelfAnnouncement } from './peer-directory.ts';
 
 export interface EtcdPeerDirectoryOptions {
@@ -33,10 +34,18 @@ export interface EtcdPeerDirectoryOptions {
   readonly version: string;
   readonly startedAt: number;
   readonly log: Logger;
+  /**
+   * Where the id of the lease this agent's record is written on is kept, so that after a SIGKILL
+   * and a restart inside the old lease's TTL the agent knows the record it finds as its own (its
+   * port may have changed). None: only a record with this agent's own URL counts as its own.
+   */
+  readonly leaseFile?: string;
   /** Back-off between attempts to reach etcd, doubling from `minMs` to `maxMs` (default 250 ms .. 5 s). */
   readonly retry?: { readonly minMs: number; readonly maxMs: number };
 }
 
+/** Lease ids kept in the lease file: more than the leases one record can outlive (one per outage inside a TTL). */
+const LEASES_KEPT = 8;
 /** One unary etcd call may take this long before the attempt counts as failed (etcd down answers nothing). */
 const CALL_TIMEOUT_MS = 3000;
 /** A revoke at stop is best effort: a dead etcd must not hold the agent's shutdown. */
@@ -46,9 +55,13 @@ const REVOKE_TIMEOUT_MS = 2000;
 interface Session {
   readonly client: Etcd3;
   lease: Lease | undefined;
+  /** The granted lease's id: a record on it is this session's own. */
+  leaseId: string | undefined;
   watcher: Watcher | undefined;
   leaseOk: boolean;
   watchOk: boolean;
+  /** The record that holds this agent's name instead of its own (another live agent's), while it does. */
+  nameHeldBy: DirectoryRecord | undefined;
   dead: boolean;
 }
 
@@ -75,6 +88,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
   private attempt = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private readonly folder: string;
+  private leasesKnown: Set<string> | undefined;
 
   constructor(private readonly o: EtcdPeerDirectoryOptions) {
     super();
@@ -130,7 +144,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
       faultHandling: { host: () => noop, global: noop, watchBackoff: new ExponentialBackoff({ initialDelay: 100, maxDelay: 1000 }).next() },
       defaultCallOptions: (ctx) => (ctx.isStream ? {} : { deadline: Date.now() + CALL_TIMEOUT_MS }),
     });
-    const s: Session = { client, lease: undefined, watcher: undefined, leaseOk: true, watchOk: false, dead: false };
+    const s: Session = { client, lease: undefined, leaseId: undefined, watcher: undefined, leaseOk: true, watchOk: false, nameHeldBy: undefined, dead: false };
     this.session = s;
     try {
       if (this.self) {
@@ -140,8 +154,9 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
         lease.on('lost', (e) => this.failed(s, e));
         lease.on('keepaliveFailed', (e) => this.health(s, 'lease', false, e));
         lease.on('keepaliveSucceeded', () => this.health(s, 'lease', true));
-        const record = { name: this.o.self, url: this.self.url, version: this.o.version, startedAt: this.o.startedAt };
-        await lease.put(recordKey(this.o.prefix, this.o.self)).value(encodeRecord(record));
+        s.leaseId = await lease.grant();
+        this.keepLeaseId(s.leaseId);
+        await this.claim(s);
         s.leaseOk = true;
       }
       const listed = await client.getAll().prefix(this.folder).exec();
@@ -154,8 +169,8 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
         await teardown(s);
         return;
       }
-      watcher.on('put', (kv) => this.put(kv));
-      watcher.on('delete', (kv) => this.remove(kv));
+      watcher.on('put', (kv) => (this.isOwnKey(kv) ? this.ownRecordWritten(s, kv) : this.put(kv)));
+      watcher.on('delete', (kv) => (this.isOwnKey(kv) ? this.ownRecordDeleted(s) : this.remove(kv)));
       watcher.on('disconnected', (e) => this.health(s, 'watch', false, e));
       watcher.on('connected', () => this.health(s, 'watch', true));
       watcher.on('error', (e) => this.failed(s, e));
@@ -173,10 +188,107 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
     if (side === 'lease') s.leaseOk = ok;
     else s.watchOk = ok;
     if (s.leaseOk && s.watchOk) {
+      if (s.nameHeldBy !== undefined) return this.conflict(s.nameHeldBy);
       if (this.state !== 'connected') this.o.log.info(`directory: connected to etcd (${this.o.endpoints.join(',')}), ${this.fromEtcd.size} peer record(s)`);
       this.state = 'connected';
       this.lastError = undefined;
     } else if (!ok) this.unavailable(error);
+  }
+
+  /**
+   * Writes this agent's record unless another live agent's holds the name. A record of the name on
+   * a lease this agent made (its lease file: a SIGKILL and restart inside the old lease's TTL, a
+   * session lost to an outage) is its own from before, and so is one with this agent's URL (nobody
+   * else can listen on that endpoint while this agent does): it is replaced. So is a record of the
+   * name that is not one. Every write is conditional on what
+   * was read, so two agents starting with one name at once cannot both win.
+   */
+  private async claim(s: Session): Promise<void> {
+    const self = this.self;
+    if (self === undefined || s.leaseId === undefined) return;
+    const key = recordKey(this.o.prefix, this.o.self);
+    const value = encodeRecord({ name: this.o.self, url: self.url, version: this.o.version, startedAt: this.o.startedAt });
+    const put = () => s.client.put(key).value(value).lease(s.leaseId!);
+    for (let tries = 0; tries < 5 && !s.dead; tries++) {
+      const created = await s.client.if(key, 'Create', '==', 0).then(put()).else(s.client.get(key)).commit();
+      if (created.succeeded) return this.claimed(s);
+      const held = created.responses[0]?.response_range?.kvs[0];
+      if (held === undefined) continue; // gone between the compare and the read: try again
+      if (held.lease === s.leaseId) return this.claimed(s);
+      const check = checkRecord(this.o.prefix, key, held.value.toString(), { tls: this.o.tls });
+      if (check.ok && check.record.url !== self.url && !this.ownLeases.has(held.lease)) {
+        s.nameHeldBy = check.record;
+        if (s.leaseOk && s.watchOk) this.conflict(check.record);
+        return;
+      }
+      const replaced = await s.client.if(key, 'Mod', '==', held.mod_revision).then(put()).commit();
+      if (replaced.succeeded) return this.claimed(s);
+    }
+    if (!s.dead) throw new Error(`the record ${key} kept changing while this agent wrote its own`);
+  }
+
+  /** The leases this agent wrote its record on, from the lease file (its runs before) and this run. */
+  private get ownLeases(): ReadonlySet<string> {
+    if (this.leasesKnown === undefined) {
+      this.leasesKnown = new Set();
+      if (this.o.leaseFile !== undefined) {
+        try {
+          for (const id of readFileSync(this.o.leaseFile, 'utf8').split('\n')) if (/^\d+$/.test(id)) this.leasesKnown.add(id);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'ENOENT') this.o.log.warn(`directory: ${this.o.leaseFile} not read: ${describeError(e)}`);
+        }
+      }
+    }
+    return this.leasesKnown;
+  }
+
+  /** Remembers a granted lease (here and in the lease file, the last few) before a record goes on it. */
+  private keepLeaseId(id: string): void {
+    const known = this.ownLeases as Set<string>;
+    known.add(id);
+    if (this.o.leaseFile === undefined) return;
+    try {
+      // Several: an outage makes a new lease while the record may still be on an older one.
+      writeFileSync(this.o.leaseFile, `${[...known].slice(-LEASES_KEPT).join('\n')}\n`);
+    } catch (e) {
+      this.o.log.warn(`directory: ${this.o.leaseFile} not written (a restart inside the TTL will wait for its old record to expire): ${describeError(e)}`);
+    }
+  }
+
+  private claimed(s: Session): void {
+    const was = s.nameHeldBy;
+    s.nameHeldBy = undefined;
+    if (was !== undefined) {
+      this.o.log.info(`directory: registered as ${this.o.self} (the record of the agent at ${was.url} is gone)`);
+      if (s.leaseOk && s.watchOk) this.health(s, 'watch', true);
+    }
+  }
+
+  private isOwnKey(kv: IKeyValue): boolean {
+    return kv.key.toString() === recordKey(this.o.prefix, this.o.self);
+  }
+
+  /** A write to this agent's key: its own, or another agent's that took the name (one without this check, or by hand). */
+  private ownRecordWritten(s: Session, kv: IKeyValue): void {
+    if (s.dead || this.self === undefined || kv.lease === s.leaseId) return;
+    const check = checkRecord(this.o.prefix, kv.key.toString(), kv.value.toString(), { tls: this.o.tls });
+    if (!check.ok || check.record.url === this.self.url) return;
+    s.nameHeldBy = check.record;
+    if (s.leaseOk && s.watchOk) this.conflict(check.record);
+  }
+
+  /** This agent's key deleted: the holder left (or its lease expired), so the name is free to claim; or this agent's own record was removed by hand, so it is written again. */
+  private ownRecordDeleted(s: Session): void {
+    if (s.dead || this.self === undefined) return;
+    void this.claim(s).catch((e: unknown) => this.failed(s, e));
+  }
+
+  private conflict(holder: DirectoryRecord): void {
+    const message = `the name ${this.o.self} is held in etcd by another live agent (${holder.url}, version ${holder.version}, started ${new Date(holder.startedAt).toISOString()}): this agent is not registered (it still reads its peers) and registers once that record goes; give one of them another name`;
+    // Once per conflict: the watch may report the holder's record again (a keep-alive does not, a re-put does).
+    if (this.state !== 'conflict') this.o.log.error(`directory: ${message}`, { code: ErrorCodes.DIRECTORY_NAME_TAKEN, holder: holder.url });
+    this.state = 'conflict';
+    this.lastError = { code: ErrorCodes.DIRECTORY_NAME_TAKEN, message };
   }
 
   /** The session cannot go on (etcd down at connect, lease lost, watch cancelled): a fresh one later. */

@@ -18,10 +18,12 @@ export interface PeerEntry {
 
 /**
  * `static`: the config map, nothing to connect to. `connecting`: etcd not reached yet (first try).
- * `connected`: registered and watching. `unavailable`: etcd unreachable; the peers last known stay
- * usable and it is retried with back-off. `closed`: after `close()`.
+ * `connected`: registered and watching. `conflict`: watching, but another live agent's record holds
+ * this agent's name, so this one is not registered (it claims the name once that record goes).
+ * `unavailable`: etcd unreachable; the peers last known stay usable and it is retried with
+ * back-off. `closed`: after `close()`.
  */
-export type DirectoryState = 'static' | 'connecting' | 'connected' | 'unavailable' | 'closed';
+export type DirectoryState = 'static' | 'connecting' | 'connected' | 'conflict' | 'unavailable' | 'closed';
 
 export interface DirectoryStatus {
   readonly kind: 'static' | 'etcd';

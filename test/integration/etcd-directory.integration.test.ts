@@ -8,6 +8,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Etcd3 } from 'etcd3';
+import { ErrorCodes } from '../../core/errors.ts';
 import type { DirectoryStatus } from '../../core/peers/peer-directory.ts';
 import { AgentProcess, makeSandbox, runCli, waitFor } from '../harness/agent-process.ts';
 import { migrate } from '../harness/cluster.ts';
@@ -26,7 +27,7 @@ afterEach(async () => {
 });
 
 interface Fleet {
-  start(name: string, options?: { readonly ttlSeconds?: number; readonly peers?: Record<string, string> }): Promise<AgentProcess>;
+  start(name: string, options?: { readonly ttlSeconds?: number; readonly peers?: Record<string, string>; readonly dataDir?: string }): Promise<AgentProcess>;
 }
 
 /** Agents on one sandbox and one cluster secret, peer port picked by the OS (etcd tells the others), found through `--etcd`. */
@@ -45,7 +46,7 @@ function fleet(etcd: EtcdServer): Fleet {
       const file = join(box.root, `config-${name}.json`);
       writeFileSync(file, JSON.stringify(config));
       // The flag sets kind etcd and the endpoints; the file's ttlSeconds stays (flags merge over the file).
-      const a = await AgentProcess.start({ name, dataDir: box.dataDir(name), pluginsDir: box.pluginsDir, extraArgs: ['--config', file, '--etcd', etcd.url] });
+      const a = await AgentProcess.start({ name, dataDir: options.dataDir ?? box.dataDir(name), pluginsDir: box.pluginsDir, extraArgs: ['--config', file, '--etcd', etcd.url] });
       agents.push(a);
       return a;
     },
@@ -127,6 +128,36 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
     expect(await etcdClient(etcd).get('/embot/agents/b').string()).toContain('"name":"b"');
     await waitFor(async () => (await peerNames(a)).length === 0, 2000 + 10_000, 'b to leave once its lease expired');
     expect((await directoryOf(a)).state).toBe('connected');
+  });
+
+  it('a second agent started with a taken name does not overwrite the first (embot status / peers: conflict, EMBOT_ERR_DIRECTORY_NAME_TAKEN) and keeps serving; the first SIGKILLed and restarted inside its TTL on another port takes its record back at once', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const f = fleet(etcd);
+    const [a, b] = await Promise.all([f.start('a', { ttlSeconds: 30 }), f.start('b', { ttlSeconds: 30 })]);
+    await waitFor(async () => (await knows(a, 'b')) && (await knows(b, 'a')), 12_000, 'a and b to find each other');
+    const aAtB = async (): Promise<string | undefined> => (await directoryOf(b)).peers.find((p) => p.name === 'a')?.url;
+    const recordOfA = async (): Promise<string | undefined> => (JSON.parse((await etcdClient(etcd).get('/embot/agents/a').string()) ?? '{}') as { url?: string }).url;
+    const firstUrl = (await aAtB())!;
+    const twin = await f.start('a', { ttlSeconds: 30, dataDir: makeSandbox().dataDir('a-twin') });
+    await waitFor(async () => (await directoryOf(twin)).state === 'conflict', 10_000, 'the twin to see the name taken');
+    expect((await directoryOf(twin)).lastError).toMatchObject({ code: ErrorCodes.DIRECTORY_NAME_TAKEN, message: expect.stringContaining(`held in etcd by another live agent (${firstUrl}`) });
+    expect(logged(twin, ErrorCodes.DIRECTORY_NAME_TAKEN)).toHaveLength(1);
+    const peers = await runCli(['peers', '--agent', twin.url]);
+    expect(peers.stdout).toMatch(/directory: etcd, conflict — the name a is held in etcd by another live agent .* \[EMBOT_ERR_DIRECTORY_NAME_TAKEN\]/);
+    // It still reads the fleet and serves its API; the record and b still name the first a.
+    expect(await peerNames(twin)).toEqual(['b']);
+    expect(await recordOfA()).toBe(firstUrl);
+    expect(await aAtB()).toBe(firstUrl);
+    await twin.kill();
+    // The first a SIGKILLed (its record stays on a 30 s lease) and restarted on a fresh port: its lease file says the record is its own.
+    await a.kill();
+    const again = await f.start('a', { ttlSeconds: 30 });
+    await waitFor(async () => (await directoryOf(again)).state === 'connected', 10_000, 'the restarted a to register well inside the 30 s TTL');
+    const newUrl = await recordOfA();
+    expect(newUrl).not.toBe(firstUrl);
+    await waitFor(async () => (await aAtB()) === newUrl, 10_000, 'b to follow a to its new port');
+    expect(logged(again, ErrorCodes.DIRECTORY_NAME_TAKEN)).toEqual([]);
   });
 
   it('bad input: garbage JSON, a wrong name and a bad URL put in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID in the log; the agent keeps serving and its good peer stays', async () => {

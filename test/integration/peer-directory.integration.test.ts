@@ -198,6 +198,75 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     expect((await etcdClient(etcd).getAll().prefix('/embot/agents/').keys()).sort()).toEqual(['/embot/agents/b']);
   });
 
+  it('two agents with one name: the second does not overwrite the first (state conflict, EMBOT_ERR_DIRECTORY_NAME_TAKEN logged once) and claims the name once the first leaves', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const first = directory(etcd, 'a', { ttlSeconds: 30 });
+    first.start({ url: peerUrl(7401) });
+    await waitFor(() => first.status().state === 'connected', 10_000, 'the first a registered');
+    const second = directory(etcd, 'a', { ttlSeconds: 30 });
+    second.start({ url: peerUrl(7411) });
+    const c = directory(etcd, 'c');
+    c.start({ url: peerUrl(7403) });
+    await waitFor(() => second.status().state === 'conflict' && c.has('a') && second.has('c'), 10_000, 'the second a in conflict, reading its peers');
+    expect(second.status().lastError).toMatchObject({ code: ErrorCodes.DIRECTORY_NAME_TAKEN, message: expect.stringContaining(peerUrl(7401)) });
+    const record = async (): Promise<Record<string, unknown>> => JSON.parse((await etcdClient(etcd).get('/embot/agents/a').string()) ?? 'null') as Record<string, unknown>;
+    expect(await record()).toMatchObject({ url: peerUrl(7401) });
+    expect(c.get('a')).toBe(peerUrl(7401));
+    expect(first.status().state).toBe('connected');
+    // The holder writing its record again (a re-put, as after an outage) logs nothing new.
+    await etcdClient(etcd).put('/embot/agents/a').value((await etcdClient(etcd).get('/embot/agents/a').string())!).lease((await etcdClient(etcd).get('/embot/agents/a').exec()).kvs[0]!.lease).exec();
+    await new Promise((r) => setTimeout(r, 300));
+    expect(second.logged.lines().filter((l) => l['code'] === ErrorCodes.DIRECTORY_NAME_TAKEN)).toHaveLength(1);
+    // The first leaves (its lease revoked, its record deleted): the second claims the name, the others follow it.
+    await first.close();
+    await waitFor(() => second.status().state === 'connected' && c.get('a') === peerUrl(7411), 10_000, 'the second a registered once the first left');
+    expect(second.status().lastError).toBeUndefined();
+    expect(await record()).toMatchObject({ name: 'a', url: peerUrl(7411) });
+  });
+
+  it('two agents started with one name at the same moment: exactly one registers, the other is in conflict', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const twins = [directory(etcd, 'a'), directory(etcd, 'a')];
+    twins[0]!.start({ url: peerUrl(7401) });
+    twins[1]!.start({ url: peerUrl(7411) });
+    await waitFor(() => twins.every((d) => d.status().state === 'connected' || d.status().state === 'conflict'), 10_000, 'both to settle');
+    const states = twins.map((d) => d.status().state).sort();
+    expect(states).toEqual(['conflict', 'connected']);
+    const winner = twins.find((d) => d.status().state === 'connected')!;
+    const url = winner === twins[0] ? peerUrl(7401) : peerUrl(7411);
+    expect(JSON.parse((await etcdClient(etcd).get('/embot/agents/a').string())!)).toMatchObject({ url });
+  });
+
+  it('a record of its own name from before (same URL, another lease: a restart inside the TTL), or one that is not a record, is replaced: the agent registers on its own lease', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const e = etcdClient(etcd);
+    // The previous life of a: same endpoint, a lease that would keep it 60 s more.
+    const before = e.lease(60);
+    await before.put('/embot/agents/a').value(JSON.stringify({ name: 'a', url: peerUrl(7401), version: '0.0.0-old', startedAt: 1 }));
+    const a = directory(etcd, 'a');
+    a.start({ url: peerUrl(7401) });
+    await waitFor(() => a.status().state === 'connected', 10_000, 'a registered over its old record');
+    const kv = (await e.get('/embot/agents/a').exec()).kvs[0]!;
+    expect(kv.lease).not.toBe(await before.grant());
+    expect(JSON.parse(kv.value.toString())).toMatchObject({ version: '0.0.0-test' });
+    // The old lease expiring (revoked here) does not take the new record with it.
+    await before.revoke();
+    await new Promise((r) => setTimeout(r, 300));
+    expect(JSON.parse((await e.get('/embot/agents/a').string())!)).toMatchObject({ version: '0.0.0-test' });
+    // Garbage under b's name is no agent: b registers over it.
+    await e.put('/embot/agents/b').value('{not a record').exec();
+    const b = directory(etcd, 'b');
+    b.start({ url: peerUrl(7402) });
+    await waitFor(() => b.status().state === 'connected' && a.get('b') === peerUrl(7402), 10_000, 'b registered over the garbage');
+    // Its own record deleted by hand: written again.
+    await e.delete().key('/embot/agents/b').exec();
+    await waitFor(async () => (await e.get('/embot/agents/b').string()) !== null, 10_000, 'b to write its record again');
+    expect(b.status().state).toBe('connected');
+  });
+
   it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
     const { etcd, a, b } = await twoSeeingEachOther();
     await etcd.kill();

@@ -56,7 +56,15 @@ export function clusterView(): View {
   };
 }
 
-/** The fleet directory's state: static (the config's peers), or etcd connected, connecting, unavailable (its peers last known kept). */
+/** The fleet directory's state: static (the config's peers), or etcd connected, connecting, unavailable (its peers last known kept), conflict (another agent holds this one's name). */
 function directoryBadge(state: string): HTMLElement {
-  return state === 'connected' ? badge('connected', 'ok') : state === 'unavailable' ? badge('unavailable', 'warn') : state === 'static' ? badge('static', 'info') : badge(state, 'muted');
+  return state === 'connected'
+    ? badge('connected', 'ok')
+    : state === 'unavailable'
+      ? badge('unavailable', 'warn')
+      : state === 'conflict'
+        ? badge('name taken', 'bad')
+        : state === 'static'
+          ? badge('static', 'info')
+          : badge(state, 'muted');
 }
