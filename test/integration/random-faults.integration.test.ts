@@ -4,6 +4,8 @@ import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor } from '../harness/agent-process.ts';
 import { prng } from '../harness/prng.ts';
 import { ControlError, ErrorCodes } from '../../core/errors.ts';
+import { cpSync, mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 
 /**
  * SIGKILL of the source or the target at a random moment of a migration's life (before it, while
@@ -19,6 +21,14 @@ import { ControlError, ErrorCodes } from '../../core/errors.ts';
 const RUNS = Math.max(1, Number(process.env['EMBOT_FAULT_RUNS'] ?? 3));
 const BASE_SEED = process.env['EMBOT_FAULT_SEED'] !== undefined ? Number(process.env['EMBOT_FAULT_SEED']) : Math.floor(Math.random() * 2 ** 31);
 const SEEDS = Array.from({ length: RUNS }, (_, i) => BASE_SEED + i);
+/**
+ * Test-only pins for chasing one failure: EMBOT_FAULT_VICTIM (a or b) and EMBOT_FAULT_KILL_MS (ms
+ * after the request, or a range LO-HI drawn from the seed) override the seed's choices; EMBOT_FAULT_KEEP names a folder
+ * where a failed run leaves both agents' data folders and full logs (the cluster's own goes).
+ */
+const PIN_VICTIM = process.env['EMBOT_FAULT_VICTIM'];
+const PIN_KILL_MS = process.env['EMBOT_FAULT_KILL_MS']?.split('-').map(Number);
+const KEEP = process.env['EMBOT_FAULT_KEEP'];
 
 /** Longer than a kill, a restart and the forwarding's longest back-off together, so nothing acknowledged becomes a dead letter. */
 const GRACE_MS = 8000;
@@ -36,7 +46,10 @@ const PRODUCE_MS = GRACE_MS + 1500;
 const TRANSIENT = new Set<string>([ErrorCodes.CONTROL_UNREACHABLE, ErrorCodes.AGENT_STOPPED, ErrorCodes.CONTROL_INTERNAL, ErrorCodes.STORE_CORRUPT]);
 
 let cluster: Cluster | undefined;
+/** The killed agent's output up to the kill (its restart is a new process with a new log). */
+const killedLogs = new Map<string, string>();
 afterEach(async () => {
+  killedLogs.clear();
   await cluster?.stop();
   cluster = undefined;
 });
@@ -44,10 +57,13 @@ afterEach(async () => {
 describe('random-moment faults during a migration', () => {
   it.each(SEEDS)('seed %i: one owner, every acknowledged event processed there once, in order', async (seed) => {
     const rnd = prng(seed);
-    const victim = rnd() < 0.5 ? 'a' : 'b';
+    const drawnVictim = rnd() < 0.5 ? 'a' : 'b';
     // A tenth before the request, half while the migration runs (~0.5 s), the rest after the switch, inside the grace period.
     const r = rnd();
-    const killAfterMs = r < 0.1 ? -1 : r < 0.55 ? Math.floor(rnd() * 600) : 600 + Math.floor(rnd() * (KILL_WINDOW_MS - 600));
+    const drawnKillMs = r < 0.1 ? -1 : r < 0.55 ? Math.floor(rnd() * 600) : 600 + Math.floor(rnd() * (KILL_WINDOW_MS - 600));
+    const victim = PIN_VICTIM === 'a' || PIN_VICTIM === 'b' ? PIN_VICTIM : drawnVictim;
+    const pinned = PIN_KILL_MS && PIN_KILL_MS[0]! + Math.floor(rnd() * ((PIN_KILL_MS[1] ?? PIN_KILL_MS[0]!) - PIN_KILL_MS[0]! + 1));
+    const killAfterMs = pinned ?? drawnKillMs;
     const restartAfterMs = Math.floor(rnd() * 300);
     const before = 5 + Math.floor(rnd() * 20);
     const plan = `seed ${seed}: kill ${victim} ${killAfterMs < 0 ? 'before the migration request' : `${killAfterMs} ms after the migration request`}, restart it ${restartAfterMs} ms later (replay: EMBOT_FAULT_SEED=${seed} EMBOT_FAULT_RUNS=1)`;
@@ -98,7 +114,12 @@ describe('random-moment faults during a migration', () => {
       await waitFor(() => state.acked >= before || state.failure, 10_000, 'events before the move');
 
       const requested = Date.now();
-      if (killAfterMs < 0) await c.kill(victim);
+      const kill = async (): Promise<void> => {
+        const before = c.agents.get(victim);
+        if (before) killedLogs.set(victim, `${before.stdout}\n--- stderr\n${before.stderr}`);
+        await c.kill(victim);
+      };
+      if (killAfterMs < 0) await kill();
       // Refused when a is down already; aborted by a when b is.
       const migration = (c.agents.get('a')?.client.migrate('app', 'b') ?? Promise.reject(new Error('a is down'))).then(
         (m) => m.id,
@@ -106,7 +127,7 @@ describe('random-moment faults during a migration', () => {
       );
       if (killAfterMs >= 0) {
         await sleep(killAfterMs);
-        await c.kill(victim);
+        await kill();
       }
       await sleep(restartAfterMs);
       await c.startAgent(victim);
@@ -155,7 +176,25 @@ describe('random-moment faults during a migration', () => {
         expect(shown, `dead letters: ${JSON.stringify(shown)}`).toEqual([]);
       }
     } catch (e) {
+      if (KEEP !== undefined && cluster !== undefined) keepEvidence(cluster, join(KEEP, `seed-${seed}-${Date.now()}`), plan, e);
       throw new Error(`${plan}\n${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
     }
   }, 120_000);
 });
+
+/** A failed run's data folders (SQLite journals) and full logs, copied before the cluster's folder goes. */
+function keepEvidence(c: Cluster, dir: string, plan: string, error: unknown): void {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'plan.txt'), `${plan}\n${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
+  for (const name of c.names) {
+    try {
+      cpSync(c.dataDir(name), join(dir, `data-${name}`), { recursive: true });
+    } catch {
+      // A data folder the agent never made: nothing to keep.
+    }
+    const killed = killedLogs.get(name);
+    if (killed !== undefined) writeFileSync(join(dir, `${name}.before-kill.log`), killed);
+    const agent = c.agents.get(name);
+    if (agent) writeFileSync(join(dir, `${name}.log`), `${agent.stdout}\n--- stderr\n${agent.stderr}`);
+  }
+}
