@@ -77,8 +77,31 @@ const DirectorySchema = z
       .default('/embot'),
     /** Lease TTL of this agent's record (s): how long an agent that died without stopping stays listed. */
     ttlSeconds: z.number().int().min(1).max(3600).default(10),
+    /**
+     * TLS to etcd (PEM files; every endpoint then https://): `ca` verifies etcd's certificate,
+     * `cert` + `key` are this agent's client certificate for an etcd with `--client-cert-auth`
+     * (the agent's `peer.tls` files do, when etcd trusts the cluster CA).
+     */
+    tls: z
+      .object({
+        ca: z.string({ error: "the CA file that signed etcd's certificate is required with directory.tls" }).min(1),
+        cert: z.string().min(1).optional(),
+        key: z.string().min(1).optional(),
+      })
+      .strict()
+      .refine((t) => (t.cert === undefined) === (t.key === undefined), 'directory.tls takes cert and key together (a client certificate), or neither')
+      .optional(),
+    /** etcd's user/password authentication: the password is read from a file, never written in config. */
+    auth: z
+      .object({
+        username: z.string().min(1),
+        passwordFile: z.string({ error: "the file holding the etcd user's password is required with directory.auth" }).min(1),
+      })
+      .strict()
+      .optional(),
   })
-  .strict();
+  .strict()
+  .refine((d) => d.tls === undefined || d.endpoints.every((e) => e.startsWith('https://')), { message: 'with directory.tls every etcd endpoint is https://', path: ['endpoints'] });
 
 /** Settings of the `qemu` driver (`driver: qemu`). */
 const QemuSchema = z

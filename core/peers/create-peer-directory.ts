@@ -2,6 +2,7 @@
 import { join } from 'node:path';
 import type { Logger } from '../logger.ts';
 import { parsePeers } from '../wire/peers.ts';
+import { loadEtcdCredentials, type EtcdAuthConfig, type EtcdTlsFiles } from './etcd-client-credentials.ts';
 import { EtcdPeerDirectory } from './etcd-peer-directory.ts';
 import type { PeerDirectory } from './peer-directory.ts';
 import { StaticPeerDirectory } from './static-peer-directory.ts';
@@ -13,11 +14,20 @@ export interface PeerDirectoryConfig {
   readonly name: string;
   readonly dataDir: string;
   readonly peer: { readonly peers: Readonly<Record<string, string>>; readonly tls?: unknown };
-  readonly directory: { readonly kind: 'static' | 'etcd'; readonly endpoints: readonly string[]; readonly prefix: string; readonly ttlSeconds: number };
+  readonly directory: {
+    readonly kind: 'static' | 'etcd';
+    readonly endpoints: readonly string[];
+    readonly prefix: string;
+    readonly ttlSeconds: number;
+    readonly tls?: EtcdTlsFiles | undefined;
+    readonly auth?: EtcdAuthConfig | undefined;
+  };
 }
 
 /**
- * @throws ConfigError `EMBOT_ERR_CONFIG_INVALID` for a bad `peer.peers` (as before the directory).
+ * @throws ConfigError `EMBOT_ERR_CONFIG_INVALID` for a bad `peer.peers` (as before the directory),
+ *   and for etcd TLS or password files that cannot be read or used (`EMBOT_ERR_CONFIG_NOT_FOUND` /
+ *   `EMBOT_ERR_CONFIG_INVALID`).
  */
 export function createPeerDirectory(config: PeerDirectoryConfig, self: { readonly version: string; readonly startedAt: number }, log: Logger): PeerDirectory {
   const staticPeers = parsePeers(config.peer.peers);
@@ -34,5 +44,6 @@ export function createPeerDirectory(config: PeerDirectoryConfig, self: { readonl
     startedAt: self.startedAt,
     log,
     leaseFile: join(config.dataDir, LEASE_FILE),
+    ...loadEtcdCredentials(d.tls, d.auth),
   });
 }

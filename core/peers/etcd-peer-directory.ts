@@ -14,6 +14,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { describeError, ErrorCodes } from '../errors.ts';
 import type { Logger } from '../logger.ts';
 import type { PeerMap } from '../wire/peers.ts';
+import type { EtcdClientCredentials } from './etcd-client-credentials.ts';
 import { agentsPrefix, checkRecord, encodeRecord, recordKey, type DirectoryRecord } from './directory-record.ts';
 import { PeerDirectoryView, type DirectoryState, type DirectoryStatus, type PeerChange, type PeerDirectory, type PeerEntry, type SelfAnnouncement } from './peer-directory.ts';
 
@@ -40,6 +41,10 @@ export interface EtcdPeerDirectoryOptions {
    * port may have changed). None: only a record with this agent's own URL counts as its own.
    */
   readonly leaseFile?: string;
+  /** TLS to etcd (README "Fleet directory (etcd)": `directory.tls`). */
+  readonly credentials?: EtcdClientCredentials['credentials'];
+  /** etcd user/password (`directory.auth`). */
+  readonly auth?: EtcdClientCredentials['auth'];
   /** Back-off between attempts to reach etcd, doubling from `minMs` to `maxMs` (default 250 ms .. 5 s). */
   readonly retry?: { readonly minMs: number; readonly maxMs: number };
 }
@@ -138,6 +143,8 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
     if (this.closed) return;
     const client = new Etcd3({
       hosts: [...this.o.endpoints],
+      ...(this.o.credentials ? { credentials: { ...this.o.credentials } } : {}),
+      ...(this.o.auth ? { auth: { ...this.o.auth, callOptions: () => ({ deadline: Date.now() + CALL_TIMEOUT_MS }) } } : {}),
       dialTimeout: CALL_TIMEOUT_MS,
       // Our own loop retries (a fresh session with back-off); the library's retries and 5 s circuit
       // breaker would only delay seeing etcd come back. The watch stream's own reconnect stays, short.

@@ -4,7 +4,8 @@
  * also when the test fails. Restartable on the same ports and data (an etcd outage, then back).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { get as httpsGet } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freeLoopbackPort } from '../../core/cli/free-port.ts';
@@ -60,12 +61,22 @@ const READY_TIMEOUT_MS = 20_000;
  * it.runIf(run)('…', async () => { const etcd = await etcdServer(cleanups); await etcd.start(); … });
  * ```
  */
-export async function etcdServer(cleanups: Cleanups): Promise<EtcdServer> {
+/** etcd serving its clients over TLS: its certificate and key, and with `clientCa` it asks every client for a certificate that CA signed (`--client-cert-auth`). */
+export interface EtcdTlsOptions {
+  readonly cert: string;
+  readonly key: string;
+  readonly clientCa?: string;
+  /** The CA that signed `cert` (for this harness's own health probe). */
+  readonly ca: string;
+}
+
+export async function etcdServer(cleanups: Cleanups, options: { readonly tls?: EtcdTlsOptions } = {}): Promise<EtcdServer> {
   const clientPort = await freeLoopbackPort();
   let peerPort = await freeLoopbackPort();
   while (peerPort === clientPort) peerPort = await freeLoopbackPort();
   const dataDir = mkdtempSync(join(tmpdir(), 'embot-etcd-'));
-  const url = `http://127.0.0.1:${clientPort}`;
+  const tls = options.tls;
+  const url = `${tls ? 'https' : 'http'}://127.0.0.1:${clientPort}`;
   const peerUrl = `http://127.0.0.1:${peerPort}`;
   let child: ChildProcess | undefined;
   let exited: Promise<void> = Promise.resolve();
@@ -91,6 +102,8 @@ export async function etcdServer(cleanups: Cleanups): Promise<EtcdServer> {
         '--listen-peer-urls', peerUrl,
         '--initial-advertise-peer-urls', peerUrl,
         '--initial-cluster', `embot-test=${peerUrl}`,
+        ...(tls ? ['--cert-file', tls.cert, '--key-file', tls.key] : []),
+        ...(tls?.clientCa ? ['--client-cert-auth', '--trusted-ca-file', tls.clientCa] : []),
         '--logger', 'zap',
         '--log-outputs', 'stderr',
       ];
@@ -102,7 +115,7 @@ export async function etcdServer(cleanups: Cleanups): Promise<EtcdServer> {
       const started = Date.now();
       for (;;) {
         if (!server.running()) throw new Error(`etcd exited before it answered:\n${log.slice(-4000)}`);
-        if (await healthy(url)) return;
+        if (await healthy(url, tls)) return;
         if (Date.now() - started > READY_TIMEOUT_MS) {
           await kill();
           throw new Error(`etcd did not answer ${url}/health within ${READY_TIMEOUT_MS} ms:\n${log.slice(-4000)}`);
@@ -119,7 +132,8 @@ export async function etcdServer(cleanups: Cleanups): Promise<EtcdServer> {
   return server;
 }
 
-async function healthy(url: string): Promise<boolean> {
+async function healthy(url: string, tls: EtcdTlsOptions | undefined): Promise<boolean> {
+  if (tls) return healthyOverTls(url, tls);
   try {
     const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) });
     const body = (await res.json()) as { health?: unknown };
@@ -127,4 +141,18 @@ async function healthy(url: string): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/** /health over TLS, with the harness's CA (and a client certificate when etcd asks for one: its own). */
+function healthyOverTls(url: string, tls: EtcdTlsOptions): Promise<boolean> {
+  return new Promise((resolve) => {
+    const req = httpsGet(`${url}/health`, { ca: readFileSync(tls.ca), ...(tls.clientCa ? { cert: readFileSync(tls.cert), key: readFileSync(tls.key) } : {}), timeout: 1000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8').on('data', (d: string) => (body += d));
+      res.on('end', () => resolve(res.statusCode === 200 && body.includes('"health":"true"')));
+      res.on('error', () => resolve(false));
+    });
+    req.on('error', () => resolve(false));
+    req.on('timeout', () => req.destroy());
+  });
 }

@@ -5,18 +5,20 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { Etcd3 } from 'etcd3';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startAgent } from '../../core/agent.ts';
 import { loadConfig } from '../../core/config/config.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 import { createLogger, type Logger } from '../../core/logger.ts';
+import { createPeerDirectory } from '../../core/peers/create-peer-directory.ts';
 import { EtcdPeerDirectory, type EtcdPeerDirectoryOptions } from '../../core/peers/etcd-peer-directory.ts';
 import type { PeerChange } from '../../core/peers/peer-directory.ts';
 import { parsePeers } from '../../core/wire/peers.ts';
 import { waitFor } from '../harness/agent-process.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
+import { makeTlsFixture } from '../harness/cluster-tls.ts';
 import { etcdServer, requireEtcd, type EtcdServer } from '../harness/etcd-server.ts';
 
 const run = requireEtcd();
@@ -265,6 +267,76 @@ describe.runIf(run)('EtcdPeerDirectory on a real etcd', () => {
     await e.delete().key('/embot/agents/b').exec();
     await waitFor(async () => (await e.get('/embot/agents/b').string()) !== null, 10_000, 'b to write its record again');
     expect(b.status().state).toBe('connected');
+  });
+
+  it('etcd over TLS with client certificates (--client-cert-auth, the cluster CA): agents with directory.tls register and find each other; without a client certificate, or trusting another CA, the state is unavailable with the reason, and nothing is published', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'embot-directory-tls-'));
+    cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+    const tls = await makeTlsFixture(join(root, 'ca'), ['etcd', 'a', 'b']);
+    const other = await makeTlsFixture(join(root, 'other-ca'), []);
+    const etcd = await etcdServer(cleanups, { tls: { cert: tls.files('etcd').cert, key: tls.files('etcd').key, ca: tls.files('etcd').ca, clientCa: tls.files('etcd').ca } });
+    await etcd.start();
+    expect(etcd.url).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
+    const viaConfig = (self: string, directory: Record<string, unknown>) => {
+      const logged = capture(self);
+      const config = loadConfig({ env: {}, flags: { name: self, dataDir: join(root, `data-${self}`), directory: { kind: 'etcd', endpoints: [etcd.url], ttlSeconds: 2, ...directory } } as NonNullable<Parameters<typeof loadConfig>[0]>['flags'] });
+      const d = createPeerDirectory(config, { version: '0.0.0-test', startedAt: Date.now() }, logged.log);
+      open.push(d as EtcdPeerDirectory);
+      return Object.assign(d, { logged });
+    };
+    const a = viaConfig('a', { tls: tls.files('a') });
+    const b = viaConfig('b', { tls: tls.files('b') });
+    a.start!({ url: peerUrl(7401) });
+    b.start!({ url: peerUrl(7402) });
+    await waitFor(() => a.get('b') === peerUrl(7402) && b.get('a') === peerUrl(7401) && a.status().state === 'connected', 15_000, 'a and b to find each other over TLS');
+    // No client certificate: etcd turns the handshake away.
+    const anonymous = viaConfig('c', { tls: { ca: tls.files('c').ca } });
+    anonymous.start!({ url: peerUrl(7403) });
+    // etcd's certificate from a CA this agent does not trust.
+    const distrustful = viaConfig('d', { tls: { ca: other.files('x').ca, cert: tls.files('a').cert, key: tls.files('a').key } });
+    distrustful.start!({ url: peerUrl(7404) });
+    await waitFor(() => anonymous.status().state === 'unavailable' && distrustful.status().state === 'unavailable', 15_000, 'both to give up');
+    expect(anonymous.status().lastError).toMatchObject({ code: ErrorCodes.DIRECTORY_UNAVAILABLE, message: expect.stringContaining(etcd.url) });
+    expect(distrustful.status().lastError).toMatchObject({ code: ErrorCodes.DIRECTORY_UNAVAILABLE });
+    await new Promise((r) => setTimeout(r, 500));
+    expect([...a.keys()]).toEqual(['b']);
+  });
+
+  it('etcd with user/password authentication (directory.auth, the password from a file): the right password registers; a wrong one is unavailable with etcd’s reason and retried, nothing published', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const root = mkdtempSync(join(tmpdir(), 'embot-directory-auth-'));
+    cleanups.push(() => rmSync(root, { recursive: true, force: true }));
+    const admin = etcdClient(etcd);
+    await admin.role('root').create();
+    await admin.user('root').create('root-password');
+    await admin.user('root').addRole('root');
+    // An agents' user allowed the fleet's folder only.
+    const role = await admin.role('embot').create();
+    await role.grant({ permission: 'Readwrite', range: admin.range({ prefix: '/embot/' }) });
+    await admin.user('embot').create('agent-password');
+    await admin.user('embot').addRole('embot');
+    await admin.auth.authEnable();
+    writeFileSync(join(root, 'good'), 'agent-password\n');
+    writeFileSync(join(root, 'bad'), 'guess\n');
+    const viaConfig = (self: string, passwordFile: string) => {
+      const logged = capture(self);
+      const config = loadConfig({ env: {}, flags: { name: self, dataDir: join(root, `data-${self}`), directory: { kind: 'etcd', endpoints: [etcd.url], ttlSeconds: 2, auth: { username: 'embot', passwordFile } } } as NonNullable<Parameters<typeof loadConfig>[0]>['flags'] });
+      const d = createPeerDirectory(config, { version: '0.0.0-test', startedAt: Date.now() }, logged.log);
+      open.push(d as EtcdPeerDirectory);
+      return Object.assign(d, { logged });
+    };
+    const a = viaConfig('a', join(root, 'good'));
+    const b = viaConfig('b', join(root, 'good'));
+    const intruder = viaConfig('x', join(root, 'bad'));
+    a.start!({ url: peerUrl(7401) });
+    b.start!({ url: peerUrl(7402) });
+    intruder.start!({ url: peerUrl(7409) });
+    await waitFor(() => a.get('b') === peerUrl(7402) && b.get('a') === peerUrl(7401) && intruder.status().state === 'unavailable', 15_000, 'a and b to find each other, x to be turned away');
+    expect(intruder.status().lastError?.message).toMatch(/authentication failed/);
+    const asRoot = new Etcd3({ hosts: etcd.url, auth: { username: 'root', password: 'root-password' } });
+    clients.push(asRoot);
+    expect((await asRoot.getAll().prefix('/embot/agents/').keys()).sort()).toEqual(['/embot/agents/a', '/embot/agents/b']);
   });
 
   it('etcd killed while running: known peers stay, state unavailable; back up, the directory reconnects and still lists them', async () => {
