@@ -14,6 +14,7 @@ import { AgentProcess, makeSandbox, runCli, waitFor } from '../harness/agent-pro
 import { migrate } from '../harness/cluster.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
 import { etcdServer, requireEtcd, type EtcdServer } from '../harness/etcd-server.ts';
+import { establishedTo } from '../harness/tcp-links.ts';
 
 const run = requireEtcd();
 const cleanups = cleanupsAfterEach();
@@ -158,6 +159,34 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
     expect(newUrl).not.toBe(firstUrl);
     await waitFor(async () => (await aAtB()) === newUrl, 10_000, 'b to follow a to its new port');
     expect(logged(again, ErrorCodes.DIRECTORY_NAME_TAKEN)).toEqual([]);
+  });
+
+  it('warm peer links follow the directory: b joining after a started is dialled ahead; b stopped is let go and not dialled again; b back on another port is dialled there', async () => {
+    const etcd = await etcdServer(cleanups);
+    await etcd.start();
+    const f = fleet(etcd);
+    const a = await f.start('a');
+    await waitFor(async () => (await directoryOf(a)).state === 'connected', 10_000, 'a registered');
+    const portOfB = async (): Promise<number | undefined> => {
+      const url = (await directoryOf(a)).peers.find((p) => p.name === 'b')?.url;
+      return url === undefined ? undefined : Number(new URL(url).port);
+    };
+    const linksToB = async (): Promise<number> => {
+      const port = await portOfB();
+      return port === undefined ? 0 : establishedTo(a.child.pid!, port);
+    };
+    const b = await f.start('b');
+    await waitFor(async () => (await linksToB()) > 0, 10_000, 'a to dial b ahead once b joined');
+    const firstPort = (await portOfB())!;
+    expect(await b.stop()).toBe(0);
+    await waitFor(async () => (await portOfB()) === undefined && establishedTo(a.child.pid!, firstPort) === 0, 10_000, 'a to let b go');
+    // Longer than the pool's re-dial back-off: a left peer is not dialled again.
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(establishedTo(a.child.pid!, firstPort)).toBe(0);
+    const again = await f.start('b');
+    await waitFor(async () => (await linksToB()) > 0, 10_000, 'a to dial b at its new port');
+    expect(await portOfB()).not.toBe(firstPort);
+    expect((await again.client.status()).directory?.state).toBe('connected');
   });
 
   it('bad input: garbage JSON, a wrong name and a bad URL put in etcd are ignored with EMBOT_ERR_DIRECTORY_RECORD_INVALID in the log; the agent keeps serving and its good peer stays', async () => {
