@@ -49,6 +49,8 @@ interface Active {
   readonly waiting: Set<() => void>;
   /** The VM came back (see reclaim): the redirect ended early. */
   reclaimed: boolean;
+  /** Something of this forwarding became a dead letter: every later batch does too, so the owner's stream has no gap. */
+  gaveUp: boolean;
   /** Requests on `conn` not answered yet: the grace period's end does not cut them off (the peer may be taking them). */
   busy: number;
   /** Closes `conn` once it has been idle {@link IDLE_LINK_MS}; the next batch dials again. */
@@ -78,7 +80,8 @@ const ONE_DAY_MS = 24 * 3600_000;
  *   at a time; a batch the peer did not take is offered again after a capped doubling pause, each
  *   attempt on a fresh connection once the last one closed or failed (a peer restarted on another
  *   process is reached again);
- * - at the end of the grace period whatever still waits becomes a dead letter with the reason, and
+ * - at the end of the grace period whatever still waits is offered once more at once, then becomes a
+ *   dead letter with the reason (and so does everything after it, so the owner's stream has no gap), and
  *   later events for those elements are refused with the new owner's name (a tombstone).
  */
 export class Forwarding {
@@ -117,7 +120,7 @@ export class Forwarding {
     // An older forwarding of the same VM (it moved here and away again) ends: the elements have one redirect.
     this.reclaim(rec.vm);
     const conn = link?.isOpen && link.remoteAgent === rec.peer ? link : undefined;
-    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false, idle: undefined };
+    const a: Active = { rec, rest: rest && rest.byteLength > 0 ? rest : undefined, restSending: undefined, conn, expired: false, endRedirect: () => Promise.resolve(), settled: undefined, timer: undefined, pump: undefined, waiting: new Set(), busy: 0, reclaimed: false, gaveUp: false, idle: undefined };
     a.endRedirect = this.host.sensors.redirect(rec.elementIds, (events) => this.sink(a, events));
     this.active.set(rec.migrationId, a);
     for (const id of rec.elementIds) this.byElement.set(id, a);
@@ -256,17 +259,25 @@ export class Forwarding {
   /**
    * The redirect's sink: the rest first, then the batch, offered again after a capped doubling
    * pause until the peer takes it (one batch at a time, so nothing overtakes it); once the grace
-   * period is over, a batch that fails is a dead letter. Rejects only when the agent stops: the
-   * rows stay for the next start.
+   * period is over, each batch gets one more attempt (at once, also one that was waiting out a
+   * back-off) and is a dead letter when that fails, as is every batch after a dead letter. Rejects
+   * only when the agent stops: the rows stay for the next start.
    */
   private async sink(a: Active, events: readonly EmbotEvent[]): Promise<void> {
     const bytes = pack(events);
+    let lastTry = false;
     for (let attempt = 0; ; attempt++) {
       if (this.closed) throw new EventError(ErrorCodes.AGENT_STOPPED, 'forwarding stopped with the agent; the events stay journaled');
-      // A batch accepted just before the grace period ended gets one attempt; one that failed before does not get another.
-      if (a.expired && attempt > 0) {
-        this.deadLetter(a, events);
-        return;
+      if (a.expired) {
+        // Once something was dead-lettered, what follows it is too: the new owner never processes an event whose predecessor it lacks.
+        // Otherwise one last attempt from the end of the grace period on: a batch that was waiting out a back-off then
+        // (its owner restarted meanwhile) is offered once more, as the batches behind it are, instead of becoming the one
+        // dead letter in a stream the owner otherwise took (random-faults seed 1882673222: seq 218 of 1269).
+        if (lastTry || a.gaveUp) {
+          this.deadLetter(a, events);
+          return;
+        }
+        lastTry = true;
       }
       try {
         await this.sendRest(a);
@@ -278,7 +289,8 @@ export class Forwarding {
         if (attempt === 0 || attempt % 10 === 0) {
           this.host.logger.warn(`cannot forward ${events.length} events of ${a.rec.vm} to ${a.rec.peer} yet; retrying on a new connection`, { migrationId: a.rec.migrationId, attempt, error: describeError(e) });
         }
-        await this.pause(a, attempt);
+        // After the grace period the next pass is the last try or the dead letter: no back-off to wait out.
+        if (!a.expired) await this.pause(a, attempt);
       }
     }
   }
@@ -369,11 +381,13 @@ export class Forwarding {
     a.expired = true;
     if (a.pump) clearTimeout(a.pump);
     for (const wake of a.waiting) wake();
-    if (a.restSending === undefined) this.deadLetterRest(a);
+    // The held rest waiting out a back-off gets one last offer now (sendRest dead-letters it when that fails);
+    // the forwarding is settled only once that offer (or one in flight) is answered: refusals wait for it.
+    const restDone = (a.rest !== undefined && a.restSending === undefined ? this.sendRest(a) : (a.restSending ?? Promise.resolve())).catch(() => undefined);
     let settle = (): void => {};
     a.settled = new Promise<void>((resolve) => (settle = resolve));
     void a.settled.then(() => this.settled(a));
-    const end = (): void => void a.endRedirect().then(settle);
+    const end = (): void => void Promise.all([restDone, a.endRedirect()]).then(settle);
     // Events admitted before this moment may still wait for their journal commit (the sensor service's next
     // turn): the redirection takes them first, then ends.
     if (this.eventsRecovered) setImmediate(end);
@@ -403,6 +417,7 @@ export class Forwarding {
       events = decodeForwarded(a.rest);
     } catch (e) {
       this.host.logger.error(`held events of ${a.rec.vm} cannot be decoded to dead-letter them`, { migrationId: a.rec.migrationId, error: describeError(e) });
+      a.gaveUp = true;
     }
     a.rest = undefined;
     this.deadLetter(a, events);
@@ -411,6 +426,7 @@ export class Forwarding {
 
   private deadLetter(a: Active, events: readonly EmbotEvent[]): void {
     if (events.length === 0) return;
+    a.gaveUp = true;
     const reason = `EMBOT_ERR_ELEMENT_MOVED: the grace period of migration ${a.rec.migrationId} ended (${new Date(a.rec.until).toISOString()}) before ${a.rec.peer}, the new owner of ${a.rec.vm}, took this event`;
     const n = this.journal.deadLetter(a.rec.migrationId, events, reason);
     this.host.logger.warn(`${n} events for ${a.rec.vm} became dead letters: ${a.rec.peer} did not take them within the grace period`, { migrationId: a.rec.migrationId });
