@@ -22,7 +22,7 @@ interface Sink {
   readonly sockets: Socket[];
 }
 
-type SinkMode = 'read' | 'stall' | 'jerky' | { readonly closeAfter: number } | { readonly talkBack: true };
+type SinkMode = 'read' | 'stall' | 'jerky' | { readonly closeAfter: number } | { readonly talkBack: true } | { readonly startAfterMs: number };
 
 function handle(s: Socket, mode: SinkMode, done: (r: { bytes: number; sha: string }) => void): void {
   const hash = createHash('sha256');
@@ -33,6 +33,11 @@ function handle(s: Socket, mode: SinkMode, done: (r: { bytes: number; sha: strin
     return;
   }
   if (typeof mode === 'object' && 'talkBack' in mode) s.write('not a one-way stream');
+  if (typeof mode === 'object' && 'startAfterMs' in mode) {
+    // An incoming QEMU slow to come up: it reads nothing at first, then everything.
+    s.pause();
+    setTimeout(() => s.resume(), mode.startAfterMs);
+  }
   let sincePause = 0;
   s.on('data', (c: Buffer) => {
     bytes += c.length;
@@ -105,9 +110,10 @@ async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number, slabBytes?: number, source?: RelaySourceTransport): Promise<StreamRelay> {
+async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number, slabBytes?: number, source?: RelaySourceTransport, stallBudgetMs?: number): Promise<StreamRelay> {
   const relay = await StreamRelay.open({
     destinations,
+    ...(stallBudgetMs === undefined ? {} : { stallBudgetMs }),
     ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }),
     ...(slabBytes === undefined ? {} : { slabBytes }),
     ...(source === undefined ? {} : { source }),
@@ -172,7 +178,10 @@ describe('stream relay: one stream to several destinations over real sockets', (
     expect(relay.slabReads).toBe(slabBytes !== 0);
   });
 
-  it('reads at the fastest destination\'s pace and drops one that falls behind its bound as tooSlow', async () => {
+  it.each([
+    ['at once (stall budget 0)', 0],
+    ['once the stream has waited its stall budget for it (300 ms)', 300],
+  ])('reads at the fastest destination\'s pace and drops one that stays behind its bound as tooSlow %s', async (_what, stallBudgetMs) => {
     const [fast, slow] = await Promise.all([sink(), sink('stall')]);
     const bound = 256 * 1024;
     const relay = await open(
@@ -181,21 +190,57 @@ describe('stream relay: one stream to several destinations over real sockets', (
         { name: 'slow', uri: slow.uri },
       ],
       bound,
+      undefined,
+      undefined,
+      stallBudgetMs,
     );
     // Far more than the kernel's loopback buffers plus the bound: the stalled reader must overflow it.
     const data = randomBytes(48 * 1024 * 1024);
+    const started = Date.now();
     await feed(relay, data);
     const s = await relay.result('slow');
     expect(s.outcome).toBe('tooSlow');
     expect(s.reason).toMatch(/over the relay's bound of 262144/);
-    // Dropped once its queue passed the bound, not before.
+    if (stallBudgetMs > 0) {
+      expect(s.reason).toMatch(/after the stream waited \d+ ms for it \(its budget 300 ms\)/);
+      expect(s.heldMs).toBeGreaterThanOrEqual(stallBudgetMs - 20);
+      expect(Date.now() - started).toBeGreaterThanOrEqual(stallBudgetMs - 20);
+    } else expect(s.heldMs).toBe(0);
+    // Dropped once its queue passed the bound, not before; held there (the source waited) rather than growing on.
     expect(s.maxQueuedBytes).toBeGreaterThan(bound);
+    expect(s.maxQueuedBytes).toBeLessThanOrEqual(bound + 256 * 1024);
     expect(s.bytes).toBeLessThan(data.length);
     const f = await relay.result('fast');
     expect(f.outcome).toBe('delivered');
     // The fast one never queued up to the bound: the source was read at its pace, not the slow one's.
     expect(f.maxQueuedBytes).toBeLessThanOrEqual(bound);
+    expect(f.heldMs).toBe(0);
     expect(await fast.received).toEqual({ bytes: data.length, sha: sha(data) });
+  });
+
+  it('waits for a destination that starts reading late instead of dropping it: both get the whole stream, the late one says how long it held it', async () => {
+    const [fast, late] = await Promise.all([sink(), sink({ startAfterMs: 600 })]);
+    const bound = 256 * 1024;
+    const relay = await open(
+      [
+        { name: 'fast', uri: fast.uri },
+        { name: 'late', uri: late.uri },
+      ],
+      bound,
+      undefined,
+      undefined,
+      3000,
+    );
+    const data = randomBytes(16 * 1024 * 1024);
+    await feed(relay, data);
+    const [f, l] = await Promise.all([relay.result('fast'), relay.result('late')]);
+    expect(l).toMatchObject({ outcome: 'delivered', bytes: data.length });
+    // It held the stream while it did not read (about 600 ms less what the kernel's buffers took), and not for its whole budget.
+    expect(l.heldMs).toBeGreaterThan(100);
+    expect(l.heldMs).toBeLessThan(3000);
+    expect(l.maxQueuedBytes).toBeLessThanOrEqual(bound + 256 * 1024);
+    expect(f.outcome).toBe('delivered');
+    for (const x of [fast, late]) expect(await x.received).toEqual({ bytes: data.length, sha: sha(data) });
   });
 
   it('drops a destination whose connection breaks mid-stream as failed and goes on to the others', async () => {
@@ -287,7 +332,7 @@ describe('stream relay: bad input', () => {
     expect(parseTcpUri('tcp:127.0.0.1:4444')).toEqual({ host: '127.0.0.1', port: 4444 });
   });
 
-  it('refuses no destinations, a name twice, a bound that is not a positive integer, a slab too small or not whole and an unknown source transport', async () => {
+  it('refuses no destinations, a name twice, a bound that is not a positive integer, a slab too small or not whole, an unknown source transport and a stall budget that is negative or not whole', async () => {
     const b = await sink();
     for (const o of [
       { destinations: [] },
@@ -298,6 +343,8 @@ describe('stream relay: bad input', () => {
       { destinations: [{ name: 'b', uri: b.uri }], slabBytes: -1 },
       { destinations: [{ name: 'b', uri: b.uri }], slabBytes: 1.5 * 1024 * 1024 + 0.5 },
       { destinations: [{ name: 'b', uri: b.uri }], source: 'fifo' as RelaySourceTransport },
+      { destinations: [{ name: 'b', uri: b.uri }], stallBudgetMs: -1 },
+      { destinations: [{ name: 'b', uri: b.uri }], stallBudgetMs: 0.5 },
     ]) {
       await expect(StreamRelay.open(o)).rejects.toMatchObject({ code: ErrorCodes.EFFECTOR_ARGS_INVALID });
     }

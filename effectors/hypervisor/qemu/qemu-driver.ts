@@ -52,8 +52,10 @@ export interface QemuDriverOptions {
    * CN (`tls-authz`). Without it the stream is plain TCP (loopback clusters).
    */
   readonly tls?: QemuTlsFiles;
-  /** Several destinations (qemu-fan-out.ts): a destination queued past this many bytes in the relay is dropped (`tooSlow`). Default 64 MiB. */
+  /** Several destinations (qemu-fan-out.ts): a destination queued past this many bytes in the relay holds the stream for `relayStallBudgetMs` in all, then is dropped (`tooSlow`). Default 64 MiB. */
   readonly relayBufferBytes?: number;
+  /** Default 3 s (stream-relay.ts DEFAULT_RELAY_STALL_BUDGET_MS); 0 drops a destination at its bound at once. */
+  readonly relayStallBudgetMs?: number;
   /**
    * When a VM's QMP connection drops while its QEMU runs, the driver connects again with a
    * doubling back-off (100 ms up to 2 s); each attempt waits this long for QEMU's greeting
@@ -274,6 +276,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
             relayParentDir: this.require(vm).stateDir,
             ...(o.tls === undefined ? {} : { tls: o.tls }),
             ...(o.relayBufferBytes === undefined ? {} : { bufferLimitBytes: o.relayBufferBytes }),
+            ...(o.relayStallBudgetMs === undefined ? {} : { stallBudgetMs: o.relayStallBudgetMs }),
           }),
       },
     };

@@ -40,8 +40,10 @@ export interface RelayMigrator {
 export interface QemuFanOutOptions {
   /** The agent's `peer.tls`: each destination's copy is wrapped in TLS with them. */
   readonly tls?: QemuTlsFiles;
-  /** A destination queued past this many bytes is dropped (`tooSlow`). */
+  /** A destination queued past this many bytes holds the stream for its stall budget, then is dropped (`tooSlow`). */
   readonly bufferLimitBytes?: number;
+  /** StreamRelayOptions.stallBudgetMs. */
+  readonly stallBudgetMs?: number;
   /** Where the relay's socket dir goes (the VM's state dir). */
   readonly relayParentDir?: string;
   /** How long after the first destination the stream waits for the others that have not withdrawn. Default {@link DEFAULT_JOIN_WINDOW_MS}. */
@@ -157,6 +159,7 @@ export class QemuFanOutSession implements FanOutSession {
     const relay = await StreamRelay.open({
       destinations: entries.map((e) => ({ name: e.dest, uri: e.options.endpoint.uri, ...(tls ? { tls: { ...tls, serverName: e.options.targetName ?? e.dest } } : {}) })),
       ...(this.o.bufferLimitBytes === undefined ? {} : { bufferLimitBytes: this.o.bufferLimitBytes }),
+      ...(this.o.stallBudgetMs === undefined ? {} : { stallBudgetMs: this.o.stallBudgetMs }),
       ...(this.o.relayParentDir === undefined ? {} : { parentDir: this.o.relayParentDir }),
       ...(this.o.slabBytes === undefined ? {} : { slabBytes: this.o.slabBytes }),
       ...(this.o.relaySource === undefined ? {} : { source: this.o.relaySource }),

@@ -20,8 +20,13 @@
  * never leaves the host in clear when `peer.tls` is set.
  *
  * Pace: the source is read as fast as the fastest live destination takes it; a slower one gets
- * its copy from a queue of its own, and once that queue holds more than `bufferLimitBytes` it is
- * dropped with outcome `tooSlow` (its connection destroyed: its incoming QEMU sees the stream break).
+ * its copy from a queue of its own. Once that queue holds more than `bufferLimitBytes` the source
+ * waits for it (reading stops, so the queue stops there), for at most `stallBudgetMs` in all over
+ * the stream; a destination still over its bound when its budget is spent is dropped with outcome
+ * `tooSlow` (its connection destroyed: its incoming QEMU sees the stream break). The budget is for
+ * a destination that starts late (its QEMU slow to come up on a loaded host) and would otherwise
+ * be dropped for a backlog it clears a moment later: the race keeps its backup at the cost of a
+ * bounded wait, and one that stays slow still holds nobody for longer than that.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
@@ -32,8 +37,14 @@ import { EffectorError, ErrorCodes } from '../../../core/errors.ts';
 import { userBufferReadsOf } from '../../../core/wire/user-buffer-reads.ts';
 import { loopbackPeerUid, loopbackTableReadable, readLoopbackTable } from './loopback-peer.ts';
 
-/** Default bound of one destination's queue: past it the destination is `tooSlow`. */
+/** Default bound of one destination's queue: past it the source waits for it (its stall budget), then it is `tooSlow`. */
 export const DEFAULT_RELAY_BUFFER_BYTES = 64 * 1024 * 1024;
+
+/** Default time in all that one destination over its bound may hold the source's stream (0: dropped at once). */
+export const DEFAULT_RELAY_STALL_BUDGET_MS = 3000;
+
+/** How often a destination over its bound is looked at (Node tells 'drain' only once its queue is empty). */
+const STALL_CHECK_MS = 10;
 
 export interface RelayTls {
   /** PEM: the cluster CA, the source agent's certificate and key. */
@@ -59,6 +70,8 @@ export interface RelayResult {
   readonly bytes: number;
   /** Most bytes queued for it at once. */
   readonly maxQueuedBytes: number;
+  /** How long in all the source's stream waited for it while its queue was over the bound. */
+  readonly heldMs: number;
   readonly reason?: string;
 }
 
@@ -70,6 +83,8 @@ export interface StreamRelayOptions {
   /** Default 'tcp' where /proc/net/tcp is readable, else 'unix'; 'unix' is also the bench's A/B. */
   readonly source?: RelaySourceTransport;
   readonly bufferLimitBytes?: number;
+  /** Time in all one destination over its bound may hold the stream before it is `tooSlow` ({@link DEFAULT_RELAY_STALL_BUDGET_MS}; 0: at once). */
+  readonly stallBudgetMs?: number;
   /** Where the relay's private socket dir is made with the unix transport (default the OS temp dir); the qemu driver uses the VM's state dir, so an agent killed mid-stream leaves nothing elsewhere. */
   readonly parentDir?: string;
   /** A destination that is not connected (TLS handshake done) within this long is `failed`. Default 10 s. */
@@ -123,6 +138,13 @@ interface Dest {
   ended: boolean;
   /** It closed cleanly before the source's end: delivered if the source sends nothing more, else failed. */
   peerDone: boolean;
+  /** Since when its queue is over the bound and the source waits for it (undefined: it is not). */
+  overSince: number | undefined;
+  /** Time the source waited for it before this stall. */
+  heldMs: number;
+  /** While over: the end of its budget, and the look at its queue. */
+  stallTimer: NodeJS.Timeout | undefined;
+  stallCheck: NodeJS.Timeout | undefined;
   readonly done: Promise<RelayResult>;
   settle: (r: RelayResult) => void;
 }
@@ -143,6 +165,7 @@ export class StreamRelay {
   private sourceEnded = false;
   private closed = false;
   private readonly limit: number;
+  private readonly stallBudgetMs: number;
   /** Queue length past which a destination counts as not taking more (the source pauses when all are past it). */
   private readonly paceBytes: number;
   private readonly slabBytes: number;
@@ -163,6 +186,10 @@ export class StreamRelay {
   ) {
     this.sourceUri = dir === undefined ? '' : `unix:${join(dir, 's')}`;
     this.limit = o.bufferLimitBytes ?? DEFAULT_RELAY_BUFFER_BYTES;
+    this.stallBudgetMs = o.stallBudgetMs ?? DEFAULT_RELAY_STALL_BUDGET_MS;
+    if (!Number.isSafeInteger(this.stallBudgetMs) || this.stallBudgetMs < 0) {
+      throw new EffectorError(ErrorCodes.EFFECTOR_ARGS_INVALID, `the relay's stall budget must be a whole number of ms (0 or more), not ${o.stallBudgetMs}`);
+    }
     // Not the socket's 16 KiB high-water mark: one read of QEMU's stream is 64 KiB, so pausing at
     // write()'s `false` stopped the source after every chunk (6x slower than a direct migration).
     this.paceBytes = Math.min(4 * 1024 * 1024, Math.floor(this.limit / 2));
@@ -259,7 +286,23 @@ export class StreamRelay {
     socket.setNoDelay(true);
     let settle: (r: RelayResult) => void = () => {};
     const done = new Promise<RelayResult>((r) => (settle = r));
-    const dest: Dest = { name: d.name, socket, connected: false, live: true, full: false, bytes: 0, maxQueued: 0, ended: false, peerDone: false, done, settle };
+    const dest: Dest = {
+      name: d.name,
+      socket,
+      connected: false,
+      live: true,
+      full: false,
+      bytes: 0,
+      maxQueued: 0,
+      ended: false,
+      peerDone: false,
+      overSince: undefined,
+      heldMs: 0,
+      stallTimer: undefined,
+      stallCheck: undefined,
+      done,
+      settle,
+    };
     this.dests.set(d.name, dest);
     const timer = setTimeout(() => this.kill(dest, 'failed', `not connected within ${timeoutMs} ms`), timeoutMs);
     socket.once(d.tls ? 'secureConnect' : 'connect', () => {
@@ -278,7 +321,7 @@ export class StreamRelay {
       // (Node also ends our side by itself when the peer closes first: that is no delivery.)
       if (!dest.live || !dest.ended) return;
       dest.live = false;
-      settle({ name: dest.name, outcome: 'delivered', bytes: dest.bytes, maxQueuedBytes: dest.maxQueued });
+      settle({ name: dest.name, outcome: 'delivered', bytes: dest.bytes, maxQueuedBytes: dest.maxQueued, heldMs: dest.heldMs });
     });
     socket.on('close', (hadError) => {
       clearTimeout(timer);
@@ -316,6 +359,8 @@ export class StreamRelay {
     if (!this.slabReads) s.on('data', (chunk: Buffer) => this.fanOut(chunk));
     s.on('end', () => {
       this.sourceEnded = true;
+      // Nothing more is read, so nobody is held and no queue grows: a stall ends here.
+      for (const d of this.dests.values()) this.endStall(d);
       for (const d of this.dests.values()) if (d.live) this.finish(d);
     });
     s.on('error', () => {});
@@ -351,16 +396,43 @@ export class StreamRelay {
       const queued = d.socket.writableLength;
       if (queued > this.paceBytes) d.full = true;
       if (queued > d.maxQueued) d.maxQueued = queued;
-      if (queued > this.limit) this.kill(d, 'tooSlow', `${queued} bytes queued for ${d.name}, over the relay's bound of ${this.limit}`);
+      if (queued > this.limit && d.overSince === undefined) this.stall(d, queued);
     }
     this.pace();
+  }
+
+  /** `d`'s queue passed the bound: the source waits for it while its budget lasts, else it is dropped. */
+  private stall(d: Dest, queued: number): void {
+    const left = this.stallBudgetMs - d.heldMs;
+    const over = `${queued} bytes queued for ${d.name}, over the relay's bound of ${this.limit}`;
+    if (left <= 0 || this.sourceEnded) return this.kill(d, 'tooSlow', this.stallBudgetMs === 0 ? over : `${over}, after the stream waited ${d.heldMs} ms for it`);
+    d.overSince = Date.now();
+    d.stallTimer = setTimeout(() => {
+      const held = d.heldMs + (Date.now() - (d.overSince ?? Date.now()));
+      this.kill(d, 'tooSlow', `${d.socket.writableLength} bytes queued for ${d.name}, over the relay's bound of ${this.limit} after the stream waited ${held} ms for it (its budget ${this.stallBudgetMs} ms)`);
+    }, left);
+    // Back under half the bound: the stream goes on (half, so one read does not start the next stall).
+    d.stallCheck = setInterval(() => {
+      if (d.socket.writableLength > this.limit / 2) return;
+      this.endStall(d);
+      this.pace();
+    }, STALL_CHECK_MS);
+  }
+
+  private endStall(d: Dest): void {
+    clearTimeout(d.stallTimer);
+    clearInterval(d.stallCheck);
+    d.stallTimer = d.stallCheck = undefined;
+    if (d.overSince !== undefined) d.heldMs += Date.now() - d.overSince;
+    d.overSince = undefined;
   }
 
   /** Read on while at least one live destination takes more (the fastest sets the pace). */
   private pace(): void {
     const s = this.source;
     if (!s || this.sourceEnded) return;
-    // Called per read: a loop, no arrays. Not yet connected ones queue too (their bound still holds), but do not hold the others back.
+    // Called per read: loops, no arrays. Not yet connected ones queue too (their bound still holds), but do not hold the others back until they pass it.
+    for (const d of this.dests.values()) if (d.live && d.overSince !== undefined) return void s.pause();
     let live = false;
     for (const d of this.dests.values()) {
       if (!d.live) continue;
@@ -374,7 +446,7 @@ export class StreamRelay {
     d.ended = true;
     if (d.peerDone) {
       d.live = false;
-      d.settle({ name: d.name, outcome: 'delivered', bytes: d.bytes, maxQueuedBytes: d.maxQueued });
+      d.settle({ name: d.name, outcome: 'delivered', bytes: d.bytes, maxQueuedBytes: d.maxQueued, heldMs: d.heldMs });
       return;
     }
     d.socket.end();
@@ -382,9 +454,10 @@ export class StreamRelay {
 
   private kill(d: Dest, outcome: RelayOutcome, reason: string): void {
     if (!d.live) return;
+    this.endStall(d);
     d.live = false;
     d.socket.destroy();
-    d.settle({ name: d.name, outcome, bytes: d.bytes, maxQueuedBytes: d.maxQueued, reason });
+    d.settle({ name: d.name, outcome, bytes: d.bytes, maxQueuedBytes: d.maxQueued, heldMs: d.heldMs, reason });
     if (!this.closed && [...this.dests.values()].every((x) => !x.live)) {
       this.source?.destroy();
       this.onAllDropped?.();
