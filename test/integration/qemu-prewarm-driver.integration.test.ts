@@ -105,6 +105,52 @@ describe.skipIf(!run)('qemu pre-warm: the one stream held until the gate lifts (
     expect(c.get('quiet')?.state).toBe('running');
   }, 300_000);
 
+  it('a guest that wrote 8 MiB of its 64 and went quiet (a tail of zero pages, nothing dirtied): held for seconds, also with a poll 0.5 s late during the approach, then switched intact', async () => {
+    // Issue 13: QEMU sends a zero page as 9 bytes, so under a byte cap the zero tail went in one poll, the pass ended,
+    // the re-read found nothing dirtied and QEMU reached pre-switchover while held (holdLost). Now paced by the page map.
+    const spec: QemuVmSpec = { name: 'sparse', memory: 64 * MiB, vcpus: 1, testGuest: { passes: 2, limitMiB: 9 } };
+    const { a, b } = drivers();
+    await a.create(spec);
+    await a.start('sparse');
+    await waitFor(() => (serialBytes(a.stateDir('sparse')) >= 2 ? true : undefined), 30_000, 'two passes of the guest');
+    const eb = await b.prepareIncoming(spec);
+    const session = a.capabilities.fanOut!.begin('sparse', ['b']);
+    const gate = new PrewarmGate();
+    let last: MigrationProgress | undefined;
+    let late = false;
+    let settled = false;
+    const onProgress = (p: MigrationProgress): void => {
+      last = p;
+      if (!late && p.phase === 'precopy' && p.remainingBytes > 0 && p.remainingBytes < 60 * MiB) {
+        // The driver's event loop held, as a loaded host holds it: its next poll (and any change of the cap) comes 0.5 s late.
+        late = true;
+        const until = Date.now() + 500;
+        while (Date.now() < until) {
+          /* busy: a real stall of this process */
+        }
+      }
+    };
+    const done = session.migrateOut('b', { endpoint: eb.endpoint, downtimeLimitMs: 500, prewarm: gate, onProgress }).finally(() => (settled = true));
+    done.catch(() => undefined);
+    await waitFor(() => (settled || (last !== undefined && last.rounds >= 2 && last.remainingBytes <= reserveBytes(spec.memory)) ? true : undefined), 120_000, 'all but the reserve sent');
+    await new Promise((r) => setTimeout(r, 4000));
+    if (settled) await done; // a hold lost says so (holdLost) instead of a bare false below
+    expect(settled).toBe(false);
+    expect(late).toBe(true);
+    expect(a.get('sparse')?.state).toBe('running');
+    expect(last!.phase).toBe('precopy');
+    expect(last!.remainingBytes).toBeGreaterThan(0);
+    gate.lift();
+    await done;
+    session.close();
+    await b.capabilities.incomingBoot!.bootIncoming('sparse', { timeoutMs: 30_000 });
+    await b.commitIncoming('sparse', { running: true, timeoutMs: 30_000 });
+    await b.pause('sparse');
+    const end = guestRangeEnd(spec.memory, 9);
+    const check = checkGuestMemory(await b.capabilities.memoryDump!.dump('sparse', GUEST_RANGE_START, end - GUEST_RANGE_START));
+    expect(check, JSON.stringify(check)).toMatchObject({ ok: true });
+  }, 300_000);
+
   it('a guest that writes hard (a 256 MiB VM sampled at 128 MiB/s or more) gets the 1 ms limit hold: held, the copy keeps re-sending past the whole VM while the guest runs; lifted, it switches and runs intact', async (ctx) => {
     const spec: QemuVmSpec = { name: 'lim', memory: 256 * MiB, vcpus: 1, testGuest: { delayLoops: 0 } };
     const { a, b } = drivers();

@@ -6,7 +6,19 @@
 import { describe, expect, it } from 'vitest';
 import type { MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { PrewarmGate } from '../../effectors/hypervisor/prewarm-gate.ts';
-import { CRAWL_BANDWIDTH, HEAVY_DIRTY_RATE, HOLD_DOWNTIME_LIMIT_MS, QemuCopyHold, heldParameters, holdMode, reserveBytes } from '../../effectors/hypervisor/qemu/qemu-prewarm.ts';
+import {
+  CRAWL_BANDWIDTH,
+  DATA_PAGE_COST,
+  HEAVY_DIRTY_RATE,
+  HOLD_DOWNTIME_LIMIT_MS,
+  HOLD_SAFE_MS,
+  PageCosts,
+  QemuCopyHold,
+  ZERO_PAGE_COST,
+  heldParameters,
+  holdMode,
+  reserveBytes,
+} from '../../effectors/hypervisor/qemu/qemu-prewarm.ts';
 
 const MiB = 1 << 20;
 /** A 64 MiB VM, the driver's 100 ms poll: a `limit` hold unless a test says otherwise. */
@@ -140,5 +152,64 @@ describe('qemu pre-warm hold', () => {
     expect(hold.progress(progress({ rateBytesPerSec: 400e6, rounds: 1 })).rateBytesPerSec).toBe(400e6);
     const held = hold.progress(progress({ rateBytesPerSec: 2e6, dirtyRateBytesPerSec: 2e6, remainingBytes: 8192, rounds: 9 }));
     expect(held).toMatchObject({ rateBytesPerSec: 400e6, dirtyRateBytesPerSec: 2e6, remainingBytes: 8192, rounds: 9 });
+  });
+
+  it('the page map: what the last pages of a pass cost, pages past the map (QEMU\'s smaller blocks) taken as zero pages', () => {
+    const costs = new PageCosts(Uint8Array.from([0, 0, 1, 1, 1, 1, 1, 1]));
+    expect(costs.pages).toBe(8);
+    expect(costs.costOfLast(3, 8)).toBe(3 * ZERO_PAGE_COST);
+    expect(costs.costOfLast(8, 8)).toBe(2 * DATA_PAGE_COST + 6 * ZERO_PAGE_COST);
+    expect(costs.costOfLast(10, 10)).toBe(2 * DATA_PAGE_COST + 8 * ZERO_PAGE_COST);
+    expect(costs.costOfLast(1, 10)).toBe(ZERO_PAGE_COST);
+    expect(costs.costOfLast(0, 8)).toBe(0);
+  });
+
+  describe('a guest that wrote 8 MiB of its 64 (a tail of zero pages): the sequence that lost the hold', () => {
+    // The guest's pages from 1 MiB to 9 MiB hold data, the rest is zeros; QEMU's RAM also has 384 KiB of ROM blocks after it.
+    const PAGES = (64 * MiB) / 4096;
+    const map = new Uint8Array(PAGES).fill(1).fill(0, 256, 2304);
+    const costs = new PageCosts(map);
+    const total = 64 * MiB + 384 * 1024;
+    const SPARSE = { ...RESERVE, pageCosts: costs };
+    /** What the rest of the pass costs with `remaining` unsent. */
+    const passCost = (remaining: number): number => costs.costOfLast(Math.ceil(remaining / 4096), total / 4096);
+
+    it('starts capped so that the whole pass takes HOLD_SAFE_MS (not the bulk cap, which sends the zero tail within one poll)', () => {
+      const cap = heldParameters(SPARSE)['max-bandwidth']!;
+      expect(cap).toBeLessThan(heldParameters(RESERVE)['max-bandwidth']!);
+      expect((cap * HOLD_SAFE_MS) / 1000).toBeLessThanOrEqual(passCost(64 * MiB));
+    });
+
+    it('each poll of the first pass lowers the cap with what the pass has left, so a poll up to 0.8 × HOLD_SAFE_MS late still finds it unfinished; the crawl at the reserve; the reserve reported at what it costs', async () => {
+      const m = recorder();
+      const hold = new QemuCopyHold(m.set, new PrewarmGate(), { ...SPARSE, downtimeLimitMs: 300 });
+      let cap = heldParameters(SPARSE)['max-bandwidth']!;
+      // QEMU's readings of the run that lost it (remaining, first pass): the last of them was followed by pre-switchover 46 ms later.
+      const seen = [66473984, 58359808, 40 * MiB, 20 * MiB, 12 * MiB, 9 * MiB];
+      for (const remaining of seen) {
+        hold.progress(progress({ rounds: 1, remainingBytes: remaining, rateBytesPerSec: 9 * MiB }), total);
+        await tick();
+        cap = (m.sent.at(-1)?.['max-bandwidth'] as number | undefined) ?? cap;
+        // What the cap sends in 0.8 × HOLD_SAFE_MS is less than what the pass has left.
+        expect((cap * 0.8 * HOLD_SAFE_MS) / 1000, `remaining ${remaining}`).toBeLessThan(passCost(remaining));
+      }
+      expect(m.sent.length).toBeGreaterThan(1);
+      expect(m.sent.every((x) => x['max-bandwidth']! > CRAWL_BANDWIDTH)).toBe(true);
+      const crawl = hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 4096, rateBytesPerSec: 0 }), total);
+      await tick();
+      expect(m.sent.at(-1)).toEqual({ 'max-bandwidth': CRAWL_BANDWIDTH });
+      // All zero pages and the ROM tail: a few KiB to send, not 8 MiB.
+      expect(crawl.remainingBytes).toBe(passCost(8 * MiB - 4096));
+      expect(crawl.remainingBytes).toBeLessThan(64 * 1024);
+      expect(crawl.rounds).toBe(2);
+    });
+
+    it('a pass already over (QEMU re-read its dirty log) is held as without the map', async () => {
+      const m = recorder();
+      const hold = new QemuCopyHold(m.set, new PrewarmGate(), { ...SPARSE, downtimeLimitMs: 300 });
+      hold.progress(progress({ rounds: 2, remainingBytes: 20 * MiB }), total);
+      await tick();
+      expect(m.sent).toEqual([{ 'max-bandwidth': 10 * MiB }]);
+    });
   });
 });

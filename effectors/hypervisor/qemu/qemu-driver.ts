@@ -23,7 +23,7 @@ import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-
 import { QemuProcess, launchAccel, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { QemuFanOutSession } from './qemu-fan-out.ts';
-import { QemuCopyHold, heldParameters, holdMode, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
+import { QemuCopyHold, heldParameters, holdMode, mapZeroPages, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 import { checkRamForMigration, queryBaseMemory } from './ram-size-check.ts';
 import { fitStream, type StreamFit } from './stream-fit.ts';
@@ -838,11 +838,18 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       const tlsParams = o.viaLocalRelay ? { 'tls-creds': '' } : this.o.tls === undefined ? {} : await this.tlsObjects(vm, qmp, { endpoint: 'client', hostname: o.targetName! });
       mirrorTls = tlsParams['tls-creds'];
       // A pre-warm's hold depends on how hard the guest writes (qemu-prewarm.ts): measured now, 1 s.
-      const holdShape: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth'> = {
-        mode: o.prewarm?.held() ? holdMode(await this.measureDirtyRate(name, 1).catch(() => undefined)) : 'limit',
+      const mode = o.prewarm?.held() ? holdMode(await this.measureDirtyRate(name, 1).catch(() => undefined)) : 'limit';
+      // A reserve copy is paced by what the rest of its pass costs (zero pages are nearly free): the guest's zero pages, now.
+      const pageCosts =
+        mode === 'reserve'
+          ? await mapZeroPages((address, size, filename) => qmp.execute('pmemsave', { val: address, size, filename }, { timeoutMs: Math.max(this.timeoutMs, 120_000) }), vm.spec.memory, vm.stateDir).catch(() => undefined)
+          : undefined;
+      const holdShape: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth' | 'pageCosts'> = {
+        mode,
         memoryBytes: vm.spec.memory,
         pollMs: this.pollMs,
         ...(o.maxBandwidth === undefined ? {} : { maxBandwidth: o.maxBandwidth }),
+        ...(pageCosts === undefined ? {} : { pageCosts }),
       };
       // Most of this was set when the QEMU started (presetMigration): only what differs goes out.
       await this.applyMigrationSettings(qmp, {
@@ -886,7 +893,7 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
         if ((info['expected-downtime'] ?? 0) > 0) expectedDowntimeMs = info['expected-downtime']!;
         const p = progress(info);
         if (p.dirtyRateBytesPerSec > 0) finalDirtyRate = p.dirtyRateBytesPerSec;
-        o.onProgress?.(hold ? hold.progress(p) : p);
+        o.onProgress?.(hold ? hold.progress(p, info.ram?.total) : p);
         if (mirror !== undefined && !testWritten && info.status === 'active') {
           testWritten = true;
           await testHookWrite(qmp, mirrored[0], 'duringMemory');

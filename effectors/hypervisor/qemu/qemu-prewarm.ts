@@ -17,6 +17,12 @@
  *   crawls (`max-bandwidth` {@link CRAWL_BANDWIDTH}: one page per 100 ms window), so QEMU never
  *   catches up, never re-reads the dirty log and never switches. Pages the guest dirties meanwhile
  *   go after the command, with the reserve; for a guest that writes little that is little.
+ *   `max-bandwidth` counts bytes, and QEMU sends a zero page as 9 bytes: a guest whose RAM ends in
+ *   zero pages (one that has used little of it) got through that tail between two polls, past its
+ *   reserve, re-read its dirty log and, writing slowly (or starved of CPU on a loaded host),
+ *   switched (issue 13: `holdLost`). So the approach is paced by what the rest of the pass costs
+ *   to send, from a map of the guest's zero pages taken at the start ({@link PageCosts}): the cap
+ *   never lets the pass end within {@link HOLD_SAFE_MS}, however late the next poll.
  *
  * At the command the throttle comes back; at the lift the real `downtime-limit` and `max-bandwidth`
  * do, and QEMU switches as soon as it fits (pause-before-switchover still gives the management
@@ -24,10 +30,24 @@
  * that went quiet), the driver cancels (the VM runs on) with MIGRATION_FAILED `holdLost` rather
  * than keep the VM paused until the command.
  */
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import type { MigrationProgress } from '../hypervisor-contract.ts';
 import type { PrewarmHold } from '../prewarm-gate.ts';
 
 const MiB = 1024 * 1024;
+const PAGE = 4096;
+
+/** Bytes QEMU 7.2 puts on the stream for a zero page in a pass: the 8-byte page header and one byte. */
+export const ZERO_PAGE_COST = 9;
+/** …and for any other page: the header and the page. */
+export const DATA_PAGE_COST = PAGE + 8;
+
+/** How late a poll may come while a `reserve` copy approaches its reserve without the pass ending, ms: the cap is at most what is left of the pass per this time. */
+export const HOLD_SAFE_MS = 1000;
+
+/** Guest RAM mapped for its zero pages only up to this size: below it QEMU's main RAM block is the guest-physical range from 0 (a larger pc/q35 guest has a hole below 4 GiB). */
+export const PAGE_MAP_MAX_BYTES = 2048 * MiB;
 
 /** The downtime limit that holds a pre-warm's copy, ms. */
 export const HOLD_DOWNTIME_LIMIT_MS = 1;
@@ -57,6 +77,70 @@ export function reserveBytes(memory: number): number {
   return Math.min(256 * MiB, Math.max(4 * MiB, Math.round(memory / 8)));
 }
 
+/**
+ * What each page of the guest's RAM costs to send in a pre-copy pass, as suffix sums in QEMU's
+ * order (its main RAM block first, which is the guest-physical range from 0), so the cost of the
+ * rest of a pass is known from QEMU's `ram.remaining` alone. A snapshot: a zero page the guest
+ * writes afterwards costs more (the pace is then slower than needed), a page it clears less (the
+ * margin of {@link HOLD_SAFE_MS} covers that).
+ */
+export class PageCosts {
+  private readonly suffix: Float64Array;
+
+  /** `zero[i]` is 1 when the guest's page i was all zeros. */
+  constructor(zero: Uint8Array) {
+    this.suffix = new Float64Array(zero.length + 1);
+    for (let i = zero.length - 1; i >= 0; i--) this.suffix[i] = this.suffix[i + 1]! + (zero[i] ? ZERO_PAGE_COST : DATA_PAGE_COST);
+  }
+
+  /** Pages mapped. */
+  get pages(): number {
+    return this.suffix.length - 1;
+  }
+
+  /**
+   * What the last `unsentPages` of a pass over `totalPages` cost. Pages past the map (QEMU's smaller
+   * RAM blocks, which come after the main one) are taken as zero pages: the cheap guess, so a cap
+   * derived from it is never too high.
+   */
+  costOfLast(unsentPages: number, totalPages: number): number {
+    const beyond = Math.max(0, totalPages - this.pages);
+    const tail = Math.min(unsentPages, beyond);
+    const mapped = Math.min(this.pages, unsentPages - tail);
+    return tail * ZERO_PAGE_COST + this.suffix[this.pages - mapped]!;
+  }
+}
+
+/** Saves `size` bytes of guest-physical memory from `address` to `file` (QMP `pmemsave`). */
+export type PhysicalMemorySave = (address: number, size: number, file: string) => Promise<unknown>;
+
+/**
+ * Maps the guest's zero pages (`pmemsave` in 64 MiB pieces into `dir`, each read and deleted): a
+ * write and a read of the RAM on that disk, about 0.1 s for 64 MiB here. Undefined for a guest
+ * larger than {@link PAGE_MAP_MAX_BYTES} (its hold paces by pages, as before the map).
+ */
+export async function mapZeroPages(save: PhysicalMemorySave, memoryBytes: number, dir: string): Promise<PageCosts | undefined> {
+  if (memoryBytes > PAGE_MAP_MAX_BYTES) return undefined;
+  const piece = 64 * MiB;
+  const zero = new Uint8Array(Math.ceil(memoryBytes / PAGE));
+  const empty = Buffer.alloc(PAGE);
+  for (let address = 0; address < memoryBytes; address += piece) {
+    const length = Math.min(piece, memoryBytes - address);
+    const file = join(dir, `pmem-zero-map-${process.pid}-${address}.bin`);
+    try {
+      await save(address, length, file);
+      const buf = readFileSync(file);
+      for (let off = 0; off < buf.length; off += PAGE) {
+        const end = Math.min(off + PAGE, buf.length);
+        zero[(address + off) / PAGE] = buf.compare(empty, 0, end - off, off, end) === 0 ? 1 : 0;
+      }
+    } finally {
+      rmSync(file, { force: true });
+    }
+  }
+  return new PageCosts(zero);
+}
+
 /** What the hold needs of the source QEMU's monitor: `migrate-set-parameters` with these. */
 export type SetParameters = (params: Readonly<Record<string, number>>) => Promise<unknown>;
 
@@ -66,6 +150,8 @@ export interface QemuCopyHoldOptions {
   readonly memoryBytes: number;
   /** The driver's query-migrate period, ms: the bulk copy of a `reserve` hold is capped per period ({@link bulkCap}). */
   readonly pollMs: number;
+  /** The guest's zero pages at the start ({@link mapZeroPages}): a `reserve` copy is paced by what the rest of its pass costs. Without it, by pages. */
+  readonly pageCosts?: PageCosts;
   /** The migration's own downtime limit, applied at the lift. */
   readonly downtimeLimitMs: number;
   /** The migration's own bandwidth cap, bytes/s (none: unlimited), applied at the lift. */
@@ -79,10 +165,17 @@ export interface QemuCopyHoldOptions {
 }
 
 /** The parameters a held copy starts with (they override the migration's own). */
-export function heldParameters(o: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth'>): Readonly<Record<string, number>> {
+export function heldParameters(o: Pick<QemuCopyHoldOptions, 'mode' | 'memoryBytes' | 'pollMs' | 'maxBandwidth' | 'pageCosts'>): Readonly<Record<string, number>> {
   const held = { 'downtime-limit': HOLD_DOWNTIME_LIMIT_MS, 'cpu-throttle-initial': 1, 'max-cpu-throttle': 1 };
   if (o.mode === 'limit') return held;
-  return { ...held, 'max-bandwidth': bulkCap(o, 2) };
+  // The whole pass ahead (the main block; QEMU's smaller blocks after it add to it): even a first poll that comes late finds it unfinished.
+  const pass = o.pageCosts?.costOfLast(o.pageCosts.pages, o.pageCosts.pages);
+  return { ...held, 'max-bandwidth': pass === undefined ? bulkCap(o, 2) : pacedCap(o, pass) };
+}
+
+/** The cap that leaves `passCost` (what the rest of the pass costs) unsent for {@link HOLD_SAFE_MS}, within the bulk cap. */
+function pacedCap(o: Pick<QemuCopyHoldOptions, 'memoryBytes' | 'pollMs' | 'maxBandwidth'>, passCost: number): number {
+  return Math.max(CRAWL_BANDWIDTH, Math.min(bulkCap(o, 2), Math.floor((passCost * 1000) / HOLD_SAFE_MS)));
 }
 
 /**
@@ -116,6 +209,8 @@ export class QemuCopyHold {
   private closed = false;
   private crawling = false;
   private slowed = false;
+  /** The `max-bandwidth` last set while the approach is paced by {@link PageCosts}. */
+  private pacedCap: number;
   /** Epoch ms of the lift once its parameters are applied; undefined while held. */
   liftedAt: number | undefined;
   /** A parameter change QEMU refused (or the monitor went away): the driver ends the migration with it. */
@@ -126,6 +221,7 @@ export class QemuCopyHold {
     private readonly hold: PrewarmHold,
     private readonly o: QemuCopyHoldOptions,
   ) {
+    this.pacedCap = heldParameters(o)['max-bandwidth'] ?? UNLIMITED_BANDWIDTH;
     const throttleBack = { 'cpu-throttle-initial': o.cpuThrottleInitial ?? QEMU_THROTTLE_INITIAL, 'max-cpu-throttle': QEMU_MAX_CPU_THROTTLE };
     // The lift settles `commanded` too (just before): then the lift's own change carries the throttle.
     void hold.commanded?.then(() => (hold.held() ? this.apply(throttleBack) : undefined));
@@ -147,19 +243,38 @@ export class QemuCopyHold {
    * copy's): QEMU's own rate then is what it still sends, not what the stream can carry. A crawling
    * copy has sent all but the reserve and re-reads nothing: it counts as past its first round.
    */
-  progress(p: MigrationProgress): MigrationProgress {
+  progress(p: MigrationProgress, ramTotalBytes?: number): MigrationProgress {
     this.peakRate = Math.max(this.peakRate, p.rateBytesPerSec);
     const reserve = reserveBytes(this.o.memoryBytes);
+    const costs = this.o.pageCosts;
+    const totalPages = ramTotalBytes === undefined ? undefined : Math.ceil(ramTotalBytes / PAGE);
+    const unsentPages = Math.ceil(p.remainingBytes / PAGE);
     if (this.o.mode === 'reserve' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0) {
       if (p.remainingBytes <= reserve) {
         this.crawling = true;
         void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+      } else if (costs !== undefined && totalPages !== undefined && p.rounds <= 1) {
+        // Still in the first pass: what is unsent is the end of it, whose cost the map knows.
+        const cap = pacedCap(this.o, costs.costOfLast(unsentPages, totalPages));
+        // Lowered only (the pass's rest only shrinks), and not for every small step: one change per fifth.
+        if (cap < this.pacedCap * 0.8) {
+          this.pacedCap = cap;
+          void this.apply({ 'max-bandwidth': cap });
+        }
       } else if (p.remainingBytes <= 3 * reserve && !this.slowed) {
         this.slowed = true;
         void this.apply({ 'max-bandwidth': bulkCap(this.o, 8) });
       }
     }
-    return { ...p, rateBytesPerSec: this.peakRate, ...(this.crawling && this.hold.held() ? { rounds: Math.max(2, p.rounds) } : {}) };
+    const held = this.crawling && this.hold.held();
+    // A crawling reserve is judged by what it costs to send: zero pages are a header each.
+    const reserveCost = held && costs !== undefined && totalPages !== undefined ? Math.min(p.remainingBytes, costs.costOfLast(unsentPages, totalPages)) : undefined;
+    return {
+      ...p,
+      rateBytesPerSec: this.peakRate,
+      ...(held ? { rounds: Math.max(2, p.rounds) } : {}),
+      ...(reserveCost === undefined ? {} : { remainingBytes: reserveCost }),
+    };
   }
 
   /** The migration ended: later gate changes touch nothing. */
