@@ -26,7 +26,7 @@ import { FanOutJournal } from './fan-out-journal.ts';
 import { PrewarmControl, type PrewarmInfo } from './prewarm.ts';
 import { summaryOf, type MigrationInfo, type MigrationProgress, type MigrationSummary } from './migration-record.ts';
 import type { MigrationRow } from './migration-journal.ts';
-import { faultPoint } from './fault-points.ts';
+import { faultPoint, forwardBackOffFault } from './fault-points.ts';
 import { Forwarding } from './forwarding.ts';
 import { HandOverWaits } from './forwarding-hand-over.ts';
 import { withLogContext } from '../logger.ts';
@@ -167,6 +167,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     this.forwarding = new Forwarding({
       host: o.host,
       connect: (peer) => connectNamedPeer(this.o.peers, peer, { ...this.auth, requestTimeoutMs: this.o.stepTimeoutMs }),
+      ...forwardBackOffFault(),
     });
     this.handOvers = new HandOverWaits({ host: o.host, waitMs: o.forwardGraceMs + o.stepTimeoutMs, leaving: (vm) => this.leaving(vm) });
   }
