@@ -35,6 +35,25 @@ export function thrownCode(fn: () => unknown, errorClass: abstract new (...args:
 }
 
 /**
+ * What `fn` throws, asserted to be an `errorClass` (its code and message for the test to check);
+ * fails the test when it returns.
+ *
+ * @example
+ * ```ts
+ * expect(thrown(() => loadConfig(bad), ConfigError).message).toMatch(/endpoints/);
+ * ```
+ */
+export function thrown<E extends EmbotError>(fn: () => unknown, errorClass: abstract new (...args: never[]) => E): E {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(errorClass);
+    return e as E;
+  }
+  throw new Error(`expected a ${errorClass.name}, nothing was thrown`);
+}
+
+/**
  * The EmbotError `p` rejects with; fails the test when it resolves or rejects with anything else.
  *
  * @example

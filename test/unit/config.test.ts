@@ -6,6 +6,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { ConfigError, ErrorCodes } from '../../core/errors.ts';
 import { loadConfig, validateConfig } from '../../core/config/config.ts';
 import { defaultAgentName } from '../../core/config/defaults.ts';
+import { thrown } from '../harness/expect-code.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'embot-config-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -14,16 +15,6 @@ function file(name: string, text: string): string {
   const p = join(dir, name);
   writeFileSync(p, text);
   return p;
-}
-
-function configError(fn: () => unknown): ConfigError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ConfigError);
-    return e as ConfigError;
-  }
-  throw new Error('expected a ConfigError, nothing was thrown');
 }
 
 describe('config defaults', () => {
@@ -117,38 +108,38 @@ describe('config files and flags', () => {
 
 describe('config errors', () => {
   it('a missing file is CONFIG_NOT_FOUND naming the file', () => {
-    const e = configError(() => loadConfig({ env: {}, file: join(dir, 'nope.yaml') }));
+    const e = thrown(() => loadConfig({ env: {}, file: join(dir, 'nope.yaml') }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_NOT_FOUND);
     expect(e.message).toContain('nope.yaml');
   });
 
   it('bad YAML and bad JSON syntax are CONFIG_INVALID with the parser position', () => {
-    const y = configError(() => loadConfig({ env: {}, file: file('bad.yaml', 'name: a\n  control: [\n') }));
+    const y = thrown(() => loadConfig({ env: {}, file: file('bad.yaml', 'name: a\n  control: [\n') }), ConfigError);
     expect(y.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(y.message).toMatch(/bad\.yaml: syntax error: .*line/s);
-    const j = configError(() => loadConfig({ env: {}, file: file('bad.json', '{"name": "a",}') }));
+    const j = thrown(() => loadConfig({ env: {}, file: file('bad.json', '{"name": "a",}') }), ConfigError);
     expect(j.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(j.message).toContain('bad.json: syntax error');
-    const dup = configError(() => loadConfig({ env: {}, file: file('dup.yaml', 'name: a\nname: b\n') }));
+    const dup = thrown(() => loadConfig({ env: {}, file: file('dup.yaml', 'name: a\nname: b\n') }), ConfigError);
     expect(dup.code).toBe(ErrorCodes.CONFIG_INVALID);
   });
 
   it('a file that is not a mapping is CONFIG_INVALID', () => {
-    const e = configError(() => loadConfig({ env: {}, file: file('list.yaml', '- a\n- b\n') }));
+    const e = thrown(() => loadConfig({ env: {}, file: file('list.yaml', '- a\n- b\n') }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(e.message).toContain('expected an object of settings, got a list');
   });
 
   it('unknown keys are rejected at any depth, with the known keys as a hint', () => {
-    const e = configError(() => loadConfig({ env: {}, file: file('typo.yaml', 'dataDirr: x\ncontrol:\n  prot: 1\n') }));
+    const e = thrown(() => loadConfig({ env: {}, file: file('typo.yaml', 'dataDirr: x\ncontrol:\n  prot: 1\n') }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(e.message).toContain('(root): unknown key "dataDirr" (known keys: name, dataDir,');
     expect(e.message).toContain('control: unknown key "prot" (known keys: host, port, token)');
   });
 
   it('lists every wrong type as path: message', () => {
-    const e = configError(() =>
-      validateConfig({ name: 'Bad Name', control: { port: 70000 }, driver: 'xen', sensors: { host: { intervalMs: -5 } }, safe: 'yes', logLevel: 'loud' }),
+    const e = thrown(() =>
+      validateConfig({ name: 'Bad Name', control: { port: 70000 }, driver: 'xen', sensors: { host: { intervalMs: -5 } }, safe: 'yes', logLevel: 'loud' }), ConfigError,
     );
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = e.details!['issues'] as string[];
@@ -161,7 +152,7 @@ describe('config errors', () => {
     const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false, stepTimeoutMs: 5000 } });
     expect(c.driver).toBe('qemu');
     expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false, stepTimeoutMs: 5000 });
-    const e = configError(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x', spareIncoming: 'yes', stepTimeoutMs: -1 } }));
+    const e = thrown(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x', spareIncoming: 'yes', stepTimeoutMs: -1 } }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
     expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming', 'qemu.stepTimeoutMs']);
@@ -174,22 +165,22 @@ describe('config errors', () => {
       prefix: '/fleet/a',
       ttlSeconds: 2,
     });
-    const e = configError(() => validateConfig({ directory: { kind: 'consul', endpoints: ['127.0.0.1:2379'], prefix: 'embot/', ttlSeconds: 0, extra: 1 } }));
+    const e = thrown(() => validateConfig({ directory: { kind: 'consul', endpoints: ['127.0.0.1:2379'], prefix: 'embot/', ttlSeconds: 0, extra: 1 } }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort()).toEqual(['directory', 'directory.endpoints.0', 'directory.kind', 'directory.prefix', 'directory.ttlSeconds']);
     for (const bad of [[], ['ftp://127.0.0.1:2379'], ['http://127.0.0.1:2379/v3/kv'], 'http://127.0.0.1:2379']) {
-      const err = configError(() => validateConfig({ directory: { endpoints: bad } }));
+      const err = thrown(() => validateConfig({ directory: { endpoints: bad } }), ConfigError);
       expect((err.details!['issues'] as string[])[0], JSON.stringify(bad)).toMatch(/^directory\.endpoints/);
     }
     for (const bad of ['/', '/embot/', '/a//b', '/a b', 7]) {
-      const err = configError(() => validateConfig({ directory: { prefix: bad } }));
+      const err = thrown(() => validateConfig({ directory: { prefix: bad } }), ConfigError);
       expect((err.details!['issues'] as string[]).map((i) => i.split(':')[0]), String(bad)).toEqual(['directory.prefix']);
     }
   });
 
   it("takes sim.startMemory 'random' and refuses another value by path", () => {
     expect(validateConfig({ sim: { startMemory: 'random' } }).sim.startMemory).toBe('random');
-    const e = configError(() => validateConfig({ sim: { startMemory: 'full' } }));
+    const e = thrown(() => validateConfig({ sim: { startMemory: 'full' } }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0])).toEqual(['sim.startMemory']);
   });
@@ -197,16 +188,16 @@ describe('config errors', () => {
   it('takes peer.protocol 1 (a rolling upgrade pinning the old wire protocol) and refuses versions it does not speak by path', () => {
     expect(validateConfig({ peer: { protocol: 1 } }).peer.protocol).toBe(1);
     for (const bad of [0, 3, 1.5, '2']) {
-      const e = configError(() => validateConfig({ peer: { protocol: bad } }));
+      const e = thrown(() => validateConfig({ peer: { protocol: bad } }), ConfigError);
       expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0]), String(bad)).toEqual(['peer.protocol']);
     }
   });
 
   it('bad flags are rejected like bad file values', () => {
-    const e = configError(() => loadConfig({ env: {}, flags: { control: { port: -1 } } }));
+    const e = thrown(() => loadConfig({ env: {}, flags: { control: { port: -1 } } }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(e.message).toContain('control.port:');
-    const t = configError(() => loadConfig({ env: { EMBOT_CONTROL_TOKEN: 'short' } }));
+    const t = thrown(() => loadConfig({ env: { EMBOT_CONTROL_TOKEN: 'short' } }), ConfigError);
     expect(t.message).toContain('control.token: a control token must be at least 8 characters');
   });
 });

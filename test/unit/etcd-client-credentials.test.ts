@@ -6,6 +6,7 @@ import { loadConfig } from '../../core/config/config.ts';
 import { ConfigError, ErrorCodes } from '../../core/errors.ts';
 import { loadEtcdCredentials } from '../../core/peers/etcd-client-credentials.ts';
 import { makeTlsFixture, type TlsFixture } from '../harness/cluster-tls.ts';
+import { thrown } from '../harness/expect-code.ts';
 
 let dir: string;
 let tls: TlsFixture;
@@ -17,16 +18,6 @@ beforeAll(async () => {
   writeFileSync(join(dir, 'garbage.pem'), 'not a certificate');
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-function configError(fn: () => unknown): ConfigError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ConfigError);
-    return e as ConfigError;
-  }
-  throw new Error('expected a ConfigError, nothing was thrown');
-}
 
 const etcdFlags = (directory: Record<string, unknown>) => ({ flags: { directory: { kind: 'etcd', endpoints: ['https://127.0.0.1:2379'], ...directory } }, env: {} }) as Parameters<typeof loadConfig>[0];
 
@@ -51,7 +42,7 @@ describe('etcd client credentials (directory.tls, directory.auth)', () => {
     ['an empty password file', () => ({ auth: { username: 'embot', passwordFile: join(dir, 'empty') } }), ErrorCodes.CONFIG_INVALID, /is empty/],
   ])('bad input: %s is a coded config error', (_what, input, code, message) => {
     const { tls: t, auth } = input() as { tls?: { ca: string; cert?: string; key?: string }; auth?: { username: string; passwordFile: string } };
-    const e = configError(() => loadEtcdCredentials(t, auth));
+    const e = thrown(() => loadEtcdCredentials(t, auth), ConfigError);
     expect(e.code).toBe(code);
     expect(e.message).toMatch(message);
   });
@@ -63,7 +54,7 @@ describe('etcd client credentials (directory.tls, directory.auth)', () => {
     ['directory.auth without a password file', { auth: { username: 'embot' } }, /password is required|passwordFile/],
     ['a password written in config', { auth: { username: 'embot', password: 'x', passwordFile: 'p' } }, /password/],
   ])('bad config: %s is refused with EMBOT_ERR_CONFIG_INVALID', (_what, directory, message) => {
-    const e = configError(() => loadConfig(etcdFlags(directory)));
+    const e = thrown(() => loadConfig(etcdFlags(directory)), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(e.message).toMatch(message);
   });

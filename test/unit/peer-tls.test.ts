@@ -16,6 +16,7 @@ import { PROTOCOL_VERSION, PeerServer, computeProof, connectPeer, createNonce, d
 import { clientTlsOptions, loadPeerTls, serverTlsOptions, type PeerTls } from '../../core/wire/peer-tls.ts';
 import { reuseReceiveBuffer } from '../../core/wire/receive-buffer.ts';
 import { makeTlsFixture, type TlsFixture } from '../harness/cluster-tls.ts';
+import { thrown } from '../harness/expect-code.ts';
 
 const SECRET = Buffer.from('peer-tls-unit-cluster-secret-01');
 
@@ -264,40 +265,31 @@ describe('peer link over mutual TLS', () => {
 });
 
 describe('loadPeerTls', () => {
-  function configError(fn: () => unknown): ConfigError {
-    try {
-      fn();
-    } catch (e) {
-      expect(e).toBeInstanceOf(ConfigError);
-      return e as ConfigError;
-    }
-    throw new Error('expected a ConfigError');
-  }
 
   it('refuses a certificate another CA signed, one for another agent, a key of another certificate, and missing files', () => {
     const a = ca1.files('a');
     const foreign = ca2.files('a');
-    let e = configError(() => loadPeerTls({ ...foreign, ca: a.ca }, 'a'));
+    let e = thrown(() => loadPeerTls({ ...foreign, ca: a.ca }, 'a'), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(e.message).toContain('not signed by the cluster CA');
-    e = configError(() => loadPeerTls(a, 'b'));
+    e = thrown(() => loadPeerTls(a, 'b'), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     expect(e.message).toContain('not to this agent b');
-    e = configError(() => loadPeerTls({ ...a, key: ca1.files('b').key }, 'a'));
+    e = thrown(() => loadPeerTls({ ...a, key: ca1.files('b').key }, 'a'), ConfigError);
     expect(e.message).toContain('is not the key of');
-    e = configError(() => loadPeerTls({ ...a, ca: a.cert }, 'a'));
+    e = thrown(() => loadPeerTls({ ...a, ca: a.cert }, 'a'), ConfigError);
     expect(e.message).toContain('is not a CA certificate');
-    e = configError(() => loadPeerTls({ ...a, cert: join(root, 'nope.crt') }, 'a'));
+    e = thrown(() => loadPeerTls({ ...a, cert: join(root, 'nope.crt') }, 'a'), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_NOT_FOUND);
     const garbage = join(root, 'garbage.pem');
     writeFileSync(garbage, 'not a certificate');
-    e = configError(() => loadPeerTls({ ...a, cert: garbage }, 'a'));
+    e = thrown(() => loadPeerTls({ ...a, cert: garbage }, 'a'), ConfigError);
     expect(e.message).toContain('is not a PEM certificate');
   });
 
   it('refuses a certificate that is not valid at the given time', () => {
     const later = new Date(Date.now() + 400 * 24 * 3600 * 1000);
-    const e = configError(() => loadPeerTls(ca1.files('a'), 'a', later));
+    const e = thrown(() => loadPeerTls(ca1.files('a'), 'a', later), ConfigError);
     expect(e.message).toMatch(/valid from .* not now/);
   });
 });
