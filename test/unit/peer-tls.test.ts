@@ -265,7 +265,6 @@ describe('peer link over mutual TLS', () => {
 });
 
 describe('loadPeerTls', () => {
-
   it('refuses a certificate another CA signed, one for another agent, a key of another certificate, and missing files', () => {
     const a = ca1.files('a');
     const foreign = ca2.files('a');
