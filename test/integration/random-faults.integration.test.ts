@@ -4,6 +4,7 @@ import { Cluster } from '../harness/cluster.ts';
 import { sleep, waitFor } from '../harness/agent-process.ts';
 import { prng } from '../harness/prng.ts';
 import { ControlError, ErrorCodes } from '../../core/errors.ts';
+import { MAX_EVENTS_LIMIT } from '../../core/control/control-api.ts';
 import { cpSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -162,7 +163,7 @@ describe('random-moment faults during a migration', () => {
 
       const acked = state.acked;
       const deadLettered = async (): Promise<{ seq: number; embot: string; reason: string }[]> => {
-        const all = [...(await owner.client.listDeadLetters()), ...(await other.client.listDeadLetters())].filter((d) => d.event.elementId === 'vm:app');
+        const all = [...(await owner.client.listDeadLetters({ limit: MAX_EVENTS_LIMIT })), ...(await other.client.listDeadLetters({ limit: MAX_EVENTS_LIMIT }))].filter((d) => d.event.elementId === 'vm:app');
         return all.map((d) => ({ seq: Number((d.event.payload as { seq?: number } | null)?.seq), embot: d.embotId, reason: d.reason })).sort((x, y) => x.seq - y.seq);
       };
       // Processed, or (see ownerMayHaveMissedGrace) a dead letter: the source's forwarding settles them before its refusals go out.
