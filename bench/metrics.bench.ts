@@ -44,6 +44,7 @@ async function startRig(file: string, withMetrics: boolean): Promise<Rig> {
         vms: () => [],
         migrations: () => [],
         udp: () => [],
+        directory: () => ({ kind: 'static', state: 'static', peers: [] }),
       })
     : undefined;
   return { sensors, runtime, ...(metrics ? { metrics } : {}), seq: 0, close };

@@ -259,6 +259,7 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
         }
         return out;
       },
+      directory: () => this.directory.status(),
     };
   }
 

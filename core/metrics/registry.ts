@@ -77,7 +77,20 @@ export interface MigrationEnd {
   readonly bytes: number;
   readonly memoryBytes: number;
   readonly precopy?: { readonly perPath: readonly { readonly name: string; readonly bytes: number }[] };
+  /** A migration to several destinations (source side): each destination of each attempt, with its outcome (won, terminated, bootFailed, denied, failed). */
+  readonly destinations?: readonly { readonly outcome: string }[];
 }
+
+/** The fleet directory as the agent sees it (structural: core/peers' DirectoryStatus fits). */
+export interface DirectoryView {
+  readonly kind: string;
+  readonly state: string;
+  readonly peers: readonly { readonly source: string }[];
+}
+
+/** Every state a directory can be in: each is a series of `embot_directory_state`, 1 for the current one, so an alert need not know which ones exist. */
+const DIRECTORY_STATES = ['static', 'connecting', 'connected', 'conflict', 'unavailable', 'closed'] as const;
+const PEER_SOURCES = ['config', 'etcd'] as const;
 
 export interface UdpView {
   readonly vm: string;
@@ -95,6 +108,7 @@ export interface MetricsSources {
   vms(): readonly { readonly state: string }[];
   migrations(): readonly MigrationView[];
   udp(): readonly UdpView[];
+  directory(): DirectoryView;
 }
 
 /** The typed handle the block fetcher (images) increments: bytes it fetched, by the holder they came from. */
@@ -130,6 +144,7 @@ export class AgentMetrics {
   private readonly migrationDowntime: Histogram<'role'>;
   private readonly migrationPhaseBytes: Counter<'role' | 'phase'>;
   private readonly migrationPathBytes: Counter<'path'>;
+  private readonly fanOutDestinations: Counter<'outcome'>;
   private readonly pluginErrors: Counter<'plugin'>;
   private readonly quarantines: Counter<'module'>;
 
@@ -144,6 +159,7 @@ export class AgentMetrics {
       vms: oncePerScrape(() => sources.vms()),
       migrations: oncePerScrape(() => sources.migrations()),
       udp: oncePerScrape(() => sources.udp()),
+      directory: oncePerScrape(() => sources.directory()),
     };
 
     new Gauge({ name: 'embot_agent_info', help: 'This agent: always 1, its name, version and hypervisor driver as labels.', labelNames: ['agent', 'version', 'driver'], registers })
@@ -251,6 +267,12 @@ export class AgentMetrics {
     this.migrationDowntime = new Histogram({ name: 'embot_migration_downtime_seconds', help: "Completed migrations: from the VM's stop at the source to the target's acknowledgement.", labelNames: ['role'], buckets: DOWNTIME_BUCKETS, registers });
     this.migrationPhaseBytes = new Counter({ name: 'embot_migration_data_processed_bytes_total', help: "Bytes a migration moved, by role and phase: 'memory' (the VM's memory) or 'management' (elements, embots, events).", labelNames: ['role', 'phase'], registers });
     this.migrationPathBytes = new Counter({ name: 'embot_migration_path_bytes_total', help: 'Memory bytes sent per data path (source side).', labelNames: ['path'], registers });
+    this.fanOutDestinations = new Counter({
+      name: 'embot_fanout_destinations_total',
+      help: 'Destinations of migrations to several destinations (source side), by outcome: won, terminated (another won), bootFailed, denied, failed.',
+      labelNames: ['outcome'],
+      registers,
+    });
     new Gauge({
       name: 'embot_migrations_running',
       help: 'Migrations running now, by role.',
@@ -283,6 +305,30 @@ export class AgentMetrics {
     runningGauge('embot_migration_data_remaining_bytes', 'Running migrations: dirty memory left to copy (pre-copy).', (p) => p.remainingBytes);
     runningGauge('embot_migration_memory_transfer_rate_bytes_per_second', 'Running migrations: memory copy rate.', (p) => p.rateBytesPerSec);
     runningGauge('embot_migration_dirty_memory_rate_bytes_per_second', "Running migrations: the rate the guest dirties memory.", (p) => p.dirtyRateBytesPerSec);
+
+    // ---- fleet directory ----
+    new Gauge({
+      name: 'embot_directory_state',
+      help: "The fleet directory's state: 1 for the current one (conflict: another live agent holds this one's name in etcd; unavailable: etcd unreachable, the peers last known kept).",
+      labelNames: ['kind', 'state'],
+      registers,
+      collect() {
+        this.reset();
+        const d = s.directory();
+        for (const state of DIRECTORY_STATES) this.set({ kind: d.kind, state }, state === d.state ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'embot_directory_peers',
+      help: 'Peers this agent knows, by where they came from (config, etcd).',
+      labelNames: ['source'],
+      registers,
+      collect() {
+        this.reset();
+        for (const source of PEER_SOURCES) this.set({ source }, 0);
+        for (const p of s.directory().peers) this.inc({ source: p.source });
+      },
+    });
 
     // ---- UDP relays and block fetches ----
     new Counter({
@@ -344,6 +390,7 @@ export class AgentMetrics {
     const management = Math.max(0, s.bytes - memory);
     if (management > 0) this.migrationPhaseBytes.inc({ role, phase: 'management' }, management);
     for (const p of s.precopy?.perPath ?? []) if (p.bytes > 0) this.migrationPathBytes.inc({ path: p.name }, p.bytes);
+    if (role === 'source') for (const d of s.destinations ?? []) this.fanOutDestinations.inc({ outcome: d.outcome });
   }
 
   pluginError(plugin: string): void {

@@ -144,6 +144,11 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
     await waitFor(async () => (await directoryOf(twin)).state === 'conflict', 10_000, 'the twin to see the name taken');
     expect((await directoryOf(twin)).lastError).toMatchObject({ code: ErrorCodes.DIRECTORY_NAME_TAKEN, message: expect.stringContaining(`held in etcd by another live agent (${firstUrl}`) });
     expect(logged(twin, ErrorCodes.DIRECTORY_NAME_TAKEN)).toHaveLength(1);
+    // Alertable: the state as a metric series.
+    const metrics = await (await fetch(`${twin.url}/metrics`)).text();
+    expect(metrics).toContain('embot_directory_state{kind="etcd",state="conflict"} 1\n');
+    expect(metrics).toContain('embot_directory_state{kind="etcd",state="connected"} 0\n');
+    expect(metrics).toContain('embot_directory_peers{source="etcd"} 1\n');
     const peers = await runCli(['peers', '--agent', twin.url]);
     expect(peers.stdout).toMatch(/directory: etcd, conflict — the name a is held in etcd by another live agent .* \[EMBOT_ERR_DIRECTORY_NAME_TAKEN\]/);
     // It still reads the fleet and serves its API; the record and b still name the first a.

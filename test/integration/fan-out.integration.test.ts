@@ -95,6 +95,9 @@ describe('first to boot wins', () => {
     expect(onB.outcome).toBe('aborted');
     expect(onB.reason).toMatch(/failed to boot/);
     await expectStreamExact(c.agent('d'), ticks.acked);
+    // The source's metrics count the race's destinations by outcome (an operator's view of how often a destination fails).
+    const text = await (await fetch(`${a.url}/metrics`)).text();
+    for (const [outcome, n] of [['won', 1], ['terminated', 1], ['bootFailed', 1]] as const) expect(text).toContain(`embot_fanout_destinations_total{outcome="${outcome}"} ${n}\n`);
   }, 180_000);
 
   it('all destinations fail (boot, policy): the VM runs on at a, its embots act, nothing lost; retries are counted', async () => {

@@ -1,11 +1,11 @@
 import { describe, expect, it } from 'vitest';
-import { AgentMetrics, reasonLabel, stateLabel, type EventCounts, type MetricsSources, type MigrationView } from '../../core/metrics/index.ts';
+import { AgentMetrics, reasonLabel, stateLabel, type DirectoryView, type EventCounts, type MetricsSources, type MigrationView } from '../../core/metrics/index.ts';
 import { parseExposition, type Exposition } from '../harness/prometheus.ts';
 
 const ZERO: EventCounts = { admitted: 0, dispatched: 0, delivered: 0, unrouted: 0, muted: 0, duplicates: 0, rejected: 0, deliveryErrors: 0, forwarded: 0, queued: 0, held: 0, spilled: 0, inFlight: 0, forwardQueued: 0, parked: 0, deadLetters: 0 };
 
-function rig(name = 'a'): { metrics: AgentMetrics; state: { events: EventCounts; migrations: MigrationView[]; eventReads: number } } {
-  const state = { events: ZERO, migrations: [] as MigrationView[], eventReads: 0 };
+function rig(name = 'a'): { metrics: AgentMetrics; state: { events: EventCounts; migrations: MigrationView[]; eventReads: number; directory: DirectoryView } } {
+  const state = { events: ZERO, migrations: [] as MigrationView[], eventReads: 0, directory: { kind: 'static', state: 'static', peers: [{ source: 'config' }] } as DirectoryView };
   const sources: MetricsSources = {
     agent: { name, version: '1.2.3', driver: 'sim' },
     events: () => {
@@ -20,6 +20,7 @@ function rig(name = 'a'): { metrics: AgentMetrics; state: { events: EventCounts;
     vms: () => [{ state: 'running' }, { state: 'running' }, { state: 'stopped' }],
     migrations: () => state.migrations,
     udp: () => [{ vm: 'web', buffered: 7, dropped: 3, droppedBy: { overflow: 2, closed: 1, none: 0 } }],
+    directory: () => state.directory,
   };
   return { metrics: new AgentMetrics(sources), state };
 }
@@ -136,6 +137,34 @@ describe('AgentMetrics', () => {
     const s = await scrape(metrics);
     expect(s.value('embot_block_fetched_bytes_total', { source: 'b' })).toBe(69632);
     expect(s.value('embot_block_fetched_bytes_total', { source: 'c' })).toBeUndefined();
+  });
+
+  it('the fleet directory: every state a series, 1 for the current one; peers by source, both sources always there', async () => {
+    const { metrics, state } = rig();
+    const first = await scrape(metrics);
+    expect(first.value('embot_directory_state', { kind: 'static', state: 'static' })).toBe(1);
+    expect(first.value('embot_directory_state', { kind: 'static', state: 'conflict' })).toBe(0);
+    expect(first.value('embot_directory_peers', { source: 'config' })).toBe(1);
+    expect(first.value('embot_directory_peers', { source: 'etcd' })).toBe(0);
+    state.directory = { kind: 'etcd', state: 'conflict', peers: [{ source: 'config' }, { source: 'etcd' }, { source: 'etcd' }] };
+    const second = await scrape(metrics);
+    expect(second.value('embot_directory_state', { kind: 'etcd', state: 'conflict' })).toBe(1);
+    expect(second.value('embot_directory_state', { kind: 'etcd', state: 'connected' })).toBe(0);
+    // The old kind's series are gone, not left at their last value.
+    expect(second.value('embot_directory_state', { kind: 'static', state: 'static' })).toBeUndefined();
+    expect(second.value('embot_directory_peers', { source: 'etcd' })).toBe(2);
+  });
+
+  it('a migration to several destinations counts each destination by outcome, at the source only', async () => {
+    const { metrics } = rig();
+    metrics.migrationFinished(end({ migrationId: 'f-1', destinations: [{ outcome: 'won' }, { outcome: 'terminated' }, { outcome: 'bootFailed' }] }), 'source');
+    metrics.migrationFinished(end({ migrationId: 'f-2', outcome: 'aborted', reason: 'no destination booted', destinations: [{ outcome: 'bootFailed' }, { outcome: 'failed' }] }), 'source');
+    metrics.migrationFinished(end({ migrationId: 'f-1~b', destinations: [{ outcome: 'won' }] }), 'target');
+    const m = await scrape(metrics);
+    expect(m.value('embot_fanout_destinations_total', { outcome: 'won' })).toBe(1);
+    expect(m.value('embot_fanout_destinations_total', { outcome: 'terminated' })).toBe(1);
+    expect(m.value('embot_fanout_destinations_total', { outcome: 'bootFailed' })).toBe(2);
+    expect(m.value('embot_fanout_destinations_total', { outcome: 'failed' })).toBe(1);
   });
 
   it('plugin errors and quarantines count by module', async () => {
