@@ -192,7 +192,7 @@ describe('random-moment faults during a migration', () => {
       let lastTaken = acked - 1;
       while (deadSet.has(lastTaken)) lastTaken--;
       expect(settled, `owner ${owners[0]}, followed ${state.followed.join('>') || 'nobody'}, ${dead.length} dead letters; out of order near: ${reordered.join(' | ')}`).toMatchObject({ count: acked - dead.length, lastSeq: lastTaken, outOfOrder: 0 });
-      const deadNote = dead.length > 0 ? `; ${dead.length} dead letters (seq ${dead[0]}..${dead.at(-1)}): b back ${backAfterMs} ms after the request, after the grace period's end` : '';
+      const deadNote = `; ${victim} back ${backAfterMs} ms after the request${dead.length > 0 ? `, after the grace period's end: ${dead.length} dead letters (seq ${dead[0]}..${dead.at(-1)})` : ''}`;
       console.info(`${plan}: ${acked} events acknowledged, owner ${owners[0]}${state.followed.length > 0 ? `, producer followed the refusal to ${state.followed.join(', ')}` : ''}${deadNote}`);
     } catch (e) {
       if (KEEP !== undefined && cluster !== undefined) keepEvidence(cluster, join(KEEP, `seed-${seed}-${Date.now()}`), plan, e);
