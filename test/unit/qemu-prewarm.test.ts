@@ -82,12 +82,29 @@ describe('qemu pre-warm hold', () => {
     expect(hold.progress(progress({ rounds: 1, remainingBytes: MiB })).rounds).toBe(1);
   });
 
-  it('a limit hold never crawls', async () => {
+  it('a limit hold does not crawl while the guest writes hard (or before QEMU has measured it), however little is left of a round', async () => {
     const m = recorder();
     const hold = new QemuCopyHold(m.set, new PrewarmGate(), { ...LIMIT, downtimeLimitMs: 300 });
     hold.progress(progress({ rounds: 1, remainingBytes: 4096 }));
+    hold.progress(progress({ rounds: 6, remainingBytes: 4096, dirtyRateBytesPerSec: HEAVY_DIRTY_RATE }));
     await tick();
     expect(m.sent).toEqual([]);
+  });
+
+  it('a limit hold whose guest QEMU measures below half the heavy rate (starved on a loaded host) crawls with what is left of the round, once', async () => {
+    const m = recorder();
+    const gate = new PrewarmGate();
+    const hold = new QemuCopyHold(m.set, gate, { ...LIMIT, memoryBytes: 256 * MiB, downtimeLimitMs: 300 });
+    hold.progress(progress({ rounds: 5, remainingBytes: 90 * MiB, dirtyRateBytesPerSec: 250 * MiB }));
+    const slowed = hold.progress(progress({ rounds: 6, remainingBytes: 40 * MiB, dirtyRateBytesPerSec: HEAVY_DIRTY_RATE / 2 - 1 }));
+    hold.progress(progress({ rounds: 6, remainingBytes: 40 * MiB - 4096, dirtyRateBytesPerSec: 1 }));
+    await tick();
+    expect(m.sent).toEqual([{ 'max-bandwidth': CRAWL_BANDWIDTH }]);
+    expect(slowed.rounds).toBe(6);
+    gate.lift();
+    await tick();
+    await tick();
+    expect(m.sent.at(-1)).toMatchObject({ 'downtime-limit': 300, 'max-bandwidth': 1024 ** 4 });
   });
 
   it('the command gives the throttle back (limit still held); the lift sets the real downtime limit and wakes the driver', async () => {
@@ -180,12 +197,12 @@ describe('qemu pre-warm hold', () => {
       expect((cap * HOLD_SAFE_MS) / 1000).toBeLessThanOrEqual(passCost(64 * MiB));
     });
 
-    it('each poll of the first pass lowers the cap with what the pass has left, so a poll up to 0.8 × HOLD_SAFE_MS late still finds it unfinished; the crawl at the reserve; the reserve reported at what it costs', async () => {
+    it('each poll of the first pass lowers the cap with what the pass has left, so a poll up to 0.8 × HOLD_SAFE_MS late still finds it unfinished; the crawl once the rest costs an eighth of the reserve; the reserve reported at what it costs', async () => {
       const m = recorder();
       const hold = new QemuCopyHold(m.set, new PrewarmGate(), { ...SPARSE, downtimeLimitMs: 300 });
       let cap = heldParameters(SPARSE)['max-bandwidth']!;
-      // QEMU's readings of the run that lost it (remaining, first pass): the last of them was followed by pre-switchover 46 ms later.
-      const seen = [66473984, 58359808, 40 * MiB, 20 * MiB, 12 * MiB, 9 * MiB];
+      // QEMU's first reading of the run that lost it, then the guest's data going (it ends 55.375 MiB before the end of QEMU's RAM).
+      const seen = [66473984, 60 * MiB, 58 * MiB, 57 * MiB];
       for (const remaining of seen) {
         hold.progress(progress({ rounds: 1, remainingBytes: remaining, rateBytesPerSec: 9 * MiB }), total);
         await tick();
@@ -195,13 +212,20 @@ describe('qemu pre-warm hold', () => {
       }
       expect(m.sent.length).toBeGreaterThan(1);
       expect(m.sent.every((x) => x['max-bandwidth']! > CRAWL_BANDWIDTH)).toBe(true);
-      const crawl = hold.progress(progress({ rounds: 1, remainingBytes: 8 * MiB - 4096, rateBytesPerSec: 0 }), total);
+      // The lost run's last reading (46 ms before its pre-switchover): 0.28 MiB of data left and the zero tail. The rest
+      // costs less than an eighth of the reserve, so it is the reserve.
+      const crawl = hold.progress(progress({ rounds: 1, remainingBytes: 58359808, rateBytesPerSec: 0 }), total);
       await tick();
       expect(m.sent.at(-1)).toEqual({ 'max-bandwidth': CRAWL_BANDWIDTH });
-      // All zero pages and the ROM tail: a few KiB to send, not 8 MiB.
-      expect(crawl.remainingBytes).toBe(passCost(8 * MiB - 4096));
-      expect(crawl.remainingBytes).toBeLessThan(64 * 1024);
+      // 14 248 pages unsent (QEMU says 55.7 MiB), which cost 0.4 MiB to send.
+      expect(crawl.remainingBytes).toBe(passCost(58359808));
+      expect(crawl.remainingBytes).toBeLessThanOrEqual(reserveBytes(64 * MiB) / 8);
+      expect(crawl.remainingBytes).toBeGreaterThan(0.3 * MiB);
       expect(crawl.rounds).toBe(2);
+      // No second crawl, no more caps.
+      hold.progress(progress({ rounds: 1, remainingBytes: 58359808 - 4096 }), total);
+      await tick();
+      expect(m.sent.filter((x) => x['max-bandwidth'] === CRAWL_BANDWIDTH)).toHaveLength(1);
     });
 
     it('a pass already over (QEMU re-read its dirty log) is held as without the map', async () => {

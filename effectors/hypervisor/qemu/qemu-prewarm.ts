@@ -12,7 +12,8 @@
  *   keeps re-sending what the guest dirties, and 1 ms of its rate is less than such a guest dirties
  *   between two re-reads. Auto-converge (a capability, fixed for the whole migration) keeps its
  *   setting but is capped at 1 % (`cpu-throttle-initial` = `max-cpu-throttle` = 1) until the
- *   command;
+ *   command. Once QEMU measures the guest below half that rate (starved, or quieter), it crawls
+ *   with what is left of the round as its reserve;
  * - `reserve` (any other guest): the copy runs until only a reserve of the VM is left unsent, then
  *   crawls (`max-bandwidth` {@link CRAWL_BANDWIDTH}: one page per 100 ms window), so QEMU never
  *   catches up, never re-reads the dirty log and never switches. Pages the guest dirties meanwhile
@@ -27,8 +28,9 @@
  * At the command the throttle comes back; at the lift the real `downtime-limit` and `max-bandwidth`
  * do, and QEMU switches as soon as it fits (pause-before-switchover still gives the management
  * hand-over its paused moment). If QEMU reaches `pre-switchover` while held anyway (a `limit` guest
- * that went quiet), the driver cancels (the VM runs on) with MIGRATION_FAILED `holdLost` rather
- * than keep the VM paused until the command.
+ * that stopped writing within one round, a poll later than {@link HOLD_SAFE_MS}, a crawl that sent
+ * its whole reserve while the guest wrote nothing), the driver cancels (the VM runs on) with
+ * MIGRATION_FAILED `holdLost` rather than keep the VM paused until the command.
  */
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -249,15 +251,27 @@ export class QemuCopyHold {
     const costs = this.o.pageCosts;
     const totalPages = ramTotalBytes === undefined ? undefined : Math.ceil(ramTotalBytes / PAGE);
     const unsentPages = Math.ceil(p.remainingBytes / PAGE);
+    if (this.o.mode === 'limit' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0 && p.rounds >= 2 && p.dirtyRateBytesPerSec > 0 && p.dirtyRateBytesPerSec < HEAVY_DIRTY_RATE / 2) {
+      // The guest no longer writes hard (starved of CPU on a loaded host, or quieter): QEMU would soon catch up and
+      // switch under the 1 ms limit. What is left of this round becomes the reserve, and the crawl re-reads the dirty log
+      // only once it is sent (then whatever the guest dirtied meanwhile is the next).
+      this.crawling = true;
+      void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+    }
     if (this.o.mode === 'reserve' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0) {
       if (p.remainingBytes <= reserve) {
         this.crawling = true;
         void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
       } else if (costs !== undefined && totalPages !== undefined && p.rounds <= 1) {
         // Still in the first pass: what is unsent is the end of it, whose cost the map knows.
-        const cap = pacedCap(this.o, costs.costOfLast(unsentPages, totalPages));
-        // Lowered only (the pass's rest only shrinks), and not for every small step: one change per fifth.
-        if (cap < this.pacedCap * 0.8) {
+        const left = costs.costOfLast(unsentPages, totalPages);
+        const cap = pacedCap(this.o, left);
+        if (left <= reserve / 8) {
+          // The rest is cheap (zero pages): a reserve of many pages that costs little to send, and no slow approach to it.
+          this.crawling = true;
+          void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+        } else if (cap < this.pacedCap * 0.8) {
+          // Lowered only (the pass's rest only shrinks), and not for every small step: one change per fifth.
           this.pacedCap = cap;
           void this.apply({ 'max-bandwidth': cap });
         }
