@@ -166,7 +166,8 @@ export interface PhaseHooks {
  * `ManagedObjectInstantiationError` (an element, embot or module could not be created here)
  * instead of the step's own failure frame.
  */
-export type StepReply = (r: { readonly ok: true } | { readonly ok: false; readonly reason: string; readonly instantiation?: boolean }) => void;
+/** A target step's answer; a failure names the step (`step`) when a step failed rather than a timeout, an abort or a refusal. */
+export type StepReply = (r: { readonly ok: true } | { readonly ok: false; readonly reason: string; readonly instantiation?: boolean; readonly step?: string }) => void;
 
 /**
  * Events the target machine receives: one per request frame from the source, each with the

@@ -825,6 +825,9 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       return new Promise<R>((resolve) => withLogContext({ migrationId }, () => m.actor.send(make((r) => resolve(map(r))))));
     };
     const fail = (r: Parameters<StepReply>[0]) => (r.ok ? '' : r.reason);
+    // The failed step goes to a source that reads it (protocol 3); an older one reads the reason's wording.
+    const stateFailed = (migrationId: string, r: Parameters<StepReply>[0], conn: PeerConnection) =>
+      ({ type: 'MigrationStateFailed', migrationId, reason: fail(r), ...(!r.ok && r.step !== undefined && conn.supports('failedStep') ? { failedStep: r.step } : {}) }) as const;
     const handlers: HandlerTable = {
       StartMigration: (frame, conn) => this.startTarget(frame, conn),
       ManagementState: (frame) =>
@@ -839,22 +842,22 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
             : r.instantiation ? { type: 'ManagedObjectInstantiationError', migrationId: frame.migrationId, reason: fail(r) } as const
             : { type: 'ManagementEventStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
           { type: 'ManagementEventStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
-      VmMemory: (frame) =>
+      VmMemory: (frame, conn) =>
         step(frame.migrationId, (reply) => ({ type: 'VM_MEMORY', frame, reply }), (r) =>
-          r.ok ? { type: 'VmMemoryAck', migrationId: frame.migrationId, seq: frame.seq } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          r.ok ? { type: 'VmMemoryAck', migrationId: frame.migrationId, seq: frame.seq } as const : stateFailed(frame.migrationId, r, conn),
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
-      DirtyObjects: (frame) => {
+      DirtyObjects: (frame, conn) => {
         const at = performance.now();
         return step(frame.migrationId, (reply) => ({ type: 'DIRTY_OBJECTS', frame, reply }), (r) =>
           r.ok && frame.boot === true ? { type: 'BootReady', migrationId: frame.migrationId, bootMs: performance.now() - at } as const
             : r.ok ? { type: 'MigrationStateSuccess', migrationId: frame.migrationId, round: frame.round } as const
             : r.instantiation ? { type: 'ManagedObjectInstantiationError', migrationId: frame.migrationId, reason: fail(r) } as const
-            : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+            : stateFailed(frame.migrationId, r, conn),
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const);
       },
-      MigrationComplete: (frame) =>
+      MigrationComplete: (frame, conn) =>
         step(frame.migrationId, (reply) => ({ type: 'MIGRATION_COMPLETE', frame, reply }), (r) =>
-          r.ok ? { type: 'MigrationCompleteAck', migrationId: frame.migrationId } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          r.ok ? { type: 'MigrationCompleteAck', migrationId: frame.migrationId } as const : stateFailed(frame.migrationId, r, conn),
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
       ForwardedEvents: async (frame) => {
         const events = decodeEvents(frame.events);
@@ -882,10 +885,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         }
       },
       // Several destinations (issue 13): boot to the last reversible point, then wait for the decision.
-      BootIncoming: (frame) => {
+      BootIncoming: (frame, conn) => {
         const at = performance.now();
         return step(frame.migrationId, (reply) => ({ type: 'BOOT_INCOMING', frame, reply }), (r) =>
-          r.ok ? { type: 'BootReady', migrationId: frame.migrationId, bootMs: performance.now() - at } as const : { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: fail(r) } as const,
+          r.ok ? { type: 'BootReady', migrationId: frame.migrationId, bootMs: performance.now() - at } as const : stateFailed(frame.migrationId, r, conn),
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const);
       },
       PathOffer: async (frame) => {

@@ -1,7 +1,7 @@
 import { pack } from 'msgpackr';
 import { ErrorCodes, ProtocolError, describeError, isEmbotError } from '../errors.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
-import { PROTOCOL_VERSION, type ReplyOf, type RequestType } from '../wire/frames.ts';
+import { PROTOCOL_VERSION, type MigrationStateFailed, type ProtocolFeature, type ReplyOf, type RequestType } from '../wire/frames.ts';
 import type { DirtyRoundResult, MigrateVmResult, SourceInput, SourceSteps } from './mobility-contract.ts';
 import type { MobilityHost } from './mobility-host.ts';
 import type { HeldShipment, HoldCursor } from '../../sensors/index.ts';
@@ -148,7 +148,9 @@ export class SourceSide implements SourceSteps {
       this.conn = await this.o.connect();
       // An agent of an older build (a rolling upgrade): said once per migration, as what it changes.
       if (this.conn.protocol < PROTOCOL_VERSION) {
-        this.host.logger.info(`the link to ${this.o.target} runs wire protocol ${this.conn.protocol} (its build is older): zero pages go as data, a racing destination boots by BootIncoming`, { peer: this.o.target, protocol: this.conn.protocol });
+        const conn = this.conn;
+        const changes = (Object.keys(WITHOUT_FEATURE) as ProtocolFeature[]).filter((f) => !conn.supports(f)).map((f) => WITHOUT_FEATURE[f]);
+        this.host.logger.info(`the link to ${this.o.target} runs wire protocol ${conn.protocol} (its build is older): ${changes.join(', ')}`, { peer: this.o.target, protocol: conn.protocol });
       }
     }
     return (await this.conn.request(body, { timeoutMs })) as ReplyOf<T>;
@@ -560,8 +562,7 @@ export class SourceSide implements SourceSteps {
     // A destination of protocol 1 knows no `boot` field: it boots with BootIncoming after the round, as the machine asks when no BootReady came.
     const boot = input.final && input.boot === true && this.conn?.supports('bootWithFinalRound') === true;
     const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}), ...(boot ? { boot } : {}) });
-    // The target's reason names its failed step (target-machine.ts recordFailure: `bootIncoming failed: ...`).
-    if (boot && reply.type !== 'BootReady' && 'reason' in reply && reply.reason?.startsWith('bootIncoming ') === true) {
+    if (boot && reply.type === 'MigrationStateFailed' && bootRefused(reply)) {
       // The round was applied and the boot refused: the coordinator counts it as bootFailed, as a BootIncoming refusal.
       throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `boot refused by the target: ${reply.type}: ${reply.reason}`, { details: { reply: reply.type, bootRefused: true } });
     }
@@ -713,6 +714,21 @@ export async function attachAll(host: MobilityHost, scope: readonly string[]): P
     const el = host.objects.get(id);
     if (el) await host.attach(el);
   }
+}
+
+/** What a link without each feature changes, as the source says once per migration on such a link. */
+const WITHOUT_FEATURE: { readonly [F in ProtocolFeature]: string } = {
+  zeroPages: 'zero pages go as data',
+  bootWithFinalRound: 'a racing destination boots by BootIncoming',
+  failedStep: "a refused boot is read from the target's wording",
+};
+
+/**
+ * The target refused the boot its final round asked for: its failed step says so (protocol 3);
+ * a target of an older build only words it (target-machine.ts recordFailure: `bootIncoming failed: …`).
+ */
+function bootRefused(reply: MigrationStateFailed): boolean {
+  return reply.failedStep !== undefined ? reply.failedStep === 'bootIncoming' : reply.reason.startsWith('bootIncoming ');
 }
 
 function stepFailed(step: string, reply: { type: string; reason?: string }): ProtocolError {

@@ -24,6 +24,8 @@ export interface TargetContext {
   readonly dirtyRounds: number;
   /** Why the migration was denied or discarded. */
   readonly reason: string | undefined;
+  /** The step whose failure is `reason` (undefined when a timeout, an abort or a refusal is): the source is told it (MigrationStateFailed.failedStep). */
+  readonly failedStep: StepName | 'evaluate' | undefined;
   /** Failures that did not decide the outcome (a discard that failed, a refused request...). */
   readonly errors: readonly string[];
   readonly outcome: MigrationOutcome | undefined;
@@ -171,7 +173,7 @@ const targetSetup = setup({
       const verdict = outputOf<{ permitted: boolean; reason?: string }>(event);
       context.input.replyStart(verdict.permitted ? { permitted: true } : { permitted: false, reason: verdict.reason ?? 'denied by migration policy' });
     },
-    recordDenied: assign(({ event }) => ({ reason: `denied: ${outputOf<{ reason?: string }>(event).reason ?? 'denied by migration policy'}` })),
+    recordDenied: assign(({ event }) => ({ reason: `denied: ${outputOf<{ reason?: string }>(event).reason ?? 'denied by migration policy'}`, failedStep: undefined })),
     /** Answer StartMigration with a denial when evaluating ends abnormally (the reason is already recorded). */
     denyStart: ({ context }) => {
       try {
@@ -185,20 +187,22 @@ const targetSetup = setup({
     failPending: ({ context, event }) => {
       const err = errorOf(event) as { readonly instantiation?: unknown } | undefined;
       const instantiation = typeof err === 'object' && err !== null && err.instantiation === true;
-      safeReply(context.pending?.reply, { ok: false, reason: context.reason ?? 'failed', instantiation });
+      safeReply(context.pending?.reply, { ok: false, reason: context.reason ?? 'failed', instantiation, ...(context.failedStep === undefined ? {} : { step: context.failedStep }) });
     },
-    recordFailure: assign(({ event }, params: { readonly step: StepName }) => ({ reason: `${params.step} failed: ${describeError(errorOf(event))}` })),
+    recordFailure: assign(({ event }, params: { readonly step: StepName | 'evaluate' }) => ({ reason: `${params.step} failed: ${describeError(errorOf(event))}`, failedStep: params.step })),
     recordTimeout: assign(({ context }, params: { readonly state: string; readonly delay: WaitDelay }) => ({
+      failedStep: undefined,
       reason: `timed out after ${params.delay === 'vmTimeout' ? context.input.timeouts.vmMs : context.input.timeouts.stepMs} ms waiting in ${params.state}`,
     })),
     recordAbort: assign(({ event }, params: { readonly state: string }) => ({
+      failedStep: undefined,
       reason: `aborted by source in ${params.state}: ${(event as Extract<TargetEvent, { type: 'ABORT' }>).reason}`,
     })),
     /** Answer an unexpected request with a failure; becomes the reason unless one is already set. */
     refuse: assign(({ context, event }, params: { readonly state: string; readonly keepReason?: boolean }) => {
       const why = `unexpected ${event.type} in ${params.state}`;
       if ('reply' in event) safeReply(event.reply, { ok: false, reason: why });
-      return params.keepReason ? { errors: [...context.errors, why] } : { reason: why };
+      return params.keepReason ? { errors: [...context.errors, why] } : { reason: why, failedStep: undefined };
     }),
     recordError: assign(({ context, event }, params: { readonly step: StepName; readonly timedOut?: boolean }) => ({
       errors: [...context.errors, params.timedOut ? `${params.step} timed out after ${context.input.timeouts.stepMs} ms` : `${params.step} failed: ${describeError(errorOf(event))}`],
@@ -259,7 +263,7 @@ function buildTargetMachine() {
   return targetSetup.createMachine({
     id: 'target',
     initial: 'evaluating',
-    context: ({ input }) => ({ input, pending: undefined, memoryFrames: 0, dirtyRounds: 0, reason: undefined, errors: [], outcome: undefined }),
+    context: ({ input }) => ({ input, pending: undefined, memoryFrames: 0, dirtyRounds: 0, reason: undefined, failedStep: undefined, errors: [], outcome: undefined }),
     output: ({ context }) => ({
       outcome: context.outcome ?? 'aborted',
       ...(context.reason === undefined ? {} : { reason: context.reason }),

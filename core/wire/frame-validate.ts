@@ -116,6 +116,8 @@ const reqId = f('reqId', id);
 const replyTo = f('replyTo', id);
 const mid = f('migrationId', migrationId);
 const reason = f('reason', text);
+/** A target step's name (target-machine.ts), as MigrationStateFailed.failedStep names it. */
+const stepName: Check = (v) => (typeof v === 'string' && /^[A-Za-z][A-Za-z0-9]{0,63}$/.test(v) ? undefined : 'must be a step name (letters and digits, at most 64)');
 
 const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   Hello: [f('protocol', id), f('agent', agent), f('nonce', nonce)],
@@ -165,7 +167,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   VmMemoryAck: [replyTo, mid, f('seq', count)],
   PageBatchAck: [replyTo, mid, f('ok', bool), f('reason', text, true)],
   MigrationStateSuccess: [replyTo, mid, f('round', count)],
-  MigrationStateFailed: [replyTo, mid, reason],
+  MigrationStateFailed: [replyTo, mid, reason, f('failedStep', stepName, true)],
   MigrationCompleteAck: [replyTo, mid],
   ForwardedEventsAck: [replyTo, mid, f('accepted', count), f('duplicates', count)],
   MigrationStatus: [replyTo, mid, f('committed', bool)],

@@ -18,7 +18,7 @@ import type { ErrorCode } from '../errors.ts';
  * away dials again at that server's version (peer-client.ts), and `peer.protocol` pins an older
  * one for a rolling upgrade.
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 /** The oldest version this agent still speaks. */
 export const MIN_PROTOCOL_VERSION = 1;
 
@@ -28,14 +28,17 @@ export const PROTOCOL_FEATURES = {
   zeroPages: 2,
   /** DirtyObjects.boot: the final round asks the destination to boot too (answered BootReady). */
   bootWithFinalRound: 2,
+  /** MigrationStateFailed.failedStep: the target's step that failed, so the source need not read it from the reason's wording. */
+  failedStep: 3,
 } as const satisfies Readonly<Record<string, number>>;
 
 export type ProtocolFeature = keyof typeof PROTOCOL_FEATURES;
 
 /** The optional field each feature added, by frame: a link of an older version refuses it as its own build would (PeerConnection). */
-export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects'; readonly field: string } } = {
+export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects' | 'MigrationStateFailed'; readonly field: string } } = {
   zeroPages: { frame: 'PageBatch', field: 'zeros' },
   bootWithFinalRound: { frame: 'DirtyObjects', field: 'boot' },
+  failedStep: { frame: 'MigrationStateFailed', field: 'failedStep' },
 };
 
 /** Resources the VM needs at the target, checked by the target's migration policy. */
@@ -396,6 +399,8 @@ export interface MigrationStateFailed {
   readonly replyTo: number;
   readonly migrationId: string;
   readonly reason: string;
+  /** Protocol 3: the target's step that failed (`bootIncoming`: it could not boot the VM), when a step failed rather than a timeout, an abort or an unexpected request. */
+  readonly failedStep?: string;
 }
 
 export interface MigrationCompleteAck {

@@ -5,7 +5,8 @@
  * server's newest. An agent pinned at protocol 1 (`peer.protocol: 1`) stands in for one built
  * before protocol 2: it refuses the fields protocol 2 added (PageBatch.zeros, DirtyObjects.boot)
  * as an old build does, so a newer agent must not send them to it, and migrations both ways and a
- * fan-out with one such destination complete as they did before.
+ * fan-out with one such destination complete as they did before. One pinned at 2 stands in for a
+ * build before protocol 3 (MigrationStateFailed.failedStep).
  */
 import { once } from 'node:events';
 import { createHash, randomBytes } from 'node:crypto';
@@ -47,45 +48,54 @@ async function serve(protocol?: number): Promise<{ server: PeerServer; url: stri
 }
 
 describe('the link settles on a version both ends speak', () => {
-  it('a client of protocol 2 and a server of protocol 1: dialled again at 1, both ends say 1, no protocol-2 field is spoken', async () => {
+  it('a client of protocol 3 and a server of protocol 1: dialled again at 1, both ends say 1, no protocol-2 field is spoken', async () => {
     const { url, accepted } = await serve(1);
     const conn = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET });
     conns.push(conn);
-    expect(PROTOCOL_VERSION).toBe(2);
+    expect(PROTOCOL_VERSION).toBe(3);
     expect(conn.protocol).toBe(1);
     expect((await accepted).protocol).toBe(1);
     expect(conn.supports('zeroPages')).toBe(false);
     expect(conn.supports('bootWithFinalRound')).toBe(false);
+    expect(conn.supports('failedStep')).toBe(false);
   });
 
-  it('a client pinned at 1 and a server of protocol 2: the link runs at 1; two agents of 2 run at 2', async () => {
+  it('a client pinned at 1 or 2 and a server of protocol 3: the link runs at the client\'s; two agents of 3 run at 3', async () => {
     const { url, accepted } = await serve();
     const old = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET, protocol: 1 });
     conns.push(old);
     expect(old.protocol).toBe(1);
     expect((await accepted).protocol).toBe(1);
+    const atTwo = nextConnection(servers[0]!);
+    const two = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET, protocol: 2 });
+    conns.push(two);
+    expect(two.protocol).toBe(2);
+    expect((await atTwo).protocol).toBe(2);
+    expect(two.supports('bootWithFinalRound')).toBe(true);
+    expect(two.supports('failedStep')).toBe(false);
     const next = nextConnection(servers[0]!);
     const current = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET });
     conns.push(current);
-    expect(current.protocol).toBe(2);
-    expect((await next).protocol).toBe(2);
+    expect(current.protocol).toBe(3);
+    expect((await next).protocol).toBe(3);
     expect(current.supports('zeroPages')).toBe(true);
+    expect(current.supports('failedStep')).toBe(true);
   });
 
-  it('a Hello of a version the server does not speak (0, 3): PROTOCOL_UNSUPPORTED naming the versions it speaks; the server serves the next client', async () => {
+  it('a Hello of a version the server does not speak (0, 4): PROTOCOL_UNSUPPORTED naming the versions it speaks; the server serves the next client', async () => {
     const { url } = await serve();
-    for (const bad of [0, 3]) {
+    for (const bad of [0, 4]) {
       const raw = new RawPeer(url);
       await once(raw.ws, 'open');
       raw.send({ type: 'Hello', protocol: bad, agent: 'a', nonce: new Uint8Array(32) });
       const reply = await raw.next();
       expect(reply, String(bad)).toMatchObject({ type: 'Error', code: ErrorCodes.PROTOCOL_UNSUPPORTED });
-      expect((reply as { message: string }).message).toContain(`protocol version ${bad} is not supported (this agent speaks 1 to 2)`);
+      expect((reply as { message: string }).message).toContain(`protocol version ${bad} is not supported (this agent speaks 1 to 3)`);
       await raw.closed;
     }
     const conn = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET });
     conns.push(conn);
-    expect(conn.protocol).toBe(2);
+    expect(conn.protocol).toBe(3);
   });
 
   it('on a link of protocol 1, a protocol-2 field (PageBatch.zeros) is refused as malformed, as an older build refuses an unknown field', async () => {
@@ -98,6 +108,17 @@ describe('the link settles on a version both ends speak', () => {
     const reply = conn.request({ type: 'PageBatch', migrationId: 'm1', path: 'p0', round: 0, final: false, pageSize: 4096, indexes: new Uint8Array(0), pages: new Uint8Array(0), checksum: 0, zeros: four });
     await expect(reply).rejects.toMatchObject({ code: ErrorCodes.CONNECTION_CLOSED });
     expect(await refused).toEqual({ code: ErrorCodes.FRAME_MALFORMED, message: 'PageBatch.zeros is protocol 2; this link runs protocol 1' });
+  });
+
+  it('on a link of protocol 2, a protocol-3 field in a reply (MigrationStateFailed.failedStep) is refused as malformed by the requester, as a build before 3 refuses it', async () => {
+    const { url, accepted } = await serve();
+    const conn = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET, protocol: 2 });
+    conns.push(conn);
+    const server = await accepted;
+    server.handle('BootIncoming', (frame) => ({ type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'bootIncoming failed: no', failedStep: 'bootIncoming' }));
+    const refused = new Promise<{ code: string; message: string }>((resolve) => conn.once('protocolError', (e) => resolve({ code: e.code, message: e.message })));
+    await expect(conn.request({ type: 'BootIncoming', migrationId: 'm1' })).rejects.toMatchObject({ code: ErrorCodes.CONNECTION_CLOSED });
+    expect(await refused).toEqual({ code: ErrorCodes.FRAME_MALFORMED, message: 'MigrationStateFailed.failedStep is protocol 3; this link runs protocol 2' });
   });
 
   it('reads the refusal of an agent built before protocol 2 (its own wording, coded PEER_UNAUTHENTICATED), and of one that speaks a range', () => {
@@ -117,7 +138,7 @@ describe('agents of protocol 1 and 2 in one cluster (sim)', () => {
     return (await a.client.vmChecksum(name)).sha256;
   }
 
-  it('a (2) → b (1) and back: both complete byte-exact, every page sent as data (no zero-page indexes on a protocol-1 link)', async () => {
+  it('a (3) → b (1) and back: both complete byte-exact, every page sent as data (no zero-page indexes on a protocol-1 link)', async () => {
     // Zero start memory, so the full round has zero pages to name (sim.startMemory).
     cluster = await Cluster.start(['a', 'b'], { config: (n) => ({ sim: { startMemory: 'zero' }, ...(n === 'b' ? { peer: { protocol: 1 } } : {}) }) });
     const [a, b] = [cluster.agent('a'), cluster.agent('b')];
@@ -139,13 +160,13 @@ describe('agents of protocol 1 and 2 in one cluster (sim)', () => {
     expect((await a.client.vmChecksum('v')).sha256).toBe(sum);
   });
 
-  it('a fan-out to b (1) and c (2), c failing to boot: b wins through BootIncoming, c was asked with its final round; one owner, c clean, the event stream exact', async () => {
+  it('a fan-out to b (1) and c (2), c failing to boot: b wins through BootIncoming, c was asked with its final round and its refusal read from its wording (no failedStep on a protocol-2 link); one owner, c clean, the event stream exact', async () => {
     cluster = await Cluster.start(['a', 'b', 'c'], {
       plugins: [{ from: 'fixture', name: 'counter' }],
       env: (n): Record<string, string> => (n === 'c' ? { EMBOT_FAULT_BOOT_FAIL: '1' } : {}),
       config: (n) => ({
         mobility: { stepTimeoutMs: 3000, vmTimeoutMs: 20_000, forwardGraceMs: 5000, trust: { mode: 'any-authenticated-peer' } },
-        ...(n === 'b' ? { peer: { protocol: 1 } } : {}),
+        ...(n === 'b' ? { peer: { protocol: 1 } } : n === 'c' ? { peer: { protocol: 2 } } : {}),
         // b's copy is slowed, so c reaches its final round (and refuses the boot asked with it) first.
         ...(n === 'a' ? { dataplane: { primaryCapBytesPerSecOf: { b: 8 * MiB } } } : {}),
       }),
@@ -173,5 +194,6 @@ describe('agents of protocol 1 and 2 in one cluster (sim)', () => {
     expect(owners).toEqual(['b']);
     await expectClean(c.agent('c'));
     await expectStreamExact(c.agent('b'), ticks.acked);
+    expect(a.stderr).toContain("the link to c runs wire protocol 2 (its build is older): a refused boot is read from the target's wording");
   });
 });

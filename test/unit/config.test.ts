@@ -34,7 +34,7 @@ describe('config defaults', () => {
       qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true },
       store: { synchronous: 'NORMAL' },
       directory: { kind: 'static', endpoints: ['http://127.0.0.1:2379'], prefix: '/embot', ttlSeconds: 10 },
-      peer: { listen: '127.0.0.1:7401', peers: {}, protocol: 2 },
+      peer: { listen: '127.0.0.1:7401', peers: {}, protocol: 3 },
       mobility: {
         stepTimeoutMs: 10000,
         vmTimeoutMs: 120000,
@@ -185,9 +185,10 @@ describe('config errors', () => {
     expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0])).toEqual(['sim.startMemory']);
   });
 
-  it('takes peer.protocol 1 (a rolling upgrade pinning the old wire protocol) and refuses versions it does not speak by path', () => {
+  it('takes peer.protocol 1 or 2 (a rolling upgrade pinning an old wire protocol) and refuses versions it does not speak by path', () => {
     expect(validateConfig({ peer: { protocol: 1 } }).peer.protocol).toBe(1);
-    for (const bad of [0, 3, 1.5, '2']) {
+    expect(validateConfig({ peer: { protocol: 2 } }).peer.protocol).toBe(2);
+    for (const bad of [0, 4, 1.5, '2']) {
       const e = thrown(() => validateConfig({ peer: { protocol: bad } }), ConfigError);
       expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0]), String(bad)).toEqual(['peer.protocol']);
     }

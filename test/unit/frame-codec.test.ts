@@ -69,7 +69,7 @@ const SAMPLES: Frame[] = [
   { type: 'VmMemoryAck', replyTo: 5, migrationId: 'm-1', seq: 3 },
   { type: 'PageBatchAck', replyTo: 11, migrationId: 'm-1', ok: false, reason: 'bad checksum' },
   { type: 'MigrationStateSuccess', replyTo: 6, migrationId: 'm-1', round: 2 },
-  { type: 'MigrationStateFailed', replyTo: 6, migrationId: 'm-1', reason: 'z' },
+  { type: 'MigrationStateFailed', replyTo: 6, migrationId: 'm-1', reason: 'z', failedStep: 'bootIncoming' },
   { type: 'MigrationCompleteAck', replyTo: 7, migrationId: 'm-1' },
   { type: 'ForwardedEventsAck', replyTo: 8, migrationId: 'm-1', accepted: 5, duplicates: 4 },
   { type: 'MigrationStatus', replyTo: 10, migrationId: 'm-1', committed: true },
@@ -178,7 +178,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver', 'MigrationStateFailed.failedStep']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {
@@ -228,6 +228,9 @@ describe('frame codec: bad input', () => {
     ['PeerStatusReply with a bad agent name', { ...peerStatus, name: 'a/b' }],
     ['PeerStatusReply without uptime', { ...peerStatus, uptimeMs: undefined }],
     ['PeerStatusReply with load as a string', { ...peerStatus, load: '0.5' }],
+    ['MigrationStateFailed with a step name that is a sentence', { type: 'MigrationStateFailed', replyTo: 6, migrationId: 'm-1', reason: 'z', failedStep: 'boot incoming' }],
+    ['MigrationStateFailed with an empty step name', { type: 'MigrationStateFailed', replyTo: 6, migrationId: 'm-1', reason: 'z', failedStep: '' }],
+    ['MigrationStateFailed with an overlong step name', { type: 'MigrationStateFailed', replyTo: 6, migrationId: 'm-1', reason: 'z', failedStep: 'x'.repeat(65) }],
   ])('refuses %s as FRAME_MALFORMED', (_name, value) => {
     expect(codeOf(() => decodeFrame(rawPack(value)))).toBe(ErrorCodes.FRAME_MALFORMED);
   });

@@ -281,7 +281,7 @@ describe('target machine: happy paths', () => {
     await reach(h, 'syncing');
     h.send('DIRTY_OBJECTS', { round: 1, boot: true });
     const out = await h.finish();
-    expect(h.replies.at(-1)).toEqual({ to: 'DIRTY_OBJECTS', reply: { ok: false, reason: 'bootIncoming failed: bootIncoming exploded', instantiation: false } });
+    expect(h.replies.at(-1)).toEqual({ to: 'DIRTY_OBJECTS', reply: { ok: false, reason: 'bootIncoming failed: bootIncoming exploded', instantiation: false, step: 'bootIncoming' } });
     expect(h.sequence().at(-1)).toBe('discard');
     expect(out).toMatchObject({ outcome: 'aborted', reason: 'bootIncoming failed: bootIncoming exploded' });
   });
@@ -422,7 +422,8 @@ describe('target machine: a fault at each step replies with the failure and disc
     for (const move of MOVES.slice(0, moves)) await move(h);
     const out = await h.finish();
     const reason = instantiation ? `${step} failed: ${step}: module hash mismatch` : `${step} failed: ${step} exploded`;
-    expect(h.replies.at(-1)).toEqual({ to: at, reply: { ok: false, reason, instantiation } });
+    // The failed step goes with the reply (MigrationStateFailed.failedStep); a timeout, an abort or a refusal names none (below).
+    expect(h.replies.at(-1)).toEqual({ to: at, reply: { ok: false, reason, instantiation, step } });
     expect(h.replies.slice(0, -1).every((r) => r.reply.ok)).toBe(true);
     expect(h.sequence().slice(-2)).toEqual([step, 'discard']);
     expect(h.calls.at(-1)?.input).toMatchObject({ reason });
