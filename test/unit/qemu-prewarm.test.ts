@@ -229,12 +229,15 @@ describe('qemu pre-warm hold', () => {
       expect(m.sent.filter((x) => x['max-bandwidth'] === CRAWL_BANDWIDTH)).toHaveLength(1);
     });
 
-    it('a pass already over (QEMU re-read its dirty log) is held as without the map', async () => {
+    it('a pass already over (QEMU re-read its dirty log) is held as without the map, its reserve (a dirty set) reported as QEMU gives it', async () => {
       const m = recorder();
       const hold = new QemuCopyHold(m.set, new PrewarmGate(), { ...SPARSE, downtimeLimitMs: 300 });
       hold.progress(progress({ rounds: 2, remainingBytes: 20 * MiB }), total);
       await tick();
       expect(m.sent).toEqual([{ 'max-bandwidth': 10 * MiB }]);
+      expect(hold.progress(progress({ rounds: 3, remainingBytes: 5 * MiB }), total).remainingBytes).toBe(5 * MiB);
+      await tick();
+      expect(m.sent.at(-1)).toEqual({ 'max-bandwidth': CRAWL_BANDWIDTH });
     });
   });
 });

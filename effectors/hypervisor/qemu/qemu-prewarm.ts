@@ -244,6 +244,8 @@ export class QemuCopyHold {
    * the reserve is left. While held the rate reported is the highest of this migration (the full
    * copy's): QEMU's own rate then is what it still sends, not what the stream can carry. A crawling
    * copy has sent all but the reserve and re-reads nothing: it counts as past its first round.
+   * `ramTotalBytes` (QEMU's `ram.total`, every RAM block) places `remainingBytes` in the pass for
+   * the page map; without it the copy is paced by pages.
    */
   progress(p: MigrationProgress, ramTotalBytes?: number): MigrationProgress {
     this.peakRate = Math.max(this.peakRate, p.rateBytesPerSec);
@@ -284,8 +286,10 @@ export class QemuCopyHold {
       }
     }
     const held = this.crawling && this.hold.held();
-    // A crawling reserve is judged by what it costs to send: zero pages are a header each.
-    const reserveCost = held && costs !== undefined && totalPages !== undefined ? Math.min(p.remainingBytes, costs.costOfLast(unsentPages, totalPages)) : undefined;
+    // A crawling reserve is judged by what it costs to send: zero pages are a header each. Only while it is the end of
+    // the first pass (QEMU's count still 1): a later reserve is a dirty set, which the map does not place.
+    const reserveCost =
+      held && costs !== undefined && totalPages !== undefined && p.rounds <= 1 ? Math.min(p.remainingBytes, costs.costOfLast(unsentPages, totalPages)) : undefined;
     return {
       ...p,
       // Paced by the map, the copy ran at what the pacing allowed, not at what the stream can carry: judged at the bulk
