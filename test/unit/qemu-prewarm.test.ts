@@ -3,6 +3,9 @@
  * the rate it reports while held. The monitor is a recorder of the parameters sent (the real QEMU
  * side is qemu-prewarm-driver.integration).
  */
+import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { MigrationProgress } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { PrewarmGate } from '../../effectors/hypervisor/prewarm-gate.ts';
@@ -17,10 +20,13 @@ import {
   ZERO_PAGE_COST,
   heldParameters,
   holdMode,
+  mapZeroPages,
   reserveBytes,
 } from '../../effectors/hypervisor/qemu/qemu-prewarm.ts';
+import { cleanupsAfterEach } from '../harness/cleanups.ts';
 
 const MiB = 1 << 20;
+const cleanups = cleanupsAfterEach();
 /** A 64 MiB VM, the driver's 100 ms poll: a `limit` hold unless a test says otherwise. */
 const LIMIT = { mode: 'limit' as const, memoryBytes: 64 * MiB, pollMs: 100 };
 const RESERVE = { ...LIMIT, mode: 'reserve' as const };
@@ -239,5 +245,41 @@ describe('qemu pre-warm hold', () => {
       await tick();
       expect(m.sent.at(-1)).toEqual({ 'max-bandwidth': CRAWL_BANDWIDTH });
     });
+  });
+});
+
+describe('mapZeroPages', () => {
+  it('maps zero pages from what pmemsave writes, in a private 0700 folder (the pieces are guest memory in clear) that is gone afterwards', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'embot-zero-map-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    // What QEMU's pmemsave does, with a known guest: pages 1 and 3 of 4 hold data, in a 16 KiB "RAM".
+    const guest = Buffer.alloc(4 * 4096);
+    guest[4096 + 7] = 1;
+    guest[3 * 4096] = 0xff;
+    const seen: { dir: string; mode: number }[] = [];
+    const costs = await mapZeroPages(
+      async (address, size, file) => {
+        seen.push({ dir: dirname(file), mode: statSync(dirname(file)).mode & 0o777 });
+        writeFileSync(file, guest.subarray(address, address + size));
+      },
+      guest.length,
+      state,
+    );
+    expect(costs?.pages).toBe(4);
+    // The last page is data, then zero, data, zero.
+    expect(costs?.costOfLast(1, 4)).toBe(DATA_PAGE_COST);
+    expect(costs?.costOfLast(4, 4)).toBe(2 * DATA_PAGE_COST + 2 * ZERO_PAGE_COST);
+    expect(seen).toHaveLength(1);
+    expect(seen[0]!.dir).not.toBe(state);
+    expect(seen[0]!.mode).toBe(0o700);
+    expect(readdirSync(state)).toEqual([]);
+  });
+
+  it('leaves nothing behind when pmemsave fails, and maps no guest over the limit', async () => {
+    const state = mkdtempSync(join(tmpdir(), 'embot-zero-map-'));
+    cleanups.push(() => rmSync(state, { recursive: true, force: true }));
+    await expect(mapZeroPages(async (_a, _s, file) => { writeFileSync(file, 'partial'); throw new Error('QMP: pmemsave failed'); }, 4096, state)).rejects.toThrow('pmemsave failed');
+    expect(readdirSync(state)).toEqual([]);
+    expect(await mapZeroPages(async () => { throw new Error('not called'); }, 4096 * 1024 * 1024, state)).toBeUndefined();
   });
 });

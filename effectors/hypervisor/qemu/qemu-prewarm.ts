@@ -32,7 +32,7 @@
  * its whole reserve while the guest wrote nothing), the driver cancels (the VM runs on) with
  * MIGRATION_FAILED `holdLost` rather than keep the VM paused until the command.
  */
-import { readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { MigrationProgress } from '../hypervisor-contract.ts';
 import type { PrewarmHold } from '../prewarm-gate.ts';
@@ -117,28 +117,35 @@ export class PageCosts {
 export type PhysicalMemorySave = (address: number, size: number, file: string) => Promise<unknown>;
 
 /**
- * Maps the guest's zero pages (`pmemsave` in 64 MiB pieces into `dir`, each read and deleted): a
- * write and a read of the RAM on that disk, about 0.1 s for 64 MiB here. Undefined for a guest
- * larger than {@link PAGE_MAP_MAX_BYTES} (its hold paces by pages, as before the map).
+ * Maps the guest's zero pages (`pmemsave` in 64 MiB pieces, each read and deleted): a write and a
+ * read of the RAM on that disk, about 0.1 s for 64 MiB here. The pieces are the guest's memory in
+ * clear, so they go into a fresh 0700 folder under `dir` (mkdtemp), which no other local user can
+ * read whatever the state dir's mode, and which is removed after. Undefined for a guest larger
+ * than {@link PAGE_MAP_MAX_BYTES} (its hold paces by pages, as before the map).
  */
 export async function mapZeroPages(save: PhysicalMemorySave, memoryBytes: number, dir: string): Promise<PageCosts | undefined> {
   if (memoryBytes > PAGE_MAP_MAX_BYTES) return undefined;
   const piece = 64 * MiB;
   const zero = new Uint8Array(Math.ceil(memoryBytes / PAGE));
   const empty = Buffer.alloc(PAGE);
-  for (let address = 0; address < memoryBytes; address += piece) {
-    const length = Math.min(piece, memoryBytes - address);
-    const file = join(dir, `pmem-zero-map-${process.pid}-${address}.bin`);
-    try {
-      await save(address, length, file);
-      const buf = readFileSync(file);
-      for (let off = 0; off < buf.length; off += PAGE) {
-        const end = Math.min(off + PAGE, buf.length);
-        zero[(address + off) / PAGE] = buf.compare(empty, 0, end - off, off, end) === 0 ? 1 : 0;
+  const own = mkdtempSync(join(dir, 'zero-map-'));
+  try {
+    for (let address = 0; address < memoryBytes; address += piece) {
+      const length = Math.min(piece, memoryBytes - address);
+      const file = join(own, `${address}.bin`);
+      try {
+        await save(address, length, file);
+        const buf = readFileSync(file);
+        for (let off = 0; off < buf.length; off += PAGE) {
+          const end = Math.min(off + PAGE, buf.length);
+          zero[(address + off) / PAGE] = buf.compare(empty, 0, end - off, off, end) === 0 ? 1 : 0;
+        }
+      } finally {
+        rmSync(file, { force: true });
       }
-    } finally {
-      rmSync(file, { force: true });
     }
+  } finally {
+    rmSync(own, { recursive: true, force: true });
   }
   return new PageCosts(zero);
 }
