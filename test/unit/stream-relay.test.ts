@@ -110,14 +110,13 @@ async function feed(relay: StreamRelay, data: Buffer): Promise<Socket> {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-async function open(destinations: readonly RelayDestination[], bufferLimitBytes?: number, slabBytes?: number, source?: RelaySourceTransport, stallBudgetMs?: number): Promise<StreamRelay> {
-  const relay = await StreamRelay.open({
-    destinations,
-    ...(stallBudgetMs === undefined ? {} : { stallBudgetMs }),
-    ...(bufferLimitBytes === undefined ? {} : { bufferLimitBytes }),
-    ...(slabBytes === undefined ? {} : { slabBytes }),
-    ...(source === undefined ? {} : { source }),
-  });
+/** A relay to `destinations`; `options` as StreamRelayOptions, an undefined one left to the relay's default. */
+async function open(
+  destinations: readonly RelayDestination[],
+  options: { readonly bufferLimitBytes?: number; readonly slabBytes?: number | undefined; readonly source?: RelaySourceTransport | undefined; readonly stallBudgetMs?: number } = {},
+): Promise<StreamRelay> {
+  const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
+  const relay = await StreamRelay.open({ destinations, ...given });
   cleanups.push(() => relay.close());
   return relay;
 }
@@ -144,7 +143,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
       { name: 'b', uri: b.uri },
       { name: 'c', uri: c.uri },
       { name: 'd', uri: d.uri },
-    ], undefined, undefined, source);
+    ], { source });
     expect(relay.uri).toMatch(uri);
     expect(relay.transport).toBe(source ?? 'tcp');
     const data = randomBytes(8 * 1024 * 1024);
@@ -164,7 +163,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
     const relay = await open([
       { name: 'b', uri: b.uri },
       { name: 'c', uri: c.uri },
-    ], undefined, slabBytes);
+    ], { slabBytes });
     const data = randomBytes(16 * 1024 * 1024);
     await feed(relay, data);
     const results = await Promise.all(['b', 'c'].map((n) => relay.result(n)));
@@ -189,10 +188,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
         { name: 'fast', uri: fast.uri },
         { name: 'slow', uri: slow.uri },
       ],
-      bound,
-      undefined,
-      undefined,
-      stallBudgetMs,
+      { bufferLimitBytes: bound, stallBudgetMs },
     );
     // Far more than the kernel's loopback buffers plus the bound: the stalled reader must overflow it.
     const data = randomBytes(48 * 1024 * 1024);
@@ -226,10 +222,7 @@ describe('stream relay: one stream to several destinations over real sockets', (
         { name: 'fast', uri: fast.uri },
         { name: 'late', uri: late.uri },
       ],
-      bound,
-      undefined,
-      undefined,
-      3000,
+      { bufferLimitBytes: bound, stallBudgetMs: 3000 },
     );
     const data = randomBytes(16 * 1024 * 1024);
     await feed(relay, data);
