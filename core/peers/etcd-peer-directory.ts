@@ -169,6 +169,8 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
       const listed = await client.getAll().prefix(this.folder).exec();
       if (s.dead) return;
       this.replaceAll(listed.kvs);
+      // The holder's record went between the claim and this list: the watch (from after the list) will not say so.
+      if (s.nameHeldBy !== undefined && !listed.kvs.some((kv) => this.isOwnKey(kv))) await this.claim(s);
       // From the revision listed on, so nothing written between the list and the watch is missed.
       const watcher = await client.watch().prefix(this.folder).startRevision((BigInt(listed.header.revision) + 1n).toString()).create();
       s.watcher = watcher;
@@ -207,8 +209,8 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
    * a lease this agent made (its lease file: a SIGKILL and restart inside the old lease's TTL, a
    * session lost to an outage) is its own from before, and so is one with this agent's URL (nobody
    * else can listen on that endpoint while this agent does): it is replaced. So is a record of the
-   * name that is not one. Every write is conditional on what
-   * was read, so two agents starting with one name at once cannot both win.
+   * name that is not one. Every write is conditional on what was read, so two agents starting with
+   * one name at once cannot both win.
    */
   private async claim(s: Session): Promise<void> {
     const self = this.self;
