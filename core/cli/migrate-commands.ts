@@ -255,7 +255,8 @@ export function renderMigrationSummary(info: MigrationInfo): string {
   if (s.precopy) {
     const p = s.precopy;
     // qemu: whether the stream went through the source agent's relay (a fan-out to several) or straight to the target.
-    const stream = p.transport === undefined ? '' : p.transport === 'relay' ? ', stream through the relay' : ', stream direct';
+    const held = p.relayHeldMs ? ` (which waited ${formatMs(p.relayHeldMs)} for this destination)` : '';
+    const stream = p.transport === undefined ? '' : p.transport === 'relay' ? `, stream through the relay${held}` : ', stream direct';
     rows.push(['pre-copy', `${s.rounds} round${s.rounds === 1 ? '' : 's'}, ${p.converged ? 'converged' : 'stopped at the round limit'}, ${formatBytes(p.rateBytesPerSec)}/s, copy downtime ${formatMs(p.copyDowntimeMs)}${stream}`]);
     if (p.throttled) rows.push(['auto-converge', `dirty rate throttled ${p.throttleSteps} step${p.throttleSteps === 1 ? '' : 's'}: ${formatBytes(p.initialDirtyRate)}/s → ${formatBytes(p.finalDirtyRate)}/s`]);
     if (p.resent > 0) rows.push(['re-sent', `${p.resent} page batch${p.resent === 1 ? '' : 'es'}`]);

@@ -129,6 +129,8 @@ export interface MigrationSummary {
     readonly perPath: readonly { readonly name: string; readonly bytes: number; readonly batches: number; readonly failed: boolean }[];
     /** qemu: QEMU's stream straight to the target (`direct`) or through the source agent's relay (`relay`: a fan-out to several). */
     readonly transport?: 'direct' | 'relay';
+    /** qemu, through the relay: how long the stream waited for this destination, its queue over the relay's bound (absent: it kept up). */
+    readonly relayHeldMs?: number;
     /** qemu, a VM with image disks: what the disk mirror carried (issue 14). */
     readonly diskMirror?: { readonly disks: number; readonly bytes: number; readonly readyMs: number; readonly finishMs: number };
   };

@@ -212,6 +212,7 @@ export class SourceSide implements SourceSteps {
               rateBytesPerSec: Math.round(s.precopy.rateBytesPerSec ?? s.precopy.bytes / Math.max(1e-3, s.precopy.totalMs / 1000)),
               perPath: s.precopy.perPath ?? [],
               ...(s.precopy.transport ? { transport: s.precopy.transport } : {}),
+              ...(s.precopy.relayHeldMs ? { relayHeldMs: Math.round(s.precopy.relayHeldMs) } : {}),
               ...(s.precopy.diskMirror ? { diskMirror: s.precopy.diskMirror } : {}),
             },
           }

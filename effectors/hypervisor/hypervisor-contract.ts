@@ -180,6 +180,8 @@ export interface MigrateOutResult {
    * stream relay (`relay`: a fan-out to several). Absent: the driver does not say (the sim).
    */
   readonly transport?: MigrationTransport;
+  /** Through the relay: how long in all the stream waited for this destination, its queue over the relay's bound (absent: it kept up). */
+  readonly relayHeldMs?: number;
   // What a driver with its own pre-copy (the sim) reports besides; the summary shows them when present.
   /** The expected downtime fitted the limit (false: stopped because of the round limit). */
   readonly converged?: boolean;

@@ -25,8 +25,8 @@ const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { 
 const drivers = (): Record<'a' | 'b' | 'c', QemuDriver> => qemuDrivers(qemus, cleanups, ['a', 'b', 'c'], (n) => (n === 'a' ? { relayBufferBytes: 256 * MiB } : {}));
 
 /** `fo` running (heart beating) at a, incoming QEMUs waiting at b and c, and a's fan-out session to them. */
-async function fanOutFromRunningA() {
-  const { a, b, c } = drivers();
+async function fanOutFromRunningA(made: Record<'a' | 'b' | 'c', QemuDriver> = drivers()) {
+  const { a, b, c } = made;
   await a.create(spec);
   await a.start('fo');
   await heartbeat(a.stateDir('fo'), 2);
@@ -93,6 +93,66 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
     await intact(c);
     await b.abortIncoming('fo').catch(() => undefined);
   }, 300_000);
+
+  // A destination whose incoming QEMU stops reading for a while (SIGSTOP: a real process frozen, as a loaded host or a
+  // slow start freezes it), with the relay's bound at 4 MiB so its queue passes it: within the stall budget the stream
+  // waits for it and both get everything; past the budget it is dropped alone as tooSlow.
+  for (const [frozenMs, budgetMs, verdict] of [
+    [1500, 10_000, 'waited for'],
+    [6000, 1000, 'dropped as tooSlow'],
+  ] as const) {
+    it(`a destination whose QEMU is frozen ${frozenMs} ms mid-stream, the relay's stall budget ${budgetMs} ms: it is ${verdict}${verdict === 'waited for' ? ' (relayHeldMs), both get the whole stream' : ', the other gets the whole stream'} and the committed one runs intact`, async () => {
+      const made = qemuDrivers(qemus, cleanups, ['a', 'b', 'c'], (n) => (n === 'a' ? { relayBufferBytes: 4 * MiB, relayStallBudgetMs: budgetMs } : {}));
+      const { b, c, eb, ec, session } = await fanOutFromRunningA(made);
+      let frozen: Promise<void> | undefined;
+      const opts = (endpoint: { uri: string }) => ({
+        endpoint,
+        downtimeLimitMs: 500,
+        autoConverge: true,
+        // 64 MiB/s: a second of stream to freeze b in, and a copy that converges soon after (the guest dirties ~36 MiB/s).
+        maxBandwidth: 64 * MiB,
+        onProgress: (p: { transferredBytes: number }) => {
+          if (frozen === undefined && p.transferredBytes > 8 * MiB) {
+            const pid = b.pid('fo')!;
+            process.kill(pid, 'SIGSTOP');
+            frozen = new Promise<void>((r) => setTimeout(() => r(process.kill(pid, 'SIGCONT') as unknown as void), frozenMs));
+          }
+        },
+      });
+      cleanups.push(async () => void (await frozen));
+      const pb = session.migrateOut('b', opts(eb.endpoint));
+      const pc = session.migrateOut('c', opts(ec.endpoint));
+      if (verdict === 'waited for') {
+        const [rb, rc] = await Promise.all([pb, pc]);
+        session.close();
+        expect(frozen).toBeDefined();
+        expect(rb.bytes).toBe(rc.bytes);
+        // It held the stream for most of its freeze (the kernel's socket buffers took the first part), and not for its whole budget.
+        expect(rb.relayHeldMs).toBeGreaterThan(frozenMs / 3);
+        expect(rb.relayHeldMs).toBeLessThan(budgetMs);
+        expect(rc.relayHeldMs).toBeUndefined();
+        await Promise.all([b.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 }), c.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 })]);
+        await c.abortIncoming('fo');
+        await b.commitIncoming('fo', { running: true, timeoutMs: 30_000 });
+        await heartbeat(b.stateDir('fo'), 2);
+        await intact(b);
+      } else {
+        const e = await rejection(pb);
+        expect(e.code).toBe(ErrorCodes.MIGRATION_FAILED);
+        expect(e.details).toMatchObject({ destination: 'b', outcome: 'tooSlow' });
+        expect(e.message).toMatch(/after the stream waited \d+ ms for it \(its budget 1000 ms\)/);
+        const rc = await pc;
+        session.close();
+        expect(rc.bytes).toBeGreaterThan(32 * MiB);
+        await c.capabilities.incomingBoot!.bootIncoming('fo', { timeoutMs: 30_000 });
+        await c.commitIncoming('fo', { running: true, timeoutMs: 30_000 });
+        await heartbeat(c.stateDir('fo'), 2);
+        await intact(c);
+        await frozen;
+        await b.abortIncoming('fo').catch(() => undefined);
+      }
+    }, 300_000);
+  }
 });
 
 describe.skipIf(!run)('qemu fanOut with one destination: QEMU straight to it, no relay (TCG)', () => {

@@ -379,6 +379,8 @@ describe('the estimate line of a migration summary', () => {
     const s = summaryFor('m-4', 'web', 'b', SCRIPTS['web']!);
     expect(precopyLine(renderMigrationSummary(info({ ...s, precopy: { ...precopy, transport: 'direct' } })))).toMatch(/copy downtime 5 ms, stream direct$/);
     expect(precopyLine(renderMigrationSummary(info({ ...s, precopy: { ...precopy, transport: 'relay' } })))).toMatch(/copy downtime 5 ms, stream through the relay$/);
+    // A destination the relay's stream waited for (its queue over the bound): how long.
+    expect(precopyLine(renderMigrationSummary(info({ ...s, precopy: { ...precopy, transport: 'relay', relayHeldMs: 1250 } })))).toMatch(/stream through the relay \(which waited 1\.25 s for this destination\)$/);
     expect(precopyLine(renderMigrationSummary(info({ ...s, precopy })))).toMatch(/copy downtime 5 ms$/);
   });
 

@@ -210,7 +210,7 @@ export class QemuFanOutSession implements FanOutSession {
           const r = await relay.result(e.dest);
           if (r.outcome !== 'delivered' || e.settled) return;
           e.settled = true;
-          e.resolve({ ...result, bytes: r.bytes });
+          e.resolve({ ...result, bytes: r.bytes, ...(r.heldMs > 0 ? { relayHeldMs: r.heldMs } : {}) });
         }),
       );
     } finally {
