@@ -143,6 +143,8 @@ describe.runIf(run)('fleet directory on etcd (real agents, real etcd)', () => {
     const twin = await f.start('a', { ttlSeconds: 30, dataDir: makeSandbox().dataDir('a-twin') });
     await waitFor(async () => (await directoryOf(twin)).state === 'conflict', 10_000, 'the twin to see the name taken');
     expect((await directoryOf(twin)).lastError).toMatchObject({ code: ErrorCodes.DIRECTORY_NAME_TAKEN, message: expect.stringContaining(`held in etcd by another live agent (${firstUrl}`) });
+    // Its log line is read from the child's stderr pipe, which may land after the status answer.
+    await waitFor(() => logged(twin, ErrorCodes.DIRECTORY_NAME_TAKEN).length >= 1, 10_000, 'the coded log line');
     expect(logged(twin, ErrorCodes.DIRECTORY_NAME_TAKEN)).toHaveLength(1);
     // Alertable: the state as a metric series.
     const metrics = await (await fetch(`${twin.url}/metrics`)).text();
