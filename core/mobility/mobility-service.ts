@@ -7,7 +7,6 @@ import type { EmbotEvent } from '../events.ts';
 import { PeerServer } from '../wire/peer-server.ts';
 import { connectNamedPeer, connectPeer } from '../wire/peer-client.ts';
 import type { PeerConnection } from '../wire/peer-connection.ts';
-import type { PeerMap } from '../wire/peers.ts';
 import type { PeerTls } from '../wire/peer-tls.ts';
 import type { HandlerTable } from '../wire/peer-connection.ts';
 import type { StartMigration } from '../wire/frames.ts';
@@ -43,7 +42,8 @@ export interface MobilityServiceOptions {
   /** The newest wire protocol version this agent speaks on its links (config `peer.protocol`; default the latest). */
   readonly protocol?: number;
   readonly listen: string;
-  readonly peers: PeerMap;
+  /** Who the peers are (static from config, or live from etcd): read at each use, and followed by the warm links. */
+  readonly peers: PeerDirectory;
   readonly stepTimeoutMs: number;
   readonly vmTimeoutMs: number;
   readonly maxDirtyRounds: number;
@@ -243,16 +243,14 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       });
       this.warm = warm;
       warm.start();
-      // A live directory (etcd): a peer that joins is warmed too, one that moves is warmed at its new URL, one that leaves is let go.
-      const live = this.o.peers as Partial<Pick<PeerDirectory, 'on' | 'off'>>;
-      if (typeof live.on === 'function' && typeof live.off === 'function') {
-        const follow = (c: PeerChange): void => {
-          warm.removePeer(c.name);
-          if (c.url !== undefined) warm.addPeer(c.name);
-        };
-        live.on('change', follow);
-        this.unfollowPeers = () => live.off?.('change', follow);
-      }
+      // A peer that joins is warmed too, one that moves is warmed at its new URL, one that leaves is let go (a static directory never changes).
+      const follow = (c: PeerChange): void => {
+        warm.removePeer(c.name);
+        if (c.url !== undefined) warm.addPeer(c.name);
+      };
+      const peers = this.o.peers;
+      peers.on('change', follow);
+      this.unfollowPeers = () => peers.off('change', follow);
     }
     this.server.on('refused', (err, info) => this.host.logger.warn('peer refused', { code: err.code, reason: err.message, remote: info.remoteAddress }));
     this.server.on('protocolError', (err, conn) => this.host.logger.warn('peer broke the protocol', { code: err.code, reason: err.message, peer: conn.remoteAgent }));

@@ -224,20 +224,28 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
       const held = created.responses[0]?.response_range?.kvs[0];
       if (held === undefined) continue; // gone between the compare and the read: try again
       if (held.lease === s.leaseId) return this.claimed(s);
-      const check = checkRecord(this.o.prefix, key, held.value.toString(), { tls: this.o.tls });
-      if (check.ok && check.record.url !== self.url && !this.ownLeases.has(held.lease)) {
-        s.nameHeldBy = check.record;
-        if (s.leaseOk && s.watchOk) this.conflict(check.record);
-        return;
-      }
+      const holder = this.otherHolder(s, held);
+      if (holder !== undefined) return this.nameHeld(s, holder);
       const replaced = await s.client.if(key, 'Mod', '==', held.mod_revision).then(put()).commit();
       if (replaced.succeeded) return this.claimed(s);
     }
     if (!s.dead) throw new Error(`the record ${key} kept changing while this agent wrote its own`);
   }
 
+  /** The live agent other than this one whose record `kv` (of this agent's key) is; undefined when it is this agent's own (its lease now or before, its URL) or no record. */
+  private otherHolder(s: Session, kv: IKeyValue): DirectoryRecord | undefined {
+    if (kv.lease === s.leaseId || this.ownLeases().has(kv.lease)) return undefined;
+    const check = checkRecord(this.o.prefix, kv.key.toString(), kv.value.toString(), { tls: this.o.tls });
+    return check.ok && check.record.url !== this.self?.url ? check.record : undefined;
+  }
+
+  private nameHeld(s: Session, holder: DirectoryRecord): void {
+    s.nameHeldBy = holder;
+    if (s.leaseOk && s.watchOk) this.conflict(holder);
+  }
+
   /** The leases this agent wrote its record on, from the lease file (its runs before) and this run. */
-  private get ownLeases(): ReadonlySet<string> {
+  private ownLeases(): Set<string> {
     if (this.leasesKnown === undefined) {
       this.leasesKnown = new Set();
       if (this.o.leaseFile !== undefined) {
@@ -253,7 +261,7 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
 
   /** Remembers a granted lease (here and in the lease file, the last few) before a record goes on it. */
   private keepLeaseId(id: string): void {
-    const known = this.ownLeases as Set<string>;
+    const known = this.ownLeases();
     known.add(id);
     if (this.o.leaseFile === undefined) return;
     try {
@@ -279,11 +287,9 @@ export class EtcdPeerDirectory extends PeerDirectoryView implements PeerDirector
 
   /** A write to this agent's key: its own, or another agent's that took the name (one without this check, or by hand). */
   private ownRecordWritten(s: Session, kv: IKeyValue): void {
-    if (s.dead || this.self === undefined || kv.lease === s.leaseId) return;
-    const check = checkRecord(this.o.prefix, kv.key.toString(), kv.value.toString(), { tls: this.o.tls });
-    if (!check.ok || check.record.url === this.self.url) return;
-    s.nameHeldBy = check.record;
-    if (s.leaseOk && s.watchOk) this.conflict(check.record);
+    if (s.dead || this.self === undefined) return;
+    const holder = this.otherHolder(s, kv);
+    if (holder !== undefined) this.nameHeld(s, holder);
   }
 
   /** This agent's key deleted: the holder left (or its lease expired), so the name is free to claim; or this agent's own record was removed by hand, so it is written again. */

@@ -57,14 +57,15 @@ export function clusterView(): View {
 }
 
 /** The fleet directory's state: static (the config's peers), or etcd connected, connecting, unavailable (its peers last known kept), conflict (another agent holds this one's name). */
+const DIRECTORY_BADGES: Readonly<Record<string, readonly [string, Parameters<typeof badge>[1]]>> = {
+  connected: ['connected', 'ok'],
+  unavailable: ['unavailable', 'warn'],
+  conflict: ['name taken', 'bad'],
+  static: ['static', 'info'],
+};
+
 function directoryBadge(state: string): HTMLElement {
-  return state === 'connected'
-    ? badge('connected', 'ok')
-    : state === 'unavailable'
-      ? badge('unavailable', 'warn')
-      : state === 'conflict'
-        ? badge('name taken', 'bad')
-        : state === 'static'
-          ? badge('static', 'info')
-          : badge(state, 'muted');
+  // Own keys only: a state named like an Object.prototype member is shown as it is.
+  const [text, kind] = Object.hasOwn(DIRECTORY_BADGES, state) ? DIRECTORY_BADGES[state]! : [state, 'muted' as const];
+  return badge(text, kind);
 }
