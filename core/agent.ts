@@ -809,8 +809,8 @@ class AgentImpl implements RunningAgent, AgentControl, MobilityHost {
   }
 }
 
-/** The driver the config asks for, with its settings. */
-function driverChoice(config: AgentConfig, imagePath: (image: string) => string | undefined): DriverChoice {
+/** The driver the config asks for, with its settings (exported for its unit test: the config's keys reach the driver). */
+export function driverChoice(config: AgentConfig, imagePath: (image: string) => string | undefined): DriverChoice {
   if (config.driver === 'qemu') {
     const q = config.qemu;
     const shape = { memory: q.defaultMemory, vcpus: q.defaultVcpus, ...(q.defaultBootImage === undefined ? {} : { bootImage: resolve(q.defaultBootImage) }) };
@@ -825,6 +825,8 @@ function driverChoice(config: AgentConfig, imagePath: (image: string) => string 
         ...(q.listenHost === undefined ? {} : { listenHost: q.listenHost }),
         ...(q.cpuThrottle === undefined ? {} : { cpuThrottle: q.cpuThrottle }),
         ...(q.stepTimeoutMs === undefined ? {} : { timeoutMs: q.stepTimeoutMs }),
+        relayBufferBytes: q.relay.bufferBytes,
+        relayStallBudgetMs: q.relay.stallBudgetMs,
         // Set on each QEMU as it starts, so a migration out sends nothing before `migrate` when they apply.
         migrationDefaults: { autoConverge: config.dataplane.autoConverge, downtimeLimitMs: config.dataplane.downtimeLimitMs },
         // QEMU's own migration stream uses the peer links' certificates: VM memory never crosses in clear where they do not.

@@ -125,6 +125,22 @@ const QemuSchema = z
     spareIncoming: z.boolean().default(DEFAULTS.qemu.spareIncoming),
     /** How long one QEMU step may take (a QMP connect or re-attach, a process start or exit, an incoming stream's end); default 30 s. */
     stepTimeoutMs: positiveInt.optional(),
+    /** The stream relay of a migration to several destinations (README "Several destinations", qemu-fan-out.ts). */
+    relay: z
+      .object({
+        /**
+         * A destination queued past this many bytes holds the stream (default 64 MiB). At least
+         * 1 MiB: one read of QEMU's stream is kept to a quarter of the bound, so a smaller bound
+         * shrinks reads below the 256 KiB the relay is tuned for (BENCHMARKS.md), and a queue
+         * smaller than a loopback socket's kernel buffers (MiBs) measures scheduling noise, not a
+         * slow destination.
+         */
+        bufferBytes: z.number().int().min(1024 * 1024, "the relay's buffer bound is at least 1 MiB (1048576 bytes)").default(DEFAULTS.qemu.relay.bufferBytes),
+        /** How long in all the stream may be held for destinations over their bound before one is dropped as `tooSlow` (default 3 s; 0: dropped at once). */
+        stallBudgetMs: z.number().int().min(0).default(DEFAULTS.qemu.relay.stallBudgetMs),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 

@@ -10,7 +10,15 @@ export const DEFAULTS = {
   logFormat: 'auto',
   sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
   sim: { pageSize: 4096, hostCpus: 4, hostMemory: 16 * 1024 * 1024 * 1024, defaultMemory: 64 * 1024 * 1024, defaultDirtyRate: 0, startMemory: 'zero' },
-  qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 64 * 1024 * 1024, defaultVcpus: 1, spareIncoming: true },
+  qemu: {
+    binary: 'qemu-system-x86_64',
+    accel: 'auto',
+    defaultMemory: 64 * 1024 * 1024,
+    defaultVcpus: 1,
+    spareIncoming: true,
+    // The stream relay's own defaults (stream-relay.ts DEFAULT_RELAY_*; core may not import a feature, a test keeps them equal).
+    relay: { bufferBytes: 64 * 1024 * 1024, stallBudgetMs: 3000 },
+  },
   store: { synchronous: 'NORMAL' },
   peer: { listen: '127.0.0.1:7401' },
   mobility: { stepTimeoutMs: 10_000, vmTimeoutMs: 120_000, maxDirtyRounds: 5, forwardGraceMs: 30_000, warmConnections: true, prewarmExitShare: 1 },

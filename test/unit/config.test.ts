@@ -31,7 +31,7 @@ describe('config defaults', () => {
       logFormat: 'auto',
       sensors: { host: { intervalMs: 1000, source: 'sim' }, vm: { intervalMs: 1000 } },
       sim: { pageSize: 4096, hostCpus: 4, hostMemory: 17179869184, defaultMemory: 67108864, defaultDirtyRate: 0, startMemory: 'zero' },
-      qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true },
+      qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true, relay: { bufferBytes: 67108864, stallBudgetMs: 3000 } },
       store: { synchronous: 'NORMAL' },
       directory: { kind: 'static', endpoints: ['http://127.0.0.1:2379'], prefix: '/embot', ttlSeconds: 10 },
       peer: { listen: '127.0.0.1:7401', peers: {}, protocol: 3 },
@@ -151,11 +151,45 @@ describe('config errors', () => {
   it('takes driver: qemu with a qemu: section, and refuses bad qemu settings by path', () => {
     const c = validateConfig({ driver: 'qemu', qemu: { binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false, stepTimeoutMs: 5000 } });
     expect(c.driver).toBe('qemu');
-    expect(c.qemu).toEqual({ binary: '/opt/qemu/bin/qemu-system-x86_64', stateDir: '/var/lib/embot/qemu', accel: 'tcg', defaultMemory: 128 * 2 ** 20, defaultVcpus: 2, spareIncoming: false, stepTimeoutMs: 5000 });
+    expect(c.qemu).toEqual({
+      binary: '/opt/qemu/bin/qemu-system-x86_64',
+      stateDir: '/var/lib/embot/qemu',
+      accel: 'tcg',
+      defaultMemory: 128 * 2 ** 20,
+      defaultVcpus: 2,
+      spareIncoming: false,
+      stepTimeoutMs: 5000,
+      relay: { bufferBytes: 64 * 2 ** 20, stallBudgetMs: 3000 },
+    });
     const e = thrown(() => validateConfig({ driver: 'qemu', qemu: { accel: 'hvf', defaultVcpus: 0, bootImage: 'x', spareIncoming: 'yes', stepTimeoutMs: -1 } }), ConfigError);
     expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
     const issues = (e.details!['issues'] as string[]).map((i) => i.split(':')[0]).sort();
     expect(issues).toEqual(['qemu', 'qemu.accel', 'qemu.defaultVcpus', 'qemu.spareIncoming', 'qemu.stepTimeoutMs']);
+  });
+
+  it('takes qemu.relay (the several-destinations relay: bound from 1 MiB, stall budget from 0 ms), a partial one keeping the other default, and refuses bad values by path', () => {
+    expect(validateConfig({ qemu: { relay: { bufferBytes: 2 ** 20, stallBudgetMs: 0 } } }).qemu.relay).toEqual({ bufferBytes: 2 ** 20, stallBudgetMs: 0 });
+    expect(validateConfig({ qemu: { relay: { bufferBytes: 256 * 2 ** 20, stallBudgetMs: 10_000 } } }).qemu.relay).toEqual({ bufferBytes: 256 * 2 ** 20, stallBudgetMs: 10_000 });
+    expect(validateConfig({ qemu: { relay: { stallBudgetMs: 500 } } }).qemu.relay).toEqual({ bufferBytes: 64 * 2 ** 20, stallBudgetMs: 500 });
+    expect(validateConfig({ qemu: { relay: { bufferBytes: 8 * 2 ** 20 } } }).qemu.relay).toEqual({ bufferBytes: 8 * 2 ** 20, stallBudgetMs: 3000 });
+    expect(validateConfig({ qemu: { relay: {} } }).qemu.relay).toEqual({ bufferBytes: 64 * 2 ** 20, stallBudgetMs: 3000 });
+    const refused = (relay: unknown): string[] => {
+      const e = thrown(() => validateConfig({ qemu: { relay } }), ConfigError);
+      expect(e.code).toBe(ErrorCodes.CONFIG_INVALID);
+      return e.details!['issues'] as string[];
+    };
+    for (const bad of [-1, 0, 2 ** 20 - 1, 2 ** 20 + 0.5, '64M', null]) {
+      expect(refused({ bufferBytes: bad }).map((i) => i.split(':')[0]), String(bad)).toEqual(['qemu.relay.bufferBytes']);
+    }
+    expect(refused({ bufferBytes: 2 ** 20 - 1 })[0]).toBe("qemu.relay.bufferBytes: the relay's buffer bound is at least 1 MiB (1048576 bytes)");
+    for (const bad of [-1, 0.5, '3000', true, Number.POSITIVE_INFINITY]) {
+      expect(refused({ stallBudgetMs: bad }).map((i) => i.split(':')[0]), String(bad)).toEqual(['qemu.relay.stallBudgetMs']);
+    }
+    expect(refused({ bufferBytes: 2 ** 20, stallBudgetMs: 0, bufferLimitBytes: 2 ** 20 })).toEqual(['qemu.relay: unknown key "bufferLimitBytes" (known keys: bufferBytes, stallBudgetMs)']);
+    expect(refused(65536).map((i) => i.split(':')[0])).toEqual(['qemu.relay']);
+    // The driver's option name written under qemu: is refused as well, the hint pointing at relay.
+    const e = thrown(() => validateConfig({ qemu: { relayBufferBytes: 2 ** 20 } }), ConfigError);
+    expect(e.message).toMatch(/qemu: unknown key "relayBufferBytes" \(known keys: .*relay\)/);
   });
 
   it('takes an etcd fleet directory and refuses bad directory values by path', () => {
@@ -218,6 +252,7 @@ describe('the README', () => {
       expect(config.control).toMatchObject({ host: '127.0.0.1', port: 7400 });
       expect(config.dataplane).toMatchObject({ downtimeLimitMs: 300, maxPaths: 4, probeBytes: 8 * 1024 * 1024 });
       expect(config.modules['host-load']).toEqual({ threshold: 0.8, durationMs: 10000 });
+      expect(config.qemu.relay).toEqual({ bufferBytes: 64 * 1024 * 1024, stallBudgetMs: 3000 });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -52,9 +52,9 @@ export interface QemuDriverOptions {
    * CN (`tls-authz`). Without it the stream is plain TCP (loopback clusters).
    */
   readonly tls?: QemuTlsFiles;
-  /** Several destinations (qemu-fan-out.ts): a destination queued past this many bytes in the relay holds the stream for `relayStallBudgetMs` in all, then is dropped (`tooSlow`). Default 64 MiB. */
+  /** Several destinations (qemu-fan-out.ts): a destination queued past this many bytes in the relay holds the stream for `relayStallBudgetMs` in all, then is dropped (`tooSlow`). Default 64 MiB (the agent's `qemu.relay.bufferBytes`). */
   readonly relayBufferBytes?: number;
-  /** Default 3 s (stream-relay.ts DEFAULT_RELAY_STALL_BUDGET_MS); 0 drops a destination at its bound at once. */
+  /** Default 3 s (stream-relay.ts DEFAULT_RELAY_STALL_BUDGET_MS; the agent's `qemu.relay.stallBudgetMs`); 0 drops a destination at its bound at once. */
   readonly relayStallBudgetMs?: number;
   /**
    * When a VM's QMP connection drops while its QEMU runs, the driver connects again with a
