@@ -175,13 +175,21 @@ export class ControlClient {
     const headers: Record<string, string> = { Accept: 'application/json' };
     if (this.token !== undefined) headers['Authorization'] = `Bearer ${this.token}`;
     if (body !== undefined) headers['Content-Type'] = 'application/json';
-    let res: Response;
-    try {
-      res = await fetch(this.baseUrl + path, {
+    const send = (): Promise<Response> =>
+      fetch(this.baseUrl + path, {
         method,
         headers,
         ...(body === undefined ? {} : { body: JSON.stringify(body) }),
         signal: AbortSignal.timeout(timeoutMs),
+      });
+    let res: Response;
+    try {
+      res = await send().catch((cause: unknown) => {
+        // fetch reuses a kept-alive connection, which the agent may close at the moment a request
+        // goes out on it (its idle timeout ran out while its event loop was busy): the request never
+        // reached it. A GET is safe to send again, once; anything else may have been acted on.
+        if (method === 'GET' && droppedConnection(cause)) return send();
+        throw cause;
       });
     } catch (cause) {
       throw this.unreachable(cause);
@@ -223,6 +231,12 @@ function fallbackCode(status: number): ErrorCode {
   if (status === 404) return ErrorCodes.CONTROL_NOT_FOUND;
   if (status >= 500) return ErrorCodes.CONTROL_INTERNAL;
   return ErrorCodes.CONTROL_BAD_REQUEST;
+}
+
+/** A connection reset or closed under a request (fetch's `cause`: ECONNRESET, EPIPE, or undici's socket error). */
+function droppedConnection(e: unknown): boolean {
+  const code = (e as { cause?: { code?: unknown } } | undefined)?.cause?.code;
+  return code === 'ECONNRESET' || code === 'EPIPE' || code === 'UND_ERR_SOCKET';
 }
 
 /** fetch hides the socket error in `cause`; surface the useful part. */

@@ -31,10 +31,10 @@ function zeroBatch(memory: Uint8Array, indexes: number[], zeros: number[], extra
 }
 
 describe('splitZeroPages', () => {
-  it('names every page once, in order: the all-zero ones as zeros, a page with one non-zero byte as a page to send', () => {
+  it('names every page once, in order: the all-zero ones as zeros, a page with one non-zero byte as a page to send', async () => {
     const m = memoryWith(40, [0, 3, 17, 39], 100);
     m[25 * PAGE + PAGE - 1] = 7; // the last byte of page 25 only
-    const batches = splitZeroPages(m, PAGE, 40, 2);
+    const batches = await splitZeroPages(m, PAGE, 40, 2);
     const sent = batches.flatMap((b) => Array.from(b.indexes));
     const zeros = batches.flatMap((b) => Array.from(b.zeros));
     expect(sent).toEqual([0, 3, 17, 25, 39]);
@@ -44,10 +44,29 @@ describe('splitZeroPages', () => {
     for (let i = 1; i < batches.length; i++) expect(batches[i]!.zeros[0] ?? batches[i]!.indexes[0]!).toBeGreaterThan(batches[i - 1]!.indexes.at(-1) ?? -1);
   });
 
-  it('cuts a long run of zero pages at MAX_ZEROS_PER_BATCH and sends nothing of an all-zero memory', () => {
+  it('cuts a long run of zero pages at MAX_ZEROS_PER_BATCH and sends nothing of an all-zero memory', async () => {
     const pages = MAX_ZEROS_PER_BATCH + 5;
-    const batches = splitZeroPages(new Uint8Array(pages * PAGE), PAGE, pages, 256);
+    const batches = await splitZeroPages(new Uint8Array(pages * PAGE), PAGE, pages, 256);
     expect(batches.map((b) => [b.indexes.length, b.zeros.length])).toEqual([[0, MAX_ZEROS_PER_BATCH], [0, 5]]);
+  });
+
+  it('gives the event loop a turn after every slice of memory, and splits the same as in one go', async () => {
+    // A large VM's memory looked at in one go blocked its agent for seconds (see SCAN_SLICE_BYTES).
+    const pages = 64;
+    const m = memoryWith(pages, [2, 17, 40, 63], 9);
+    const turns: number[] = [];
+    let looked = 0;
+    const tick = (): void => {
+      turns.push(looked);
+      if (looked === 0) setImmediate(tick);
+    };
+    setImmediate(tick);
+    const sliced = await splitZeroPages(m, PAGE, pages, 4, 16 * PAGE).finally(() => (looked = 1));
+    // The immediate queued before the split ran while it was still going: it yielded.
+    expect(turns[0]).toBe(0);
+    const whole = await splitZeroPages(m, PAGE, pages, 4, pages * PAGE);
+    expect(sliced).toEqual(whole);
+    expect(sliced.flatMap((b) => Array.from(b.indexes))).toEqual([2, 17, 40, 63]);
   });
 });
 

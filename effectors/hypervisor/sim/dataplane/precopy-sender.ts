@@ -332,9 +332,13 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
     current: undefined,
   });
   /** One round: timed from before its batches are built to the last ack, as the send rate it measures. */
-  const sendBatches = async (build: () => Batch[]): Promise<void> => {
+  const sendBatches = async (build: () => Batch[] | Promise<Batch[]>): Promise<void> => {
     roundStart = performance.now();
-    const batches = build();
+    const built = build();
+    // Only the full round's split is asynchronous (a large VM's memory is looked at in slices); the
+    // others, the stop-and-copy's among them, go out in the same turn.
+    // An abort meanwhile has failed the striper: its send rejects with the abort's error.
+    const batches = Array.isArray(built) ? built : await built;
     roundLeft = batches.reduce((sum, b) => sum + b.bytes, 0);
     roundBytes = roundLeft;
     await striper.send(batches);
@@ -346,7 +350,7 @@ export async function preCopy(o: PreCopyOptions): Promise<PreCopyResult> {
   const sendFullRound = (): Promise<void> =>
     sendBatches(() =>
       zeroIndexes
-        ? splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).map((b) => toBatch(0, false, b.indexes, b.zeros))
+        ? splitZeroPages(memory, pageSize, pages.pageCount, cfg.pagesPerBatch).then((split) => split.map((b) => toBatch(0, false, b.indexes, b.zeros)))
         : splitIndexes(allPages(pages.pageCount), cfg.pagesPerBatch).map((ix) => toBatch(0, false, ix)),
     );
   const sendRound = (indexes: Uint32Array, r: number, final: boolean): Promise<void> =>
