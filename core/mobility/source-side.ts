@@ -477,7 +477,8 @@ export class SourceSide implements SourceSteps {
           }
         },
         onProgress: (p) => {
-          copiedBytes = Math.max(copiedBytes, p.transferredBytes);
+          // What counts if the copy ends early (a fan-out's loser, a failure): the bytes sent, as a completed copy's result counts them.
+          copiedBytes = Math.max(copiedBytes, p.sentBytes ?? p.transferredBytes);
           copyRounds = p.rounds;
           if (p.phase !== copyPhase.phase) copyPhase = { phase: p.phase, since: Date.now() };
           this.o.onProgress({

@@ -90,7 +90,14 @@ export interface MigrationProgress {
   readonly phase: MigrationPhase;
   /** Dirty-sync rounds so far (1 = the full copy). */
   readonly rounds: number;
+  /** The memory brought up to date so far, re-sends included: what a progress bar of the VM's size shows. */
   readonly transferredBytes: number;
+  /**
+   * Bytes of memory put on the wire, where the driver tells them apart from `transferredBytes` (sim:
+   * its zero pages go as indexes, so a fresh VM's transfer is mostly not sent); absent, the same.
+   * What a copy that ended early counts as sent, as a completed one counts its result's `bytes`.
+   */
+  readonly sentBytes?: number;
   readonly remainingBytes: number;
   /** Send rate, bytes/s. */
   readonly rateBytesPerSec: number;

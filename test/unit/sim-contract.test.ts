@@ -143,6 +143,8 @@ describe('SimDriver through the hypervisor contract', () => {
     expect(result.perPath?.map((x) => x.name)).toEqual(['p0']);
     expect(progress.length).toBeGreaterThan(0);
     expect(progress.at(-1)).toMatchObject({ phase: 'completed', remainingBytes: 0, channels: 1 });
+    // What went on the wire, apart from the memory brought up to date (which counts zero pages too).
+    expect(progress.at(-1)).toMatchObject({ sentBytes: result.bytes, transferredBytes: result.bytes + (result.zeroBytes ?? 0) });
     expect(p.target.capabilities.incomingPages!.complete('vm1')).toBe(true);
 
     const info = await p.target.commitIncoming('vm1', { running: false });
@@ -154,8 +156,13 @@ describe('SimDriver through the hypervisor contract', () => {
 
   it('commits a VM that ran at the source as running, in the call itself (before its first await)', async () => {
     const p = await pair(MiB, 0);
+    p.source.pages('vm1').memory.fill(0); // as if never written
     await p.target.prepareIncoming(p.source.spec('vm1')!);
-    await p.source.migrateOut('vm1', p.options());
+    const progress: DriverMigrationProgress[] = [];
+    await p.source.migrateOut('vm1', p.options({ onProgress: (x) => progress.push(x) }));
+    // All zero pages: brought up to date in full, none of it sent as bytes
+    // (what a fan-out's loser counts as sent when it is terminated; it counted the zero pages before).
+    expect(progress.at(-1)).toMatchObject({ transferredBytes: MiB, sentBytes: 0 });
     const seen: VmStateChange[] = [];
     p.target.events.on('vm-state', (e) => seen.push(e));
     const committing = p.target.commitIncoming('vm1', { running: true });

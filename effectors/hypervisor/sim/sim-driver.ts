@@ -418,6 +418,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
           rounds: p.round + 1,
           // The memory brought up to date, zero pages included: what a progress bar of the VM's size shows.
           transferredBytes: p.sentBytes + p.zeroBytes,
+          sentBytes: p.sentBytes,
           remainingBytes: p.remainingBytes,
           rateBytesPerSec: p.rateBytesPerSec,
           dirtyRateBytesPerSec: p.dirtyRateBytesPerSec,
