@@ -105,6 +105,8 @@ interface LiveMigration {
   progress: MigrationProgress;
   readonly actor: AnyActorRef;
   readonly done: Promise<MigrationSummary>;
+  /** The agent stops: let go of what this migration holds open (its links, the driver's copy), its journal row left for recover(). */
+  readonly halt?: () => void;
   committed?: boolean;
   /**
    * The journal row as last read, for progress events: a target reports progress per page batch,
@@ -262,7 +264,12 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     this.handOvers.close();
     this.unfollowPeers?.();
     const warm = this.warm?.close();
-    for (const m of this.live.values()) m.actor.stop();
+    for (const m of this.live.values()) {
+      m.actor.stop();
+      // A stopped actor no longer drives its steps, but a step under way (a copy) kept its sockets
+      // open, and with them the process: SIGTERM during a migration never ended the agent.
+      m.halt?.();
+    }
     await Promise.all([warm, this.server?.close(), ...this.dataServers.map((d) => d.close())]);
   }
 
@@ -416,7 +423,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         },
       });
     });
-    this.live.set(key('source', id), { id, role: 'source', vm, peer: to, startedAt, phase: 'requesting', progress: emptyProgress('requesting'), actor, done });
+    this.live.set(key('source', id), { id, role: 'source', vm, peer: to, startedAt, phase: 'requesting', progress: emptyProgress('requesting'), actor, done, halt: () => side.halt() });
     // Every line its steps log carries the migration id (core/logger.ts withLogContext).
     withLogContext({ migrationId: id }, () => {
       this.host.logger.info(`migration ${id} of ${vm} to ${to} started (source)`, { vm, peer: to });

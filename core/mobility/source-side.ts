@@ -680,6 +680,18 @@ export class SourceSide implements SourceSteps {
     void this.conn?.close().catch(() => {});
   }
 
+  /**
+   * The agent stops with this migration under way: its journal keeps the phase, and the restart's
+   * recovery settles it with exactly one owner, as after a crash. Meanwhile nothing of it may keep
+   * the process alive: the driver's copy is cancelled (its data paths close when it settles; qemu:
+   * migrate_cancel, which recovery would do after a restart anyway) and the link to the target closed.
+   */
+  halt(): void {
+    this.vmMoveAbort.abort();
+    this.closeEarlyPrimary();
+    void this.conn?.close().catch(() => {});
+  }
+
   /** Closes the primary data path dialled early if migrateVm never took it. */
   private closeEarlyPrimary(): void {
     const early = this.earlyPrimary;
