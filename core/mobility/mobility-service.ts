@@ -282,6 +282,15 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
   migrate(vm: string, destinations: Destinations | undefined, options: MigrateOptions = {}): { readonly id: string } {
     const warming = this.prewarmOf(vm);
     if (warming) {
+      // The pre-warm's set and settings were fixed at its start: options of a migration that starts now would be silently ignored.
+      const ignored = ([['retries', '--retries'], ['fallback', '--fallback'], ['thresholdMs', '--threshold']] as const).filter(([k]) => options[k] !== undefined).map(([, flag]) => flag);
+      if (ignored.length > 0) {
+        throw new ConfigError(
+          ErrorCodes.DESTINATIONS_INVALID,
+          `VM ${vm} is pre-warming: \`embot migrate ${vm}\` switches to its warmed destinations and takes no ${ignored.join(', ')} (those belong to a migration that starts now: cancel the pre-warm first)`,
+          { details: { problem: 'prewarmCommand', names: [] } },
+        );
+      }
       // The pre-warm's command: its own id; destinations not named are terminated.
       warming.prewarm.command(destinations === undefined ? undefined : typeof destinations === 'string' ? [destinations] : destinations);
       return { id: warming.id };

@@ -184,6 +184,11 @@ describe('pre-warm', () => {
     await untilWarm(a, id, ['b', 'c']);
     // A destination this pre-warm does not warm: refused, and the pre-warm goes on.
     await expect(a.client.migrate('app', ['b', 'zz'])).rejects.toMatchObject({ code: ErrorCodes.DESTINATIONS_INVALID });
+    // Settings of a migration that starts now are refused, not ignored: the pre-warm's set is fixed.
+    const withRetries = await cliHere(['migrate', 'app', '--to', 'b', '--retries', '1', '--fallback', 'c', '--agent', a.url]);
+    expect(withRetries.code).toBe(2);
+    expect(withRetries.stderr).toMatch(/takes no --retries, --fallback .*\[EMBOT_ERR_DESTINATIONS_INVALID\]/);
+    await expect(a.client.migrate('app', 'b', { thresholdMs: 1000 })).rejects.toMatchObject({ code: ErrorCodes.DESTINATIONS_INVALID, details: { problem: 'prewarmCommand' } });
     expect((await warmth(a, id))?.commandedAt).toBeNull();
 
     const cancelled = await cliHere(['prewarm', 'app', '--cancel', '--json', '--agent', a.url]);
