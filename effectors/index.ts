@@ -5,6 +5,7 @@ export { MAX_ZERO_PAGE_COST } from './hypervisor/hypervisor-contract.ts';
 export type {
   DataPaths,
   DriverEstimateHints,
+  ColdMigration,
   FanOutMemory,
   FanOutSession,
   FaultInjection,

@@ -313,6 +313,11 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       throw new ConfigError(ErrorCodes.MULTI_DESTINATION_UNSUPPORTED, `several destinations at once (${[...names, ...fallback].join(', ')}), retries and fallback hosts need a driver that copies to several destinations; the ${this.host.driver.name} driver does not yet: give one peer name`, { details: { names: [...names, ...fallback] } });
     }
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
+    // Refused before anything starts: qemu found out only inside the copy, and a fan-out then reported a dropped stream.
+    const state = this.host.driver.get(vm)!.state;
+    if (state !== 'running' && !(this.host.driver.capabilities.coldMigration?.from.includes(state) ?? false)) {
+      throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is ${state}: the ${this.host.driver.name} driver migrates only a running VM (start it first)`, { details: { vm, state } });
+    }
     if ([...this.live.values()].some((m) => m.vm === vm) || [...this.fanOutLive.values()].some((f) => f.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
     const id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;
     if (several) {
@@ -534,7 +539,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (!this.host.driver.get(vm)) throw new ProtocolError(ErrorCodes.VM_UNKNOWN, `no VM named ${vm} on ${this.host.agent}`);
     // Nothing to keep warm in a VM that does not run (a cold `embot migrate` moves it); refused before anything starts.
     const st = this.host.driver.get(vm)!.state;
-    if (st !== 'running') throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is ${st}: only a running VM is pre-warmed (embot migrate ${vm} moves it cold)`, { details: { vm, state: st } });
+    if (st !== 'running') {
+      const cold = this.host.driver.capabilities.coldMigration?.from.includes(st) ?? false;
+      throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is ${st}: only a running VM is pre-warmed (${cold ? `embot migrate ${vm} moves it cold` : 'start it first'})`, { details: { vm, state: st } });
+    }
     if (this.prewarmOf(vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is pre-warming already (embot migrate ${vm} switches, embot prewarm ${vm} --cancel stops it)`);
     if ([...this.live.values()].some((m) => m.vm === vm) || [...this.fanOutLive.values()].some((f) => f.vm === vm)) throw new ProtocolError(ErrorCodes.VM_BAD_STATE, `VM ${vm} is already migrating`);
     const id = `m-${Date.now().toString(36)}-${randomBytes(3).toString('hex')}`;

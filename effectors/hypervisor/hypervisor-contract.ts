@@ -342,7 +342,18 @@ export interface IncomingBootResult {
   readonly waitedMs: number;
 }
 
+/**
+ * The driver migrates a VM that does not run: its memory as it was left, and it does not run at
+ * the target either (the sim). Without it only a running VM migrates (QEMU's migration needs the
+ * guest's QEMU running), and a migration of any other is refused before anything starts.
+ */
+export interface ColdMigration {
+  /** States besides `running` a VM may migrate from. */
+  readonly from: readonly VmState[];
+}
+
 export interface HypervisorCapabilities {
+  readonly coldMigration?: ColdMigration;
   readonly fanOut?: FanOutMemory;
   readonly incomingBoot?: IncomingBoot;
   readonly faults?: FaultInjection;

@@ -208,6 +208,14 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     const stopped = await cliHere(['prewarm', 'cold', '--to', 'b', '--agent', a.url]);
     expect(stopped.code, stopped.stderr).toBe(1);
     expect(stopped.stderr).toContain(ErrorCodes.VM_BAD_STATE);
+    expect(stopped.stderr).toContain('start it first');
+    // Nor does it migrate, to one or to several: refused before anything starts (the copy used to find out, and a fan-out blamed a dropped stream).
+    for (const to of ['b', 'b,c']) {
+      const cold = await cliHere(['migrate', 'cold', '--to', to, '--agent', a.url]);
+      expect(cold.code, cold.stderr).toBe(1);
+      expect(cold.stderr).toMatch(/VM cold is created: the qemu driver migrates only a running VM \(start it first\) \[EMBOT_ERR_VM_BAD_STATE\]/);
+    }
+    expect((await a.client.listMigrations()).filter((m) => m.vm === 'cold')).toEqual([]);
     const self = await cliHere(['prewarm', 'app', '--to', 'a,b', '--agent', a.url]);
     expect(self.code).toBe(2);
     expect(self.stderr).toContain(ErrorCodes.DESTINATIONS_INVALID);

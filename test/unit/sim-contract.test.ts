@@ -76,7 +76,7 @@ describe('SimDriver through the hypervisor contract', () => {
     const d: HypervisorDriver = new SimDriver();
     cleanups.push(() => d.close());
     const c = d.capabilities;
-    expect(Object.keys(c).sort()).toEqual(['fanOut', 'faults', 'incomingPages', 'loadKnob', 'memoryChecksum', 'udpService']);
+    expect(Object.keys(c).sort()).toEqual(['coldMigration', 'fanOut', 'faults', 'incomingPages', 'loadKnob', 'memoryChecksum', 'udpService']);
     expect(c.memoryDump).toBeUndefined();
     await d.create({ name: 'web', memory: MiB, udpPort: 9123 } as { name: string });
     expect(c.udpService!.udpPort('web')).toBe(9123);

@@ -173,6 +173,7 @@ export class SimDriver implements HypervisorDriver<Partial<VmSpec> & { readonly 
     this.defaults = { ...SIM_DEFAULT_SPEC, ...options.defaults };
     this.validateSpec({ name: 'defaults', ...this.defaults });
     this.capabilities = {
+      coldMigration: { from: ['created', 'paused', 'stopped', 'crashed'] },
       faults: { crash: async (vm) => this.crash(vm) },
       loadKnob: { setLoad: async (vm, load) => this.setLoad(vm, load) },
       memoryChecksum: { checksum: async (vm) => createHash('sha256').update(this.pages(vm).memory).digest('hex') },
