@@ -175,6 +175,8 @@ export function progressLine(info: MigrationInfo, elapsedMs: number, now = Date.
   const parts = [`[${(elapsedMs / 1000).toFixed(1)}s]`, info.phase];
   const p = info.progress;
   if (p) {
+    // Several destinations: whose copy the figures are (the one furthest along).
+    if (p.leading !== undefined) parts.push(`${p.leading} leading`);
     const copy = copyNote(p, now);
     if (copy !== undefined) parts.push(copy);
     parts.push(formatBytes(p.bytes), `${Math.floor(p.percent)}%`);

@@ -25,6 +25,11 @@ export interface MigrationProgress {
   readonly copyPhase?: string;
   /** When the copy entered `copyPhase`, ms since epoch. */
   readonly copyPhaseSince?: number;
+  /**
+   * A migration to several destinations: the figures are those of this destination's copy, the one
+   * furthest along (the record of the whole has no copy of its own; each child's record has its own).
+   */
+  readonly leading?: string;
 }
 
 /** What the path planner decided (seed 000): the estimate beside the threshold, and why each path was or was not added. */

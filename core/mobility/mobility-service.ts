@@ -607,9 +607,23 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       ...(row.reason ? { reason: row.reason } : {}),
       startedAt: row.startedAt,
       updatedAt: row.updatedAt,
-      ...(live ? { progress: live.progress } : {}),
+      ...(live ? { progress: live.progress } : row.role === 'source' && row.outcome === undefined ? this.leadingProgress(row.id) : {}),
       ...(summary ? { summary } : {}),
     };
+  }
+
+  /**
+   * A running fan-out's progress: its child furthest along (attempts after the first included, ids
+   * `<id>.r1~peer`, `<id>.f~peer`), named, so `embot migrate --to b,c` shows a copy under way.
+   */
+  private leadingProgress(id: string): { readonly progress?: MigrationProgress } {
+    if (!this.fanOutLive.has(id)) return {};
+    let best: { readonly peer: string; readonly progress: MigrationProgress } | undefined;
+    for (const m of this.live.values()) {
+      if (m.role !== 'source' || !(m.id.startsWith(`${id}~`) || m.id.startsWith(`${id}.`))) continue;
+      if (best === undefined || m.progress.percent > best.progress.percent || (m.progress.percent === best.progress.percent && m.progress.bytes > best.progress.bytes)) best = m;
+    }
+    return best === undefined ? {} : { progress: { ...best.progress, leading: best.peer } };
   }
 
   /** A source's summary with what its forwarding has done since (it runs on after the summary was written). */

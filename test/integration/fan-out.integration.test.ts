@@ -70,7 +70,15 @@ describe('first to boot wins', () => {
     await vmWithCounter(a, 8 * MiB);
     const ticks = tickProducer(() => a, 'app');
     await waitFor(() => ticks.acked >= 20, 10_000, 'events before the move');
-    const info = await migrateMany(a, ['b', 'c', 'd']);
+    const { id } = await a.client.migrate('app', ['b', 'c', 'd']);
+    // While it runs, the record of the whole shows the copy furthest along, named (it has none of its own).
+    const running = await waitFor(async () => {
+      const m = await a.client.getMigration(id);
+      return m.outcome === null && m.progress?.leading !== undefined && m.progress.memoryBytes > 0 ? m : undefined;
+    }, 60_000, 'the fan-out showing its leading copy');
+    expect(['b', 'c', 'd']).toContain(running.progress!.leading);
+    expect(running.phase).toBe('racing');
+    const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
     await ticks.stop();
 
     expect(info.outcome).toBe('completed');

@@ -258,6 +258,14 @@ describe('embot migrate: pre-copy progress and --threshold', () => {
     expect(line).toContain('expected downtime 8 ms');
   });
 
+  it('names the destination whose copy a migration to several shows (the one furthest along)', () => {
+    const info: MigrationInfo = {
+      id: 'm-3', role: 'source', vm: 'web', peer: 'b,c', phase: 'racing', outcome: null, startedAt: 0, updatedAt: 0,
+      progress: { phase: 'migratingVm', bytes: 3 * MiB, memoryBytes: 3 * MiB, memoryTotal: 4 * MiB, percent: 75, leading: 'c' },
+    };
+    expect(progressLine(info, 1500)).toBe('[1.5s]  racing  c leading  3 MiB  75%');
+  });
+
   it("says where the copy is when the figures stop moving (QEMU's stop-and-copy), and when they are final", () => {
     const at = (copyPhase: string): MigrationInfo => ({
       id: 'm-2', role: 'source', vm: 'web', peer: 'b', phase: 'migratingVm', outcome: null, startedAt: 0, updatedAt: 0,
