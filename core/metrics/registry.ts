@@ -444,7 +444,7 @@ export function reasonLabel(reason: string | undefined): string {
   if (/timed out|timeout/i.test(reason)) return 'timeout';
   if (/agent stopped/i.test(reason)) return 'agent_stopped';
   if (/disconnect/i.test(reason)) return 'disconnected';
-  if (/source aborted/i.test(reason)) return 'source_aborted';
+  if (/source aborted|aborted by source/i.test(reason)) return 'source_aborted';
   if (/denied/i.test(reason)) return 'denied';
   return 'other';
 }

@@ -228,7 +228,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         if (frame.type !== 'Abort') return;
         // Only the source of a migration may abort it.
         const v = this.check(frame, conn.remoteAgent);
-        if (v.ok) this.abortTarget(frame.migrationId, `source aborted: ${frame.reason}`);
+        // The target's record says "aborted by source in <phase>: <reason>", the reason word for word (a fan-out's loser: "terminated: …").
+        if (v.ok) this.abortTarget(frame.migrationId, frame.reason);
         else this.host.logger.warn('ignored an Abort', { code: v.error.code, reason: v.error.message, peer: conn.remoteAgent });
       });
       conn.on('close', () => {
@@ -305,7 +306,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `retries must be an integer in 0..${MAX_RETRIES}, got ${String(retries)}`, { details: { problem: 'retries', names: [] } });
     }
     const overlap = fallback.filter((f) => names.includes(f));
-    if (overlap.length > 0) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `the fallback hosts ${overlap.join(', ')} are in --to already`, { details: { problem: 'duplicate', names: overlap } });
+    if (overlap.length > 0) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `--fallback names ${overlap.length === 1 ? 'a host' : 'hosts'} already in --to: ${overlap.join(', ')}`, { details: { problem: 'duplicate', names: overlap } });
     // `retries` given at all (0 included) asks for the fan-out's semantics, also with one destination.
     const several = names.length > 1 || fallback.length > 0 || options.retries !== undefined;
     if (!several && !this.o.peers.has(names[0]!)) throw new ConfigError(ErrorCodes.PEER_UNKNOWN, `no peer named '${names[0]}'; known: ${[...this.o.peers.keys()].join(', ') || 'none (use --peers)'}`);

@@ -190,6 +190,8 @@ describe('labels', () => {
     expect(reasonLabel('sendingState timed out after 3000 ms')).toBe('timeout');
     expect(reasonLabel('the agent stopped')).toBe('agent_stopped');
     expect(reasonLabel('the source disconnected')).toBe('disconnected');
+    // A target's record of the source's Abort: the source's reason word for word after the phase.
+    expect(reasonLabel('aborted by source in booted: terminated: c booted first (migration m-1)')).toBe('source_aborted');
     expect(reasonLabel(undefined)).toBe('unknown');
     expect(reasonLabel('something nobody foresaw')).toBe('other');
   });

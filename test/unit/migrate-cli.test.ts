@@ -392,6 +392,14 @@ describe('the estimate line of a migration summary', () => {
     expect(precopyLine(renderMigrationSummary(info({ ...s, precopy })))).toMatch(/copy downtime 5 ms$/);
   });
 
+  it('says how often auto-converge throttled, and the dirty rate at the start and at the stop (qemu measures it: it may be higher at the stop)', () => {
+    const line = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('auto-converge'));
+    const s = summaryFor('m-5', 'web', 'b', SCRIPTS['web']!);
+    const throttled = { ...precopy, throttled: true, throttleSteps: 1, initialDirtyRate: 54 * MiB, finalDirtyRate: 116 * MiB };
+    expect(line(renderMigrationSummary(info({ ...s, precopy: throttled })))).toMatch(/^auto-converge:?\s+throttled 1 step; dirty rate 54 MiB\/s at the start, 116 MiB\/s at the stop$/);
+    expect(line(renderMigrationSummary(info({ ...s, precopy })))).toBeUndefined();
+  });
+
   it('falls back to the whole migration for a record without the memory move (an older agent stored it)', () => {
     const { copyMs: _dropped, ...older } = precopy;
     const s = { ...summaryFor('m-2', 'web', 'b', SCRIPTS['web']!), precopy: older as unknown as typeof precopy };
