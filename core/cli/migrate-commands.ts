@@ -219,6 +219,8 @@ export function renderMigrationSummary(info: MigrationInfo): string {
     // Several destinations: who won, and how each of every attempt ended and why.
     rows.push(['winner', s.winner ?? 'none (the VM runs here again, nothing lost)']);
     rows.push(['retries', String(s.retries ?? 0)]);
+    // A pre-warm: the total counts the warm time; the switch is what the command waited for.
+    if (typeof s.commandedMs === 'number') rows.push(['pre-warm', `warm ${formatMs(s.commandedMs)} before the command; switched ${formatMs(Math.max(0, s.totalMs - s.commandedMs))} after it`]);
     for (const [i, d] of s.destinations.entries()) {
       const boot = d.bootReadyMs === null ? '' : `, booted at ${formatMs(d.bootReadyMs)}`;
       rows.push([i === 0 ? 'destinations' : '', `${d.name} (try ${d.attempt + 1}): ${d.outcome}${boot}, ${formatBytes(d.bytes)}${d.reason ? ` — ${d.reason}` : ''}`]);

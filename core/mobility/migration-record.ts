@@ -150,6 +150,11 @@ export interface MigrationSummary {
   readonly destinations?: readonly DestinationReport[];
   /** Attempts after the first (`--retries`, then the `--fallback` set). */
   readonly retries?: number;
+  /**
+   * A pre-warm: ms from its start to the migrate command (null: never commanded, e.g. cancelled).
+   * `totalMs` counts the warm time too; the switch took `totalMs − commandedMs`.
+   */
+  readonly commandedMs?: number | null;
   /** The VM's image built at the target before anything moved (issue 14; source side; absent: the VM has no image). */
   readonly imageBuild?: MigrationImageBuild;
 }

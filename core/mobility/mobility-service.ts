@@ -299,6 +299,10 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
     if (destinations === undefined) throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `VM ${vm} has no pre-warm: name its destination(s)`, { details: { problem: 'empty', names: [] } });
     if (!this.peersEnabled) throw new ConfigError(ErrorCodes.CONFIG_INVALID, 'this agent has no cluster secret (peer.secretFile / --secret-file) and no TLS (peer.tls); it cannot migrate');
     const check = (list: readonly string[]): readonly string[] => resolveDestinations(list, { self: this.host.agent, peers: this.o.peers.keys() });
+    if (typeof destinations === 'string' && destinations.includes(',')) {
+      // An API caller's "b,c": the CLI splits its --to, the API takes a list.
+      throw new ConfigError(ErrorCodes.DESTINATIONS_INVALID, `'${destinations}' is not a peer name: several destinations go as a list (["${destinations.split(',').map((d) => d.trim()).join('", "')}"])`, { details: { problem: 'unknown', names: [destinations] } });
+    }
     const names = typeof destinations === 'string' ? [destinations] : check(destinations);
     const fallback = options.fallback === undefined ? [] : check(options.fallback);
     const retries = options.retries ?? 0;
@@ -505,6 +509,7 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
           winner: r.winner ?? null,
           destinations: r.destinations,
           retries: r.retries,
+          ...(entry.prewarm ? { commandedMs: commandedMs(entry.prewarm, startedAt) } : {}),
         };
         this.fanOutLive.delete(id);
         this.finish('source', id, summary.outcome, summary);
@@ -1141,4 +1146,10 @@ function decodeEvents(bytes: Uint8Array): EmbotEvent[] {
   const queues = (v as { queues?: unknown } | null)?.queues;
   if (Array.isArray(queues)) return queues.flatMap((q: { events?: unknown }) => (Array.isArray(q?.events) ? (q.events as EmbotEvent[]) : []));
   throw new ProtocolError(ErrorCodes.FRAME_MALFORMED, 'forwarded events must be a list of events');
+}
+
+/** A pre-warm's command, ms after its start; null when none came. */
+function commandedMs(pw: PrewarmControl, startedAt: number): number | null {
+  const at = pw.info().commandedAt;
+  return at === null ? null : Math.max(0, at - startedAt);
 }

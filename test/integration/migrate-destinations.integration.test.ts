@@ -66,11 +66,19 @@ describe('migrate --to: bad destination lists', () => {
     [{ vm: 'web', to: ['b', 'b'] }, 'duplicate'],
     [{ vm: 'web', to: ['a'] }, 'self'],
     [{ vm: 'web', to: ['c', 'nope'] }, 'unknown'],
+    // The CLI's "b,c" sent as one string: told to send a list (it was "no peer named 'b,c'").
+    [{ vm: 'web', to: 'b,c' }, 'unknown'],
   ])('POST /v1/migrations %j: 400 DESTINATIONS_INVALID (%s)', async (body, problem) => {
     const r = await post(body);
     expect(r.status).toBe(400);
     expect(r.body.error?.code).toBe(ErrorCodes.DESTINATIONS_INVALID);
     expect(r.body.error?.details?.['problem']).toBe(problem);
+    await expectUntouched();
+  });
+
+  it('"b,c" as one string over the API says to send a list', async () => {
+    const r = await post({ vm: 'web', to: 'b,c' });
+    expect(r.body.error?.message).toBe(`'b,c' is not a peer name: several destinations go as a list (["b", "c"])`);
     await expectUntouched();
   });
 

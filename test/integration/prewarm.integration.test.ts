@@ -102,6 +102,7 @@ describe('pre-warm', () => {
     const atCommand = (await warmth(a, id))!;
     const copiedB = atCommand.destinations.find((d) => d.name === 'b')!.copiedBytes;
     const copiedC = atCommand.destinations.find((d) => d.name === 'c')!.copiedBytes;
+    const commandAt = Date.now();
     const { id: same } = await a.client.migrate('app', 'b');
     expect(same).toBe(id);
     const info = await a.client.waitMigration(id, { timeoutMs: 90_000 });
@@ -110,6 +111,9 @@ describe('pre-warm', () => {
     expect(info.outcome, info.reason).toBe('completed');
     const s = info.summary!;
     expect(s.winner).toBe('b');
+    // The summary says when the command came, so the switch shows apart from the warm time (totalMs counts both).
+    expect(s.commandedMs).toBeGreaterThanOrEqual(commandAt - 1000 - info.startedAt);
+    expect(s.commandedMs).toBeLessThanOrEqual(s.totalMs);
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
     // c was dropped in two steps: its copy stopped at the command, its child told (the Abort, c's discard) only once

@@ -392,6 +392,14 @@ describe('the estimate line of a migration summary', () => {
     expect(precopyLine(renderMigrationSummary(info({ ...s, precopy })))).toMatch(/copy downtime 5 ms$/);
   });
 
+  it("a pre-warm's summary: warm time before the command, and the switch after it", () => {
+    const line = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('pre-warm'));
+    const s = { ...summaryFor('m-6', 'web', 'b', SCRIPTS['web']!), totalMs: 2400, winner: 'b', retries: 0, destinations: [] };
+    expect(line(renderMigrationSummary(info({ ...s, commandedMs: 2300 })))).toMatch(/^pre-warm:?\s+warm 2\.30 s before the command; switched 100 ms after it$/);
+    expect(line(renderMigrationSummary(info({ ...s, commandedMs: null })))).toBeUndefined();
+    expect(line(renderMigrationSummary(info(s)))).toBeUndefined();
+  });
+
   it('says how often auto-converge throttled, and the dirty rate at the start and at the stop (qemu measures it: it may be higher at the stop)', () => {
     const line = (text: string): string | undefined => text.split('\n').find((l) => l.startsWith('auto-converge'));
     const s = summaryFor('m-5', 'web', 'b', SCRIPTS['web']!);
