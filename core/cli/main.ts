@@ -42,6 +42,8 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
     .configureOutput({
       writeOut: (s) => io.stdout.write(s),
       writeErr: (s) => io.stderr.write(s),
+      // Commander's own usage errors (an unknown option, a bad argument) carry the stable code as every other error does.
+      outputError: (s, write) => write(withUsageCode(s)),
     })
     .showHelpAfterError('(run with --help for usage)')
     .addHelpText(
@@ -74,6 +76,13 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
   } catch (e) {
     return reportError(e, io);
   }
+}
+
+/** `error: …` from commander, with ` [EMBOT_ERR_CLI_USAGE]` on its first line unless it names a code already. */
+function withUsageCode(message: string): string {
+  if (/\[EMBOT_ERR_[A-Z0-9_]+\]/.test(message)) return message;
+  const end = message.indexOf('\n');
+  return end === -1 ? `${message} [${ErrorCodes.CLI_USAGE}]` : `${message.slice(0, end)} [${ErrorCodes.CLI_USAGE}]${message.slice(end)}`;
 }
 
 function reportError(e: unknown, io: CliIo): number {

@@ -118,7 +118,18 @@ describe('cli usage errors exit 2 with a message', () => {
     const r = await run([...args, ...agent]);
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(message);
+    // Every usage error carries a stable code, commander's own ones too.
+    expect(r.stderr).toMatch(/\[EMBOT_ERR_[A-Z_]+\]/);
     expect(r.stdout).toBe('');
+  });
+
+  it("commander's usage errors get EMBOT_ERR_CLI_USAGE on their first line, once", async () => {
+    const r = await run(['migrate', 'web', '--to', 'b,c', '--retries', '9', ...agent]);
+    expect(r.code).toBe(2);
+    expect(r.stderr.split('\n')[0]).toMatch(/--retries must be a whole number from 0 to 5, got '9' \[EMBOT_ERR_CLI_USAGE\]$/);
+    const dup = await run(['migrate', 'web', '--to', 'b,b', ...agent]);
+    expect(dup.stderr.match(/\[EMBOT_ERR_/g)).toHaveLength(1);
+    expect(dup.stderr).toContain('[EMBOT_ERR_DESTINATIONS_INVALID]');
   });
 
   it.each([
