@@ -1,4 +1,6 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+// Every state a directory can be in is a series of `embot_directory_state` (1 for the current one), so an alert need not know which exist.
+import { DIRECTORY_STATES, PEER_SOURCES } from '../peers/peer-directory.ts';
 
 /**
  * One agent's Prometheus registry (issue 15). Its own `Registry`, never prom-client's global one:
@@ -88,9 +90,6 @@ export interface DirectoryView {
   readonly peers: readonly { readonly source: string }[];
 }
 
-/** Every state a directory can be in: each is a series of `embot_directory_state`, 1 for the current one, so an alert need not know which ones exist. */
-const DIRECTORY_STATES = ['static', 'connecting', 'connected', 'conflict', 'unavailable', 'closed'] as const;
-const PEER_SOURCES = ['config', 'etcd'] as const;
 
 export interface UdpView {
   readonly vm: string;

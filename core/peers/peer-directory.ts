@@ -7,7 +7,8 @@
 import { EventEmitter } from 'node:events';
 
 /** Where a peer's URL came from: the agent's config (`peer.peers`, `--peers`) or an etcd record. */
-export type PeerSource = 'config' | 'etcd';
+export const PEER_SOURCES = ['config', 'etcd'] as const;
+export type PeerSource = (typeof PEER_SOURCES)[number];
 
 export interface PeerEntry {
   readonly name: string;
@@ -23,7 +24,8 @@ export interface PeerEntry {
  * `unavailable`: etcd unreachable; the peers last known stay usable and it is retried with
  * back-off. `closed`: after `close()`.
  */
-export type DirectoryState = 'static' | 'connecting' | 'connected' | 'conflict' | 'unavailable' | 'closed';
+export const DIRECTORY_STATES = ['static', 'connecting', 'connected', 'conflict', 'unavailable', 'closed'] as const;
+export type DirectoryState = (typeof DIRECTORY_STATES)[number];
 
 export interface DirectoryStatus {
   readonly kind: 'static' | 'etcd';

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
 import { GUEST_RANGE_START, checkGuestMemory, guestRangeEnd } from '../../effectors/hypervisor/qemu/guest/guest-image.ts';
+import type { MigrateOutOptions, MigrationEndpoint } from '../../effectors/hypervisor/hypervisor-contract.ts';
 import { QemuDriver } from '../../effectors/hypervisor/qemu/qemu-driver.ts';
 import type { QemuVmSpec } from '../../effectors/hypervisor/qemu/vm-spec.ts';
 import { cleanupsAfterEach } from '../harness/cleanups.ts';
@@ -22,6 +23,26 @@ const spec: QemuVmSpec = { name: 'fo', memory: 64 * MiB, vcpus: 1, testGuest: { 
 
 // The source's relay may queue a whole stream for a destination that starts reading late (a loaded
 // CI host: b read nothing before c had all 64 MiB, once): these cases are about both getting it.
+/**
+ * The migrateOut options of a fan-out's copies (one builder for every destination) whose stream is
+ * capped at `maxBandwidth`, so it takes seconds; `act` runs once, when 8 MiB of it are through.
+ */
+function midStream(maxBandwidth: number, act: () => void): (endpoint: MigrationEndpoint) => MigrateOutOptions {
+  let done = false;
+  return (endpoint) => ({
+    endpoint,
+    downtimeLimitMs: 500,
+    autoConverge: true,
+    maxBandwidth,
+    onProgress: (p) => {
+      if (!done && p.transferredBytes > 8 * MiB) {
+        done = true;
+        act();
+      }
+    },
+  });
+}
+
 const drivers = (): Record<'a' | 'b' | 'c', QemuDriver> => qemuDrivers(qemus, cleanups, ['a', 'b', 'c'], (n) => (n === 'a' ? { relayBufferBytes: 256 * MiB } : {}));
 
 /** `fo` running (heart beating) at a, incoming QEMUs waiting at b and c, and a's fan-out session to them. */
@@ -65,18 +86,10 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
   it("a destination whose QEMU is killed mid-stream is dropped alone; the other gets the whole stream and runs", async () => {
     const { b, c, eb, ec, session } = await fanOutFromRunningA();
     let killed = false;
-    const opts = (endpoint: { uri: string }) => ({
-      endpoint,
-      downtimeLimitMs: 500,
-      autoConverge: true,
-      // 32 MiB/s: seconds of stream for a 64 MiB guest, time to kill b's QEMU in the middle.
-      maxBandwidth: 32 * MiB,
-      onProgress: (p: { transferredBytes: number }) => {
-        if (!killed && p.transferredBytes > 8 * MiB) {
-          killed = true;
-          process.kill(b.pid('fo')!, 'SIGKILL');
-        }
-      },
+    // 32 MiB/s: seconds of stream for a 64 MiB guest, time to kill b's QEMU in the middle.
+    const opts = midStream(32 * MiB, () => {
+      killed = true;
+      process.kill(b.pid('fo')!, 'SIGKILL');
     });
     const pb = session.migrateOut('b', opts(eb.endpoint));
     const pc = session.migrateOut('c', opts(ec.endpoint));
@@ -105,19 +118,11 @@ describe.skipIf(!run)('qemu fanOut: one stream through the relay to two incoming
       const made = qemuDrivers(qemus, cleanups, ['a', 'b', 'c'], (n) => (n === 'a' ? { relayBufferBytes: 4 * MiB, relayStallBudgetMs: budgetMs } : {}));
       const { b, c, eb, ec, session } = await fanOutFromRunningA(made);
       let frozen: Promise<void> | undefined;
-      const opts = (endpoint: { uri: string }) => ({
-        endpoint,
-        downtimeLimitMs: 500,
-        autoConverge: true,
-        // 64 MiB/s: a second of stream to freeze b in, and a copy that converges soon after (the guest dirties ~36 MiB/s).
-        maxBandwidth: 64 * MiB,
-        onProgress: (p: { transferredBytes: number }) => {
-          if (frozen === undefined && p.transferredBytes > 8 * MiB) {
-            const pid = b.pid('fo')!;
-            process.kill(pid, 'SIGSTOP');
-            frozen = new Promise<void>((r) => setTimeout(() => r(process.kill(pid, 'SIGCONT') as unknown as void), frozenMs));
-          }
-        },
+      // 64 MiB/s: a second of stream to freeze b in, and a copy that converges soon after (the guest dirties ~36 MiB/s).
+      const opts = midStream(64 * MiB, () => {
+        const pid = b.pid('fo')!;
+        process.kill(pid, 'SIGSTOP');
+        frozen = new Promise<void>((r) => setTimeout(() => r(process.kill(pid, 'SIGCONT') as unknown as void), frozenMs));
       });
       cleanups.push(async () => void (await frozen));
       const pb = session.migrateOut('b', opts(eb.endpoint));

@@ -246,6 +246,12 @@ export class QemuCopyHold {
     return this.hold.held();
   }
 
+  /** The copy crawls from here: one page per QEMU window, so it never catches up while held. */
+  private crawl(): void {
+    this.crawling = true;
+    void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+  }
+
   /**
    * A progress report as the pre-warm judges it; a `reserve` hold starts its crawl here once only
    * the reserve is left. While held the rate reported is the highest of this migration (the full
@@ -260,17 +266,14 @@ export class QemuCopyHold {
     const costs = this.o.pageCosts;
     const totalPages = ramTotalBytes === undefined ? undefined : Math.ceil(ramTotalBytes / PAGE);
     const unsentPages = Math.ceil(p.remainingBytes / PAGE);
-    if (this.o.mode === 'limit' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0 && p.rounds >= 2 && p.dirtyRateBytesPerSec > 0 && p.dirtyRateBytesPerSec < HEAVY_DIRTY_RATE / 2) {
-      // The guest no longer writes hard (starved of CPU on a loaded host, or quieter): QEMU would soon catch up and
-      // switch under the 1 ms limit. What is left of this round becomes the reserve, and the crawl re-reads the dirty log
-      // only once it is sent (then whatever the guest dirtied meanwhile is the next).
-      this.crawling = true;
-      void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
-    }
-    if (this.o.mode === 'reserve' && this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0) {
-      if (p.remainingBytes <= reserve) {
-        this.crawling = true;
-        void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+    if (this.hold.held() && !this.crawling && p.phase === 'precopy' && p.remainingBytes > 0) {
+      if (this.o.mode === 'limit') {
+        // The guest no longer writes hard (starved of CPU on a loaded host, or quieter): QEMU would soon catch up and
+        // switch under the 1 ms limit. What is left of this round becomes the reserve, and the crawl re-reads the dirty
+        // log only once it is sent (then whatever the guest dirtied meanwhile is the next).
+        if (p.rounds >= 2 && p.dirtyRateBytesPerSec > 0 && p.dirtyRateBytesPerSec < HEAVY_DIRTY_RATE / 2) this.crawl();
+      } else if (p.remainingBytes <= reserve) {
+        this.crawl();
       } else if (costs !== undefined && totalPages !== undefined && p.rounds <= 1) {
         // Still in the first pass: what is unsent is the end of it, whose cost the map knows.
         const left = costs.costOfLast(unsentPages, totalPages);
@@ -280,8 +283,7 @@ export class QemuCopyHold {
           // to it. Not less: after the lift QEMU judges its first re-read by the rate of its first 100 ms window, and with
           // only zero pages to send then it found the rate low, re-sent the guest's working set once more and switched
           // 0.1–0.5 s later (bench, 2026-12-06).
-          this.crawling = true;
-          void this.apply({ 'max-bandwidth': CRAWL_BANDWIDTH });
+          this.crawl();
         } else if (cap < this.pacedCap * 0.8) {
           // Lowered only (the pass's rest only shrinks), and not for every small step: one change per fifth.
           this.pacedCap = cap;
