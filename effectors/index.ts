@@ -17,6 +17,7 @@ export type {
   MemoryChecksum,
   MemoryDump,
   MigrateOutOptions,
+  IncomingOptions,
   MigrateOutResult,
   MigrationEndpoint,
   MigrationPath,

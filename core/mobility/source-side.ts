@@ -263,12 +263,17 @@ export class SourceSide implements SourceSteps {
     return (dp.paths[this.o.target] ?? []).length === 0 || dp.maxPaths <= 1 ? 1 : undefined;
   }
 
+  /** PrepareIncoming's `prewarm` for a pre-warm's child, on a link that has it (protocol 4). */
+  private prewarmPrepare(): { readonly prewarm?: true } {
+    return this.o.fanOut?.shared.prewarm === true && this.conn?.supports('prewarmPrepare') === true ? { prewarm: true } : {};
+  }
+
   /** Sends PrepareIncoming now when its channel count is already known; its reply waits for migrateVm. */
   private prepareEarly(migrationId: string): void {
     const channels = this.channelsKnownAtPermit();
     const spec = this.host.driver.spec(this.o.vm);
     if (channels === undefined || !spec || !this.conn) return;
-    const reply = this.conn.request({ type: 'PrepareIncoming', migrationId, vm: this.o.vm, spec: { ...spec }, channels }, { timeoutMs: this.o.stepTimeoutMs }) as Promise<ReplyOf<'PrepareIncoming'>>;
+    const reply = this.conn.request({ type: 'PrepareIncoming', migrationId, vm: this.o.vm, spec: { ...spec }, channels, ...this.prewarmPrepare() }, { timeoutMs: this.o.stepTimeoutMs }) as Promise<ReplyOf<'PrepareIncoming'>>;
     // A roll-back before migrateVm leaves it unread: the target's discard (the Abort) throws the incoming VM away.
     reply.catch(() => undefined);
     this.earlyPrepare = { channels, reply };
@@ -421,7 +426,7 @@ export class SourceSide implements SourceSteps {
         // channelsKnownAtPermit said the plan could not differ; an incoming VM cannot be re-readied.
         throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `the incoming VM was readied for ${early.channels} channel(s) at the permit, the plan has ${paths.length}`);
       }
-      const ready = await (early?.reply ?? this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length }));
+      const ready = await (early?.reply ?? this.request({ type: 'PrepareIncoming', migrationId: input.migrationId, vm: this.o.vm, spec: { ...spec }, channels: paths.length, ...this.prewarmPrepare() }));
       if (ready.type !== 'IncomingReady') throw stepFailed('PrepareIncoming', ready);
       const t2 = performance.now();
       // Capped paths stand for NICs of given speeds: a driver with a stream of its own (qemu) gets their sum as its cap.
@@ -735,6 +740,7 @@ const WITHOUT_FEATURE: { readonly [F in ProtocolFeature]: string } = {
   zeroPages: 'zero pages go as data',
   bootWithFinalRound: 'a racing destination boots by BootIncoming',
   failedStep: "a refused boot is read from the target's wording",
+  prewarmPrepare: "a pre-warm's target readies its VM as for a cold copy (qemu: guest RAM touched first during the copy, maybe during the stop)",
 };
 
 /**

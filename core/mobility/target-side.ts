@@ -188,7 +188,7 @@ export class TargetSide implements TargetSteps {
     if (typeof memory === 'number' && memory > this.reserved) throw new InstantiationError(`the spec asks ${memory} bytes of memory, ${this.reserved} were permitted`);
     const host = this.host;
     // The authenticated source: a driver whose stream checks its peer (qemu over TLS) admits only its certificate.
-    const prepared = host.driver.prepareIncoming(frame.spec as { readonly name: string }, { channels: frame.channels, sourceName: this.o.conn.remoteAgent }).then((r) => r.endpoint);
+    const prepared = host.driver.prepareIncoming(frame.spec as { readonly name: string }, { channels: frame.channels, sourceName: this.o.conn.remoteAgent, ...(frame.prewarm === true ? { prewarm: true } : {}) }).then((r) => r.endpoint);
     this.incoming = prepared;
     // A failed prepare leaves nothing to abort; the source hears why in the reply.
     prepared.catch(() => (this.incoming = undefined));

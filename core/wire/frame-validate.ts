@@ -147,7 +147,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
   ForwardedEvents: [reqId, mid, f('events', bin), f('handOver', bool, true)],
   MigrationStatusQuery: [reqId, mid],
   PathOffer: [reqId, mid, f('paths', count)],
-  PrepareIncoming: [reqId, mid, f('vm', vm), f('spec', vmSpec), f('channels', channels)],
+  PrepareIncoming: [reqId, mid, f('vm', vm), f('spec', vmSpec), f('channels', channels), f('prewarm', bool, true)],
   BootIncoming: [reqId, mid],
   UdpHandover: [reqId, mid, f('vm', vm), f('served', count), f('packets', bin)],
   BlockFetch: [reqId, f('hashes', bin)],

@@ -18,7 +18,7 @@ import type { ErrorCode } from '../errors.ts';
  * away dials again at that server's version (peer-client.ts), and `peer.protocol` pins an older
  * one for a rolling upgrade.
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 /** The oldest version this agent still speaks. */
 export const MIN_PROTOCOL_VERSION = 1;
 
@@ -30,15 +30,18 @@ export const PROTOCOL_FEATURES = {
   bootWithFinalRound: 2,
   /** MigrationStateFailed.failedStep: the target's step that failed, so the source need not read it from the reason's wording. */
   failedStep: 3,
+  /** PrepareIncoming.prewarm: the copy is a pre-warm's, so the target may ready its VM more thoroughly first. */
+  prewarmPrepare: 4,
 } as const satisfies Readonly<Record<string, number>>;
 
 export type ProtocolFeature = keyof typeof PROTOCOL_FEATURES;
 
 /** The optional field each feature added, by frame: a link of an older version refuses it as its own build would (PeerConnection). */
-export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects' | 'MigrationStateFailed'; readonly field: string } } = {
+export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects' | 'MigrationStateFailed' | 'PrepareIncoming'; readonly field: string } } = {
   zeroPages: { frame: 'PageBatch', field: 'zeros' },
   bootWithFinalRound: { frame: 'DirtyObjects', field: 'boot' },
   failedStep: { frame: 'MigrationStateFailed', field: 'failedStep' },
+  prewarmPrepare: { frame: 'PrepareIncoming', field: 'prewarm' },
 };
 
 /** Resources the VM needs at the target, checked by the target's migration policy. */
@@ -248,6 +251,11 @@ export interface PrepareIncoming {
   readonly spec: Readonly<Record<string, unknown>>;
   /** Parallel streams: the planner's paths (QEMU multifd channels). */
   readonly channels: number;
+  /**
+   * The copy is a pre-warm's (its switch waits for a command): the target may take longer to ready
+   * its VM so that less work falls in the switch (qemu faults the guest RAM in). Protocol 4.
+   */
+  readonly prewarm?: boolean;
 }
 
 /** Source → target after the switch: the VM's UDP service state and the packets buffered while it was offline. */

@@ -366,6 +366,14 @@ export interface HypervisorCapabilities {
   readonly diskMirror?: DiskMirrorCapability;
 }
 
+/** How a target readies an incoming VM ({@link HypervisorDriver.prepareIncoming}). */
+export interface IncomingOptions {
+  readonly channels?: number;
+  /** The source agent (a driver whose stream checks its peer admits only its certificate). */
+  readonly sourceName?: string;
+  readonly prewarm?: boolean;
+}
+
 export interface HypervisorDriver<Spec extends { readonly name: string } = { readonly name: string }> {
   readonly name: string;
   readonly capabilities: HypervisorCapabilities;
@@ -395,8 +403,13 @@ export interface HypervisorDriver<Spec extends { readonly name: string } = { rea
   // migration, source side
   migrateOut(vm: string, options: MigrateOutOptions): Promise<MigrateOutResult>;
   // migration, target side
-  /** Readies a VM of `spec` to receive a migration; `channels` must match the source's. */
-  prepareIncoming(spec: Spec, options?: { readonly channels?: number; readonly sourceName?: string }): Promise<{ readonly endpoint: MigrationEndpoint }>;
+  /**
+   * Readies a VM of `spec` to receive a migration; `channels` must match the source's. `prewarm`:
+   * the copy is a pre-warm's, whose switch waits for a command, so readying may take longer now to
+   * keep work off the switch (qemu faults the guest RAM in: its first touch during the stop made
+   * the downtime 3-5x; the sim has nothing to do).
+   */
+  prepareIncoming(spec: Spec, options?: IncomingOptions): Promise<{ readonly endpoint: MigrationEndpoint }>;
   /**
    * After the source finished: waits for the VM to run here and makes it a VM like any other.
    * `running` says whether it ran at the source: a driver whose incoming VM does not start by

@@ -6,7 +6,8 @@
  * before protocol 2: it refuses the fields protocol 2 added (PageBatch.zeros, DirtyObjects.boot)
  * as an old build does, so a newer agent must not send them to it, and migrations both ways and a
  * fan-out with one such destination complete as they did before. One pinned at 2 stands in for a
- * build before protocol 3 (MigrationStateFailed.failedStep).
+ * build before protocol 3 (MigrationStateFailed.failedStep), one pinned at 3 for a build before 4
+(PrepareIncoming.prewarm).
  */
 import { once } from 'node:events';
 import { createHash, randomBytes } from 'node:crypto';
@@ -48,19 +49,20 @@ async function serve(protocol?: number): Promise<{ server: PeerServer; url: stri
 }
 
 describe('the link settles on a version both ends speak', () => {
-  it('a client of protocol 3 and a server of protocol 1: dialled again at 1, both ends say 1, no protocol-2 field is spoken', async () => {
+  it('a client of protocol 4 and a server of protocol 1: dialled again at 1, both ends say 1, no protocol-2 field is spoken', async () => {
     const { url, accepted } = await serve(1);
     const conn = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET });
     conns.push(conn);
-    expect(PROTOCOL_VERSION).toBe(3);
+    expect(PROTOCOL_VERSION).toBe(4);
     expect(conn.protocol).toBe(1);
     expect((await accepted).protocol).toBe(1);
     expect(conn.supports('zeroPages')).toBe(false);
     expect(conn.supports('bootWithFinalRound')).toBe(false);
     expect(conn.supports('failedStep')).toBe(false);
+    expect(conn.supports('prewarmPrepare')).toBe(false);
   });
 
-  it('a client pinned at 1 or 2 and a server of protocol 3: the link runs at the client\'s; two agents of 3 run at 3', async () => {
+  it('a client pinned at 1, 2 or 3 and a server of protocol 4: the link runs at the client\'s; two agents of 4 run at 4', async () => {
     const { url, accepted } = await serve();
     const old = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET, protocol: 1 });
     conns.push(old);
@@ -73,29 +75,37 @@ describe('the link settles on a version both ends speak', () => {
     expect((await atTwo).protocol).toBe(2);
     expect(two.supports('bootWithFinalRound')).toBe(true);
     expect(two.supports('failedStep')).toBe(false);
+    const atThree = nextConnection(servers[0]!);
+    const three = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET, protocol: 3 });
+    conns.push(three);
+    expect(three.protocol).toBe(3);
+    expect((await atThree).protocol).toBe(3);
+    expect(three.supports('failedStep')).toBe(true);
+    expect(three.supports('prewarmPrepare')).toBe(false);
     const next = nextConnection(servers[0]!);
     const current = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET });
     conns.push(current);
-    expect(current.protocol).toBe(3);
-    expect((await next).protocol).toBe(3);
+    expect(current.protocol).toBe(4);
+    expect((await next).protocol).toBe(4);
     expect(current.supports('zeroPages')).toBe(true);
     expect(current.supports('failedStep')).toBe(true);
+    expect(current.supports('prewarmPrepare')).toBe(true);
   });
 
-  it('a Hello of a version the server does not speak (0, 4): PROTOCOL_UNSUPPORTED naming the versions it speaks; the server serves the next client', async () => {
+  it('a Hello of a version the server does not speak (0, 5): PROTOCOL_UNSUPPORTED naming the versions it speaks; the server serves the next client', async () => {
     const { url } = await serve();
-    for (const bad of [0, 4]) {
+    for (const bad of [0, 5]) {
       const raw = new RawPeer(url);
       await once(raw.ws, 'open');
       raw.send({ type: 'Hello', protocol: bad, agent: 'a', nonce: new Uint8Array(32) });
       const reply = await raw.next();
       expect(reply, String(bad)).toMatchObject({ type: 'Error', code: ErrorCodes.PROTOCOL_UNSUPPORTED });
-      expect((reply as { message: string }).message).toContain(`protocol version ${bad} is not supported (this agent speaks 1 to 3)`);
+      expect((reply as { message: string }).message).toContain(`protocol version ${bad} is not supported (this agent speaks 1 to 4)`);
       await raw.closed;
     }
     const conn = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET });
     conns.push(conn);
-    expect(conn.protocol).toBe(3);
+    expect(conn.protocol).toBe(4);
   });
 
   it('on a link of protocol 1, a protocol-2 field (PageBatch.zeros) is refused as malformed, as an older build refuses an unknown field', async () => {
@@ -119,6 +129,17 @@ describe('the link settles on a version both ends speak', () => {
     const refused = new Promise<{ code: string; message: string }>((resolve) => conn.once('protocolError', (e) => resolve({ code: e.code, message: e.message })));
     await expect(conn.request({ type: 'BootIncoming', migrationId: 'm1' })).rejects.toMatchObject({ code: ErrorCodes.CONNECTION_CLOSED });
     expect(await refused).toEqual({ code: ErrorCodes.FRAME_MALFORMED, message: 'MigrationStateFailed.failedStep is protocol 3; this link runs protocol 2' });
+  });
+
+  it('on a link of protocol 3, a protocol-4 field (PrepareIncoming.prewarm) is refused as malformed, as a build before 4 refuses it', async () => {
+    const { url, accepted } = await serve();
+    const conn = await connectPeer({ url, agent: 'a', expectedPeer: 'b', secret: SECRET, protocol: 3 });
+    conns.push(conn);
+    const server = await accepted;
+    const refused = new Promise<{ code: string; message: string }>((resolve) => server.once('protocolError', (e) => resolve({ code: e.code, message: e.message })));
+    const reply = conn.request({ type: 'PrepareIncoming', migrationId: 'm1', vm: 'vm1', spec: { name: 'vm1' }, channels: 1, prewarm: true });
+    await expect(reply).rejects.toMatchObject({ code: ErrorCodes.CONNECTION_CLOSED });
+    expect(await refused).toEqual({ code: ErrorCodes.FRAME_MALFORMED, message: 'PrepareIncoming.prewarm is protocol 4; this link runs protocol 3' });
   });
 
   it('reads the refusal of an agent built before protocol 2 (its own wording, coded PEER_UNAUTHENTICATED), and of one that speaks a range', () => {

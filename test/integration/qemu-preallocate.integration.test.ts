@@ -19,7 +19,7 @@ function rss(pid: number): number {
   return Number(m?.[1] ?? 0) * 1024;
 }
 
-describe('incoming QEMU with its RAM faulted in at start (preallocate)', () => {
+describe('incoming QEMU with its RAM faulted in at start (preallocate, or a pre-warm\'s target)', () => {
   it('the command line has -mem-prealloc only for an incoming QEMU that asks for it', () => {
     const base = { stateDir: '/tmp/x', spec, accel: 'tcg' as const };
     expect(qemuArgs({ ...base, incoming: true, preallocate: true })).toContain('-mem-prealloc');
@@ -41,4 +41,22 @@ describe('incoming QEMU with its RAM faulted in at start (preallocate)', () => {
     expect(resident['true']).toBeGreaterThanOrEqual(spec.memory);
     expect(resident['false']).toBeLessThan(spec.memory / 2);
   }, 60_000);
+
+  it.skipIf(!run)('a pre-warm\'s target (prepareIncoming with prewarm) has its guest RAM resident before the copy, a started QEMU and an adopted spare alike; a cold target has not', async () => {
+    const root = qemus.root();
+    const { name: _n, ...shape } = spec;
+    const resident: Record<string, number> = {};
+    for (const [label, spare, prewarm] of [['fresh', false, true], ['spare', true, true], ['cold', false, false]] as const) {
+      const d = new QemuDriver({ root: join(root, label), accel: 'tcg', ...(spare ? { spareIncoming: shape } : {}) });
+      cleanups.push(() => d.close());
+      await d.prepareIncoming(spec, prewarm ? { prewarm: true } : {});
+      resident[label] = rss(d.pid('pre-1')!);
+      // Still an incoming VM waiting for its stream, as without the fault-in.
+      expect((await d.qmp('pre-1')!.execute('query-status')).status, label).toBe('inmigrate');
+      await d.abortIncoming('pre-1');
+    }
+    expect(resident['fresh']).toBeGreaterThanOrEqual(spec.memory);
+    expect(resident['spare']).toBeGreaterThanOrEqual(spec.memory);
+    expect(resident['cold']).toBeLessThan(spec.memory / 2);
+  }, 90_000);
 });

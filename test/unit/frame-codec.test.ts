@@ -50,7 +50,7 @@ const SAMPLES: Frame[] = [
   { type: 'MigrationStatusQuery', reqId: 10, migrationId: 'm-1' },
   { type: 'BootIncoming', reqId: 14, migrationId: 'm-1' },
   { type: 'PathOffer', reqId: 11, migrationId: 'm-1', paths: 3 },
-  { type: 'PrepareIncoming', reqId: 13, migrationId: 'm-1', vm: 'vm1', spec: { name: 'vm1', memory: 67108864, vcpus: 1, dirtyRate: 0 }, channels: 2 },
+  { type: 'PrepareIncoming', reqId: 13, migrationId: 'm-1', vm: 'vm1', spec: { name: 'vm1', memory: 67108864, vcpus: 1, dirtyRate: 0 }, channels: 2, prewarm: true },
   { type: 'UdpHandover', reqId: 12, migrationId: 'm-1', vm: 'vm1', served: 42, packets: bytes(10) },
   { type: 'BlockFetch', reqId: 13, hashes: bytes(64) },
   { type: 'IndexUpdate', reqId: 14, body: bytes(20) },
@@ -178,7 +178,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver', 'MigrationStateFailed.failedStep']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver', 'MigrationStateFailed.failedStep', 'PrepareIncoming.prewarm']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {
@@ -216,6 +216,8 @@ describe('frame codec: bad input', () => {
     ['PrepareIncoming with 0 channels', { ...prepare, channels: 0 }],
     ['PrepareIncoming with 65 channels', { ...prepare, channels: 65 }],
     ['PrepareIncoming with fractional channels', { ...prepare, channels: 1.5 }],
+    ['PrepareIncoming with prewarm as a string', { ...prepare, prewarm: 'yes' }],
+    ['PrepareIncoming with prewarm as a number', { ...prepare, prewarm: 1 }],
     ['PrepareIncoming with a spec without name', { ...prepare, spec: { memory: 1 } }],
     ['PrepareIncoming with an empty spec name', { ...prepare, spec: { name: '' } }],
     ['PrepareIncoming with a spec that is an array', { ...prepare, spec: ['vm1'] }],

@@ -9,6 +9,7 @@ import type {
   HypervisorDriver,
   HypervisorEvents,
   IncomingBootResult,
+  IncomingOptions,
   MigrateOutOptions,
   MigrateOutResult,
   MigrationEndpoint,
@@ -23,6 +24,7 @@ import { addTlsObjects, writeTlsCredsDir, type QemuTlsFiles } from './migration-
 import { QemuProcess, launchAccel, pidAlive, readPidFile, vmFiles, type Accel } from './qemu-process.ts';
 import { SpareIncoming, killOrphanSpares, type SpareShape } from './spare-incoming.ts';
 import { QemuFanOutSession } from './qemu-fan-out.ts';
+import { faultGuestRamIn } from './ram-prefault.ts';
 import { QemuCopyHold, heldParameters, holdMode, mapZeroPages, type QemuCopyHoldOptions } from './qemu-prewarm.ts';
 import { checkImage, validateQemuSpec, type QemuVmSpec } from './vm-spec.ts';
 import { checkRamForMigration, queryBaseMemory } from './ram-size-check.ts';
@@ -107,10 +109,7 @@ export type QemuMigrateOutOptions = MigrateOutOptions & {
 };
 
 /** What the qemu driver's prepareIncoming reads; with TLS only a client certificate with the CN `sourceName` may send the VM. */
-export interface QemuIncomingOptions {
-  readonly channels?: number;
-  readonly sourceName?: string;
-}
+export type QemuIncomingOptions = IncomingOptions;
 
 /** What {@link QemuDriver.getPersistedState} returns; the state dirs hold the rest. */
 export interface QemuPersistedState {
@@ -1070,6 +1069,11 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
       if (channels > 1 || this.o.tls !== undefined) {
         await proc.qmp.execute('migrate-set-parameters', { ...tlsParams, ...(channels > 1 ? { 'multifd-channels': channels } : {}) });
       }
+      // Before the stream starts (the monitor is busy meanwhile): a pre-warm's switch waits for its
+      // command, so its target's first touches of guest RAM are taken now rather than in its stop.
+      // Best effort: without it the copy is as a cold one's.
+      const preallocated = spare === undefined && this.o.preallocateIncoming === true;
+      if (options.prewarm === true && !preallocated) await faultGuestRamIn(proc.qmp, Math.max(this.timeoutMs, 120_000)).catch(() => undefined);
       const host = this.o.listenHost ?? '127.0.0.1';
       await proc.qmp.execute('migrate-incoming', { uri: `tcp:${host}:0` });
       const info = await proc.qmp.execute('query-migrate');

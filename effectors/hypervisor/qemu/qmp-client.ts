@@ -96,6 +96,7 @@ export interface QmpCommands {
   'migrate_cancel': { args: undefined; ret: Record<string, never> };
   'calc-dirty-rate': { args: { readonly 'calc-time': number }; ret: Record<string, never> };
   'query-dirty-rate': { args: undefined; ret: DirtyRateInfo };
+  'qom-set': { args: { readonly path: string; readonly property: string; readonly value: string | number | boolean }; ret: Record<string, never> };
   'pmemsave': { args: { readonly val: number; readonly size: number; readonly filename: string }; ret: Record<string, never> };
   'stop': { args: undefined; ret: Record<string, never> };
   'cont': { args: undefined; ret: Record<string, never> };
