@@ -12,6 +12,7 @@ import { batchChecksum, DEFAULT_BATCH_BYTES, WINDOW_BATCHES, type MigrateOutResu
 import type { AgentConfig } from '../config/config.ts';
 import type { Forwarding } from './forwarding.ts';
 import type { FanOutMove, FanOutShared } from './fan-out-shared.ts';
+import { targetRefusal, type TargetReply } from './target-refusal.ts';
 
 export type DataplaneConfig = AgentConfig['dataplane'];
 
@@ -571,7 +572,7 @@ export class SourceSide implements SourceSteps {
     const reply = await this.request({ type: 'DirtyObjects', migrationId: input.migrationId, round: input.round, deltas, events: bytes, ...(embots ? { embots } : {}), ...(boot ? { boot } : {}) });
     if (boot && reply.type === 'MigrationStateFailed' && bootRefused(reply)) {
       // The round was applied and the boot refused: the coordinator counts it as bootFailed, as a BootIncoming refusal.
-      throw new ProtocolError(ErrorCodes.REQUEST_FAILED, `boot refused by the target: ${reply.type}: ${reply.reason}`, { details: { reply: reply.type, bootRefused: true } });
+      throw new ProtocolError(ErrorCodes.REQUEST_FAILED, targetRefusal('boot', reply, 'bootIncoming'), { details: { reply: reply.type, bootRefused: true } });
     }
     // MigrationStateSuccess to a round that asked to boot: applied, not booted (the machine asks with BootIncoming).
     if (reply.type !== 'MigrationStateSuccess' && !(boot && reply.type === 'BootReady')) throw stepFailed('DirtyObjects', reply);
@@ -597,7 +598,7 @@ export class SourceSide implements SourceSteps {
    */
   async bootIncoming(input: SourceInput): Promise<{ readonly bootMs: number }> {
     const reply = await this.request({ type: 'BootIncoming', migrationId: input.migrationId });
-    if (reply.type !== 'BootReady') throw stepFailed('BootIncoming', reply);
+    if (reply.type !== 'BootReady') throw stepFailed('boot', reply, 'bootIncoming');
     return { bootMs: reply.bootMs };
   }
 
@@ -751,6 +752,7 @@ function bootRefused(reply: MigrationStateFailed): boolean {
   return reply.failedStep !== undefined ? reply.failedStep === 'bootIncoming' : reply.reason.startsWith('bootIncoming ');
 }
 
-function stepFailed(step: string, reply: { type: string; reason?: string }): ProtocolError {
-  return new ProtocolError(ErrorCodes.REQUEST_FAILED, `${step} refused by the target: ${reply.type}${reply.reason ? `: ${reply.reason}` : ''}`, { details: { reply: reply.type } });
+/** `namedStep`: the source machine's step this failure rolls back as, which the reason then names (target-refusal.ts). */
+function stepFailed(what: string, reply: TargetReply, namedStep?: string): ProtocolError {
+  return new ProtocolError(ErrorCodes.REQUEST_FAILED, targetRefusal(what, reply, namedStep), { details: { reply: reply.type } });
 }

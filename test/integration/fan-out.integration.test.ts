@@ -90,6 +90,9 @@ describe('first to boot wins', () => {
     expect(by['d']!.bootReadyMs).toBeGreaterThan(0);
     expect(by['b']!.outcome).toBe('bootFailed');
     expect(by['b']!.reason).toMatch(/injected fault \(EMBOT_FAULT_BOOT_FAIL=1\)/);
+    // The target's reason inside the source's says the failed step once (the source names it, the target's prefix goes).
+    expect(by['b']!.reason).toMatch(/^bootIncoming failed: boot refused by the target: injected fault/);
+    expect(by['b']!.reason!.match(/bootIncoming/g)).toHaveLength(1);
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: d booted first (migration ${info.id})`, bootReadyMs: null });
 
     expect(await owners(c)).toEqual(['d']);
