@@ -108,13 +108,18 @@ export function renderVms(vms: readonly VmInfo[]): string {
   if (vms.length === 0) return 'no VMs (create one with `embot vm create NAME`)\n';
   return formatTable(
     ['NAME', 'STATE', 'MEMORY', 'DIRTY RATE', 'VCPUS', 'CRASHES', 'UDP'],
-    vms.map((v) => [v.name, v.state, formatBytes(v.memory), v.dirtyRate === undefined ? '-' : `${formatBytes(v.dirtyRate)}/s`, String(v.vcpus), String(v.crashes), v.udpPort === undefined ? '-' : String(v.udpPort)]),
+    vms.map((v) => [v.name, stateOf(v), formatBytes(v.memory), v.dirtyRate === undefined ? '-' : `${formatBytes(v.dirtyRate)}/s`, String(v.vcpus), String(v.crashes), v.udpPort === undefined ? '-' : String(v.udpPort)]),
   );
+}
+
+/** A VM still arriving in a migration reads as such, not as one created here and never started. */
+function stateOf(v: VmInfo): string {
+  return v.incoming === true ? `${v.state} (incoming)` : v.state;
 }
 
 function describeVm(v: VmInfo): string {
   const dirty = v.dirtyRate === undefined ? '' : `, dirty rate ${formatBytes(v.dirtyRate)}/s`;
-  return `${v.state}, ${formatBytes(v.memory)}${dirty}, ${v.vcpus} vcpu${v.vcpus === 1 ? '' : 's'}`;
+  return `${stateOf(v)}, ${formatBytes(v.memory)}${dirty}, ${v.vcpus} vcpu${v.vcpus === 1 ? '' : 's'}`;
 }
 
 /**

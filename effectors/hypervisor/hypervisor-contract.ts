@@ -33,6 +33,12 @@ export interface VmInfo {
   /** Milliseconds since the epoch of the last start, while running or paused. */
   readonly startedAt?: number;
   readonly crashes: number;
+  /**
+   * Arriving in a migration, not committed yet: not started, stopped or removed by hand. A driver
+   * whose incoming VM is a process already (qemu's held incoming QEMU) lists it with this set; the
+   * sim lists it only once committed.
+   */
+  readonly incoming?: boolean;
 }
 
 export interface VmStats {

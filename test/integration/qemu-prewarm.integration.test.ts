@@ -4,6 +4,7 @@
  * destination and held by QEMU's own parameters (qemu-prewarm.ts) until `embot migrate`. Mirrors
  * the sim's prewarm.integration test: the switch, bad input, cancel, the source SIGKILLed.
  */
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../core/errors.ts';
@@ -55,6 +56,12 @@ async function appWithEvents(root: string, tls = false): Promise<{ c: Cluster; a
   const ticks = tickProducer(() => a, 'app');
   await waitFor(() => ticks.acked >= 10, 20_000, 'events before the pre-warm');
   return { c: cluster, a, ticks };
+}
+
+/** Resident memory of a process, bytes (/proc/<pid>/status VmRSS). */
+function residentBytes(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return Number(m?.[1] ?? 0) * 1024;
 }
 
 async function warmth(a: AgentProcess, id: string): Promise<PrewarmInfo | undefined> {
@@ -119,6 +126,14 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     }
     const human = await cliHere(['migrations', '--agent', a.url]);
     expect(human.stdout).toMatch(/PRE-WARM[\s\S]*b\s+warming/);
+    // At each destination the VM is listed as arriving, its guest RAM faulted in before the copy
+    // (PrepareIncoming.prewarm: the first touch of a 2 MiB is not left to the switch's stop).
+    for (const name of ['b', 'c']) {
+      const agent = c.agent(name);
+      expect((await agent.client.listVms()).find((v) => v.name === 'app'), name).toMatchObject({ state: 'created', incoming: true });
+      expect((await cliHere(['vm', 'list', '--agent', agent.url])).stdout, name).toMatch(/app\s+created \(incoming\)/);
+      expect(residentBytes(runningPid(join(root, name, 'app'))!), `${name}: guest RAM resident`).toBeGreaterThanOrEqual(VM_BYTES);
+    }
 
     const { id: same } = await a.client.migrate('app', 'b');
     expect(same).toBe(id);

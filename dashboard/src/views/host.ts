@@ -41,7 +41,7 @@ export function hostView(): View {
         h(
           'article',
           { class: 'card vm', 'data-vm': vm.name },
-          h('header', {}, h('h3', {}, vm.name), badge(vm.state, vm.state === 'running' ? 'ok' : vm.state === 'crashed' ? 'bad' : 'muted')),
+          h('header', {}, h('h3', {}, vm.name), badge(vm.incoming === true ? `${vm.state} (incoming)` : vm.state, vm.state === 'running' ? 'ok' : vm.state === 'crashed' ? 'bad' : 'muted')),
           h('p', { class: 'muted' }, `${fmtBytes(vm.memory)} memory, ${vm.vcpus} vCPU`),
           embots.filter((e) => e.elementIds.some((id) => ofVm(id, vm.name))).map((e) => embotCard(e, state)),
         ),

@@ -1526,6 +1526,7 @@ function toInfo(vm: Vm): VmInfo {
     vcpus: vm.spec.vcpus,
     crashes: vm.crashes,
     ...(vm.startedAt === undefined ? {} : { startedAt: vm.startedAt }),
+    ...(vm.incoming ? { incoming: true } : {}),
   };
 }
 
