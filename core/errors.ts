@@ -7,6 +7,8 @@ export const ErrorCodes = {
   CONFIG_INVALID: 'EMBOT_ERR_CONFIG_INVALID',
   CONFIG_NOT_FOUND: 'EMBOT_ERR_CONFIG_NOT_FOUND',
   CLI_USAGE: 'EMBOT_ERR_CLI_USAGE',
+  /** A CLI command failed with an error that carries no code of its own (a bug): `--json` still needs one to print. */
+  CLI_UNEXPECTED: 'EMBOT_ERR_CLI_UNEXPECTED',
   // store
   STORE_CORRUPT: 'EMBOT_ERR_STORE_CORRUPT',
   STORE_SCHEMA_TOO_NEW: 'EMBOT_ERR_STORE_SCHEMA_TOO_NEW',

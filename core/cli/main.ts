@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { EmbotError, ErrorCodes, describeError } from '../errors.ts';
+import type { ControlErrorBody } from '../control/control-api.ts';
 import { registerAgentCommand } from './agent-command.ts';
 import { registerCaCommands } from './ca-commands.ts';
 import { registerDemoCommand } from './demo-command.ts';
@@ -34,6 +35,7 @@ const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.me
  */
 export async function main(argv: readonly string[], io: CliIo = { stdout: process.stdout, stderr: process.stderr }): Promise<number> {
   const ctx = createContext(io);
+  const json = wantsJson(argv);
   let exitCode: number = ExitCode.OK;
   const program = new Command('embot')
     .description('embot: autonomic management of virtualised hosts (agent and control CLI)')
@@ -43,9 +45,10 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
       writeOut: (s) => io.stdout.write(s),
       writeErr: (s) => io.stderr.write(s),
       // Commander's own usage errors (an unknown option, a bad argument) carry the stable code as every other error does.
-      outputError: (s, write) => write(withUsageCode(s)),
+      // With --json, reportJsonError prints the error as one JSON document instead.
+      outputError: (s, write) => (json ? undefined : write(withUsageCode(s))),
     })
-    .showHelpAfterError('(run with --help for usage)')
+    .showHelpAfterError(json ? false : '(run with --help for usage)')
     .addHelpText(
       'after',
       '\nThe agent is found by --agent URL or EMBOT_AGENT (default http://127.0.0.1:7400).\nExit codes: 0 ok, 1 runtime error, 2 usage error.',
@@ -74,8 +77,17 @@ export async function main(argv: readonly string[], io: CliIo = { stdout: proces
     await program.parseAsync([...argv], { from: 'node' });
     return exitCode;
   } catch (e) {
-    return reportError(e, io);
+    return json ? reportJsonError(e, io) : reportError(e, io);
   }
+}
+
+/**
+ * `--json` anywhere before a `--`, whether or not the command took it: `migrate vm --to --json`
+ * gives it to --to as a value, and its usage error still goes out as JSON.
+ */
+function wantsJson(argv: readonly string[]): boolean {
+  const end = argv.indexOf('--');
+  return (end === -1 ? argv : argv.slice(0, end)).includes('--json');
 }
 
 /** `error: …` from commander, with ` [EMBOT_ERR_CLI_USAGE]` on its first line unless it names a code already. */
@@ -83,6 +95,36 @@ function withUsageCode(message: string): string {
   if (/\[EMBOT_ERR_[A-Z0-9_]+\]/.test(message)) return message;
   const end = message.indexOf('\n');
   return end === -1 ? `${message} [${ErrorCodes.CLI_USAGE}]` : `${message.slice(0, end)} [${ErrorCodes.CLI_USAGE}]${message.slice(end)}`;
+}
+
+/**
+ * The error as one JSON document in the control API's error body, so a script reads the CLI's and
+ * the API's alike. On stderr, where errors go without --json: stdout carries only a command's
+ * answer, so a script that parses stdout never takes an error for data. Exit code as without --json.
+ */
+function reportJsonError(e: unknown, io: CliIo): number {
+  const write = (body: ControlErrorBody): void => void io.stderr.write(`${JSON.stringify(body, null, 2)}\n`);
+  if (e instanceof CommanderError) {
+    if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return ExitCode.OK;
+    write({ error: commanderErrorBody(e.message) });
+    return ExitCode.USAGE;
+  }
+  if (e instanceof EmbotError) {
+    write({ error: { code: e.code, message: e.message, ...(e.details === undefined ? {} : { details: e.details }) } });
+    return USAGE_CODES.has(e.code) ? ExitCode.USAGE : ExitCode.RUNTIME;
+  }
+  write({ error: { code: ErrorCodes.CLI_UNEXPECTED, message: `unexpected failure: ${describeError(e)}` } });
+  return ExitCode.RUNTIME;
+}
+
+/**
+ * Commander's `error: …` message as code and message: a code it names (a bad --to list's
+ * `[EMBOT_ERR_DESTINATIONS_INVALID]`) is the code, else EMBOT_ERR_CLI_USAGE, as withUsageCode prints them.
+ */
+function commanderErrorBody(raw: string): { readonly code: string; readonly message: string } {
+  const named = /\s*\[(EMBOT_ERR_[A-Z0-9_]+)\]/.exec(raw);
+  const message = (named ? raw.slice(0, named.index) + raw.slice(named.index + named[0].length) : raw).replace(/^error: /, '').trim();
+  return { code: named?.[1] ?? ErrorCodes.CLI_USAGE, message };
 }
 
 function reportError(e: unknown, io: CliIo): number {

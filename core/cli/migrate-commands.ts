@@ -62,6 +62,7 @@ export function registerMigrateCommands(program: Command, ctx: CliContext, setEx
  * agent checks the rest (itself, unknown peers).
  */
 export function parseDestinations(raw: string): Destinations {
+  notAFlag(raw);
   try {
     const names = parseDestinationList(raw);
     return raw.includes(',') ? names : names[0]!;
@@ -81,8 +82,18 @@ export function parseRetries(raw: string): number {
 
 const MAX_CLI_RETRIES = 5;
 
+/**
+ * Commander gives a flag that follows a value-less `--to` to it as its value (`--to --json`); no
+ * peer name starts with '-' (config AGENT_NAME), so that is the missing value, said here rather
+ * than as an unknown peer from the agent, or no agent at all.
+ */
+function notAFlag(raw: string): void {
+  if (raw.startsWith('-')) throw new InvalidArgumentError(`expected PEER[,PEER…], got the flag '${raw}': the value is missing`);
+}
+
 /** `--fallback d,e`: a list by the same rules as `--to` (the agent checks it against its peers). */
 export function parseFallback(raw: string): readonly string[] {
+  notAFlag(raw);
   try {
     return parseDestinationList(raw);
   } catch (e) {

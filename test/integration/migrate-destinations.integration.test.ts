@@ -2,7 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../../core/cli/main.ts';
 import { ErrorCodes } from '../../core/errors.ts';
 import { Cluster } from '../harness/cluster.ts';
-import { waitFor } from '../harness/agent-process.ts';
+import { runCli, waitFor } from '../harness/agent-process.ts';
+import type { ControlErrorBody } from '../../core/control/control-api.ts';
 
 /**
  * `embot migrate VM --to …` against a real source agent with two real peers: what a destination
@@ -116,6 +117,51 @@ describe('migrate --to: bad destination lists', () => {
     const r = await cli(['migrate', 'web', '--to', 'zz']);
     expect(r.code).toBe(1);
     expect(r.stderr).toContain(ErrorCodes.PEER_UNKNOWN);
+    await expectUntouched();
+  });
+});
+
+describe('migrate with --json: a usage error is one JSON document (the real CLI, a child process)', () => {
+  /** stderr is exactly one JSON document of the control API's error shape (no commander text, no help hint), stdout empty. */
+  function errorOf(r: { readonly stdout: string; readonly stderr: string }): ControlErrorBody['error'] {
+    expect(r.stdout).toBe('');
+    const body = JSON.parse(r.stderr) as ControlErrorBody;
+    expect(Object.keys(body)).toEqual(['error']);
+    expect(Object.keys(body.error).filter((k) => !['code', 'message', 'details'].includes(k))).toEqual([]);
+    expect(body.error.message).not.toMatch(/^error: |\[EMBOT_ERR_|run with --help/);
+    return body.error;
+  }
+  const url = (): string[] => ['--agent', cluster.agent('a').url];
+
+  it.each([
+    // --to takes the next word as its value: the flag is the missing value, a usage error here, not an unknown peer at the agent.
+    [['migrate', 'web', '--to', '--json'], ErrorCodes.CLI_USAGE, /argument '--json' is invalid\. expected PEER\[,PEER…\], got the flag '--json': the value is missing/],
+    [['migrate', 'web', '--to', 'b', '--bogus', '--json'], ErrorCodes.CLI_USAGE, /^unknown option '--bogus'$/],
+    [['migrate', 'web', '--json', '--to', 'b,c', '--retries', '9'], ErrorCodes.CLI_USAGE, /--retries must be a whole number from 0 to 5, got '9'$/],
+    [['migrate', 'web', '--to', 'b,b', '--json'], ErrorCodes.DESTINATIONS_INVALID, /destination b named more than once$/],
+    [['migrate', 'web', '--to', 'b', '--fallback', '--json'], ErrorCodes.CLI_USAGE, /got the flag '--json'/],
+    [['migrate', '--json'], ErrorCodes.CLI_USAGE, /^missing required argument 'vm'$/],
+  ])('embot %j: exit 2, stderr one {"error":{code,message}} (%s), stdout empty, nothing started', async (args, code, message) => {
+    const r = await runCli([...args, ...url()]);
+    expect(r.code).toBe(2);
+    const e = errorOf(r);
+    expect(e.code).toBe(code);
+    expect(e.message).toMatch(message);
+    await expectUntouched();
+  });
+
+  it("the agent's refusal with --json is its own error body (code, message, details), exit as without --json; without --json the text is as before", async () => {
+    const r = await runCli(['migrate', 'web', '--to', 'b,zz', '--json', ...url()]);
+    expect(r.code).toBe(2);
+    const e = errorOf(r);
+    expect(e).toMatchObject({ code: ErrorCodes.DESTINATIONS_INVALID, message: "no peer named 'zz'; known: b, c", details: { problem: 'unknown', names: ['zz'] } });
+    const single = await runCli(['migrate', 'web', '--to', 'zz', '--json', ...url()]);
+    expect(single.code).toBe(1);
+    expect(errorOf(single).code).toBe(ErrorCodes.PEER_UNKNOWN);
+    const text = await runCli(['migrate', 'web', '--to', '--bogus', ...url()]);
+    expect(text.code).toBe(2);
+    expect(text.stdout).toBe('');
+    expect(text.stderr).toMatch(/^error: option '--to <peer>' argument '--bogus' is invalid\. .* \[EMBOT_ERR_CLI_USAGE\]\n\(run with --help for usage\)\n$/);
     await expectUntouched();
   });
 });

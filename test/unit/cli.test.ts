@@ -226,6 +226,13 @@ describe('cli against an agent', () => {
     expect(viaEnv.stderr).toContain(`no embot agent at ${closedUrl}`);
   });
 
+  it('with --json, a runtime error is one JSON document on stderr too (the API error shape), exit 1', async () => {
+    const r = await run(['status', '--json', '--agent', closedUrl]);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(JSON.parse(r.stderr)).toEqual({ error: { code: ErrorCodes.CONTROL_UNREACHABLE, message: expect.stringContaining(`no embot agent at ${closedUrl}`), details: { url: closedUrl } } });
+  });
+
   it('--json prints exactly the API JSON', async () => {
     driver.create({ name: 'web', memory: 1 << 20 });
     for (const [args, path] of [
