@@ -189,6 +189,15 @@ describe('vm list rendering', () => {
     expect(sim).toMatch(/sim-vm\s+running\s+64(\.0)? ?MiB\s+4(\.0)? ?MiB\/s\s+1\s+0\s+9000/);
     expect(qemu).toMatch(/qemu-vm\s+paused\s+128(\.0)? ?MiB\s+-\s+2\s+1\s+-/);
   });
+
+  it('says a VM still arriving in a migration is incoming (a qemu target lists its held incoming QEMU)', () => {
+    const out = renderVms([
+      { name: 'arriving', state: 'created', memory: 64 * 1024 * 1024, vcpus: 1, crashes: 0, incoming: true },
+      { name: 'made-here', state: 'created', memory: 64 * 1024 * 1024, vcpus: 1, crashes: 0 },
+    ]);
+    expect(out).toMatch(/arriving\s+created \(incoming\)\s+64/);
+    expect(out).toMatch(/made-here\s+created\s+64/);
+  });
 });
 
 describe('cli --help', () => {
