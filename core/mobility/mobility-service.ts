@@ -897,10 +897,12 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
             : stateFailed(frame.migrationId, r, conn),
           { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const);
       },
-      MigrationComplete: (frame, conn) =>
-        step(frame.migrationId, (reply) => ({ type: 'MIGRATION_COMPLETE', frame, reply }), (r) =>
+      MigrationComplete: (frame, conn) => {
+        this.receivers.get(frame.migrationId)?.sourceSent(frame.memoryBytes);
+        return step(frame.migrationId, (reply) => ({ type: 'MIGRATION_COMPLETE', frame, reply }), (r) =>
           r.ok ? { type: 'MigrationCompleteAck', migrationId: frame.migrationId } as const : stateFailed(frame.migrationId, r, conn),
-          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const),
+          { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' } as const);
+      },
       ForwardedEvents: async (frame) => {
         const events = decodeEvents(frame.events);
         this.assertMoved(frame.migrationId, events);

@@ -584,7 +584,8 @@ export class SourceSide implements SourceSteps {
   }
 
   async completeMigration(input: SourceInput): Promise<void> {
-    const reply = await this.request({ type: 'MigrationComplete', migrationId: input.migrationId });
+    const sent = this.stats.memoryBytes > 0 && this.conn?.supports('completeMemoryBytes') === true ? { memoryBytes: this.stats.memoryBytes } : {};
+    const reply = await this.request({ type: 'MigrationComplete', migrationId: input.migrationId, ...sent });
     if (reply.type !== 'MigrationCompleteAck') throw stepFailed('MigrationComplete', reply);
     this.stats.marks.complete = performance.now();
     const stoppedAt = this.stats.stoppedAt ?? this.o.fanOut?.shared.stoppedAt;
@@ -742,6 +743,7 @@ const WITHOUT_FEATURE: { readonly [F in ProtocolFeature]: string } = {
   bootWithFinalRound: 'a racing destination boots by BootIncoming',
   failedStep: "a refused boot is read from the target's wording",
   prewarmPrepare: "a pre-warm's target readies its VM as for a cold copy (qemu: guest RAM touched first during the copy, maybe during the stop)",
+  completeMemoryBytes: "a qemu target's record shows no memory bytes",
 };
 
 /**

@@ -262,6 +262,17 @@ export class TargetSide implements TargetSteps {
     this.stats.bytes += input.frame.deltas.byteLength;
   }
 
+  /**
+   * MigrationComplete's `memoryBytes`: what the source sent. Taken only where this side counts
+   * none itself (a driver with a stream of its own, qemu), so a record never mixes two counts.
+   */
+  sourceSent(memoryBytes: number | undefined): void {
+    if (memoryBytes === undefined || this.host.driver.capabilities.incomingPages || this.stats.memoryBytes > 0) return;
+    // `bytes` is everything that moved, memory included, as at the source and with the sim.
+    this.stats.memoryBytes = memoryBytes;
+    this.stats.bytes += memoryBytes;
+  }
+
   async commit(input: TargetInput): Promise<void> {
     const host = this.host;
     const name = input.start.vm;

@@ -143,7 +143,7 @@ const SPECS: { readonly [K in FrameType]: readonly FieldSpec[] } = {
     f('zeros', bin, true),
   ],
   DirtyObjects: [reqId, mid, f('round', count), f('deltas', bin), f('events', bin), f('embots', bin, true), f('boot', bool, true)],
-  MigrationComplete: [reqId, mid],
+  MigrationComplete: [reqId, mid, f('memoryBytes', count, true)],
   ForwardedEvents: [reqId, mid, f('events', bin), f('handOver', bool, true)],
   MigrationStatusQuery: [reqId, mid],
   PathOffer: [reqId, mid, f('paths', count)],

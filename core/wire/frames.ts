@@ -32,16 +32,19 @@ export const PROTOCOL_FEATURES = {
   failedStep: 3,
   /** PrepareIncoming.prewarm: the copy is a pre-warm's, so the target may ready its VM more thoroughly first. */
   prewarmPrepare: 4,
+  /** MigrationComplete.memoryBytes: what the source sent, for a target that cannot count it (qemu). */
+  completeMemoryBytes: 4,
 } as const satisfies Readonly<Record<string, number>>;
 
 export type ProtocolFeature = keyof typeof PROTOCOL_FEATURES;
 
 /** The optional field each feature added, by frame: a link of an older version refuses it as its own build would (PeerConnection). */
-export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects' | 'MigrationStateFailed' | 'PrepareIncoming'; readonly field: string } } = {
+export const PROTOCOL_FEATURE_FIELDS: { readonly [F in ProtocolFeature]: { readonly frame: 'PageBatch' | 'DirtyObjects' | 'MigrationStateFailed' | 'PrepareIncoming' | 'MigrationComplete'; readonly field: string } } = {
   zeroPages: { frame: 'PageBatch', field: 'zeros' },
   bootWithFinalRound: { frame: 'DirtyObjects', field: 'boot' },
   failedStep: { frame: 'MigrationStateFailed', field: 'failedStep' },
   prewarmPrepare: { frame: 'PrepareIncoming', field: 'prewarm' },
+  completeMemoryBytes: { frame: 'MigrationComplete', field: 'memoryBytes' },
 };
 
 /** Resources the VM needs at the target, checked by the target's migration policy. */
@@ -191,6 +194,11 @@ export interface MigrationComplete {
   readonly type: 'MigrationComplete';
   readonly reqId: number;
   readonly migrationId: string;
+  /**
+   * Memory bytes the source sent: for a target whose driver moves memory by a stream of its own
+   * (qemu), which counts none itself, so that its record says what moved. Protocol 4.
+   */
+  readonly memoryBytes?: number;
 }
 
 /** After the switch, source → new owner: events that still reached the source (not in the design table). */

@@ -68,8 +68,8 @@ describe('the link settles on a version both ends speak', () => {
     const versions: readonly [number | undefined, Readonly<Partial<Record<ProtocolFeature, boolean>>>][] = [
       [1, { zeroPages: false }],
       [2, { bootWithFinalRound: true, failedStep: false }],
-      [3, { failedStep: true, prewarmPrepare: false }],
-      [undefined, { zeroPages: true, failedStep: true, prewarmPrepare: true }],
+      [3, { failedStep: true, prewarmPrepare: false, completeMemoryBytes: false }],
+      [undefined, { zeroPages: true, failedStep: true, prewarmPrepare: true, completeMemoryBytes: true }],
     ];
     for (const [protocol, features] of versions) {
       const atServer = nextConnection(server);

@@ -111,6 +111,10 @@ describe.skipIf(!run)('qemu: one stream to several destinations, first to boot w
     expect(onC?.reason).toContain(`terminated: d booted first (migration ${id})`);
     const onB = (await cluster.agent('b').client.listMigrations()).find((m) => m.id === `${id}~b`);
     expect(onB?.outcome).toBe('aborted');
+    // The winner's record says what moved: QEMU's stream is not counted at the target, the source tells it at the commit.
+    const onD = (await d.client.listMigrations()).find((m) => m.id === `${id}~d`);
+    expect(onD?.outcome).toBe('completed');
+    expect(onD?.summary?.memoryBytes, JSON.stringify(onD?.summary)).toBeGreaterThan(0);
     await expectStreamExact(d, prod.acked);
   }, 420_000);
 

@@ -143,6 +143,11 @@ describe.skipIf(!run)('qemu pre-warm: one held stream, switched by the migrate c
     expect(s.winner).toBe('b');
     const by = Object.fromEntries(s.destinations!.map((d) => [d.name, d]));
     expect(by['c']).toMatchObject({ outcome: 'terminated', reason: `terminated: not named by the migrate command (migration ${id})` });
+    // b's own record says what moved (QEMU's stream is not counted at a target: the source tells it at the commit).
+    const onB = (await c.agent('b').client.listMigrations()).find((m) => m.id === `${id}~b`);
+    expect(onB?.outcome).toBe('completed');
+    expect(onB?.summary?.memoryBytes, JSON.stringify(onB?.summary)).toBeGreaterThan(0);
+    expect(onB!.summary!.bytes, 'bytes: memory and management').toBeGreaterThan(onB!.summary!.memoryBytes);
     // The switch as the single path makes it: VmMemory and the final round while QEMU was paused at
     // pre-switchover (no syncingDirty after the copy), and no BootIncoming (b was named alone).
     // b and c both copying when the stream started: one stream through the relay (c dropped from it at the command).

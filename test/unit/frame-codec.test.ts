@@ -45,7 +45,7 @@ const SAMPLES: Frame[] = [
     zeros: bytes(12, 0),
   },
   { type: 'DirtyObjects', reqId: 6, migrationId: 'm-1', round: 2, deltas: bytes(1), events: bytes(0), boot: true },
-  { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1' },
+  { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1', memoryBytes: 67108864 },
   { type: 'ForwardedEvents', reqId: 8, migrationId: 'm-1', events: bytes(9), handOver: true },
   { type: 'MigrationStatusQuery', reqId: 10, migrationId: 'm-1' },
   { type: 'BootIncoming', reqId: 14, migrationId: 'm-1' },
@@ -178,7 +178,7 @@ describe('frame codec: bad input', () => {
     expect(codeOf(() => decodeFrame(rawPack({ ...sample, [key]: wrongKind(value) })))).toBe(ErrorCodes.FRAME_MALFORMED);
   });
 
-  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver', 'MigrationStateFailed.failedStep', 'PrepareIncoming.prewarm']);
+  const optionalFields = new Set(['ManagedObjectInstantiationError.object', 'PageBatch.cpu', 'PageBatch.zeros', 'DirtyObjects.boot', 'PageBatchAck.reason', 'IncomingReady.disks', 'ForwardedEvents.handOver', 'MigrationStateFailed.failedStep', 'PrepareIncoming.prewarm', 'MigrationComplete.memoryBytes']);
   it.each(fieldCases.filter(([name]) => !optionalFields.has(name) && !name.startsWith('Error.replyTo')))(
     'refuses %s missing',
     (_name, sample, key) => {
@@ -217,6 +217,8 @@ describe('frame codec: bad input', () => {
     ['PrepareIncoming with 65 channels', { ...prepare, channels: 65 }],
     ['PrepareIncoming with fractional channels', { ...prepare, channels: 1.5 }],
     ['PrepareIncoming with prewarm as a string', { ...prepare, prewarm: 'yes' }],
+    ['MigrationComplete with negative memoryBytes', { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1', memoryBytes: -1 }],
+    ['MigrationComplete with fractional memoryBytes', { type: 'MigrationComplete', reqId: 7, migrationId: 'm-1', memoryBytes: 1.5 }],
     ['PrepareIncoming with prewarm as a number', { ...prepare, prewarm: 1 }],
     ['PrepareIncoming with a spec without name', { ...prepare, spec: { memory: 1 } }],
     ['PrepareIncoming with an empty spec name', { ...prepare, spec: { name: '' } }],
