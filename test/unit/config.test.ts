@@ -34,7 +34,7 @@ describe('config defaults', () => {
       qemu: { binary: 'qemu-system-x86_64', accel: 'auto', defaultMemory: 67108864, defaultVcpus: 1, spareIncoming: true, relay: { bufferBytes: 67108864, stallBudgetMs: 3000 } },
       store: { synchronous: 'NORMAL' },
       directory: { kind: 'static', endpoints: ['http://127.0.0.1:2379'], prefix: '/embot', ttlSeconds: 10 },
-      peer: { listen: '127.0.0.1:7401', peers: {}, protocol: 3 },
+      peer: { listen: '127.0.0.1:7401', peers: {}, protocol: 4 },
       mobility: {
         stepTimeoutMs: 10000,
         vmTimeoutMs: 120000,
@@ -219,10 +219,9 @@ describe('config errors', () => {
     expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0])).toEqual(['sim.startMemory']);
   });
 
-  it('takes peer.protocol 1 or 2 (a rolling upgrade pinning an old wire protocol) and refuses versions it does not speak by path', () => {
-    expect(validateConfig({ peer: { protocol: 1 } }).peer.protocol).toBe(1);
-    expect(validateConfig({ peer: { protocol: 2 } }).peer.protocol).toBe(2);
-    for (const bad of [0, 4, 1.5, '2']) {
+  it('takes peer.protocol 1, 2 or 3 (a rolling upgrade pinning an old wire protocol) and refuses versions it does not speak by path', () => {
+    for (const v of [1, 2, 3]) expect(validateConfig({ peer: { protocol: v } }).peer.protocol).toBe(v);
+    for (const bad of [0, 5, 1.5, '2']) {
       const e = thrown(() => validateConfig({ peer: { protocol: bad } }), ConfigError);
       expect((e.details!['issues'] as string[]).map((i) => i.split(':')[0]), String(bad)).toEqual(['peer.protocol']);
     }
