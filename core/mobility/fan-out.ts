@@ -43,6 +43,8 @@ export interface ChildHooks {
   readonly awaitDecision: () => Promise<FanOutVerdict>;
   /** True once the coordinator chose this child (its winner journaled, its verdict commit): a pre-warm's named one from the command on. */
   readonly chosen: () => boolean;
+  /** A pre-warm's: when its command came (ms since the epoch); undefined before it, or for a plain fan-out. */
+  readonly commandedAt: () => number | undefined;
 }
 
 /** A child migration as the service started it. */
@@ -249,6 +251,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
         awaitDecision: () => verdicts.get(dest)!.promise,
         chosen: () => committedTo === dest,
         sole: () => pw?.selected?.length === 1 && pw.selected[0] === dest,
+        commandedAt: () => pw?.info().commandedAt ?? undefined,
       });
       children.set(dest, handle);
       // A child that ends before its copy (denied, refused) is not waited for by a one-stream driver.

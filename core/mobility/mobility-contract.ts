@@ -66,6 +66,13 @@ export interface SourceHooks extends PhaseHooks {
   bootSkipped?(): boolean;
   /** Fan-out child: the coordinator has already chosen this child. */
   alreadyChosen?(): boolean;
+  /**
+   * Fan-out child of a pre-warm: its copy waits for the migrate command, or the command came less
+   * than `vmMs` ago. The copy's time limit then re-arms rather than rolling back, so a pre-warm
+   * waits for its command however long, and its copy after the command still gets `vmMs` (at
+   * most twice that).
+   */
+  copyUntimed?(): boolean;
 }
 
 /** The fan-out coordinator's word to one child that booted: commit it, or terminate it and why. */
@@ -152,7 +159,17 @@ export interface TargetInput {
    */
   readonly steps?: TargetSteps;
   /** Likewise the `journalPhase` / `reportProgress` actions. */
-  readonly hooks?: PhaseHooks;
+  readonly hooks?: TargetHooks;
+}
+
+/** The target machine's actions that the service implements (see target-machine.ts). */
+export interface TargetHooks extends PhaseHooks {
+  /**
+   * A pre-warm's copy has waited another `vmMs` for its memory: is the source still there? One that
+   * does not answer is aborted (ABORT), so a host that vanished without closing the link (no FIN)
+   * does not hold the incoming VM for ever.
+   */
+  probeSource?(): void;
 }
 
 /** What a side's machine tells its service as it enters a journaled phase. */
@@ -182,7 +199,13 @@ export type TargetEvent =
   | { readonly type: 'MIGRATION_COMPLETE'; readonly frame: MigrationComplete; readonly reply: StepReply }
   /** Several destinations (issue 13): boot to the last reversible point, then wait for MigrationComplete or Abort. */
   | { readonly type: 'BOOT_INCOMING'; readonly frame: BootIncoming; readonly reply: StepReply }
-  | { readonly type: 'ABORT'; readonly reason: string };
+  | { readonly type: 'ABORT'; readonly reason: string }
+  /**
+   * PrepareIncoming said `prewarm`: the VM's copy waits for the source's command, however long it
+   * takes, so waiting for its memory no longer times out (the source's link still bounds it: a
+   * closed link discards).
+   */
+  | { readonly type: 'PREWARMING' };
 
 /** Steps of the target side, each a `fromPromise` actor; a rejection means "reply with failure and discard". */
 export interface TargetSteps {

@@ -418,6 +418,11 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         bootedWithRound: () => fanOut?.bootReady(),
         bootSkipped: () => fanOut?.sole() === true,
         alreadyChosen: () => fanOut?.chosen() === true,
+        copyUntimed: () => {
+          if (!fanOut?.shared.prewarm) return false;
+          const at = fanOut.commandedAt();
+          return at === undefined || Date.now() - at < this.o.vmTimeoutMs;
+        },
       },
     };
     const machine = createSourceMachine({ fanOut: fanOut !== undefined });
@@ -921,6 +926,8 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
       PrepareIncoming: async (frame) => {
         const side = this.receivers.get(frame.migrationId);
         if (!side) return { type: 'MigrationStateFailed', migrationId: frame.migrationId, reason: 'no such migration in progress' };
+        // A pre-warm's copy waits for its command, however long: the machine stops timing the wait for its memory.
+        if (frame.prewarm === true) this.live.get(key('target', frame.migrationId))?.actor.send({ type: 'PREWARMING' });
         try {
           const endpoint = await side.prepareIncoming(frame);
           return { type: 'IncomingReady', migrationId: frame.migrationId, endpoint: endpoint.uri, ...(endpoint.disks === undefined ? {} : { disks: endpoint.disks }) };
@@ -1050,6 +1057,11 @@ export class MobilityService extends EventEmitter<MobilityEvents> {
         hooks: {
           journalPhase: (phase) => this.journalPhase('target', id, phase),
           reportProgress: (phase) => this.progress(key('target', id), { phase }),
+          probeSource: () => {
+            conn.ping({ timeoutMs: this.o.stepTimeoutMs }).catch((e: unknown) => {
+              this.live.get(key('target', id))?.actor.send({ type: 'ABORT', reason: `the source did not answer while the pre-warm waited for its command (${describeError(e)})` });
+            });
+          },
         },
       };
       // One machine for every incoming migration: its steps and hooks come with the input, so no

@@ -206,6 +206,8 @@ const sourceSetup = setup({
      * its final round straight to completing, nothing left to decide after the stop.
      */
     alreadyChosen: ({ context }) => context.input.hooks?.alreadyChosen?.() === true,
+    /** Provided by the service (a pre-warm's child): its copy waits for the command, untimed (SourceHooks.copyUntimed). */
+    copyUntimed: ({ context }) => context.input.hooks?.copyUntimed?.() === true,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,
@@ -229,7 +231,8 @@ const sourceSetup = setup({
  *   left to race (`bootSkipped`) sends the final round alone. A migrateVm that already
  *   sent the final round at the switch (qemu: the VM paused at pre-switchover) skips syncingDirty:
  *   nothing at the source changes between rounds once the VM and its embots are frozen.
- * - A step failure, a step timeout (`stepMs`, `vmMs` for migrateVm) or CANCEL before completing →
+ * - A step failure, a step timeout (`stepMs`, `vmMs` for migrateVm: re-armed while a pre-warm's
+ *   copy waits for its command, `copyUntimed`) or CANCEL before completing →
  *   rollingBack → aborted. A rollBack that fails still ends in aborted, with the error in `errors`.
  * - completing failing → resolving: `resolveOutcome` asks the target; committed → finishing,
  *   notCommitted → rollingBack, unknown → ask again after `resolveRetry`, forever (an agent restart
@@ -338,7 +341,20 @@ function buildSourceMachine(fanOut: boolean) {
           ],
           onError: rollBackOnError('migrateVm'),
         },
-        ...rollBackOn('migrateVm', 'vmTimeout'),
+        on: rollBackOn('migrateVm', 'vmTimeout').on,
+        // The copy's time limit is a child's, so that a pre-warm's wait for its command re-arms it
+        // without restarting the copy (the invoke is migratingVm's).
+        initial: 'copying',
+        states: {
+          copying: {
+            after: {
+              vmTimeout: [
+                { guard: 'copyUntimed', target: 'copying', reenter: true },
+                { target: '#source.rollingBack', actions: { type: 'recordTimeout', params: { step: 'migrateVm', delay: 'vmTimeout' } } },
+              ],
+            },
+          },
+        },
       },
       syncingDirty: {
         entry: enter('syncingDirty'),

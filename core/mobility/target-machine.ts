@@ -29,6 +29,8 @@ export interface TargetContext {
   /** Failures that did not decide the outcome (a discard that failed, a refused request...). */
   readonly errors: readonly string[];
   readonly outcome: MigrationOutcome | undefined;
+  /** A pre-warm's copy (PREWARMING): the wait for its memory is not timed. */
+  readonly prewarm: boolean;
 }
 
 export interface TargetOutput {
@@ -111,11 +113,16 @@ function refuseOthers(state: string, expected: readonly TargetRequestType[]) {
   };
 }
 
-/** A state waiting for the source's next request: ABORT, a timeout or an unexpected request discards. */
-function waiting(state: string, delay: WaitDelay, expected: readonly TargetRequestType[]) {
+/**
+ * A state waiting for the source's next request: ABORT, a timeout or an unexpected request
+ * discards. `self` (a wait for the VM's memory): a pre-warm's copy waits there for the source's
+ * command, so its timeout only re-arms (the source's link going down still discards).
+ */
+function waiting(state: string, delay: WaitDelay, expected: readonly TargetRequestType[], self?: `#target.${string}`) {
+  const timedOut = { target: '#target.discarding', actions: { type: 'recordTimeout', params: { state, delay } } } as const;
   return {
-    after: { [delay]: { target: '#target.discarding', actions: { type: 'recordTimeout', params: { state, delay } } } } as Partial<
-      Record<WaitDelay, { readonly target: '#target.discarding'; readonly actions: { readonly type: 'recordTimeout'; readonly params: { state: string; delay: WaitDelay } } }>
+    after: { [delay]: self === undefined ? timedOut : [{ guard: 'prewarming', target: self, reenter: true, actions: 'probeSource' }, timedOut] } as Partial<
+      Record<WaitDelay, typeof timedOut | readonly [{ readonly guard: 'prewarming'; readonly target: `#target.${string}`; readonly reenter: true; readonly actions: 'probeSource' }, typeof timedOut]>
     >,
     on: {
       ...refuseOthers(state, expected),
@@ -168,6 +175,9 @@ const targetSetup = setup({
     setOutcome: assign((_, params: { readonly outcome: MigrationOutcome }) => ({ outcome: params.outcome })),
     /** Remember the request whose step is about to run. */
     takeRequest: assign(({ event }) => ({ pending: event as TargetRequest })),
+    markPrewarm: assign({ prewarm: true }),
+    /** The service's hook: ping the source, ABORT if it does not answer. */
+    probeSource: ({ context }) => context.input.hooks?.probeSource?.(),
     /** Answer StartMigration with the policy's verdict. */
     replyVerdict: ({ context, event }) => {
       const verdict = outputOf<{ permitted: boolean; reason?: string }>(event);
@@ -215,6 +225,7 @@ const targetSetup = setup({
     lastMemoryFrame: ({ context }) => context.pending?.type === 'VM_MEMORY' && context.pending.frame.last,
     /** A fan-out child's final round that asks this destination to boot once it is applied. */
     bootWithRound: ({ context }) => context.pending?.type === 'DIRTY_OBJECTS' && context.pending.frame.boot === true,
+    prewarming: ({ context }) => context.prewarm,
   },
   delays: {
     stepTimeout: ({ context }) => context.input.timeouts.stepMs,
@@ -235,7 +246,9 @@ const targetSetup = setup({
  *   final DirtyObjects with `boot` goes applyingDirty → booting itself, answered once booted.
  * - Each request is answered when its step settles: ok, or the failure (`instantiation` when the
  *   step's error has `instantiation: true`), then discarding → aborted.
- * - A waiting state times out after `stepMs` (`vmMs` while the VM travels) → discarding. ABORT
+ * - A waiting state times out after `stepMs` (`vmMs` while the VM travels) → discarding; a
+ *   pre-warm's (PREWARMING, any time) wait for its memory re-arms, asking the service to probe
+ *   the source (an unanswered probe comes back as ABORT). ABORT
  *   anywhere but committing (and the final states) → discarding. A request the state does not
  *   expect, or any request while a step runs, is refused with `unexpected <TYPE> in <state>` →
  *   discarding (and a running step's request is answered with that failure too). In committing
@@ -263,7 +276,9 @@ function buildTargetMachine() {
   return targetSetup.createMachine({
     id: 'target',
     initial: 'evaluating',
-    context: ({ input }) => ({ input, pending: undefined, memoryFrames: 0, dirtyRounds: 0, reason: undefined, failedStep: undefined, errors: [], outcome: undefined }),
+    context: ({ input }) => ({ input, pending: undefined, memoryFrames: 0, dirtyRounds: 0, reason: undefined, failedStep: undefined, errors: [], outcome: undefined, prewarm: false }),
+    // Whenever it comes (PrepareIncoming may be answered before or after the staging steps).
+    on: { PREWARMING: { actions: 'markPrewarm' } },
     output: ({ context }) => ({
       outcome: context.outcome ?? 'aborted',
       ...(context.reason === undefined ? {} : { reason: context.reason }),
@@ -321,7 +336,7 @@ function buildTargetMachine() {
       },
       eventsStaged: {
         entry: enter('eventsStaged'),
-        ...waiting('eventsStaged', 'vmTimeout', ['VM_MEMORY']),
+        ...waiting('eventsStaged', 'vmTimeout', ['VM_MEMORY'], '#target.eventsStaged'),
         on: { ...waiting('eventsStaged', 'vmTimeout', ['VM_MEMORY']).on, VM_MEMORY: { target: 'receivingMemory', actions: 'takeRequest' } },
       },
       receivingMemory: {
@@ -340,7 +355,7 @@ function buildTargetMachine() {
             on: busy('receivingMemory'),
           },
           waiting: {
-            ...waiting('receivingMemory', 'vmTimeout', ['VM_MEMORY']),
+            ...waiting('receivingMemory', 'vmTimeout', ['VM_MEMORY'], '#target.receivingMemory.waiting'),
             on: { ...waiting('receivingMemory', 'vmTimeout', ['VM_MEMORY']).on, VM_MEMORY: { target: 'applying', actions: 'takeRequest' } },
           },
         },

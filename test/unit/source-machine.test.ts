@@ -245,7 +245,7 @@ const ROLLBACK_STEPS: readonly { name: string; step: Step; state: unknown; befor
     plan: (b) => ({ steps: { sendManagementState: [b] } }),
   },
   { name: 'sendEventState', step: 'sendEventState', state: 'sendingEvents', before: HAPPY_PREFIX.slice(0, 3), plan: (b) => ({ steps: { sendEventState: [b] } }) },
-  { name: 'migrateVm', step: 'migrateVm', state: 'migratingVm', before: HAPPY_PREFIX.slice(0, 4), plan: (b) => ({ steps: { migrateVm: [b] } }) },
+  { name: 'migrateVm', step: 'migrateVm', state: { migratingVm: 'copying' }, before: HAPPY_PREFIX.slice(0, 4), plan: (b) => ({ steps: { migrateVm: [b] } }) },
   {
     name: 'sendDirtyObjects (a round)',
     step: 'sendDirtyObjects',
@@ -261,6 +261,32 @@ const ROLLBACK_STEPS: readonly { name: string; step: Step; state: unknown; befor
     plan: (b) => ({ steps: { sendDirtyObjects: [quiet, b] } }),
   },
 ];
+
+describe('source machine: a pre-warm child\'s copy waits for its command untimed (copyUntimed)', () => {
+  it('while copyUntimed holds, migrateVm outlasts vmMs many times, the copy not restarted; once it does not, the next vmMs rolls back', async () => {
+    let untimed = true;
+    const h = start({ steps: { migrateVm: ['hang'] }, input: { hooks: { journalPhase: () => {}, reportProgress: () => {}, copyUntimed: () => untimed } } });
+    await h.advanceUntil(() => h.calls.length === HAPPY_PREFIX.length);
+    await vi.advanceTimersByTimeAsync(VM_MS * 3 + 1);
+    expect(h.state()).toEqual({ migratingVm: 'copying' });
+    expect(h.calls.filter((c) => c.step === 'migrateVm')).toHaveLength(1);
+    expect(h.journal.filter((p) => p === 'migratingVm')).toHaveLength(1);
+    // The command came (or came vmMs ago): the copy is timed again from the next re-arm.
+    untimed = false;
+    await vi.advanceTimersByTimeAsync(VM_MS);
+    expect(h.state()).toBe('rollingBack');
+    expect(await h.finish()).toMatchObject({ outcome: 'aborted', reason: `migrateVm timed out after ${VM_MS} ms` });
+  });
+
+  it('CANCEL while it waits still rolls back at once', async () => {
+    const h = start({ steps: { migrateVm: ['hang'] }, input: { hooks: { journalPhase: () => {}, reportProgress: () => {}, copyUntimed: () => true } } });
+    await h.advanceUntil(() => h.calls.length === HAPPY_PREFIX.length);
+    await vi.advanceTimersByTimeAsync(VM_MS * 2);
+    h.actor.send({ type: 'CANCEL', reason: 'prewarm --cancel' });
+    expect(h.state()).toBe('rollingBack');
+    expect(await h.finish()).toMatchObject({ outcome: 'aborted' });
+  });
+});
 
 describe('source machine: a fault at each step before completing rolls back', () => {
   it.each(ROLLBACK_STEPS)('$name rejects → rollingBack with the step in the reason → aborted', async ({ step, before, plan }) => {

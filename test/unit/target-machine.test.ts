@@ -58,6 +58,7 @@ function start(steps: Partial<Record<Step, readonly Behaviour[]>> = {}) {
   const journal: TargetPhase[] = [];
   const progress: TargetPhase[] = [];
   const counts = new Map<Step, number>();
+  let probes = 0;
   const defaults: Partial<Record<Step, unknown>> = { evaluate: { permitted: true } };
 
   const fake = (step: Step) =>
@@ -80,6 +81,7 @@ function start(steps: Partial<Record<Step, readonly Behaviour[]>> = {}) {
     actions: {
       journalPhase: (_, params) => void journal.push(params.phase),
       reportProgress: (_, params) => void progress.push(params.phase),
+      probeSource: () => void probes++,
     },
   });
   const input: TargetInput = {
@@ -107,7 +109,7 @@ function start(steps: Partial<Record<Step, readonly Behaviour[]>> = {}) {
     return output()!;
   };
   const sequence = () => calls.map((c) => c.step);
-  return { actor, calls, replies, starts, journal, progress, send, state, output, settle, finish, sequence };
+  return { actor, calls, replies, starts, journal, progress, send, state, output, settle, finish, sequence, probes: () => probes };
 }
 type Harness = ReturnType<typeof start>;
 
@@ -470,6 +472,52 @@ describe('target machine: timeouts while waiting', () => {
     const reason = `timed out after ${limit} ms waiting in ${label}`;
     expect(h.calls.at(-1)).toMatchObject({ step: 'discard', input: { reason } });
     expect(out).toMatchObject({ outcome: 'aborted', reason });
+  });
+});
+
+describe('target machine: a pre-warm\'s copy (PREWARMING)', () => {
+  const memoryWaits = WAITING.filter((w) => w.limit === VM_MS);
+
+  it.each(memoryWaits)('in $label waits past vmMs for its memory (told before the state or in it), then goes on to commit', async ({ value }) => {
+    for (const early of [true, false]) {
+      const h = start();
+      if (early) h.actor.send({ type: 'PREWARMING' });
+      await reach(h, value);
+      if (!early) h.actor.send({ type: 'PREWARMING' });
+      await vi.advanceTimersByTimeAsync(VM_MS * 3 + 1);
+      expect(h.state(), `early ${early}`).toEqual(value);
+      // Each vmMs it asks the service whether the source is still there.
+      expect(h.probes()).toBe(3);
+      // The memory comes at the command; then as any migration.
+      if (h.state() === 'eventsStaged') {
+        h.send('VM_MEMORY', { seq: 0 });
+        await h.settle();
+      }
+      h.send('VM_MEMORY', { seq: 1, last: true });
+      await h.settle();
+      h.send('MIGRATION_COMPLETE');
+      expect(await h.finish()).toMatchObject({ outcome: 'completed' });
+      expect(h.sequence()).not.toContain('discard');
+    }
+  });
+
+  it.each(memoryWaits)('in $label still discards on ABORT (the source\'s link closed)', async ({ label, value }) => {
+    const h = start();
+    h.actor.send({ type: 'PREWARMING' });
+    await reach(h, value);
+    await vi.advanceTimersByTimeAsync(VM_MS * 2);
+    h.actor.send({ type: 'ABORT', reason: 'the source disconnected' });
+    const out = await h.finish();
+    expect(out).toMatchObject({ outcome: 'aborted', reason: `aborted by source in ${label}: the source disconnected` });
+  });
+
+  it('does not change the waits for anything else: after the memory, the next request is timed as usual', async () => {
+    const h = start();
+    h.actor.send({ type: 'PREWARMING' });
+    await reach(h, 'vmReceived');
+    await vi.advanceTimersByTimeAsync(STEP_MS);
+    expect(h.state()).toBe('discarding');
+    expect(await h.finish()).toMatchObject({ outcome: 'aborted', reason: `timed out after ${STEP_MS} ms waiting in vmReceived` });
   });
 });
 
