@@ -126,8 +126,13 @@ describe('qemu pre-warm hold', () => {
     expect(m.sent).toEqual([{ 'cpu-throttle-initial': 30, 'max-cpu-throttle': 99 }]);
     expect(hold.holding()).toBe(true);
     expect(hold.liftedAt).toBeUndefined();
+    expect(hold.budgetStart(), 'no budget runs while held, the command come or not').toBeUndefined();
+    const beforeLift = Date.now();
     gate.lift();
     expect(hold.holding()).toBe(false);
+    // The budget starts at the lift at once, not a monitor round trip later (nor at the pre-warm's start).
+    expect(hold.liftedAt).toBeUndefined();
+    expect(hold.budgetStart()).toBeGreaterThanOrEqual(beforeLift);
     await tick();
     await tick();
     expect(m.sent[1]).toEqual({ 'cpu-throttle-initial': 30, 'max-cpu-throttle': 99, 'downtime-limit': 500, 'max-bandwidth': 1024 ** 4 });

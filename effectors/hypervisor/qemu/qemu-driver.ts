@@ -962,7 +962,8 @@ export class QemuDriver implements HypervisorDriver<QemuVmSpec> {
           continue;
         }
         // A held copy's budget starts at its lift: warming may last as long as the command takes.
-        if (!switched && o.timeBudgetMs !== undefined && !hold?.holding() && Date.now() - (hold?.liftedAt ?? started) > o.timeBudgetMs) {
+        const budgetFrom = hold ? hold.budgetStart() : started;
+        if (!switched && o.timeBudgetMs !== undefined && budgetFrom !== undefined && Date.now() - budgetFrom > o.timeBudgetMs) {
           await cancel();
           const p = progress(info);
           throw new EffectorError(

@@ -222,6 +222,8 @@ export class QemuCopyHold {
   private pacedCap: number;
   /** Epoch ms of the lift once its parameters are applied; undefined while held. */
   liftedAt: number | undefined;
+  /** Epoch ms the gate was seen lifted ({@link budgetStart}). */
+  private releasedAt: number | undefined;
   /** A parameter change QEMU refused (or the monitor went away): the driver ends the migration with it. */
   failure: unknown;
 
@@ -235,6 +237,7 @@ export class QemuCopyHold {
     // The lift settles `commanded` too (just before): then the lift's own change carries the throttle.
     void hold.commanded?.then(() => (hold.held() ? this.apply(throttleBack) : undefined));
     void hold.lifted.then(async () => {
+      this.releasedAt ??= Date.now();
       const own = { 'downtime-limit': Math.max(1, Math.round(o.downtimeLimitMs)), 'max-bandwidth': Math.round(o.maxBandwidth ?? UNLIMITED_BANDWIDTH) };
       if (await this.apply({ ...throttleBack, ...own })) this.liftedAt ??= Date.now();
       o.onChange?.();
@@ -244,6 +247,17 @@ export class QemuCopyHold {
   /** True while the gate holds (QEMU must not reach its switchover). */
   holding(): boolean {
     return this.hold.held();
+  }
+
+  /**
+   * Where the copy's time budget starts: the gate's lift (undefined while it holds: warming may last
+   * as long as the command takes). Not {@link liftedAt}, which comes a monitor round trip later:
+   * between the two the driver took the pre-warm's start for the budget's and cancelled a copy
+   * warm for longer than the budget the moment it was lifted (issue 13, a hand run held 2m48s).
+   */
+  budgetStart(): number | undefined {
+    if (this.hold.held()) return undefined;
+    return (this.releasedAt ??= Date.now());
   }
 
   /** The copy crawls from here: one page per QEMU window, so it never catches up while held. */
