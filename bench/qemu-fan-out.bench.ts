@@ -12,7 +12,9 @@
  *           a retry set of one): QEMU straight to it, no relay — should equal direct.
  *
  * Runs alternate (direct, 1, 2, 3, direct, …; each rep starting one variant later) so load on this
- * shared machine falls on all alike; medians. Rows: the relay's cost (n = 1 against direct), and time to first boot with
+ * shared machine falls on all alike; medians. A note gives each variant's CPU (the source QEMU, the
+ * target QEMUs, this process with the relay) and the wall time that much CPU needs on this
+ * machine's cores at the least: what separates the 2-destination figure from its target here. Rows: the relay's cost (n = 1 against direct), and time to first boot with
  * 2 and 3 destinations against direct (issue target ≤ 1.2× with 2). `--candidates` adds to the
  * same loop the ways of relaying that were measured against it: the relay with QEMU writing into
  * a unix socket (as it was before its loopback TCP source), and QEMU's `exec:` into a shell `cat` / `tee` (no JS on
@@ -21,8 +23,8 @@
  * relay's per destination; no `exec:` rows). Called from qemu.bench.ts
  * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick | --reps N] [--candidates] [--tls]`.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
 import path, { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { QemuDriver } from '../effectors/hypervisor/qemu/qemu-driver.ts';
@@ -38,7 +40,23 @@ const MiB = 1024 * 1024;
 interface FanOutRun {
   readonly ms: number;
   readonly bytes: number;
+  /** CPU ms over the timed part: the source QEMU, the target QEMUs together, this process (the driver and the relay; not an `exec:` shell). */
+  readonly cpu: { readonly source: number; readonly targets: number; readonly node: number };
 }
+
+/** CPU ms a process has used (utime + stime, /proc/<pid>/stat); 0 when it is gone. */
+function processCpuMs(pid: number | undefined): number {
+  if (pid === undefined) return 0;
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return ((Number(f[11]) + Number(f[12])) * 1000) / CLOCK_TICKS;
+  } catch {
+    return 0;
+  }
+}
+
+/** USER_HZ: 100 on Linux builds for every architecture this runs on. */
+const CLOCK_TICKS = 100;
 
 /** How the stream reaches the targets: QEMU straight to one; the agent's relay to n; or QEMU's `exec:` into a shell `tee` to n (no JS on the byte path; plaintext, no bound per destination: a candidate measured, not shipped). */
 export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relayUnix' | 'exec' | 'fanOut'; readonly n: number };
@@ -68,6 +86,9 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant, tls?
     await waitSerial(source.stateDir(spec.name), 2);
     const endpoints = await Promise.all(targets.map((t) => t.prepareIncoming(spec, tls ? { sourceName: 's' } : {})));
     const boot = (i: number): Promise<unknown> => targets[i]!.capabilities.incomingBoot!.bootIncoming(spec.name, { timeoutMs: 60_000 });
+    const pids = { source: source.pid(spec.name), targets: targets.map((t) => t.pid(spec.name)) };
+    const cpuNow = () => ({ source: processCpuMs(pids.source), targets: pids.targets.reduce<number>((sum, p) => sum + processCpuMs(p), 0), node: process.cpuUsage() });
+    const cpu0 = cpuNow();
     const started = performance.now();
     let bytes = 0;
     if (variant.kind === 'direct') {
@@ -97,7 +118,10 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant, tls?
       );
       session.close();
     }
-    return { ms: performance.now() - started, bytes };
+    const ms = performance.now() - started;
+    const cpu1 = cpuNow();
+    const nodeUs = process.cpuUsage(cpu0.node);
+    return { ms, bytes, cpu: { source: cpu1.source - cpu0.source, targets: cpu1.targets - cpu0.targets, node: (nodeUs.user + nodeUs.system) / 1000 } };
   } finally {
     await source.close();
     for (const t of targets) await t.close();
@@ -175,7 +199,16 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
       : []),
   ];
   const list = (k: string): string => runs.get(k)!.map((r) => r.ms.toFixed(0)).join(', ');
+  const cores = cpus().length;
+  const cpuOf = (k: string): string => {
+    const xs = runs.get(k)!;
+    const s = median(xs.map((r) => r.cpu.source));
+    const t = median(xs.map((r) => r.cpu.targets));
+    const n = median(xs.map((r) => r.cpu.node));
+    return `${k}: source QEMU ${s.toFixed(0)}, target QEMUs ${t.toFixed(0)}, this process ${n.toFixed(0)} ms → ≥ ${((s + t + n) / cores).toFixed(0)} ms of wall on ${cores} cores`;
+  };
   const notes = [
+    `CPU over the timed part (medians; /proc ticks of 10 ms; an exec: shell's own not counted): ${variants.map(([k]) => cpuOf(k)).join('; ')}. Against the 2-destination target (1.2 × direct = ${(1.2 * direct).toFixed(0)} ms).`,
     `(f) medians of ${reps}, runs alternated (each rep starting one variant later): ${variants.map(([k]) => `${k} [${list(k)}]`).join(', ')} ms; bytes per destination ${(runs.get('relay n=1')![0]!.bytes / MiB).toFixed(1)} MiB (direct ${(runs.get('direct')![0]!.bytes / MiB).toFixed(1)} MiB). Driver level, targets prepared before the clock starts; ratio = direct / value (below 1: slower than direct).`,
   ];
   return { rows, notes };
