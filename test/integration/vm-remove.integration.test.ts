@@ -169,8 +169,9 @@ describe('embot vm remove (sim)', () => {
     const client = new ControlClient(a.url, token);
     await client.createVm({ name: 'app', memory: MiB });
     await client.vmAction('app', 'start');
-    for (const call of [a.client.vmAction('app', 'kill'), a.client.removeVm('app', { force: true })]) {
-      const e = await rejection(call);
+    // One at a time: both made at once, the second's refusal could come before anything awaited it (an unhandled rejection).
+    for (const call of [() => a.client.vmAction('app', 'kill'), () => a.client.removeVm('app', { force: true })]) {
+      const e = await rejection(call());
       expect(e.code).toBe(ErrorCodes.CONTROL_UNAUTHORIZED);
       expect(e.details).toMatchObject({ status: 401 });
     }
