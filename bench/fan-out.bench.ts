@@ -19,13 +19,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os, { loadavg } from 'node:os';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { freeLoopbackPort } from '../core/cli/free-port.ts';
+import { cpuMs } from './process-cpu.ts';
 import { ControlClient } from '../core/control/client.ts';
 import type { MigrationSummary } from '../core/mobility/migration-record.ts';
 import type { PrewarmInfo } from '../core/mobility/prewarm.ts';
@@ -50,26 +51,6 @@ interface Cluster {
   stop(): Promise<void>;
 }
 
-/**
- * CPU time of process `pid` so far, every thread (main, libuv pool, V8's GC and compiler), in ms:
- * the sum of `/proc/<pid>/task/<tid>/schedstat`'s time on CPU (ns). `/proc/<pid>/stat` counts in
- * 10 ms ticks, too coarse for a 50 ms migration. 0 where /proc has no schedstat (not Linux).
- */
-function cpuMs(pid: number): number {
-  let ns = 0;
-  try {
-    for (const tid of readdirSync(`/proc/${pid}/task`)) {
-      try {
-        ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
-      } catch {
-        // The thread ended between the listing and the read: its time is lost to this sample only.
-      }
-    }
-  } catch {
-    return 0;
-  }
-  return ns / 1e6;
-}
 
 /**
  * Four real agents as child processes (each its own event loop, as on four hosts), peers of each

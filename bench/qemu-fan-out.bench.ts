@@ -23,13 +23,14 @@
  * relay's per destination; no `exec:` rows). Called from qemu.bench.ts
  * (its section "(f)") and runnable alone: `npx tsx bench/qemu-fan-out.bench.ts [--quick | --reps N] [--candidates] [--tls]`.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import path, { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { QemuDriver } from '../effectors/hypervisor/qemu/qemu-driver.ts';
 import { QemuFanOutSession } from '../effectors/hypervisor/qemu/qemu-fan-out.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
+import { cpuMs } from './process-cpu.ts';
 import { killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import type { QemuTlsFiles } from '../effectors/hypervisor/qemu/migration-tls.ts';
@@ -40,23 +41,10 @@ const MiB = 1024 * 1024;
 interface FanOutRun {
   readonly ms: number;
   readonly bytes: number;
-  /** CPU ms over the timed part: the source QEMU, the target QEMUs together, this process (the driver and the relay; not an `exec:` shell). */
+  /** CPU ms over the timed part (process-cpu.ts): the source QEMU, the target QEMUs together, this process (the driver and the relay; not an `exec:` shell). */
   readonly cpu: { readonly source: number; readonly targets: number; readonly node: number };
 }
 
-/** CPU ms a process has used (utime + stime, /proc/<pid>/stat); 0 when it is gone. */
-function processCpuMs(pid: number | undefined): number {
-  if (pid === undefined) return 0;
-  try {
-    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-    return ((Number(f[11]) + Number(f[12])) * 1000) / CLOCK_TICKS;
-  } catch {
-    return 0;
-  }
-}
-
-/** USER_HZ: 100 on Linux builds for every architecture this runs on. */
-const CLOCK_TICKS = 100;
 
 /** How the stream reaches the targets: QEMU straight to one; the agent's relay to n; or QEMU's `exec:` into a shell `tee` to n (no JS on the byte path; plaintext, no bound per destination: a candidate measured, not shipped). */
 export type FanOutVariant = { readonly kind: 'direct' } | { readonly kind: 'relay' | 'relayUnix' | 'exec' | 'fanOut'; readonly n: number };
@@ -87,7 +75,8 @@ async function once(root: string, spec: QemuVmSpec, variant: FanOutVariant, tls?
     const endpoints = await Promise.all(targets.map((t) => t.prepareIncoming(spec, tls ? { sourceName: 's' } : {})));
     const boot = (i: number): Promise<unknown> => targets[i]!.capabilities.incomingBoot!.bootIncoming(spec.name, { timeoutMs: 60_000 });
     const pids = { source: source.pid(spec.name), targets: targets.map((t) => t.pid(spec.name)) };
-    const cpuNow = () => ({ source: processCpuMs(pids.source), targets: pids.targets.reduce<number>((sum, p) => sum + processCpuMs(p), 0), node: process.cpuUsage() });
+    const cpuOf = (pid: number | undefined): number => (pid === undefined ? 0 : cpuMs(pid));
+    const cpuNow = () => ({ source: cpuOf(pids.source), targets: pids.targets.reduce<number>((sum, p) => sum + cpuOf(p), 0), node: process.cpuUsage() });
     const cpu0 = cpuNow();
     const started = performance.now();
     let bytes = 0;
@@ -208,7 +197,7 @@ export async function fanOutRows(root: string, reps: number, o: { readonly candi
     return `${k}: source QEMU ${s.toFixed(0)}, target QEMUs ${t.toFixed(0)}, this process ${n.toFixed(0)} ms → ≥ ${((s + t + n) / cores).toFixed(0)} ms of wall on ${cores} cores`;
   };
   const notes = [
-    `CPU over the timed part (medians; /proc ticks of 10 ms; an exec: shell's own not counted): ${variants.map(([k]) => cpuOf(k)).join('; ')}. Against the 2-destination target (1.2 × direct = ${(1.2 * direct).toFixed(0)} ms).`,
+    `CPU over the timed part (medians; an exec: shell's own not counted): ${variants.map(([k]) => cpuOf(k)).join('; ')}. Against the 2-destination target (1.2 × direct = ${(1.2 * direct).toFixed(0)} ms).`,
     `(f) medians of ${reps}, runs alternated (each rep starting one variant later): ${variants.map(([k]) => `${k} [${list(k)}]`).join(', ')} ms; bytes per destination ${(runs.get('relay n=1')![0]!.bytes / MiB).toFixed(1)} MiB (direct ${(runs.get('direct')![0]!.bytes / MiB).toFixed(1)} MiB). Driver level, targets prepared before the clock starts; ratio = direct / value (below 1: slower than direct).`,
   ];
   return { rows, notes };

@@ -40,6 +40,7 @@ import { QemuDriver, hostLoadFactor, type StreamCalibration } from '../effectors
 import { PRECOPY_DEFAULTS, estimateError, estimateMigration, withDriverHints, type Estimate } from '../core/mobility/migration-estimate.ts';
 import type { QemuVmSpec } from '../effectors/hypervisor/qemu/vm-spec.ts';
 import { startAgentPair, type AgentPair } from './agent-pair.ts';
+import { cpuMs as cpuMsOf } from './process-cpu.ts';
 import { renderTable, type BenchRow, type BenchTable } from './table.ts';
 import { bareMigrate, killQemusUnder, median, qemuMissing, waitSerial } from './qemu-bench-support.ts';
 import { fanOutRows } from './qemu-fan-out.bench.ts';
@@ -111,16 +112,6 @@ interface EstimatedRun {
   readonly cpuMs: number;
 }
 
-/** CPU time (user + system) a process has used, ms, from /proc/<pid>/stat (10 ms ticks); 0 where /proc is absent. */
-function cpuMsOf(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) * 10;
-  } catch {
-    return 0;
-  }
-}
 
 /** Mean of /proc/stat's procs_running sampled every 50 ms over `ms` (0 where /proc is absent); this process counts itself once. */
 async function runnableMean(ms: number): Promise<number> {

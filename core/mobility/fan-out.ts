@@ -251,7 +251,7 @@ export async function runFanOutAttempt(o: FanOutAttemptOptions): Promise<Attempt
         awaitDecision: () => verdicts.get(dest)!.promise,
         chosen: () => committedTo === dest,
         sole: () => pw?.selected?.length === 1 && pw.selected[0] === dest,
-        commandedAt: () => pw?.info().commandedAt ?? undefined,
+        commandedAt: () => pw?.commandedAt,
       });
       children.set(dest, handle);
       // A child that ends before its copy (denied, refused) is not waited for by a one-stream driver.

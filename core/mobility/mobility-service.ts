@@ -1164,6 +1164,6 @@ function decodeEvents(bytes: Uint8Array): EmbotEvent[] {
 
 /** A pre-warm's command, ms after its start; null when none came. */
 function commandedMs(pw: PrewarmControl, startedAt: number): number | null {
-  const at = pw.info().commandedAt;
-  return at === null ? null : Math.max(0, at - startedAt);
+  const at = pw.commandedAt;
+  return at === undefined ? null : Math.max(0, at - startedAt);
 }

@@ -65,6 +65,11 @@ export class PrewarmControl {
     return this.selectedNames;
   }
 
+  /** When the command came (ms since the epoch); undefined before it. */
+  get commandedAt(): number | undefined {
+    return this.commandedAtMs;
+  }
+
   /** Destinations still warming (their copy running): the ones a command may name. */
   warm(): readonly string[] {
     return this.destinations.filter((d) => !this.ended.has(d));

@@ -19,9 +19,7 @@ import type { QmpClient } from './qmp-client.ts';
 /** The memory backend `-m` creates for `-machine pc` (its default RAM id), as QOM names it. */
 export const GUEST_RAM_OBJECT = '/objects/pc.ram';
 
-/** Faults the guest RAM of the QEMU behind `qmp` in; resolves with how long it took (ms). */
-export async function faultGuestRamIn(qmp: QmpClient, timeoutMs: number): Promise<number> {
-  const t0 = performance.now();
+/** Faults the guest RAM of the QEMU behind `qmp` in. */
+export async function faultGuestRamIn(qmp: QmpClient, timeoutMs: number): Promise<void> {
   await qmp.execute('qom-set', { path: GUEST_RAM_OBJECT, property: 'prealloc', value: true }, { timeoutMs });
-  return performance.now() - t0;
 }
